@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= demo_work
+PYTEST_ARGS ?=
+
+.PHONY: install test lint demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[cpu,test]"
+	touch $@
+
+test: install
+	$(PY) -m ruff check kdsb tests benchmarks scripts
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check kdsb tests benchmarks scripts
+
+demo: install
+	$(VENV)/bin/kdsb demo $(DEMO_DIR)
+
+bench: install
+	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/train_gmcae.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache *.egg-info

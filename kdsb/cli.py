@@ -1,0 +1,84 @@
+"""The `kdsb` command: one entry point, one module per subcommand under `kdsb.commands`.
+
+Each subcommand module exposes `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`
+and imports nothing heavy at module level, so `kdsb --help` is instant; TensorFlow is imported
+inside `run` only by the subcommands that train or predict.
+
+Exit status: 0 success, 1 when the data was at fault (some patients failed, a bad CSV, …),
+2 for a usage error. Errors caused by input are printed on one line, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from kdsb._version import __version__
+from kdsb.errors import KdsbError, UsageError
+
+# Subcommand name → module under kdsb.commands, in the order of the pipeline.
+SUBCOMMANDS = {
+    "synth": "synth",
+    "preprocess": "preprocess",
+    "train-gmcae": "train_gmcae",
+    "train-classifier": "train_classifier",
+    "predict": "predict",
+    "evaluate": "evaluate",
+    "demo": "demo",
+}
+
+EXIT_OK, EXIT_DATA_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `kdsb` with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="kdsb",
+        description="3D CT lung research: DICOM → lung volumes → GMCAE → SPP3D classifier.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kdsb {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(f"kdsb.commands.{module_name}")
+        sub = subparsers.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # TensorFlow's C++ start-up chatter hides the messages that matter.
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `kdsb` command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args.run(args))
+    except UsageError as error:
+        print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KdsbError as error:
+        print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_DATA_ERROR
+    except KeyboardInterrupt:
+        print(f"kdsb {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,39 @@
+"""`kdsb preprocess DICOM_ROOT OUT_DIR`: DICOM folders → one lung-cropped HDF5 volume each."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+HELP = "DICOM folders (one per patient) → lung-cropped HU volumes in HDF5, with manifest.csv"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dicom_root", type=Path, help="folder with one sub-folder per patient")
+    parser.add_argument("out_dir", type=Path, help="folder for <id>.h5 files and manifest.csv")
+    parser.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes"
+    )
+    parser.add_argument(
+        "--spacing", type=float, nargs="+", default=[1.0], metavar="MM",
+        help="target spacing in mm: one value (isotropic) or three (z y x)",
+    )
+    parser.add_argument("--margin-mm", type=float, default=10.0, help="margin around the lungs")
+    parser.add_argument("--overwrite", action="store_true", help="redo patients already written")
+    parser.add_argument("--qc", type=Path, default=None, metavar="DIR",
+                        help="write a QC PNG per patient and a contact sheet here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdsb.preprocess import run_cohort
+
+    return run_cohort(
+        args.dicom_root,
+        args.out_dir,
+        workers=args.workers,
+        spacing=args.spacing,
+        margin_mm=args.margin_mm,
+        overwrite=args.overwrite,
+        qc_dir=args.qc,
+    )

@@ -1,0 +1,39 @@
+"""The errors kdsb raises for bad input.
+
+Every error is a `KdsbError` (a `ValueError`), worded "expected …, received …" and naming the
+file or patient it concerns, so the command line can print it on one line without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class KdsbError(ValueError):
+    """Base class of every error caused by the user's data, files or options."""
+
+
+class DicomError(KdsbError):
+    """A DICOM file or series cannot be read or does not form a usable CT volume."""
+
+
+class MissingDecoderError(DicomError):
+    """Pixel data is compressed with a transfer syntax whose decoder is not installed."""
+
+
+class LungMaskError(KdsbError):
+    """No plausible lung mask could be found in a volume."""
+
+
+class StoreError(KdsbError):
+    """A kdsb HDF5 volume file is missing, unreadable or not in the kdsb format."""
+
+
+class LabelsError(KdsbError):
+    """A labels or ids CSV is malformed or disagrees with the volumes on disk."""
+
+
+class TrainingError(KdsbError):
+    """Training cannot go on (for example the loss became NaN); the message says why."""
+
+
+class UsageError(KdsbError):
+    """The command line itself is wrong (a missing folder, incompatible options): exit status 2."""

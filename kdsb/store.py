@@ -1,0 +1,194 @@
+"""kdsb HDF5 volume files: atomic write, read, partial read, list.
+
+One file per patient, `<id>.h5`, holding (see DESIGN.md, the data contract):
+
+- dataset `hu`: int16 Hounsfield units, shape (z, y, x);
+- dataset `lung_mask`: uint8 0/1, same shape;
+- attributes `spacing` and `origin` (3 floats each, mm, axis order z, y, x; `origin` is the
+  patient coordinate of voxel [0, 0, 0]), `patient_id`, `series_uid`, `source_spacing`,
+  `source_shape` and `kdsb_version`.
+
+Datasets are stored in 32³ chunks, gzip level 1 with byte shuffle: small on disk, readable by any
+HDF5 tool, and a 32³ patch costs one or a few chunk reads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from kdsb._version import __version__
+from kdsb.errors import StoreError
+
+SUFFIX = ".h5"
+TEMP_PREFIX = "."  # temporary files are hidden and never listed as volumes
+CHUNK_EDGE = 32
+COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+REQUIRED_DATASETS = ("hu", "lung_mask")
+REQUIRED_ATTRS = ("spacing", "origin")
+
+
+@dataclass
+class Volume:
+    """One patient's preprocessed scan.
+
+    Attributes:
+        patient_id: the patient id (the DICOM folder name).
+        hu: int16 Hounsfield units, shape (z, y, x).
+        lung_mask: uint8 0/1, shape (z, y, x).
+        spacing: voxel size in mm, (z, y, x).
+        origin: patient coordinate (mm) of voxel [0, 0, 0], (z, y, x).
+        attrs: every other attribute stored in the file.
+    """
+
+    patient_id: str
+    hu: np.ndarray
+    lung_mask: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    attrs: dict = field(default_factory=dict)
+
+
+def volume_path(out_dir: str | os.PathLike, patient_id: str) -> Path:
+    """The path of a patient's volume file in `out_dir`."""
+    return Path(out_dir) / f"{patient_id}{SUFFIX}"
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(max(1, min(CHUNK_EDGE, n)) for n in shape)
+
+
+def write_volume(
+    path: str | os.PathLike,
+    hu: np.ndarray,
+    lung_mask: np.ndarray,
+    spacing: tuple[float, float, float],
+    origin: tuple[float, float, float],
+    attrs: Mapping[str, object] | None = None,
+) -> Path:
+    """Write a volume file atomically: a hidden temporary file in the same folder, then rename.
+
+    A reader (or a rerun after a kill) therefore sees either no file or a complete one.
+
+    Args:
+        path: destination `<id>.h5`.
+        hu: HU values, shape (z, y, x); stored as int16.
+        lung_mask: 0/1 mask, same shape; stored as uint8.
+        spacing: voxel size in mm (z, y, x).
+        origin: patient coordinate in mm of voxel [0, 0, 0] (z, y, x).
+        attrs: extra attributes (`patient_id`, `series_uid`, `source_spacing`, …).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    hu = np.asarray(hu)
+    lung_mask = np.asarray(lung_mask)
+    if hu.ndim != 3 or lung_mask.shape != hu.shape:
+        raise StoreError(
+            f"{path.name}: expected a 3D hu array and a lung mask of the same shape, "
+            f"received {hu.shape} and {lung_mask.shape}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{TEMP_PREFIX}{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(temp, "w") as f:
+            chunks = _chunks(hu.shape)
+            f.create_dataset("hu", data=hu.astype(np.int16, copy=False), chunks=chunks, **COMPRESSION)
+            f.create_dataset(
+                "lung_mask",
+                data=(lung_mask > 0).astype(np.uint8),
+                chunks=chunks,
+                **COMPRESSION,
+            )
+            f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
+            f.attrs["origin"] = np.asarray(origin, dtype=np.float64)
+            f.attrs["kdsb_version"] = __version__
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    return path
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> int:
+    """Delete temporary files left by a killed writer in `out_dir`; returns how many."""
+    removed = 0
+    for temp in Path(out_dir).glob(f"{TEMP_PREFIX}*{SUFFIX}.tmp-*"):
+        temp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def open_volume(path: str | os.PathLike) -> h5py.File:
+    """Open a volume file read-only for partial reads (patches), after checking its format.
+
+    The caller closes the file (use it as a context manager).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"expected a kdsb volume file, received a missing path: {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:
+        raise StoreError(f"{path}: expected an HDF5 file, received an unreadable one ({error})")
+    missing = [n for n in REQUIRED_DATASETS if n not in f] + [
+        a for a in REQUIRED_ATTRS if a not in f.attrs
+    ]
+    if missing:
+        f.close()
+        raise StoreError(f"{path}: expected a kdsb volume file, missing {', '.join(missing)}")
+    return f
+
+
+def _decode(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_attrs(path: str | os.PathLike) -> dict:
+    """Every attribute of a volume file plus `shape`, without reading the voxels."""
+    with open_volume(path) as f:
+        attrs = {key: _decode(value) for key, value in f.attrs.items()}
+        attrs["shape"] = tuple(f["hu"].shape)
+    return attrs
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read a whole volume file into memory."""
+    path = Path(path)
+    with open_volume(path) as f:
+        attrs = {key: _decode(value) for key, value in f.attrs.items()}
+        hu = f["hu"][...]
+        lung_mask = f["lung_mask"][...]
+    return Volume(
+        patient_id=str(attrs.get("patient_id", path.stem)),
+        hu=hu,
+        lung_mask=lung_mask,
+        spacing=tuple(float(s) for s in attrs.pop("spacing")),
+        origin=tuple(float(o) for o in attrs.pop("origin")),
+        attrs=attrs,
+    )
+
+
+def list_volumes(data_dir: str | os.PathLike) -> dict[str, Path]:
+    """Patient id → volume file for every `<id>.h5` in `data_dir` (symlinks allowed), sorted by id."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise StoreError(f"expected a folder of kdsb volume files, received {data_dir}")
+    paths = sorted(
+        p for p in data_dir.iterdir() if p.suffix == SUFFIX and not p.name.startswith(TEMP_PREFIX)
+    )
+    return {p.stem: p for p in paths}
