@@ -1,0 +1,191 @@
+"""Patient labels: the Kaggle `id,cancer` CSV, sample-submission id lists, and their checks.
+
+A labels CSV has a header naming the columns `id` and `cancer` (any order, no other columns) and
+one row per patient with `cancer` either 0 or 1. A sample-submission CSV only needs an `id`
+column; its other columns are ignored.
+
+Which mismatches are errors (for `kdsb train-classifier`):
+
+- a labelled id without a volume is always an error: the user expects that patient to be used;
+- a volume without a label is an error too, unless the caller allows it (`allow_unlabelled`),
+  in which case it is skipped with a warning. Kaggle's stage-1 folder holds the unlabelled test
+  patients beside the labelled ones, which is why the option exists.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from kdsb.errors import LabelsError
+
+logger = logging.getLogger(__name__)
+
+ID_COLUMN = "id"
+LABEL_COLUMN = "cancer"
+LABEL_COLUMNS = (ID_COLUMN, LABEL_COLUMN)
+VALID_LABELS = {"0": 0, "1": 1}
+# How many offending ids an error message names before summarising the rest as a count.
+IDS_SHOWN = 5
+
+
+def _open_rows(csv_path: Path) -> list[list[str]]:
+    if not csv_path.is_file():
+        raise LabelsError(f"expected a CSV file, received a missing path: {csv_path}")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            return [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise LabelsError(f"{csv_path}: expected a readable text CSV, received {error}") from None
+
+
+def _header_index(csv_path: Path, rows: list[list[str]], required: Iterable[str]) -> list[str]:
+    if not rows:
+        raise LabelsError(f"{csv_path}: expected a header line, received an empty file")
+    header = [cell.strip() for cell in rows[0]]
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise LabelsError(
+            f"{csv_path}: expected a header with column(s) {', '.join(required)}, "
+            f"received {','.join(header)!r} (missing {', '.join(missing)})"
+        )
+    return header
+
+
+def _summarise(ids: list[str]) -> str:
+    shown = ", ".join(ids[:IDS_SHOWN])
+    more = len(ids) - IDS_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def read_labels(csv_path: str | os.PathLike) -> dict[str, int]:
+    """Read a labels CSV (header `id,cancer`) into patient id → 0 or 1, in file order.
+
+    Args:
+        csv_path: the CSV file.
+
+    Returns:
+        A dict from patient id to its label.
+
+    Raises:
+        LabelsError: the file is missing or unreadable, has no header with exactly the columns
+            `id` and `cancer`, a row with another number of cells, an empty or duplicate id, or
+            a label other than 0 or 1 (the message names the line and the value).
+    """
+    csv_path = Path(csv_path)
+    rows = _open_rows(csv_path)
+    header = _header_index(csv_path, rows, LABEL_COLUMNS)
+    if len(header) != len(LABEL_COLUMNS):
+        raise LabelsError(
+            f"{csv_path}: expected exactly the columns id,cancer, received {','.join(header)!r}"
+        )
+    id_at, label_at = header.index(ID_COLUMN), header.index(LABEL_COLUMN)
+    labels: dict[str, int] = {}
+    # Line numbers count the header as line 1; blank lines were dropped, so they are approximate
+    # only for files with blank lines in the middle, which is rare enough to accept.
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise LabelsError(
+                f"{csv_path} line {line}: expected {len(header)} comma-separated values, "
+                f"received {len(row)}: {','.join(row)!r}"
+            )
+        patient_id, value = row[id_at].strip(), row[label_at].strip()
+        if not patient_id:
+            raise LabelsError(f"{csv_path} line {line}: expected a patient id, received ''")
+        if value not in VALID_LABELS:
+            raise LabelsError(
+                f"{csv_path} line {line}: expected a label 0 or 1 for {patient_id}, "
+                f"received {value!r}"
+            )
+        if patient_id in labels:
+            raise LabelsError(
+                f"{csv_path} line {line}: expected each id once, received {patient_id} again"
+            )
+        labels[patient_id] = VALID_LABELS[value]
+    if not labels:
+        raise LabelsError(f"{csv_path}: expected at least one labelled patient, received none")
+    return labels
+
+
+def read_ids(csv_path: str | os.PathLike) -> list[str]:
+    """Read the `id` column of a CSV (a Kaggle sample submission) in file order.
+
+    Other columns are ignored.
+
+    Raises:
+        LabelsError: the file is missing, has no `id` column, an empty or duplicate id.
+    """
+    csv_path = Path(csv_path)
+    rows = _open_rows(csv_path)
+    header = _header_index(csv_path, rows, (ID_COLUMN,))
+    id_at = header.index(ID_COLUMN)
+    ids: list[str] = []
+    seen: set[str] = set()
+    for line, row in enumerate(rows[1:], start=2):
+        patient_id = row[id_at].strip() if id_at < len(row) else ""
+        if not patient_id:
+            raise LabelsError(f"{csv_path} line {line}: expected a patient id, received ''")
+        if patient_id in seen:
+            raise LabelsError(
+                f"{csv_path} line {line}: expected each id once, received {patient_id} again"
+            )
+        seen.add(patient_id)
+        ids.append(patient_id)
+    if not ids:
+        raise LabelsError(f"{csv_path}: expected at least one id, received none")
+    return ids
+
+
+def check_labels_match(
+    labels: Mapping[str, int],
+    volume_ids: Iterable[str],
+    *,
+    labels_path: str | os.PathLike = "labels CSV",
+    data_dir: str | os.PathLike = "the data folder",
+    allow_unlabelled: bool = False,
+) -> list[str]:
+    """Check that labels and volumes name the same patients; return the usable ids, sorted.
+
+    Args:
+        labels: patient id → label (from `read_labels`).
+        volume_ids: ids of the volumes on disk.
+        labels_path: the labels file, for messages.
+        data_dir: the volume folder, for messages.
+        allow_unlabelled: skip volumes without a label (logging a warning) instead of failing.
+
+    Returns:
+        The ids that have both a label and a volume, sorted.
+
+    Raises:
+        LabelsError: a labelled id has no volume; a volume has no label (unless allowed); or
+            no patient has both.
+    """
+    volume_ids = set(volume_ids)
+    without_volume = sorted(set(labels) - volume_ids)
+    if without_volume:
+        raise LabelsError(
+            f"{labels_path}: expected a volume in {data_dir} for every labelled id, received "
+            f"{len(without_volume)} of {len(labels)} without one: {_summarise(without_volume)}"
+        )
+    without_label = sorted(volume_ids - set(labels))
+    if without_label:
+        message = (
+            f"{len(without_label)} of {len(volume_ids)} volumes in {data_dir} have no label in "
+            f"{labels_path}: {_summarise(without_label)}"
+        )
+        if not allow_unlabelled:
+            raise LabelsError(
+                f"expected a label for every volume, received {message} "
+                "(pass --allow-unlabelled to skip them)"
+            )
+        logger.warning("skipping unlabelled volumes: %s", message)
+    usable = sorted(volume_ids & set(labels))
+    if not usable:
+        raise LabelsError(
+            f"expected patients with both a label and a volume, received none "
+            f"({labels_path}, {data_dir})"
+        )
+    return usable

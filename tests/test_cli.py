@@ -1,0 +1,72 @@
+"""The `kdsb` command: dispatch, version, help without TensorFlow, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kdsb import __version__
+from kdsb.cli import SUBCOMMANDS, main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kdsb {__version__}"
+
+
+def test_help_lists_every_subcommand_without_importing_tensorflow():
+    code = (
+        "import sys\n"
+        "from kdsb.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0\n"
+        "for name in ('tensorflow', 'keras'):\n"
+        "    assert name not in sys.modules, name + ' imported by --help'\n"
+    )
+    result = _run("-c", code)
+    assert result.returncode == 0, result.stderr
+    for name in SUBCOMMANDS:
+        assert name in result.stdout
+
+
+def test_python_dash_m_is_the_same_command():
+    result = _run("-m", "kdsb", "--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"kdsb {__version__}"
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_missing_dicom_root_is_a_usage_error(tmp_path, capsys):
+    assert main(["preprocess", str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "absent" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_keras_objects_register_when_keras_is_imported_after_kdsb():
+    code = (
+        "import kdsb, keras\n"
+        "objects = keras.saving.get_custom_objects()\n"
+        "assert 'kdsb>ShiftedELU' in objects, sorted(objects)\n"
+        "assert 'kdsb>SpatialPyramidPooling3D' in objects, sorted(objects)\n"
+    )
+    result = _run("-c", code)
+    assert result.returncode == 0, result.stderr
