@@ -31,6 +31,10 @@ class LabelsError(KdsbError):
     """A labels or ids CSV is malformed or disagrees with the volumes on disk."""
 
 
+class ModelError(KdsbError):
+    """A model file or model option is not what kdsb expects (a .keras file that is no GMCAE)."""
+
+
 class TrainingError(KdsbError):
     """Training cannot go on (for example the loss became NaN); the message says why."""
 

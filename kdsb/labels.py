@@ -1,8 +1,9 @@
-"""Patient labels: the Kaggle `id,cancer` CSV, sample-submission id lists, and their checks.
+"""The Kaggle `id,cancer` CSV files: labels, submissions (predictions) and id lists.
 
 A labels CSV has a header naming the columns `id` and `cancer` (any order, no other columns) and
-one row per patient with `cancer` either 0 or 1. A sample-submission CSV only needs an `id`
-column; its other columns are ignored.
+one row per patient with `cancer` either 0 or 1. A submission CSV has the same columns with a
+probability in [0, 1]. A sample-submission CSV used as an id list only needs an `id` column; its
+other columns are ignored.
 
 Which mismatches are errors (for `kdsb train-classifier`):
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -55,7 +57,8 @@ def _header_index(csv_path: Path, rows: list[list[str]], required: Iterable[str]
     return header
 
 
-def _summarise(ids: list[str]) -> str:
+def summarise_ids(ids: list[str]) -> str:
+    """The first few ids, then how many more: for error messages about many patients."""
     shown = ", ".join(ids[:IDS_SHOWN])
     more = len(ids) - IDS_SHOWN
     return f"{shown} and {more} more" if more > 0 else shown
@@ -168,13 +171,13 @@ def check_labels_match(
     if without_volume:
         raise LabelsError(
             f"{labels_path}: expected a volume in {data_dir} for every labelled id, received "
-            f"{len(without_volume)} of {len(labels)} without one: {_summarise(without_volume)}"
+            f"{len(without_volume)} of {len(labels)} without one: {summarise_ids(without_volume)}"
         )
     without_label = sorted(volume_ids - set(labels))
     if without_label:
         message = (
             f"{len(without_label)} of {len(volume_ids)} volumes in {data_dir} have no label in "
-            f"{labels_path}: {_summarise(without_label)}"
+            f"{labels_path}: {summarise_ids(without_label)}"
         )
         if not allow_unlabelled:
             raise LabelsError(
@@ -189,3 +192,71 @@ def check_labels_match(
             f"({labels_path}, {data_dir})"
         )
     return usable
+
+
+def read_predictions(csv_path: str | os.PathLike) -> dict[str, float]:
+    """Read a submission CSV (header `id,cancer`) into patient id → probability, in file order.
+
+    Raises:
+        LabelsError: the file is missing or malformed, an id is empty or repeated, or a value is
+            not a probability in [0, 1] (the message names the line and the value).
+    """
+    csv_path = Path(csv_path)
+    rows = _open_rows(csv_path)
+    header = _header_index(csv_path, rows, LABEL_COLUMNS)
+    id_at, value_at = header.index(ID_COLUMN), header.index(LABEL_COLUMN)
+    predictions: dict[str, float] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise LabelsError(
+                f"{csv_path} line {line}: expected {len(header)} comma-separated values, "
+                f"received {len(row)}: {','.join(row)!r}"
+            )
+        patient_id, text = row[id_at].strip(), row[value_at].strip()
+        if not patient_id:
+            raise LabelsError(f"{csv_path} line {line}: expected a patient id, received ''")
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:  # also rejects NaN
+            raise LabelsError(
+                f"{csv_path} line {line}: expected a probability in [0, 1] for {patient_id}, "
+                f"received {text!r}"
+            )
+        if patient_id in predictions:
+            raise LabelsError(
+                f"{csv_path} line {line}: expected each id once, received {patient_id} again"
+            )
+        predictions[patient_id] = value
+    if not predictions:
+        raise LabelsError(f"{csv_path}: expected at least one prediction, received none")
+    return predictions
+
+
+def write_predictions(
+    csv_path: str | os.PathLike, predictions: Mapping[str, float], *, digits: int = 6
+) -> Path:
+    """Write an `id,cancer` submission CSV atomically (temporary file, then rename), in order.
+
+    Args:
+        csv_path: destination file; its folder is created.
+        predictions: patient id → probability, written in iteration order.
+        digits: decimals written per probability.
+
+    Returns:
+        The path written.
+    """
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    temp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(LABEL_COLUMNS)
+            for patient_id, value in predictions.items():
+                writer.writerow((patient_id, f"{value:.{digits}f}"))
+        os.replace(temp, csv_path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return csv_path

@@ -1,11 +1,26 @@
-"""Placeholder while this subcommand is being written; its owner replaces this file."""
+"""`kdsb demo WORKDIR`: synth → preprocess → train-gmcae → train-classifier → predict → evaluate."""
 
-HELP = "the whole pipeline on a phantom cohort (placeholder: being written)"
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "the whole pipeline on phantom cohorts, on a CPU, in minutes (held-out test scores)"
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("workdir", type=Path, help="folder for cohorts, volumes, runs and plots")
+    parser.add_argument("--patients", type=int, default=None,
+                        help="training cohort size (default 48, 6 with --fast); test is half")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--workers", type=int, default=2, help="preprocessing processes")
+    parser.add_argument("--fast", action="store_true",
+                        help="tiny budgets: checks every stage runs, not that it learns")
 
 
-def run(args):
-    raise NotImplementedError
+def run(args: argparse.Namespace) -> int:
+    from kdsb.demo import run_demo
+
+    run_demo(args.workdir, patients=args.patients, seed=args.seed, fast=args.fast,
+             workers=args.workers)
+    return 0

@@ -1,11 +1,25 @@
-"""Placeholder while this subcommand is being written; its owner replaces this file."""
+"""`kdsb evaluate PRED_CSV LABELS_CSV`: log loss, ROC AUC, accuracy and the base-rate log loss."""
 
-HELP = "log loss, AUC and accuracy of a prediction CSV (placeholder: being written)"
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "score an id,cancer prediction CSV against labels: log loss, ROC AUC, accuracy, plots"
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("predictions", type=Path, help="id,cancer CSV of probabilities")
+    parser.add_argument("labels", type=Path, help="id,cancer CSV of 0/1 labels")
+    parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                        help="write roc.png and calibration.png here")
 
 
-def run(args):
-    raise NotImplementedError
+def run(args: argparse.Namespace) -> int:
+    from kdsb.evaluation import CALIBRATION_PNG, ROC_PNG, evaluate, format_table
+
+    scores = evaluate(args.predictions, args.labels, plots_dir=args.plots)
+    print(format_table(scores, title=f"{args.predictions} vs {args.labels}"))
+    if args.plots is not None:
+        print(f"plots: {args.plots / ROC_PNG}, {args.plots / CALIBRATION_PNG}")
+    return 0

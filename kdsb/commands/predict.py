@@ -1,11 +1,44 @@
-"""Placeholder while this subcommand is being written; its owner replaces this file."""
+"""`kdsb predict DATA_DIR MODEL.keras [MORE.keras ...] --out OUT_CSV`: a Kaggle submission CSV."""
 
-HELP = "write an id,cancer CSV (placeholder: being written)"
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "write an id,cancer CSV of p(cancer) per patient; several models are averaged"
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data_dir", type=Path, help="folder of <id>.h5 volumes")
+    parser.add_argument("models", type=Path, nargs="+", metavar="MODEL.keras",
+                        help="trained classifier(s); probabilities are averaged")
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT_CSV",
+                        help="the id,cancer CSV to write")
+    parser.add_argument("--ids", type=Path, default=None, metavar="IDS_CSV",
+                        help="score these ids in this order (a CSV with an id column, e.g. a "
+                             "sample submission); default: every volume in DATA_DIR, sorted")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average over cube symmetries")
+    parser.add_argument("--tta-count", type=int, default=None, metavar="K",
+                        help="with --tta, the first K of the 48 cube symmetries (default: all)")
+    parser.add_argument("--clip", type=float, default=None,
+                        help="clip probabilities to [CLIP, 1 - CLIP] (default: 0.005)")
 
 
-def run(args):
-    raise NotImplementedError
+def run(args: argparse.Namespace) -> int:
+    from kdsb.labels import read_ids
+    from kdsb.prediction import PROBABILITY_CLIP, predict_to_csv
+
+    ids = read_ids(args.ids) if args.ids is not None else None
+    predictions = predict_to_csv(
+        args.data_dir,
+        args.models,
+        args.out,
+        ids=ids,
+        ids_source=str(args.ids),
+        tta=args.tta,
+        tta_count=args.tta_count,
+        clip=PROBABILITY_CLIP if args.clip is None else args.clip,
+    )
+    print(f"wrote {len(predictions)} predictions to {args.out}")
+    return 0

@@ -1,11 +1,108 @@
-"""Placeholder while this subcommand is being written; its owner replaces this file."""
+"""`kdsb train-classifier DATA_DIR LABELS_CSV RUN_DIR --gmcae GMCAE.keras`."""
 
-HELP = "train the SPP3D cancer classifier (placeholder: being written)"
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "train the SPP3D cancer classifier on whole volumes, starting from a GMCAE's encoder"
+
+# Defaults repeated from kdsb.classifier_training.ClassifierConfig (importing it here would
+# slow down `kdsb --help`); tests check that the two agree.
+DEFAULTS = {
+    "epochs": 20,
+    "batch_size": 1,
+    "lr": 1e-4,
+    "freeze_blocks": 0,
+    "val_fraction": 0.2,
+    "loss": "bce",
+    "class_weight": "balanced",
+    "seed": 0,
+    "lung_dilation_mm": 10.0,
+    "downscale": 1,
+    "patience": 5,
+    "precision": "float32",
+    "dense_units": 64,
+    "dropout": 0.5,
+}
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data_dir", type=Path, help="folder of <id>.h5 volumes")
+    parser.add_argument("labels", type=Path, help="id,cancer CSV of 0/1 labels")
+    parser.add_argument("run_dir", type=Path, help="run folder: classifier.keras, metrics.json …")
+    parser.add_argument("--gmcae", type=Path, required=True, metavar="GMCAE.keras",
+                        help="trained GMCAE whose encoder starts the classifier")
+    parser.set_defaults(**DEFAULTS)
+    parser.add_argument("--epochs", type=int, help="total epochs (one pass over the patients)")
+    parser.add_argument("--batch-size", type=int,
+                        help="volumes per weight update (one volume per step, gradients "
+                             "accumulated over N volumes: sizes vary)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate")
+    parser.add_argument("--freeze-blocks", type=int, choices=range(4),
+                        help="freeze the first K encoder blocks")
+    parser.add_argument("--val-fraction", type=float,
+                        help="patients held out for validation (stratified by label)")
+    parser.add_argument("--loss", choices=("bce", "focal"), help="binary cross-entropy or focal")
+    parser.add_argument("--class-weight", choices=("balanced", "none"),
+                        help="sample weights against class imbalance (bce only)")
+    parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--mask-outside-lungs", action="store_true",
+                        help="set voxels far from the lungs to air")
+    parser.add_argument("--lung-dilation-mm", type=float,
+                        help="with --mask-outside-lungs, keep this margin around the lungs")
+    parser.add_argument("--downscale", type=int, help="integer downscaling of every axis")
+    parser.add_argument("--patience", type=int,
+                        help="early stopping: epochs without a better validation log loss")
+    parser.add_argument("--precision", choices=("float32", "mixed_bfloat16", "mixed_float16"),
+                        help="numeric precision of the layers")
+    parser.add_argument("--dense-units", type=int, help="units of the hidden dense layer")
+    parser.add_argument("--dropout", type=float, help="dropout of the dense head")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="no random cube symmetry on training volumes")
+    parser.add_argument("--allow-unlabelled", action="store_true",
+                        help="skip volumes without a label instead of failing")
 
 
-def run(args):
-    raise NotImplementedError
+def config_from_args(args: argparse.Namespace):
+    """The `ClassifierConfig` of parsed command-line arguments."""
+    from kdsb.classifier_training import ClassifierConfig
+
+    return ClassifierConfig(
+        gmcae=str(args.gmcae),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        freeze_blocks=args.freeze_blocks,
+        val_fraction=args.val_fraction,
+        loss=args.loss,
+        class_weight=args.class_weight,
+        seed=args.seed,
+        resume=args.resume,
+        mask_outside_lungs=args.mask_outside_lungs,
+        lung_dilation_mm=args.lung_dilation_mm,
+        downscale=args.downscale,
+        patience=args.patience,
+        precision=args.precision,
+        dense_units=args.dense_units,
+        dropout=args.dropout,
+        augment=args.augment,
+        allow_unlabelled=args.allow_unlabelled,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdsb.classifier_training import METRICS_NAME, train_classifier
+    from kdsb.evaluation import format_table
+
+    result = train_classifier(args.data_dir, args.labels, args.run_dir, config_from_args(args))
+    scores = {
+        "log_loss": result["val_log_loss"],
+        "base_rate_log_loss": result["val_base_rate_log_loss"],
+        "roc_auc": result["val_auc"],
+        "accuracy": result["val_accuracy"],
+    }
+    print(format_table(scores, title=f"validation ({result['n_val']} patients)"))
+    print(f"wrote {args.run_dir / METRICS_NAME}")
+    return 0

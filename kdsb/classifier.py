@@ -1,0 +1,131 @@
+"""The cancer classifier: GMCAE encoder → 3D spatial pyramid pooling → dense head → p(cancer).
+
+The classifier reads whole cropped volumes of any size (batch, z, y, x, 1) in normalised HU,
+one per batch or several of equal size. It holds its own copy of the GMCAE encoder (weights
+copied, not shared), so it trains and saves independently of the GMCAE; the first blocks can be
+frozen to keep the unsupervised features. Spatial pyramid pooling turns the variable-size
+feature map into a fixed-length vector for the dense head.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import keras
+
+from kdsb.errors import ModelError
+from kdsb.gmcae import (
+    ENCODER_BLOCKS,
+    ENCODER_NAME,
+    MIXTURE_OUTPUT_NAME,
+    encoder_layer_names,
+    encoder_of,
+)
+from kdsb.layers import DEFAULT_LEVELS, SpatialPyramidPooling3D
+
+
+def copy_encoder(encoder: keras.Model) -> keras.Model:
+    """An independent copy of `encoder` (same architecture, layer names and weight values).
+
+    Raises:
+        ModelError: If `encoder` lacks the GMCAE block layers.
+    """
+    for block in range(1, ENCODER_BLOCKS + 1):
+        for layer_name in encoder_layer_names(block):
+            try:
+                encoder.get_layer(layer_name)
+            except ValueError:
+                raise ModelError(
+                    f"expected a GMCAE encoder with layer '{layer_name}', "
+                    f"received model '{encoder.name}' without it"
+                ) from None
+    copy = keras.models.clone_model(encoder)
+    copy.set_weights(encoder.get_weights())
+    return copy
+
+
+def build_classifier(
+    encoder: keras.Model,
+    *,
+    freeze_blocks: int = 0,
+    levels: Sequence[int] = DEFAULT_LEVELS,
+    pooling: str = "max",
+    dense_units: int = 64,
+    dropout: float = 0.5,
+    name: str = "classifier",
+) -> keras.Model:
+    """Build the SPP3D cancer classifier on a copy of a trained GMCAE encoder.
+
+    Args:
+        encoder: The GMCAE encoder (`kdsb.gmcae.encoder_of(gmcae)`), input (None, None, None, 1).
+        freeze_blocks: How many encoder blocks, from the input side, to freeze (0..3): their
+            `block{b}_conv1`/`block{b}_conv2` layers get trainable=False.
+        levels: Spatial pyramid levels (bins per axis).
+        pooling: "max" or "average" pooling in the pyramid.
+        dense_units: Units of the hidden dense layer (ReLU).
+        dropout: Dropout rate after the hidden layer, in [0, 1).
+        name: Model name.
+
+    Returns:
+        An uncompiled model: input (batch, z, y, x, 1) normalised HU of any size, output float32
+        (batch, 1) p(cancer).
+
+    Raises:
+        ModelError: If freeze_blocks, dense_units or dropout is out of range, or the encoder is
+            not a GMCAE encoder.
+    """
+    if isinstance(freeze_blocks, bool) or freeze_blocks not in range(ENCODER_BLOCKS + 1):
+        raise ModelError(
+            f"expected freeze_blocks in 0..{ENCODER_BLOCKS}, received {freeze_blocks!r}"
+        )
+    if isinstance(dense_units, bool) or not isinstance(dense_units, int) or dense_units < 1:
+        raise ModelError(f"expected dense_units to be a positive integer, received {dense_units!r}")
+    if not 0 <= dropout < 1:
+        raise ModelError(f"expected dropout in [0, 1), received {dropout!r}")
+
+    features = copy_encoder(encoder)
+    for block in range(1, freeze_blocks + 1):
+        for layer_name in encoder_layer_names(block):
+            features.get_layer(layer_name).trainable = False
+
+    inputs = keras.Input(shape=(None, None, None, 1), name="volume")
+    x = features(inputs)
+    x = SpatialPyramidPooling3D(levels=levels, pooling=pooling, name="spp")(x)
+    x = keras.layers.Dense(dense_units, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="p_cancer")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def load_encoder_from_gmcae(path: str | os.PathLike) -> keras.Model:
+    """Load a saved GMCAE (.keras, safe mode, uncompiled) and return its encoder.
+
+    Args:
+        path: A `gmcae.keras` file written by `kdsb train-gmcae`.
+
+    Returns:
+        The nested "encoder" model, with the trained weights.
+
+    Raises:
+        ModelError: If the file is missing, cannot be loaded as a Keras model, or holds no
+            GMCAE encoder.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelError(f"expected a GMCAE .keras file, received {path!r}, which does not exist")
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # Keras raises many types for corrupt or foreign files.
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(
+            f"expected a kdsb GMCAE saved as .keras, received {path!r}, "
+            f"which does not load: {reason}"
+        ) from error
+    layer_names = {layer.name for layer in model.layers}
+    if not {ENCODER_NAME, MIXTURE_OUTPUT_NAME} <= layer_names:
+        raise ModelError(
+            f"expected a kdsb GMCAE (layers '{ENCODER_NAME}' and '{MIXTURE_OUTPUT_NAME}'), "
+            f"received {path!r} holding model '{model.name}'"
+        )
+    return encoder_of(model)

@@ -1,0 +1,318 @@
+"""`kdsb train-classifier`: labels + volumes + a trained GMCAE → the SPP3D cancer classifier.
+
+Steps: read and check the labels against the volumes (`kdsb.labels`); split patients into
+training and validation, stratified by label (`kdsb.datasets.split_patients`); stream whole
+volumes one at a time, training volumes under a random cube symmetry (48-fold augmentation);
+build the classifier on the GMCAE's encoder (`kdsb.classifier`); fit with per-epoch checkpoints,
+resume and early stopping on the validation log loss (`kdsb.training.fit`); then score the best
+model on the validation patients and write `metrics.json`.
+
+Variable volume sizes and `--batch-size`: every step sees one whole volume (the shapes differ,
+and padding would feed the pyramid pooling fake air). A batch size N > 1 is realised by
+gradient accumulation (`gradient_accumulation_steps` of the Keras optimizer): the weights move
+once every N volumes, along the mean of their N gradients, which is what a batch of N would do
+for this model (it has no batch normalisation).
+
+Class imbalance: with `--loss bce` each training volume carries a sample weight
+n / (2 · n_class) ("balanced" class weights, the `class_weight` rule of scikit-learn), so both
+classes pull equally; `--class-weight none` turns this off and keeps the probabilities
+calibrated to the training prevalence, which log loss rewards. `--loss focal` uses
+`keras.losses.BinaryFocalCrossentropy` and no weights. Validation metrics are never weighted.
+
+The run folder (see `kdsb.training` for checkpoints/, history.csv, logs/) also gets
+`classifier.keras` (the best model by validation log loss), `classifier.json` (the input
+preparation `kdsb predict` applies, see `kdsb.prediction`) and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from kdsb import metrics
+from kdsb.errors import UsageError
+from kdsb.labels import check_labels_match, read_labels
+from kdsb.store import list_volumes
+
+logger = logging.getLogger(__name__)
+
+BEST_NAME = "classifier.keras"
+METRICS_NAME = "metrics.json"
+MONITOR = "val_log_loss"
+LOSSES = ("bce", "focal")
+CLASS_WEIGHTS = ("balanced", "none")
+FOCAL_GAMMA = 2.0
+# Gradient clipping by global norm: whole-volume steps are few and noisy.
+CLIPNORM = 1.0
+
+
+@dataclass
+class ClassifierConfig:
+    """Options of a classifier run (the command-line options of `kdsb train-classifier`).
+
+    Attributes:
+        gmcae: the trained GMCAE (`gmcae.keras`) whose encoder starts the classifier.
+        epochs: total epochs (each visits every training patient once).
+        batch_size: volumes per weight update (gradient accumulation, see the module docstring).
+        lr: Adam learning rate.
+        freeze_blocks: encoder blocks (from the input side) kept frozen, 0..3.
+        val_fraction: fraction of patients held out for validation, stratified by label.
+        loss: "bce" (binary cross-entropy) or "focal" (binary focal cross-entropy, gamma 2).
+        class_weight: "balanced" or "none" (bce only).
+        seed: seed of the split, augmentation, order and weight initialisation.
+        resume: continue the run from its newest checkpoint.
+        mask_outside_lungs: set voxels farther than `lung_dilation_mm` from the lungs to air.
+        lung_dilation_mm: dilation of the lung mask in mm.
+        downscale: integer downscaling factor of every axis (block mean).
+        patience: early stopping after this many epochs without a better validation log loss
+            (None: never).
+        precision: "float32", "mixed_bfloat16" or "mixed_float16".
+        dense_units: units of the hidden dense layer.
+        dropout: dropout rate of the head.
+        augment: random cube symmetry per training volume.
+        allow_unlabelled: skip volumes without a label instead of failing.
+    """
+
+    gmcae: str
+    epochs: int = 20
+    batch_size: int = 1
+    lr: float = 1e-4
+    freeze_blocks: int = 0
+    val_fraction: float = 0.2
+    loss: str = "bce"
+    class_weight: str = "balanced"
+    seed: int = 0
+    resume: bool = False
+    mask_outside_lungs: bool = False
+    lung_dilation_mm: float = 10.0
+    downscale: int = 1
+    patience: int | None = 5
+    precision: str = "float32"
+    dense_units: int = 64
+    dropout: float = 0.5
+    augment: bool = True
+    allow_unlabelled: bool = False
+
+    def validate(self) -> None:
+        """Raise `UsageError` for out-of-range options."""
+        checks = (
+            (self.epochs >= 1, "--epochs >= 1", self.epochs),
+            (self.batch_size >= 1, "--batch-size >= 1", self.batch_size),
+            (self.lr > 0, "--lr > 0", self.lr),
+            (0.0 < self.val_fraction < 1.0, "--val-fraction in (0, 1)", self.val_fraction),
+            (self.loss in LOSSES, f"--loss in {LOSSES}", self.loss),
+            (self.class_weight in CLASS_WEIGHTS, f"--class-weight in {CLASS_WEIGHTS}",
+             self.class_weight),
+            (self.downscale >= 1, "--downscale >= 1", self.downscale),
+            (self.patience is None or self.patience >= 1, "--patience >= 1", self.patience),
+        )
+        for ok, expected, received in checks:
+            if not ok:
+                raise UsageError(f"expected {expected}, received {received!r}")
+        if not Path(self.gmcae).is_file():
+            raise UsageError(f"expected a GMCAE .keras file for --gmcae, received {self.gmcae}")
+
+    def input_config(self) -> dict[str, Any]:
+        """The options `kdsb.datasets.load_volume_array` needs, as stored in classifier.json."""
+        return {
+            "mask_outside_lungs": bool(self.mask_outside_lungs),
+            "lung_dilation_mm": float(self.lung_dilation_mm),
+            "downscale": int(self.downscale),
+        }
+
+
+def balanced_class_weights(labels: list[int]) -> dict[int, float]:
+    """Class weights n / (2 · n_class), so both classes carry equal total weight."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=2)
+    return {c: float(len(labels) / (2 * counts[c])) if counts[c] else 0.0 for c in (0, 1)}
+
+
+def _compile(model: Any, config: ClassifierConfig) -> Any:
+    import keras
+
+    optimizer = keras.optimizers.Adam(
+        learning_rate=config.lr,
+        clipnorm=CLIPNORM,
+        gradient_accumulation_steps=config.batch_size if config.batch_size > 1 else None,
+    )
+    if config.loss == "focal":
+        loss = keras.losses.BinaryFocalCrossentropy(gamma=FOCAL_GAMMA)
+    else:
+        loss = keras.losses.BinaryCrossentropy()
+    model.compile(
+        optimizer=optimizer,
+        loss=loss,
+        metrics=[
+            keras.metrics.BinaryCrossentropy(name="log_loss"),
+            keras.metrics.AUC(name="auc"),
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+        ],
+    )
+    return model
+
+
+def _with_weights(dataset: Any, weights: dict[int, float]) -> Any:
+    import tensorflow as tf
+
+    table = tf.constant([weights[0], weights[1]], dtype=tf.float32)
+
+    def add_weight(x, y):
+        return x, y, tf.gather(table, tf.cast(tf.reshape(y, (-1,)), tf.int32))
+
+    return dataset.map(add_weight)
+
+
+def score_patients(model: Any, paths: list[Path], config: ClassifierConfig) -> np.ndarray:
+    """p(cancer) of a trained model for each volume file, one volume at a time."""
+    from kdsb.datasets import load_volume_array
+    from kdsb.prediction import predict_volume
+
+    return np.array(
+        [
+            predict_volume([model], load_volume_array(path, **config.input_config()))
+            for path in tqdm(paths, desc="validate", unit="patient", disable=None)
+        ]
+    )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def train_classifier(
+    data_dir: str | os.PathLike,
+    labels_csv: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    config: ClassifierConfig,
+) -> dict[str, Any]:
+    """Train the classifier into `run_dir` and return the contents of its metrics.json.
+
+    Args:
+        data_dir: folder of `<id>.h5` volumes.
+        labels_csv: `id,cancer` labels (0/1) for those volumes.
+        run_dir: the run folder.
+        config: the run's options.
+
+    Returns:
+        metrics.json as a dict: val_log_loss, val_auc, val_accuracy, val_base_rate_log_loss
+        (the best constant predictor on the validation patients), train_base_rate, n_train,
+        n_val, train_ids, val_ids, epochs_run, and the options.
+
+    Raises:
+        LabelsError: the labels CSV is malformed or disagrees with the volumes.
+        UsageError: an option is out of range, or the run folder holds checkpoints and
+            `resume` is off.
+        TrainingError: the loss became NaN.
+    """
+    config.validate()
+    run_dir = Path(run_dir)
+    labels = read_labels(labels_csv)
+    volumes = list_volumes(data_dir)
+    usable = check_labels_match(
+        labels,
+        volumes,
+        labels_path=labels_csv,
+        data_dir=data_dir,
+        allow_unlabelled=config.allow_unlabelled,
+    )
+
+    from kdsb import training
+    from kdsb.classifier import build_classifier, load_encoder_from_gmcae
+    from kdsb.datasets import split_patients, volume_dataset
+    from kdsb.prediction import write_input_config
+
+    train_ids, val_ids = split_patients(
+        usable, val_fraction=config.val_fraction, seed=config.seed, labels=labels
+    )
+    if not val_ids or not train_ids:
+        raise UsageError(
+            f"expected training and validation patients, received {len(train_ids)} and "
+            f"{len(val_ids)} from {len(usable)} patients with --val-fraction {config.val_fraction}"
+        )
+    y_train = [labels[i] for i in train_ids]
+    y_val = np.array([labels[i] for i in val_ids], dtype=np.float64)
+    logger.info(
+        "%d training patients (%d positive), %d validation patients (%d positive)",
+        len(train_ids), sum(y_train), len(val_ids), int(y_val.sum()),
+    )
+
+    training.configure_runtime(seed=config.seed, precision=config.precision)
+    input_config = config.input_config()
+    train_data = volume_dataset(
+        [volumes[i] for i in train_ids],
+        [float(v) for v in y_train],
+        augment=config.augment,
+        seed=config.seed,
+        shuffle=True,
+        repeat=True,
+        **input_config,
+    )
+    if config.loss == "bce" and config.class_weight == "balanced":
+        weights = balanced_class_weights(y_train)
+        logger.info("class weights %s", weights)
+        train_data = _with_weights(train_data, weights)
+    val_data = volume_dataset(
+        [volumes[i] for i in val_ids], list(y_val), augment=False, **input_config
+    )
+
+    def build_model():
+        encoder = load_encoder_from_gmcae(config.gmcae)
+        model = build_classifier(
+            encoder,
+            freeze_blocks=config.freeze_blocks,
+            dense_units=config.dense_units,
+            dropout=config.dropout,
+        )
+        return _compile(model, config)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_input_config(run_dir, {**input_config, "gmcae": str(config.gmcae)})
+    history = training.fit(
+        build_model,
+        train_data,
+        val_data,
+        run_dir,
+        epochs=config.epochs,
+        steps_per_epoch=len(train_ids),
+        validation_steps=len(val_ids),
+        resume=config.resume,
+        best_name=BEST_NAME,
+        monitor=MONITOR,
+        early_stopping_patience=config.patience,
+        verbose=2 if logger.isEnabledFor(logging.INFO) else 0,
+    )
+
+    import keras
+
+    best = keras.saving.load_model(run_dir / BEST_NAME, compile=False, safe_mode=True)
+    p_val = score_patients(best, [volumes[i] for i in val_ids], config)
+    scores = metrics.summary(y_val, p_val)
+    result = {
+        "val_log_loss": scores["log_loss"],
+        "val_auc": _finite_or_none(scores["roc_auc"]),
+        "val_accuracy": scores["accuracy"],
+        "val_base_rate_log_loss": scores["base_rate_log_loss"],
+        "train_base_rate": float(np.mean(y_train)),
+        "n_train": len(train_ids),
+        "n_val": len(val_ids),
+        "train_ids": train_ids,
+        "val_ids": val_ids,
+        "val_predictions": {i: float(p) for i, p in zip(val_ids, p_val, strict=True)},
+        "epochs_run": len(training.read_history(run_dir / training.HISTORY_NAME)),
+        "epochs_this_session": len(history.epoch),
+        "options": asdict(config),
+    }
+    path = run_dir / METRICS_NAME
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(temp, path)
+    logger.info("wrote %s", path)
+    return result

@@ -1,0 +1,374 @@
+"""tf.data input pipelines: 3D patches for the GMCAE and whole volumes for the classifier.
+
+Both read kdsb HDF5 volume files (see `kdsb.store`) lazily, one volume at a time, so memory
+stays bounded whatever the cohort size. TensorFlow is imported inside the functions that build
+pipelines, so importing this module stays cheap. Arrays are (z, y, x[, channels]); values fed to
+networks are HU normalised by `kdsb.patches.normalize_hu`.
+
+Determinism: every random choice (volume order, patch positions, symmetries) comes from NumPy
+generators or tf.data ops seeded from `seed`, and parallel maps keep their order, so the same
+arguments give the same stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from skimage.measure import block_reduce
+
+from kdsb import patches, store
+from kdsb.errors import KdsbError, LabelsError
+
+logger = logging.getLogger(__name__)
+
+SAMPLINGS = ("lung", "grid")
+DEFAULT_SHUFFLE_BUFFER = 256
+# Whole volumes are large (tens of MB as float32): load at most this many ahead of the model.
+VOLUME_PREFETCH = 2
+_AIR = float(patches.normalize_hu(patches.HU_AIR))
+
+
+def split_patients(
+    ids: Sequence[str],
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    labels: Mapping[str, int] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Split patient ids into training and validation sets, by patient, reproducibly.
+
+    The result depends only on the set of ids, `val_fraction`, `seed` (and `labels`), not on the
+    order of `ids`. With labels the split is stratified: each class contributes
+    round(val_fraction × its size) patients to validation, at least one when the class has two
+    or more patients (one always stays in training).
+
+    Args:
+        ids: patient ids (unique).
+        val_fraction: fraction in [0, 1) of patients for validation.
+        seed: random seed.
+        labels: optional id → 0/1 label for every id.
+
+    Returns:
+        (train_ids, val_ids), each sorted.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise KdsbError(f"expected val_fraction in [0, 1), received {val_fraction}")
+    unique = sorted(set(ids))
+    if len(unique) != len(ids):
+        raise KdsbError(f"expected unique patient ids, received {len(ids) - len(unique)} repeats")
+    if labels is None:
+        groups = [unique]
+    else:
+        missing = [i for i in unique if i not in labels]
+        if missing:
+            raise LabelsError(f"expected a label for every patient, received none for {missing[:5]}")
+        bad = {i: labels[i] for i in unique if labels[i] not in (0, 1)}
+        if bad:
+            raise LabelsError(f"expected labels 0 or 1, received {dict(list(bad.items())[:5])}")
+        groups = [[i for i in unique if labels[i] == c] for c in (0, 1)]
+    rng = np.random.default_rng(seed)
+    val: list[str] = []
+    for group in groups:
+        n_val = int(round(val_fraction * len(group)))
+        if val_fraction > 0 and len(group) >= 2:
+            n_val = min(max(n_val, 1), len(group) - 1)
+        order = rng.permutation(len(group))
+        val.extend(group[i] for i in order[:n_val])
+    val_set = set(val)
+    return [i for i in unique if i not in val_set], sorted(val_set)
+
+
+def _check_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise KdsbError("expected at least one kdsb volume file, received none")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise KdsbError(f"expected kdsb volume files, received missing paths {missing[:3]}")
+    return paths
+
+
+def _visit_rng(seed: int, visit: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(visit)])
+
+
+def read_patches(
+    path: str | os.PathLike,
+    *,
+    patch_size: int = 32,
+    count: int | None = 8,
+    sampling: str = "lung",
+    augment: bool = True,
+    rng: np.random.Generator,
+    min_lung_fraction: float = patches.DEFAULT_MIN_LUNG_FRACTION,
+) -> np.ndarray:
+    """Read normalised patches from one volume file (one visit of the patch pipeline).
+
+    The file is opened once; the lung mask is read once (lung sampling only) and each patch is
+    read by slicing, so the HU volume is never loaded whole.
+
+    Args:
+        path: kdsb volume file.
+        patch_size: patch edge in voxels.
+        count: patches to read; with grid sampling None reads every grid patch in order.
+        sampling: "lung" (centred on lung voxels) or "grid" (random cells of a regular grid).
+        augment: apply a random cube symmetry to each patch.
+        rng: NumPy random generator.
+        min_lung_fraction: see `kdsb.patches.sample_patch_corners`.
+
+    Returns:
+        float32 array (count, P, P, P) of normalised HU.
+    """
+    with store.open_volume(path) as f:
+        hu = f["hu"]
+        if sampling == "lung":
+            corners = patches.sample_patch_corners(
+                f["lung_mask"][...], count, patch_size, rng, min_lung_fraction=min_lung_fraction
+            )
+        else:
+            corners = patches.grid_patch_corners(hu.shape, patch_size)
+            if count is not None:
+                chosen = rng.choice(len(corners), size=count, replace=count > len(corners))
+                corners = corners[chosen]
+        out = np.empty((len(corners),) + (patch_size,) * 3, dtype=np.float32)
+        for i, corner in enumerate(corners):
+            patch = patches.normalize_hu(patches.extract_patch(hu, corner, patch_size))
+            if augment:
+                patch = patches.apply_symmetry(patch, rng.integers(len(patches.CUBE_SYMMETRIES)))
+            out[i] = patch
+    return out
+
+
+def patch_dataset(
+    paths: Sequence[str | os.PathLike],
+    *,
+    patch_size: int = 32,
+    batch_size: int = 16,
+    patches_per_volume: int | None = 8,
+    sampling: str = "lung",
+    augment: bool = True,
+    seed: int = 0,
+    repeat: bool = True,
+    num_parallel_calls: int | None = None,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    min_lung_fraction: float = patches.DEFAULT_MIN_LUNG_FRACTION,
+):
+    """The GMCAE's input: batches of normalised 3D patches, streamed from volume files.
+
+    Volumes are visited in a shuffled order (reshuffled each pass); each visit opens one file
+    and reads `patches_per_volume` patches by slicing (see `read_patches`), several visits in
+    parallel. Patches then pass a shuffle buffer (mixing patients within a batch), are batched
+    and prefetched. Memory is bounded by the buffer, about `shuffle_buffer` patches plus one
+    lung mask per parallel visit, whatever the number of volumes.
+
+    Args:
+        paths: kdsb volume files (symlinks allowed).
+        patch_size: patch edge in voxels.
+        batch_size: patches per batch.
+        patches_per_volume: patches read per visit of a volume; with grid sampling None reads
+            every grid patch (an ordered pass over whole volumes, e.g. for evaluation).
+        sampling: "lung" (patches centred on lung voxels) or "grid" (blind regular grid).
+        augment: random cube symmetry (one of 48) per patch.
+        seed: random seed of volume order, patch positions, symmetries and shuffling.
+        repeat: cycle forever (training); False gives one pass over the volumes.
+        num_parallel_calls: parallel volume visits; default tf.data.AUTOTUNE.
+        shuffle_buffer: patches in the shuffle buffer (0 or 1 disables shuffling).
+        min_lung_fraction: see `kdsb.patches.sample_patch_corners`.
+
+    Returns:
+        tf.data.Dataset of (x, x), x float32 (batch, P, P, P, 1); the GMCAE's loss takes the
+        patch itself as y_true. The last batch may be smaller when `repeat` is False.
+    """
+    import tensorflow as tf
+
+    paths = _check_paths(paths)
+    if sampling not in SAMPLINGS:
+        raise KdsbError(f"expected sampling in {SAMPLINGS}, received {sampling!r}")
+    if patches_per_volume is None and sampling != "grid":
+        raise KdsbError("expected patches_per_volume >= 1 for lung sampling, received None")
+    if patches_per_volume is not None and patches_per_volume < 1:
+        raise KdsbError(f"expected patches_per_volume >= 1, received {patches_per_volume}")
+    if patch_size < 1 or batch_size < 1:
+        raise KdsbError(
+            f"expected patch_size and batch_size >= 1, received {patch_size} and {batch_size}"
+        )
+    parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
+
+    def visit(path, index):
+        return read_patches(
+            path.decode(),
+            patch_size=patch_size,
+            count=patches_per_volume,
+            sampling=sampling,
+            augment=augment,
+            rng=_visit_rng(seed, index),
+            min_lung_fraction=min_lung_fraction,
+        )
+
+    def load(index, path):
+        x = tf.numpy_function(visit, [path, index], tf.float32, stateful=False)
+        x.set_shape((patches_per_volume,) + (patch_size,) * 3)
+        return tf.data.Dataset.from_tensor_slices(x[..., tf.newaxis])
+
+    ds = tf.data.Dataset.from_tensor_slices(paths)
+    ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.enumerate().interleave(
+        load,
+        cycle_length=min(len(paths), max(2, os.cpu_count() or 1)),
+        num_parallel_calls=parallel,
+        deterministic=True,
+    )
+    if shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=repeat)
+    return ds.map(lambda x: (x, x)).prefetch(tf.data.AUTOTUNE)
+
+
+def _block(array: np.ndarray, factor: int, func) -> np.ndarray:
+    # Crop to a multiple of the factor so no block mixes in padding.
+    whole = tuple(slice(0, n - n % factor) for n in array.shape)
+    return block_reduce(array[whole], (factor,) * array.ndim, func)
+
+
+def load_volume_array(
+    path: str | os.PathLike,
+    *,
+    mask_outside_lungs: bool = False,
+    lung_dilation_mm: float = 10.0,
+    downscale: int = 1,
+) -> np.ndarray:
+    """Read a whole volume file as the classifier's input (training and prediction alike).
+
+    Steps: normalise HU (`normalize_hu`, clipped); downscale by an integer factor with block
+    means (the volume is first cropped to a multiple of the factor, losing < factor voxels at
+    the far end of each axis; the lung mask takes block maxima); optionally set everything
+    farther than `lung_dilation_mm` from the lungs to air (-1), the distance measured in mm
+    with the voxel spacing (after downscaling).
+
+    Args:
+        path: kdsb volume file.
+        mask_outside_lungs: replace voxels outside the dilated lung mask by air.
+        lung_dilation_mm: dilation of the lung mask in mm.
+        downscale: integer factor >= 1 applied to every axis.
+
+    Returns:
+        float32 array (z, y, x, 1).
+    """
+    if int(downscale) != downscale or downscale < 1:
+        raise KdsbError(f"{path}: expected an integer downscale >= 1, received {downscale}")
+    if lung_dilation_mm < 0:
+        raise KdsbError(f"{path}: expected lung_dilation_mm >= 0, received {lung_dilation_mm}")
+    downscale = int(downscale)
+    with store.open_volume(path) as f:
+        x = patches.normalize_hu(f["hu"][...])
+        lung = f["lung_mask"][...] if mask_outside_lungs else None
+        spacing = np.asarray(f.attrs["spacing"], dtype=np.float64)
+    if downscale > 1:
+        if min(x.shape) < downscale:
+            raise KdsbError(
+                f"{path}: expected a volume of at least {downscale} voxels per axis for "
+                f"downscale {downscale}, received shape {x.shape}"
+            )
+        x = _block(x, downscale, np.mean).astype(np.float32)
+        lung = None if lung is None else _block(lung, downscale, np.max)
+        spacing = spacing * downscale
+    if lung is not None:
+        if not lung.any():
+            logger.warning("%s: empty lung mask, keeping the whole volume", path)
+        else:
+            distance = ndimage.distance_transform_edt(lung == 0, sampling=spacing)
+            x[distance > lung_dilation_mm] = _AIR
+    return x[..., np.newaxis]
+
+
+def _label_list(
+    paths: list[str], labels: Sequence[float] | Mapping[str, float] | None
+) -> list[float] | None:
+    if labels is None:
+        return None
+    if isinstance(labels, Mapping):
+        ids = [Path(p).stem for p in paths]
+        missing = [i for i in ids if i not in labels]
+        if missing:
+            raise LabelsError(f"expected a label for every volume, received none for {missing[:5]}")
+        labels = [labels[i] for i in ids]
+    if len(labels) != len(paths):
+        raise LabelsError(
+            f"expected one label per volume ({len(paths)}), received {len(labels)} labels"
+        )
+    bad = [v for v in labels if v not in (0, 1)]
+    if bad:
+        raise LabelsError(f"expected labels 0 or 1, received {bad[:5]}")
+    return [float(v) for v in labels]
+
+
+def volume_dataset(
+    paths: Sequence[str | os.PathLike],
+    labels: Sequence[float] | Mapping[str, float] | None = None,
+    *,
+    augment: bool = False,
+    mask_outside_lungs: bool = False,
+    lung_dilation_mm: float = 10.0,
+    downscale: int = 1,
+    seed: int = 0,
+    shuffle: bool = False,
+    repeat: bool = False,
+):
+    """The classifier's input: whole volumes, one at a time (batch 1, sizes vary).
+
+    Each element is read by `load_volume_array`; at most `VOLUME_PREFETCH` volumes are held
+    ahead of the model.
+
+    Args:
+        paths: kdsb volume files (symlinks allowed).
+        labels: None, one 0/1 label per path, or a mapping patient id (file stem) → 0/1.
+        augment: random cube symmetry (one of 48) per volume.
+        mask_outside_lungs, lung_dilation_mm, downscale: see `load_volume_array`.
+        seed: random seed of order and symmetries.
+        shuffle: visit volumes in a random order (reshuffled each pass).
+        repeat: cycle forever.
+
+    Returns:
+        tf.data.Dataset of x float32 (1, z, y, x, 1), or of (x, y) with y float32 (1, 1) when
+        labels are given.
+    """
+    import tensorflow as tf
+
+    paths = _check_paths(paths)
+    label_values = _label_list(paths, labels)
+
+    def visit(path, index):
+        x = load_volume_array(
+            path.decode(),
+            mask_outside_lungs=mask_outside_lungs,
+            lung_dilation_mm=lung_dilation_mm,
+            downscale=downscale,
+        )
+        if augment:
+            symmetry = _visit_rng(seed, index).integers(len(patches.CUBE_SYMMETRIES))
+            x = np.ascontiguousarray(patches.apply_symmetry(x, symmetry))
+        return x
+
+    def load(index, element):
+        path = element[0] if label_values is not None else element
+        x = tf.numpy_function(visit, [path, index], tf.float32, stateful=False)
+        x.set_shape((None, None, None, 1))
+        if label_values is None:
+            return x
+        return x, tf.reshape(element[1], (1,))
+
+    elements = paths if label_values is None else (paths, np.asarray(label_values, np.float32))
+    ds = tf.data.Dataset.from_tensor_slices(elements)
+    if shuffle:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.enumerate().map(load, num_parallel_calls=VOLUME_PREFETCH, deterministic=True)
+    return ds.batch(1).prefetch(VOLUME_PREFETCH)

@@ -1,0 +1,377 @@
+"""Lung segmentation of a CT volume in HU, and the lung bounding box.
+
+Input volumes are canonical HU (z, y, x): axis 0 inferior → superior, axis 1 anterior →
+posterior (a patient table lies at large axis-1 indices), axis 2 right → left; outside-FOV padding
+already reads -1000 HU.
+
+`segment_lungs` works in two resolutions so that a 512×512×200 scan takes about a second:
+
+1. A coarse copy (block means of about `COARSE_SPACING_MM`) carries all the morphology:
+   air below `AIR_THRESHOLD_HU`; the body is the largest non-air component, its holes filled
+   slice by slice, so air outside it (also air split off by the table or outside a padded circular
+   field of view) is discarded; the trachea and main bronchi are found as a dark round blob near
+   the midline in the top slices and region-grown downwards at the stricter
+   `AIRWAY_THRESHOLD_HU`, slice by slice, stopping where the area jumps (a leak into the lung);
+   air components that are large and reach the upper half of the lungs are kept (bowel gas is
+   not); each side (right / left of the body's midline) is then closed with a ball of
+   `CLOSING_RADIUS_MM` via two Euclidean distance transforms (exact ball, cheap, unlike binary
+   closing with a huge structuring element) and its holes filled, which puts vessels and
+   juxtapleural nodules up to about that radius inside the mask without bridging the two lungs
+   across the mediastinum.
+2. Back on the source grid, coarse voxels well inside the mask, or added by the filling, are
+   taken whole; coarse voxels on the boundary keep only their full-resolution air voxels, so the
+   lung surface is as sharp as the source image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from kdsb.errors import LungMaskError
+from kdsb.resample import validate_spacing
+
+logger = logging.getLogger(__name__)
+
+AIR_THRESHOLD_HU = -400.0  # between lung parenchyma (about -850 HU) and soft tissue (0–100 HU)
+AIRWAY_THRESHOLD_HU = -950.0  # airway lumen (about -1000 HU); parenchyma stays above it
+COARSE_SPACING_MM = 2.0  # voxel size of the grid the morphology runs on
+CLOSING_RADIUS_MM = 15.0  # fills juxtapleural nodules and tumours up to about 14 mm radius
+MIN_LUNG_LITRES = 0.5
+MAX_LUNG_LITRES = 10.0
+MIN_COMPONENT_ML = 10.0  # smaller air pockets inside the body are never lung
+MIN_COMPONENT_FRACTION = 0.02  # ... nor those under 2 % of the largest air component
+TRACHEA_AREA_MM2 = (40.0, 900.0)  # lumen cross-section: 7–34 mm diameter
+TRACHEA_MAX_OFFSET_MM = 40.0  # from the body's midline
+TRACHEA_MIN_FILL = 0.45  # area / bounding-box area: a round lumen fills about π/4 of its box
+TRACHEA_SEARCH_MM = 60.0  # the seed is looked for this far below the top of the body's air
+AIRWAY_LEAK_FACTOR = 2.5  # airway area growing this much from one slice to the next is a leak
+MM3_PER_ML = 1000.0
+ML_PER_LITRE = 1000.0
+
+IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)  # 4-connectivity within an axial slice
+FULL_NEVER, FULL_IF_AIR, FULL_ALWAYS = 0, 1, 2  # how a coarse voxel maps to the source grid
+
+
+def _coarse_factors(spacing: Sequence[float]) -> tuple[int, int, int]:
+    return tuple(max(1, round(COARSE_SPACING_MM / s)) for s in spacing)  # type: ignore[return-value]
+
+
+def _block_mean(hu: np.ndarray, factors: Sequence[int]) -> np.ndarray:
+    """Mean HU over blocks of `factors` voxels (the last block of an axis may be partial).
+
+    Summing strided views axis by axis is about 15× faster than `np.add.reduceat` here.
+    """
+    result = hu
+    for axis, factor in enumerate(factors):
+        if factor == 1:
+            continue
+        n = result.shape[axis]
+        n_full = n // factor
+        shape = list(result.shape)
+        shape[axis] = -(-n // factor)
+        total = np.zeros(shape, dtype=np.float32)
+        head = [slice(None)] * result.ndim
+        head[axis] = slice(0, n_full)
+        for k in range(factor):
+            part = [slice(None)] * result.ndim
+            part[axis] = slice(k, n_full * factor, factor)
+            total[tuple(head)] += result[tuple(part)]
+        sizes = np.full(shape[axis], factor, dtype=np.float32)
+        if n % factor:
+            tail_in = [slice(None)] * result.ndim
+            tail_in[axis] = slice(n_full * factor, n)
+            tail_out = [slice(None)] * result.ndim
+            tail_out[axis] = slice(n_full, n_full + 1)
+            total[tuple(tail_out)] = result[tuple(tail_in)].sum(axis=axis, keepdims=True)
+            sizes[-1] = n % factor
+        size_shape = [1] * result.ndim
+        size_shape[axis] = shape[axis]
+        total /= sizes.reshape(size_shape)
+        result = total
+    return result.astype(np.float32, copy=False)
+
+
+def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    """Fill holes in every axial slice: background not connected to the slice's border.
+
+    Labelling the background once is faster than `ndimage.binary_fill_holes`, which dilates
+    from the border until nothing changes.
+    """
+    labels, _ = ndimage.label(~mask, structure=IN_PLANE)
+    border = np.unique(
+        np.concatenate(
+            [labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
+             labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]
+        )
+    )
+    return mask | ((labels > 0) & ~np.isin(labels, border))
+
+
+def _fill_holes_3d(mask: np.ndarray) -> np.ndarray:
+    """Fill background components that touch no face of the array (labelling, as above)."""
+    labels, _ = ndimage.label(~mask)
+    faces = [labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
+    border = np.unique(np.concatenate([face.ravel() for face in faces]))
+    return mask | ((labels > 0) & ~np.isin(labels, border))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def _find_trachea_seed(
+    strict: np.ndarray, z: int, spacing: Sequence[float], midline: float
+) -> np.ndarray | None:
+    """The trachea's lumen in axial slice `z` as a 2D mask, or None when none looks like it."""
+    labels, count = ndimage.label(strict[z])
+    if count == 0:
+        return None
+    pixel_mm2 = spacing[1] * spacing[2]
+    best, best_offset = None, TRACHEA_MAX_OFFSET_MM
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        component = labels[box] == index
+        area = component.sum()
+        if not TRACHEA_AREA_MM2[0] <= area * pixel_mm2 <= TRACHEA_AREA_MM2[1]:
+            continue
+        if area / component.size < TRACHEA_MIN_FILL:
+            continue
+        centre_x = box[1].start + np.nonzero(component)[1].mean()
+        offset = abs(centre_x - midline) * spacing[2]
+        if offset <= best_offset:
+            best, best_offset = index, offset
+    return None if best is None else labels == best
+
+
+def _grow_airway(strict: np.ndarray, seed: np.ndarray, z: int, airway: np.ndarray, step: int):
+    """Grow the airway slice by slice from slice `z` in direction `step` (±1) until a leak."""
+    previous = seed
+    previous_area = seed.sum()
+    z += step
+    while 0 <= z < strict.shape[0]:
+        labels, count = ndimage.label(strict[z])
+        touched = np.unique(labels[previous & (labels > 0)])
+        if touched.size == 0:
+            return
+        current = np.isin(labels, touched)
+        area = current.sum()
+        if area > AIRWAY_LEAK_FACTOR * previous_area:
+            logger.debug("airway growth stopped at slice %d: area %d > %d", z, area, previous_area)
+            return
+        airway[z] |= current
+        previous, previous_area = current, area
+        z += step
+
+
+def _find_airway(
+    coarse_hu: np.ndarray, interior_air: np.ndarray, spacing: Sequence[float], midline: float
+) -> np.ndarray:
+    """Trachea and main bronchi (coarse grid): a region grown at `AIRWAY_THRESHOLD_HU`."""
+    airway = np.zeros(coarse_hu.shape, dtype=bool)
+    strict = interior_air & (coarse_hu < AIRWAY_THRESHOLD_HU)
+    slices = np.flatnonzero(interior_air.any(axis=(1, 2)))
+    if slices.size == 0:
+        return airway
+    top = int(slices[-1])
+    lowest = max(0, top - math.ceil(TRACHEA_SEARCH_MM / spacing[0]))
+    for z in range(top, lowest - 1, -1):
+        seed = _find_trachea_seed(strict, z, spacing, midline)
+        if seed is not None:
+            airway[z] = seed
+            _grow_airway(strict, seed, z, airway, step=-1)
+            _grow_airway(strict, seed, z, airway, step=+1)
+            logger.debug("trachea seed in coarse slice %d, airway %d voxels", z, airway.sum())
+            return airway
+    logger.debug("no trachea found in the top %.0f mm of the body's air", TRACHEA_SEARCH_MM)
+    return airway
+
+
+def _select_lungs(candidates: np.ndarray, voxel_ml: float) -> np.ndarray:
+    """Keep air components big enough to be lung and reaching the upper half of the lungs.
+
+    Bowel gas under the diaphragm is discarded because it ends below the middle of the largest
+    component; a lung squeezed by disease still reaches the apex.
+    """
+    labels, count = ndimage.label(candidates)
+    if count == 0:
+        return candidates
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    largest = int(np.argmax(sizes))
+    profile = (labels == largest).sum(axis=(1, 2))
+    middle_z = float(np.dot(np.arange(profile.size), profile) / profile.sum())
+    keep = np.zeros(count + 1, dtype=bool)
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        big = sizes[index] * voxel_ml >= MIN_COMPONENT_ML
+        big = big and sizes[index] >= MIN_COMPONENT_FRACTION * sizes[largest]
+        keep[index] = big and box[0].stop - 1 >= middle_z
+    return keep[labels]
+
+
+def _bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, slice, slice]:
+    """Slices around the nonzero voxels of a non-empty mask, widened by `margin` voxels, clipped."""
+    box = []
+    for axis, (n, m) in enumerate(zip(mask.shape, margin, strict=True)):
+        indices = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(0, int(indices[0]) - m), min(n, int(indices[-1]) + 1 + m)))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def _close_ball(mask: np.ndarray, radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    """Morphological closing with a Euclidean ball, via two distance transforms.
+
+    The array border is not treated as background, so a lung cut by the scan's first or last
+    slice is not eroded there.
+    """
+    dilated = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
+    return ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+
+
+def _fill_side(side: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Close and fill one side's lung air (coarse grid), working in its bounding box."""
+    filled = np.zeros_like(side)
+    if not side.any():
+        return filled
+    box = _bounding_box(side, [math.ceil(CLOSING_RADIUS_MM / s) + 1 for s in spacing])
+    part = _close_ball(side[box], CLOSING_RADIUS_MM, spacing)
+    part = _fill_holes_3d(_fill_holes_2d(part))
+    filled[box] = part
+    return filled
+
+
+def _upsample(coarse: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a coarse block grid back to `shape`."""
+    result = coarse
+    for axis, factor in enumerate(factors):
+        if factor > 1:
+            result = np.repeat(result, factor, axis=axis)
+    return result[tuple(slice(0, n) for n in shape)]
+
+
+def _plausibility_error(patient: str, received: str) -> LungMaskError:
+    return LungMaskError(
+        f"{patient}: expected lungs of {MIN_LUNG_LITRES:g}–{MAX_LUNG_LITRES:g} L, "
+        f"received {received}"
+    )
+
+
+def segment_lungs(
+    hu: np.ndarray, spacing: Sequence[float], *, patient_id: str | None = None
+) -> np.ndarray:
+    """Segment both lungs in a CT volume.
+
+    The mask holds lung parenchyma with its vessels and with nodules or tumours touching the
+    chest wall up to about `CLOSING_RADIUS_MM` radius; it excludes air outside the body, the
+    trachea and main bronchi (where found) and bowel gas. See the module docstring for the method.
+
+    Args:
+        hu: Hounsfield units, shape (z, y, x), canonical orientation (axis 0 inferior →
+            superior, axis 1 anterior → posterior, axis 2 right → left).
+        spacing: voxel size (z, y, x) in mm.
+        patient_id: named in error messages.
+
+    Returns:
+        uint8 0/1 lung mask, same shape as `hu`.
+
+    Raises:
+        LungMaskError: no lungs, or a total lung volume outside 0.5–10 L.
+        KdsbError: a volume that is not 3D or a spacing that is not 3 positive values.
+    """
+    patient = patient_id or "volume"
+    hu = np.asarray(hu)
+    if hu.ndim != 3 or min(hu.shape) < 1 or not np.issubdtype(hu.dtype, np.number):
+        raise LungMaskError(
+            f"{patient}: expected a non-empty 3D HU volume (z, y, x), "
+            f"received shape {hu.shape} of {hu.dtype}"
+        )
+    spacing = validate_spacing(spacing)
+    factors = _coarse_factors(spacing)
+    coarse_spacing = tuple(s * f for s, f in zip(spacing, factors, strict=True))
+    coarse_hu = _block_mean(hu, factors)
+
+    air = coarse_hu < AIR_THRESHOLD_HU
+    body = _largest_component(~air)
+    interior_air = air & _fill_holes_2d(body)
+    if not interior_air.any():
+        raise _plausibility_error(patient, "no air-filled region inside the body")
+
+    body_profile = body.sum(axis=(0, 1))
+    midline = float(np.dot(np.arange(body_profile.size), body_profile) / body_profile.sum())
+
+    airway = _find_airway(coarse_hu, interior_air, coarse_spacing, midline)
+    airway = ndimage.binary_dilation(airway, structure=IN_PLANE) & interior_air
+    lung_air = _select_lungs(interior_air & ~airway, math.prod(coarse_spacing) / MM3_PER_ML)
+    if not lung_air.any():
+        raise _plausibility_error(patient, "no air-filled region large enough to be lung")
+
+    # Each side is closed and filled on its own so the two lungs never merge across the
+    # mediastinum; a lung crossing the midline is simply handled in two parts.
+    split = math.ceil(midline)
+    coarse_mask = np.zeros_like(lung_air)
+    for side in (np.s_[:, :, :split], np.s_[:, :, split:]):
+        coarse_mask[side] = _fill_side(lung_air[side], coarse_spacing)
+
+    inner = ndimage.binary_erosion(coarse_mask, border_value=1)
+    added = coarse_mask & ~lung_air
+    outer = ndimage.binary_dilation(coarse_mask) & ~coarse_mask & ~air
+    code = np.full(coarse_mask.shape, FULL_NEVER, dtype=np.uint8)
+    code[(coarse_mask & ~inner) | outer] = FULL_IF_AIR
+    code[inner | added] = FULL_ALWAYS
+
+    # Full-resolution work only inside the bounding box of the coarse result.
+    coarse_box = _bounding_box(code, (0, 0, 0))
+    full_box = tuple(
+        slice(b.start * f, min(n, b.stop * f))
+        for b, f, n in zip(coarse_box, factors, hu.shape, strict=True)
+    )
+    box_shape = tuple(b.stop - b.start for b in full_box)
+    code_full = _upsample(code[coarse_box], factors, box_shape)
+    mask = np.zeros(hu.shape, dtype=np.uint8)
+    mask[full_box] = (code_full == FULL_ALWAYS) | (
+        (code_full == FULL_IF_AIR) & (hu[full_box] < AIR_THRESHOLD_HU)
+    )
+
+    litres = int(np.count_nonzero(mask)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
+    logger.debug("%s: lung volume %.2f L", patient, litres)
+    if not MIN_LUNG_LITRES <= litres <= MAX_LUNG_LITRES:
+        raise _plausibility_error(patient, f"{litres:.2f} L")
+    return mask
+
+
+def lung_bounding_box(
+    mask: np.ndarray, spacing: Sequence[float], margin_mm: float = 10.0
+) -> tuple[slice, slice, slice]:
+    """The bounding box of a mask plus a margin, clipped to the array.
+
+    Args:
+        mask: lung mask, shape (z, y, x), nonzero = lung.
+        spacing: voxel size (z, y, x) in mm.
+        margin_mm: margin added on every side, in mm (rounded up to whole voxels per axis).
+
+    Returns:
+        Three slices (z, y, x) selecting the box.
+
+    Raises:
+        LungMaskError: an empty mask or a negative margin.
+    """
+    mask = np.asarray(mask)
+    spacing = validate_spacing(spacing)
+    if not (math.isfinite(margin_mm) and margin_mm >= 0):
+        raise LungMaskError(f"expected a margin of 0 mm or more, received {margin_mm!r}")
+    if mask.ndim != 3 or not mask.any():
+        raise LungMaskError(
+            f"expected a 3D mask (z, y, x) with lung voxels, received shape {mask.shape} "
+            f"with {int(np.count_nonzero(mask))} nonzero voxels"
+        )
+    # The small slack keeps e.g. 10 mm / 0.5 mm at 20 voxels despite floating-point roundoff.
+    return _bounding_box(mask, [math.ceil(margin_mm / s - 1e-9) for s in spacing])

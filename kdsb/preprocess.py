@@ -1,0 +1,406 @@
+"""One scan end to end, and the parallel, resumable cohort runner behind `kdsb preprocess`.
+
+`preprocess_patient` turns one DICOM folder into one `<id>.h5` volume file (DESIGN.md, the data
+contract): read the series in HU, segment the lungs on the source grid, crop to the lung
+bounding box plus a margin, resample the crop to the target spacing (HU linearly, the mask
+without blurring its edges) and write the file atomically.
+
+`run_cohort` does that for every sub-folder of a DICOM root in a process pool, writes
+`manifest.csv` as results arrive, skips patients already written (so a killed run resumes),
+turns every per-patient failure, worker crash included, into a manifest row with a one-line
+reason, and optionally writes QC images (`kdsb.qc`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from kdsb import store
+from kdsb.errors import KdsbError, StoreError, UsageError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPACING_MM = (1.0, 1.0, 1.0)
+DEFAULT_MARGIN_MM = 10.0
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_FIELDS = ("id", "status", "seconds", "shape", "error")
+STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
+EXIT_OK, EXIT_SOME_FAILED = 0, 1
+# A worker process is replaced after this many patients, so memory fragmented by one large
+# scan is returned to the system instead of accumulating over a cohort of ~1,600 scans.
+MAX_PATIENTS_PER_WORKER = 8
+WORKER_DIED_MESSAGE = (
+    "the worker process died while preprocessing this scan (killed, or out of memory?)"
+)
+
+
+@dataclass(frozen=True)
+class PatientResult:
+    """What happened to one patient.
+
+    Attributes:
+        patient_id: the patient id (the DICOM folder name).
+        status: "ok", "failed" or "skipped".
+        seconds: wall-clock time spent on the patient (0 when skipped).
+        shape: shape (z, y, x) of the volume written or found, None when failed.
+        error: one-line reason when failed, else "".
+        detail: full traceback of an unexpected exception (logged at debug level), else "".
+    """
+
+    patient_id: str
+    status: str
+    seconds: float = 0.0
+    shape: tuple[int, int, int] | None = None
+    error: str = ""
+    detail: str = ""
+
+    def manifest_row(self) -> dict[str, str]:
+        """The row of `manifest.csv` for this patient."""
+        return {
+            "id": self.patient_id,
+            "status": self.status,
+            "seconds": f"{self.seconds:.2f}",
+            "shape": "x".join(str(n) for n in self.shape) if self.shape else "",
+            "error": self.error,
+        }
+
+
+def preprocess_patient(
+    folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    patient_id: str | None = None,
+    spacing: Sequence[float] = DEFAULT_SPACING_MM,
+    margin_mm: float = DEFAULT_MARGIN_MM,
+) -> PatientResult:
+    """Preprocess one patient's DICOM folder into `out_dir/<id>.h5`.
+
+    Steps: read the CT series in HU (canonical axes, DESIGN.md) → segment the lungs on the
+    source grid → crop to the lung bounding box plus `margin_mm` → resample the crop to
+    `spacing` (HU linear, mask without blurring) → write the volume file atomically. The origin
+    of the crop is the patient coordinate of its first voxel, origin + start index · spacing;
+    resampling keeps the centre of voxel [0, 0, 0] fixed.
+
+    Args:
+        folder: folder holding the patient's DICOM files.
+        out_dir: folder for the volume file (created if needed).
+        patient_id: the id; defaults to the folder name.
+        spacing: target voxel size in mm, (z, y, x).
+        margin_mm: margin around the lung bounding box, mm.
+
+    Returns:
+        The result with status "ok", the seconds spent and the shape written.
+
+    Raises:
+        KdsbError: the folder does not hold a usable CT series with lungs (DicomError,
+            LungMaskError, …); the message names the patient.
+    """
+    from kdsb.dicom import read_series
+    from kdsb.lungs import lung_bounding_box, segment_lungs
+    from kdsb.resample import resample_mask, resample_volume
+
+    started = time.perf_counter()
+    folder = Path(folder)
+    patient_id = patient_id or folder.name
+    target = tuple(float(s) for s in spacing)
+
+    series = read_series(folder, patient_id=patient_id)
+    source_spacing = tuple(float(s) for s in series.spacing)
+    mask = segment_lungs(series.hu, source_spacing, patient_id=patient_id)
+    box = lung_bounding_box(mask, source_spacing, margin_mm=margin_mm)
+    start = np.array([s.start or 0 for s in box], dtype=np.float64)
+    origin = np.asarray(series.origin, dtype=np.float64) + start * np.asarray(source_spacing)
+    # Copies, so the whole-scan arrays are freed before resampling (bounded memory per worker).
+    hu_crop = np.ascontiguousarray(series.hu[box])
+    mask_crop = np.ascontiguousarray(mask[box])
+    del mask
+    attrs = {
+        "patient_id": patient_id,
+        "series_uid": str(series.series_uid),
+        "source_spacing": np.asarray(source_spacing, dtype=np.float64),
+        "source_shape": np.asarray(series.source_shape, dtype=np.int64),
+    }
+    del series
+
+    hu = resample_volume(hu_crop, source_spacing, target)
+    del hu_crop
+    lung_mask = resample_mask(mask_crop, source_spacing, target)
+    del mask_crop
+    path = store.write_volume(
+        store.volume_path(out_dir, patient_id), hu, lung_mask, target, tuple(origin), attrs
+    )
+    logger.debug("%s: wrote %s, shape %s", patient_id, path, hu.shape)
+    return PatientResult(
+        patient_id, STATUS_OK, time.perf_counter() - started, tuple(int(n) for n in hu.shape)
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _preprocess_safely(
+    folder: Path, out_dir: Path, patient_id: str, spacing: tuple[float, ...], margin_mm: float
+) -> PatientResult:
+    """Worker entry point: never raises for a bad patient, returns a failed result instead."""
+    started = time.perf_counter()
+    try:
+        return preprocess_patient(
+            folder, out_dir, patient_id=patient_id, spacing=spacing, margin_mm=margin_mm
+        )
+    except KdsbError as error:
+        message, detail = _one_line(error), ""
+    except MemoryError:
+        message, detail = "out of memory while preprocessing this scan", traceback.format_exc()
+    except Exception as error:  # noqa: BLE001 - any bug must fail one patient, not the cohort
+        message = f"unexpected {type(error).__name__}: {_one_line(error)}"
+        detail = traceback.format_exc()
+    if patient_id not in message:
+        message = f"patient {patient_id}: {message}"
+    return PatientResult(
+        patient_id, STATUS_FAILED, time.perf_counter() - started, error=message, detail=detail
+    )
+
+
+def _validate_spacing(spacing: float | Sequence[float]) -> tuple[float, float, float]:
+    values = [spacing] if np.isscalar(spacing) else list(spacing)
+    if len(values) not in (1, 3):
+        raise UsageError(
+            f"expected --spacing as one value or three (z y x) in mm, received {len(values)}: "
+            f"{values}"
+        )
+    if not all(np.isfinite(v) and v > 0 for v in values):
+        raise UsageError(f"expected positive spacings in mm, received {values}")
+    return tuple(float(v) for v in values * (3 // len(values)))
+
+
+def find_patients(dicom_root: Path, out_dir: Path | None = None) -> dict[str, Path]:
+    """Patient id → DICOM folder for every visible sub-folder of `dicom_root`, sorted by id.
+
+    `out_dir` is left out when it lies inside `dicom_root`.
+
+    Raises:
+        UsageError: `dicom_root` is missing, not a folder, or holds no patient folder.
+    """
+    if not dicom_root.exists():
+        raise UsageError(f"expected a DICOM root folder, received a missing path: {dicom_root}")
+    if not dicom_root.is_dir():
+        raise UsageError(f"expected a DICOM root folder, received a file: {dicom_root}")
+    skip = out_dir.resolve() if out_dir is not None else None
+    patients = {
+        p.name: p
+        for p in sorted(dicom_root.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and p.resolve() != skip
+    }
+    if not patients:
+        raise UsageError(
+            f"expected one sub-folder per patient in {dicom_root}, received none"
+        )
+    return patients
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """Rows of `out_dir/manifest.csv` by patient id; empty when there is no manifest."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return {row["id"]: row for row in csv.DictReader(f) if row.get("id")}
+
+
+def _write_manifest(out_dir: Path, rows: dict[str, dict[str, str]]) -> Path:
+    """Rewrite the manifest atomically (temporary file, then rename), rows sorted by id."""
+    path = out_dir / MANIFEST_NAME
+    temp = out_dir / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    with temp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for patient_id in sorted(rows):
+            writer.writerow({key: rows[patient_id].get(key, "") for key in MANIFEST_FIELDS})
+    os.replace(temp, path)
+    return path
+
+
+def _existing_shape(path: Path) -> tuple[int, int, int] | None:
+    """Shape of a complete volume file already written, None when absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return tuple(store.read_attrs(path)["shape"])
+    except StoreError as error:
+        logger.warning("%s is unreadable and will be redone: %s", path.name, error)
+        return None
+
+
+def _remove_outdated(path: Path) -> None:
+    """Delete a volume file left by an earlier run of a patient that now failed (--overwrite),
+    so that a volume file on disk always means status ok."""
+    if path.exists():
+        logger.warning("%s: removing the volume file of an earlier run", path.name)
+        path.unlink()
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # Never fork: a forked worker inherits the parent's threads and locks (HDF5, BLAS, logging).
+    # forkserver starts workers quickly on Linux; spawn everywhere else.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
+def _run_pool(
+    tasks: dict[str, tuple], workers: int, max_tasks_per_child: int
+) -> Iterable[tuple[str, PatientResult | None]]:
+    """Run `_preprocess_safely` over `tasks` in a process pool; yields (id, result) as they end.
+
+    The result is None for a patient whose worker process died (the pool is then broken and
+    every unfinished patient yields None).
+    """
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=_pool_context(), max_tasks_per_child=max_tasks_per_child
+    )
+    try:
+        futures: dict[Future, str] = {
+            pool.submit(_preprocess_safely, *task): patient_id
+            for patient_id, task in tasks.items()
+        }
+        for future in as_completed(futures):
+            try:
+                yield futures[future], future.result()
+            except BrokenProcessPool:
+                yield futures[future], None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_tasks(tasks: dict[str, tuple], workers: int) -> Iterable[PatientResult]:
+    """Results of every task; a worker crash fails only the patient that caused it.
+
+    When a worker dies (killed by the system for memory, a crash in a C library), the whole pool
+    breaks and it is unknown which patient was at fault, so each unfinished patient is retried
+    alone in a fresh one-worker pool; a patient whose worker dies again fails.
+    """
+    retry: dict[str, tuple] = {}
+    for patient_id, result in _run_pool(tasks, workers, MAX_PATIENTS_PER_WORKER):
+        if result is None:
+            retry[patient_id] = tasks[patient_id]
+        else:
+            yield result
+    if retry:
+        logger.warning("a worker process died; retrying %d patient(s) one at a time", len(retry))
+    for patient_id, task in retry.items():
+        for _, result in _run_pool({patient_id: task}, 1, 1):
+            yield result or PatientResult(patient_id, STATUS_FAILED, error=WORKER_DIED_MESSAGE)
+
+
+def run_cohort(
+    dicom_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    workers: int = 1,
+    spacing: float | Sequence[float] = (1.0,),
+    margin_mm: float = DEFAULT_MARGIN_MM,
+    overwrite: bool = False,
+    qc_dir: str | os.PathLike | None = None,
+) -> int:
+    """Preprocess every patient folder under `dicom_root` into `out_dir` (DESIGN.md contract).
+
+    Every visible sub-folder of `dicom_root` is one patient, named by the folder. Patients whose
+    `<id>.h5` already exists are skipped unless `overwrite`. `out_dir/manifest.csv` is rewritten
+    atomically after each patient, keeping rows of patients from earlier runs. A patient that
+    fails is logged on one line and recorded in the manifest; the others are still written.
+
+    Args:
+        dicom_root: folder with one sub-folder of DICOM files per patient.
+        out_dir: folder for `<id>.h5` files and `manifest.csv` (created if needed).
+        workers: worker processes.
+        spacing: target voxel size in mm: one value (isotropic) or three (z, y, x).
+        margin_mm: margin around the lung bounding box, mm.
+        overwrite: redo patients already written.
+        qc_dir: when given, write a QC PNG per patient and a contact sheet there.
+
+    Returns:
+        Exit status: 0 when every patient is ok or skipped, 1 when some failed.
+
+    Raises:
+        UsageError: bad arguments (missing DICOM root, no patient folders, bad spacing,
+            workers < 1, negative margin, an out_dir that is a file).
+    """
+    dicom_root, out_dir = Path(dicom_root), Path(out_dir)
+    target = _validate_spacing(spacing)
+    if int(workers) != workers or workers < 1:
+        raise UsageError(f"expected --workers of at least 1, received {workers}")
+    if not np.isfinite(margin_mm) or margin_mm < 0:
+        raise UsageError(f"expected a margin of at least 0 mm, received {margin_mm}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"expected an output folder, received a file: {out_dir}")
+    patients = find_patients(dicom_root, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    removed = store.remove_stale_temporaries(out_dir)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted run", removed)
+
+    rows = read_manifest(out_dir)
+    results: dict[str, PatientResult] = {}
+    tasks: dict[str, tuple] = {}
+    for patient_id, folder in patients.items():
+        shape = None if overwrite else _existing_shape(store.volume_path(out_dir, patient_id))
+        if shape is None:
+            tasks[patient_id] = (folder, out_dir, patient_id, target, float(margin_mm))
+        else:
+            results[patient_id] = PatientResult(patient_id, STATUS_SKIPPED, shape=shape)
+            rows[patient_id] = results[patient_id].manifest_row()
+    manifest = _write_manifest(out_dir, rows)
+    logger.info(
+        "preprocessing %d patient(s) with %d worker(s), %d already done",
+        len(tasks), min(workers, max(1, len(tasks))), len(results),
+    )
+
+    if tasks:
+        with tqdm(total=len(tasks), unit="patient", desc="preprocess", disable=None) as bar:
+            for result in _run_tasks(tasks, min(int(workers), len(tasks))):
+                results[result.patient_id] = result
+                rows[result.patient_id] = result.manifest_row()
+                _write_manifest(out_dir, rows)
+                if result.status == STATUS_FAILED:
+                    logger.error("%s", result.error)
+                    if result.detail:
+                        logger.debug("%s", result.detail)
+                    _remove_outdated(store.volume_path(out_dir, result.patient_id))
+                bar.update()
+
+    if qc_dir is not None:
+        from kdsb.qc import write_qc
+
+        failed = {r.patient_id: r.error for r in results.values() if r.status == STATUS_FAILED}
+        volumes = {
+            pid: store.volume_path(out_dir, pid) for pid in patients if pid not in failed
+        }
+        sheet = write_qc(volumes, failed, qc_dir)
+        logger.info("QC images in %s (contact sheet %s)", qc_dir, sheet.name)
+
+    counts = {
+        status: sum(r.status == status for r in results.values())
+        for status in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)
+    }
+    summary = (
+        f"preprocess: {counts[STATUS_OK]} ok, {counts[STATUS_SKIPPED]} skipped, "
+        f"{counts[STATUS_FAILED]} failed; manifest {manifest}"
+    )
+    if counts[STATUS_FAILED]:
+        logger.warning(summary)
+        return EXIT_SOME_FAILED
+    logger.info(summary)
+    return EXIT_OK

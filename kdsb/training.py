@@ -1,0 +1,431 @@
+"""Fitting Keras models the kdsb way: seeds, precision, devices, checkpoints, resume, NaN guard.
+
+Every kdsb training command (`train-gmcae`, `train-classifier`) calls `fit`, which writes one run
+folder:
+
+```
+RUN_DIR/
+  checkpoints/epoch_0001.keras …   full model + optimizer state after every epoch (atomic)
+  <best_name>                      the best model so far by `monitor` (atomic)
+  history.csv                      one row per epoch (keras CSVLogger; `epoch` counts from 0)
+  logs/                            TensorBoard event files (when tensorboard is installed)
+```
+
+`fit(..., resume=True)` loads the newest checkpoint (model and optimizer state, safe mode) and
+continues at the next epoch, so a run killed at any moment loses at most one epoch. Training
+that produces a NaN or infinite loss stops at once with a `TrainingError` naming the epoch and
+batch; the checkpoint of a non-finite model is never written.
+
+TensorFlow is imported inside the functions, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from kdsb.errors import TrainingError, UsageError
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+STRATEGIES = ("none", "mirrored")
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{4,})\.keras$")
+HISTORY_NAME = "history.csv"
+TENSORBOARD_DIR = "logs"
+TEMP_PREFIX = ".tmp-"  # hidden, half-written model files; never taken for a checkpoint
+# Monitored quantities whose larger values are better ("auto" mode); everything else is a loss.
+HIGHER_IS_BETTER = ("acc", "accuracy", "auc", "precision", "recall")
+NAN_ADVICE = "try a lower --lr, a lower --clipnorm or a larger variance floor"
+
+
+def configure_runtime(*, seed: int, precision: str = "float32") -> None:
+    """Seed every random generator and choose the numeric precision of the layers.
+
+    Call it once, before building models or datasets.
+
+    Args:
+        seed: seeds Python's `random`, NumPy and TensorFlow (`keras.utils.set_random_seed`).
+        precision: "float32"; "mixed_bfloat16" (bf16 compute, float32 weights: CPUs with
+            AVX512-BF16/AMX and recent GPUs); or "mixed_float16" (fp16 compute, float32 weights:
+            GPUs; Keras then scales the loss against underflow). Losses that must stay exact
+            cast to float32 themselves.
+
+    Raises:
+        UsageError: an unknown precision name.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(
+            f"expected a precision among {', '.join(PRECISIONS)}, received {precision!r}"
+        )
+    import keras
+
+    keras.utils.set_random_seed(int(seed))
+    keras.mixed_precision.set_global_policy(precision)
+    logger.debug("seed %d, precision policy %s", seed, precision)
+
+
+def distribution_strategy(name: str = "none") -> Any:
+    """A `tf.distribute` strategy by name.
+
+    Args:
+        name: "none": the default strategy (one device; TensorFlow still uses every CPU core).
+            "mirrored": `tf.distribute.MirroredStrategy` with data parallelism over every GPU of
+            this machine, or, without GPUs, over every logical CPU device (tests split the CPU
+            into two with `tf.config.set_logical_device_configuration` before TensorFlow
+            initialises). Each batch is split between the devices; gradients are summed.
+
+    Returns:
+        The strategy; build and compile models inside `strategy.scope()` (`fit` does).
+
+    Raises:
+        UsageError: an unknown name.
+    """
+    if name not in STRATEGIES:
+        raise UsageError(f"expected a strategy among {', '.join(STRATEGIES)}, received {name!r}")
+    import tensorflow as tf
+
+    if name == "none":
+        return tf.distribute.get_strategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    if len(devices) < 2:
+        logger.warning("mirrored strategy over one device (%s): no speed-up to expect", devices[0])
+    strategy = tf.distribute.MirroredStrategy(devices=devices)
+    logger.info("mirrored strategy over %d devices: %s", len(devices), ", ".join(devices))
+    return strategy
+
+
+def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:
+    """The checkpoint written after `epoch` (counted from 1) in `run_dir`."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"epoch_{epoch:04d}.keras"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a run as (epoch counted from 1, path), oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (int(match.group(1)), path)
+        for path in folder.iterdir()
+        if (match := CHECKPOINT_PATTERN.match(path.name))
+    )
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
+    """The newest complete checkpoint of a run as (epoch counted from 1, path), or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_model_atomically(model: Any, path: str | os.PathLike) -> Path:
+    """Save a Keras model to `path` (.keras) through a hidden temporary file and a rename.
+
+    A reader, or a run resumed after a kill, sees either the previous file or the new one,
+    never a half-written archive.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Keras insists on the .keras suffix, so the temporary name keeps it.
+    temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        model.save(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    for folder in (run_dir, run_dir / CHECKPOINT_DIR):
+        if folder.is_dir():
+            for temp in folder.glob(f"{TEMP_PREFIX}*.keras"):
+                temp.unlink(missing_ok=True)
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a history.csv written by `fit` (empty when the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _truncate_history(path: Path, epochs_done: int) -> list[dict[str, str]]:
+    """Keep the rows of epochs already checkpointed; a kill may have logged one more."""
+    rows = read_history(path)
+    kept = [row for row in rows if int(row["epoch"]) < epochs_done]
+    if len(kept) != len(rows):
+        logger.info("dropping %d history row(s) not covered by a checkpoint", len(rows) - len(kept))
+        fieldnames = list(rows[0].keys())
+        temp = path.with_name(f"{TEMP_PREFIX}{path.name}")
+        with temp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(temp, path)
+    return kept
+
+
+def _higher_is_better(monitor: str, mode: str) -> bool:
+    if mode not in ("auto", "min", "max"):
+        raise UsageError(f"expected mode 'auto', 'min' or 'max', received {mode!r}")
+    if mode != "auto":
+        return mode == "max"
+    name = monitor.removeprefix("val_")
+    return any(name == key or name.endswith(f"_{key}") for key in HIGHER_IS_BETTER)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True  # not a number (a string, an array): nothing to check
+
+
+def _make_callbacks_module():
+    """The kdsb callbacks; defined lazily because they subclass a Keras class."""
+    import keras
+
+    class NonFiniteGuard(keras.callbacks.Callback):
+        """Raise `TrainingError` at the first batch or epoch whose logs hold a NaN or an Inf.
+
+        Placed first among the callbacks, so no checkpoint, best model or history row of a
+        non-finite model is written after it fires.
+        """
+
+        def __init__(self, run_dir: Path):
+            super().__init__()
+            self.run_dir = run_dir
+            self.epoch = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def _check(self, logs, where: str) -> None:
+            bad = sorted(k for k, v in (logs or {}).items() if not _finite(v))
+            if not bad:
+                return
+            last = last_checkpoint(self.run_dir)
+            good = f"{last[1]} (epoch {last[0]})" if last else "none (no epoch completed)"
+            raise TrainingError(
+                f"training stopped: {bad[0]} became NaN or infinite at epoch {self.epoch + 1} "
+                f"{where}; last good checkpoint: {good}; {NAN_ADVICE}"
+            )
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._check(logs, f"batch {batch + 1}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._check(logs, "(validation)")
+
+    class EpochCheckpoint(keras.callbacks.Callback):
+        """After every epoch: save `checkpoints/epoch_NNNN.keras` and, when better, the best model.
+
+        Both writes are atomic. `keep` bounds how many epoch checkpoints stay on disk (the
+        newest ones; None keeps all). `best` is the best monitored value of earlier epochs, so a
+        resumed run only replaces the best model with a better one.
+        """
+
+        def __init__(
+            self,
+            run_dir: Path,
+            best_name: str,
+            monitor: str,
+            higher_is_better: bool,
+            best: float | None,
+            keep: int | None,
+        ):
+            super().__init__()
+            self.run_dir = run_dir
+            self.best_path = run_dir / best_name
+            self.monitor = monitor
+            self.higher_is_better = higher_is_better
+            self.best = best
+            self.keep = keep
+            self._warned = False
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            save_model_atomically(self.model, checkpoint_path(self.run_dir, epoch + 1))
+            value = logs.get(self.monitor)
+            if value is None:
+                if not self._warned:
+                    logger.warning("%s not logged: saving the latest model as best", self.monitor)
+                    self._warned = True
+                improved = True
+            else:
+                value = float(value)
+                improved = self.best is None or (
+                    value > self.best if self.higher_is_better else value < self.best
+                )
+            if improved:
+                if value is not None:
+                    logger.info("epoch %d: %s improved to %.6g", epoch + 1, self.monitor, value)
+                    self.best = value
+                save_model_atomically(self.model, self.best_path)
+            self._prune()
+
+        def _prune(self) -> None:
+            if self.keep is None:
+                return
+            found = list_checkpoints(self.run_dir)
+            for _, path in found[: max(0, len(found) - self.keep)]:
+                path.unlink(missing_ok=True)
+
+    return NonFiniteGuard, EpochCheckpoint
+
+
+def _best_so_far(rows: list[dict[str, str]], monitor: str, higher_is_better: bool) -> float | None:
+    values = [float(row[monitor]) for row in rows if _finite(row.get(monitor, "nan"))]
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return None
+    return max(values) if higher_is_better else min(values)
+
+
+def fit(
+    build_model: Callable[[], Any],
+    train_data: Any,
+    val_data: Any,
+    run_dir: str | os.PathLike,
+    *,
+    epochs: int,
+    steps_per_epoch: int | None = None,
+    validation_steps: int | None = None,
+    resume: bool = False,
+    best_name: str = "model.keras",
+    monitor: str = "val_loss",
+    mode: str = "auto",
+    early_stopping_patience: int | None = None,
+    keep_checkpoints: int | None = None,
+    strategy: Any = None,
+    extra_callbacks: Iterable[Any] = (),
+    verbose: int | str = "auto",
+) -> Any:
+    """Train a model into a run folder, with per-epoch checkpoints, resume and a NaN guard.
+
+    Args:
+        build_model: called with no argument, returns a compiled Keras model. It runs inside
+            `strategy.scope()`, and only when training starts afresh (a resumed run loads its
+            model, compiled with its optimizer state, from the last checkpoint).
+        train_data: what `keras.Model.fit` accepts as `x` (a tf.data.Dataset of (x, y) batches).
+        val_data: validation data in the same form, or None.
+        run_dir: the run folder (created if missing). See the module docstring for its layout.
+        epochs: the total number of epochs of the run (not the number still to do).
+        steps_per_epoch: batches per epoch (needed for endless datasets).
+        validation_steps: validation batches per epoch (needed for endless datasets).
+        resume: continue from the newest checkpoint of `run_dir`: its model and optimizer
+            state, epoch numbering (`initial_epoch`), best value so far and history.csv (rows
+            of epochs after the checkpoint are dropped, so every epoch appears once). With no
+            checkpoint yet (killed during the first epoch) training starts afresh, with a
+            warning, so `--resume` can always be passed.
+        best_name: file name of the best model inside `run_dir`.
+        monitor: logged quantity that picks the best model (and drives early stopping).
+        mode: "min", "max", or "auto" (max for accuracy/AUC-like names, min otherwise).
+        early_stopping_patience: stop after this many epochs without improvement of
+            `monitor` (None: never). The patience count restarts on resume.
+        keep_checkpoints: keep only the newest this many epoch checkpoints (None: all).
+        strategy: a `tf.distribute` strategy (None: the default one); see
+            `distribution_strategy`.
+        extra_callbacks: more Keras callbacks, run after kdsb's own.
+        verbose: passed to `keras.Model.fit`.
+
+    Returns:
+        The `keras.callbacks.History` of the epochs run now; `history.model` is the trained
+        model (its latest weights; the best ones are in `run_dir/best_name`).
+
+    Raises:
+        UsageError: `run_dir` already holds checkpoints but `resume` is False.
+        TrainingError: the loss or a metric became NaN or infinite; the message names the epoch,
+            the batch and the last good checkpoint, which stays loadable.
+    """
+    import keras
+    import tensorflow as tf
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(run_dir)
+    strategy = strategy or tf.distribute.get_strategy()
+    higher = _higher_is_better(monitor, mode)
+    history_path = run_dir / HISTORY_NAME
+    last = last_checkpoint(run_dir)
+
+    if last is not None and not resume:
+        raise UsageError(
+            f"expected an empty run folder or --resume, received {run_dir} which already holds "
+            f"checkpoints up to epoch {last[0]}"
+        )
+    if resume and last is None:
+        logger.warning("no checkpoint in %s: starting afresh", run_dir / CHECKPOINT_DIR)
+    if last is not None:
+        initial_epoch, path = last
+        logger.info("resuming from %s (epoch %d of %d)", path, initial_epoch, epochs)
+        with strategy.scope():
+            model = keras.saving.load_model(path, compile=True, safe_mode=True)
+        rows = _truncate_history(history_path, initial_epoch)
+    else:
+        initial_epoch = 0
+        with strategy.scope():
+            model = build_model()
+        history_path.unlink(missing_ok=True)
+        rows = []
+
+    NonFiniteGuard, EpochCheckpoint = _make_callbacks_module()
+    csv_logger = keras.callbacks.CSVLogger(str(history_path), append=True)
+    callbacks = [
+        NonFiniteGuard(run_dir),
+        EpochCheckpoint(
+            run_dir,
+            best_name,
+            monitor,
+            higher,
+            _best_so_far(rows, monitor, higher),
+            keep_checkpoints,
+        ),
+        csv_logger,
+    ]
+    # tensorflow-cpu wheels do not pull in TensorBoard; without it the run goes on unlogged.
+    if importlib.util.find_spec("tensorboard") is not None:
+        callbacks.append(
+            keras.callbacks.TensorBoard(
+                log_dir=str(run_dir / TENSORBOARD_DIR), update_freq="epoch", profile_batch=0
+            )
+        )
+    else:
+        logger.warning("tensorboard is not installed: no TensorBoard logs in %s", run_dir)
+    if early_stopping_patience is not None:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=monitor, patience=early_stopping_patience, mode="max" if higher else "min"
+            )
+        )
+    callbacks.extend(extra_callbacks)
+
+    if initial_epoch >= epochs:
+        logger.info("run already has %d of %d epochs: nothing to do", initial_epoch, epochs)
+    try:
+        history = model.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_steps=validation_steps,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,  # datasets shuffle themselves; Keras cannot shuffle a tf.data input
+        )
+    finally:
+        csv_logger.on_train_end()  # closes history.csv also when the NaN guard fired
+    return history

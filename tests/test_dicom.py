@@ -1,0 +1,363 @@
+"""Tests of kdsb.dicom.read_series on written phantom series, broken folders and a real scan."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.pixels.decoders.base import Decoder
+from pydicom.uid import generate_uid
+
+from kdsb.dicom import AIR_HU, CTSeries, read_series
+from kdsb.dicom_write import write_ct_series
+from kdsb.errors import DicomError, MissingDecoderError
+
+SHAPE = (6, 10, 12)  # (z, y, x)
+SPACING = (2.5, 0.7, 0.8)  # mm, (z, y, x)
+ORIGIN = (-120.0, -50.5, -60.25)  # mm, (Z, Y, X)
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+
+@pytest.fixture
+def hu() -> np.ndarray:
+    return np.random.default_rng(0).integers(-1000, 2000, SHAPE).astype(np.int16)
+
+
+def _write(folder, hu, **kwargs):
+    kwargs.setdefault("patient_id", "p1")
+    return write_ct_series(folder, hu, SPACING, ORIGIN, **kwargs)
+
+
+def _assert_same(series: CTSeries, hu: np.ndarray) -> None:
+    assert series.hu.dtype == np.int16
+    np.testing.assert_array_equal(series.hu, hu)
+    assert series.spacing == SPACING
+    assert series.origin == ORIGIN
+    assert series.source_shape == SHAPE
+
+
+def _edit(path, **attributes):
+    """Rewrite one file with some attributes changed (a new SOPInstanceUID when copying)."""
+    ds = pydicom.dcmread(path)
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    ds.save_as(path)
+
+
+def _copy_slice(source, target, **attributes):
+    shutil.copy(source, target)
+    uid = generate_uid()
+    _edit(target, SOPInstanceUID=uid, **attributes)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"storage": "uint16"}, {"storage": "uint16", "intercept": -2048.0},
+     {"slope": 0.5, "intercept": -1000.0}, {"storage": "int16", "intercept": 0.0},
+     {"flip_rows": True}, {"flip_columns": True}, {"flip_rows": True, "flip_columns": True},
+     {"slice_order": "descending"}, {"slice_order": "random", "shuffle_names": True, "seed": 3},
+     {"photometric": "MONOCHROME1"}, {"compression": "rle", "storage": "uint16"}],
+    ids=lambda kwargs: "-".join(f"{k}={v}" for k, v in kwargs.items()) or "default",
+)
+def test_round_trip(tmp_path, hu, kwargs):
+    paths = _write(tmp_path, hu, **kwargs)
+    series = read_series(tmp_path)
+    _assert_same(series, hu)
+    assert series.series_uid == pydicom.dcmread(paths[0]).SeriesInstanceUID
+    assert series.source_spacing == SPACING
+
+
+def test_jpeg2000_round_trip(tmp_path):
+    hu = np.random.default_rng(1).integers(-1000, 2000, (3, 40, 48)).astype(np.int16)
+    write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p", compression="jpeg2000",
+                    flip_rows=True)
+    series = read_series(tmp_path)
+    np.testing.assert_array_equal(series.hu, hu)
+    assert (series.spacing, series.origin) == (SPACING, ORIGIN)
+
+
+def test_slope_two_rounds_to_the_nearest_stored_step(tmp_path):
+    hu = (np.random.default_rng(2).integers(-500, 1000, SHAPE) * 2).astype(np.int16)
+    _write(tmp_path, hu, slope=2.0, intercept=-1024.0, storage="uint16")
+    _assert_same(read_series(tmp_path), hu)
+
+
+def test_order_from_positions_not_instance_numbers(tmp_path, hu):
+    paths = _write(tmp_path, hu, shuffle_names=True)
+    for path, number in zip(paths, [3, 1, 6, 2, 5, 4], strict=True):
+        _edit(path, InstanceNumber=number, SliceLocation=0.0)
+    _assert_same(read_series(tmp_path), hu)
+
+
+def test_spacing_from_positions_not_slice_thickness(tmp_path, hu):
+    _write(tmp_path, hu, slice_thickness=5.0)
+    assert read_series(tmp_path).spacing[0] == SPACING[0]
+
+
+def test_feet_first_with_flipped_orientation_matches_ascending(tmp_path, hu):
+    _write(tmp_path / "a", hu)
+    _write(tmp_path / "b", hu, slice_order="descending", flip_rows=True, shuffle_names=True)
+    a, b = read_series(tmp_path / "a"), read_series(tmp_path / "b")
+    np.testing.assert_array_equal(a.hu, b.hu)
+    assert (a.spacing, a.origin) == (b.spacing, b.origin)
+
+
+def test_coronal_acquisition_is_transposed(tmp_path, hu):
+    # Slice j holds hu[:, j, :]: rows run along +Z, columns along +X, slices along Y.
+    coronal = hu.transpose(1, 0, 2)
+    paths = write_ct_series(tmp_path, coronal, (SPACING[1], SPACING[0], SPACING[2]),
+                            (0.0, 0.0, 0.0), patient_id="p", slice_order="random")
+    z0, y0, x0 = ORIGIN
+    for j, path in enumerate(paths):
+        _edit(path, ImageOrientationPatient=[1, 0, 0, 0, 0, 1],
+              ImagePositionPatient=[x0, y0 + j * SPACING[1], z0])
+    series = read_series(tmp_path)
+    np.testing.assert_array_equal(series.hu, hu)
+    assert (series.spacing, series.origin) == (SPACING, ORIGIN)
+    assert series.source_shape == coronal.shape
+
+
+def test_padding_value_and_outside_field_become_air(tmp_path, hu):
+    mask = np.zeros(SHAPE, bool)
+    mask[:, :2, :] = True
+    expected = np.where(mask, AIR_HU, hu)
+    _write(tmp_path / "declared", hu, padding_mask=mask, padding_value=-3000)
+    _write(tmp_path / "uint16", hu, padding_mask=mask, padding_value=0, storage="uint16",
+           intercept=-1010.0)
+    _write(tmp_path / "implicit", hu, padding_mask=mask)
+    for name in ("declared", "uint16", "implicit"):
+        _assert_same(read_series(tmp_path / name), expected)
+
+
+def test_padding_range_limit(tmp_path, hu):
+    hu[:, 0, 0] = -1000
+    paths = _write(tmp_path, hu, storage="uint16", intercept=-1024.0)
+    for path in paths:  # stored 0 … 30 (HU -1024 … -994) declared as padding
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x00280120, "US", 30)  # PixelPaddingValue, the range's upper end here
+        ds.add_new(0x00280121, "US", 0)  # PixelPaddingRangeLimit
+        ds.save_as(path)
+    stored = hu.astype(int) + 1024
+    expected = np.where(stored <= 30, AIR_HU, hu)
+    np.testing.assert_array_equal(read_series(tmp_path).hu, expected)
+
+
+def test_hu_clipped_into_int16(tmp_path, hu):
+    hu[0, 0, 0] = 32000
+    paths = _write(tmp_path, hu, storage="uint16", flip_columns=True)
+    _assert_same(read_series(tmp_path), hu)
+    for path in paths:  # stored 33024 + 1000 exceeds int16
+        _edit(path, RescaleIntercept=1000)
+    assert read_series(tmp_path).hu[0, 0, 0] == np.iinfo(np.int16).max
+
+
+def test_localizers_and_smaller_series_are_dropped(tmp_path, hu, caplog):
+    paths = _write(tmp_path, hu)
+    _write(tmp_path, hu[:4], series_number=2)  # a smaller series
+    scout = np.zeros((3, 10, 12), np.int16)
+    _write(tmp_path, scout, series_number=3, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    # A localizer inside the main series, at a new position.
+    _copy_slice(paths[0], tmp_path / "scout_in_series.dcm",
+                ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                ImagePositionPatient=[-60.25, -50.5, 300.0])
+    # An image of another orientation inside the main series.
+    _copy_slice(paths[0], tmp_path / "coronal.dcm",
+                ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
+    with caplog.at_level(logging.INFO, logger="kdsb.dicom"):
+        series = read_series(tmp_path)
+    _assert_same(series, hu)
+    assert series.series_uid == pydicom.dcmread(paths[0]).SeriesInstanceUID
+    log = caplog.text
+    assert "localizer" in log and "dropped series" in log and "another orientation" in log
+
+
+def test_bigger_series_wins_regardless_of_order(tmp_path, hu):
+    _write(tmp_path, hu[:3], series_number=1)
+    big = _write(tmp_path, hu, series_number=2)
+    series = read_series(tmp_path)
+    assert series.series_uid == pydicom.dcmread(big[0]).SeriesInstanceUID
+    _assert_same(series, hu)
+
+
+def test_duplicate_slice_kept_once_with_warning(tmp_path, hu, caplog):
+    paths = _write(tmp_path, hu)
+    _copy_slice(paths[2], tmp_path / "copy.dcm", InstanceNumber=99)
+    with caplog.at_level(logging.WARNING, logger="kdsb.dicom"):
+        _assert_same(read_series(tmp_path), hu)
+    assert "already used position" in caplog.text and "copy.dcm" in caplog.text
+
+
+def test_missing_slice(tmp_path, hu):
+    paths = _write(tmp_path, hu)
+    paths[3].unlink()
+    expected = r"patient p7: .*CT001_00003\.dcm and CT001_00005\.dcm: missing slice"
+    with pytest.raises(DicomError, match=expected):
+        read_series(tmp_path, patient_id="p7")
+
+
+def test_small_spacing_irregularity_is_absorbed(tmp_path, hu):
+    paths = _write(tmp_path, hu)
+    _edit(paths[2], ImagePositionPatient=[-60.25, -50.5, -120.0 + 2 * 2.5 + 0.2])
+    _assert_same(read_series(tmp_path), hu)
+
+
+def test_uneven_spacing(tmp_path, hu):
+    paths = _write(tmp_path, hu)
+    _edit(paths[2], ImagePositionPatient=[-60.25, -50.5, -120.0 + 2 * 2.5 + 0.9])
+    with pytest.raises(DicomError, match="uneven spacing.*CT001_00003"):
+        read_series(tmp_path)
+
+
+def test_gantry_tilt(tmp_path, hu):
+    paths = _write(tmp_path, hu)
+    for k, path in enumerate(paths):  # 15° tilt: y shifts by tan(15°) × z
+        _edit(path, ImagePositionPatient=[-60.25, -50.5 + k * 2.5 * 0.268, -120.0 + k * 2.5])
+    with pytest.raises(DicomError, match="gantry tilt"):
+        read_series(tmp_path)
+
+
+def test_oblique_orientation(tmp_path, hu):
+    paths = _write(tmp_path, hu)
+    c, s = np.cos(np.radians(10)), np.sin(np.radians(10))
+    for path in paths:
+        _edit(path, ImageOrientationPatient=[c, s, 0, -s, c, 0])
+    with pytest.raises(DicomError, match="oblique"):
+        read_series(tmp_path)
+
+
+def test_empty_and_missing_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DicomError, match="patient empty: expected DICOM files, .*empty folder"):
+        read_series(tmp_path / "empty")
+    with pytest.raises(DicomError, match="patient nope: expected a folder"):
+        read_series(tmp_path / "nope")
+
+
+def test_no_dicom_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    (tmp_path / "noise.dcm").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(DicomError, match=r"expected DICOM files, received 2 non-DICOM .*noise"):
+        read_series(tmp_path, patient_id="p2")
+
+
+def test_non_dicom_files_are_skipped_with_a_warning(tmp_path, hu, caplog):
+    _write(tmp_path, hu)
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "README").write_text("hello")
+    with caplog.at_level(logging.WARNING, logger="kdsb.dicom"):
+        _assert_same(read_series(tmp_path), hu)
+    assert "random.bin: not a DICOM file" in caplog.text and "README" in caplog.text
+
+
+@pytest.mark.parametrize("keep_bytes", [300, 700, -200])
+def test_truncated_file(tmp_path, hu, keep_bytes):
+    paths = _write(tmp_path, hu)
+    data = paths[4].read_bytes()
+    paths[4].write_bytes(data[:keep_bytes])
+    with pytest.raises(DicomError, match=r"patient p1: .*(truncated|corrupt).*CT001_00005\.dcm"):
+        read_series(tmp_path, patient_id="p1")
+
+
+def test_no_pixel_data(tmp_path, hu):
+    paths = _write(tmp_path, hu)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        del ds.PixelData
+        ds.save_as(path)
+    with pytest.raises(DicomError, match="expected pixel data.*CT001_00001"):
+        read_series(tmp_path)
+
+
+def test_objects_without_images_only(tmp_path, hu):
+    paths = _write(tmp_path, hu[:2])
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for name in ("PixelData", "Rows", "Columns"):
+            delattr(ds, name)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
+        ds.save_as(path)
+    with pytest.raises(DicomError, match="only DICOM objects without an image"):
+        read_series(tmp_path)
+
+
+def test_single_slice(tmp_path, hu):
+    _write(tmp_path, hu[:1])
+    with pytest.raises(DicomError, match="expected at least 2 slices.*received 1"):
+        read_series(tmp_path)
+
+
+def test_non_ct_modality(tmp_path, hu):
+    _write(tmp_path, hu, modality="MR")
+    with pytest.raises(DicomError, match="patient p3: expected modality CT, received MR"):
+        read_series(tmp_path, patient_id="p3")
+
+
+def test_only_localizers(tmp_path, hu):
+    _write(tmp_path, hu[:2], image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    with pytest.raises(DicomError, match="only localizer"):
+        read_series(tmp_path)
+
+
+def test_slices_of_different_sizes(tmp_path, hu):
+    paths = _write(tmp_path, hu)
+    uid = pydicom.dcmread(paths[0]).SeriesInstanceUID
+    extra = np.zeros((1, 8, 12), np.int16)
+    write_ct_series(tmp_path / "x", extra, SPACING, (ORIGIN[0] + 6 * 2.5, *ORIGIN[1:]),
+                    patient_id="p1", series_uid=uid)
+    shutil.move(tmp_path / "x" / "CT001_00001.dcm", tmp_path / "small.dcm")
+    shutil.rmtree(tmp_path / "x")
+    with pytest.raises(DicomError, match=r"10×12 pixels.*received 8×12.*small\.dcm"):
+        read_series(tmp_path)
+
+
+def test_rejects_colour_images(tmp_path, hu):
+    paths = _write(tmp_path, hu)
+    for path in paths:
+        _edit(path, PhotometricInterpretation="PALETTE COLOR")
+    with pytest.raises(DicomError, match="MONOCHROME1/2"):
+        read_series(tmp_path)
+
+
+# --- real data: a 20-slice Siemens JPEG 2000 series ---------------------------------------
+
+
+@pytest.mark.realdata
+def test_real_series(real_ct_dicom_dir, tmp_path):
+    series = read_series(real_ct_dicom_dir)
+    assert series.hu.shape == (20, 512, 512) and series.hu.dtype == np.int16
+    headers = [pydicom.dcmread(p, stop_before_pixels=True)
+               for p in sorted(real_ct_dicom_dir.iterdir())]
+    lowest = min(headers, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    x, y, z = (float(v) for v in lowest.ImagePositionPatient)
+    assert series.origin == pytest.approx((z, y, x))
+    pixel = float(lowest.PixelSpacing[0])
+    assert series.spacing == pytest.approx((2.0, pixel, pixel))
+    assert series.source_shape == (20, 512, 512)
+    assert series.series_uid == lowest.SeriesInstanceUID
+    # Plausible HU: air outside the body, soft tissue inside it.
+    assert -1100 <= series.hu.min() <= -900
+    corner = series.hu[:, :20, :20]
+    assert abs(np.median(corner) - AIR_HU) < 60
+    assert np.mean((series.hu > -100) & (series.hu < 100)) > 0.05
+    # The canonical slice 0 is the lowest slice's pixels (axial, unflipped acquisition).
+    pixels = pydicom.dcmread(lowest.filename).pixel_array
+    expected = pixels * float(lowest.RescaleSlope) + float(lowest.RescaleIntercept)
+    np.testing.assert_array_equal(series.hu[0], expected)
+
+    rng = np.random.default_rng(0)
+    for source in sorted(real_ct_dicom_dir.iterdir()):
+        shutil.copy(source, tmp_path / rng.bytes(6).hex())
+    shuffled = read_series(tmp_path)
+    np.testing.assert_array_equal(shuffled.hu, series.hu)
+    assert (shuffled.spacing, shuffled.origin) == (series.spacing, series.origin)
+
+
+@pytest.mark.realdata
+def test_missing_decoder_names_the_package(real_ct_dicom_dir, monkeypatch):
+    monkeypatch.setattr(Decoder, "is_available", property(lambda self: False))
+    with pytest.raises(MissingDecoderError, match="install pylibjpeg-openjpeg"):
+        read_series(real_ct_dicom_dir, patient_id="real")

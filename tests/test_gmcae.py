@@ -1,0 +1,178 @@
+"""Tests for kdsb.gmcae: architecture, packed output, save/load, training, reconstruction."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+from scipy.stats import norm
+
+from kdsb.errors import ModelError
+from kdsb.gmcae import (
+    build_gmcae,
+    encoder_of,
+    mixture_nll_of_single_gaussian,
+    mixture_params,
+    reconstruct,
+)
+from kdsb.layers import ShiftedELU
+from kdsb.losses import GaussianMixtureNLL
+
+PATCH, WIDTH, MIXTURES, FLOOR = 8, 2, 3, 1e-3
+VOXELS = PATCH**3
+
+
+@pytest.fixture(scope="module")
+def gmcae():
+    keras.utils.set_random_seed(0)
+    return build_gmcae(patch_size=PATCH, width=WIDTH, mixtures=MIXTURES, variance_floor=FLOOR)
+
+
+def random_patches(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, PATCH, PATCH, PATCH, 1)).astype("float32")
+
+
+def test_packed_output_shape_and_layout(gmcae):
+    assert gmcae.output.shape == (None, MIXTURES * (2 + VOXELS))
+    assert gmcae.input.shape == (None, PATCH, PATCH, PATCH, 1)
+    log_priors, variances, means = mixture_params(gmcae, random_patches(5))
+    assert log_priors.shape == (5, MIXTURES) and variances.shape == (5, MIXTURES)
+    assert means.shape == (5, MIXTURES, VOXELS)
+    np.testing.assert_allclose(logsumexp(log_priors, axis=1), 0.0, atol=1e-5)
+    assert np.all(variances >= FLOOR * (1 - 1e-6))
+    # Component k's mean is output channel k of the "means" layer, flattened in (z, y, x) order.
+    means_layer = keras.Model(gmcae.input, gmcae.get_layer("means").output)
+    channels = means_layer.predict(random_patches(5), verbose=0)
+    np.testing.assert_allclose(means[:, 1], channels[..., 1].reshape(5, -1), rtol=1e-6)
+
+
+def test_encoder_shapes_and_stable_layer_names(gmcae):
+    encoder = encoder_of(gmcae)
+    assert encoder.name == "encoder"
+    assert encoder.input.shape == (None, None, None, None, 1)
+    names = [layer.name for layer in encoder.layers[1:]]
+    assert names == [f"block{b}_conv{i}" for b in (1, 2, 3) for i in (1, 2)]
+    assert [encoder.get_layer(f"block{b}_conv1").filters for b in (1, 2, 3)] == [2, 4, 8]
+    assert encoder.predict(random_patches(2), verbose=0).shape == (2, 1, 1, 1, 4 * WIDTH)
+    volume = np.zeros((1, 24, 40, 16, 1), np.float32)
+    assert encoder.predict(volume, verbose=0).shape == (1, 3, 5, 2, 4 * WIDTH)
+    assert isinstance(gmcae.get_layer("variances"), ShiftedELU)
+
+
+def test_default_architecture_bottleneck():
+    model = build_gmcae()
+    assert encoder_of(model).output.shape == (None, None, None, None, 256)
+    assert model.get_layer("bottleneck_flat").output.shape == (None, 4 * 4 * 4 * 256)
+    assert model.output.shape == (None, 4 * (2 + 32**3))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"patch_size": 12}, "multiple of 8"),
+        ({"width": 0}, "width to be a positive integer"),
+        ({"mixtures": 2.5}, "mixtures to be a positive integer"),
+        ({"variance_floor": 0.0}, "variance_floor > 0"),
+    ],
+)
+def test_build_rejects_bad_options(kwargs, message):
+    with pytest.raises(ModelError, match=message):
+        build_gmcae(**kwargs)
+
+
+def test_encoder_of_rejects_model_without_encoder():
+    inputs = keras.Input((2,))
+    with pytest.raises(ModelError, match="expected a kdsb model with an 'encoder'"):
+        encoder_of(keras.Model(inputs, keras.layers.Dense(1)(inputs), name="plain"))
+
+
+@pytest.mark.slow
+def test_training_steps_reduce_loss_and_stay_finite():
+    keras.utils.set_random_seed(1)
+    model = build_gmcae(patch_size=PATCH, width=WIDTH, mixtures=2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2, clipnorm=1.0), loss=GaussianMixtureNLL(2))
+    # Smooth, structured patches: a blob of random brightness on a noisy background.
+    rng = np.random.default_rng(4)
+    grid = np.stack(np.meshgrid(*[np.arange(PATCH)] * 3, indexing="ij"), axis=-1)
+    blob = np.exp(-np.sum((grid - 3.5) ** 2, axis=-1) / 8.0)[..., None]
+    patches = (rng.uniform(-1, 1, size=(16, 1, 1, 1, 1)) * blob - 0.5).astype("float32")
+    patches += rng.normal(scale=0.05, size=patches.shape).astype("float32")
+    before = model.evaluate(patches, patches, verbose=0)
+    history = model.fit(patches, patches, batch_size=8, epochs=6, verbose=0, shuffle=False)
+    after = model.evaluate(patches, patches, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert after < before - 0.3
+
+
+def test_reconstruct_picks_highest_responsibility_component(gmcae):
+    patches = random_patches(4, seed=3)
+    recon = reconstruct(gmcae, patches)
+    assert recon.shape == patches.shape and recon.dtype == np.float32
+    log_priors, variances, means = mixture_params(gmcae, patches)
+    flat = patches.reshape(4, -1).astype(np.float64)
+    log_joint = log_priors + np.stack(
+        [norm.logpdf(flat, means[:, k], np.sqrt(variances[:, [k]])).sum(1) for k in range(3)], 1
+    )
+    best = log_joint.argmax(axis=1)
+    np.testing.assert_allclose(recon.reshape(4, -1), means[np.arange(4), best], rtol=1e-6)
+
+
+def test_single_gaussian_baseline_matches_scipy():
+    patches = np.random.default_rng(8).normal(1.0, 2.0, size=(3, 4, 4, 4, 1))
+    mean, std = patches.mean(), patches.std()
+    expected = -norm.logpdf(patches, mean, std).mean()
+    assert mixture_nll_of_single_gaussian(patches) == pytest.approx(expected, rel=1e-10)
+    assert expected == pytest.approx(0.5 * math.log(2 * math.pi * std**2) + 0.5)
+    with pytest.raises(ModelError, match="expected patches with varying voxel values"):
+        mixture_nll_of_single_gaussian(np.zeros((2, 4, 4, 4, 1)))
+
+
+@pytest.mark.slow
+def test_mixed_bfloat16_builds_and_gives_finite_float32_loss():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_gmcae(patch_size=PATCH, width=WIDTH, mixtures=2)
+        assert encoder_of(model).get_layer("block1_conv1").compute_dtype == "bfloat16"
+        loss = GaussianMixtureNLL(2)
+        model.compile(optimizer="adam", loss=loss)
+        patches = random_patches(4)
+        packed = model(patches)
+        assert packed.dtype == "float32"
+        value = float(loss(patches, packed))
+        assert math.isfinite(value)
+        assert math.isfinite(model.train_on_batch(patches, patches))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.slow
+def test_saved_gmcae_loads_in_fresh_process_with_only_kdsb_import(gmcae, tmp_path):
+    gmcae.compile(optimizer="adam", loss=GaussianMixtureNLL(MIXTURES))
+    path = tmp_path / "gmcae.keras"
+    gmcae.save(path)
+    patches = random_patches(3, seed=5)
+    np.save(tmp_path / "patches.npy", patches)
+    np.save(tmp_path / "expected.npy", gmcae.predict(patches, verbose=0))
+    script = textwrap.dedent(
+        f"""
+        import kdsb, keras
+        import numpy as np
+        model = keras.saving.load_model({str(path)!r}, safe_mode=True)
+        assert type(model.loss).__name__ == "GaussianMixtureNLL", model.loss
+        assert model.loss.mixtures == {MIXTURES}
+        got = model.predict(np.load({str(tmp_path / "patches.npy")!r}), verbose=0)
+        np.testing.assert_array_equal(got, np.load({str(tmp_path / "expected.npy")!r}))
+        print("LOADED OK")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LOADED OK" in result.stdout

@@ -1,0 +1,104 @@
+"""Tests of kdsb.labels: reading labels, predictions and id lists, and their error messages."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from kdsb.errors import LabelsError
+from kdsb.labels import (
+    check_labels_match,
+    read_ids,
+    read_labels,
+    read_predictions,
+    write_predictions,
+)
+
+
+def _write(tmp_path, text, name="labels.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_read_labels_keeps_file_order_and_accepts_swapped_columns(tmp_path):
+    path = _write(tmp_path, "cancer,id\n1,b\n0,a\n\n0,c\n")
+    assert read_labels(path) == {"b": 1, "a": 0, "c": 0}
+    assert list(read_labels(path)) == ["b", "a", "c"]
+
+
+def test_read_labels_accepts_a_byte_order_mark(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes("id,cancer\nx,1\n".encode("utf-8-sig"))
+    assert read_labels(path) == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "expected a header line, received an empty file"),
+        ("a,1\nb,0\n", r"expected a header with column\(s\) id, cancer, received 'a,1'"),
+        ("id,label\na,1\n", "missing cancer"),
+        ("id,cancer,extra\na,1,2\n", "expected exactly the columns id,cancer"),
+        ("id,cancer\na,1\nb\n", "line 3: expected 2 comma-separated values, received 1"),
+        ("id,cancer\na,1\nb,0\na,0\n", "line 4: expected each id once, received a again"),
+        ("id,cancer\na,1\nb,2\n", "line 3: expected a label 0 or 1 for b, received '2'"),
+        ("id,cancer\na,yes\n", "line 2: expected a label 0 or 1 for a, received 'yes'"),
+        ("id,cancer\n,1\n", "line 2: expected a patient id, received ''"),
+        ("id,cancer\n", "expected at least one labelled patient, received none"),
+    ],
+)
+def test_read_labels_errors_name_the_problem(tmp_path, text, match):
+    path = _write(tmp_path, text)
+    with pytest.raises(LabelsError, match=match):
+        read_labels(path)
+
+
+def test_read_labels_missing_file(tmp_path):
+    with pytest.raises(LabelsError, match="expected a CSV file, received a missing path"):
+        read_labels(tmp_path / "nope.csv")
+
+
+def test_read_ids_reads_only_the_id_column_in_order(tmp_path):
+    path = _write(tmp_path, "id,cancer\nz,0.5\na,0.5\nm,0.5\n", "sample.csv")
+    assert read_ids(path) == ["z", "a", "m"]
+    with pytest.raises(LabelsError, match="missing id"):
+        read_ids(_write(tmp_path, "patient\nx\n", "bad.csv"))
+    with pytest.raises(LabelsError, match="line 3: expected each id once, received z again"):
+        read_ids(_write(tmp_path, "id\nz\nz\n", "dup.csv"))
+
+
+def test_check_labels_match_errors_and_warning(tmp_path, caplog):
+    labels = {"a": 0, "b": 1, "c": 1}
+    assert check_labels_match(labels, ["c", "b", "a"]) == ["a", "b", "c"]
+    with pytest.raises(
+        LabelsError,
+        match=r"expected a volume in data for every labelled id, received 1 of 3 without one: c",
+    ):
+        check_labels_match(labels, ["a", "b"], labels_path="l.csv", data_dir="data")
+    many = {f"p{i:02d}": 0 for i in range(8)}
+    with pytest.raises(LabelsError, match=r"8 of 8 without one: p00, p01, p02, p03, p04 and 3 m"):
+        check_labels_match(many, [])
+    with pytest.raises(
+        LabelsError, match=r"expected a label for every volume, received 1 of 4 volumes .* d"
+    ):
+        check_labels_match(labels, ["a", "b", "c", "d"])
+    with caplog.at_level(logging.WARNING, logger="kdsb.labels"):
+        usable = check_labels_match(labels, ["a", "b", "c", "d"], allow_unlabelled=True)
+    assert usable == ["a", "b", "c"]
+    assert "skipping unlabelled volumes" in caplog.text
+
+
+def test_predictions_round_trip_and_errors(tmp_path):
+    path = write_predictions(tmp_path / "out" / "sub.csv", {"b": 0.25, "a": 1.0})
+    assert path.read_text() == "id,cancer\nb,0.250000\na,1.000000\n"
+    assert read_predictions(path) == {"b": 0.25, "a": 1.0}
+    assert [p.name for p in path.parent.iterdir()] == ["sub.csv"]  # no temporary left
+    with pytest.raises(LabelsError, match=r"line 3: expected a probability in \[0, 1\] for b, "
+                                          r"received '1.5'"):
+        read_predictions(_write(tmp_path, "id,cancer\na,0.1\nb,1.5\n", "p.csv"))
+    with pytest.raises(LabelsError, match="received 'nan'"):
+        read_predictions(_write(tmp_path, "id,cancer\na,nan\n", "p.csv"))
+    with pytest.raises(LabelsError, match="received '-0.1'"):
+        read_predictions(_write(tmp_path, "id,cancer\na,-0.1\n", "p.csv"))

@@ -1,0 +1,229 @@
+"""The phantom chest-CT cohort: anatomy, labels, truth files and the DICOM round trip."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from kdsb.cli import main
+from kdsb.errors import UsageError
+from kdsb.synthetic import (
+    BIG_NODULE_RADIUS_MM,
+    CANCER_RADIUS_MM,
+    NODULE_HU,
+    NODULE_IRREGULARITY,
+    SLICE_ORDERS,
+    SMALL_NODULE_RADIUS_MM,
+    STORAGE_STYLES,
+    _acquisition,
+    load_truth,
+    make_phantom,
+    write_cohort,
+)
+
+SIZE = 64
+SCALE = 0.6
+AIR_THRESHOLD_HU = -500
+
+
+def _phantom(seed: int, cancer: bool = True, **kwargs):
+    options = {"size": SIZE, "scale": SCALE, **kwargs}
+    return make_phantom(np.random.default_rng(seed), cancer=cancer, **options)
+
+
+def _voxel(phantom, point_mm) -> np.ndarray:
+    return np.round((np.array(point_mm) - phantom.origin) / phantom.spacing).astype(int)
+
+
+def _distance_mm(phantom, center_mm) -> np.ndarray:
+    """Distance (mm) of every voxel centre to a point, shape (z, y, x)."""
+    axes = [
+        o + s * np.arange(n) - c
+        for o, s, n, c in zip(phantom.origin, phantom.spacing, phantom.hu.shape, center_mm)
+    ]
+    z, y, x = np.meshgrid(*axes, indexing="ij", sparse=True)
+    return np.sqrt(z**2 + y**2 + x**2)
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    """Phantoms of both labels over a few seeds, at test size."""
+    return [_phantom(seed, cancer=seed % 2 == 0) for seed in range(8)]
+
+
+def test_same_seed_same_phantom_other_seed_other_phantom():
+    first, again, other = _phantom(5), _phantom(5), _phantom(6)
+    np.testing.assert_array_equal(first.hu, again.hu)
+    np.testing.assert_array_equal(first.lung_mask, again.lung_mask)
+    assert first.nodules == again.nodules
+    assert (first.spacing, first.origin) == (again.spacing, again.origin)
+    assert first.hu.shape != other.hu.shape or not np.array_equal(first.hu, other.hu)
+
+
+def test_geometry_types_and_ranges(phantoms):
+    for p in phantoms:
+        assert p.hu.dtype == np.int16 and p.lung_mask.dtype == np.uint8
+        assert p.hu.shape == p.lung_mask.shape and p.hu.shape[1:] == (SIZE, SIZE)
+        assert set(np.unique(p.lung_mask)) == {0, 1}
+        slice_mm, row_mm, column_mm = p.spacing
+        assert 1.0 <= slice_mm <= 2.5 and row_mm == column_mm
+        assert 300 * SCALE <= row_mm * SIZE <= 380 * SCALE + 0.01
+        assert 220 * SCALE - 2.5 <= slice_mm * p.hu.shape[0] <= 300 * SCALE + 2.5
+        # The image is centred on the patient axis: voxel (·, 31.5, 31.5) at y = x = 0.
+        assert p.origin[1] == pytest.approx(-(SIZE - 1) / 2 * row_mm, abs=1e-3)
+
+
+def test_labels_follow_nodule_radii(phantoms):
+    for seed, p in enumerate(phantoms):
+        radii = [n.radius_mm for n in p.nodules]
+        assert p.label == int(seed % 2 == 0)
+        assert p.label == int(any(r >= CANCER_RADIUS_MM for r in radii))
+        big = [r for r in radii if r >= CANCER_RADIUS_MM]
+        small = [r for r in radii if r < CANCER_RADIUS_MM]
+        assert all(BIG_NODULE_RADIUS_MM[0] <= r <= BIG_NODULE_RADIUS_MM[1] for r in big)
+        assert all(SMALL_NODULE_RADIUS_MM[0] <= r <= SMALL_NODULE_RADIUS_MM[1] for r in small)
+        assert len(big) >= 1 if p.label else not big
+
+
+def test_realistic_hu_inside_lungs_and_body(phantoms):
+    p = phantoms[0]
+    lung = p.hu[p.lung_mask == 1]
+    assert -900 < np.median(lung) < -780
+    body = p.hu[:, SIZE // 2, :]  # a coronal plane through the body
+    assert body.max() > 600  # ribs or spine
+    assert np.any((body > -150) & (body < -50))  # fat layer
+
+
+def test_lungs_are_two_disconnected_components_without_trachea(phantoms):
+    for p in phantoms:
+        labels, count = ndimage.label(p.lung_mask)
+        assert count == 2
+        sizes = np.bincount(labels.ravel())[1:]
+        assert sizes.min() > 0.4 * sizes.max()  # both lungs, neither a fragment
+        # One lung on each side of the midline (x < 0 is the patient's right).
+        centres_x = [
+            p.origin[2] + p.spacing[2] * np.argwhere(labels == k)[:, 2].mean() for k in (1, 2)
+        ]
+        assert min(centres_x) < 0 < max(centres_x)
+    # The trachea: air inside the body on the top slice, on the midline, not in the mask.
+    top_hu, top_mask = p.hu[-1], p.lung_mask[-1]
+    assert top_mask.sum() == 0
+    middle = top_hu[: SIZE * 3 // 4, SIZE // 2 - 3 : SIZE // 2 + 3]
+    assert (middle < AIR_THRESHOLD_HU).sum() >= 4
+
+
+def test_nodules_are_solid_inside_the_lungs_and_juxtapleural_ones_touch_the_wall():
+    juxtapleural_seen = interior_seen = 0
+    for seed in range(6):
+        p = _phantom(seed, size=96, scale=0.8)
+        not_lung_tissue = (p.lung_mask == 0) & (p.hu > AIR_THRESHOLD_HU)
+        for nodule in p.nodules:
+            core = _distance_mm(p, nodule.center_mm) <= nodule.radius_mm * (
+                1 - NODULE_IRREGULARITY
+            ) - max(p.spacing) / 2
+            core &= p.lung_mask == 1
+            if not core.any():
+                continue
+            assert abs(np.mean(p.hu[core]) - NODULE_HU) < 20
+            assert p.lung_mask[tuple(_voxel(p, nodule.center_mm))] == 1
+            touches = (ndimage.binary_dilation(core, iterations=2) & not_lung_tissue).any()
+            if nodule.juxtapleural:
+                juxtapleural_seen += 1
+                assert touches, nodule
+            elif nodule.radius_mm >= CANCER_RADIUS_MM:
+                interior_seen += 1
+                assert not touches, nodule
+    assert juxtapleural_seen >= 2 and interior_seen >= 1
+
+
+def test_table_below_the_body_separates_outside_air_and_padding_outside_fov(phantoms):
+    for p in phantoms:
+        middle = p.hu.shape[0] // 2
+        image, padding = p.hu[middle], p.padding_mask
+        # Padding: everything outside the inscribed circle, air in the returned HU.
+        assert padding[0, 0] and padding[-1, -1] and not padding[SIZE // 2, SIZE // 2]
+        assert np.all(image[padding] == -1000)
+        # Dense things: the body (biggest) and the table, a separate piece below it.
+        dense, count = ndimage.label(image > AIR_THRESHOLD_HU)
+        sizes = np.bincount(dense.ravel())[1:]
+        body = np.argmax(sizes) + 1
+        body_rows = np.nonzero((dense == body).any(axis=1))[0]
+        others = [k for k in range(1, count + 1) if k != body and sizes[k - 1] > SIZE // 4]
+        assert others, "no patient table"
+        table_rows = np.nonzero(np.isin(dense, others).any(axis=1))[0]
+        assert table_rows.min() > body_rows.max()  # posterior, with air between
+        # Outside air touching the field of view's edge is split in two by the table.
+        air, _ = ndimage.label((image <= AIR_THRESHOLD_HU) & ~padding)
+        edge = ndimage.binary_dilation(padding) & ~padding
+        assert len(set(np.unique(air[edge])) - {0}) >= 2
+
+
+def test_acquisition_styles_cover_every_storage_and_order():
+    styles = [_acquisition(np.random.default_rng(seed)) for seed in range(60)]
+    assert {(s["storage"], s["intercept"]) for s in styles} == set(STORAGE_STYLES)
+    assert {s["slice_order"] for s in styles} == set(SLICE_ORDERS)
+    assert {s["slope"] for s in styles} == {1.0, 0.5}
+    assert any(s["shuffle_names"] for s in styles) and not all(s["shuffle_names"] for s in styles)
+    assert all(s["padding_value"] == 0 for s in styles if s["storage"] == "uint16")
+    json.dumps(styles)  # recorded in the truth JSON
+
+
+@pytest.mark.slow
+def test_cohort_layout_truth_and_dicom_round_trip(tmp_path):
+    from kdsb.dicom import read_series
+
+    patients, seed = 5, 3
+    labels_csv = write_cohort(tmp_path, patients=patients, seed=seed, size=48, scale=0.5)
+    assert labels_csv == tmp_path / "labels.csv"
+    with open(labels_csv, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["id", "cancer"]
+    ids = [f"phantom_{i:03d}" for i in range(patients)]
+    assert [r[0] for r in rows[1:]] == ids
+    assert sum(int(r[1]) for r in rows[1:]) == patients // 2
+    assert sorted(p.name for p in (tmp_path / "dicom").iterdir()) == ids
+
+    children = np.random.SeedSequence(seed).spawn(patients)
+    for (pid, label), child in zip(rows[1:], children):
+        truth = load_truth(tmp_path, pid)
+        assert truth.label == int(label)
+        assert truth.label == int(any(n.radius_mm >= CANCER_RADIUS_MM for n in truth.nodules))
+        # The same seed regenerates the phantom that was written.
+        phantom = make_phantom(
+            np.random.default_rng(child), size=48, cancer=bool(truth.label), scale=0.5
+        )
+        np.testing.assert_array_equal(truth.lung_mask, phantom.lung_mask)
+        assert truth.nodules == phantom.nodules
+        series = read_series(tmp_path / "dicom" / pid)
+        np.testing.assert_array_equal(series.hu, phantom.hu)
+        np.testing.assert_allclose(series.spacing, truth.spacing, atol=1e-4)
+        np.testing.assert_allclose(series.origin, truth.origin, atol=1e-4)
+
+    # Deterministic: a second cohort from the same seed has the same truth and labels.
+    again = write_cohort(tmp_path / "again", patients=patients, seed=seed, size=48, scale=0.5)
+    assert again.read_text() == labels_csv.read_text()
+    for pid in ids:
+        assert (tmp_path / "again" / "truth" / f"{pid}.json").read_text() == (
+            tmp_path / "truth" / f"{pid}.json"
+        ).read_text()
+
+    with pytest.raises(UsageError, match="--overwrite"):
+        write_cohort(tmp_path, patients=1, seed=seed, size=48, scale=0.5)
+
+
+def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys):
+    out = tmp_path / "cohort"
+    code = main(["synth", str(out), "--patients", "2", "--seed", "1", "--size", "40",
+                 "--scale", "0.5"])
+    assert code == 0
+    assert str(out / "labels.csv") in capsys.readouterr().out
+    assert len(list((out / "dicom").iterdir())) == 2
+    assert len(list((out / "truth").glob("*.npz"))) == 2
+    assert main(["synth", str(out), "--patients", "2"]) == 2  # exists, no --overwrite
+    assert main(["synth", str(tmp_path / "x"), "--size", "8"]) == 2
+    assert "expected --size" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "y"), "--patients", "0"]) == 2

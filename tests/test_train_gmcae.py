@@ -1,0 +1,210 @@
+"""`kdsb train-gmcae`: end to end on tiny phantom volumes, resume after a kill, mirrored on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from kdsb import plots, store, training
+from kdsb.cli import main
+from kdsb.errors import KdsbError
+
+keras = pytest.importorskip("keras")
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (40, 48, 48)  # (z, y, x) voxels of 1 mm
+VOLUMES = 4
+# A tiny GMCAE that learns within a few seconds on 2 CPU cores.
+TINY = [
+    "--width", "4", "--patch-size", "16", "--mixtures", "2", "--batch-size", "8",
+    "--validation-steps", "2", "--lr", "3e-3", "--seed", "0",
+]
+EPOCHS = 6
+STEPS = 30
+KILL_TIMEOUT_S = 120
+
+
+def _phantom(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A small chest: air, a soft-tissue body, two lungs (-850 HU) with vessels (0 HU)."""
+    z, y, x = np.indices(SHAPE)
+    hu = np.full(SHAPE, -1000.0)
+    hu[((y - 24) / 22) ** 2 + ((x - 24) / 23) ** 2 < 1] = 40
+    lung = np.zeros(SHAPE, bool)
+    for centre_x in (13, 35):
+        lung |= ((z - 20) / 17) ** 2 + ((y - 24) / 15) ** 2 + ((x - centre_x) / 9) ** 2 < 1
+    hu[lung] = -850
+    vessels = ndimage.gaussian_filter(rng.normal(size=SHAPE), 1.5) > 0.08
+    hu[lung & vessels] = 0
+    hu += rng.normal(0, 20, SHAPE)
+    return hu.astype(np.int16), lung
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("volumes")
+    rng = np.random.default_rng(0)
+    for i in range(VOLUMES):
+        hu, lung = _phantom(rng)
+        store.write_volume(store.volume_path(folder, f"p{i}"), hu, lung, (1.0,) * 3, (0.0,) * 3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory) -> tuple[Path, int]:
+    run_dir = tmp_path_factory.mktemp("run")
+    argv = ["-q", "train-gmcae", str(data_dir), str(run_dir), *TINY,
+            "--epochs", str(EPOCHS), "--steps-per-epoch", str(STEPS)]
+    return run_dir, main(argv)
+
+
+def _epochs(run_dir: Path) -> list[int]:
+    return [int(row["epoch"]) for row in training.read_history(run_dir / "history.csv")]
+
+
+@pytest.mark.slow
+def test_train_gmcae_writes_model_plots_and_beats_single_gaussian(trained_run):
+    run_dir, status = trained_run
+    assert status == 0
+    for name in ("gmcae.keras", "history.csv", "loss.png", "reconstructions.png",
+                 "gmcae_summary.json", "config.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "logs").is_dir()
+    assert _epochs(run_dir) == list(range(EPOCHS))
+    model = keras.saving.load_model(run_dir / "gmcae.keras", safe_mode=True)
+    assert model.get_layer("encoder") is not None
+    summary = json.loads((run_dir / "gmcae_summary.json").read_text())
+    assert summary["epochs_completed"] == EPOCHS
+    assert summary["validation_patches"] == 16
+    assert summary["train_patients"] + summary["val_patients"] == VOLUMES
+    # Clearly better than one Gaussian fitted to the same validation patches.
+    assert summary["best_val_nll_per_voxel"] < summary["single_gaussian_val_nll_per_voxel"] - 0.05
+    rows = training.read_history(run_dir / "history.csv")
+    assert min(float(r["val_loss"]) for r in rows) == pytest.approx(
+        summary["best_val_nll_per_voxel"]
+    )
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["width"] == 4 and config["mixtures"] == 2 and config["epochs"] == EPOCHS
+
+
+@pytest.mark.slow
+def test_reconstructions_resemble_their_patches(trained_run, data_dir):
+    from kdsb import gmcae
+    from kdsb.commands.train_gmcae import _validation_patches
+
+    run_dir, _ = trained_run
+    config = json.loads((run_dir / "config.json").read_text())
+    patches = _validation_patches(sorted(data_dir.glob("*.h5")), config)
+    model = keras.saving.load_model(run_dir / "gmcae.keras", safe_mode=True)
+    recon = gmcae.reconstruct(model, patches)
+    mse = float(np.mean((recon - patches) ** 2))
+    # A tiny model after 180 steps: a blurred likeness, clearly better than a constant image.
+    assert mse < 0.8 * float(np.var(patches))
+    correlations = [np.corrcoef(r.ravel(), p.ravel())[0, 1] for r, p in zip(recon, patches)]
+    assert np.median(correlations) > 0.4
+
+
+def test_resume_refuses_incompatible_options(trained_run, data_dir, capsys):
+    run_dir, _ = trained_run
+    status = main(["train-gmcae", str(data_dir), str(run_dir), "--resume", "--width", "8"])
+    assert status == 2
+    assert "--width 4" in capsys.readouterr().err
+
+
+def test_existing_run_without_resume_is_a_usage_error(trained_run, data_dir, capsys):
+    run_dir, _ = trained_run
+    assert main(["train-gmcae", str(data_dir), str(run_dir)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_missing_or_too_small_data_dir_is_a_usage_error(tmp_path, capsys):
+    assert main(["train-gmcae", str(tmp_path / "missing"), str(tmp_path / "run")]) == 2
+    assert "missing" in capsys.readouterr().err
+    one = tmp_path / "one"
+    hu, lung = _phantom(np.random.default_rng(1))
+    store.write_volume(store.volume_path(one, "solo"), hu, lung, (1.0,) * 3, (0.0,) * 3)
+    assert main(["train-gmcae", str(one), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "at least 2 volume files" in err and "received 1" in err
+
+
+def _subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@pytest.mark.slow
+def test_resume_after_kill_continues_every_epoch_once(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    epochs = 4
+    argv = ["train-gmcae", str(data_dir), str(run_dir), *TINY,
+            "--epochs", str(epochs), "--steps-per-epoch", str(STEPS)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdsb", "-q", *argv],
+        env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while training.last_checkpoint(run_dir) is None and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it was killed"
+    done = training.last_checkpoint(run_dir)[0]
+    assert 1 <= done < epochs
+
+    assert main(["-q", *argv, "--resume"]) == 0
+    assert _epochs(run_dir) == list(range(epochs))
+    assert training.last_checkpoint(run_dir)[0] == epochs
+    resumed = keras.saving.load_model(training.checkpoint_path(run_dir, epochs), safe_mode=True)
+    assert int(resumed.optimizer.iterations) == epochs * STEPS
+    keras.saving.load_model(run_dir / "gmcae.keras", safe_mode=True)
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    code = (
+        "import sys, tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "halves = [tf.config.LogicalDeviceConfiguration()] * 2\n"
+        "tf.config.set_logical_device_configuration(cpu, halves)\n"
+        "from kdsb.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = ["train-gmcae", str(data_dir), str(run_dir), *TINY,
+            "--epochs", "1", "--steps-per-epoch", "3", "--distribute", "mirrored"]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *argv], env=_subprocess_env(), capture_output=True,
+        text=True, timeout=KILL_TIMEOUT_S, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mirrored strategy over 2 devices" in result.stderr
+    assert _epochs(run_dir) == [0]
+    assert (run_dir / "gmcae.keras").is_file()
+
+
+def test_plot_reconstructions_checks_shapes(tmp_path):
+    patches = np.zeros((2, 8, 8, 8, 1), np.float32)
+    path = plots.plot_reconstructions(patches, patches + 0.5, tmp_path / "r.png")
+    assert path.stat().st_size > 0
+    with pytest.raises(KdsbError, match="expected reconstructions of shape"):
+        plots.plot_reconstructions(patches, patches[:1], tmp_path / "bad.png")
+
+
+def test_plot_loss_curves_skips_non_finite_values(tmp_path):
+    path = plots.plot_loss_curves(
+        {"train": [1.0, 0.5, float("nan")], "validation": [1.1, 0.6, 0.55]},
+        tmp_path / "loss.png",
+        baselines={"baseline": 0.9},
+    )
+    assert path.stat().st_size > 0
