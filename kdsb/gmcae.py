@@ -129,9 +129,7 @@ def build_gmcae(
         mixtures, activation="log_softmax", dtype="float32", name="log_priors"
     )(flat)
     variance_logits = keras.layers.Dense(mixtures, dtype="float32", name="variance_logits")(flat)
-    variances = ShiftedELU(floor=variance_floor, dtype="float32", name="variances")(
-        variance_logits
-    )
+    variances = ShiftedELU(floor=variance_floor, dtype="float32", name="variances")(variance_logits)
 
     # Decoder: each encoder block mirrored (upsampling transpose conv, then a stride-1 one).
     x = bottleneck

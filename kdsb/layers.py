@@ -97,9 +97,7 @@ class SpatialPyramidPooling3D(keras.layers.Layer):
         ValueError: If levels is empty or holds a value < 1, or pooling is unknown.
     """
 
-    def __init__(
-        self, levels: Sequence[int] = DEFAULT_LEVELS, pooling: str = "max", **kwargs
-    ):
+    def __init__(self, levels: Sequence[int] = DEFAULT_LEVELS, pooling: str = "max", **kwargs):
         super().__init__(**kwargs)
         levels = tuple(int(n) for n in levels)
         if not levels or min(levels) < 1:

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import convex_hull_image
 
 from kdsb.errors import LungMaskError
 from kdsb.resample import validate_spacing
@@ -49,6 +50,8 @@ TRACHEA_AREA_MM2 = (40.0, 900.0)  # lumen cross-section: 7–34 mm diameter
 TRACHEA_MAX_OFFSET_MM = 40.0  # from the body's midline
 TRACHEA_MIN_FILL = 0.45  # area / bounding-box area: a round lumen fills about π/4 of its box
 TRACHEA_SEARCH_MM = 60.0  # the seed is looked for this far below the top of the body's air
+MAX_ENCLOSED_ML = 150.0  # enclosed tissue filled into a lung: up to a 33 mm radius tumour
+MIN_NODULE_RADIUS_MM = 3.0  # thinner enclosed pockets are slivers along the lung surface
 AIRWAY_LEAK_FACTOR = 2.5  # airway area growing this much from one slice to the next is a leak
 MM3_PER_ML = 1000.0
 ML_PER_LITRE = 1000.0
@@ -114,11 +117,8 @@ def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
 
 
 def _fill_holes_3d(mask: np.ndarray) -> np.ndarray:
-    """Fill background components that touch no face of the array (labelling, as above)."""
-    labels, _ = ndimage.label(~mask)
-    faces = [labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
-    border = np.unique(np.concatenate([face.ravel() for face in faces]))
-    return mask | ((labels > 0) & ~np.isin(labels, border))
+    """Fill background components that touch no face of the array."""
+    return mask | _enclosed(~mask)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -237,16 +237,70 @@ def _close_ball(mask: np.ndarray, radius_mm: float, spacing: Sequence[float]) ->
     return ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
 
 
-def _fill_side(side: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """Close and fill one side's lung air (coarse grid), working in its bounding box."""
-    filled = np.zeros_like(side)
-    if not side.any():
+def _slice_hulls(mask: np.ndarray) -> np.ndarray:
+    """The convex hull of `mask` in every axial slice (the thoracic cavity seen from the lungs)."""
+    hulls = np.zeros_like(mask)
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        box = _bounding_box(mask[z][None], (0, 0, 0))[1:]
+        hulls[z][box] = convex_hull_image(mask[z][box])
+    return hulls
+
+
+def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    """A boolean ball of `radius_mm` on a grid of `spacing` (mm), at least one voxel radius."""
+    half = [max(1, math.floor(radius_mm / s)) for s in spacing]
+    z, y, x = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
+    radius = max(radius_mm, max(spacing))
+    return (z * spacing[0]) ** 2 + (y * spacing[1]) ** 2 + (x * spacing[2]) ** 2 <= radius**2
+
+
+def _enclosed(tissue: np.ndarray) -> np.ndarray:
+    """Components of `tissue` that touch no face of the array."""
+    labels, _ = ndimage.label(tissue)
+    faces = [labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
+    border = np.unique(np.concatenate([face.ravel() for face in faces]))
+    return (labels > 0) & ~np.isin(labels, border)
+
+
+def _fill_side(
+    lung_air: np.ndarray, hulls: np.ndarray, side: tuple[slice, ...], spacing: Sequence[float]
+) -> np.ndarray:
+    """The filled lung mask of one side (coarse grid, all arrays full size).
+
+    Two fillings, both blind to the other side so the lungs never merge across the mediastinum:
+
+    - closing with a `CLOSING_RADIUS_MM` ball, then 3D hole filling: vessels, airways inside the
+      lung and nodules up to about that radius;
+    - tissue inside the slice-wise convex hull of the lungs that is enclosed by this lung and the
+      chest wall (it reaches neither the midline nor the scan's ends): nodules and tumours
+      that are cut flat by the chest wall, whose bite a ball from the wall side would enter.
+    """
+    part = np.zeros_like(lung_air)
+    part[side] = lung_air[side]
+    filled = np.zeros_like(lung_air)
+    if not part.any():
         return filled
-    box = _bounding_box(side, [math.ceil(CLOSING_RADIUS_MM / s) + 1 for s in spacing])
-    part = _close_ball(side[box], CLOSING_RADIUS_MM, spacing)
-    part = _fill_holes_3d(_fill_holes_2d(part))
-    filled[box] = part
-    return filled
+    # The box reaches past the midline into empty space, so the closing erodes there; at the
+    # scan's own borders it stops, so a lung cut by the first or last slice is not eroded.
+    box = _bounding_box(part, [math.ceil(CLOSING_RADIUS_MM / s) + 1 for s in spacing])
+    filled[box] = _fill_holes_3d(_close_ball(part[box], CLOSING_RADIUS_MM, spacing))
+    half = filled[side]
+    pockets = _enclosed(hulls[side] & ~half)
+    max_voxels = MAX_ENCLOSED_ML * MM3_PER_ML / math.prod(spacing)
+    labels, count = ndimage.label(pockets)
+    if count:
+        keep = np.bincount(labels.ravel()) <= max_voxels
+        keep[0] = False
+        half |= keep[labels]
+        # Nodule-like pockets (not the slivers between the lung's staircase surface and its
+        # hull) grow one voxel into the wall: it covers the coarse voxels the hull cut through.
+        deep = ndimage.binary_erosion(pockets, structure=_ball(MIN_NODULE_RADIUS_MM, spacing))
+        nodular = np.zeros_like(keep)
+        nodular[np.unique(labels[deep])] = True
+        half |= ndimage.binary_dilation((nodular & keep)[labels]) & ~lung_air[side]
+    result = np.zeros_like(lung_air)
+    result[side] = half
+    return result
 
 
 def _upsample(coarse: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
@@ -317,9 +371,10 @@ def segment_lungs(
     # Each side is closed and filled on its own so the two lungs never merge across the
     # mediastinum; a lung crossing the midline is simply handled in two parts.
     split = math.ceil(midline)
+    hulls = _slice_hulls(lung_air)
     coarse_mask = np.zeros_like(lung_air)
     for side in (np.s_[:, :, :split], np.s_[:, :, split:]):
-        coarse_mask[side] = _fill_side(lung_air[side], coarse_spacing)
+        coarse_mask |= _fill_side(lung_air, hulls, side, coarse_spacing)
 
     inner = ndimage.binary_erosion(coarse_mask, border_value=1)
     added = coarse_mask & ~lung_air

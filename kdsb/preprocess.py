@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -261,9 +261,12 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 def _run_pool(
-    tasks: dict[str, tuple], workers: int, max_tasks_per_child: int
+    worker: Callable[..., PatientResult],
+    tasks: dict[str, tuple],
+    workers: int,
+    max_tasks_per_child: int,
 ) -> Iterable[tuple[str, PatientResult | None]]:
-    """Run `_preprocess_safely` over `tasks` in a process pool; yields (id, result) as they end.
+    """Run `worker(*task)` for every task in a process pool; yields (id, result) as they end.
 
     The result is None for a patient whose worker process died (the pool is then broken and
     every unfinished patient yields None).
@@ -273,7 +276,7 @@ def _run_pool(
     )
     try:
         futures: dict[Future, str] = {
-            pool.submit(_preprocess_safely, *task): patient_id
+            pool.submit(worker, *task): patient_id
             for patient_id, task in tasks.items()
         }
         for future in as_completed(futures):
@@ -285,15 +288,22 @@ def _run_pool(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_tasks(tasks: dict[str, tuple], workers: int) -> Iterable[PatientResult]:
-    """Results of every task; a worker crash fails only the patient that caused it.
+def _run_tasks(
+    tasks: dict[str, tuple],
+    workers: int,
+    worker: Callable[..., PatientResult] = _preprocess_safely,
+) -> Iterable[PatientResult]:
+    """Results of `worker(*task)` for every task; a worker crash fails only its own patient.
+
+    `worker` must be importable by name (it runs in spawned processes) and return a
+    PatientResult rather than raise.
 
     When a worker dies (killed by the system for memory, a crash in a C library), the whole pool
     breaks and it is unknown which patient was at fault, so each unfinished patient is retried
     alone in a fresh one-worker pool; a patient whose worker dies again fails.
     """
     retry: dict[str, tuple] = {}
-    for patient_id, result in _run_pool(tasks, workers, MAX_PATIENTS_PER_WORKER):
+    for patient_id, result in _run_pool(worker, tasks, workers, MAX_PATIENTS_PER_WORKER):
         if result is None:
             retry[patient_id] = tasks[patient_id]
         else:
@@ -301,7 +311,7 @@ def _run_tasks(tasks: dict[str, tuple], workers: int) -> Iterable[PatientResult]
     if retry:
         logger.warning("a worker process died; retrying %d patient(s) one at a time", len(retry))
     for patient_id, task in retry.items():
-        for _, result in _run_pool({patient_id: task}, 1, 1):
+        for _, result in _run_pool(worker, {patient_id: task}, 1, 1):
             yield result or PatientResult(patient_id, STATUS_FAILED, error=WORKER_DIED_MESSAGE)
 
 

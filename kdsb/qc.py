@@ -66,13 +66,16 @@ def overlay(hu: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def views(volume: store.Volume) -> dict[str, tuple[np.ndarray, float]]:
-    """Axial, coronal and sagittal overlays through the lung centre.
+    """Axial and coronal overlays through the lung centre, sagittal through the most lung.
 
     Returns:
         View name → (RGB image, pixel aspect height/width). Coronal and sagittal images have
         row 0 inferior (show them with origin="lower" so superior is up).
     """
     z, y, x = lung_centre(volume.lung_mask)
+    # The centre of mass lies between the lungs: the sagittal view goes through the x with
+    # the most lung instead.
+    x = int(np.argmax(np.count_nonzero(volume.lung_mask, axis=(0, 1))))
     sz, sy, sx = volume.spacing
     hu, mask = volume.hu, volume.lung_mask
     return {

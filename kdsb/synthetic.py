@@ -22,6 +22,11 @@ Cohort layout (`write_cohort`)::
     OUT_ROOT/truth/<id>.npz    lung_mask (uint8, the written geometry), spacing, origin
     OUT_ROOT/truth/<id>.json   label, nodules, geometry and how the series was stored
 
+Sizing: `scale` shrinks the anatomy, the field of view and the scanned length together (nodule
+radii stay physical, so the label rule holds). `--size 96 --scale 0.6` gives ~2.3 mm pixels and
+lungs of about 110 × 80 × 130 mm: after 1.5 mm resampling a few hundred thousand voxels, which
+suits CPU demos; `--scale 1` with `--size 512` is an adult scan at ~0.7 mm pixels.
+
 Everything is drawn from the seed: the same seed gives the same cohort, byte for byte.
 Generation is vectorised NumPy, one axial slice at a time for the body and one small box per
 vessel segment or nodule, so a 512 × 512 × 200 phantom takes seconds and well under 1 GB.
@@ -39,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 from kdsb.errors import KdsbError, UsageError
@@ -65,7 +71,8 @@ DISC_HU = 80
 SPINAL_CANAL_HU = 15
 TABLE_HU = 300
 IMAGE_NOISE_HU = (10.0, 25.0)  # per-patient standard deviation of the image noise
-LUNG_TEXTURE_HU = 30.0  # extra standard deviation inside the lungs (parenchymal texture)
+LUNG_TEXTURE_HU = 30.0  # extra standard deviation of the lung parenchyma (texture)
+PARENCHYMA_MAX_HU = -500  # lung voxels above this are vessels or nodules: no texture
 
 # Acquisition, mm (multiplied by `scale` except the slice spacing).
 FOV_MM = (300.0, 380.0)
@@ -74,6 +81,7 @@ SLICE_MM = (1.0, 2.5)
 CAVITY_TAPER = 0.15  # the thoracic cavity is this much narrower at the lung apex than at the base
 REFERENCE_HALF_FOV_MM = 170.0  # anatomy sizes below are for this half field of view
 MIN_SIZE, MAX_SIZE = 32, 1024
+MIN_GAP_PIXELS = 2.5  # least thickness of the table and of the air between it and the body
 MIN_SCALE, MAX_SCALE = 0.4, 1.5
 
 # Nodules, mm (physical radii: not scaled, so the label rule holds at every scale).
@@ -96,6 +104,7 @@ VESSEL_TRIES = 6  # directions a segment tries before its branch ends at the ple
 VESSEL_ROOT_DIRECTIONS = ((1.0, 0.0, 0.8), (-1.0, 0.2, 0.8), (-0.3, 0.8, 0.6), (0.2, -0.8, 0.6))
 VESSEL_SPREAD = 0.7  # how far a child's direction strays from its parent's
 
+ABOVE_VOLUME_MM = 1000.0  # the trachea runs on past the top slice
 SLAB = 16  # slices per noise block: bounds the float32 temporaries
 PATIENT_PREFIX = "phantom_"
 
@@ -249,7 +258,7 @@ class _Anatomy:
     def airways(self) -> list[tuple[np.ndarray, np.ndarray, float]]:
         """Trachea and main bronchi as capsules (start, end, radius), points (z, y, x) in mm."""
         carina = np.array([self.carina_z, self.trachea_y, self.trachea_x])
-        top = np.array([self.lung_apex + 1000.0, self.trachea_y, self.trachea_x])
+        top = np.array([self.lung_apex + ABOVE_VOLUME_MM, self.trachea_y, self.trachea_x])
         tubes = [(carina, top, self.trachea_r)]
         for side in (-1, 1):
             tubes.append((carina, self.hilum(side, entry=True), 0.7 * self.trachea_r))
@@ -276,21 +285,24 @@ def _check_options(size: int, scale: float) -> None:
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise UsageError(f"expected --size between {MIN_SIZE} and {MAX_SIZE}, received {size}")
     if not MIN_SCALE <= scale <= MAX_SCALE:
-        raise UsageError(
-            f"expected --scale between {MIN_SCALE} and {MAX_SCALE}, received {scale}"
-        )
+        raise UsageError(f"expected --scale between {MIN_SCALE} and {MAX_SCALE}, received {scale}")
 
 
 def _draw_anatomy(
-    rng: np.random.Generator, half_fov: float, z_first: float, z_extent: float
+    rng: np.random.Generator, half_fov: float, pixel: float, z_first: float, z_extent: float
 ) -> _Anatomy:
-    """Random anatomy that fits a field of view of radius `half_fov` mm, slices from z_first."""
+    """Random anatomy that fits a field of view of radius `half_fov` mm, slices from z_first.
+
+    The air gap between body and table and the table itself stay at least `MIN_GAP_PIXELS`
+    pixels (of `pixel` mm) thick, so they never touch in the image.
+    """
     s = half_fov / REFERENCE_HALF_FOV_MM
     body_ax = half_fov * rng.uniform(0.78, 0.88)
     body_ay = body_ax * rng.uniform(0.62, 0.74)
     skin, fat = 2.0 * s, rng.uniform(6.0, 22.0) * s
     muscle, rib = rng.uniform(6.0, 14.0) * s, rng.uniform(6.0, 10.0) * s
-    gap, table_thickness = rng.uniform(4.0, 10.0) * s, rng.uniform(6.0, 12.0) * s
+    gap = max(rng.uniform(4.0, 10.0) * s, MIN_GAP_PIXELS * pixel)
+    table_thickness = max(rng.uniform(6.0, 12.0) * s, MIN_GAP_PIXELS * pixel)
     margin = half_fov * rng.uniform(0.04, 0.1)
     body_cy = half_fov - margin - table_thickness - gap - body_ay
     # The body must stay inside the circular field of view: shrink it if it does not.
@@ -402,7 +414,9 @@ class _Grid:
     def __init__(self, shape: tuple[int, int, int], spacing: np.ndarray, origin: np.ndarray):
         self.shape, self.spacing, self.origin = shape, spacing, origin
 
-    def box(self, low_mm: np.ndarray, high_mm: np.ndarray):
+    def box(
+        self, low_mm: np.ndarray, high_mm: np.ndarray
+    ) -> tuple[tuple[slice, ...], tuple[np.ndarray, ...]] | None:
         """Slices of the voxels between two corners (mm) and their coordinate grids, or None."""
         low = np.maximum(np.floor((low_mm - self.origin) / self.spacing).astype(int), 0)
         high = np.minimum(
@@ -476,7 +490,12 @@ def _sphere_directions() -> np.ndarray:
 DIRECTIONS = _sphere_directions()
 
 
-def _clear_of(center: np.ndarray, radius: float, capsules, nodules: list[Nodule]) -> bool:
+Capsule = tuple[np.ndarray, np.ndarray, float]  # segment start, end (z, y, x) and radius, mm
+
+
+def _clear_of(
+    center: np.ndarray, radius: float, capsules: list[Capsule], nodules: list[Nodule]
+) -> bool:
     """True when a sphere keeps `NODULE_MARGIN_MM` from the airways and earlier nodules."""
     for start, end, tube_r in capsules:
         d2 = _capsule_distance2(tuple(center[:, None]), start, end)[0]
@@ -539,7 +558,16 @@ def _draw_nodules(rng: np.random.Generator, a: _Anatomy, cancer: bool) -> list[N
     return nodules
 
 
-def _paint_capsule(hu, mask, grid, start, end, radius, value, where=None) -> None:
+def _paint_capsule(
+    hu: np.ndarray,
+    mask: np.ndarray,
+    grid: _Grid,
+    start: np.ndarray,
+    end: np.ndarray,
+    radius: float,
+    value: int,
+    where: np.ndarray | None = None,
+) -> None:
     """Set `value` in hu (and 0 in mask when value is air) inside a capsule."""
     pad = radius + 1.0
     box = grid.box(np.minimum(start, end) - pad, np.maximum(start, end) + pad)
@@ -556,7 +584,9 @@ def _paint_capsule(hu, mask, grid, start, end, radius, value, where=None) -> Non
         mask[index][inside] = 0
 
 
-def _paint_nodule(rng, hu, lung, grid, nodule: Nodule) -> None:
+def _paint_nodule(
+    rng: np.random.Generator, hu: np.ndarray, lung: np.ndarray, grid: _Grid, nodule: Nodule
+) -> None:
     """A slightly irregular sphere of `NODULE_HU`, drawn inside the lung only."""
     center = np.array(nodule.center_mm, np.float32)
     pad = nodule.radius_mm * (1.0 + NODULE_IRREGULARITY) + 1.0
@@ -577,6 +607,22 @@ def _paint_nodule(rng, hu, lung, grid, nodule: Nodule) -> None:
         lung[index] == 1
     )
     hu[index][inside] = NODULE_HU
+
+
+def _drop_lung_fragments(hu: np.ndarray, lung: np.ndarray) -> None:
+    """Keep the two lungs only: slivers the voxel grid cuts off (at the domes, beside a bronchus)
+    become mediastinum."""
+    components, count = ndimage.label(lung)
+    if count <= 2:
+        return
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    dropped = np.ones(count + 1, bool)
+    dropped[0] = False
+    dropped[np.argsort(sizes)[-2:]] = False
+    fragments = dropped[components]
+    hu[fragments] = MEDIASTINUM_HU
+    lung[fragments] = 0
 
 
 def make_phantom(
@@ -620,7 +666,7 @@ def make_phantom(
     half = (size - 1) / 2.0 * pixel
     origin = np.round([rng.uniform(-400.0, -100.0), -half, -half], 4)
     shape = (n_slices, size, size)
-    a = _draw_anatomy(rng, size * pixel / 2.0, origin[0], n_slices * slice_spacing)
+    a = _draw_anatomy(rng, size * pixel / 2.0, pixel, origin[0], n_slices * slice_spacing)
 
     y = (origin[1] + pixel * np.arange(size, dtype=np.float32))[:, None]
     x = (origin[2] + pixel * np.arange(size, dtype=np.float32))[None, :]
@@ -659,11 +705,13 @@ def make_phantom(
         _paint_nodule(rng, hu, lung, grid, nodule)
     for start, end, radius in a.airways():
         _paint_capsule(hu, lung, grid, start, end, radius, AIR_HU)
+    _drop_lung_fragments(hu, lung)
 
     noise = _uniform(rng, IMAGE_NOISE_HU)
     for first in range(0, n_slices, SLAB):
         part = slice(first, first + SLAB)
-        sigma = noise + LUNG_TEXTURE_HU * lung[part].astype(np.float32)
+        parenchyma = (lung[part] == 1) & (hu[part] < PARENCHYMA_MAX_HU)
+        sigma = noise + LUNG_TEXTURE_HU * parenchyma.astype(np.float32)
         values = hu[part] + sigma * rng.standard_normal(sigma.shape, dtype=np.float32)
         np.clip(np.rint(values), HU_MIN, HU_MAX, out=values)
         values[:, outside_fov] = AIR_HU

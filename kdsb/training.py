@@ -164,7 +164,7 @@ def read_history(path: str | os.PathLike) -> list[dict[str, str]]:
 def _truncate_history(path: Path, epochs_done: int) -> list[dict[str, str]]:
     """Keep the rows of epochs already checkpointed; a kill may have logged one more."""
     rows = read_history(path)
-    kept = [row for row in rows if int(row["epoch"]) < epochs_done]
+    kept = [row for row in rows if row["epoch"].isdigit() and int(row["epoch"]) < epochs_done]
     if len(kept) != len(rows):
         logger.info("dropping %d history row(s) not covered by a checkpoint", len(rows) - len(kept))
         fieldnames = list(rows[0].keys())
@@ -383,8 +383,12 @@ def fit(
 
     NonFiniteGuard, EpochCheckpoint = _make_callbacks_module()
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=True)
+    # Order matters: the guard first (nothing is written for a non-finite model), then the
+    # history row, then the checkpoint. A kill between the last two leaves one row too many,
+    # which resuming drops; the reverse order would lose a row for good.
     callbacks = [
         NonFiniteGuard(run_dir),
+        csv_logger,
         EpochCheckpoint(
             run_dir,
             best_name,
@@ -393,7 +397,6 @@ def fit(
             _best_so_far(rows, monitor, higher),
             keep_checkpoints,
         ),
-        csv_logger,
     ]
     # tensorflow-cpu wheels do not pull in TensorBoard; without it the run goes on unlogged.
     if importlib.util.find_spec("tensorboard") is not None:

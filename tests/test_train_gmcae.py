@@ -108,7 +108,9 @@ def test_reconstructions_resemble_their_patches(trained_run, data_dir):
     mse = float(np.mean((recon - patches) ** 2))
     # A tiny model after 180 steps: a blurred likeness, clearly better than a constant image.
     assert mse < 0.8 * float(np.var(patches))
-    correlations = [np.corrcoef(r.ravel(), p.ravel())[0, 1] for r, p in zip(recon, patches)]
+    correlations = [
+        np.corrcoef(r.ravel(), p.ravel())[0, 1] for r, p in zip(recon, patches, strict=True)
+    ]
     assert np.median(correlations) > 0.4
 
 
@@ -143,9 +145,9 @@ def _subprocess_env() -> dict[str, str]:
 @pytest.mark.slow
 def test_resume_after_kill_continues_every_epoch_once(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    epochs = 4
+    epochs, steps = 3, 10
     argv = ["train-gmcae", str(data_dir), str(run_dir), *TINY,
-            "--epochs", str(epochs), "--steps-per-epoch", str(STEPS)]
+            "--epochs", str(epochs), "--steps-per-epoch", str(steps)]
     process = subprocess.Popen(
         [sys.executable, "-m", "kdsb", "-q", *argv],
         env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -166,7 +168,7 @@ def test_resume_after_kill_continues_every_epoch_once(data_dir, tmp_path):
     assert _epochs(run_dir) == list(range(epochs))
     assert training.last_checkpoint(run_dir)[0] == epochs
     resumed = keras.saving.load_model(training.checkpoint_path(run_dir, epochs), safe_mode=True)
-    assert int(resumed.optimizer.iterations) == epochs * STEPS
+    assert int(resumed.optimizer.iterations) == epochs * steps
     keras.saving.load_model(run_dir / "gmcae.keras", safe_mode=True)
 
 

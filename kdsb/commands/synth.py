@@ -14,7 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--size", type=int, default=128, help="axial image side in pixels")
     parser.add_argument(
-        "--scale", type=float, default=1.0,
+        "--scale",
+        type=float,
+        default=1.0,
         help="physical size of each patient relative to an adult chest (0.6: small demo volumes)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cohort")

@@ -1,0 +1,101 @@
+"""Tests for kdsb.classifier: encoder transfer, freezing, variable-size input, save/load."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from kdsb.classifier import build_classifier, load_encoder_from_gmcae
+from kdsb.errors import ModelError
+from kdsb.gmcae import build_gmcae, encoder_of
+from kdsb.layers import SpatialPyramidPooling3D
+
+WIDTH = 2
+BLOCK_LAYERS = [f"block{b}_conv{i}" for b in (1, 2, 3) for i in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def gmcae():
+    keras.utils.set_random_seed(0)
+    return build_gmcae(patch_size=8, width=WIDTH, mixtures=2)
+
+
+def volume(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(1, *shape, 1)).astype("float32")
+
+
+def test_output_is_probability_for_different_sizes(gmcae):
+    model = build_classifier(encoder_of(gmcae), dense_units=8)
+    assert model.input.shape == (None, None, None, None, 1)
+    assert isinstance(model.get_layer("spp"), SpatialPyramidPooling3D)
+    for shape in [(24, 40, 16), (13, 9, 30)]:
+        p = model.predict(volume(shape), verbose=0)
+        assert p.shape == (1, 1) and p.dtype == np.float32
+        assert 0.0 < p[0, 0] < 1.0
+
+
+@pytest.mark.parametrize("freeze_blocks", [0, 1, 3])
+def test_freeze_blocks_freezes_exactly_the_first_blocks(gmcae, freeze_blocks):
+    model = build_classifier(encoder_of(gmcae), freeze_blocks=freeze_blocks, dense_units=4)
+    features = encoder_of(model)
+    frozen = {name for name in BLOCK_LAYERS if not features.get_layer(name).trainable}
+    assert frozen == set(BLOCK_LAYERS[: 2 * freeze_blocks])
+    assert len(model.non_trainable_weights) == 4 * freeze_blocks  # kernel + bias per conv
+    assert all(encoder_of(gmcae).get_layer(name).trainable for name in BLOCK_LAYERS)
+
+
+@pytest.mark.parametrize("bad", [-1, 4, True, 1.5])
+def test_freeze_blocks_validated(gmcae, bad):
+    with pytest.raises(ModelError, match="expected freeze_blocks in 0..3"):
+        build_classifier(encoder_of(gmcae), freeze_blocks=bad)
+
+
+def test_weights_are_copied_not_shared(gmcae):
+    source = encoder_of(gmcae)
+    model = build_classifier(source, dense_units=4)
+    copy = encoder_of(model)
+    assert copy is not source
+    for name in BLOCK_LAYERS:
+        pairs = zip(copy.get_layer(name).weights, source.get_layer(name).weights, strict=True)
+        for mine, theirs in pairs:
+            assert mine is not theirs
+            np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    kernel = copy.get_layer("block1_conv1").kernel
+    kernel.assign(kernel.numpy() + 1.0)
+    assert not np.allclose(kernel.numpy(), source.get_layer("block1_conv1").kernel.numpy())
+
+
+def test_load_encoder_from_gmcae_round_trip_and_errors(gmcae, tmp_path):
+    path = tmp_path / "gmcae.keras"
+    gmcae.save(path)
+    loaded = load_encoder_from_gmcae(path)
+    probe = volume((16, 8, 8))
+    np.testing.assert_array_equal(
+        loaded.predict(probe, verbose=0), encoder_of(gmcae).predict(probe, verbose=0)
+    )
+    with pytest.raises(ModelError, match="does not exist"):
+        load_encoder_from_gmcae(tmp_path / "missing.keras")
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a model")
+    with pytest.raises(ModelError, match="expected a kdsb GMCAE saved as .keras"):
+        load_encoder_from_gmcae(junk)
+    other = tmp_path / "other.keras"
+    inputs = keras.Input((3,))
+    keras.Model(inputs, keras.layers.Dense(1)(inputs), name="other").save(other)
+    with pytest.raises(ModelError, match="holding model 'other'"):
+        load_encoder_from_gmcae(other)
+
+
+def test_saved_classifier_round_trip_in_safe_mode(gmcae, tmp_path):
+    model = build_classifier(encoder_of(gmcae), freeze_blocks=1, dense_units=4)
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    path = tmp_path / "classifier.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    features = encoder_of(loaded)
+    assert not features.get_layer("block1_conv2").trainable
+    assert features.get_layer("block2_conv1").trainable
+    assert loaded.get_layer("spp").get_config()["levels"] == [1, 2, 4]
+    probe = volume((11, 20, 9), seed=2)
+    np.testing.assert_array_equal(loaded.predict(probe, verbose=0), model.predict(probe, verbose=0))

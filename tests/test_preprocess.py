@@ -1,0 +1,319 @@
+"""The per-patient pipeline and the cohort runner behind `kdsb preprocess`."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from kdsb import store
+from kdsb.cli import main
+from kdsb.dicom_write import write_ct_series
+from kdsb.preprocess import (
+    MANIFEST_FIELDS,
+    STATUS_OK,
+    WORKER_DIED_MESSAGE,
+    PatientResult,
+    _run_tasks,
+    preprocess_patient,
+    read_manifest,
+)
+from kdsb.synthetic import load_truth, write_cohort
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 0  # this seed's 4 patients hold large juxtapleural nodules (8.3 and 13.9 mm radius)
+PATIENTS = 4
+SIZE = 96  # pixels; with SCALE 0.7 the pixels are about 2.5 mm
+SCALE = 0.7  # smaller patients keep the test fast while their lungs stay above 0.5 L
+BAD_IDS = ("random_bytes", "empty", "mr_modality", "water_cylinder")
+MIN_DICE = 0.97
+KILL_WAIT_S = 120.0
+
+
+def _kdsb(*args: str, **kwargs) -> subprocess.CompletedProcess | subprocess.Popen:
+    """Run `python -m kdsb ARGS` in a fresh process (like a user at a terminal)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "kdsb", *args]
+    if kwargs.pop("background", False):
+        return subprocess.Popen(command, env=env, cwd=REPO, **kwargs)
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _water_cylinder() -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A 0 HU cylinder in air: a body without lungs. Returns (hu, spacing)."""
+    spacing = (5.0, 4.0, 4.0)
+    y, x = np.mgrid[:64, :64]
+    inside = (y - 31.5) ** 2 + (x - 31.5) ** 2 < 25**2
+    hu = np.where(inside, 0, -1000).astype(np.int16)
+    return np.repeat(hu[None], 24, axis=0), spacing
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    """A phantom cohort root (dicom/, truth/) of PATIENTS patients."""
+    root = tmp_path_factory.mktemp("phantoms")
+    write_cohort(root, patients=PATIENTS, seed=SEED, size=SIZE, scale=SCALE)
+    return root
+
+
+def _phantom_ids(phantoms: Path) -> list[str]:
+    return sorted(p.name for p in (phantoms / "dicom").iterdir())
+
+
+def _link_patients(root: Path, phantoms: Path, ids: list[str]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for pid in ids:
+        (root / pid).symlink_to(phantoms / "dicom" / pid, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mixed_run(phantoms, tmp_path_factory):
+    """`kdsb preprocess` over the phantoms plus one patient of each bad kind, with --qc."""
+    work = tmp_path_factory.mktemp("mixed")
+    root = _link_patients(work / "dicom", phantoms, _phantom_ids(phantoms))
+    rng = np.random.default_rng(1)
+    (root / "random_bytes").mkdir()
+    for index in range(3):
+        (root / "random_bytes" / f"{index}.dcm").write_bytes(rng.bytes(4096))
+    (root / "empty").mkdir()
+    hu, spacing = _water_cylinder()
+    write_ct_series(root / "mr_modality", hu, spacing, (0.0, 0.0, 0.0),
+                    patient_id="mr_modality", modality="MR")
+    write_ct_series(root / "water_cylinder", hu, spacing, (0.0, 0.0, 0.0),
+                    patient_id="water_cylinder")
+    out, qc = work / "out", work / "qc"
+    process = _kdsb("preprocess", str(root), str(out), "--workers", "2", "--qc", str(qc))
+    return process, out, qc
+
+
+def test_bad_patients_fail_on_one_line_while_good_ones_are_written(mixed_run, phantoms):
+    process, out, _ = mixed_run
+    assert process.returncode == 1, process.stderr
+    assert "Traceback" not in process.stderr
+    for pid in BAD_IDS:
+        lines = [line for line in process.stderr.splitlines() if pid in line and "ERROR" in line]
+        assert len(lines) == 1, (pid, process.stderr)
+    assert sorted(store.list_volumes(out)) == _phantom_ids(phantoms)
+    assert "4 ok, 0 skipped, 4 failed" in process.stderr
+
+
+def test_manifest_has_one_row_per_patient(mixed_run, phantoms):
+    _, out, _ = mixed_run
+    with open(out / "manifest.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == MANIFEST_FIELDS
+        rows = {row["id"]: row for row in reader}
+    assert sorted(rows) == sorted([*_phantom_ids(phantoms), *BAD_IDS])
+    for pid in _phantom_ids(phantoms):
+        row = rows[pid]
+        assert (row["status"], row["error"]) == ("ok", "")
+        assert float(row["seconds"]) > 0
+        assert row["shape"] == "x".join(map(str, store.read_attrs(out / f"{pid}.h5")["shape"]))
+    for pid in BAD_IDS:
+        assert rows[pid]["status"] == "failed"
+        assert pid in rows[pid]["error"] and "\n" not in rows[pid]["error"]
+        assert rows[pid]["shape"] == ""
+    assert "modality" in rows["mr_modality"]["error"] or "MR" in rows["mr_modality"]["error"]
+    assert "lung" in rows["water_cylinder"]["error"]
+
+
+def test_volume_files_follow_the_data_contract(mixed_run, phantoms):
+    _, out, _ = mixed_run
+    assert not list(out.glob(".*"))  # no temporary files left
+    for pid in _phantom_ids(phantoms):
+        volume = store.read_volume(out / f"{pid}.h5")
+        truth = load_truth(phantoms, pid)
+        assert volume.hu.dtype == np.int16 and volume.lung_mask.dtype == np.uint8
+        assert volume.hu.shape == volume.lung_mask.shape
+        assert set(np.unique(volume.lung_mask)) == {0, 1}
+        assert volume.spacing == (1.0, 1.0, 1.0)
+        assert volume.patient_id == pid
+        assert volume.attrs["series_uid"]
+        np.testing.assert_allclose(volume.attrs["source_spacing"], truth.spacing)
+        assert tuple(volume.attrs["source_shape"]) == truth.lung_mask.shape
+        assert "kdsb_version" in volume.attrs
+        # The crop lies inside the scanned volume.
+        end = np.add(truth.origin, np.multiply(np.subtract(truth.lung_mask.shape, 1),
+                                               truth.spacing))
+        last = np.add(volume.origin, np.subtract(volume.hu.shape, 1))
+        assert np.all(np.array(volume.origin) >= np.array(truth.origin) - 1e-6)
+        assert np.all(last <= end + 1e-6)
+
+
+def _truth_in_output(truth, volume: store.Volume) -> np.ndarray:
+    """The truth lung mask sampled (nearest voxel) at every output voxel's patient coordinate."""
+    index = np.indices(volume.hu.shape, dtype=np.float64)
+    coordinates = [
+        (volume.origin[a] + index[a] * volume.spacing[a] - truth.origin[a]) / truth.spacing[a]
+        for a in range(3)
+    ]
+    return ndimage.map_coordinates(truth.lung_mask, coordinates, order=0, mode="constant")
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def test_segmentation_matches_truth_and_keeps_juxtapleural_nodules(mixed_run, phantoms):
+    _, out, _ = mixed_run
+    juxtapleural = 0
+    for pid in _phantom_ids(phantoms):
+        volume = store.read_volume(out / f"{pid}.h5")
+        truth = load_truth(phantoms, pid)
+        expected = _truth_in_output(truth, volume)
+        # The crop keeps the whole truth lung (its volume in mm³, 1 mm voxels).
+        truth_mm3 = truth.lung_mask.sum() * np.prod(truth.spacing)
+        assert expected.sum() == pytest.approx(truth_mm3, rel=0.02)
+        assert _dice(expected, volume.lung_mask) >= MIN_DICE, pid
+        for nodule in truth.nodules:
+            if nodule.juxtapleural and nodule.radius_mm >= 8.0:
+                juxtapleural += 1
+                centre = np.round(np.subtract(nodule.center_mm, volume.origin)).astype(int)
+                ball = np.linalg.norm(np.indices(volume.hu.shape).T - centre, axis=-1).T
+                inside = ball <= 0.8 * nodule.radius_mm
+                kept = volume.lung_mask[inside].mean()
+                assert kept >= 0.95, (pid, nodule, kept)
+    assert juxtapleural >= 2
+
+
+def test_origin_puts_nodules_where_the_truth_says(mixed_run, phantoms):
+    """A voxel's patient coordinate is right within half a voxel: nodule centroids agree."""
+    _, out, _ = mixed_run
+    checked = 0
+    for pid in _phantom_ids(phantoms):
+        volume = store.read_volume(out / f"{pid}.h5")
+        for nodule in load_truth(phantoms, pid).nodules:
+            if nodule.radius_mm < 8.0:
+                continue
+            centre = np.subtract(nodule.center_mm, volume.origin)
+            index = np.indices(volume.hu.shape).astype(np.float64)
+            near = np.sqrt(sum((index[a] - centre[a]) ** 2 for a in range(3)))
+            solid = (volume.hu > -400) & (near <= nodule.radius_mm * 1.05)
+            found = np.array(ndimage.center_of_mass(solid))
+            assert np.abs(found - centre).max() <= 0.5, (pid, found, centre)
+            checked += 1
+    assert checked >= 3
+
+
+def test_qc_images_are_written_for_every_volume(mixed_run, phantoms):
+    _, _, qc = mixed_run
+    expected = {f"{pid}.png" for pid in _phantom_ids(phantoms)} | {"contact_sheet.png"}
+    assert {p.name for p in qc.iterdir()} == expected
+    for name in expected:
+        assert (qc / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_preprocess_patient_returns_its_result(phantoms, tmp_path):
+    pid = _phantom_ids(phantoms)[0]
+    result = preprocess_patient(phantoms / "dicom" / pid, tmp_path, spacing=(2.0, 2.0, 2.0))
+    assert result.status == STATUS_OK and result.patient_id == pid
+    volume = store.read_volume(tmp_path / f"{pid}.h5")
+    assert volume.spacing == (2.0, 2.0, 2.0)
+    assert result.shape == volume.hu.shape
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda d: [str(d / "missing"), str(d / "out")], "missing path"),
+        (lambda d: [str(d / "file.txt"), str(d / "out")], "received a file"),
+        (lambda d: [str(d / "no_patients"), str(d / "out")], "one sub-folder per patient"),
+        (lambda d: [str(d / "root"), str(d / "out"), "--spacing", "1", "2"], "--spacing"),
+        (lambda d: [str(d / "root"), str(d / "out"), "--spacing", "0"], "positive"),
+        (lambda d: [str(d / "root"), str(d / "out"), "--workers", "0"], "--workers"),
+        (lambda d: [str(d / "root"), str(d / "file.txt")], "output folder"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, capsys, make_args, message):
+    (tmp_path / "file.txt").write_text("not a folder")
+    (tmp_path / "no_patients").mkdir()
+    (tmp_path / "root" / "patient").mkdir(parents=True)
+    assert main(["preprocess", *make_args(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_resume_after_kill_and_overwrite(phantoms, tmp_path):
+    ids = _phantom_ids(phantoms)[:3]
+    root = _link_patients(tmp_path / "dicom", phantoms, ids)
+    out = tmp_path / "out"
+    process = _kdsb("preprocess", str(root), str(out), "--workers", "1", background=True,
+                    start_new_session=True, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + KILL_WAIT_S
+    try:
+        while not list(out.glob("*.h5")) and time.monotonic() < deadline:
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the runner and its workers, like an OOM kill
+        process.wait()
+    done = sorted(store.list_volumes(out))
+    assert 1 <= len(done) < len(ids)
+    for path in store.list_volumes(out).values():
+        store.read_volume(path)  # complete, never partial
+
+    assert main(["preprocess", str(root), str(out), "--workers", "1"]) == 0
+    rows = read_manifest(out)
+    assert sorted(rows) == ids
+    assert {pid for pid, row in rows.items() if row["status"] == "skipped"} == set(done)
+    assert all(rows[pid]["status"] == "ok" for pid in ids if pid not in done)
+    assert not list(out.glob(".*"))
+    assert sorted(store.list_volumes(out)) == ids
+
+    before = {pid: (out / f"{pid}.h5").stat().st_mtime_ns for pid in ids}
+    assert main(["preprocess", str(root), str(out), "--workers", "2", "--overwrite"]) == 0
+    assert all(row["status"] == "ok" for row in read_manifest(out).values())
+    assert all((out / f"{pid}.h5").stat().st_mtime_ns > before[pid] for pid in ids)
+
+
+def test_manifest_keeps_rows_of_earlier_runs(phantoms, tmp_path):
+    ids = _phantom_ids(phantoms)[:2]
+    out = tmp_path / "out"
+    first = _link_patients(tmp_path / "first", phantoms, ids[:1])
+    second = _link_patients(tmp_path / "second", phantoms, ids[1:])
+    assert main(["preprocess", str(first), str(out), "--workers", "1"]) == 0
+    assert main(["preprocess", str(second), str(out), "--workers", "1"]) == 0
+    rows = read_manifest(out)
+    assert sorted(rows) == ids and all(row["status"] == "ok" for row in rows.values())
+
+
+def test_real_series_gives_a_volume_or_one_clear_failure(real_ct_dicom_dir, tmp_path):
+    """The real 20-slice Siemens series covers the upper abdomen with at most a sliver of lung."""
+    root = tmp_path / "dicom"
+    root.mkdir()
+    (root / "siemens").symlink_to(real_ct_dicom_dir, target_is_directory=True)
+    status = main(["preprocess", str(root), str(tmp_path / "out"), "--workers", "1"])
+    row = read_manifest(tmp_path / "out")["siemens"]
+    if status == 0:
+        volume = store.read_volume(tmp_path / "out" / "siemens.h5")
+        assert volume.lung_mask.any() and volume.spacing == (1.0, 1.0, 1.0)
+        assert -1100 <= volume.hu.min() and volume.hu.max() <= 4000
+    else:
+        assert status == 1 and row["status"] == "failed"
+        assert "siemens" in row["error"] and "lung" in row["error"]
+
+
+def _crash_or_succeed(patient_id: str) -> PatientResult:
+    """A worker that kills its own process for patient "crash" (importable by spawned workers)."""
+    if patient_id == "crash":
+        os._exit(3)
+    return PatientResult(patient_id, STATUS_OK, 0.1, (1, 1, 1))
+
+
+def test_a_dying_worker_fails_only_its_own_patient():
+    tasks = {pid: (pid,) for pid in ("a", "crash", "b", "c")}
+    results = {r.patient_id: r for r in _run_tasks(tasks, 2, worker=_crash_or_succeed)}
+    assert sorted(results) == sorted(tasks)
+    assert results["crash"].status == "failed" and results["crash"].error == WORKER_DIED_MESSAGE
+    assert all(results[pid].status == STATUS_OK for pid in ("a", "b", "c"))
