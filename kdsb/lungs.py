@@ -6,21 +6,26 @@ already reads -1000 HU.
 
 `segment_lungs` works in two resolutions so that a 512×512×200 scan takes about a second:
 
-1. A coarse copy (block means of about `COARSE_SPACING_MM`) carries all the morphology:
-   air below `AIR_THRESHOLD_HU`; the body is the largest non-air component, its holes filled
-   slice by slice, so air outside it (also air split off by the table or outside a padded circular
-   field of view) is discarded; the trachea and main bronchi are found as a dark round blob near
-   the midline in the top slices and region-grown downwards at the stricter
-   `AIRWAY_THRESHOLD_HU`, slice by slice, stopping where the area jumps (a leak into the lung);
-   air components that are large and reach the upper half of the lungs are kept (bowel gas is
-   not); each side (right / left of the body's midline) is then closed with a ball of
-   `CLOSING_RADIUS_MM` via two Euclidean distance transforms (exact ball, cheap, unlike binary
-   closing with a huge structuring element) and its holes filled, which puts vessels and
-   juxtapleural nodules up to about that radius inside the mask without bridging the two lungs
-   across the mediastinum.
+1. A coarse copy (block means of about `COARSE_SPACING_MM`) carries all the morphology.
+   Air is below `AIR_THRESHOLD_HU`. The body is the largest non-air component with its holes
+   filled slice by slice, so air outside it (also air split off by the table or outside a padded
+   circular field of view) is discarded. The trachea is a dark round blob near the midline in the
+   top slices; it and the main bronchi are region-grown from there, slice by slice, at the
+   stricter `AIRWAY_THRESHOLD_HU`, stopping where the area jumps (a leak into the lung), and
+   removed. Air components that are large and reach the upper half of the lungs are kept (bowel
+   gas is not). Each side (right / left of the body's midline) is then filled on its own, so the
+   two lungs never merge across the mediastinum: a closing with a ball of `CLOSING_RADIUS_MM`
+   (two Euclidean distance transforms: an exact ball at little cost, unlike binary closing with
+   a huge structuring element) and 3D hole filling take in vessels and nodules; tissue enclosed
+   between the lung and the chest wall inside the slice-wise convex hull of the lungs takes in
+   juxtapleural nodules and tumours, which a ball rolling from the wall side would bite into.
 2. Back on the source grid, coarse voxels well inside the mask, or added by the filling, are
    taken whole; coarse voxels on the boundary keep only their full-resolution air voxels, so the
    lung surface is as sharp as the source image.
+
+Measured (one core of a shared machine): 0.7–1.2 s for 512×512×190–240 phantoms at 0.67 mm ×
+1.25 mm (Dice 0.99 against the phantom truth, juxtapleural nodules fully kept); 2.5 s for the
+real 233×167×191 chest CT at 1.5 mm, where no downsampling happens.
 """
 
 from __future__ import annotations
@@ -46,13 +51,14 @@ MIN_LUNG_LITRES = 0.5
 MAX_LUNG_LITRES = 10.0
 MIN_COMPONENT_ML = 10.0  # smaller air pockets inside the body are never lung
 MIN_COMPONENT_FRACTION = 0.02  # ... nor those under 2 % of the largest air component
-TRACHEA_AREA_MM2 = (40.0, 900.0)  # lumen cross-section: 7–34 mm diameter
+TRACHEA_AREA_MM2 = (50.0, 900.0)  # lumen cross-section (after averaging): 8–34 mm diameter
 TRACHEA_MAX_OFFSET_MM = 40.0  # from the body's midline
 TRACHEA_MIN_FILL = 0.45  # area / bounding-box area: a round lumen fills about π/4 of its box
 TRACHEA_SEARCH_MM = 60.0  # the seed is looked for this far below the top of the body's air
 MAX_ENCLOSED_ML = 150.0  # enclosed tissue filled into a lung: up to a 33 mm radius tumour
 MIN_NODULE_RADIUS_MM = 3.0  # thinner enclosed pockets are slivers along the lung surface
-AIRWAY_LEAK_FACTOR = 2.5  # airway area growing this much from one slice to the next is a leak
+AIRWAY_LEAK_FACTOR = 2.5  # airway area growing this much beyond its largest so far is a leak
+AIRWAY_MARGIN_MM = 3.0  # removed around the found lumen: its wall's partial-volume rim
 MM3_PER_ML = 1000.0
 ML_PER_LITRE = 1000.0
 
@@ -154,31 +160,40 @@ def _find_trachea_seed(
 
 
 def _grow_airway(strict: np.ndarray, seed: np.ndarray, z: int, airway: np.ndarray, step: int):
-    """Grow the airway slice by slice from slice `z` in direction `step` (±1) until a leak."""
+    """Grow the airway slice by slice from slice `z` in direction `step` (±1) until a leak.
+
+    A leak (into emphysematous lung, say) shows as an area jump: growth stops at the first
+    slice whose airway area exceeds `AIRWAY_LEAK_FACTOR` times the largest area so far.
+    """
     previous = seed
-    previous_area = seed.sum()
+    largest_area = seed.sum()
     z += step
     while 0 <= z < strict.shape[0]:
-        labels, count = ndimage.label(strict[z])
+        labels, _ = ndimage.label(strict[z])
         touched = np.unique(labels[previous & (labels > 0)])
         if touched.size == 0:
             return
         current = np.isin(labels, touched)
         area = current.sum()
-        if area > AIRWAY_LEAK_FACTOR * previous_area:
-            logger.debug("airway growth stopped at slice %d: area %d > %d", z, area, previous_area)
+        if area > AIRWAY_LEAK_FACTOR * largest_area:
+            logger.debug("airway growth stopped at slice %d: area %d > %d", z, area, largest_area)
             return
         airway[z] |= current
-        previous, previous_area = current, area
+        previous, largest_area = current, max(largest_area, area)
         z += step
 
 
 def _find_airway(
     coarse_hu: np.ndarray, interior_air: np.ndarray, spacing: Sequence[float], midline: float
 ) -> np.ndarray:
-    """Trachea and main bronchi (coarse grid): a region grown at `AIRWAY_THRESHOLD_HU`."""
+    """Trachea and main bronchi (coarse grid): a region grown at `AIRWAY_THRESHOLD_HU`.
+
+    The threshold applies to HU averaged over 3×3 in-plane voxels, so image noise neither
+    breaks the lumen apart nor sprinkles lung parenchyma below the threshold.
+    """
     airway = np.zeros(coarse_hu.shape, dtype=bool)
-    strict = interior_air & (coarse_hu < AIRWAY_THRESHOLD_HU)
+    smooth = ndimage.uniform_filter(coarse_hu, size=(1, 3, 3))
+    strict = interior_air & (smooth < AIRWAY_THRESHOLD_HU)
     slices = np.flatnonzero(interior_air.any(axis=(1, 2)))
     if slices.size == 0:
         return airway
@@ -191,7 +206,9 @@ def _find_airway(
             _grow_airway(strict, seed, z, airway, step=-1)
             _grow_airway(strict, seed, z, airway, step=+1)
             logger.debug("trachea seed in coarse slice %d, airway %d voxels", z, airway.sum())
-            return airway
+            # The lumen's partial-volume rim and the averaging shrank it: widen it again.
+            rim = max(1, round(AIRWAY_MARGIN_MM / min(spacing[1:])))
+            return ndimage.binary_dilation(airway, structure=IN_PLANE, iterations=rim)
     logger.debug("no trachea found in the top %.0f mm of the body's air", TRACHEA_SEARCH_MM)
     return airway
 
@@ -247,7 +264,8 @@ def _slice_hulls(mask: np.ndarray) -> np.ndarray:
 
 
 def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
-    """A boolean ball of `radius_mm` on a grid of `spacing` (mm), at least one voxel radius."""
+    """A boolean ball of `radius_mm` on a grid of `spacing` (mm), never smaller than the
+    6-neighbourhood (so it erodes by at least one voxel along every axis)."""
     half = [max(1, math.floor(radius_mm / s)) for s in spacing]
     z, y, x = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
     radius = max(radius_mm, max(spacing))
@@ -285,7 +303,7 @@ def _fill_side(
     box = _bounding_box(part, [math.ceil(CLOSING_RADIUS_MM / s) + 1 for s in spacing])
     filled[box] = _fill_holes_3d(_close_ball(part[box], CLOSING_RADIUS_MM, spacing))
     half = filled[side]
-    pockets = _enclosed(hulls[side] & ~half)
+    pockets = _enclosed(hulls[side] & ~lung_air[side])
     max_voxels = MAX_ENCLOSED_ML * MM3_PER_ML / math.prod(spacing)
     labels, count = ndimage.label(pockets)
     if count:
@@ -312,15 +330,20 @@ def _upsample(coarse: np.ndarray, factors: Sequence[int], shape: Sequence[int]) 
     return result[tuple(slice(0, n) for n in shape)]
 
 
-def _plausibility_error(patient: str, received: str) -> LungMaskError:
+def _plausibility_error(
+    patient: str, litres: tuple[float, float], received: str
+) -> LungMaskError:
     return LungMaskError(
-        f"{patient}: expected lungs of {MIN_LUNG_LITRES:g}–{MAX_LUNG_LITRES:g} L, "
-        f"received {received}"
+        f"{patient}: expected lungs of {litres[0]:g}–{litres[1]:g} L, received {received}"
     )
 
 
 def segment_lungs(
-    hu: np.ndarray, spacing: Sequence[float], *, patient_id: str | None = None
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    *,
+    patient_id: str | None = None,
+    litres: tuple[float, float] = (MIN_LUNG_LITRES, MAX_LUNG_LITRES),
 ) -> np.ndarray:
     """Segment both lungs in a CT volume.
 
@@ -333,12 +356,14 @@ def segment_lungs(
             superior, axis 1 anterior → posterior, axis 2 right → left).
         spacing: voxel size (z, y, x) in mm.
         patient_id: named in error messages.
+        litres: the plausible total lung volume (low, high) in litres; the default suits
+            adult chest CT covering both lungs (widen it for partial scans or children).
 
     Returns:
         uint8 0/1 lung mask, same shape as `hu`.
 
     Raises:
-        LungMaskError: no lungs, or a total lung volume outside 0.5–10 L.
+        LungMaskError: no lungs, or a total lung volume outside `litres` (0.5–10 L).
         KdsbError: a volume that is not 3D or a spacing that is not 3 positive values.
     """
     patient = patient_id or "volume"
@@ -357,16 +382,15 @@ def segment_lungs(
     body = _largest_component(~air)
     interior_air = air & _fill_holes_2d(body)
     if not interior_air.any():
-        raise _plausibility_error(patient, "no air-filled region inside the body")
+        raise _plausibility_error(patient, litres, "no air-filled region inside the body")
 
     body_profile = body.sum(axis=(0, 1))
     midline = float(np.dot(np.arange(body_profile.size), body_profile) / body_profile.sum())
 
-    airway = _find_airway(coarse_hu, interior_air, coarse_spacing, midline)
-    airway = ndimage.binary_dilation(airway, structure=IN_PLANE) & interior_air
+    airway = _find_airway(coarse_hu, interior_air, coarse_spacing, midline) & interior_air
     lung_air = _select_lungs(interior_air & ~airway, math.prod(coarse_spacing) / MM3_PER_ML)
     if not lung_air.any():
-        raise _plausibility_error(patient, "no air-filled region large enough to be lung")
+        raise _plausibility_error(patient, litres, "no air-filled region large enough to be lung")
 
     # Each side is closed and filled on its own so the two lungs never merge across the
     # mediastinum; a lung crossing the midline is simply handled in two parts.
@@ -396,10 +420,10 @@ def segment_lungs(
         (code_full == FULL_IF_AIR) & (hu[full_box] < AIR_THRESHOLD_HU)
     )
 
-    litres = int(np.count_nonzero(mask)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
-    logger.debug("%s: lung volume %.2f L", patient, litres)
-    if not MIN_LUNG_LITRES <= litres <= MAX_LUNG_LITRES:
-        raise _plausibility_error(patient, f"{litres:.2f} L")
+    volume = int(np.count_nonzero(mask)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
+    logger.debug("%s: lung volume %.2f L", patient, volume)
+    if not litres[0] <= volume <= litres[1]:
+        raise _plausibility_error(patient, litres, f"{volume:.2f} L")
     return mask
 
 

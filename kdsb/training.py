@@ -201,7 +201,9 @@ def _make_callbacks_module():
         """Raise `TrainingError` at the first batch or epoch whose logs hold a NaN or an Inf.
 
         Placed first among the callbacks, so no checkpoint, best model or history row of a
-        non-finite model is written after it fires.
+        non-finite model is written after it fires. Checking every batch reads the loss back
+        from the device each step; that costs little next to a 3D convolution step, and it
+        stops a diverged run at once instead of an epoch later.
         """
 
         def __init__(self, run_dir: Path):

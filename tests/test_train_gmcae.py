@@ -138,6 +138,17 @@ def test_missing_or_too_small_data_dir_is_a_usage_error(tmp_path, capsys):
     assert "at least 2 volume files" in err and "received 1" in err
 
 
+def test_diverging_run_stops_with_one_line_error(data_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["-q", "train-gmcae", str(data_dir), str(run_dir), *TINY, "--lr", "1e30",
+            "--clipnorm", "0", "--epochs", "3", "--steps-per-epoch", "5"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "became NaN or infinite at epoch" in err and "--lr" in err
+    assert len(err.splitlines()) == 1
+    assert not (run_dir / "gmcae_summary.json").exists()
+
+
 def _subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
 

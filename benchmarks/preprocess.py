@@ -1,0 +1,304 @@
+#!/usr/bin/env python
+"""Preprocessing speed: kdsb's per-patient pipeline against the classic DSB 2017 tutorial.
+
+A 512×512 phantom chest CT (`kdsb.synthetic.make_phantom`, 0.7 mm pixels) is written as a
+DICOM series to a temporary folder. Each method then runs as a whole separate Python process
+(imports included), DICOM folder → lung mask at 1 mm, and reports its own peak RSS:
+
+- baseline: the well-known DSB 2017 tutorial approach, written out below: slices read with
+  pydicom and sorted by ImagePositionPatient[2], HU by slope and intercept, cubic
+  `scipy.ndimage.zoom` of the whole volume to 1 mm, a -320 HU threshold, background removed by
+  labelling from the corner voxel, per-slice largest air component filling, largest component;
+- kdsb: `kdsb.preprocess.preprocess_patient` (read, segment on the source grid, crop, resample
+  the crop, write the HDF5 file).
+
+Dice of each mask against the phantom's truth is measured on the method's own output grid.
+Then the cohort runner (`python -m kdsb preprocess`) runs on a small phantom cohort with 1 and
+with 2 workers. Finally kdsb alone runs on a 512×512×600 scan to check its peak memory.
+
+Usage: python benchmarks/preprocess.py [--slices 200] [--slice-mm 1.5] [--cohort 4] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_MM = 1.0
+PIXEL_MM = 0.7
+SIZE = 512
+TUTORIAL_THRESHOLD_HU = -320
+TUTORIAL_PADDING_RAW = -2000
+LARGE_SLICES = 600
+COHORT_SIZE = 256
+LARGE_SLICE_MM = 0.5
+PROFILED = ("read_series", "segment_lungs", "lung_bounding_box", "resample_volume",
+            "resample_mask", "write_volume")
+
+
+# --- The DSB 2017 tutorial approach (baseline), kept close to the original code. ---------------
+
+def tutorial_load_scan(folder: Path) -> list:
+    import pydicom
+
+    slices = [pydicom.dcmread(path) for path in sorted(folder.iterdir())]
+    slices.sort(key=lambda s: float(s.ImagePositionPatient[2]))
+    thickness = abs(slices[0].ImagePositionPatient[2] - slices[1].ImagePositionPatient[2])
+    for s in slices:
+        s.SliceThickness = thickness
+    return slices
+
+
+def tutorial_get_pixels_hu(slices: list) -> np.ndarray:
+    image = np.stack([s.pixel_array for s in slices]).astype(np.int16)
+    image[image == TUTORIAL_PADDING_RAW] = 0
+    for n, s in enumerate(slices):
+        intercept, slope = s.RescaleIntercept, s.RescaleSlope
+        if slope != 1:
+            image[n] = (slope * image[n].astype(np.float64)).astype(np.int16)
+        image[n] += np.int16(intercept)
+    return image
+
+
+def tutorial_resample(image: np.ndarray, scan: list) -> tuple[np.ndarray, np.ndarray]:
+    from scipy import ndimage
+
+    spacing = np.array([float(scan[0].SliceThickness), *map(float, scan[0].PixelSpacing)])
+    new_shape = np.round(image.shape * spacing / TARGET_MM)
+    real_resize_factor = new_shape / image.shape
+    old_shape = np.array(image.shape)
+    image = ndimage.zoom(image, real_resize_factor, mode="nearest")  # order 3: cubic spline
+    # zoom maps the first and last voxel centres onto each other: the spacing that really results
+    # (the tutorial reported spacing / real_resize_factor, slightly off).
+    return image, spacing * (old_shape - 1) / (np.array(image.shape) - 1)
+
+
+def tutorial_largest_label_volume(labels: np.ndarray, bg: int = -1):
+    values, counts = np.unique(labels, return_counts=True)
+    counts = counts[values != bg]
+    values = values[values != bg]
+    return values[np.argmax(counts)] if len(counts) > 0 else None
+
+
+def tutorial_segment_lung_mask(image: np.ndarray, fill_lung_structures: bool = True) -> np.ndarray:
+    from skimage import measure
+
+    binary_image = np.array(image > TUTORIAL_THRESHOLD_HU, dtype=np.int8) + 1
+    labels = measure.label(binary_image)
+    background_label = labels[0, 0, 0]
+    binary_image[background_label == labels] = 2
+    if fill_lung_structures:
+        for i, axial_slice in enumerate(binary_image):
+            axial_slice = axial_slice - 1
+            labeling = measure.label(axial_slice)
+            l_max = tutorial_largest_label_volume(labeling, bg=0)
+            if l_max is not None:
+                binary_image[i][labeling != l_max] = 1
+    binary_image -= 1
+    binary_image = 1 - binary_image
+    labels = measure.label(binary_image, background=0)
+    l_max = tutorial_largest_label_volume(labels, bg=0)
+    if l_max is not None:
+        binary_image[labels != l_max] = 0
+    return binary_image.astype(np.uint8)
+
+
+def run_baseline(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mask, spacing (z, y, x) and origin (z, y, x) in mm of the tutorial pipeline."""
+    scan = tutorial_load_scan(folder)
+    image = tutorial_get_pixels_hu(scan)
+    origin = np.array([float(scan[0].ImagePositionPatient[i]) for i in (2, 1, 0)])
+    image, spacing = tutorial_resample(image, scan)
+    return tutorial_segment_lung_mask(image), spacing, origin
+
+
+# --- Child processes --------------------------------------------------------------------------
+
+def run_kdsb(folder: Path, work: Path, profile: bool):
+    from kdsb import store
+    from kdsb.preprocess import preprocess_patient
+
+    profiler = cProfile.Profile() if profile else None
+    if profiler:
+        profiler.enable()
+    preprocess_patient(folder, work, patient_id="bench", spacing=(TARGET_MM,) * 3)
+    if profiler:
+        profiler.disable()
+        stats = pstats.Stats(profiler)
+        for (_, _, name), (_, _, _, cumulative, _) in stats.stats.items():
+            if name in PROFILED:
+                print(f"  profile {name:<18} {cumulative:7.2f} s", file=sys.stderr)
+    volume = store.read_volume(store.volume_path(work, "bench"))
+    return volume.lung_mask, np.array(volume.spacing), np.array(volume.origin)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB.
+
+    VmHWM (Linux) starts afresh at exec; ru_maxrss would also count the parent's memory at the
+    fork that started this process (the parent holds the phantom), so it is only the fallback.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def child(method: str, folder: Path, result: Path, profile: bool) -> None:
+    """Run one method in this process and save its mask, geometry, seconds and peak RSS.
+
+    The kdsb run reads its HDF5 file back for the Dice measurement; that read counts neither
+    in its time nor (much) in its peak memory, which the whole-scan arrays dominate."""
+    started = time.perf_counter()
+    if method == "baseline":
+        mask, spacing, origin = run_baseline(folder)
+    else:
+        mask, spacing, origin = run_kdsb(folder, result.parent, profile)
+    seconds = time.perf_counter() - started
+    finished = time.time()  # the parent measures start-up + work up to here (not saving below)
+    peak_mb = peak_rss_mb()
+    np.savez(result, mask=mask, spacing=spacing, origin=origin)
+    result.with_suffix(".json").write_text(json.dumps(
+        {"seconds": seconds, "peak_mb": peak_mb, "finished": finished}
+    ))
+
+
+def in_process(method: str, folder: Path, work: Path, profile: bool = False) -> dict:
+    """Run a method as a whole separate process: its wall time from process start to the end of
+    the pipeline (imports included), time inside the pipeline, peak RSS and mask."""
+    work.mkdir(parents=True, exist_ok=True)
+    result = work / f"{method}.npz"
+    command = [sys.executable, __file__, "--child", method, str(folder), str(result)]
+    if profile:
+        command.append("--profile")
+    started = time.time()
+    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    report = json.loads(result.with_suffix(".json").read_text())
+    report["wall"] = report["finished"] - started
+    with np.load(result) as arrays:
+        report.update({key: arrays[key] for key in arrays.files})
+    return report
+
+
+# --- Measurements -------------------------------------------------------------------------------
+
+def dice_against_truth(report: dict, truth) -> float:
+    """Dice of a method's mask and the truth sampled (nearest voxel) on the method's grid."""
+    index = []
+    valid = []
+    for axis in range(3):
+        coordinate = report["origin"][axis] + report["spacing"][axis] * np.arange(
+            report["mask"].shape[axis]
+        )
+        i = np.rint((coordinate - truth.origin[axis]) / truth.spacing[axis]).astype(int)
+        valid.append((i >= 0) & (i < truth.lung_mask.shape[axis]))
+        index.append(np.clip(i, 0, truth.lung_mask.shape[axis] - 1))
+    expected = truth.lung_mask[np.ix_(*index)].astype(bool)
+    expected &= valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
+    mask = report["mask"].astype(bool)
+    # Truth voxels outside the method's output (cropped away) count as missed.
+    truth_voxels = truth.lung_mask.sum() * np.prod(truth.spacing) / np.prod(report["spacing"])
+    return 2.0 * np.count_nonzero(mask & expected) / (np.count_nonzero(mask) + truth_voxels)
+
+
+def write_phantom(folder: Path, slices: int, slice_mm: float, seed: int):
+    from kdsb.dicom_write import write_ct_series
+    from kdsb.synthetic import make_phantom
+
+    phantom = make_phantom(
+        np.random.default_rng(seed), size=SIZE, cancer=True, fov_mm=SIZE * PIXEL_MM,
+        slice_mm=slice_mm, z_extent_mm=slices * slice_mm,
+    )
+    write_ct_series(
+        folder, phantom.hu, phantom.spacing, phantom.origin, patient_id=folder.name,
+        padding_mask=np.broadcast_to(phantom.padding_mask, phantom.hu.shape),
+    )
+    return phantom
+
+
+def cohort_speedup(work: Path, patients: int, seed: int) -> tuple[float, float]:
+    from kdsb.synthetic import write_cohort
+
+    write_cohort(work / "cohort", patients=patients, seed=seed, size=COHORT_SIZE)
+    seconds = []
+    for workers in (1, 2):
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "kdsb", "-q", "preprocess", str(work / "cohort" / "dicom"),
+             str(work / f"out{workers}"), "--workers", str(workers)],
+            check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        seconds.append(time.perf_counter() - started)
+    return seconds[0], seconds[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--slices", type=int, default=200, help="slices of the 512×512 phantom")
+    parser.add_argument("--slice-mm", type=float, default=1.5, help="slice spacing, mm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cohort", type=int, default=4, help="patients for the workers test")
+    parser.add_argument("--skip-large", action="store_true", help="skip the 600-slice run")
+    parser.add_argument("--profile", action="store_true", help="time kdsb's stages (cProfile)")
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "FOLDER", "RESULT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        method, folder, result = args.child
+        child(method, Path(folder), Path(result), args.profile)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="kdsb-bench-") as temp:
+        work = Path(temp)
+        folder = work / "dicom" / "bench"
+        phantom = write_phantom(folder, args.slices, args.slice_mm, args.seed)
+        shape = "×".join(map(str, phantom.hu.shape))
+        print(f"phantom {shape} voxels, spacing {phantom.spacing} mm (z, y, x)", flush=True)
+        kdsb = in_process("kdsb", folder, work / "kdsb", args.profile)
+        baseline = in_process("baseline", folder, work / "baseline")
+        rows = [
+            ("baseline (DSB 2017 tutorial)", baseline),
+            ("kdsb preprocess_patient", kdsb),
+        ]
+        print(f"\n| method, {shape} | process s | compute s | vs baseline | Dice | peak MB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for name, report in rows:
+            print(
+                f"| {name} | {report['wall']:.1f} | {report['seconds']:.1f} | "
+                f"{baseline['wall'] / report['wall']:.1f}× | "
+                f"{dice_against_truth(report, phantom):.3f} | {report['peak_mb']:.0f} |"
+            )
+        del phantom, kdsb, baseline
+
+        if not args.skip_large:
+            large = work / "dicom" / "large"
+            write_phantom(large, LARGE_SLICES, LARGE_SLICE_MM, args.seed)
+            report = in_process("kdsb", large, work / "large", args.profile)
+            print(f"| kdsb, 512×512×{LARGE_SLICES} | {report['wall']:.1f} | "
+                  f"{report['seconds']:.1f} | | | {report['peak_mb']:.0f} |")
+
+        if args.cohort:
+            one, two = cohort_speedup(work, args.cohort, args.seed)
+            print(f"\ncohort of {args.cohort} phantoms ({COHORT_SIZE}×{COHORT_SIZE}): "
+                  f"`kdsb preprocess` 1 worker {one:.1f} s, 2 workers {two:.1f} s, "
+                  f"speed-up {one / two:.2f}×")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

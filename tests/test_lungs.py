@@ -1,0 +1,266 @@
+"""Tests for kdsb.lungs: lung mask quality on a synthetic chest, errors, bounding box, real CT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from kdsb.errors import KdsbError, LungMaskError
+from kdsb.lungs import lung_bounding_box, segment_lungs
+
+# A small chest (z, y, x) at 2.5 × 1 × 1 mm: the coarse grid is 2× coarser in-plane, so both
+# resolutions of segment_lungs are exercised.
+SHAPE = (84, 256, 256)
+SPACING = (2.5, 1.0, 1.0)
+AIR, LUNG, TISSUE, BONE, TABLE = -1000, -850, 40, 600, 300
+NODULE_RADIUS_MM = 14.0
+
+
+@dataclass
+class Chest:
+    hu: np.ndarray
+    lungs: np.ndarray  # truth: both lungs, with vessels and nodule
+    right_lung: np.ndarray
+    nodule: np.ndarray  # the juxtapleural nodule, inside the truth
+    vessels: np.ndarray
+    trachea: np.ndarray  # lumen above the carina, outside the lungs
+    bronchi: np.ndarray  # main bronchi lumen outside the lungs
+    gas: np.ndarray  # stomach gas under the left lung
+    inside_body: np.ndarray
+
+
+def _capsule(grid, start, end, radius):
+    """Voxels within `radius` mm of the segment start-end (points (z, y, x) in mm)."""
+    start, end = np.asarray(start, float), np.asarray(end, float)
+    d = end - start
+    rel = [g - s for g, s in zip(grid, start, strict=True)]
+    t = np.clip(sum(r * k for r, k in zip(rel, d, strict=True)) / (d @ d), 0.0, 1.0)
+    return sum((r - t * k) ** 2 for r, k in zip(rel, d, strict=True)) <= radius**2
+
+
+def make_chest(seed: int = 0) -> Chest:
+    """A chest phantom in canonical orientation: a body ellipse with ribs and a spine, a table
+    below it (posterior, large y) splitting the outside air, a padded circular field of view, two
+    disconnected lungs with vessels, trachea and main bronchi, a juxtapleural nodule cut flat by
+    the chest wall and a stomach gas bubble."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = SHAPE
+    z = (np.arange(nz) * SPACING[0])[:, None, None]
+    y = ((np.arange(ny) - ny / 2) * SPACING[1])[None, :, None]
+    x = ((np.arange(nx) - nx / 2) * SPACING[2])[None, None, :]
+    grid = (z, y, x)
+    hu = np.full(SHAPE, AIR, np.float32)
+
+    body = np.broadcast_to((y / 85.0) ** 2 + (x / 120.0) ** 2 <= 1.0, SHAPE)
+    cavity = np.broadcast_to((y / 70.0) ** 2 + (x / 105.0) ** 2 <= 1.0, SHAPE)
+    hu[body] = TISSUE
+    ribs = body & ~cavity & (np.sin(np.arctan2(y, x) * 10 + z / 8.0) > 0.4)
+    hu[ribs] = BONE
+    hu[np.broadcast_to((y - 50.0) ** 2 + x**2 <= 14.0**2, SHAPE)] = BONE  # spine
+    hu[np.broadcast_to((y >= 92.0) & (y <= 100.0) & (np.abs(x) < 125.0), SHAPE)] = TABLE
+
+    zc = 100.0
+    right = ((z - zc) / 85.0) ** 2 + ((y + 2.0) / 58.0) ** 2 + ((x + 55.0) / 42.0) ** 2 <= 1.0
+    left = ((z - zc) / 85.0) ** 2 + ((y + 2.0) / 58.0) ** 2 + ((x - 55.0) / 42.0) ** 2 <= 1.0
+    right, left = right & cavity, left & cavity
+    lungs = right | left
+    hu[lungs] = LUNG
+
+    vessels = np.zeros(SHAPE, bool)
+    for side in (-1, 1):
+        for end in ((60.0, -20.0, 75.0), (130.0, 25.0, 70.0), (90.0, 30.0, 50.0)):
+            vessels |= _capsule(grid, (100.0, 0.0, side * 18.0), (end[0], end[1], side * end[2]),
+                                3.0)
+    vessels &= lungs
+    hu[vessels] = TISSUE
+
+    # Nodule on the right lung's lateral wall (x = -97 there), centre inside the wall by 0.6 R:
+    # drawn only inside the lung, so the chest wall cuts it flat.
+    centre = (105.0, 0.0, -97.0 + 0.4 * NODULE_RADIUS_MM)
+    sphere = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= NODULE_RADIUS_MM**2
+    nodule = sphere & right
+    hu[nodule] = TISSUE
+
+    carina = (140.0, -20.0, 0.0)
+    trachea_tube = _capsule(grid, carina, (400.0, -20.0, 0.0), 8.0)
+    bronchus_tube = _capsule(grid, carina, (125.0, -10.0, -30.0), 5.5)
+    bronchus_tube |= _capsule(grid, carina, (125.0, -10.0, 30.0), 5.5)
+    hu[trachea_tube | bronchus_tube] = AIR
+    trachea = trachea_tube & ~lungs & (z > carina[0] + 5.0)
+    bronchi = bronchus_tube & ~lungs & ~trachea_tube
+
+    # Stomach gas 6 mm below the left lung's base (the diaphragm between them).
+    gas = np.broadcast_to(((z - 1.0) / 8.0) ** 2 + ((y + 20.0) / 25.0) ** 2
+                          + ((x - 55.0) / 25.0) ** 2 <= 1.0, SHAPE)
+    hu[gas] = AIR
+
+    hu += rng.normal(0.0, 20.0, SHAPE).astype(np.float32)
+    hu[np.broadcast_to(y**2 + x**2 > 127.0**2, SHAPE)] = AIR  # padded circular field of view
+    return Chest(
+        hu=np.rint(hu).astype(np.int16), lungs=lungs, right_lung=right, nodule=nodule,
+        vessels=vessels, trachea=trachea, bronchi=bronchi, gas=gas, inside_body=body,
+    )
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+@pytest.fixture(scope="module")
+def chest() -> Chest:
+    return make_chest()
+
+
+@pytest.fixture(scope="module")
+def chest_mask(chest) -> np.ndarray:
+    return segment_lungs(chest.hu, SPACING, patient_id="chest")
+
+
+def test_mask_is_binary_uint8_of_the_input_shape(chest, chest_mask):
+    assert chest_mask.dtype == np.uint8
+    assert chest_mask.shape == chest.hu.shape
+    assert set(np.unique(chest_mask)) == {0, 1}
+
+
+def test_mask_matches_the_truth(chest, chest_mask):
+    assert dice(chest_mask, chest.lungs) >= 0.95
+
+
+def test_both_disconnected_lungs_are_kept_separately(chest, chest_mask):
+    labels, count = ndimage.label(chest_mask)
+    sizes = np.sort(np.bincount(labels.ravel())[1:])[::-1]
+    assert count >= 2
+    assert sizes[1] > 0.4 * sizes[0]  # two lungs of similar size, not one merged blob
+    for lung in (chest.right_lung, chest.lungs & ~chest.right_lung):
+        assert chest_mask[lung].mean() >= 0.95
+
+
+def test_juxtapleural_nodule_is_kept(chest, chest_mask):
+    assert chest.nodule.sum() > 1000  # a real 14 mm nodule, cut flat by the wall
+    assert chest_mask[chest.nodule].mean() >= 0.95
+
+
+def test_vessels_are_filled(chest, chest_mask):
+    assert chest_mask[chest.vessels].mean() >= 0.95
+
+
+def test_trachea_bronchi_and_bowel_gas_are_excluded(chest, chest_mask):
+    assert chest_mask[chest.trachea].mean() <= 0.02
+    assert chest_mask[chest.bronchi].mean() <= 0.3
+    assert not chest_mask[chest.gas].any()
+
+
+def test_outside_air_table_and_padding_are_excluded(chest, chest_mask):
+    assert not chest_mask[~chest.inside_body].any()
+
+
+def test_cut_scan_keeps_lungs_at_the_last_slice(chest):
+    """A lung cut by the scan's end must not be eroded there by the closing."""
+    top = chest.hu[:60]
+    mask = segment_lungs(top, SPACING)
+    last = chest.lungs[59]
+    assert mask[59][last].mean() >= 0.9
+
+
+def test_no_lungs_is_a_clear_error(chest):
+    hu = chest.hu.copy()
+    hu[chest.lungs | chest.trachea | chest.bronchi | chest.gas] = TISSUE
+    with pytest.raises(LungMaskError, match=r"^nolungs: expected lungs of 0.5–10 L, received no"):
+        segment_lungs(hu, SPACING, patient_id="nolungs")
+
+
+def test_implausibly_small_lungs_are_a_clear_error(chest):
+    # The same image read as if its voxels were 4× smaller in every direction: 64× less volume.
+    small = tuple(s / 4 for s in SPACING)
+    message = r"^tiny: expected lungs of 0.5–10 L, received 0\.0\d L"
+    with pytest.raises(LungMaskError, match=message):
+        segment_lungs(chest.hu, small, patient_id="tiny")
+    mask = segment_lungs(chest.hu, small, litres=(0.01, 1.0))
+    assert mask.any()
+
+
+def test_implausibly_large_lungs_are_a_clear_error(chest):
+    large = tuple(s * 2.5 for s in SPACING)  # 15.6× the volume: about 26 L
+    with pytest.raises(LungMaskError, match=r"expected lungs of 0.5–10 L, received \d\d\.\d\d L"):
+        segment_lungs(chest.hu, large, patient_id="giant")
+
+
+def test_all_air_and_bad_input_are_clear_errors():
+    with pytest.raises(LungMaskError, match="expected lungs"):
+        segment_lungs(np.full((8, 32, 32), AIR, np.int16), SPACING)
+    with pytest.raises(LungMaskError, match=r"expected a non-empty 3D HU volume"):
+        segment_lungs(np.zeros((32, 32), np.int16), SPACING)
+    with pytest.raises(KdsbError, match="expected spacing"):
+        segment_lungs(np.zeros((8, 32, 32), np.int16), (1.0, 0.0, 1.0))
+
+
+def test_bounding_box_adds_the_margin_per_axis_and_clips():
+    mask = np.zeros((40, 50, 60), np.uint8)
+    mask[10:20, 3:30, 30:58] = 1
+    box = lung_bounding_box(mask, (2.5, 0.7, 1.0), margin_mm=10.0)
+    # 10 mm is 4 slices of 2.5 mm, 15 rows of 0.7 mm (rounded up), 10 columns of 1 mm.
+    assert box == (slice(6, 24), slice(0, 45), slice(20, 60))
+    assert lung_bounding_box(mask, (1.0, 1.0, 1.0), margin_mm=0.0) == (
+        slice(10, 20), slice(3, 30), slice(30, 58))
+
+
+def test_bounding_box_of_an_empty_mask_is_a_clear_error():
+    with pytest.raises(LungMaskError, match="expected a 3D mask .* with lung voxels"):
+        lung_bounding_box(np.zeros((4, 4, 4), np.uint8), (1.0, 1.0, 1.0))
+    with pytest.raises(LungMaskError, match="expected a margin"):
+        lung_bounding_box(np.ones((4, 4, 4), np.uint8), (1.0, 1.0, 1.0), margin_mm=-1.0)
+
+
+@pytest.mark.slow
+def test_phantom_from_kdsb_synthetic():
+    """The project's phantom generator (another module): Dice and juxtapleural nodules."""
+    synthetic = pytest.importorskip("kdsb.synthetic")
+    phantom = synthetic.make_phantom(np.random.default_rng(5), size=160, cancer=True)
+    mask = segment_lungs(phantom.hu, phantom.spacing)
+    assert dice(mask, phantom.lung_mask) >= 0.97
+    axes = [o + s * np.arange(n) for o, s, n in
+            zip(phantom.origin, phantom.spacing, phantom.hu.shape, strict=True)]
+    for nodule in phantom.nodules:
+        distance2 = sum((a.reshape(shape) - c) ** 2 for a, c, shape in
+                        zip(axes, nodule.center_mm, ((-1, 1, 1), (1, -1, 1), (1, 1, -1)),
+                            strict=True))
+        # The nominal sphere, shrunk by the surface wobble, within the true lung.
+        inside = (distance2 <= (0.92 * nodule.radius_mm) ** 2) & (phantom.lung_mask > 0)
+        assert mask[inside].mean() >= 0.95, nodule
+
+
+def load_canonical(path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A NIfTI CT as canonical (z, y, x) HU: z inferior → superior, y A → P, x R → L."""
+    nib = pytest.importorskip("nibabel")
+    image = nib.load(path)
+    data = np.asarray(image.dataobj)
+    for axis, (code, wanted) in enumerate(zip(nib.aff2axcodes(image.affine), "LPS", strict=True)):
+        if code != wanted:  # NIfTI voxel axes are (x, y, z); flip those that run the other way
+            data = np.flip(data, axis)
+    spacing = tuple(float(s) for s in image.header.get_zooms()[2::-1])
+    return np.ascontiguousarray(data.transpose(2, 1, 0)).astype(np.int16), spacing
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_chest_ct(real_chest_nifti):
+    hu, spacing = load_canonical(real_chest_nifti)
+    assert spacing == (1.5, 1.5, 1.5)
+    mask = segment_lungs(hu, spacing, patient_id="example_ct")
+    litres = mask.sum() * np.prod(spacing) / 1e6
+    assert 2.0 <= litres <= 8.0
+    # Both lungs: each side of the body's midline holds a large part (here the lungs touch at
+    # the anterior junction line, so they may form one connected component).
+    body_x = np.flatnonzero((hu > -500).any(axis=(0, 1)))
+    middle = (body_x[0] + body_x[-1]) // 2
+    right, left = mask[..., :middle].sum(), mask[..., middle:].sum()
+    assert min(right, left) > 0.35 * (right + left)
+    # The trachea (a dark lumen near the midline in the top slices) is excluded.
+    top = hu[-5:]
+    lumen = (top < -950) & (np.abs(np.arange(hu.shape[2]) - middle) < 20)[None, None, :]
+    assert lumen.sum() > 50
+    assert mask[-5:][lumen].mean() < 0.05
