@@ -42,6 +42,7 @@ EXIT_OK, EXIT_SOME_FAILED = 0, 1
 # A worker process is replaced after this many patients, so memory fragmented by one large
 # scan is returned to the system instead of accumulating over a cohort of ~1,600 scans.
 MAX_PATIENTS_PER_WORKER = 8
+WORKER_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 WORKER_DIED_MESSAGE = (
     "the worker process died while preprocessing this scan (killed, or out of memory?)"
 )
@@ -253,6 +254,11 @@ def _remove_outdated(path: Path) -> None:
         path.unlink()
 
 
+def _configure_worker_logging(level: int) -> None:
+    """Worker initializer: log at the parent's level, as `kdsb.cli.main` does (one line each)."""
+    logging.basicConfig(level=level, format=WORKER_LOG_FORMAT)
+
+
 def _pool_context() -> multiprocessing.context.BaseContext:
     # Never fork: a forked worker inherits the parent's threads and locks (HDF5, BLAS, logging).
     # forkserver starts workers quickly on Linux; spawn everywhere else.
@@ -272,7 +278,11 @@ def _run_pool(
     every unfinished patient yields None).
     """
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=_pool_context(), max_tasks_per_child=max_tasks_per_child
+        max_workers=workers,
+        mp_context=_pool_context(),
+        max_tasks_per_child=max_tasks_per_child,
+        initializer=_configure_worker_logging,
+        initargs=(logging.getLogger().getEffectiveLevel(),),
     )
     try:
         futures: dict[Future, str] = {

@@ -26,6 +26,7 @@ from kdsb.preprocess import (
     preprocess_patient,
     read_manifest,
 )
+from kdsb.resample import resample_mask
 from kdsb.synthetic import load_truth, write_cohort
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,13 +151,18 @@ def test_volume_files_follow_the_data_contract(mixed_run, phantoms):
 
 
 def _truth_in_output(truth, volume: store.Volume) -> np.ndarray:
-    """The truth lung mask sampled (nearest voxel) at every output voxel's patient coordinate."""
-    index = np.indices(volume.hu.shape, dtype=np.float64)
-    coordinates = [
-        (volume.origin[a] + index[a] * volume.spacing[a] - truth.origin[a]) / truth.spacing[a]
-        for a in range(3)
-    ]
-    return ndimage.map_coordinates(truth.lung_mask, coordinates, order=0, mode="constant")
+    """The truth lung mask cropped and resampled exactly as kdsb treats its own mask.
+
+    The output's origin is a source voxel (origin + start index · spacing), so the truth is
+    cropped from that index and resampled with `resample_mask` to the output spacing: any
+    difference left is segmentation, not geometry.
+    """
+    start = (np.subtract(volume.origin, truth.origin)) / np.asarray(truth.spacing)
+    np.testing.assert_allclose(start, np.round(start), atol=1e-6)  # origin on the source grid
+    crop = truth.lung_mask[tuple(slice(int(round(i)), None) for i in start)]
+    resampled = resample_mask(crop, truth.spacing, volume.spacing)
+    assert all(r >= n for r, n in zip(resampled.shape, volume.hu.shape, strict=True))
+    return resampled[tuple(slice(0, n) for n in volume.hu.shape)]
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -170,10 +176,11 @@ def test_segmentation_matches_truth_and_keeps_juxtapleural_nodules(mixed_run, ph
         volume = store.read_volume(out / f"{pid}.h5")
         truth = load_truth(phantoms, pid)
         expected = _truth_in_output(truth, volume)
-        # The crop keeps the whole truth lung (its volume in mm³, 1 mm voxels).
+        # The crop keeps the whole truth lung (volumes in mm³).
         truth_mm3 = truth.lung_mask.sum() * np.prod(truth.spacing)
-        assert expected.sum() == pytest.approx(truth_mm3, rel=0.02)
-        assert _dice(expected, volume.lung_mask) >= MIN_DICE, pid
+        assert expected.sum() * np.prod(volume.spacing) == pytest.approx(truth_mm3, rel=0.02)
+        dice = _dice(expected, volume.lung_mask)
+        assert dice >= MIN_DICE, (pid, dice)
         for nodule in truth.nodules:
             if nodule.juxtapleural and nodule.radius_mm >= 8.0:
                 juxtapleural += 1

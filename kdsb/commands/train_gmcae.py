@@ -82,6 +82,7 @@ def _positive_float(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add train-gmcae's arguments; options left out keep their default (or saved) value."""
     parser.add_argument("data_dir", type=Path, help="folder of kdsb volume files (<id>.h5)")
     parser.add_argument("run_dir", type=Path, help="folder for the model, checkpoints and plots")
 
@@ -217,6 +218,13 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train (or resume), then write the plots and the summary; returns the exit status.
+
+    Raises:
+        UsageError: a missing DATA_DIR, fewer than 2 volumes, incompatible options on resume,
+            or a RUN_DIR holding checkpoints without --resume.
+        TrainingError: the loss became NaN or infinite (the last good checkpoint stays).
+    """
     import keras
     import numpy as np
     import tensorflow as tf
