@@ -75,6 +75,7 @@ class ClassifierConfig:
         patience: early stopping after this many epochs without a better validation log loss
             (None: never).
         precision: "float32", "mixed_bfloat16" or "mixed_float16".
+        levels: spatial pyramid levels (bins per axis); (1,) is global max pooling.
         dense_units: units of the hidden dense layer.
         dropout: dropout rate of the head.
         augment: random cube symmetry per training volume.
@@ -96,6 +97,7 @@ class ClassifierConfig:
     downscale: int = 1
     patience: int | None = 5
     precision: str = "float32"
+    levels: tuple[int, ...] = (1, 2, 4)
     dense_units: int = 64
     dropout: float = 0.5
     augment: bool = True
@@ -113,6 +115,8 @@ class ClassifierConfig:
              self.class_weight),
             (self.downscale >= 1, "--downscale >= 1", self.downscale),
             (self.patience is None or self.patience >= 1, "--patience >= 1", self.patience),
+            (len(self.levels) > 0 and min(self.levels) >= 1, "--levels of integers >= 1",
+             self.levels),
         )
         for ok, expected, received in checks:
             if not ok:
@@ -268,6 +272,7 @@ def train_classifier(
         model = build_classifier(
             encoder,
             freeze_blocks=config.freeze_blocks,
+            levels=tuple(config.levels),
             dense_units=config.dense_units,
             dropout=config.dropout,
         )

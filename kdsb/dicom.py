@@ -7,8 +7,14 @@ coordinates Z, Y, X increasing along the axes.
 
 How the series is chosen and checked:
 
-- Header pass with `stop_before_pixels`; files that are not DICOM are skipped with a warning,
-  DICOM files that cannot be parsed (truncated, corrupt) are an error naming the file.
+- One pass over the files: each is read from disk once and parsed whole, its pixel data kept
+  as undecoded bytes (up to `CACHE_BYTES` for the folder; files past that budget are parsed
+  with `stop_before_pixels` and read again only if their series is chosen). Only the chosen
+  series is decoded, one slice at a time into a preallocated volume, each decoded slice and its
+  bytes released at once; the other series' bytes are released as soon as it is chosen. Files
+  that are not DICOM are skipped with a warning; DICOM files that cannot be parsed (truncated,
+  corrupt) are an error naming the file (damage within the pixel data only when that file's
+  series is chosen).
 - Objects without an image, localizers/scouts (ImageType LOCALIZER), non-CT series and images
   whose orientation differs from their series' majority are dropped and logged; of the rest the
   series with the most distinct slice positions wins (ties: the smaller SeriesInstanceUID).
@@ -69,6 +75,9 @@ IN_PLANE_DRIFT_PIXELS = 0.5  # largest in-plane drift of slice positions (gantry
 DUPLICATE_FRACTION = 0.01  # positions closer than this × median gap are the same slice
 MISSING_SLICE_FACTOR = 1.5  # a gap over this × median gap means missing slices
 GRID_TOLERANCE = 0.2  # largest distance of a slice from the uniform grid, × spacing
+# Undecoded file bytes kept from the single read pass, per folder: a 512 × 512 × 1000 int16
+# series fits; a bigger folder re-reads the files past this budget (memory stays bounded).
+CACHE_BYTES = 512 * 1024**2
 MM_DECIMALS = 9  # spacing and origin rounded to 1e-9 mm: hides float noise (0.7000000000000001)
 # Transfer syntax UID prefixes → the pylibjpeg plugin that decodes them.
 DECODER_PACKAGES = {
@@ -118,6 +127,10 @@ class _Header:
     orientation: np.ndarray | None  # (row cosine, column cosine), shape (2, 3)
     position: np.ndarray | None  # ImagePositionPatient, shape (3,)
     pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing) mm
+    transfer_syntax: str
+    # The whole file parsed, pixel data still undecoded bytes; None past the cache budget or
+    # when only the header could be parsed (the pixel pass then reads the file again).
+    dataset: pydicom.Dataset | None
 
     def orientation_key(self) -> tuple[float, ...] | None:
         if self.orientation is None:
@@ -146,14 +159,20 @@ class _Reader:
             raise self.error(f"expected DICOM files, received an empty folder {self.folder}")
         return files
 
-    def read_header(self, path: Path) -> _Header | None:
-        """The header of one file; None (with a warning) when the file is not DICOM."""
+    def read_header(self, path: Path, keep_pixels: bool) -> _Header | None:
+        """The header of one file; None (with a warning) when the file is not DICOM.
+
+        With `keep_pixels` the file is read once and parsed whole (pixel data undecoded) and
+        the dataset kept on the header for the pixel pass.
+        """
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=not keep_pixels)
         except InvalidDicomError:
             logger.warning("patient %s: skipping %s: not a DICOM file", self.patient, path.name)
             return None
         except Exception as exc:  # pydicom raises many types for truncated or corrupt files
+            if keep_pixels:  # maybe only the pixel data is damaged: an error if it is chosen
+                return self.read_header(path, keep_pixels=False)
             raise self.error(
                 f"expected a readable DICOM file, received a truncated or corrupt one ({exc})",
                 path,
@@ -185,6 +204,8 @@ class _Reader:
                 orientation=orientation,
                 position=position,
                 pixel_spacing=pixel_spacing,
+                transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+                dataset=ds if keep_pixels else None,
             )
         except (ValueError, TypeError) as exc:
             raise self.error(
@@ -193,7 +214,15 @@ class _Reader:
 
     def read_headers(self) -> list[_Header]:
         files = self.list_files()
-        headers = [h for h in map(self.read_header, files) if h is not None]
+        headers = []
+        cached = 0
+        for path in files:
+            size = path.stat().st_size
+            keep_pixels = cached + size <= CACHE_BYTES
+            cached += size if keep_pixels else 0
+            header = self.read_header(path, keep_pixels)
+            if header is not None:
+                headers.append(header)
         if not headers:
             names = ", ".join(p.name for p in files[:3]) + (", …" if len(files) > 3 else "")
             raise self.error(
@@ -362,9 +391,8 @@ class _Reader:
 
     # --- pixels --------------------------------------------------------------------------
 
-    def check_decoder(self, path: Path) -> None:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    def check_decoder(self, header: _Header) -> None:
+        path, syntax = header.path, header.transfer_syntax
         try:
             decoder = get_decoder(syntax)
         except NotImplementedError as exc:
@@ -382,12 +410,19 @@ class _Reader:
             )
 
     def read_slice(self, header: _Header, out: np.ndarray) -> None:
-        """Decode one file once and write its HU (int16) into `out` (rows, columns)."""
+        """Decode one file once and write its HU (int16) into `out` (rows, columns).
+
+        Releases the header's kept dataset (its bytes and the decoded array pydicom caches).
+        """
         path = header.path
-        try:
-            ds = pydicom.dcmread(path)
-        except Exception as exc:  # pydicom raises many types for truncated or corrupt files
-            raise self.error(f"expected a readable DICOM file, received {exc}", path) from exc
+        ds, header.dataset = header.dataset, None
+        if ds is None:
+            try:
+                ds = pydicom.dcmread(path)
+            except Exception as exc:  # pydicom raises many types for truncated or corrupt files
+                raise self.error(
+                    f"expected a readable DICOM file, received {exc}", path
+                ) from exc
         if "PixelData" not in ds:
             raise self.error("expected pixel data, received a file without PixelData", path)
         photometric = str(ds.get("PhotometricInterpretation", ""))
@@ -458,7 +493,7 @@ class _Reader:
         headers, along = self.order_slices(headers, normal)
         source_spacing_mm = self.slice_spacing(headers, along)
         self.check_tilt(headers, orientation, first.pixel_spacing)
-        self.check_decoder(headers[0].path)
+        self.check_decoder(headers[0])
 
         rows, columns = first.rows, first.columns
         # Decoded straight into the source-order array; the canonical view is a transpose

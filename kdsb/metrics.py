@@ -20,7 +20,7 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_CALIBRATION_BINS = 10
 
 
-def _validate(y, p=None) -> tuple[np.ndarray, np.ndarray | None]:
+def _validate(y, p=None, *, probabilities: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     y = np.asarray(y, dtype=np.float64).ravel()
     if y.size == 0:
         raise KdsbError("expected at least one label, received none")
@@ -34,6 +34,10 @@ def _validate(y, p=None) -> tuple[np.ndarray, np.ndarray | None]:
         raise KdsbError(
             f"expected as many probabilities as labels, received {p.size} and {y.size}"
         )
+    if not probabilities:
+        if not np.isfinite(p).all():
+            raise KdsbError(f"expected finite scores, received {float(p[~np.isfinite(p)][0])!r}")
+        return y, p
     if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
         bad = float(p[~(np.isfinite(p) & (p >= 0) & (p <= 1))][0])
         raise KdsbError(f"expected probabilities in [0, 1], received {bad!r}")
@@ -74,9 +78,10 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 def roc_auc(y, p) -> float:
     """Area under the ROC curve via the Mann–Whitney U statistic; ties count one half.
 
-    Returns NaN when `y` holds a single class (the AUC is undefined).
+    `p` may be any finite scores (only their order matters). Returns NaN when `y` holds a
+    single class (the AUC is undefined).
     """
-    y, p = _validate(y, p)
+    y, p = _validate(y, p, probabilities=False)
     positives = int(y.sum())
     negatives = y.size - positives
     if positives == 0 or negatives == 0:
@@ -89,9 +94,10 @@ def roc_auc(y, p) -> float:
 def roc_curve(y, p) -> tuple[np.ndarray, np.ndarray]:
     """False and true positive rates at every distinct threshold, from (0, 0) to (1, 1).
 
-    Tied scores move the curve diagonally, so the trapezoidal area equals `roc_auc`.
+    Tied scores move the curve diagonally, so the trapezoidal area equals `roc_auc`. `p` may be
+    any finite scores.
     """
-    y, p = _validate(y, p)
+    y, p = _validate(y, p, probabilities=False)
     order = np.argsort(-p, kind="stable")
     y_sorted, p_sorted = y[order], p[order]
     # Keep the last index of each run of equal scores: thresholds between distinct values.

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -112,7 +113,10 @@ PATIENT_PREFIX = "phantom_"
 STORAGE_STYLES = (("int16", -1024.0), ("int16", 0.0), ("uint16", -1024.0))
 SLOPES = (1.0, 1.0, 1.0, 0.5)
 UINT16_PADDING_RAW = 0  # PixelPaddingValue for unsigned storage (HU_MIN keeps it unused)
-INT16_PADDING_RAW = -2000
+# Declared padding for signed storage: the raw value of the -2000 HU "outside the field" value
+# under the series' own slope and intercept. A fixed raw value is not safe: raw -2000 with slope
+# 0.5 and intercept 0 is -1000 HU, which real air pixels take.
+PADDING_HU = -2000
 SLICE_ORDERS = ("ascending", "descending", "random")
 SHUFFLE_NAMES_PROBABILITY = 0.3
 FLIP_PROBABILITY = 0.15
@@ -733,16 +737,33 @@ def patient_id(index: int) -> str:
     return f"{PATIENT_PREFIX}{index:03d}"
 
 
+def padding_raw(storage: str, slope: float, intercept: float) -> int:
+    """The PixelPaddingValue (raw stored value) for padded pixels of one storage style.
+
+    Args:
+        storage: "int16" or "uint16".
+        slope: RescaleSlope (> 0).
+        intercept: RescaleIntercept in HU.
+
+    Returns:
+        uint16: `UINT16_PADDING_RAW` (0). int16: the raw value of `PADDING_HU`. Either way below
+        the raw value of `HU_MIN`, so no pixel inside the field of view takes it.
+    """
+    if storage == "uint16":
+        return UINT16_PADDING_RAW
+    return int(round((PADDING_HU - intercept) / slope))
+
+
 def _acquisition(rng: np.random.Generator) -> dict:
     """How one series is stored: keyword arguments for `write_ct_series` (JSON-friendly)."""
     storage, intercept = STORAGE_STYLES[int(rng.integers(len(STORAGE_STYLES)))]
-    if storage == "uint16":
-        padding_value = UINT16_PADDING_RAW
-    else:  # declared padding, or the -2000 HU "outside the field" value with none declared
-        padding_value = INT16_PADDING_RAW if rng.random() < 0.5 else None
+    # Signed storage: declared padding, or the -2000 HU "outside the field" value undeclared.
+    declare_padding = storage == "uint16" or rng.random() < 0.5
+    slope = float(SLOPES[int(rng.integers(len(SLOPES)))])
+    padding_value = padding_raw(storage, slope, intercept) if declare_padding else None
     return {
         "storage": storage,
-        "slope": float(SLOPES[int(rng.integers(len(SLOPES)))]),
+        "slope": slope,
         "intercept": intercept,
         "padding_value": padding_value,
         "slice_order": SLICE_ORDERS[int(rng.integers(len(SLICE_ORDERS)))],
@@ -786,6 +807,24 @@ def _write_truth(truth_dir: Path, pid: str, phantom: Phantom, acquisition: dict)
     (truth_dir / f"{pid}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _cohort(
+    *, patients: int, seed: int, size: int, scale: float
+) -> Iterator[tuple[str, Phantom, dict]]:
+    """Each patient of a cohort in turn: its id, phantom and `write_ct_series` storage options.
+
+    Labels: exactly `patients // 2` cancer cases, shuffled; patient `i` depends only on
+    (seed, i, size, scale) and its label.
+    """
+    sequence = np.random.SeedSequence(seed)
+    labels = np.zeros(patients, int)
+    labels[: patients // 2] = 1
+    labels = np.random.default_rng(sequence).permutation(labels)
+    for index, child in enumerate(sequence.spawn(patients)):
+        rng = np.random.default_rng(child)
+        phantom = make_phantom(rng, size=size, cancer=bool(labels[index]), scale=scale)
+        yield patient_id(index), phantom, _acquisition(rng)
+
+
 def write_cohort(
     out_root: str | os.PathLike,
     *,
@@ -824,18 +863,11 @@ def write_cohort(
     # Deferred: pydicom is only needed when writing.
     from kdsb.dicom_write import write_ct_series
 
-    sequence = np.random.SeedSequence(seed)
-    labels = np.zeros(patients, int)
-    labels[: patients // 2] = 1
-    labels = np.random.default_rng(sequence).permutation(labels)
     rows = []
-    for index, child in enumerate(
-        tqdm(sequence.spawn(patients), desc="synth", unit="patient", disable=None)
+    cohort = _cohort(patients=patients, seed=seed, size=size, scale=scale)
+    for pid, phantom, acquisition in tqdm(
+        cohort, total=patients, desc="synth", unit="patient", disable=None
     ):
-        pid = patient_id(index)
-        rng = np.random.default_rng(child)
-        phantom = make_phantom(rng, size=size, cancer=bool(labels[index]), scale=scale)
-        acquisition = _acquisition(rng)
         write_ct_series(
             out_root / "dicom" / pid,
             phantom.hu,

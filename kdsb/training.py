@@ -193,7 +193,7 @@ def _finite(value: Any) -> bool:
         return True  # not a number (a string, an array): nothing to check
 
 
-def _make_callbacks_module():
+def _callback_classes():
     """The kdsb callbacks; defined lazily because they subclass a Keras class."""
     import keras
 
@@ -383,7 +383,7 @@ def fit(
         history_path.unlink(missing_ok=True)
         rows = []
 
-    NonFiniteGuard, EpochCheckpoint = _make_callbacks_module()
+    NonFiniteGuard, EpochCheckpoint = _callback_classes()
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=True)
     # Order matters: the guard first (nothing is written for a non-finite model), then the
     # history row, then the checkpoint. A kill between the last two leaves one row too many,

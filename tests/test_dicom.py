@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections import Counter
 
 import numpy as np
 import pydicom
@@ -11,6 +12,7 @@ import pytest
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import generate_uid
 
+import kdsb.dicom
 from kdsb.dicom import AIR_HU, CTSeries, read_series
 from kdsb.dicom_write import write_ct_series
 from kdsb.errors import DicomError, MissingDecoderError
@@ -188,6 +190,39 @@ def test_duplicate_slice_kept_once_with_warning(tmp_path, hu, caplog):
     with caplog.at_level(logging.WARNING, logger="kdsb.dicom"):
         _assert_same(read_series(tmp_path), hu)
     assert "already used position" in caplog.text and "copy.dcm" in caplog.text
+
+
+def _count_reads(monkeypatch) -> Counter:
+    """Count pydicom.dcmread calls per file name (full reads and header-only reads)."""
+    reads = Counter()
+    original = pydicom.dcmread
+
+    def counting(path, *args, **kwargs):
+        reads[(path.name, kwargs.get("stop_before_pixels", False))] += 1
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(kdsb.dicom.pydicom, "dcmread", counting)
+    return reads
+
+
+def test_each_file_is_read_once_and_only_the_chosen_series_decoded(tmp_path, hu, monkeypatch):
+    paths = _write(tmp_path, hu)
+    scout = _write(tmp_path, hu[:2], series_number=2, image_type=("ORIGINAL", "LOCALIZER"))
+    # Damaged pixel data in a dropped series is never decoded, so it is no error.
+    scout[0].write_bytes(scout[0].read_bytes()[:-100])
+    reads = _count_reads(monkeypatch)
+    _assert_same(read_series(tmp_path), hu)
+    assert reads == Counter({(p.name, False): 1 for p in [*paths, *scout]})
+
+
+def test_files_past_the_cache_budget_are_read_again(tmp_path, hu, monkeypatch):
+    paths = _write(tmp_path, hu)
+    monkeypatch.setattr(kdsb.dicom, "CACHE_BYTES", sum(p.stat().st_size for p in paths[:2]))
+    reads = _count_reads(monkeypatch)
+    _assert_same(read_series(tmp_path), hu)
+    assert reads == Counter({(p.name, False): 1 for p in paths[:2]}) + Counter(
+        {(p.name, stop): 1 for p in paths[2:] for stop in (True, False)}
+    )
 
 
 def test_missing_slice(tmp_path, hu):

@@ -264,3 +264,27 @@ def test_real_chest_ct(real_chest_nifti):
     lumen = (top < -950) & (np.abs(np.arange(hu.shape[2]) - middle) < 20)[None, None, :]
     assert lumen.sum() > 50
     assert mask[-5:][lumen].mean() < 0.05
+
+
+def test_small_patient_trachea_is_excluded_and_lungs_stay_apart():
+    """Regression: a small patient's narrow trachea (about 10 mm across) on about 2.7 mm pixels.
+
+    The 3×3 averaging before the airway threshold used to shrink its lumen below the seed's
+    least area, so the trachea stayed in the mask and the per-side closing filled the
+    mediastinum between it and both lungs (Dice 0.954). This is patient phantom_002 of
+    `write_cohort(seed=0, patients=4, size=96, scale=0.7)`.
+    """
+    synthetic = pytest.importorskip("kdsb.synthetic")
+    sequence = np.random.SeedSequence(0)
+    labels = np.random.default_rng(sequence).permutation([1, 1, 0, 0])
+    rng = np.random.default_rng(sequence.spawn(4)[2])
+    phantom = synthetic.make_phantom(rng, size=96, cancer=bool(labels[2]), scale=0.7)
+    mask = segment_lungs(phantom.hu, phantom.spacing)
+    assert dice(mask, phantom.lung_mask) >= 0.98
+    above_apex = np.flatnonzero(phantom.lung_mask.any(axis=(1, 2)))[-1] + 1
+    assert above_apex + 2 < mask.shape[0]
+    # The trachea above the lungs (a coarse block may carry the apex one slice up).
+    assert not mask[above_apex + 2 :].any()
+    lung_columns = phantom.lung_mask.any(axis=(0, 1))
+    gap = ~lung_columns & (np.cumsum(lung_columns) > 0) & (np.cumsum(lung_columns[::-1])[::-1] > 0)
+    assert gap.any() and not mask[..., gap].any()  # nothing between the lungs

@@ -83,6 +83,9 @@ def test_summary_keys_and_validation():
     with pytest.raises(KdsbError, match="expected as many probabilities as labels"):
         metrics.log_loss([1, 0], [0.5])
     with pytest.raises(KdsbError, match=r"expected probabilities in \[0, 1\], received 1.5"):
-        metrics.roc_auc([1, 0], [1.5, 0.5])
+        metrics.log_loss([1, 0], [1.5, 0.5])
+    assert metrics.roc_auc([1, 0, 0], [7.0, -3.0, 2.0]) == pytest.approx(1.0)  # any scores
+    with pytest.raises(KdsbError, match="expected finite scores, received nan"):
+        metrics.roc_auc([1, 0], [np.nan, 0.5])
     with pytest.raises(KdsbError, match="expected at least one label"):
         metrics.base_rate_log_loss([])

@@ -22,6 +22,7 @@ DEFAULTS = {
     "downscale": 1,
     "patience": 5,
     "precision": "float32",
+    "levels": (1, 2, 4),
     "dense_units": 64,
     "dropout": 0.5,
 }
@@ -57,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="early stopping: epochs without a better validation log loss")
     parser.add_argument("--precision", choices=("float32", "mixed_bfloat16", "mixed_float16"),
                         help="numeric precision of the layers")
+    parser.add_argument("--levels", type=int, nargs="+",
+                        help="spatial pyramid levels (bins per axis); 1 alone: global max")
     parser.add_argument("--dense-units", type=int, help="units of the hidden dense layer")
     parser.add_argument("--dropout", type=float, help="dropout of the dense head")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
@@ -85,6 +88,7 @@ def config_from_args(args: argparse.Namespace):
         downscale=args.downscale,
         patience=args.patience,
         precision=args.precision,
+        levels=tuple(args.levels),
         dense_units=args.dense_units,
         dropout=args.dropout,
         augment=args.augment,

@@ -67,6 +67,10 @@ DEFAULTS: dict[str, object] = {
 RESUMABLE_CHANGES = ("epochs", "steps_per_epoch", "distribute", "keep_checkpoints")
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -89,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def option(flag: str, help_text: str, **kwargs) -> None:
         key = flag.removeprefix("--").replace("-", "_")
         default = DEFAULTS[key]
-        shown = "the GMCAE's default" if default is None else default
+        shown = "kdsb.gmcae.DEFAULT_VARIANCE_FLOOR" if default is None else default
         parser.add_argument(
             flag, default=argparse.SUPPRESS, help=f"{help_text} (default: {shown})", **kwargs
         )
@@ -130,10 +134,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config = json.loads(config_path.read_text())
         for key, value in given.items():
             if key not in RESUMABLE_CHANGES and value != config.get(key):
-                flag = "--" + key.replace("_", "-")
+                changeable = ", ".join(_flag(k) for k in RESUMABLE_CHANGES)
                 raise UsageError(
-                    f"expected {flag} {config.get(key)} as saved in {config_path} when resuming, "
-                    f"received {value}; only {', '.join(RESUMABLE_CHANGES)} may change"
+                    f"expected {_flag(key)} {config.get(key)} as saved in {config_path} when "
+                    f"resuming, received {value}; only {changeable} may change"
                 )
         if config.get("data_dir") != data_dir:
             logger.warning("resuming with data from %s (the run began with %s)",
