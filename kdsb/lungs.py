@@ -65,6 +65,7 @@ ML_PER_LITRE = 1000.0
 
 HULL_DIRECTIONS = 128  # half-planes that bound each slice's convex hull
 HULL_TOLERANCE = 1e-3  # pixels (float32 roundoff): keeps the points that span the hull inside it
+HULL_PIXEL_REACH = 0.25  # pixels: how far the hull reaches beyond the outermost pixel centres
 IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)  # 4-connectivity within an axial slice
 FULL_NEVER, FULL_IF_AIR, FULL_ALWAYS = 0, 1, 2  # how a coarse voxel maps to the source grid
@@ -316,7 +317,9 @@ def _slice_hulls(mask: np.ndarray) -> np.ndarray:
         # Half-plane k: x * sign * ux + y * uy <= support[k] over the slice's points.
         reach = along + extreme[..., None] * (sign * ux)
         reach[np.broadcast_to(outside, reach.shape)] = -np.inf
-        support = reach.max(axis=1, keepdims=True)  # (z, 1, k)
+        # A little beyond the pixel centres (skimage's default, the hull of the pixels' corners,
+        # reaches half a pixel): covers the coarse pixels a juxtapleural nodule's edge cuts.
+        support = reach.max(axis=1, keepdims=True) + HULL_PIXEL_REACH * (np.abs(ux) + np.abs(uy))
         bounds.append((support - along) / ux)  # sign * x <= bound
     x_high = np.floor(bounds[0].min(axis=2) + HULL_TOLERANCE)
     x_low = np.ceil(-bounds[1].min(axis=2) - HULL_TOLERANCE)
