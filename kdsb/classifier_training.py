@@ -48,6 +48,7 @@ BEST_NAME = "classifier.keras"
 METRICS_NAME = "metrics.json"
 MONITOR = "val_log_loss"
 LOSSES = ("bce", "focal")
+POOLINGS = ("max", "average")
 CLASS_WEIGHTS = ("balanced", "none")
 FOCAL_GAMMA = 2.0
 # Gradient clipping by global norm: whole-volume steps are few and noisy.
@@ -75,7 +76,8 @@ class ClassifierConfig:
         patience: early stopping after this many epochs without a better validation log loss
             (None: never).
         precision: "float32", "mixed_bfloat16" or "mixed_float16".
-        levels: spatial pyramid levels (bins per axis); (1,) is global max pooling.
+        levels: spatial pyramid levels (bins per axis); (1,) is global pooling.
+        pooling: "max" or "average" pooling in the pyramid.
         dense_units: units of the hidden dense layer.
         dropout: dropout rate of the head.
         augment: random cube symmetry per training volume.
@@ -98,6 +100,7 @@ class ClassifierConfig:
     patience: int | None = 5
     precision: str = "float32"
     levels: tuple[int, ...] = (1, 2, 4)
+    pooling: str = "max"
     dense_units: int = 64
     dropout: float = 0.5
     augment: bool = True
@@ -111,6 +114,7 @@ class ClassifierConfig:
             (self.lr > 0, "--lr > 0", self.lr),
             (0.0 < self.val_fraction < 1.0, "--val-fraction in (0, 1)", self.val_fraction),
             (self.loss in LOSSES, f"--loss in {LOSSES}", self.loss),
+            (self.pooling in POOLINGS, f"--pooling in {POOLINGS}", self.pooling),
             (self.class_weight in CLASS_WEIGHTS, f"--class-weight in {CLASS_WEIGHTS}",
              self.class_weight),
             (self.downscale >= 1, "--downscale >= 1", self.downscale),
@@ -273,6 +277,7 @@ def train_classifier(
             encoder,
             freeze_blocks=config.freeze_blocks,
             levels=tuple(config.levels),
+            pooling=config.pooling,
             dense_units=config.dense_units,
             dropout=config.dropout,
         )

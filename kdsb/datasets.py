@@ -66,7 +66,9 @@ def split_patients(
     else:
         missing = [i for i in unique if i not in labels]
         if missing:
-            raise LabelsError(f"expected a label for every patient, received none for {missing[:5]}")
+            raise LabelsError(
+                f"expected a label for every patient, received none for {missing[:5]}"
+            )
         bad = {i: labels[i] for i in unique if labels[i] not in (0, 1)}
         if bad:
             raise LabelsError(f"expected labels 0 or 1, received {dict(list(bad.items())[:5])}")
@@ -183,6 +185,10 @@ def patch_dataset(
     Returns:
         tf.data.Dataset of (x, x), x float32 (batch, P, P, P, 1); the GMCAE's loss takes the
         patch itself as y_true. The last batch may be smaller when `repeat` is False.
+
+    Reads run Python (h5py) in tf.data's threads: drop iterators over a repeating dataset
+    (`del it`) before the interpreter exits, or exit can block. `model.fit` and temporary
+    iterators (`next(iter(ds))`) release theirs themselves.
     """
     import tensorflow as tf
 

@@ -18,7 +18,9 @@ already reads -1000 HU.
    (two Euclidean distance transforms: an exact ball at little cost, unlike binary closing with
    a huge structuring element) and 3D hole filling take in vessels and nodules; tissue enclosed
    between the lung and the chest wall inside the slice-wise convex hull of the lungs takes in
-   juxtapleural nodules and tumours, which a ball rolling from the wall side would bite into.
+   juxtapleural nodules and tumours, which a ball rolling from the wall side would bite into;
+   a nodule found so reaches on out to the chest wall's depth under the skin, past the hull's
+   chords where the wall curves outwards.
 2. Back on the source grid, coarse voxels well inside the mask, or added by the filling, are
    taken whole; coarse voxels on the boundary keep only their full-resolution air voxels, so the
    lung surface is as sharp as the source image.
@@ -56,7 +58,10 @@ TRACHEA_MIN_FILL = 0.45  # area / bounding-box area: a round lumen fills about Ï
 TRACHEA_MIN_DARK = 0.2  # least fraction of the lumen below AIRWAY_THRESHOLD_HU (after averaging)
 TRACHEA_SEARCH_MM = 60.0  # the seed is looked for this far below the top of the body's air
 MAX_ENCLOSED_ML = 150.0  # enclosed tissue filled into a lung: up to a 33 mm radius tumour
-MIN_NODULE_RADIUS_MM = 3.0  # thinner enclosed pockets are slivers along the lung surface
+NODULE_CORE_RADIUS_MM = 5.0  # solid tissue this thick is a nodule (vessels at the wall are thinner)
+WALL_REACH_MM = 10.0  # in-plane reach from a juxtapleural nodule out to the chest wall
+WALL_DEPTH_TOLERANCE = 1.0  # pixels: wall depth discretisation (a diagonal staircase ~0.7 px)
+IN_PLANE_ONLY_MM = 1e6  # a z spacing that keeps distances within each axial slice
 AIRWAY_LEAK_FACTOR = 2.5  # airway area growing this much beyond its largest so far is a leak
 AIRWAY_MARGIN_MM = 3.0  # removed around the found lumen: its wall's partial-volume rim
 AIRWAY_SMOOTH_MAX_MM = 5.0  # widest in-plane mean (3 coarse pixels) before the airway threshold
@@ -353,7 +358,11 @@ def _enclosed(tissue: np.ndarray) -> np.ndarray:
 
 
 def _fill_side(
-    lung_air: np.ndarray, hulls: np.ndarray, side: tuple[slice, ...], spacing: Sequence[float]
+    lung_air: np.ndarray,
+    hulls: np.ndarray,
+    body: np.ndarray,
+    side: tuple[slice, ...],
+    spacing: Sequence[float],
 ) -> np.ndarray:
     """The filled lung mask of one side (coarse grid, all arrays full size).
 
@@ -363,7 +372,8 @@ def _fill_side(
       lung and nodules up to about that radius;
     - tissue inside the slice-wise convex hull of the lungs that is enclosed by this lung and the
       chest wall (it reaches neither the midline nor the scan's ends): nodules and tumours
-      that are cut flat by the chest wall, whose bite a ball from the wall side would enter.
+      that are cut flat by the chest wall, whose bite a ball from the wall side would enter;
+      such a nodule then reaches out to the chest wall (`_reach_wall`).
     """
     part = np.zeros_like(lung_air)
     part[side] = lung_air[side]
@@ -375,22 +385,65 @@ def _fill_side(
     box = _bounding_box(part, [math.ceil(CLOSING_RADIUS_MM / s) + 1 for s in spacing])
     filled[box] = _fill_holes_3d(_close_ball(part[box], CLOSING_RADIUS_MM, spacing))
     half = filled[side]
-    pockets = _enclosed(hulls[side] & ~lung_air[side])
+    # Pockets are looked for after the closing has filled the vessels: a nodule that a vessel
+    # touches would otherwise reach the mediastinum through the vessel tree.
+    pockets = _enclosed(hulls[side] & ~half)
     max_voxels = MAX_ENCLOSED_ML * MM3_PER_ML / math.prod(spacing)
     labels, count = ndimage.label(pockets)
     if count:
         keep = np.bincount(labels.ravel()) <= max_voxels
         keep[0] = False
         half |= keep[labels]
-        # Nodule-like pockets (not the slivers between the lung's staircase surface and its
-        # hull) grow one voxel into the wall: it covers the coarse voxels the hull cut through.
-        deep = ndimage.binary_erosion(pockets, structure=_ball(MIN_NODULE_RADIUS_MM, spacing))
-        nodular = np.zeros_like(keep)
-        nodular[np.unique(labels[deep])] = True
-        half |= ndimage.binary_dilation((nodular & keep)[labels]) & ~lung_air[side]
+        # A nodule is solid tissue the lung enclosed, whether the closing or a pocket took it
+        # in: what survives an opening with a ball (thin vessels and the slivers between the
+        # lung's staircase surface and its hull do not). Where such a nodule meets a pocket it
+        # touches the chest wall, and the hull's chord may have cut off the part of it under the
+        # wall's outward curve: it reaches on out to the wall.
+        box = _bounding_box(pockets, (1, 1, 1))
+        solid = np.zeros_like(pockets)
+        solid[box] = ndimage.binary_opening(
+            half[box] & ~lung_air[side][box], structure=_ball(NODULE_CORE_RADIUS_MM, spacing)
+        )
+        nodules, _ = ndimage.label(solid | pockets)
+        juxtapleural = np.intersect1d(nodules[solid], nodules[pockets])
+        for index in juxtapleural:
+            _reach_wall(nodules == index, lung_air[side], body[side], half, spacing)
     result = np.zeros_like(lung_air)
     result[side] = half
     return result
+
+
+def _reach_wall(
+    nodule: np.ndarray,
+    lung_air: np.ndarray,
+    body: np.ndarray,
+    filled: np.ndarray,
+    spacing: Sequence[float],
+) -> None:
+    """Extend a juxtapleural nodule (its solid core and pockets) out to where the lung's surface
+    would be.
+
+    The pockets (tissue enclosed by the lung and the slice-wise convex hull of the lungs) end at
+    the hull's chords, short of a chest wall that curves outwards. The chest wall's thickness
+    changes slowly, so the lung surface around the nodule lies at about the same depth under
+    the skin as the nodule's hidden edge: wall voxels within `WALL_REACH_MM` (in-plane) of the
+    nodule that lie no shallower than the nearest lung surface, less `WALL_DEPTH_TOLERANCE`
+    pixels, are added to `filled` (in place). Works on the nodule's slices only, so growth never
+    runs along the axis into the diaphragm.
+    """
+    slices = np.flatnonzero(nodule.any(axis=(1, 2)))
+    zs = slice(int(slices[0]), int(slices[-1]) + 1)
+    nodule, lung_air, body = nodule[zs], lung_air[zs], body[zs]
+    wall = body & ~filled[zs]
+    surface = lung_air & ndimage.binary_dilation(wall, structure=IN_PLANE)
+    if not surface.any():
+        return
+    depth = ndimage.distance_transform_edt(body, sampling=spacing)
+    _, nearest = ndimage.distance_transform_edt(~surface, sampling=spacing, return_indices=True)
+    surface_depth = depth[tuple(nearest)]
+    reach = ndimage.distance_transform_edt(~nodule, sampling=(IN_PLANE_ONLY_MM, *spacing[1:]))
+    tolerance = WALL_DEPTH_TOLERANCE * min(spacing[1:])
+    filled[zs] |= wall & (reach <= WALL_REACH_MM) & (depth >= surface_depth - tolerance)
 
 
 def _upsample(coarse: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
@@ -452,7 +505,8 @@ def segment_lungs(
 
     air = coarse_hu < AIR_THRESHOLD_HU
     body = _largest_component(~air)
-    interior_air = air & _fill_holes_2d(body)
+    inside_body = _fill_holes_2d(body)
+    interior_air = air & inside_body
     if not interior_air.any():
         raise _plausibility_error(patient, litres, "no air-filled region inside the body")
 
@@ -470,7 +524,7 @@ def segment_lungs(
     hulls = _slice_hulls(lung_air)
     coarse_mask = np.zeros_like(lung_air)
     for side in (np.s_[:, :, :split], np.s_[:, :, split:]):
-        coarse_mask |= _fill_side(lung_air, hulls, side, coarse_spacing)
+        coarse_mask |= _fill_side(lung_air, hulls, inside_body, side, coarse_spacing)
 
     inner = ndimage.binary_erosion(coarse_mask, border_value=1)
     added = coarse_mask & ~lung_air

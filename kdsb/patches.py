@@ -152,7 +152,7 @@ def _lung_fractions(lung_mask: np.ndarray, corners: np.ndarray, size: np.ndarray
     for i, corner in enumerate(corners):
         start = np.maximum(corner, 0)
         stop = corner + size
-        window = lung_mask[tuple(slice(a, b) for a, b in zip(start, stop))]
+        window = lung_mask[tuple(slice(a, b) for a, b in zip(start, stop, strict=True))]
         fractions[i] = np.count_nonzero(window) / volume
     return fractions
 
@@ -261,7 +261,7 @@ def grid_patch_corners(
     if len(shape) != SPATIAL_AXES:
         raise KdsbError(f"expected a volume shape (z, y, x), received {shape}")
     per_axis = []
-    for n, p, s in zip(shape, size, step):
+    for n, p, s in zip(shape, size, step, strict=True):
         if n <= p:
             per_axis.append(np.array([(n - p) // 2]))
             continue
@@ -299,7 +299,7 @@ def extract_patch(
     start = np.clip(corner, 0, shape)
     stop = np.clip(corner + size, 0, shape)
     if np.all(stop > start):
-        source = tuple(slice(a, b) for a, b in zip(start, stop))
-        target = tuple(slice(a, b) for a, b in zip(start - corner, stop - corner))
+        source = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+        target = tuple(slice(a, b) for a, b in zip(start - corner, stop - corner, strict=True))
         patch[target] = volume[source]
     return patch

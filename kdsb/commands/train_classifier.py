@@ -23,6 +23,7 @@ DEFAULTS = {
     "patience": 5,
     "precision": "float32",
     "levels": (1, 2, 4),
+    "pooling": "max",
     "dense_units": 64,
     "dropout": 0.5,
 }
@@ -60,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="numeric precision of the layers")
     parser.add_argument("--levels", type=int, nargs="+",
                         help="spatial pyramid levels (bins per axis); 1 alone: global max")
+    parser.add_argument("--pooling", choices=("max", "average"),
+                        help="reduction inside each pyramid bin")
     parser.add_argument("--dense-units", type=int, help="units of the hidden dense layer")
     parser.add_argument("--dropout", type=float, help="dropout of the dense head")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
@@ -89,6 +92,7 @@ def config_from_args(args: argparse.Namespace):
         patience=args.patience,
         precision=args.precision,
         levels=tuple(args.levels),
+        pooling=args.pooling,
         dense_units=args.dense_units,
         dropout=args.dropout,
         augment=args.augment,

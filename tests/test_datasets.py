@@ -1,0 +1,201 @@
+"""Tests for kdsb.datasets: patient splits and the patch and volume tf.data pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from skimage.measure import block_reduce
+
+from kdsb import datasets, patches, store
+from kdsb.errors import KdsbError, LabelsError
+
+SHAPES = {"a": (40, 36, 44), "b": (34, 40, 38), "c": (20, 30, 50)}
+PATCH = 16
+X_MAX = float(patches.normalize_hu(patches.HU_CLIP_MAX))
+
+
+def _phantom(shape, rng):
+    """Body of soft tissue with one ellipsoid lung (-850 HU) and a bone spot (2000 HU)."""
+    z, y, x = np.indices(shape)
+    centre = np.array(shape) / 2
+    radii = np.array(shape) / 4
+    lung = (((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
+            + ((x - centre[2]) / radii[2]) ** 2) < 1
+    hu = np.where(lung, -850, 40) + rng.normal(0, 20, shape)
+    hu[:3, :3, :3] = 2000
+    return hu.astype(np.int16), lung.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def volume_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("volumes")
+    rng = np.random.default_rng(0)
+    for patient_id, shape in SHAPES.items():
+        hu, lung = _phantom(shape, rng)
+        store.write_volume(store.volume_path(folder, patient_id), hu, lung, (1, 1, 1), (0, 0, 0))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def paths(volume_dir) -> list[Path]:
+    return list(store.list_volumes(volume_dir).values())
+
+
+def _take(dataset, n):
+    return [tuple(np.asarray(t) for t in element) for element in dataset.take(n)]
+
+
+# split_patients
+
+
+def test_split_is_disjoint_complete_deterministic_and_order_free():
+    ids = [f"p{i:02d}" for i in range(30)]
+    train, val = datasets.split_patients(ids, val_fraction=0.2, seed=3)
+    assert len(val) == 6 and not set(train) & set(val) and sorted(train + val) == ids
+    assert datasets.split_patients(ids[::-1], val_fraction=0.2, seed=3) == (train, val)
+    assert datasets.split_patients(ids, val_fraction=0.2, seed=4) != (train, val)
+
+
+def test_split_is_stratified_with_a_positive_in_validation():
+    ids = [f"p{i:02d}" for i in range(20)]
+    labels = {i: int(k < 5) for k, i in enumerate(ids)}
+    train, val = datasets.split_patients(ids, val_fraction=0.2, seed=0, labels=labels)
+    assert sum(labels[i] for i in val) == 1 and len(val) == 4
+    few = {i: int(k < 2) for k, i in enumerate(ids)}
+    train, val = datasets.split_patients(ids, val_fraction=0.1, seed=0, labels=few)
+    assert sum(few[i] for i in val) == 1 and sum(few[i] for i in train) == 1
+
+
+def test_split_rejects_bad_input():
+    with pytest.raises(KdsbError, match="expected val_fraction"):
+        datasets.split_patients(["a", "b"], val_fraction=1.0)
+    with pytest.raises(LabelsError, match="received none for"):
+        datasets.split_patients(["a", "b"], labels={"a": 0})
+    with pytest.raises(LabelsError, match="expected labels 0 or 1"):
+        datasets.split_patients(["a", "b"], labels={"a": 0, "b": 2})
+
+
+# patch_dataset
+
+
+def test_patch_batches_shapes_values_and_targets(paths):
+    ds = datasets.patch_dataset(paths, patch_size=PATCH, batch_size=4, patches_per_volume=3)
+    for x, y in _take(ds, 3):
+        assert x.shape == (4, PATCH, PATCH, PATCH, 1) and x.dtype == np.float32
+        np.testing.assert_array_equal(x, y)
+        assert x.min() >= -1.0 and x.max() <= X_MAX + 1e-6
+        # Centred on lung: each patch holds lung-like voxels (-850 HU → about -0.79).
+        assert np.all((x < -0.6).reshape(4, -1).mean(axis=1) >= 0.1)
+
+
+def test_patch_dataset_is_deterministic_for_a_seed(paths):
+    def first(seed):
+        ds = datasets.patch_dataset(
+            paths, patch_size=PATCH, batch_size=4, patches_per_volume=2, seed=seed
+        )
+        return np.concatenate([x for x, _ in _take(ds, 4)])
+
+    a = first(0)
+    np.testing.assert_array_equal(a, first(0))
+    assert not np.array_equal(a, first(1))
+
+
+def test_patch_dataset_reads_symlinks_and_only_patches(paths, tmp_path, monkeypatch):
+    for path in paths:
+        (tmp_path / path.name).symlink_to(path)
+    linked = list(store.list_volumes(tmp_path).values())
+    reads = []
+    original = h5py.Dataset.__getitem__
+
+    def recording(self, key):
+        out = original(self, key)
+        reads.append((self.name, out.size))
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", recording)
+    ds = datasets.patch_dataset(
+        linked, patch_size=PATCH, batch_size=4, patches_per_volume=4, num_parallel_calls=1
+    )
+    _take(ds, 2)
+    hu_reads = [size for name, size in reads if name == "/hu"]
+    assert hu_reads and max(hu_reads) <= PATCH**3
+    assert {name for name, _ in reads} == {"/hu", "/lung_mask"}
+
+
+def test_grid_pass_yields_every_grid_patch_once(paths):
+    ds = datasets.patch_dataset(
+        paths, patch_size=PATCH, batch_size=5, patches_per_volume=None, sampling="grid",
+        augment=False, repeat=False,
+    )
+    got = np.concatenate([x for x, _ in _take(ds, -1)])
+    expected = sum(len(patches.grid_patch_corners(s, PATCH)) for s in SHAPES.values())
+    assert got.shape == (expected, PATCH, PATCH, PATCH, 1)
+    # Unaugmented grid patch at the origin holds the bone spot, clipped to the maximum.
+    assert np.isclose(got.max(), X_MAX)
+
+
+def test_patch_dataset_rejects_bad_options(paths, tmp_path):
+    with pytest.raises(KdsbError, match="expected sampling"):
+        datasets.patch_dataset(paths, sampling="random")
+    with pytest.raises(KdsbError, match="missing paths"):
+        datasets.patch_dataset([tmp_path / "nope.h5"])
+
+
+# volume_dataset and load_volume_array
+
+
+def test_volume_dataset_variable_sizes_and_labels(paths):
+    labels = {"a": 1, "b": 0, "c": 1}
+    elements = _take(datasets.volume_dataset(paths, labels), -1)
+    assert len(elements) == 3
+    for (x, y), path in zip(elements, paths, strict=True):
+        assert x.shape == (1, *SHAPES[path.stem], 1) and x.dtype == np.float32
+        assert y.shape == (1, 1) and y.dtype == np.float32 and y[0, 0] == labels[path.stem]
+    unlabelled = [np.asarray(x) for x in datasets.volume_dataset(paths)]
+    np.testing.assert_array_equal(unlabelled[0], elements[0][0])
+
+
+def test_volume_dataset_rejects_missing_labels(paths):
+    with pytest.raises(LabelsError, match="received none for"):
+        datasets.volume_dataset(paths, {"a": 1})
+    with pytest.raises(LabelsError, match="expected one label per volume"):
+        datasets.volume_dataset(paths, [1, 0])
+
+
+def test_volume_dataset_augment_is_a_cube_symmetry(paths):
+    reference = datasets.load_volume_array(paths[0])
+    x = next(iter(datasets.volume_dataset(paths[:1], augment=True, seed=1)))[0].numpy()
+    matches = [
+        i for i in range(48)
+        if patches.apply_symmetry(reference, i).shape == x.shape
+        and np.array_equal(patches.apply_symmetry(reference, i), x)
+    ]
+    assert len(matches) == 1
+
+
+def test_downscale_is_block_mean_of_normalised_hu(paths):
+    with store.open_volume(paths[0]) as f:
+        normalised = patches.normalize_hu(f["hu"][...])
+    x = datasets.load_volume_array(paths[0], downscale=3)
+    z, y, w = (n // 3 * 3 for n in normalised.shape)
+    expected = block_reduce(normalised[:z, :y, :w], (3, 3, 3), np.mean)
+    assert x.shape == (*expected.shape, 1)
+    np.testing.assert_allclose(x[..., 0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_outside_lungs_sets_far_voxels_to_air(paths):
+    volume = store.read_volume(paths[0])
+    plain = datasets.load_volume_array(paths[0])[..., 0]
+    masked = datasets.load_volume_array(paths[0], mask_outside_lungs=True, lung_dilation_mm=3)[
+        ..., 0
+    ]
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(volume.lung_mask == 0)
+    near = distance <= 3
+    np.testing.assert_array_equal(masked[near], plain[near])
+    assert np.all(masked[~near] == -1.0)
+    assert (~near).sum() > 0 and np.any(plain[~near] > -0.5)

@@ -1,0 +1,167 @@
+"""Tests for kdsb.patches: normalisation, cube symmetries, patch sampling and reading."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from kdsb import patches, store
+from kdsb.errors import KdsbError
+
+N_SYMMETRIES = 48
+
+
+def test_normalize_hu_linear_map_and_clipping():
+    hu = np.array([-3024, -1000, -300, 400, 1000, 3000], dtype=np.int16)
+    out = patches.normalize_hu(hu)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [-1, -1, 0, 1, 13 / 7, 13 / 7], rtol=1e-6, atol=1e-6)
+    unclipped = patches.normalize_hu(hu, clip=None)
+    np.testing.assert_allclose(unclipped, (hu + 1000) / 700 - 1, rtol=1e-6)
+
+
+def test_exactly_48_distinct_symmetries_with_identity_first():
+    cube = np.random.default_rng(0).normal(size=(4, 4, 4))
+    assert len(patches.CUBE_SYMMETRIES) == N_SYMMETRIES
+    images = {patches.apply_symmetry(cube, i).tobytes() for i in range(N_SYMMETRIES)}
+    assert len(images) == N_SYMMETRIES
+    np.testing.assert_array_equal(patches.apply_symmetry(cube, 0), cube)
+
+
+def test_each_symmetry_is_a_bijection_of_voxels():
+    cube = np.arange(5**3).reshape(5, 5, 5)
+    for i in range(N_SYMMETRIES):
+        moved = patches.apply_symmetry(cube, i)
+        assert moved.shape == cube.shape
+        np.testing.assert_array_equal(np.sort(moved.ravel()), cube.ravel())
+
+
+def test_composition_table_is_a_group():
+    indices = range(N_SYMMETRIES)
+    table = np.array([[patches.compose_symmetries(a, b) for b in indices] for a in indices])
+    # Closure as a Latin square: every row and column is a permutation of the 48 indices.
+    for k in range(N_SYMMETRIES):
+        assert sorted(table[k]) == list(range(N_SYMMETRIES))
+        assert sorted(table[:, k]) == list(range(N_SYMMETRIES))
+    np.testing.assert_array_equal(table[0], np.arange(N_SYMMETRIES))
+    np.testing.assert_array_equal(table[:, 0], np.arange(N_SYMMETRIES))
+    for a in range(N_SYMMETRIES):
+        inverse = patches.inverse_symmetry(a)
+        assert table[a, inverse] == 0 and table[inverse, a] == 0
+    triples = np.random.default_rng(1).integers(N_SYMMETRIES, size=(200, 3))
+    for a, b, c in triples:
+        assert table[table[a, b], c] == table[a, table[b, c]]
+
+
+def test_compose_order_is_b_then_a():
+    cube = np.random.default_rng(2).normal(size=(3, 3, 3))
+    for a, b in itertools.product(range(0, N_SYMMETRIES, 7), range(0, N_SYMMETRIES, 5)):
+        expected = patches.apply_symmetry(patches.apply_symmetry(cube, b), a)
+        got = patches.apply_symmetry(cube, patches.compose_symmetries(a, b))
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_apply_symmetry_keeps_channel_axis_and_permutes_shape():
+    volume = np.random.default_rng(3).normal(size=(2, 3, 4, 5))
+    for i in range(N_SYMMETRIES):
+        moved = patches.apply_symmetry(volume, i)
+        perm, _ = patches.CUBE_SYMMETRIES[i]
+        assert moved.shape == tuple(volume.shape[p] for p in perm) + (5,)
+        for c in range(5):
+            np.testing.assert_array_equal(moved[..., c], patches.apply_symmetry(volume[..., c], i))
+
+
+def test_apply_symmetry_rejects_bad_index():
+    with pytest.raises(KdsbError, match="expected a cube symmetry index"):
+        patches.apply_symmetry(np.zeros((2, 2, 2)), 48)
+
+
+def _corner_lung_mask(shape=(64, 64, 64)) -> np.ndarray:
+    """Lung in one block holding 10% of the voxels."""
+    mask = np.zeros(shape, dtype=np.uint8)
+    edge = round((0.1 * np.prod(shape)) ** (1 / 3))
+    mask[-edge:, :edge, -edge:] = 1
+    return mask
+
+
+def _lung_fractions(mask, corners, size):
+    return np.array([patches.extract_patch(mask, c, size, fill=0).mean() for c in corners])
+
+
+def test_lung_sampling_finds_lung_that_a_grid_misses():
+    mask = _corner_lung_mask()
+    assert 0.09 < mask.mean() < 0.11
+    corners = patches.sample_patch_corners(mask, 50, 16, np.random.default_rng(0))
+    grid = patches.grid_patch_corners(mask.shape, 16)
+    lung_sampled = _lung_fractions(mask, corners, 16).mean()
+    lung_grid = _lung_fractions(mask, grid, 16).mean()
+    assert lung_grid < 0.15
+    assert lung_sampled > 0.5
+    assert np.all(_lung_fractions(mask, corners, 16) >= patches.DEFAULT_MIN_LUNG_FRACTION)
+
+
+def test_sampled_corners_inside_bounds_and_deterministic():
+    mask = np.zeros((40, 50, 60), dtype=np.uint8)
+    mask[:, 0:3, :] = 1  # lung along an edge pulls centres outside before clipping
+    size = (16, 8, 32)
+    corners = patches.sample_patch_corners(mask, 30, size, np.random.default_rng(5))
+    assert corners.shape == (30, 3) and corners.dtype == np.int64
+    assert np.all(corners >= 0) and np.all(corners <= np.subtract(mask.shape, size))
+    again = patches.sample_patch_corners(mask, 30, size, np.random.default_rng(5))
+    np.testing.assert_array_equal(corners, again)
+    other = patches.sample_patch_corners(mask, 30, size, np.random.default_rng(6))
+    assert not np.array_equal(corners, other)
+
+
+def test_volume_smaller_than_patch_is_centred_with_negative_corner():
+    mask = np.ones((10, 40, 20), dtype=np.uint8)
+    corners = patches.sample_patch_corners(mask, 5, 32, np.random.default_rng(0))
+    np.testing.assert_array_equal(corners[:, 0], (10 - 32) // 2)
+    np.testing.assert_array_equal(corners[:, 2], (20 - 32) // 2)
+    assert np.all((corners[:, 1] >= 0) & (corners[:, 1] <= 8))
+
+
+def test_empty_lung_mask_falls_back_to_uniform():
+    mask = np.zeros((20, 20, 20), dtype=np.uint8)
+    corners = patches.sample_patch_corners(mask, 7, 8, np.random.default_rng(0))
+    assert corners.shape == (7, 3)
+    assert np.all((corners >= 0) & (corners <= 12))
+
+
+def test_grid_corners_cover_volume():
+    corners = patches.grid_patch_corners((70, 64, 10), 32)
+    z, y, x = (sorted(set(corners[:, k])) for k in range(3))
+    assert z == [0, 32, 38] and y == [0, 32] and x == [(10 - 32) // 2]
+    assert len(corners) == 6
+    strided = patches.grid_patch_corners((64, 64, 64), 32, stride=16)
+    assert len(strided) == 27
+
+
+def test_extract_patch_matches_numpy_padding():
+    rng = np.random.default_rng(0)
+    volume = rng.integers(-1000, 1000, size=(20, 25, 30)).astype(np.int16)
+    size = np.array([8, 12, 16])
+    pad = 40
+    padded = np.pad(volume, pad, constant_values=patches.HU_AIR)
+    for corner in [(0, 0, 0), (-5, 20, 25), (-30, 0, 0), (15, -3, 28), (12, 13, 14)]:
+        start = np.add(corner, pad)
+        expected = padded[tuple(slice(a, a + s) for a, s in zip(start, size, strict=True))]
+        got = patches.extract_patch(volume, corner, size)
+        assert got.dtype == np.int16
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_extract_patch_reads_h5py_dataset_and_channels(tmp_path):
+    rng = np.random.default_rng(1)
+    hu = rng.integers(-1000, 400, size=(40, 36, 33)).astype(np.int16)
+    path = store.write_volume(tmp_path / "p.h5", hu, hu > 0, (1, 1, 1), (0, 0, 0))
+    with store.open_volume(path) as f:
+        got = patches.extract_patch(f["hu"], (30, -2, 5), 16)
+    np.testing.assert_array_equal(got, patches.extract_patch(hu, (30, -2, 5), 16))
+    assert np.all(got[10:] == patches.HU_AIR)
+    channels = np.stack([hu, -hu], axis=-1)
+    patch = patches.extract_patch(channels, (1, 2, 3), 4, fill=0)
+    assert patch.shape == (4, 4, 4, 2)
+    np.testing.assert_array_equal(patch[..., 1], -hu[1:5, 2:6, 3:7])
