@@ -61,7 +61,7 @@ class DemoPlan:
 
 FULL_PLAN = DemoPlan(
     patients=48, test_patients=24, gmcae_epochs=4, gmcae_steps=40, gmcae_width=8,
-    classifier_epochs=20, patience=5, lr=1e-3,
+    classifier_epochs=40, patience=10, lr=1e-3,
 )
 # A smoke test of every stage: it checks the plumbing, not that the classifier learns.
 FAST_PLAN = DemoPlan(
@@ -168,7 +168,8 @@ def run_demo(
     config = ClassifierConfig(
         gmcae=str(gmcae), epochs=plan.classifier_epochs, lr=plan.lr, seed=seed,
         patience=plan.patience, mask_outside_lungs=True, lung_dilation_mm=SPACING_MM,
-        val_fraction=0.25, dense_units=16, dropout=0.2, class_weight="none",
+        val_fraction=0.25, batch_size=4, levels=(1,), dense_units=16, dropout=0.0,
+        class_weight="none",
         resume=(clf_dir / "checkpoints").is_dir(),
     )
     validation = train_classifier(train_volumes, train_labels, clf_dir, config)

@@ -99,7 +99,9 @@ def write_volume(
     try:
         with h5py.File(temp, "w") as f:
             chunks = _chunks(hu.shape)
-            f.create_dataset("hu", data=hu.astype(np.int16, copy=False), chunks=chunks, **COMPRESSION)
+            f.create_dataset(
+                "hu", data=hu.astype(np.int16, copy=False), chunks=chunks, **COMPRESSION
+            )
             f.create_dataset(
                 "lung_mask",
                 data=(lung_mask > 0).astype(np.uint8),
@@ -138,7 +140,9 @@ def open_volume(path: str | os.PathLike) -> h5py.File:
     try:
         f = h5py.File(path, "r")
     except OSError as error:
-        raise StoreError(f"{path}: expected an HDF5 file, received an unreadable one ({error})")
+        raise StoreError(
+            f"{path}: expected an HDF5 file, received an unreadable one ({error})"
+        ) from error
     missing = [n for n in REQUIRED_DATASETS if n not in f] + [
         a for a in REQUIRED_ATTRS if a not in f.attrs
     ]
@@ -184,7 +188,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
 
 
 def list_volumes(data_dir: str | os.PathLike) -> dict[str, Path]:
-    """Patient id → volume file for every `<id>.h5` in `data_dir` (symlinks allowed), sorted by id."""
+    """Patient id → volume file for every `<id>.h5` in `data_dir` (symlinks allowed), by id."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise StoreError(f"expected a folder of kdsb volume files, received {data_dir}")
