@@ -313,6 +313,7 @@ def train_classifier(
         "train_base_rate": float(np.mean(y_train)),
         "n_train": len(train_ids),
         "n_val": len(val_ids),
+        "n_val_positive": int(y_val.sum()),
         "train_ids": train_ids,
         "val_ids": val_ids,
         "val_predictions": {i: float(p) for i, p in zip(val_ids, p_val, strict=True)},

@@ -187,7 +187,8 @@ def run_demo(
     print(format_table(
         {"log_loss": validation["val_log_loss"], "roc_auc": validation["val_auc"],
          "accuracy": validation["val_accuracy"],
-         "base_rate_log_loss": validation["val_base_rate_log_loss"], "n": validation["n_val"]},
+         "base_rate_log_loss": validation["val_base_rate_log_loss"], "n": validation["n_val"],
+         "n_positive": validation["n_val_positive"]},
         title="validation (held out from the training cohort)",
     ))
     print(format_table(scores, title="test (a separate phantom cohort)"))

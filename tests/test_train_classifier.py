@@ -56,7 +56,7 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
             "--dense-units", "4", "--seed", "3"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "validation (2 patients)" in out and "base-rate log loss" in out
+    assert "patients            2 (1 positive)" in out and "base-rate log loss" in out
 
     model = keras.saving.load_model(run / "classifier.keras", safe_mode=True, compile=False)
     assert model.output_shape == (None, 1)

@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
         "base_rate_log_loss": result["val_base_rate_log_loss"],
         "roc_auc": result["val_auc"],
         "accuracy": result["val_accuracy"],
+        "n": result["n_val"],
+        "n_positive": result["n_val_positive"],
     }
-    print(format_table(scores, title=f"validation ({result['n_val']} patients)"))
+    print(format_table(scores, title="validation"))
     print(f"wrote {args.run_dir / METRICS_NAME}")
     return 0
