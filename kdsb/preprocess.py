@@ -39,9 +39,10 @@ MANIFEST_NAME = "manifest.csv"
 MANIFEST_FIELDS = ("id", "status", "seconds", "shape", "error")
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
-# A worker process is replaced after this many patients, so memory fragmented by one large
-# scan is returned to the system instead of accumulating over a cohort of ~1,600 scans.
-MAX_PATIENTS_PER_WORKER = 8
+# Workers live for the whole run. Replacing them every few patients (max_tasks_per_child)
+# deadlocks ProcessPoolExecutor on Python < 3.12 (CPython gh-115634) once the first workers
+# retire, and buys little: NumPy's large volumes are mmap-allocated and go back to the system
+# when freed, so a worker's memory does not grow over a cohort.
 WORKER_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 WORKER_DIED_MESSAGE = (
     "the worker process died while preprocessing this scan (killed, or out of memory?)"
@@ -270,7 +271,6 @@ def _run_pool(
     worker: Callable[..., PatientResult],
     tasks: dict[str, tuple],
     workers: int,
-    max_tasks_per_child: int,
 ) -> Iterable[tuple[str, PatientResult | None]]:
     """Run `worker(*task)` for every task in a process pool; yields (id, result) as they end.
 
@@ -280,7 +280,6 @@ def _run_pool(
     pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=_pool_context(),
-        max_tasks_per_child=max_tasks_per_child,
         initializer=_configure_worker_logging,
         initargs=(logging.getLogger().getEffectiveLevel(),),
     )
@@ -313,7 +312,7 @@ def _run_tasks(
     alone in a fresh one-worker pool; a patient whose worker dies again fails.
     """
     retry: dict[str, tuple] = {}
-    for patient_id, result in _run_pool(worker, tasks, workers, MAX_PATIENTS_PER_WORKER):
+    for patient_id, result in _run_pool(worker, tasks, workers):
         if result is None:
             retry[patient_id] = tasks[patient_id]
         else:
@@ -321,7 +320,7 @@ def _run_tasks(
     if retry:
         logger.warning("a worker process died; retrying %d patient(s) one at a time", len(retry))
     for patient_id, task in retry.items():
-        for _, result in _run_pool(worker, {patient_id: task}, 1, 1):
+        for _, result in _run_pool(worker, {patient_id: task}, 1):
             yield result or PatientResult(patient_id, STATUS_FAILED, error=WORKER_DIED_MESSAGE)
 
 
