@@ -53,6 +53,12 @@ CLASS_WEIGHTS = ("balanced", "none")
 FOCAL_GAMMA = 2.0
 # Gradient clipping by global norm: whole-volume steps are few and noisy.
 CLIPNORM = 1.0
+# The HU value given to voxels masked out by --mask-outside-lungs: healthy lung parenchyma
+# (about -850 HU), so the mask border is no edge at all. Air (-1000 HU) would be the strongest
+# response of the GMCAE's "dark" channels everywhere outside the lungs, and the chest wall kept
+# by a dilated mask next to it the strongest edge of every patient: global max pooling would
+# then see the same mask border in every patient instead of the nodules.
+PARENCHYMA_HU = -850.0
 
 
 @dataclass
@@ -70,8 +76,10 @@ class ClassifierConfig:
         class_weight: "balanced" or "none" (bce only).
         seed: seed of the split, augmentation, order and weight initialisation.
         resume: continue the run from its newest checkpoint.
-        mask_outside_lungs: set voxels farther than `lung_dilation_mm` from the lungs to air.
+        mask_outside_lungs: set voxels farther than `lung_dilation_mm` from the lungs to
+            `outside_hu`.
         lung_dilation_mm: dilation of the lung mask in mm.
+        outside_hu: HU of the masked voxels (default `PARENCHYMA_HU`).
         downscale: integer downscaling factor of every axis (block mean).
         patience: early stopping after this many epochs without a better validation log loss
             (None: never).
@@ -96,6 +104,7 @@ class ClassifierConfig:
     resume: bool = False
     mask_outside_lungs: bool = False
     lung_dilation_mm: float = 10.0
+    outside_hu: float = PARENCHYMA_HU
     downscale: int = 1
     patience: int | None = 5
     precision: str = "float32"
@@ -134,6 +143,7 @@ class ClassifierConfig:
             "mask_outside_lungs": bool(self.mask_outside_lungs),
             "lung_dilation_mm": float(self.lung_dilation_mm),
             "downscale": int(self.downscale),
+            "outside_hu": float(self.outside_hu),
         }
 
 

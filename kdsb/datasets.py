@@ -30,7 +30,6 @@ SAMPLINGS = ("lung", "grid")
 DEFAULT_SHUFFLE_BUFFER = 256
 # Whole volumes are large (tens of MB as float32): load at most this many ahead of the model.
 VOLUME_PREFETCH = 2
-_AIR = float(patches.normalize_hu(patches.HU_AIR))
 
 
 def split_patients(
@@ -249,20 +248,23 @@ def load_volume_array(
     mask_outside_lungs: bool = False,
     lung_dilation_mm: float = 10.0,
     downscale: int = 1,
+    outside_hu: float = patches.HU_AIR,
 ) -> np.ndarray:
     """Read a whole volume file as the classifier's input (training and prediction alike).
 
     Steps: normalise HU (`normalize_hu`, clipped); downscale by an integer factor with block
     means (the volume is first cropped to a multiple of the factor, losing < factor voxels at
     the far end of each axis; the lung mask takes block maxima); optionally set everything
-    farther than `lung_dilation_mm` from the lungs to air (-1), the distance measured in mm
-    with the voxel spacing (after downscaling).
+    farther than `lung_dilation_mm` from the lungs to `outside_hu` (normalised), the distance
+    measured in mm with the voxel spacing (after downscaling).
 
     Args:
         path: kdsb volume file.
-        mask_outside_lungs: replace voxels outside the dilated lung mask by air.
+        mask_outside_lungs: replace voxels outside the dilated lung mask by `outside_hu`.
         lung_dilation_mm: dilation of the lung mask in mm.
         downscale: integer factor >= 1 applied to every axis.
+        outside_hu: the HU value given to masked voxels (air by default; the classifier uses
+            lung parenchyma, see `kdsb.classifier_training.PARENCHYMA_HU`).
 
     Returns:
         float32 array (z, y, x, 1).
@@ -290,7 +292,7 @@ def load_volume_array(
             logger.warning("%s: empty lung mask, keeping the whole volume", path)
         else:
             distance = ndimage.distance_transform_edt(lung == 0, sampling=spacing)
-            x[distance > lung_dilation_mm] = _AIR
+            x[distance > lung_dilation_mm] = patches.normalize_hu(np.float32(outside_hu))
     return x[..., np.newaxis]
 
 
@@ -323,6 +325,7 @@ def volume_dataset(
     mask_outside_lungs: bool = False,
     lung_dilation_mm: float = 10.0,
     downscale: int = 1,
+    outside_hu: float = patches.HU_AIR,
     seed: int = 0,
     shuffle: bool = False,
     repeat: bool = False,
@@ -336,7 +339,7 @@ def volume_dataset(
         paths: kdsb volume files (symlinks allowed).
         labels: None, one 0/1 label per path, or a mapping patient id (file stem) → 0/1.
         augment: random cube symmetry (one of 48) per volume.
-        mask_outside_lungs, lung_dilation_mm, downscale: see `load_volume_array`.
+        mask_outside_lungs, lung_dilation_mm, downscale, outside_hu: see `load_volume_array`.
         seed: random seed of order and symmetries.
         shuffle: visit volumes in a random order (reshuffled each pass).
         repeat: cycle forever.
@@ -356,6 +359,7 @@ def volume_dataset(
             mask_outside_lungs=mask_outside_lungs,
             lung_dilation_mm=lung_dilation_mm,
             downscale=downscale,
+            outside_hu=outside_hu,
         )
         if augment:
             symmetry = _visit_rng(seed, index).integers(len(patches.CUBE_SYMMETRIES))

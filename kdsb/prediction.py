@@ -41,6 +41,9 @@ INPUT_CONFIG_NAME = "classifier.json"
 # The options of `kdsb.datasets.load_volume_array` that a classifier is trained with; these are
 # the defaults assumed for a model that has no classifier.json (no masking, full resolution).
 INPUT_CONFIG_KEYS = ("mask_outside_lungs", "lung_dilation_mm", "downscale")
+# Options added later: passed on when stored, else `load_volume_array`'s default applies (the
+# behaviour of the classifiers trained before the option existed).
+OPTIONAL_INPUT_CONFIG_KEYS = ("outside_hu",)
 DEFAULT_INPUT_CONFIG = {"mask_outside_lungs": False, "lung_dilation_mm": 10.0, "downscale": 1}
 PROBABILITY_CLIP = 0.005
 TTA_ALL = len(CUBE_SYMMETRIES)
@@ -94,7 +97,8 @@ def find_input_config(model_path: str | os.PathLike) -> dict[str, Any]:
                     f"{candidate}: expected the keys {', '.join(INPUT_CONFIG_KEYS)}, "
                     f"missing {', '.join(missing)}"
                 )
-            return {key: stored[key] for key in INPUT_CONFIG_KEYS}
+            keys = INPUT_CONFIG_KEYS + OPTIONAL_INPUT_CONFIG_KEYS
+            return {key: stored[key] for key in keys if key in stored}
     logger.warning(
         "no %s beside %s: assuming %s", INPUT_CONFIG_NAME, model_path, DEFAULT_INPUT_CONFIG
     )
