@@ -103,7 +103,7 @@ class ClassifierConfig:
     seed: int = 0
     resume: bool = False
     mask_outside_lungs: bool = False
-    lung_dilation_mm: float = 10.0
+    lung_dilation_mm: float = 2.0
     outside_hu: float = PARENCHYMA_HU
     downscale: int = 1
     patience: int | None = 5

@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from kdsb.atomic import atomic_path
 from kdsb.errors import LabelsError
 
 logger = logging.getLogger(__name__)
@@ -248,15 +249,9 @@ def write_predictions(
         The path written.
     """
     csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    temp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(LABEL_COLUMNS)
-            for patient_id, value in predictions.items():
-                writer.writerow((patient_id, f"{value:.{digits}f}"))
-        os.replace(temp, csv_path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_path(csv_path) as temp, open(temp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(LABEL_COLUMNS)
+        for patient_id, value in predictions.items():
+            writer.writerow((patient_id, f"{value:.{digits}f}"))
     return csv_path

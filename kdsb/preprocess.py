@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb import store
+from kdsb.atomic import atomic_path
 from kdsb.errors import KdsbError, StoreError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -226,13 +227,11 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
 def _write_manifest(out_dir: Path, rows: dict[str, dict[str, str]]) -> Path:
     """Rewrite the manifest atomically (temporary file, then rename), rows sorted by id."""
     path = out_dir / MANIFEST_NAME
-    temp = out_dir / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-    with temp.open("w", newline="") as f:
+    with atomic_path(path) as temp, temp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for patient_id in sorted(rows):
             writer.writerow({key: rows[patient_id].get(key, "") for key in MANIFEST_FIELDS})
-    os.replace(temp, path)
     return path
 
 

@@ -22,11 +22,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from kdsb import atomic
 from kdsb._version import __version__
+from kdsb.atomic import atomic_path
 from kdsb.errors import StoreError
 
 SUFFIX = ".h5"
-TEMP_PREFIX = "."  # temporary files are hidden and never listed as volumes
 CHUNK_EDGE = 32
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 REQUIRED_DATASETS = ("hu", "lung_mask")
@@ -94,39 +95,28 @@ def write_volume(
             f"{path.name}: expected a 3D hu array and a lung mask of the same shape, "
             f"received {hu.shape} and {lung_mask.shape}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{TEMP_PREFIX}{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(temp, "w") as f:
-            chunks = _chunks(hu.shape)
-            f.create_dataset(
-                "hu", data=hu.astype(np.int16, copy=False), chunks=chunks, **COMPRESSION
-            )
-            f.create_dataset(
-                "lung_mask",
-                data=(lung_mask > 0).astype(np.uint8),
-                chunks=chunks,
-                **COMPRESSION,
-            )
-            f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
-            f.attrs["origin"] = np.asarray(origin, dtype=np.float64)
-            f.attrs["kdsb_version"] = __version__
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
+    with atomic_path(path) as temp, h5py.File(temp, "w") as f:
+        chunks = _chunks(hu.shape)
+        f.create_dataset(
+            "hu", data=hu.astype(np.int16, copy=False), chunks=chunks, **COMPRESSION
+        )
+        f.create_dataset(
+            "lung_mask",
+            data=(lung_mask > 0).astype(np.uint8),
+            chunks=chunks,
+            **COMPRESSION,
+        )
+        f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
+        f.attrs["origin"] = np.asarray(origin, dtype=np.float64)
+        f.attrs["kdsb_version"] = __version__
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
     return path
 
 
 def remove_stale_temporaries(out_dir: str | os.PathLike) -> int:
-    """Delete temporary files left by a killed writer in `out_dir`; returns how many."""
-    removed = 0
-    for temp in Path(out_dir).glob(f"{TEMP_PREFIX}*{SUFFIX}.tmp-*"):
-        temp.unlink(missing_ok=True)
-        removed += 1
-    return removed
+    """Delete volume files a killed writer left half-written in `out_dir`; returns how many."""
+    return atomic.remove_stale_temporaries(out_dir, f"*{SUFFIX}")
 
 
 def open_volume(path: str | os.PathLike) -> h5py.File:
@@ -193,6 +183,6 @@ def list_volumes(data_dir: str | os.PathLike) -> dict[str, Path]:
     if not data_dir.is_dir():
         raise StoreError(f"expected a folder of kdsb volume files, received {data_dir}")
     paths = sorted(
-        p for p in data_dir.iterdir() if p.suffix == SUFFIX and not p.name.startswith(TEMP_PREFIX)
+        p for p in data_dir.iterdir() if p.suffix == SUFFIX and not p.name.startswith(".")
     )
     return {p.stem: p for p in paths}

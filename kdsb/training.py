@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from kdsb.atomic import atomic_path, remove_stale_temporaries
 from kdsb.errors import TrainingError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{4,})\.keras$")
 HISTORY_NAME = "history.csv"
 TENSORBOARD_DIR = "logs"
-TEMP_PREFIX = ".tmp-"  # hidden, half-written model files; never taken for a checkpoint
 # Monitored quantities whose larger values are better ("auto" mode); everything else is a loss.
 HIGHER_IS_BETTER = ("acc", "accuracy", "auc", "precision", "recall")
 NAN_ADVICE = "try a lower --lr, a lower --clipnorm or a larger variance floor"
@@ -133,23 +133,15 @@ def save_model_atomically(model: Any, path: str | os.PathLike) -> Path:
     A reader, or a run resumed after a kill, sees either the previous file or the new one,
     never a half-written archive.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keras insists on the .keras suffix, so the temporary name keeps it.
-    temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
-    try:
+    with atomic_path(path) as temp:
         model.save(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def _remove_stale_temporaries(run_dir: Path) -> None:
     for folder in (run_dir, run_dir / CHECKPOINT_DIR):
         if folder.is_dir():
-            for temp in folder.glob(f"{TEMP_PREFIX}*.keras"):
-                temp.unlink(missing_ok=True)
+            remove_stale_temporaries(folder)
 
 
 def read_history(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -167,13 +159,10 @@ def _truncate_history(path: Path, epochs_done: int) -> list[dict[str, str]]:
     kept = [row for row in rows if row["epoch"].isdigit() and int(row["epoch"]) < epochs_done]
     if len(kept) != len(rows):
         logger.info("dropping %d history row(s) not covered by a checkpoint", len(rows) - len(kept))
-        fieldnames = list(rows[0].keys())
-        temp = path.with_name(f"{TEMP_PREFIX}{path.name}")
-        with temp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
+        with atomic_path(path) as temp, temp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
             writer.writeheader()
             writer.writerows(kept)
-        os.replace(temp, path)
     return kept
 
 

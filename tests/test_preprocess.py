@@ -261,7 +261,7 @@ def test_resume_after_kill_and_overwrite(phantoms, tmp_path):
                     stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + KILL_WAIT_S
     try:
-        while not list(out.glob("*.h5")) and time.monotonic() < deadline:
+        while not (out.is_dir() and store.list_volumes(out)) and time.monotonic() < deadline:
             assert process.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
     finally:

@@ -64,7 +64,7 @@ def test_list_volumes_skips_temporaries_and_follows_symlinks(tmp_path):
     hu, mask = _volume(np.random.default_rng(4))
     store.write_volume(tmp_path / "b.h5", hu, mask, (1, 1, 1), (0, 0, 0))
     store.write_volume(tmp_path / "a.h5", hu, mask, (1, 1, 1), (0, 0, 0))
-    (tmp_path / ".c.h5.tmp-123").write_bytes(b"partial")
+    (tmp_path / ".tmp-123-c.h5").write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("x")
     linked = tmp_path / "linked"
     linked.mkdir()
@@ -72,7 +72,7 @@ def test_list_volumes_skips_temporaries_and_follows_symlinks(tmp_path):
     assert list(store.list_volumes(tmp_path)) == ["a", "b"]
     assert store.read_volume(store.list_volumes(linked)["a"]).hu.shape == hu.shape
     assert store.remove_stale_temporaries(tmp_path) == 1
-    assert not (tmp_path / ".c.h5.tmp-123").exists()
+    assert not (tmp_path / ".tmp-123-c.h5").exists()
 
 
 def test_unreadable_and_foreign_files_give_clear_errors(tmp_path):

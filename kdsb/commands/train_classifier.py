@@ -18,7 +18,8 @@ DEFAULTS = {
     "loss": "bce",
     "class_weight": "balanced",
     "seed": 0,
-    "lung_dilation_mm": 10.0,
+    "lung_dilation_mm": 2.0,
+    "outside_hu": -850.0,
     "downscale": 1,
     "patience": 5,
     "precision": "float32",
@@ -51,9 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--mask-outside-lungs", action="store_true",
-                        help="set voxels far from the lungs to air")
+                        help="replace everything outside the (dilated) lung mask by "
+                             "--outside-hu: the classifier then sees only lung tissue, "
+                             "vessels and nodules (recommended; the lung masks keep "
+                             "juxtapleural nodules)")
     parser.add_argument("--lung-dilation-mm", type=float,
-                        help="with --mask-outside-lungs, keep this margin around the lungs")
+                        help="with --mask-outside-lungs, keep this margin (mm) around the "
+                             "lungs; a wide margin brings back chest wall and ribs")
+    parser.add_argument("--outside-hu", type=float,
+                        help="with --mask-outside-lungs, the HU of masked voxels: lung "
+                             "parenchyma by default, so the mask border is no edge (air would "
+                             "be the strongest response of every patient for max pooling)")
     parser.add_argument("--downscale", type=int, help="integer downscaling of every axis")
     parser.add_argument("--patience", type=int,
                         help="early stopping: epochs without a better validation log loss")
@@ -88,6 +97,7 @@ def config_from_args(args: argparse.Namespace):
         resume=args.resume,
         mask_outside_lungs=args.mask_outside_lungs,
         lung_dilation_mm=args.lung_dilation_mm,
+        outside_hu=args.outside_hu,
         downscale=args.downscale,
         patience=args.patience,
         precision=args.precision,

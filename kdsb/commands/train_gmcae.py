@@ -21,10 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
+from kdsb.atomic import write_json
 from kdsb.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -215,10 +215,7 @@ def _build_model_fn(config: dict):
     return build
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temp, path)
+
 
 
 def run(args: argparse.Namespace) -> int:
@@ -247,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         list(volumes), val_fraction=config["val_fraction"], seed=config["seed"]
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / CONFIG_NAME, config)
+    write_json(run_dir / CONFIG_NAME, config)
     logger.info("%d training and %d validation patients", len(train_ids), len(val_ids))
 
     training.configure_runtime(seed=config["seed"], precision=config["precision"])
@@ -301,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         "train_patients": len(train_ids),
         "val_patients": len(val_ids),
     }
-    _write_json(run_dir / SUMMARY_NAME, summary)
+    write_json(run_dir / SUMMARY_NAME, summary)
     plots.plot_loss_curves(
         {"train": train_nll, "validation": val_nll},
         run_dir / LOSS_PLOT_NAME,
