@@ -19,6 +19,12 @@ classes pull equally; `--class-weight none` turns this off and keeps the probabi
 calibrated to the training prevalence, which log loss rewards. `--loss focal` uses
 `keras.losses.BinaryFocalCrossentropy` and no weights. Validation metrics are never weighted.
 
+Lung masking (`--mask-outside-lungs`, recommended): everything farther than
+`--lung-dilation-mm` (2 mm) from the lung mask becomes lung parenchyma (`PARENCHYMA_HU`). The
+label is a property of the lungs, and the encoder's global maxima must land on nodules: with an
+air fill and a wide margin they sat on the air and on the chest wall beside it, identical in
+every patient, and the classifier did not learn (training log loss stuck at ln 2).
+
 The run folder (see `kdsb.training` for checkpoints/, history.csv, logs/) also gets
 `classifier.keras` (the best model by validation log loss), `classifier.json` (the input
 preparation `kdsb predict` applies, see `kdsb.prediction`) and `metrics.json`.

@@ -10,9 +10,12 @@ import json
 import numpy as np
 import pytest
 
-from kdsb.classifier_training import ClassifierConfig, balanced_class_weights
+from kdsb.classifier_training import PARENCHYMA_HU, ClassifierConfig, balanced_class_weights
 from kdsb.cli import main
 from kdsb.commands import train_classifier as command
+from kdsb.datasets import load_volume_array
+from kdsb.patches import normalize_hu
+from kdsb.prediction import find_input_config
 from kdsb.store import volume_path, write_volume
 
 N_PATIENTS = 8
@@ -79,6 +82,8 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     assert result["val_log_loss"] == pytest.approx(best_epoch_loss, rel=1e-3, abs=1e-4)
     stored = json.loads((run / "classifier.json").read_text())
     assert stored["downscale"] == 1 and stored["mask_outside_lungs"] is False
+    assert stored["outside_hu"] == PARENCHYMA_HU and stored["lung_dilation_mm"] == 2.0
+    assert find_input_config(run / "classifier.keras")["outside_hu"] == PARENCHYMA_HU
 
     # Resume: one more epoch appended to the same history.
     assert main(argv[:-2] + ["--seed", "3", "--epochs", "3", "--resume"]) == 0
@@ -124,3 +129,21 @@ def test_command_defaults_match_the_config_and_weights():
     assert set(command.DEFAULTS) <= fields
     weights = balanced_class_weights([0, 0, 0, 1])
     assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
+
+
+def test_masked_voxels_take_the_outside_value(tmp_path):
+    hu = np.full(SHAPE, 40.0)
+    lung = np.zeros(SHAPE, dtype=bool)
+    lung[4:12, 4:12, 4:12] = True
+    hu[lung] = -800.0
+    path = volume_path(tmp_path, "p")
+    write_volume(path, hu, lung, (2, 2, 2), (0, 0, 0))
+    x = load_volume_array(path, mask_outside_lungs=True, lung_dilation_mm=0.0,
+                          outside_hu=PARENCHYMA_HU)[..., 0]
+    np.testing.assert_allclose(x[lung], normalize_hu(np.float32(-800.0)))
+    np.testing.assert_allclose(x[~lung], normalize_hu(np.float32(PARENCHYMA_HU)))
+    # A 2 mm margin (one voxel here) keeps the face neighbours of the lungs unmasked.
+    x = load_volume_array(path, mask_outside_lungs=True, lung_dilation_mm=2.0,
+                          outside_hu=PARENCHYMA_HU)[..., 0]
+    assert x[3, 8, 8] == pytest.approx(normalize_hu(np.float32(40.0)))
+    assert x[2, 8, 8] == pytest.approx(normalize_hu(np.float32(PARENCHYMA_HU)))

@@ -11,7 +11,7 @@ HELP = "the whole pipeline on phantom cohorts, on a CPU, in minutes (held-out te
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workdir", type=Path, help="folder for cohorts, volumes, runs and plots")
     parser.add_argument("--patients", type=int, default=None,
-                        help="training cohort size (default 48, 6 with --fast); test is half")
+                        help="training cohort size (default 64, 6 with --fast); test is half")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing processes")
     parser.add_argument("--fast", action="store_true",
