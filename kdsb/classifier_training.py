@@ -32,7 +32,6 @@ preparation `kdsb predict` applies, see `kdsb.prediction`) and `metrics.json`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -44,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb import metrics
+from kdsb.atomic import write_json
 from kdsb.errors import UsageError
 from kdsb.labels import check_labels_match, read_labels
 from kdsb.store import list_volumes
@@ -338,8 +338,6 @@ def train_classifier(
         "options": asdict(config),
     }
     path = run_dir / METRICS_NAME
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(temp, path)
+    write_json(path, result)
     logger.info("wrote %s", path)
     return result

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from kdsb.atomic import write_json
 from kdsb.errors import KdsbError, LabelsError, UsageError
 from kdsb.labels import summarise_ids, write_predictions
 from kdsb.patches import CUBE_SYMMETRIES, apply_symmetry
@@ -62,12 +63,7 @@ def write_input_config(run_dir: str | os.PathLike, config: Mapping[str, Any]) ->
     missing = [key for key in INPUT_CONFIG_KEYS if key not in config]
     if missing:
         raise KdsbError(f"expected input options {', '.join(INPUT_CONFIG_KEYS)}, missing {missing}")
-    path = Path(run_dir) / INPUT_CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
-    return path
+    return write_json(Path(run_dir) / INPUT_CONFIG_NAME, dict(sorted(config.items())))
 
 
 def find_input_config(model_path: str | os.PathLike) -> dict[str, Any]:
