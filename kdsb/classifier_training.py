@@ -19,7 +19,7 @@ classes pull equally; `--class-weight none` turns this off and keeps the probabi
 calibrated to the training prevalence, which log loss rewards. `--loss focal` uses
 `keras.losses.BinaryFocalCrossentropy` and no weights. Validation metrics are never weighted.
 
-Lung masking (`--mask-outside-lungs`, recommended): everything farther than
+Lung masking (`--mask-outside-lungs`, the default): everything farther than
 `--lung-dilation-mm` (2 mm) from the lung mask becomes lung parenchyma (`PARENCHYMA_HU`). The
 label is a property of the lungs, and the encoder's global maxima must land on nodules: with an
 air fill and a wide margin they sat on the air and on the chest wall beside it, identical in
@@ -108,7 +108,7 @@ class ClassifierConfig:
     class_weight: str = "balanced"
     seed: int = 0
     resume: bool = False
-    mask_outside_lungs: bool = False
+    mask_outside_lungs: bool = True
     lung_dilation_mm: float = 2.0
     outside_hu: float = PARENCHYMA_HU
     downscale: int = 1

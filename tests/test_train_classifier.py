@@ -81,7 +81,7 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     best_epoch_loss = min(float(row["val_log_loss"]) for row in history)
     assert result["val_log_loss"] == pytest.approx(best_epoch_loss, rel=1e-3, abs=1e-4)
     stored = json.loads((run / "classifier.json").read_text())
-    assert stored["downscale"] == 1 and stored["mask_outside_lungs"] is False
+    assert stored["downscale"] == 1 and stored["mask_outside_lungs"] is True
     assert stored["outside_hu"] == PARENCHYMA_HU and stored["lung_dilation_mm"] == 2.0
     assert find_input_config(run / "classifier.keras")["outside_hu"] == PARENCHYMA_HU
 

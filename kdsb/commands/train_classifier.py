@@ -18,6 +18,7 @@ DEFAULTS = {
     "loss": "bce",
     "class_weight": "balanced",
     "seed": 0,
+    "mask_outside_lungs": True,
     "lung_dilation_mm": 2.0,
     "outside_hu": -850.0,
     "downscale": 1,
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample weights against class imbalance (bce only)")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    parser.add_argument("--mask-outside-lungs", action="store_true",
+    parser.add_argument("--mask-outside-lungs", action=argparse.BooleanOptionalAction,
                         help="replace everything outside the (dilated) lung mask by "
                              "--outside-hu: the classifier then sees only lung tissue, "
                              "vessels and nodules (recommended; the lung masks keep "
