@@ -24,6 +24,10 @@ from kdsb.gmcae import (
 )
 from kdsb.layers import DEFAULT_LEVELS, SpatialPyramidPooling3D
 
+# Shapes of every classifier `build_classifier` makes: (batch, z, y, x, 1) in, (batch, 1) out.
+CLASSIFIER_INPUT_SHAPE = (None, None, None, None, 1)
+CLASSIFIER_OUTPUT_SHAPE = (None, 1)
+
 
 def copy_encoder(encoder: keras.Model) -> keras.Model:
     """An independent copy of `encoder` (same architecture, layer names and weight values).
@@ -89,13 +93,27 @@ def build_classifier(
         for layer_name in encoder_layer_names(block):
             features.get_layer(layer_name).trainable = False
 
-    inputs = keras.Input(shape=(None, None, None, 1), name="volume")
+    inputs = keras.Input(shape=CLASSIFIER_INPUT_SHAPE[1:], name="volume")
     x = features(inputs)
     x = SpatialPyramidPooling3D(levels=levels, pooling=pooling, name="spp")(x)
     x = keras.layers.Dense(dense_units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="p_cancer")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def _load_keras_model(path: str | os.PathLike, what: str) -> keras.Model:
+    """Load a .keras file (safe mode, uncompiled), turning every failure into `ModelError`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelError(f"expected {what} .keras file, received {path!r}, which does not exist")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # Keras raises many types for corrupt or foreign files.
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(
+            f"expected {what} saved as .keras, received {path!r}, which does not load: {reason}"
+        ) from error
 
 
 def load_encoder_from_gmcae(path: str | os.PathLike) -> keras.Model:
@@ -111,21 +129,36 @@ def load_encoder_from_gmcae(path: str | os.PathLike) -> keras.Model:
         ModelError: If the file is missing, cannot be loaded as a Keras model, or holds no
             GMCAE encoder.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelError(f"expected a GMCAE .keras file, received {path!r}, which does not exist")
-    try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as error:  # Keras raises many types for corrupt or foreign files.
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelError(
-            f"expected a kdsb GMCAE saved as .keras, received {path!r}, "
-            f"which does not load: {reason}"
-        ) from error
+    model = _load_keras_model(path, "a kdsb GMCAE")
     layer_names = {layer.name for layer in model.layers}
     if not {ENCODER_NAME, MIXTURE_OUTPUT_NAME} <= layer_names:
         raise ModelError(
             f"expected a kdsb GMCAE (layers '{ENCODER_NAME}' and '{MIXTURE_OUTPUT_NAME}'), "
-            f"received {path!r} holding model '{model.name}'"
+            f"received {os.fspath(path)!r} holding model '{model.name}'"
         )
     return encoder_of(model)
+
+
+def load_classifier(path: str | os.PathLike) -> keras.Model:
+    """Load a saved cancer classifier (.keras, safe mode, uncompiled).
+
+    Args:
+        path: A `classifier.keras` (or checkpoint) written by `kdsb train-classifier`.
+
+    Returns:
+        The model: input (batch, z, y, x, 1) normalised HU, output (batch, 1) p(cancer).
+
+    Raises:
+        ModelError: If the file is missing, cannot be loaded as a Keras model, or holds a
+            model of other input or output shapes (a GMCAE passed by mistake, for example).
+    """
+    model = _load_keras_model(path, "a kdsb classifier")
+    input_shape = getattr(model, "input_shape", None)
+    output_shape = getattr(model, "output_shape", None)
+    if input_shape != CLASSIFIER_INPUT_SHAPE or output_shape != CLASSIFIER_OUTPUT_SHAPE:
+        raise ModelError(
+            f"expected a kdsb classifier (input {CLASSIFIER_INPUT_SHAPE}, output "
+            f"{CLASSIFIER_OUTPUT_SHAPE}), received {os.fspath(path)!r} holding model "
+            f"'{model.name}' with input {input_shape} and output {output_shape}"
+        )
+    return model

@@ -26,12 +26,17 @@ air fill and a wide margin they sat on the air and on the chest wall beside it, 
 every patient, and the classifier did not learn (training log loss stuck at ln 2).
 
 The run folder (see `kdsb.training` for checkpoints/, history.csv, logs/) also gets
-`classifier.keras` (the best model by validation log loss), `classifier.json` (the input
-preparation `kdsb predict` applies, see `kdsb.prediction`) and `metrics.json`.
+`config.json` (the run's options), `classifier.keras` (the best model by validation log loss),
+`classifier.json` (the input preparation `kdsb predict` applies, see `kdsb.prediction`) and
+`metrics.json`. Resuming keeps the saved options: only `--epochs` and `--patience` may change
+(the checkpoint was trained on inputs prepared with the others, and `kdsb predict` must prepare
+them the same way). A resumed run offsets the seed of the training stream by the epochs done,
+so it draws orders and symmetries it has not replayed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -44,7 +49,7 @@ from tqdm import tqdm
 
 from kdsb import metrics
 from kdsb.atomic import write_json
-from kdsb.errors import UsageError
+from kdsb.errors import KdsbError, UsageError
 from kdsb.labels import check_labels_match, read_labels
 from kdsb.store import list_volumes
 
@@ -52,13 +57,19 @@ logger = logging.getLogger(__name__)
 
 BEST_NAME = "classifier.keras"
 METRICS_NAME = "metrics.json"
+RUN_CONFIG_NAME = "config.json"
+# Options that may differ from the saved ones when resuming (they do not change the model or
+# its inputs); `resume` itself is not an option of the run.
+RESUMABLE_CHANGES = ("epochs", "patience")
+NOT_SAVED = ("resume",)
 MONITOR = "val_log_loss"
 LOSSES = ("bce", "focal")
 POOLINGS = ("max", "average")
 CLASS_WEIGHTS = ("balanced", "none")
 FOCAL_GAMMA = 2.0
-# Gradient clipping by global norm: whole-volume steps are few and noisy.
-CLIPNORM = 1.0
+# Gradient clipping by the global norm (of all gradients together, so the update keeps its
+# direction): whole-volume steps are few and noisy.
+GLOBAL_CLIPNORM = 1.0
 # The HU value given to voxels masked out by --mask-outside-lungs: healthy lung parenchyma
 # (about -850 HU), so the mask border is no edge at all. Air (-1000 HU) would be the strongest
 # response of the GMCAE's "dark" channels everywhere outside the lungs, and the chest wall kept
@@ -133,6 +144,11 @@ class ClassifierConfig:
             (self.class_weight in CLASS_WEIGHTS, f"--class-weight in {CLASS_WEIGHTS}",
              self.class_weight),
             (self.downscale >= 1, "--downscale >= 1", self.downscale),
+            (self.lung_dilation_mm >= 0, "--lung-dilation-mm >= 0", self.lung_dilation_mm),
+            (math.isfinite(self.outside_hu), "a finite --outside-hu", self.outside_hu),
+            (0 <= self.freeze_blocks <= 3, "--freeze-blocks in 0..3", self.freeze_blocks),
+            (self.dense_units >= 1, "--dense-units >= 1", self.dense_units),
+            (0.0 <= self.dropout < 1.0, "--dropout in [0, 1)", self.dropout),
             (self.patience is None or self.patience >= 1, "--patience >= 1", self.patience),
             (len(self.levels) > 0 and min(self.levels) >= 1, "--levels of integers >= 1",
              self.levels),
@@ -141,7 +157,16 @@ class ClassifierConfig:
             if not ok:
                 raise UsageError(f"expected {expected}, received {received!r}")
         if not Path(self.gmcae).is_file():
-            raise UsageError(f"expected a GMCAE .keras file for --gmcae, received {self.gmcae}")
+            raise UsageError(
+                f"expected --gmcae, a trained GMCAE .keras file, received a missing path: "
+                f"{self.gmcae}"
+            )
+
+    def saved_options(self) -> dict[str, Any]:
+        """The options written to config.json (every field but `resume`, lists for tuples)."""
+        options = {k: v for k, v in asdict(self).items() if k not in NOT_SAVED}
+        options["levels"] = list(self.levels)
+        return options
 
     def input_config(self) -> dict[str, Any]:
         """The options `kdsb.datasets.load_volume_array` needs, as stored in classifier.json."""
@@ -164,7 +189,7 @@ def _compile(model: Any, config: ClassifierConfig) -> Any:
 
     optimizer = keras.optimizers.Adam(
         learning_rate=config.lr,
-        clipnorm=CLIPNORM,
+        global_clipnorm=GLOBAL_CLIPNORM,
         gradient_accumulation_steps=config.batch_size if config.batch_size > 1 else None,
     )
     if config.loss == "focal":
@@ -207,6 +232,71 @@ def score_patients(model: Any, paths: list[Path], config: ClassifierConfig) -> n
     )
 
 
+def check_resumed_options(run_dir: str | os.PathLike, config: ClassifierConfig) -> None:
+    """Refuse options that differ from the saved run's, except `RESUMABLE_CHANGES`.
+
+    Args:
+        run_dir: the run folder being resumed (holding checkpoints).
+        config: the options given now.
+
+    Raises:
+        UsageError: an option differs from `config.json`; the message names the saved value.
+        KdsbError: config.json is not valid JSON.
+    """
+    path = Path(run_dir) / RUN_CONFIG_NAME
+    if not path.is_file():
+        logger.warning("no %s in %s: cannot check the options against the run's", path.name,
+                       run_dir)
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise KdsbError(f"{path}: expected JSON, received invalid text ({error})") from None
+    given = config.saved_options()
+    for key, value in given.items():
+        if key in RESUMABLE_CHANGES:
+            continue
+        old = saved.get(key)
+        same = (
+            os.path.realpath(str(old)) == os.path.realpath(value) if key == "gmcae"
+            else old == value
+        )
+        if not same:
+            flag = "--" + key.replace("_", "-")
+            changeable = ", ".join("--" + k for k in RESUMABLE_CHANGES)
+            raise UsageError(
+                f"expected {flag} {old!r} as saved in {path} when resuming, received {value!r}; "
+                f"only {changeable} may change"
+            )
+
+
+def train_dataset(
+    paths: list[Path], labels: list[int], config: ClassifierConfig, *, seed: int
+) -> Any:
+    """The endless, shuffled (and augmented) training stream, with class weights if asked.
+
+    Returns:
+        tf.data.Dataset of (x, y) or, with `--loss bce --class-weight balanced`, of
+        (x, y, sample weight).
+    """
+    from kdsb.datasets import volume_dataset
+
+    data = volume_dataset(
+        paths,
+        [float(v) for v in labels],
+        augment=config.augment,
+        seed=seed,
+        shuffle=True,
+        repeat=True,
+        **config.input_config(),
+    )
+    if config.loss == "bce" and config.class_weight == "balanced":
+        weights = balanced_class_weights(labels)
+        logger.info("class weights %s", weights)
+        data = _with_weights(data, weights)
+    return data
+
+
 def _finite_or_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
@@ -236,8 +326,13 @@ def train_classifier(
             `resume` is off.
         TrainingError: the loss became NaN.
     """
+    from kdsb import training
+
     config.validate()
     run_dir = Path(run_dir)
+    last = training.check_run_dir(run_dir, config.resume)
+    if last is not None:
+        check_resumed_options(run_dir, config)
     labels = read_labels(labels_csv)
     volumes = list_volumes(data_dir)
     usable = check_labels_match(
@@ -248,9 +343,8 @@ def train_classifier(
         allow_unlabelled=config.allow_unlabelled,
     )
 
-    from kdsb import training
-    from kdsb.classifier import build_classifier, load_encoder_from_gmcae
-    from kdsb.datasets import split_patients, volume_dataset
+    from kdsb.classifier import build_classifier, load_classifier, load_encoder_from_gmcae
+    from kdsb.datasets import check_volume_files, split_patients, volume_dataset
     from kdsb.prediction import write_input_config
 
     train_ids, val_ids = split_patients(
@@ -268,21 +362,16 @@ def train_classifier(
         len(train_ids), sum(y_train), len(val_ids), int(y_val.sum()),
     )
 
+    check_volume_files(
+        [volumes[i] for i in usable], min_edge=config.downscale,
+        why=f"for --downscale {config.downscale}",
+    )
     training.configure_runtime(seed=config.seed, precision=config.precision)
     input_config = config.input_config()
-    train_data = volume_dataset(
-        [volumes[i] for i in train_ids],
-        [float(v) for v in y_train],
-        augment=config.augment,
-        seed=config.seed,
-        shuffle=True,
-        repeat=True,
-        **input_config,
+    start_epoch = last[0] if last is not None else 0
+    train_data = train_dataset(
+        [volumes[i] for i in train_ids], y_train, config, seed=config.seed + start_epoch
     )
-    if config.loss == "bce" and config.class_weight == "balanced":
-        weights = balanced_class_weights(y_train)
-        logger.info("class weights %s", weights)
-        train_data = _with_weights(train_data, weights)
     val_data = volume_dataset(
         [volumes[i] for i in val_ids], list(y_val), augment=False, **input_config
     )
@@ -300,6 +389,7 @@ def train_classifier(
         return _compile(model, config)
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / RUN_CONFIG_NAME, config.saved_options())
     write_input_config(run_dir, {**input_config, "gmcae": str(config.gmcae)})
     history = training.fit(
         build_model,
@@ -316,9 +406,7 @@ def train_classifier(
         verbose=2 if logger.isEnabledFor(logging.INFO) else 0,
     )
 
-    import keras
-
-    best = keras.saving.load_model(run_dir / BEST_NAME, compile=False, safe_mode=True)
+    best = load_classifier(run_dir / BEST_NAME)
     p_val = score_patients(best, [volumes[i] for i in val_ids], config)
     scores = metrics.summary(y_val, p_val)
     result = {

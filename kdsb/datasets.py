@@ -22,7 +22,7 @@ from scipy import ndimage
 from skimage.measure import block_reduce
 
 from kdsb import patches, store
-from kdsb.errors import KdsbError, LabelsError
+from kdsb.errors import KdsbError, LabelsError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,33 @@ def _check_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     if missing:
         raise KdsbError(f"expected kdsb volume files, received missing paths {missing[:3]}")
     return paths
+
+
+def check_volume_files(
+    paths: Sequence[str | os.PathLike], *, min_edge: int = 1, why: str = ""
+) -> None:
+    """Open every volume file (attributes only) before a tf.data pipeline reads it.
+
+    Errors raised inside tf.data's Python functions reach the caller as TensorFlow errors with
+    a traceback; checking the files first turns a corrupt or foreign file, or one too small
+    for the requested input preparation, into a one-line kdsb error naming it.
+
+    Args:
+        paths: kdsb volume files.
+        min_edge: voxels each axis must have at least.
+        why: what needs `min_edge`, for the message (e.g. "for --downscale 4").
+
+    Raises:
+        StoreError: a file is missing, unreadable, not a kdsb volume file, or smaller than
+            `min_edge` along an axis.
+    """
+    for path in paths:
+        shape = store.read_attrs(path)["shape"]
+        if min(shape) < min_edge:
+            raise StoreError(
+                f"{path}: expected a volume of at least {min_edge} voxels per axis"
+                f"{' ' + why if why else ''}, received shape {shape}"
+            )
 
 
 def _visit_rng(seed: int, visit: int) -> np.random.Generator:

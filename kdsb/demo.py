@@ -25,6 +25,7 @@ the same patients, ln 2 for a balanced cohort) and shows the AUC.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -94,7 +95,11 @@ def _synth(root: Path, patients: int, seed: int) -> Path:
     labels = root / "labels.csv"
     if labels.is_file():
         return labels
-    return write_cohort(root, patients=patients, seed=seed, size=PHANTOM_SIZE, scale=PHANTOM_SCALE)
+    # labels.csv is written last (atomically): without it, anything under `root` is a killed
+    # synth's partial cohort, which is rewritten from scratch.
+    return write_cohort(
+        root, patients=patients, seed=seed, size=PHANTOM_SIZE, scale=PHANTOM_SCALE, overwrite=True
+    )
 
 
 def _preprocess(dicom_root: Path, out_dir: Path, workers: int) -> None:
@@ -127,6 +132,25 @@ def _train_gmcae(volumes: Path, run_dir: Path, plan: DemoPlan, seed: int) -> Pat
     return model
 
 
+def _train_classifier(
+    volumes: Path, labels: Path, gmcae: Path, run_dir: Path, plan: DemoPlan, seed: int
+) -> dict:
+    """Train the classifier into `run_dir`, or reuse a finished run; returns its metrics.json."""
+    from kdsb.classifier_training import METRICS_NAME, ClassifierConfig, train_classifier
+
+    metrics_path = run_dir / METRICS_NAME
+    if metrics_path.is_file():
+        return json.loads(metrics_path.read_text())
+    config = ClassifierConfig(
+        gmcae=str(gmcae), epochs=plan.classifier_epochs, lr=plan.lr, seed=seed,
+        patience=plan.patience, mask_outside_lungs=True, lung_dilation_mm=LUNG_DILATION_MM,
+        val_fraction=0.25, batch_size=4, levels=(1,), dense_units=32, dropout=0.5,
+        class_weight="none",
+        resume=(run_dir / "checkpoints").is_dir(),
+    )
+    return train_classifier(volumes, labels, run_dir, config)
+
+
 def run_demo(
     workdir: str | os.PathLike, *, patients: int | None = None, seed: int = 0, fast: bool = False,
     workers: int = 2,
@@ -144,7 +168,6 @@ def run_demo(
         `kdsb.metrics.summary` of the test predictions, plus the validation scores under
         "val_log_loss", "val_auc", "val_base_rate_log_loss" and the wall time "seconds".
     """
-    from kdsb.classifier_training import ClassifierConfig, train_classifier
     from kdsb.evaluation import evaluate, format_table
     from kdsb.prediction import predict_to_csv
 
@@ -174,14 +197,7 @@ def run_demo(
 
     start = _stage(f"train-classifier (up to {plan.classifier_epochs} epochs)")
     clf_dir = work / "runs" / "classifier"
-    config = ClassifierConfig(
-        gmcae=str(gmcae), epochs=plan.classifier_epochs, lr=plan.lr, seed=seed,
-        patience=plan.patience, mask_outside_lungs=True, lung_dilation_mm=LUNG_DILATION_MM,
-        val_fraction=0.25, batch_size=4, levels=(1,), dense_units=32, dropout=0.5,
-        class_weight="none",
-        resume=(clf_dir / "checkpoints").is_dir(),
-    )
-    validation = train_classifier(train_volumes, train_labels, clf_dir, config)
+    validation = _train_classifier(train_volumes, train_labels, gmcae, clf_dir, plan, seed)
     _done(start)
 
     start = _stage("predict the held-out test cohort")

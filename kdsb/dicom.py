@@ -101,16 +101,15 @@ class CTSeries:
         spacing: voxel size in mm, (z, y, x).
         origin: patient coordinate in mm of voxel [0, 0, 0], (z, y, x) i.e. (Z, Y, X).
         series_uid: the SeriesInstanceUID.
-        source_shape: (slices, rows, columns) as found in the files.
-        source_spacing: (slice spacing, row spacing, column spacing) in mm as found.
+
+    The series' shape and spacing as scanned are `hu.shape` and `spacing`: both in canonical
+    (z, y, x) order, whatever the acquisition plane.
     """
 
     hu: np.ndarray
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
     series_uid: str
-    source_shape: tuple[int, int, int]
-    source_spacing: tuple[float, float, float]
 
 
 @dataclass
@@ -534,8 +533,6 @@ class _Reader:
             spacing=spacing,
             origin=origin,
             series_uid=first.series_uid,
-            source_shape=(len(headers), rows, columns),
-            source_spacing=(float(source_spacing_mm), float(row_spacing), float(column_spacing)),
         )
 
 

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from kdsb.errors import ModelError
-from kdsb.layers import ShiftedELU
+from kdsb.layers import DEFAULT_VARIANCE_FLOOR, ShiftedELU
 from kdsb.losses import split_mixture_params
 
 #: Encoder blocks; each halves every spatial side, so patch sides must be multiples of 2**3.
@@ -31,10 +31,6 @@ DOWNSAMPLING = 2**ENCODER_BLOCKS
 
 #: Kernel side of every convolution (voxels).
 KERNEL_SIZE = 3
-
-#: Default variance floor of the ShiftedELU head (normalised HU²; σ ≥ 0.03 ≈ 22 HU). It keeps
-#: the per-voxel NLL bounded below and the gradients of a nearly perfect component finite.
-DEFAULT_VARIANCE_FLOOR = 1e-3
 
 #: Name of the nested encoder model inside a GMCAE (and inside a classifier).
 ENCODER_NAME = "encoder"

@@ -69,13 +69,12 @@ def write_input_config(run_dir: str | os.PathLike, config: Mapping[str, Any]) ->
 def find_input_config(model_path: str | os.PathLike) -> dict[str, Any]:
     """The input options of a saved classifier.
 
-    Looked up as `<model>.json`, then `classifier.json` in the model's folder, then in its
-    parent (for `checkpoints/epoch_NNNN.keras`). Without any, the defaults (no masking, no
+    Looked up as `classifier.json` in the model's folder (its run folder), then in its parent
+    (for `checkpoints/epoch_NNNN.keras`). Without either, the defaults (no masking, no
     downscaling) are used with a warning.
     """
     model_path = Path(model_path)
     candidates = (
-        model_path.with_suffix(".json"),
         model_path.parent / INPUT_CONFIG_NAME,
         model_path.parent.parent / INPUT_CONFIG_NAME,
     )
@@ -174,6 +173,7 @@ def predict_cohort(
     Raises:
         LabelsError: an id has no volume (checked before any model is loaded).
         UsageError: no model, a missing model file, a bad clip or TTA count.
+        ModelError: a model file does not load or is no kdsb classifier.
     """
     if not model_paths:
         raise UsageError("expected at least one MODEL.keras, received none")
@@ -186,8 +186,7 @@ def predict_cohort(
     data_dir = Path(data_dir)
     order, volumes = _resolve_ids(data_dir, ids, ids_source)
 
-    import keras  # importing kdsb registered its Keras objects for loading
-
+    from kdsb.classifier import load_classifier
     from kdsb.datasets import load_volume_array
 
     groups: dict[str, list[Any]] = {}
@@ -196,7 +195,7 @@ def predict_cohort(
         config = find_input_config(path)
         key = json.dumps(config, sort_keys=True)
         configs[key] = config
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        model = load_classifier(path)
         groups.setdefault(key, []).append(model)
     logger.info(
         "scoring %d patients with %d model(s), %d symmetry(ies) each",

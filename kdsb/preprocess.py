@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SPACING_MM = (1.0, 1.0, 1.0)
 DEFAULT_MARGIN_MM = 10.0
+MARGIN_ATTR = "margin_mm"  # volume attribute: the margin around the lungs it was cropped with
+SETTINGS_RTOL = 1e-6  # relative tolerance when comparing a stored spacing or margin, mm
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_FIELDS = ("id", "status", "seconds", "shape", "error")
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
@@ -130,11 +132,13 @@ def preprocess_patient(
     hu_crop = np.ascontiguousarray(series.hu[box])
     mask_crop = np.ascontiguousarray(mask[box])
     del mask
+    # Both source attributes in canonical (z, y, x) order: the grid before resampling.
     attrs = {
         "patient_id": patient_id,
         "series_uid": str(series.series_uid),
         "source_spacing": np.asarray(source_spacing, dtype=np.float64),
-        "source_shape": np.asarray(series.source_shape, dtype=np.int64),
+        "source_shape": np.asarray(series.hu.shape, dtype=np.int64),
+        MARGIN_ATTR: float(margin_mm),
     }
     del series
 
@@ -235,15 +239,44 @@ def _write_manifest(out_dir: Path, rows: dict[str, dict[str, str]]) -> Path:
     return path
 
 
-def _existing_shape(path: Path) -> tuple[int, int, int] | None:
-    """Shape of a complete volume file already written, None when absent or unreadable."""
+def _existing_shape(
+    path: Path, spacing: tuple[float, float, float], margin_mm: float
+) -> tuple[int, int, int] | None:
+    """Shape of a complete volume file already written, None when absent or unreadable.
+
+    Args:
+        path: the volume file.
+        spacing: the requested target spacing in mm, (z, y, x).
+        margin_mm: the requested margin around the lungs, mm.
+
+    Raises:
+        UsageError: the file was written with another spacing or margin (a file without the
+            margin attribute counts as another margin), so skipping it would mix settings in
+            one cohort.
+    """
     if not path.is_file():
         return None
     try:
-        return tuple(store.read_attrs(path)["shape"])
+        attrs = store.read_attrs(path)
     except StoreError as error:
         logger.warning("%s is unreadable and will be redone: %s", path.name, error)
         return None
+    stored_spacing = tuple(float(s) for s in attrs["spacing"])
+    if not np.allclose(stored_spacing, spacing, rtol=SETTINGS_RTOL, atol=0.0):
+        raise UsageError(
+            f"{path} was preprocessed with spacing {list(stored_spacing)} mm; expected "
+            f"--overwrite or another OUT_DIR for spacing {list(spacing)} mm"
+        )
+    stored_margin = attrs.get(MARGIN_ATTR)
+    if stored_margin is None or not np.isclose(
+        float(stored_margin), margin_mm, rtol=SETTINGS_RTOL, atol=0.0
+    ):
+        used = "an unrecorded margin" if stored_margin is None else f"margin {stored_margin} mm"
+        raise UsageError(
+            f"{path} was preprocessed with {used}; expected --overwrite or another OUT_DIR "
+            f"for --margin-mm {margin_mm}"
+        )
+    return tuple(attrs["shape"])
 
 
 def _remove_outdated(path: Path) -> None:
@@ -336,7 +369,8 @@ def run_cohort(
     """Preprocess every patient folder under `dicom_root` into `out_dir` (DESIGN.md contract).
 
     Every visible sub-folder of `dicom_root` is one patient, named by the folder. Patients whose
-    `<id>.h5` already exists are skipped unless `overwrite`. `out_dir/manifest.csv` is rewritten
+    `<id>.h5` already exists are skipped unless `overwrite`; such a file must have been written
+    with the same spacing and margin (checked before any work). `out_dir/manifest.csv` is rewritten
     atomically after each patient, keeping rows of patients from earlier runs. A patient that
     fails is logged on one line and recorded in the manifest; the others are still written.
 
@@ -354,7 +388,8 @@ def run_cohort(
 
     Raises:
         UsageError: bad arguments (missing DICOM root, no patient folders, bad spacing,
-            workers < 1, negative margin, an out_dir that is a file).
+            workers < 1, negative margin, an out_dir that is a file, an out_dir holding
+            volumes of another spacing or margin without `overwrite`).
     """
     dicom_root, out_dir = Path(dicom_root), Path(out_dir)
     target = _validate_spacing(spacing)
@@ -374,7 +409,8 @@ def run_cohort(
     results: dict[str, PatientResult] = {}
     tasks: dict[str, tuple] = {}
     for patient_id, folder in patients.items():
-        shape = None if overwrite else _existing_shape(store.volume_path(out_dir, patient_id))
+        path = store.volume_path(out_dir, patient_id)
+        shape = None if overwrite else _existing_shape(path, target, float(margin_mm))
         if shape is None:
             tasks[patient_id] = (folder, out_dir, patient_id, target, float(margin_mm))
         else:

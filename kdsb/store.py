@@ -5,8 +5,9 @@ One file per patient, `<id>.h5`, holding (see DESIGN.md, the data contract):
 - dataset `hu`: int16 Hounsfield units, shape (z, y, x);
 - dataset `lung_mask`: uint8 0/1, same shape;
 - attributes `spacing` and `origin` (3 floats each, mm, axis order z, y, x; `origin` is the
-  patient coordinate of voxel [0, 0, 0]), `patient_id`, `series_uid`, `source_spacing`,
-  `source_shape` and `kdsb_version`.
+  patient coordinate of voxel [0, 0, 0]), `patient_id`, `series_uid`, `source_spacing` and
+  `source_shape` (the scanned grid before resampling and cropping, also (z, y, x)), `margin_mm`
+  (the margin kept around the lungs) and `kdsb_version`.
 
 Datasets are stored in 32³ chunks, gzip level 1 with byte shuffle: small on disk, readable by any
 HDF5 tool, and a 32³ patch costs one or a few chunk reads.

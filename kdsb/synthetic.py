@@ -35,6 +35,7 @@ vessel segment or nodule, so a 512 × 512 × 200 phantom takes seconds and well 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -48,6 +49,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from kdsb.atomic import write_text
 from kdsb.errors import KdsbError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -880,12 +882,12 @@ def write_cohort(
         _write_truth(out_root / "truth", pid, phantom, acquisition)
         rows.append((pid, phantom.label))
         logger.debug("%s: shape %s, label %d", pid, phantom.hu.shape, phantom.label)
-    labels_csv = out_root / "labels.csv"
-    with open(labels_csv, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(("id", "cancer"))
-        writer.writerows(rows)
-    return labels_csv
+    # Written last and atomically: labels.csv marks a complete cohort (a killed run leaves none).
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(("id", "cancer"))
+    writer.writerows(rows)
+    return write_text(out_root / "labels.csv", text.getvalue())
 
 
 def load_truth(out_root: str | os.PathLike, patient_id: str) -> Truth:

@@ -127,6 +127,24 @@ def last_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
+def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> tuple[int, Path] | None:
+    """Refuse to start afresh over a run's checkpoints; returns the newest one (or None).
+
+    Commands call it before writing anything into `run_dir` (their saved options), `fit` again
+    before training.
+
+    Raises:
+        UsageError: `run_dir` already holds checkpoints but `resume` is False.
+    """
+    last = last_checkpoint(run_dir)
+    if last is not None and not resume:
+        raise UsageError(
+            f"expected an empty run folder or --resume, received {run_dir} which already holds "
+            f"checkpoints up to epoch {last[0]}"
+        )
+    return last
+
+
 def save_model_atomically(model: Any, path: str | os.PathLike) -> Path:
     """Save a Keras model to `path` (.keras) through a hidden temporary file and a rename.
 
@@ -350,13 +368,7 @@ def fit(
     strategy = strategy or tf.distribute.get_strategy()
     higher = _higher_is_better(monitor, mode)
     history_path = run_dir / HISTORY_NAME
-    last = last_checkpoint(run_dir)
-
-    if last is not None and not resume:
-        raise UsageError(
-            f"expected an empty run folder or --resume, received {run_dir} which already holds "
-            f"checkpoints up to epoch {last[0]}"
-        )
+    last = check_run_dir(run_dir, resume)
     if resume and last is None:
         logger.warning("no checkpoint in %s: starting afresh", run_dir / CHECKPOINT_DIR)
     if last is not None:

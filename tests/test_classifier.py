@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from kdsb.classifier import build_classifier, load_encoder_from_gmcae
+from kdsb.classifier import build_classifier, load_classifier, load_encoder_from_gmcae
 from kdsb.errors import ModelError
 from kdsb.gmcae import build_gmcae, encoder_of
 from kdsb.layers import SpatialPyramidPooling3D
@@ -99,3 +99,24 @@ def test_saved_classifier_round_trip_in_safe_mode(gmcae, tmp_path):
     assert loaded.get_layer("spp").get_config()["levels"] == [1, 2, 4]
     probe = volume((11, 20, 9), seed=2)
     np.testing.assert_array_equal(loaded.predict(probe, verbose=0), model.predict(probe, verbose=0))
+
+
+def test_load_classifier_accepts_a_classifier_and_refuses_others(gmcae, tmp_path):
+    model = build_classifier(encoder_of(gmcae), dense_units=4)
+    path = tmp_path / "classifier.keras"
+    model.save(path)
+    probe = volume((8, 12, 8))
+    np.testing.assert_array_equal(
+        load_classifier(path).predict(probe, verbose=0), model.predict(probe, verbose=0)
+    )
+    with pytest.raises(ModelError, match="expected a kdsb classifier .keras file.*does not exist"):
+        load_classifier(tmp_path / "missing.keras")
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(b"PK not a zip")
+    with pytest.raises(ModelError, match="kdsb classifier saved as .keras.*does not load"):
+        load_classifier(junk)
+    # A GMCAE passed by mistake: it loads, but its output is no (batch, 1) probability.
+    wrong = tmp_path / "gmcae.keras"
+    gmcae.save(wrong)
+    with pytest.raises(ModelError, match="expected a kdsb classifier .*holding model"):
+        load_classifier(wrong)

@@ -70,3 +70,21 @@ def test_keras_objects_register_when_keras_is_imported_after_kdsb():
     )
     result = _run("-c", code)
     assert result.returncode == 0, result.stderr
+
+
+def test_synth_and_preprocess_run_without_importing_tensorflow(tmp_path):
+    """The CPU-only stages never load TensorFlow or Keras (slow imports, GPU memory grabbed)."""
+    code = (
+        "import sys\n"
+        "from kdsb.cli import main\n"
+        f"root, out = {str(tmp_path / 'cohort')!r}, {str(tmp_path / 'out')!r}\n"
+        "assert main(['--quiet', 'synth', root, '--patients', '1', '--seed', '0',\n"
+        "             '--size', '64', '--scale', '0.7']) == 0\n"
+        "assert main(['--quiet', 'preprocess', root + '/dicom', out, '--spacing', '3',\n"
+        "             '--qc', out + '/qc']) == 0\n"
+        "for name in ('tensorflow', 'keras'):\n"
+        "    assert name not in sys.modules, name + ' imported by synth or preprocess'\n"
+    )
+    result = _run("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "phantom_000.h5").is_file()

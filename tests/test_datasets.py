@@ -10,7 +10,7 @@ import pytest
 from skimage.measure import block_reduce
 
 from kdsb import datasets, patches, store
-from kdsb.errors import KdsbError, LabelsError
+from kdsb.errors import KdsbError, LabelsError, StoreError
 
 SHAPES = {"a": (40, 36, 44), "b": (34, 40, 38), "c": (20, 30, 50)}
 PATCH = 16
@@ -199,3 +199,14 @@ def test_mask_outside_lungs_sets_far_voxels_to_air(paths):
     np.testing.assert_array_equal(masked[near], plain[near])
     assert np.all(masked[~near] == -1.0)
     assert (~near).sum() > 0 and np.any(plain[~near] > -0.5)
+
+
+def test_check_volume_files_names_a_corrupt_or_too_small_file(paths, tmp_path):
+    datasets.check_volume_files(paths, min_edge=20)
+    with pytest.raises(StoreError, match=r"c.h5: expected a volume of at least 21 voxels per "
+                                         r"axis for --downscale 21, received shape \(20, 30, 50\)"):
+        datasets.check_volume_files(paths, min_edge=21, why="for --downscale 21")
+    corrupt = tmp_path / "bad.h5"
+    corrupt.write_bytes(b"not hdf5")
+    with pytest.raises(StoreError, match="bad.h5: expected an HDF5 file"):
+        datasets.check_volume_files([*paths, corrupt])

@@ -32,6 +32,12 @@ def test_fast_demo_runs_every_stage(tmp_path, capsys):
         assert (work / "plots" / name).stat().st_size > 0
     assert (work / "runs" / "gmcae" / "gmcae.keras").is_file()
 
-    # A second run reuses every stage's results instead of failing on existing folders.
+    # A second run reuses every stage's results instead of failing on existing folders; a synth
+    # killed before labels.csv (its completion marker) is redone, and a finished classifier run
+    # is not trained again.
+    (work / "test_cohort" / "labels.csv").unlink()
+    metrics_written = (work / "runs" / "classifier" / "metrics.json").stat().st_mtime_ns
     assert main(["demo", str(work), "--fast", "--patients", "4", "--seed", "1"]) == 0
+    assert read_labels(work / "test_cohort" / "labels.csv") == test_labels
+    assert (work / "runs" / "classifier" / "metrics.json").stat().st_mtime_ns == metrics_written
     assert read_predictions(work / "test_predictions.csv") == predictions

@@ -66,6 +66,16 @@ def test_evaluate_usage_error_exit_2(capsys):
     assert exit_info.value.code == 2
 
 
+def test_missing_input_files_are_usage_errors(files, tmp_path, capsys):
+    preds, labels, _, _ = files
+    assert main(["evaluate", str(tmp_path / "nope.csv"), str(labels)]) == 2
+    assert "expected PRED_CSV, an id,cancer CSV of probabilities, received a missing path: " \
+        f"{tmp_path / 'nope.csv'}" in capsys.readouterr().err
+    assert main(["evaluate", str(preds), str(tmp_path)]) == 2
+    assert "expected LABELS_CSV, an id,cancer CSV of 0/1 labels, received a folder" \
+        in capsys.readouterr().err
+
+
 def test_format_table_shows_nan_as_na():
     table = format_table({"log_loss": 0.5, "roc_auc": float("nan"), "accuracy": 1.0,
                           "base_rate_log_loss": 0.6})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kdsb.cli import main
-from kdsb.errors import LabelsError
+from kdsb.errors import LabelsError, UsageError
 from kdsb.labels import read_predictions
 from kdsb.patches import apply_symmetry
 from kdsb.prediction import (
@@ -115,15 +115,50 @@ def test_missing_volume_is_an_error_before_any_work(cohort, tmp_path, capsys):
     assert "expected a volume in" in err and "1 of 2 without one: zz" in err
     assert not out.exists()
     with pytest.raises(LabelsError, match="without one: zz"):
-        predict_cohort(data, [tmp_path / "missing.keras"] and models, ids=["zz"])
+        predict_cohort(data, models, ids=["zz"])
 
 
-def test_usage_errors_exit_2(cohort, tmp_path):
+def test_missing_inputs_are_usage_errors_before_any_work(cohort, tmp_path, capsys):
     data, models = cohort
     out = tmp_path / "sub.csv"
-    assert main(["predict", str(data), str(tmp_path / "nope.keras"), "--out", str(out)]) == 2
+    missing = tmp_path / "nope.keras"
+    assert main(["predict", str(data), str(models[0]), str(missing), "--out", str(out)]) == 2
+    assert (f"expected MODEL.keras, a trained classifier, received a missing path: {missing}"
+            in capsys.readouterr().err)
+    assert main(["predict", str(tmp_path / "nodata"), str(models[0]), "--out", str(out)]) == 2
+    assert "expected DATA_DIR, a folder of kdsb volume files, received a missing path" \
+        in capsys.readouterr().err
+    assert main(["predict", str(data), str(models[0]), "--out", str(out),
+                 "--ids", str(tmp_path / "ids.csv")]) == 2
+    assert "expected --ids, a CSV with an id column, received a missing path" \
+        in capsys.readouterr().err
     assert main(["predict", str(data), str(models[0]), "--out", str(out), "--tta",
                  "--tta-count", "49"]) == 2
+    assert not out.exists()
+    # The library refuses a missing model too, before looking at the ids.
+    with pytest.raises(UsageError, match=r"received missing path\(s\): .*nope.keras"):
+        predict_cohort(data, [models[0], missing], ids=["zz"])
+
+
+def test_a_model_that_is_no_classifier_is_a_one_line_error(cohort, tmp_path, capsys):
+    import keras
+
+    from kdsb.gmcae import build_gmcae
+
+    data, _ = cohort
+    out = tmp_path / "sub.csv"
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a model")
+    assert main(["predict", str(data), str(junk), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "expected a kdsb classifier saved as .keras" in err and "Traceback" not in err
+    keras.utils.set_random_seed(0)
+    gmcae = tmp_path / "gmcae.keras"
+    build_gmcae(patch_size=8, width=2, mixtures=2).save(gmcae)
+    assert main(["predict", str(data), str(gmcae), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "expected a kdsb classifier (input (None, None, None, None, 1), output (None, 1))" in err
+    assert not out.exists()
 
 
 def test_input_config_lookup(tmp_path):

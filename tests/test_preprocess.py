@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from scipy import ndimage
 
@@ -34,9 +36,21 @@ SEED = 0  # this seed's 4 patients hold large juxtapleural nodules (8.3 and 13.9
 PATIENTS = 4
 SIZE = 96  # pixels; with SCALE 0.7 the pixels are about 2.5 mm
 SCALE = 0.7  # smaller patients keep the test fast while their lungs stay above 0.5 L
-BAD_IDS = ("random_bytes", "empty", "mr_modality", "water_cylinder")
+# Each bad patient and a word its one-line failure must hold.
+BAD_REASONS = {
+    "random_bytes": "",
+    "empty": "",
+    "mr_modality": "MR",
+    "water_cylinder": "lung",
+    "truncated": "truncated or corrupt",
+    "no_pixel_data": "without PixelData",
+    "single_slice": "at least 2 slices",
+    "mixed_sizes": "expected every slice to be 64×64 pixels",
+}
+BAD_IDS = tuple(BAD_REASONS)
 MIN_DICE = 0.97
 KILL_WAIT_S = 120.0
+MAX_REAL_LUNG_L = 0.1  # the real upper-abdomen series holds far less lung than this
 
 
 def _kdsb(*args: str, **kwargs) -> subprocess.CompletedProcess | subprocess.Popen:
@@ -55,6 +69,32 @@ def _water_cylinder() -> tuple[np.ndarray, tuple[float, float, float]]:
     inside = (y - 31.5) ** 2 + (x - 31.5) ** 2 < 25**2
     hu = np.where(inside, 0, -1000).astype(np.int16)
     return np.repeat(hu[None], 24, axis=0), spacing
+
+
+def _write_broken_series(root: Path) -> None:
+    """Patients whose DICOM files are broken in one way each (see BAD_REASONS)."""
+    hu, spacing = _water_cylinder()
+
+    def write(pid: str, volume: np.ndarray = hu) -> list[Path]:
+        return write_ct_series(root / pid, volume, spacing, (0.0, 0.0, 0.0), patient_id=pid)
+
+    middle = write("truncated")[len(hu) // 2]
+    middle.write_bytes(middle.read_bytes()[: middle.stat().st_size // 2])
+    for path in write("no_pixel_data"):
+        ds = pydicom.dcmread(path)
+        del ds.PixelData
+        ds.save_as(path)
+    write("single_slice", hu[:1])
+    # One slice of the series replaced by a smaller image at the same position.
+    paths = write("mixed_sizes")
+    small = write_ct_series(root.parent / "small", hu[:, :48, :48], spacing, (0.0, 0.0, 0.0),
+                            patient_id="mixed_sizes")
+    series, swapped = pydicom.dcmread(paths[0]), pydicom.dcmread(small[3])
+    swapped.StudyInstanceUID, swapped.SeriesInstanceUID = (
+        series.StudyInstanceUID, series.SeriesInstanceUID
+    )
+    swapped.ImagePositionPatient = pydicom.dcmread(paths[3]).ImagePositionPatient
+    swapped.save_as(paths[3])
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +131,7 @@ def mixed_run(phantoms, tmp_path_factory):
                     patient_id="mr_modality", modality="MR")
     write_ct_series(root / "water_cylinder", hu, spacing, (0.0, 0.0, 0.0),
                     patient_id="water_cylinder")
+    _write_broken_series(root)
     out, qc = work / "out", work / "qc"
     process = _kdsb("preprocess", str(root), str(out), "--workers", "2", "--qc", str(qc))
     return process, out, qc
@@ -104,7 +145,7 @@ def test_bad_patients_fail_on_one_line_while_good_ones_are_written(mixed_run, ph
         lines = [line for line in process.stderr.splitlines() if pid in line and "ERROR" in line]
         assert len(lines) == 1, (pid, process.stderr)
     assert sorted(store.list_volumes(out)) == _phantom_ids(phantoms)
-    assert "4 ok, 0 skipped, 4 failed" in process.stderr
+    assert f"4 ok, 0 skipped, {len(BAD_IDS)} failed" in process.stderr
 
 
 def test_manifest_has_one_row_per_patient(mixed_run, phantoms):
@@ -123,8 +164,8 @@ def test_manifest_has_one_row_per_patient(mixed_run, phantoms):
         assert rows[pid]["status"] == "failed"
         assert pid in rows[pid]["error"] and "\n" not in rows[pid]["error"]
         assert rows[pid]["shape"] == ""
-    assert "modality" in rows["mr_modality"]["error"] or "MR" in rows["mr_modality"]["error"]
-    assert "lung" in rows["water_cylinder"]["error"]
+    for pid, reason in BAD_REASONS.items():
+        assert reason in rows[pid]["error"], (pid, rows[pid]["error"])
 
 
 def test_volume_files_follow_the_data_contract(mixed_run, phantoms):
@@ -223,10 +264,12 @@ def test_qc_images_are_written_for_every_volume(mixed_run, phantoms):
 
 def test_preprocess_patient_returns_its_result(phantoms, tmp_path):
     pid = _phantom_ids(phantoms)[0]
-    result = preprocess_patient(phantoms / "dicom" / pid, tmp_path, spacing=(2.0, 2.0, 2.0))
+    result = preprocess_patient(
+        phantoms / "dicom" / pid, tmp_path, spacing=(2.0, 2.0, 2.0), margin_mm=4.0
+    )
     assert result.status == STATUS_OK and result.patient_id == pid
     volume = store.read_volume(tmp_path / f"{pid}.h5")
-    assert volume.spacing == (2.0, 2.0, 2.0)
+    assert volume.spacing == (2.0, 2.0, 2.0) and volume.attrs["margin_mm"] == 4.0
     assert result.shape == volume.hu.shape
 
 
@@ -297,20 +340,21 @@ def test_manifest_keeps_rows_of_earlier_runs(phantoms, tmp_path):
     assert sorted(rows) == ids and all(row["status"] == "ok" for row in rows.values())
 
 
-def test_real_series_gives_a_volume_or_one_clear_failure(real_ct_dicom_dir, tmp_path):
-    """The real 20-slice Siemens series covers the upper abdomen with at most a sliver of lung."""
+def test_real_series_fails_on_one_line_for_too_little_lung(real_ct_dicom_dir, tmp_path, caplog):
+    """The real 20-slice Siemens series covers the upper abdomen: only a sliver of lung."""
     root = tmp_path / "dicom"
     root.mkdir()
     (root / "siemens").symlink_to(real_ct_dicom_dir, target_is_directory=True)
     status = main(["preprocess", str(root), str(tmp_path / "out"), "--workers", "1"])
+    assert status == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "siemens" in errors[0] and "\n" not in errors[0], errors
+    # A sliver of lung: a few hundredths of a litre (the exact figure follows the segmentation).
+    found = re.search(r"expected lungs of 0\.5–10 L, received (\d+\.\d+) L", errors[0])
+    assert found and float(found[1]) < MAX_REAL_LUNG_L, errors[0]
     row = read_manifest(tmp_path / "out")["siemens"]
-    if status == 0:
-        volume = store.read_volume(tmp_path / "out" / "siemens.h5")
-        assert volume.lung_mask.any() and volume.spacing == (1.0, 1.0, 1.0)
-        assert -1100 <= volume.hu.min() and volume.hu.max() <= 4000
-    else:
-        assert status == 1 and row["status"] == "failed"
-        assert "siemens" in row["error"] and "lung" in row["error"]
+    assert (row["status"], row["shape"], row["error"]) == ("failed", "", errors[0])
+    assert not (tmp_path / "out" / "siemens.h5").exists()
 
 
 def _crash_or_succeed(patient_id: str) -> PatientResult:
@@ -326,3 +370,39 @@ def test_a_dying_worker_fails_only_its_own_patient():
     assert sorted(results) == sorted(tasks)
     assert results["crash"].status == "failed" and results["crash"].error == WORKER_DIED_MESSAGE
     assert all(results[pid].status == STATUS_OK for pid in ("a", "b", "c"))
+
+
+def _fake_volume(out: Path, pid: str, spacing: tuple[float, float, float], **attrs) -> Path:
+    hu = np.zeros((4, 5, 6), np.int16)
+    return store.write_volume(store.volume_path(out, pid), hu, hu + 1, spacing, (0.0, 0.0, 0.0),
+                              {"patient_id": pid, **attrs})
+
+
+@pytest.mark.parametrize(
+    "options, stored, message",
+    [
+        (["--spacing", "2"], {"margin_mm": 10.0}, "spacing [1.0, 1.0, 1.0] mm"),
+        (["--margin-mm", "5"], {"margin_mm": 10.0}, "margin 10.0 mm"),
+        ([], {}, "an unrecorded margin"),
+    ],
+)
+def test_resume_refuses_volumes_of_other_settings(tmp_path, capsys, options, stored, message):
+    (tmp_path / "root" / "p1").mkdir(parents=True)
+    out = tmp_path / "out"
+    path = _fake_volume(out, "p1", (1.0, 1.0, 1.0), **stored)
+    before = path.stat().st_mtime_ns
+    assert main(["preprocess", str(tmp_path / "root"), str(out), *options]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "--overwrite" in error and str(path) in error
+    assert len(error.strip().splitlines()) == 1
+    assert path.stat().st_mtime_ns == before and not (out / "manifest.csv").exists()
+
+
+def test_resume_skips_volumes_of_the_same_settings(tmp_path):
+    (tmp_path / "root" / "p1").mkdir(parents=True)
+    out = tmp_path / "out"
+    _fake_volume(out, "p1", (2.0, 1.5, 1.5), margin_mm=5.0)
+    options = ["--spacing", "2", "1.5", "1.5", "--margin-mm", "5"]
+    assert main(["preprocess", str(tmp_path / "root"), str(out), *options]) == 0
+    assert read_manifest(out)["p1"]["status"] == "skipped"
+

@@ -292,3 +292,28 @@ def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "x"), "--size", "8"]) == 2
     assert "expected --size" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "y"), "--patients", "0"]) == 2
+
+
+def test_an_interrupted_cohort_leaves_no_labels_csv(tmp_path, monkeypatch):
+    """labels.csv marks a complete cohort: a run killed part-way leaves none (nor a temporary)."""
+    import kdsb.dicom_write
+
+    real_write = kdsb.dicom_write.write_ct_series
+    calls = []
+
+    def write_then_die(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[0])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(kdsb.dicom_write, "write_ct_series", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5)
+    assert len(calls) == 1
+    assert not (tmp_path / "labels.csv").exists()
+    assert not list(tmp_path.glob(".*"))
+    monkeypatch.undo()
+    labels_csv = write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5, overwrite=True)
+    assert labels_csv.read_text().splitlines()[0] == "id,cancer"
+    assert not list(tmp_path.glob(".*"))

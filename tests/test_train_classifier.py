@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from kdsb import classifier_training
 from kdsb.classifier_training import PARENCHYMA_HU, ClassifierConfig, balanced_class_weights
 from kdsb.cli import main
 from kdsb.commands import train_classifier as command
@@ -49,8 +50,10 @@ def cohort(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, capsys):
+def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, capsys, monkeypatch):
     import keras
+
+    from kdsb import classifier_training
 
     data, labels, gmcae = cohort
     run = tmp_path / "run"
@@ -85,8 +88,30 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     assert stored["outside_hu"] == PARENCHYMA_HU and stored["lung_dilation_mm"] == 2.0
     assert find_input_config(run / "classifier.keras")["outside_hu"] == PARENCHYMA_HU
 
-    # Resume: one more epoch appended to the same history.
-    assert main(argv[:-2] + ["--seed", "3", "--epochs", "3", "--resume"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["epochs"] == 2 and saved["levels"] == [1, 2, 4] and "resume" not in saved
+
+    # Resuming with an option that changes the model or its inputs is refused, naming the
+    # saved value, before anything is written.
+    resume = argv[:-2] + ["--seed", "3", "--epochs", "3", "--resume"]
+    assert main([*resume, "--lung-dilation-mm", "5"]) == 2
+    assert (f"expected --lung-dilation-mm 2.0 as saved in {run / 'config.json'} when resuming, "
+            "received 5.0; only --epochs, --patience may change") in capsys.readouterr().err
+    assert json.loads((run / "classifier.json").read_text())["lung_dilation_mm"] == 2.0
+
+    # Resume: one more epoch appended to the same history, on a training stream seeded past
+    # the epochs done (not a replay of epoch 1's order and symmetries).
+    seeds = []
+    original = classifier_training.train_dataset
+
+    def recording(*args, seed, **kwargs):
+        seeds.append(seed)
+        return original(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(classifier_training, "train_dataset", recording)
+    assert main([*resume, "--patience", "2"]) == 0
+    assert seeds == [3 + 2]
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
     with open(run / "history.csv", newline="") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
     assert json.loads((run / "metrics.json").read_text())["val_ids"] == result["val_ids"]
@@ -115,9 +140,94 @@ def test_usage_errors(cohort, tmp_path, capsys):
     data, labels, gmcae = cohort
     run = tmp_path / "run"
     base = ["train-classifier", str(data), str(labels), str(run)]
-    assert main([*base, "--gmcae", str(tmp_path / "nope.keras")]) == 2
-    assert main([*base, "--gmcae", str(gmcae), "--val-fraction", "0"]) == 2
+    nope = tmp_path / "nope.keras"
+    assert main([*base, "--gmcae", str(nope)]) == 2
+    assert (f"expected --gmcae, a trained GMCAE .keras file, received a missing path: {nope}"
+            in capsys.readouterr().err)
+    options = ["--gmcae", str(gmcae)]
+    assert main([*base, *options, "--val-fraction", "0"]) == 2
     assert "expected --val-fraction in (0, 1), received 0.0" in capsys.readouterr().err
+    assert main([*base, *options, "--lung-dilation-mm", "-1"]) == 2
+    assert "expected --lung-dilation-mm >= 0, received -1.0" in capsys.readouterr().err
+    missing = tmp_path / "nodata"
+    assert main(["train-classifier", str(missing), str(labels), str(run), *options]) == 2
+    assert (f"expected DATA_DIR, a folder of kdsb volume files, received a missing path: "
+            f"{missing}") in capsys.readouterr().err
+    assert main(["train-classifier", str(data), str(tmp_path / "l.csv"), str(run), *options]) == 2
+    assert "expected LABELS_CSV, an id,cancer CSV of 0/1 labels, received a missing path" \
+        in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_unreadable_or_too_small_volumes_are_one_line_errors(cohort, tmp_path, capsys):
+    """Checked before tf.data reads them: no TensorFlow traceback, exit 1, nothing written."""
+    data, labels, gmcae = cohort
+    run = tmp_path / "run"
+    options = ["--gmcae", str(gmcae)]
+    assert main(["train-classifier", str(data), str(labels), str(run), *options,
+                 "--downscale", "17"]) == 1
+    err = capsys.readouterr().err
+    assert ("p0.h5: expected a volume of at least 17 voxels per axis for --downscale 17, "
+            "received shape (16, 16, 16)") in err
+    assert "Traceback" not in err
+    mixed = tmp_path / "data"
+    mixed.mkdir()
+    for path in data.iterdir():
+        (mixed / path.name).symlink_to(path)
+    (mixed / "p8.h5").write_bytes(b"truncated")
+    with_p8 = tmp_path / "labels.csv"
+    with_p8.write_text(labels.read_text() + "p8,1\n")
+    assert main(["train-classifier", str(mixed), str(with_p8), str(run), *options]) == 1
+    err = capsys.readouterr().err
+    assert f"{mixed / 'p8.h5'}: expected an HDF5 file, received an unreadable one" in err
+    assert "Traceback" not in err
+    assert not run.exists()
+
+
+@pytest.mark.slow
+def test_focal_loss_and_frozen_blocks_from_the_command_line(cohort, tmp_path):
+    import keras
+
+    from kdsb.gmcae import encoder_of
+
+    data, labels, gmcae = cohort
+    run = tmp_path / "run"
+    assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
+                 "--epochs", "1", "--val-fraction", "0.25", "--dense-units", "4",
+                 "--loss", "focal", "--freeze-blocks", "2", "--no-augment"]) == 0
+    checkpoint = keras.saving.load_model(run / "checkpoints" / "epoch_0001.keras",
+                                         safe_mode=True)
+    assert isinstance(checkpoint.loss, keras.losses.BinaryFocalCrossentropy)
+    assert checkpoint.loss.gamma == 2.0
+    assert checkpoint.optimizer.global_clipnorm == 1.0 and checkpoint.optimizer.clipnorm is None
+    features = encoder_of(checkpoint)
+    frozen = [name for b in (1, 2, 3) for name in (f"block{b}_conv1", f"block{b}_conv2")
+              if not features.get_layer(name).trainable]
+    assert frozen == ["block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2"]
+    # The frozen blocks kept the GMCAE's weights through training.
+    source = encoder_of(keras.saving.load_model(gmcae, compile=False))
+    for name in frozen:
+        np.testing.assert_array_equal(features.get_layer(name).kernel.numpy(),
+                                      source.get_layer(name).kernel.numpy())
+
+
+def test_class_weights_only_for_balanced_bce(cohort):
+    """--class-weight none (or --loss focal) trains on (x, y); balanced bce adds the weights."""
+    data, labels, gmcae = cohort
+    paths = sorted(data.iterdir())[:4]
+    y = [0, 1, 0, 0]
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    for extra, weighted in (([], True), (["--class-weight", "none"], False),
+                            (["--loss", "focal"], False)):
+        args = parser.parse_args([str(data), str(labels), "r", "--gmcae", str(gmcae), *extra])
+        config = command.config_from_args(args)
+        dataset = classifier_training.train_dataset(paths, y, config, seed=0)
+        element = next(iter(dataset))
+        assert len(element) == (3 if weighted else 2)
+        if weighted:
+            label, weight = float(element[1][0, 0]), float(element[2][0])
+            assert weight == pytest.approx(balanced_class_weights(y)[int(label)])
 
 
 def test_command_defaults_match_the_config_and_weights():

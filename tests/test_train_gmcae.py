@@ -123,8 +123,23 @@ def test_resume_refuses_incompatible_options(trained_run, data_dir, capsys):
 
 def test_existing_run_without_resume_is_a_usage_error(trained_run, data_dir, capsys):
     run_dir, _ = trained_run
-    assert main(["train-gmcae", str(data_dir), str(run_dir)]) == 2
+    saved = (run_dir / "config.json").read_text()
+    assert main(["train-gmcae", str(data_dir), str(run_dir), "--width", "8"]) == 2
     assert "--resume" in capsys.readouterr().err
+    assert (run_dir / "config.json").read_text() == saved  # the refused run wrote nothing
+
+
+def test_corrupt_volume_is_one_line_error_naming_it(data_dir, tmp_path, capsys):
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    for path in sorted(data_dir.glob("*.h5"))[:2]:
+        (folder / path.name).symlink_to(path)
+    junk = folder / "junk.h5"
+    junk.write_bytes(b"not an HDF5 file" * 64)
+    assert main(["train-gmcae", str(folder), str(tmp_path / "run"), *TINY]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(junk) in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "config.json").exists()
 
 
 def test_missing_or_too_small_data_dir_is_a_usage_error(tmp_path, capsys):

@@ -1,0 +1,42 @@
+"""The subcommands of `kdsb` (one module each) and their shared input-path checks.
+
+Every command checks its input paths first, with `require_dir` / `require_file`, so a missing
+input is a usage error (exit 2) with the same wording in every command, before any work.
+This module must stay light: `kdsb --help` imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kdsb.errors import UsageError
+
+
+def require_dir(path: str | os.PathLike, what: str) -> Path:
+    """Return `path` as a Path if it is an existing folder, else raise `UsageError`.
+
+    Args:
+        path: the folder given on the command line.
+        what: what the folder should be, for the message (e.g. "DATA_DIR, a folder of kdsb
+            volume files").
+    """
+    path = Path(path)
+    if not path.is_dir():
+        state = "a file" if path.exists() else "a missing path"
+        raise UsageError(f"expected {what}, received {state}: {path}")
+    return path
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """Return `path` as a Path if it is an existing file, else raise `UsageError`.
+
+    Args:
+        path: the file given on the command line.
+        what: what the file should be, for the message (e.g. "LABELS_CSV, an id,cancer CSV").
+    """
+    path = Path(path)
+    if not path.is_file():
+        state = "a folder" if path.is_dir() else "a missing path"
+        raise UsageError(f"expected {what}, received {state}: {path}")
+    return path

@@ -26,9 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kdsb.commands import require_dir, require_file
     from kdsb.labels import read_ids
     from kdsb.prediction import PROBABILITY_CLIP, predict_to_csv
 
+    require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
+    for model in args.models:
+        require_file(model, "MODEL.keras, a trained classifier")
+    if args.ids is not None:
+        require_file(args.ids, "--ids, a CSV with an id column")
     ids = read_ids(args.ids) if args.ids is not None else None
     predictions = predict_to_csv(
         args.data_dir,

@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-weight", choices=("balanced", "none"),
                         help="sample weights against class imbalance (bce only)")
     parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint; repeat the run's options "
+                             "(only --epochs and --patience may change)")
     parser.add_argument("--mask-outside-lungs", action=argparse.BooleanOptionalAction,
                         help="replace everything outside the (dilated) lung mask by "
                              "--outside-hu: the classifier then sees only lung tissue, "
@@ -113,8 +115,11 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from kdsb.classifier_training import METRICS_NAME, train_classifier
+    from kdsb.commands import require_dir, require_file
     from kdsb.evaluation import format_table
 
+    require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
+    require_file(args.labels, "LABELS_CSV, an id,cancer CSV of 0/1 labels")
     result = train_classifier(args.data_dir, args.labels, args.run_dir, config_from_args(args))
     scores = {
         "log_loss": result["val_log_loss"],

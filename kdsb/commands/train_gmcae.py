@@ -56,7 +56,7 @@ DEFAULTS: dict[str, object] = {
     "sampling": "lung",
     "lr": 1e-3,
     "clipnorm": 1.0,
-    "variance_floor": None,  # None: kdsb.gmcae.DEFAULT_VARIANCE_FLOOR
+    "variance_floor": None,  # None: kdsb.layers.DEFAULT_VARIANCE_FLOOR
     "precision": "float32",
     "seed": 0,
     "val_fraction": 0.2,
@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def option(flag: str, help_text: str, **kwargs) -> None:
         key = flag.removeprefix("--").replace("-", "_")
         default = DEFAULTS[key]
-        shown = "kdsb.gmcae.DEFAULT_VARIANCE_FLOOR" if default is None else default
+        shown = "kdsb.layers.DEFAULT_VARIANCE_FLOOR" if default is None else default
         parser.add_argument(
             flag, default=argparse.SUPPRESS, help=f"{help_text} (default: {shown})", **kwargs
         )
@@ -110,7 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option("--sampling", "where patches come from: lung voxels or a blind grid",
            choices=("lung", "grid"))
     option("--lr", "Adam learning rate", type=_positive_float)
-    option("--clipnorm", "clip each gradient to this L2 norm (0: no clipping)", type=float)
+    option("--clipnorm",
+           "clip each variable's gradient to this L2 norm, separately (Keras clipnorm, not a "
+           "global norm; 0: no clipping)", type=float)
     option("--variance-floor", "smallest mixture variance (normalised HU²)", type=_positive_float)
     option("--precision", "layer precision (mixed_* compute in 16 bits, the loss in float32)",
            choices=("float32", "mixed_bfloat16", "mixed_float16"))
@@ -147,7 +149,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config = {**DEFAULTS, **given}
     config["data_dir"] = data_dir
     if config["variance_floor"] is None:
-        from kdsb.gmcae import DEFAULT_VARIANCE_FLOOR
+        from kdsb.layers import DEFAULT_VARIANCE_FLOOR
 
         config["variance_floor"] = DEFAULT_VARIANCE_FLOOR
     if not 0.0 < config["val_fraction"] < 1.0:
@@ -215,7 +217,17 @@ def _build_model_fn(config: dict):
     return build
 
 
+def _check_volumes(volumes: dict[str, Path]) -> None:
+    """Open every volume file before training: a corrupt one fails here, on one line naming it,
+    rather than as a TensorFlow traceback from inside the tf.data pipeline.
 
+    Raises:
+        StoreError: a file is not a readable kdsb volume file.
+    """
+    from kdsb import store
+
+    for path in volumes.values():
+        store.read_attrs(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -224,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         UsageError: a missing DATA_DIR, fewer than 2 volumes, incompatible options on resume,
             or a RUN_DIR holding checkpoints without --resume.
+        StoreError: a file of DATA_DIR is not a readable kdsb volume file.
         TrainingError: the loss became NaN or infinite (the last good checkpoint stays).
     """
     import keras
@@ -235,11 +248,10 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     config = resolve_config(args)
-    if not args.resume and training.last_checkpoint(run_dir) is not None:
-        raise UsageError(
-            f"expected an empty RUN_DIR or --resume, received {run_dir} holding checkpoints"
-        )
+    # Checked before config.json is written, so a refused run leaves the old run's options.
+    last = training.check_run_dir(run_dir, args.resume)
     volumes = _volume_paths(Path(args.data_dir))
+    _check_volumes(volumes)
     train_ids, val_ids = split_patients(
         list(volumes), val_fraction=config["val_fraction"], seed=config["seed"]
     )
@@ -249,7 +261,6 @@ def run(args: argparse.Namespace) -> int:
 
     training.configure_runtime(seed=config["seed"], precision=config["precision"])
     strategy = training.distribution_strategy(config["distribute"])
-    last = training.last_checkpoint(run_dir) if args.resume else None
     start_epoch = last[0] if last else 0
     train_data = patch_dataset(
         [volumes[i] for i in train_ids],
