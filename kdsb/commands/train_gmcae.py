@@ -161,10 +161,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 def _volume_paths(data_dir: Path) -> dict[str, Path]:
     from kdsb import store
+    from kdsb.commands import require_dir
 
-    if not data_dir.is_dir():
-        raise UsageError(f"expected a folder of kdsb volume files, received {data_dir}")
-    volumes = store.list_volumes(data_dir)
+    volumes = store.list_volumes(require_dir(data_dir, "DATA_DIR, a folder of kdsb volume files"))
     if len(volumes) < MIN_VOLUMES:
         raise UsageError(
             f"expected at least {MIN_VOLUMES} volume files (<id>.h5) in {data_dir} "
@@ -217,19 +216,6 @@ def _build_model_fn(config: dict):
     return build
 
 
-def _check_volumes(volumes: dict[str, Path]) -> None:
-    """Open every volume file before training: a corrupt one fails here, on one line naming it,
-    rather than as a TensorFlow traceback from inside the tf.data pipeline.
-
-    Raises:
-        StoreError: a file is not a readable kdsb volume file.
-    """
-    from kdsb import store
-
-    for path in volumes.values():
-        store.read_attrs(path)
-
-
 def run(args: argparse.Namespace) -> int:
     """Train (or resume), then write the plots and the summary; returns the exit status.
 
@@ -244,14 +230,14 @@ def run(args: argparse.Namespace) -> int:
     import tensorflow as tf
 
     from kdsb import gmcae, plots, training
-    from kdsb.datasets import patch_dataset, split_patients
+    from kdsb.datasets import check_volume_files, patch_dataset, split_patients
 
     run_dir = Path(args.run_dir)
     config = resolve_config(args)
     # Checked before config.json is written, so a refused run leaves the old run's options.
     last = training.check_run_dir(run_dir, args.resume)
     volumes = _volume_paths(Path(args.data_dir))
-    _check_volumes(volumes)
+    check_volume_files(list(volumes.values()))
     train_ids, val_ids = split_patients(
         list(volumes), val_fraction=config["val_fraction"], seed=config["seed"]
     )
