@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from kdsb.atomic import atomic_path
 from kdsb.errors import LabelsError
@@ -79,39 +79,13 @@ def read_labels(csv_path: str | os.PathLike) -> dict[str, int]:
             `id` and `cancer`, a row with another number of cells, an empty or duplicate id, or
             a label other than 0 or 1 (the message names the line and the value).
     """
-    csv_path = Path(csv_path)
-    rows = _open_rows(csv_path)
-    header = _header_index(csv_path, rows, LABEL_COLUMNS)
-    if len(header) != len(LABEL_COLUMNS):
-        raise LabelsError(
-            f"{csv_path}: expected exactly the columns id,cancer, received {','.join(header)!r}"
-        )
-    id_at, label_at = header.index(ID_COLUMN), header.index(LABEL_COLUMN)
-    labels: dict[str, int] = {}
-    # Line numbers count the header as line 1; blank lines were dropped, so they are approximate
-    # only for files with blank lines in the middle, which is rare enough to accept.
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise LabelsError(
-                f"{csv_path} line {line}: expected {len(header)} comma-separated values, "
-                f"received {len(row)}: {','.join(row)!r}"
-            )
-        patient_id, value = row[id_at].strip(), row[label_at].strip()
-        if not patient_id:
-            raise LabelsError(f"{csv_path} line {line}: expected a patient id, received ''")
-        if value not in VALID_LABELS:
-            raise LabelsError(
-                f"{csv_path} line {line}: expected a label 0 or 1 for {patient_id}, "
-                f"received {value!r}"
-            )
-        if patient_id in labels:
-            raise LabelsError(
-                f"{csv_path} line {line}: expected each id once, received {patient_id} again"
-            )
-        labels[patient_id] = VALID_LABELS[value]
-    if not labels:
-        raise LabelsError(f"{csv_path}: expected at least one labelled patient, received none")
-    return labels
+    return _read_id_values(
+        csv_path,
+        lambda text: VALID_LABELS.get(text),
+        expected="a label 0 or 1",
+        nothing="labelled patient",
+        exact_columns=True,
+    )
 
 
 def read_ids(csv_path: str | os.PathLike) -> list[str]:
@@ -202,11 +176,50 @@ def read_predictions(csv_path: str | os.PathLike) -> dict[str, float]:
         LabelsError: the file is missing or malformed, an id is empty or repeated, or a value is
             not a probability in [0, 1] (the message names the line and the value).
     """
+    return _read_id_values(
+        csv_path, _probability, expected="a probability in [0, 1]", nothing="prediction"
+    )
+
+
+def _probability(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0.0 <= value <= 1.0 else None  # also rejects NaN
+
+
+def _read_id_values(
+    csv_path: str | os.PathLike,
+    parse: Callable[[str], Any],
+    *,
+    expected: str,
+    nothing: str,
+    exact_columns: bool = False,
+) -> dict[str, Any]:
+    """Read an `id,cancer` CSV into patient id → `parse(cancer cell)`, in file order.
+
+    Args:
+        csv_path: the CSV file.
+        parse: the cell's text → its value, or None when the text is not acceptable.
+        expected: what an acceptable cell is, for the error message ("a label 0 or 1").
+        nothing: what a row holds, for the message when there are none ("prediction").
+        exact_columns: refuse columns other than `id` and `cancer`.
+
+    Raises:
+        LabelsError: naming the file, and the line and value where one is at fault.
+    """
     csv_path = Path(csv_path)
     rows = _open_rows(csv_path)
     header = _header_index(csv_path, rows, LABEL_COLUMNS)
+    if exact_columns and len(header) != len(LABEL_COLUMNS):
+        raise LabelsError(
+            f"{csv_path}: expected exactly the columns id,cancer, received {','.join(header)!r}"
+        )
     id_at, value_at = header.index(ID_COLUMN), header.index(LABEL_COLUMN)
-    predictions: dict[str, float] = {}
+    values: dict[str, Any] = {}
+    # Line numbers count the header as line 1; blank lines were dropped, so they are approximate
+    # only for files with blank lines in the middle, which is rare enough to accept.
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise LabelsError(
@@ -216,23 +229,19 @@ def read_predictions(csv_path: str | os.PathLike) -> dict[str, float]:
         patient_id, text = row[id_at].strip(), row[value_at].strip()
         if not patient_id:
             raise LabelsError(f"{csv_path} line {line}: expected a patient id, received ''")
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not 0.0 <= value <= 1.0:  # also rejects NaN
+        value = parse(text)
+        if value is None:
             raise LabelsError(
-                f"{csv_path} line {line}: expected a probability in [0, 1] for {patient_id}, "
-                f"received {text!r}"
+                f"{csv_path} line {line}: expected {expected} for {patient_id}, received {text!r}"
             )
-        if patient_id in predictions:
+        if patient_id in values:
             raise LabelsError(
                 f"{csv_path} line {line}: expected each id once, received {patient_id} again"
             )
-        predictions[patient_id] = value
-    if not predictions:
-        raise LabelsError(f"{csv_path}: expected at least one prediction, received none")
-    return predictions
+        values[patient_id] = value
+    if not values:
+        raise LabelsError(f"{csv_path}: expected at least one {nothing}, received none")
+    return values
 
 
 def write_predictions(
