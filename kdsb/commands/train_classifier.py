@@ -85,32 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The `ClassifierConfig` of parsed command-line arguments."""
+    from dataclasses import fields
+
     from kdsb.classifier_training import ClassifierConfig
 
-    return ClassifierConfig(
-        gmcae=str(args.gmcae),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        freeze_blocks=args.freeze_blocks,
-        val_fraction=args.val_fraction,
-        loss=args.loss,
-        class_weight=args.class_weight,
-        seed=args.seed,
-        resume=args.resume,
-        mask_outside_lungs=args.mask_outside_lungs,
-        lung_dilation_mm=args.lung_dilation_mm,
-        outside_hu=args.outside_hu,
-        downscale=args.downscale,
-        patience=args.patience,
-        precision=args.precision,
-        levels=tuple(args.levels),
-        pooling=args.pooling,
-        dense_units=args.dense_units,
-        dropout=args.dropout,
-        augment=args.augment,
-        allow_unlabelled=args.allow_unlabelled,
-    )
+    # Every option is named after its ClassifierConfig field.
+    values = {field.name: getattr(args, field.name) for field in fields(ClassifierConfig)}
+    return ClassifierConfig(**{**values, "gmcae": str(args.gmcae), "levels": tuple(args.levels)})
 
 
 def run(args: argparse.Namespace) -> int:
