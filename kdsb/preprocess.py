@@ -442,8 +442,8 @@ def run_cohort(
         volumes = {
             pid: store.volume_path(out_dir, pid) for pid in patients if pid not in failed
         }
-        sheet = write_qc(volumes, failed, qc_dir)
-        logger.info("QC images in %s (contact sheet %s)", qc_dir, sheet.name)
+        sheets = write_qc(volumes, failed, qc_dir)
+        logger.info("QC images in %s (contact sheet %s)", qc_dir, ", ".join(p.name for p in sheets))
 
     counts = {
         status: sum(r.status == status for r in results.values())

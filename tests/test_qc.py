@@ -1,12 +1,20 @@
-"""QC images: per-patient three-view PNGs and the cohort contact sheet."""
+"""QC images: per-patient PNGs (lung centre and largest lesion) and the paged contact sheet."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 from matplotlib.image import imread
+from scipy import ndimage
 
 from kdsb import qc, store
+
+LUNG_HU, VESSEL_HU, LESION_HU, BODY_HU = -850, 40, 30, 40
+SPHERE_CENTRE_MM = (32.0, 30.0, 36.0)  # z, y, x
+SPHERE_RADIUS_MM = 8.0
+LUNA16_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860"
 
 
 def _volume(patient_id: str = "p1", shape=(40, 50, 100)) -> store.Volume:
@@ -51,33 +59,163 @@ def test_views_cut_through_the_lungs():
     assert sagittal[20, 25, 0] < 0.2
 
 
-def test_write_patient_png(tmp_path):
-    path = qc.write_patient_png(_volume(), tmp_path / "p1.png")
+def _lesion_phantom(spacing=(1.0, 1.0, 1.0), sphere: bool = True) -> store.Volume:
+    """A 64 mm cube: a box of -850 HU lung in 40 HU tissue, a tree of thin vessels, a sphere.
+
+    Vessels (+40 HU, radius 2 mm, one of 1.5 mm running into the sphere) form one connected tree
+    larger than the sphere (+30 HU, radius 8 mm), so only the vessel-removing opening makes the
+    sphere the largest soft-tissue component.
+    """
+    shape = tuple(round(64 / s) for s in spacing)
+    z, y, x = (np.indices(shape).astype(np.float64).T * spacing).T  # voxel centres, mm
+    mask = ((np.abs(z - 32) < 28) & (np.abs(y - 32) < 28) & (np.abs(x - 32) < 28)).astype(np.uint8)
+    hu = np.where(mask == 1, LUNG_HU, BODY_HU).astype(np.int16)
+    vessels = np.zeros(shape, dtype=bool)
+    for y0, x0 in ((12, 12), (12, 52), (52, 12), (52, 52)):  # along z
+        vessels |= (y - y0) ** 2 + (x - x0) ** 2 <= 2.0**2
+    for z0, y0 in ((12, 12), (52, 52)):  # along x, joining them in pairs
+        vessels |= (z - z0) ** 2 + (y - y0) ** 2 <= 2.0**2
+    vessels |= (z - 20) ** 2 + (x - 12) ** 2 <= 2.0**2  # along y, joining the pairs
+    vessels |= (z - 32) ** 2 + (y - 30) ** 2 <= 1.5**2  # along x, through the sphere
+    hu[vessels & (mask == 1)] = VESSEL_HU
+    if sphere:
+        cz, cy, cx = SPHERE_CENTRE_MM
+        hu[(z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= SPHERE_RADIUS_MM**2] = LESION_HU
+    return store.Volume("lesion", hu, mask, tuple(spacing), (0.0, 0.0, 0.0))
+
+
+def test_the_vessel_tree_outweighs_the_sphere_before_the_opening():
+    volume = _lesion_phantom()
+    soft = (volume.hu > qc.LESION_HU) & (volume.lung_mask > 0)
+    labels, _ = ndimage.label(soft, structure=np.ones((3, 3, 3)))
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    centre_voxel = tuple(round(c) for c in SPHERE_CENTRE_MM)
+    assert labels[centre_voxel] != largest  # without the opening the vessels would win
+
+
+@pytest.mark.parametrize(
+    ("spacing", "max_voxels"),
+    [
+        ((1.0, 1.0, 1.0), qc.LESION_MAX_VOXELS),  # searched at full resolution
+        ((1.0, 1.0, 1.0), 40_000),  # searched on a copy strided 2 × 2 × 2
+        ((2.0, 1.0, 1.0), qc.LESION_MAX_VOXELS),  # anisotropic voxels: the ball is in mm
+    ],
+)
+def test_find_lesion_picks_the_sphere_not_the_vessels(spacing, max_voxels):
+    volume = _lesion_phantom(spacing)
+    lesion = qc.find_lesion(volume.hu, volume.lung_mask, volume.spacing, max_voxels=max_voxels)
+    assert lesion is not None
+    expected_voxel = np.divide(SPHERE_CENTRE_MM, spacing)
+    assert np.abs(np.subtract(lesion.centre, expected_voxel)).max() <= 1.0
+    sphere_ml = 4.0 / 3.0 * math.pi * SPHERE_RADIUS_MM**3 * qc.ML_PER_MM3
+    assert lesion.volume_ml == pytest.approx(sphere_ml, rel=0.15)
+    assert lesion.radius_mm == pytest.approx(SPHERE_RADIUS_MM, rel=0.05)
+    assert lesion.mask.shape == volume.hu.shape
+    assert lesion.mask.sum() * np.prod(spacing) * qc.ML_PER_MM3 == pytest.approx(lesion.volume_ml)
+    far_vessel = tuple(round(c / s) for c, s in zip((32.0, 12.0, 12.0), spacing, strict=True))
+    assert volume.hu[far_vessel] == VESSEL_HU and not lesion.mask[far_vessel]
+
+
+@pytest.mark.parametrize("max_voxels", [qc.LESION_MAX_VOXELS, 40_000])
+def test_find_lesion_finds_nothing_in_a_lung_with_vessels_only(max_voxels):
+    volume = _lesion_phantom(sphere=False)
+    assert qc.find_lesion(volume.hu, volume.lung_mask, volume.spacing, max_voxels) is None
+
+
+def _lesion_pixels(path) -> int:
+    image = imread(path)[..., :3]
+    return int(np.count_nonzero(np.all(np.abs(image - qc.LESION_RGB) < 0.02, axis=-1)))
+
+
+@pytest.mark.parametrize("sphere", [True, False])
+def test_write_patient_png(tmp_path, sphere):
+    path = qc.write_patient_png(_lesion_phantom(sphere=sphere), tmp_path / "p1.png")
     image = imread(path)
-    assert image.shape[:2] == (440, 1200)
+    width, height = qc.PATIENT_FIGURE_INCHES
+    assert image.shape[:2] == (round(height * qc.DPI), round(width * qc.DPI))
+    # The lesion is outlined in its colour in the three lesion views; nothing when there is none.
+    assert (_lesion_pixels(path) > 3 * 2 * math.pi * SPHERE_RADIUS_MM) == sphere
+    assert _lesion_pixels(path) == 0 or sphere
 
 
-def test_thumbnail_keeps_the_aspect_ratio():
-    tile = qc.thumbnail(_volume(), size=64)
-    assert tile.shape == (64, 64, 3)
-    rows_used = np.flatnonzero(tile.max(axis=(1, 2)) > 0)
-    assert len(rows_used) == 32  # 50 × 100 mm fitted into 64 px: 32 rows
+@pytest.mark.parametrize(("radius_mm", "side_mm"), [(5.0, qc.LESION_FIELD_MM), (20.0, 120.0)])
+def test_lesion_views_zoom_on_the_lesion(radius_mm, side_mm):
+    shape, spacing = (100, 160, 160), (2.0, 1.0, 1.0)
+    z, y, x = (np.indices(shape).T * spacing).T
+    ball = (z - 100) ** 2 + (y - 80) ** 2 + (x - 80) ** 2 <= radius_mm**2
+    hu = np.where(ball, LESION_HU, LUNG_HU).astype(np.int16)
+    volume = store.Volume("p", hu, np.ones(shape, np.uint8), spacing, (0.0, 0.0, 0.0))
+    lesion = qc.Lesion((50.0, 80.0, 80.0), 1.0, radius_mm, ball)
+    views = qc.lesion_views(volume, lesion)
+    # A box of side max(80 mm, 3 diameters) around the centre: (side / spacing + 1) pixels.
+    width = round(side_mm) + 1
+    height = round(side_mm / 2) + 1
+    assert views["axial"][0].shape == (width, width, 3)
+    assert views["coronal"][0].shape == (height, width, 3)
+    assert views["sagittal"][1] == 2.0
+    # The lesion is outlined in its colour across the middle row of the axial view.
+    middle = views["axial"][0][width // 2]
+    outlined = np.flatnonzero(np.all(np.isclose(middle, qc.LESION_RGB), axis=-1))
+    assert outlined.tolist() == [width // 2 - round(radius_mm), width // 2 + round(radius_mm)]
+
+
+def test_short_id_keeps_short_ids_and_the_end_of_long_ones():
+    assert qc.short_id("LIDC-IDRI-0001") == "LIDC-IDRI-0001"
+    short = qc.short_id(LUNA16_UID)
+    assert len(LUNA16_UID) == 64 and len(short) == qc.LABEL_CHARS
+    assert qc.ELLIPSIS in short
+    head, tail = short.split(qc.ELLIPSIS)
+    assert LUNA16_UID.startswith(head) and LUNA16_UID.endswith(tail)
+    assert len(tail) > len(head) and tail.endswith("836860")
+
+
+def _grey_tile() -> np.ndarray:
+    return np.full((qc.TILE_PX, qc.TILE_PX, 3), 0.5, dtype=np.float32)
 
 
 def test_contact_sheet_marks_failed_patients(tmp_path):
-    tiles = {
-        "a": np.full((qc.TILE_PX, qc.TILE_PX, 3), 0.5, dtype=np.float32),
-        "b": None,
-        "c": np.full((qc.TILE_PX, qc.TILE_PX, 3), 0.5, dtype=np.float32),
-    }
-    path = qc.write_contact_sheet(tiles, tmp_path / "sheet.png", {"b": "b: no lungs"})
-    image = imread(path)[..., :3]
+    tiles = {"a": _grey_tile(), "b": None, "c": _grey_tile()}
+    paths = qc.write_contact_sheet(tiles, tmp_path / "sheet.png", {"b": "b: no lungs"})
+    assert paths == [tmp_path / "sheet.png"]
+    image = imread(paths[0])[..., :3]
     cell = qc.TILE_PX + qc.LABEL_PX
     assert image.shape[:2] == (2 * cell, 2 * qc.TILE_PX)  # 3 patients: a 2 × 2 grid
     # Bottom-right pixel of each tile (free of text): grey for a, red for failed b.
     corner = cell - 2
     np.testing.assert_allclose(image[corner, qc.TILE_PX - 2], 0.5, atol=0.01)
     np.testing.assert_allclose(image[corner, 2 * qc.TILE_PX - 2], qc.FAILED_RGB, atol=0.01)
+
+
+def test_contact_sheet_pages_and_removes_stale_pages(tmp_path):
+    tile = _grey_tile()
+    cell = qc.TILE_PX + qc.LABEL_PX
+    (tmp_path / "p1.png").write_bytes(b"a patient image, not a page")
+    paths = qc.write_contact_sheet(
+        {f"{LUNA16_UID[:-3]}{i:03d}": tile for i in range(250)}, tmp_path / "contact_sheet.png"
+    )
+    names = ["contact_sheet_001.png", "contact_sheet_002.png", "contact_sheet_003.png"]
+    assert paths == [tmp_path / name for name in names]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "p1.png"])
+    # Full pages are 10 × 10 tiles; the last holds 50 in 5 rows of the same 10 columns.
+    columns = math.isqrt(qc.PAGE_TILES)
+    assert imread(paths[0]).shape[:2] == (columns * cell, columns * qc.TILE_PX)
+    assert imread(paths[2]).shape[:2] == (5 * cell, columns * qc.TILE_PX)
+
+    paths = qc.write_contact_sheet({f"p{i:03d}": tile for i in range(120)}, paths[0].parent /
+                                   "contact_sheet.png")
+    assert [p.name for p in paths] == names[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[:2], "p1.png"])
+
+    paths = qc.write_contact_sheet({f"p{i:03d}": tile for i in range(50)},
+                                   tmp_path / "contact_sheet.png")
+    assert paths == [tmp_path / "contact_sheet.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["contact_sheet.png", "p1.png"]
+    # One page of 50: 8 columns, 7 rows, the same cell size as on a full page.
+    assert imread(paths[0]).shape[:2] == (7 * cell, 8 * qc.TILE_PX)
+
+    paths = qc.write_contact_sheet({f"p{i:03d}": tile for i in range(101)},
+                                   tmp_path / "contact_sheet.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[:2], "p1.png"])
 
 
 @pytest.mark.parametrize("corrupt", [False, True])
@@ -90,8 +228,8 @@ def test_write_qc_writes_every_png(tmp_path, corrupt):
         )
     if corrupt:
         volumes["p2"].write_bytes(b"not hdf5")
-    sheet = qc.write_qc(volumes, {"p3": "p3: not DICOM"}, tmp_path / "qc")
-    assert sheet == tmp_path / "qc" / qc.CONTACT_SHEET_NAME
+    sheets = qc.write_qc(volumes, {"p3": "p3: not DICOM"}, tmp_path / "qc")
+    assert sheets == [tmp_path / "qc" / qc.CONTACT_SHEET_NAME]
     written = {p.name for p in (tmp_path / "qc").iterdir()}
     expected = {"p1.png", qc.CONTACT_SHEET_NAME} | (set() if corrupt else {"p2.png"})
     assert written == expected
