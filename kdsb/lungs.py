@@ -47,7 +47,12 @@ logger = logging.getLogger(__name__)
 AIR_THRESHOLD_HU = -400.0  # between lung parenchyma (about -850 HU) and soft tissue (0–100 HU)
 AIRWAY_THRESHOLD_HU = -950.0  # airway lumen (about -1000 HU); parenchyma stays above it
 COARSE_SPACING_MM = 2.5  # voxel size of the grid the morphology runs on
-CLOSING_RADIUS_MM = 15.0  # fills juxtapleural nodules and tumours up to about 14 mm radius
+CLOSING_RADIUS_MM = 15.0
+ENVELOPE_RADIUS_MM = 38.0
+BONE_MEAN_HU = 300.0
+APEX_ZONE_MM = 60.0
+APEX_CORE_MM = 6.0
+APEX_DEPTH_PERCENTILE = 5.0  # fills juxtapleural nodules and tumours up to about 14 mm radius
 MIN_LUNG_LITRES = 0.5
 MAX_LUNG_LITRES = 10.0
 MIN_COMPONENT_ML = 10.0  # smaller air pockets inside the body are never lung
@@ -73,7 +78,9 @@ HULL_TOLERANCE = 1e-3  # pixels (float32 roundoff): keeps the points that span t
 HULL_PIXEL_REACH = 0.25  # pixels: how far the hull reaches beyond the outermost pixel centres
 IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)  # 4-connectivity within an axial slice
-FULL_NEVER, FULL_IF_AIR, FULL_ALWAYS = 0, 1, 2  # how a coarse voxel maps to the source grid
+# How a coarse voxel maps to the source grid: not at all, its air voxels, its tissue voxels
+# (added tissue beside rejected air: bowel gas, airways), or whole.
+FULL_NEVER, FULL_IF_AIR, FULL_IF_TISSUE, FULL_ALWAYS = 0, 1, 2, 3
 
 
 def _coarse_factors(spacing: Sequence[float]) -> tuple[int, int, int]:
@@ -284,11 +291,15 @@ def _bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, slice
 def _close_ball(mask: np.ndarray, radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
     """Morphological closing with a Euclidean ball, via two distance transforms.
 
-    The array border is not treated as background, so a lung cut by the scan's first or last
-    slice is not eroded there.
+    The array is first extended by the ball's radius with copies of its border slices, so a
+    lung cut by the scan's first or last slice goes on beyond it (and is not eroded there),
+    while a lung that ends inside the scan is not filled out to the scan's border.
     """
-    dilated = ndimage.distance_transform_edt(~mask, sampling=spacing) <= radius_mm
-    return ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+    pad = [math.ceil(radius_mm / s) + 1 for s in spacing]
+    padded = np.pad(mask, [(p, p) for p in pad], mode="edge")
+    dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius_mm
+    closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+    return closed[tuple(slice(p, p + n) for p, n in zip(pad, mask.shape, strict=True))]
 
 
 def _slice_hulls(mask: np.ndarray) -> np.ndarray:
@@ -358,6 +369,7 @@ def _enclosed(tissue: np.ndarray) -> np.ndarray:
 
 
 def _fill_side(
+    coarse_hu: np.ndarray,
     lung_air: np.ndarray,
     hulls: np.ndarray,
     body: np.ndarray,
@@ -382,7 +394,7 @@ def _fill_side(
         return filled
     # The box reaches past the midline into empty space, so the closing erodes there; at the
     # scan's own borders it stops, so a lung cut by the first or last slice is not eroded.
-    box = _bounding_box(part, [math.ceil(CLOSING_RADIUS_MM / s) + 1 for s in spacing])
+    box = _bounding_box(part, (1, 1, 1))
     filled[box] = _fill_holes_3d(_close_ball(part[box], CLOSING_RADIUS_MM, spacing))
     half = filled[side]
     # Pockets are looked for after the closing has filled the vessels: a nodule that a vessel
@@ -410,7 +422,60 @@ def _fill_side(
             _reach_wall(nodules == index, lung_air[side], body[side], half, spacing)
     result = np.zeros_like(lung_air)
     result[side] = half
+    envelope = np.zeros_like(lung_air)
+    envelope[box] = _fill_holes_3d(_close_ball(part[box], ENVELOPE_RADIUS_MM, spacing))
+    # Air the lung selection rejected (bowel gas, airways) is never taken in, nor bone.
+    candidates = envelope & ~result & body & (coarse_hu >= AIR_THRESHOLD_HU)
+    labels, count = ndimage.label(candidates)
+    if count:
+        bone = ndimage.mean(coarse_hu, labels, np.arange(count + 1)) > BONE_MEAN_HU
+        bone[0] = True
+        result |= ~bone[labels]
     return result
+
+
+def _mirror_x(mask: np.ndarray, midline: float) -> np.ndarray:
+    """`mask` reflected across the plane x = `midline` (voxel units); what falls outside is lost."""
+    source = np.rint(2.0 * midline - np.arange(mask.shape[2])).astype(int)
+    valid = (source >= 0) & (source < mask.shape[2])
+    mirrored = np.zeros_like(mask)
+    mirrored[:, :, valid] = mask[:, :, source[valid]]
+    return mirrored
+
+
+def _apex_completion(
+    own: np.ndarray,
+    other: np.ndarray,
+    body: np.ndarray,
+    coarse_hu: np.ndarray,
+    midline: float,
+    spacing: Sequence[float],
+) -> np.ndarray:
+    """Tissue that caps one lung's apex where the other lung, mirrored, still has lung.
+
+    A tumour filling the top of a lung leaves no concavity for a closing to fill: the lung just
+    ends lower. The apices are nearly symmetric, so within `APEX_ZONE_MM` of the higher apex,
+    non-bone tissue inside the mirrored other lung that is thick (survives an opening with a
+    `APEX_CORE_MM` ball: not the slivers a slightly rotated body leaves) and touches this lung
+    is taken in.
+    """
+    if not own.any() or not other.any():
+        return np.zeros_like(own)
+    top = int(np.flatnonzero((own | other).any(axis=(1, 2)))[-1])
+    zone = np.zeros_like(own)
+    zone[max(0, top - math.ceil(APEX_ZONE_MM / spacing[0])) :] = True
+    candidates = zone & _mirror_x(other, midline) & ~own & body & (coarse_hu < BONE_MEAN_HU)
+    if not candidates.any():
+        return candidates
+    # Not the chest wall: no shallower under the skin than this lung's own apex.
+    depth = ndimage.distance_transform_edt(body, sampling=spacing)
+    candidates &= depth >= np.percentile(depth[own & zone], APEX_DEPTH_PERCENTILE)
+    box = _bounding_box(candidates, (1, 1, 1))
+    core = np.zeros_like(candidates)
+    core[box] = ndimage.binary_opening(candidates[box], structure=_ball(APEX_CORE_MM, spacing))
+    labels, count = ndimage.label(candidates & ndimage.binary_dilation(core, iterations=2))
+    touching = np.unique(labels[ndimage.binary_dilation(own) & (labels > 0)])
+    return np.isin(labels, touching[touching > 0])
 
 
 def _reach_wall(
@@ -523,8 +588,13 @@ def segment_lungs(
     split = math.ceil(midline)
     hulls = _slice_hulls(lung_air)
     coarse_mask = np.zeros_like(lung_air)
-    for side in (np.s_[:, :, :split], np.s_[:, :, split:]):
-        coarse_mask |= _fill_side(lung_air, hulls, inside_body, side, coarse_spacing)
+    sides = [
+        _fill_side(coarse_hu, lung_air, hulls, inside_body, side, coarse_spacing)
+        for side in (np.s_[:, :, :split], np.s_[:, :, split:])
+    ]
+    for own, other in (sides, sides[::-1]):
+        coarse_mask |= own | _apex_completion(own, other, inside_body, coarse_hu, midline,
+                                              coarse_spacing)
 
     inner = ndimage.binary_erosion(coarse_mask, border_value=1)
     added = coarse_mask & ~lung_air
@@ -532,6 +602,9 @@ def segment_lungs(
     code = np.full(coarse_mask.shape, FULL_NEVER, dtype=np.uint8)
     code[(coarse_mask & ~inner) | outer] = FULL_IF_AIR
     code[inner | added] = FULL_ALWAYS
+    rejected_air = ndimage.binary_dilation(interior_air & ~lung_air)
+    code[added & rejected_air] = FULL_IF_TISSUE
+    code[outer & rejected_air] = FULL_NEVER
 
     # Full-resolution work only inside the bounding box of the coarse result.
     coarse_box = _bounding_box(code, (0, 0, 0))
@@ -542,8 +615,11 @@ def segment_lungs(
     box_shape = tuple(b.stop - b.start for b in full_box)
     code_full = _upsample(code[coarse_box], factors, box_shape)
     mask = np.zeros(hu.shape, dtype=np.uint8)
-    mask[full_box] = (code_full == FULL_ALWAYS) | (
-        (code_full == FULL_IF_AIR) & (hu[full_box] < AIR_THRESHOLD_HU)
+    air_full = hu[full_box] < AIR_THRESHOLD_HU
+    mask[full_box] = (
+        (code_full == FULL_ALWAYS)
+        | ((code_full == FULL_IF_AIR) & air_full)
+        | ((code_full == FULL_IF_TISSUE) & ~air_full)
     )
 
     volume = int(np.count_nonzero(mask)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
