@@ -19,6 +19,10 @@ class MissingDecoderError(DicomError):
     """Pixel data is compressed with a transfer syntax whose decoder is not installed."""
 
 
+class VolumeFileError(KdsbError):
+    """A NIfTI, MetaImage or NRRD file cannot be read or does not hold a usable CT volume in HU."""
+
+
 class LungMaskError(KdsbError):
     """No plausible lung mask could be found in a volume."""
 

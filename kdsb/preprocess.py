@@ -1,11 +1,13 @@
 """One scan end to end, and the parallel, resumable cohort runner behind `kdsb preprocess`.
 
-`preprocess_patient` turns one DICOM folder into one `<id>.h5` volume file (DESIGN.md, the data
-contract): read the series in HU, segment the lungs on the source grid, crop to the lung
-bounding box plus a margin, resample the crop to the target spacing (HU linearly, the mask
-without blurring its edges) and write the file atomically.
+`preprocess_patient` turns one patient's scan, a DICOM folder or a NIfTI / MetaImage / NRRD
+volume file (`read_patient`), into one `<id>.h5` volume file (DESIGN.md, the data contract):
+read the scan in HU, segment the lungs on the source grid, crop to the lung bounding box plus a
+margin, resample the crop to the target spacing (HU linearly, the mask without blurring its
+edges) and write the file atomically.
 
-`run_cohort` does that for every sub-folder of a DICOM root in a process pool, writes
+`run_cohort` does that for every patient of an input root (`find_patients`: each sub-folder and
+each volume file is one patient) in a process pool, writes
 `manifest.csv` as results arrive, skips patients already written (so a killed run resumes),
 turns every per-patient failure, worker crash included, into a manifest row with a one-line
 reason, and optionally writes QC images (`kdsb.qc`).
@@ -24,6 +26,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -31,6 +34,9 @@ from tqdm import tqdm
 from kdsb import store
 from kdsb.atomic import atomic_path
 from kdsb.errors import KdsbError, StoreError, UsageError
+
+if TYPE_CHECKING:
+    from kdsb.dicom import CTSeries
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +63,8 @@ class PatientResult:
     """What happened to one patient.
 
     Attributes:
-        patient_id: the patient id (the DICOM folder name).
+        patient_id: the patient id (the folder name, or the volume file name without its
+            suffix).
         status: "ok", "failed" or "skipped".
         seconds: wall-clock time spent on the patient (0 when skipped).
         shape: shape (z, y, x) of the volume written or found, None when failed.
@@ -83,26 +90,60 @@ class PatientResult:
         }
 
 
+def read_patient(source: str | os.PathLike, patient_id: str | None = None) -> CTSeries:
+    """Read one patient's scan, whatever its format, as canonical int16 HU (z, y, x).
+
+    A volume file (NIfTI, MetaImage, NRRD) is read by `kdsb.images.read_image`; a folder holding
+    one volume file and no DICOM (`kdsb.images.volume_in_folder`) likewise; any other folder is
+    a DICOM series read by `kdsb.dicom.read_series`.
+
+    Args:
+        source: the patient's folder or volume file.
+        patient_id: the name used in messages; by default the folder name, or the volume file
+            name without its suffix.
+
+    Returns:
+        The scan: HU shape (z, y, x) along patient Z, Y, X increasing, spacing and origin in mm
+        in (z, y, x) order.
+
+    Raises:
+        DicomError: a folder that holds no usable CT series.
+        VolumeFileError: a volume file that cannot be read or holds no usable CT volume.
+    """
+    from kdsb.dicom import read_series
+    from kdsb.images import read_image, volume_in_folder
+
+    source = Path(source)
+    if not source.is_dir():
+        return read_image(source, patient_id=patient_id)
+    patient_id = patient_id or source.name
+    volume = volume_in_folder(source, patient_id=patient_id)
+    if volume is not None:
+        return read_image(volume, patient_id=patient_id)
+    return read_series(source, patient_id=patient_id)
+
+
 def preprocess_patient(
-    folder: str | os.PathLike,
+    source: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     patient_id: str | None = None,
     spacing: Sequence[float] = DEFAULT_SPACING_MM,
     margin_mm: float = DEFAULT_MARGIN_MM,
 ) -> PatientResult:
-    """Preprocess one patient's DICOM folder into `out_dir/<id>.h5`.
+    """Preprocess one patient's scan (DICOM folder or volume file) into `out_dir/<id>.h5`.
 
-    Steps: read the CT series in HU (canonical axes, DESIGN.md) → segment the lungs on the
-    source grid → crop to the lung bounding box plus `margin_mm` → resample the crop to
-    `spacing` (HU linear, mask without blurring) → write the volume file atomically. The origin
+    Steps: read the scan in HU (`read_patient`, canonical axes, DESIGN.md) → segment the lungs
+    on the source grid → crop to the lung bounding box plus `margin_mm` → resample the crop to
+    `spacing` (HU linear, mask without blurring) → write `<id>.h5` atomically. The origin
     of the crop is the patient coordinate of its first voxel, origin + start index · spacing;
     resampling keeps the centre of voxel [0, 0, 0] fixed.
 
     Args:
-        folder: folder holding the patient's DICOM files.
-        out_dir: folder for the volume file (created if needed).
-        patient_id: the id; defaults to the folder name.
+        source: the patient's DICOM folder, volume file, or folder holding one volume file.
+        out_dir: folder for `<id>.h5` (created if needed).
+        patient_id: the id; defaults to the folder name, or the volume file name without its
+            suffix.
         spacing: target voxel size in mm, (z, y, x).
         margin_mm: margin around the lung bounding box, mm.
 
@@ -110,19 +151,19 @@ def preprocess_patient(
         The result with status "ok", the seconds spent and the shape written.
 
     Raises:
-        KdsbError: the folder does not hold a usable CT series with lungs (DicomError,
-            LungMaskError, …); the message names the patient.
+        KdsbError: the source does not hold a usable CT scan with lungs (DicomError,
+            VolumeFileError, LungMaskError, …); the message names the patient.
     """
-    from kdsb.dicom import read_series
+    from kdsb.images import volume_id
     from kdsb.lungs import lung_bounding_box, segment_lungs
     from kdsb.resample import resample_mask, resample_volume
 
     started = time.perf_counter()
-    folder = Path(folder)
-    patient_id = patient_id or folder.name
+    source = Path(source)
+    patient_id = patient_id or (None if source.is_dir() else volume_id(source)) or source.name
     target = tuple(float(s) for s in spacing)
 
-    series = read_series(folder, patient_id=patient_id)
+    series = read_patient(source, patient_id=patient_id)
     source_spacing = tuple(float(s) for s in series.spacing)
     mask = segment_lungs(series.hu, source_spacing, patient_id=patient_id)
     box = lung_bounding_box(mask, source_spacing, margin_mm=margin_mm)
@@ -160,13 +201,13 @@ def _one_line(text: str) -> str:
 
 
 def _preprocess_safely(
-    folder: Path, out_dir: Path, patient_id: str, spacing: tuple[float, ...], margin_mm: float
+    source: Path, out_dir: Path, patient_id: str, spacing: tuple[float, ...], margin_mm: float
 ) -> PatientResult:
     """Worker entry point: never raises for a bad patient, returns a failed result instead."""
     started = time.perf_counter()
     try:
         return preprocess_patient(
-            folder, out_dir, patient_id=patient_id, spacing=spacing, margin_mm=margin_mm
+            source, out_dir, patient_id=patient_id, spacing=spacing, margin_mm=margin_mm
         )
     except KdsbError as error:
         message, detail = _one_line(error), ""
@@ -194,29 +235,48 @@ def _validate_spacing(spacing: float | Sequence[float]) -> tuple[float, float, f
     return tuple(float(v) for v in values * (3 // len(values)))
 
 
-def find_patients(dicom_root: Path, out_dir: Path | None = None) -> dict[str, Path]:
-    """Patient id → DICOM folder for every visible sub-folder of `dicom_root`, sorted by id.
+def find_patients(input_root: Path, out_dir: Path | None = None) -> dict[str, Path]:
+    """Patient id → folder or volume file for every patient in `input_root`, sorted by id.
 
-    `out_dir` is left out when it lies inside `dicom_root`.
+    Each visible entry of `input_root` is one patient: a sub-folder (a DICOM series, or a folder
+    holding one volume file), whose name is the id, or a volume file (NIfTI `.nii`/`.nii.gz`,
+    MetaImage `.mhd`/`.mha`, NRRD `.nrrd`), whose name without that suffix is the id. The data
+    file beside a `.mhd` header (its `.raw`) is not a patient; other files (labels.csv, …) and
+    hidden entries are ignored. `out_dir` is left out when it lies inside `input_root`.
 
     Raises:
-        UsageError: `dicom_root` is missing, not a folder, or holds no patient folder.
+        UsageError: `input_root` is missing, not a folder, holds no patient, or holds two
+            entries with the same id (`p1/` and `p1.nii.gz`).
     """
-    if not dicom_root.exists():
-        raise UsageError(f"expected a DICOM root folder, received a missing path: {dicom_root}")
-    if not dicom_root.is_dir():
-        raise UsageError(f"expected a DICOM root folder, received a file: {dicom_root}")
+    from kdsb.images import volume_id
+
+    if not input_root.exists():
+        raise UsageError(f"expected an input root folder, received a missing path: {input_root}")
+    if not input_root.is_dir():
+        raise UsageError(f"expected an input root folder, received a file: {input_root}")
     skip = out_dir.resolve() if out_dir is not None else None
-    patients = {
-        p.name: p
-        for p in sorted(dicom_root.iterdir())
-        if p.is_dir() and not p.name.startswith(".") and p.resolve() != skip
-    }
+    patients: dict[str, Path] = {}
+    for path in sorted(input_root.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            patient_id = path.name if path.resolve() != skip else None
+        else:  # volume files only: a .raw beside its .mhd, labels.csv, … give None
+            patient_id = volume_id(path)
+        if patient_id is None:
+            continue
+        if patient_id in patients:
+            raise UsageError(
+                f"expected one entry per patient id in {input_root}, received two for "
+                f"{patient_id}: {patients[patient_id].name} and {path.name}"
+            )
+        patients[patient_id] = path
     if not patients:
         raise UsageError(
-            f"expected one sub-folder per patient in {dicom_root}, received none"
+            f"expected one sub-folder per patient, or one NIfTI, MetaImage or NRRD file per "
+            f"patient, in {input_root}, received none"
         )
-    return patients
+    return dict(sorted(patients.items()))
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
@@ -357,7 +417,7 @@ def _run_tasks(
 
 
 def run_cohort(
-    dicom_root: str | os.PathLike,
+    input_root: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     workers: int = 1,
@@ -366,16 +426,18 @@ def run_cohort(
     overwrite: bool = False,
     qc_dir: str | os.PathLike | None = None,
 ) -> int:
-    """Preprocess every patient folder under `dicom_root` into `out_dir` (DESIGN.md contract).
+    """Preprocess every patient of `input_root` into `out_dir` (DESIGN.md contract).
 
-    Every visible sub-folder of `dicom_root` is one patient, named by the folder. Patients whose
+    Every visible sub-folder (named by the folder) and volume file (named by the file without its
+    suffix) of `input_root` is one patient (`find_patients`). Patients whose
     `<id>.h5` already exists are skipped unless `overwrite`; such a file must have been written
     with the same spacing and margin (checked before any work). `out_dir/manifest.csv` is rewritten
     atomically after each patient, keeping rows of patients from earlier runs. A patient that
     fails is logged on one line and recorded in the manifest; the others are still written.
 
     Args:
-        dicom_root: folder with one sub-folder of DICOM files per patient.
+        input_root: folder with one sub-folder (DICOM files, or one volume file) or one NIfTI,
+            MetaImage or NRRD file per patient.
         out_dir: folder for `<id>.h5` files and `manifest.csv` (created if needed).
         workers: worker processes.
         spacing: target voxel size in mm: one value (isotropic) or three (z, y, x).
@@ -387,11 +449,11 @@ def run_cohort(
         Exit status: 0 when every patient is ok or skipped, 1 when some failed.
 
     Raises:
-        UsageError: bad arguments (missing DICOM root, no patient folders, bad spacing,
+        UsageError: bad arguments (missing input root, no patients, bad spacing,
             workers < 1, negative margin, an out_dir that is a file, an out_dir holding
             volumes of another spacing or margin without `overwrite`).
     """
-    dicom_root, out_dir = Path(dicom_root), Path(out_dir)
+    input_root, out_dir = Path(input_root), Path(out_dir)
     target = _validate_spacing(spacing)
     if int(workers) != workers or workers < 1:
         raise UsageError(f"expected --workers of at least 1, received {workers}")
@@ -399,7 +461,7 @@ def run_cohort(
         raise UsageError(f"expected a margin of at least 0 mm, received {margin_mm}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"expected an output folder, received a file: {out_dir}")
-    patients = find_patients(dicom_root, out_dir)
+    patients = find_patients(input_root, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     removed = store.remove_stale_temporaries(out_dir)
     if removed:
@@ -408,11 +470,11 @@ def run_cohort(
     rows = read_manifest(out_dir)
     results: dict[str, PatientResult] = {}
     tasks: dict[str, tuple] = {}
-    for patient_id, folder in patients.items():
+    for patient_id, source in patients.items():
         path = store.volume_path(out_dir, patient_id)
         shape = None if overwrite else _existing_shape(path, target, float(margin_mm))
         if shape is None:
-            tasks[patient_id] = (folder, out_dir, patient_id, target, float(margin_mm))
+            tasks[patient_id] = (source, out_dir, patient_id, target, float(margin_mm))
         else:
             results[patient_id] = PatientResult(patient_id, STATUS_SKIPPED, shape=shape)
             rows[patient_id] = results[patient_id].manifest_row()

@@ -1,4 +1,5 @@
-"""`kdsb preprocess DICOM_ROOT OUT_DIR`: DICOM folders → one lung-cropped HDF5 volume each."""
+"""`kdsb preprocess INPUT_ROOT OUT_DIR`: one patient's scan each (a DICOM folder, or a NIfTI,
+MetaImage or NRRD file) → one lung-cropped HDF5 volume each."""
 
 from __future__ import annotations
 
@@ -6,11 +7,19 @@ import argparse
 import os
 from pathlib import Path
 
-HELP = "DICOM folders (one per patient) → lung-cropped HU volumes in HDF5, with manifest.csv"
+HELP = (
+    "DICOM folders or NIfTI/MetaImage/NRRD files (one per patient) → lung-cropped HU volumes in "
+    "HDF5, with manifest.csv"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dicom_root", type=Path, help="folder with one sub-folder per patient")
+    parser.add_argument(
+        "input_root", type=Path,
+        help="folder with one entry per patient: a sub-folder (DICOM series, or one volume file) "
+        "named by the id, or a volume file (.nii, .nii.gz, .mhd with its .raw, .mha, .nrrd) "
+        "whose name without its suffix is the id",
+    )
     parser.add_argument("out_dir", type=Path, help="folder for <id>.h5 files and manifest.csv")
     parser.add_argument(
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes"
@@ -29,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from kdsb.preprocess import run_cohort
 
     return run_cohort(
-        args.dicom_root,
+        args.input_root,
         args.out_dir,
         workers=args.workers,
         spacing=args.spacing,

@@ -1,0 +1,425 @@
+"""Read one volume file (NIfTI, MetaImage, NRRD) into a canonical CT volume in Hounsfield units.
+
+`read_image(path)` returns the same `CTSeries` as `kdsb.dicom.read_series`: int16 HU, shape
+(z, y, x), axis 0 inferior → superior, axis 1 anterior → posterior, axis 2 right → left (DICOM /
+LPS patient coordinates Z, Y, X increasing along the axes), spacing and origin in mm in
+(z, y, x) order. Its `series_uid` is `"file:<file name>"` (for example
+`"file:1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860.mhd"`): volume files
+carry no SeriesInstanceUID, and the name is what identifies the scan in such a cohort (LUNA16
+names its files by the series UID).
+
+Formats, by file name (case-insensitive): NIfTI (`.nii`, `.nii.gz`), MetaImage (`.mhd` header
+with its data file, usually `.raw`, or the single-file `.mha`: the LUNA16 layout) and NRRD
+(`.nrrd`). They are read with SimpleITK: one well-kept reader for all three formats that
+returns every image in LPS patient coordinates with its spacing, origin and direction matrix
+(the NIfTI sform/qform already converted from RAS), so one geometry path serves them all;
+nibabel would read NIfTI only, in RAS.
+
+How the volume is checked and made canonical:
+
+- The file must be a 3D image of one value per voxel (a 2D, 4D or vector image is an error)
+  with at least `MIN_SLICES` voxels along every axis. A `.mhd` whose data file is missing is an
+  error naming both files, found before SimpleITK tries anything. A NIfTI file shorter than its
+  header promises is an error too: SimpleITK would fill the missing voxels with 0 HU unasked.
+  What SimpleITK's MetaImage and NIfTI libraries print to stderr is caught and folded into the
+  one-line message (or one warning line when the read succeeds) instead of reaching the screen.
+- Geometry comes from the direction matrix: each image axis must run along a patient axis
+  (within `AXIS_ALIGNMENT_TOLERANCE`, as for DICOM); axis-aligned images of any permutation
+  and flip are transposed and flipped into the canonical order, the origin moved to the new
+  voxel [0, 0, 0]. Oblique directions are an error.
+- Values are taken as HU as stored (NIfTI's scl_slope / scl_inter are applied by the reader;
+  MetaImage and NRRD have no rescale). A volume whose darkest voxel is above `MAX_AIR_HU` is
+  plainly not HU (a CT holds air or lung far below it; MR, PET, unsigned storage without its
+  intercept or a normalised image do not) and is an error, as are NaN or infinite values.
+  Float values are rounded to the nearest HU; anything at or below `OUTSIDE_FIELD_MAX_HU` (the
+  -2000 / -3024 HU outside-field values) becomes air, -1000 HU; the result is clipped into
+  int16.
+
+Every problem raises a one-line `VolumeFileError` naming the patient and the file, never a
+SimpleITK traceback.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import re
+import sys
+import tempfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom.misc import is_dicom
+
+from kdsb.dicom import (
+    AIR_HU,
+    AXIS_ALIGNMENT_TOLERANCE,
+    INT16_MAX,
+    INT16_MIN,
+    MIN_SLICES,
+    MM_DECIMALS,
+    OUTSIDE_FIELD_MAX_HU,
+    CTSeries,
+)
+from kdsb.errors import VolumeFileError
+
+logger = logging.getLogger(__name__)
+
+# File name suffix (lower case) → (format name, SimpleITK ImageIO). Longest suffixes first.
+VOLUME_FORMATS = {
+    ".nii.gz": ("NIfTI", "NiftiImageIO"),
+    ".nii": ("NIfTI", "NiftiImageIO"),
+    ".mhd": ("MetaImage", "MetaImageIO"),
+    ".mha": ("MetaImage", "MetaImageIO"),
+    ".nrrd": ("NRRD", "NrrdImageIO"),
+}
+METAIMAGE_HEADER_SUFFIX = ".mhd"
+DATA_FILE_KEY = "ElementDataFile"  # the MetaImage header field naming the data file
+LOCAL_DATA_FILE = "LOCAL"  # data follows the header in the same file (.mha)
+LIST_DATA_FILES = "LIST"  # one data file per slice, listed after the header
+SERIES_UID_PREFIX = "file:"
+MAX_AIR_HU = -500  # a CT in HU holds air or lung below this; a volume that does not is not HU
+IMAGE_DIMENSION = 3
+SCALAR_PIXEL_IDS = frozenset({
+    sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkInt32,
+    sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64, sitk.sitkFloat32, sitk.sitkFloat64,
+})
+IMAGE_AXES = "ijk"  # names of the file's index axes in messages (i fastest, as ITK counts)
+NIFTI_GZIP_SUFFIX = ".nii.gz"
+NIFTI_SUFFIXES = (".nii", NIFTI_GZIP_SUFFIX)
+GZIP_CHUNK_BYTES = 16 * 1024**2  # read size when measuring a .nii.gz's decompressed length
+STDERR_FD = 2
+BITS_PER_BYTE = 8
+_T = TypeVar("_T")
+# "…ITK ERROR: MetaImageIO(0x55…): File cannot be read…" or "…sitk::ERROR: Unable to…":
+# the reason without SimpleITK's source location and object address.
+_ITK_REASON = re.compile(r"ERROR:\s*(?:\w+\(0x[0-9a-fA-F]+\):\s*)?(?P<reason>.*)", re.DOTALL)
+
+
+def volume_suffix(path: str | Path) -> str | None:
+    """The volume-file suffix of `path` (".nii.gz", ".nii", ".mhd", ".mha", ".nrrd"), lower case;
+    None when the name is not that of a volume file (a `.raw` data file is not)."""
+    name = Path(path).name.lower()
+    return next((suffix for suffix in VOLUME_FORMATS if name.endswith(suffix)), None)
+
+
+def volume_id(path: str | Path) -> str | None:
+    """The patient id a volume file stands for: its name without the volume suffix.
+
+    Returns None when `path` is not named like a volume file, or when nothing is left of the
+    name without its suffix.
+    """
+    suffix = volume_suffix(path)
+    if suffix is None:
+        return None
+    name = Path(path).name
+    return name[: -len(suffix)] or None
+
+
+def metaimage_data_file(header: str | Path) -> Path | None:
+    """The data file a MetaImage `.mhd` header names (its `ElementDataFile`, beside it).
+
+    Returns None when the header names no single file (data in the header file itself,
+    `LOCAL`; a `LIST` of files; a numbered `%d` pattern) or cannot be read: SimpleITK resolves
+    those, or says why it cannot.
+    """
+    header = Path(header)
+    try:
+        text = header.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == DATA_FILE_KEY:
+            value = value.strip()
+            if value in ("", LOCAL_DATA_FILE) or value.startswith(LIST_DATA_FILES) or "%" in value:
+                return None
+            return header.parent / value
+    return None
+
+
+def volume_in_folder(folder: str | Path, patient_id: str | None = None) -> Path | None:
+    """The one volume file a patient folder holds instead of a DICOM series.
+
+    A folder holding volume files (directly in it) and no DICOM file (anywhere in it, as
+    `kdsb.dicom.read_series` would read; a MetaImage header's `.raw` is not DICOM) is read as
+    its volume file. A folder holding DICOM files is a DICOM series, even beside volume files
+    (logged).
+
+    Args:
+        folder: the patient folder.
+        patient_id: the name used in messages; the folder name if None.
+
+    Returns:
+        The volume file, or None when the folder is to be read as a DICOM series.
+
+    Raises:
+        VolumeFileError: the folder holds no DICOM and more than one volume file.
+    """
+    folder = Path(folder)
+    patient = patient_id or folder.name
+    volumes = sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and volume_suffix(p) is not None
+    )
+    if not volumes:
+        return None
+    others = (p for p in folder.rglob("*") if p.is_file() and p not in volumes)
+    if any(is_dicom(p) for p in others):
+        logger.info(
+            "patient %s: the folder holds DICOM files: reading them, not %s",
+            patient, ", ".join(v.name for v in volumes),
+        )
+        return None
+    if len(volumes) > 1:
+        raise VolumeFileError(
+            f"patient {patient}: expected one volume file (or a DICOM series) in {folder}, "
+            f"received {len(volumes)}: {', '.join(v.name for v in volumes)}"
+        )
+    return volumes[0]
+
+
+class _NativeStderr:
+    """Context manager: what C and C++ code writes to file descriptor 2 inside the block.
+
+    SimpleITK's MetaImage and NIfTI libraries print their complaints there ("MetaImage:
+    M_ReadElementsData: data not read completely …", "** ERROR: nifti_…"), not in the exception.
+    The block's output goes to a temporary file instead of the screen; afterwards `text` holds it
+    on one line, for the error message (or a warning). Anything else writing to the process's
+    stderr during the block (another thread) lands there too: delayed, not lost.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __enter__(self) -> _NativeStderr:
+        sys.stderr.flush()
+        self._sink = tempfile.TemporaryFile()
+        self._saved = os.dup(STDERR_FD)
+        os.dup2(self._sink.fileno(), STDERR_FD)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        os.dup2(self._saved, STDERR_FD)
+        os.close(self._saved)
+        self._sink.seek(0)
+        self.text = " ".join(self._sink.read().decode(errors="replace").split())
+        self._sink.close()
+
+
+class _Reader:
+    """Reads one volume file; holds the patient and file for the error messages."""
+
+    def __init__(self, path: Path, patient: str) -> None:
+        self.path = path
+        self.patient = patient
+        self.suffix = volume_suffix(path)
+
+    def error(self, message: str) -> VolumeFileError:
+        return VolumeFileError(f"patient {self.patient}: {message} (file {self.path.name})")
+
+    def itk_error(self, exc: RuntimeError, native: str) -> VolumeFileError:
+        """A one-line error from SimpleITK's multi-line exception text and what its libraries
+        printed (`native`)."""
+        found = _ITK_REASON.search(str(exc))
+        reason = " ".join((found["reason"] if found else str(exc)).split())
+        if native:
+            reason = f"{reason} ({native})"
+        format_name = VOLUME_FORMATS[self.suffix][0]
+        return self.error(f"expected a readable {format_name} file, received an error: {reason}")
+
+    def run(self, step: Callable[[], _T]) -> _T:
+        """`step()`, a SimpleITK call, with its errors and printed complaints made one line."""
+        native = _NativeStderr()
+        try:
+            with native:
+                result = step()
+        except RuntimeError as exc:
+            raise self.itk_error(exc, native.text) from exc
+        if native.text:
+            logger.warning("patient %s: %s: SimpleITK: %s", self.patient, self.path.name,
+                           native.text)
+        return result
+
+    def check_nifti_length(self, reader: sitk.ImageFileReader) -> None:
+        """Raise when a NIfTI file holds fewer bytes than its header promises.
+
+        SimpleITK reads a truncated NIfTI file (plain or gzip-compressed) without complaint,
+        the missing voxels set to 0 HU, so the length is checked here: the file size, or for
+        `.nii.gz` the decompressed length (one extra decompression pass; it also verifies the
+        gzip checksum).
+        """
+        voxels = int(np.prod(reader.GetSize(), dtype=np.int64))
+        bytes_per_voxel = int(reader.GetMetaData("bitpix")) // BITS_PER_BYTE
+        needed = int(float(reader.GetMetaData("vox_offset"))) + voxels * bytes_per_voxel
+        if self.suffix == NIFTI_GZIP_SUFFIX:
+            available = 0
+            try:
+                with gzip.open(self.path) as f:
+                    while chunk := f.read(GZIP_CHUNK_BYTES):
+                        available += len(chunk)
+            except (EOFError, OSError, zlib.error) as exc:
+                raise self.error(
+                    f"expected a complete gzip-compressed NIfTI file, received a truncated or "
+                    f"corrupt one ({exc})"
+                ) from exc
+        else:
+            available = self.path.stat().st_size
+        if available < needed:
+            raise self.error(
+                f"expected {needed} bytes of NIfTI header and voxels, received {available}: "
+                f"the file is truncated"
+            )
+
+    def open(self) -> sitk.ImageFileReader:
+        """A reader with the header read and checked (before any voxel is read)."""
+        if self.suffix is None:
+            raise self.error(
+                f"expected a volume file named {', '.join(VOLUME_FORMATS)}, received "
+                f"{self.path.name}"
+            )
+        if not self.path.is_file():
+            raise self.error(f"expected a volume file, received a missing path {self.path}")
+        image_io = VOLUME_FORMATS[self.suffix][1]
+        if self.suffix == METAIMAGE_HEADER_SUFFIX:
+            data = metaimage_data_file(self.path)
+            if data is not None and not data.is_file():
+                raise self.error(
+                    f"expected the MetaImage data file {data.name} beside its header, "
+                    f"received none"
+                )
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO(image_io)
+        reader.SetFileName(str(self.path))
+        self.run(reader.ReadImageInformation)
+        size = reader.GetSize()
+        shape = "×".join(str(n) for n in size)
+        if reader.GetDimension() != IMAGE_DIMENSION:
+            raise self.error(
+                f"expected a {IMAGE_DIMENSION}D image, received a {reader.GetDimension()}D "
+                f"image of {shape} voxels"
+            )
+        pixel_id = reader.GetPixelID()
+        if pixel_id not in SCALAR_PIXEL_IDS or reader.GetNumberOfComponents() != 1:
+            raise self.error(
+                f"expected one integer or real value per voxel, received "
+                f"{sitk.GetPixelIDValueAsString(pixel_id)} pixels"
+            )
+        if min(size) < MIN_SLICES:
+            raise self.error(
+                f"expected at least {MIN_SLICES} voxels along every axis, received {shape}"
+            )
+        if self.suffix in NIFTI_SUFFIXES:
+            self.check_nifti_length(reader)
+        return reader
+
+    def canonical_order(self, direction: np.ndarray) -> list[tuple[int, int]]:
+        """(patient axis 0 X, 1 Y, 2 Z, sign) of each NumPy axis of the file's array.
+
+        Args:
+            direction: the 3×3 direction matrix, LPS; column d is the direction of index axis d
+                (i, j, k), which is NumPy axis 2 - d.
+        """
+        axes = []
+        for index_axis in range(IMAGE_DIMENSION):
+            cosine = direction[:, index_axis]
+            axis = int(np.argmax(np.abs(cosine)))
+            if abs(abs(cosine[axis]) - 1.0) > AXIS_ALIGNMENT_TOLERANCE:
+                raise self.error(
+                    f"expected the {IMAGE_AXES[index_axis]} axis aligned with a patient axis, "
+                    f"received an oblique direction {np.round(cosine, 4).tolist()} (LPS)"
+                )
+            axes.append((axis, int(np.sign(cosine[axis]))))
+        if len({axis for axis, _ in axes}) != IMAGE_DIMENSION:
+            raise self.error(
+                f"expected image axes along three different patient axes, received the "
+                f"direction matrix {np.round(direction, 4).tolist()}"
+            )
+        return axes[::-1]
+
+    def hounsfield(self, values: np.ndarray) -> np.ndarray:
+        """The stored values as int16 HU (see the module docstring); may reuse `values`."""
+        if values.dtype.kind == "f":
+            bad = np.count_nonzero(~np.isfinite(values))
+            if bad:
+                raise self.error(f"expected finite values, received {bad} NaN or infinite voxels")
+            np.rint(values, out=values)
+        low, high = values.min(), values.max()
+        if low > MAX_AIR_HU:
+            raise self.error(
+                f"expected a CT in Hounsfield units (air at or below {MAX_AIR_HU} HU), received "
+                f"values from {low:g} to {high:g}"
+            )
+        if values.dtype != np.int16:
+            if low < INT16_MIN or high > INT16_MAX:
+                values = np.clip(values, INT16_MIN, INT16_MAX)
+            values = values.astype(np.int16)
+        values[values <= OUTSIDE_FIELD_MAX_HU] = AIR_HU
+        return values
+
+    def read(self) -> CTSeries:
+        image = self.run(self.open().Execute)
+        direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        axes = self.canonical_order(direction)
+        step = np.asarray(image.GetSpacing(), dtype=np.float64)[::-1]  # per NumPy axis, mm
+        corner = np.asarray(image.GetOrigin(), dtype=np.float64)  # LPS X, Y, Z of voxel 0
+        values = sitk.GetArrayFromImage(image)  # (k, j, i): NumPy axis a is index axis 2 - a
+        del image
+        hu = self.hounsfield(values)
+        del values
+
+        # Canonical axis c (0 Z, 1 Y, 2 X) is patient axis 2 - c.
+        order = [next(a for a, (axis, _) in enumerate(axes) if axis == 2 - c) for c in range(3)]
+        canonical = hu.transpose(order)
+        flips = tuple(c for c, a in enumerate(order) if axes[a][1] < 0)
+        if flips:
+            canonical = np.flip(canonical, axis=flips)
+        canonical = np.ascontiguousarray(canonical)
+        # Patient coordinate of canonical voxel [0, 0, 0]: the file's voxel 0 moved to the far
+        # end of every axis that runs against its patient axis.
+        for a, (_, sign) in enumerate(axes):
+            if sign < 0:
+                index_axis = IMAGE_DIMENSION - 1 - a
+                corner = corner + (hu.shape[a] - 1) * step[a] * direction[:, index_axis]
+        spacing = tuple(round(float(step[a]), MM_DECIMALS) for a in order)
+        origin = tuple(round(float(corner[2 - c]), MM_DECIMALS) for c in range(3))
+        logger.debug(
+            "patient %s: %s, shape %s, spacing %s mm, origin %s mm",
+            self.patient, self.path.name, canonical.shape, spacing, origin,
+        )
+        return CTSeries(
+            hu=canonical,
+            spacing=spacing,
+            origin=origin,
+            series_uid=f"{SERIES_UID_PREFIX}{self.path.name}",
+        )
+
+
+def read_image(path: str | Path, patient_id: str | None = None) -> CTSeries:
+    """Read a NIfTI, MetaImage or NRRD file as one canonical int16 HU volume.
+
+    Args:
+        path: the volume file (`.nii`, `.nii.gz`, `.mhd` with its data file, `.mha`, `.nrrd`).
+        patient_id: the name used in messages; the file name without its suffix if None.
+
+    Returns:
+        The volume: HU shape (z, y, x) along patient Z, Y, X increasing, spacing and origin in
+        mm in (z, y, x) order, series_uid `"file:<file name>"`.
+
+    Raises:
+        VolumeFileError: the file is missing, unreadable, not a 3D scalar image, oblique, or
+            plainly not in HU; the one-line message names the patient and the file.
+    """
+    path = Path(path)
+    return _Reader(path, patient_id or volume_id(path) or path.name).read()

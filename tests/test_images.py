@@ -1,0 +1,387 @@
+"""NIfTI, MetaImage and NRRD volume files: the reader and `kdsb preprocess` on them."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from kdsb import store
+from kdsb.cli import main
+from kdsb.dicom import AIR_HU
+from kdsb.dicom_write import write_ct_series
+from kdsb.errors import UsageError, VolumeFileError
+from kdsb.images import metaimage_data_file, read_image, volume_id, volume_in_folder
+from kdsb.preprocess import find_patients, read_manifest
+from kdsb.synthetic import make_phantom
+
+REPO = Path(__file__).resolve().parents[1]
+# NIfTI stores spacing and origin as float32: spacings exactly representable in binary keep
+# every format on the same grid as DICOM, so the resampled HU can be compared for equality.
+PIXEL_MM = 4.5
+SIZE = 64
+PHANTOM_SCALE = 0.7  # lungs of about 0.6 L: above the 0.5 L a scan must hold
+SLICE_MM = 2.0
+ORIGIN_ATOL_MM = 0.01
+LUNA_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860"
+OUTSIDE_FIELD_HU = -3024  # what many scanners store outside the reconstructed circle
+REAL_SHAPE = (191, 167, 233)
+REAL_SPACING_MM = (1.5, 1.5, 1.5)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """A small phantom chest CT with a large nodule, on a float32-exact grid."""
+    return make_phantom(np.random.default_rng(0), size=SIZE, cancer=True, scale=PHANTOM_SCALE,
+                        fov_mm=SIZE * PIXEL_MM, slice_mm=SLICE_MM)
+
+
+def write_volume(
+    path: Path,
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    *,
+    order: Sequence[int] = (0, 1, 2),
+    flips: Sequence[int] = (),
+) -> Path:
+    """Write a canonical (z, y, x) volume with SimpleITK, stored in another axis order.
+
+    The stored array is `hu` flipped along the canonical axes `flips`, then transposed so that
+    stored axis a is canonical axis `order[a]`; the direction matrix (LPS), spacing and origin
+    written say where each stored voxel lies, so a correct reader recovers `hu` exactly.
+
+    Args:
+        path: the file; SimpleITK picks the format from its suffix.
+        hu: canonical volume (z, y, x), any numeric dtype.
+        spacing: voxel size in mm, (z, y, x).
+        origin: patient (LPS) coordinate of canonical voxel [0, 0, 0] in mm, (z, y, x).
+        order: canonical axis of each stored NumPy axis.
+        flips: canonical axes stored in reverse.
+    """
+    stored = np.flip(hu, axis=tuple(flips)) if flips else hu
+    stored = np.ascontiguousarray(stored.transpose(order))
+    image = sitk.GetImageFromArray(stored)
+    direction = np.zeros((3, 3))
+    index_spacing = []
+    for index_axis in range(3):  # ITK index axis d is stored NumPy axis 2 - d
+        canonical_axis = order[2 - index_axis]
+        direction[2 - canonical_axis, index_axis] = -1.0 if canonical_axis in flips else 1.0
+        index_spacing.append(float(spacing[canonical_axis]))
+    first = np.array([hu.shape[c] - 1 if c in flips else 0 for c in range(3)])
+    corner = np.asarray(origin, dtype=np.float64) + first * np.asarray(spacing)
+    image.SetSpacing(index_spacing)
+    image.SetOrigin(corner[::-1].tolist())  # LPS (X, Y, Z)
+    image.SetDirection(direction.ravel().tolist())
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _kdsb(*args: str) -> subprocess.CompletedProcess:
+    """`python -m kdsb ARGS` in a fresh process: its stderr is what a user sees."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "kdsb", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _manifest(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "manifest.csv", newline="") as f:
+        return {row["id"]: row for row in csv.DictReader(f)}
+
+
+# --- one scan in every format -----------------------------------------------------------------
+
+FORMATS = ("nifti", "nifti_permuted", "metaimage", "metaimage_single", "nrrd", "in_folder")
+
+
+@pytest.fixture(scope="module")
+def every_format(phantom, tmp_path_factory):
+    """The phantom as DICOM and as every volume format, preprocessed in one run."""
+    root = tmp_path_factory.mktemp("formats") / "input"
+    hu, spacing, origin = phantom.hu, phantom.spacing, phantom.origin
+    write_ct_series(root / "dicom", hu, spacing, origin, patient_id="dicom")
+    write_volume(root / "nifti.nii.gz", hu, spacing, origin)
+    # Stored as (x, z, y) with x and y reversed: RAS-like axes, permuted.
+    write_volume(root / "nifti_permuted.nii", hu, spacing, origin, order=(2, 0, 1), flips=(1, 2))
+    write_volume(root / "metaimage.mhd", hu, spacing, origin, order=(0, 2, 1), flips=(0,))
+    # Float values off the HU grid are rounded.
+    write_volume(root / "metaimage_single.mha", hu.astype(np.float32) + 0.25, spacing, origin)
+    # The outside-field value becomes air.
+    padded = np.where(phantom.padding_mask[None], np.int16(OUTSIDE_FIELD_HU), hu)
+    write_volume(root / "nrrd.nrrd", padded, spacing, origin, flips=(1,))
+    (root / "in_folder").mkdir()
+    write_volume(root / "in_folder" / "scan.nii.gz", hu, spacing, origin, flips=(2,))
+    (root / "in_folder" / "notes.txt").write_text("not DICOM, not a volume")
+    (root / "labels.csv").write_text("id,cancer\n")
+    out = root.parent / "out"
+    status = main(["preprocess", str(root), str(out), "--workers", "2"])
+    return status, out
+
+
+def test_phantom_has_real_padding(phantom):
+    assert phantom.padding_mask.any() and (phantom.hu[:, phantom.padding_mask] == AIR_HU).all()
+
+
+def test_every_format_preprocesses_like_dicom(every_format):
+    status, out = every_format
+    assert status == 0
+    rows = _manifest(out)
+    assert sorted(rows) == sorted(["dicom", *FORMATS])  # labels.csv and the .raw are no patients
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    reference = store.read_volume(out / "dicom.h5")
+    assert reference.lung_mask.sum() > 0
+    for pid in FORMATS:
+        volume = store.read_volume(out / f"{pid}.h5")
+        np.testing.assert_array_equal(volume.hu, reference.hu, err_msg=pid)
+        np.testing.assert_array_equal(volume.lung_mask, reference.lung_mask, err_msg=pid)
+        np.testing.assert_allclose(volume.origin, reference.origin, atol=ORIGIN_ATOL_MM,
+                                   err_msg=pid)
+        assert volume.spacing == reference.spacing
+        np.testing.assert_allclose(volume.attrs["source_spacing"],
+                                   reference.attrs["source_spacing"], rtol=1e-6, err_msg=pid)
+        assert tuple(volume.attrs["source_shape"]) == tuple(reference.attrs["source_shape"])
+        assert volume.patient_id == pid
+    assert store.read_attrs(out / "nifti.h5")["series_uid"] == "file:nifti.nii.gz"
+    assert store.read_attrs(out / "in_folder.h5")["series_uid"] == "file:scan.nii.gz"
+
+
+def test_reader_recovers_the_canonical_volume(phantom, tmp_path):
+    hu, spacing, origin = phantom.hu, phantom.spacing, phantom.origin
+    for index, (order, flips) in enumerate([((2, 1, 0), (0,)), ((1, 0, 2), (0, 1, 2))]):
+        path = write_volume(tmp_path / f"scan{index}.nrrd", hu, spacing, origin,
+                            order=order, flips=flips)
+        series = read_image(path)
+        np.testing.assert_array_equal(series.hu, hu)
+        assert series.hu.dtype == np.int16 and series.hu.flags.c_contiguous
+        assert series.spacing == tuple(spacing)
+        np.testing.assert_allclose(series.origin, origin, atol=1e-9)
+        assert series.series_uid == f"file:scan{index}.nrrd"
+
+
+def test_float_values_are_rounded_and_clipped(tmp_path):
+    values = np.full((3, 4, 5), -1000.0)
+    values[0, 0, :] = [-2500.0, -1999.6, 0.49, 40000.0, -0.5]
+    series = read_image(write_volume(tmp_path / "f.nii.gz", values, (1, 1, 1), (0, 0, 0)))
+    # -2500 is outside the field (air); -1999.6 rounds to -2000, also outside; rint halves to even.
+    assert series.hu[0, 0].tolist() == [AIR_HU, AIR_HU, 0, 32767, 0]
+
+
+# --- LUNA16 layout ----------------------------------------------------------------------------
+
+
+def test_luna16_folder_uses_the_series_uid_as_id(phantom, tmp_path):
+    subset = tmp_path / "subset0"
+    subset.mkdir()
+    write_volume(subset / f"{LUNA_UID}.mhd", phantom.hu, phantom.spacing, phantom.origin)
+    assert metaimage_data_file(subset / f"{LUNA_UID}.mhd") == subset / f"{LUNA_UID}.raw"
+    (subset / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    (subset / ".DS_Store").write_bytes(b"\0" * 8)
+    out = tmp_path / "out"
+    assert main(["preprocess", str(subset), str(out), "--workers", "1"]) == 0
+    rows = read_manifest(out)
+    assert list(rows) == [LUNA_UID] and rows[LUNA_UID]["status"] == "ok"
+    attrs = store.read_attrs(out / f"{LUNA_UID}.h5")
+    assert attrs["patient_id"] == LUNA_UID and attrs["series_uid"] == f"file:{LUNA_UID}.mhd"
+
+
+def test_find_patients_lists_folders_and_volume_files(tmp_path):
+    for name in ("a.nii", "b.nii.gz", "c.mhd", "c.raw", "d.mha", "e.NRRD", "labels.csv",
+                 ".hidden.nii", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "f").mkdir()
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "out").mkdir()
+    patients = find_patients(tmp_path, tmp_path / "out")
+    assert patients == {pid: tmp_path / name for pid, name in [
+        ("a", "a.nii"), ("b", "b.nii.gz"), ("c", "c.mhd"), ("d", "d.mha"), ("e", "e.NRRD"),
+        ("f", "f"),
+    ]}
+
+
+def test_find_patients_refuses_two_entries_for_one_id(tmp_path):
+    (tmp_path / "p1").mkdir()
+    (tmp_path / "p1.nii.gz").write_bytes(b"")
+    with pytest.raises(UsageError, match="two for p1: p1 and p1.nii.gz"):
+        find_patients(tmp_path)
+
+
+def test_only_volume_files_give_ids():
+    assert volume_id("x/1.2.3.mhd") == "1.2.3"
+    assert volume_id("scan.nii.gz") == "scan" and volume_id("scan.nii") == "scan"
+    assert volume_id("1.2.3.raw") is None and volume_id("labels.csv") is None
+    assert volume_id(".nii.gz") is None
+
+
+def test_a_folder_with_dicom_is_read_as_dicom(tmp_path):
+    hu = np.full((3, 8, 8), -1000, np.int16)
+    write_ct_series(tmp_path / "p", hu, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), patient_id="p")
+    write_volume(tmp_path / "p" / "mask.nii.gz", hu, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    assert volume_in_folder(tmp_path / "p") is None
+    assert volume_in_folder(tmp_path) is None  # no volume file at all
+
+
+def test_a_folder_with_one_metaimage_is_read_as_it(tmp_path):
+    hu = np.full((3, 8, 8), -1000, np.int16)
+    header = write_volume(tmp_path / "scan.mhd", hu, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    assert volume_in_folder(tmp_path) == header  # its .raw is neither DICOM nor a second volume
+
+
+def test_a_folder_with_two_volume_files_is_an_error(tmp_path):
+    hu = np.full((3, 8, 8), -1000, np.int16)
+    for name in ("a.nii", "b.nrrd"):
+        write_volume(tmp_path / name, hu, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    with pytest.raises(VolumeFileError, match="expected one volume file .* received 2: a.nii"):
+        volume_in_folder(tmp_path, patient_id="p")
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+SMALL = np.full((6, 7, 8), -1000, np.int16)
+
+
+def _oblique(path: Path) -> Path:
+    write_volume(path, SMALL, (1, 1, 1), (0, 0, 0))
+    image = sitk.ReadImage(str(path))
+    angle = np.deg2rad(10.0)  # a rotation about Z: i and j are oblique
+    c, s = np.cos(angle), np.sin(angle)
+    image.SetDirection([c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0])
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _missing_raw(path: Path) -> Path:
+    write_volume(path, SMALL, (1, 1, 1), (0, 0, 0))
+    path.with_suffix(".raw").unlink()
+    return path
+
+
+def _two_d(path: Path) -> Path:
+    sitk.WriteImage(sitk.GetImageFromArray(SMALL[0]), str(path))
+    return path
+
+
+def _four_d(path: Path) -> Path:
+    frame = sitk.GetImageFromArray(SMALL)
+    sitk.WriteImage(sitk.JoinSeries([frame, frame]), str(path))
+    return path
+
+
+def _one_nan(path: Path) -> Path:
+    values = SMALL.astype(np.float32)
+    values[2, 3, 4] = np.nan
+    return write_volume(path, values, (1, 1, 1), (0, 0, 0))
+
+
+def _truncated(path: Path) -> Path:
+    """A file cut in the middle of its voxels (noise, so that gzip cannot shrink them away)."""
+    noise = np.random.default_rng(0).integers(-1000, 1000, (8, 32, 32), dtype=np.int16)
+    write_volume(path, noise, (1, 1, 1), (0, 0, 0))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _garbage(path: Path) -> Path:
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    return path
+
+
+# Writer of a bad file, its name, and what its one-line error must say.
+BAD_FILES = {
+    "oblique": (_oblique, "oblique.nii.gz", "expected the i axis aligned with a patient axis, "
+                                            "received an oblique direction"),
+    "not_hu": (lambda p: write_volume(p, (SMALL + 1024).astype(np.uint16), (1, 1, 1), (0, 0, 0)),
+               "not_hu.nrrd", "expected a CT in Hounsfield units (air at or below -500 HU), "
+                              "received values from 24 to 24"),
+    "missing_raw": (_missing_raw, "missing_raw.mhd",
+                    "expected the MetaImage data file missing_raw.raw beside its header, "
+                    "received none"),
+    "flat": (_two_d, "flat.nii.gz", "expected a 3D image, received a 2D image of 8×7 voxels"),
+    "four_d": (_four_d, "four_d.nii.gz",
+               "expected a 3D image, received a 4D image of 8×7×6×2 voxels"),
+    "vector": (lambda p: sitk.WriteImage(sitk.GetImageFromArray(
+        np.zeros((6, 7, 8, 3), np.uint8), isVector=True), str(p)) or p,
+        "vector.mha", "expected one integer or real value per voxel, received vector of"),
+    "one_slice": (lambda p: write_volume(p, SMALL[:1], (1, 1, 1), (0, 0, 0)), "one_slice.mha",
+                  "expected at least 2 voxels along every axis, received 8×7×1"),
+    "nan": (_one_nan, "nan.nrrd", "expected finite values, received 1 NaN or infinite voxels"),
+    "garbage": (_garbage, "garbage.nii", "expected a readable NIfTI file, received an error:"),
+    # SimpleITK alone would read these two, the missing voxels set to 0.
+    "cut_nii": (_truncated, "cut_nii.nii",
+                "expected 16736 bytes of NIfTI header and voxels, received 8368"),
+    "cut_nii_gz": (_truncated, "cut_nii_gz.nii.gz",
+                   "expected a complete gzip-compressed NIfTI file, received a truncated"),
+    "cut_mha": (_truncated, "cut_mha.mha", "data not read completely"),
+}
+
+
+@pytest.mark.parametrize("pid", sorted(BAD_FILES))
+def test_bad_files_raise_one_line_errors(tmp_path, pid):
+    write, name, reason = BAD_FILES[pid]
+    path = write(tmp_path / name)
+    with pytest.raises(VolumeFileError) as error:
+        read_image(path)
+    message = str(error.value)
+    assert message.startswith(f"patient {pid}: ") and message.endswith(f"(file {name})")
+    assert reason in message and "\n" not in message, message
+    assert "itk" not in message.lower().replace("simpleitk", ""), message
+
+
+def test_bad_files_fail_in_preprocess_with_exit_1(tmp_path):
+    root = tmp_path / "input"
+    root.mkdir()
+    for write, name, _ in BAD_FILES.values():
+        write(root / name)
+    out = tmp_path / "out"
+    process = _kdsb("preprocess", str(root), str(out), "--workers", "2")
+    assert process.returncode == 1, process.stderr
+    assert "Traceback" not in process.stderr and "ITK" not in process.stderr, process.stderr
+    rows = _manifest(out)
+    assert sorted(rows) == sorted(BAD_FILES)
+    for pid, (_, name, reason) in BAD_FILES.items():
+        row = rows[pid]
+        assert row["status"] == "failed" and row["shape"] == ""
+        assert reason in row["error"] and name in row["error"], row
+        lines = [line for line in process.stderr.splitlines() if f"patient {pid}:" in line]
+        assert len(lines) == 1 and "ERROR" in lines[0], (pid, process.stderr)
+    assert not list(out.glob("*.h5"))
+
+
+# --- the real chest CT ------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_real_chest_nifti_geometry(real_chest_nifti):
+    nib = pytest.importorskip("nibabel")
+    series = read_image(real_chest_nifti)
+    assert series.hu.shape == REAL_SHAPE and series.hu.dtype == np.int16
+    assert series.spacing == REAL_SPACING_MM
+    image = nib.load(real_chest_nifti)
+    ras = image.affine @ np.array([0.0, 0.0, 0.0, 1.0])
+    lps = np.array([-ras[0], -ras[1], ras[2]])
+    np.testing.assert_allclose(series.origin, lps[::-1], atol=1e-4)
+    # This file's voxel axes already run along L, P, S (LPS increasing): its data, transposed to
+    # (z, y, x), is the canonical volume.
+    assert nib.aff2axcodes(image.affine) == ("L", "P", "S")
+    np.testing.assert_array_equal(series.hu, np.asarray(image.dataobj).transpose(2, 1, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_chest_nifti_preprocesses(real_chest_nifti, tmp_path):
+    root = tmp_path / "input"
+    root.mkdir()
+    (root / "example_ct.nii.gz").symlink_to(real_chest_nifti)
+    out = tmp_path / "out"
+    assert main(["preprocess", str(root), str(out), "--workers", "1"]) == 0
+    volume = store.read_volume(out / "example_ct.h5")
+    litres = volume.lung_mask.sum() * np.prod(volume.spacing) / 1e6
+    assert 2.0 <= litres <= 8.0
+    assert tuple(volume.attrs["source_shape"]) == REAL_SHAPE
