@@ -244,6 +244,24 @@ def _read_id_values(
     return values
 
 
+def write_labels(csv_path: str | os.PathLike, rows: Iterable[tuple[str, int]]) -> Path:
+    """Write an `id,cancer` labels CSV of 0/1 labels atomically, in order.
+
+    Args:
+        csv_path: destination file; its folder is created.
+        rows: (patient id, label) pairs.
+
+    Returns:
+        The path written.
+    """
+    csv_path = Path(csv_path)
+    with atomic_path(csv_path) as temp, open(temp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(LABEL_COLUMNS)
+        writer.writerows((patient_id, int(label)) for patient_id, label in rows)
+    return csv_path
+
+
 def write_predictions(
     csv_path: str | os.PathLike, predictions: Mapping[str, float], *, digits: int = 6
 ) -> Path:

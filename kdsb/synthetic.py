@@ -34,8 +34,6 @@ vessel segment or nodule, so a 512 × 512 × 200 phantom takes seconds and well 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -49,8 +47,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from kdsb.atomic import write_text
 from kdsb.errors import KdsbError, UsageError
+from kdsb.labels import write_labels
 
 logger = logging.getLogger(__name__)
 
@@ -776,7 +774,9 @@ def _acquisition(rng: np.random.Generator) -> dict:
     }
 
 
-def _prepare_root(out_root: Path, overwrite: bool) -> None:
+def prepare_root(out_root: Path, overwrite: bool) -> None:
+    """Make OUT_ROOT ready for a new cohort: dicom/ and truth/ created, an old cohort removed
+    only with `overwrite` (else a UsageError)."""
     existing = [out_root / name for name in ("dicom", "truth", "labels.csv")]
     existing = [path for path in existing if path.exists()]
     if existing and not overwrite:
@@ -861,7 +861,7 @@ def write_cohort(
         raise UsageError(f"expected a non-negative --seed, received {seed}")
     _check_options(size, scale)
     out_root = Path(out_root)
-    _prepare_root(out_root, overwrite)
+    prepare_root(out_root, overwrite)
     # Deferred: pydicom is only needed when writing.
     from kdsb.dicom_write import write_ct_series
 
@@ -883,11 +883,7 @@ def write_cohort(
         rows.append((pid, phantom.label))
         logger.debug("%s: shape %s, label %d", pid, phantom.hu.shape, phantom.label)
     # Written last and atomically: labels.csv marks a complete cohort (a killed run leaves none).
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(("id", "cancer"))
-    writer.writerows(rows)
-    return write_text(out_root / "labels.csv", text.getvalue())
+    return write_labels(out_root / "labels.csv", rows)
 
 
 def load_truth(out_root: str | os.PathLike, patient_id: str) -> Truth:

@@ -1,38 +1,78 @@
-"""`kdsb synth OUT_ROOT --patients N --seed S`: a phantom chest-CT cohort written as DICOM."""
+"""`kdsb synth OUT_ROOT --patients N --seed S`: a phantom cohort, or real anatomy with implants.
+
+Without `--base` every patient is a phantom chest (`kdsb.synthetic`). With `--base SCAN` every
+patient is that real scan, varied, with lesions implanted (`kdsb.implants`): the test data for a
+lung mask or a classifier on anatomy nobody designed.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-HELP = "write a phantom chest-CT cohort as DICOM series plus labels.csv and ground truth"
+HELP = "write a test cohort as DICOM series plus labels.csv and ground truth"
+# Kept here (not imported) so that `kdsb --help` stays instant; tests check they agree.
+LESION_KINDS = ("solid", "spiculated", "part_solid", "ground_glass", "small_solid")
+LESION_PLACES = ("intrapulmonary", "paravertebral", "lateral", "anterior", "paramediastinal",
+                 "diaphragmatic", "apical")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_root", type=Path, help="folder to create: dicom/<id>/, labels.csv")
     parser.add_argument("--patients", type=int, default=8, help="number of patients")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--size", type=int, default=128, help="axial image side in pixels")
+    parser.add_argument("--size", type=int, default=128,
+                        help="phantoms: axial image side in pixels")
     parser.add_argument(
         "--scale",
         type=float,
         default=1.0,
-        help="physical size of each patient relative to an adult chest (0.6: small demo volumes)",
+        help="phantoms: physical size of each patient relative to an adult chest "
+             "(0.6: small demo volumes)",
     )
+    parser.add_argument("--base", type=Path,
+                        help="a real chest CT (DICOM folder, or NIfTI / MetaImage / NRRD file): "
+                             "every patient is this scan, varied, with lesions implanted")
+    parser.add_argument("--kinds", type=_names, default=list(LESION_KINDS[:-1]),
+                        help="with --base: comma-separated kinds of the cancer lesion, among "
+                             + ", ".join(LESION_KINDS))
+    parser.add_argument("--places", type=_names, default=list(LESION_PLACES),
+                        help="with --base: comma-separated places of the lesions, among "
+                             + ", ".join(LESION_PLACES))
+    parser.add_argument("--radius-mm", type=float, nargs=2, default=(8.0, 35.0),
+                        metavar=("LOW", "HIGH"), help="with --base: radius of the cancer lesion")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cohort")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.synthetic import write_cohort
+    if args.base is not None:
+        from kdsb.implants import write_implant_cohort
 
-    labels_csv = write_cohort(
-        args.out_root,
-        patients=args.patients,
-        seed=args.seed,
-        size=args.size,
-        scale=args.scale,
-        overwrite=args.overwrite,
-    )
+        labels_csv = write_implant_cohort(
+            args.out_root,
+            args.base,
+            patients=args.patients,
+            seed=args.seed,
+            kinds=args.kinds,
+            places=args.places,
+            radius_mm=tuple(args.radius_mm),
+            overwrite=args.overwrite,
+        )
+    else:
+        from kdsb.synthetic import write_cohort
+
+        labels_csv = write_cohort(
+            args.out_root,
+            patients=args.patients,
+            seed=args.seed,
+            size=args.size,
+            scale=args.scale,
+            overwrite=args.overwrite,
+        )
     root = labels_csv.parent
     print(f"DICOM series: {root / 'dicom'}")
     print(f"labels:       {labels_csv}")

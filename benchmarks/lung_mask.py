@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Lung mask on real anatomy: are implanted lesions kept, and does the mask stay a lung mask?
+
+Base: the real chest CT in the totalsegmentator 2.18.0 source archive (fetched once from PyPI
+into the test-data cache, as the tests do). For every lesion kind × place × radius, the base is
+varied with its own seed (`kdsb.implants.vary_base`: mirror, crop, smooth deformation, noise,
+slice spacing), one lesion is implanted (`kdsb.lesions.implant_lesion`) and both masks are
+computed on the source grid:
+
+- kdsb: `kdsb.lungs.segment_lungs`;
+- baseline: the classic DSB 2017 tutorial mask (`benchmarks/preprocess.py`: -320 HU threshold,
+  background from the corner, per-slice air filling, largest component).
+
+Reported per case: the lesion's voxels inside each mask (retention). Per varied healthy base (no
+lesion): the mask volume against a plain air-based lung envelope (air below -400 HU inside the
+body, the airways and gas the kdsb mask rejects left out, holes filled slice by slice) and the
+soft-tissue fraction (> -300 HU) of the mask; seconds per mask.
+
+Targets (issue 7): every lesion >= 90 % kept; mask <= 1.25 x the envelope and <= 10 % soft tissue.
+
+Usage: python benchmarks/lung_mask.py [--seed 1] [--radii 10,20,35] [--small-radii 3,6]
+       [--kinds solid,...] [--places lateral,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from preprocess import tutorial_segment_lung_mask  # noqa: E402
+
+from kdsb import lesions  # noqa: E402
+from kdsb.implants import vary_base  # noqa: E402
+from kdsb.lungs import AIR_THRESHOLD_HU, segment_lungs  # noqa: E402
+from tests.realdata import reference_files  # noqa: E402
+
+SOFT_TISSUE_HU = -300
+RETENTION_TARGET = 0.9
+VOLUME_TARGET = 1.25
+SOFT_TARGET = 0.10
+BASE_FILE = "aorta_report/example_ct.nii.gz"
+
+
+def air_envelope(hu: np.ndarray, kdsb_mask: np.ndarray) -> np.ndarray:
+    """Air below -400 HU inside the body that is connected to the kdsb mask, holes filled per
+    axial slice: the lungs' air as a plain threshold sees it (no tumours, no vessels at the
+    wall)."""
+    air = hu < AIR_THRESHOLD_HU
+    labels, _ = ndimage.label(air)
+    keep = np.unique(labels[kdsb_mask & air])
+    lungs = np.isin(labels, keep[keep > 0])
+    return np.stack([ndimage.binary_fill_holes(s) for s in lungs])
+
+
+def timed(function, *args):
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--radii", default="10,20,35")
+    parser.add_argument("--small-radii", default="3,6")
+    parser.add_argument("--kinds", default=",".join(lesions.KINDS))
+    parser.add_argument("--places", default=",".join(lesions.PLACES))
+    args = parser.parse_args(argv)
+    files = reference_files()
+    if files is None:
+        print("the real chest CT could not be fetched (offline?): nothing to measure")
+        return 1
+    from kdsb.preprocess import read_patient
+
+    series = read_patient(files / BASE_FILE)
+    base_lungs = segment_lungs(series.hu, series.spacing) > 0
+    kinds, places = args.kinds.split(","), args.places.split(",")
+    cases = [
+        (kind, place, float(radius))
+        for kind in kinds
+        for place in places
+        for radius in (args.small_radii if kind == "small_solid" else args.radii).split(",")
+    ]
+    print(f"base {BASE_FILE}: shape {series.hu.shape}, spacing {series.spacing} mm; "
+          f"{len(cases)} lesions, seed {args.seed}")
+    print(f"{'kind':<13}{'place':<16}{'r mm':>5}{'ml':>7}{'slice':>6}"
+          f"{'kdsb %':>8}{'base %':>8}{'kdsb s':>8}{'base s':>8}")
+    rows, healthy = [], []
+    for number, (kind, place, radius) in enumerate(cases):
+        rng = np.random.default_rng([args.seed, number])
+        hu, spacing, origin, variation = vary_base(
+            series.hu, series.spacing, series.origin, base_lungs, rng
+        )
+        lungs = segment_lungs(hu, spacing) > 0
+        if number % len(places) == 0:  # a healthy measurement every few varied bases
+            envelope = air_envelope(hu, lungs)
+            healthy.append((lungs.sum() / envelope.sum(), (hu[lungs] > SOFT_TISSUE_HU).mean()))
+        truth, lesion = lesions.implant_lesion(
+            hu, spacing, origin, lungs, kind=kind, place=place, radius_mm=radius, rng=rng
+        )
+        mask, kdsb_s = timed(segment_lungs, hu, spacing)
+        baseline, base_s = timed(tutorial_segment_lung_mask, hu.astype(np.int16))
+        kept = float(mask[truth].mean())
+        kept_baseline = float(baseline[truth].mean())
+        rows.append((kind, place, radius, kept, kept_baseline, kdsb_s, base_s))
+        print(f"{kind:<13}{place:<16}{radius:>5.0f}{lesion.volume_ml:>7.1f}"
+              f"{variation['slice_mm']:>6.2f}{100 * kept:>8.1f}{100 * kept_baseline:>8.1f}"
+              f"{kdsb_s:>8.2f}{base_s:>8.2f}", flush=True)
+
+    kept = np.array([r[3] for r in rows])
+    kept_baseline = np.array([r[4] for r in rows])
+    print("\nper place: least retention, kdsb (baseline)")
+    for place in places:
+        sel = np.array([r[1] == place for r in rows])
+        print(f"  {place:<16} {100 * kept[sel].min():5.1f} % "
+              f"({100 * kept_baseline[sel].min():5.1f} %)")
+    print("per radius:")
+    for radius in sorted({r[2] for r in rows}):
+        sel = np.array([r[2] == radius for r in rows])
+        print(f"  {radius:>4.0f} mm          {100 * kept[sel].min():5.1f} % "
+              f"({100 * kept_baseline[sel].min():5.1f} %)")
+    ratio = np.array([h[0] for h in healthy])
+    soft = np.array([h[1] for h in healthy])
+    print(f"\nlesions >= {RETENTION_TARGET:.0%} kept: kdsb {(kept >= RETENTION_TARGET).sum()} / "
+          f"{len(kept)}, baseline {(kept_baseline >= RETENTION_TARGET).sum()} / {len(kept)}; "
+          f"median kdsb {100 * np.median(kept):.1f} %")
+    print(f"healthy bases ({len(healthy)}): mask / air envelope "
+          f"{ratio.min():.3f}–{ratio.max():.3f} (target <= {VOLUME_TARGET}), soft tissue "
+          f"{100 * soft.min():.1f}–{100 * soft.max():.1f} % (target <= {100 * SOFT_TARGET:.0f} %)")
+    seconds = np.array([r[5] for r in rows]), np.array([r[6] for r in rows])
+    print(f"seconds per mask: kdsb median {np.median(seconds[0]):.2f}, baseline "
+          f"{np.median(seconds[1]):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

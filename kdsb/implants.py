@@ -1,0 +1,299 @@
+"""Cohorts of real anatomy: one real base scan, varied, with lesions implanted and their truth.
+
+`write_implant_cohort` (behind `kdsb synth OUT_ROOT --base SCAN`) turns one real CT scan (a DICOM
+folder or a NIfTI / MetaImage / NRRD file) into many patients written like the phantom cohorts:
+
+    OUT_ROOT/dicom/<id>/       one DICOM CT series per patient (kdsb.dicom_write)
+    OUT_ROOT/labels.csv        header `id,cancer`: 1 for a patient with a lesion of radius
+                               >= `kdsb.synthetic.CANCER_RADIUS_MM`, exactly half the patients
+    OUT_ROOT/truth/<id>.npz    lung_mask (uint8: the base's lungs plus the lesions),
+                               lesion_labels (uint8: 0 none, k the k-th lesion), spacing, origin
+    OUT_ROOT/truth/<id>.json   label, lesions (kind, place, centre, radius, volume), nodules (the
+                               phantom truth's form), the base file and the variation drawn
+
+Each patient is the base scan varied (`vary_base`): mirrored left-right or not, cropped by a
+random margin around the lungs, mildly and smoothly deformed (`ELASTIC_MM` at most), given extra
+image noise and resampled to another slice spacing; then lesions are painted in with
+`kdsb.lesions.implant_lesion`. Cancer patients get one lesion of the requested kinds, places and
+radii (radius at least the cancer radius); every patient gets up to `MAX_SMALL_NODULES` small
+solid nodules (radius 3–6 mm, below the cancer radius).
+
+The lesions are ground truth. The lungs around them are not: they are kdsb's own segmentation
+of the varied base before any lesion was painted (a healthy scan, where it is reliable), used to
+place the lesions; count on `lesion_labels`, not on `lung_mask`, to judge a lung mask.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from kdsb.errors import KdsbError, UsageError
+from kdsb.lesions import KINDS, PLACES, Lesion, implant_lesion, surface_places
+
+logger = logging.getLogger(__name__)
+
+BIG_KINDS = tuple(kind for kind in KINDS if kind != "small_solid")
+SMALL_RADIUS_MM = (3.0, 6.0)  # small solid nodules of every patient
+MAX_SMALL_NODULES = 2
+DEFAULT_RADIUS_MM = (8.0, 35.0)  # the cancer lesion's radius
+MIRROR_PROBABILITY = 0.5
+CROP_MARGIN_MM = (10.0, 40.0)  # kept around the lungs' bounding box, per side
+ELASTIC_MM = 4.0  # largest displacement of the smooth deformation
+ELASTIC_GRID_MM = 50.0  # spacing of its random control points
+NOISE_HU = (0.0, 15.0)  # standard deviation of the added image noise
+SLICE_SPACINGS_MM = (1.0, 1.25, 1.5, 2.0, 2.5)  # drawn; the base's own spacing if finer is off
+PATIENT_PREFIX = "implant_"
+AIR_HU = -1000
+
+
+def _smooth_displacement(
+    shape: tuple[int, int, int], spacing: np.ndarray, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """A smooth random displacement field (voxels), one array per axis, at most `ELASTIC_MM`."""
+    coarse = [max(2, int(np.ceil(n * s / ELASTIC_GRID_MM)) + 1) for n, s in zip(shape, spacing,
+                                                                                  strict=True)]
+    fields = []
+    for axis in range(3):
+        control = rng.uniform(-1.0, 1.0, coarse).astype(np.float32)
+        zoom = [n / c for n, c in zip(shape, coarse, strict=True)]
+        field = ndimage.zoom(control, zoom, order=3, grid_mode=True, mode="grid-constant")
+        field = field[: shape[0], : shape[1], : shape[2]]
+        field *= ELASTIC_MM / spacing[axis] / max(float(np.abs(field).max()), 1e-6)
+        fields.append(field)
+    return fields
+
+
+def vary_base(
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    lungs: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, tuple[float, float, float], tuple[float, float, float], dict]:
+    """One patient from a base scan: mirror, crop, deform, add noise, resample the slices.
+
+    Args:
+        hu: the base scan, int16 HU (z, y, x), canonical orientation.
+        spacing: its voxel size (z, y, x), mm.
+        origin: patient coordinates of its voxel [0, 0, 0], mm (z, y, x).
+        lungs: its lung mask (z, y, x), for the crop.
+        rng: the source of every random choice.
+
+    Returns:
+        (int16 HU, spacing, origin, a JSON-friendly record of what was drawn).
+    """
+    from kdsb.resample import resample_volume
+
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    record: dict = {"mirrored": bool(rng.random() < MIRROR_PROBABILITY)}
+    if record["mirrored"]:
+        hu, lungs = hu[:, :, ::-1], lungs[:, :, ::-1]
+    margins = rng.uniform(*CROP_MARGIN_MM, size=(3, 2)) / spacing_arr[:, None]
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(lungs.any(axis=tuple(a for a in range(3) if a != axis)))
+        low = max(0, int(present[0] - margins[axis, 0]))
+        high = min(hu.shape[axis], int(present[-1] + 1 + margins[axis, 1]))
+        box.append(slice(low, high))
+    hu = np.ascontiguousarray(hu[tuple(box)])
+    origin_arr = np.asarray(origin, dtype=np.float64) + [b.start for b in box] * spacing_arr
+    record["crop"] = [[b.start, b.stop] for b in box]
+
+    displacement = _smooth_displacement(hu.shape, spacing_arr, rng)
+    grid = np.indices(hu.shape, dtype=np.float32)
+    for axis in range(3):
+        grid[axis] += displacement[axis]
+    del displacement
+    warped = ndimage.map_coordinates(hu.astype(np.float32), grid, order=1, mode="nearest")
+    del grid
+    sigma = rng.uniform(*NOISE_HU)
+    warped += sigma * rng.standard_normal(warped.shape, dtype=np.float32)
+    record["noise_hu"] = round(float(sigma), 2)
+
+    choices = [s for s in SLICE_SPACINGS_MM if s >= spacing_arr[0] - 1e-6] or [spacing_arr[0]]
+    slice_mm = float(choices[int(rng.integers(len(choices)))])
+    target = (slice_mm, float(spacing_arr[1]), float(spacing_arr[2]))
+    warped = resample_volume(warped, tuple(spacing_arr), target)
+    record["slice_mm"] = slice_mm
+    out = np.clip(np.rint(warped), -1024, 3071).astype(np.int16)
+    return out, target, tuple(float(round(o, 4)) for o in origin_arr), record  # type: ignore[return-value]
+
+
+def _check_choices(name: str, chosen: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown or not chosen:
+        raise UsageError(
+            f"expected --{name} among {', '.join(allowed)}, received {', '.join(chosen) or 'none'}"
+        )
+    return tuple(chosen)
+
+
+def implant_patient(
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    rng: np.random.Generator,
+    *,
+    cancer: bool,
+    kinds: Sequence[str] = BIG_KINDS,
+    places: Sequence[str] = PLACES,
+    radius_mm: tuple[float, float] = DEFAULT_RADIUS_MM,
+    patient_id: str = "patient",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Lesion]]:
+    """Paint one patient's lesions into `hu` (in place).
+
+    Returns:
+        (hu, the healthy lung mask used for placing, uint8 lesion labels (0 none, k the k-th
+        lesion), the lesions).
+    """
+    from kdsb.lungs import segment_lungs
+
+    lungs = segment_lungs(hu, spacing, patient_id=patient_id) > 0
+    sites = surface_places(lungs, spacing)
+    wanted: list[tuple[str, str, float]] = []
+    if cancer:
+        wanted.append((str(rng.choice(kinds)), str(rng.choice(places)), rng.uniform(*radius_mm)))
+    for _ in range(int(rng.integers(0, MAX_SMALL_NODULES + 1))):
+        wanted.append(("small_solid", str(rng.choice(places)), rng.uniform(*SMALL_RADIUS_MM)))
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    lesions: list[Lesion] = []
+    for kind, place, radius in wanted:
+        free = lungs & (labels == 0)  # lesions never overlap
+        truth, lesion = implant_lesion(
+            hu, spacing, origin, free, kind=kind, place=place, radius_mm=round(radius, 2),
+            rng=rng, sites=sites,
+        )
+        lesions.append(lesion)
+        labels[truth] = len(lesions)
+    return hu, lungs, labels, lesions
+
+
+def write_implant_cohort(
+    out_root: str | os.PathLike,
+    base: str | os.PathLike,
+    *,
+    patients: int,
+    seed: int,
+    kinds: Sequence[str] = BIG_KINDS,
+    places: Sequence[str] = PLACES,
+    radius_mm: tuple[float, float] = DEFAULT_RADIUS_MM,
+    overwrite: bool = False,
+) -> Path:
+    """Write a cohort of one base scan with implanted lesions (see the module docstring).
+
+    Args:
+        out_root: the cohort folder (created if needed).
+        base: the base scan: a DICOM folder or a NIfTI / MetaImage / NRRD file of a chest CT.
+        patients: number of patients (>= 1); exactly `patients // 2` have cancer.
+        seed: the random seed; patient `i` depends only on (seed, i, base, options).
+        kinds: lesion kinds drawn for the cancer lesion.
+        places: lesion places drawn for every lesion.
+        radius_mm: (low, high) radius of the cancer lesion, mm (low >= the cancer radius).
+        overwrite: replace an existing cohort in out_root instead of refusing.
+
+    Returns:
+        The path of labels.csv.
+
+    Raises:
+        UsageError: bad options, a missing base, or out_root already holds a cohort.
+        KdsbError: the base cannot be read or holds no lungs (the message names it).
+    """
+    from kdsb.dicom_write import write_ct_series
+    from kdsb.labels import write_labels
+    from kdsb.lungs import segment_lungs
+    from kdsb.preprocess import read_patient
+    from kdsb.synthetic import CANCER_RADIUS_MM, Nodule, prepare_root
+
+    if patients < 1:
+        raise UsageError(f"expected --patients >= 1, received {patients}")
+    if seed < 0:
+        raise UsageError(f"expected a non-negative --seed, received {seed}")
+    kinds = _check_choices("kinds", kinds, KINDS)
+    places = _check_choices("places", places, PLACES)
+    low, high = (float(r) for r in radius_mm)
+    if not CANCER_RADIUS_MM <= low <= high:
+        raise UsageError(
+            f"expected --radius-mm LOW HIGH with {CANCER_RADIUS_MM:g} <= LOW <= HIGH, "
+            f"received {low:g} {high:g}"
+        )
+    base = Path(base)
+    if not base.exists():
+        raise UsageError(f"expected a base scan (DICOM folder or volume file), received a "
+                         f"missing path: {base}")
+    out_root = Path(out_root)
+    series = read_patient(base)
+    base_lungs = segment_lungs(series.hu, series.spacing, patient_id=str(base)) > 0
+    prepare_root(out_root, overwrite)
+
+    sequence = np.random.SeedSequence(seed)
+    cancer = np.zeros(patients, bool)
+    cancer[: patients // 2] = True
+    cancer = np.random.default_rng(sequence).permutation(cancer)
+    rows = []
+    for index, child in enumerate(tqdm(sequence.spawn(patients), desc="synth", unit="patient",
+                                       disable=None)):
+        rng = np.random.default_rng(child)
+        pid = f"{PATIENT_PREFIX}{index:03d}"
+        hu, spacing, origin, variation = vary_base(
+            series.hu, series.spacing, series.origin, base_lungs, rng
+        )
+        hu, lungs, labels, lesions = implant_patient(
+            hu, spacing, origin, rng, cancer=bool(cancer[index]), kinds=kinds, places=places,
+            radius_mm=(low, high), patient_id=pid,
+        )
+        label = int(any(lesion.radius_mm >= CANCER_RADIUS_MM for lesion in lesions))
+        write_ct_series(out_root / "dicom" / pid, hu, spacing, origin, patient_id=pid,
+                        seed=int(rng.integers(2**31)))
+        np.savez_compressed(
+            out_root / "truth" / f"{pid}.npz",
+            lung_mask=(lungs | (labels > 0)).astype(np.uint8),
+            lesion_labels=labels,
+            spacing=np.array(spacing),
+            origin=np.array(origin),
+        )
+        record = {
+            "id": pid,
+            "label": label,
+            "base": str(base),
+            "variation": variation,
+            "lesions": [lesion.record() for lesion in lesions],
+            "nodules": [
+                vars(Nodule(lesion.center_mm, lesion.radius_mm, lesion.place != "intrapulmonary"))
+                for lesion in lesions
+            ],
+            "shape": list(hu.shape),
+            "spacing": list(spacing),
+            "origin": list(origin),
+        }
+        (out_root / "truth" / f"{pid}.json").write_text(json.dumps(record, indent=2) + "\n")
+        rows.append((pid, label))
+        logger.debug("%s: %d lesions, label %d", pid, len(lesions), label)
+    # Written last and atomically: labels.csv marks a complete cohort (a killed run leaves none).
+    return write_labels(out_root / "labels.csv", rows)
+
+
+def load_lesion_labels(out_root: str | os.PathLike, patient_id: str) -> tuple[np.ndarray, list]:
+    """The lesion labels (uint8, z, y, x, at the written geometry) and lesion records of one
+    implanted patient.
+
+    Raises:
+        KdsbError: the truth files are missing.
+    """
+    truth_dir = Path(out_root) / "truth"
+    arrays_path, record_path = truth_dir / f"{patient_id}.npz", truth_dir / f"{patient_id}.json"
+    if not arrays_path.is_file() or not record_path.is_file():
+        raise KdsbError(
+            f"expected implant truth files {arrays_path.name} and {record_path.name} in "
+            f"{truth_dir}, received a missing file for patient {patient_id}"
+        )
+    with np.load(arrays_path) as arrays:
+        labels = arrays["lesion_labels"]
+    return labels, json.loads(record_path.read_text())["lesions"]

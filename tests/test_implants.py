@@ -1,0 +1,102 @@
+"""Real-anatomy cohorts: a base scan varied, lesions implanted (kdsb.implants, kdsb synth --base),
+and the lesion reaching the classifier's input unchanged after `kdsb preprocess`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kdsb import store
+from kdsb.cli import main
+from kdsb.commands.synth import LESION_KINDS, LESION_PLACES
+from kdsb.datasets import load_volume_array
+from kdsb.dicom_write import write_ct_series
+from kdsb.implants import load_lesion_labels, vary_base
+from kdsb.labels import read_labels
+from kdsb.lesions import KINDS, PLACES
+from kdsb.lungs import segment_lungs
+from kdsb.patches import normalize_hu
+from kdsb.synthetic import make_phantom
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    """A healthy phantom chest written as DICOM: the base scan."""
+    phantom = make_phantom(np.random.default_rng(11), size=96, cancer=False, scale=1.0,
+                           slice_mm=2.5)
+    folder = tmp_path_factory.mktemp("base") / "base_scan"
+    write_ct_series(folder, phantom.hu, phantom.spacing, phantom.origin, patient_id="base")
+    return folder, phantom
+
+
+def test_cli_lists_agree_with_the_library():
+    assert LESION_KINDS == KINDS and LESION_PLACES == PLACES
+
+
+def test_vary_base_keeps_geometry_consistent(base_folder):
+    _, phantom = base_folder
+    lungs = segment_lungs(phantom.hu, phantom.spacing) > 0
+    hu, spacing, origin, record = vary_base(phantom.hu, phantom.spacing, phantom.origin, lungs,
+                                            np.random.default_rng(0))
+    assert hu.dtype == np.int16 and hu.ndim == 3
+    assert spacing[1:] == phantom.spacing[1:] and spacing[0] == record["slice_mm"]
+    start = [c[0] for c in record["crop"]]
+    expected = np.asarray(phantom.origin) + np.asarray(start) * np.asarray(phantom.spacing)
+    np.testing.assert_allclose(origin, expected, atol=1e-3)
+    assert segment_lungs(hu, spacing).any()  # still a chest with lungs
+
+
+@pytest.mark.slow
+def test_synth_base_preprocess_and_classifier_input_keep_the_lesion(base_folder, tmp_path):
+    folder, _ = base_folder
+    root = tmp_path / "cohort"
+    code = main(["synth", str(root), "--base", str(folder), "--patients", "2", "--seed", "4",
+                 "--kinds", "solid", "--places", "lateral,paravertebral", "--radius-mm", "10",
+                 "12"])
+    assert code == 0
+    labels = read_labels(root / "labels.csv")
+    assert sorted(labels.values()) == [0, 1]
+    cancer = next(pid for pid, label in labels.items() if label == 1)
+    lesion_labels, records = load_lesion_labels(root, cancer)
+    big = next(i for i, r in enumerate(records, start=1) if r["radius_mm"] >= 10)
+    assert records[big - 1]["place"] in ("lateral", "paravertebral")
+    assert (lesion_labels == big).sum() == records[big - 1]["voxels"]
+    truth = json.loads((root / "truth" / f"{cancer}.json").read_text())
+
+    out = tmp_path / "volumes"
+    assert main(["preprocess", str(root / "dicom"), str(out), "--workers", "1"]) == 0
+    volume = store.read_volume(out / f"{cancer}.h5")
+    # The lesion's voxels, mapped into the volume file's grid by patient coordinates (mm).
+    index = np.argwhere(lesion_labels == big)
+    world = np.asarray(truth["origin"]) + index * np.asarray(truth["spacing"])
+    grid = np.rint((world - np.asarray(volume.origin)) / np.asarray(volume.spacing)).astype(int)
+    inside = np.all((grid >= 0) & (grid < volume.hu.shape), axis=1)
+    assert inside.all()
+    voxels = tuple(grid.T)
+    assert volume.lung_mask[voxels].mean() >= 0.9
+    # The classifier's default input preparation leaves every lung-mask voxel as it is.
+    from kdsb.classifier_training import PARENCHYMA_HU, ClassifierConfig
+
+    defaults = ClassifierConfig(gmcae="unused.keras")
+    network_input = load_volume_array(
+        out / f"{cancer}.h5",
+        mask_outside_lungs=defaults.mask_outside_lungs,
+        lung_dilation_mm=defaults.lung_dilation_mm,
+        outside_hu=PARENCHYMA_HU,
+    )[..., 0]
+    expected = normalize_hu(volume.hu)
+    kept = volume.lung_mask[voxels] > 0
+    np.testing.assert_array_equal(network_input[voxels][kept], expected[voxels][kept])
+    in_mask = volume.lung_mask > 0
+    np.testing.assert_array_equal(network_input[in_mask], expected[in_mask])
+
+
+def test_synth_base_bad_options_are_usage_errors(base_folder, tmp_path, capsys):
+    folder, _ = base_folder
+    assert main(["synth", str(tmp_path / "a"), "--base", str(folder), "--kinds", "cyst"]) == 2
+    assert "expected --kinds among" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "b"), "--base", str(tmp_path / "missing")]) == 2
+    assert main(["synth", str(tmp_path / "c"), "--base", str(folder), "--radius-mm", "3",
+                 "5"]) == 2
