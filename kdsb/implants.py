@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from kdsb.errors import KdsbError, UsageError
+from kdsb.errors import UsageError
 from kdsb.lesions import KINDS, PLACES, Lesion, implant_lesion, surface_places
 
 logger = logging.getLogger(__name__)
@@ -287,13 +287,9 @@ def load_lesion_labels(out_root: str | os.PathLike, patient_id: str) -> tuple[np
     Raises:
         KdsbError: the truth files are missing.
     """
-    truth_dir = Path(out_root) / "truth"
-    arrays_path, record_path = truth_dir / f"{patient_id}.npz", truth_dir / f"{patient_id}.json"
-    if not arrays_path.is_file() or not record_path.is_file():
-        raise KdsbError(
-            f"expected implant truth files {arrays_path.name} and {record_path.name} in "
-            f"{truth_dir}, received a missing file for patient {patient_id}"
-        )
+    from kdsb.synthetic import truth_paths
+
+    arrays_path, record_path = truth_paths(out_root, patient_id)
     with np.load(arrays_path) as arrays:
         labels = arrays["lesion_labels"]
     return labels, json.loads(record_path.read_text())["lesions"]

@@ -254,12 +254,7 @@ def write_labels(csv_path: str | os.PathLike, rows: Iterable[tuple[str, int]]) -
     Returns:
         The path written.
     """
-    csv_path = Path(csv_path)
-    with atomic_path(csv_path) as temp, open(temp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(LABEL_COLUMNS)
-        writer.writerows((patient_id, int(label)) for patient_id, label in rows)
-    return csv_path
+    return _write_rows(csv_path, ((patient_id, int(label)) for patient_id, label in rows))
 
 
 def write_predictions(
@@ -275,10 +270,16 @@ def write_predictions(
     Returns:
         The path written.
     """
+    return _write_rows(
+        csv_path, ((patient_id, f"{value:.{digits}f}") for patient_id, value in predictions.items())
+    )
+
+
+def _write_rows(csv_path: str | os.PathLike, rows: Iterable[tuple[str, object]]) -> Path:
+    """Write `id,cancer` rows atomically (temporary file, then rename), in order."""
     csv_path = Path(csv_path)
     with atomic_path(csv_path) as temp, open(temp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(LABEL_COLUMNS)
-        for patient_id, value in predictions.items():
-            writer.writerow((patient_id, f"{value:.{digits}f}"))
+        writer.writerows(rows)
     return csv_path

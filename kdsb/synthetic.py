@@ -886,6 +886,22 @@ def write_cohort(
     return write_labels(out_root / "labels.csv", rows)
 
 
+def truth_paths(out_root: str | os.PathLike, patient_id: str) -> tuple[Path, Path]:
+    """The (`.npz`, `.json`) truth files of one cohort patient, phantom or implanted.
+
+    Raises:
+        KdsbError: either file is missing.
+    """
+    truth_dir = Path(out_root) / "truth"
+    arrays_path, record_path = truth_dir / f"{patient_id}.npz", truth_dir / f"{patient_id}.json"
+    if not arrays_path.is_file() or not record_path.is_file():
+        raise KdsbError(
+            f"expected truth files {arrays_path.name} and {record_path.name} in "
+            f"{truth_dir}, received a missing file for patient {patient_id}"
+        )
+    return arrays_path, record_path
+
+
 def load_truth(out_root: str | os.PathLike, patient_id: str) -> Truth:
     """Read the ground truth `write_cohort` kept for one patient.
 
@@ -900,13 +916,7 @@ def load_truth(out_root: str | os.PathLike, patient_id: str) -> Truth:
     Raises:
         KdsbError: the truth files are missing.
     """
-    truth_dir = Path(out_root) / "truth"
-    arrays_path, record_path = truth_dir / f"{patient_id}.npz", truth_dir / f"{patient_id}.json"
-    if not arrays_path.is_file() or not record_path.is_file():
-        raise KdsbError(
-            f"expected phantom truth files {arrays_path.name} and {record_path.name} in "
-            f"{truth_dir}, received a missing file for patient {patient_id}"
-        )
+    arrays_path, record_path = truth_paths(out_root, patient_id)
     record = json.loads(record_path.read_text())
     with np.load(arrays_path) as arrays:
         return Truth(
