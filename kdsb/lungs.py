@@ -12,9 +12,10 @@ already reads -1000 HU.
    circular field of view) is discarded. The trachea is a dark round blob near the midline in the
    top slices; it and the main bronchi are region-grown from there, slice by slice, at the
    stricter `AIRWAY_THRESHOLD_HU`, stopping where the area jumps (a leak into the lung), and
-   removed. Air components that are large and reach the upper half of the lungs are kept (bowel
-   gas is not). Each side (right / left of the body's midline) is then filled on its own, so the
-   two lungs never merge across the mediastinum: a closing with a ball of `CLOSING_RADIUS_MM`
+   removed. Air components that are parenchyma (median above the airway threshold: gas is
+   darker than lung), large, and reach the upper half of the lungs are kept (bowel gas is
+   not). Each side (right / left of the body's midline) is then filled on its own, so the two
+   lungs never merge across the mediastinum: a closing with a ball of `CLOSING_RADIUS_MM`
    (two Euclidean distance transforms: an exact ball at little cost, unlike binary closing with
    a huge structuring element) and 3D hole filling take in vessels and nodules; tissue enclosed
    between the lung and the chest wall inside the slice-wise convex hull of the lungs takes in
@@ -27,10 +28,14 @@ already reads -1000 HU.
    (coarse HU above `BONE_HU`) and air the lung selection rejected. A tumour that caps a lung's
    apex leaves no dent at all: within `APEX_ZONE_MM` of the top, thick non-bone tissue inside
    the other lung's mirror image, as deep under the skin as this apex, is taken in
-   (`_apex_completion`).
+   (`_apex_completion`). The envelope's ball still rolls a few millimetres into a large mass's
+   dent, so tissue within `LESION_RIM_MM` of a thick mass the filling took in is added too
+   (`_lesion_rim`): the mass's hidden edge against the wall, spine or diaphragm.
 2. Back on the source grid, coarse voxels well inside the mask, or added by the filling, are
    taken whole (only their tissue voxels beside rejected air); coarse voxels on the boundary keep
-   only their full-resolution air voxels, so the lung surface is as sharp as the source image.
+   only their full-resolution air voxels, so the lung surface is as sharp as the source image,
+   and the tissue voxels within `FRINGE_VOXELS` of a solid core the filling took in (a small
+   nodule's edge where it meets the chest wall).
 
 Where it still fails (benchmarks/lung_mask.py, lesions implanted into a real chest CT): the
 large ball also takes in the parts of mediastinal structures that bulge into a lung (the
@@ -67,6 +72,9 @@ CLOSING_RADIUS_MM = 15.0
 ENVELOPE_RADIUS_MM = 38.0
 BONE_HU = 300.0
 APEX_ZONE_MM = 60.0
+LESION_CORE_MM = 8.0  # added tissue this thick is a mass (the aorta's bulge is too, in part)
+LESION_RIM_MM = 8.0
+FRINGE_VOXELS = 2  # how far past the filling a mass's hidden edge may reach
 APEX_CORE_MM = 6.0
 APEX_DEPTH_PERCENTILE = 5.0  # fills juxtapleural nodules and tumours up to about 14 mm radius
 MIN_LUNG_LITRES = 0.5
@@ -273,17 +281,25 @@ def _find_airway(
     return airway
 
 
-def _select_lungs(candidates: np.ndarray, voxel_ml: float) -> np.ndarray:
-    """Keep air components big enough to be lung and reaching the upper half of the lungs.
+def _select_lungs(candidates: np.ndarray, hu: np.ndarray, voxel_ml: float) -> np.ndarray:
+    """Keep air components that are parenchyma, big enough to be lung and reaching the upper
+    half of the lungs.
 
-    Bowel gas under the diaphragm is discarded because it ends below the middle of the largest
-    component; a lung squeezed by disease still reaches the apex.
+    Gas is not parenchyma: a component whose median HU is below `AIRWAY_THRESHOLD_HU` (bowel
+    gas, a pneumothorax, air outside the body) is dropped; lung, with its vessels and septa,
+    has a median near -850 HU (-780 to -800 HU on the real CTs of the test archive, whose colon
+    gas reads -970 HU). Bowel gas under the diaphragm is also discarded because it ends below
+    the middle of the largest component; a lung squeezed by disease still reaches the apex.
     """
     labels, count = ndimage.label(candidates)
     if count == 0:
         return candidates
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
+    medians = ndimage.median(hu, labels, np.arange(1, count + 1))
+    sizes[1:][np.asarray(medians) < AIRWAY_THRESHOLD_HU] = 0
+    if not sizes.any():
+        return np.zeros_like(candidates)
     largest = int(np.argmax(sizes))
     profile = (labels == largest).sum(axis=(1, 2))
     middle_z = float(np.dot(np.arange(profile.size), profile) / profile.sum())
@@ -291,7 +307,7 @@ def _select_lungs(candidates: np.ndarray, voxel_ml: float) -> np.ndarray:
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         big = sizes[index] * voxel_ml >= MIN_COMPONENT_ML
         big = big and sizes[index] >= MIN_COMPONENT_FRACTION * sizes[largest]
-        keep[index] = big and box[0].stop - 1 >= middle_z
+        keep[index] = big and sizes[index] > 0 and box[0].stop - 1 >= middle_z
     return keep[labels]
 
 
@@ -493,6 +509,36 @@ def _apex_completion(
     return np.isin(labels, touching[touching > 0])
 
 
+def _lesion_rim(
+    mask: np.ndarray,
+    lung_air: np.ndarray,
+    body: np.ndarray,
+    rejected_air: np.ndarray,
+    coarse_hu: np.ndarray,
+    spacing: Sequence[float],
+) -> np.ndarray:
+    """Tissue within `LESION_RIM_MM` of a thick mass the filling took in: the mass's hidden edge.
+
+    The envelope's ball rolls a little way into the dent a large mass leaves, so the mass's
+    outer few millimetres, where it meets the chest wall, spine or diaphragm, stay outside.
+    Tissue the filling added that survives an opening with a `LESION_CORE_MM` ball is a mass
+    (vessels and the thin slivers along the mediastinum do not survive); non-bone tissue inside
+    the body within `LESION_RIM_MM` of it is taken in, never air the lung selection rejected.
+    """
+    tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
+    added = mask & ~lung_air & tissue
+    if not added.any():
+        return added
+    box = _bounding_box(added, (math.ceil(LESION_RIM_MM / min(spacing)) + 1,) * 3)
+    masses = ndimage.binary_opening(added[box], structure=_ball(LESION_CORE_MM, spacing))
+    if not masses.any():
+        return np.zeros_like(mask)
+    near = ndimage.distance_transform_edt(~masses, sampling=spacing) <= LESION_RIM_MM
+    rim = np.zeros_like(mask)
+    rim[box] = near & body[box] & tissue[box] & ~rejected_air[box]
+    return rim
+
+
 def _reach_wall(
     nodule: np.ndarray,
     lung_air: np.ndarray,
@@ -594,7 +640,8 @@ def segment_lungs(
     midline = float(np.dot(np.arange(body_profile.size), body_profile) / body_profile.sum())
 
     airway = _find_airway(coarse_hu, interior_air, coarse_spacing, midline) & interior_air
-    lung_air = _select_lungs(interior_air & ~airway, math.prod(coarse_spacing) / MM3_PER_ML)
+    voxel_ml = math.prod(coarse_spacing) / MM3_PER_ML
+    lung_air = _select_lungs(interior_air & ~airway, coarse_hu, voxel_ml)
     if not lung_air.any():
         raise _plausibility_error(patient, litres, "no air-filled region large enough to be lung")
 
@@ -611,13 +658,15 @@ def segment_lungs(
         coarse_mask |= own | _apex_completion(own, other, inside_body, coarse_hu, midline,
                                               coarse_spacing)
 
+    rejected_air = ndimage.binary_dilation(interior_air & ~lung_air)
+    coarse_mask |= _lesion_rim(coarse_mask, lung_air, inside_body, rejected_air, coarse_hu,
+                               coarse_spacing)
     inner = ndimage.binary_erosion(coarse_mask, border_value=1)
     added = coarse_mask & ~lung_air
     outer = ndimage.binary_dilation(coarse_mask) & ~coarse_mask & ~air
     code = np.full(coarse_mask.shape, FULL_NEVER, dtype=np.uint8)
     code[(coarse_mask & ~inner) | outer] = FULL_IF_AIR
     code[inner | added] = FULL_ALWAYS
-    rejected_air = ndimage.binary_dilation(interior_air & ~lung_air)
     code[added & rejected_air] = FULL_IF_TISSUE
     code[outer & rejected_air] = FULL_NEVER
 
@@ -631,11 +680,18 @@ def segment_lungs(
     code_full = _upsample(code[coarse_box], factors, box_shape)
     mask = np.zeros(hu.shape, dtype=np.uint8)
     air_full = hu[full_box] < AIR_THRESHOLD_HU
-    mask[full_box] = (
+    kept = (
         (code_full == FULL_ALWAYS)
         | ((code_full == FULL_IF_AIR) & air_full)
         | ((code_full == FULL_IF_TISSUE) & ~air_full)
     )
+    # A nodule's fringe: tissue in boundary blocks next to a solid core the filling took in.
+    boundary = code_full == FULL_IF_AIR
+    added_full = _upsample(added[coarse_box], factors, box_shape)
+    cores = ndimage.binary_erosion(kept & ~air_full & added_full)
+    kept |= (boundary & ~air_full & (hu[full_box] <= BONE_HU)
+             & ndimage.binary_dilation(cores, iterations=FRINGE_VOXELS))
+    mask[full_box] = kept
 
     volume = int(np.count_nonzero(mask)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
     logger.debug("%s: lung volume %.2f L", patient, volume)

@@ -28,3 +28,13 @@ def real_chest_nifti() -> Path:
     if files is None:
         pytest.skip("real CT reference files unavailable (offline?)")
     return files / "aorta_report" / "example_ct.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def real_abdomen_nifti() -> tuple[Path, Path]:
+    """A real abdominal CT in NIfTI, 3 mm, reaching up to the lung bases, and TotalSegmentator's
+    label map of it (lung lobes 10–14, liver 5, colon 20)."""
+    files = reference_files()
+    if files is None:
+        pytest.skip("real CT reference files unavailable (offline?)")
+    return files / "example_ct.nii.gz", files / "example_seg_fast_force_split.nii.gz"

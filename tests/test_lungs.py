@@ -327,3 +327,21 @@ def test_juxtapleural_tumours_under_a_curved_wall_are_kept():
         assert len(kept) == expected
         assert min(kept) >= 0.95, kept
         assert dice(mask, phantom.lung_mask) >= 0.97
+
+
+@pytest.mark.realdata
+def test_real_lung_bases_above_colon_gas(real_abdomen_nifti):
+    """Held-out real CT (never used for tuning): an abdominal scan with only the lung bases at
+    its top and 460 ml of colon gas below. The gas is not lung; the bases match TotalSegmentator's
+    lung lobes."""
+    ct_path, labels_path = real_abdomen_nifti
+    hu, spacing = load_canonical(ct_path)
+    labels, _ = load_canonical(labels_path)
+    too_small = r"example_ct: expected lungs of 0.5–10 L, received 0\.1"
+    with pytest.raises(LungMaskError, match=too_small):
+        segment_lungs(hu, spacing, patient_id="example_ct")
+    mask = segment_lungs(hu, spacing, litres=(0.05, 10.0)) > 0
+    lungs = np.isin(labels, [10, 11, 12, 13, 14])
+    assert 2 * (mask & lungs).sum() / (mask.sum() + lungs.sum()) >= 0.8
+    for organ in (5, 20):  # liver, colon
+        assert (mask & (labels == organ)).sum() == 0
