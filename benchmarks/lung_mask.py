@@ -3,11 +3,12 @@
 
 Base: the real chest CT in the totalsegmentator 2.18.0 source archive (fetched once from PyPI
 into the test-data cache, as the tests do). For every lesion kind × place × radius, the base is
-varied with its own seed (`kdsb.implants.vary_base`: mirror, crop, smooth deformation, noise,
-slice spacing), one lesion is implanted (`kdsb.lesions.implant_lesion`) and both masks are
+varied with its own seed (`kdsb.phantoms.implants.vary_base`: mirror, crop, smooth deformation,
+noise,
+slice spacing), one lesion is implanted (`kdsb.phantoms.lesions.implant_lesion`) and both masks are
 computed on the source grid:
 
-- kdsb: `kdsb.lungs.segment_lungs`;
+- kdsb: `kdsb.preprocessing.lungs.segment_lungs`;
 - baseline: the classic DSB 2017 tutorial mask (`benchmarks/preprocess.py`: -320 HU threshold,
   background from the corner, per-slice air filling, largest component).
 
@@ -19,7 +20,7 @@ soft-tissue fraction (> -300 HU) of the mask; seconds per mask.
 Targets (issue 7): every lesion >= 90 % kept; mask <= 1.25 x the envelope and <= 10 % soft tissue.
 
 Usage: python benchmarks/lung_mask.py [--seed 1] [--radii 10,20,35] [--small-radii 3,6]
-       [--kinds solid,...] [--places lateral,...]
+       [--kinds solid,...] [--places lateral,...] [--workers 2]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +40,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from preprocess import tutorial_segment_lung_mask  # noqa: E402
 
-from kdsb import lesions  # noqa: E402
-from kdsb.implants import vary_base  # noqa: E402
-from kdsb.lungs import AIR_THRESHOLD_HU, segment_lungs  # noqa: E402
+from kdsb.phantoms import lesions  # noqa: E402
+from kdsb.phantoms.implants import vary_base  # noqa: E402
+from kdsb.preprocessing.lungs import AIR_THRESHOLD_HU, segment_lungs  # noqa: E402
 from tests.realdata import reference_files  # noqa: E402
 
 SOFT_TISSUE_HU = -300
@@ -67,6 +69,44 @@ def timed(function, *args):
     return result, time.perf_counter() - started
 
 
+def measure_case(task):
+    """One case: vary the base with its own seed, measure the healthy base when asked, implant
+    the lesion, time both masks. Returns (row, healthy or None, printed line)."""
+    seed, number, (kind, place, radius), with_healthy = task
+    series, base_lungs = BASE
+    rng = np.random.default_rng([seed, number])
+    hu, spacing, origin, variation = vary_base(
+        series.hu, series.spacing, series.origin, base_lungs, rng
+    )
+    lungs = segment_lungs(hu, spacing) > 0
+    healthy = None
+    if with_healthy:
+        envelope = air_envelope(hu, lungs)
+        healthy = (lungs.sum() / envelope.sum(), (hu[lungs] > SOFT_TISSUE_HU).mean())
+    truth, lesion = lesions.implant_lesion(
+        hu, spacing, origin, lungs, kind=kind, place=place, radius_mm=radius, rng=rng
+    )
+    mask, kdsb_s = timed(segment_lungs, hu, spacing)
+    baseline, base_s = timed(tutorial_segment_lung_mask, hu.astype(np.int16))
+    kept = float(mask[truth].mean())
+    kept_baseline = float(baseline[truth].mean())
+    line = (f"{kind:<13}{place:<16}{radius:>5.0f}{lesion.volume_ml:>7.1f}"
+            f"{variation['slice_mm']:>6.2f}{100 * kept:>8.1f}{100 * kept_baseline:>8.1f}"
+            f"{kdsb_s:>8.2f}{base_s:>8.2f}")
+    return (kind, place, radius, kept, kept_baseline, kdsb_s, base_s), healthy, line
+
+
+BASE = None  # (series, its kdsb lung mask), loaded once per process
+
+
+def load_base():
+    global BASE
+    from kdsb.preprocessing.cohort import read_patient
+
+    series = read_patient(reference_files() / BASE_FILE)
+    BASE = series, segment_lungs(series.hu, series.spacing) > 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1)
@@ -74,15 +114,12 @@ def main(argv=None) -> int:
     parser.add_argument("--small-radii", default="3,6")
     parser.add_argument("--kinds", default=",".join(lesions.KINDS))
     parser.add_argument("--places", default=",".join(lesions.PLACES))
+    parser.add_argument("--workers", type=int, default=1, help="cases measured in parallel")
     args = parser.parse_args(argv)
-    files = reference_files()
-    if files is None:
+    if reference_files() is None:
         print("the real chest CT could not be fetched (offline?): nothing to measure")
         return 1
-    from kdsb.preprocess import read_patient
-
-    series = read_patient(files / BASE_FILE)
-    base_lungs = segment_lungs(series.hu, series.spacing) > 0
+    load_base()
     kinds, places = args.kinds.split(","), args.places.split(",")
     cases = [
         (kind, place, float(radius))
@@ -90,31 +127,22 @@ def main(argv=None) -> int:
         for place in places
         for radius in (args.small_radii if kind == "small_solid" else args.radii).split(",")
     ]
+    series = BASE[0]
     print(f"base {BASE_FILE}: shape {series.hu.shape}, spacing {series.spacing} mm; "
-          f"{len(cases)} lesions, seed {args.seed}")
+          f"{len(cases)} lesions, seed {args.seed}, {args.workers} worker(s)")
     print(f"{'kind':<13}{'place':<16}{'r mm':>5}{'ml':>7}{'slice':>6}"
           f"{'kdsb %':>8}{'base %':>8}{'kdsb s':>8}{'base s':>8}")
+    # A healthy measurement every few varied bases; case numbers seed the variation, so the
+    # table is the same whatever the number of workers.
+    tasks = [(args.seed, number, case, number % len(places) == 0)
+             for number, case in enumerate(cases)]
     rows, healthy = [], []
-    for number, (kind, place, radius) in enumerate(cases):
-        rng = np.random.default_rng([args.seed, number])
-        hu, spacing, origin, variation = vary_base(
-            series.hu, series.spacing, series.origin, base_lungs, rng
-        )
-        lungs = segment_lungs(hu, spacing) > 0
-        if number % len(places) == 0:  # a healthy measurement every few varied bases
-            envelope = air_envelope(hu, lungs)
-            healthy.append((lungs.sum() / envelope.sum(), (hu[lungs] > SOFT_TISSUE_HU).mean()))
-        truth, lesion = lesions.implant_lesion(
-            hu, spacing, origin, lungs, kind=kind, place=place, radius_mm=radius, rng=rng
-        )
-        mask, kdsb_s = timed(segment_lungs, hu, spacing)
-        baseline, base_s = timed(tutorial_segment_lung_mask, hu.astype(np.int16))
-        kept = float(mask[truth].mean())
-        kept_baseline = float(baseline[truth].mean())
-        rows.append((kind, place, radius, kept, kept_baseline, kdsb_s, base_s))
-        print(f"{kind:<13}{place:<16}{radius:>5.0f}{lesion.volume_ml:>7.1f}"
-              f"{variation['slice_mm']:>6.2f}{100 * kept:>8.1f}{100 * kept_baseline:>8.1f}"
-              f"{kdsb_s:>8.2f}{base_s:>8.2f}", flush=True)
+    with ProcessPoolExecutor(args.workers, initializer=load_base) as pool:
+        for row, measured, line in pool.map(measure_case, tasks):
+            rows.append(row)
+            if measured is not None:
+                healthy.append(measured)
+            print(line, flush=True)
 
     kept = np.array([r[3] for r in rows])
     kept_baseline = np.array([r[4] for r in rows])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Preprocessing speed: kdsb's per-patient pipeline against the classic DSB 2017 tutorial.
 
-A 512×512 phantom chest CT (`kdsb.synthetic.make_phantom`, 0.7 mm pixels) is written as a
+A 512×512 phantom chest CT (`kdsb.phantoms.anatomy.make_phantom`, 0.7 mm pixels) is written as a
 DICOM series to a temporary folder. Each method then runs as a whole separate Python process
 (imports included), DICOM folder → lung mask at 1 mm, and reports its own peak RSS:
 
@@ -9,7 +9,8 @@ DICOM series to a temporary folder. Each method then runs as a whole separate Py
   pydicom and sorted by ImagePositionPatient[2], HU by slope and intercept, cubic
   `scipy.ndimage.zoom` of the whole volume to 1 mm, a -320 HU threshold, background removed by
   labelling from the corner voxel, per-slice largest air component filling, largest component;
-- kdsb: `kdsb.preprocess.preprocess_patient` (read, segment on the source grid, crop, resample
+- kdsb: `kdsb.preprocessing.cohort.preprocess_patient` (read, segment on the source grid, crop,
+resample
   the crop, write the HDF5 file).
 
 Dice of each mask against the phantom's truth is measured on the method's own output grid.
@@ -128,8 +129,8 @@ def run_baseline(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # --- Child processes --------------------------------------------------------------------------
 
 def run_kdsb(folder: Path, work: Path, profile: bool):
-    from kdsb import store
-    from kdsb.preprocess import preprocess_patient
+    from kdsb.io import volumes
+    from kdsb.preprocessing.cohort import preprocess_patient
 
     profiler = cProfile.Profile() if profile else None
     if profiler:
@@ -141,7 +142,7 @@ def run_kdsb(folder: Path, work: Path, profile: bool):
         for (_, _, name), (_, _, _, cumulative, _) in stats.stats.items():
             if name in PROFILED:
                 print(f"  profile {name:<18} {cumulative:7.2f} s", file=sys.stderr)
-    volume = store.read_volume(store.volume_path(work, "bench"))
+    volume = volumes.read_volume(volumes.volume_path(work, "bench"))
     return volume.lung_mask, np.array(volume.spacing), np.array(volume.origin)
 
 
@@ -217,8 +218,8 @@ def dice_against_truth(report: dict, truth) -> float:
 
 
 def write_phantom(folder: Path, slices: int, slice_mm: float, seed: int):
-    from kdsb.dicom_write import write_ct_series
-    from kdsb.synthetic import make_phantom
+    from kdsb.phantoms.anatomy import make_phantom
+    from kdsb.phantoms.dicom_write import write_ct_series
 
     phantom = make_phantom(
         np.random.default_rng(seed), size=SIZE, cancer=True, fov_mm=SIZE * PIXEL_MM,
@@ -232,7 +233,7 @@ def write_phantom(folder: Path, slices: int, slice_mm: float, seed: int):
 
 
 def cohort_speedup(work: Path, patients: int, seed: int) -> tuple[float, float]:
-    from kdsb.synthetic import write_cohort
+    from kdsb.phantoms.anatomy import write_cohort
 
     write_cohort(work / "cohort", patients=patients, seed=seed, size=COHORT_SIZE)
     seconds = []

@@ -3,7 +3,7 @@
 
 For each base width and precision it measures, in patches per second:
 
-- pipeline: `kdsb.datasets.patch_dataset` alone (HDF5 reads, lung sampling, 48-fold
+- pipeline: `kdsb.data.datasets.patch_dataset` alone (HDF5 reads, lung sampling, 48-fold
   augmentation, batching), iterated without a model;
 - model: training steps (`model.fit`) on one fixed in-memory batch, so input costs nothing;
 - end to end: training steps fed by the pipeline (the way `kdsb train-gmcae` trains).
@@ -47,7 +47,7 @@ def write_phantoms(folder: Path, count: int, seed: int) -> list[Path]:
     """Write `count` phantom chests (body, two lungs with vessels) as kdsb volume files."""
     from scipy import ndimage
 
-    from kdsb import store
+    from kdsb.io import volumes
 
     rng = np.random.default_rng(seed)
     z, y, x = np.indices(PHANTOM_SHAPE, dtype=np.float32)
@@ -69,8 +69,8 @@ def write_phantoms(folder: Path, count: int, seed: int) -> list[Path]:
         hu[lung & (vessels > 0.08)] = VESSEL_HU
         hu += rng.normal(0, NOISE_HU, PHANTOM_SHAPE).astype(np.float32)
         paths.append(
-            store.write_volume(
-                store.volume_path(folder, f"phantom{i:02d}"), hu, lung, (1.0,) * 3, (0.0,) * 3
+            volumes.write_volume(
+                volumes.volume_path(folder, f"phantom{i:02d}"), hu, lung, (1.0,) * 3, (0.0,) * 3
             )
         )
     return paths
@@ -172,8 +172,8 @@ def time_fit(model, dataset, seconds: float, warmup: int, batch_size: int) -> fl
 def build_compiled(width: int, args: argparse.Namespace):
     import keras
 
-    from kdsb.gmcae import build_gmcae
-    from kdsb.losses import GaussianMixtureNLL
+    from kdsb.models.gmcae import build_gmcae
+    from kdsb.models.losses import GaussianMixtureNLL
 
     model = build_gmcae(patch_size=args.patch_size, width=width, mixtures=args.mixtures)
     model.compile(
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     import kdsb  # noqa: F401  (registers kdsb's Keras objects)
-    from kdsb.datasets import patch_dataset
+    from kdsb.data.datasets import patch_dataset
 
     with tempfile.TemporaryDirectory() as temp:
         if args.data_dir is None:

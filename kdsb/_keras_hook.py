@@ -15,7 +15,7 @@ import importlib.machinery
 import sys
 
 # Every module that defines a `@keras.saving.register_keras_serializable` object.
-KERAS_OBJECT_MODULES = ("kdsb.layers", "kdsb.losses")
+KERAS_OBJECT_MODULES = ("kdsb.models.layers", "kdsb.models.losses")
 
 
 def _import_keras_objects() -> None:

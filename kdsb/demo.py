@@ -13,7 +13,7 @@ demo resumes where it stopped):
 4. `train-classifier` on the training cohort with the lungs masked (the body wall, heart and
    spine hold large soft-tissue blobs that a nodule detector would otherwise confuse with
    cancer; masked voxels become lung parenchyma, see
-   `kdsb.classifier_training.PARENCHYMA_HU`), a held-out validation split, early stopping on
+   `kdsb.training.classifier.PARENCHYMA_HU`), a held-out validation split, early stopping on
    validation log loss; a small head (global max pooling, 32 units, dropout 0.5) for the few
    dozen training phantoms;
 5. `predict` the test cohort (mean over `TTA_COUNT` cube symmetries) and `evaluate` it
@@ -90,7 +90,7 @@ def _done(start: float, note: str = "") -> None:
 
 
 def _synth(root: Path, patients: int, seed: int) -> Path:
-    from kdsb.synthetic import write_cohort
+    from kdsb.phantoms.anatomy import write_cohort
 
     labels = root / "labels.csv"
     if labels.is_file():
@@ -103,7 +103,7 @@ def _synth(root: Path, patients: int, seed: int) -> Path:
 
 
 def _preprocess(dicom_root: Path, out_dir: Path, workers: int) -> None:
-    from kdsb.preprocess import run_cohort
+    from kdsb.preprocessing.cohort import run_cohort
 
     if run_cohort(dicom_root, out_dir, workers=workers, spacing=SPACING_MM) != 0:
         raise KdsbError(
@@ -136,7 +136,7 @@ def _train_classifier(
     volumes: Path, labels: Path, gmcae: Path, run_dir: Path, plan: DemoPlan, seed: int
 ) -> dict:
     """Train the classifier into `run_dir`, or reuse a finished run; returns its metrics.json."""
-    from kdsb.classifier_training import METRICS_NAME, ClassifierConfig, train_classifier
+    from kdsb.training.classifier import METRICS_NAME, ClassifierConfig, train_classifier
 
     metrics_path = run_dir / METRICS_NAME
     if metrics_path.is_file():
@@ -165,11 +165,11 @@ def run_demo(
         workers: preprocessing processes.
 
     Returns:
-        `kdsb.metrics.summary` of the test predictions, plus the validation scores under
+        `kdsb.evaluation.metrics.summary` of the test predictions, plus the validation scores under
         "val_log_loss", "val_auc", "val_base_rate_log_loss" and the wall time "seconds".
     """
-    from kdsb.evaluation import evaluate, format_table
-    from kdsb.prediction import predict_to_csv
+    from kdsb.evaluation.evaluate import evaluate, format_table
+    from kdsb.evaluation.predict import predict_to_csv
 
     plan = FAST_PLAN if fast else FULL_PLAN
     if patients is not None:

@@ -1,4 +1,4 @@
-"""Tests for kdsb.classifier: encoder transfer, freezing, variable-size input, save/load."""
+"""Tests for kdsb.models.classifier: encoder transfer, freezing, variable-size input, save/load."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from kdsb.classifier import build_classifier, load_classifier, load_encoder_from_gmcae
 from kdsb.errors import ModelError
-from kdsb.gmcae import build_gmcae, encoder_of
-from kdsb.layers import SpatialPyramidPooling3D
+from kdsb.models.classifier import build_classifier, load_classifier, load_encoder_from_gmcae
+from kdsb.models.gmcae import build_gmcae, encoder_of
+from kdsb.models.layers import SpatialPyramidPooling3D
 
 WIDTH = 2
 BLOCK_LAYERS = [f"block{b}_conv{i}" for b in (1, 2, 3) for i in (1, 2)]

@@ -1,4 +1,4 @@
-"""Tests for kdsb.datasets: patient splits and the patch and volume tf.data pipelines."""
+"""Tests for kdsb.data.datasets: patient splits and the patch and volume tf.data pipelines."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from skimage.measure import block_reduce
 
-from kdsb import datasets, patches, store
+from kdsb.data import datasets, patches
 from kdsb.errors import KdsbError, LabelsError, StoreError
+from kdsb.io import volumes
 
 SHAPES = {"a": (40, 36, 44), "b": (34, 40, 38), "c": (20, 30, 50)}
 PATCH = 16
@@ -35,13 +36,14 @@ def volume_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     for patient_id, shape in SHAPES.items():
         hu, lung = _phantom(shape, rng)
-        store.write_volume(store.volume_path(folder, patient_id), hu, lung, (1, 1, 1), (0, 0, 0))
+        volumes.write_volume(volumes.volume_path(folder, patient_id), hu, lung, (1, 1, 1), (0, 0,
+        0))
     return folder
 
 
 @pytest.fixture(scope="module")
 def paths(volume_dir) -> list[Path]:
-    return list(store.list_volumes(volume_dir).values())
+    return list(volumes.list_volumes(volume_dir).values())
 
 
 def _take(dataset, n):
@@ -106,7 +108,7 @@ def test_patch_dataset_is_deterministic_for_a_seed(paths):
 def test_patch_dataset_reads_symlinks_and_only_patches(paths, tmp_path, monkeypatch):
     for path in paths:
         (tmp_path / path.name).symlink_to(path)
-    linked = list(store.list_volumes(tmp_path).values())
+    linked = list(volumes.list_volumes(tmp_path).values())
     reads = []
     original = h5py.Dataset.__getitem__
 
@@ -177,7 +179,7 @@ def test_volume_dataset_augment_is_a_cube_symmetry(paths):
 
 
 def test_downscale_is_block_mean_of_normalised_hu(paths):
-    with store.open_volume(paths[0]) as f:
+    with volumes.open_volume(paths[0]) as f:
         normalised = patches.normalize_hu(f["hu"][...])
     x = datasets.load_volume_array(paths[0], downscale=3)
     z, y, w = (n // 3 * 3 for n in normalised.shape)
@@ -187,7 +189,7 @@ def test_downscale_is_block_mean_of_normalised_hu(paths):
 
 
 def test_mask_outside_lungs_sets_far_voxels_to_air(paths):
-    volume = store.read_volume(paths[0])
+    volume = volumes.read_volume(paths[0])
     plain = datasets.load_volume_array(paths[0])[..., 0]
     masked = datasets.load_volume_array(paths[0], mask_outside_lungs=True, lung_dilation_mm=3)[
         ..., 0

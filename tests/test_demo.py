@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kdsb.cli import main
-from kdsb.labels import read_labels, read_predictions
+from kdsb.io.tables import read_labels, read_predictions
 
 
 @pytest.mark.slow

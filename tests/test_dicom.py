@@ -1,4 +1,4 @@
-"""Tests of kdsb.dicom.read_series on written phantom series, broken folders and a real scan."""
+"""Tests of kdsb.io.dicom.read_series on written phantom series, broken folders and a real scan."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import generate_uid
 
-import kdsb.dicom
-from kdsb.dicom import AIR_HU, CTSeries, read_series
-from kdsb.dicom_write import write_ct_series
+import kdsb.io.dicom
 from kdsb.errors import DicomError, MissingDecoderError
+from kdsb.io.dicom import AIR_HU, CTSeries, read_series
+from kdsb.phantoms.dicom_write import write_ct_series
 
 SHAPE = (6, 10, 12)  # (z, y, x)
 SPACING = (2.5, 0.7, 0.8)  # mm, (z, y, x)
@@ -167,7 +167,7 @@ def test_localizers_and_smaller_series_are_dropped(tmp_path, hu, caplog):
     # An image of another orientation inside the main series.
     _copy_slice(paths[0], tmp_path / "coronal.dcm",
                 ImageOrientationPatient=[1, 0, 0, 0, 0, -1])
-    with caplog.at_level(logging.INFO, logger="kdsb.dicom"):
+    with caplog.at_level(logging.INFO, logger="kdsb.io.dicom"):
         series = read_series(tmp_path)
     _assert_same(series, hu)
     assert series.series_uid == pydicom.dcmread(paths[0]).SeriesInstanceUID
@@ -186,7 +186,7 @@ def test_bigger_series_wins_regardless_of_order(tmp_path, hu):
 def test_duplicate_slice_kept_once_with_warning(tmp_path, hu, caplog):
     paths = _write(tmp_path, hu)
     _copy_slice(paths[2], tmp_path / "copy.dcm", InstanceNumber=99)
-    with caplog.at_level(logging.WARNING, logger="kdsb.dicom"):
+    with caplog.at_level(logging.WARNING, logger="kdsb.io.dicom"):
         _assert_same(read_series(tmp_path), hu)
     assert "already used position" in caplog.text and "copy.dcm" in caplog.text
 
@@ -200,7 +200,7 @@ def _count_reads(monkeypatch) -> Counter:
         reads[(path.name, kwargs.get("stop_before_pixels", False))] += 1
         return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(kdsb.dicom.pydicom, "dcmread", counting)
+    monkeypatch.setattr(kdsb.io.dicom.pydicom, "dcmread", counting)
     return reads
 
 
@@ -216,7 +216,7 @@ def test_each_file_is_read_once_and_only_the_chosen_series_decoded(tmp_path, hu,
 
 def test_files_past_the_cache_budget_are_read_again(tmp_path, hu, monkeypatch):
     paths = _write(tmp_path, hu)
-    monkeypatch.setattr(kdsb.dicom, "CACHE_BYTES", sum(p.stat().st_size for p in paths[:2]))
+    monkeypatch.setattr(kdsb.io.dicom, "CACHE_BYTES", sum(p.stat().st_size for p in paths[:2]))
     reads = _count_reads(monkeypatch)
     _assert_same(read_series(tmp_path), hu)
     assert reads == Counter({(p.name, False): 1 for p in paths[:2]}) + Counter(
@@ -282,7 +282,7 @@ def test_non_dicom_files_are_skipped_with_a_warning(tmp_path, hu, caplog):
     (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(5000))
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "README").write_text("hello")
-    with caplog.at_level(logging.WARNING, logger="kdsb.dicom"):
+    with caplog.at_level(logging.WARNING, logger="kdsb.io.dicom"):
         _assert_same(read_series(tmp_path), hu)
     assert "random.bin: not a DICOM file" in caplog.text and "README" in caplog.text
 

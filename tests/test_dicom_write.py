@@ -1,4 +1,5 @@
-"""Tests of kdsb.dicom_write: the files are valid CT Image Storage with the promised geometry."""
+"""Tests of kdsb.phantoms.dicom_write: the files are valid CT Image Storage with the promised
+geometry."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from kdsb.dicom_write import OUTSIDE_FIELD_HU, write_ct_series
 from kdsb.errors import DicomError
+from kdsb.phantoms.dicom_write import OUTSIDE_FIELD_HU, write_ct_series
 
 SHAPE = (4, 6, 7)  # (z, y, x)
 SPACING = (2.5, 0.7, 0.8)  # mm, (z, y, x)

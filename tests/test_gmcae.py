@@ -1,4 +1,4 @@
-"""Tests for kdsb.gmcae: architecture, packed output, save/load, training, reconstruction."""
+"""Tests for kdsb.models.gmcae: architecture, packed output, save/load, training, reconstruction."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from scipy.special import logsumexp
 from scipy.stats import norm
 
 from kdsb.errors import ModelError
-from kdsb.gmcae import (
+from kdsb.models.gmcae import (
     build_gmcae,
     encoder_of,
     mixture_nll_of_single_gaussian,
     mixture_params,
     reconstruct,
 )
-from kdsb.layers import ShiftedELU
-from kdsb.losses import GaussianMixtureNLL
+from kdsb.models.layers import ShiftedELU
+from kdsb.models.losses import GaussianMixtureNLL
 
 PATCH, WIDTH, MIXTURES, FLOOR = 8, 2, 3, 1e-3
 VOXELS = PATCH**3

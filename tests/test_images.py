@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from kdsb import store
 from kdsb.cli import main
-from kdsb.dicom import AIR_HU
-from kdsb.dicom_write import write_ct_series
 from kdsb.errors import UsageError, VolumeFileError
-from kdsb.images import metaimage_data_file, read_image, volume_id, volume_in_folder
-from kdsb.preprocess import find_patients, read_manifest
-from kdsb.synthetic import make_phantom
+from kdsb.io import volumes
+from kdsb.io.dicom import AIR_HU
+from kdsb.io.images import metaimage_data_file, read_image, volume_id, volume_in_folder
+from kdsb.phantoms.anatomy import make_phantom
+from kdsb.phantoms.dicom_write import write_ct_series
+from kdsb.preprocessing.cohort import find_patients, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 # NIfTI stores spacing and origin as float32: spacings exactly representable in binary keep
@@ -135,10 +135,10 @@ def test_every_format_preprocesses_like_dicom(every_format):
     rows = _manifest(out)
     assert sorted(rows) == sorted(["dicom", *FORMATS])  # labels.csv and the .raw are no patients
     assert all(row["status"] == "ok" for row in rows.values()), rows
-    reference = store.read_volume(out / "dicom.h5")
+    reference = volumes.read_volume(out / "dicom.h5")
     assert reference.lung_mask.sum() > 0
     for pid in FORMATS:
-        volume = store.read_volume(out / f"{pid}.h5")
+        volume = volumes.read_volume(out / f"{pid}.h5")
         np.testing.assert_array_equal(volume.hu, reference.hu, err_msg=pid)
         np.testing.assert_array_equal(volume.lung_mask, reference.lung_mask, err_msg=pid)
         np.testing.assert_allclose(volume.origin, reference.origin, atol=ORIGIN_ATOL_MM,
@@ -148,8 +148,8 @@ def test_every_format_preprocesses_like_dicom(every_format):
                                    reference.attrs["source_spacing"], rtol=1e-6, err_msg=pid)
         assert tuple(volume.attrs["source_shape"]) == tuple(reference.attrs["source_shape"])
         assert volume.patient_id == pid
-    assert store.read_attrs(out / "nifti.h5")["series_uid"] == "file:nifti.nii.gz"
-    assert store.read_attrs(out / "in_folder.h5")["series_uid"] == "file:scan.nii.gz"
+    assert volumes.read_attrs(out / "nifti.h5")["series_uid"] == "file:nifti.nii.gz"
+    assert volumes.read_attrs(out / "in_folder.h5")["series_uid"] == "file:scan.nii.gz"
 
 
 def test_reader_recovers_the_canonical_volume(phantom, tmp_path):
@@ -187,7 +187,7 @@ def test_luna16_folder_uses_the_series_uid_as_id(phantom, tmp_path):
     assert main(["preprocess", str(subset), str(out), "--workers", "1"]) == 0
     rows = read_manifest(out)
     assert list(rows) == [LUNA_UID] and rows[LUNA_UID]["status"] == "ok"
-    attrs = store.read_attrs(out / f"{LUNA_UID}.h5")
+    attrs = volumes.read_attrs(out / f"{LUNA_UID}.h5")
     assert attrs["patient_id"] == LUNA_UID and attrs["series_uid"] == f"file:{LUNA_UID}.mhd"
 
 
@@ -381,7 +381,7 @@ def test_real_chest_nifti_preprocesses(real_chest_nifti, tmp_path):
     (root / "example_ct.nii.gz").symlink_to(real_chest_nifti)
     out = tmp_path / "out"
     assert main(["preprocess", str(root), str(out), "--workers", "1"]) == 0
-    volume = store.read_volume(out / "example_ct.h5")
+    volume = volumes.read_volume(out / "example_ct.h5")
     litres = volume.lung_mask.sum() * np.prod(volume.spacing) / 1e6
     assert 2.0 <= litres <= 8.0
     assert tuple(volume.attrs["source_shape"]) == REAL_SHAPE

@@ -1,4 +1,5 @@
-"""Real-anatomy cohorts: a base scan varied, lesions implanted (kdsb.implants, kdsb synth --base),
+"""Real-anatomy cohorts: a base scan varied, lesions implanted (kdsb.phantoms.implants, kdsb synth
+--base),
 and the lesion reaching the classifier's input unchanged after `kdsb preprocess`."""
 
 from __future__ import annotations
@@ -8,17 +9,17 @@ import json
 import numpy as np
 import pytest
 
-from kdsb import store
 from kdsb.cli import main
 from kdsb.commands.synth import LESION_KINDS, LESION_PLACES
-from kdsb.datasets import load_volume_array
-from kdsb.dicom_write import write_ct_series
-from kdsb.implants import load_lesion_labels, vary_base
-from kdsb.labels import read_labels
-from kdsb.lesions import KINDS, PLACES
-from kdsb.lungs import segment_lungs
-from kdsb.patches import normalize_hu
-from kdsb.synthetic import make_phantom
+from kdsb.data.datasets import load_volume_array
+from kdsb.data.patches import normalize_hu
+from kdsb.io import volumes
+from kdsb.io.tables import read_labels
+from kdsb.phantoms.anatomy import make_phantom
+from kdsb.phantoms.dicom_write import write_ct_series
+from kdsb.phantoms.implants import load_lesion_labels, vary_base
+from kdsb.phantoms.lesions import KINDS, PLACES
+from kdsb.preprocessing.lungs import segment_lungs
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_synth_base_preprocess_and_classifier_input_keep_the_lesion(base_folder,
 
     out = tmp_path / "volumes"
     assert main(["preprocess", str(root / "dicom"), str(out), "--workers", "1"]) == 0
-    volume = store.read_volume(out / f"{cancer}.h5")
+    volume = volumes.read_volume(out / f"{cancer}.h5")
     # The lesion's voxels, mapped into the volume file's grid by patient coordinates (mm).
     index = np.argwhere(lesion_labels == big)
     world = np.asarray(truth["origin"]) + index * np.asarray(truth["spacing"])
@@ -77,7 +78,7 @@ def test_synth_base_preprocess_and_classifier_input_keep_the_lesion(base_folder,
     voxels = tuple(grid.T)
     assert volume.lung_mask[voxels].mean() >= 0.9
     # The classifier's default input preparation leaves every lung-mask voxel as it is.
-    from kdsb.classifier_training import PARENCHYMA_HU, ClassifierConfig
+    from kdsb.training.classifier import PARENCHYMA_HU, ClassifierConfig
 
     defaults = ClassifierConfig(gmcae="unused.keras")
     network_input = load_volume_array(

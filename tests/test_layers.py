@@ -1,4 +1,4 @@
-"""Tests for kdsb.layers: ShiftedELU and SpatialPyramidPooling3D against NumPy references."""
+"""Tests for kdsb.models.layers: ShiftedELU and SpatialPyramidPooling3D against NumPy references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kdsb.layers import ShiftedELU, SpatialPyramidPooling3D
+from kdsb.models.layers import ShiftedELU, SpatialPyramidPooling3D
 
 LEVELS = (1, 2, 4)
 

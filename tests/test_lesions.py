@@ -1,14 +1,14 @@
-"""Lesions implanted into CT volumes (kdsb.lesions), and the lung mask keeping them."""
+"""Lesions implanted into CT volumes (kdsb.phantoms.lesions), and the lung mask keeping them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kdsb import lesions
 from kdsb.errors import KdsbError
-from kdsb.lungs import segment_lungs
-from kdsb.synthetic import make_phantom
+from kdsb.phantoms import lesions
+from kdsb.phantoms.anatomy import make_phantom
+from kdsb.preprocessing.lungs import segment_lungs
 
 
 @pytest.fixture(scope="module")

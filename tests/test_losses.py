@@ -1,4 +1,4 @@
-"""Tests for kdsb.losses against a float64 NumPy/SciPy reference of the mixture NLL."""
+"""Tests for kdsb.models.losses against a float64 NumPy/SciPy reference of the mixture NLL."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tensorflow as tf
 from scipy.special import logsumexp
 from scipy.stats import norm
 
-from kdsb.losses import GaussianMixtureNLL, gaussian_mixture_nll, split_mixture_params
+from kdsb.models.losses import GaussianMixtureNLL, gaussian_mixture_nll, split_mixture_params
 
 
 def nll_reference(targets, log_priors, variances, means) -> np.ndarray:

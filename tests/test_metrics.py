@@ -1,4 +1,4 @@
-"""Tests of kdsb.metrics against hand computations and brute-force NumPy references."""
+"""Tests of kdsb.evaluation.metrics against hand computations and brute-force NumPy references."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from kdsb import metrics
 from kdsb.errors import KdsbError
+from kdsb.evaluation import metrics
 
 
 def _auc_by_pairs(y, p):

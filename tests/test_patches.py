@@ -1,4 +1,4 @@
-"""Tests for kdsb.patches: normalisation, cube symmetries, patch sampling and reading."""
+"""Tests for kdsb.data.patches: normalisation, cube symmetries, patch sampling and reading."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from kdsb import patches, store
+from kdsb.data import patches
 from kdsb.errors import KdsbError
+from kdsb.io import volumes
 
 N_SYMMETRIES = 48
 
@@ -156,8 +157,8 @@ def test_extract_patch_matches_numpy_padding():
 def test_extract_patch_reads_h5py_dataset_and_channels(tmp_path):
     rng = np.random.default_rng(1)
     hu = rng.integers(-1000, 400, size=(40, 36, 33)).astype(np.int16)
-    path = store.write_volume(tmp_path / "p.h5", hu, hu > 0, (1, 1, 1), (0, 0, 0))
-    with store.open_volume(path) as f:
+    path = volumes.write_volume(tmp_path / "p.h5", hu, hu > 0, (1, 1, 1), (0, 0, 0))
+    with volumes.open_volume(path) as f:
         got = patches.extract_patch(f["hu"], (30, -2, 5), 16)
     np.testing.assert_array_equal(got, patches.extract_patch(hu, (30, -2, 5), 16))
     assert np.all(got[10:] == patches.HU_AIR)

@@ -16,10 +16,11 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from kdsb import store
 from kdsb.cli import main
-from kdsb.dicom_write import write_ct_series
-from kdsb.preprocess import (
+from kdsb.io import volumes
+from kdsb.phantoms.anatomy import load_truth, write_cohort
+from kdsb.phantoms.dicom_write import write_ct_series
+from kdsb.preprocessing.cohort import (
     MANIFEST_FIELDS,
     STATUS_OK,
     WORKER_DIED_MESSAGE,
@@ -28,8 +29,7 @@ from kdsb.preprocess import (
     preprocess_patient,
     read_manifest,
 )
-from kdsb.resample import resample_mask
-from kdsb.synthetic import load_truth, write_cohort
+from kdsb.preprocessing.resample import resample_mask
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0  # this seed's 4 patients hold large juxtapleural nodules (8.3 and 13.9 mm radius)
@@ -144,7 +144,7 @@ def test_bad_patients_fail_on_one_line_while_good_ones_are_written(mixed_run, ph
     for pid in BAD_IDS:
         lines = [line for line in process.stderr.splitlines() if pid in line and "ERROR" in line]
         assert len(lines) == 1, (pid, process.stderr)
-    assert sorted(store.list_volumes(out)) == _phantom_ids(phantoms)
+    assert sorted(volumes.list_volumes(out)) == _phantom_ids(phantoms)
     assert f"4 ok, 0 skipped, {len(BAD_IDS)} failed" in process.stderr
 
 
@@ -159,7 +159,7 @@ def test_manifest_has_one_row_per_patient(mixed_run, phantoms):
         row = rows[pid]
         assert (row["status"], row["error"]) == ("ok", "")
         assert float(row["seconds"]) > 0
-        assert row["shape"] == "x".join(map(str, store.read_attrs(out / f"{pid}.h5")["shape"]))
+        assert row["shape"] == "x".join(map(str, volumes.read_attrs(out / f"{pid}.h5")["shape"]))
     for pid in BAD_IDS:
         assert rows[pid]["status"] == "failed"
         assert pid in rows[pid]["error"] and "\n" not in rows[pid]["error"]
@@ -172,7 +172,7 @@ def test_volume_files_follow_the_data_contract(mixed_run, phantoms):
     _, out, _ = mixed_run
     assert not list(out.glob(".*"))  # no temporary files left
     for pid in _phantom_ids(phantoms):
-        volume = store.read_volume(out / f"{pid}.h5")
+        volume = volumes.read_volume(out / f"{pid}.h5")
         truth = load_truth(phantoms, pid)
         assert volume.hu.dtype == np.int16 and volume.lung_mask.dtype == np.uint8
         assert volume.hu.shape == volume.lung_mask.shape
@@ -191,7 +191,7 @@ def test_volume_files_follow_the_data_contract(mixed_run, phantoms):
         assert np.all(last <= end + 1e-6)
 
 
-def _truth_in_output(truth, volume: store.Volume) -> np.ndarray:
+def _truth_in_output(truth, volume: volumes.Volume) -> np.ndarray:
     """The truth lung mask cropped and resampled exactly as kdsb treats its own mask.
 
     The output's origin is a source voxel (origin + start index · spacing), so the truth is
@@ -214,7 +214,7 @@ def test_segmentation_matches_truth_and_keeps_juxtapleural_nodules(mixed_run, ph
     _, out, _ = mixed_run
     juxtapleural = 0
     for pid in _phantom_ids(phantoms):
-        volume = store.read_volume(out / f"{pid}.h5")
+        volume = volumes.read_volume(out / f"{pid}.h5")
         truth = load_truth(phantoms, pid)
         expected = _truth_in_output(truth, volume)
         # The crop keeps the whole truth lung (volumes in mm³).
@@ -240,7 +240,7 @@ def test_origin_puts_nodules_where_the_truth_says(mixed_run, phantoms):
     _, out, _ = mixed_run
     checked = 0
     for pid in _phantom_ids(phantoms):
-        volume = store.read_volume(out / f"{pid}.h5")
+        volume = volumes.read_volume(out / f"{pid}.h5")
         for nodule in load_truth(phantoms, pid).nodules:
             if nodule.radius_mm < 8.0:
                 continue
@@ -268,7 +268,7 @@ def test_preprocess_patient_returns_its_result(phantoms, tmp_path):
         phantoms / "dicom" / pid, tmp_path, spacing=(2.0, 2.0, 2.0), margin_mm=4.0
     )
     assert result.status == STATUS_OK and result.patient_id == pid
-    volume = store.read_volume(tmp_path / f"{pid}.h5")
+    volume = volumes.read_volume(tmp_path / f"{pid}.h5")
     assert volume.spacing == (2.0, 2.0, 2.0) and volume.attrs["margin_mm"] == 4.0
     assert result.shape == volume.hu.shape
 
@@ -304,16 +304,16 @@ def test_resume_after_kill_and_overwrite(phantoms, tmp_path):
                     stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + KILL_WAIT_S
     try:
-        while not (out.is_dir() and store.list_volumes(out)) and time.monotonic() < deadline:
+        while not (out.is_dir() and volumes.list_volumes(out)) and time.monotonic() < deadline:
             assert process.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the runner and its workers, like an OOM kill
         process.wait()
-    done = sorted(store.list_volumes(out))
+    done = sorted(volumes.list_volumes(out))
     assert 1 <= len(done) < len(ids)
-    for path in store.list_volumes(out).values():
-        store.read_volume(path)  # complete, never partial
+    for path in volumes.list_volumes(out).values():
+        volumes.read_volume(path)  # complete, never partial
 
     assert main(["preprocess", str(root), str(out), "--workers", "1"]) == 0
     rows = read_manifest(out)
@@ -321,7 +321,7 @@ def test_resume_after_kill_and_overwrite(phantoms, tmp_path):
     assert {pid for pid, row in rows.items() if row["status"] == "skipped"} == set(done)
     assert all(rows[pid]["status"] == "ok" for pid in ids if pid not in done)
     assert not list(out.glob(".*"))
-    assert sorted(store.list_volumes(out)) == ids
+    assert sorted(volumes.list_volumes(out)) == ids
 
     before = {pid: (out / f"{pid}.h5").stat().st_mtime_ns for pid in ids}
     assert main(["preprocess", str(root), str(out), "--workers", "2", "--overwrite"]) == 0
@@ -374,7 +374,7 @@ def test_a_dying_worker_fails_only_its_own_patient():
 
 def _fake_volume(out: Path, pid: str, spacing: tuple[float, float, float], **attrs) -> Path:
     hu = np.zeros((4, 5, 6), np.int16)
-    return store.write_volume(store.volume_path(out, pid), hu, hu + 1, spacing, (0.0, 0.0, 0.0),
+    return volumes.write_volume(volumes.volume_path(out, pid), hu, hu + 1, spacing, (0.0, 0.0, 0.0),
                               {"patient_id": pid, **attrs})
 
 

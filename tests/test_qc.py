@@ -9,7 +9,8 @@ import pytest
 from matplotlib.image import imread
 from scipy import ndimage
 
-from kdsb import qc, store
+from kdsb.io import volumes
+from kdsb.preprocessing import qc
 
 LUNG_HU, VESSEL_HU, LESION_HU, BODY_HU = -850, 40, 30, 40
 SPHERE_CENTRE_MM = (32.0, 30.0, 36.0)  # z, y, x
@@ -17,14 +18,14 @@ SPHERE_RADIUS_MM = 8.0
 LUNA16_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860"
 
 
-def _volume(patient_id: str = "p1", shape=(40, 50, 100)) -> store.Volume:
+def _volume(patient_id: str = "p1", shape=(40, 50, 100)) -> volumes.Volume:
     """Two box 'lungs' of -850 HU in 40 HU tissue; the left box is larger."""
     hu = np.full(shape, 40, dtype=np.int16)
     mask = np.zeros(shape, dtype=np.uint8)
     mask[10:30, 10:40, 10:40] = 1
     mask[10:30, 10:40, 55:95] = 1
     hu[mask == 1] = -850
-    return store.Volume(patient_id, hu, mask, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    return volumes.Volume(patient_id, hu, mask, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0))
 
 
 def test_lung_centre_is_the_centre_of_mass_or_the_array_centre():
@@ -59,7 +60,7 @@ def test_views_cut_through_the_lungs():
     assert sagittal[20, 25, 0] < 0.2
 
 
-def _lesion_phantom(spacing=(1.0, 1.0, 1.0), sphere: bool = True) -> store.Volume:
+def _lesion_phantom(spacing=(1.0, 1.0, 1.0), sphere: bool = True) -> volumes.Volume:
     """A 64 mm cube: a box of -850 HU lung in 40 HU tissue, a tree of thin vessels, a sphere.
 
     Vessels (+40 HU, radius 2 mm, one of 1.5 mm running into the sphere) form one connected tree
@@ -81,7 +82,7 @@ def _lesion_phantom(spacing=(1.0, 1.0, 1.0), sphere: bool = True) -> store.Volum
     if sphere:
         cz, cy, cx = SPHERE_CENTRE_MM
         hu[(z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= SPHERE_RADIUS_MM**2] = LESION_HU
-    return store.Volume("lesion", hu, mask, tuple(spacing), (0.0, 0.0, 0.0))
+    return volumes.Volume("lesion", hu, mask, tuple(spacing), (0.0, 0.0, 0.0))
 
 
 def test_the_vessel_tree_outweighs_the_sphere_before_the_opening():
@@ -144,7 +145,7 @@ def test_lesion_views_zoom_on_the_lesion(radius_mm, side_mm):
     z, y, x = (np.indices(shape).T * spacing).T
     ball = (z - 100) ** 2 + (y - 80) ** 2 + (x - 80) ** 2 <= radius_mm**2
     hu = np.where(ball, LESION_HU, LUNG_HU).astype(np.int16)
-    volume = store.Volume("p", hu, np.ones(shape, np.uint8), spacing, (0.0, 0.0, 0.0))
+    volume = volumes.Volume("p", hu, np.ones(shape, np.uint8), spacing, (0.0, 0.0, 0.0))
     lesion = qc.Lesion((50.0, 80.0, 80.0), 1.0, radius_mm, ball)
     views = qc.lesion_views(volume, lesion)
     # A box of side max(80 mm, 3 diameters) around the centre: (side / spacing + 1) pixels.
@@ -220,15 +221,15 @@ def test_contact_sheet_pages_and_removes_stale_pages(tmp_path):
 
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_write_qc_writes_every_png(tmp_path, corrupt):
-    volumes = {}
+    volume_files = {}
     for pid in ("p1", "p2"):
         volume = _volume(pid)
-        volumes[pid] = store.write_volume(
+        volume_files[pid] = volumes.write_volume(
             tmp_path / f"{pid}.h5", volume.hu, volume.lung_mask, volume.spacing, volume.origin
         )
     if corrupt:
-        volumes["p2"].write_bytes(b"not hdf5")
-    sheets = qc.write_qc(volumes, {"p3": "p3: not DICOM"}, tmp_path / "qc")
+        volume_files["p2"].write_bytes(b"not hdf5")
+    sheets = qc.write_qc(volume_files, {"p3": "p3: not DICOM"}, tmp_path / "qc")
     assert sheets == [tmp_path / "qc" / qc.CONTACT_SHEET_NAME]
     written = {p.name for p in (tmp_path / "qc").iterdir()}
     expected = {"p1.png", qc.CONTACT_SHEET_NAME} | (set() if corrupt else {"p2.png"})

@@ -1,4 +1,4 @@
-"""Tests for kdsb.resample: geometry, linear interpolation, dtypes, masks."""
+"""Tests for kdsb.preprocessing.resample: geometry, linear interpolation, dtypes, masks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import pytest
 from scipy import ndimage
 
 from kdsb.errors import KdsbError
-from kdsb.resample import resample_mask, resample_volume, resampled_shape, validate_spacing
+from kdsb.preprocessing.resample import (
+    resample_mask,
+    resample_volume,
+    resampled_shape,
+    validate_spacing,
+)
 
 SPACING = (2.5, 0.7, 0.8)
 TARGET = (1.0, 1.0, 1.0)

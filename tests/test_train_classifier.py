@@ -10,14 +10,14 @@ import json
 import numpy as np
 import pytest
 
-from kdsb import classifier_training
-from kdsb.classifier_training import PARENCHYMA_HU, ClassifierConfig, balanced_class_weights
 from kdsb.cli import main
 from kdsb.commands import train_classifier as command
-from kdsb.datasets import load_volume_array
-from kdsb.patches import normalize_hu
-from kdsb.prediction import find_input_config
-from kdsb.store import volume_path, write_volume
+from kdsb.data.datasets import load_volume_array
+from kdsb.data.patches import normalize_hu
+from kdsb.evaluation.predict import find_input_config
+from kdsb.io.volumes import volume_path, write_volume
+from kdsb.training import classifier as classifier_training
+from kdsb.training.classifier import PARENCHYMA_HU, ClassifierConfig, balanced_class_weights
 
 N_PATIENTS = 8
 SHAPE = (16, 16, 16)
@@ -28,7 +28,7 @@ def cohort(tmp_path_factory):
     """Eight 16³ volumes (positives hold a bright cube), labels.csv and a tiny saved GMCAE."""
     import keras
 
-    from kdsb.gmcae import build_gmcae
+    from kdsb.models.gmcae import build_gmcae
 
     root = tmp_path_factory.mktemp("train_classifier")
     rng = np.random.default_rng(0)
@@ -53,7 +53,7 @@ def cohort(tmp_path_factory):
 def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, capsys, monkeypatch):
     import keras
 
-    from kdsb import classifier_training
+    from kdsb.training import classifier as classifier_training
 
     data, labels, gmcae = cohort
     run = tmp_path / "run"
@@ -188,7 +188,7 @@ def test_unreadable_or_too_small_volumes_are_one_line_errors(cohort, tmp_path, c
 def test_focal_loss_and_frozen_blocks_from_the_command_line(cohort, tmp_path):
     import keras
 
-    from kdsb.gmcae import encoder_of
+    from kdsb.models.gmcae import encoder_of
 
     data, labels, gmcae = cohort
     run = tmp_path / "run"

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from kdsb import plots, store, training
 from kdsb.cli import main
 from kdsb.errors import KdsbError
+from kdsb.io import volumes
+from kdsb.training import plots, runs
 
 keras = pytest.importorskip("keras")
 
@@ -54,7 +55,7 @@ def data_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     for i in range(VOLUMES):
         hu, lung = _phantom(rng)
-        store.write_volume(store.volume_path(folder, f"p{i}"), hu, lung, (1.0,) * 3, (0.0,) * 3)
+        volumes.write_volume(volumes.volume_path(folder, f"p{i}"), hu, lung, (1.0,) * 3, (0.0,) * 3)
     return folder
 
 
@@ -67,7 +68,7 @@ def trained_run(data_dir, tmp_path_factory) -> tuple[Path, int]:
 
 
 def _epochs(run_dir: Path) -> list[int]:
-    return [int(row["epoch"]) for row in training.read_history(run_dir / "history.csv")]
+    return [int(row["epoch"]) for row in runs.read_history(run_dir / "history.csv")]
 
 
 @pytest.mark.slow
@@ -87,7 +88,7 @@ def test_train_gmcae_writes_model_plots_and_beats_single_gaussian(trained_run):
     assert summary["train_patients"] + summary["val_patients"] == VOLUMES
     # Clearly better than one Gaussian fitted to the same validation patches.
     assert summary["best_val_nll_per_voxel"] < summary["single_gaussian_val_nll_per_voxel"] - 0.05
-    rows = training.read_history(run_dir / "history.csv")
+    rows = runs.read_history(run_dir / "history.csv")
     assert min(float(r["val_loss"]) for r in rows) == pytest.approx(
         summary["best_val_nll_per_voxel"]
     )
@@ -97,8 +98,8 @@ def test_train_gmcae_writes_model_plots_and_beats_single_gaussian(trained_run):
 
 @pytest.mark.slow
 def test_reconstructions_resemble_their_patches(trained_run, data_dir):
-    from kdsb import gmcae
     from kdsb.commands.train_gmcae import _validation_patches
+    from kdsb.models import gmcae
 
     run_dir, _ = trained_run
     config = json.loads((run_dir / "config.json").read_text())
@@ -147,7 +148,7 @@ def test_missing_or_too_small_data_dir_is_a_usage_error(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     one = tmp_path / "one"
     hu, lung = _phantom(np.random.default_rng(1))
-    store.write_volume(store.volume_path(one, "solo"), hu, lung, (1.0,) * 3, (0.0,) * 3)
+    volumes.write_volume(volumes.volume_path(one, "solo"), hu, lung, (1.0,) * 3, (0.0,) * 3)
     assert main(["train-gmcae", str(one), str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "at least 2 volume files" in err and "received 1" in err
@@ -180,20 +181,20 @@ def test_resume_after_kill_continues_every_epoch_once(data_dir, tmp_path):
     )
     try:
         deadline = time.monotonic() + KILL_TIMEOUT_S
-        while training.last_checkpoint(run_dir) is None and process.poll() is None:
+        while runs.last_checkpoint(run_dir) is None and process.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, "training finished before it was killed"
-    done = training.last_checkpoint(run_dir)[0]
+    done = runs.last_checkpoint(run_dir)[0]
     assert 1 <= done < epochs
 
     assert main(["-q", *argv, "--resume"]) == 0
     assert _epochs(run_dir) == list(range(epochs))
-    assert training.last_checkpoint(run_dir)[0] == epochs
-    resumed = keras.saving.load_model(training.checkpoint_path(run_dir, epochs), safe_mode=True)
+    assert runs.last_checkpoint(run_dir)[0] == epochs
+    resumed = keras.saving.load_model(runs.checkpoint_path(run_dir, epochs), safe_mode=True)
     assert int(resumed.optimizer.iterations) == epochs * steps
     keras.saving.load_model(run_dir / "gmcae.keras", safe_mode=True)
 

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kdsb.commands import require_file
-    from kdsb.evaluation import CALIBRATION_PNG, ROC_PNG, evaluate, format_table
+    from kdsb.evaluation.evaluate import CALIBRATION_PNG, ROC_PNG, evaluate, format_table
 
     require_file(args.predictions, "PRED_CSV, an id,cancer CSV of probabilities")
     require_file(args.labels, "LABELS_CSV, an id,cancer CSV of 0/1 labels")

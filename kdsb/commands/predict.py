@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kdsb.commands import require_dir, require_file
-    from kdsb.labels import read_ids
-    from kdsb.prediction import PROBABILITY_CLIP, predict_to_csv
+    from kdsb.evaluation.predict import PROBABILITY_CLIP, predict_to_csv
+    from kdsb.io.tables import read_ids
 
     require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
     for model in args.models:

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.preprocess import run_cohort
+    from kdsb.preprocessing.cohort import run_cohort
 
     return run_cohort(
         args.input_root,

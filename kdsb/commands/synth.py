@@ -1,7 +1,9 @@
 """`kdsb synth OUT_ROOT --patients N --seed S`: a phantom cohort, or real anatomy with implants.
 
-Without `--base` every patient is a phantom chest (`kdsb.synthetic`). With `--base SCAN` every
-patient is that real scan, varied, with lesions implanted (`kdsb.implants`): the test data for a
+Without `--base` every patient is a phantom chest (`kdsb.phantoms.anatomy`). With `--base SCAN`
+every
+patient is that real scan, varied, with lesions implanted (`kdsb.phantoms.implants`): the test data
+for a
 lung mask or a classifier on anatomy nobody designed.
 """
 
@@ -50,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.base is not None:
-        from kdsb.implants import write_implant_cohort
+        from kdsb.phantoms.implants import write_implant_cohort
 
         labels_csv = write_implant_cohort(
             args.out_root,
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     else:
-        from kdsb.synthetic import write_cohort
+        from kdsb.phantoms.anatomy import write_cohort
 
         labels_csv = write_cohort(
             args.out_root,

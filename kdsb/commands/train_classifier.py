@@ -7,7 +7,7 @@ from pathlib import Path
 
 HELP = "train the SPP3D cancer classifier on whole volumes, starting from a GMCAE's encoder"
 
-# Defaults repeated from kdsb.classifier_training.ClassifierConfig (importing it here would
+# Defaults repeated from kdsb.training.classifier.ClassifierConfig (importing it here would
 # slow down `kdsb --help`); tests check that the two agree.
 DEFAULTS = {
     "epochs": 20,
@@ -87,7 +87,7 @@ def config_from_args(args: argparse.Namespace):
     """The `ClassifierConfig` of parsed command-line arguments."""
     from dataclasses import fields
 
-    from kdsb.classifier_training import ClassifierConfig
+    from kdsb.training.classifier import ClassifierConfig
 
     # Every option is named after its ClassifierConfig field.
     values = {field.name: getattr(args, field.name) for field in fields(ClassifierConfig)}
@@ -95,9 +95,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.classifier_training import METRICS_NAME, train_classifier
     from kdsb.commands import require_dir, require_file
-    from kdsb.evaluation import format_table
+    from kdsb.evaluation.evaluate import format_table
+    from kdsb.training.classifier import METRICS_NAME, train_classifier
 
     require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
     require_file(args.labels, "LABELS_CSV, an id,cancer CSV of 0/1 labels")

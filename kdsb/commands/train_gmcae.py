@@ -1,16 +1,16 @@
 """`kdsb train-gmcae DATA_DIR RUN_DIR`: train the Gaussian mixture convolutional autoencoder.
 
 Patients of DATA_DIR (kdsb HDF5 volumes) are split into training and validation sets by patient.
-Training streams augmented patches (`kdsb.datasets.patch_dataset`); validation uses one fixed
+Training streams augmented patches (`kdsb.data.datasets.patch_dataset`); validation uses one fixed
 set of un-augmented patches, so the validation NLL of every epoch, and the single-Gaussian
-baseline, are measured on the same voxels. Fitting goes through `kdsb.training.fit`.
+baseline, are measured on the same voxels. Fitting goes through `kdsb.training.runs.fit`.
 
 RUN_DIR receives:
 
 - `config.json`: the run's options; `--resume` reuses them and refuses incompatible changes
   (only --epochs, --steps-per-epoch, --distribute and --keep-checkpoints may change);
 - `gmcae.keras` (best by validation NLL), `checkpoints/`, `history.csv`, `logs/` (see
-  `kdsb.training`);
+  `kdsb.training.runs`);
 - `loss.png`: training and validation NLL per voxel by epoch, with the baseline;
 - `reconstructions.png`: central slices of validation patches beside their reconstructions;
 - `gmcae_summary.json`: best and final validation NLL per voxel and the baseline.
@@ -24,8 +24,8 @@ import logging
 import sys
 from pathlib import Path
 
-from kdsb.atomic import write_json
 from kdsb.errors import UsageError
+from kdsb.io.atomic import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ DEFAULTS: dict[str, object] = {
     "sampling": "lung",
     "lr": 1e-3,
     "clipnorm": 1.0,
-    "variance_floor": None,  # None: kdsb.layers.DEFAULT_VARIANCE_FLOOR
+    "variance_floor": None,  # None: kdsb.models.layers.DEFAULT_VARIANCE_FLOOR
     "precision": "float32",
     "seed": 0,
     "val_fraction": 0.2,
@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def option(flag: str, help_text: str, **kwargs) -> None:
         key = flag.removeprefix("--").replace("-", "_")
         default = DEFAULTS[key]
-        shown = "kdsb.layers.DEFAULT_VARIANCE_FLOOR" if default is None else default
+        shown = "kdsb.models.layers.DEFAULT_VARIANCE_FLOOR" if default is None else default
         parser.add_argument(
             flag, default=argparse.SUPPRESS, help=f"{help_text} (default: {shown})", **kwargs
         )
@@ -149,7 +149,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config = {**DEFAULTS, **given}
     config["data_dir"] = data_dir
     if config["variance_floor"] is None:
-        from kdsb.layers import DEFAULT_VARIANCE_FLOOR
+        from kdsb.models.layers import DEFAULT_VARIANCE_FLOOR
 
         config["variance_floor"] = DEFAULT_VARIANCE_FLOOR
     if not 0.0 < config["val_fraction"] < 1.0:
@@ -160,23 +160,24 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 
 def _volume_paths(data_dir: Path) -> dict[str, Path]:
-    from kdsb import store
     from kdsb.commands import require_dir
+    from kdsb.io import volumes
 
-    volumes = store.list_volumes(require_dir(data_dir, "DATA_DIR, a folder of kdsb volume files"))
-    if len(volumes) < MIN_VOLUMES:
+    folder = require_dir(data_dir, "DATA_DIR, a folder of kdsb volume files")
+    volume_files = volumes.list_volumes(folder)
+    if len(volume_files) < MIN_VOLUMES:
         raise UsageError(
             f"expected at least {MIN_VOLUMES} volume files (<id>.h5) in {data_dir} "
-            f"(training and validation patients), received {len(volumes)}"
+            f"(training and validation patients), received {len(volume_files)}"
         )
-    return volumes
+    return volume_files
 
 
 def _validation_patches(paths: list[Path], config: dict):
     """A fixed array (n, P, P, P, 1) of un-augmented validation patches (normalised HU)."""
     import numpy as np
 
-    from kdsb.datasets import patch_dataset
+    from kdsb.data.datasets import patch_dataset
 
     stream = patch_dataset(
         paths,
@@ -196,8 +197,8 @@ def _build_model_fn(config: dict):
     def build():
         import keras
 
-        from kdsb.gmcae import build_gmcae
-        from kdsb.losses import GaussianMixtureNLL
+        from kdsb.models.gmcae import build_gmcae
+        from kdsb.models.losses import GaussianMixtureNLL
 
         model = build_gmcae(
             patch_size=config["patch_size"],
@@ -229,13 +230,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from kdsb import gmcae, plots, training
-    from kdsb.datasets import check_volume_files, patch_dataset, split_patients
+    from kdsb.data.datasets import check_volume_files, patch_dataset, split_patients
+    from kdsb.models import gmcae
+    from kdsb.training import plots, runs
 
     run_dir = Path(args.run_dir)
     config = resolve_config(args)
     # Checked before config.json is written, so a refused run leaves the old run's options.
-    last = training.check_run_dir(run_dir, args.resume)
+    last = runs.check_run_dir(run_dir, args.resume)
     volumes = _volume_paths(Path(args.data_dir))
     check_volume_files(list(volumes.values()))
     train_ids, val_ids = split_patients(
@@ -245,8 +247,8 @@ def run(args: argparse.Namespace) -> int:
     write_json(run_dir / CONFIG_NAME, config)
     logger.info("%d training and %d validation patients", len(train_ids), len(val_ids))
 
-    training.configure_runtime(seed=config["seed"], precision=config["precision"])
-    strategy = training.distribution_strategy(config["distribute"])
+    runs.configure_runtime(seed=config["seed"], precision=config["precision"])
+    strategy = runs.distribution_strategy(config["distribute"])
     start_epoch = last[0] if last else 0
     train_data = patch_dataset(
         [volumes[i] for i in train_ids],
@@ -266,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     baseline = gmcae.mixture_nll_of_single_gaussian(val_patches)
 
     quiet = getattr(args, "quiet", False)
-    training.fit(
+    runs.fit(
         _build_model_fn(config),
         train_data,
         val_data,
@@ -280,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
         verbose=0 if quiet else 1 if sys.stdout.isatty() else 2,
     )
 
-    rows = training.read_history(run_dir / training.HISTORY_NAME)
+    rows = runs.read_history(run_dir / runs.HISTORY_NAME)
     train_nll = [float(r["loss"]) for r in rows]
     val_nll = [float(r["val_loss"]) for r in rows]
     best_epoch = int(np.nanargmin(val_nll))

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from kdsb.cli import main
 from kdsb.errors import UsageError
-from kdsb.synthetic import (
+from kdsb.phantoms.anatomy import (
     BIG_NODULE_RADIUS_MM,
     CANCER_RADIUS_MM,
     HU_MAX,
@@ -192,7 +192,7 @@ def test_acquisition_styles_cover_every_storage_and_order():
 def test_padding_value_is_below_every_real_pixel_for_every_storage_style(
     storage, intercept, slope
 ):
-    from kdsb.dicom_write import _stored_values
+    from kdsb.phantoms.dicom_write import _stored_values
 
     # Every HU a phantom can write, air (-1000 HU) included, plus two padded pixels.
     hu = np.arange(HU_MIN, HU_MAX + 3, dtype=np.int16).reshape(1, 1, -1)
@@ -209,7 +209,7 @@ def test_padding_value_is_below_every_real_pixel_for_every_storage_style(
 @pytest.mark.parametrize("size", [64, 96, 128])
 def test_every_cohort_patient_stores_without_padding_collisions(size, scale):
     """Regression: seed 0, size 128, scale 0.7 once chose a padding value real air takes."""
-    from kdsb.dicom_write import _stored_values
+    from kdsb.phantoms.dicom_write import _stored_values
 
     seed_patients = {0: 4, 1: 2}  # seed 0's first patient (int16, slope 0.5) once failed
     for seed, patients in seed_patients.items():
@@ -230,7 +230,7 @@ def test_every_cohort_patient_stores_without_padding_collisions(size, scale):
 
 
 def test_cohort_layout_truth_and_dicom_round_trip(tmp_path):
-    from kdsb.dicom import read_series
+    from kdsb.io.dicom import read_series
 
     patients, seed = 5, 11  # this seed's five series use every storage style, flips, shuffling
     labels_csv = write_cohort(tmp_path, patients=patients, seed=seed, size=48, scale=0.5)
@@ -296,9 +296,9 @@ def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys):
 
 def test_an_interrupted_cohort_leaves_no_labels_csv(tmp_path, monkeypatch):
     """labels.csv marks a complete cohort: a run killed part-way leaves none (nor a temporary)."""
-    import kdsb.dicom_write
+    import kdsb.phantoms.dicom_write
 
-    real_write = kdsb.dicom_write.write_ct_series
+    real_write = kdsb.phantoms.dicom_write.write_ct_series
     calls = []
 
     def write_then_die(*args, **kwargs):
@@ -307,7 +307,7 @@ def test_an_interrupted_cohort_leaves_no_labels_csv(tmp_path, monkeypatch):
         calls.append(args[0])
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(kdsb.dicom_write, "write_ct_series", write_then_die)
+    monkeypatch.setattr(kdsb.phantoms.dicom_write, "write_ct_series", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5)
     assert len(calls) == 1

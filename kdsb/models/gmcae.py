@@ -6,8 +6,8 @@ voxels (normalised HU, channels last, axes (z, y, x)) goes through an encoder of
 the bottleneck, two dense heads give m log-priors (log-softmax) and m variances (ShiftedELU, one
 isotropic variance per component per patch); a decoder mirroring the encoder with
 Conv3DTranspose gives m whole-patch means. The model outputs one packed float32 tensor
-(batch, m·(2 + c)), c = P³, laid out as `kdsb.losses.split_mixture_params` reads it, and is
-trained with `kdsb.losses.GaussianMixtureNLL` (compiled by the trainer, not here).
+(batch, m·(2 + c)), c = P³, laid out as `kdsb.models.losses.split_mixture_params` reads it, and is
+trained with `kdsb.models.losses.GaussianMixtureNLL` (compiled by the trainer, not here).
 
 The encoder is a nested model named "encoder" whose input is (None, None, None, 1), so the
 classifier reuses it unchanged on whole volumes of any size. Its layer names
@@ -22,8 +22,8 @@ import keras
 import numpy as np
 
 from kdsb.errors import ModelError
-from kdsb.layers import DEFAULT_VARIANCE_FLOOR, ShiftedELU
-from kdsb.losses import split_mixture_params
+from kdsb.models.layers import DEFAULT_VARIANCE_FLOOR, ShiftedELU
+from kdsb.models.losses import split_mixture_params
 
 #: Encoder blocks; each halves every spatial side, so patch sides must be multiples of 2**3.
 ENCODER_BLOCKS = 3

@@ -3,9 +3,10 @@
 `write_implant_cohort` (behind `kdsb synth OUT_ROOT --base SCAN`) turns one real CT scan (a DICOM
 folder or a NIfTI / MetaImage / NRRD file) into many patients written like the phantom cohorts:
 
-    OUT_ROOT/dicom/<id>/       one DICOM CT series per patient (kdsb.dicom_write)
+    OUT_ROOT/dicom/<id>/       one DICOM CT series per patient (kdsb.phantoms.dicom_write)
     OUT_ROOT/labels.csv        header `id,cancer`: 1 for a patient with a lesion of radius
-                               >= `kdsb.synthetic.CANCER_RADIUS_MM`, exactly half the patients
+                               >= `kdsb.phantoms.anatomy.CANCER_RADIUS_MM`, exactly half the
+                               patients
     OUT_ROOT/truth/<id>.npz    lung_mask (uint8: the base's lungs plus the lesions),
                                lesion_labels (uint8: 0 none, k the k-th lesion), spacing, origin
     OUT_ROOT/truth/<id>.json   label, lesions (kind, place, centre, radius, volume), nodules (the
@@ -14,7 +15,8 @@ folder or a NIfTI / MetaImage / NRRD file) into many patients written like the p
 Each patient is the base scan varied (`vary_base`): mirrored left-right or not, cropped by a
 random margin around the lungs, mildly and smoothly deformed (`ELASTIC_MM` at most), given extra
 image noise and resampled to another slice spacing; then lesions are painted in with
-`kdsb.lesions.implant_lesion`. Cancer patients get one lesion of the requested kinds, places and
+`kdsb.phantoms.lesions.implant_lesion`. Cancer patients get one lesion of the requested kinds,
+places and
 radii (radius at least the cancer radius); every patient gets up to `MAX_SMALL_NODULES` small
 solid nodules (radius 3–6 mm, below the cancer radius).
 
@@ -36,7 +38,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from kdsb.errors import UsageError
-from kdsb.lesions import KINDS, PLACES, Lesion, implant_lesion, surface_places
+from kdsb.phantoms.lesions import KINDS, PLACES, Lesion, implant_lesion, surface_places
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def vary_base(
     Returns:
         (int16 HU, spacing, origin, a JSON-friendly record of what was drawn).
     """
-    from kdsb.resample import resample_volume
+    from kdsb.preprocessing.resample import resample_volume
 
     spacing_arr = np.asarray(spacing, dtype=np.float64)
     record: dict = {"mirrored": bool(rng.random() < MIRROR_PROBABILITY)}
@@ -154,7 +156,7 @@ def implant_patient(
         (hu, the healthy lung mask used for placing, uint8 lesion labels (0 none, k the k-th
         lesion), the lesions).
     """
-    from kdsb.lungs import segment_lungs
+    from kdsb.preprocessing.lungs import segment_lungs
 
     lungs = segment_lungs(hu, spacing, patient_id=patient_id) > 0
     sites = surface_places(lungs, spacing)
@@ -206,11 +208,11 @@ def write_implant_cohort(
         UsageError: bad options, a missing base, or out_root already holds a cohort.
         KdsbError: the base cannot be read or holds no lungs (the message names it).
     """
-    from kdsb.dicom_write import write_ct_series
-    from kdsb.labels import write_labels
-    from kdsb.lungs import segment_lungs
-    from kdsb.preprocess import read_patient
-    from kdsb.synthetic import CANCER_RADIUS_MM, Nodule, prepare_root
+    from kdsb.io.tables import write_labels
+    from kdsb.phantoms.anatomy import CANCER_RADIUS_MM, Nodule, prepare_root
+    from kdsb.phantoms.dicom_write import write_ct_series
+    from kdsb.preprocessing.cohort import read_patient
+    from kdsb.preprocessing.lungs import segment_lungs
 
     if patients < 1:
         raise UsageError(f"expected --patients >= 1, received {patients}")
@@ -287,7 +289,7 @@ def load_lesion_labels(out_root: str | os.PathLike, patient_id: str) -> tuple[np
     Raises:
         KdsbError: the truth files are missing.
     """
-    from kdsb.synthetic import truth_paths
+    from kdsb.phantoms.anatomy import truth_paths
 
     arrays_path, record_path = truth_paths(out_root, patient_id)
     with np.load(arrays_path) as arrays:

@@ -1,4 +1,4 @@
-"""Tests of kdsb.labels: reading labels, predictions and id lists, and their error messages."""
+"""Tests of kdsb.io.tables: reading labels, predictions and id lists, and their error messages."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from kdsb.errors import LabelsError
-from kdsb.labels import (
+from kdsb.io.tables import (
     check_labels_match,
     read_ids,
     read_labels,
@@ -84,7 +84,7 @@ def test_check_labels_match_errors_and_warning(tmp_path, caplog):
         LabelsError, match=r"expected a label for every volume, received 1 of 4 volumes .* d"
     ):
         check_labels_match(labels, ["a", "b", "c", "d"])
-    with caplog.at_level(logging.WARNING, logger="kdsb.labels"):
+    with caplog.at_level(logging.WARNING, logger="kdsb.io.tables"):
         usable = check_labels_match(labels, ["a", "b", "c", "d"], allow_unlabelled=True)
     assert usable == ["a", "b", "c"]
     assert "skipping unlabelled volumes" in caplog.text

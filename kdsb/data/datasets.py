@@ -1,9 +1,9 @@
 """tf.data input pipelines: 3D patches for the GMCAE and whole volumes for the classifier.
 
-Both read kdsb HDF5 volume files (see `kdsb.store`) lazily, one volume at a time, so memory
+Both read kdsb HDF5 volume files (see `kdsb.io.volumes`) lazily, one volume at a time, so memory
 stays bounded whatever the cohort size. TensorFlow is imported inside the functions that build
 pipelines, so importing this module stays cheap. Arrays are (z, y, x[, channels]); values fed to
-networks are HU normalised by `kdsb.patches.normalize_hu`.
+networks are HU normalised by `kdsb.data.patches.normalize_hu`.
 
 Determinism: every random choice (volume order, patch positions, symmetries) comes from NumPy
 generators or tf.data ops seeded from `seed`, and parallel maps keep their order, so the same
@@ -21,8 +21,9 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import block_reduce
 
-from kdsb import patches, store
+from kdsb.data import patches
 from kdsb.errors import KdsbError, LabelsError, StoreError
+from kdsb.io import volumes
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def check_volume_files(
             `min_edge` along an axis.
     """
     for path in paths:
-        shape = store.read_attrs(path)["shape"]
+        shape = volumes.read_attrs(path)["shape"]
         if min(shape) < min_edge:
             raise StoreError(
                 f"{path}: expected a volume of at least {min_edge} voxels per axis"
@@ -147,12 +148,12 @@ def read_patches(
         sampling: "lung" (centred on lung voxels) or "grid" (random cells of a regular grid).
         augment: apply a random cube symmetry to each patch.
         rng: NumPy random generator.
-        min_lung_fraction: see `kdsb.patches.sample_patch_corners`.
+        min_lung_fraction: see `kdsb.data.patches.sample_patch_corners`.
 
     Returns:
         float32 array (count, P, P, P) of normalised HU.
     """
-    with store.open_volume(path) as f:
+    with volumes.open_volume(path) as f:
         hu = f["hu"]
         if sampling == "lung":
             corners = patches.sample_patch_corners(
@@ -206,7 +207,7 @@ def patch_dataset(
         repeat: cycle forever (training); False gives one pass over the volumes.
         num_parallel_calls: parallel volume visits; default tf.data.AUTOTUNE.
         shuffle_buffer: patches in the shuffle buffer (0 or 1 disables shuffling).
-        min_lung_fraction: see `kdsb.patches.sample_patch_corners`.
+        min_lung_fraction: see `kdsb.data.patches.sample_patch_corners`.
 
     Returns:
         tf.data.Dataset of (x, x), x float32 (batch, P, P, P, 1); the GMCAE's loss takes the
@@ -291,7 +292,7 @@ def load_volume_array(
         lung_dilation_mm: dilation of the lung mask in mm.
         downscale: integer factor >= 1 applied to every axis.
         outside_hu: the HU value given to masked voxels (air by default; the classifier uses
-            lung parenchyma, see `kdsb.classifier_training.PARENCHYMA_HU`).
+            lung parenchyma, see `kdsb.training.classifier.PARENCHYMA_HU`).
 
     Returns:
         float32 array (z, y, x, 1).
@@ -301,7 +302,7 @@ def load_volume_array(
     if lung_dilation_mm < 0:
         raise KdsbError(f"{path}: expected lung_dilation_mm >= 0, received {lung_dilation_mm}")
     downscale = int(downscale)
-    with store.open_volume(path) as f:
+    with volumes.open_volume(path) as f:
         x = patches.normalize_hu(f["hu"][...])
         lung = f["lung_mask"][...] if mask_outside_lungs else None
         spacing = np.asarray(f.attrs["spacing"], dtype=np.float64)

@@ -1,6 +1,6 @@
 """Read one volume file (NIfTI, MetaImage, NRRD) into a canonical CT volume in Hounsfield units.
 
-`read_image(path)` returns the same `CTSeries` as `kdsb.dicom.read_series`: int16 HU, shape
+`read_image(path)` returns the same `CTSeries` as `kdsb.io.dicom.read_series`: int16 HU, shape
 (z, y, x), axis 0 inferior → superior, axis 1 anterior → posterior, axis 2 right → left (DICOM /
 LPS patient coordinates Z, Y, X increasing along the axes), spacing and origin in mm in
 (z, y, x) order. Its `series_uid` is `"file:<file name>"` (for example
@@ -57,7 +57,8 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.misc import is_dicom
 
-from kdsb.dicom import (
+from kdsb.errors import VolumeFileError
+from kdsb.io.dicom import (
     AIR_HU,
     AXIS_ALIGNMENT_TOLERANCE,
     INT16_MAX,
@@ -67,7 +68,6 @@ from kdsb.dicom import (
     OUTSIDE_FIELD_MAX_HU,
     CTSeries,
 )
-from kdsb.errors import VolumeFileError
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def volume_in_folder(folder: str | Path, patient_id: str | None = None) -> Path 
     """The one volume file a patient folder holds instead of a DICOM series.
 
     A folder holding volume files (directly in it) and no DICOM file (anywhere in it, as
-    `kdsb.dicom.read_series` would read; a MetaImage header's `.raw` is not DICOM) is read as
+    `kdsb.io.dicom.read_series` would read; a MetaImage header's `.raw` is not DICOM) is read as
     its volume file. A folder holding DICOM files is a DICOM series, even beside volume files
     (logged).
 

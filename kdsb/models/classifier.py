@@ -15,14 +15,14 @@ from collections.abc import Sequence
 import keras
 
 from kdsb.errors import ModelError
-from kdsb.gmcae import (
+from kdsb.models.gmcae import (
     ENCODER_BLOCKS,
     ENCODER_NAME,
     MIXTURE_OUTPUT_NAME,
     encoder_layer_names,
     encoder_of,
 )
-from kdsb.layers import DEFAULT_LEVELS, SpatialPyramidPooling3D
+from kdsb.models.layers import DEFAULT_LEVELS, SpatialPyramidPooling3D
 
 # Shapes of every classifier `build_classifier` makes: (batch, z, y, x, 1) in, (batch, 1) out.
 CLASSIFIER_INPUT_SHAPE = (None, None, None, None, 1)
@@ -62,7 +62,8 @@ def build_classifier(
     """Build the SPP3D cancer classifier on a copy of a trained GMCAE encoder.
 
     Args:
-        encoder: The GMCAE encoder (`kdsb.gmcae.encoder_of(gmcae)`), input (None, None, None, 1).
+        encoder: The GMCAE encoder (`kdsb.models.gmcae.encoder_of(gmcae)`), input (None, None,
+        None, 1).
         freeze_blocks: How many encoder blocks, from the input side, to freeze (0..3): their
             `block{b}_conv1`/`block{b}_conv2` layers get trainable=False.
         levels: Spatial pyramid levels (bins per axis).

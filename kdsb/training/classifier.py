@@ -1,10 +1,11 @@
 """`kdsb train-classifier`: labels + volumes + a trained GMCAE → the SPP3D cancer classifier.
 
-Steps: read and check the labels against the volumes (`kdsb.labels`); split patients into
-training and validation, stratified by label (`kdsb.datasets.split_patients`); stream whole
+Steps: read and check the labels against the volumes (`kdsb.io.tables`); split patients into
+training and validation, stratified by label (`kdsb.data.datasets.split_patients`); stream whole
 volumes one at a time, training volumes under a random cube symmetry (48-fold augmentation);
-build the classifier on the GMCAE's encoder (`kdsb.classifier`); fit with per-epoch checkpoints,
-resume and early stopping on the validation log loss (`kdsb.training.fit`); then score the best
+build the classifier on the GMCAE's encoder (`kdsb.models.classifier`); fit with per-epoch
+checkpoints,
+resume and early stopping on the validation log loss (`kdsb.training.runs.fit`); then score the best
 model on the validation patients and write `metrics.json`.
 
 Variable volume sizes and `--batch-size`: every step sees one whole volume (the shapes differ,
@@ -25,9 +26,9 @@ label is a property of the lungs, and the encoder's global maxima must land on n
 air fill and a wide margin they sat on the air and on the chest wall beside it, identical in
 every patient, and the classifier did not learn (training log loss stuck at ln 2).
 
-The run folder (see `kdsb.training` for checkpoints/, history.csv, logs/) also gets
+The run folder (see `kdsb.training.runs` for checkpoints/, history.csv, logs/) also gets
 `config.json` (the run's options), `classifier.keras` (the best model by validation log loss),
-`classifier.json` (the input preparation `kdsb predict` applies, see `kdsb.prediction`) and
+`classifier.json` (the input preparation `kdsb predict` applies, see `kdsb.evaluation.predict`) and
 `metrics.json`. Resuming keeps the saved options: only `--epochs` and `--patience` may change
 (the checkpoint was trained on inputs prepared with the others, and `kdsb predict` must prepare
 them the same way). A resumed run offsets the seed of the training stream by the epochs done,
@@ -47,11 +48,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kdsb import metrics
-from kdsb.atomic import write_json
 from kdsb.errors import KdsbError, UsageError
-from kdsb.labels import check_labels_match, read_labels
-from kdsb.store import list_volumes
+from kdsb.evaluation import metrics
+from kdsb.io.atomic import write_json
+from kdsb.io.tables import check_labels_match, read_labels
+from kdsb.io.volumes import list_volumes
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,8 @@ class ClassifierConfig:
         return options
 
     def input_config(self) -> dict[str, Any]:
-        """The options `kdsb.datasets.load_volume_array` needs, as stored in classifier.json."""
+        """The options `kdsb.data.datasets.load_volume_array` needs, as stored in
+        classifier.json."""
         return {
             "mask_outside_lungs": bool(self.mask_outside_lungs),
             "lung_dilation_mm": float(self.lung_dilation_mm),
@@ -221,8 +223,8 @@ def _with_weights(dataset: Any, weights: dict[int, float]) -> Any:
 
 def score_patients(model: Any, paths: list[Path], config: ClassifierConfig) -> np.ndarray:
     """p(cancer) of a trained model for each volume file, one volume at a time."""
-    from kdsb.datasets import load_volume_array
-    from kdsb.prediction import predict_volume
+    from kdsb.data.datasets import load_volume_array
+    from kdsb.evaluation.predict import predict_volume
 
     return np.array(
         [
@@ -279,7 +281,7 @@ def train_dataset(
         tf.data.Dataset of (x, y) or, with `--loss bce --class-weight balanced`, of
         (x, y, sample weight).
     """
-    from kdsb.datasets import volume_dataset
+    from kdsb.data.datasets import volume_dataset
 
     data = volume_dataset(
         paths,
@@ -326,11 +328,11 @@ def train_classifier(
             `resume` is off.
         TrainingError: the loss became NaN.
     """
-    from kdsb import training
+    from kdsb.training import runs
 
     config.validate()
     run_dir = Path(run_dir)
-    last = training.check_run_dir(run_dir, config.resume)
+    last = runs.check_run_dir(run_dir, config.resume)
     if last is not None:
         check_resumed_options(run_dir, config)
     labels = read_labels(labels_csv)
@@ -343,9 +345,9 @@ def train_classifier(
         allow_unlabelled=config.allow_unlabelled,
     )
 
-    from kdsb.classifier import build_classifier, load_classifier, load_encoder_from_gmcae
-    from kdsb.datasets import check_volume_files, split_patients, volume_dataset
-    from kdsb.prediction import write_input_config
+    from kdsb.data.datasets import check_volume_files, split_patients, volume_dataset
+    from kdsb.evaluation.predict import write_input_config
+    from kdsb.models.classifier import build_classifier, load_classifier, load_encoder_from_gmcae
 
     train_ids, val_ids = split_patients(
         usable, val_fraction=config.val_fraction, seed=config.seed, labels=labels
@@ -366,7 +368,7 @@ def train_classifier(
         [volumes[i] for i in usable], min_edge=config.downscale,
         why=f"for --downscale {config.downscale}",
     )
-    training.configure_runtime(seed=config.seed, precision=config.precision)
+    runs.configure_runtime(seed=config.seed, precision=config.precision)
     input_config = config.input_config()
     start_epoch = last[0] if last is not None else 0
     train_data = train_dataset(
@@ -391,7 +393,7 @@ def train_classifier(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / RUN_CONFIG_NAME, config.saved_options())
     write_input_config(run_dir, {**input_config, "gmcae": str(config.gmcae)})
-    history = training.fit(
+    history = runs.fit(
         build_model,
         train_data,
         val_data,
@@ -421,7 +423,7 @@ def train_classifier(
         "train_ids": train_ids,
         "val_ids": val_ids,
         "val_predictions": {i: float(p) for i, p in zip(val_ids, p_val, strict=True)},
-        "epochs_run": len(training.read_history(run_dir / training.HISTORY_NAME)),
+        "epochs_run": len(runs.read_history(run_dir / runs.HISTORY_NAME)),
         "epochs_this_session": len(history.epoch),
         "options": asdict(config),
     }

@@ -23,10 +23,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from kdsb import atomic
 from kdsb._version import __version__
-from kdsb.atomic import atomic_path
 from kdsb.errors import StoreError
+from kdsb.io import atomic
+from kdsb.io.atomic import atomic_path
 
 SUFFIX = ".h5"
 CHUNK_EDGE = 32

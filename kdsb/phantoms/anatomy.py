@@ -17,7 +17,7 @@ axis; `spacing` and `origin` are in mm in (z, y, x) order.
 
 Cohort layout (`write_cohort`)::
 
-    OUT_ROOT/dicom/<id>/       one DICOM CT series per patient (kdsb.dicom_write)
+    OUT_ROOT/dicom/<id>/       one DICOM CT series per patient (kdsb.phantoms.dicom_write)
     OUT_ROOT/labels.csv        header `id,cancer`, exactly half the patients (rounded down) 1
     OUT_ROOT/truth/<id>.npz    lung_mask (uint8, the written geometry), spacing, origin
     OUT_ROOT/truth/<id>.json   label, nodules, geometry and how the series was stored
@@ -48,7 +48,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from kdsb.errors import KdsbError, UsageError
-from kdsb.labels import write_labels
+from kdsb.io.tables import write_labels
 
 logger = logging.getLogger(__name__)
 
@@ -863,7 +863,7 @@ def write_cohort(
     out_root = Path(out_root)
     prepare_root(out_root, overwrite)
     # Deferred: pydicom is only needed when writing.
-    from kdsb.dicom_write import write_ct_series
+    from kdsb.phantoms.dicom_write import write_ct_series
 
     rows = []
     cohort = _cohort(patients=patients, seed=seed, size=size, scale=scale)

@@ -5,7 +5,7 @@ inferior → superior, axis 1 anterior → posterior, axis 2 right → left, so 
 coordinates (X, Y, Z) increase along every axis. One uncompressed CT Image Storage file is
 written per slice, with the geometry and storage quirks real scanners produce (unsigned storage
 with an intercept, slopes other than 1, padded fields of view, descending or random instance
-numbers, negated orientation vectors, shuffled file names) so that `kdsb.dicom.read_series` can
+numbers, negated orientation vectors, shuffled file names) so that `kdsb.io.dicom.read_series` can
 be tested against a known truth.
 
 Padding: pixels flagged by `padding_mask` are written as `padding_value` and that value is

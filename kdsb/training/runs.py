@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from kdsb.atomic import atomic_path, remove_stale_temporaries
 from kdsb.errors import TrainingError, UsageError
+from kdsb.io.atomic import atomic_path, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from kdsb.errors import KdsbError
 DPI = 100
 CURVE_SIZE_INCHES = (6.0, 4.0)
 PANEL_INCHES = 1.6
-# Normalised HU shown in reconstructions: -1 is air (-1000 HU), +1 is 400 HU (kdsb.patches).
+# Normalised HU shown in reconstructions: -1 is air (-1000 HU), +1 is 400 HU (kdsb.data.patches).
 NORMALIZED_RANGE = (-1.0, 1.0)
 
 

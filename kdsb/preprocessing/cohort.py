@@ -10,7 +10,7 @@ edges) and write the file atomically.
 each volume file is one patient) in a process pool, writes
 `manifest.csv` as results arrive, skips patients already written (so a killed run resumes),
 turns every per-patient failure, worker crash included, into a manifest row with a one-line
-reason, and optionally writes QC images (`kdsb.qc`).
+reason, and optionally writes QC images (`kdsb.preprocessing.qc`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from kdsb import store
-from kdsb.atomic import atomic_path
 from kdsb.errors import KdsbError, StoreError, UsageError
+from kdsb.io import volumes
+from kdsb.io.atomic import atomic_path
 
 if TYPE_CHECKING:
-    from kdsb.dicom import CTSeries
+    from kdsb.io.dicom import CTSeries
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ class PatientResult:
 def read_patient(source: str | os.PathLike, patient_id: str | None = None) -> CTSeries:
     """Read one patient's scan, whatever its format, as canonical int16 HU (z, y, x).
 
-    A volume file (NIfTI, MetaImage, NRRD) is read by `kdsb.images.read_image`; a folder holding
-    one volume file and no DICOM (`kdsb.images.volume_in_folder`) likewise; any other folder is
-    a DICOM series read by `kdsb.dicom.read_series`.
+    A volume file (NIfTI, MetaImage, NRRD) is read by `kdsb.io.images.read_image`; a folder holding
+    one volume file and no DICOM (`kdsb.io.images.volume_in_folder`) likewise; any other folder is
+    a DICOM series read by `kdsb.io.dicom.read_series`.
 
     Args:
         source: the patient's folder or volume file.
@@ -110,8 +110,8 @@ def read_patient(source: str | os.PathLike, patient_id: str | None = None) -> CT
         DicomError: a folder that holds no usable CT series.
         VolumeFileError: a volume file that cannot be read or holds no usable CT volume.
     """
-    from kdsb.dicom import read_series
-    from kdsb.images import read_image, volume_in_folder
+    from kdsb.io.dicom import read_series
+    from kdsb.io.images import read_image, volume_in_folder
 
     source = Path(source)
     if not source.is_dir():
@@ -154,9 +154,9 @@ def preprocess_patient(
         KdsbError: the source does not hold a usable CT scan with lungs (DicomError,
             VolumeFileError, LungMaskError, …); the message names the patient.
     """
-    from kdsb.images import volume_id
-    from kdsb.lungs import lung_bounding_box, segment_lungs
-    from kdsb.resample import resample_mask, resample_volume
+    from kdsb.io.images import volume_id
+    from kdsb.preprocessing.lungs import lung_bounding_box, segment_lungs
+    from kdsb.preprocessing.resample import resample_mask, resample_volume
 
     started = time.perf_counter()
     source = Path(source)
@@ -187,8 +187,8 @@ def preprocess_patient(
     del hu_crop
     lung_mask = resample_mask(mask_crop, source_spacing, target)
     del mask_crop
-    path = store.write_volume(
-        store.volume_path(out_dir, patient_id), hu, lung_mask, target, tuple(origin), attrs
+    path = volumes.write_volume(
+        volumes.volume_path(out_dir, patient_id), hu, lung_mask, target, tuple(origin), attrs
     )
     logger.debug("%s: wrote %s, shape %s", patient_id, path, hu.shape)
     return PatientResult(
@@ -248,7 +248,7 @@ def find_patients(input_root: Path, out_dir: Path | None = None) -> dict[str, Pa
         UsageError: `input_root` is missing, not a folder, holds no patient, or holds two
             entries with the same id (`p1/` and `p1.nii.gz`).
     """
-    from kdsb.images import volume_id
+    from kdsb.io.images import volume_id
 
     if not input_root.exists():
         raise UsageError(f"expected an input root folder, received a missing path: {input_root}")
@@ -317,7 +317,7 @@ def _existing_shape(
     if not path.is_file():
         return None
     try:
-        attrs = store.read_attrs(path)
+        attrs = volumes.read_attrs(path)
     except StoreError as error:
         logger.warning("%s is unreadable and will be redone: %s", path.name, error)
         return None
@@ -463,7 +463,7 @@ def run_cohort(
         raise UsageError(f"expected an output folder, received a file: {out_dir}")
     patients = find_patients(input_root, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    removed = store.remove_stale_temporaries(out_dir)
+    removed = volumes.remove_stale_temporaries(out_dir)
     if removed:
         logger.info("removed %d temporary file(s) left by an interrupted run", removed)
 
@@ -471,7 +471,7 @@ def run_cohort(
     results: dict[str, PatientResult] = {}
     tasks: dict[str, tuple] = {}
     for patient_id, source in patients.items():
-        path = store.volume_path(out_dir, patient_id)
+        path = volumes.volume_path(out_dir, patient_id)
         shape = None if overwrite else _existing_shape(path, target, float(margin_mm))
         if shape is None:
             tasks[patient_id] = (source, out_dir, patient_id, target, float(margin_mm))
@@ -494,17 +494,17 @@ def run_cohort(
                     logger.error("%s", result.error)
                     if result.detail:
                         logger.debug("%s", result.detail)
-                    _remove_outdated(store.volume_path(out_dir, result.patient_id))
+                    _remove_outdated(volumes.volume_path(out_dir, result.patient_id))
                 bar.update()
 
     if qc_dir is not None:
-        from kdsb.qc import write_qc
+        from kdsb.preprocessing.qc import write_qc
 
         failed = {r.patient_id: r.error for r in results.values() if r.status == STATUS_FAILED}
-        volumes = {
-            pid: store.volume_path(out_dir, pid) for pid in patients if pid not in failed
+        volume_files = {
+            pid: volumes.volume_path(out_dir, pid) for pid in patients if pid not in failed
         }
-        sheets = write_qc(volumes, failed, qc_dir)
+        sheets = write_qc(volume_files, failed, qc_dir)
         logger.info("QC images in %s (contact sheet %s)", qc_dir, ", ".join(p.name for p in sheets))
 
     counts = {

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kdsb.atomic import atomic_path
 from kdsb.errors import LabelsError
+from kdsb.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

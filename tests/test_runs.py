@@ -1,12 +1,12 @@
-"""kdsb.training: checkpoints, best model, history, resume, NaN guard, runtime options."""
+"""kdsb.training.runs: checkpoints, best model, history, resume, NaN guard, runtime options."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kdsb import training
 from kdsb.errors import TrainingError, UsageError
+from kdsb.training import runs
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
@@ -34,7 +34,7 @@ def _build():
 
 
 def _fit(run_dir, epochs, **kwargs):
-    return training.fit(
+    return runs.fit(
         _build,
         kwargs.pop("train", _data(0)),
         _data(1),
@@ -48,18 +48,18 @@ def _fit(run_dir, epochs, **kwargs):
 
 
 def test_fit_writes_checkpoints_history_and_best(tmp_path):
-    training.configure_runtime(seed=0)
+    runs.configure_runtime(seed=0)
     history = _fit(tmp_path, 3, best_name="best.keras")
     for epoch in (1, 2, 3):
-        assert training.checkpoint_path(tmp_path, epoch).is_file()
-    assert training.last_checkpoint(tmp_path) == (3, training.checkpoint_path(tmp_path, 3))
-    rows = training.read_history(tmp_path / "history.csv")
+        assert runs.checkpoint_path(tmp_path, epoch).is_file()
+    assert runs.last_checkpoint(tmp_path) == (3, runs.checkpoint_path(tmp_path, 3))
+    rows = runs.read_history(tmp_path / "history.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
     val = [float(r["val_loss"]) for r in rows]
     np.testing.assert_allclose(val, history.history["val_loss"], rtol=1e-5)
     best_epoch = int(np.argmin(val)) + 1
     best = keras.saving.load_model(tmp_path / "best.keras", safe_mode=True)
-    at_best = keras.saving.load_model(training.checkpoint_path(tmp_path, best_epoch))
+    at_best = keras.saving.load_model(runs.checkpoint_path(tmp_path, best_epoch))
     for a, b in zip(best.get_weights(), at_best.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert (tmp_path / "logs").is_dir()
@@ -67,20 +67,20 @@ def test_fit_writes_checkpoints_history_and_best(tmp_path):
 
 
 def test_fit_refuses_a_used_run_dir_without_resume(tmp_path):
-    training.configure_runtime(seed=0)
+    runs.configure_runtime(seed=0)
     _fit(tmp_path, 1)
     with pytest.raises(UsageError, match="--resume"):
         _fit(tmp_path, 2)
 
 
 def test_resume_continues_epochs_and_optimizer_state(tmp_path):
-    training.configure_runtime(seed=0)
+    runs.configure_runtime(seed=0)
     first = _fit(tmp_path, 2)
     assert int(first.model.optimizer.iterations) == 2 * STEPS
     # A kill between the history row and the checkpoint of epoch 3 leaves an extra row.
     with (tmp_path / "history.csv").open("a") as f:
         f.write("2,0.5,0.5\n")
-    loaded = keras.saving.load_model(training.checkpoint_path(tmp_path, 2))
+    loaded = keras.saving.load_model(runs.checkpoint_path(tmp_path, 2))
     assert int(loaded.optimizer.iterations) == 2 * STEPS
     moments = [v.numpy() for v in loaded.optimizer.variables if "momentum" in v.path]
     assert moments and any(np.abs(m).sum() > 0 for m in moments)
@@ -88,59 +88,59 @@ def test_resume_continues_epochs_and_optimizer_state(tmp_path):
     second = _fit(tmp_path, 4, resume=True)
     assert second.epoch == [2, 3]
     assert int(second.model.optimizer.iterations) == 4 * STEPS
-    rows = training.read_history(tmp_path / "history.csv")
+    rows = runs.read_history(tmp_path / "history.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
-    assert training.last_checkpoint(tmp_path)[0] == 4
+    assert runs.last_checkpoint(tmp_path)[0] == 4
 
 
 def test_resume_without_checkpoint_starts_afresh(tmp_path):
-    training.configure_runtime(seed=0)
+    runs.configure_runtime(seed=0)
     history = _fit(tmp_path, 1, resume=True)
     assert history.epoch == [0]
 
 
 def test_keep_checkpoints_prunes_old_epochs(tmp_path):
-    training.configure_runtime(seed=0)
+    runs.configure_runtime(seed=0)
     _fit(tmp_path, 3, keep_checkpoints=1)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["epoch_0003.keras"]
 
 
 def test_nan_loss_stops_with_epoch_and_keeps_last_good_checkpoint(tmp_path):
-    training.configure_runtime(seed=0)
+    runs.configure_runtime(seed=0)
     nan_batch = STEPS + 1  # second batch (1-based: 2) of the second epoch
     with pytest.raises(TrainingError) as raised:
         _fit(tmp_path, 4, train=_data(0, nan_at_batch=nan_batch))
     message = str(raised.value)
     assert "epoch 2 batch 2" in message
     assert "epoch_0001.keras" in message and "--lr" in message
-    assert training.last_checkpoint(tmp_path)[0] == 1
-    good = keras.saving.load_model(training.checkpoint_path(tmp_path, 1), safe_mode=True)
+    assert runs.last_checkpoint(tmp_path)[0] == 1
+    good = keras.saving.load_model(runs.checkpoint_path(tmp_path, 1), safe_mode=True)
     assert all(np.isfinite(w).all() for w in good.get_weights())
-    rows = training.read_history(tmp_path / "history.csv")
+    rows = runs.read_history(tmp_path / "history.csv")
     assert [int(r["epoch"]) for r in rows] == [0]
 
 
 def test_configure_runtime_sets_policy_and_validates():
-    training.configure_runtime(seed=1, precision="mixed_bfloat16")
+    runs.configure_runtime(seed=1, precision="mixed_bfloat16")
     try:
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     finally:
-        training.configure_runtime(seed=1, precision="float32")
+        runs.configure_runtime(seed=1, precision="float32")
     assert keras.mixed_precision.global_policy().name == "float32"
     with pytest.raises(UsageError, match="expected a precision"):
-        training.configure_runtime(seed=1, precision="float8")
+        runs.configure_runtime(seed=1, precision="float8")
 
 
 def test_configure_runtime_seeds_reproducibly():
-    training.configure_runtime(seed=7)
+    runs.configure_runtime(seed=7)
     a = keras.random.normal((4,)).numpy()
-    training.configure_runtime(seed=7)
+    runs.configure_runtime(seed=7)
     b = keras.random.normal((4,)).numpy()
     np.testing.assert_array_equal(a, b)
 
 
 def test_distribution_strategy_names():
-    assert training.distribution_strategy("none") is tf.distribute.get_strategy()
+    assert runs.distribution_strategy("none") is tf.distribute.get_strategy()
     with pytest.raises(UsageError, match="expected a strategy"):
-        training.distribution_strategy("tpu")
+        runs.distribution_strategy("tpu")

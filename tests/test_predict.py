@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from kdsb.cli import main
+from kdsb.data.patches import apply_symmetry
 from kdsb.errors import LabelsError, UsageError
-from kdsb.labels import read_predictions
-from kdsb.patches import apply_symmetry
-from kdsb.prediction import (
+from kdsb.evaluation.predict import (
     DEFAULT_INPUT_CONFIG,
     INPUT_CONFIG_NAME,
     find_input_config,
@@ -19,7 +18,8 @@ from kdsb.prediction import (
     tta_symmetries,
     write_input_config,
 )
-from kdsb.store import volume_path, write_volume
+from kdsb.io.tables import read_predictions
+from kdsb.io.volumes import volume_path, write_volume
 
 IDS = ("c", "a", "b")
 SHAPES = ((12, 14, 10), (9, 16, 16), (16, 8, 12))
@@ -31,8 +31,8 @@ def cohort(tmp_path_factory):
     """Three tiny volumes of different shapes and two tiny saved classifiers."""
     import keras
 
-    from kdsb.classifier import build_classifier
-    from kdsb.gmcae import build_encoder
+    from kdsb.models.classifier import build_classifier
+    from kdsb.models.gmcae import build_encoder
 
     root = tmp_path_factory.mktemp("predict")
     rng = np.random.default_rng(0)
@@ -56,7 +56,7 @@ def _reference(models, data, patient_id, symmetries=(0,)):
     """Probability by hand: load each model, feed the prepared volume, average."""
     import keras
 
-    from kdsb.datasets import load_volume_array
+    from kdsb.data.datasets import load_volume_array
 
     x = load_volume_array(volume_path(data, patient_id), **INPUT_CONFIG)
     values = []
@@ -143,7 +143,7 @@ def test_missing_inputs_are_usage_errors_before_any_work(cohort, tmp_path, capsy
 def test_a_model_that_is_no_classifier_is_a_one_line_error(cohort, tmp_path, capsys):
     import keras
 
-    from kdsb.gmcae import build_gmcae
+    from kdsb.models.gmcae import build_gmcae
 
     data, _ = cohort
     out = tmp_path / "sub.csv"

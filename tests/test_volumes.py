@@ -1,4 +1,4 @@
-"""kdsb.store: atomic HDF5 volume files."""
+"""kdsb.io.volumes: atomic HDF5 volume files."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from kdsb import store
 from kdsb._version import __version__
 from kdsb.errors import StoreError
+from kdsb.io import volumes
 
 
 def _volume(rng, shape=(5, 40, 36)):
@@ -19,12 +19,12 @@ def _volume(rng, shape=(5, 40, 36)):
 
 def test_write_read_round_trip(tmp_path):
     hu, mask = _volume(np.random.default_rng(0))
-    path = store.write_volume(
-        store.volume_path(tmp_path, "p1"), hu, mask, (1.0, 0.5, 0.5), (-10.0, 2.5, -3.0),
+    path = volumes.write_volume(
+        volumes.volume_path(tmp_path, "p1"), hu, mask, (1.0, 0.5, 0.5), (-10.0, 2.5, -3.0),
         attrs={"patient_id": "p1", "series_uid": "1.2.3", "source_shape": (5, 80, 72)},
     )
     assert path == tmp_path / "p1.h5"
-    volume = store.read_volume(path)
+    volume = volumes.read_volume(path)
     np.testing.assert_array_equal(volume.hu, hu)
     np.testing.assert_array_equal(volume.lung_mask, mask)
     assert volume.hu.dtype == np.int16 and volume.lung_mask.dtype == np.uint8
@@ -33,7 +33,7 @@ def test_write_read_round_trip(tmp_path):
     assert volume.patient_id == "p1"
     assert volume.attrs["series_uid"] == "1.2.3"
     assert volume.attrs["kdsb_version"] == __version__
-    attrs = store.read_attrs(path)
+    attrs = volumes.read_attrs(path)
     assert attrs["shape"] == (5, 40, 36) and attrs["source_shape"] == [5, 80, 72]
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
@@ -41,57 +41,57 @@ def test_write_read_round_trip(tmp_path):
 def test_mask_is_stored_as_zero_one(tmp_path):
     hu, _ = _volume(np.random.default_rng(1))
     mask = np.where(hu < 0, 255, 0)
-    store.write_volume(tmp_path / "p.h5", hu, mask, (1, 1, 1), (0, 0, 0))
-    assert set(np.unique(store.read_volume(tmp_path / "p.h5").lung_mask)) <= {0, 1}
+    volumes.write_volume(tmp_path / "p.h5", hu, mask, (1, 1, 1), (0, 0, 0))
+    assert set(np.unique(volumes.read_volume(tmp_path / "p.h5").lung_mask)) <= {0, 1}
 
 
 def test_failed_write_keeps_previous_file(tmp_path):
     hu, mask = _volume(np.random.default_rng(2))
-    path = store.write_volume(tmp_path / "p.h5", hu, mask, (1, 1, 1), (0, 0, 0))
+    path = volumes.write_volume(tmp_path / "p.h5", hu, mask, (1, 1, 1), (0, 0, 0))
     with pytest.raises(TypeError):
-        store.write_volume(path, hu, mask, (1, 1, 1), (0, 0, 0), attrs={"bad": object()})
-    np.testing.assert_array_equal(store.read_volume(path).hu, hu)
+        volumes.write_volume(path, hu, mask, (1, 1, 1), (0, 0, 0), attrs={"bad": object()})
+    np.testing.assert_array_equal(volumes.read_volume(path).hu, hu)
     assert [p.name for p in tmp_path.iterdir()] == ["p.h5"]
 
 
 def test_shape_mismatch_is_rejected(tmp_path):
     hu, mask = _volume(np.random.default_rng(3))
     with pytest.raises(StoreError, match="same shape"):
-        store.write_volume(tmp_path / "p.h5", hu, mask[:-1], (1, 1, 1), (0, 0, 0))
+        volumes.write_volume(tmp_path / "p.h5", hu, mask[:-1], (1, 1, 1), (0, 0, 0))
 
 
 def test_list_volumes_skips_temporaries_and_follows_symlinks(tmp_path):
     hu, mask = _volume(np.random.default_rng(4))
-    store.write_volume(tmp_path / "b.h5", hu, mask, (1, 1, 1), (0, 0, 0))
-    store.write_volume(tmp_path / "a.h5", hu, mask, (1, 1, 1), (0, 0, 0))
+    volumes.write_volume(tmp_path / "b.h5", hu, mask, (1, 1, 1), (0, 0, 0))
+    volumes.write_volume(tmp_path / "a.h5", hu, mask, (1, 1, 1), (0, 0, 0))
     (tmp_path / ".tmp-123-c.h5").write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("x")
     linked = tmp_path / "linked"
     linked.mkdir()
     (linked / "a.h5").symlink_to(tmp_path / "a.h5")
-    assert list(store.list_volumes(tmp_path)) == ["a", "b"]
-    assert store.read_volume(store.list_volumes(linked)["a"]).hu.shape == hu.shape
-    assert store.remove_stale_temporaries(tmp_path) == 1
+    assert list(volumes.list_volumes(tmp_path)) == ["a", "b"]
+    assert volumes.read_volume(volumes.list_volumes(linked)["a"]).hu.shape == hu.shape
+    assert volumes.remove_stale_temporaries(tmp_path) == 1
     assert not (tmp_path / ".tmp-123-c.h5").exists()
 
 
 def test_unreadable_and_foreign_files_give_clear_errors(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(StoreError, match="junk.h5: expected an HDF5 file"):
-        store.read_volume(tmp_path / "junk.h5")
+        volumes.read_volume(tmp_path / "junk.h5")
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["data"] = np.zeros(3)
     with pytest.raises(StoreError, match="missing hu, lung_mask, spacing, origin"):
-        store.read_volume(tmp_path / "foreign.h5")
+        volumes.read_volume(tmp_path / "foreign.h5")
     with pytest.raises(StoreError, match="missing path"):
-        store.read_volume(tmp_path / "absent.h5")
+        volumes.read_volume(tmp_path / "absent.h5")
     with pytest.raises(StoreError, match="expected a folder"):
-        store.list_volumes(tmp_path / "nowhere")
+        volumes.list_volumes(tmp_path / "nowhere")
 
 
 def test_partial_reads_use_chunks(tmp_path):
     hu, mask = _volume(np.random.default_rng(5), shape=(70, 64, 64))
-    path = store.write_volume(tmp_path / "p.h5", hu, mask, (1, 1, 1), (0, 0, 0))
-    with store.open_volume(path) as f:
+    path = volumes.write_volume(tmp_path / "p.h5", hu, mask, (1, 1, 1), (0, 0, 0))
+    with volumes.open_volume(path) as f:
         assert f["hu"].chunks == (32, 32, 32)
         np.testing.assert_array_equal(f["hu"][40:72, 10:42, 0:32], hu[40:72, 10:42, 0:32])

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kdsb import store
 from kdsb.errors import StoreError
+from kdsb.io import volumes
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def overlay(hu: np.ndarray, mask: np.ndarray, lesion: np.ndarray | None = None) 
 
 
 def _orthogonal_views(
-    volume: store.Volume,
+    volume: volumes.Volume,
     point: Sequence[int],
     lesion: np.ndarray | None = None,
     field: tuple[slice, slice, slice] = (slice(None),) * 3,
@@ -133,7 +133,7 @@ def _orthogonal_views(
     }
 
 
-def views(volume: store.Volume) -> dict[str, tuple[np.ndarray, float]]:
+def views(volume: volumes.Volume) -> dict[str, tuple[np.ndarray, float]]:
     """Axial and coronal overlays through the lung centre, sagittal through the most lung.
 
     Returns:
@@ -318,7 +318,7 @@ def find_lesion(
     )
 
 
-def lesion_views(volume: store.Volume, lesion: Lesion) -> dict[str, tuple[np.ndarray, float]]:
+def lesion_views(volume: volumes.Volume, lesion: Lesion) -> dict[str, tuple[np.ndarray, float]]:
     """Zoomed axial, coronal and sagittal overlays through a lesion's centre, lesion outlined.
 
     The field of view is a box of side max(`LESION_FIELD_MM`, `LESION_FIELD_DIAMETERS` lesion
@@ -346,7 +346,7 @@ def _draw_row(subfigure, row_views: Mapping[str, tuple[np.ndarray, float]]) -> N
         axis.set_axis_off()
 
 
-def write_patient_png(volume: store.Volume, path: str | os.PathLike) -> Path:
+def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
     """Write the QC PNG of one volume; returns its path.
 
     Top row: axial, coronal and sagittal views through the lung centre (`views`) under the id,
@@ -383,7 +383,7 @@ def write_patient_png(volume: store.Volume, path: str | os.PathLike) -> Path:
     return path
 
 
-def thumbnail(volume: store.Volume, size: int = TILE_PX) -> np.ndarray:
+def thumbnail(volume: volumes.Volume, size: int = TILE_PX) -> np.ndarray:
     """The axial overlay through the lung centre fitted into a size×size RGB tile (aspect kept)."""
     from skimage.transform import resize
 
@@ -502,14 +502,14 @@ def write_contact_sheet(
 
 
 def write_qc(
-    volumes: Mapping[str, str | os.PathLike],
+    volume_files: Mapping[str, str | os.PathLike],
     failed: Mapping[str, str],
     qc_dir: str | os.PathLike,
 ) -> list[Path]:
     """Write `qc_dir/<id>.png` for every volume file and the contact sheet page(s) for all.
 
     Args:
-        volumes: patient id → volume file (`<id>.h5`).
+        volume_files: patient id → volume file (`<id>.h5`).
         failed: patient id → one-line reason, for patients without a volume.
         qc_dir: folder for the PNGs (created if needed).
 
@@ -520,9 +520,9 @@ def write_qc(
     qc_dir.mkdir(parents=True, exist_ok=True)
     failed = dict(failed)
     tiles: dict[str, np.ndarray | None] = dict.fromkeys(failed)
-    for patient_id, path in tqdm(volumes.items(), desc="QC", unit="patient", disable=None):
+    for patient_id, path in tqdm(volume_files.items(), desc="QC", unit="patient", disable=None):
         try:
-            volume = store.read_volume(path)
+            volume = volumes.read_volume(path)
         except StoreError as error:
             logger.warning("QC of %s skipped: %s", patient_id, error)
             failed[patient_id], tiles[patient_id] = str(error), None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdsb import metrics
 from kdsb.cli import main
-from kdsb.evaluation import format_table
+from kdsb.evaluation import metrics
+from kdsb.evaluation.evaluate import format_table
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ import numpy as np
 from scipy import ndimage
 
 from kdsb.errors import LungMaskError
-from kdsb.resample import validate_spacing
+from kdsb.preprocessing.resample import validate_spacing
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ training, scored by every model, averaged and written as a Kaggle `id,cancer` CS
   each model, so a model is always fed the way it was trained; models with different settings
   can be ensembled (each volume is then prepared once per distinct setting).
 - Ensembling: the arithmetic mean of the models' probabilities.
-- Test-time augmentation (TTA): the mean over cube symmetries of the input (`kdsb.patches`),
+- Test-time augmentation (TTA): the mean over cube symmetries of the input (`kdsb.data.patches`),
   the identity first, then the other 47 in `CUBE_SYMMETRIES` order, or only the first K.
 - Probabilities are clipped to [0.005, 0.995] by default. Log loss punishes a confident mistake
   without bound (-log 1e-15 ≈ 34.5 nats for one patient); at 0.005 a mistake costs at most
@@ -30,16 +30,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.atomic import write_json
+from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry
 from kdsb.errors import KdsbError, LabelsError, UsageError
-from kdsb.labels import summarise_ids, write_predictions
-from kdsb.patches import CUBE_SYMMETRIES, apply_symmetry
-from kdsb.store import list_volumes
+from kdsb.io.atomic import write_json
+from kdsb.io.tables import summarise_ids, write_predictions
+from kdsb.io.volumes import list_volumes
 
 logger = logging.getLogger(__name__)
 
 INPUT_CONFIG_NAME = "classifier.json"
-# The options of `kdsb.datasets.load_volume_array` that a classifier is trained with; these are
+# The options of `kdsb.data.datasets.load_volume_array` that a classifier is trained with; these are
 # the defaults assumed for a model that has no classifier.json (no masking, full resolution).
 INPUT_CONFIG_KEYS = ("mask_outside_lungs", "lung_dilation_mm", "downscale")
 # Options added later: passed on when stored, else `load_volume_array`'s default applies (the
@@ -186,8 +186,8 @@ def predict_cohort(
     data_dir = Path(data_dir)
     order, volumes = _resolve_ids(data_dir, ids, ids_source)
 
-    from kdsb.classifier import load_classifier
-    from kdsb.datasets import load_volume_array
+    from kdsb.data.datasets import load_volume_array
+    from kdsb.models.classifier import load_classifier
 
     groups: dict[str, list[Any]] = {}
     configs: dict[str, dict[str, Any]] = {}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kdsb import metrics
 from kdsb.errors import LabelsError
-from kdsb.labels import read_labels, read_predictions, summarise_ids
+from kdsb.evaluation import metrics
+from kdsb.io.tables import read_labels, read_predictions, summarise_ids
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""After training: predictions, metrics and evaluation reports."""

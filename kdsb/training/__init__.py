@@ -1,0 +1,1 @@
+"""Training runs: run folders, resume, seeds, precision, distribution, and the two models' runs."""
