@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -88,3 +89,18 @@ def test_synth_and_preprocess_run_without_importing_tensorflow(tmp_path):
     result = _run("-c", code)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "phantom_000.h5").is_file()
+
+
+def test_importing_kdsb_quiets_tensorflow_start_up_lines():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    code = "import kdsb.models.losses, tensorflow as tf\nprint(int(tf.constant(1) + 1))\n"
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, check=False, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.strip() == "2"
+    for chatter in ("I0000", "oneDNN", "cpu_feature_guard", "absl::InitializeLog"):
+        assert chatter not in quiet.stderr
+    # The user's own setting wins: level 0 lets TensorFlow's info lines through again.
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False, env={**env, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert "cpu_feature_guard" in loud.stderr or "oneDNN" in loud.stderr
