@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "train-classifier": "train_classifier",
     "predict": "predict",
     "evaluate": "evaluate",
+    "export": "export",
     "demo": "demo",
 }
 

@@ -1,0 +1,130 @@
+"""NIfTI export for viewers: kdsb volumes, lung masks and heatmaps at the scanner's position.
+
+kdsb arrays are (z, y, x) in DICOM patient coordinates (LPS: x grows to the patient's left,
+y to the posterior, z to the head; `origin` is voxel [0, 0, 0], mm). NIfTI stores (i, j, k) =
+(x, y, z) and an affine into RAS world coordinates (x to the right, y to the anterior), so the
+affine negates x and y: RAS = (-L, -P, S). 3D Slicer and ITK-SNAP then show an exported volume
+where the original DICOM series lies, and the HU volume, lung mask and heatmap of one patient
+overlay each other. Written with nibabel (qform and sform both "scanner", units mm).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from kdsb.errors import KdsbError, StoreError
+from kdsb.io import volumes
+from kdsb.io.atomic import atomic_path
+from kdsb.io.heatmaps import heatmap_path, read_heatmap
+
+NIFTI_SUFFIX = ".nii.gz"
+SCANNER_XFORM = 1  # NIfTI xform code: scanner-based anatomical coordinates
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+GEOMETRY_ATOL_MM = 1e-3  # a heatmap's grid must match its volume's to this, mm
+
+
+def ras_affine(spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    """The 4×4 NIfTI affine of a canonical kdsb grid: voxel (i, j, k) = (x, y, z) → RAS mm.
+
+    Args:
+        spacing: voxel size (z, y, x), mm.
+        origin: LPS patient coordinate of voxel [0, 0, 0], (z, y, x), mm.
+    """
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ np.diag([float(s) for s in spacing[::-1]])
+    affine[:3, 3] = LPS_TO_RAS @ np.asarray(origin[::-1], dtype=np.float64)
+    return affine
+
+
+def write_nifti(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float],
+) -> Path:
+    """Write a (z, y, x) array as a NIfTI-1 file (atomically) with its RAS affine."""
+    import nibabel as nib
+
+    affine = ras_affine(spacing, origin)
+    image = nib.Nifti1Image(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)), affine)
+    image.set_qform(affine, code=SCANNER_XFORM)
+    image.set_sform(affine, code=SCANNER_XFORM)
+    image.header.set_xyzt_units(xyz="mm")
+    path = Path(path)
+    with atomic_path(path) as temp:
+        nib.save(image, temp)
+    return path
+
+
+def export_patient(
+    volume_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    patient_id: str,
+    heatmaps_dir: str | os.PathLike | None = None,
+) -> list[Path]:
+    """Write `<id>_hu.nii.gz`, `<id>_lung_mask.nii.gz` and, with `heatmaps_dir`,
+    `<id>_heatmap.nii.gz` into `out_dir`; returns the files written.
+
+    Raises:
+        StoreError: an unreadable volume or heatmap file, or a heatmap on another grid.
+    """
+    volume = volumes.read_volume(volume_file)
+    out_dir = Path(out_dir)
+    grid = (volume.spacing, volume.origin)
+    heatmap = None
+    if heatmaps_dir is not None:
+        heatmap, spacing, origin = read_heatmap(heatmap_path(heatmaps_dir, patient_id))
+        same_grid = heatmap.shape == volume.hu.shape and np.allclose(
+            (spacing, origin), grid, atol=GEOMETRY_ATOL_MM
+        )
+        if not same_grid:
+            raise StoreError(
+                f"{patient_id}: expected a heatmap on the volume's grid {volume.hu.shape}, "
+                f"spacing {volume.spacing}, origin {volume.origin}; received {heatmap.shape}, "
+                f"spacing {spacing}, origin {origin}"
+            )
+    written = [
+        write_nifti(out_dir / f"{patient_id}_hu{NIFTI_SUFFIX}", volume.hu, *grid),
+        write_nifti(out_dir / f"{patient_id}_lung_mask{NIFTI_SUFFIX}",
+                    volume.lung_mask.astype(np.uint8), *grid),
+    ]
+    if heatmap is not None:
+        written.append(write_nifti(out_dir / f"{patient_id}_heatmap{NIFTI_SUFFIX}", heatmap, *grid))
+    return written
+
+
+def export_cohort(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    ids: Iterable[str] | None = None,
+    heatmaps_dir: str | os.PathLike | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Export every patient of `data_dir` (or only `ids`) as NIfTI into `out_dir`.
+
+    A patient that fails (no volume file, an unreadable file, a missing heatmap) gets a one-line
+    reason and the others go on; files already written are never left half-written.
+
+    Returns:
+        (ids exported, {id: reason} for the patients that failed).
+    """
+    available = volumes.list_volumes(data_dir)
+    wanted = list(available) if ids is None else list(ids)
+    exported: list[str] = []
+    failed: dict[str, str] = {}
+    for patient_id in tqdm(wanted, desc="export", unit="patient", disable=None):
+        if patient_id not in available:
+            failed[patient_id] = f"{patient_id}: expected {patient_id}.h5 in {data_dir}, " \
+                                 "received no such volume file"
+            continue
+        try:
+            export_patient(available[patient_id], out_dir, patient_id, heatmaps_dir)
+        except KdsbError as error:
+            failed[patient_id] = " ".join(str(error).split())
+            continue
+        exported.append(patient_id)
+    return exported, failed
