@@ -117,18 +117,15 @@ def _load_keras_model(path: str | os.PathLike, what: str) -> keras.Model:
         ) from error
 
 
-def load_encoder_from_gmcae(path: str | os.PathLike) -> keras.Model:
-    """Load a saved GMCAE (.keras, safe mode, uncompiled) and return its encoder.
+def load_gmcae(path: str | os.PathLike) -> keras.Model:
+    """Load a saved GMCAE (.keras, safe mode, uncompiled).
 
     Args:
         path: A `gmcae.keras` file written by `kdsb train-gmcae`.
 
-    Returns:
-        The nested "encoder" model, with the trained weights.
-
     Raises:
-        ModelError: If the file is missing, cannot be loaded as a Keras model, or holds no
-            GMCAE encoder.
+        ModelError: If the file is missing, cannot be loaded as a Keras model, or is not a
+            GMCAE (no encoder and mixture output).
     """
     model = _load_keras_model(path, "a kdsb GMCAE")
     layer_names = {layer.name for layer in model.layers}
@@ -137,7 +134,12 @@ def load_encoder_from_gmcae(path: str | os.PathLike) -> keras.Model:
             f"expected a kdsb GMCAE (layers '{ENCODER_NAME}' and '{MIXTURE_OUTPUT_NAME}'), "
             f"received {os.fspath(path)!r} holding model '{model.name}'"
         )
-    return encoder_of(model)
+    return model
+
+
+def load_encoder_from_gmcae(path: str | os.PathLike) -> keras.Model:
+    """The encoder (nested model, trained weights) of a saved GMCAE; see `load_gmcae`."""
+    return encoder_of(load_gmcae(path))
 
 
 def load_classifier(path: str | os.PathLike) -> keras.Model:

@@ -1,0 +1,52 @@
+"""`kdsb embed DATA_DIR GMCAE.keras OUT_DIR`: patient embeddings, unusual patients, neighbours."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kdsb.evaluation.embed import DEFAULT_NEIGHBOURS, DEFAULT_PATCHES, DEFAULT_TOP
+
+HELP = ("GMCAE features per patient (embeddings.csv), the most unusual patients (outliers.csv), "
+        "the most similar ones (neighbours.csv) and a 2D map (map.png)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data_dir", type=Path, help="folder of kdsb volume files (<id>.h5)")
+    parser.add_argument("gmcae", type=Path, help="a gmcae.keras written by kdsb train-gmcae")
+    parser.add_argument("out_dir", type=Path, help="folder for the CSV files and map.png")
+    parser.add_argument("--labels", type=Path, default=None, metavar="CSV",
+                        help="id,cancer labels: colour the map by label")
+    parser.add_argument("--patches", type=int, default=DEFAULT_PATCHES,
+                        help="lung patches per patient")
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP,
+                        help="most unusual patches whose NLL scores a patient")
+    parser.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
+                        help="nearest patients listed (and used by the outlier score)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patch sampling")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdsb.commands import require_dir, require_file
+    from kdsb.errors import UsageError
+    from kdsb.evaluation.embed import OUTLIERS_NAME, embed_cohort, write_embedding_files
+    from kdsb.io.tables import read_labels
+    from kdsb.io.volumes import list_volumes
+    from kdsb.models.classifier import load_gmcae
+
+    paths = list_volumes(require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files"))
+    require_file(args.gmcae, "GMCAE.keras, a model written by kdsb train-gmcae")
+    labels = read_labels(require_file(args.labels, "--labels, an id,cancer CSV")) \
+        if args.labels else None
+    for name in ("patches", "top", "neighbours"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"expected --{name} >= 1, received {getattr(args, name)}")
+    table, failed = embed_cohort(load_gmcae(args.gmcae), paths, patches=args.patches,
+                                 top=args.top, seed=args.seed)
+    write_embedding_files(args.out_dir, table, neighbours=args.neighbours, labels=labels)
+    for reason in failed.values():
+        print(f"kdsb embed: failed: {reason}", file=sys.stderr)
+    print(f"{len(table.ids)} patient(s) embedded; most unusual first in "
+          f"{args.out_dir / OUTLIERS_NAME}")
+    return 1 if failed else 0

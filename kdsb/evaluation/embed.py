@@ -1,0 +1,226 @@
+"""What the GMCAE learned about each patient: embeddings, unusual patients, similar patients, a map.
+
+Per patient, `patches` lung patches (32³ at the volume's spacing, centred on lung voxels, no
+augmentation, seeded) go through the trained GMCAE:
+
+- **embedding**: the encoder's bottleneck (4, 4, 4, C) averaged over space per patch, then the
+  mean and the maximum over the patient's patches (2C features: what is typical, what stands
+  out);
+- **likelihood**: each patch's mixture NLL per voxel (the training loss); the patient's mean,
+  90th percentile and the mean of its `top` most unusual patches.
+
+From the cohort's table:
+
+- **outlier score**: the mean of two standardised scores, the distance to the `neighbours`
+  nearest patients in the standardised embedding space (how far from everyone else) and the
+  NLL of the most unusual patches (how badly the model explains some of its lung); rank 1 is
+  the most unusual patient;
+- **neighbours**: the `neighbours` most similar patients of each (Euclidean, standardised
+  embeddings), for case retrieval;
+- **map**: the first two principal components, coloured by label when labels are given, the
+  most unusual patients named.
+
+Files (DESIGN.md, `kdsb embed`): `embeddings.csv` (`id`, `emb_000` …, `nll_mean`, `nll_p90`,
+`nll_top`), `outliers.csv` (`id,score,rank`), `neighbours.csv` (`id,neighbour,distance`),
+`map.png`. TensorFlow is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from kdsb.errors import KdsbError
+
+EMBEDDINGS_NAME = "embeddings.csv"
+OUTLIERS_NAME = "outliers.csv"
+NEIGHBOURS_NAME = "neighbours.csv"
+MAP_NAME = "map.png"
+DEFAULT_PATCHES = 64
+DEFAULT_NEIGHBOURS = 5
+DEFAULT_TOP = 4
+NAMED_OUTLIERS = 5  # the most unusual patients named on the map
+MIN_PATIENTS = 3
+NLL_COLUMNS = ("nll_mean", "nll_p90", "nll_top")
+PATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class CohortEmbedding:
+    """The cohort's table: one row per patient.
+
+    Attributes:
+        ids: patient ids, in row order.
+        embeddings: float64 (patients, 2C) pooled encoder features.
+        nll: float64 (patients, 3) mean, 90th percentile and top-patch mean NLL per voxel.
+    """
+
+    ids: list[str]
+    embeddings: np.ndarray
+    nll: np.ndarray
+
+
+def patient_features(
+    gmcae: Any, encoder: Any, path: str | os.PathLike, patches: int, top: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(embedding (2C,), NLL statistics (3,)) of one volume file (see the module docstring)."""
+    from keras import ops
+
+    from kdsb.data.datasets import read_patches
+    from kdsb.models.gmcae import mixtures_of
+    from kdsb.models.losses import gaussian_mixture_nll, split_mixture_params
+
+    rng = np.random.default_rng(seed)
+    x = read_patches(path, patch_size=PATCH_SIZE, count=patches, sampling="lung",
+                     augment=False, rng=rng)[..., np.newaxis]
+    codes = np.asarray(encoder.predict(x, verbose=0), dtype=np.float64)
+    pooled = codes.mean(axis=(1, 2, 3))  # (patches, C)
+    packed = gmcae.predict(x, verbose=0)
+    params = split_mixture_params(packed, mixtures_of(gmcae))
+    nll = ops.convert_to_numpy(gaussian_mixture_nll(x.reshape(len(x), -1), *params))
+    nll = np.sort(nll.astype(np.float64))[::-1]
+    embedding = np.concatenate([pooled.mean(axis=0), pooled.max(axis=0)])
+    stats = np.array([nll.mean(), np.percentile(nll, 90), nll[: max(1, top)].mean()])
+    return embedding, stats
+
+
+def embed_cohort(
+    gmcae: Any,
+    paths: Mapping[str, str | os.PathLike],
+    *,
+    patches: int = DEFAULT_PATCHES,
+    top: int = DEFAULT_TOP,
+    seed: int = 0,
+) -> tuple[CohortEmbedding, dict[str, str]]:
+    """Features of every patient; a patient whose file cannot be read fails alone.
+
+    Returns:
+        (the table of the patients that worked, {id: one-line reason} for those that failed).
+    """
+    from kdsb.models.gmcae import encoder_of
+
+    encoder = encoder_of(gmcae)
+    ids, embeddings, nll, failed = [], [], [], {}
+    for index, (patient_id, path) in enumerate(
+        tqdm(paths.items(), desc="embed", unit="patient", disable=None)
+    ):
+        try:
+            embedding, stats = patient_features(gmcae, encoder, path, patches, top, seed + index)
+        except KdsbError as error:
+            failed[patient_id] = " ".join(str(error).split())
+            continue
+        ids.append(patient_id)
+        embeddings.append(embedding)
+        nll.append(stats)
+    if len(ids) < MIN_PATIENTS:
+        raise KdsbError(
+            f"expected at least {MIN_PATIENTS} readable patients to compare, received {len(ids)}"
+        )
+    return CohortEmbedding(ids, np.array(embeddings), np.array(nll)), failed
+
+
+def _standardise(values: np.ndarray) -> np.ndarray:
+    scale = values.std(axis=0)
+    return (values - values.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
+
+
+def outlier_scores(table: CohortEmbedding, neighbours: int) -> np.ndarray:
+    """One score per patient, higher = more unusual (see the module docstring)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    features = _standardise(table.embeddings)
+    k = min(neighbours, len(table.ids) - 1)
+    distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors(features)
+    isolation = distances[:, 1:].mean(axis=1)  # column 0 is the patient itself
+    unusual_patches = table.nll[:, NLL_COLUMNS.index("nll_top")]
+    return (_standardise(isolation[:, None]) + _standardise(unusual_patches[:, None]))[:, 0] / 2
+
+
+def nearest_patients(table: CohortEmbedding, neighbours: int) -> list[tuple[str, str, float]]:
+    """(id, neighbour, distance) rows: each patient's `neighbours` most similar patients."""
+    from sklearn.neighbors import NearestNeighbors
+
+    features = _standardise(table.embeddings)
+    k = min(neighbours, len(table.ids) - 1)
+    distances, indices = NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors(features)
+    rows = []
+    for row, patient_id in enumerate(table.ids):
+        others = [(j, d) for j, d in zip(indices[row], distances[row], strict=True) if j != row]
+        rows += [(patient_id, table.ids[j], float(d)) for j, d in others[:k]]
+    return rows
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    from kdsb.io.atomic import write_text
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
+
+
+def write_map(path: Path, table: CohortEmbedding, scores: np.ndarray,
+              labels: Mapping[str, int] | None) -> Path:
+    """The first two principal components of the standardised embeddings, one dot a patient."""
+    from matplotlib.figure import Figure
+    from sklearn.decomposition import PCA
+
+    from kdsb.io.atomic import atomic_path
+
+    points = PCA(n_components=2).fit_transform(_standardise(table.embeddings))
+    figure = Figure(figsize=(7, 6), dpi=100)
+    ax = figure.subplots()
+    groups = {"no label": [i for i, p in enumerate(table.ids) if not labels or p not in labels]}
+    if labels:
+        groups["cancer 0"] = [i for i, p in enumerate(table.ids) if labels.get(p) == 0]
+        groups["cancer 1"] = [i for i, p in enumerate(table.ids) if labels.get(p) == 1]
+    colours = {"no label": "grey", "cancer 0": "tab:blue", "cancer 1": "tab:red"}
+    for name, rows in groups.items():
+        if rows:
+            ax.scatter(points[rows, 0], points[rows, 1], s=18, c=colours[name], label=name)
+    for row in np.argsort(-scores)[:NAMED_OUTLIERS]:
+        ax.annotate(table.ids[row], points[row], fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("principal component 1")
+    ax.set_ylabel("principal component 2")
+    ax.set_title(f"{len(table.ids)} patients, GMCAE embeddings (most unusual named)")
+    ax.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png")
+    return path
+
+
+def write_embedding_files(
+    out_dir: str | os.PathLike,
+    table: CohortEmbedding,
+    *,
+    neighbours: int = DEFAULT_NEIGHBOURS,
+    labels: Mapping[str, int] | None = None,
+) -> list[Path]:
+    """Write embeddings.csv, outliers.csv, neighbours.csv and map.png; returns their paths."""
+    out_dir = Path(out_dir)
+    width = table.embeddings.shape[1]
+    header = ["id", *(f"emb_{i:03d}" for i in range(width)), *NLL_COLUMNS]
+    rows = [[pid, *(f"{v:.6g}" for v in emb), *(f"{v:.6g}" for v in nll)]
+            for pid, emb, nll in zip(table.ids, table.embeddings, table.nll, strict=True)]
+    scores = outlier_scores(table, neighbours)
+    order = np.argsort(-scores, kind="stable")
+    outliers = [[table.ids[row], f"{scores[row]:.6g}", rank]
+                for rank, row in enumerate(order, start=1)]
+    near = [[a, b, f"{d:.6g}"] for a, b, d in nearest_patients(table, neighbours)]
+    return [
+        _write_csv(out_dir / EMBEDDINGS_NAME, header, rows),
+        _write_csv(out_dir / OUTLIERS_NAME, ("id", "score", "rank"), outliers),
+        _write_csv(out_dir / NEIGHBOURS_NAME, ("id", "neighbour", "distance"), near),
+        write_map(out_dir / MAP_NAME, table, scores, labels),
+    ]

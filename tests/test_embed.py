@@ -1,0 +1,88 @@
+"""`kdsb embed`: GMCAE features per patient; odd patients ranked first; neighbours; map."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from kdsb.cli import main
+from kdsb.io import volumes
+from kdsb.phantoms.anatomy import make_phantom
+
+ORDINARY = 7
+
+
+def _write(folder, patient_id, hu, lung, spacing, origin):
+    volumes.write_volume(volumes.volume_path(folder, patient_id), hu, lung, spacing, origin)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Seven ordinary phantom chests, one emphysema-like (dark lungs full of bullae) and one
+    with metal streaks across the lungs; an untrained (seeded) GMCAE: its features already tell
+    such patients apart, and training one costs minutes on a CPU."""
+    import keras
+
+    from kdsb.models.gmcae import build_gmcae
+
+    root = tmp_path_factory.mktemp("embed")
+    data = root / "data"
+    rng = np.random.default_rng(7)
+    for index in range(ORDINARY + 2):
+        phantom = make_phantom(rng, size=96, cancer=bool(index % 2), scale=0.7)
+        hu, lung = phantom.hu.copy(), phantom.lung_mask > 0
+        if index == ORDINARY:  # emphysema-like: lung at -990 HU with large holes
+            hu[lung] = rng.normal(-990, 8, size=lung.sum()).astype(np.int16)
+        if index == ORDINARY + 1:  # metal streaks: bright lines through every slice
+            for row in range(10, hu.shape[1] - 10, 9):
+                hu[:, row, :] = np.where(lung[:, row, :], 3000, hu[:, row, :])
+        _write(data, f"p{index:02d}", hu, phantom.lung_mask, phantom.spacing, phantom.origin)
+    keras.utils.set_random_seed(0)
+    build_gmcae(width=4, mixtures=2).save(root / "gmcae.keras")
+    (root / "labels.csv").write_text(
+        "id,cancer\n" + "".join(f"p{i:02d},{i % 2}\n" for i in range(ORDINARY)))
+    return root
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_odd_patients_rank_first_and_every_file_is_written(cohort, tmp_path):
+    out = tmp_path / "out"
+    code = main(["embed", str(cohort / "data"), str(cohort / "gmcae.keras"), str(out),
+                 "--labels", str(cohort / "labels.csv"), "--patches", "16", "--neighbours", "3"])
+    assert code == 0
+    outliers = _rows(out / "outliers.csv")
+    assert [r["rank"] for r in outliers] == [str(i) for i in range(1, ORDINARY + 3)]
+    assert {r["id"] for r in outliers[:2]} == {f"p{ORDINARY:02d}", f"p{ORDINARY + 1:02d}"}
+    scores = [float(r["score"]) for r in outliers]
+    assert scores == sorted(scores, reverse=True)
+
+    embeddings = _rows(out / "embeddings.csv")
+    assert [r["id"] for r in embeddings] == [f"p{i:02d}" for i in range(ORDINARY + 2)]
+    features = [k for k in embeddings[0] if k.startswith("emb_")]
+    assert len(features) == 2 * 16  # mean and max of the width-4 encoder's 16 channels
+    assert all(np.isfinite(float(r[k])) for r in embeddings for k in features + ["nll_top"])
+    nll = {r["id"]: float(r["nll_top"]) for r in embeddings}
+    assert nll[f"p{ORDINARY:02d}"] > max(nll[f"p{i:02d}"] for i in range(ORDINARY))
+
+    neighbours = _rows(out / "neighbours.csv")
+    assert len(neighbours) == 3 * (ORDINARY + 2)
+    assert all(r["id"] != r["neighbour"] for r in neighbours)
+    first = [r for r in neighbours if r["id"] == "p00"]
+    distances = [float(r["distance"]) for r in first]
+    assert distances == sorted(distances) and distances[0] > 0
+    assert (out / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_gmcae_that_is_not_one_is_a_clear_error(cohort, tmp_path, capsys):
+    bad = tmp_path / "not.keras"
+    bad.write_text("not a model")
+    assert main(["embed", str(cohort / "data"), str(bad), str(tmp_path / "out")]) == 1
+    assert "expected a kdsb GMCAE saved as .keras" in capsys.readouterr().err
+    assert main(["embed", str(cohort / "data"), str(cohort / "gmcae.keras"),
+                 str(tmp_path / "out"), "--patches", "0"]) == 2
