@@ -147,7 +147,7 @@ def test_patch_dataset_rejects_bad_options(paths, tmp_path):
         datasets.patch_dataset([tmp_path / "nope.h5"])
 
 
-# volume_dataset and load_volume_array
+# volume_dataset
 
 
 def test_volume_dataset_variable_sizes_and_labels(paths):

@@ -138,6 +138,14 @@ def test_resume_refuses_incompatible_options(used_run, data_dir, capsys):
     assert (used_run / "config.json").read_text() == saved
 
 
+def test_resume_with_the_same_options_object_keeps_them(used_run, data_dir):
+    """The library path (the demo's): a whole options object, defaults included."""
+    options = GmcaeOptions(width=4)
+    assert options.variance_floor > 0
+    assert runs.resolve_options(GmcaeOptions, options, used_run, resume=True,
+                                data_dir=data_dir) == (options, 1)
+
+
 def test_existing_run_without_resume_is_a_usage_error(used_run, data_dir, capsys):
     saved = (used_run / "config.json").read_text()
     assert main(["train-gmcae", str(data_dir), str(used_run), "--width", "8"]) == 2

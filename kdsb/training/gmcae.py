@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,8 @@ class GmcaeOptions(RunOptions):
         patches_per_volume: patches read per visit of a volume.
         sampling: "lung" (centred on lung voxels) or "grid" (a blind regular grid).
         clipnorm: per-variable gradient clipping norm (0: none).
-        variance_floor: smallest mixture variance, normalised HU² (None:
-            `kdsb.models.layers.DEFAULT_VARIANCE_FLOOR`, written into config.json as its value).
+        variance_floor: smallest mixture variance, normalised HU² (None becomes
+            `kdsb.models.layers.DEFAULT_VARIANCE_FLOOR`).
     """
 
     batch_size: int = option(16, "patches per batch (global, over all devices)", type=int)
@@ -83,6 +83,13 @@ class GmcaeOptions(RunOptions):
         shown="kdsb.models.layers.DEFAULT_VARIANCE_FLOOR",
     )
 
+    def __post_init__(self) -> None:
+        if self.variance_floor is None:
+            from kdsb.models.layers import DEFAULT_VARIANCE_FLOOR
+
+            object.__setattr__(self, "variance_floor", DEFAULT_VARIANCE_FLOOR)
+        super().__post_init__()
+
     def checks(self) -> list[tuple[bool, str, Any]]:
         return [
             *super().checks(),
@@ -94,8 +101,7 @@ class GmcaeOptions(RunOptions):
             (self.patches_per_volume >= 1, "--patches-per-volume >= 1", self.patches_per_volume),
             (self.sampling in SAMPLINGS, f"--sampling in {SAMPLINGS}", self.sampling),
             (self.clipnorm >= 0, "--clipnorm >= 0", self.clipnorm),
-            (self.variance_floor is None or self.variance_floor > 0, "--variance-floor > 0",
-             self.variance_floor),
+            (self.variance_floor > 0, "--variance-floor > 0", self.variance_floor),
         ]
 
 
@@ -230,14 +236,11 @@ def train_gmcae(
 
     from kdsb.data.datasets import patch_dataset, split_patients
     from kdsb.models import gmcae
-    from kdsb.models.layers import DEFAULT_VARIANCE_FLOOR
 
     run_dir = Path(run_dir)
     options, start_epoch = runs.resolve_options(
         GmcaeOptions, options, run_dir, resume=resume, data_dir=data_dir
     )
-    if options.variance_floor is None:
-        options = replace(options, variance_floor=DEFAULT_VARIANCE_FLOOR)
     volumes = _volume_paths(Path(data_dir))
     train_ids, val_ids = split_patients(
         list(volumes), val_fraction=options.val_fraction, seed=options.seed
