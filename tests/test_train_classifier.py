@@ -197,9 +197,11 @@ def test_focal_loss_and_frozen_blocks_from_the_command_line(cohort, tmp_path):
     data, labels, gmcae = cohort
     run = tmp_path / "run"
     assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
-                 "--epochs", "1", "--val-fraction", "0.25", "--dense-units", "4",
-                 "--loss", "focal", "--freeze-blocks", "2", "--no-augment"]) == 0
-    checkpoint = keras.saving.load_model(run / "checkpoints" / "epoch_0001.keras",
+                 "--epochs", "2", "--val-fraction", "0.25", "--dense-units", "4",
+                 "--loss", "focal", "--freeze-blocks", "2", "--no-augment",
+                 "--keep-checkpoints", "1"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0002.keras"]
+    checkpoint = keras.saving.load_model(run / "checkpoints" / "epoch_0002.keras",
                                          safe_mode=True)
     assert isinstance(checkpoint.loss, keras.losses.BinaryFocalCrossentropy)
     assert checkpoint.loss.gamma == 2.0
@@ -246,7 +248,8 @@ def test_options_default_to_the_dataclass_and_are_validated_once(cohort):
     assert options.to_saved()["levels"] == [1, 2, 4] and options.keep_checkpoints is None
     for bad, message in (({"freeze_blocks": 4}, "expected --freeze-blocks in 0..3"),
                          ({"downscale": 0}, "expected --downscale >= 1"),
-                         ({"levels": ()}, "expected --levels of integers >= 1")):
+                         ({"levels": ()}, "expected --levels of integers >= 1"),
+                         ({"distribute": "mirrored"}, "expected --distribute none")):
         with pytest.raises(UsageError, match=message):
             ClassifierOptions(gmcae=str(gmcae), **bad)
     assert balanced_class_weights([0, 0, 0, 1]) == pytest.approx({0: 4 / 6, 1: 2.0})

@@ -90,6 +90,10 @@ class ClassifierOptions(RunOptions):
     patience: int | None = option(
         5, "early stopping: epochs without a better validation log loss", type=int
     )
+    distribute: str = option(
+        "none", "none only for now: every step trains on one whole volume (sizes vary), which "
+        "a data-parallel strategy cannot split over devices", choices=runs.STRATEGIES,
+    )
     freeze_blocks: int = option(0, "freeze the first K encoder blocks", type=int)
     loss: str = option("bce", "binary cross-entropy or focal", choices=LOSSES)
     class_weight: str = option("balanced", "sample weights against class imbalance (bce only)",
@@ -136,6 +140,9 @@ class ClassifierOptions(RunOptions):
 
         return [
             *super().checks(),
+            (self.distribute == "none",
+             "--distribute none (one whole volume per step cannot be split over devices)",
+             self.distribute),
             (self.loss in LOSSES, f"--loss in {LOSSES}", self.loss),
             (self.pooling in POOLINGS, f"--pooling in {POOLINGS}", self.pooling),
             (self.class_weight in CLASS_WEIGHTS, f"--class-weight in {CLASS_WEIGHTS}",
