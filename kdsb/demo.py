@@ -12,10 +12,9 @@ demo resumes where it stopped):
 3. `train-gmcae` on the training volumes (small width, a few short epochs);
 4. `train-classifier` on the training cohort with the lungs masked (the body wall, heart and
    spine hold large soft-tissue blobs that a nodule detector would otherwise confuse with
-   cancer; masked voxels become lung parenchyma, see
-   `kdsb.training.classifier.PARENCHYMA_HU`), a held-out validation split, early stopping on
-   validation log loss; a small head (global max pooling, 32 units, dropout 0.5) for the few
-   dozen training phantoms;
+   cancer; masked voxels become lung parenchyma, see `kdsb.data.inputs`), a held-out
+   validation split, early stopping on validation log loss; a small head (global max pooling,
+   32 units, dropout 0.5) for the few dozen training phantoms;
 5. `predict` the test cohort (mean over `TTA_COUNT` cube symmetries) and `evaluate` it
    against its labels (table and plots).
 
@@ -42,7 +41,6 @@ SPACING_MM = 2.0
 # The phantoms' lung masks hold their juxtapleural nodules: no margin needed around them.
 LUNG_DILATION_MM = 0.0
 TEST_SEED_OFFSET = 1000
-GMCAE_NAME = "gmcae.keras"
 # Test-time augmentation: the mean over the first cube symmetries tempers the confident
 # mistakes of a classifier trained on a few dozen patients (cheap: volumes of ~10⁵ voxels).
 TTA_COUNT = 8
@@ -103,32 +101,27 @@ def _synth(root: Path, patients: int, seed: int) -> Path:
 
 
 def _preprocess(dicom_root: Path, out_dir: Path, workers: int) -> None:
-    from kdsb.preprocessing.cohort import run_cohort
+    from kdsb.preprocessing.cohort import MANIFEST_NAME, run_cohort
 
     if run_cohort(dicom_root, out_dir, workers=workers, spacing=SPACING_MM) != 0:
         raise KdsbError(
             f"expected every phantom of {dicom_root} to preprocess, received failures "
-            f"(see {out_dir / 'manifest.csv'})"
+            f"(see {out_dir / MANIFEST_NAME})"
         )
 
 
 def _train_gmcae(volumes: Path, run_dir: Path, plan: DemoPlan, seed: int) -> Path:
-    from kdsb.cli import main
+    """Train the GMCAE into `run_dir`, or reuse a finished run; returns the model's path."""
+    from kdsb.training.gmcae import MODEL_NAME, SUMMARY_NAME, GmcaeOptions, train_gmcae
 
-    model = run_dir / GMCAE_NAME
-    if model.is_file() and (run_dir / "gmcae_summary.json").is_file():
+    model = run_dir / MODEL_NAME
+    if model.is_file() and (run_dir / SUMMARY_NAME).is_file():
         return model
-    argv = [
-        "train-gmcae", str(volumes), str(run_dir),
-        "--epochs", str(plan.gmcae_epochs), "--steps-per-epoch", str(plan.gmcae_steps),
-        "--validation-steps", "4", "--batch-size", "8", "--width", str(plan.gmcae_width),
-        "--patch-size", "16", "--mixtures", "2", "--lr", "1e-3", "--seed", str(seed),
-    ]
-    if (run_dir / "checkpoints").is_dir():
-        argv.append("--resume")
-    status = main(argv)
-    if status != 0:
-        raise KdsbError(f"expected train-gmcae to succeed, received exit status {status}")
+    options = GmcaeOptions(
+        epochs=plan.gmcae_epochs, steps_per_epoch=plan.gmcae_steps, validation_steps=4,
+        batch_size=8, width=plan.gmcae_width, patch_size=16, mixtures=2, lr=1e-3, seed=seed,
+    )
+    train_gmcae(volumes, run_dir, options, resume=_started(run_dir))
     return model
 
 
@@ -136,19 +129,24 @@ def _train_classifier(
     volumes: Path, labels: Path, gmcae: Path, run_dir: Path, plan: DemoPlan, seed: int
 ) -> dict:
     """Train the classifier into `run_dir`, or reuse a finished run; returns its metrics.json."""
-    from kdsb.training.classifier import METRICS_NAME, ClassifierConfig, train_classifier
+    from kdsb.training.classifier import METRICS_NAME, ClassifierOptions, train_classifier
 
     metrics_path = run_dir / METRICS_NAME
     if metrics_path.is_file():
         return json.loads(metrics_path.read_text())
-    config = ClassifierConfig(
+    options = ClassifierOptions(
         gmcae=str(gmcae), epochs=plan.classifier_epochs, lr=plan.lr, seed=seed,
-        patience=plan.patience, mask_outside_lungs=True, lung_dilation_mm=LUNG_DILATION_MM,
-        val_fraction=0.25, batch_size=4, levels=(1,), dense_units=32, dropout=0.5,
-        class_weight="none",
-        resume=(run_dir / "checkpoints").is_dir(),
+        patience=plan.patience, lung_dilation_mm=LUNG_DILATION_MM, val_fraction=0.25,
+        batch_size=4, levels=(1,), dense_units=32, dropout=0.5, class_weight="none",
     )
-    return train_classifier(volumes, labels, run_dir, config)
+    return train_classifier(volumes, labels, run_dir, options, resume=_started(run_dir))
+
+
+def _started(run_dir: Path) -> bool:
+    """Whether a killed demo left checkpoints in `run_dir` to resume from."""
+    from kdsb.training.runs import last_checkpoint
+
+    return last_checkpoint(run_dir) is not None
 
 
 def run_demo(
@@ -165,11 +163,12 @@ def run_demo(
         workers: preprocessing processes.
 
     Returns:
-        `kdsb.evaluation.metrics.summary` of the test predictions, plus the validation scores under
-        "val_log_loss", "val_auc", "val_base_rate_log_loss" and the wall time "seconds".
+        `kdsb.evaluation.metrics.summary` of the test predictions, plus the same summary of the
+        validation patients under "validation" and the wall time under "seconds".
     """
-    from kdsb.evaluation.evaluate import evaluate, format_table
+    from kdsb.evaluation.evaluate import CALIBRATION_PNG, ROC_PNG, evaluate, format_table
     from kdsb.evaluation.predict import predict_to_csv
+    from kdsb.training.classifier import BEST_NAME
 
     plan = FAST_PLAN if fast else FULL_PLAN
     if patients is not None:
@@ -203,7 +202,7 @@ def run_demo(
     start = _stage("predict the held-out test cohort")
     predictions = work / "test_predictions.csv"
     predict_to_csv(
-        test_volumes, [clf_dir / "classifier.keras"], predictions, tta=True, tta_count=TTA_COUNT
+        test_volumes, [clf_dir / BEST_NAME], predictions, tta=True, tta_count=TTA_COUNT
     )
     plots = work / "plots"
     scores = evaluate(predictions, test_labels, plots_dir=plots)
@@ -211,23 +210,12 @@ def run_demo(
 
     seconds = time.perf_counter() - start_all
     print()
-    print(format_table(
-        {"log_loss": validation["val_log_loss"], "roc_auc": validation["val_auc"],
-         "accuracy": validation["val_accuracy"],
-         "base_rate_log_loss": validation["val_base_rate_log_loss"], "n": validation["n_val"],
-         "n_positive": validation["n_val_positive"]},
-        title="validation (held out from the training cohort)",
-    ))
+    print(format_table(validation["validation"],
+                       title="validation (held out from the training cohort)"))
     print(format_table(scores, title="test (a separate phantom cohort)"))
     beaten = "beats" if scores["log_loss"] < scores["base_rate_log_loss"] else "does NOT beat"
     print(f"the classifier {beaten} the base rate on the test cohort")
     print(f"predictions: {predictions}")
-    print(f"plots: {plots / 'roc.png'}, {plots / 'calibration.png'}")
+    print(f"plots: {plots / ROC_PNG}, {plots / CALIBRATION_PNG}")
     print(f"wall time: {seconds / 60:.1f} min")
-    return {
-        **scores,
-        "val_log_loss": validation["val_log_loss"],
-        "val_auc": validation["val_auc"],
-        "val_base_rate_log_loss": validation["val_base_rate_log_loss"],
-        "seconds": seconds,
-    }
+    return {**scores, "validation": validation["validation"], "seconds": seconds}

@@ -7,15 +7,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from skimage.measure import block_reduce
 
 from kdsb.data import datasets, patches
+from kdsb.data.inputs import VolumeInput
 from kdsb.errors import KdsbError, LabelsError, StoreError
 from kdsb.io import volumes
 
 SHAPES = {"a": (40, 36, 44), "b": (34, 40, 38), "c": (20, 30, 50)}
 PATCH = 16
 X_MAX = float(patches.normalize_hu(patches.HU_CLIP_MAX))
+PLAIN = VolumeInput(mask_outside_lungs=False)
 
 
 def _phantom(shape, rng):
@@ -146,68 +147,48 @@ def test_patch_dataset_rejects_bad_options(paths, tmp_path):
         datasets.patch_dataset([tmp_path / "nope.h5"])
 
 
-# volume_dataset and load_volume_array
+# volume_dataset
 
 
 def test_volume_dataset_variable_sizes_and_labels(paths):
     labels = {"a": 1, "b": 0, "c": 1}
-    elements = _take(datasets.volume_dataset(paths, labels), -1)
+    elements = _take(datasets.volume_dataset(paths, labels, volume_input=PLAIN), -1)
     assert len(elements) == 3
     for (x, y), path in zip(elements, paths, strict=True):
         assert x.shape == (1, *SHAPES[path.stem], 1) and x.dtype == np.float32
         assert y.shape == (1, 1) and y.dtype == np.float32 and y[0, 0] == labels[path.stem]
-    unlabelled = [np.asarray(x) for x in datasets.volume_dataset(paths)]
+        np.testing.assert_array_equal(x[0], PLAIN.read(path))
+    unlabelled = [np.asarray(x) for x in datasets.volume_dataset(paths, volume_input=PLAIN)]
     np.testing.assert_array_equal(unlabelled[0], elements[0][0])
 
 
 def test_volume_dataset_rejects_missing_labels(paths):
     with pytest.raises(LabelsError, match="received none for"):
-        datasets.volume_dataset(paths, {"a": 1})
+        datasets.volume_dataset(paths, {"a": 1}, volume_input=PLAIN)
     with pytest.raises(LabelsError, match="expected one label per volume"):
-        datasets.volume_dataset(paths, [1, 0])
+        datasets.volume_dataset(paths, [1, 0], volume_input=PLAIN)
 
 
 def test_volume_dataset_augment_is_a_cube_symmetry(paths):
-    reference = datasets.load_volume_array(paths[0])
-    x = next(iter(datasets.volume_dataset(paths[:1], augment=True, seed=1)))[0].numpy()
-    matches = [
-        i for i in range(48)
-        if patches.apply_symmetry(reference, i).shape == x.shape
-        and np.array_equal(patches.apply_symmetry(reference, i), x)
-    ]
-    assert len(matches) == 1
+    """Each visit shows the volume under exactly one of the 48 symmetries, not always the same."""
+    reference = PLAIN.read(paths[0])
+    stream = datasets.volume_dataset(paths[:1], volume_input=PLAIN, augment=True, seed=1,
+                                     repeat=True)
+    seen = []
+    for x in stream.take(8):
+        x = x[0].numpy()
+        matches = [
+            i for i in range(48)
+            if patches.apply_symmetry(reference, i).shape == x.shape
+            and np.array_equal(patches.apply_symmetry(reference, i), x)
+        ]
+        assert len(matches) == 1
+        seen.append(matches[0])
+    assert len(set(seen)) >= 4 and set(seen) != {0}
 
 
-def test_downscale_is_block_mean_of_normalised_hu(paths):
-    with volumes.open_volume(paths[0]) as f:
-        normalised = patches.normalize_hu(f["hu"][...])
-    x = datasets.load_volume_array(paths[0], downscale=3)
-    z, y, w = (n // 3 * 3 for n in normalised.shape)
-    expected = block_reduce(normalised[:z, :y, :w], (3, 3, 3), np.mean)
-    assert x.shape == (*expected.shape, 1)
-    np.testing.assert_allclose(x[..., 0], expected, rtol=1e-5, atol=1e-6)
-
-
-def test_mask_outside_lungs_sets_far_voxels_to_air(paths):
-    volume = volumes.read_volume(paths[0])
-    plain = datasets.load_volume_array(paths[0])[..., 0]
-    masked = datasets.load_volume_array(paths[0], mask_outside_lungs=True, lung_dilation_mm=3)[
-        ..., 0
-    ]
-    from scipy import ndimage
-
-    distance = ndimage.distance_transform_edt(volume.lung_mask == 0)
-    near = distance <= 3
-    np.testing.assert_array_equal(masked[near], plain[near])
-    assert np.all(masked[~near] == -1.0)
-    assert (~near).sum() > 0 and np.any(plain[~near] > -0.5)
-
-
-def test_check_volume_files_names_a_corrupt_or_too_small_file(paths, tmp_path):
-    datasets.check_volume_files(paths, min_edge=20)
-    with pytest.raises(StoreError, match=r"c.h5: expected a volume of at least 21 voxels per "
-                                         r"axis for --downscale 21, received shape \(20, 30, 50\)"):
-        datasets.check_volume_files(paths, min_edge=21, why="for --downscale 21")
+def test_check_volume_files_names_a_corrupt_file(paths, tmp_path):
+    datasets.check_volume_files(paths)
     corrupt = tmp_path / "bad.h5"
     corrupt.write_bytes(b"not hdf5")
     with pytest.raises(StoreError, match="bad.h5: expected an HDF5 file"):

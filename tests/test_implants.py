@@ -11,7 +11,7 @@ import pytest
 
 from kdsb.cli import main
 from kdsb.commands.synth import LESION_KINDS, LESION_PLACES
-from kdsb.data.datasets import load_volume_array
+from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import normalize_hu
 from kdsb.io import volumes
 from kdsb.io.tables import read_labels
@@ -78,15 +78,7 @@ def test_synth_base_preprocess_and_classifier_input_keep_the_lesion(base_folder,
     voxels = tuple(grid.T)
     assert volume.lung_mask[voxels].mean() >= 0.9
     # The classifier's default input preparation leaves every lung-mask voxel as it is.
-    from kdsb.training.classifier import PARENCHYMA_HU, ClassifierConfig
-
-    defaults = ClassifierConfig(gmcae="unused.keras")
-    network_input = load_volume_array(
-        out / f"{cancer}.h5",
-        mask_outside_lungs=defaults.mask_outside_lungs,
-        lung_dilation_mm=defaults.lung_dilation_mm,
-        outside_hu=PARENCHYMA_HU,
-    )[..., 0]
+    network_input = VolumeInput().read(out / f"{cancer}.h5")[..., 0]
     expected = normalize_hu(volume.hu)
     kept = volume.lung_mask[voxels] > 0
     np.testing.assert_array_equal(network_input[voxels][kept], expected[voxels][kept])

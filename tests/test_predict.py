@@ -1,29 +1,22 @@
-"""Tests of `kdsb predict`: CSV format, id order, ensembling, TTA, input config, errors."""
+"""Tests of `kdsb predict`: CSV format, id order, ensembling, TTA, model inputs, errors."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
 from kdsb.cli import main
+from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import apply_symmetry
-from kdsb.errors import LabelsError, UsageError
-from kdsb.evaluation.predict import (
-    DEFAULT_INPUT_CONFIG,
-    INPUT_CONFIG_NAME,
-    find_input_config,
-    predict_cohort,
-    tta_symmetries,
-    write_input_config,
-)
+from kdsb.errors import LabelsError, StoreError, UsageError
+from kdsb.evaluation.predict import predict_cohort, tta_symmetries
 from kdsb.io.tables import read_predictions
 from kdsb.io.volumes import volume_path, write_volume
 
 IDS = ("c", "a", "b")
 SHAPES = ((12, 14, 10), (9, 16, 16), (16, 8, 12))
-INPUT_CONFIG = {"mask_outside_lungs": False, "lung_dilation_mm": 10.0, "downscale": 1}
+# Random volumes with an all-lung mask: masking would change nothing, so it is off.
+INPUT = VolumeInput(spacing_mm=(1, 1, 1), mask_outside_lungs=False)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def cohort(tmp_path_factory):
         run = root / f"run{seed}"
         run.mkdir()
         model.save(run / "classifier.keras")
-        write_input_config(run, INPUT_CONFIG)
+        INPUT.save(run)
         models.append(run / "classifier.keras")
     return data, models
 
@@ -56,9 +49,7 @@ def _reference(models, data, patient_id, symmetries=(0,)):
     """Probability by hand: load each model, feed the prepared volume, average."""
     import keras
 
-    from kdsb.data.datasets import load_volume_array
-
-    x = load_volume_array(volume_path(data, patient_id), **INPUT_CONFIG)
+    x = INPUT.read(volume_path(data, patient_id))
     values = []
     for path in models:
         model = keras.saving.load_model(path, compile=False)
@@ -136,7 +127,7 @@ def test_missing_inputs_are_usage_errors_before_any_work(cohort, tmp_path, capsy
                  "--tta-count", "49"]) == 2
     assert not out.exists()
     # The library refuses a missing model too, before looking at the ids.
-    with pytest.raises(UsageError, match=r"received missing path\(s\): .*nope.keras"):
+    with pytest.raises(UsageError, match="received a missing path: .*nope.keras"):
         predict_cohort(data, [models[0], missing], ids=["zz"])
 
 
@@ -161,16 +152,23 @@ def test_a_model_that_is_no_classifier_is_a_one_line_error(cohort, tmp_path, cap
     assert not out.exists()
 
 
-def test_input_config_lookup(tmp_path):
-    run = tmp_path / "run"
-    write_input_config(run, {"mask_outside_lungs": True, "lung_dilation_mm": 5.0,
-                             "downscale": 2, "note": "kept"})
-    stored = json.loads((run / INPUT_CONFIG_NAME).read_text())
-    assert stored["note"] == "kept"
-    expected = {"mask_outside_lungs": True, "lung_dilation_mm": 5.0, "downscale": 2}
-    assert find_input_config(run / "classifier.keras") == expected
-    assert find_input_config(run / "checkpoints" / "epoch_0002.keras") == expected
-    assert find_input_config(tmp_path / "elsewhere" / "m.keras") == DEFAULT_INPUT_CONFIG
+def test_a_volume_of_another_spacing_is_refused(cohort, tmp_path, capsys):
+    _, models = cohort
+    data = tmp_path / "data"
+    write_volume(volume_path(data, "coarse"), np.zeros((8, 8, 8)), np.ones((8, 8, 8)),
+                 (2, 1, 1), (0, 0, 0))
+    out = tmp_path / "sub.csv"
+    assert main(["predict", str(data), str(models[0]), "--out", str(out)]) == 1
+    assert ("coarse.h5: expected a spacing of (1, 1, 1) mm (the model's training volumes), "
+            "received (2, 1, 1) mm") in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(StoreError, match="expected a spacing"):
+        predict_cohort(data, [models[0]])
+
+
+def test_tta_symmetries():
     assert tta_symmetries(False) == (0,)
     assert tta_symmetries(True) == tuple(range(48))
     assert tta_symmetries(True, 4) == (0, 1, 2, 3)
+    with pytest.raises(UsageError, match=r"expected --tta-count in \[1, 48\], received 0"):
+        tta_symmetries(True, 0)

@@ -144,3 +144,45 @@ def test_distribution_strategy_names():
     assert runs.distribution_strategy("none") is tf.distribute.get_strategy()
     with pytest.raises(UsageError, match="expected a strategy"):
         runs.distribution_strategy("tpu")
+
+
+def _saved_run(run_dir, options):
+    """A run folder as a killed run leaves it: its options and a (here empty) checkpoint."""
+    runs.begin(run_dir, options, data_dir=run_dir)
+    runs.checkpoint_path(run_dir, 2).parent.mkdir()
+    runs.checkpoint_path(run_dir, 2).write_bytes(b"")
+
+
+def test_options_read_their_flags_and_defaults_from_the_dataclass():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    runs.add_options(parser, runs.RunOptions)
+    assert runs.given_options(parser.parse_args([]), runs.RunOptions) == {}
+    args = parser.parse_args(["--epochs", "3", "--keep-checkpoints", "2"])
+    assert runs.given_options(args, runs.RunOptions) == {"epochs": 3, "keep_checkpoints": 2}
+    assert "(default: 20)" in parser.format_help()
+    with pytest.raises(UsageError, match="expected --val-fraction in"):
+        runs.RunOptions(val_fraction=1.0)
+    with pytest.raises(UsageError, match="expected --keep-checkpoints >= 1, received 0"):
+        runs.RunOptions(keep_checkpoints=0)
+
+
+def test_resolve_options_afresh_and_on_resume(tmp_path):
+    options, done = runs.resolve_options(
+        runs.RunOptions, {"lr": 0.5}, tmp_path, resume=False, data_dir=tmp_path
+    )
+    assert (options, done) == (runs.RunOptions(lr=0.5), 0)
+    _saved_run(tmp_path, options)
+    with pytest.raises(UsageError, match="--resume"):
+        runs.resolve_options(runs.RunOptions, {}, tmp_path, resume=False, data_dir=tmp_path)
+    resumed, done = runs.resolve_options(
+        runs.RunOptions, {"epochs": 30, "keep_checkpoints": 1, "seed": 0}, tmp_path, resume=True,
+        data_dir=tmp_path,
+    )
+    assert done == 2
+    assert resumed == runs.RunOptions(lr=0.5, epochs=30, keep_checkpoints=1)
+    with pytest.raises(UsageError, match=r"expected --lr 0.5 as saved in .*config.json when "
+                                         r"resuming, received 0.1; only --epochs, --patience"):
+        runs.resolve_options(runs.RunOptions, {"lr": 0.1}, tmp_path, resume=True,
+                             data_dir=tmp_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 
 import numpy as np
@@ -12,12 +11,12 @@ import pytest
 
 from kdsb.cli import main
 from kdsb.commands import train_classifier as command
-from kdsb.data.datasets import load_volume_array
-from kdsb.data.patches import normalize_hu
-from kdsb.evaluation.predict import find_input_config
+from kdsb.data.inputs import VolumeInput
+from kdsb.errors import UsageError
 from kdsb.io.volumes import volume_path, write_volume
 from kdsb.training import classifier as classifier_training
-from kdsb.training.classifier import PARENCHYMA_HU, ClassifierConfig, balanced_class_weights
+from kdsb.training.classifier import ClassifierOptions, balanced_class_weights
+from kdsb.training.runs import given_options
 
 N_PATIENTS = 8
 SHAPE = (16, 16, 16)
@@ -72,31 +71,33 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     assert {"loss", "log_loss", "auc", "val_log_loss", "val_auc"} <= set(history[0])
 
     result = json.loads((run / "metrics.json").read_text())
-    for key in ("val_log_loss", "val_auc", "val_accuracy", "val_base_rate_log_loss",
-                "n_train", "n_val", "train_ids", "val_ids"):
-        assert key in result
+    validation = result["validation"]
+    assert set(validation) == {"log_loss", "roc_auc", "accuracy", "base_rate_log_loss", "n",
+                               "n_positive"}
     assert (result["n_train"], result["n_val"]) == (6, 2)
+    assert (validation["n"], validation["n_positive"]) == (2, 1)
     assert sorted(result["train_ids"] + result["val_ids"]) == [f"p{i}" for i in range(8)]
     # Stratified: one patient of each class in validation.
     assert sorted(int(i[1:]) % 2 for i in result["val_ids"]) == [0, 1]
-    assert result["val_base_rate_log_loss"] == pytest.approx(np.log(2))
+    assert validation["base_rate_log_loss"] == pytest.approx(np.log(2))
     # The validation log loss of metrics.json is the best epoch's, recomputed patient by patient.
     best_epoch_loss = min(float(row["val_log_loss"]) for row in history)
-    assert result["val_log_loss"] == pytest.approx(best_epoch_loss, rel=1e-3, abs=1e-4)
-    stored = json.loads((run / "classifier.json").read_text())
-    assert stored["downscale"] == 1 and stored["mask_outside_lungs"] is True
-    assert stored["outside_hu"] == PARENCHYMA_HU and stored["lung_dilation_mm"] == 2.0
-    assert find_input_config(run / "classifier.keras")["outside_hu"] == PARENCHYMA_HU
+    assert validation["log_loss"] == pytest.approx(best_epoch_loss, rel=1e-3, abs=1e-4)
+    # The model's input: the defaults, at the spacing of the training volumes.
+    assert VolumeInput.for_model(run / "classifier.keras") == VolumeInput(spacing_mm=(1, 1, 1))
+    assert json.loads((run / "classifier.json").read_text())["gmcae"] == str(gmcae)
 
     saved = json.loads((run / "config.json").read_text())
     assert saved["epochs"] == 2 and saved["levels"] == [1, 2, 4] and "resume" not in saved
+    assert saved["data_dir"] == str(data.resolve())
 
     # Resuming with an option that changes the model or its inputs is refused, naming the
     # saved value, before anything is written.
     resume = argv[:-2] + ["--seed", "3", "--epochs", "3", "--resume"]
     assert main([*resume, "--lung-dilation-mm", "5"]) == 2
     assert (f"expected --lung-dilation-mm 2.0 as saved in {run / 'config.json'} when resuming, "
-            "received 5.0; only --epochs, --patience may change") in capsys.readouterr().err
+            "received 5.0; only --epochs, --patience, --distribute, --keep-checkpoints may "
+            "change") in capsys.readouterr().err
     assert json.loads((run / "classifier.json").read_text())["lung_dilation_mm"] == 2.0
 
     # Resume: one more epoch appended to the same history, on a training stream seeded past
@@ -109,9 +110,12 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
         return original(*args, seed=seed, **kwargs)
 
     monkeypatch.setattr(classifier_training, "train_dataset", recording)
-    assert main([*resume, "--patience", "2"]) == 0
+    # Options left out keep their saved values (here --batch-size 2 and --dense-units 4).
+    assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
+                 "--epochs", "3", "--resume", "--patience", "2"]) == 0
     assert seeds == [3 + 2]
-    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["epochs"], saved["patience"], saved["batch_size"]) == (3, 2, 2)
     with open(run / "history.csv", newline="") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
     assert json.loads((run / "metrics.json").read_text())["val_ids"] == result["val_ids"]
@@ -193,9 +197,11 @@ def test_focal_loss_and_frozen_blocks_from_the_command_line(cohort, tmp_path):
     data, labels, gmcae = cohort
     run = tmp_path / "run"
     assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
-                 "--epochs", "1", "--val-fraction", "0.25", "--dense-units", "4",
-                 "--loss", "focal", "--freeze-blocks", "2", "--no-augment"]) == 0
-    checkpoint = keras.saving.load_model(run / "checkpoints" / "epoch_0001.keras",
+                 "--epochs", "2", "--val-fraction", "0.25", "--dense-units", "4",
+                 "--loss", "focal", "--freeze-blocks", "2", "--no-augment",
+                 "--keep-checkpoints", "1"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0002.keras"]
+    checkpoint = keras.saving.load_model(run / "checkpoints" / "epoch_0002.keras",
                                          safe_mode=True)
     assert isinstance(checkpoint.loss, keras.losses.BinaryFocalCrossentropy)
     assert checkpoint.loss.gamma == 2.0
@@ -221,8 +227,8 @@ def test_class_weights_only_for_balanced_bce(cohort):
     for extra, weighted in (([], True), (["--class-weight", "none"], False),
                             (["--loss", "focal"], False)):
         args = parser.parse_args([str(data), str(labels), "r", "--gmcae", str(gmcae), *extra])
-        config = command.config_from_args(args)
-        dataset = classifier_training.train_dataset(paths, y, config, seed=0)
+        options = ClassifierOptions(**given_options(args, ClassifierOptions))
+        dataset = classifier_training.train_dataset(paths, y, options, VolumeInput(), seed=0)
         element = next(iter(dataset))
         assert len(element) == (3 if weighted else 2)
         if weighted:
@@ -230,30 +236,20 @@ def test_class_weights_only_for_balanced_bce(cohort):
             assert weight == pytest.approx(balanced_class_weights(y)[int(label)])
 
 
-def test_command_defaults_match_the_config_and_weights():
+def test_options_default_to_the_dataclass_and_are_validated_once(cohort):
+    """Flags left out are absent from the namespace: the options dataclass sets the defaults."""
+    _, _, gmcae = cohort
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
-    args = parser.parse_args(["d", "l", "r", "--gmcae", "g.keras"])
-    assert command.config_from_args(args) == ClassifierConfig(gmcae="g.keras")
-    fields = {f.name for f in dataclasses.fields(ClassifierConfig)}
-    assert set(command.DEFAULTS) <= fields
-    weights = balanced_class_weights([0, 0, 0, 1])
-    assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
-
-
-def test_masked_voxels_take_the_outside_value(tmp_path):
-    hu = np.full(SHAPE, 40.0)
-    lung = np.zeros(SHAPE, dtype=bool)
-    lung[4:12, 4:12, 4:12] = True
-    hu[lung] = -800.0
-    path = volume_path(tmp_path, "p")
-    write_volume(path, hu, lung, (2, 2, 2), (0, 0, 0))
-    x = load_volume_array(path, mask_outside_lungs=True, lung_dilation_mm=0.0,
-                          outside_hu=PARENCHYMA_HU)[..., 0]
-    np.testing.assert_allclose(x[lung], normalize_hu(np.float32(-800.0)))
-    np.testing.assert_allclose(x[~lung], normalize_hu(np.float32(PARENCHYMA_HU)))
-    # A 2 mm margin (one voxel here) keeps the face neighbours of the lungs unmasked.
-    x = load_volume_array(path, mask_outside_lungs=True, lung_dilation_mm=2.0,
-                          outside_hu=PARENCHYMA_HU)[..., 0]
-    assert x[3, 8, 8] == pytest.approx(normalize_hu(np.float32(40.0)))
-    assert x[2, 8, 8] == pytest.approx(normalize_hu(np.float32(PARENCHYMA_HU)))
+    args = parser.parse_args(["d", "l", "r", "--gmcae", str(gmcae), "--downscale", "2"])
+    assert given_options(args, ClassifierOptions) == {"gmcae": str(gmcae), "downscale": 2}
+    options = ClassifierOptions(gmcae=str(gmcae), downscale=2)
+    assert options.volume_input() == VolumeInput(downscale=2)
+    assert options.to_saved()["levels"] == [1, 2, 4] and options.keep_checkpoints is None
+    for bad, message in (({"freeze_blocks": 4}, "expected --freeze-blocks in 0..3"),
+                         ({"downscale": 0}, "expected --downscale >= 1"),
+                         ({"levels": ()}, "expected --levels of integers >= 1"),
+                         ({"distribute": "mirrored"}, "expected --distribute none")):
+        with pytest.raises(UsageError, match=message):
+            ClassifierOptions(gmcae=str(gmcae), **bad)
+    assert balanced_class_weights([0, 0, 0, 1]) == pytest.approx({0: 4 / 6, 1: 2.0})

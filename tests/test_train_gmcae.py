@@ -18,6 +18,7 @@ from kdsb.cli import main
 from kdsb.errors import KdsbError
 from kdsb.io import volumes
 from kdsb.training import plots, runs
+from kdsb.training.gmcae import GmcaeOptions, validation_patches
 
 keras = pytest.importorskip("keras")
 
@@ -98,12 +99,11 @@ def test_train_gmcae_writes_model_plots_and_beats_single_gaussian(trained_run):
 
 @pytest.mark.slow
 def test_reconstructions_resemble_their_patches(trained_run, data_dir):
-    from kdsb.commands.train_gmcae import _validation_patches
     from kdsb.models import gmcae
 
     run_dir, _ = trained_run
-    config = json.loads((run_dir / "config.json").read_text())
-    patches = _validation_patches(sorted(data_dir.glob("*.h5")), config)
+    options = GmcaeOptions.from_saved(json.loads((run_dir / "config.json").read_text()))
+    patches = validation_patches(sorted(data_dir.glob("*.h5")), options)
     model = keras.saving.load_model(run_dir / "gmcae.keras", safe_mode=True)
     recon = gmcae.reconstruct(model, patches)
     mse = float(np.mean((recon - patches) ** 2))
@@ -115,19 +115,42 @@ def test_reconstructions_resemble_their_patches(trained_run, data_dir):
     assert np.median(correlations) > 0.4
 
 
-def test_resume_refuses_incompatible_options(trained_run, data_dir, capsys):
-    run_dir, _ = trained_run
-    status = main(["train-gmcae", str(data_dir), str(run_dir), "--resume", "--width", "8"])
+@pytest.fixture
+def used_run(data_dir, tmp_path) -> Path:
+    """A run folder as a killed run leaves it: its options and a checkpoint of epoch 1.
+
+    The options are checked before any checkpoint is read, so the checkpoint may be empty.
+    """
+    run_dir = tmp_path / "run"
+    runs.begin(run_dir, GmcaeOptions(width=4), data_dir=data_dir)
+    runs.checkpoint_path(run_dir, 1).parent.mkdir()
+    runs.checkpoint_path(run_dir, 1).write_bytes(b"")
+    return run_dir
+
+
+def test_resume_refuses_incompatible_options(used_run, data_dir, capsys):
+    saved = (used_run / "config.json").read_text()
+    status = main(["train-gmcae", str(data_dir), str(used_run), "--resume", "--width", "8"])
     assert status == 2
-    assert "--width 4" in capsys.readouterr().err
+    assert (f"expected --width 4 as saved in {used_run / 'config.json'} when resuming, "
+            "received 8; only --epochs, --steps-per-epoch, --patience, --distribute, "
+            "--keep-checkpoints may change") in capsys.readouterr().err
+    assert (used_run / "config.json").read_text() == saved
 
 
-def test_existing_run_without_resume_is_a_usage_error(trained_run, data_dir, capsys):
-    run_dir, _ = trained_run
-    saved = (run_dir / "config.json").read_text()
-    assert main(["train-gmcae", str(data_dir), str(run_dir), "--width", "8"]) == 2
-    assert "--resume" in capsys.readouterr().err
-    assert (run_dir / "config.json").read_text() == saved  # the refused run wrote nothing
+def test_resume_with_the_same_options_object_keeps_them(used_run, data_dir):
+    """The library path (the demo's): a whole options object, defaults included."""
+    options = GmcaeOptions(width=4)
+    assert options.variance_floor > 0
+    assert runs.resolve_options(GmcaeOptions, options, used_run, resume=True,
+                                data_dir=data_dir) == (options, 1)
+
+
+def test_existing_run_without_resume_is_a_usage_error(used_run, data_dir, capsys):
+    saved = (used_run / "config.json").read_text()
+    assert main(["train-gmcae", str(data_dir), str(used_run), "--width", "8"]) == 2
+    assert "already holds checkpoints up to epoch 1" in capsys.readouterr().err
+    assert (used_run / "config.json").read_text() == saved  # the refused run wrote nothing
 
 
 def test_corrupt_volume_is_one_line_error_naming_it(data_dir, tmp_path, capsys):

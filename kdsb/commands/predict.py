@@ -31,8 +31,6 @@ def run(args: argparse.Namespace) -> int:
     from kdsb.io.tables import read_ids
 
     require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
-    for model in args.models:
-        require_file(model, "MODEL.keras, a trained classifier")
     if args.ids is not None:
         require_file(args.ids, "--ids, a CSV with an id column")
     ids = read_ids(args.ids) if args.ids is not None else None

@@ -3,7 +3,8 @@
 Both read kdsb HDF5 volume files (see `kdsb.io.volumes`) lazily, one volume at a time, so memory
 stays bounded whatever the cohort size. TensorFlow is imported inside the functions that build
 pipelines, so importing this module stays cheap. Arrays are (z, y, x[, channels]); values fed to
-networks are HU normalised by `kdsb.data.patches.normalize_hu`.
+networks are HU normalised by `kdsb.data.patches.normalize_hu`; whole volumes are prepared by
+`kdsb.data.inputs.VolumeInput`.
 
 Determinism: every random choice (volume order, patch positions, symmetries) comes from NumPy
 generators or tf.data ops seeded from `seed`, and parallel maps keep their order, so the same
@@ -12,20 +13,16 @@ arguments give the same stream.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
-from skimage.measure import block_reduce
 
 from kdsb.data import patches
-from kdsb.errors import KdsbError, LabelsError, StoreError
+from kdsb.data.inputs import VolumeInput
+from kdsb.errors import KdsbError, LabelsError
 from kdsb.io import volumes
-
-logger = logging.getLogger(__name__)
 
 SAMPLINGS = ("lung", "grid")
 DEFAULT_SHUFFLE_BUFFER = 256
@@ -95,31 +92,18 @@ def _check_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     return paths
 
 
-def check_volume_files(
-    paths: Sequence[str | os.PathLike], *, min_edge: int = 1, why: str = ""
-) -> None:
+def check_volume_files(paths: Sequence[str | os.PathLike]) -> None:
     """Open every volume file (attributes only) before a tf.data pipeline reads it.
 
     Errors raised inside tf.data's Python functions reach the caller as TensorFlow errors with
-    a traceback; checking the files first turns a corrupt or foreign file, or one too small
-    for the requested input preparation, into a one-line kdsb error naming it.
-
-    Args:
-        paths: kdsb volume files.
-        min_edge: voxels each axis must have at least.
-        why: what needs `min_edge`, for the message (e.g. "for --downscale 4").
+    a traceback; checking the files first turns a corrupt or foreign file into a one-line kdsb
+    error naming it (whole volumes are checked by `kdsb.data.inputs.VolumeInput.fit_to`).
 
     Raises:
-        StoreError: a file is missing, unreadable, not a kdsb volume file, or smaller than
-            `min_edge` along an axis.
+        StoreError: a file is missing, unreadable or not a kdsb volume file.
     """
     for path in paths:
-        shape = volumes.read_attrs(path)["shape"]
-        if min(shape) < min_edge:
-            raise StoreError(
-                f"{path}: expected a volume of at least {min_edge} voxels per axis"
-                f"{' ' + why if why else ''}, received shape {shape}"
-            )
+        volumes.read_attrs(path)
 
 
 def _visit_rng(seed: int, visit: int) -> np.random.Generator:
@@ -264,66 +248,6 @@ def patch_dataset(
     return ds.map(lambda x: (x, x)).prefetch(tf.data.AUTOTUNE)
 
 
-def _block(array: np.ndarray, factor: int, func) -> np.ndarray:
-    # Crop to a multiple of the factor so no block mixes in padding.
-    whole = tuple(slice(0, n - n % factor) for n in array.shape)
-    return block_reduce(array[whole], (factor,) * array.ndim, func)
-
-
-def load_volume_array(
-    path: str | os.PathLike,
-    *,
-    mask_outside_lungs: bool = False,
-    lung_dilation_mm: float = 10.0,
-    downscale: int = 1,
-    outside_hu: float = patches.HU_AIR,
-) -> np.ndarray:
-    """Read a whole volume file as the classifier's input (training and prediction alike).
-
-    Steps: normalise HU (`normalize_hu`, clipped); downscale by an integer factor with block
-    means (the volume is first cropped to a multiple of the factor, losing < factor voxels at
-    the far end of each axis; the lung mask takes block maxima); optionally set everything
-    farther than `lung_dilation_mm` from the lungs to `outside_hu` (normalised), the distance
-    measured in mm with the voxel spacing (after downscaling).
-
-    Args:
-        path: kdsb volume file.
-        mask_outside_lungs: replace voxels outside the dilated lung mask by `outside_hu`.
-        lung_dilation_mm: dilation of the lung mask in mm.
-        downscale: integer factor >= 1 applied to every axis.
-        outside_hu: the HU value given to masked voxels (air by default; the classifier uses
-            lung parenchyma, see `kdsb.training.classifier.PARENCHYMA_HU`).
-
-    Returns:
-        float32 array (z, y, x, 1).
-    """
-    if int(downscale) != downscale or downscale < 1:
-        raise KdsbError(f"{path}: expected an integer downscale >= 1, received {downscale}")
-    if lung_dilation_mm < 0:
-        raise KdsbError(f"{path}: expected lung_dilation_mm >= 0, received {lung_dilation_mm}")
-    downscale = int(downscale)
-    with volumes.open_volume(path) as f:
-        x = patches.normalize_hu(f["hu"][...])
-        lung = f["lung_mask"][...] if mask_outside_lungs else None
-        spacing = np.asarray(f.attrs["spacing"], dtype=np.float64)
-    if downscale > 1:
-        if min(x.shape) < downscale:
-            raise KdsbError(
-                f"{path}: expected a volume of at least {downscale} voxels per axis for "
-                f"downscale {downscale}, received shape {x.shape}"
-            )
-        x = _block(x, downscale, np.mean).astype(np.float32)
-        lung = None if lung is None else _block(lung, downscale, np.max)
-        spacing = spacing * downscale
-    if lung is not None:
-        if not lung.any():
-            logger.warning("%s: empty lung mask, keeping the whole volume", path)
-        else:
-            distance = ndimage.distance_transform_edt(lung == 0, sampling=spacing)
-            x[distance > lung_dilation_mm] = patches.normalize_hu(np.float32(outside_hu))
-    return x[..., np.newaxis]
-
-
 def _label_list(
     paths: list[str], labels: Sequence[float] | Mapping[str, float] | None
 ) -> list[float] | None:
@@ -349,25 +273,22 @@ def volume_dataset(
     paths: Sequence[str | os.PathLike],
     labels: Sequence[float] | Mapping[str, float] | None = None,
     *,
+    volume_input: VolumeInput,
     augment: bool = False,
-    mask_outside_lungs: bool = False,
-    lung_dilation_mm: float = 10.0,
-    downscale: int = 1,
-    outside_hu: float = patches.HU_AIR,
     seed: int = 0,
     shuffle: bool = False,
     repeat: bool = False,
 ):
     """The classifier's input: whole volumes, one at a time (batch 1, sizes vary).
 
-    Each element is read by `load_volume_array`; at most `VOLUME_PREFETCH` volumes are held
+    Each element is read by `volume_input.read`; at most `VOLUME_PREFETCH` volumes are held
     ahead of the model.
 
     Args:
         paths: kdsb volume files (symlinks allowed).
         labels: None, one 0/1 label per path, or a mapping patient id (file stem) → 0/1.
         augment: random cube symmetry (one of 48) per volume.
-        mask_outside_lungs, lung_dilation_mm, downscale, outside_hu: see `load_volume_array`.
+        volume_input: how a volume file becomes the network input.
         seed: random seed of order and symmetries.
         shuffle: visit volumes in a random order (reshuffled each pass).
         repeat: cycle forever.
@@ -382,13 +303,7 @@ def volume_dataset(
     label_values = _label_list(paths, labels)
 
     def visit(path, index):
-        x = load_volume_array(
-            path.decode(),
-            mask_outside_lungs=mask_outside_lungs,
-            lung_dilation_mm=lung_dilation_mm,
-            downscale=downscale,
-            outside_hu=outside_hu,
-        )
+        x = volume_input.read(path.decode())
         if augment:
             symmetry = _visit_rng(seed, index).integers(len(patches.CUBE_SYMMETRIES))
             x = np.ascontiguousarray(patches.apply_symmetry(x, symmetry))

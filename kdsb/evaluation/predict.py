@@ -3,11 +3,10 @@
 Patients are read one at a time (never the whole cohort), each volume prepared exactly as during
 training, scored by every model, averaged and written as a Kaggle `id,cancer` CSV.
 
-- Input preparation travels with the model: `kdsb train-classifier` writes `classifier.json`
-  (see `write_input_config`) beside `classifier.keras`, holding the options that turn an HDF5
-  volume into a network input (lung masking, its dilation, downscaling). `predict` reads it for
-  each model, so a model is always fed the way it was trained; models with different settings
-  can be ensembled (each volume is then prepared once per distinct setting).
+- Input preparation travels with the model: each model is fed through its own
+  `kdsb.data.inputs.VolumeInput` (`classifier.json` beside it), so it sees volumes the way it
+  was trained; models with different inputs can be ensembled (each volume is then prepared once
+  per distinct `VolumeInput`).
 - Ensembling: the arithmetic mean of the models' probabilities.
 - Test-time augmentation (TTA): the mean over cube symmetries of the input (`kdsb.data.patches`),
   the identity first, then the other 47 in `CUBE_SYMMETRIES` order, or only the first K.
@@ -20,84 +19,25 @@ TensorFlow and Keras are imported inside the functions.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry
-from kdsb.errors import KdsbError, LabelsError, UsageError
-from kdsb.io.atomic import write_json
+from kdsb.errors import LabelsError, UsageError
 from kdsb.io.tables import summarise_ids, write_predictions
 from kdsb.io.volumes import list_volumes
 
 logger = logging.getLogger(__name__)
 
-INPUT_CONFIG_NAME = "classifier.json"
-# The options of `kdsb.data.datasets.load_volume_array` that a classifier is trained with; these are
-# the defaults assumed for a model that has no classifier.json (no masking, full resolution).
-INPUT_CONFIG_KEYS = ("mask_outside_lungs", "lung_dilation_mm", "downscale")
-# Options added later: passed on when stored, else `load_volume_array`'s default applies (the
-# behaviour of the classifiers trained before the option existed).
-OPTIONAL_INPUT_CONFIG_KEYS = ("outside_hu",)
-DEFAULT_INPUT_CONFIG = {"mask_outside_lungs": False, "lung_dilation_mm": 10.0, "downscale": 1}
 PROBABILITY_CLIP = 0.005
 TTA_ALL = len(CUBE_SYMMETRIES)
-
-
-def write_input_config(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> Path:
-    """Write `classifier.json` (the input preparation of a classifier) into a run folder.
-
-    Args:
-        run_dir: the classifier's run folder.
-        config: at least the keys of `INPUT_CONFIG_KEYS`; other keys are kept as information.
-
-    Returns:
-        The path written.
-    """
-    missing = [key for key in INPUT_CONFIG_KEYS if key not in config]
-    if missing:
-        raise KdsbError(f"expected input options {', '.join(INPUT_CONFIG_KEYS)}, missing {missing}")
-    return write_json(Path(run_dir) / INPUT_CONFIG_NAME, dict(sorted(config.items())))
-
-
-def find_input_config(model_path: str | os.PathLike) -> dict[str, Any]:
-    """The input options of a saved classifier.
-
-    Looked up as `classifier.json` in the model's folder (its run folder), then in its parent
-    (for `checkpoints/epoch_NNNN.keras`). Without either, the defaults (no masking, no
-    downscaling) are used with a warning.
-    """
-    model_path = Path(model_path)
-    candidates = (
-        model_path.parent / INPUT_CONFIG_NAME,
-        model_path.parent.parent / INPUT_CONFIG_NAME,
-    )
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                stored = json.loads(candidate.read_text())
-            except json.JSONDecodeError as error:
-                raise KdsbError(
-                    f"{candidate}: expected JSON, received invalid text ({error})"
-                ) from None
-            missing = [key for key in INPUT_CONFIG_KEYS if key not in stored]
-            if missing:
-                raise KdsbError(
-                    f"{candidate}: expected the keys {', '.join(INPUT_CONFIG_KEYS)}, "
-                    f"missing {', '.join(missing)}"
-                )
-            keys = INPUT_CONFIG_KEYS + OPTIONAL_INPUT_CONFIG_KEYS
-            return {key: stored[key] for key in keys if key in stored}
-    logger.warning(
-        "no %s beside %s: assuming %s", INPUT_CONFIG_NAME, model_path, DEFAULT_INPUT_CONFIG
-    )
-    return dict(DEFAULT_INPUT_CONFIG)
 
 
 def tta_symmetries(tta: bool, count: int | None = None) -> tuple[int, ...]:
@@ -121,13 +61,12 @@ def predict_volume(models: Sequence[Any], x: np.ndarray, symmetries: Sequence[in
     Returns:
         The mean probability.
     """
+    from kdsb.models.classifier import predict_probability
+
     total = 0.0
     for index in symmetries:
-        batch = np.ascontiguousarray(apply_symmetry(x, index))[np.newaxis]
-        for model in models:
-            # A direct call runs eagerly: no retracing for every new volume shape, which
-            # `model.predict` would do at each size.
-            total += float(np.asarray(model(batch, training=False), dtype=np.float64).ravel()[0])
+        turned = apply_symmetry(x, index)
+        total += sum(predict_probability(model, turned) for model in models)
     return total / (len(symmetries) * len(models))
 
 
@@ -174,29 +113,27 @@ def predict_cohort(
         LabelsError: an id has no volume (checked before any model is loaded).
         UsageError: no model, a missing model file, a bad clip or TTA count.
         ModelError: a model file does not load or is no kdsb classifier.
+        StoreError: a volume does not fit a model's `VolumeInput` (spacing, size).
     """
     if not model_paths:
         raise UsageError("expected at least one MODEL.keras, received none")
     if not 0.0 <= clip < 0.5:
         raise UsageError(f"expected --clip in [0, 0.5), received {clip}")
-    missing_models = [str(p) for p in model_paths if not Path(p).is_file()]
-    if missing_models:
-        raise UsageError(f"expected model files, received missing path(s): {missing_models}")
+    for path in model_paths:
+        if not Path(path).is_file():
+            state = "a folder" if Path(path).is_dir() else "a missing path"
+            raise UsageError(
+                f"expected MODEL.keras, a trained classifier, received {state}: {path}"
+            )
     symmetries = tta_symmetries(tta, tta_count)
     data_dir = Path(data_dir)
     order, volumes = _resolve_ids(data_dir, ids, ids_source)
 
-    from kdsb.data.datasets import load_volume_array
     from kdsb.models.classifier import load_classifier
 
-    groups: dict[str, list[Any]] = {}
-    configs: dict[str, dict[str, Any]] = {}
+    groups: dict[VolumeInput, list[Any]] = {}
     for path in model_paths:
-        config = find_input_config(path)
-        key = json.dumps(config, sort_keys=True)
-        configs[key] = config
-        model = load_classifier(path)
-        groups.setdefault(key, []).append(model)
+        groups.setdefault(VolumeInput.for_model(path), []).append(load_classifier(path))
     logger.info(
         "scoring %d patients with %d model(s), %d symmetry(ies) each",
         len(order), len(model_paths), len(symmetries),
@@ -204,8 +141,8 @@ def predict_cohort(
     predictions: dict[str, float] = {}
     for patient_id in tqdm(order, desc="predict", unit="patient", disable=None):
         total = 0.0
-        for key, models in groups.items():
-            x = load_volume_array(volumes[patient_id], **configs[key])
+        for volume_input, models in groups.items():
+            x = volume_input.read(volumes[patient_id])
             total += predict_volume(models, x, symmetries) * len(models)
         probability = total / len(model_paths)
         predictions[patient_id] = float(np.clip(probability, clip, 1.0 - clip))

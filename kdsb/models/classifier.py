@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 
 from kdsb.errors import ModelError
 from kdsb.models.gmcae import (
@@ -101,6 +102,16 @@ def build_classifier(
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="p_cancer")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def predict_probability(model: keras.Model, x: np.ndarray) -> float:
+    """p(cancer) of a classifier for one prepared volume `x`, float32 (z, y, x, 1).
+
+    A direct call runs eagerly: no retracing for every new volume shape, which `model.predict`
+    would do at each size.
+    """
+    batch = np.ascontiguousarray(x)[np.newaxis]
+    return float(np.asarray(model(batch, training=False), dtype=np.float64).ravel()[0])
 
 
 def _load_keras_model(path: str | os.PathLike, what: str) -> keras.Model:

@@ -1,15 +1,23 @@
-"""Fitting Keras models the kdsb way: seeds, precision, devices, checkpoints, resume, NaN guard.
+"""The training spine of every kdsb model: options, run folder, seeds, precision, devices,
+checkpoints, resume, NaN guard, history and TensorBoard.
 
-Every kdsb training command (`train-gmcae`, `train-classifier`) calls `fit`, which writes one run
-folder:
+A model's training module (`kdsb.training.gmcae`, `kdsb.training.classifier`) brings only its
+data, its model and its metrics, and a `RunOptions` subclass: the single source of its options,
+their defaults and help (`add_options` builds the command-line flags from the fields). A run
+goes `resolve_options` → (check the data) → `begin` → (build the datasets) → `train`, which
+writes one run folder:
 
 ```
 RUN_DIR/
+  config.json                      the run's options (`OPTIONS_NAME`), reused by --resume
   checkpoints/epoch_0001.keras …   full model + optimizer state after every epoch (atomic)
   <best_name>                      the best model so far by `monitor` (atomic)
   history.csv                      one row per epoch (keras CSVLogger; `epoch` counts from 0)
   logs/                            TensorBoard event files (when tensorboard is installed)
 ```
+
+Resuming keeps the saved options; options given again must keep their saved value, except
+`RESUMABLE_CHANGES`, which change neither the model nor its inputs.
 
 `fit(..., resume=True)` loads the newest checkpoint (model and optimizer state, safe mode) and
 continues at the next epoch, so a run killed at any moment loses at most one epoch. Training
@@ -21,18 +29,22 @@ TensorFlow is imported inside the functions, so importing this module stays ligh
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import importlib.util
+import json
 import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from kdsb.errors import TrainingError, UsageError
-from kdsb.io.atomic import atomic_path, remove_stale_temporaries
+from kdsb.errors import KdsbError, TrainingError, UsageError
+from kdsb.io.atomic import atomic_path, remove_stale_temporaries, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +57,245 @@ TENSORBOARD_DIR = "logs"
 # Monitored quantities whose larger values are better ("auto" mode); everything else is a loss.
 HIGHER_IS_BETTER = ("acc", "accuracy", "auc", "precision", "recall")
 NAN_ADVICE = "try a lower --lr, a lower --clipnorm or a larger variance floor"
+OPTIONS_NAME = "config.json"
+# Options a resumed run may change (they change neither the model nor its inputs); every other
+# option given again must keep its saved value.
+RESUMABLE_CHANGES = ("epochs", "steps_per_epoch", "patience", "distribute", "keep_checkpoints")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **argparse_kwargs: Any) -> Any:
+    """A field of a `RunOptions` subclass and its command-line flag.
+
+    Args:
+        default: the default value (none: a required option).
+        help: the flag's help; "(default: …)" is appended.
+        **argparse_kwargs: more `add_argument` arguments (`type`, `choices`, `action`, `flag`
+            for another flag name, `shown` for the default as shown in the help, `path` to
+            compare values as file paths on resume).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+OptionsT = TypeVar("OptionsT", bound="RunOptions")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """The options every model's training has; subclasses add theirs and may change defaults.
+
+    Attributes:
+        epochs: total epochs of the run (not the number still to do).
+        batch_size: examples per weight update.
+        lr: Adam learning rate.
+        val_fraction: fraction of patients held out for validation.
+        seed: seed of the split, the data streams and the weight initialisation.
+        precision: one of `PRECISIONS` (see `configure_runtime`).
+        distribute: one of `STRATEGIES` (see `distribution_strategy`).
+        keep_checkpoints: newest epoch checkpoints kept on disk (None: all).
+        patience: early stopping after this many epochs without a better monitored value
+            (None: never).
+    """
+
+    epochs: int = option(20, "total epochs of the run", type=int)
+    batch_size: int = option(1, "examples per weight update", type=int)
+    lr: float = option(1e-3, "Adam learning rate", type=float)
+    val_fraction: float = option(0.2, "fraction of patients held out for validation", type=float)
+    seed: int = option(0, "random seed (split, data order and augmentation, weights)", type=int)
+    precision: str = option(
+        "float32", "layer precision (mixed_* compute in 16 bits, losses in float32)",
+        choices=PRECISIONS,
+    )
+    distribute: str = option(
+        "none", "none, or mirrored: data parallel over every GPU (or logical CPU)",
+        choices=STRATEGIES,
+    )
+    keep_checkpoints: int | None = option(
+        None, "newest epoch checkpoints kept on disk", type=int, shown="all"
+    )
+    patience: int | None = option(
+        None, "early stopping: epochs without a better validation loss", type=int, shown="never"
+    )
+
+    def __post_init__(self) -> None:
+        for ok, expected, received in self.checks():
+            if not ok:
+                raise UsageError(f"expected {expected}, received {received!r}")
+
+    def checks(self) -> list[tuple[bool, str, Any]]:
+        """(valid, what is expected, value) for every option; subclasses extend the list."""
+        return [
+            (self.epochs >= 1, "--epochs >= 1", self.epochs),
+            (self.batch_size >= 1, "--batch-size >= 1", self.batch_size),
+            (self.lr > 0, "--lr > 0", self.lr),
+            (0.0 < self.val_fraction < 1.0, "--val-fraction in (0, 1)", self.val_fraction),
+            (self.precision in PRECISIONS, f"--precision in {PRECISIONS}", self.precision),
+            (self.distribute in STRATEGIES, f"--distribute in {STRATEGIES}", self.distribute),
+            (self.keep_checkpoints is None or self.keep_checkpoints >= 1,
+             "--keep-checkpoints >= 1", self.keep_checkpoints),
+            (self.patience is None or self.patience >= 1, "--patience >= 1", self.patience),
+        ]
+
+    def to_saved(self) -> dict[str, Any]:
+        """The options as written to config.json (lists for tuples)."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_saved(cls: type[OptionsT], saved: Mapping[str, Any]) -> OptionsT:
+        """Options from a config.json; keys that are no option (`data_dir`) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in saved.items() if key in names})
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+
+
+def add_options(parser: argparse.ArgumentParser, options: type[RunOptions]) -> None:
+    """Add a flag for every field of `options`, its default and help read from the field.
+
+    Flags left out are absent from the parsed namespace (`argparse.SUPPRESS`), so a resumed run
+    tells "not given" (keep the saved value) from "given" (check that it may change); see
+    `given_options`.
+    """
+    for field in dataclasses.fields(options):
+        kwargs = {k: v for k, v in field.metadata.items() if k not in ("flag", "shown", "path")}
+        help_text = kwargs.pop("help")
+        if field.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        elif kwargs.get("action") not in ("store_true", "store_false"):
+            shown = field.metadata.get("shown", field.default)
+            if isinstance(shown, tuple):
+                shown = " ".join(str(v) for v in shown)
+            help_text = f"{help_text} (default: {shown})"
+        kwargs["default"] = argparse.SUPPRESS
+        parser.add_argument(_flag(field), dest=field.name, help=help_text, **kwargs)
+
+
+def given_options(args: argparse.Namespace, options: type[RunOptions]) -> dict[str, Any]:
+    """The options given on the command line (those `add_options` added and the user passed)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(options)
+            if hasattr(args, f.name)}
+
+
+def _same(field: dataclasses.Field, old: Any, new: Any) -> bool:
+    if field.metadata.get("path"):
+        return os.path.realpath(str(old)) == os.path.realpath(str(new))
+    return old == new
+
+
+def resolve_options(
+    options: type[OptionsT],
+    given: Mapping[str, Any] | OptionsT,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool,
+    data_dir: str | os.PathLike,
+) -> tuple[OptionsT, int]:
+    """The run's options and the number of epochs already done; writes nothing.
+
+    Args:
+        options: the model's `RunOptions` subclass.
+        given: the options given now (a mapping of some fields, or a whole options object).
+        run_dir: the run folder.
+        resume: continue the run in `run_dir` from its newest checkpoint.
+        data_dir: the training data, compared with the saved one (a warning when it moved).
+
+    Returns:
+        Starting afresh, the options given. Resuming, the saved options (config.json) with the
+        given ones applied, and the epoch of the newest checkpoint (0 without one).
+
+    Raises:
+        UsageError: an option is out of range; `run_dir` holds checkpoints but `resume` is off;
+            resuming, a given option differs from its saved value and is not among
+            `RESUMABLE_CHANGES`.
+        KdsbError: config.json is not valid JSON.
+    """
+    if isinstance(given, RunOptions):
+        given = dataclasses.asdict(given)
+    last = check_run_dir(run_dir, resume)
+    path = Path(run_dir) / OPTIONS_NAME
+    if not (resume and path.is_file()):
+        return options(**given), 0
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise KdsbError(f"{path}: expected JSON, received invalid text ({error})") from None
+    saved = options.from_saved(stored)
+    resolved = dataclasses.replace(saved, **given)
+    fields = {f.name: f for f in dataclasses.fields(options)}
+    for key in given:
+        old, new = getattr(saved, key), getattr(resolved, key)
+        if key not in RESUMABLE_CHANGES and not _same(fields[key], old, new):
+            changeable = ", ".join(_flag(fields[k]) for k in RESUMABLE_CHANGES if k in fields)
+            raise UsageError(
+                f"expected {_flag(fields[key])} {old} as saved in {path} when resuming, "
+                f"received {new}; only {changeable} may change"
+            )
+    data_dir = str(Path(data_dir).resolve())
+    if stored.get("data_dir", data_dir) != data_dir:
+        logger.warning("resuming with data from %s (the run began with %s)",
+                       data_dir, stored["data_dir"])
+    return resolved, last[0] if last else 0
+
+
+def begin(run_dir: str | os.PathLike, options: RunOptions, *, data_dir: str | os.PathLike) -> None:
+    """Write the run's options (config.json, with `data_dir`), then seed and set the precision.
+
+    Call it once the data is checked, before building datasets or models.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(
+        run_dir / OPTIONS_NAME, {**options.to_saved(), "data_dir": str(Path(data_dir).resolve())}
+    )
+    configure_runtime(seed=options.seed, precision=options.precision)
+
+
+def keras_verbosity() -> int:
+    """`verbose` of `keras.Model.fit`: silent under `kdsb -q`, a progress bar on a terminal,
+    one line per epoch otherwise."""
+    if not logger.isEnabledFor(logging.INFO):
+        return 0
+    return 1 if sys.stdout.isatty() else 2
+
+
+def train(
+    build_model: Callable[[], Any],
+    train_data: Any,
+    val_data: Any,
+    run_dir: str | os.PathLike,
+    options: RunOptions,
+    *,
+    resume: bool,
+    best_name: str,
+    steps_per_epoch: int,
+    validation_steps: int | None = None,
+    monitor: str = "val_loss",
+) -> Any:
+    """`fit` with a run's options: epochs, patience, checkpoints kept, distribution strategy.
+
+    Returns:
+        The `keras.callbacks.History` of the epochs run now.
+    """
+    return fit(
+        build_model,
+        train_data,
+        val_data,
+        run_dir,
+        epochs=options.epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_steps=validation_steps,
+        resume=resume,
+        best_name=best_name,
+        monitor=monitor,
+        early_stopping_patience=options.patience,
+        keep_checkpoints=options.keep_checkpoints,
+        strategy=distribution_strategy(options.distribute),
+        verbose=keras_verbosity(),
+    )
 
 
 def configure_runtime(*, seed: int, precision: str = "float32") -> None:
@@ -130,8 +381,8 @@ def last_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
 def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> tuple[int, Path] | None:
     """Refuse to start afresh over a run's checkpoints; returns the newest one (or None).
 
-    Commands call it before writing anything into `run_dir` (their saved options), `fit` again
-    before training.
+    `resolve_options` calls it before anything is written into `run_dir`, `fit` again before
+    training.
 
     Raises:
         UsageError: `run_dir` already holds checkpoints but `resume` is False.
@@ -184,11 +435,7 @@ def _truncate_history(path: Path, epochs_done: int) -> list[dict[str, str]]:
     return kept
 
 
-def _higher_is_better(monitor: str, mode: str) -> bool:
-    if mode not in ("auto", "min", "max"):
-        raise UsageError(f"expected mode 'auto', 'min' or 'max', received {mode!r}")
-    if mode != "auto":
-        return mode == "max"
+def _higher_is_better(monitor: str) -> bool:
     name = monitor.removeprefix("val_")
     return any(name == key or name.endswith(f"_{key}") for key in HIGHER_IS_BETTER)
 
@@ -315,11 +562,9 @@ def fit(
     resume: bool = False,
     best_name: str = "model.keras",
     monitor: str = "val_loss",
-    mode: str = "auto",
     early_stopping_patience: int | None = None,
     keep_checkpoints: int | None = None,
     strategy: Any = None,
-    extra_callbacks: Iterable[Any] = (),
     verbose: int | str = "auto",
 ) -> Any:
     """Train a model into a run folder, with per-epoch checkpoints, resume and a NaN guard.
@@ -340,14 +585,13 @@ def fit(
             checkpoint yet (killed during the first epoch) training starts afresh, with a
             warning, so `--resume` can always be passed.
         best_name: file name of the best model inside `run_dir`.
-        monitor: logged quantity that picks the best model (and drives early stopping).
-        mode: "min", "max", or "auto" (max for accuracy/AUC-like names, min otherwise).
+        monitor: logged quantity that picks the best model (and drives early stopping):
+            larger is better for accuracy/AUC-like names (`HIGHER_IS_BETTER`), else smaller.
         early_stopping_patience: stop after this many epochs without improvement of
             `monitor` (None: never). The patience count restarts on resume.
         keep_checkpoints: keep only the newest this many epoch checkpoints (None: all).
         strategy: a `tf.distribute` strategy (None: the default one); see
             `distribution_strategy`.
-        extra_callbacks: more Keras callbacks, run after kdsb's own.
         verbose: passed to `keras.Model.fit`.
 
     Returns:
@@ -366,7 +610,7 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(run_dir)
     strategy = strategy or tf.distribute.get_strategy()
-    higher = _higher_is_better(monitor, mode)
+    higher = _higher_is_better(monitor)
     history_path = run_dir / HISTORY_NAME
     last = check_run_dir(run_dir, resume)
     if resume and last is None:
@@ -416,7 +660,6 @@ def fit(
                 monitor=monitor, patience=early_stopping_patience, mode="max" if higher else "min"
             )
         )
-    callbacks.extend(extra_callbacks)
 
     if initial_epoch >= epochs:
         logger.info("run already has %d of %d epochs: nothing to do", initial_epoch, epochs)

@@ -1,0 +1,229 @@
+"""What a classifier reads and how: one `VolumeInput` turns a volume file into a network input.
+
+A trained classifier carries its `VolumeInput` in `classifier.json` beside `classifier.keras`
+(`save`, `for_model`). Training, validation scoring and `kdsb predict` read volumes only
+through `VolumeInput.read`, so a model is always fed the way it was trained. Steps of `read`:
+
+1. refuse a volume whose spacing differs from `spacing_mm` (the training volumes' spacing);
+2. normalise HU: clip to `hu_clip`, then map linearly -1000 HU → -1 and 400 HU → +1
+   (`kdsb.data.patches.normalize_hu`);
+3. downscale every axis by `downscale` with block means (cropped first to a multiple of the
+   factor, losing < factor voxels at the far end of each axis; the lung mask takes block maxima);
+4. with `mask_outside_lungs`, set every voxel farther than `lung_dilation_mm` from the lung mask
+   to `outside_hu` (normalised), the distance measured in mm with the voxel spacing after
+   downscaling. Voxels of `lung_mask` are at distance 0: they reach the network unchanged.
+
+Why lung parenchyma fills the outside (`PARENCHYMA_HU`): the label is a property of the lungs,
+and the encoder's global maxima must land on nodules. With an air fill and a wide margin they sat
+on the air and on the chest wall beside it, identical in every patient, and the classifier did
+not learn (training log loss stuck at ln 2). Parenchyma makes the mask border no edge at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdsb.data.patches import HU_AIR, HU_CLIP_MAX, normalize_hu
+from kdsb.errors import KdsbError, StoreError, UsageError
+from kdsb.io import volumes
+from kdsb.io.atomic import write_json
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "classifier.json"
+# The HU of voxels masked out by `mask_outside_lungs`: healthy lung parenchyma.
+PARENCHYMA_HU = -850.0
+DEFAULT_LUNG_DILATION_MM = 2.0
+# Spacings closer than this (mm, per axis) are the same grid.
+SPACING_TOLERANCE_MM = 1e-3
+# Keys of a saved VolumeInput that every classifier.json of this package holds; the others
+# (`spacing_mm`, `hu_clip`) came later and default to what those classifiers did.
+REQUIRED_KEYS = ("mask_outside_lungs", "lung_dilation_mm", "downscale", "outside_hu")
+
+
+@dataclass(frozen=True)
+class VolumeInput:
+    """How a volume file becomes a classifier input (see the module docstring for the steps).
+
+    Attributes:
+        spacing_mm: (z, y, x) voxel spacing in mm the model was trained on; None: any spacing.
+        hu_clip: (low, high) HU clip bounds applied before normalisation.
+        mask_outside_lungs: replace voxels far from the lung mask by `outside_hu`.
+        lung_dilation_mm: margin in mm kept around the lung mask.
+        outside_hu: HU given to the masked voxels.
+        downscale: integer downscaling factor of every axis (block means).
+    """
+
+    spacing_mm: tuple[float, float, float] | None = None
+    hu_clip: tuple[float, float] = (HU_AIR, HU_CLIP_MAX)
+    mask_outside_lungs: bool = True
+    lung_dilation_mm: float = DEFAULT_LUNG_DILATION_MM
+    outside_hu: float = PARENCHYMA_HU
+    downscale: int = 1
+
+    def __post_init__(self) -> None:
+        if self.spacing_mm is not None:
+            object.__setattr__(self, "spacing_mm", tuple(float(s) for s in self.spacing_mm))
+        object.__setattr__(self, "hu_clip", tuple(float(h) for h in self.hu_clip))
+        checks = (
+            (self.spacing_mm is None or (len(self.spacing_mm) == 3 and min(self.spacing_mm) > 0),
+             "a spacing of 3 positive mm", self.spacing_mm),
+            (len(self.hu_clip) == 2 and self.hu_clip[0] < self.hu_clip[1],
+             "an HU clip (low, high) with low < high", self.hu_clip),
+            (not isinstance(self.downscale, bool) and int(self.downscale) == self.downscale
+             and self.downscale >= 1, "--downscale >= 1", self.downscale),
+            (self.lung_dilation_mm >= 0, "--lung-dilation-mm >= 0", self.lung_dilation_mm),
+            (math.isfinite(self.outside_hu), "a finite --outside-hu", self.outside_hu),
+        )
+        for ok, expected, received in checks:
+            if not ok:
+                raise UsageError(f"expected {expected}, received {received!r}")
+        object.__setattr__(self, "downscale", int(self.downscale))
+
+    def to_config(self) -> dict[str, Any]:
+        """JSON-ready fields (lists for tuples)."""
+        config = asdict(self)
+        config["spacing_mm"] = None if self.spacing_mm is None else list(self.spacing_mm)
+        config["hu_clip"] = list(self.hu_clip)
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], source: str = "config") -> VolumeInput:
+        """The inverse of `to_config`; other keys (notes such as `gmcae`) are ignored.
+
+        Raises:
+            KdsbError: a key of `REQUIRED_KEYS` is missing or a value is out of range.
+        """
+        missing = [key for key in REQUIRED_KEYS if key not in config]
+        if missing:
+            raise KdsbError(
+                f"{source}: expected the keys {', '.join(REQUIRED_KEYS)}, missing "
+                f"{', '.join(missing)}"
+            )
+        names = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in config.items() if k in names})
+        except (UsageError, TypeError) as error:
+            raise KdsbError(f"{source}: {error}") from None
+
+    def save(self, run_dir: str | os.PathLike, **notes: Any) -> Path:
+        """Write `classifier.json` (these fields plus `notes`, e.g. the GMCAE) into `run_dir`."""
+        config = {**notes, **self.to_config()}
+        return write_json(Path(run_dir) / INPUT_NAME, dict(sorted(config.items())))
+
+    @classmethod
+    def for_model(cls, model_path: str | os.PathLike) -> VolumeInput:
+        """The `VolumeInput` of a saved classifier.
+
+        Looked up as `classifier.json` in the model's folder (its run folder), then in its
+        parent (for `checkpoints/epoch_NNNN.keras`); without either, the defaults, with a warning.
+
+        Raises:
+            KdsbError: classifier.json is not valid JSON or lacks a required key.
+        """
+        model_path = Path(model_path)
+        for candidate in (model_path.parent / INPUT_NAME, model_path.parent.parent / INPUT_NAME):
+            if candidate.is_file():
+                try:
+                    stored = json.loads(candidate.read_text())
+                except json.JSONDecodeError as error:
+                    raise KdsbError(
+                        f"{candidate}: expected JSON, received invalid text ({error})"
+                    ) from None
+                return cls.from_config(stored, str(candidate))
+        default = cls()
+        logger.warning("no %s beside %s: assuming %s", INPUT_NAME, model_path, default)
+        return default
+
+    def check(self, path: str | os.PathLike, spacing: Sequence[float], shape: Sequence[int]):
+        """Refuse a volume of another spacing, or too small for `downscale`.
+
+        Args:
+            path: the volume file, for the message.
+            spacing: its (z, y, x) spacing in mm.
+            shape: its (z, y, x) shape in voxels.
+
+        Raises:
+            StoreError: naming the file.
+        """
+        if self.spacing_mm is not None and not np.allclose(
+            spacing, self.spacing_mm, rtol=0, atol=SPACING_TOLERANCE_MM
+        ):
+            raise StoreError(
+                f"{path}: expected a spacing of {_mm(self.spacing_mm)} mm (the model's training "
+                f"volumes), received {_mm(spacing)} mm; preprocess it with that --spacing"
+            )
+        if min(shape) < self.downscale:
+            raise StoreError(
+                f"{path}: expected a volume of at least {self.downscale} voxels per axis for "
+                f"--downscale {self.downscale}, received shape {tuple(shape)}"
+            )
+
+    def fit_to(self, paths: Sequence[str | os.PathLike]) -> VolumeInput:
+        """Check every volume file (attributes only); record their common spacing.
+
+        Called by training before any voxel is read, so a corrupt, foreign or too small file is
+        a one-line error naming it, not a TensorFlow traceback.
+
+        Returns:
+            This input with `spacing_mm` set to the volumes' spacing.
+
+        Raises:
+            StoreError: a file is unreadable or not a kdsb volume file, too small for
+                `downscale`, or of another spacing than the first file.
+        """
+        fitted = self
+        for path in paths:
+            attrs = volumes.read_attrs(path)
+            if fitted.spacing_mm is None:
+                fitted = replace(fitted, spacing_mm=attrs["spacing"])
+            fitted.check(path, attrs["spacing"], attrs["shape"])
+        return fitted
+
+    def read(self, path: str | os.PathLike) -> np.ndarray:
+        """The network input of one volume file: float32 (z, y, x, 1), normalised HU.
+
+        Raises:
+            StoreError: the file is unreadable, of another spacing or too small (see `check`).
+        """
+        from scipy import ndimage
+
+        with volumes.open_volume(path) as f:
+            spacing = np.asarray(f.attrs["spacing"], dtype=np.float64)
+            self.check(path, spacing, f["hu"].shape)
+            x = normalize_hu(f["hu"][...], clip=self.hu_clip)
+            lung = f["lung_mask"][...] if self.mask_outside_lungs else None
+        if self.downscale > 1:
+            x = _block(x, self.downscale, np.mean).astype(np.float32)
+            lung = None if lung is None else _block(lung, self.downscale, np.max)
+            spacing = spacing * self.downscale
+        if lung is not None:
+            if not lung.any():
+                logger.warning("%s: empty lung mask, keeping the whole volume", path)
+            else:
+                distance = ndimage.distance_transform_edt(lung == 0, sampling=spacing)
+                x[distance > self.lung_dilation_mm] = normalize_hu(
+                    np.float32(self.outside_hu), clip=self.hu_clip
+                )
+        return x[..., np.newaxis]
+
+
+def _mm(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _block(array: np.ndarray, factor: int, func) -> np.ndarray:
+    from skimage.measure import block_reduce
+
+    # Crop to a multiple of the factor so no block mixes in padding.
+    whole = tuple(slice(0, n - n % factor) for n in array.shape)
+    return block_reduce(array[whole], (factor,) * array.ndim, func)

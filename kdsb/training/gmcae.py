@@ -1,0 +1,269 @@
+"""Training the Gaussian mixture convolutional autoencoder on 3D lung patches (`kdsb train-gmcae`).
+
+Patients of DATA_DIR (kdsb HDF5 volumes) are split into training and validation sets by patient.
+Training streams augmented patches (`kdsb.data.datasets.patch_dataset`); validation uses one fixed
+set of un-augmented patches, so the validation NLL of every epoch, and the single-Gaussian
+baseline, are measured on the same voxels. The run goes through the spine of
+`kdsb.training.runs` (config.json, checkpoints/, history.csv, logs/, resume); the model data and
+metric are this module's. A resumed run offsets the seed of the training stream by the epochs
+done, so it draws patches it has not seen yet rather than replaying epoch 1's.
+
+RUN_DIR also receives:
+
+- `gmcae.keras`: the best model by validation NLL;
+- `loss.png`: training and validation NLL per voxel by epoch, with the baseline;
+- `reconstructions.png`: central slices of validation patches beside their reconstructions;
+- `gmcae_summary.json`: best and final validation NLL per voxel and the baseline.
+
+NumPy and TensorFlow are imported inside the functions, so the command line stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdsb.errors import UsageError
+from kdsb.io.atomic import write_json
+from kdsb.training import runs
+from kdsb.training.runs import RunOptions, option
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "gmcae.keras"
+SUMMARY_NAME = "gmcae_summary.json"
+LOSS_PLOT_NAME = "loss.png"
+RECONSTRUCTIONS_PLOT_NAME = "reconstructions.png"
+RECONSTRUCTION_ROWS = 4
+MIN_VOLUMES = 2  # one for training, one for validation
+# Validation patches come from their own seeded stream, apart from the training stream.
+VALIDATION_SEED_OFFSET = 1_000_003
+SAMPLINGS = ("lung", "grid")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GmcaeOptions(RunOptions):
+    """Options of a GMCAE run (the command-line options of `kdsb train-gmcae`).
+
+    Attributes (beyond `RunOptions`):
+        steps_per_epoch: training batches per epoch.
+        validation_steps: validation batches (one fixed set of patches).
+        mixtures: mixture components m.
+        width: base filters of the encoder.
+        patch_size: patch edge in voxels (multiple of 8).
+        patches_per_volume: patches read per visit of a volume.
+        sampling: "lung" (centred on lung voxels) or "grid" (a blind regular grid).
+        clipnorm: per-variable gradient clipping norm (0: none).
+        variance_floor: smallest mixture variance, normalised HU² (None becomes
+            `kdsb.models.layers.DEFAULT_VARIANCE_FLOOR`).
+    """
+
+    batch_size: int = option(16, "patches per batch (global, over all devices)", type=int)
+    keep_checkpoints: int | None = option(3, "newest epoch checkpoints kept on disk", type=int)
+    steps_per_epoch: int = option(200, "training batches per epoch", type=int)
+    validation_steps: int = option(16, "validation batches (a fixed set of patches)", type=int)
+    mixtures: int = option(4, "mixture components m", type=int)
+    width: int = option(
+        64, "base filters of the encoder (64 as published; 4-16 for CPU demos)", type=int
+    )
+    patch_size: int = option(32, "patch edge in voxels (multiple of 8)", type=int)
+    patches_per_volume: int = option(8, "patches read per visit of a volume", type=int)
+    sampling: str = option(
+        "lung", "where patches come from: lung voxels or a blind grid", choices=SAMPLINGS
+    )
+    clipnorm: float = option(
+        1.0, "clip each variable's gradient to this L2 norm, separately (Keras clipnorm, not a "
+        "global norm; 0: no clipping)", type=float,
+    )
+    variance_floor: float | None = option(
+        None, "smallest mixture variance (normalised HU²)", type=float,
+        shown="kdsb.models.layers.DEFAULT_VARIANCE_FLOOR",
+    )
+
+    def __post_init__(self) -> None:
+        if self.variance_floor is None:
+            from kdsb.models.layers import DEFAULT_VARIANCE_FLOOR
+
+            object.__setattr__(self, "variance_floor", DEFAULT_VARIANCE_FLOOR)
+        super().__post_init__()
+
+    def checks(self) -> list[tuple[bool, str, Any]]:
+        return [
+            *super().checks(),
+            (self.steps_per_epoch >= 1, "--steps-per-epoch >= 1", self.steps_per_epoch),
+            (self.validation_steps >= 1, "--validation-steps >= 1", self.validation_steps),
+            (self.mixtures >= 1, "--mixtures >= 1", self.mixtures),
+            (self.width >= 1, "--width >= 1", self.width),
+            (self.patch_size >= 1, "--patch-size >= 1", self.patch_size),
+            (self.patches_per_volume >= 1, "--patches-per-volume >= 1", self.patches_per_volume),
+            (self.sampling in SAMPLINGS, f"--sampling in {SAMPLINGS}", self.sampling),
+            (self.clipnorm >= 0, "--clipnorm >= 0", self.clipnorm),
+            (self.variance_floor > 0, "--variance-floor > 0", self.variance_floor),
+        ]
+
+
+def _volume_paths(data_dir: Path) -> dict[str, Path]:
+    from kdsb.data.datasets import check_volume_files
+    from kdsb.io import volumes
+
+    found = volumes.list_volumes(data_dir)
+    if len(found) < MIN_VOLUMES:
+        raise UsageError(
+            f"expected at least {MIN_VOLUMES} volume files (<id>.h5) in {data_dir} "
+            f"(training and validation patients), received {len(found)}"
+        )
+    check_volume_files(list(found.values()))
+    return found
+
+
+def validation_patches(paths: list[Path], options: GmcaeOptions):
+    """A fixed array (n, P, P, P, 1) of un-augmented validation patches (normalised HU)."""
+    import numpy as np
+
+    from kdsb.data.datasets import patch_dataset
+
+    stream = patch_dataset(
+        paths,
+        patch_size=options.patch_size,
+        batch_size=options.batch_size,
+        patches_per_volume=options.patches_per_volume,
+        sampling=options.sampling,
+        augment=False,
+        seed=options.seed + VALIDATION_SEED_OFFSET,
+        repeat=True,
+    )
+    batches = [x.numpy() for x, _ in stream.take(options.validation_steps)]
+    return np.concatenate(batches)
+
+
+def _build_model_fn(options: GmcaeOptions):
+    def build():
+        import keras
+
+        from kdsb.models.gmcae import build_gmcae
+        from kdsb.models.losses import GaussianMixtureNLL
+
+        model = build_gmcae(
+            patch_size=options.patch_size,
+            width=options.width,
+            mixtures=options.mixtures,
+            variance_floor=options.variance_floor,
+        )
+        optimizer = keras.optimizers.Adam(
+            learning_rate=options.lr, clipnorm=options.clipnorm or None
+        )
+        model.compile(
+            optimizer=optimizer, loss=GaussianMixtureNLL(options.mixtures), jit_compile=False
+        )
+        return model
+
+    return build
+
+
+def _report(run_dir: Path, val_patches, baseline: float, n_train: int, n_val: int) -> dict:
+    """Write gmcae_summary.json and the two plots from history.csv and the best model."""
+    import keras
+    import numpy as np
+
+    from kdsb.models import gmcae
+    from kdsb.training import plots
+
+    rows = runs.read_history(run_dir / runs.HISTORY_NAME)
+    train_nll = [float(r["loss"]) for r in rows]
+    val_nll = [float(r["val_loss"]) for r in rows]
+    best_epoch = int(np.nanargmin(val_nll))
+    summary = {
+        "epochs_completed": len(rows),
+        "best_epoch": best_epoch + 1,
+        "best_val_nll_per_voxel": val_nll[best_epoch],
+        "final_val_nll_per_voxel": val_nll[-1],
+        "final_train_nll_per_voxel": train_nll[-1],
+        "single_gaussian_val_nll_per_voxel": baseline,
+        "validation_patches": len(val_patches),
+        "train_patients": n_train,
+        "val_patients": n_val,
+    }
+    write_json(run_dir / SUMMARY_NAME, summary)
+    plots.plot_loss_curves(
+        {"train": train_nll, "validation": val_nll},
+        run_dir / LOSS_PLOT_NAME,
+        ylabel="NLL per voxel (nats)",
+        title="GMCAE training",
+        baselines={"single Gaussian (validation)": baseline},
+    )
+    best_model = keras.saving.load_model(run_dir / MODEL_NAME, safe_mode=True)
+    shown = val_patches[:RECONSTRUCTION_ROWS]
+    plots.plot_reconstructions(
+        shown,
+        gmcae.reconstruct(best_model, shown),
+        run_dir / RECONSTRUCTIONS_PLOT_NAME,
+        title=f"validation patches, epoch {best_epoch + 1}",
+    )
+    return summary
+
+
+def train_gmcae(
+    data_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    options: GmcaeOptions | dict[str, Any],
+    *,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train (or resume) a GMCAE into `run_dir`, then write the plots and the summary.
+
+    Args:
+        data_dir: folder of `<id>.h5` volumes (at least two patients).
+        run_dir: the run folder.
+        options: the run's options, or the options given on the command line (a dict of some
+            fields: the others keep their default, or their saved value when resuming).
+        resume: continue from the newest checkpoint of `run_dir` with its saved options.
+
+    Returns:
+        gmcae_summary.json as a dict: epochs_completed, best_epoch, best_val_nll_per_voxel,
+        final_val_nll_per_voxel, final_train_nll_per_voxel, single_gaussian_val_nll_per_voxel
+        (NLL in nats per voxel), validation_patches, train_patients, val_patients.
+
+    Raises:
+        UsageError: out-of-range options, fewer than 2 volumes, incompatible options on resume,
+            or a run folder holding checkpoints without `resume`.
+        StoreError: DATA_DIR is missing, or a file of it is not a readable kdsb volume file.
+        TrainingError: the loss became NaN or infinite (the last good checkpoint stays).
+    """
+    import tensorflow as tf
+
+    from kdsb.data.datasets import patch_dataset, split_patients
+    from kdsb.models import gmcae
+
+    run_dir = Path(run_dir)
+    options, start_epoch = runs.resolve_options(
+        GmcaeOptions, options, run_dir, resume=resume, data_dir=data_dir
+    )
+    volumes = _volume_paths(Path(data_dir))
+    train_ids, val_ids = split_patients(
+        list(volumes), val_fraction=options.val_fraction, seed=options.seed
+    )
+    runs.begin(run_dir, options, data_dir=data_dir)
+    logger.info("%d training and %d validation patients", len(train_ids), len(val_ids))
+    train_data = patch_dataset(
+        [volumes[i] for i in train_ids],
+        patch_size=options.patch_size,
+        batch_size=options.batch_size,
+        patches_per_volume=options.patches_per_volume,
+        sampling=options.sampling,
+        augment=True,
+        seed=options.seed + start_epoch,
+        repeat=True,
+    )
+    val_patches = validation_patches([volumes[i] for i in val_ids], options)
+    val_data = tf.data.Dataset.from_tensor_slices((val_patches, val_patches)).batch(
+        options.batch_size
+    )
+    baseline = gmcae.mixture_nll_of_single_gaussian(val_patches)
+    runs.train(
+        _build_model_fn(options), train_data, val_data, run_dir, options, resume=resume,
+        best_name=MODEL_NAME, steps_per_epoch=options.steps_per_epoch,
+    )
+    return _report(run_dir, val_patches, baseline, len(train_ids), len(val_ids))

@@ -1,0 +1,113 @@
+"""Tests for kdsb.data.inputs: the classifier's input contract, its file and its steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.measure import block_reduce
+
+from kdsb.data.inputs import INPUT_NAME, PARENCHYMA_HU, VolumeInput
+from kdsb.data.patches import normalize_hu
+from kdsb.errors import KdsbError, StoreError, UsageError
+from kdsb.io.volumes import volume_path, write_volume
+
+SHAPE = (16, 18, 20)
+
+
+@pytest.fixture
+def volume(tmp_path):
+    """Soft tissue (40 HU) around a box of lung (-800 HU), a bone spot; 2 × 1 × 1 mm voxels."""
+    rng = np.random.default_rng(0)
+    hu = 40 + rng.normal(0, 20, SHAPE)
+    lung = np.zeros(SHAPE, dtype=bool)
+    lung[4:12, 5:13, 6:14] = True
+    hu[lung] = -800 + rng.normal(0, 20, lung.sum())
+    hu[0, 0, 0] = 3000
+    path = write_volume(volume_path(tmp_path, "p"), hu.astype(np.int16), lung, (2, 1, 1),
+                        (0, 0, 0))
+    return path, hu.astype(np.int16), lung
+
+
+def test_default_keeps_every_lung_voxel_and_fills_the_rest_with_parenchyma(volume):
+    path, hu, lung = volume
+    x = VolumeInput().read(path)
+    assert x.shape == (*SHAPE, 1) and x.dtype == np.float32
+    x = x[..., 0]
+    np.testing.assert_array_equal(x[lung], normalize_hu(hu)[lung])
+    distance = ndimage.distance_transform_edt(~lung, sampling=(2, 1, 1))
+    near, far = distance <= 2.0, distance > 2.0
+    np.testing.assert_array_equal(x[near], normalize_hu(hu)[near])
+    assert far.sum() > 0 and np.all(x[far] == normalize_hu(np.float32(PARENCHYMA_HU)))
+
+
+def test_no_mask_normalises_with_the_clip_window(volume):
+    path, hu, _ = volume
+    x = VolumeInput(mask_outside_lungs=False, hu_clip=(-1000, 400)).read(path)[..., 0]
+    np.testing.assert_array_equal(x, normalize_hu(hu, clip=(-1000, 400)))
+    assert x[0, 0, 0] == 1.0  # 3000 HU clipped to 400 HU
+
+
+def test_downscale_is_block_mean_and_masks_in_mm(volume):
+    path, hu, lung = volume
+    x = VolumeInput(mask_outside_lungs=False, downscale=3).read(path)[..., 0]
+    expected = block_reduce(normalize_hu(hu)[:15, :18, :18], (3, 3, 3), np.mean)
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-6)
+    masked = VolumeInput(downscale=3, lung_dilation_mm=0).read(path)[..., 0]
+    coarse_lung = block_reduce(lung[:15, :18, :18], (3, 3, 3), np.max)
+    np.testing.assert_allclose(masked[coarse_lung], expected[coarse_lung], rtol=1e-5)
+    assert np.all(masked[~coarse_lung] == normalize_hu(np.float32(PARENCHYMA_HU)))
+
+
+def test_config_round_trip_and_file_lookup(tmp_path):
+    volume_input = VolumeInput(spacing_mm=(2, 1, 1), lung_dilation_mm=5, downscale=2)
+    assert VolumeInput.from_config(volume_input.to_config()) == volume_input
+    run = tmp_path / "run"
+    volume_input.save(run, gmcae="g.keras")
+    stored = json.loads((run / INPUT_NAME).read_text())
+    assert stored["gmcae"] == "g.keras" and stored["spacing_mm"] == [2.0, 1.0, 1.0]
+    assert VolumeInput.for_model(run / "classifier.keras") == volume_input
+    assert VolumeInput.for_model(run / "checkpoints" / "epoch_0002.keras") == volume_input
+    assert VolumeInput.for_model(tmp_path / "elsewhere" / "m.keras") == VolumeInput()
+
+
+def test_classifier_json_of_earlier_runs_still_reads(tmp_path):
+    """Runs saved before `spacing_mm` and `hu_clip` existed: any spacing, the same clip."""
+    (tmp_path / INPUT_NAME).write_text(json.dumps(
+        {"downscale": 1, "gmcae": "g.keras", "lung_dilation_mm": 2.0,
+         "mask_outside_lungs": True, "outside_hu": -850.0}
+    ))
+    assert VolumeInput.for_model(tmp_path / "classifier.keras") == VolumeInput()
+    (tmp_path / INPUT_NAME).write_text(json.dumps({"downscale": 1}))
+    with pytest.raises(KdsbError, match="missing mask_outside_lungs, lung_dilation_mm, "
+                                        "outside_hu"):
+        VolumeInput.for_model(tmp_path / "classifier.keras")
+
+
+def test_fit_to_records_the_spacing_and_refuses_another(volume, tmp_path):
+    path, hu, lung = volume
+    fitted = VolumeInput().fit_to([path])
+    assert fitted.spacing_mm == (2.0, 1.0, 1.0)
+    other = write_volume(volume_path(tmp_path, "q"), hu, lung, (1, 1, 1), (0, 0, 0))
+    with pytest.raises(StoreError, match=r"q.h5: expected a spacing of \(2, 1, 1\) mm"):
+        VolumeInput().fit_to([path, other])
+    with pytest.raises(StoreError, match=r"q.h5: expected a spacing of \(2, 1, 1\) mm"):
+        fitted.read(other)
+    with pytest.raises(StoreError, match=r"p.h5: expected a volume of at least 17 voxels per "
+                                         r"axis for --downscale 17, received shape \(16, 18, 20\)"):
+        VolumeInput(downscale=17).fit_to([path])
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"downscale": 0}, "expected --downscale >= 1, received 0"),
+    ({"downscale": 1.5}, "expected --downscale >= 1, received 1.5"),
+    ({"lung_dilation_mm": -1.0}, "expected --lung-dilation-mm >= 0, received -1.0"),
+    ({"outside_hu": float("nan")}, "expected a finite --outside-hu"),
+    ({"hu_clip": (400, -1000)}, "expected an HU clip"),
+    ({"spacing_mm": (1, 0, 1)}, "expected a spacing of 3 positive mm"),
+])
+def test_out_of_range_fields_are_usage_errors(bad, message):
+    with pytest.raises(UsageError, match=message):
+        VolumeInput(**bad)
