@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "train-classifier": "train_classifier",
     "predict": "predict",
     "evaluate": "evaluate",
+    "explain": "explain",
     "embed": "embed",
     "export": "export",
     "demo": "demo",

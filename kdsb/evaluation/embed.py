@@ -27,10 +27,8 @@ Files (DESIGN.md, `kdsb embed`): `embeddings.csv` (`id`, `emb_000` …, `nll_mea
 
 from __future__ import annotations
 
-import csv
-import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb.errors import KdsbError
+from kdsb.io.tables import write_table
 
 EMBEDDINGS_NAME = "embeddings.csv"
 OUTLIERS_NAME = "outliers.csv"
@@ -158,16 +157,6 @@ def nearest_patients(table: CohortEmbedding, neighbours: int) -> list[tuple[str,
     return rows
 
 
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    from kdsb.io.atomic import write_text
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return write_text(path, buffer.getvalue())
-
-
 def write_map(path: Path, table: CohortEmbedding, scores: np.ndarray,
               labels: Mapping[str, int] | None) -> Path:
     """The first two principal components of the standardised embeddings, one dot a patient."""
@@ -219,8 +208,8 @@ def write_embedding_files(
                 for rank, row in enumerate(order, start=1)]
     near = [[a, b, f"{d:.6g}"] for a, b, d in nearest_patients(table, neighbours)]
     return [
-        _write_csv(out_dir / EMBEDDINGS_NAME, header, rows),
-        _write_csv(out_dir / OUTLIERS_NAME, ("id", "score", "rank"), outliers),
-        _write_csv(out_dir / NEIGHBOURS_NAME, ("id", "neighbour", "distance"), near),
+        write_table(out_dir / EMBEDDINGS_NAME, header, rows),
+        write_table(out_dir / OUTLIERS_NAME, ("id", "score", "rank"), outliers),
+        write_table(out_dir / NEIGHBOURS_NAME, ("id", "neighbour", "distance"), near),
         write_map(out_dir / MAP_NAME, table, scores, labels),
     ]

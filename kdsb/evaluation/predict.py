@@ -70,7 +70,8 @@ def predict_volume(models: Sequence[Any], x: np.ndarray, symmetries: Sequence[in
     return total / (len(symmetries) * len(models))
 
 
-def _resolve_ids(data_dir: Path, ids: Sequence[str] | None, ids_source: str) -> tuple[list, dict]:
+def resolve_ids(data_dir: Path, ids: Sequence[str] | None, ids_source: str) -> tuple[list, dict]:
+    """(ids in output order, id → volume file); every id must have a volume (`LabelsError`)."""
     volumes = list_volumes(data_dir)
     if ids is None:
         if not volumes:
@@ -83,6 +84,31 @@ def _resolve_ids(data_dir: Path, ids: Sequence[str] | None, ids_source: str) -> 
             f"{len(missing)} of {len(ids)} without one: {summarise_ids(missing)}"
         )
     return list(ids), volumes
+
+
+def load_classifiers(model_paths: Sequence[str | os.PathLike]) -> list[tuple[VolumeInput, Any]]:
+    """Each saved classifier with the `VolumeInput` it reads volumes through.
+
+    Raises:
+        UsageError: no model, or a model path that is not a file.
+        ModelError: a model file does not load or is no kdsb classifier.
+    """
+    from kdsb.models.classifier import load_classifier
+
+    check_model_paths(model_paths)
+    return [(VolumeInput.for_model(path), load_classifier(path)) for path in model_paths]
+
+
+def check_model_paths(model_paths: Sequence[str | os.PathLike]) -> None:
+    """Raise `UsageError` for no model or a model path that is not a file (before any work)."""
+    if not model_paths:
+        raise UsageError("expected at least one MODEL.keras, received none")
+    for path in model_paths:
+        if not Path(path).is_file():
+            state = "a folder" if Path(path).is_dir() else "a missing path"
+            raise UsageError(
+                f"expected MODEL.keras, a trained classifier, received {state}: {path}"
+            )
 
 
 def predict_cohort(
@@ -115,25 +141,15 @@ def predict_cohort(
         ModelError: a model file does not load or is no kdsb classifier.
         StoreError: a volume does not fit a model's `VolumeInput` (spacing, size).
     """
-    if not model_paths:
-        raise UsageError("expected at least one MODEL.keras, received none")
+    check_model_paths(model_paths)
     if not 0.0 <= clip < 0.5:
         raise UsageError(f"expected --clip in [0, 0.5), received {clip}")
-    for path in model_paths:
-        if not Path(path).is_file():
-            state = "a folder" if Path(path).is_dir() else "a missing path"
-            raise UsageError(
-                f"expected MODEL.keras, a trained classifier, received {state}: {path}"
-            )
     symmetries = tta_symmetries(tta, tta_count)
     data_dir = Path(data_dir)
-    order, volumes = _resolve_ids(data_dir, ids, ids_source)
-
-    from kdsb.models.classifier import load_classifier
-
+    order, volumes = resolve_ids(data_dir, ids, ids_source)
     groups: dict[VolumeInput, list[Any]] = {}
-    for path in model_paths:
-        groups.setdefault(VolumeInput.for_model(path), []).append(load_classifier(path))
+    for volume_input, model in load_classifiers(model_paths):
+        groups.setdefault(volume_input, []).append(model)
     logger.info(
         "scoring %d patients with %d model(s), %d symmetry(ies) each",
         len(order), len(model_paths), len(symmetries),

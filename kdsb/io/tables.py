@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,9 +277,16 @@ def write_predictions(
 
 def _write_rows(csv_path: str | os.PathLike, rows: Iterable[tuple[str, object]]) -> Path:
     """Write `id,cancer` rows atomically (temporary file, then rename), in order."""
+    return write_table(csv_path, LABEL_COLUMNS, rows)
+
+
+def write_table(
+    csv_path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]
+) -> Path:
+    """Write a CSV (header, then rows in order) atomically: temporary file, then rename."""
     csv_path = Path(csv_path)
     with atomic_path(csv_path) as temp, open(temp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(LABEL_COLUMNS)
+        writer.writerow(header)
         writer.writerows(rows)
     return csv_path

@@ -1,0 +1,46 @@
+"""`kdsb explain DATA_DIR MODEL.keras [MORE.keras ...] OUT_DIR`: where the classifier looked."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kdsb.evaluation.explain import DEFAULT_OCCLUSION_MM, DEFAULT_STRIDE_MM, METHODS
+
+HELP = ("a 3D heatmap per patient of what drove p(cancer) (<id>.h5, <id>.png overlay) and "
+        "peaks.csv, the hottest point in patient mm")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data_dir", type=Path, help="folder of <id>.h5 volumes")
+    parser.add_argument("models", type=Path, nargs="+", metavar="MODEL.keras",
+                        help="trained classifier(s), then OUT_DIR; an ensemble's maps are "
+                             "averaged")
+    parser.add_argument("--method", choices=METHODS, default="gradcam",
+                        help="Grad-CAM on the encoder's last convolution, or occlusion "
+                             "sensitivity (one forward pass per cube position: slow)")
+    parser.add_argument("--ids", type=Path, default=None, metavar="IDS_CSV",
+                        help="explain these ids (a CSV with an id column); default: all")
+    parser.add_argument("--occlusion-mm", type=float, default=DEFAULT_OCCLUSION_MM,
+                        help="occlusion cube edge, mm")
+    parser.add_argument("--stride-mm", type=float, default=DEFAULT_STRIDE_MM,
+                        help="occlusion step, mm")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdsb.commands import require_dir, require_file
+    from kdsb.errors import UsageError
+    from kdsb.evaluation.explain import PEAKS_NAME, explain_cohort
+    from kdsb.io.tables import read_ids
+
+    if len(args.models) < 2:
+        raise UsageError("expected MODEL.keras [MORE.keras ...] OUT_DIR, received no OUT_DIR")
+    *models, out_dir = args.models
+    require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
+    ids = read_ids(require_file(args.ids, "--ids, a CSV with an id column")) if args.ids else None
+    found = explain_cohort(args.data_dir, models, out_dir, ids=ids, ids_source=str(args.ids),
+                           method=args.method, occlusion_mm=args.occlusion_mm,
+                           stride_mm=args.stride_mm)
+    print(f"explained {len(found)} patient(s): heatmaps and PNGs in {out_dir}, peaks in "
+          f"{out_dir / PEAKS_NAME}")
+    return 0

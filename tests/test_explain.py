@@ -1,0 +1,128 @@
+"""`kdsb explain`: Grad-CAM and occlusion heatmaps on the volume grid, peaks, PNGs, ensembles."""
+
+from __future__ import annotations
+
+import csv
+
+import h5py
+import numpy as np
+import pytest
+
+from kdsb.cli import main
+from kdsb.io import volumes
+from kdsb.phantoms.anatomy import make_phantom
+
+PATIENTS = 3
+
+
+def _bright_blob_classifier(path):
+    """A classifier whose answer is known: every convolution a positive local mean, so the
+    encoder's features are the smoothed soft tissue left after ReLU (lung and the parenchyma
+    fill outside the lungs are negative), and p(cancer) grows with the pyramid's maxima: the
+    largest soft-tissue blob in the lungs, here the phantom's large nodule."""
+    import keras
+
+    from kdsb.data.inputs import VolumeInput
+    from kdsb.models.classifier import build_classifier
+    from kdsb.models.gmcae import build_encoder
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier(build_encoder(width=4), dense_units=8, dropout=0.0)
+    for layer in model.layers[1].layers + model.layers[2:]:
+        for weight in layer.weights:
+            value = np.zeros(weight.shape) if "bias" in weight.path else \
+                np.full(weight.shape, 1.0 / np.prod(weight.shape[:-1]))
+            weight.assign(value.astype("float32"))
+    model.get_layer("p_cancer").bias.assign(np.array([-2.0], "float32"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    VolumeInput().save(path.parent)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explain")
+    rng = np.random.default_rng(3)
+    nodules = {}
+    for index in range(PATIENTS):
+        phantom = make_phantom(rng, size=128, cancer=True, scale=0.7)
+        pid = f"c{index}"
+        volumes.write_volume(volumes.volume_path(root / "data", pid), phantom.hu,
+                             phantom.lung_mask, phantom.spacing, phantom.origin)
+        nodules[pid] = max(phantom.nodules, key=lambda n: n.radius_mm)
+    model = _bright_blob_classifier(root / "run" / "classifier.keras")
+    return root, model, nodules
+
+
+def _peaks(out):
+    with open(out / "peaks.csv", newline="") as f:
+        return {r["id"]: r for r in csv.DictReader(f)}
+
+
+def _distance_mm(row, nodule):
+    peak = np.array([float(row[a]) for a in "zyx"])
+    return float(np.linalg.norm(peak - np.array(nodule.center_mm)))
+
+
+def test_gradcam_peak_lies_on_the_large_nodule_and_files_match_the_volume(cohort, tmp_path):
+    root, model, nodules = cohort
+    out = tmp_path / "out"
+    assert main(["explain", str(root / "data"), str(model), str(out)]) == 0
+    peaks = _peaks(out)
+    assert sorted(peaks) == sorted(nodules)
+    for pid, nodule in nodules.items():
+        assert _distance_mm(peaks[pid], nodule) <= nodule.radius_mm + 10.0, pid
+        volume = volumes.read_volume(volumes.volume_path(root / "data", pid))
+        with h5py.File(out / f"{pid}.h5") as f:
+            heat = f["heatmap"][...]
+            assert heat.dtype == np.float32 and heat.shape == volume.hu.shape
+            np.testing.assert_allclose(f.attrs["spacing"], volume.spacing)
+            np.testing.assert_allclose(f.attrs["origin"], volume.origin)
+            assert 0 < f.attrs["probability"] < 1 and f.attrs["method"] == "gradcam"
+        assert heat.max() == pytest.approx(1.0) and heat.min() >= 0
+        assert float(peaks[pid]["value"]) == pytest.approx(heat[volume.lung_mask > 0].max(),
+                                                           abs=1e-4)
+        assert (out / f"{pid}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_ensemble_averages_its_models_maps(cohort, tmp_path):
+    root, model, _ = cohort
+    twin = root / "twin" / "classifier.keras"
+    if not twin.exists():
+        twin.parent.mkdir()
+        twin.write_bytes(model.read_bytes())
+        (twin.parent / "classifier.json").write_bytes((model.parent / "classifier.json")
+                                                      .read_bytes())
+    (tmp_path / "ids.csv").write_text("id\nc1\n")
+    assert main(["explain", str(root / "data"), str(model), str(tmp_path / "one"),
+                 "--ids", str(tmp_path / "ids.csv")]) == 0
+    assert main(["explain", str(root / "data"), str(model), str(twin), str(tmp_path / "two"),
+                 "--ids", str(tmp_path / "ids.csv")]) == 0
+    with h5py.File(tmp_path / "one" / "c1.h5") as one, h5py.File(tmp_path / "two" / "c1.h5") as two:
+        np.testing.assert_allclose(two["heatmap"][...], one["heatmap"][...], atol=1e-6)
+        assert len(two.attrs["models"]) == 2
+    assert list(_peaks(tmp_path / "two")) == ["c1"]
+
+
+def test_occlusion_finds_the_nodule_too(cohort, tmp_path):
+    root, model, nodules = cohort
+    (tmp_path / "ids.csv").write_text("id\nc0\n")
+    out = tmp_path / "out"
+    assert main(["explain", str(root / "data"), str(model), str(out), "--method", "occlusion",
+                 "--occlusion-mm", "30", "--stride-mm", "30", "--ids",
+                 str(tmp_path / "ids.csv")]) == 0
+    row = _peaks(out)["c0"]
+    assert _distance_mm(row, nodules["c0"]) <= nodules["c0"].radius_mm + 30.0
+    with h5py.File(out / "c0.h5") as f:
+        assert f.attrs["method"] == "occlusion" and f["heatmap"][...].max() == pytest.approx(1)
+
+
+def test_usage_errors_match_predict(cohort, tmp_path, capsys):
+    root, model, _ = cohort
+    assert main(["explain", str(root / "data"), str(model)]) == 2
+    assert "received no OUT_DIR" in capsys.readouterr().err
+    assert main(["explain", str(root / "data"), str(tmp_path / "none.keras"),
+                 str(tmp_path / "out")]) == 2
+    assert "expected MODEL.keras, a trained classifier, received a missing path" in \
+        capsys.readouterr().err
