@@ -33,7 +33,7 @@ How the series is chosen and checked:
   canonical orientation.
 - HU = stored × RescaleSlope + RescaleIntercept per slice, in float32 (integer arithmetic when
   the slope is 1 and the intercept whole). PixelPaddingValue (with PixelPaddingRangeLimit) and
-  anything at or below `OUTSIDE_FIELD_MAX_HU` (the -2000 / -3024 HU outside-field values) become
+  anything at or below `OUTSIDE_FIELD_HU` (the -2000 / -3024 HU outside-field values) become
   air, -1000 HU; the result is clipped into int16. MONOCHROME1 only inverts the display (DICOM
   PS3.3 C.7.6.3.1.2: the rescale, not the photometric interpretation, defines HU), so it is
   accepted and read like MONOCHROME2; other photometric interpretations are errors.
@@ -57,11 +57,10 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from kdsb.errors import DicomError, MissingDecoderError
+from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
 
-AIR_HU = -1000
-OUTSIDE_FIELD_MAX_HU = -2000  # at or below: outside the reconstructed field of view → air
 INT16_MIN, INT16_MAX = np.iinfo(np.int16).min, np.iinfo(np.int16).max
 CT_MODALITY = "CT"
 LOCALIZER_TYPE = "LOCALIZER"
@@ -446,7 +445,7 @@ class _Reader:
         else:
             hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
             np.rint(hu, out=hu)
-        air = hu <= OUTSIDE_FIELD_MAX_HU
+        air = hu <= OUTSIDE_FIELD_HU
         if "PixelPaddingValue" in ds:
             air |= self.padding_mask(ds, stored)
         hu[air] = AIR_HU

@@ -31,7 +31,7 @@ How the volume is checked and made canonical:
   MetaImage and NRRD have no rescale). A volume whose darkest voxel is above `MAX_AIR_HU` is
   plainly not HU (a CT holds air or lung far below it; MR, PET, unsigned storage without its
   intercept or a normalised image do not) and is an error, as are NaN or infinite values.
-  Float values are rounded to the nearest HU; anything at or below `OUTSIDE_FIELD_MAX_HU` (the
+  Float values are rounded to the nearest HU; anything at or below `OUTSIDE_FIELD_HU` (the
   -2000 / -3024 HU outside-field values) becomes air, -1000 HU; the result is clipped into
   int16.
 
@@ -59,15 +59,14 @@ from pydicom.misc import is_dicom
 
 from kdsb.errors import VolumeFileError
 from kdsb.io.dicom import (
-    AIR_HU,
     AXIS_ALIGNMENT_TOLERANCE,
     INT16_MAX,
     INT16_MIN,
     MIN_SLICES,
     MM_DECIMALS,
-    OUTSIDE_FIELD_MAX_HU,
     CTSeries,
 )
+from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +364,7 @@ class _Reader:
             if low < INT16_MIN or high > INT16_MAX:
                 values = np.clip(values, INT16_MIN, INT16_MAX)
             values = values.astype(np.int16)
-        values[values <= OUTSIDE_FIELD_MAX_HU] = AIR_HU
+        values[values <= OUTSIDE_FIELD_HU] = AIR_HU
         return values
 
     def read(self) -> CTSeries:

@@ -49,17 +49,16 @@ from tqdm import tqdm
 
 from kdsb.errors import KdsbError, UsageError
 from kdsb.io.tables import write_labels
+from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, PARENCHYMA_HU
 
 logger = logging.getLogger(__name__)
 
 # Tissue values, HU.
-AIR_HU = -1000
 HU_MIN = -1023  # lowest HU written: keeps raw value 0 free for uint16 padding
 HU_MAX = 3071
 SKIN_MUSCLE_HU = 40
 FAT_HU = -100
 MEDIASTINUM_HU = 35
-LUNG_HU = -850
 LUNG_POSTERIOR_GRADIENT_HU = 60  # dependent lung is denser: + this much at the posterior edge
 VESSEL_HU = 40
 NODULE_HU = 30
@@ -116,7 +115,6 @@ UINT16_PADDING_RAW = 0  # PixelPaddingValue for unsigned storage (HU_MIN keeps i
 # Declared padding for signed storage: the raw value of the -2000 HU "outside the field" value
 # under the series' own slope and intercept. A fixed raw value is not safe: raw -2000 with slope
 # 0.5 and intercept 0 is -1000 HU, which real air pixels take.
-PADDING_HU = -2000
 SLICE_ORDERS = ("ascending", "descending", "random")
 SHUFFLE_NAMES_PROBABILITY = 0.3
 FLIP_PROBABILITY = 0.15
@@ -682,7 +680,7 @@ def make_phantom(
     spine_body = (y - a.spine_y) ** 2 + x**2 <= ((1.0 - CORTEX_FRACTION) * a.spine_r) ** 2
     rib_angle = a.rib_count * theta + a.rib_phase
     gradient = LUNG_POSTERIOR_GRADIENT_HU * np.clip((y - a.lung_cy) / a.lung_ay + 0.5, 0, 1)
-    lung_hu = (LUNG_HU + gradient).astype(np.float32)
+    lung_hu = (PARENCHYMA_HU + gradient).astype(np.float32)
 
     hu = np.empty(shape, np.int16)
     lung = np.empty(shape, np.uint8)
@@ -746,12 +744,12 @@ def padding_raw(storage: str, slope: float, intercept: float) -> int:
         intercept: RescaleIntercept in HU.
 
     Returns:
-        uint16: `UINT16_PADDING_RAW` (0). int16: the raw value of `PADDING_HU`. Either way below
-        the raw value of `HU_MIN`, so no pixel inside the field of view takes it.
+        uint16: `UINT16_PADDING_RAW` (0). int16: the raw value of `OUTSIDE_FIELD_HU`. Either way
+        below the raw value of `HU_MIN`, so no pixel inside the field of view takes it.
     """
     if storage == "uint16":
         return UINT16_PADDING_RAW
-    return int(round((PADDING_HU - intercept) / slope))
+    return int(round((OUTSIDE_FIELD_HU - intercept) / slope))
 
 
 def _acquisition(rng: np.random.Generator) -> dict:

@@ -34,10 +34,10 @@ from pydicom.uid import (
 )
 
 from kdsb.errors import DicomError
+from kdsb.preprocessing.hu import OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
 
-OUTSIDE_FIELD_HU = -2000  # HU many scanners write outside the reconstructed field of view
 STORAGE_RANGES = {"int16": (-32768, 32767), "uint16": (0, 65535)}
 PIXEL_REPRESENTATION = {"int16": 1, "uint16": 0}
 SLICE_ORDERS = ("ascending", "descending", "random")

@@ -53,7 +53,6 @@ ELASTIC_GRID_MM = 50.0  # spacing of its random control points
 NOISE_HU = (0.0, 15.0)  # standard deviation of the added image noise
 SLICE_SPACINGS_MM = (1.0, 1.25, 1.5, 2.0, 2.5)  # drawn; the base's own spacing if finer is off
 PATIENT_PREFIX = "implant_"
-AIR_HU = -1000
 
 
 def _smooth_displacement(
