@@ -216,8 +216,8 @@ def grid_patch_corners(shape: Sequence[int], patch_size: int | Sequence[int]) ->
     """Corners of a regular grid of patches covering a volume (the blind-grid option).
 
     Along each axis corners step by the patch size from 0 (no overlap); a last corner flush
-    with the far edge is added when the steps leave voxels uncovered. An axis shorter than the patch gets one
-    negative corner that centres the volume in the patch (`extract_patch` pads).
+    with the far edge is added when the steps leave voxels uncovered. An axis shorter than the
+    patch gets one negative corner that centres the volume in the patch (`extract_patch` pads).
 
     Args:
         shape: volume shape (z, y, x) in voxels.

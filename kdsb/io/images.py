@@ -58,7 +58,7 @@ import SimpleITK as sitk
 from pydicom.misc import is_dicom
 
 from kdsb.errors import VolumeFileError
-from kdsb.io.dicom import (
+from kdsb.io.series import (
     AXIS_ALIGNMENT_TOLERANCE,
     INT16_MAX,
     INT16_MIN,

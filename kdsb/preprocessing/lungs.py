@@ -61,7 +61,6 @@ import numpy as np
 from scipy import ndimage
 
 from kdsb.errors import LungMaskError
-from kdsb.preprocessing.resample import validate_spacing
 
 logger = logging.getLogger(__name__)
 
@@ -605,7 +604,7 @@ def segment_lungs(
     Args:
         hu: Hounsfield units, shape (z, y, x), canonical orientation (axis 0 inferior →
             superior, axis 1 anterior → posterior, axis 2 right → left).
-        spacing: voxel size (z, y, x) in mm.
+        spacing: voxel size (z, y, x) in mm, positive (as `kdsb.io.series.CTSeries` holds it).
         patient_id: named in error messages.
         litres: the plausible total lung volume (low, high) in litres; the default suits
             adult chest CT covering both lungs (widen it for partial scans or children).
@@ -615,7 +614,6 @@ def segment_lungs(
 
     Raises:
         LungMaskError: no lungs, or a total lung volume outside `litres` (0.5–10 L).
-        KdsbError: a volume that is not 3D or a spacing that is not 3 positive values.
     """
     patient = patient_id or "volume"
     hu = np.asarray(hu)
@@ -624,7 +622,6 @@ def segment_lungs(
             f"{patient}: expected a non-empty 3D HU volume (z, y, x), "
             f"received shape {hu.shape} of {hu.dtype}"
         )
-    spacing = validate_spacing(spacing)
     factors = _coarse_factors(spacing)
     coarse_spacing = tuple(s * f for s, f in zip(spacing, factors, strict=True))
     coarse_hu = _block_mean(hu, factors)
@@ -707,7 +704,7 @@ def lung_bounding_box(
 
     Args:
         mask: lung mask, shape (z, y, x), nonzero = lung.
-        spacing: voxel size (z, y, x) in mm.
+        spacing: voxel size (z, y, x) in mm, positive.
         margin_mm: margin added on every side, in mm (rounded up to whole voxels per axis).
 
     Returns:
@@ -717,7 +714,6 @@ def lung_bounding_box(
         LungMaskError: an empty mask or a negative margin.
     """
     mask = np.asarray(mask)
-    spacing = validate_spacing(spacing)
     if not (math.isfinite(margin_mm) and margin_mm >= 0):
         raise LungMaskError(f"expected a margin of 0 mm or more, received {margin_mm!r}")
     if mask.ndim != 3 or not mask.any():
