@@ -135,9 +135,21 @@ def test_write_patient_png(tmp_path, sphere):
     image = imread(path)
     width, height = qc.PATIENT_FIGURE_INCHES
     assert image.shape[:2] == (round(height * qc.DPI), round(width * qc.DPI))
-    # The lesion is outlined in its colour in the three lesion views; nothing when there is none.
+    rgb = image[..., :3]
+    top = rgb[: rgb.shape[0] // 2]
+    # The lung mask (a 56 mm box) is outlined in the three lung-centre views of the top row.
+    outline = np.all(np.abs(top - qc.OUTLINE_RGB) < 0.02, axis=-1)
+    assert np.count_nonzero(outline) > 3 * 4 * 56
+    # The lung window shows lung (-850 HU) dark and tissue (40 HU) light grey in that row.
+    grey = top[(np.ptp(top, axis=-1) < 0.01)].mean(axis=-1)
+    assert np.count_nonzero(grey < 0.2) > 3 * 40**2
+    assert np.count_nonzero((grey > 0.6) & (grey < 0.9)) > 3 * 10**2
+    # The lesion is outlined in its colour in the three lesion views (bottom row only);
+    # nothing when there is none.
     assert (_lesion_pixels(path) > 3 * 2 * math.pi * SPHERE_RADIUS_MM) == sphere
     assert _lesion_pixels(path) == 0 or sphere
+    lesion = np.all(np.abs(top - qc.LESION_RGB) < 0.02, axis=-1)
+    assert not lesion.any()
 
 
 @pytest.mark.parametrize(("radius_mm", "side_mm"), [(5.0, qc.LESION_FIELD_MM), (20.0, 120.0)])
