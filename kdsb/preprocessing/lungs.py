@@ -114,6 +114,9 @@ def _block_mean(hu: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """Mean HU over blocks of `factors` voxels (the last block of an axis may be partial).
 
     Summing strided views axis by axis is about 15× faster than `np.add.reduceat` here.
+    `skimage.measure.block_reduce` pads a partial block with a constant, so a true edge mean
+    needs its `np.nanmean` (10× slower) or a sum divided by block sizes (3–4× slower: 0.34 s
+    against 0.08 s for a 201×512×512 scan, the same values).
     """
     result = hu
     for axis, factor in enumerate(factors):
