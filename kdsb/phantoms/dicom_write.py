@@ -94,7 +94,6 @@ class Acquisition:
             InstanceNumber.
         seed: seeds the UIDs, the random slice order and the random names.
         modality: Modality (write "MR" to test the reader's rejection of non-CT series).
-        study_uid: StudyInstanceUID (and FrameOfReferenceUID source); derived if None.
         series_uid: SeriesInstanceUID; derived from the patient id, series_number and seed if
             None.
         series_number: SeriesNumber, also the prefix of ordered file names, so that two series
@@ -120,7 +119,6 @@ class Acquisition:
     shuffle_names: bool = False
     seed: int = 0
     modality: str = "CT"
-    study_uid: str | None = None
     series_uid: str | None = None
     series_number: int = 1
     image_type: tuple[str, ...] = DEFAULT_IMAGE_TYPE
@@ -246,7 +244,7 @@ def _series(
     """The UIDs and the slice geometry of one series (flips move pixel [0, 0])."""
     a = acquisition
     entropy = [patient_id, str(a.seed)]
-    study_uid = a.study_uid or generate_uid(entropy_srcs=[*entropy, "study"])
+    study_uid = generate_uid(entropy_srcs=[*entropy, "study"])
     series_uid = a.series_uid or generate_uid(
         entropy_srcs=[*entropy, "series", str(a.series_number)]
     )

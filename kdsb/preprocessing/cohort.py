@@ -324,16 +324,8 @@ def run_cohort(
         logger.info("removed %d temporary file(s) left by an interrupted run", removed)
 
     rows = read_manifest(out_dir)
-    results: dict[str, PatientResult] = {}
-    tasks: dict[str, tuple] = {}
-    for patient_id, source in patients.items():
-        path = volumes.volume_path(out_dir, patient_id)
-        shape = None if overwrite else _existing_shape(path, target, float(margin_mm))
-        if shape is None:
-            tasks[patient_id] = (source, out_dir, patient_id, target, float(margin_mm))
-        else:
-            results[patient_id] = PatientResult(patient_id, STATUS_SKIPPED, shape=shape)
-            rows[patient_id] = results[patient_id].manifest_row()
+    tasks, results = _plan(patients, out_dir, target, float(margin_mm), overwrite)
+    rows.update({pid: result.manifest_row() for pid, result in results.items()})
     manifest = _write_manifest(out_dir, rows)
     logger.info(
         "preprocessing %d patient(s) with %d worker(s), %d already done",
@@ -354,15 +346,48 @@ def run_cohort(
                 bar.update()
 
     if qc_dir is not None:
-        from kdsb.preprocessing.qc import write_qc
+        _write_qc(results, out_dir, Path(qc_dir))
+    return _summarise(results, manifest)
 
-        failed = {r.patient_id: r.error for r in results.values() if r.status == STATUS_FAILED}
-        volume_files = {
-            pid: volumes.volume_path(out_dir, pid) for pid in patients if pid not in failed
-        }
-        sheets = write_qc(volume_files, failed, qc_dir)
-        logger.info("QC images in %s (contact sheet %s)", qc_dir, ", ".join(p.name for p in sheets))
 
+def _plan(
+    patients: dict[str, Path],
+    out_dir: Path,
+    spacing: tuple[float, float, float],
+    margin_mm: float,
+    overwrite: bool,
+) -> tuple[dict[str, tuple], dict[str, PatientResult]]:
+    """The worker arguments of every patient to preprocess, and the results of those skipped.
+
+    A patient is skipped when its volume file exists with the same settings (unless
+    `overwrite`); one written with other settings raises UsageError (`_existing_shape`).
+    """
+    tasks: dict[str, tuple] = {}
+    skipped: dict[str, PatientResult] = {}
+    for patient_id, source in patients.items():
+        path = volumes.volume_path(out_dir, patient_id)
+        shape = None if overwrite else _existing_shape(path, spacing, margin_mm)
+        if shape is None:
+            tasks[patient_id] = (source, out_dir, patient_id, spacing, margin_mm)
+        else:
+            skipped[patient_id] = PatientResult(patient_id, STATUS_SKIPPED, shape=shape)
+    return tasks, skipped
+
+
+def _write_qc(results: dict[str, PatientResult], out_dir: Path, qc_dir: Path) -> None:
+    """QC images of every patient not failed, and a contact sheet naming the failures."""
+    from kdsb.preprocessing.qc import write_qc
+
+    failed = {r.patient_id: r.error for r in results.values() if r.status == STATUS_FAILED}
+    volume_files = {
+        pid: volumes.volume_path(out_dir, pid) for pid in sorted(results) if pid not in failed
+    }
+    sheets = write_qc(volume_files, failed, qc_dir)
+    logger.info("QC images in %s (contact sheet %s)", qc_dir, ", ".join(p.name for p in sheets))
+
+
+def _summarise(results: dict[str, PatientResult], manifest: Path) -> int:
+    """Log the counts per status; the exit status: 1 when some patient failed, else 0."""
     counts = {
         status: sum(r.status == status for r in results.values())
         for status in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)
