@@ -57,14 +57,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from kdsb.errors import DicomError, MissingDecoderError
-from kdsb.io.series import (
-    AXIS_ALIGNMENT_TOLERANCE,
-    INT16_MAX,
-    INT16_MIN,
-    MIN_SLICES,
-    MM_DECIMALS,
-    CTSeries,
-)
+from kdsb.io.series import INT16_MAX, INT16_MIN, MIN_SLICES, MM_DECIMALS, CTSeries, patient_axis
 from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
@@ -301,15 +294,15 @@ def _check_slices(patient: str, headers: list[_Header]) -> None:
 
 def _axis_of(patient: str, cosine: np.ndarray, what: str, path: Path) -> tuple[int, int]:
     """The patient axis (0 X, 1 Y, 2 Z) a direction cosine runs along, and its sign."""
-    axis = int(np.argmax(np.abs(cosine)))
-    if abs(abs(cosine[axis]) - 1.0) > AXIS_ALIGNMENT_TOLERANCE:
+    found = patient_axis(cosine)
+    if found is None:
         raise _error(
             patient,
             f"expected a {what} direction aligned with a patient axis, received an oblique "
             f"ImageOrientationPatient {np.round(cosine, 4).tolist()}",
             path,
         )
-    return axis, int(np.sign(cosine[axis]))
+    return found
 
 
 def _order_slices(

@@ -50,6 +50,19 @@ def validate_spacing(spacing: Sequence[float], name: str = "spacing") -> tuple[f
     return values  # type: ignore[return-value]
 
 
+def patient_axis(cosine: np.ndarray) -> tuple[int, int] | None:
+    """The patient axis (0 X, 1 Y, 2 Z) a direction cosine runs along, and its sign (±1).
+
+    Returns:
+        (axis, sign), or None for an oblique direction: no component within
+        `AXIS_ALIGNMENT_TOLERANCE` of ±1.
+    """
+    axis = int(np.argmax(np.abs(cosine)))
+    if abs(abs(cosine[axis]) - 1.0) > AXIS_ALIGNMENT_TOLERANCE:
+        return None
+    return axis, int(np.sign(cosine[axis]))
+
+
 @dataclass
 class CTSeries:
     """One CT series in canonical orientation.
