@@ -101,7 +101,7 @@ BASE = None  # (series, its kdsb lung mask), loaded once per process
 
 def load_base():
     global BASE
-    from kdsb.preprocessing.cohort import read_patient
+    from kdsb.preprocessing.pipeline import read_patient
 
     series = read_patient(reference_files() / BASE_FILE)
     BASE = series, segment_lungs(series.hu, series.spacing) > 0

@@ -9,7 +9,7 @@ DICOM series to a temporary folder. Each method then runs as a whole separate Py
   pydicom and sorted by ImagePositionPatient[2], HU by slope and intercept, cubic
   `scipy.ndimage.zoom` of the whole volume to 1 mm, a -320 HU threshold, background removed by
   labelling from the corner voxel, per-slice largest air component filling, largest component;
-- kdsb: `kdsb.preprocessing.cohort.preprocess_patient` (read, segment on the source grid, crop,
+- kdsb: `kdsb.preprocessing.pipeline.preprocess_patient` (read, segment on the source grid, crop,
 resample
   the crop, write the HDF5 file).
 
@@ -130,7 +130,7 @@ def run_baseline(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def run_kdsb(folder: Path, work: Path, profile: bool):
     from kdsb.io import volumes
-    from kdsb.preprocessing.cohort import preprocess_patient
+    from kdsb.preprocessing.pipeline import preprocess_patient
 
     profiler = cProfile.Profile() if profile else None
     if profiler:
@@ -233,7 +233,7 @@ def write_phantom(folder: Path, slices: int, slice_mm: float, seed: int):
 
 
 def cohort_speedup(work: Path, patients: int, seed: int) -> tuple[float, float]:
-    from kdsb.phantoms.anatomy import write_cohort
+    from kdsb.phantoms.cohort import write_cohort
 
     write_cohort(work / "cohort", patients=patients, seed=seed, size=COHORT_SIZE)
     seconds = []

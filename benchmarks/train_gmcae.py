@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PHANTOM_SHAPE = (96, 128, 128)  # (z, y, x) voxels of 1 mm: a small chest
 PHANTOM_VOLUMES = 8
-AIR_HU, TISSUE_HU, LUNG_HU, VESSEL_HU = -1000, 40, -850, 40
+TISSUE_HU, VESSEL_HU = 40, 40
 NOISE_HU = 20
 MATMUL_REPEATS = 5
 FLOPS_PER_MAC = 2
@@ -48,6 +48,7 @@ def write_phantoms(folder: Path, count: int, seed: int) -> list[Path]:
     from scipy import ndimage
 
     from kdsb.io import volumes
+    from kdsb.preprocessing.hu import AIR_HU, PARENCHYMA_HU
 
     rng = np.random.default_rng(seed)
     z, y, x = np.indices(PHANTOM_SHAPE, dtype=np.float32)
@@ -64,7 +65,7 @@ def write_phantoms(folder: Path, count: int, seed: int) -> list[Path]:
     for i in range(count):
         hu = np.full(PHANTOM_SHAPE, AIR_HU, np.float32)
         hu[body] = TISSUE_HU
-        hu[lung] = LUNG_HU
+        hu[lung] = PARENCHYMA_HU
         vessels = ndimage.gaussian_filter(rng.normal(size=PHANTOM_SHAPE).astype(np.float32), 1.5)
         hu[lung & (vessels > 0.08)] = VESSEL_HU
         hu += rng.normal(0, NOISE_HU, PHANTOM_SHAPE).astype(np.float32)

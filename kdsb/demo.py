@@ -88,7 +88,7 @@ def _done(start: float, note: str = "") -> None:
 
 
 def _synth(root: Path, patients: int, seed: int) -> Path:
-    from kdsb.phantoms.anatomy import write_cohort
+    from kdsb.phantoms.cohort import write_cohort
 
     labels = root / "labels.csv"
     if labels.is_file():

@@ -12,10 +12,11 @@ from kdsb.data import datasets, patches
 from kdsb.data.inputs import VolumeInput
 from kdsb.errors import KdsbError, LabelsError, StoreError
 from kdsb.io import volumes
+from kdsb.preprocessing.hu import INPUT_CLIP_MAX_HU
 
 SHAPES = {"a": (40, 36, 44), "b": (34, 40, 38), "c": (20, 30, 50)}
 PATCH = 16
-X_MAX = float(patches.normalize_hu(patches.HU_CLIP_MAX))
+X_MAX = float(patches.normalize_hu(INPUT_CLIP_MAX_HU))
 PLAIN = VolumeInput(mask_outside_lungs=False)
 
 

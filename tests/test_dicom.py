@@ -14,8 +14,10 @@ from pydicom.uid import generate_uid
 
 import kdsb.io.dicom
 from kdsb.errors import DicomError, MissingDecoderError
-from kdsb.io.dicom import AIR_HU, CTSeries, read_series
-from kdsb.phantoms.dicom_write import write_ct_series
+from kdsb.io.dicom import read_series
+from kdsb.io.series import CTSeries
+from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
+from kdsb.preprocessing.hu import AIR_HU
 
 SHAPE = (6, 10, 12)  # (z, y, x)
 SPACING = (2.5, 0.7, 0.8)  # mm, (z, y, x)
@@ -28,9 +30,9 @@ def hu() -> np.ndarray:
     return np.random.default_rng(0).integers(-1000, 2000, SHAPE).astype(np.int16)
 
 
-def _write(folder, hu, **kwargs):
-    kwargs.setdefault("patient_id", "p1")
-    return write_ct_series(folder, hu, SPACING, ORIGIN, **kwargs)
+def _write(folder, hu, *, patient_id="p1", padding_mask=None, **options):
+    return write_ct_series(folder, hu, SPACING, ORIGIN, patient_id=patient_id,
+                           padding_mask=padding_mask, acquisition=Acquisition(**options))
 
 
 def _assert_same(series: CTSeries, hu: np.ndarray) -> None:
@@ -73,8 +75,10 @@ def test_round_trip(tmp_path, hu, kwargs):
 
 def test_jpeg2000_round_trip(tmp_path):
     hu = np.random.default_rng(1).integers(-1000, 2000, (3, 40, 48)).astype(np.int16)
-    write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p", compression="jpeg2000",
-                    flip_rows=True)
+    write_ct_series(
+        tmp_path, hu, SPACING, ORIGIN, patient_id="p",
+        acquisition=Acquisition(compression="jpeg2000", flip_rows=True),
+    )
     series = read_series(tmp_path)
     np.testing.assert_array_equal(series.hu, hu)
     assert (series.spacing, series.origin) == (SPACING, ORIGIN)
@@ -109,8 +113,10 @@ def test_feet_first_with_flipped_orientation_matches_ascending(tmp_path, hu):
 def test_coronal_acquisition_is_transposed(tmp_path, hu):
     # Slice j holds hu[:, j, :]: rows run along +Z, columns along +X, slices along Y.
     coronal = hu.transpose(1, 0, 2)
-    paths = write_ct_series(tmp_path, coronal, (SPACING[1], SPACING[0], SPACING[2]),
-                            (0.0, 0.0, 0.0), patient_id="p", slice_order="random")
+    paths = write_ct_series(
+        tmp_path, coronal, (SPACING[1], SPACING[0], SPACING[2]), (0.0, 0.0, 0.0), patient_id="p",
+        acquisition=Acquisition(slice_order="random"),
+    )
     z0, y0, x0 = ORIGIN
     for j, path in enumerate(paths):
         _edit(path, ImageOrientationPatient=[1, 0, 0, 0, 0, 1],
@@ -340,8 +346,10 @@ def test_slices_of_different_sizes(tmp_path, hu):
     paths = _write(tmp_path, hu)
     uid = pydicom.dcmread(paths[0]).SeriesInstanceUID
     extra = np.zeros((1, 8, 12), np.int16)
-    write_ct_series(tmp_path / "x", extra, SPACING, (ORIGIN[0] + 6 * 2.5, *ORIGIN[1:]),
-                    patient_id="p1", series_uid=uid)
+    write_ct_series(
+        tmp_path / "x", extra, SPACING, (ORIGIN[0] + 6 * 2.5, *ORIGIN[1:]), patient_id="p1",
+        acquisition=Acquisition(series_uid=uid),
+    )
     shutil.move(tmp_path / "x" / "CT001_00001.dcm", tmp_path / "small.dcm")
     shutil.rmtree(tmp_path / "x")
     with pytest.raises(DicomError, match=r"10×12 pixels.*received 8×12.*small\.dcm"):

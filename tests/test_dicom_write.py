@@ -9,7 +9,8 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from kdsb.errors import DicomError
-from kdsb.phantoms.dicom_write import OUTSIDE_FIELD_HU, write_ct_series
+from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
+from kdsb.preprocessing.hu import OUTSIDE_FIELD_HU
 
 SHAPE = (4, 6, 7)  # (z, y, x)
 SPACING = (2.5, 0.7, 0.8)  # mm, (z, y, x)
@@ -51,7 +52,10 @@ def test_writes_valid_ct_image_storage(tmp_path, hu):
 def test_uids_reproducible_from_seed(tmp_path, hu):
     first = _read_all(write_ct_series(tmp_path / "a", hu, SPACING, ORIGIN, patient_id="p"))
     again = _read_all(write_ct_series(tmp_path / "b", hu, SPACING, ORIGIN, patient_id="p"))
-    other = _read_all(write_ct_series(tmp_path / "c", hu, SPACING, ORIGIN, patient_id="p", seed=1))
+    other = _read_all(write_ct_series(
+        tmp_path / "c", hu, SPACING, ORIGIN, patient_id="p",
+        acquisition=Acquisition(seed=1),
+    ))
     assert [d.SOPInstanceUID for d in first] == [d.SOPInstanceUID for d in again]
     assert first[0].SeriesInstanceUID != other[0].SeriesInstanceUID
 
@@ -63,8 +67,10 @@ def test_uids_reproducible_from_seed(tmp_path, hu):
 )
 def test_storage_styles(tmp_path, storage, slope, intercept, dtype):
     hu = (np.random.default_rng(1).integers(-500, 1000, SHAPE) * 2).astype(np.int16)
-    paths = write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p", storage=storage,
-                            slope=slope, intercept=intercept)
+    paths = write_ct_series(
+        tmp_path, hu, SPACING, ORIGIN, patient_id="p",
+        acquisition=Acquisition(storage=storage, slope=slope, intercept=intercept),
+    )
     ds = pydicom.dcmread(paths[1])
     assert ds.PixelRepresentation == (1 if storage == "int16" else 0)
     assert ds.pixel_array.dtype == dtype
@@ -72,8 +78,10 @@ def test_storage_styles(tmp_path, storage, slope, intercept, dtype):
 
 
 def test_flips_negate_orientation_and_move_first_pixel(tmp_path, hu):
-    paths = write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p",
-                            flip_rows=True, flip_columns=True)
+    paths = write_ct_series(
+        tmp_path, hu, SPACING, ORIGIN, patient_id="p",
+        acquisition=Acquisition(flip_rows=True, flip_columns=True),
+    )
     ds = pydicom.dcmread(paths[0])
     assert [float(v) for v in ds.ImageOrientationPatient] == [-1, 0, 0, 0, -1, 0]
     x_far = ORIGIN[2] + (SHAPE[2] - 1) * SPACING[2]
@@ -85,8 +93,10 @@ def test_flips_negate_orientation_and_move_first_pixel(tmp_path, hu):
 
 @pytest.mark.parametrize("order", ["descending", "random"])
 def test_slice_order_and_shuffled_names(tmp_path, hu, order):
-    paths = write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p",
-                            slice_order=order, shuffle_names=True)
+    paths = write_ct_series(
+        tmp_path, hu, SPACING, ORIGIN, patient_id="p",
+        acquisition=Acquisition(slice_order=order, shuffle_names=True),
+    )
     numbers = [pydicom.dcmread(p).InstanceNumber for p in paths]
     assert sorted(numbers) == list(range(1, SHAPE[0] + 1))
     if order == "descending":
@@ -97,8 +107,10 @@ def test_slice_order_and_shuffled_names(tmp_path, hu, order):
 def test_padding_declared_or_outside_field_value(tmp_path, hu):
     mask = np.zeros(SHAPE, bool)
     mask[:, 0, :] = True
-    declared = write_ct_series(tmp_path / "a", hu, SPACING, ORIGIN, patient_id="p",
-                               padding_mask=mask, padding_value=-3000)
+    declared = write_ct_series(
+        tmp_path / "a", hu, SPACING, ORIGIN, patient_id="p", padding_mask=mask,
+        acquisition=Acquisition(padding_value=-3000),
+    )
     ds = pydicom.dcmread(declared[0])
     assert ds.PixelPaddingValue == -3000
     assert np.all(ds.pixel_array[0] == -3000) and np.all(ds.pixel_array[1:] > -3000)
@@ -121,8 +133,10 @@ def test_padding_declared_or_outside_field_value(tmp_path, hu):
      ({"padding_mask": np.zeros((1, 2, 3), bool)}, "padding_mask of shape")],
 )
 def test_invalid_arguments(tmp_path, hu, kwargs, match):
+    padding_mask = kwargs.pop("padding_mask", None)
     with pytest.raises(DicomError, match=match):
-        write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p", **kwargs)
+        write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p", padding_mask=padding_mask,
+                        acquisition=Acquisition(**kwargs))
     assert not list(tmp_path.iterdir())
 
 
@@ -131,8 +145,8 @@ def test_padding_value_taken_by_a_real_pixel(tmp_path, hu):
     mask[0, 0, 0] = True
     taken = int(hu[1, 2, 3]) + 1024  # the stored value of a pixel inside the field of view
     with pytest.raises(DicomError, match="no real pixel takes"):
-        write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p",
-                        padding_mask=mask, padding_value=taken)
+        write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p", padding_mask=mask,
+                        acquisition=Acquisition(padding_value=taken))
     assert not list(tmp_path.iterdir())
 
 
@@ -142,8 +156,10 @@ def test_padding_value_taken_by_a_real_pixel(tmp_path, hu):
 )
 def test_lossless_compression(tmp_path, compression, syntax):
     hu = np.random.default_rng(1).integers(-1000, 2000, (3, 40, 48)).astype(np.int16)
-    paths = write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p",
-                            compression=compression)
+    paths = write_ct_series(
+        tmp_path, hu, SPACING, ORIGIN, patient_id="p",
+        acquisition=Acquisition(compression=compression),
+    )
     ds = pydicom.dcmread(paths[2])
     assert ds.file_meta.TransferSyntaxUID == syntax
     np.testing.assert_array_equal(ds.pixel_array, hu[2] + 1024)
@@ -159,5 +175,8 @@ def test_invalid_geometry_and_existing_files(tmp_path, hu):
     write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p")
     with pytest.raises(DicomError, match="existing file"):
         write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p")
-    write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p", series_number=2)
+    write_ct_series(
+        tmp_path, hu, SPACING, ORIGIN, patient_id="p",
+        acquisition=Acquisition(series_number=2),
+    )
     assert len(list(tmp_path.iterdir())) == 2 * SHAPE[0]

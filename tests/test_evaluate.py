@@ -26,8 +26,12 @@ def files(tmp_path):
     return preds, labels, y, np.round(p, 6)
 
 
-def test_evaluate_prints_metrics_and_writes_plots(files, tmp_path, capsys):
+def test_evaluate_prints_metrics_and_writes_plots(files, tmp_path, capsys, monkeypatch):
+    import matplotlib
+
     preds, labels, y, p = files
+    # Plotting must leave the caller's matplotlib backend alone.
+    monkeypatch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail("matplotlib.use called"))
     plots = tmp_path / "plots"
     assert main(["evaluate", str(preds), str(labels), "--plots", str(plots)]) == 0
     out = capsys.readouterr().out

@@ -16,11 +16,11 @@ import SimpleITK as sitk
 from kdsb.cli import main
 from kdsb.errors import UsageError, VolumeFileError
 from kdsb.io import volumes
-from kdsb.io.dicom import AIR_HU
 from kdsb.io.images import metaimage_data_file, read_image, volume_id, volume_in_folder
 from kdsb.phantoms.anatomy import make_phantom
 from kdsb.phantoms.dicom_write import write_ct_series
 from kdsb.preprocessing.cohort import find_patients, read_manifest
+from kdsb.preprocessing.hu import AIR_HU
 
 REPO = Path(__file__).resolve().parents[1]
 # NIfTI stores spacing and origin as float32: spacings exactly representable in binary keep

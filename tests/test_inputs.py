@@ -9,10 +9,11 @@ import pytest
 from scipy import ndimage
 from skimage.measure import block_reduce
 
-from kdsb.data.inputs import INPUT_NAME, PARENCHYMA_HU, VolumeInput
+from kdsb.data.inputs import INPUT_NAME, VolumeInput
 from kdsb.data.patches import normalize_hu
 from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io.volumes import volume_path, write_volume
+from kdsb.preprocessing.hu import PARENCHYMA_HU
 
 SHAPE = (16, 18, 20)
 

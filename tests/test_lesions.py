@@ -68,7 +68,7 @@ def test_pleural_lesions_touch_the_lung_surface(base):
     from scipy import ndimage
 
     surface = lungs & ~ndimage.binary_erosion(lungs)
-    for place in lesions.PLEURAL_PLACES:
+    for place in lesions.PLACES[1:]:  # every place but inside the lung
         _, truth, lesion = _implant(base, "solid", place, 10.0)
         assert lesion.place == place
         assert (truth & surface).sum() > 10, place

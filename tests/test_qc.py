@@ -11,8 +11,9 @@ from scipy import ndimage
 
 from kdsb.io import volumes
 from kdsb.preprocessing import qc
+from kdsb.preprocessing.hu import LUNG_WINDOW_HU, PARENCHYMA_HU
 
-LUNG_HU, VESSEL_HU, LESION_HU, BODY_HU = -850, 40, 30, 40
+VESSEL_HU, LESION_HU, BODY_HU = 40, 30, 40
 SPHERE_CENTRE_MM = (32.0, 30.0, 36.0)  # z, y, x
 SPHERE_RADIUS_MM = 8.0
 LUNA16_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860"
@@ -40,7 +41,7 @@ def test_overlay_windows_hu_and_outlines_the_mask():
     mask = np.zeros(hu.shape, dtype=np.uint8)
     rgb = qc.overlay(hu, mask)
     assert rgb.shape == (4, 4, 3)
-    low, high = qc.WINDOW_HU
+    low, high = LUNG_WINDOW_HU
     np.testing.assert_allclose(rgb[0, :, 0], [0.0, (-300 - low) / (high - low), 1.0, 1.0])
     mask[1:3, 1:3] = 1
     rgb = qc.overlay(hu, mask)
@@ -70,7 +71,7 @@ def _lesion_phantom(spacing=(1.0, 1.0, 1.0), sphere: bool = True) -> volumes.Vol
     shape = tuple(round(64 / s) for s in spacing)
     z, y, x = (np.indices(shape).astype(np.float64).T * spacing).T  # voxel centres, mm
     mask = ((np.abs(z - 32) < 28) & (np.abs(y - 32) < 28) & (np.abs(x - 32) < 28)).astype(np.uint8)
-    hu = np.where(mask == 1, LUNG_HU, BODY_HU).astype(np.int16)
+    hu = np.where(mask == 1, PARENCHYMA_HU, BODY_HU).astype(np.int16)
     vessels = np.zeros(shape, dtype=bool)
     for y0, x0 in ((12, 12), (12, 52), (52, 12), (52, 52)):  # along z
         vessels |= (y - y0) ** 2 + (x - x0) ** 2 <= 2.0**2
@@ -134,9 +135,21 @@ def test_write_patient_png(tmp_path, sphere):
     image = imread(path)
     width, height = qc.PATIENT_FIGURE_INCHES
     assert image.shape[:2] == (round(height * qc.DPI), round(width * qc.DPI))
-    # The lesion is outlined in its colour in the three lesion views; nothing when there is none.
+    rgb = image[..., :3]
+    top = rgb[: rgb.shape[0] // 2]
+    # The lung mask (a 56 mm box) is outlined in the three lung-centre views of the top row.
+    outline = np.all(np.abs(top - qc.OUTLINE_RGB) < 0.02, axis=-1)
+    assert np.count_nonzero(outline) > 3 * 4 * 56
+    # The lung window shows lung (-850 HU) dark and tissue (40 HU) light grey in that row.
+    grey = top[(np.ptp(top, axis=-1) < 0.01)].mean(axis=-1)
+    assert np.count_nonzero(grey < 0.2) > 3 * 40**2
+    assert np.count_nonzero((grey > 0.6) & (grey < 0.9)) > 3 * 10**2
+    # The lesion is outlined in its colour in the three lesion views (bottom row only);
+    # nothing when there is none.
     assert (_lesion_pixels(path) > 3 * 2 * math.pi * SPHERE_RADIUS_MM) == sphere
     assert _lesion_pixels(path) == 0 or sphere
+    lesion = np.all(np.abs(top - qc.LESION_RGB) < 0.02, axis=-1)
+    assert not lesion.any()
 
 
 @pytest.mark.parametrize(("radius_mm", "side_mm"), [(5.0, qc.LESION_FIELD_MM), (20.0, 120.0)])
@@ -144,7 +157,7 @@ def test_lesion_views_zoom_on_the_lesion(radius_mm, side_mm):
     shape, spacing = (100, 160, 160), (2.0, 1.0, 1.0)
     z, y, x = (np.indices(shape).T * spacing).T
     ball = (z - 100) ** 2 + (y - 80) ** 2 + (x - 80) ** 2 <= radius_mm**2
-    hu = np.where(ball, LESION_HU, LUNG_HU).astype(np.int16)
+    hu = np.where(ball, LESION_HU, PARENCHYMA_HU).astype(np.int16)
     volume = volumes.Volume("p", hu, np.ones(shape, np.uint8), spacing, (0.0, 0.0, 0.0))
     lesion = qc.Lesion((50.0, 80.0, 80.0), 1.0, radius_mm, ball)
     views = qc.lesion_views(volume, lesion)

@@ -7,12 +7,7 @@ import pytest
 from scipy import ndimage
 
 from kdsb.errors import KdsbError
-from kdsb.preprocessing.resample import (
-    resample_mask,
-    resample_volume,
-    resampled_shape,
-    validate_spacing,
-)
+from kdsb.preprocessing.resample import resample_mask, resample_volume, resampled_shape
 
 SPACING = (2.5, 0.7, 0.8)
 TARGET = (1.0, 1.0, 1.0)
@@ -123,15 +118,6 @@ def test_bool_mask_is_accepted():
     assert result.shape == (7, 11, 11)
     assert result.dtype == np.uint8
     assert result.max() == 1
-
-
-@pytest.mark.parametrize("spacing", [(1.0, 1.0), (1.0, 0.0, 1.0), (1.0, -2.0, 1.0),
-                                     (1.0, float("nan"), 1.0), "abc"])
-def test_bad_spacing_is_a_clear_error(spacing):
-    with pytest.raises(KdsbError, match="expected spacing as 3 positive finite numbers"):
-        validate_spacing(spacing)
-    with pytest.raises(KdsbError, match="expected"):
-        resample_volume(np.zeros((2, 2, 2), np.int16), spacing, TARGET)
 
 
 def test_non_3d_volume_is_a_clear_error():

@@ -15,9 +15,8 @@ import pytest
 from scipy import ndimage
 
 from kdsb.cli import main
-from kdsb.errors import KdsbError
 from kdsb.io import volumes
-from kdsb.training import plots, runs
+from kdsb.training import runs
 from kdsb.training.gmcae import GmcaeOptions, validation_patches
 
 keras = pytest.importorskip("keras")
@@ -243,20 +242,3 @@ def test_mirrored_strategy_on_two_logical_cpus(data_dir, tmp_path):
     assert "mirrored strategy over 2 devices" in result.stderr
     assert _epochs(run_dir) == [0]
     assert (run_dir / "gmcae.keras").is_file()
-
-
-def test_plot_reconstructions_checks_shapes(tmp_path):
-    patches = np.zeros((2, 8, 8, 8, 1), np.float32)
-    path = plots.plot_reconstructions(patches, patches + 0.5, tmp_path / "r.png")
-    assert path.stat().st_size > 0
-    with pytest.raises(KdsbError, match="expected reconstructions of shape"):
-        plots.plot_reconstructions(patches, patches[:1], tmp_path / "bad.png")
-
-
-def test_plot_loss_curves_skips_non_finite_values(tmp_path):
-    path = plots.plot_loss_curves(
-        {"train": [1.0, 0.5, float("nan")], "validation": [1.1, 0.6, 0.55]},
-        tmp_path / "loss.png",
-        baselines={"baseline": 0.9},
-    )
-    assert path.stat().st_size > 0

@@ -40,9 +40,12 @@ def test_write_read_round_trip(tmp_path):
 
 def test_mask_is_stored_as_zero_one(tmp_path):
     hu, _ = _volume(np.random.default_rng(1))
-    mask = np.where(hu < 0, 255, 0)
+    mask = np.where(hu < 0, 255, 0)  # any nonzero value is lung
     volumes.write_volume(tmp_path / "p.h5", hu, mask, (1, 1, 1), (0, 0, 0))
-    assert set(np.unique(volumes.read_volume(tmp_path / "p.h5").lung_mask)) <= {0, 1}
+    stored = volumes.read_volume(tmp_path / "p.h5").lung_mask
+    assert stored.dtype == np.uint8
+    np.testing.assert_array_equal(stored, (hu < 0).astype(np.uint8))
+    assert set(np.unique(stored)) == {0, 1}
 
 
 def test_failed_write_keeps_previous_file(tmp_path):

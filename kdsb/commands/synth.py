@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     else:
-        from kdsb.phantoms.anatomy import write_cohort
+        from kdsb.phantoms.cohort import write_cohort
 
         labels_csv = write_cohort(
             args.out_root,

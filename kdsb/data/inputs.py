@@ -32,16 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from kdsb.data.patches import HU_AIR, HU_CLIP_MAX, normalize_hu
+from kdsb.data.patches import normalize_hu
 from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io import volumes
 from kdsb.io.atomic import write_json
+from kdsb.preprocessing.hu import AIR_HU, INPUT_CLIP_MAX_HU, PARENCHYMA_HU
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "classifier.json"
-# The HU of voxels masked out by `mask_outside_lungs`: healthy lung parenchyma.
-PARENCHYMA_HU = -850.0
 DEFAULT_LUNG_DILATION_MM = 2.0
 # Spacings closer than this (mm, per axis) are the same grid.
 SPACING_TOLERANCE_MM = 1e-3
@@ -64,10 +63,10 @@ class VolumeInput:
     """
 
     spacing_mm: tuple[float, float, float] | None = None
-    hu_clip: tuple[float, float] = (HU_AIR, HU_CLIP_MAX)
+    hu_clip: tuple[float, float] = (float(AIR_HU), float(INPUT_CLIP_MAX_HU))
     mask_outside_lungs: bool = True
     lung_dilation_mm: float = DEFAULT_LUNG_DILATION_MM
-    outside_hu: float = PARENCHYMA_HU
+    outside_hu: float = float(PARENCHYMA_HU)
     downscale: int = 1
 
     def __post_init__(self) -> None:

@@ -7,7 +7,6 @@ sizes are in voxels (1 mm after preprocessing).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 from collections.abc import Sequence
@@ -16,13 +15,11 @@ import numpy as np
 
 from kdsb.errors import KdsbError
 
+# The aliases keep kdsb.data.datasets' names until it imports kdsb.preprocessing.hu itself.
+from kdsb.preprocessing.hu import AIR_HU, INPUT_CLIP_MAX_HU, LUNG_WINDOW_HU
+
 logger = logging.getLogger(__name__)
 
-HU_AIR = -1000
-HU_SOFT_MAX = 400
-# Upper clip: above the densest calcified nodules (up to ~1000 HU) but below cortical bone and
-# metal (1500 to 3000+ HU), which the original left unclipped and which then dominated the scale.
-HU_CLIP_MAX = 1000
 SPATIAL_AXES = 3
 DEFAULT_MIN_LUNG_FRACTION = 0.1
 # Rejection sampling draws this many candidate centres per wanted patch and round ...
@@ -32,7 +29,7 @@ _MAX_ROUNDS = 4
 
 
 def normalize_hu(
-    hu: np.ndarray, *, clip: tuple[float, float] | None = (HU_AIR, HU_CLIP_MAX)
+    hu: np.ndarray, *, clip: tuple[float, float] | None = (AIR_HU, INPUT_CLIP_MAX_HU)
 ) -> np.ndarray:
     """Map Hounsfield units linearly to network inputs: -1000 HU → -1 and 400 HU → +1.
 
@@ -52,8 +49,9 @@ def normalize_hu(
     hu = np.asarray(hu, dtype=np.float32)
     if clip is not None:
         hu = np.clip(hu, clip[0], clip[1])
-    scale = np.float32(2.0 / (HU_SOFT_MAX - HU_AIR))
-    return (hu - np.float32(HU_AIR)) * scale - np.float32(1.0)
+    low, high = LUNG_WINDOW_HU
+    scale = np.float32(2.0 / (high - low))
+    return (hu - np.float32(low)) * scale - np.float32(1.0)
 
 
 def _cube_symmetries() -> tuple[tuple[tuple[int, int, int], tuple[bool, bool, bool]], ...]:
@@ -99,32 +97,6 @@ def apply_symmetry(volume: np.ndarray, index: int) -> np.ndarray:
     out = np.transpose(volume, axes)
     flipped = tuple(axis for axis, flip in enumerate(flips) if flip)
     return np.flip(out, axis=flipped) if flipped else out
-
-
-@functools.lru_cache(maxsize=1)
-def _symmetry_lookup() -> tuple[np.ndarray, dict[bytes, int]]:
-    # A 3×3×3 cube with distinct values identifies a symmetry by its action, which makes
-    # composition exact without deriving the (permutation, flips) algebra by hand.
-    probe = np.arange(SPATIAL_AXES**3, dtype=np.int8).reshape((SPATIAL_AXES,) * 3)
-    lookup = {
-        np.ascontiguousarray(apply_symmetry(probe, i)).tobytes(): i
-        for i in range(len(CUBE_SYMMETRIES))
-    }
-    return probe, lookup
-
-
-def compose_symmetries(a: int, b: int) -> int:
-    """Index of the symmetry "apply b, then a": apply_symmetry(apply_symmetry(v, b), a)."""
-    probe, lookup = _symmetry_lookup()
-    both = apply_symmetry(apply_symmetry(probe, _check_index(b)), _check_index(a))
-    return lookup[np.ascontiguousarray(both).tobytes()]
-
-
-def inverse_symmetry(index: int) -> int:
-    """Index of the symmetry that undoes `index` (for test-time augmentation of dense outputs)."""
-    return next(
-        i for i in range(len(CUBE_SYMMETRIES)) if compose_symmetries(i, index) == 0
-    )
 
 
 def _patch_shape(patch_size: int | Sequence[int]) -> np.ndarray:
@@ -238,34 +210,30 @@ def sample_patch_corners(
     return kept[:count]
 
 
-def grid_patch_corners(
-    shape: Sequence[int], patch_size: int | Sequence[int], stride: int | Sequence[int] | None = None
-) -> np.ndarray:
+def grid_patch_corners(shape: Sequence[int], patch_size: int | Sequence[int]) -> np.ndarray:
     """Corners of a regular grid of patches covering a volume (the blind-grid option).
 
-    Along each axis corners step by `stride` from 0; a last corner flush with the far edge is
-    added when the steps leave voxels uncovered. An axis shorter than the patch gets one
-    negative corner that centres the volume in the patch (`extract_patch` pads).
+    Along each axis corners step by the patch size from 0 (no overlap); a last corner flush
+    with the far edge is added when the steps leave voxels uncovered. An axis shorter than the
+    patch gets one negative corner that centres the volume in the patch (`extract_patch` pads).
 
     Args:
         shape: volume shape (z, y, x) in voxels.
         patch_size: patch edge in voxels, one int or (z, y, x).
-        stride: step in voxels, one int or (z, y, x); default the patch size (no overlap).
 
     Returns:
         int64 array (n, 3) of (z, y, x) corners in C order.
     """
     size = _patch_shape(patch_size)
-    step = size if stride is None else _patch_shape(stride)
     shape = tuple(int(n) for n in shape)
     if len(shape) != SPATIAL_AXES:
         raise KdsbError(f"expected a volume shape (z, y, x), received {shape}")
     per_axis = []
-    for n, p, s in zip(shape, size, step, strict=True):
+    for n, p in zip(shape, size, strict=True):
         if n <= p:
             per_axis.append(np.array([(n - p) // 2]))
             continue
-        starts = np.arange(0, n - p + 1, s)
+        starts = np.arange(0, n - p + 1, p)
         if starts[-1] != n - p:
             starts = np.append(starts, n - p)
         per_axis.append(starts)
@@ -274,7 +242,7 @@ def grid_patch_corners(
 
 
 def extract_patch(
-    volume, corner: Sequence[int], patch_size: int | Sequence[int], fill: float = HU_AIR
+    volume, corner: Sequence[int], patch_size: int | Sequence[int], fill: float = AIR_HU
 ) -> np.ndarray:
     """Read one patch, padding with `fill` (air by default) where it leaves the volume.
 

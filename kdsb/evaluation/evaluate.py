@@ -84,14 +84,12 @@ def format_table(scores: Mapping[str, float], title: str = "") -> str:
 
 def plot_roc(y: np.ndarray, p: np.ndarray, path: str | os.PathLike) -> Path:
     """Write the ROC curve with its AUC and the chance diagonal as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     fpr, tpr = metrics.roc_curve(y, p)
     auc = metrics.roc_auc(y, p)
-    fig, ax = plt.subplots(figsize=PLOT_SIZE_INCHES)
+    fig = Figure(figsize=PLOT_SIZE_INCHES)
+    ax = fig.subplots()
     ax.plot(fpr, tpr, lw=2, label=f"model (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC",
@@ -99,7 +97,6 @@ def plot_roc(y: np.ndarray, p: np.ndarray, path: str | os.PathLike) -> Path:
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
     return Path(path)
 
 
@@ -107,14 +104,12 @@ def plot_calibration(
     y: np.ndarray, p: np.ndarray, path: str | os.PathLike, n_bins: int = 10
 ) -> Path:
     """Write a reliability diagram (observed rate vs mean prediction per bin) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     bins = metrics.calibration_bins(y, p, n_bins)
     filled = bins.counts > 0
-    fig, ax = plt.subplots(figsize=PLOT_SIZE_INCHES)
+    fig = Figure(figsize=PLOT_SIZE_INCHES)
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
     ax.plot(bins.mean_predicted[filled], bins.observed_rate[filled], "o-", lw=2, label="model")
     ax.axhline(y.mean(), color="tab:orange", lw=1, label=f"base rate {y.mean():.2f}")
@@ -127,7 +122,6 @@ def plot_calibration(
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
     return Path(path)
 
 

@@ -233,7 +233,7 @@ def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) ->
     mask outlined, the patient's p(cancer) in the title."""
     from matplotlib.figure import Figure
 
-    from kdsb.preprocessing.qc import WINDOW_HU
+    from kdsb.preprocessing.hu import LUNG_WINDOW_HU
 
     z, y, x = explanation.peak_index
     hu, lung, heat = volume.hu, volume.lung_mask > 0, explanation.heatmap
@@ -242,7 +242,7 @@ def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) ->
     axes = figure.subplots(1, 3)
     for ax, (name, cut) in zip(axes, views, strict=True):
         origin = "upper" if name == "axial" else "lower"
-        ax.imshow(hu[cut], cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1],
+        ax.imshow(hu[cut], cmap="gray", vmin=LUNG_WINDOW_HU[0], vmax=LUNG_WINDOW_HU[1],
                   origin=origin, interpolation="nearest")
         ax.imshow(np.ma.masked_less_equal(heat[cut], 0.05), cmap="inferno", alpha=0.5,
                   vmin=0, vmax=1, origin=origin, interpolation="bilinear")

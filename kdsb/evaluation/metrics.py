@@ -1,6 +1,6 @@
 """Binary classification metrics in NumPy: log loss, ROC AUC, accuracy, base rate, calibration.
 
-Kept free of TensorFlow and scikit-learn so `kdsb evaluate` is instant and has no extra
+Kept free of TensorFlow and scikit-learn so `kdsb evaluate` starts quickly and has no extra
 dependency. Every function takes labels `y` (0/1) and probabilities `p` of the positive class,
 both 1-D of the same length, and validates them.
 """
@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 
 from kdsb.errors import KdsbError
 
@@ -66,15 +67,6 @@ def accuracy(y, p, threshold: float = DEFAULT_THRESHOLD) -> float:
     return float(np.mean((p >= threshold) == (y == 1.0)))
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their mean rank (like scipy.stats.rankdata 'average')."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    # Tied group k occupies ranks ends[k] - counts[k] + 1 .. ends[k]; its mean is below.
-    ends = np.cumsum(counts)
-    mean_rank = ends - (counts - 1) / 2.0
-    return mean_rank[inverse]
-
-
 def roc_auc(y, p) -> float:
     """Area under the ROC curve via the Mann–Whitney U statistic; ties count one half.
 
@@ -86,7 +78,7 @@ def roc_auc(y, p) -> float:
     negatives = y.size - positives
     if positives == 0 or negatives == 0:
         return math.nan
-    ranks = _average_ranks(p)
+    ranks = rankdata(p)  # ties get their mean rank
     u = ranks[y == 1.0].sum() - positives * (positives + 1) / 2.0
     return float(u / (positives * negatives))
 

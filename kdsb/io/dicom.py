@@ -33,7 +33,7 @@ How the series is chosen and checked:
   canonical orientation.
 - HU = stored × RescaleSlope + RescaleIntercept per slice, in float32 (integer arithmetic when
   the slope is 1 and the intercept whole). PixelPaddingValue (with PixelPaddingRangeLimit) and
-  anything at or below `OUTSIDE_FIELD_MAX_HU` (the -2000 / -3024 HU outside-field values) become
+  anything at or below `OUTSIDE_FIELD_HU` (the -2000 / -3024 HU outside-field values) become
   air, -1000 HU; the result is clipped into int16. MONOCHROME1 only inverts the display (DICOM
   PS3.3 C.7.6.3.1.2: the rescale, not the photometric interpretation, defines HU), so it is
   accepted and read like MONOCHROME2; other photometric interpretations are errors.
@@ -57,19 +57,14 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from kdsb.errors import DicomError, MissingDecoderError
+from kdsb.io.series import INT16_MAX, INT16_MIN, MIN_SLICES, MM_DECIMALS, CTSeries, patient_axis
+from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
 
-AIR_HU = -1000
-OUTSIDE_FIELD_MAX_HU = -2000  # at or below: outside the reconstructed field of view → air
-INT16_MIN, INT16_MAX = np.iinfo(np.int16).min, np.iinfo(np.int16).max
 CT_MODALITY = "CT"
 LOCALIZER_TYPE = "LOCALIZER"
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
-MIN_SLICES = 2
-# Direction cosines: a component within this of ±1 counts as aligned with a patient axis
-# (1e-3 ≈ 0.06°, under half a pixel across a 512-pixel image).
-AXIS_ALIGNMENT_TOLERANCE = 1e-3
 ORIENTATION_DECIMALS = 3  # images whose cosines agree to this many decimals share an orientation
 IN_PLANE_DRIFT_PIXELS = 0.5  # largest in-plane drift of slice positions (gantry tilt), pixels
 DUPLICATE_FRACTION = 0.01  # positions closer than this × median gap are the same slice
@@ -78,7 +73,6 @@ GRID_TOLERANCE = 0.2  # largest distance of a slice from the uniform grid, × sp
 # Undecoded file bytes kept from the single read pass, per folder: a 512 × 512 × 1000 int16
 # series fits; a bigger folder re-reads the files past this budget (memory stays bounded).
 CACHE_BYTES = 512 * 1024**2
-MM_DECIMALS = 9  # spacing and origin rounded to 1e-9 mm: hides float noise (0.7000000000000001)
 # Transfer syntax UID prefixes → the pylibjpeg plugin that decodes them.
 DECODER_PACKAGES = {
     "1.2.840.10008.1.2.4.5": "pylibjpeg-libjpeg",  # JPEG baseline/extended (.50, .51)
@@ -89,27 +83,6 @@ DECODER_PACKAGES = {
     "1.2.840.10008.1.2.4.20": "pylibjpeg-openjpeg",  # High-Throughput JPEG 2000 (.201-.203)
     "1.2.840.10008.1.2.5": "pylibjpeg-rle",  # RLE lossless
 }
-
-
-@dataclass
-class CTSeries:
-    """One CT series in canonical orientation.
-
-    Attributes:
-        hu: int16 Hounsfield units, shape (z, y, x), axes along patient Z, Y, X increasing
-            (inferior → superior, anterior → posterior, right → left).
-        spacing: voxel size in mm, (z, y, x).
-        origin: patient coordinate in mm of voxel [0, 0, 0], (z, y, x) i.e. (Z, Y, X).
-        series_uid: the SeriesInstanceUID.
-
-    The series' shape and spacing as scanned are `hu.shape` and `spacing`: both in canonical
-    (z, y, x) order, whatever the acquisition plane.
-    """
-
-    hu: np.ndarray
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    series_uid: str
 
 
 @dataclass
@@ -137,403 +110,435 @@ class _Header:
         return tuple(np.round(self.orientation.ravel(), ORIENTATION_DECIMALS) + 0.0)
 
 
-class _Reader:
-    """Reads one folder; holds the patient name for error messages."""
+def _error(patient: str, message: str, path: Path | None = None) -> DicomError:
+    """The one-line error naming the patient and, where relevant, the file."""
+    where = f" (file {path.name})" if path is not None else ""
+    return DicomError(f"patient {patient}: {message}{where}")
 
-    def __init__(self, folder: Path, patient_id: str) -> None:
-        self.folder = folder
-        self.patient = patient_id
 
-    def error(self, message: str, path: Path | None = None) -> DicomError:
-        where = f" (file {path.name})" if path is not None else ""
-        return DicomError(f"patient {self.patient}: {message}{where}")
+# --- header pass ----------------------------------------------------------------------------
 
-    # --- header pass ---------------------------------------------------------------------
 
-    def list_files(self) -> list[Path]:
-        if not self.folder.is_dir():
-            raise self.error(f"expected a folder of DICOM files, received {self.folder}")
-        files = sorted(p for p in self.folder.rglob("*") if p.is_file())
-        if not files:
-            raise self.error(f"expected DICOM files, received an empty folder {self.folder}")
-        return files
+def _list_files(patient: str, folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise _error(patient, f"expected a folder of DICOM files, received {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise _error(patient, f"expected DICOM files, received an empty folder {folder}")
+    return files
 
-    def read_header(self, path: Path, keep_pixels: bool) -> _Header | None:
-        """The header of one file; None (with a warning) when the file is not DICOM.
 
-        With `keep_pixels` the file is read once and parsed whole (pixel data undecoded) and
-        the dataset kept on the header for the pixel pass.
-        """
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=not keep_pixels)
-        except InvalidDicomError:
-            logger.warning("patient %s: skipping %s: not a DICOM file", self.patient, path.name)
-            return None
-        except Exception as exc:  # pydicom raises many types for truncated or corrupt files
-            if keep_pixels:  # maybe only the pixel data is damaged: an error if it is chosen
-                return self.read_header(path, keep_pixels=False)
-            raise self.error(
-                f"expected a readable DICOM file, received a truncated or corrupt one ({exc})",
-                path,
-            ) from exc
-        sop_class = UID(
-            str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")
+def _read_header(patient: str, path: Path, keep_pixels: bool) -> _Header | None:
+    """The header of one file; None (with a warning) when the file is not DICOM.
+
+    With `keep_pixels` the file is read once and parsed whole (pixel data undecoded) and
+    the dataset kept on the header for the pixel pass.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=not keep_pixels)
+    except InvalidDicomError:
+        logger.warning("patient %s: skipping %s: not a DICOM file", patient, path.name)
+        return None
+    except Exception as exc:  # pydicom raises many types for truncated or corrupt files
+        if keep_pixels:  # maybe only the pixel data is damaged: an error if it is chosen
+            return _read_header(patient, path, keep_pixels=False)
+        raise _error(
+            patient,
+            f"expected a readable DICOM file, received a truncated or corrupt one ({exc})",
+            path,
+        ) from exc
+    sop_class = UID(
+        str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")
+    )
+    if not sop_class or ("Image Storage" in sop_class.name and "Rows" not in ds):
+        # pydicom returns what it parsed of a file cut short without complaint.
+        raise _error(
+            patient,
+            "expected a complete DICOM file, received one that ends early (truncated?)",
+            path,
         )
-        if not sop_class or ("Image Storage" in sop_class.name and "Rows" not in ds):
-            # pydicom returns what it parsed of a file cut short without complaint.
-            raise self.error(
-                "expected a complete DICOM file, received one that ends early (truncated?)", path
-            )
-        try:
-            orientation = position = pixel_spacing = None
-            if "ImageOrientationPatient" in ds:
-                orientation = np.asarray(ds.ImageOrientationPatient, float).reshape(2, 3)
-            if "ImagePositionPatient" in ds:
-                position = np.asarray(ds.ImagePositionPatient, float).reshape(3)
-            if "PixelSpacing" in ds:
-                pixel_spacing = tuple(float(v) for v in ds.PixelSpacing)
-            return _Header(
-                path=path,
-                series_uid=str(ds.get("SeriesInstanceUID", "")),
-                modality=str(ds.get("Modality", "")),
-                image_type=tuple(str(t).upper() for t in (ds.get("ImageType") or ())),
-                instance=int(ds.get("InstanceNumber") or 0),
-                rows=int(ds.Rows) if "Rows" in ds else None,
-                columns=int(ds.Columns) if "Columns" in ds else None,
-                orientation=orientation,
-                position=position,
-                pixel_spacing=pixel_spacing,
-                transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
-                dataset=ds if keep_pixels else None,
-            )
-        except (ValueError, TypeError) as exc:
-            raise self.error(
-                f"expected valid image geometry attributes, received {exc}", path
-            ) from exc
+    try:
+        orientation = position = pixel_spacing = None
+        if "ImageOrientationPatient" in ds:
+            orientation = np.asarray(ds.ImageOrientationPatient, float).reshape(2, 3)
+        if "ImagePositionPatient" in ds:
+            position = np.asarray(ds.ImagePositionPatient, float).reshape(3)
+        if "PixelSpacing" in ds:
+            pixel_spacing = tuple(float(v) for v in ds.PixelSpacing)
+        return _Header(
+            path=path,
+            series_uid=str(ds.get("SeriesInstanceUID", "")),
+            modality=str(ds.get("Modality", "")),
+            image_type=tuple(str(t).upper() for t in (ds.get("ImageType") or ())),
+            instance=int(ds.get("InstanceNumber") or 0),
+            rows=int(ds.Rows) if "Rows" in ds else None,
+            columns=int(ds.Columns) if "Columns" in ds else None,
+            orientation=orientation,
+            position=position,
+            pixel_spacing=pixel_spacing,
+            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+            dataset=ds if keep_pixels else None,
+        )
+    except (ValueError, TypeError) as exc:
+        raise _error(
+            patient, f"expected valid image geometry attributes, received {exc}", path
+        ) from exc
 
-    def read_headers(self) -> list[_Header]:
-        files = self.list_files()
-        headers = []
-        cached = 0
-        for path in files:
-            size = path.stat().st_size
-            keep_pixels = cached + size <= CACHE_BYTES
-            cached += size if keep_pixels else 0
-            header = self.read_header(path, keep_pixels)
-            if header is not None:
-                headers.append(header)
-        if not headers:
-            names = ", ".join(p.name for p in files[:3]) + (", …" if len(files) > 3 else "")
-            raise self.error(
-                f"expected DICOM files, received {len(files)} non-DICOM file(s) ({names})"
+
+def _read_headers(patient: str, folder: Path) -> list[_Header]:
+    files = _list_files(patient, folder)
+    headers = []
+    cached = 0
+    for path in files:
+        size = path.stat().st_size
+        keep_pixels = cached + size <= CACHE_BYTES
+        cached += size if keep_pixels else 0
+        header = _read_header(patient, path, keep_pixels)
+        if header is not None:
+            headers.append(header)
+    if not headers:
+        names = ", ".join(p.name for p in files[:3]) + (", …" if len(files) > 3 else "")
+        raise _error(
+            patient, f"expected DICOM files, received {len(files)} non-DICOM file(s) ({names})"
+        )
+    return headers
+
+
+# --- choosing the series --------------------------------------------------------------------
+
+
+def _choose_series(patient: str, headers: list[_Header]) -> list[_Header]:
+    """The images of the CT series with the most distinct slice positions."""
+    images = [h for h in headers if h.rows is not None]
+    if len(images) < len(headers):
+        logger.info(
+            "patient %s: dropped %d DICOM object(s) without an image",
+            patient, len(headers) - len(images),
+        )
+    if not images:
+        raise _error(patient, "expected CT images, received only DICOM objects without an image")
+    localizers = [h for h in images if LOCALIZER_TYPE in h.image_type]
+    if localizers:
+        logger.info("patient %s: dropped %d localizer image(s)", patient, len(localizers))
+    images = [h for h in images if LOCALIZER_TYPE not in h.image_type]
+    if not images:
+        raise _error(patient, "expected an axial CT series, received only localizer images")
+    non_ct = Counter(h.modality for h in images if h.modality != CT_MODALITY)
+    if non_ct:
+        logger.info("patient %s: dropped non-CT images %s", patient, dict(non_ct))
+    ct_images = [h for h in images if h.modality == CT_MODALITY]
+    if not ct_images:
+        received = ", ".join(sorted(non_ct))
+        raise _error(patient, f"expected modality CT, received {received}")
+    by_series: dict[str, list[_Header]] = defaultdict(list)
+    for header in ct_images:
+        by_series[header.series_uid].append(header)
+    candidates = {uid: _majority_orientation(patient, uid, hs) for uid, hs in by_series.items()}
+
+    def n_positions(hs: list[_Header]) -> int:
+        return len({tuple(np.round(h.position, 2)) for h in hs if h.position is not None})
+
+    ranked = sorted(candidates.items(), key=lambda item: (-n_positions(item[1]), item[0]))
+    uid, chosen = ranked[0]
+    for other_uid, other in ranked[1:]:
+        logger.info(
+            "patient %s: dropped series %s (%d images; kept %s with %d)",
+            patient, other_uid, len(other), uid, len(chosen),
+        )
+    return chosen
+
+
+def _majority_orientation(patient: str, uid: str, headers: list[_Header]) -> list[_Header]:
+    """The images of one series that share its most common orientation."""
+    counts = Counter(h.orientation_key() for h in headers)
+    key, _ = counts.most_common(1)[0]
+    kept = [h for h in headers if h.orientation_key() == key]
+    if len(kept) < len(headers):
+        logger.info(
+            "patient %s: series %s: dropped %d image(s) of another orientation",
+            patient, uid, len(headers) - len(kept),
+        )
+    return kept
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+
+def _check_slices(patient: str, headers: list[_Header]) -> None:
+    first = headers[0]
+    for header in headers:
+        if header.orientation is None or header.position is None:
+            raise _error(
+                patient,
+                "expected ImageOrientationPatient and ImagePositionPatient, received an "
+                "image without them",
+                header.path,
             )
-        return headers
-
-    # --- choosing the series -------------------------------------------------------------
-
-    def choose_series(self, headers: list[_Header]) -> list[_Header]:
-        """The images of the CT series with the most distinct slice positions."""
-        images = [h for h in headers if h.rows is not None]
-        if len(images) < len(headers):
-            logger.info(
-                "patient %s: dropped %d DICOM object(s) without an image",
-                self.patient, len(headers) - len(images),
+        if header.pixel_spacing is None:
+            raise _error(patient, "expected PixelSpacing, received none", header.path)
+        if (header.rows, header.columns) != (first.rows, first.columns):
+            raise _error(
+                patient,
+                f"expected every slice to be {first.rows}×{first.columns} pixels like "
+                f"{first.path.name}, received {header.rows}×{header.columns}",
+                header.path,
             )
-        if not images:
-            raise self.error("expected CT images, received only DICOM objects without an image")
-        localizers = [h for h in images if LOCALIZER_TYPE in h.image_type]
-        if localizers:
-            logger.info("patient %s: dropped %d localizer image(s)", self.patient, len(localizers))
-        images = [h for h in images if LOCALIZER_TYPE not in h.image_type]
-        if not images:
-            raise self.error("expected an axial CT series, received only localizer images")
-        non_ct = Counter(h.modality for h in images if h.modality != CT_MODALITY)
-        if non_ct:
-            logger.info("patient %s: dropped non-CT images %s", self.patient, dict(non_ct))
-        ct_images = [h for h in images if h.modality == CT_MODALITY]
-        if not ct_images:
-            received = ", ".join(sorted(non_ct))
-            raise self.error(f"expected modality CT, received {received}")
-        by_series: dict[str, list[_Header]] = defaultdict(list)
-        for header in ct_images:
-            by_series[header.series_uid].append(header)
-        candidates = {uid: self.majority_orientation(uid, hs) for uid, hs in by_series.items()}
-
-        def n_positions(hs: list[_Header]) -> int:
-            return len({tuple(np.round(h.position, 2)) for h in hs if h.position is not None})
-
-        ranked = sorted(candidates.items(), key=lambda item: (-n_positions(item[1]), item[0]))
-        uid, chosen = ranked[0]
-        for other_uid, other in ranked[1:]:
-            logger.info(
-                "patient %s: dropped series %s (%d images; kept %s with %d)",
-                self.patient, other_uid, len(other), uid, len(chosen),
-            )
-        return chosen
-
-    def majority_orientation(self, uid: str, headers: list[_Header]) -> list[_Header]:
-        """The images of one series that share its most common orientation."""
-        counts = Counter(h.orientation_key() for h in headers)
-        key, _ = counts.most_common(1)[0]
-        kept = [h for h in headers if h.orientation_key() == key]
-        if len(kept) < len(headers):
-            logger.info(
-                "patient %s: series %s: dropped %d image(s) of another orientation",
-                self.patient, uid, len(headers) - len(kept),
-            )
-        return kept
-
-    # --- geometry ------------------------------------------------------------------------
-
-    def check_slices(self, headers: list[_Header]) -> None:
-        first = headers[0]
-        for header in headers:
-            if header.orientation is None or header.position is None:
-                raise self.error(
-                    "expected ImageOrientationPatient and ImagePositionPatient, received an "
-                    "image without them",
-                    header.path,
-                )
-            if header.pixel_spacing is None:
-                raise self.error("expected PixelSpacing, received none", header.path)
-            if (header.rows, header.columns) != (first.rows, first.columns):
-                raise self.error(
-                    f"expected every slice to be {first.rows}×{first.columns} pixels like "
-                    f"{first.path.name}, received {header.rows}×{header.columns}",
-                    header.path,
-                )
-            if not np.allclose(header.pixel_spacing, first.pixel_spacing, rtol=1e-4):
-                raise self.error(
-                    f"expected PixelSpacing {first.pixel_spacing} like {first.path.name}, "
-                    f"received {header.pixel_spacing}",
-                    header.path,
-                )
-
-    def axis_of(self, cosine: np.ndarray, what: str, path: Path) -> tuple[int, int]:
-        """The patient axis (0 X, 1 Y, 2 Z) a direction cosine runs along, and its sign."""
-        axis = int(np.argmax(np.abs(cosine)))
-        if abs(abs(cosine[axis]) - 1.0) > AXIS_ALIGNMENT_TOLERANCE:
-            raise self.error(
-                f"expected a {what} direction aligned with a patient axis, received an oblique "
-                f"ImageOrientationPatient {np.round(cosine, 4).tolist()}",
-                path,
-            )
-        return axis, int(np.sign(cosine[axis]))
-
-    def order_slices(
-        self, headers: list[_Header], normal: np.ndarray
-    ) -> tuple[list[_Header], np.ndarray]:
-        """Slices sorted by position along the normal, duplicates dropped; their positions."""
-        headers = sorted(headers, key=lambda h: (float(h.position @ normal), h.instance, h.path))
-        along = np.array([h.position @ normal for h in headers])
-        gaps = np.diff(along)
-        positive = gaps[gaps > 0]
-        median_gap = float(np.median(positive)) if positive.size else 0.0
-        duplicate = np.concatenate([[False], gaps <= DUPLICATE_FRACTION * median_gap])
-        if duplicate.any():
-            dropped = [h.path.name for h, d in zip(headers, duplicate, strict=True) if d]
-            logger.warning(
-                "patient %s: %d slice(s) at an already used position, kept the first: %s",
-                self.patient, len(dropped), ", ".join(dropped[:5]),
-            )
-            headers = [h for h, d in zip(headers, duplicate, strict=True) if not d]
-            along = along[~duplicate]
-        if len(headers) < MIN_SLICES:
-            raise self.error(
-                f"expected at least {MIN_SLICES} slices at distinct positions, received "
-                f"{len(headers)}",
-                headers[0].path,
-            )
-        return headers, along
-
-    def slice_spacing(self, headers: list[_Header], along: np.ndarray) -> float:
-        """The uniform slice spacing in mm, after the missing-slice and evenness checks."""
-        gaps = np.diff(along)
-        median_gap = float(np.median(gaps))
-        worst = int(np.argmax(gaps))
-        if gaps[worst] > MISSING_SLICE_FACTOR * median_gap:
-            raise self.error(
-                f"expected evenly spaced slices ({median_gap:.3g} mm apart), received a gap of "
-                f"{gaps[worst]:.3g} mm between {headers[worst].path.name} and "
-                f"{headers[worst + 1].path.name}: missing slice(s)"
-            )
-        spacing = float(along[-1] - along[0]) / (len(along) - 1)
-        off_grid = np.abs(along - (along[0] + spacing * np.arange(len(along))))
-        if off_grid.max() > GRID_TOLERANCE * spacing:
-            bad = headers[int(np.argmax(off_grid))]
-            raise self.error(
-                f"expected slices on a uniform {spacing:.3g} mm grid, received uneven spacing "
-                f"({off_grid.max():.3g} mm off the grid)",
-                bad.path,
-            )
-        if off_grid.max() > 0:
-            logger.debug(
-                "patient %s: slice positions up to %.3g mm off a uniform %.4g mm grid",
-                self.patient, off_grid.max(), spacing,
-            )
-        return spacing
-
-    def check_tilt(
-        self, headers: list[_Header], orientation: np.ndarray, pixel_spacing: tuple[float, float]
-    ) -> None:
-        """Raise when slice positions drift within the image plane (gantry tilt)."""
-        offsets = np.array([h.position for h in headers]) - headers[0].position
-        drift = np.abs(offsets @ orientation.T)  # (n, 2): along row and column cosines, mm
-        limit = IN_PLANE_DRIFT_PIXELS * min(pixel_spacing)
-        if drift.max() > limit:
-            worst = headers[int(np.argmax(drift.max(axis=1)))]
-            raise self.error(
-                f"expected slice positions along the slice normal, received an in-plane drift "
-                f"of {drift.max():.3g} mm (gantry tilt or sheared series)",
-                worst.path,
+        if not np.allclose(header.pixel_spacing, first.pixel_spacing, rtol=1e-4):
+            raise _error(
+                patient,
+                f"expected PixelSpacing {first.pixel_spacing} like {first.path.name}, "
+                f"received {header.pixel_spacing}",
+                header.path,
             )
 
-    # --- pixels --------------------------------------------------------------------------
 
-    def check_decoder(self, header: _Header) -> None:
-        path, syntax = header.path, header.transfer_syntax
-        try:
-            decoder = get_decoder(syntax)
-        except NotImplementedError as exc:
-            raise self.error(
-                f"expected a supported transfer syntax, received {syntax}", path
-            ) from exc
-        if not decoder.is_available:
-            package = next(
-                (pkg for prefix, pkg in DECODER_PACKAGES.items() if syntax.startswith(prefix)),
-                "pylibjpeg with its plugins",
-            )
-            raise MissingDecoderError(
-                f"patient {self.patient}: expected an installed decoder for transfer syntax "
-                f"{syntax}, received none: install {package} (file {path.name})"
-            )
+def _axis_of(patient: str, cosine: np.ndarray, what: str, path: Path) -> tuple[int, int]:
+    """The patient axis (0 X, 1 Y, 2 Z) a direction cosine runs along, and its sign."""
+    found = patient_axis(cosine)
+    if found is None:
+        raise _error(
+            patient,
+            f"expected a {what} direction aligned with a patient axis, received an oblique "
+            f"ImageOrientationPatient {np.round(cosine, 4).tolist()}",
+            path,
+        )
+    return found
 
-    def read_slice(self, header: _Header, out: np.ndarray) -> None:
-        """Decode one file once and write its HU (int16) into `out` (rows, columns).
 
-        Releases the header's kept dataset (its bytes and the decoded array pydicom caches).
-        """
-        path = header.path
-        ds, header.dataset = header.dataset, None
-        if ds is None:
-            try:
-                ds = pydicom.dcmread(path)
-            except Exception as exc:  # pydicom raises many types for truncated or corrupt files
-                raise self.error(
-                    f"expected a readable DICOM file, received {exc}", path
-                ) from exc
-        if "PixelData" not in ds:
-            raise self.error("expected pixel data, received a file without PixelData", path)
-        photometric = str(ds.get("PhotometricInterpretation", ""))
-        if photometric not in MONOCHROME or int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise self.error(
-                f"expected a MONOCHROME1/2 single-sample image, received {photometric}", path
-            )
-        try:
-            stored = ds.pixel_array
-        except Exception as exc:  # decoders raise many types for truncated or corrupt data
-            raise self.error(
-                f"expected decodable pixel data, received truncated or corrupt data ({exc})", path
-            ) from exc
-        if stored.shape != out.shape:
-            raise self.error(
-                f"expected a {out.shape[0]}×{out.shape[1]} image, received {stored.shape}", path
-            )
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        if slope == 1.0 and intercept.is_integer():
-            hu = stored.astype(np.int32) + int(intercept)
-        else:
-            hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-            np.rint(hu, out=hu)
-        air = hu <= OUTSIDE_FIELD_MAX_HU
-        if "PixelPaddingValue" in ds:
-            air |= self.padding_mask(ds, stored)
-        hu[air] = AIR_HU
-        if hu.min() < INT16_MIN or hu.max() > INT16_MAX:  # rare; two reductions beat a clip
-            np.clip(hu, INT16_MIN, INT16_MAX, out=hu)
-        out[...] = hu
+def _order_slices(
+    patient: str, headers: list[_Header], normal: np.ndarray
+) -> tuple[list[_Header], np.ndarray]:
+    """Slices sorted by position along the normal, duplicates dropped; their positions."""
+    headers = sorted(headers, key=lambda h: (float(h.position @ normal), h.instance, h.path))
+    along = np.array([h.position @ normal for h in headers])
+    gaps = np.diff(along)
+    positive = gaps[gaps > 0]
+    median_gap = float(np.median(positive)) if positive.size else 0.0
+    duplicate = np.concatenate([[False], gaps <= DUPLICATE_FRACTION * median_gap])
+    if duplicate.any():
+        dropped = [h.path.name for h, d in zip(headers, duplicate, strict=True) if d]
+        logger.warning(
+            "patient %s: %d slice(s) at an already used position, kept the first: %s",
+            patient, len(dropped), ", ".join(dropped[:5]),
+        )
+        headers = [h for h, d in zip(headers, duplicate, strict=True) if not d]
+        along = along[~duplicate]
+    if len(headers) < MIN_SLICES:
+        raise _error(
+            patient,
+            f"expected at least {MIN_SLICES} slices at distinct positions, received "
+            f"{len(headers)}",
+            headers[0].path,
+        )
+    return headers, along
 
-    @staticmethod
-    def padding_mask(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
-        """Pixels equal to PixelPaddingValue, or within [value, PixelPaddingRangeLimit]."""
-        bits = int(ds.get("BitsStored", 16))
 
-        def as_stored(value: int) -> int:
-            # The tag may be read as unsigned even when PixelRepresentation says signed.
-            value = int(value)
-            if int(ds.get("PixelRepresentation", 0)) == 1 and value >= 1 << (bits - 1):
-                value -= 1 << bits
-            return value
-
-        low = as_stored(ds.PixelPaddingValue)
-        high = as_stored(ds.get("PixelPaddingRangeLimit", low))
-        low, high = min(low, high), max(low, high)
-        return (stored >= low) & (stored <= high)
-
-    # --- all together --------------------------------------------------------------------
-
-    def read(self) -> CTSeries:
-        headers = self.choose_series(self.read_headers())
-        self.check_slices(headers)
-        first = headers[0]
-        orientation = first.orientation
-        row_axis, row_sign = self.axis_of(orientation[0], "row", first.path)
-        column_axis, column_sign = self.axis_of(orientation[1], "column", first.path)
-        normal = np.cross(orientation[0], orientation[1])
-        if row_axis == column_axis:
-            raise self.error(
-                f"expected perpendicular direction cosines, received "
-                f"{orientation.ravel().tolist()}",
-                first.path,
-            )
-        normal_axis = 3 - row_axis - column_axis
-        normal_sign = int(np.sign(normal[normal_axis]))
-        headers, along = self.order_slices(headers, normal)
-        source_spacing_mm = self.slice_spacing(headers, along)
-        self.check_tilt(headers, orientation, first.pixel_spacing)
-        self.check_decoder(headers[0])
-
-        rows, columns = first.rows, first.columns
-        # Decoded straight into the source-order array; the canonical view is a transpose
-        # and flips of it, made contiguous once at the end.
-        volume = np.empty((len(headers), rows, columns), dtype=np.int16)
-        for index, header in enumerate(headers):
-            self.read_slice(header, volume[index])
-
-        row_spacing, column_spacing = first.pixel_spacing
-        # Source array axes (slice, row, column) run along (normal, column cosine, row cosine).
-        source_axes = [(normal_axis, normal_sign), (column_axis, column_sign),
-                       (row_axis, row_sign)]
-        source_step = [source_spacing_mm, row_spacing, column_spacing]
-        # Canonical axis i (0 Z, 1 Y, 2 X) is patient axis 2 - i.
-        order = [next(k for k, (axis, _) in enumerate(source_axes) if axis == 2 - i)
-                 for i in range(3)]
-        canonical = volume.transpose(order)
-        flips = tuple(i for i, k in enumerate(order) if source_axes[k][1] < 0)
-        if flips:
-            canonical = np.flip(canonical, axis=flips)
-        canonical = np.ascontiguousarray(canonical)
-
-        # Patient coordinate of canonical voxel [0, 0, 0]: the first slice's position moved to
-        # the far end of every source axis that runs against the patient axis.
-        corner = headers[0].position.copy()
-        unit = {0: normal, 1: orientation[1], 2: orientation[0]}
-        for k, (_, sign) in enumerate(source_axes):
-            if sign < 0:
-                corner = corner + (volume.shape[k] - 1) * source_step[k] * unit[k]
-        spacing = tuple(round(float(source_step[k]), MM_DECIMALS) for k in order)
-        origin = tuple(round(float(corner[2 - i]), MM_DECIMALS) for i in range(3))
+def _slice_spacing(patient: str, headers: list[_Header], along: np.ndarray) -> float:
+    """The uniform slice spacing in mm, after the missing-slice and evenness checks."""
+    gaps = np.diff(along)
+    median_gap = float(np.median(gaps))
+    worst = int(np.argmax(gaps))
+    if gaps[worst] > MISSING_SLICE_FACTOR * median_gap:
+        raise _error(
+            patient,
+            f"expected evenly spaced slices ({median_gap:.3g} mm apart), received a gap of "
+            f"{gaps[worst]:.3g} mm between {headers[worst].path.name} and "
+            f"{headers[worst + 1].path.name}: missing slice(s)"
+        )
+    spacing = float(along[-1] - along[0]) / (len(along) - 1)
+    off_grid = np.abs(along - (along[0] + spacing * np.arange(len(along))))
+    if off_grid.max() > GRID_TOLERANCE * spacing:
+        bad = headers[int(np.argmax(off_grid))]
+        raise _error(
+            patient,
+            f"expected slices on a uniform {spacing:.3g} mm grid, received uneven spacing "
+            f"({off_grid.max():.3g} mm off the grid)",
+            bad.path,
+        )
+    if off_grid.max() > 0:
         logger.debug(
-            "patient %s: series %s, %d slices, shape %s, spacing %s mm",
-            self.patient, first.series_uid, len(headers), canonical.shape, spacing,
+            "patient %s: slice positions up to %.3g mm off a uniform %.4g mm grid",
+            patient, off_grid.max(), spacing,
         )
-        return CTSeries(
-            hu=canonical,
-            spacing=spacing,
-            origin=origin,
-            series_uid=first.series_uid,
+    return spacing
+
+
+def _check_tilt(
+    patient: str,
+    headers: list[_Header],
+    orientation: np.ndarray,
+    pixel_spacing: tuple[float, float],
+) -> None:
+    """Raise when slice positions drift within the image plane (gantry tilt)."""
+    offsets = np.array([h.position for h in headers]) - headers[0].position
+    drift = np.abs(offsets @ orientation.T)  # (n, 2): along row and column cosines, mm
+    limit = IN_PLANE_DRIFT_PIXELS * min(pixel_spacing)
+    if drift.max() > limit:
+        worst = headers[int(np.argmax(drift.max(axis=1)))]
+        raise _error(
+            patient,
+            f"expected slice positions along the slice normal, received an in-plane drift "
+            f"of {drift.max():.3g} mm (gantry tilt or sheared series)",
+            worst.path,
         )
+
+
+# --- pixels ---------------------------------------------------------------------------------
+
+
+def _check_decoder(patient: str, header: _Header) -> None:
+    path, syntax = header.path, header.transfer_syntax
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise _error(
+            patient,
+            f"expected a supported transfer syntax, received {syntax}", path
+        ) from exc
+    if not decoder.is_available:
+        package = next(
+            (pkg for prefix, pkg in DECODER_PACKAGES.items() if syntax.startswith(prefix)),
+            "pylibjpeg with its plugins",
+        )
+        raise MissingDecoderError(
+            f"patient {patient}: expected an installed decoder for transfer syntax "
+            f"{syntax}, received none: install {package} (file {path.name})"
+        )
+
+
+def _read_slice(patient: str, header: _Header, out: np.ndarray) -> None:
+    """Decode one file once and write its HU (int16) into `out` (rows, columns).
+
+    Releases the header's kept dataset (its bytes and the decoded array pydicom caches).
+    """
+    path = header.path
+    ds, header.dataset = header.dataset, None
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:  # pydicom raises many types for truncated or corrupt files
+            raise _error(
+                patient,
+                f"expected a readable DICOM file, received {exc}", path
+            ) from exc
+    if "PixelData" not in ds:
+        raise _error(patient, "expected pixel data, received a file without PixelData", path)
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric not in MONOCHROME or int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise _error(
+            patient,
+            f"expected a MONOCHROME1/2 single-sample image, received {photometric}", path
+        )
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # decoders raise many types for truncated or corrupt data
+        raise _error(
+            patient,
+            f"expected decodable pixel data, received truncated or corrupt data ({exc})", path
+        ) from exc
+    if stored.shape != out.shape:
+        raise _error(
+            patient,
+            f"expected a {out.shape[0]}×{out.shape[1]} image, received {stored.shape}", path
+        )
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    if slope == 1.0 and intercept.is_integer():
+        hu = stored.astype(np.int32) + int(intercept)
+    else:
+        hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        np.rint(hu, out=hu)
+    air = hu <= OUTSIDE_FIELD_HU
+    if "PixelPaddingValue" in ds:
+        air |= _padding_mask(ds, stored)
+    hu[air] = AIR_HU
+    if hu.min() < INT16_MIN or hu.max() > INT16_MAX:  # rare; two reductions beat a clip
+        np.clip(hu, INT16_MIN, INT16_MAX, out=hu)
+    out[...] = hu
+
+def _padding_mask(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
+    """Pixels equal to PixelPaddingValue, or within [value, PixelPaddingRangeLimit]."""
+    bits = int(ds.get("BitsStored", 16))
+
+    def as_stored(value: int) -> int:
+        # The tag may be read as unsigned even when PixelRepresentation says signed.
+        value = int(value)
+        if int(ds.get("PixelRepresentation", 0)) == 1 and value >= 1 << (bits - 1):
+            value -= 1 << bits
+        return value
+
+    low = as_stored(ds.PixelPaddingValue)
+    high = as_stored(ds.get("PixelPaddingRangeLimit", low))
+    low, high = min(low, high), max(low, high)
+    return (stored >= low) & (stored <= high)
+
+
+def _slice_axes(patient: str, first: _Header) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The patient axis (0 X, 1 Y, 2 Z) and sign each image array axis runs along.
+
+    Returns:
+        ((axis, sign) for the slice, row and column axes of the stacked image array, i.e.
+        along the slice normal, the column cosine and the row cosine), and the slice normal.
+    """
+    orientation = first.orientation
+    row_axis, row_sign = _axis_of(patient, orientation[0], "row", first.path)
+    column_axis, column_sign = _axis_of(patient, orientation[1], "column", first.path)
+    normal = np.cross(orientation[0], orientation[1])
+    if row_axis == column_axis:
+        raise _error(
+            patient,
+            f"expected perpendicular direction cosines, received "
+            f"{orientation.ravel().tolist()}",
+            first.path,
+        )
+    normal_axis = 3 - row_axis - column_axis
+    normal_sign = int(np.sign(normal[normal_axis]))
+    return [(normal_axis, normal_sign), (column_axis, column_sign), (row_axis, row_sign)], normal
+
+
+def _read_pixels(patient: str, headers: list[_Header]) -> np.ndarray:
+    """The slices decoded into one int16 HU array (slice, row, column), in the given order."""
+    _check_decoder(patient, headers[0])
+    volume = np.empty((len(headers), headers[0].rows, headers[0].columns), dtype=np.int16)
+    for index, header in enumerate(headers):
+        _read_slice(patient, header, volume[index])
+    return volume
+
+
+def _to_canonical(
+    volume: np.ndarray,
+    axes: list[tuple[int, int]],
+    steps: list[float],
+    units: list[np.ndarray],
+    position: np.ndarray,
+) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...]]:
+    """Transpose and flip a stacked image array into canonical (z, y, x) order.
+
+    Args:
+        volume: the image array (slice, row, column).
+        axes: (patient axis, sign) of each array axis (`_slice_axes`).
+        steps: spacing along each array axis, mm.
+        units: the patient-space unit vector of each array axis.
+        position: ImagePositionPatient of the first slice's first pixel, mm.
+
+    Returns:
+        The contiguous canonical array, its spacing (z, y, x) and its origin (z, y, x) in mm.
+    """
+    # Canonical axis i (0 Z, 1 Y, 2 X) is patient axis 2 - i.
+    order = [next(k for k, (axis, _) in enumerate(axes) if axis == 2 - i) for i in range(3)]
+    canonical = volume.transpose(order)
+    flips = tuple(i for i, k in enumerate(order) if axes[k][1] < 0)
+    if flips:
+        canonical = np.flip(canonical, axis=flips)
+    # Patient coordinate of canonical voxel [0, 0, 0]: the first slice's position moved to
+    # the far end of every array axis that runs against the patient axis.
+    corner = position.copy()
+    for k, (_, sign) in enumerate(axes):
+        if sign < 0:
+            corner = corner + (volume.shape[k] - 1) * steps[k] * units[k]
+    spacing = tuple(round(float(steps[k]), MM_DECIMALS) for k in order)
+    origin = tuple(round(float(corner[2 - i]), MM_DECIMALS) for i in range(3))
+    return np.ascontiguousarray(canonical), spacing, origin
 
 
 def read_series(folder: str | Path, patient_id: str | None = None) -> CTSeries:
@@ -553,4 +558,27 @@ def read_series(folder: str | Path, patient_id: str | None = None) -> CTSeries:
         MissingDecoderError: the pixel data needs a decoder that is not installed.
     """
     folder = Path(folder)
-    return _Reader(folder, patient_id or folder.name).read()
+    patient = patient_id or folder.name
+    headers = _choose_series(patient, _read_headers(patient, folder))
+    _check_slices(patient, headers)
+    first = headers[0]
+    axes, normal = _slice_axes(patient, first)
+    headers, along = _order_slices(patient, headers, normal)
+    slice_spacing = _slice_spacing(patient, headers, along)
+    _check_tilt(patient, headers, first.orientation, first.pixel_spacing)
+    # Decoded straight into the stacked array; the canonical array is a transpose and flips of
+    # it, made contiguous once.
+    volume = _read_pixels(patient, headers)
+    row_spacing, column_spacing = first.pixel_spacing
+    hu, spacing, origin = _to_canonical(
+        volume,
+        axes,
+        [slice_spacing, row_spacing, column_spacing],
+        [normal, first.orientation[1], first.orientation[0]],
+        headers[0].position,
+    )
+    logger.debug(
+        "patient %s: series %s, %d slices, shape %s, spacing %s mm",
+        patient, first.series_uid, len(headers), hu.shape, spacing,
+    )
+    return CTSeries(hu=hu, spacing=spacing, origin=origin, series_uid=first.series_uid)

@@ -24,14 +24,14 @@ How the volume is checked and made canonical:
   What SimpleITK's MetaImage and NIfTI libraries print to stderr is caught and folded into the
   one-line message (or one warning line when the read succeeds) instead of reaching the screen.
 - Geometry comes from the direction matrix: each image axis must run along a patient axis
-  (within `AXIS_ALIGNMENT_TOLERANCE`, as for DICOM); axis-aligned images of any permutation
-  and flip are transposed and flipped into the canonical order, the origin moved to the new
-  voxel [0, 0, 0]. Oblique directions are an error.
+  (within `kdsb.io.series.AXIS_ALIGNMENT_TOLERANCE`, as for DICOM); axis-aligned images of any
+  permutation and flip are transposed and flipped into the canonical order, the origin moved to
+  the new voxel [0, 0, 0]. Oblique directions are an error.
 - Values are taken as HU as stored (NIfTI's scl_slope / scl_inter are applied by the reader;
   MetaImage and NRRD have no rescale). A volume whose darkest voxel is above `MAX_AIR_HU` is
   plainly not HU (a CT holds air or lung far below it; MR, PET, unsigned storage without its
   intercept or a normalised image do not) and is an error, as are NaN or infinite values.
-  Float values are rounded to the nearest HU; anything at or below `OUTSIDE_FIELD_MAX_HU` (the
+  Float values are rounded to the nearest HU; anything at or below `OUTSIDE_FIELD_HU` (the
   -2000 / -3024 HU outside-field values) becomes air, -1000 HU; the result is clipped into
   int16.
 
@@ -58,16 +58,8 @@ import SimpleITK as sitk
 from pydicom.misc import is_dicom
 
 from kdsb.errors import VolumeFileError
-from kdsb.io.dicom import (
-    AIR_HU,
-    AXIS_ALIGNMENT_TOLERANCE,
-    INT16_MAX,
-    INT16_MIN,
-    MIN_SLICES,
-    MM_DECIMALS,
-    OUTSIDE_FIELD_MAX_HU,
-    CTSeries,
-)
+from kdsb.io.series import INT16_MAX, INT16_MIN, MIN_SLICES, MM_DECIMALS, CTSeries, patient_axis
+from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
 
@@ -334,13 +326,13 @@ class _Reader:
         axes = []
         for index_axis in range(IMAGE_DIMENSION):
             cosine = direction[:, index_axis]
-            axis = int(np.argmax(np.abs(cosine)))
-            if abs(abs(cosine[axis]) - 1.0) > AXIS_ALIGNMENT_TOLERANCE:
+            found = patient_axis(cosine)
+            if found is None:
                 raise self.error(
                     f"expected the {IMAGE_AXES[index_axis]} axis aligned with a patient axis, "
                     f"received an oblique direction {np.round(cosine, 4).tolist()} (LPS)"
                 )
-            axes.append((axis, int(np.sign(cosine[axis]))))
+            axes.append(found)
         if len({axis for axis, _ in axes}) != IMAGE_DIMENSION:
             raise self.error(
                 f"expected image axes along three different patient axes, received the "
@@ -365,7 +357,7 @@ class _Reader:
             if low < INT16_MIN or high > INT16_MAX:
                 values = np.clip(values, INT16_MIN, INT16_MAX)
             values = values.astype(np.int16)
-        values[values <= OUTSIDE_FIELD_MAX_HU] = AIR_HU
+        values[values <= OUTSIDE_FIELD_HU] = AIR_HU
         return values
 
     def read(self) -> CTSeries:

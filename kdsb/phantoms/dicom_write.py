@@ -8,8 +8,11 @@ with an intercept, slopes other than 1, padded fields of view, descending or ran
 numbers, negated orientation vectors, shuffled file names) so that `kdsb.io.dicom.read_series` can
 be tested against a known truth.
 
-Padding: pixels flagged by `padding_mask` are written as `padding_value` and that value is
-declared as PixelPaddingValue. When `padding_value` is None the padded pixels are instead
+How a series is stored (storage type, rescale, padding, slice order, flips, file names, UIDs,
+compression) is one `Acquisition`; `write_ct_series` builds each slice's dataset from it.
+
+Padding: pixels flagged by `padding_mask` are written as `Acquisition.padding_value` and that
+value is declared as PixelPaddingValue. When `padding_value` is None the padded pixels are instead
 written as the raw value whose rescaled HU is -2000 (the "outside the field of view" value many
 scanners write) and no PixelPaddingValue is declared. The reader turns both into air
 (-1000 HU).
@@ -20,6 +23,7 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +38,10 @@ from pydicom.uid import (
 )
 
 from kdsb.errors import DicomError
+from kdsb.preprocessing.hu import OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
 
-OUTSIDE_FIELD_HU = -2000  # HU many scanners write outside the reconstructed field of view
 STORAGE_RANGES = {"int16": (-32768, 32767), "uint16": (0, 65535)}
 PIXEL_REPRESENTATION = {"int16": 1, "uint16": 0}
 SLICE_ORDERS = ("ascending", "descending", "random")
@@ -67,15 +71,90 @@ def _check_geometry(hu: np.ndarray, spacing: Sequence[float], origin: Sequence[f
         raise DicomError(f"expected 3 finite origin coordinates in mm (z, y, x), received {origin}")
 
 
+@dataclass(frozen=True)
+class Acquisition:
+    """How a series is stored and labelled: everything `write_ct_series` writes besides the image.
+
+    Attributes:
+        storage: "int16" (PixelRepresentation 1) or "uint16" (PixelRepresentation 0; choose an
+            intercept that keeps the stored values >= 0).
+        slope: RescaleSlope; stored = round((HU - intercept) / slope), so HU not on that grid
+            are rounded.
+        intercept: RescaleIntercept in HU.
+        padding_value: raw stored value for padded pixels, declared as PixelPaddingValue. When
+            None, padded pixels get the raw value of `OUTSIDE_FIELD_HU` (-2000 HU) and no
+            PixelPaddingValue.
+        slice_order: InstanceNumber against position: "ascending" (1 is the most inferior
+            slice, feet first), "descending" (1 is the most superior, head first) or "random".
+        flip_rows: store each slice with its rows reversed and the column direction cosine
+            negated (ImageOrientationPatient column vector (0, -1, 0)).
+        flip_columns: store each slice with its columns reversed and the row direction cosine
+            negated (ImageOrientationPatient row vector (-1, 0, 0)).
+        shuffle_names: random hexadecimal file names instead of names ordered by
+            InstanceNumber.
+        seed: seeds the UIDs, the random slice order and the random names.
+        modality: Modality (write "MR" to test the reader's rejection of non-CT series).
+        series_uid: SeriesInstanceUID; derived from the patient id, series_number and seed if
+            None.
+        series_number: SeriesNumber, also the prefix of ordered file names, so that two series
+            can share one folder.
+        image_type: ImageType values (("ORIGINAL", "PRIMARY", "LOCALIZER") for a scout).
+        photometric: "MONOCHROME2" or "MONOCHROME1". The stored values are the same either
+            way: the photometric interpretation only changes display, not the rescaled HU.
+        slice_thickness: SliceThickness in mm; the z spacing if None (readers must not trust it).
+        compression: None (Explicit VR Little Endian), "rle" (RLE Lossless) or "jpeg2000"
+            (JPEG 2000 Lossless, needs pylibjpeg-openjpeg and slices of at least 32×32 pixels).
+
+    Raises:
+        DicomError: an option out of its range.
+    """
+
+    storage: str = "int16"
+    slope: float = 1.0
+    intercept: float = -1024.0
+    padding_value: int | None = None
+    slice_order: str = "ascending"
+    flip_rows: bool = False
+    flip_columns: bool = False
+    shuffle_names: bool = False
+    seed: int = 0
+    modality: str = "CT"
+    series_uid: str | None = None
+    series_number: int = 1
+    image_type: tuple[str, ...] = DEFAULT_IMAGE_TYPE
+    photometric: str = "MONOCHROME2"
+    slice_thickness: float | None = None
+    compression: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.storage not in STORAGE_RANGES:
+            raise DicomError(
+                f"expected storage in {tuple(STORAGE_RANGES)}, received {self.storage!r}"
+            )
+        if self.slice_order not in SLICE_ORDERS:
+            raise DicomError(
+                f"expected slice_order in {SLICE_ORDERS}, received {self.slice_order!r}"
+            )
+        if self.photometric not in PHOTOMETRIC_INTERPRETATIONS:
+            raise DicomError(
+                f"expected photometric in {PHOTOMETRIC_INTERPRETATIONS}, "
+                f"received {self.photometric!r}"
+            )
+        if self.compression is not None and self.compression not in COMPRESSIONS:
+            raise DicomError(
+                f"expected compression None or in {tuple(COMPRESSIONS)}, "
+                f"received {self.compression!r}"
+            )
+        if not np.isfinite(self.slope) or self.slope == 0:
+            raise DicomError(f"expected a finite non-zero slope, received {self.slope}")
+
+
 def _stored_values(
-    hu: np.ndarray,
-    storage: str,
-    slope: float,
-    intercept: float,
-    padding_mask: np.ndarray | None,
-    padding_value: int | None,
+    hu: np.ndarray, acquisition: Acquisition, padding_mask: np.ndarray | None
 ) -> tuple[np.ndarray, int | None]:
     """Raw stored pixel values for `hu`, and the PixelPaddingValue to declare (or None)."""
+    storage, slope, intercept = acquisition.storage, acquisition.slope, acquisition.intercept
+    padding_value = acquisition.padding_value
     low, high = STORAGE_RANGES[storage]
     stored = np.rint((hu.astype(np.float32) - np.float32(intercept)) / np.float32(slope))
     if stored.min() < low or stored.max() > high:
@@ -124,6 +203,136 @@ def _instance_numbers(n_slices: int, slice_order: str, rng: np.random.Generator)
     return rng.permutation(n_slices) + 1
 
 
+@dataclass(frozen=True)
+class _Series:
+    """What every slice file of one series shares.
+
+    Attributes:
+        patient_id: PatientID and PatientName.
+        acquisition: how the series is stored.
+        study_uid, series_uid, frame_uid: the series' UIDs.
+        spacing: voxel size (z, y, x) in mm.
+        corner: patient (X, Y, Z) in mm of pixel [0, 0] of the most inferior slice, as written
+            (the far corner along a flipped axis).
+        row_cosine, column_cosine: ImageOrientationPatient's two vectors.
+        rows, columns: pixels per slice.
+        declared_padding: PixelPaddingValue, or None.
+    """
+
+    patient_id: str
+    acquisition: Acquisition
+    study_uid: str
+    series_uid: str
+    frame_uid: str
+    spacing: tuple[float, float, float]
+    corner: tuple[float, float, float]
+    row_cosine: tuple[float, float, float]
+    column_cosine: tuple[float, float, float]
+    rows: int
+    columns: int
+    declared_padding: int | None
+
+
+def _series(
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    patient_id: str,
+    acquisition: Acquisition,
+    declared_padding: int | None,
+) -> _Series:
+    """The UIDs and the slice geometry of one series (flips move pixel [0, 0])."""
+    a = acquisition
+    entropy = [patient_id, str(a.seed)]
+    study_uid = generate_uid(entropy_srcs=[*entropy, "study"])
+    series_uid = a.series_uid or generate_uid(
+        entropy_srcs=[*entropy, "series", str(a.series_number)]
+    )
+    spacing_z, spacing_y, spacing_x = (float(s) for s in spacing)
+    origin_z, origin_y, origin_x = (float(o) for o in origin)
+    _, n_y, n_x = hu.shape
+    return _Series(
+        patient_id=patient_id,
+        acquisition=a,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        frame_uid=generate_uid(entropy_srcs=[study_uid, "frame"]),
+        spacing=(spacing_z, spacing_y, spacing_x),
+        corner=(
+            origin_x + (n_x - 1) * spacing_x if a.flip_columns else origin_x,
+            origin_y + (n_y - 1) * spacing_y if a.flip_rows else origin_y,
+            origin_z,
+        ),
+        row_cosine=(-1.0, 0.0, 0.0) if a.flip_columns else (1.0, 0.0, 0.0),
+        column_cosine=(0.0, -1.0, 0.0) if a.flip_rows else (0.0, 1.0, 0.0),
+        rows=n_y,
+        columns=n_x,
+        declared_padding=declared_padding,
+    )
+
+
+def _slice_dataset(series: _Series, k: int, instance: int, stored: np.ndarray) -> Dataset:
+    """The DICOM dataset of slice `k` (0 = most inferior) with its stored pixels (rows, columns)."""
+    a = series.acquisition
+    pixels = stored
+    if a.flip_rows:
+        pixels = pixels[::-1, :]
+    if a.flip_columns:
+        pixels = pixels[:, ::-1]
+    sop_uid = generate_uid(entropy_srcs=[series.series_uid, str(k)])
+    spacing_z, spacing_y, spacing_x = series.spacing
+    first_x, first_y, origin_z = series.corner
+    z = origin_z + k * spacing_z
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = series.study_uid
+    ds.SeriesInstanceUID = series.series_uid
+    ds.FrameOfReferenceUID = series.frame_uid
+    ds.PatientID = series.patient_id
+    ds.PatientName = series.patient_id
+    ds.StudyDate = ds.SeriesDate = STUDY_DATE.strftime("%Y%m%d")
+    ds.Modality = a.modality
+    ds.ImageType = list(a.image_type)
+    ds.SeriesNumber = a.series_number
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [_ds(first_x), _ds(first_y), _ds(z)]
+    ds.ImageOrientationPatient = [_ds(v) for v in (*series.row_cosine, *series.column_cosine)]
+    ds.PixelSpacing = [_ds(spacing_y), _ds(spacing_x)]
+    ds.SliceThickness = _ds(spacing_z if a.slice_thickness is None else a.slice_thickness)
+    ds.SliceLocation = _ds(z)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = a.photometric
+    ds.Rows, ds.Columns = series.rows, series.columns
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = PIXEL_REPRESENTATION[a.storage]
+    ds.RescaleIntercept = _ds(a.intercept)
+    ds.RescaleSlope = _ds(a.slope)
+    ds.RescaleType = "HU"
+    if series.declared_padding is not None:
+        ds.PixelPaddingValue = series.declared_padding
+    ds.PixelData = np.ascontiguousarray(pixels).astype("<" + pixels.dtype.str[1:]).tobytes()
+    if a.compression is not None:
+        ds.compress(COMPRESSIONS[a.compression])
+    return ds
+
+
+def _file_name(acquisition: Acquisition, instance: int, rng: np.random.Generator) -> str:
+    """Ordered by series and InstanceNumber, or random hexadecimal with `shuffle_names`."""
+    if acquisition.shuffle_names:
+        return f"{rng.bytes(RANDOM_NAME_BYTES).hex()}"
+    return f"CT{acquisition.series_number:03d}_{instance:0{NAME_DIGITS}d}.dcm"
+
+
 def write_ct_series(
     folder: str | Path,
     hu: np.ndarray,
@@ -131,26 +340,10 @@ def write_ct_series(
     origin: Sequence[float],
     *,
     patient_id: str,
-    series_uid: str | None = None,
-    storage: str = "int16",
-    slope: float = 1.0,
-    intercept: float = -1024.0,
     padding_mask: np.ndarray | None = None,
-    padding_value: int | None = None,
-    slice_order: str = "ascending",
-    flip_rows: bool = False,
-    flip_columns: bool = False,
-    shuffle_names: bool = False,
-    seed: int = 0,
-    modality: str = "CT",
-    study_uid: str | None = None,
-    series_number: int = 1,
-    image_type: Sequence[str] = DEFAULT_IMAGE_TYPE,
-    photometric: str = "MONOCHROME2",
-    slice_thickness: float | None = None,
-    compression: str | None = None,
+    acquisition: Acquisition = Acquisition(),
 ) -> list[Path]:
-    """Write `hu` as one DICOM CT series, one uncompressed file per slice.
+    """Write `hu` as one DICOM CT series, one file per slice.
 
     Args:
         folder: output folder (created if needed); existing files are never overwritten.
@@ -158,136 +351,30 @@ def write_ct_series(
         spacing: voxel size in mm, (z, y, x). PixelSpacing is written as (y, x).
         origin: patient coordinate in mm of voxel [0, 0, 0], (z, y, x) i.e. (Z, Y, X).
         patient_id: PatientID and PatientName.
-        series_uid: SeriesInstanceUID; derived from patient_id, series_number and seed if None.
-        storage: "int16" (PixelRepresentation 1) or "uint16" (PixelRepresentation 0; choose an
-            intercept that keeps the stored values >= 0).
-        slope: RescaleSlope; stored = round((HU - intercept) / slope), so HU not on that grid
-            are rounded.
-        intercept: RescaleIntercept in HU.
-        padding_mask: bool (z, y, x), True outside the field of view.
-        padding_value: raw stored value for padded pixels, declared as PixelPaddingValue. When
-            None, padded pixels get the raw value of -2000 HU and no PixelPaddingValue.
-        slice_order: InstanceNumber against position: "ascending" (1 is the most inferior
-            slice, feet first), "descending" (1 is the most superior, head first) or "random".
-        flip_rows: store each slice with its rows reversed and the column direction cosine
-            negated (ImageOrientationPatient column vector (0, -1, 0)).
-        flip_columns: store each slice with its columns reversed and the row direction cosine
-            negated (ImageOrientationPatient row vector (-1, 0, 0)).
-        shuffle_names: random hexadecimal file names instead of names ordered by
-            InstanceNumber.
-        seed: seeds the UIDs, the random slice order and the random names.
-        modality: Modality (write "MR" to test the reader's rejection of non-CT series).
-        study_uid: StudyInstanceUID (and FrameOfReferenceUID source); derived if None.
-        series_number: SeriesNumber, also the prefix of ordered file names, so that two series
-            can share one folder.
-        image_type: ImageType values (("ORIGINAL", "PRIMARY", "LOCALIZER") for a scout).
-        photometric: "MONOCHROME2" or "MONOCHROME1". The stored values are the same either
-            way: the photometric interpretation only changes display, not the rescaled HU.
-        slice_thickness: SliceThickness in mm; spacing[0] if None (readers must not trust it).
-        compression: None (Explicit VR Little Endian), "rle" (RLE Lossless) or "jpeg2000"
-            (JPEG 2000 Lossless, needs pylibjpeg-openjpeg and slices of at least 32×32 pixels).
+        padding_mask: bool (z, y, x), True outside the field of view (see the module docstring).
+        acquisition: how the series is stored and labelled (uncompressed int16 by default).
 
     Returns:
         The written paths in canonical slice order (index k holds hu[k]).
 
     Raises:
-        DicomError: an argument is invalid or the HU do not fit the chosen storage.
+        DicomError: invalid geometry or padding, or HU that do not fit the chosen storage.
     """
     hu = np.asarray(hu)
     _check_geometry(hu, spacing, origin)
-    if storage not in STORAGE_RANGES:
-        raise DicomError(f"expected storage in {tuple(STORAGE_RANGES)}, received {storage!r}")
-    if slice_order not in SLICE_ORDERS:
-        raise DicomError(f"expected slice_order in {SLICE_ORDERS}, received {slice_order!r}")
-    if photometric not in PHOTOMETRIC_INTERPRETATIONS:
-        raise DicomError(
-            f"expected photometric in {PHOTOMETRIC_INTERPRETATIONS}, received {photometric!r}"
-        )
-    if compression is not None and compression not in COMPRESSIONS:
-        raise DicomError(
-            f"expected compression None or in {tuple(COMPRESSIONS)}, received {compression!r}"
-        )
-    if not np.isfinite(slope) or slope == 0:
-        raise DicomError(f"expected a finite non-zero slope, received {slope}")
-    stored, declared_padding = _stored_values(
-        hu, storage, slope, intercept, padding_mask, padding_value
-    )
-    rng = np.random.default_rng(seed)
-    instance_numbers = _instance_numbers(hu.shape[0], slice_order, rng)
-    entropy = [patient_id, str(seed)]
-    study_uid = study_uid or generate_uid(entropy_srcs=[*entropy, "study"])
-    series_uid = series_uid or generate_uid(entropy_srcs=[*entropy, "series", str(series_number)])
-    frame_uid = generate_uid(entropy_srcs=[study_uid, "frame"])
-    spacing_z, spacing_y, spacing_x = (float(s) for s in spacing)
-    origin_z, origin_y, origin_x = (float(o) for o in origin)
-    n_z, n_y, n_x = hu.shape
-    row_cosine = (-1.0, 0.0, 0.0) if flip_columns else (1.0, 0.0, 0.0)
-    column_cosine = (0.0, -1.0, 0.0) if flip_rows else (0.0, 1.0, 0.0)
-    # Pixel [0, 0] of a flipped slice is the far corner along the flipped axis.
-    first_x = origin_x + (n_x - 1) * spacing_x if flip_columns else origin_x
-    first_y = origin_y + (n_y - 1) * spacing_y if flip_rows else origin_y
-
+    stored, declared_padding = _stored_values(hu, acquisition, padding_mask)
+    rng = np.random.default_rng(acquisition.seed)
+    instance_numbers = _instance_numbers(hu.shape[0], acquisition.slice_order, rng)
+    series = _series(hu, spacing, origin, patient_id, acquisition, declared_padding)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k in range(n_z):
-        pixels = stored[k]
-        if flip_rows:
-            pixels = pixels[::-1, :]
-        if flip_columns:
-            pixels = pixels[:, ::-1]
-        instance = int(instance_numbers[k])
-        sop_uid = generate_uid(entropy_srcs=[series_uid, str(k)])
-        z = origin_z + k * spacing_z
-
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PatientID = patient_id
-        ds.PatientName = patient_id
-        ds.StudyDate = ds.SeriesDate = STUDY_DATE.strftime("%Y%m%d")
-        ds.Modality = modality
-        ds.ImageType = list(image_type)
-        ds.SeriesNumber = series_number
-        ds.InstanceNumber = instance
-        ds.ImagePositionPatient = [_ds(first_x), _ds(first_y), _ds(z)]
-        ds.ImageOrientationPatient = [_ds(v) for v in (*row_cosine, *column_cosine)]
-        ds.PixelSpacing = [_ds(spacing_y), _ds(spacing_x)]
-        ds.SliceThickness = _ds(spacing_z if slice_thickness is None else slice_thickness)
-        ds.SliceLocation = _ds(z)
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = photometric
-        ds.Rows, ds.Columns = n_y, n_x
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = PIXEL_REPRESENTATION[storage]
-        ds.RescaleIntercept = _ds(intercept)
-        ds.RescaleSlope = _ds(slope)
-        ds.RescaleType = "HU"
-        if declared_padding is not None:
-            ds.PixelPaddingValue = declared_padding
-        ds.PixelData = np.ascontiguousarray(pixels).astype("<" + pixels.dtype.str[1:]).tobytes()
-        if compression is not None:
-            ds.compress(COMPRESSIONS[compression])
-
-        if shuffle_names:
-            name = f"{rng.bytes(RANDOM_NAME_BYTES).hex()}"
-        else:
-            name = f"CT{series_number:03d}_{instance:0{NAME_DIGITS}d}.dcm"
-        path = folder / name
+    for k, instance in enumerate(int(n) for n in instance_numbers):
+        ds = _slice_dataset(series, k, instance, stored[k])
+        path = folder / _file_name(acquisition, instance, rng)
         if path.exists():
             raise DicomError(f"expected a new file name, received existing file {path}")
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
-    logger.debug("wrote %d slices of series %s to %s", n_z, series_uid, folder)
+    logger.debug("wrote %d slices of series %s to %s", len(paths), series.series_uid, folder)
     return paths

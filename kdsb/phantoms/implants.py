@@ -53,7 +53,6 @@ ELASTIC_GRID_MM = 50.0  # spacing of its random control points
 NOISE_HU = (0.0, 15.0)  # standard deviation of the added image noise
 SLICE_SPACINGS_MM = (1.0, 1.25, 1.5, 2.0, 2.5)  # drawn; the base's own spacing if finer is off
 PATIENT_PREFIX = "implant_"
-AIR_HU = -1000
 
 
 def _smooth_displacement(
@@ -209,10 +208,11 @@ def write_implant_cohort(
         KdsbError: the base cannot be read or holds no lungs (the message names it).
     """
     from kdsb.io.tables import write_labels
-    from kdsb.phantoms.anatomy import CANCER_RADIUS_MM, Nodule, prepare_root
-    from kdsb.phantoms.dicom_write import write_ct_series
-    from kdsb.preprocessing.cohort import read_patient
+    from kdsb.phantoms.anatomy import CANCER_RADIUS_MM, Nodule
+    from kdsb.phantoms.cohort import prepare_root
+    from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
     from kdsb.preprocessing.lungs import segment_lungs
+    from kdsb.preprocessing.pipeline import read_patient
 
     if patients < 1:
         raise UsageError(f"expected --patients >= 1, received {patients}")
@@ -252,8 +252,9 @@ def write_implant_cohort(
             radius_mm=(low, high), patient_id=pid,
         )
         label = int(any(lesion.radius_mm >= CANCER_RADIUS_MM for lesion in lesions))
+        acquisition = Acquisition(seed=int(rng.integers(2**31)))
         write_ct_series(out_root / "dicom" / pid, hu, spacing, origin, patient_id=pid,
-                        seed=int(rng.integers(2**31)))
+                        acquisition=acquisition)
         np.savez_compressed(
             out_root / "truth" / f"{pid}.npz",
             lung_mask=(lungs | (labels > 0)).astype(np.uint8),
@@ -289,7 +290,7 @@ def load_lesion_labels(out_root: str | os.PathLike, patient_id: str) -> tuple[np
     Raises:
         KdsbError: the truth files are missing.
     """
-    from kdsb.phantoms.anatomy import truth_paths
+    from kdsb.phantoms.cohort import truth_paths
 
     arrays_path, record_path = truth_paths(out_root, patient_id)
     with np.load(arrays_path) as arrays:

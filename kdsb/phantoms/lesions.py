@@ -49,7 +49,6 @@ PLACES = (
     "diaphragmatic",
     "apical",
 )
-PLEURAL_PLACES = PLACES[1:]
 
 SOLID_HU = (20.0, 60.0)  # mean HU of a solid lesion, drawn per lesion
 GROUND_GLASS_HU = (-700.0, -300.0)  # mean HU of ground glass, drawn per lesion

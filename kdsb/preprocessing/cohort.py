@@ -1,16 +1,10 @@
-"""One scan end to end, and the parallel, resumable cohort runner behind `kdsb preprocess`.
+"""The parallel, resumable cohort runner behind `kdsb preprocess`.
 
-`preprocess_patient` turns one patient's scan, a DICOM folder or a NIfTI / MetaImage / NRRD
-volume file (`read_patient`), into one `<id>.h5` volume file (DESIGN.md, the data contract):
-read the scan in HU, segment the lungs on the source grid, crop to the lung bounding box plus a
-margin, resample the crop to the target spacing (HU linearly, the mask without blurring its
-edges) and write the file atomically.
-
-`run_cohort` does that for every patient of an input root (`find_patients`: each sub-folder and
-each volume file is one patient) in a process pool, writes
-`manifest.csv` as results arrive, skips patients already written (so a killed run resumes),
-turns every per-patient failure, worker crash included, into a manifest row with a one-line
-reason, and optionally writes QC images (`kdsb.preprocessing.qc`).
+`run_cohort` runs `kdsb.preprocessing.pipeline.preprocess_patient` for every patient of an input
+root (`find_patients`: each sub-folder and each volume file is one patient) in a process pool,
+writes `manifest.csv` as results arrive, skips patients already written (so a killed run
+resumes), turns every per-patient failure, worker crash included, into a manifest row with a
+one-line reason, and optionally writes QC images (`kdsb.preprocessing.qc`).
 """
 
 from __future__ import annotations
@@ -24,9 +18,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -34,19 +26,21 @@ from tqdm import tqdm
 from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io import volumes
 from kdsb.io.atomic import atomic_path
-
-if TYPE_CHECKING:
-    from kdsb.io.dicom import CTSeries
+from kdsb.preprocessing.pipeline import (
+    DEFAULT_MARGIN_MM,
+    MARGIN_ATTR,
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_SKIPPED,
+    PatientResult,
+    preprocess_patient,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SPACING_MM = (1.0, 1.0, 1.0)
-DEFAULT_MARGIN_MM = 10.0
-MARGIN_ATTR = "margin_mm"  # volume attribute: the margin around the lungs it was cropped with
 SETTINGS_RTOL = 1e-6  # relative tolerance when comparing a stored spacing or margin, mm
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_FIELDS = ("id", "status", "seconds", "shape", "error")
-STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
 # Workers live for the whole run. Replacing them every few patients (max_tasks_per_child)
 # deadlocks ProcessPoolExecutor on Python < 3.12 (CPython gh-115634) once the first workers
@@ -56,144 +50,6 @@ WORKER_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 WORKER_DIED_MESSAGE = (
     "the worker process died while preprocessing this scan (killed, or out of memory?)"
 )
-
-
-@dataclass(frozen=True)
-class PatientResult:
-    """What happened to one patient.
-
-    Attributes:
-        patient_id: the patient id (the folder name, or the volume file name without its
-            suffix).
-        status: "ok", "failed" or "skipped".
-        seconds: wall-clock time spent on the patient (0 when skipped).
-        shape: shape (z, y, x) of the volume written or found, None when failed.
-        error: one-line reason when failed, else "".
-        detail: full traceback of an unexpected exception (logged at debug level), else "".
-    """
-
-    patient_id: str
-    status: str
-    seconds: float = 0.0
-    shape: tuple[int, int, int] | None = None
-    error: str = ""
-    detail: str = ""
-
-    def manifest_row(self) -> dict[str, str]:
-        """The row of `manifest.csv` for this patient."""
-        return {
-            "id": self.patient_id,
-            "status": self.status,
-            "seconds": f"{self.seconds:.2f}",
-            "shape": "x".join(str(n) for n in self.shape) if self.shape else "",
-            "error": self.error,
-        }
-
-
-def read_patient(source: str | os.PathLike, patient_id: str | None = None) -> CTSeries:
-    """Read one patient's scan, whatever its format, as canonical int16 HU (z, y, x).
-
-    A volume file (NIfTI, MetaImage, NRRD) is read by `kdsb.io.images.read_image`; a folder holding
-    one volume file and no DICOM (`kdsb.io.images.volume_in_folder`) likewise; any other folder is
-    a DICOM series read by `kdsb.io.dicom.read_series`.
-
-    Args:
-        source: the patient's folder or volume file.
-        patient_id: the name used in messages; by default the folder name, or the volume file
-            name without its suffix.
-
-    Returns:
-        The scan: HU shape (z, y, x) along patient Z, Y, X increasing, spacing and origin in mm
-        in (z, y, x) order.
-
-    Raises:
-        DicomError: a folder that holds no usable CT series.
-        VolumeFileError: a volume file that cannot be read or holds no usable CT volume.
-    """
-    from kdsb.io.dicom import read_series
-    from kdsb.io.images import read_image, volume_in_folder
-
-    source = Path(source)
-    if not source.is_dir():
-        return read_image(source, patient_id=patient_id)
-    patient_id = patient_id or source.name
-    volume = volume_in_folder(source, patient_id=patient_id)
-    if volume is not None:
-        return read_image(volume, patient_id=patient_id)
-    return read_series(source, patient_id=patient_id)
-
-
-def preprocess_patient(
-    source: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    patient_id: str | None = None,
-    spacing: Sequence[float] = DEFAULT_SPACING_MM,
-    margin_mm: float = DEFAULT_MARGIN_MM,
-) -> PatientResult:
-    """Preprocess one patient's scan (DICOM folder or volume file) into `out_dir/<id>.h5`.
-
-    Steps: read the scan in HU (`read_patient`, canonical axes, DESIGN.md) → segment the lungs
-    on the source grid → crop to the lung bounding box plus `margin_mm` → resample the crop to
-    `spacing` (HU linear, mask without blurring) → write `<id>.h5` atomically. The origin
-    of the crop is the patient coordinate of its first voxel, origin + start index · spacing;
-    resampling keeps the centre of voxel [0, 0, 0] fixed.
-
-    Args:
-        source: the patient's DICOM folder, volume file, or folder holding one volume file.
-        out_dir: folder for `<id>.h5` (created if needed).
-        patient_id: the id; defaults to the folder name, or the volume file name without its
-            suffix.
-        spacing: target voxel size in mm, (z, y, x).
-        margin_mm: margin around the lung bounding box, mm.
-
-    Returns:
-        The result with status "ok", the seconds spent and the shape written.
-
-    Raises:
-        KdsbError: the source does not hold a usable CT scan with lungs (DicomError,
-            VolumeFileError, LungMaskError, …); the message names the patient.
-    """
-    from kdsb.io.images import volume_id
-    from kdsb.preprocessing.lungs import lung_bounding_box, segment_lungs
-    from kdsb.preprocessing.resample import resample_mask, resample_volume
-
-    started = time.perf_counter()
-    source = Path(source)
-    patient_id = patient_id or (None if source.is_dir() else volume_id(source)) or source.name
-    target = tuple(float(s) for s in spacing)
-
-    series = read_patient(source, patient_id=patient_id)
-    source_spacing = tuple(float(s) for s in series.spacing)
-    mask = segment_lungs(series.hu, source_spacing, patient_id=patient_id)
-    box = lung_bounding_box(mask, source_spacing, margin_mm=margin_mm)
-    start = np.array([s.start or 0 for s in box], dtype=np.float64)
-    origin = np.asarray(series.origin, dtype=np.float64) + start * np.asarray(source_spacing)
-    # Copies, so the whole-scan arrays are freed before resampling (bounded memory per worker).
-    hu_crop = np.ascontiguousarray(series.hu[box])
-    mask_crop = np.ascontiguousarray(mask[box])
-    del mask
-    # Both source attributes in canonical (z, y, x) order: the grid before resampling.
-    attrs = {
-        "patient_id": patient_id,
-        "series_uid": str(series.series_uid),
-        "source_spacing": np.asarray(source_spacing, dtype=np.float64),
-        "source_shape": np.asarray(series.hu.shape, dtype=np.int64),
-        MARGIN_ATTR: float(margin_mm),
-    }
-    del series
-
-    hu = resample_volume(hu_crop, source_spacing, target)
-    del hu_crop
-    lung_mask = resample_mask(mask_crop, source_spacing, target)
-    del mask_crop
-    path = volumes.write_volume(
-        volumes.volume_path(out_dir, patient_id), hu, lung_mask, target, tuple(origin), attrs
-    )
-    logger.debug("%s: wrote %s, shape %s", patient_id, path, hu.shape)
-    return PatientResult(
-        patient_id, STATUS_OK, time.perf_counter() - started, tuple(int(n) for n in hu.shape)
-    )
 
 
 def _one_line(text: str) -> str:
@@ -468,16 +324,8 @@ def run_cohort(
         logger.info("removed %d temporary file(s) left by an interrupted run", removed)
 
     rows = read_manifest(out_dir)
-    results: dict[str, PatientResult] = {}
-    tasks: dict[str, tuple] = {}
-    for patient_id, source in patients.items():
-        path = volumes.volume_path(out_dir, patient_id)
-        shape = None if overwrite else _existing_shape(path, target, float(margin_mm))
-        if shape is None:
-            tasks[patient_id] = (source, out_dir, patient_id, target, float(margin_mm))
-        else:
-            results[patient_id] = PatientResult(patient_id, STATUS_SKIPPED, shape=shape)
-            rows[patient_id] = results[patient_id].manifest_row()
+    tasks, results = _plan(patients, out_dir, target, float(margin_mm), overwrite)
+    rows.update({pid: result.manifest_row() for pid, result in results.items()})
     manifest = _write_manifest(out_dir, rows)
     logger.info(
         "preprocessing %d patient(s) with %d worker(s), %d already done",
@@ -498,15 +346,48 @@ def run_cohort(
                 bar.update()
 
     if qc_dir is not None:
-        from kdsb.preprocessing.qc import write_qc
+        _write_qc(results, out_dir, Path(qc_dir))
+    return _summarise(results, manifest)
 
-        failed = {r.patient_id: r.error for r in results.values() if r.status == STATUS_FAILED}
-        volume_files = {
-            pid: volumes.volume_path(out_dir, pid) for pid in patients if pid not in failed
-        }
-        sheets = write_qc(volume_files, failed, qc_dir)
-        logger.info("QC images in %s (contact sheet %s)", qc_dir, ", ".join(p.name for p in sheets))
 
+def _plan(
+    patients: dict[str, Path],
+    out_dir: Path,
+    spacing: tuple[float, float, float],
+    margin_mm: float,
+    overwrite: bool,
+) -> tuple[dict[str, tuple], dict[str, PatientResult]]:
+    """The worker arguments of every patient to preprocess, and the results of those skipped.
+
+    A patient is skipped when its volume file exists with the same settings (unless
+    `overwrite`); one written with other settings raises UsageError (`_existing_shape`).
+    """
+    tasks: dict[str, tuple] = {}
+    skipped: dict[str, PatientResult] = {}
+    for patient_id, source in patients.items():
+        path = volumes.volume_path(out_dir, patient_id)
+        shape = None if overwrite else _existing_shape(path, spacing, margin_mm)
+        if shape is None:
+            tasks[patient_id] = (source, out_dir, patient_id, spacing, margin_mm)
+        else:
+            skipped[patient_id] = PatientResult(patient_id, STATUS_SKIPPED, shape=shape)
+    return tasks, skipped
+
+
+def _write_qc(results: dict[str, PatientResult], out_dir: Path, qc_dir: Path) -> None:
+    """QC images of every patient not failed, and a contact sheet naming the failures."""
+    from kdsb.preprocessing.qc import write_qc
+
+    failed = {r.patient_id: r.error for r in results.values() if r.status == STATUS_FAILED}
+    volume_files = {
+        pid: volumes.volume_path(out_dir, pid) for pid in sorted(results) if pid not in failed
+    }
+    sheets = write_qc(volume_files, failed, qc_dir)
+    logger.info("QC images in %s (contact sheet %s)", qc_dir, ", ".join(p.name for p in sheets))
+
+
+def _summarise(results: dict[str, PatientResult], manifest: Path) -> int:
+    """Log the counts per status; the exit status: 1 when some patient failed, else 0."""
     counts = {
         status: sum(r.status == status for r in results.values())
         for status in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)

@@ -61,7 +61,6 @@ import numpy as np
 from scipy import ndimage
 
 from kdsb.errors import LungMaskError
-from kdsb.preprocessing.resample import validate_spacing
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +114,9 @@ def _block_mean(hu: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     """Mean HU over blocks of `factors` voxels (the last block of an axis may be partial).
 
     Summing strided views axis by axis is about 15× faster than `np.add.reduceat` here.
+    `skimage.measure.block_reduce` pads a partial block with a constant, so a true edge mean
+    needs its `np.nanmean` (10× slower) or a sum divided by block sizes (3–4× slower: 0.34 s
+    against 0.08 s for a 201×512×512 scan, the same values).
     """
     result = hu
     for axis, factor in enumerate(factors):
@@ -605,7 +607,7 @@ def segment_lungs(
     Args:
         hu: Hounsfield units, shape (z, y, x), canonical orientation (axis 0 inferior →
             superior, axis 1 anterior → posterior, axis 2 right → left).
-        spacing: voxel size (z, y, x) in mm.
+        spacing: voxel size (z, y, x) in mm, positive (as `kdsb.io.series.CTSeries` holds it).
         patient_id: named in error messages.
         litres: the plausible total lung volume (low, high) in litres; the default suits
             adult chest CT covering both lungs (widen it for partial scans or children).
@@ -615,7 +617,6 @@ def segment_lungs(
 
     Raises:
         LungMaskError: no lungs, or a total lung volume outside `litres` (0.5–10 L).
-        KdsbError: a volume that is not 3D or a spacing that is not 3 positive values.
     """
     patient = patient_id or "volume"
     hu = np.asarray(hu)
@@ -624,7 +625,6 @@ def segment_lungs(
             f"{patient}: expected a non-empty 3D HU volume (z, y, x), "
             f"received shape {hu.shape} of {hu.dtype}"
         )
-    spacing = validate_spacing(spacing)
     factors = _coarse_factors(spacing)
     coarse_spacing = tuple(s * f for s, f in zip(spacing, factors, strict=True))
     coarse_hu = _block_mean(hu, factors)
@@ -707,7 +707,7 @@ def lung_bounding_box(
 
     Args:
         mask: lung mask, shape (z, y, x), nonzero = lung.
-        spacing: voxel size (z, y, x) in mm.
+        spacing: voxel size (z, y, x) in mm, positive.
         margin_mm: margin added on every side, in mm (rounded up to whole voxels per axis).
 
     Returns:
@@ -717,7 +717,6 @@ def lung_bounding_box(
         LungMaskError: an empty mask or a negative margin.
     """
     mask = np.asarray(mask)
-    spacing = validate_spacing(spacing)
     if not (math.isfinite(margin_mm) and margin_mm >= 0):
         raise LungMaskError(f"expected a margin of 0 mm or more, received {margin_mm!r}")
     if mask.ndim != 3 or not mask.any():

@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 from kdsb.errors import StoreError
 from kdsb.io import volumes
+from kdsb.preprocessing.hu import LUNG_WINDOW_HU
 
 logger = logging.getLogger(__name__)
 
-WINDOW_HU = (-1000.0, 400.0)  # lung window shown in every image, HU
 OUTLINE_RGB = (1.0, 0.2, 0.2)  # mask outline colour
 LESION_RGB = (1.0, 0.85, 0.0)  # lesion outline colour
 FAILED_RGB = (0.45, 0.0, 0.0)  # background of a failed patient's tile
@@ -84,7 +84,7 @@ def lung_centre(mask: np.ndarray) -> tuple[int, int, int]:
 
 
 def _windowed(hu: np.ndarray) -> np.ndarray:
-    low, high = WINDOW_HU
+    low, high = LUNG_WINDOW_HU
     return np.clip((hu.astype(np.float32) - low) / (high - low), 0.0, 1.0)
 
 

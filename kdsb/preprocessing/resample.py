@@ -1,6 +1,8 @@
 """Resampling of CT volumes and masks to a target voxel spacing.
 
-Geometry rule (every function here follows it). Axis order is (z, y, x) and spacings are in mm.
+Geometry rule (every function here follows it). Axis order is (z, y, x) and spacings are in mm:
+3 positive finite numbers, as `kdsb.io.series.validate_spacing` checks where a scan or a target
+spacing enters the pipeline (they are not checked again here).
 Voxel [0, 0, 0]'s centre stays at the same patient coordinate, so the origin of the output equals
 the origin of the input. Output voxel i along an axis sits at ``i * target_spacing`` mm from that
 centre, i.e. at input index ``i * target_spacing / spacing``; the output spacing is exactly
@@ -33,31 +35,6 @@ MASK_THRESHOLD = 0.5  # a resampled mask voxel is inside when linear interpolati
 EXTENT_TOLERANCE = 1e-6
 
 
-def validate_spacing(spacing: Sequence[float], name: str = "spacing") -> tuple[float, float, float]:
-    """Check a voxel spacing and return it as 3 floats.
-
-    Args:
-        spacing: voxel size (z, y, x) in mm.
-        name: what the spacing is, for the error message.
-
-    Returns:
-        The spacing as a tuple of 3 Python floats (mm).
-
-    Raises:
-        KdsbError: anything other than 3 positive finite numbers.
-    """
-    try:
-        values = tuple(float(s) for s in np.asarray(spacing, dtype=np.float64).ravel())
-    except (TypeError, ValueError):
-        values = ()
-    if len(values) != NDIM or not all(math.isfinite(s) and s > 0 for s in values):
-        raise KdsbError(
-            f"expected {name} as 3 positive finite numbers in mm (z, y, x), "
-            f"received {tuple(spacing)!r}"
-        )
-    return values  # type: ignore[return-value]
-
-
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     values = tuple(int(n) for n in shape)
     if len(values) != NDIM or min(values) < 1:
@@ -80,11 +57,9 @@ def resampled_shape(
         output covers the input extent without extrapolating beyond the last voxel centre.
 
     Raises:
-        KdsbError: a shape or spacing that is not 3 positive values.
+        KdsbError: a shape that is not 3 positive values.
     """
     shape = _check_shape(shape)
-    spacing = validate_spacing(spacing, "spacing")
-    target_spacing = validate_spacing(target_spacing, "target spacing")
     return tuple(  # type: ignore[return-value]
         math.floor((n - 1) * s / t * (1 + EXTENT_TOLERANCE)) + 1
         for n, s, t in zip(shape, spacing, target_spacing, strict=True)
@@ -121,8 +96,6 @@ def _resample_float(
         raise KdsbError(
             f"expected a non-empty 3D volume (z, y, x), received shape {volume.shape}"
         )
-    spacing = validate_spacing(spacing, "spacing")
-    target_spacing = validate_spacing(target_spacing, "target spacing")
     out_shape = resampled_shape(volume.shape, spacing, target_spacing)
     steps = [t / s for s, t in zip(spacing, target_spacing, strict=True)]
     # Shrinking axes first keeps every intermediate array as small as possible.
@@ -153,7 +126,7 @@ def resample_volume(
         in the input's dtype (integer results rounded to the nearest integer).
 
     Raises:
-        KdsbError: a volume that is not 3D or a spacing that is not 3 positive values.
+        KdsbError: a volume that is not 3D.
     """
     volume = np.asarray(volume)
     floating = np.float64 if volume.dtype == np.float64 else np.float32
@@ -183,7 +156,7 @@ def resample_mask(
         uint8 0/1 mask, shape ``resampled_shape(mask.shape, spacing, target_spacing)``.
 
     Raises:
-        KdsbError: a mask that is not 3D or a spacing that is not 3 positive values.
+        KdsbError: a mask that is not 3D.
     """
     binary = np.asarray(mask) != 0
     result = _resample_float(binary.view(np.uint8), spacing, target_spacing, np.dtype(np.float32))

@@ -40,12 +40,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.data.inputs import DEFAULT_LUNG_DILATION_MM, PARENCHYMA_HU, VolumeInput
+from kdsb.data.inputs import DEFAULT_LUNG_DILATION_MM, VolumeInput
 from kdsb.errors import UsageError
 from kdsb.evaluation import metrics
 from kdsb.io.atomic import write_json
 from kdsb.io.tables import check_labels_match, read_labels
 from kdsb.io.volumes import list_volumes
+from kdsb.preprocessing.hu import PARENCHYMA_HU
 from kdsb.training import runs
 from kdsb.training.runs import RunOptions, option
 
@@ -108,9 +109,10 @@ class ClassifierOptions(RunOptions):
         "lungs; a wide margin brings back chest wall and ribs", type=float,
     )
     outside_hu: float = option(
-        PARENCHYMA_HU, "with --mask-outside-lungs, the HU of masked voxels: lung parenchyma by "
-        "default, so the mask border is no edge (air would be the strongest response of every "
-        "patient for max pooling)", type=float,
+        float(PARENCHYMA_HU),
+        "with --mask-outside-lungs, the HU of masked voxels: lung parenchyma by default, so "
+        "the mask border is no edge (air would be the strongest response of every patient for "
+        "max pooling)", type=float,
     )
     downscale: int = option(1, "integer downscaling of every axis", type=int)
     levels: tuple[int, ...] = option(

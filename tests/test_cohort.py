@@ -1,4 +1,4 @@
-"""The per-patient pipeline and the cohort runner behind `kdsb preprocess`."""
+"""The cohort runner behind `kdsb preprocess`, end to end on phantom and broken patients."""
 
 from __future__ import annotations
 
@@ -18,17 +18,15 @@ from scipy import ndimage
 
 from kdsb.cli import main
 from kdsb.io import volumes
-from kdsb.phantoms.anatomy import load_truth, write_cohort
-from kdsb.phantoms.dicom_write import write_ct_series
+from kdsb.phantoms.cohort import load_truth, write_cohort
+from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
 from kdsb.preprocessing.cohort import (
     MANIFEST_FIELDS,
-    STATUS_OK,
     WORKER_DIED_MESSAGE,
-    PatientResult,
     _run_tasks,
-    preprocess_patient,
     read_manifest,
 )
+from kdsb.preprocessing.pipeline import STATUS_OK, PatientResult
 from kdsb.preprocessing.resample import resample_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,8 +125,10 @@ def mixed_run(phantoms, tmp_path_factory):
         (root / "random_bytes" / f"{index}.dcm").write_bytes(rng.bytes(4096))
     (root / "empty").mkdir()
     hu, spacing = _water_cylinder()
-    write_ct_series(root / "mr_modality", hu, spacing, (0.0, 0.0, 0.0),
-                    patient_id="mr_modality", modality="MR")
+    write_ct_series(
+        root / "mr_modality", hu, spacing, (0.0, 0.0, 0.0), patient_id="mr_modality",
+        acquisition=Acquisition(modality="MR"),
+    )
     write_ct_series(root / "water_cylinder", hu, spacing, (0.0, 0.0, 0.0),
                     patient_id="water_cylinder")
     _write_broken_series(root)
@@ -260,17 +260,6 @@ def test_qc_images_are_written_for_every_volume(mixed_run, phantoms):
     assert {p.name for p in qc.iterdir()} == expected
     for name in expected:
         assert (qc / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_preprocess_patient_returns_its_result(phantoms, tmp_path):
-    pid = _phantom_ids(phantoms)[0]
-    result = preprocess_patient(
-        phantoms / "dicom" / pid, tmp_path, spacing=(2.0, 2.0, 2.0), margin_mm=4.0
-    )
-    assert result.status == STATUS_OK and result.patient_id == pid
-    volume = volumes.read_volume(tmp_path / f"{pid}.h5")
-    assert volume.spacing == (2.0, 2.0, 2.0) and volume.attrs["margin_mm"] == 4.0
-    assert result.shape == volume.hu.shape
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,90 @@
+"""A CT series in canonical orientation: what every reader returns and the pipeline consumes.
+
+Canonical orientation: HU shape (z, y, x), axis 0 inferior → superior, axis 1 anterior →
+posterior, axis 2 right → left (DICOM / LPS patient coordinates Z, Y, X increasing along the
+axes); spacing and origin in mm in (z, y, x) order. The spacing is checked here, where a scan
+enters kdsb, so the preprocessing steps downstream take it as given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kdsb.errors import KdsbError
+
+NDIM = 3
+INT16_MIN, INT16_MAX = np.iinfo(np.int16).min, np.iinfo(np.int16).max
+MIN_SLICES = 2  # fewest voxels along any axis of a readable volume
+# Direction cosines: a component within this of ±1 counts as aligned with a patient axis
+# (1e-3 ≈ 0.06°, under half a pixel across a 512-pixel image).
+AXIS_ALIGNMENT_TOLERANCE = 1e-3
+MM_DECIMALS = 9  # spacing and origin rounded to 1e-9 mm: hides float noise (0.7000000000000001)
+
+
+def validate_spacing(spacing: Sequence[float], name: str = "spacing") -> tuple[float, float, float]:
+    """Check a voxel spacing and return it as 3 floats.
+
+    Args:
+        spacing: voxel size (z, y, x) in mm.
+        name: what the spacing is, for the error message.
+
+    Returns:
+        The spacing as a tuple of 3 Python floats (mm).
+
+    Raises:
+        KdsbError: anything other than 3 positive finite numbers.
+    """
+    try:
+        values = tuple(float(s) for s in np.asarray(spacing, dtype=np.float64).ravel())
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != NDIM or not all(math.isfinite(s) and s > 0 for s in values):
+        raise KdsbError(
+            f"expected {name} as 3 positive finite numbers in mm (z, y, x), "
+            f"received {tuple(spacing)!r}"
+        )
+    return values  # type: ignore[return-value]
+
+
+def patient_axis(cosine: np.ndarray) -> tuple[int, int] | None:
+    """The patient axis (0 X, 1 Y, 2 Z) a direction cosine runs along, and its sign (±1).
+
+    Returns:
+        (axis, sign), or None for an oblique direction: no component within
+        `AXIS_ALIGNMENT_TOLERANCE` of ±1.
+    """
+    axis = int(np.argmax(np.abs(cosine)))
+    if abs(abs(cosine[axis]) - 1.0) > AXIS_ALIGNMENT_TOLERANCE:
+        return None
+    return axis, int(np.sign(cosine[axis]))
+
+
+@dataclass
+class CTSeries:
+    """One CT series in canonical orientation.
+
+    Attributes:
+        hu: int16 Hounsfield units, shape (z, y, x), axes along patient Z, Y, X increasing
+            (inferior → superior, anterior → posterior, right → left).
+        spacing: voxel size in mm, (z, y, x): 3 positive finite floats (checked on creation).
+        origin: patient coordinate in mm of voxel [0, 0, 0], (z, y, x) i.e. (Z, Y, X).
+        series_uid: the SeriesInstanceUID.
+
+    The series' shape and spacing as scanned are `hu.shape` and `spacing`: both in canonical
+    (z, y, x) order, whatever the acquisition plane.
+
+    Raises:
+        KdsbError: a spacing that is not 3 positive finite numbers.
+    """
+
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    series_uid: str
+
+    def __post_init__(self) -> None:
+        self.spacing = validate_spacing(self.spacing)

@@ -1,0 +1,245 @@
+"""A phantom cohort on disk: DICOM series, labels.csv and the ground truth kept beside them.
+
+Cohort layout (`write_cohort`)::
+
+    OUT_ROOT/dicom/<id>/       one DICOM CT series per patient (kdsb.phantoms.dicom_write)
+    OUT_ROOT/labels.csv        header `id,cancer`, exactly half the patients (rounded down) 1
+    OUT_ROOT/truth/<id>.npz    lung_mask (uint8, the written geometry), spacing, origin
+    OUT_ROOT/truth/<id>.json   label, nodules, geometry and how the series was stored
+
+Each patient's series is stored in one of several styles real scanners use (signed or unsigned
+storage, slopes other than 1, declared or undeclared padding, slice orders, flipped axes,
+shuffled file names), drawn per patient. Everything is drawn from the seed: the same seed gives
+the same cohort, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from kdsb.errors import KdsbError, UsageError
+from kdsb.io.tables import write_labels
+from kdsb.phantoms.anatomy import Nodule, Phantom, Truth, check_options, make_phantom
+from kdsb.phantoms.dicom_write import SLICE_ORDERS, Acquisition, write_ct_series
+from kdsb.preprocessing.hu import OUTSIDE_FIELD_HU
+
+logger = logging.getLogger(__name__)
+
+PATIENT_PREFIX = "phantom_"
+
+# How each patient's series is stored: (storage, intercept) pairs and slopes.
+STORAGE_STYLES = (("int16", -1024.0), ("int16", 0.0), ("uint16", -1024.0))
+SLOPES = (1.0, 1.0, 1.0, 0.5)
+UINT16_PADDING_RAW = 0  # PixelPaddingValue for unsigned storage (anatomy.HU_MIN keeps it unused)
+# Declared padding for signed storage: the raw value of the -2000 HU "outside the field" value
+# under the series' own slope and intercept. A fixed raw value is not safe: raw -2000 with slope
+# 0.5 and intercept 0 is -1000 HU, which real air pixels take.
+SHUFFLE_NAMES_PROBABILITY = 0.3
+FLIP_PROBABILITY = 0.15
+
+
+def patient_id(index: int) -> str:
+    """The id of the phantom patient number `index` (from 0): `phantom_000`, `phantom_001`, …"""
+    return f"{PATIENT_PREFIX}{index:03d}"
+
+
+def padding_raw(storage: str, slope: float, intercept: float) -> int:
+    """The PixelPaddingValue (raw stored value) for padded pixels of one storage style.
+
+    Args:
+        storage: "int16" or "uint16".
+        slope: RescaleSlope (> 0).
+        intercept: RescaleIntercept in HU.
+
+    Returns:
+        uint16: `UINT16_PADDING_RAW` (0). int16: the raw value of `OUTSIDE_FIELD_HU`. Either way
+        below the raw value of `kdsb.phantoms.anatomy.HU_MIN`, so no pixel inside the field of
+        view takes it.
+    """
+    if storage == "uint16":
+        return UINT16_PADDING_RAW
+    return int(round((OUTSIDE_FIELD_HU - intercept) / slope))
+
+
+def _acquisition(rng: np.random.Generator) -> dict:
+    """How one series is stored: the fields of a `dicom_write.Acquisition` that vary, as a dict
+    (recorded in the truth JSON)."""
+    storage, intercept = STORAGE_STYLES[int(rng.integers(len(STORAGE_STYLES)))]
+    # Signed storage: declared padding, or the -2000 HU "outside the field" value undeclared.
+    declare_padding = storage == "uint16" or rng.random() < 0.5
+    slope = float(SLOPES[int(rng.integers(len(SLOPES)))])
+    padding_value = padding_raw(storage, slope, intercept) if declare_padding else None
+    return {
+        "storage": storage,
+        "slope": slope,
+        "intercept": intercept,
+        "padding_value": padding_value,
+        "slice_order": SLICE_ORDERS[int(rng.integers(len(SLICE_ORDERS)))],
+        "flip_rows": bool(rng.random() < FLIP_PROBABILITY),
+        "flip_columns": bool(rng.random() < FLIP_PROBABILITY),
+        "shuffle_names": bool(rng.random() < SHUFFLE_NAMES_PROBABILITY),
+        "seed": int(rng.integers(2**31)),
+    }
+
+
+def prepare_root(out_root: Path, overwrite: bool) -> None:
+    """Make OUT_ROOT ready for a new cohort: dicom/ and truth/ created, an old cohort removed
+    only with `overwrite` (else a UsageError)."""
+    existing = [out_root / name for name in ("dicom", "truth", "labels.csv")]
+    existing = [path for path in existing if path.exists()]
+    if existing and not overwrite:
+        raise UsageError(
+            f"expected a new or empty OUT_ROOT, received {out_root} which already holds "
+            f"{', '.join(path.name for path in existing)} (use --overwrite to replace them)"
+        )
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (out_root / "dicom").mkdir(parents=True)
+    (out_root / "truth").mkdir()
+
+
+def _write_truth(truth_dir: Path, pid: str, phantom: Phantom, acquisition: dict) -> None:
+    np.savez_compressed(
+        truth_dir / f"{pid}.npz",
+        lung_mask=phantom.lung_mask,
+        spacing=np.array(phantom.spacing),
+        origin=np.array(phantom.origin),
+    )
+    record = {
+        "id": pid,
+        "label": phantom.label,
+        "nodules": [asdict(n) for n in phantom.nodules],
+        "shape": list(phantom.hu.shape),
+        "spacing": list(phantom.spacing),
+        "origin": list(phantom.origin),
+        "acquisition": acquisition,
+    }
+    (truth_dir / f"{pid}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _cohort(
+    *, patients: int, seed: int, size: int, scale: float
+) -> Iterator[tuple[str, Phantom, dict]]:
+    """Each patient of a cohort in turn: its id, phantom and `write_ct_series` storage options.
+
+    Labels: exactly `patients // 2` cancer cases, shuffled; patient `i` depends only on
+    (seed, i, size, scale) and its label.
+    """
+    sequence = np.random.SeedSequence(seed)
+    labels = np.zeros(patients, int)
+    labels[: patients // 2] = 1
+    labels = np.random.default_rng(sequence).permutation(labels)
+    for index, child in enumerate(sequence.spawn(patients)):
+        rng = np.random.default_rng(child)
+        phantom = make_phantom(rng, size=size, cancer=bool(labels[index]), scale=scale)
+        yield patient_id(index), phantom, _acquisition(rng)
+
+
+def write_cohort(
+    out_root: str | os.PathLike,
+    *,
+    patients: int,
+    seed: int,
+    size: int = 128,
+    scale: float = 1.0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a phantom cohort: DICOM series, labels.csv and ground truth (see module docstring).
+
+    Labels: exactly `patients // 2` cancer cases, shuffled. Patient `i` depends only on
+    (seed, i, size, scale) and its label, so a larger cohort extends a smaller one's patients.
+
+    Args:
+        out_root: the cohort folder (created if needed).
+        patients: number of patients (>= 1).
+        seed: the random seed.
+        size: axial image side in pixels.
+        scale: physical size of each patient relative to an adult (see `make_phantom`).
+        overwrite: replace an existing cohort in out_root instead of refusing.
+
+    Returns:
+        The path of labels.csv.
+
+    Raises:
+        UsageError: bad patients, size or scale, or out_root already holds a cohort.
+    """
+    if patients < 1:
+        raise UsageError(f"expected --patients >= 1, received {patients}")
+    if seed < 0:
+        raise UsageError(f"expected a non-negative --seed, received {seed}")
+    check_options(size, scale)
+    out_root = Path(out_root)
+    prepare_root(out_root, overwrite)
+    rows = []
+    cohort = _cohort(patients=patients, seed=seed, size=size, scale=scale)
+    for pid, phantom, acquisition in tqdm(
+        cohort, total=patients, desc="synth", unit="patient", disable=None
+    ):
+        write_ct_series(
+            out_root / "dicom" / pid,
+            phantom.hu,
+            phantom.spacing,
+            phantom.origin,
+            patient_id=pid,
+            padding_mask=np.broadcast_to(phantom.padding_mask, phantom.hu.shape),
+            acquisition=Acquisition(**acquisition),
+        )
+        _write_truth(out_root / "truth", pid, phantom, acquisition)
+        rows.append((pid, phantom.label))
+        logger.debug("%s: shape %s, label %d", pid, phantom.hu.shape, phantom.label)
+    # Written last and atomically: labels.csv marks a complete cohort (a killed run leaves none).
+    return write_labels(out_root / "labels.csv", rows)
+
+
+def truth_paths(out_root: str | os.PathLike, patient_id: str) -> tuple[Path, Path]:
+    """The (`.npz`, `.json`) truth files of one cohort patient, phantom or implanted.
+
+    Raises:
+        KdsbError: either file is missing.
+    """
+    truth_dir = Path(out_root) / "truth"
+    arrays_path, record_path = truth_dir / f"{patient_id}.npz", truth_dir / f"{patient_id}.json"
+    if not arrays_path.is_file() or not record_path.is_file():
+        raise KdsbError(
+            f"expected truth files {arrays_path.name} and {record_path.name} in "
+            f"{truth_dir}, received a missing file for patient {patient_id}"
+        )
+    return arrays_path, record_path
+
+
+def load_truth(out_root: str | os.PathLike, patient_id: str) -> Truth:
+    """Read the ground truth `write_cohort` kept for one patient.
+
+    Args:
+        out_root: the cohort folder.
+        patient_id: the patient id (for example `phantom_000`).
+
+    Returns:
+        Its lung mask (uint8, z, y, x, at the written geometry), spacing and origin (mm, z, y, x),
+        nodules and label.
+
+    Raises:
+        KdsbError: the truth files are missing.
+    """
+    arrays_path, record_path = truth_paths(out_root, patient_id)
+    record = json.loads(record_path.read_text())
+    with np.load(arrays_path) as arrays:
+        return Truth(
+            lung_mask=arrays["lung_mask"],
+            spacing=tuple(float(v) for v in arrays["spacing"]),
+            origin=tuple(float(v) for v in arrays["origin"]),
+            nodules=[
+                Nodule(tuple(n["center_mm"]), n["radius_mm"], n["juxtapleural"])
+                for n in record["nodules"]
+            ],
+            label=int(record["label"]),
+        )

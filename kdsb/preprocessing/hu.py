@@ -1,0 +1,16 @@
+"""Hounsfield-unit constants shared by the readers, the lung mask, the phantoms and the models.
+
+Every HU value that more than one module relies on is defined here once.
+"""
+
+from __future__ import annotations
+
+AIR_HU = -1000  # air; outside-field voxels become this on reading
+OUTSIDE_FIELD_HU = -2000  # what many scanners store outside the reconstructed field of view
+# Values at or below OUTSIDE_FIELD_HU (-2000, -3024, …) are padding, not tissue.
+PARENCHYMA_HU = -850  # typical aerated lung parenchyma
+# The lung window (low, high), HU: shown in QC images, and mapped to [-1, 1] as network input.
+LUNG_WINDOW_HU = (AIR_HU, 400)
+# Upper clip of the network input: above the densest calcified nodules (up to ~1000 HU) but below
+# cortical bone and metal (1500 to 3000+ HU), which would otherwise dominate the scale.
+INPUT_CLIP_MAX_HU = 1000

@@ -1,0 +1,172 @@
+"""One patient's scan end to end: read it, segment the lungs, crop, resample, write.
+
+`preprocess_patient` turns one patient's scan, a DICOM folder or a NIfTI / MetaImage / NRRD
+volume file (`read_patient`), into one `<id>.h5` volume file (DESIGN.md, the data contract):
+read the scan in HU, segment the lungs on the source grid, crop to the lung bounding box plus a
+margin, resample the crop to the target spacing (HU linearly, the mask without blurring its
+edges) and write the file atomically. `kdsb.preprocessing.cohort` runs it over a cohort.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kdsb.io import volumes
+from kdsb.io.series import validate_spacing
+
+if TYPE_CHECKING:
+    from kdsb.io.series import CTSeries
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPACING_MM = (1.0, 1.0, 1.0)
+DEFAULT_MARGIN_MM = 10.0
+MARGIN_ATTR = "margin_mm"  # volume attribute: the margin around the lungs it was cropped with
+STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
+
+
+@dataclass(frozen=True)
+class PatientResult:
+    """What happened to one patient.
+
+    Attributes:
+        patient_id: the patient id (the folder name, or the volume file name without its
+            suffix).
+        status: "ok", "failed" or "skipped".
+        seconds: wall-clock time spent on the patient (0 when skipped).
+        shape: shape (z, y, x) of the volume written or found, None when failed.
+        error: one-line reason when failed, else "".
+        detail: full traceback of an unexpected exception (logged at debug level), else "".
+    """
+
+    patient_id: str
+    status: str
+    seconds: float = 0.0
+    shape: tuple[int, int, int] | None = None
+    error: str = ""
+    detail: str = ""
+
+    def manifest_row(self) -> dict[str, str]:
+        """The row of `manifest.csv` for this patient."""
+        return {
+            "id": self.patient_id,
+            "status": self.status,
+            "seconds": f"{self.seconds:.2f}",
+            "shape": "x".join(str(n) for n in self.shape) if self.shape else "",
+            "error": self.error,
+        }
+
+
+def read_patient(source: str | os.PathLike, patient_id: str | None = None) -> CTSeries:
+    """Read one patient's scan, whatever its format, as canonical int16 HU (z, y, x).
+
+    A volume file (NIfTI, MetaImage, NRRD) is read by `kdsb.io.images.read_image`; a folder holding
+    one volume file and no DICOM (`kdsb.io.images.volume_in_folder`) likewise; any other folder is
+    a DICOM series read by `kdsb.io.dicom.read_series`.
+
+    Args:
+        source: the patient's folder or volume file.
+        patient_id: the name used in messages; by default the folder name, or the volume file
+            name without its suffix.
+
+    Returns:
+        The scan: HU shape (z, y, x) along patient Z, Y, X increasing, spacing and origin in mm
+        in (z, y, x) order.
+
+    Raises:
+        DicomError: a folder that holds no usable CT series.
+        VolumeFileError: a volume file that cannot be read or holds no usable CT volume.
+    """
+    from kdsb.io.dicom import read_series
+    from kdsb.io.images import read_image, volume_in_folder
+
+    source = Path(source)
+    if not source.is_dir():
+        return read_image(source, patient_id=patient_id)
+    patient_id = patient_id or source.name
+    volume = volume_in_folder(source, patient_id=patient_id)
+    if volume is not None:
+        return read_image(volume, patient_id=patient_id)
+    return read_series(source, patient_id=patient_id)
+
+
+def preprocess_patient(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    patient_id: str | None = None,
+    spacing: Sequence[float] = DEFAULT_SPACING_MM,
+    margin_mm: float = DEFAULT_MARGIN_MM,
+) -> PatientResult:
+    """Preprocess one patient's scan (DICOM folder or volume file) into `out_dir/<id>.h5`.
+
+    Steps: read the scan in HU (`read_patient`, canonical axes, DESIGN.md) → segment the lungs
+    on the source grid → crop to the lung bounding box plus `margin_mm` → resample the crop to
+    `spacing` (HU linear, mask without blurring) → write `<id>.h5` atomically. The origin
+    of the crop is the patient coordinate of its first voxel, origin + start index · spacing;
+    resampling keeps the centre of voxel [0, 0, 0] fixed.
+
+    Args:
+        source: the patient's DICOM folder, volume file, or folder holding one volume file.
+        out_dir: folder for `<id>.h5` (created if needed).
+        patient_id: the id; defaults to the folder name, or the volume file name without its
+            suffix.
+        spacing: target voxel size in mm, (z, y, x): 3 positive numbers.
+        margin_mm: margin around the lung bounding box, mm.
+
+    Returns:
+        The result with status "ok", the seconds spent and the shape written.
+
+    Raises:
+        KdsbError: the source does not hold a usable CT scan with lungs (DicomError,
+            VolumeFileError, LungMaskError, …); the message names the patient. A bad target
+            `spacing` raises KdsbError before the scan is read.
+    """
+    from kdsb.io.images import volume_id
+    from kdsb.preprocessing.lungs import lung_bounding_box, segment_lungs
+    from kdsb.preprocessing.resample import resample_mask, resample_volume
+
+    started = time.perf_counter()
+    source = Path(source)
+    patient_id = patient_id or (None if source.is_dir() else volume_id(source)) or source.name
+    target = validate_spacing(spacing, "target spacing")  # the scan's is checked on reading
+
+    series = read_patient(source, patient_id=patient_id)
+    source_spacing = series.spacing
+    mask = segment_lungs(series.hu, source_spacing, patient_id=patient_id)
+    box = lung_bounding_box(mask, source_spacing, margin_mm=margin_mm)
+    start = np.array([s.start or 0 for s in box], dtype=np.float64)
+    origin = np.asarray(series.origin, dtype=np.float64) + start * np.asarray(source_spacing)
+    # Copies, so the whole-scan arrays are freed before resampling (bounded memory per worker).
+    hu_crop = np.ascontiguousarray(series.hu[box])
+    mask_crop = np.ascontiguousarray(mask[box])
+    del mask
+    # Both source attributes in canonical (z, y, x) order: the grid before resampling.
+    attrs = {
+        "patient_id": patient_id,
+        "series_uid": str(series.series_uid),
+        "source_spacing": np.asarray(source_spacing, dtype=np.float64),
+        "source_shape": np.asarray(series.hu.shape, dtype=np.int64),
+        MARGIN_ATTR: float(margin_mm),
+    }
+    del series
+
+    hu = resample_volume(hu_crop, source_spacing, target)
+    del hu_crop
+    lung_mask = resample_mask(mask_crop, source_spacing, target)
+    del mask_crop
+    path = volumes.write_volume(
+        volumes.volume_path(out_dir, patient_id), hu, lung_mask, target, tuple(origin), attrs
+    )
+    logger.debug("%s: wrote %s, shape %s", patient_id, path, hu.shape)
+    return PatientResult(
+        patient_id, STATUS_OK, time.perf_counter() - started, tuple(int(n) for n in hu.shape)
+    )
