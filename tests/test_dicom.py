@@ -402,3 +402,51 @@ def test_missing_decoder_names_the_package(real_ct_dicom_dir, monkeypatch):
     monkeypatch.setattr(Decoder, "is_available", property(lambda self: False))
     with pytest.raises(MissingDecoderError, match="install pylibjpeg-openjpeg"):
         read_series(real_ct_dicom_dir, patient_id="real")
+
+
+def _enhanced_ct_template():
+    data = pytest.importorskip("pydicom.data")
+    path = data.get_testdata_file("eCT_Supplemental.dcm")
+    if path is None:
+        pytest.skip("pydicom-data's Enhanced CT file unavailable")
+    return path
+
+
+def test_real_enhanced_ct_file_reads_every_frame(tmp_path):
+    """pydicom-data's 2-frame Enhanced CT (Siemens perfusion): geometry from the functional
+    groups (shared orientation, spacing and rescale; per-frame positions)."""
+    shutil.copy(_enhanced_ct_template(), tmp_path / "ect.dcm")
+    series = read_series(tmp_path, "ect")
+    ds = pydicom.dcmread(tmp_path / "ect.dcm")
+    assert series.hu.shape == (2, 512, 512) and series.spacing == (10.0, 0.388672, 0.388672)
+    # Rows run +Y, columns -X (row cosine (-1, 0, 0)): the canonical x axis is flipped.
+    np.testing.assert_array_equal(series.hu, ds.pixel_array.astype(int)[:, :, ::-1] - 1024)
+    np.testing.assert_allclose(series.origin, (-159.0, -301.5, 99.5 - 511 * 0.388672))
+
+
+def test_enhanced_ct_frames_in_any_order_read_back_exactly(tmp_path, hu):
+    """A volume written as one Enhanced CT file (the real file's functional groups, new pixels
+    and per-frame positions, frames in reverse order) reads back voxel for voxel."""
+    ds = pydicom.dcmread(_enhanced_ct_template())
+    spacing, origin = (2.5, 0.75, 0.8), (-200.0, -120.0, -150.0)
+    nz, ny, nx = hu.shape
+    ds.Rows, ds.Columns, ds.NumberOfFrames = ny, nx, nz
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PixelMeasuresSequence[0].PixelSpacing = [spacing[1], spacing[2]]
+    template = ds.PerFrameFunctionalGroupsSequence[0]
+    frames = []
+    for k in reversed(range(nz)):
+        item = pydicom.Dataset()
+        item.PlanePositionSequence = [pydicom.Dataset()]
+        item.PlanePositionSequence[0].ImagePositionPatient = [
+            origin[2], origin[1], origin[0] + k * spacing[0]]
+        item.FrameContentSequence = template.FrameContentSequence
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = (hu[::-1].astype(np.int32) + 1024).astype(np.uint16).tobytes()
+    (tmp_path / "enhanced").mkdir()
+    ds.save_as(tmp_path / "enhanced" / "volume.dcm")
+    series = read_series(tmp_path / "enhanced", "enhanced")
+    np.testing.assert_array_equal(series.hu, hu)
+    assert series.spacing == spacing and series.origin == origin

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,8 @@ from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
 logger = logging.getLogger(__name__)
 
 CT_MODALITY = "CT"
+PER_FRAME = "PerFrameFunctionalGroupsSequence"  # Enhanced (multi-frame) CT
+SHARED = "SharedFunctionalGroupsSequence"
 LOCALIZER_TYPE = "LOCALIZER"
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 ORIENTATION_DECIMALS = 3  # images whose cosines agree to this many decimals share an orientation
@@ -103,6 +105,10 @@ class _Header:
     # The whole file parsed, pixel data still undecoded bytes; None past the cache budget or
     # when only the header could be parsed (the pixel pass then reads the file again).
     dataset: pydicom.Dataset | None
+    # Enhanced (multi-frame) CT: the frame of the file this header stands for, and its rescale
+    # (slope, intercept) from the functional groups; None for a classic one-image file.
+    frame: int | None = None
+    rescale: tuple[float, float] | None = None
 
     def orientation_key(self) -> tuple[float, ...] | None:
         if self.orientation is None:
@@ -128,8 +134,9 @@ def _list_files(patient: str, folder: Path) -> list[Path]:
     return files
 
 
-def _read_header(patient: str, path: Path, keep_pixels: bool) -> _Header | None:
-    """The header of one file; None (with a warning) when the file is not DICOM.
+def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[_Header]:
+    """The header(s) of one file: one per image, so one per frame of an Enhanced CT file;
+    none (with a warning) when the file is not DICOM.
 
     With `keep_pixels` the file is read once and parsed whole (pixel data undecoded) and
     the dataset kept on the header for the pixel pass.
@@ -138,7 +145,7 @@ def _read_header(patient: str, path: Path, keep_pixels: bool) -> _Header | None:
         ds = pydicom.dcmread(path, stop_before_pixels=not keep_pixels)
     except InvalidDicomError:
         logger.warning("patient %s: skipping %s: not a DICOM file", patient, path.name)
-        return None
+        return []
     except Exception as exc:  # pydicom raises many types for truncated or corrupt files
         if keep_pixels:  # maybe only the pixel data is damaged: an error if it is chosen
             return _read_header(patient, path, keep_pixels=False)
@@ -165,7 +172,7 @@ def _read_header(patient: str, path: Path, keep_pixels: bool) -> _Header | None:
             position = np.asarray(ds.ImagePositionPatient, float).reshape(3)
         if "PixelSpacing" in ds:
             pixel_spacing = tuple(float(v) for v in ds.PixelSpacing)
-        return _Header(
+        header = _Header(
             path=path,
             series_uid=str(ds.get("SeriesInstanceUID", "")),
             modality=str(ds.get("Modality", "")),
@@ -179,10 +186,52 @@ def _read_header(patient: str, path: Path, keep_pixels: bool) -> _Header | None:
             transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
             dataset=ds if keep_pixels else None,
         )
-    except (ValueError, TypeError) as exc:
+        if PER_FRAME in ds:
+            return _frame_headers(header, ds)
+        return [header]
+    except (ValueError, TypeError, AttributeError, IndexError) as exc:
         raise _error(
             patient, f"expected valid image geometry attributes, received {exc}", path
         ) from exc
+
+
+def _functional_group(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset | None:
+    """The first item of a functional group `sequence` for one frame: the frame's own (per-frame
+    functional groups) or else the one shared by all frames; None when neither has it."""
+    for groups, index in ((ds.get(PER_FRAME), frame), (ds.get(SHARED), 0)):
+        if groups is not None and len(groups) > index and sequence in groups[index]:
+            items = getattr(groups[index], sequence)
+            if len(items):
+                return items[0]
+    return None
+
+
+def _frame_headers(file_header: _Header, ds: pydicom.Dataset) -> list[_Header]:
+    """One header per frame of an Enhanced (multi-frame) CT file, each with the frame's
+    geometry (plane position and orientation, pixel measures), rescale and frame type, read
+    from its per-frame or the shared functional groups (DICOM PS3.3 C.7.6.16)."""
+    headers = []
+    for frame in range(int(ds.get("NumberOfFrames", 1) or 1)):
+        header = replace(file_header, frame=frame, instance=frame)
+        position = _functional_group(ds, frame, "PlanePositionSequence")
+        orientation = _functional_group(ds, frame, "PlaneOrientationSequence")
+        measures = _functional_group(ds, frame, "PixelMeasuresSequence")
+        rescale = _functional_group(ds, frame, "PixelValueTransformationSequence")
+        frame_type = _functional_group(ds, frame, "CTImageFrameTypeSequence")
+        if position is not None and "ImagePositionPatient" in position:
+            header.position = np.asarray(position.ImagePositionPatient, float).reshape(3)
+        if orientation is not None and "ImageOrientationPatient" in orientation:
+            header.orientation = np.asarray(orientation.ImageOrientationPatient,
+                                            float).reshape(2, 3)
+        if measures is not None and "PixelSpacing" in measures:
+            header.pixel_spacing = tuple(float(v) for v in measures.PixelSpacing)
+        if rescale is not None:
+            header.rescale = (float(rescale.get("RescaleSlope", 1.0) or 1.0),
+                              float(rescale.get("RescaleIntercept", 0.0) or 0.0))
+        if frame_type is not None and "FrameType" in frame_type:
+            header.image_type = tuple(str(t).upper() for t in frame_type.FrameType)
+        headers.append(header)
+    return headers
 
 
 def _read_headers(patient: str, folder: Path) -> list[_Header]:
@@ -193,9 +242,7 @@ def _read_headers(patient: str, folder: Path) -> list[_Header]:
         size = path.stat().st_size
         keep_pixels = cached + size <= CACHE_BYTES
         cached += size if keep_pixels else 0
-        header = _read_header(patient, path, keep_pixels)
-        if header is not None:
-            headers.append(header)
+        headers += _read_header(patient, path, keep_pixels)
     if not headers:
         names = ", ".join(p.name for p in files[:3]) + (", …" if len(files) > 3 else "")
         raise _error(
@@ -406,13 +453,24 @@ def _check_decoder(patient: str, header: _Header) -> None:
         )
 
 
-def _read_slice(patient: str, header: _Header, out: np.ndarray) -> None:
+def _read_slice(
+    patient: str, header: _Header, out: np.ndarray, frames: dict[Path, list]
+) -> None:
     """Decode one file once and write its HU (int16) into `out` (rows, columns).
 
-    Releases the header's kept dataset (its bytes and the decoded array pydicom caches).
+    Releases the header's kept dataset (its bytes and the decoded array pydicom caches). The
+    frames of an Enhanced CT file are decoded together once and kept in `frames` (path →
+    [decoded frames, frames still to read]) until the last of them is read.
     """
     path = header.path
     ds, header.dataset = header.dataset, None
+    if header.frame is not None and frames[path][0] is not None:
+        decoded = frames[path][0]
+        frames[path][1] -= 1
+        if not frames[path][1]:
+            frames[path][0] = None
+        _store_hu(decoded[header.frame], header.rescale or (1.0, 0.0), None, out)
+        return
     if ds is None:
         try:
             ds = pydicom.dcmread(path)
@@ -436,21 +494,43 @@ def _read_slice(patient: str, header: _Header, out: np.ndarray) -> None:
             patient,
             f"expected decodable pixel data, received truncated or corrupt data ({exc})", path
         ) from exc
+    if header.frame is not None:
+        frames[path][0] = stored.reshape((-1, *stored.shape[-2:]))  # one frame decodes to 2D
+        _read_slice(patient, header, out, frames)
+        return
     if stored.shape != out.shape:
         raise _error(
             patient,
             f"expected a {out.shape[0]}×{out.shape[1]} image, received {stored.shape}", path
         )
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    rescale = (float(ds.get("RescaleSlope", 1.0) or 1.0),
+               float(ds.get("RescaleIntercept", 0.0) or 0.0))
+    _store_hu(stored, rescale, ds if "PixelPaddingValue" in ds else None, out)
+
+
+def _store_hu(
+    stored: np.ndarray,
+    rescale: tuple[float, float],
+    padded: pydicom.Dataset | None,
+    out: np.ndarray,
+) -> None:
+    """Stored pixel values → int16 HU in `out`: rescale, outside-field and padding → air.
+
+    Args:
+        stored: the decoded pixel values (rows, columns).
+        rescale: (slope, intercept).
+        padded: the dataset when it declares PixelPaddingValue, else None.
+        out: (rows, columns) int16 destination.
+    """
+    slope, intercept = rescale
     if slope == 1.0 and intercept.is_integer():
         hu = stored.astype(np.int32) + int(intercept)
     else:
         hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         np.rint(hu, out=hu)
     air = hu <= OUTSIDE_FIELD_HU
-    if "PixelPaddingValue" in ds:
-        air |= _padding_mask(ds, stored)
+    if padded is not None:
+        air |= _padding_mask(padded, stored)
     hu[air] = AIR_HU
     if hu.min() < INT16_MIN or hu.max() > INT16_MAX:  # rare; two reductions beat a clip
         np.clip(hu, INT16_MIN, INT16_MAX, out=hu)
@@ -500,8 +580,12 @@ def _read_pixels(patient: str, headers: list[_Header]) -> np.ndarray:
     """The slices decoded into one int16 HU array (slice, row, column), in the given order."""
     _check_decoder(patient, headers[0])
     volume = np.empty((len(headers), headers[0].rows, headers[0].columns), dtype=np.int16)
+    frames: dict[Path, list] = {}
+    for header in headers:
+        if header.frame is not None:
+            frames.setdefault(header.path, [None, 0])[1] += 1
     for index, header in enumerate(headers):
-        _read_slice(patient, header, volume[index])
+        _read_slice(patient, header, volume[index], frames)
     return volume
 
 
