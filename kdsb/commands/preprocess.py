@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="redo patients already written")
     parser.add_argument("--qc", type=Path, default=None, metavar="DIR",
                         help="write a QC PNG per patient and a contact sheet here")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="run on the Dask cluster of this scheduler (tcp://host:8786) "
+                             "instead of --workers local processes; workers must see the "
+                             "same paths")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,4 +49,5 @@ def run(args: argparse.Namespace) -> int:
         margin_mm=args.margin_mm,
         overwrite=args.overwrite,
         qc_dir=args.qc,
+        scheduler=args.scheduler,
     )

@@ -249,16 +249,25 @@ def _run_tasks(
     tasks: dict[str, tuple],
     workers: int,
     worker: Callable[..., PatientResult] = _preprocess_safely,
+    scheduler: str | None = None,
 ) -> Iterable[PatientResult]:
     """Results of `worker(*task)` for every task; a worker crash fails only its own patient.
 
     `worker` must be importable by name (it runs in spawned processes) and return a
     PatientResult rather than raise.
 
-    When a worker dies (killed by the system for memory, a crash in a C library), the whole pool
-    breaks and it is unknown which patient was at fault, so each unfinished patient is retried
-    alone in a fresh one-worker pool; a patient whose worker dies again fails.
+    With `scheduler`, the tasks run on that Dask cluster (`kdsb.preprocessing.cluster`), which
+    retries a patient whose worker died on other workers before it fails. Locally, when a worker
+    dies (killed by the system for memory, a crash in a C library), the whole pool breaks and it
+    is unknown which patient was at fault, so each unfinished patient is retried alone in a
+    fresh one-worker pool; a patient whose worker dies again fails.
     """
+    if scheduler is not None:
+        from kdsb.preprocessing.cluster import run_on_dask
+
+        for patient_id, result in run_on_dask(worker, tasks, scheduler, WORKER_DIED_MESSAGE):
+            yield result or PatientResult(patient_id, STATUS_FAILED, error=WORKER_DIED_MESSAGE)
+        return
     retry: dict[str, tuple] = {}
     for patient_id, result in _run_pool(worker, tasks, workers):
         if result is None:
@@ -281,6 +290,7 @@ def run_cohort(
     margin_mm: float = DEFAULT_MARGIN_MM,
     overwrite: bool = False,
     qc_dir: str | os.PathLike | None = None,
+    scheduler: str | None = None,
 ) -> int:
     """Preprocess every patient of `input_root` into `out_dir` (DESIGN.md contract).
 
@@ -300,6 +310,9 @@ def run_cohort(
         margin_mm: margin around the lung bounding box, mm.
         overwrite: redo patients already written.
         qc_dir: when given, write a QC PNG per patient and a contact sheet there.
+        scheduler: the address of a Dask scheduler (`tcp://host:8786`): run the patients on
+            its workers (which must see `input_root` and `out_dir` at the same paths) instead
+            of `workers` local processes.
 
     Returns:
         Exit status: 0 when every patient is ok or skipped, 1 when some failed.
@@ -334,7 +347,8 @@ def run_cohort(
 
     if tasks:
         with tqdm(total=len(tasks), unit="patient", desc="preprocess", disable=None) as bar:
-            for result in _run_tasks(tasks, min(int(workers), len(tasks))):
+            runs = _run_tasks(tasks, min(int(workers), len(tasks)), scheduler=scheduler)
+            for result in runs:
                 results[result.patient_id] = result
                 rows[result.patient_id] = result.manifest_row()
                 _write_manifest(out_dir, rows)

@@ -1,0 +1,68 @@
+"""`kdsb preprocess --scheduler`: the same run on a Dask cluster of local worker processes."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from kdsb.cli import main
+from kdsb.io import volumes
+from kdsb.phantoms.cohort import write_cohort
+from kdsb.preprocessing import cluster as cluster_module
+from kdsb.preprocessing.cohort import STATUS_OK, WORKER_DIED_MESSAGE, _run_tasks
+from tests.test_cohort import _crash_or_succeed
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as local:
+        yield local.scheduler_address
+
+
+def _manifest(folder):
+    with open(folder / "manifest.csv", newline="") as f:
+        return {r["id"]: r for r in csv.DictReader(f)}
+
+
+def test_cluster_run_writes_what_a_local_run_writes_and_resumes(tmp_path, scheduler):
+    write_cohort(tmp_path / "cohort", patients=3, seed=4, size=96, scale=0.7)
+    dicom = str(tmp_path / "cohort" / "dicom")
+    assert main(["preprocess", dicom, str(tmp_path / "local"), "--workers", "1"]) == 0
+    assert main(["preprocess", dicom, str(tmp_path / "dask"), "--scheduler", scheduler,
+                 "--qc", str(tmp_path / "qc")]) == 0
+    local, remote = _manifest(tmp_path / "local"), _manifest(tmp_path / "dask")
+    assert sorted(remote) == sorted(local) and len(remote) == 3
+    for pid in local:
+        assert remote[pid]["status"] == "ok" and remote[pid]["shape"] == local[pid]["shape"]
+        a = volumes.read_volume(volumes.volume_path(tmp_path / "local", pid))
+        b = volumes.read_volume(volumes.volume_path(tmp_path / "dask", pid))
+        np.testing.assert_array_equal(a.hu, b.hu)
+        np.testing.assert_array_equal(a.lung_mask, b.lung_mask)
+        assert a.origin == b.origin and a.spacing == b.spacing
+        assert (tmp_path / "qc" / f"{pid}.png").is_file()
+    assert main(["preprocess", dicom, str(tmp_path / "dask"), "--scheduler", scheduler]) == 0
+    assert {r["status"] for r in _manifest(tmp_path / "dask").values()} == {"skipped"}
+
+
+def test_a_patient_whose_workers_die_fails_alone(scheduler):
+    tasks = {pid: (pid,) for pid in ("a", "crash", "b")}
+    results = {r.patient_id: r for r in
+               _run_tasks(tasks, 2, worker=_crash_or_succeed, scheduler=scheduler)}
+    assert sorted(results) == sorted(tasks)
+    assert results["crash"].status == "failed" and results["crash"].error == WORKER_DIED_MESSAGE
+    assert results["a"].status == results["b"].status == STATUS_OK
+
+
+def test_no_scheduler_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    write_cohort(tmp_path / "cohort", patients=1, seed=4, size=64, scale=0.5)
+    monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT_S", 2)
+    code = main(["preprocess", str(tmp_path / "cohort" / "dicom"), str(tmp_path / "out"),
+                 "--scheduler", "tcp://127.0.0.1:9"])
+    assert code == 2
+    assert "expected a Dask scheduler at tcp://127.0.0.1:9, received no answer" in \
+        capsys.readouterr().err
