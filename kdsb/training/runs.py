@@ -645,7 +645,7 @@ def fit(
             keep_checkpoints,
         ),
     ]
-    # tensorflow-cpu wheels do not pull in TensorBoard; without it the run goes on unlogged.
+    # TensorBoard may be missing from a hand-made environment: the run then goes on unlogged.
     if importlib.util.find_spec("tensorboard") is not None:
         callbacks.append(
             keras.callbacks.TensorBoard(
