@@ -42,6 +42,7 @@ MIN_VOLUMES = 2  # one for training, one for validation
 # Validation patches come from their own seeded stream, apart from the training stream.
 VALIDATION_SEED_OFFSET = 1_000_003
 SAMPLINGS = ("lung", "grid")
+PATCH_CACHE_DIR = ".patch_cache"  # hidden: volume listings skip it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +56,7 @@ class GmcaeOptions(RunOptions):
         width: base filters of the encoder.
         patch_size: patch edge in voxels (multiple of 8).
         patches_per_volume: patches read per visit of a volume.
+        patch_cache: lung patches per training volume cached once (0: stream).
         sampling: "lung" (centred on lung voxels) or "grid" (a blind regular grid).
         clipnorm: per-variable gradient clipping norm (0: none).
         variance_floor: smallest mixture variance, normalised HU² (None becomes
@@ -71,6 +73,11 @@ class GmcaeOptions(RunOptions):
     )
     patch_size: int = option(32, "patch edge in voxels (multiple of 8)", type=int)
     patches_per_volume: int = option(8, "patches read per visit of a volume", type=int)
+    patch_cache: int = option(
+        0, "extract this many lung patches per training volume once, into memory-mapped "
+        "shards in DATA_DIR/.patch_cache, and train from them (whole-batch symmetries; fast "
+        "enough to feed a GPU); 0: stream patches from the volume files", type=int,
+    )
     sampling: str = option(
         "lung", "where patches come from: lung voxels or a blind grid", choices=SAMPLINGS
     )
@@ -99,6 +106,9 @@ class GmcaeOptions(RunOptions):
             (self.width >= 1, "--width >= 1", self.width),
             (self.patch_size >= 1, "--patch-size >= 1", self.patch_size),
             (self.patches_per_volume >= 1, "--patches-per-volume >= 1", self.patches_per_volume),
+            (self.patch_cache >= 0, "--patch-cache >= 0", self.patch_cache),
+            (not self.patch_cache or self.sampling == "lung",
+             "--patch-cache with --sampling lung", self.sampling),
             (self.sampling in SAMPLINGS, f"--sampling in {SAMPLINGS}", self.sampling),
             (self.clipnorm >= 0, "--clipnorm >= 0", self.clipnorm),
             (self.variance_floor > 0, "--variance-floor > 0", self.variance_floor),
@@ -117,6 +127,23 @@ def _volume_paths(data_dir: Path) -> dict[str, Path]:
         )
     check_volume_files(list(found.values()))
     return found
+
+
+def _training_stream(paths: list[Path], data_dir: Path, options: GmcaeOptions, seed: int):
+    """Endless augmented training batches: from the patch cache (`--patch-cache N`) or streamed
+    from the volume files."""
+    if options.patch_cache:
+        from kdsb.data.patch_cache import build_patch_cache, cached_patch_dataset
+
+        shards = build_patch_cache(paths, data_dir / PATCH_CACHE_DIR,
+                                   patch_size=options.patch_size,
+                                   per_volume=options.patch_cache, seed=options.seed)
+        return cached_patch_dataset(shards, batch_size=options.batch_size, seed=seed)
+    from kdsb.data.datasets import patch_dataset
+
+    return patch_dataset(paths, patch_size=options.patch_size, batch_size=options.batch_size,
+                         patches_per_volume=options.patches_per_volume,
+                         sampling=options.sampling, augment=True, seed=seed, repeat=True)
 
 
 def validation_patches(paths: list[Path], options: GmcaeOptions):
@@ -234,7 +261,7 @@ def train_gmcae(
     """
     import tensorflow as tf
 
-    from kdsb.data.datasets import patch_dataset, split_patients
+    from kdsb.data.datasets import split_patients
     from kdsb.models import gmcae
 
     run_dir = Path(run_dir)
@@ -247,15 +274,8 @@ def train_gmcae(
     )
     runs.begin(run_dir, options, data_dir=data_dir)
     logger.info("%d training and %d validation patients", len(train_ids), len(val_ids))
-    train_data = patch_dataset(
-        [volumes[i] for i in train_ids],
-        patch_size=options.patch_size,
-        batch_size=options.batch_size,
-        patches_per_volume=options.patches_per_volume,
-        sampling=options.sampling,
-        augment=True,
-        seed=options.seed + start_epoch,
-        repeat=True,
+    train_data = _training_stream(
+        [volumes[i] for i in train_ids], Path(data_dir), options, options.seed + start_epoch
     )
     val_patches = validation_patches([volumes[i] for i in val_ids], options)
     val_data = tf.data.Dataset.from_tensor_slices((val_patches, val_patches)).batch(

@@ -1,0 +1,64 @@
+"""The GMCAE patch cache: shards equal the streamed patches, reuse and rebuild, batch symmetry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kdsb.data import datasets, patch_cache, patches
+from kdsb.io import volumes
+
+
+def _volume(folder, pid, seed):
+    rng = np.random.default_rng(seed)
+    hu = rng.normal(-850, 60, (40, 48, 48)).astype(np.int16)
+    lung = np.zeros(hu.shape, np.uint8)
+    lung[4:36, 6:42, 6:42] = 1
+    return volumes.write_volume(volumes.volume_path(folder, pid), hu, lung, (1.0,) * 3, (0.0,) * 3)
+
+
+def test_shards_hold_the_streamed_patches_and_are_reused_until_a_volume_changes(tmp_path,
+                                                                              monkeypatch):
+    paths = [_volume(tmp_path, f"p{i}", i) for i in range(2)]
+    shards = patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16,
+                                           per_volume=5, seed=3)
+    for index, (path, shard) in enumerate(zip(paths, shards, strict=True)):
+        expected = datasets.read_patches(path, patch_size=16, count=5, augment=False,
+                                         rng=np.random.default_rng(3 + index))
+        stored = np.load(shard)
+        assert stored.dtype == np.float16 and stored.shape == (5, 16, 16, 16)
+        np.testing.assert_allclose(stored, expected, atol=2e-3)
+    calls = []
+    real = datasets.read_patches
+    monkeypatch.setattr(datasets, "read_patches", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16,
+                                         per_volume=5, seed=3) == shards
+    assert calls == []
+    _volume(tmp_path, "p1", 99)  # the volume changes: its shard is rebuilt, the other kept
+    patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16, per_volume=5, seed=3)
+    assert [str(a[0]) for a in calls] == [str(paths[1])]
+    assert not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+def test_a_batch_gets_one_cube_symmetry_for_all_its_patches(tmp_path):
+    rng = np.random.default_rng(0)
+    shard = rng.normal(size=(6, 8, 8, 8)).astype(np.float16)
+    plain = patch_cache.sample_batch([shard], 4, np.random.default_rng(1), augment=False)
+    assert plain.shape == (4, 8, 8, 8, 1) and plain.dtype == np.float32
+    sources = [next(i for i in range(6) if np.array_equal(p[..., 0], shard[i])) for p in plain]
+    batch = patch_cache.sample_batch([shard], 4, np.random.default_rng(1), augment=True)
+    symmetries = set()
+    for patch, source in zip(batch, sources, strict=True):
+        symmetries |= {s for s in range(len(patches.CUBE_SYMMETRIES)) if np.array_equal(
+            patch[..., 0], patches.apply_symmetry(shard[source].astype(np.float32), s))}
+    assert len(symmetries) == 1 and symmetries != {0}
+
+
+def test_cached_dataset_yields_gmcae_batches(tmp_path):
+    pytest.importorskip("tensorflow")
+    paths = [_volume(tmp_path, f"p{i}", i) for i in range(2)]
+    shards = patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16,
+                                           per_volume=4)
+    x, y = next(iter(patch_cache.cached_patch_dataset(shards, batch_size=3, seed=0)))
+    assert x.shape == (3, 16, 16, 16, 1) and np.array_equal(x, y)
+    assert -1.01 <= float(np.min(x)) and float(np.max(x)) <= 1.5
