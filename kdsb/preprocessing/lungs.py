@@ -300,8 +300,9 @@ def _select_lungs(candidates: np.ndarray, hu: np.ndarray, voxel_ml: float) -> np
         return candidates
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    medians = ndimage.median(hu, labels, np.arange(1, count + 1))
-    sizes[1:][np.asarray(medians) < AIRWAY_THRESHOLD_HU] = 0
+    # Median below the threshold ⇔ more than half the voxels below it (a count, not a sort).
+    dark = np.bincount(labels[hu < AIRWAY_THRESHOLD_HU], minlength=count + 1)
+    sizes[2 * dark > sizes] = 0
     if not sizes.any():
         return np.zeros_like(candidates)
     largest = int(np.argmax(sizes))
