@@ -126,3 +126,20 @@ def test_usage_errors_match_predict(cohort, tmp_path, capsys):
                  str(tmp_path / "out")]) == 2
     assert "expected MODEL.keras, a trained classifier, received a missing path" in \
         capsys.readouterr().err
+
+
+def test_a_saturated_classifier_still_has_a_map(cohort, tmp_path):
+    """p(cancer) = 1.0 in float32: the gradient is taken at the logit, not through the sigmoid
+    (found on the demo's classifier: half its confident maps were empty)."""
+    import keras
+
+    from kdsb.data.inputs import VolumeInput
+    from kdsb.evaluation.explain import gradcam
+
+    root, model_path, _ = cohort
+    model = keras.saving.load_model(model_path)
+    model.get_layer("p_cancer").bias.assign(np.array([60.0], "float32"))
+    x = VolumeInput().read(volumes.volume_path(root / "data", "c0"))
+    cam, p = gradcam(model, x)
+    assert p == 1.0 and float(model(x[np.newaxis])[0, 0]) == 1.0
+    assert cam.max() > 0

@@ -6,8 +6,10 @@ HU normalisation, masking, downscaling) and return a heatmap on the volume file'
 
 - **Grad-CAM** (default): the classifier is encoder → spatial pyramid pooling → dense head. The
   encoder's output A (its last convolution, after ReLU; 1/8 of the input per axis) is recorded,
-  the head run on it under a gradient tape, and the gradient of the logit log(p / (1 - p)) with
-  respect to A averaged over space gives one weight per channel; the map is ReLU(Σ_c w_c A_c).
+  the head run on it under a gradient tape, and the gradient of the logit (the output layer's
+  value before its sigmoid, which never saturates: at p = 1.0 in float32 a gradient through p
+  is zero and the map would be empty) with respect to A averaged over space gives one weight
+  per channel; the map is ReLU(Σ_c w_c A_c).
   It is resized to the input's extent on the volume grid with linear interpolation of cell
   areas (`scipy.ndimage.zoom`, grid_mode), so feature cell i covers input voxels [8i, 8i + 8).
   One forward and one backward pass per patient and model.
@@ -46,7 +48,6 @@ PEAKS_NAME = "peaks.csv"
 PEAK_FIELDS = ("id", "z", "y", "x", "value")
 DEFAULT_OCCLUSION_MM = 24.0
 DEFAULT_STRIDE_MM = 16.0
-LOGIT_EPSILON = 1e-7  # keeps log(p / (1 - p)) finite for p at 0 or 1
 
 
 @dataclass(frozen=True)
@@ -91,14 +92,18 @@ def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
     import tensorflow as tf
 
     encoder, head = _split_classifier(model)
+    *hidden, output = head
     features = encoder(x[np.newaxis], training=False)
     with tf.GradientTape() as tape:
         tape.watch(features)
         out = features
-        for layer in head:
+        for layer in hidden:
             out = layer(out, training=False)
-        p = tf.clip_by_value(tf.cast(out[0, 0], tf.float32), LOGIT_EPSILON, 1 - LOGIT_EPSILON)
-        logit = tf.math.log(p) - tf.math.log1p(-p)
+        # The output layer's pre-activation: a saturated sigmoid (p = 1.0 in float32) would
+        # have no gradient left.
+        logit = tf.matmul(tf.cast(out, tf.float32), tf.cast(output.kernel, tf.float32))
+        logit = logit[0, 0] + tf.cast(output.bias[0], tf.float32)
+        p = tf.sigmoid(logit)
     gradient = tape.gradient(logit, features)
     weights = tf.reduce_mean(tf.cast(gradient, tf.float32), axis=(1, 2, 3))  # (1, channels)
     cam = tf.nn.relu(tf.einsum("bzyxc,bc->bzyx", tf.cast(features, tf.float32), weights))
