@@ -479,6 +479,7 @@ def _apex_completion(
     own: np.ndarray,
     other: np.ndarray,
     body: np.ndarray,
+    depth: np.ndarray,
     coarse_hu: np.ndarray,
     midline: float,
     spacing: Sequence[float],
@@ -489,7 +490,8 @@ def _apex_completion(
     ends lower. The apices are nearly symmetric, so within `APEX_ZONE_MM` of the higher apex,
     non-bone tissue inside the mirrored other lung that is thick (survives an opening with a
     `APEX_CORE_MM` ball: not the slivers a slightly rotated body leaves) and touches this lung
-    is taken in.
+    is taken in. `depth` is every voxel's depth under the skin in mm (computed once for both
+    sides).
     """
     if not own.any() or not other.any():
         return np.zeros_like(own)
@@ -502,7 +504,6 @@ def _apex_completion(
     if not (own & zone).any():
         return np.zeros_like(own)
     # Not the chest wall: no shallower under the skin than this lung's own apex.
-    depth = ndimage.distance_transform_edt(body, sampling=spacing)
     candidates &= depth >= np.percentile(depth[own & zone], APEX_DEPTH_PERCENTILE)
     if not candidates.any():
         return candidates
@@ -657,8 +658,10 @@ def segment_lungs(
         _fill_side(coarse_hu, lung_air, hulls, inside_body, side, coarse_spacing)
         for side in (np.s_[:, :, :split], np.s_[:, :, split:])
     ]
+    # Depth under the skin (mm), for the apex rule of both sides.
+    depth = ndimage.distance_transform_edt(inside_body, sampling=coarse_spacing)
     for own, other in (sides, sides[::-1]):
-        coarse_mask |= own | _apex_completion(own, other, inside_body, coarse_hu, midline,
+        coarse_mask |= own | _apex_completion(own, other, inside_body, depth, coarse_hu, midline,
                                               coarse_spacing)
 
     rejected_air = ndimage.binary_dilation(interior_air & ~lung_air)
