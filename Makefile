@@ -28,6 +28,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/train_gmcae.py
+	$(PY) benchmarks/patch_pipeline.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache *.egg-info
