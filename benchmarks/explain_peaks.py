@@ -45,13 +45,13 @@ def main(argv=None) -> int:
                                method=args.method)
     print(f"{'id':<14}{'p':>7}{'peak→nodule mm':>16}{'radius':>8}{'found':>7}{'chance':>8}")
     hits, chances = [], []
-    for explanation in found:
-        truth = load_truth(work / "test_cohort", explanation.patient_id)
+    for peak in found:
+        truth = load_truth(work / "test_cohort", peak.patient_id)
         nodule = max(truth.nodules, key=lambda n: n.radius_mm)
-        distance = float(np.linalg.norm(np.subtract(explanation.peak_mm, nodule.center_mm)))
+        distance = float(np.linalg.norm(np.subtract(peak.peak_mm, nodule.center_mm)))
         hit = distance <= nodule.radius_mm + REACH_MM
         volume = volumes.read_volume(volumes.volume_path(work / "volumes" / "test",
-                                                         explanation.patient_id))
+                                                         peak.patient_id))
         grid = np.stack(np.meshgrid(*[o + s * np.arange(n) for o, s, n in zip(
             volume.origin, volume.spacing, volume.hu.shape, strict=True)], indexing="ij"), -1)
         lung = volume.lung_mask > 0
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         chance = float(np.mean(near <= nodule.radius_mm + REACH_MM))
         hits.append(hit)
         chances.append(chance)
-        print(f"{explanation.patient_id:<14}{explanation.probability:>7.3f}{distance:>16.1f}"
+        print(f"{peak.patient_id:<14}{peak.probability:>7.3f}{distance:>16.1f}"
               f"{nodule.radius_mm:>8.1f}{'yes' if hit else 'no':>7}{chance:>8.3f}")
     print(f"\n{args.method}: peak within {REACH_MM:g} mm of the cancer nodule for "
           f"{sum(hits)} / {len(hits)} positive patients ({np.mean(hits):.0%}); chance "

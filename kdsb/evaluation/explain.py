@@ -69,6 +69,17 @@ class Explanation:
     peak_mm: tuple[float, float, float]
 
 
+@dataclass(frozen=True)
+class Peak:
+    """What `explain_cohort` keeps of each patient (its heatmap is on disk, so memory does not
+    grow with the cohort): id, p(cancer), the peak in patient mm (z, y, x) and its value."""
+
+    patient_id: str
+    probability: float
+    peak_mm: tuple[float, float, float]
+    value: float
+
+
 def _split_classifier(model: Any) -> tuple[Any, list[Any]]:
     """The encoder sub-model and the layers after it (pyramid pooling, dense head)."""
     from kdsb.models.gmcae import encoder_of
@@ -274,9 +285,9 @@ def explain_cohort(
     method: str = "gradcam",
     occlusion_mm: float = DEFAULT_OCCLUSION_MM,
     stride_mm: float = DEFAULT_STRIDE_MM,
-) -> list[Explanation]:
+) -> list[Peak]:
     """Explain every patient (or `ids`), streaming one volume at a time: `OUT_DIR/<id>.h5`
-    (heatmap), `OUT_DIR/<id>.png` and, at the end, `OUT_DIR/peaks.csv`.
+    (heatmap), `OUT_DIR/<id>.png` and, at the end, `OUT_DIR/peaks.csv`; returns the peaks.
 
     Raises: as `kdsb.evaluation.predict.predict_cohort` (the same checks, before any work).
     """
@@ -293,7 +304,7 @@ def explain_cohort(
     order, files = resolve_ids(Path(data_dir), ids, ids_source)
     inputs, models = zip(*load_classifiers(model_paths), strict=True)
     out_dir = Path(out_dir)
-    explanations, rows = [], []
+    peaks: list[Peak] = []
     for patient_id in tqdm(order, desc="explain", unit="patient", disable=None):
         volume = volumes.read_volume(files[patient_id])
         volume.patient_id = patient_id
@@ -304,8 +315,8 @@ def explain_cohort(
         write_heatmap(heatmap_path(out_dir, patient_id), found.heatmap, volume.spacing,
                       volume.origin, attrs)
         write_png(out_dir / f"{patient_id}.png", volume, found)
-        rows.append([patient_id, *(f"{v:.2f}" for v in found.peak_mm),
-                     f"{found.heatmap[found.peak_index]:.4f}"])
-        explanations.append(found)
+        peaks.append(Peak(patient_id, found.probability, found.peak_mm,
+                          float(found.heatmap[found.peak_index])))
+    rows = [[p.patient_id, *(f"{v:.2f}" for v in p.peak_mm), f"{p.value:.4f}"] for p in peaks]
     write_table(out_dir / PEAKS_NAME, PEAK_FIELDS, rows)
-    return explanations
+    return peaks
