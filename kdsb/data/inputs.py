@@ -202,8 +202,8 @@ class VolumeInput:
             x = normalize_hu(f["hu"][...], clip=self.hu_clip)
             lung = f["lung_mask"][...] if self.mask_outside_lungs else None
         if self.downscale > 1:
-            x = _block(x, self.downscale, np.mean).astype(np.float32)
-            lung = None if lung is None else _block(lung, self.downscale, np.max)
+            x = block_reduce_cropped(x, self.downscale, np.mean).astype(np.float32)
+            lung = None if lung is None else block_reduce_cropped(lung, self.downscale, np.max)
             spacing = spacing * self.downscale
         if lung is not None:
             if not lung.any():
@@ -220,7 +220,9 @@ def _mm(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
-def _block(array: np.ndarray, factor: int, func) -> np.ndarray:
+def block_reduce_cropped(array: np.ndarray, factor: int, func) -> np.ndarray:
+    """`func` over factor³ blocks (HU: mean, lung mask: max), the array first cropped to a
+    multiple of `factor` per axis: the downscaling of `VolumeInput.read`."""
     from skimage.measure import block_reduce
 
     # Crop to a multiple of the factor so no block mixes in padding.

@@ -201,6 +201,7 @@ def explain_patient(
         StoreError: an unreadable volume file or one the models cannot read (spacing).
         UsageError: an unknown method.
     """
+    from kdsb.data.inputs import block_reduce_cropped
     from kdsb.data.patches import normalize_hu
 
     if method not in METHODS:
@@ -213,10 +214,7 @@ def explain_patient(
         if method == "gradcam":
             cam, p = gradcam(model, x)
         else:
-            lung = volume.lung_mask[tuple(slice(0, n - n % factor) for n in volume.hu.shape)]
-            if factor > 1:  # block maxima, as `VolumeInput.read` downscales the mask
-                lung = lung.reshape(_blocks(lung.shape, factor)).max(axis=(1, 3, 5))
-            lung = lung > 0
+            lung = block_reduce_cropped(volume.lung_mask, factor, np.max) > 0
             voxel_mm = min(volume.spacing) * factor
             size = max(1, round(occlusion_mm / voxel_mm))
             stride = max(1, round(stride_mm / voxel_mm))
@@ -237,11 +235,6 @@ def explain_patient(
     if not math.isfinite(float(np.mean(probabilities))):
         raise KdsbError(f"{patient_id}: expected a finite p(cancer), received {probabilities}")
     return Explanation(patient_id, heatmap, float(np.mean(probabilities)), peak, peak_mm)
-
-
-def _blocks(shape: Sequence[int], factor: int) -> tuple[int, ...]:
-    """(z/f, f, y/f, f, x/f, f): the reshape that groups `factor`³ blocks."""
-    return tuple(v for n in shape for v in (n // factor, factor))
 
 
 def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) -> Path:

@@ -16,6 +16,7 @@ import numpy as np
 
 from kdsb.errors import StoreError
 from kdsb.io.atomic import atomic_path
+from kdsb.io.volumes import COMPRESSION
 
 HEATMAP_DATASET = "heatmap"
 SUFFIX = ".h5"
@@ -37,7 +38,7 @@ def write_heatmap(
     path = Path(path)
     with atomic_path(path) as temp, h5py.File(temp, "w") as f:
         f.create_dataset(HEATMAP_DATASET, data=np.asarray(heatmap, dtype=np.float32),
-                         compression="gzip", compression_opts=1, shuffle=True)
+                         **COMPRESSION)
         f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
         f.attrs["origin"] = np.asarray(origin, dtype=np.float64)
         for key, value in (attrs or {}).items():
