@@ -75,8 +75,10 @@ def test_calibration_bins():
 
 def test_summary_keys_and_validation():
     scores = metrics.summary([1, 0], [0.8, 0.3])
-    assert set(scores) == {"log_loss", "roc_auc", "accuracy", "base_rate_log_loss", "n",
-                           "n_positive"}
+    assert set(scores) == {"log_loss", "brier", "ece", "roc_auc", "accuracy",
+                           "base_rate_log_loss", "n", "n_positive"}
+    assert scores["brier"] == pytest.approx((0.2**2 + 0.3**2) / 2)
+    assert scores["ece"] == pytest.approx(metrics.expected_calibration_error([1, 0], [0.8, 0.3]))
     assert scores["n"] == 2 and scores["n_positive"] == 1
     with pytest.raises(KdsbError, match="expected labels 0 or 1, received 2.0"):
         metrics.log_loss([2, 0], [0.5, 0.5])
@@ -89,3 +91,163 @@ def test_summary_keys_and_validation():
         metrics.roc_auc([1, 0], [np.nan, 0.5])
     with pytest.raises(KdsbError, match="expected at least one label"):
         metrics.base_rate_log_loss([])
+
+
+# A small example worked by hand. Distinct scores, highest first, with true and false positives
+# when predicting positive for p >= score (3 positives, 3 negatives):
+#   0.9: tp 1 fp 0   J 1/3   F1 2/4
+#   0.7: tp 2 fp 0   J 2/3   F1 4/5
+#   0.6: tp 2 fp 1   J 1/3   F1 4/6
+#   0.35: tp 3 fp 1  J 2/3   F1 6/7
+#   0.3: tp 3 fp 2   J 1/3   F1 6/8
+#   0.1: tp 3 fp 3   J 0     F1 6/9
+HAND_Y = np.array([0, 0, 1, 0, 1, 1])
+HAND_P = np.array([0.1, 0.3, 0.35, 0.6, 0.7, 0.9])
+
+
+def _sample(n, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    return y, np.round(np.clip(0.3 + 0.4 * y + rng.normal(0, 0.25, n), 0.01, 0.99), 2)
+
+
+def test_brier_by_hand():
+    y, p = [1, 0, 1, 0], [0.9, 0.2, 0.6, 0.5]
+    assert metrics.brier(y, p) == pytest.approx((0.01 + 0.04 + 0.16 + 0.25) / 4, rel=1e-12)
+    assert metrics.brier([1, 0], [1.0, 0.0]) == 0.0
+    assert metrics.brier([1, 0], [0.5, 0.5]) == pytest.approx(0.25)
+    with pytest.raises(KdsbError, match=r"expected probabilities in \[0, 1\]"):
+        metrics.brier([1], [1.5])
+
+
+def test_expected_calibration_error_by_hand():
+    y = np.array([0, 1, 1, 0, 1])
+    p = np.array([0.05, 0.15, 0.95, 0.9, 1.0])
+    # Bin [0, 0.5): 2 patients, mean 0.1, rate 1/2. Bin [0.5, 1]: 3, mean 0.95, rate 2/3.
+    expected = 2 / 5 * abs(0.5 - 0.1) + 3 / 5 * abs(2 / 3 - 0.95)
+    assert metrics.expected_calibration_error(y, p, n_bins=2) == pytest.approx(expected)
+    # Predicting the rate of each bin is perfectly calibrated.
+    assert metrics.expected_calibration_error([1, 0, 0, 0], [0.25] * 4) == pytest.approx(0.0)
+    # One bin: the gap between mean prediction and mean label.
+    assert metrics.expected_calibration_error(y, p, n_bins=1) == pytest.approx(
+        abs(p.mean() - y.mean()))
+
+
+def test_expected_calibration_error_matches_a_loop_reference():
+    y, p = _sample(300, 2)
+    expected = 0.0
+    for k in range(10):
+        inside = (p >= k / 10) & ((p < (k + 1) / 10) if k < 9 else (p <= 1))
+        if inside.any():
+            expected += inside.sum() / p.size * abs(y[inside].mean() - p[inside].mean())
+    assert metrics.expected_calibration_error(y, p) == pytest.approx(expected, abs=1e-12)
+
+
+def test_bootstrap_intervals_match_a_loop_over_resamples():
+    y, p = _sample(40, 3)
+    n_boot, seed = 300, 5
+    intervals = metrics.bootstrap_intervals(y, p, n_boot=n_boot, seed=seed)
+    # Reference: the same index arrays, each resample scored by the plain metric functions.
+    index = np.random.default_rng(seed).integers(0, y.size, size=(n_boot, y.size))
+    values = {name: [] for name in metrics.BOOTSTRAP_METRICS}
+    for i in index:
+        values["log_loss"].append(metrics.log_loss(y[i], p[i]))
+        values["accuracy"].append(metrics.accuracy(y[i], p[i]))
+        values["brier"].append(metrics.brier(y[i], p[i]))
+        values["roc_auc"].append(metrics.roc_auc(y[i], p[i]))
+    assert set(intervals) == set(metrics.BOOTSTRAP_METRICS)
+    for name, sample in values.items():
+        sample = np.array(sample)
+        sample = sample[~np.isnan(sample)]  # one-class resamples have no AUC
+        np.testing.assert_allclose(intervals[name], np.quantile(sample, [0.025, 0.975]),
+                                   rtol=1e-12, err_msg=name)
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_narrow_with_more_patients():
+    widths = []
+    for n in (60, 1600):
+        y, p = _sample(n, 4)
+        intervals = metrics.bootstrap_intervals(y, p, seed=1)
+        point = metrics.summary(y, p)
+        for name, (low, high) in intervals.items():
+            assert low <= point[name] <= high, (n, name)
+        widths.append({name: high - low for name, (low, high) in intervals.items()})
+    for name in metrics.BOOTSTRAP_METRICS:
+        assert widths[1][name] < 0.5 * widths[0][name], name  # ~ 1/sqrt(n): about 0.19
+
+
+def test_bootstrap_intervals_are_reproducible_with_a_seed():
+    y, p = _sample(100, 6)
+    first = metrics.bootstrap_intervals(y, p, n_boot=500, seed=7)
+    assert metrics.bootstrap_intervals(y, p, n_boot=500, seed=7) == first
+    assert metrics.bootstrap_intervals(y, p, n_boot=500, seed=8) != first
+    # A wider level gives a wider interval from the same resamples.
+    wide = metrics.bootstrap_intervals(y, p, n_boot=500, seed=7, level=0.99)
+    assert wide["log_loss"][0] <= first["log_loss"][0] <= first["log_loss"][1] \
+        <= wide["log_loss"][1]
+
+
+def test_bootstrap_skips_one_class_resamples_for_the_auc():
+    # Every resample holding both classes ranks the positive first: AUC 1, however many are
+    # one class only.
+    intervals = metrics.bootstrap_intervals([1, 0, 0], [0.9, 0.1, 0.2], n_boot=200)
+    assert intervals["roc_auc"] == (1.0, 1.0)
+    one_class = metrics.bootstrap_intervals([1, 1], [0.9, 0.1], n_boot=50)
+    assert all(math.isnan(v) for v in one_class["roc_auc"])
+    assert one_class["accuracy"] == (0.0, 1.0)
+    with pytest.raises(KdsbError, match="expected at least one bootstrap resample, received 0"):
+        metrics.bootstrap_intervals([1, 0], [0.9, 0.1], n_boot=0)
+    with pytest.raises(KdsbError, match=r"expected an interval level in \(0, 1\), received 1"):
+        metrics.bootstrap_intervals([1, 0], [0.9, 0.1], level=1)
+
+
+def test_pick_threshold_by_hand():
+    # Youden's J ties at 0.7 and 0.35: the higher one wins. F1 is best at 0.35.
+    assert metrics.pick_threshold(HAND_Y, HAND_P, "youden") == 0.7
+    assert metrics.pick_threshold(HAND_Y, HAND_P, "f1") == 0.35
+    assert metrics.pick_threshold([0, 1], [0.2, 0.8], "youden") == 0.8
+    with pytest.raises(KdsbError, match="expected a threshold rule among youden, f1, received"):
+        metrics.pick_threshold(HAND_Y, HAND_P, "accuracy")
+    with pytest.raises(KdsbError, match="expected both classes to pick a threshold, received 0 "
+                                        "positive and 2 negative"):
+        metrics.pick_threshold([0, 0], [0.2, 0.8], "f1")
+
+
+def test_pick_threshold_maximises_the_rule_over_distinct_scores():
+    y, p = _sample(200, 9)
+
+    def youden(c):
+        return c.sensitivity + c.specificity - 1
+
+    def f1(c):
+        return 2 * c.tp / (2 * c.tp + c.fp + c.fn)
+
+    for rule, objective in (("youden", youden), ("f1", f1)):
+        by_score = {t: objective(metrics.confusion_at(y, p, t)) for t in np.unique(p)}
+        best = max(by_score.values())
+        expected = max(t for t, value in by_score.items() if value == pytest.approx(best))
+        assert metrics.pick_threshold(y, p, rule) == expected, rule
+
+
+def test_confusion_at_counts_and_rates():
+    c = metrics.confusion_at(HAND_Y, HAND_P, 0.35)  # p >= threshold is positive
+    assert (c.tp, c.fp, c.tn, c.fn) == (3, 1, 2, 0)
+    assert (c.sensitivity, c.specificity, c.ppv, c.npv) == pytest.approx((1, 2 / 3, 3 / 4, 1))
+    c = metrics.confusion_at(HAND_Y, HAND_P, 0.65)
+    assert (c.tp, c.fp, c.tn, c.fn) == (2, 0, 3, 1)
+    assert c.as_dict() == pytest.approx({"threshold": 0.65, "tp": 2, "fp": 0, "tn": 3, "fn": 1,
+                                         "sensitivity": 2 / 3, "specificity": 1.0, "ppv": 1.0,
+                                         "npv": 3 / 4})
+    # NumPy reference on random data.
+    y, p = _sample(150, 10)
+    c = metrics.confusion_at(y, p, 0.5)
+    assert c.tp == np.sum((p >= 0.5) & (y == 1)) and c.tn == np.sum((p < 0.5) & (y == 0))
+    assert c.tp + c.fp + c.tn + c.fn == 150
+    assert c.tp + c.tn == pytest.approx(150 * metrics.accuracy(y, p, 0.5))
+    # Undefined rates are NaN: no positive calls, no positive patients.
+    none_called = metrics.confusion_at([1, 0], [0.2, 0.1], 0.9)
+    assert math.isnan(none_called.ppv) and none_called.sensitivity == 0.0
+    negatives_only = metrics.confusion_at([0, 0], [0.2, 0.7], 0.5)
+    assert math.isnan(negatives_only.sensitivity) and negatives_only.npv == 1.0
+    with pytest.raises(KdsbError, match="expected a finite threshold, received nan"):
+        metrics.confusion_at([1, 0], [0.2, 0.1], math.nan)

@@ -1,4 +1,5 @@
-"""Binary classification metrics in NumPy: log loss, ROC AUC, accuracy, base rate, calibration.
+"""Binary classification metrics in NumPy: log loss, ROC AUC, accuracy, base rate, calibration
+(Brier score, ECE, reliability bins), bootstrap intervals and threshold picking.
 
 Kept free of TensorFlow and scikit-learn so `kdsb evaluate` starts quickly and has no extra
 dependency. Every function takes labels `y` (0/1) and probabilities `p` of the positive class,
@@ -7,6 +8,7 @@ both 1-D of the same length, and validates them.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -15,10 +17,20 @@ from scipy.stats import rankdata
 
 from kdsb.errors import KdsbError
 
+logger = logging.getLogger(__name__)
+
 # Kaggle's Data Science Bowl 2017 clipped submissions at 1e-15 before taking logarithms.
 LOG_LOSS_EPS = 1e-15
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_CALIBRATION_BINS = 10
+DEFAULT_BOOTSTRAP = 2000
+DEFAULT_LEVEL = 0.95
+# The metrics `bootstrap_intervals` reports, named as in `summary`.
+BOOTSTRAP_METRICS = ("log_loss", "roc_auc", "accuracy", "brier")
+# Rules of `pick_threshold`.
+THRESHOLD_RULES = ("youden", "f1")
+# Bootstrap resamples are drawn and scored this many patient draws at a time, to bound memory.
+_BOOTSTRAP_CHUNK_DRAWS = 2_000_000
 
 
 def _validate(y, p=None, *, probabilities: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -83,6 +95,18 @@ def roc_auc(y, p) -> float:
     return float(u / (positives * negatives))
 
 
+def _counts_at_distinct_scores(y: np.ndarray, p: np.ndarray):
+    """Distinct scores in decreasing order, and the true and false positives when predicting
+    positive for `p >= score`, for each (validated inputs)."""
+    order = np.argsort(-p, kind="stable")
+    y_sorted, p_sorted = y[order], p[order]
+    # Keep the last index of each run of equal scores: thresholds between distinct values.
+    last_of_run = np.r_[np.flatnonzero(np.diff(p_sorted)), y.size - 1]
+    tp = np.cumsum(y_sorted)[last_of_run]
+    fp = (last_of_run + 1) - tp
+    return p_sorted[last_of_run], tp, fp
+
+
 def roc_curve(y, p) -> tuple[np.ndarray, np.ndarray]:
     """False and true positive rates at every distinct threshold, from (0, 0) to (1, 1).
 
@@ -90,16 +114,18 @@ def roc_curve(y, p) -> tuple[np.ndarray, np.ndarray]:
     any finite scores.
     """
     y, p = _validate(y, p, probabilities=False)
-    order = np.argsort(-p, kind="stable")
-    y_sorted, p_sorted = y[order], p[order]
-    # Keep the last index of each run of equal scores: thresholds between distinct values.
-    last_of_run = np.r_[np.flatnonzero(np.diff(p_sorted)), y.size - 1]
-    tp = np.cumsum(y_sorted)[last_of_run]
-    fp = (last_of_run + 1) - tp
+    _, tp, fp = _counts_at_distinct_scores(y, p)
     positives, negatives = y.sum(), y.size - y.sum()
-    tpr = np.r_[0.0, tp / positives] if positives else np.zeros(last_of_run.size + 1)
-    fpr = np.r_[0.0, fp / negatives] if negatives else np.zeros(last_of_run.size + 1)
+    tpr = np.r_[0.0, tp / positives] if positives else np.zeros(tp.size + 1)
+    fpr = np.r_[0.0, fp / negatives] if negatives else np.zeros(fp.size + 1)
     return fpr, tpr
+
+
+def brier(y, p) -> float:
+    """Brier score: the mean squared difference between probability and label (0 is perfect,
+    0.25 is what a constant 0.5 scores)."""
+    y, p = _validate(y, p)
+    return float(np.mean((p - y) ** 2))
 
 
 @dataclass(frozen=True)
@@ -136,11 +162,214 @@ def calibration_bins(y, p, n_bins: int = DEFAULT_CALIBRATION_BINS) -> Calibratio
     return CalibrationBins(edges, mean_predicted, observed_rate, counts)
 
 
+def expected_calibration_error(y, p, n_bins: int = DEFAULT_CALIBRATION_BINS) -> float:
+    """Expected calibration error over the equal-width bins of `calibration_bins`.
+
+    The sum over non-empty bins of (patients in the bin / all patients) times
+    |observed rate − mean predicted probability| in that bin: 0 is perfect calibration.
+    """
+    bins = calibration_bins(y, p, n_bins)
+    filled = bins.counts > 0
+    gaps = np.abs(bins.observed_rate[filled] - bins.mean_predicted[filled])
+    return float(np.sum(bins.counts[filled] / bins.counts.sum() * gaps))
+
+
+def bootstrap_intervals(
+    y,
+    p,
+    *,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    level: float = DEFAULT_LEVEL,
+    seed: int = 0,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of log loss, ROC AUC, accuracy and Brier score.
+
+    Each resample draws as many patients as there are, with replacement, from
+    `np.random.default_rng(seed)` (index arrays `rng.integers(0, n, size=(n_boot, n))`, drawn a
+    block of rows at a time); the interval is the central `level` fraction of the resampled
+    values. Resamples that hold one class only have no ROC AUC and are skipped for the AUC (its
+    interval comes from the others; both ends are NaN when every resample is one class).
+
+    Args:
+        y: 0/1 labels.
+        p: probabilities of the positive class.
+        n_boot: number of resamples, at least 1.
+        level: coverage of the interval, in (0, 1) (0.95 gives the 2.5 and 97.5 percentiles).
+        seed: seed of the resampling.
+        threshold: decision threshold of the accuracy, as in `accuracy`.
+
+    Returns:
+        Metric name ("log_loss", "roc_auc", "accuracy", "brier") → (low, high).
+    """
+    if n_boot < 1:
+        raise KdsbError(f"expected at least one bootstrap resample, received {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise KdsbError(f"expected an interval level in (0, 1), received {level}")
+    y, p = _validate(y, p)
+    n = y.size
+    clipped = np.clip(p, LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
+    per_patient = np.stack([
+        -(y * np.log(clipped) + (1.0 - y) * np.log1p(-clipped)),  # log loss
+        ((p >= threshold) == (y == 1.0)).astype(np.float64),  # accuracy
+        (p - y) ** 2,  # Brier
+    ], axis=1)
+    # The AUC of a resample from how often each patient was drawn: patients sorted by score,
+    # equal scores grouped, positives counted against the negatives below them (ties count 1/2).
+    order = np.argsort(p, kind="stable")
+    group_starts = np.r_[0, np.flatnonzero(np.diff(p[order])) + 1]
+    is_positive = y[order] == 1.0
+
+    rng = np.random.default_rng(seed)
+    rows_per_chunk = max(1, _BOOTSTRAP_CHUNK_DRAWS // n)
+    means, aucs = [], []
+    for start in range(0, n_boot, rows_per_chunk):
+        rows = min(rows_per_chunk, n_boot - start)
+        index = rng.integers(0, n, size=(rows, n))
+        offsets = (np.arange(rows) * n)[:, None]
+        counts = np.bincount((index + offsets).ravel(), minlength=rows * n)
+        counts = counts.reshape(rows, n).astype(np.float64)
+        means.append(counts @ per_patient / n)
+        sorted_counts = counts[:, order]
+        pos = np.add.reduceat(np.where(is_positive, sorted_counts, 0.0), group_starts, axis=1)
+        neg = np.add.reduceat(np.where(is_positive, 0.0, sorted_counts), group_starts, axis=1)
+        below = np.cumsum(neg, axis=1) - neg
+        u = np.sum(pos * (below + 0.5 * neg), axis=1)
+        pairs = pos.sum(axis=1) * neg.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            aucs.append(np.where(pairs > 0, u / pairs, math.nan))
+    means = np.concatenate(means)
+    aucs = np.concatenate(aucs)
+    aucs = aucs[~np.isnan(aucs)]
+    if aucs.size < n_boot:
+        logger.debug("%d of %d bootstrap resamples hold one class: no AUC", n_boot - aucs.size,
+                     n_boot)
+    tails = [(1.0 - level) / 2.0, (1.0 + level) / 2.0]
+
+    def interval(values: np.ndarray) -> tuple[float, float]:
+        if values.size == 0:
+            return math.nan, math.nan
+        low, high = np.quantile(values, tails)
+        return float(low), float(high)
+
+    return {
+        "log_loss": interval(means[:, 0]),
+        "roc_auc": interval(aucs),
+        "accuracy": interval(means[:, 1]),
+        "brier": interval(means[:, 2]),
+    }
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """The 2×2 confusion matrix at a threshold (predict positive when p >= threshold).
+
+    Attributes:
+        threshold: the decision threshold.
+        tp, fp, tn, fn: true and false positives, true and false negatives.
+    """
+
+    threshold: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @property
+    def sensitivity(self) -> float:
+        """True positive rate tp / (tp + fn); NaN without positives."""
+        return _ratio(self.tp, self.tp + self.fn)
+
+    @property
+    def specificity(self) -> float:
+        """True negative rate tn / (tn + fp); NaN without negatives."""
+        return _ratio(self.tn, self.tn + self.fp)
+
+    @property
+    def ppv(self) -> float:
+        """Positive predictive value (precision) tp / (tp + fp); NaN without positive calls."""
+        return _ratio(self.tp, self.tp + self.fp)
+
+    @property
+    def npv(self) -> float:
+        """Negative predictive value tn / (tn + fn); NaN without negative calls."""
+        return _ratio(self.tn, self.tn + self.fn)
+
+    def as_dict(self) -> dict[str, float]:
+        """The threshold, the four counts and the four rates, by name."""
+        return {
+            "threshold": self.threshold, "tp": self.tp, "fp": self.fp, "tn": self.tn,
+            "fn": self.fn, "sensitivity": self.sensitivity, "specificity": self.specificity,
+            "ppv": self.ppv, "npv": self.npv,
+        }
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def confusion_at(y, p, threshold: float) -> Confusion:
+    """Count true and false positives and negatives when predicting positive for p >= threshold.
+
+    `p` may be any finite scores.
+    """
+    y, p = _validate(y, p, probabilities=False)
+    if not math.isfinite(threshold):
+        raise KdsbError(f"expected a finite threshold, received {threshold!r}")
+    called = p >= threshold
+    positive = y == 1.0
+    return Confusion(
+        threshold=float(threshold),
+        tp=int(np.sum(called & positive)),
+        fp=int(np.sum(called & ~positive)),
+        tn=int(np.sum(~called & ~positive)),
+        fn=int(np.sum(~called & positive)),
+    )
+
+
+def pick_threshold(y, p, rule: str) -> float:
+    """The threshold (predict positive when p >= threshold) that a rule finds best on `y`, `p`.
+
+    The candidates are the distinct values of `p`. Rules:
+
+    - "youden": maximise Youden's J = sensitivity + specificity − 1;
+    - "f1": maximise F1 = 2·tp / (2·tp + fp + fn).
+
+    Ties go to the highest candidate (the fewest positive calls). Pick on validation or
+    out-of-fold predictions, never on the patients the threshold is then evaluated on.
+
+    Raises:
+        KdsbError: an unknown rule, or `y` holds one class only (nothing to trade off).
+    """
+    if rule not in THRESHOLD_RULES:
+        raise KdsbError(
+            f"expected a threshold rule among {', '.join(THRESHOLD_RULES)}, received {rule!r}"
+        )
+    y, p = _validate(y, p, probabilities=False)
+    positives = y.sum()
+    negatives = y.size - positives
+    if positives == 0 or negatives == 0:
+        raise KdsbError(
+            f"expected both classes to pick a threshold, received {int(positives)} positive "
+            f"and {int(negatives)} negative patient(s)"
+        )
+    scores, tp, fp = _counts_at_distinct_scores(y, p)  # scores in decreasing order
+    # One division of exact integers each, so that equal ratios tie exactly.
+    if rule == "youden":
+        objective = (tp * negatives - fp * positives) / (positives * negatives)
+    else:
+        objective = 2.0 * tp / (tp + positives + fp)  # 2tp / (2tp + fp + fn), fn = P - tp
+    return float(scores[int(np.argmax(objective))])  # argmax: first, the highest score
+
+
 def summary(y, p, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
-    """The headline numbers: log loss, ROC AUC, accuracy, base-rate log loss and counts."""
+    """The headline numbers: log loss, Brier score, ECE, ROC AUC, accuracy, base-rate log loss
+    and counts."""
     y, p = _validate(y, p)
     return {
         "log_loss": log_loss(y, p),
+        "brier": brier(y, p),
+        "ece": expected_calibration_error(y, p),
         "roc_auc": roc_auc(y, p),
         "accuracy": accuracy(y, p, threshold),
         "base_rate_log_loss": base_rate_log_loss(y),
