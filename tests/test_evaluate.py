@@ -7,7 +7,7 @@ import pytest
 
 from kdsb.cli import main
 from kdsb.evaluation import metrics
-from kdsb.evaluation.evaluate import format_table
+from kdsb.evaluation.evaluate import evaluate, format_table
 
 
 @pytest.fixture
@@ -39,6 +39,12 @@ def test_evaluate_prints_metrics_and_writes_plots(files, tmp_path, capsys, monke
     assert f"base-rate log loss  {metrics.base_rate_log_loss(y):.4f}" in out
     assert f"ROC AUC             {metrics.roc_auc(y, p):.4f}" in out
     assert f"accuracy            {metrics.accuracy(y, p):.4f}" in out
+    assert f"Brier score         {metrics.brier(y, p):.4f}" in out
+    assert f"ECE (10 bins)       {metrics.expected_calibration_error(y, p):.4f}" in out
+    # Intervals by default: 2000 resamples, seed 0.
+    low, high = metrics.bootstrap_intervals(y, p, n_boot=2000, seed=0)["roc_auc"]
+    assert f"ROC AUC             {metrics.roc_auc(y, p):.4f} [{low:.4f}, {high:.4f}]" in out
+    assert "95% percentile bootstrap intervals, 2000 resamples of patients (seed 0)" in out
     for name in ("roc.png", "calibration.png"):
         data = (plots / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -84,3 +90,145 @@ def test_format_table_shows_nan_as_na():
     table = format_table({"log_loss": 0.5, "roc_auc": float("nan"), "accuracy": 1.0,
                           "base_rate_log_loss": 0.6})
     assert "ROC AUC             n/a" in table and "log loss            0.5000" in table
+
+
+def _write(path, header, rows):
+    path.write_text(header + "\n" + "".join(",".join(map(str, row)) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def split(tmp_path):
+    """Test and validation patients whose best Youden thresholds differ, labelled in one file.
+
+    Validation (Youden ties 0.7 and 0.35, the higher wins): 0.7. Test: 0.5.
+    """
+    val_y, val_p = [0, 0, 1, 0, 1, 1], [0.1, 0.3, 0.35, 0.6, 0.7, 0.9]
+    test_y, test_p = [0, 1, 0, 1, 1], [0.2, 0.4, 0.45, 0.5, 0.8]
+    val_ids = [f"v{i}" for i in range(6)]
+    test_ids = [f"t{i}" for i in range(5)]
+    labels = _write(tmp_path / "labels.csv", "id,cancer",
+                    zip(test_ids + val_ids, test_y + val_y, strict=True))
+    preds = _write(tmp_path / "test.csv", "id,cancer", zip(test_ids, test_p, strict=True))
+    # The training command's out-of-fold file: id,cancer,fold,label.
+    oof = _write(tmp_path / "oof.csv", "id,cancer,fold,label",
+                 [(i, v, k % 3, label) for k, (i, v, label) in
+                  enumerate(zip(val_ids, val_p, val_y, strict=True))])
+    return preds, labels, oof, (np.array(val_y), np.array(val_p)), \
+        (np.array(test_y), np.array(test_p))
+
+
+def test_youden_threshold_is_picked_on_validation(split, capsys):
+    preds, labels, oof, (val_y, val_p), (test_y, test_p) = split
+    picked = metrics.pick_threshold(val_y, val_p, "youden")
+    assert picked == 0.7 and metrics.pick_threshold(test_y, test_p, "youden") == 0.5
+    argv = ["evaluate", str(preds), str(labels), "--threshold", "youden", "--validation", str(oof),
+            "--bootstrap", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"threshold {picked:.6f} (youden on {oof}, 6 patients)" in out
+    # On the test patients at 0.7 only t4 (0.8, positive) is called positive.
+    c = metrics.confusion_at(test_y, test_p, picked)
+    assert (c.tp, c.fp, c.tn, c.fn) == (1, 0, 2, 2)
+    assert "                 predicted 1  predicted 0\n" \
+           "  cancer 1                 1            2\n" \
+           "  no cancer 0              0            2\n" \
+           "  sensitivity 0.3333  specificity 1.0000  PPV 1.0000  NPV 0.5000" in out
+    # Scores are those of the 5 test patients only; no intervals with --bootstrap 0.
+    assert "patients            5 (3 positive)" in out and "[" not in out
+    assert f"log loss            {metrics.log_loss(test_y, test_p):.4f}\n" in out
+
+
+def test_evaluate_returns_intervals_and_threshold(split):
+    preds, labels, oof, (val_y, val_p), (test_y, test_p) = split
+    scores = evaluate(preds, labels, n_boot=100, seed=3, threshold="f1", validation_csv=oof)
+    picked = metrics.pick_threshold(val_y, val_p, "f1")
+    assert scores["threshold"] == {**metrics.confusion_at(test_y, test_p, picked).as_dict(),
+                                   "rule": "f1", "picked_on": f"{oof}, 6 patients"}
+    assert scores["intervals"] == metrics.bootstrap_intervals(test_y, test_p, n_boot=100, seed=3)
+    assert scores["brier"] == pytest.approx(metrics.brier(test_y, test_p))
+    # The old call: no intervals, no threshold.
+    plain = evaluate(preds, labels, validation_csv=oof)
+    assert "intervals" not in plain and "threshold" not in plain
+    assert {k: plain[k] for k in metrics.summary(test_y, test_p)} == metrics.summary(test_y,
+                                                                                    test_p)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("rule", ["youden", "f1"])
+def test_threshold_rule_without_validation_is_a_usage_error(split, capsys, rule):
+    preds, labels, _, _, _ = split
+    assert main(["evaluate", str(preds), str(labels), "--threshold", rule]) == 2
+    err = _one_line_error(capsys)
+    assert f"kdsb evaluate: error: expected --validation VAL_PRED_CSV with --threshold {rule}" \
+        in err
+
+
+def test_validation_overlapping_the_test_set_is_a_usage_error(split, tmp_path, capsys):
+    preds, labels, oof, _, _ = split
+    leaky = tmp_path / "leaky.csv"
+    leaky.write_text(oof.read_text() + "t1,0.4,0,1\nt3,0.5,0,1\n")
+    argv = ["evaluate", str(preds), str(labels), "--threshold", "youden", "--validation",
+            str(leaky)]
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert f"received 2 id(s) in both {leaky} and {preds}: t1, t3 " \
+        "(the threshold would be picked on the test set)" in err
+
+
+def test_validation_ids_need_labels(split, tmp_path, capsys):
+    preds, labels, oof, _, _ = split
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text(oof.read_text() + "w9,0.4,0,1\n")
+    argv = ["evaluate", str(preds), str(labels), "--threshold", "f1", "--validation",
+            str(unlabelled)]
+    assert main(argv) == 1
+    assert f"expected a label in {labels} for every validation id, received 1 of 7 without " \
+        "one: w9" in _one_line_error(capsys)
+
+
+def test_numeric_threshold_prints_the_confusion_matrix(files, capsys):
+    preds, labels, y, p = files
+    assert main(["evaluate", str(preds), str(labels), "--threshold", "0.3"]) == 0
+    out = capsys.readouterr().out
+    c = metrics.confusion_at(y, p, 0.3)
+    assert c.tp + c.fp + c.tn + c.fn == 30 and c.fp > 0 and c.tn > 0
+    assert "threshold 0.300000 (given); predicted 1 when p >= threshold" in out
+    assert f"  {'cancer 1':<13}  {c.tp:>11}  {c.fn:>11}\n" in out
+    assert f"  {'no cancer 0':<13}  {c.fp:>11}  {c.tn:>11}\n" in out
+    assert f"sensitivity {c.sensitivity:.4f}  specificity {c.specificity:.4f}" in out
+
+
+@pytest.mark.parametrize("value", ["1.5", "0", "abc", "nan"])
+def test_bad_threshold_is_a_usage_error(files, capsys, value):
+    preds, labels, _, _ = files
+    assert main(["evaluate", str(preds), str(labels), "--threshold", value]) == 2
+    assert f"expected --threshold youden or f1 or a number in (0, 1), received {value!r}" \
+        in _one_line_error(capsys)
+
+
+def test_calibration_plot_shows_the_ece(files, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    preds, labels, y, p = files
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+    evaluate(preds, labels, plots_dir=tmp_path / "plots")
+    assert (tmp_path / "plots" / "roc.png").is_file()
+    legend = [t.get_text() for t in figures[1].axes[0].get_legend().get_texts()]
+    assert f"model (ECE {metrics.expected_calibration_error(y, p):.3f})" in legend
+
+
+def test_format_table_shows_intervals():
+    table = format_table({"log_loss": 0.5, "roc_auc": 0.7, "brier": 0.2},
+                         intervals={"log_loss": (0.4, 0.61), "roc_auc": (float("nan"),) * 2})
+    assert "log loss            0.5000 [0.4000, 0.6100]" in table
+    assert "ROC AUC             0.7000 [n/a, n/a]" in table
+    assert "Brier score         0.2000\n" in table

@@ -1,28 +1,58 @@
-"""`kdsb evaluate PRED_CSV LABELS_CSV`: log loss, ROC AUC, accuracy and the base-rate log loss."""
+"""`kdsb evaluate PRED_CSV LABELS_CSV`: log loss, Brier score, ECE, ROC AUC, accuracy and the
+base-rate log loss with bootstrap intervals, and a confusion matrix at a chosen threshold."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-HELP = "score an id,cancer prediction CSV against labels: log loss, ROC AUC, accuracy, plots"
+HELP = ("score an id,cancer prediction CSV against labels: log loss, Brier, ECE, ROC AUC, "
+        "accuracy with bootstrap intervals, confusion matrix, plots")
+# As metrics.DEFAULT_BOOTSTRAP; repeated here so `kdsb --help` imports no NumPy.
+DEFAULT_BOOTSTRAP = 2000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("predictions", type=Path, help="id,cancer CSV of probabilities")
-    parser.add_argument("labels", type=Path, help="id,cancer CSV of 0/1 labels")
+    parser.add_argument("labels", type=Path,
+                        help="id,cancer CSV of 0/1 labels (of the --validation patients too)")
     parser.add_argument("--plots", type=Path, default=None, metavar="DIR",
                         help="write roc.png and calibration.png here")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, metavar="N",
+                        help="resamples of patients for 95%% percentile intervals; 0: none")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--threshold", default=None, metavar="youden|f1|VALUE",
+                        help="print the confusion matrix at this threshold: a number in (0, 1), "
+                             "or picked on --validation by Youden's J or F1")
+    parser.add_argument("--validation", type=Path, default=None, metavar="VAL_PRED_CSV",
+                        help="id,cancer predictions of validation / out-of-fold patients "
+                             "(not the evaluated ones) to pick a youden or f1 threshold on")
 
 
 def run(args: argparse.Namespace) -> int:
     from kdsb.commands import require_file
-    from kdsb.evaluation.evaluate import CALIBRATION_PNG, ROC_PNG, evaluate, format_table
+    from kdsb.evaluation.evaluate import (
+        CALIBRATION_PNG,
+        ROC_PNG,
+        evaluate,
+        format_confusion,
+        format_table,
+    )
+    from kdsb.evaluation.metrics import DEFAULT_LEVEL
 
     require_file(args.predictions, "PRED_CSV, an id,cancer CSV of probabilities")
     require_file(args.labels, "LABELS_CSV, an id,cancer CSV of 0/1 labels")
-    scores = evaluate(args.predictions, args.labels, plots_dir=args.plots)
-    print(format_table(scores, title=f"{args.predictions} vs {args.labels}"))
+    if args.validation is not None:
+        require_file(args.validation, "VAL_PRED_CSV, an id,cancer CSV of probabilities")
+    scores = evaluate(args.predictions, args.labels, plots_dir=args.plots, n_boot=args.bootstrap,
+                      seed=args.seed, threshold=args.threshold, validation_csv=args.validation)
+    intervals = scores.get("intervals")
+    print(format_table(scores, title=f"{args.predictions} vs {args.labels}", intervals=intervals))
+    if intervals is not None:
+        print(f"[low, high]: {DEFAULT_LEVEL:.0%} percentile bootstrap intervals, "
+              f"{args.bootstrap} resamples of patients (seed {args.seed})")
+    if "threshold" in scores:
+        print(format_confusion(scores["threshold"]))
     if args.plots is not None:
         print(f"plots: {args.plots / ROC_PNG}, {args.plots / CALIBRATION_PNG}")
     return 0

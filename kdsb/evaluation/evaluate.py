@@ -1,4 +1,5 @@
-"""Score a submission CSV against a labels CSV: metrics table, ROC and calibration plots."""
+"""Score a submission CSV against a labels CSV: metrics table with bootstrap intervals, a
+confusion matrix at a threshold picked on validation predictions, ROC and calibration plots."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdsb.errors import LabelsError
+from kdsb.errors import LabelsError, UsageError
 from kdsb.evaluation import metrics
 from kdsb.io.tables import read_labels, read_predictions, summarise_ids
 
@@ -25,6 +26,8 @@ PLOT_DPI = 120
 TABLE_ROWS = (
     ("log_loss", "log loss"),
     ("base_rate_log_loss", "base-rate log loss"),
+    ("brier", "Brier score"),
+    ("ece", "ECE (10 bins)"),
     ("roc_auc", "ROC AUC"),
     ("accuracy", "accuracy"),
 )
@@ -68,18 +71,78 @@ def align(
     return ids, y, p
 
 
-def format_table(scores: Mapping[str, float], title: str = "") -> str:
-    """A small aligned text table of the headline metrics (NaN shown as 'n/a')."""
+def _number(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def format_table(
+    scores: Mapping[str, float],
+    title: str = "",
+    *,
+    intervals: Mapping[str, tuple[float, float]] | None = None,
+) -> str:
+    """A small aligned text table of the headline metrics (NaN shown as 'n/a').
+
+    Args:
+        scores: `metrics.summary` (missing rows are shown as 'n/a').
+        title: a first line, or nothing.
+        intervals: metric name → (low, high), shown as "value [low, high]" where present.
+    """
     width = max(len(name) for _, name in TABLE_ROWS)
     lines = [title] if title else []
     for key, name in TABLE_ROWS:
-        value = scores.get(key, math.nan)
-        text = "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+        text = _number(scores.get(key, math.nan))
+        if intervals is not None and key in intervals:
+            low, high = intervals[key]
+            text += f" [{_number(low)}, {_number(high)}]"
         lines.append(f"  {name:<{width}}  {text}")
     if "n" in scores:
         positives = scores.get("n_positive", "?")
         lines.append(f"  {'patients':<{width}}  {scores['n']} ({positives} positive)")
     return "\n".join(lines)
+
+
+def format_confusion(threshold: Mapping[str, object]) -> str:
+    """The labelled 2×2 confusion matrix, sensitivity, specificity, PPV and NPV.
+
+    Args:
+        threshold: the "threshold" entry of `evaluate`'s result (`metrics.Confusion.as_dict`
+            plus "rule" and "picked_on").
+    """
+    rule = threshold.get("rule", "given")
+    origin = (f"{rule} on {threshold['picked_on']}" if threshold.get("picked_on") else str(rule))
+    tp, fp, tn, fn = (int(threshold[key]) for key in ("tp", "fp", "tn", "fn"))
+    cells = max(len(str(count)) for count in (tp, fp, tn, fn))
+    column = max(len("predicted 1"), cells)
+    return "\n".join([
+        f"threshold {threshold['threshold']:.6f} ({origin}); predicted 1 when p >= threshold",
+        f"  {'':<13}  {'predicted 1':>{column}}  {'predicted 0':>{column}}",
+        f"  {'cancer 1':<13}  {tp:>{column}}  {fn:>{column}}",
+        f"  {'no cancer 0':<13}  {fp:>{column}}  {tn:>{column}}",
+        f"  sensitivity {_number(threshold['sensitivity'])}  "
+        f"specificity {_number(threshold['specificity'])}  "
+        f"PPV {_number(threshold['ppv'])}  NPV {_number(threshold['npv'])}",
+    ])
+
+
+def parse_threshold(text: str | float) -> str | float:
+    """A `--threshold` value: a rule of `metrics.THRESHOLD_RULES`, or a number in (0, 1).
+
+    Raises:
+        UsageError: anything else.
+    """
+    if isinstance(text, str) and text.strip().lower() in metrics.THRESHOLD_RULES:
+        return text.strip().lower()
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 < value < 1.0:  # also refuses NaN
+        raise UsageError(
+            f"expected --threshold {' or '.join(metrics.THRESHOLD_RULES)} or a number in (0, 1), "
+            f"received {text!r}"
+        )
+    return value
 
 
 def plot_roc(y: np.ndarray, p: np.ndarray, path: str | os.PathLike) -> Path:
@@ -111,7 +174,9 @@ def plot_calibration(
     fig = Figure(figsize=PLOT_SIZE_INCHES)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
-    ax.plot(bins.mean_predicted[filled], bins.observed_rate[filled], "o-", lw=2, label="model")
+    ece = metrics.expected_calibration_error(y, p, n_bins)
+    ax.plot(bins.mean_predicted[filled], bins.observed_rate[filled], "o-", lw=2,
+            label=f"model (ECE {ece:.3f})")
     ax.axhline(y.mean(), color="tab:orange", lw=1, label=f"base rate {y.mean():.2f}")
     for x, rate, count in zip(
         bins.mean_predicted[filled], bins.observed_rate[filled], bins.counts[filled], strict=True
@@ -125,32 +190,119 @@ def plot_calibration(
     return Path(path)
 
 
+def _split_validation(
+    validation_csv: str | os.PathLike,
+    predictions: Mapping[str, float],
+    predictions_csv: str | os.PathLike,
+    labels: Mapping[str, int],
+    labels_csv: str | os.PathLike,
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Validation labels and probabilities, and the labels left for the evaluated patients.
+
+    Raises:
+        UsageError: validation ids are among the evaluated ones.
+        LabelsError: a validation id has no label in `labels_csv`.
+    """
+    # Only the id and cancer columns are read: an out-of-fold file (id,cancer,fold,label) will do.
+    validation = read_predictions(validation_csv)
+    overlap = sorted(set(validation) & set(predictions))
+    if overlap:
+        raise UsageError(
+            f"expected --validation patients other than the evaluated ones, received "
+            f"{len(overlap)} id(s) in both {validation_csv} and {predictions_csv}: "
+            f"{summarise_ids(overlap)} (the threshold would be picked on the test set)"
+        )
+    unlabelled = sorted(set(validation) - set(labels))
+    if unlabelled:
+        raise LabelsError(
+            f"expected a label in {labels_csv} for every validation id, received "
+            f"{len(unlabelled)} of {len(validation)} without one: {summarise_ids(unlabelled)}"
+        )
+    ids = sorted(validation)
+    y = np.array([labels[i] for i in ids], dtype=np.float64)
+    p = np.array([validation[i] for i in ids], dtype=np.float64)
+    rest = {i: label for i, label in labels.items() if i not in validation}
+    return y, p, rest
+
+
 def evaluate(
     predictions_csv: str | os.PathLike,
     labels_csv: str | os.PathLike,
     *,
     plots_dir: str | os.PathLike | None = None,
-) -> dict[str, float]:
+    n_boot: int = 0,
+    seed: int = 0,
+    level: float = metrics.DEFAULT_LEVEL,
+    threshold: str | float | None = None,
+    validation_csv: str | os.PathLike | None = None,
+) -> dict[str, object]:
     """Score a submission CSV against labels; optionally write roc.png and calibration.png.
 
     Args:
-        predictions_csv: `id,cancer` probabilities.
-        labels_csv: `id,cancer` 0/1 labels for the same patients.
+        predictions_csv: `id,cancer` probabilities of the evaluated (test) patients.
+        labels_csv: `id,cancer` 0/1 labels of the evaluated patients, and of the validation
+            patients when `validation_csv` is given (no others).
         plots_dir: folder for the PNGs (created), or None for no plots.
+        n_boot: bootstrap resamples for the intervals (`metrics.bootstrap_intervals`); 0 for
+            none.
+        seed: seed of the bootstrap.
+        level: coverage of the intervals.
+        threshold: None; a number in (0, 1) used as is; or "youden" / "f1", a rule of
+            `metrics.pick_threshold` applied to the validation predictions.
+        validation_csv: predictions of validation or out-of-fold patients, separate from the
+            evaluated ones (only its `id` and `cancer` columns are read). Required by a rule.
 
     Returns:
-        `metrics.summary`: log_loss, roc_auc (NaN for one class), accuracy, base_rate_log_loss,
-        n and n_positive.
+        `metrics.summary` (log_loss, brier, ece, roc_auc (NaN for one class), accuracy,
+        base_rate_log_loss, n, n_positive), plus:
+
+        - "intervals" when `n_boot` > 0: metric name → (low, high) for log_loss, roc_auc,
+          accuracy and brier;
+        - "threshold" when `threshold` is given: `metrics.Confusion.as_dict()` on the evaluated
+          patients (threshold, tp, fp, tn, fn, sensitivity, specificity, ppv, npv), plus "rule"
+          ("youden", "f1" or "given") and "picked_on" (the validation CSV and its patient count,
+          or None).
 
     Raises:
-        LabelsError: a file is malformed, or the two files name different patients.
+        UsageError: a bad threshold or `n_boot`, a rule without `validation_csv`, or validation
+            patients among the evaluated ones.
+        LabelsError: a file is malformed, or the files name different patients.
     """
+    if n_boot < 0:
+        raise UsageError(f"expected --bootstrap 0 or more resamples, received {n_boot}")
+    if threshold is not None:
+        threshold = parse_threshold(threshold)
+        if isinstance(threshold, str) and validation_csv is None:
+            raise UsageError(
+                f"expected --validation VAL_PRED_CSV with --threshold {threshold}: the threshold "
+                "is picked on validation predictions, never on the evaluated patients"
+            )
     predictions = read_predictions(predictions_csv)
     labels = read_labels(labels_csv)
+    if validation_csv is not None:
+        y_val, p_val, labels = _split_validation(
+            validation_csv, predictions, predictions_csv, labels, labels_csv
+        )
     _, y, p = align(predictions, labels, predictions_path=predictions_csv, labels_path=labels_csv)
-    scores = metrics.summary(y, p)
+    scores: dict[str, object] = dict(metrics.summary(y, p))
     if math.isnan(scores["roc_auc"]):
         logger.warning("ROC AUC is undefined: every label in %s is %d", labels_csv, int(y[0]))
+    if n_boot > 0:
+        scores["intervals"] = metrics.bootstrap_intervals(
+            y, p, n_boot=n_boot, level=level, seed=seed
+        )
+    if threshold is not None:
+        if isinstance(threshold, str):
+            value = metrics.pick_threshold(y_val, p_val, threshold)
+            picked_on = f"{validation_csv}, {y_val.size} patients"
+            logger.info("%s threshold %.6f picked on %s", threshold, value, picked_on)
+        else:
+            value, picked_on = threshold, None
+        scores["threshold"] = {
+            **metrics.confusion_at(y, p, value).as_dict(),
+            "rule": threshold if isinstance(threshold, str) else "given",
+            "picked_on": picked_on,
+        }
     if plots_dir is not None:
         plots_dir = Path(plots_dir)
         plots_dir.mkdir(parents=True, exist_ok=True)
