@@ -15,7 +15,9 @@ import importlib.machinery
 import sys
 
 # Every module that defines a `@keras.saving.register_keras_serializable` object.
-KERAS_OBJECT_MODULES = ("kdsb.models.layers", "kdsb.models.losses")
+KERAS_OBJECT_MODULES = (
+    "kdsb.models.layers", "kdsb.models.losses", "kdsb.models.calibration", "kdsb.models.mil",
+)
 
 
 def _import_keras_objects() -> None:

@@ -14,8 +14,8 @@ HELP = ("a 3D heatmap per patient of what drove p(cancer) (<id>.h5, <id>.png ove
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="folder of <id>.h5 volumes")
     parser.add_argument("models", type=Path, nargs="+", metavar="MODEL.keras",
-                        help="trained classifier(s), then OUT_DIR; an ensemble's maps are "
-                             "averaged")
+                        help="trained classifier(s) or run folders (every fold model), then "
+                             "OUT_DIR; an ensemble's maps are averaged")
     parser.add_argument("--method", choices=METHODS, default="gradcam",
                         help="Grad-CAM on the encoder's last convolution, or occlusion "
                              "sensitivity (one forward pass per cube position: slow)")

@@ -9,7 +9,8 @@ from pathlib import Path
 from kdsb.training.classifier import ClassifierOptions
 from kdsb.training.runs import add_options, given_options
 
-HELP = "train the SPP3D cancer classifier on whole volumes, starting from a GMCAE's encoder"
+HELP = ("train the cancer classifier on a GMCAE's encoder (SPP or MIL head), calibrated, "
+        "optionally cross-validated")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kdsb.commands import require_dir, require_file
     from kdsb.evaluation.evaluate import format_table
-    from kdsb.training.classifier import METRICS_NAME, train_classifier
+    from kdsb.training.classifier import METRICS_NAME, OOF_NAME, train_classifier
 
     require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
     require_file(args.labels, "LABELS_CSV, an id,cancer CSV of 0/1 labels")
@@ -34,6 +35,11 @@ def run(args: argparse.Namespace) -> int:
         args.data_dir, args.labels, args.run_dir, given_options(args, ClassifierOptions),
         resume=args.resume,
     )
-    print(format_table(result["validation"], title="validation"))
-    print(f"wrote {args.run_dir / METRICS_NAME}")
+    if "out_of_fold" in result:
+        print(format_table(result["out_of_fold"],
+                           title=f"out-of-fold ({result['folds']} folds, calibrated)"))
+        print(f"wrote {args.run_dir / OOF_NAME} and {args.run_dir / METRICS_NAME}")
+    else:
+        print(format_table(result["validation"], title="validation (calibrated on it)"))
+        print(f"wrote {args.run_dir / METRICS_NAME}")
     return 0

@@ -82,6 +82,47 @@ def split_patients(
     return [i for i in unique if i not in val_set], sorted(val_set)
 
 
+def stratified_folds(ids: Sequence[str], labels: Mapping[str, int], folds: int, *,
+                     seed: int = 0) -> list[list[str]]:
+    """Split patients into `folds` disjoint folds of near-equal size and class balance.
+
+    Each class is shuffled (seeded) and dealt round-robin, the positives continuing where the
+    negatives stopped, so fold sizes differ by at most one. Like `split_patients`, the result
+    depends only on the set of ids, `folds`, `seed` and the labels.
+
+    Returns:
+        The folds, each a sorted list of ids; together they hold every id exactly once.
+
+    Raises:
+        LabelsError: an id has no 0/1 label, or a class has fewer patients than `folds`.
+        KdsbError: fewer than 2 folds, or repeated ids.
+    """
+    if folds < 2:
+        raise KdsbError(f"expected at least 2 folds, received {folds}")
+    unique = sorted(set(ids))
+    if len(unique) != len(ids):
+        raise KdsbError(f"expected unique patient ids, received {len(ids) - len(unique)} repeats")
+    missing = [i for i in unique if labels.get(i) not in (0, 1)]
+    if missing:
+        raise LabelsError(
+            f"expected a 0/1 label for every patient, received none for {missing[:5]}"
+        )
+    rng = np.random.default_rng(seed)
+    assigned: list[list[str]] = [[] for _ in range(folds)]
+    dealt = 0
+    for c in (0, 1):
+        group = [i for i in unique if labels[i] == c]
+        if len(group) < folds:
+            raise LabelsError(
+                f"expected at least {folds} patients of class {c} for {folds} folds, received "
+                f"{len(group)}"
+            )
+        for i in rng.permutation(len(group)):
+            assigned[dealt % folds].append(group[i])
+            dealt += 1
+    return [sorted(fold) for fold in assigned]
+
+
 def _check_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     paths = [os.fspath(p) for p in paths]
     if not paths:

@@ -48,6 +48,8 @@ PEAKS_NAME = "peaks.csv"
 PEAK_FIELDS = ("id", "z", "y", "x", "value")
 DEFAULT_OCCLUSION_MM = 24.0
 DEFAULT_STRIDE_MM = 16.0
+# The classifier's output unit (sigmoid), in the SPP and the MIL classifier alike.
+OUTPUT_LAYER = "p_cancer"
 
 
 @dataclass(frozen=True)
@@ -80,14 +82,16 @@ class Peak:
     value: float
 
 
-def _split_classifier(model: Any) -> tuple[Any, list[Any]]:
-    """The encoder sub-model and the layers after it (pyramid pooling, dense head)."""
+def _split_classifier(model: Any) -> tuple[Any, list[Any], Any]:
+    """The encoder sub-model, the layers between it and the output unit (pyramid pooling or MIL
+    pooling, dense head) and the output unit `p_cancer` (a calibration after it is monotone,
+    so it does not change where the model looks)."""
     from kdsb.models.gmcae import encoder_of
 
     encoder = encoder_of(model)
+    output = model.get_layer(OUTPUT_LAYER)
     layers = [layer for layer in model.layers if not layer.name.startswith("volume")]
-    after = layers[layers.index(encoder) + 1:]
-    return encoder, after
+    return encoder, layers[layers.index(encoder) + 1: layers.index(output)], output
 
 
 def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -102,8 +106,9 @@ def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
     """
     import tensorflow as tf
 
-    encoder, head = _split_classifier(model)
-    *hidden, output = head
+    from kdsb.models.calibration import IDENTITY, calibration_of
+
+    encoder, hidden, output = _split_classifier(model)
     features = encoder(x[np.newaxis], training=False)
     with tf.GradientTape() as tape:
         tape.watch(features)
@@ -114,11 +119,12 @@ def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
         # have no gradient left.
         logit = tf.matmul(tf.cast(out, tf.float32), tf.cast(output.kernel, tf.float32))
         logit = logit[0, 0] + tf.cast(output.bias[0], tf.float32)
-        p = tf.sigmoid(logit)
     gradient = tape.gradient(logit, features)
     weights = tf.reduce_mean(tf.cast(gradient, tf.float32), axis=(1, 2, 3))  # (1, channels)
     cam = tf.nn.relu(tf.einsum("bzyxc,bc->bzyx", tf.cast(features, tf.float32), weights))
-    return cam[0].numpy().astype(np.float32), float(p)
+    calibration = calibration_of(model) or IDENTITY
+    p = float(calibration.apply(float(tf.sigmoid(logit))))
+    return cam[0].numpy().astype(np.float32), p
 
 
 def occlusion(
@@ -284,11 +290,11 @@ def explain_cohort(
 
     Raises: as `kdsb.evaluation.predict.predict_cohort` (the same checks, before any work).
     """
-    from kdsb.evaluation.predict import check_model_paths, load_classifiers, resolve_ids
+    from kdsb.evaluation.predict import load_classifiers, resolve_ids, resolve_model_paths
     from kdsb.io import volumes
     from kdsb.io.heatmaps import heatmap_path, write_heatmap
 
-    check_model_paths(model_paths)
+    model_paths = resolve_model_paths(model_paths)
     if method not in METHODS:
         raise UsageError(f"expected --method in {', '.join(METHODS)}, received {method!r}")
     if min(occlusion_mm, stride_mm) <= 0:

@@ -87,28 +87,42 @@ def resolve_ids(data_dir: Path, ids: Sequence[str] | None, ids_source: str) -> t
 
 
 def load_classifiers(model_paths: Sequence[str | os.PathLike]) -> list[tuple[VolumeInput, Any]]:
-    """Each saved classifier with the `VolumeInput` it reads volumes through.
+    """Each saved classifier (run folders expanded) with the `VolumeInput` it reads through.
 
     Raises:
-        UsageError: no model, or a model path that is not a file.
+        UsageError: no model, or a model path that is neither a file nor a run folder.
         ModelError: a model file does not load or is no kdsb classifier.
     """
     from kdsb.models.classifier import load_classifier
 
-    check_model_paths(model_paths)
-    return [(VolumeInput.for_model(path), load_classifier(path)) for path in model_paths]
+    return [(VolumeInput.for_model(path), load_classifier(path))
+            for path in resolve_model_paths(model_paths)]
 
 
-def check_model_paths(model_paths: Sequence[str | os.PathLike]) -> None:
-    """Raise `UsageError` for no model or a model path that is not a file (before any work)."""
+def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The model files named: a `.keras` file, or a run folder of `kdsb train-classifier` (its
+    fold models when cross-validated, else its classifier.keras). Checked before any work.
+
+    Raises:
+        UsageError: no model, a missing path, or a folder holding no trained classifier.
+    """
+    from kdsb.training.classifier import model_paths_of_run
+
     if not model_paths:
-        raise UsageError("expected at least one MODEL.keras, received none")
-    for path in model_paths:
-        if not Path(path).is_file():
-            state = "a folder" if Path(path).is_dir() else "a missing path"
+        raise UsageError("expected at least one MODEL.keras or RUN_DIR, received none")
+    resolved: list[Path] = []
+    for path in map(Path, model_paths):
+        if path.is_file():
+            resolved.append(path)
+        elif path.is_dir() and model_paths_of_run(path):
+            resolved.extend(model_paths_of_run(path))
+        else:
+            state = "a folder without a trained classifier" if path.is_dir() else "a missing path"
             raise UsageError(
-                f"expected MODEL.keras, a trained classifier, received {state}: {path}"
+                f"expected MODEL.keras or the RUN_DIR of kdsb train-classifier, received "
+                f"{state}: {path}"
             )
+    return resolved
 
 
 def predict_cohort(
@@ -125,7 +139,8 @@ def predict_cohort(
 
     Args:
         data_dir: folder of `<id>.h5` volumes.
-        model_paths: one or more saved classifiers (`.keras`); their probabilities are averaged.
+        model_paths: saved classifiers (`.keras`) or run folders (every fold model); their
+            probabilities are averaged.
         ids: patients to score, in output order; None scores every volume, sorted by id.
         ids_source: where `ids` came from, for messages.
         tta: average over cube symmetries of the input.
@@ -141,7 +156,7 @@ def predict_cohort(
         ModelError: a model file does not load or is no kdsb classifier.
         StoreError: a volume does not fit a model's `VolumeInput` (spacing, size).
     """
-    check_model_paths(model_paths)
+    model_paths = resolve_model_paths(model_paths)
     if not 0.0 <= clip < 0.5:
         raise UsageError(f"expected --clip in [0, 0.5), received {clip}")
     symmetries = tta_symmetries(tta, tta_count)

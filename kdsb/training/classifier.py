@@ -1,35 +1,49 @@
-"""Training the SPP3D cancer classifier (`kdsb train-classifier`): labels + volumes + a GMCAE.
+"""Training the cancer classifier (`kdsb train-classifier`): labels + volumes + a GMCAE.
 
-Steps: read and check the labels against the volumes (`kdsb.io.tables`); split patients into
-training and validation, stratified by label (`kdsb.data.datasets.split_patients`); check every
-volume and record their spacing (`kdsb.data.inputs.VolumeInput.fit_to`); stream whole volumes
-one at a time, training volumes under a random cube symmetry (48-fold augmentation); build the
-classifier on the GMCAE's encoder (`kdsb.models.classifier`); fit on the spine of
+Steps: read and check the labels against the volumes (`kdsb.io.tables`); check every volume and
+record their spacing (`kdsb.data.inputs.VolumeInput.fit_to`, saved as `classifier.json`); then
+either one split into training and validation patients, stratified by label
+(`kdsb.data.datasets.split_patients`), or, with `--folds K`, patient-level stratified K-fold
+cross-validation (`kdsb.data.datasets.stratified_folds`). Each model trains on the spine of
 `kdsb.training.runs` (config.json, checkpoints/, history.csv, logs/, resume) with early stopping
-on the validation log loss; then score the best model on the validation patients and write
-`metrics.json`. A resumed run offsets the seed of the training stream by the epochs done, so it
-draws orders and symmetries it has not replayed.
+on the validation log loss, with one of two heads:
 
-Variable volume sizes and `--batch-size`: every step sees one whole volume (the shapes differ,
-and padding would feed the pyramid pooling fake air). A batch size N > 1 is realised by
-gradient accumulation (`gradient_accumulation_steps` of the Keras optimizer): the weights move
-once every N volumes, along the mean of their N gradients, which is what a batch of N would do
-for this model (it has no batch normalisation).
+- `spp` (`kdsb.training.spp`): the GMCAE encoder, spatial pyramid pooling and a dense head,
+  trained end to end on whole volumes;
+- `mil` (`kdsb.training.mil`): the frozen encoder's cells pooled by attention MIL
+  (`kdsb.models.mil`), trained on features computed once per volume (`kdsb.training.bags`).
+
+Calibration (`kdsb.models.calibration`): Platt or temperature scaling fitted on predictions of
+patients the model did not train on (the validation patients; with folds, every patient's
+out-of-fold prediction) and appended to the saved model as a layer, so `classifier.keras`
+carries it. The spine's best model stays beside it as `uncalibrated.keras`.
+
+Run folder (one split): classifier.keras, uncalibrated.keras, classifier.json, metrics.json,
+config.json, history.csv, checkpoints/, logs/ (and bags/ for `mil`). With folds:
+
+```
+RUN_DIR/
+  config.json  classifier.json  metrics.json  oof.csv  calibration.png  (bags/)
+  fold_1/ … fold_K/     one run each: classifier.keras, uncalibrated.keras, fold.json, …
+```
+
+`oof.csv` (`id,cancer,fold,label,uncalibrated`) holds every labelled patient once: the
+prediction of the fold model that never saw it, calibrated by a map fitted on the other folds'
+predictions (cross-fitted, so the reported calibration is honest); the saved models carry the
+map fitted on all of them. A finished fold (its fold.json) is not retrained on `--resume`.
+`kdsb predict DATA_DIR RUN_DIR` averages the K fold models.
 
 Class imbalance: with `--loss bce` each training volume carries a sample weight
-n / (2 · n_class) ("balanced" class weights, the `class_weight` rule of scikit-learn), so both
-classes pull equally; `--class-weight none` turns this off and keeps the probabilities
-calibrated to the training prevalence, which log loss rewards. `--loss focal` uses
-`keras.losses.BinaryFocalCrossentropy` and no weights. Validation metrics are never weighted.
-
-The input of the network (spacing, HU normalisation, lung masking, downscaling) is a
-`kdsb.data.inputs.VolumeInput`, written as `classifier.json` beside `classifier.keras` (the best
-model by validation log loss), so `kdsb predict` feeds the model the same way.
+n / (2 · n_class) ("balanced", the `class_weight` rule of scikit-learn), so both classes pull
+equally; calibration then moves the probabilities back to the observed rate. `--loss focal`
+uses no weights. Validation metrics are never weighted.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import logging
 import math
 import os
@@ -43,7 +57,7 @@ from tqdm import tqdm
 from kdsb.data.inputs import DEFAULT_LUNG_DILATION_MM, VolumeInput
 from kdsb.errors import UsageError
 from kdsb.evaluation import metrics
-from kdsb.io.atomic import write_json
+from kdsb.io.atomic import atomic_path, write_json
 from kdsb.io.tables import check_labels_match, read_labels
 from kdsb.io.volumes import list_volumes
 from kdsb.preprocessing.hu import PARENCHYMA_HU
@@ -53,16 +67,23 @@ from kdsb.training.runs import RunOptions, option
 logger = logging.getLogger(__name__)
 
 BEST_NAME = "classifier.keras"
+UNCALIBRATED_NAME = "uncalibrated.keras"
 METRICS_NAME = "metrics.json"
+OOF_NAME = "oof.csv"
+OOF_FIELDS = ("id", "cancer", "fold", "label", "uncalibrated")
+FOLD_NAME = "fold.json"
+FOLD_PREFIX = "fold_"
+BAGS_DIR = "bags"
+CALIBRATION_PNG = "calibration.png"
 # The metric picking the best model: the `log_loss` metric compiled below, on validation data.
 MONITOR = "val_log_loss"
+HEADS = ("spp", "mil")
 LOSSES = ("bce", "focal")
 POOLINGS = ("max", "average")
+MIL_POOLINGS = ("attention", "max")
+CALIBRATIONS = ("platt", "temperature", "none")
 CLASS_WEIGHTS = ("balanced", "none")
-FOCAL_GAMMA = 2.0
-# Gradient clipping by the global norm (of all gradients together, so the update keeps its
-# direction): whole-volume steps are few and noisy.
-GLOBAL_CLIPNORM = 1.0
+BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +92,12 @@ class ClassifierOptions(RunOptions):
 
     Attributes (beyond `RunOptions`):
         gmcae: the trained GMCAE (`gmcae.keras`) whose encoder starts the classifier.
+        head: "spp" (trained end to end) or "mil" (attention MIL on the frozen encoder).
+        folds: 0 or 1 for one training/validation split, K >= 2 for K-fold cross-validation.
+        calibration: "platt", "temperature" or "none" (see `kdsb.models.calibration`).
+        mil_pooling: "attention" or "max" (head "mil").
+        mil_block: the encoder block whose output cells are the instances (head "mil").
+        bag_symmetries: cube symmetries encoded per volume for head "mil" (augmentation).
         freeze_blocks: encoder blocks (from the input side) kept frozen, 0..3.
         loss: "bce" (binary cross-entropy) or "focal" (binary focal cross-entropy, gamma 2).
         class_weight: "balanced" or "none" (bce only).
@@ -95,7 +122,29 @@ class ClassifierOptions(RunOptions):
         "none", "none only for now: every step trains on one whole volume (sizes vary), which "
         "a data-parallel strategy cannot split over devices", choices=runs.STRATEGIES,
     )
-    freeze_blocks: int = option(0, "freeze the first K encoder blocks", type=int)
+    head: str = option(
+        "spp", "spp: encoder + spatial pyramid pooling trained end to end on whole volumes; "
+        "mil: attention multiple-instance learning on the frozen encoder's cells (trains in "
+        "seconds on precomputed features)", choices=HEADS,
+    )
+    folds: int = option(
+        0, "K >= 2: patient-level stratified K-fold cross-validation (oof.csv, K fold models, "
+        "averaged by predict); 0: one training/validation split", type=int,
+    )
+    calibration: str = option(
+        "platt", "calibration fitted on validation (or out-of-fold) predictions and saved in "
+        "the model", choices=CALIBRATIONS,
+    )
+    mil_pooling: str = option("attention", "MIL pooling of instance embeddings (head mil)",
+                              choices=MIL_POOLINGS)
+    mil_block: int = option(
+        2, "encoder block whose output cells are the MIL instances (1..3; head mil)", type=int
+    )
+    bag_symmetries: int = option(
+        8, "cube symmetries encoded per volume for head mil (training draws one per visit)",
+        type=int,
+    )
+    freeze_blocks: int = option(0, "freeze the first K encoder blocks (head spp)", type=int)
     loss: str = option("bce", "binary cross-entropy or focal", choices=LOSSES)
     class_weight: str = option("balanced", "sample weights against class imbalance (bce only)",
                                choices=CLASS_WEIGHTS)
@@ -120,7 +169,9 @@ class ClassifierOptions(RunOptions):
         nargs="+",
     )
     pooling: str = option("max", "reduction inside each pyramid bin", choices=POOLINGS)
-    dense_units: int = option(64, "units of the hidden dense layer", type=int)
+    dense_units: int = option(
+        64, "units of the hidden dense layer (spp) or of the instance embedding (mil)", type=int
+    )
     dropout: float = option(0.5, "dropout of the dense head", type=float)
     augment: bool = option(True, "no random cube symmetry on training volumes",
                            flag="--no-augment", action="store_false")
@@ -146,6 +197,14 @@ class ClassifierOptions(RunOptions):
              "--distribute none (one whole volume per step cannot be split over devices)",
              self.distribute),
             (self.loss in LOSSES, f"--loss in {LOSSES}", self.loss),
+            (self.head in HEADS, f"--head in {HEADS}", self.head),
+            (self.folds == 0 or self.folds >= 2, "--folds 0 or >= 2", self.folds),
+            (self.calibration in CALIBRATIONS, f"--calibration in {CALIBRATIONS}",
+             self.calibration),
+            (self.mil_pooling in MIL_POOLINGS, f"--mil-pooling in {MIL_POOLINGS}",
+             self.mil_pooling),
+            (1 <= self.mil_block <= 3, "--mil-block in 1..3", self.mil_block),
+            (1 <= self.bag_symmetries <= 48, "--bag-symmetries in 1..48", self.bag_symmetries),
             (self.pooling in POOLINGS, f"--pooling in {POOLINGS}", self.pooling),
             (self.class_weight in CLASS_WEIGHTS, f"--class-weight in {CLASS_WEIGHTS}",
              self.class_weight),
@@ -173,120 +232,99 @@ def balanced_class_weights(labels: list[int]) -> dict[int, float]:
     return {c: float(len(labels) / (2 * counts[c])) if counts[c] else 0.0 for c in (0, 1)}
 
 
-def _compile(model: Any, options: ClassifierOptions) -> Any:
-    import keras
-
-    optimizer = keras.optimizers.Adam(
-        learning_rate=options.lr,
-        global_clipnorm=GLOBAL_CLIPNORM,
-        gradient_accumulation_steps=options.batch_size if options.batch_size > 1 else None,
-    )
-    if options.loss == "focal":
-        loss = keras.losses.BinaryFocalCrossentropy(gamma=FOCAL_GAMMA)
-    else:
-        loss = keras.losses.BinaryCrossentropy()
-    model.compile(
-        optimizer=optimizer,
-        loss=loss,
-        metrics=[
-            keras.metrics.BinaryCrossentropy(name="log_loss"),
-            keras.metrics.AUC(name="auc"),
-            keras.metrics.BinaryAccuracy(name="accuracy"),
-        ],
-    )
-    return model
-
-
-def _build_model_fn(options: ClassifierOptions):
-    def build():
-        from kdsb.models.classifier import build_classifier, load_encoder_from_gmcae
-
-        model = build_classifier(
-            load_encoder_from_gmcae(options.gmcae),
-            freeze_blocks=options.freeze_blocks,
-            levels=options.levels,
-            pooling=options.pooling,
-            dense_units=options.dense_units,
-            dropout=options.dropout,
-        )
-        return _compile(model, options)
-
-    return build
-
-
-def _with_weights(dataset: Any, weights: dict[int, float]) -> Any:
-    import tensorflow as tf
-
-    table = tf.constant([weights[0], weights[1]], dtype=tf.float32)
-
-    def add_weight(x, y):
-        return x, y, tf.gather(table, tf.cast(tf.reshape(y, (-1,)), tf.int32))
-
-    return dataset.map(add_weight)
-
-
-def score_patients(model: Any, paths: list[Path], volume_input: VolumeInput) -> np.ndarray:
+def score_patients(model: Any, paths: list[Path], volume_input: VolumeInput,
+                   desc: str = "score") -> np.ndarray:
     """p(cancer) of a trained model for each volume file, one volume at a time."""
     from kdsb.models.classifier import predict_probability
 
     return np.array(
         [
             predict_probability(model, volume_input.read(path))
-            for path in tqdm(paths, desc="validate", unit="patient", disable=None)
+            for path in tqdm(paths, desc=desc, unit="patient", disable=None)
         ]
     )
 
 
-def train_dataset(
-    paths: list[Path],
-    labels: list[int],
-    options: ClassifierOptions,
-    volume_input: VolumeInput,
-    *,
-    seed: int,
-) -> Any:
-    """The endless, shuffled (and augmented) training stream, with class weights if asked.
-
-    Returns:
-        tf.data.Dataset of (x, y) or, with `--loss bce --class-weight balanced`, of
-        (x, y, sample weight).
-    """
-    from kdsb.data.datasets import volume_dataset
-
-    data = volume_dataset(
-        paths,
-        [float(v) for v in labels],
-        volume_input=volume_input,
-        augment=options.augment,
-        seed=seed,
-        shuffle=True,
-        repeat=True,
-    )
-    if options.loss == "bce" and options.class_weight == "balanced":
-        weights = balanced_class_weights(labels)
-        logger.info("class weights %s", weights)
-        data = _with_weights(data, weights)
-    return data
+Cohort = dict[str, tuple[Path, int]]  # patient id → (volume file, 0/1 label)
 
 
-def _split(labels: dict[str, int], usable: list[str], options: ClassifierOptions):
+def _split(cohort: Cohort, ids: list[str], options: ClassifierOptions, what: str):
+    """Training and validation ids among `ids`, stratified; both must be non-empty."""
     from kdsb.data.datasets import split_patients
 
+    labels = {i: cohort[i][1] for i in ids}
     train_ids, val_ids = split_patients(
-        usable, val_fraction=options.val_fraction, seed=options.seed, labels=labels
+        ids, val_fraction=options.val_fraction, seed=options.seed, labels=labels
     )
     if not val_ids or not train_ids:
         raise UsageError(
             f"expected training and validation patients, received {len(train_ids)} and "
-            f"{len(val_ids)} from {len(usable)} patients with --val-fraction "
+            f"{len(val_ids)} from {len(ids)} patients ({what}) with --val-fraction "
             f"{options.val_fraction}"
         )
     logger.info(
-        "%d training patients (%d positive), %d validation patients (%d positive)",
+        "%s: %d training patients (%d positive), %d validation patients (%d positive)", what,
         len(train_ids), sum(labels[i] for i in train_ids), len(val_ids),
         sum(labels[i] for i in val_ids),
     )
     return train_ids, val_ids
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every model of a run shares."""
+
+    cohort: Cohort
+    options: ClassifierOptions
+    volume_input: VolumeInput
+    data_dir: Path
+    bag_files: dict[str, Path] | None
+    resume: bool
+
+
+def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _Context):
+    """Train one model into `model_dir`; returns (raw validation predictions, History)."""
+    from kdsb.models.classifier import load_classifier
+
+    options, cohort = ctx.options, ctx.cohort
+    last = runs.last_checkpoint(model_dir)
+    runs.begin(model_dir, options, data_dir=ctx.data_dir)
+    train = {i: cohort[i] for i in train_ids}
+    val = {i: cohort[i] for i in val_ids}
+    weights = None
+    if options.loss == "bce" and options.class_weight == "balanced":
+        weights = balanced_class_weights([y for _, y in train.values()])
+        logger.info("class weights %s", weights)
+    common = dict(resume=ctx.resume, start_epoch=last[0] if last else 0,
+                  best_name=UNCALIBRATED_NAME, monitor=MONITOR, class_weights=weights)
+    if options.head == "mil":
+        from kdsb.training.mil import train_mil
+
+        history = train_mil(model_dir, train, val, options, ctx.bag_files, **common)
+    else:
+        from kdsb.training.spp import train_spp
+
+        history = train_spp(model_dir, train, val, options, ctx.volume_input, **common)
+    best = load_classifier(model_dir / UNCALIBRATED_NAME)
+    p_val = score_patients(best, [cohort[i][0] for i in val_ids], ctx.volume_input, "validate")
+    return p_val, history
+
+
+def _save_calibrated(model_dir: Path, calibration) -> None:
+    from kdsb.models.calibration import with_calibration
+    from kdsb.models.classifier import load_classifier
+
+    model = with_calibration(load_classifier(model_dir / UNCALIBRATED_NAME), calibration)
+    runs.save_model_atomically(model, model_dir / BEST_NAME)
+
+
+def scores_with_intervals(y, p, seed: int) -> dict[str, Any]:
+    """`metrics.summary` (NaN AUC as None) plus bootstrap 95 % intervals under "intervals"."""
+    scores = {k: _finite_or_none(v) if isinstance(v, float) else v
+              for k, v in metrics.summary(y, p).items()}
+    intervals = metrics.bootstrap_intervals(y, p, n_boot=BOOTSTRAP_RESAMPLES, seed=seed)
+    scores["intervals"] = {k: [float(lo), float(hi)] for k, (lo, hi) in intervals.items()}
+    return scores
 
 
 def train_classifier(
@@ -297,7 +335,7 @@ def train_classifier(
     *,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Train the classifier into `run_dir` and return the contents of its metrics.json.
+    """Train the classifier (one split, or K folds) into `run_dir`; returns its metrics.json.
 
     Args:
         data_dir: folder of `<id>.h5` volumes.
@@ -306,16 +344,19 @@ def train_classifier(
         options: the run's options, or the options given on the command line (a dict of some
             fields, `gmcae` among them: the others keep their default, or their saved value
             when resuming).
-        resume: continue from the newest checkpoint of `run_dir` with its saved options.
+        resume: continue from the newest checkpoints of `run_dir` with its saved options.
 
     Returns:
-        metrics.json as a dict: "validation" (`kdsb.evaluation.metrics.summary` of the best
-        model on the validation patients: log_loss, roc_auc (None when undefined), accuracy,
-        base_rate_log_loss, n, n_positive), train_base_rate, n_train, n_val, train_ids,
-        val_ids, val_predictions, epochs_run, epochs_this_session and the options.
+        metrics.json as a dict. Always: "calibration" (method, slope, intercept), "head",
+        "epochs_run", "options". One split: "validation" (calibrated: `scores_with_intervals`;
+        the calibration was fitted on these patients) and "validation_uncalibrated",
+        train_base_rate, n_train, n_val, train_ids, val_ids, val_predictions (calibrated),
+        epochs_this_session. Folds: "folds" (K), "out_of_fold" (cross-fitted calibrated
+        predictions of every patient) and "out_of_fold_uncalibrated", "fold_ids".
 
     Raises:
-        LabelsError: the labels CSV is malformed or disagrees with the volumes.
+        LabelsError: the labels CSV is malformed or disagrees with the volumes, or a class has
+            fewer patients than folds.
         StoreError: a volume file is unreadable, too small for `downscale` or of another
             spacing than the others.
         UsageError: an option is out of range, the run folder holds checkpoints and `resume`
@@ -323,54 +364,162 @@ def train_classifier(
         TrainingError: the loss became NaN.
     """
     run_dir = Path(run_dir)
-    options, start_epoch = runs.resolve_options(
+    options, _ = runs.resolve_options(
         ClassifierOptions, options, run_dir, resume=resume, data_dir=data_dir
     )
+    started = sorted(run_dir.glob(f"{FOLD_PREFIX}*/{FOLD_NAME}")) + sorted(
+        run_dir.glob(f"{FOLD_PREFIX}*/{runs.CHECKPOINT_DIR}")
+    )
+    if started and not resume:
+        raise UsageError(
+            f"expected an empty run folder or --resume, received {run_dir} which already holds "
+            f"cross-validation folds ({started[0].parent.name} …)"
+        )
     labels = read_labels(labels_csv)
     volumes = list_volumes(data_dir)
     usable = check_labels_match(
         labels, volumes, labels_path=labels_csv, data_dir=data_dir,
         allow_unlabelled=options.allow_unlabelled,
     )
-    train_ids, val_ids = _split(labels, usable, options)
+    cohort = {i: (volumes[i], labels[i]) for i in usable}
     volume_input = options.volume_input().fit_to([volumes[i] for i in usable])
+    if options.folds >= 2:
+        from kdsb.data.datasets import stratified_folds
 
-    from kdsb.data.datasets import volume_dataset
-    from kdsb.models.classifier import load_classifier
-
+        folds = stratified_folds(usable, labels, options.folds, seed=options.seed)
     runs.begin(run_dir, options, data_dir=data_dir)
     volume_input.save(run_dir, gmcae=str(options.gmcae))
-    train_data = train_dataset(
-        [volumes[i] for i in train_ids], [labels[i] for i in train_ids], options, volume_input,
-        seed=options.seed + start_epoch,
-    )
-    val_data = volume_dataset(
-        [volumes[i] for i in val_ids], [labels[i] for i in val_ids], volume_input=volume_input
-    )
-    history = runs.train(
-        _build_model_fn(options), train_data, val_data, run_dir, options, resume=resume,
-        best_name=BEST_NAME, monitor=MONITOR, steps_per_epoch=len(train_ids),
-        validation_steps=len(val_ids),
-    )
-    best = load_classifier(run_dir / BEST_NAME)
-    p_val = score_patients(best, [volumes[i] for i in val_ids], volume_input)
-    scores = metrics.summary([labels[i] for i in val_ids], p_val)
-    result = {
-        "validation": {**scores, "roc_auc": _finite_or_none(scores["roc_auc"])},
-        "train_base_rate": float(np.mean([labels[i] for i in train_ids])),
-        "n_train": len(train_ids),
-        "n_val": len(val_ids),
-        "train_ids": train_ids,
-        "val_ids": val_ids,
-        "val_predictions": {i: float(p) for i, p in zip(val_ids, p_val, strict=True)},
-        "epochs_run": len(runs.read_history(run_dir / runs.HISTORY_NAME)),
-        "epochs_this_session": len(history.epoch),
-        "options": options.to_saved(),
-    }
+    bag_files = None
+    if options.head == "mil":
+        from kdsb.data.patches import CUBE_SYMMETRIES
+        from kdsb.training.bags import encode_bags
+
+        symmetries = np.random.default_rng(options.seed).permutation(len(CUBE_SYMMETRIES))
+        symmetries = [0, *[int(s) for s in symmetries if s != 0]][: options.bag_symmetries]
+        bag_files = encode_bags({i: volumes[i] for i in usable}, options.gmcae, volume_input,
+                                symmetries, run_dir / BAGS_DIR, block=options.mil_block)
+    ctx = _Context(cohort, options, volume_input, Path(data_dir), bag_files, resume)
+    if options.folds >= 2:
+        result = _cross_validate(run_dir, folds, ctx)
+    else:
+        result = _one_split(run_dir, ctx)
+    result["options"] = options.to_saved()
     path = run_dir / METRICS_NAME
     write_json(path, result)
     logger.info("wrote %s", path)
     return result
+
+
+def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any]:
+    from kdsb.models.calibration import fit_calibration
+
+    cohort, options = ctx.cohort, ctx.options
+    train_ids, val_ids = _split(cohort, sorted(cohort), options, "all patients")
+    p_val, history = _fit_model(run_dir, train_ids, val_ids, ctx)
+    y_val = [cohort[i][1] for i in val_ids]
+    calibration = fit_calibration(y_val, p_val, options.calibration)
+    _save_calibrated(run_dir, calibration)
+    p_cal = calibration.apply(p_val)
+    return {
+        "head": options.head,
+        "calibration": {"method": options.calibration, **calibration.__dict__},
+        "validation": scores_with_intervals(y_val, p_cal, options.seed),
+        "validation_uncalibrated": scores_with_intervals(y_val, p_val, options.seed),
+        "train_base_rate": float(np.mean([cohort[i][1] for i in train_ids])),
+        "n_train": len(train_ids),
+        "n_val": len(val_ids),
+        "train_ids": train_ids,
+        "val_ids": val_ids,
+        "val_predictions": {i: float(p) for i, p in zip(val_ids, p_cal, strict=True)},
+        "epochs_run": len(runs.read_history(run_dir / runs.HISTORY_NAME)),
+        "epochs_this_session": len(history.epoch),
+    }
+
+
+def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dict[str, Any]:
+    """Train one model per fold on the other folds; score, calibrate and save them all."""
+    from kdsb.models.calibration import fit_calibration
+    from kdsb.models.classifier import load_classifier
+
+    cohort, options = ctx.cohort, ctx.options
+    raw: dict[str, float] = {}
+    fold_of: dict[str, int] = {}
+    epochs = []
+    for k, held_out in enumerate(folds, start=1):
+        fold_dir = run_dir / f"{FOLD_PREFIX}{k}"
+        done = _read_fold(fold_dir, held_out)
+        if done is None:
+            logger.info("fold %d of %d: %d held-out patients", k, len(folds), len(held_out))
+            rest = [i for i in sorted(cohort) if i not in set(held_out)]
+            train_ids, val_ids = _split(cohort, rest, options, f"fold {k}")
+            _fit_model(fold_dir, train_ids, val_ids, ctx)
+            model = load_classifier(fold_dir / UNCALIBRATED_NAME)
+            p = score_patients(model, [cohort[i][0] for i in held_out], ctx.volume_input,
+                               f"fold {k}")
+            done = {"held_out": held_out, "train_ids": train_ids, "val_ids": val_ids,
+                    "predictions": dict(zip(held_out, map(float, p), strict=True))}
+            write_json(fold_dir / FOLD_NAME, done)
+        raw.update(done["predictions"])
+        fold_of.update({i: k for i in held_out})
+        epochs.append(len(runs.read_history(fold_dir / runs.HISTORY_NAME)))
+    ids = sorted(raw)
+    y = np.array([cohort[i][1] for i in ids])
+    p_raw = np.array([raw[i] for i in ids])
+    fold = np.array([fold_of[i] for i in ids])
+    calibration = fit_calibration(y, p_raw, options.calibration)
+    p_cal = np.empty_like(p_raw)
+    for k in range(1, len(folds) + 1):
+        inside = fold == k
+        p_cal[inside] = fit_calibration(y[~inside], p_raw[~inside], options.calibration).apply(
+            p_raw[inside]
+        )
+    for k in range(1, len(folds) + 1):
+        _save_calibrated(run_dir / f"{FOLD_PREFIX}{k}", calibration)
+    _write_oof(run_dir / OOF_NAME, ids, p_cal, fold, y, p_raw)
+    from kdsb.evaluation.evaluate import plot_calibration
+
+    plot_calibration(y, p_cal, run_dir / CALIBRATION_PNG)
+    return {
+        "head": options.head,
+        "folds": len(folds),
+        "calibration": {"method": options.calibration, **calibration.__dict__},
+        "out_of_fold": scores_with_intervals(y, p_cal, options.seed),
+        "out_of_fold_uncalibrated": scores_with_intervals(y, p_raw, options.seed),
+        "fold_ids": folds,
+        "epochs_run": epochs,
+    }
+
+
+def _read_fold(fold_dir: Path, held_out: list[str]) -> dict[str, Any] | None:
+    """A finished fold's record (fold.json) if it holds these patients, else None."""
+    path = fold_dir / FOLD_NAME
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("held_out") != held_out or not (fold_dir / UNCALIBRATED_NAME).is_file():
+        return None
+    return record
+
+
+def _write_oof(path: Path, ids, p_cal, fold, y, p_raw) -> None:
+    with atomic_path(path) as temp, temp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(OOF_FIELDS)
+        for row in zip(ids, p_cal, fold, y, p_raw, strict=True):
+            writer.writerow([row[0], f"{row[1]:.6f}", int(row[2]), int(row[3]), f"{row[4]:.6f}"])
+
+
+def model_paths_of_run(run_dir: str | os.PathLike) -> list[Path]:
+    """The classifiers of a run folder: its fold models (cross-validated) or its one model."""
+    run_dir = Path(run_dir)
+    fold_models = sorted(
+        run_dir.glob(f"{FOLD_PREFIX}*/{BEST_NAME}"),
+        key=lambda p: int(p.parent.name.removeprefix(FOLD_PREFIX)),
+    )
+    if fold_models:
+        return fold_models
+    single = run_dir / BEST_NAME
+    return [single] if single.is_file() else []
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -1,0 +1,162 @@
+"""Probability calibration that travels inside a saved classifier (Platt or temperature scaling).
+
+A classifier trained on a few dozen patients is often over- or under-confident, and a model
+trained with balanced class weights predicts as if half the patients had cancer. Calibration maps
+its probability p to
+
+    p' = sigmoid(slope · logit(p) + intercept),   logit(p) = log p − log(1 − p),
+
+fitted by maximum likelihood on predictions the model did not train on (out-of-fold or
+validation patients): "platt" fits slope and intercept, "temperature" the slope alone
+(slope = 1 / T) and "none" keeps p. The map is monotone, so the AUC is unchanged; it moves
+log loss, Brier score and calibration error.
+
+The map is a registered Keras layer, `ProbabilityCalibration`, appended to the classifier's
+output (`with_calibration`), so `classifier.keras` carries it: no side file can get lost, and
+every tool that loads the model (predict, explain, embed) applies it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+from keras import ops
+from scipy.optimize import minimize
+
+from kdsb.errors import KdsbError
+
+METHODS = ("platt", "temperature", "none")
+CALIBRATION_LAYER = "calibration"
+# Probabilities are clipped to [EPSILON, 1 − EPSILON] before the logit: float32 sigmoids reach
+# exactly 1.0, whose logit is infinite. logit(1e-7) ≈ −16.1.
+EPSILON = 1e-7
+# Bounds of the fitted slope: a slope ≤ 0 would reverse (or erase) the model's ranking.
+SLOPE_BOUNDS = (1e-3, 1e3)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The fitted map p' = sigmoid(slope · logit(p) + intercept)."""
+
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    def apply(self, p) -> np.ndarray:
+        """Calibrated probabilities of `p` (NumPy, float64)."""
+        return _sigmoid(self.slope * _logit(p) + self.intercept)
+
+
+IDENTITY = Calibration()
+
+
+def _logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), EPSILON, 1.0 - EPSILON)
+    return np.log(p) - np.log1p(-p)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free form
+
+
+def fit_calibration(y, p, method: str = "platt") -> Calibration:
+    """Fit the calibration map on labels `y` (0/1) and uncalibrated probabilities `p`.
+
+    Maximum likelihood (mean log loss, L-BFGS with analytic gradients). With a single class in
+    `y` the slope cannot be identified: the identity is returned for "temperature", and for
+    "platt" the slope is kept at 1 while the intercept moves toward the observed rate.
+
+    Raises:
+        KdsbError: an unknown method, or `y` and `p` of different lengths or out of range.
+    """
+    if method not in METHODS:
+        raise KdsbError(f"expected a calibration method in {METHODS}, received {method!r}")
+    y = np.asarray(y, dtype=np.float64).ravel()
+    z = _logit(p).ravel()
+    if y.shape != z.shape or y.size == 0:
+        raise KdsbError(
+            f"expected as many labels as probabilities (at least one), received {y.size} and "
+            f"{z.size}"
+        )
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise KdsbError("expected labels 0 or 1 for calibration")
+    one_class = y.min() == y.max()
+    if method == "none" or (method == "temperature" and one_class):
+        return IDENTITY
+
+    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+        slope, intercept = (params[0], params[1]) if method == "platt" else (params[0], 0.0)
+        if one_class:
+            slope = 1.0
+        s = slope * z + intercept
+        # Mean of log(1 + e^s) − y·s, and its gradient (q − y) times ds/dparams.
+        value = np.mean(np.logaddexp(0.0, s) - y * s)
+        residual = _sigmoid(s) - y
+        grad_slope = 0.0 if one_class else np.mean(residual * z)
+        grads = [grad_slope, np.mean(residual)] if method == "platt" else [grad_slope]
+        return float(value), np.asarray(grads)
+
+    start = np.array([1.0, 0.0] if method == "platt" else [1.0])
+    bounds = [SLOPE_BOUNDS, (None, None)] if method == "platt" else [SLOPE_BOUNDS]
+    result = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=bounds)
+    slope = 1.0 if one_class else float(result.x[0])
+    intercept = float(result.x[1]) if method == "platt" else 0.0
+    return Calibration(slope=slope, intercept=intercept)
+
+
+@keras.saving.register_keras_serializable(package="kdsb")
+class ProbabilityCalibration(keras.layers.Layer):
+    """p → sigmoid(slope · logit(p) + intercept), on probabilities of any shape (float32).
+
+    Args:
+        slope: multiplies the logit (1 / temperature), > 0.
+        intercept: added to the scaled logit.
+        **kwargs: standard Keras layer arguments.
+    """
+
+    def __init__(self, slope: float = 1.0, intercept: float = 0.0, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if not slope > 0:
+            raise ValueError(f"ProbabilityCalibration: expected slope > 0, received {slope!r}")
+        self.slope = float(slope)
+        self.intercept = float(intercept)
+
+    def call(self, inputs):
+        p = ops.clip(ops.cast(inputs, "float32"), EPSILON, 1.0 - EPSILON)
+        logit = ops.log(p) - ops.log1p(-p)
+        return ops.sigmoid(self.slope * logit + self.intercept)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"slope": self.slope, "intercept": self.intercept})
+        return config
+
+
+def without_calibration(model: keras.Model) -> keras.Model:
+    """The model up to (not including) its calibration layer; `model` itself if it has none."""
+    if CALIBRATION_LAYER not in {layer.name for layer in model.layers}:
+        return model
+    layer = model.get_layer(CALIBRATION_LAYER)
+    return keras.Model(model.inputs, layer.input, name=model.name)
+
+
+def with_calibration(model: keras.Model, calibration: Calibration) -> keras.Model:
+    """A model sharing `model`'s layers whose output is calibrated (an earlier one replaced)."""
+    base = without_calibration(model)
+    layer = ProbabilityCalibration(
+        slope=calibration.slope, intercept=calibration.intercept, name=CALIBRATION_LAYER
+    )
+    return keras.Model(base.inputs, layer(base.outputs[0]), name=base.name)
+
+
+def calibration_of(model: keras.Model) -> Calibration | None:
+    """The calibration a model applies, or None for a model without the layer."""
+    if CALIBRATION_LAYER not in {layer.name for layer in model.layers}:
+        return None
+    layer = model.get_layer(CALIBRATION_LAYER)
+    return Calibration(slope=layer.slope, intercept=layer.intercept)

@@ -1,0 +1,186 @@
+"""Bags of frozen-encoder features for the MIL head: computed once per volume, cached, streamed.
+
+The MIL head (`kdsb.models.mil`) trains on the frozen GMCAE encoder's output cells, so the
+encoder runs once per volume and cube symmetry, not once per epoch. Each patient's bag is a
+float16 array (symmetries, instances, channels), saved as `<cache>/<id>-<key>.npy` where the key
+hashes what the features depend on (the volume file's size and modification time, the GMCAE
+file's, the `VolumeInput`, the symmetries and the encoder block): a changed volume or model gets
+new features, a killed run keeps the bags it finished (each file is written atomically), and
+stale files are removed. The cache is shared by the folds of a cross-validated run (same
+encoder, same volumes).
+
+Training streams one bag per patient per step of the batch (a random one of its symmetries),
+padded to the largest bag of the batch with a mask of the real instances; memory holds only
+the batch, so it stays flat on large cohorts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from kdsb.data.inputs import VolumeInput
+from kdsb.data.patches import apply_symmetry
+from kdsb.io.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+BAG_DTYPE = np.float16
+
+
+def _file_stamp(path: str | os.PathLike) -> list:
+    stat = Path(path).stat()
+    return [os.fspath(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def bag_key(volume: str | os.PathLike, gmcae: str | os.PathLike, volume_input: VolumeInput,
+            symmetries: Sequence[int], block: int) -> str:
+    """A short hash of everything a patient's bag depends on."""
+    payload = json.dumps(
+        [_file_stamp(volume), _file_stamp(gmcae), volume_input.to_config(), list(symmetries),
+         block],
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def encode_bags(
+    volumes: Mapping[str, str | os.PathLike],
+    gmcae: str | os.PathLike,
+    volume_input: VolumeInput,
+    symmetries: Sequence[int],
+    cache_dir: str | os.PathLike,
+    *,
+    block: int,
+) -> dict[str, Path]:
+    """The bag file of every patient, computing the missing ones.
+
+    Args:
+        volumes: patient id → volume file.
+        gmcae: the trained GMCAE whose encoder makes the features.
+        block: the encoder block whose output cells are the instances.
+        volume_input: how a volume becomes the network input.
+        symmetries: cube symmetry indices (`kdsb.data.patches.CUBE_SYMMETRIES`) encoded per
+            volume; the first is the one validation and statistics use.
+        cache_dir: the bag folder (created).
+
+    Returns:
+        Patient id → `.npy` file of float16 (len(symmetries), instances, channels).
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        pid: cache_dir / f"{pid}-{bag_key(path, gmcae, volume_input, symmetries, block)}.npy"
+        for pid, path in volumes.items()
+    }
+    missing = [pid for pid, file in files.items() if not file.is_file()]
+    _remove_stale(cache_dir, files)
+    if missing:
+        from kdsb.models.classifier import load_encoder_from_gmcae
+        from kdsb.models.mil import truncated_encoder
+
+        encoder = truncated_encoder(load_encoder_from_gmcae(gmcae), block)
+        for pid in tqdm(missing, desc="encode", unit="patient", disable=None):
+            x = volume_input.read(volumes[pid])
+            bag = np.stack([_encode(encoder, apply_symmetry(x, s)) for s in symmetries])
+            with atomic_path(files[pid]) as temp, temp.open("wb") as f:
+                np.save(f, bag.astype(BAG_DTYPE))
+    logger.info("%d bags in %s (%d computed now)", len(files), cache_dir, len(missing))
+    return files
+
+
+def _encode(encoder: Any, x: np.ndarray) -> np.ndarray:
+    """Encoder cells of one prepared volume (z, y, x, 1) as instances (cells, channels)."""
+    features = np.asarray(encoder(np.ascontiguousarray(x)[np.newaxis], training=False))
+    return features.reshape(-1, features.shape[-1])
+
+
+def _remove_stale(cache_dir: Path, keep: Mapping[str, Path]) -> None:
+    """Remove bags of these patients under another key (a changed volume or model)."""
+    wanted = {file.name for file in keep.values()}
+    for pid in keep:
+        for file in cache_dir.glob(f"{pid}-*.npy"):
+            if file.name not in wanted and file.stem.rsplit("-", 1)[0] == pid:
+                file.unlink(missing_ok=True)
+
+
+def feature_statistics(files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance over the instances of the first symmetry of every bag."""
+    total = total_sq = None
+    count = 0
+    for file in files:
+        instances = np.load(file, mmap_mode="r")[0].astype(np.float64)
+        total = instances.sum(0) if total is None else total + instances.sum(0)
+        squares = (instances**2).sum(0)
+        total_sq = squares if total_sq is None else total_sq + squares
+        count += instances.shape[0]
+    mean = total / count
+    return mean.astype(np.float32), np.maximum(total_sq / count - mean**2, 0.0).astype(np.float32)
+
+
+def bag_dataset(
+    files: Sequence[Path],
+    labels: Sequence[int],
+    *,
+    batch_size: int,
+    weights: Mapping[int, float] | None = None,
+    seed: int = 0,
+    augment: bool = False,
+    shuffle: bool = False,
+    repeat: bool = False,
+) -> Any:
+    """A tf.data stream of padded bag batches for the MIL head.
+
+    Args:
+        files: bag files (`encode_bags`), one per patient.
+        labels: the patients' 0/1 labels.
+        batch_size: bags per batch.
+        weights: class → sample weight (None: no weights).
+        seed: seed of the order and of the symmetry drawn per visit.
+        augment: draw one of the bag's symmetries per visit (else always the first).
+        shuffle: a new random order every pass.
+        repeat: cycle forever.
+
+    Returns:
+        tf.data.Dataset of ((instances (batch, n, channels) float32, mask (batch, n) float32),
+        labels (batch, 1)) and, with `weights`, sample weights (batch,).
+    """
+    import tensorflow as tf
+
+    files = [os.fspath(f) for f in files]
+    channels = int(np.load(files[0], mmap_mode="r").shape[-1])
+    label_array = np.asarray(labels, dtype=np.float32)
+    weight_of = weights or {0: 1.0, 1: 1.0}
+
+    def generate():
+        rng = np.random.default_rng(seed)
+        while True:
+            order = rng.permutation(len(files)) if shuffle else np.arange(len(files))
+            for index in order:
+                bag = np.load(files[index], mmap_mode="r")
+                symmetry = rng.integers(bag.shape[0]) if augment else 0
+                instances = np.asarray(bag[symmetry], dtype=np.float32)
+                label = label_array[index]
+                mask = np.ones(len(instances), np.float32)
+                yield (instances, mask), [label], weight_of[int(label)]
+            if not repeat:
+                return
+
+    signature = (
+        (tf.TensorSpec((None, channels), tf.float32), tf.TensorSpec((None,), tf.float32)),
+        tf.TensorSpec((1,), tf.float32),
+        tf.TensorSpec((), tf.float32),
+    )
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    ds = ds.padded_batch(batch_size)
+    if weights is None:
+        ds = ds.map(lambda x, y, w: (x, y))
+    return ds.prefetch(2)

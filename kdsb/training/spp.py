@@ -1,0 +1,146 @@
+"""Training the SPP head end to end: the encoder and spatial pyramid pooling on whole volumes.
+
+Every step sees one whole volume (the shapes differ, and padding would feed the pyramid pooling
+fake air), training volumes under a random cube symmetry (48-fold augmentation). A batch size
+N > 1 is realised by gradient accumulation (`gradient_accumulation_steps` of the Keras
+optimizer): the weights move once every N volumes, along the mean of their N gradients, which is
+what a batch of N would do for this model (it has no batch normalisation). A resumed run offsets
+the seed of the training stream by the epochs done, so it draws orders and symmetries it has
+not replayed.
+
+Losses: `bce` with optional per-volume sample weights (`class_weights`), or `focal`
+(`keras.losses.BinaryFocalCrossentropy`, gamma 2, no weights). Validation metrics are never
+weighted.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdsb.data.inputs import VolumeInput
+from kdsb.training import runs
+
+if TYPE_CHECKING:
+    from kdsb.training.classifier import ClassifierOptions
+
+logger = logging.getLogger(__name__)
+
+FOCAL_GAMMA = 2.0
+# Gradient clipping by the global norm (of all gradients together, so the update keeps its
+# direction): whole-volume steps are few and noisy.
+GLOBAL_CLIPNORM = 1.0
+
+
+def compile_classifier(model: Any, options: ClassifierOptions) -> Any:
+    """Compile a classifier (or MIL head) with Adam, the chosen loss and the logged metrics."""
+    import keras
+
+    optimizer = keras.optimizers.Adam(
+        learning_rate=options.lr,
+        global_clipnorm=GLOBAL_CLIPNORM,
+        gradient_accumulation_steps=(
+            options.batch_size if options.batch_size > 1 and options.head == "spp" else None
+        ),
+    )
+    if options.loss == "focal":
+        loss = keras.losses.BinaryFocalCrossentropy(gamma=FOCAL_GAMMA)
+    else:
+        loss = keras.losses.BinaryCrossentropy()
+    model.compile(
+        optimizer=optimizer,
+        loss=loss,
+        metrics=[
+            keras.metrics.BinaryCrossentropy(name="log_loss"),
+            keras.metrics.AUC(name="auc"),
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+        ],
+    )
+    return model
+
+
+def _with_weights(dataset: Any, weights: dict[int, float]) -> Any:
+    import tensorflow as tf
+
+    table = tf.constant([weights[0], weights[1]], dtype=tf.float32)
+
+    def add_weight(x, y):
+        return x, y, tf.gather(table, tf.cast(tf.reshape(y, (-1,)), tf.int32))
+
+    return dataset.map(add_weight)
+
+
+def train_dataset(
+    paths: list[Path],
+    labels: list[int],
+    options: ClassifierOptions,
+    volume_input: VolumeInput,
+    *,
+    seed: int,
+    class_weights: dict[int, float] | None = None,
+) -> Any:
+    """The endless, shuffled (and augmented) stream of whole training volumes.
+
+    Returns:
+        tf.data.Dataset of (x, y) or, with `class_weights`, of (x, y, sample weight).
+    """
+    from kdsb.data.datasets import volume_dataset
+
+    data = volume_dataset(
+        paths,
+        [float(v) for v in labels],
+        volume_input=volume_input,
+        augment=options.augment,
+        seed=seed,
+        shuffle=True,
+        repeat=True,
+    )
+    return data if class_weights is None else _with_weights(data, class_weights)
+
+
+def train_spp(
+    run_dir: Path,
+    train: dict[str, tuple[Path, int]],
+    val: dict[str, tuple[Path, int]],
+    options: ClassifierOptions,
+    volume_input: VolumeInput,
+    *,
+    resume: bool,
+    start_epoch: int,
+    best_name: str,
+    monitor: str,
+    class_weights: dict[int, float] | None,
+) -> Any:
+    """Fit the SPP classifier into `run_dir` (id → (volume, label) for training and validation).
+
+    Returns:
+        The `keras.callbacks.History` of this session's epochs.
+    """
+    from kdsb.data.datasets import volume_dataset
+
+    def build():
+        from kdsb.models.classifier import build_classifier, load_encoder_from_gmcae
+
+        model = build_classifier(
+            load_encoder_from_gmcae(options.gmcae),
+            freeze_blocks=options.freeze_blocks,
+            levels=options.levels,
+            pooling=options.pooling,
+            dense_units=options.dense_units,
+            dropout=options.dropout,
+        )
+        return compile_classifier(model, options)
+
+    train_data = train_dataset(
+        [p for p, _ in train.values()], [y for _, y in train.values()], options, volume_input,
+        seed=options.seed + start_epoch, class_weights=class_weights,
+    )
+    val_data = volume_dataset(
+        [p for p, _ in val.values()], [float(y) for _, y in val.values()],
+        volume_input=volume_input,
+    )
+    return runs.train(
+        build, train_data, val_data, run_dir, options, resume=resume, best_name=best_name,
+        monitor=monitor, steps_per_epoch=len(train), validation_steps=len(val),
+    )
