@@ -15,7 +15,10 @@ from scipy.stats import norm
 
 from kdsb.errors import ModelError
 from kdsb.models.gmcae import (
+    DECODERS,
+    DOWNSAMPLING,
     build_gmcae,
+    decoder_of,
     encoder_of,
     mixture_nll_of_single_gaussian,
     mixture_params,
@@ -79,11 +82,94 @@ def test_default_architecture_bottleneck():
         ({"width": 0}, "width to be a positive integer"),
         ({"mixtures": 2.5}, "mixtures to be a positive integer"),
         ({"variance_floor": 0.0}, "variance_floor > 0"),
+        ({"decoder": "deconv"}, "expected decoder in"),
     ],
 )
 def test_build_rejects_bad_options(kwargs, message):
     with pytest.raises(ModelError, match=message):
         build_gmcae(**kwargs)
+
+
+# The published decoder's layers, as every GMCAE saved before `decoder` existed has them.
+TRANSPOSE_DECODER_LAYERS = [
+    f"decoder_block{b}_{kind}" for b in (3, 2, 1) for kind in ("upconv", "conv")
+] + ["means"]
+
+
+def _decoder_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The decoder's layers in order, from the bottleneck to the component means."""
+    names = [f"decoder_block{b}_{kind}" for b in (3, 2, 1)
+             for kind in ("upsample", "upconv", "conv")] + ["means"]
+    found = {layer.name: layer for layer in model.layers}
+    return [found[name] for name in names if name in found]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_both_decoders_build_the_same_interface(decoder):
+    keras.utils.set_random_seed(2)
+    model = build_gmcae(patch_size=PATCH, width=WIDTH, mixtures=MIXTURES, decoder=decoder)
+    assert decoder_of(model) == decoder
+    assert model.output.shape == (None, MIXTURES * (2 + VOXELS))
+    assert model.get_layer("means").output.shape == (None, PATCH, PATCH, PATCH, MIXTURES)
+    assert model.predict(random_patches(2), verbose=0).shape == (2, MIXTURES * (2 + VOXELS))
+    layers = _decoder_layers(model)
+    if decoder == "transpose":
+        assert [layer.name for layer in layers] == TRANSPOSE_DECODER_LAYERS
+        assert all(isinstance(layer, keras.layers.Conv3DTranspose) for layer in layers)
+    else:
+        assert not any(isinstance(layer, keras.layers.Conv3DTranspose) for layer in layers)
+        assert [type(layer).__name__ for layer in layers] == (
+            ["UpSampling3D", "Conv3D", "Conv3D"] * 3 + ["Conv3D"]
+        )
+    # Same encoder and heads whichever the decoder: the classifier never sees the difference.
+    transposed = build_gmcae(patch_size=PATCH, width=WIDTH, mixtures=MIXTURES,
+                             decoder="transpose")
+    assert encoder_of(model).get_config() == encoder_of(transposed).get_config()
+    assert model.count_params() == transposed.count_params()
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decoders_round_trip_through_keras_files(decoder, tmp_path):
+    keras.utils.set_random_seed(3)
+    model = build_gmcae(patch_size=PATCH, width=WIDTH, mixtures=MIXTURES, decoder=decoder)
+    path = tmp_path / f"{decoder}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert decoder_of(loaded) == decoder
+    patches = random_patches(3, seed=6)
+    np.testing.assert_array_equal(loaded.predict(patches, verbose=0),
+                                  model.predict(patches, verbose=0))
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_only_the_transposed_decoder_draws_a_checkerboard(decoder):
+    """A constant bottleneck decodes to a constant interior (upsample) or to a periodic pattern
+    (stride-2 transposed convolutions: a checkerboard of period 2 per doubling, so 2³ = 8 after
+    the three blocks)."""
+    keras.utils.set_random_seed(5)
+    model = build_gmcae(patch_size=PATCH, width=4, mixtures=2, decoder=decoder)
+    side = 8  # a larger bottleneck than the model's: convolutions take any size
+    x = keras.ops.ones((1, side, side, side, 4 * 4))
+    for layer in _decoder_layers(model):
+        x = layer(x)
+    means = keras.ops.convert_to_numpy(x)[0]
+    assert means.shape == (8 * side,) * 3 + (2,)
+    # Zero padding disturbs at most 15 voxels from each face (15 convolutions, 3 doublings).
+    margin = 16
+    interior = means[margin:-margin, margin:-margin, margin:-margin]
+    scale = float(np.abs(interior).max())
+    assert scale > 0
+    spread = float(np.ptp(interior, axis=(0, 1, 2)).max())
+    if decoder == "upsample":
+        assert spread <= 1e-5 * scale
+    else:
+        assert spread > 1e-2 * scale
+        # …and the pattern repeats every 8 voxels along each axis.
+        period = DOWNSAMPLING
+        for axis in range(3):
+            shifted = np.take(interior, range(period, interior.shape[axis]), axis=axis)
+            kept = np.take(interior, range(interior.shape[axis] - period), axis=axis)
+            np.testing.assert_allclose(shifted, kept, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_encoder_of_rejects_model_without_encoder():
@@ -93,9 +179,10 @@ def test_encoder_of_rejects_model_without_encoder():
 
 
 @pytest.mark.slow
-def test_training_steps_reduce_loss_and_stay_finite():
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_training_steps_reduce_loss_and_stay_finite(decoder):
     keras.utils.set_random_seed(1)
-    model = build_gmcae(patch_size=PATCH, width=WIDTH, mixtures=2)
+    model = build_gmcae(patch_size=PATCH, width=WIDTH, mixtures=2, decoder=decoder)
     model.compile(optimizer=keras.optimizers.Adam(1e-2, clipnorm=1.0), loss=GaussianMixtureNLL(2))
     # Smooth, structured patches: a blob of random brightness on a noisy background.
     rng = np.random.default_rng(4)

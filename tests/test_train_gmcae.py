@@ -15,6 +15,7 @@ import pytest
 from scipy import ndimage
 
 from kdsb.cli import main
+from kdsb.errors import UsageError
 from kdsb.io import volumes
 from kdsb.training import runs
 from kdsb.training.gmcae import GmcaeOptions, validation_patches
@@ -135,6 +136,43 @@ def test_resume_refuses_incompatible_options(used_run, data_dir, capsys):
             "received 8; only --epochs, --steps-per-epoch, --patience, --distribute, "
             "--keep-checkpoints may change") in capsys.readouterr().err
     assert (used_run / "config.json").read_text() == saved
+
+
+def test_resume_refuses_another_decoder(used_run, data_dir, capsys):
+    from kdsb.training.gmcae import DEFAULT_DECODER
+
+    other = next(d for d in ("transpose", "upsample") if d != DEFAULT_DECODER)
+    status = main(["train-gmcae", str(data_dir), str(used_run), "--resume", "--width", "4",
+                   "--decoder", other])
+    assert status == 2
+    assert (f"expected --decoder {DEFAULT_DECODER} as saved in {used_run / 'config.json'} "
+            f"when resuming, received {other}") in capsys.readouterr().err
+
+
+def test_runs_saved_before_the_decoder_option_resume_with_the_transposed_one(used_run, data_dir):
+    config = used_run / "config.json"
+    saved = json.loads(config.read_text())
+    del saved["decoder"]
+    config.write_text(json.dumps(saved))
+    options, done = runs.resolve_options(GmcaeOptions, {"epochs": 30}, used_run, resume=True,
+                                         data_dir=data_dir)
+    assert (options.decoder, options.width, options.epochs, done) == ("transpose", 4, 30, 1)
+    with pytest.raises(UsageError, match="expected --decoder transpose as saved"):
+        runs.resolve_options(GmcaeOptions, {"decoder": "upsample"}, used_run, resume=True,
+                             data_dir=data_dir)
+
+
+def test_decoder_option_reaches_the_model_and_agrees_with_the_models_module():
+    from kdsb.models import gmcae
+    from kdsb.training import gmcae as training
+
+    assert training.DECODERS == gmcae.DECODERS
+    assert training.DEFAULT_DECODER == gmcae.DEFAULT_DECODER == GmcaeOptions().decoder
+    for decoder in training.DECODERS:
+        options = GmcaeOptions(decoder=decoder, width=2, patch_size=8, mixtures=2)
+        assert gmcae.decoder_of(training._build_model_fn(options)()) == decoder
+    with pytest.raises(UsageError, match=r"expected --decoder in \('transpose', 'upsample'\)"):
+        GmcaeOptions(decoder="deconv")
 
 
 def test_resume_with_the_same_options_object_keeps_them(used_run, data_dir):

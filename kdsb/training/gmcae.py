@@ -8,6 +8,10 @@ baseline, are measured on the same voxels. The run goes through the spine of
 metric are this module's. A resumed run offsets the seed of the training stream by the epochs
 done, so it draws patches it has not seen yet rather than replaying epoch 1's.
 
+`--decoder` picks the decoder (`kdsb.models.gmcae.DECODERS`): "upsample" by default, "transpose"
+as published. It changes the model, so a resumed run keeps it; a config.json saved before the
+option existed resumes with "transpose", the decoder its checkpoints have.
+
 RUN_DIR also receives:
 
 - `gmcae.keras`: the best model by validation NLL;
@@ -43,6 +47,12 @@ MIN_VOLUMES = 2  # one for training, one for validation
 VALIDATION_SEED_OFFSET = 1_000_003
 SAMPLINGS = ("lung", "grid")
 PATCH_CACHE_DIR = ".patch_cache"  # hidden: volume listings skip it
+# kdsb.models.gmcae.DECODERS and DEFAULT_DECODER, kept here (not imported) so that
+# `kdsb --help` stays instant; tests check they agree.
+DECODERS = ("transpose", "upsample")
+DEFAULT_DECODER = "upsample"
+# The decoder of runs saved before the option existed (their config.json has no "decoder").
+LEGACY_DECODER = "transpose"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +68,9 @@ class GmcaeOptions(RunOptions):
         patches_per_volume: patches read per visit of a volume.
         patch_cache: lung patches per training volume cached once (0: stream).
         sampling: "lung" (centred on lung voxels) or "grid" (a blind regular grid).
+        decoder: "upsample" (UpSampling3D + Conv3D) or "transpose" (the published stride-2
+            Conv3DTranspose, which leaves checkerboard artefacts); see
+            `kdsb.models.gmcae.build_gmcae`.
         clipnorm: per-variable gradient clipping norm (0: none).
         variance_floor: smallest mixture variance, normalised HU² (None becomes
             `kdsb.models.layers.DEFAULT_VARIANCE_FLOOR`).
@@ -81,6 +94,11 @@ class GmcaeOptions(RunOptions):
     sampling: str = option(
         "lung", "where patches come from: lung voxels or a blind grid", choices=SAMPLINGS
     )
+    decoder: str = option(
+        DEFAULT_DECODER, "decoder: nearest-neighbour upsampling + Conv3D (no checkerboard, "
+        "lower NLL in benchmarks/gmcae_likelihood.py), or the published stride-2 "
+        "Conv3DTranspose (a run saved without this option used it)", choices=DECODERS,
+    )
     clipnorm: float = option(
         1.0, "clip each variable's gradient to this L2 norm, separately (Keras clipnorm, not a "
         "global norm; 0: no clipping)", type=float,
@@ -97,6 +115,11 @@ class GmcaeOptions(RunOptions):
             object.__setattr__(self, "variance_floor", DEFAULT_VARIANCE_FLOOR)
         super().__post_init__()
 
+    @classmethod
+    def from_saved(cls, saved):
+        """Options from a config.json; one saved before `--decoder` existed used "transpose"."""
+        return super().from_saved({"decoder": LEGACY_DECODER, **saved})
+
     def checks(self) -> list[tuple[bool, str, Any]]:
         return [
             *super().checks(),
@@ -110,6 +133,7 @@ class GmcaeOptions(RunOptions):
             (not self.patch_cache or self.sampling == "lung",
              "--patch-cache with --sampling lung", self.sampling),
             (self.sampling in SAMPLINGS, f"--sampling in {SAMPLINGS}", self.sampling),
+            (self.decoder in DECODERS, f"--decoder in {DECODERS}", self.decoder),
             (self.clipnorm >= 0, "--clipnorm >= 0", self.clipnorm),
             (self.variance_floor > 0, "--variance-floor > 0", self.variance_floor),
         ]
@@ -129,9 +153,10 @@ def _volume_paths(data_dir: Path) -> dict[str, Path]:
     return found
 
 
-def _training_stream(paths: list[Path], data_dir: Path, options: GmcaeOptions, seed: int):
-    """Endless augmented training batches: from the patch cache (`--patch-cache N`) or streamed
-    from the volume files."""
+def training_stream(paths: list[Path], data_dir: Path, options: GmcaeOptions, seed: int):
+    """Endless augmented training batches (x, x), x (batch, P, P, P, 1) normalised HU: from the
+    patch cache (`--patch-cache N`, under `data_dir`) or streamed from the volume files; the
+    stream of `train_gmcae` for the same `paths`, options and `seed`."""
     if options.patch_cache:
         from kdsb.data.patch_cache import build_patch_cache, cached_patch_dataset
 
@@ -178,6 +203,7 @@ def _build_model_fn(options: GmcaeOptions):
             width=options.width,
             mixtures=options.mixtures,
             variance_floor=options.variance_floor,
+            decoder=options.decoder,
         )
         optimizer = keras.optimizers.Adam(
             learning_rate=options.lr, clipnorm=options.clipnorm or None
@@ -274,7 +300,7 @@ def train_gmcae(
     )
     runs.begin(run_dir, options, data_dir=data_dir)
     logger.info("%d training and %d validation patients", len(train_ids), len(val_ids))
-    train_data = _training_stream(
+    train_data = training_stream(
         [volumes[i] for i in train_ids], Path(data_dir), options, options.seed + start_epoch
     )
     val_patches = validation_patches([volumes[i] for i in val_ids], options)

@@ -299,12 +299,23 @@ def train(
 
 
 def configure_runtime(*, seed: int, precision: str = "float32") -> None:
-    """Seed every random generator and choose the numeric precision of the layers.
+    """Seed every random generator, make TensorFlow's ops deterministic and choose the numeric
+    precision of the layers.
 
-    Call it once, before building models or datasets.
+    Call it once, before building models or datasets. With the same seed, options, data,
+    machine and software a run then repeats bit for bit: weights, history, predictions (kdsb's
+    tf.data pipelines draw their randomness from `seed` and keep their order).
+
+    Op determinism (`tf.config.experimental.enable_op_determinism`) makes kernels that may sum
+    in a varying order (mostly on GPUs) use deterministic algorithms, and forces every tf.data
+    map and interleave to keep its order. It is a switch of the whole process, not of one run:
+    TensorFlow has no public call to turn it off, and calling it again is harmless. While it is
+    on, TensorFlow random ops need a seed (set here), `tf.timestamp` raises, an op without a
+    deterministic implementation raises `UnimplementedError`, and some GPU kernels are slower.
 
     Args:
-        seed: seeds Python's `random`, NumPy and TensorFlow (`keras.utils.set_random_seed`).
+        seed: seeds Python's `random`, NumPy and TensorFlow (`keras.utils.set_random_seed`,
+            which also resets TensorFlow's op-seed counter and Keras's global seed generator).
         precision: "float32"; "mixed_bfloat16" (bf16 compute, float32 weights: CPUs with
             AVX512-BF16/AMX and recent GPUs); or "mixed_float16" (fp16 compute, float32 weights:
             GPUs; Keras then scales the loss against underflow). Losses that must stay exact
@@ -318,10 +329,12 @@ def configure_runtime(*, seed: int, precision: str = "float32") -> None:
             f"expected a precision among {', '.join(PRECISIONS)}, received {precision!r}"
         )
     import keras
+    import tensorflow as tf
 
     keras.utils.set_random_seed(int(seed))
+    tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(precision)
-    logger.debug("seed %d, precision policy %s", seed, precision)
+    logger.debug("seed %d, op determinism on, precision policy %s", seed, precision)
 
 
 def distribution_strategy(name: str = "none") -> Any:
