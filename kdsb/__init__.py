@@ -7,11 +7,15 @@ Importing kdsb is light: TensorFlow loads only when a model is built or Keras is
 Once kdsb is imported, `keras.saving.load_model(path)` loads kdsb models in safe mode.
 Importing kdsb also quiets TensorFlow's C++ start-up lines (absl "I0000 …", oneDNN, CPU feature
 notes) unless `TF_CPP_MIN_LOG_LEVEL` is already set: they hide the messages that matter.
+It also turns TensorFlow's oneDNN kernels on unless `TF_ENABLE_ONEDNN_OPTS` is set: TensorFlow
+leaves them off on some x86 CPUs (AMD EPYC here), where the 3D convolutions then ran 2.7×
+(classifier) to 12–19× (GMCAE) slower; see benchmarks/README.md.
 """
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from kdsb._keras_hook import register_when_keras_loads
 from kdsb._version import __version__

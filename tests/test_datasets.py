@@ -194,3 +194,20 @@ def test_check_volume_files_names_a_corrupt_file(paths, tmp_path):
     corrupt.write_bytes(b"not hdf5")
     with pytest.raises(StoreError, match="bad.h5: expected an HDF5 file"):
         datasets.check_volume_files([*paths, corrupt])
+
+
+def test_stratified_folds_are_disjoint_balanced_and_seeded():
+    from kdsb.data.datasets import stratified_folds
+
+    ids = [f"p{i:02d}" for i in range(23)]
+    labels = {i: int(n % 3 == 0) for n, i in enumerate(ids)}  # 8 positives, 15 negatives
+    folds = stratified_folds(ids, labels, 4, seed=1)
+    assert sorted(sum(folds, [])) == ids  # every patient once
+    assert sorted(len(f) for f in folds) == [5, 6, 6, 6]
+    assert sorted(sum(labels[i] for i in f) for f in folds) == [2, 2, 2, 2]
+    assert stratified_folds(list(reversed(ids)), labels, 4, seed=1) == folds
+    assert stratified_folds(ids, labels, 4, seed=2) != folds
+    with pytest.raises(LabelsError, match="at least 9 patients of class 1 for 9 folds"):
+        stratified_folds(ids, labels, 9)
+    with pytest.raises(KdsbError, match="at least 2 folds"):
+        stratified_folds(ids, labels, 1)

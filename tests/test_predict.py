@@ -114,8 +114,10 @@ def test_missing_inputs_are_usage_errors_before_any_work(cohort, tmp_path, capsy
     out = tmp_path / "sub.csv"
     missing = tmp_path / "nope.keras"
     assert main(["predict", str(data), str(models[0]), str(missing), "--out", str(out)]) == 2
-    assert (f"expected MODEL.keras, a trained classifier, received a missing path: {missing}"
-            in capsys.readouterr().err)
+    assert (f"expected MODEL.keras or the RUN_DIR of kdsb train-classifier, received a missing "
+            f"path: {missing}" in capsys.readouterr().err)
+    assert main(["predict", str(data), str(tmp_path), "--out", str(out)]) == 2
+    assert "received a folder without a trained classifier" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nodata"), str(models[0]), "--out", str(out)]) == 2
     assert "expected DATA_DIR, a folder of kdsb volume files, received a missing path" \
         in capsys.readouterr().err

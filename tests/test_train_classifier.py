@@ -15,6 +15,7 @@ from kdsb.data.inputs import VolumeInput
 from kdsb.errors import UsageError
 from kdsb.io.volumes import volume_path, write_volume
 from kdsb.training import classifier as classifier_training
+from kdsb.training import spp
 from kdsb.training.classifier import ClassifierOptions, balanced_class_weights
 from kdsb.training.runs import given_options
 
@@ -52,8 +53,6 @@ def cohort(tmp_path_factory):
 def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, capsys, monkeypatch):
     import keras
 
-    from kdsb.training import classifier as classifier_training
-
     data, labels, gmcae = cohort
     run = tmp_path / "run"
     argv = ["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
@@ -62,6 +61,7 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "patients            2 (1 positive)" in out and "base-rate log loss" in out
+    assert "validation (calibrated on it)" in out
 
     model = keras.saving.load_model(run / "classifier.keras", safe_mode=True, compile=False)
     assert model.output_shape == (None, 1)
@@ -71,9 +71,23 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     assert {"loss", "log_loss", "auc", "val_log_loss", "val_auc"} <= set(history[0])
 
     result = json.loads((run / "metrics.json").read_text())
-    validation = result["validation"]
+    validation = result["validation_uncalibrated"]
     assert set(validation) == {"log_loss", "roc_auc", "accuracy", "base_rate_log_loss", "n",
-                               "n_positive"}
+                               "n_positive", "brier", "ece", "intervals"}
+    assert set(validation["intervals"]) == {"log_loss", "roc_auc", "accuracy", "brier"}
+    # The saved classifier is the best model with the Platt map fitted on the validation
+    # patients appended: its predictions are the map applied to the uncalibrated model's.
+    from kdsb.models.calibration import Calibration, calibration_of
+
+    calibration = calibration_of(model)
+    assert result["calibration"] == {"method": "platt", "slope": calibration.slope,
+                                     "intercept": calibration.intercept}
+    assert (run / "uncalibrated.keras").is_file()
+    uncalibrated = keras.saving.load_model(run / "uncalibrated.keras", compile=False)
+    x = VolumeInput(spacing_mm=(1, 1, 1)).read(data / "p0.h5")[np.newaxis]
+    expected = Calibration(calibration.slope, calibration.intercept).apply(
+        float(uncalibrated(x)[0, 0]))
+    assert float(model(x)[0, 0]) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
     assert (result["n_train"], result["n_val"]) == (6, 2)
     assert (validation["n"], validation["n_positive"]) == (2, 1)
     assert sorted(result["train_ids"] + result["val_ids"]) == [f"p{i}" for i in range(8)]
@@ -103,13 +117,15 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     # Resume: one more epoch appended to the same history, on a training stream seeded past
     # the epochs done (not a replay of epoch 1's order and symmetries).
     seeds = []
-    original = classifier_training.train_dataset
+    from kdsb.training import spp
+
+    original = spp.train_dataset
 
     def recording(*args, seed, **kwargs):
         seeds.append(seed)
         return original(*args, seed=seed, **kwargs)
 
-    monkeypatch.setattr(classifier_training, "train_dataset", recording)
+    monkeypatch.setattr(spp, "train_dataset", recording)
     # Options left out keep their saved values (here --batch-size 2 and --dense-units 4).
     assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
                  "--epochs", "3", "--resume", "--patience", "2"]) == 0
@@ -228,7 +244,10 @@ def test_class_weights_only_for_balanced_bce(cohort):
                             (["--loss", "focal"], False)):
         args = parser.parse_args([str(data), str(labels), "r", "--gmcae", str(gmcae), *extra])
         options = ClassifierOptions(**given_options(args, ClassifierOptions))
-        dataset = classifier_training.train_dataset(paths, y, options, VolumeInput(), seed=0)
+        weights = classifier_training.class_weights_for(options, y)
+        assert (weights is not None) == weighted
+        dataset = spp.train_dataset(paths, y, options, VolumeInput(), seed=0,
+                                    class_weights=weights)
         element = next(iter(dataset))
         assert len(element) == (3 if weighted else 2)
         if weighted:
@@ -253,3 +272,66 @@ def test_options_default_to_the_dataclass_and_are_validated_once(cohort):
         with pytest.raises(UsageError, match=message):
             ClassifierOptions(gmcae=str(gmcae), **bad)
     assert balanced_class_weights([0, 0, 0, 1]) == pytest.approx({0: 4 / 6, 1: 2.0})
+
+
+@pytest.mark.slow
+def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, capsys):
+    """--folds 2 --head mil: stratified disjoint folds, oof.csv with every patient once (the
+    prediction of the fold model that never saw it, calibrated by a map fitted on the other
+    fold), calibrated fold models, and predict RUN_DIR averaging them; resume reuses folds."""
+    import keras
+
+    from kdsb.evaluation.predict import predict_cohort
+    from kdsb.models.calibration import calibration_of, fit_calibration
+
+    data, labels, gmcae = cohort
+    run = tmp_path / "cv"
+    argv = ["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
+            "--head", "mil", "--folds", "2", "--epochs", "2", "--batch-size", "2",
+            "--lr", "1e-2", "--dense-units", "4", "--bag-symmetries", "2",
+            "--val-fraction", "0.25"]
+    assert main(argv) == 0
+    assert "out-of-fold (2 folds, calibrated)" in capsys.readouterr().out
+    result = json.loads((run / "metrics.json").read_text())
+    folds = result["fold_ids"]
+    assert sorted(folds[0] + folds[1]) == [f"p{i}" for i in range(N_PATIENTS)]
+    assert [sorted(int(i[1:]) % 2 for i in f) for f in folds] == [[0, 0, 1, 1]] * 2
+    with open(run / "oof.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["id"] for r in rows) == [f"p{i}" for i in range(N_PATIENTS)]
+    for k, fold in enumerate(folds, start=1):
+        record = json.loads((run / f"fold_{k}" / "fold.json").read_text())
+        assert record["held_out"] == fold
+        assert not set(fold) & set(record["train_ids"] + record["val_ids"])
+        inside = [r for r in rows if int(r["fold"]) == k]
+        assert sorted(r["id"] for r in inside) == fold
+        assert all(float(r["uncalibrated"]) == pytest.approx(record["predictions"][r["id"]],
+                                                             abs=1e-6) for r in inside)
+        others = [r for r in rows if int(r["fold"]) != k]
+        cross = fit_calibration([int(r["label"]) for r in others],
+                                [float(r["uncalibrated"]) for r in others], "platt")
+        for r in inside:
+            assert float(r["cancer"]) == pytest.approx(
+                float(cross.apply(float(r["uncalibrated"]))), abs=2e-6)
+    scores = result["out_of_fold"]
+    assert scores["n"] == N_PATIENTS and scores["log_loss"] == pytest.approx(
+        -np.mean([np.log(float(r["cancer"])) if r["label"] == "1"
+                  else np.log1p(-float(r["cancer"])) for r in rows]), rel=1e-4)
+    saved = [calibration_of(keras.saving.load_model(run / f"fold_{k}" / "classifier.keras",
+                                                    compile=False)) for k in (1, 2)]
+    assert saved[0] == saved[1] and saved[0].slope == result["calibration"]["slope"]
+
+    mean = predict_cohort(data, [run], clip=0.0)
+    single = [predict_cohort(data, [run / f"fold_{k}" / "classifier.keras"], clip=0.0)
+              for k in (1, 2)]
+    for pid, p in mean.items():
+        assert p == pytest.approx((single[0][pid] + single[1][pid]) / 2, rel=1e-5)
+
+    # A second start into the same folder needs --resume; resuming retrains no finished fold.
+    assert main(argv) == 2
+    assert "already holds cross-validation folds" in capsys.readouterr().err
+    stamp = (run / "fold_1" / "uncalibrated.keras").stat().st_mtime_ns
+    assert main([*argv, "--resume"]) == 0
+    assert (run / "fold_1" / "uncalibrated.keras").stat().st_mtime_ns == stamp
+    resumed = json.loads((run / "metrics.json").read_text())["out_of_fold"]
+    assert resumed["log_loss"] == pytest.approx(scores["log_loss"])

@@ -232,6 +232,16 @@ def balanced_class_weights(labels: list[int]) -> dict[int, float]:
     return {c: float(len(labels) / (2 * counts[c])) if counts[c] else 0.0 for c in (0, 1)}
 
 
+def class_weights_for(options: ClassifierOptions, labels: list[int]) -> dict[int, float] | None:
+    """The training sample weights per class: balanced for `--loss bce --class-weight
+    balanced`, else None (no weights)."""
+    if options.loss != "bce" or options.class_weight != "balanced":
+        return None
+    weights = balanced_class_weights(labels)
+    logger.info("class weights %s", weights)
+    return weights
+
+
 def score_patients(model: Any, paths: list[Path], volume_input: VolumeInput,
                    desc: str = "score") -> np.ndarray:
     """p(cancer) of a trained model for each volume file, one volume at a time."""
@@ -291,10 +301,7 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _
     runs.begin(model_dir, options, data_dir=ctx.data_dir)
     train = {i: cohort[i] for i in train_ids}
     val = {i: cohort[i] for i in val_ids}
-    weights = None
-    if options.loss == "bce" and options.class_weight == "balanced":
-        weights = balanced_class_weights([y for _, y in train.values()])
-        logger.info("class weights %s", weights)
+    weights = class_weights_for(options, [y for _, y in train.values()])
     common = dict(resume=ctx.resume, start_epoch=last[0] if last else 0,
                   best_name=UNCALIBRATED_NAME, monitor=MONITOR, class_weights=weights)
     if options.head == "mil":

@@ -1,0 +1,79 @@
+"""Tests of kdsb.models.calibration: the fit against known maps, the layer against NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kdsb.errors import KdsbError
+from kdsb.evaluation import metrics
+from kdsb.models.calibration import (
+    IDENTITY,
+    Calibration,
+    calibration_of,
+    fit_calibration,
+    with_calibration,
+    without_calibration,
+)
+
+
+def _overconfident(n=4000, seed=0):
+    """Labels drawn from true probabilities q, and a model reporting sigmoid(3·logit(q) + 1)."""
+    rng = np.random.default_rng(seed)
+    logit_q = rng.normal(0.0, 1.5, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit_q))).astype(float)
+    p = 1 / (1 + np.exp(-(3.0 * logit_q + 1.0)))
+    return y, p
+
+
+def test_platt_recovers_the_inverse_map_and_lowers_the_log_loss():
+    y, p = _overconfident()
+    calibration = fit_calibration(y, p, "platt")
+    # The true map back is logit q = (logit p − 1) / 3: slope 1/3, intercept −1/3.
+    assert calibration.slope == pytest.approx(1 / 3, abs=0.03)
+    assert calibration.intercept == pytest.approx(-1 / 3, abs=0.08)
+    calibrated = calibration.apply(p)
+    assert metrics.log_loss(y, calibrated) < metrics.log_loss(y, p) - 0.1
+    assert metrics.expected_calibration_error(y, calibrated) < 0.03
+    assert metrics.roc_auc(y, calibrated) == pytest.approx(metrics.roc_auc(y, p))
+
+
+def test_temperature_fits_the_slope_only_and_none_is_the_identity():
+    y, p = _overconfident()
+    temperature = fit_calibration(y, p, "temperature")
+    assert temperature.intercept == 0.0 and 0.2 < temperature.slope < 0.5
+    assert metrics.log_loss(y, temperature.apply(p)) < metrics.log_loss(y, p)
+    assert fit_calibration(y, p, "none") == IDENTITY
+    # One class: no slope to identify.
+    assert fit_calibration(np.ones(5), np.full(5, 0.3), "temperature") == IDENTITY
+    one = fit_calibration(np.ones(5), np.full(5, 0.3), "platt")
+    assert one.slope == 1.0 and one.apply(0.3) > 0.9
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(KdsbError, match="calibration method"):
+        fit_calibration([0, 1], [0.2, 0.8], "isotonic")
+    with pytest.raises(KdsbError, match="as many labels"):
+        fit_calibration([0, 1, 1], [0.2, 0.8], "platt")
+
+
+def test_the_layer_matches_numpy_and_travels_in_the_saved_model(tmp_path):
+    import keras
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="p")(inputs))
+    assert calibration_of(model) is None and without_calibration(model) is model
+    calibration = Calibration(slope=0.4, intercept=-0.7)
+    calibrated = with_calibration(model, calibration)
+    x = np.random.default_rng(1).normal(size=(6, 3)).astype("float32") * 5
+    raw = np.asarray(model(x))[:, 0]
+    np.testing.assert_allclose(np.asarray(calibrated(x))[:, 0], calibration.apply(raw),
+                               rtol=1e-4, atol=1e-6)
+    path = tmp_path / "m.keras"
+    calibrated.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True, compile=False)
+    assert calibration_of(loaded) == calibration
+    # Calibrating again replaces the map instead of stacking a second one.
+    again = with_calibration(loaded, IDENTITY)
+    np.testing.assert_allclose(np.asarray(again(x))[:, 0], raw, rtol=1e-4, atol=1e-6)
+    assert sum(layer.name == "calibration" for layer in again.layers) == 1
