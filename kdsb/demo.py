@@ -87,7 +87,7 @@ def _done(start: float, note: str = "") -> None:
     print(f"   {time.perf_counter() - start:.0f} s{note}", flush=True)
 
 
-def _synth(root: Path, patients: int, seed: int) -> Path:
+def synth_cohort(root: Path, patients: int, seed: int) -> Path:
     from kdsb.phantoms.cohort import write_cohort
 
     labels = root / "labels.csv"
@@ -100,7 +100,7 @@ def _synth(root: Path, patients: int, seed: int) -> Path:
     )
 
 
-def _preprocess(dicom_root: Path, out_dir: Path, workers: int) -> None:
+def preprocess_cohort(dicom_root: Path, out_dir: Path, workers: int) -> None:
     from kdsb.preprocessing.cohort import MANIFEST_NAME, run_cohort
 
     if run_cohort(dicom_root, out_dir, workers=workers, spacing=SPACING_MM) != 0:
@@ -110,7 +110,7 @@ def _preprocess(dicom_root: Path, out_dir: Path, workers: int) -> None:
         )
 
 
-def _train_gmcae(volumes: Path, run_dir: Path, plan: DemoPlan, seed: int) -> Path:
+def train_demo_gmcae(volumes: Path, run_dir: Path, plan: DemoPlan, seed: int) -> Path:
     """Train the GMCAE into `run_dir`, or reuse a finished run; returns the model's path."""
     from kdsb.training.gmcae import MODEL_NAME, SUMMARY_NAME, GmcaeOptions, train_gmcae
 
@@ -180,18 +180,18 @@ def run_demo(
     start_all = time.perf_counter()
 
     start = _stage(f"synth: {plan.patients} training and {plan.test_patients} test phantoms")
-    train_labels = _synth(work / "train_cohort", plan.patients, seed)
-    test_labels = _synth(work / "test_cohort", plan.test_patients, seed + TEST_SEED_OFFSET)
+    train_labels = synth_cohort(work / "train_cohort", plan.patients, seed)
+    test_labels = synth_cohort(work / "test_cohort", plan.test_patients, seed + TEST_SEED_OFFSET)
     _done(start)
 
     start = _stage(f"preprocess at {SPACING_MM:g} mm")
     train_volumes, test_volumes = work / "volumes" / "train", work / "volumes" / "test"
-    _preprocess(work / "train_cohort" / "dicom", train_volumes, workers)
-    _preprocess(work / "test_cohort" / "dicom", test_volumes, workers)
+    preprocess_cohort(work / "train_cohort" / "dicom", train_volumes, workers)
+    preprocess_cohort(work / "test_cohort" / "dicom", test_volumes, workers)
     _done(start)
 
     start = _stage(f"train-gmcae (width {plan.gmcae_width}, {plan.gmcae_epochs} epochs)")
-    gmcae = _train_gmcae(train_volumes, work / "runs" / "gmcae", plan, seed)
+    gmcae = train_demo_gmcae(train_volumes, work / "runs" / "gmcae", plan, seed)
     _done(start)
 
     start = _stage(f"train-classifier (up to {plan.classifier_epochs} epochs)")

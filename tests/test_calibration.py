@@ -47,7 +47,19 @@ def test_temperature_fits_the_slope_only_and_none_is_the_identity():
     # One class: no slope to identify.
     assert fit_calibration(np.ones(5), np.full(5, 0.3), "temperature") == IDENTITY
     one = fit_calibration(np.ones(5), np.full(5, 0.3), "platt")
-    assert one.slope == 1.0 and one.apply(0.3) > 0.9
+    assert one.slope == 1.0 and one.apply(0.3) == pytest.approx(6 / 7)  # Platt's target
+
+
+def test_perfectly_separated_patients_get_finite_unearned_certainty_no_more():
+    """Plain maximum likelihood would push the slope to its bound (p' = 0 or 1)."""
+    y = np.array([0] * 8 + [1] * 8)
+    p = np.r_[np.linspace(0.1, 0.4, 8), np.linspace(0.6, 0.9, 8)]
+    calibrated = fit_calibration(y, p, "platt").apply(p)
+    calibration = fit_calibration(y, p, "platt")
+    assert calibration.slope < 3.0  # plain maximum likelihood: the bound, 1000
+    assert 0.01 < calibrated.min() and calibrated.max() < 0.99  # off the clip bounds
+    # Stationarity with Platt's targets: the mean prediction equals the mean target.
+    assert calibrated.mean() == pytest.approx(0.5, abs=1e-4)
 
 
 def test_bad_input_is_refused():

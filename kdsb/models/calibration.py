@@ -8,7 +8,11 @@ its probability p to
 
 fitted by maximum likelihood on predictions the model did not train on (out-of-fold or
 validation patients): "platt" fits slope and intercept, "temperature" the slope alone
-(slope = 1 / T) and "none" keeps p. The map is monotone, so the AUC is unchanged; it moves
+(slope = 1 / T) and "none" keeps p. As in Platt (1999), the targets are not 0 and 1 but
+1 / (N₋ + 2) and (N₊ + 1) / (N₊ + 2): on a few perfectly separated validation patients the
+plain maximum-likelihood slope runs off to infinity (every prediction 0 or 1, unearned), while
+these targets keep it finite and the probabilities as sure as the patient counts allow.
+The map is monotone, so the AUC is unchanged; it moves
 log loss, Brier score and calibration error.
 
 The map is a registered Keras layer, `ProbabilityCalibration`, appended to the classifier's
@@ -84,15 +88,18 @@ def fit_calibration(y, p, method: str = "platt") -> Calibration:
     one_class = y.min() == y.max()
     if method == "none" or (method == "temperature" and one_class):
         return IDENTITY
+    positives = y.sum()
+    negatives = y.size - positives
+    target = np.where(y == 1.0, (positives + 1.0) / (positives + 2.0), 1.0 / (negatives + 2.0))
 
     def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
         slope, intercept = (params[0], params[1]) if method == "platt" else (params[0], 0.0)
         if one_class:
             slope = 1.0
         s = slope * z + intercept
-        # Mean of log(1 + e^s) − y·s, and its gradient (q − y) times ds/dparams.
-        value = np.mean(np.logaddexp(0.0, s) - y * s)
-        residual = _sigmoid(s) - y
+        # Mean of log(1 + e^s) − t·s, and its gradient (q − t) times ds/dparams.
+        value = np.mean(np.logaddexp(0.0, s) - target * s)
+        residual = _sigmoid(s) - target
         grad_slope = 0.0 if one_class else np.mean(residual * z)
         grads = [grad_slope, np.mean(residual)] if method == "platt" else [grad_slope]
         return float(value), np.asarray(grads)
@@ -142,7 +149,7 @@ def without_calibration(model: keras.Model) -> keras.Model:
     if CALIBRATION_LAYER not in {layer.name for layer in model.layers}:
         return model
     layer = model.get_layer(CALIBRATION_LAYER)
-    return keras.Model(model.inputs, layer.input, name=model.name)
+    return keras.Model(_inputs(model), layer.input, name=model.name)
 
 
 def with_calibration(model: keras.Model, calibration: Calibration) -> keras.Model:
@@ -151,7 +158,12 @@ def with_calibration(model: keras.Model, calibration: Calibration) -> keras.Mode
     layer = ProbabilityCalibration(
         slope=calibration.slope, intercept=calibration.intercept, name=CALIBRATION_LAYER
     )
-    return keras.Model(base.inputs, layer(base.outputs[0]), name=base.name)
+    return keras.Model(_inputs(base), layer(base.outputs[0]), name=base.name)
+
+
+def _inputs(model: keras.Model):
+    """A model's input tensor, or its list when several (so calls keep the same structure)."""
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
 
 
 def calibration_of(model: keras.Model) -> Calibration | None:

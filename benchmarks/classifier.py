@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Classifier heads side by side on phantom cohorts: cross-validated, calibrated, held out.
+
+For each seed: a training cohort (`kdsb synth`, the demo's phantom size and 2 mm spacing) and a
+separate held-out cohort of `--test-size` patients (seed + 5000), both preprocessed; the demo's
+GMCAE recipe trained on the training volumes; then for each training size n (the first n
+patients; phantom cohorts extend each other, so the 24 are among the 96) and each head,
+`train-classifier --folds K` (the head's options below), `predict RUN_DIR` on the held-out
+cohort and its metrics. Prints one row per (size, head, seed) and the mean ± sd over seeds of:
+out-of-fold ECE (cross-fitted calibration), held-out log loss, AUC, ECE, and the CPU time of
+the classifier step. Everything is written under WORKDIR and reused when rerun.
+
+Usage: python benchmarks/classifier.py WORKDIR [--sizes 24 96] [--seeds 0 1 2]
+       [--heads spp mil] [--folds 4] [--test-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kdsb import demo  # noqa: E402
+from kdsb.evaluation import metrics  # noqa: E402
+from kdsb.evaluation.predict import predict_cohort  # noqa: E402
+from kdsb.io.tables import read_labels, write_labels  # noqa: E402
+from kdsb.training.classifier import ClassifierOptions, train_classifier  # noqa: E402
+
+TEST_SEED_OFFSET = 5000
+# Each head's options (beyond --gmcae, --folds, --seed and the demo's lung masking).
+HEADS = {
+    "spp": dict(epochs=40, lr=1e-3, patience=10, val_fraction=0.25, batch_size=4, levels=(1,),
+                dense_units=32, dropout=0.5),
+    "mil": dict(epochs=60, lr=3e-3, patience=20, val_fraction=0.25, batch_size=8,
+                dense_units=32, dropout=0.25, augment=False),
+}
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, workers: int):
+    """Rows of one seed: dicts of size, head, seed and the figures."""
+    plan = demo.FULL_PLAN
+    train_labels = demo.synth_cohort(work / "train_cohort", max(sizes), seed)
+    test_labels = demo.synth_cohort(work / "test_cohort", test_size, seed + TEST_SEED_OFFSET)
+    train_volumes, test_volumes = work / "volumes" / "train", work / "volumes" / "test"
+    demo.preprocess_cohort(work / "train_cohort" / "dicom", train_volumes, workers)
+    demo.preprocess_cohort(work / "test_cohort" / "dicom", test_volumes, workers)
+    gmcae = demo.train_demo_gmcae(train_volumes, work / "runs" / "gmcae", plan, seed)
+    labels = read_labels(train_labels)
+    test = read_labels(test_labels)
+    rows = []
+    for n in sizes:
+        subset = dict(sorted(labels.items())[:n])
+        subset_csv = write_labels(work / f"labels_{n}.csv", sorted(subset.items()))
+        for head in heads:
+            run_dir = work / "runs" / f"{head}_{n}"
+            start = _cpu_seconds()
+            if not (run_dir / "metrics.json").is_file():
+                options = ClassifierOptions(
+                    gmcae=str(gmcae), head=head, folds=folds, seed=seed,
+                    lung_dilation_mm=demo.LUNG_DILATION_MM, allow_unlabelled=True,
+                    **HEADS[head],
+                )
+                train_classifier(train_volumes, subset_csv, run_dir, options)
+            cpu = _cpu_seconds() - start
+            oof = json.loads((run_dir / "metrics.json").read_text())["out_of_fold"]
+            predicted = predict_cohort(test_volumes, [run_dir], clip=0.0)
+            ids = sorted(test)
+            y = np.array([test[i] for i in ids])
+            p = np.array([predicted[i] for i in ids])
+            rows.append({
+                "size": n, "head": head, "seed": seed, "oof_ece": oof["ece"],
+                "oof_auc": oof["roc_auc"], "test_log_loss": metrics.log_loss(y, p),
+                "test_auc": metrics.roc_auc(y, p),
+                "test_ece": metrics.expected_calibration_error(y, p), "cpu_s": cpu,
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[24, 96])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--test-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    rows = []
+    for seed in args.seeds:
+        rows += run_seed(args.workdir / f"seed_{seed}", seed, args.sizes, args.heads, args.folds,
+                         args.test_size, args.workers)
+    print()
+    print(f"{'n':>4} {'head':>5} {'oof ECE':>14} {'test log loss':>14} {'test AUC':>14} "
+          f"{'test ECE':>14} {'CPU s':>10}")
+    for n in args.sizes:
+        for head in args.heads:
+            chosen = [r for r in rows if r["size"] == n and r["head"] == head]
+
+            def cell(key, chosen=chosen):
+                values = np.array([r[key] for r in chosen], dtype=float)
+                return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
+
+            print(f"{n:>4} {head:>5} {cell('oof_ece'):>14} {cell('test_log_loss'):>14} "
+                  f"{cell('test_auc'):>14} {cell('test_ece'):>14} "
+                  f"{np.mean([r['cpu_s'] for r in chosen]):>10.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
