@@ -124,7 +124,8 @@ def test_usage_errors_match_predict(cohort, tmp_path, capsys):
     assert "received no OUT_DIR" in capsys.readouterr().err
     assert main(["explain", str(root / "data"), str(tmp_path / "none.keras"),
                  str(tmp_path / "out")]) == 2
-    assert "expected MODEL.keras, a trained classifier, received a missing path" in \
+    assert ("expected MODEL.keras or the RUN_DIR of kdsb train-classifier, received a missing "
+            "path") in \
         capsys.readouterr().err
 
 
@@ -135,11 +136,14 @@ def test_a_saturated_classifier_still_has_a_map(cohort, tmp_path):
 
     from kdsb.data.inputs import VolumeInput
     from kdsb.evaluation.explain import gradcam
+    from kdsb.models.calibration import without_calibration
 
     root, model_path, _ = cohort
     model = keras.saving.load_model(model_path)
     model.get_layer("p_cancer").bias.assign(np.array([60.0], "float32"))
     x = VolumeInput().read(volumes.volume_path(root / "data", "c0"))
+    assert float(without_calibration(model)(x[np.newaxis])[0, 0]) == 1.0
     cam, p = gradcam(model, x)
-    assert p == 1.0 and float(model(x[np.newaxis])[0, 0]) == 1.0
+    # The probability reported is the calibrated model's own.
+    assert p == pytest.approx(float(model(x[np.newaxis])[0, 0]), rel=1e-5)
     assert cam.max() > 0

@@ -106,7 +106,7 @@ def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
     """
     import tensorflow as tf
 
-    from kdsb.models.calibration import IDENTITY, calibration_of
+    from kdsb.models.calibration import calibration_of
 
     encoder, hidden, output = _split_classifier(model)
     features = encoder(x[np.newaxis], training=False)
@@ -122,8 +122,10 @@ def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
     gradient = tape.gradient(logit, features)
     weights = tf.reduce_mean(tf.cast(gradient, tf.float32), axis=(1, 2, 3))  # (1, channels)
     cam = tf.nn.relu(tf.einsum("bzyxc,bc->bzyx", tf.cast(features, tf.float32), weights))
-    calibration = calibration_of(model) or IDENTITY
-    p = float(calibration.apply(float(tf.sigmoid(logit))))
+    p = float(tf.sigmoid(logit))
+    calibration = calibration_of(model)
+    if calibration is not None:
+        p = float(calibration.apply(p))
     return cam[0].numpy().astype(np.float32), p
 
 
