@@ -106,7 +106,7 @@ def truncated_encoder(encoder: keras.Model, block: int) -> keras.Model:
     if block == ENCODER_BLOCKS:
         return encoder
     last = encoder.get_layer(encoder_layer_names(block)[1])
-    return keras.Model(encoder.inputs, last.output, name=encoder.name)
+    return keras.Model(encoder.inputs[0], last.output, name=encoder.name)
 
 
 def build_mil_classifier(
