@@ -141,8 +141,9 @@ class ClassifierOptions(RunOptions):
         2, "encoder block whose output cells are the MIL instances (1..3; head mil)", type=int
     )
     bag_symmetries: int = option(
-        8, "cube symmetries encoded per volume for head mil (training draws one per visit)",
-        type=int,
+        1, "cube symmetries encoded per volume for head mil (with --augment training draws one "
+        "per visit; 1: the volume as it is, which fitted better: the frozen encoder is not "
+        "symmetry invariant)", type=int,
     )
     freeze_blocks: int = option(0, "freeze the first K encoder blocks (head spp)", type=int)
     loss: str = option("bce", "binary cross-entropy or focal", choices=LOSSES)
