@@ -4,7 +4,8 @@
 stay small), yet `keras.saving.load_model(path)` must find kdsb's layers and losses once kdsb is
 imported. If Keras is already loaded we import the modules holding those objects now; otherwise
 a one-shot import hook imports them right after Keras finishes loading. Python has no
-post-import hook of its own, hence this small finder.
+post-import hook of its own, hence this small finder (`wrap_first_import`, also used by
+`kdsb._tf_startup`).
 """
 
 from __future__ import annotations
@@ -37,20 +38,35 @@ class _AfterKerasLoader(importlib.abc.Loader):
         _import_keras_objects()
 
 
-class _AfterKerasFinder(importlib.abc.MetaPathFinder):
+class _OneShotFinder(importlib.abc.MetaPathFinder):
+    """Finds one top-level module the usual way, once, and wraps its loader."""
+
+    def __init__(self, fullname: str, wrap):
+        self.fullname = fullname
+        self.wrap = wrap
+
     def find_spec(self, fullname, path, target=None):
-        if fullname != "keras":
+        if fullname != self.fullname:
             return None
         sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
-            spec.loader = _AfterKerasLoader(spec.loader)
+            spec.loader = self.wrap(spec.loader)
         return spec
+
+
+def wrap_first_import(fullname: str, wrap) -> None:
+    """Have the first import of top-level module `fullname` run through `wrap(loader)` (a
+    loader around the real one); nothing if it is loaded or already hooked."""
+    if fullname in sys.modules:
+        return
+    if not any(isinstance(f, _OneShotFinder) and f.fullname == fullname for f in sys.meta_path):
+        sys.meta_path.insert(0, _OneShotFinder(fullname, wrap))
 
 
 def register_when_keras_loads() -> None:
     """Make kdsb's Keras objects loadable now (Keras loaded) or as soon as Keras loads."""
     if "keras" in sys.modules:
         _import_keras_objects()
-    elif not any(isinstance(f, _AfterKerasFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterKerasFinder())
+    else:
+        wrap_first_import("keras", _AfterKerasLoader)

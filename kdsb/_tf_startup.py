@@ -10,10 +10,11 @@ every captured line except that chatter (a real warning or error still reaches t
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import os
 import sys
 import tempfile
+
+from kdsb._keras_hook import wrap_first_import
 
 # Captured lines starting with one of these are dropped.
 CHATTER = ("WARNING: All log messages before absl::InitializeLog()", "I0000 ")
@@ -42,20 +43,6 @@ class _QuietLoader(importlib.abc.Loader):
                         sys.stderr.write(line)
 
 
-class _QuietFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "tensorflow":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _QuietLoader(spec.loader)
-        return spec
-
-
 def quiet_tensorflow_start_up() -> None:
     """Filter TensorFlow's start-up chatter the first time it is imported (no-op if loaded)."""
-    if "tensorflow" not in sys.modules and not any(
-        isinstance(f, _QuietFinder) for f in sys.meta_path
-    ):
-        sys.meta_path.insert(0, _QuietFinder())
+    wrap_first_import("tensorflow", _QuietLoader)
