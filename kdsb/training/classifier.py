@@ -83,7 +83,6 @@ POOLINGS = ("max", "average")
 MIL_POOLINGS = ("attention", "max")
 CALIBRATIONS = ("platt", "temperature", "none")
 CLASS_WEIGHTS = ("balanced", "none")
-BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,7 +293,8 @@ class _Context:
 
 
 def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _Context):
-    """Train one model into `model_dir`; returns (raw validation predictions, History)."""
+    """Train one model into `model_dir`; returns (raw validation predictions, History, the best
+    uncalibrated model)."""
     from kdsb.models.classifier import load_classifier
 
     options, cohort = ctx.options, ctx.cohort
@@ -315,7 +315,7 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _
         history = train_spp(model_dir, train, val, options, ctx.volume_input, **common)
     best = load_classifier(model_dir / UNCALIBRATED_NAME)
     p_val = score_patients(best, [cohort[i][0] for i in val_ids], ctx.volume_input, "validate")
-    return p_val, history
+    return p_val, history, best
 
 
 def _save_calibrated(model_dir: Path, calibration) -> None:
@@ -330,7 +330,7 @@ def scores_with_intervals(y, p, seed: int) -> dict[str, Any]:
     """`metrics.summary` (NaN AUC as None) plus bootstrap 95 % intervals under "intervals"."""
     scores = {k: _finite_or_none(v) if isinstance(v, float) else v
               for k, v in metrics.summary(y, p).items()}
-    intervals = metrics.bootstrap_intervals(y, p, n_boot=BOOTSTRAP_RESAMPLES, seed=seed)
+    intervals = metrics.bootstrap_intervals(y, p, n_boot=metrics.DEFAULT_BOOTSTRAP, seed=seed)
     scores["intervals"] = {k: [float(lo), float(hi)] for k, (lo, hi) in intervals.items()}
     return scores
 
@@ -423,7 +423,7 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any]:
 
     cohort, options = ctx.cohort, ctx.options
     train_ids, val_ids = _split(cohort, sorted(cohort), options, "all patients")
-    p_val, history = _fit_model(run_dir, train_ids, val_ids, ctx)
+    p_val, history, _ = _fit_model(run_dir, train_ids, val_ids, ctx)
     y_val = [cohort[i][1] for i in val_ids]
     calibration = fit_calibration(y_val, p_val, options.calibration)
     _save_calibrated(run_dir, calibration)
@@ -447,7 +447,6 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any]:
 def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dict[str, Any]:
     """Train one model per fold on the other folds; score, calibrate and save them all."""
     from kdsb.models.calibration import fit_calibration
-    from kdsb.models.classifier import load_classifier
 
     cohort, options = ctx.cohort, ctx.options
     raw: dict[str, float] = {}
@@ -460,8 +459,7 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
             logger.info("fold %d of %d: %d held-out patients", k, len(folds), len(held_out))
             rest = [i for i in sorted(cohort) if i not in set(held_out)]
             train_ids, val_ids = _split(cohort, rest, options, f"fold {k}")
-            _fit_model(fold_dir, train_ids, val_ids, ctx)
-            model = load_classifier(fold_dir / UNCALIBRATED_NAME)
+            _, _, model = _fit_model(fold_dir, train_ids, val_ids, ctx)
             p = score_patients(model, [cohort[i][0] for i in held_out], ctx.volume_input,
                                f"fold {k}")
             done = {"held_out": held_out, "train_ids": train_ids, "val_ids": val_ids,
