@@ -64,6 +64,12 @@ def wrap_first_import(fullname: str, wrap) -> None:
         sys.meta_path.insert(0, _OneShotFinder(fullname, wrap))
 
 
+def unwrap_first_import(fullname: str) -> None:
+    """Undo `wrap_first_import(fullname, …)` while the module is not yet imported."""
+    sys.meta_path[:] = [f for f in sys.meta_path
+                        if not (isinstance(f, _OneShotFinder) and f.fullname == fullname)]
+
+
 def register_when_keras_loads() -> None:
     """Make kdsb's Keras objects loadable now (Keras loaded) or as soon as Keras loads."""
     if "keras" in sys.modules:

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
+    if verbose:
+        from kdsb._tf_startup import show_tensorflow_logs
+
+        show_tensorflow_logs()
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 

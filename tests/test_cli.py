@@ -100,7 +100,18 @@ def test_importing_kdsb_quiets_tensorflow_start_up_lines():
     assert quiet.stdout.strip() == "2"
     for chatter in ("I0000", "oneDNN", "cpu_feature_guard", "absl::InitializeLog"):
         assert chatter not in quiet.stderr
-    # The user's own setting wins: level 0 lets TensorFlow's info lines through again.
+    # A subprocess inherits kdsb's level and is quieted the same way.
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, check=False,
+                           env={**env, "TF_CPP_MIN_LOG_LEVEL": "3", "KDSB_TF_LOG_LEVEL": "3"})
+    assert "oneDNN" not in child.stderr and "I0000" not in child.stderr
+    # The user's own setting wins: level 0 lets TensorFlow's info lines through again; so
+    # does `kdsb -v`.
     loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=False, env={**env, "TF_CPP_MIN_LOG_LEVEL": "0"})
+                          timeout=120, check=False,
+                          env={**env, "TF_CPP_MIN_LOG_LEVEL": "0", "KDSB_TF_LOG_LEVEL": "3"})
+    assert "cpu_feature_guard" in loud.stderr or "oneDNN" in loud.stderr
+    verbose = "from kdsb.cli import _configure_logging\n_configure_logging(True, False)\n"
+    loud = subprocess.run([sys.executable, "-c", verbose + code], capture_output=True,
+                          text=True, timeout=120, check=False, env=env)
     assert "cpu_feature_guard" in loud.stderr or "oneDNN" in loud.stderr

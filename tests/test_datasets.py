@@ -10,7 +10,7 @@ import pytest
 
 from kdsb.data import datasets, patches
 from kdsb.data.inputs import VolumeInput
-from kdsb.errors import KdsbError, LabelsError, StoreError
+from kdsb.errors import KdsbError, LabelsError
 from kdsb.io import volumes
 from kdsb.preprocessing.hu import INPUT_CLIP_MAX_HU
 
@@ -186,14 +186,6 @@ def test_volume_dataset_augment_is_a_cube_symmetry(paths):
         assert len(matches) == 1
         seen.append(matches[0])
     assert len(set(seen)) >= 4 and set(seen) != {0}
-
-
-def test_check_volume_files_names_a_corrupt_file(paths, tmp_path):
-    datasets.check_volume_files(paths)
-    corrupt = tmp_path / "bad.h5"
-    corrupt.write_bytes(b"not hdf5")
-    with pytest.raises(StoreError, match="bad.h5: expected an HDF5 file"):
-        datasets.check_volume_files([*paths, corrupt])
 
 
 def test_stratified_folds_are_disjoint_balanced_and_seeded():

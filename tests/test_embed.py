@@ -86,3 +86,24 @@ def test_a_gmcae_that_is_not_one_is_a_clear_error(cohort, tmp_path, capsys):
     assert "expected a kdsb GMCAE saved as .keras" in capsys.readouterr().err
     assert main(["embed", str(cohort / "data"), str(cohort / "gmcae.keras"),
                  str(tmp_path / "out"), "--patches", "0"]) == 2
+
+
+def test_volumes_of_another_spacing_than_the_gmcaes_fail_alone(cohort, tmp_path, capsys):
+    from kdsb.data.inputs import save_gmcae_spacing
+
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    (model_dir / "gmcae.keras").symlink_to(cohort / "gmcae.keras")
+    data = tmp_path / "data"
+    save_gmcae_spacing(model_dir, (2.0, 2.5, 2.5))
+    for path in sorted((cohort / "data").glob("*.h5")):
+        volume = volumes.read_volume(path)
+        spacing = (4.0, 2.5, 2.5) if path.stem == "p01" else (2.0, 2.5, 2.5)
+        _write(data, path.stem, volume.hu, volume.lung_mask, spacing, volume.origin)
+    out = tmp_path / "out"
+    assert main(["embed", str(data), str(model_dir / "gmcae.keras"), str(out),
+                 "--patches", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "p01.h5: expected a spacing of" in err and "preprocess it with that --spacing" in err
+    assert "p01" not in {r["id"] for r in _rows(out / "embeddings.csv")}
+    assert len(_rows(out / "embeddings.csv")) == ORDINARY + 1

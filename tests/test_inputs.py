@@ -9,7 +9,13 @@ import pytest
 from scipy import ndimage
 from skimage.measure import block_reduce
 
-from kdsb.data.inputs import INPUT_NAME, VolumeInput
+from kdsb.data.inputs import (
+    INPUT_NAME,
+    VolumeInput,
+    common_spacing,
+    gmcae_spacing_of,
+    save_gmcae_spacing,
+)
 from kdsb.data.patches import normalize_hu
 from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io.volumes import volume_path, write_volume
@@ -112,3 +118,26 @@ def test_fit_to_records_the_spacing_and_refuses_another(volume, tmp_path):
 def test_out_of_range_fields_are_usage_errors(bad, message):
     with pytest.raises(UsageError, match=message):
         VolumeInput(**bad)
+
+
+def test_common_spacing_names_a_corrupt_file_and_one_of_another_spacing(volume, tmp_path):
+    path, hu, lung = volume
+    assert common_spacing([path, path]) == (2.0, 1.0, 1.0)
+    corrupt = tmp_path / "bad.h5"
+    corrupt.write_bytes(b"not hdf5")
+    with pytest.raises(StoreError, match="bad.h5: expected an HDF5 file"):
+        common_spacing([path, corrupt])
+    other = write_volume(volume_path(tmp_path, "q"), hu, lung, (1, 1, 1), (0, 0, 0))
+    with pytest.raises(StoreError, match=r"q.h5: expected a spacing of \(2, 1, 1\) mm"):
+        common_spacing([path, other])
+
+
+def test_gmcae_spacing_round_trip_lookup_and_old_runs(tmp_path, caplog):
+    save_gmcae_spacing(tmp_path, (2, 1, 1))
+    assert gmcae_spacing_of(tmp_path / "gmcae.keras") == (2.0, 1.0, 1.0)
+    assert gmcae_spacing_of(tmp_path / "checkpoints" / "epoch_0001.keras") == (2.0, 1.0, 1.0)
+    assert gmcae_spacing_of(tmp_path / "elsewhere" / "deeper" / "gmcae.keras") is None
+    assert "spacing is not checked" in caplog.text
+    (tmp_path / "gmcae.json").write_text('{"spacing_mm": [1, 0]}')
+    with pytest.raises(KdsbError, match="gmcae.json: expected JSON with spacing_mm"):
+        gmcae_spacing_of(tmp_path / "gmcae.keras")

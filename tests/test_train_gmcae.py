@@ -95,6 +95,7 @@ def test_train_gmcae_writes_model_plots_and_beats_single_gaussian(trained_run):
     )
     config = json.loads((run_dir / "config.json").read_text())
     assert config["width"] == 4 and config["mixtures"] == 2 and config["epochs"] == EPOCHS
+    assert json.loads((run_dir / "gmcae.json").read_text()) == {"spacing_mm": [1.0, 1.0, 1.0]}
 
 
 @pytest.mark.slow
@@ -201,6 +202,21 @@ def test_corrupt_volume_is_one_line_error_naming_it(data_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(junk) in err
     assert "Traceback" not in err and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_volumes_of_two_spacings_are_one_line_error_naming_one(data_dir, tmp_path, capsys):
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    for path in sorted(data_dir.glob("*.h5"))[:2]:
+        (folder / path.name).symlink_to(path)
+    hu, lung = _phantom(np.random.default_rng(1))
+    other = volumes.write_volume(volumes.volume_path(folder, "p9"), hu, lung, (2.0, 1.0, 1.0),
+                                 (0.0,) * 3)
+    assert main(["train-gmcae", str(folder), str(tmp_path / "run"), *TINY]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{other}: expected a spacing of (1, 1, 1) mm" in err and "received (2, 1, 1)" in err
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_missing_or_too_small_data_dir_is_a_usage_error(tmp_path, capsys):

@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kdsb.commands import require_dir, require_file
+    from kdsb.data.inputs import gmcae_spacing_of
     from kdsb.errors import UsageError
     from kdsb.evaluation.embed import OUTLIERS_NAME, embed_cohort, write_embedding_files
     from kdsb.io.tables import read_labels
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"expected --{name} >= 1, received {getattr(args, name)}")
     table, failed = embed_cohort(load_gmcae(args.gmcae), paths, patches=args.patches,
-                                 top=args.top, seed=args.seed)
+                                 top=args.top, seed=args.seed,
+                                 spacing_mm=gmcae_spacing_of(args.gmcae))
     write_embedding_files(args.out_dir, table, neighbours=args.neighbours, labels=labels)
     for reason in failed.values():
         print(f"kdsb embed: failed: {reason}", file=sys.stderr)

@@ -133,20 +133,6 @@ def _check_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     return paths
 
 
-def check_volume_files(paths: Sequence[str | os.PathLike]) -> None:
-    """Open every volume file (attributes only) before a tf.data pipeline reads it.
-
-    Errors raised inside tf.data's Python functions reach the caller as TensorFlow errors with
-    a traceback; checking the files first turns a corrupt or foreign file into a one-line kdsb
-    error naming it (whole volumes are checked by `kdsb.data.inputs.VolumeInput.fit_to`).
-
-    Raises:
-        StoreError: a file is missing, unreadable or not a kdsb volume file.
-    """
-    for path in paths:
-        volumes.read_attrs(path)
-
-
 def _visit_rng(seed: int, visit: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(visit)])
 

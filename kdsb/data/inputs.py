@@ -1,8 +1,11 @@
-"""What a classifier reads and how: one `VolumeInput` turns a volume file into a network input.
+"""What a model reads and how: one `VolumeInput` turns a volume file into a classifier's input.
 
 A trained classifier carries its `VolumeInput` in `classifier.json` beside `classifier.keras`
-(`save`, `for_model`). Training, validation scoring and `kdsb predict` read volumes only
-through `VolumeInput.read`, so a model is always fed the way it was trained. Steps of `read`:
+(`save`, `for_model`); a trained GMCAE carries the spacing of its training volumes in
+`gmcae.json` beside `gmcae.keras` (`save_gmcae_spacing`, `gmcae_spacing_of`), so `kdsb embed`
+refuses volumes of another grid. `check_spacing` is the one rule both apply. Training,
+validation scoring and `kdsb predict` read volumes only through `VolumeInput.read`, so a
+model is always fed the way it was trained. Steps of `read`:
 
 1. refuse a volume whose spacing differs from `spacing_mm` (the training volumes' spacing);
 2. normalise HU: clip to `hu_clip`, then map linearly -1000 HU → -1 and 400 HU → +1
@@ -41,6 +44,7 @@ from kdsb.preprocessing.hu import AIR_HU, INPUT_CLIP_MAX_HU, PARENCHYMA_HU
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "classifier.json"
+GMCAE_INPUT_NAME = "gmcae.json"
 DEFAULT_LUNG_DILATION_MM = 2.0
 # Spacings closer than this (mm, per axis) are the same grid.
 SPACING_TOLERANCE_MM = 1e-3
@@ -154,13 +158,7 @@ class VolumeInput:
         Raises:
             StoreError: naming the file.
         """
-        if self.spacing_mm is not None and not np.allclose(
-            spacing, self.spacing_mm, rtol=0, atol=SPACING_TOLERANCE_MM
-        ):
-            raise StoreError(
-                f"{path}: expected a spacing of {_mm(self.spacing_mm)} mm (the model's training "
-                f"volumes), received {_mm(spacing)} mm; preprocess it with that --spacing"
-            )
+        check_spacing(path, spacing, self.spacing_mm)
         if min(shape) < self.downscale:
             raise StoreError(
                 f"{path}: expected a volume of at least {self.downscale} voxels per axis for "
@@ -214,6 +212,72 @@ class VolumeInput:
                     np.float32(self.outside_hu), clip=self.hu_clip
                 )
         return x[..., np.newaxis]
+
+
+def same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two (z, y, x) spacings in mm are the same grid (within `SPACING_TOLERANCE_MM`)."""
+    return bool(np.allclose(a, b, rtol=0, atol=SPACING_TOLERANCE_MM))
+
+
+def check_spacing(path: str | os.PathLike, spacing: Sequence[float],
+                  expected_mm: Sequence[float] | None) -> None:
+    """Refuse a volume whose (z, y, x) spacing (mm) is not the model's training spacing.
+
+    Raises:
+        StoreError: naming the file, both spacings and the fix (None expected: any spacing).
+    """
+    if expected_mm is not None and not same_spacing(spacing, expected_mm):
+        raise StoreError(
+            f"{path}: expected a spacing of {_mm(expected_mm)} mm (the model's training "
+            f"volumes), received {_mm(spacing)} mm; preprocess it with that --spacing"
+        )
+
+
+def common_spacing(paths: Sequence[str | os.PathLike]) -> tuple[float, float, float]:
+    """The (z, y, x) spacing in mm every volume file shares (attributes only).
+
+    Raises:
+        StoreError: a file is unreadable or not a kdsb volume file, or its spacing differs from
+            the first file's.
+    """
+    spacing = None
+    for path in paths:
+        attrs = volumes.read_attrs(path)
+        spacing = spacing or tuple(float(s) for s in attrs["spacing"])
+        check_spacing(path, attrs["spacing"], spacing)
+    if spacing is None:
+        raise StoreError("expected at least one volume file, received none")
+    return spacing
+
+
+def save_gmcae_spacing(run_dir: str | os.PathLike, spacing: Sequence[float]) -> Path:
+    """Write `gmcae.json` (the training volumes' spacing, mm) into a GMCAE's run folder."""
+    return write_json(Path(run_dir) / GMCAE_INPUT_NAME,
+                      {"spacing_mm": [float(s) for s in spacing]})
+
+
+def gmcae_spacing_of(model_path: str | os.PathLike) -> tuple[float, float, float] | None:
+    """The training spacing recorded beside a GMCAE (its folder, or the parent of
+    `checkpoints/`); None, with a warning, for a model saved before it was recorded.
+
+    Raises:
+        KdsbError: gmcae.json is not valid JSON or has no valid `spacing_mm`.
+    """
+    model_path = Path(model_path)
+    for candidate in (model_path.parent / GMCAE_INPUT_NAME,
+                      model_path.parent.parent / GMCAE_INPUT_NAME):
+        if candidate.is_file():
+            try:
+                spacing = json.loads(candidate.read_text())["spacing_mm"]
+                if len(spacing) != 3 or min(spacing) <= 0:
+                    raise ValueError(spacing)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise KdsbError(f"{candidate}: expected JSON with spacing_mm, 3 positive mm, "
+                                f"received invalid content ({error})") from None
+            return tuple(float(s) for s in spacing)
+    logger.warning("no %s beside %s: the volumes' spacing is not checked", GMCAE_INPUT_NAME,
+                   model_path)
+    return None
 
 
 def _mm(values: Sequence[float]) -> str:

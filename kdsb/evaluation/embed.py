@@ -68,15 +68,24 @@ class CohortEmbedding:
 
 
 def patient_features(
-    gmcae: Any, encoder: Any, path: str | os.PathLike, patches: int, top: int, seed: int
+    gmcae: Any, encoder: Any, path: str | os.PathLike, patches: int, top: int, seed: int,
+    spacing_mm: tuple[float, float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(embedding (2C,), NLL statistics (3,)) of one volume file (see the module docstring)."""
+    """(embedding (2C,), NLL statistics (3,)) of one volume file (see the module docstring).
+
+    Raises:
+        StoreError: the file is unreadable, or its spacing is not `spacing_mm` (the GMCAE's
+            training spacing; None: any).
+    """
     from keras import ops
 
     from kdsb.data.datasets import read_patches
+    from kdsb.data.inputs import check_spacing
+    from kdsb.io.volumes import read_attrs
     from kdsb.models.gmcae import mixtures_of
     from kdsb.models.losses import gaussian_mixture_nll, split_mixture_params
 
+    check_spacing(path, read_attrs(path)["spacing"], spacing_mm)
     rng = np.random.default_rng(seed)
     x = read_patches(path, patch_size=PATCH_SIZE, count=patches, sampling="lung",
                      augment=False, rng=rng)[..., np.newaxis]
@@ -98,8 +107,10 @@ def embed_cohort(
     patches: int = DEFAULT_PATCHES,
     top: int = DEFAULT_TOP,
     seed: int = 0,
+    spacing_mm: tuple[float, float, float] | None = None,
 ) -> tuple[CohortEmbedding, dict[str, str]]:
-    """Features of every patient; a patient whose file cannot be read fails alone.
+    """Features of every patient; a patient whose file cannot be read, or whose spacing is not
+    `spacing_mm` (the GMCAE's training spacing; None: any), fails alone.
 
     Returns:
         (the table of the patients that worked, {id: one-line reason} for those that failed).
@@ -112,7 +123,8 @@ def embed_cohort(
         tqdm(paths.items(), desc="embed", unit="patient", disable=None)
     ):
         try:
-            embedding, stats = patient_features(gmcae, encoder, path, patches, top, seed + index)
+            embedding, stats = patient_features(gmcae, encoder, path, patches, top, seed + index,
+                                                 spacing_mm)
         except KdsbError as error:
             failed[patient_id] = " ".join(str(error).split())
             continue

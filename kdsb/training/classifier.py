@@ -226,6 +226,18 @@ class ClassifierOptions(RunOptions):
         )
 
 
+def _warn_of_another_gmcae_spacing(gmcae: str, spacing_mm: tuple[float, float, float]) -> None:
+    """Warn when the GMCAE learned its features on another grid than the classifier's volumes
+    (its encoder then sees every structure at another scale in voxels)."""
+    from kdsb.data.inputs import gmcae_spacing_of, same_spacing
+
+    learned = gmcae_spacing_of(gmcae)
+    if learned is not None and not same_spacing(learned, spacing_mm):
+        logger.warning("GMCAE %s learned on volumes of %s mm spacing, the classifier's are %s "
+                       "mm: its features see every structure at another scale", gmcae,
+                       tuple(learned), tuple(spacing_mm))
+
+
 def balanced_class_weights(labels: list[int]) -> dict[int, float]:
     """Class weights n / (2 · n_class), so both classes carry equal total weight."""
     counts = np.bincount(np.asarray(labels, dtype=int), minlength=2)
@@ -391,6 +403,7 @@ def train_classifier(
     )
     cohort = {i: (volumes[i], labels[i]) for i in usable}
     volume_input = options.volume_input().fit_to([volumes[i] for i in usable])
+    _warn_of_another_gmcae_spacing(options.gmcae, volume_input.spacing_mm)
     if options.folds >= 2:
         from kdsb.data.datasets import stratified_folds
 

@@ -139,8 +139,9 @@ class GmcaeOptions(RunOptions):
         ]
 
 
-def _volume_paths(data_dir: Path) -> dict[str, Path]:
-    from kdsb.data.datasets import check_volume_files
+def _volume_paths(data_dir: Path) -> tuple[dict[str, Path], tuple[float, float, float]]:
+    """The volume files of `data_dir` by id, and the (z, y, x) spacing in mm they share."""
+    from kdsb.data.inputs import common_spacing
     from kdsb.io import volumes
 
     found = volumes.list_volumes(data_dir)
@@ -149,8 +150,7 @@ def _volume_paths(data_dir: Path) -> dict[str, Path]:
             f"expected at least {MIN_VOLUMES} volume files (<id>.h5) in {data_dir} "
             f"(training and validation patients), received {len(found)}"
         )
-    check_volume_files(list(found.values()))
-    return found
+    return found, common_spacing(list(found.values()))
 
 
 def training_stream(paths: list[Path], data_dir: Path, options: GmcaeOptions, seed: int):
@@ -282,23 +282,26 @@ def train_gmcae(
     Raises:
         UsageError: out-of-range options, fewer than 2 volumes, incompatible options on resume,
             or a run folder holding checkpoints without `resume`.
-        StoreError: DATA_DIR is missing, or a file of it is not a readable kdsb volume file.
+        StoreError: DATA_DIR is missing, a file of it is not a readable kdsb volume file, or
+            its files differ in spacing.
         TrainingError: the loss became NaN or infinite (the last good checkpoint stays).
     """
     import tensorflow as tf
 
     from kdsb.data.datasets import split_patients
+    from kdsb.data.inputs import save_gmcae_spacing
     from kdsb.models import gmcae
 
     run_dir = Path(run_dir)
     options, start_epoch = runs.resolve_options(
         GmcaeOptions, options, run_dir, resume=resume, data_dir=data_dir
     )
-    volumes = _volume_paths(Path(data_dir))
+    volumes, spacing = _volume_paths(Path(data_dir))
     train_ids, val_ids = split_patients(
         list(volumes), val_fraction=options.val_fraction, seed=options.seed
     )
     runs.begin(run_dir, options, data_dir=data_dir)
+    save_gmcae_spacing(run_dir, spacing)
     logger.info("%d training and %d validation patients", len(train_ids), len(val_ids))
     train_data = training_stream(
         [volumes[i] for i in train_ids], Path(data_dir), options, options.seed + start_epoch
