@@ -20,6 +20,10 @@ demo resumes where it stopped):
 
 The summary compares the held-out log loss with the base rate (the best constant predictor on
 the same patients, ln 2 for a balanced cohort) and shows the AUC.
+
+`run_demo_seeds` repeats the whole demo for several seeds (cohorts and training both change;
+`WORKDIR/seed_<s>/` each) and reports every seed's test scores with their mean ± standard
+deviation (`seeds.csv`): how much the figures of one run are luck.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ TEST_SEED_OFFSET = 1000
 # Test-time augmentation: the mean over the first cube symmetries tempers the confident
 # mistakes of a classifier trained on a few dozen patients (cheap: volumes of ~10⁵ voxels).
 TTA_COUNT = 8
+SEEDS_NAME = "seeds.csv"
+# Test scores of the seed table, in column order.
+SEED_COLUMNS = ("log_loss", "base_rate_log_loss", "roc_auc", "brier", "ece", "accuracy",
+                "seconds")
 
 
 @dataclass(frozen=True)
@@ -219,3 +227,41 @@ def run_demo(
     print(f"plots: {plots / ROC_PNG}, {plots / CALIBRATION_PNG}")
     print(f"wall time: {seconds / 60:.1f} min")
     return {**scores, "validation": validation["validation"], "seconds": seconds}
+
+
+def run_demo_seeds(
+    workdir: str | os.PathLike, seeds: list[int], *, patients: int | None = None,
+    fast: bool = False, workers: int = 2,
+) -> list[dict[str, float]]:
+    """`run_demo` once per seed into `workdir/seed_<s>` (each resumable), then a table of the
+    test scores per seed with mean ± sd, printed and written to `workdir/seeds.csv`.
+
+    Returns:
+        The test scores of each seed (`run_demo`'s return), in `seeds` order.
+    """
+    import numpy as np
+
+    from kdsb.io.tables import write_table
+
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise UsageError(f"expected distinct seeds, received {seeds}")
+    work = Path(workdir)
+    results = []
+    for seed in seeds:
+        print(f"\n######## seed {seed}", flush=True)
+        results.append(run_demo(work / f"seed_{seed}", patients=patients, seed=seed, fast=fast,
+                                workers=workers))
+    table = np.array([[r[c] for c in SEED_COLUMNS] for r in results], dtype=np.float64)
+    mean = table.mean(axis=0)
+    sd = table.std(axis=0, ddof=1) if len(seeds) > 1 else np.full_like(mean, np.nan)
+    rows = [[str(seed), *(f"{v:.4f}" for v in row)] for seed, row in
+            zip(seeds, table, strict=True)]
+    rows += [["mean", *(f"{v:.4f}" for v in mean)], ["sd", *(f"{v:.4f}" for v in sd)]]
+    write_table(work / SEEDS_NAME, ["seed", *SEED_COLUMNS], rows)
+    beaten = sum(r["log_loss"] < r["base_rate_log_loss"] for r in results)
+    print(f"\ntest scores over {len(seeds)} seeds (mean ± sd):")
+    for column, m, d in zip(SEED_COLUMNS, mean, sd, strict=True):
+        print(f"  {column:<18}  {m:.3f} ± {d:.3f}")
+    print(f"the classifier beats the base rate for {beaten} of {len(seeds)} seeds")
+    print(f"per seed: {work / SEEDS_NAME}")
+    return results

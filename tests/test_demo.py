@@ -41,3 +41,36 @@ def test_fast_demo_runs_every_stage(tmp_path, capsys):
     assert read_labels(work / "test_cohort" / "labels.csv") == test_labels
     assert (work / "runs" / "classifier" / "metrics.json").stat().st_mtime_ns == metrics_written
     assert read_predictions(work / "test_predictions.csv") == predictions
+
+
+def test_seeds_run_the_demo_per_seed_and_report_mean_and_sd(tmp_path, capsys, monkeypatch):
+    """The per-seed runs are `run_demo` (exercised above); here their aggregation."""
+    import csv
+
+    import numpy as np
+
+    from kdsb import demo
+
+    calls = []
+
+    def fake_run_demo(workdir, *, patients, seed, fast, workers):
+        calls.append((workdir, patients, seed, fast, workers))
+        return {"log_loss": 0.1 * seed, "base_rate_log_loss": 0.25, "roc_auc": 1 - 0.1 * seed,
+                "brier": 0.01, "ece": 0.02, "accuracy": 0.9, "seconds": 60.0 + seed}
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", str(tmp_path), "--seeds", "1", "2", "3", "--fast"]) == 0
+    assert calls == [(tmp_path / f"seed_{s}", None, s, True, 2) for s in (1, 2, 3)]
+    with open(tmp_path / "seeds.csv", newline="") as f:
+        rows = {row["seed"]: row for row in csv.DictReader(f)}
+    assert list(rows) == ["1", "2", "3", "mean", "sd"]
+    losses = np.array([0.1, 0.2, 0.3])
+    assert float(rows["mean"]["log_loss"]) == pytest.approx(losses.mean(), abs=1e-4)
+    assert float(rows["sd"]["log_loss"]) == pytest.approx(losses.std(ddof=1), abs=1e-4)
+    out = capsys.readouterr().out
+    assert "log_loss            0.200 ± 0.100" in out
+    assert "beats the base rate for 2 of 3 seeds" in out
+    assert main(["demo", str(tmp_path), "--seeds", "1", "1"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", str(tmp_path), "--seeds", "1", "--seed", "2"])
+    assert exit_info.value.code == 2

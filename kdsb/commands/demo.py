@@ -12,15 +12,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workdir", type=Path, help="folder for cohorts, volumes, runs and plots")
     parser.add_argument("--patients", type=int, default=None,
                         help="training cohort size (default 64, 6 with --fast); test is half")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="random seed")
+    seeds.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                       help="run the demo once per seed (WORKDIR/seed_<s>) and report the test "
+                            "scores' mean ± sd (seeds.csv)")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing processes")
     parser.add_argument("--fast", action="store_true",
                         help="tiny budgets: checks every stage runs, not that it learns")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.demo import run_demo
+    from kdsb.demo import run_demo, run_demo_seeds
 
-    run_demo(args.workdir, patients=args.patients, seed=args.seed, fast=args.fast,
-             workers=args.workers)
+    if args.seeds:
+        run_demo_seeds(args.workdir, args.seeds, patients=args.patients, fast=args.fast,
+                       workers=args.workers)
+    else:
+        run_demo(args.workdir, patients=args.patients, seed=args.seed, fast=args.fast,
+                 workers=args.workers)
     return 0
