@@ -38,12 +38,12 @@ def test_padding_does_not_change_the_pooled_bag(pooling):
 def test_the_classifier_equals_encoder_cells_through_the_head(encoder, tmp_path):
     import keras
 
-    from kdsb.models.mil import build_mil_classifier, truncated_encoder
+    from kdsb.models.mil import build_mil_classifier, encoder_instances, truncated_encoder
 
     channels = int(truncated_encoder(encoder, 2).output.shape[-1])
     classifier, head = build_mil_classifier(
-        encoder, feature_mean=np.zeros(channels), feature_variance=np.ones(channels), block=2,
-        units=4,
+        encoder_instances(encoder, 2), feature_mean=np.zeros(channels),
+        feature_variance=np.ones(channels), units=4,
     )
     x = np.random.default_rng(2).normal(size=(1, 16, 12, 20, 1)).astype("float32")
     cells = np.asarray(truncated_encoder(encoder, 2)(x))
@@ -70,14 +70,14 @@ def test_bags_are_cached_keyed_and_streamed_padded(tmp_path):
         volumes[f"p{i}"] = volume_path(tmp_path / "data", f"p{i}")
         write_volume(volumes[f"p{i}"], np.full(shape, -700), np.ones(shape), (1, 1, 1), (0, 0, 0))
     vi = VolumeInput(spacing_mm=(1, 1, 1))
-    files = encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", block=2)
+    files = encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=2)
     bag = np.load(files["p1"])
     assert bag.shape == (2, 6 * 4 * 4, 4) and bag.dtype == np.float16
     stamp = files["p0"].stat().st_mtime_ns
-    assert encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", block=2) == files
+    assert encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=2) == files
     assert files["p0"].stat().st_mtime_ns == stamp  # reused, not recomputed
     # Another block is another key; the stale bag of the same patient is removed.
-    other = encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", block=1)
+    other = encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=1)
     assert other["p0"] != files["p0"] and not files["p0"].exists()
     assert sorted(p.name for p in (tmp_path / "bags").iterdir()) == sorted(
         f.name for f in other.values())

@@ -335,3 +335,37 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     assert (run / "fold_1" / "uncalibrated.keras").stat().st_mtime_ns == stamp
     resumed = json.loads((run / "metrics.json").read_text())["out_of_fold"]
     assert resumed["log_loss"] == pytest.approx(scores["log_loss"])
+
+
+@pytest.mark.slow
+def test_nll_head_trains_predicts_and_explains_by_occlusion(cohort, tmp_path, capsys):
+    """--head nll: bags of per-patch GMCAE NLL, the MIL head on them; the saved classifier
+    computes the same instances from the volume itself (predict), Grad-CAM is refused with
+    the alternative named, occlusion works."""
+    import keras
+
+    from kdsb.evaluation.predict import predict_cohort
+    from kdsb.training.bags import instance_features
+
+    data, labels, gmcae = cohort
+    run = tmp_path / "nll"
+    assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
+                 "--head", "nll", "--epochs", "2", "--batch-size", "2", "--dense-units", "4",
+                 "--val-fraction", "0.25"]) == 0
+    bags = sorted((run / "bags").glob("*.npy"))
+    assert len(bags) == N_PATIENTS
+    model = keras.saving.load_model(run / "classifier.keras", compile=False, safe_mode=True)
+    x = VolumeInput.for_model(run / "classifier.keras").read(data / "p1.h5")[np.newaxis]
+    bag = np.load(next(b for b in bags if b.name.startswith("p1-")))[0]
+    np.testing.assert_allclose(np.asarray(instance_features(gmcae, "nll", 2)(x))[0], bag,
+                               rtol=2e-3, atol=2e-3)  # the bag is float16
+    p = predict_cohort(data, [run / "classifier.keras"], clip=0.0)
+    assert p["p1"] == pytest.approx(float(model(x)[0, 0]), rel=1e-5)
+    ids = tmp_path / "ids.csv"
+    ids.write_text("id\np1\n")
+    capsys.readouterr()
+    explain = ["explain", str(data), str(run / "classifier.keras"), str(tmp_path / "ex"),
+               "--ids", str(ids)]
+    assert main(explain) == 1
+    assert "use --method occlusion" in capsys.readouterr().err
+    assert main([*explain, "--method", "occlusion", "--occlusion-mm", "8"]) == 0

@@ -86,9 +86,17 @@ def _split_classifier(model: Any) -> tuple[Any, list[Any], Any]:
     """The encoder sub-model, the layers between it and the output unit (pyramid pooling or MIL
     pooling, dense head) and the output unit `p_cancer` (a calibration after it is monotone,
     so it does not change where the model looks)."""
+    from kdsb.errors import ModelError
     from kdsb.models.gmcae import encoder_of
 
-    encoder = encoder_of(model)
+    try:
+        encoder = encoder_of(model)
+    except ModelError:
+        raise ModelError(
+            f"expected a classifier with an encoder for Grad-CAM, received '{model.name}' "
+            "without one (head nll: its instances are patch likelihoods); use --method "
+            "occlusion"
+        ) from None
     output = model.get_layer(OUTPUT_LAYER)
     layers = [layer for layer in model.layers if not layer.name.startswith("volume")]
     return encoder, layers[layers.index(encoder) + 1: layers.index(output)], output

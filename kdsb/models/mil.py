@@ -1,8 +1,10 @@
 """A classifier head that learns from few patients: attention multiple-instance learning (MIL).
 
-A volume is a bag of instances: the cells of a frozen GMCAE encoder block's output (block 2 by
-default: one cell per 4³ input voxels, each the embedding of the patch its receptive field
-covers; on the phantoms its features separated the classes far better than the bottleneck's).
+A volume is a bag of instances: the cells of a frozen GMCAE encoder block's output (`--head mil`,
+`encoder_instances`; block 2 by default: one cell per 4³ input voxels, each the embedding of the
+patch its receptive field covers; on the phantoms its features separated the classes far better
+than the bottleneck's), or the GMCAE's NLL of each patch (`--head nll`,
+`kdsb.models.nll.patch_nll_features`).
 A patient has cancer when some instance shows a cancer; which one is unknown. The head (Ilse,
 Tomczak and Welling, "Attention-based deep multiple instance learning", ICML 2018) embeds each
 instance,
@@ -109,26 +111,35 @@ def truncated_encoder(encoder: keras.Model, block: int) -> keras.Model:
     return keras.Model(encoder.inputs[0], last.output, name=encoder.name)
 
 
+def encoder_instances(encoder: keras.Model, block: int = 2) -> keras.Model:
+    """A frozen copy of the GMCAE encoder up to `block`: volume → instance cells."""
+    # Imported here: this module is imported as soon as Keras loads (`kdsb._keras_hook`), before
+    # the GMCAE module that `kdsb.models.classifier` builds on.
+    from kdsb.models.classifier import copy_encoder
+
+    features = truncated_encoder(copy_encoder(encoder), block)
+    features.trainable = False
+    return features
+
+
 def build_mil_classifier(
-    encoder: keras.Model,
+    features: keras.Model,
     *,
     feature_mean: np.ndarray,
     feature_variance: np.ndarray,
-    block: int = 2,
     units: int = 32,
     attention_units: int = 16,
     pooling: str = "attention",
     dropout: float = 0.25,
     name: str = "classifier",
 ) -> tuple[keras.Model, keras.Model]:
-    """The MIL classifier on a frozen copy of a GMCAE encoder, and its head alone.
+    """The MIL classifier on frozen instance features, and its head alone.
 
     Args:
-        encoder: the GMCAE encoder (`kdsb.models.gmcae.encoder_of`); copied and frozen.
+        features: the frozen model (batch, z, y, x, 1) volume → (batch, ..., channels)
+            instances: `encoder_instances` or `kdsb.models.nll.patch_nll_features`.
         feature_mean, feature_variance: per-channel statistics of the training instances
             (channels,), which standardise every instance.
-        block: the encoder block whose output cells are the instances (1..3; block b has one
-            cell per (2^b)³ input voxels).
         units: width of the instance embedding.
         attention_units: width of the attention network.
         pooling: "attention" or "max".
@@ -140,12 +151,8 @@ def build_mil_classifier(
         [(batch, n, channels) instances, (batch, n) mask] → (batch, 1) p(cancer)). The head is
         what trains; the classifier shares its layers and is what gets saved.
     """
-    # Imported here: this module is imported as soon as Keras loads (`kdsb._keras_hook`), before
-    # the GMCAE module that `kdsb.models.classifier` builds on.
-    from kdsb.models.classifier import CLASSIFIER_INPUT_SHAPE, copy_encoder
+    from kdsb.models.classifier import CLASSIFIER_INPUT_SHAPE
 
-    features = truncated_encoder(copy_encoder(encoder), block)
-    features.trainable = False
     channels = int(features.output.shape[-1])
     mean = np.asarray(feature_mean, dtype=np.float32).reshape(channels)
     variance = np.maximum(np.asarray(feature_variance, dtype=np.float32).reshape(channels), 1e-6)

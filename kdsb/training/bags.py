@@ -1,13 +1,14 @@
-"""Bags of frozen-encoder features for the MIL head: computed once per volume, cached, streamed.
+"""Bags of frozen GMCAE features for the MIL heads: computed once per volume, cached, streamed.
 
-The MIL head (`kdsb.models.mil`) trains on the frozen GMCAE encoder's output cells, so the
-encoder runs once per volume and cube symmetry, not once per epoch. Each patient's bag is a
+The MIL heads (`kdsb.models.mil`) train on frozen features of the GMCAE (`instance_features`:
+the encoder's output cells for `--head mil`, each patch's mixture NLL for `--head nll`), so the
+GMCAE runs once per volume and cube symmetry, not once per epoch. Each patient's bag is a
 float16 array (symmetries, instances, channels), saved as `<cache>/<id>-<key>.npy` where the key
 hashes what the features depend on (the volume file's size and modification time, the GMCAE
-file's, the `VolumeInput`, the symmetries and the encoder block): a changed volume or model gets
-new features, a killed run keeps the bags it finished (each file is written atomically), and
-stale files are removed. The cache is shared by the folds of a cross-validated run (same
-encoder, same volumes).
+file's, the `VolumeInput`, the symmetries, the head and the encoder block): a changed volume
+or model gets new features, a killed run keeps the bags it finished (each file is written
+atomically), and stale files are removed. The cache is shared by the folds of a cross-validated
+run (same GMCAE, same volumes).
 
 Training streams one bag per patient per step of the batch (a random one of its symmetries),
 padded to the largest bag of the batch with a mask of the real instances; memory holds only
@@ -42,14 +43,28 @@ def _file_stamp(path: str | os.PathLike) -> list:
 
 
 def bag_key(volume: str | os.PathLike, gmcae: str | os.PathLike, volume_input: VolumeInput,
-            symmetries: Sequence[int], block: int) -> str:
+            symmetries: Sequence[int], head: str, block: int) -> str:
     """A short hash of everything a patient's bag depends on."""
+    # A bag of head "mil" keeps the key of runs made before head "nll" existed.
+    what = block if head == "mil" else [head, block]
     payload = json.dumps(
         [_file_stamp(volume), _file_stamp(gmcae), volume_input.to_config(), list(symmetries),
-         block],
+         what],
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def instance_features(gmcae: str | os.PathLike, head: str, block: int) -> Any:
+    """The frozen model turning a prepared volume (1, z, y, x, 1) into a MIL bag: the GMCAE
+    encoder's cells of `block` (head "mil") or each patch's GMCAE NLL (head "nll")."""
+    from kdsb.models.classifier import load_encoder_from_gmcae, load_gmcae
+    from kdsb.models.mil import encoder_instances
+    from kdsb.models.nll import patch_nll_features
+
+    if head == "nll":
+        return patch_nll_features(load_gmcae(gmcae))
+    return encoder_instances(load_encoder_from_gmcae(gmcae), block)
 
 
 def encode_bags(
@@ -59,14 +74,16 @@ def encode_bags(
     symmetries: Sequence[int],
     cache_dir: str | os.PathLike,
     *,
+    head: str,
     block: int,
 ) -> dict[str, Path]:
     """The bag file of every patient, computing the missing ones.
 
     Args:
         volumes: patient id → volume file.
-        gmcae: the trained GMCAE whose encoder makes the features.
-        block: the encoder block whose output cells are the instances.
+        gmcae: the trained GMCAE that makes the features.
+        head: "mil" or "nll" (see `instance_features`).
+        block: the encoder block whose output cells are the instances (head "mil").
         volume_input: how a volume becomes the network input.
         symmetries: cube symmetry indices (`kdsb.data.patches.CUBE_SYMMETRIES`) encoded per
             volume; the first is the one validation and statistics use.
@@ -78,16 +95,14 @@ def encode_bags(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     files = {
-        pid: cache_dir / f"{pid}-{bag_key(path, gmcae, volume_input, symmetries, block)}.npy"
+        pid: cache_dir / f"{pid}-{key}.npy"
         for pid, path in volumes.items()
+        if (key := bag_key(path, gmcae, volume_input, symmetries, head, block))
     }
     missing = [pid for pid, file in files.items() if not file.is_file()]
     _remove_stale(cache_dir, files)
     if missing:
-        from kdsb.models.classifier import load_encoder_from_gmcae
-        from kdsb.models.mil import truncated_encoder
-
-        encoder = truncated_encoder(load_encoder_from_gmcae(gmcae), block)
+        encoder = instance_features(gmcae, head, block)
         for pid in tqdm(missing, desc="encode", unit="patient", disable=None):
             x = volume_input.read(volumes[pid])
             bag = np.stack([_encode(encoder, apply_symmetry(x, s)) for s in symmetries])
@@ -98,7 +113,7 @@ def encode_bags(
 
 
 def _encode(encoder: Any, x: np.ndarray) -> np.ndarray:
-    """Encoder cells of one prepared volume (z, y, x, 1) as instances (cells, channels)."""
+    """Features of one prepared volume (z, y, x, 1) as instances (instances, channels)."""
     features = np.asarray(encoder(np.ascontiguousarray(x)[np.newaxis], training=False))
     return features.reshape(-1, features.shape[-1])
 

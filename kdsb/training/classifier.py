@@ -77,7 +77,7 @@ BAGS_DIR = "bags"
 CALIBRATION_PNG = "calibration.png"
 # The metric picking the best model: the `log_loss` metric compiled below, on validation data.
 MONITOR = "val_log_loss"
-HEADS = ("spp", "mil")
+HEADS = ("spp", "mil", "nll")
 LOSSES = ("bce", "focal")
 POOLINGS = ("max", "average")
 MIL_POOLINGS = ("attention", "max")
@@ -91,7 +91,8 @@ class ClassifierOptions(RunOptions):
 
     Attributes (beyond `RunOptions`):
         gmcae: the trained GMCAE (`gmcae.keras`) whose encoder starts the classifier.
-        head: "spp" (trained end to end) or "mil" (attention MIL on the frozen encoder).
+        head: "spp" (trained end to end), "mil" (attention MIL on the frozen encoder's cells) or
+            "nll" (the same MIL head on each patch's GMCAE NLL: the likelihood as a detector).
         folds: 0 or 1 for one training/validation split, K >= 2 for K-fold cross-validation.
         calibration: "platt", "temperature" or "none" (see `kdsb.models.calibration`).
         mil_pooling: "attention" or "max" (head "mil").
@@ -124,7 +125,8 @@ class ClassifierOptions(RunOptions):
     head: str = option(
         "spp", "spp: encoder + spatial pyramid pooling trained end to end on whole volumes; "
         "mil: attention multiple-instance learning on the frozen encoder's cells (trains in "
-        "seconds on precomputed features)", choices=HEADS,
+        "seconds on precomputed features); nll: the same on each patch's GMCAE likelihood "
+        "(how unusual it is), the unsupervised model as a detector", choices=HEADS,
     )
     folds: int = option(
         0, "K >= 2: patient-level stratified K-fold cross-validation (oof.csv, K fold models, "
@@ -134,15 +136,15 @@ class ClassifierOptions(RunOptions):
         "platt", "calibration fitted on validation (or out-of-fold) predictions and saved in "
         "the model", choices=CALIBRATIONS,
     )
-    mil_pooling: str = option("attention", "MIL pooling of instance embeddings (head mil)",
+    mil_pooling: str = option("attention", "MIL pooling of instance embeddings (heads mil, nll)",
                               choices=MIL_POOLINGS)
     mil_block: int = option(
         2, "encoder block whose output cells are the MIL instances (1..3; head mil)", type=int
     )
     bag_symmetries: int = option(
-        1, "cube symmetries encoded per volume for head mil (with --augment training draws one "
-        "per visit; 1: the volume as it is, which fitted better: the frozen encoder is not "
-        "symmetry invariant)", type=int,
+        1, "cube symmetries encoded per volume for heads mil and nll (with --augment training "
+        "draws one per visit; 1: the volume as it is, which fitted better: the frozen encoder is "
+        "not symmetry invariant)", type=int,
     )
     freeze_blocks: int = option(0, "freeze the first K encoder blocks (head spp)", type=int)
     loss: str = option("bce", "binary cross-entropy or focal", choices=LOSSES)
@@ -317,7 +319,7 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _
     weights = class_weights_for(options, [y for _, y in train.values()])
     common = dict(resume=ctx.resume, start_epoch=last[0] if last else 0,
                   best_name=UNCALIBRATED_NAME, monitor=MONITOR, class_weights=weights)
-    if options.head == "mil":
+    if options.head in ("mil", "nll"):
         from kdsb.training.mil import train_mil
 
         history = train_mil(model_dir, train, val, options, ctx.bag_files, **common)
@@ -411,14 +413,15 @@ def train_classifier(
     runs.begin(run_dir, options, data_dir=data_dir)
     volume_input.save(run_dir, gmcae=str(options.gmcae))
     bag_files = None
-    if options.head == "mil":
+    if options.head in ("mil", "nll"):
         from kdsb.data.patches import CUBE_SYMMETRIES
         from kdsb.training.bags import encode_bags
 
         symmetries = np.random.default_rng(options.seed).permutation(len(CUBE_SYMMETRIES))
         symmetries = [0, *[int(s) for s in symmetries if s != 0]][: options.bag_symmetries]
         bag_files = encode_bags({i: volumes[i] for i in usable}, options.gmcae, volume_input,
-                                symmetries, run_dir / BAGS_DIR, block=options.mil_block)
+                                symmetries, run_dir / BAGS_DIR, head=options.head,
+                                block=options.mil_block)
     ctx = _Context(cohort, options, volume_input, Path(data_dir), bag_files, resume)
     if options.folds >= 2:
         result = _cross_validate(run_dir, folds, ctx)

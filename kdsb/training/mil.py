@@ -1,11 +1,12 @@
-"""Training the MIL head on bags of frozen GMCAE features (`kdsb.models.mil`, `.bags`).
+"""Training the MIL heads on bags of frozen GMCAE features (`kdsb.models.mil`, `.bags`):
+encoder cells (`--head mil`) or per-patch NLL (`--head nll`).
 
-The encoder is frozen, so only the head trains, on features computed once per volume and
+The GMCAE is frozen, so only the head trains, on features computed once per volume and
 symmetry (`kdsb.training.bags`): an epoch is one pass over the training patients, each bag
 under one of its cube symmetries drawn at random, in batches of `--batch-size` bags. It runs on
 the training spine (`kdsb.training.runs`: checkpoints of the head, resume, early stopping on
-the validation log loss); the best head is then joined to the encoder into the full classifier
-(volume in, p(cancer) out), which is what gets saved and scored.
+the validation log loss); the best head is then joined to the frozen features into the full
+classifier (volume in, p(cancer) out), which is what gets saved and scored.
 """
 
 from __future__ import annotations
@@ -27,14 +28,12 @@ HEAD_NAME = "head.keras"
 
 
 def _build(options: ClassifierOptions, mean, variance) -> tuple[Any, Any]:
-    from kdsb.models.classifier import load_encoder_from_gmcae
     from kdsb.models.mil import build_mil_classifier
 
     return build_mil_classifier(
-        load_encoder_from_gmcae(options.gmcae),
+        bags.instance_features(options.gmcae, options.head, options.mil_block),
         feature_mean=mean,
         feature_variance=variance,
-        block=options.mil_block,
         units=options.dense_units,
         pooling=options.mil_pooling,
         dropout=options.dropout,
@@ -59,7 +58,7 @@ def train_mil(
     Args:
         run_dir: the run folder.
         train, val: patient id → (volume file, label).
-        options: the run's options (`head` "mil").
+        options: the run's options (`head` "mil" or "nll").
         bag_files: patient id → bag file (`kdsb.training.bags.encode_bags`) of every patient
             in `train` and `val`.
         resume, start_epoch: continue from the newest checkpoint; epochs already done.

@@ -1,0 +1,107 @@
+"""The GMCAE's own likelihood as a detector: how unusual each patch of a volume is.
+
+A GMCAE trained without labels on lung patches explains ordinary lung well (low negative
+log-likelihood, NLL) and what it rarely saw badly: a nodule or mass should be among a patient's
+most unusual patches. `PatchMixtureNLL` tiles a prepared volume with the GMCAE's patches
+(edge P voxels, stride `stride`, the patches that fit whole) and returns each patch's mixture
+NLL per voxel (the GMCAE's training loss), one instance per patch: the bag that the MIL head
+(`kdsb.models.mil`, `--head nll`) pools, max or attention, into p(cancer). With the classifier's
+default input the voxels outside the lung mask are lung parenchyma, so patches off the lungs are
+plain and rank low.
+
+The layer holds the trained GMCAE (frozen) and runs it on `chunk` patches at a time, so memory
+stays bounded on 1 mm volumes (thousands of patches).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from kdsb.models.losses import gaussian_mixture_nll, split_mixture_params
+
+DEFAULT_CHUNK = 256
+
+
+@keras.saving.register_keras_serializable(package="kdsb")
+class PatchMixtureNLL(keras.layers.Layer):
+    """Per-patch GMCAE mixture NLL of a volume.
+
+    Input: (batch, z, y, x, 1) normalised HU (each axis at least the patch edge).
+    Output: (batch, n, 1) float32 NLL per voxel (nats) of the n = Π ⌊(axis − P) / stride⌋ + 1
+    patches of each volume, in (z, y, x) C order of their corners.
+
+    Args:
+        gmcae: a GMCAE (`kdsb.models.gmcae.build_gmcae`); frozen here.
+        stride: voxels between neighbouring patches (P: no overlap; P // 2: half).
+        chunk: patches per GMCAE call.
+        **kwargs: standard Keras layer arguments.
+    """
+
+    def __init__(self, gmcae: keras.Model, stride: int, chunk: int = DEFAULT_CHUNK, **kwargs):
+        super().__init__(**kwargs)
+        from kdsb.models.gmcae import mixtures_of
+
+        self.gmcae = gmcae
+        self.gmcae.trainable = False
+        self.patch_size = int(gmcae.input_shape[1])
+        self.mixtures = mixtures_of(gmcae)
+        self.stride = int(stride)
+        self.chunk = int(chunk)
+        if not 1 <= self.stride <= self.patch_size or self.chunk < 1:
+            raise ValueError(f"PatchMixtureNLL: expected 1 <= stride <= {self.patch_size} and "
+                             f"chunk >= 1, received stride {stride}, chunk {chunk}")
+
+    def call(self, volume):
+        size = self.patch_size
+        patches = ops.image.extract_patches_3d(
+            ops.cast(volume, "float32"), size, strides=self.stride, padding="valid",
+            data_format="channels_last",
+        )  # (1, nz, ny, nx, P³) with each patch flattened in (z, y, x) C order
+        flat = ops.reshape(patches, (-1, size**3))
+        count = ops.shape(flat)[0]
+        chunks = (count + self.chunk - 1) // self.chunk
+        padded = ops.pad(flat, [[0, chunks * self.chunk - count], [0, 0]])
+
+        def nll_of(chunk):
+            packed = self.gmcae(ops.reshape(chunk, (-1, size, size, size, 1)), training=False)
+            return gaussian_mixture_nll(chunk, *split_mixture_params(packed, self.mixtures))
+
+        nll = ops.map(nll_of, ops.reshape(padded, (chunks, self.chunk, size**3)))
+        # Patches are in (volume, z, y, x) C order: each volume's come together.
+        return ops.reshape(ops.reshape(nll, (-1,))[:count], (ops.shape(volume)[0], -1, 1))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], None, 1)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "gmcae": keras.saving.serialize_keras_object(self.gmcae),
+            "stride": self.stride,
+            "chunk": self.chunk,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["gmcae"] = keras.saving.deserialize_keras_object(config["gmcae"])
+        return cls(**config)
+
+
+def patch_nll_features(gmcae: keras.Model, stride: int | None = None) -> keras.Model:
+    """Volumes (batch, z, y, x, 1) → per-patch NLL instances (batch, n, 1), by a frozen copy of
+    `gmcae`.
+
+    Args:
+        gmcae: a trained GMCAE (copied: training the classifier never changes it).
+        stride: patch stride in voxels (None: half the patch edge).
+    """
+    from kdsb.models.classifier import CLASSIFIER_INPUT_SHAPE
+
+    copy = keras.models.clone_model(gmcae)
+    copy.set_weights(gmcae.get_weights())
+    size = int(gmcae.input_shape[1])
+    volume = keras.Input(shape=CLASSIFIER_INPUT_SHAPE[1:], name="volume")
+    layer = PatchMixtureNLL(copy, stride or max(1, size // 2), name="patch_nll")
+    return keras.Model(volume, layer(volume), name="patch_nll_features")
