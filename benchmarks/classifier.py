@@ -11,7 +11,7 @@ out-of-fold ECE (cross-fitted calibration), held-out log loss, AUC, ECE, and the
 the classifier step. Everything is written under WORKDIR and reused when rerun.
 
 Usage: python benchmarks/classifier.py WORKDIR [--sizes 24 96] [--seeds 0 1 2]
-       [--heads spp mil] [--folds 4] [--test-size 64]
+       [--heads spp mil nll] [--folds 4] [--test-size 64]
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ HEADS = {
                 dense_units=32, dropout=0.5),
     "mil": dict(epochs=60, lr=3e-3, patience=20, val_fraction=0.25, batch_size=8,
                 dense_units=32, dropout=0.25, augment=False),
+    "nll": dict(epochs=60, lr=3e-3, patience=20, val_fraction=0.25, batch_size=8,
+                dense_units=32, dropout=0.25, augment=False, mil_pooling="max"),
 }
 
 
