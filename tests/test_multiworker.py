@@ -130,7 +130,7 @@ def test_two_workers_train_a_gmcae_the_chief_writes_and_resume_continues(cohort,
 
 
 @pytest.mark.slow
-def test_two_workers_train_a_classifier_the_chief_writes_and_resume_continues(cohort, tmp_path):
+def test_two_workers_train_a_classifier_and_the_chief_alone_writes(cohort, tmp_path):
     run_dir = tmp_path / "run"
     argv = ["train-classifier", str(cohort / "data"), str(cohort / "labels.csv"), str(run_dir),
             "--gmcae", str(cohort / "gmcae.keras"), *CLASSIFIER_TINY]
@@ -142,12 +142,12 @@ def test_two_workers_train_a_classifier_the_chief_writes_and_resume_continues(co
     }
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["n_train"], metrics["n_val"], metrics["epochs_run"]) == (6, 2, 1)
-
-    _run_workers([*argv, "--epochs", "2", "--resume"], tmp_path / "temp")
-    assert _epochs(run_dir) == [0, 1]
-    model = keras.saving.load_model(runs.checkpoint_path(run_dir, 2), safe_mode=True)
+    assert _epochs(run_dir) == [0]
+    model = keras.saving.load_model(runs.checkpoint_path(run_dir, 1), safe_mode=True)
     # 6 training patients, one volume per worker and step: 3 synchronous steps per epoch.
-    assert int(model.optimizer.iterations) == 2 * 3
+    # (Resuming goes through the same `runs.fit` as the GMCAE's, tested above; one launch of
+    # two TensorFlow processes costs about half a minute.)
+    assert int(model.optimizer.iterations) == 3
 
 
 def test_tf_config_missing_or_malformed_is_a_usage_error_naming_it():

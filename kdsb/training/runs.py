@@ -473,6 +473,14 @@ def distribution_strategy(name: str = "none") -> Any:
         return tf.distribute.get_strategy()
     if name == "multiworker":
         return _multiworker_strategy(read_tf_config())
+    return _mirrored_strategy()
+
+
+# One strategy of each kind per process: `begin` creates it, `train` and `fit` reuse it.
+@functools.cache
+def _mirrored_strategy() -> Any:
+    import tensorflow as tf
+
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
     if len(devices) < 2:
