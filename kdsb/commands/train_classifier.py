@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
         args.data_dir, args.labels, args.run_dir, given_options(args, ClassifierOptions),
         resume=args.resume,
     )
-    if "out_of_fold" in result:
+    if result is None:
+        print(f"worker done: the chief writes {args.run_dir}")
+    elif "out_of_fold" in result:
         print(format_table(result["out_of_fold"],
                            title=f"out-of-fold ({result['folds']} folds, calibrated)"))
         print(f"wrote {args.run_dir / OOF_NAME} and {args.run_dir / METRICS_NAME}")

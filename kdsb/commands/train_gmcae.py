@@ -30,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
     summary = train_gmcae(
         args.data_dir, args.run_dir, given_options(args, GmcaeOptions), resume=args.resume
     )
+    if summary is None:
+        print(f"worker done: the chief writes {args.run_dir}")
+        return 0
     print(
         f"validation NLL per voxel: GMCAE {summary['best_val_nll_per_voxel']:.4f} "
         f"(best, epoch {summary['best_epoch']}; final {summary['final_val_nll_per_voxel']:.4f}), "

@@ -95,9 +95,10 @@ class ClassifierOptions(RunOptions):
             "nll" (the same MIL head on each patch's GMCAE NLL: the likelihood as a detector).
         folds: 0 or 1 for one training/validation split, K >= 2 for K-fold cross-validation.
         calibration: "platt", "temperature" or "none" (see `kdsb.models.calibration`).
-        mil_pooling: "attention" or "max" (head "mil").
+        mil_pooling: "attention" or "max" (heads "mil", "nll").
         mil_block: the encoder block whose output cells are the instances (head "mil").
-        bag_symmetries: cube symmetries encoded per volume for head "mil" (augmentation).
+        bag_symmetries: cube symmetries encoded per volume for heads "mil", "nll"
+            (augmentation).
         freeze_blocks: encoder blocks (from the input side) kept frozen, 0..3.
         loss: "bce" (binary cross-entropy) or "focal" (binary focal cross-entropy, gamma 2).
         class_weight: "balanced" or "none" (bce only).
@@ -119,8 +120,10 @@ class ClassifierOptions(RunOptions):
         5, "early stopping: epochs without a better validation log loss", type=int
     )
     distribute: str = option(
-        "none", "none only for now: every step trains on one whole volume (sizes vary), which "
-        "a data-parallel strategy cannot split over devices", choices=runs.STRATEGIES,
+        "none", "none, or multiworker (head spp): the processes that TF_CONFIG lists train "
+        "together, each on a volume of its own every step (--batch-size = their number); "
+        "mirrored cannot split one whole volume (sizes vary) over devices",
+        choices=runs.STRATEGIES,
     )
     head: str = option(
         "spp", "spp: encoder + spatial pyramid pooling trained end to end on whole volumes; "
@@ -195,9 +198,12 @@ class ClassifierOptions(RunOptions):
 
         return [
             *super().checks(),
-            (self.distribute == "none",
-             "--distribute none (one whole volume per step cannot be split over devices)",
-             self.distribute),
+            (self.distribute in ("none", "multiworker"),
+             "--distribute none or multiworker (one whole volume per step cannot be split over "
+             "the devices of one machine)", self.distribute),
+            (self.distribute == "none" or self.head == "spp",
+             "--head spp with --distribute multiworker (the MIL heads train in seconds on "
+             "precomputed bags, on one worker)", self.head),
             (self.loss in LOSSES, f"--loss in {LOSSES}", self.loss),
             (self.head in HEADS, f"--head in {HEADS}", self.head),
             (self.folds == 0 or self.folds >= 2, "--folds 0 or >= 2", self.folds),
@@ -308,7 +314,7 @@ class _Context:
 
 def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _Context):
     """Train one model into `model_dir`; returns (raw validation predictions, History, the best
-    uncalibrated model)."""
+    uncalibrated model), or None on a worker other than the chief (it only trains)."""
     from kdsb.models.classifier import load_classifier
 
     options, cohort = ctx.options, ctx.cohort
@@ -327,6 +333,8 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _
         from kdsb.training.spp import train_spp
 
         history = train_spp(model_dir, train, val, options, ctx.volume_input, **common)
+    if not runs.worker(options.distribute).chief:
+        return None
     best = load_classifier(model_dir / UNCALIBRATED_NAME)
     p_val = score_patients(best, [cohort[i][0] for i in val_ids], ctx.volume_input, "validate")
     return p_val, history, best
@@ -368,13 +376,17 @@ def train_classifier(
             when resuming).
         resume: continue from the newest checkpoints of `run_dir` with its saved options.
 
+    Under `--distribute multiworker` every worker runs this with the same arguments; the chief
+    writes `run_dir` (and scores, calibrates, reports), the others only train (and return None).
+
     Returns:
-        metrics.json as a dict. Always: "calibration" (method, slope, intercept), "head",
-        "epochs_run", "options". One split: "validation" (calibrated: `scores_with_intervals`;
-        the calibration was fitted on these patients) and "validation_uncalibrated",
-        train_base_rate, n_train, n_val, train_ids, val_ids, val_predictions (calibrated),
-        epochs_this_session. Folds: "folds" (K), "out_of_fold" (cross-fitted calibrated
-        predictions of every patient) and "out_of_fold_uncalibrated", "fold_ids".
+        metrics.json as a dict (None on a worker other than the chief). Always: "calibration"
+        (method, slope, intercept), "head", "epochs_run", "options". One split: "validation"
+        (calibrated: `scores_with_intervals`; the calibration was fitted on these patients) and
+        "validation_uncalibrated", train_base_rate, n_train, n_val, train_ids, val_ids,
+        val_predictions (calibrated), epochs_this_session. Folds: "folds" (K), "out_of_fold"
+        (cross-fitted calibrated predictions of every patient) and "out_of_fold_uncalibrated",
+        "fold_ids".
 
     Raises:
         LabelsError: the labels CSV is malformed or disagrees with the volumes, or a class has
@@ -382,13 +394,22 @@ def train_classifier(
         StoreError: a volume file is unreadable, too small for `downscale` or of another
             spacing than the others.
         UsageError: an option is out of range, the run folder holds checkpoints and `resume`
-            is off, or resuming changes an option that may not change.
+            is off, or resuming changes an option that may not change; under multiworker, a
+            missing or malformed TF_CONFIG, or a batch size other than the number of workers.
         TrainingError: the loss became NaN.
     """
     run_dir = Path(run_dir)
     options, _ = runs.resolve_options(
         ClassifierOptions, options, run_dir, resume=resume, data_dir=data_dir
     )
+    worker = runs.worker(options.distribute)
+    if options.distribute == "multiworker" and options.batch_size != worker.count:
+        raise UsageError(
+            f"expected --batch-size {worker.count} with --distribute multiworker over "
+            f"{worker.count} workers (one volume per worker and step: Keras's gradient "
+            f"accumulation does not run under a distribution strategy), received "
+            f"{options.batch_size}"
+        )
     started = sorted(run_dir.glob(f"{FOLD_PREFIX}*/{FOLD_NAME}")) + sorted(
         run_dir.glob(f"{FOLD_PREFIX}*/{runs.CHECKPOINT_DIR}")
     )
@@ -411,7 +432,8 @@ def train_classifier(
 
         folds = stratified_folds(usable, labels, options.folds, seed=options.seed)
     runs.begin(run_dir, options, data_dir=data_dir)
-    volume_input.save(run_dir, gmcae=str(options.gmcae))
+    if worker.chief:
+        volume_input.save(run_dir, gmcae=str(options.gmcae))
     bag_files = None
     if options.head in ("mil", "nll"):
         from kdsb.data.patches import CUBE_SYMMETRIES
@@ -427,19 +449,24 @@ def train_classifier(
         result = _cross_validate(run_dir, folds, ctx)
     else:
         result = _one_split(run_dir, ctx)
-    result["options"] = options.to_saved()
-    path = run_dir / METRICS_NAME
-    write_json(path, result)
-    logger.info("wrote %s", path)
+    if result is not None:
+        result["options"] = options.to_saved()
+        path = run_dir / METRICS_NAME
+        write_json(path, result)
+        logger.info("wrote %s", path)
+    runs.wait_for_workers(options.distribute)
     return result
 
 
-def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any]:
+def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
     from kdsb.models.calibration import fit_calibration
 
     cohort, options = ctx.cohort, ctx.options
     train_ids, val_ids = _split(cohort, sorted(cohort), options, "all patients")
-    p_val, history, _ = _fit_model(run_dir, train_ids, val_ids, ctx)
+    fitted = _fit_model(run_dir, train_ids, val_ids, ctx)
+    if fitted is None:
+        return None
+    p_val, history, _ = fitted
     y_val = [cohort[i][1] for i in val_ids]
     calibration = fit_calibration(y_val, p_val, options.calibration)
     _save_calibrated(run_dir, calibration)
@@ -460,8 +487,9 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any]:
     }
 
 
-def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dict[str, Any]:
-    """Train one model per fold on the other folds; score, calibrate and save them all."""
+def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dict[str, Any] | None:
+    """Train one model per fold on the other folds; score, calibrate and save them all (a
+    worker other than the chief only trains, and returns None)."""
     from kdsb.models.calibration import fit_calibration
 
     cohort, options = ctx.cohort, ctx.options
@@ -475,7 +503,10 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
             logger.info("fold %d of %d: %d held-out patients", k, len(folds), len(held_out))
             rest = [i for i in sorted(cohort) if i not in set(held_out)]
             train_ids, val_ids = _split(cohort, rest, options, f"fold {k}")
-            _, _, model = _fit_model(fold_dir, train_ids, val_ids, ctx)
+            fitted = _fit_model(fold_dir, train_ids, val_ids, ctx)
+            if fitted is None:
+                continue
+            model = fitted[2]
             p = score_patients(model, [cohort[i][0] for i in held_out], ctx.volume_input,
                                f"fold {k}")
             done = {"held_out": held_out, "train_ids": train_ids, "val_ids": val_ids,
@@ -484,6 +515,8 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
         raw.update(done["predictions"])
         fold_of.update({i: k for i in held_out})
         epochs.append(len(runs.read_history(fold_dir / runs.HISTORY_NAME)))
+    if not runs.worker(options.distribute).chief:
+        return None
     ids = sorted(raw)
     y = np.array([cohort[i][1] for i in ids])
     p_raw = np.array([raw[i] for i in ids])

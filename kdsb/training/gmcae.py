@@ -153,22 +153,33 @@ def _volume_paths(data_dir: Path) -> tuple[dict[str, Path], tuple[float, float, 
     return found, common_spacing(list(found.values()))
 
 
-def training_stream(paths: list[Path], data_dir: Path, options: GmcaeOptions, seed: int):
+def training_stream(paths: list[Path], data_dir: Path, options: GmcaeOptions, seed: int,
+                    worker: runs.Worker | None = None):
     """Endless augmented training batches (x, x), x (batch, P, P, P, 1) normalised HU: from the
     patch cache (`--patch-cache N`, under `data_dir`) or streamed from the volume files; the
-    stream of `train_gmcae` for the same `paths`, options and `seed`."""
+    stream of `train_gmcae` for the same `paths`, options and `seed`.
+
+    Under multiworker, `worker` takes every `worker.count`-th volume from its index on, its own
+    seed (`Worker.seed`) and batches of its share of `--batch-size`. Every worker builds (or
+    finds) the cache of all volumes, so the cache is the same whatever the workers.
+    """
+    worker = worker or runs.Worker()
+    own = paths[worker.index::worker.count]
+    batch_size = options.batch_size // worker.count
     if options.patch_cache:
         from kdsb.data.patch_cache import build_patch_cache, cached_patch_dataset
 
         shards = build_patch_cache(paths, data_dir / PATCH_CACHE_DIR,
                                    patch_size=options.patch_size,
                                    per_volume=options.patch_cache, seed=options.seed)
-        return cached_patch_dataset(shards, batch_size=options.batch_size, seed=seed)
+        return cached_patch_dataset(shards[worker.index::worker.count], batch_size=batch_size,
+                                    seed=worker.seed(seed))
     from kdsb.data.datasets import patch_dataset
 
-    return patch_dataset(paths, patch_size=options.patch_size, batch_size=options.batch_size,
+    return patch_dataset(own, patch_size=options.patch_size, batch_size=batch_size,
                          patches_per_volume=options.patches_per_volume,
-                         sampling=options.sampling, augment=True, seed=seed, repeat=True)
+                         sampling=options.sampling, augment=True, seed=worker.seed(seed),
+                         repeat=True)
 
 
 def validation_patches(paths: list[Path], options: GmcaeOptions):
@@ -264,8 +275,11 @@ def train_gmcae(
     options: GmcaeOptions | dict[str, Any],
     *,
     resume: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Train (or resume) a GMCAE into `run_dir`, then write the plots and the summary.
+
+    Under `--distribute multiworker` every worker runs this with the same arguments; the chief
+    writes `run_dir`, the others only train (and return None).
 
     Args:
         data_dir: folder of `<id>.h5` volumes (at least two patients).
@@ -277,11 +291,14 @@ def train_gmcae(
     Returns:
         gmcae_summary.json as a dict: epochs_completed, best_epoch, best_val_nll_per_voxel,
         final_val_nll_per_voxel, final_train_nll_per_voxel, single_gaussian_val_nll_per_voxel
-        (NLL in nats per voxel), validation_patches, train_patients, val_patients.
+        (NLL in nats per voxel), validation_patches, train_patients, val_patients. None on a
+        worker other than the chief.
 
     Raises:
         UsageError: out-of-range options, fewer than 2 volumes, incompatible options on resume,
-            or a run folder holding checkpoints without `resume`.
+            a run folder holding checkpoints without `resume`; under multiworker, a missing or
+            malformed TF_CONFIG, a batch size that is no multiple of the workers, or fewer
+            training volumes than workers.
         StoreError: DATA_DIR is missing, a file of it is not a readable kdsb volume file, or
             its files differ in spacing.
         TrainingError: the loss became NaN or infinite (the last good checkpoint stays).
@@ -300,11 +317,20 @@ def train_gmcae(
     train_ids, val_ids = split_patients(
         list(volumes), val_fraction=options.val_fraction, seed=options.seed
     )
+    worker = runs.worker(options.distribute)
+    if options.batch_size % worker.count or len(train_ids) < worker.count:
+        raise UsageError(
+            f"expected --batch-size a multiple of the {worker.count} workers and at least as "
+            f"many training volumes, received --batch-size {options.batch_size} and "
+            f"{len(train_ids)} training volumes"
+        )
     runs.begin(run_dir, options, data_dir=data_dir)
-    save_gmcae_spacing(run_dir, spacing)
+    if worker.chief:
+        save_gmcae_spacing(run_dir, spacing)
     logger.info("%d training and %d validation patients", len(train_ids), len(val_ids))
     train_data = training_stream(
-        [volumes[i] for i in train_ids], Path(data_dir), options, options.seed + start_epoch
+        [volumes[i] for i in train_ids], Path(data_dir), options, options.seed + start_epoch,
+        worker,
     )
     val_patches = validation_patches([volumes[i] for i in val_ids], options)
     val_data = tf.data.Dataset.from_tensor_slices((val_patches, val_patches)).batch(
@@ -315,4 +341,8 @@ def train_gmcae(
         _build_model_fn(options), train_data, val_data, run_dir, options, resume=resume,
         best_name=MODEL_NAME, steps_per_epoch=options.steps_per_epoch,
     )
-    return _report(run_dir, val_patches, baseline, len(train_ids), len(val_ids))
+    summary = None
+    if worker.chief:
+        summary = _report(run_dir, val_patches, baseline, len(train_ids), len(val_ids))
+    runs.wait_for_workers(options.distribute)
+    return summary

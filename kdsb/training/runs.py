@@ -16,6 +16,10 @@ RUN_DIR/
   logs/                            TensorBoard event files (when tensorboard is installed)
 ```
 
+With `--distribute multiworker` (`distribution_strategy`) several processes, one per machine,
+train one model together; only the chief (`Worker.chief`) writes the run folder, the others
+write their callbacks' files into a temporary folder of their own that `fit` removes.
+
 Resuming keeps the saved options; options given again must keep their saved value, except
 `RESUMABLE_CHANGES`, which change neither the model nor its inputs.
 
@@ -32,13 +36,16 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,7 +56,13 @@ from kdsb.io.atomic import atomic_path, remove_stale_temporaries, write_json
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-STRATEGIES = ("none", "mirrored")
+STRATEGIES = ("none", "mirrored", "multiworker")
+# The environment variable that describes a multi-worker cluster and this process's place in it.
+TF_CONFIG = "TF_CONFIG"
+TF_CONFIG_EXAMPLE = (
+    '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", '
+    '"index": 0}}'
+)
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{4,})\.keras$")
 HISTORY_NAME = "history.csv"
@@ -106,7 +119,9 @@ class RunOptions:
         choices=PRECISIONS,
     )
     distribute: str = option(
-        "none", "none, or mirrored: data parallel over every GPU (or logical CPU)",
+        "none", "none; mirrored: data parallel over every GPU (or logical CPU) of this machine; "
+        "multiworker: data parallel over the processes that TF_CONFIG lists, one per machine "
+        "(start the same command on each; RUN_DIR on a shared filesystem)",
         choices=STRATEGIES,
     )
     keep_checkpoints: int | None = option(
@@ -242,22 +257,111 @@ def resolve_options(
 
 
 def begin(run_dir: str | os.PathLike, options: RunOptions, *, data_dir: str | os.PathLike) -> None:
-    """Write the run's options (config.json, with `data_dir`), then seed and set the precision.
+    """Create the distribution strategy, write the run's options (config.json, with `data_dir`;
+    the chief only), then seed and set the precision.
 
-    Call it once the data is checked, before building datasets or models.
+    Call it once the data is checked, before building datasets or models and before any other
+    TensorFlow op: a multi-worker strategy must start TensorFlow's collective ops first.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(
-        run_dir / OPTIONS_NAME, {**options.to_saved(), "data_dir": str(Path(data_dir).resolve())}
-    )
+    distribution_strategy(options.distribute)
+    if worker(options.distribute).chief:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / OPTIONS_NAME,
+                   {**options.to_saved(), "data_dir": str(Path(data_dir).resolve())})
     configure_runtime(seed=options.seed, precision=options.precision)
 
 
-def keras_verbosity() -> int:
-    """`verbose` of `keras.Model.fit`: silent under `kdsb -q`, a progress bar on a terminal,
-    one line per epoch otherwise."""
-    if not logger.isEnabledFor(logging.INFO):
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """This process's place among the training processes.
+
+    Attributes:
+        index: 0 for the chief, 1 … count - 1 for the others.
+        count: training processes (1 unless `--distribute multiworker`).
+    """
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def chief(self) -> bool:
+        """The process that writes the run folder."""
+        return self.index == 0
+
+    def seed(self, seed: int) -> int:
+        """A seed of this worker's own data stream (`seed` itself for the chief), so workers
+        draw different patches and augmentations and a run still repeats."""
+        return int(seed) + self.index * WORKER_SEED_STRIDE
+
+
+# Workers' data seeds lie this far apart: beyond any epoch offset a resumed run adds.
+WORKER_SEED_STRIDE = 1_000_000_007
+
+
+def read_tf_config(environ: Mapping[str, str] | None = None) -> Worker:
+    """This process's `Worker` from the TF_CONFIG environment variable.
+
+    TF_CONFIG is JSON: `cluster` maps "worker" (and optionally "chief") to lists of
+    "host:port"; `task` names this process: type "worker" or "chief", and its index in that
+    list. The chief is task "chief", or worker 0 when the cluster has no chief; the workers
+    follow it in order.
+
+    Raises:
+        UsageError: TF_CONFIG is missing, not JSON, or not of that form.
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get(TF_CONFIG)
+    if not text:
+        raise UsageError(
+            f"expected the {TF_CONFIG} environment variable with --distribute multiworker "
+            f"(e.g. {TF_CONFIG_EXAMPLE}), received none"
+        )
+    try:
+        config = json.loads(text)
+        cluster, task = config["cluster"], config["task"]
+        chiefs, workers = list(cluster.get("chief", [])), list(cluster.get("worker", []))
+        kind, index = task["type"], task["index"]
+        if (len(chiefs) > 1 or kind not in ("chief", "worker") or not isinstance(index, int)
+                or not 0 <= index < len(chiefs if kind == "chief" else workers)):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UsageError(
+            f"expected {TF_CONFIG} as JSON like {TF_CONFIG_EXAMPLE} (task type worker or chief, "
+            f"index within its list), received {text!r}"
+        ) from None
+    return Worker(index=index if kind == "chief" else len(chiefs) + index,
+                  count=len(chiefs) + len(workers))
+
+
+def worker(distribute: str) -> Worker:
+    """This process's `Worker` under strategy `distribute` (the only one unless multiworker)."""
+    return read_tf_config() if distribute == "multiworker" else Worker()
+
+
+def wait_for_workers(distribute: str) -> None:
+    """Under multiworker, block until every worker calls it too (a collective barrier).
+
+    Commands call it last: a worker that exits while the chief still writes its reports makes
+    TensorFlow abort the chief's collective ops.
+    """
+    if distribute != "multiworker":
+        return
+    import tensorflow as tf
+
+    strategy = distribution_strategy(distribute)
+
+    @tf.function
+    def barrier():
+        return strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+    barrier()
+
+
+def keras_verbosity(distribute: str = "none") -> int:
+    """`verbose` of `keras.Model.fit`: silent under `kdsb -q` and on workers other than the
+    chief, a progress bar on a terminal, one line per epoch otherwise."""
+    if not logger.isEnabledFor(logging.INFO) or not worker(distribute).chief:
         return 0
     return 1 if sys.stdout.isatty() else 2
 
@@ -277,6 +381,11 @@ def train(
 ) -> Any:
     """`fit` with a run's options: epochs, patience, checkpoints kept, distribution strategy.
 
+    Under multiworker, `train_data` is this worker's own stream (its share of the data, batches
+    of its share of the global batch) and `val_data` the whole validation set, which every
+    worker evaluates (the metrics then equal one worker's); `steps_per_epoch` counts this
+    worker's batches.
+
     Returns:
         The `keras.callbacks.History` of the epochs run now.
     """
@@ -294,7 +403,7 @@ def train(
         early_stopping_patience=options.patience,
         keep_checkpoints=options.keep_checkpoints,
         strategy=distribution_strategy(options.distribute),
-        verbose=keras_verbosity(),
+        verbose=keras_verbosity(options.distribute),
     )
 
 
@@ -346,12 +455,15 @@ def distribution_strategy(name: str = "none") -> Any:
             this machine, or, without GPUs, over every logical CPU device (tests split the CPU
             into two with `tf.config.set_logical_device_configuration` before TensorFlow
             initialises). Each batch is split between the devices; gradients are summed.
+            "multiworker": `tf.distribute.MultiWorkerMirroredStrategy` over the processes that
+            TF_CONFIG lists (`read_tf_config`), each with its devices; gradients are
+            all-reduced every step. Created once per process, before any other TensorFlow op.
 
     Returns:
         The strategy; build and compile models inside `strategy.scope()` (`fit` does).
 
     Raises:
-        UsageError: an unknown name.
+        UsageError: an unknown name; multiworker without a valid TF_CONFIG.
     """
     if name not in STRATEGIES:
         raise UsageError(f"expected a strategy among {', '.join(STRATEGIES)}, received {name!r}")
@@ -359,6 +471,16 @@ def distribution_strategy(name: str = "none") -> Any:
 
     if name == "none":
         return tf.distribute.get_strategy()
+    if name == "multiworker":
+        return _multiworker_strategy(read_tf_config())
+    return _mirrored_strategy()
+
+
+# One strategy of each kind per process: `begin` creates it, `train` and `fit` reuse it.
+@functools.cache
+def _mirrored_strategy() -> Any:
+    import tensorflow as tf
+
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
     if len(devices) < 2:
@@ -366,6 +488,48 @@ def distribution_strategy(name: str = "none") -> Any:
     strategy = tf.distribute.MirroredStrategy(devices=devices)
     logger.info("mirrored strategy over %d devices: %s", len(devices), ", ".join(devices))
     return strategy
+
+
+@functools.cache
+def _multiworker_strategy(this: Worker) -> Any:
+    import tensorflow as tf
+
+    class KerasMultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        """MultiWorkerMirroredStrategy with the two reductions Keras 3's `fit` asks of it.
+
+        Keras (3.15, `keras.src.backend.tensorflow.trainer`) reduces a whole (x, y) batch
+        before the first step, only to learn its shapes, and every step's scalar logs with
+        `axis=0`; TensorFlow's strategy reduces neither (a nested value is unsupported, a
+        scalar has no axis 0). Here the batch is this worker's own (shapes suffice, and
+        volumes of different sizes could not be reduced), and a scalar is averaged over the
+        workers, so every worker sees the same logs (the NaN guard fires on all at once).
+        """
+
+        def reduce(self, reduce_op, value, axis=None):
+            if tf.nest.is_nested(value):
+                return tf.nest.map_structure(lambda v: self.experimental_local_results(v)[0],
+                                             value)
+            if axis == 0 and all(v.shape.rank == 0 for v in self.experimental_local_results(value)):
+                axis = None
+            return super().reduce(reduce_op, value, axis)
+
+    strategy = KerasMultiWorkerStrategy()
+    logger.info("multi-worker strategy: worker %d of %d%s, %d replicas in all", this.index,
+                this.count, " (chief)" if this.chief else "", strategy.num_replicas_in_sync)
+    return strategy
+
+
+def _distribute(strategy: Any, data: Any) -> Any:
+    """Under multiworker, a worker's own dataset as the distributed input of `fit` (no
+    auto-sharding: the training modules shard by worker themselves)."""
+    import tensorflow as tf
+
+    if data is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return data
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    data = data.with_options(options)
+    return strategy.distribute_datasets_from_function(lambda _: data)
 
 
 def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:
@@ -435,11 +599,12 @@ def read_history(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _truncate_history(path: Path, epochs_done: int) -> list[dict[str, str]]:
-    """Keep the rows of epochs already checkpointed; a kill may have logged one more."""
+def _truncate_history(path: Path, epochs_done: int, write: bool = True) -> list[dict[str, str]]:
+    """Keep the rows of epochs already checkpointed (a kill may have logged one more); rewrite
+    the file without the others when `write`."""
     rows = read_history(path)
     kept = [row for row in rows if row["epoch"].isdigit() and int(row["epoch"]) < epochs_done]
-    if len(kept) != len(rows):
+    if write and len(kept) != len(rows):
         logger.info("dropping %d history row(s) not covered by a checkpoint", len(rows) - len(kept))
         with atomic_path(path) as temp, temp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
@@ -604,7 +769,9 @@ def fit(
             `monitor` (None: never). The patience count restarts on resume.
         keep_checkpoints: keep only the newest this many epoch checkpoints (None: all).
         strategy: a `tf.distribute` strategy (None: the default one); see
-            `distribution_strategy`.
+            `distribution_strategy`. Under multiworker, only the chief writes `run_dir`
+            (`strategy.extended.should_checkpoint`); the others write into a temporary folder
+            that is removed before returning, and all of them resume from `run_dir`.
         verbose: passed to `keras.Model.fit`.
 
     Returns:
@@ -616,15 +783,39 @@ def fit(
         TrainingError: the loss or a metric became NaN or infinite; the message names the epoch,
             the batch and the last good checkpoint, which stays loadable.
     """
-    import keras
     import tensorflow as tf
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(run_dir)
     strategy = strategy or tf.distribute.get_strategy()
+    # The chief writes the run folder; another worker of a multi-worker run writes the same
+    # files (every worker must save: saving may read variables collectively) into a temporary
+    # folder of its own, removed at the end. All of them read the run folder to resume.
+    chief = strategy.extended.should_checkpoint
+    out_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="kdsb-worker-"))
+    try:
+        return _fit(build_model, _distribute(strategy, train_data),
+                    _distribute(strategy, val_data), run_dir, out_dir, strategy, epochs=epochs,
+                    steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
+                    resume=resume, best_name=best_name, monitor=monitor,
+                    early_stopping_patience=early_stopping_patience,
+                    keep_checkpoints=keep_checkpoints, verbose=verbose)
+    finally:
+        if not chief:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strategy, *,
+         epochs, steps_per_epoch, validation_steps, resume, best_name, monitor,
+         early_stopping_patience, keep_checkpoints, verbose):
+    """`fit` reading the run from `run_dir` and writing into `out_dir`."""
+    import keras
+
+    chief = out_dir == run_dir
+    if chief:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(run_dir)
     higher = _higher_is_better(monitor)
-    history_path = run_dir / HISTORY_NAME
+    history_path = out_dir / HISTORY_NAME
     last = check_run_dir(run_dir, resume)
     if resume and last is None:
         logger.warning("no checkpoint in %s: starting afresh", run_dir / CHECKPOINT_DIR)
@@ -633,12 +824,13 @@ def fit(
         logger.info("resuming from %s (epoch %d of %d)", path, initial_epoch, epochs)
         with strategy.scope():
             model = keras.saving.load_model(path, compile=True, safe_mode=True)
-        rows = _truncate_history(history_path, initial_epoch)
+        rows = _truncate_history(run_dir / HISTORY_NAME, initial_epoch, write=chief)
     else:
         initial_epoch = 0
         with strategy.scope():
             model = build_model()
-        history_path.unlink(missing_ok=True)
+        if chief:
+            history_path.unlink(missing_ok=True)
         rows = []
 
     NonFiniteGuard, EpochCheckpoint = _callback_classes()
@@ -650,7 +842,7 @@ def fit(
         NonFiniteGuard(run_dir),
         csv_logger,
         EpochCheckpoint(
-            run_dir,
+            out_dir,
             best_name,
             monitor,
             higher,
@@ -662,10 +854,10 @@ def fit(
     if importlib.util.find_spec("tensorboard") is not None:
         callbacks.append(
             keras.callbacks.TensorBoard(
-                log_dir=str(run_dir / TENSORBOARD_DIR), update_freq="epoch", profile_batch=0
+                log_dir=str(out_dir / TENSORBOARD_DIR), update_freq="epoch", profile_batch=0
             )
         )
-    else:
+    elif chief:
         logger.warning("tensorboard is not installed: no TensorBoard logs in %s", run_dir)
     if early_stopping_patience is not None:
         callbacks.append(

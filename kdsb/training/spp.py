@@ -16,10 +16,12 @@ weighted.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdsb.data.inputs import VolumeInput
+from kdsb.errors import UsageError
 from kdsb.training import runs
 
 if TYPE_CHECKING:
@@ -40,8 +42,12 @@ def compile_classifier(model: Any, options: ClassifierOptions) -> Any:
     optimizer = keras.optimizers.Adam(
         learning_rate=options.lr,
         global_clipnorm=GLOBAL_CLIPNORM,
+        # One volume per worker and step under multiworker (--batch-size = the workers), where
+        # Keras's accumulation cannot run.
         gradient_accumulation_steps=(
-            options.batch_size if options.batch_size > 1 and options.head == "spp" else None
+            options.batch_size
+            if options.batch_size > 1 and options.head == "spp" and options.distribute == "none"
+            else None
         ),
     )
     if options.loss == "focal":
@@ -114,6 +120,10 @@ def train_spp(
 ) -> Any:
     """Fit the SPP classifier into `run_dir` (id → (volume, label) for training and validation).
 
+    Under multiworker, each worker trains on its share of the training patients (every
+    `count`-th in id order from its index on) with its own seed, one volume per step, and
+    validates on all validation patients; an epoch is one pass over the training patients.
+
     Returns:
         The `keras.callbacks.History` of this session's epochs.
     """
@@ -132,9 +142,16 @@ def train_spp(
         )
         return compile_classifier(model, options)
 
+    worker = runs.worker(options.distribute)
+    own = sorted(train.items())[worker.index::worker.count]
+    if not own:
+        raise UsageError(
+            f"expected at least as many training patients as the {worker.count} workers, "
+            f"received {len(train)}"
+        )
     train_data = train_dataset(
-        [p for p, _ in train.values()], [y for _, y in train.values()], options, volume_input,
-        seed=options.seed + start_epoch, class_weights=class_weights,
+        [p for _, (p, _) in own], [y for _, (_, y) in own], options, volume_input,
+        seed=worker.seed(options.seed + start_epoch), class_weights=class_weights,
     )
     val_data = volume_dataset(
         [p for p, _ in val.values()], [float(y) for _, y in val.values()],
@@ -142,5 +159,6 @@ def train_spp(
     )
     return runs.train(
         build, train_data, val_data, run_dir, options, resume=resume, best_name=best_name,
-        monitor=monitor, steps_per_epoch=len(train), validation_steps=len(val),
+        monitor=monitor, steps_per_epoch=math.ceil(len(train) / worker.count),
+        validation_steps=len(val),
     )
