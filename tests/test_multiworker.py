@@ -117,7 +117,7 @@ def test_two_workers_train_a_gmcae_the_chief_writes_and_resume_continues(cohort,
     _run_workers([*argv, "--epochs", "1"], tmp_path / "temp")
     assert _files(run_dir) == {
         "config.json", "history.csv", "checkpoints/epoch_0001.keras", "gmcae.keras",
-        "gmcae_summary.json", "loss.png", "reconstructions.png",
+        "gmcae_summary.json", "gmcae.json", "loss.png", "reconstructions.png",
     }
     assert json.loads((run_dir / "config.json").read_text())["distribute"] == "multiworker"
     assert _epochs(run_dir) == [0]
