@@ -67,6 +67,8 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
         show_tensorflow_logs()
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # TensorFlow's Python logger narrates its collectives ("Collective all_reduce …") at INFO.
+    logging.getLogger("tensorflow").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
