@@ -51,32 +51,41 @@ TRAIN_FLOPS_FACTOR = 3  # backward ≈ 2 × forward (gradients for inputs and fo
 MATMUL_DTYPES = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 
 
-def write_phantoms(folder: Path, count: int, seed: int) -> list[Path]:
-    """Write `count` phantom chests (body, two lungs with vessels) as kdsb volume files."""
+def phantom_chest(shape: tuple[int, int, int], rng: np.random.Generator):
+    """One phantom chest (body, two lungs with vessels, noise) of `shape` (z, y, x) 1 mm voxels:
+    (hu float32, lung mask bool)."""
     from scipy import ndimage
 
-    from kdsb.io import volumes
     from kdsb.preprocessing.hu import AIR_HU, PARENCHYMA_HU
 
-    rng = np.random.default_rng(seed)
-    z, y, x = np.indices(PHANTOM_SHAPE, dtype=np.float32)
-    nz, ny, nx = PHANTOM_SHAPE
+    z, y, x = np.indices(shape, dtype=np.float32)
+    nz, ny, nx = shape
     body = ((y - ny / 2) / (0.48 * ny)) ** 2 + ((x - nx / 2) / (0.48 * nx)) ** 2 < 1
-    lung = np.zeros(PHANTOM_SHAPE, bool)
+    lung = np.zeros(shape, bool)
     for centre in (0.28 * nx, 0.72 * nx):
         lung |= (
             ((z - nz / 2) / (0.45 * nz)) ** 2
             + ((y - ny / 2) / (0.32 * ny)) ** 2
             + ((x - centre) / (0.19 * nx)) ** 2
         ) < 1
+    hu = np.full(shape, AIR_HU, np.float32)
+    hu[body] = TISSUE_HU
+    hu[lung] = PARENCHYMA_HU
+    vessels = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), 1.5)
+    hu[lung & (vessels > 0.08)] = VESSEL_HU
+    hu += rng.normal(0, NOISE_HU, shape).astype(np.float32)
+    return hu, lung
+
+
+def write_phantoms(folder: Path, count: int, seed: int,
+                   shape: tuple[int, int, int] = PHANTOM_SHAPE) -> list[Path]:
+    """Write `count` phantom chests (`phantom_chest`) as kdsb volume files."""
+    from kdsb.io import volumes
+
+    rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
-        hu = np.full(PHANTOM_SHAPE, AIR_HU, np.float32)
-        hu[body] = TISSUE_HU
-        hu[lung] = PARENCHYMA_HU
-        vessels = ndimage.gaussian_filter(rng.normal(size=PHANTOM_SHAPE).astype(np.float32), 1.5)
-        hu[lung & (vessels > 0.08)] = VESSEL_HU
-        hu += rng.normal(0, NOISE_HU, PHANTOM_SHAPE).astype(np.float32)
+        hu, lung = phantom_chest(shape, rng)
         paths.append(
             volumes.write_volume(
                 volumes.volume_path(folder, f"phantom{i:02d}"), hu, lung, (1.0,) * 3, (0.0,) * 3
