@@ -29,8 +29,9 @@ def test_shards_hold_the_streamed_patches_and_are_reused_until_a_volume_changes(
         assert stored.dtype == np.float16 and stored.shape == (5, 16, 16, 16)
         np.testing.assert_allclose(stored, expected, atol=2e-3)
     calls = []
-    real = datasets.read_patches
-    monkeypatch.setattr(datasets, "read_patches", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = patch_cache.volume_patches
+    monkeypatch.setattr(patch_cache, "volume_patches",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
     assert patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16,
                                          per_volume=5, seed=3) == shards
     assert calls == []
@@ -38,6 +39,27 @@ def test_shards_hold_the_streamed_patches_and_are_reused_until_a_volume_changes(
     patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16, per_volume=5, seed=3)
     assert [str(a[0]) for a in calls] == [str(paths[1])]
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+def test_a_failed_build_keeps_the_record_of_the_shards_it_wrote(tmp_path, monkeypatch):
+    paths = [_volume(tmp_path, f"p{i}", i) for i in range(3)]
+    real = patch_cache.volume_patches
+    calls = []
+
+    def fail_on_third(path, *args):
+        calls.append(path.stem)
+        if path.stem == "p2":
+            raise OSError("disk gone")
+        return real(path, *args)
+
+    monkeypatch.setattr(patch_cache, "volume_patches", fail_on_third)
+    with pytest.raises(OSError, match="disk gone"):
+        patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16, per_volume=2)
+    monkeypatch.setattr(patch_cache, "volume_patches", lambda path, *a: calls.append(path.stem)
+                        or real(path, *a))
+    shards = patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16,
+                                           per_volume=2)
+    assert calls == ["p0", "p1", "p2", "p2"] and all(s.is_file() for s in shards)
 
 
 def test_a_batch_gets_one_cube_symmetry_for_all_its_patches(tmp_path):
