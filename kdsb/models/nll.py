@@ -18,7 +18,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from kdsb.models.losses import gaussian_mixture_nll, split_mixture_params
+# A module reference, not its names: this module loads while kdsb.models.losses may still be
+# initialising (both are imported when Keras loads, `kdsb._keras_hook`).
+from kdsb.models import losses
 
 DEFAULT_CHUNK = 256
 
@@ -65,7 +67,8 @@ class PatchMixtureNLL(keras.layers.Layer):
 
         def nll_of(chunk):
             packed = self.gmcae(ops.reshape(chunk, (-1, size, size, size, 1)), training=False)
-            return gaussian_mixture_nll(chunk, *split_mixture_params(packed, self.mixtures))
+            return losses.gaussian_mixture_nll(
+                chunk, *losses.split_mixture_params(packed, self.mixtures))
 
         nll = ops.map(nll_of, ops.reshape(padded, (chunks, self.chunk, size**3)))
         # Patches are in (volume, z, y, x) C order: each volume's come together.
