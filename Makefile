@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_work
 PYTEST_ARGS ?=
+# Two test processes (pytest-xdist), each test file on one of them (module fixtures built
+# once): most tests wait on TensorFlow start-up or subprocesses, so two share two cores well.
+TEST_WORKERS ?= -n 2 --dist loadfile
 
 .PHONY: install test lint demo bench clean
 
@@ -17,7 +20,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 test: install
 	$(PY) -m ruff check kdsb tests benchmarks scripts
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check kdsb tests benchmarks scripts

@@ -8,6 +8,7 @@ JPEG 2000 (`example_ct_dicom/`) and a real chest CT in NIfTI (`aorta_report/exam
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -25,7 +26,17 @@ def cache_dir() -> Path:
 
 @cache
 def reference_files() -> Path | None:
-    """The `reference_files` folder, downloading it if needed; None when it cannot be had."""
+    """The `reference_files` folder, downloading it if needed; None when it cannot be had.
+
+    A file lock makes parallel test processes (pytest-xdist) fetch it once, one after the other.
+    """
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch()
+
+
+def _fetch() -> Path | None:
     target = cache_dir() / "reference_files"
     if (target / "example_ct_dicom").is_dir():
         return target
