@@ -4,7 +4,7 @@
 For each seed: a training cohort (`kdsb synth`, the demo's phantom size and 2 mm spacing) and a
 separate held-out cohort of `--test-size` patients (seed + 5000), both preprocessed; the demo's
 GMCAE recipe trained on the training volumes; then for each training size n (the first n
-patients; phantom cohorts extend each other, so the 24 are among the 96) and each head,
+patients of the cohort, which has max(--sizes)) and each head,
 `train-classifier --folds K` (the head's options below), `predict RUN_DIR` on the held-out
 cohort and its metrics. Prints one row per (size, head, seed) and the mean ± sd over seeds of:
 out-of-fold ECE (cross-fitted calibration), held-out log loss, AUC, ECE, and the CPU time of
@@ -60,6 +60,10 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
     demo.preprocess_cohort(work / "test_cohort" / "dicom", test_volumes, workers)
     gmcae = demo.train_demo_gmcae(train_volumes, work / "runs" / "gmcae", plan, seed)
     labels = read_labels(train_labels)
+    if len(labels) < max(sizes):
+        # synth_cohort reuses a finished cohort: one made for smaller --sizes is too small.
+        raise SystemExit(f"{train_labels} holds {len(labels)} patients, fewer than --sizes "
+                         f"{max(sizes)}: use another WORKDIR")
     test = read_labels(test_labels)
     rows = []
     for n in sizes:
