@@ -133,16 +133,9 @@ class VolumeInput:
         Raises:
             KdsbError: classifier.json is not valid JSON or lacks a required key.
         """
-        model_path = Path(model_path)
-        for candidate in (model_path.parent / INPUT_NAME, model_path.parent.parent / INPUT_NAME):
-            if candidate.is_file():
-                try:
-                    stored = json.loads(candidate.read_text())
-                except json.JSONDecodeError as error:
-                    raise KdsbError(
-                        f"{candidate}: expected JSON, received invalid text ({error})"
-                    ) from None
-                return cls.from_config(stored, str(candidate))
+        found = _record_beside(model_path, INPUT_NAME)
+        if found is not None:
+            return cls.from_config(found[1], str(found[0]))
         default = cls()
         logger.warning("no %s beside %s: assuming %s", INPUT_NAME, model_path, default)
         return default
@@ -263,20 +256,38 @@ def gmcae_spacing_of(model_path: str | os.PathLike) -> tuple[float, float, float
     Raises:
         KdsbError: gmcae.json is not valid JSON or has no valid `spacing_mm`.
     """
-    model_path = Path(model_path)
-    for candidate in (model_path.parent / GMCAE_INPUT_NAME,
-                      model_path.parent.parent / GMCAE_INPUT_NAME):
-        if candidate.is_file():
-            try:
-                spacing = json.loads(candidate.read_text())["spacing_mm"]
-                if len(spacing) != 3 or min(spacing) <= 0:
-                    raise ValueError(spacing)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise KdsbError(f"{candidate}: expected JSON with spacing_mm, 3 positive mm, "
-                                f"received invalid content ({error})") from None
-            return tuple(float(s) for s in spacing)
+    found = _record_beside(model_path, GMCAE_INPUT_NAME)
+    if found is not None:
+        path, record = found
+        try:
+            spacing = record["spacing_mm"]
+            if len(spacing) != 3 or min(spacing) <= 0:
+                raise ValueError(spacing)
+        except (KeyError, TypeError, ValueError) as error:
+            raise KdsbError(f"{path}: expected JSON with spacing_mm, 3 positive mm, "
+                            f"received invalid content ({error})") from None
+        return tuple(float(s) for s in spacing)
     logger.warning("no %s beside %s: the volumes' spacing is not checked", GMCAE_INPUT_NAME,
                    model_path)
+    return None
+
+
+def _record_beside(model_path: str | os.PathLike, name: str) -> tuple[Path, Any] | None:
+    """(path, parsed JSON) of the record `name` saved beside a model: in its folder (the run
+    folder), else in its parent (for `checkpoints/epoch_NNNN.keras`); None without one.
+
+    Raises:
+        KdsbError: the record is not valid JSON.
+    """
+    model_path = Path(model_path)
+    for candidate in (model_path.parent / name, model_path.parent.parent / name):
+        if candidate.is_file():
+            try:
+                return candidate, json.loads(candidate.read_text())
+            except json.JSONDecodeError as error:
+                raise KdsbError(
+                    f"{candidate}: expected JSON, received invalid text ({error})"
+                ) from None
     return None
 
 
