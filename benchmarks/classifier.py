@@ -41,7 +41,7 @@ HEADS = {
     "mil": dict(epochs=60, lr=3e-3, patience=20, val_fraction=0.25, batch_size=8,
                 dense_units=32, dropout=0.25, augment=False),
     "nll": dict(epochs=60, lr=3e-3, patience=20, val_fraction=0.25, batch_size=8,
-                dense_units=32, dropout=0.25, augment=False, mil_pooling="max"),
+                dense_units=32, dropout=0.25, augment=False),
 }
 
 

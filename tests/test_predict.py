@@ -9,7 +9,7 @@ from kdsb.cli import main
 from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import apply_symmetry
 from kdsb.errors import LabelsError, StoreError, UsageError
-from kdsb.evaluation.predict import predict_cohort, tta_symmetries
+from kdsb.evaluation.predict import ensemble_probability, predict_cohort, tta_symmetries
 from kdsb.io.tables import read_predictions
 from kdsb.io.volumes import volume_path, write_volume
 
@@ -46,7 +46,7 @@ def cohort(tmp_path_factory):
 
 
 def _reference(models, data, patient_id, symmetries=(0,)):
-    """Probability by hand: load each model, feed the prepared volume, average."""
+    """Probability by hand: load each model, feed the prepared volume, mean logit."""
     import keras
 
     x = INPUT.read(volume_path(data, patient_id))
@@ -55,7 +55,21 @@ def _reference(models, data, patient_id, symmetries=(0,)):
         model = keras.saving.load_model(path, compile=False)
         for s in symmetries:
             values.append(float(model.predict(apply_symmetry(x, s)[None], verbose=0)[0, 0]))
-    return float(np.mean(values))
+    return _logit_mean(values)
+
+
+def _logit_mean(probabilities):
+    p = np.asarray(probabilities, dtype=np.float64)
+    return float(1.0 / (1.0 + np.exp(-np.mean(np.log(p / (1.0 - p))))))
+
+
+def test_ensemble_probability_is_the_mean_logit():
+    assert ensemble_probability([0.9, 0.5]) == pytest.approx(0.75)  # the arithmetic mean: 0.7
+    assert ensemble_probability([0.2]) == pytest.approx(0.2)
+    assert ensemble_probability([0.01, 0.3, 0.97]) == pytest.approx(_logit_mean([0.01, 0.3, 0.97]))
+    # Members at exactly 0 and 1 (float32 sigmoids get there) are clipped, not infinite.
+    assert ensemble_probability([1.0, 0.0]) == pytest.approx(0.5)
+    assert ensemble_probability([1.0, 1.0]) == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -70,7 +84,7 @@ def test_predict_csv_sorted_ids_and_ensemble_mean(cohort, tmp_path, capsys):
     predicted = read_predictions(out)
     for patient_id in IDS:
         single = [_reference([m], data, patient_id) for m in models]
-        assert predicted[patient_id] == pytest.approx(np.mean(single), abs=2e-6)
+        assert predicted[patient_id] == pytest.approx(_logit_mean(single), abs=2e-6)
     assert "wrote 3 predictions" in capsys.readouterr().out
 
 

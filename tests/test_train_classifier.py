@@ -281,7 +281,7 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     fold), calibrated fold models, and predict RUN_DIR averaging them; resume reuses folds."""
     import keras
 
-    from kdsb.evaluation.predict import predict_cohort
+    from kdsb.evaluation.predict import ensemble_probability, predict_cohort
     from kdsb.models.calibration import calibration_of, fit_calibration
 
     data, labels, gmcae = cohort
@@ -310,9 +310,9 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
         others = [r for r in rows if int(r["fold"]) != k]
         cross = fit_calibration([int(r["label"]) for r in others],
                                 [float(r["uncalibrated"]) for r in others], "platt")
-        for r in inside:
+        for r in inside:  # oof.csv holds 6 decimals; the map is refitted on those here
             assert float(r["cancer"]) == pytest.approx(
-                float(cross.apply(float(r["uncalibrated"]))), abs=2e-6)
+                float(cross.apply(float(r["uncalibrated"]))), abs=2e-5)
     scores = result["out_of_fold"]
     assert scores["n"] == N_PATIENTS and scores["log_loss"] == pytest.approx(
         -np.mean([np.log(float(r["cancer"])) if r["label"] == "1"
@@ -325,7 +325,8 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     single = [predict_cohort(data, [run / f"fold_{k}" / "classifier.keras"], clip=0.0)
               for k in (1, 2)]
     for pid, p in mean.items():
-        assert p == pytest.approx((single[0][pid] + single[1][pid]) / 2, rel=1e-5)
+        assert p == pytest.approx(ensemble_probability([single[0][pid], single[1][pid]]),
+                                  rel=1e-5)
 
     # A second start into the same folder needs --resume; resuming retrains no finished fold.
     assert main(argv) == 2
@@ -369,3 +370,12 @@ def test_nll_head_trains_predicts_and_explains_by_occlusion(cohort, tmp_path, ca
     assert main(explain) == 1
     assert "use --method occlusion" in capsys.readouterr().err
     assert main([*explain, "--method", "occlusion", "--occlusion-mm", "8"]) == 0
+
+
+def test_a_fold_that_learned_nothing_is_reported(caplog):
+    flat = 0.5 + np.linspace(0.0, 3e-4, 6)  # a fold model stuck on its plateau (seen at 96)
+    classifier_training._warn_if_constant(flat, "fold 2")
+    assert "fold 2: every held-out prediction lies within 3.0e-04 of 0.500" in caplog.text
+    caplog.clear()
+    classifier_training._warn_if_constant(np.array([0.2, 0.3, 0.9]), "fold 3")
+    assert caplog.text == ""

@@ -49,18 +49,20 @@ class Calibration:
 
     def apply(self, p) -> np.ndarray:
         """Calibrated probabilities of `p` (NumPy, float64)."""
-        return _sigmoid(self.slope * _logit(p) + self.intercept)
+        return sigmoid(self.slope * logit(p) + self.intercept)
 
 
 IDENTITY = Calibration()
 
 
-def _logit(p) -> np.ndarray:
+def logit(p) -> np.ndarray:
+    """log p − log(1 − p) of probabilities clipped to [EPSILON, 1 − EPSILON] (float64)."""
     p = np.clip(np.asarray(p, dtype=np.float64), EPSILON, 1.0 - EPSILON)
     return np.log(p) - np.log1p(-p)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
+def sigmoid(z) -> np.ndarray:
+    """1 / (1 + e^−z) (float64)."""
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free form
 
 
@@ -77,7 +79,7 @@ def fit_calibration(y, p, method: str = "platt") -> Calibration:
     if method not in METHODS:
         raise KdsbError(f"expected a calibration method in {METHODS}, received {method!r}")
     y = np.asarray(y, dtype=np.float64).ravel()
-    z = _logit(p).ravel()
+    z = logit(p).ravel()
     if y.shape != z.shape or y.size == 0:
         raise KdsbError(
             f"expected as many labels as probabilities (at least one), received {y.size} and "
@@ -99,7 +101,7 @@ def fit_calibration(y, p, method: str = "platt") -> Calibration:
         s = slope * z + intercept
         # Mean of log(1 + e^s) − t·s, and its gradient (q − t) times ds/dparams.
         value = np.mean(np.logaddexp(0.0, s) - target * s)
-        residual = _sigmoid(s) - target
+        residual = sigmoid(s) - target
         grad_slope = 0.0 if one_class else np.mean(residual * z)
         grads = [grad_slope, np.mean(residual)] if method == "platt" else [grad_slope]
         return float(value), np.asarray(grads)
@@ -132,8 +134,8 @@ class ProbabilityCalibration(keras.layers.Layer):
 
     def call(self, inputs):
         p = ops.clip(ops.cast(inputs, "float32"), EPSILON, 1.0 - EPSILON)
-        logit = ops.log(p) - ops.log1p(-p)
-        return ops.sigmoid(self.slope * logit + self.intercept)
+        z = ops.log(p) - ops.log1p(-p)
+        return ops.sigmoid(self.slope * z + self.intercept)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

@@ -139,8 +139,9 @@ class ClassifierOptions(RunOptions):
         "platt", "calibration fitted on validation (or out-of-fold) predictions and saved in "
         "the model", choices=CALIBRATIONS,
     )
-    mil_pooling: str = option("attention", "MIL pooling of instance embeddings (heads mil, nll)",
-                              choices=MIL_POOLINGS)
+    mil_pooling: str = option(
+        "max", "MIL pooling of instance embeddings (heads mil, nll): max (the default: it beat "
+        "attention in benchmarks/classifier.py) or attention", choices=MIL_POOLINGS)
     mil_block: int = option(
         2, "encoder block whose output cells are the MIL instances (1..3; head mil)", type=int
     )
@@ -244,6 +245,19 @@ def _warn_of_another_gmcae_spacing(gmcae: str, spacing_mm: tuple[float, float, f
         logger.warning("GMCAE %s learned on volumes of %s mm spacing, the classifier's are %s "
                        "mm: its features see every structure at another scale", gmcae,
                        tuple(learned), tuple(spacing_mm))
+
+
+# Held-out predictions spanning less than this learned nothing that ranks patients.
+CONSTANT_SPREAD = 1e-3
+
+
+def _warn_if_constant(p: np.ndarray, what: str) -> None:
+    """Warn when a model gives (nearly) every held-out patient the same probability: its
+    training never left the plateau at the base rate, and it adds nothing to the ensemble."""
+    spread = float(np.ptp(p)) if len(p) > 1 else math.inf
+    if spread < CONSTANT_SPREAD:
+        logger.warning("%s: every held-out prediction lies within %.1e of %.3f: the model did "
+                       "not learn (try another --seed or --lr)", what, spread, float(np.mean(p)))
 
 
 def balanced_class_weights(labels: list[int]) -> dict[int, float]:
@@ -509,6 +523,7 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
             model = fitted[2]
             p = score_patients(model, [cohort[i][0] for i in held_out], ctx.volume_input,
                                f"fold {k}")
+            _warn_if_constant(p, f"fold {k}")
             done = {"held_out": held_out, "train_ids": train_ids, "val_ids": val_ids,
                     "predictions": dict(zip(held_out, map(float, p), strict=True))}
             write_json(fold_dir / FOLD_NAME, done)
