@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Classifier heads side by side on phantom cohorts: cross-validated, calibrated, held out.
 
-For each seed: a training cohort (`kdsb synth`, the demo's phantom size and 2 mm spacing) and a
-separate held-out cohort of `--test-size` patients (seed + 5000), both preprocessed; the demo's
+For each seed: a training cohort (`kdsb synth`: the demo's phantoms, or with `--base CT` that real
+chest CT varied with lesions implanted, `kdsb synth --base`) and a separate held-out cohort of
+`--test-size` patients (seed + 5000), both preprocessed at the demo's 2 mm; the demo's
 GMCAE recipe trained on the training volumes; then for each training size n (the first n
 patients of the cohort, which has max(--sizes)) and each head,
 `train-classifier --folds K` (the head's options below), `predict RUN_DIR` on the held-out
@@ -11,7 +12,11 @@ out-of-fold ECE (cross-fitted calibration), held-out log loss, AUC, ECE, and the
 the classifier step. Everything is written under WORKDIR and reused when rerun.
 
 Usage: python benchmarks/classifier.py WORKDIR [--sizes 24 96] [--seeds 0 1 2]
-       [--heads spp mil nll] [--folds 4] [--test-size 64]
+       [--heads spp mil nll] [--folds 4] [--test-size 64] [--base CT]
+
+Real anatomy: `--base ~/.cache/kdsb-test-data/reference_files/aorta_report/example_ct.nii.gz`
+(the real chest CT the tests fetch; `python -c "from tests.realdata import reference_files;
+print(reference_files())"` fetches it).
 """
 
 from __future__ import annotations
@@ -50,11 +55,25 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, workers: int):
+def synth_cohort(root: Path, patients: int, seed: int, base: Path | None) -> Path:
+    """labels.csv of a finished cohort in `root`, written first if needed: phantoms, or the
+    real CT `base` with implanted lesions."""
+    if base is None:
+        return demo.synth_cohort(root, patients, seed)
+    from kdsb.phantoms.implants import write_implant_cohort
+
+    labels = root / "labels.csv"  # written last: a cohort without it is a killed one
+    if labels.is_file():
+        return labels
+    return write_implant_cohort(root, base, patients=patients, seed=seed, overwrite=True)
+
+
+def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, workers: int,
+             base: Path | None = None):
     """Rows of one seed: dicts of size, head, seed and the figures."""
     plan = demo.FULL_PLAN
-    train_labels = demo.synth_cohort(work / "train_cohort", max(sizes), seed)
-    test_labels = demo.synth_cohort(work / "test_cohort", test_size, seed + TEST_SEED_OFFSET)
+    train_labels = synth_cohort(work / "train_cohort", max(sizes), seed, base)
+    test_labels = synth_cohort(work / "test_cohort", test_size, seed + TEST_SEED_OFFSET, base)
     train_volumes, test_volumes = work / "volumes" / "train", work / "volumes" / "test"
     demo.preprocess_cohort(work / "train_cohort" / "dicom", train_volumes, workers)
     demo.preprocess_cohort(work / "test_cohort" / "dicom", test_volumes, workers)
@@ -104,11 +123,14 @@ def main(argv=None) -> int:
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--test-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--base", type=Path, default=None,
+                        help="a real chest CT (DICOM folder or volume file): cohorts of it with "
+                             "implanted lesions instead of phantoms")
     args = parser.parse_args(argv)
     rows = []
     for seed in args.seeds:
         rows += run_seed(args.workdir / f"seed_{seed}", seed, args.sizes, args.heads, args.folds,
-                         args.test_size, args.workers)
+                         args.test_size, args.workers, args.base)
     print()
     print(f"{'n':>4} {'head':>5} {'oof ECE':>14} {'test log loss':>14} {'test AUC':>14} "
           f"{'test ECE':>14} {'CPU s':>10}")
