@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "write an id,cancer CSV of p(cancer) per patient; several models are averaged"
+HELP = "write an id,cancer CSV of p(cancer) per patient; several models are ensembled (mean logit)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="folder of <id>.h5 volumes")
     parser.add_argument("models", type=Path, nargs="+", metavar="MODEL.keras|RUN_DIR",
                         help="trained classifier(s), or run folders of train-classifier (every "
-                             "fold model of a cross-validated run); probabilities are averaged")
+                             "fold model of a cross-validated run); the ensemble's logit is "
+                             "the mean of theirs")
     parser.add_argument("--out", type=Path, required=True, metavar="OUT_CSV",
                         help="the id,cancer CSV to write")
     parser.add_argument("--ids", type=Path, default=None, metavar="IDS_CSV",
