@@ -56,7 +56,8 @@ def first_block_in_slabs(volume: Any, weights: tuple[Any, ...], tile_z: int) -> 
     Args:
         volume: (batch, z, y, x, channels) tensor in the compute dtype.
         weights: float32 (kernel1, bias1, kernel2, bias2) of the block's two convolutions.
-        tile_z: input rows per slab, even (plus a halo of 1 + 2 rows read around it).
+        tile_z: input rows per slab, even (conv1 computes tile_z + 2 rows of it, reading a
+            halo of 2 input rows before and after).
 
     Returns:
         (batch, ceil(z/2), ceil(y/2), ceil(x/2), filters): relu(conv2(relu(conv1(volume)))),
@@ -134,8 +135,8 @@ def compute_first_block_in_slabs(model: Any, tile_z: int) -> Any:
 
     Args:
         model: a classifier (its nested encoder is changed) or an encoder from `build_encoder`.
-        tile_z: input rows per slab, even and >= 2; the full-resolution tensors of one slab
-            hold tile_z + 3 rows.
+        tile_z: input rows per slab, even and >= 2; the full-resolution w-channel tensors of
+            one slab hold tile_z + 2 rows.
 
     Returns:
         `model`, whose encoder now computes block 1 with `first_block_in_slabs` and the other
@@ -160,7 +161,8 @@ def compute_first_block_in_slabs(model: Any, tile_z: int) -> Any:
 
     def call(self, inputs, training=None, mask=None):
         x = keras.ops.cast(inputs, conv1.compute_dtype)
-        # float32 weights (not the autocast ones): slab gradients are summed in float32.
+        # Cast to float32 (from the autocast weights, bf16 under mixed_bfloat16, as the plain
+        # block reads them), so that the slabs' weight gradients are summed in float32.
         weights = tuple(keras.ops.cast(w, "float32")
                         for w in (conv1.kernel, conv1.bias, conv2.kernel, conv2.bias))
         x = first_block_in_slabs(x, weights, tile_z)
