@@ -3,11 +3,13 @@
 Memory of a whole-volume classifier step is dominated by the first encoder block: its two
 convolutions (Conv3D w filters stride 1, Conv3D w filters stride 2, ReLU, "same" padding) run
 at full resolution, so training stores several w-channel tensors per voxel (and their
-gradients): ~2 GiB per million voxels at w = 64 in float32. Here that block runs slab by slab
+gradients): ~1 GiB per million voxels at w = 64 in float32 (benchmarks/gpu_check.py
+--host-memory), ~28 GiB for a 1 mm lung of 300×250×350. Here that block runs slab by slab
 along z, each slab with the halo its two 3-voxel kernels read, and nothing of it is kept for
 the backward pass but the block's input and output: the backward pass recomputes one slab at
 a time and accumulates the weight gradients. The full-resolution w-channel tensors then exist
-for one slab at a time only.
+for one slab at a time only: ~0.1 GiB per million voxels more, plus the slab's (~3.5 GiB for
+slabs of 32 at 250×350), ~7 GiB for that lung; a step takes 2-3× as long on a CPU.
 
 The result equals the plain block's (TensorFlow's "SAME" padding reproduced exactly, also its
 odd-length case of the stride-2 convolution) up to float rounding. Slab boundaries fall on
