@@ -9,7 +9,8 @@ along z, each slab with the halo its two 3-voxel kernels read, and nothing of it
 the backward pass but the block's input and output: the backward pass recomputes one slab at
 a time and accumulates the weight gradients. The full-resolution w-channel tensors then exist
 for one slab at a time only: ~0.1 GiB per million voxels more, plus the slab's (~3.5 GiB for
-slabs of 32 at 250×350), ~7 GiB for that lung; a step takes 2-3× as long on a CPU.
+slabs of 32 at 250×350), ~7 GiB for that lung. The price is the recomputation: on a loaded
+2-core CPU a step took +15 % (96³, interleaved with plain steps) to 2-3× (separate runs).
 
 The result equals the plain block's (TensorFlow's "SAME" padding reproduced exactly, also its
 odd-length case of the stride-2 convolution) up to float rounding. Slab boundaries fall on

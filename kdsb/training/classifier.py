@@ -187,8 +187,8 @@ class ClassifierOptions(RunOptions):
     tile_z: int = option(
         0, "head spp: compute the encoder's first block in z-slabs of this many voxels (even, "
         "e.g. 32), recomputed in the backward pass: a width-64 step on a 1 mm lung then needs "
-        "~7 GiB instead of ~28 (float32), for 2-3x the time on a CPU; same results and saved "
-        "model; 0: the whole volume at once", type=int, metavar="VOXELS",
+        "~7 GiB instead of ~28 (float32), for slower steps (recomputation); same results and "
+        "saved model; 0: the whole volume at once", type=int, metavar="VOXELS",
     )
 
     def __post_init__(self) -> None:
