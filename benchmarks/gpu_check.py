@@ -12,19 +12,26 @@ On a machine with a GPU (under 8 minutes), on phantoms:
    typical cropped-lung size (z, y, x) = 300×250×350: seconds per step and the peak GPU memory
    (`tf.config.experimental.get_memory_info`), then the volume grown by 1.25× per side until the
    step runs out of memory, the side cap or the time budget: the largest volume that fits.
+   Twice: the whole volume at once, then with the encoder's first block in z-slabs
+   (`train-classifier --tile-z`, `kdsb.models.slabs`).
 
 Without a GPU it says so in one line, runs the same code on tiny sizes on the CPU (peak memory
 is then the process's resident anonymous memory) and exits 0; `--smoke` does that on any
-machine. `--host-memory` measures instead, on the CPU, the peak host memory of one classifier
-step at the given shapes (float32 and mixed_bfloat16): the estimate for GPUs when none is at hand.
+machine. `--host-memory` measures instead, on the CPU, the peak host memory of a classifier
+step at the given shapes, for each `--tile-z` (0: whole volume) and `--precision`, each row in a
+fresh process (memory the allocator kept from an earlier row would count): the estimate for
+GPUs when none is at hand. Its step time is the last of `--steps` steps (the first one traces).
 
-Usage: .venv/bin/python benchmarks/gpu_check.py [--smoke] [--host-memory 64x64x64 96x96x96]
+Usage: .venv/bin/python benchmarks/gpu_check.py [--smoke]
+       .venv/bin/python benchmarks/gpu_check.py --host-memory 64x64x64 96x96x96 --tile-z 0 32
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -68,12 +75,14 @@ class Sizes:
     volume: tuple[int, int, int] = (300, 250, 350)  # (z, y, x) voxels of 1 mm
     classifier_steps: int = 3
     max_side: int = 768
-    budget_s: float = 300.0  # of the volume search
+    budget_s: float = 150.0  # of each volume search
+    tile_z: int = 32  # z-slab of the tiled search (input voxels)
 
 
 SMOKE = Sizes(width=2, patch_size=16, batch_size=2, seconds=0.2, warmup=1, phantoms=2,
               phantom_shape=(24, 32, 32), cache_per_volume=4, matmul_size=128,
-              volume=(16, 16, 24), classifier_steps=1, max_side=28, budget_s=20.0)
+              volume=(16, 16, 24), classifier_steps=1, max_side=28, budget_s=10.0,
+              tile_z=4)
 
 
 def mixed_precision_for(gpu) -> str:
@@ -88,17 +97,23 @@ def mixed_precision_for(gpu) -> str:
     return "mixed_bfloat16" if tuple(capability) >= (8, 0) else "mixed_float16"
 
 
-def classifier(width: int):
-    """The width-64 classifier as `kdsb train-classifier` trains it (fresh encoder weights)."""
+def classifier(width: int, tile_z: int = 0):
+    """The width-64 classifier as `kdsb train-classifier` trains it (fresh encoder weights),
+    with the first block in z-slabs of `tile_z` voxels (0: the whole volume at once)."""
     import keras
 
     from kdsb.models.classifier import build_classifier
     from kdsb.models.gmcae import build_encoder
+    from kdsb.models.slabs import compute_first_block_in_slabs
 
     model = build_classifier(build_encoder(width=width))
     model.compile(optimizer=keras.optimizers.Adam(1e-4, global_clipnorm=1.0),
                   loss=keras.losses.BinaryCrossentropy(), jit_compile=False)
-    return model
+    return compute_first_block_in_slabs(model, tile_z) if tile_z else model
+
+
+def tiling(tile_z: int) -> str:
+    return f"z-slabs of {tile_z}" if tile_z else "whole volume"
 
 
 def classifier_step(model, shape: tuple[int, int, int], steps: int, gpu: bool) -> tuple[float, int]:
@@ -159,48 +174,66 @@ def gmcae_speed(sizes: Sizes, precision: str, gpu: bool) -> None:
     keras.backend.clear_session()
 
 
-def classifier_memory(sizes: Sizes, precision: str, gpu: bool) -> None:
+def classifier_memory(sizes: Sizes, precision: str, gpu: bool, tile_z: int) -> None:
     """Print the classifier's step time and peak memory on the typical volume, then grow the
-    volume until it no longer fits (or the side cap, or the time budget)."""
+    volume until it no longer fits (or the side cap, or the time budget); first block in
+    z-slabs of `tile_z` voxels (0: the whole volume at once)."""
     import keras
     import tensorflow as tf
 
     keras.mixed_precision.set_global_policy(precision)
-    model = classifier(sizes.width)
+    model = classifier(sizes.width, tile_z)
     shape, largest = sizes.volume, None
     started = time.perf_counter()
     while max(shape) <= sizes.max_side and time.perf_counter() - started < sizes.budget_s:
         try:
             seconds, peak = classifier_step(model, shape, sizes.classifier_steps, gpu)
         except tf.errors.ResourceExhaustedError:
-            print(f"classifier {'×'.join(map(str, shape))}: out of memory", flush=True)
+            print(f"classifier {tiling(tile_z)}, {'×'.join(map(str, shape))}: out of memory",
+                  flush=True)
             break
         largest = shape
         fits = ", ".join(f"{'fits' if peak <= size * 1e9 else 'too big for'} {size} GB"
                          for size in GPU_SIZES_GB)
-        print(f"classifier width {sizes.width} {precision}, volume {'×'.join(map(str, shape))} "
+        print(f"classifier width {sizes.width} {precision}, {tiling(tile_z)}, volume "
+              f"{'×'.join(map(str, shape))} "
               f"({math.prod(shape) / 1e6:.1f} M voxels): {seconds:.2f} s per step, peak "
               f"{'GPU' if gpu else 'host anonymous'} memory {peak / GIB:.2f} GiB ({fits})",
               flush=True)
         shape = tuple(round(side * GROWTH) for side in shape)
     if largest is not None:
-        print(f"largest volume that fitted: {'×'.join(map(str, largest))} "
+        print(f"largest volume that fitted, {tiling(tile_z)}: {'×'.join(map(str, largest))} "
               f"({math.prod(largest) / 1e6:.1f} M voxels)", flush=True)
     keras.backend.clear_session()
 
 
-def host_memory(shapes: list[tuple[int, int, int]], width: int) -> None:
-    """Peak host anonymous memory of one CPU classifier step per shape, float32 and bf16."""
+def host_memory_row(precision: str, tile_z: int, shape: tuple[int, int, int], width: int,
+                    steps: int) -> tuple[float, int]:
+    """(seconds of the last step, peak host anonymous bytes) of `steps` CPU classifier steps."""
     import keras
 
-    for precision in ("float32", "mixed_bfloat16"):
-        keras.mixed_precision.set_global_policy(precision)
-        for shape in shapes:
-            model = classifier(width)
-            seconds, peak = classifier_step(model, shape, 1, gpu=False)
-            print(f"| {precision} | {'×'.join(map(str, shape))} | {math.prod(shape) / 1e6:.2f} "
-                  f"| {peak / GIB:.2f} | {seconds:.1f} |", flush=True)
-            keras.backend.clear_session()
+    import kdsb  # noqa: F401  (registers kdsb's Keras objects)
+
+    keras.mixed_precision.set_global_policy(precision)
+    return classifier_step(classifier(width, tile_z), shape, steps, gpu=False)
+
+
+def host_memory(shapes: list[tuple[int, int, int]], width: int, tiles: list[int],
+                precisions: list[str], steps: int) -> None:
+    """Peak host anonymous memory of CPU classifier steps: a row per precision, tiling and
+    shape, each in a fresh process."""
+    for precision in precisions:
+        for tile_z in tiles:
+            for shape in shapes:
+                with concurrent.futures.ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("spawn")
+                ) as pool:
+                    seconds, peak = pool.submit(
+                        host_memory_row, precision, tile_z, shape, width, steps
+                    ).result()
+                print(f"| {precision} | {tile_z or 'whole'} | {'×'.join(map(str, shape))} | "
+                      f"{math.prod(shape) / 1e6:.2f} | {peak / GIB:.2f} | {seconds:.1f} |",
+                      flush=True)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -216,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-memory", type=parse_shape, nargs="+", metavar="ZxYxX",
                         help="measure the CPU classifier step's peak host memory at these shapes")
     parser.add_argument("--width", type=int, default=64, help="with --host-memory")
+    parser.add_argument("--tile-z", type=int, nargs="+", default=[0, 32], metavar="VOXELS",
+                        help="with --host-memory: z-slabs of the first block, 0: whole volume")
+    parser.add_argument("--precision", nargs="+", default=["float32", "mixed_bfloat16"],
+                        choices=["float32", "mixed_bfloat16"], help="with --host-memory")
+    parser.add_argument("--steps", type=int, default=2, help="with --host-memory")
     args = parser.parse_args(argv)
 
     import keras
@@ -225,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.host_memory:
-            print(f"| precision | volume | M voxels | peak host anon GiB | step s |\n"
-                  f"|---|---|---:|---:|---:|  (width {args.width}, CPU, load average "
+            print(f"| precision | tile z | volume | M voxels | peak host anon GiB | step s |\n"
+                  f"|---|---:|---|---:|---:|---:|  (width {args.width}, CPU, load average "
                   f"{Path('/proc/loadavg').read_text().split()[:3]})", flush=True)
-            host_memory(args.host_memory, args.width)
+            host_memory(args.host_memory, args.width, args.tile_z, args.precision, args.steps)
             return 0
         gpus = tf.config.list_physical_devices("GPU")
         for gpu in gpus:
@@ -245,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             sizes = Sizes()
         precision = mixed_precision_for(gpu)
         gmcae_speed(sizes, precision, gpu is not None)
-        classifier_memory(sizes, precision, gpu is not None)
+        for tile_z in (0, sizes.tile_z):
+            classifier_memory(sizes, precision, gpu is not None, tile_z)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     return 0

@@ -26,7 +26,10 @@ def test_smoke_version_trains_both_models_and_reports_speed_and_memory(capsys, m
     assert lines[1].startswith("matmul 128² float32: ")
     assert lines[2].startswith("GMCAE width 2 float32, batch 2, 16³ patches")
     assert "patches/s" in lines[2] and "of the matmul" in lines[2]
-    assert lines[3].startswith("classifier width 2 float32, volume 16×16×24 ")
-    assert "peak host anonymous memory" in lines[3] and "fits 24 GB" in lines[3]
-    assert lines[-1] == "largest volume that fitted: 16×16×24 (0.0 M voxels)"
+    # The classifier's memory search twice: the whole volume at once, then in z-slabs.
+    for line, tiling in ((3, "whole volume"), (5, "z-slabs of 4")):
+        assert lines[line].startswith(f"classifier width 2 float32, {tiling}, volume 16×16×24 ")
+        assert "peak host anonymous memory" in lines[line] and "fits 24 GB" in lines[line]
+        assert lines[line + 1] == f"largest volume that fitted, {tiling}: 16×16×24 (0.0 M voxels)"
+    assert len(lines) == 7
     assert keras.mixed_precision.global_policy().name == "float32"

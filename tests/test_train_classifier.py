@@ -110,8 +110,8 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     resume = argv[:-2] + ["--seed", "3", "--epochs", "3", "--resume"]
     assert main([*resume, "--lung-dilation-mm", "5"]) == 2
     assert (f"expected --lung-dilation-mm 2.0 as saved in {run / 'config.json'} when resuming, "
-            "received 5.0; only --epochs, --patience, --distribute, --keep-checkpoints may "
-            "change") in capsys.readouterr().err
+            "received 5.0; only --epochs, --patience, --distribute, --keep-checkpoints, "
+            "--tile-z may change") in capsys.readouterr().err
     assert json.loads((run / "classifier.json").read_text())["lung_dilation_mm"] == 2.0
 
     # Resume: one more epoch appended to the same history, on a training stream seeded past
@@ -126,12 +126,25 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
         return original(*args, seed=seed, **kwargs)
 
     monkeypatch.setattr(spp, "train_dataset", recording)
+    # --tile-z may change on resume: the checkpoint loaded computes its first block in slabs.
+    from kdsb.models import slabs
+
+    tiled = []
+
+    def recording_tiles(model, tile_z):
+        tiled.append((model.name, tile_z))
+        return slabs_original(model, tile_z)
+
+    slabs_original = slabs.compute_first_block_in_slabs
+    monkeypatch.setattr(slabs, "compute_first_block_in_slabs", recording_tiles)
     # Options left out keep their saved values (here --batch-size 2 and --dense-units 4).
     assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
-                 "--epochs", "3", "--resume", "--patience", "2"]) == 0
+                 "--epochs", "3", "--resume", "--patience", "2", "--tile-z", "4"]) == 0
     assert seeds == [3 + 2]
+    assert tiled == [("classifier", 4)]
     saved = json.loads((run / "config.json").read_text())
     assert (saved["epochs"], saved["patience"], saved["batch_size"]) == (3, 2, 2)
+    assert (saved["tile_z"], result["options"]["tile_z"]) == (4, 0)
     with open(run / "history.csv", newline="") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1", "2"]
     assert json.loads((run / "metrics.json").read_text())["val_ids"] == result["val_ids"]
@@ -169,6 +182,12 @@ def test_usage_errors(cohort, tmp_path, capsys):
     assert "expected --val-fraction in (0, 1), received 0.0" in capsys.readouterr().err
     assert main([*base, *options, "--lung-dilation-mm", "-1"]) == 2
     assert "expected --lung-dilation-mm >= 0, received -1.0" in capsys.readouterr().err
+    assert main([*base, *options, "--tile-z", "5"]) == 2
+    assert "expected --tile-z 0 or an even number of voxels >= 2, received 5" \
+        in capsys.readouterr().err
+    assert main([*base, *options, "--tile-z", "8", "--head", "mil"]) == 2
+    assert "expected --head spp with --tile-z (the MIL heads train on precomputed features), " \
+        "received 'mil'" in capsys.readouterr().err
     missing = tmp_path / "nodata"
     assert main(["train-classifier", str(missing), str(labels), str(run), *options]) == 2
     assert (f"expected DATA_DIR, a folder of kdsb volume files, received a missing path: "

@@ -109,6 +109,8 @@ class ClassifierOptions(RunOptions):
         dropout: dropout rate of the head.
         augment: random cube symmetry per training volume.
         allow_unlabelled: skip volumes without a label instead of failing.
+        tile_z: 0, or the z-slab (input voxels, even) in which training computes the encoder's
+            first block (`kdsb.models.slabs`; head spp).
     """
 
     gmcae: str = option(help="trained GMCAE whose encoder starts the classifier",
@@ -183,6 +185,12 @@ class ClassifierOptions(RunOptions):
                            flag="--no-augment", action="store_false")
     allow_unlabelled: bool = option(False, "skip volumes without a label instead of failing",
                                     action="store_true")
+    tile_z: int = option(
+        0, "head spp: compute the encoder's first block in z-slabs of this many voxels (even, "
+        "e.g. 32), recomputed in the backward pass: a width-64 step on a 1 mm lung then needs "
+        "~7 GiB instead of ~28 (float32), for slower steps (recomputation); same results and "
+        "saved model; 0: the whole volume at once", type=int, metavar="VOXELS",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(self.levels))
@@ -223,6 +231,11 @@ class ClassifierOptions(RunOptions):
             (0.0 <= self.dropout < 1.0, "--dropout in [0, 1)", self.dropout),
             (len(self.levels) > 0 and min(self.levels) >= 1, "--levels of integers >= 1",
              self.levels),
+            (self.tile_z == 0 or (self.tile_z >= 2 and self.tile_z % 2 == 0),
+             "--tile-z 0 or an even number of voxels >= 2", self.tile_z),
+            (self.tile_z == 0 or self.head == "spp",
+             "--head spp with --tile-z (the MIL heads train on precomputed features)",
+             self.head),
         ]
 
     def volume_input(self) -> VolumeInput:

@@ -73,7 +73,9 @@ NAN_ADVICE = "try a lower --lr, a lower --clipnorm or a larger variance floor"
 OPTIONS_NAME = "config.json"
 # Options a resumed run may change (they change neither the model nor its inputs); every other
 # option given again must keep its saved value.
-RESUMABLE_CHANGES = ("epochs", "steps_per_epoch", "patience", "distribute", "keep_checkpoints")
+RESUMABLE_CHANGES = (
+    "epochs", "steps_per_epoch", "patience", "distribute", "keep_checkpoints", "tile_z"
+)
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **argparse_kwargs: Any) -> Any:
@@ -378,6 +380,7 @@ def train(
     steps_per_epoch: int,
     validation_steps: int | None = None,
     monitor: str = "val_loss",
+    prepare_model: Callable[[Any], Any] | None = None,
 ) -> Any:
     """`fit` with a run's options: epochs, patience, checkpoints kept, distribution strategy.
 
@@ -404,6 +407,7 @@ def train(
         keep_checkpoints=options.keep_checkpoints,
         strategy=distribution_strategy(options.distribute),
         verbose=keras_verbosity(options.distribute),
+        prepare_model=prepare_model,
     )
 
 
@@ -744,6 +748,7 @@ def fit(
     keep_checkpoints: int | None = None,
     strategy: Any = None,
     verbose: int | str = "auto",
+    prepare_model: Callable[[Any], Any] | None = None,
 ) -> Any:
     """Train a model into a run folder, with per-epoch checkpoints, resume and a NaN guard.
 
@@ -773,6 +778,9 @@ def fit(
             (`strategy.extended.should_checkpoint`); the others write into a temporary folder
             that is removed before returning, and all of them resume from `run_dir`.
         verbose: passed to `keras.Model.fit`.
+        prepare_model: called with the model, built or loaded from a checkpoint, before it
+            trains; returns the model. For how its steps are computed, not what is saved
+            (`kdsb.models.slabs`): a loaded checkpoint computes the plain way again.
 
     Returns:
         The `keras.callbacks.History` of the epochs run now; `history.model` is the trained
@@ -798,7 +806,8 @@ def fit(
                     steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
                     resume=resume, best_name=best_name, monitor=monitor,
                     early_stopping_patience=early_stopping_patience,
-                    keep_checkpoints=keep_checkpoints, verbose=verbose)
+                    keep_checkpoints=keep_checkpoints, verbose=verbose,
+                    prepare_model=prepare_model)
     finally:
         if not chief:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -806,7 +815,7 @@ def fit(
 
 def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strategy, *,
          epochs, steps_per_epoch, validation_steps, resume, best_name, monitor,
-         early_stopping_patience, keep_checkpoints, verbose):
+         early_stopping_patience, keep_checkpoints, verbose, prepare_model):
     """`fit` reading the run from `run_dir` and writing into `out_dir`."""
     import keras
 
@@ -832,6 +841,8 @@ def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strate
         if chief:
             history_path.unlink(missing_ok=True)
         rows = []
+    if prepare_model is not None:
+        model = prepare_model(model)
 
     NonFiniteGuard, EpochCheckpoint = _callback_classes()
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=True)
