@@ -325,18 +325,31 @@ def _bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, slice
     return tuple(box)  # type: ignore[return-value]
 
 
-def _close_ball(mask: np.ndarray, radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
-    """Morphological closing with a Euclidean ball, via two distance transforms.
+def _close_balls(
+    mask: np.ndarray, radii_mm: Sequence[float], spacing: Sequence[float]
+) -> list[np.ndarray]:
+    """Morphological closings with Euclidean balls of each radius, via distance transforms.
 
-    The array is first extended by the ball's radius with copies of its border slices, so a
-    lung cut by the scan's first or last slice goes on beyond it (and is not eroded there),
-    while a lung that ends inside the scan is not filled out to the scan's border.
+    The array is first extended by the largest ball's radius with copies of its border slices,
+    so a lung cut by the scan's first or last slice goes on beyond it (and is not eroded there),
+    while a lung that ends inside the scan is not filled out to the scan's border. One distance
+    transform of that array dilates by every radius; each erosion then runs on the part within
+    its own radius (plus a voxel) of `mask`: the same closing as with a pad of that radius
+    alone, since a copied border slice further out is never nearer than one within it.
     """
-    pad = [math.ceil(radius_mm / s) + 1 for s in spacing]
+    most = max(radii_mm)
+    pad = [math.ceil(most / s) + 1 for s in spacing]
     padded = np.pad(mask, [(p, p) for p in pad], mode="edge")
-    dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius_mm
-    closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
-    return closed[tuple(slice(p, p + n) for p, n in zip(pad, mask.shape, strict=True))]
+    distance = ndimage.distance_transform_edt(~padded, sampling=spacing)
+    closings = []
+    for radius in radii_mm:
+        own = [math.ceil(radius / s) + 1 for s in spacing]
+        dilated = distance[tuple(slice(p - o, p + n + o)
+                                 for p, o, n in zip(pad, own, mask.shape, strict=True))] <= radius
+        closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius
+        closings.append(closed[tuple(slice(o, o + n)
+                                     for o, n in zip(own, mask.shape, strict=True))])
+    return closings
 
 
 def _slice_hulls(mask: np.ndarray) -> np.ndarray:
@@ -432,9 +445,10 @@ def _fill_side(
     # The box reaches past the midline into empty space, so the closing erodes there; at the
     # scan's own borders it stops, so a lung cut by the first or last slice is not eroded.
     box = _bounding_box(part, (1, 1, 1))
-    filled[box] = _fill_holes_3d(_close_ball(part[box], CLOSING_RADIUS_MM, spacing))
+    closed, enveloped = _close_balls(part[box], (CLOSING_RADIUS_MM, ENVELOPE_RADIUS_MM), spacing)
+    filled[box] = _fill_holes_3d(closed)
     envelope = np.zeros_like(lung_air)
-    envelope[box] = _fill_holes_3d(_close_ball(part[box], ENVELOPE_RADIUS_MM, spacing))
+    envelope[box] = _fill_holes_3d(enveloped)
     half = filled[side]
     # Pockets are looked for after the closing has filled the vessels: a nodule that a vessel
     # touches would otherwise reach the mediastinum through the vessel tree.
@@ -578,6 +592,40 @@ def _reach_wall(
     filled[zs] |= wall & (reach <= WALL_REACH_MM) & (depth >= surface_depth - tolerance)
 
 
+def _erode_cross(mask: np.ndarray) -> np.ndarray:
+    """Binary erosion by the 6-neighbourhood, outside the array counting as background.
+
+    The same as `ndimage.binary_erosion(mask)`, as an AND of shifted views: 15× faster on a
+    full-resolution box (scipy's generic structuring-element loop costs ~5 ns a voxel).
+    """
+    eroded = mask.copy()
+    for axis in range(mask.ndim):
+        low, high = [slice(None)] * mask.ndim, [slice(None)] * mask.ndim
+        low[axis], high[axis] = slice(None, -1), slice(1, None)
+        eroded[tuple(high)] &= mask[tuple(low)]
+        eroded[tuple(low)] &= mask[tuple(high)]
+        for end in (0, -1):
+            face = [slice(None)] * mask.ndim
+            face[axis] = end
+            eroded[tuple(face)] = False
+    return eroded
+
+
+def _dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Binary dilation by the 6-neighbourhood, `iterations` times: the same as
+    `ndimage.binary_dilation(mask, iterations=iterations)`, as ORs of shifted views (see
+    `_erode_cross`)."""
+    for _ in range(iterations):
+        dilated = mask.copy()
+        for axis in range(mask.ndim):
+            low, high = [slice(None)] * mask.ndim, [slice(None)] * mask.ndim
+            low[axis], high[axis] = slice(None, -1), slice(1, None)
+            dilated[tuple(high)] |= mask[tuple(low)]
+            dilated[tuple(low)] |= mask[tuple(high)]
+        mask = dilated
+    return mask
+
+
 def _upsample(coarse: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
     """Nearest-neighbour upsampling of a coarse block grid back to `shape`."""
     result = coarse
@@ -621,6 +669,25 @@ def segment_lungs(
 
     Raises:
         LungMaskError: no lungs, or a total lung volume outside `litres` (0.5–10 L).
+    """
+    box, mask = segment_lungs_in_box(hu, spacing, patient_id=patient_id, litres=litres)
+    return mask_on_box(box, mask, tuple(slice(0, n) for n in np.shape(hu)))
+
+
+def segment_lungs_in_box(
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    *,
+    patient_id: str | None = None,
+    litres: tuple[float, float] = (MIN_LUNG_LITRES, MAX_LUNG_LITRES),
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """`segment_lungs` without the volume-size array: the box of `hu` that holds the mask, and
+    the mask inside it (zero everywhere outside the box).
+
+    Args and Raises: as `segment_lungs`.
+
+    Returns:
+        (slices (z, y, x) of the box, uint8 0/1 mask of the box's shape).
     """
     patient = patient_id or "volume"
     hu = np.asarray(hu)
@@ -684,8 +751,8 @@ def segment_lungs(
     )
     box_shape = tuple(b.stop - b.start for b in full_box)
     code_full = _upsample(code[coarse_box], factors, box_shape)
-    mask = np.zeros(hu.shape, dtype=np.uint8)
-    air_full = hu[full_box] < AIR_THRESHOLD_HU
+    box_hu = hu[full_box]
+    air_full = box_hu < AIR_THRESHOLD_HU
     kept = (
         (code_full == FULL_ALWAYS)
         | ((code_full == FULL_IF_AIR) & air_full)
@@ -694,20 +761,49 @@ def segment_lungs(
     # A nodule's fringe: tissue in boundary blocks next to a solid core the filling took in.
     boundary = code_full == FULL_IF_AIR
     added_full = _upsample(added[coarse_box], factors, box_shape)
-    cores = ndimage.binary_erosion(kept & ~air_full & added_full)
-    kept |= (boundary & ~air_full & (hu[full_box] <= BONE_HU)
-             & ndimage.binary_dilation(cores, iterations=FRINGE_VOXELS))
-    mask[full_box] = kept
+    cores = _erode_cross(kept & ~air_full & added_full)
+    kept |= (boundary & ~air_full & (box_hu <= BONE_HU)
+             & _dilate_cross(cores, FRINGE_VOXELS))
 
-    volume = int(np.count_nonzero(mask)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
+    volume = int(np.count_nonzero(kept)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
     logger.debug("%s: lung volume %.2f L", patient, volume)
     if not litres[0] <= volume <= litres[1]:
         raise _plausibility_error(patient, litres, f"{volume:.2f} L")
-    return mask
+    return full_box, kept.view(np.uint8)
+
+
+def mask_on_box(
+    box: Sequence[slice], mask: np.ndarray, target: Sequence[slice]
+) -> np.ndarray:
+    """The mask held on `box` of a volume (zero outside it), on another box `target` of it.
+
+    Args:
+        box: slices (z, y, x) with explicit starts and stops: where `mask` lies in the volume.
+        mask: the mask on `box`, shape (z, y, x).
+        target: slices (z, y, x) with explicit starts and stops: the box wanted.
+
+    Returns:
+        uint8 array of `target`'s shape.
+    """
+    result = np.zeros([t.stop - t.start for t in target], dtype=np.uint8)
+    overlap = [(max(b.start, t.start), min(b.stop, t.stop)) for b, t in zip(box, target,
+                                                                             strict=True)]
+    if all(low < high for low, high in overlap):
+        into = tuple(slice(low - t.start, high - t.start)
+                     for (low, high), t in zip(overlap, target, strict=True))
+        source = tuple(slice(low - b.start, high - b.start)
+                       for (low, high), b in zip(overlap, box, strict=True))
+        result[into] = mask[source]
+    return result
 
 
 def lung_bounding_box(
-    mask: np.ndarray, spacing: Sequence[float], margin_mm: float = 10.0
+    mask: np.ndarray,
+    spacing: Sequence[float],
+    margin_mm: float = 10.0,
+    *,
+    box: Sequence[slice] | None = None,
+    shape: Sequence[int] | None = None,
 ) -> tuple[slice, slice, slice]:
     """The bounding box of a mask plus a margin, clipped to the array.
 
@@ -715,6 +811,10 @@ def lung_bounding_box(
         mask: lung mask, shape (z, y, x), nonzero = lung.
         spacing: voxel size (z, y, x) in mm, positive.
         margin_mm: margin added on every side, in mm (rounded up to whole voxels per axis).
+        box: where `mask` lies in a larger volume (slices with explicit starts, as
+            `segment_lungs_in_box` returns them); the result is then in that volume's indices.
+        shape: the larger volume's shape (z, y, x), which the result is clipped to (required
+            with `box`).
 
     Returns:
         Three slices (z, y, x) selecting the box.
@@ -731,4 +831,11 @@ def lung_bounding_box(
             f"with {int(np.count_nonzero(mask))} nonzero voxels"
         )
     # The small slack keeps e.g. 10 mm / 0.5 mm at 20 voxels despite floating-point roundoff.
-    return _bounding_box(mask, [math.ceil(margin_mm / s - 1e-9) for s in spacing])
+    margins = [math.ceil(margin_mm / s - 1e-9) for s in spacing]
+    if box is None:
+        return _bounding_box(mask, margins)
+    found = _bounding_box(mask, (0, 0, 0))
+    return tuple(  # type: ignore[return-value]
+        slice(max(0, b.start + f.start - m), min(n, b.start + f.stop + m))
+        for b, f, m, n in zip(box, found, margins, shape, strict=True)
+    )
