@@ -497,21 +497,20 @@ def _apex_completion(
     coarse_hu: np.ndarray,
     midline: float,
     spacing: Sequence[float],
+    zone_start: int,
 ) -> np.ndarray:
     """Tissue that caps one lung's apex where the other lung, mirrored, still has lung.
 
     A tumour filling the top of a lung leaves no concavity for a closing to fill: the lung just
-    ends lower. The apices are nearly symmetric, so within `APEX_ZONE_MM` of the higher apex,
-    non-bone tissue inside the mirrored other lung that is thick (survives an opening with a
-    `APEX_CORE_MM` ball: not the slivers a slightly rotated body leaves) and touches this lung
-    is taken in. `depth` is every voxel's depth under the skin in mm (computed once for both
-    sides).
+    ends lower. The apices are nearly symmetric, so within `APEX_ZONE_MM` of the higher apex
+    (from slice `zone_start` up, `_apex_zone`), non-bone tissue inside the mirrored other lung
+    that is thick (survives an opening with a `APEX_CORE_MM` ball: not the slivers a slightly
+    rotated body leaves) and touches this lung is taken in. `depth` is the depth under the skin
+    in mm (`_depth_under_skin`, computed once for both sides). The arrays may be the top slices
+    of the scan only, from one below the zone up: the rule looks no further.
     """
-    if not own.any() or not other.any():
-        return np.zeros_like(own)
-    top = int(np.flatnonzero((own | other).any(axis=(1, 2)))[-1])
     zone = np.zeros_like(own)
-    zone[max(0, top - math.ceil(APEX_ZONE_MM / spacing[0])) :] = True
+    zone[zone_start:] = True
     candidates = zone & _mirror_x(other, midline) & ~own & body & (coarse_hu < BONE_HU)
     if not candidates.any():
         return candidates
@@ -527,6 +526,50 @@ def _apex_completion(
     labels, count = ndimage.label(candidates & ndimage.binary_dilation(core, iterations=2))
     touching = np.unique(labels[ndimage.binary_dilation(own) & (labels > 0)])
     return np.isin(labels, touching[touching > 0])
+
+
+def _apex_zone(lungs: np.ndarray, spacing: Sequence[float]) -> int:
+    """The first slice of the apex rule's zone: `APEX_ZONE_MM` below the higher apex."""
+    top = int(np.flatnonzero(lungs.any(axis=(1, 2)))[-1])
+    return max(0, top - math.ceil(APEX_ZONE_MM / spacing[0]))
+
+
+def _depth_under_skin(
+    body: np.ndarray, spacing: Sequence[float], needed: np.ndarray, start: int
+) -> np.ndarray:
+    """Depth under the skin (mm) of slices `start` onwards: the distance transform of `body`,
+    exact at the `needed` voxels (elsewhere not meaningful).
+
+    The transform runs on the body's bounding box and one voxel around it (all outside the
+    body, so nothing beyond is nearer; outside the box the depth is 0) and only on the slices a
+    needed voxel's nearest skin can lie in: a first pass over the needed voxels' own slices
+    gives depths at least the true ones, and the second starts that far below them. For the
+    apex rule this is a third to two thirds of the scan.
+    """
+    depth = np.zeros((body.shape[0] - start, *body.shape[1:]))
+    _, ys, xs = _bounding_box(body, (1, 1, 1))
+    needed = needed[:, ys, xs]
+    if not needed.any():
+        return depth
+    first = int(np.flatnonzero(needed.any(axis=(1, 2)))[0])
+    low = 0
+    if not body[first:, ys, xs].all():  # else there is no skin to bound the depth by
+        upper = ndimage.distance_transform_edt(body[first:, ys, xs], sampling=spacing)
+        bound = float(upper[needed[first:]].max())
+        # A voxel below slice `low` is further than `bound` from every needed voxel.
+        low = max(0, first - math.ceil(bound / spacing[0]))
+    exact = ndimage.distance_transform_edt(body[low:, ys, xs], sampling=spacing)
+    depth[max(0, low - start):, ys, xs] = exact[max(0, start - low):]
+    return depth
+    _, ys, xs = _bounding_box(body, (1, 1, 1))
+    first = int(np.flatnonzero(needed.any(axis=(1, 2)))[0])
+    upper = ndimage.distance_transform_edt(body[first:, ys, xs], sampling=spacing)
+    bound = float(upper[needed[first:, ys, xs]].max())
+    # A voxel below slice `low` is further than `bound` from every needed voxel.
+    low = max(0, first - math.ceil(bound / spacing[0]))
+    exact = ndimage.distance_transform_edt(body[low:, ys, xs], sampling=spacing)
+    depth[max(0, low - start):, ys, xs] = exact[max(0, start - low):]
+    return depth
 
 
 def _lesion_rim(
@@ -720,16 +763,25 @@ def segment_lungs_in_box(
     # mediastinum; a lung crossing the midline is simply handled in two parts.
     split = math.ceil(midline)
     hulls = _slice_hulls(lung_air)
-    coarse_mask = np.zeros_like(lung_air)
     sides = [
         _fill_side(coarse_hu, lung_air, hulls, inside_body, side, coarse_spacing)
         for side in (np.s_[:, :, :split], np.s_[:, :, split:])
     ]
-    # Depth under the skin (mm), for the apex rule of both sides.
-    depth = ndimage.distance_transform_edt(inside_body, sampling=coarse_spacing)
-    for own, other in (sides, sides[::-1]):
-        coarse_mask |= own | _apex_completion(own, other, inside_body, depth, coarse_hu, midline,
-                                              coarse_spacing)
+    coarse_mask = sides[0] | sides[1]
+    if sides[0].any() and sides[1].any():
+        # The apex rule needs the slices from one below its zone up, and the depth under the
+        # skin of the lungs there and of their mirror images (its candidates).
+        zone_start = _apex_zone(coarse_mask, coarse_spacing)
+        low = max(0, zone_start - 1)
+        needed = coarse_mask | _mirror_x(coarse_mask, midline)
+        needed[:zone_start] = False
+        depth = _depth_under_skin(inside_body, coarse_spacing, needed, low)
+        top = np.s_[low:]
+        for own, other in (sides, sides[::-1]):
+            coarse_mask[top] |= _apex_completion(
+                own[top], other[top], inside_body[top], depth, coarse_hu[top], midline,
+                coarse_spacing, zone_start - low,
+            )
 
     rejected_air = ndimage.binary_dilation(interior_air & ~lung_air)
     coarse_mask |= _lesion_rim(coarse_mask, lung_air, inside_body, rejected_air, coarse_hu,
