@@ -69,6 +69,7 @@ logger = logging.getLogger(__name__)
 AIR_THRESHOLD_HU = -400.0  # between lung parenchyma (about -850 HU) and soft tissue (0–100 HU)
 AIRWAY_THRESHOLD_HU = -950.0  # airway lumen (about -1000 HU); parenchyma stays above it
 COARSE_SPACING_MM = 2.5  # voxel size of the grid the morphology runs on
+BLOCK_MEAN_SLAB_BYTES = 4 * 1024**2  # of the scan, averaged at a time
 CLOSING_RADIUS_MM = 15.0
 ENVELOPE_RADIUS_MM = 38.0
 BONE_HU = 300.0
@@ -118,8 +119,14 @@ def _block_mean(hu: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     Summing strided views axis by axis is about 15× faster than `np.add.reduceat` here.
     `skimage.measure.block_reduce` pads a partial block with a constant, so a true edge mean
     needs its `np.nanmean` (10× slower) or a sum divided by block sizes (3–4× slower: 0.34 s
-    against 0.08 s for a 201×512×512 scan, the same values).
+    against 0.08 s for a 201×512×512 scan, the same values). The scan is taken a slab of
+    whole blocks at a time (`BLOCK_MEAN_SLAB_BYTES`), the same sums in the same order: the
+    temporaries stay in cache and no scan-size float32 copy is ever made.
     """
+    slab = factors[0] * max(1, BLOCK_MEAN_SLAB_BYTES // (hu[0].nbytes * factors[0]))
+    if hu.shape[0] > slab:
+        return np.concatenate([_block_mean(hu[start : start + slab], factors)
+                               for start in range(0, hu.shape[0], slab)])
     result = hu
     for axis, factor in enumerate(factors):
         if factor == 1:
