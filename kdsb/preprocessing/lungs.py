@@ -343,17 +343,24 @@ def _close_balls(
     transform of that array dilates by every radius; each erosion then runs on the part within
     its own radius (plus a voxel) of `mask`: the same closing as with a pad of that radius
     alone, since a copied border slice further out is never nearer than one within it.
+
+    The transforms are the `edt` package's squared ones (float32), twice as fast as scipy's
+    here; compared with scipy's (float64) they give the same closings on every case measured
+    (a voxel could only differ if its distance were within float32 roundoff of the radius).
     """
+    import edt
+
     most = max(radii_mm)
     pad = [math.ceil(most / s) + 1 for s in spacing]
     padded = np.pad(mask, [(p, p) for p in pad], mode="edge")
-    distance = ndimage.distance_transform_edt(~padded, sampling=spacing)
+    squared = edt.edtsq(~padded, anisotropy=tuple(spacing), black_border=False, parallel=1)
     closings = []
     for radius in radii_mm:
         own = [math.ceil(radius / s) + 1 for s in spacing]
-        dilated = distance[tuple(slice(p - o, p + n + o)
-                                 for p, o, n in zip(pad, own, mask.shape, strict=True))] <= radius
-        closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius
+        dilated = squared[tuple(slice(p - o, p + n + o)
+                                for p, o, n in zip(pad, own, mask.shape, strict=True))] <= radius**2
+        closed = edt.edtsq(dilated, anisotropy=tuple(spacing), black_border=False,
+                           parallel=1) > radius**2
         closings.append(closed[tuple(slice(o, o + n)
                                      for o, n in zip(own, mask.shape, strict=True))])
     return closings
