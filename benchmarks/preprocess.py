@@ -46,7 +46,7 @@ TUTORIAL_PADDING_RAW = -2000
 LARGE_SLICES = 600
 COHORT_SIZE = 256
 LARGE_SLICE_MM = 0.5
-PROFILED = ("read_series", "segment_lungs", "lung_bounding_box", "resample_volume",
+PROFILED = ("read_series", "segment_lungs_in_box", "lung_bounding_box", "resample_volume",
             "resample_mask", "write_volume")
 
 

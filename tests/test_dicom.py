@@ -84,6 +84,22 @@ def test_jpeg2000_round_trip(tmp_path):
     assert (series.spacing, series.origin) == (SPACING, ORIGIN)
 
 
+@pytest.mark.parametrize(("storage", "intercept"), [("uint16", -1024.0), ("int16", 0.0)])
+def test_unused_high_bits_are_not_part_of_the_value(tmp_path, hu, storage, intercept):
+    """BitsStored 12 of 16: the reader (native slices straight from their bytes) ignores the 4
+    high bits, whatever they hold, as pydicom's decoder does."""
+    paths = _write(tmp_path, hu, storage=storage, intercept=intercept)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        expected = ds.pixel_array.copy()
+        raw = np.frombuffer(ds.PixelData, "<u2")
+        ds.PixelData = ((raw & 0x0FFF) | 0xA000).astype("<u2").tobytes()  # garbage high bits
+        ds.BitsStored, ds.HighBit = 12, 11
+        np.testing.assert_array_equal(ds.pixel_array, expected)  # pydicom's reading of them
+        ds.save_as(path)
+    _assert_same(read_series(tmp_path), hu)
+
+
 def test_slope_two_rounds_to_the_nearest_stored_step(tmp_path):
     hu = (np.random.default_rng(2).integers(-500, 1000, SHAPE) * 2).astype(np.int16)
     _write(tmp_path, hu, slope=2.0, intercept=-1024.0, storage="uint16")

@@ -10,7 +10,13 @@ import pytest
 from scipy import ndimage
 
 from kdsb.errors import LungMaskError
-from kdsb.preprocessing.lungs import lung_bounding_box, segment_lungs
+from kdsb.preprocessing import lungs
+from kdsb.preprocessing.lungs import (
+    lung_bounding_box,
+    mask_on_box,
+    segment_lungs,
+    segment_lungs_in_box,
+)
 
 # A small chest (z, y, x) at 2.5 × 1 × 1 mm: the coarse grid is 2× coarser in-plane, so both
 # resolutions of segment_lungs are exercised.
@@ -205,6 +211,67 @@ def test_bounding_box_adds_the_margin_per_axis_and_clips():
     assert box == (slice(6, 24), slice(0, 45), slice(20, 60))
     assert lung_bounding_box(mask, (1.0, 1.0, 1.0), margin_mm=0.0) == (
         slice(10, 20), slice(3, 30), slice(30, 58))
+
+
+def test_boxed_mask_and_its_bounding_box_are_the_full_mask_s(chest, chest_mask):
+    """What the pipeline uses (the mask on its box, never scan-size) against segment_lungs."""
+    box, mask = segment_lungs_in_box(chest.hu, SPACING, patient_id="chest")
+    assert mask.shape == tuple(b.stop - b.start for b in box) and mask.dtype == np.uint8
+    whole = tuple(slice(0, n) for n in chest.hu.shape)
+    np.testing.assert_array_equal(mask_on_box(box, mask, whole), chest_mask)
+    for margin in (0.0, 10.0, 500.0):  # 500 mm: clipped to the scan on every side
+        crop = lung_bounding_box(mask, SPACING, margin, box=box, shape=chest.hu.shape)
+        assert crop == lung_bounding_box(chest_mask, SPACING, margin)
+        np.testing.assert_array_equal(mask_on_box(box, mask, crop), chest_mask[crop])
+
+
+def _blob(shape, seed, level=0.55):
+    rng = np.random.default_rng(seed)
+    return ndimage.uniform_filter(rng.random(shape), 5) > level
+
+
+def test_shifted_view_morphology_is_scipy_s():
+    mask = _blob((9, 12, 11), 0, level=0.5)
+    np.testing.assert_array_equal(lungs._erode_cross(mask), ndimage.binary_erosion(mask))
+    np.testing.assert_array_equal(lungs._dilate_cross(mask, 2),
+                                  ndimage.binary_dilation(mask, iterations=2))
+
+
+def test_closings_sharing_one_dilation_are_each_radius_own_closing():
+    """Each closing as two scipy transforms on an array padded by its own radius only."""
+    spacing, radii = (3.0, 2.8, 2.8), (6.0, 14.0)
+    mask = _blob((16, 20, 18), 1)
+    for radius, closed in zip(radii, lungs._close_balls(mask, radii, spacing), strict=True):
+        pad = [int(np.ceil(radius / s)) + 1 for s in spacing]
+        padded = np.pad(mask, [(p, p) for p in pad], mode="edge")
+        dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius
+        expected = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius
+        inner = tuple(slice(p, p + n) for p, n in zip(pad, mask.shape, strict=True))
+        np.testing.assert_array_equal(closed, expected[inner])
+        assert closed.sum() > mask.sum()
+
+
+def test_block_means_by_slabs_are_the_whole_scan_s(monkeypatch):
+    hu = np.random.default_rng(2).integers(-1024, 3000, (11, 9, 7)).astype(np.int16)
+    whole = lungs._block_mean(hu, (3, 2, 4))
+    monkeypatch.setattr(lungs, "BLOCK_MEAN_SLAB_BYTES", 1)  # one block of slices at a time
+    np.testing.assert_array_equal(lungs._block_mean(hu, (3, 2, 4)), whole)
+    assert whole.shape == (4, 5, 2)
+    assert np.isclose(whole[-1, -1, -1], hu[9:, 8:, 4:].mean(), rtol=1e-6)  # a partial block
+
+
+def test_depth_under_skin_is_exact_where_needed():
+    spacing = (3.0, 2.8, 2.8)
+    z, y, x = np.ogrid[:40, :30, :34]
+    # Wider towards the top (shoulders): the skin nearest a top voxel may lie slices below it.
+    body = ((y - 15) / 12.0) ** 2 + ((x - 17) / 15.0) ** 2 <= 1.0 - ((39 - z) / 45.0) ** 2
+    body = np.broadcast_to(body, (40, 30, 34)).copy()
+    needed = body & _blob(body.shape, 3)
+    needed[:28] = False  # the top slices, as for the apex rule
+    depth = lungs._depth_under_skin(body, spacing, needed, start=27)
+    full = ndimage.distance_transform_edt(body, sampling=spacing)[27:]
+    assert needed[27:].sum() > 50
+    np.testing.assert_array_equal(depth[needed[27:]], full[needed[27:]])
 
 
 def test_bounding_box_of_an_empty_mask_is_a_clear_error():

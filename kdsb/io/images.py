@@ -51,15 +51,17 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import SimpleITK as sitk
 from pydicom.misc import is_dicom
 
 from kdsb.errors import VolumeFileError
 from kdsb.io.series import INT16_MAX, INT16_MIN, MIN_SLICES, MM_DECIMALS, CTSeries, patient_axis
 from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +80,8 @@ LIST_DATA_FILES = "LIST"  # one data file per slice, listed after the header
 SERIES_UID_PREFIX = "file:"
 MAX_AIR_HU = -500  # a CT in HU holds air or lung below this; a volume that does not is not HU
 IMAGE_DIMENSION = 3
-SCALAR_PIXEL_IDS = frozenset({
-    sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkInt32,
-    sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64, sitk.sitkFloat32, sitk.sitkFloat64,
-})
+SCALAR_PIXEL_TYPES = ("sitkInt8", "sitkUInt8", "sitkInt16", "sitkUInt16", "sitkInt32",
+                      "sitkUInt32", "sitkInt64", "sitkUInt64", "sitkFloat32", "sitkFloat64")
 IMAGE_AXES = "ijk"  # names of the file's index axes in messages (i fastest, as ITK counts)
 NIFTI_GZIP_SUFFIX = ".nii.gz"
 NIFTI_SUFFIXES = (".nii", NIFTI_GZIP_SUFFIX)
@@ -291,6 +291,8 @@ class _Reader:
                     f"expected the MetaImage data file {data.name} beside its header, "
                     f"received none"
                 )
+        import SimpleITK as sitk  # 60 ms: not for DICOM folders, which most cohorts are
+
         reader = sitk.ImageFileReader()
         reader.SetImageIO(image_io)
         reader.SetFileName(str(self.path))
@@ -303,7 +305,8 @@ class _Reader:
                 f"image of {shape} voxels"
             )
         pixel_id = reader.GetPixelID()
-        if pixel_id not in SCALAR_PIXEL_IDS or reader.GetNumberOfComponents() != 1:
+        scalar = {getattr(sitk, name) for name in SCALAR_PIXEL_TYPES}
+        if pixel_id not in scalar or reader.GetNumberOfComponents() != 1:
             raise self.error(
                 f"expected one integer or real value per voxel, received "
                 f"{sitk.GetPixelIDValueAsString(pixel_id)} pixels"
@@ -366,6 +369,8 @@ class _Reader:
         axes = self.canonical_order(direction)
         step = np.asarray(image.GetSpacing(), dtype=np.float64)[::-1]  # per NumPy axis, mm
         corner = np.asarray(image.GetOrigin(), dtype=np.float64)  # LPS X, Y, Z of voxel 0
+        import SimpleITK as sitk
+
         values = sitk.GetArrayFromImage(image)  # (k, j, i): NumPy axis a is index axis 2 - a
         del image
         hu = self.hounsfield(values)

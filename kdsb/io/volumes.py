@@ -9,13 +9,18 @@ One file per patient, `<id>.h5`, holding (see DESIGN.md, the data contract):
   `source_shape` (the scanned grid before resampling and cropping, also (z, y, x)), `margin_mm`
   (the margin kept around the lungs) and `kdsb_version`.
 
-Datasets are stored in 32³ chunks, gzip level 1 with byte shuffle: small on disk, readable by any
-HDF5 tool, and a 32³ patch costs one or a few chunk reads.
+Datasets are stored in 32³ chunks, gzip (deflate) with byte shuffle: small on disk, readable by
+any HDF5 tool, and a 32³ patch costs one or a few chunk reads. The chunks are shuffled and
+deflated here and written as they are (`_write_deflated`): run-length deflate (zlib's `Z_RLE`
+strategy) takes a third less time than HDF5's level 1 on CT (whose low bytes are noise that no
+string match shortens) and writes a few per cent less; any reader inflates it the same way.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +36,9 @@ from kdsb.io.atomic import atomic_path
 SUFFIX = ".h5"
 CHUNK_EDGE = 32
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+DEFLATE_LEVEL = 1
+DEFLATE_WINDOW_BITS = 15  # the zlib format HDF5's deflate filter reads
+DEFLATE_MEMORY_LEVEL = 8  # zlib's default
 REQUIRED_DATASETS = ("hu", "lung_mask")
 REQUIRED_ATTRS = ("spacing", "origin")
 
@@ -97,22 +105,42 @@ def write_volume(
             f"received {hu.shape} and {lung_mask.shape}"
         )
     with atomic_path(path) as temp, h5py.File(temp, "w") as f:
-        chunks = _chunks(hu.shape)
-        f.create_dataset(
-            "hu", data=hu.astype(np.int16, copy=False), chunks=chunks, **COMPRESSION
-        )
-        f.create_dataset(
-            "lung_mask",
-            data=(lung_mask > 0).astype(np.uint8),
-            chunks=chunks,
-            **COMPRESSION,
-        )
+        _write_deflated(f, "hu", hu.astype(np.int16, copy=False))
+        _write_deflated(f, "lung_mask", (lung_mask > 0).astype(np.uint8))
         f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
         f.attrs["origin"] = np.asarray(origin, dtype=np.float64)
         f.attrs["kdsb_version"] = __version__
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
     return path
+
+
+def _write_deflated(f: h5py.File, name: str, array: np.ndarray) -> None:
+    """A dataset with `COMPRESSION`'s filters (shuffle, then deflate), chunk by chunk.
+
+    Each chunk is shuffled as HDF5's shuffle filter does (the first bytes of all values, then
+    the second bytes, …) and deflated with zlib's run-length strategy, then written with
+    `write_direct_chunk`; edge chunks are padded with zeros to the full chunk, as HDF5 stores
+    them.
+    """
+    chunks = _chunks(array.shape)
+    dataset = f.create_dataset(name, shape=array.shape, dtype=array.dtype, chunks=chunks,
+                               **COMPRESSION)
+    item = array.dtype.itemsize
+    block = np.zeros(chunks, dtype=array.dtype)
+    for start in itertools.product(*(range(0, n, c) for n, c in zip(array.shape, chunks,
+                                                                         strict=True))):
+        part = array[tuple(slice(s, s + c) for s, c in zip(start, chunks, strict=True))]
+        if part.shape == chunks:
+            block[...] = part
+        else:
+            block.fill(0)
+            block[tuple(slice(0, n) for n in part.shape)] = part
+        shuffled = block.view(np.uint8).reshape(-1, item).T if item > 1 else block
+        deflate = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, DEFLATE_WINDOW_BITS,
+                                   DEFLATE_MEMORY_LEVEL, zlib.Z_RLE)
+        data = deflate.compress(np.ascontiguousarray(shuffled)) + deflate.flush()
+        dataset.id.write_direct_chunk(start, data)
 
 
 def remove_stale_temporaries(out_dir: str | os.PathLike) -> int:

@@ -48,9 +48,11 @@ the edge of the liver dome: the mask is 1.05–1.09 × a plain air envelope with
 Bilateral apical tumours defeat the mirror rule. Scans without much lung (an abdominal CT
 reaching the lung bases) fail the plausibility bounds unless `litres` is widened.
 
-Measured (one core of a shared machine): about 1.4 s for the real 191×167×233 chest CT at
-1.5 mm; 0.7–1.2 s for 512×512×190–240 phantoms before the envelope was added (Dice >= 0.97
-against the phantom truth).
+Measured (CPU seconds on one core of a shared machine, 2026-12-01): 0.54 s for the real
+191×167×233 chest CT at 1.5 mm, 0.60 s for the 200×512×512 benchmark phantom (0.88 and 1.03 s
+before the speed-up of the same rules); about half of it is the closings' distance
+transforms. The apex rule's depth transform covers only the slices it can reach, and the
+full-resolution pass only the box of the coarse result (`segment_lungs_in_box`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ logger = logging.getLogger(__name__)
 AIR_THRESHOLD_HU = -400.0  # between lung parenchyma (about -850 HU) and soft tissue (0–100 HU)
 AIRWAY_THRESHOLD_HU = -950.0  # airway lumen (about -1000 HU); parenchyma stays above it
 COARSE_SPACING_MM = 2.5  # voxel size of the grid the morphology runs on
+BLOCK_MEAN_SLAB_BYTES = 4 * 1024**2  # of the scan, averaged at a time
 CLOSING_RADIUS_MM = 15.0
 ENVELOPE_RADIUS_MM = 38.0
 BONE_HU = 300.0
@@ -118,8 +121,14 @@ def _block_mean(hu: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     Summing strided views axis by axis is about 15× faster than `np.add.reduceat` here.
     `skimage.measure.block_reduce` pads a partial block with a constant, so a true edge mean
     needs its `np.nanmean` (10× slower) or a sum divided by block sizes (3–4× slower: 0.34 s
-    against 0.08 s for a 201×512×512 scan, the same values).
+    against 0.08 s for a 201×512×512 scan, the same values). The scan is taken a slab of
+    whole blocks at a time (`BLOCK_MEAN_SLAB_BYTES`), the same sums in the same order: the
+    temporaries stay in cache and no scan-size float32 copy is ever made.
     """
+    slab = factors[0] * max(1, BLOCK_MEAN_SLAB_BYTES // (hu[0].nbytes * factors[0]))
+    if hu.shape[0] > slab:
+        return np.concatenate([_block_mean(hu[start : start + slab], factors)
+                               for start in range(0, hu.shape[0], slab)])
     result = hu
     for axis, factor in enumerate(factors):
         if factor == 1:
@@ -325,18 +334,38 @@ def _bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, slice
     return tuple(box)  # type: ignore[return-value]
 
 
-def _close_ball(mask: np.ndarray, radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
-    """Morphological closing with a Euclidean ball, via two distance transforms.
+def _close_balls(
+    mask: np.ndarray, radii_mm: Sequence[float], spacing: Sequence[float]
+) -> list[np.ndarray]:
+    """Morphological closings with Euclidean balls of each radius, via distance transforms.
 
-    The array is first extended by the ball's radius with copies of its border slices, so a
-    lung cut by the scan's first or last slice goes on beyond it (and is not eroded there),
-    while a lung that ends inside the scan is not filled out to the scan's border.
+    The array is first extended by the largest ball's radius with copies of its border slices,
+    so a lung cut by the scan's first or last slice goes on beyond it (and is not eroded there),
+    while a lung that ends inside the scan is not filled out to the scan's border. One distance
+    transform of that array dilates by every radius; each erosion then runs on the part within
+    its own radius (plus a voxel) of `mask`: the same closing as with a pad of that radius
+    alone, since a copied border slice further out is never nearer than one within it.
+
+    The transforms are the `edt` package's squared ones (float32), twice as fast as scipy's
+    here; compared with scipy's (float64) they give the same closings on every case measured
+    (a voxel could only differ if its distance were within float32 roundoff of the radius).
     """
-    pad = [math.ceil(radius_mm / s) + 1 for s in spacing]
+    import edt
+
+    most = max(radii_mm)
+    pad = [math.ceil(most / s) + 1 for s in spacing]
     padded = np.pad(mask, [(p, p) for p in pad], mode="edge")
-    dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius_mm
-    closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
-    return closed[tuple(slice(p, p + n) for p, n in zip(pad, mask.shape, strict=True))]
+    squared = edt.edtsq(~padded, anisotropy=tuple(spacing), black_border=False, parallel=1)
+    closings = []
+    for radius in radii_mm:
+        own = [math.ceil(radius / s) + 1 for s in spacing]
+        dilated = squared[tuple(slice(p - o, p + n + o)
+                                for p, o, n in zip(pad, own, mask.shape, strict=True))] <= radius**2
+        closed = edt.edtsq(dilated, anisotropy=tuple(spacing), black_border=False,
+                           parallel=1) > radius**2
+        closings.append(closed[tuple(slice(o, o + n)
+                                     for o, n in zip(own, mask.shape, strict=True))])
+    return closings
 
 
 def _slice_hulls(mask: np.ndarray) -> np.ndarray:
@@ -432,9 +461,10 @@ def _fill_side(
     # The box reaches past the midline into empty space, so the closing erodes there; at the
     # scan's own borders it stops, so a lung cut by the first or last slice is not eroded.
     box = _bounding_box(part, (1, 1, 1))
-    filled[box] = _fill_holes_3d(_close_ball(part[box], CLOSING_RADIUS_MM, spacing))
+    closed, enveloped = _close_balls(part[box], (CLOSING_RADIUS_MM, ENVELOPE_RADIUS_MM), spacing)
+    filled[box] = _fill_holes_3d(closed)
     envelope = np.zeros_like(lung_air)
-    envelope[box] = _fill_holes_3d(_close_ball(part[box], ENVELOPE_RADIUS_MM, spacing))
+    envelope[box] = _fill_holes_3d(enveloped)
     half = filled[side]
     # Pockets are looked for after the closing has filled the vessels: a nodule that a vessel
     # touches would otherwise reach the mediastinum through the vessel tree.
@@ -483,21 +513,20 @@ def _apex_completion(
     coarse_hu: np.ndarray,
     midline: float,
     spacing: Sequence[float],
+    zone_start: int,
 ) -> np.ndarray:
     """Tissue that caps one lung's apex where the other lung, mirrored, still has lung.
 
     A tumour filling the top of a lung leaves no concavity for a closing to fill: the lung just
-    ends lower. The apices are nearly symmetric, so within `APEX_ZONE_MM` of the higher apex,
-    non-bone tissue inside the mirrored other lung that is thick (survives an opening with a
-    `APEX_CORE_MM` ball: not the slivers a slightly rotated body leaves) and touches this lung
-    is taken in. `depth` is every voxel's depth under the skin in mm (computed once for both
-    sides).
+    ends lower. The apices are nearly symmetric, so within `APEX_ZONE_MM` of the higher apex
+    (from slice `zone_start` up, `_apex_zone`), non-bone tissue inside the mirrored other lung
+    that is thick (survives an opening with a `APEX_CORE_MM` ball: not the slivers a slightly
+    rotated body leaves) and touches this lung is taken in. `depth` is the depth under the skin
+    in mm (`_depth_under_skin`, computed once for both sides). The arrays may be the top slices
+    of the scan only, from one below the zone up: the rule looks no further.
     """
-    if not own.any() or not other.any():
-        return np.zeros_like(own)
-    top = int(np.flatnonzero((own | other).any(axis=(1, 2)))[-1])
     zone = np.zeros_like(own)
-    zone[max(0, top - math.ceil(APEX_ZONE_MM / spacing[0])) :] = True
+    zone[zone_start:] = True
     candidates = zone & _mirror_x(other, midline) & ~own & body & (coarse_hu < BONE_HU)
     if not candidates.any():
         return candidates
@@ -513,6 +542,50 @@ def _apex_completion(
     labels, count = ndimage.label(candidates & ndimage.binary_dilation(core, iterations=2))
     touching = np.unique(labels[ndimage.binary_dilation(own) & (labels > 0)])
     return np.isin(labels, touching[touching > 0])
+
+
+def _apex_zone(lungs: np.ndarray, spacing: Sequence[float]) -> int:
+    """The first slice of the apex rule's zone: `APEX_ZONE_MM` below the higher apex."""
+    top = int(np.flatnonzero(lungs.any(axis=(1, 2)))[-1])
+    return max(0, top - math.ceil(APEX_ZONE_MM / spacing[0]))
+
+
+def _depth_under_skin(
+    body: np.ndarray, spacing: Sequence[float], needed: np.ndarray, start: int
+) -> np.ndarray:
+    """Depth under the skin (mm) of slices `start` onwards: the distance transform of `body`,
+    exact at the `needed` voxels (elsewhere not meaningful).
+
+    The transform runs on the body's bounding box and one voxel around it (all outside the
+    body, so nothing beyond is nearer; outside the box the depth is 0) and only on the slices a
+    needed voxel's nearest skin can lie in: a first pass over the needed voxels' own slices
+    gives depths at least the true ones, and the second starts that far below them. For the
+    apex rule this is a third to two thirds of the scan.
+    """
+    depth = np.zeros((body.shape[0] - start, *body.shape[1:]))
+    _, ys, xs = _bounding_box(body, (1, 1, 1))
+    needed = needed[:, ys, xs]
+    if not needed.any():
+        return depth
+    first = int(np.flatnonzero(needed.any(axis=(1, 2)))[0])
+    low = 0
+    if not body[first:, ys, xs].all():  # else there is no skin to bound the depth by
+        upper = ndimage.distance_transform_edt(body[first:, ys, xs], sampling=spacing)
+        bound = float(upper[needed[first:]].max())
+        # A voxel below slice `low` is further than `bound` from every needed voxel.
+        low = max(0, first - math.ceil(bound / spacing[0]))
+    exact = ndimage.distance_transform_edt(body[low:, ys, xs], sampling=spacing)
+    depth[max(0, low - start):, ys, xs] = exact[max(0, start - low):]
+    return depth
+    _, ys, xs = _bounding_box(body, (1, 1, 1))
+    first = int(np.flatnonzero(needed.any(axis=(1, 2)))[0])
+    upper = ndimage.distance_transform_edt(body[first:, ys, xs], sampling=spacing)
+    bound = float(upper[needed[first:, ys, xs]].max())
+    # A voxel below slice `low` is further than `bound` from every needed voxel.
+    low = max(0, first - math.ceil(bound / spacing[0]))
+    exact = ndimage.distance_transform_edt(body[low:, ys, xs], sampling=spacing)
+    depth[max(0, low - start):, ys, xs] = exact[max(0, start - low):]
+    return depth
 
 
 def _lesion_rim(
@@ -578,6 +651,40 @@ def _reach_wall(
     filled[zs] |= wall & (reach <= WALL_REACH_MM) & (depth >= surface_depth - tolerance)
 
 
+def _erode_cross(mask: np.ndarray) -> np.ndarray:
+    """Binary erosion by the 6-neighbourhood, outside the array counting as background.
+
+    The same as `ndimage.binary_erosion(mask)`, as an AND of shifted views: 15× faster on a
+    full-resolution box (scipy's generic structuring-element loop costs ~5 ns a voxel).
+    """
+    eroded = mask.copy()
+    for axis in range(mask.ndim):
+        low, high = [slice(None)] * mask.ndim, [slice(None)] * mask.ndim
+        low[axis], high[axis] = slice(None, -1), slice(1, None)
+        eroded[tuple(high)] &= mask[tuple(low)]
+        eroded[tuple(low)] &= mask[tuple(high)]
+        for end in (0, -1):
+            face = [slice(None)] * mask.ndim
+            face[axis] = end
+            eroded[tuple(face)] = False
+    return eroded
+
+
+def _dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Binary dilation by the 6-neighbourhood, `iterations` times: the same as
+    `ndimage.binary_dilation(mask, iterations=iterations)`, as ORs of shifted views (see
+    `_erode_cross`)."""
+    for _ in range(iterations):
+        dilated = mask.copy()
+        for axis in range(mask.ndim):
+            low, high = [slice(None)] * mask.ndim, [slice(None)] * mask.ndim
+            low[axis], high[axis] = slice(None, -1), slice(1, None)
+            dilated[tuple(high)] |= mask[tuple(low)]
+            dilated[tuple(low)] |= mask[tuple(high)]
+        mask = dilated
+    return mask
+
+
 def _upsample(coarse: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
     """Nearest-neighbour upsampling of a coarse block grid back to `shape`."""
     result = coarse
@@ -622,6 +729,25 @@ def segment_lungs(
     Raises:
         LungMaskError: no lungs, or a total lung volume outside `litres` (0.5–10 L).
     """
+    box, mask = segment_lungs_in_box(hu, spacing, patient_id=patient_id, litres=litres)
+    return mask_on_box(box, mask, tuple(slice(0, n) for n in np.shape(hu)))
+
+
+def segment_lungs_in_box(
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    *,
+    patient_id: str | None = None,
+    litres: tuple[float, float] = (MIN_LUNG_LITRES, MAX_LUNG_LITRES),
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """`segment_lungs` without the volume-size array: the box of `hu` that holds the mask, and
+    the mask inside it (zero everywhere outside the box).
+
+    Args and Raises: as `segment_lungs`.
+
+    Returns:
+        (slices (z, y, x) of the box, uint8 0/1 mask of the box's shape).
+    """
     patient = patient_id or "volume"
     hu = np.asarray(hu)
     if hu.ndim != 3 or min(hu.shape) < 1 or not np.issubdtype(hu.dtype, np.number):
@@ -653,16 +779,25 @@ def segment_lungs(
     # mediastinum; a lung crossing the midline is simply handled in two parts.
     split = math.ceil(midline)
     hulls = _slice_hulls(lung_air)
-    coarse_mask = np.zeros_like(lung_air)
     sides = [
         _fill_side(coarse_hu, lung_air, hulls, inside_body, side, coarse_spacing)
         for side in (np.s_[:, :, :split], np.s_[:, :, split:])
     ]
-    # Depth under the skin (mm), for the apex rule of both sides.
-    depth = ndimage.distance_transform_edt(inside_body, sampling=coarse_spacing)
-    for own, other in (sides, sides[::-1]):
-        coarse_mask |= own | _apex_completion(own, other, inside_body, depth, coarse_hu, midline,
-                                              coarse_spacing)
+    coarse_mask = sides[0] | sides[1]
+    if sides[0].any() and sides[1].any():
+        # The apex rule needs the slices from one below its zone up, and the depth under the
+        # skin of the lungs there and of their mirror images (its candidates).
+        zone_start = _apex_zone(coarse_mask, coarse_spacing)
+        low = max(0, zone_start - 1)
+        needed = coarse_mask | _mirror_x(coarse_mask, midline)
+        needed[:zone_start] = False
+        depth = _depth_under_skin(inside_body, coarse_spacing, needed, low)
+        top = np.s_[low:]
+        for own, other in (sides, sides[::-1]):
+            coarse_mask[top] |= _apex_completion(
+                own[top], other[top], inside_body[top], depth, coarse_hu[top], midline,
+                coarse_spacing, zone_start - low,
+            )
 
     rejected_air = ndimage.binary_dilation(interior_air & ~lung_air)
     coarse_mask |= _lesion_rim(coarse_mask, lung_air, inside_body, rejected_air, coarse_hu,
@@ -684,8 +819,8 @@ def segment_lungs(
     )
     box_shape = tuple(b.stop - b.start for b in full_box)
     code_full = _upsample(code[coarse_box], factors, box_shape)
-    mask = np.zeros(hu.shape, dtype=np.uint8)
-    air_full = hu[full_box] < AIR_THRESHOLD_HU
+    box_hu = hu[full_box]
+    air_full = box_hu < AIR_THRESHOLD_HU
     kept = (
         (code_full == FULL_ALWAYS)
         | ((code_full == FULL_IF_AIR) & air_full)
@@ -694,20 +829,49 @@ def segment_lungs(
     # A nodule's fringe: tissue in boundary blocks next to a solid core the filling took in.
     boundary = code_full == FULL_IF_AIR
     added_full = _upsample(added[coarse_box], factors, box_shape)
-    cores = ndimage.binary_erosion(kept & ~air_full & added_full)
-    kept |= (boundary & ~air_full & (hu[full_box] <= BONE_HU)
-             & ndimage.binary_dilation(cores, iterations=FRINGE_VOXELS))
-    mask[full_box] = kept
+    cores = _erode_cross(kept & ~air_full & added_full)
+    kept |= (boundary & ~air_full & (box_hu <= BONE_HU)
+             & _dilate_cross(cores, FRINGE_VOXELS))
 
-    volume = int(np.count_nonzero(mask)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
+    volume = int(np.count_nonzero(kept)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
     logger.debug("%s: lung volume %.2f L", patient, volume)
     if not litres[0] <= volume <= litres[1]:
         raise _plausibility_error(patient, litres, f"{volume:.2f} L")
-    return mask
+    return full_box, kept.view(np.uint8)
+
+
+def mask_on_box(
+    box: Sequence[slice], mask: np.ndarray, target: Sequence[slice]
+) -> np.ndarray:
+    """The mask held on `box` of a volume (zero outside it), on another box `target` of it.
+
+    Args:
+        box: slices (z, y, x) with explicit starts and stops: where `mask` lies in the volume.
+        mask: the mask on `box`, shape (z, y, x).
+        target: slices (z, y, x) with explicit starts and stops: the box wanted.
+
+    Returns:
+        uint8 array of `target`'s shape.
+    """
+    result = np.zeros([t.stop - t.start for t in target], dtype=np.uint8)
+    overlap = [(max(b.start, t.start), min(b.stop, t.stop)) for b, t in zip(box, target,
+                                                                             strict=True)]
+    if all(low < high for low, high in overlap):
+        into = tuple(slice(low - t.start, high - t.start)
+                     for (low, high), t in zip(overlap, target, strict=True))
+        source = tuple(slice(low - b.start, high - b.start)
+                       for (low, high), b in zip(overlap, box, strict=True))
+        result[into] = mask[source]
+    return result
 
 
 def lung_bounding_box(
-    mask: np.ndarray, spacing: Sequence[float], margin_mm: float = 10.0
+    mask: np.ndarray,
+    spacing: Sequence[float],
+    margin_mm: float = 10.0,
+    *,
+    box: Sequence[slice] | None = None,
+    shape: Sequence[int] | None = None,
 ) -> tuple[slice, slice, slice]:
     """The bounding box of a mask plus a margin, clipped to the array.
 
@@ -715,6 +879,10 @@ def lung_bounding_box(
         mask: lung mask, shape (z, y, x), nonzero = lung.
         spacing: voxel size (z, y, x) in mm, positive.
         margin_mm: margin added on every side, in mm (rounded up to whole voxels per axis).
+        box: where `mask` lies in a larger volume (slices with explicit starts, as
+            `segment_lungs_in_box` returns them); the result is then in that volume's indices.
+        shape: the larger volume's shape (z, y, x), which the result is clipped to (required
+            with `box`).
 
     Returns:
         Three slices (z, y, x) selecting the box.
@@ -731,4 +899,11 @@ def lung_bounding_box(
             f"with {int(np.count_nonzero(mask))} nonzero voxels"
         )
     # The small slack keeps e.g. 10 mm / 0.5 mm at 20 voxels despite floating-point roundoff.
-    return _bounding_box(mask, [math.ceil(margin_mm / s - 1e-9) for s in spacing])
+    margins = [math.ceil(margin_mm / s - 1e-9) for s in spacing]
+    if box is None:
+        return _bounding_box(mask, margins)
+    found = _bounding_box(mask, (0, 0, 0))
+    return tuple(  # type: ignore[return-value]
+        slice(max(0, b.start + f.start - m), min(n, b.start + f.stop + m))
+        for b, f, m, n in zip(box, found, margins, shape, strict=True)
+    )

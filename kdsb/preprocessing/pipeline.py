@@ -131,7 +131,7 @@ def preprocess_patient(
             `spacing` raises KdsbError before the scan is read.
     """
     from kdsb.io.images import volume_id
-    from kdsb.preprocessing.lungs import lung_bounding_box, segment_lungs
+    from kdsb.preprocessing.lungs import lung_bounding_box, mask_on_box, segment_lungs_in_box
     from kdsb.preprocessing.resample import resample_mask, resample_volume
 
     started = time.perf_counter()
@@ -141,13 +141,15 @@ def preprocess_patient(
 
     series = read_patient(source, patient_id=patient_id)
     source_spacing = series.spacing
-    mask = segment_lungs(series.hu, source_spacing, patient_id=patient_id)
-    box = lung_bounding_box(mask, source_spacing, margin_mm=margin_mm)
-    start = np.array([s.start or 0 for s in box], dtype=np.float64)
+    # The mask comes on its own box of the scan: no scan-size mask array is made.
+    mask_box, mask = segment_lungs_in_box(series.hu, source_spacing, patient_id=patient_id)
+    box = lung_bounding_box(mask, source_spacing, margin_mm=margin_mm, box=mask_box,
+                            shape=series.hu.shape)
+    start = np.array([s.start for s in box], dtype=np.float64)
     origin = np.asarray(series.origin, dtype=np.float64) + start * np.asarray(source_spacing)
     # Copies, so the whole-scan arrays are freed before resampling (bounded memory per worker).
     hu_crop = np.ascontiguousarray(series.hu[box])
-    mask_crop = np.ascontiguousarray(mask[box])
+    mask_crop = mask_on_box(mask_box, mask, box)
     del mask
     # Both source attributes in canonical (z, y, x) order: the grid before resampling.
     attrs = {
