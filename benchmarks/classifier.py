@@ -97,7 +97,9 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
                     lung_dilation_mm=demo.LUNG_DILATION_MM, allow_unlabelled=True,
                     **HEADS[head],
                 )
-                train_classifier(train_volumes, subset_csv, run_dir, options)
+                # A killed run (config.json, no metrics.json) resumes where it stopped.
+                train_classifier(train_volumes, subset_csv, run_dir, options,
+                                 resume=(run_dir / "config.json").is_file())
             cpu = _cpu_seconds() - start
             oof = json.loads((run_dir / "metrics.json").read_text())["out_of_fold"]
             predicted = predict_cohort(test_volumes, [run_dir], clip=0.0)
