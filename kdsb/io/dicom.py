@@ -556,16 +556,14 @@ def _store_hu(
         out: (rows, columns) int16 destination.
     """
     slope, intercept = rescale
-    if slope == 1.0 and intercept.is_integer() and stored.dtype.itemsize <= 2:
-        low, high = int(stored.min()) + int(intercept), int(stored.max()) + int(intercept)
-        if INT16_MIN <= low and high <= INT16_MAX:  # the usual case: HU in int16 throughout
-            np.add(stored, np.int32(intercept), out=out, casting="unsafe")
-            air = out <= OUTSIDE_FIELD_HU
-            if padded is not None:
-                air |= _padding_mask(padded, stored)
-            out[air] = AIR_HU
-            return
-    if slope == 1.0 and intercept.is_integer():
+    integer = slope == 1.0 and intercept.is_integer()
+    if (integer and stored.dtype.itemsize <= 2
+            and INT16_MIN <= int(stored.min()) + int(intercept)
+            and int(stored.max()) + int(intercept) <= INT16_MAX):
+        # The usual case: HU fit int16 throughout, so they go straight into `out`.
+        np.add(stored, np.int32(intercept), out=out, casting="unsafe")
+        hu = out
+    elif integer:
         hu = stored.astype(np.int32) + int(intercept)
     else:
         hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
@@ -574,9 +572,11 @@ def _store_hu(
     if padded is not None:
         air |= _padding_mask(padded, stored)
     hu[air] = AIR_HU
-    if hu.min() < INT16_MIN or hu.max() > INT16_MAX:  # rare; two reductions beat a clip
-        np.clip(hu, INT16_MIN, INT16_MAX, out=hu)
-    out[...] = hu
+    if hu is not out:
+        if hu.min() < INT16_MIN or hu.max() > INT16_MAX:  # rare; two reductions beat a clip
+            np.clip(hu, INT16_MIN, INT16_MAX, out=hu)
+        out[...] = hu
+
 
 def _padding_mask(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
     """Pixels equal to PixelPaddingValue, or within [value, PixelPaddingRangeLimit]."""

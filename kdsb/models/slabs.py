@@ -29,7 +29,7 @@ from typing import Any
 from kdsb.errors import ModelError
 from kdsb.models.gmcae import ENCODER_BLOCKS, ENCODER_NAME, KERNEL_SIZE, encoder_layer_names
 
-# The (stride, activation) of the two convolutions of an encoder block (see `build_encoder`).
+# The strides of the two convolutions of an encoder block (see `build_encoder`).
 FIRST_BLOCK_STRIDES = (1, 2)
 # Rows one 3-voxel kernel reads beyond an output row, on each side.
 HALO = KERNEL_SIZE // 2

@@ -577,15 +577,6 @@ def _depth_under_skin(
     exact = ndimage.distance_transform_edt(body[low:, ys, xs], sampling=spacing)
     depth[max(0, low - start):, ys, xs] = exact[max(0, start - low):]
     return depth
-    _, ys, xs = _bounding_box(body, (1, 1, 1))
-    first = int(np.flatnonzero(needed.any(axis=(1, 2)))[0])
-    upper = ndimage.distance_transform_edt(body[first:, ys, xs], sampling=spacing)
-    bound = float(upper[needed[first:, ys, xs]].max())
-    # A voxel below slice `low` is further than `bound` from every needed voxel.
-    low = max(0, first - math.ceil(bound / spacing[0]))
-    exact = ndimage.distance_transform_edt(body[low:, ys, xs], sampling=spacing)
-    depth[max(0, low - start):, ys, xs] = exact[max(0, start - low):]
-    return depth
 
 
 def _lesion_rim(
@@ -651,6 +642,14 @@ def _reach_wall(
     filled[zs] |= wall & (reach <= WALL_REACH_MM) & (depth >= surface_depth - tolerance)
 
 
+def _neighbour_pairs(ndim: int):
+    """(lower, upper) index pairs of each axis: `mask[upper]` is `mask[lower]`'s next voxel."""
+    for axis in range(ndim):
+        low, high = [slice(None)] * ndim, [slice(None)] * ndim
+        low[axis], high[axis] = slice(None, -1), slice(1, None)
+        yield axis, tuple(low), tuple(high)
+
+
 def _erode_cross(mask: np.ndarray) -> np.ndarray:
     """Binary erosion by the 6-neighbourhood, outside the array counting as background.
 
@@ -658,11 +657,9 @@ def _erode_cross(mask: np.ndarray) -> np.ndarray:
     full-resolution box (scipy's generic structuring-element loop costs ~5 ns a voxel).
     """
     eroded = mask.copy()
-    for axis in range(mask.ndim):
-        low, high = [slice(None)] * mask.ndim, [slice(None)] * mask.ndim
-        low[axis], high[axis] = slice(None, -1), slice(1, None)
-        eroded[tuple(high)] &= mask[tuple(low)]
-        eroded[tuple(low)] &= mask[tuple(high)]
+    for axis, low, high in _neighbour_pairs(mask.ndim):
+        eroded[high] &= mask[low]
+        eroded[low] &= mask[high]
         for end in (0, -1):
             face = [slice(None)] * mask.ndim
             face[axis] = end
@@ -676,11 +673,9 @@ def _dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
     `_erode_cross`)."""
     for _ in range(iterations):
         dilated = mask.copy()
-        for axis in range(mask.ndim):
-            low, high = [slice(None)] * mask.ndim, [slice(None)] * mask.ndim
-            low[axis], high[axis] = slice(None, -1), slice(1, None)
-            dilated[tuple(high)] |= mask[tuple(low)]
-            dilated[tuple(low)] |= mask[tuple(high)]
+        for _axis, low, high in _neighbour_pairs(mask.ndim):
+            dilated[high] |= mask[low]
+            dilated[low] |= mask[high]
         mask = dilated
     return mask
 
