@@ -395,3 +395,16 @@ def test_resume_skips_volumes_of_the_same_settings(tmp_path):
     assert main(["preprocess", str(tmp_path / "root"), str(out), *options]) == 0
     assert read_manifest(out)["p1"]["status"] == "skipped"
 
+
+
+def test_resume_removes_every_temporary_a_killed_run_left(tmp_path):
+    (tmp_path / "root" / "p1").mkdir(parents=True)
+    out = tmp_path / "out"
+    _fake_volume(out, "p1", (1.0, 1.0, 1.0), margin_mm=0.0)
+    left = [out / ".tmp-8978-manifest.csv", out / ".tmp-8978-p2.h5"]
+    for path in left:
+        path.write_bytes(b"partial")
+    options = ["--spacing", "1", "1", "1", "--margin-mm", "0"]
+    assert main(["preprocess", str(tmp_path / "root"), str(out), *options]) == 0
+    assert not any(path.exists() for path in left)
+    assert read_manifest(out)["p1"]["status"] == "skipped"

@@ -30,7 +30,6 @@ import numpy as np
 
 from kdsb._version import __version__
 from kdsb.errors import StoreError
-from kdsb.io import atomic
 from kdsb.io.atomic import atomic_path
 
 SUFFIX = ".h5"
@@ -141,11 +140,6 @@ def _write_deflated(f: h5py.File, name: str, array: np.ndarray) -> None:
                                    DEFLATE_MEMORY_LEVEL, zlib.Z_RLE)
         data = deflate.compress(np.ascontiguousarray(shuffled)) + deflate.flush()
         dataset.id.write_direct_chunk(start, data)
-
-
-def remove_stale_temporaries(out_dir: str | os.PathLike) -> int:
-    """Delete volume files a killed writer left half-written in `out_dir`; returns how many."""
-    return atomic.remove_stale_temporaries(out_dir, f"*{SUFFIX}")
 
 
 def open_volume(path: str | os.PathLike) -> h5py.File:

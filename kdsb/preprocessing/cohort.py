@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io import volumes
-from kdsb.io.atomic import atomic_path
+from kdsb.io.atomic import atomic_path, remove_stale_temporaries
 from kdsb.preprocessing.pipeline import (
     DEFAULT_MARGIN_MM,
     MARGIN_ATTR,
@@ -332,7 +332,7 @@ def run_cohort(
         raise UsageError(f"expected an output folder, received a file: {out_dir}")
     patients = find_patients(input_root, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    removed = volumes.remove_stale_temporaries(out_dir)
+    removed = remove_stale_temporaries(out_dir)  # volumes and the manifest
     if removed:
         logger.info("removed %d temporary file(s) left by an interrupted run", removed)
 
