@@ -4,9 +4,10 @@
 Base: the real chest CT in the totalsegmentator 2.18.0 source archive (fetched once from PyPI
 into the test-data cache, as the tests do). For every lesion kind × place × radius, the base is
 varied with its own seed (`kdsb.phantoms.implants.vary_base`: mirror, crop, smooth deformation,
-noise,
-slice spacing), one lesion is implanted (`kdsb.phantoms.lesions.implant_lesion`) and both masks are
-computed on the source grid:
+noise, slice spacing), one lesion is implanted (`kdsb.phantoms.lesions.implant_lesion`) in the
+parenchyma of the base's kdsb mask (`lesions.lung_parenchyma`: its air with the vessels, so the
+mask's own reach beyond the lungs never becomes lesion truth) and both masks are computed on the
+source grid:
 
 - kdsb: `kdsb.preprocessing.lungs.segment_lungs`;
 - baseline: the classic DSB 2017 tutorial mask (`benchmarks/preprocess.py`: -320 HU threshold,
@@ -84,7 +85,8 @@ def measure_case(task):
         envelope = air_envelope(hu, lungs)
         healthy = (lungs.sum() / envelope.sum(), (hu[lungs] > SOFT_TISSUE_HU).mean())
     truth, lesion = lesions.implant_lesion(
-        hu, spacing, origin, lungs, kind=kind, place=place, radius_mm=radius, rng=rng
+        hu, spacing, origin, lesions.lung_parenchyma(hu, lungs), kind=kind, place=place,
+        radius_mm=radius, rng=rng,
     )
     mask, kdsb_s = timed(segment_lungs, hu, spacing)
     baseline, base_s = timed(tutorial_segment_lung_mask, hu.astype(np.int16))

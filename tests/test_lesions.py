@@ -91,3 +91,25 @@ def test_bad_lesion_requests_are_clear_errors(base):
         _implant(base, "solid", "lateral", -1.0)
     with pytest.raises(KdsbError, match="expected room for an intrapulmonary lesion"):
         _implant(base, "solid", "intrapulmonary", 300.0)
+
+
+def test_parenchyma_leaves_out_a_mask_s_reach_beyond_the_lungs(base):
+    """Lesions are placed in and clipped to `lung_parenchyma`: tissue a lung mask takes in
+    beside the lungs never becomes lesion truth, while the vessels inside stay lung."""
+    from scipy import ndimage
+
+    phantom, lungs, _ = base
+    over_reaching = ndimage.binary_dilation(lungs, iterations=3)  # 3 voxels of wall and more
+    parenchyma = lesions.lung_parenchyma(phantom.hu, over_reaching)
+    beside = over_reaching & ~lungs & (phantom.hu >= -400)  # wall, mediastinum, diaphragm
+    assert beside.sum() > 0.05 * lungs.sum()
+    assert (parenchyma & beside).sum() <= 0.01 * beside.sum()  # airway walls, enclosed
+    vessels = ndimage.binary_erosion(lungs, iterations=3) & (phantom.hu >= -400)  # deep inside
+    # (vessels that run in-plane out to the hilum are no hole of their slice's air)
+    assert vessels.any() and parenchyma[vessels].mean() > 0.6
+    hu = phantom.hu.copy()
+    truth, _ = lesions.implant_lesion(
+        hu, phantom.spacing, phantom.origin, parenchyma, kind="solid", place="lateral",
+        radius_mm=15.0, rng=np.random.default_rng(1),
+    )
+    assert truth.any() and not (truth & ~parenchyma).any()

@@ -161,6 +161,19 @@ def test_trachea_bronchi_and_bowel_gas_are_excluded(chest, chest_mask):
     assert not chest_mask[chest.gas].any()
 
 
+def test_trachea_reading_above_the_airway_threshold_is_still_excluded(chest):
+    """Regression: a real chest CT's trachea read -940 to -970 HU in 3 mm blocks below its top
+    slices; growth on strict (< -950 HU) air alone broke off there, the lumen became "lung"
+    and the envelope took in the neck's tissue around it."""
+    hu = chest.hu.copy()
+    z_mm = np.arange(SHAPE[0])[:, None, None] * SPACING[0]
+    grey = chest.trachea & (z_mm < 190.0)  # the top 20 mm stay dark: the seed is found there
+    hu[grey] = np.rint(-935.0 + np.random.default_rng(5).normal(0.0, 5.0, grey.sum()))
+    mask = segment_lungs(hu, SPACING) > 0
+    assert mask[chest.trachea].mean() <= 0.02
+    assert dice(mask, chest.lungs | chest.nodule) >= 0.97
+
+
 def test_outside_air_table_and_padding_are_excluded(chest, chest_mask):
     assert not chest_mask[~chest.inside_body].any()
 

@@ -21,8 +21,10 @@ radii (radius at least the cancer radius); every patient gets up to `MAX_SMALL_N
 solid nodules (radius 3–6 mm, below the cancer radius).
 
 The lesions are ground truth. The lungs around them are not: they are kdsb's own segmentation
-of the varied base before any lesion was painted (a healthy scan, where it is reliable), used to
-place the lesions; count on `lesion_labels`, not on `lung_mask`, to judge a lung mask.
+of the varied base before any lesion was painted (a healthy scan, where it is reliable); the
+lesions are placed in and clipped to its parenchyma (`lesions.lung_parenchyma`: its air with
+the vessels, not the tissue the mask takes in beside the lungs). Count on `lesion_labels`, not
+on `lung_mask`, to judge a lung mask.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from kdsb.errors import UsageError
-from kdsb.phantoms.lesions import KINDS, PLACES, Lesion, implant_lesion, surface_places
+from kdsb.phantoms.lesions import (
+    KINDS,
+    PLACES,
+    Lesion,
+    implant_lesion,
+    lung_parenchyma,
+    surface_places,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -152,13 +161,14 @@ def implant_patient(
     """Paint one patient's lesions into `hu` (in place).
 
     Returns:
-        (hu, the healthy lung mask used for placing, uint8 lesion labels (0 none, k the k-th
-        lesion), the lesions).
+        (hu, the healthy lung mask, uint8 lesion labels (0 none, k the k-th lesion), the
+        lesions). The lesions are placed in the mask's parenchyma (`lung_parenchyma`).
     """
     from kdsb.preprocessing.lungs import segment_lungs
 
     lungs = segment_lungs(hu, spacing, patient_id=patient_id) > 0
-    sites = surface_places(lungs, spacing)
+    parenchyma = lung_parenchyma(hu, lungs)
+    sites = surface_places(parenchyma, spacing)
     wanted: list[tuple[str, str, float]] = []
     if cancer:
         wanted.append((str(rng.choice(kinds)), str(rng.choice(places)), rng.uniform(*radius_mm)))
@@ -167,7 +177,7 @@ def implant_patient(
     labels = np.zeros(hu.shape, dtype=np.uint8)
     lesions: list[Lesion] = []
     for kind, place, radius in wanted:
-        free = lungs & (labels == 0)  # lesions never overlap
+        free = parenchyma & (labels == 0)  # lesions never overlap
         truth, lesion = implant_lesion(
             hu, spacing, origin, free, kind=kind, place=place, radius_mm=round(radius, 2),
             rng=rng, sites=sites,

@@ -21,8 +21,10 @@ lesion, with their vessels): ``intrapulmonary`` (surrounded by lung, at least it
 ``diaphragmatic`` and ``apical``. A surface voxel's place follows from the lung surface's outward
 normal (the gradient of the smoothed mask) and its position: see `surface_places`. A pleural
 lesion's centre lies `PLEURAL_DEPTH` × radius inside the lung, so a flat base of it meets the
-pleura, as juxtapleural tumours do; every lesion is clipped to the lung mask it was placed with
-(a lesion grows inside the lung; it does not invade the chest wall or the mediastinum).
+pleura, as juxtapleural tumours do; every lesion is clipped to the lungs it was placed with
+(a lesion grows inside the lung; it does not invade the chest wall or the mediastinum). Pass
+`lung_parenchyma` of a lung mask as those lungs: a mask's own over-reach (tissue a lung mask takes
+in beside the lungs, an airway it missed) then never becomes a lesion site or ground truth.
 
 Arrays are (z, y, x) in kdsb's canonical orientation (axis 0 inferior → superior, axis 1
 anterior → posterior, axis 2 right → left); spacings in mm, HU as int16.
@@ -38,6 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from kdsb.errors import KdsbError
+from kdsb.preprocessing.lungs import AIR_THRESHOLD_HU
 
 KINDS = ("solid", "spiculated", "part_solid", "ground_glass", "small_solid")
 PLACES = (
@@ -102,6 +105,19 @@ class Lesion:
     def record(self) -> dict:
         """The lesion as a JSON-friendly dict."""
         return asdict(self)
+
+
+def lung_parenchyma(hu: np.ndarray, lung_mask: np.ndarray) -> np.ndarray:
+    """The lungs themselves within a lung mask: its air voxels (below `AIR_THRESHOLD_HU`) with
+    the holes of every axial slice filled (vessels), bool (z, y, x).
+
+    Tissue a lung mask takes in beside the lungs (mediastinal bulges, the chest wall's
+    partial-volume layer) is not enclosed by lung air in its slice, so it is left out; so is a
+    vessel that runs within its slice out to the hilum. Air is kept as the mask has it: an
+    airway lumen the mask failed to leave out stays in.
+    """
+    air = (np.asarray(lung_mask) > 0) & (np.asarray(hu) < AIR_THRESHOLD_HU)
+    return np.stack([ndimage.binary_fill_holes(plane) for plane in air])
 
 
 def _lung_axes(lung: np.ndarray) -> tuple[float, float, float, float]:

@@ -10,9 +10,10 @@ already reads -1000 HU.
    Air is below `AIR_THRESHOLD_HU`. The body is the largest non-air component with its holes
    filled slice by slice, so air outside it (also air split off by the table or outside a padded
    circular field of view) is discarded. The trachea is a dark round blob near the midline in the
-   top slices; it and the main bronchi are region-grown from there, slice by slice, at the
-   stricter `AIRWAY_THRESHOLD_HU`, stopping where the area jumps (a leak into the lung), and
-   removed. Air components that are parenchyma (median above the airway threshold: gas is
+   top slices; it and the main bronchi are region-grown from there, slice by slice: the air
+   blob touching the previous slice's airway while it stays a lumen, the stricter
+   `AIRWAY_THRESHOLD_HU` air within it where it joins the lung, stopping where even that area
+   jumps (a leak into the lung), and removed. Air components that are parenchyma (median above the airway threshold: gas is
    darker than lung), large, and reach the upper half of the lungs are kept (bowel gas is
    not). Each side (right / left of the body's midline) is then filled on its own, so the two
    lungs never merge across the mediastinum: a closing with a ball of `CLOSING_RADIUS_MM`
@@ -231,28 +232,38 @@ def _find_trachea_seed(
     return lowest - minus_z, (labels[-minus_z] == index) & strict[lowest - minus_z]
 
 
+def _touched(labels: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """The components of one slice's `labels` that overlap `previous` (2D bool)."""
+    touched = np.unique(labels[previous])
+    touched = touched[touched > 0]
+    lookup = np.zeros(int(labels.max()) + 1, dtype=bool)
+    lookup[touched] = True
+    return lookup[labels]
+
+
 def _grow_airway(
-    labels: np.ndarray, seed: np.ndarray, z: int, airway: np.ndarray, step: int
+    loose: np.ndarray, strict: np.ndarray, seed: np.ndarray, z: int, airway: np.ndarray, step: int
 ) -> None:
     """Grow the airway slice by slice from the 2D `seed` in slice `z`, in direction `step` (±1).
 
-    `labels` numbers the strict-threshold air of each axial slice on its own. A leak (into
-    emphysematous lung, say) shows as an area jump: growth stops at the first slice whose airway
-    area exceeds `AIRWAY_LEAK_FACTOR` times the largest area so far.
+    `loose` and `strict` number the air of each axial slice on its own, at the lung's and at the
+    airway's threshold. The loose air touching the airway of the previous slice is taken while
+    it stays a lumen: above the carina the trachea is an air blob of its own in every slice,
+    also where its lumen reads a little above the strict threshold (a real scan's trachea can
+    read -940 to -970 HU in 3 mm blocks). Where that air joins the lung (an area jump beyond
+    `AIRWAY_LEAK_FACTOR` times the largest area so far), only its strict air is taken, and
+    growth stops at the first slice where even that jumps (a leak into emphysematous lung).
     """
     previous = seed
     largest_area = int(previous.sum())
-    lookup = np.zeros(int(labels.max()) + 1, dtype=bool)
     z += step
-    while 0 <= z < labels.shape[0]:
-        touched = np.unique(labels[z][previous])
-        touched = touched[touched > 0]
-        if touched.size == 0:
-            return
-        lookup[touched] = True
-        current = lookup[labels[z]]
-        lookup[touched] = False
+    while 0 <= z < loose.shape[0]:
+        current = _touched(loose[z], previous)
+        if current.sum() > AIRWAY_LEAK_FACTOR * largest_area:
+            current = _touched(strict[z], previous)
         area = int(current.sum())
+        if area == 0:
+            return
         if area > AIRWAY_LEAK_FACTOR * largest_area:
             logger.debug("airway growth stopped at slice %d: area %d > %d", z, area, largest_area)
             return
@@ -280,12 +291,13 @@ def _find_airway(
         logger.debug("no trachea found in the top %.0f mm of the body's air", TRACHEA_SEARCH_MM)
         return airway
     z, seed = found
-    # One labelling of every slice's strict air at once (in-plane connectivity only) serves
-    # the slice-by-slice growth.
+    # One labelling of every slice's air at once (in-plane connectivity only) per threshold
+    # serves the slice-by-slice growth.
+    loose, _ = ndimage.label(interior_air, structure=IN_PLANE)
     labels, _ = ndimage.label(strict, structure=IN_PLANE)
     airway[z] = seed
-    _grow_airway(labels, seed, z, airway, step=-1)
-    _grow_airway(labels, seed, z, airway, step=+1)
+    _grow_airway(loose, labels, seed, z, airway, step=-1)
+    _grow_airway(loose, labels, seed, z, airway, step=+1)
     logger.debug("trachea seed in coarse slice %d, airway %d voxels", z, airway.sum())
     # The lumen's partial-volume rim (and the averaging) shrank it: widen it again, in-plane.
     rim = max(1, round(AIRWAY_MARGIN_MM / min(spacing[1:])))
