@@ -85,7 +85,7 @@ def measure_case(task):
         envelope = air_envelope(hu, lungs)
         healthy = (lungs.sum() / envelope.sum(), (hu[lungs] > SOFT_TISSUE_HU).mean())
     truth, lesion = lesions.implant_lesion(
-        hu, spacing, origin, lesions.lung_parenchyma(hu, lungs), kind=kind, place=place,
+        hu, spacing, origin, lesions.lung_parenchyma(hu, lungs, spacing), kind=kind, place=place,
         radius_mm=radius, rng=rng,
     )
     mask, kdsb_s = timed(segment_lungs, hu, spacing)

@@ -100,13 +100,12 @@ def test_parenchyma_leaves_out_a_mask_s_reach_beyond_the_lungs(base):
 
     phantom, lungs, _ = base
     over_reaching = ndimage.binary_dilation(lungs, iterations=3)  # 3 voxels of wall and more
-    parenchyma = lesions.lung_parenchyma(phantom.hu, over_reaching)
+    parenchyma = lesions.lung_parenchyma(phantom.hu, over_reaching, phantom.spacing)
     beside = over_reaching & ~lungs & (phantom.hu >= -400)  # wall, mediastinum, diaphragm
     assert beside.sum() > 0.05 * lungs.sum()
     assert (parenchyma & beside).sum() <= 0.01 * beside.sum()  # airway walls, enclosed
     vessels = ndimage.binary_erosion(lungs, iterations=3) & (phantom.hu >= -400)  # deep inside
-    # (vessels that run in-plane out to the hilum are no hole of their slice's air)
-    assert vessels.any() and parenchyma[vessels].mean() > 0.6
+    assert vessels.any() and parenchyma[vessels].mean() > 0.95
     hu = phantom.hu.copy()
     truth, _ = lesions.implant_lesion(
         hu, phantom.spacing, phantom.origin, parenchyma, kind="solid", place="lateral",

@@ -167,7 +167,7 @@ def implant_patient(
     from kdsb.preprocessing.lungs import segment_lungs
 
     lungs = segment_lungs(hu, spacing, patient_id=patient_id) > 0
-    parenchyma = lung_parenchyma(hu, lungs)
+    parenchyma = lung_parenchyma(hu, lungs, spacing)
     sites = surface_places(parenchyma, spacing)
     wanted: list[tuple[str, str, float]] = []
     if cancer:

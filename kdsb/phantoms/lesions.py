@@ -71,6 +71,7 @@ NORMAL_SMOOTHING_MM = 4.0  # Gaussian sigma of the mask whose gradient gives sur
 MIN_LESION_VOXELS = 8  # a lesion smaller than this on the grid is refused (too coarse a grid)
 MIN_LUNG_FRACTION = 0.6  # at least this much of a lesion's nominal sphere lies in the lung
 PLACEMENT_TRIES = 200  # sites tried before a place is given up
+VESSEL_RADIUS_MM = 6.0  # vessels up to about this radius are lung parenchyma
 
 # Where each pleural place lies. Normals point out of the lung; "lateral" is the normal's x
 # component away from the midline; heights are fractions of the lung's z extent (0 = base).
@@ -107,17 +108,24 @@ class Lesion:
         return asdict(self)
 
 
-def lung_parenchyma(hu: np.ndarray, lung_mask: np.ndarray) -> np.ndarray:
-    """The lungs themselves within a lung mask: its air voxels (below `AIR_THRESHOLD_HU`) with
-    the holes of every axial slice filled (vessels), bool (z, y, x).
+def lung_parenchyma(
+    hu: np.ndarray, lung_mask: np.ndarray, spacing: Sequence[float]
+) -> np.ndarray:
+    """The lungs themselves within a lung mask, bool (z, y, x): its air (below
+    `AIR_THRESHOLD_HU`) closed with a ball of `VESSEL_RADIUS_MM` and with the holes of every
+    axial slice filled, within the mask: air with the vessels and septa that run through it.
 
     Tissue a lung mask takes in beside the lungs (mediastinal bulges, the chest wall's
-    partial-volume layer) is not enclosed by lung air in its slice, so it is left out; so is a
-    vessel that runs within its slice out to the hilum. Air is kept as the mask has it: an
-    airway lumen the mask failed to leave out stays in.
+    partial-volume layer) lies beyond the lung's air, not between it, so it is left out, but
+    for dents narrower than the ball. Air is kept as the mask has it: an airway lumen the mask
+    failed to leave out stays in.
     """
-    air = (np.asarray(lung_mask) > 0) & (np.asarray(hu) < AIR_THRESHOLD_HU)
-    return np.stack([ndimage.binary_fill_holes(plane) for plane in air])
+    mask = np.asarray(lung_mask) > 0
+    air = mask & (np.asarray(hu) < AIR_THRESHOLD_HU)
+    reach = ndimage.distance_transform_edt(~air, sampling=spacing) <= VESSEL_RADIUS_MM
+    closed = ndimage.distance_transform_edt(reach, sampling=spacing) > VESSEL_RADIUS_MM
+    filled = np.stack([ndimage.binary_fill_holes(plane) for plane in air])
+    return mask & (closed | filled)
 
 
 def _lung_axes(lung: np.ndarray) -> tuple[float, float, float, float]:

@@ -10,14 +10,15 @@ already reads -1000 HU.
    Air is below `AIR_THRESHOLD_HU`. The body is the largest non-air component with its holes
    filled slice by slice, so air outside it (also air split off by the table or outside a padded
    circular field of view) is discarded. The trachea is a dark round blob near the midline in the
-   top slices; it and the main bronchi are region-grown from there, slice by slice: the air
-   blob touching the previous slice's airway while it stays a lumen, the stricter
+   top slices; it and the main bronchi are region-grown from there, slice by slice: the air blob
+   touching the previous slice's airway while it stays a lumen, the stricter
    `AIRWAY_THRESHOLD_HU` air within it where it joins the lung, stopping where even that area
-   jumps (a leak into the lung), and removed. Air components that are parenchyma (median above the airway threshold: gas is
-   darker than lung), large, and reach the upper half of the lungs are kept (bowel gas is
-   not). Each side (right / left of the body's midline) is then filled on its own, so the two
-   lungs never merge across the mediastinum: a closing with a ball of `CLOSING_RADIUS_MM`
-   (two Euclidean distance transforms: an exact ball at little cost, unlike binary closing with
+   jumps (a leak into the lung), and removed. Air components that are parenchyma (median above
+   the airway threshold: gas is darker than lung), large, and reach the upper half of the lungs
+   are kept (bowel gas is not). Each side (right / left of the body's midline) is then filled on
+   its own, so the two lungs never merge across the mediastinum: a closing with a ball of
+   `CLOSING_RADIUS_MM` (two Euclidean distance transforms: an exact ball at little cost, unlike
+   binary closing with
    a huge structuring element) and 3D hole filling take in vessels and nodules; tissue enclosed
    between the lung and the chest wall inside the slice-wise convex hull of the lungs takes in
    juxtapleural nodules and tumours, which a ball rolling from the wall side would bite into;
