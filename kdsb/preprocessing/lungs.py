@@ -18,12 +18,11 @@ already reads -1000 HU.
    are kept (bowel gas is not). Each side (right / left of the body's midline) is then filled on
    its own, so the two lungs never merge across the mediastinum: a closing with a ball of
    `CLOSING_RADIUS_MM` (two Euclidean distance transforms: an exact ball at little cost, unlike
-   binary closing with
-   a huge structuring element) and 3D hole filling take in vessels and nodules; tissue enclosed
-   between the lung and the chest wall inside the slice-wise convex hull of the lungs takes in
-   juxtapleural nodules and tumours, which a ball rolling from the wall side would bite into;
-   a nodule found so reaches on out to the chest wall's depth under the skin, past the hull's
-   chords where the wall curves outwards.
+   binary closing with a huge structuring element) and 3D hole filling take in vessels and
+   nodules; tissue enclosed between the lung and the chest wall inside the slice-wise convex
+   hull of the lungs takes in juxtapleural nodules and tumours, which a ball rolling from the
+   wall side would bite into; a nodule found so reaches on out to the chest wall's depth under
+   the skin, past the hull's chords where the wall curves outwards.
    Tumours up to about 35 mm radius leave a dent in the lung that no 15 mm ball fills, so each
    side is also closed with a ball of `ENVELOPE_RADIUS_MM` (edge-padded so the closing never
    fills out to the scan's border) and everything that envelope adds is taken in, except bone
