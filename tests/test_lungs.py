@@ -151,6 +151,35 @@ def test_juxtapleural_nodule_is_kept(chest, chest_mask):
     assert chest_mask[chest.nodule].mean() >= 0.95
 
 
+def test_protruding_tissue_is_a_bump_on_the_wall_never_the_wall_behind_a_convex_lung():
+    spacing = (2.0, 1.0, 1.0)
+    z, y, x = np.indices((20, 40, 40))
+    air = x < 20  # lung left of a flat wall at x = 20
+    bump = ((z - 10) * 2.0) ** 2 + (y - 20.0) ** 2 + (x - 20.0) ** 2 <= 3.0**2
+    air &= ~bump  # a 3 mm nodule sitting on the wall
+    found = lungs._protruding(air, ~air, spacing)
+    assert found[bump & (x < 20)].all()  # its part inside the lung
+    assert not found[(x >= 22)].any()  # the wall itself
+    ball = ((z - 10) * 2.0) ** 2 + (y - 20.0) ** 2 + (x - 20.0) ** 2 <= 15.0**2
+    assert not lungs._protruding(ball, ~ball, spacing).any()  # convex lung: nothing
+
+
+def test_small_juxtapleural_nodule_is_kept(chest):
+    """A 3 mm nodule on the posterolateral wall, where it runs diagonally in the slice: too
+    small for the coarse grid's filling (84 % kept before `_protruding`)."""
+    nz, ny, nx = SHAPE
+    z = (np.arange(nz) * SPACING[0])[:, None, None]
+    y = ((np.arange(ny) - ny / 2) * SPACING[1])[None, :, None]
+    x = ((np.arange(nx) - nx / 2) * SPACING[2])[None, None, :]
+    centre = (120.0, 48.25, -73.42)  # 1.5 mm inside the cavity's wall, 45° behind the side
+    nodule = sum((g - c) ** 2 for g, c in zip((z, y, x), centre, strict=True)) <= 3.0**2
+    nodule &= chest.right_lung
+    hu = chest.hu.copy()
+    hu[nodule] = 40
+    assert nodule.sum() > 20
+    assert segment_lungs(hu, SPACING)[nodule].mean() >= 0.9
+
+
 def test_vessels_are_filled(chest, chest_mask):
     assert chest_mask[chest.vessels].mean() >= 0.95
 

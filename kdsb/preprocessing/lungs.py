@@ -80,6 +80,10 @@ APEX_ZONE_MM = 60.0
 LESION_CORE_MM = 8.0  # added tissue this thick is a mass (the aorta's bulge is too, in part)
 LESION_RIM_MM = 8.0
 FRINGE_VOXELS = 2  # how far past the filling a mass's hidden edge may reach
+SMALL_NODULE_MM = 5.0  # lung air within this on both sides: tissue protruding into the lung
+# Directions (z, y, x) along which protruding tissue is looked for: the in-plane axes and
+# diagonals (a wall running diagonally in a slice) and the slice axis.
+PROTRUSION_DIRECTIONS = ((0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 1, -1), (1, 0, 0))
 APEX_CORE_MM = 6.0
 APEX_DEPTH_PERCENTILE = 5.0  # fills juxtapleural nodules and tumours up to about 14 mm radius
 MIN_LUNG_LITRES = 0.5
@@ -692,6 +696,42 @@ def _dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
     return mask
 
 
+def _protruding(air: np.ndarray, candidates: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """The `candidates` with `air` on both sides along one of `PROTRUSION_DIRECTIONS` within
+    `SMALL_NODULE_MM`: tissue that protrudes into the lung (a small nodule on the wall), bool.
+
+    Where the lung is convex no straight line leaves it and comes back, so the chest wall behind
+    a convex lung surface is never taken; where the wall bulges into the lung (ribs, the
+    mediastinum), tissue up to `SMALL_NODULE_MM` deep can be. Looked up at the candidates only
+    (a thin shell of the box), by flat offsets into `air` padded by the longest reach.
+    """
+    reach = [max(1, round(SMALL_NODULE_MM / s)) for s in spacing]
+    padded = np.pad(air, [(r, r) for r in reach]).ravel()
+    strides = np.array([s // padded.itemsize for s in
+                        np.empty([n + 2 * r for n, r in zip(air.shape, reach, strict=True)],
+                                 dtype=bool).strides])
+    coords = np.nonzero(candidates)
+    flat = sum((c + r) * st for c, r, st in zip(coords, reach, strides, strict=True))
+    found = np.zeros(flat.size, dtype=bool)
+    for direction in PROTRUSION_DIRECTIONS:
+        step_mm = math.hypot(*(d * s for d, s in zip(direction, spacing, strict=True)))
+        steps = max(1, round(SMALL_NODULE_MM / step_mm))
+        offset = int(np.dot(direction, strides))
+        # Each side is looked at only for the voxels still in question (most are wall voxels
+        # without air on the first side): 5× fewer lookups than all of them every time.
+        open_ = np.flatnonzero(~found)
+        for sign in (1, -1):
+            start = flat[open_]
+            hit = np.zeros(open_.size, dtype=bool)
+            for k in range(1, steps + 1):
+                hit |= padded[start + sign * k * offset]
+            open_ = open_[hit]
+        found[open_] = True
+    result = np.zeros(air.shape, dtype=bool)
+    result[tuple(c[found] for c in coords)] = True
+    return result
+
+
 def _upsample(coarse: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
     """Nearest-neighbour upsampling of a coarse block grid back to `shape`."""
     result = coarse
@@ -837,8 +877,10 @@ def segment_lungs_in_box(
     boundary = code_full == FULL_IF_AIR
     added_full = _upsample(added[coarse_box], factors, box_shape)
     cores = _erode_cross(kept & ~air_full & added_full)
-    kept |= (boundary & ~air_full & (box_hu <= BONE_HU)
-             & _dilate_cross(cores, FRINGE_VOXELS))
+    soft_tissue = boundary & ~air_full & (box_hu <= BONE_HU)
+    kept |= soft_tissue & _dilate_cross(cores, FRINGE_VOXELS)
+    # A small nodule on the wall: too small for the coarse filling, protruding into the lung.
+    kept |= _protruding(kept & air_full, soft_tissue & ~kept, spacing)
 
     volume = int(np.count_nonzero(kept)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
     logger.debug("%s: lung volume %.2f L", patient, volume)
