@@ -12,7 +12,12 @@ out-of-fold ECE (cross-fitted calibration), held-out log loss, AUC, ECE, and the
 the classifier step. Everything is written under WORKDIR and reused when rerun.
 
 Usage: python benchmarks/classifier.py WORKDIR [--sizes 24 96] [--seeds 0 1 2]
-       [--heads spp mil nll] [--folds 4] [--test-size 64] [--base CT]
+       [--heads spp mil nll] [--folds 4] [--test-size 64] [--base CT] [--option KEY=VALUE …]
+
+`--option freeze_blocks=2` (any `ClassifierOptions` field; a value is read as a Python literal,
+else kept as text, so `levels=1,2` is a tuple) overrides the heads' options below for an
+experiment; its runs go to their own folders (`runs/spp_24_freeze_blocks=2`), beside the
+defaults'.
 
 Real anatomy: `--base ~/.cache/kdsb-test-data/reference_files/aorta_report/example_ct.nii.gz`
 (the real chest CT the tests fetch; `python -c "from tests.realdata import reference_files;
@@ -22,6 +27,7 @@ print(reference_files())"` fetches it).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import resource
 import sys
@@ -50,6 +56,22 @@ HEADS = {
 }
 
 
+def parse_override(text: str) -> tuple[str, object]:
+    """KEY=VALUE of `--option`: the value as a Python literal (3, 1e-4, 1,2), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, received {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def run_name(head: str, size: int, overrides: dict[str, object]) -> str:
+    """The run folder of a head, training size and option overrides: spp_24, spp_24_lr=0.0003."""
+    return "_".join([head, str(size), *(f"{k}={overrides[k]}" for k in sorted(overrides))])
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -69,7 +91,7 @@ def synth_cohort(root: Path, patients: int, seed: int, base: Path | None) -> Pat
 
 
 def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, workers: int,
-             base: Path | None = None):
+             base: Path | None = None, overrides: dict[str, object] | None = None):
     """Rows of one seed: dicts of size, head, seed and the figures."""
     plan = demo.FULL_PLAN
     train_labels = synth_cohort(work / "train_cohort", max(sizes), seed, base)
@@ -89,13 +111,13 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
         subset = dict(sorted(labels.items())[:n])
         subset_csv = write_labels(work / f"labels_{n}.csv", sorted(subset.items()))
         for head in heads:
-            run_dir = work / "runs" / f"{head}_{n}"
+            run_dir = work / "runs" / run_name(head, n, overrides or {})
             start = _cpu_seconds()
             if not (run_dir / "metrics.json").is_file():
                 options = ClassifierOptions(
                     gmcae=str(gmcae), head=head, folds=folds, seed=seed,
                     lung_dilation_mm=demo.LUNG_DILATION_MM, allow_unlabelled=True,
-                    **HEADS[head],
+                    **{**HEADS[head], **(overrides or {})},
                 )
                 # A killed run (config.json, no metrics.json) resumes where it stopped.
                 train_classifier(train_volumes, subset_csv, run_dir, options,
@@ -128,11 +150,13 @@ def main(argv=None) -> int:
     parser.add_argument("--base", type=Path, default=None,
                         help="a real chest CT (DICOM folder or volume file): cohorts of it with "
                              "implanted lesions instead of phantoms")
+    parser.add_argument("--option", type=parse_override, action="append", default=[],
+                        metavar="KEY=VALUE", help="override a head option (repeatable)")
     args = parser.parse_args(argv)
     rows = []
     for seed in args.seeds:
         rows += run_seed(args.workdir / f"seed_{seed}", seed, args.sizes, args.heads, args.folds,
-                         args.test_size, args.workers, args.base)
+                         args.test_size, args.workers, args.base, dict(args.option))
     print()
     print(f"{'n':>4} {'head':>5} {'oof ECE':>14} {'test log loss':>14} {'test AUC':>14} "
           f"{'test ECE':>14} {'CPU s':>10}")
