@@ -113,12 +113,17 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
         for head in heads:
             run_dir = work / "runs" / run_name(head, n, overrides or {})
             start = _cpu_seconds()
-            if not (run_dir / "metrics.json").is_file():
-                options = ClassifierOptions(
-                    gmcae=str(gmcae), head=head, folds=folds, seed=seed,
-                    lung_dilation_mm=demo.LUNG_DILATION_MM, allow_unlabelled=True,
-                    **{**HEADS[head], **(overrides or {})},
-                )
+            options = ClassifierOptions(
+                gmcae=str(gmcae), head=head, folds=folds, seed=seed,
+                lung_dilation_mm=demo.LUNG_DILATION_MM, allow_unlabelled=True,
+                **{**HEADS[head], **(overrides or {})},
+            )
+            if (run_dir / "metrics.json").is_file():
+                saved = json.loads((run_dir / "metrics.json").read_text())["options"]
+                if saved != options.to_saved():
+                    raise SystemExit(f"{run_dir} was trained with other options than "
+                                     f"{head}'s now: move it aside or use another WORKDIR")
+            else:
                 # A killed run (config.json, no metrics.json) resumes where it stopped.
                 train_classifier(train_volumes, subset_csv, run_dir, options,
                                  resume=(run_dir / "config.json").is_file())
