@@ -8,8 +8,8 @@ GMCAE recipe trained on the training volumes; then for each training size n (the
 patients of the cohort, which has max(--sizes)) and each head,
 `train-classifier --folds K` (the head's options below), `predict RUN_DIR` on the held-out
 cohort and its metrics. Prints one row per (size, head, seed) and the mean ± sd over seeds of:
-out-of-fold ECE (cross-fitted calibration), held-out log loss, AUC, ECE, and the CPU time of
-the classifier step. Everything is written under WORKDIR and reused when rerun.
+out-of-fold log loss and ECE (cross-fitted calibration), held-out log loss, AUC, ECE, and the
+CPU time of the classifier step. Everything is written under WORKDIR and reused when rerun.
 
 Usage: python benchmarks/classifier.py WORKDIR [--sizes 24 96] [--seeds 0 1 2]
        [--heads spp mil nll] [--folds 4] [--test-size 64] [--base CT] [--option KEY=VALUE …]
@@ -138,7 +138,8 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
             y = np.array([test[i] for i in ids])
             p = np.array([predicted[i] for i in ids])
             rows.append({
-                "size": n, "head": head, "seed": seed, "oof_ece": oof["ece"],
+                "size": n, "head": head, "seed": seed, "oof_log_loss": oof["log_loss"],
+                "oof_ece": oof["ece"],
                 "oof_auc": oof["roc_auc"], "test_log_loss": metrics.log_loss(y, p),
                 "test_auc": metrics.roc_auc(y, p),
                 "test_ece": metrics.expected_calibration_error(y, p), "cpu_s": cpu,
@@ -167,8 +168,8 @@ def main(argv=None) -> int:
         rows += run_seed(args.workdir / f"seed_{seed}", seed, args.sizes, args.heads, args.folds,
                          args.test_size, args.workers, args.base, dict(args.option))
     print()
-    print(f"{'n':>4} {'head':>5} {'oof ECE':>14} {'test log loss':>14} {'test AUC':>14} "
-          f"{'test ECE':>14} {'CPU s':>10}")
+    print(f"{'n':>4} {'head':>5} {'oof log loss':>14} {'oof ECE':>14} {'test log loss':>14} "
+          f"{'test AUC':>14} {'test ECE':>14} {'CPU s':>10}")
     for n in args.sizes:
         for head in args.heads:
             chosen = [r for r in rows if r["size"] == n and r["head"] == head]
@@ -177,7 +178,8 @@ def main(argv=None) -> int:
                 values = np.array([r[key] for r in chosen], dtype=float)
                 return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
 
-            print(f"{n:>4} {head:>5} {cell('oof_ece'):>14} {cell('test_log_loss'):>14} "
+            print(f"{n:>4} {head:>5} {cell('oof_log_loss'):>14} {cell('oof_ece'):>14} "
+                  f"{cell('test_log_loss'):>14} "
                   f"{cell('test_auc'):>14} {cell('test_ece'):>14} "
                   f"{np.mean([r['cpu_s'] for r in chosen]):>10.0f}")
     return 0
