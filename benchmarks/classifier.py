@@ -49,7 +49,7 @@ TEST_SEED_OFFSET = 5000
 # the out-of-fold figures of seeds 0 and 1 (benchmarks/README.md): SPP updates after every
 # volume (with 4 per update, ~4 updates an epoch, half the folds stopped early on the base-rate
 # plateau), and no calibration map (on 24 patients a fitted Platt or temperature map lowered
-# the out-of-fold log loss of neither head: its slope came out 0.2-0.6).
+# the out-of-fold log loss of neither head: its slope came out 0.16-0.56).
 HEADS = {
     "spp": dict(epochs=40, lr=1e-3, patience=10, val_fraction=0.25, batch_size=1, levels=(1,),
                 dense_units=32, dropout=0.5, calibration="none"),
