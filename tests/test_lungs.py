@@ -180,6 +180,21 @@ def test_small_juxtapleural_nodule_is_kept(chest):
     assert segment_lungs(hu, SPACING)[nodule].mean() >= 0.9
 
 
+def test_ground_glass_against_the_wall_is_kept(chest):
+    """Ground glass (-700 to -300 HU) is lung disease: kept also where it meets the chest wall,
+    in the mask's boundary blocks, though it reads above the air threshold (-400 HU)."""
+    nz, ny, nx = SHAPE
+    z = (np.arange(nz) * SPACING[0])[:, None, None]
+    y = ((np.arange(ny) - ny / 2) * SPACING[1])[None, :, None]
+    x = ((np.arange(nx) - nx / 2) * SPACING[2])[None, None, :]
+    centre = (120.0, 48.25, -73.42)  # on the posterolateral wall (89 % kept at -400 HU)
+    glass = sum((g - c) ** 2 for g, c in zip((z, y, x), centre, strict=True)) <= 12.0**2
+    glass &= chest.right_lung
+    hu = chest.hu.copy()
+    hu[glass] = np.rint(-340.0 + np.random.default_rng(6).normal(0.0, 15.0, glass.sum()))
+    assert segment_lungs(hu, SPACING)[glass].mean() >= 0.95
+
+
 def test_vessels_are_filled(chest, chest_mask):
     assert chest_mask[chest.vessels].mean() >= 0.95
 

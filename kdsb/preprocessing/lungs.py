@@ -34,9 +34,11 @@ already reads -1000 HU.
    (`_lesion_rim`): the mass's hidden edge against the wall, spine or diaphragm.
 2. Back on the source grid, coarse voxels well inside the mask, or added by the filling, are
    taken whole (only their tissue voxels beside rejected air); coarse voxels on the boundary keep
-   only their full-resolution air voxels, so the lung surface is as sharp as the source image,
-   and the tissue voxels within `FRINGE_VOXELS` of a solid core the filling took in (a small
-   nodule's edge where it meets the chest wall).
+   only their full-resolution voxels of lung or ground glass (below `GROUND_GLASS_MAX_HU`), so
+   the lung surface is as sharp as the source image, the tissue voxels within `FRINGE_VOXELS`
+   of a solid core the filling took in (a nodule's edge where it meets the chest wall), and
+   tissue that protrudes into the lung, with lung air on both sides within `SMALL_NODULE_MM`
+   (`_protruding`: a nodule too small for the coarse grid).
 
 Where it still fails (benchmarks/lung_mask.py: 98 lesions implanted into varied copies of a
 real chest CT, 91 kept >= 90 %): small solid nodules of 3 mm against the wall lose their
@@ -70,6 +72,7 @@ from kdsb.errors import LungMaskError
 logger = logging.getLogger(__name__)
 
 AIR_THRESHOLD_HU = -400.0  # between lung parenchyma (about -850 HU) and soft tissue (0–100 HU)
+GROUND_GLASS_MAX_HU = -300.0  # lung or ground glass in the mask's boundary blocks
 AIRWAY_THRESHOLD_HU = -950.0  # airway lumen (about -1000 HU); parenchyma stays above it
 COARSE_SPACING_MM = 2.5  # voxel size of the grid the morphology runs on
 BLOCK_MEAN_SLAB_BYTES = 4 * 1024**2  # of the scan, averaged at a time
@@ -871,7 +874,7 @@ def segment_lungs_in_box(
     air_full = box_hu < AIR_THRESHOLD_HU
     kept = (
         (code_full == FULL_ALWAYS)
-        | ((code_full == FULL_IF_AIR) & air_full)
+        | ((code_full == FULL_IF_AIR) & (box_hu < GROUND_GLASS_MAX_HU))
         | ((code_full == FULL_IF_TISSUE) & ~air_full)
     )
     # A nodule's fringe: tissue in boundary blocks next to a solid core the filling took in.
