@@ -298,7 +298,10 @@ def test_closings_sharing_one_dilation_are_each_radius_own_closing():
     """Each closing as two scipy transforms on an array padded by its own radius only."""
     spacing, radii = (3.0, 2.8, 2.8), (6.0, 14.0)
     mask = _blob((16, 20, 18), 1)
-    for radius, closed in zip(radii, lungs._close_balls(mask, radii, spacing), strict=True):
+    threaded = lungs._close_balls(mask, radii, spacing, threads=2)
+    for radius, closed, other in zip(radii, lungs._close_balls(mask, radii, spacing), threaded,
+                                     strict=True):
+        np.testing.assert_array_equal(other, closed)
         pad = [int(np.ceil(radius / s)) + 1 for s in spacing]
         padded = np.pad(mask, [(p, p) for p in pad], mode="edge")
         dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius
@@ -313,6 +316,7 @@ def test_block_means_by_slabs_are_the_whole_scan_s(monkeypatch):
     whole = lungs._block_mean(hu, (3, 2, 4))
     monkeypatch.setattr(lungs, "BLOCK_MEAN_SLAB_BYTES", 1)  # one block of slices at a time
     np.testing.assert_array_equal(lungs._block_mean(hu, (3, 2, 4)), whole)
+    np.testing.assert_array_equal(lungs._block_mean(hu, (3, 2, 4), threads=3), whole)
     assert whole.shape == (4, 5, 2)
     assert np.isclose(whole[-1, -1, -1], hu[9:, 8:, 4:].mean(), rtol=1e-6)  # a partial block
 

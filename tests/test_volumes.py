@@ -38,6 +38,21 @@ def test_write_read_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
+def test_threads_write_the_same_chunks(tmp_path):
+    # 3 × 3 × 10 chunks with edge chunks: more than one batch of chunks per thread.
+    hu, mask = _volume(np.random.default_rng(3), shape=(70, 80, 300))
+    paths = [volumes.write_volume(tmp_path / f"t{threads}.h5", hu, mask, (1, 1, 1), (0, 0, 0),
+                                  threads=threads) for threads in (1, 3)]
+    assert volumes.DEFLATE_BATCH_CHUNKS * 3 < 90
+    with h5py.File(paths[0]) as one, h5py.File(paths[1]) as three:
+        for name in ("hu", "lung_mask"):
+            for start in ((0, 0, 0), (64, 64, 288), (32, 32, 160)):
+                assert (one[name].id.read_direct_chunk(start)
+                        == three[name].id.read_direct_chunk(start))
+            np.testing.assert_array_equal(three[name][...], one[name][...])
+    np.testing.assert_array_equal(volumes.read_volume(paths[1]).hu, hu)
+
+
 def test_mask_is_stored_as_zero_one(tmp_path):
     hu, _ = _volume(np.random.default_rng(1))
     mask = np.where(hu < 0, 255, 0)  # any nonzero value is lung

@@ -34,6 +34,7 @@ from kdsb.preprocessing.pipeline import (
     STATUS_SKIPPED,
     PatientResult,
     preprocess_patient,
+    usable_cores,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,13 +58,19 @@ def _one_line(text: str) -> str:
 
 
 def _preprocess_safely(
-    source: Path, out_dir: Path, patient_id: str, spacing: tuple[float, ...], margin_mm: float
+    source: Path,
+    out_dir: Path,
+    patient_id: str,
+    spacing: tuple[float, ...],
+    margin_mm: float,
+    threads: int,
 ) -> PatientResult:
     """Worker entry point: never raises for a bad patient, returns a failed result instead."""
     started = time.perf_counter()
     try:
         return preprocess_patient(
-            source, out_dir, patient_id=patient_id, spacing=spacing, margin_mm=margin_mm
+            source, out_dir, patient_id=patient_id, spacing=spacing, margin_mm=margin_mm,
+            threads=threads,
         )
     except KdsbError as error:
         message, detail = _one_line(error), ""
@@ -337,7 +344,9 @@ def run_cohort(
         logger.info("removed %d temporary file(s) left by an interrupted run", removed)
 
     rows = read_manifest(out_dir)
-    tasks, results = _plan(patients, out_dir, target, float(margin_mm), overwrite)
+    # Each local worker gets its share of the cores; a Dask worker runs one patient per thread.
+    threads = 1 if scheduler is not None else max(1, usable_cores() // int(workers))
+    tasks, results = _plan(patients, out_dir, target, float(margin_mm), overwrite, threads)
     rows.update({pid: result.manifest_row() for pid, result in results.items()})
     manifest = _write_manifest(out_dir, rows)
     logger.info(
@@ -370,6 +379,7 @@ def _plan(
     spacing: tuple[float, float, float],
     margin_mm: float,
     overwrite: bool,
+    threads: int,
 ) -> tuple[dict[str, tuple], dict[str, PatientResult]]:
     """The worker arguments of every patient to preprocess, and the results of those skipped.
 
@@ -382,7 +392,7 @@ def _plan(
         path = volumes.volume_path(out_dir, patient_id)
         shape = None if overwrite else _existing_shape(path, spacing, margin_mm)
         if shape is None:
-            tasks[patient_id] = (source, out_dir, patient_id, spacing, margin_mm)
+            tasks[patient_id] = (source, out_dir, patient_id, spacing, margin_mm, threads)
         else:
             skipped[patient_id] = PatientResult(patient_id, STATUS_SKIPPED, shape=shape)
     return tasks, skipped

@@ -33,6 +33,13 @@ MARGIN_ATTR = "margin_mm"  # volume attribute: the margin around the lungs it wa
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class PatientResult:
     """What happened to one patient.
@@ -105,6 +112,7 @@ def preprocess_patient(
     patient_id: str | None = None,
     spacing: Sequence[float] = DEFAULT_SPACING_MM,
     margin_mm: float = DEFAULT_MARGIN_MM,
+    threads: int | None = None,
 ) -> PatientResult:
     """Preprocess one patient's scan (DICOM folder or volume file) into `out_dir/<id>.h5`.
 
@@ -121,6 +129,8 @@ def preprocess_patient(
             suffix.
         spacing: target voxel size in mm, (z, y, x): 3 positive numbers.
         margin_mm: margin around the lung bounding box, mm.
+        threads: threads for the patient's distance transforms, block means and compression
+            (`usable_cores()` when None; a cohort run gives each of its workers a share).
 
     Returns:
         The result with status "ok", the seconds spent and the shape written.
@@ -138,11 +148,13 @@ def preprocess_patient(
     source = Path(source)
     patient_id = patient_id or (None if source.is_dir() else volume_id(source)) or source.name
     target = validate_spacing(spacing, "target spacing")  # the scan's is checked on reading
+    threads = usable_cores() if threads is None else max(1, int(threads))
 
     series = read_patient(source, patient_id=patient_id)
     source_spacing = series.spacing
     # The mask comes on its own box of the scan: no scan-size mask array is made.
-    mask_box, mask = segment_lungs_in_box(series.hu, source_spacing, patient_id=patient_id)
+    mask_box, mask = segment_lungs_in_box(series.hu, source_spacing, patient_id=patient_id,
+                                          threads=threads)
     box = lung_bounding_box(mask, source_spacing, margin_mm=margin_mm, box=mask_box,
                             shape=series.hu.shape)
     start = np.array([s.start for s in box], dtype=np.float64)
@@ -166,7 +178,8 @@ def preprocess_patient(
     lung_mask = resample_mask(mask_crop, source_spacing, target)
     del mask_crop
     path = volumes.write_volume(
-        volumes.volume_path(out_dir, patient_id), hu, lung_mask, target, tuple(origin), attrs
+        volumes.volume_path(out_dir, patient_id), hu, lung_mask, target, tuple(origin), attrs,
+        threads=threads,
     )
     logger.debug("%s: wrote %s, shape %s", patient_id, path, hu.shape)
     return PatientResult(
