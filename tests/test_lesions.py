@@ -112,3 +112,21 @@ def test_parenchyma_leaves_out_a_mask_s_reach_beyond_the_lungs(base):
         radius_mm=15.0, rng=np.random.default_rng(1),
     )
     assert truth.any() and not (truth & ~parenchyma).any()
+
+
+def test_parenchyma_never_bridges_two_lungs_at_their_junction():
+    """Two lungs 8 mm apart (the anterior junction), joined by a thin strip of air at one
+    end, inside one mask that takes in the tissue between them: one closing of both with a
+    6 mm ball would bridge the gap; each side is closed on its own."""
+    spacing = (2.0, 1.0, 1.0)
+    hu = np.full((20, 60, 80), 40, np.int16)
+    hu[2:18, 10:50, 10:36] = -850  # right lung
+    hu[2:18, 10:50, 44:70] = -850  # left lung
+    hu[2:18, 10:13, 36:44] = -850  # where they touch
+    mask = np.zeros(hu.shape, bool)
+    mask[2:18, 10:50, 10:70] = True
+    parenchyma = lesions.lung_parenchyma(hu, mask, spacing)
+    junction = np.zeros(hu.shape, bool)
+    junction[2:18, 16:44, 37:43] = True
+    assert not parenchyma[junction].any()
+    assert parenchyma[hu < -400].all()

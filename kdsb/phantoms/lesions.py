@@ -72,6 +72,7 @@ MIN_LESION_VOXELS = 8  # a lesion smaller than this on the grid is refused (too 
 MIN_LUNG_FRACTION = 0.6  # at least this much of a lesion's nominal sphere lies in the lung
 PLACEMENT_TRIES = 200  # sites tried before a place is given up
 VESSEL_RADIUS_MM = 6.0  # vessels up to about this radius are lung parenchyma
+LUNG_COMPONENT_FRACTION = 0.05  # air components this share of the largest are lungs, closed alone
 
 # Where each pleural place lies. Normals point out of the lung; "lateral" is the normal's x
 # component away from the midline; heights are fractions of the lung's z extent (0 = base).
@@ -112,18 +113,39 @@ def lung_parenchyma(
     hu: np.ndarray, lung_mask: np.ndarray, spacing: Sequence[float]
 ) -> np.ndarray:
     """The lungs themselves within a lung mask, bool (z, y, x): its air (below
-    `AIR_THRESHOLD_HU`) closed with a ball of `VESSEL_RADIUS_MM` and with the holes of every
-    axial slice filled, within the mask: air with the vessels and septa that run through it.
+    `AIR_THRESHOLD_HU`) closed with a ball of `VESSEL_RADIUS_MM`, each lung (air component of
+    at least `LUNG_COMPONENT_FRACTION` of the largest on one side of the midline) on its own,
+    and with the holes of every axial slice filled, within the mask: air with the vessels and
+    septa that run through it.
 
     Tissue a lung mask takes in beside the lungs (mediastinal bulges, the chest wall's
     partial-volume layer) lies beyond the lung's air, not between it, so it is left out, but
-    for dents narrower than the ball. Air is kept as the mask has it: an airway lumen the mask
-    failed to leave out stays in.
+    for dents narrower than the ball; so is the tissue between two lungs (the anterior
+    junction), which one closing of both would bridge. Air is kept as the mask has it: an
+    airway lumen the mask failed to leave out stays in.
     """
     mask = np.asarray(lung_mask) > 0
     air = mask & (np.asarray(hu) < AIR_THRESHOLD_HU)
-    reach = ndimage.distance_transform_edt(~air, sampling=spacing) <= VESSEL_RADIUS_MM
-    closed = ndimage.distance_transform_edt(reach, sampling=spacing) > VESSEL_RADIUS_MM
+    closed = air.copy()
+    if not air.any():
+        return closed
+    # Lungs touching at the anterior junction are one air component: sides are closed apart.
+    midline = round(_lung_axes(mask)[0])
+    halves = np.zeros(air.shape, dtype=bool)
+    halves[:, :, :midline] = True
+    labels, count = ndimage.label(air & halves)
+    right, _ = ndimage.label(air & ~halves)
+    labels[right > 0] = right[right > 0] + count
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    pad = [math.ceil(VESSEL_RADIUS_MM / s) + 1 for s in spacing]
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None or sizes[index] < LUNG_COMPONENT_FRACTION * sizes.max():
+            continue
+        box = tuple(slice(max(0, b.start - p), b.stop + p) for b, p in zip(box, pad, strict=True))
+        lung = labels[box] == index
+        reach = ndimage.distance_transform_edt(~lung, sampling=spacing) <= VESSEL_RADIUS_MM
+        closed[box] |= ndimage.distance_transform_edt(reach, sampling=spacing) > VESSEL_RADIUS_MM
     filled = np.stack([ndimage.binary_fill_holes(plane) for plane in air])
     return mask & (closed | filled)
 
@@ -186,10 +208,16 @@ def _pick_center(
     sites: dict[str, np.ndarray],
     normals: np.ndarray,
 ) -> np.ndarray:
-    """A lesion centre (fractional voxel index) for `place`."""
+    """A lesion centre (fractional voxel index) for `place`.
+
+    An intrapulmonary lesion keeps `INTRAPULMONARY_MARGIN_MM` of lung around it where the lungs
+    are that deep, else it may just touch the pleura (a large mass in a small lung).
+    """
     if place == "intrapulmonary":
         depth = ndimage.distance_transform_edt(lung, sampling=spacing)
         candidates = np.argwhere(depth >= radius_mm + INTRAPULMONARY_MARGIN_MM)
+        if candidates.size == 0:
+            candidates = np.argwhere(depth >= radius_mm)
         if candidates.size == 0:
             raise KdsbError(
                 f"expected room for an intrapulmonary lesion of radius {radius_mm:g} mm, "
