@@ -130,12 +130,13 @@ def run_baseline(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def run_kdsb(folder: Path, work: Path, profile: bool):
     from kdsb.io import volumes
-    from kdsb.preprocessing.pipeline import preprocess_patient
+    from kdsb.preprocessing.pipeline import preprocess_patient, usable_cores
 
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
-    preprocess_patient(folder, work, patient_id="bench", spacing=(TARGET_MM,) * 3)
+    preprocess_patient(folder, work, patient_id="bench", spacing=(TARGET_MM,) * 3,
+                       threads=usable_cores())
     if profiler:
         profiler.disable()
         stats = pstats.Stats(profiler)

@@ -408,3 +408,24 @@ def test_resume_removes_every_temporary_a_killed_run_left(tmp_path):
     assert main(["preprocess", str(tmp_path / "root"), str(out), *options]) == 0
     assert not any(path.exists() for path in left)
     assert read_manifest(out)["p1"]["status"] == "skipped"
+
+
+@pytest.mark.parametrize(("patients", "workers", "threads"), [(3, 2, 2), (1, 2, 4), (5, 8, 1)])
+def test_each_worker_gets_its_share_of_the_cores(tmp_path, monkeypatch, patients, workers,
+                                                 threads):
+    """4 cores: 2 workers of 2 threads; one patient left runs alone on all 4; 8 workers, 1."""
+    import kdsb.preprocessing.cohort as cohort
+
+    for i in range(patients):
+        (tmp_path / "in" / f"p{i}").mkdir(parents=True)
+    seen = {}
+
+    def fake_run_tasks(tasks, pool_size, scheduler=None):
+        seen.update(tasks=tasks, pool_size=pool_size)
+        return [PatientResult(pid, "failed", error=f"{pid}: not run") for pid in tasks]
+
+    monkeypatch.setattr(cohort, "usable_cores", lambda: 4)
+    monkeypatch.setattr(cohort, "_run_tasks", fake_run_tasks)
+    cohort.run_cohort(tmp_path / "in", tmp_path / "out", workers=workers)
+    assert seen["pool_size"] == min(workers, patients)
+    assert {task[-1] for task in seen["tasks"].values()} == {threads}

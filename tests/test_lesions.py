@@ -130,3 +130,16 @@ def test_parenchyma_never_bridges_two_lungs_at_their_junction():
     junction[2:18, 16:44, 37:43] = True
     assert not parenchyma[junction].any()
     assert parenchyma[hu < -400].all()
+
+
+def test_intrapulmonary_lesion_in_a_lung_too_small_for_its_margin_may_touch_the_pleura():
+    spacing = (1.0, 1.0, 1.0)
+    z, y, x = np.indices((40, 40, 40))
+    lung = (z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 <= 13**2  # 13 mm deep at most
+    hu = np.where(lung, -850, 40).astype(np.int16)
+    truth, lesion = lesions.implant_lesion(
+        hu, spacing, (0.0, 0.0, 0.0), lung, kind="solid", place="intrapulmonary",
+        radius_mm=12.0, rng=np.random.default_rng(0),
+    )
+    assert lesion.place == "intrapulmonary" and truth.sum() > 1000
+    assert not (truth & ~lung).any()

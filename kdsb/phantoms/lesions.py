@@ -131,16 +131,17 @@ def lung_parenchyma(
         return closed
     # Lungs touching at the anterior junction are one air component: sides are closed apart.
     midline = round(_lung_axes(mask)[0])
-    halves = np.zeros(air.shape, dtype=bool)
-    halves[:, :, :midline] = True
-    labels, count = ndimage.label(air & halves)
-    right, _ = ndimage.label(air & ~halves)
-    labels[right > 0] = right[right > 0] + count
+    low_x = np.zeros(air.shape, dtype=bool)
+    low_x[:, :, :midline] = True  # the patient's right (axis 2 runs right → left)
+    labels, count = ndimage.label(air & low_x)
+    high_x, _ = ndimage.label(air & ~low_x)
+    labels[high_x > 0] = high_x[high_x > 0] + count
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
+    least = LUNG_COMPONENT_FRACTION * sizes.max()  # smaller air stays as it is, unclosed
     pad = [math.ceil(VESSEL_RADIUS_MM / s) + 1 for s in spacing]
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None or sizes[index] < LUNG_COMPONENT_FRACTION * sizes.max():
+        if box is None or sizes[index] < least:
             continue
         box = tuple(slice(max(0, b.start - p), b.stop + p) for b, p in zip(box, pad, strict=True))
         lung = labels[box] == index

@@ -344,19 +344,21 @@ def run_cohort(
         logger.info("removed %d temporary file(s) left by an interrupted run", removed)
 
     rows = read_manifest(out_dir)
+    tasks, results = _plan(patients, out_dir, target, float(margin_mm), overwrite)
     # Each local worker gets its share of the cores; a Dask worker runs one patient per thread.
-    threads = 1 if scheduler is not None else max(1, usable_cores() // int(workers))
-    tasks, results = _plan(patients, out_dir, target, float(margin_mm), overwrite, threads)
+    pool_size = min(int(workers), max(1, len(tasks)))
+    threads = 1 if scheduler is not None else max(1, usable_cores() // pool_size)
+    tasks = {pid: (*task, threads) for pid, task in tasks.items()}
     rows.update({pid: result.manifest_row() for pid, result in results.items()})
     manifest = _write_manifest(out_dir, rows)
     logger.info(
         "preprocessing %d patient(s) with %d worker(s), %d already done",
-        len(tasks), min(workers, max(1, len(tasks))), len(results),
+        len(tasks), pool_size, len(results),
     )
 
     if tasks:
         with tqdm(total=len(tasks), unit="patient", desc="preprocess", disable=None) as bar:
-            runs = _run_tasks(tasks, min(int(workers), len(tasks)), scheduler=scheduler)
+            runs = _run_tasks(tasks, pool_size, scheduler=scheduler)
             for result in runs:
                 results[result.patient_id] = result
                 rows[result.patient_id] = result.manifest_row()
@@ -379,9 +381,9 @@ def _plan(
     spacing: tuple[float, float, float],
     margin_mm: float,
     overwrite: bool,
-    threads: int,
 ) -> tuple[dict[str, tuple], dict[str, PatientResult]]:
-    """The worker arguments of every patient to preprocess, and the results of those skipped.
+    """The worker arguments of every patient to preprocess (all but the threads), and the
+    results of those skipped.
 
     A patient is skipped when its volume file exists with the same settings (unless
     `overwrite`); one written with other settings raises UsageError (`_existing_shape`).
@@ -392,7 +394,7 @@ def _plan(
         path = volumes.volume_path(out_dir, patient_id)
         shape = None if overwrite else _existing_shape(path, spacing, margin_mm)
         if shape is None:
-            tasks[patient_id] = (source, out_dir, patient_id, spacing, margin_mm, threads)
+            tasks[patient_id] = (source, out_dir, patient_id, spacing, margin_mm)
         else:
             skipped[patient_id] = PatientResult(patient_id, STATUS_SKIPPED, shape=shape)
     return tasks, skipped

@@ -54,16 +54,19 @@ lose its base against the liver dome, which no rule here tells from the lesion (
 earlier draws). The large ball also takes in the parts of mediastinal structures that bulge
 into a lung (the descending aorta and arch, the hilum, the oesophagus) and the edge of the liver
 dome: the mask is 1.05–1.09 × a plain air envelope with 6–8 % soft tissue (the old 15 mm mask:
-4.7 %). Lungs touching at the anterior
-junction stay one component. Bilateral apical tumours defeat the mirror rule. Scans without much
-lung (an abdominal CT reaching the lung bases) fail the plausibility bounds unless `litres` is
-widened.
+4.7 %). Lungs touching at the anterior junction stay one component. Bilateral apical tumours
+defeat the mirror rule. A small air pocket outside the lungs that reads hazier than
+`GROUND_GLASS_MIN_HU` on the coarse grid (a nearly collapsed oesophagus) and touches them would
+be taken in as ground glass. Scans without much lung (an abdominal CT reaching the lung bases)
+fail the plausibility bounds unless `litres` is widened.
 
-Measured (CPU seconds on one core of a shared machine, 2026-12-01, before the fourth
-session's rules): 0.54 s for the real 191×167×233 chest CT at 1.5 mm, 0.60 s for the 200×512×512
-benchmark phantom (0.88 and 1.03 s before the speed-up of the same rules); about half of it is
-the closings' distance transforms, which (with the block means) run in `threads` threads. The apex rule's depth transform covers only the slices it can reach, and the
-full-resolution pass only the box of the coarse result (`segment_lungs_in_box`).
+Measured (CPU seconds on one core of a shared machine, 2026-12-01, at commit 84df5ad, before
+the ground-glass pockets and the protruding cores' fringe): 0.54 s for the real 191×167×233
+chest CT at 1.5 mm, 0.60 s for the 200×512×512 benchmark phantom (0.88 and 1.03 s before the
+speed-up of the same rules); about half of it is the closings' distance transforms, which run
+(with the block means) in `threads` threads. The apex rule's depth transform covers only the
+slices it can reach, and the full-resolution pass only the box of the coarse result
+(`segment_lungs_in_box`).
 """
 
 from __future__ import annotations
@@ -273,13 +276,13 @@ def _grow_airway(
 ) -> None:
     """Grow the airway slice by slice from the 2D `seed` in slice `z`, in direction `step` (±1).
 
-    `loose` and `strict` number the air of each axial slice on its own, at the lung's and at the
-    airway's threshold. The loose air touching the airway of the previous slice is taken while
-    it stays a lumen: above the carina the trachea is an air blob of its own in every slice,
-    also where its lumen reads a little above the strict threshold (a real scan's trachea can
-    read -940 to -970 HU in 3 mm blocks). Where that air joins the lung (an area jump beyond
-    `AIRWAY_LEAK_FACTOR` times the largest area so far), only its strict air is taken, and
-    growth stops at the first slice where even that jumps (a leak into emphysematous lung).
+    `loose` and `strict` number the air of each axial slice on its own, below `AIRWAY_LOOSE_HU` and
+    below the airway's threshold. The loose air touching the airway of the previous slice is taken
+    while it stays a lumen: above the carina the trachea is an air blob of its own in every slice,
+    also where its lumen reads a little above the strict threshold (a real scan's trachea can read
+    -940 to -970 HU in 3 mm blocks). Where that air joins the lung (an area jump beyond
+    `AIRWAY_LEAK_FACTOR` times the largest area so far), only its strict air is taken, and growth
+    stops at the first slice where even that jumps (a leak into emphysematous lung).
     """
     previous = seed
     largest_area = int(previous.sum())
@@ -662,7 +665,8 @@ def _lesion_rim(
     outer few millimetres, where it meets the chest wall, spine or diaphragm, stay outside.
     Tissue the filling added that survives an opening with a `LESION_CORE_MM` ball is a mass
     (vessels and the thin slivers along the mediastinum do not survive); non-bone tissue inside
-    the body within `LESION_RIM_MM` of it is taken in, never air the lung selection rejected.
+    the body within `LESION_RIM_MM` of it is taken in, never gas (`rejected_air`: the lung
+    selection's rejected air darker than ground glass, dilated by a voxel).
     """
     tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
     added = mask & ~lung_air & tissue
@@ -876,8 +880,8 @@ def segment_lungs_in_box(
     """`segment_lungs` without the volume-size array: the box of `hu` that holds the mask, and
     the mask inside it (zero everywhere outside the box).
 
-    Args and Raises: as `segment_lungs`; `threads` run the block means and distance transforms
-    (the same mask whatever the number).
+    Args and Raises: as `segment_lungs`; `threads` run the block means and the closings'
+    distance transforms (the same mask whatever the number).
 
     Returns:
         (slices (z, y, x) of the box, uint8 0/1 mask of the box's shape).
@@ -889,6 +893,7 @@ def segment_lungs_in_box(
             f"{patient}: expected a non-empty 3D HU volume (z, y, x), "
             f"received shape {hu.shape} of {hu.dtype}"
         )
+    threads = max(1, int(threads))
     factors = _coarse_factors(spacing)
     coarse_spacing = tuple(s * f for s, f in zip(spacing, factors, strict=True))
     coarse_hu = _block_mean(hu, factors, threads)

@@ -112,7 +112,7 @@ def preprocess_patient(
     patient_id: str | None = None,
     spacing: Sequence[float] = DEFAULT_SPACING_MM,
     margin_mm: float = DEFAULT_MARGIN_MM,
-    threads: int | None = None,
+    threads: int = 1,
 ) -> PatientResult:
     """Preprocess one patient's scan (DICOM folder or volume file) into `out_dir/<id>.h5`.
 
@@ -130,7 +130,7 @@ def preprocess_patient(
         spacing: target voxel size in mm, (z, y, x): 3 positive numbers.
         margin_mm: margin around the lung bounding box, mm.
         threads: threads for the patient's distance transforms, block means and compression
-            (`usable_cores()` when None; a cohort run gives each of its workers a share).
+            (`kdsb preprocess` gives each worker its share of `usable_cores()`).
 
     Returns:
         The result with status "ok", the seconds spent and the shape written.
@@ -148,7 +148,7 @@ def preprocess_patient(
     source = Path(source)
     patient_id = patient_id or (None if source.is_dir() else volume_id(source)) or source.name
     target = validate_spacing(spacing, "target spacing")  # the scan's is checked on reading
-    threads = usable_cores() if threads is None else max(1, int(threads))
+    threads = max(1, int(threads))
 
     series = read_patient(source, patient_id=patient_id)
     source_spacing = series.spacing
