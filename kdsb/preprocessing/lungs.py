@@ -263,7 +263,7 @@ def _find_trachea_seed(
 
 
 def _touched(labels: np.ndarray, previous: np.ndarray) -> np.ndarray:
-    """The components of one slice's `labels` that overlap `previous` (2D bool)."""
+    """The components of `labels` (a slice's, or a volume's) that overlap `previous`, bool."""
     touched = np.unique(labels[previous])
     touched = touched[touched > 0]
     lookup = np.zeros(int(labels.max()) + 1, dtype=bool)
@@ -380,17 +380,6 @@ def _gas(rejected: np.ndarray, hu: np.ndarray) -> np.ndarray:
     gas = 2 * dark > sizes
     gas[0] = False
     return gas[labels]
-
-
-def _touching(parts: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The components of `parts` that touch `mask` (6-connectivity), bool."""
-    labels, count = ndimage.label(parts)
-    if count == 0:
-        return parts
-    touched = np.zeros(count + 1, dtype=bool)
-    touched[labels[ndimage.binary_dilation(mask) & parts]] = True
-    touched[0] = False
-    return touched[labels]
 
 
 def _bounding_box(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, slice, slice]:
@@ -944,7 +933,7 @@ def segment_lungs_in_box(
     coarse_mask |= _lesion_rim(coarse_mask, lung_air, inside_body, rejected_air, coarse_hu,
                                coarse_spacing)
     # Ground glass the lung selection left out joins the lungs it touches.
-    coarse_mask |= _touching(rejected & ~gas, coarse_mask)
+    coarse_mask |= _touched(ndimage.label(rejected & ~gas)[0], ndimage.binary_dilation(coarse_mask))
     inner = ndimage.binary_erosion(coarse_mask, border_value=1)
     added = coarse_mask & ~lung_air
     outer = ndimage.binary_dilation(coarse_mask) & ~coarse_mask & ~air
