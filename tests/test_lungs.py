@@ -317,6 +317,8 @@ def _blob(shape, seed, level=0.55):
 def test_shifted_view_morphology_is_scipy_s():
     mask = _blob((9, 12, 11), 0, level=0.5)
     np.testing.assert_array_equal(lungs._erode_cross(mask), ndimage.binary_erosion(mask))
+    np.testing.assert_array_equal(lungs._erode_cross(mask, outside=True),
+                                  ndimage.binary_erosion(mask, border_value=1))
     np.testing.assert_array_equal(lungs._dilate_cross(mask, 2),
                                   ndimage.binary_dilation(mask, iterations=2))
 

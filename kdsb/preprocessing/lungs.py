@@ -600,8 +600,8 @@ def _apex_completion(
     box = _bounding_box(candidates, (1, 1, 1))
     core = np.zeros_like(candidates)
     core[box] = ndimage.binary_opening(candidates[box], structure=_ball(APEX_CORE_MM, spacing))
-    labels, count = ndimage.label(candidates & ndimage.binary_dilation(core, iterations=2))
-    touching = np.unique(labels[ndimage.binary_dilation(own) & (labels > 0)])
+    labels, count = ndimage.label(candidates & _dilate_cross(core, 2))
+    touching = np.unique(labels[_dilate_cross(own, 1) & (labels > 0)])
     return np.isin(labels, touching[touching > 0])
 
 
@@ -712,16 +712,19 @@ def _neighbour_pairs(ndim: int):
         yield axis, tuple(low), tuple(high)
 
 
-def _erode_cross(mask: np.ndarray) -> np.ndarray:
-    """Binary erosion by the 6-neighbourhood, outside the array counting as background.
+def _erode_cross(mask: np.ndarray, outside: bool = False) -> np.ndarray:
+    """Binary erosion by the 6-neighbourhood, outside the array counting as `outside`.
 
-    The same as `ndimage.binary_erosion(mask)`, as an AND of shifted views: 15× faster on a
-    full-resolution box (scipy's generic structuring-element loop costs ~5 ns a voxel).
+    The same as `ndimage.binary_erosion(mask, border_value=outside)`, as an AND of shifted
+    views: 15× faster on a full-resolution box, 20× on the coarse grid (scipy's generic
+    structuring-element loop costs 5–20 ns a voxel).
     """
     eroded = mask.copy()
     for axis, low, high in _neighbour_pairs(mask.ndim):
         eroded[high] &= mask[low]
         eroded[low] &= mask[high]
+        if outside:
+            continue
         for end in (0, -1):
             face = [slice(None)] * mask.ndim
             face[axis] = end
@@ -796,17 +799,23 @@ def _refine(
         hu: the HU of the box, (z, y, x).
         spacing: voxel size (z, y, x), mm.
     """
+    # In-place operations on few full-box arrays: each temporary of a scan's box costs a
+    # page-faulting allocation (~25 M voxels).
     air = hu < AIR_THRESHOLD_HU
-    kept = (
-        (code == FULL_ALWAYS)
-        | ((code == FULL_IF_AIR) & (hu < GROUND_GLASS_MAX_HU))
-        | ((code == FULL_IF_TISSUE) & ~air)
-    )
-    soft_tissue = (code == FULL_IF_AIR) & ~air & (hu <= BONE_HU)
+    tissue = ~air
+    boundary = code == FULL_IF_AIR
+    kept = code == FULL_ALWAYS
+    kept |= boundary & (hu < GROUND_GLASS_MAX_HU)
+    kept |= (code == FULL_IF_TISSUE) & tissue
+    soft_tissue = boundary  # reused: boundary tissue, not bone
+    soft_tissue &= tissue
+    soft_tissue &= hu <= BONE_HU
     protruding = _protruding(kept & air, soft_tissue & ~kept, spacing)
     kept |= protruding
-    cores = _erode_cross((kept & ~air & added) | protruding)
-    kept |= soft_tissue & _dilate_cross(cores, FRINGE_VOXELS)
+    cores = kept & tissue
+    cores &= added
+    cores |= protruding
+    kept |= soft_tissue & _dilate_cross(_erode_cross(cores), FRINGE_VOXELS)
     return kept
 
 
@@ -929,14 +938,14 @@ def segment_lungs_in_box(
 
     rejected = interior_air & ~lung_air
     gas = _gas(rejected, coarse_hu)
-    rejected_air = ndimage.binary_dilation(gas)
+    rejected_air = _dilate_cross(gas, 1)
     coarse_mask |= _lesion_rim(coarse_mask, lung_air, inside_body, rejected_air, coarse_hu,
                                coarse_spacing)
     # Ground glass the lung selection left out joins the lungs it touches.
-    coarse_mask |= _touched(ndimage.label(rejected & ~gas)[0], ndimage.binary_dilation(coarse_mask))
-    inner = ndimage.binary_erosion(coarse_mask, border_value=1)
+    coarse_mask |= _touched(ndimage.label(rejected & ~gas)[0], _dilate_cross(coarse_mask, 1))
+    inner = _erode_cross(coarse_mask, outside=True)
     added = coarse_mask & ~lung_air
-    outer = ndimage.binary_dilation(coarse_mask) & ~coarse_mask & ~air
+    outer = _dilate_cross(coarse_mask, 1) & ~coarse_mask & ~air
     code = np.full(coarse_mask.shape, FULL_NEVER, dtype=np.uint8)
     code[(coarse_mask & ~inner) | outer] = FULL_IF_AIR
     code[inner | added] = FULL_ALWAYS
