@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from kdsb.cli import main
 from kdsb.commands.synth import LESION_KINDS, LESION_PLACES
@@ -17,6 +18,7 @@ from kdsb.io import volumes
 from kdsb.io.tables import read_labels
 from kdsb.phantoms.anatomy import make_phantom
 from kdsb.phantoms.dicom_write import write_ct_series
+from kdsb.phantoms import implants
 from kdsb.phantoms.implants import load_lesion_labels, vary_base
 from kdsb.phantoms.lesions import KINDS, PLACES
 from kdsb.preprocessing.lungs import segment_lungs
@@ -34,6 +36,22 @@ def base_folder(tmp_path_factory):
 
 def test_cli_lists_agree_with_the_library():
     assert LESION_KINDS == KINDS and LESION_PLACES == PLACES
+
+
+def test_smooth_displacement_is_the_cubic_zoom_of_its_control_points():
+    """The separable evaluation against scipy's 3D zoom of the same control grid."""
+    shape, spacing = (23, 61, 17), np.array([2.5, 3.0, 7.0])
+    fields = implants._smooth_displacement(shape, spacing, np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    for axis, field in enumerate(fields):
+        control = rng.uniform(-1.0, 1.0, (3, 5, 4)).astype(np.float32)  # a point every 50 mm
+        zoom = [n / c for n, c in zip(shape, control.shape, strict=True)]
+        expected = ndimage.zoom(control, zoom, order=3, grid_mode=True, mode="grid-constant")
+        expected = expected[: shape[0], : shape[1], : shape[2]]
+        expected *= implants.ELASTIC_MM / spacing[axis] / np.abs(expected).max()
+        assert field.shape == shape
+        np.testing.assert_allclose(field, expected, atol=1e-5)
+        assert np.abs(field).max() == pytest.approx(implants.ELASTIC_MM / spacing[axis])
 
 
 def test_vary_base_keeps_geometry_consistent(base_folder):
