@@ -16,9 +16,9 @@ from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import normalize_hu
 from kdsb.io import volumes
 from kdsb.io.tables import read_labels
+from kdsb.phantoms import implants
 from kdsb.phantoms.anatomy import make_phantom
 from kdsb.phantoms.dicom_write import write_ct_series
-from kdsb.phantoms import implants
 from kdsb.phantoms.implants import load_lesion_labels, vary_base
 from kdsb.phantoms.lesions import KINDS, PLACES
 from kdsb.preprocessing.lungs import segment_lungs
