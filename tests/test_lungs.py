@@ -420,6 +420,24 @@ def test_small_nodule_at_a_real_apex_keeps_its_base(real_chest_nifti):
 
 @pytest.mark.slow
 @pytest.mark.realdata
+def test_mass_in_a_real_mediastinal_dent_keeps_its_medial_part(real_chest_nifti):
+    """A 10 mm solid mass implanted paravertebrally in the real CT where the lung's medial
+    surface is concave: its medial part, beyond the lung's hull, is the rim of a small mass
+    (`MASS_RIMS_MM`; 84 % kept with the 8 mm core alone)."""
+    from kdsb.phantoms import lesions
+
+    hu, spacing = load_canonical(real_chest_nifti)
+    parenchyma = lesions.lung_parenchyma(hu, segment_lungs(hu, spacing) > 0, spacing)
+    truth, lesion = lesions.implant_lesion(
+        hu, spacing, (0.0, 0.0, 0.0), parenchyma, kind="solid", place="paravertebral",
+        radius_mm=10.0, rng=np.random.default_rng(6),
+    )
+    assert lesion.voxels >= 500
+    assert segment_lungs(hu, spacing)[truth].mean() >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_real_chest_ct(real_chest_nifti):
     hu, spacing = load_canonical(real_chest_nifti)
     assert spacing == (1.5, 1.5, 1.5)

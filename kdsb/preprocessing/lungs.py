@@ -31,7 +31,7 @@ already reads -1000 HU.
    apex leaves no dent at all: within `APEX_ZONE_MM` of the top, thick non-bone tissue inside
    the other lung's mirror image, as deep under the skin as this apex, is taken in
    (`_apex_completion`). The envelope's ball still rolls a few millimetres into a large mass's
-   dent, so tissue within `LESION_RIM_MM` of a thick mass the filling took in is added too
+   dent, so tissue within a rim of a thick mass the filling took in is added too
    (`_lesion_rim`): the mass's hidden edge against the wall, spine or diaphragm. Air the lung
    selection rejected counts as gas (bowel, airways: never taken in, nor the tissue voxels
    beside it) only where its median is darker than `GROUND_GLASS_MIN_HU`; hazier pockets are
@@ -94,8 +94,11 @@ CLOSING_RADIUS_MM = 15.0
 ENVELOPE_RADIUS_MM = 38.0
 BONE_HU = 300.0
 APEX_ZONE_MM = 60.0
-LESION_CORE_MM = 8.0  # added tissue this thick is a mass (the aorta's bulge is too, in part)
-LESION_RIM_MM = 12.0
+# (core radius, rim) in mm: added tissue that survives an opening with a ball of the core
+# radius is a mass (the aorta's bulge is too, in part), and tissue within the rim of it is its
+# hidden edge. The second pair reaches the medial part of a ~10 mm mass in a concave
+# mediastinal dent, too thin for the first core (paravertebral, apical: 74-89 % kept without).
+MASS_RIMS_MM = ((8.0, 12.0), (6.0, 6.0))
 FRINGE_VOXELS = 2  # how far past the filling a mass's hidden edge may reach
 SMALL_NODULE_MM = 5.0  # lung air within this on both sides: tissue protruding into the lung
 # Directions (z, y, x) along which protruding tissue is looked for: the in-plane axes and
@@ -648,24 +651,30 @@ def _lesion_rim(
     coarse_hu: np.ndarray,
     spacing: Sequence[float],
 ) -> np.ndarray:
-    """Tissue within `LESION_RIM_MM` of a thick mass the filling took in: the mass's hidden edge.
+    """Tissue within a rim of a thick mass the filling took in: the mass's hidden edge.
 
     The envelope's ball rolls a little way into the dent a large mass leaves, so the mass's
-    outer few millimetres, where it meets the chest wall, spine or diaphragm, stay outside.
-    Tissue the filling added that survives an opening with a `LESION_CORE_MM` ball is a mass
-    (vessels and the thin slivers along the mediastinum do not survive); non-bone tissue inside
-    the body within `LESION_RIM_MM` of it is taken in, never gas (`rejected_air`: the lung
-    selection's rejected air darker than ground glass, dilated by a voxel).
+    outer few millimetres, where it meets the chest wall, spine or diaphragm, stay outside; a
+    smaller mass at a concave mediastinal surface leaves its medial part beyond the lung's hull.
+    For each (core, rim) of `MASS_RIMS_MM`: tissue the filling added that survives an opening
+    with a ball of the core radius is a mass (vessels and the thin slivers along the mediastinum
+    do not survive); non-bone tissue inside the body within the rim of it is taken in, never gas
+    (`rejected_air`: the lung selection's rejected air darker than ground glass, dilated by a
+    voxel).
     """
     tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
     added = mask & ~lung_air & tissue
     if not added.any():
         return added
-    box = _bounding_box(added, (math.ceil(LESION_RIM_MM / min(spacing)) + 1,) * 3)
-    masses = ndimage.binary_opening(added[box], structure=_ball(LESION_CORE_MM, spacing))
-    if not masses.any():
+    widest = max(rim_mm for _, rim_mm in MASS_RIMS_MM)
+    box = _bounding_box(added, (math.ceil(widest / min(spacing)) + 1,) * 3)
+    near = np.zeros(added[box].shape, dtype=bool)
+    for core_mm, rim_mm in MASS_RIMS_MM:
+        masses = ndimage.binary_opening(added[box], structure=_ball(core_mm, spacing))
+        if masses.any():
+            near |= ndimage.distance_transform_edt(~masses, sampling=spacing) <= rim_mm
+    if not near.any():
         return np.zeros_like(mask)
-    near = ndimage.distance_transform_edt(~masses, sampling=spacing) <= LESION_RIM_MM
     rim = np.zeros_like(mask)
     rim[box] = near & body[box] & tissue[box] & ~rejected_air[box]
     return rim
