@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from kdsb.errors import KdsbError
@@ -33,3 +34,17 @@ def test_bad_target_spacing_fails_before_anything_is_written(patient, tmp_path):
     with pytest.raises(KdsbError, match="expected target spacing as 3 positive finite numbers"):
         preprocess_patient(patient, tmp_path, spacing=(1.0, 0.0, 1.0))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_threads_change_nothing_written(patient, tmp_path):
+    """One thread or several (transforms, block means, the two resamplings side by side,
+    deflating): the same volume, mask and geometry."""
+    written = []
+    for threads in (1, 2):
+        preprocess_patient(patient, tmp_path / str(threads), spacing=(1.5, 1.5, 1.5),
+                           threads=threads)
+        written.append(volumes.read_volume(tmp_path / str(threads) / f"{patient.name}.h5"))
+    one, two = written
+    np.testing.assert_array_equal(one.hu, two.hu)
+    np.testing.assert_array_equal(one.lung_mask, two.lung_mask)
+    assert one.lung_mask.any() and (one.spacing, one.origin) == (two.spacing, two.origin)

@@ -31,7 +31,7 @@ already reads -1000 HU.
    apex leaves no dent at all: within `APEX_ZONE_MM` of the top, thick non-bone tissue inside
    the other lung's mirror image, as deep under the skin as this apex, is taken in
    (`_apex_completion`). The envelope's ball still rolls a few millimetres into a large mass's
-   dent, so tissue within a rim of a thick mass the filling took in is added too
+   dent, so tissue within a rim of a thick mass the filling took in is added too (`MASS_RIMS_MM`)
    (`_lesion_rim`): the mass's hidden edge against the wall, spine or diaphragm. Air the lung
    selection rejected counts as gas (bowel, airways: never taken in, nor the tissue voxels
    beside it) only where its median is darker than `GROUND_GLASS_MIN_HU`; hazier pockets are
@@ -651,7 +651,8 @@ def _lesion_rim(
     coarse_hu: np.ndarray,
     spacing: Sequence[float],
 ) -> np.ndarray:
-    """Tissue within a rim of a thick mass the filling took in: the mass's hidden edge.
+    """Tissue within a rim (`MASS_RIMS_MM`) of a thick mass the filling took in: the mass's
+    hidden edge.
 
     The envelope's ball rolls a little way into the dent a large mass leaves, so the mass's
     outer few millimetres, where it meets the chest wall, spine or diaphragm, stay outside; a
@@ -742,7 +743,7 @@ def _erode_cross(mask: np.ndarray, outside: bool = False) -> np.ndarray:
 
 
 def _dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
-    """Binary dilation by the 6-neighbourhood, `iterations` times: the same as
+    """Binary dilation by the 6-neighbourhood, `iterations` (≥ 1) times: the same as
     `ndimage.binary_dilation(mask, iterations=iterations)`, as ORs of shifted views (see
     `_erode_cross`)."""
     for _ in range(iterations):

@@ -174,13 +174,18 @@ def preprocess_patient(
     }
     del series
 
-    # The volume and the mask resample side by side in two threads when the worker has them
-    # (NumPy's gathers and arithmetic release the GIL).
-    with ThreadPoolExecutor(min(2, threads)) as pool:
-        volume_job = pool.submit(resample_volume, hu_crop, source_spacing, target)
-        mask_job = pool.submit(resample_mask, mask_crop, source_spacing, target)
-        hu, lung_mask = volume_job.result(), mask_job.result()
-    del hu_crop, mask_crop
+    if threads >= 2:
+        # The volume and the mask resample side by side (NumPy's gathers and arithmetic release
+        # the GIL); both crops stay alive meanwhile (+~25 MB on a 512² scan).
+        with ThreadPoolExecutor(2) as pool:
+            volume_job = pool.submit(resample_volume, hu_crop, source_spacing, target)
+            mask_job = pool.submit(resample_mask, mask_crop, source_spacing, target)
+            hu, lung_mask = volume_job.result(), mask_job.result()
+    else:  # one after the other, each crop freed once resampled
+        hu = resample_volume(hu_crop, source_spacing, target)
+        del hu_crop
+        lung_mask = resample_mask(mask_crop, source_spacing, target)
+    del mask_crop
     path = volumes.write_volume(
         volumes.volume_path(out_dir, patient_id), hu, lung_mask, target, tuple(origin), attrs,
         threads=threads,
