@@ -401,21 +401,28 @@ def load_canonical(path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return np.ascontiguousarray(data.transpose(2, 1, 0)).astype(np.int16), spacing
 
 
+def kept_of_lesion_in_real_ct(path, kind: str, place: str, radius_mm: float, seed: int):
+    """(lesion voxels, fraction of them inside the mask) for one lesion implanted into the
+    unvaried real CT at `path`, in the parenchyma of its own mask."""
+    from kdsb.phantoms import lesions
+
+    hu, spacing = load_canonical(path)
+    parenchyma = lesions.lung_parenchyma(hu, segment_lungs(hu, spacing) > 0, spacing)
+    truth, lesion = lesions.implant_lesion(
+        hu, spacing, (0.0, 0.0, 0.0), parenchyma, kind=kind, place=place, radius_mm=radius_mm,
+        rng=np.random.default_rng(seed),
+    )
+    return lesion.voxels, segment_lungs(hu, spacing)[truth].mean()
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_small_nodule_at_a_real_apex_keeps_its_base(real_chest_nifti):
     """A 3 mm nodule implanted at the real CT's apex, its base against the wall: the base is
     kept as the fringe of the core protruding into the lung (97 % kept before)."""
-    from kdsb.phantoms import lesions
-
-    hu, spacing = load_canonical(real_chest_nifti)
-    parenchyma = lesions.lung_parenchyma(hu, segment_lungs(hu, spacing) > 0, spacing)
-    truth, lesion = lesions.implant_lesion(
-        hu, spacing, (0.0, 0.0, 0.0), parenchyma, kind="small_solid", place="apical",
-        radius_mm=3.0, rng=np.random.default_rng(2),
-    )
-    assert lesion.voxels >= 30
-    assert segment_lungs(hu, spacing)[truth].mean() >= 0.99
+    voxels, kept = kept_of_lesion_in_real_ct(real_chest_nifti, "small_solid", "apical", 3.0, 2)
+    assert voxels >= 30
+    assert kept >= 0.99
 
 
 @pytest.mark.slow
@@ -424,16 +431,9 @@ def test_mass_in_a_real_mediastinal_dent_keeps_its_medial_part(real_chest_nifti)
     """A 10 mm solid mass implanted paravertebrally in the real CT where the lung's medial
     surface is concave: its medial part, beyond the lung's hull, is the rim of a small mass
     (`MASS_RIMS_MM`; 84 % kept with the 8 mm core alone)."""
-    from kdsb.phantoms import lesions
-
-    hu, spacing = load_canonical(real_chest_nifti)
-    parenchyma = lesions.lung_parenchyma(hu, segment_lungs(hu, spacing) > 0, spacing)
-    truth, lesion = lesions.implant_lesion(
-        hu, spacing, (0.0, 0.0, 0.0), parenchyma, kind="solid", place="paravertebral",
-        radius_mm=10.0, rng=np.random.default_rng(6),
-    )
-    assert lesion.voxels >= 500
-    assert segment_lungs(hu, spacing)[truth].mean() >= 0.95
+    voxels, kept = kept_of_lesion_in_real_ct(real_chest_nifti, "solid", "paravertebral", 10.0, 6)
+    assert voxels >= 500
+    assert kept >= 0.95
 
 
 @pytest.mark.slow
