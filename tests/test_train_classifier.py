@@ -18,6 +18,7 @@ from kdsb.training import classifier as classifier_training
 from kdsb.training import spp
 from kdsb.training.classifier import ClassifierOptions, balanced_class_weights
 from kdsb.training.runs import given_options
+from kdsb.training.runs import read_history as runs_history
 
 N_PATIENTS = 8
 SHAPE = (16, 16, 16)
@@ -398,3 +399,63 @@ def test_a_fold_that_learned_nothing_is_reported(caplog):
     caplog.clear()
     classifier_training._warn_if_constant(np.array([0.2, 0.3, 0.9]), "fold 3")
     assert caplog.text == ""
+
+
+def test_warmup_raises_the_learning_rate_linearly_and_survives_a_checkpoint(cohort, tmp_path):
+    """--warmup-epochs 2 over 10 steps an epoch: 0 at the first step, half of --lr after one
+    epoch, --lr from the second on; the schedule is saved with the model (resume keeps it)."""
+    import keras
+
+    _, _, gmcae = cohort
+    assert spp.learning_rate(ClassifierOptions(gmcae=str(gmcae), lr=1e-3), 10) == 1e-3
+    options = ClassifierOptions(gmcae=str(gmcae), lr=1e-3, warmup_epochs=2)
+    schedule = spp.learning_rate(options, 10)
+    rates = [float(schedule(step)) for step in (0, 5, 10, 20, 21, 10_000)]
+    np.testing.assert_allclose(rates, [0.0, 2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+    with pytest.raises(UsageError, match="expected --warmup-epochs >= 0"):
+        ClassifierOptions(gmcae=str(gmcae), warmup_epochs=-1)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(inputs))
+    spp.compile_classifier(model, options, 10)
+    model.fit(np.ones((4, 3)), np.ones((4, 1)), batch_size=1, epochs=1, verbose=0)
+    model.save(tmp_path / "checkpoint.keras")
+    loaded = keras.saving.load_model(tmp_path / "checkpoint.keras")
+    assert int(loaded.optimizer.iterations) == 4
+    assert float(loaded.optimizer.learning_rate) == pytest.approx(2e-4)
+
+
+@pytest.mark.slow
+def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
+        cohort, tmp_path, monkeypatch, caplog):
+    """Fold 1's first attempt gives constant validation predictions (forced here): it is trained
+    again with seed + RESTART_SEED_STRIDE, its history kept aside; config.json keeps the run's
+    seed; with --restarts 0 the stuck model is kept."""
+    data, labels, gmcae = cohort
+    score = classifier_training.score_patients
+    calls = []
+
+    def first_validation_constant(model, paths, volume_input, desc="score"):
+        calls.append(desc)
+        p = score(model, paths, volume_input, desc)
+        return np.full_like(p, 0.5) if calls.count("validate") == 1 else p
+
+    monkeypatch.setattr(classifier_training, "score_patients", first_validation_constant)
+    options = dict(gmcae=str(gmcae), folds=2, epochs=1, lr=1e-3, dense_units=4, seed=3,
+                   head="mil", batch_size=2, calibration="none")
+    result = classifier_training.train_classifier(data, labels, tmp_path / "run", options)
+    fold = tmp_path / "run" / "fold_1"
+    stride = classifier_training.RESTART_SEED_STRIDE
+    assert result["collapsed_seeds"] == [[3], []]
+    assert json.loads((fold / "restarts.json").read_text())[0]["seed"] == 3
+    assert json.loads((fold / "fold.json").read_text())["collapsed_seeds"] == [3]
+    first, second = (runs_history(fold / name) for name in ("collapsed_1_history.csv",
+                                                            "history.csv"))
+    assert first[0]["loss"] != second[0]["loss"]  # another seed: another model
+    assert json.loads((fold / "config.json").read_text())["seed"] == 3
+    assert f"training again with seed {3 + stride} (restart 1 of 2)" in caplog.text
+
+    calls.clear()
+    result = classifier_training.train_classifier(data, labels, tmp_path / "kept",
+                                                  {**options, "restarts": 0})
+    assert result["collapsed_seeds"] == [[], []]
+    assert not (tmp_path / "kept" / "fold_1" / "restarts.json").exists()

@@ -31,6 +31,12 @@ RUN_DIR/
 prediction of the fold model that never saw it, calibrated by a map fitted on the other folds'
 predictions (cross-fitted, so the reported calibration is honest); the saved models carry the
 map fitted on all of them. A finished fold (its fold.json) is not retrained on `--resume`.
+
+Restarts: a model whose validation predictions all but coincide (`CONSTANT_SPREAD`) never left
+the plateau at the base rate: its encoder's pooled features died early (seen in half the SPP
+folds at 96 patients, at --lr 1e-3). It is trained again from the start with another seed
+(`RESTART_SEED_STRIDE`), up to `--restarts` times; the folder keeps each collapsed attempt's
+history (`collapsed_N_history.csv`) and `restarts.json`. The decision uses no label.
 `kdsb predict DATA_DIR RUN_DIR` averages the K fold models.
 
 Class imbalance: with `--loss bce` each training volume carries a sample weight
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -94,6 +101,8 @@ class ClassifierOptions(RunOptions):
         head: "spp" (trained end to end), "mil" (attention MIL on the frozen encoder's cells) or
             "nll" (the same MIL head on each patch's GMCAE NLL: the likelihood as a detector).
         folds: 0 or 1 for one training/validation split, K >= 2 for K-fold cross-validation.
+        warmup_epochs: epochs of a linear learning-rate warmup from 0 to `lr` (0: none).
+        restarts: times a model whose validation predictions are constant is trained again.
         calibration: "platt", "temperature" or "none" (see `kdsb.models.calibration`).
         mil_pooling: "attention" or "max" (heads "mil", "nll").
         mil_block: the encoder block whose output cells are the instances (head "mil").
@@ -118,6 +127,12 @@ class ClassifierOptions(RunOptions):
     batch_size: int = option(1, "volumes per weight update (one volume per step, gradients "
                                 "accumulated over N volumes: sizes vary)", type=int)
     lr: float = option(1e-4, "Adam learning rate", type=float)
+    warmup_epochs: int = option(
+        0, "raise the learning rate linearly from 0 to --lr over this many epochs: Adam's "
+        "first steps are full-size whatever the gradient, and at --lr 1e-3 they can silence "
+        "the pretrained encoder (its pooled features all but vanish and training stays at the "
+        "base rate)", type=int,
+    )
     patience: int | None = option(
         5, "early stopping: epochs without a better validation log loss", type=int
     )
@@ -181,6 +196,11 @@ class ClassifierOptions(RunOptions):
         64, "units of the hidden dense layer (spp) or of the instance embedding (mil)", type=int
     )
     dropout: float = option(0.5, "dropout of the dense head", type=float)
+    restarts: int = option(
+        2, "train a model again with another seed, up to this many times, when its validation "
+        "predictions come out constant (it never left the base-rate plateau); not with "
+        "--distribute multiworker", type=int,
+    )
     augment: bool = option(True, "no random cube symmetry on training volumes",
                            flag="--no-augment", action="store_false")
     allow_unlabelled: bool = option(False, "skip volumes without a label instead of failing",
@@ -227,6 +247,8 @@ class ClassifierOptions(RunOptions):
              self.class_weight),
             (0 <= self.freeze_blocks <= ENCODER_BLOCKS, f"--freeze-blocks in 0..{ENCODER_BLOCKS}",
              self.freeze_blocks),
+            (self.warmup_epochs >= 0, "--warmup-epochs >= 0", self.warmup_epochs),
+            (self.restarts >= 0, "--restarts >= 0", self.restarts),
             (self.dense_units >= 1, "--dense-units >= 1", self.dense_units),
             (0.0 <= self.dropout < 1.0, "--dropout in [0, 1)", self.dropout),
             (len(self.levels) > 0 and min(self.levels) >= 1, "--levels of integers >= 1",
@@ -262,6 +284,10 @@ def _warn_of_another_gmcae_spacing(gmcae: str, spacing_mm: tuple[float, float, f
 
 # Held-out predictions spanning less than this learned nothing that ranks patients.
 CONSTANT_SPREAD = 1e-3
+# A restart's seed lies this far from the previous attempt's (beyond any epoch offset of a
+# resumed data stream).
+RESTART_SEED_STRIDE = 100_000
+RESTARTS_NAME = "restarts.json"
 
 
 def _warn_if_constant(p: np.ndarray, what: str) -> None:
@@ -340,13 +366,46 @@ class _Context:
 
 
 def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _Context):
-    """Train one model into `model_dir`; returns (raw validation predictions, History, the best
-    uncalibrated model), or None on a worker other than the chief (it only trains)."""
+    """Train one model into `model_dir`, again with another seed while its validation
+    predictions are constant (up to `--restarts` times); returns (raw validation predictions,
+    History, the best uncalibrated model, the seeds of the collapsed attempts), or None on a
+    worker other than the chief (it only trains)."""
+    restarts_path = model_dir / RESTARTS_NAME
+    collapsed = json.loads(restarts_path.read_text()) if restarts_path.is_file() else []
+    while True:
+        seed = ctx.options.seed + len(collapsed) * RESTART_SEED_STRIDE
+        fitted = _fit_once(model_dir, train_ids, val_ids, ctx,
+                           dataclasses.replace(ctx.options, seed=seed))
+        if fitted is None:
+            return None
+        spread = float(np.ptp(fitted[0]))
+        if (spread >= CONSTANT_SPREAD or len(collapsed) >= ctx.options.restarts
+                or ctx.options.distribute != "none"):
+            return (*fitted, [c["seed"] for c in collapsed])
+        collapsed.append({"seed": seed, "validation_spread": spread,
+                          "epochs": len(runs.read_history(model_dir / runs.HISTORY_NAME))})
+        logger.warning("%s: every validation prediction lies within %.1e (seed %d never left the "
+                       "base-rate plateau): training again with seed %d (restart %d of %d)",
+                       model_dir, spread, seed, seed + RESTART_SEED_STRIDE, len(collapsed),
+                       ctx.options.restarts)
+        from kdsb.training.mil import HEAD_NAME
+
+        # Cleared before the record is written: a kill in between retrains the same attempt.
+        runs.discard_training(model_dir, f"collapsed_{len(collapsed)}_{runs.HISTORY_NAME}",
+                              (UNCALIBRATED_NAME, HEAD_NAME))
+        write_json(restarts_path, collapsed)
+
+
+def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _Context,
+              options: ClassifierOptions):
+    """Train (or resume) one attempt with `options` (the run's, or a restart's other seed);
+    (raw validation predictions, History, the best uncalibrated model), or None on a worker
+    other than the chief. config.json keeps the run's options (restarts.json the seeds)."""
     from kdsb.models.classifier import load_classifier
 
-    options, cohort = ctx.options, ctx.cohort
+    cohort = ctx.cohort
     last = runs.last_checkpoint(model_dir)
-    runs.begin(model_dir, options, data_dir=ctx.data_dir)
+    runs.begin(model_dir, ctx.options, data_dir=ctx.data_dir, seed=options.seed)
     train = {i: cohort[i] for i in train_ids}
     val = {i: cohort[i] for i in val_ids}
     weights = class_weights_for(options, [y for _, y in train.values()])
@@ -493,7 +552,7 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
     fitted = _fit_model(run_dir, train_ids, val_ids, ctx)
     if fitted is None:
         return None
-    p_val, history, _ = fitted
+    p_val, history, _, collapsed_seeds = fitted
     y_val = [cohort[i][1] for i in val_ids]
     calibration = fit_calibration(y_val, p_val, options.calibration)
     _save_calibrated(run_dir, calibration)
@@ -511,6 +570,7 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
         "val_predictions": {i: float(p) for i, p in zip(val_ids, p_cal, strict=True)},
         "epochs_run": len(runs.read_history(run_dir / runs.HISTORY_NAME)),
         "epochs_this_session": len(history.epoch),
+        "collapsed_seeds": collapsed_seeds,
     }
 
 
@@ -522,7 +582,7 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
     cohort, options = ctx.cohort, ctx.options
     raw: dict[str, float] = {}
     fold_of: dict[str, int] = {}
-    epochs = []
+    epochs, collapsed = [], []
     for k, held_out in enumerate(folds, start=1):
         fold_dir = run_dir / f"{FOLD_PREFIX}{k}"
         done = _read_fold(fold_dir, held_out)
@@ -538,11 +598,13 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
                                f"fold {k}")
             _warn_if_constant(p, f"fold {k}")
             done = {"held_out": held_out, "train_ids": train_ids, "val_ids": val_ids,
-                    "predictions": dict(zip(held_out, map(float, p), strict=True))}
+                    "predictions": dict(zip(held_out, map(float, p), strict=True)),
+                    "collapsed_seeds": fitted[3]}
             write_json(fold_dir / FOLD_NAME, done)
         raw.update(done["predictions"])
         fold_of.update({i: k for i in held_out})
         epochs.append(len(runs.read_history(fold_dir / runs.HISTORY_NAME)))
+        collapsed.append(done.get("collapsed_seeds", []))
     if not runs.worker(options.distribute).chief:
         return None
     ids = sorted(raw)
@@ -570,6 +632,7 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
         "out_of_fold_uncalibrated": scores_with_intervals(y, p_raw, options.seed),
         "fold_ids": folds,
         "epochs_run": epochs,
+        "collapsed_seeds": collapsed,
     }
 
 

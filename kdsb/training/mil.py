@@ -82,13 +82,15 @@ def train_mil(
         [bag_files[i] for i in val], [y for _, y in val.values()], batch_size=options.batch_size,
     )
 
+    steps_per_epoch = math.ceil(len(train) / options.batch_size)
+
     def build():
         _, head = _build(options, mean, variance)
-        return compile_classifier(head, options)
+        return compile_classifier(head, options, steps_per_epoch)
 
     history = runs.train(
         build, train_data, val_data, run_dir, options, resume=resume, best_name=HEAD_NAME,
-        monitor=monitor, steps_per_epoch=math.ceil(len(train) / options.batch_size),
+        monitor=monitor, steps_per_epoch=steps_per_epoch,
         validation_steps=math.ceil(len(val) / options.batch_size),
     )
     classifier, head = _build(options, mean, variance)

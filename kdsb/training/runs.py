@@ -258,9 +258,10 @@ def resolve_options(
     return resolved, last[0] if last else 0
 
 
-def begin(run_dir: str | os.PathLike, options: RunOptions, *, data_dir: str | os.PathLike) -> None:
+def begin(run_dir: str | os.PathLike, options: RunOptions, *, data_dir: str | os.PathLike,
+          seed: int | None = None) -> None:
     """Create the distribution strategy, write the run's options (config.json, with `data_dir`;
-    the chief only), then seed and set the precision.
+    the chief only), then seed (`seed`, else `options.seed`) and set the precision.
 
     Call it once the data is checked, before building datasets or models and before any other
     TensorFlow op: a multi-worker strategy must start TensorFlow's collective ops first.
@@ -271,7 +272,7 @@ def begin(run_dir: str | os.PathLike, options: RunOptions, *, data_dir: str | os
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / OPTIONS_NAME,
                    {**options.to_saved(), "data_dir": str(Path(data_dir).resolve())})
-    configure_runtime(seed=options.seed, precision=options.precision)
+    configure_runtime(seed=options.seed if seed is None else seed, precision=options.precision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -557,6 +558,20 @@ def last_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
     """The newest complete checkpoint of a run as (epoch counted from 1, path), or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def discard_training(run_dir: str | os.PathLike, history_as: str, models: tuple[str, ...]) -> None:
+    """Clear a run folder for a fresh start: its checkpoints, TensorBoard logs and the `models`
+    it saved are removed, its history.csv is renamed `history_as` (kept as a record); config.json
+    and other files stay."""
+    run_dir = Path(run_dir)
+    for folder in (CHECKPOINT_DIR, TENSORBOARD_DIR):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+    for name in models:
+        (run_dir / name).unlink(missing_ok=True)
+    history = run_dir / HISTORY_NAME
+    if history.is_file():
+        history.replace(run_dir / history_as)
 
 
 def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> tuple[int, Path] | None:

@@ -36,12 +36,27 @@ FOCAL_GAMMA = 2.0
 GLOBAL_CLIPNORM = 1.0
 
 
-def compile_classifier(model: Any, options: ClassifierOptions) -> Any:
+def learning_rate(options: ClassifierOptions, steps_per_epoch: int) -> Any:
+    """`--lr`, or with `--warmup-epochs E` a schedule rising linearly from 0 to `--lr` over the
+    first E epochs of `steps_per_epoch` optimizer steps (one step per volume or batch, also under
+    gradient accumulation), then constant."""
+    import keras
+
+    if options.warmup_epochs == 0:
+        return options.lr
+    # Keras's cosine decay with alpha 1 decays to 100 %: a linear warmup, then a constant rate.
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, decay_steps=1, alpha=1.0, warmup_target=options.lr,
+        warmup_steps=options.warmup_epochs * steps_per_epoch,
+    )
+
+
+def compile_classifier(model: Any, options: ClassifierOptions, steps_per_epoch: int) -> Any:
     """Compile a classifier (or MIL head) with Adam, the chosen loss and the logged metrics."""
     import keras
 
     optimizer = keras.optimizers.Adam(
-        learning_rate=options.lr,
+        learning_rate=learning_rate(options, steps_per_epoch),
         global_clipnorm=GLOBAL_CLIPNORM,
         # One volume per worker and step under multiworker (--batch-size = the workers), where
         # Keras's accumulation cannot run.
@@ -141,7 +156,7 @@ def train_spp(
             dense_units=options.dense_units,
             dropout=options.dropout,
         )
-        return compile_classifier(model, options)
+        return compile_classifier(model, options, steps_per_epoch)
 
     def in_slabs(model):
         from kdsb.models.slabs import compute_first_block_in_slabs
@@ -155,6 +170,7 @@ def train_spp(
             f"expected at least as many training patients as the {worker.count} workers, "
             f"received {len(train)}"
         )
+    steps_per_epoch = math.ceil(len(train) / worker.count)
     train_data = train_dataset(
         [p for _, (p, _) in own], [y for _, (_, y) in own], options, volume_input,
         seed=worker.seed(options.seed + start_epoch), class_weights=class_weights,
@@ -165,6 +181,6 @@ def train_spp(
     )
     return runs.train(
         build, train_data, val_data, run_dir, options, resume=resume, best_name=best_name,
-        monitor=monitor, steps_per_epoch=math.ceil(len(train) / worker.count),
+        monitor=monitor, steps_per_epoch=steps_per_epoch,
         validation_steps=len(val), prepare_model=in_slabs if options.tile_z else None,
     )
