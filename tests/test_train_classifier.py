@@ -401,29 +401,6 @@ def test_a_fold_that_learned_nothing_is_reported(caplog):
     assert caplog.text == ""
 
 
-def test_warmup_raises_the_learning_rate_linearly_and_survives_a_checkpoint(cohort, tmp_path):
-    """--warmup-epochs 2 over 10 steps an epoch: 0 at the first step, half of --lr after one
-    epoch, --lr from the second on; the schedule is saved with the model (resume keeps it)."""
-    import keras
-
-    _, _, gmcae = cohort
-    assert spp.learning_rate(ClassifierOptions(gmcae=str(gmcae), lr=1e-3), 10) == 1e-3
-    options = ClassifierOptions(gmcae=str(gmcae), lr=1e-3, warmup_epochs=2)
-    schedule = spp.learning_rate(options, 10)
-    rates = [float(schedule(step)) for step in (0, 5, 10, 20, 21, 10_000)]
-    np.testing.assert_allclose(rates, [0.0, 2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
-    with pytest.raises(UsageError, match="expected --warmup-epochs >= 0"):
-        ClassifierOptions(gmcae=str(gmcae), warmup_epochs=-1)
-    inputs = keras.Input((3,))
-    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(inputs))
-    spp.compile_classifier(model, options, 10)
-    model.fit(np.ones((4, 3)), np.ones((4, 1)), batch_size=1, epochs=1, verbose=0)
-    model.save(tmp_path / "checkpoint.keras")
-    loaded = keras.saving.load_model(tmp_path / "checkpoint.keras")
-    assert int(loaded.optimizer.iterations) == 4
-    assert float(loaded.optimizer.learning_rate) == pytest.approx(2e-4)
-
-
 @pytest.mark.slow
 def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
         cohort, tmp_path, monkeypatch, caplog):

@@ -101,7 +101,6 @@ class ClassifierOptions(RunOptions):
         head: "spp" (trained end to end), "mil" (attention MIL on the frozen encoder's cells) or
             "nll" (the same MIL head on each patch's GMCAE NLL: the likelihood as a detector).
         folds: 0 or 1 for one training/validation split, K >= 2 for K-fold cross-validation.
-        warmup_epochs: epochs of a linear learning-rate warmup from 0 to `lr` (0: none).
         restarts: times a model whose validation predictions are constant is trained again.
         calibration: "platt", "temperature" or "none" (see `kdsb.models.calibration`).
         mil_pooling: "attention" or "max" (heads "mil", "nll").
@@ -127,12 +126,6 @@ class ClassifierOptions(RunOptions):
     batch_size: int = option(1, "volumes per weight update (one volume per step, gradients "
                                 "accumulated over N volumes: sizes vary)", type=int)
     lr: float = option(1e-4, "Adam learning rate", type=float)
-    warmup_epochs: int = option(
-        0, "raise the learning rate linearly from 0 to --lr over this many epochs: Adam's "
-        "first steps are full-size whatever the gradient, and at --lr 1e-3 they can silence "
-        "the pretrained encoder (its pooled features all but vanish and training stays at the "
-        "base rate)", type=int,
-    )
     patience: int | None = option(
         5, "early stopping: epochs without a better validation log loss", type=int
     )
@@ -247,7 +240,6 @@ class ClassifierOptions(RunOptions):
              self.class_weight),
             (0 <= self.freeze_blocks <= ENCODER_BLOCKS, f"--freeze-blocks in 0..{ENCODER_BLOCKS}",
              self.freeze_blocks),
-            (self.warmup_epochs >= 0, "--warmup-epochs >= 0", self.warmup_epochs),
             (self.restarts >= 0, "--restarts >= 0", self.restarts),
             (self.dense_units >= 1, "--dense-units >= 1", self.dense_units),
             (0.0 <= self.dropout < 1.0, "--dropout in [0, 1)", self.dropout),

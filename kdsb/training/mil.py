@@ -86,7 +86,7 @@ def train_mil(
 
     def build():
         _, head = _build(options, mean, variance)
-        return compile_classifier(head, options, steps_per_epoch)
+        return compile_classifier(head, options)
 
     history = runs.train(
         build, train_data, val_data, run_dir, options, resume=resume, best_name=HEAD_NAME,

@@ -36,27 +36,12 @@ FOCAL_GAMMA = 2.0
 GLOBAL_CLIPNORM = 1.0
 
 
-def learning_rate(options: ClassifierOptions, steps_per_epoch: int) -> Any:
-    """`--lr`, or with `--warmup-epochs E` a schedule rising linearly from 0 to `--lr` over the
-    first E epochs of `steps_per_epoch` optimizer steps (one step per volume or batch, also under
-    gradient accumulation), then constant."""
-    import keras
-
-    if options.warmup_epochs == 0:
-        return options.lr
-    # Keras's cosine decay with alpha 1 decays to 100 %: a linear warmup, then a constant rate.
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, decay_steps=1, alpha=1.0, warmup_target=options.lr,
-        warmup_steps=options.warmup_epochs * steps_per_epoch,
-    )
-
-
-def compile_classifier(model: Any, options: ClassifierOptions, steps_per_epoch: int) -> Any:
+def compile_classifier(model: Any, options: ClassifierOptions) -> Any:
     """Compile a classifier (or MIL head) with Adam, the chosen loss and the logged metrics."""
     import keras
 
     optimizer = keras.optimizers.Adam(
-        learning_rate=learning_rate(options, steps_per_epoch),
+        learning_rate=options.lr,
         global_clipnorm=GLOBAL_CLIPNORM,
         # One volume per worker and step under multiworker (--batch-size = the workers), where
         # Keras's accumulation cannot run.
@@ -156,7 +141,7 @@ def train_spp(
             dense_units=options.dense_units,
             dropout=options.dropout,
         )
-        return compile_classifier(model, options, steps_per_epoch)
+        return compile_classifier(model, options)
 
     def in_slabs(model):
         from kdsb.models.slabs import compute_first_block_in_slabs
