@@ -425,6 +425,26 @@ def test_small_nodule_at_a_real_apex_keeps_its_base(real_chest_nifti):
     assert kept >= 0.99
 
 
+def test_mass_beside_a_phantom_spine_keeps_its_medial_part(monkeypatch):
+    """The second mass tier (`MASS_RIMS_MM`) where no real CT is at hand: a 12 mm solid mass
+    implanted paravertebrally into a phantom chest; its medial edge is kept as a small mass's
+    rim (96 % kept with the 8 mm core alone, checked here)."""
+    from kdsb.phantoms import lesions
+    from kdsb.phantoms.anatomy import make_phantom
+
+    phantom = make_phantom(np.random.default_rng(0), size=160, cancer=False, scale=1.0)
+    hu, spacing = phantom.hu, phantom.spacing
+    parenchyma = lesions.lung_parenchyma(hu, segment_lungs(hu, spacing) > 0, spacing)
+    truth, lesion = lesions.implant_lesion(
+        hu, spacing, (0.0, 0.0, 0.0), parenchyma, kind="solid", place="paravertebral",
+        radius_mm=12.0, rng=np.random.default_rng(0),
+    )
+    assert lesion.voxels >= 500
+    assert segment_lungs(hu, spacing)[truth].mean() >= 0.99
+    monkeypatch.setattr(lungs, "MASS_RIMS_MM", lungs.MASS_RIMS_MM[:1])
+    assert segment_lungs(hu, spacing)[truth].mean() < 0.97
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_mass_in_a_real_mediastinal_dent_keeps_its_medial_part(real_chest_nifti):
