@@ -196,3 +196,48 @@ def test_resolve_options_afresh_and_on_resume(tmp_path):
                                          r"resuming, received 0.1; only --epochs, --patience"):
         runs.resolve_options(runs.RunOptions, {"lr": 0.1}, tmp_path, resume=True,
                              data_dir=tmp_path)
+
+
+def test_a_run_whose_predictions_stay_flat_is_given_up(tmp_path):
+    """give_up_below: a model whose first kernel is frozen at zero answers every input alike
+    (validation spread 0, `kdsb.models.spread`) and stops after `patience` epochs although its
+    validation loss keeps improving (its last bias learns the targets' offset); without the
+    floor it runs on, and so does a model whose predictions spread."""
+    from kdsb.models.spread import PredictionSpread
+
+    def build(frozen: bool):
+        model = keras.Sequential([
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros", trainable=not frozen),
+            keras.layers.Dense(1),
+        ])
+        model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse",
+                      metrics=[PredictionSpread()])
+        return model
+
+    def offset(seed):
+        return _data(seed).map(lambda x, y: (x, y + 10.0))
+
+    runs.configure_runtime(seed=0)
+    for frozen, floor, epochs_run in ((True, 1e-3, 2), (True, None, 6), (False, 1e-3, 6)):
+        run_dir = tmp_path / f"{frozen}_{floor}"
+        runs.fit(lambda frozen=frozen: build(frozen), offset(0), offset(1), run_dir, epochs=6,
+                 steps_per_epoch=STEPS, validation_steps=2, verbose=0, early_stopping_patience=2,
+                 give_up_below=None if floor is None else ("val_prediction_spread", floor))
+        rows = runs.read_history(run_dir / "history.csv")
+        assert len(rows) == epochs_run, (frozen, floor)
+        assert (float(rows[-1]["val_prediction_spread"]) == 0.0) == frozen
+
+
+def test_prediction_spread_is_max_minus_min_over_batches():
+    from kdsb.models.spread import PredictionSpread
+
+    metric = PredictionSpread()
+    assert float(metric.result()) == 0.0
+    p = np.random.default_rng(0).uniform(0.2, 0.7, size=(10, 1)).astype("float32")
+    metric.update_state(np.zeros_like(p[:4]), p[:4])
+    metric.update_state(np.zeros_like(p[4:]), p[4:])
+    assert float(metric.result()) == pytest.approx(float(np.ptp(p)))
+    metric.reset_state()
+    metric.update_state(np.zeros((2, 1)), np.full((2, 1), 0.5))
+    assert float(metric.result()) == 0.0

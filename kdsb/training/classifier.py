@@ -276,6 +276,9 @@ def _warn_of_another_gmcae_spacing(gmcae: str, spacing_mm: tuple[float, float, f
 
 # Held-out predictions spanning less than this learned nothing that ranks patients.
 CONSTANT_SPREAD = 1e-3
+# Training gives up once this logged spread (`kdsb.models.spread`) stayed under
+# CONSTANT_SPREAD for --patience epochs.
+GIVE_UP_MONITOR = "val_prediction_spread"
 # A restart's seed lies this far from the previous attempt's (beyond any epoch offset of a
 # resumed data stream).
 RESTART_SEED_STRIDE = 100_000
@@ -402,7 +405,8 @@ def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _C
     val = {i: cohort[i] for i in val_ids}
     weights = class_weights_for(options, [y for _, y in train.values()])
     common = dict(resume=ctx.resume, start_epoch=last[0] if last else 0,
-                  best_name=UNCALIBRATED_NAME, monitor=MONITOR, class_weights=weights)
+                  best_name=UNCALIBRATED_NAME, monitor=MONITOR, class_weights=weights,
+                  give_up_below=(GIVE_UP_MONITOR, CONSTANT_SPREAD))
     if options.head in ("mil", "nll"):
         from kdsb.training.mil import train_mil
 

@@ -52,6 +52,7 @@ def train_mil(
     best_name: str,
     monitor: str,
     class_weights: dict[int, float] | None,
+    give_up_below: tuple[str, float] | None = None,
 ) -> Any:
     """Fit the MIL head into `run_dir` and save the full classifier as `run_dir/best_name`.
 
@@ -90,7 +91,7 @@ def train_mil(
 
     history = runs.train(
         build, train_data, val_data, run_dir, options, resume=resume, best_name=HEAD_NAME,
-        monitor=monitor, steps_per_epoch=steps_per_epoch,
+        monitor=monitor, steps_per_epoch=steps_per_epoch, give_up_below=give_up_below,
         validation_steps=math.ceil(len(val) / options.batch_size),
     )
     classifier, head = _build(options, mean, variance)

@@ -382,8 +382,10 @@ def train(
     validation_steps: int | None = None,
     monitor: str = "val_loss",
     prepare_model: Callable[[Any], Any] | None = None,
+    give_up_below: tuple[str, float] | None = None,
 ) -> Any:
-    """`fit` with a run's options: epochs, patience, checkpoints kept, distribution strategy.
+    """`fit` with a run's options: epochs, patience, checkpoints kept, distribution strategy
+    (`give_up_below` as in `fit`).
 
     Under multiworker, `train_data` is this worker's own stream (its share of the data, batches
     of its share of the global batch) and `val_data` the whole validation set, which every
@@ -405,6 +407,7 @@ def train(
         best_name=best_name,
         monitor=monitor,
         early_stopping_patience=options.patience,
+        give_up_below=give_up_below,
         keep_checkpoints=options.keep_checkpoints,
         strategy=distribution_strategy(options.distribute),
         verbose=keras_verbosity(options.distribute),
@@ -736,7 +739,24 @@ def _callback_classes():
             for _, path in found[: max(0, len(found) - self.keep)]:
                 path.unlink(missing_ok=True)
 
-    return NonFiniteGuard, EpochCheckpoint
+    class GiveUpBelow(keras.callbacks.Callback):
+        """Stop training once the logged value `name` stayed under `floor` for `patience`
+        epochs in a row (the count restarts on resume)."""
+
+        def __init__(self, name: str, floor: float, patience: int):
+            super().__init__()
+            self.name, self.floor, self.patience = name, floor, patience
+            self.under = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get(self.name)
+            self.under = self.under + 1 if value is not None and value < self.floor else 0
+            if self.under >= self.patience:
+                logger.info("epoch %d: %s under %g for %d epochs: the run learns nothing, "
+                            "stopped", epoch + 1, self.name, self.floor, self.under)
+                self.model.stop_training = True
+
+    return NonFiniteGuard, EpochCheckpoint, GiveUpBelow
 
 
 def _best_so_far(rows: list[dict[str, str]], monitor: str, higher_is_better: bool) -> float | None:
@@ -760,6 +780,7 @@ def fit(
     best_name: str = "model.keras",
     monitor: str = "val_loss",
     early_stopping_patience: int | None = None,
+    give_up_below: tuple[str, float] | None = None,
     keep_checkpoints: int | None = None,
     strategy: Any = None,
     verbose: int | str = "auto",
@@ -787,6 +808,9 @@ def fit(
             larger is better for accuracy/AUC-like names (`HIGHER_IS_BETTER`), else smaller.
         early_stopping_patience: stop after this many epochs without improvement of
             `monitor` (None: never). The patience count restarts on resume.
+        give_up_below: (logged name, floor): also stop once that value stayed under the floor
+            for `early_stopping_patience` epochs in a row (a run that learns nothing; e.g. a
+            classifier's `val_prediction_spread`, `kdsb.models.spread`).
         keep_checkpoints: keep only the newest this many epoch checkpoints (None: all).
         strategy: a `tf.distribute` strategy (None: the default one); see
             `distribution_strategy`. Under multiworker, only the chief writes `run_dir`
@@ -821,6 +845,7 @@ def fit(
                     steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
                     resume=resume, best_name=best_name, monitor=monitor,
                     early_stopping_patience=early_stopping_patience,
+                    give_up_below=give_up_below,
                     keep_checkpoints=keep_checkpoints, verbose=verbose,
                     prepare_model=prepare_model)
     finally:
@@ -830,7 +855,7 @@ def fit(
 
 def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strategy, *,
          epochs, steps_per_epoch, validation_steps, resume, best_name, monitor,
-         early_stopping_patience, keep_checkpoints, verbose, prepare_model):
+         early_stopping_patience, give_up_below, keep_checkpoints, verbose, prepare_model):
     """`fit` reading the run from `run_dir` and writing into `out_dir`."""
     import keras
 
@@ -859,7 +884,7 @@ def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strate
     if prepare_model is not None:
         model = prepare_model(model)
 
-    NonFiniteGuard, EpochCheckpoint = _callback_classes()
+    NonFiniteGuard, EpochCheckpoint, GiveUpBelow = _callback_classes()
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=True)
     # Order matters: the guard first (nothing is written for a non-finite model), then the
     # history row, then the checkpoint. A kill between the last two leaves one row too many,
@@ -891,6 +916,8 @@ def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strate
                 monitor=monitor, patience=early_stopping_patience, mode="max" if higher else "min"
             )
         )
+        if give_up_below is not None:
+            callbacks.append(GiveUpBelow(*give_up_below, early_stopping_patience))
 
     if initial_epoch >= epochs:
         logger.info("run already has %d of %d epochs: nothing to do", initial_epoch, epochs)

@@ -40,6 +40,8 @@ def compile_classifier(model: Any, options: ClassifierOptions) -> Any:
     """Compile a classifier (or MIL head) with Adam, the chosen loss and the logged metrics."""
     import keras
 
+    from kdsb.models.spread import PredictionSpread
+
     optimizer = keras.optimizers.Adam(
         learning_rate=options.lr,
         global_clipnorm=GLOBAL_CLIPNORM,
@@ -62,6 +64,7 @@ def compile_classifier(model: Any, options: ClassifierOptions) -> Any:
             keras.metrics.BinaryCrossentropy(name="log_loss"),
             keras.metrics.AUC(name="auc"),
             keras.metrics.BinaryAccuracy(name="accuracy"),
+            PredictionSpread(),
         ],
     )
     return model
@@ -118,6 +121,7 @@ def train_spp(
     best_name: str,
     monitor: str,
     class_weights: dict[int, float] | None,
+    give_up_below: tuple[str, float] | None = None,
 ) -> Any:
     """Fit the SPP classifier into `run_dir` (id → (volume, label) for training and validation).
 
@@ -166,6 +170,6 @@ def train_spp(
     )
     return runs.train(
         build, train_data, val_data, run_dir, options, resume=resume, best_name=best_name,
-        monitor=monitor, steps_per_epoch=steps_per_epoch,
+        monitor=monitor, steps_per_epoch=steps_per_epoch, give_up_below=give_up_below,
         validation_steps=len(val), prepare_model=in_slabs if options.tile_z else None,
     )
