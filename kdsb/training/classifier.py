@@ -56,7 +56,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -360,11 +360,20 @@ class _Context:
     resume: bool
 
 
-def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _Context):
+class _Fitted(NamedTuple):
+    """A trained model of a run (or of a fold)."""
+
+    p_val: np.ndarray  # raw p(cancer) of the validation patients
+    history: Any  # keras History of this session's epochs
+    model: Any  # the best uncalibrated model
+    collapsed_seeds: list[int]  # seeds of the attempts abandoned on the base-rate plateau
+
+
+def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
+               ctx: _Context) -> _Fitted | None:
     """Train one model into `model_dir`, again with another seed while its validation
-    predictions are constant (up to `--restarts` times); returns (raw validation predictions,
-    History, the best uncalibrated model, the seeds of the collapsed attempts), or None on a
-    worker other than the chief (it only trains)."""
+    predictions are constant (up to `--restarts` times); None on a worker other than the chief
+    (it only trains)."""
     restarts_path = model_dir / RESTARTS_NAME
     collapsed = json.loads(restarts_path.read_text()) if restarts_path.is_file() else []
     while True:
@@ -373,10 +382,10 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _
                            dataclasses.replace(ctx.options, seed=seed))
         if fitted is None:
             return None
-        spread = float(np.ptp(fitted[0]))
+        spread = float(np.ptp(fitted.p_val))
         if (spread >= CONSTANT_SPREAD or len(collapsed) >= ctx.options.restarts
                 or ctx.options.distribute != "none"):
-            return (*fitted, [c["seed"] for c in collapsed])
+            return fitted._replace(collapsed_seeds=[c["seed"] for c in collapsed])
         collapsed.append({"seed": seed, "validation_spread": spread,
                           "epochs": len(runs.read_history(model_dir / runs.HISTORY_NAME))})
         logger.warning("%s: every validation prediction lies within %.1e (seed %d never left the "
@@ -392,10 +401,10 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _
 
 
 def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _Context,
-              options: ClassifierOptions):
+              options: ClassifierOptions) -> _Fitted | None:
     """Train (or resume) one attempt with `options` (the run's, or a restart's other seed);
-    (raw validation predictions, History, the best uncalibrated model), or None on a worker
-    other than the chief. config.json keeps the run's options (restarts.json the seeds)."""
+    None on a worker other than the chief. config.json keeps the run's options (restarts.json
+    the seeds)."""
     from kdsb.models.classifier import load_classifier
 
     cohort = ctx.cohort
@@ -419,7 +428,7 @@ def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _C
         return None
     best = load_classifier(model_dir / UNCALIBRATED_NAME)
     p_val = score_patients(best, [cohort[i][0] for i in val_ids], ctx.volume_input, "validate")
-    return p_val, history, best
+    return _Fitted(p_val, history, best, [])
 
 
 def _save_calibrated(model_dir: Path, calibration) -> None:
@@ -548,7 +557,7 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
     fitted = _fit_model(run_dir, train_ids, val_ids, ctx)
     if fitted is None:
         return None
-    p_val, history, _, collapsed_seeds = fitted
+    p_val, history = fitted.p_val, fitted.history
     y_val = [cohort[i][1] for i in val_ids]
     calibration = fit_calibration(y_val, p_val, options.calibration)
     _save_calibrated(run_dir, calibration)
@@ -566,7 +575,7 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
         "val_predictions": {i: float(p) for i, p in zip(val_ids, p_cal, strict=True)},
         "epochs_run": len(runs.read_history(run_dir / runs.HISTORY_NAME)),
         "epochs_this_session": len(history.epoch),
-        "collapsed_seeds": collapsed_seeds,
+        "collapsed_seeds": fitted.collapsed_seeds,
     }
 
 
@@ -589,13 +598,12 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
             fitted = _fit_model(fold_dir, train_ids, val_ids, ctx)
             if fitted is None:
                 continue
-            model = fitted[2]
-            p = score_patients(model, [cohort[i][0] for i in held_out], ctx.volume_input,
-                               f"fold {k}")
+            p = score_patients(fitted.model, [cohort[i][0] for i in held_out],
+                               ctx.volume_input, f"fold {k}")
             _warn_if_constant(p, f"fold {k}")
             done = {"held_out": held_out, "train_ids": train_ids, "val_ids": val_ids,
                     "predictions": dict(zip(held_out, map(float, p), strict=True)),
-                    "collapsed_seeds": fitted[3]}
+                    "collapsed_seeds": fitted.collapsed_seeds}
             write_json(fold_dir / FOLD_NAME, done)
         raw.update(done["predictions"])
         fold_of.update({i: k for i in held_out})
