@@ -112,7 +112,7 @@ def test_classifier_rerun_gives_identical_weights_and_predictions(
     labels = tmp_path / "labels.csv"
     labels.write_text("id,cancer\np0,0\np1,1\np2,0\np3,1\n")
     options = ClassifierOptions(gmcae=str(gmcae), epochs=1, val_fraction=0.5, dense_units=4,
-                                downscale=2, seed=4)
+                                downscale=2, seed=4, restarts=0)
     results = [train_classifier(data_dir, labels, tmp_path / name, options)
                for name in ("first", "second")]
     _assert_same_weights(runs.checkpoint_path(tmp_path / "first", 1),

@@ -235,7 +235,7 @@ def test_focal_loss_and_frozen_blocks_from_the_command_line(cohort, tmp_path):
     assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
                  "--epochs", "2", "--val-fraction", "0.25", "--dense-units", "4",
                  "--loss", "focal", "--freeze-blocks", "2", "--no-augment",
-                 "--keep-checkpoints", "1"]) == 0
+                 "--keep-checkpoints", "1", "--restarts", "0"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0002.keras"]
     checkpoint = keras.saving.load_model(run / "checkpoints" / "epoch_0002.keras",
                                          safe_mode=True)
