@@ -49,7 +49,8 @@ already reads -1000 HU.
 Where it still fails (benchmarks/lung_mask.py: 98 lesions implanted into varied copies of a real
 chest CT; 98 kept >= 90 % on the draw the rules were tuned on, 97 on a held-out draw): a 35 mm
 mass on the diaphragm can lose its base against the liver dome, which no rule here tells from
-the lesion (66–78 % on several draws); a mass in a concave mediastinal dent deeper than the
+the lesion, or, filling the costophrenic recess, its lateral-basal third, where no lung is left
+for the envelope to close over (66–78 % on several draws); a mass in a concave mediastinal dent deeper than the
 small mass tier's 6 mm rim would lose its medial part (74–89 % of 10 mm masses without that
 tier). The large ball and the mass rims also take in the parts of mediastinal structures that
 bulge into a lung (the descending aorta and arch, the hilum, the oesophagus) and the edge of the
