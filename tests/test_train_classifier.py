@@ -58,7 +58,7 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     run = tmp_path / "run"
     argv = ["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
             "--epochs", "2", "--val-fraction", "0.25", "--batch-size", "2", "--lr", "1e-3",
-            "--dense-units", "4", "--seed", "3"]
+            "--dense-units", "4", "--restarts", "0", "--seed", "3"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "patients            2 (1 positive)" in out and "base-rate log loss" in out
