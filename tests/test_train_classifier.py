@@ -406,7 +406,8 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
         cohort, tmp_path, monkeypatch, caplog):
     """Fold 1's first attempt gives constant validation predictions (forced here): it is trained
     again with seed + RESTART_SEED_STRIDE, its history kept aside; config.json keeps the run's
-    seed; with --restarts 0 the stuck model is kept."""
+    seed; with --restarts 0 the stuck model is kept; a run killed during the restart resumes
+    it."""
     data, labels, gmcae = cohort
     score = classifier_training.score_patients
     calls = []
@@ -436,6 +437,26 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
                                                   {**options, "restarts": 0})
     assert result["collapsed_seeds"] == [[], []]
     assert not (tmp_path / "kept" / "fold_1" / "restarts.json").exists()
+
+    # Killed during the restart: --resume goes on with the restart's seed.
+    from kdsb.training import mil
+
+    train_mil, seeds = mil.train_mil, []
+
+    def killed_at_the_restart(model_dir, train, val, options, *args, **kwargs):
+        seeds.append(options.seed)
+        if len(seeds) == 2:
+            raise KeyboardInterrupt
+        return train_mil(model_dir, train, val, options, *args, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(mil, "train_mil", killed_at_the_restart)
+    with pytest.raises(KeyboardInterrupt):
+        classifier_training.train_classifier(data, labels, tmp_path / "killed", options)
+    result = classifier_training.train_classifier(data, labels, tmp_path / "killed", options,
+                                                  resume=True)
+    assert seeds == [3, 3 + stride, 3 + stride, 3]  # fold 1 (killed, resumed), then fold 2
+    assert result["collapsed_seeds"] == [[3], []]
 
 
 def test_training_starts_every_volume_at_one_half(cohort):
