@@ -458,17 +458,3 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
     assert seeds == [3, 3 + stride, 3 + stride, 3]  # fold 1 (killed, resumed), then fold 2
     assert result["collapsed_seeds"] == [[3], []]
 
-
-def test_training_starts_every_volume_at_one_half(cohort):
-    """The SPP classifier training starts from answers p = 0.5 whatever the volume (output
-    layer at zero) while its pooled features differ between volumes."""
-    import keras
-
-    data, _, gmcae = cohort
-    keras.utils.set_random_seed(0)
-    model = spp.starting_classifier(ClassifierOptions(gmcae=str(gmcae), dense_units=4))
-    x = np.stack([VolumeInput(spacing_mm=(1, 1, 1)).read(data / f"p{i}.h5") for i in (0, 1)])
-    np.testing.assert_array_equal(model.predict(x, verbose=0), 0.5)
-    pooled = keras.Model(model.inputs, model.get_layer("spp").output).predict(x, verbose=0)
-    assert np.abs(pooled[0] - pooled[1]).max() > 1e-3
-    assert np.abs(model.get_layer("head_dense").kernel.numpy()).max() > 0

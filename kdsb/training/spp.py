@@ -70,32 +70,6 @@ def compile_classifier(model: Any, options: ClassifierOptions) -> Any:
     return model
 
 
-def starting_classifier(options: ClassifierOptions) -> Any:
-    """The SPP classifier training starts from: the GMCAE's encoder, a random dense layer and
-    an output layer at zero, so every volume starts at p = 0.5.
-
-    With a random output layer the encoder's large pooled features gave confident first
-    answers (loss ~1.2), and Adam's first full-size steps silenced features and head for good:
-    4 of 7 attempts on the 96-patient benchmark cohort stayed on the base-rate plateau
-    (benchmarks/README.md).
-    """
-    import keras
-
-    from kdsb.models.classifier import build_classifier, load_encoder_from_gmcae
-
-    model = build_classifier(
-        load_encoder_from_gmcae(options.gmcae),
-        freeze_blocks=options.freeze_blocks,
-        levels=options.levels,
-        pooling=options.pooling,
-        dense_units=options.dense_units,
-        dropout=options.dropout,
-    )
-    output = model.get_layer("p_cancer")
-    output.kernel.assign(keras.ops.zeros_like(output.kernel))
-    return model
-
-
 def _with_weights(dataset: Any, weights: dict[int, float]) -> Any:
     import tensorflow as tf
 
@@ -161,7 +135,17 @@ def train_spp(
     from kdsb.data.datasets import volume_dataset
 
     def build():
-        return compile_classifier(starting_classifier(options), options)
+        from kdsb.models.classifier import build_classifier, load_encoder_from_gmcae
+
+        model = build_classifier(
+            load_encoder_from_gmcae(options.gmcae),
+            freeze_blocks=options.freeze_blocks,
+            levels=options.levels,
+            pooling=options.pooling,
+            dense_units=options.dense_units,
+            dropout=options.dropout,
+        )
+        return compile_classifier(model, options)
 
     def in_slabs(model):
         from kdsb.models.slabs import compute_first_block_in_slabs
