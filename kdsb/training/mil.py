@@ -66,6 +66,7 @@ def train_mil(
         best_name: file name of the full classifier (the head with the best `monitor`).
         monitor: the logged quantity picking the best head.
         class_weights: class → sample weight, or None.
+        give_up_below: as `kdsb.training.runs.fit`'s.
 
     Returns:
         The `keras.callbacks.History` of this session's epochs.
@@ -83,16 +84,14 @@ def train_mil(
         [bag_files[i] for i in val], [y for _, y in val.values()], batch_size=options.batch_size,
     )
 
-    steps_per_epoch = math.ceil(len(train) / options.batch_size)
-
     def build():
         _, head = _build(options, mean, variance)
         return compile_classifier(head, options)
 
     history = runs.train(
         build, train_data, val_data, run_dir, options, resume=resume, best_name=HEAD_NAME,
-        monitor=monitor, steps_per_epoch=steps_per_epoch, give_up_below=give_up_below,
-        validation_steps=math.ceil(len(val) / options.batch_size),
+        monitor=monitor, steps_per_epoch=math.ceil(len(train) / options.batch_size),
+        validation_steps=math.ceil(len(val) / options.batch_size), give_up_below=give_up_below,
     )
     classifier, head = _build(options, mean, variance)
     best_head = keras.saving.load_model(run_dir / HEAD_NAME, compile=False, safe_mode=True)

@@ -159,7 +159,6 @@ def train_spp(
             f"expected at least as many training patients as the {worker.count} workers, "
             f"received {len(train)}"
         )
-    steps_per_epoch = math.ceil(len(train) / worker.count)
     train_data = train_dataset(
         [p for _, (p, _) in own], [y for _, (_, y) in own], options, volume_input,
         seed=worker.seed(options.seed + start_epoch), class_weights=class_weights,
@@ -170,6 +169,7 @@ def train_spp(
     )
     return runs.train(
         build, train_data, val_data, run_dir, options, resume=resume, best_name=best_name,
-        monitor=monitor, steps_per_epoch=steps_per_epoch, give_up_below=give_up_below,
-        validation_steps=len(val), prepare_model=in_slabs if options.tile_z else None,
+        monitor=monitor, steps_per_epoch=math.ceil(len(train) / worker.count),
+        validation_steps=len(val), give_up_below=give_up_below,
+        prepare_model=in_slabs if options.tile_z else None,
     )
