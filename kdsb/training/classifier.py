@@ -31,13 +31,13 @@ RUN_DIR/
 prediction of the fold model that never saw it, calibrated by a map fitted on the other folds'
 predictions (cross-fitted, so the reported calibration is honest); the saved models carry the
 map fitted on all of them. A finished fold (its fold.json) is not retrained on `--resume`.
+`kdsb predict DATA_DIR RUN_DIR` averages the K fold models.
 
 Restarts: a model whose validation predictions all but coincide (`CONSTANT_SPREAD`) never left
 the plateau at the base rate: its encoder's pooled features died early (seen in half the SPP
 folds at 96 patients, at --lr 1e-3). It is trained again from the start with another seed
 (`RESTART_SEED_STRIDE`), up to `--restarts` times; the folder keeps each collapsed attempt's
 history (`collapsed_N_history.csv`) and `restarts.json`. The decision uses no label.
-`kdsb predict DATA_DIR RUN_DIR` averages the K fold models.
 
 Class imbalance: with `--loss bce` each training volume carries a sample weight
 n / (2 · n_class) ("balanced", the `class_weight` rule of scikit-learn), so both classes pull
@@ -477,7 +477,8 @@ def train_classifier(
         "validation_uncalibrated", train_base_rate, n_train, n_val, train_ids, val_ids,
         val_predictions (calibrated), epochs_this_session. Folds: "folds" (K), "out_of_fold"
         (cross-fitted calibrated predictions of every patient) and "out_of_fold_uncalibrated",
-        "fold_ids".
+        "fold_ids". Both: "collapsed_seeds" (the seeds of attempts restarted on the base-rate
+        plateau; per fold with folds).
 
     Raises:
         LabelsError: the labels CSV is malformed or disagrees with the volumes, or a class has
