@@ -10,12 +10,16 @@ import pytest
 from scipy import ndimage
 
 from kdsb.errors import LungMaskError
-from kdsb.preprocessing import lungs
 from kdsb.preprocessing.lungs import (
+    AIR_THRESHOLD_HU,
     lung_bounding_box,
     mask_on_box,
+    masses,
+    morphology,
+    refine,
     segment_lungs,
     segment_lungs_in_box,
+    selection,
 )
 
 # A small chest (z, y, x) at 2.5 × 1 × 1 mm: the coarse grid is 2× coarser in-plane, so both
@@ -157,16 +161,16 @@ def test_protruding_tissue_is_a_bump_on_the_wall_never_the_wall_behind_a_convex_
     air = x < 20  # lung left of a flat wall at x = 20
     bump = ((z - 10) * 2.0) ** 2 + (y - 20.0) ** 2 + (x - 20.0) ** 2 <= 3.0**2
     air &= ~bump  # a 3 mm nodule sitting on the wall
-    found = lungs._protruding(air, ~air, spacing)
+    found = refine._protruding(air, ~air, spacing)
     assert found[bump & (x < 20)].all()  # its part inside the lung
     assert not found[(x >= 22)].any()  # the wall itself
     ball = ((z - 10) * 2.0) ** 2 + (y - 20.0) ** 2 + (x - 20.0) ** 2 <= 15.0**2
-    assert not lungs._protruding(ball, ~ball, spacing).any()  # convex lung: nothing
+    assert not refine._protruding(ball, ~ball, spacing).any()  # convex lung: nothing
 
 
 def test_small_juxtapleural_nodule_is_kept(chest):
     """A 3 mm nodule on the posterolateral wall, where it runs diagonally in the slice: too
-    small for the coarse grid's filling (84 % kept before `_protruding`)."""
+    small for the coarse grid's filling (84 % kept before `refine._protruding`)."""
     nz, ny, nx = SHAPE
     z = (np.arange(nz) * SPACING[0])[:, None, None]
     y = ((np.arange(ny) - ny / 2) * SPACING[1])[None, :, None]
@@ -198,7 +202,7 @@ def test_ground_glass_against_the_wall_is_kept(chest):
 def test_ground_glass_walled_in_by_a_solid_nodule_is_kept(chest):
     """Part of a nodule's ground glass cut off from the lung by its solid part reads as a small
     air component on the coarse grid; it is not gas (bowel, airways), so it is not rejected:
-    its voxels below the air threshold are kept (all lost before `_gas`)."""
+    its voxels below the air threshold are kept (all lost before `selection.rejected_gas`)."""
     nz, ny, nx = SHAPE
     z = (np.arange(nz) * SPACING[0])[:, None, None]
     y = ((np.arange(ny) - ny / 2) * SPACING[1])[None, :, None]
@@ -218,7 +222,7 @@ def test_gas_is_dark_air_and_ground_glass_is_not():
     hu[1:3, 1:4, 1:4] = -990.0  # bowel gas
     hu[1:3, 6:9, 6:9] = -480.0  # ground glass
     hu[4, 1, 1] = -800.0  # a stray bit of lung
-    gas = lungs._gas(hu < lungs.AIR_THRESHOLD_HU, hu)
+    gas = selection.rejected_gas(hu < AIR_THRESHOLD_HU, hu)
     np.testing.assert_array_equal(gas, (hu < -700.0))
 
 
@@ -316,10 +320,10 @@ def _blob(shape, seed, level=0.55):
 
 def test_shifted_view_morphology_is_scipy_s():
     mask = _blob((9, 12, 11), 0, level=0.5)
-    np.testing.assert_array_equal(lungs._erode_cross(mask), ndimage.binary_erosion(mask))
-    np.testing.assert_array_equal(lungs._erode_cross(mask, outside=True),
+    np.testing.assert_array_equal(morphology.erode_cross(mask), ndimage.binary_erosion(mask))
+    np.testing.assert_array_equal(morphology.erode_cross(mask, outside=True),
                                   ndimage.binary_erosion(mask, border_value=1))
-    np.testing.assert_array_equal(lungs._dilate_cross(mask, 2),
+    np.testing.assert_array_equal(morphology.dilate_cross(mask, 2),
                                   ndimage.binary_dilation(mask, iterations=2))
 
 
@@ -327,8 +331,8 @@ def test_closings_sharing_one_dilation_are_each_radius_own_closing():
     """Each closing as two scipy transforms on an array padded by its own radius only."""
     spacing, radii = (3.0, 2.8, 2.8), (6.0, 14.0)
     mask = _blob((16, 20, 18), 1)
-    threaded = lungs._close_balls(mask, radii, spacing, threads=2)
-    for radius, closed, other in zip(radii, lungs._close_balls(mask, radii, spacing), threaded,
+    threaded = morphology.close_balls(mask, radii, spacing, threads=2)
+    for radius, closed, other in zip(radii, morphology.close_balls(mask, radii, spacing), threaded,
                                      strict=True):
         np.testing.assert_array_equal(other, closed)
         pad = [int(np.ceil(radius / s)) + 1 for s in spacing]
@@ -342,10 +346,10 @@ def test_closings_sharing_one_dilation_are_each_radius_own_closing():
 
 def test_block_means_by_slabs_are_the_whole_scan_s(monkeypatch):
     hu = np.random.default_rng(2).integers(-1024, 3000, (11, 9, 7)).astype(np.int16)
-    whole = lungs._block_mean(hu, (3, 2, 4))
-    monkeypatch.setattr(lungs, "BLOCK_MEAN_SLAB_BYTES", 1)  # one block of slices at a time
-    np.testing.assert_array_equal(lungs._block_mean(hu, (3, 2, 4)), whole)
-    np.testing.assert_array_equal(lungs._block_mean(hu, (3, 2, 4), threads=3), whole)
+    whole = morphology.block_mean(hu, (3, 2, 4))
+    monkeypatch.setattr(morphology, "BLOCK_MEAN_SLAB_BYTES", 1)  # one block of slices at a time
+    np.testing.assert_array_equal(morphology.block_mean(hu, (3, 2, 4)), whole)
+    np.testing.assert_array_equal(morphology.block_mean(hu, (3, 2, 4), threads=3), whole)
     assert whole.shape == (4, 5, 2)
     assert np.isclose(whole[-1, -1, -1], hu[9:, 8:, 4:].mean(), rtol=1e-6)  # a partial block
 
@@ -358,7 +362,7 @@ def test_depth_under_skin_is_exact_where_needed():
     body = np.broadcast_to(body, (40, 30, 34)).copy()
     needed = body & _blob(body.shape, 3)
     needed[:28] = False  # the top slices, as for the apex rule
-    depth = lungs._depth_under_skin(body, spacing, needed, start=27)
+    depth = masses.depth_under_skin(body, spacing, needed, start=27)
     full = ndimage.distance_transform_edt(body, sampling=spacing)[27:]
     assert needed[27:].sum() > 50
     np.testing.assert_array_equal(depth[needed[27:]], full[needed[27:]])
@@ -441,7 +445,7 @@ def test_mass_beside_a_phantom_spine_keeps_its_medial_part(monkeypatch):
     )
     assert lesion.voxels >= 500
     assert segment_lungs(hu, spacing)[truth].mean() >= 0.99
-    monkeypatch.setattr(lungs, "MASS_RIMS_MM", lungs.MASS_RIMS_MM[:1])
+    monkeypatch.setattr(masses, "MASS_RIMS_MM", masses.MASS_RIMS_MM[:1])
     assert segment_lungs(hu, spacing)[truth].mean() < 0.97
 
 

@@ -1,0 +1,134 @@
+"""Masses the filling leaves partly out (coarse grid): a tumour capping a lung's apex (the
+mirror rule) and a thick mass's hidden edge against the wall, spine or diaphragm (the rims)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from kdsb.preprocessing.lungs.morphology import ball, bounding_box, dilate_cross, mirror_x
+from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU
+
+APEX_ZONE_MM = 60.0
+APEX_CORE_MM = 6.0
+APEX_DEPTH_PERCENTILE = 5.0  # fills juxtapleural nodules and tumours up to about 14 mm radius
+# (core radius, rim) in mm: added tissue that survives an opening with a ball of the core
+# radius is a mass (the aorta's bulge is too, in part), and tissue within the rim of it is its
+# hidden edge. The second pair reaches the medial part of a ~10 mm mass in a concave
+# mediastinal dent, too thin for the first core (paravertebral, apical: 74-89 % kept without).
+MASS_RIMS_MM = ((8.0, 12.0), (6.0, 6.0))
+
+
+def apex_zone(lungs: np.ndarray, spacing: Sequence[float]) -> int:
+    """The first slice of the apex rule's zone: `APEX_ZONE_MM` below the higher apex."""
+    top = int(np.flatnonzero(lungs.any(axis=(1, 2)))[-1])
+    return max(0, top - math.ceil(APEX_ZONE_MM / spacing[0]))
+
+
+def apex_completion(
+    own: np.ndarray,
+    other: np.ndarray,
+    body: np.ndarray,
+    depth: np.ndarray,
+    coarse_hu: np.ndarray,
+    midline: float,
+    spacing: Sequence[float],
+    zone_start: int,
+) -> np.ndarray:
+    """Tissue that caps one lung's apex where the other lung, mirrored, still has lung.
+
+    A tumour filling the top of a lung leaves no concavity for a closing to fill: the lung just
+    ends lower. The apices are nearly symmetric, so within `APEX_ZONE_MM` of the higher apex
+    (from slice `zone_start` up, `apex_zone`), non-bone tissue inside the mirrored other lung
+    that is thick (survives an opening with a `APEX_CORE_MM` ball: not the slivers a slightly
+    rotated body leaves) and touches this lung is taken in. `depth` is the depth under the skin
+    in mm (`depth_under_skin`, computed once for both sides). The arrays may be the top slices
+    of the scan only, from one below the zone up: the rule looks no further.
+    """
+    zone = np.zeros_like(own)
+    zone[zone_start:] = True
+    candidates = zone & mirror_x(other, midline) & ~own & body & (coarse_hu < BONE_HU)
+    if not candidates.any():
+        return candidates
+    if not (own & zone).any():
+        return np.zeros_like(own)
+    # Not the chest wall: no shallower under the skin than this lung's own apex.
+    candidates &= depth >= np.percentile(depth[own & zone], APEX_DEPTH_PERCENTILE)
+    if not candidates.any():
+        return candidates
+    box = bounding_box(candidates, (1, 1, 1))
+    core = np.zeros_like(candidates)
+    core[box] = ndimage.binary_opening(candidates[box], structure=ball(APEX_CORE_MM, spacing))
+    labels, count = ndimage.label(candidates & dilate_cross(core, 2))
+    touching = np.unique(labels[dilate_cross(own, 1) & (labels > 0)])
+    return np.isin(labels, touching[touching > 0])
+
+
+def depth_under_skin(
+    body: np.ndarray, spacing: Sequence[float], needed: np.ndarray, start: int
+) -> np.ndarray:
+    """Depth under the skin (mm) of slices `start` onwards: the distance transform of `body`,
+    exact at the `needed` voxels (elsewhere not meaningful).
+
+    The transform runs on the body's bounding box and one voxel around it (all outside the
+    body, so nothing beyond is nearer; outside the box the depth is 0) and only on the slices a
+    needed voxel's nearest skin can lie in: a first pass over the needed voxels' own slices
+    gives depths at least the true ones, and the second starts that far below them. For the
+    apex rule this is a third to two thirds of the scan.
+    """
+    depth = np.zeros((body.shape[0] - start, *body.shape[1:]))
+    _, ys, xs = bounding_box(body, (1, 1, 1))
+    needed = needed[:, ys, xs]
+    if not needed.any():
+        return depth
+    first = int(np.flatnonzero(needed.any(axis=(1, 2)))[0])
+    low = 0
+    if not body[first:, ys, xs].all():  # else there is no skin to bound the depth by
+        upper = ndimage.distance_transform_edt(body[first:, ys, xs], sampling=spacing)
+        bound = float(upper[needed[first:]].max())
+        # A voxel below slice `low` is further than `bound` from every needed voxel.
+        low = max(0, first - math.ceil(bound / spacing[0]))
+    exact = ndimage.distance_transform_edt(body[low:, ys, xs], sampling=spacing)
+    depth[max(0, low - start):, ys, xs] = exact[max(0, start - low):]
+    return depth
+
+
+def lesion_rim(
+    mask: np.ndarray,
+    lung_air: np.ndarray,
+    body: np.ndarray,
+    rejected_air: np.ndarray,
+    coarse_hu: np.ndarray,
+    spacing: Sequence[float],
+) -> np.ndarray:
+    """Tissue within a rim (`MASS_RIMS_MM`) of a thick mass the filling took in: the mass's
+    hidden edge.
+
+    The envelope's ball rolls a little way into the dent a large mass leaves, so the mass's
+    outer few millimetres, where it meets the chest wall, spine or diaphragm, stay outside; a
+    smaller mass at a concave mediastinal surface leaves its medial part beyond the lung's hull.
+    For each (core, rim) of `MASS_RIMS_MM`: tissue the filling added that survives an opening
+    with a ball of the core radius is a mass (vessels and the thin slivers along the mediastinum
+    do not survive); non-bone tissue inside the body within the rim of it is taken in, never gas
+    (`rejected_air`: the lung selection's rejected air darker than ground glass, dilated by a
+    voxel).
+    """
+    tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
+    added = mask & ~lung_air & tissue
+    if not added.any():
+        return added
+    widest = max(rim_mm for _, rim_mm in MASS_RIMS_MM)
+    box = bounding_box(added, (math.ceil(widest / min(spacing)) + 1,) * 3)
+    near = np.zeros(added[box].shape, dtype=bool)
+    for core_mm, rim_mm in MASS_RIMS_MM:
+        masses = ndimage.binary_opening(added[box], structure=ball(core_mm, spacing))
+        if masses.any():
+            near |= ndimage.distance_transform_edt(~masses, sampling=spacing) <= rim_mm
+    if not near.any():
+        return np.zeros_like(mask)
+    rim = np.zeros_like(mask)
+    rim[box] = near & body[box] & tissue[box] & ~rejected_air[box]
+    return rim
