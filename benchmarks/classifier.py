@@ -42,7 +42,8 @@ from kdsb import demo  # noqa: E402
 from kdsb.evaluation import metrics  # noqa: E402
 from kdsb.evaluation.predict import predict_cohort  # noqa: E402
 from kdsb.io.tables import read_labels, write_labels  # noqa: E402
-from kdsb.training.classifier import ClassifierOptions, train_classifier  # noqa: E402
+from kdsb.training.classifier import train_classifier  # noqa: E402
+from kdsb.training.classifier_options import ClassifierOptions  # noqa: E402
 
 TEST_SEED_OFFSET = 5000
 # Each head's options (beyond --gmcae, --folds, --seed and the demo's lung masking), picked on

@@ -137,7 +137,8 @@ def _train_classifier(
     volumes: Path, labels: Path, gmcae: Path, run_dir: Path, plan: DemoPlan, seed: int
 ) -> dict:
     """Train the classifier into `run_dir`, or reuse a finished run; returns its metrics.json."""
-    from kdsb.training.classifier import METRICS_NAME, ClassifierOptions, train_classifier
+    from kdsb.training.classifier import METRICS_NAME, train_classifier
+    from kdsb.training.classifier_options import ClassifierOptions
 
     metrics_path = run_dir / METRICS_NAME
     if metrics_path.is_file():

@@ -104,7 +104,8 @@ def test_classifier_rerun_gives_identical_weights_and_predictions(
     data_dir, tmp_path
 ):
     from kdsb.models.gmcae import build_gmcae
-    from kdsb.training.classifier import ClassifierOptions, train_classifier
+    from kdsb.training.classifier import train_classifier
+    from kdsb.training.classifier_options import ClassifierOptions
 
     keras.utils.set_random_seed(0)
     gmcae = tmp_path / "gmcae.keras"

@@ -178,7 +178,7 @@ def test_commands_refuse_multiworker_without_tf_config_before_writing(cohort, tm
 def test_classifier_multiworker_needs_one_volume_per_worker_and_the_spp_head(cohort, tmp_path,
                                                                              monkeypatch, capsys):
     from kdsb.cli import main
-    from kdsb.training.classifier import ClassifierOptions
+    from kdsb.training.classifier_options import ClassifierOptions
 
     monkeypatch.setenv(runs.TF_CONFIG, json.dumps(
         {"cluster": {"worker": ["localhost:1", "localhost:2"]},

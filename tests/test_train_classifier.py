@@ -16,7 +16,8 @@ from kdsb.errors import UsageError
 from kdsb.io.volumes import volume_path, write_volume
 from kdsb.training import classifier as classifier_training
 from kdsb.training import spp
-from kdsb.training.classifier import ClassifierOptions, balanced_class_weights
+from kdsb.training.classifier import balanced_class_weights
+from kdsb.training.classifier_options import ClassifierOptions
 from kdsb.training.runs import given_options
 from kdsb.training.runs import read_history as runs_history
 

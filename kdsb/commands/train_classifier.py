@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kdsb.training.classifier import ClassifierOptions
+from kdsb.training.classifier_options import ClassifierOptions
 from kdsb.training.runs import add_options, given_options
 
 HELP = ("train the cancer classifier on a GMCAE's encoder (SPP or MIL head), calibrated, "

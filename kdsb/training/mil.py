@@ -14,13 +14,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kdsb.training import bags, runs
+from kdsb.training.classifier_options import ClassifierOptions
 from kdsb.training.spp import compile_classifier
-
-if TYPE_CHECKING:
-    from kdsb.training.classifier import ClassifierOptions
 
 logger = logging.getLogger(__name__)
 

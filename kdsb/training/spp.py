@@ -19,14 +19,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kdsb.data.inputs import VolumeInput
 from kdsb.errors import UsageError
 from kdsb.training import runs
-
-if TYPE_CHECKING:
-    from kdsb.training.classifier import ClassifierOptions
+from kdsb.training.classifier_options import ClassifierOptions
 
 logger = logging.getLogger(__name__)
 
