@@ -8,8 +8,9 @@ GMCAE recipe trained on the training volumes; then for each training size n (the
 patients of the cohort, which has max(--sizes)) and each head,
 `train-classifier --folds K` (the head's options below), `predict RUN_DIR` on the held-out
 cohort and its metrics. Prints one row per (size, head, seed) and the mean ± sd over seeds of:
-out-of-fold log loss and ECE (cross-fitted calibration), held-out log loss, AUC, ECE, and the
-CPU time of the classifier step. Everything is written under WORKDIR and reused when rerun.
+out-of-fold log loss and ECE (cross-fitted calibration), held-out log loss, AUC, ECE (each ECE
+beside the one a calibrated model with the same predictions shows by chance,
+`metrics.ece_if_calibrated`), and the CPU time of the classifier step. Everything is written under WORKDIR and reused when rerun.
 
 Usage: python benchmarks/classifier.py WORKDIR [--sizes 24 96] [--seeds 0 1 2]
        [--heads spp mil nll] [--folds 4] [--test-size 64] [--base CT] [--option KEY=VALUE …]
@@ -41,8 +42,8 @@ sys.path.insert(0, str(REPO))
 from kdsb import demo  # noqa: E402
 from kdsb.evaluation import metrics  # noqa: E402
 from kdsb.evaluation.predict import predict_cohort  # noqa: E402
-from kdsb.io.tables import read_labels, write_labels  # noqa: E402
-from kdsb.training.classifier import train_classifier  # noqa: E402
+from kdsb.io.tables import read_labels, read_predictions, write_labels  # noqa: E402
+from kdsb.training.classifier import OOF_NAME, train_classifier  # noqa: E402
 from kdsb.training.classifier_options import ClassifierOptions  # noqa: E402
 
 TEST_SEED_OFFSET = 5000
@@ -134,6 +135,7 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
                                  resume=(run_dir / "config.json").is_file())
             cpu = _cpu_seconds() - start
             oof = json.loads((run_dir / "metrics.json").read_text())["out_of_fold"]
+            oof_p = read_predictions(run_dir / OOF_NAME)  # runs of before the ECE by chance too
             predicted = predict_cohort(test_volumes, [run_dir], clip=0.0)
             ids = sorted(test)
             y = np.array([test[i] for i in ids])
@@ -141,9 +143,11 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
             rows.append({
                 "size": n, "head": head, "seed": seed, "oof_log_loss": oof["log_loss"],
                 "oof_ece": oof["ece"],
+                "oof_ece_by_chance": metrics.ece_if_calibrated(list(oof_p.values()))[0],
                 "oof_auc": oof["roc_auc"], "test_log_loss": metrics.log_loss(y, p),
                 "test_auc": metrics.roc_auc(y, p),
-                "test_ece": metrics.expected_calibration_error(y, p), "cpu_s": cpu,
+                "test_ece": metrics.expected_calibration_error(y, p),
+                "test_ece_by_chance": metrics.ece_if_calibrated(p)[0], "cpu_s": cpu,
             })
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -169,8 +173,9 @@ def main(argv=None) -> int:
         rows += run_seed(args.workdir / f"seed_{seed}", seed, args.sizes, args.heads, args.folds,
                          args.test_size, args.workers, args.base, dict(args.option))
     print()
-    print(f"{'n':>4} {'head':>5} {'oof log loss':>14} {'oof ECE':>14} {'test log loss':>14} "
-          f"{'test AUC':>14} {'test ECE':>14} {'CPU s':>10}")
+    print(f"{'n':>4} {'head':>5} {'oof log loss':>14} {'oof ECE':>14} {'by chance':>14} "
+          f"{'test log loss':>14} {'test AUC':>14} {'test ECE':>14} {'by chance':>14} "
+          f"{'CPU s':>10}")
     for n in args.sizes:
         for head in args.heads:
             chosen = [r for r in rows if r["size"] == n and r["head"] == head]
@@ -180,8 +185,9 @@ def main(argv=None) -> int:
                 return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
 
             print(f"{n:>4} {head:>5} {cell('oof_log_loss'):>14} {cell('oof_ece'):>14} "
-                  f"{cell('test_log_loss'):>14} "
+                  f"{cell('oof_ece_by_chance'):>14} {cell('test_log_loss'):>14} "
                   f"{cell('test_auc'):>14} {cell('test_ece'):>14} "
+                  f"{cell('test_ece_by_chance'):>14} "
                   f"{np.mean([r['cpu_s'] for r in chosen]):>10.0f}")
     return 0
 

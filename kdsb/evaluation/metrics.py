@@ -25,12 +25,14 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_CALIBRATION_BINS = 10
 DEFAULT_BOOTSTRAP = 2000
 DEFAULT_LEVEL = 0.95
+DEFAULT_CALIBRATED_DRAWS = 2000  # label draws of a perfectly calibrated model (ece_if_calibrated)
 # The metrics `bootstrap_intervals` reports, named as in `summary`.
 BOOTSTRAP_METRICS = ("log_loss", "roc_auc", "accuracy", "brier")
 # Rules of `pick_threshold`.
 THRESHOLD_RULES = ("youden", "f1")
-# Bootstrap resamples are drawn and scored this many patient draws at a time, to bound memory.
-_BOOTSTRAP_CHUNK_DRAWS = 2_000_000
+# Bootstrap resamples and calibrated label draws are made and scored this many patient draws
+# at a time, to bound memory.
+_CHUNK_DRAWS = 2_000_000
 
 
 def _validate(y, p=None, *, probabilities: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -174,6 +176,45 @@ def expected_calibration_error(y, p, n_bins: int = DEFAULT_CALIBRATION_BINS) -> 
     return float(np.sum(bins.counts[filled] / bins.counts.sum() * gaps))
 
 
+def ece_if_calibrated(
+    p,
+    n_bins: int = DEFAULT_CALIBRATION_BINS,
+    *,
+    n_draws: int = DEFAULT_CALIBRATED_DRAWS,
+    level: float = DEFAULT_LEVEL,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """The ECE a perfectly calibrated model with these predictions would show, by chance alone.
+
+    On few patients the ECE is large even for a calibrated model: each bin's observed rate is a
+    handful of coin flips. Labels are drawn as y ~ Bernoulli(p) `n_draws` times (uniforms of
+    `np.random.default_rng(seed)`, a block of draws at a time, each draw a row of
+    `rng.random((n_draws, n))`) and each draw's ECE computed over the bins of `calibration_bins`
+    (which depend on p only). An observed ECE near the mean is what calibration looks like at
+    this size; one above the `level` quantile is evidence of miscalibration.
+
+    Returns:
+        (mean, `level` quantile) of the drawn ECEs.
+    """
+    if n_draws < 1:
+        raise KdsbError(f"expected at least one draw, received {n_draws}")
+    bins = calibration_bins(np.zeros(np.size(p)), p, n_bins)  # checks p
+    p = np.asarray(p, dtype=np.float64).ravel()
+    index = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
+    filled = np.flatnonzero(bins.counts)
+    one_hot = (index[:, None] == filled[None, :]).astype(np.float64)  # patient × filled bin
+    weights = bins.counts[filled] / p.size
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK_DRAWS // max(p.size, 1))
+    eces = []
+    for start in range(0, n_draws, rows):
+        drawn = rng.random((min(rows, n_draws - start), p.size)) < p
+        observed = (drawn @ one_hot) / bins.counts[filled]
+        eces.append(np.abs(observed - bins.mean_predicted[filled]) @ weights)
+    eces = np.concatenate(eces)
+    return float(eces.mean()), float(np.quantile(eces, level))
+
+
 def bootstrap_intervals(
     y,
     p,
@@ -221,7 +262,7 @@ def bootstrap_intervals(
     is_positive = y[order] == 1.0
 
     rng = np.random.default_rng(seed)
-    rows_per_chunk = max(1, _BOOTSTRAP_CHUNK_DRAWS // n)
+    rows_per_chunk = max(1, _CHUNK_DRAWS // n)
     means, aucs = [], []
     for start in range(0, n_boot, rows_per_chunk):
         rows = min(rows_per_chunk, n_boot - start)
@@ -363,13 +404,17 @@ def pick_threshold(y, p, rule: str) -> float:
 
 
 def summary(y, p, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
-    """The headline numbers: log loss, Brier score, ECE, ROC AUC, accuracy, base-rate log loss
+    """The headline numbers: log loss, Brier score, ECE (and a calibrated model's by chance:
+    `ece_if_calibrated`, its mean and 95 % quantile), ROC AUC, accuracy, base-rate log loss
     and counts."""
     y, p = _validate(y, p)
+    chance_mean, chance_high = ece_if_calibrated(p)
     return {
         "log_loss": log_loss(y, p),
         "brier": brier(y, p),
         "ece": expected_calibration_error(y, p),
+        "ece_if_calibrated": chance_mean,
+        "ece_if_calibrated_95": chance_high,
         "roc_auc": roc_auc(y, p),
         "accuracy": accuracy(y, p, threshold),
         "base_rate_log_loss": base_rate_log_loss(y),
