@@ -10,7 +10,8 @@ patients of the cohort, which has max(--sizes)) and each head,
 cohort and its metrics. Prints one row per (size, head, seed) and the mean ± sd over seeds of:
 out-of-fold log loss and ECE (cross-fitted calibration), held-out log loss, AUC, ECE (each ECE
 beside the one a calibrated model with the same predictions shows by chance,
-`metrics.ece_if_calibrated`), and the CPU time of the classifier step. Everything is written under WORKDIR and reused when rerun.
+`metrics.ece_if_calibrated`), and the CPU time of the classifier step. Everything is written
+under WORKDIR and reused when rerun.
 
 Usage: python benchmarks/classifier.py WORKDIR [--sizes 24 96] [--seeds 0 1 2]
        [--heads spp mil nll] [--folds 4] [--test-size 64] [--base CT] [--option KEY=VALUE …]
