@@ -136,7 +136,7 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
                                  resume=(run_dir / "config.json").is_file())
             cpu = _cpu_seconds() - start
             oof = json.loads((run_dir / "metrics.json").read_text())["out_of_fold"]
-            oof_p = read_predictions(run_dir / OOF_NAME)  # runs of before the ECE by chance too
+            oof_p = read_predictions(run_dir / OOF_NAME)  # also runs older than the key
             predicted = predict_cohort(test_volumes, [run_dir], clip=0.0)
             ids = sorted(test)
             y = np.array([test[i] for i in ids])
@@ -144,11 +144,11 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
             rows.append({
                 "size": n, "head": head, "seed": seed, "oof_log_loss": oof["log_loss"],
                 "oof_ece": oof["ece"],
-                "oof_ece_by_chance": metrics.ece_if_calibrated(list(oof_p.values()))[0],
+                "oof_ece_if_calibrated": metrics.ece_if_calibrated(list(oof_p.values()))[0],
                 "oof_auc": oof["roc_auc"], "test_log_loss": metrics.log_loss(y, p),
                 "test_auc": metrics.roc_auc(y, p),
                 "test_ece": metrics.expected_calibration_error(y, p),
-                "test_ece_by_chance": metrics.ece_if_calibrated(p)[0], "cpu_s": cpu,
+                "test_ece_if_calibrated": metrics.ece_if_calibrated(p)[0], "cpu_s": cpu,
             })
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -174,8 +174,8 @@ def main(argv=None) -> int:
         rows += run_seed(args.workdir / f"seed_{seed}", seed, args.sizes, args.heads, args.folds,
                          args.test_size, args.workers, args.base, dict(args.option))
     print()
-    print(f"{'n':>4} {'head':>5} {'oof log loss':>14} {'oof ECE':>14} {'by chance':>14} "
-          f"{'test log loss':>14} {'test AUC':>14} {'test ECE':>14} {'by chance':>14} "
+    print(f"{'n':>4} {'head':>5} {'oof log loss':>14} {'oof ECE':>14} {'if calibrated':>14} "
+          f"{'test log loss':>14} {'test AUC':>14} {'test ECE':>14} {'if calibrated':>14} "
           f"{'CPU s':>10}")
     for n in args.sizes:
         for head in args.heads:
@@ -186,9 +186,9 @@ def main(argv=None) -> int:
                 return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
 
             print(f"{n:>4} {head:>5} {cell('oof_log_loss'):>14} {cell('oof_ece'):>14} "
-                  f"{cell('oof_ece_by_chance'):>14} {cell('test_log_loss'):>14} "
+                  f"{cell('oof_ece_if_calibrated'):>14} {cell('test_log_loss'):>14} "
                   f"{cell('test_auc'):>14} {cell('test_ece'):>14} "
-                  f"{cell('test_ece_by_chance'):>14} "
+                  f"{cell('test_ece_if_calibrated'):>14} "
                   f"{np.mean([r['cpu_s'] for r in chosen]):>10.0f}")
     return 0
 

@@ -161,16 +161,16 @@ def test_protruding_tissue_is_a_bump_on_the_wall_never_the_wall_behind_a_convex_
     air = x < 20  # lung left of a flat wall at x = 20
     bump = ((z - 10) * 2.0) ** 2 + (y - 20.0) ** 2 + (x - 20.0) ** 2 <= 3.0**2
     air &= ~bump  # a 3 mm nodule sitting on the wall
-    found = refine._protruding(air, ~air, spacing)
+    found = refine.protruding_tissue(air, ~air, spacing)
     assert found[bump & (x < 20)].all()  # its part inside the lung
     assert not found[(x >= 22)].any()  # the wall itself
     ball = ((z - 10) * 2.0) ** 2 + (y - 20.0) ** 2 + (x - 20.0) ** 2 <= 15.0**2
-    assert not refine._protruding(ball, ~ball, spacing).any()  # convex lung: nothing
+    assert not refine.protruding_tissue(ball, ~ball, spacing).any()  # convex lung: nothing
 
 
 def test_small_juxtapleural_nodule_is_kept(chest):
     """A 3 mm nodule on the posterolateral wall, where it runs diagonally in the slice: too
-    small for the coarse grid's filling (84 % kept before `refine._protruding`)."""
+    small for the coarse grid's filling (84 % kept before `refine.protruding_tissue`)."""
     nz, ny, nx = SHAPE
     z = (np.arange(nz) * SPACING[0])[:, None, None]
     y = ((np.arange(ny) - ny / 2) * SPACING[1])[None, :, None]

@@ -74,24 +74,33 @@ def test_calibration_bins():
 
 
 def test_ece_if_calibrated_is_the_mean_ece_of_labels_drawn_from_the_predictions(monkeypatch):
-    """Against a loop over the same draws (one row of uniforms per draw), in blocks of draws
-    or all at once; exact for sure predictions and for one bin of coin flips."""
+    """Against a loop over the same draws (one row of uniforms per draw, against the sorted
+    predictions), whatever the patients' order, in blocks of draws, one draw at a time or all
+    at once; exact for sure predictions and for one bin of coin flips."""
     rng = np.random.default_rng(3)
     p = np.concatenate([rng.random(30), [0.0, 1.0, 0.5]])
     uniforms = np.random.default_rng(7).random((500, p.size))
-    reference = np.array([metrics.expected_calibration_error(u < p, p) for u in uniforms])
+    reference = np.array([metrics.expected_calibration_error(u < np.sort(p), np.sort(p), 3)
+                          for u in uniforms])
     expected = (reference.mean(), np.quantile(reference, 0.9))
-    found = metrics.ece_if_calibrated(p, n_draws=500, level=0.9, seed=7)
-    assert found == pytest.approx(expected, rel=1e-12)
+
+    def found(predictions):
+        return metrics.ece_if_calibrated(predictions, 3, n_draws=500, level=0.9, seed=7)
+
+    assert found(p) == pytest.approx(expected, rel=1e-12)
+    assert found(p[::-1]) == pytest.approx(expected, rel=1e-12)
     monkeypatch.setattr(metrics, "_CHUNK_DRAWS", 2 * p.size + 1)  # two draws per block
-    assert metrics.ece_if_calibrated(p, n_draws=500, level=0.9, seed=7) == pytest.approx(
-        expected, rel=1e-12)
+    assert found(p) == pytest.approx(expected, rel=1e-12)
+    monkeypatch.setattr(metrics, "_CHUNK_DRAWS", p.size // 2)  # fewer than one draw: one
+    assert found(p) == pytest.approx(expected, rel=1e-12)
     assert metrics.ece_if_calibrated([0.0, 1.0, 1.0, 0.0]) == (0.0, 0.0)  # sure and right
     # Four coin flips in one bin: E|k/4 - 1/2| over k ~ Binomial(4, 1/2) is 3/16.
     mean, high = metrics.ece_if_calibrated([0.5] * 4, n_draws=40_000)
     assert mean == pytest.approx(3 / 16, abs=0.004) and high == 0.5
     with pytest.raises(KdsbError, match="expected at least one draw, received 0"):
         metrics.ece_if_calibrated([0.5], n_draws=0)
+    with pytest.raises(KdsbError, match="expected at least one prediction, received none"):
+        metrics.ece_if_calibrated([])
 
 
 def test_summary_keys_and_validation():

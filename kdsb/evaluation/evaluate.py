@@ -30,7 +30,7 @@ TABLE_ROWS = (
     ("ece", "ECE (10 bins)"),
     # What a calibrated model with these predictions would show by chance (metrics.summary).
     ("ece_if_calibrated", "ECE by chance"),
-    ("ece_if_calibrated_95", "ECE by chance, 95%"),
+    ("ece_if_calibrated_95", "ECE by chance 95 %"),
     ("roc_auc", "ROC AUC"),
     ("accuracy", "accuracy"),
 )

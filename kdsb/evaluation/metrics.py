@@ -147,16 +147,21 @@ class CalibrationBins:
     counts: np.ndarray
 
 
+def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
+    """The calibration bin of each probability: [k/n, (k+1)/n), the last one closed."""
+    if n_bins < 1:
+        raise KdsbError(f"expected at least one calibration bin, received {n_bins}")
+    return np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
+
+
 def calibration_bins(y, p, n_bins: int = DEFAULT_CALIBRATION_BINS) -> CalibrationBins:
     """Bin patients by predicted probability and compare mean prediction with observed rate.
 
     Bins are [k/n, (k+1)/n), the last one closed so p = 1 falls into it.
     """
-    if n_bins < 1:
-        raise KdsbError(f"expected at least one calibration bin, received {n_bins}")
     y, p = _validate(y, p)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    index = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
+    index = _bin_index(p, n_bins)
     counts = np.bincount(index, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_predicted = np.bincount(index, weights=p, minlength=n_bins) / counts
@@ -188,7 +193,8 @@ def ece_if_calibrated(
 
     On few patients the ECE is large even for a calibrated model: each bin's observed rate is a
     handful of coin flips. Labels are drawn as y ~ Bernoulli(p) `n_draws` times (uniforms of
-    `np.random.default_rng(seed)`, a block of draws at a time, each draw a row of
+    `np.random.default_rng(seed)` against the predictions in ascending order, so the answer
+    does not depend on the patients' order; a block of draws at a time, each draw a row of
     `rng.random((n_draws, n))`) and each draw's ECE computed over the bins of `calibration_bins`
     (which depend on p only). An observed ECE near the mean is what calibration looks like at
     this size; one above the `level` quantile is evidence of miscalibration.
@@ -198,18 +204,19 @@ def ece_if_calibrated(
     """
     if n_draws < 1:
         raise KdsbError(f"expected at least one draw, received {n_draws}")
-    bins = calibration_bins(np.zeros(np.size(p)), p, n_bins)  # checks p
-    p = np.asarray(p, dtype=np.float64).ravel()
-    index = np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
+    p = np.sort(np.asarray(p, dtype=np.float64).ravel())
+    if p.size == 0:
+        raise KdsbError("expected at least one prediction, received none")
+    bins = calibration_bins(np.zeros(p.size), p, n_bins)  # checks p
     filled = np.flatnonzero(bins.counts)
-    one_hot = (index[:, None] == filled[None, :]).astype(np.float64)  # patient × filled bin
+    one_hot = (_bin_index(p, n_bins)[:, None] == filled[None, :]).astype(np.float64)
     weights = bins.counts[filled] / p.size
     rng = np.random.default_rng(seed)
-    rows = max(1, _CHUNK_DRAWS // max(p.size, 1))
+    rows = max(1, _CHUNK_DRAWS // p.size)
     eces = []
     for start in range(0, n_draws, rows):
         drawn = rng.random((min(rows, n_draws - start), p.size)) < p
-        observed = (drawn @ one_hot) / bins.counts[filled]
+        observed = (drawn @ one_hot) / bins.counts[filled]  # draw × filled bin
         eces.append(np.abs(observed - bins.mean_predicted[filled]) @ weights)
     eces = np.concatenate(eces)
     return float(eces.mean()), float(np.quantile(eces, level))

@@ -41,12 +41,12 @@ already reads -1000 HU.
    taken whole (only their tissue voxels beside rejected air); coarse voxels on the boundary keep
    only their full-resolution voxels of lung or ground glass (below `GROUND_GLASS_MAX_HU`), so
    the lung surface is as sharp as the source image, tissue that protrudes into the lung, with
-   lung air on both sides within `SMALL_NODULE_MM` (`_protruding`: a nodule too small for the
+   lung air on both sides within `SMALL_NODULE_MM` (`protruding_tissue`: a nodule too small for the
    coarse grid), and the tissue voxels within `FRINGE_VOXELS` of a solid core the filling took
    in or one protruding into the lung (a nodule's edge where it meets the chest wall, a small
    nodule's base in a corner of the wall) (`full_resolution_mask`).
 
-Modules, in the order `segment_lungs` (`segment`) runs them: `morphology` (the coarse grid,
+Modules (`segment.segment_lungs_in_box` runs the rules in order): `morphology` (the coarse grid,
 block means, closings with Euclidean balls, the 6-neighbourhood morphology), `airways` (the
 trachea and main bronchi), `selection` (which air is lung, which is gas), `filling` (each
 side's closings, envelope and enclosed tissue), `masses` (the apex rule and the mass rims),

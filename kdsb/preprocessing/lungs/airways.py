@@ -11,11 +11,12 @@ import numpy as np
 from scipy import ndimage
 
 from kdsb.preprocessing.lungs.morphology import IN_PLANE, bounding_box, touched
-from kdsb.preprocessing.lungs.thresholds import AIRWAY_LOOSE_HU, AIRWAY_THRESHOLD_HU
+from kdsb.preprocessing.lungs.thresholds import AIRWAY_THRESHOLD_HU
 
 logger = logging.getLogger(__name__)
 
 
+AIRWAY_LOOSE_HU = -800.0  # a lumen reading a little above that; ground glass stays above it
 TRACHEA_AREA_MM2 = (50.0, 900.0)  # lumen cross-section (after averaging): 8–34 mm diameter
 TRACHEA_MAX_OFFSET_MM = 40.0  # from the body's midline
 TRACHEA_MIN_FILL = 0.45  # area / bounding-box area: a round lumen fills about π/4 of its box

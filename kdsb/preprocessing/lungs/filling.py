@@ -1,6 +1,6 @@
-"""Filling one lung on the coarse grid: closings with a 15 mm ball and a 38 mm envelope,
-tissue enclosed between the lung and the chest wall inside the lungs' slice-wise convex hull,
-and a juxtapleural nodule's reach out to the wall."""
+"""Filling one lung on the coarse grid: closings with a ball (`CLOSING_RADIUS_MM`) and an
+envelope (`ENVELOPE_RADIUS_MM`), tissue enclosed between the lung and the chest wall inside the
+lungs' slice-wise convex hull, and a juxtapleural nodule's reach out to the wall."""
 
 from __future__ import annotations
 

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from kdsb.preprocessing.lungs.morphology import dilate_cross, erode_cross
-from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU, GROUND_GLASS_MAX_HU
+from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU
 
 # How a coarse voxel maps to the source grid: not at all, its air voxels, its tissue voxels
 # (added tissue beside rejected air: bowel gas, airways), or whole.
 FULL_NEVER, FULL_IF_AIR, FULL_IF_TISSUE, FULL_ALWAYS = 0, 1, 2, 3
+GROUND_GLASS_MAX_HU = -300.0  # lung or ground glass in the mask's boundary blocks
 FRINGE_VOXELS = 2  # how far past the filling a mass's hidden edge may reach
 SMALL_NODULE_MM = 5.0  # lung air within this on both sides: tissue protruding into the lung
 # Directions (z, y, x) along which protruding tissue is looked for: the in-plane axes and
@@ -28,8 +29,8 @@ def full_resolution_mask(
     `FULL_ALWAYS`) and whether the filling `added` that block, bool.
 
     Boundary blocks (`FULL_IF_AIR`) keep their lung and ground glass (below
-    `GROUND_GLASS_MAX_HU`), their tissue protruding into the lung (`_protruding`: a nodule too
-    small for the coarse grid) and the tissue within `FRINGE_VOXELS` of a solid core, one the
+    `GROUND_GLASS_MAX_HU`), their tissue protruding into the lung (`protruding_tissue`: a nodule
+    too small for the coarse grid) and the tissue within `FRINGE_VOXELS` of a solid core, one the
     filling took in or one protruding into the lung: a nodule's edge against the chest wall,
     or the base of a small nodule in a corner of the wall.
 
@@ -49,7 +50,7 @@ def full_resolution_mask(
     soft_tissue = boundary  # reused: boundary tissue, not bone
     soft_tissue &= tissue
     soft_tissue &= hu <= BONE_HU
-    protruding = _protruding(kept & air, soft_tissue & ~kept, spacing)
+    protruding = protruding_tissue(kept & air, soft_tissue & ~kept, spacing)
     kept |= protruding
     cores = kept & tissue
     cores &= added
@@ -58,7 +59,9 @@ def full_resolution_mask(
     return kept
 
 
-def _protruding(air: np.ndarray, candidates: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+def protruding_tissue(
+    air: np.ndarray, candidates: np.ndarray, spacing: Sequence[float]
+) -> np.ndarray:
     """The `candidates` with `air` on both sides along one of `PROTRUSION_DIRECTIONS` within
     `SMALL_NODULE_MM`: tissue that protrudes into the lung (a small nodule on the wall), bool.
 
