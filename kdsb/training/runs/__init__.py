@@ -1,0 +1,102 @@
+"""The training spine of every kdsb model: options, run folder, seeds, precision, devices,
+checkpoints, resume, NaN guard, history and TensorBoard.
+
+A model's training module (`kdsb.training.gmcae`, `kdsb.training.classifier`) brings only its
+data, its model and its metrics, and a `RunOptions` subclass: the single source of its options,
+their defaults and help (`add_options` builds the command-line flags from the fields). A run
+goes `resolve_options` → (check the data) → `begin` → (build the datasets) → `train`, which
+writes one run folder:
+
+```
+RUN_DIR/
+  config.json                      the run's options (`OPTIONS_NAME`), reused by --resume
+  checkpoints/epoch_0001.keras …   full model + optimizer state after every epoch (atomic)
+  <best_name>                      the best model so far by `monitor` (atomic)
+  history.csv                      one row per epoch (keras CSVLogger; `epoch` counts from 0)
+  logs/                            TensorBoard event files (when tensorboard is installed)
+```
+
+With `--distribute multiworker` (`distribution_strategy`) several processes, one per machine,
+train one model together; only the chief (`Worker.chief`) writes the run folder, the others
+write their callbacks' files into a temporary folder of their own that `fit` removes.
+
+Resuming keeps the saved options; options given again must keep their saved value, except
+`RESUMABLE_CHANGES`, which change neither the model nor its inputs.
+
+`fit(..., resume=True)` loads the newest checkpoint (model and optimizer state, safe mode) and
+continues at the next epoch, so a run killed at any moment loses at most one epoch. Training
+that produces a NaN or infinite loss stops at once with a `TrainingError` naming the epoch and
+batch; the checkpoint of a non-finite model is never written.
+
+Modules: `options` (`RunOptions`, flags, the resume rule), `devices` (seeds, precision, strategies,
+workers), `folder` (checkpoints, history, atomic saves), `callbacks` (NaN guard, checkpoints, giving
+up), `fitting` (`begin`, `train`, `fit`). Their public names are importable from here.
+
+TensorFlow is imported inside the functions, so importing this module stays light.
+"""
+
+from kdsb.training.runs.devices import (
+    PRECISIONS,
+    STRATEGIES,
+    TF_CONFIG,
+    Worker,
+    configure_runtime,
+    distribution_strategy,
+    keras_verbosity,
+    read_tf_config,
+    wait_for_workers,
+    worker,
+)
+from kdsb.training.runs.fitting import begin, fit, train
+from kdsb.training.runs.folder import (
+    CHECKPOINT_DIR,
+    HISTORY_NAME,
+    TENSORBOARD_DIR,
+    check_run_dir,
+    checkpoint_path,
+    discard_training,
+    last_checkpoint,
+    list_checkpoints,
+    read_history,
+    save_model_atomically,
+)
+from kdsb.training.runs.options import (
+    OPTIONS_NAME,
+    RunOptions,
+    add_options,
+    given_options,
+    option,
+    resolve_options,
+)
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "HISTORY_NAME",
+    "OPTIONS_NAME",
+    "PRECISIONS",
+    "STRATEGIES",
+    "TENSORBOARD_DIR",
+    "TF_CONFIG",
+    "RunOptions",
+    "Worker",
+    "add_options",
+    "begin",
+    "check_run_dir",
+    "checkpoint_path",
+    "configure_runtime",
+    "discard_training",
+    "distribution_strategy",
+    "fit",
+    "given_options",
+    "keras_verbosity",
+    "last_checkpoint",
+    "list_checkpoints",
+    "option",
+    "read_history",
+    "read_tf_config",
+    "resolve_options",
+    "save_model_atomically",
+    "train",
+    "wait_for_workers",
+    "worker",
+]

@@ -1,0 +1,159 @@
+"""The kdsb Keras callbacks (NaN guard, epoch checkpoints and best model, giving up on a run that
+learns nothing) and which way a monitored value improves."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from kdsb.errors import TrainingError
+from kdsb.training.runs.folder import (
+    checkpoint_path,
+    last_checkpoint,
+    list_checkpoints,
+    save_model_atomically,
+)
+
+logger = logging.getLogger(__name__)
+
+
+
+# Monitored quantities whose larger values are better ("auto" mode); everything else is a loss.
+HIGHER_IS_BETTER = ("acc", "accuracy", "auc", "precision", "recall")
+
+
+NAN_ADVICE = "try a lower --lr, a lower --clipnorm or a larger variance floor"
+
+
+def higher_is_better(monitor: str) -> bool:
+    name = monitor.removeprefix("val_")
+    return any(name == key or name.endswith(f"_{key}") for key in HIGHER_IS_BETTER)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True  # not a number (a string, an array): nothing to check
+
+
+def best_so_far(rows: list[dict[str, str]], monitor: str, higher_is_better: bool) -> float | None:
+    values = [float(row[monitor]) for row in rows if _finite(row.get(monitor, "nan"))]
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return None
+    return max(values) if higher_is_better else min(values)
+
+
+def callback_classes():
+    """The kdsb callbacks; defined lazily because they subclass a Keras class."""
+    import keras
+
+    class NonFiniteGuard(keras.callbacks.Callback):
+        """Raise `TrainingError` at the first batch or epoch whose logs hold a NaN or an Inf.
+
+        Placed first among the callbacks, so no checkpoint, best model or history row of a
+        non-finite model is written after it fires. Checking every batch reads the loss back
+        from the device each step; that costs little next to a 3D convolution step, and it
+        stops a diverged run at once instead of an epoch later.
+        """
+
+        def __init__(self, run_dir: Path):
+            super().__init__()
+            self.run_dir = run_dir
+            self.epoch = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def _check(self, logs, where: str) -> None:
+            bad = sorted(k for k, v in (logs or {}).items() if not _finite(v))
+            if not bad:
+                return
+            last = last_checkpoint(self.run_dir)
+            good = f"{last[1]} (epoch {last[0]})" if last else "none (no epoch completed)"
+            raise TrainingError(
+                f"training stopped: {bad[0]} became NaN or infinite at epoch {self.epoch + 1} "
+                f"{where}; last good checkpoint: {good}; {NAN_ADVICE}"
+            )
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._check(logs, f"batch {batch + 1}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._check(logs, "(validation)")
+
+    class EpochCheckpoint(keras.callbacks.Callback):
+        """After every epoch: save `checkpoints/epoch_NNNN.keras` and, when better, the best model.
+
+        Both writes are atomic. `keep` bounds how many epoch checkpoints stay on disk (the
+        newest ones; None keeps all). `best` is the best monitored value of earlier epochs, so a
+        resumed run only replaces the best model with a better one.
+        """
+
+        def __init__(
+            self,
+            run_dir: Path,
+            best_name: str,
+            monitor: str,
+            higher_is_better: bool,
+            best: float | None,
+            keep: int | None,
+        ):
+            super().__init__()
+            self.run_dir = run_dir
+            self.best_path = run_dir / best_name
+            self.monitor = monitor
+            self.higher_is_better = higher_is_better
+            self.best = best
+            self.keep = keep
+            self._warned = False
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            save_model_atomically(self.model, checkpoint_path(self.run_dir, epoch + 1))
+            value = logs.get(self.monitor)
+            if value is None:
+                if not self._warned:
+                    logger.warning("%s not logged: saving the latest model as best", self.monitor)
+                    self._warned = True
+                improved = True
+            else:
+                value = float(value)
+                improved = self.best is None or (
+                    value > self.best if self.higher_is_better else value < self.best
+                )
+            if improved:
+                if value is not None:
+                    logger.info("epoch %d: %s improved to %.6g", epoch + 1, self.monitor, value)
+                    self.best = value
+                save_model_atomically(self.model, self.best_path)
+            self._prune()
+
+        def _prune(self) -> None:
+            if self.keep is None:
+                return
+            found = list_checkpoints(self.run_dir)
+            for _, path in found[: max(0, len(found) - self.keep)]:
+                path.unlink(missing_ok=True)
+
+    class GiveUpBelow(keras.callbacks.Callback):
+        """Stop training once the logged value `name` stayed under `floor` for `patience`
+        epochs in a row (the count restarts on resume)."""
+
+        def __init__(self, name: str, floor: float, patience: int):
+            super().__init__()
+            self.name, self.floor, self.patience = name, floor, patience
+            self.under = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get(self.name)
+            self.under = self.under + 1 if value is not None and value < self.floor else 0
+            if self.under >= self.patience:
+                logger.info("epoch %d: %s under %g for %d epochs: the run learns nothing, "
+                            "stopped", epoch + 1, self.name, self.floor, self.under)
+                self.model.stop_training = True
+
+    return NonFiniteGuard, EpochCheckpoint, GiveUpBelow

@@ -1,0 +1,270 @@
+"""A run from start to end: `begin` (strategy, config.json, seeds, precision), then `train` /
+`fit` (build or resume the model, train with the callbacks, write the run folder)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kdsb.io.atomic import write_json
+from kdsb.training.runs.callbacks import best_so_far, callback_classes, higher_is_better
+from kdsb.training.runs.devices import (
+    configure_runtime,
+    distribute_data,
+    distribution_strategy,
+    keras_verbosity,
+    worker,
+)
+from kdsb.training.runs.folder import (
+    CHECKPOINT_DIR,
+    HISTORY_NAME,
+    TENSORBOARD_DIR,
+    check_run_dir,
+    remove_stale_files,
+    truncate_history,
+)
+from kdsb.training.runs.options import OPTIONS_NAME, RunOptions
+
+logger = logging.getLogger(__name__)
+
+
+
+def begin(run_dir: str | os.PathLike, options: RunOptions, *, data_dir: str | os.PathLike,
+          seed: int | None = None) -> None:
+    """Create the distribution strategy, write the run's options (config.json, with `data_dir`;
+    the chief only), then seed (`seed`, else `options.seed`) and set the precision.
+
+    Call it once the data is checked, before building datasets or models and before any other
+    TensorFlow op: a multi-worker strategy must start TensorFlow's collective ops first.
+    """
+    distribution_strategy(options.distribute)
+    if worker(options.distribute).chief:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / OPTIONS_NAME,
+                   {**options.to_saved(), "data_dir": str(Path(data_dir).resolve())})
+    configure_runtime(seed=options.seed if seed is None else seed, precision=options.precision)
+
+
+def train(
+    build_model: Callable[[], Any],
+    train_data: Any,
+    val_data: Any,
+    run_dir: str | os.PathLike,
+    options: RunOptions,
+    *,
+    resume: bool,
+    best_name: str,
+    steps_per_epoch: int,
+    validation_steps: int | None = None,
+    monitor: str = "val_loss",
+    prepare_model: Callable[[Any], Any] | None = None,
+    give_up_below: tuple[str, float] | None = None,
+) -> Any:
+    """`fit` with a run's options: epochs, patience, checkpoints kept, distribution strategy
+    (`give_up_below` as in `fit`).
+
+    Under multiworker, `train_data` is this worker's own stream (its share of the data, batches
+    of its share of the global batch) and `val_data` the whole validation set, which every
+    worker evaluates (the metrics then equal one worker's); `steps_per_epoch` counts this
+    worker's batches.
+
+    Returns:
+        The `keras.callbacks.History` of the epochs run now.
+    """
+    return fit(
+        build_model,
+        train_data,
+        val_data,
+        run_dir,
+        epochs=options.epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_steps=validation_steps,
+        resume=resume,
+        best_name=best_name,
+        monitor=monitor,
+        early_stopping_patience=options.patience,
+        give_up_below=give_up_below,
+        keep_checkpoints=options.keep_checkpoints,
+        strategy=distribution_strategy(options.distribute),
+        verbose=keras_verbosity(options.distribute),
+        prepare_model=prepare_model,
+    )
+
+
+def fit(
+    build_model: Callable[[], Any],
+    train_data: Any,
+    val_data: Any,
+    run_dir: str | os.PathLike,
+    *,
+    epochs: int,
+    steps_per_epoch: int | None = None,
+    validation_steps: int | None = None,
+    resume: bool = False,
+    best_name: str = "model.keras",
+    monitor: str = "val_loss",
+    early_stopping_patience: int | None = None,
+    give_up_below: tuple[str, float] | None = None,
+    keep_checkpoints: int | None = None,
+    strategy: Any = None,
+    verbose: int | str = "auto",
+    prepare_model: Callable[[Any], Any] | None = None,
+) -> Any:
+    """Train a model into a run folder, with per-epoch checkpoints, resume and a NaN guard.
+
+    Args:
+        build_model: called with no argument, returns a compiled Keras model. It runs inside
+            `strategy.scope()`, and only when training starts afresh (a resumed run loads its
+            model, compiled with its optimizer state, from the last checkpoint).
+        train_data: what `keras.Model.fit` accepts as `x` (a tf.data.Dataset of (x, y) batches).
+        val_data: validation data in the same form, or None.
+        run_dir: the run folder (created if missing); its layout: the package docstring
+            (`kdsb.training.runs`).
+        epochs: the total number of epochs of the run (not the number still to do).
+        steps_per_epoch: batches per epoch (needed for endless datasets).
+        validation_steps: validation batches per epoch (needed for endless datasets).
+        resume: continue from the newest checkpoint of `run_dir`: its model and optimizer
+            state, epoch numbering (`initial_epoch`), best value so far and history.csv (rows
+            of epochs after the checkpoint are dropped, so every epoch appears once). With no
+            checkpoint yet (killed during the first epoch) training starts afresh, with a
+            warning, so `--resume` can always be passed.
+        best_name: file name of the best model inside `run_dir`.
+        monitor: logged quantity that picks the best model (and drives early stopping):
+            larger is better for accuracy/AUC-like names (`HIGHER_IS_BETTER`), else smaller.
+        early_stopping_patience: stop after this many epochs without improvement of
+            `monitor` (None: never). The patience count restarts on resume.
+        give_up_below: (logged name, floor): also stop once that value stayed under the floor
+            for `early_stopping_patience` epochs in a row (a run that learns nothing; e.g. a
+            classifier's `val_prediction_spread`, `kdsb.models.spread`).
+        keep_checkpoints: keep only the newest this many epoch checkpoints (None: all).
+        strategy: a `tf.distribute` strategy (None: the default one); see
+            `distribution_strategy`. Under multiworker, only the chief writes `run_dir`
+            (`strategy.extended.should_checkpoint`); the others write into a temporary folder
+            that is removed before returning, and all of them resume from `run_dir`.
+        verbose: passed to `keras.Model.fit`.
+        prepare_model: called with the model, built or loaded from a checkpoint, before it
+            trains; returns the model. For how its steps are computed, not what is saved
+            (`kdsb.models.slabs`): a loaded checkpoint computes the plain way again.
+
+    Returns:
+        The `keras.callbacks.History` of the epochs run now; `history.model` is the trained
+        model (its latest weights; the best ones are in `run_dir/best_name`).
+
+    Raises:
+        UsageError: `run_dir` already holds checkpoints but `resume` is False.
+        TrainingError: the loss or a metric became NaN or infinite; the message names the epoch,
+            the batch and the last good checkpoint, which stays loadable.
+    """
+    import tensorflow as tf
+
+    run_dir = Path(run_dir)
+    strategy = strategy or tf.distribute.get_strategy()
+    # The chief writes the run folder; another worker of a multi-worker run writes the same
+    # files (every worker must save: saving may read variables collectively) into a temporary
+    # folder of its own, removed at the end. All of them read the run folder to resume.
+    chief = strategy.extended.should_checkpoint
+    out_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="kdsb-worker-"))
+    try:
+        return _fit(build_model, distribute_data(strategy, train_data),
+                    distribute_data(strategy, val_data), run_dir, out_dir, strategy, epochs=epochs,
+                    steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
+                    resume=resume, best_name=best_name, monitor=monitor,
+                    early_stopping_patience=early_stopping_patience,
+                    give_up_below=give_up_below,
+                    keep_checkpoints=keep_checkpoints, verbose=verbose,
+                    prepare_model=prepare_model)
+    finally:
+        if not chief:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strategy, *,
+         epochs, steps_per_epoch, validation_steps, resume, best_name, monitor,
+         early_stopping_patience, give_up_below, keep_checkpoints, verbose, prepare_model):
+    """`fit` reading the run from `run_dir` and writing into `out_dir`."""
+    import keras
+
+    chief = out_dir == run_dir
+    if chief:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_files(run_dir)
+    higher = higher_is_better(monitor)
+    history_path = out_dir / HISTORY_NAME
+    last = check_run_dir(run_dir, resume)
+    if resume and last is None:
+        logger.warning("no checkpoint in %s: starting afresh", run_dir / CHECKPOINT_DIR)
+    if last is not None:
+        initial_epoch, path = last
+        logger.info("resuming from %s (epoch %d of %d)", path, initial_epoch, epochs)
+        with strategy.scope():
+            model = keras.saving.load_model(path, compile=True, safe_mode=True)
+        rows = truncate_history(run_dir / HISTORY_NAME, initial_epoch, write=chief)
+    else:
+        initial_epoch = 0
+        with strategy.scope():
+            model = build_model()
+        if chief:
+            history_path.unlink(missing_ok=True)
+        rows = []
+    if prepare_model is not None:
+        model = prepare_model(model)
+
+    NonFiniteGuard, EpochCheckpoint, GiveUpBelow = callback_classes()
+    csv_logger = keras.callbacks.CSVLogger(str(history_path), append=True)
+    # Order matters: the guard first (nothing is written for a non-finite model), then the
+    # history row, then the checkpoint. A kill between the last two leaves one row too many,
+    # which resuming drops; the reverse order would lose a row for good.
+    callbacks = [
+        NonFiniteGuard(run_dir),
+        csv_logger,
+        EpochCheckpoint(
+            out_dir,
+            best_name,
+            monitor,
+            higher,
+            best_so_far(rows, monitor, higher),
+            keep_checkpoints,
+        ),
+    ]
+    # TensorBoard may be missing from a hand-made environment: the run then goes on unlogged.
+    if importlib.util.find_spec("tensorboard") is not None:
+        callbacks.append(
+            keras.callbacks.TensorBoard(
+                log_dir=str(out_dir / TENSORBOARD_DIR), update_freq="epoch", profile_batch=0
+            )
+        )
+    elif chief:
+        logger.warning("tensorboard is not installed: no TensorBoard logs in %s", run_dir)
+    if early_stopping_patience is not None:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=monitor, patience=early_stopping_patience, mode="max" if higher else "min"
+            )
+        )
+        if give_up_below is not None:
+            callbacks.append(GiveUpBelow(*give_up_below, early_stopping_patience))
+
+    if initial_epoch >= epochs:
+        logger.info("run already has %d of %d epochs: nothing to do", initial_epoch, epochs)
+    try:
+        history = model.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_steps=validation_steps,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,  # datasets shuffle themselves; Keras cannot shuffle a tf.data input
+        )
+    finally:
+        csv_logger.on_train_end()  # closes history.csv also when the NaN guard fired
+    return history

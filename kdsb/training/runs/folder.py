@@ -1,0 +1,125 @@
+"""The run folder's files: epoch checkpoints, history.csv, TensorBoard logs, atomic model saves,
+and the rule that a fresh start never overwrites a run's checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kdsb.errors import UsageError
+from kdsb.io.atomic import atomic_path, remove_stale_temporaries
+
+logger = logging.getLogger(__name__)
+
+
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{4,})\.keras$")
+
+
+HISTORY_NAME = "history.csv"
+
+
+TENSORBOARD_DIR = "logs"
+
+
+def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:
+    """The checkpoint written after `epoch` (counted from 1) in `run_dir`."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"epoch_{epoch:04d}.keras"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a run as (epoch counted from 1, path), oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (int(match.group(1)), path)
+        for path in folder.iterdir()
+        if (match := CHECKPOINT_PATTERN.match(path.name))
+    )
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
+    """The newest complete checkpoint of a run as (epoch counted from 1, path), or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def discard_training(run_dir: str | os.PathLike, history_as: str, models: tuple[str, ...]) -> None:
+    """Clear a run folder for a fresh start: its checkpoints, TensorBoard logs and the `models`
+    it saved are removed, its history.csv is renamed `history_as` (kept as a record); config.json
+    and other files stay."""
+    run_dir = Path(run_dir)
+    for folder in (CHECKPOINT_DIR, TENSORBOARD_DIR):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+    for name in models:
+        (run_dir / name).unlink(missing_ok=True)
+    history = run_dir / HISTORY_NAME
+    if history.is_file():
+        history.replace(run_dir / history_as)
+
+
+def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> tuple[int, Path] | None:
+    """Refuse to start afresh over a run's checkpoints; returns the newest one (or None).
+
+    `resolve_options` calls it before anything is written into `run_dir`, `fit` again before
+    training.
+
+    Raises:
+        UsageError: `run_dir` already holds checkpoints but `resume` is False.
+    """
+    last = last_checkpoint(run_dir)
+    if last is not None and not resume:
+        raise UsageError(
+            f"expected an empty run folder or --resume, received {run_dir} which already holds "
+            f"checkpoints up to epoch {last[0]}"
+        )
+    return last
+
+
+def save_model_atomically(model: Any, path: str | os.PathLike) -> Path:
+    """Save a Keras model to `path` (.keras) through a hidden temporary file and a rename.
+
+    A reader, or a run resumed after a kill, sees either the previous file or the new one,
+    never a half-written archive.
+    """
+    with atomic_path(path) as temp:
+        model.save(temp)
+    return Path(path)
+
+
+def remove_stale_files(run_dir: Path) -> None:
+    for folder in (run_dir, run_dir / CHECKPOINT_DIR):
+        if folder.is_dir():
+            remove_stale_temporaries(folder)
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a history.csv written by `fit` (empty when the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def truncate_history(path: Path, epochs_done: int, write: bool = True) -> list[dict[str, str]]:
+    """Keep the rows of epochs already checkpointed (a kill may have logged one more); rewrite
+    the file without the others when `write`."""
+    rows = read_history(path)
+    kept = [row for row in rows if row["epoch"].isdigit() and int(row["epoch"]) < epochs_done]
+    if write and len(kept) != len(rows):
+        logger.info("dropping %d history row(s) not covered by a checkpoint", len(rows) - len(kept))
+        with atomic_path(path) as temp, temp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(kept)
+    return kept

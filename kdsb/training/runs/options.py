@@ -1,0 +1,210 @@
+"""A run's options: the `RunOptions` dataclass every model subclasses (the single source of
+its options, defaults and help), its command-line flags and the resume rule (config.json)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kdsb.errors import KdsbError, UsageError
+from kdsb.training.runs.devices import PRECISIONS, STRATEGIES
+from kdsb.training.runs.folder import check_run_dir
+
+logger = logging.getLogger(__name__)
+
+
+
+OPTIONS_NAME = "config.json"
+
+
+# Options a resumed run may change (they change neither the model nor its inputs); every other
+# option given again must keep its saved value.
+RESUMABLE_CHANGES = (
+    "epochs", "steps_per_epoch", "patience", "distribute", "keep_checkpoints", "tile_z"
+)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **argparse_kwargs: Any) -> Any:
+    """A field of a `RunOptions` subclass and its command-line flag.
+
+    Args:
+        default: the default value (none: a required option).
+        help: the flag's help; "(default: …)" is appended.
+        **argparse_kwargs: more `add_argument` arguments (`type`, `choices`, `action`, `flag`
+            for another flag name, `shown` for the default as shown in the help, `path` to
+            compare values as file paths on resume).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+OptionsT = TypeVar("OptionsT", bound="RunOptions")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """The options every model's training has; subclasses add theirs and may change defaults.
+
+    Attributes:
+        epochs: total epochs of the run (not the number still to do).
+        batch_size: examples per weight update.
+        lr: Adam learning rate.
+        val_fraction: fraction of patients held out for validation.
+        seed: seed of the split, the data streams and the weight initialisation.
+        precision: one of `PRECISIONS` (see `configure_runtime`).
+        distribute: one of `STRATEGIES` (see `distribution_strategy`).
+        keep_checkpoints: newest epoch checkpoints kept on disk (None: all).
+        patience: early stopping after this many epochs without a better monitored value
+            (None: never).
+    """
+
+    epochs: int = option(20, "total epochs of the run", type=int)
+    batch_size: int = option(1, "examples per weight update", type=int)
+    lr: float = option(1e-3, "Adam learning rate", type=float)
+    val_fraction: float = option(0.2, "fraction of patients held out for validation", type=float)
+    seed: int = option(0, "random seed (split, data order and augmentation, weights)", type=int)
+    precision: str = option(
+        "float32", "layer precision (mixed_* compute in 16 bits, losses in float32)",
+        choices=PRECISIONS,
+    )
+    distribute: str = option(
+        "none", "none; mirrored: data parallel over every GPU (or logical CPU) of this machine; "
+        "multiworker: data parallel over the processes that TF_CONFIG lists, one per machine "
+        "(start the same command on each; RUN_DIR on a shared filesystem)",
+        choices=STRATEGIES,
+    )
+    keep_checkpoints: int | None = option(
+        None, "newest epoch checkpoints kept on disk", type=int, shown="all"
+    )
+    patience: int | None = option(
+        None, "early stopping: epochs without a better validation loss", type=int, shown="never"
+    )
+
+    def __post_init__(self) -> None:
+        for ok, expected, received in self.checks():
+            if not ok:
+                raise UsageError(f"expected {expected}, received {received!r}")
+
+    def checks(self) -> list[tuple[bool, str, Any]]:
+        """(valid, what is expected, value) for every option; subclasses extend the list."""
+        return [
+            (self.epochs >= 1, "--epochs >= 1", self.epochs),
+            (self.batch_size >= 1, "--batch-size >= 1", self.batch_size),
+            (self.lr > 0, "--lr > 0", self.lr),
+            (0.0 < self.val_fraction < 1.0, "--val-fraction in (0, 1)", self.val_fraction),
+            (self.precision in PRECISIONS, f"--precision in {PRECISIONS}", self.precision),
+            (self.distribute in STRATEGIES, f"--distribute in {STRATEGIES}", self.distribute),
+            (self.keep_checkpoints is None or self.keep_checkpoints >= 1,
+             "--keep-checkpoints >= 1", self.keep_checkpoints),
+            (self.patience is None or self.patience >= 1, "--patience >= 1", self.patience),
+        ]
+
+    def to_saved(self) -> dict[str, Any]:
+        """The options as written to config.json (lists for tuples)."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_saved(cls: type[OptionsT], saved: Mapping[str, Any]) -> OptionsT:
+        """Options from a config.json; keys that are no option (`data_dir`) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in saved.items() if key in names})
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+
+
+def add_options(parser: argparse.ArgumentParser, options: type[RunOptions]) -> None:
+    """Add a flag for every field of `options`, its default and help read from the field.
+
+    Flags left out are absent from the parsed namespace (`argparse.SUPPRESS`), so a resumed run
+    tells "not given" (keep the saved value) from "given" (check that it may change); see
+    `given_options`.
+    """
+    for field in dataclasses.fields(options):
+        kwargs = {k: v for k, v in field.metadata.items() if k not in ("flag", "shown", "path")}
+        help_text = kwargs.pop("help")
+        if field.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        elif kwargs.get("action") not in ("store_true", "store_false"):
+            shown = field.metadata.get("shown", field.default)
+            if isinstance(shown, tuple):
+                shown = " ".join(str(v) for v in shown)
+            help_text = f"{help_text} (default: {shown})"
+        kwargs["default"] = argparse.SUPPRESS
+        parser.add_argument(flag_of(field), dest=field.name, help=help_text, **kwargs)
+
+
+def given_options(args: argparse.Namespace, options: type[RunOptions]) -> dict[str, Any]:
+    """The options given on the command line (those `add_options` added and the user passed)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(options)
+            if hasattr(args, f.name)}
+
+
+def _same(field: dataclasses.Field, old: Any, new: Any) -> bool:
+    if field.metadata.get("path"):
+        return os.path.realpath(str(old)) == os.path.realpath(str(new))
+    return old == new
+
+
+def resolve_options(
+    options: type[OptionsT],
+    given: Mapping[str, Any] | OptionsT,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool,
+    data_dir: str | os.PathLike,
+) -> tuple[OptionsT, int]:
+    """The run's options and the number of epochs already done; writes nothing.
+
+    Args:
+        options: the model's `RunOptions` subclass.
+        given: the options given now (a mapping of some fields, or a whole options object).
+        run_dir: the run folder.
+        resume: continue the run in `run_dir` from its newest checkpoint.
+        data_dir: the training data, compared with the saved one (a warning when it moved).
+
+    Returns:
+        Starting afresh, the options given. Resuming, the saved options (config.json) with the
+        given ones applied, and the epoch of the newest checkpoint (0 without one).
+
+    Raises:
+        UsageError: an option is out of range; `run_dir` holds checkpoints but `resume` is off;
+            resuming, a given option differs from its saved value and is not among
+            `RESUMABLE_CHANGES`.
+        KdsbError: config.json is not valid JSON.
+    """
+    if isinstance(given, RunOptions):
+        given = dataclasses.asdict(given)
+    last = check_run_dir(run_dir, resume)
+    path = Path(run_dir) / OPTIONS_NAME
+    if not (resume and path.is_file()):
+        return options(**given), 0
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise KdsbError(f"{path}: expected JSON, received invalid text ({error})") from None
+    saved = options.from_saved(stored)
+    resolved = dataclasses.replace(saved, **given)
+    fields = {f.name: f for f in dataclasses.fields(options)}
+    for key in given:
+        old, new = getattr(saved, key), getattr(resolved, key)
+        if key not in RESUMABLE_CHANGES and not _same(fields[key], old, new):
+            changeable = ", ".join(flag_of(fields[k]) for k in RESUMABLE_CHANGES if k in fields)
+            raise UsageError(
+                f"expected {flag_of(fields[key])} {old} as saved in {path} when resuming, "
+                f"received {new}; only {changeable} may change"
+            )
+    data_dir = str(Path(data_dir).resolve())
+    if stored.get("data_dir", data_dir) != data_dir:
+        logger.warning("resuming with data from %s (the run began with %s)",
+                       data_dir, stored["data_dir"])
+    return resolved, last[0] if last else 0
