@@ -53,9 +53,10 @@ def segment_lungs(
 ) -> np.ndarray:
     """Segment both lungs in a CT volume.
 
-    The mask holds lung parenchyma with its vessels and with nodules or tumours touching the
-    chest wall up to about `CLOSING_RADIUS_MM` radius; it excludes air outside the body, the
-    trachea and main bronchi (where found) and bowel gas. See the package docstring
+    The mask holds lung parenchyma with its vessels and whatever grows in the lungs: nodules
+    and tumours up to about 35 mm radius, solid, part-solid or ground-glass, also where they
+    touch the chest wall, mediastinum, diaphragm or apex; it excludes air outside the body,
+    the trachea and main bronchi (where found) and bowel gas. See the package docstring
     (`kdsb.preprocessing.lungs`) for the method.
 
     Args:
