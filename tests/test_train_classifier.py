@@ -75,7 +75,8 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     result = json.loads((run / "metrics.json").read_text())
     validation = result["validation_uncalibrated"]
     assert set(validation) == {"log_loss", "roc_auc", "accuracy", "base_rate_log_loss", "n",
-                               "n_positive", "brier", "ece", "intervals"}
+                               "n_positive", "brier", "ece", "ece_if_calibrated",
+                               "ece_if_calibrated_95", "intervals"}
     assert set(validation["intervals"]) == {"log_loss", "roc_auc", "accuracy", "brier"}
     # The saved classifier is the best model with the Platt map fitted on the validation
     # patients appended: its predictions are the map applied to the uncalibrated model's.
