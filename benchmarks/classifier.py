@@ -127,7 +127,8 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
             )
             if (run_dir / "metrics.json").is_file():
                 saved = json.loads((run_dir / "metrics.json").read_text())["options"]
-                if saved != options.to_saved():
+                # Options added since the run was made take their defaults.
+                if ClassifierOptions.from_saved(saved) != options:
                     raise SystemExit(f"{run_dir} was trained with other options than "
                                      f"{head}'s now: move it aside or use another WORKDIR")
             else:

@@ -277,6 +277,29 @@ def test_class_weights_only_for_balanced_bce(cohort):
             assert weight == pytest.approx(balanced_class_weights(y)[int(label)])
 
 
+def test_label_smoothing_trains_toward_soft_labels_and_monitors_the_true_log_loss(cohort):
+    """--label-smoothing eps: the loss is the cross-entropy against eps/2 and 1 - eps/2; the
+    logged log loss (what early stopping watches) stays against the labels themselves."""
+    import keras
+
+    _, _, gmcae = cohort
+    eps = 0.2
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.layers[0].set_weights([np.array([[1.0]]), np.array([0.0])])
+    spp.compile_classifier(model, ClassifierOptions(gmcae=str(gmcae), label_smoothing=eps))
+    x = np.array([[3.0], [-1.0], [0.5], [-4.0]], np.float32)
+    y = np.array([[1.0], [0.0], [0.0], [1.0]], np.float32)
+    p = 1 / (1 + np.exp(-x[:, 0]))
+    soft = y[:, 0] * (1 - eps) + eps / 2
+    result = model.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
+    assert result["loss"] == pytest.approx(
+        -np.mean(soft * np.log(p) + (1 - soft) * np.log(1 - p)), rel=1e-5)
+    assert result["log_loss"] == pytest.approx(
+        -np.mean(y[:, 0] * np.log(p) + (1 - y[:, 0]) * np.log(1 - p)), rel=1e-5)
+    with pytest.raises(UsageError, match=r"expected --label-smoothing in \[0, 1\)"):
+        ClassifierOptions(gmcae=str(gmcae), label_smoothing=1.0)
+
+
 def test_options_default_to_the_dataclass_and_are_validated_once(cohort):
     """Flags left out are absent from the namespace: the options dataclass sets the defaults."""
     _, _, gmcae = cohort

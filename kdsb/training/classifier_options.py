@@ -39,6 +39,8 @@ class ClassifierOptions(RunOptions):
             (augmentation).
         freeze_blocks: encoder blocks (from the input side) kept frozen, 0..3.
         loss: "bce" (binary cross-entropy) or "focal" (binary focal cross-entropy, gamma 2).
+        label_smoothing: eps in [0, 1): training labels eps/2 and 1 - eps/2 (the logged and
+            monitored log loss stays on the true labels).
         class_weight: "balanced" or "none" (bce only).
         mask_outside_lungs, lung_dilation_mm, outside_hu, downscale: the `VolumeInput` fields.
         levels: spatial pyramid levels (bins per axis); (1,) is global pooling.
@@ -92,6 +94,11 @@ class ClassifierOptions(RunOptions):
     )
     freeze_blocks: int = option(0, "freeze the first K encoder blocks (head spp)", type=int)
     loss: str = option("bce", "binary cross-entropy or focal", choices=LOSSES)
+    label_smoothing: float = option(
+        0.0, "train toward labels eps/2 and 1 - eps/2 instead of 0 and 1: the loss stops "
+        "rewarding confidence beyond them, which keeps logits (and the damage of a wrong "
+        "patient) bounded", type=float,
+    )
     class_weight: str = option("balanced", "sample weights against class imbalance (bce only)",
                                choices=CLASS_WEIGHTS)
     mask_outside_lungs: bool = option(
@@ -157,6 +164,8 @@ class ClassifierOptions(RunOptions):
              "--head spp with --distribute multiworker (the MIL heads train in seconds on "
              "precomputed bags, on one worker)", self.head),
             (self.loss in LOSSES, f"--loss in {LOSSES}", self.loss),
+            (0.0 <= self.label_smoothing < 1.0, "--label-smoothing in [0, 1)",
+             self.label_smoothing),
             (self.head in HEADS, f"--head in {HEADS}", self.head),
             (self.folds == 0 or self.folds >= 2, "--folds 0 or >= 2", self.folds),
             (self.calibration in CALIBRATIONS, f"--calibration in {CALIBRATIONS}",

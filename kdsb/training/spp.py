@@ -52,9 +52,11 @@ def compile_classifier(model: Any, options: ClassifierOptions) -> Any:
         ),
     )
     if options.loss == "focal":
-        loss = keras.losses.BinaryFocalCrossentropy(gamma=FOCAL_GAMMA)
+        loss = keras.losses.BinaryFocalCrossentropy(
+            gamma=FOCAL_GAMMA, label_smoothing=options.label_smoothing
+        )
     else:
-        loss = keras.losses.BinaryCrossentropy()
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=options.label_smoothing)
     model.compile(
         optimizer=optimizer,
         loss=loss,
