@@ -95,9 +95,9 @@ class ClassifierOptions(RunOptions):
     freeze_blocks: int = option(0, "freeze the first K encoder blocks (head spp)", type=int)
     loss: str = option("bce", "binary cross-entropy or focal", choices=LOSSES)
     label_smoothing: float = option(
-        0.0, "train toward labels eps/2 and 1 - eps/2 instead of 0 and 1: the loss stops "
+        0.02, "train toward labels eps/2 and 1 - eps/2 instead of 0 and 1: the loss stops "
         "rewarding confidence beyond them, which keeps logits (and the damage of a wrong "
-        "patient) bounded", type=float,
+        "patient) bounded; 0 trains on the labels themselves", type=float,
     )
     class_weight: str = option("balanced", "sample weights against class imbalance (bce only)",
                                choices=CLASS_WEIGHTS)
