@@ -20,6 +20,8 @@ POOLINGS = ("max", "average")
 MIL_POOLINGS = ("attention", "max")
 CALIBRATIONS = ("platt", "temperature", "none")
 CLASS_WEIGHTS = ("balanced", "none")
+# The label smoothing of runs saved before the option existed (no "label_smoothing" key).
+LEGACY_LABEL_SMOOTHING = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +192,11 @@ class ClassifierOptions(RunOptions):
              "--head spp with --tile-z (the MIL heads train on precomputed features)",
              self.head),
         ]
+
+    @classmethod
+    def from_saved(cls, saved):
+        """Options from a config.json; one saved before `--label-smoothing` existed used none."""
+        return super().from_saved({"label_smoothing": LEGACY_LABEL_SMOOTHING, **saved})
 
     def volume_input(self) -> VolumeInput:
         """The network input these options ask for (any spacing, until training fits it)."""
