@@ -13,6 +13,7 @@ from kdsb.cli import main
 from kdsb.commands import train_classifier as command
 from kdsb.data.inputs import VolumeInput
 from kdsb.errors import UsageError
+from kdsb.evaluation import metrics
 from kdsb.io.volumes import volume_path, write_volume
 from kdsb.training import classifier as classifier_training
 from kdsb.training import spp
@@ -437,13 +438,33 @@ def test_a_fold_that_learned_nothing_is_reported(caplog):
     assert caplog.text == ""
 
 
+def test_explained_fraction_tells_a_model_that_learned_from_one_on_the_plateau():
+    """Recalibrated on the validation labels, perfectly ranked but miscalibrated predictions
+    explain most of the entropy (here their raw log loss is worse than the base rate's: the
+    restart rule must not judge calibration), while constant predictions and predictions spread
+    by 0.01 but unrelated to the labels (a fold stopped on the plateau at 24 patients) explain
+    none of it."""
+    explained = classifier_training.explained_fraction
+    y = np.array([0, 0, 0, 1, 1, 1])
+    ranked = np.array([0.60, 0.60, 0.60, 0.62, 0.62, 0.62])
+    assert metrics.log_loss(y, ranked) > metrics.base_rate_log_loss(y)
+    # Two distinct scores: Platt reaches its targets 1/5 and 4/5 exactly.
+    assert explained(y, ranked) == pytest.approx(1 - np.log(0.8) / np.log(0.5), abs=1e-3)
+    assert explained(y, ranked) > classifier_training.LEARNED_FRACTION
+    assert explained(y, np.full(6, 0.5)) == pytest.approx(0.0, abs=1e-6)
+    unrelated = np.array([0.500, 0.510, 0.495, 0.505, 0.490, 0.505])
+    assert metrics.roc_auc(y, unrelated) == pytest.approx(0.5, abs=0.1)
+    assert explained(y, unrelated) < classifier_training.LEARNED_FRACTION
+    assert np.isnan(explained(np.ones(4), np.full(4, 0.7)))
+
+
 @pytest.mark.slow
 def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
         cohort, tmp_path, monkeypatch, caplog):
-    """Fold 1's first attempt gives constant validation predictions (forced here): it is trained
-    again with seed + RESTART_SEED_STRIDE, its history kept aside; config.json keeps the run's
-    seed; with --restarts 0 the stuck model is kept; a run killed during the restart resumes
-    it."""
+    """Fold 1's first attempt gives constant validation predictions (forced here: they explain
+    none of the labels' entropy): it is trained again with seed + RESTART_SEED_STRIDE, its
+    history kept aside; config.json keeps the run's seed; with --restarts 0 the stuck model is
+    kept; a run killed during the restart resumes it."""
     data, labels, gmcae = cohort
     score = classifier_training.score_patients
     calls = []

@@ -35,11 +35,17 @@ predictions (cross-fitted, so the reported calibration is honest); the saved mod
 map fitted on all of them. A finished fold (its fold.json) is not retrained on `--resume`.
 `kdsb predict DATA_DIR RUN_DIR` averages the K fold models.
 
-Restarts: a model whose validation predictions all but coincide (`CONSTANT_SPREAD`) never left
-the plateau at the base rate: its encoder's pooled features died early (seen in half the SPP
-folds at 96 patients, at --lr 1e-3). It is trained again from the start with another seed
-(`RESTART_SEED_STRIDE`), up to `--restarts` times; the folder keeps each collapsed attempt's
-history (`collapsed_N_history.csv`) and `restarts.json`. The decision uses no label.
+Restarts: a model whose validation predictions carry next to no information about the labels
+never left the plateau at the base rate (its encoder's pooled features died early: seen in
+half the SPP folds at 96 patients at --lr 1e-3, and in folds that stopped on the plateau at 24
+patients, predictions spread by 0.01 but unrelated to the labels). The test is
+`explained_fraction`: Platt-recalibrated on the validation patients themselves, the predictions
+explain less than `LEARNED_FRACTION` of the labels' entropy (McFadden's pseudo-R²; constant
+predictions explain none). Such a model is trained again from the start with another seed
+(`RESTART_SEED_STRIDE`), up to `--restarts` times; the folder keeps each abandoned attempt's
+history (`collapsed_N_history.csv`) and `restarts.json`. The validation patients decide, as
+they do for early stopping; with folds the held-out fold (the out-of-fold predictions) plays
+no part in it.
 
 Class imbalance: with `--loss bce` each training volume carries a sample weight
 n / (2 · n_class) ("balanced", the `class_weight` rule of scikit-learn), so both classes pull
@@ -101,6 +107,11 @@ CONSTANT_SPREAD = 1e-3
 # Training gives up once this logged spread (`kdsb.models.spread`) stayed under
 # CONSTANT_SPREAD for --patience epochs.
 GIVE_UP_MONITOR = "val_prediction_spread"
+# A model whose recalibrated validation predictions explain less than this fraction of the
+# labels' entropy (`explained_fraction`) learned nothing: it is trained again (--restarts).
+# On the benchmark cohorts the folds that stopped on the plateau explain -0.01-0.01 and those
+# that learned 0.4-0.9 (benchmarks/README.md, "Restarts").
+LEARNED_FRACTION = 0.05
 # A restart's seed lies this far from the previous attempt's (beyond any epoch offset of a
 # resumed data stream).
 RESTART_SEED_STRIDE = 100_000
@@ -114,6 +125,21 @@ def _warn_if_constant(p: np.ndarray, what: str) -> None:
     if spread < CONSTANT_SPREAD:
         logger.warning("%s: every held-out prediction lies within %.1e of %.3f: the model did "
                        "not learn (try another --seed or --lr)", what, spread, float(np.mean(p)))
+
+
+def explained_fraction(y, p) -> float:
+    """The fraction of the labels' entropy that predictions `p` explain once recalibrated:
+    1 − log loss(Platt(p)) / log loss(base rate), McFadden's pseudo-R² of a logistic fit on
+    logit(p) (`kdsb.models.calibration.fit_calibration`, fitted on `y` itself). 0 for constant
+    or uninformative predictions, up to ~0.7 for perfectly ranked ones on a handful of patients
+    (Platt's targets stop short of 0 and 1), whatever their calibration; NaN with one class."""
+    from kdsb.models.calibration import fit_calibration
+
+    y = np.asarray(y, dtype=np.float64)
+    if y.min() == y.max():
+        return math.nan
+    recalibrated = fit_calibration(y, p, "platt").apply(p)
+    return 1.0 - metrics.log_loss(y, recalibrated) / metrics.base_rate_log_loss(y)
 
 
 def balanced_class_weights(labels: list[int]) -> dict[int, float]:
@@ -194,26 +220,28 @@ class _Fitted(NamedTuple):
 def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
                ctx: _Context) -> _Fitted | None:
     """Train one model into `model_dir`, again with another seed while its validation
-    predictions are constant (up to `--restarts` times); None on a worker other than the chief
-    (it only trains)."""
+    predictions explain next to nothing (`explained_fraction` under `LEARNED_FRACTION`; up to
+    `--restarts` times); None on a worker other than the chief (it only trains)."""
     restarts_path = model_dir / RESTARTS_NAME
     collapsed = json.loads(restarts_path.read_text()) if restarts_path.is_file() else []
+    y_val = [ctx.cohort[i][1] for i in val_ids]
     while True:
         seed = ctx.options.seed + len(collapsed) * RESTART_SEED_STRIDE
         fitted = _fit_once(model_dir, train_ids, val_ids, ctx,
                            dataclasses.replace(ctx.options, seed=seed))
         if fitted is None:
             return None
-        spread = float(np.ptp(fitted.p_val))
-        if (spread >= CONSTANT_SPREAD or len(collapsed) >= ctx.options.restarts
+        explained = explained_fraction(y_val, fitted.p_val)
+        if (not explained < LEARNED_FRACTION or len(collapsed) >= ctx.options.restarts
                 or ctx.options.distribute != "none"):
             return fitted._replace(collapsed_seeds=[c["seed"] for c in collapsed])
-        collapsed.append({"seed": seed, "validation_spread": spread,
+        collapsed.append({"seed": seed, "explained_fraction": explained,
+                          "validation_spread": float(np.ptp(fitted.p_val)),
                           "epochs": len(runs.read_history(model_dir / runs.HISTORY_NAME))})
-        logger.warning("%s: every validation prediction lies within %.1e (seed %d never left the "
-                       "base-rate plateau): training again with seed %d (restart %d of %d)",
-                       model_dir, spread, seed, seed + RESTART_SEED_STRIDE, len(collapsed),
-                       ctx.options.restarts)
+        logger.warning("%s: the validation predictions explain %.3f of the labels' entropy (seed "
+                       "%d never left the base-rate plateau): training again with seed %d "
+                       "(restart %d of %d)", model_dir, explained, seed,
+                       seed + RESTART_SEED_STRIDE, len(collapsed), ctx.options.restarts)
         from kdsb.training.mil import HEAD_NAME
 
         # Cleared before the record is written: a kill in between retrains the same attempt.

@@ -33,7 +33,8 @@ class ClassifierOptions(RunOptions):
         head: "spp" (trained end to end), "mil" (attention MIL on the frozen encoder's cells) or
             "nll" (the same MIL head on each patch's GMCAE NLL: the likelihood as a detector).
         folds: 0 or 1 for one training/validation split, K >= 2 for K-fold cross-validation.
-        restarts: times a model whose validation predictions are constant is trained again.
+        restarts: times a model whose validation predictions explain next to nothing (the
+            base-rate plateau) is trained again with another seed.
         calibration: "platt", "temperature" or "none" (see `kdsb.models.calibration`).
         mil_pooling: "attention" or "max" (heads "mil", "nll").
         mil_block: the encoder block whose output cells are the instances (head "mil").
@@ -130,7 +131,8 @@ class ClassifierOptions(RunOptions):
     dropout: float = option(0.5, "dropout of the dense head", type=float)
     restarts: int = option(
         2, "train a model again with another seed, up to this many times, when its validation "
-        "predictions come out constant (it never left the base-rate plateau); not with "
+        "predictions, recalibrated, explain under 5 %% of the labels' entropy (it never left the "
+        "base-rate plateau); not with "
         "--distribute multiworker", type=int,
     )
     augment: bool = option(True, "no random cube symmetry on training volumes",
