@@ -439,22 +439,24 @@ def test_a_fold_that_learned_nothing_is_reported(caplog):
 
 
 def test_explained_fraction_tells_a_model_that_learned_from_one_on_the_plateau():
-    """Recalibrated on the validation labels, perfectly ranked but miscalibrated predictions
-    explain most of the entropy (here their raw log loss is worse than the base rate's: the
-    restart rule must not judge calibration), while constant predictions and predictions spread
-    by 0.01 but unrelated to the labels (a fold stopped on the plateau at 24 patients) explain
-    none of it."""
+    """Predictions offset by balanced class weights (raw log loss worse than the base rate's)
+    explain most of the labels' entropy once shifted; predictions that wobble by 0.01 around
+    the plateau (folds stopped there at 24 and 96 patients) explain none of it even where they
+    rank these few patients right, nor do constant ones; confidently wrong ones fall below."""
     explained = classifier_training.explained_fraction
     y = np.array([0, 0, 0, 1, 1, 1])
-    ranked = np.array([0.60, 0.60, 0.60, 0.62, 0.62, 0.62])
-    assert metrics.log_loss(y, ranked) > metrics.base_rate_log_loss(y)
-    # Two distinct scores: Platt reaches its targets 1/5 and 4/5 exactly.
-    assert explained(y, ranked) == pytest.approx(1 - np.log(0.8) / np.log(0.5), abs=1e-3)
-    assert explained(y, ranked) > classifier_training.LEARNED_FRACTION
+    offset = np.array([0.80, 0.80, 0.80, 0.98, 0.98, 0.98])
+    assert metrics.log_loss(y, offset) > metrics.base_rate_log_loss(y)
+    # The best shift centres the two logits: each patient then scores sigmoid(gap / 2).
+    gap = np.log(0.98 / 0.02) - np.log(0.80 / 0.20)
+    assert explained(y, offset) == pytest.approx(1 - np.log1p(np.exp(-gap / 2)) / np.log(2),
+                                                 abs=1e-4)
+    assert explained(y, offset) > classifier_training.LEARNED_FRACTION
+    wobble = np.array([0.500, 0.505, 0.503, 0.507, 0.509, 0.510])
+    assert metrics.roc_auc(y, wobble) == 1.0
+    assert 0.0 < explained(y, wobble) < classifier_training.LEARNED_FRACTION
     assert explained(y, np.full(6, 0.5)) == pytest.approx(0.0, abs=1e-6)
-    unrelated = np.array([0.500, 0.510, 0.495, 0.505, 0.490, 0.505])
-    assert metrics.roc_auc(y, unrelated) == pytest.approx(0.5, abs=0.1)
-    assert explained(y, unrelated) < classifier_training.LEARNED_FRACTION
+    assert explained(y, 1.0 - offset) < 0.0
     assert np.isnan(explained(np.ones(4), np.full(4, 0.7)))
 
 

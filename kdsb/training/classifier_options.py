@@ -131,9 +131,8 @@ class ClassifierOptions(RunOptions):
     dropout: float = option(0.5, "dropout of the dense head", type=float)
     restarts: int = option(
         2, "train a model again with another seed, up to this many times, when its validation "
-        "predictions, recalibrated, explain under 5 %% of the labels' entropy (it never left the "
-        "base-rate plateau); not with "
-        "--distribute multiworker", type=int,
+        "predictions, shifted to fit them best, explain under 5 %% of the labels' entropy (it "
+        "never left the base-rate plateau); not with --distribute multiworker", type=int,
     )
     augment: bool = option(True, "no random cube symmetry on training volumes",
                            flag="--no-augment", action="store_false")
