@@ -462,6 +462,23 @@ def test_mass_in_a_real_mediastinal_dent_keeps_its_medial_part(real_chest_nifti)
 
 @pytest.mark.slow
 @pytest.mark.realdata
+def test_a_field_of_view_that_cuts_the_body_on_one_side_changes_no_lung_voxel(real_chest_nifti):
+    """The real CT with 16 columns (24 mm, an even number of coarse blocks) of its body cut off
+    one side or the other, as a field of view cuts off an arm; the lungs are untouched: the
+    same mask. The body's centre moves by ~6 mm; with it as the midline (the sides' split, the
+    apex rule's mirror image) 35,354 voxels differed, chest-wall muscle among them."""
+    hu, spacing = load_canonical(real_chest_nifti)
+    full = segment_lungs(hu, spacing)
+    cut = 16
+    assert (hu[:, :, :cut] > -500).any() and (hu[:, :, -cut:] > -500).any()  # body cut
+    assert not full[:, :, :cut].any() and not full[:, :, -cut:].any()  # lungs untouched
+    for kept in (np.s_[:, :, cut:], np.s_[:, :, :-cut]):
+        np.testing.assert_array_equal(segment_lungs(np.ascontiguousarray(hu[kept]), spacing),
+                                      full[kept])
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_real_chest_ct(real_chest_nifti):
     hu, spacing = load_canonical(real_chest_nifti)
     assert spacing == (1.5, 1.5, 1.5)

@@ -16,27 +16,28 @@ already reads -1000 HU.
    `AIRWAY_THRESHOLD_HU` air within it where it joins the lung, stopping where even that area
    jumps (a leak into the lung), and removed. Air components that are parenchyma (median above
    the airway threshold: gas is darker than lung), large, and reach the upper half of the lungs
-   are kept (bowel gas is not). Each side (right / left of the body's midline) is then filled on
-   its own, so the two lungs never merge across the mediastinum: a closing with a ball of
-   `CLOSING_RADIUS_MM` (two Euclidean distance transforms: an exact ball at little cost, unlike
-   binary closing with a huge structuring element) and 3D hole filling take in vessels and
-   nodules; tissue enclosed between the lung and the chest wall inside the slice-wise convex
-   hull of the lungs takes in juxtapleural nodules and tumours, which a ball rolling from the
-   wall side would bite into; a nodule found so reaches on out to the chest wall's depth under
-   the skin, past the hull's chords where the wall curves outwards.
+   are kept (bowel gas is not). Each side (right / left of the lungs' midline, halfway between
+   their outermost voxels: the body's centre moves where the field of view cuts off an arm) is
+   then filled on its own, so the two lungs never merge across the mediastinum: a closing with a
+   ball of `CLOSING_RADIUS_MM` (two Euclidean distance transforms: an exact ball at little cost,
+   unlike binary closing with a huge structuring element) and 3D hole filling take in vessels and
+   nodules; tissue enclosed between the lung and the chest wall inside the slice-wise convex hull
+   of the lungs takes in juxtapleural nodules and tumours, which a ball rolling from the wall
+   side would bite into; a nodule found so reaches on out to the chest wall's depth under the
+   skin, past the hull's chords where the wall curves outwards.
    Tumours up to about 35 mm radius leave a dent in the lung that no 15 mm ball fills, so each
    side is also closed with a ball of `ENVELOPE_RADIUS_MM` (edge-padded so the closing never
    fills out to the scan's border) and everything that envelope adds is taken in, except bone
    (coarse HU above `BONE_HU`) and air the lung selection rejected. A tumour that caps a lung's
-   apex leaves no dent at all: within `APEX_ZONE_MM` of the top, thick non-bone tissue inside
-   the other lung's mirror image, as deep under the skin as this apex, is taken in
-   (`apex_completion`). The envelope's ball still rolls a few millimetres into a large mass's
-   dent, so tissue within a rim of a thick mass the filling took in is added too
-   (`lesion_rim`, `MASS_RIMS_MM`): the mass's hidden edge against the wall, spine or
-   diaphragm. Air the lung selection rejected counts as gas (bowel, airways: never taken in,
-   nor the tissue voxels beside it) only where its median is darker than
-   `GROUND_GLASS_MIN_HU`; hazier pockets are a lesion's ground glass cut off from the lung by
-   its solid part, and join the lungs they touch (`rejected_gas`).
+   apex leaves no dent at all: within `APEX_ZONE_MM` of the top, thick non-bone tissue inside the
+   other lung's mirror image, as deep under the skin as this apex, is taken in
+   (`apex_completion`; not where the scan's top slice cuts the lungs). The envelope's ball still
+   rolls a few millimetres into a large mass's dent, so tissue within a rim of a thick mass the
+   filling took in is added too (`lesion_rim`, `MASS_RIMS_MM`): the mass's hidden edge against
+   the wall, spine or diaphragm. Air the lung selection rejected counts as gas (bowel, airways:
+   never taken in, nor the tissue voxels beside it) only where its median is darker than
+   `GROUND_GLASS_MIN_HU`; hazier pockets are a lesion's ground glass cut off from the lung by its
+   solid part, and join the lungs they touch (`rejected_gas`).
 2. Back on the source grid, coarse voxels well inside the mask, or added by the filling, are
    taken whole (only their tissue voxels beside rejected air); coarse voxels on the boundary keep
    only their full-resolution voxels of lung or ground glass (below `GROUND_GLASS_MAX_HU`), so

@@ -28,13 +28,25 @@ def apex_zone(lungs: np.ndarray, spacing: Sequence[float]) -> int:
     return max(0, top - math.ceil(APEX_ZONE_MM / spacing[0]))
 
 
+def symmetry_axis(lungs: np.ndarray) -> float:
+    """The lungs' own left-right mirror plane (x, voxel units): midway between their outermost
+    voxels, which lie against the ribs on both sides.
+
+    Not the body's centre: where the field of view cuts the arms or the shoulders off on one
+    side that moves by 5-10 mm, and the mirror image of one lung then lands twice as far out, in
+    the other side's chest wall (seen on varied real bases; the apex rule then took in ~60 ml
+    of muscle)."""
+    xs = np.flatnonzero(lungs.any(axis=(0, 1)))
+    return (float(xs[0]) + float(xs[-1])) / 2.0
+
+
 def apex_completion(
     own: np.ndarray,
     other: np.ndarray,
     body: np.ndarray,
     depth: np.ndarray,
     coarse_hu: np.ndarray,
-    midline: float,
+    axis: float,
     spacing: Sequence[float],
     zone_start: int,
 ) -> np.ndarray:
@@ -42,15 +54,16 @@ def apex_completion(
 
     A tumour filling the top of a lung leaves no concavity for a closing to fill: the lung just
     ends lower. The apices are nearly symmetric, so within `APEX_ZONE_MM` of the higher apex
-    (from slice `zone_start` up, `apex_zone`), non-bone tissue inside the mirrored other lung
-    that is thick (survives an opening with a `APEX_CORE_MM` ball: not the slivers a slightly
-    rotated body leaves) and touches this lung is taken in. `depth` is the depth under the skin
-    in mm (`depth_under_skin`, computed once for both sides). The arrays may be the top slices
-    of the scan only, from one below the zone up: the rule looks no further.
+    (from slice `zone_start` up, `apex_zone`), non-bone tissue inside the other lung mirrored
+    across `axis` (`symmetry_axis`) that is thick (survives an opening with a `APEX_CORE_MM`
+    ball: not the slivers a slightly rotated body leaves) and touches this lung is taken in.
+    `depth` is the depth under the skin in mm (`depth_under_skin`, computed once for both
+    sides). The arrays may be the top slices of the scan only, from one below the zone up: the
+    rule looks no further.
     """
     zone = np.zeros_like(own)
     zone[zone_start:] = True
-    candidates = zone & mirror_x(other, midline) & ~own & body & (coarse_hu < BONE_HU)
+    candidates = zone & mirror_x(other, axis) & ~own & body & (coarse_hu < BONE_HU)
     if not candidates.any():
         return candidates
     if not (own & zone).any():

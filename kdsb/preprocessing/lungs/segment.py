@@ -13,7 +13,13 @@ from scipy import ndimage
 from kdsb.errors import LungMaskError
 from kdsb.preprocessing.lungs.airways import find_airway
 from kdsb.preprocessing.lungs.filling import fill_side, slice_hulls
-from kdsb.preprocessing.lungs.masses import apex_completion, apex_zone, depth_under_skin, lesion_rim
+from kdsb.preprocessing.lungs.masses import (
+    apex_completion,
+    apex_zone,
+    depth_under_skin,
+    lesion_rim,
+    symmetry_axis,
+)
 from kdsb.preprocessing.lungs.morphology import (
     block_mean,
     bounding_box,
@@ -123,26 +129,30 @@ def segment_lungs_in_box(
         raise _plausibility_error(patient, litres, "no air-filled region large enough to be lung")
 
     # Each side is closed and filled on its own so the two lungs never merge across the
-    # mediastinum; a lung crossing the midline is simply handled in two parts.
-    split = math.ceil(midline)
+    # mediastinum; a lung crossing the midline is simply handled in two parts. The midline is
+    # the lungs' own (the body's centre moves where the field of view cuts off an arm).
+    axis = symmetry_axis(lung_air)
+    split = math.ceil(axis)
     hulls = slice_hulls(lung_air)
     sides = [
         fill_side(coarse_hu, lung_air, hulls, inside_body, side, coarse_spacing, threads)
         for side in (np.s_[:, :, :split], np.s_[:, :, split:])
     ]
     coarse_mask = sides[0] | sides[1]
-    if sides[0].any() and sides[1].any():
+    # No apex rule where the scan's top cuts the lungs (an abdominal scan's lung bases): no
+    # apex is in it to complete.
+    if sides[0].any() and sides[1].any() and not coarse_mask[-1].any():
         # The apex rule needs the slices from one below its zone up, and the depth under the
         # skin of the lungs there and of their mirror images (its candidates).
         zone_start = apex_zone(coarse_mask, coarse_spacing)
         low = max(0, zone_start - 1)
-        needed = coarse_mask | mirror_x(coarse_mask, midline)
+        needed = coarse_mask | mirror_x(coarse_mask, axis)
         needed[:zone_start] = False
         depth = depth_under_skin(inside_body, coarse_spacing, needed, low)
         top = np.s_[low:]
         for own, other in (sides, sides[::-1]):
             coarse_mask[top] |= apex_completion(
-                own[top], other[top], inside_body[top], depth, coarse_hu[top], midline,
+                own[top], other[top], inside_body[top], depth, coarse_hu[top], axis,
                 coarse_spacing, zone_start - low,
             )
 
