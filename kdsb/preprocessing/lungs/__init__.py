@@ -31,13 +31,13 @@ already reads -1000 HU.
    (coarse HU above `BONE_HU`) and air the lung selection rejected. A tumour that caps a lung's
    apex leaves no dent at all: within `APEX_ZONE_MM` of the top, thick non-bone tissue inside the
    other lung's mirror image, as deep under the skin as this apex, is taken in
-   (`apex_completion`; not where the scan's top slice cuts the lungs). The envelope's ball still
-   rolls a few millimetres into a large mass's dent, so tissue within a rim of a thick mass the
-   filling took in is added too (`lesion_rim`, `MASS_RIMS_MM`): the mass's hidden edge against
-   the wall, spine or diaphragm. Air the lung selection rejected counts as gas (bowel, airways:
-   never taken in, nor the tissue voxels beside it) only where its median is darker than
-   `GROUND_GLASS_MIN_HU`; hazier pockets are a lesion's ground glass cut off from the lung by its
-   solid part, and join the lungs they touch (`rejected_gas`).
+   (`apex_completion`; not where the scan's top slice cuts the lungs near their widest). The
+   envelope's ball still rolls a few millimetres into a large mass's dent, so tissue within a rim
+   of a thick mass the filling took in is added too (`lesion_rim`, `MASS_RIMS_MM`): the mass's
+   hidden edge against the wall, spine or diaphragm. Air the lung selection rejected counts as
+   gas (bowel, airways: never taken in, nor the tissue voxels beside it) only where its median is
+   darker than `GROUND_GLASS_MIN_HU`; hazier pockets are a lesion's ground glass cut off from the
+   lung by its solid part, and join the lungs they touch (`rejected_gas`).
 2. Back on the source grid, coarse voxels well inside the mask, or added by the filling, are
    taken whole (only their tissue voxels beside rejected air); coarse voxels on the boundary keep
    only their full-resolution voxels of lung or ground glass (below `GROUND_GLASS_MAX_HU`), so

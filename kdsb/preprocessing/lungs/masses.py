@@ -14,6 +14,7 @@ from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU
 
 APEX_ZONE_MM = 60.0
 APEX_CORE_MM = 6.0
+APEX_CUT_FRACTION = 0.5
 APEX_DEPTH_PERCENTILE = 5.0  # fills juxtapleural nodules and tumours up to about 14 mm radius
 # (core radius, rim) in mm: added tissue that survives an opening with a ball of the core
 # radius is a mass (the aorta's bulge is too, in part), and tissue within the rim of it is its
@@ -26,6 +27,14 @@ def apex_zone(lungs: np.ndarray, spacing: Sequence[float]) -> int:
     """The first slice of the apex rule's zone: `APEX_ZONE_MM` below the higher apex."""
     top = int(np.flatnonzero(lungs.any(axis=(1, 2)))[-1])
     return max(0, top - math.ceil(APEX_ZONE_MM / spacing[0]))
+
+
+def apex_in_scan(lungs: np.ndarray) -> bool:
+    """Whether the scan holds the lungs' apices: its top slice cuts them through less than
+    `APEX_CUT_FRACTION` of their widest slice (a few voxels of apex may reach it; an abdominal
+    scan's top slice cuts the lung bases near their widest)."""
+    areas = np.count_nonzero(lungs, axis=(1, 2))
+    return bool(areas[-1] < APEX_CUT_FRACTION * areas.max())
 
 
 def symmetry_axis(lungs: np.ndarray) -> float:

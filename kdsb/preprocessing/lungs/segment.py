@@ -15,6 +15,7 @@ from kdsb.preprocessing.lungs.airways import find_airway
 from kdsb.preprocessing.lungs.filling import fill_side, slice_hulls
 from kdsb.preprocessing.lungs.masses import (
     apex_completion,
+    apex_in_scan,
     apex_zone,
     depth_under_skin,
     lesion_rim,
@@ -139,9 +140,7 @@ def segment_lungs_in_box(
         for side in (np.s_[:, :, :split], np.s_[:, :, split:])
     ]
     coarse_mask = sides[0] | sides[1]
-    # No apex rule where the scan's top cuts the lungs (an abdominal scan's lung bases): no
-    # apex is in it to complete.
-    if sides[0].any() and sides[1].any() and not coarse_mask[-1].any():
+    if sides[0].any() and sides[1].any() and apex_in_scan(coarse_mask):
         # The apex rule needs the slices from one below its zone up, and the depth under the
         # skin of the lungs there and of their mirror images (its candidates).
         zone_start = apex_zone(coarse_mask, coarse_spacing)
