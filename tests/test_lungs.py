@@ -368,6 +368,15 @@ def test_depth_under_skin_is_exact_where_needed():
     np.testing.assert_array_equal(depth[needed[27:]], full[needed[27:]])
 
 
+def test_an_apex_is_in_the_scan_unless_its_top_slice_cuts_the_lungs_near_their_widest():
+    lungs = np.zeros((6, 8, 8), dtype=bool)
+    lungs[1:5, 1:7, 1:7] = True  # widest: 36 voxels a slice
+    lungs[5, 3:5, 3:5] = True  # an apex's 4 voxels reach the top slice
+    assert masses.apex_in_scan(lungs)
+    lungs[5, 1:7, 1:4] = True  # 20 of 36 voxels: cut at more than half their widest
+    assert not masses.apex_in_scan(lungs)
+
+
 def test_bounding_box_of_an_empty_mask_is_a_clear_error():
     with pytest.raises(LungMaskError, match="expected a 3D mask .* with lung voxels"):
         lung_bounding_box(np.zeros((4, 4, 4), np.uint8), (1.0, 1.0, 1.0))
@@ -565,7 +574,7 @@ def test_juxtapleural_tumours_under_a_curved_wall_are_kept():
 def test_real_lung_bases_above_colon_gas(real_abdomen_nifti):
     """Held-out real CT (never used for tuning): an abdominal scan with only the lung bases at
     its top and 460 ml of colon gas below. The gas is not lung; the bases match TotalSegmentator's
-    lung lobes."""
+    lung lobes (Dice 0.93; 0.81 while the apex rule ran on the bases the top slice cuts)."""
     ct_path, labels_path = real_abdomen_nifti
     hu, spacing = load_canonical(ct_path)
     labels, _ = load_canonical(labels_path)
@@ -574,6 +583,6 @@ def test_real_lung_bases_above_colon_gas(real_abdomen_nifti):
         segment_lungs(hu, spacing, patient_id="example_ct")
     mask = segment_lungs(hu, spacing, litres=(0.05, 10.0)) > 0
     lungs = np.isin(labels, [10, 11, 12, 13, 14])
-    assert 2 * (mask & lungs).sum() / (mask.sum() + lungs.sum()) >= 0.8
+    assert 2 * (mask & lungs).sum() / (mask.sum() + lungs.sum()) >= 0.9
     for organ in (5, 20):  # liver, colon
         assert (mask & (labels == organ)).sum() == 0
