@@ -59,7 +59,7 @@ chest CT; 98 kept >= 90 % on the draw the rules were tuned on, 97 on each of two
 from the lesion, or, filling the costophrenic recess, its lateral-basal third, where no lung is
 left for the envelope to close over and which lies 13–21 mm from the mass's core, beyond the
 rims (65–78 % on several draws; a 25 mm reach from every large core to the chest wall's depth
-kept it, but took in mediastinal tissue around the aorta's bulge); a mass in a concave
+kept one such mass, not another, and took in mediastinal tissue); a mass in a concave
 mediastinal dent deeper than the small mass tier's 6 mm rim would lose its medial part (74–89 %
 of 10 mm masses without that tier). The large ball and the mass rims also take in the parts of
 mediastinal structures that bulge into a lung (the descending aorta and arch, the hilum, the
