@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             write_phantom(large, LARGE_SLICES, LARGE_SLICE_MM, args.seed)
             report = in_process("kdsb", large, work / "large", args.profile)
             print(f"| kdsb, 512×512×{LARGE_SLICES} | {report['wall']:.1f} | "
-                  f"{report['seconds']:.1f} | | | {report['peak_mb']:.0f} |")
+                  f"{report['seconds']:.1f} | | {report['cpu']:.1f} | | | "
+                  f"{report['peak_mb']:.0f} |")
 
         if args.cohort:
             one, two = cohort_speedup(work, args.cohort, args.seed)
