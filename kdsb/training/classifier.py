@@ -106,11 +106,11 @@ CONSTANT_SPREAD = 1e-3
 # Training gives up once this logged spread (`kdsb.models.spread`) stayed under
 # CONSTANT_SPREAD for --patience epochs.
 GIVE_UP_MONITOR = "val_prediction_spread"
-# A model whose recalibrated validation predictions explain less than this fraction of the
+# A model whose shifted validation predictions explain less than this fraction of the
 # labels' entropy (`explained_fraction`) learned nothing: it is trained again (--restarts).
 # On the benchmark's phantom cohorts (24 and 96 patients) the folds stopped on the plateau
 # explain 0.002-0.028 of it (spread 0.002-0.09), confidently wrong ones below 0, the others
-# 0.42-1.00 (benchmarks/README.md, "Restarts").
+# 0.42-1.00 (benchmarks/README.md, "Restarts on the plateau").
 LEARNED_FRACTION = 0.05
 SHIFT_BOUND = 20.0  # the largest logit shift `explained_fraction` tries
 # A restart's seed lies this far from the previous attempt's (beyond any epoch offset of a

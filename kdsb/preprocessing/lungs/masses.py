@@ -14,7 +14,7 @@ from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU
 
 APEX_ZONE_MM = 60.0
 APEX_CORE_MM = 6.0
-APEX_CUT_FRACTION = 0.5
+APEX_CUT_FRACTION = 0.5  # of the widest slice's lung area: a top slice this full cuts the lungs
 APEX_DEPTH_PERCENTILE = 5.0  # fills juxtapleural nodules and tumours up to about 14 mm radius
 # (core radius, rim) in mm: added tissue that survives an opening with a ball of the core
 # radius is a mass (the aorta's bulge is too, in part), and tissue within the rim of it is its
