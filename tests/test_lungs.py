@@ -377,6 +377,18 @@ def test_an_apex_is_in_the_scan_unless_its_top_slice_cuts_the_lungs_near_their_w
     assert not masses.apex_in_scan(lungs)
 
 
+def test_the_mirror_plane_is_the_lungs_own_unless_one_lung_is_missing():
+    lungs = np.zeros((4, 6, 40), dtype=bool)
+    lungs[:, :, 4:14] = True  # right lung, x 4-13
+    lungs[:, :, 22:34] = True  # left lung, x 22-33
+    # The body's centre pulled to 22 by an arm cut off on the other side: each side still
+    # holds over a fifth of the lungs, so the plane lies halfway between their outer edges.
+    assert masses.symmetry_axis(lungs, body_midline=22.0) == pytest.approx((4 + 33) / 2)
+    one_lung = lungs.copy()
+    one_lung[:, :, 22:] = False  # a pneumonectomy: no mirror image of its own
+    assert masses.symmetry_axis(one_lung, body_midline=21.0) == 21.0
+
+
 def test_bounding_box_of_an_empty_mask_is_a_clear_error():
     with pytest.raises(LungMaskError, match="expected a 3D mask .* with lung voxels"):
         lung_bounding_box(np.zeros((4, 4, 4), np.uint8), (1.0, 1.0, 1.0))

@@ -228,8 +228,10 @@ class _Fitted(NamedTuple):
 def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
                ctx: _Context) -> _Fitted | None:
     """Train one model into `model_dir`, again with another seed while its validation
-    predictions explain next to nothing (`explained_fraction` under `LEARNED_FRACTION`; up to
-    `--restarts` times); None on a worker other than the chief (it only trains)."""
+    predictions explain next to nothing (`explained_fraction` under `LEARNED_FRACTION`) or are
+    constant (spread under `CONSTANT_SPREAD`; the only test with one class among the validation
+    patients), up to `--restarts` times; None on a worker other than the chief (it only
+    trains)."""
     restarts_path = model_dir / RESTARTS_NAME
     collapsed = json.loads(restarts_path.read_text()) if restarts_path.is_file() else []
     y_val = [ctx.cohort[i][1] for i in val_ids]
@@ -240,11 +242,16 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
         if fitted is None:
             return None
         explained = explained_fraction(y_val, fitted.p_val)
-        if (not explained < LEARNED_FRACTION or len(collapsed) >= ctx.options.restarts
+        spread = float(np.ptp(fitted.p_val))
+        # With one class among the validation patients nothing is explained (NaN): only
+        # constant predictions then count as stuck.
+        stuck = spread < CONSTANT_SPREAD or explained < LEARNED_FRACTION
+        if (not stuck or len(collapsed) >= ctx.options.restarts
                 or ctx.options.distribute != "none"):
             return fitted._replace(collapsed_seeds=[c["seed"] for c in collapsed])
-        collapsed.append({"seed": seed, "explained_fraction": explained,
-                          "validation_spread": float(np.ptp(fitted.p_val)),
+        collapsed.append({"seed": seed,
+                          "explained_fraction": None if math.isnan(explained) else explained,
+                          "validation_spread": spread,
                           "epochs": len(runs.read_history(model_dir / runs.HISTORY_NAME))})
         logger.warning("%s: the validation predictions explain %.3f of the labels' entropy (seed "
                        "%d never left the base-rate plateau): training again with seed %d "

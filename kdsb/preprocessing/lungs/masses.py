@@ -14,6 +14,7 @@ from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU
 
 APEX_ZONE_MM = 60.0
 APEX_CORE_MM = 6.0
+MIN_SIDE_SHARE = 0.2  # of the lungs, on the lesser side of the body's centre: two lungs
 APEX_CUT_FRACTION = 0.5  # of the widest slice's lung area: a top slice this full cuts the lungs
 APEX_DEPTH_PERCENTILE = 5.0  # fills juxtapleural nodules and tumours up to about 14 mm radius
 # (core radius, rim) in mm: added tissue that survives an opening with a ball of the core
@@ -37,15 +38,21 @@ def apex_in_scan(lungs: np.ndarray) -> bool:
     return bool(areas[-1] < APEX_CUT_FRACTION * areas.max())
 
 
-def symmetry_axis(lungs: np.ndarray) -> float:
+def symmetry_axis(lungs: np.ndarray, body_midline: float) -> float:
     """The lungs' own left-right mirror plane (x, voxel units): midway between their outermost
-    voxels, which lie against the ribs on both sides.
+    voxels, which lie against the ribs on both sides; `body_midline` (the body's centre) where
+    either side of it holds under `MIN_SIDE_SHARE` of `lungs` (non-empty): one lung (a
+    pneumonectomy, a collapsed lung) has no mirror image of its own.
 
-    Not the body's centre: where the field of view cuts the arms or the shoulders off on one
-    side that moves by 5-10 mm, and the mirror image of one lung then lands twice as far out, in
-    the other side's chest wall (seen on varied real bases; the apex rule then took in ~60 ml
-    of muscle)."""
-    xs = np.flatnonzero(lungs.any(axis=(0, 1)))
+    Not the body's centre otherwise: where the field of view cuts the arms or the shoulders off
+    on one side that moves by 5–10 mm, and the mirror image of one lung then lands twice as far
+    out, in the other side's chest wall (seen on varied real bases; the apex rule then took in
+    ~60 ml of muscle)."""
+    per_column = np.count_nonzero(lungs, axis=(0, 1))
+    right = per_column[: math.ceil(body_midline)].sum()
+    if min(right, per_column.sum() - right) < MIN_SIDE_SHARE * per_column.sum():
+        return body_midline
+    xs = np.flatnonzero(per_column)
     return (float(xs[0]) + float(xs[-1])) / 2.0
 
 

@@ -132,7 +132,7 @@ def segment_lungs_in_box(
     # Each side is closed and filled on its own so the two lungs never merge across the
     # mediastinum; a lung crossing the midline is simply handled in two parts. The midline is
     # the lungs' own (the body's centre moves where the field of view cuts off an arm).
-    axis = symmetry_axis(lung_air)
+    axis = symmetry_axis(lung_air, midline)
     split = math.ceil(axis)
     hulls = slice_hulls(lung_air)
     sides = [
