@@ -517,3 +517,95 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
     assert seeds == [3, 3 + stride, 3 + stride, 3]  # fold 1 (killed, resumed), then fold 2
     assert result["collapsed_seeds"] == [[3], []]
 
+
+@pytest.mark.slow
+def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, monkeypatch):
+    """Fold 1's three attempts all explain under LEARNED_FRACTION (forced: 0.03, -1.0, 0.01):
+    the first, the least stuck, is kept (its model and history live again, the other two set
+    aside) and predicts the held-out fold; resumed, the settled fold trains nothing."""
+    import hashlib
+
+    from kdsb.training import attempts, mil
+
+    data, labels, gmcae = cohort
+    forced = iter([0.03, -1.0, 0.01])
+    real = classifier_training.explained_fraction
+    monkeypatch.setattr(classifier_training, "explained_fraction",
+                        lambda y, p: next(forced, None) or real(y, p))
+    model_name = classifier_training.UNCALIBRATED_NAME
+    set_aside, hashes = attempts.set_aside, []
+
+    def hashing(model_dir, number, models):
+        hashes.append(hashlib.sha1((model_dir / model_name).read_bytes()).hexdigest())
+        set_aside(model_dir, number, models)
+
+    monkeypatch.setattr(attempts, "set_aside", hashing)
+    options = dict(gmcae=str(gmcae), folds=2, epochs=1, lr=1e-3, dense_units=4, seed=3,
+                   head="mil", batch_size=2, calibration="none")
+    result = classifier_training.train_classifier(data, labels, tmp_path / "run", options)
+    fold = tmp_path / "run" / "fold_1"
+    stride = classifier_training.RESTART_SEED_STRIDE
+    assert result["collapsed_seeds"] == [[3 + stride, 3 + 2 * stride], []]
+    records = json.loads((fold / "restarts.json").read_text())
+    assert [r["seed"] for r in records] == [3, 3 + stride, 3 + 2 * stride]
+    assert [r.get("kept", False) for r in records] == [True, False, False]
+    assert [r["explained_fraction"] for r in records] == [0.03, -1.0, 0.01]
+    assert len(hashes) == 2  # attempts 1 and 2 were set aside on restarting
+    assert hashlib.sha1((fold / model_name).read_bytes()).hexdigest() == hashes[0]
+    assert not list(fold.glob("collapsed_1_*"))
+    for number in (2, 3):
+        assert (fold / f"collapsed_{number}_{model_name}").is_file()
+        assert (fold / f"collapsed_{number}_history.csv").is_file()
+    assert not (fold / "checkpoints").exists()
+    # The held-out fold is predicted by the kept model.
+    oof = {row["id"]: row for row in csv.DictReader(open(tmp_path / "run" / "oof.csv"))}
+    held_out = json.loads((fold / "fold.json").read_text())["predictions"]
+    assert set(held_out) <= set(oof)
+
+    # A settled fold resumes without training: its kept model and seeds stand.
+    (fold / "fold.json").unlink()
+    monkeypatch.setattr(mil, "train_mil", lambda *args, **kwargs: pytest.fail("trained"))
+    again = classifier_training.train_classifier(data, labels, tmp_path / "run", options,
+                                                 resume=True)
+    assert again["collapsed_seeds"] == result["collapsed_seeds"]
+    assert json.loads((fold / "fold.json").read_text())["predictions"] == pytest.approx(held_out)
+
+
+def test_restoring_the_kept_attempt_finishes_after_a_kill(tmp_path):
+    """`attempts.restore_kept` file by file: the kept attempt's files become the live ones, the
+    last attempt's are set aside; rerun after a kill half-way, it finishes the job."""
+    from kdsb.training import attempts
+
+    records = [{"seed": 1, "kept": True}, {"seed": 2}, {"seed": 3}]
+    models = ("model.keras", "head.keras")
+    names = (*models, "history.csv")
+    for name in names:
+        (tmp_path / name).write_text("attempt 3")
+        for number in (1, 2):
+            (tmp_path / f"collapsed_{number}_{name}").write_text(f"attempt {number}")
+    (tmp_path / "checkpoints").mkdir()
+    # Killed after the first file: its kept copy is live, the last attempt's set aside.
+    (tmp_path / "model.keras").replace(tmp_path / "collapsed_3_model.keras")
+    (tmp_path / "collapsed_1_model.keras").replace(tmp_path / "model.keras")
+    attempts.restore_kept(tmp_path, records, models)
+    for name in names:
+        assert (tmp_path / name).read_text() == "attempt 1"
+        assert (tmp_path / f"collapsed_3_{name}").read_text() == "attempt 3"
+        assert (tmp_path / f"collapsed_2_{name}").read_text() == "attempt 2"
+        assert not (tmp_path / f"collapsed_1_{name}").exists()
+    assert not (tmp_path / "checkpoints").exists()
+    attempts.restore_kept(tmp_path, records, models)  # done: nothing changes
+    assert all((tmp_path / name).read_text() == "attempt 1" for name in names)
+
+
+def test_the_least_stuck_attempt_has_the_largest_explained_fraction_then_spread():
+    from kdsb.training.attempts import least_stuck
+
+    def record(explained, spread):
+        return {"explained_fraction": explained, "validation_spread": spread}
+
+    assert least_stuck([record(0.03, 0.1), record(-1.0, 0.5), record(0.01, 0.9)]) == 0
+    assert least_stuck([record(None, 0.1), record(None, 0.3), record(-2.0, 0.0)]) == 2
+    assert least_stuck([record(None, 0.3), record(None, 0.1)]) == 0
+    assert least_stuck([record(0.0, 0.0), record(0.0, 0.0)]) == 1  # the latest of equals
+

@@ -41,10 +41,11 @@ predictions only wobble around the base rate: seen in a quarter of the SPP folds
 patients). The test is `explained_fraction`: shifted by the logit offset that fits the
 validation patients best (class weights offset every prediction), the predictions explain less
 than `LEARNED_FRACTION` of the labels' entropy. Such a model is trained again from the start
-with another seed (`RESTART_SEED_STRIDE`), up to `--restarts` times; the last attempt is kept.
-The folder keeps each abandoned attempt's history (`collapsed_N_history.csv`) and
-`restarts.json`. The validation patients decide, as they do for early stopping; with folds the
-held-out fold (the out-of-fold predictions) plays no part in it.
+with another seed (`RESTART_SEED_STRIDE`), up to `--restarts` times; when every attempt was
+stuck, the least stuck (largest explained fraction) is kept. The folder keeps each abandoned
+attempt's model and history (`collapsed_N_*`, `kdsb.training.attempts`) and `restarts.json`.
+The validation patients decide, as they do for early stopping; with folds the held-out fold (the
+out-of-fold predictions) plays no part in it.
 
 Class imbalance: with `--loss bce` each training volume carries a sample weight
 n / (2 · n_class) ("balanced", the `class_weight` rule of scikit-learn), so both classes pull
@@ -62,6 +63,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -73,7 +75,7 @@ from kdsb.evaluation import metrics
 from kdsb.io.atomic import atomic_path, write_json
 from kdsb.io.tables import check_labels_match, read_labels
 from kdsb.io.volumes import list_volumes
-from kdsb.training import runs
+from kdsb.training import attempts, runs
 from kdsb.training.classifier_options import ClassifierOptions
 
 logger = logging.getLogger(__name__)
@@ -230,13 +232,18 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
     """Train one model into `model_dir`, again with another seed while its validation
     predictions explain next to nothing (`explained_fraction` under `LEARNED_FRACTION`) or are
     constant (spread under `CONSTANT_SPREAD`; the only test with one class among the validation
-    patients), up to `--restarts` times; None on a worker other than the chief (it only
-    trains)."""
+    patients), up to `--restarts` times; when every attempt was stuck, the least stuck is kept
+    (`kdsb.training.attempts`). None on a worker other than the chief (it only trains)."""
+    from kdsb.training.mil import HEAD_NAME
+
+    models = (UNCALIBRATED_NAME, HEAD_NAME)
     restarts_path = model_dir / RESTARTS_NAME
-    collapsed = json.loads(restarts_path.read_text()) if restarts_path.is_file() else []
+    records = json.loads(restarts_path.read_text()) if restarts_path.is_file() else []
+    if attempts.kept_index(records) is not None:  # settled before a kill or a --resume
+        return _kept_attempt(model_dir, records, models, history=None)
     y_val = [ctx.cohort[i][1] for i in val_ids]
     while True:
-        seed = ctx.options.seed + len(collapsed) * RESTART_SEED_STRIDE
+        seed = ctx.options.seed + len(records) * RESTART_SEED_STRIDE
         fitted = _fit_once(model_dir, train_ids, val_ids, ctx,
                            dataclasses.replace(ctx.options, seed=seed))
         if fitted is None:
@@ -246,23 +253,46 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
         # With one class among the validation patients nothing is explained (NaN): only
         # constant predictions then count as stuck.
         stuck = spread < CONSTANT_SPREAD or explained < LEARNED_FRACTION
-        if (not stuck or len(collapsed) >= ctx.options.restarts
-                or ctx.options.distribute != "none"):
-            return fitted._replace(collapsed_seeds=[c["seed"] for c in collapsed])
-        collapsed.append({"seed": seed,
-                          "explained_fraction": None if math.isnan(explained) else explained,
-                          "validation_spread": spread,
-                          "epochs": len(runs.read_history(model_dir / runs.HISTORY_NAME))})
+        if not stuck or ctx.options.distribute != "none":
+            return fitted._replace(collapsed_seeds=[r["seed"] for r in records])
+        record = {"seed": seed,
+                  "explained_fraction": None if math.isnan(explained) else explained,
+                  "validation_spread": spread,
+                  "validation_predictions": [float(p) for p in fitted.p_val],
+                  "epochs": len(runs.read_history(model_dir / runs.HISTORY_NAME))}
+        if len(records) >= ctx.options.restarts:
+            best = attempts.least_stuck([*records, record])
+            if best == len(records):
+                return fitted._replace(collapsed_seeds=[r["seed"] for r in records])
+            records[best][attempts.KEPT_KEY] = True
+            records.append(record)
+            write_json(restarts_path, records)
+            logger.warning("%s: every attempt stayed on the base-rate plateau; keeping seed %d's "
+                           "(explained fraction %s), the least stuck", model_dir,
+                           records[best]["seed"], records[best]["explained_fraction"])
+            return _kept_attempt(model_dir, records, models, fitted.history)
+        records.append(record)
         logger.warning("%s: the validation predictions explain %.3f of the labels' entropy (seed "
                        "%d never left the base-rate plateau): training again with seed %d "
                        "(restart %d of %d)", model_dir, explained, seed,
-                       seed + RESTART_SEED_STRIDE, len(collapsed), ctx.options.restarts)
-        from kdsb.training.mil import HEAD_NAME
+                       seed + RESTART_SEED_STRIDE, len(records), ctx.options.restarts)
+        # Set aside before the record is written: a kill in between retrains the same attempt.
+        attempts.set_aside(model_dir, len(records), models)
+        write_json(restarts_path, records)
 
-        # Cleared before the record is written: a kill in between retrains the same attempt.
-        runs.discard_training(model_dir, f"collapsed_{len(collapsed)}_{runs.HISTORY_NAME}",
-                              (UNCALIBRATED_NAME, HEAD_NAME))
-        write_json(restarts_path, collapsed)
+
+def _kept_attempt(model_dir: Path, records: list[dict], models: tuple[str, ...],
+                  history: Any) -> _Fitted:
+    """The attempt kept when every one was stuck, its files made the live ones again; `history`
+    is this session's training (None when it trained nothing)."""
+    from kdsb.models.classifier import load_classifier
+
+    attempts.restore_kept(model_dir, records, models)
+    kept = records[attempts.kept_index(records)]
+    return _Fitted(np.asarray(kept["validation_predictions"]),
+                   history if history is not None else SimpleNamespace(epoch=[]),
+                   load_classifier(model_dir / UNCALIBRATED_NAME),
+                   [r["seed"] for r in records if r is not kept])
 
 
 def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _Context,

@@ -132,7 +132,8 @@ class ClassifierOptions(RunOptions):
     restarts: int = option(
         2, "train a model again with another seed, up to this many times, when its validation "
         "predictions, shifted to fit them best, explain under 5 %% of the labels' entropy (it "
-        "never left the base-rate plateau); not with --distribute multiworker", type=int,
+        "never left the base-rate plateau; when every attempt was, the least stuck is kept); "
+        "not with --distribute multiworker", type=int,
     )
     augment: bool = option(True, "no random cube symmetry on training volumes",
                            flag="--no-augment", action="store_false")

@@ -58,6 +58,7 @@ from kdsb.training.runs.folder import (
     last_checkpoint,
     list_checkpoints,
     read_history,
+    remove_checkpoints,
     save_model_atomically,
 )
 from kdsb.training.runs.options import (
@@ -93,6 +94,7 @@ __all__ = [
     "list_checkpoints",
     "option",
     "read_history",
+    "remove_checkpoints",
     "read_tf_config",
     "resolve_options",
     "save_model_atomically",

@@ -53,18 +53,21 @@ def last_checkpoint(run_dir: str | os.PathLike) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def discard_training(run_dir: str | os.PathLike, history_as: str, models: tuple[str, ...]) -> None:
-    """Clear a run folder for a fresh start: its checkpoints, TensorBoard logs and the `models`
-    it saved are removed, its history.csv is renamed `history_as` (kept as a record); config.json
-    and other files stay."""
+def discard_training(run_dir: str | os.PathLike, prefix: str, models: tuple[str, ...]) -> None:
+    """Clear a run folder for a fresh start, keeping its results aside: the `models` it saved
+    and its history.csv are renamed `prefix` + name (replacing an earlier copy), its checkpoints
+    and TensorBoard logs removed; config.json and other files stay."""
     run_dir = Path(run_dir)
+    for name in (*models, HISTORY_NAME):
+        if (run_dir / name).is_file():
+            (run_dir / name).replace(run_dir / f"{prefix}{name}")
+    remove_checkpoints(run_dir)
+
+
+def remove_checkpoints(run_dir: str | os.PathLike) -> None:
+    """Remove a run's checkpoints and TensorBoard logs."""
     for folder in (CHECKPOINT_DIR, TENSORBOARD_DIR):
-        shutil.rmtree(run_dir / folder, ignore_errors=True)
-    for name in models:
-        (run_dir / name).unlink(missing_ok=True)
-    history = run_dir / HISTORY_NAME
-    if history.is_file():
-        history.replace(run_dir / history_as)
+        shutil.rmtree(Path(run_dir) / folder, ignore_errors=True)
 
 
 def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> tuple[int, Path] | None:

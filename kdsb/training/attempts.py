@@ -1,0 +1,68 @@
+"""The attempts of a model restarted on the base-rate plateau (`kdsb.training.classifier`):
+each abandoned attempt's files kept aside, and the least stuck attempt restored when every one
+was stuck.
+
+A model folder holds the live attempt (its models, `history.csv`, checkpoints) and, for the
+N-th abandoned attempt (from 1), `collapsed_N_<model>` and `collapsed_N_history.csv`.
+`restarts.json` lists the abandoned attempts' records in order ({"seed", "explained_fraction",
+"validation_spread", "validation_predictions", "epochs"}). When the last attempt is stuck too,
+its record is added and the least stuck record gets "kept": true; that attempt's files are then
+the live ones again and the last attempt's are set aside in its place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from kdsb.training import runs
+
+KEPT_KEY = "kept"
+
+
+def aside_prefix(number: int) -> str:
+    """The prefix of abandoned attempt `number`'s files (from 1)."""
+    return f"collapsed_{number}_"
+
+
+def set_aside(model_dir: str | os.PathLike, number: int, models: Sequence[str]) -> None:
+    """Set the live attempt's `models` and history aside as abandoned attempt `number` and
+    clear its checkpoints, so the folder is ready for a fresh start."""
+    runs.discard_training(model_dir, aside_prefix(number), tuple(models))
+
+
+def least_stuck(records: Sequence[dict]) -> int:
+    """Index of the record to keep when every attempt was stuck: the largest explained fraction
+    (None, one class among the validation patients, ranks lowest), then the widest validation
+    spread; the latest of equals."""
+    def rank(index: int) -> tuple[float, float, int]:
+        explained = records[index]["explained_fraction"]
+        return (-math.inf if explained is None else explained,
+                records[index]["validation_spread"], index)
+
+    return max(range(len(records)), key=rank)
+
+
+def kept_index(records: Sequence[dict]) -> int | None:
+    """Index of the record marked kept, or None while attempts go on."""
+    return next((i for i, record in enumerate(records) if record.get(KEPT_KEY)), None)
+
+
+def restore_kept(model_dir: str | os.PathLike, records: Sequence[dict],
+                 models: Sequence[str]) -> None:
+    """Make the kept attempt's files the live ones, each live file (the last attempt's) set
+    aside first. File by file, so a run killed half-way finishes on `--resume`: a file whose
+    kept copy is gone is done."""
+    model_dir = Path(model_dir)
+    kept = aside_prefix(kept_index(records) + 1)
+    last = aside_prefix(len(records))
+    for name in (*models, runs.HISTORY_NAME):
+        stored = model_dir / f"{kept}{name}"
+        if not stored.is_file():
+            continue
+        if (model_dir / name).is_file():
+            (model_dir / name).replace(model_dir / f"{last}{name}")
+        stored.replace(model_dir / name)
+    runs.remove_checkpoints(model_dir)
