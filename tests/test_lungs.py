@@ -3,6 +3,7 @@ box, real CT."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -429,15 +430,8 @@ def load_canonical(path) -> tuple[np.ndarray, tuple[float, float, float]]:
 def kept_of_lesion_in_real_ct(path, kind: str, place: str, radius_mm: float, seed: int):
     """(lesion voxels, fraction of them inside the mask) for one lesion implanted into the
     unvaried real CT at `path`, in the parenchyma of its own mask."""
-    from kdsb.phantoms import lesions
-
-    hu, spacing = load_canonical(path)
-    parenchyma = lesions.lung_parenchyma(hu, segment_lungs(hu, spacing) > 0, spacing)
-    truth, lesion = lesions.implant_lesion(
-        hu, spacing, (0.0, 0.0, 0.0), parenchyma, kind=kind, place=place, radius_mm=radius_mm,
-        rng=np.random.default_rng(seed),
-    )
-    return lesion.voxels, segment_lungs(hu, spacing)[truth].mean()
+    hu, spacing, truth = implanted_real_ct(path, kind, place, radius_mm, seed)
+    return int(truth.sum()), segment_lungs(hu, spacing)[truth].mean()
 
 
 @pytest.mark.slow
@@ -479,6 +473,43 @@ def test_mass_in_a_real_mediastinal_dent_keeps_its_medial_part(real_chest_nifti)
     voxels, kept = kept_of_lesion_in_real_ct(real_chest_nifti, "solid", "paravertebral", 10.0, 6)
     assert voxels >= 500
     assert kept >= 0.95
+
+
+def implanted_real_ct(path, kind: str, place: str, radius_mm: float, seed: int):
+    """The real CT at `path` (canonical HU, spacing) with one lesion implanted into the
+    parenchyma of its own mask, and the lesion's voxels."""
+    from kdsb.phantoms import lesions
+
+    hu, spacing = load_canonical(path)
+    parenchyma = lesions.lung_parenchyma(hu, segment_lungs(hu, spacing) > 0, spacing)
+    truth, _ = lesions.implant_lesion(
+        hu, spacing, (0.0, 0.0, 0.0), parenchyma, kind=kind, place=place, radius_mm=radius_mm,
+        rng=np.random.default_rng(seed),
+    )
+    return hu, spacing, truth
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_a_large_mass_keeps_its_outer_part_where_the_chest_wall_curves_away(
+        real_chest_nifti, monkeypatch):
+    """A 35 mm spiculated mass implanted into the real CT's costophrenic recess keeps its outer
+    part, 13-21 mm from its core, as a mass pocket (81 % kept without them); a 35 mm mass on the
+    liver's dome beside the mediastinum gains nothing from them: no liver, no mediastinum."""
+    hu, spacing, truth = implanted_real_ct(real_chest_nifti, "spiculated", "diaphragmatic", 35.0, 1)
+    with_pockets = segment_lungs(hu, spacing) > 0
+    assert with_pockets[truth].mean() >= 0.95
+    monkeypatch.setattr(masses, "LARGE_MASS_ML", math.inf)
+    without = segment_lungs(hu, spacing) > 0
+    assert without[truth].mean() < 0.85
+    # What the pockets add beyond the lesion is its edge against the wall: under 15 ml.
+    added_ml = (with_pockets & ~without & ~truth).sum() * math.prod(spacing) / 1000.0
+    assert 0 < added_ml < 15.0
+
+    hu, spacing, truth = implanted_real_ct(real_chest_nifti, "solid", "diaphragmatic", 35.0, 5)
+    without = segment_lungs(hu, spacing)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(segment_lungs(hu, spacing), without)
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def fill_side(
     - tissue inside the slice-wise convex hull of the lungs that is enclosed by this lung and the
       chest wall (it reaches neither the midline nor the scan's ends): nodules and tumours
       that are cut flat by the chest wall, whose bite a ball from the wall side would enter;
-      such a nodule then reaches out to the chest wall (`_reach_wall`).
+      such a nodule then reaches out to the chest wall (`reach_wall`).
     """
     part = np.zeros_like(lung_air)
     part[side] = lung_air[side]
@@ -88,7 +88,7 @@ def fill_side(
         nodules, _ = ndimage.label(solid | pockets)
         juxtapleural = np.intersect1d(nodules[solid], nodules[pockets])
         for index in juxtapleural:
-            _reach_wall(nodules == index, lung_air[side], body[side], half, spacing)
+            reach_wall(nodules == index, lung_air[side], body[side], half, spacing)
     result = np.zeros_like(lung_air)
     result[side] = half
     # Air the lung selection rejected (bowel gas, airways) is never taken in, nor bone.
@@ -145,7 +145,7 @@ def slice_hulls(mask: np.ndarray) -> np.ndarray:
     return hulls
 
 
-def _reach_wall(
+def reach_wall(
     nodule: np.ndarray,
     lung_air: np.ndarray,
     body: np.ndarray,

@@ -1,5 +1,6 @@
 """Masses the filling leaves partly out (coarse grid): a tumour capping a lung's apex (the
-mirror rule) and a thick mass's hidden edge against the wall, spine or diaphragm (the rims)."""
+mirror rule), a thick mass's hidden edge against the wall, spine or diaphragm (the rims) and a
+large mass's outer part where the chest wall curves away from it (the mass pockets)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from kdsb.preprocessing.lungs.filling import IN_PLANE_ONLY_MM, reach_wall
 from kdsb.preprocessing.lungs.morphology import ball, bounding_box, dilate_cross, mirror_x
-from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU
+from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU, MM3_PER_ML
 
 APEX_ZONE_MM = 60.0
 APEX_CORE_MM = 6.0
@@ -22,6 +24,16 @@ APEX_DEPTH_PERCENTILE = 5.0  # fills juxtapleural nodules and tumours up to abou
 # hidden edge. The second pair reaches the medial part of a ~10 mm mass in a concave
 # mediastinal dent, too thin for the first core (paravertebral, apical: 74-89 % kept without).
 MASS_RIMS_MM = ((8.0, 12.0), (6.0, 6.0))
+# Mass pockets (`mass_pockets`): cores (of the first rim pair's radius) of at least LARGE_MASS_ML
+# are large masses, about 30 mm radius and up (the aorta's bulge makes cores of up to ~35 ml);
+# their pockets lie within MASS_REACH_MM in-plane of the core, each voxel shallower under the
+# skin than its nearest core voxel by OUTWARD_SLOPE per mm from it (towards the wall, not
+# along the mediastinum or the liver) and within POCKET_DEPTH_MM in-plane of the hull's edge (a
+# shell under the chest wall, not the spine or the mediastinum deep inside the hull).
+LARGE_MASS_ML = 40.0
+MASS_REACH_MM = 25.0
+OUTWARD_SLOPE = 0.5
+POCKET_DEPTH_MM = 15.0
 
 
 def apex_zone(lungs: np.ndarray, spacing: Sequence[float]) -> int:
@@ -161,3 +173,62 @@ def lesion_rim(
     rim = np.zeros_like(mask)
     rim[box] = near & body[box] & tissue[box] & ~rejected_air[box]
     return rim
+
+
+def mass_pockets(
+    mask: np.ndarray,
+    lung_air: np.ndarray,
+    hulls: np.ndarray,
+    body: np.ndarray,
+    rejected_air: np.ndarray,
+    coarse_hu: np.ndarray,
+    spacing: Sequence[float],
+) -> np.ndarray:
+    """The outer part of a large mass that fills a lung out to where the chest wall curves away
+    (a costophrenic recess, the anterior junction behind the sternum), and its reach to the wall.
+
+    Such a mass (35 mm radius) leaves the filling a dent too wide for the envelope's ball, a
+    first-pass pocket too large or not enclosed (it meets the diaphragm's or the mediastinum's
+    tissue), and an outer third 13–21 mm from its core, beyond the rims: the mask's boundary runs
+    through the mass, concave, inside the lungs' slice-wise convex hull (`hulls`). So, for each
+    large mass core (tissue the filling took in that survives an opening with the first
+    `MASS_RIMS_MM` core ball, at least `LARGE_MASS_ML`): non-bone tissue (not gas) inside the
+    hull and outside the mask, within `MASS_REACH_MM` in-plane of the core and lying outwards of
+    it (`OUTWARD_SLOPE`), within `POCKET_DEPTH_MM` of the hull's edge, whose components touch
+    both the mask and that edge (the chest wall; the liver under a dome, the heart beside a lung
+    and the spine lie deeper, inside the hull) is a pocket; each pocket then reaches out to the
+    wall as a juxtapleural nodule does (`filling.reach_wall`).
+    """
+    tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
+    added = mask & ~lung_air & tissue
+    if not added.any():
+        return np.zeros_like(mask)
+    core_mm = MASS_RIMS_MM[0][0]
+    box = bounding_box(added, (1, 1, 1))
+    cores = np.zeros_like(added)
+    cores[box] = ndimage.binary_opening(added[box], structure=ball(core_mm, spacing))
+    labels, count = ndimage.label(cores)
+    ml = np.bincount(labels.ravel(), minlength=count + 1) * math.prod(spacing) / MM3_PER_ML
+    large = [index for index in range(1, count + 1) if ml[index] >= LARGE_MASS_ML]
+    if not large:
+        return np.zeros_like(mask)
+    filled = mask.copy()
+    in_plane = (IN_PLANE_ONLY_MM, *spacing[1:])
+    under_edge = ndimage.distance_transform_edt(hulls, sampling=in_plane) <= POCKET_DEPTH_MM
+    candidates = hulls & under_edge & ~mask & body & tissue & ~rejected_air
+    edge = dilate_cross(~hulls & body, 1)
+    beside_mask = dilate_cross(mask, 1)
+    depth = ndimage.distance_transform_edt(body, sampling=spacing)
+    for index in large:
+        core = labels == index
+        reach, nearest = ndimage.distance_transform_edt(~core, sampling=in_plane,
+                                                        return_indices=True)
+        near = (candidates & (reach <= MASS_REACH_MM)
+                & (depth[tuple(nearest)] - depth >= OUTWARD_SLOPE * reach))
+        pieces, _ = ndimage.label(near)
+        keep = np.intersect1d(pieces[edge & near], pieces[beside_mask & near])
+        pocket = np.isin(pieces, keep[keep > 0])
+        if pocket.any():
+            filled |= pocket
+            reach_wall(pocket, lung_air, body, filled, spacing)
+    return filled & ~mask & tissue & ~rejected_air

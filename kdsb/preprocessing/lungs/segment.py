@@ -19,6 +19,7 @@ from kdsb.preprocessing.lungs.masses import (
     apex_zone,
     depth_under_skin,
     lesion_rim,
+    mass_pockets,
     symmetry_axis,
 )
 from kdsb.preprocessing.lungs.morphology import (
@@ -160,6 +161,8 @@ def segment_lungs_in_box(
     rejected_air = dilate_cross(gas, 1)
     coarse_mask |= lesion_rim(coarse_mask, lung_air, inside_body, rejected_air, coarse_hu,
                                coarse_spacing)
+    coarse_mask |= mass_pockets(coarse_mask, lung_air, hulls, inside_body, rejected_air, coarse_hu,
+                                coarse_spacing)
     # Ground glass the lung selection left out joins the lungs it touches.
     coarse_mask |= touched(ndimage.label(rejected & ~gas)[0], dilate_cross(coarse_mask, 1))
     inner = erode_cross(coarse_mask, outside=True)
