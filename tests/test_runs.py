@@ -241,3 +241,33 @@ def test_prediction_spread_is_max_minus_min_over_batches():
     metric.reset_state()
     metric.update_state(np.zeros((2, 1)), np.full((2, 1), 0.5))
     assert float(metric.result()) == 0.0
+
+
+def test_discarding_a_run_removes_its_checkpoints_before_setting_its_files_aside(
+        tmp_path, monkeypatch):
+    """A kill while a restarted run is cleared never leaves checkpoints without their history
+    (a resume would go on with the discarded weights): they go first; then the models and
+    history.csv are renamed with the prefix, replacing an earlier copy."""
+    from pathlib import Path
+
+    from kdsb.training.runs import discard_training
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "epoch_0001.keras").write_text("weights")
+    (tmp_path / "model.keras").write_text("model")
+    (tmp_path / "history.csv").write_text("epoch\n0\n")
+    (tmp_path / "aside_history.csv").write_text("an earlier copy")
+
+    def killed(self, target):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            discard_training(tmp_path, "aside_", ("model.keras", "head.keras"))
+    assert not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / "model.keras").is_file()
+    discard_training(tmp_path, "aside_", ("model.keras", "head.keras"))
+    assert (tmp_path / "aside_model.keras").read_text() == "model"
+    assert (tmp_path / "aside_history.csv").read_text() == "epoch\n0\n"
+    assert not (tmp_path / "model.keras").exists() and not (tmp_path / "history.csv").exists()

@@ -466,7 +466,7 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
     """Fold 1's first attempt gives constant validation predictions (forced here: they explain
     none of the labels' entropy): it is trained again with seed + RESTART_SEED_STRIDE, its
     history kept aside; config.json keeps the run's seed; with --restarts 0 the stuck model is
-    kept; a run killed during the restart resumes it."""
+    kept (and recorded as kept); a run killed during the restart resumes it."""
     data, labels, gmcae = cohort
     score = classifier_training.score_patients
     calls = []
@@ -495,7 +495,9 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
     result = classifier_training.train_classifier(data, labels, tmp_path / "kept",
                                                   {**options, "restarts": 0})
     assert result["collapsed_seeds"] == [[], []]
-    assert not (tmp_path / "kept" / "fold_1" / "restarts.json").exists()
+    kept = json.loads((tmp_path / "kept" / "fold_1" / "restarts.json").read_text())
+    assert [(r["seed"], r["kept"]) for r in kept] == [(3, True)]  # settled: a resume keeps it
+    assert not list((tmp_path / "kept" / "fold_1").glob("collapsed_*"))
 
     # Killed during the restart: --resume goes on with the restart's seed.
     from kdsb.training import mil
@@ -532,11 +534,14 @@ def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, m
     real = classifier_training.explained_fraction
     monkeypatch.setattr(classifier_training, "explained_fraction",
                         lambda y, p: next(forced, None) or real(y, p))
-    model_name = classifier_training.UNCALIBRATED_NAME
+    model_names = (classifier_training.UNCALIBRATED_NAME, mil.HEAD_NAME)
     set_aside, hashes = attempts.set_aside, []
 
+    def digest(folder):
+        return [hashlib.sha1((folder / name).read_bytes()).hexdigest() for name in model_names]
+
     def hashing(model_dir, number, models):
-        hashes.append(hashlib.sha1((model_dir / model_name).read_bytes()).hexdigest())
+        hashes.append(digest(model_dir))
         set_aside(model_dir, number, models)
 
     monkeypatch.setattr(attempts, "set_aside", hashing)
@@ -551,16 +556,14 @@ def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, m
     assert [r.get("kept", False) for r in records] == [True, False, False]
     assert [r["explained_fraction"] for r in records] == [0.03, -1.0, 0.01]
     assert len(hashes) == 2  # attempts 1 and 2 were set aside on restarting
-    assert hashlib.sha1((fold / model_name).read_bytes()).hexdigest() == hashes[0]
+    assert hashes[0] != hashes[1]
+    assert digest(fold) == hashes[0]  # attempt 1's models are the live ones again
     assert not list(fold.glob("collapsed_1_*"))
     for number in (2, 3):
-        assert (fold / f"collapsed_{number}_{model_name}").is_file()
-        assert (fold / f"collapsed_{number}_history.csv").is_file()
+        for name in (*model_names, "history.csv"):
+            assert (fold / f"collapsed_{number}_{name}").is_file()
     assert not (fold / "checkpoints").exists()
-    # The held-out fold is predicted by the kept model.
-    oof = {row["id"]: row for row in csv.DictReader(open(tmp_path / "run" / "oof.csv"))}
     held_out = json.loads((fold / "fold.json").read_text())["predictions"]
-    assert set(held_out) <= set(oof)
 
     # A settled fold resumes without training: its kept model and seeds stand.
     (fold / "fold.json").unlink()
@@ -601,11 +604,14 @@ def test_restoring_the_kept_attempt_finishes_after_a_kill(tmp_path):
 def test_the_least_stuck_attempt_has_the_largest_explained_fraction_then_spread():
     from kdsb.training.attempts import least_stuck
 
-    def record(explained, spread):
-        return {"explained_fraction": explained, "validation_spread": spread}
+    def record(explained, spread, saved=True):
+        return {"explained_fraction": explained, "validation_spread": spread,
+                **({"validation_predictions": [0.5]} if saved else {})}
 
     assert least_stuck([record(0.03, 0.1), record(-1.0, 0.5), record(0.01, 0.9)]) == 0
     assert least_stuck([record(None, 0.1), record(None, 0.3), record(-2.0, 0.0)]) == 2
     assert least_stuck([record(None, 0.3), record(None, 0.1)]) == 0
     assert least_stuck([record(0.0, 0.0), record(0.0, 0.0)]) == 1  # the latest of equals
+    # A record of a run started before attempts were set aside has no model to restore.
+    assert least_stuck([record(0.03, 0.1, saved=False), record(0.01, 0.9)]) == 1
 

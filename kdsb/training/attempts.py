@@ -7,7 +7,8 @@ N-th abandoned attempt (from 1), `collapsed_N_<model>` and `collapsed_N_history.
 `restarts.json` lists the abandoned attempts' records in order ({"seed", "explained_fraction",
 "validation_spread", "validation_predictions", "epochs"}). When the last attempt is stuck too,
 its record is added and the least stuck record gets "kept": true; that attempt's files are then
-the live ones again and the last attempt's are set aside in its place.
+the live ones again and the last attempt's are set aside in its place (nothing moves when the
+last is the least stuck). A run resumed after that trains nothing.
 """
 
 from __future__ import annotations
@@ -36,13 +37,17 @@ def set_aside(model_dir: str | os.PathLike, number: int, models: Sequence[str]) 
 def least_stuck(records: Sequence[dict]) -> int:
     """Index of the record to keep when every attempt was stuck: the largest explained fraction
     (None, one class among the validation patients, ranks lowest), then the widest validation
-    spread; the latest of equals."""
+    spread; the latest of equals. Records written before attempts were set aside (without
+    "validation_predictions": no model to restore) are not candidates; the last record always
+    is."""
     def rank(index: int) -> tuple[float, float, int]:
         explained = records[index]["explained_fraction"]
         return (-math.inf if explained is None else explained,
                 records[index]["validation_spread"], index)
 
-    return max(range(len(records)), key=rank)
+    candidates = [i for i, record in enumerate(records)
+                  if "validation_predictions" in record or i == len(records) - 1]
+    return max(candidates, key=rank)
 
 
 def kept_index(records: Sequence[dict]) -> int | None:

@@ -261,15 +261,14 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
                   "validation_predictions": [float(p) for p in fitted.p_val],
                   "epochs": len(runs.read_history(model_dir / runs.HISTORY_NAME))}
         if len(records) >= ctx.options.restarts:
-            best = attempts.least_stuck([*records, record])
-            if best == len(records):
-                return fitted._replace(collapsed_seeds=[r["seed"] for r in records])
-            records[best][attempts.KEPT_KEY] = True
             records.append(record)
+            best = attempts.least_stuck(records)
+            records[best][attempts.KEPT_KEY] = True
             write_json(restarts_path, records)
-            logger.warning("%s: every attempt stayed on the base-rate plateau; keeping seed %d's "
-                           "(explained fraction %s), the least stuck", model_dir,
-                           records[best]["seed"], records[best]["explained_fraction"])
+            if len(records) > 1:
+                logger.warning("%s: every attempt stayed on the base-rate plateau; keeping seed "
+                               "%d's (explained fraction %s), the least stuck", model_dir,
+                               records[best]["seed"], records[best]["explained_fraction"])
             return _kept_attempt(model_dir, records, models, fitted.history)
         records.append(record)
         logger.warning("%s: the validation predictions explain %.3f of the labels' entropy (seed "

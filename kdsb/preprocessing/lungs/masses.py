@@ -24,12 +24,13 @@ APEX_DEPTH_PERCENTILE = 5.0  # fills juxtapleural nodules and tumours up to abou
 # hidden edge. The second pair reaches the medial part of a ~10 mm mass in a concave
 # mediastinal dent, too thin for the first core (paravertebral, apical: 74-89 % kept without).
 MASS_RIMS_MM = ((8.0, 12.0), (6.0, 6.0))
-# Mass pockets (`mass_pockets`): cores (of the first rim pair's radius) of at least LARGE_MASS_ML
-# are large masses, about 30 mm radius and up (the aorta's bulge makes cores of up to ~35 ml);
-# their pockets lie within MASS_REACH_MM in-plane of the core, each voxel shallower under the
-# skin than its nearest core voxel by OUTWARD_SLOPE per mm from it (towards the wall, not
-# along the mediastinum or the liver) and within POCKET_DEPTH_MM in-plane of the hull's edge (a
-# shell under the chest wall, not the spine or the mediastinum deep inside the hull).
+# Mass pockets (`mass_pockets`): cores (of the first rim pair's radius, `large_mass_cores`) of at
+# least LARGE_MASS_ML are large masses, about 30 mm radius and up (the aorta's bulge makes cores
+# of up to ~35 ml); their pockets lie within MASS_REACH_MM in-plane of the core, each voxel
+# shallower under the skin than its nearest core voxel by OUTWARD_SLOPE per mm from it (towards
+# the wall, not along the mediastinum or the liver) and within POCKET_DEPTH_MM in-plane of the
+# hull's edge (a shell under the chest wall, not the spine or the mediastinum deep inside the
+# hull).
 LARGE_MASS_ML = 40.0
 MASS_REACH_MM = 25.0
 OUTWARD_SLOPE = 0.5
@@ -175,6 +176,24 @@ def lesion_rim(
     return rim
 
 
+def large_mass_cores(
+    mask: np.ndarray, lung_air: np.ndarray, coarse_hu: np.ndarray, spacing: Sequence[float]
+) -> list[np.ndarray]:
+    """The large masses of the mask: components of the tissue it holds beyond the lungs' air
+    (what the fillings, the apex rule and the rims took in) that survive an opening with the
+    first `MASS_RIMS_MM` core ball and hold at least `LARGE_MASS_ML`."""
+    tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
+    added = mask & ~lung_air & tissue
+    if not added.any():
+        return []
+    box = bounding_box(added, (1, 1, 1))
+    cores = np.zeros_like(added)
+    cores[box] = ndimage.binary_opening(added[box], structure=ball(MASS_RIMS_MM[0][0], spacing))
+    labels, count = ndimage.label(cores)
+    ml = np.bincount(labels.ravel(), minlength=count + 1) * math.prod(spacing) / MM3_PER_ML
+    return [labels == index for index in range(1, count + 1) if ml[index] >= LARGE_MASS_ML]
+
+
 def mass_pockets(
     mask: np.ndarray,
     lung_air: np.ndarray,
@@ -191,43 +210,33 @@ def mass_pockets(
     first-pass pocket too large or not enclosed (it meets the diaphragm's or the mediastinum's
     tissue), and an outer third 13–21 mm from its core, beyond the rims: the mask's boundary runs
     through the mass, concave, inside the lungs' slice-wise convex hull (`hulls`). So, for each
-    large mass core (tissue the filling took in that survives an opening with the first
-    `MASS_RIMS_MM` core ball, at least `LARGE_MASS_ML`): non-bone tissue (not gas) inside the
-    hull and outside the mask, within `MASS_REACH_MM` in-plane of the core and lying outwards of
-    it (`OUTWARD_SLOPE`), within `POCKET_DEPTH_MM` of the hull's edge, whose components touch
-    both the mask and that edge (the chest wall; the liver under a dome, the heart beside a lung
-    and the spine lie deeper, inside the hull) is a pocket; each pocket then reaches out to the
-    wall as a juxtapleural nodule does (`filling.reach_wall`).
+    large mass core (`large_mass_cores`, of the mask with its rims): non-bone tissue (not gas)
+    inside the hull and outside the mask, within `MASS_REACH_MM` in-plane of the core and lying
+    outwards of it (`OUTWARD_SLOPE`), within `POCKET_DEPTH_MM` in-plane of the hull's edge, whose
+    components touch both the mask and that edge (the chest wall; the liver under a dome, the
+    heart beside a lung and the spine lie deeper, inside the hull) is a pocket; each pocket then
+    reaches out to the wall as a juxtapleural nodule does (`filling.reach_wall`). The edge is
+    touched in 3D (a 6-neighbour outside the hull, also in the next slice where the hull
+    shrinks): the constants were chosen with it so.
     """
-    tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
-    added = mask & ~lung_air & tissue
-    if not added.any():
-        return np.zeros_like(mask)
-    core_mm = MASS_RIMS_MM[0][0]
-    box = bounding_box(added, (1, 1, 1))
-    cores = np.zeros_like(added)
-    cores[box] = ndimage.binary_opening(added[box], structure=ball(core_mm, spacing))
-    labels, count = ndimage.label(cores)
-    ml = np.bincount(labels.ravel(), minlength=count + 1) * math.prod(spacing) / MM3_PER_ML
-    large = [index for index in range(1, count + 1) if ml[index] >= LARGE_MASS_ML]
+    large = large_mass_cores(mask, lung_air, coarse_hu, spacing)
     if not large:
         return np.zeros_like(mask)
-    filled = mask.copy()
+    tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
     in_plane = (IN_PLANE_ONLY_MM, *spacing[1:])
     under_edge = ndimage.distance_transform_edt(hulls, sampling=in_plane) <= POCKET_DEPTH_MM
     candidates = hulls & under_edge & ~mask & body & tissue & ~rejected_air
     edge = dilate_cross(~hulls & body, 1)
     beside_mask = dilate_cross(mask, 1)
     depth = ndimage.distance_transform_edt(body, sampling=spacing)
-    for index in large:
-        core = labels == index
+    filled = mask.copy()
+    for core in large:
         reach, nearest = ndimage.distance_transform_edt(~core, sampling=in_plane,
                                                         return_indices=True)
         near = (candidates & (reach <= MASS_REACH_MM)
                 & (depth[tuple(nearest)] - depth >= OUTWARD_SLOPE * reach))
         pieces, _ = ndimage.label(near)
-        keep = np.intersect1d(pieces[edge & near], pieces[beside_mask & near])
-        pocket = np.isin(pieces, keep[keep > 0])
+        pocket = np.isin(pieces, np.intersect1d(pieces[edge & near], pieces[beside_mask & near]))
         if pocket.any():
             filled |= pocket
             reach_wall(pocket, lung_air, body, filled, spacing)

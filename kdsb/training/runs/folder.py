@@ -58,10 +58,12 @@ def discard_training(run_dir: str | os.PathLike, prefix: str, models: tuple[str,
     and its history.csv are renamed `prefix` + name (replacing an earlier copy), its checkpoints
     and TensorBoard logs removed; config.json and other files stay."""
     run_dir = Path(run_dir)
+    # Checkpoints first: a kill in between leaves a run that starts afresh, never one that
+    # resumes the discarded weights without their history.
+    remove_checkpoints(run_dir)
     for name in (*models, HISTORY_NAME):
         if (run_dir / name).is_file():
             (run_dir / name).replace(run_dir / f"{prefix}{name}")
-    remove_checkpoints(run_dir)
 
 
 def remove_checkpoints(run_dir: str | os.PathLike) -> None:
