@@ -187,10 +187,14 @@ def large_mass_cores(
     if not added.any():
         return []
     box = bounding_box(added, (1, 1, 1))
+    voxel_ml = math.prod(spacing) / MM3_PER_ML
+    pieces, count = ndimage.label(added[box])
+    if np.bincount(pieces.ravel())[1:].max() * voxel_ml < LARGE_MASS_ML:
+        return []  # a core lies within one piece: none can be large (most healthy scans)
     cores = np.zeros_like(added)
     cores[box] = ndimage.binary_opening(added[box], structure=ball(MASS_RIMS_MM[0][0], spacing))
     labels, count = ndimage.label(cores)
-    ml = np.bincount(labels.ravel(), minlength=count + 1) * math.prod(spacing) / MM3_PER_ML
+    ml = np.bincount(labels.ravel(), minlength=count + 1) * voxel_ml
     return [labels == index for index in range(1, count + 1) if ml[index] >= LARGE_MASS_ML]
 
 
