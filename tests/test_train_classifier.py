@@ -460,13 +460,18 @@ def test_explained_fraction_tells_a_model_that_learned_from_one_on_the_plateau()
     assert np.isnan(explained(np.ones(4), np.full(4, 0.7)))
 
 
+# Two folds of a one-epoch MIL run: the restart tests force its validation figures.
+RESTART_OPTIONS = dict(folds=2, epochs=1, lr=1e-3, dense_units=4, seed=3, head="mil",
+                       batch_size=2, calibration="none")
+
+
 @pytest.mark.slow
 def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
         cohort, tmp_path, monkeypatch, caplog):
     """Fold 1's first attempt gives constant validation predictions (forced here: they explain
     none of the labels' entropy): it is trained again with seed + RESTART_SEED_STRIDE, its
     history kept aside; config.json keeps the run's seed; with --restarts 0 the stuck model is
-    kept (and recorded as kept); a run killed during the restart resumes it."""
+    kept as trained (nothing recorded); a run killed during the restart resumes it."""
     data, labels, gmcae = cohort
     score = classifier_training.score_patients
     calls = []
@@ -477,8 +482,7 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
         return np.full_like(p, 0.5) if calls.count("validate") == 1 else p
 
     monkeypatch.setattr(classifier_training, "score_patients", first_validation_constant)
-    options = dict(gmcae=str(gmcae), folds=2, epochs=1, lr=1e-3, dense_units=4, seed=3,
-                   head="mil", batch_size=2, calibration="none")
+    options = dict(RESTART_OPTIONS, gmcae=str(gmcae))
     result = classifier_training.train_classifier(data, labels, tmp_path / "run", options)
     fold = tmp_path / "run" / "fold_1"
     stride = classifier_training.RESTART_SEED_STRIDE
@@ -495,8 +499,7 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
     result = classifier_training.train_classifier(data, labels, tmp_path / "kept",
                                                   {**options, "restarts": 0})
     assert result["collapsed_seeds"] == [[], []]
-    kept = json.loads((tmp_path / "kept" / "fold_1" / "restarts.json").read_text())
-    assert [(r["seed"], r["kept"]) for r in kept] == [(3, True)]  # settled: a resume keeps it
+    assert not (tmp_path / "kept" / "fold_1" / "restarts.json").exists()
     assert not list((tmp_path / "kept" / "fold_1").glob("collapsed_*"))
 
     # Killed during the restart: --resume goes on with the restart's seed.
@@ -545,8 +548,7 @@ def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, m
         set_aside(model_dir, number, models)
 
     monkeypatch.setattr(attempts, "set_aside", hashing)
-    options = dict(gmcae=str(gmcae), folds=2, epochs=1, lr=1e-3, dense_units=4, seed=3,
-                   head="mil", batch_size=2, calibration="none")
+    options = dict(RESTART_OPTIONS, gmcae=str(gmcae))
     result = classifier_training.train_classifier(data, labels, tmp_path / "run", options)
     fold = tmp_path / "run" / "fold_1"
     stride = classifier_training.RESTART_SEED_STRIDE
@@ -598,6 +600,11 @@ def test_restoring_the_kept_attempt_finishes_after_a_kill(tmp_path):
         assert not (tmp_path / f"collapsed_1_{name}").exists()
     assert not (tmp_path / "checkpoints").exists()
     attempts.restore_kept(tmp_path, records, models)  # done: nothing changes
+    assert all((tmp_path / name).read_text() == "attempt 1" for name in names)
+    # The last attempt kept: its files and checkpoints stay as they are.
+    (tmp_path / "checkpoints").mkdir()
+    attempts.restore_kept(tmp_path, [{"seed": 1}, {"seed": 2, "kept": True}], models)
+    assert (tmp_path / "checkpoints").is_dir()
     assert all((tmp_path / name).read_text() == "attempt 1" for name in names)
 
 

@@ -7,8 +7,9 @@ N-th abandoned attempt (from 1), `collapsed_N_<model>` and `collapsed_N_history.
 `restarts.json` lists the abandoned attempts' records in order ({"seed", "explained_fraction",
 "validation_spread", "validation_predictions", "epochs"}). When the last attempt is stuck too,
 its record is added and the least stuck record gets "kept": true; that attempt's files are then
-the live ones again and the last attempt's are set aside in its place (nothing moves when the
-last is the least stuck). A run resumed after that trains nothing.
+the live ones again and the last attempt's are set aside in its place, its checkpoints removed
+(nothing moves when the last is the least stuck). A run resumed after that trains nothing.
+With `--restarts 0` nothing is recorded: the only attempt stands, and resumes, as trained.
 """
 
 from __future__ import annotations
@@ -61,8 +62,11 @@ def restore_kept(model_dir: str | os.PathLike, records: Sequence[dict],
     aside first. File by file, so a run killed half-way finishes on `--resume`: a file whose
     kept copy is gone is done."""
     model_dir = Path(model_dir)
-    kept = aside_prefix(kept_index(records) + 1)
-    last = aside_prefix(len(records))
+    number = kept_index(records) + 1
+    if number == len(records):
+        return  # the last attempt is the least stuck: its files, checkpoints too, stay live
+    kept, last = aside_prefix(number), aside_prefix(len(records))
+    runs.remove_checkpoints(model_dir)  # the last attempt's
     for name in (*models, runs.HISTORY_NAME):
         stored = model_dir / f"{kept}{name}"
         if not stored.is_file():
@@ -70,4 +74,3 @@ def restore_kept(model_dir: str | os.PathLike, records: Sequence[dict],
         if (model_dir / name).is_file():
             (model_dir / name).replace(model_dir / f"{last}{name}")
         stored.replace(model_dir / name)
-    runs.remove_checkpoints(model_dir)

@@ -261,6 +261,8 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
                   "validation_predictions": [float(p) for p in fitted.p_val],
                   "epochs": len(runs.read_history(model_dir / runs.HISTORY_NAME))}
         if len(records) >= ctx.options.restarts:
+            if not records:  # --restarts 0: the only attempt stands, as trained (and resumable)
+                return fitted._replace(collapsed_seeds=[])
             records.append(record)
             best = attempts.least_stuck(records)
             records[best][attempts.KEPT_KEY] = True
