@@ -267,10 +267,9 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
             best = attempts.least_stuck(records)
             records[best][attempts.KEPT_KEY] = True
             write_json(restarts_path, records)
-            if len(records) > 1:
-                logger.warning("%s: every attempt stayed on the base-rate plateau; keeping seed "
-                               "%d's (explained fraction %s), the least stuck", model_dir,
-                               records[best]["seed"], records[best]["explained_fraction"])
+            logger.warning("%s: every attempt stayed on the base-rate plateau; keeping seed %d's "
+                           "(explained fraction %s), the least stuck", model_dir,
+                           records[best]["seed"], records[best]["explained_fraction"])
             return _kept_attempt(model_dir, records, models, fitted.history)
         records.append(record)
         logger.warning("%s: the validation predictions explain %.3f of the labels' entropy (seed "
