@@ -18,7 +18,7 @@ from kdsb.preprocessing.lungs.morphology import (
     enclosed,
     fill_holes_3d,
 )
-from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU, MM3_PER_ML
+from kdsb.preprocessing.lungs.thresholds import MM3_PER_ML, fillable_tissue
 
 CLOSING_RADIUS_MM = 15.0
 ENVELOPE_RADIUS_MM = 38.0
@@ -92,7 +92,7 @@ def fill_side(
     result = np.zeros_like(lung_air)
     result[side] = half
     # Air the lung selection rejected (bowel gas, airways) is never taken in, nor bone.
-    tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
+    tissue = fillable_tissue(coarse_hu)
     return result | (envelope & body & tissue)
 
 

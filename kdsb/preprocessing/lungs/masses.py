@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from kdsb.preprocessing.lungs.filling import IN_PLANE_ONLY_MM, reach_wall
 from kdsb.preprocessing.lungs.morphology import ball, bounding_box, dilate_cross, mirror_x
-from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU, MM3_PER_ML
+from kdsb.preprocessing.lungs.thresholds import BONE_HU, MM3_PER_ML, fillable_tissue
 
 APEX_ZONE_MM = 60.0
 APEX_CORE_MM = 6.0
@@ -158,7 +158,7 @@ def lesion_rim(
     (`rejected_air`: the lung selection's rejected air darker than ground glass, dilated by a
     voxel).
     """
-    tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
+    tissue = fillable_tissue(coarse_hu)
     added = mask & ~lung_air & tissue
     if not added.any():
         return added
@@ -182,13 +182,13 @@ def large_mass_cores(
     """The large masses of the mask: components of the tissue it holds beyond the lungs' air
     (what the fillings, the apex rule and the rims took in) that survive an opening with the
     first `MASS_RIMS_MM` core ball and hold at least `LARGE_MASS_ML`."""
-    tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
+    tissue = fillable_tissue(coarse_hu)
     added = mask & ~lung_air & tissue
     if not added.any():
         return []
     box = bounding_box(added, (1, 1, 1))
     voxel_ml = math.prod(spacing) / MM3_PER_ML
-    pieces, count = ndimage.label(added[box])
+    pieces, _ = ndimage.label(added[box])
     if np.bincount(pieces.ravel())[1:].max() * voxel_ml < LARGE_MASS_ML:
         return []  # a core lies within one piece: none can be large (most healthy scans)
     cores = np.zeros_like(added)
@@ -226,7 +226,7 @@ def mass_pockets(
     large = large_mass_cores(mask, lung_air, coarse_hu, spacing)
     if not large:
         return np.zeros_like(mask)
-    tissue = (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
+    tissue = fillable_tissue(coarse_hu)
     in_plane = (IN_PLANE_ONLY_MM, *spacing[1:])
     under_edge = ndimage.distance_transform_edt(hulls, sampling=in_plane) <= POCKET_DEPTH_MM
     candidates = hulls & under_edge & ~mask & body & tissue & ~rejected_air

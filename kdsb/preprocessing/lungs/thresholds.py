@@ -3,7 +3,15 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 AIR_THRESHOLD_HU = -400.0  # between lung parenchyma (about -850 HU) and soft tissue (0–100 HU)
 AIRWAY_THRESHOLD_HU = -950.0  # airway lumen (about -1000 HU); parenchyma stays above it
 BONE_HU = 300.0  # above this tissue is bone: never taken in by the fillings and rims
 MM3_PER_ML = 1000.0
+
+
+def fillable_tissue(coarse_hu: np.ndarray) -> np.ndarray:
+    """Voxels the fillings, rims and pockets may take in: neither air (below
+    `AIR_THRESHOLD_HU`) nor bone (above `BONE_HU`)."""
+    return (coarse_hu >= AIR_THRESHOLD_HU) & (coarse_hu <= BONE_HU)
