@@ -9,12 +9,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from kdsb.preprocessing.lungs.morphology import dilate_cross, erode_cross
-from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU
+from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU, GROUND_GLASS_MAX_HU
 
 # How a coarse voxel maps to the source grid: not at all, its air voxels, its tissue voxels
 # (added tissue beside rejected air: bowel gas, airways), or whole.
 FULL_NEVER, FULL_IF_AIR, FULL_IF_TISSUE, FULL_ALWAYS = 0, 1, 2, 3
-GROUND_GLASS_MAX_HU = -300.0  # lung or ground glass in the mask's boundary blocks
 FRINGE_VOXELS = 2  # how far past the filling a mass's hidden edge may reach
 SMALL_NODULE_MM = 5.0  # lung air within this on both sides: tissue protruding into the lung
 # Directions (z, y, x) along which protruding tissue is looked for: the in-plane axes and

@@ -18,6 +18,7 @@ from kdsb.preprocessing.lungs.masses import (
     apex_in_scan,
     apex_zone,
     depth_under_skin,
+    hazy_masses,
     lesion_rim,
     mass_pockets,
     symmetry_axis,
@@ -163,10 +164,14 @@ def segment_lungs_in_box(
                                coarse_spacing)
     coarse_mask |= mass_pockets(coarse_mask, lung_air, hulls, inside_body, rejected_air, coarse_hu,
                                 coarse_spacing)
+    hazy = hazy_masses(coarse_mask, inside_body, coarse_hu, coarse_spacing)
+    coarse_mask |= hazy
     # Ground glass the lung selection left out joins the lungs it touches.
     coarse_mask |= touched(ndimage.label(rejected & ~gas)[0], dilate_cross(coarse_mask, 1))
     inner = erode_cross(coarse_mask, outside=True)
-    added = coarse_mask & ~lung_air
+    # Blocks of a hazy mass on the mask's boundary keep their ground glass only (not whole
+    # blocks of the mediastinal fat beside it): they are not `added`.
+    added = coarse_mask & ~lung_air & ~hazy
     outer = dilate_cross(coarse_mask, 1) & ~coarse_mask & ~air
     code = np.full(coarse_mask.shape, FULL_NEVER, dtype=np.uint8)
     code[(coarse_mask & ~inner) | outer] = FULL_IF_AIR

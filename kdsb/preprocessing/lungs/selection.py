@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from kdsb.preprocessing.lungs.thresholds import AIRWAY_THRESHOLD_HU
+from kdsb.preprocessing.lungs.thresholds import AIRWAY_THRESHOLD_HU, GROUND_GLASS_MIN_HU
 
-GROUND_GLASS_MIN_HU = -700.0  # ground glass is hazier than lung (about -850 HU) or gas
 MIN_COMPONENT_ML = 10.0  # smaller air pockets inside the body are never lung
 MIN_COMPONENT_FRACTION = 0.02  # ... nor those under 2 % of the largest air component
 
