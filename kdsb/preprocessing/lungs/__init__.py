@@ -39,14 +39,15 @@ already reads -1000 HU.
    sternum) leaves its outer third beyond those rims, between the mask's concave boundary and
    the lungs' hull: tissue there, near the mass's core and lying outwards of it (shallower under
    the skin), joins the mask where it touches both the mask and the hull's edge, and reaches on
-   out to the wall (`mass_pockets`). A ground-glass mass (just above the air threshold: neither
-   lung air nor a tissue core) that bulges into the mediastinum past the envelope keeps its
-   medial part as thick ground glass of which the mask already holds most (`hazy_masses`:
-   ground glass surviving an opening with a `HAZY_CORE_MM` ball; its blocks on the mask's
-   boundary keep only their ground glass at full resolution). Air the lung selection rejected
-   counts as gas (bowel, airways: never taken in, nor the tissue voxels beside it) only where
-   its median is darker than `GROUND_GLASS_MIN_HU`; hazier pockets are a lesion's ground glass
-   cut off from the lung by its solid part, and join the lungs they touch (`rejected_gas`).
+   out to the wall (`mass_pockets`). A ground-glass mass that bulges into the mediastinum past
+   the envelope (beyond the rims' reach, inwards of its core, where no pocket lies) keeps that
+   part as thick ground glass of which the mask already holds most (`hazy_masses`: ground
+   glass surviving an opening with a ball of radius `HAZY_CORE_MM`; its blocks on the mask's
+   boundary keep only their lung and ground glass at full resolution). Air the lung selection
+   rejected counts as gas (bowel, airways: never taken in, nor the tissue voxels beside it)
+   only where its median is darker than `GROUND_GLASS_MIN_HU`; hazier pockets are a lesion's
+   ground glass cut off from the lung by its solid part, and join the lungs they touch
+   (`rejected_gas`).
 2. Back on the source grid, coarse voxels well inside the mask, or added by the filling, are
    taken whole (only their tissue voxels beside rejected air); coarse voxels on the boundary keep
    only their full-resolution voxels of lung or ground glass (below `GROUND_GLASS_MAX_HU`), so

@@ -12,7 +12,14 @@ import numpy as np
 from scipy import ndimage
 
 from kdsb.preprocessing.lungs.filling import IN_PLANE_ONLY_MM, reach_wall
-from kdsb.preprocessing.lungs.morphology import ball, bounding_box, dilate_cross, mirror_x
+from kdsb.preprocessing.lungs.morphology import (
+    ball,
+    bounding_box,
+    dilate_cross,
+    enclosed,
+    mirror_x,
+    touched,
+)
 from kdsb.preprocessing.lungs.thresholds import (
     BONE_HU,
     GROUND_GLASS_MAX_HU,
@@ -262,20 +269,22 @@ def mass_pockets(
 def hazy_masses(
     mask: np.ndarray, body: np.ndarray, coarse_hu: np.ndarray, spacing: Sequence[float]
 ) -> np.ndarray:
-    """Thick ground glass of which the mask already holds at least `HAZY_HELD_SHARE`: the rest
-    of a ground-glass mass (the voxels the mask does not hold yet).
+    """The rest of a ground-glass mass the mask holds most of: thick ground glass of which the
+    mask holds at least `HAZY_HELD_SHARE`, the voxels it does not hold yet (coarse grid, bool;
+    `spacing` in mm).
 
-    A ground-glass mass reads just above the air threshold, so it is neither the lungs' air nor
-    a tissue core for the rims and pockets: where it bulges into the mediastinum (at the
-    anterior junction) past what the envelope's ball reaches, its medial part stayed out (a
-    35 mm mass at about -370 HU kept 82 %). Ground glass (`GROUND_GLASS_MIN_HU` to
+    A ground-glass mass that bulges into the mediastinum (at the anterior junction) past the
+    envelope's ball keeps there a part too far for the rims (more than their 12 mm from its
+    core) and inwards of the core, where the pockets (which lie outwards) do not look: a
+    35 mm mass at about -370 HU kept 82 %. Ground glass (`GROUND_GLASS_MIN_HU` to
     `GROUND_GLASS_MAX_HU` on the coarse grid, inside the body) that survives an opening with a
-    ball of `HAZY_CORE_MM` is thick; each such component the mask holds in the main is taken in
-    whole. Elsewhere in the chest only the lungs' own denser parts (vessel-rich or dependent
-    lung, block-averaged) are that hazy and that thick: the mask holds them, and a coarse voxel
-    or two of their edge at the pleura joins it (on most varied real bases; those boundary
-    blocks keep only their lung and ground glass). Gas mixed with stool in the bowel can be
-    too, but the mask never holds most of it.
+    ball of radius `HAZY_CORE_MM` is thick; each such component the mask holds at least
+    `HAZY_HELD_SHARE` of is taken in whole, with what it encloses. Elsewhere in the chest only
+    the lungs' own denser parts (vessel-rich or dependent lung, block-averaged) are that hazy
+    and that thick: the mask holds them, and a coarse voxel or two of their edge at the pleura
+    joins it (on about a third of the varied real bases; those boundary blocks keep only their
+    lung and ground glass). Gas mixed with stool in the bowel can be too; the share keeps it
+    out where the mask holds little of it.
     """
     hazy = (coarse_hu >= GROUND_GLASS_MIN_HU) & (coarse_hu < GROUND_GLASS_MAX_HU) & body
     result = np.zeros_like(mask)
@@ -289,7 +298,13 @@ def hazy_masses(
     labels, count = ndimage.label(ndimage.binary_dilation(eroded, structure=core))
     size = np.bincount(labels.ravel(), minlength=count + 1)
     held = np.bincount(labels[mask[box]], minlength=count + 1)
-    taken = (held >= HAZY_HELD_SHARE * size) & (held < size)
+    taken = held >= HAZY_HELD_SHARE * size
     taken[0] = False
-    result[box] = taken[labels] & ~mask[box]
+    new = taken[labels] & ~mask[box]
+    if new.any():
+        # What the joined ground glass encloses with the mask (a part-solid core, a vessel:
+        # not ground glass itself) joins too, never bone.
+        holes, _ = ndimage.label(enclosed(~(mask[box] | new)))
+        new |= touched(holes, dilate_cross(new, 1)) & (coarse_hu[box] <= BONE_HU)
+    result[box] = new
     return result

@@ -164,14 +164,17 @@ def segment_lungs_in_box(
                                coarse_spacing)
     coarse_mask |= mass_pockets(coarse_mask, lung_air, hulls, inside_body, rejected_air, coarse_hu,
                                 coarse_spacing)
-    hazy = hazy_masses(coarse_mask, inside_body, coarse_hu, coarse_spacing)
-    coarse_mask |= hazy
+    hazy_added = hazy_masses(coarse_mask, inside_body, coarse_hu, coarse_spacing)
+    coarse_mask |= hazy_added
     # Ground glass the lung selection left out joins the lungs it touches.
-    coarse_mask |= touched(ndimage.label(rejected & ~gas)[0], dilate_cross(coarse_mask, 1))
+    left_out = touched(ndimage.label(rejected & ~gas)[0], dilate_cross(coarse_mask, 1))
+    coarse_mask |= left_out
     inner = erode_cross(coarse_mask, outside=True)
-    # Blocks of a hazy mass on the mask's boundary keep their ground glass only (not whole
-    # blocks of the mediastinal fat beside it): they are not `added`.
-    added = coarse_mask & ~lung_air & ~hazy
+    # A hazy mass's blocks on the mask's boundary keep only their lung and ground glass, not
+    # whole blocks of the mediastinal fat beside it: they are not `added`, unless they are
+    # also left-out ground glass or lie beside gas (then they keep their tissue, as added
+    # blocks there do).
+    added = coarse_mask & ~lung_air & ~(hazy_added & ~left_out & ~rejected_air)
     outer = dilate_cross(coarse_mask, 1) & ~coarse_mask & ~air
     code = np.full(coarse_mask.shape, FULL_NEVER, dtype=np.uint8)
     code[(coarse_mask & ~inner) | outer] = FULL_IF_AIR
