@@ -527,6 +527,17 @@ def implanted_real_ct(path, kind: str, place: str, radius_mm: float, seed: int):
     return hu, spacing, truth
 
 
+def with_and_without_rule(hu, spacing, truth, monkeypatch, threshold: str):
+    """(share of the lesion `truth` kept, the same without a `masses` rule, ml that rule adds
+    beyond the lesion); the rule is turned off by setting its `threshold` to infinity (left
+    so: `monkeypatch.undo()` restores it)."""
+    with_rule = segment_lungs(hu, spacing) > 0
+    monkeypatch.setattr(masses, threshold, math.inf)
+    without = segment_lungs(hu, spacing) > 0
+    added_ml = (with_rule & ~without & ~truth).sum() * math.prod(spacing) / 1000.0
+    return with_rule[truth].mean(), without[truth].mean(), added_ml
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_a_large_mass_keeps_its_outer_part_where_the_chest_wall_curves_away(
@@ -535,13 +546,10 @@ def test_a_large_mass_keeps_its_outer_part_where_the_chest_wall_curves_away(
     part, 13-21 mm from its core, as a mass pocket (81 % kept without them); a 35 mm mass on the
     liver's dome beside the mediastinum gains nothing from them: no liver, no mediastinum."""
     hu, spacing, truth = implanted_real_ct(real_chest_nifti, "spiculated", "diaphragmatic", 35.0, 1)
-    with_pockets = segment_lungs(hu, spacing) > 0
-    assert with_pockets[truth].mean() >= 0.95
-    monkeypatch.setattr(masses, "LARGE_MASS_ML", math.inf)
-    without = segment_lungs(hu, spacing) > 0
-    assert without[truth].mean() < 0.85
+    kept, kept_without, added_ml = with_and_without_rule(hu, spacing, truth, monkeypatch,
+                                                         "LARGE_MASS_ML")
+    assert kept >= 0.95 and kept_without < 0.85
     # What the pockets add beyond the lesion is its edge against the wall: under 15 ml.
-    added_ml = (with_pockets & ~without & ~truth).sum() * math.prod(spacing) / 1000.0
     assert 0 < added_ml < 15.0
 
     hu, spacing, truth = implanted_real_ct(real_chest_nifti, "solid", "diaphragmatic", 35.0, 5)
@@ -576,12 +584,9 @@ def test_a_ground_glass_mass_keeps_its_part_bulging_into_the_mediastinum(
         kind="ground_glass", place="paramediastinal", radius_mm=35.0, rng=rng,
     )
     assert -400 < np.median(hu[truth]) < -300 and lesion.volume_ml > 100
-    with_rule = segment_lungs(hu, spacing) > 0
-    assert with_rule[truth].mean() >= 0.99
-    monkeypatch.setattr(masses, "HAZY_HELD_SHARE", math.inf)
-    without = segment_lungs(hu, spacing) > 0
-    assert without[truth].mean() < 0.85
-    added_ml = (with_rule & ~without & ~truth).sum() * math.prod(spacing) / 1000.0
+    kept, kept_without, added_ml = with_and_without_rule(hu, spacing, truth, monkeypatch,
+                                                         "HAZY_HELD_SHARE")
+    assert kept >= 0.99 and kept_without < 0.85
     assert added_ml < 1.5
 
 
