@@ -570,7 +570,7 @@ def test_a_ground_glass_mass_keeps_its_part_bulging_into_the_mediastinum(
     """`benchmarks/lung_mask.py --seed 5`'s case 77: the real CT varied (its rng), a 35 mm
     ground-glass mass (about -370 HU) at the anterior junction. Its medial part, beyond the
     envelope, is thick ground glass of which the mask holds most (`hazy_masses`): 82 % kept
-    without that rule; what the rule adds beyond the lesion is the lesion's coarse edge."""
+    without that rule; what it adds beyond the lesion (0.9 ml) is lung at the lesion's edge."""
     from kdsb.phantoms import lesions
     from kdsb.phantoms.implants import vary_base
 

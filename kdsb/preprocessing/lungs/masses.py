@@ -49,9 +49,9 @@ LARGE_MASS_ML = 40.0
 MASS_REACH_MM = 25.0
 OUTWARD_SLOPE = 0.5
 POCKET_DEPTH_MM = 15.0
-# Hazy masses (`hazy_masses`): ground glass that survives an opening with a ball of HAZY_CORE_MM
-# is thick (a lesion, not the partial-volume shell where lung meets tissue); the mask must
-# already hold HAZY_HELD_SHARE of it.
+# Hazy masses (`hazy_masses`): ground glass that survives an opening with a ball of radius
+# HAZY_CORE_MM is thick (a lesion, not the partial-volume shell where lung meets tissue); the
+# mask must already hold HAZY_HELD_SHARE of it.
 HAZY_CORE_MM = 5.0
 HAZY_HELD_SHARE = 0.5
 
