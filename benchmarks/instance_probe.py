@@ -44,7 +44,7 @@ TOP_CELLS = 3
 
 def patient_cells(seed_dir: Path, run_dir: Path, truth_file: Path) -> dict:
     """One training patient's cells: features, whether each holds lung, is lesion, is far."""
-    import h5py
+    from kdsb.io import volumes
 
     truth = json.loads(truth_file.read_text())
     pid = truth["id"]
@@ -52,10 +52,9 @@ def patient_cells(seed_dir: Path, run_dir: Path, truth_file: Path) -> dict:
     if not bag_files:
         raise SystemExit(f"{run_dir / 'bags'} holds no bag of {pid}: run the mil head first")
     features = np.load(bag_files[0])[0].astype(np.float32)  # the first symmetry
-    with h5py.File(seed_dir / "volumes" / "train" / f"{pid}.h5", "r") as volume:
-        lungs = volume["lung_mask"][:].astype(bool)
-        origin = np.asarray(volume.attrs["origin"], dtype=float)
-        spacing = np.asarray(volume.attrs["spacing"], dtype=float)
+    volume = volumes.read_volume(volumes.volume_path(seed_dir / "volumes" / "train", pid))
+    lungs = volume.lung_mask.astype(bool)
+    origin, spacing = np.asarray(volume.origin), np.asarray(volume.spacing)
     cells = [-(-n // CELL_VOXELS) for n in lungs.shape]  # the encoder pads to whole cells
     if int(np.prod(cells)) != features.shape[0]:
         raise SystemExit(f"{pid}: {features.shape[0]} instances, expected {cells} cells")
