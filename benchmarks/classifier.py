@@ -13,8 +13,16 @@ beside the one a calibrated model with the same predictions shows by chance,
 `metrics.ece_if_calibrated`), and the CPU time of the classifier step. Everything is written
 under WORKDIR and reused when rerun.
 
+Beside the heads, a hand-made reference that learns nothing but one slope and intercept:
+`thick`, the thickest tissue inside each volume's lung mask (`thickest_tissue_mm`: a mass of
+radius r scores about r mm, while healthy lungs' thickest tissue, the hilar vessels, scores
+about 10 mm) fed to a logistic regression, out of fold on the same stratified folds as the
+heads and fitted on all n for the held-out cohort. What a head scores under it, it did not
+learn from the images.
+
 Usage: python benchmarks/classifier.py WORKDIR [--sizes 24 96] [--seeds 0 1 2]
        [--heads spp mil nll] [--folds 4] [--test-size 64] [--base CT] [--option KEY=VALUE …]
+       [--no-reference]
 
 `--option freeze_blocks=2` (any `ClassifierOptions` field; a value is read as a Python literal,
 else kept as text, so `levels=1,2` is a tuple) overrides the heads' options below for an
@@ -41,13 +49,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kdsb import demo  # noqa: E402
+from kdsb.data.datasets import stratified_folds  # noqa: E402
 from kdsb.evaluation import metrics  # noqa: E402
 from kdsb.evaluation.predict import predict_cohort  # noqa: E402
+from kdsb.io import volumes  # noqa: E402
 from kdsb.io.tables import read_labels, read_predictions, write_labels  # noqa: E402
 from kdsb.training.classifier import OOF_NAME, train_classifier  # noqa: E402
 from kdsb.training.classifier_options import ClassifierOptions  # noqa: E402
 
 TEST_SEED_OFFSET = 5000
+REFERENCE = "thick"  # the hand-made reference's row
+TISSUE_HU = -600  # tissue for the reference: solid and part-solid lesions, vessels, not lung
 # Each head's options (beyond --gmcae, --folds, --seed and the demo's lung masking), picked on
 # the out-of-fold figures of seeds 0 and 1 (benchmarks/README.md): SPP updates after every
 # volume (with 4 per update, ~4 updates an epoch, half the folds stopped early on the base-rate
@@ -84,6 +96,65 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def thickest_tissue_mm(path: Path) -> float:
+    """The thickest tissue inside a volume file's lung mask: the largest distance, mm, from a
+    voxel above `TISSUE_HU` inside `lung_mask` to the nearest voxel that is not (0 when none)."""
+    from scipy import ndimage
+
+    volume = volumes.read_volume(path)
+    tissue = (volume.hu > TISSUE_HU) & (volume.lung_mask > 0)
+    if not tissue.any():
+        return 0.0
+    return float(ndimage.distance_transform_edt(tissue, sampling=volume.spacing).max())
+
+
+def reference_predictions(train: dict[str, float], labels: dict[str, int],
+                          test: dict[str, float], folds: int, seed: int):
+    """Out-of-fold predictions of the `thick` reference for the patients of `labels` (their
+    features in `train`), and held-out predictions for `test` from a fit on all of them; both
+    dicts id → p. A logistic regression on the standardised feature."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def fitted(ids):
+        model = make_pipeline(StandardScaler(), LogisticRegression())
+        return model.fit(np.array([[train[i]] for i in ids]), [labels[i] for i in ids])
+
+    def scored(model, features, ids):
+        p = model.predict_proba(np.array([[features[i]] for i in ids]))[:, 1]
+        return dict(zip(ids, p.tolist(), strict=True))
+
+    oof = {}
+    for held in stratified_folds(sorted(labels), labels, folds, seed=seed):
+        oof.update(scored(fitted([i for i in labels if i not in held]), train, held))
+    return oof, scored(fitted(sorted(labels)), test, sorted(test))
+
+
+def scores_row(size: int, head: str, seed: int, oof: dict, oof_y: dict, predicted: dict,
+               test: dict, cpu: float, oof_metrics: dict | None = None) -> dict:
+    """One row of the table: out-of-fold figures (`oof_metrics` when the run computed them,
+    else from `oof` against `oof_y`), held-out figures of `predicted` against `test`."""
+    if oof_metrics is None:
+        y_oof = np.array([oof_y[i] for i in sorted(oof)])
+        p_oof = np.array([oof[i] for i in sorted(oof)])
+        oof_metrics = {"log_loss": metrics.log_loss(y_oof, p_oof),
+                       "ece": metrics.expected_calibration_error(y_oof, p_oof),
+                       "roc_auc": metrics.roc_auc(y_oof, p_oof)}
+    ids = sorted(test)
+    y = np.array([test[i] for i in ids])
+    p = np.array([predicted[i] for i in ids])
+    return {
+        "size": size, "head": head, "seed": seed, "oof_log_loss": oof_metrics["log_loss"],
+        "oof_ece": oof_metrics["ece"],
+        "oof_ece_if_calibrated": metrics.ece_if_calibrated(list(oof.values()))[0],
+        "oof_auc": oof_metrics["roc_auc"], "test_log_loss": metrics.log_loss(y, p),
+        "test_auc": metrics.roc_auc(y, p),
+        "test_ece": metrics.expected_calibration_error(y, p),
+        "test_ece_if_calibrated": metrics.ece_if_calibrated(p)[0], "cpu_s": cpu,
+    }
+
+
 def synth_cohort(root: Path, patients: int, seed: int, base: Path | None) -> Path:
     """labels.csv of a finished cohort in `root`, written first if needed: phantoms, or the
     real CT `base` with implanted lesions."""
@@ -98,8 +169,10 @@ def synth_cohort(root: Path, patients: int, seed: int, base: Path | None) -> Pat
 
 
 def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, workers: int,
-             base: Path | None = None, overrides: dict[str, object] | None = None):
-    """Rows of one seed: dicts of size, head, seed and the figures."""
+             base: Path | None = None, overrides: dict[str, object] | None = None,
+             reference: bool = True):
+    """Rows of one seed: dicts of size, head, seed and the figures (the `thick` reference's
+    after the heads' of each size, unless `reference` is False)."""
     plan = demo.FULL_PLAN
     train_labels = synth_cohort(work / "train_cohort", max(sizes), seed, base)
     test_labels = synth_cohort(work / "test_cohort", test_size, seed + TEST_SEED_OFFSET, base)
@@ -114,6 +187,12 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
                          f"{max(sizes)}: use another WORKDIR")
     test = read_labels(test_labels)
     rows = []
+    if reference:
+        start = _cpu_seconds()
+        thickness = {i: thickest_tissue_mm(volumes.volume_path(train_volumes, i)) for i in labels}
+        test_thickness = {i: thickest_tissue_mm(volumes.volume_path(test_volumes, i))
+                          for i in test}
+        features_cpu = _cpu_seconds() - start
     for n in sizes:
         subset = dict(sorted(labels.items())[:n])
         subset_csv = write_labels(work / f"labels_{n}.csv", sorted(subset.items()))
@@ -139,18 +218,14 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
             oof = json.loads((run_dir / "metrics.json").read_text())["out_of_fold"]
             oof_p = read_predictions(run_dir / OOF_NAME)  # also runs older than the key
             predicted = predict_cohort(test_volumes, [run_dir], clip=0.0)
-            ids = sorted(test)
-            y = np.array([test[i] for i in ids])
-            p = np.array([predicted[i] for i in ids])
-            rows.append({
-                "size": n, "head": head, "seed": seed, "oof_log_loss": oof["log_loss"],
-                "oof_ece": oof["ece"],
-                "oof_ece_if_calibrated": metrics.ece_if_calibrated(list(oof_p.values()))[0],
-                "oof_auc": oof["roc_auc"], "test_log_loss": metrics.log_loss(y, p),
-                "test_auc": metrics.roc_auc(y, p),
-                "test_ece": metrics.expected_calibration_error(y, p),
-                "test_ece_if_calibrated": metrics.ece_if_calibrated(p)[0], "cpu_s": cpu,
-            })
+            rows.append(scores_row(n, head, seed, oof_p, subset, predicted, test, cpu, oof))
+            print(json.dumps(rows[-1]), flush=True)
+        if reference:
+            start = _cpu_seconds()
+            oof_p, predicted = reference_predictions(thickness, subset, test_thickness, folds,
+                                                     seed)
+            cpu = features_cpu + _cpu_seconds() - start
+            rows.append(scores_row(n, REFERENCE, seed, oof_p, subset, predicted, test, cpu))
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -160,7 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--sizes", type=int, nargs="+", default=[24, 96])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    parser.add_argument("--heads", nargs="*", default=list(HEADS), choices=list(HEADS),
+                        help="heads to train (none: the reference alone)")
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--test-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
@@ -169,17 +245,20 @@ def main(argv=None) -> int:
                              "implanted lesions instead of phantoms")
     parser.add_argument("--option", type=parse_override, action="append", default=[],
                         metavar="KEY=VALUE", help="override a head option (repeatable)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help=f"skip the hand-made reference `{REFERENCE}`")
     args = parser.parse_args(argv)
     rows = []
     for seed in args.seeds:
         rows += run_seed(args.workdir / f"seed_{seed}", seed, args.sizes, args.heads, args.folds,
-                         args.test_size, args.workers, args.base, dict(args.option))
+                         args.test_size, args.workers, args.base, dict(args.option),
+                         not args.no_reference)
     print()
     print(f"{'n':>4} {'head':>5} {'oof log loss':>14} {'oof ECE':>14} {'if calibrated':>14} "
           f"{'test log loss':>14} {'test AUC':>14} {'test ECE':>14} {'if calibrated':>14} "
           f"{'CPU s':>10}")
     for n in args.sizes:
-        for head in args.heads:
+        for head in [*args.heads, *([] if args.no_reference else [REFERENCE])]:
             chosen = [r for r in rows if r["size"] == n and r["head"] == head]
 
             def cell(key, chosen=chosen):
