@@ -179,7 +179,9 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
     train_volumes, test_volumes = work / "volumes" / "train", work / "volumes" / "test"
     demo.preprocess_cohort(work / "train_cohort" / "dicom", train_volumes, workers)
     demo.preprocess_cohort(work / "test_cohort" / "dicom", test_volumes, workers)
-    gmcae = demo.train_demo_gmcae(train_volumes, work / "runs" / "gmcae", plan, seed)
+    # The reference alone needs no GMCAE.
+    gmcae = demo.train_demo_gmcae(train_volumes, work / "runs" / "gmcae", plan, seed) if heads \
+        else None
     labels = read_labels(train_labels)
     if len(labels) < max(sizes):
         # synth_cohort reuses a finished cohort: one made for smaller --sizes is too small.
