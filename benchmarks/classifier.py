@@ -108,11 +108,12 @@ def thickest_tissue_mm(path: Path) -> float:
     return float(ndimage.distance_transform_edt(tissue, sampling=volume.spacing).max())
 
 
-def reference_predictions(train: dict[str, float], labels: dict[str, int],
-                          test: dict[str, float], folds: int, seed: int):
-    """Out-of-fold predictions of the `thick` reference for the patients of `labels` (their
-    features in `train`), and held-out predictions for `test` from a fit on all of them; both
-    dicts id → p. A logistic regression on the standardised feature."""
+def reference_predictions(train: dict[str, float], test: dict[str, float],
+                          labels: dict[str, int], folds: int, seed: int):
+    """Out-of-fold predictions of the `thick` reference for the patients of `labels` (id → 0/1)
+    on `stratified_folds(…, folds, seed)`, the heads' folds, and held-out predictions for the
+    patients of `test` from a fit on all of them; both dicts id → p. `train` and `test` map id
+    → thickness (mm). A logistic regression on the standardised feature."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -133,8 +134,10 @@ def reference_predictions(train: dict[str, float], labels: dict[str, int],
 
 def scores_row(size: int, head: str, seed: int, oof: dict, oof_y: dict, predicted: dict,
                test: dict, cpu: float, oof_metrics: dict | None = None) -> dict:
-    """One row of the table: out-of-fold figures (`oof_metrics` when the run computed them,
-    else from `oof` against `oof_y`), held-out figures of `predicted` against `test`."""
+    """One row of the table: out-of-fold figures (`oof_metrics`, the run's metrics.json
+    "out_of_fold", when it computed them, else from `oof` against `oof_y`), held-out figures of
+    `predicted` against `test`; `oof` and `predicted` map id → p, `oof_y` and `test` id → 0/1;
+    `cpu` in seconds."""
     if oof_metrics is None:
         y_oof = np.array([oof_y[i] for i in sorted(oof)])
         p_oof = np.array([oof[i] for i in sorted(oof)])
@@ -180,8 +183,8 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
     demo.preprocess_cohort(work / "train_cohort" / "dicom", train_volumes, workers)
     demo.preprocess_cohort(work / "test_cohort" / "dicom", test_volumes, workers)
     # The reference alone needs no GMCAE.
-    gmcae = demo.train_demo_gmcae(train_volumes, work / "runs" / "gmcae", plan, seed) if heads \
-        else None
+    gmcae = (demo.train_demo_gmcae(train_volumes, work / "runs" / "gmcae", plan, seed)
+             if heads else None)
     labels = read_labels(train_labels)
     if len(labels) < max(sizes):
         # synth_cohort reuses a finished cohort: one made for smaller --sizes is too small.
@@ -189,12 +192,13 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
                          f"{max(sizes)}: use another WORKDIR")
     test = read_labels(test_labels)
     rows = []
-    if reference:
-        start = _cpu_seconds()
-        thickness = {i: thickest_tissue_mm(volumes.volume_path(train_volumes, i)) for i in labels}
-        test_thickness = {i: thickest_tissue_mm(volumes.volume_path(test_volumes, i))
-                          for i in test}
-        features_cpu = _cpu_seconds() - start
+    # The reference's features, once per seed (every training patient, then the held-out ones:
+    # the two cohorts may share ids); their CPU time counts in each size's row.
+    start = _cpu_seconds()
+    thickness = [{i: thickest_tissue_mm(volumes.volume_path(folder, i)) for i in ids}
+                 for folder, ids in ((train_volumes, labels), (test_volumes, test))
+                 ] if reference else None
+    features_cpu = _cpu_seconds() - start
     for n in sizes:
         subset = dict(sorted(labels.items())[:n])
         subset_csv = write_labels(work / f"labels_{n}.csv", sorted(subset.items()))
@@ -224,8 +228,7 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
             print(json.dumps(rows[-1]), flush=True)
         if reference:
             start = _cpu_seconds()
-            oof_p, predicted = reference_predictions(thickness, subset, test_thickness, folds,
-                                                     seed)
+            oof_p, predicted = reference_predictions(*thickness, subset, folds, seed)
             cpu = features_cpu + _cpu_seconds() - start
             rows.append(scores_row(n, REFERENCE, seed, oof_p, subset, predicted, test, cpu))
             print(json.dumps(rows[-1]), flush=True)
@@ -250,6 +253,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-reference", action="store_true",
                         help=f"skip the hand-made reference `{REFERENCE}`")
     args = parser.parse_args(argv)
+    if not args.heads and args.no_reference:
+        parser.error("nothing to run: --heads with no value and --no-reference")
     rows = []
     for seed in args.seeds:
         rows += run_seed(args.workdir / f"seed_{seed}", seed, args.sizes, args.heads, args.folds,

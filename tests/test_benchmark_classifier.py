@@ -67,18 +67,65 @@ def test_thickest_tissue_is_the_radius_of_the_thickest_ball(bench, tmp_path):
 
 
 def test_the_reference_predicts_out_of_fold_and_held_out(bench):
-    """Every training patient gets one out-of-fold prediction from a model that did not see it;
-    a feature that separates the classes ranks them (AUC 1), out of fold and held out."""
+    """Every training patient gets one out-of-fold prediction, from a model fitted on the other
+    folds of the heads' `stratified_folds`; held-out patients (who may share the training
+    patients' ids) from a model fitted on all of them."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
     labels = {f"p{i:02d}": i % 2 for i in range(16)}
-    train = {i: 10.0 + 8.0 * y + 0.1 * int(i[1:]) for i, y in labels.items()}
-    test = {"t0": 9.0, "t1": 25.0, "t2": 11.0, "t3": 19.0}
-    oof, held_out = bench.reference_predictions(train, labels, test, folds=4, seed=0)
-    assert sorted(oof) == sorted(labels) and sorted(held_out) == sorted(test)
-    positives = [oof[i] for i in labels if labels[i]]
-    negatives = [oof[i] for i in labels if not labels[i]]
-    assert min(positives) > max(negatives)
-    assert held_out["t1"] > held_out["t3"] > 0.5 > held_out["t2"] > held_out["t0"]
-    row = bench.scores_row(16, bench.REFERENCE, 0, oof, labels, held_out,
-                           {"t0": 0, "t1": 1, "t2": 0, "t3": 1}, 1.0)
-    assert row["oof_auc"] == 1.0 and row["test_auc"] == 1.0
-    assert row["head"] == "thick" and row["oof_log_loss"] < 0.69
+    train = {i: 10.0 + 4.0 * y + rng.normal(0.0, 2.0) for i, y in labels.items()}
+    test = {"p00": 9.0, "p01": 25.0, "p02": 11.0, "p03": 19.0}  # ids the training cohort has
+    oof, held_out = bench.reference_predictions(train, test, labels, folds=4, seed=3)
+
+    def fit(ids):
+        model = make_pipeline(StandardScaler(), LogisticRegression())
+        return model.fit([[train[i]] for i in ids], [labels[i] for i in ids])
+
+    folds = bench.stratified_folds(sorted(labels), labels, 4, seed=3)
+    for fold in folds:
+        model = fit([i for i in labels if i not in fold])
+        expected = model.predict_proba([[train[i]] for i in fold])[:, 1]
+        assert [oof[i] for i in fold] == pytest.approx(expected.tolist())
+    assert sorted(oof) == sorted(labels)
+    model = fit(sorted(labels))
+    assert [held_out[i] for i in sorted(test)] == pytest.approx(
+        model.predict_proba([[test[i]] for i in sorted(test)])[:, 1].tolist())
+    assert held_out["p01"] > held_out["p03"] > held_out["p02"] > held_out["p00"]
+
+
+def test_a_row_scores_the_predictions_or_keeps_the_runs_own_figures(bench):
+    labels = {"a": 0, "b": 1, "c": 0, "d": 1}
+    oof = {"a": 0.2, "b": 0.9, "c": 0.4, "d": 0.3}
+    test = {"t0": 0, "t1": 1}
+    row = bench.scores_row(4, bench.REFERENCE, 0, oof, labels, {"t0": 0.1, "t1": 0.8}, test, 2.0)
+    assert row["oof_auc"] == 0.75 and row["test_auc"] == 1.0 and row["cpu_s"] == 2.0
+    y, p = np.array([0, 1, 0, 1]), np.array([0.2, 0.9, 0.4, 0.3])
+    assert row["oof_log_loss"] == pytest.approx(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    assert row["test_log_loss"] == pytest.approx(-(np.log(0.9) + np.log(0.8)) / 2)
+    run = {"log_loss": 0.5, "ece": 0.1, "roc_auc": 0.6}  # a head run's metrics.json figures
+    row = bench.scores_row(4, "mil", 0, oof, labels, {"t0": 0.1, "t1": 0.8}, test, 2.0, run)
+    assert (row["oof_log_loss"], row["oof_ece"], row["oof_auc"]) == (0.5, 0.1, 0.6)
+
+
+def test_heads_with_no_value_print_the_reference_alone(bench, monkeypatch, tmp_path, capsys):
+    calls = []
+
+    def fake_run_seed(work, seed, sizes, heads, folds, test_size, workers, base, overrides,
+                      reference):
+        calls.append((heads, reference))
+        return [{"size": n, "head": bench.REFERENCE, "seed": seed, "cpu_s": 1.0,
+                 **{key: 0.5 for key in ("oof_log_loss", "oof_ece", "oof_ece_if_calibrated",
+                                         "test_log_loss", "test_auc", "test_ece",
+                                         "test_ece_if_calibrated")}} for n in sizes]
+
+    monkeypatch.setattr(bench, "run_seed", fake_run_seed)
+    assert bench.main([str(tmp_path), "--heads", "--sizes", "24", "--seeds", "0", "1"]) == 0
+    assert calls == [([], True), ([], True)]
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in table[-1:]] == [["24", "thick"]]
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path), "--heads", "--no-reference"])
+    assert "nothing to run" in capsys.readouterr().err
