@@ -143,7 +143,31 @@ def test_a_saturated_classifier_still_has_a_map(cohort, tmp_path):
     model.get_layer("p_cancer").bias.assign(np.array([60.0], "float32"))
     x = VolumeInput().read(volumes.volume_path(root / "data", "c0"))
     assert float(without_calibration(model)(x[np.newaxis])[0, 0]) == 1.0
-    cam, p = gradcam(model, x)
+    cam, p, cell = gradcam(model, x)
+    assert cell == 8  # the GMCAE encoder's three stride-2 blocks
     # The probability reported is the calibrated model's own.
     assert p == pytest.approx(float(model(x[np.newaxis])[0, 0]), rel=1e-5)
     assert cam.max() > 0
+
+
+@pytest.mark.parametrize("downscale", [1, 2])
+def test_map_cells_land_on_the_voxels_they_cover(downscale):
+    """Cell i of a stride-8 map covers input voxels [8i, 8i + 8), also where the input's extent
+    (65 here) is no multiple of 8 and its last cell reaches past it (found in review: stretching
+    the 9 cells over 65 voxels put cell 7 on voxels 51-57)."""
+    from kdsb.evaluation.explain import to_volume_grid
+
+    extent = 65 * downscale + (downscale - 1)  # the volume; its input keeps 65 · downscale
+    cam = np.zeros((9, 2, 2), np.float32)  # ceil(65 / 8) cells along z
+    cam[7] = 1.0
+    heatmap = to_volume_grid(cam, (extent, 16 * downscale, 16 * downscale), downscale, cell=8)
+    assert heatmap.shape == (extent, 16 * downscale, 16 * downscale)
+    profile = heatmap[:, 0, 0]
+    cell = 8 * downscale
+    assert cell * 7 <= int(np.argmax(profile)) < cell * 8
+    # The map is symmetric about the cell's centre: the interpolation adds no shift.
+    left, right = cell * 7 + cell // 2 - 1, cell * 7 + cell // 2
+    reach = 65 * downscale - right  # the input ends before the ramp of cell 8 does
+    np.testing.assert_allclose(profile[left - reach + 1: left + 1][::-1],
+                               profile[right: right + reach], atol=1e-6)
+    assert not profile[65 * downscale:].any()  # beyond the input's extent

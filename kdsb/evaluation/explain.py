@@ -10,8 +10,10 @@ HU normalisation, masking, downscaling) and return a heatmap on the volume file'
   value before its sigmoid, which never saturates: at p = 1.0 in float32 a gradient through p
   is zero and the map would be empty) with respect to A averaged over space gives one weight
   per channel; the map is ReLU(Σ_c w_c A_c).
-  It is resized to the input's extent on the volume grid with linear interpolation of cell
-  areas (`scipy.ndimage.zoom`, grid_mode), so feature cell i covers input voxels [8i, 8i + 8).
+  It is resized to the volume grid with linear interpolation of cell areas
+  (`scipy.ndimage.zoom`, grid_mode) by exactly the encoder's stride (`cell_size`) times the
+  downscaling, so feature cell i covers input voxels [8i, 8i + 8) also where the input's extent
+  is not a multiple of 8 (its last cell then reaches past the input: that part is cut off).
   One forward and one backward pass per patient and model.
 - **Occlusion**: a cube of `occlusion_mm` is set to the masking fill (healthy parenchyma,
   the input's "nothing here") at every step of `stride_mm` over the lung mask's bounding box;
@@ -102,7 +104,18 @@ def _split_classifier(model: Any) -> tuple[Any, list[Any], Any]:
     return encoder, layers[layers.index(encoder) + 1: layers.index(output)], output
 
 
-def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
+def cell_size(encoder: Any) -> int:
+    """Input voxels per output cell of an encoder, along each axis: the product of its layers'
+    strides (8 for the GMCAE's three blocks, 4 for a MIL head's block-2 encoder)."""
+    size = 1
+    for layer in encoder.layers:
+        strides = getattr(layer, "strides", None)
+        if strides:
+            size *= int(strides[0])
+    return size
+
+
+def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float, int]:
     """Grad-CAM of one prepared input.
 
     Args:
@@ -110,7 +123,10 @@ def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
         x: the prepared input, float32 (z, y, x, 1).
 
     Returns:
-        (map on the encoder's output grid (z', y', x'), float32, >= 0; the model's p(cancer)).
+        (map on the encoder's output grid (z', y', x'), float32, >= 0; the model's p(cancer);
+        the input voxels per map cell along each axis, `cell_size`: cell i covers input voxels
+        [cell · i, cell · (i + 1)), the last cell reaching past an extent that is not a multiple
+        of it).
     """
     import tensorflow as tf
 
@@ -134,7 +150,7 @@ def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float]:
     calibration = calibration_of(model)
     if calibration is not None:
         p = float(calibration.apply(p))
-    return cam[0].numpy().astype(np.float32), p
+    return cam[0].numpy().astype(np.float32), p, cell_size(encoder)
 
 
 def occlusion(
@@ -179,14 +195,17 @@ def occlusion(
     return np.maximum(drop, 0.0), p0
 
 
-def to_volume_grid(cam: np.ndarray, volume_shape: Sequence[int], downscale: int) -> np.ndarray:
-    """Resize a map to the volume grid: it spans the input's extent, the volume cropped to a
-    multiple of `downscale` per axis (`VolumeInput.read`); voxels beyond it get 0."""
+def to_volume_grid(
+    cam: np.ndarray, volume_shape: Sequence[int], downscale: int, cell: int = 1
+) -> np.ndarray:
+    """Resize a map to the volume grid: map cell i covers input voxels [cell · i, cell · (i +
+    1)), input voxel j the volume's [downscale · j, downscale · (j + 1)); the input is the
+    volume cropped to a multiple of `downscale` per axis (`VolumeInput.read`), so voxels beyond
+    it get 0, and the part of the last cell past the input's extent is cut off."""
     from scipy import ndimage
 
     covered = tuple(n - n % downscale for n in volume_shape)
-    factors = [c / m for c, m in zip(covered, cam.shape, strict=True)]
-    resized = ndimage.zoom(cam, factors, order=1, grid_mode=True, mode="nearest")
+    resized = ndimage.zoom(cam, cell * downscale, order=1, grid_mode=True, mode="nearest")
     heatmap = np.zeros(tuple(volume_shape), np.float32)
     box = tuple(slice(0, min(c, r)) for c, r in zip(covered, resized.shape, strict=True))
     heatmap[box] = resized[box]
@@ -228,8 +247,9 @@ def explain_patient(
         x = volume_input.read(volume_file)
         factor = volume_input.downscale
         if method == "gradcam":
-            cam, p = gradcam(model, x)
+            cam, p, cell = gradcam(model, x)
         else:
+            cell = 1  # the occlusion map is on the input grid
             lung = block_reduce_cropped(volume.lung_mask, factor, np.max) > 0
             voxel_mm = min(volume.spacing) * factor
             size = max(1, round(occlusion_mm / voxel_mm))
@@ -237,7 +257,7 @@ def explain_patient(
             fill = float(normalize_hu(np.float32(volume_input.outside_hu),
                                       clip=volume_input.hu_clip))
             cam, p = occlusion(model, x, lung, fill, size, stride)
-        heatmap = to_volume_grid(cam, volume.hu.shape, factor)
+        heatmap = to_volume_grid(cam, volume.hu.shape, factor, cell)
         top = float(heatmap.max())
         maps.append(heatmap / top if top > 0 else heatmap)
         probabilities.append(p)
