@@ -129,6 +129,17 @@ def test_usage_errors_match_predict(cohort, tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_an_out_dir_holding_the_volumes_is_refused(cohort, capsys):
+    """Heatmaps are <id>.h5 like volumes: OUT_DIR = DATA_DIR must not replace them (found in
+    review: every volume became its heatmap, exit 0)."""
+    root, model, _ = cohort
+    data = root / "data"
+    before = {p.name: p.stat().st_mtime_ns for p in data.iterdir()}
+    assert main(["explain", str(data), str(model), str(data)]) == 2
+    assert "expected an OUT_DIR apart from the volumes" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in data.iterdir()} == before
+
+
 def test_a_saturated_classifier_still_has_a_map(cohort, tmp_path):
     """p(cancer) = 1.0 in float32: the gradient is taken at the logit, not through the sigmoid
     (found on the demo's classifier: half its confident maps were empty)."""

@@ -318,11 +318,12 @@ def explain_cohort(
     """Explain every patient (or `ids`), streaming one volume at a time: `OUT_DIR/<id>.h5`
     (heatmap), `OUT_DIR/<id>.png` and, at the end, `OUT_DIR/peaks.csv`; returns the peaks.
 
-    Raises: as `kdsb.evaluation.predict.predict_cohort` (the same checks, before any work).
+    Raises: as `kdsb.evaluation.predict.predict_cohort` (the same checks, before any work);
+    UsageError where a heatmap would replace a volume file (OUT_DIR = DATA_DIR).
     """
     from kdsb.evaluation.predict import load_classifiers, resolve_ids, resolve_model_paths
     from kdsb.io import volumes
-    from kdsb.io.heatmaps import heatmap_path, write_heatmap
+    from kdsb.io.heatmaps import heatmap_path, holds_volume, write_heatmap
 
     model_paths = resolve_model_paths(model_paths)
     if method not in METHODS:
@@ -331,8 +332,12 @@ def explain_cohort(
         raise UsageError(f"expected positive occlusion sizes in mm, received "
                          f"{occlusion_mm} and {stride_mm}")
     order, files = resolve_ids(Path(data_dir), ids, ids_source)
-    inputs, models = zip(*load_classifiers(model_paths), strict=True)
     out_dir = Path(out_dir)
+    for patient_id in order:  # heatmaps are <id>.h5 too: never write one over a volume
+        if holds_volume(target := heatmap_path(out_dir, patient_id)):
+            raise UsageError(f"expected an OUT_DIR apart from the volumes, received {out_dir}, "
+                             f"where {patient_id}'s heatmap would replace the volume {target}")
+    inputs, models = zip(*load_classifiers(model_paths), strict=True)
     peaks: list[Peak] = []
     for patient_id in tqdm(order, desc="explain", unit="patient", disable=None):
         volume = volumes.read_volume(files[patient_id])

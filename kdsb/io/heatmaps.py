@@ -27,6 +27,18 @@ def heatmap_path(folder: str | os.PathLike, patient_id: str) -> Path:
     return Path(folder) / f"{patient_id}{SUFFIX}"
 
 
+def holds_volume(path: str | os.PathLike) -> bool:
+    """Whether `path` is an existing kdsb volume file (HU and lung mask), which a heatmap
+    written there would replace."""
+    from kdsb.io.volumes import REQUIRED_DATASETS
+
+    try:
+        with h5py.File(path, "r") as f:
+            return all(name in f for name in REQUIRED_DATASETS)
+    except OSError:  # missing, or not HDF5
+        return False
+
+
 def write_heatmap(
     path: str | os.PathLike,
     heatmap: np.ndarray,
