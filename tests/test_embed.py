@@ -107,3 +107,32 @@ def test_volumes_of_another_spacing_than_the_gmcaes_fail_alone(cohort, tmp_path,
     assert "p01.h5: expected a spacing of" in err and "preprocess it with that --spacing" in err
     assert "p01" not in {r["id"] for r in _rows(out / "embeddings.csv")}
     assert len(_rows(out / "embeddings.csv")) == ORDINARY + 1
+
+
+def test_a_gmcae_of_16_voxel_patches_embeds(cohort, tmp_path):
+    """The patch edge is the GMCAE's own (the demo's is 16; embed read 32³ patches and failed
+    with a Keras traceback, found in review)."""
+    import keras
+
+    from kdsb.models.gmcae import build_gmcae
+
+    keras.utils.set_random_seed(0)
+    build_gmcae(patch_size=16, width=4, mixtures=2).save(tmp_path / "gmcae16.keras")
+    out = tmp_path / "out"
+    assert main(["embed", str(cohort / "data"), str(tmp_path / "gmcae16.keras"), str(out),
+                 "--patches", "4"]) == 0
+    assert len(_rows(out / "embeddings.csv")) == ORDINARY + 2
+
+
+def test_too_few_readable_patients_say_why_the_others_failed(cohort, tmp_path, capsys):
+    from kdsb.data.inputs import save_gmcae_spacing
+
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    (model_dir / "gmcae.keras").symlink_to(cohort / "gmcae.keras")
+    save_gmcae_spacing(model_dir, (1.0, 1.0, 1.0))  # none of the volumes is at 1 mm
+    assert main(["embed", str(cohort / "data"), str(model_dir / "gmcae.keras"),
+                 str(tmp_path / "out"), "--patches", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "expected at least 3 readable patients to compare, received 0; " in err
+    assert "preprocess it with that --spacing" in err and f"(and {ORDINARY + 1} more failed)" in err

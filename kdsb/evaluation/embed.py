@@ -1,9 +1,9 @@
 """What the GMCAE learned about each patient: embeddings, unusual patients, similar patients, a map.
 
-Per patient, `patches` lung patches (32³ at the volume's spacing, centred on lung voxels, no
-augmentation, seeded) go through the trained GMCAE:
+Per patient, `patches` lung patches (P³ at the volume's spacing, P the GMCAE's patch edge,
+centred on lung voxels, no augmentation, seeded) go through the trained GMCAE:
 
-- **embedding**: the encoder's bottleneck (4, 4, 4, C) averaged over space per patch, then the
+- **embedding**: the encoder's bottleneck (P/8, P/8, P/8, C) averaged over space per patch, then the
   mean and the maximum over the patient's patches (2C features: what is typical, what stands
   out);
 - **likelihood**: each patch's mixture NLL per voxel (the training loss); the patient's mean,
@@ -49,7 +49,6 @@ DEFAULT_TOP = 4
 NAMED_OUTLIERS = 5  # the most unusual patients named on the map
 MIN_PATIENTS = 3
 NLL_COLUMNS = ("nll_mean", "nll_p90", "nll_top")
-PATCH_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def patient_features(
 
     check_spacing(path, read_attrs(path)["spacing"], spacing_mm)
     rng = np.random.default_rng(seed)
-    x = read_patches(path, patch_size=PATCH_SIZE, count=patches, sampling="lung",
+    x = read_patches(path, patch_size=int(gmcae.input_shape[1]), count=patches, sampling="lung",
                      augment=False, rng=rng)[..., np.newaxis]
     codes = np.asarray(encoder.predict(x, verbose=0), dtype=np.float64)
     pooled = codes.mean(axis=(1, 2, 3))  # (patches, C)
@@ -132,9 +131,10 @@ def embed_cohort(
         embeddings.append(embedding)
         nll.append(stats)
     if len(ids) < MIN_PATIENTS:
-        raise KdsbError(
-            f"expected at least {MIN_PATIENTS} readable patients to compare, received {len(ids)}"
-        )
+        first = next(iter(failed.values()), "")  # the others fail alike, as a rule
+        more = f" (and {len(failed) - 1} more failed)" if len(failed) > 1 else ""
+        raise KdsbError(f"expected at least {MIN_PATIENTS} readable patients to compare, "
+                        f"received {len(ids)}" + (f"; {first}{more}" if first else ""))
     return CohortEmbedding(ids, np.array(embeddings), np.array(nll)), failed
 
 
