@@ -385,3 +385,40 @@ def test_real_chest_nifti_preprocesses(real_chest_nifti, tmp_path):
     litres = volume.lung_mask.sum() * np.prod(volume.spacing) / 1e6
     assert 2.0 <= litres <= 8.0
     assert tuple(volume.attrs["source_shape"]) == REAL_SHAPE
+
+
+def test_native_stderr_blocks_in_two_threads_keep_their_own_text():
+    """Dask workers read volumes in threads; fd 2 is the process's (found in review: overlapping
+    blocks swapped their text and left stderr on a deleted file)."""
+    import threading
+    import time
+
+    from kdsb.io.images import _NativeStderr
+
+    before = os.fstat(2)
+    entered, left, texts = threading.Event(), threading.Event(), {}
+
+    def read(name: str, first: bool) -> None:
+        # Without taking turns: a enters, b enters, a leaves, b leaves.
+        if not first:
+            entered.wait()
+        with _NativeStderr() as captured:
+            if first:
+                entered.set()
+                time.sleep(0.2)  # b tries to enter meanwhile
+            else:
+                left.wait(timeout=2)
+            os.write(2, f"complaint of {name}\n".encode())
+        if first:
+            left.set()
+        texts[name] = captured.text
+
+    threads = [threading.Thread(target=read, args=("a", True)),
+               threading.Thread(target=read, args=("b", False))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert texts == {"a": "complaint of a", "b": "complaint of b"}
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)

@@ -47,6 +47,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -177,6 +178,9 @@ def volume_in_folder(folder: str | Path, patient_id: str | None = None) -> Path 
     return volumes[0]
 
 
+_REDIRECT_LOCK = threading.Lock()
+
+
 class _NativeStderr:
     """Context manager: what C and C++ code writes to file descriptor 2 inside the block.
 
@@ -184,17 +188,25 @@ class _NativeStderr:
     M_ReadElementsData: data not read completely …", "** ERROR: nifti_…"), not in the exception.
     The block's output goes to a temporary file instead of the screen; afterwards `text` holds it
     on one line, for the error message (or a warning). Anything else writing to the process's
-    stderr during the block (another thread) lands there too: delayed, not lost.
+    stderr during the block (another thread) lands there too: delayed, not lost. The descriptor
+    is the process's, so blocks in several threads (a Dask worker's patients) take turns
+    (`_REDIRECT_LOCK`): overlapping ones would swap each other's text and leave stderr pointing
+    at a deleted file.
     """
 
     def __init__(self) -> None:
         self.text = ""
 
     def __enter__(self) -> _NativeStderr:
-        sys.stderr.flush()
-        self._sink = tempfile.TemporaryFile()
-        self._saved = os.dup(STDERR_FD)
-        os.dup2(self._sink.fileno(), STDERR_FD)
+        _REDIRECT_LOCK.acquire()
+        try:
+            sys.stderr.flush()
+            self._sink = tempfile.TemporaryFile()
+            self._saved = os.dup(STDERR_FD)
+            os.dup2(self._sink.fileno(), STDERR_FD)
+        except BaseException:
+            _REDIRECT_LOCK.release()
+            raise
         return self
 
     def __exit__(
@@ -203,11 +215,14 @@ class _NativeStderr:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        os.dup2(self._saved, STDERR_FD)
-        os.close(self._saved)
-        self._sink.seek(0)
-        self.text = " ".join(self._sink.read().decode(errors="replace").split())
-        self._sink.close()
+        try:
+            os.dup2(self._saved, STDERR_FD)
+            os.close(self._saved)
+            self._sink.seek(0)
+            self.text = " ".join(self._sink.read().decode(errors="replace").split())
+            self._sink.close()
+        finally:
+            _REDIRECT_LOCK.release()
 
 
 class _Reader:
