@@ -58,6 +58,16 @@ def test_a_patient_whose_workers_die_fails_alone(scheduler):
     assert results["a"].status == results["b"].status == STATUS_OK
 
 
+def test_two_runs_on_one_scheduler_keep_their_own_results(scheduler):
+    """Runs sharing a scheduler and patient ids (found in review: the second run was handed the
+    first run's result, its volume never written)."""
+    first = cluster_module.run_on_dask(max, {"p1": (1, 2)}, scheduler, WORKER_DIED_MESSAGE)
+    assert next(first) == ("p1", 2)  # the first run holds its finished task meanwhile
+    second = cluster_module.run_on_dask(max, {"p1": (5, 9)}, scheduler, WORKER_DIED_MESSAGE)
+    assert list(second) == [("p1", 9)]
+    assert list(first) == []
+
+
 def test_no_scheduler_is_a_usage_error(tmp_path, capsys, monkeypatch):
     write_cohort(tmp_path / "cohort", patients=1, seed=4, size=64, scale=0.5)
     monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT_S", 2)

@@ -15,9 +15,10 @@ data, or from Python with dask-jobqueue (Slurm, PBS, SGE) or dask-kubernetes; RE
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterable
 
-from kdsb.errors import UsageError
+from kdsb.errors import KdsbError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,11 @@ def run_on_dask(
     with client:
         logger.info("Dask cluster %s: %d worker(s)", scheduler,
                     len(client.scheduler_info().get("workers", {})))
-        futures = {client.submit(worker, *task, pure=False, key=f"kdsb-preprocess-{pid}"): pid
-                   for pid, task in tasks.items()}
+        # Task keys name the patient and this run: runs sharing a scheduler (say 1 mm and 2 mm
+        # volumes of one cohort) must not be handed each other's results.
+        run = uuid.uuid4().hex[:8]
+        futures = {client.submit(worker, *task, pure=False, key=f"kdsb-preprocess-{pid}-{run}"):
+                   pid for pid, task in tasks.items()}
         for future in as_completed(futures, loop=client.loop):
             patient_id = futures[future]
             try:
@@ -58,3 +62,9 @@ def run_on_dask(
             except KilledWorker:
                 logger.warning("%s: %s", patient_id, died)
                 yield patient_id, None
+            except Exception as error:  # noqa: BLE001 - the worker never raises: the cluster did
+                raise KdsbError(
+                    f"patient {patient_id}: expected the Dask cluster at {scheduler} to run it, "
+                    f"received {type(error).__name__}: {' '.join(str(error).split())} (the "
+                    "patients finished so far are kept; rerun to resume)"
+                ) from error
