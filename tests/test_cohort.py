@@ -429,3 +429,17 @@ def test_each_worker_gets_its_share_of_the_cores(tmp_path, monkeypatch, patients
     cohort.run_cohort(tmp_path / "in", tmp_path / "out", workers=workers)
     assert seen["pool_size"] == min(workers, patients)
     assert {task[-1] for task in seen["tasks"].values()} == {threads}
+
+
+def test_an_unexpected_error_names_a_short_patient_id(monkeypatch, tmp_path):
+    """Id "0" occurs in almost any message; the patient is named all the same (found in review:
+    a substring test left "index 0 is out of bounds" without the patient)."""
+    from kdsb.preprocessing import cohort as cohort_module
+
+    def broken(*args, **kwargs):
+        raise IndexError("index 0 is out of bounds for axis 0 with size 0")
+
+    monkeypatch.setattr(cohort_module, "preprocess_patient", broken)
+    result = cohort_module._preprocess_safely(tmp_path, tmp_path, "0", (1.0,) * 3, 10.0, 1)
+    assert result.status == "failed"
+    assert result.error.startswith("patient 0: unexpected IndexError: index 0 is out of bounds")

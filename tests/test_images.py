@@ -198,7 +198,8 @@ def test_find_patients_lists_folders_and_volume_files(tmp_path):
     (tmp_path / "f").mkdir()
     (tmp_path / ".git").mkdir()
     (tmp_path / "out").mkdir()
-    patients = find_patients(tmp_path, tmp_path / "out")
+    (tmp_path / "qc").mkdir()  # a QC folder inside INPUT_ROOT is no patient either
+    patients = find_patients(tmp_path, tmp_path / "out", tmp_path / "qc", None)
     assert patients == {pid: tmp_path / name for pid, name in [
         ("a", "a.nii"), ("b", "b.nii.gz"), ("c", "c.mhd"), ("d", "d.mha"), ("e", "e.NRRD"),
         ("f", "f"),

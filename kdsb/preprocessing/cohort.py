@@ -79,7 +79,7 @@ def _preprocess_safely(
     except Exception as error:  # noqa: BLE001 - any bug must fail one patient, not the cohort
         message = f"unexpected {type(error).__name__}: {_one_line(error)}"
         detail = traceback.format_exc()
-    if patient_id not in message:
+    if not message.startswith((f"patient {patient_id}:", f"{patient_id}:")):
         message = f"patient {patient_id}: {message}"
     return PatientResult(
         patient_id, STATUS_FAILED, time.perf_counter() - started, error=message, detail=detail
@@ -98,14 +98,15 @@ def _validate_spacing(spacing: float | Sequence[float]) -> tuple[float, float, f
     return tuple(float(v) for v in values * (3 // len(values)))
 
 
-def find_patients(input_root: Path, out_dir: Path | None = None) -> dict[str, Path]:
+def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     """Patient id → folder or volume file for every patient in `input_root`, sorted by id.
 
     Each visible entry of `input_root` is one patient: a sub-folder (a DICOM series, or a folder
     holding one volume file), whose name is the id, or a volume file (NIfTI `.nii`/`.nii.gz`,
     MetaImage `.mhd`/`.mha`, NRRD `.nrrd`), whose name without that suffix is the id. The data
     file beside a `.mhd` header (its `.raw`) is not a patient; other files (labels.csv, …) and
-    hidden entries are ignored. `out_dir` is left out when it lies inside `input_root`.
+    hidden entries are ignored. The run's own output folders (`outputs`: OUT_DIR, the QC
+    folder) are left out when they lie inside `input_root`.
 
     Raises:
         UsageError: `input_root` is missing, not a folder, holds no patient, or holds two
@@ -117,13 +118,13 @@ def find_patients(input_root: Path, out_dir: Path | None = None) -> dict[str, Pa
         raise UsageError(f"expected an input root folder, received a missing path: {input_root}")
     if not input_root.is_dir():
         raise UsageError(f"expected an input root folder, received a file: {input_root}")
-    skip = out_dir.resolve() if out_dir is not None else None
+    skip = {Path(folder).resolve() for folder in outputs if folder is not None}
     patients: dict[str, Path] = {}
     for path in sorted(input_root.iterdir()):
         if path.name.startswith("."):
             continue
         if path.is_dir():
-            patient_id = path.name if path.resolve() != skip else None
+            patient_id = path.name if path.resolve() not in skip else None
         else:  # volume files only: a .raw beside its .mhd, labels.csv, … give None
             patient_id = volume_id(path)
         if patient_id is None:
@@ -147,14 +148,14 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         return {}
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         return {row["id"]: row for row in csv.DictReader(f) if row.get("id")}
 
 
 def _write_manifest(out_dir: Path, rows: dict[str, dict[str, str]]) -> Path:
     """Rewrite the manifest atomically (temporary file, then rename), rows sorted by id."""
     path = out_dir / MANIFEST_NAME
-    with atomic_path(path) as temp, temp.open("w", newline="") as f:
+    with atomic_path(path) as temp, temp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for patient_id in sorted(rows):
@@ -337,7 +338,7 @@ def run_cohort(
         raise UsageError(f"expected a margin of at least 0 mm, received {margin_mm}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"expected an output folder, received a file: {out_dir}")
-    patients = find_patients(input_root, out_dir)
+    patients = find_patients(input_root, out_dir, Path(qc_dir) if qc_dir is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     removed = remove_stale_temporaries(out_dir)  # volumes and the manifest
     if removed:

@@ -548,7 +548,7 @@ def _read_fold(fold_dir: Path, held_out: list[str]) -> dict[str, Any] | None:
 
 
 def _write_oof(path: Path, ids, p_cal, fold, y, p_raw) -> None:
-    with atomic_path(path) as temp, temp.open("w", newline="") as f:
+    with atomic_path(path) as temp, temp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(OOF_FIELDS)
         for row in zip(ids, p_cal, fold, y, p_raw, strict=True):

@@ -112,7 +112,7 @@ def read_history(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -123,7 +123,7 @@ def truncate_history(path: Path, epochs_done: int, write: bool = True) -> list[d
     kept = [row for row in rows if row["epoch"].isdigit() and int(row["epoch"]) < epochs_done]
     if write and len(kept) != len(rows):
         logger.info("dropping %d history row(s) not covered by a checkpoint", len(rows) - len(kept))
-        with atomic_path(path) as temp, temp.open("w", newline="") as f:
+        with atomic_path(path) as temp, temp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
             writer.writeheader()
             writer.writerows(kept)
