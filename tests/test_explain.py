@@ -182,3 +182,40 @@ def test_map_cells_land_on_the_voxels_they_cover(downscale):
     np.testing.assert_allclose(profile[left - reach + 1: left + 1][::-1],
                                profile[right: right + reach], atol=1e-6)
     assert not profile[65 * downscale:].any()  # beyond the input's extent
+
+
+def test_an_ensembles_probability_is_predicts(cohort, tmp_path):
+    """Two models of different confidence: explain reports the p(cancer) predict gives (the
+    mean logit), not the mean probability (found in review)."""
+    import keras
+
+    from kdsb.data.inputs import VolumeInput
+    from kdsb.evaluation.predict import predict_cohort
+
+    root, model_path, _ = cohort
+    other = tmp_path / "other" / "classifier.keras"
+    other.parent.mkdir()
+    model = keras.saving.load_model(model_path)
+    model.get_layer("p_cancer").bias.assign(np.array([3.0], "float32"))
+    model.save(other)
+    VolumeInput().save(other.parent)
+    out = tmp_path / "out"
+    assert main(["explain", str(root / "data"), str(model_path), str(other), str(out)]) == 0
+    predicted = predict_cohort(root / "data", [model_path, other], clip=0.0)
+    for pid, p in predicted.items():
+        with h5py.File(out / f"{pid}.h5") as f:
+            assert float(f.attrs["probability"]) == pytest.approx(p, rel=1e-5)
+
+
+def test_occlusion_cubes_cover_the_lung_box_to_its_far_end():
+    """A lung box 44 voxels long, 24-voxel cubes every 16: the far end's voxels are occluded
+    too (found in review: the last cube ended 4 voxels short, leaving them at 0)."""
+    from kdsb.evaluation.explain import occlusion
+
+    def model(batch, training=False):  # p(cancer) = the mean of the box's last 4 slices
+        return np.array([[float(batch[0, 40:44].mean())]])
+
+    x = np.ones((44, 6, 6, 1), np.float32)
+    drop, p0 = occlusion(model, x, np.ones((44, 6, 6), bool), fill=0.0, size=24, stride=16)
+    assert p0 == 1.0
+    assert drop[40:44].min() > 0

@@ -12,6 +12,10 @@ HELP = ("a 3D heatmap per patient of what drove p(cancer) (<id>.h5, <id>.png ove
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # argparse cannot show a last positional after a "+" one: the usage line says it.
+    parser.usage = ("%(prog)s [-h] [--method {gradcam,occlusion}] [--ids IDS_CSV] "
+                    "[--occlusion-mm MM] [--stride-mm MM]\n"
+                    "       DATA_DIR MODEL.keras [MORE.keras ...] OUT_DIR")
     parser.add_argument("data_dir", type=Path, help="folder of <id>.h5 volumes")
     parser.add_argument("models", type=Path, nargs="+", metavar="MODEL.keras",
                         help="trained classifier(s) or run folders (every fold model), then "

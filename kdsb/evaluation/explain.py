@@ -61,7 +61,8 @@ class Explanation:
     Attributes:
         patient_id: the patient id.
         heatmap: float32 (z, y, x) on the volume file's grid, 0 = no evidence, max 1.
-        probability: the models' mean p(cancer) for the patient.
+        probability: the models' p(cancer) for the patient, as `kdsb predict` gives it
+            (sigmoid of their mean logit).
         peak_index: (z, y, x) voxel index of the hottest voxel inside the lung mask.
         peak_mm: its patient coordinates, mm (z, y, x).
     """
@@ -178,7 +179,9 @@ def occlusion(
     if not len(found):
         return total, p0
     low, high = found.min(axis=0), found.max(axis=0) + 1
-    starts = [range(int(a), max(int(a) + 1, int(b) - size // 2), stride)
+    # The last start of each axis lies within `size` of the box's far end, so the cubes
+    # cover the whole box.
+    starts = [range(int(a), max(int(a) + 1, int(b) - size + stride), stride)
               for a, b in zip(low, high, strict=True)]
     for z in starts[0]:
         for y in starts[1]:
@@ -238,6 +241,7 @@ def explain_patient(
     """
     from kdsb.data.inputs import block_reduce_cropped
     from kdsb.data.patches import normalize_hu
+    from kdsb.evaluation.predict import ensemble_probability
 
     if method not in METHODS:
         raise UsageError(f"expected --method in {', '.join(METHODS)}, received {method!r}")
@@ -268,9 +272,11 @@ def explain_patient(
     peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(inside)), heatmap.shape))
     peak_mm = tuple(float(o + i * s) for o, i, s in
                     zip(volume.origin, peak, volume.spacing, strict=True))
-    if not math.isfinite(float(np.mean(probabilities))):
+    if not all(math.isfinite(p) for p in probabilities):
         raise KdsbError(f"{patient_id}: expected a finite p(cancer), received {probabilities}")
-    return Explanation(patient_id, heatmap, float(np.mean(probabilities)), peak, peak_mm)
+    # The ensemble's p(cancer) as `kdsb predict` gives it (without --tta): the mean logit.
+    probability = ensemble_probability(probabilities)
+    return Explanation(patient_id, heatmap, probability, peak, peak_mm)
 
 
 def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) -> Path:
