@@ -271,3 +271,27 @@ def test_discarding_a_run_removes_its_checkpoints_before_setting_its_files_aside
     assert (tmp_path / "aside_model.keras").read_text() == "model"
     assert (tmp_path / "aside_history.csv").read_text() == "epoch\n0\n"
     assert not (tmp_path / "model.keras").exists() and not (tmp_path / "history.csv").exists()
+
+
+def test_a_kill_while_checkpointing_leaves_the_epochs_best_model(tmp_path, monkeypatch):
+    """The best model is written before the checkpoint: a run resumed from epoch N counts epoch
+    N as judged, so its better weights must be on disk by then (found in review: the other
+    order could leave no best model at all)."""
+    from kdsb.training.runs import callbacks
+
+    class Killed(Exception):
+        pass
+
+    save = callbacks.save_model_atomically
+
+    def killed_while_checkpointing(model, path):
+        if "checkpoints" in str(path):
+            raise Killed
+        return save(model, path)
+
+    monkeypatch.setattr(callbacks, "save_model_atomically", killed_while_checkpointing)
+    runs.configure_runtime(seed=0)
+    with pytest.raises(Killed):
+        _fit(tmp_path, 2, best_name="best.keras")
+    assert (tmp_path / "best.keras").is_file()
+    assert runs.last_checkpoint(tmp_path) is None

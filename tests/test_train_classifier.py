@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -387,12 +388,28 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
 
     # A second start into the same folder needs --resume; resuming retrains no finished fold.
     assert main(argv) == 2
-    assert "already holds cross-validation folds" in capsys.readouterr().err
+    assert "already holds an earlier run's results (fold_1/fold.json" in \
+        capsys.readouterr().err
     stamp = (run / "fold_1" / "uncalibrated.keras").stat().st_mtime_ns
     assert main([*argv, "--resume"]) == 0
     assert (run / "fold_1" / "uncalibrated.keras").stat().st_mtime_ns == stamp
     resumed = json.loads((run / "metrics.json").read_text())["out_of_fold"]
     assert resumed["log_loss"] == pytest.approx(scores["log_loss"])
+
+    # Resuming on other patients is refused: the folds change, and a fold's model would score
+    # patients it trained on as held out (found in review).
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for path in data.glob("*.h5"):
+        if path.stem != "p0":
+            (fewer / path.name).symlink_to(path)
+    kept = [line for line in labels.read_text().splitlines(keepends=True)
+            if not line.startswith("p0,")]
+    (fewer / "labels.csv").write_text("".join(kept))
+    argv_fewer = [argv[0], str(fewer), str(fewer / "labels.csv"), *argv[3:], "--resume"]
+    assert main(argv_fewer) == 2
+    assert "fold_1 to resume on the patients it began with, received other held_out" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -574,6 +591,16 @@ def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, m
                                                  resume=True)
     assert again["collapsed_seeds"] == result["collapsed_seeds"]
     assert json.loads((fold / "fold.json").read_text())["predictions"] == pytest.approx(held_out)
+
+    # A fresh start into that folder is refused, also once the folds' results are gone: the
+    # settled attempts would otherwise stand for a run with other options (found in review).
+    for path in (tmp_path / "run").glob("fold_*/fold.json"):
+        path.unlink()
+    for path in (tmp_path / "run").glob("fold_*/checkpoints"):
+        shutil.rmtree(path)
+    with pytest.raises(UsageError, match=r"earlier run's results \(fold_1/restarts.json"):
+        classifier_training.train_classifier(data, labels, tmp_path / "run",
+                                             dict(options, seed=4))
 
 
 def test_restoring_the_kept_attempt_finishes_after_a_kill(tmp_path):

@@ -119,6 +119,7 @@ SHIFT_BOUND = 20.0  # the largest logit shift `explained_fraction` tries
 # resumed data stream).
 RESTART_SEED_STRIDE = 100_000
 RESTARTS_NAME = "restarts.json"
+SPLIT_NAME = "split.json"  # whom a model (a run's or a fold's) trains, validates and holds out
 
 
 def _warn_if_constant(p: np.ndarray, what: str) -> None:
@@ -397,13 +398,17 @@ def train_classifier(
             f"accumulation does not run under a distribution strategy), received "
             f"{options.batch_size}"
         )
-    started = sorted(run_dir.glob(f"{FOLD_PREFIX}*/{FOLD_NAME}")) + sorted(
-        run_dir.glob(f"{FOLD_PREFIX}*/{runs.CHECKPOINT_DIR}")
-    )
+    # What an earlier run leaves besides checkpoints (which `resolve_options` looked for): its
+    # folds, and the attempts of a model whose every attempt was stuck (restarts.json: the
+    # kept attempt's checkpoints are gone, and a fresh start would take its model as settled).
+    started = [path for pattern in (f"{FOLD_PREFIX}*/{FOLD_NAME}",
+                                    f"{FOLD_PREFIX}*/{runs.CHECKPOINT_DIR}",
+                                    f"{FOLD_PREFIX}*/{RESTARTS_NAME}", RESTARTS_NAME)
+               for path in sorted(run_dir.glob(pattern))]
     if started and not resume:
         raise UsageError(
             f"expected an empty run folder or --resume, received {run_dir} which already holds "
-            f"cross-validation folds ({started[0].parent.name} …)"
+            f"an earlier run's results ({started[0].relative_to(run_dir)} …)"
         )
     labels = read_labels(labels_csv)
     volumes = list_volumes(data_dir)
@@ -450,6 +455,7 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
 
     cohort, options = ctx.cohort, ctx.options
     train_ids, val_ids = _split(cohort, sorted(cohort), options, "all patients")
+    _pin_split(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, ctx)
     fitted = _fit_model(run_dir, train_ids, val_ids, ctx)
     if fitted is None:
         return None
@@ -491,6 +497,8 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
             logger.info("fold %d of %d: %d held-out patients", k, len(folds), len(held_out))
             rest = [i for i in sorted(cohort) if i not in set(held_out)]
             train_ids, val_ids = _split(cohort, rest, options, f"fold {k}")
+            _pin_split(fold_dir, {"held_out": held_out, "train_ids": train_ids,
+                                  "val_ids": val_ids}, ctx)
             fitted = _fit_model(fold_dir, train_ids, val_ids, ctx)
             if fitted is None:
                 continue
@@ -534,6 +542,29 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
         "epochs_run": epochs,
         "collapsed_seeds": collapsed,
     }
+
+
+def _pin_split(model_dir: Path, split: dict[str, list[str]], ctx: _Context) -> None:
+    """Record which patients a model trains on, validates on and holds out (`SPLIT_NAME`)
+    before it trains, and refuse to resume it on others: with patients or labels changed
+    since, a resumed model would score patients it trained on as unseen.
+
+    Raises:
+        UsageError: `model_dir` was begun on another split.
+    """
+    path = model_dir / SPLIT_NAME
+    if path.is_file():
+        begun = json.loads(path.read_text())
+        for key, ids in split.items():
+            if begun.get(key) != ids:
+                other = sorted(set(begun.get(key, [])) ^ set(ids)) or ids
+                raise UsageError(
+                    f"expected {model_dir} to resume on the patients it began with, received "
+                    f"other {key} (e.g. {other[0]}): the volumes or labels changed since; "
+                    "start a new run folder"
+                )
+    elif runs.worker(ctx.options.distribute).chief:
+        write_json(path, split)
 
 
 def _read_fold(fold_dir: Path, held_out: list[str]) -> dict[str, Any] | None:

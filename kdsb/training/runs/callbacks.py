@@ -86,7 +86,8 @@ def callback_classes():
             self._check(logs, "(validation)")
 
     class EpochCheckpoint(keras.callbacks.Callback):
-        """After every epoch: save `checkpoints/epoch_NNNN.keras` and, when better, the best model.
+        """After every epoch: save, when better, the best model and then
+        `checkpoints/epoch_NNNN.keras`.
 
         Both writes are atomic. `keep` bounds how many epoch checkpoints stay on disk (the
         newest ones; None keeps all). `best` is the best monitored value of earlier epochs, so a
@@ -112,8 +113,11 @@ def callback_classes():
             self._warned = False
 
         def on_epoch_end(self, epoch, logs=None):
+            # The best model before the checkpoint: a run resumes from its newest checkpoint and
+            # counts the epochs up to it as judged, so a kill between the two writes must leave
+            # the best model already written (the other way round, an epoch's better weights
+            # would never be saved).
             logs = logs or {}
-            save_model_atomically(self.model, checkpoint_path(self.run_dir, epoch + 1))
             value = logs.get(self.monitor)
             if value is None:
                 if not self._warned:
@@ -130,6 +134,7 @@ def callback_classes():
                     logger.info("epoch %d: %s improved to %.6g", epoch + 1, self.monitor, value)
                     self.best = value
                 save_model_atomically(self.model, self.best_path)
+            save_model_atomically(self.model, checkpoint_path(self.run_dir, epoch + 1))
             self._prune()
 
         def _prune(self) -> None:

@@ -219,8 +219,8 @@ def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strate
     NonFiniteGuard, EpochCheckpoint, GiveUpBelow = callback_classes()
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=True)
     # Order matters: the guard first (nothing is written for a non-finite model), then the
-    # history row, then the checkpoint. A kill between the last two leaves one row too many,
-    # which resuming drops; the reverse order would lose a row for good.
+    # history row, then the best model and the checkpoint. A kill after the row leaves one row
+    # too many, which resuming drops; the reverse order would lose a row for good.
     callbacks = [
         NonFiniteGuard(run_dir),
         csv_logger,
