@@ -84,6 +84,14 @@ def test_missing_input_files_are_usage_errors(files, tmp_path, capsys):
     assert main(["evaluate", str(preds), str(tmp_path)]) == 2
     assert "expected LABELS_CSV, an id,cancer CSV of 0/1 labels, received a folder" \
         in capsys.readouterr().err
+    # Bad outputs and seeds: one line, not a traceback (found in review).
+    assert main(["evaluate", str(preds), str(labels), "--plots", str(preds)]) == 2
+    assert "expected --plots DIR, a folder for the plots, received a file" in \
+        capsys.readouterr().err
+    assert main(["evaluate", str(preds), str(labels), "--plots", str(preds / "plots")]) == 2
+    assert "received a path under a file" in capsys.readouterr().err
+    assert main(["evaluate", str(preds), str(labels), "--seed", "-1"]) == 2
+    assert "expected --seed of 0 or more, received -1" in capsys.readouterr().err
 
 
 def test_format_table_shows_nan_as_na():

@@ -112,3 +112,25 @@ def test_synth_base_bad_options_are_usage_errors(base_folder, tmp_path, capsys):
     assert main(["synth", str(tmp_path / "b"), "--base", str(tmp_path / "missing")]) == 2
     assert main(["synth", str(tmp_path / "c"), "--base", str(folder), "--radius-mm", "3",
                  "5"]) == 2
+    capsys.readouterr()
+    # Options of the other kind of cohort are refused, not ignored (found in review).
+    assert main(["synth", str(tmp_path / "d"), "--base", str(folder), "--size", "64"]) == 2
+    assert "expected no --size for an implant cohort (--base)" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "e"), "--places", "apical"]) == 2
+    assert "expected no --places for a phantom cohort" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+
+
+def test_a_lesion_that_cannot_be_placed_names_the_patient(base_folder, monkeypatch):
+    """A failed placement stops the cohort with a line naming the patient (found in review)."""
+    from kdsb.errors import KdsbError
+
+    _, phantom = base_folder
+
+    def nowhere(*args, **kwargs):
+        raise KdsbError("expected lung surface of place 'apical', received none in this scan")
+
+    monkeypatch.setattr(implants, "implant_lesion", nowhere)
+    with pytest.raises(KdsbError, match=r"^patient implant_007: expected lung surface of place"):
+        implants.implant_patient(phantom.hu.copy(), phantom.spacing, phantom.origin,
+                                 np.random.default_rng(0), cancer=True, patient_id="implant_007")

@@ -141,6 +141,16 @@ def test_missing_inputs_are_usage_errors_before_any_work(cohort, tmp_path, capsy
         in capsys.readouterr().err
     assert main(["predict", str(data), str(models[0]), "--out", str(out), "--tta",
                  "--tta-count", "49"]) == 2
+    capsys.readouterr()
+    # Found in review: an ignored --tta-count, and an OUT_CSV that is a folder (failing after
+    # every prediction was made).
+    assert main(["predict", str(data), str(models[0]), "--out", str(out), "--tta-count",
+                 "4"]) == 2
+    assert "expected --tta with --tta-count, received --tta-count 4 alone" in \
+        capsys.readouterr().err
+    assert main(["predict", str(data), str(models[0]), "--out", str(tmp_path)]) == 2
+    assert f"expected --out OUT_CSV, a CSV file to write, received a folder: {tmp_path}" in \
+        capsys.readouterr().err
     assert not out.exists()
     # The library refuses a missing model too, before looking at the ids.
     with pytest.raises(UsageError, match="received a missing path: .*nope.keras"):

@@ -1,7 +1,9 @@
 """The subcommands of `kdsb` (one module each) and their shared input-path checks.
 
 Every command checks its input paths first, with `require_dir` / `require_file`, so a missing
-input is a usage error (exit 2) with the same wording in every command, before any work.
+input is a usage error (exit 2) with the same wording in every command, before any work; its
+output paths likewise (`require_output_file`, `require_output_dir`), so a run does not fail
+at its end on a path it could never write.
 This module must stay light: `kdsb --help` imports it.
 """
 
@@ -40,3 +42,30 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
         state = "a folder" if path.is_dir() else "a missing path"
         raise UsageError(f"expected {what}, received {state}: {path}")
     return path
+
+
+def require_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Return `path` as a Path if a file can be written there (it is not a folder, and its
+    parent is a folder or missing), else raise `UsageError`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"expected {what}, received a folder: {path}")
+    _require_no_file_above(path, what)
+    return path
+
+
+def require_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Return `path` as a Path if it is a folder or can be made one, else raise `UsageError`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"expected {what}, received a file: {path}")
+    _require_no_file_above(path, what)
+    return path
+
+
+def _require_no_file_above(path: Path, what: str) -> None:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"expected {what}, received a path under a file: {path}")
+            return

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_file
+    from kdsb.commands import require_file, require_output_dir
+    from kdsb.errors import UsageError
     from kdsb.evaluation.evaluate import (
         CALIBRATION_PNG,
         ROC_PNG,
@@ -44,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     require_file(args.labels, "LABELS_CSV, an id,cancer CSV of 0/1 labels")
     if args.validation is not None:
         require_file(args.validation, "VAL_PRED_CSV, an id,cancer CSV of probabilities")
+    if args.plots is not None:
+        require_output_dir(args.plots, "--plots DIR, a folder for the plots")
+    if args.seed < 0:
+        raise UsageError(f"expected --seed of 0 or more, received {args.seed}")
     scores = evaluate(args.predictions, args.labels, plots_dir=args.plots, n_boot=args.bootstrap,
                       seed=args.seed, threshold=args.threshold, validation_csv=args.validation)
     intervals = scores.get("intervals")

@@ -28,11 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_dir, require_file
+    from kdsb.commands import require_dir, require_file, require_output_file
+    from kdsb.errors import UsageError
     from kdsb.evaluation.predict import PROBABILITY_CLIP, predict_to_csv
     from kdsb.io.tables import read_ids
 
     require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
+    require_output_file(args.out, "--out OUT_CSV, a CSV file to write")
+    if args.tta_count is not None and not args.tta:
+        raise UsageError(f"expected --tta with --tta-count, received --tta-count "
+                         f"{args.tta_count} alone")
     if args.ids is not None:
         require_file(args.ids, "--ids, a CSV with an id column")
     ids = read_ids(args.ids) if args.ids is not None else None

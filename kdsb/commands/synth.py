@@ -17,6 +17,8 @@ HELP = "write a test cohort as DICOM series plus labels.csv and ground truth"
 LESION_KINDS = ("solid", "spiculated", "part_solid", "ground_glass", "small_solid")
 LESION_PLACES = ("intrapulmonary", "paravertebral", "lateral", "anterior", "paramediastinal",
                  "diaphragmatic", "apical")
+PHANTOM_SIZE, PHANTOM_SCALE = 128, 1.0
+RADIUS_MM = (8.0, 35.0)
 
 
 def _names(text: str) -> list[str]:
@@ -27,30 +29,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_root", type=Path, help="folder to create: dicom/<id>/, labels.csv")
     parser.add_argument("--patients", type=int, default=8, help="number of patients")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--size", type=int, default=128,
-                        help="phantoms: axial image side in pixels")
+    parser.add_argument("--size", type=int, default=None,
+                        help=f"phantoms: axial image side in pixels (default {PHANTOM_SIZE})")
     parser.add_argument(
         "--scale",
         type=float,
-        default=1.0,
+        default=None,
         help="phantoms: physical size of each patient relative to an adult chest "
-             "(0.6: small demo volumes)",
+             f"(0.6: small demo volumes; default {PHANTOM_SCALE})",
     )
     parser.add_argument("--base", type=Path,
                         help="a real chest CT (DICOM folder, or NIfTI / MetaImage / NRRD file): "
                              "every patient is this scan, varied, with lesions implanted")
-    parser.add_argument("--kinds", type=_names, default=list(LESION_KINDS[:-1]),
+    parser.add_argument("--kinds", type=_names, default=None,
                         help="with --base: comma-separated kinds of the cancer lesion, among "
-                             + ", ".join(LESION_KINDS))
-    parser.add_argument("--places", type=_names, default=list(LESION_PLACES),
+                             + ", ".join(LESION_KINDS) + " (default: all but small_solid)")
+    parser.add_argument("--places", type=_names, default=None,
                         help="with --base: comma-separated places of the lesions, among "
-                             + ", ".join(LESION_PLACES))
-    parser.add_argument("--radius-mm", type=float, nargs=2, default=(8.0, 35.0),
-                        metavar=("LOW", "HIGH"), help="with --base: radius of the cancer lesion")
+                             + ", ".join(LESION_PLACES) + " (default: all)")
+    parser.add_argument("--radius-mm", type=float, nargs=2, default=None,
+                        metavar=("LOW", "HIGH"),
+                        help=f"with --base: radius of the cancer lesion (default {RADIUS_MM[0]:g} "
+                             f"{RADIUS_MM[1]:g})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cohort")
 
 
 def run(args: argparse.Namespace) -> int:
+    from kdsb.errors import UsageError
+
+    # Options of the other kind of cohort would be silently ignored: refused instead.
+    wrong = ("--size", "--scale") if args.base is not None else ("--kinds", "--places",
+                                                                 "--radius-mm")
+    given = [flag for flag in wrong if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if given:
+        kind, scope = (("an implant cohort (--base)", "phantoms only") if args.base is not None
+                       else ("a phantom cohort", "with --base only"))
+        raise UsageError(f"expected no {' '.join(given)} for {kind}, received "
+                         f"{' '.join(given)} ({scope})")
     if args.base is not None:
         from kdsb.phantoms.implants import write_implant_cohort
 
@@ -59,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
             args.base,
             patients=args.patients,
             seed=args.seed,
-            kinds=args.kinds,
-            places=args.places,
-            radius_mm=tuple(args.radius_mm),
+            kinds=args.kinds if args.kinds is not None else list(LESION_KINDS[:-1]),
+            places=args.places if args.places is not None else list(LESION_PLACES),
+            radius_mm=tuple(args.radius_mm) if args.radius_mm is not None else RADIUS_MM,
             overwrite=args.overwrite,
         )
     else:
@@ -71,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
             args.out_root,
             patients=args.patients,
             seed=args.seed,
-            size=args.size,
-            scale=args.scale,
+            size=PHANTOM_SIZE if args.size is None else args.size,
+            scale=PHANTOM_SCALE if args.scale is None else args.scale,
             overwrite=args.overwrite,
         )
     root = labels_csv.parent

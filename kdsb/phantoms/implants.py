@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from kdsb.errors import UsageError
+from kdsb.errors import KdsbError, UsageError
 from kdsb.phantoms.lesions import (
     KINDS,
     PLACES,
@@ -193,10 +193,13 @@ def implant_patient(
     lesions: list[Lesion] = []
     for kind, place, radius in wanted:
         free = parenchyma & (labels == 0)  # lesions never overlap
-        truth, lesion = implant_lesion(
-            hu, spacing, origin, free, kind=kind, place=place, radius_mm=round(radius, 2),
-            rng=rng, sites=sites,
-        )
+        try:
+            truth, lesion = implant_lesion(
+                hu, spacing, origin, free, kind=kind, place=place, radius_mm=round(radius, 2),
+                rng=rng, sites=sites,
+            )
+        except KdsbError as error:
+            raise KdsbError(f"patient {patient_id}: {error}") from error
         lesions.append(lesion)
         labels[truth] = len(lesions)
     return hu, lungs, labels, lesions
