@@ -466,3 +466,15 @@ def test_enhanced_ct_frames_in_any_order_read_back_exactly(tmp_path, hu):
     series = read_series(tmp_path / "enhanced", "enhanced")
     np.testing.assert_array_equal(series.hu, hu)
     assert series.spacing == spacing and series.origin == origin
+
+
+def test_a_pixel_spacing_of_three_values_names_the_file(tmp_path, hu):
+    """Found in review: it failed as "unexpected ValueError: too many values to unpack"."""
+    paths = _write(tmp_path, hu)
+    ds = pydicom.dcmread(paths[2])
+    ds.PixelSpacing = [0.7, 0.7, 0.7]
+    ds.save_as(paths[2])
+    with pytest.raises(DicomError, match=r"patient p1: expected PixelSpacing of two positive "
+                       r"numbers \(row, column mm\), received \[0\.7, 0\.7, 0\.7\] "
+                       r"\(file CT001_00003"):
+        read_series(tmp_path, patient_id="p1")

@@ -46,6 +46,7 @@ Every problem raises a one-line `DicomError` naming the patient and, where relev
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -326,6 +327,11 @@ def _check_slices(patient: str, headers: list[_Header]) -> None:
             )
         if header.pixel_spacing is None:
             raise _error(patient, "expected PixelSpacing, received none", header.path)
+        if len(header.pixel_spacing) != 2 or not all(
+            math.isfinite(v) and v > 0 for v in header.pixel_spacing
+        ):
+            raise _error(patient, f"expected PixelSpacing of two positive numbers (row, column "
+                         f"mm), received {list(header.pixel_spacing)}", header.path)
         if (header.rows, header.columns) != (first.rows, first.columns):
             raise _error(
                 patient,
