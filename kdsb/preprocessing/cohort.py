@@ -16,7 +16,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -268,7 +268,8 @@ def _run_tasks(
     retries a patient whose worker died on other workers before it fails. Locally, when a worker
     dies (killed by the system for memory, a crash in a C library), the whole pool breaks and it
     is unknown which patient was at fault, so each unfinished patient is retried alone in a
-    fresh one-worker pool; a patient whose worker dies again fails.
+    fresh one-worker pool, `workers` of them at a time (so one death early in a large cohort
+    does not leave the rest to run one by one); a patient whose worker dies again fails.
     """
     if scheduler is not None:
         from kdsb.preprocessing.cluster import run_on_dask
@@ -282,11 +283,24 @@ def _run_tasks(
             retry[patient_id] = tasks[patient_id]
         else:
             yield result
-    if retry:
-        logger.warning("a worker process died; retrying %d patient(s) one at a time", len(retry))
-    for patient_id, task in retry.items():
-        for _, result in _run_pool(worker, {patient_id: task}, 1):
-            yield result or PatientResult(patient_id, STATUS_FAILED, error=WORKER_DIED_MESSAGE)
+    if not retry:
+        return
+    logger.warning("a worker process died; retrying %d patient(s), each in a process of its own",
+                   len(retry))
+    with ThreadPoolExecutor(max(1, workers)) as alone:
+        futures = [alone.submit(_run_alone, worker, patient_id, task)
+                   for patient_id, task in retry.items()]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def _run_alone(worker: Callable[..., PatientResult], patient_id: str, task: tuple
+               ) -> PatientResult:
+    """`worker(*task)` in a one-worker pool of its own; failed if that worker dies too."""
+    for _, result in _run_pool(worker, {patient_id: task}, 1):
+        if result is not None:
+            return result
+    return PatientResult(patient_id, STATUS_FAILED, error=WORKER_DIED_MESSAGE)
 
 
 def run_cohort(
