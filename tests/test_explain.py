@@ -154,34 +154,63 @@ def test_a_saturated_classifier_still_has_a_map(cohort, tmp_path):
     model.get_layer("p_cancer").bias.assign(np.array([60.0], "float32"))
     x = VolumeInput().read(volumes.volume_path(root / "data", "c0"))
     assert float(without_calibration(model)(x[np.newaxis])[0, 0]) == 1.0
-    cam, p, cell = gradcam(model, x)
-    assert cell == 8  # the GMCAE encoder's three stride-2 blocks
+    cam, p, centres = gradcam(model, x)
+    assert [stride for stride, _ in centres] == [8, 8, 8]  # three stride-2 blocks
     # The probability reported is the calibrated model's own.
     assert p == pytest.approx(float(model(x[np.newaxis])[0, 0]), rel=1e-5)
     assert cam.max() > 0
 
 
+def _uniform_encoder():
+    """The GMCAE encoder with every kernel a positive mean and no bias: its response to a blob
+    is symmetric about the blob."""
+    from kdsb.models.gmcae import build_encoder
+
+    encoder = build_encoder(width=2)
+    for layer in encoder.layers:
+        for weight in layer.weights:
+            value = np.zeros(weight.shape) if "bias" in weight.path else \
+                np.full(weight.shape, 1.0 / np.prod(weight.shape[:-1]))
+            weight.assign(value.astype("float32"))
+    return encoder
+
+
+@pytest.mark.parametrize("extent", [64, 65, 66, 71])
+def test_cell_centres_are_where_the_encoder_responds(extent):
+    """A blob on the centre `cell_centres` gives cell 3 makes cells 2 and 4 respond alike: the
+    centre is the encoder's own, which "same" padding moves by up to 7 voxels with the extent's
+    parity at each stage (found in review: the map was stretched over the input instead)."""
+    from kdsb.evaluation.explain import cell_centres
+
+    encoder = _uniform_encoder()
+    stride, offset = cell_centres(encoder, extent)
+    assert stride == 8
+    assert offset == {64: 7.0, 65: 0.0, 66: 1.0, 71: 6.0}[extent]
+    centre = stride * 3 + offset
+    z = np.arange(extent)[:, None, None]
+    x = np.where(np.abs(z - centre) <= 1.5, 1.0, 0.0) * np.ones((1, 8, 8))
+    response = encoder(x[np.newaxis, ..., np.newaxis].astype("float32")).numpy()[0]
+    profile = response.sum(axis=(1, 2, 3))
+    assert int(np.argmax(profile)) == 3
+    assert profile[2] == pytest.approx(profile[4], rel=1e-4)
+
+
 @pytest.mark.parametrize("downscale", [1, 2])
-def test_map_cells_land_on_the_voxels_they_cover(downscale):
-    """Cell i of a stride-8 map covers input voxels [8i, 8i + 8), also where the input's extent
-    (65 here) is no multiple of 8 and its last cell reaches past it (found in review: stretching
-    the 9 cells over 65 voxels put cell 7 on voxels 51-57)."""
+def test_the_map_is_drawn_between_cell_centres(downscale):
+    """Cell 3 of an axis centred on input voxel 8 · 3 + 7: the heatmap peaks there (on the
+    volume grid: downscale · (31 + 0.5) - 0.5) and falls linearly to 0 one stride away."""
     from kdsb.evaluation.explain import to_volume_grid
 
-    extent = 65 * downscale + (downscale - 1)  # the volume; its input keeps 65 · downscale
-    cam = np.zeros((9, 2, 2), np.float32)  # ceil(65 / 8) cells along z
-    cam[7] = 1.0
-    heatmap = to_volume_grid(cam, (extent, 16 * downscale, 16 * downscale), downscale, cell=8)
-    assert heatmap.shape == (extent, 16 * downscale, 16 * downscale)
+    cam = np.zeros((8, 2, 2), np.float32)
+    cam[3] = 1.0
+    shape = (64 * downscale + downscale - 1, 4 * downscale, 4 * downscale)
+    heatmap = to_volume_grid(cam, shape, downscale, [(8, 7.0), (8, 7.0), (8, 7.0)])
+    assert heatmap.shape == shape
     profile = heatmap[:, 0, 0]
-    cell = 8 * downscale
-    assert cell * 7 <= int(np.argmax(profile)) < cell * 8
-    # The map is symmetric about the cell's centre: the interpolation adds no shift.
-    left, right = cell * 7 + cell // 2 - 1, cell * 7 + cell // 2
-    reach = 65 * downscale - right  # the input ends before the ramp of cell 8 does
-    np.testing.assert_allclose(profile[left - reach + 1: left + 1][::-1],
-                               profile[right: right + reach], atol=1e-6)
-    assert not profile[65 * downscale:].any()  # beyond the input's extent
+    position = (np.arange(shape[0]) + 0.5) / downscale - 0.5  # input voxels
+    expected = np.clip(1 - np.abs(position - 31) / 8, 0, 1)
+    expected[64 * downscale:] = 0  # beyond the input's extent
+    np.testing.assert_allclose(profile, expected, atol=1e-6)
 
 
 def test_an_ensembles_probability_is_predicts(cohort, tmp_path):

@@ -10,10 +10,11 @@ HU normalisation, masking, downscaling) and return a heatmap on the volume file'
   value before its sigmoid, which never saturates: at p = 1.0 in float32 a gradient through p
   is zero and the map would be empty) with respect to A averaged over space gives one weight
   per channel; the map is ReLU(Σ_c w_c A_c).
-  It is resized to the volume grid with linear interpolation of cell areas
-  (`scipy.ndimage.zoom`, grid_mode) by exactly the encoder's stride (`cell_size`) times the
-  downscaling, so feature cell i covers input voxels [8i, 8i + 8) also where the input's extent
-  is not a multiple of 8 (its last cell then reaches past the input: that part is cut off).
+  It is drawn on the volume grid by linear interpolation between the cells' centres: cell i
+  of an axis of m input voxels is centred on input voxel 8i + offset (`cell_centres`), where
+  the offset (0–7) follows from TensorFlow's "same" padding of each stride-2 convolution (odd
+  sizes are padded on both sides, even ones only after the data), measured in
+  `tests/test_explain.py` against the encoder's response to a small blob.
   One forward and one backward pass per patient and model.
 - **Occlusion**: a cube of `occlusion_mm` is set to the masking fill (healthy parenchyma,
   the input's "nothing here") at every step of `stride_mm` over the lung mask's bounding box;
@@ -105,18 +106,30 @@ def _split_classifier(model: Any) -> tuple[Any, list[Any], Any]:
     return encoder, layers[layers.index(encoder) + 1: layers.index(output)], output
 
 
-def cell_size(encoder: Any) -> int:
-    """Input voxels per output cell of an encoder, along each axis: the product of its layers'
-    strides (8 for the GMCAE's three blocks, 4 for a MIL head's block-2 encoder)."""
-    size = 1
-    for layer in encoder.layers:
-        strides = getattr(layer, "strides", None)
-        if strides:
-            size *= int(strides[0])
-    return size
+def cell_centres(encoder: Any, extent: int) -> tuple[int, float]:
+    """Where the encoder's output cells lie along an axis of `extent` input voxels: (stride,
+    offset), cell i centred on input voxel stride · i + offset.
+
+    Each convolution with "same" padding centres output j on input s · j + (k - 1) / 2 - p,
+    s its stride, k its kernel and p the padding TensorFlow puts before the data (half the
+    total, rounded down); composed over the layers, last to first.
+    """
+    layers = [layer for layer in encoder.layers if getattr(layer, "strides", None)]
+    sizes = []
+    for layer in layers:  # each layer's input extent
+        sizes.append(extent)
+        extent = -(-extent // int(layer.strides[0]))
+    stride, offset = 1, 0.0
+    for layer, size in zip(reversed(layers), reversed(sizes), strict=True):
+        s, k = int(layer.strides[0]), int(layer.kernel_size[0])
+        before = max((-(-size // s) - 1) * s + k - size, 0) // 2
+        stride, offset = s * stride, s * offset + (k - 1) / 2 - before
+    return stride, offset
 
 
-def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float, int]:
+def gradcam(
+    model: Any, x: np.ndarray
+) -> tuple[np.ndarray, float, list[tuple[int, float]]]:
     """Grad-CAM of one prepared input.
 
     Args:
@@ -125,9 +138,7 @@ def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float, int]:
 
     Returns:
         (map on the encoder's output grid (z', y', x'), float32, >= 0; the model's p(cancer);
-        the input voxels per map cell along each axis, `cell_size`: cell i covers input voxels
-        [cell · i, cell · (i + 1)), the last cell reaching past an extent that is not a multiple
-        of it).
+        per axis, where the map's cells lie on the input (`cell_centres`)).
     """
     import tensorflow as tf
 
@@ -151,7 +162,8 @@ def gradcam(model: Any, x: np.ndarray) -> tuple[np.ndarray, float, int]:
     calibration = calibration_of(model)
     if calibration is not None:
         p = float(calibration.apply(p))
-    return cam[0].numpy().astype(np.float32), p, cell_size(encoder)
+    centres = [cell_centres(encoder, n) for n in x.shape[:3]]
+    return cam[0].numpy().astype(np.float32), p, centres
 
 
 def occlusion(
@@ -199,20 +211,38 @@ def occlusion(
 
 
 def to_volume_grid(
-    cam: np.ndarray, volume_shape: Sequence[int], downscale: int, cell: int = 1
+    cam: np.ndarray,
+    volume_shape: Sequence[int],
+    downscale: int,
+    centres: Sequence[tuple[int, float]] | None = None,
 ) -> np.ndarray:
-    """Resize a map to the volume grid: map cell i covers input voxels [cell · i, cell · (i +
-    1)), input voxel j the volume's [downscale · j, downscale · (j + 1)); the input is the
-    volume cropped to a multiple of `downscale` per axis (`VolumeInput.read`), so voxels beyond
-    it get 0, and the part of the last cell past the input's extent is cut off."""
-    from scipy import ndimage
+    """Draw a map on the volume grid, linearly between its cells' centres (constant beyond the
+    first and last).
 
-    covered = tuple(n - n % downscale for n in volume_shape)
-    resized = ndimage.zoom(cam, cell * downscale, order=1, grid_mode=True, mode="nearest")
-    heatmap = np.zeros(tuple(volume_shape), np.float32)
-    box = tuple(slice(0, min(c, r)) for c, r in zip(covered, resized.shape, strict=True))
-    heatmap[box] = resized[box]
-    return heatmap
+    Args:
+        cam: the map (z', y', x').
+        volume_shape: the volume's shape (z, y, x); the input is the volume cropped to a
+            multiple of `downscale` per axis (`VolumeInput.read`): voxels beyond get 0.
+        downscale: volume voxels per input voxel along each axis.
+        centres: per axis (stride, offset): cell i centred on input voxel stride · i + offset
+            (`cell_centres`); None: the map is on the input grid.
+    """
+    centres = centres or [(1, 0.0)] * 3
+    heatmap = np.asarray(cam, np.float32)
+    # Axis by axis (a small weight matrix each), rather than coordinates for every voxel.
+    for axis, (n, (stride, offset)) in enumerate(zip(volume_shape, centres, strict=True)):
+        covered = n - n % downscale
+        position = (np.arange(n) + 0.5) / downscale - 0.5  # on the input grid
+        cell = np.clip((position - offset) / stride, 0, cam.shape[axis] - 1)
+        low = np.floor(cell).astype(int)
+        high = np.minimum(low + 1, cam.shape[axis] - 1)
+        weights = np.zeros((n, cam.shape[axis]), np.float32)
+        inside = np.arange(n) < covered
+        rows = np.flatnonzero(inside)
+        np.add.at(weights, (rows, low[inside]), (1 - (cell - low))[inside])
+        np.add.at(weights, (rows, high[inside]), (cell - low)[inside])
+        heatmap = np.moveaxis(np.tensordot(weights, heatmap, axes=(1, axis)), 0, axis)
+    return heatmap.astype(np.float32)
 
 
 def explain_patient(
@@ -251,9 +281,9 @@ def explain_patient(
         x = volume_input.read(volume_file)
         factor = volume_input.downscale
         if method == "gradcam":
-            cam, p, cell = gradcam(model, x)
+            cam, p, centres = gradcam(model, x)
         else:
-            cell = 1  # the occlusion map is on the input grid
+            centres = None  # the occlusion map is on the input grid
             lung = block_reduce_cropped(volume.lung_mask, factor, np.max) > 0
             voxel_mm = min(volume.spacing) * factor
             size = max(1, round(occlusion_mm / voxel_mm))
@@ -261,7 +291,7 @@ def explain_patient(
             fill = float(normalize_hu(np.float32(volume_input.outside_hu),
                                       clip=volume_input.hu_clip))
             cam, p = occlusion(model, x, lung, fill, size, stride)
-        heatmap = to_volume_grid(cam, volume.hu.shape, factor, cell)
+        heatmap = to_volume_grid(cam, volume.hu.shape, factor, centres)
         top = float(heatmap.max())
         maps.append(heatmap / top if top > 0 else heatmap)
         probabilities.append(p)
