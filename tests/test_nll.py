@@ -72,3 +72,24 @@ def test_an_unusual_patch_scores_higher_under_a_gmcae_trained_on_plain_lung(tmp_
     nll = np.asarray(patch_nll_features(model, stride=8)(volume))[0, :, 0]
     assert nll.shape == (8,) and int(np.argmax(nll)) == 7
     assert nll[7] > nll[:7].max() + 0.1
+
+
+def test_a_volume_smaller_than_a_patch_is_a_one_line_error(gmcae, tmp_path):
+    """Head nll on a volume with an axis shorter than the patch: the file is named (found in
+    review: a TensorFlow reshape error)."""
+    from kdsb.data.inputs import VolumeInput
+    from kdsb.errors import StoreError
+    from kdsb.io import volumes
+    from kdsb.training.bags import encode_bags
+
+    gmcae.save(tmp_path / "gmcae.keras")
+    size = int(gmcae.input_shape[1])
+    path = volumes.write_volume(volumes.volume_path(tmp_path / "data", "thin"),
+                                np.full((size - 2, 20, 20), -800, np.int16),
+                                np.ones((size - 2, 20, 20), np.uint8), (2.0, 2.0, 2.0),
+                                (0.0, 0.0, 0.0))
+    with pytest.raises(StoreError, match=rf"thin.h5: expected every axis at least the GMCAE's "
+                       rf"patch of {size} voxels \(head nll\), received a network input of "
+                       rf"{size - 2}×20×20"):
+        encode_bags({"thin": path}, tmp_path / "gmcae.keras", VolumeInput(), [0],
+                    tmp_path / "bags", head="nll", block=2)
