@@ -49,6 +49,7 @@ TEST_SEED_OFFSET = 1000
 # mistakes of a classifier trained on a few dozen patients (cheap: volumes of ~10⁵ voxels).
 TTA_COUNT = 8
 SEEDS_NAME = "seeds.csv"
+PLAN_NAME = "plan.json"  # the plan and seed a demo folder was begun with
 # Test scores of the seed table, in column order.
 SEED_COLUMNS = ("log_loss", "base_rate_log_loss", "roc_auc", "brier", "ece", "accuracy",
                 "seconds")
@@ -158,6 +159,33 @@ def _started(run_dir: Path) -> bool:
     return last_checkpoint(run_dir) is not None
 
 
+def _pin_plan(work: Path, plan: DemoPlan, seed: int) -> None:
+    """Record the plan and seed a demo folder is made with (`PLAN_NAME`), or refuse another:
+    finished stages are reused, so a folder begun with --fast (or another seed or size) would
+    mix those results into this run.
+
+    Raises:
+        UsageError: `work` was begun with another plan or seed.
+    """
+    from kdsb.io.atomic import write_json
+
+    wanted = {**plan.__dict__, "seed": seed}
+    path = work / PLAN_NAME
+    if path.is_file():
+        begun = json.loads(path.read_text())
+        if begun != wanted:
+            changed = ", ".join(f"{k} {begun.get(k)} → {v}" for k, v in wanted.items()
+                                if begun.get(k) != v)
+            raise UsageError(f"expected the plan {work} was begun with, received another "
+                             f"({changed}): use a new folder")
+        return
+    if work.is_dir() and any(work.iterdir()):
+        logger.warning("%s has no %s: its finished stages are reused as they are", work,
+                       PLAN_NAME)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(path, wanted)
+
+
 def run_demo(
     workdir: str | os.PathLike, *, patients: int | None = None, seed: int = 0, fast: bool = False,
     workers: int = 2,
@@ -186,6 +214,7 @@ def run_demo(
         plan = DemoPlan(**{**plan.__dict__, "patients": patients,
                            "test_patients": max(2, patients // 2)})
     work = Path(workdir)
+    _pin_plan(work, plan, seed)
     start_all = time.perf_counter()
 
     start = _stage(f"synth: {plan.patients} training and {plan.test_patients} test phantoms")

@@ -42,6 +42,14 @@ def test_fast_demo_runs_every_stage(tmp_path, capsys):
     assert (work / "runs" / "classifier" / "metrics.json").stat().st_mtime_ns == metrics_written
     assert read_predictions(work / "test_predictions.csv") == predictions
 
+    # Another plan or seed in that folder is refused: its stages would be reused as they are
+    # (found in review: a --fast folder served a full demo).
+    capsys.readouterr()
+    assert main(["demo", str(work), "--patients", "4", "--seed", "1"]) == 2
+    assert "expected the plan" in capsys.readouterr().err
+    assert main(["demo", str(work), "--fast", "--patients", "4", "--seed", "2"]) == 2
+    assert "seed 1 → 2" in capsys.readouterr().err
+
 
 def test_seeds_run_the_demo_per_seed_and_report_mean_and_sd(tmp_path, capsys, monkeypatch):
     """The per-seed runs are `run_demo` (exercised above); here their aggregation."""
