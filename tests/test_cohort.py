@@ -170,7 +170,7 @@ def test_manifest_has_one_row_per_patient(mixed_run, phantoms):
 
 def test_volume_files_follow_the_data_contract(mixed_run, phantoms):
     _, out, _ = mixed_run
-    assert not list(out.glob(".*"))  # no temporary files left
+    assert not list(out.glob(".tmp-*"))  # no temporary files left
     for pid in _phantom_ids(phantoms):
         volume = volumes.read_volume(out / f"{pid}.h5")
         truth = load_truth(phantoms, pid)
@@ -309,7 +309,7 @@ def test_resume_after_kill_and_overwrite(phantoms, tmp_path):
     assert sorted(rows) == ids
     assert {pid for pid, row in rows.items() if row["status"] == "skipped"} == set(done)
     assert all(rows[pid]["status"] == "ok" for pid in ids if pid not in done)
-    assert not list(out.glob(".*"))
+    assert not list(out.glob(".tmp-*"))
     assert sorted(volumes.list_volumes(out)) == ids
 
     before = {pid: (out / f"{pid}.h5").stat().st_mtime_ns for pid in ids}
@@ -471,3 +471,27 @@ def test_an_unexpected_error_names_a_short_patient_id(monkeypatch, tmp_path):
     result = cohort_module._preprocess_safely(tmp_path, tmp_path, "0", (1.0,) * 3, 10.0, 1)
     assert result.status == "failed"
     assert result.error.startswith("patient 0: unexpected IndexError: index 0 is out of bounds")
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused(phantoms, tmp_path, capsys):
+    """Two runs writing one OUT_DIR would delete each other's temporaries and manifest rows
+    (found in review): the second is refused while the first holds the lock, and runs once the
+    first is gone (a killed run leaves no lock)."""
+    from kdsb.preprocessing.cohort import LOCK_NAME
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(out / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["preprocess", str(phantoms / "dicom"), str(out)]) == 2
+        assert f"expected no other kdsb preprocess writing {out}" in capsys.readouterr().err
+        assert not list(out.glob("*.h5")) and not (out / "manifest.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    one = _link_patients(tmp_path / "one", phantoms, _phantom_ids(phantoms)[:1])
+    assert main(["preprocess", str(one), str(out)]) == 0

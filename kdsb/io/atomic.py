@@ -1,14 +1,16 @@
 """Atomic file writes: write a hidden temporary file beside the target, then rename it.
 
 A reader, or a run resumed after a kill, sees either the previous file or the complete new one,
-never a half-written file. Temporary files are named `.tmp-<pid>-<name>`: hidden, so listings
-skip them, and ending in the target's own suffix (Keras insists on `.keras`).
+never a half-written file. Temporary files are named `.tmp-<pid>-<random>-<name>`: hidden, so
+listings skip them, ending in the target's own suffix (Keras insists on `.keras`), and never the
+same for two writers of one file (processes on two hosts of a cluster may share a pid).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +23,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed onto `path`, else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
+    temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
     try:
         yield temp
         os.replace(temp, path)

@@ -15,9 +15,10 @@ import multiprocessing
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 SETTINGS_RTOL = 1e-6  # relative tolerance when comparing a stored spacing or margin, mm
 MANIFEST_NAME = "manifest.csv"
+LOCK_NAME = ".kdsb-preprocess.lock"  # held by the run writing OUT_DIR
 MANIFEST_FIELDS = ("id", "status", "seconds", "shape", "error")
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
 # Workers live for the whole run. Replacing them every few patients (max_tasks_per_child)
@@ -354,12 +356,53 @@ def run_cohort(
         raise UsageError(f"expected an output folder, received a file: {out_dir}")
     patients = find_patients(input_root, out_dir, Path(qc_dir) if qc_dir is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _sole_writer(out_dir):
+        return _run_locked(patients, out_dir, target, float(margin_mm), overwrite, workers,
+                           qc_dir, scheduler)
+
+
+@contextmanager
+def _sole_writer(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir/LOCK_NAME` for the run: two runs writing one OUT_DIR (Slurm array jobs
+    sharing it) would delete each other's temporaries and overwrite each other's manifest rows.
+    A POSIX record lock (`fcntl.lockf`, which NFS supports) goes with the process, so a killed
+    run leaves no lock behind; without fcntl (Windows) runs are not guarded.
+
+    Raises:
+        UsageError: another run holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(out_dir / LOCK_NAME, "a+") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f"expected no other kdsb preprocess writing {out_dir}, received one "
+                             f"holding {out_dir / LOCK_NAME}: wait for it, or use another "
+                             "OUT_DIR") from None
+        yield
+
+
+def _run_locked(
+    patients: dict[str, Path],
+    out_dir: Path,
+    target: tuple[float, float, float],
+    margin_mm: float,
+    overwrite: bool,
+    workers: int,
+    qc_dir: str | os.PathLike | None,
+    scheduler: str | None,
+) -> int:
+    """`run_cohort` once its arguments are checked and `out_dir` is this run's alone."""
     removed = remove_stale_temporaries(out_dir)  # volumes and the manifest
     if removed:
         logger.info("removed %d temporary file(s) left by an interrupted run", removed)
 
     rows = read_manifest(out_dir)
-    tasks, results = _plan(patients, out_dir, target, float(margin_mm), overwrite)
+    tasks, results = _plan(patients, out_dir, target, margin_mm, overwrite)
     # Each local worker gets its share of the cores; a Dask worker runs one patient per thread.
     pool_size = min(int(workers), max(1, len(tasks)))
     threads = 1 if scheduler is not None else max(1, usable_cores() // pool_size)
