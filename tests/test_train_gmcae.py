@@ -174,6 +174,9 @@ def test_decoder_option_reaches_the_model_and_agrees_with_the_models_module():
         assert gmcae.decoder_of(training._build_model_fn(options)()) == decoder
     with pytest.raises(UsageError, match=r"expected --decoder in \('transpose', 'upsample'\)"):
         GmcaeOptions(decoder="deconv")
+    # Refused before anything is written (found in review: it failed inside build_gmcae).
+    with pytest.raises(UsageError, match="expected --patch-size a multiple of 8"):
+        GmcaeOptions(patch_size=12)
 
 
 def test_resume_with_the_same_options_object_keeps_them(used_run, data_dir):

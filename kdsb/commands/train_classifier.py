@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, ClassifierOptions)
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint with the run's saved options "
-                             "(only --epochs, --patience, --distribute and --keep-checkpoints "
-                             "may change)")
+                             "(only --epochs, --patience, --distribute, --keep-checkpoints and "
+                             "--tile-z may change); refused when the patients have changed")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,8 +49,10 @@ out-of-fold predictions) plays no part in it.
 
 Class imbalance: with `--loss bce` each training volume carries a sample weight
 n / (2 · n_class) ("balanced", the `class_weight` rule of scikit-learn), so both classes pull
-equally; calibration then moves the probabilities back to the observed rate. `--loss focal`
-uses no weights. Validation metrics are never weighted.
+equally; the Platt map (`--calibration platt`, the default) then moves the probabilities back
+to the observed rate (temperature scaling has no intercept and `none` no map: their outputs keep
+the balanced weights' offset where the classes are unequal). `--loss focal` uses no weights.
+Validation metrics are never weighted.
 """
 
 from __future__ import annotations
