@@ -117,7 +117,7 @@ def test_two_workers_train_a_gmcae_the_chief_writes_and_resume_continues(cohort,
     _run_workers([*argv, "--epochs", "1"], tmp_path / "temp")
     assert _files(run_dir) == {
         "config.json", "history.csv", "checkpoints/epoch_0001.keras", "gmcae.keras",
-        "gmcae_summary.json", "gmcae.json", "loss.png", "reconstructions.png",
+        "gmcae_summary.json", "gmcae.json", "loss.png", "reconstructions.png", "finished.json",
     }
     assert json.loads((run_dir / "config.json").read_text())["distribute"] == "multiworker"
     assert _epochs(run_dir) == [0]
@@ -138,7 +138,7 @@ def test_two_workers_train_a_classifier_and_the_chief_alone_writes(cohort, tmp_p
     assert "validation (calibrated on it)" in results[0].stdout
     assert _files(run_dir) == {
         "config.json", "classifier.json", "history.csv", "checkpoints/epoch_0001.keras",
-        "uncalibrated.keras", "classifier.keras", "metrics.json",
+        "uncalibrated.keras", "classifier.keras", "metrics.json", "split.json", "finished.json",
     }
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["n_train"], metrics["n_val"], metrics["epochs_run"]) == (6, 2, 1)

@@ -295,3 +295,25 @@ def test_a_kill_while_checkpointing_leaves_the_epochs_best_model(tmp_path, monke
         _fit(tmp_path, 2, best_name="best.keras")
     assert (tmp_path / "best.keras").is_file()
     assert runs.last_checkpoint(tmp_path) is None
+
+
+def test_a_finished_run_resumed_trains_nothing_unless_asked_for_more(tmp_path):
+    """Resumed after its training ended (a kill while its results were written), a run trains
+    no further epochs, which would make another model than the uninterrupted run (found in
+    review: early stopping's count restarted and trained `patience` more epochs)."""
+    import json
+
+    runs.configure_runtime(seed=0)
+    _fit(tmp_path, 2, best_name="best.keras")
+    marker = tmp_path / "finished.json"
+    assert json.loads(marker.read_text()) == {"epochs_run": 2, "stopped_early": False,
+                                              "patience": None}
+    rows = (tmp_path / "history.csv").read_text()
+    again = _fit(tmp_path, 2, best_name="best.keras", resume=True)
+    assert again.epoch == [] and again.model is not None
+    assert (tmp_path / "history.csv").read_text() == rows
+    # Stopped early with patience 3: the same patience trains nothing, a larger one trains on.
+    marker.write_text(json.dumps({"epochs_run": 2, "stopped_early": True, "patience": 3}))
+    assert _fit(tmp_path, 5, resume=True, early_stopping_patience=3).epoch == []
+    assert _fit(tmp_path, 3, resume=True, early_stopping_patience=4).epoch == [2]
+    assert json.loads(marker.read_text())["epochs_run"] == 3

@@ -396,6 +396,10 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     resumed = json.loads((run / "metrics.json").read_text())["out_of_fold"]
     assert resumed["log_loss"] == pytest.approx(scores["log_loss"])
 
+    # The remaining folds train as the finished ones did (found in review: settings mixed).
+    assert main([*argv, "--resume", "--epochs", "3"]) == 2
+    assert "expected --epochs 2 as the finished folds of" in capsys.readouterr().err
+
     # Resuming on other patients is refused: the folds change, and a fold's model would score
     # patients it trained on as held out (found in review).
     fewer = tmp_path / "fewer"

@@ -412,6 +412,8 @@ def train_classifier(
             f"expected an empty run folder or --resume, received {run_dir} which already holds "
             f"an earlier run's results ({started[0].relative_to(run_dir)} …)"
         )
+    if resume and options.folds >= 2 and list(run_dir.glob(f"{FOLD_PREFIX}*/{FOLD_NAME}")):
+        _check_fold_training_unchanged(run_dir, options)
     labels = read_labels(labels_csv)
     volumes = list_volumes(data_dir)
     usable = check_labels_match(
@@ -544,6 +546,23 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
         "epochs_run": epochs,
         "collapsed_seeds": collapsed,
     }
+
+
+def _check_fold_training_unchanged(run_dir: Path, options: ClassifierOptions) -> None:
+    """Folds already finished were trained with the epochs and patience in config.json (as
+    the run last saved it): the remaining folds must be too, or the ensemble and its
+    metrics.json would mix trainings.
+
+    Raises:
+        UsageError: --epochs or --patience differs from config.json.
+    """
+    saved = json.loads((run_dir / runs.OPTIONS_NAME).read_text())
+    for key in ("epochs", "patience"):
+        if key in saved and saved[key] != getattr(options, key):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"expected {flag} {saved[key]} as the finished folds of {run_dir} "
+                             f"were trained, received {getattr(options, key)}: a "
+                             "cross-validated run's folds share their training")
 
 
 def _pin_split(model_dir: Path, split: dict[str, list[str]], ctx: _Context) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -32,6 +33,8 @@ from kdsb.training.runs.folder import (
 from kdsb.training.runs.options import OPTIONS_NAME, RunOptions
 
 logger = logging.getLogger(__name__)
+
+FINISHED_NAME = "finished.json"  # how a run's training ended: epochs run, stopped early
 
 
 
@@ -200,6 +203,17 @@ def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strate
     last = check_run_dir(run_dir, resume)
     if resume and last is None:
         logger.warning("no checkpoint in %s: starting afresh", run_dir / CHECKPOINT_DIR)
+    if last is not None and _finished(run_dir, epochs, early_stopping_patience):
+        # Resumed after it ended (killed while its results were written): training more
+        # epochs would give another model than the uninterrupted run.
+        logger.info("%s finished training: nothing to do", run_dir)
+        history = keras.callbacks.History()
+        with strategy.scope():
+            history.set_model(keras.saving.load_model(last[1], compile=True, safe_mode=True))
+        history.on_train_begin()  # no epochs: `history.epoch` is empty
+        return history
+    if chief:
+        (run_dir / FINISHED_NAME).unlink(missing_ok=True)  # a former attempt's, or one to extend
     if last is not None:
         initial_epoch, path = last
         logger.info("resuming from %s (epoch %d of %d)", path, initial_epoch, epochs)
@@ -267,4 +281,20 @@ def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strate
         )
     finally:
         csv_logger.on_train_end()  # closes history.csv also when the NaN guard fired
+    if chief:
+        epochs_run = initial_epoch + len(history.epoch)
+        write_json(run_dir / FINISHED_NAME, {"epochs_run": epochs_run,
+                                             "stopped_early": epochs_run < epochs,
+                                             "patience": early_stopping_patience})
     return history
+
+
+def _finished(run_dir: Path, epochs: int, patience: int | None) -> bool:
+    """Whether the run in `run_dir` ended its training (`FINISHED_NAME`) in a way that these
+    settings would not continue: all `epochs` run, or stopped early with the same patience
+    (raising --epochs or --patience on --resume trains on)."""
+    path = run_dir / FINISHED_NAME
+    if not path.is_file():
+        return False
+    done = json.loads(path.read_text())
+    return done["epochs_run"] >= epochs or (done["stopped_early"] and done["patience"] == patience)
