@@ -128,17 +128,21 @@ class VolumeInput:
         """The `VolumeInput` of a saved classifier.
 
         Looked up as `classifier.json` in the model's folder (its run folder), then in its
-        parent (for `checkpoints/epoch_NNNN.keras`); without either, the defaults, with a warning.
+        parent (for `checkpoints/epoch_NNNN.keras`).
 
         Raises:
-            KdsbError: classifier.json is not valid JSON or lacks a required key.
+            KdsbError: no classifier.json (a model copied without it would be fed volumes of
+                any spacing, normalised and masked by guess), or one that is not valid JSON or
+                lacks a required key.
         """
         found = _record_beside(model_path, INPUT_NAME)
-        if found is not None:
-            return cls.from_config(found[1], str(found[0]))
-        default = cls()
-        logger.warning("no %s beside %s: assuming %s", INPUT_NAME, model_path, default)
-        return default
+        if found is None:
+            raise KdsbError(
+                f"expected {INPUT_NAME} beside {model_path} (how the model reads a volume: "
+                f"spacing, HU, masking; train-classifier writes it into the run folder), "
+                f"received none: copy it with the model"
+            )
+        return cls.from_config(found[1], str(found[0]))
 
     def check(self, path: str | os.PathLike, spacing: Sequence[float], shape: Sequence[int]):
         """Refuse a volume of another spacing, or too small for `downscale`.

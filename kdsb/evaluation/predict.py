@@ -108,11 +108,15 @@ def load_classifiers(model_paths: Sequence[str | os.PathLike]) -> list[tuple[Vol
     Raises:
         UsageError: no model, or a model path that is neither a file nor a run folder.
         ModelError: a model file does not load or is no kdsb classifier.
+        KdsbError: a classifier without its classifier.json (`VolumeInput.for_model`).
     """
     from kdsb.models.classifier import load_classifier
 
-    return [(VolumeInput.for_model(path), load_classifier(path))
-            for path in resolve_model_paths(model_paths)]
+    loaded = []
+    for path in resolve_model_paths(model_paths):
+        model = load_classifier(path)  # first: is it a classifier at all?
+        loaded.append((VolumeInput.for_model(path), model))
+    return loaded
 
 
 def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
