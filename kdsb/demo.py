@@ -153,10 +153,12 @@ def _train_classifier(
 
 
 def _started(run_dir: Path) -> bool:
-    """Whether a killed demo left checkpoints in `run_dir` to resume from."""
-    from kdsb.training.runs import last_checkpoint
+    """Whether a killed demo began a run in `run_dir` (its options saved): resumed, it goes on
+    from its checkpoints, attempts or finished folds (the folder's plan.json vouches that the
+    options are the same)."""
+    from kdsb.training.runs import OPTIONS_NAME
 
-    return last_checkpoint(run_dir) is not None
+    return (run_dir / OPTIONS_NAME).is_file()
 
 
 def _pin_plan(work: Path, plan: DemoPlan, seed: int) -> None:

@@ -495,3 +495,19 @@ def test_a_second_run_into_the_same_out_dir_is_refused(phantoms, tmp_path, capsy
         holder.wait()
     one = _link_patients(tmp_path / "one", phantoms, _phantom_ids(phantoms)[:1])
     assert main(["preprocess", str(one), str(out)]) == 0
+
+
+def test_a_file_system_without_locks_runs_unguarded(phantoms, tmp_path, monkeypatch, caplog):
+    """NFS without a lock daemon answers ENOLCK: a warning, not "another run holds it"."""
+    import errno
+    import fcntl
+    import logging
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    one = _link_patients(tmp_path / "one", phantoms, _phantom_ids(phantoms)[:1])
+    with caplog.at_level(logging.WARNING, logger="kdsb.preprocessing.cohort"):
+        assert main(["preprocess", str(one), str(tmp_path / "out")]) == 0
+    assert "file locks unavailable (No locks available)" in caplog.text

@@ -77,6 +77,9 @@ def test_config_round_trip_and_file_lookup(tmp_path):
     assert stored["gmcae"] == "g.keras" and stored["spacing_mm"] == [2.0, 1.0, 1.0]
     assert VolumeInput.for_model(run / "classifier.keras") == volume_input
     assert VolumeInput.for_model(run / "checkpoints" / "epoch_0002.keras") == volume_input
+    assert VolumeInput.for_model(run / "fold_2" / "classifier.keras") == volume_input
+    assert VolumeInput.for_model(run / "fold_2" / "checkpoints" / "epoch_0002.keras") == \
+        volume_input
     # A model copied without it is refused: it would be fed volumes by guess (found in review).
     with pytest.raises(KdsbError, match=r"expected classifier.json beside .*m.keras"):
         VolumeInput.for_model(tmp_path / "elsewhere" / "m.keras")

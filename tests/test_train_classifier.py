@@ -653,3 +653,27 @@ def test_the_least_stuck_attempt_has_the_largest_explained_fraction_then_spread(
     # A record of a run started before attempts were set aside has no model to restore.
     assert least_stuck([record(0.03, 0.1, saved=False), record(0.01, 0.9)]) == 1
 
+
+
+def test_a_split_is_compared_on_resume_only(tmp_path):
+    """A split.json left by a run killed before its first checkpoint does not stop a fresh start
+    with other patients (it is replaced); resumed, the folder refuses them. A fold of an
+    earlier version (fold.json, no split.json) is compared too."""
+    from types import SimpleNamespace
+
+    def ctx(resume):
+        return SimpleNamespace(resume=resume, options=SimpleNamespace(distribute="none"))
+
+    begun = {"train_ids": ["a", "b"], "val_ids": ["c"]}
+    other = {"train_ids": ["a", "d"], "val_ids": ["c"]}
+    classifier_training._pin_split(tmp_path, begun, ctx(False))
+    classifier_training._pin_split(tmp_path, other, ctx(False))  # a fresh start replaces it
+    assert json.loads((tmp_path / "split.json").read_text()) == other
+    with pytest.raises(UsageError, match=r"other train_ids \(e.g. b\)"):
+        classifier_training._pin_split(tmp_path, begun, ctx(True))
+    classifier_training._pin_split(tmp_path, other, ctx(True))
+    legacy = tmp_path / "fold_1"
+    legacy.mkdir()
+    (legacy / "fold.json").write_text(json.dumps({"held_out": ["x"], **begun}))
+    with pytest.raises(UsageError, match="other held_out"):
+        classifier_training._pin_split(legacy, {"held_out": ["y"], **begun}, ctx(True))

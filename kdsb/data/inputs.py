@@ -127,15 +127,15 @@ class VolumeInput:
     def for_model(cls, model_path: str | os.PathLike) -> VolumeInput:
         """The `VolumeInput` of a saved classifier.
 
-        Looked up as `classifier.json` in the model's folder (its run folder), then in its
-        parent (for `checkpoints/epoch_NNNN.keras`).
+        Looked up as `classifier.json` in the model's folder (its run folder), then in the two
+        above (`checkpoints/epoch_NNNN.keras`, `fold_k/…`).
 
         Raises:
             KdsbError: no classifier.json (a model copied without it would be fed volumes of
                 any spacing, normalised and masked by guess), or one that is not valid JSON or
                 lacks a required key.
         """
-        found = _record_beside(model_path, INPUT_NAME)
+        found = _record_beside(model_path, INPUT_NAME, levels=3)
         if found is None:
             raise KdsbError(
                 f"expected {INPUT_NAME} beside {model_path} (how the model reads a volume: "
@@ -276,15 +276,17 @@ def gmcae_spacing_of(model_path: str | os.PathLike) -> tuple[float, float, float
     return None
 
 
-def _record_beside(model_path: str | os.PathLike, name: str) -> tuple[Path, Any] | None:
+def _record_beside(model_path: str | os.PathLike, name: str, levels: int = 2
+                   ) -> tuple[Path, Any] | None:
     """(path, parsed JSON) of the record `name` saved beside a model: in its folder (the run
-    folder), else in its parent (for `checkpoints/epoch_NNNN.keras`); None without one.
+    folder), else in the `levels` - 1 folders above (2: `checkpoints/epoch_NNNN.keras`; 3 also
+    a fold's, `RUN_DIR/fold_k/checkpoints/epoch_NNNN.keras`); None without one.
 
     Raises:
         KdsbError: the record is not valid JSON.
     """
     model_path = Path(model_path)
-    for candidate in (model_path.parent / name, model_path.parent.parent / name):
+    for candidate in (folder / name for folder in list(model_path.parents)[:levels]):
         if candidate.is_file():
             try:
                 return candidate, json.loads(candidate.read_text())

@@ -11,9 +11,10 @@ HU normalisation, masking, downscaling) and return a heatmap on the volume file'
   is zero and the map would be empty) with respect to A averaged over space gives one weight
   per channel; the map is ReLU(Σ_c w_c A_c).
   It is drawn on the volume grid by linear interpolation between the cells' centres: cell i
-  of an axis of m input voxels is centred on input voxel 8i + offset (`cell_centres`), where
-  the offset (0–7) follows from TensorFlow's "same" padding of each stride-2 convolution (odd
-  sizes are padded on both sides, even ones only after the data), measured in
+  of an axis of m input voxels is centred on input voxel 8i + offset (`cell_centres`; 4i +
+  0–3 for a MIL head's block-2 cells), where the offset (0–7) follows from TensorFlow's "same"
+  padding of each stride-2 convolution (odd sizes are padded on both sides, even ones only
+  after the data), measured in
   `tests/test_explain.py` against the encoder's response to a small blob.
   One forward and one backward pass per patient and model.
 - **Occlusion**: a cube of `occlusion_mm` is set to the masking fill (healthy parenchyma,

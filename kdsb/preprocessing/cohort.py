@@ -10,6 +10,7 @@ one-line reason, and optionally writes QC images (`kdsb.preprocessing.qc`).
 from __future__ import annotations
 
 import csv
+import errno
 import logging
 import multiprocessing
 import os
@@ -271,7 +272,8 @@ def _run_tasks(
     dies (killed by the system for memory, a crash in a C library), the whole pool breaks and it
     is unknown which patient was at fault, so each unfinished patient is retried alone in a
     fresh one-worker pool, `workers` of them at a time (so one death early in a large cohort
-    does not leave the rest to run one by one); a patient whose worker dies again fails.
+    does not leave the rest to run one by one); a patient whose worker dies again gets a last
+    try with no other patient running, and then fails.
     """
     if scheduler is not None:
         from kdsb.preprocessing.cluster import run_on_dask
@@ -289,11 +291,22 @@ def _run_tasks(
         return
     logger.warning("a worker process died; retrying %d patient(s), each in a process of its own",
                    len(retry))
+    died_again = []
     with ThreadPoolExecutor(max(1, workers)) as alone:
-        futures = [alone.submit(_run_alone, worker, patient_id, task)
-                   for patient_id, task in retry.items()]
-        for future in as_completed(futures):
-            yield future.result()
+        futures = {alone.submit(_run_alone, worker, patient_id, task): patient_id
+                   for patient_id, task in retry.items()}
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                if result.error == WORKER_DIED_MESSAGE and workers > 1:
+                    died_again.append(futures[future])
+                else:
+                    yield result
+        finally:  # interrupted: the queued retries do not start
+            alone.shutdown(wait=True, cancel_futures=True)
+    # Beside other patients it may have run out of memory: a last try with the machine alone.
+    for patient_id in died_again:
+        yield _run_alone(worker, patient_id, retry[patient_id])
 
 
 def _run_alone(worker: Callable[..., PatientResult], patient_id: str, task: tuple
@@ -379,10 +392,14 @@ def _sole_writer(out_dir: Path) -> Iterator[None]:
     with open(out_dir / LOCK_NAME, "a+") as handle:
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UsageError(f"expected no other kdsb preprocess writing {out_dir}, received one "
-                             f"holding {out_dir / LOCK_NAME}: wait for it, or use another "
-                             "OUT_DIR") from None
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                raise UsageError(f"expected no other kdsb preprocess writing {out_dir}, "
+                                 f"received one holding {out_dir / LOCK_NAME}: wait for it, or "
+                                 "use another OUT_DIR") from None
+            # No locks on this file system (NFS without a lock daemon, Lustre without flock).
+            logger.warning("%s: file locks unavailable (%s): another run writing it would not "
+                           "be noticed", out_dir, error.strerror)
         yield
 
 

@@ -556,7 +556,10 @@ def _check_fold_training_unchanged(run_dir: Path, options: ClassifierOptions) ->
     Raises:
         UsageError: --epochs or --patience differs from config.json.
     """
-    saved = json.loads((run_dir / runs.OPTIONS_NAME).read_text())
+    try:
+        saved = json.loads((run_dir / runs.OPTIONS_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # resolve_options has said what it could of a missing or broken config.json
     for key in ("epochs", "patience"):
         if key in saved and saved[key] != getattr(options, key):
             flag = "--" + key.replace("_", "-")
@@ -574,8 +577,10 @@ def _pin_split(model_dir: Path, split: dict[str, list[str]], ctx: _Context) -> N
         UsageError: `model_dir` was begun on another split.
     """
     path = model_dir / SPLIT_NAME
-    if path.is_file():
-        begun = json.loads(path.read_text())
+    # A fold of an earlier version has no split.json; its fold.json holds the same ids.
+    record = path if path.is_file() else model_dir / FOLD_NAME
+    if record.is_file() and ctx.resume:
+        begun = json.loads(record.read_text())
         for key, ids in split.items():
             if begun.get(key) != ids:
                 other = sorted(set(begun.get(key, [])) ^ set(ids)) or ids
@@ -584,7 +589,7 @@ def _pin_split(model_dir: Path, split: dict[str, list[str]], ctx: _Context) -> N
                     f"other {key} (e.g. {other[0]}): the volumes or labels changed since; "
                     "start a new run folder"
                 )
-    elif runs.worker(ctx.options.distribute).chief:
+    if runs.worker(ctx.options.distribute).chief and not (path.is_file() and ctx.resume):
         write_json(path, split)
 
 

@@ -13,8 +13,9 @@ RUN_DIR/
   checkpoints/epoch_0001.keras …   full model + optimizer state after every epoch (atomic)
   <best_name>                      the best model so far by `monitor` (atomic)
   history.csv                      one row per epoch (keras CSVLogger; `epoch` counts from 0)
-  finished.json                    once training ended: epochs run, stopped early (a resume
-                                   then trains no more unless given more epochs or patience)
+  finished.json                    once training ended: epochs run, stopped early; resumed,
+                                   it trains on only when it had run all its epochs and is given
+                                   more, or had stopped early and is given another patience
   logs/                            TensorBoard event files (when tensorboard is installed)
 ```
 

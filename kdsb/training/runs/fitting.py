@@ -292,9 +292,16 @@ def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strate
 def _finished(run_dir: Path, epochs: int, patience: int | None) -> bool:
     """Whether the run in `run_dir` ended its training (`FINISHED_NAME`) in a way that these
     settings would not continue: all `epochs` run, or stopped early with the same patience
-    (raising --epochs or --patience on --resume trains on)."""
+    (more epochs after all were run, or another patience after an early stop, train on)."""
     path = run_dir / FINISHED_NAME
     if not path.is_file():
         return False
     done = json.loads(path.read_text())
-    return done["epochs_run"] >= epochs or (done["stopped_early"] and done["patience"] == patience)
+    if done["epochs_run"] >= epochs:
+        return True
+    if done["stopped_early"] and done["patience"] == patience:
+        logger.warning("%s stopped early after %d epochs (patience %s): more --epochs alone do "
+                       "not train it on; give another --patience to", run_dir,
+                       done["epochs_run"], patience)
+        return True
+    return False
