@@ -707,3 +707,20 @@ def test_real_lung_bases_above_colon_gas(real_abdomen_nifti):
     assert 2 * (mask & lungs).sum() / (mask.sum() + lungs.sum()) >= 0.9
     for organ in (5, 20):  # liver, colon
         assert (mask & (labels == organ)).sum() == 0
+
+
+def test_a_ball_is_never_widened_in_plane_by_thick_slices():
+    """A 5 mm ball on 6 mm slices: the in-plane disc of a 5 mm ball plus its two slice
+    neighbours (found in review: it was a 6 mm disc, 21 pixels instead of 13); where the slices
+    are thinner than the radius nothing changes."""
+    from kdsb.preprocessing.lungs.morphology import ball
+
+    thick = ball(5.0, (6.0, 2.5, 2.5))
+    thin = ball(5.0, (2.0, 2.5, 2.5))
+    assert thick.shape == (3, 5, 5)
+    np.testing.assert_array_equal(thick[1], thin[thin.shape[0] // 2])
+    assert int(thick[1].sum()) == 13
+    assert thick[0, 2, 2] and thick[2, 2, 2] and int(thick[0].sum() + thick[2].sum()) == 2
+    z, y, x = np.ogrid[-2:3, -2:3, -2:3]
+    reference = (z * 2.0) ** 2 + (y * 2.5) ** 2 + (x * 2.5) ** 2 <= 25.0
+    np.testing.assert_array_equal(thin, reference)

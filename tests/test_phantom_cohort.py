@@ -128,6 +128,10 @@ def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "x"), "--size", "8"]) == 2
     assert "expected --size" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "y"), "--patients", "0"]) == 2
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("")  # found in review: a NotADirectoryError traceback
+    assert main(["synth", str(tmp_path / "a_file"), "--patients", "2"]) == 2
+    assert "expected OUT_ROOT, a folder for the cohort, received a file" in capsys.readouterr().err
 
 
 def test_an_interrupted_cohort_leaves_no_labels_csv(tmp_path, monkeypatch):

@@ -247,3 +247,19 @@ def test_write_qc_writes_every_png(tmp_path, corrupt):
     written = {p.name for p in (tmp_path / "qc").iterdir()}
     expected = {"p1.png", qc.CONTACT_SHEET_NAME} | (set() if corrupt else {"p2.png"})
     assert written == expected
+
+
+def test_ids_with_dollar_signs_are_drawn_as_text(tmp_path):
+    """Matplotlib reads "$…$" as mathematics: such an id stopped the whole QC run (found in
+    review); it is drawn as it is written."""
+    from kdsb.preprocessing.qc import write_qc
+
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1000, 100, (12, 16, 16)).astype(np.int16)
+    lung = np.zeros(hu.shape, np.uint8)
+    lung[3:9, 4:12, 4:12] = 1
+    odd = "p$\\foo$b"
+    path = volumes.write_volume(tmp_path / "data" / "p.h5", hu, lung, (2, 2, 2), (0, 0, 0),
+                                {"patient_id": odd})
+    pages = write_qc({odd: path}, {"q$_$": "failed: a $x$ reason"}, tmp_path / "qc")
+    assert (tmp_path / "qc" / f"{odd}.png").is_file() and all(p.is_file() for p in pages)

@@ -45,6 +45,8 @@ def test_read_labels_accepts_a_byte_order_mark(tmp_path):
         ("id,cancer\na,1\nb,0\na,0\n", "line 4: expected each id once, received a again"),
         ("id,cancer\na,1\nb,2\n", "line 3: expected a label 0 or 1 for b, received '2'"),
         ("id,cancer\na,yes\n", "line 2: expected a label 0 or 1 for a, received 'yes'"),
+        # Blank lines count (found in review: this said line 3).
+        ("id,cancer\n\n\na,1\nb,2\n", "line 5: expected a label 0 or 1 for b, received '2'"),
         ("id,cancer\n,1\n", "line 2: expected a patient id, received ''"),
         ("id,cancer\n", "expected at least one labelled patient, received none"),
     ],

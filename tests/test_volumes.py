@@ -116,3 +116,29 @@ def test_partial_reads_use_chunks(tmp_path):
         np.testing.assert_array_equal(f["hu"][...], hu)
         np.testing.assert_array_equal(f["lung_mask"][...], mask)
         np.testing.assert_array_equal(f["hu"][40:72, 10:42, 0:32], hu[40:72, 10:42, 0:32])
+
+
+def test_damaged_voxels_are_a_store_error(tmp_path):
+    """A header that opens over damaged chunks (found in review: a raw h5py OSError stopped a
+    whole export)."""
+    rng = np.random.default_rng(0)
+    path = volumes.write_volume(tmp_path / "p.h5", rng.integers(-1000, 400, (40, 40, 40)),
+                                np.ones((40, 40, 40)), (1, 1, 1), (0, 0, 0))
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 4000] = bytes(4000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"p.h5: expected readable voxels, received damaged"):
+        volumes.read_volume(path)
+
+
+def test_hu_are_rounded_and_never_wrapped(tmp_path):
+    """Found in review: floats were truncated (-160.7 → -160) and 40000 wrapped to -25536."""
+    hu = np.full((2, 3, 4), -160.7)
+    path = volumes.write_volume(tmp_path / "p.h5", hu, np.ones(hu.shape), (1, 1, 1), (0, 0, 0))
+    assert volumes.read_volume(path).hu.min() == -161
+    with pytest.raises(StoreError, match=r"q.h5: expected HU within \[-32768, 32767\], "
+                                         r"received -1000 to 40000"):
+        volumes.write_volume(tmp_path / "q.h5", np.array([-1000, 40000]).reshape(1, 1, 2),
+                             np.ones((1, 1, 2)), (1, 1, 1), (0, 0, 0))
+    assert not (tmp_path / "q.h5").exists()

@@ -1,10 +1,8 @@
 """`kdsb synth OUT_ROOT --patients N --seed S`: a phantom cohort, or real anatomy with implants.
 
 Without `--base` every patient is a phantom chest (`kdsb.phantoms.anatomy`). With `--base SCAN`
-every
-patient is that real scan, varied, with lesions implanted (`kdsb.phantoms.implants`): the test data
-for a
-lung mask or a classifier on anatomy nobody designed.
+every patient is that real scan, varied, with lesions implanted (`kdsb.phantoms.implants`): the
+test data for a lung mask or a classifier on anatomy nobody designed.
 """
 
 from __future__ import annotations
@@ -55,7 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kdsb.commands import require_output_dir
     from kdsb.errors import UsageError
+
+    require_output_dir(args.out_root, "OUT_ROOT, a folder for the cohort")
 
     # Options of the other kind of cohort would be silently ignored: refused instead.
     wrong = ("--size", "--scale") if args.base is not None else ("--kinds", "--places",

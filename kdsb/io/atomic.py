@@ -1,7 +1,9 @@
 """Atomic file writes: write a hidden temporary file beside the target, then rename it.
 
 A reader, or a run resumed after a kill, sees either the previous file or the complete new one,
-never a half-written file. Temporary files are named `.tmp-<pid>-<random>-<name>`: hidden, so
+never a half-written file. (Against a kill of the process; after a power loss a file renamed
+moments before may still be incomplete: nothing is synced to disk, which would slow every
+write.) Temporary files are named `.tmp-<pid>-<random>-<name>`: hidden, so
 listings skip them, ending in the target's own suffix (Keras insists on `.keras`), and never the
 same for two writers of one file (processes on two hosts of a cluster may share a pid).
 """

@@ -35,20 +35,24 @@ VALID_LABELS = {"0": 0, "1": 1}
 IDS_SHOWN = 5
 
 
-def _open_rows(csv_path: Path) -> list[list[str]]:
+def _open_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a CSV file, each with its line number in the file (from 1)."""
     if not csv_path.is_file():
         raise LabelsError(f"expected a CSV file, received a missing path: {csv_path}")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            return [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+            reader = csv.reader(f)
+            return [(reader.line_num, row) for row in reader
+                    if any(cell.strip() for cell in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise LabelsError(f"{csv_path}: expected a readable text CSV, received {error}") from None
 
 
-def _header_index(csv_path: Path, rows: list[list[str]], required: Iterable[str]) -> list[str]:
+def _header_index(csv_path: Path, rows: list[tuple[int, list[str]]], required: Iterable[str]
+                  ) -> list[str]:
     if not rows:
         raise LabelsError(f"{csv_path}: expected a header line, received an empty file")
-    header = [cell.strip() for cell in rows[0]]
+    header = [cell.strip() for cell in rows[0][1]]
     missing = [name for name in required if name not in header]
     if missing:
         raise LabelsError(
@@ -102,7 +106,7 @@ def read_ids(csv_path: str | os.PathLike) -> list[str]:
     id_at = header.index(ID_COLUMN)
     ids: list[str] = []
     seen: set[str] = set()
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in rows[1:]:
         patient_id = row[id_at].strip() if id_at < len(row) else ""
         if not patient_id:
             raise LabelsError(f"{csv_path} line {line}: expected a patient id, received ''")
@@ -218,9 +222,7 @@ def _read_id_values(
         )
     id_at, value_at = header.index(ID_COLUMN), header.index(LABEL_COLUMN)
     values: dict[str, Any] = {}
-    # Line numbers count the header as line 1; blank lines were dropped, so they are approximate
-    # only for files with blank lines in the middle, which is rare enough to accept.
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in rows[1:]:  # line numbers of the file, blank lines counted
         if len(row) != len(header):
             raise LabelsError(
                 f"{csv_path} line {line}: expected {len(header)} comma-separated values, "

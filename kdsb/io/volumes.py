@@ -107,8 +107,9 @@ def write_volume(
             f"{path.name}: expected a 3D hu array and a lung mask of the same shape, "
             f"received {hu.shape} and {lung_mask.shape}"
         )
+    hu = _as_int16_hu(hu, path)
     with atomic_path(path) as temp, h5py.File(temp, "w") as f:
-        _write_deflated(f, "hu", hu.astype(np.int16, copy=False), threads)
+        _write_deflated(f, "hu", hu, threads)
         _write_deflated(f, "lung_mask", (lung_mask > 0).astype(np.uint8), threads)
         f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
         f.attrs["origin"] = np.asarray(origin, dtype=np.float64)
@@ -116,6 +117,20 @@ def write_volume(
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
     return path
+
+
+def _as_int16_hu(hu: np.ndarray, path: Path) -> np.ndarray:
+    """HU as stored: int16, floats rounded to the nearest HU; values int16 cannot hold are
+    refused (a cast would wrap 40000 to -25536 without a word)."""
+    if hu.dtype == np.int16:
+        return hu
+    if np.issubdtype(hu.dtype, np.floating):
+        hu = np.rint(hu)
+    info = np.iinfo(np.int16)
+    if hu.size and (hu.min() < info.min or hu.max() > info.max):
+        raise StoreError(f"{path.name}: expected HU within [{info.min}, {info.max}], received "
+                         f"{hu.min():g} to {hu.max():g}")
+    return hu.astype(np.int16)
 
 
 def _deflated_chunk(part: np.ndarray, chunks: tuple[int, ...]) -> bytes:
@@ -197,12 +212,20 @@ def read_attrs(path: str | os.PathLike) -> dict:
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a whole volume file into memory."""
+    """Read a whole volume file into memory.
+
+    Raises:
+        StoreError: a missing, unreadable or foreign file, or one whose data is damaged.
+    """
     path = Path(path)
     with open_volume(path) as f:
         attrs = {key: _decode(value) for key, value in f.attrs.items()}
-        hu = f["hu"][...]
-        lung_mask = f["lung_mask"][...]
+        try:
+            hu = f["hu"][...]
+            lung_mask = f["lung_mask"][...]
+        except OSError as error:  # a header that opens over damaged chunks
+            raise StoreError(f"{path}: expected readable voxels, received damaged data "
+                             f"({' '.join(str(error).split())})") from error
     return Volume(
         patient_id=str(attrs.get("patient_id", path.stem)),
         hu=hu,

@@ -4,7 +4,8 @@ Cohort layout (`write_cohort`)::
 
     OUT_ROOT/dicom/<id>/       one DICOM CT series per patient (kdsb.phantoms.dicom_write)
     OUT_ROOT/labels.csv        header `id,cancer`, exactly half the patients (rounded down) 1
-    OUT_ROOT/truth/<id>.npz    lung_mask (uint8, the written geometry), spacing, origin
+    OUT_ROOT/truth/<id>.npz    lung_mask (uint8, kdsb's canonical (z, y, x) order of the
+                               written series, not its stored pixel order), spacing, origin
     OUT_ROOT/truth/<id>.json   label, nodules, geometry and how the series was stored
 
 Each patient's series is stored in one of several styles real scanners use (signed or unsigned
@@ -155,8 +156,9 @@ def write_cohort(
 ) -> Path:
     """Write a phantom cohort: DICOM series, labels.csv and ground truth (see module docstring).
 
-    Labels: exactly `patients // 2` cancer cases, shuffled. Patient `i` depends only on
-    (seed, i, size, scale) and its label, so a larger cohort extends a smaller one's patients.
+    Labels: exactly `patients // 2` cancer cases, shuffled over the whole cohort. Patient `i`
+    depends only on (seed, i, size, scale) and its label; the labels' shuffle depends on
+    `patients`, so a larger cohort does not extend a smaller one (its patients may differ).
 
     Args:
         out_root: the cohort folder (created if needed).

@@ -16,9 +16,8 @@ Each patient is the base scan varied (`vary_base`): mirrored left-right or not, 
 random margin around the lungs, mildly and smoothly deformed (`ELASTIC_MM` at most), given extra
 image noise and resampled to another slice spacing; then lesions are painted in with
 `kdsb.phantoms.lesions.implant_lesion`. Cancer patients get one lesion of the requested kinds,
-places and
-radii (radius at least the cancer radius); every patient gets up to `MAX_SMALL_NODULES` small
-solid nodules (radius 3–6 mm, below the cancer radius).
+places and radii (radius at least the cancer radius); every patient gets up to
+`MAX_SMALL_NODULES` small solid nodules (radius 3–6 mm, below the cancer radius).
 
 The lesions are ground truth. The lungs around them are not: they are kdsb's own segmentation
 of the varied base before any lesion was painted (a healthy scan, where it is reliable); the
@@ -222,7 +221,9 @@ def write_implant_cohort(
         out_root: the cohort folder (created if needed).
         base: the base scan: a DICOM folder or a NIfTI / MetaImage / NRRD file of a chest CT.
         patients: number of patients (>= 1); exactly `patients // 2` have cancer.
-        seed: the random seed; patient `i` depends only on (seed, i, base, options).
+        seed: the random seed; patient `i` depends on (seed, i, base, options) and its label,
+            which is shuffled over all `patients` (a larger cohort does not extend a smaller
+            one).
         kinds: lesion kinds drawn for the cancer lesion.
         places: lesion places drawn for every lesion.
         radius_mm: (low, high) radius of the cancer lesion, mm (low >= the cancer radius).

@@ -399,16 +399,15 @@ def implant_lesion(
         solid = rng.uniform(*SOLID_HU) + texture
         painted = base + weight * (solid - base)
     painted = np.where(inside_lung, painted, base)
-    hu[box] = np.clip(np.rint(painted), np.iinfo(np.int16).min, np.iinfo(np.int16).max)
-
     truth = np.zeros(hu.shape, dtype=bool)
     truth[box] = (weight >= 0.5) & inside_lung
     voxels = int(np.count_nonzero(truth))
-    if voxels < MIN_LESION_VOXELS:
+    if voxels < MIN_LESION_VOXELS:  # refused before `hu` is touched: a caller may try again
         raise KdsbError(
             f"expected a lesion of at least {MIN_LESION_VOXELS} voxels, received {voxels} "
             f"(radius {radius_mm:g} mm on a {tuple(spacing_arr)} mm grid, place {place})"
         )
+    hu[box] = np.clip(np.rint(painted), np.iinfo(np.int16).min, np.iinfo(np.int16).max)
     center_mm = tuple(
         float(round(o + c * s, 3)) for o, c, s in zip(origin, center, spacing_arr, strict=True)
     )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kdsb.errors import UsageError
 from kdsb.io import volumes
 from kdsb.io.series import validate_spacing
 
@@ -139,7 +140,7 @@ def preprocess_patient(
     Raises:
         KdsbError: the source does not hold a usable CT scan with lungs (DicomError,
             VolumeFileError, LungMaskError, …); the message names the patient. A bad target
-            `spacing` raises KdsbError before the scan is read.
+            `spacing` or `margin_mm` raises KdsbError before the scan is read.
     """
     from kdsb.io.images import volume_id
     from kdsb.preprocessing.lungs import lung_bounding_box, mask_on_box, segment_lungs_in_box
@@ -149,6 +150,8 @@ def preprocess_patient(
     source = Path(source)
     patient_id = patient_id or (None if source.is_dir() else volume_id(source)) or source.name
     target = validate_spacing(spacing, "target spacing")  # the scan's is checked on reading
+    if not (np.isfinite(margin_mm) and margin_mm >= 0):
+        raise UsageError(f"expected a margin of at least 0 mm, received {margin_mm}")
     threads = max(1, int(threads))
 
     series = read_patient(source, patient_id=patient_id)

@@ -365,7 +365,7 @@ def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
     litres = float(volume.lung_mask.sum()) * math.prod(volume.spacing) * LITRES_PER_MM3
     top.suptitle(
         f"{volume.patient_id}\nlung centre   shape {shape} (z, y, x)   spacing {spacing} mm   "
-        f"lungs {litres:.2f} L"
+        f"lungs {litres:.2f} L", parse_math=False,  # ids and paths may hold "$"
     )
     _draw_row(top, views(volume))
     lesion = find_lesion(volume.hu, volume.lung_mask, volume.spacing)
@@ -454,7 +454,7 @@ def _write_page(
     for index, patient_id in enumerate(ids):
         top, left = (index // columns) * cell_h, (index % columns) * cell_w
         axis.text(left + 2, top + LABEL_PX - 4, short_id(patient_id), fontsize=LABEL_FONT_PT,
-                  family="monospace")
+                  family="monospace", parse_math=False)
         if tiles[patient_id] is None:
             reason = failed.get(patient_id, "")
             axis.text(left + 4, top + LABEL_PX + 20, "FAILED", color="white",
@@ -462,7 +462,7 @@ def _write_page(
             for line in range(min(REASON_LINES, math.ceil(len(reason) / REASON_CHARS))):
                 axis.text(left + 4, top + LABEL_PX + 40 + 12 * line,
                           reason[line * REASON_CHARS : (line + 1) * REASON_CHARS], color="white",
-                          fontsize=REASON_FONT_PT, family="monospace")
+                          fontsize=REASON_FONT_PT, family="monospace", parse_math=False)
     figure.savefig(path, dpi=DPI)
 
 

@@ -147,8 +147,15 @@ def ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
     6-neighbourhood (so it erodes by at least one voxel along every axis)."""
     half = [max(1, math.floor(radius_mm / s)) for s in spacing]
     z, y, x = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
-    radius = max(radius_mm, max(spacing))
-    return (z * spacing[0]) ** 2 + (y * spacing[1]) ** 2 + (x * spacing[2]) ** 2 <= radius**2
+    inside = (z * spacing[0]) ** 2 + (y * spacing[1]) ** 2 + (x * spacing[2]) ** 2 <= radius_mm**2
+    # The 6 neighbours alone join a ball thinner than a voxel along some axis (thick slices):
+    # the ball is not widened in-plane to reach them.
+    for axis, h in enumerate(half):
+        for step in (-1, 1):
+            index = list(half)
+            index[axis] = h + step
+            inside[tuple(index)] = True
+    return inside
 
 
 def close_balls(
