@@ -724,3 +724,12 @@ def test_a_ball_is_never_widened_in_plane_by_thick_slices():
     z, y, x = np.ogrid[-2:3, -2:3, -2:3]
     reference = (z * 2.0) ** 2 + (y * 2.5) ** 2 + (x * 2.5) ** 2 <= 25.0
     np.testing.assert_array_equal(thin, reference)
+
+
+def test_threads_give_the_same_mask(chest, chest_mask):
+    """With two threads the two sides are filled side by side: the same mask, voxel for voxel."""
+    from kdsb.preprocessing.lungs import mask_on_box
+
+    box, mask = segment_lungs_in_box(chest.hu, SPACING, patient_id="chest", threads=2)
+    whole = mask_on_box(box, mask, tuple(slice(0, n) for n in chest.hu.shape))
+    np.testing.assert_array_equal(whole, chest_mask)
