@@ -14,8 +14,7 @@ HU normalisation, masking, downscaling) and return a heatmap on the volume file'
   of an axis of m input voxels is centred on input voxel 8i + offset (`cell_centres`; 4i +
   0–3 for a MIL head's block-2 cells), where the offset (0–7) follows from TensorFlow's "same"
   padding of each stride-2 convolution (odd sizes are padded on both sides, even ones only
-  after the data), measured in
-  `tests/test_explain.py` against the encoder's response to a small blob.
+  after the data), as `tests/test_explain.py` checks against the encoder's response to a blob.
   One forward and one backward pass per patient and model.
 - **Occlusion**: a cube of `occlusion_mm` is set to the masking fill (healthy parenchyma,
   the input's "nothing here") at every step of `stride_mm` over the lung mask's bounding box;
@@ -232,18 +231,16 @@ def to_volume_grid(
     heatmap = np.asarray(cam, np.float32)
     # Axis by axis (a small weight matrix each), rather than coordinates for every voxel.
     for axis, (n, (stride, offset)) in enumerate(zip(volume_shape, centres, strict=True)):
-        covered = n - n % downscale
-        position = (np.arange(n) + 0.5) / downscale - 0.5  # on the input grid
+        rows = np.arange(n - n % downscale)  # the voxels the input covers; the rest stay 0
+        position = (rows + 0.5) / downscale - 0.5  # on the input grid
         cell = np.clip((position - offset) / stride, 0, cam.shape[axis] - 1)
         low = np.floor(cell).astype(int)
         high = np.minimum(low + 1, cam.shape[axis] - 1)
         weights = np.zeros((n, cam.shape[axis]), np.float32)
-        inside = np.arange(n) < covered
-        rows = np.flatnonzero(inside)
-        np.add.at(weights, (rows, low[inside]), (1 - (cell - low))[inside])
-        np.add.at(weights, (rows, high[inside]), (cell - low)[inside])
+        np.add.at(weights, (rows, low), 1 - (cell - low))
+        np.add.at(weights, (rows, high), cell - low)
         heatmap = np.moveaxis(np.tensordot(weights, heatmap, axes=(1, axis)), 0, axis)
-    return heatmap.astype(np.float32)
+    return heatmap
 
 
 def explain_patient(

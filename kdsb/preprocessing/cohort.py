@@ -37,6 +37,7 @@ from kdsb.preprocessing.pipeline import (
     PatientResult,
     preprocess_patient,
     usable_cores,
+    validate_margin,
 )
 
 logger = logging.getLogger(__name__)
@@ -363,8 +364,7 @@ def run_cohort(
     target = _validate_spacing(spacing)
     if int(workers) != workers or workers < 1:
         raise UsageError(f"expected --workers of at least 1, received {workers}")
-    if not np.isfinite(margin_mm) or margin_mm < 0:
-        raise UsageError(f"expected a margin of at least 0 mm, received {margin_mm}")
+    validate_margin(margin_mm)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"expected an output folder, received a file: {out_dir}")
     patients = find_patients(input_root, out_dir, Path(qc_dir) if qc_dir is not None else None)

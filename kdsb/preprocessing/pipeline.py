@@ -74,6 +74,17 @@ class PatientResult:
         }
 
 
+def validate_margin(margin_mm: float) -> float:
+    """The crop margin around the lungs, mm, checked: a finite number >= 0.
+
+    Raises:
+        UsageError: any other value.
+    """
+    if not (np.isfinite(margin_mm) and margin_mm >= 0):
+        raise UsageError(f"expected a margin of at least 0 mm, received {margin_mm}")
+    return float(margin_mm)
+
+
 def read_patient(source: str | os.PathLike, patient_id: str | None = None) -> CTSeries:
     """Read one patient's scan, whatever its format, as canonical int16 HU (z, y, x).
 
@@ -150,8 +161,7 @@ def preprocess_patient(
     source = Path(source)
     patient_id = patient_id or (None if source.is_dir() else volume_id(source)) or source.name
     target = validate_spacing(spacing, "target spacing")  # the scan's is checked on reading
-    if not (np.isfinite(margin_mm) and margin_mm >= 0):
-        raise UsageError(f"expected a margin of at least 0 mm, received {margin_mm}")
+    validate_margin(margin_mm)
     threads = max(1, int(threads))
 
     series = read_patient(source, patient_id=patient_id)

@@ -562,8 +562,7 @@ def _check_fold_training_unchanged(run_dir: Path, options: ClassifierOptions) ->
         return  # resolve_options has said what it could of a missing or broken config.json
     for key in ("epochs", "patience"):
         if key in saved and saved[key] != getattr(options, key):
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"expected {flag} {saved[key]} as the finished folds of {run_dir} "
+            raise UsageError(f"expected --{key} {saved[key]} as the finished folds of {run_dir} "
                              f"were trained, received {getattr(options, key)}: a "
                              "cross-validated run's folds share their training")
 
