@@ -22,8 +22,14 @@ the mask; seconds per mask.
 
 Targets (issue 7): every lesion >= 90 % kept; mask <= 1.25 x the envelope and <= 10 % soft tissue.
 
+`--cuts` measures instead scans whose edge cuts the lungs open: the real CT cropped through one
+or both lungs, and inside a circular field of view that cuts the right lung (its outside marked
+as padding, read as exactly -1000 HU, or not marked: -1024 HU air). Reported per method: the
+share of its own mask of the uncut scan (on the part kept) that it keeps on the cut scan, and
+what it takes in beyond that.
+
 Usage: python benchmarks/lung_mask.py [--seed 1] [--radii 10,20,35] [--small-radii 3,6]
-       [--kinds solid,...] [--places lateral,...] [--workers 2]
+       [--kinds solid,...] [--places lateral,...] [--workers 2] [--cuts]
 """
 
 from __future__ import annotations
@@ -103,6 +109,54 @@ def measure_case(task):
 
 BASE = None  # (series, its kdsb lung mask), loaded once per process
 
+CUT_FOV_RADIUS_MM = 150.0  # a circle centred 30 mm left of the image's centre: cuts the right lung
+
+
+def cut_cases(shape, spacing):
+    """(name, crop slices or None, field-of-view mask or None, padding HU) of `--cuts`: crops
+    by whole coarse blocks (even columns at 1.5 mm), so the coarse grid stays aligned."""
+    nz, ny, nx = shape
+    right, left = 24, 212  # the uncut mask's outermost columns
+    mm = lambda d: 2 * round(d / spacing[2] / 2)  # noqa: E731
+    y = (np.arange(ny) - ny / 2) * spacing[1]
+    x = (np.arange(nx) - nx / 2) * spacing[2]
+    circle = (y[:, None] ** 2 + (x[None, :] - 30.0) ** 2) <= CUT_FOV_RADIUS_MM ** 2
+    return [
+        ("right 10 mm", np.s_[:, :, right + mm(10):], None, None),
+        ("right 20 mm", np.s_[:, :, right + mm(20):], None, None),
+        ("right 40 mm", np.s_[:, :, right + mm(40):], None, None),
+        ("left 20 mm", np.s_[:, :, : left - mm(20)], None, None),
+        ("both 20 mm", np.s_[:, :, right + mm(20) : left - mm(20)], None, None),
+        ("anterior 15 mm", np.s_[:, mm(15) + 20:, :], None, None),
+        ("posterior 15 mm", np.s_[:, : 143 - mm(15), :], None, None),
+        ("field of view, padding", None, circle, -1000),
+        ("field of view, -1024 HU air", None, circle, -1024),
+    ]
+
+
+def measure_cuts() -> None:
+    series, full = BASE
+    hu, spacing = series.hu, series.spacing
+    full_baseline = tutorial_segment_lung_mask(hu.astype(np.int16)) > 0
+    print("scans cut open: the share of each method's mask of the uncut scan that it keeps on the "
+          "cut scan, and the ml it takes in beyond it")
+    print(f"{'cut':<28}{'kdsb %':>8}{'extra ml':>10}{'base %':>8}{'extra ml':>10}{'kdsb s':>8}")
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    for name, box, circle, padding in cut_cases(hu.shape, spacing):
+        if box is not None:
+            scan, references = np.ascontiguousarray(hu[box]), (full[box], full_baseline[box])
+        else:
+            scan = hu.copy()
+            scan[:, ~circle] = padding
+            references = full & circle[None], full_baseline & circle[None]
+        mask, seconds = timed(segment_lungs, scan, spacing)
+        baseline = tutorial_segment_lung_mask(scan.astype(np.int16))
+        cells = []
+        for m, reference in zip((mask > 0, baseline > 0), references, strict=True):
+            cells += [100 * m[reference].mean(), np.count_nonzero(m & ~reference) * voxel_ml]
+        print(f"{name:<28}{cells[0]:>8.1f}{cells[1]:>10.1f}{cells[2]:>8.1f}{cells[3]:>10.1f}"
+              f"{seconds:>8.2f}")
+
 
 def load_base():
     global BASE
@@ -120,11 +174,16 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", default=",".join(lesions.KINDS))
     parser.add_argument("--places", default=",".join(lesions.PLACES))
     parser.add_argument("--workers", type=int, default=1, help="cases measured in parallel")
+    parser.add_argument("--cuts", action="store_true",
+                        help="measure scans whose edge cuts the lungs open instead")
     args = parser.parse_args(argv)
     if reference_files() is None:
         print("the real chest CT could not be fetched (offline?): nothing to measure")
         return 1
     load_base()
+    if args.cuts:
+        measure_cuts()
+        return 0
     kinds, places = args.kinds.split(","), args.places.split(",")
     cases = [
         (kind, place, float(radius))

@@ -22,6 +22,8 @@ from kdsb.preprocessing.lungs import (
     segment_lungs_in_box,
     selection,
 )
+from kdsb.preprocessing.lungs import body as body_rules
+from kdsb.preprocessing.lungs.filling import slice_hulls
 
 # A small chest (z, y, x) at 2.5 × 1 × 1 mm: the coarse grid is 2× coarser in-plane, so both
 # resolutions of segment_lungs are exercised.
@@ -260,6 +262,61 @@ def test_cut_scan_keeps_lungs_at_the_last_slice(chest):
     mask = segment_lungs(top, SPACING)
     last = chest.lungs[59]
     assert mask[59][last].mean() >= 0.9
+
+
+def test_a_lung_the_scan_s_edge_or_field_of_view_cuts_open_is_kept(chest):
+    """The right lung (x -97 to -13 mm) cut open by the image's edge (columns from x = -80 mm)
+    or by a circular field of view of radius 90 mm centred at x = +10 mm: where the cut runs
+    through the chest wall the lung touches the air outside in those slices, and slice-wise
+    hole filling alone kept 9-30 % of such a lung. Where the field of view is marked by padding
+    only its edge is lost; where it is not, the lung beyond the chords of the body's slice-wise
+    hull (documented)."""
+    x = (np.arange(SHAPE[2]) - SHAPE[2] / 2) * SPACING[2]
+    y = (np.arange(SHAPE[1]) - SHAPE[1] / 2) * SPACING[1]
+    cut = np.s_[:, :, 48:]  # x >= -80 mm
+    assert chest.right_lung[:, :, 48].any()
+    fov = np.broadcast_to(y[:, None] ** 2 + (x[None, :] - 10.0) ** 2 <= 90.0**2, SHAPE)
+    assert (chest.right_lung & ~fov).any()
+    in_fov = chest.hu.copy()
+    in_fov[~fov] = AIR  # padding, as reading makes it
+    unmarked = in_fov.copy()
+    unmarked[~fov] = AIR - 24  # air of a scanner that marks no field of view
+    tissue_hull = slice_hulls(chest.inside_body & ~chest.lungs & fov)
+    edge = ndimage.binary_dilation(~fov, structure=np.ones((1, 5, 5), bool))
+    cases = (
+        (chest.hu[cut], chest.right_lung[cut], chest.lungs[cut]),
+        (in_fov, chest.right_lung & ~edge, chest.lungs & fov),
+        (unmarked, chest.right_lung & tissue_hull, chest.lungs & fov),
+    )
+    for hu, right, lungs in cases:
+        mask = segment_lungs(np.ascontiguousarray(hu), SPACING) > 0
+        assert mask[right].mean() >= 0.97
+        assert mask[lungs & ~chest.right_lung[: lungs.shape[0], : lungs.shape[1],
+                                              -lungs.shape[2]:]].mean() >= 0.97  # the left lung
+        # No chest wall or mediastinum: the whole chest's mask holds 1.5 % beyond its lungs.
+        assert (mask & ~lungs).sum() <= 0.025 * lungs.sum()
+
+
+def test_only_pockets_on_the_next_slice_s_lung_are_cut_open_lung():
+    """A lung that reaches the image's edge in slices 2-3 is found there; hazy air in a
+    concavity of the body, inside its hull but on no lung of the next slice, is not."""
+    shape = (6, 30, 40)
+    body = np.zeros(shape, bool)
+    body[:, 5:25, 0:35] = True
+    body[:, 5:12, 18:28] = False  # a concavity open to the front
+    lung = np.zeros(shape, bool)
+    lung[:, 14:22, 3:15] = True
+    lung[2:4, 14:22, 0:3] = True  # the chest wall cut away by the image's edge
+    body &= ~lung
+    air = ~body
+    hu = np.where(body, 40.0, -1000.0)
+    hu[lung] = -850.0
+    hu[:, 5:12, 18:28] = -880.0  # partial-volume haze in the concavity
+    inside = morphology.fill_holes_2d(body)
+    assert not inside[2:4][lung[2:4]].any()  # hole filling alone loses the cut slices
+    found = body_rules.cut_open_lungs(air, body, inside, hu, voxel_ml=1.0)
+    np.testing.assert_array_equal(found, lung & ~inside)
+    assert not found[:, 5:12].any()
 
 
 def test_no_lungs_is_a_clear_error(chest):

@@ -9,7 +9,12 @@ already reads -1000 HU.
 1. A coarse copy (block means of about `COARSE_SPACING_MM`) carries all the morphology.
    Air is below `AIR_THRESHOLD_HU`. The body is the largest non-air component with its holes
    filled slice by slice, so air outside it (also air split off by the table or outside a padded
-   circular field of view) is discarded. The trachea is a dark round blob near the midline in the
+   circular field of view) is discarded. Where the image's edge or a circular field of view cuts
+   through the chest wall, the lung behind it is open to the air outside in those slices: such
+   pockets (bounded by the field of view where padding marks it, else by the body's convex hull)
+   join the body where they are parenchyma lying on the lung of the next slice, followed slice
+   by slice from where the cut spares the lung (`body.cut_open_lungs`); the body's centre then
+   gives way to the gap between the lungs as the midline. The trachea is a dark round blob near the midline in the
    top slices; it and the main bronchi are region-grown from there, slice by slice: the blob
    of lumen-dark air (below `AIRWAY_LOOSE_HU`, so a ground-glass lesion beside the trachea
    stays out) touching the previous slice's airway while it stays a lumen, the stricter
@@ -17,7 +22,8 @@ already reads -1000 HU.
    jumps (a leak into the lung), and removed. Air components that are parenchyma (median above
    the airway threshold: gas is darker than lung), large, and reach the upper half of the lungs
    are kept (bowel gas is not). Each side (right / left of the lungs' midline, halfway between
-   their outermost voxels: the body's centre moves where the field of view cuts off an arm) is
+   their outermost voxels: the body's centre moves where the field of view cuts off an arm; the
+   trachea's centre where a cut lung's outermost voxels are the cut, and no apex rule) is
    then filled on its own, so the two lungs never merge across the mediastinum: a closing with a
    ball of `CLOSING_RADIUS_MM` (two Euclidean distance transforms: an exact ball at little cost,
    unlike binary closing with a huge structuring element) and 3D hole filling take in vessels and
@@ -58,8 +64,8 @@ already reads -1000 HU.
    nodule's base in a corner of the wall) (`full_resolution_mask`).
 
 Modules (`segment.segment_lungs_in_box` runs the rules in order): `morphology` (the coarse grid,
-block means, closings with Euclidean balls, the 6-neighbourhood morphology), `airways` (the
-trachea and main bronchi), `selection` (which air is lung, which is gas), `filling` (each
+block means, closings with Euclidean balls, the 6-neighbourhood morphology), `body` (the body,
+its inside, lungs a cut opened), `airways` (the trachea and main bronchi), `selection` (which air is lung, which is gas), `filling` (each
 side's closings, envelope and enclosed tissue), `masses` (the apex rule, the mass rims and
 pockets, the hazy masses), `refine` (back to the source grid); `thresholds` holds the HU
 thresholds they share.
@@ -86,10 +92,16 @@ would lungs of very unequal width (the mirror plane lies halfway between their o
 voxels). A small air pocket outside the lungs that reads hazier than `GROUND_GLASS_MIN_HU` on
 the coarse grid (a nearly collapsed oesophagus) and touches them would be taken in as ground
 glass. Scans without much lung (an abdominal CT reaching the lung bases) fail the plausibility
-bounds unless `litres` is widened. A lung that touches the image's edge in an axial slice (a
-field of view that cuts off the chest wall, a scan cropped through the lung) is taken there
-for air outside the body and lost in those slices, without an error while the rest passes the
-plausibility bounds (found in review on a cropped phantom: 9-30 % of that lung kept).
+bounds unless `litres` is widened. A lung that the image's edge or the field of view cuts open
+(`benchmarks/lung_mask.py --cuts`: the real CT cropped 10-40 mm into a lung, 15 mm front or
+back, or inside a circle cutting the right lung) keeps 98-99 % of the uncut scan's mask (it kept
+9-30 % before `body.cut_open_lungs`); the rest is mediastinal tissue the uncut mask's envelope
+took in, and with the field of view read as plain air, the lung beyond the chord of the body's
+hull. Such a mask takes in 3-22 ml beyond the uncut one (tissue at the cut and the mediastinum:
+the split moves to the trachea), there is no apex rule, and a lung cut open in every one of its
+slices is still lost. The coarse grid's alignment matters to the trachea's seed: cropping the
+real CT by an odd number of 1.5 mm columns (a shift of half a coarse block) found a 3-voxel
+blob instead, and the airways stayed in the mask.
 
 Measured (CPU seconds on one core of a shared machine, 2026-12-01, at commit 84df5ad, before
 the ground-glass pockets and the protruding cores' fringe): 0.54 s for the real 191×167×233

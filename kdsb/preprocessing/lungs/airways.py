@@ -25,6 +25,7 @@ TRACHEA_SEARCH_MM = 60.0  # the seed is looked for this far below the top of the
 AIRWAY_LEAK_FACTOR = 2.5  # airway area growing this much beyond its largest so far is a leak
 AIRWAY_MARGIN_MM = 3.0  # removed around the found lumen: its wall's partial-volume rim
 AIRWAY_SMOOTH_MAX_MM = 5.0  # widest in-plane mean (3 coarse pixels) before the airway threshold
+TRACHEA_TOP_MM = 30.0  # the airway's top this long is trachea (above the carina)
 
 
 def _find_trachea_seed(
@@ -132,3 +133,14 @@ def find_airway(
     box = bounding_box(airway, (0, rim, rim))
     airway[box] = ndimage.binary_dilation(airway[box], structure=IN_PLANE, iterations=rim)
     return airway
+
+
+def trachea_x(airway: np.ndarray, spacing: Sequence[float]) -> float | None:
+    """The trachea's centre across (x, voxel units): the mean column of the airway in its top
+    `TRACHEA_TOP_MM`; None without an airway."""
+    slices = np.flatnonzero(airway.any(axis=(1, 2)))
+    if slices.size == 0:
+        return None
+    low = slices[-1] - math.ceil(TRACHEA_TOP_MM / spacing[0]) + 1
+    columns = np.count_nonzero(airway[max(0, low) :], axis=(0, 1))
+    return float(np.dot(np.arange(columns.size), columns) / columns.sum())

@@ -31,6 +31,7 @@ from kdsb.preprocessing.lungs.thresholds import (
 APEX_ZONE_MM = 60.0
 APEX_CORE_MM = 6.0
 MIN_SIDE_SHARE = 0.2  # of the lungs, on the lesser side of the body's centre: two lungs
+MEDIASTINUM_SMOOTH = 3  # columns (coarse voxels) averaged in `mediastinum_x`'s profile
 APEX_CUT_FRACTION = 0.5  # of the widest slice's lung area: a top slice this full cuts the lungs
 APEX_DEPTH_PERCENTILE = 5.0  # fills juxtapleural nodules and tumours up to about 14 mm radius
 # (core radius, rim) in mm: added tissue that survives an opening with a ball of the core
@@ -70,7 +71,11 @@ def apex_in_scan(lungs: np.ndarray) -> bool:
     return bool(areas[-1] < APEX_CUT_FRACTION * areas.max())
 
 
-def symmetry_axis(lungs: np.ndarray, body_midline: float) -> float:
+def symmetry_axis(
+    lungs: np.ndarray,
+    body_midline: float,
+    cut_open: np.ndarray | None = None,
+) -> float | None:
     """The lungs' own left-right mirror plane (x, voxel units): midway between their outermost
     voxels, which lie against the ribs on both sides; `body_midline` (the body's centre) where
     either side of it holds under `MIN_SIDE_SHARE` of `lungs` (non-empty): one lung (a
@@ -79,13 +84,32 @@ def symmetry_axis(lungs: np.ndarray, body_midline: float) -> float:
     Not the body's centre otherwise: where the field of view cuts the arms or the shoulders off
     on one side that moves by 5–10 mm, and the mirror image of one lung then lands twice as far
     out, in the other side's chest wall (seen on varied real bases; the apex rule then took in
-    ~60 ml of muscle)."""
+    ~60 ml of muscle). None where the scan's edge cuts a lung open at its outermost column
+    (`cut_open`, `body.cut_open_lungs`): that column is the cut, not the ribs, and no mirror
+    plane is known.
+    """
     per_column = np.count_nonzero(lungs, axis=(0, 1))
     right = per_column[: math.ceil(body_midline)].sum()
     if min(right, per_column.sum() - right) < MIN_SIDE_SHARE * per_column.sum():
         return body_midline
     xs = np.flatnonzero(per_column)
+    if cut_open is not None and cut_open.any():
+        cut_columns = np.flatnonzero(cut_open.any(axis=(0, 1)))
+        if cut_columns[0] <= xs[0] + 1 or cut_columns[-1] >= xs[-1] - 1:
+            return None
     return (float(xs[0]) + float(xs[-1])) / 2.0
+
+
+def mediastinum_x(lungs: np.ndarray) -> float:
+    """The gap between the lungs (x, voxel units): the column holding the least lung between
+    the columns that leave a quarter of `lungs` (non-empty) on either side, in a profile
+    smoothed over `MEDIASTINUM_SMOOTH` columns. A midline that a cut at the scan's edge leaves
+    in place, unlike the body's centre or the lungs' outermost voxels."""
+    per_column = np.count_nonzero(lungs, axis=(0, 1)).astype(np.float64)
+    cumulative = np.cumsum(per_column) / per_column.sum()
+    low, high = np.searchsorted(cumulative, (0.25, 0.75))
+    smooth = ndimage.uniform_filter1d(per_column, MEDIASTINUM_SMOOTH, mode="nearest")
+    return float(low + np.argmin(smooth[low : high + 1]))
 
 
 def apex_completion(

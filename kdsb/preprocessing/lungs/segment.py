@@ -12,7 +12,8 @@ import numpy as np
 from scipy import ndimage
 
 from kdsb.errors import LungMaskError
-from kdsb.preprocessing.lungs.airways import find_airway
+from kdsb.preprocessing.lungs.airways import find_airway, trachea_x
+from kdsb.preprocessing.lungs.body import cut_open_lungs, find_body
 from kdsb.preprocessing.lungs.filling import fill_side, slice_hulls
 from kdsb.preprocessing.lungs.masses import (
     apex_completion,
@@ -22,6 +23,7 @@ from kdsb.preprocessing.lungs.masses import (
     hazy_masses,
     lesion_rim,
     mass_pockets,
+    mediastinum_x,
     symmetry_axis,
 )
 from kdsb.preprocessing.lungs.morphology import (
@@ -30,8 +32,6 @@ from kdsb.preprocessing.lungs.morphology import (
     coarse_factors,
     dilate_cross,
     erode_cross,
-    fill_holes_2d,
-    largest_component,
     mirror_x,
     touched,
     upsample,
@@ -118,25 +118,37 @@ def segment_lungs_in_box(
     coarse_hu = block_mean(hu, factors, threads)
 
     air = coarse_hu < AIR_THRESHOLD_HU
-    body = largest_component(~air)
-    inside_body = fill_holes_2d(body)
+    body, inside_body = find_body(air)
     interior_air = air & inside_body
     if not interior_air.any():
         raise _plausibility_error(patient, litres, "no air-filled region inside the body")
 
-    body_profile = body.sum(axis=(0, 1))
-    midline = float(np.dot(np.arange(body_profile.size), body_profile) / body_profile.sum())
+    voxel_ml = math.prod(coarse_spacing) / MM3_PER_ML
+    cut_open = cut_open_lungs(air, body, inside_body, coarse_hu, voxel_ml)
+    if cut_open.any():
+        # The scan's edge cut a lung open: its pockets join the body, and the body's centre,
+        # cut too, gives way to the gap between the lungs.
+        inside_body |= cut_open
+        interior_air |= cut_open
+        midline = mediastinum_x(select_lungs(interior_air, coarse_hu, voxel_ml))
+    else:
+        body_profile = body.sum(axis=(0, 1))
+        midline = float(np.dot(np.arange(body_profile.size), body_profile) / body_profile.sum())
 
     airway = find_airway(coarse_hu, interior_air, coarse_spacing, midline) & interior_air
-    voxel_ml = math.prod(coarse_spacing) / MM3_PER_ML
     lung_air = select_lungs(interior_air & ~airway, coarse_hu, voxel_ml)
     if not lung_air.any():
         raise _plausibility_error(patient, litres, "no air-filled region large enough to be lung")
 
     # Each side is closed and filled on its own so the two lungs never merge across the
     # mediastinum; a lung crossing the midline is simply handled in two parts. The midline is
-    # the lungs' own (the body's centre moves where the field of view cuts off an arm).
-    axis = symmetry_axis(lung_air, midline)
+    # the lungs' own (the body's centre moves where the field of view cuts off an arm), or,
+    # where the scan's edge cut a lung at its outermost column, the trachea's.
+    mirror = symmetry_axis(lung_air, midline, cut_open)
+    axis = mirror
+    if axis is None:
+        axis = trachea_x(airway, coarse_spacing)
+        axis = midline if axis is None else axis
     split = math.ceil(axis)
     hulls = slice_hulls(lung_air)
     halves = (np.s_[:, :, :split], np.s_[:, :, split:])
@@ -153,7 +165,7 @@ def segment_lungs_in_box(
         sides = [fill_side(coarse_hu, lung_air, hulls, inside_body, side, coarse_spacing, 1)
                  for side in halves]
     coarse_mask = sides[0] | sides[1]
-    if sides[0].any() and sides[1].any() and apex_in_scan(coarse_mask):
+    if mirror is not None and sides[0].any() and sides[1].any() and apex_in_scan(coarse_mask):
         # The apex rule needs the slices from one below its zone up, and the depth under the
         # skin of the lungs there and of their mirror images (its candidates).
         zone_start = apex_zone(coarse_mask, coarse_spacing)
