@@ -252,6 +252,24 @@ def test_trachea_reading_above_the_airway_threshold_is_still_excluded(chest):
     assert dice(mask, chest.lungs | chest.nodule) >= 0.97
 
 
+def test_a_dark_blob_above_the_trachea_that_ends_at_once_is_not_taken_for_it(chest):
+    """Regression: on the real CT shifted by an odd number of 1.5 mm columns, a blob of pharynx
+    air in the top slices was taken for the trachea (the highest candidate); its airway ended
+    two slices down and the trachea stayed in the mask. Here a round dark blob 25 mm in front
+    of the trachea fills the top two slices, and the trachea ends one slice below the top: the
+    seed whose airway runs on is the trachea."""
+    hu = chest.hu.copy()
+    hu[-1][chest.trachea[-1]] = TISSUE
+    z_mm = np.arange(SHAPE[0])[:, None, None] * SPACING[0]
+    y = (np.arange(SHAPE[1]) - SHAPE[1] / 2)[None, :, None] * SPACING[1]
+    x = (np.arange(SHAPE[2]) - SHAPE[2] / 2)[None, None, :] * SPACING[2]
+    blob = (z_mm >= 204.0) & ((y + 45.0) ** 2 + x**2 <= 7.0**2)
+    hu[np.broadcast_to(blob, SHAPE)] = AIR
+    mask = segment_lungs(hu, SPACING) > 0
+    assert mask[chest.trachea].mean() <= 0.02
+    assert dice(mask, chest.lungs | chest.nodule) >= 0.97
+
+
 def test_outside_air_table_and_padding_are_excluded(chest, chest_mask):
     assert not chest_mask[~chest.inside_body].any()
 

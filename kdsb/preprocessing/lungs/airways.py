@@ -26,21 +26,24 @@ AIRWAY_LEAK_FACTOR = 2.5  # airway area growing this much beyond its largest so 
 AIRWAY_MARGIN_MM = 3.0  # removed around the found lumen: its wall's partial-volume rim
 AIRWAY_SMOOTH_MAX_MM = 5.0  # widest in-plane mean (3 coarse pixels) before the airway threshold
 TRACHEA_TOP_MM = 30.0  # the airway's top this long is trachea (above the carina)
+TRACHEA_MIN_LENGTH_MM = 30.0  # an airway grown from a seed reaches this far down, or it is none
 
 
-def _find_trachea_seed(
+def _trachea_seeds(
     interior_air: np.ndarray, strict: np.ndarray, spacing: Sequence[float], midline: float
-) -> tuple[int, np.ndarray] | None:
-    """The trachea's lumen near the top of the body's air: a round, dark, midline-near blob.
+) -> list[tuple[int, np.ndarray]]:
+    """Candidates for the trachea's lumen near the top of the body's air: round, dark,
+    midline-near blobs, the highest first, then the most central.
 
     Candidates are the in-plane components of `interior_air` in the top `TRACHEA_SEARCH_MM`;
     their size, roundness and offset from `midline` are measured on that air (the strict
     threshold, after averaging, shrinks a narrow lumen below its true area), and at least
     `TRACHEA_MIN_DARK` of a candidate must be `strict` (airway-dark) air, which the lung apex's
-    parenchyma is not. The highest, then most central, candidate wins.
+    parenchyma is not.
 
     Returns:
-        (slice index, 2D mask of the seed's strict air), or None when nothing looks like it.
+        (slice index, 2D mask of the seed's strict air) per candidate; empty when nothing
+        looks like a lumen.
     """
     slices = np.flatnonzero(interior_air.any(axis=(1, 2)))
     top = int(slices[-1])
@@ -64,10 +67,10 @@ def _find_trachea_seed(
             and offset <= TRACHEA_MAX_OFFSET_MM
         ):
             candidates.append((-box[0].start, offset, index))
-    if not candidates:
-        return None
-    minus_z, _, index = min(candidates)
-    return lowest - minus_z, (labels[-minus_z] == index) & strict[lowest - minus_z]
+    return [
+        (lowest - minus_z, (labels[-minus_z] == index) & strict[lowest - minus_z])
+        for minus_z, _, index in sorted(candidates)
+    ]
 
 
 def _grow_airway(
@@ -115,18 +118,25 @@ def find_airway(
     if 3 * max(spacing[1:]) <= AIRWAY_SMOOTH_MAX_MM:
         coarse_hu = ndimage.uniform_filter(coarse_hu, size=(1, 3, 3))
     strict = interior_air & (coarse_hu < AIRWAY_THRESHOLD_HU)
-    found = _find_trachea_seed(interior_air, strict, spacing, midline)
-    if found is None:
+    seeds = _trachea_seeds(interior_air, strict, spacing, midline)
+    if not seeds:
         logger.debug("no trachea found in the top %.0f mm of the body's air", TRACHEA_SEARCH_MM)
         return airway
-    z, seed = found
     # One labelling of every slice's air at once (in-plane connectivity only) per threshold
     # serves the slice-by-slice growth.
     loose, _ = ndimage.label(interior_air & (coarse_hu < AIRWAY_LOOSE_HU), structure=IN_PLANE)
     labels, _ = ndimage.label(strict, structure=IN_PLANE)
-    airway[z] = seed
-    _grow_airway(loose, labels, seed, z, airway, step=-1)
-    _grow_airway(loose, labels, seed, z, airway, step=+1)
+    # The first seed whose airway runs `TRACHEA_MIN_LENGTH_MM` down is the trachea (a blob of
+    # pharynx air above it, or a lumen the coarse grid's alignment narrows, dies sooner);
+    # without one, the first seed's.
+    for z, seed in [*seeds, seeds[0]]:
+        airway[:] = False
+        airway[z] = seed
+        _grow_airway(loose, labels, seed, z, airway, step=-1)
+        _grow_airway(loose, labels, seed, z, airway, step=+1)
+        lowest = int(np.flatnonzero(airway.any(axis=(1, 2)))[0])
+        if (z - lowest) * spacing[0] >= TRACHEA_MIN_LENGTH_MM:
+            break
     logger.debug("trachea seed in coarse slice %d, airway %d voxels", z, airway.sum())
     # The lumen's partial-volume rim (and the averaging) shrank it: widen it again, in-plane.
     rim = max(1, round(AIRWAY_MARGIN_MM / min(spacing[1:])))
