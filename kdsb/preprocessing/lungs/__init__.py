@@ -14,9 +14,10 @@ already reads -1000 HU.
    pockets (bounded by the field of view where padding marks it, else by the body's convex hull)
    join the body where they are parenchyma lying on the lung of the next slice, followed slice
    by slice from where the cut spares the lung (`body.cut_open_lungs`); the body's centre then
-   gives way to the gap between the lungs as the midline. The trachea is a dark round blob near the midline in the
-   top slices; it and the main bronchi are region-grown from there, slice by slice: the blob
-   of lumen-dark air (below `AIRWAY_LOOSE_HU`, so a ground-glass lesion beside the trachea
+   gives way to the gap between the lungs as the midline. The trachea is a dark round blob near
+   the midline in the top slices (the highest whose airway runs `TRACHEA_MIN_LENGTH_MM` down:
+   a blob of pharynx air above it ends sooner); it and the main bronchi are region-grown from
+   there, slice by slice: the blob of lumen-dark air (below `AIRWAY_LOOSE_HU`, so a ground-glass lesion beside the trachea
    stays out) touching the previous slice's airway while it stays a lumen, the stricter
    `AIRWAY_THRESHOLD_HU` air within it where it joins the lung, stopping where even that area
    jumps (a leak into the lung), and removed. Air components that are parenchyma (median above
@@ -65,10 +66,10 @@ already reads -1000 HU.
 
 Modules (`segment.segment_lungs_in_box` runs the rules in order): `morphology` (the coarse grid,
 block means, closings with Euclidean balls, the 6-neighbourhood morphology), `body` (the body,
-its inside, lungs a cut opened), `airways` (the trachea and main bronchi), `selection` (which air is lung, which is gas), `filling` (each
-side's closings, envelope and enclosed tissue), `masses` (the apex rule, the mass rims and
-pockets, the hazy masses), `refine` (back to the source grid); `thresholds` holds the HU
-thresholds they share.
+its inside, lungs a cut opened), `airways` (the trachea and main bronchi), `selection` (which
+air is lung, which is gas), `filling` (each side's closings, envelope and enclosed tissue),
+`masses` (the apex rule, the mass rims and pockets, the hazy masses), `refine` (back to the
+source grid); `thresholds` holds the HU thresholds they share.
 
 Where it still fails (benchmarks/lung_mask.py: 98 lesions implanted into varied copies of a real
 chest CT; every lesion kept >= 90 % on the draws of seeds 1-5 and 8, seeds 2 and 3 since the mass
@@ -99,9 +100,7 @@ back, or inside a circle cutting the right lung) keeps 98-99 % of the uncut scan
 took in, and with the field of view read as plain air, the lung beyond the chord of the body's
 hull. Such a mask takes in 3-22 ml beyond the uncut one (tissue at the cut and the mediastinum:
 the split moves to the trachea), there is no apex rule, and a lung cut open in every one of its
-slices is still lost. The coarse grid's alignment matters to the trachea's seed: cropping the
-real CT by an odd number of 1.5 mm columns (a shift of half a coarse block) found a 3-voxel
-blob instead, and the airways stayed in the mask.
+slices is still lost.
 
 Measured (CPU seconds on one core of a shared machine, 2026-12-01, at commit 84df5ad, before
 the ground-glass pockets and the protruding cores' fringe): 0.54 s for the real 191×167×233
