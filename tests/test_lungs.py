@@ -13,6 +13,7 @@ from scipy import ndimage
 from kdsb.errors import LungMaskError
 from kdsb.preprocessing.lungs import (
     AIR_THRESHOLD_HU,
+    airways,
     lung_bounding_box,
     mask_on_box,
     masses,
@@ -270,6 +271,24 @@ def test_a_dark_blob_above_the_trachea_that_ends_at_once_is_not_taken_for_it(che
     assert dice(mask, chest.lungs | chest.nodule) >= 0.97
 
 
+def test_a_dark_lung_apex_is_never_taken_for_the_trachea():
+    """Coarse grid at 2.5 mm: a lung whose apex reads -975 HU (bullae) and a trachea whose lumen
+    reads hazy in one slice (so its seed above that slice ends at once): growth from the apex
+    runs down the whole lung and is no lumen; the first seed's short airway is kept."""
+    spacing = (2.5, 2.5, 2.5)
+    z, y, x = np.indices((40, 60, 80))
+    hu = np.full(z.shape, 40.0)
+    lung = ((z - 15) / 24.0) ** 2 + ((y - 32) / 14.0) ** 2 + ((x - 24) / 11.0) ** 2 <= 1
+    hu[lung] = -850.0
+    hu[lung & (z >= 33)] = -975.0
+    trachea = (y - 20) ** 2 + (x - 40) ** 2 <= 9
+    hu[trachea] = -1000.0
+    hu[34][trachea[34]] = -600.0
+    airway = airways.find_airway(hu, hu < -400, spacing, 40.0)
+    assert airway.any()
+    assert not (airway & lung).any()
+
+
 def test_outside_air_table_and_padding_are_excluded(chest, chest_mask):
     assert not chest_mask[~chest.inside_body].any()
 
@@ -317,7 +336,8 @@ def test_a_lung_the_scan_s_edge_or_field_of_view_cuts_open_is_kept(chest):
 
 def test_only_pockets_on_the_next_slice_s_lung_are_cut_open_lung():
     """A lung that reaches the image's edge in slices 2-3 is found there; hazy air in a
-    concavity of the body, inside its hull but on no lung of the next slice, is not."""
+    concavity of the body, inside the field of view or the body's hull but on no lung of the
+    next slice, is not."""
     shape = (6, 30, 40)
     body = np.zeros(shape, bool)
     body[:, 5:25, 0:35] = True
@@ -327,14 +347,17 @@ def test_only_pockets_on_the_next_slice_s_lung_are_cut_open_lung():
     lung[2:4, 14:22, 0:3] = True  # the chest wall cut away by the image's edge
     body &= ~lung
     air = ~body
-    hu = np.where(body, 40.0, -1000.0)
-    hu[lung] = -850.0
-    hu[:, 5:12, 18:28] = -880.0  # partial-volume haze in the concavity
     inside = morphology.fill_holes_2d(body)
     assert not inside[2:4][lung[2:4]].any()  # hole filling alone loses the cut slices
-    found = body_rules.cut_open_lungs(air, body, inside, hu, voxel_ml=1.0)
-    np.testing.assert_array_equal(found, lung & ~inside)
-    assert not found[:, 5:12].any()
+    # Outside air at exactly -1000 HU marks a field of view (padding); at -1010 it does not,
+    # and the body's hull bridges the cut.
+    for outside_hu in (-1000.0, -1010.0):
+        hu = np.where(body, 40.0, outside_hu)
+        hu[lung] = -850.0
+        hu[:, 5:12, 18:28] = -880.0  # partial-volume haze in the concavity
+        found = body_rules.cut_open_lungs(air, body, inside, hu, voxel_ml=1.0)
+        np.testing.assert_array_equal(found, lung & ~inside)
+        assert not found[:, 5:12].any()
 
 
 def test_no_lungs_is_a_clear_error(chest):
@@ -506,11 +529,18 @@ def test_the_mirror_plane_is_the_lungs_own_unless_one_lung_is_missing():
     cut = np.zeros_like(lungs)
     cut[1:3, :, 4:6] = True
     assert masses.symmetry_axis(lungs, body_midline=22.0, cut_open=cut) is None
-    inner = np.zeros_like(lungs)
-    inner[1:3, :, 10:12] = True  # cut open away from its outer edge: the plane stands
-    assert masses.symmetry_axis(lungs, 22.0, inner) == pytest.approx((4 + 33) / 2)
-    assert 14 <= masses.mediastinum_x(lungs) <= 21
-    assert 14 <= masses.mediastinum_x(lungs[:, :, 8:]) + 8 <= 21  # the same gap, cropped
+    for column, plane in ((5, None), (6, pytest.approx((4 + 33) / 2))):
+        near = np.zeros_like(lungs)
+        near[1:3, :, column : column + 2] = True  # within a column of the edge, or beyond
+        assert masses.symmetry_axis(lungs, 22.0, near) == plane
+    cut_one = one_lung.copy()
+    assert masses.symmetry_axis(cut_one, body_midline=21.0, cut_open=cut) is None
+    # The gap between the lungs is columns 14-21: its middle, also in a cropped scan; one
+    # lung, or none, has no gap.
+    assert masses.mediastinum_x(lungs) == pytest.approx(17.5)
+    assert masses.mediastinum_x(lungs[:, :, 8:]) + 8 == pytest.approx(17.5)
+    assert masses.mediastinum_x(one_lung) is None
+    assert masses.mediastinum_x(np.zeros_like(lungs)) is None
 
 
 def test_bounding_box_of_an_empty_mask_is_a_clear_error():

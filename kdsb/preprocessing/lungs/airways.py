@@ -126,23 +126,36 @@ def find_airway(
     # serves the slice-by-slice growth.
     loose, _ = ndimage.label(interior_air & (coarse_hu < AIRWAY_LOOSE_HU), structure=IN_PLANE)
     labels, _ = ndimage.label(strict, structure=IN_PLANE)
-    # The first seed whose airway runs `TRACHEA_MIN_LENGTH_MM` down is the trachea (a blob of
-    # pharynx air above it, or a lumen the coarse grid's alignment narrows, dies sooner);
-    # without one, the first seed's.
-    for z, seed in [*seeds, seeds[0]]:
+    # The first seed whose airway runs `TRACHEA_MIN_LENGTH_MM` down as a lumen is the trachea
+    # (a blob of pharynx air above it, or a lumen the coarse grid's alignment narrows, dies
+    # sooner; growth from a dark lung apex widens at once); without one, the first seed's.
+    first = None
+    for z, seed in seeds:
         airway[:] = False
         airway[z] = seed
         _grow_airway(loose, labels, seed, z, airway, step=-1)
         _grow_airway(loose, labels, seed, z, airway, step=+1)
-        lowest = int(np.flatnonzero(airway.any(axis=(1, 2)))[0])
-        if (z - lowest) * spacing[0] >= TRACHEA_MIN_LENGTH_MM:
+        if _runs_down_as_a_lumen(airway, z, spacing):
             break
+        first = (z, airway.copy()) if first is None else first
+    else:
+        z, airway = first
     logger.debug("trachea seed in coarse slice %d, airway %d voxels", z, airway.sum())
     # The lumen's partial-volume rim (and the averaging) shrank it: widen it again, in-plane.
     rim = max(1, round(AIRWAY_MARGIN_MM / min(spacing[1:])))
     box = bounding_box(airway, (0, rim, rim))
     airway[box] = ndimage.binary_dilation(airway[box], structure=IN_PLANE, iterations=rim)
     return airway
+
+
+def _runs_down_as_a_lumen(airway: np.ndarray, z: int, spacing: Sequence[float]) -> bool:
+    """Whether the airway grown from a seed in slice `z` reaches `TRACHEA_MIN_LENGTH_MM` below
+    it with every slice in that reach no wider than a trachea (`TRACHEA_AREA_MM2`)."""
+    below = math.ceil(TRACHEA_MIN_LENGTH_MM / spacing[0])
+    if z - below < 0 or not airway[z - below].any():
+        return False
+    areas = np.count_nonzero(airway[z - below : z + 1], axis=(1, 2)) * spacing[1] * spacing[2]
+    return bool(areas.max() <= TRACHEA_AREA_MM2[1])
 
 
 def trachea_x(airway: np.ndarray, spacing: Sequence[float]) -> float | None:

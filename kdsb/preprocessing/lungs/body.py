@@ -69,19 +69,30 @@ def cut_open_lungs(
     parenchyma[0] = False
     if not parenchyma[np.unique(labels[candidates])].any():
         return np.zeros_like(candidates)
-    lung = select_lungs(interior_air, coarse_hu, voxel_ml)
-    depth = lung.shape[0]
+    lungs = _follow_pockets(labels, parenchyma, area,
+                            select_lungs(interior_air, coarse_hu, voxel_ml))
+    return lungs & candidates
+
+
+def _follow_pockets(
+    labels: np.ndarray, eligible: np.ndarray, area: np.ndarray, lungs: np.ndarray
+) -> np.ndarray:
+    """`lungs` (z, y, x, bool) grown slice by slice, upwards then downwards, by the `eligible`
+    pieces of `labels` (one label per in-plane piece; `area` per label) of which at least
+    `MIN_OVERLAP` lies on the lung of the slice before."""
+    lungs = lungs.copy()
+    depth = lungs.shape[0]
     for order in (range(1, depth), range(depth - 2, -1, -1)):
         for z in order:
-            neighbour = z - 1 if order.step == 1 else z + 1
-            pockets = labels[z]
-            if not pockets.any() or not lung[neighbour].any():
+            before = z - 1 if order.step == 1 else z + 1
+            pieces = labels[z]
+            if not pieces.any() or not lungs[before].any():
                 continue
-            on_lung = np.bincount(pockets[lung[neighbour]], minlength=count + 1)
-            keep = parenchyma & (on_lung >= MIN_OVERLAP * area)
+            on_lung = np.bincount(pieces[lungs[before]], minlength=area.size)
+            keep = eligible & (on_lung >= MIN_OVERLAP * area)
             keep[0] = False
-            lung[z] |= keep[pockets]
-    return lung & candidates
+            lungs[z] |= keep[pieces]
+    return lungs
 
 
 def bridged_cut(coarse_hu: np.ndarray, body: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ APEX_ZONE_MM = 60.0
 APEX_CORE_MM = 6.0
 MIN_SIDE_SHARE = 0.2  # of the lungs, on the lesser side of the body's centre: two lungs
 MEDIASTINUM_SMOOTH = 3  # columns (coarse voxels) averaged in `mediastinum_x`'s profile
+GAP_DEPTH = 0.5  # the gap between the lungs holds under this share of their fullest columns
 APEX_CUT_FRACTION = 0.5  # of the widest slice's lung area: a top slice this full cuts the lungs
 APEX_DEPTH_PERCENTILE = 5.0  # fills juxtapleural nodules and tumours up to about 14 mm radius
 # (core radius, rim) in mm: added tissue that survives an opening with a ball of the core
@@ -84,32 +85,42 @@ def symmetry_axis(
     Not the body's centre otherwise: where the field of view cuts the arms or the shoulders off
     on one side that moves by 5–10 mm, and the mirror image of one lung then lands twice as far
     out, in the other side's chest wall (seen on varied real bases; the apex rule then took in
-    ~60 ml of muscle). None where the scan's edge cuts a lung open at its outermost column
-    (`cut_open`, `body.cut_open_lungs`): that column is the cut, not the ribs, and no mirror
-    plane is known.
+    ~60 ml of muscle). None where the image's edge or field of view cuts a lung open
+    (`cut_open`, `body.cut_open_lungs`) within a column of the lungs' outermost ones: those
+    are the cut, not the ribs, and no mirror plane is known (one lung or two).
     """
     per_column = np.count_nonzero(lungs, axis=(0, 1))
-    right = per_column[: math.ceil(body_midline)].sum()
-    if min(right, per_column.sum() - right) < MIN_SIDE_SHARE * per_column.sum():
-        return body_midline
     xs = np.flatnonzero(per_column)
     if cut_open is not None and cut_open.any():
         cut_columns = np.flatnonzero(cut_open.any(axis=(0, 1)))
         if cut_columns[0] <= xs[0] + 1 or cut_columns[-1] >= xs[-1] - 1:
             return None
+    right = per_column[: math.ceil(body_midline)].sum()
+    if min(right, per_column.sum() - right) < MIN_SIDE_SHARE * per_column.sum():
+        return body_midline
     return (float(xs[0]) + float(xs[-1])) / 2.0
 
 
-def mediastinum_x(lungs: np.ndarray) -> float:
-    """The gap between the lungs (x, voxel units): the column holding the least lung between
-    the columns that leave a quarter of `lungs` (non-empty) on either side, in a profile
-    smoothed over `MEDIASTINUM_SMOOTH` columns. A midline that a cut at the scan's edge leaves
-    in place, unlike the body's centre or the lungs' outermost voxels."""
+def mediastinum_x(lungs: np.ndarray) -> float | None:
+    """The gap between the lungs (x, voxel units): the middle of the columns holding the least
+    lung between the columns that leave a quarter of `lungs` on either side, in a profile
+    smoothed over `MEDIASTINUM_SMOOTH` columns; None where that least is no gap (over
+    `GAP_DEPTH` of the lesser of the highest columns on either side: one lung) or `lungs` is
+    empty. A midline that a cut at the scan's edge leaves in place, unlike the body's centre or
+    the lungs' outermost voxels."""
     per_column = np.count_nonzero(lungs, axis=(0, 1)).astype(np.float64)
+    if per_column.sum() == 0:
+        return None
     cumulative = np.cumsum(per_column) / per_column.sum()
-    low, high = np.searchsorted(cumulative, (0.25, 0.75))
+    low, high = (int(i) for i in np.searchsorted(cumulative, (0.25, 0.75)))
     smooth = ndimage.uniform_filter1d(per_column, MEDIASTINUM_SMOOTH, mode="nearest")
-    return float(low + np.argmin(smooth[low : high + 1]))
+    window = smooth[low : high + 1]
+    least = np.flatnonzero(window == window.min()) + low
+    first, last = int(least[0]), int(least[-1])
+    peaks = smooth[: first + 1].max(), smooth[last:].max()
+    if smooth[first] > GAP_DEPTH * min(peaks):
+        return None
+    return (first + last) / 2.0
 
 
 def apex_completion(

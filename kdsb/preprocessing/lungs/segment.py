@@ -125,13 +125,14 @@ def segment_lungs_in_box(
 
     voxel_ml = math.prod(coarse_spacing) / MM3_PER_ML
     cut_open = cut_open_lungs(air, body, inside_body, coarse_hu, voxel_ml)
+    midline = None
     if cut_open.any():
         # The scan's edge cut a lung open: its pockets join the body, and the body's centre,
-        # cut too, gives way to the gap between the lungs.
+        # cut too, gives way to the gap between the lungs (where there are two).
         inside_body |= cut_open
         interior_air |= cut_open
         midline = mediastinum_x(select_lungs(interior_air, coarse_hu, voxel_ml))
-    else:
+    if midline is None:
         body_profile = body.sum(axis=(0, 1))
         midline = float(np.dot(np.arange(body_profile.size), body_profile) / body_profile.sum())
 
@@ -143,12 +144,10 @@ def segment_lungs_in_box(
     # Each side is closed and filled on its own so the two lungs never merge across the
     # mediastinum; a lung crossing the midline is simply handled in two parts. The midline is
     # the lungs' own (the body's centre moves where the field of view cuts off an arm), or,
-    # where the scan's edge cut a lung at its outermost column, the trachea's.
+    # where a cut lung's outermost column is the cut (no mirror plane), the trachea's.
     mirror = symmetry_axis(lung_air, midline, cut_open)
-    axis = mirror
-    if axis is None:
-        axis = trachea_x(airway, coarse_spacing)
-        axis = midline if axis is None else axis
+    trachea = trachea_x(airway, coarse_spacing) if mirror is None else None
+    axis = mirror if mirror is not None else (trachea if trachea is not None else midline)
     split = math.ceil(axis)
     hulls = slice_hulls(lung_air)
     halves = (np.s_[:, :, :split], np.s_[:, :, split:])
