@@ -8,7 +8,12 @@ from scipy import ndimage
 
 from kdsb.preprocessing.hu import AIR_HU
 from kdsb.preprocessing.lungs.filling import slice_hulls
-from kdsb.preprocessing.lungs.morphology import IN_PLANE, fill_holes_2d, largest_component
+from kdsb.preprocessing.lungs.morphology import (
+    IN_PLANE,
+    fill_holes_2d,
+    largest_component,
+    reaching_border_2d,
+)
 from kdsb.preprocessing.lungs.selection import select_lungs
 from kdsb.preprocessing.lungs.thresholds import AIRWAY_THRESHOLD_HU
 
@@ -110,12 +115,7 @@ def bridged_cut(coarse_hu: np.ndarray, body: np.ndarray) -> np.ndarray:
     padding = coarse_hu == AIR_HU
     if not padding.any():
         return region
-    labels, count = ndimage.label(padding, structure=IN_PLANE)
-    outside = np.zeros(count + 1, dtype=bool)
-    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        outside[edge] = True
-    outside[0] = False
-    padding = outside[labels]
+    padding = reaching_border_2d(padding)
     marked = np.count_nonzero(padding, axis=(1, 2)) >= MIN_PADDING_SHARE * padding[0].size
     if not marked.any():
         return region

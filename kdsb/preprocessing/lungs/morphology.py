@@ -92,14 +92,18 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     Labelling the background once is faster than `ndimage.binary_fill_holes`, which dilates
     from the border until nothing changes.
     """
-    labels, _ = ndimage.label(~mask, structure=IN_PLANE)
-    border = np.unique(
-        np.concatenate(
-            [labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
-             labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]
-        )
-    )
-    return mask | ((labels > 0) & ~np.isin(labels, border))
+    return mask | ~(mask | reaching_border_2d(~mask))
+
+
+def reaching_border_2d(mask: np.ndarray) -> np.ndarray:
+    """The in-plane (4-connected) components of `mask` that reach their axial slice's border,
+    bool (z, y, x)."""
+    labels, count = ndimage.label(mask, structure=IN_PLANE)
+    reaching = np.zeros(count + 1, dtype=bool)
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        reaching[edge] = True
+    reaching[0] = False
+    return reaching[labels]
 
 
 def fill_holes_3d(mask: np.ndarray) -> np.ndarray:
