@@ -172,6 +172,46 @@ def test_protruding_tissue_is_a_bump_on_the_wall_never_the_wall_behind_a_convex_
     assert not refine.protruding_tissue(ball, ~ball, spacing).any()  # convex lung: nothing
 
 
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_full_resolution_mask_in_slabs_equals_the_whole_box(threads):
+    """Slabs worked on side by side, each with `refine.slab_halo` slices around it, give the
+    whole box's mask voxel for voxel."""
+    rng = np.random.default_rng(5)
+    shape, spacing = (23, 30, 30), (1.0, 0.7, 0.7)
+    blocks = rng.integers(0, 4, size=(12, 15, 15), dtype=np.uint8)
+    code = blocks.repeat(2, 0).repeat(2, 1).repeat(2, 2)[: shape[0]]
+    added = (rng.random((12, 15, 15)) < 0.5).repeat(2, 0).repeat(2, 1).repeat(2, 2)[: shape[0]]
+    hu = rng.choice([-900.0, -500.0, 40.0, 500.0], size=shape, p=[0.5, 0.1, 0.35, 0.05])
+    whole = refine.full_resolution_mask(code, added, hu, spacing)
+    assert whole.any() and not whole.all()
+    assert np.array_equal(refine.full_resolution_mask(code, added, hu, spacing, threads), whole)
+
+
+def test_slab_halo_covers_the_longest_dependency():
+    """A fringe voxel that depends on lung air `slab_halo` slices above it: protrusion reach
+    (5 slices at 1 mm) to make a core, one to erode it, two to dilate back. The slab cut just
+    above that voxel must still see the air."""
+    column = {  # z: (HU, code, added) at (y, x) = (2, 2); everything else tissue never kept
+        7: (-900.0, refine.FULL_IF_AIR, False),  # lung below
+        9: (40.0, refine.FULL_IF_AIR, False),  # the fringe voxel
+        10: (40.0, refine.FULL_ALWAYS, True),
+        11: (40.0, refine.FULL_ALWAYS, True),  # a core once the voxel above is one
+        12: (40.0, refine.FULL_IF_AIR, False),  # protrudes: lung 5 below and 5 above
+        17: (-900.0, refine.FULL_IF_AIR, False),  # lung above, 8 slices above the fringe voxel
+    }
+    hu = np.full((20, 5, 5), 40.0)
+    code = np.full(hu.shape, refine.FULL_NEVER, dtype=np.uint8)
+    added = np.zeros(hu.shape, dtype=bool)
+    for z, (value, kind, filled) in column.items():
+        hu[z, 2, 2], code[z, 2, 2], added[z, 2, 2] = value, kind, filled
+    for y, x in ((1, 2), (3, 2), (2, 1), (2, 3)):  # the core's in-plane neighbours: cores too
+        code[11, y, x], added[11, y, x] = refine.FULL_ALWAYS, True
+    spacing = (1.0, 1.0, 1.0)
+    whole = refine.full_resolution_mask(code, added, hu, spacing)
+    assert whole[9, 2, 2]
+    assert np.array_equal(refine.full_resolution_mask(code, added, hu, spacing, 2), whole)
+
+
 def test_small_juxtapleural_nodule_is_kept(chest):
     """A 3 mm nodule on the posterolateral wall, where it runs diagonally in the slice: too
     small for the coarse grid's filling (84 % kept before `refine.protruding_tissue`)."""

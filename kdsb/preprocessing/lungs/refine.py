@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -22,10 +23,18 @@ PROTRUSION_DIRECTIONS = ((0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 1, -1), (1, 0, 0))
 
 
 def full_resolution_mask(
-    code: np.ndarray, added: np.ndarray, hu: np.ndarray, spacing: Sequence[float]
+    code: np.ndarray,
+    added: np.ndarray,
+    hu: np.ndarray,
+    spacing: Sequence[float],
+    threads: int = 1,
 ) -> np.ndarray:
     """The mask at full resolution from each voxel's coarse block's `code` (`FULL_NEVER` …
     `FULL_ALWAYS`) and whether the filling `added` that block, bool.
+
+    With `threads` ≥ 2 the box is cut into that many slabs along z, each worked on with a halo
+    of the slices it depends on (`slab_halo`), side by side: NumPy's gathers and logic release
+    the GIL. The same mask either way, voxel for voxel.
 
     Boundary blocks (`FULL_IF_AIR`) keep their lung and ground glass (below
     `GROUND_GLASS_MAX_HU`), their tissue protruding into the lung (`protruding_tissue`: a nodule
@@ -37,7 +46,39 @@ def full_resolution_mask(
         code, added: per voxel, uint8 and bool, shape (z, y, x) of `hu`.
         hu: the HU of the box, (z, y, x).
         spacing: voxel size (z, y, x), mm.
+        threads: slabs worked on side by side.
     """
+    slices = code.shape[0]
+    slabs = min(max(1, threads), slices)
+    if slabs == 1:
+        return _full_resolution_slab(code, added, hu, spacing)
+    halo = slab_halo(spacing)
+    cuts = np.linspace(0, slices, slabs + 1).round().astype(int)
+
+    def slab(first: int, stop: int) -> np.ndarray:
+        low, high = max(0, first - halo), min(slices, stop + halo)
+        kept = _full_resolution_slab(code[low:high], added[low:high], hu[low:high], spacing)
+        return kept[first - low:stop - low]
+
+    with ThreadPoolExecutor(slabs) as pool:
+        return np.concatenate(list(pool.map(slab, cuts[:-1], cuts[1:])))
+
+
+def slab_halo(spacing: Sequence[float]) -> int:
+    """Slices beyond a slab that its mask depends on: the protrusion test's reach along z, then
+    the fringe's erosion (one voxel) and dilation (`FRINGE_VOXELS`)."""
+    return _reach(spacing)[0] + 1 + FRINGE_VOXELS
+
+
+def _reach(spacing: Sequence[float]) -> list[int]:
+    """`SMALL_NODULE_MM` in voxels along each axis (z, y, x), at least one."""
+    return [max(1, round(SMALL_NODULE_MM / s)) for s in spacing]
+
+
+def _full_resolution_slab(
+    code: np.ndarray, added: np.ndarray, hu: np.ndarray, spacing: Sequence[float]
+) -> np.ndarray:
+    """`full_resolution_mask` of one slab (or the whole box) in this thread."""
     # In-place operations on few full-box arrays: each temporary of a scan's box costs a
     # page-faulting allocation (~25 M voxels).
     air = hu < AIR_THRESHOLD_HU
@@ -69,7 +110,7 @@ def protruding_tissue(
     mediastinum), tissue up to `SMALL_NODULE_MM` deep can be. Looked up at the candidates only
     (a thin shell of the box), by flat offsets into `air` padded by the longest reach.
     """
-    reach = [max(1, round(SMALL_NODULE_MM / s)) for s in spacing]
+    reach = _reach(spacing)
     padded = np.pad(air, [(r, r) for r in reach])
     strides = (padded.shape[1] * padded.shape[2], padded.shape[2], 1)  # C order, in voxels
     padded = padded.ravel()

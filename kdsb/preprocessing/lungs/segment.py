@@ -216,6 +216,7 @@ def segment_lungs_in_box(
         upsample(added[coarse_box], factors, box_shape),
         hu[full_box],
         spacing,
+        threads,
     )
 
     volume = int(np.count_nonzero(kept)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
