@@ -1,6 +1,7 @@
-"""Filling one lung on the coarse grid: closings with a ball (`CLOSING_RADIUS_MM`) and an
-envelope (`ENVELOPE_RADIUS_MM`), tissue enclosed between the lung and the chest wall inside the
-lungs' slice-wise convex hull, and a juxtapleural nodule's reach out to the wall."""
+"""Filling one lung on the coarse grid: closings with a ball (`CLOSING_RADIUS_MM`, which sees
+lung beyond the split where the two lungs meet: `junction_rows`) and an envelope
+(`ENVELOPE_RADIUS_MM`), tissue enclosed between the lung and the chest wall inside the lungs'
+slice-wise convex hull, and a juxtapleural nodule's reach out to the wall."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from kdsb.preprocessing.lungs.morphology import (
 from kdsb.preprocessing.lungs.thresholds import MM3_PER_ML, fillable_tissue
 
 CLOSING_RADIUS_MM = 15.0
+# Where the two lungs come closer than this fraction of the lungs' span (right to left) across
+# the split between the sides, they meet (the anterior junction: about 20 mm in an adult).
+JUNCTION_GAP_FRACTION = 0.07
 ENVELOPE_RADIUS_MM = 38.0
 MAX_ENCLOSED_ML = 150.0  # enclosed tissue filled into a lung: up to a 33 mm radius tumour
 NODULE_CORE_RADIUS_MM = 5.0  # solid tissue this thick is a nodule (vessels at the wall are thinner)
@@ -40,13 +44,17 @@ def fill_side(
     side: tuple[slice, ...],
     spacing: Sequence[float],
     threads: int = 1,
+    junction: np.ndarray | None = None,
 ) -> np.ndarray:
     """The filled lung mask of one side (coarse grid, all arrays full size).
 
     Two fillings, both blind to the other side so the lungs never merge across the mediastinum:
 
     - closing with a `CLOSING_RADIUS_MM` ball, then 3D hole filling: vessels, airways inside the
-      lung and nodules up to about that radius;
+      lung and nodules up to about that radius. Beyond the split the ball sees empty space,
+      except where the lungs meet (`junction`, (z, y) rows: `junction_rows`): there the lung
+      goes on beyond it, so a nodule lying across the junction is closed in from both sides
+      rather than cut at the split;
     - tissue inside the slice-wise convex hull of the lungs that is enclosed by this lung and the
       chest wall (it reaches neither the midline nor the scan's ends): nodules and tumours
       that are cut flat by the chest wall, whose bite a ball from the wall side would enter;
@@ -60,9 +68,22 @@ def fill_side(
     # The box reaches past the midline into empty space, so the closing erodes there; at the
     # scan's own borders it stops, so a lung cut by the first or last slice is not eroded.
     box = bounding_box(part, (1, 1, 1))
-    closed, enveloped = close_balls(part[box], (CLOSING_RADIUS_MM, ENVELOPE_RADIUS_MM), spacing,
-                                     threads)
-    filled[box] = fill_holes_3d(closed)
+    beyond = _beyond_the_split(side, part.shape[2]) if junction is not None else None
+    walled = None
+    if beyond is not None and junction[box[0], box[1]].any():
+        # The box reaches the split (a lung a gap short of it closes up to it), and the
+        # junction's rows go on beyond it.
+        columns = slice(min(box[2].start, beyond), max(box[2].stop, beyond + 1))
+        box = (box[0], box[1], columns)
+        walled = part[box].copy()
+        walled[:, :, beyond - columns.start] = junction[box[0], box[1]]
+    if walled is None:
+        closed, enveloped = close_balls(part[box], (CLOSING_RADIUS_MM, ENVELOPE_RADIUS_MM),
+                                         spacing, threads)
+    else:  # the envelope stays blind beyond the split: its ball would bridge the mediastinum
+        (closed,) = close_balls(walled, (CLOSING_RADIUS_MM,), spacing, threads)
+        (enveloped,) = close_balls(part[box], (ENVELOPE_RADIUS_MM,), spacing, threads)
+    filled[box] = fill_holes_3d(closed)  # what lies beyond the split is dropped below
     envelope = np.zeros_like(lung_air)
     envelope[box] = fill_holes_3d(enveloped)
     half = filled[side]
@@ -94,6 +115,32 @@ def fill_side(
     # Air the lung selection rejected (bowel gas, airways) is never taken in, nor bone.
     tissue = fillable_tissue(coarse_hu)
     return result | (envelope & body & tissue)
+
+
+def junction_rows(lung_air: np.ndarray, split: int, spacing: Sequence[float]) -> np.ndarray:
+    """The (z, y) rows where the lungs on either side of column `split` come within
+    `JUNCTION_GAP_FRACTION` of the lungs' span of each other (or one lung crosses it), bool."""
+    right, left = lung_air[:, :, :split], lung_air[:, :, split:]
+    both = right.any(axis=2) & left.any(axis=2)
+    if not both.any():
+        return both
+    last_right = split - 1 - np.argmax(right[:, :, ::-1], axis=2)
+    first_left = split + np.argmax(left, axis=2)
+    columns = np.flatnonzero(lung_air.any(axis=(0, 1)))
+    span_mm = (columns[-1] - columns[0] + 1) * spacing[2]
+    gap_mm = (first_left - last_right - 1) * spacing[2]
+    return both & (gap_mm <= JUNCTION_GAP_FRACTION * span_mm)
+
+
+def _beyond_the_split(side: tuple[slice, ...], width: int) -> int | None:
+    """The column just beyond a side's split (the other side's first), or None for a side
+    that is the whole width."""
+    x = side[2]
+    if x.stop is not None and x.stop < width:  # the right side (small x)
+        return x.stop
+    if x.start:  # the left side
+        return x.start - 1
+    return None
 
 
 def slice_hulls(mask: np.ndarray) -> np.ndarray:

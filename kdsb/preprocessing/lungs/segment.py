@@ -14,7 +14,7 @@ from scipy import ndimage
 from kdsb.errors import LungMaskError
 from kdsb.preprocessing.lungs.airways import find_airway, trachea_x
 from kdsb.preprocessing.lungs.body import cut_open_lungs, find_body
-from kdsb.preprocessing.lungs.filling import fill_side, slice_hulls
+from kdsb.preprocessing.lungs.filling import fill_side, junction_rows, slice_hulls
 from kdsb.preprocessing.lungs.masses import (
     apex_completion,
     apex_in_scan,
@@ -150,6 +150,7 @@ def segment_lungs_in_box(
     axis = mirror if mirror is not None else (trachea if trachea is not None else midline)
     split = math.ceil(axis)
     hulls = slice_hulls(lung_air)
+    junction = junction_rows(lung_air, split, coarse_spacing)
     halves = (np.s_[:, :, :split], np.s_[:, :, split:])
     if threads >= 2:
         # The two sides side by side, each on half the threads (scipy's labelling, erosions
@@ -157,11 +158,12 @@ def segment_lungs_in_box(
         with ThreadPoolExecutor(2) as pool:
             sides = list(pool.map(
                 lambda side: fill_side(coarse_hu, lung_air, hulls, inside_body, side,
-                                       coarse_spacing, max(1, threads // 2)),
+                                       coarse_spacing, max(1, threads // 2), junction),
                 halves,
             ))
     else:
-        sides = [fill_side(coarse_hu, lung_air, hulls, inside_body, side, coarse_spacing, 1)
+        sides = [fill_side(coarse_hu, lung_air, hulls, inside_body, side, coarse_spacing, 1,
+                           junction)
                  for side in halves]
     coarse_mask = sides[0] | sides[1]
     if mirror is not None and sides[0].any() and sides[1].any() and apex_in_scan(coarse_mask):
