@@ -85,7 +85,7 @@ mediastinal dent deeper than the small mass tier's 6 mm rim would lose its media
 of 10 mm masses without that tier). The large ball and the mass rims also take in the parts of
 mediastinal structures that bulge into a lung (the descending aorta and arch, the hilum, the
 oesophagus) and the edge of the liver dome: the mask is 1.05–1.08 × a plain air envelope with
-5.8–8.4 % soft tissue (the old 15 mm mask: 4.7 %); beside a 35 mm mass the rims, envelope and
+6.0–8.5 % soft tissue (the old 15 mm mask: 4.7 %); beside a 35 mm mass the rims, envelope and
 pockets take in up to 2.7 % of the lung mask's volume outside the lesion (the pockets' share up
 to 0.9 %, such as paravertebral tissue within `POCKET_DEPTH_MM` of the hull's edge beside a mass
 against the spine; the hazy masses' under 0.1 %, a ground-glass mass's blurred edge). Where the lungs meet, the
