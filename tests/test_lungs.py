@@ -172,21 +172,20 @@ def test_juxtapleural_nodule_is_kept(chest, chest_mask):
 
 
 def test_junction_rows_are_where_the_lungs_come_close_across_the_split():
-    spacing = (2.5, 2.5, 2.5)
     lung_air = np.zeros((2, 4, 100), dtype=bool)
     lung_air[:, :, 10:48] = True  # the right lung, up to column 47
-    for y, gap in enumerate([2, 5, 6, 8]):  # columns between the lungs: 5, 12.5, 15, 20 mm
-        lung_air[:, y, 48 + gap:90] = True  # the left lung: span 80 columns, 200 mm
-    rows = filling.junction_rows(lung_air, 50, spacing)
-    # Within 7 % of the 200 mm span (14 mm) across column 50: the first two rows.
+    for y, gap in enumerate([2, 5, 6, 8]):  # columns between the lungs
+        lung_air[:, y, 48 + gap:90] = True  # the left lung: a span of 80 columns
+    rows = filling.junction_rows(lung_air, 50)
+    # Within 7 % of the span (5.6 columns) across column 50: the first two rows.
     assert rows.tolist() == [[True, True, False, False]] * 2
     lung_air[1, 0, 48:] = False  # no left lung in that row: no junction
-    assert not filling.junction_rows(lung_air, 50, spacing)[1, 0]
+    assert not filling.junction_rows(lung_air, 50)[1, 0]
     lung_air[1, 0, 48:60] = True  # the right lung itself crosses the split: lung goes on
-    assert filling.junction_rows(lung_air, 50, spacing)[1, 0]
+    assert filling.junction_rows(lung_air, 50)[1, 0]
 
 
-def no_junction(lung_air, split, spacing):
+def no_junction(lung_air, split):
     """`filling.junction_rows` as if the lungs never met: the sides' closings before that rule."""
     return np.zeros(lung_air.shape[:2], dtype=bool)
 
@@ -245,8 +244,8 @@ def test_protruding_tissue_is_a_bump_on_the_wall_never_the_wall_behind_a_convex_
 
 @pytest.mark.parametrize("threads", [2, 3, 7])
 def test_full_resolution_mask_in_slabs_equals_the_whole_box(threads):
-    """Slabs worked on side by side, each with `refine.slab_halo` slices around it, give the
-    whole box's mask voxel for voxel."""
+    """Slabs worked on side by side give the whole box's mask voxel for voxel on a random box
+    (a smoke test: the halo's exact length is tested by the next test)."""
     rng = np.random.default_rng(5)
     shape, spacing = (23, 30, 30), (1.0, 0.7, 0.7)
     blocks = rng.integers(0, 4, size=(12, 15, 15), dtype=np.uint8)
@@ -258,10 +257,13 @@ def test_full_resolution_mask_in_slabs_equals_the_whole_box(threads):
     assert np.array_equal(refine.full_resolution_mask(code, added, hu, spacing, threads), whole)
 
 
-def test_slab_halo_covers_the_longest_dependency():
-    """A fringe voxel that depends on lung air `slab_halo` slices above it: protrusion reach
-    (5 slices at 1 mm) to make a core, one to erode it, two to dilate back. The slab cut just
-    above that voxel must still see the air."""
+@pytest.mark.parametrize("flipped", [False, True])
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.0, 2.0, 2.0)])
+def test_slab_halo_covers_the_longest_dependency(flipped, spacing):
+    """A fringe voxel that depends on lung air `slab_halo` slices away along z: protrusion reach
+    (5 slices at 1 mm), one to erode the core it makes, two to dilate back. The slab cut just
+    beside that voxel must still see the air, below it or (flipped) above it; in-plane voxels
+    of another size must not change the halo."""
     column = {  # z: (HU, code, added) at (y, x) = (2, 2); everything else tissue never kept
         7: (-900.0, refine.FULL_IF_AIR, False),  # lung below
         9: (40.0, refine.FULL_IF_AIR, False),  # the fringe voxel
@@ -277,9 +279,10 @@ def test_slab_halo_covers_the_longest_dependency():
         hu[z, 2, 2], code[z, 2, 2], added[z, 2, 2] = value, kind, filled
     for y, x in ((1, 2), (3, 2), (2, 1), (2, 3)):  # the core's in-plane neighbours: cores too
         code[11, y, x], added[11, y, x] = refine.FULL_ALWAYS, True
-    spacing = (1.0, 1.0, 1.0)
+    if flipped:
+        hu, code, added = hu[::-1].copy(), code[::-1].copy(), added[::-1].copy()
     whole = refine.full_resolution_mask(code, added, hu, spacing)
-    assert whole[9, 2, 2]
+    assert whole[10 if flipped else 9, 2, 2]
     assert np.array_equal(refine.full_resolution_mask(code, added, hu, spacing, 2), whole)
 
 

@@ -29,8 +29,9 @@ already reads -1000 HU.
    distance transforms: an exact ball at little cost, unlike binary closing with a huge structuring
    element) and 3D hole filling take in vessels and nodules (beyond the split the ball sees empty
    space, except on the rows where the lungs come within `JUNCTION_GAP_FRACTION` of their span of
-   each other across it, the anterior junction: there the lung goes on beyond the split, so a
-   nodule lying across the junction is closed in from both sides); tissue enclosed between the lung and
+   each other across it, the anterior junction or the posterior one behind the oesophagus: there
+   the lung goes on beyond the split, so a nodule lying across the junction is closed in from
+   both sides); tissue enclosed between the lung and
    the chest wall inside the slice-wise convex hull of the lungs takes in juxtapleural nodules and
    tumours, which a ball rolling from the wall side would bite into; a nodule found so reaches on
    out to the chest wall's depth under the skin, past the hull's chords where the wall curves
@@ -75,50 +76,50 @@ source grid); `thresholds` holds the HU thresholds they share.
 Where it still fails (benchmarks/lung_mask.py: 98 lesions implanted into varied copies of a real
 chest CT, eight draws; every draw changed in the fifteenth session, when the airways stopped
 staying in about a quarter of the varied bases' masks, and again in the sixteenth, when the
-junction rule changed the bases' masks by 0.02-0.25 %: the lesions are placed in them): the
-base of a 3 mm nodule (9-25 voxels) against the wall or diaphragm can lose 1-3 voxels, too few
-for a core whose fringe would reach them (85.7-88.9 %, three of 784 lesions; a one-voxel fringe
-around every solid core of a dense block kept them, 92.9-96.0 %, but grew every mask by about
-1 %, phantoms' by 2.5 %, and was not kept); a 35 mm mass on the diaphragm can lose its base
-against the liver dome, which no rule here tells from the lesion (88.7 %, once); a mass in a concave
-mediastinal dent deeper than the small mass tier's 6 mm rim would lose its medial part (74–89 %
-of 10 mm masses without that tier). The large ball and the mass rims also take in the parts of
-mediastinal structures that bulge into a lung (the descending aorta and arch, the hilum, the
-oesophagus) and the edge of the liver dome: the mask is 1.05–1.08 × a plain air envelope with
-6.0–8.5 % soft tissue (the old 15 mm mask: 4.7 %); beside a 35 mm mass the rims, envelope and
-pockets take in up to 2.7 % of the lung mask's volume outside the lesion (the pockets' share up
-to 0.9 %, such as paravertebral tissue within `POCKET_DEPTH_MM` of the hull's edge beside a mass
-against the spine; the hazy masses' under 0.1 %, a ground-glass mass's blurred edge). Where the lungs meet, the
-closing that sees lung beyond the split takes in the tissue between them within the junction's
-gap (the junction line, anterior mediastinal fat): 0.02-0.25 % of a varied real base's mask, up
-to 10 ml (it keeps a 10 mm nodule lying across the junction, which the split cut to 54 and 70 %
-before: 97.2 and 99.7 % on those cases). Lungs touching at the anterior junction stay one
-component. Bilateral apical tumours defeat the mirror
-rule, and so would lungs of very unequal width (the mirror plane lies halfway between their
-outermost voxels). A small air pocket outside the lungs that reads hazier than
-`GROUND_GLASS_MIN_HU` on the coarse grid (a nearly collapsed oesophagus) and touches them would
-be taken in as ground glass. Scans without much lung (an abdominal CT reaching the lung bases)
-fail the plausibility bounds unless `litres` is widened. A lung that the image's edge or the
+junction rule changed the bases' masks by 0.02-0.25 %: the lesions are placed in them): the base of
+a 3 mm nodule (9-25 voxels) against the wall or diaphragm can lose 1-3 voxels, too few for a core
+whose fringe would reach them (85.7-88.9 %, three of 784 lesions; a one-voxel fringe around every
+solid core of a dense block kept them, 92.9-96.0 %, but grew every mask by about 1 %, phantoms' by
+2.5 %, and was not kept); a 35 mm mass on the diaphragm can lose its base against the liver dome,
+which no rule here tells from the lesion (88.7 %, once); a mass in a concave mediastinal dent
+deeper than the small mass tier's 6 mm rim would lose its medial part (74–89 % of 10 mm masses
+without that tier). The large ball and the mass rims also take in the parts of mediastinal
+structures that bulge into a lung (the descending aorta and arch, the hilum, the oesophagus) and
+the edge of the liver dome: the mask is 1.05–1.08 × a plain air envelope with 6.0–8.5 % soft tissue
+(the old 15 mm mask: 4.7 %); beside a 35 mm mass the rims, envelope and pockets take in up to 2.7 %
+of the lung mask's volume outside the lesion (the pockets' share up to 0.9 %, such as paravertebral
+tissue within `POCKET_DEPTH_MM` of the hull's edge beside a mass against the spine; the hazy
+masses' under 0.1 %, a ground-glass mass's blurred edge). Where the lungs meet, the closing that
+sees lung beyond the split takes in the tissue between them within the junction's gap (the junction
+line, anterior mediastinal fat), and where that gap is 12 mm or wider the mass rim may take it for
+a mass and add its rim: together 0.02-0.25 % of a varied real base's mask, up to 10 ml (it keeps a
+10 mm nodule lying across the junction, which the split cut to 54 and 70 % before: 97.2 and 99.7 %
+on those cases). Lungs touching at the anterior junction stay one component. Bilateral apical
+tumours defeat the mirror rule, and so would lungs of very unequal width (the mirror plane lies
+halfway between their outermost voxels). A small air pocket outside the lungs that reads hazier
+than `GROUND_GLASS_MIN_HU` on the coarse grid (a nearly collapsed oesophagus) and touches them
+would be taken in as ground glass. Scans without much lung (an abdominal CT reaching the lung
+bases) fail the plausibility bounds unless `litres` is widened. A lung that the image's edge or the
 field of view cuts open (`benchmarks/lung_mask.py --cuts`: the real CT cropped 10-40 mm into a
 lung, 15 mm front or back, or inside a circle cutting the right lung) keeps 98-99 % of the uncut
 scan's mask (19-85 % before `body.cut_open_lungs`, which took in up to 383 ml); the rest is
-mediastinal tissue the uncut mask's envelope took in, and with the field of view read as plain
-air, the lung beyond the chord of the body's hull. Such a mask takes in 3-22 ml beyond the uncut
-one (tissue at the cut and the mediastinum); where the cut is at a lung's outermost column there
-is no mirror plane, the split lies at the trachea and the apex rule is skipped; a lung cut open
-in every one of its slices is still lost.
+mediastinal tissue the uncut mask's envelope took in, and with the field of view read as plain air,
+the lung beyond the chord of the body's hull. Such a mask takes in 3-22 ml beyond the uncut one
+(tissue at the cut and the mediastinum); where the cut is at a lung's outermost column there is no
+mirror plane, the split lies at the trachea and the apex rule is skipped; a lung cut open in every
+one of its slices is still lost.
 
-Measured (CPU seconds on one core of a shared machine, 2026-12-01, at commit 84df5ad, before
-the ground-glass pockets and the protruding cores' fringe): 0.54 s for the real 191×167×233
-chest CT at 1.5 mm, 0.60 s for the 200×512×512 benchmark phantom (0.88 and 1.03 s before the
-speed-up of the same rules); about half of it is the closings' distance transforms, which run
-(with the block means) in `threads` threads; with two or more, the two sides are filled side by
-side (0.78–0.85 → 0.67–0.69 s warm on the benchmark phantom, an Intel Xeon, 2026-12-02: the
-same masks, voxel for voxel); the full-resolution pass runs in z-slabs side by side, each with
-the slices its rules reach (0.14 → 0.08 s warm on the benchmark phantom, AMD EPYC, 2026-12-02:
-the same masks). Where the lungs meet, each side's 15 mm closing runs apart from the envelope's
-(its own distance transforms): +0.05 s CPU on the real chest CT (0.79 → 0.84 s, one core); none
-on the benchmark phantom, whose lungs never meet. The apex rule's depth transform covers only the slices it can reach, and the
+Measured (CPU seconds on one core of a shared machine, 2026-12-01, at commit 84df5ad, before the
+ground-glass pockets and the protruding cores' fringe): 0.54 s for the real 191×167×233 chest CT at
+1.5 mm, 0.60 s for the 200×512×512 benchmark phantom (0.88 and 1.03 s before the speed-up of the
+same rules); about half of it is the closings' distance transforms, which run (with the block
+means) in `threads` threads; with two or more, the two sides are filled side by side (0.78–0.85 →
+0.67–0.69 s warm on the benchmark phantom, an Intel Xeon, 2026-12-02: the same masks, voxel for
+voxel); the full-resolution pass runs in z-slabs side by side, each with the slices its rules reach
+(0.14 → 0.08 s warm on the benchmark phantom, AMD EPYC, 2026-12-02: the same masks). Where the
+lungs meet, each side's 15 mm closing runs apart from the envelope's (its own distance transforms):
++0.05 s CPU on the real chest CT (0.79 → 0.84 s, one core); none on the benchmark phantom, whose
+lungs never meet. The apex rule's depth transform covers only the slices it can reach, and the
 full-resolution pass only the box of the coarse result (`segment_lungs_in_box`).
 """
 

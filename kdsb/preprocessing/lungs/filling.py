@@ -23,7 +23,8 @@ from kdsb.preprocessing.lungs.thresholds import MM3_PER_ML, fillable_tissue
 
 CLOSING_RADIUS_MM = 15.0
 # Where the two lungs come closer than this fraction of the lungs' span (right to left) across
-# the split between the sides, they meet (the anterior junction: about 20 mm in an adult).
+# the split between the sides, they meet (the anterior junction, or the posterior one behind
+# the oesophagus: about 20 mm in an adult).
 JUNCTION_GAP_FRACTION = 0.07
 ENVELOPE_RADIUS_MM = 38.0
 MAX_ENCLOSED_ML = 150.0  # enclosed tissue filled into a lung: up to a 33 mm radius tumour
@@ -117,9 +118,10 @@ def fill_side(
     return result | (envelope & body & tissue)
 
 
-def junction_rows(lung_air: np.ndarray, split: int, spacing: Sequence[float]) -> np.ndarray:
+def junction_rows(lung_air: np.ndarray, split: int) -> np.ndarray:
     """The (z, y) rows where the lungs on either side of column `split` come within
-    `JUNCTION_GAP_FRACTION` of the lungs' span of each other (or one lung crosses it), bool."""
+    `JUNCTION_GAP_FRACTION` of the lungs' span (right to left, all slices) of each other, or one
+    lung crosses it, bool. Both lengths are along x, so the voxel size drops out."""
     right, left = lung_air[:, :, :split], lung_air[:, :, split:]
     both = right.any(axis=2) & left.any(axis=2)
     if not both.any():
@@ -127,14 +129,14 @@ def junction_rows(lung_air: np.ndarray, split: int, spacing: Sequence[float]) ->
     last_right = split - 1 - np.argmax(right[:, :, ::-1], axis=2)
     first_left = split + np.argmax(left, axis=2)
     columns = np.flatnonzero(lung_air.any(axis=(0, 1)))
-    span_mm = (columns[-1] - columns[0] + 1) * spacing[2]
-    gap_mm = (first_left - last_right - 1) * spacing[2]
-    return both & (gap_mm <= JUNCTION_GAP_FRACTION * span_mm)
+    span = columns[-1] - columns[0] + 1
+    gap = first_left - last_right - 1
+    return both & (gap <= JUNCTION_GAP_FRACTION * span)
 
 
 def _beyond_the_split(side: tuple[slice, ...], width: int) -> int | None:
-    """The column just beyond a side's split (the other side's first), or None for a side
-    that is the whole width."""
+    """The column just beyond a side's split (the other side's column next to it), or None for
+    a side that is the whole width."""
     x = side[2]
     if x.stop is not None and x.stop < width:  # the right side (small x)
         return x.stop

@@ -32,9 +32,9 @@ def full_resolution_mask(
     """The mask at full resolution from each voxel's coarse block's `code` (`FULL_NEVER` …
     `FULL_ALWAYS`) and whether the filling `added` that block, bool.
 
-    With `threads` ≥ 2 the box is cut into that many slabs along z, each worked on with a halo
-    of the slices it depends on (`slab_halo`), side by side: NumPy's gathers and logic release
-    the GIL. The same mask either way, voxel for voxel.
+    With `threads` ≥ 2 the box is cut into that many slabs along z (at most one a slice), each
+    worked on with a halo of the slices it depends on (`slab_halo`), side by side: NumPy's
+    gathers and logic release the GIL. The same mask either way, voxel for voxel.
 
     Boundary blocks (`FULL_IF_AIR`) keep their lung and ground glass (below
     `GROUND_GLASS_MAX_HU`), their tissue protruding into the lung (`protruding_tissue`: a nodule

@@ -99,8 +99,8 @@ def segment_lungs_in_box(
     the mask inside it (zero everywhere outside the box).
 
     Args and Raises: as `segment_lungs`; `threads` run the block means, the closings'
-    distance transforms and (two or more) the two sides' fillings side by side (the same mask
-    whatever the number).
+    distance transforms and (two or more) the two sides' fillings and the full-resolution
+    pass's z-slabs side by side (the same mask whatever the number).
 
     Returns:
         (slices (z, y, x) of the box, uint8 0/1 mask of the box's shape).
@@ -150,7 +150,7 @@ def segment_lungs_in_box(
     axis = mirror if mirror is not None else (trachea if trachea is not None else midline)
     split = math.ceil(axis)
     hulls = slice_hulls(lung_air)
-    junction = junction_rows(lung_air, split, coarse_spacing)
+    junction = junction_rows(lung_air, split)
     halves = (np.s_[:, :, :split], np.s_[:, :, split:])
     if threads >= 2:
         # The two sides side by side, each on half the threads (scipy's labelling, erosions
