@@ -64,11 +64,7 @@ def make_chest(seed: int = 0) -> Chest:
     disconnected lungs with vessels, trachea and main bronchi, a juxtapleural nodule cut flat by
     the chest wall and a stomach gas bubble."""
     rng = np.random.default_rng(seed)
-    nz, ny, nx = SHAPE
-    z = (np.arange(nz) * SPACING[0])[:, None, None]
-    y = ((np.arange(ny) - ny / 2) * SPACING[1])[None, :, None]
-    x = ((np.arange(nx) - nx / 2) * SPACING[2])[None, None, :]
-    grid = (z, y, x)
+    grid = z, y, x = _mm_grid()
     hu = np.full(SHAPE, AIR, np.float32)
 
     body = np.broadcast_to((y / 85.0) ** 2 + (x / 120.0) ** 2 <= 1.0, SHAPE)
@@ -123,7 +119,7 @@ def make_chest(seed: int = 0) -> Chest:
 
 
 def _mm_grid():
-    """Voxel centres (z, y, x) of the test chest in mm, broadcastable, as `make_chest` uses."""
+    """Voxel centres (z, y, x) of the test chest in mm, broadcastable (`make_chest`'s grid)."""
     nz, ny, nx = SHAPE
     return (
         (np.arange(nz) * SPACING[0])[:, None, None],
@@ -289,10 +285,7 @@ def test_slab_halo_covers_the_longest_dependency(flipped, spacing):
 def test_small_juxtapleural_nodule_is_kept(chest):
     """A 3 mm nodule on the posterolateral wall, where it runs diagonally in the slice: too
     small for the coarse grid's filling (84 % kept before `refine.protruding_tissue`)."""
-    nz, ny, nx = SHAPE
-    z = (np.arange(nz) * SPACING[0])[:, None, None]
-    y = ((np.arange(ny) - ny / 2) * SPACING[1])[None, :, None]
-    x = ((np.arange(nx) - nx / 2) * SPACING[2])[None, None, :]
+    z, y, x = _mm_grid()
     centre = (120.0, 48.25, -73.42)  # 1.5 mm inside the cavity's wall, 45° behind the side
     nodule = sum((g - c) ** 2 for g, c in zip((z, y, x), centre, strict=True)) <= 3.0**2
     nodule &= chest.right_lung
@@ -305,10 +298,7 @@ def test_small_juxtapleural_nodule_is_kept(chest):
 def test_ground_glass_against_the_wall_is_kept(chest):
     """Ground glass (-700 to -300 HU) is lung disease: kept also where it meets the chest wall,
     in the mask's boundary blocks, though it reads above the air threshold (-400 HU)."""
-    nz, ny, nx = SHAPE
-    z = (np.arange(nz) * SPACING[0])[:, None, None]
-    y = ((np.arange(ny) - ny / 2) * SPACING[1])[None, :, None]
-    x = ((np.arange(nx) - nx / 2) * SPACING[2])[None, None, :]
+    z, y, x = _mm_grid()
     centre = (120.0, 48.25, -73.42)  # on the posterolateral wall (89 % kept at -400 HU)
     glass = sum((g - c) ** 2 for g, c in zip((z, y, x), centre, strict=True)) <= 12.0**2
     glass &= chest.right_lung
@@ -321,10 +311,7 @@ def test_ground_glass_walled_in_by_a_solid_nodule_is_kept(chest):
     """Part of a nodule's ground glass cut off from the lung by its solid part reads as a small
     air component on the coarse grid; it is not gas (bowel, airways), so it is not rejected:
     its voxels below the air threshold are kept (all lost before `selection.rejected_gas`)."""
-    nz, ny, nx = SHAPE
-    z = (np.arange(nz) * SPACING[0])[:, None, None]
-    y = ((np.arange(ny) - ny / 2) * SPACING[1])[None, :, None]
-    x = ((np.arange(nx) - nx / 2) * SPACING[2])[None, None, :]
+    z, y, x = _mm_grid()
     axis = np.sqrt((z - 105.0) ** 2 + y**2)  # from the juxtapleural nodule's axis, mm
     glass = chest.nodule & (x < -91.0) & (axis <= 8.0)  # against the wall, ringed by solid
     hu = chest.hu.copy()

@@ -66,8 +66,9 @@ def fill_side(
     filled = np.zeros_like(lung_air)
     if not part.any():
         return filled
-    # The box reaches past the midline into empty space, so the closing erodes there; at the
-    # scan's own borders it stops, so a lung cut by the first or last slice is not eroded.
+    # The box reaches past the midline into empty space, so the closing erodes there (except
+    # on the junction's rows, below); at the scan's own borders it stops, so a lung cut by the
+    # first or last slice is not eroded.
     box = bounding_box(part, (1, 1, 1))
     beyond = _beyond_the_split(side, part.shape[2]) if junction is not None else None
     walled = None
