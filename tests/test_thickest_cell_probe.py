@@ -1,0 +1,76 @@
+"""benchmarks/thickest_cell_probe.py: the deepest tissue, its encoder cell, and the probes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "thickest_cell_probe.py"
+
+
+@pytest.fixture
+def probe(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds the repository to it
+    spec = importlib.util.spec_from_file_location("thickest_cell_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_deepest_voxel_gives_the_ball_radius_and_the_cell_holding_it(probe, tmp_path):
+    """A 10 mm ball of tissue inside the lung mask, off-centre; the chest wall outside it: the
+    depth is the ball's radius and the features are the encoder's cell over the ball's centre."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from kdsb.data.inputs import VolumeInput
+    from kdsb.io import volumes
+
+    spacing = (2.0, 2.0, 2.0)
+    z, y, x = np.ogrid[:24, :32, :40]
+    centre = (12, 20, 28)
+    hu = np.full((24, 32, 40), -850, dtype=np.int16)
+    hu[(z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= 5**2] = 30
+    hu[:, :, 37:] = 50  # the chest wall, outside the mask: thicker than the ball, not counted
+    mask = np.zeros(hu.shape, dtype=np.uint8)
+    mask[:, :, :37] = 1
+    path = volumes.volume_path(tmp_path, "p")
+    volumes.write_volume(path, hu, mask, spacing, (0.0, 0.0, 0.0))
+
+    inputs = keras.Input((None, None, None, 1))
+    cells = keras.layers.Conv3D(2, 3, strides=2, padding="same")(inputs)
+    cells = keras.layers.Conv3D(3, 3, strides=2, padding="same")(cells)
+    encoder = keras.Model(inputs, cells)
+    volume_input = VolumeInput(lung_dilation_mm=0.0).fit_to([path])
+    depth, features = probe.thickest_cell(volume_input, encoder, path)
+
+    assert 9.0 <= depth <= 11.0
+    grid = np.asarray(encoder(volume_input.read(path)[np.newaxis]))[0]
+    # Cell i of two stride-2 "same" convolutions of kernel 3 is centred on voxel 4i + 3 (even
+    # extents: TensorFlow pads after the data): the ball's centre is nearest that of cell
+    # (2, 4, 6), not in the 4³ block (3, 5, 7) that flooring by 4 would pick.
+    np.testing.assert_allclose(features, grid[2, 4, 6], rtol=1e-6)
+    assert not np.allclose(features, grid[3, 5, 7])
+
+
+def test_the_probes_fit_on_the_first_n_and_score_the_held_out_cohort(probe):
+    """Size separates the classes, the features are noise: size ranks the held-out patients
+    perfectly at every n, and every (n, probe) has a row."""
+    rng = np.random.default_rng(0)
+
+    def cohort(count):
+        labels = np.arange(count) % 2
+        return [(10.0 + 10.0 * y + rng.uniform(0, 5), rng.normal(size=4), int(y))
+                for y in labels]
+
+    table = probe.probe_table(cohort(24), cohort(16), [8, 24])
+    assert [(n, name) for n, name, _, _ in table] == [
+        (n, name) for n in (8, 24) for name in probe.PROBES]
+    for _, name, auc, loss in table:
+        assert 0.0 <= auc <= 1.0 and loss > 0
+        if name == "size":
+            assert auc == 1.0
