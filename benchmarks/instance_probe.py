@@ -42,8 +42,9 @@ FAR_CELLS_PER_PATIENT = 3000  # far lung cells drawn per patient for the probes
 TOP_CELLS = 3
 
 
-def patient_cells(seed_dir: Path, run_dir: Path, truth_file: Path) -> dict:
-    """One training patient's cells: features, whether each holds lung, is lesion, is far."""
+def patient_cells(seed_dir: Path, run_dir: Path, truth_file: Path, centres) -> dict:
+    """One training patient's cells: features, whether each holds lung, is lesion, is far.
+    `centres(extent)` gives (stride, offset): cell i centred on voxel stride · i + offset."""
     from kdsb.io import volumes
 
     truth = json.loads(truth_file.read_text())
@@ -62,7 +63,10 @@ def patient_cells(seed_dir: Path, run_dir: Path, truth_file: Path) -> dict:
     padded = np.pad(lungs, padding)
     blocks = padded.reshape(cells[0], CELL_VOXELS, cells[1], CELL_VOXELS, cells[2], CELL_VOXELS)
     index = np.indices(cells).reshape(3, -1).T
-    centre_mm = origin + (index * CELL_VOXELS + (CELL_VOXELS - 1) / 2) * spacing
+    # Where each cell is centred on the volume (the encoder's "same" padding: not the middle of
+    # its 4³ block), as explain maps cells.
+    stride_offset = np.array([centres(n) for n in lungs.shape])
+    centre_mm = origin + (index * stride_offset[:, 0] + stride_offset[:, 1]) * spacing
     lesion = np.zeros(len(index), dtype=bool)
     near = np.zeros(len(index), dtype=bool)
     for found in truth["lesions"]:
@@ -93,13 +97,19 @@ def main(argv=None) -> int:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from kdsb.evaluation.explain import cell_centres
+    from kdsb.training.bags import instance_features
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("seed_dir", type=Path, help="a seed's folder of benchmarks/classifier.py")
     parser.add_argument("run", help="the mil run's folder name under runs/ (e.g. mil_96)")
     parser.add_argument("--train", type=int, default=64, help="patients the probes fit on")
     args = parser.parse_args(argv)
     truths = sorted((args.seed_dir / "train_cohort" / "truth").glob("*.json"))
-    patients = [patient_cells(args.seed_dir, args.seed_dir / "runs" / args.run, t)
+    run_dir = args.seed_dir / "runs" / args.run
+    config = json.loads((run_dir / "config.json").read_text())
+    encoder = instance_features(config["gmcae"], "mil", config["mil_block"])
+    patients = [patient_cells(args.seed_dir, run_dir, t, lambda n: cell_centres(encoder, n))
                 for t in truths]
     if not 0 < args.train < len(patients):
         raise SystemExit(f"expected --train between 1 and {len(patients) - 1}")
