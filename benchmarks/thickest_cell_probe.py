@@ -6,9 +6,9 @@ thickest tissue inside the lung mask, one number a patient) ranks held-out patie
 than any head. This probe hands the GMCAE the same place: each volume is read as the MIL head
 reads it (the demo's lung masking, `kdsb.data.inputs.VolumeInput`), the depth of tissue above
 `TISSUE_HU` is measured on that input (Euclidean distance, mm, to the nearest voxel that is
-not), and the frozen encoder's block-2 cell holding the deepest voxel gives 16 features. Three
-scikit-learn logistic regressions (standardised features, default L2 penalty) are fitted on the
-first n training patients and score the held-out cohort:
+not), and the frozen encoder's block-2 cell centred nearest the deepest voxel gives 16
+features. Three scikit-learn logistic regressions (standardised features, default L2 penalty)
+are fitted on the first n training patients and score the held-out cohort:
 
 - size: the depth alone (the reference's feature, measured on the network input);
 - features: the encoder's 16 features of the thickest cell alone;
@@ -40,7 +40,7 @@ PROBES = ("size", "features", "size + features")
 
 def thickest_cell(volume_input, encoder, path: Path) -> tuple[float, np.ndarray]:
     """(depth in mm of the deepest tissue voxel of the network input, the encoder's features of
-    the cell holding it)."""
+    the cell centred nearest it)."""
     from scipy import ndimage
 
     from kdsb.data.patches import normalize_hu
