@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     truths = sorted((args.seed_dir / "train_cohort" / "truth").glob("*.json"))
     run_dir = args.seed_dir / "runs" / args.run
     config = json.loads((run_dir / "config.json").read_text())
+    if config["mil_block"] != 2:
+        raise SystemExit(f"{run_dir}: expected a mil run on block 2 (cells of {CELL_VOXELS}³ "
+                         f"voxels), received block {config['mil_block']}")
     encoder = instance_features(config["gmcae"], "mil", config["mil_block"])
     patients = [patient_cells(args.seed_dir, run_dir, t, lambda n: cell_centres(encoder, n))
                 for t in truths]

@@ -4,9 +4,9 @@
 On implanted real-anatomy cohorts the hand-made reference of `benchmarks/classifier.py` (the
 thickest tissue inside the lung mask, one number a patient) ranks held-out patients far better
 than any head. This probe hands the GMCAE the same place: each volume is read as the MIL head
-reads it (the demo's lung masking, `kdsb.data.inputs.VolumeInput`), the depth of tissue above
-`TISSUE_HU` is measured on that input (Euclidean distance, mm, to the nearest voxel that is
-not), and the frozen encoder's block-2 cell centred nearest the deepest voxel gives 16
+reads it (the demo's lung masking, no margin: `kdsb.data.inputs.VolumeInput`), the depth of
+tissue above `TISSUE_HU` is measured on that input (Euclidean distance, mm, to the nearest voxel
+that is not), and the frozen encoder's block-2 cell centred nearest the deepest voxel gives 16
 features. Three scikit-learn logistic regressions (standardised features, default L2 penalty)
 are fitted on the first n training patients and score the held-out cohort:
 
@@ -87,10 +87,10 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from kdsb import demo
-    from kdsb.data.inputs import VolumeInput
     from kdsb.io import volumes
     from kdsb.io.tables import read_labels
     from kdsb.training.bags import instance_features
+    from kdsb.training.classifier_options import ClassifierOptions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("seed_dir", type=Path, help="a seed's folder of benchmarks/classifier.py")
@@ -105,7 +105,10 @@ def main(argv=None) -> int:
     test_labels = read_labels(args.seed_dir / "test_cohort" / "labels.csv")
     folders = {"train": args.seed_dir / "volumes" / "train",
                "test": args.seed_dir / "volumes" / "test"}
-    volume_input = VolumeInput(lung_dilation_mm=demo.LUNG_DILATION_MM).fit_to(
+    # The mil head's input in benchmarks/classifier.py: the demo's lung masking, no margin, so
+    # the depth is that script's `thickest_tissue_mm` measured on the network input.
+    options = ClassifierOptions(head="mil", lung_dilation_mm=demo.LUNG_DILATION_MM)
+    volume_input = options.volume_input().fit_to(
         [volumes.volume_path(folders["train"], i) for i in train_labels])
     encoder = instance_features(args.gmcae, "mil", ENCODER_BLOCK)
     rows = {}

@@ -22,8 +22,9 @@ def probe(monkeypatch):
 
 
 def test_the_deepest_voxel_gives_the_ball_radius_and_the_cell_holding_it(probe, tmp_path):
-    """A 10 mm ball of tissue inside the lung mask, off-centre; the chest wall outside it: the
-    depth is the ball's radius and the features are the encoder's cell over the ball's centre."""
+    """A 10 mm ball of tissue inside the lung mask, off-centre; a 20 mm chest wall outside it:
+    the depth is the ball's radius (the wall is masked out) and the features are those of the
+    encoder's cell centred nearest the ball's centre."""
     pytest.importorskip("tensorflow")
     import keras
 
@@ -31,13 +32,13 @@ def test_the_deepest_voxel_gives_the_ball_radius_and_the_cell_holding_it(probe, 
     from kdsb.io import volumes
 
     spacing = (2.0, 2.0, 2.0)
-    z, y, x = np.ogrid[:24, :32, :40]
-    centre = (12, 20, 28)
-    hu = np.full((24, 32, 40), -850, dtype=np.int16)
+    z, y, x = np.ogrid[:24, :32, :48]
+    centre = (14, 20, 28)
+    hu = np.full((24, 32, 48), -850, dtype=np.int16)
     hu[(z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2 <= 5**2] = 30
-    hu[:, :, 37:] = 50  # the chest wall, outside the mask: thicker than the ball, not counted
+    hu[:, :, 38:] = 50  # the chest wall, outside the mask: thicker than the ball, not counted
     mask = np.zeros(hu.shape, dtype=np.uint8)
-    mask[:, :, :37] = 1
+    mask[:, :, :38] = 1
     path = volumes.volume_path(tmp_path, "p")
     volumes.write_volume(path, hu, mask, spacing, (0.0, 0.0, 0.0))
 
@@ -52,25 +53,28 @@ def test_the_deepest_voxel_gives_the_ball_radius_and_the_cell_holding_it(probe, 
     grid = np.asarray(encoder(volume_input.read(path)[np.newaxis]))[0]
     # Cell i of two stride-2 "same" convolutions of kernel 3 is centred on voxel 4i + 3 (even
     # extents: TensorFlow pads after the data): the ball's centre is nearest that of cell
-    # (2, 4, 6), not in the 4³ block (3, 5, 7) that flooring by 4 would pick.
-    np.testing.assert_allclose(features, grid[2, 4, 6], rtol=1e-6)
-    assert not np.allclose(features, grid[3, 5, 7])
+    # (3, 4, 6), not in the 4³ block (3, 5, 7) nor the cell below it (2, 4, 6).
+    np.testing.assert_allclose(features, grid[3, 4, 6], rtol=1e-6)
+    for other in ((3, 5, 7), (2, 4, 6)):
+        assert not np.allclose(features, grid[other])
 
 
 def test_the_probes_fit_on_the_first_n_and_score_the_held_out_cohort(probe):
-    """Size separates the classes, the features are noise: size ranks the held-out patients
-    perfectly at every n, and every (n, probe) has a row."""
+    """The held-out patients with cancer are the larger, the features are noise. The first 8
+    training patients agree, the 16 after them say the opposite: fitted on the first 8, size
+    ranks the held-out cohort perfectly; on all 24, backwards. Every (n, probe) has a row."""
     rng = np.random.default_rng(0)
 
-    def cohort(count):
+    def cohort(count, larger_is_cancer=True):
         labels = np.arange(count) % 2
-        return [(10.0 + 10.0 * y + rng.uniform(0, 5), rng.normal(size=4), int(y))
+        sign = 1.0 if larger_is_cancer else -1.0
+        return [(10.0 + sign * 10.0 * y + rng.uniform(0, 5), rng.normal(size=4), int(y))
                 for y in labels]
 
-    table = probe.probe_table(cohort(24), cohort(16), [8, 24])
+    train = cohort(8) + cohort(16, larger_is_cancer=False)
+    table = probe.probe_table(train, cohort(16), [8, 24])
     assert [(n, name) for n, name, _, _ in table] == [
         (n, name) for n in (8, 24) for name in probe.PROBES]
-    for _, name, auc, loss in table:
-        assert 0.0 <= auc <= 1.0 and loss > 0
-        if name == "size":
-            assert auc == 1.0
+    size_auc = {n: auc for n, name, auc, _ in table if name == "size"}
+    assert size_auc == {8: 1.0, 24: 0.0}
+    assert all(0.0 <= auc <= 1.0 and loss > 0 for _, _, auc, loss in table)
