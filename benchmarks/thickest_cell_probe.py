@@ -107,7 +107,8 @@ def main(argv=None) -> int:
                "test": args.seed_dir / "volumes" / "test"}
     # The mil head's input in benchmarks/classifier.py: the demo's lung masking, no margin, so
     # the depth is that script's `thickest_tissue_mm` measured on the network input.
-    options = ClassifierOptions(head="mil", lung_dilation_mm=demo.LUNG_DILATION_MM)
+    options = ClassifierOptions(gmcae=str(args.gmcae), head="mil",
+                                lung_dilation_mm=demo.LUNG_DILATION_MM)
     volume_input = options.volume_input().fit_to(
         [volumes.volume_path(folders["train"], i) for i in train_labels])
     encoder = instance_features(args.gmcae, "mil", ENCODER_BLOCK)
