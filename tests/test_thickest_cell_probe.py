@@ -78,3 +78,38 @@ def test_the_probes_fit_on_the_first_n_and_score_the_held_out_cohort(probe):
     size_auc = {n: auc for n, name, auc, _ in table if name == "size"}
     assert size_auc == {8: 1.0, 24: 0.0}
     assert all(0.0 <= auc <= 1.0 and loss > 0 for _, _, auc, loss in table)
+
+
+def test_the_command_prints_a_row_per_size_and_probe(probe, tmp_path, capsys):
+    """A seed folder of benchmarks/classifier.py's layout and a saved GMCAE: the probe reads
+    every volume as the mil head does and prints the table; size (a ball of 8 mm against 4 mm)
+    ranks the held-out patients perfectly."""
+    pytest.importorskip("tensorflow")
+    from kdsb.io import volumes
+    from kdsb.io.tables import write_labels
+    from kdsb.models.gmcae import build_gmcae
+
+    z, y, x = np.ogrid[:16, :24, :24]
+    seed_dir = tmp_path / "seed_0"
+    for split, count in (("train", 6), ("test", 4)):
+        labels = []
+        for k in range(count):
+            label = k % 2
+            hu = np.full((16, 24, 24), -850, dtype=np.int16)
+            radius = 4 if label else 2  # voxels of 2 mm
+            hu[(z - 8) ** 2 + (y - 12) ** 2 + (x - 10 - k % 3) ** 2 <= radius**2] = 30
+            pid = f"{split}_{k}"
+            volumes.write_volume(volumes.volume_path(seed_dir / "volumes" / split, pid), hu,
+                                 np.ones(hu.shape, np.uint8), (2.0,) * 3, (0.0, 0.0, 0.0))
+            labels.append((pid, label))
+        write_labels(seed_dir / ("labels_6.csv" if split == "train" else
+                                 "test_cohort/labels.csv"), labels)
+    gmcae = tmp_path / "gmcae.keras"
+    build_gmcae(patch_size=8, width=2, mixtures=2).save(gmcae)
+
+    assert probe.main([str(seed_dir), str(gmcae), "--sizes", "4", "6"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.strip()[:1].isdigit()]
+    assert [(r[0], " ".join(r[1:-2])) for r in rows] == [
+        (n, name) for n in ("4", "6") for name in probe.PROBES]
+    assert [r[-2] for r in rows if r[1:-2] == ["size"]] == ["1.000", "1.000"]
