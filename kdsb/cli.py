@@ -5,7 +5,8 @@ and imports nothing heavy at module level, so `kdsb --help` is instant; TensorFl
 inside `run` only by the subcommands that train or predict.
 
 Exit status: 0 success, 1 when the data was at fault (some patients failed, a bad CSV, …),
-2 for a usage error. Errors caused by input are printed on one line, never as a traceback.
+2 for a usage error, 130 when interrupted (Ctrl-C). Errors caused by input are printed on one
+line, never as a traceback.
 """
 
 from __future__ import annotations
@@ -32,7 +33,17 @@ SUBCOMMANDS = {
     "demo": "demo",
 }
 
-EXIT_OK, EXIT_DATA_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_DATA_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: …)" to each option's help, except where the default is None: such an
+    option is off unless given, or its help says what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdsb",
         description="3D CT lung research: DICOM → lung volumes → GMCAE → SPP3D classifier.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kdsb {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
@@ -53,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=module.HELP,
             description=module.HELP,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
@@ -86,4 +97,4 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DATA_ERROR
     except KeyboardInterrupt:
         print(f"kdsb {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

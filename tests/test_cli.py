@@ -42,6 +42,17 @@ def test_help_lists_every_subcommand_without_importing_tensorflow():
         assert name in result.stdout
 
 
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_help_states_each_default_once(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    # A default the help text states itself gets no second one appended.
+    assert "default: all) (default" not in text and "default 128) (default" not in text
+
+
 def test_python_dash_m_is_the_same_command():
     result = _run("-m", "kdsb", "--version")
     assert result.returncode == 0

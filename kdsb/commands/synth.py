@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kdsb.demo import PHANTOM_SCALE as DEMO_SCALE
+
 HELP = "write a test cohort as DICOM series plus labels.csv and ground truth"
 # Kept here (not imported) so that `kdsb --help` stays instant; tests check they agree.
 LESION_KINDS = ("solid", "spiculated", "part_solid", "ground_glass", "small_solid")
@@ -34,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="phantoms: physical size of each patient relative to an adult chest "
-             f"(0.6: small demo volumes; default {PHANTOM_SCALE})",
+             f"(the demo's: {DEMO_SCALE:g}; default {PHANTOM_SCALE:g})",
     )
     parser.add_argument("--base", type=Path,
                         help="a real chest CT (DICOM folder, or NIfTI / MetaImage / NRRD file): "

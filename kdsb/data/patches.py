@@ -14,8 +14,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from kdsb.errors import KdsbError
-
-# The aliases keep kdsb.data.datasets' names until it imports kdsb.preprocessing.hu itself.
 from kdsb.preprocessing.hu import AIR_HU, INPUT_CLIP_MAX_HU, LUNG_WINDOW_HU
 
 logger = logging.getLogger(__name__)

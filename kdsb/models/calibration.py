@@ -16,8 +16,8 @@ The map is monotone, so the AUC is unchanged; it moves
 log loss, Brier score and calibration error.
 
 The map is a registered Keras layer, `ProbabilityCalibration`, appended to the classifier's
-output (`with_calibration`), so `classifier.keras` carries it: no side file can get lost, and
-every tool that loads the model (predict, explain, embed) applies it.
+output (`with_calibration`), so `classifier.keras` carries it (the map needs no side file)
+and every tool that loads the model (predict, explain) applies it.
 """
 
 from __future__ import annotations

@@ -8,12 +8,14 @@ either one split into training and validation patients, stratified by label
 (`kdsb.data.datasets.split_patients`), or, with `--folds K`, patient-level stratified K-fold
 cross-validation (`kdsb.data.datasets.stratified_folds`). Each model trains on the spine of
 `kdsb.training.runs` (config.json, checkpoints/, history.csv, logs/, resume) with early stopping
-on the validation log loss, with one of two heads:
+on the validation log loss, with one of three heads:
 
 - `spp` (`kdsb.training.spp`): the GMCAE encoder, spatial pyramid pooling and a dense head,
   trained end to end on whole volumes;
-- `mil` (`kdsb.training.mil`): the frozen encoder's cells pooled by attention MIL
-  (`kdsb.models.mil`), trained on features computed once per volume (`kdsb.training.bags`).
+- `mil` (`kdsb.training.mil`): the frozen encoder's cells pooled by MIL (`--mil-pooling`: max
+  by default, or attention; `kdsb.models.mil`), trained on features computed once per volume
+  (`kdsb.training.bags`);
+- `nll` (`kdsb.models.nll`): the same MIL head on each patch's GMCAE negative log-likelihood.
 
 Calibration (`kdsb.models.calibration`): Platt or temperature scaling fitted on predictions of
 patients the model did not train on (the validation patients; with folds, every patient's
@@ -21,7 +23,8 @@ out-of-fold prediction) and appended to the saved model as a layer, so `classifi
 carries it. The spine's best model stays beside it as `uncalibrated.keras`.
 
 Run folder (one split): classifier.keras, uncalibrated.keras, classifier.json, metrics.json,
-config.json, history.csv, checkpoints/, logs/ (and bags/ for `mil`). With folds:
+config.json, split.json, history.csv, finished.json, checkpoints/, logs/ (and bags/ for `mil`
+and `nll`; restarts.json and collapsed_N_* after restarts, below). With folds:
 
 ```
 RUN_DIR/

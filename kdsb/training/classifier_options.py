@@ -30,7 +30,7 @@ class ClassifierOptions(RunOptions):
 
     Attributes (beyond `RunOptions`):
         gmcae: the trained GMCAE (`gmcae.keras`) whose encoder starts the classifier.
-        head: "spp" (trained end to end), "mil" (attention MIL on the frozen encoder's cells) or
+        head: "spp" (trained end to end), "mil" (MIL pooling of the frozen encoder's cells) or
             "nll" (the same MIL head on each patch's GMCAE NLL: the likelihood as a detector).
         folds: 0 or 1 for one training/validation split, K >= 2 for K-fold cross-validation.
         restarts: times a model whose validation predictions explain next to nothing (the
@@ -68,17 +68,17 @@ class ClassifierOptions(RunOptions):
         "none", "none, or multiworker (head spp): the processes that TF_CONFIG lists train "
         "together, each on a volume of its own every step (--batch-size = their number); "
         "mirrored cannot split one whole volume (sizes vary) over devices",
-        choices=runs.STRATEGIES,
+        choices=tuple(name for name in runs.STRATEGIES if name != "mirrored"),
     )
     head: str = option(
         "spp", "spp: encoder + spatial pyramid pooling trained end to end on whole volumes; "
-        "mil: attention multiple-instance learning on the frozen encoder's cells (trains in "
+        "mil: multiple-instance learning (--mil-pooling) on the frozen encoder's cells (trains in "
         "seconds on precomputed features); nll: the same on each patch's GMCAE likelihood "
         "(how unusual it is), the unsupervised model as a detector", choices=HEADS,
     )
     folds: int = option(
         0, "K >= 2: patient-level stratified K-fold cross-validation (oof.csv, K fold models, "
-        "averaged by predict); 0: one training/validation split", type=int,
+        "ensembled by predict: mean logit); 0: one training/validation split", type=int,
     )
     calibration: str = option(
         "platt", "calibration fitted on validation (or out-of-fold) predictions and saved in "
@@ -121,7 +121,7 @@ class ClassifierOptions(RunOptions):
     )
     downscale: int = option(1, "integer downscaling of every axis", type=int)
     levels: tuple[int, ...] = option(
-        (1, 2, 4), "spatial pyramid levels (bins per axis); 1 alone: global max", type=int,
+        (1, 2, 4), "spatial pyramid levels (bins per axis); 1 alone: global pooling", type=int,
         nargs="+",
     )
     pooling: str = option("max", "reduction inside each pyramid bin", choices=POOLINGS)

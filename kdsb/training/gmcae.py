@@ -17,7 +17,8 @@ RUN_DIR also receives:
 - `gmcae.keras`: the best model by validation NLL;
 - `loss.png`: training and validation NLL per voxel by epoch, with the baseline;
 - `reconstructions.png`: central slices of validation patches beside their reconstructions;
-- `gmcae_summary.json`: best and final validation NLL per voxel and the baseline.
+- `gmcae_summary.json`: best and final validation NLL per voxel and the baseline;
+- `gmcae.json`: the training volumes' spacing (`kdsb.data.inputs.save_gmcae_spacing`).
 
 NumPy and TensorFlow are imported inside the functions, so the command line stays light.
 """

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 HIGHER_IS_BETTER = ("acc", "accuracy", "auc", "precision", "recall")
 
 
-NAN_ADVICE = "try a lower --lr, a lower --clipnorm or a larger variance floor"
+# Shared by both training commands: --clipnorm and --variance-floor are train-gmcae's only.
+NAN_ADVICE = "try a lower --lr (train-gmcae: or a lower --clipnorm, a larger --variance-floor)"
 
 
 def higher_is_better(monitor: str) -> bool:
