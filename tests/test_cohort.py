@@ -389,6 +389,58 @@ def test_patients_retried_after_a_worker_died_still_run_side_by_side(tmp_path):
     assert sum(results[pid].detail == "met" for pid in "abcd") >= 2
 
 
+def _mark_then_sleep(patient_id: str, folder: str) -> PatientResult:
+    """A patient that takes a minute: marks its start in `folder`, then sleeps."""
+    (Path(folder) / patient_id).touch()
+    time.sleep(60.0)
+    return PatientResult(patient_id, STATUS_OK, 60.0, (1, 1, 1))
+
+
+INTERRUPTED_RUN = """
+import sys
+from kdsb.preprocessing.cohort import _run_tasks
+from tests.test_cohort import _mark_then_sleep
+tasks = {pid: (pid, sys.argv[1]) for pid in ("a", "b")}
+try:
+    list(_run_tasks(tasks, 3, worker=_mark_then_sleep))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_the_workers_at_once(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the run ends at once, without the
+    patients under way, a worker's traceback or a process left behind (found by a user's check:
+    an idle worker interrupted in its queue left the run hanging at exit)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_RUN, str(tmp_path)], cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + KILL_WAIT_S
+    try:
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)  # the third worker waits for a task
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    for _ in range(50):  # the forkserver leaves once its parent has gone
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("processes of the interrupted run were left behind")
+
+
 def _fake_volume(out: Path, pid: str, spacing: tuple[float, float, float], **attrs) -> Path:
     hu = np.zeros((4, 5, 6), np.int16)
     return volumes.write_volume(volumes.volume_path(out, pid), hu, hu + 1, spacing, (0.0, 0.0, 0.0),
@@ -450,7 +502,7 @@ def test_each_worker_gets_its_share_of_the_cores(tmp_path, monkeypatch, patients
 
     def fake_run_tasks(tasks, pool_size, scheduler=None):
         seen.update(tasks=tasks, pool_size=pool_size)
-        return [PatientResult(pid, "failed", error=f"{pid}: not run") for pid in tasks]
+        return (PatientResult(pid, "failed", error=f"{pid}: not run") for pid in tasks)
 
     monkeypatch.setattr(cohort, "usable_cores", lambda: 4)
     monkeypatch.setattr(cohort, "_run_tasks", fake_run_tasks)

@@ -14,9 +14,10 @@ import errno
 import logging
 import multiprocessing
 import os
+import signal
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -215,9 +216,14 @@ def _remove_outdated(path: Path) -> None:
         path.unlink()
 
 
-def _configure_worker_logging(level: int) -> None:
-    """Worker initializer: log at the parent's level, as `kdsb.cli.main` does (one line each)."""
+def _init_worker(level: int) -> None:
+    """Worker initializer: log at the parent's level, as `kdsb.cli.main` does (one line each),
+    and leave Ctrl-C to the parent. A terminal's Ctrl-C reaches every process of the group; a
+    worker interrupted while it waits for a task dies with a traceback and can leave the pool
+    waiting on it for good (seen in 4 of 10 tries), so the parent stops the workers itself
+    (`_run_pool`)."""
     logging.basicConfig(level=level, format=WORKER_LOG_FORMAT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -240,7 +246,7 @@ def _run_pool(
     pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=_pool_context(),
-        initializer=_configure_worker_logging,
+        initializer=_init_worker,
         initargs=(logging.getLogger().getEffectiveLevel(),),
     )
     try:
@@ -253,6 +259,13 @@ def _run_pool(
                 yield futures[future], future.result()
             except BrokenProcessPool:
                 yield futures[future], None
+    except BaseException:
+        # Interrupted (Ctrl-C, or the run abandoned): stop the patients under way rather than
+        # wait for them. ProcessPoolExecutor has no public way to before Python 3.14
+        # (terminate_workers), hence its process table.
+        for process in list((pool._processes or {}).values()):
+            process.terminate()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -262,7 +275,7 @@ def _run_tasks(
     workers: int,
     worker: Callable[..., PatientResult] = _preprocess_safely,
     scheduler: str | None = None,
-) -> Iterable[PatientResult]:
+) -> Generator[PatientResult, None, None]:
     """Results of `worker(*task)` for every task; a worker crash fails only its own patient.
 
     `worker` must be importable by name (it runs in spawned processes) and return a
@@ -432,18 +445,24 @@ def _run_locked(
     )
 
     if tasks:
-        with tqdm(total=len(tasks), unit="patient", desc="preprocess", disable=None) as bar:
-            runs = _run_tasks(tasks, pool_size, scheduler=scheduler)
-            for result in runs:
-                results[result.patient_id] = result
-                rows[result.patient_id] = result.manifest_row()
-                _write_manifest(out_dir, rows)
-                if result.status == STATUS_FAILED:
-                    logger.error("%s", result.error)
-                    if result.detail:
-                        logger.debug("%s", result.detail)
-                    _remove_outdated(volumes.volume_path(out_dir, result.patient_id))
-                bar.update()
+        runs = _run_tasks(tasks, pool_size, scheduler=scheduler)
+        try:
+            with tqdm(total=len(tasks), unit="patient", desc="preprocess", disable=None) as bar:
+                for result in runs:
+                    results[result.patient_id] = result
+                    rows[result.patient_id] = result.manifest_row()
+                    _write_manifest(out_dir, rows)
+                    if result.status == STATUS_FAILED:
+                        logger.error("%s", result.error)
+                        if result.detail:
+                            logger.debug("%s", result.detail)
+                        _remove_outdated(volumes.volume_path(out_dir, result.patient_id))
+                    bar.update()
+        finally:
+            runs.close()  # interrupted: the local workers stop now (`_run_pool`)
+            if scheduler is None:
+                # Files the stopped workers, or workers that died, were writing.
+                remove_stale_temporaries(out_dir)
 
     if qc_dir is not None:
         _write_qc(results, out_dir, Path(qc_dir))
