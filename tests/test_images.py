@@ -313,6 +313,11 @@ BAD_FILES = {
     "one_slice": (lambda p: write_volume(p, SMALL[:1], (1, 1, 1), (0, 0, 0)), "one_slice.mha",
                   "expected at least 2 voxels along every axis, received 8×7×1"),
     "nan": (_one_nan, "nan.nrrd", "expected finite values, received 1 NaN or infinite voxels"),
+    # SimpleITK reads a NIfTI file's NaN as 0 HU (found by a user's check).
+    "nan_nifti": (_one_nan, "nan_nifti.nii.gz",
+                  "expected finite values, received 1 NaN or infinite voxels"),
+    "nan_nii": (_one_nan, "nan_nii.nii",
+                "expected finite values, received 1 NaN or infinite voxels"),
     "garbage": (_garbage, "garbage.nii", "expected a readable NIfTI file, received an error:"),
     # SimpleITK alone would read these two, the missing voxels set to 0.
     "cut_nii": (_truncated, "cut_nii.nii",

@@ -30,7 +30,8 @@ How the volume is checked and made canonical:
 - Values are taken as HU as stored (NIfTI's scl_slope / scl_inter are applied by the reader;
   MetaImage and NRRD have no rescale). A volume whose darkest voxel is above `MAX_AIR_HU` is
   plainly not HU (a CT holds air or lung far below it; MR, PET, unsigned storage without its
-  intercept or a normalised image do not) and is an error, as are NaN or infinite values.
+  intercept or a normalised image do not) and is an error, as are NaN or infinite values (in a
+  floating-point NIfTI file found by nibabel: SimpleITK reads them as 0).
   Float values are rounded to the nearest HU; anything at or below `OUTSIDE_FIELD_HU` (the
   -2000 / -3024 HU outside-field values) becomes air, -1000 HU; the result is clipped into
   int16.
@@ -332,7 +333,29 @@ class _Reader:
             )
         if self.suffix in NIFTI_SUFFIXES:
             self.check_nifti_length(reader)
+            self.check_nifti_finite()
         return reader
+
+    def check_nifti_finite(self) -> None:
+        """Raise when a floating-point NIfTI file stores NaN or infinite voxels.
+
+        SimpleITK's NIfTI reader (2.5) returns them as 0, soft tissue, without a word (a NaN
+        outside the field of view became millions of 0 HU voxels), so the stored values of a
+        floating-point file are read once more here, with nibabel; integer storage cannot hold
+        them and costs nothing.
+        """
+        import nibabel
+
+        image = nibabel.load(self.path)
+        if image.get_data_dtype().kind != "f":
+            return
+        stored = np.asanyarray(image.dataobj.get_unscaled())
+        self.check_finite(stored)
+
+    def check_finite(self, values: np.ndarray) -> None:
+        bad = np.count_nonzero(~np.isfinite(values))
+        if bad:
+            raise self.error(f"expected finite values, received {bad} NaN or infinite voxels")
 
     def canonical_order(self, direction: np.ndarray) -> list[tuple[int, int]]:
         """(patient axis 0 X, 1 Y, 2 Z, sign) of each NumPy axis of the file's array.
@@ -361,9 +384,7 @@ class _Reader:
     def hounsfield(self, values: np.ndarray) -> np.ndarray:
         """The stored values as int16 HU (see the module docstring); may reuse `values`."""
         if values.dtype.kind == "f":
-            bad = np.count_nonzero(~np.isfinite(values))
-            if bad:
-                raise self.error(f"expected finite values, received {bad} NaN or infinite voxels")
+            self.check_finite(values)
             np.rint(values, out=values)
         low, high = values.min(), values.max()
         if low > MAX_AIR_HU:
