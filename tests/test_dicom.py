@@ -318,6 +318,25 @@ def test_truncated_file(tmp_path, hu, keep_bytes):
         read_series(tmp_path, patient_id="p1")
 
 
+@pytest.mark.realdata
+def test_a_file_cut_in_its_pixel_data_gives_only_kdsb_s_error(real_ct_dicom_dir, tmp_path,
+                                                              caplog):
+    """pydicom's own warning and log line about the cut file (one with a source line) stay off
+    the terminal: the error names the file (found by a user's check)."""
+    import shutil
+    import warnings
+
+    folder = tmp_path / "p1"
+    shutil.copytree(real_ct_dicom_dir, folder)
+    cut = sorted(folder.iterdir())[4]
+    cut.write_bytes(cut.read_bytes()[:50_000])  # inside the JPEG 2000 fragments
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        with pytest.raises(DicomError, match=rf"patient p1: .*ends early.*{cut.name}"):
+            read_series(folder, patient_id="p1")
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("pydicom")] == []
+
+
 def test_no_pixel_data(tmp_path, hu):
     paths = _write(tmp_path, hu)
     for path in paths:

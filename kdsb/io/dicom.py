@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,6 +63,15 @@ from kdsb.io.series import INT16_MAX, INT16_MIN, MIN_SLICES, MM_DECIMALS, CTSeri
 from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
+
+# pydicom both warns and logs when a file ends early ("End of file reached before delimiter …
+# found in file …"); kdsb names that file in its own one-line error, so pydicom's two lines
+# (one with a source line) are kept off the terminal: the log record by this filter, the
+# warning where the file is read (`_read_header`).
+DAMAGED_FILE_MESSAGE = "End of file reached"
+logging.getLogger("pydicom").addFilter(
+    lambda record: not record.getMessage().startswith(DAMAGED_FILE_MESSAGE)
+)
 
 CT_MODALITY = "CT"
 PER_FRAME = "PerFrameFunctionalGroupsSequence"  # Enhanced (multi-frame) CT
@@ -146,7 +156,9 @@ def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[_Header]:
     the dataset kept on the header for the pixel pass.
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=not keep_pixels)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=DAMAGED_FILE_MESSAGE, category=UserWarning)
+            ds = pydicom.dcmread(path, stop_before_pixels=not keep_pixels)
     except InvalidDicomError:
         logger.warning("patient %s: skipping %s: not a DICOM file", patient, path.name)
         return []
