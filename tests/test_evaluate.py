@@ -62,6 +62,24 @@ def test_evaluate_mismatched_ids_is_a_data_error(files, tmp_path, capsys):
     assert "1 labelled id(s) without a prediction" in err and ": p00" in err
 
 
+def test_predicted_only_scores_a_held_out_part_against_the_whole_labels_file(files, tmp_path,
+                                                                            capsys):
+    preds, labels, y, p = files
+    part = tmp_path / "part.csv"
+    rows = preds.read_text().splitlines()
+    part.write_text("\n".join(rows[:21]) + "\n")  # the header and 20 of the 30 patients
+    assert main(["evaluate", str(part), str(labels), "--bootstrap", "0"]) == 1
+    assert "pass --predicted-only" in capsys.readouterr().err
+    assert main(["evaluate", str(part), str(labels), "--bootstrap", "0", "--predicted-only"]) == 0
+    kept = [int(row.split(",")[0][1:]) for row in rows[1:21]]
+    out = capsys.readouterr().out
+    assert f"log loss            {metrics.log_loss(y[kept], p[kept]):.4f}" in out
+    # Predictions without a label stay an error.
+    part.write_text(part.read_text() + "zz,0.5\n")
+    assert main(["evaluate", str(part), str(labels), "--predicted-only"]) == 1
+    assert "1 predicted id(s) without a label" in capsys.readouterr().err
+
+
 def test_evaluate_rejects_probabilities_outside_0_1(files, tmp_path, capsys):
     _, labels, _, _ = files
     bad = tmp_path / "bad.csv"

@@ -92,6 +92,26 @@ def test_check_labels_match_errors_and_warning(tmp_path, caplog):
     assert "skipping unlabelled volumes" in caplog.text
 
 
+def test_labelled_patients_whose_preprocessing_failed_are_skipped(tmp_path, caplog):
+    """A scan that failed preprocessing is in the manifest, not in the folder: training goes on
+    without it, saying so; a labelled id the manifest does not name stays an error."""
+    from kdsb.preprocessing.cohort import failed_patients
+
+    (tmp_path / "manifest.csv").write_text(
+        "id,status,seconds,shape,error\na,ok,1.0,2x2x2,\nc,failed,0.1,,c: truncated\n"
+    )
+    labels = {"a": 0, "b": 1, "c": 1}
+    failed = failed_patients(tmp_path)
+    assert failed == {"c"} and failed_patients(tmp_path / "none") == set()
+    with caplog.at_level(logging.WARNING, logger="kdsb.io.tables"):
+        assert check_labels_match(labels, ["a", "b"], data_dir=tmp_path, failed=failed) == [
+            "a", "b"]
+    assert "skipping 1 labelled patient(s) whose preprocessing failed" in caplog.text
+    assert f"{tmp_path}/manifest.csv): c" in caplog.text
+    with pytest.raises(LabelsError, match=r"received 1 of 3 without one: b"):
+        check_labels_match(labels, ["a"], failed=failed)
+
+
 def test_predictions_round_trip_and_errors(tmp_path):
     path = write_predictions(tmp_path / "out" / "sub.csv", {"b": 0.25, "a": 1.0})
     assert path.read_text() == "id,cancer\nb,0.250000\na,1.000000\n"

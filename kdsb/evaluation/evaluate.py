@@ -42,8 +42,11 @@ def align(
     *,
     predictions_path: str | os.PathLike = "predictions",
     labels_path: str | os.PathLike = "labels",
+    predicted_only: bool = False,
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Pair predictions with labels by id; both must name exactly the same patients.
+    """Pair predictions with labels by id; both must name exactly the same patients, or with
+    `predicted_only` every predicted patient must have a label (the labels may name more: a
+    held-out part of a cohort scored against the cohort's labels file).
 
     Returns:
         The ids (sorted), the labels and the probabilities in that order.
@@ -59,7 +62,10 @@ def align(
             f"{len(only_predicted)} predicted id(s) without a label in {labels_path}: "
             f"{summarise_ids(only_predicted)}"
         )
-    if only_labelled:
+    if only_labelled and predicted_only:
+        logger.info("scoring the %d predicted patients; %d more in %s left out", len(predictions),
+                    len(only_labelled), labels_path)
+    elif only_labelled:
         problems.append(
             f"{len(only_labelled)} labelled id(s) without a prediction in {predictions_path}: "
             f"{summarise_ids(only_labelled)}"
@@ -67,6 +73,8 @@ def align(
     if problems:
         raise LabelsError(
             "expected predictions and labels for the same patients, received " + "; ".join(problems)
+            + ("" if predicted_only or not only_labelled else
+               " (pass --predicted-only to score the predicted patients alone)")
         )
     ids = sorted(predictions)
     y = np.array([labels[i] for i in ids], dtype=np.float64)
@@ -238,6 +246,7 @@ def evaluate(
     level: float = metrics.DEFAULT_LEVEL,
     threshold: str | float | None = None,
     validation_csv: str | os.PathLike | None = None,
+    predicted_only: bool = False,
 ) -> dict[str, object]:
     """Score a submission CSV against labels; optionally write roc.png and calibration.png.
 
@@ -254,6 +263,7 @@ def evaluate(
             `metrics.pick_threshold` applied to the validation predictions.
         validation_csv: predictions of validation or out-of-fold patients, separate from the
             evaluated ones (only its `id` and `cancer` columns are read). Required by a rule.
+        predicted_only: score the predicted patients even when the labels name more (`align`).
 
     Returns:
         `metrics.summary` (log_loss, brier, ece, roc_auc (NaN for one class), accuracy,
@@ -286,7 +296,8 @@ def evaluate(
         y_val, p_val, labels = _split_validation(
             validation_csv, predictions, predictions_csv, labels, labels_csv
         )
-    _, y, p = align(predictions, labels, predictions_path=predictions_csv, labels_path=labels_csv)
+    _, y, p = align(predictions, labels, predictions_path=predictions_csv, labels_path=labels_csv,
+                    predicted_only=predicted_only)
     scores: dict[str, object] = dict(metrics.summary(y, p))
     if math.isnan(scores["roc_auc"]):
         logger.warning("ROC AUC is undefined: every label in %s is %d", labels_csv, int(y[0]))

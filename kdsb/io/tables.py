@@ -7,7 +7,9 @@ other columns are ignored.
 
 Which mismatches are errors (for `kdsb train-classifier`):
 
-- a labelled id without a volume is always an error: the user expects that patient to be used;
+- a labelled id without a volume is an error: the user expects that patient to be used; unless
+  preprocessing failed for it (the caller passes the failed ids from the volume folder's
+  manifest), in which case it is skipped with a warning: the user was told when it failed;
 - a volume without a label is an error too, unless the caller allows it (`allow_unlabelled`),
   in which case it is skipped with a warning. Kaggle's stage-1 folder holds the unlabelled test
   patients beside the labelled ones, which is why the option exists.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,7 @@ def check_labels_match(
     labels_path: str | os.PathLike = "labels CSV",
     data_dir: str | os.PathLike = "the data folder",
     allow_unlabelled: bool = False,
+    failed: Collection[str] = (),
 ) -> list[str]:
     """Check that labels and volumes name the same patients; return the usable ids, sorted.
 
@@ -137,6 +140,7 @@ def check_labels_match(
         labels_path: the labels file, for messages.
         data_dir: the volume folder, for messages.
         allow_unlabelled: skip volumes without a label (logging a warning) instead of failing.
+        failed: ids whose preprocessing failed: skipped with a warning when labelled.
 
     Returns:
         The ids that have both a label and a volume, sorted.
@@ -147,6 +151,13 @@ def check_labels_match(
     """
     volume_ids = set(volume_ids)
     without_volume = sorted(set(labels) - volume_ids)
+    not_preprocessed = [i for i in without_volume if i in set(failed)]
+    if not_preprocessed:
+        logger.warning(
+            "skipping %d labelled patient(s) whose preprocessing failed (%s/manifest.csv): %s",
+            len(not_preprocessed), data_dir, summarise_ids(not_preprocessed),
+        )
+        without_volume = [i for i in without_volume if i not in set(failed)]
     if without_volume:
         raise LabelsError(
             f"{labels_path}: expected a volume in {data_dir} for every labelled id, received "

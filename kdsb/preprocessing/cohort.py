@@ -157,6 +157,11 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
         return {row["id"]: row for row in csv.DictReader(f) if row.get("id")}
 
 
+def failed_patients(out_dir: str | os.PathLike) -> set[str]:
+    """Ids that `out_dir/manifest.csv` records as failed (none without a manifest)."""
+    return {pid for pid, row in read_manifest(out_dir).items() if row["status"] == STATUS_FAILED}
+
+
 def _write_manifest(out_dir: Path, rows: dict[str, dict[str, str]]) -> Path:
     """Rewrite the manifest atomically (temporary file, then rename), rows sorted by id."""
     path = out_dir / MANIFEST_NAME
