@@ -113,6 +113,11 @@ def test_synth_base_bad_options_are_usage_errors(base_folder, tmp_path, capsys):
     assert main(["synth", str(tmp_path / "c"), "--base", str(folder), "--radius-mm", "3",
                  "5"]) == 2
     capsys.readouterr()
+    # Refused before the base is read, not after every placement try (found by a user's check).
+    assert main(["synth", str(tmp_path / "c"), "--base", str(folder), "--radius-mm", "100",
+                 "200"]) == 2
+    assert "8 <= LOW <= HIGH <= 35, received 100 200" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
     # Options of the other kind of cohort are refused, not ignored (found in review).
     assert main(["synth", str(tmp_path / "d"), "--base", str(folder), "--size", "64"]) == 2
     assert "expected no --size for an implant cohort (--base)" in capsys.readouterr().err

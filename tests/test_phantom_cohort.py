@@ -134,8 +134,10 @@ def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys):
     assert "expected OUT_ROOT, a folder for the cohort, received a file" in capsys.readouterr().err
 
 
-def test_an_interrupted_cohort_leaves_no_labels_csv(tmp_path, monkeypatch):
-    """labels.csv marks a complete cohort: a run killed part-way leaves none (nor a temporary)."""
+def test_an_interrupted_cohort_leaves_no_labels_csv(tmp_path, monkeypatch, caplog):
+    """labels.csv marks a complete cohort: a run killed part-way leaves none (nor a temporary),
+    and a rerun replaces the unfinished cohort without --overwrite (found by a user's check:
+    a killed or failed synth blocked its own retry)."""
     import kdsb.phantoms.cohort
 
     real_write = kdsb.phantoms.cohort.write_ct_series
@@ -152,8 +154,17 @@ def test_an_interrupted_cohort_leaves_no_labels_csv(tmp_path, monkeypatch):
         write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5)
     assert len(calls) == 1
     assert not (tmp_path / "labels.csv").exists()
-    assert not list(tmp_path.glob(".*"))
+    assert [p.name for p in tmp_path.glob(".*")] == [".kdsb-synth-unfinished"]
     monkeypatch.undo()
-    labels_csv = write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5, overwrite=True)
+    labels_csv = write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5)
+    assert "replacing the unfinished cohort" in caplog.text
     assert labels_csv.read_text().splitlines()[0] == "id,cancer"
     assert not list(tmp_path.glob(".*"))
+    assert sorted(p.name for p in (tmp_path / "dicom").iterdir()) == ["phantom_000", "phantom_001"]
+
+
+def test_a_dicom_folder_synth_did_not_write_is_never_replaced(tmp_path):
+    (tmp_path / "dicom" / "real_patient").mkdir(parents=True)
+    with pytest.raises(UsageError, match="already holds dicom"):
+        write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5)
+    assert (tmp_path / "dicom" / "real_patient").is_dir()

@@ -36,6 +36,7 @@ from kdsb.preprocessing.hu import OUTSIDE_FIELD_HU
 logger = logging.getLogger(__name__)
 
 PATIENT_PREFIX = "phantom_"
+UNFINISHED_MARKER = ".kdsb-synth-unfinished"  # in OUT_ROOT while synth writes a cohort
 
 # How each patient's series is stored: (storage, intercept) pairs and slopes.
 STORAGE_STYLES = (("int16", -1024.0), ("int16", 0.0), ("uint16", -1024.0))
@@ -94,18 +95,34 @@ def _acquisition(rng: np.random.Generator) -> dict:
 
 def prepare_root(out_root: Path, overwrite: bool) -> None:
     """Make OUT_ROOT ready for a new cohort: dicom/ and truth/ created, an old cohort removed
-    only with `overwrite` (else a UsageError)."""
+    only with `overwrite` (else a UsageError), or without it when a synth run that stopped
+    (killed, or failed) left it unfinished: its `UNFINISHED_MARKER` and no labels.csv. The marker
+    stays until `finish_root` has written labels.csv; a dicom/ folder without it is never
+    taken for synth's own."""
     existing = [out_root / name for name in ("dicom", "truth", "labels.csv")]
     existing = [path for path in existing if path.exists()]
-    if existing and not overwrite:
+    unfinished = (out_root / UNFINISHED_MARKER).is_file() and not (out_root / "labels.csv").exists()
+    if existing and unfinished and not overwrite:
+        logger.warning("replacing the unfinished cohort a stopped synth run left in %s", out_root)
+    elif existing and not overwrite:
         raise UsageError(
             f"expected a new or empty OUT_ROOT, received {out_root} which already holds "
             f"{', '.join(path.name for path in existing)} (use --overwrite to replace them)"
         )
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / UNFINISHED_MARKER).touch()
     for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    (out_root / "dicom").mkdir(parents=True)
+    (out_root / "dicom").mkdir()
     (out_root / "truth").mkdir()
+
+
+def finish_root(out_root: Path, rows: list[tuple[str, int]]) -> Path:
+    """Write labels.csv (last and atomically: it marks a complete cohort) and drop the
+    unfinished marker; returns the path of labels.csv."""
+    labels_csv = write_labels(out_root / "labels.csv", rows)
+    (out_root / UNFINISHED_MARKER).unlink(missing_ok=True)
+    return labels_csv
 
 
 def _write_truth(truth_dir: Path, pid: str, phantom: Phantom, acquisition: dict) -> None:
@@ -198,8 +215,7 @@ def write_cohort(
         _write_truth(out_root / "truth", pid, phantom, acquisition)
         rows.append((pid, phantom.label))
         logger.debug("%s: shape %s, label %d", pid, phantom.hu.shape, phantom.label)
-    # Written last and atomically: labels.csv marks a complete cohort (a killed run leaves none).
-    return write_labels(out_root / "labels.csv", rows)
+    return finish_root(out_root, rows)
 
 
 def truth_paths(out_root: str | os.PathLike, patient_id: str) -> tuple[Path, Path]:

@@ -54,6 +54,9 @@ BIG_KINDS = tuple(kind for kind in KINDS if kind != "small_solid")
 SMALL_RADIUS_MM = (3.0, 6.0)  # small solid nodules of every patient
 MAX_SMALL_NODULES = 2
 DEFAULT_RADIUS_MM = (8.0, 35.0)  # the cancer lesion's radius
+# The largest cancer lesion: what the lung mask is built to keep (`kdsb.preprocessing.lungs`); a
+# far larger one rarely fits a lung and is only refused after every placement try.
+MAX_RADIUS_MM = DEFAULT_RADIUS_MM[1]
 MIRROR_PROBABILITY = 0.5
 CROP_MARGIN_MM = (10.0, 40.0)  # kept around the lungs' bounding box, per side
 ELASTIC_MM = 4.0  # largest displacement of the smooth deformation
@@ -236,9 +239,8 @@ def write_implant_cohort(
         UsageError: bad options, a missing base, or out_root already holds a cohort.
         KdsbError: the base cannot be read or holds no lungs (the message names it).
     """
-    from kdsb.io.tables import write_labels
     from kdsb.phantoms.anatomy import CANCER_RADIUS_MM, Nodule
-    from kdsb.phantoms.cohort import prepare_root
+    from kdsb.phantoms.cohort import finish_root, prepare_root
     from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
     from kdsb.preprocessing.lungs import segment_lungs
     from kdsb.preprocessing.pipeline import read_patient
@@ -250,10 +252,10 @@ def write_implant_cohort(
     kinds = _check_choices("kinds", kinds, KINDS)
     places = _check_choices("places", places, PLACES)
     low, high = (float(r) for r in radius_mm)
-    if not CANCER_RADIUS_MM <= low <= high:
+    if not CANCER_RADIUS_MM <= low <= high <= MAX_RADIUS_MM:
         raise UsageError(
-            f"expected --radius-mm LOW HIGH with {CANCER_RADIUS_MM:g} <= LOW <= HIGH, "
-            f"received {low:g} {high:g}"
+            f"expected --radius-mm LOW HIGH with {CANCER_RADIUS_MM:g} <= LOW <= HIGH <= "
+            f"{MAX_RADIUS_MM:g}, received {low:g} {high:g}"
         )
     base = Path(base)
     if not base.exists():
@@ -308,8 +310,7 @@ def write_implant_cohort(
         (out_root / "truth" / f"{pid}.json").write_text(json.dumps(record, indent=2) + "\n")
         rows.append((pid, label))
         logger.debug("%s: %d lesions, label %d", pid, len(lesions), label)
-    # Written last and atomically: labels.csv marks a complete cohort (a killed run leaves none).
-    return write_labels(out_root / "labels.csv", rows)
+    return finish_root(out_root, rows)
 
 
 def load_lesion_labels(out_root: str | os.PathLike, patient_id: str) -> tuple[np.ndarray, list]:
