@@ -103,9 +103,11 @@ def test_fit_to_records_the_spacing_and_refuses_another(volume, tmp_path):
     fitted = VolumeInput().fit_to([path])
     assert fitted.spacing_mm == (2.0, 1.0, 1.0)
     other = write_volume(volume_path(tmp_path, "q"), hu, lung, (1, 1, 1), (0, 0, 0))
-    with pytest.raises(StoreError, match=r"q.h5: expected a spacing of \(2, 1, 1\) mm"):
+    with pytest.raises(StoreError, match=r"q.h5: expected a spacing of \(2, 1, 1\) mm \(that of "
+                                         r"p.h5, the first volume"):
         VolumeInput().fit_to([path, other])
-    with pytest.raises(StoreError, match=r"q.h5: expected a spacing of \(2, 1, 1\) mm"):
+    with pytest.raises(StoreError, match=r"q.h5: expected a spacing of \(2, 1, 1\) mm \(the "
+                                         r"model's training volumes\)"):
         fitted.read(other)
     with pytest.raises(StoreError, match=r"p.h5: expected a volume of at least 17 voxels per "
                                          r"axis for --downscale 17, received shape \(16, 18, 20\)"):

@@ -48,6 +48,7 @@ GMCAE_INPUT_NAME = "gmcae.json"
 DEFAULT_LUNG_DILATION_MM = 2.0
 # Spacings closer than this (mm, per axis) are the same grid.
 SPACING_TOLERANCE_MM = 1e-3
+MODEL_SPACING = "the model's training volumes"  # where an expected spacing comes from
 # Keys of a saved VolumeInput that every classifier.json of this package holds; the others
 # (`spacing_mm`, `hu_clip`) came later and default to what those classifiers did.
 REQUIRED_KEYS = ("mask_outside_lungs", "lung_dilation_mm", "downscale", "outside_hu")
@@ -144,18 +145,20 @@ class VolumeInput:
             )
         return cls.from_config(found[1], str(found[0]))
 
-    def check(self, path: str | os.PathLike, spacing: Sequence[float], shape: Sequence[int]):
+    def check(self, path: str | os.PathLike, spacing: Sequence[float], shape: Sequence[int],
+              whose: str = MODEL_SPACING):
         """Refuse a volume of another spacing, or too small for `downscale`.
 
         Args:
             path: the volume file, for the message.
             spacing: its (z, y, x) spacing in mm.
             shape: its (z, y, x) shape in voxels.
+            whose: where `spacing_mm` came from, for the message (`check_spacing`).
 
         Raises:
             StoreError: naming the file.
         """
-        check_spacing(path, spacing, self.spacing_mm)
+        check_spacing(path, spacing, self.spacing_mm, whose)
         if min(shape) < self.downscale:
             raise StoreError(
                 f"{path}: expected a volume of at least {self.downscale} voxels per axis for "
@@ -175,12 +178,12 @@ class VolumeInput:
             StoreError: a file is unreadable or not a kdsb volume file, too small for
                 `downscale`, or of another spacing than the first file.
         """
-        fitted = self
+        fitted, whose = self, MODEL_SPACING
         for path in paths:
             attrs = volumes.read_attrs(path)
             if fitted.spacing_mm is None:
-                fitted = replace(fitted, spacing_mm=attrs["spacing"])
-            fitted.check(path, attrs["spacing"], attrs["shape"])
+                fitted, whose = replace(fitted, spacing_mm=attrs["spacing"]), _first_volume(path)
+            fitted.check(path, attrs["spacing"], attrs["shape"], whose)
         return fitted
 
     def read(self, path: str | os.PathLike) -> np.ndarray:
@@ -217,17 +220,22 @@ def same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 def check_spacing(path: str | os.PathLike, spacing: Sequence[float],
-                  expected_mm: Sequence[float] | None) -> None:
-    """Refuse a volume whose (z, y, x) spacing (mm) is not the model's training spacing.
+                  expected_mm: Sequence[float] | None, whose: str = MODEL_SPACING) -> None:
+    """Refuse a volume whose (z, y, x) spacing (mm) is not `expected_mm`: by default the model's
+    training spacing; `whose` says where it came from, for the message.
 
     Raises:
         StoreError: naming the file, both spacings and the fix (None expected: any spacing).
     """
     if expected_mm is not None and not same_spacing(spacing, expected_mm):
         raise StoreError(
-            f"{path}: expected a spacing of {_mm(expected_mm)} mm (the model's training "
-            f"volumes), received {_mm(spacing)} mm; preprocess it with that --spacing"
+            f"{path}: expected a spacing of {_mm(expected_mm)} mm ({whose}), received "
+            f"{_mm(spacing)} mm; preprocess it with that --spacing"
         )
+
+
+def _first_volume(path: str | os.PathLike) -> str:
+    return f"that of {Path(path).name}, the first volume: a run takes one spacing"
 
 
 def common_spacing(paths: Sequence[str | os.PathLike]) -> tuple[float, float, float]:
@@ -237,11 +245,12 @@ def common_spacing(paths: Sequence[str | os.PathLike]) -> tuple[float, float, fl
         StoreError: a file is unreadable or not a kdsb volume file, or its spacing differs from
             the first file's.
     """
-    spacing = None
+    spacing = whose = None
     for path in paths:
         attrs = volumes.read_attrs(path)
-        spacing = spacing or tuple(float(s) for s in attrs["spacing"])
-        check_spacing(path, attrs["spacing"], spacing)
+        if spacing is None:
+            spacing, whose = tuple(float(s) for s in attrs["spacing"]), _first_volume(path)
+        check_spacing(path, attrs["spacing"], spacing, whose)
     if spacing is None:
         raise StoreError("expected at least one volume file, received none")
     return spacing

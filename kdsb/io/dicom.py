@@ -306,7 +306,8 @@ def _choose_series(patient: str, headers: list[_Header]) -> list[_Header]:
     for other_uid, other in ranked[1:]:
         logger.info(
             "patient %s: dropped series %s (%d images; kept %s with %d)",
-            patient, other_uid, len(other), uid, len(chosen),
+            patient, other_uid or "without a SeriesInstanceUID", len(other),
+            uid or "the one without a SeriesInstanceUID", len(chosen),
         )
     return chosen
 
