@@ -209,5 +209,5 @@ def predict_to_csv(
     """`predict_cohort`, then write the `id,cancer` CSV atomically; returns the predictions."""
     predictions = predict_cohort(data_dir, model_paths, **kwargs)
     write_predictions(out_csv, predictions)
-    logger.info("wrote %d predictions to %s", len(predictions), out_csv)
+    logger.debug("wrote %d predictions to %s", len(predictions), out_csv)  # the command prints it
     return predictions

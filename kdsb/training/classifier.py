@@ -273,9 +273,10 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
             best = attempts.least_stuck(records)
             records[best][attempts.KEPT_KEY] = True
             write_json(restarts_path, records)
+            fraction = records[best]["explained_fraction"]
             logger.warning("%s: every attempt stayed on the base-rate plateau; keeping seed %d's "
                            "(explained fraction %s), the least stuck", model_dir,
-                           records[best]["seed"], records[best]["explained_fraction"])
+                           records[best]["seed"], "n/a" if fraction is None else f"{fraction:.3f}")
             return _kept_attempt(model_dir, records, models, fitted.history)
         records.append(record)
         logger.warning("%s: the validation predictions explain %.3f of the labels' entropy (seed "
@@ -454,7 +455,7 @@ def train_classifier(
         result["options"] = options.to_saved()
         path = run_dir / METRICS_NAME
         write_json(path, result)
-        logger.info("wrote %s", path)
+        logger.debug("wrote %s", path)  # the command prints it
     runs.wait_for_workers(options.distribute)
     return result
 
