@@ -374,8 +374,9 @@ def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
     else:
         centre = ", ".join(f"{c:.0f}" for c in lesion.centre)
         bottom.suptitle(
-            f"largest soft-tissue lesion: {lesion.volume_ml:.2f} ml, equivalent-sphere radius "
-            f"{lesion.radius_mm:.1f} mm, centre voxel ({centre}) (z, y, x)",
+            f"largest soft tissue in the mask: {lesion.volume_ml:.2f} ml, equivalent-sphere "
+            f"radius {lesion.radius_mm:.1f} mm, centre voxel ({centre}) (z, y, x)\n"
+            "a lesion, or a thick vessel, the hilum or mediastinum the mask took in",
             color=LESION_TITLE_COLOUR,
         )
         _draw_row(bottom, lesion_views(volume, lesion))
