@@ -319,6 +319,10 @@ BAD_FILES = {
     "nan_nii": (_one_nan, "nan_nii.nii",
                 "expected finite values, received 1 NaN or infinite voxels"),
     "garbage": (_garbage, "garbage.nii", "expected a readable NIfTI file, received an error:"),
+    "mixed_case": (lambda p: write_volume(p.with_name("m.nii.gz"), SMALL, (1, 1, 1),
+                                          (0, 0, 0)).rename(p), "mixed_case.Nii.gz",
+                   "expected the NIfTI suffix in one case (.nii.gz or .NII.GZ: the NIfTI library "
+                   "refuses others), received .Nii.gz: rename the file"),
     # SimpleITK alone would read these two, the missing voxels set to 0.
     "cut_nii": (_truncated, "cut_nii.nii",
                 "expected 16736 bytes of NIfTI header and voxels, received 8368"),

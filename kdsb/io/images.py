@@ -299,6 +299,12 @@ class _Reader:
             )
         if not self.path.is_file():
             raise self.error(f"expected a volume file, received a missing path {self.path}")
+        written = self.path.name[-len(self.suffix):]
+        if self.suffix in NIFTI_SUFFIXES and written not in (written.lower(), written.upper()):
+            raise self.error(
+                f"expected the NIfTI suffix in one case ({self.suffix} or {self.suffix.upper()}: "
+                f"the NIfTI library refuses others), received {written}: rename the file"
+            )
         image_io = VOLUME_FORMATS[self.suffix][1]
         if self.suffix == METAIMAGE_HEADER_SUFFIX:
             data = metaimage_data_file(self.path)
