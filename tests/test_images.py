@@ -213,6 +213,22 @@ def test_find_patients_refuses_two_entries_for_one_id(tmp_path):
         find_patients(tmp_path)
 
 
+def test_dicom_files_in_the_input_root_itself_are_named(tmp_path, caplog):
+    """One patient's series passed as INPUT_ROOT: the error says why none was found and what to
+    pass instead; beside patient folders such files are ignored with a warning (found by a
+    user's check: both were silent)."""
+    dicom_preamble = bytes(128) + b"DICM"
+    for name in ("IM0001", "IM0002.dcm"):
+        (tmp_path / name).write_bytes(dicom_preamble)
+    with pytest.raises(UsageError, match=r"received none; 2 DICOM file\(s\) \(IM0001, …\) lie in "
+                                         r"it: a patient's series is a sub-folder \(for one "
+                                         r"patient, pass the folder above it\)"):
+        find_patients(tmp_path)
+    (tmp_path / "p1").mkdir()
+    assert find_patients(tmp_path) == {"p1": tmp_path / "p1"}
+    assert "ignored 2 DICOM file(s) (IM0001, …) beside the patients" in caplog.text
+
+
 def test_only_volume_files_give_ids():
     assert volume_id("x/1.2.3.mhd") == "1.2.3"
     assert volume_id("scan.nii.gz") == "scan" and volume_id("scan.nii") == "scan"

@@ -117,6 +117,8 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
         UsageError: `input_root` is missing, not a folder, holds no patient, or holds two
             entries with the same id (`p1/` and `p1.nii.gz`).
     """
+    from pydicom.misc import is_dicom
+
     from kdsb.io.images import volume_id
 
     if not input_root.exists():
@@ -125,6 +127,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
         raise UsageError(f"expected an input root folder, received a file: {input_root}")
     skip = {Path(folder).resolve() for folder in outputs if folder is not None}
     patients: dict[str, Path] = {}
+    loose_dicom = []  # DICOM files lying in input_root itself: never a patient
     for path in sorted(input_root.iterdir()):
         if path.name.startswith("."):
             continue
@@ -132,6 +135,8 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
             patient_id = path.name if path.resolve() not in skip else None
         else:  # volume files only: a .raw beside its .mhd, labels.csv, … give None
             patient_id = volume_id(path)
+            if patient_id is None and is_dicom(path):
+                loose_dicom.append(path.name)
         if patient_id is None:
             continue
         if patient_id in patients:
@@ -140,11 +145,17 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
                 f"{patient_id}: {patients[patient_id].name} and {path.name}"
             )
         patients[patient_id] = path
+    files = f"{len(loose_dicom)} DICOM file(s) ({loose_dicom[0]}, …)" if loose_dicom else ""
     if not patients:
         raise UsageError(
             f"expected one sub-folder per patient, or one NIfTI, MetaImage or NRRD file per "
             f"patient, in {input_root}, received none"
+            + (f"; {files} lie in it: a patient's series is a sub-folder (for one patient, pass "
+               f"the folder above it)" if loose_dicom else "")
         )
+    if loose_dicom:
+        logger.warning("%s: ignored %s beside the patients: a patient's series is a sub-folder",
+                       input_root, files)
     return dict(sorted(patients.items()))
 
 
