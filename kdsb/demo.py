@@ -254,7 +254,9 @@ def run_demo(
                        title="validation (held out from the training cohort)"))
     print(format_table(scores, title="test (a separate phantom cohort)"))
     beaten = "beats" if scores["log_loss"] < scores["base_rate_log_loss"] else "does NOT beat"
-    print(f"the classifier {beaten} the base rate on the test cohort")
+    print(f"the classifier {beaten} the base rate on the test cohort"
+          + (f" (--fast: a smoke test of the plumbing on {int(scores['n'])} patients, not a "
+             f"result)" if fast else ""))
     print(f"predictions: {predictions}")
     print(f"plots: {plots / ROC_PNG}, {plots / CALIBRATION_PNG}")
     print(f"wall time: {seconds / 60:.1f} min")

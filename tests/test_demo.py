@@ -21,6 +21,7 @@ def test_fast_demo_runs_every_stage(tmp_path, capsys):
                   "== predict"):
         assert stage in out
     assert "test (a separate phantom cohort)" in out and "base-rate log loss" in out
+    assert "test cohort (--fast: a smoke test of the plumbing on 2 patients, not a result)" in out
 
     test_labels = read_labels(work / "test_cohort" / "labels.csv")
     predictions = read_predictions(work / "test_predictions.csv")
