@@ -34,6 +34,7 @@ SUBCOMMANDS = {
 }
 
 EXIT_OK, EXIT_DATA_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+RETRACING_MESSAGE = "triggered tf.function retracing"  # TensorFlow's warning, kept under -v
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -79,7 +80,19 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # TensorFlow's Python logger narrates its collectives ("Collective all_reduce …") at INFO.
-    logging.getLogger("tensorflow").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    tensorflow = logging.getLogger("tensorflow")
+    tensorflow.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if verbose:
+        tensorflow.removeFilter(_not_retracing)
+    else:
+        tensorflow.addFilter(_not_retracing)  # once: a filter already there is not added again
+
+
+def _not_retracing(record: logging.LogRecord) -> bool:
+    """Drop TensorFlow's retracing warning: volumes differ in shape, so the first training steps
+    retrace until Keras's functions (reduce_retracing) relax their shapes; expected, and not the
+    user's to fix."""
+    return RETRACING_MESSAGE not in record.getMessage()
 
 
 def main(argv: list[str] | None = None) -> int:

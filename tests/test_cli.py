@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -126,3 +127,28 @@ def test_importing_kdsb_quiets_tensorflow_start_up_lines():
     loud = subprocess.run([sys.executable, "-c", verbose + code], capture_output=True,
                           text=True, timeout=120, check=False, env=env)
     assert "cpu_feature_guard" in loud.stderr or "oneDNN" in loud.stderr
+
+
+def test_tensorflow_retracing_warning_is_kept_under_verbose_only(caplog, monkeypatch):
+    import kdsb._tf_startup
+    from kdsb.cli import _configure_logging
+
+    # -v would also let TensorFlow's C++ lines through for the rest of this process.
+    monkeypatch.setattr(kdsb._tf_startup, "show_tensorflow_logs", lambda: None)
+    tensorflow = logging.getLogger("tensorflow")
+    message = "5 out of the last 13 calls to <function f> triggered tf.function retracing."
+    try:
+        _configure_logging(False, False)
+        _configure_logging(False, False)  # main called twice in a process: one filter
+        with caplog.at_level(logging.WARNING, logger="tensorflow"):
+            tensorflow.warning(message)
+            tensorflow.warning("a real warning")
+        assert [r.getMessage() for r in caplog.records] == ["a real warning"]
+        caplog.clear()
+        _configure_logging(True, False)
+        with caplog.at_level(logging.WARNING, logger="tensorflow"):
+            tensorflow.warning(message)
+        assert [r.getMessage() for r in caplog.records] == [message]
+    finally:
+        tensorflow.filters.clear()
+        tensorflow.setLevel(logging.NOTSET)
