@@ -390,7 +390,11 @@ def test_patients_retried_after_a_worker_died_still_run_side_by_side(tmp_path):
 
 
 def _mark_then_sleep(patient_id: str, folder: str) -> PatientResult:
-    """A patient that takes a minute: marks its start in `folder`, then sleeps."""
+    """A patient that takes a minute: marks its start in `folder`, then sleeps. Patient "dies"
+    kills its worker the first time (its retry then marks and sleeps)."""
+    if patient_id == "dies" and not (Path(folder) / "died").exists():
+        (Path(folder) / "died").touch()
+        os._exit(3)
     (Path(folder) / patient_id).touch()
     time.sleep(60.0)
     return PatientResult(patient_id, STATUS_OK, 60.0, (1, 1, 1))
@@ -400,7 +404,7 @@ INTERRUPTED_RUN = """
 import sys
 from kdsb.preprocessing.cohort import _run_tasks
 from tests.test_cohort import _mark_then_sleep
-tasks = {pid: (pid, sys.argv[1]) for pid in ("a", "b")}
+tasks = {pid: (pid, sys.argv[1]) for pid in sys.argv[2:]}
 try:
     list(_run_tasks(tasks, 3, worker=_mark_then_sleep))
 except KeyboardInterrupt:
@@ -408,21 +412,27 @@ except KeyboardInterrupt:
 """
 
 
-def test_ctrl_c_stops_the_workers_at_once(tmp_path):
+@pytest.mark.parametrize("patients, started", [
+    (("a", "b"), {"a", "b"}),  # two workers busy, the third waits for a task
+    (("dies",), {"died", "dies"}),  # the patient's retry, in a pool of its own, under way
+])
+def test_ctrl_c_stops_the_workers_at_once(tmp_path, patients, started):
     """Ctrl-C reaches every process of the terminal's group: the run ends at once, without the
     patients under way, a worker's traceback or a process left behind (found by a user's check:
-    an idle worker interrupted in its queue left the run hanging at exit)."""
+    an idle worker interrupted in its queue left the run hanging at exit; found in review: a
+    retry under way was waited for)."""
     process = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED_RUN, str(tmp_path)], cwd=REPO,
+        [sys.executable, "-c", INTERRUPTED_RUN, str(tmp_path), *patients], cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + KILL_WAIT_S
     try:
-        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+        while ({p.name for p in tmp_path.iterdir()} != started
+               and time.monotonic() < deadline):
             assert process.poll() is None, process.communicate()
             time.sleep(0.05)
-        time.sleep(0.5)  # the third worker waits for a task
+        time.sleep(0.5)
         os.killpg(process.pid, signal.SIGINT)
         _, err = process.communicate(timeout=20)
     finally:
@@ -560,6 +570,6 @@ def test_a_file_system_without_locks_runs_unguarded(phantoms, tmp_path, monkeypa
 
     monkeypatch.setattr(fcntl, "lockf", no_locks)
     one = _link_patients(tmp_path / "one", phantoms, _phantom_ids(phantoms)[:1])
-    with caplog.at_level(logging.WARNING, logger="kdsb.preprocessing.cohort"):
+    with caplog.at_level(logging.WARNING, logger="kdsb.io.atomic"):
         assert main(["preprocess", str(one), str(tmp_path / "out")]) == 0
     assert "file locks unavailable (No locks available)" in caplog.text

@@ -225,8 +225,14 @@ def test_dicom_files_in_the_input_root_itself_are_named(tmp_path, caplog):
                                          r"patient, pass the folder above it\)"):
         find_patients(tmp_path)
     (tmp_path / "p1").mkdir()
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # a dangling link is no DICOM file
+    os.mkfifo(tmp_path / "fifo")  # nor a FIFO (opening it would block)
     assert find_patients(tmp_path) == {"p1": tmp_path / "p1"}
     assert "ignored 2 DICOM file(s) (IM0001, …) beside the patients" in caplog.text
+    (tmp_path / "IM0002.dcm").unlink()
+    caplog.clear()
+    find_patients(tmp_path)
+    assert "ignored 1 DICOM file(s) (IM0001) beside" in caplog.text
 
 
 def test_only_volume_files_give_ids():

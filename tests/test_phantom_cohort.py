@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,6 +163,26 @@ def test_an_interrupted_cohort_leaves_no_labels_csv(tmp_path, monkeypatch, caplo
     assert labels_csv.read_text().splitlines()[0] == "id,cancer"
     assert not list(tmp_path.glob(".*"))
     assert sorted(p.name for p in (tmp_path / "dicom").iterdir()) == ["phantom_000", "phantom_001"]
+
+
+def test_a_cohort_still_being_written_is_not_taken_for_an_unfinished_one(tmp_path):
+    """The marker is the writing run's lock: a second synth into the same OUT_ROOT is refused
+    rather than deleting the first one's files (found in review)."""
+    (tmp_path / "dicom" / "phantom_000").mkdir(parents=True)
+    (tmp_path / "truth").mkdir()
+    marker = tmp_path / ".kdsb-synth-unfinished"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         "f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True)\n"
+         "time.sleep(60)", str(marker)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match="expected no other kdsb synth writing"):
+            write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5)
+        assert (tmp_path / "dicom" / "phantom_000").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_dicom_folder_synth_did_not_write_is_never_replaced(tmp_path):

@@ -104,8 +104,8 @@ def test_labelled_patients_whose_preprocessing_failed_are_skipped(tmp_path, capl
     failed = failed_patients(tmp_path)
     assert failed == {"c"} and failed_patients(tmp_path / "none") == set()
     with caplog.at_level(logging.WARNING, logger="kdsb.io.tables"):
-        assert check_labels_match(labels, ["a", "b"], data_dir=tmp_path, failed=failed) == [
-            "a", "b"]
+        assert check_labels_match(labels, ["a", "b"], data_dir=tmp_path, failed=failed,
+                                  failed_in=tmp_path / "manifest.csv") == ["a", "b"]
     assert "skipping 1 labelled patient(s) whose preprocessing failed" in caplog.text
     assert f"{tmp_path}/manifest.csv): c" in caplog.text
     with pytest.raises(LabelsError, match=r"received 1 of 3 without one: b"):

@@ -10,12 +10,18 @@ same for two writers of one file (processes on two hosts of a cluster may share 
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from kdsb.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
 
@@ -52,3 +58,38 @@ def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = "*") -> i
         temp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+@contextmanager
+def sole_writer(lock_path: str | os.PathLike, command: str, advice: str) -> Iterator[None]:
+    """Hold `lock_path` (created if needed) while a run writes the folder it lies in: two runs
+    writing one folder (Slurm array jobs sharing it) would delete or overwrite each other's
+    files. A POSIX record lock (`fcntl.lockf`, which NFS supports) goes with the process, so a
+    killed run leaves no lock behind; without fcntl (Windows) runs are not guarded.
+
+    Args:
+        lock_path: the lock file.
+        command: the kind of run, for the message ("kdsb preprocess").
+        advice: what to do instead of waiting, for the message.
+
+    Raises:
+        UsageError: another run holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    lock_path = Path(lock_path)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                raise UsageError(f"expected no other {command} writing {lock_path.parent}, "
+                                 f"received one holding {lock_path}: wait for it, or "
+                                 f"{advice}") from None
+            # No locks on this file system (NFS without a lock daemon, Lustre without flock).
+            logger.warning("%s: file locks unavailable (%s): another run writing it would not "
+                           "be noticed", lock_path.parent, error.strerror)
+        yield

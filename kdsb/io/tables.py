@@ -131,6 +131,7 @@ def check_labels_match(
     data_dir: str | os.PathLike = "the data folder",
     allow_unlabelled: bool = False,
     failed: Collection[str] = (),
+    failed_in: str | os.PathLike = "the manifest",
 ) -> list[str]:
     """Check that labels and volumes name the same patients; return the usable ids, sorted.
 
@@ -141,6 +142,7 @@ def check_labels_match(
         data_dir: the volume folder, for messages.
         allow_unlabelled: skip volumes without a label (logging a warning) instead of failing.
         failed: ids whose preprocessing failed: skipped with a warning when labelled.
+        failed_in: where `failed` was read (the preprocessing manifest), for the warning.
 
     Returns:
         The ids that have both a label and a volume, sorted.
@@ -151,13 +153,14 @@ def check_labels_match(
     """
     volume_ids = set(volume_ids)
     without_volume = sorted(set(labels) - volume_ids)
-    not_preprocessed = [i for i in without_volume if i in set(failed)]
+    failed = set(failed)
+    not_preprocessed = [i for i in without_volume if i in failed]
     if not_preprocessed:
         logger.warning(
-            "skipping %d labelled patient(s) whose preprocessing failed (%s/manifest.csv): %s",
-            len(not_preprocessed), data_dir, summarise_ids(not_preprocessed),
+            "skipping %d labelled patient(s) whose preprocessing failed (%s): %s",
+            len(not_preprocessed), failed_in, summarise_ids(not_preprocessed),
         )
-        without_volume = [i for i in without_volume if i not in set(failed)]
+        without_volume = [i for i in without_volume if i not in failed]
     if without_volume:
         raise LabelsError(
             f"{labels_path}: expected a volume in {data_dir} for every labelled id, received "

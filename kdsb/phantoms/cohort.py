@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb.errors import KdsbError, UsageError
+from kdsb.io.atomic import sole_writer
 from kdsb.io.tables import write_labels
 from kdsb.phantoms.anatomy import Nodule, Phantom, Truth, check_options, make_phantom
 from kdsb.phantoms.dicom_write import SLICE_ORDERS, Acquisition, write_ct_series
@@ -93,33 +95,44 @@ def _acquisition(rng: np.random.Generator) -> dict:
     }
 
 
-def prepare_root(out_root: Path, overwrite: bool) -> None:
-    """Make OUT_ROOT ready for a new cohort: dicom/ and truth/ created, an old cohort removed
-    only with `overwrite` (else a UsageError), or without it when a synth run that stopped
-    (killed, or failed) left it unfinished: its `UNFINISHED_MARKER` and no labels.csv. The marker
-    stays until `finish_root` has written labels.csv; a dicom/ folder without it is never
-    taken for synth's own."""
+@contextmanager
+def new_cohort(out_root: Path, overwrite: bool) -> Iterator[None]:
+    """Make OUT_ROOT ready for a new cohort and hold it while the cohort is written: dicom/ and
+    truth/ created, an old cohort removed only with `overwrite` (else a UsageError), or without
+    it when a synth run that stopped (killed, or failed) left it unfinished: its
+    `UNFINISHED_MARKER` and no labels.csv. The marker is the run's lock
+    (`kdsb.io.atomic.sole_writer`), so a run still writing is never taken for a stopped one; it
+    stays until `finish_root` has written labels.csv. A dicom/ folder without it is never taken
+    for synth's own.
+
+    Raises:
+        UsageError: OUT_ROOT holds a cohort (without `overwrite`), or another synth run is
+            writing it.
+    """
+    marker = out_root / UNFINISHED_MARKER
     existing = [out_root / name for name in ("dicom", "truth", "labels.csv")]
     existing = [path for path in existing if path.exists()]
-    unfinished = (out_root / UNFINISHED_MARKER).is_file() and not (out_root / "labels.csv").exists()
-    if existing and unfinished and not overwrite:
-        logger.warning("replacing the unfinished cohort a stopped synth run left in %s", out_root)
-    elif existing and not overwrite:
+    unfinished = marker.is_file() and not (out_root / "labels.csv").exists()
+    if existing and not (unfinished or overwrite):
         raise UsageError(
             f"expected a new or empty OUT_ROOT, received {out_root} which already holds "
             f"{', '.join(path.name for path in existing)} (use --overwrite to replace them)"
         )
     out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / UNFINISHED_MARKER).touch()
-    for path in existing:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    (out_root / "dicom").mkdir()
-    (out_root / "truth").mkdir()
+    with sole_writer(marker, "kdsb synth", "use another OUT_ROOT"):
+        if existing and not overwrite:
+            logger.warning("replacing the unfinished cohort a stopped synth run left in %s",
+                           out_root)
+        for path in existing:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        (out_root / "dicom").mkdir()
+        (out_root / "truth").mkdir()
+        yield
 
 
 def finish_root(out_root: Path, rows: list[tuple[str, int]]) -> Path:
     """Write labels.csv (last and atomically: it marks a complete cohort) and drop the
-    unfinished marker; returns the path of labels.csv."""
+    unfinished marker (inside `new_cohort`); returns the path of labels.csv."""
     labels_csv = write_labels(out_root / "labels.csv", rows)
     (out_root / UNFINISHED_MARKER).unlink(missing_ok=True)
     return labels_csv
@@ -197,25 +210,25 @@ def write_cohort(
         raise UsageError(f"expected a non-negative --seed, received {seed}")
     check_options(size, scale)
     out_root = Path(out_root)
-    prepare_root(out_root, overwrite)
-    rows = []
-    cohort = _cohort(patients=patients, seed=seed, size=size, scale=scale)
-    for pid, phantom, acquisition in tqdm(
-        cohort, total=patients, desc="synth", unit="patient", disable=None
-    ):
-        write_ct_series(
-            out_root / "dicom" / pid,
-            phantom.hu,
-            phantom.spacing,
-            phantom.origin,
-            patient_id=pid,
-            padding_mask=np.broadcast_to(phantom.padding_mask, phantom.hu.shape),
-            acquisition=Acquisition(**acquisition),
-        )
-        _write_truth(out_root / "truth", pid, phantom, acquisition)
-        rows.append((pid, phantom.label))
-        logger.debug("%s: shape %s, label %d", pid, phantom.hu.shape, phantom.label)
-    return finish_root(out_root, rows)
+    with new_cohort(out_root, overwrite):
+        rows = []
+        cohort = _cohort(patients=patients, seed=seed, size=size, scale=scale)
+        for pid, phantom, acquisition in tqdm(
+            cohort, total=patients, desc="synth", unit="patient", disable=None
+        ):
+            write_ct_series(
+                out_root / "dicom" / pid,
+                phantom.hu,
+                phantom.spacing,
+                phantom.origin,
+                patient_id=pid,
+                padding_mask=np.broadcast_to(phantom.padding_mask, phantom.hu.shape),
+                acquisition=Acquisition(**acquisition),
+            )
+            _write_truth(out_root / "truth", pid, phantom, acquisition)
+            rows.append((pid, phantom.label))
+            logger.debug("%s: shape %s, label %d", pid, phantom.hu.shape, phantom.label)
+        return finish_root(out_root, rows)
 
 
 def truth_paths(out_root: str | os.PathLike, patient_id: str) -> tuple[Path, Path]:

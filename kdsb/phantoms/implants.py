@@ -240,7 +240,7 @@ def write_implant_cohort(
         KdsbError: the base cannot be read or holds no lungs (the message names it).
     """
     from kdsb.phantoms.anatomy import CANCER_RADIUS_MM, Nodule
-    from kdsb.phantoms.cohort import finish_root, prepare_root
+    from kdsb.phantoms.cohort import finish_root, new_cohort
     from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
     from kdsb.preprocessing.lungs import segment_lungs
     from kdsb.preprocessing.pipeline import read_patient
@@ -264,53 +264,54 @@ def write_implant_cohort(
     out_root = Path(out_root)
     series = read_patient(base)
     base_lungs = segment_lungs(series.hu, series.spacing, patient_id=str(base)) > 0
-    prepare_root(out_root, overwrite)
+    with new_cohort(out_root, overwrite):
 
-    sequence = np.random.SeedSequence(seed)
-    cancer = np.zeros(patients, bool)
-    cancer[: patients // 2] = True
-    cancer = np.random.default_rng(sequence).permutation(cancer)
-    rows = []
-    for index, child in enumerate(tqdm(sequence.spawn(patients), desc="synth", unit="patient",
-                                       disable=None)):
-        rng = np.random.default_rng(child)
-        pid = f"{PATIENT_PREFIX}{index:03d}"
-        hu, spacing, origin, variation = vary_base(
-            series.hu, series.spacing, series.origin, base_lungs, rng
-        )
-        hu, lungs, labels, lesions = implant_patient(
-            hu, spacing, origin, rng, cancer=bool(cancer[index]), kinds=kinds, places=places,
-            radius_mm=(low, high), patient_id=pid,
-        )
-        label = int(any(lesion.radius_mm >= CANCER_RADIUS_MM for lesion in lesions))
-        acquisition = Acquisition(seed=int(rng.integers(2**31)))
-        write_ct_series(out_root / "dicom" / pid, hu, spacing, origin, patient_id=pid,
-                        acquisition=acquisition)
-        np.savez_compressed(
-            out_root / "truth" / f"{pid}.npz",
-            lung_mask=(lungs | (labels > 0)).astype(np.uint8),
-            lesion_labels=labels,
-            spacing=np.array(spacing),
-            origin=np.array(origin),
-        )
-        record = {
-            "id": pid,
-            "label": label,
-            "base": str(base),
-            "variation": variation,
-            "lesions": [lesion.record() for lesion in lesions],
-            "nodules": [
-                vars(Nodule(lesion.center_mm, lesion.radius_mm, lesion.place != "intrapulmonary"))
-                for lesion in lesions
-            ],
-            "shape": list(hu.shape),
-            "spacing": list(spacing),
-            "origin": list(origin),
-        }
-        (out_root / "truth" / f"{pid}.json").write_text(json.dumps(record, indent=2) + "\n")
-        rows.append((pid, label))
-        logger.debug("%s: %d lesions, label %d", pid, len(lesions), label)
-    return finish_root(out_root, rows)
+        sequence = np.random.SeedSequence(seed)
+        cancer = np.zeros(patients, bool)
+        cancer[: patients // 2] = True
+        cancer = np.random.default_rng(sequence).permutation(cancer)
+        rows = []
+        for index, child in enumerate(tqdm(sequence.spawn(patients), desc="synth", unit="patient",
+                                           disable=None)):
+            rng = np.random.default_rng(child)
+            pid = f"{PATIENT_PREFIX}{index:03d}"
+            hu, spacing, origin, variation = vary_base(
+                series.hu, series.spacing, series.origin, base_lungs, rng
+            )
+            hu, lungs, labels, lesions = implant_patient(
+                hu, spacing, origin, rng, cancer=bool(cancer[index]), kinds=kinds, places=places,
+                radius_mm=(low, high), patient_id=pid,
+            )
+            label = int(any(lesion.radius_mm >= CANCER_RADIUS_MM for lesion in lesions))
+            acquisition = Acquisition(seed=int(rng.integers(2**31)))
+            write_ct_series(out_root / "dicom" / pid, hu, spacing, origin, patient_id=pid,
+                            acquisition=acquisition)
+            np.savez_compressed(
+                out_root / "truth" / f"{pid}.npz",
+                lung_mask=(lungs | (labels > 0)).astype(np.uint8),
+                lesion_labels=labels,
+                spacing=np.array(spacing),
+                origin=np.array(origin),
+            )
+            record = {
+                "id": pid,
+                "label": label,
+                "base": str(base),
+                "variation": variation,
+                "lesions": [lesion.record() for lesion in lesions],
+                "nodules": [
+                    vars(Nodule(lesion.center_mm, lesion.radius_mm,
+                                lesion.place != "intrapulmonary"))
+                    for lesion in lesions
+                ],
+                "shape": list(hu.shape),
+                "spacing": list(spacing),
+                "origin": list(origin),
+            }
+            (out_root / "truth" / f"{pid}.json").write_text(json.dumps(record, indent=2) + "\n")
+            rows.append((pid, label))
+            logger.debug("%s: %d lesions, label %d", pid, len(lesions), label)
+        return finish_root(out_root, rows)
 
 
 def load_lesion_labels(out_root: str | os.PathLike, patient_id: str) -> tuple[np.ndarray, list]:

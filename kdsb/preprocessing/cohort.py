@@ -10,17 +10,17 @@ one-line reason, and optionally writes QC images (`kdsb.preprocessing.qc`).
 from __future__ import annotations
 
 import csv
-import errno
 import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io import volumes
-from kdsb.io.atomic import atomic_path, remove_stale_temporaries
+from kdsb.io.atomic import atomic_path, remove_stale_temporaries, sole_writer
 from kdsb.preprocessing.pipeline import (
     DEFAULT_MARGIN_MM,
     MARGIN_ATTR,
@@ -117,8 +117,6 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
         UsageError: `input_root` is missing, not a folder, holds no patient, or holds two
             entries with the same id (`p1/` and `p1.nii.gz`).
     """
-    from pydicom.misc import is_dicom
-
     from kdsb.io.images import volume_id
 
     if not input_root.exists():
@@ -135,7 +133,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
             patient_id = path.name if path.resolve() not in skip else None
         else:  # volume files only: a .raw beside its .mhd, labels.csv, … give None
             patient_id = volume_id(path)
-            if patient_id is None and is_dicom(path):
+            if patient_id is None and _is_dicom_file(path):
                 loose_dicom.append(path.name)
         if patient_id is None:
             continue
@@ -145,7 +143,8 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
                 f"{patient_id}: {patients[patient_id].name} and {path.name}"
             )
         patients[patient_id] = path
-    files = f"{len(loose_dicom)} DICOM file(s) ({loose_dicom[0]}, …)" if loose_dicom else ""
+    files = (f"{len(loose_dicom)} DICOM file(s) ({', '.join(loose_dicom[:1])}"
+             f"{', …' if len(loose_dicom) > 1 else ''})")
     if not patients:
         raise UsageError(
             f"expected one sub-folder per patient, or one NIfTI, MetaImage or NRRD file per "
@@ -159,6 +158,17 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     return dict(sorted(patients.items()))
 
 
+def _is_dicom_file(path: Path) -> bool:
+    """Whether `path` is a readable regular file with the DICOM preamble (a dangling link, a
+    FIFO or an unreadable file is not)."""
+    from pydicom.misc import is_dicom
+
+    try:
+        return path.is_file() and is_dicom(path)
+    except OSError:
+        return False
+
+
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
     """Rows of `out_dir/manifest.csv` by patient id; empty when there is no manifest."""
     path = Path(out_dir) / MANIFEST_NAME
@@ -170,7 +180,8 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
 
 def failed_patients(out_dir: str | os.PathLike) -> set[str]:
     """Ids that `out_dir/manifest.csv` records as failed (none without a manifest)."""
-    return {pid for pid, row in read_manifest(out_dir).items() if row["status"] == STATUS_FAILED}
+    return {pid for pid, row in read_manifest(out_dir).items()
+            if row.get("status") == STATUS_FAILED}
 
 
 def _write_manifest(out_dir: Path, rows: dict[str, dict[str, str]]) -> Path:
@@ -237,9 +248,26 @@ def _init_worker(level: int) -> None:
     and leave Ctrl-C to the parent. A terminal's Ctrl-C reaches every process of the group; a
     worker interrupted while it waits for a task dies with a traceback and can leave the pool
     waiting on it for good (seen in 4 of 10 tries), so the parent stops the workers itself
-    (`_run_pool`)."""
+    (`_stop_workers`)."""
     logging.basicConfig(level=level, format=WORKER_LOG_FORMAT)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# Every process pool this process runs (retries run theirs in threads), so that an interrupted
+# run stops all of their workers.
+_live_pools: set[ProcessPoolExecutor] = set()
+_live_pools_lock = threading.Lock()
+
+
+def _stop_workers() -> None:
+    """Terminate the worker processes of every live pool: an interrupted run does not wait for
+    the patients under way. ProcessPoolExecutor has no public way to do so before Python 3.14
+    (`terminate_workers`), hence its process table."""
+    with _live_pools_lock:
+        pools = list(_live_pools)
+    for pool in pools:
+        for process in list((pool._processes or {}).values()):
+            process.terminate()
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -265,24 +293,23 @@ def _run_pool(
         initializer=_init_worker,
         initargs=(logging.getLogger().getEffectiveLevel(),),
     )
+    with _live_pools_lock:
+        _live_pools.add(pool)
+    futures: dict[Future, str] = {}
     try:
-        futures: dict[Future, str] = {
-            pool.submit(worker, *task): patient_id
-            for patient_id, task in tasks.items()
-        }
+        futures = {pool.submit(worker, *task): patient_id for patient_id, task in tasks.items()}
         for future in as_completed(futures):
             try:
                 yield futures[future], future.result()
             except BrokenProcessPool:
                 yield futures[future], None
     except BaseException:
-        # Interrupted (Ctrl-C, or the run abandoned): stop the patients under way rather than
-        # wait for them. ProcessPoolExecutor has no public way to before Python 3.14
-        # (terminate_workers), hence its process table.
-        for process in list((pool._processes or {}).values()):
-            process.terminate()
+        if not all(future.done() for future in futures):  # interrupted, patients under way
+            _stop_workers()
         raise
     finally:
+        with _live_pools_lock:
+            _live_pools.discard(pool)
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -312,11 +339,12 @@ def _run_tasks(
             yield result or PatientResult(patient_id, STATUS_FAILED, error=WORKER_DIED_MESSAGE)
         return
     retry: dict[str, tuple] = {}
-    for patient_id, result in _run_pool(worker, tasks, workers):
-        if result is None:
-            retry[patient_id] = tasks[patient_id]
-        else:
-            yield result
+    with closing(_run_pool(worker, tasks, workers)) as results:
+        for patient_id, result in results:
+            if result is None:
+                retry[patient_id] = tasks[patient_id]
+            else:
+                yield result
     if not retry:
         return
     logger.warning("a worker process died; retrying %d patient(s), each in a process of its own",
@@ -332,7 +360,10 @@ def _run_tasks(
                     died_again.append(futures[future])
                 else:
                     yield result
-        finally:  # interrupted: the queued retries do not start
+        except BaseException:  # interrupted: the retries under way stop, the queued never start
+            _stop_workers()
+            raise
+        finally:
             alone.shutdown(wait=True, cancel_futures=True)
     # Beside other patients it may have run out of memory: a last try with the machine alone.
     for patient_id in died_again:
@@ -342,9 +373,10 @@ def _run_tasks(
 def _run_alone(worker: Callable[..., PatientResult], patient_id: str, task: tuple
                ) -> PatientResult:
     """`worker(*task)` in a one-worker pool of its own; failed if that worker dies too."""
-    for _, result in _run_pool(worker, {patient_id: task}, 1):
-        if result is not None:
-            return result
+    with closing(_run_pool(worker, {patient_id: task}, 1)) as results:
+        for _, result in results:
+            if result is not None:
+                return result
     return PatientResult(patient_id, STATUS_FAILED, error=WORKER_DIED_MESSAGE)
 
 
@@ -398,38 +430,9 @@ def run_cohort(
         raise UsageError(f"expected an output folder, received a file: {out_dir}")
     patients = find_patients(input_root, out_dir, Path(qc_dir) if qc_dir is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _sole_writer(out_dir):
+    with sole_writer(out_dir / LOCK_NAME, "kdsb preprocess", "use another OUT_DIR"):
         return _run_locked(patients, out_dir, target, float(margin_mm), overwrite, workers,
                            qc_dir, scheduler)
-
-
-@contextmanager
-def _sole_writer(out_dir: Path) -> Iterator[None]:
-    """Hold `out_dir/LOCK_NAME` for the run: two runs writing one OUT_DIR (Slurm array jobs
-    sharing it) would delete each other's temporaries and overwrite each other's manifest rows.
-    A POSIX record lock (`fcntl.lockf`, which NFS supports) goes with the process, so a killed
-    run leaves no lock behind; without fcntl (Windows) runs are not guarded.
-
-    Raises:
-        UsageError: another run holds the lock.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    with open(out_dir / LOCK_NAME, "a+") as handle:
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno in (errno.EACCES, errno.EAGAIN):
-                raise UsageError(f"expected no other kdsb preprocess writing {out_dir}, "
-                                 f"received one holding {out_dir / LOCK_NAME}: wait for it, or "
-                                 "use another OUT_DIR") from None
-            # No locks on this file system (NFS without a lock daemon, Lustre without flock).
-            logger.warning("%s: file locks unavailable (%s): another run writing it would not "
-                           "be noticed", out_dir, error.strerror)
-        yield
 
 
 def _run_locked(

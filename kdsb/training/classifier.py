@@ -418,13 +418,14 @@ def train_classifier(
         )
     if resume and options.folds >= 2 and list(run_dir.glob(f"{FOLD_PREFIX}*/{FOLD_NAME}")):
         _check_fold_training_unchanged(run_dir, options)
-    from kdsb.preprocessing.cohort import failed_patients
+    from kdsb.preprocessing.cohort import MANIFEST_NAME, failed_patients
 
     labels = read_labels(labels_csv)
     volumes = list_volumes(data_dir)
     usable = check_labels_match(
         labels, volumes, labels_path=labels_csv, data_dir=data_dir,
         allow_unlabelled=options.allow_unlabelled, failed=failed_patients(data_dir),
+        failed_in=Path(data_dir) / MANIFEST_NAME,
     )
     cohort = {i: (volumes[i], labels[i]) for i in usable}
     volume_input = options.volume_input().fit_to([volumes[i] for i in usable])
