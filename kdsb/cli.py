@@ -38,11 +38,12 @@ RETRACING_MESSAGE = "triggered tf.function retracing"  # TensorFlow's warning, k
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: …)" to each option's help, except where the default is None: such an
-    option is off unless given, or its help says what happens without it."""
+    """Appends "(default: …)" to each option's help, except where the default is None (the
+    option is off unless given, or its help says what happens without it) and to a flag that is
+    off unless given."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
+        if action.default is None or (action.nargs == 0 and action.default is False):
             return action.help
         return super()._get_help_string(action)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -48,10 +49,14 @@ def test_help_states_each_default_once(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    assert "(default: None)" not in text
-    # A default the help text states itself gets no second one appended.
-    assert "default: all) (default" not in text and "default 128) (default" not in text
+    out = capsys.readouterr().out
+    # One block per option: its flags at two spaces' indent, then its help.
+    blocks = [" ".join(block.split()) for block in re.split(r"\n  (?=-)", out)[1:]]
+    assert blocks
+    for block in blocks:
+        assert "(default: None)" not in block and "(default: False)" not in block, block
+        # A default the help states itself ("default 128", "default: all") gets no second one.
+        assert len(re.findall(r"\(default[: ]|; default |the default", block)) <= 1, block
 
 
 def test_python_dash_m_is_the_same_command():

@@ -521,6 +521,23 @@ def test_each_worker_gets_its_share_of_the_cores(tmp_path, monkeypatch, patients
     assert {task[-1] for task in seen["tasks"].values()} == {threads}
 
 
+def test_a_dead_worker_s_temporary_is_swept_when_the_run_ends(tmp_path, monkeypatch):
+    """A worker that died mid-write leaves its temporary; the run (which holds OUT_DIR) sweeps
+    it at its end rather than leaving it to the next run (found by a user's check)."""
+    import kdsb.preprocessing.cohort as cohort
+
+    (tmp_path / "in" / "p0").mkdir(parents=True)
+    out = tmp_path / "out"
+
+    def dying_then_retried(tasks, pool_size, scheduler=None):
+        (out / ".tmp-123-abcd-p0.h5").write_bytes(b"half a volume")
+        yield PatientResult("p0", "failed", error="p0: not run")
+
+    monkeypatch.setattr(cohort, "_run_tasks", dying_then_retried)
+    cohort.run_cohort(tmp_path / "in", out, workers=1)
+    assert not list(out.glob(".tmp-*"))
+
+
 def test_an_unexpected_error_names_a_short_patient_id(monkeypatch, tmp_path):
     """Id "0" occurs in almost any message; the patient is named all the same (found in review:
     a substring test left "index 0 is out of bounds" without the patient)."""

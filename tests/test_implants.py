@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from kdsb.cli import main
-from kdsb.commands.synth import LESION_KINDS, LESION_PLACES
+from kdsb.commands.synth import LESION_KINDS, LESION_PLACES, RADIUS_MM
 from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import normalize_hu
 from kdsb.io import volumes
@@ -35,7 +35,10 @@ def base_folder(tmp_path_factory):
 
 
 def test_cli_lists_agree_with_the_library():
+    from kdsb.phantoms.implants import DEFAULT_RADIUS_MM, MAX_RADIUS_MM
+
     assert LESION_KINDS == KINDS and LESION_PLACES == PLACES
+    assert RADIUS_MM == DEFAULT_RADIUS_MM and RADIUS_MM[1] == MAX_RADIUS_MM
 
 
 def test_smooth_displacement_is_the_cubic_zoom_of_its_control_points():

@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + ", ".join(LESION_PLACES) + " (default: all)")
     parser.add_argument("--radius-mm", type=float, nargs=2, default=None,
                         metavar=("LOW", "HIGH"),
-                        help=f"with --base: radius of the cancer lesion (default {RADIUS_MM[0]:g} "
-                             f"{RADIUS_MM[1]:g})")
+                        help=f"with --base: radius of the cancer lesion, {RADIUS_MM[0]:g} to "
+                             f"{RADIUS_MM[1]:g} mm (default {RADIUS_MM[0]:g} {RADIUS_MM[1]:g})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cohort")
 
 

@@ -73,8 +73,8 @@ def align(
     if problems:
         raise LabelsError(
             "expected predictions and labels for the same patients, received " + "; ".join(problems)
-            + ("" if predicted_only or not only_labelled else
-               " (pass --predicted-only to score the predicted patients alone)")
+            + (" (pass --predicted-only to score the predicted patients alone)"
+               if only_labelled and not only_predicted else "")
         )
     ids = sorted(predictions)
     y = np.array([labels[i] for i in ids], dtype=np.float64)

@@ -291,7 +291,8 @@ class _Reader:
             )
 
     def open(self) -> sitk.ImageFileReader:
-        """A reader with the header read and checked (before any voxel is read)."""
+        """A reader with the header read and checked (by SimpleITK before any voxel is read; a
+        NIfTI file's length and a floating-point one's values are checked on the file)."""
         if self.suffix is None:
             raise self.error(
                 f"expected a volume file named {', '.join(VOLUME_FORMATS)}, received "
@@ -352,10 +353,13 @@ class _Reader:
         """
         import nibabel
 
-        image = nibabel.load(self.path)
-        if image.get_data_dtype().kind != "f":
-            return
-        stored = np.asanyarray(image.dataobj.get_unscaled())
+        try:
+            image = nibabel.load(self.path)
+            if image.get_data_dtype().kind != "f":
+                return
+            stored = np.asanyarray(image.dataobj.get_unscaled())
+        except (nibabel.filebasedimages.ImageFileError, OSError, ValueError) as exc:
+            raise self.error(f"expected a readable NIfTI file, received an error: {exc}") from exc
         self.check_finite(stored)
 
     def check_finite(self, values: np.ndarray) -> None:

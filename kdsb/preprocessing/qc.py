@@ -351,8 +351,9 @@ def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
 
     Top row: axial, coronal and sagittal views through the lung centre (`views`) under the id,
     shape, spacing and lung volume. Bottom row: the same views, zoomed, through the largest
-    soft-tissue lesion (`find_lesion`, `lesion_views`) under its volume (ml), equivalent-sphere
-    radius (mm) and centre voxel; or `NO_LESION_TEXT`. The image is `PATIENT_FIGURE_INCHES` ×
+    soft tissue in the mask (`find_lesion`, `lesion_views`: a lesion, or a thick vessel, the hilum
+    or mediastinum the mask took in) under its volume (ml), equivalent-sphere radius (mm) and
+    centre voxel; or `NO_LESION_TEXT`. The image is `PATIENT_FIGURE_INCHES` ×
     `DPI` pixels.
     """
     from matplotlib.figure import Figure

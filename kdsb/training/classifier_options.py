@@ -15,6 +15,8 @@ from kdsb.training import runs
 from kdsb.training.runs import RunOptions, option
 
 HEADS = ("spp", "mil", "nll")
+# Of `runs.STRATEGIES`: "mirrored" cannot split one whole volume (sizes vary) over the devices.
+DISTRIBUTIONS = tuple(name for name in runs.STRATEGIES if name != "mirrored")
 LOSSES = ("bce", "focal")
 POOLINGS = ("max", "average")
 MIL_POOLINGS = ("attention", "max")
@@ -68,7 +70,7 @@ class ClassifierOptions(RunOptions):
         "none", "none, or multiworker (head spp): the processes that TF_CONFIG lists train "
         "together, each on a volume of its own every step (--batch-size = their number); "
         "mirrored cannot split one whole volume (sizes vary) over devices",
-        choices=tuple(name for name in runs.STRATEGIES if name != "mirrored"),
+        choices=DISTRIBUTIONS,
     )
     head: str = option(
         "spp", "spp: encoder + spatial pyramid pooling trained end to end on whole volumes; "
@@ -85,8 +87,8 @@ class ClassifierOptions(RunOptions):
         "the model", choices=CALIBRATIONS,
     )
     mil_pooling: str = option(
-        "max", "MIL pooling of instance embeddings (heads mil, nll): max (the default: it beat "
-        "attention in benchmarks/classifier.py) or attention", choices=MIL_POOLINGS)
+        "max", "MIL pooling of instance embeddings (heads mil, nll): max (it beat attention in "
+        "benchmarks/classifier.py) or attention", choices=MIL_POOLINGS)
     mil_block: int = option(
         2, "encoder block whose output cells are the MIL instances (1..3; head mil)", type=int
     )
@@ -161,7 +163,7 @@ class ClassifierOptions(RunOptions):
 
         return [
             *super().checks(),
-            (self.distribute in ("none", "multiworker"),
+            (self.distribute in DISTRIBUTIONS,
              "--distribute none or multiworker (one whole volume per step cannot be split over "
              "the devices of one machine)", self.distribute),
             (self.distribute == "none" or self.head == "spp",
