@@ -112,3 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kdsb {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as error:  # a full or read-only disk, a file gone mid-run: one line too
+        print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_DATA_ERROR

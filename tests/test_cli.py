@@ -157,3 +157,39 @@ def test_tensorflow_retracing_warning_is_kept_under_verbose_only(caplog, monkeyp
     finally:
         tensorflow.filters.clear()
         tensorflow.setLevel(logging.NOTSET)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path,
+                                                                            monkeypatch):
+    """A read-only file system (or a folder without write permission) is found when the command
+    checks its paths, not after scoring every patient (found by a user's check)."""
+    import errno
+    import tempfile
+
+    from kdsb.commands import require_output_dir, require_output_file
+    from kdsb.errors import UsageError
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    require_output_file(tmp_path / "new" / "p.csv", "OUT_CSV")  # writable: no error
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    for check, path in ((require_output_file, tmp_path / "p.csv"),
+                        (require_output_dir, tmp_path / "out" / "deeper")):
+        with pytest.raises(UsageError, match=r"received a path where nothing can be written "
+                                             r"\(Read-only file system\)"):
+            check(path, "the output")
+
+
+def test_an_io_error_mid_run_is_one_line_exit_1(monkeypatch, capsys):
+    import errno
+
+    import kdsb.commands.evaluate as evaluate_command
+
+    def disk_full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "plots/roc.png")
+
+    monkeypatch.setattr(evaluate_command, "run", disk_full)
+    assert main(["evaluate", "p.csv", "l.csv"]) == 1
+    err = capsys.readouterr().err
+    assert err == "kdsb evaluate: error: [Errno 28] No space left on device: 'plots/roc.png'\n"

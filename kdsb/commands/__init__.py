@@ -46,26 +46,39 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
 
 def require_output_file(path: str | os.PathLike, what: str) -> Path:
     """Return `path` as a Path if a file can be written there (it is not a folder, and its
-    parent is a folder or missing), else raise `UsageError`."""
+    parent is a writable folder or missing), else raise `UsageError`."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"expected {what}, received a folder: {path}")
-    _require_no_file_above(path, what)
+    _require_writable_above(path, what)
     return path
 
 
 def require_output_dir(path: str | os.PathLike, what: str) -> Path:
-    """Return `path` as a Path if it is a folder or can be made one, else raise `UsageError`."""
+    """Return `path` as a Path if it is a writable folder or can be made one, else raise
+    `UsageError`."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"expected {what}, received a file: {path}")
-    _require_no_file_above(path, what)
+    _require_writable_above(path, what)
     return path
 
 
-def _require_no_file_above(path: Path, what: str) -> None:
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"expected {what}, received a path under a file: {path}")
-            return
+def _require_writable_above(path: Path, what: str) -> None:
+    """The nearest existing folder at or above `path` must be a folder that takes a new file
+    (a read-only file system, or a folder without write permission, would otherwise fail the
+    run at its end, after all its work)."""
+    import tempfile
+
+    path = path.absolute()
+    nearest = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not nearest.is_dir():
+        if nearest != path:
+            raise UsageError(f"expected {what}, received a path under a file: {path}")
+        nearest = nearest.parent
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as error:
+        raise UsageError(f"expected {what}, received a path where nothing can be written "
+                         f"({error.strerror}): {path}") from None

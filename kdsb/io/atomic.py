@@ -10,6 +10,7 @@ same for two writers of one file (processes on two hosts of a cluster may share 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -36,7 +37,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield temp
         os.replace(temp, path)
     finally:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only or full disk: the first error tells
+            temp.unlink(missing_ok=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
