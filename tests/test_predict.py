@@ -192,6 +192,24 @@ def test_a_volume_of_another_spacing_is_refused(cohort, tmp_path, capsys):
         predict_cohort(data, [models[0]])
 
 
+def test_the_spacing_of_every_volume_is_checked_before_any_patient_is_scored(
+        cohort, tmp_path, monkeypatch):
+    """One volume of another spacing at the end of a cohort fails the command at once, not after
+    scoring the rest (found by a user's check)."""
+    import kdsb.evaluation.predict as predict
+
+    _, models = cohort
+    data = tmp_path / "data"
+    write_volume(volume_path(data, "a_good"), np.zeros((8, 8, 8)), np.ones((8, 8, 8)),
+                 (1, 1, 1), (0, 0, 0))
+    write_volume(volume_path(data, "z_coarse"), np.zeros((8, 8, 8)), np.ones((8, 8, 8)),
+                 (2, 1, 1), (0, 0, 0))
+    monkeypatch.setattr(predict, "member_probabilities",
+                        lambda *a, **k: pytest.fail("a patient was scored"))
+    with pytest.raises(StoreError, match="z_coarse.h5: expected a spacing"):
+        predict_cohort(data, [models[0]])
+
+
 def test_tta_symmetries():
     assert tta_symmetries(False) == (0,)
     assert tta_symmetries(True) == tuple(range(48))

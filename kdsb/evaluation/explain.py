@@ -355,7 +355,12 @@ def explain_cohort(
     Raises: as `kdsb.evaluation.predict.predict_cohort` (the same checks, before any work);
     UsageError where a heatmap would replace a volume file (OUT_DIR = DATA_DIR).
     """
-    from kdsb.evaluation.predict import load_classifiers, resolve_ids, resolve_model_paths
+    from kdsb.evaluation.predict import (
+        check_volumes,
+        load_classifiers,
+        resolve_ids,
+        resolve_model_paths,
+    )
     from kdsb.io import volumes
     from kdsb.io.heatmaps import heatmap_path, holds_volume, write_heatmap
 
@@ -372,6 +377,7 @@ def explain_cohort(
             raise UsageError(f"expected an OUT_DIR apart from the volumes, received {out_dir}, "
                              f"where {patient_id}'s heatmap would replace the volume {target}")
     inputs, models = zip(*load_classifiers(model_paths), strict=True)
+    check_volumes(inputs, [files[i] for i in order])
     peaks: list[Peak] = []
     for patient_id in tqdm(order, desc="explain", unit="patient", disable=None):
         volume = volumes.read_volume(files[patient_id])

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry
 from kdsb.errors import LabelsError, UsageError
 from kdsb.io.tables import summarise_ids, write_predictions
-from kdsb.io.volumes import list_volumes
+from kdsb.io.volumes import list_volumes, read_attrs
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,21 @@ def resolve_ids(data_dir: Path, ids: Sequence[str] | None, ids_source: str) -> t
             f"{len(missing)} of {len(ids)} without one: {summarise_ids(missing)}"
         )
     return list(ids), volumes
+
+
+def check_volumes(inputs: Iterable[VolumeInput], paths: Sequence[Path]) -> None:
+    """Every volume fits every model's input (spacing, size), read from the files' attributes:
+    one volume of another spacing fails the command before any patient is scored, not after
+    most of a cohort.
+
+    Raises:
+        StoreError: naming the first file that does not fit (`VolumeInput.check`).
+    """
+    inputs = list(inputs)
+    for path in paths:
+        attrs = read_attrs(path)
+        for volume_input in inputs:
+            volume_input.check(path, attrs["spacing"], attrs["shape"])
 
 
 def load_classifiers(model_paths: Sequence[str | os.PathLike]) -> list[tuple[VolumeInput, Any]]:
@@ -174,7 +189,8 @@ def predict_cohort(
         LabelsError: an id has no volume (checked before any model is loaded).
         UsageError: no model, a missing model file, a bad clip or TTA count.
         ModelError: a model file does not load or is no kdsb classifier.
-        StoreError: a volume does not fit a model's `VolumeInput` (spacing, size).
+        StoreError: a volume does not fit a model's `VolumeInput` (spacing, size; checked
+            before any patient is scored).
     """
     model_paths = resolve_model_paths(model_paths)
     if not 0.0 <= clip < 0.5:
@@ -185,6 +201,7 @@ def predict_cohort(
     groups: dict[VolumeInput, list[Any]] = {}
     for volume_input, model in load_classifiers(model_paths):
         groups.setdefault(volume_input, []).append(model)
+    check_volumes(groups, [volumes[i] for i in order])
     logger.info(
         "scoring %d patients with %d model(s), %d symmetry(ies) each",
         len(order), len(model_paths), len(symmetries),
