@@ -248,3 +248,26 @@ def test_occlusion_cubes_cover_the_lung_box_to_its_far_end():
     drop, p0 = occlusion(model, x, np.ones((44, 6, 6), bool), fill=0.0, size=24, stride=16)
     assert p0 == 1.0
     assert drop[40:44].min() > 0
+
+
+def test_a_heatmap_zero_in_the_lungs_has_no_peak(cohort, tmp_path, monkeypatch, caplog):
+    """No region raised p(cancer): peaks.csv says so (nan), with a warning, instead of naming the
+    first lung voxel as the peak (found by a user's check)."""
+    import kdsb.evaluation.explain as explain
+
+    root, model, _ = cohort
+    real_gradcam = explain.gradcam
+
+    def flat_gradcam(*args, **kwargs):
+        cam, probability, centres = real_gradcam(*args, **kwargs)
+        return np.zeros_like(cam), probability, centres
+
+    monkeypatch.setattr(explain, "gradcam", flat_gradcam)
+    (tmp_path / "ids.csv").write_text("id\nc0\n")
+    out = tmp_path / "out"
+    assert main(["explain", str(root / "data"), str(model), str(out), "--ids",
+                 str(tmp_path / "ids.csv")]) == 0
+    row = _peaks(out)["c0"]
+    assert [row[a] for a in "zyx"] == ["nan"] * 3 and float(row["value"]) == 0.0
+    assert "c0: the heatmap is zero throughout the lungs" in caplog.text
+    assert (out / "c0.png").stat().st_size > 0

@@ -64,8 +64,9 @@ class Explanation:
         heatmap: float32 (z, y, x) on the volume file's grid, 0 = no evidence, max 1.
         probability: the models' p(cancer) for the patient, as `kdsb predict` gives it
             (sigmoid of their mean logit).
-        peak_index: (z, y, x) voxel index of the hottest voxel inside the lung mask.
-        peak_mm: its patient coordinates, mm (z, y, x).
+        peak_index: (z, y, x) voxel index of the hottest voxel inside the lung mask (the lungs'
+            centre when the heatmap is zero there: no peak).
+        peak_mm: its patient coordinates, mm (z, y, x); NaN when there is no peak.
     """
 
     patient_id: str
@@ -294,12 +295,20 @@ def explain_patient(
         maps.append(heatmap / top if top > 0 else heatmap)
         probabilities.append(p)
     heatmap = np.mean(maps, axis=0).astype(np.float32)
-    inside = np.where(volume.lung_mask > 0, heatmap, -np.inf)
-    if not np.isfinite(inside).any():
-        inside = heatmap
+    lung = volume.lung_mask > 0
+    inside = np.where(lung, heatmap, -np.inf) if lung.any() else heatmap
     peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(inside)), heatmap.shape))
     peak_mm = tuple(float(o + i * s) for o, i, s in
                     zip(volume.origin, peak, volume.spacing, strict=True))
+    if not inside.max() > 0:  # no region raised p(cancer): no peak, not the first voxel
+        logger.warning("%s: the heatmap is zero throughout the lungs (no region raised "
+                       "p(cancer)): no peak", patient_id)
+        peak_mm = (math.nan,) * 3
+        # The PNG's slices go through the lungs' centre instead.
+        from scipy import ndimage
+
+        centre = ndimage.center_of_mass(lung) if lung.any() else np.array(lung.shape) / 2
+        peak = tuple(int(round(c)) for c in centre)
     if not all(math.isfinite(p) for p in probabilities):
         raise KdsbError(f"{patient_id}: expected a finite p(cancer), received {probabilities}")
     # The ensemble's p(cancer) as `kdsb predict` gives it (without --tta): the mean logit.
@@ -329,9 +338,11 @@ def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) ->
             ax.contour(lung[cut], levels=[0.5], colors="cyan", linewidths=0.6, origin=origin)
         ax.set_title(name)
         ax.set_axis_off()
+    where = (f"peak at (z, y, x) = ({', '.join(f'{v:.1f}' for v in explanation.peak_mm)}) mm"
+             if all(map(math.isfinite, explanation.peak_mm))
+             else "no peak (the heatmap is zero in the lungs); slices through their centre")
     figure.suptitle(f"{explanation.patient_id}: p(cancer) = {explanation.probability:.3f}; "
-                    f"peak at (z, y, x) = "
-                    f"({', '.join(f'{v:.1f}' for v in explanation.peak_mm)}) mm")
+                    f"{where}")
     figure.tight_layout()
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png")
