@@ -61,7 +61,8 @@ class Explanation:
 
     Attributes:
         patient_id: the patient id.
-        heatmap: float32 (z, y, x) on the volume file's grid, 0 = no evidence, max 1.
+        heatmap: float32 (z, y, x) on the volume file's grid, 0 = no evidence, at most 1 (1 at
+            the peak of a single model's map).
         probability: the models' p(cancer) for the patient, as `kdsb predict` gives it
             (sigmoid of their mean logit).
         peak_index: (z, y, x) voxel index of the hottest voxel inside the lung mask (the lungs'
