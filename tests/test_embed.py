@@ -136,3 +136,13 @@ def test_too_few_readable_patients_say_why_the_others_failed(cohort, tmp_path, c
     err = capsys.readouterr().err
     assert "expected at least 3 readable patients to compare, received 0; " in err
     assert "preprocess it with that --spacing" in err and f"(and {ORDINARY + 1} more failed)" in err
+
+
+def test_fewer_patients_than_neighbours_asked_for_is_said(tmp_path, caplog):
+    from kdsb.evaluation.embed import CohortEmbedding, write_embedding_files
+
+    rng = np.random.default_rng(0)
+    table = CohortEmbedding(["a", "b", "c", "d"], rng.normal(size=(4, 6)), rng.normal(size=(4, 3)))
+    write_embedding_files(tmp_path, table, neighbours=9)
+    assert "4 patients: 3 neighbours each, not the 9 asked for" in caplog.text
+    assert len(_rows(tmp_path / "neighbours.csv")) == 4 * 3

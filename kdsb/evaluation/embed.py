@@ -27,6 +27,7 @@ Files (DESIGN.md, `kdsb embed`): `embeddings.csv` (`id`, `emb_000` …, `nll_mea
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from tqdm import tqdm
 
 from kdsb.errors import KdsbError
 from kdsb.io.tables import write_table
+
+logger = logging.getLogger(__name__)
 
 EMBEDDINGS_NAME = "embeddings.csv"
 OUTLIERS_NAME = "outliers.csv"
@@ -210,6 +213,9 @@ def write_embedding_files(
 ) -> list[Path]:
     """Write embeddings.csv, outliers.csv, neighbours.csv and map.png; returns their paths."""
     out_dir = Path(out_dir)
+    if neighbours > len(table.ids) - 1:
+        logger.warning("%d patients: %d neighbours each, not the %d asked for", len(table.ids),
+                       len(table.ids) - 1, neighbours)
     width = table.embeddings.shape[1]
     header = ["id", *(f"emb_{i:03d}" for i in range(width)), *NLL_COLUMNS]
     rows = [[pid, *(f"{v:.6g}" for v in emb), *(f"{v:.6g}" for v in nll)]
