@@ -203,6 +203,22 @@ def test_usage_errors(cohort, tmp_path, capsys):
     assert not run.exists()
 
 
+def test_folds_too_many_for_a_class_are_refused_before_any_work(cohort, tmp_path, capsys):
+    """Two patients a class and two folds: each fold's training part holds one of each, which
+    no validation split can use; refused before the run begins, naming the fix (found by a
+    user's check: it failed in fold 1, blaming --val-fraction)."""
+    data, _, gmcae = cohort
+    labels = tmp_path / "four.csv"
+    labels.write_text("id,cancer\np0,0\np1,1\np2,0\np3,1\n")
+    run = tmp_path / "run"
+    assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
+                 "--folds", "2", "--allow-unlabelled"]) == 2
+    err = capsys.readouterr().err
+    assert "from 2 patients (fold 1) with --val-fraction 0.2" in err
+    assert "a class needs 2 patients in each fold's training part: use fewer --folds" in err
+    assert not (run / "config.json").exists()
+
+
 def test_unreadable_or_too_small_volumes_are_one_line_errors(cohort, tmp_path, capsys):
     """Checked before tf.data reads them: no TensorFlow traceback, exit 1, nothing written."""
     data, labels, gmcae = cohort

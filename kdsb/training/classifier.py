@@ -190,7 +190,8 @@ def score_patients(model: Any, paths: list[Path], volume_input: VolumeInput,
 Cohort = dict[str, tuple[Path, int]]  # patient id → (volume file, 0/1 label)
 
 
-def _split(cohort: Cohort, ids: list[str], options: ClassifierOptions, what: str):
+def _split(cohort: Cohort, ids: list[str], options: ClassifierOptions, what: str,
+           log: bool = True):
     """Training and validation ids among `ids`, stratified; both must be non-empty."""
     from kdsb.data.datasets import split_patients
 
@@ -199,16 +200,20 @@ def _split(cohort: Cohort, ids: list[str], options: ClassifierOptions, what: str
         ids, val_fraction=options.val_fraction, seed=options.seed, labels=labels
     )
     if not val_ids or not train_ids:
+        # A class of one patient always stays in training (`split_patients`).
+        hint = ("; a class needs 2 patients in each fold's training part: use fewer --folds"
+                if options.folds >= 2 and options.val_fraction > 0 else "")
         raise UsageError(
             f"expected training and validation patients, received {len(train_ids)} and "
             f"{len(val_ids)} from {len(ids)} patients ({what}) with --val-fraction "
-            f"{options.val_fraction}"
+            f"{options.val_fraction}{hint}"
         )
-    logger.info(
-        "%s: %d training patients (%d positive), %d validation patients (%d positive)", what,
-        len(train_ids), sum(labels[i] for i in train_ids), len(val_ids),
-        sum(labels[i] for i in val_ids),
-    )
+    if log:
+        logger.info(
+            "%s: %d training patients (%d positive), %d validation patients (%d positive)",
+            what, len(train_ids), sum(labels[i] for i in train_ids), len(val_ids),
+            sum(labels[i] for i in val_ids),
+        )
     return train_ids, val_ids
 
 
@@ -434,6 +439,11 @@ def train_classifier(
         from kdsb.data.datasets import stratified_folds
 
         folds = stratified_folds(usable, labels, options.folds, seed=options.seed)
+        for k, held_out in enumerate(folds, start=1):  # every fold splits, before any work
+            _split(cohort, [i for i in usable if i not in set(held_out)], options, f"fold {k}",
+                   log=False)
+    else:
+        _split(cohort, usable, options, "all patients", log=False)
     runs.begin(run_dir, options, data_dir=data_dir)
     if worker.chief:
         volume_input.save(run_dir, gmcae=str(options.gmcae))
