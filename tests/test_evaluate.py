@@ -258,3 +258,20 @@ def test_format_table_shows_intervals():
     assert "log loss            0.5000 [0.4000, 0.6100]" in table
     assert "ROC AUC             0.7000 [n/a, n/a]" in table
     assert "Brier score         0.2000\n" in table
+
+
+def test_one_class_draws_no_roc_curve(tmp_path, monkeypatch):
+    """All labels one class: AUC is undefined, and roc.png says so instead of drawing a curve
+    labelled 'AUC nan' (found by a user's check)."""
+    from matplotlib.axes import Axes
+
+    from kdsb.evaluation.evaluate import plot_roc
+
+    texts, curves = [], []
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, **k: texts.append(s))
+    real_plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: curves.append(k.get("label")) or
+                        real_plot(self, *a, **k))
+    plot_roc(np.ones(4), np.array([0.2, 0.4, 0.6, 0.8]), tmp_path / "roc.png")
+    assert texts == ["no ROC curve: every label is 1"] and curves == ["chance"]
+    assert (tmp_path / "roc.png").stat().st_size > 0

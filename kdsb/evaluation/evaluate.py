@@ -157,14 +157,18 @@ def parse_threshold(text: str | float) -> str | float:
 
 
 def plot_roc(y: np.ndarray, p: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write the ROC curve with its AUC and the chance diagonal as a PNG."""
+    """Write the ROC curve with its AUC and the chance diagonal as a PNG (with one class among
+    the labels, no curve: the plot says why)."""
     from matplotlib.figure import Figure
 
-    fpr, tpr = metrics.roc_curve(y, p)
     auc = metrics.roc_auc(y, p)
     fig = Figure(figsize=PLOT_SIZE_INCHES)
     ax = fig.subplots()
-    ax.plot(fpr, tpr, lw=2, label=f"model (AUC {auc:.3f})")
+    if math.isnan(auc):
+        ax.text(0.5, 0.5, f"no ROC curve: every label is {int(y[0])}", ha="center", va="center")
+    else:
+        fpr, tpr = metrics.roc_curve(y, p)
+        ax.plot(fpr, tpr, lw=2, label=f"model (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC",
            xlim=(0, 1), ylim=(0, 1.01))
