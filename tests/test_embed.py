@@ -146,3 +146,28 @@ def test_fewer_patients_than_neighbours_asked_for_is_said(tmp_path, caplog):
     write_embedding_files(tmp_path, table, neighbours=9)
     assert "4 patients: 3 neighbours each, not the 9 asked for" in caplog.text
     assert len(_rows(tmp_path / "neighbours.csv")) == 4 * 3
+
+
+def test_a_killed_run_resumes_with_the_same_results(cohort, tmp_path, monkeypatch):
+    from kdsb.evaluation import embed
+    from tests.interrupt import Interrupter
+
+    argv = ["embed", str(cohort / "data"), str(cohort / "gmcae.keras")]
+    fresh, out = tmp_path / "fresh", tmp_path / "out"
+    assert main([*argv, str(fresh), "--patches", "8"]) == 0
+    sampling = Interrupter(monkeypatch, embed, "patient_features")
+    sampling.next_run(limit=3)
+    assert main([*argv, str(out), "--patches", "8"]) == 130
+    assert sampling.calls == 3 and (out / "embed.partial").is_file()
+    sampling.next_run()
+    assert main([*argv, str(out), "--patches", "8"]) == 0
+    assert sampling.calls == ORDINARY + 2 - 3
+    for name in ("embeddings.csv", "outliers.csv", "neighbours.csv"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+    assert not (out / "embed.partial").exists()
+    # Other options are another run: its journal's results are not taken.
+    sampling.next_run(limit=3)
+    assert main([*argv, str(out), "--patches", "8"]) == 130
+    sampling.next_run()
+    assert main([*argv, str(out), "--patches", "9"]) == 0
+    assert sampling.calls == ORDINARY + 2

@@ -271,3 +271,26 @@ def test_a_heatmap_zero_in_the_lungs_has_no_peak(cohort, tmp_path, monkeypatch, 
     assert [row[a] for a in "zyx"] == ["nan"] * 3 and float(row["value"]) == 0.0
     assert "c0: the heatmap is zero throughout the lungs" in caplog.text
     assert (out / "c0.png").stat().st_size > 0
+
+
+def test_a_killed_run_resumes_and_redoes_only_what_is_missing(cohort, tmp_path, monkeypatch):
+    from kdsb.evaluation import explain
+    from tests.interrupt import Interrupter
+
+    root, model, _ = cohort
+    fresh, out = tmp_path / "fresh", tmp_path / "out"
+    assert main(["explain", str(root / "data"), str(model), str(fresh)]) == 0
+    explaining = Interrupter(monkeypatch, explain, "explain_patient")
+    explaining.next_run(limit=2)
+    assert main(["explain", str(root / "data"), str(model), str(out)]) == 130
+    assert explaining.calls == 2 and (out / "explain.partial").is_file()
+    assert not (out / "peaks.csv").exists()
+    (out / "c0.png").unlink()  # a finished patient's file gone since: explained again
+    explaining.next_run()
+    assert main(["explain", str(root / "data"), str(model), str(out)]) == 0
+    assert explaining.calls == PATIENTS - 2 + 1
+    assert (out / "peaks.csv").read_bytes() == (fresh / "peaks.csv").read_bytes()
+    for index in range(PATIENTS):
+        with h5py.File(out / f"c{index}.h5") as a, h5py.File(fresh / f"c{index}.h5") as b:
+            np.testing.assert_array_equal(a["heatmap"][...], b["heatmap"][...])
+    assert not (out / "explain.partial").exists()

@@ -12,6 +12,7 @@ from kdsb.errors import LabelsError, StoreError, UsageError
 from kdsb.evaluation.predict import ensemble_probability, predict_cohort, tta_symmetries
 from kdsb.io.tables import read_predictions
 from kdsb.io.volumes import volume_path, write_volume
+from tests.interrupt import Interrupter
 
 IDS = ("c", "a", "b")
 SHAPES = ((12, 14, 10), (9, 16, 16), (16, 8, 12))
@@ -216,3 +217,35 @@ def test_tta_symmetries():
     assert tta_symmetries(True, 4) == (0, 1, 2, 3)
     with pytest.raises(UsageError, match=r"expected --tta-count in \[1, 48\], received 0"):
         tta_symmetries(True, 0)
+
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_where_it_stopped(cohort, tmp_path, monkeypatch):
+    import os
+
+    from kdsb.evaluation import predict
+
+    data, models = cohort
+    argv = ["predict", str(data), str(models[0]), str(models[1]), "--out"]
+    fresh = tmp_path / "fresh.csv"
+    assert main([*argv, str(fresh)]) == 0
+    out = tmp_path / "sub.csv"
+    journal = tmp_path / "sub.csv.partial"
+    scoring = Interrupter(monkeypatch, predict, "member_probabilities")
+    scoring.next_run(limit=2)
+    assert main([*argv, str(out)]) == 130
+    assert scoring.calls == 2 and journal.is_file() and not out.exists()
+    scoring.next_run()
+    assert main([*argv, str(out)]) == 0
+    assert scoring.calls == 1  # the third patient only
+    assert out.read_bytes() == fresh.read_bytes() and not journal.exists()
+    # A journal holds a result only for the volume it was made from: a volume written again
+    # since is scored again.
+    scoring.next_run(limit=2)
+    assert main([*argv, str(out)]) == 130
+    first = volume_path(data, "a")
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    scoring.next_run()
+    assert main([*argv, str(out)]) == 0
+    assert scoring.calls == 2 and out.read_bytes() == fresh.read_bytes()

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from kdsb.data.inputs import gmcae_spacing_of
     from kdsb.errors import UsageError
     from kdsb.evaluation.embed import OUTLIERS_NAME, embed_cohort, write_embedding_files
+    from kdsb.io.journal import SUFFIX, file_digest, open_journal
     from kdsb.io.tables import read_labels
     from kdsb.io.volumes import list_volumes
     from kdsb.models.classifier import load_gmcae
@@ -44,10 +45,17 @@ def run(args: argparse.Namespace) -> int:
     for name in ("patches", "top", "neighbours"):
         if getattr(args, name) < 1:
             raise UsageError(f"expected --{name} >= 1, received {getattr(args, name)}")
-    table, failed = embed_cohort(load_gmcae(args.gmcae), paths, patches=args.patches,
-                                 top=args.top, seed=args.seed,
-                                 spacing_mm=gmcae_spacing_of(args.gmcae))
-    write_embedding_files(args.out_dir, table, neighbours=args.neighbours, labels=labels)
+    spacing_mm = gmcae_spacing_of(args.gmcae)
+    fingerprint = {"command": "embed", "gmcae": file_digest(args.gmcae), "spacing_mm": spacing_mm,
+                   "patches": args.patches, "top": args.top}
+    # A killed run's patients are taken from its journal (kdsb.io.journal).
+    journal_path = args.out_dir / f"embed{SUFFIX}"
+    with open_journal(journal_path, fingerprint, "embed") as journal:
+        table, failed = embed_cohort(load_gmcae(args.gmcae), paths, patches=args.patches,
+                                     top=args.top, seed=args.seed, spacing_mm=spacing_mm,
+                                     journal=journal)
+        write_embedding_files(args.out_dir, table, neighbours=args.neighbours, labels=labels)
+        journal_path.unlink()
     for reason in failed.values():
         print(f"kdsb embed: failed: {reason}", file=sys.stderr)
     print(f"{len(table.ids)} patient(s) embedded; most unusual first in "

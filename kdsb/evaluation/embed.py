@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb.errors import KdsbError
+from kdsb.io.journal import Journal, volume_stamp
 from kdsb.io.tables import write_table
 
 logger = logging.getLogger(__name__)
@@ -110,9 +111,12 @@ def embed_cohort(
     top: int = DEFAULT_TOP,
     seed: int = 0,
     spacing_mm: tuple[float, float, float] | None = None,
+    journal: Journal | None = None,
 ) -> tuple[CohortEmbedding, dict[str, str]]:
     """Features of every patient; a patient whose file cannot be read, or whose spacing is not
-    `spacing_mm` (the GMCAE's training spacing; None: any), fails alone.
+    `spacing_mm` (the GMCAE's training spacing; None: any), fails alone. With a `journal`
+    (`kdsb.io.journal`, opened for this GMCAE and these options), each patient's features are
+    journalled, and those a killed run journalled are taken from it.
 
     Returns:
         (the table of the patients that worked, {id: one-line reason} for those that failed).
@@ -124,12 +128,21 @@ def embed_cohort(
     for index, (patient_id, path) in enumerate(
         tqdm(paths.items(), desc="embed", unit="patient", disable=None)
     ):
-        try:
-            embedding, stats = patient_features(gmcae, encoder, path, patches, top, seed + index,
-                                                 spacing_mm)
-        except KdsbError as error:
-            failed[patient_id] = " ".join(str(error).split())
-            continue
+        # The patch sampling's seed is the patient's: a result holds for that seed only.
+        stamp = [*volume_stamp(path), seed + index]
+        done = journal.result(patient_id, stamp) if journal else None
+        if done is not None:
+            embedding, stats = np.array(done["embedding"]), np.array(done["nll"])
+        else:
+            try:
+                embedding, stats = patient_features(gmcae, encoder, path, patches, top,
+                                                     seed + index, spacing_mm)
+            except KdsbError as error:
+                failed[patient_id] = " ".join(str(error).split())
+                continue
+            if journal:
+                journal.record(patient_id, stamp, {"embedding": embedding.tolist(),
+                                                   "nll": stats.tolist()})
         ids.append(patient_id)
         embeddings.append(embedding)
         nll.append(stats)

@@ -364,17 +364,23 @@ def explain_cohort(
     """Explain every patient (or `ids`), streaming one volume at a time: `OUT_DIR/<id>.h5`
     (heatmap), `OUT_DIR/<id>.png` and, at the end, `OUT_DIR/peaks.csv`; returns the peaks.
 
+    The run is journalled in `OUT_DIR/explain.partial` (`kdsb.io.journal`): a killed run, rerun
+    with the same models, options and volumes, explains only the patients it had not finished
+    (and those whose heatmap or PNG has gone since). The journal is removed with the run's end.
+
     Raises: as `kdsb.evaluation.predict.predict_cohort` (the same checks, before any work);
     UsageError where a heatmap would replace a volume file (OUT_DIR = DATA_DIR).
     """
     from kdsb.evaluation.predict import (
         check_volumes,
         load_classifiers,
+        models_fingerprint,
         resolve_ids,
         resolve_model_paths,
     )
     from kdsb.io import volumes
     from kdsb.io.heatmaps import heatmap_path, holds_volume, write_heatmap
+    from kdsb.io.journal import SUFFIX, open_journal, volume_stamp
 
     model_paths = resolve_model_paths(model_paths)
     if method not in METHODS:
@@ -390,19 +396,37 @@ def explain_cohort(
                              f"where {patient_id}'s heatmap would replace the volume {target}")
     inputs, models = zip(*load_classifiers(model_paths), strict=True)
     check_volumes(inputs, [files[i] for i in order])
+    fingerprint = {"command": "explain", "method": method,
+                   "models": models_fingerprint(model_paths, inputs)}
+    if method == "occlusion":
+        fingerprint |= {"occlusion_mm": occlusion_mm, "stride_mm": stride_mm}
+    journal_path = out_dir / f"explain{SUFFIX}"
     peaks: list[Peak] = []
-    for patient_id in tqdm(order, desc="explain", unit="patient", disable=None):
-        volume = volumes.read_volume(files[patient_id])
-        volume.patient_id = patient_id
-        found = explain_patient(models, inputs, files[patient_id], volume, method=method,
-                                occlusion_mm=occlusion_mm, stride_mm=stride_mm)
-        attrs = {"method": method, "probability": found.probability,
-                 "models": [os.fspath(p) for p in model_paths]}
-        write_heatmap(heatmap_path(out_dir, patient_id), found.heatmap, volume.spacing,
-                      volume.origin, attrs)
-        write_png(out_dir / f"{patient_id}.png", volume, found)
-        peaks.append(Peak(patient_id, found.probability, found.peak_mm,
-                          float(found.heatmap[found.peak_index])))
-    rows = [[p.patient_id, *(f"{v:.2f}" for v in p.peak_mm), f"{p.value:.4f}"] for p in peaks]
-    write_table(out_dir / PEAKS_NAME, PEAK_FIELDS, rows)
+    with open_journal(journal_path, fingerprint, "explain") as journal:
+        for patient_id in tqdm(order, desc="explain", unit="patient", disable=None):
+            stamp = volume_stamp(files[patient_id])
+            png = out_dir / f"{patient_id}.png"
+            done = journal.result(patient_id, stamp)
+            if done is not None and heatmap_path(out_dir, patient_id).is_file() and png.is_file():
+                peaks.append(Peak(patient_id, done["probability"], tuple(done["peak_mm"]),
+                                  done["value"]))
+                continue
+            volume = volumes.read_volume(files[patient_id])
+            volume.patient_id = patient_id
+            found = explain_patient(models, inputs, files[patient_id], volume, method=method,
+                                    occlusion_mm=occlusion_mm, stride_mm=stride_mm)
+            attrs = {"method": method, "probability": found.probability,
+                     "models": [os.fspath(p) for p in model_paths]}
+            write_heatmap(heatmap_path(out_dir, patient_id), found.heatmap, volume.spacing,
+                          volume.origin, attrs)
+            write_png(png, volume, found)
+            peak = Peak(patient_id, found.probability, found.peak_mm,
+                        float(found.heatmap[found.peak_index]))
+            journal.record(patient_id, stamp, {"probability": peak.probability,
+                                               "peak_mm": peak.peak_mm, "value": peak.value})
+            peaks.append(peak)
+        rows = [[p.patient_id, *(f"{v:.2f}" for v in p.peak_mm), f"{p.value:.4f}"]
+                for p in peaks]
+        write_table(out_dir / PEAKS_NAME, PEAK_FIELDS, rows)
+        journal_path.unlink()
     return peaks

@@ -26,6 +26,7 @@ TensorFlow and Keras are imported inside the functions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,7 @@ from tqdm import tqdm
 from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry
 from kdsb.errors import LabelsError, UsageError
+from kdsb.io.journal import SUFFIX, file_digest, optional_journal, volume_stamp
 from kdsb.io.tables import summarise_ids, write_predictions
 from kdsb.io.volumes import list_volumes, read_attrs
 
@@ -169,6 +171,7 @@ def predict_cohort(
     tta: bool = False,
     tta_count: int | None = None,
     clip: float = PROBABILITY_CLIP,
+    journal_path: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """p(cancer) for each patient, streaming one volume at a time.
 
@@ -181,6 +184,8 @@ def predict_cohort(
         tta: ensemble over cube symmetries of the input too.
         tta_count: with `tta`, use the first this many of the 48 symmetries (None: all).
         clip: probabilities are clipped to [clip, 1 - clip].
+        journal_path: where each patient's probability is journalled as it is scored, and
+            taken from by a rerun (`kdsb.io.journal`); None: no journal.
 
     Returns:
         Patient id → probability, in output order.
@@ -198,23 +203,39 @@ def predict_cohort(
     symmetries = tta_symmetries(tta, tta_count)
     data_dir = Path(data_dir)
     order, volumes = resolve_ids(data_dir, ids, ids_source)
+    loaded = load_classifiers(model_paths)
     groups: dict[VolumeInput, list[Any]] = {}
-    for volume_input, model in load_classifiers(model_paths):
+    for volume_input, model in loaded:
         groups.setdefault(volume_input, []).append(model)
     check_volumes(groups, [volumes[i] for i in order])
     logger.info(
         "scoring %d patients with %d model(s), %d symmetry(ies) each",
         len(order), len(model_paths), len(symmetries),
     )
+    fingerprint = {"command": "predict", "symmetries": len(symmetries),
+                   "models": models_fingerprint(model_paths, [i for i, _ in loaded])}
     predictions: dict[str, float] = {}
-    for patient_id in tqdm(order, desc="predict", unit="patient", disable=None):
-        members: list[float] = []
-        for volume_input, models in groups.items():
-            members += member_probabilities(models, volume_input.read(volumes[patient_id]),
-                                            symmetries)
-        probability = ensemble_probability(members)
-        predictions[patient_id] = float(np.clip(probability, clip, 1.0 - clip))
+    with optional_journal(journal_path, fingerprint, "predict") as journal:
+        for patient_id in tqdm(order, desc="predict", unit="patient", disable=None):
+            stamp = volume_stamp(volumes[patient_id])
+            probability = journal.result(patient_id, stamp) if journal else None
+            if probability is None:
+                members: list[float] = []
+                for volume_input, models in groups.items():
+                    x = volume_input.read(volumes[patient_id])
+                    members += member_probabilities(models, x, symmetries)
+                probability = ensemble_probability(members)
+                if journal:
+                    journal.record(patient_id, stamp, probability)
+            predictions[patient_id] = float(np.clip(probability, clip, 1.0 - clip))
     return predictions
+
+
+def models_fingerprint(model_paths: Sequence[Path], inputs: Sequence[VolumeInput]) -> list:
+    """What identifies an ensemble in a journal (`kdsb.io.journal`): each model file's content
+    and the input it reads through."""
+    return [[file_digest(path), dataclasses.asdict(volume_input)]
+            for path, volume_input in zip(model_paths, inputs, strict=True)]
 
 
 def predict_to_csv(
@@ -223,8 +244,15 @@ def predict_to_csv(
     out_csv: str | os.PathLike,
     **kwargs: Any,
 ) -> dict[str, float]:
-    """`predict_cohort`, then write the `id,cancer` CSV atomically; returns the predictions."""
-    predictions = predict_cohort(data_dir, model_paths, **kwargs)
+    """`predict_cohort`, then write the `id,cancer` CSV atomically; returns the predictions.
+
+    The run is journalled in `OUT_CSV.partial` (`kdsb.io.journal`): a killed run, rerun with the
+    same models, options and volumes, scores only the patients it had not finished. The journal
+    is removed once the CSV is written.
+    """
+    journal_path = Path(f"{out_csv}{SUFFIX}")
+    predictions = predict_cohort(data_dir, model_paths, journal_path=journal_path, **kwargs)
     write_predictions(out_csv, predictions)
+    journal_path.unlink(missing_ok=True)
     logger.debug("wrote %d predictions to %s", len(predictions), out_csv)  # the command prints it
     return predictions

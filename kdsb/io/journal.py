@@ -1,0 +1,150 @@
+"""A long run's journal: each finished patient's result on one JSON line, so a killed run resumes.
+
+`kdsb predict`, `explain` and `embed` work through a cohort one patient at a time: hours at
+1 mm for the DSB's 1,600 patients, days with `--tta` or occlusion. Each appends a line per
+finished patient to a journal beside its output (`OUT_CSV.partial`, `OUT_DIR/explain.partial`,
+`OUT_DIR/embed.partial`); a rerun of the same command takes the journal's results and works
+only on the rest; the journal is removed once the output is written.
+
+A result is taken only when it is the one a fresh run would compute:
+
+- the journal's first line is the run's fingerprint (the models by content, the options that
+  change a result, the kdsb version): the journal of another run is discarded, not mixed in;
+- each entry carries its volume file's size and modification time (and whatever else the
+  command adds, e.g. embed's per-patient seed): a volume written again since is worked on again;
+- a line cut short by the kill is dropped.
+
+One run at a time writes a journal (a file lock, `kdsb.io.atomic.sole_writer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".partial"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, hex (models are MBs: milliseconds)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def volume_stamp(path: str | os.PathLike) -> list[int]:
+    """[size in bytes, modification time in ns] of a volume file: a file written again differs."""
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+class Journal:
+    """The journal of one run (see the module docstring); open it with `open_journal`.
+
+    Attributes:
+        path: the journal file.
+        resumed: how many results the journal held from an earlier run when it was opened.
+    """
+
+    def __init__(self, path: Path, handle: Any, entries: dict[str, tuple[list, Any]]) -> None:
+        self.path = path
+        self._handle = handle
+        self._entries = entries
+        self.resumed = len(entries)
+
+    def result(self, patient_id: str, stamp: list) -> Any | None:
+        """The result the journal holds for `patient_id` if it was made from an input with this
+        stamp, else None."""
+        entry = self._entries.get(patient_id)
+        return entry[1] if entry is not None and entry[0] == stamp else None
+
+    def record(self, patient_id: str, stamp: list, result: Any) -> None:
+        """Append one finished patient's result (JSON-serialisable) and flush it to the file."""
+        self._entries[patient_id] = (stamp, result)
+        line = json.dumps({"id": patient_id, "stamp": stamp, "result": result})
+        self._handle.write(line.encode() + b"\n")
+        self._handle.flush()
+
+
+def _read_entries(handle: Any, fingerprint: Mapping[str, Any], path: Path
+                  ) -> dict[str, tuple[list, Any]]:
+    """The entries of a journal whose first line is `fingerprint`; the file is cut back to its
+    last complete entry (a kill mid-line), or emptied and given the fingerprint when it belongs
+    to another run or is new."""
+    handle.seek(0)
+    lines = handle.read().split(b"\n")
+    entries: dict[str, tuple[list, Any]] = {}
+    keep = 0  # characters of complete, valid lines
+    try:
+        same_run = bool(lines[0]) and json.loads(lines[0]) == fingerprint
+    except ValueError:
+        same_run = False
+    if same_run:
+        keep = len(lines[0]) + 1
+        for line in lines[1:-1]:  # the last piece follows the last newline: empty or cut short
+            try:
+                entry = json.loads(line)
+                entries[str(entry["id"])] = (list(entry["stamp"]), entry["result"])
+            except (ValueError, KeyError, TypeError):
+                break
+            keep += len(line) + 1
+    elif lines[0]:
+        logger.info("%s: the journal of another run (other models, options or kdsb version) is "
+                    "discarded", path)
+    handle.seek(keep)
+    handle.truncate()
+    if not same_run:
+        handle.write(json.dumps(fingerprint).encode() + b"\n")
+        handle.flush()
+    return entries
+
+
+@contextmanager
+def open_journal(path: str | os.PathLike, fingerprint: Mapping[str, Any], command: str
+                 ) -> Iterator[Journal]:
+    """Open (or start) the journal at `path` for a run with this fingerprint (JSON-serialisable),
+    held against other runs until the block ends. The caller deletes the file once the run's
+    output is written; an error leaves it for the rerun.
+
+    Raises:
+        UsageError: another run of `command` holds the journal.
+    """
+    from kdsb.io.atomic import sole_writer
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A JSON round trip, so that tuples and lists compare equal with the stored line.
+    fingerprint = json.loads(json.dumps(fingerprint))
+    with ExitStack() as stack:
+        stack.enter_context(sole_writer(path, f"kdsb {command}",
+                                        "write the output somewhere else"))
+        # Opened after the lock and closed before it: closing any handle of a locked file
+        # releases a POSIX lock.
+        handle = stack.enter_context(open(path, "r+b"))
+        journal = Journal(path, handle, _read_entries(handle, fingerprint, path))
+        if journal.resumed:
+            logger.info("%s: resuming: %d patient(s) done by an earlier run are taken from "
+                        "%s", command, journal.resumed, path)
+        yield journal
+
+
+
+@contextmanager
+def optional_journal(path: str | os.PathLike | None, fingerprint: Mapping[str, Any], command: str
+                     ) -> Iterator[Journal | None]:
+    """`open_journal`, or None when `path` is None (a run without a journal)."""
+    if path is None:
+        yield None
+        return
+    with open_journal(path, fingerprint, command) as journal:
+        yield journal

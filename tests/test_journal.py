@@ -1,0 +1,79 @@
+"""Tests of `kdsb.io.journal`: results kept across a kill, and only when they still hold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kdsb.errors import UsageError
+from kdsb.io.journal import file_digest, open_journal, volume_stamp
+
+FINGERPRINT = {"command": "predict", "models": [["abc", {"spacing_mm": (1.0, 1.0, 1.0)}]]}
+
+
+def test_results_survive_a_reopen_and_hold_only_for_their_stamp(tmp_path):
+    path = tmp_path / "sub.csv.partial"
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        assert journal.resumed == 0
+        journal.record("a", [10, 1], 0.25)
+        journal.record("b", [20, 2], {"peak_mm": [1.5, float("nan"), 3.0]})
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        assert journal.resumed == 2
+        assert journal.result("a", [10, 1]) == 0.25
+        assert journal.result("a", [10, 999]) is None  # the volume was written again since
+        assert journal.result("c", [10, 1]) is None
+        assert journal.result("b", [20, 2])["peak_mm"][0] == 1.5
+
+
+def test_another_runs_journal_is_discarded(tmp_path):
+    path = tmp_path / "explain.partial"
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        journal.record("a", [10, 1], 0.25)
+    other = {**FINGERPRINT, "models": [["def", {}]]}
+    with open_journal(path, other, "predict") as journal:
+        assert journal.resumed == 0 and journal.result("a", [10, 1]) is None
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [json.loads(json.dumps(other))]
+
+
+def test_a_line_cut_short_by_a_kill_is_dropped_and_the_file_mended(tmp_path):
+    path = tmp_path / "sub.csv.partial"
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        journal.record("a", [10, 1], 0.25)
+        journal.record("b", [20, 2], 0.5)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-7])  # the kill came while "b" was being written
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        assert journal.resumed == 1 and journal.result("b", [20, 2]) is None
+        journal.record("b", [20, 2], 0.5)
+    assert path.read_bytes() == whole
+
+
+def test_a_second_run_writing_the_same_journal_is_refused(tmp_path):
+    path = tmp_path / "sub.csv.partial"
+    other_run = ("import sys, time; from kdsb.io.journal import open_journal\n"
+                 "with open_journal(sys.argv[1], {}, 'predict'):\n"
+                 "    print('held', flush=True); time.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", other_run, str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match="no other kdsb predict writing"), \
+                open_journal(path, {}, "predict"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_digest_and_stamp_follow_the_files_content(tmp_path):
+    first, second = tmp_path / "a.keras", tmp_path / "b.keras"
+    first.write_bytes(b"model one")
+    second.write_bytes(b"model one")
+    assert file_digest(first) == file_digest(second)
+    second.write_bytes(b"model two")
+    assert file_digest(first) != file_digest(second)
+    assert volume_stamp(second)[0] == len(b"model two")
