@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from kdsb._version import __version__
 from kdsb.errors import UsageError
 from kdsb.io.journal import file_digest, open_journal, volume_stamp
 
@@ -36,7 +37,19 @@ def test_another_runs_journal_is_discarded(tmp_path):
     with open_journal(path, other, "predict") as journal:
         assert journal.resumed == 0 and journal.result("a", [10, 1]) is None
     lines = path.read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [json.loads(json.dumps(other))]
+    assert [json.loads(line) for line in lines] == [{**json.loads(json.dumps(other)),
+                                                      "kdsb": __version__}]
+
+
+def test_another_kdsb_versions_journal_is_discarded(tmp_path, monkeypatch):
+    from kdsb.io import journal as module
+
+    path = tmp_path / "sub.csv.partial"
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        journal.record("a", [10, 1], 0.25)
+    monkeypatch.setattr(module, "__version__", "99.0")
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        assert journal.resumed == 0
 
 
 def test_a_line_cut_short_by_a_kill_is_dropped_and_the_file_mended(tmp_path):

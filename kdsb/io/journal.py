@@ -28,6 +28,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from kdsb._version import __version__
+
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".partial"
@@ -123,8 +125,9 @@ def open_journal(path: str | os.PathLike, fingerprint: Mapping[str, Any], comman
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A JSON round trip, so that tuples and lists compare equal with the stored line.
-    fingerprint = json.loads(json.dumps(fingerprint))
+    # Another kdsb may compute otherwise. A JSON round trip, so that tuples and lists compare
+    # equal with the stored line.
+    fingerprint = json.loads(json.dumps({**fingerprint, "kdsb": __version__}))
     with ExitStack() as stack:
         stack.enter_context(sole_writer(path, f"kdsb {command}",
                                         "write the output somewhere else"))
