@@ -164,11 +164,12 @@ def test_runs_saved_before_the_decoder_option_resume_with_the_transposed_one(use
 
 
 def test_decoder_option_reaches_the_model_and_agrees_with_the_models_module():
-    from kdsb.models import gmcae
+    from kdsb.models import gmcae, layers
     from kdsb.training import gmcae as training
 
     assert training.DECODERS == gmcae.DECODERS
     assert training.DEFAULT_DECODER == gmcae.DEFAULT_DECODER == GmcaeOptions().decoder
+    assert training.DEFAULT_VARIANCE_FLOOR == layers.DEFAULT_VARIANCE_FLOOR
     for decoder in training.DECODERS:
         options = GmcaeOptions(decoder=decoder, width=2, patch_size=8, mixtures=2)
         assert gmcae.decoder_of(training._build_model_fn(options)()) == decoder

@@ -48,10 +48,12 @@ MIN_VOLUMES = 2  # one for training, one for validation
 VALIDATION_SEED_OFFSET = 1_000_003
 SAMPLINGS = ("lung", "grid")
 PATCH_CACHE_DIR = ".patch_cache"  # hidden: volume listings skip it
-# kdsb.models.gmcae.DECODERS and DEFAULT_DECODER, kept here (not imported) so that
-# `kdsb --help` stays instant; tests check they agree.
+# kdsb.models.gmcae.DECODERS and DEFAULT_DECODER and kdsb.models.layers.DEFAULT_VARIANCE_FLOOR,
+# kept here (not imported: those modules load Keras) so that `kdsb --help` stays instant;
+# tests check they agree.
 DECODERS = ("transpose", "upsample")
 DEFAULT_DECODER = "upsample"
+DEFAULT_VARIANCE_FLOOR = 1e-3
 # The decoder of runs saved before the option existed (their config.json has no "decoder").
 LEGACY_DECODER = "transpose"
 
@@ -73,8 +75,7 @@ class GmcaeOptions(RunOptions):
             Conv3DTranspose, which leaves checkerboard artefacts); see
             `kdsb.models.gmcae.build_gmcae`.
         clipnorm: per-variable gradient clipping norm (0: none).
-        variance_floor: smallest mixture variance, normalised HU² (None becomes
-            `kdsb.models.layers.DEFAULT_VARIANCE_FLOOR`).
+        variance_floor: smallest mixture variance, normalised HU².
     """
 
     batch_size: int = option(16, "patches per batch (global, over all devices)", type=int)
@@ -104,17 +105,9 @@ class GmcaeOptions(RunOptions):
         1.0, "clip each variable's gradient to this L2 norm, separately (Keras clipnorm, not a "
         "global norm; 0: no clipping)", type=float,
     )
-    variance_floor: float | None = option(
-        None, "smallest mixture variance (normalised HU²)", type=float,
-        shown="kdsb.models.layers.DEFAULT_VARIANCE_FLOOR",
+    variance_floor: float = option(
+        DEFAULT_VARIANCE_FLOOR, "smallest mixture variance (normalised HU²)", type=float,
     )
-
-    def __post_init__(self) -> None:
-        if self.variance_floor is None:
-            from kdsb.models.layers import DEFAULT_VARIANCE_FLOOR
-
-            object.__setattr__(self, "variance_floor", DEFAULT_VARIANCE_FLOOR)
-        super().__post_init__()
 
     @classmethod
     def from_saved(cls, saved):
