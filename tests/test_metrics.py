@@ -230,6 +230,9 @@ def test_bootstrap_skips_one_class_resamples_for_the_auc():
     assert one_class["accuracy"] == (0.0, 1.0)
     with pytest.raises(KdsbError, match="expected at least one bootstrap resample, received 0"):
         metrics.bootstrap_intervals([1, 0], [0.9, 0.1], n_boot=0)
+    # One patient: no interval at all, not a zero-width one.
+    single = metrics.bootstrap_intervals([1], [0.3], n_boot=50)
+    assert all(math.isnan(v) for interval in single.values() for v in interval)
     with pytest.raises(KdsbError, match=r"expected an interval level in \(0, 1\), received 1"):
         metrics.bootstrap_intervals([1, 0], [0.9, 0.1], level=1)
 

@@ -237,7 +237,9 @@ def bootstrap_intervals(
     `np.random.default_rng(seed)` (index arrays `rng.integers(0, n, size=(n_boot, n))`, drawn a
     block of rows at a time); the interval is the central `level` fraction of the resampled
     values. Resamples that hold one class only have no ROC AUC and are skipped for the AUC (its
-    interval comes from the others; both ends are NaN when every resample is one class).
+    interval comes from the others; both ends are NaN when every resample is one class). One
+    patient has no interval (NaN): every resample would be that patient, a zero-width interval
+    that claims a certainty one patient cannot give.
 
     Args:
         y: 0/1 labels.
@@ -256,6 +258,8 @@ def bootstrap_intervals(
         raise KdsbError(f"expected an interval level in (0, 1), received {level}")
     y, p = _validate(y, p)
     n = y.size
+    if n < 2:
+        return dict.fromkeys(("log_loss", "roc_auc", "accuracy", "brier"), (math.nan, math.nan))
     clipped = np.clip(p, LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
     per_patient = np.stack([
         -(y * np.log(clipped) + (1.0 - y) * np.log1p(-clipped)),  # log loss
