@@ -294,3 +294,9 @@ def test_a_killed_run_resumes_and_redoes_only_what_is_missing(cohort, tmp_path, 
         with h5py.File(out / f"c{index}.h5") as a, h5py.File(fresh / f"c{index}.h5") as b:
             np.testing.assert_array_equal(a["heatmap"][...], b["heatmap"][...])
     assert not (out / "explain.partial").exists()
+    explaining.next_run(limit=2)
+    assert main(["explain", str(root / "data"), str(model), str(out)]) == 130
+    (out / "c1.h5").unlink()  # a heatmap gone: explained again too
+    explaining.next_run()
+    assert main(["explain", str(root / "data"), str(model), str(out)]) == 0
+    assert explaining.calls == PATIENTS - 2 + 1

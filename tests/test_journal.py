@@ -18,11 +18,11 @@ FINGERPRINT = {"command": "predict", "models": [["abc", {"spacing_mm": (1.0, 1.0
 def test_results_survive_a_reopen_and_hold_only_for_their_stamp(tmp_path):
     path = tmp_path / "sub.csv.partial"
     with open_journal(path, FINGERPRINT, "predict") as journal:
-        assert journal.resumed == 0
+        assert journal.held == 0
         journal.record("a", [10, 1], 0.25)
         journal.record("b", [20, 2], {"peak_mm": [1.5, float("nan"), 3.0]})
     with open_journal(path, FINGERPRINT, "predict") as journal:
-        assert journal.resumed == 2
+        assert journal.held == 2
         assert journal.result("a", [10, 1]) == 0.25
         assert journal.result("a", [10, 999]) is None  # the volume was written again since
         assert journal.result("c", [10, 1]) is None
@@ -35,7 +35,7 @@ def test_another_runs_journal_is_discarded(tmp_path):
         journal.record("a", [10, 1], 0.25)
     other = {**FINGERPRINT, "models": [["def", {}]]}
     with open_journal(path, other, "predict") as journal:
-        assert journal.resumed == 0 and journal.result("a", [10, 1]) is None
+        assert journal.held == 0 and journal.result("a", [10, 1]) is None
     lines = path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{**json.loads(json.dumps(other)),
                                                       "kdsb": __version__}]
@@ -49,7 +49,7 @@ def test_another_kdsb_versions_journal_is_discarded(tmp_path, monkeypatch):
         journal.record("a", [10, 1], 0.25)
     monkeypatch.setattr(module, "__version__", "99.0")
     with open_journal(path, FINGERPRINT, "predict") as journal:
-        assert journal.resumed == 0
+        assert journal.held == 0
 
 
 def test_a_line_cut_short_by_a_kill_is_dropped_and_the_file_mended(tmp_path):
@@ -60,7 +60,7 @@ def test_a_line_cut_short_by_a_kill_is_dropped_and_the_file_mended(tmp_path):
     whole = path.read_bytes()
     path.write_bytes(whole[:-7])  # the kill came while "b" was being written
     with open_journal(path, FINGERPRINT, "predict") as journal:
-        assert journal.resumed == 1 and journal.result("b", [20, 2]) is None
+        assert journal.held == 1 and journal.result("b", [20, 2]) is None
         journal.record("b", [20, 2], 0.5)
     assert path.read_bytes() == whole
 
@@ -90,3 +90,51 @@ def test_digest_and_stamp_follow_the_files_content(tmp_path):
     second.write_bytes(b"model two")
     assert file_digest(first) != file_digest(second)
     assert volume_stamp(second)[0] == len(b"model two")
+
+
+def test_a_header_cut_short_starts_afresh_and_stays_readable(tmp_path):
+    path = tmp_path / "sub.csv.partial"
+    with open_journal(path, FINGERPRINT, "predict"):
+        pass
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # killed before the header's newline
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        assert journal.held == 0
+        journal.record("a", [10, 1], 0.25)
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        assert journal.held == 1 and journal.result("a", [10, 1]) == 0.25
+    assert b"\x00" not in path.read_bytes()
+
+
+def test_a_finished_journal_is_removed_and_an_unfinished_one_kept(tmp_path):
+    path = tmp_path / "sub.csv.partial"
+    with pytest.raises(RuntimeError), open_journal(path, FINGERPRINT, "predict") as journal:
+        journal.record("a", [10, 1], 0.25)
+        raise RuntimeError("a patient failed")
+    assert path.is_file()
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        journal.finish()
+    assert not path.exists()
+
+
+def test_a_run_waiting_on_a_journal_deleted_under_it_takes_a_new_one(tmp_path, monkeypatch):
+    """A run that opened the journal just before its holder finished (and deleted it) must not
+    lock the deleted file: a third run would then write beside it unnoticed."""
+    from kdsb.io import atomic
+
+    path = tmp_path / "sub.csv.partial"
+    path.write_bytes(b"")
+    opens = []
+    real_open = open
+
+    def open_then_delete(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        opens.append(file)
+        if len(opens) == 1:  # the holder finishes right after this open
+            path.unlink()
+        return handle
+
+    monkeypatch.setattr(atomic, "open", open_then_delete, raising=False)
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        journal.record("a", [10, 1], 0.25)
+    assert opens == [path, path]  # the deleted file let go, the new one taken
+    assert journal.held == 0 and len(path.read_text().splitlines()) == 2

@@ -249,3 +249,9 @@ def test_a_killed_run_resumes_where_it_stopped(cohort, tmp_path, monkeypatch):
     scoring.next_run()
     assert main([*argv, str(out)]) == 0
     assert scoring.calls == 2 and out.read_bytes() == fresh.read_bytes()
+    # Other options are another run: its journal's results are not taken.
+    scoring.next_run(limit=2)
+    assert main([*argv, str(out)]) == 130
+    scoring.next_run()
+    assert main([*argv, str(out), "--tta", "--tta-count", "2"]) == 0
+    assert scoring.calls == 3

@@ -46,16 +46,19 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"expected --{name} >= 1, received {getattr(args, name)}")
     spacing_mm = gmcae_spacing_of(args.gmcae)
-    fingerprint = {"command": "embed", "gmcae": file_digest(args.gmcae), "spacing_mm": spacing_mm,
+    digest = file_digest(args.gmcae)
+    gmcae = load_gmcae(args.gmcae)
+    if file_digest(args.gmcae) != digest:
+        raise UsageError(f"expected a GMCAE file that stays as it is, received {args.gmcae}, "
+                         "which changed while it was loaded: run again once it is written")
+    fingerprint = {"command": "embed", "gmcae": digest, "spacing_mm": spacing_mm,
                    "patches": args.patches, "top": args.top}
     # A killed run's patients are taken from its journal (kdsb.io.journal).
-    journal_path = args.out_dir / f"embed{SUFFIX}"
-    with open_journal(journal_path, fingerprint, "embed") as journal:
-        table, failed = embed_cohort(load_gmcae(args.gmcae), paths, patches=args.patches,
-                                     top=args.top, seed=args.seed, spacing_mm=spacing_mm,
-                                     journal=journal)
+    with open_journal(args.out_dir / f"embed{SUFFIX}", fingerprint, "embed") as journal:
+        table, failed = embed_cohort(gmcae, paths, patches=args.patches, top=args.top,
+                                     seed=args.seed, spacing_mm=spacing_mm, journal=journal)
         write_embedding_files(args.out_dir, table, neighbours=args.neighbours, labels=labels)
-        journal_path.unlink()
+        journal.finish()
     for reason in failed.values():
         print(f"kdsb embed: failed: {reason}", file=sys.stderr)
     print(f"{len(table.ids)} patient(s) embedded; most unusual first in "

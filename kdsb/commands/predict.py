@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kdsb.commands import require_dir, require_file, require_output_file
     from kdsb.errors import UsageError
-    from kdsb.evaluation.predict import PROBABILITY_CLIP, predict_to_csv
+    from kdsb.evaluation.predict import PROBABILITY_CLIP, predict_cohort
     from kdsb.io.tables import read_ids
 
     require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
@@ -41,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if args.ids is not None:
         require_file(args.ids, "--ids, a CSV with an id column")
     ids = read_ids(args.ids) if args.ids is not None else None
-    predictions = predict_to_csv(
+    predictions = predict_cohort(
         args.data_dir,
         args.models,
-        args.out,
+        out_csv=args.out,
         ids=ids,
         ids_source=str(args.ids),
         tta=args.tta,

@@ -373,12 +373,12 @@ def explain_cohort(
     """
     from kdsb.evaluation.predict import (
         check_volumes,
-        load_classifiers,
-        models_fingerprint,
+        load_fingerprinted,
         resolve_ids,
         resolve_model_paths,
     )
     from kdsb.io import volumes
+    from kdsb.io.atomic import remove_stale_temporaries
     from kdsb.io.heatmaps import heatmap_path, holds_volume, write_heatmap
     from kdsb.io.journal import SUFFIX, open_journal, volume_stamp
 
@@ -394,15 +394,17 @@ def explain_cohort(
         if holds_volume(target := heatmap_path(out_dir, patient_id)):
             raise UsageError(f"expected an OUT_DIR apart from the volumes, received {out_dir}, "
                              f"where {patient_id}'s heatmap would replace the volume {target}")
-    inputs, models = zip(*load_classifiers(model_paths), strict=True)
+    loaded, fingerprinted = load_fingerprinted(model_paths)
+    inputs, models = zip(*loaded, strict=True)
     check_volumes(inputs, [files[i] for i in order])
-    fingerprint = {"command": "explain", "method": method,
-                   "models": models_fingerprint(model_paths, inputs)}
+    # The paths too: each heatmap file names its models.
+    fingerprint = {"command": "explain", "method": method, "models": fingerprinted,
+                   "model_paths": [os.fspath(p) for p in model_paths]}
     if method == "occlusion":
         fingerprint |= {"occlusion_mm": occlusion_mm, "stride_mm": stride_mm}
-    journal_path = out_dir / f"explain{SUFFIX}"
     peaks: list[Peak] = []
-    with open_journal(journal_path, fingerprint, "explain") as journal:
+    with open_journal(out_dir / f"explain{SUFFIX}", fingerprint, "explain") as journal:
+        remove_stale_temporaries(out_dir)  # of a killed run's last patient
         for patient_id in tqdm(order, desc="explain", unit="patient", disable=None):
             stamp = volume_stamp(files[patient_id])
             png = out_dir / f"{patient_id}.png"
@@ -428,5 +430,5 @@ def explain_cohort(
         rows = [[p.patient_id, *(f"{v:.2f}" for v in p.peak_mm), f"{p.value:.4f}"]
                 for p in peaks]
         write_table(out_dir / PEAKS_NAME, PEAK_FIELDS, rows)
-        journal_path.unlink()
+        journal.finish()
     return peaks

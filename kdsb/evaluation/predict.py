@@ -171,7 +171,7 @@ def predict_cohort(
     tta: bool = False,
     tta_count: int | None = None,
     clip: float = PROBABILITY_CLIP,
-    journal_path: str | os.PathLike | None = None,
+    out_csv: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """p(cancer) for each patient, streaming one volume at a time.
 
@@ -184,8 +184,10 @@ def predict_cohort(
         tta: ensemble over cube symmetries of the input too.
         tta_count: with `tta`, use the first this many of the 48 symmetries (None: all).
         clip: probabilities are clipped to [clip, 1 - clip].
-        journal_path: where each patient's probability is journalled as it is scored, and
-            taken from by a rerun (`kdsb.io.journal`); None: no journal.
+        out_csv: write the `id,cancer` CSV here (atomically). The run is then journalled in
+            `OUT_CSV.partial` (`kdsb.io.journal`): a killed run, run again with the same
+            models, options and volumes, scores only the patients it had not finished. The
+            journal is removed once the CSV is written.
 
     Returns:
         Patient id → probability, in output order.
@@ -203,7 +205,7 @@ def predict_cohort(
     symmetries = tta_symmetries(tta, tta_count)
     data_dir = Path(data_dir)
     order, volumes = resolve_ids(data_dir, ids, ids_source)
-    loaded = load_classifiers(model_paths)
+    loaded, models = load_fingerprinted(model_paths)
     groups: dict[VolumeInput, list[Any]] = {}
     for volume_input, model in loaded:
         groups.setdefault(volume_input, []).append(model)
@@ -212,8 +214,8 @@ def predict_cohort(
         "scoring %d patients with %d model(s), %d symmetry(ies) each",
         len(order), len(model_paths), len(symmetries),
     )
-    fingerprint = {"command": "predict", "symmetries": len(symmetries),
-                   "models": models_fingerprint(model_paths, [i for i, _ in loaded])}
+    fingerprint = {"command": "predict", "symmetries": len(symmetries), "models": models}
+    journal_path = None if out_csv is None else Path(f"{out_csv}{SUFFIX}")
     predictions: dict[str, float] = {}
     with optional_journal(journal_path, fingerprint, "predict") as journal:
         for patient_id in tqdm(order, desc="predict", unit="patient", disable=None):
@@ -228,31 +230,27 @@ def predict_cohort(
                 if journal:
                     journal.record(patient_id, stamp, probability)
             predictions[patient_id] = float(np.clip(probability, clip, 1.0 - clip))
+        if out_csv is not None:
+            write_predictions(out_csv, predictions)
+            journal.finish()
     return predictions
 
 
-def models_fingerprint(model_paths: Sequence[Path], inputs: Sequence[VolumeInput]) -> list:
-    """What identifies an ensemble in a journal (`kdsb.io.journal`): each model file's content
-    and the input it reads through."""
-    return [[file_digest(path), dataclasses.asdict(volume_input)]
-            for path, volume_input in zip(model_paths, inputs, strict=True)]
+def load_fingerprinted(model_paths: Sequence[Path]) -> tuple[list[tuple[VolumeInput, Any]], list]:
+    """`load_classifiers`, and what identifies the ensemble in a journal (`kdsb.io.journal`):
+    each model file's content (SHA-256) and the input it reads through.
 
-
-def predict_to_csv(
-    data_dir: str | os.PathLike,
-    model_paths: Sequence[str | os.PathLike],
-    out_csv: str | os.PathLike,
-    **kwargs: Any,
-) -> dict[str, float]:
-    """`predict_cohort`, then write the `id,cancer` CSV atomically; returns the predictions.
-
-    The run is journalled in `OUT_CSV.partial` (`kdsb.io.journal`): a killed run, rerun with the
-    same models, options and volumes, scores only the patients it had not finished. The journal
-    is removed once the CSV is written.
+    Raises:
+        as `load_classifiers`; UsageError: a model file changed while it was loaded (a training
+        run still writing it), so its digest might not be the loaded model's.
     """
-    journal_path = Path(f"{out_csv}{SUFFIX}")
-    predictions = predict_cohort(data_dir, model_paths, journal_path=journal_path, **kwargs)
-    write_predictions(out_csv, predictions)
-    journal_path.unlink(missing_ok=True)
-    logger.debug("wrote %d predictions to %s", len(predictions), out_csv)  # the command prints it
-    return predictions
+    digests = [file_digest(path) for path in model_paths]
+    loaded = load_classifiers(model_paths)
+    changed = [path for path, digest in zip(model_paths, digests, strict=True)
+               if file_digest(path) != digest]
+    if changed:
+        raise UsageError(f"expected model files that stay as they are, received {changed[0]}, "
+                         "which changed while it was loaded: run again once it is written")
+    return loaded, [[digest, dataclasses.asdict(volume_input)]
+                    for digest, (volume_input, _) in zip(digests, loaded, strict=True)]
+

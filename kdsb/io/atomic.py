@@ -19,6 +19,7 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from kdsb.errors import UsageError
 
@@ -63,11 +64,16 @@ def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = "*") -> i
 
 
 @contextmanager
-def sole_writer(lock_path: str | os.PathLike, command: str, advice: str) -> Iterator[None]:
+def sole_writer(lock_path: str | os.PathLike, command: str, advice: str) -> Iterator[BinaryIO]:
     """Hold `lock_path` (created if needed) while a run writes the folder it lies in: two runs
     writing one folder (Slurm array jobs sharing it) would delete or overwrite each other's
     files. A POSIX record lock (`fcntl.lockf`, which NFS supports) goes with the process, so a
     killed run leaves no lock behind; without fcntl (Windows) runs are not guarded.
+
+    Yields the lock file, open for reading and appending (binary): a journal's writer keeps its
+    content there (`kdsb.io.journal`); closing any other handle of the file would release the
+    lock. The holder may delete the file before it lets go: a run that opened it just before
+    then finds the deleted file locked by no one, and takes the one now at `lock_path` instead.
 
     Args:
         lock_path: the lock file.
@@ -80,18 +86,35 @@ def sole_writer(lock_path: str | os.PathLike, command: str, advice: str) -> Iter
     try:
         import fcntl
     except ImportError:  # not POSIX
-        yield
-        return
+        fcntl = None
     lock_path = Path(lock_path)
-    with open(lock_path, "a+") as handle:
+    while True:
+        handle = open(lock_path, "a+b")  # closed below, or by the with
         try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno in (errno.EACCES, errno.EAGAIN):
-                raise UsageError(f"expected no other {command} writing {lock_path.parent}, "
-                                 f"received one holding {lock_path}: wait for it, or "
-                                 f"{advice}") from None
-            # No locks on this file system (NFS without a lock daemon, Lustre without flock).
-            logger.warning("%s: file locks unavailable (%s): another run writing it would not "
-                           "be noticed", lock_path.parent, error.strerror)
-        yield
+            if fcntl is None or _locked(fcntl, handle, lock_path, command, advice):
+                break
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()  # the file was deleted by the run that held it: lock the new one
+    with handle:
+        yield handle
+
+
+def _locked(fcntl: Any, handle: BinaryIO, lock_path: Path, command: str, advice: str) -> bool:
+    """Lock `handle`'s file; False when it is no longer the file at `lock_path`."""
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EAGAIN):
+            raise UsageError(f"expected no other {command} writing {lock_path.parent}, "
+                             f"received one holding {lock_path}: wait for it, or "
+                             f"{advice}") from None
+        # No locks on this file system (NFS without a lock daemon, Lustre without flock).
+        logger.warning("%s: file locks unavailable (%s): another run writing it would not "
+                       "be noticed", lock_path.parent, error.strerror)
+        return True
+    try:
+        return os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False

@@ -4,17 +4,20 @@
 1 mm for the DSB's 1,600 patients, days with `--tta` or occlusion. Each appends a line per
 finished patient to a journal beside its output (`OUT_CSV.partial`, `OUT_DIR/explain.partial`,
 `OUT_DIR/embed.partial`); a rerun of the same command takes the journal's results and works
-only on the rest; the journal is removed once the output is written.
+only on the rest; the journal is removed once the output is written (a failed or killed run
+keeps it).
 
 A result is taken only when it is the one a fresh run would compute:
 
 - the journal's first line is the run's fingerprint (the models by content, the options that
-  change a result, the kdsb version): the journal of another run is discarded, not mixed in;
+  change a result, the kdsb version): the journal of another run is discarded, not mixed in. The
+  version is the package's: code changed in a source checkout keeps it, so delete the journals
+  of runs begun before such a change;
 - each entry carries its volume file's size and modification time (and whatever else the
   command adds, e.g. embed's per-patient seed): a volume written again since is worked on again;
-- a line cut short by the kill is dropped.
+- a line cut short by the kill, and any line after an unreadable one, is dropped.
 
-One run at a time writes a journal (a file lock, `kdsb.io.atomic.sole_writer`).
+One run at a time writes a journal: the journal is its own lock (`kdsb.io.atomic.sole_writer`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kdsb._version import __version__
 
@@ -55,14 +58,18 @@ class Journal:
 
     Attributes:
         path: the journal file.
-        resumed: how many results the journal held from an earlier run when it was opened.
+        held: how many results the journal held from an earlier run when it was opened (a
+            result is taken only where its patient's volume is unchanged).
+        finished: set by `finish`: the journal is removed when its block ends.
     """
 
-    def __init__(self, path: Path, handle: Any, entries: dict[str, tuple[list, Any]]) -> None:
+    def __init__(self, path: Path, handle: BinaryIO, entries: dict[str, tuple[list, Any]]
+                 ) -> None:
         self.path = path
         self._handle = handle
         self._entries = entries
-        self.resumed = len(entries)
+        self.held = len(entries)
+        self.finished = False
 
     def result(self, patient_id: str, stamp: list) -> Any | None:
         """The result the journal holds for `patient_id` if it was made from an input with this
@@ -77,18 +84,23 @@ class Journal:
         self._handle.write(line.encode() + b"\n")
         self._handle.flush()
 
+    def finish(self) -> None:
+        """The run's output is written: remove the journal when its block ends."""
+        self.finished = True
 
-def _read_entries(handle: Any, fingerprint: Mapping[str, Any], path: Path
+
+def _read_entries(handle: BinaryIO, fingerprint: Mapping[str, Any], path: Path
                   ) -> dict[str, tuple[list, Any]]:
     """The entries of a journal whose first line is `fingerprint`; the file is cut back to its
     last complete entry (a kill mid-line), or emptied and given the fingerprint when it belongs
-    to another run or is new."""
+    to another run or is new. `handle` appends (mode "a+b"): writes go to the end."""
     handle.seek(0)
     lines = handle.read().split(b"\n")
     entries: dict[str, tuple[list, Any]] = {}
-    keep = 0  # characters of complete, valid lines
+    keep = 0  # bytes of complete, valid lines
     try:
-        same_run = bool(lines[0]) and json.loads(lines[0]) == fingerprint
+        # A header without its newline (a kill while it was written) starts afresh.
+        same_run = len(lines) > 1 and json.loads(lines[0]) == fingerprint
     except ValueError:
         same_run = False
     if same_run:
@@ -103,8 +115,7 @@ def _read_entries(handle: Any, fingerprint: Mapping[str, Any], path: Path
     elif lines[0]:
         logger.info("%s: the journal of another run (other models, options or kdsb version) is "
                     "discarded", path)
-    handle.seek(keep)
-    handle.truncate()
+    handle.truncate(keep)
     if not same_run:
         handle.write(json.dumps(fingerprint).encode() + b"\n")
         handle.flush()
@@ -115,8 +126,9 @@ def _read_entries(handle: Any, fingerprint: Mapping[str, Any], path: Path
 def open_journal(path: str | os.PathLike, fingerprint: Mapping[str, Any], command: str
                  ) -> Iterator[Journal]:
     """Open (or start) the journal at `path` for a run with this fingerprint (JSON-serialisable),
-    held against other runs until the block ends. The caller deletes the file once the run's
-    output is written; an error leaves it for the rerun.
+    held against other runs until the block ends. Once the run's output is written, the caller
+    calls `Journal.finish` and the journal is removed as the block ends; an error leaves it for
+    the rerun.
 
     Raises:
         UsageError: another run of `command` holds the journal.
@@ -128,18 +140,17 @@ def open_journal(path: str | os.PathLike, fingerprint: Mapping[str, Any], comman
     # Another kdsb may compute otherwise. A JSON round trip, so that tuples and lists compare
     # equal with the stored line.
     fingerprint = json.loads(json.dumps({**fingerprint, "kdsb": __version__}))
-    with ExitStack() as stack:
-        stack.enter_context(sole_writer(path, f"kdsb {command}",
-                                        "write the output somewhere else"))
-        # Opened after the lock and closed before it: closing any handle of a locked file
-        # releases a POSIX lock.
-        handle = stack.enter_context(open(path, "r+b"))
+    with sole_writer(path, f"kdsb {command}", "write the output somewhere else") as handle:
         journal = Journal(path, handle, _read_entries(handle, fingerprint, path))
-        if journal.resumed:
-            logger.info("%s: resuming: %d patient(s) done by an earlier run are taken from "
-                        "%s", command, journal.resumed, path)
+        if journal.held:
+            logger.info("%s: the journal of an earlier, unfinished run holds %d patient(s) (%s); "
+                        "those whose volume is unchanged are not worked on again", command,
+                        journal.held, path)
         yield journal
-
+        if journal.finished and os.name == "posix":
+            path.unlink(missing_ok=True)  # while locked: a run waiting for it takes a new file
+    if journal.finished:
+        path.unlink(missing_ok=True)  # elsewhere an open file cannot be deleted
 
 
 @contextmanager
