@@ -136,33 +136,52 @@ def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys):
     assert "expected OUT_ROOT, a folder for the cohort, received a file" in capsys.readouterr().err
 
 
-def test_an_interrupted_cohort_leaves_no_labels_csv(tmp_path, monkeypatch, caplog):
-    """labels.csv marks a complete cohort: a run killed part-way leaves none (nor a temporary),
-    and a rerun replaces the unfinished cohort without --overwrite (found by a user's check:
-    a killed or failed synth blocked its own retry)."""
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_an_interrupted_cohort_resumes_or_is_replaced(tmp_path, monkeypatch, caplog):
+    """labels.csv marks a complete cohort: a run killed part-way leaves none (nor a temporary);
+    a rerun with the same options resumes it, byte for byte the cohort an uninterrupted run
+    writes, and one with other options replaces it without --overwrite (found by a user's
+    check: a killed or failed synth blocked its own retry)."""
     import kdsb.phantoms.cohort
 
+    fresh = tmp_path / "fresh"
+    write_cohort(fresh, patients=3, seed=1, size=40, scale=0.5)
+    out = tmp_path / "out"
     real_write = kdsb.phantoms.cohort.write_ct_series
-    calls = []
+    written, die_after = [], [2]
 
     def write_then_die(*args, **kwargs):
-        if calls:
+        written.append(args[0].name)
+        real_write(*args, **kwargs)
+        if len(written) == die_after[0]:  # killed after this series, before its truth record
             raise KeyboardInterrupt
-        calls.append(args[0])
-        return real_write(*args, **kwargs)
 
     monkeypatch.setattr(kdsb.phantoms.cohort, "write_ct_series", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5)
-    assert len(calls) == 1
-    assert not (tmp_path / "labels.csv").exists()
-    assert [p.name for p in tmp_path.glob(".*")] == [".kdsb-synth-unfinished"]
-    monkeypatch.undo()
-    labels_csv = write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5)
-    assert "replacing the unfinished cohort" in caplog.text
+        write_cohort(out, patients=3, seed=1, size=40, scale=0.5)
+    assert not (out / "labels.csv").exists()
+    assert [p.name for p in out.glob(".*")] == [".kdsb-synth-unfinished"]
+    written.clear()
+    die_after[0] = None
+    with caplog.at_level("INFO"):
+        labels_csv = write_cohort(out, patients=3, seed=1, size=40, scale=0.5)
+    assert "resuming the unfinished cohort" in caplog.text and "1 patient(s) written" in caplog.text
+    assert written == ["phantom_001", "phantom_002"]
     assert labels_csv.read_text().splitlines()[0] == "id,cancer"
-    assert not list(tmp_path.glob(".*"))
-    assert sorted(p.name for p in (tmp_path / "dicom").iterdir()) == ["phantom_000", "phantom_001"]
+    assert not list(out.glob(".*"))
+    assert _files(out) == _files(fresh)
+
+    written.clear()
+    die_after[0] = 2
+    with pytest.raises(KeyboardInterrupt):
+        write_cohort(out, patients=3, seed=1, size=40, scale=0.5, overwrite=True)
+    monkeypatch.undo()
+    write_cohort(out, patients=2, seed=1, size=40, scale=0.5)
+    assert "replacing the unfinished cohort" in caplog.text
+    assert sorted(p.name for p in (out / "dicom").iterdir()) == ["phantom_000", "phantom_001"]
 
 
 def test_a_cohort_still_being_written_is_not_taken_for_an_unfinished_one(tmp_path):

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from kdsb._version import __version__
 from kdsb.errors import KdsbError, UsageError
-from kdsb.io.atomic import sole_writer
+from kdsb.io.atomic import sole_writer, write_json
 from kdsb.io.tables import write_labels
 from kdsb.phantoms.anatomy import Nodule, Phantom, Truth, check_options, make_phantom
 from kdsb.phantoms.dicom_write import SLICE_ORDERS, Acquisition, write_ct_series
@@ -96,14 +97,19 @@ def _acquisition(rng: np.random.Generator) -> dict:
 
 
 @contextmanager
-def new_cohort(out_root: Path, overwrite: bool) -> Iterator[None]:
-    """Make OUT_ROOT ready for a new cohort and hold it while the cohort is written: dicom/ and
-    truth/ created, an old cohort removed only with `overwrite` (else a UsageError), or without
-    it when a synth run that stopped (killed, or failed) left it unfinished: its
-    `UNFINISHED_MARKER` and no labels.csv. The marker is the run's lock
-    (`kdsb.io.atomic.sole_writer`), so a run still writing is never taken for a stopped one; it
-    stays until `finish_root` has written labels.csv. A dicom/ folder without it is never taken
-    for synth's own.
+def new_cohort(out_root: Path, overwrite: bool, options: dict) -> Iterator[dict[str, int]]:
+    """Make OUT_ROOT ready for a cohort and hold it while the cohort is written; yields the
+    patients already written (id → label) by a stopped run of the same `options`, which the
+    caller skips.
+
+    dicom/ and truth/ are created; an old cohort is removed only with `overwrite` (else a
+    UsageError), or without it when a synth run that stopped (killed, or failed) left it
+    unfinished: its `UNFINISHED_MARKER` and no labels.csv. An unfinished cohort begun with the
+    same options (and kdsb version), which the marker holds, is resumed instead: the patients
+    whose truth record was written (each patient's last file) are kept, every other patient's
+    files removed. The marker is the run's lock (`kdsb.io.atomic.sole_writer`), so a run still
+    writing is never taken for a stopped one; it stays until `finish_root` has written
+    labels.csv. A dicom/ folder without it is never taken for synth's own.
 
     Raises:
         UsageError: OUT_ROOT holds a cohort (without `overwrite`), or another synth run is
@@ -119,7 +125,15 @@ def new_cohort(out_root: Path, overwrite: bool) -> Iterator[None]:
             f"{', '.join(path.name for path in existing)} (use --overwrite to replace them)"
         )
     out_root.mkdir(parents=True, exist_ok=True)
-    with sole_writer(marker, "kdsb synth", "use another OUT_ROOT"):
+    begun = json.dumps({**options, "kdsb": __version__}, sort_keys=True).encode()
+    with sole_writer(marker, "kdsb synth", "use another OUT_ROOT") as handle:
+        handle.seek(0)
+        if existing and unfinished and not overwrite and handle.read() == begun:
+            finished = _keep_finished(out_root)
+            logger.info("resuming the unfinished cohort a stopped synth run left in %s: %d "
+                        "patient(s) written", out_root, len(finished))
+            yield finished
+            return
         if existing and not overwrite:
             logger.warning("replacing the unfinished cohort a stopped synth run left in %s",
                            out_root)
@@ -127,7 +141,25 @@ def new_cohort(out_root: Path, overwrite: bool) -> Iterator[None]:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         (out_root / "dicom").mkdir()
         (out_root / "truth").mkdir()
-        yield
+        handle.truncate(0)
+        handle.write(begun)
+        handle.flush()
+        yield {}
+
+
+def _keep_finished(out_root: Path) -> dict[str, int]:
+    """The patients of an unfinished cohort whose truth record (written last, atomically) is
+    there, id → label; every other patient's files are removed (a series cut short)."""
+    finished = {}
+    for record in (out_root / "truth").glob("*.json"):
+        try:
+            finished[record.stem] = int(json.loads(record.read_text())["label"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    for path in [*(out_root / "dicom").iterdir(), *(out_root / "truth").iterdir()]:
+        if path.name.split(".")[0] not in finished:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return finished
 
 
 def finish_root(out_root: Path, rows: list[tuple[str, int]]) -> Path:
@@ -154,13 +186,14 @@ def _write_truth(truth_dir: Path, pid: str, phantom: Phantom, acquisition: dict)
         "origin": list(phantom.origin),
         "acquisition": acquisition,
     }
-    (truth_dir / f"{pid}.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(truth_dir / f"{pid}.json", record)  # last: the patient is written
 
 
 def _cohort(
-    *, patients: int, seed: int, size: int, scale: float
-) -> Iterator[tuple[str, Phantom, dict]]:
-    """Each patient of a cohort in turn: its id, phantom and `write_ct_series` storage options.
+    *, patients: int, seed: int, size: int, scale: float, skip: Container[str] = ()
+) -> Iterator[tuple[str, Phantom | None, dict | None]]:
+    """Each patient of a cohort in turn: its id, phantom and `write_ct_series` storage options
+    (None and None for the ids in `skip`, which are not drawn).
 
     Labels: exactly `patients // 2` cancer cases, shuffled; patient `i` depends only on
     (seed, i, size, scale) and its label.
@@ -170,6 +203,9 @@ def _cohort(
     labels[: patients // 2] = 1
     labels = np.random.default_rng(sequence).permutation(labels)
     for index, child in enumerate(sequence.spawn(patients)):
+        if patient_id(index) in skip:
+            yield patient_id(index), None, None
+            continue
         rng = np.random.default_rng(child)
         phantom = make_phantom(rng, size=size, cancer=bool(labels[index]), scale=scale)
         yield patient_id(index), phantom, _acquisition(rng)
@@ -210,12 +246,16 @@ def write_cohort(
         raise UsageError(f"expected a non-negative --seed, received {seed}")
     check_options(size, scale)
     out_root = Path(out_root)
-    with new_cohort(out_root, overwrite):
+    options = {"patients": patients, "seed": seed, "size": size, "scale": scale}
+    with new_cohort(out_root, overwrite, options) as finished:
         rows = []
-        cohort = _cohort(patients=patients, seed=seed, size=size, scale=scale)
+        cohort = _cohort(patients=patients, seed=seed, size=size, scale=scale, skip=finished)
         for pid, phantom, acquisition in tqdm(
             cohort, total=patients, desc="synth", unit="patient", disable=None
         ):
+            if phantom is None:  # written by the stopped run this one resumes
+                rows.append((pid, finished[pid]))
+                continue
             write_ct_series(
                 out_root / "dicom" / pid,
                 phantom.hu,

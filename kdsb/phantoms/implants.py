@@ -39,6 +39,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from kdsb.errors import KdsbError, UsageError
+from kdsb.io.atomic import write_json
 from kdsb.phantoms.lesions import (
     KINDS,
     PLACES,
@@ -264,8 +265,9 @@ def write_implant_cohort(
     out_root = Path(out_root)
     series = read_patient(base)
     base_lungs = segment_lungs(series.hu, series.spacing, patient_id=str(base)) > 0
-    with new_cohort(out_root, overwrite):
-
+    options = {"base": str(base.resolve()), "patients": patients, "seed": seed,
+               "kinds": list(kinds), "places": list(places), "radius_mm": [low, high]}
+    with new_cohort(out_root, overwrite, options) as finished:
         sequence = np.random.SeedSequence(seed)
         cancer = np.zeros(patients, bool)
         cancer[: patients // 2] = True
@@ -273,8 +275,11 @@ def write_implant_cohort(
         rows = []
         for index, child in enumerate(tqdm(sequence.spawn(patients), desc="synth", unit="patient",
                                            disable=None)):
-            rng = np.random.default_rng(child)
             pid = f"{PATIENT_PREFIX}{index:03d}"
+            if pid in finished:  # written by the stopped run this one resumes
+                rows.append((pid, finished[pid]))
+                continue
+            rng = np.random.default_rng(child)
             hu, spacing, origin, variation = vary_base(
                 series.hu, series.spacing, series.origin, base_lungs, rng
             )
@@ -308,7 +313,7 @@ def write_implant_cohort(
                 "spacing": list(spacing),
                 "origin": list(origin),
             }
-            (out_root / "truth" / f"{pid}.json").write_text(json.dumps(record, indent=2) + "\n")
+            write_json(out_root / "truth" / f"{pid}.json", record)  # last: the patient is written
             rows.append((pid, label))
             logger.debug("%s: %d lesions, label %d", pid, len(lesions), label)
         return finish_root(out_root, rows)
