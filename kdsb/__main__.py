@@ -1,7 +1,5 @@
 """`python -m kdsb` is the `kdsb` command."""
 
-import sys
+from kdsb.cli import entry
 
-from kdsb.cli import main
-
-sys.exit(main())
+entry()

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import traceback
 
 from kdsb._version import __version__
 from kdsb.errors import KdsbError, UsageError
@@ -115,3 +117,36 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a full or read-only disk, a file gone mid-run: one line too
         print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
+    except Exception:
+        # TensorFlow's error for a reader that failed inside a tf.data pipeline carries the
+        # reader's traceback; the reader's own error (a damaged volume file) says it in a line.
+        datasets = sys.modules.get("kdsb.data.datasets")
+        found = datasets.pipeline_error() if datasets is not None else None
+        if found is None:
+            raise
+        print(f"kdsb {args.command}: error: {found}", file=sys.stderr)
+        return EXIT_DATA_ERROR
+
+
+def entry() -> None:
+    """The `kdsb` console command: `main`, then exit with its status.
+
+    Once TensorFlow has run, an interrupted or failed run leaves by `os._exit`, without the
+    interpreter's clean-up: a tf.data iterator destroyed at exit while its Python readers are in
+    flight waits for them, and they wait for the interpreter lock the exiting thread holds, so
+    such a run hung after printing its message (Ctrl-C in `train-gmcae`). Every file kdsb writes
+    is whole or absent by then (atomic writes), so the clean-up has nothing of ours to do.
+    """
+    try:
+        code = main()
+    except SystemExit as done:  # argparse: --help, or a usage error it has printed
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    except BaseException:  # a bug: its traceback, as Python would print it
+        traceback.print_exc()
+        code = 1
+    if code != 0 and "tensorflow" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)

@@ -303,3 +303,63 @@ def test_mirrored_strategy_on_two_logical_cpus(data_dir, tmp_path):
     assert "mirrored strategy over 2 devices" in result.stderr
     assert _epochs(run_dir) == [0]
     assert (run_dir / "gmcae.keras").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_run_at_once(data_dir, tmp_path):
+    """Ctrl-C in the middle of an epoch (SIGINT to the process group): exit 130 at once (found
+    by a user's check: the process printed "interrupted" and hung at exit, a tf.data iterator's
+    destructor waiting for its Python readers, which waited for the exiting thread's lock)."""
+    run_dir = tmp_path / "run"
+    argv = ["train-gmcae", str(data_dir), str(run_dir), *TINY, "--batch-size", "4",
+            "--epochs", "3", "--steps-per-epoch", "20"]
+    # The `kdsb` command, its patch reader slowed to a large volume's pace, so that readers are
+    # in flight when Ctrl-C comes.
+    slow_kdsb = ("import sys, time\n"
+                 "from kdsb.data import datasets\n"
+                 "read = datasets.read_patches\n"
+                 "datasets.read_patches = lambda *a, **k: (time.sleep(0.1), read(*a, **k))[1]\n"
+                 "from kdsb.cli import entry\n"
+                 "sys.argv[0] = 'kdsb'\n"
+                 "entry()\n")
+    process = subprocess.Popen([sys.executable, "-c", slow_kdsb, *argv], env=_subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while runs.last_checkpoint(run_dir) is None and process.poll() is None:
+            assert time.monotonic() < deadline, "no epoch ended"
+            time.sleep(0.05)
+        time.sleep(1)  # into the second epoch
+        assert process.poll() is None, "training ended before Ctrl-C"
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == "kdsb train-gmcae: interrupted"
+
+
+@pytest.mark.slow
+def test_a_damaged_volume_is_one_line_naming_it(data_dir, tmp_path, capsys):
+    """Data damaged inside a volume file (a header that opens over a damaged chunk) is found
+    while training reads it, inside a tf.data pipeline: one line naming the file, exit 1 (found
+    by a user's check: a TensorFlow traceback, then a hang)."""
+    import shutil
+
+    damaged = tmp_path / "volumes"
+    shutil.copytree(data_dir, damaged)
+    path = volumes.volume_path(damaged, "p1")
+    with volumes.open_volume(path) as f:
+        chunk = f["hu"].id.get_chunk_info(0)
+    data = bytearray(path.read_bytes())
+    data[chunk.byte_offset: chunk.byte_offset + chunk.size] = bytes(chunk.size)
+    path.write_bytes(bytes(data))
+    argv = ["train-gmcae", str(damaged), str(tmp_path / "run"), *TINY, "--epochs", "1",
+            "--steps-per-epoch", "20"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"kdsb train-gmcae: error: {path}: expected readable voxels, "
+                              "received damaged data"), err

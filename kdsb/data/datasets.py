@@ -24,6 +24,11 @@ from kdsb.data.inputs import VolumeInput
 from kdsb.errors import KdsbError, LabelsError
 from kdsb.io import volumes
 
+# TensorFlow turns an exception raised inside a pipeline's Python reader (tf.numpy_function)
+# into an error whose message is that reader's traceback; the reader's own error is kept here
+# for the command line to report in one line (`pipeline_error`).
+_pipeline_errors: list[KdsbError] = []
+
 SAMPLINGS = ("lung", "grid")
 DEFAULT_SHUFFLE_BUFFER = 256
 # Whole volumes are large (tens of MB as float32): load at most this many ahead of the model.
@@ -121,6 +126,28 @@ def stratified_folds(ids: Sequence[str], labels: Mapping[str, int], folds: int, 
             assigned[dealt % folds].append(group[i])
             dealt += 1
     return [sorted(fold) for fold in assigned]
+
+
+def _reporting_errors(reader):
+    """`reader`, keeping the first KdsbError it raises (an unreadable volume) for
+    `pipeline_error` before TensorFlow wraps it."""
+
+    def read(*args):
+        try:
+            return reader(*args)
+        except KdsbError as error:
+            _pipeline_errors.append(error)
+            raise
+
+    return read
+
+
+def pipeline_error() -> KdsbError | None:
+    """The first error a pipeline's reader raised since the last call (then forgotten), or
+    None: what a TensorFlow error raised while a pipeline was consumed was about."""
+    found = _pipeline_errors[0] if _pipeline_errors else None
+    _pipeline_errors.clear()
+    return found
 
 
 def _check_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -255,7 +282,8 @@ def patch_dataset(
         )
 
     def load(index, path):
-        x = tf.numpy_function(visit, [path, index], tf.float32, stateful=False)
+        x = tf.numpy_function(_reporting_errors(visit), [path, index], tf.float32,
+                              stateful=False)
         x.set_shape((patches_per_volume,) + (patch_size,) * 3)
         return tf.data.Dataset.from_tensor_slices(x[..., tf.newaxis])
 
@@ -338,7 +366,8 @@ def volume_dataset(
 
     def load(index, element):
         path = element[0] if label_values is not None else element
-        x = tf.numpy_function(visit, [path, index], tf.float32, stateful=False)
+        x = tf.numpy_function(_reporting_errors(visit), [path, index], tf.float32,
+                              stateful=False)
         x.set_shape((None, None, None, 1))
         if label_values is None:
             return x

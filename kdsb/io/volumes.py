@@ -21,8 +21,9 @@ from __future__ import annotations
 import itertools
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,10 +171,15 @@ def _write_deflated(f: h5py.File, name: str, array: np.ndarray, threads: int = 1
                 dataset.id.write_direct_chunk(start, data)
 
 
-def open_volume(path: str | os.PathLike) -> h5py.File:
-    """Open a volume file read-only for partial reads (patches), after checking its format.
+@contextmanager
+def open_volume(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Open a volume file read-only for partial reads (patches), after checking its format;
+    closed when the block ends.
 
-    The caller closes the file (use it as a context manager).
+    Raises:
+        StoreError: a missing, unreadable or foreign file, or (from the block) data that
+            cannot be read: a header that opens over damaged chunks. Every reader of volume
+            files goes through here, so each such error names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -184,13 +190,18 @@ def open_volume(path: str | os.PathLike) -> h5py.File:
         raise StoreError(
             f"{path}: expected an HDF5 file, received an unreadable one ({error})"
         ) from error
-    missing = [n for n in REQUIRED_DATASETS if n not in f] + [
-        a for a in REQUIRED_ATTRS if a not in f.attrs
-    ]
-    if missing:
-        f.close()
-        raise StoreError(f"{path}: expected a kdsb volume file, missing {', '.join(missing)}")
-    return f
+    with f:
+        missing = [n for n in REQUIRED_DATASETS if n not in f] + [
+            a for a in REQUIRED_ATTRS if a not in f.attrs
+        ]
+        if missing:
+            raise StoreError(f"{path}: expected a kdsb volume file, missing "
+                             f"{', '.join(missing)}")
+        try:
+            yield f
+        except OSError as error:
+            raise StoreError(f"{path}: expected readable voxels, received damaged data "
+                             f"({' '.join(str(error).split())})") from error
 
 
 def _decode(value):
@@ -220,12 +231,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
     path = Path(path)
     with open_volume(path) as f:
         attrs = {key: _decode(value) for key, value in f.attrs.items()}
-        try:
-            hu = f["hu"][...]
-            lung_mask = f["lung_mask"][...]
-        except OSError as error:  # a header that opens over damaged chunks
-            raise StoreError(f"{path}: expected readable voxels, received damaged data "
-                             f"({' '.join(str(error).split())})") from error
+        hu = f["hu"][...]
+        lung_mask = f["lung_mask"][...]
     return Volume(
         patient_id=str(attrs.get("patient_id", path.stem)),
         hu=hu,
