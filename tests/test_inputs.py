@@ -139,11 +139,25 @@ def test_common_spacing_names_a_corrupt_file_and_one_of_another_spacing(volume, 
         common_spacing([path, other])
 
 
+def test_the_run_subfolders_agree_with_their_owners():
+    from kdsb.data.inputs import RUN_SUBFOLDER
+    from kdsb.training.classifier import FOLD_PREFIX
+    from kdsb.training.runs import CHECKPOINT_DIR
+
+    assert RUN_SUBFOLDER.match(CHECKPOINT_DIR) and RUN_SUBFOLDER.match(f"{FOLD_PREFIX}12")
+    assert not RUN_SUBFOLDER.match("copied")
+
+
 def test_gmcae_spacing_round_trip_lookup_and_old_runs(tmp_path, caplog):
     save_gmcae_spacing(tmp_path, (2, 1, 1))
     assert gmcae_spacing_of(tmp_path / "gmcae.keras") == (2.0, 1.0, 1.0)
     assert gmcae_spacing_of(tmp_path / "checkpoints" / "epoch_0001.keras") == (2.0, 1.0, 1.0)
     assert gmcae_spacing_of(tmp_path / "elsewhere" / "deeper" / "gmcae.keras") is None
+    assert "spacing is not checked" in caplog.text
+    # A model copied without its record into a folder beside another model's record: not that
+    # model's spacing (found by a user's check).
+    caplog.clear()
+    assert gmcae_spacing_of(tmp_path / "copied" / "gmcae.keras") is None
     assert "spacing is not checked" in caplog.text
     (tmp_path / "gmcae.json").write_text('{"spacing_mm": [1, 0]}')
     with pytest.raises(KdsbError, match="gmcae.json: expected JSON with spacing_mm"):

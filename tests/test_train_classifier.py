@@ -182,6 +182,19 @@ def test_usage_errors(cohort, tmp_path, capsys):
     assert main([*base, "--gmcae", str(nope)]) == 2
     assert (f"expected --gmcae, a trained GMCAE .keras file, received a missing path: {nope}"
             in capsys.readouterr().err)
+    # Found by a user's check: a folder was "a missing path", a RUN_DIR that is a file an
+    # operating-system error.
+    assert main([*base, "--gmcae", str(gmcae.parent)]) == 2
+    assert (f"received a folder: {gmcae.parent} (its model is {gmcae})"
+            in capsys.readouterr().err)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["train-classifier", str(data), str(labels), str(a_file), "--gmcae",
+                 str(gmcae)]) == 2
+    assert f"expected RUN_DIR, a folder for the run, received a file: {a_file}" \
+        in capsys.readouterr().err
+    assert main(["train-gmcae", str(data), str(a_file / "run")]) == 2
+    assert "expected RUN_DIR, a folder for the run" in capsys.readouterr().err
     options = ["--gmcae", str(gmcae)]
     assert main([*base, *options, "--val-fraction", "0"]) == 2
     assert "expected --val-fraction in (0, 1), received 0.0" in capsys.readouterr().err

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 INPUT_NAME = "classifier.json"
 GMCAE_INPUT_NAME = "gmcae.json"
+# The subfolders of a run folder a model may lie in: kdsb.training.runs.CHECKPOINT_DIR and the
+# fold folders (kdsb.training.classifier.FOLD_PREFIX); tests check they agree.
+RUN_SUBFOLDER = re.compile(r"^(checkpoints|fold_\d+)$")
 DEFAULT_LUNG_DILATION_MM = 2.0
 # Spacings closer than this (mm, per axis) are the same grid.
 SPACING_TOLERANCE_MM = 1e-3
@@ -288,14 +292,18 @@ def gmcae_spacing_of(model_path: str | os.PathLike) -> tuple[float, float, float
 def _record_beside(model_path: str | os.PathLike, name: str, levels: int = 2
                    ) -> tuple[Path, Any] | None:
     """(path, parsed JSON) of the record `name` saved beside a model: in its folder (the run
-    folder), else in the `levels` - 1 folders above (2: `checkpoints/epoch_NNNN.keras`; 3 also
-    a fold's, `RUN_DIR/fold_k/checkpoints/epoch_NNNN.keras`); None without one.
+    folder), else in up to `levels` - 1 folders above, climbing only out of a run's own
+    subfolders (2: `checkpoints/epoch_NNNN.keras`; 3 also a fold's,
+    `RUN_DIR/fold_k/checkpoints/epoch_NNNN.keras`); None without one. Never from a folder
+    that merely holds the model's folder: a stray record there is another model's.
 
     Raises:
         KdsbError: the record is not valid JSON.
     """
-    model_path = Path(model_path)
-    for candidate in (folder / name for folder in list(model_path.parents)[:levels]):
+    folders = [Path(model_path).parent]
+    while len(folders) < levels and RUN_SUBFOLDER.match(folders[-1].name):
+        folders.append(folders[-1].parent)
+    for candidate in (folder / name for folder in folders):
         if candidate.is_file():
             try:
                 return candidate, json.loads(candidate.read_text())

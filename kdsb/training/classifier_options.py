@@ -152,11 +152,15 @@ class ClassifierOptions(RunOptions):
         object.__setattr__(self, "levels", tuple(self.levels))
         super().__post_init__()
         self.volume_input()
-        if not Path(self.gmcae).is_file():
-            raise UsageError(
-                f"expected --gmcae, a trained GMCAE .keras file, received a missing path: "
-                f"{self.gmcae}"
-            )
+        gmcae = Path(self.gmcae)
+        if not gmcae.is_file():
+            state = "a folder" if gmcae.is_dir() else "a missing path"
+            from kdsb.training.gmcae import MODEL_NAME
+
+            inside = gmcae / MODEL_NAME  # train-gmcae's RUN_DIR: name its model
+            hint = f" (its model is {inside})" if inside.is_file() else ""
+            raise UsageError(f"expected --gmcae, a trained GMCAE .keras file, received {state}: "
+                             f"{gmcae}{hint}")
 
     def checks(self) -> list[tuple[bool, str, Any]]:
         from kdsb.models.gmcae import ENCODER_BLOCKS
