@@ -76,6 +76,12 @@ def test_bags_are_cached_keyed_and_streamed_padded(tmp_path):
     stamp = files["p0"].stat().st_mtime_ns
     assert encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=2) == files
     assert files["p0"].stat().st_mtime_ns == stamp  # reused, not recomputed
+    # A bag damaged from outside (a copy cut short) is computed again (found by a user's check:
+    # a traceback from NumPy's memory map).
+    whole = files["p1"].read_bytes()
+    files["p1"].write_bytes(whole[:1000])
+    assert encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=2) == files
+    assert files["p1"].read_bytes() == whole
     # Another block is another key; the stale bag of the same patient is removed.
     other = encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=1)
     assert other["p0"] != files["p0"] and not files["p0"].exists()

@@ -440,9 +440,13 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
             if not line.startswith("p0,")]
     (fewer / "labels.csv").write_text("".join(kept))
     argv_fewer = [argv[0], str(fewer), str(fewer / "labels.csv"), *argv[3:], "--resume"]
+    config = (run / "config.json").read_bytes()
     assert main(argv_fewer) == 2
     assert "fold_1 to resume on the patients it began with, received other held_out" in \
         capsys.readouterr().err
+    # The refused run leaves the run's record as it was: it began with DATA_DIR (found by a
+    # user's check: config.json named the refused run's folder).
+    assert (run / "config.json").read_bytes() == config
 
 
 @pytest.mark.slow

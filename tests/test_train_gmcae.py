@@ -99,6 +99,22 @@ def test_train_gmcae_writes_model_plots_and_beats_single_gaussian(trained_run):
 
 
 @pytest.mark.slow
+def test_a_finished_run_resumed_on_other_data_keeps_its_records(trained_run, data_dir,
+                                                                tmp_path):
+    """Nothing to train: the summary, the spacing record and the options stay those of the
+    run (found by a user's check: the summary was measured again on the other patients)."""
+    run_dir, _ = trained_run
+    other = tmp_path / "other"
+    other.mkdir()
+    for path in sorted(data_dir.glob("*.h5"))[1:]:
+        (other / path.name).symlink_to(path)
+    names = ("gmcae_summary.json", "gmcae.json", "config.json", "history.csv")
+    before = {name: (run_dir / name).read_bytes() for name in names}
+    assert main(["-q", "train-gmcae", str(other), str(run_dir), "--resume"]) == 0
+    assert {name: (run_dir / name).read_bytes() for name in names} == before
+
+
+@pytest.mark.slow
 def test_reconstructions_resemble_their_patches(trained_run, data_dir):
     from kdsb.models import gmcae
 

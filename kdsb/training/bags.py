@@ -99,7 +99,7 @@ def encode_bags(
         for pid, path in volumes.items()
         if (key := bag_key(path, gmcae, volume_input, symmetries, head, block))
     }
-    missing = [pid for pid, file in files.items() if not file.is_file()]
+    missing = [pid for pid, file in files.items() if not _whole(file, len(symmetries))]
     _remove_stale(cache_dir, files)
     if missing:
         encoder = instance_features(gmcae, head, block)
@@ -111,6 +111,21 @@ def encode_bags(
                 np.save(f, bag.astype(BAG_DTYPE))
     logger.info("%d bags in %s (%d computed now)", len(files), cache_dir, len(missing))
     return files
+
+
+def _whole(file: Path, symmetries: int) -> bool:
+    """Whether `file` is a readable bag of `symmetries` encodings. Bags are written atomically,
+    so a damaged one comes from outside (a full disk, a copy cut short): computed again."""
+    if not file.is_file():
+        return False
+    try:
+        bag = np.load(file, mmap_mode="r")
+        if bag.ndim == 3 and bag.shape[0] == symmetries:
+            return True
+    except (OSError, ValueError, EOFError):
+        pass
+    logger.warning("%s: a damaged bag file, computed again", file)
+    return False
 
 
 def _check_holds_a_patch(x: np.ndarray, encoder: Any, head: str, path: str | os.PathLike

@@ -25,6 +25,7 @@ NumPy and TensorFlow are imported inside the functions, so the command line stay
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -308,11 +309,18 @@ def train_gmcae(
     options, start_epoch = runs.resolve_options(
         GmcaeOptions, options, run_dir, resume=resume, data_dir=data_dir
     )
+    worker = runs.worker(options.distribute)
+    summary_path = run_dir / SUMMARY_NAME
+    if (resume and runs.last_checkpoint(run_dir) and summary_path.is_file()
+            and runs.finished_training(run_dir, options.epochs, options.patience)):
+        # Its records stay as they are: measured again on a DATA_DIR given anew, the summary
+        # would weigh the model and its baseline on other patients.
+        logger.info("%s finished training: nothing to do", run_dir)
+        return json.loads(summary_path.read_text()) if worker.chief else None
     volumes, spacing = _volume_paths(Path(data_dir))
     train_ids, val_ids = split_patients(
         list(volumes), val_fraction=options.val_fraction, seed=options.seed
     )
-    worker = runs.worker(options.distribute)
     if options.batch_size % worker.count or len(train_ids) < worker.count:
         raise UsageError(
             f"expected --batch-size a multiple of the {worker.count} workers and at least as "

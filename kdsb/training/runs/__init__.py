@@ -50,7 +50,7 @@ from kdsb.training.runs.devices import (
     wait_for_workers,
     worker,
 )
-from kdsb.training.runs.fitting import begin, fit, train
+from kdsb.training.runs.fitting import begin, finished_training, fit, train
 from kdsb.training.runs.folder import (
     CHECKPOINT_DIR,
     HISTORY_NAME,
@@ -90,6 +90,7 @@ __all__ = [
     "configure_runtime",
     "discard_training",
     "distribution_strategy",
+    "finished_training",
     "fit",
     "given_options",
     "keras_verbosity",

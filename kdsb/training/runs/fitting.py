@@ -51,8 +51,18 @@ def begin(run_dir: str | os.PathLike, options: RunOptions, *, data_dir: str | os
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / OPTIONS_NAME,
-                   {**options.to_saved(), "data_dir": str(Path(data_dir).resolve())})
+                   {**options.to_saved(), "data_dir": _begun_with(run_dir, data_dir)})
     configure_runtime(seed=options.seed if seed is None else seed, precision=options.precision)
+
+
+def _begun_with(run_dir: Path, data_dir: str | os.PathLike) -> str:
+    """The data folder config.json records: the one the run began with (a resumed run keeps
+    it, so a resume refused after this point leaves the record true), else `data_dir`."""
+    try:
+        begun = json.loads((run_dir / OPTIONS_NAME).read_text()).get("data_dir")
+    except (OSError, ValueError, AttributeError):
+        begun = None
+    return begun if isinstance(begun, str) else str(Path(data_dir).resolve())
 
 
 def train(
@@ -203,7 +213,7 @@ def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strate
     last = check_run_dir(run_dir, resume)
     if resume and last is None:
         logger.warning("no checkpoint in %s: starting afresh", run_dir / CHECKPOINT_DIR)
-    if last is not None and _finished(run_dir, epochs, early_stopping_patience):
+    if last is not None and finished_training(run_dir, epochs, early_stopping_patience):
         # Resumed after it ended (killed while its results were written): training more
         # epochs would give another model than the uninterrupted run.
         logger.info("%s finished training: nothing to do", run_dir)
@@ -289,7 +299,7 @@ def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strate
     return history
 
 
-def _finished(run_dir: Path, epochs: int, patience: int | None) -> bool:
+def finished_training(run_dir: Path, epochs: int, patience: int | None) -> bool:
     """Whether the run in `run_dir` ended its training (`FINISHED_NAME`) in a way that these
     settings would not continue: all `epochs` run, or stopped early with the same patience
     (more epochs after all were run, or another patience after an early stop, train on)."""
