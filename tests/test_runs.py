@@ -179,6 +179,11 @@ def test_options_read_their_flags_and_defaults_from_the_dataclass():
 
 
 def test_resolve_options_afresh_and_on_resume(tmp_path):
+    # A mistyped RUN_DIR with --resume is refused, not a default run begun (found by users'
+    # checks).
+    for where, state in ((tmp_path, "a folder without"), (tmp_path / "typo", "a missing")):
+        with pytest.raises(UsageError, match=f"received {state}.*leave out --resume"):
+            runs.resolve_options(runs.RunOptions, {}, where, resume=True, data_dir=tmp_path)
     options, done = runs.resolve_options(
         runs.RunOptions, {"lr": 0.5}, tmp_path, resume=False, data_dir=tmp_path
     )

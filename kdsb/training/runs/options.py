@@ -178,15 +178,20 @@ def resolve_options(
 
     Raises:
         UsageError: an option is out of range; `run_dir` holds checkpoints but `resume` is off;
-            resuming, a given option differs from its saved value and is not among
-            `RESUMABLE_CHANGES`.
+            resuming, `run_dir` holds no config.json (no run was begun there), or a given
+            option differs from its saved value and is not among `RESUMABLE_CHANGES`.
         KdsbError: config.json is not valid JSON.
     """
     if isinstance(given, RunOptions):
         given = dataclasses.asdict(given)
     last = check_run_dir(run_dir, resume)
     path = Path(run_dir) / OPTIONS_NAME
-    if not (resume and path.is_file()):
+    if resume and not path.is_file():
+        # A mistyped RUN_DIR would otherwise start hours of training with default options.
+        state = "a folder without" if Path(run_dir).is_dir() else "a missing folder, so no"
+        raise UsageError(f"expected --resume in the RUN_DIR of a run begun there, received "
+                         f"{state} {OPTIONS_NAME}: {run_dir} (leave out --resume to begin one)")
+    if not resume:
         return options(**given), 0
     try:
         stored = json.loads(path.read_text())
