@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
+    datasets = sys.modules.get("kdsb.data.datasets")
+    if datasets is not None:
+        datasets.pipeline_error()  # forget an earlier command's (one process, several runs)
     try:
         return int(args.run(args))
     except UsageError as error:
@@ -117,30 +120,33 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # a full or read-only disk, a file gone mid-run: one line too
         print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
-    except Exception:
+    except Exception as error:
         # TensorFlow's error for a reader that failed inside a tf.data pipeline carries the
         # reader's traceback; the reader's own error (a damaged volume file) says it in a line.
         datasets = sys.modules.get("kdsb.data.datasets")
         found = datasets.pipeline_error() if datasets is not None else None
-        if found is None:
+        if found is None or str(found) not in str(error):
             raise
         print(f"kdsb {args.command}: error: {found}", file=sys.stderr)
         return EXIT_DATA_ERROR
 
 
-def entry() -> None:
-    """The `kdsb` console command: `main`, then exit with its status.
+def entry(argv: list[str] | None = None) -> None:
+    """The `kdsb` console command: `main(argv)`, then exit with its status.
 
     Once TensorFlow has run, an interrupted or failed run leaves by `os._exit`, without the
     interpreter's clean-up: a tf.data iterator destroyed at exit while its Python readers are in
     flight waits for them, and they wait for the interpreter lock the exiting thread holds, so
     such a run hung after printing its message (Ctrl-C in `train-gmcae`). Every file kdsb writes
-    is whole or absent by then (atomic writes), so the clean-up has nothing of ours to do.
+    is whole or absent by then (atomic writes; training closes its TensorBoard logs when
+    interrupted), so the clean-up has nothing of ours to do.
     """
     try:
-        code = main()
+        code = main(argv)
     except SystemExit as done:  # argparse: --help, or a usage error it has printed
         code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    except KeyboardInterrupt:  # a second Ctrl-C while the first was reported
+        code = EXIT_INTERRUPTED
     except BaseException:  # a bug: its traceback, as Python would print it
         traceback.print_exc()
         code = 1

@@ -206,7 +206,7 @@ def run_demo(
         validation patients under "validation" and the wall time under "seconds".
     """
     from kdsb.evaluation.evaluate import CALIBRATION_PNG, ROC_PNG, evaluate, format_table
-    from kdsb.evaluation.predict import predict_to_csv
+    from kdsb.evaluation.predict import predict_cohort
     from kdsb.training.classifier import BEST_NAME
 
     plan = FAST_PLAN if fast else FULL_PLAN
@@ -241,9 +241,8 @@ def run_demo(
 
     start = _stage("predict the held-out test cohort")
     predictions = work / "test_predictions.csv"
-    predict_to_csv(
-        test_volumes, [clf_dir / BEST_NAME], predictions, tta=True, tta_count=TTA_COUNT
-    )
+    predict_cohort(test_volumes, [clf_dir / BEST_NAME], tta=True, tta_count=TTA_COUNT,
+                   out_csv=predictions)
     plots = work / "plots"
     scores = evaluate(predictions, test_labels, plots_dir=plots)
     _done(start)

@@ -3,7 +3,7 @@
 
 import sys
 
-from kdsb.cli import main
+from kdsb.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    entry(["evaluate", *sys.argv[1:]])

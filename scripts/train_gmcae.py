@@ -3,7 +3,7 @@
 
 import sys
 
-from kdsb.cli import main
+from kdsb.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["train-gmcae", *sys.argv[1:]]))
+    entry(["train-gmcae", *sys.argv[1:]])

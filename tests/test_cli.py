@@ -193,3 +193,21 @@ def test_an_io_error_mid_run_is_one_line_exit_1(monkeypatch, capsys):
     assert main(["evaluate", "p.csv", "l.csv"]) == 1
     err = capsys.readouterr().err
     assert err == "kdsb evaluate: error: [Errno 28] No space left on device: 'plots/roc.png'\n"
+
+
+def test_an_earlier_pipeline_error_never_stands_in_for_another(monkeypatch, tmp_path):
+    """A reader's error kept from an earlier command of the same process (tests, the demo) is
+    not printed in place of a later, unrelated exception (found in review)."""
+    from kdsb.commands import evaluate
+    from kdsb.data import datasets
+    from kdsb.errors import StoreError
+
+    datasets._pipeline_errors.append(StoreError("p1.h5: expected readable voxels"))
+
+    def broken(args):
+        datasets._pipeline_errors.append(StoreError("p2.h5: expected readable voxels"))
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(evaluate, "run", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["evaluate", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])

@@ -447,6 +447,8 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     # The refused run leaves the run's record as it was: it began with DATA_DIR (found by a
     # user's check: config.json named the refused run's folder).
     assert (run / "config.json").read_bytes() == config
+    assert main([*argv_fewer, "--epochs", "9"]) == 2  # a resumable option given too
+    assert (run / "config.json").read_bytes() == config
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from kdsb._version import __version__
 from kdsb.errors import KdsbError, UsageError
-from kdsb.io.atomic import sole_writer, write_json
+from kdsb.io.atomic import TEMP_PREFIX, sole_writer, write_json
 from kdsb.io.tables import write_labels
 from kdsb.phantoms.anatomy import Nodule, Phantom, Truth, check_options, make_phantom
 from kdsb.phantoms.dicom_write import SLICE_ORDERS, Acquisition, write_ct_series
@@ -137,11 +137,12 @@ def new_cohort(out_root: Path, overwrite: bool, options: dict) -> Iterator[dict[
         if existing and not overwrite:
             logger.warning("replacing the unfinished cohort a stopped synth run left in %s",
                            out_root)
+        handle.truncate(0)  # first: a cohort half deleted is nobody's to resume
+        handle.flush()
         for path in existing:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         (out_root / "dicom").mkdir()
         (out_root / "truth").mkdir()
-        handle.truncate(0)
         handle.write(begun)
         handle.flush()
         yield {}
@@ -150,10 +151,16 @@ def new_cohort(out_root: Path, overwrite: bool, options: dict) -> Iterator[dict[
 def _keep_finished(out_root: Path) -> dict[str, int]:
     """The patients of an unfinished cohort whose truth record (written last, atomically) is
     there, id → label; every other patient's files are removed (a series cut short)."""
+    for folder in ("dicom", "truth"):
+        (out_root / folder).mkdir(exist_ok=True)
     finished = {}
     for record in (out_root / "truth").glob("*.json"):
+        pid = record.stem
+        if pid.startswith(TEMP_PREFIX) or not (out_root / "truth" / f"{pid}.npz").is_file() \
+                or not (out_root / "dicom" / pid).is_dir():
+            continue
         try:
-            finished[record.stem] = int(json.loads(record.read_text())["label"])
+            finished[pid] = int(json.loads(record.read_text())["label"])
         except (ValueError, KeyError, TypeError):
             continue
     for path in [*(out_root / "dicom").iterdir(), *(out_root / "truth").iterdir()]:

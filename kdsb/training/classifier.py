@@ -316,7 +316,8 @@ def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _C
 
     cohort = ctx.cohort
     last = runs.last_checkpoint(model_dir)
-    runs.begin(model_dir, ctx.options, data_dir=ctx.data_dir, seed=options.seed)
+    runs.begin(model_dir, ctx.options, data_dir=ctx.data_dir, seed=options.seed,
+               resume=ctx.resume)
     train = {i: cohort[i] for i in train_ids}
     val = {i: cohort[i] for i in val_ids}
     weights = class_weights_for(options, [y for _, y in train.values()])
@@ -440,11 +441,14 @@ def train_classifier(
 
         folds = stratified_folds(usable, labels, options.folds, seed=options.seed)
         for k, held_out in enumerate(folds, start=1):  # every fold splits, before any work
-            _split(cohort, [i for i in usable if i not in set(held_out)], options, f"fold {k}",
-                   log=False)
+            rest = [i for i in sorted(cohort) if i not in set(held_out)]
+            train_ids, val_ids = _split(cohort, rest, options, f"fold {k}", log=False)
+            _check_pinned(run_dir / f"{FOLD_PREFIX}{k}", {"held_out": held_out,
+                          "train_ids": train_ids, "val_ids": val_ids}, resume)
     else:
-        _split(cohort, usable, options, "all patients", log=False)
-    runs.begin(run_dir, options, data_dir=data_dir)
+        train_ids, val_ids = _split(cohort, sorted(cohort), options, "all patients", log=False)
+        _check_pinned(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, resume)
+    runs.begin(run_dir, options, data_dir=data_dir, resume=resume)
     if worker.chief:
         volume_input.save(run_dir, gmcae=str(options.gmcae))
     bag_files = None
@@ -593,9 +597,23 @@ def _pin_split(model_dir: Path, split: dict[str, list[str]], ctx: _Context) -> N
         UsageError: `model_dir` was begun on another split.
     """
     path = model_dir / SPLIT_NAME
+    _check_pinned(model_dir, split, ctx.resume)
+    if runs.worker(ctx.options.distribute).chief and not (path.is_file() and ctx.resume):
+        write_json(path, split)
+
+
+def _check_pinned(model_dir: Path, split: dict[str, list[str]], resume: bool) -> None:
+    """Refuse to resume a model on other patients than those it was begun on (`SPLIT_NAME`).
+    `train_classifier` checks every model folder before the run's config.json is written, so a
+    refused resume changes nothing.
+
+    Raises:
+        UsageError: `model_dir` was begun on another split.
+    """
+    path = model_dir / SPLIT_NAME
     # A fold of an earlier version has no split.json; its fold.json holds the same ids.
     record = path if path.is_file() else model_dir / FOLD_NAME
-    if record.is_file() and ctx.resume:
+    if record.is_file() and resume:
         begun = json.loads(record.read_text())
         for key, ids in split.items():
             if begun.get(key) != ids:
@@ -605,8 +623,6 @@ def _pin_split(model_dir: Path, split: dict[str, list[str]], ctx: _Context) -> N
                     f"other {key} (e.g. {other[0]}): the volumes or labels changed since; "
                     "start a new run folder"
                 )
-    if runs.worker(ctx.options.distribute).chief and not (path.is_file() and ctx.resume):
-        write_json(path, split)
 
 
 def _read_fold(fold_dir: Path, held_out: list[str]) -> dict[str, Any] | None:

@@ -224,7 +224,8 @@ def _build_model_fn(options: GmcaeOptions):
 
 
 def _report(run_dir: Path, val_patches, baseline: float, n_train: int, n_val: int) -> dict:
-    """Write gmcae_summary.json and the two plots from history.csv and the best model."""
+    """Write the two plots from history.csv and the best model, then gmcae_summary.json (last:
+    a finished run resumed returns it, without measuring anything again)."""
     import keras
     import numpy as np
 
@@ -246,7 +247,6 @@ def _report(run_dir: Path, val_patches, baseline: float, n_train: int, n_val: in
         "train_patients": n_train,
         "val_patients": n_val,
     }
-    write_json(run_dir / SUMMARY_NAME, summary)
     plots.plot_loss_curves(
         {"train": train_nll, "validation": val_nll},
         run_dir / LOSS_PLOT_NAME,
@@ -262,6 +262,7 @@ def _report(run_dir: Path, val_patches, baseline: float, n_train: int, n_val: in
         run_dir / RECONSTRUCTIONS_PLOT_NAME,
         title=f"validation patches, epoch {best_epoch + 1}",
     )
+    write_json(run_dir / SUMMARY_NAME, summary)  # last: the run's results are all written
     return summary
 
 
@@ -327,7 +328,7 @@ def train_gmcae(
             f"many training volumes, received --batch-size {options.batch_size} and "
             f"{len(train_ids)} training volumes"
         )
-    runs.begin(run_dir, options, data_dir=data_dir)
+    runs.begin(run_dir, options, data_dir=data_dir, resume=resume)
     if worker.chief:
         save_gmcae_spacing(run_dir, spacing)
     logger.info("%d training and %d validation patients", len(train_ids), len(val_ids))
@@ -340,6 +341,8 @@ def train_gmcae(
         options.batch_size
     )
     baseline = gmcae.mixture_nll_of_single_gaussian(val_patches)
+    if worker.chief:  # a summary of fewer epochs than this run will have trained
+        summary_path.unlink(missing_ok=True)
     runs.train(
         _build_model_fn(options), train_data, val_data, run_dir, options, resume=resume,
         best_name=MODEL_NAME, steps_per_epoch=options.steps_per_epoch,

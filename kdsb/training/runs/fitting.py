@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -39,9 +40,10 @@ FINISHED_NAME = "finished.json"  # how a run's training ended: epochs run, stopp
 
 
 def begin(run_dir: str | os.PathLike, options: RunOptions, *, data_dir: str | os.PathLike,
-          seed: int | None = None) -> None:
-    """Create the distribution strategy, write the run's options (config.json, with `data_dir`;
-    the chief only), then seed (`seed`, else `options.seed`) and set the precision.
+          seed: int | None = None, resume: bool = False) -> None:
+    """Create the distribution strategy, write the run's options (config.json, with `data_dir`,
+    or when resuming the data folder the run began with; the chief only), then seed (`seed`,
+    else `options.seed`) and set the precision.
 
     Call it once the data is checked, before building datasets or models and before any other
     TensorFlow op: a multi-worker strategy must start TensorFlow's collective ops first.
@@ -51,7 +53,8 @@ def begin(run_dir: str | os.PathLike, options: RunOptions, *, data_dir: str | os
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / OPTIONS_NAME,
-                   {**options.to_saved(), "data_dir": _begun_with(run_dir, data_dir)})
+                   {**options.to_saved(), "data_dir": _begun_with(run_dir, data_dir)
+                    if resume else str(Path(data_dir).resolve())})
     configure_runtime(seed=options.seed if seed is None else seed, precision=options.precision)
 
 
@@ -147,7 +150,7 @@ def fit(
             state, epoch numbering (`initial_epoch`), best value so far and history.csv (rows
             of epochs after the checkpoint are dropped, so every epoch appears once). With no
             checkpoint yet (killed during the first epoch) training starts afresh, with a
-            warning, so `--resume` can always be passed.
+            warning (the command line refuses `--resume` only where no run was begun).
         best_name: file name of the best model inside `run_dir`.
         monitor: logged quantity that picks the best model (and drives early stopping):
             larger is better for accuracy/AUC-like names (`HIGHER_IS_BETTER`), else smaller.
@@ -289,6 +292,14 @@ def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strate
             verbose=verbose,
             shuffle=False,  # datasets shuffle themselves; Keras cannot shuffle a tf.data input
         )
+    except BaseException:
+        # Keras closes TensorBoard's writers only when training ends; the last epochs' events
+        # would stay in their buffers, which an interrupted run (kdsb.cli.entry) never flushes.
+        for callback in callbacks:
+            if isinstance(callback, keras.callbacks.TensorBoard):
+                with contextlib.suppress(Exception):
+                    callback.on_train_end()
+        raise
     finally:
         csv_logger.on_train_end()  # closes history.csv also when the NaN guard fired
     if chief:

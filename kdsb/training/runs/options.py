@@ -189,8 +189,10 @@ def resolve_options(
     if resume and not path.is_file():
         # A mistyped RUN_DIR would otherwise start hours of training with default options.
         state = "a folder without" if Path(run_dir).is_dir() else "a missing folder, so no"
+        fix = ("leave out --resume to begin one" if last is None else
+               f"its checkpoints stay: restore {OPTIONS_NAME}, or use a new RUN_DIR")
         raise UsageError(f"expected --resume in the RUN_DIR of a run begun there, received "
-                         f"{state} {OPTIONS_NAME}: {run_dir} (leave out --resume to begin one)")
+                         f"{state} {OPTIONS_NAME}: {run_dir} ({fix})")
     if not resume:
         return options(**given), 0
     try:
