@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     datasets = sys.modules.get("kdsb.data.datasets")
-    if datasets is not None:
-        datasets.pipeline_error()  # forget an earlier command's (one process, several runs)
+    if datasets is not None:  # one process, several commands (tests, the demo)
+        datasets.forget_pipeline_errors()
     try:
         return int(args.run(args))
     except UsageError as error:
@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         # TensorFlow's error for a reader that failed inside a tf.data pipeline carries the
         # reader's traceback; the reader's own error (a damaged volume file) says it in a line.
         datasets = sys.modules.get("kdsb.data.datasets")
-        found = datasets.pipeline_error() if datasets is not None else None
-        if found is None or str(found) not in str(error):
+        found = datasets.pipeline_error(error) if datasets is not None else None
+        if found is None:
             raise
         print(f"kdsb {args.command}: error: {found}", file=sys.stderr)
         return EXIT_DATA_ERROR

@@ -129,8 +129,8 @@ def stratified_folds(ids: Sequence[str], labels: Mapping[str, int], folds: int, 
 
 
 def _reporting_errors(reader):
-    """`reader`, keeping the first KdsbError it raises (an unreadable volume) for
-    `pipeline_error` before TensorFlow wraps it."""
+    """`reader`, keeping each KdsbError it raises (an unreadable volume) for `pipeline_error`
+    before TensorFlow wraps it."""
 
     def read(*args):
         try:
@@ -142,12 +142,17 @@ def _reporting_errors(reader):
     return read
 
 
-def pipeline_error() -> KdsbError | None:
-    """The first error a pipeline's reader raised since the last call (then forgotten), or
-    None: what a TensorFlow error raised while a pipeline was consumed was about."""
-    found = _pipeline_errors[0] if _pipeline_errors else None
-    _pipeline_errors.clear()
+def pipeline_error(raised: BaseException) -> KdsbError | None:
+    """The reader's error that `raised` (TensorFlow's, while a pipeline was consumed) carries in
+    its message, or None; every kept error is forgotten."""
+    found = next((error for error in _pipeline_errors if str(error) in str(raised)), None)
+    forget_pipeline_errors()
     return found
+
+
+def forget_pipeline_errors() -> None:
+    """Forget the readers' errors kept so far (a new command begins)."""
+    _pipeline_errors.clear()
 
 
 def _check_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
