@@ -138,8 +138,9 @@ def entry(argv: list[str] | None = None) -> None:
     interpreter's clean-up: a tf.data iterator destroyed at exit while its Python readers are in
     flight waits for them, and they wait for the interpreter lock the exiting thread holds, so
     such a run hung after printing its message (Ctrl-C in `train-gmcae`). Every file kdsb writes
-    is whole or absent by then (atomic writes; training closes its TensorBoard logs when
-    interrupted), so the clean-up has nothing of ours to do.
+    is whole or absent by then (atomic writes; Keras's TensorBoard writer flushes each epoch's
+    events as it ends: a `train-gmcae` interrupted in epoch 2 keeps epoch 1's), so the clean-up
+    has nothing of ours to do.
     """
     try:
         code = main(argv)

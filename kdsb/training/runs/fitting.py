@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -292,14 +291,6 @@ def _fit(build_model, train_data, val_data, run_dir: Path, out_dir: Path, strate
             verbose=verbose,
             shuffle=False,  # datasets shuffle themselves; Keras cannot shuffle a tf.data input
         )
-    except BaseException:
-        # Keras closes TensorBoard's writers only when training ends; the last epochs' events
-        # would stay in their buffers, which an interrupted run (kdsb.cli.entry) never flushes.
-        for callback in callbacks:
-            if isinstance(callback, keras.callbacks.TensorBoard):
-                with contextlib.suppress(Exception):
-                    callback.on_train_end()
-        raise
     finally:
         csv_logger.on_train_end()  # closes history.csv also when the NaN guard fired
     if chief:
