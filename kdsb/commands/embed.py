@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from kdsb.data.inputs import gmcae_spacing_of
     from kdsb.errors import UsageError
     from kdsb.evaluation.embed import OUTLIERS_NAME, embed_cohort, write_embedding_files
-    from kdsb.io.journal import SUFFIX, file_digest, open_journal
+    from kdsb.io.journal import SUFFIX, loaded_with_digests, open_journal
     from kdsb.io.tables import read_labels
     from kdsb.io.volumes import list_volumes
     from kdsb.models.classifier import load_gmcae
@@ -46,11 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"expected --{name} >= 1, received {getattr(args, name)}")
     spacing_mm = gmcae_spacing_of(args.gmcae)
-    digest = file_digest(args.gmcae)
-    gmcae = load_gmcae(args.gmcae)
-    if file_digest(args.gmcae) != digest:
-        raise UsageError(f"expected a GMCAE file that stays as it is, received {args.gmcae}, "
-                         "which changed while it was loaded: run again once it is written")
+    gmcae, (digest,) = loaded_with_digests([args.gmcae], lambda: load_gmcae(args.gmcae))
     fingerprint = {"command": "embed", "gmcae": digest, "spacing_mm": spacing_mm,
                    "patches": args.patches, "top": args.top}
     # A killed run's patients are taken from its journal (kdsb.io.journal).

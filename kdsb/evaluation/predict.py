@@ -39,7 +39,7 @@ from tqdm import tqdm
 from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry
 from kdsb.errors import LabelsError, UsageError
-from kdsb.io.journal import SUFFIX, file_digest, optional_journal, volume_stamp
+from kdsb.io.journal import SUFFIX, loaded_with_digests, optional_journal, volume_stamp
 from kdsb.io.tables import summarise_ids, write_predictions
 from kdsb.io.volumes import list_volumes, read_attrs
 
@@ -244,13 +244,7 @@ def load_fingerprinted(model_paths: Sequence[Path]) -> tuple[list[tuple[VolumeIn
         as `load_classifiers`; UsageError: a model file changed while it was loaded (a training
         run still writing it), so its digest might not be the loaded model's.
     """
-    digests = [file_digest(path) for path in model_paths]
-    loaded = load_classifiers(model_paths)
-    changed = [path for path, digest in zip(model_paths, digests, strict=True)
-               if file_digest(path) != digest]
-    if changed:
-        raise UsageError(f"expected model files that stay as they are, received {changed[0]}, "
-                         "which changed while it was loaded: run again once it is written")
+    loaded, digests = loaded_with_digests(model_paths, lambda: load_classifiers(model_paths))
     return loaded, [[digest, dataclasses.asdict(volume_input)]
                     for digest, (volume_input, _) in zip(digests, loaded, strict=True)]
 

@@ -26,16 +26,17 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from kdsb._version import __version__
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".partial"
+T = TypeVar("T")
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -45,6 +46,25 @@ def file_digest(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def loaded_with_digests(paths: Sequence[str | os.PathLike], load: Callable[[], T]
+                        ) -> tuple[T, list[str]]:
+    """`load()` (which reads the files at `paths`) and each file's `file_digest`, taken before
+    and checked after loading, so the digests are those of what was loaded.
+
+    Raises:
+        UsageError: a file changed while it was loaded (a training run still writing it).
+    """
+    from kdsb.errors import UsageError
+
+    digests = [file_digest(path) for path in paths]
+    loaded = load()
+    for path, digest in zip(paths, digests, strict=True):
+        if file_digest(path) != digest:
+            raise UsageError(f"expected model files that stay as they are, received {path}, "
+                             "which changed while it was loaded: run again once it is written")
+    return loaded, digests
 
 
 def volume_stamp(path: str | os.PathLike) -> list[int]:
