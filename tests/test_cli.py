@@ -111,27 +111,38 @@ def test_synth_and_preprocess_run_without_importing_tensorflow(tmp_path):
 def test_importing_kdsb_quiets_tensorflow_start_up_lines():
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     code = "import kdsb.models.losses, tensorflow as tf\nprint(int(tf.constant(1) + 1))\n"
-    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=120, check=False, env=env)
-    assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stdout.strip() == "2"
-    for chatter in ("I0000", "oneDNN", "cpu_feature_guard", "absl::InitializeLog"):
-        assert chatter not in quiet.stderr
-    # A subprocess inherits kdsb's level and is quieted the same way.
-    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=120, check=False,
-                           env={**env, "TF_CPP_MIN_LOG_LEVEL": "3", "KDSB_TF_LOG_LEVEL": "3"})
-    assert "oneDNN" not in child.stderr and "I0000" not in child.stderr
-    # The user's own setting wins: level 0 lets TensorFlow's info lines through again; so
-    # does `kdsb -v`.
-    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=False,
-                          env={**env, "TF_CPP_MIN_LOG_LEVEL": "0", "KDSB_TF_LOG_LEVEL": "3"})
-    assert "cpu_feature_guard" in loud.stderr or "oneDNN" in loud.stderr
     verbose = "from kdsb.cli import _configure_logging\n_configure_logging(True, False)\n"
-    loud = subprocess.run([sys.executable, "-c", verbose + code], capture_output=True,
-                          text=True, timeout=120, check=False, env=env)
-    assert "cpu_feature_guard" in loud.stderr or "oneDNN" in loud.stderr
+    cases = {
+        "quiet": (code, env),
+        # A subprocess inherits kdsb's level and is quieted the same way.
+        "child": (code, {**env, "TF_CPP_MIN_LOG_LEVEL": "3", "KDSB_TF_LOG_LEVEL": "3"}),
+        # The user's own setting wins: level 0 lets TensorFlow's info lines through again; so
+        # does `kdsb -v`.
+        "user level 0": (code, {**env, "TF_CPP_MIN_LOG_LEVEL": "0", "KDSB_TF_LOG_LEVEL": "3"}),
+        "verbose": (verbose + code, env),
+    }
+    # Side by side: each start of TensorFlow costs seconds.
+    processes = {name: subprocess.Popen([sys.executable, "-c", source], env=case_env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+                 for name, (source, case_env) in cases.items()}
+    results = {}
+    try:
+        for name, process in processes.items():
+            results[name] = process.communicate(timeout=120)
+            assert process.returncode == 0, f"{name}: {results[name][1]}"
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    out, err = results["quiet"]
+    assert out.strip() == "2"
+    for chatter in ("I0000", "oneDNN", "cpu_feature_guard", "absl::InitializeLog"):
+        assert chatter not in err
+    assert "oneDNN" not in results["child"][1] and "I0000" not in results["child"][1]
+    for name in ("user level 0", "verbose"):
+        assert "cpu_feature_guard" in results[name][1] or "oneDNN" in results[name][1], name
 
 
 def test_tensorflow_retracing_warning_is_kept_under_verbose_only(caplog, monkeypatch):

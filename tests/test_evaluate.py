@@ -38,7 +38,7 @@ def test_evaluate_prints_metrics_and_writes_plots(files, tmp_path, capsys, monke
     assert f"log loss            {metrics.log_loss(y, p):.4f}" in out
     assert f"base-rate log loss  {metrics.base_rate_log_loss(y):.4f}" in out
     assert f"ROC AUC             {metrics.roc_auc(y, p):.4f}" in out
-    assert f"accuracy            {metrics.accuracy(y, p):.4f}" in out
+    assert f"accuracy (p>=0.5)   {metrics.accuracy(y, p):.4f}" in out
     assert f"Brier score         {metrics.brier(y, p):.4f}" in out
     assert f"ECE (10 bins)       {metrics.expected_calibration_error(y, p):.4f}" in out
     # Intervals by default: 2000 resamples, seed 0.
@@ -205,6 +205,23 @@ def test_validation_overlapping_the_test_set_is_a_usage_error(split, tmp_path, c
     err = _one_line_error(capsys)
     assert f"received 2 id(s) in both {leaky} and {preds}: t1, t3 " \
         "(the threshold would be picked on the test set)" in err
+
+
+def test_one_class_validation_names_its_file(split, tmp_path, capsys, caplog):
+    """Found in review: the refusal did not name the validation file, and the AUC warning said
+    every label of the labels file was 0 when only the evaluated patients' were."""
+    preds, labels, oof, _, _ = split
+    negatives = tmp_path / "negatives.csv"
+    negatives.write_text("id,cancer\nv0,0.1\nv1,0.3\nv3,0.6\n")
+    argv = ["evaluate", str(preds), str(labels), "--threshold", "youden", "--validation",
+            str(negatives), "--predicted-only"]
+    assert main(argv) == 1
+    assert f"--validation {negatives}: expected both classes to pick a threshold, received 0 " \
+        "positive and 3 negative patient(s)" in _one_line_error(capsys)
+    only_negative = tmp_path / "t0.csv"
+    only_negative.write_text("id,cancer\nt0,0.2\nt2,0.45\n")
+    assert main(["evaluate", str(only_negative), str(labels), "--predicted-only"]) == 0
+    assert f"every evaluated patient's label (2 patient(s) of {labels}) is 0" in caplog.text
 
 
 def test_validation_ids_need_labels(split, tmp_path, capsys):

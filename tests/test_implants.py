@@ -142,3 +142,51 @@ def test_a_lesion_that_cannot_be_placed_names_the_patient(base_folder, monkeypat
     with pytest.raises(KdsbError, match=r"^patient implant_007: expected lung surface of place"):
         implants.implant_patient(phantom.hu.copy(), phantom.spacing, phantom.origin,
                                  np.random.default_rng(0), cancer=True, patient_id="implant_007")
+
+
+def test_an_interrupted_cohort_resumes_only_on_the_same_base_content(base_folder, tmp_path,
+                                                                     monkeypatch, caplog):
+    """A synth --base killed after its first patient resumes with the same base; a base scan
+    replaced at the same path (other content) replaces the cohort instead of mixing two."""
+    import shutil
+
+    from kdsb.phantoms import dicom_write
+
+    folder, _ = base_folder
+    base = tmp_path / "base_scan"
+    shutil.copytree(folder, base)
+    out = tmp_path / "cohort"
+    argv = ["synth", str(out), "--base", str(base), "--patients", "2", "--seed", "4",
+            "--kinds", "solid", "--places", "lateral", "--radius-mm", "10", "12"]
+    real_write, written, die = dicom_write.write_ct_series, [], [True]
+
+    def write_then_die(folder, *args, **kwargs):
+        written.append(folder.name)
+        real_write(folder, *args, **kwargs)
+        if die[0] and len(written) == 2:  # the second patient's series, before its record
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(dicom_write, "write_ct_series", write_then_die)
+    assert main(argv) == 130  # interrupted
+    first = sorted((out / "dicom" / "implant_000").iterdir())[0].read_bytes()
+    written.clear()
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    assert written == ["implant_001"]  # resumed: the first patient kept
+    assert "resuming the unfinished cohort" in caplog.text
+
+    shutil.rmtree(out)
+    written.clear()
+    assert main(argv) == 130
+    other = make_phantom(np.random.default_rng(12), size=96, cancer=False, scale=1.0,
+                         slice_mm=2.5)
+    shutil.rmtree(base)
+    write_ct_series(base, other.hu, other.spacing, other.origin, patient_id="base")
+    written.clear()
+    caplog.clear()
+    die[0] = False
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    assert written == ["implant_000", "implant_001"]  # another base: every patient drawn again
+    assert "replacing the unfinished cohort" in caplog.text
+    assert sorted((out / "dicom" / "implant_000").iterdir())[0].read_bytes() != first

@@ -132,6 +132,21 @@ def test_configure_runtime_sets_policy_and_validates():
         runs.configure_runtime(seed=1, precision="float8")
 
 
+def test_float16_without_a_gpu_is_warned_of(caplog):
+    import tensorflow as tf
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    try:
+        runs.configure_runtime(seed=1, precision="mixed_float16")
+    finally:
+        runs.configure_runtime(seed=1, precision="float32")
+    assert ("mixed_float16 without a GPU" in caplog.text) is not gpu
+    caplog.clear()
+    runs.configure_runtime(seed=1, precision="mixed_bfloat16")
+    runs.configure_runtime(seed=1, precision="float32")
+    assert "without a GPU" not in caplog.text
+
+
 def test_configure_runtime_seeds_reproducibly():
     runs.configure_runtime(seed=7)
     a = keras.random.normal((4,)).numpy()

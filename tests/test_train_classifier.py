@@ -465,7 +465,7 @@ def test_nll_head_trains_predicts_and_explains_by_occlusion(cohort, tmp_path, ca
     run = tmp_path / "nll"
     assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
                  "--head", "nll", "--epochs", "2", "--batch-size", "2", "--dense-units", "4",
-                 "--val-fraction", "0.25"]) == 0
+                 "--val-fraction", "0.25", "--restarts", "0"]) == 0
     bags = sorted((run / "bags").glob("*.npy"))
     assert len(bags) == N_PATIENTS
     model = keras.saving.load_model(run / "classifier.keras", compile=False, safe_mode=True)
@@ -580,7 +580,8 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
 
 
 @pytest.mark.slow
-def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, monkeypatch):
+def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, monkeypatch,
+                                                             caplog):
     """Fold 1's three attempts all explain under LEARNED_FRACTION (forced: 0.03, -1.0, 0.01):
     the first, the least stuck, is kept (its model and history live again, the other two set
     aside) and predicts the held-out fold; resumed, the settled fold trains nothing."""
@@ -613,6 +614,9 @@ def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, m
     assert [r["seed"] for r in records] == [3, 3 + stride, 3 + 2 * stride]
     assert [r.get("kept", False) for r in records] == [True, False, False]
     assert [r["explained_fraction"] for r in records] == [0.03, -1.0, 0.01]
+    assert "predictions explain 0.030 of the labels' entropy (seed 3 never left" in caplog.text
+    assert (f"predictions do worse than the base rate (explained fraction -1.000, seed "
+            f"{3 + stride}): training again") in caplog.text
     assert len(hashes) == 2  # attempts 1 and 2 were set aside on restarting
     assert hashes[0] != hashes[1]
     assert digest(fold) == hashes[0]  # attempt 1's models are the live ones again

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdsb.errors import LabelsError, UsageError
+from kdsb.errors import KdsbError, LabelsError, UsageError
 from kdsb.evaluation import metrics
 from kdsb.io.tables import read_labels, read_predictions, summarise_ids
 
@@ -32,7 +32,7 @@ TABLE_ROWS = (
     ("ece_if_calibrated", "ECE by chance"),
     ("ece_if_calibrated_95", "ECE by chance 95 %"),
     ("roc_auc", "ROC AUC"),
-    ("accuracy", "accuracy"),
+    ("accuracy", "accuracy (p>=0.5)"),  # --threshold prints its own confusion matrix
 )
 
 
@@ -304,14 +304,18 @@ def evaluate(
                     predicted_only=predicted_only)
     scores: dict[str, object] = dict(metrics.summary(y, p))
     if math.isnan(scores["roc_auc"]):
-        logger.warning("ROC AUC is undefined: every label in %s is %d", labels_csv, int(y[0]))
+        logger.warning("ROC AUC is undefined: every evaluated patient's label (%d patient(s) of "
+                       "%s) is %d", y.size, labels_csv, int(y[0]))
     if n_boot > 0:
         scores["intervals"] = metrics.bootstrap_intervals(
             y, p, n_boot=n_boot, level=level, seed=seed
         )
     if threshold is not None:
         if isinstance(threshold, str):
-            value = metrics.pick_threshold(y_val, p_val, threshold)
+            try:
+                value = metrics.pick_threshold(y_val, p_val, threshold)
+            except KdsbError as error:  # e.g. one class only: say which file
+                raise KdsbError(f"--validation {validation_csv}: {error}") from None
             picked_on = f"{validation_csv}, {y_val.size} patients"
             logger.info("%s threshold %.6f picked on %s", threshold, value, picked_on)
         else:

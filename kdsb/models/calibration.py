@@ -34,8 +34,9 @@ from kdsb.errors import KdsbError
 METHODS = ("platt", "temperature", "none")
 CALIBRATION_LAYER = "calibration"
 # Probabilities are clipped to [EPSILON, 1 − EPSILON] before the logit: float32 sigmoids reach
-# exactly 1.0, whose logit is infinite. logit(1e-7) ≈ −16.1.
-EPSILON = 1e-7
+# exactly 1.0, whose logit is infinite. 2⁻²³ (logit ≈ −15.9) because 1 − 2⁻²³ is exact in float32,
+# so the saved layer (float32) and `Calibration.apply` (float64) clip a p of 1.0 alike.
+EPSILON = 2.0**-23
 # Bounds of the fitted slope: a slope ≤ 0 would reverse (or erase) the model's ranking.
 SLOPE_BOUNDS = (1e-3, 1e3)
 
@@ -87,6 +88,11 @@ def fit_calibration(y, p, method: str = "platt") -> Calibration:
         )
     if not np.isin(y, (0.0, 1.0)).all():
         raise KdsbError("expected labels 0 or 1 for calibration")
+    raw = np.asarray(p, dtype=np.float64).ravel()
+    bad = ~((raw >= 0.0) & (raw <= 1.0))  # NaN included
+    if bad.any():
+        raise KdsbError(f"expected probabilities in [0, 1] for calibration, received "
+                        f"{int(bad.sum())} other value(s), e.g. {raw[bad][0]!r}")
     one_class = y.min() == y.max()
     if method == "none" or (method == "temperature" and one_class):
         return IDENTITY

@@ -28,6 +28,7 @@ on `lung_mask`, to judge a lung mask.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -265,7 +266,12 @@ def write_implant_cohort(
     out_root = Path(out_root)
     series = read_patient(base)
     base_lungs = segment_lungs(series.hu, series.spacing, patient_id=str(base)) > 0
-    options = {"base": str(base.resolve()), "patients": patients, "seed": seed,
+    # The base by content, not only by path: a scan replaced at the same path must not mix two
+    # cohorts on resuming.
+    base_digest = hashlib.sha256(np.ascontiguousarray(series.hu).tobytes())
+    base_digest.update(np.asarray([*series.spacing, *series.origin], np.float64).tobytes())
+    options = {"base": str(base.resolve()), "base_sha256": base_digest.hexdigest(),
+               "patients": patients, "seed": seed,
                "kinds": list(kinds), "places": list(places), "radius_mm": [low, high]}
     with new_cohort(out_root, overwrite, options) as finished:
         sequence = np.random.SeedSequence(seed)

@@ -68,7 +68,6 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -233,7 +232,6 @@ class _Fitted(NamedTuple):
     """A trained model of a run (or of a fold)."""
 
     p_val: np.ndarray  # raw p(cancer) of the validation patients
-    history: Any  # keras History of this session's epochs
     model: Any  # the best uncalibrated model
     collapsed_seeds: list[int]  # seeds of the attempts abandoned on the base-rate plateau
 
@@ -251,7 +249,7 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
     restarts_path = model_dir / RESTARTS_NAME
     records = json.loads(restarts_path.read_text()) if restarts_path.is_file() else []
     if attempts.kept_index(records) is not None:  # settled before a kill or a --resume
-        return _kept_attempt(model_dir, records, models, history=None)
+        return _kept_attempt(model_dir, records, models)
     y_val = [ctx.cohort[i][1] for i in val_ids]
     while True:
         seed = ctx.options.seed + len(records) * RESTART_SEED_STRIDE
@@ -282,27 +280,27 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
             logger.warning("%s: every attempt stayed on the base-rate plateau; keeping seed %d's "
                            "(explained fraction %s), the least stuck", model_dir,
                            records[best]["seed"], "n/a" if fraction is None else f"{fraction:.3f}")
-            return _kept_attempt(model_dir, records, models, fitted.history)
+            return _kept_attempt(model_dir, records, models)
         records.append(record)
-        logger.warning("%s: the validation predictions explain %.3f of the labels' entropy (seed "
-                       "%d never left the base-rate plateau): training again with seed %d "
-                       "(restart %d of %d)", model_dir, explained, seed,
-                       seed + RESTART_SEED_STRIDE, len(records), ctx.options.restarts)
+        verdict = (f"explain {explained:.3f} of the labels' entropy (seed {seed} never left the "
+                   "base-rate plateau)" if not explained < 0 else
+                   f"do worse than the base rate (explained fraction {explained:.3f}, seed "
+                   f"{seed})")
+        logger.warning("%s: the validation predictions %s: training again with seed %d "
+                       "(restart %d of %d)", model_dir, verdict, seed + RESTART_SEED_STRIDE,
+                       len(records), ctx.options.restarts)
         # Set aside before the record is written: a kill in between retrains the same attempt.
         attempts.set_aside(model_dir, len(records), models)
         write_json(restarts_path, records)
 
 
-def _kept_attempt(model_dir: Path, records: list[dict], models: tuple[str, ...],
-                  history: Any) -> _Fitted:
-    """The attempt kept when every one was stuck, its files made the live ones again; `history`
-    is this session's training (None when it trained nothing)."""
+def _kept_attempt(model_dir: Path, records: list[dict], models: tuple[str, ...]) -> _Fitted:
+    """The attempt kept when every one was stuck, its files made the live ones again."""
     from kdsb.models.classifier import load_classifier
 
     attempts.restore_kept(model_dir, records, models)
     kept = records[attempts.kept_index(records)]
     return _Fitted(np.asarray(kept["validation_predictions"]),
-                   history if history is not None else SimpleNamespace(epoch=[]),
                    load_classifier(model_dir / UNCALIBRATED_NAME),
                    [r["seed"] for r in records if r is not kept])
 
@@ -327,16 +325,16 @@ def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _C
     if options.head in ("mil", "nll"):
         from kdsb.training.mil import train_mil
 
-        history = train_mil(model_dir, train, val, options, ctx.bag_files, **common)
+        train_mil(model_dir, train, val, options, ctx.bag_files, **common)
     else:
         from kdsb.training.spp import train_spp
 
-        history = train_spp(model_dir, train, val, options, ctx.volume_input, **common)
+        train_spp(model_dir, train, val, options, ctx.volume_input, **common)
     if not runs.worker(options.distribute).chief:
         return None
     best = load_classifier(model_dir / UNCALIBRATED_NAME)
     p_val = score_patients(best, [cohort[i][0] for i in val_ids], ctx.volume_input, "validate")
-    return _Fitted(p_val, history, best, [])
+    return _Fitted(p_val, best, [])
 
 
 def _save_calibrated(model_dir: Path, calibration) -> None:
@@ -383,7 +381,7 @@ def train_classifier(
         (method, slope, intercept), "head", "epochs_run", "options". One split: "validation"
         (calibrated: `scores_with_intervals`; the calibration was fitted on these patients) and
         "validation_uncalibrated", train_base_rate, n_train, n_val, train_ids, val_ids,
-        val_predictions (calibrated), epochs_this_session. Folds: "folds" (K), "out_of_fold"
+        val_predictions (calibrated). Folds: "folds" (K), "out_of_fold"
         (cross-fitted calibrated predictions of every patient) and "out_of_fold_uncalibrated",
         "fold_ids". Both: "collapsed_seeds" (the seeds of attempts restarted on the base-rate
         plateau; per fold with folds).
@@ -484,7 +482,7 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
     fitted = _fit_model(run_dir, train_ids, val_ids, ctx)
     if fitted is None:
         return None
-    p_val, history = fitted.p_val, fitted.history
+    p_val = fitted.p_val
     y_val = [cohort[i][1] for i in val_ids]
     calibration = fit_calibration(y_val, p_val, options.calibration)
     _save_calibrated(run_dir, calibration)
@@ -500,8 +498,7 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
         "train_ids": train_ids,
         "val_ids": val_ids,
         "val_predictions": {i: float(p) for i, p in zip(val_ids, p_cal, strict=True)},
-        "epochs_run": len(runs.read_history(run_dir / runs.HISTORY_NAME)),
-        "epochs_this_session": len(history.epoch),
+        "epochs_run": len(runs.read_history(run_dir / runs.HISTORY_NAME)),  # the kept model's
         "collapsed_seeds": fitted.collapsed_seeds,
     }
 

@@ -164,6 +164,11 @@ def configure_runtime(*, seed: int, precision: str = "float32") -> None:
     keras.utils.set_random_seed(int(seed))
     tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(precision)
+    if precision == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
+        # Measured on 2 CPU cores (a user's check): bags of the nll head encoded ~15x slower.
+        logger.warning("--precision mixed_float16 without a GPU: TensorFlow computes float16 "
+                       "slowly on CPUs (many times float32's time); mixed_bfloat16 or float32 "
+                       "suit a CPU")
     logger.debug("seed %d, op determinism on, precision policy %s", seed, precision)
 
 
