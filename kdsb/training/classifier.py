@@ -282,10 +282,12 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
                            records[best]["seed"], "n/a" if fraction is None else f"{fraction:.3f}")
             return _kept_attempt(model_dir, records, models)
         records.append(record)
-        verdict = (f"explain {explained:.3f} of the labels' entropy (seed {seed} never left the "
-                   "base-rate plateau)" if not explained < 0 else
-                   f"do worse than the base rate (explained fraction {explained:.3f}, seed "
-                   f"{seed})")
+        if explained < -0.0005:  # (one that rounds to -0.000 is not worse)
+            verdict = (f"do worse than the base rate (explained fraction {explained:.3f}, "
+                       f"seed {seed})")
+        else:
+            verdict = (f"explain {max(explained, 0.0):.3f} of the labels' entropy (seed {seed} "
+                       "never left the base-rate plateau)")
         logger.warning("%s: the validation predictions %s: training again with seed %d "
                        "(restart %d of %d)", model_dir, verdict, seed + RESTART_SEED_STRIDE,
                        len(records), ctx.options.restarts)
