@@ -172,8 +172,9 @@ def test_hu_clipped_into_int16(tmp_path, hu):
     hu[0, 0, 0] = 32000
     paths = _write(tmp_path, hu, storage="uint16", flip_columns=True)
     _assert_same(read_series(tmp_path), hu)
-    for path in paths:  # stored 33024 + 1000 exceeds int16
-        _edit(path, RescaleIntercept=1000)
+    # Stored 33024 + 1000 exceeds int16. (One slice: a whole series without air below -500 HU
+    # is refused as not HU.)
+    _edit(paths[0], RescaleIntercept=1000)
     assert read_series(tmp_path).hu[0, 0, 0] == np.iinfo(np.int16).max
 
 
@@ -210,7 +211,19 @@ def test_duplicate_slice_kept_once_with_warning(tmp_path, hu, caplog):
     _copy_slice(paths[2], tmp_path / "copy.dcm", InstanceNumber=99)
     with caplog.at_level(logging.WARNING, logger="kdsb.io.dicom"):
         _assert_same(read_series(tmp_path), hu)
-    assert "already used position" in caplog.text and "copy.dcm" in caplog.text
+    assert "already used position dropped" in caplog.text and "copy.dcm" in caplog.text
+
+
+def test_of_slices_a_hair_apart_the_lowest_instance_number_is_kept(tmp_path, hu):
+    """Found in review: a copy 0.001 mm below its slice, of a higher InstanceNumber and other
+    values, replaced it (position came before InstanceNumber)."""
+    paths = _write(tmp_path, hu)
+    original = pydicom.dcmread(paths[2])
+    position = [float(v) for v in original.ImagePositionPatient]
+    _copy_slice(paths[2], tmp_path / "copy.dcm", InstanceNumber=int(original.InstanceNumber) + 50,
+                ImagePositionPatient=[*position[:2], position[2] - 0.001],
+                RescaleIntercept=float(original.RescaleIntercept) + 7)
+    _assert_same(read_series(tmp_path), hu)
 
 
 def _count_reads(monkeypatch) -> Counter:
@@ -282,6 +295,48 @@ def test_oblique_orientation(tmp_path, hu):
         _edit(path, ImageOrientationPatient=[c, s, 0, -s, c, 0])
     with pytest.raises(DicomError, match="oblique"):
         read_series(tmp_path)
+
+
+@pytest.mark.parametrize("degrees", [1.0, 2.5])
+def test_a_slightly_oblique_series_is_refused(tmp_path, hu, degrees):
+    """Found in review: up to ~2.6° passed as straight (the main component of a cosine stays
+    within 1e-3 of 1 that far), 15 mm off at the far corner of a 512-pixel image."""
+    paths = _write(tmp_path, hu)
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    for path in paths:
+        _edit(path, ImageOrientationPatient=[c, s, 0, -s, c, 0])
+    with pytest.raises(DicomError, match="oblique"):
+        read_series(tmp_path)
+
+
+def test_rounding_noise_in_the_direction_cosines_is_not_oblique(tmp_path, hu):
+    paths = _write(tmp_path, hu)
+    c, s = np.cos(np.radians(0.01)), np.sin(np.radians(0.01))
+    for path in paths:
+        _edit(path, ImageOrientationPatient=[c, s, 0, -s, c, 0])
+    np.testing.assert_array_equal(read_series(tmp_path).hu, hu)
+
+
+def test_a_series_without_its_rescale_is_not_taken_for_hu(tmp_path, hu):
+    """Found in review: unsigned values without their intercept (air at +24) were read as HU;
+    volume files were already refused."""
+    paths = _write(tmp_path, hu, storage="uint16")
+    for path in paths:
+        _edit(path, RescaleIntercept=0)
+    with pytest.raises(DicomError, match=r"^patient p1: expected a CT in Hounsfield units \(air "
+                                         r"at or below -500 HU\), received values from 24 to"):
+        read_series(tmp_path, "p1")
+
+
+def test_a_malformed_rescale_names_the_file(tmp_path, hu):
+    """Found in review: a bare ValueError ("could not convert string to float")."""
+    paths = _write(tmp_path, hu, slope=0.4375)
+    data = paths[2].read_bytes()
+    assert b"0.4375" in data
+    paths[2].write_bytes(data.replace(b"0.4375", b"abcdef"))
+    with pytest.raises(DicomError, match=rf"patient p1: expected a numeric RescaleSlope and "
+                                         rf"RescaleIntercept, .*\(file {paths[2].name}\)"):
+        read_series(tmp_path, "p1")
 
 
 def test_empty_and_missing_folder(tmp_path):
@@ -459,11 +514,14 @@ def test_real_enhanced_ct_file_reads_every_frame(tmp_path):
     np.testing.assert_allclose(series.origin, (-159.0, -301.5, 99.5 - 511 * 0.388672))
 
 
-def test_enhanced_ct_frames_in_any_order_read_back_exactly(tmp_path, hu):
-    """A volume written as one Enhanced CT file (the real file's functional groups, new pixels
-    and per-frame positions, frames in reverse order) reads back voxel for voxel."""
+ENHANCED_SPACING, ENHANCED_ORIGIN = (2.5, 0.75, 0.8), (-200.0, -120.0, -150.0)
+
+
+def _enhanced_ct(hu: np.ndarray) -> pydicom.Dataset:
+    """`hu` as one Enhanced CT dataset: the real file's functional groups, new pixels and
+    per-frame positions, frames in reverse order."""
     ds = pydicom.dcmread(_enhanced_ct_template())
-    spacing, origin = (2.5, 0.75, 0.8), (-200.0, -120.0, -150.0)
+    spacing, origin = ENHANCED_SPACING, ENHANCED_ORIGIN
     nz, ny, nx = hu.shape
     ds.Rows, ds.Columns, ds.NumberOfFrames = ny, nx, nz
     shared = ds.SharedFunctionalGroupsSequence[0]
@@ -480,11 +538,33 @@ def test_enhanced_ct_frames_in_any_order_read_back_exactly(tmp_path, hu):
         frames.append(item)
     ds.PerFrameFunctionalGroupsSequence = frames
     ds.PixelData = (hu[::-1].astype(np.int32) + 1024).astype(np.uint16).tobytes()
+    return ds
+
+
+def test_enhanced_ct_frames_in_any_order_read_back_exactly(tmp_path, hu):
+    """A volume written as one Enhanced CT file reads back voxel for voxel."""
     (tmp_path / "enhanced").mkdir()
-    ds.save_as(tmp_path / "enhanced" / "volume.dcm")
+    _enhanced_ct(hu).save_as(tmp_path / "enhanced" / "volume.dcm")
     series = read_series(tmp_path / "enhanced", "enhanced")
     np.testing.assert_array_equal(series.hu, hu)
-    assert series.spacing == spacing and series.origin == origin
+    assert series.spacing == ENHANCED_SPACING and series.origin == ENHANCED_ORIGIN
+
+
+def test_enhanced_ct_with_its_rescale_and_padding_at_the_top_level(tmp_path, hu):
+    """Found in review: a rescale only at the file's top level was ignored (raw values read as
+    HU), and PixelPaddingValue was ignored in Enhanced CT files."""
+    ds = _enhanced_ct(hu)
+    del ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    stored = (hu[::-1].astype(np.int32) + 1024).astype(np.uint16)
+    stored[-1, 0, 0] = 5  # frame 0 of the file is the last slice: its corner is padding
+    ds.add_new(0x00280120, "US", 5)  # PixelPaddingValue
+    ds.PixelData = stored.tobytes()
+    (tmp_path / "enhanced").mkdir()
+    ds.save_as(tmp_path / "enhanced" / "volume.dcm")
+    expected = hu.copy()
+    expected[0, 0, 0] = -1000
+    np.testing.assert_array_equal(read_series(tmp_path / "enhanced", "enhanced").hu, expected)
 
 
 def test_a_pixel_spacing_of_three_values_names_the_file(tmp_path, hu):

@@ -34,7 +34,8 @@ How the series is chosen and checked:
 - HU = stored × RescaleSlope + RescaleIntercept per slice, in float32 (integer arithmetic when
   the slope is 1 and the intercept whole). PixelPaddingValue (with PixelPaddingRangeLimit) and
   anything at or below `OUTSIDE_FIELD_HU` (the -2000 / -3024 HU outside-field values) become
-  air, -1000 HU; the result is clipped into int16. MONOCHROME1 only inverts the display (DICOM
+  air, -1000 HU; the result is clipped into int16. A series with no voxel at or below
+  `hu.MAX_AIR_HU` is plainly not HU (a missing rescale, a label map) and an error. MONOCHROME1 only inverts the display (DICOM
   PS3.3 C.7.6.3.1.2: the rescale, not the photometric interpretation, defines HU), so it is
   accepted and read like MONOCHROME2; other photometric interpretations are errors.
 - Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg); a missing decoder is
@@ -60,7 +61,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from kdsb.errors import DicomError, MissingDecoderError
 from kdsb.io.series import INT16_MAX, INT16_MIN, MIN_SLICES, MM_DECIMALS, CTSeries, patient_axis
-from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
+from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, not_hounsfield
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +120,12 @@ class _Header:
     # The whole file parsed, pixel data still undecoded bytes; None past the cache budget or
     # when only the header could be parsed (the pixel pass then reads the file again).
     dataset: pydicom.Dataset | None
-    # Enhanced (multi-frame) CT: the frame of the file this header stands for, and its rescale
-    # (slope, intercept) from the functional groups; None for a classic one-image file.
+    # Enhanced (multi-frame) CT: the frame of the file this header stands for, its rescale
+    # (slope, intercept) from the functional groups (else the file's top level) and the file's
+    # padding range (`_padding_range`); None for a classic one-image file.
     frame: int | None = None
     rescale: tuple[float, float] | None = None
+    padding: tuple[int, int] | None = None
 
     def orientation_key(self) -> tuple[float, ...] | None:
         if self.orientation is None:
@@ -203,7 +206,7 @@ def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[_Header]:
             dataset=ds if keep_pixels else None,
         )
         if PER_FRAME in ds:
-            return _frame_headers(header, ds)
+            return _frame_headers(patient, header, ds)
         return [header]
     except (ValueError, TypeError, AttributeError, IndexError) as exc:
         raise _error(
@@ -222,13 +225,18 @@ def _functional_group(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom
     return None
 
 
-def _frame_headers(file_header: _Header, ds: pydicom.Dataset) -> list[_Header]:
+def _frame_headers(patient: str, file_header: _Header, ds: pydicom.Dataset) -> list[_Header]:
     """One header per frame of an Enhanced (multi-frame) CT file, each with the frame's
     geometry (plane position and orientation, pixel measures), rescale and frame type, read
-    from its per-frame or the shared functional groups (DICOM PS3.3 C.7.6.16)."""
+    from its per-frame or the shared functional groups (DICOM PS3.3 C.7.6.16); a rescale
+    found in neither is the file's top-level one, if any."""
     headers = []
+    top_rescale = (_rescale(patient, ds, file_header.path)
+                   if "RescaleSlope" in ds or "RescaleIntercept" in ds else None)
+    padding = _padding_range(ds)
     for frame in range(int(ds.get("NumberOfFrames", 1) or 1)):
-        header = replace(file_header, frame=frame, instance=frame)
+        header = replace(file_header, frame=frame, instance=frame, rescale=top_rescale,
+                         padding=padding)
         position = _functional_group(ds, frame, "PlanePositionSequence")
         orientation = _functional_group(ds, frame, "PlaneOrientationSequence")
         measures = _functional_group(ds, frame, "PixelMeasuresSequence")
@@ -242,8 +250,7 @@ def _frame_headers(file_header: _Header, ds: pydicom.Dataset) -> list[_Header]:
         if measures is not None and "PixelSpacing" in measures:
             header.pixel_spacing = tuple(float(v) for v in measures.PixelSpacing)
         if rescale is not None:
-            header.rescale = (float(rescale.get("RescaleSlope", 1.0) or 1.0),
-                              float(rescale.get("RescaleIntercept", 0.0) or 0.0))
+            header.rescale = _rescale(patient, rescale, file_header.path)
         if frame_type is not None and "FrameType" in frame_type:
             header.image_type = tuple(str(t).upper() for t in frame_type.FrameType)
         headers.append(header)
@@ -385,13 +392,23 @@ def _order_slices(
     median_gap = float(np.median(positive)) if positive.size else 0.0
     duplicate = np.concatenate([[False], gaps <= DUPLICATE_FRACTION * median_gap])
     if duplicate.any():
-        dropped = [h.path.name for h, d in zip(headers, duplicate, strict=True) if d]
+        # Runs of slices each within a hair of the one before share a position: of each run
+        # the lowest InstanceNumber (then file name) is kept.
+        kept: dict[int, int] = {}
+        for index, position in enumerate(np.cumsum(~duplicate)):
+            best = kept.get(int(position))
+            key = (headers[index].instance, headers[index].path)
+            if best is None or key < (headers[best].instance, headers[best].path):
+                kept[int(position)] = index
+        keep = sorted(kept.values())
+        dropped = [h.path.name for i, h in enumerate(headers) if i not in set(keep)]
         logger.warning(
-            "patient %s: %d slice(s) at an already used position, kept the first: %s",
-            patient, len(dropped), ", ".join(dropped[:5]),
+            "patient %s: %d slice(s) at an already used position dropped (the lowest "
+            "InstanceNumber of each position kept): %s", patient, len(dropped),
+            ", ".join(dropped[:5]),
         )
-        headers = [h for h, d in zip(headers, duplicate, strict=True) if not d]
-        along = along[~duplicate]
+        headers = [headers[i] for i in keep]
+        along = along[keep]
     if len(headers) < MIN_SLICES:
         raise _error(
             patient,
@@ -491,7 +508,7 @@ def _read_slice(
         frames[path][1] -= 1
         if not frames[path][1]:
             frames[path][0] = None
-        _store_hu(decoded[header.frame], header.rescale or (1.0, 0.0), None, out)
+        _store_hu(decoded[header.frame], header.rescale or (1.0, 0.0), header.padding, out)
         return
     if ds is None:
         try:
@@ -527,9 +544,18 @@ def _read_slice(
             patient,
             f"expected a {out.shape[0]}×{out.shape[1]} image, received {stored.shape}", path
         )
-    rescale = (float(ds.get("RescaleSlope", 1.0) or 1.0),
-               float(ds.get("RescaleIntercept", 0.0) or 0.0))
-    _store_hu(stored, rescale, ds if "PixelPaddingValue" in ds else None, out)
+    _store_hu(stored, _rescale(patient, ds, path), _padding_range(ds), out)
+
+
+def _rescale(patient: str, item: pydicom.Dataset, path: Path) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a dataset or functional-group item; 1 and 0 where
+    absent."""
+    try:
+        return (float(item.get("RescaleSlope", 1.0) or 1.0),
+                float(item.get("RescaleIntercept", 0.0) or 0.0))
+    except (TypeError, ValueError) as exc:
+        raise _error(patient, f"expected a numeric RescaleSlope and RescaleIntercept, "
+                              f"received {exc}", path) from None
 
 
 def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
@@ -563,7 +589,7 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
 def _store_hu(
     stored: np.ndarray,
     rescale: tuple[float, float],
-    padded: pydicom.Dataset | None,
+    padding: tuple[int, int] | None,
     out: np.ndarray,
 ) -> None:
     """Stored pixel values → int16 HU in `out`: rescale, outside-field and padding → air.
@@ -571,7 +597,7 @@ def _store_hu(
     Args:
         stored: the decoded pixel values (rows, columns).
         rescale: (slope, intercept).
-        padded: the dataset when it declares PixelPaddingValue, else None.
+        padding: the stored values (low, high) that are padding (`_padding_range`), or None.
         out: (rows, columns) int16 destination.
     """
     slope, intercept = rescale
@@ -588,8 +614,8 @@ def _store_hu(
         hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         np.rint(hu, out=hu)
     air = hu <= OUTSIDE_FIELD_HU
-    if padded is not None:
-        air |= _padding_mask(padded, stored)
+    if padding is not None:
+        air |= (stored >= padding[0]) & (stored <= padding[1])
     hu[air] = AIR_HU
     if hu is not out:
         if hu.min() < INT16_MIN or hu.max() > INT16_MAX:  # rare; two reductions beat a clip
@@ -597,8 +623,11 @@ def _store_hu(
         out[...] = hu
 
 
-def _padding_mask(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
-    """Pixels equal to PixelPaddingValue, or within [value, PixelPaddingRangeLimit]."""
+def _padding_range(ds: pydicom.Dataset) -> tuple[int, int] | None:
+    """The stored values that are padding: [PixelPaddingValue, PixelPaddingRangeLimit] (the
+    value alone without a limit); None when the file declares none."""
+    if "PixelPaddingValue" not in ds:
+        return None
     bits = int(ds.get("BitsStored", 16))
 
     def as_stored(value: int) -> int:
@@ -610,8 +639,7 @@ def _padding_mask(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
 
     low = as_stored(ds.PixelPaddingValue)
     high = as_stored(ds.get("PixelPaddingRangeLimit", low))
-    low, high = min(low, high), max(low, high)
-    return (stored >= low) & (stored <= high)
+    return min(low, high), max(low, high)
 
 
 def _slice_axes(patient: str, first: _Header) -> tuple[list[tuple[int, int]], np.ndarray]:
@@ -722,6 +750,10 @@ def read_series(folder: str | Path, patient_id: str | None = None) -> CTSeries:
         [normal, first.orientation[1], first.orientation[0]],
         headers[0].position,
     )
+    reason = not_hounsfield(int(hu.min()), int(hu.max()))
+    if reason is not None:
+        raise _error(patient, f"{reason} (RescaleSlope / RescaleIntercept missing?)",
+                     first.path)
     logger.debug(
         "patient %s: series %s, %d slices, shape %s, spacing %s mm",
         patient, first.series_uid, len(headers), hu.shape, spacing,

@@ -28,7 +28,7 @@ How the volume is checked and made canonical:
   permutation and flip are transposed and flipped into the canonical order, the origin moved to
   the new voxel [0, 0, 0]. Oblique directions are an error.
 - Values are taken as HU as stored (NIfTI's scl_slope / scl_inter are applied by the reader;
-  MetaImage and NRRD have no rescale). A volume whose darkest voxel is above `MAX_AIR_HU` is
+  MetaImage and NRRD have no rescale). A volume whose darkest voxel is above `hu.MAX_AIR_HU` is
   plainly not HU (a CT holds air or lung far below it; MR, PET, unsigned storage without its
   intercept or a normalised image do not) and is an error, as are NaN or infinite values (in a
   floating-point NIfTI file found by nibabel: SimpleITK reads them as 0).
@@ -60,7 +60,7 @@ from pydicom.misc import is_dicom
 
 from kdsb.errors import VolumeFileError
 from kdsb.io.series import INT16_MAX, INT16_MIN, MIN_SLICES, MM_DECIMALS, CTSeries, patient_axis
-from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
+from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, not_hounsfield
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -80,7 +80,6 @@ DATA_FILE_KEY = "ElementDataFile"  # the MetaImage header field naming the data 
 LOCAL_DATA_FILE = "LOCAL"  # data follows the header in the same file (.mha)
 LIST_DATA_FILES = "LIST"  # one data file per slice, listed after the header
 SERIES_UID_PREFIX = "file:"
-MAX_AIR_HU = -500  # a CT in HU holds air or lung below this; a volume that does not is not HU
 IMAGE_DIMENSION = 3
 SCALAR_PIXEL_TYPES = ("sitkInt8", "sitkUInt8", "sitkInt16", "sitkUInt16", "sitkInt32",
                       "sitkUInt32", "sitkInt64", "sitkUInt64", "sitkFloat32", "sitkFloat64")
@@ -397,11 +396,9 @@ class _Reader:
             self.check_finite(values)
             np.rint(values, out=values)
         low, high = values.min(), values.max()
-        if low > MAX_AIR_HU:
-            raise self.error(
-                f"expected a CT in Hounsfield units (air at or below {MAX_AIR_HU} HU), received "
-                f"values from {low:g} to {high:g}"
-            )
+        reason = not_hounsfield(low, high)
+        if reason is not None:
+            raise self.error(reason)
         if values.dtype != np.int16:
             if low < INT16_MIN or high > INT16_MAX:
                 values = np.clip(values, INT16_MIN, INT16_MAX)

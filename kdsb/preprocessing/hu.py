@@ -9,8 +9,19 @@ AIR_HU = -1000  # air; outside-field voxels become this on reading
 OUTSIDE_FIELD_HU = -2000  # what many scanners store outside the reconstructed field of view
 # Values at or below OUTSIDE_FIELD_HU (-2000, -3024, …) are padding, not tissue.
 PARENCHYMA_HU = -850  # typical aerated lung parenchyma
+MAX_AIR_HU = -500  # a chest CT in HU holds air or lung below this; a volume that does not is not HU
 # The lung window (low, high), HU: shown in QC images, and mapped to [-1, 1] as network input.
 LUNG_WINDOW_HU = (AIR_HU, 400)
 # Upper clip of the network input: above the densest calcified nodules (up to ~1000 HU) but below
 # cortical bone and metal (1500 to 3000+ HU), which would otherwise dominate the scale.
 INPUT_CLIP_MAX_HU = 1000
+
+
+def not_hounsfield(darkest: float, brightest: float) -> str | None:
+    """Why a scan whose values run from `darkest` to `brightest` is plainly not in HU (a chest
+    CT holds air, at or below `MAX_AIR_HU`: raw unsigned values or a label map do not), or
+    None when it may be."""
+    if darkest <= MAX_AIR_HU:
+        return None
+    return (f"expected a CT in Hounsfield units (air at or below {MAX_AIR_HU} HU), received "
+            f"values from {darkest:g} to {brightest:g}")
