@@ -171,3 +171,31 @@ def test_a_killed_run_resumes_with_the_same_results(cohort, tmp_path, monkeypatc
     sampling.next_run()
     assert main([*argv, str(out), "--patches", "8", "--seed", "1"]) == 0
     assert sampling.calls == ORDINARY + 2
+
+
+def test_a_patients_features_do_not_depend_on_the_other_files(cohort, monkeypatch):
+    """Found in review: patch seeds were seed + the patient's position in DATA_DIR, so adding a
+    file changed every later patient's features. A non-finite feature fails its patient alone
+    (it reached scikit-learn as a traceback after the whole cohort)."""
+    import keras
+
+    from kdsb.evaluation import embed
+
+    gmcae = keras.saving.load_model(cohort / "gmcae.keras", safe_mode=True)
+    files = volumes.list_volumes(cohort / "data")
+    wanted = ["p01", "p02", "p03", "p04"]
+    table, _ = embed.embed_cohort(gmcae, {i: files[i] for i in wanted}, patches=4, seed=3)
+    fewer, _ = embed.embed_cohort(gmcae, {i: files[i] for i in wanted[1:]}, patches=4, seed=3)
+    np.testing.assert_array_equal(fewer.embeddings, table.embeddings[1:])
+    np.testing.assert_array_equal(fewer.nll, table.nll[1:])
+
+    features = embed.patient_features
+
+    def nan_for_p02(gmcae, encoder, path, *args):
+        embedding, stats = features(gmcae, encoder, path, *args)
+        return (embedding * np.nan if "p02" in str(path) else embedding), stats
+
+    monkeypatch.setattr(embed, "patient_features", nan_for_p02)
+    table, failed = embed.embed_cohort(gmcae, {i: files[i] for i in wanted}, patches=4, seed=3)
+    assert table.ids == ["p01", "p03", "p04"]
+    assert list(failed) == ["p02"] and "expected finite GMCAE features" in failed["p02"]

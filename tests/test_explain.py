@@ -245,9 +245,34 @@ def test_occlusion_cubes_cover_the_lung_box_to_its_far_end():
         return np.array([[float(batch[0, 40:44].mean())]])
 
     x = np.ones((44, 6, 6, 1), np.float32)
-    drop, p0 = occlusion(model, x, np.ones((44, 6, 6), bool), fill=0.0, size=24, stride=16)
+    drop, p0 = occlusion(model, x, np.ones((44, 6, 6), bool), fill=0.0, size=(24, 6, 6),
+                         stride=(16, 6, 6))
     assert p0 == 1.0
     assert drop[40:44].min() > 0
+
+
+def test_occlusion_cubes_are_cubes_in_mm_on_anisotropic_volumes(monkeypatch):
+    """Found in review: one voxel count from the finest spacing for all axes, so on (2.5, 0.7,
+    0.7) mm voxels a 24 mm cube spanned 85 mm along z."""
+    import types
+
+    import kdsb.evaluation.explain as explain
+
+    shape, seen = (20, 40, 40), {}
+
+    def recording(model, x, lung, fill, size, stride):
+        seen.update(size=tuple(size), stride=tuple(stride))
+        return np.zeros(x.shape[:3], np.float32), 0.5
+
+    monkeypatch.setattr(explain, "occlusion", recording)
+    volume_input = types.SimpleNamespace(read=lambda path: np.zeros((*shape, 1), np.float32),
+                                         downscale=1, outside_hu=-850.0, hu_clip=(-1000.0, 1000.0))
+    volume = types.SimpleNamespace(patient_id="p1", hu=np.zeros(shape, np.int16),
+                                   lung_mask=np.ones(shape, np.uint8), spacing=(2.5, 0.7, 0.7),
+                                   origin=(0.0, 0.0, 0.0))
+    explain.explain_patient([object()], [volume_input], "p1.h5", volume, method="occlusion",
+                            occlusion_mm=24.0, stride_mm=16.0)
+    assert seen == {"size": (10, 34, 34), "stride": (6, 23, 23)}
 
 
 def test_a_heatmap_zero_in_the_lungs_has_no_peak(cohort, tmp_path, monkeypatch, caplog):

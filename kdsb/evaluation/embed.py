@@ -1,7 +1,7 @@
 """What the GMCAE learned about each patient: embeddings, unusual patients, similar patients, a map.
 
 Per patient, `patches` lung patches (P³ at the volume's spacing, P the GMCAE's patch edge,
-centred on lung voxels, no augmentation, seeded) go through the trained GMCAE:
+centred on lung voxels, no augmentation, seeded by `--seed` and the id) go through the GMCAE:
 
 - **embedding**: the encoder's bottleneck (P/8, P/8, P/8, C) averaged over space per patch, then the
   mean and the maximum over the patient's patches (2C features: what is typical, what stands
@@ -27,6 +27,7 @@ Files (DESIGN.md, `kdsb embed`): `embeddings.csv` (`id`, `emb_000` …, `nll_mea
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -103,6 +104,13 @@ def patient_features(
     return embedding, stats
 
 
+def patient_seed(seed: int, patient_id: str) -> int:
+    """The seed of one patient's patch sampling: from `seed` and the id alone, so a patient's
+    features do not change with the other files in DATA_DIR."""
+    digest = hashlib.sha256(f"{seed}:{patient_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 def embed_cohort(
     gmcae: Any,
     paths: Mapping[str, str | os.PathLike],
@@ -125,18 +133,20 @@ def embed_cohort(
 
     encoder = encoder_of(gmcae)
     ids, embeddings, nll, failed = [], [], [], {}
-    for index, (patient_id, path) in enumerate(
-        tqdm(paths.items(), desc="embed", unit="patient", disable=None)
-    ):
+    for patient_id, path in tqdm(paths.items(), desc="embed", unit="patient", disable=None):
         # The patch sampling's seed is the patient's: a result holds for that seed only.
-        stamp = [*volume_stamp(path), seed + index]
+        own_seed = patient_seed(seed, patient_id)
+        stamp = [*volume_stamp(path), own_seed]
         done = journal.result(patient_id, stamp) if journal else None
         if done is not None:
             embedding, stats = np.array(done["embedding"]), np.array(done["nll"])
         else:
             try:
                 embedding, stats = patient_features(gmcae, encoder, path, patches, top,
-                                                     seed + index, spacing_mm)
+                                                     own_seed, spacing_mm)
+                if not (np.isfinite(embedding).all() and np.isfinite(stats).all()):
+                    raise KdsbError(f"{path}: expected finite GMCAE features, received NaN or "
+                                    "infinite values (a damaged volume or GMCAE?)")
             except KdsbError as error:
                 failed[patient_id] = " ".join(str(error).split())
                 continue

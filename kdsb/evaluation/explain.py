@@ -169,7 +169,8 @@ def gradcam(
 
 
 def occlusion(
-    model: Any, x: np.ndarray, lung: np.ndarray, fill: float, size: int, stride: int
+    model: Any, x: np.ndarray, lung: np.ndarray, fill: float, size: Sequence[int],
+    stride: Sequence[int],
 ) -> tuple[np.ndarray, float]:
     """Occlusion sensitivity of one prepared input.
 
@@ -179,8 +180,8 @@ def occlusion(
         lung: bool (z, y, x) lung mask on the input grid: cubes are placed over its bounding box
             and only where they touch it.
         fill: the normalised value an occluded voxel gets.
-        size: cube edge in input voxels.
-        stride: step in input voxels.
+        size: edges of the occluding box in input voxels (z, y, x): a cube in mm.
+        stride: steps in input voxels (z, y, x).
 
     Returns:
         (map on the input grid (z, y, x): the mean drop in p over the cubes covering each voxel,
@@ -195,12 +196,13 @@ def occlusion(
     low, high = found.min(axis=0), found.max(axis=0) + 1
     # The last start of each axis lies within `size` of the box's far end, so the cubes
     # cover the whole box.
-    starts = [range(int(a), max(int(a) + 1, int(b) - size + stride), stride)
-              for a, b in zip(low, high, strict=True)]
+    starts = [range(int(a), max(int(a) + 1, int(b) - edge + step), step)
+              for a, b, edge, step in zip(low, high, size, stride, strict=True)]
+    sz, sy, sx = size
     for z in starts[0]:
         for y in starts[1]:
             for x0 in starts[2]:
-                cube = np.s_[z:z + size, y:y + size, x0:x0 + size]
+                cube = np.s_[z:z + sz, y:y + sy, x0:x0 + sx]
                 if not lung[cube].any():
                     continue
                 occluded = x.copy()
@@ -285,9 +287,10 @@ def explain_patient(
         else:
             centres = None  # the occlusion map is on the input grid
             lung = block_reduce_cropped(volume.lung_mask, factor, np.max) > 0
-            voxel_mm = min(volume.spacing) * factor
-            size = max(1, round(occlusion_mm / voxel_mm))
-            stride = max(1, round(stride_mm / voxel_mm))
+            # Per axis: volumes of other spacings along z than in-plane get a cube in mm.
+            voxel_mm = [s * factor for s in volume.spacing]
+            size = [max(1, round(occlusion_mm / v)) for v in voxel_mm]
+            stride = [max(1, round(stride_mm / v)) for v in voxel_mm]
             fill = float(normalize_hu(np.float32(volume_input.outside_hu),
                                       clip=volume_input.hu_clip))
             cam, p = occlusion(model, x, lung, fill, size, stride)
@@ -422,8 +425,9 @@ def explain_cohort(
             write_heatmap(heatmap_path(out_dir, patient_id), found.heatmap, volume.spacing,
                           volume.origin, attrs)
             write_png(png, volume, found)
+            no_peak = any(math.isnan(c) for c in found.peak_mm)  # peak_index: the lungs' centre
             peak = Peak(patient_id, found.probability, found.peak_mm,
-                        float(found.heatmap[found.peak_index]))
+                        0.0 if no_peak else float(found.heatmap[found.peak_index]))
             journal.record(patient_id, stamp, {"probability": peak.probability,
                                                "peak_mm": peak.peak_mm, "value": peak.value})
             peaks.append(peak)

@@ -35,9 +35,10 @@ How the series is chosen and checked:
   the slope is 1 and the intercept whole). PixelPaddingValue (with PixelPaddingRangeLimit) and
   anything at or below `OUTSIDE_FIELD_HU` (the -2000 / -3024 HU outside-field values) become
   air, -1000 HU; the result is clipped into int16. A series with no voxel at or below
-  `hu.MAX_AIR_HU` is plainly not HU (a missing rescale, a label map) and an error. MONOCHROME1 only inverts the display (DICOM
-  PS3.3 C.7.6.3.1.2: the rescale, not the photometric interpretation, defines HU), so it is
-  accepted and read like MONOCHROME2; other photometric interpretations are errors.
+  `hu.MAX_AIR_HU` is plainly not HU (a missing rescale, a label map) and an error. MONOCHROME1
+  only inverts the display (DICOM PS3.3 C.7.6.3.1.2: the rescale, not the photometric
+  interpretation, defines HU), so it is accepted and read like MONOCHROME2; other photometric
+  interpretations are errors.
 - Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg); a missing decoder is
   a `MissingDecoderError` naming the package to install.
 
