@@ -402,7 +402,7 @@ def _order_slices(
             if best is None or key < (headers[best].instance, headers[best].path):
                 kept[int(position)] = index
         keep = sorted(kept.values())
-        dropped = [h.path.name for i, h in enumerate(headers) if i not in set(keep)]
+        dropped = [h.path.name for i, h in enumerate(headers) if i not in kept.values()]
         logger.warning(
             "patient %s: %d slice(s) at an already used position dropped (the lowest "
             "InstanceNumber of each position kept): %s", patient, len(dropped),
