@@ -401,7 +401,10 @@ def _mark_then_sleep(patient_id: str, folder: str) -> PatientResult:
 
 
 INTERRUPTED_RUN = """
-import sys
+import signal, sys
+# Ctrl-C as a terminal's command gets it: a suite started in the background of a shell without
+# job control hands its children SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from kdsb.preprocessing.cohort import _run_tasks
 from tests.test_cohort import _mark_then_sleep
 tasks = {pid: (pid, sys.argv[1]) for pid in sys.argv[2:]}

@@ -331,7 +331,10 @@ def test_ctrl_c_ends_the_run_at_once(data_dir, tmp_path):
             "--epochs", "3", "--steps-per-epoch", "20"]
     # The `kdsb` command, its patch reader slowed to a large volume's pace, so that readers are
     # in flight when Ctrl-C comes.
-    slow_kdsb = ("import sys, time\n"
+    slow_kdsb = ("import signal, sys, time\n"
+                 # Ctrl-C as a terminal's command gets it (a suite started in the background of
+                 # a shell without job control hands its children SIGINT ignored).
+                 "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
                  "from kdsb.data import datasets\n"
                  "read = datasets.read_patches\n"
                  "datasets.read_patches = lambda *a, **k: (time.sleep(0.1), read(*a, **k))[1]\n"
