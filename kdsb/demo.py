@@ -64,6 +64,7 @@ class DemoPlan:
         test_patients: held-out test cohort size.
         gmcae_epochs, gmcae_steps, gmcae_width: GMCAE training budget and base width.
         classifier_epochs, patience, lr: classifier training budget.
+        restarts: trainings again of a classifier stuck at the base rate (`--restarts`).
     """
 
     patients: int
@@ -74,16 +75,17 @@ class DemoPlan:
     classifier_epochs: int
     patience: int
     lr: float
+    restarts: int
 
 
 FULL_PLAN = DemoPlan(
     patients=64, test_patients=32, gmcae_epochs=4, gmcae_steps=40, gmcae_width=8,
-    classifier_epochs=40, patience=10, lr=1e-3,
+    classifier_epochs=40, patience=10, lr=1e-3, restarts=2,
 )
 # A smoke test of every stage: it checks the plumbing, not that the classifier learns.
 FAST_PLAN = DemoPlan(
     patients=6, test_patients=4, gmcae_epochs=1, gmcae_steps=4, gmcae_width=2,
-    classifier_epochs=1, patience=1, lr=1e-3,
+    classifier_epochs=1, patience=1, lr=1e-3, restarts=0,
 )
 
 
@@ -148,6 +150,7 @@ def _train_classifier(
         gmcae=str(gmcae), epochs=plan.classifier_epochs, lr=plan.lr, seed=seed,
         patience=plan.patience, lung_dilation_mm=LUNG_DILATION_MM, val_fraction=0.25,
         batch_size=4, levels=(1,), dense_units=32, dropout=0.5, class_weight="none",
+        restarts=plan.restarts,
     )
     return train_classifier(volumes, labels, run_dir, options, resume=_started(run_dir))
 
@@ -175,6 +178,7 @@ def _pin_plan(work: Path, plan: DemoPlan, seed: int) -> None:
     path = work / PLAN_NAME
     if path.is_file():
         begun = json.loads(path.read_text())
+        begun.setdefault("restarts", 2)  # folders begun before the plan held it: the default
         if begun != wanted:
             changed = ", ".join(f"{k} {begun.get(k)} → {v}" for k, v in wanted.items()
                                 if begun.get(k) != v)

@@ -269,36 +269,6 @@ def _subprocess_env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_resume_after_kill_continues_every_epoch_once(data_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    epochs, steps = 3, 10
-    argv = ["train-gmcae", str(data_dir), str(run_dir), *TINY,
-            "--epochs", str(epochs), "--steps-per-epoch", str(steps)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kdsb", "-q", *argv],
-        env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + KILL_TIMEOUT_S
-        while runs.last_checkpoint(run_dir) is None and process.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "training finished before it was killed"
-    done = runs.last_checkpoint(run_dir)[0]
-    assert 1 <= done < epochs
-
-    assert main(["-q", *argv, "--resume"]) == 0
-    assert _epochs(run_dir) == list(range(epochs))
-    assert runs.last_checkpoint(run_dir)[0] == epochs
-    resumed = keras.saving.load_model(runs.checkpoint_path(run_dir, epochs), safe_mode=True)
-    assert int(resumed.optimizer.iterations) == epochs * steps
-    keras.saving.load_model(run_dir / "gmcae.keras", safe_mode=True)
-
-
-@pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     code = (
@@ -322,13 +292,15 @@ def test_mirrored_strategy_on_two_logical_cpus(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_the_run_at_once(data_dir, tmp_path):
+def test_ctrl_c_ends_the_run_at_once_and_resume_continues_every_epoch_once(data_dir, tmp_path):
     """Ctrl-C in the middle of an epoch (SIGINT to the process group): exit 130 at once (found
     by a user's check: the process printed "interrupted" and hung at exit, a tf.data iterator's
-    destructor waiting for its Python readers, which waited for the exiting thread's lock)."""
+    destructor waiting for its Python readers, which waited for the exiting thread's lock);
+    --resume then trains the epochs left, each once, the optimizer state carried on."""
     run_dir = tmp_path / "run"
+    epochs, steps = 3, 20
     argv = ["train-gmcae", str(data_dir), str(run_dir), *TINY, "--batch-size", "4",
-            "--epochs", "3", "--steps-per-epoch", "20"]
+            "--epochs", str(epochs), "--steps-per-epoch", str(steps)]
     # The `kdsb` command, its patch reader slowed to a large volume's pace, so that readers are
     # in flight when Ctrl-C comes.
     slow_kdsb = ("import signal, sys, time\n"
@@ -359,6 +331,14 @@ def test_ctrl_c_ends_the_run_at_once(data_dir, tmp_path):
             process.wait()
     assert process.returncode == 130
     assert err.strip().splitlines()[-1] == "kdsb train-gmcae: interrupted"
+    assert 1 <= runs.last_checkpoint(run_dir)[0] < epochs
+
+    assert main(["-q", *argv, "--resume"]) == 0
+    assert _epochs(run_dir) == list(range(epochs))
+    assert runs.last_checkpoint(run_dir)[0] == epochs
+    resumed = keras.saving.load_model(runs.checkpoint_path(run_dir, epochs), safe_mode=True)
+    assert int(resumed.optimizer.iterations) == epochs * steps
+    keras.saving.load_model(run_dir / "gmcae.keras", safe_mode=True)
 
 
 @pytest.mark.slow
