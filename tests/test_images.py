@@ -165,6 +165,18 @@ def test_reader_recovers_the_canonical_volume(phantom, tmp_path):
         assert series.series_uid == f"file:scan{index}.nrrd"
 
 
+def test_nifti_geometry_reads_as_the_decimals_meant_not_float32_noise(tmp_path):
+    """NIfTI keeps spacing and affine in float32 (0.7 is 0.699999988): read as the shortest
+    decimal of that float32, they equal what a MetaImage header (text) gives."""
+    hu = np.full((4, 5, 6), -800, np.int16)
+    spacing, origin = (2.5, 0.7, 0.7), (-172.4, -150.3, 12.1)
+    nifti = read_image(write_volume(tmp_path / "a.nii.gz", hu, spacing, origin, flips=(1,)))
+    text = read_image(write_volume(tmp_path / "a.mha", hu, spacing, origin, flips=(1,)))
+    assert nifti.spacing == text.spacing == spacing
+    assert nifti.origin == text.origin
+    assert nifti.origin == pytest.approx(origin, abs=1e-9)
+
+
 def test_float_values_are_rounded_and_clipped(tmp_path):
     values = np.full((3, 4, 5), -1000.0)
     values[0, 0, :] = [-2500.0, -1999.6, 0.49, 40000.0, -0.5]

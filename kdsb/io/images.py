@@ -412,6 +412,8 @@ class _Reader:
         axes = self.canonical_order(direction)
         step = np.asarray(image.GetSpacing(), dtype=np.float64)[::-1]  # per NumPy axis, mm
         corner = np.asarray(image.GetOrigin(), dtype=np.float64)  # LPS X, Y, Z of voxel 0
+        if self.suffix in NIFTI_SUFFIXES:
+            step, corner = shortest_float32(step), shortest_float32(corner)
         import SimpleITK as sitk
 
         values = sitk.GetArrayFromImage(image)  # (k, j, i): NumPy axis a is index axis 2 - a
@@ -444,6 +446,13 @@ class _Reader:
             origin=origin,
             series_uid=f"{SERIES_UID_PREFIX}{self.path.name}",
         )
+
+
+def shortest_float32(values: np.ndarray) -> np.ndarray:
+    """Each value as the shortest decimal that rounds to the same float32 (0.699999988 → 0.7):
+    NIfTI stores spacing and affine in float32, and the decimal its writer meant is the one
+    DICOM and text headers give (their origins then agree exactly, not to 1e-5 mm)."""
+    return np.array([float(str(np.float32(value))) for value in values])
 
 
 def read_image(path: str | Path, patient_id: str | None = None) -> CTSeries:
