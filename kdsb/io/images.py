@@ -26,7 +26,8 @@ How the volume is checked and made canonical:
 - Geometry comes from the direction matrix: each image axis must run along a patient axis
   (within `kdsb.io.series.AXIS_ALIGNMENT_TOLERANCE`, as for DICOM); axis-aligned images of any
   permutation and flip are transposed and flipped into the canonical order, the origin moved to
-  the new voxel [0, 0, 0]. Oblique directions are an error.
+  the new voxel [0, 0, 0]. Oblique directions are an error. NIfTI's float32 spacing and
+  origin are read as the decimals they stand for (`shortest_float32`: 0.699999988 → 0.7 mm).
 - Values are taken as HU as stored (NIfTI's scl_slope / scl_inter are applied by the reader;
   MetaImage and NRRD have no rescale). A volume whose darkest voxel is above `hu.MAX_AIR_HU` is
   plainly not HU (a CT holds air or lung far below it; MR, PET, unsigned storage without its
