@@ -79,17 +79,6 @@ def test_missing_dicom_root_is_a_usage_error(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_keras_objects_register_when_keras_is_imported_after_kdsb():
-    code = (
-        "import kdsb, keras\n"
-        "objects = keras.saving.get_custom_objects()\n"
-        "assert 'kdsb>ShiftedELU' in objects, sorted(objects)\n"
-        "assert 'kdsb>SpatialPyramidPooling3D' in objects, sorted(objects)\n"
-    )
-    result = _run("-c", code)
-    assert result.returncode == 0, result.stderr
-
-
 def test_synth_and_preprocess_run_without_importing_tensorflow(tmp_path):
     """The CPU-only stages never load TensorFlow or Keras (slow imports, GPU memory grabbed)."""
     code = (
