@@ -6,7 +6,9 @@ DEMO_DIR ?= demo_work
 PYTEST_ARGS ?=
 # Two test processes (pytest-xdist), each test file on one of them (module fixtures built
 # once): most tests wait on TensorFlow start-up or subprocesses, so two share two cores well.
-TEST_WORKERS ?= -n 2 --dist loadfile
+# Files are handed out in collection order, the longest first (tests/conftest.py), not
+# xdist's order by number of tests.
+TEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install test lint demo bench clean
 

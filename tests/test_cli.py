@@ -131,6 +131,26 @@ def test_importing_kdsb_quiets_tensorflow_start_up_lines():
         assert "cpu_feature_guard" in results[name][1] or "oneDNN" in results[name][1], name
 
 
+def test_a_subprocess_inheriting_kdsbs_level_is_quieted_the_same_way(monkeypatch):
+    """A child inherits TF_CPP_MIN_LOG_LEVEL and KDSB_TF_LOG_LEVEL as kdsb set them: the level is
+    kdsb's, so the child filters TensorFlow's start-up too (and `-v` may lower it); a level the
+    user set (unlike kdsb's) is left alone."""
+    from kdsb import _tf_startup
+
+    wrapped = []
+    monkeypatch.setattr(_tf_startup, "wrap_first_import", lambda *args: wrapped.append(args))
+    for level, ours, quieted in (("3", "3", True), ("0", "3", False), ("2", None, False)):
+        wrapped.clear()
+        monkeypatch.setenv(_tf_startup.LEVEL_VARIABLE, level)
+        if ours is None:
+            monkeypatch.delenv(_tf_startup.OURS_VARIABLE, raising=False)
+        else:
+            monkeypatch.setenv(_tf_startup.OURS_VARIABLE, ours)
+        _tf_startup.quiet_tensorflow_start_up()
+        assert bool(wrapped) == quieted, (level, ours)
+        assert os.environ[_tf_startup.LEVEL_VARIABLE] == ("3" if quieted else level)
+
+
 def test_tensorflow_retracing_warning_is_kept_under_verbose_only(caplog, monkeypatch):
     import kdsb._tf_startup
     from kdsb.cli import _configure_logging

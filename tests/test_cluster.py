@@ -30,13 +30,13 @@ def _manifest(folder):
 
 
 def test_cluster_run_writes_what_a_local_run_writes_and_resumes(tmp_path, scheduler):
-    write_cohort(tmp_path / "cohort", patients=2, seed=4, size=80, scale=0.6)
+    write_cohort(tmp_path / "cohort", patients=3, seed=4, size=80, scale=0.6)
     dicom = str(tmp_path / "cohort" / "dicom")
     assert main(["preprocess", dicom, str(tmp_path / "local"), "--workers", "1"]) == 0
     assert main(["preprocess", dicom, str(tmp_path / "dask"), "--scheduler", scheduler,
                  "--qc", str(tmp_path / "qc")]) == 0
     local, remote = _manifest(tmp_path / "local"), _manifest(tmp_path / "dask")
-    assert sorted(remote) == sorted(local) and len(remote) == 2
+    assert sorted(remote) == sorted(local) and len(remote) == 3
     for pid in local:
         assert remote[pid]["status"] == "ok" and remote[pid]["shape"] == local[pid]["shape"]
         a = volumes.read_volume(volumes.volume_path(tmp_path / "local", pid))

@@ -83,3 +83,24 @@ def test_seeds_run_the_demo_per_seed_and_report_mean_and_sd(tmp_path, capsys, mo
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", str(tmp_path), "--seeds", "1", "--seed", "2"])
     assert exit_info.value.code == 2
+
+
+def test_a_folder_begun_before_the_plan_held_restarts_trained_with_two(tmp_path):
+    """plan.json of an earlier version has no "restarts": its runs were trained with the
+    default 2, so a full demo goes on there and a --fast one (no restarts) is refused."""
+    import dataclasses
+    import json
+
+    from kdsb import demo
+    from kdsb.errors import UsageError
+
+    for plan in (demo.FULL_PLAN, demo.FAST_PLAN):
+        work = tmp_path / str(plan.patients)
+        work.mkdir()
+        earlier = {k: v for k, v in dataclasses.asdict(plan).items() if k != "restarts"}
+        (work / demo.PLAN_NAME).write_text(json.dumps({**earlier, "seed": 0}))
+        if plan.restarts == 2:
+            demo._pin_plan(work, plan, 0)
+        else:
+            with pytest.raises(UsageError, match="restarts 2 → 0"):
+                demo._pin_plan(work, plan, 0)

@@ -169,12 +169,14 @@ def test_nifti_geometry_reads_as_the_decimals_meant_not_float32_noise(tmp_path):
     """NIfTI keeps spacing and affine in float32 (0.7 is 0.699999988): read as the shortest
     decimal of that float32, they equal what a MetaImage header (text) gives."""
     hu = np.full((4, 5, 6), -800, np.int16)
-    spacing, origin = (2.5, 0.7, 0.7), (-172.4, -150.3, 12.1)
-    nifti = read_image(write_volume(tmp_path / "a.nii.gz", hu, spacing, origin, flips=(1,)))
-    text = read_image(write_volume(tmp_path / "a.mha", hu, spacing, origin, flips=(1,)))
-    assert nifti.spacing == text.spacing == spacing
-    assert nifti.origin == text.origin
-    assert nifti.origin == pytest.approx(origin, abs=1e-9)
+    # Short decimals, and short binary fractions that float32 holds exactly (347/512 mm).
+    for spacing, origin in (((2.5, 0.7, 0.7), (-172.4, -150.3, 12.1)),
+                            ((1.25, 0.677734375, 0.677734375), (-174.658203125, 0.5, 12.1))):
+        nifti = read_image(write_volume(tmp_path / "a.nii.gz", hu, spacing, origin, flips=(1,)))
+        text = read_image(write_volume(tmp_path / "a.mha", hu, spacing, origin, flips=(1,)))
+        assert nifti.spacing == text.spacing == spacing
+        assert nifti.origin == text.origin
+        assert nifti.origin == pytest.approx(origin, abs=1e-9)
 
 
 def test_float_values_are_rounded_and_clipped(tmp_path):

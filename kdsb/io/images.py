@@ -85,6 +85,8 @@ IMAGE_DIMENSION = 3
 SCALAR_PIXEL_TYPES = ("sitkInt8", "sitkUInt8", "sitkInt16", "sitkUInt16", "sitkInt32",
                       "sitkUInt32", "sitkInt64", "sitkUInt64", "sitkFloat32", "sitkFloat64")
 IMAGE_AXES = "ijk"  # names of the file's index axes in messages (i fastest, as ITK counts)
+# A float32 spacing or origin that is a whole number of 1/4096 mm is kept as it is.
+BINARY_FRACTION_SCALE = 4096
 NIFTI_GZIP_SUFFIX = ".nii.gz"
 NIFTI_SUFFIXES = (".nii", NIFTI_GZIP_SUFFIX)
 GZIP_CHUNK_BYTES = 16 * 1024**2  # read size when measuring a .nii.gz's decompressed length
@@ -450,10 +452,14 @@ class _Reader:
 
 
 def shortest_float32(values: np.ndarray) -> np.ndarray:
-    """Each value as the shortest decimal that rounds to the same float32 (0.699999988 → 0.7):
-    NIfTI stores spacing and affine in float32, and the decimal its writer meant is the one
-    DICOM and text headers give (their origins then agree exactly, not to 1e-5 mm)."""
-    return np.array([float(str(np.float32(value))) for value in values])
+    """Each value as the shortest decimal that rounds to the same float32 (0.699999988 → 0.7),
+    unless the float32 is a short binary fraction, kept exact (0.677734375 = 347/512 mm, a
+    common pixel size): NIfTI-1 stores spacing and affine in float32, and the value its writer
+    meant is the one DICOM and text headers give, so they then agree exactly. (NIfTI-2, in
+    float64, is not read: SimpleITK's NIfTI reader does not recognise it.)"""
+    as_float32 = [float(np.float32(value)) for value in values]
+    return np.array([v if (v * BINARY_FRACTION_SCALE).is_integer() else float(str(np.float32(v)))
+                     for v in as_float32])
 
 
 def read_image(path: str | Path, patient_id: str | None = None) -> CTSeries:

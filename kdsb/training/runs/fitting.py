@@ -206,8 +206,11 @@ def _build_training_state(model, batch_spec) -> None:
     training step otherwise, and a tf.function that creates variables is traced a second time:
     ~40 % of a small run's start-up (a tiny GMCAE's first epoch 10 → 6 s), paid again by every
     fold and restart. `_symbolic_build` is the Keras trainer's own (private) step for this,
-    which `fit` runs only for a model with unbuilt layers."""
-    model._symbolic_build(data_batch=batch_spec)
+    which Keras's TensorFlow `fit` runs itself only for a model made under a distribution
+    strategy; a Keras without it trains the same, traced twice."""
+    build = getattr(model, "_symbolic_build", None)
+    if build is not None:
+        build(data_batch=batch_spec)
 
 
 def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: Path, strategy, *,
