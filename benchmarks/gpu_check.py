@@ -109,6 +109,7 @@ def classifier(width: int, tile_z: int = 0):
     model = build_classifier(build_encoder(width=width))
     model.compile(optimizer=keras.optimizers.Adam(1e-4, global_clipnorm=1.0),
                   loss=keras.losses.BinaryCrossentropy(), jit_compile=False)
+    model.optimizer.build(model.trainable_variables)  # one trace of the step, as in gmcae_speed
     return compute_first_block_in_slabs(model, tile_z) if tile_z else model
 
 
@@ -159,6 +160,9 @@ def gmcae_speed(sizes: Sizes, precision: str, gpu: bool) -> None:
         model = build_gmcae(patch_size=sizes.patch_size, width=sizes.width)
         model.compile(optimizer=keras.optimizers.Adam(1e-3, clipnorm=1.0),
                       loss=GaussianMixtureNLL(4), jit_compile=False)
+        # Slots built now, not in the first step: the step is traced once, not twice
+        # (as `kdsb.training.runs` does before every fit).
+        model.optimizer.build(model.trainable_variables)
         patch_shape = (sizes.patch_size,) * 3 + (1,)
         fixed = next(iter(cached_patch_dataset(shards, batch_size=sizes.batch_size)))[0]
         in_memory = tf.data.Dataset.from_tensors((fixed, fixed)).repeat()
