@@ -524,10 +524,11 @@ RESTART_OPTIONS = dict(folds=2, epochs=1, lr=1e-3, dense_units=4, seed=3, head="
 @pytest.mark.slow
 def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
         cohort, tmp_path, monkeypatch, caplog):
-    """Fold 1's first attempt gives constant validation predictions (forced here: they explain
-    none of the labels' entropy): it is trained again with seed + RESTART_SEED_STRIDE, its
-    history kept aside; config.json keeps the run's seed; with --restarts 0 the stuck model is
-    kept as trained (nothing recorded); a run killed during the restart resumes it."""
+    """The first attempt gives constant validation predictions (forced here: they explain none
+    of the labels' entropy): it is trained again with seed + RESTART_SEED_STRIDE, its history
+    kept aside; config.json keeps the run's seed; with --restarts 0 the stuck model is kept as
+    trained (nothing recorded); a run killed during the restart resumes it. (One split: the
+    folds share this code, `test_when_every_attempt_is_stuck_the_least_stuck_is_kept`.)"""
     data, labels, gmcae = cohort
     score = classifier_training.score_patients
     calls = []
@@ -538,25 +539,24 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
         return np.full_like(p, 0.5) if calls.count("validate") == 1 else p
 
     monkeypatch.setattr(classifier_training, "score_patients", first_validation_constant)
-    options = dict(RESTART_OPTIONS, gmcae=str(gmcae))
-    result = classifier_training.train_classifier(data, labels, tmp_path / "run", options)
-    fold = tmp_path / "run" / "fold_1"
+    options = dict(RESTART_OPTIONS, gmcae=str(gmcae), folds=0, val_fraction=0.25)
+    run = tmp_path / "run"
+    result = classifier_training.train_classifier(data, labels, run, options)
     stride = classifier_training.RESTART_SEED_STRIDE
-    assert result["collapsed_seeds"] == [[3], []]
-    assert json.loads((fold / "restarts.json").read_text())[0]["seed"] == 3
-    assert json.loads((fold / "fold.json").read_text())["collapsed_seeds"] == [3]
-    first, second = (runs_history(fold / name) for name in ("collapsed_1_history.csv",
-                                                            "history.csv"))
+    assert result["collapsed_seeds"] == [3]
+    assert json.loads((run / "restarts.json").read_text())[0]["seed"] == 3
+    first, second = (runs_history(run / name) for name in ("collapsed_1_history.csv",
+                                                           "history.csv"))
     assert first[0]["loss"] != second[0]["loss"]  # another seed: another model
-    assert json.loads((fold / "config.json").read_text())["seed"] == 3
+    assert json.loads((run / "config.json").read_text())["seed"] == 3
     assert f"training again with seed {3 + stride} (restart 1 of 2)" in caplog.text
 
     calls.clear()
     result = classifier_training.train_classifier(data, labels, tmp_path / "kept",
                                                   {**options, "restarts": 0})
-    assert result["collapsed_seeds"] == [[], []]
-    assert not (tmp_path / "kept" / "fold_1" / "restarts.json").exists()
-    assert not list((tmp_path / "kept" / "fold_1").glob("collapsed_*"))
+    assert result["collapsed_seeds"] == []
+    assert not (tmp_path / "kept" / "restarts.json").exists()
+    assert not list((tmp_path / "kept").glob("collapsed_*"))
 
     # Killed during the restart: --resume goes on with the restart's seed.
     from kdsb.training import mil
@@ -575,8 +575,8 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
         classifier_training.train_classifier(data, labels, tmp_path / "killed", options)
     result = classifier_training.train_classifier(data, labels, tmp_path / "killed", options,
                                                   resume=True)
-    assert seeds == [3, 3 + stride, 3 + stride, 3]  # fold 1 (killed, resumed), then fold 2
-    assert result["collapsed_seeds"] == [[3], []]
+    assert seeds == [3, 3 + stride, 3 + stride]
+    assert result["collapsed_seeds"] == [3]
 
 
 @pytest.mark.slow
