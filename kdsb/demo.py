@@ -164,6 +164,15 @@ def _started(run_dir: Path) -> bool:
     return (run_dir / OPTIONS_NAME).is_file()
 
 
+def _default_restarts() -> int:
+    """`train-classifier --restarts`'s default."""
+    import dataclasses
+
+    from kdsb.training.classifier_options import ClassifierOptions
+
+    return next(f.default for f in dataclasses.fields(ClassifierOptions) if f.name == "restarts")
+
+
 def _pin_plan(work: Path, plan: DemoPlan, seed: int) -> None:
     """Record the plan and seed a demo folder is made with (`PLAN_NAME`), or refuse another:
     finished stages are reused, so a folder begun with --fast (or another seed or size) would
@@ -178,7 +187,8 @@ def _pin_plan(work: Path, plan: DemoPlan, seed: int) -> None:
     path = work / PLAN_NAME
     if path.is_file():
         begun = json.loads(path.read_text())
-        begun.setdefault("restarts", 2)  # folders begun before the plan held it: the default
+        # Folders begun before the plan held it trained with the option's default.
+        begun.setdefault("restarts", _default_restarts())
         if begun != wanted:
             changed = ", ".join(f"{k} {begun.get(k)} → {v}" for k, v in wanted.items()
                                 if begun.get(k) != v)
