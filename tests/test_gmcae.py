@@ -184,6 +184,7 @@ def test_training_steps_reduce_loss_and_stay_finite(decoder):
     keras.utils.set_random_seed(1)
     model = build_gmcae(patch_size=PATCH, width=WIDTH, mixtures=2, decoder=decoder)
     model.compile(optimizer=keras.optimizers.Adam(1e-2, clipnorm=1.0), loss=GaussianMixtureNLL(2))
+    model.optimizer.build(model.trainable_variables)  # one trace of the step (as runs.fit)
     # Smooth, structured patches: a blob of random brightness on a noisy background.
     rng = np.random.default_rng(4)
     grid = np.stack(np.meshgrid(*[np.arange(PATCH)] * 3, indexing="ij"), axis=-1)
@@ -228,6 +229,7 @@ def test_mixed_bfloat16_builds_and_gives_finite_float32_loss():
         assert encoder_of(model).get_layer("block1_conv1").compute_dtype == "bfloat16"
         loss = GaussianMixtureNLL(2)
         model.compile(optimizer="adam", loss=loss)
+        model.optimizer.build(model.trainable_variables)
         patches = random_patches(4)
         packed = model(patches)
         assert packed.dtype == "float32"

@@ -65,6 +65,7 @@ def test_an_unusual_patch_scores_higher_under_a_gmcae_trained_on_plain_lung(tmp_
     rng = np.random.default_rng(0)
     model = build_gmcae(patch_size=8, width=2, mixtures=2)
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=GaussianMixtureNLL(2))
+    model.optimizer.build(model.trainable_variables)  # one trace of the step (as runs.fit)
     plain = (-0.6 + 0.05 * rng.normal(size=(256, 8, 8, 8, 1))).astype("float32")
     model.fit(plain, plain, epochs=8, batch_size=32, verbose=0)
     volume = (-0.6 + 0.05 * rng.normal(size=(1, 16, 16, 16, 1))).astype("float32")
