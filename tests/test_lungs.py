@@ -682,19 +682,30 @@ def load_canonical(path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return np.ascontiguousarray(data.transpose(2, 1, 0)).astype(np.int16), spacing
 
 
-def kept_of_lesion_in_real_ct(path, kind: str, place: str, radius_mm: float, seed: int):
+@pytest.fixture(scope="module")
+def real_chest(real_chest_nifti) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """The real chest CT (canonical HU, spacing) and its `segment_lungs` mask, segmented once
+    for the module (2 s each time); read-only: copy an array to change it."""
+    hu, spacing = load_canonical(real_chest_nifti)
+    mask = segment_lungs(hu, spacing)
+    hu.setflags(write=False)
+    mask.setflags(write=False)
+    return hu, spacing, mask
+
+
+def kept_of_lesion_in_real_ct(real_chest, kind: str, place: str, radius_mm: float, seed: int):
     """(lesion voxels, fraction of them inside the mask) for one lesion implanted into the
-    unvaried real CT at `path`, in the parenchyma of its own mask."""
-    hu, spacing, truth = implanted_real_ct(path, kind, place, radius_mm, seed)
+    unvaried real CT (`real_chest`), in the parenchyma of its own mask."""
+    hu, spacing, truth = implanted_real_ct(real_chest, kind, place, radius_mm, seed)
     return int(truth.sum()), segment_lungs(hu, spacing)[truth].mean()
 
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_small_nodule_at_a_real_apex_keeps_its_base(real_chest_nifti):
+def test_small_nodule_at_a_real_apex_keeps_its_base(real_chest):
     """A 3 mm nodule implanted at the real CT's apex, its base against the wall: the base is
     kept as the fringe of the core protruding into the lung (97 % kept before)."""
-    voxels, kept = kept_of_lesion_in_real_ct(real_chest_nifti, "small_solid", "apical", 3.0, 2)
+    voxels, kept = kept_of_lesion_in_real_ct(real_chest, "small_solid", "apical", 3.0, 2)
     assert voxels >= 30
     assert kept >= 0.99
 
@@ -721,22 +732,23 @@ def test_mass_beside_a_phantom_spine_keeps_its_medial_part(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_mass_in_a_real_mediastinal_dent_keeps_its_medial_part(real_chest_nifti):
+def test_mass_in_a_real_mediastinal_dent_keeps_its_medial_part(real_chest):
     """A 10 mm solid mass implanted paravertebrally in the real CT where the lung's medial
     surface is concave: its medial part, beyond the lung's hull, is the rim of a small mass
     (`MASS_RIMS_MM`; 84 % kept with the 8 mm core alone)."""
-    voxels, kept = kept_of_lesion_in_real_ct(real_chest_nifti, "solid", "paravertebral", 10.0, 6)
+    voxels, kept = kept_of_lesion_in_real_ct(real_chest, "solid", "paravertebral", 10.0, 6)
     assert voxels >= 500
     assert kept >= 0.95
 
 
-def implanted_real_ct(path, kind: str, place: str, radius_mm: float, seed: int):
-    """The real CT at `path` (canonical HU, spacing) with one lesion implanted into the
-    parenchyma of its own mask, and the lesion's voxels."""
+def implanted_real_ct(real_chest, kind: str, place: str, radius_mm: float, seed: int):
+    """The real CT (`real_chest`: canonical HU, spacing, its mask) with one lesion implanted
+    into the parenchyma of its mask, and the lesion's voxels."""
     from kdsb.phantoms import lesions
 
-    hu, spacing = load_canonical(path)
-    parenchyma = lesions.lung_parenchyma(hu, segment_lungs(hu, spacing) > 0, spacing)
+    healthy_hu, spacing, healthy = real_chest
+    hu = healthy_hu.copy()
+    parenchyma = lesions.lung_parenchyma(hu, healthy > 0, spacing)
     truth, _ = lesions.implant_lesion(
         hu, spacing, (0.0, 0.0, 0.0), parenchyma, kind=kind, place=place, radius_mm=radius_mm,
         rng=np.random.default_rng(seed),
@@ -758,18 +770,18 @@ def with_and_without_rule(hu, spacing, truth, monkeypatch, threshold: str):
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_a_large_mass_keeps_its_outer_part_where_the_chest_wall_curves_away(
-        real_chest_nifti, monkeypatch):
+        real_chest, monkeypatch):
     """A 35 mm spiculated mass implanted into the real CT's costophrenic recess keeps its outer
     part, 13-21 mm from its core, as a mass pocket (81 % kept without them); a 35 mm mass on the
     liver's dome beside the mediastinum gains nothing from them: no liver, no mediastinum."""
-    hu, spacing, truth = implanted_real_ct(real_chest_nifti, "spiculated", "diaphragmatic", 35.0, 1)
+    hu, spacing, truth = implanted_real_ct(real_chest, "spiculated", "diaphragmatic", 35.0, 1)
     kept, kept_without, added_ml = with_and_without_rule(hu, spacing, truth, monkeypatch,
                                                          "LARGE_MASS_ML")
     assert kept >= 0.95 and kept_without < 0.85
     # What the pockets add beyond the lesion is its edge against the wall: under 15 ml.
     assert 0 < added_ml < 15.0
 
-    hu, spacing, truth = implanted_real_ct(real_chest_nifti, "solid", "diaphragmatic", 35.0, 5)
+    hu, spacing, truth = implanted_real_ct(real_chest, "solid", "diaphragmatic", 35.0, 5)
     without = segment_lungs(hu, spacing)
     monkeypatch.undo()
     found = []
@@ -813,13 +825,12 @@ def test_a_ground_glass_mass_keeps_its_part_bulging_into_the_mediastinum(
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_a_field_of_view_that_cuts_the_body_on_one_side_changes_no_lung_voxel(real_chest_nifti):
+def test_a_field_of_view_that_cuts_the_body_on_one_side_changes_no_lung_voxel(real_chest):
     """The real CT with 16 columns (24 mm, an even number of coarse blocks) of its body cut off
     one side or the other, as a field of view cuts off an arm; the lungs are untouched: the
     same mask. The body's centre moves by ~6 mm; with it as the midline (the sides' split, the
     apex rule's mirror image) 35,354 voxels differed, chest-wall muscle among them."""
-    hu, spacing = load_canonical(real_chest_nifti)
-    full = segment_lungs(hu, spacing)
+    hu, spacing, full = real_chest
     cut = 16
     assert (hu[:, :, :cut] > -500).any() and (hu[:, :, -cut:] > -500).any()  # body cut
     assert not full[:, :, :cut].any() and not full[:, :, -cut:].any()  # lungs untouched
@@ -830,14 +841,14 @@ def test_a_field_of_view_that_cuts_the_body_on_one_side_changes_no_lung_voxel(re
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_a_real_lung_cut_open_by_the_scan_s_edge_or_field_of_view_is_kept(real_chest_nifti):
+def test_a_real_lung_cut_open_by_the_scan_s_edge_or_field_of_view_is_kept(real_chest):
     """The real CT cropped 20 mm into the right lung (even columns: the coarse grid keeps its
     alignment), and inside a circle cutting the right lung whose outside reads as plain
     -1024 HU air (no padding marks it): each keeps >= 97 % of the uncut scan's mask there and
     takes in under 25 ml beyond it (before: 36 % of that lung kept and ~200 ml of tissue taken
     in on the crop)."""
-    hu, spacing = load_canonical(real_chest_nifti)
-    full = segment_lungs(hu, spacing) > 0
+    hu, spacing, full = real_chest
+    full = full > 0
     right_edge = int(np.flatnonzero(full.any(axis=(0, 1)))[0])
     crop = np.s_[:, :, right_edge + 14 :]
     y = (np.arange(hu.shape[1]) - hu.shape[1] / 2) * spacing[1]
@@ -855,13 +866,13 @@ def test_a_real_lung_cut_open_by_the_scan_s_edge_or_field_of_view_is_kept(real_c
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_real_trachea_is_found_whatever_the_coarse_grid_s_alignment(real_chest_nifti):
+def test_real_trachea_is_found_whatever_the_coarse_grid_s_alignment(real_chest):
     """Regression: the real CT with 9 of its columns (13.5 mm, no lung) cropped off one side,
     which shifts the coarse blocks by half: a blob of pharynx air above the trachea was taken
     for it, the airway ended two slices down and the trachea and bronchi (~25,000 voxels with
     the tissue around them) stayed in the mask."""
-    hu, spacing = load_canonical(real_chest_nifti)
-    assert not segment_lungs(hu, spacing)[:, :, :9].any()
+    hu, spacing, full = real_chest
+    assert not full[:, :, :9].any()
     shifted = np.ascontiguousarray(hu[:, :, 9:])
     mask = segment_lungs(shifted, spacing) > 0
     # Airway-dark air in the upper half within 18 mm of the body's middle: the trachea and
@@ -876,10 +887,9 @@ def test_real_trachea_is_found_whatever_the_coarse_grid_s_alignment(real_chest_n
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_real_chest_ct(real_chest_nifti):
-    hu, spacing = load_canonical(real_chest_nifti)
+def test_real_chest_ct(real_chest):
+    hu, spacing, mask = real_chest
     assert spacing == (1.5, 1.5, 1.5)
-    mask = segment_lungs(hu, spacing, patient_id="example_ct")
     litres = mask.sum() * np.prod(spacing) / 1e6
     assert 2.0 <= litres <= 8.0
     # Both lungs: each side of the body's midline holds a large part (here the lungs touch at

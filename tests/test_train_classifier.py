@@ -473,7 +473,7 @@ def test_nll_head_trains_predicts_and_explains_by_occlusion(cohort, tmp_path, ca
     bag = np.load(next(b for b in bags if b.name.startswith("p1-")))[0]
     np.testing.assert_allclose(np.asarray(instance_features(gmcae, "nll", 2)(x))[0], bag,
                                rtol=2e-3, atol=2e-3)  # the bag is float16
-    p = predict_cohort(data, [run / "classifier.keras"], clip=0.0)
+    p = predict_cohort(data, [run / "classifier.keras"], ids=["p1"], clip=0.0)
     assert p["p1"] == pytest.approx(float(model(x)[0, 0]), rel=1e-5)
     ids = tmp_path / "ids.csv"
     ids.write_text("id\np1\n")
