@@ -127,7 +127,8 @@ def _write(path, header, rows):
 def split(tmp_path):
     """Test and validation patients whose best Youden thresholds differ, labelled in one file.
 
-    Validation (Youden ties 0.7 and 0.35, the higher wins): 0.7. Test: 0.5.
+    Validation (Youden ties the cuts below 0.7 and below 0.35, the higher wins): between 0.6
+    and 0.7. Test: between 0.45 and 0.5.
     """
     val_y, val_p = [0, 0, 1, 0, 1, 1], [0.1, 0.3, 0.35, 0.6, 0.7, 0.9]
     test_y, test_p = [0, 1, 0, 1, 1], [0.2, 0.4, 0.45, 0.5, 0.8]
@@ -147,13 +148,13 @@ def split(tmp_path):
 def test_youden_threshold_is_picked_on_validation(split, capsys):
     preds, labels, oof, (val_y, val_p), (test_y, test_p) = split
     picked = metrics.pick_threshold(val_y, val_p, "youden")
-    assert picked == 0.7 and metrics.pick_threshold(test_y, test_p, "youden") == 0.5
+    assert 0.6 < picked < 0.7 and 0.45 < metrics.pick_threshold(test_y, test_p, "youden") < 0.5
     argv = ["evaluate", str(preds), str(labels), "--threshold", "youden", "--validation", str(oof),
             "--bootstrap", "0"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"threshold {picked:.6f} (youden on {oof}, 6 patients)" in out
-    # On the test patients at 0.7 only t4 (0.8, positive) is called positive.
+    # On the test patients at ~0.65 only t4 (0.8, positive) is called positive.
     c = metrics.confusion_at(test_y, test_p, picked)
     assert (c.tp, c.fp, c.tn, c.fn) == (1, 0, 2, 2)
     assert "                 predicted 1  predicted 0\n" \

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.special import expit, logit
 
 from kdsb.errors import KdsbError
 from kdsb.evaluation import metrics
@@ -237,16 +238,33 @@ def test_bootstrap_skips_one_class_resamples_for_the_auc():
         metrics.bootstrap_intervals([1, 0], [0.9, 0.1], level=1)
 
 
+def _halfway(upper: float, lower: float) -> float:
+    """The probability halfway between two in log-odds."""
+    return float(expit((logit(upper) + logit(lower)) / 2))
+
+
 def test_pick_threshold_by_hand():
-    # Youden's J ties at 0.7 and 0.35: the higher one wins. F1 is best at 0.35.
-    assert metrics.pick_threshold(HAND_Y, HAND_P, "youden") == 0.7
-    assert metrics.pick_threshold(HAND_Y, HAND_P, "f1") == 0.35
-    assert metrics.pick_threshold([0, 1], [0.2, 0.8], "youden") == 0.8
+    # Youden's J ties at 0.7 and 0.35: the higher cut wins, placed halfway to the next lower
+    # score (0.6). F1 is best at 0.35 (then 0.3 below it).
+    assert metrics.pick_threshold(HAND_Y, HAND_P, "youden") == pytest.approx(_halfway(0.7, 0.6))
+    assert metrics.pick_threshold(HAND_Y, HAND_P, "f1") == pytest.approx(_halfway(0.35, 0.3))
+    assert metrics.pick_threshold([0, 1], [0.2, 0.8], "youden") == pytest.approx(0.5)
+    # Every patient called positive: the lowest score itself.
+    assert metrics.pick_threshold([1, 1, 0], [0.9, 0.3, 0.4], "f1") == 0.3  # F1 0.8
     with pytest.raises(KdsbError, match="expected a threshold rule among youden, f1, received"):
         metrics.pick_threshold(HAND_Y, HAND_P, "accuracy")
     with pytest.raises(KdsbError, match="expected both classes to pick a threshold, received 0 "
                                         "positive and 2 negative"):
         metrics.pick_threshold([0, 0], [0.2, 0.8], "f1")
+
+
+def test_a_threshold_picked_on_unclipped_scores_holds_for_clipped_predictions():
+    """Found in review: out-of-fold probabilities are not clipped, `kdsb predict`'s are (0.005,
+    0.995); a threshold on the lowest validation positive (0.997) called no test patient
+    positive, sensitivity 0 for a model of AUC 1."""
+    picked = metrics.pick_threshold([0, 0, 1, 1], [0.00012, 0.001, 0.997, 0.9998], "youden")
+    c = metrics.confusion_at([0, 0, 1, 1], [0.005, 0.005, 0.995, 0.995], picked)
+    assert (c.tp, c.fp, c.tn, c.fn) == (2, 0, 2, 0)
 
 
 def test_pick_threshold_maximises_the_rule_over_distinct_scores():
@@ -258,11 +276,15 @@ def test_pick_threshold_maximises_the_rule_over_distinct_scores():
     def f1(c):
         return 2 * c.tp / (2 * c.tp + c.fp + c.fn)
 
+    scores = np.unique(p)
     for rule, objective in (("youden", youden), ("f1", f1)):
-        by_score = {t: objective(metrics.confusion_at(y, p, t)) for t in np.unique(p)}
+        by_score = {t: objective(metrics.confusion_at(y, p, t)) for t in scores}
         best = max(by_score.values())
         expected = max(t for t, value in by_score.items() if value == pytest.approx(best))
-        assert metrics.pick_threshold(y, p, rule) == expected, rule
+        below = scores[scores < expected].max()
+        picked = metrics.pick_threshold(y, p, rule)
+        assert below < picked < expected, rule  # the same calls on these patients
+        assert picked == pytest.approx(_halfway(expected, below)), rule
 
 
 def test_confusion_at_counts_and_rates():

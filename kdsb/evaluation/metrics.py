@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit, logit
 from scipy.stats import rankdata
 
 from kdsb.errors import KdsbError
@@ -147,11 +148,19 @@ class CalibrationBins:
     counts: np.ndarray
 
 
-def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
-    """The calibration bin of each probability: [k/n, (k+1)/n), the last one closed."""
+def _bin_edges(n_bins: int) -> np.ndarray:
+    """The n + 1 edges k/n of equal-width calibration bins (exactly 0.3, not linspace's
+    0.30000000000000004)."""
     if n_bins < 1:
         raise KdsbError(f"expected at least one calibration bin, received {n_bins}")
-    return np.clip(np.floor(p * n_bins).astype(int), 0, n_bins - 1)
+    return np.arange(n_bins + 1) / n_bins
+
+
+def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
+    """The calibration bin of each probability: [k/n, (k+1)/n) by the edges of `_bin_edges`,
+    the last one closed."""
+    edges = _bin_edges(n_bins)
+    return np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
 
 
 def calibration_bins(y, p, n_bins: int = DEFAULT_CALIBRATION_BINS) -> CalibrationBins:
@@ -160,7 +169,7 @@ def calibration_bins(y, p, n_bins: int = DEFAULT_CALIBRATION_BINS) -> Calibratio
     Bins are [k/n, (k+1)/n), the last one closed so p = 1 falls into it.
     """
     y, p = _validate(y, p)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    edges = _bin_edges(n_bins)
     index = _bin_index(p, n_bins)
     counts = np.bincount(index, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -382,12 +391,16 @@ def confusion_at(y, p, threshold: float) -> Confusion:
 def pick_threshold(y, p, rule: str) -> float:
     """The threshold (predict positive when p >= threshold) that a rule finds best on `y`, `p`.
 
-    The candidates are the distinct values of `p`. Rules:
+    The cuts considered fall between consecutive distinct values of `p`. Rules:
 
     - "youden": maximise Youden's J = sensitivity + specificity − 1;
     - "f1": maximise F1 = 2·tp / (2·tp + fp + fn).
 
-    Ties go to the highest candidate (the fewest positive calls). Pick on validation or
+    Ties go to the highest cut (the fewest positive calls). The threshold lies halfway, in
+    log-odds, between the lowest score called positive and the next lower one (that score
+    itself when every patient is called positive), not on a patient's score: predictions
+    clipped or rounded otherwise (`kdsb predict` clips to [0.005, 0.995]; oof.csv does not)
+    then fall on the side of the validation patients they are close to. Pick on validation or
     out-of-fold predictions, never on the patients the threshold is then evaluated on.
 
     Raises:
@@ -397,7 +410,7 @@ def pick_threshold(y, p, rule: str) -> float:
         raise KdsbError(
             f"expected a threshold rule among {', '.join(THRESHOLD_RULES)}, received {rule!r}"
         )
-    y, p = _validate(y, p, probabilities=False)
+    y, p = _validate(y, p)
     positives = y.sum()
     negatives = y.size - positives
     if positives == 0 or negatives == 0:
@@ -411,7 +424,11 @@ def pick_threshold(y, p, rule: str) -> float:
         objective = (tp * negatives - fp * positives) / (positives * negatives)
     else:
         objective = 2.0 * tp / (tp + positives + fp)  # 2tp / (2tp + fp + fn), fn = P - tp
-    return float(scores[int(np.argmax(objective))])  # argmax: first, the highest score
+    best = int(np.argmax(objective))  # argmax: the first, the highest score
+    if best == scores.size - 1:
+        return float(scores[best])
+    log_odds = logit(np.clip(scores[best: best + 2], LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS))
+    return float(expit(log_odds.mean()))
 
 
 def summary(y, p, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
