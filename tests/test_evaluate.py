@@ -166,7 +166,7 @@ def test_youden_threshold_is_picked_on_validation(split, capsys):
     assert f"log loss            {metrics.log_loss(test_y, test_p):.4f}\n" in out
 
 
-def test_evaluate_returns_intervals_and_threshold(split):
+def test_evaluate_returns_intervals_and_threshold(split, caplog):
     preds, labels, oof, (val_y, val_p), (test_y, test_p) = split
     scores = evaluate(preds, labels, n_boot=100, seed=3, threshold="f1", validation_csv=oof)
     picked = metrics.pick_threshold(val_y, val_p, "f1")
@@ -174,9 +174,11 @@ def test_evaluate_returns_intervals_and_threshold(split):
                                    "rule": "f1", "picked_on": f"{oof}, 6 patients"}
     assert scores["intervals"] == metrics.bootstrap_intervals(test_y, test_p, n_boot=100, seed=3)
     assert scores["brier"] == pytest.approx(metrics.brier(test_y, test_p))
-    # The old call: no intervals, no threshold.
+    # The old call: no intervals, no threshold (the validation file then only removes its
+    # patients from the labels, and says so).
     plain = evaluate(preds, labels, validation_csv=oof)
     assert "intervals" not in plain and "threshold" not in plain
+    assert f"--validation {oof}: its 6 patients pick a --threshold youden or f1" in caplog.text
     assert {k: plain[k] for k in metrics.summary(test_y, test_p)} == metrics.summary(test_y,
                                                                                     test_p)
 
@@ -246,6 +248,13 @@ def test_numeric_threshold_prints_the_confusion_matrix(files, capsys):
     assert f"  {'cancer 1':<13}  {c.tp:>11}  {c.fn:>11}\n" in out
     assert f"  {'no cancer 0':<13}  {c.fp:>11}  {c.tn:>11}\n" in out
     assert f"sensitivity {c.sensitivity:.4f}  specificity {c.specificity:.4f}" in out
+
+
+def test_a_threshold_that_puts_every_patient_on_one_side_is_a_warning(files, caplog):
+    preds, labels, _, p = files
+    assert main(["evaluate", str(preds), str(labels), "--threshold", "0.1"]) == 0
+    assert ("at threshold 0.100000 every evaluated patient is predicted 1 (their probabilities "
+            f"lie in [{p.min():.6f}, {p.max():.6f}])") in caplog.text
 
 
 @pytest.mark.parametrize("value", ["1.5", "0", "abc", "nan"])

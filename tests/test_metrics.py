@@ -72,6 +72,11 @@ def test_calibration_bins():
     np.testing.assert_allclose(bins.observed_rate, [0.5, 2 / 3])
     empty = metrics.calibration_bins([1], [0.95], n_bins=4)
     assert np.isnan(empty.mean_predicted[:3]).all() and empty.counts.tolist() == [0, 0, 0, 1]
+    # A probability on an edge k/n opens bin k, and the edges are those k/n (found in review:
+    # 5/7 fell into bin 4, and the drawn edge 3/10 was 0.30000000000000004).
+    on_edges = metrics.calibration_bins([1, 0], [5 / 7, 0.3], n_bins=7)
+    assert on_edges.counts.tolist() == [0, 0, 1, 0, 0, 1, 0]
+    assert metrics.calibration_bins([1], [0.3], n_bins=10).edges[3] == 0.3
 
 
 def test_ece_if_calibrated_is_the_mean_ece_of_labels_drawn_from_the_predictions(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from matplotlib.axes import Axes
@@ -29,6 +31,24 @@ def test_plot_loss_curves_skips_non_finite_values(tmp_path, monkeypatch):
     assert drawn == {"train": ([1, 3], [1.0, 0.5]), "validation": ([1, 2, 3], [1.1, 0.6, 0.55])}
     width, height = plots.CURVE_SIZE_INCHES
     assert imread(path).shape[:2] == (round(height * plots.DPI), round(width * plots.DPI))
+
+
+def test_a_figure_that_fails_to_save_leaves_no_file(tmp_path, monkeypatch):
+    """Plots are saved atomically: a kill or a full disk while writing leaves no truncated
+    PNG where the last good one was (found in review)."""
+    from matplotlib.figure import Figure
+
+    path = plots.plot_loss_curves({"train": [1.0, 0.5]}, tmp_path / "loss.png")
+    before = path.read_bytes()
+
+    def full_disk(self, target, **kwargs):
+        Path(target).write_bytes(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        plots.plot_loss_curves({"train": [1.0, 0.4]}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["loss.png"]
 
 
 def test_plot_reconstructions_draws_one_row_per_patch_and_checks_shapes(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from kdsb.cli import main
 from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import apply_symmetry
-from kdsb.errors import LabelsError, StoreError, UsageError
+from kdsb.errors import LabelsError, ModelError, StoreError, UsageError
 from kdsb.evaluation.predict import ensemble_probability, predict_cohort, tta_symmetries
 from kdsb.io.tables import read_predictions
 from kdsb.io.volumes import volume_path, write_volume
@@ -209,6 +209,22 @@ def test_the_spacing_of_every_volume_is_checked_before_any_patient_is_scored(
                         lambda *a, **k: pytest.fail("a patient was scored"))
     with pytest.raises(StoreError, match="z_coarse.h5: expected a spacing"):
         predict_cohort(data, [models[0]])
+
+
+def test_a_model_that_gives_nan_fails_naming_the_volume_and_writes_nothing(
+        cohort, tmp_path, monkeypatch):
+    """Found in review: a NaN probability went through the ensemble and the clip into the
+    submission as `nan`, exit 0."""
+    import kdsb.evaluation.predict as predict
+
+    data, models = cohort
+    monkeypatch.setattr(predict, "member_probabilities",
+                        lambda models, *a: [float("nan")] + [0.5] * (len(models) - 1))
+    out = tmp_path / "sub.csv"
+    with pytest.raises(ModelError, match=r"\.h5: expected finite probabilities from the "
+                                         r"model\(s\), received \d+ NaN of \d+ \("):
+        predict_cohort(data, models[:2], out_csv=out)
+    assert not out.exists()
 
 
 def test_tta_symmetries():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 
 from kdsb.errors import LabelsError
@@ -48,6 +49,13 @@ def test_read_labels_accepts_a_byte_order_mark(tmp_path):
         # Blank lines count (found in review: this said line 3).
         ("id,cancer\n\n\na,1\nb,2\n", "line 5: expected a label 0 or 1 for b, received '2'"),
         ("id,cancer\n,1\n", "line 2: expected a patient id, received ''"),
+        # Found in review: a repeated column was read from its first copy; a quoted line break
+        # in an id split error messages over two lines.
+        ("id,cancer,cancer\na,1,0\n", "expected each column once in the header, received "
+                                       "'id,cancer,cancer' \\('cancer' repeated\\)"),
+        ('id,cancer\n"a\nb",1\n', "line 3: expected a patient id usable as a file name "
+                                   "\\(no '/' or control characters\\), received 'a\\\\nb'"),
+        ("id,cancer\nsub/a,1\n", "line 2: expected a patient id usable as a file name"),
         ("id,cancer\n", "expected at least one labelled patient, received none"),
     ],
 )
@@ -69,6 +77,10 @@ def test_read_ids_reads_only_the_id_column_in_order(tmp_path):
         read_ids(_write(tmp_path, "patient\nx\n", "bad.csv"))
     with pytest.raises(LabelsError, match="line 3: expected each id once, received z again"):
         read_ids(_write(tmp_path, "id\nz\nz\n", "dup.csv"))
+    with pytest.raises(LabelsError, match="line 2: expected a patient id usable as a file name"):
+        read_ids(_write(tmp_path, "id\n../z\n", "path.csv"))
+    with pytest.raises(LabelsError, match="'id' repeated"):
+        read_ids(_write(tmp_path, "id,id\nz,y\n", "twice.csv"))
 
 
 def test_check_labels_match_errors_and_warning(tmp_path, caplog):
@@ -114,9 +126,14 @@ def test_labelled_patients_whose_preprocessing_failed_are_skipped(tmp_path, capl
 
 def test_predictions_round_trip_and_errors(tmp_path):
     path = write_predictions(tmp_path / "out" / "sub.csv", {"b": 0.25, "a": 1.0})
-    assert path.read_text() == "id,cancer\nb,0.250000\na,1.000000\n"
+    assert path.read_text() == "id,cancer\nb,0.25\na,1.0\n"
     assert read_predictions(path) == {"b": 0.25, "a": 1.0}
-    assert [p.name for p in path.parent.iterdir()] == ["sub.csv"]  # no temporary left
+    # Every probability reads back as the float written (found in review: 2e-07 was written
+    # as 0.000000, which log loss charges as a certain miss).
+    tiny = {"c": 2e-07, "d": 1 - 1e-9, "e": 0.1 + 0.2, "f": np.float32(0.3)}
+    path = write_predictions(tmp_path / "out" / "exact.csv", tiny)
+    assert read_predictions(path) == {k: float(v) for k, v in tiny.items()}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["exact.csv", "sub.csv"]  # no temp
     with pytest.raises(LabelsError, match=r"line 3: expected a probability in \[0, 1\] for b, "
                                           r"received '1.5'"):
         read_predictions(_write(tmp_path, "id,cancer\na,0.1\nb,1.5\n", "p.csv"))

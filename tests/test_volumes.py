@@ -88,6 +88,9 @@ def test_list_volumes_skips_temporaries_and_follows_symlinks(tmp_path):
     linked.mkdir()
     (linked / "a.h5").symlink_to(tmp_path / "a.h5")
     assert list(volumes.list_volumes(tmp_path)) == ["a", "b"]
+    # By id: "a" before "a-2", though "a-2.h5" sorts before "a.h5" (found in review).
+    volumes.write_volume(tmp_path / "a-2.h5", hu, mask, (1, 1, 1), (0, 0, 0))
+    assert list(volumes.list_volumes(tmp_path)) == ["a", "a-2", "b"]
     assert volumes.read_volume(volumes.list_volumes(linked)["a"]).hu.shape == hu.shape
 
 

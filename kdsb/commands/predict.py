@@ -18,9 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the id,cancer CSV to write")
     parser.add_argument("--ids", type=Path, default=None, metavar="IDS_CSV",
                         help="score these ids in this order (a CSV with an id column, e.g. a "
-                             "sample submission); default: every volume in DATA_DIR, sorted")
+                             "sample submission); default: every volume in DATA_DIR, sorted by id")
     parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: average over cube symmetries")
+                        help="test-time augmentation: the ensemble's mean logit over cube "
+                             "symmetries of the input too")
     parser.add_argument("--tta-count", type=int, default=None, metavar="K",
                         help="with --tta, the first K of the 48 cube symmetries (default: all)")
     parser.add_argument("--clip", type=float, default=None,

@@ -201,7 +201,7 @@ def write_map(path: Path, table: CohortEmbedding, scores: np.ndarray,
     from matplotlib.figure import Figure
     from sklearn.decomposition import PCA
 
-    from kdsb.io.atomic import atomic_path
+    from kdsb.io.atomic import save_figure
 
     points = PCA(n_components=2).fit_transform(_standardise(table.embeddings))
     figure = Figure(figsize=(7, 6), dpi=100)
@@ -222,9 +222,7 @@ def write_map(path: Path, table: CohortEmbedding, scores: np.ndarray,
     ax.set_title(f"{len(table.ids)} patients, GMCAE embeddings (most unusual named)")
     ax.legend(loc="best", fontsize=8)
     figure.tight_layout()
-    with atomic_path(path) as temp:
-        figure.savefig(temp, format="png")
-    return path
+    return save_figure(figure, path)
 
 
 def write_embedding_files(

@@ -13,6 +13,7 @@ import numpy as np
 
 from kdsb.errors import KdsbError, LabelsError, UsageError
 from kdsb.evaluation import metrics
+from kdsb.io.atomic import save_figure
 from kdsb.io.tables import read_labels, read_predictions, summarise_ids
 
 logger = logging.getLogger(__name__)
@@ -174,8 +175,7 @@ def plot_roc(y: np.ndarray, p: np.ndarray, path: str | os.PathLike) -> Path:
            xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    return Path(path)
+    return save_figure(fig, path, dpi=PLOT_DPI)
 
 
 def plot_calibration(
@@ -201,8 +201,7 @@ def plot_calibration(
            title="Calibration (patients per bin)", xlim=(0, 1), ylim=(-0.02, 1.02))
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    return Path(path)
+    return save_figure(fig, path, dpi=PLOT_DPI)
 
 
 def _split_validation(
@@ -300,6 +299,10 @@ def evaluate(
         y_val, p_val, labels = _split_validation(
             validation_csv, predictions, predictions_csv, labels, labels_csv
         )
+        if not isinstance(threshold, str):
+            logger.warning("--validation %s: its %d patients pick a --threshold youden or f1; "
+                           "without one they are only left out of the labels", validation_csv,
+                           y_val.size)
     _, y, p = align(predictions, labels, predictions_path=predictions_csv, labels_path=labels_csv,
                     predicted_only=predicted_only)
     scores: dict[str, object] = dict(metrics.summary(y, p))
@@ -320,6 +323,12 @@ def evaluate(
             logger.info("%s threshold %.6f picked on %s", threshold, value, picked_on)
         else:
             value, picked_on = threshold, None
+        called = int(np.count_nonzero(p >= value))
+        if called in (0, p.size):
+            logger.warning(
+                "at threshold %.6f every evaluated patient is predicted %d (their probabilities "
+                "lie in [%.6f, %.6f])", value, int(called > 0), p.min(), p.max(),
+            )
         scores["threshold"] = {
             **metrics.confusion_at(y, p, value).as_dict(),
             "rule": threshold if isinstance(threshold, str) else "given",

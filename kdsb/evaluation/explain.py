@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb.errors import KdsbError, UsageError
-from kdsb.io.atomic import atomic_path
+from kdsb.io.atomic import save_figure
 from kdsb.io.tables import write_table
 
 logger = logging.getLogger(__name__)
@@ -348,9 +348,7 @@ def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) ->
     figure.suptitle(f"{explanation.patient_id}: p(cancer) = {explanation.probability:.3f}; "
                     f"{where}")
     figure.tight_layout()
-    with atomic_path(path) as temp:
-        figure.savefig(temp, format="png")
-    return Path(path)
+    return save_figure(figure, path)
 
 
 def explain_cohort(

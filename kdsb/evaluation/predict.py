@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry
-from kdsb.errors import LabelsError, UsageError
+from kdsb.errors import LabelsError, ModelError, UsageError
 from kdsb.io.journal import SUFFIX, loaded_with_digests, optional_journal, volume_stamp
 from kdsb.io.tables import summarise_ids, write_predictions
 from kdsb.io.volumes import list_volumes, read_attrs
@@ -61,7 +62,7 @@ def tta_symmetries(tta: bool, count: int | None = None) -> tuple[int, ...]:
 
 def ensemble_probability(probabilities: Sequence[float]) -> float:
     """The ensemble's probability: sigmoid of the mean logit of its members' probabilities
-    (each clipped to [1e-7, 1 − 1e-7] first, `kdsb.models.calibration.logit`)."""
+    (each clipped to [2⁻²³, 1 − 2⁻²³] first, `kdsb.models.calibration.logit`)."""
     from kdsb.models.calibration import logit, sigmoid
 
     return float(sigmoid(np.mean(logit(probabilities))))
@@ -124,7 +125,8 @@ def load_classifiers(model_paths: Sequence[str | os.PathLike]) -> list[tuple[Vol
 
     Raises:
         UsageError: no model, or a model path that is neither a file nor a run folder.
-        ModelError: a model file does not load or is no kdsb classifier.
+        ModelError: a model file does not load or is no kdsb classifier; a model gives a
+            patient NaN (a damaged or diverged model: nothing is written for it).
         KdsbError: a classifier without its classifier.json (`VolumeInput.for_model`).
     """
     from kdsb.models.classifier import load_classifier
@@ -227,6 +229,12 @@ def predict_cohort(
                     x = volume_input.read(volumes[patient_id])
                     members += member_probabilities(models, x, symmetries)
                 probability = ensemble_probability(members)
+                if not math.isfinite(probability):
+                    raise ModelError(
+                        f"{volumes[patient_id]}: expected finite probabilities from the "
+                        f"model(s), received {sum(map(math.isnan, members))} NaN of "
+                        f"{len(members)} ({', '.join(map(str, model_paths))})"
+                    )
                 if journal:
                     journal.record(patient_id, stamp, probability)
             predictions[patient_id] = float(np.clip(probability, clip, 1.0 - clip))

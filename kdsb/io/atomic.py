@@ -42,6 +42,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             temp.unlink(missing_ok=True)
 
 
+def save_figure(figure: Any, path: str | os.PathLike, **savefig: Any) -> Path:
+    """Save a Matplotlib figure as PNG atomically (a killed run leaves no truncated image);
+    `savefig` are `Figure.savefig`'s options (dpi). Returns the path."""
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png", **savefig)
+    return Path(path)
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically; returns the path."""
     with atomic_path(path) as temp:

@@ -55,6 +55,10 @@ def _header_index(csv_path: Path, rows: list[tuple[int, list[str]]], required: I
     if not rows:
         raise LabelsError(f"{csv_path}: expected a header line, received an empty file")
     header = [cell.strip() for cell in rows[0][1]]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise LabelsError(f"{csv_path}: expected each column once in the header, received "
+                          f"{','.join(header)!r} ({', '.join(map(repr, repeated))} repeated)")
     missing = [name for name in required if name not in header]
     if missing:
         raise LabelsError(
@@ -62,6 +66,18 @@ def _header_index(csv_path: Path, rows: list[tuple[int, list[str]]], required: I
             f"received {','.join(header)!r} (missing {', '.join(missing)})"
         )
     return header
+
+
+def _patient_id(csv_path: Path, line: int, text: str) -> str:
+    """The patient id of a cell, stripped: refused when empty or not usable as the file name
+    `<id>.h5` (a '/' or a control character: a quoted line break would also split messages)."""
+    patient_id = text.strip()
+    if not patient_id:
+        raise LabelsError(f"{csv_path} line {line}: expected a patient id, received ''")
+    if "/" in patient_id or any(ord(c) < 32 or ord(c) == 127 for c in patient_id):
+        raise LabelsError(f"{csv_path} line {line}: expected a patient id usable as a file name "
+                          f"(no '/' or control characters), received {patient_id!r}")
+    return patient_id
 
 
 def summarise_ids(ids: list[str]) -> str:
@@ -82,8 +98,9 @@ def read_labels(csv_path: str | os.PathLike) -> dict[str, int]:
 
     Raises:
         LabelsError: the file is missing or unreadable, has no header with exactly the columns
-            `id` and `cancer`, a row with another number of cells, an empty or duplicate id, or
-            a label other than 0 or 1 (the message names the line and the value).
+            `id` and `cancer` (each once), a row with another number of cells, an empty or
+            duplicate id or one that cannot name a file, or a label other than 0 or 1 (the
+            message names the line and the value).
     """
     return _read_id_values(
         csv_path,
@@ -100,7 +117,8 @@ def read_ids(csv_path: str | os.PathLike) -> list[str]:
     Other columns are ignored.
 
     Raises:
-        LabelsError: the file is missing, has no `id` column, an empty or duplicate id.
+        LabelsError: the file is missing, has no `id` column (or a repeated column), an empty
+            or duplicate id or one that cannot name a file.
     """
     csv_path = Path(csv_path)
     rows = _open_rows(csv_path)
@@ -109,9 +127,7 @@ def read_ids(csv_path: str | os.PathLike) -> list[str]:
     ids: list[str] = []
     seen: set[str] = set()
     for line, row in rows[1:]:
-        patient_id = row[id_at].strip() if id_at < len(row) else ""
-        if not patient_id:
-            raise LabelsError(f"{csv_path} line {line}: expected a patient id, received ''")
+        patient_id = _patient_id(csv_path, line, row[id_at] if id_at < len(row) else "")
         if patient_id in seen:
             raise LabelsError(
                 f"{csv_path} line {line}: expected each id once, received {patient_id} again"
@@ -242,9 +258,7 @@ def _read_id_values(
                 f"{csv_path} line {line}: expected {len(header)} comma-separated values, "
                 f"received {len(row)}: {','.join(row)!r}"
             )
-        patient_id, text = row[id_at].strip(), row[value_at].strip()
-        if not patient_id:
-            raise LabelsError(f"{csv_path} line {line}: expected a patient id, received ''")
+        patient_id, text = _patient_id(csv_path, line, row[id_at]), row[value_at].strip()
         value = parse(text)
         if value is None:
             raise LabelsError(
@@ -273,22 +287,25 @@ def write_labels(csv_path: str | os.PathLike, rows: Iterable[tuple[str, int]]) -
     return _write_rows(csv_path, ((patient_id, int(label)) for patient_id, label in rows))
 
 
-def write_predictions(
-    csv_path: str | os.PathLike, predictions: Mapping[str, float], *, digits: int = 6
-) -> Path:
+def probability_text(value: float) -> str:
+    """A probability as a CSV cell: the shortest text that reads back as the same float
+    (rounding to 6 decimals wrote 2e-07 as 0, which log loss charges 34.5 nats, not 15.4)."""
+    return repr(float(value))
+
+
+def write_predictions(csv_path: str | os.PathLike, predictions: Mapping[str, float]) -> Path:
     """Write an `id,cancer` submission CSV atomically (temporary file, then rename), in order.
 
     Args:
         csv_path: destination file; its folder is created.
-        predictions: patient id → probability, written in iteration order.
-        digits: decimals written per probability.
+        predictions: patient id → probability, written in iteration order
+            (`probability_text`).
 
     Returns:
         The path written.
     """
-    return _write_rows(
-        csv_path, ((patient_id, f"{value:.{digits}f}") for patient_id, value in predictions.items())
-    )
+    rows = ((patient_id, probability_text(value)) for patient_id, value in predictions.items())
+    return _write_rows(csv_path, rows)
 
 
 def _write_rows(csv_path: str | os.PathLike, rows: Iterable[tuple[str, object]]) -> Path:

@@ -249,6 +249,7 @@ def list_volumes(data_dir: str | os.PathLike) -> dict[str, Path]:
     if not data_dir.is_dir():
         raise StoreError(f"expected a folder of kdsb volume files, received {data_dir}")
     paths = sorted(
-        p for p in data_dir.iterdir() if p.suffix == SUFFIX and not p.name.startswith(".")
+        (p for p in data_dir.iterdir() if p.suffix == SUFFIX and not p.name.startswith(".")),
+        key=lambda p: p.stem,  # by id: "p1" before "p1-b" (their file names sort the other way)
     )
     return {p.stem: p for p in paths}

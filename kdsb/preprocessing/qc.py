@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from kdsb.errors import StoreError
 from kdsb.io import volumes
+from kdsb.io.atomic import save_figure
 from kdsb.preprocessing.hu import LUNG_WINDOW_HU
 
 logger = logging.getLogger(__name__)
@@ -381,8 +382,7 @@ def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
             color=LESION_TITLE_COLOUR,
         )
         _draw_row(bottom, lesion_views(volume, lesion))
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
 
 
 def thumbnail(volume: volumes.Volume, size: int = TILE_PX) -> np.ndarray:
@@ -465,7 +465,7 @@ def _write_page(
                 axis.text(left + 4, top + LABEL_PX + 40 + 12 * line,
                           reason[line * REASON_CHARS : (line + 1) * REASON_CHARS], color="white",
                           fontsize=REASON_FONT_PT, family="monospace", parse_math=False)
-    figure.savefig(path, dpi=DPI)
+    save_figure(figure, path, dpi=DPI)
 
 
 def write_contact_sheet(

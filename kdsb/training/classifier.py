@@ -77,7 +77,7 @@ from kdsb.data.inputs import VolumeInput
 from kdsb.errors import UsageError
 from kdsb.evaluation import metrics
 from kdsb.io.atomic import atomic_path, write_json
-from kdsb.io.tables import check_labels_match, read_labels
+from kdsb.io.tables import check_labels_match, probability_text, read_labels
 from kdsb.io.volumes import list_volumes
 from kdsb.training import attempts, runs
 from kdsb.training.classifier_options import ClassifierOptions
@@ -640,7 +640,8 @@ def _write_oof(path: Path, ids, p_cal, fold, y, p_raw) -> None:
         writer = csv.writer(f)
         writer.writerow(OOF_FIELDS)
         for row in zip(ids, p_cal, fold, y, p_raw, strict=True):
-            writer.writerow([row[0], f"{row[1]:.6f}", int(row[2]), int(row[3]), f"{row[4]:.6f}"])
+            writer.writerow([row[0], probability_text(row[1]), int(row[2]), int(row[3]),
+                             probability_text(row[4])])
 
 
 def model_paths_of_run(run_dir: str | os.PathLike) -> list[Path]:

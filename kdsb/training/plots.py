@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kdsb.errors import KdsbError
+from kdsb.io.atomic import save_figure
 
 DPI = 100
 CURVE_SIZE_INCHES = (6.0, 4.0)
@@ -61,9 +62,7 @@ def plot_loss_curves(
         axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
-    path = Path(path)
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
 
 
 def plot_reconstructions(
@@ -122,6 +121,4 @@ def plot_reconstructions(
                     ax.set_title(f"{kind}\n{name}", fontsize=8)
     if title:
         figure.suptitle(title)
-    path = Path(path)
-    figure.savefig(path)
-    return path
+    return save_figure(figure, path)
