@@ -168,6 +168,29 @@ def test_padding_range_limit(tmp_path, hu):
     np.testing.assert_array_equal(read_series(tmp_path).hu, expected)
 
 
+def test_a_padding_value_read_as_unsigned_is_the_signed_one():
+    """Found in review: a signed 12-bit series' PixelPaddingValue of -1500 written as US 0xFA24
+    (the tag's 16 bits) read as 59940; written in its 12 stored bits (0xA24) it was right."""
+    from kdsb.io.dicom import _padding_range
+
+    for tag_value in (0xFA24, 0x0A24, -1500):
+        ds = pydicom.Dataset()
+        ds.BitsStored, ds.PixelRepresentation = 12, 1
+        ds.add_new(0x00280120, "SS" if tag_value < 0 else "US", tag_value)
+        assert _padding_range(ds) == (-1500, -1500), hex(tag_value)
+
+
+def test_a_series_in_symlinked_sub_folders_is_read(tmp_path, hu):
+    """`Path.rglob` does not follow links to folders (found in review: a patient folder of
+    links read as empty); a link back up the tree is walked once."""
+    _write(tmp_path / "store" / "series", hu)
+    patient = tmp_path / "patient"
+    patient.mkdir()
+    (patient / "series").symlink_to(tmp_path / "store" / "series")
+    (patient / "loop").symlink_to(patient)
+    _assert_same(read_series(patient), hu)
+
+
 def test_hu_clipped_into_int16(tmp_path, hu):
     hu[0, 0, 0] = 32000
     paths = _write(tmp_path, hu, storage="uint16", flip_columns=True)

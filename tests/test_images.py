@@ -22,6 +22,8 @@ from kdsb.phantoms.dicom_write import write_ct_series
 from kdsb.preprocessing.cohort import find_patients, read_manifest
 from kdsb.preprocessing.hu import AIR_HU
 
+SMALL = np.full((6, 7, 8), -1000, np.int16)  # (z, y, x) air, for the bad files below
+
 REPO = Path(__file__).resolve().parents[1]
 # NIfTI stores spacing and origin as float32: spacings exactly representable in binary keep
 # every format on the same grid as DICOM, so the resampled HU can be compared for equality.
@@ -280,7 +282,6 @@ def test_a_folder_with_two_volume_files_is_an_error(tmp_path):
 
 # --- errors -----------------------------------------------------------------------------------
 
-SMALL = np.full((6, 7, 8), -1000, np.int16)
 
 
 def _oblique(path: Path) -> Path:
@@ -327,6 +328,29 @@ def _truncated(path: Path) -> Path:
     return path
 
 
+def _nifti(path: Path, qform_code: int, sform_code: int, pixdim=(0.7, 0.7, 2.5),
+           values: np.ndarray = SMALL) -> Path:
+    """`values` (z, y, x) as a NIfTI file (x, y, z voxel axes, RAS) of 0.7 × 0.7 × 2.5 mm
+    voxels written by nibabel, with the given codes (both transforms hold those sizes) and
+    pixdim."""
+    nib = pytest.importorskip("nibabel")
+    affine = np.diag([0.7, 0.7, 2.5, 1.0])
+    affine[:3, 3] = (-100.0, -120.0, -300.0)
+    image = nib.Nifti1Image(values.transpose(2, 1, 0).copy(), affine)
+    image.set_qform(affine, code=qform_code)
+    image.set_sform(affine, code=sform_code)
+    image.header["pixdim"][1:4] = pixdim
+    nib.save(image, path)
+    return path
+
+
+def _nrrd_without_space(path: Path) -> Path:
+    header = (b"NRRD0004\ntype: short\ndimension: 3\nsizes: 8 7 6\nspacings: 0.7 0.7 2.5\n"
+              b"encoding: raw\nendian: little\n\n")
+    path.write_bytes(header + SMALL.astype("<i2").tobytes())
+    return path
+
+
 def _garbage(path: Path) -> Path:
     path.write_bytes(np.random.default_rng(0).bytes(4096))
     return path
@@ -357,6 +381,17 @@ BAD_FILES = {
     "nan_nii": (_one_nan, "nan_nii.nii",
                 "expected finite values, received 1 NaN or infinite voxels"),
     "garbage": (_garbage, "garbage.nii", "expected a readable NIfTI file, received an error:"),
+    # Orientation unstated: SimpleITK reads identity directions at origin 0 (found in review).
+    "no_codes": (lambda p: _nifti(p, 0, 0), "no_codes.nii.gz",
+                 "expected the patient orientation in the NIfTI header (sform_code or qform_code "
+                 "above 0), received neither"),
+    "no_space": (_nrrd_without_space, "no_space.nrrd",
+                 "expected the patient space in the NRRD header (a 'space:' field"),
+    # SimpleITK took 1 mm voxels from pixdim and the rest from the sform (found in review).
+    "pixdim": (lambda p: _nifti(p, 0, 1, pixdim=(1.0, 1.0, 1.0)), "pixdim.nii.gz",
+               "expected the NIfTI header's pixdim and its coded sform to agree, received voxel "
+               "sizes [1.0, 1.0, 1.0] mm and origin [-100.0, -120.0, -300.0] mm (RAS) as read, "
+               "against [0.7, 0.7, 2.5] mm and [-100.0, -120.0, -300.0] mm in the sform"),
     "mixed_case": (lambda p: write_volume(p.with_name("m.nii.gz"), SMALL, (1, 1, 1),
                                           (0, 0, 0)).rename(p), "mixed_case.Nii.gz",
                    "expected the NIfTI suffix in one case (.nii.gz or .NII.GZ: the NIfTI library "
@@ -380,6 +415,19 @@ def test_bad_files_raise_one_line_errors(tmp_path, pid):
     assert message.startswith(f"patient {pid}: ") and message.endswith(f"(file {name})")
     assert reason in message and "\n" not in message, message
     assert "itk" not in message.lower().replace("simpleitk", ""), message
+
+
+def test_a_nifti_file_with_either_transform_coded_reads_with_its_geometry(tmp_path):
+    """What `no_codes` and `pixdim` refuse, written right: an sform or a qform alone."""
+    marked = SMALL.copy()
+    marked[1, 2, 3] = 40
+    for qform_code, sform_code in ((1, 0), (0, 1), (1, 2)):
+        series = read_image(_nifti(tmp_path / f"q{qform_code}s{sform_code}.nii.gz", qform_code,
+                                   sform_code, values=marked))
+        assert series.spacing == (2.5, 0.7, 0.7)
+        # RAS (-100, -120, -300) is LPS (100, 120, -300); (z, y, x) order.
+        assert series.origin == (-300.0, 120.0 - 0.7 * 6, 100.0 - 0.7 * 7)
+        np.testing.assert_array_equal(series.hu, marked[:, ::-1, ::-1])  # RAS: y, x flipped
 
 
 def test_bad_files_fail_in_preprocess_with_exit_1(tmp_path):

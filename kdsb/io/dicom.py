@@ -61,6 +61,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from kdsb.errors import DicomError, MissingDecoderError
+from kdsb.io.folders import files_under
 from kdsb.io.series import INT16_MAX, INT16_MIN, MIN_SLICES, MM_DECIMALS, CTSeries, patient_axis
 from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, not_hounsfield
 
@@ -146,7 +147,7 @@ def _error(patient: str, message: str, path: Path | None = None) -> DicomError:
 def _list_files(patient: str, folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise _error(patient, f"expected a folder of DICOM files, received {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files = files_under(folder)
     if not files:
         raise _error(patient, f"expected DICOM files, received an empty folder {folder}")
     return files
@@ -634,8 +635,11 @@ def _padding_range(ds: pydicom.Dataset) -> tuple[int, int] | None:
     def as_stored(value: int) -> int:
         # The tag may be read as unsigned even when PixelRepresentation says signed.
         value = int(value)
-        if int(ds.get("PixelRepresentation", 0)) == 1 and value >= 1 << (bits - 1):
-            value -= 1 << bits
+        if int(ds.get("PixelRepresentation", 0)) == 1:
+            if value >= 1 << 15:  # the tag's own 16 bits read as unsigned: 0xFA24 is -1500
+                value -= 1 << 16
+            elif 1 << (bits - 1) <= value < 1 << bits:  # the stored bits read as unsigned
+                value -= 1 << bits
         return value
 
     low = as_stored(ds.PixelPaddingValue)

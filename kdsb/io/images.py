@@ -28,6 +28,10 @@ How the volume is checked and made canonical:
   permutation and flip are transposed and flipped into the canonical order, the origin moved to
   the new voxel [0, 0, 0]. Oblique directions are an error. NIfTI's float32 spacing and
   origin are read as the decimals they stand for (`shortest_float32`: 0.699999988 → 0.7 mm).
+  An orientation the file does not state is an error: a NIfTI file with neither sform nor
+  qform coded, an NRRD file without `space:` (SimpleITK reads both as identity directions at
+  origin 0); so is a NIfTI file whose pixdim disagrees with its coded sform or qform
+  (SimpleITK mixes the two: spacing from pixdim, directions and origin from the transform).
 - Values are taken as HU as stored (NIfTI's scl_slope / scl_inter are applied by the reader;
   MetaImage and NRRD have no rescale). A volume whose darkest voxel is above `hu.MAX_AIR_HU` is
   plainly not HU (a CT holds air or lung far below it; MR, PET, unsigned storage without its
@@ -60,6 +64,7 @@ import numpy as np
 from pydicom.misc import is_dicom
 
 from kdsb.errors import VolumeFileError
+from kdsb.io.folders import files_under
 from kdsb.io.series import INT16_MAX, INT16_MIN, MIN_SLICES, MM_DECIMALS, CTSeries, patient_axis
 from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, not_hounsfield
 
@@ -89,6 +94,12 @@ IMAGE_AXES = "ijk"  # names of the file's index axes in messages (i fastest, as 
 BINARY_FRACTION_SCALE = 4096
 NIFTI_GZIP_SUFFIX = ".nii.gz"
 NIFTI_SUFFIXES = (".nii", NIFTI_GZIP_SUFFIX)
+NRRD_SUFFIX = ".nrrd"
+NRRD_SPACE_KEY = "NRRD_space"  # SimpleITK's key for the NRRD header's `space:` field
+# How far (mm, and mm per voxel step) SimpleITK's reading of a NIfTI geometry may lie from the
+# header's coded qform or sform: float32 rounding is ~1e-5 mm.
+NIFTI_GEOMETRY_TOLERANCE_MM = 1e-3
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 GZIP_CHUNK_BYTES = 16 * 1024**2  # read size when measuring a .nii.gz's decompressed length
 STDERR_FD = 2
 BITS_PER_BYTE = 8
@@ -166,7 +177,7 @@ def volume_in_folder(folder: str | Path, patient_id: str | None = None) -> Path 
     )
     if not volumes:
         return None
-    others = (p for p in folder.rglob("*") if p.is_file() and p not in volumes)
+    others = (p for p in files_under(folder) if p not in volumes)
     if any(is_dicom(p) for p in others):
         logger.info(
             "patient %s: the folder holds DICOM files: reading them, not %s",
@@ -182,6 +193,11 @@ def volume_in_folder(folder: str | Path, patient_id: str | None = None) -> Path 
 
 
 _REDIRECT_LOCK = threading.Lock()
+
+
+def _rounded(values: np.ndarray) -> list[float]:
+    """Values for a message, to 0.0001 mm."""
+    return np.round(np.asarray(values, dtype=np.float64), 4).tolist()
 
 
 class _NativeStderr:
@@ -251,16 +267,25 @@ class _Reader:
 
     def run(self, step: Callable[[], _T]) -> _T:
         """`step()`, a SimpleITK call, with its errors and printed complaints made one line."""
+        result, printed = self.run_collecting(step)
+        self.warn_printed(printed)
+        return result
+
+    def run_collecting(self, step: Callable[[], _T]) -> tuple[_T, str]:
+        """`step()` with its errors made one line; what SimpleITK printed is returned, for a
+        warning once the caller's own checks pass (an error of theirs says more)."""
         native = _NativeStderr()
         try:
             with native:
                 result = step()
         except RuntimeError as exc:
             raise self.itk_error(exc, native.text) from exc
-        if native.text:
+        return result, native.text
+
+    def warn_printed(self, printed: str) -> None:
+        if printed:
             logger.warning("patient %s: %s: SimpleITK: %s", self.patient, self.path.name,
-                           native.text)
-        return result
+                           printed)
 
     def check_nifti_length(self, reader: sitk.ImageFileReader) -> None:
         """Raise when a NIfTI file holds fewer bytes than its header promises.
@@ -321,7 +346,7 @@ class _Reader:
         reader = sitk.ImageFileReader()
         reader.SetImageIO(image_io)
         reader.SetFileName(str(self.path))
-        self.run(reader.ReadImageInformation)
+        _, printed = self.run_collecting(reader.ReadImageInformation)
         size = reader.GetSize()
         shape = "×".join(str(n) for n in size)
         if reader.GetDimension() != IMAGE_DIMENSION:
@@ -342,27 +367,68 @@ class _Reader:
             )
         if self.suffix in NIFTI_SUFFIXES:
             self.check_nifti_length(reader)
-            self.check_nifti_finite()
+            self.check_nifti(reader)
+        elif self.suffix == NRRD_SUFFIX and NRRD_SPACE_KEY not in reader.GetMetaDataKeys():
+            # SimpleITK takes identity directions and origin 0: left, anterior and up unknown.
+            raise self.error("expected the patient space in the NRRD header (a 'space:' field, "
+                             "e.g. left-posterior-superior), received none: its orientation "
+                             "is unknown")
+        self.warn_printed(printed)
         return reader
 
-    def check_nifti_finite(self) -> None:
-        """Raise when a floating-point NIfTI file stores NaN or infinite voxels.
+    def check_nifti(self, reader: sitk.ImageFileReader) -> None:
+        """Raise when a NIfTI file's geometry or values are not what SimpleITK would make of
+        them, read once more with nibabel (the header; the values only when stored as floats).
 
-        SimpleITK's NIfTI reader (2.5) returns them as 0, soft tissue, without a word (a NaN
-        outside the field of view became millions of 0 HU voxels), so the stored values of a
-        floating-point file are read once more here, with nibabel; integer storage cannot hold
-        them and costs nothing.
+        - Geometry: SimpleITK takes the spacing from pixdim and the directions and origin from
+          the sform (or the qform), and reads a file with neither coded as identity directions
+          at origin 0; an sform whose voxel sizes are not pixdim's then gave a volume resampled
+          from the wrong voxel size, with a warning only. The geometry SimpleITK read must be
+          the header's coded sform or qform.
+        - Values: SimpleITK (2.5) returns NaN and infinite voxels as 0, soft tissue, without a
+          word (a NaN outside the field of view became millions of 0 HU voxels); integer
+          storage cannot hold them and costs nothing.
         """
         import nibabel
 
         try:
             image = nibabel.load(self.path)
-            if image.get_data_dtype().kind != "f":
-                return
-            stored = np.asanyarray(image.dataobj.get_unscaled())
         except (nibabel.filebasedimages.ImageFileError, OSError, ValueError) as exc:
             raise self.error(f"expected a readable NIfTI file, received an error: {exc}") from exc
+        self.check_nifti_geometry(reader, image)
+        if image.get_data_dtype().kind != "f":
+            return
+        try:
+            stored = np.asanyarray(image.dataobj.get_unscaled())
+        except (OSError, ValueError) as exc:
+            raise self.error(f"expected a readable NIfTI file, received an error: {exc}") from exc
         self.check_finite(stored)
+
+    def check_nifti_geometry(self, reader: sitk.ImageFileReader, image) -> None:
+        """See `check_nifti`; `image` is nibabel's."""
+        coded = [(name, affine) for name, (affine, _) in (("sform", image.get_sform(coded=True)),
+                                                          ("qform", image.get_qform(coded=True)))
+                 if affine is not None]
+        if not coded:
+            raise self.error(
+                "expected the patient orientation in the NIfTI header (sform_code or "
+                "qform_code above 0), received neither: which way is left, anterior or up is "
+                "unknown (set the qform, e.g. with nibabel, or convert the file)"
+            )
+        direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(3, 3)
+        spacing = np.asarray(reader.GetSpacing(), dtype=np.float64)
+        origin = np.asarray(reader.GetOrigin(), dtype=np.float64)
+        read = np.column_stack([LPS_TO_RAS @ direction * spacing, LPS_TO_RAS @ origin])
+        if not any(np.allclose(read, affine[:3], rtol=0, atol=NIFTI_GEOMETRY_TOLERANCE_MM)
+                   for _, affine in coded):
+            name, affine = coded[0]
+            sizes = np.linalg.norm(affine[:3, :3], axis=0)
+            raise self.error(
+                f"expected the NIfTI header's pixdim and its coded {name} to agree, received "
+                f"voxel sizes {_rounded(spacing)} mm and origin {_rounded(read[:, 3])} mm (RAS) "
+                f"as read, against {_rounded(sizes)} mm and {_rounded(affine[:3, 3])} mm in the "
+                f"{name}: fix the header"
+            )
 
     def check_finite(self, values: np.ndarray) -> None:
         bad = np.count_nonzero(~np.isfinite(values))

@@ -1,0 +1,26 @@
+"""Every file under a patient folder, symlinked sub-folders included.
+
+`Path.rglob` (Python 3.11) does not descend into symlinked folders, so a patient folder built of
+links to series elsewhere read as empty, or silently without the linked series. `os.walk` with
+`followlinks=True` descends into them; a folder reached twice (a link loop, or two links to one
+series) is walked once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def files_under(folder: str | os.PathLike) -> list[Path]:
+    """The regular files (or links to them) anywhere under `folder`, sorted by path."""
+    seen: set[tuple[int, int]] = set()
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        stat = os.stat(root)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        found += [path for name in files if (path := Path(root, name)).is_file()]
+    return sorted(found)
