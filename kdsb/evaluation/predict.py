@@ -125,8 +125,7 @@ def load_classifiers(model_paths: Sequence[str | os.PathLike]) -> list[tuple[Vol
 
     Raises:
         UsageError: no model, or a model path that is neither a file nor a run folder.
-        ModelError: a model file does not load or is no kdsb classifier; a model gives a
-            patient NaN (a damaged or diverged model: nothing is written for it).
+        ModelError: a model file does not load or is no kdsb classifier.
         KdsbError: a classifier without its classifier.json (`VolumeInput.for_model`).
     """
     from kdsb.models.classifier import load_classifier
@@ -197,7 +196,8 @@ def predict_cohort(
     Raises:
         LabelsError: an id has no volume (checked before any model is loaded).
         UsageError: no model, a missing model file, a bad clip or TTA count.
-        ModelError: a model file does not load or is no kdsb classifier.
+        ModelError: a model file does not load or is no kdsb classifier; a model gives a
+            patient NaN (a damaged or diverged model: nothing is written for it).
         StoreError: a volume does not fit a model's `VolumeInput` (spacing, size; checked
             before any patient is scored).
     """

@@ -65,7 +65,15 @@ from pydicom.misc import is_dicom
 
 from kdsb.errors import VolumeFileError
 from kdsb.io.folders import files_under
-from kdsb.io.series import INT16_MAX, INT16_MIN, MIN_SLICES, MM_DECIMALS, CTSeries, patient_axis
+from kdsb.io.series import (
+    INT16_MAX,
+    INT16_MIN,
+    LPS_TO_RAS,
+    MIN_SLICES,
+    MM_DECIMALS,
+    CTSeries,
+    patient_axis,
+)
 from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, not_hounsfield
 
 if TYPE_CHECKING:
@@ -99,7 +107,6 @@ NRRD_SPACE_KEY = "NRRD_space"  # SimpleITK's key for the NRRD header's `space:` 
 # How far (mm, and mm per voxel step) SimpleITK's reading of a NIfTI geometry may lie from the
 # header's coded qform or sform: float32 rounding is ~1e-5 mm.
 NIFTI_GEOMETRY_TOLERANCE_MM = 1e-3
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 GZIP_CHUNK_BYTES = 16 * 1024**2  # read size when measuring a .nii.gz's decompressed length
 STDERR_FD = 2
 BITS_PER_BYTE = 8

@@ -21,10 +21,10 @@ from kdsb.errors import KdsbError, StoreError
 from kdsb.io import volumes
 from kdsb.io.atomic import atomic_path
 from kdsb.io.heatmaps import heatmap_path, read_heatmap
+from kdsb.io.series import LPS_TO_RAS
 
 NIFTI_SUFFIX = ".nii.gz"
 SCANNER_XFORM = 1  # NIfTI xform code: scanner-based anatomical coordinates
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 GEOMETRY_ATOL_MM = 1e-3  # a heatmap's grid must match its volume's to this, mm
 
 

@@ -23,6 +23,8 @@ MIN_SLICES = 2  # fewest voxels along any axis of a readable volume
 # this (the sine of its angle to that axis) counts as aligned with it (1e-3 ≈ 0.06°, under half a
 # pixel across a 512-pixel image).
 AXIS_ALIGNMENT_TOLERANCE = 1e-3
+# Patient coordinates: LPS (DICOM, kdsb) to RAS (NIfTI, nibabel) and back: x and y negated.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 MM_DECIMALS = 9  # spacing and origin rounded to 1e-9 mm: hides float noise (0.7000000000000001)
 
 
