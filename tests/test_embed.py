@@ -199,3 +199,11 @@ def test_a_patients_features_do_not_depend_on_the_other_files(cohort, monkeypatc
     table, failed = embed.embed_cohort(gmcae, {i: files[i] for i in wanted}, patches=4, seed=3)
     assert table.ids == ["p01", "p03", "p04"]
     assert list(failed) == ["p02"] and "expected finite GMCAE features" in failed["p02"]
+    # A volume gone since it was listed (a dangling link) fails alone too (found in review: its
+    # stat ended the run).
+    monkeypatch.undo()
+    gone = {**{i: files[i] for i in wanted[1:]}, "p99": files["p01"].with_name("p99.h5")}
+    table, failed = embed.embed_cohort(gmcae, gone, patches=4, seed=3)
+    assert table.ids == ["p02", "p03", "p04"]
+    assert failed == {"p99": f"{gone['p99']}: expected a volume file, received No such file or "
+                             "directory"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import h5py
 import numpy as np
@@ -273,6 +274,44 @@ def test_occlusion_cubes_are_cubes_in_mm_on_anisotropic_volumes(monkeypatch):
     explain.explain_patient([object()], [volume_input], "p1.h5", volume, method="occlusion",
                             occlusion_mm=24.0, stride_mm=16.0)
     assert seen == {"size": (10, 34, 34), "stride": (6, 23, 23)}
+
+
+def test_the_occlusion_peak_is_the_middle_of_the_hottest_block_not_its_corner():
+    """Found in review: an occlusion map is flat over the blocks its cubes share, and the first
+    voxel at the maximum, the block's low corner, was named the peak, 13 mm from the one voxel
+    whose occlusion lowers p here (60³ voxels of 1 mm, 24 mm cubes every 16 mm)."""
+    import types
+
+    import kdsb.evaluation.explain as explain
+
+    shape, spot = (60, 60, 60), (44, 35, 30)
+
+    def model(batch, training=False):  # p drops only when the spot is occluded
+        return np.array([[0.9 if batch[(0, *spot, 0)] == 1.0 else 0.6]])
+
+    volume_input = types.SimpleNamespace(read=lambda path: np.ones((*shape, 1), np.float32),
+                                         downscale=1, outside_hu=-1000.0,
+                                         hu_clip=(-1000.0, 400.0))
+    volume = types.SimpleNamespace(patient_id="p1", hu=np.zeros(shape, np.int16),
+                                   lung_mask=np.ones(shape, np.uint8), spacing=(1.0, 1.0, 1.0),
+                                   origin=(0.0, 0.0, 0.0))
+    found = explain.explain_patient([model], [volume_input], "p1.h5", volume,
+                                    method="occlusion", occlusion_mm=24.0, stride_mm=16.0)
+    assert found.heatmap[spot] == 1.0
+    assert math.dist(found.peak_index, spot) < 6.0, found.peak_index
+    # A map with one hottest voxel: that voxel.
+    single = np.zeros((5, 5, 5), np.float32)
+    single[1, 2, 3] = 1.0
+    assert explain.peak_voxel(single) == (1, 2, 3)
+
+
+def test_occlusion_sizes_must_be_positive_and_finite(cohort, tmp_path, capsys):
+    root, model, _ = cohort
+    for size in ("nan", "inf", "0"):
+        argv = ["explain", str(root), str(model), str(tmp_path / "out"), "--method",
+                "occlusion", "--occlusion-mm", size]
+        assert main(argv) == 2
+        assert "expected positive, finite occlusion sizes in mm" in capsys.readouterr().err
 
 
 def test_a_heatmap_zero_in_the_lungs_has_no_peak(cohort, tmp_path, monkeypatch, caplog):

@@ -136,7 +136,11 @@ def embed_cohort(
     for patient_id, path in tqdm(paths.items(), desc="embed", unit="patient", disable=None):
         # The patch sampling's seed is the patient's: a result holds for that seed only.
         own_seed = patient_seed(seed, patient_id)
-        stamp = [*volume_stamp(path), own_seed]
+        try:
+            stamp = [*volume_stamp(path), own_seed]
+        except OSError as error:  # a dangling link, a file removed since: this patient alone
+            failed[patient_id] = f"{path}: expected a volume file, received {error.strerror}"
+            continue
         done = journal.result(patient_id, stamp) if journal else None
         if done is not None:
             embedding, stats = np.array(done["embedding"]), np.array(done["nll"])

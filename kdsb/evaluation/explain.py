@@ -168,6 +168,25 @@ def gradcam(
     return cam[0].numpy().astype(np.float32), p, centres
 
 
+def peak_voxel(heatmap: np.ndarray) -> tuple[int, int, int]:
+    """The hottest voxel (z, y, x) of a heatmap: of the connected region at its maximum, the
+    voxel nearest that region's centre.
+
+    Occlusion maps are flat over blocks of voxels covered by the same cubes (8–24 per axis), and
+    Grad-CAM's beyond its outermost cell centres; the first voxel at the maximum (`np.argmax`)
+    was the block's low corner, 10–30 mm from the evidence (found in review).
+    """
+    from scipy import ndimage
+
+    first = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    plateau = heatmap == heatmap[first]
+    if np.count_nonzero(plateau) > 1:
+        labels, _ = ndimage.label(plateau)
+        voxels = np.argwhere(labels == labels[first])
+        first = voxels[np.argmin(((voxels - voxels.mean(axis=0)) ** 2).sum(axis=1))]
+    return tuple(int(i) for i in first)
+
+
 def occlusion(
     model: Any, x: np.ndarray, lung: np.ndarray, fill: float, size: Sequence[int],
     stride: Sequence[int],
@@ -298,13 +317,16 @@ def explain_patient(
         top = float(heatmap.max())
         maps.append(heatmap / top if top > 0 else heatmap)
         probabilities.append(p)
+    if not all(math.isfinite(p) for p in probabilities):
+        raise KdsbError(f"{patient_id}: expected a finite p(cancer), received {probabilities}")
     heatmap = np.mean(maps, axis=0).astype(np.float32)
     lung = volume.lung_mask > 0
     inside = np.where(lung, heatmap, -np.inf) if lung.any() else heatmap
-    peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(inside)), heatmap.shape))
-    peak_mm = tuple(float(o + i * s) for o, i, s in
-                    zip(volume.origin, peak, volume.spacing, strict=True))
-    if not inside.max() > 0:  # no region raised p(cancer): no peak, not the first voxel
+    if inside.max() > 0:
+        peak = peak_voxel(inside)
+        peak_mm = tuple(float(o + i * s) for o, i, s in
+                        zip(volume.origin, peak, volume.spacing, strict=True))
+    else:  # no region raised p(cancer): no peak, not the first voxel
         logger.warning("%s: the heatmap is zero throughout the lungs (no region raised "
                        "p(cancer)): no peak", patient_id)
         peak_mm = (math.nan,) * 3
@@ -313,8 +335,6 @@ def explain_patient(
 
         centre = ndimage.center_of_mass(lung) if lung.any() else np.array(lung.shape) / 2
         peak = tuple(int(round(c)) for c in centre)
-    if not all(math.isfinite(p) for p in probabilities):
-        raise KdsbError(f"{patient_id}: expected a finite p(cancer), received {probabilities}")
     # The ensemble's p(cancer) as `kdsb predict` gives it (without --tta): the mean logit.
     probability = ensemble_probability(probabilities)
     return Explanation(patient_id, heatmap, probability, peak, peak_mm)
@@ -386,8 +406,9 @@ def explain_cohort(
     model_paths = resolve_model_paths(model_paths)
     if method not in METHODS:
         raise UsageError(f"expected --method in {', '.join(METHODS)}, received {method!r}")
-    if min(occlusion_mm, stride_mm) <= 0:
-        raise UsageError(f"expected positive occlusion sizes in mm, received "
+    if not (math.isfinite(occlusion_mm) and math.isfinite(stride_mm)) or min(
+            occlusion_mm, stride_mm) <= 0:
+        raise UsageError(f"expected positive, finite occlusion sizes in mm, received "
                          f"{occlusion_mm} and {stride_mm}")
     order, files = resolve_ids(Path(data_dir), ids, ids_source)
     out_dir = Path(out_dir)
