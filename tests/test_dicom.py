@@ -229,6 +229,18 @@ def test_bigger_series_wins_regardless_of_order(tmp_path, hu):
     _assert_same(series, hu)
 
 
+def test_two_series_of_the_same_slices_are_a_warning(tmp_path, hu, caplog):
+    """Two reconstructions of one scan (e.g. two kernels) in one folder: one is kept by its
+    SeriesInstanceUID, arbitrary for the cohort, so it is said at warning level (review)."""
+    first = _write(tmp_path, hu, series_number=1)
+    second = _write(tmp_path, hu, series_number=2)
+    uids = sorted(pydicom.dcmread(paths[0]).SeriesInstanceUID for paths in (first, second))
+    with caplog.at_level(logging.WARNING, logger="kdsb.io.dicom"):
+        assert read_series(tmp_path).series_uid == uids[0]
+    assert (f"series {uids[0]} and {uids[1]} cover the same {hu.shape[0]} slice positions; kept "
+            f"{uids[0]}") in caplog.text
+
+
 def test_duplicate_slice_kept_once_with_warning(tmp_path, hu, caplog):
     paths = _write(tmp_path, hu)
     _copy_slice(paths[2], tmp_path / "copy.dcm", InstanceNumber=99)

@@ -312,6 +312,14 @@ def test_occlusion_sizes_must_be_positive_and_finite(cohort, tmp_path, capsys):
                 "occlusion", "--occlusion-mm", size]
         assert main(argv) == 2
         assert "expected positive, finite occlusion sizes in mm" in capsys.readouterr().err
+    # A run folder as OUT_DIR (`explain DATA runA runB`, OUT_DIR left out) is refused before
+    # anything is written there (found in review).
+    run = model.parent
+    before = sorted(run.iterdir())
+    assert main(["explain", str(root / "data"), str(model), str(run)]) == 2
+    assert (f"expected an OUT_DIR for the heatmaps, received {run}, the run folder of a trained "
+            "classifier (was OUT_DIR left out?)") in capsys.readouterr().err
+    assert sorted(run.iterdir()) == before
 
 
 def test_a_heatmap_zero_in_the_lungs_has_no_peak(cohort, tmp_path, monkeypatch, caplog):

@@ -402,6 +402,7 @@ def explain_cohort(
     from kdsb.io.atomic import remove_stale_temporaries
     from kdsb.io.heatmaps import heatmap_path, holds_volume, write_heatmap
     from kdsb.io.journal import SUFFIX, open_journal, volume_stamp
+    from kdsb.training.classifier import model_paths_of_run
 
     model_paths = resolve_model_paths(model_paths)
     if method not in METHODS:
@@ -412,6 +413,9 @@ def explain_cohort(
                          f"{occlusion_mm} and {stride_mm}")
     order, files = resolve_ids(Path(data_dir), ids, ids_source)
     out_dir = Path(out_dir)
+    if model_paths_of_run(out_dir):  # `explain DATA runA runB`: OUT_DIR left out
+        raise UsageError(f"expected an OUT_DIR for the heatmaps, received {out_dir}, the run "
+                         "folder of a trained classifier (was OUT_DIR left out?)")
     for patient_id in order:  # heatmaps are <id>.h5 too: never write one over a volume
         if holds_volume(target := heatmap_path(out_dir, patient_id)):
             raise UsageError(f"expected an OUT_DIR apart from the volumes, received {out_dir}, "

@@ -312,6 +312,16 @@ def _choose_series(patient: str, headers: list[_Header]) -> list[_Header]:
 
     ranked = sorted(candidates.items(), key=lambda item: (-n_positions(item[1]), item[0]))
     uid, chosen = ranked[0]
+    positions = n_positions(chosen)
+    tied = [other_uid for other_uid, other in ranked[1:] if n_positions(other) == positions]
+    if tied:  # two reconstructions of one scan (two kernels?): the choice is arbitrary
+        logger.warning(
+            "patient %s: series %s and %s cover the same %d slice positions; kept %s (the "
+            "smallest SeriesInstanceUID): give the patient one series to choose the other",
+            patient, uid or "without a SeriesInstanceUID",
+            ", ".join(t or "without a SeriesInstanceUID" for t in tied), positions,
+            uid or "the one without a SeriesInstanceUID",
+        )
     for other_uid, other in ranked[1:]:
         logger.info(
             "patient %s: dropped series %s (%d images; kept %s with %d)",
