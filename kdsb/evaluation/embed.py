@@ -139,7 +139,8 @@ def embed_cohort(
         try:
             stamp = [*volume_stamp(path), own_seed]
         except OSError as error:  # a dangling link, a file removed since: this patient alone
-            failed[patient_id] = f"{path}: expected a volume file, received {error.strerror}"
+            failed[patient_id] = (f"{path}: expected a volume file, received "
+                                  f"{error.strerror or error}")
             continue
         done = journal.result(patient_id, stamp) if journal else None
         if done is not None:

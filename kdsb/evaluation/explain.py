@@ -407,8 +407,7 @@ def explain_cohort(
     model_paths = resolve_model_paths(model_paths)
     if method not in METHODS:
         raise UsageError(f"expected --method in {', '.join(METHODS)}, received {method!r}")
-    if not (math.isfinite(occlusion_mm) and math.isfinite(stride_mm)) or min(
-            occlusion_mm, stride_mm) <= 0:
+    if not all(math.isfinite(mm) and mm > 0 for mm in (occlusion_mm, stride_mm)):
         raise UsageError(f"expected positive, finite occlusion sizes in mm, received "
                          f"{occlusion_mm} and {stride_mm}")
     order, files = resolve_ids(Path(data_dir), ids, ids_source)
