@@ -100,7 +100,8 @@ def _manifest(out: Path) -> dict[str, dict[str, str]]:
 
 # --- one scan in every format -----------------------------------------------------------------
 
-FORMATS = ("nifti", "nifti_permuted", "metaimage", "metaimage_single", "nrrd", "in_folder")
+FORMATS = ("nifti", "nifti_permuted", "metaimage", "metaimage_single", "nrrd", "nrrd_detached",
+           "in_folder")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,8 @@ def every_format(phantom, tmp_path_factory):
     # The outside-field value becomes air.
     padded = np.where(phantom.padding_mask[None], np.int16(OUTSIDE_FIELD_HU), hu)
     write_volume(root / "nrrd.nrrd", padded, spacing, origin, flips=(1,))
+    # A detached header (.nhdr) beside its data file (.raw): one patient.
+    write_volume(root / "nrrd_detached.nhdr", hu, spacing, origin, order=(1, 0, 2))
     (root / "in_folder").mkdir()
     write_volume(root / "in_folder" / "scan.nii.gz", hu, spacing, origin, flips=(2,))
     (root / "in_folder" / "notes.txt").write_text("not DICOM, not a volume")
@@ -208,8 +211,8 @@ def test_luna16_folder_uses_the_series_uid_as_id(phantom, tmp_path):
 
 
 def test_find_patients_lists_folders_and_volume_files(tmp_path):
-    for name in ("a.nii", "b.nii.gz", "c.mhd", "c.raw", "d.mha", "e.NRRD", "labels.csv",
-                 ".hidden.nii", "notes.txt"):
+    for name in ("a.nii", "b.nii.gz", "c.mhd", "c.raw", "d.mha", "e.NRRD", "g.nhdr", "g.raw.gz",
+                 "labels.csv", ".hidden.nii", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "f").mkdir()
     (tmp_path / ".git").mkdir()
@@ -218,7 +221,7 @@ def test_find_patients_lists_folders_and_volume_files(tmp_path):
     patients = find_patients(tmp_path, tmp_path / "out", tmp_path / "qc", None)
     assert patients == {pid: tmp_path / name for pid, name in [
         ("a", "a.nii"), ("b", "b.nii.gz"), ("c", "c.mhd"), ("d", "d.mha"), ("e", "e.NRRD"),
-        ("f", "f"),
+        ("f", "f"), ("g", "g.nhdr"),
     ]}
 
 
@@ -245,6 +248,8 @@ def test_dicom_files_in_the_input_root_itself_are_named(tmp_path, caplog):
     os.mkfifo(tmp_path / "fifo")  # nor a FIFO (opening it would block)
     assert find_patients(tmp_path) == {"p1": tmp_path / "p1"}
     assert "ignored 2 DICOM file(s) (IM0001, …) beside the patients" in caplog.text
+    # A patient folder's link whose target moved is named, not silently one patient less.
+    assert f"ignored gone, a link to a missing path ({tmp_path / 'nowhere'})" in caplog.text
     (tmp_path / "IM0002.dcm").unlink()
     caplog.clear()
     find_patients(tmp_path)

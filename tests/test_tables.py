@@ -29,6 +29,18 @@ def test_read_labels_keeps_file_order_and_accepts_swapped_columns(tmp_path):
     assert list(read_labels(path)) == ["b", "a", "c"]
 
 
+def test_read_labels_ignores_other_columns_with_a_note(tmp_path, caplog):
+    # Kaggle's solution files carry a Usage column beside id and cancer.
+    path = tmp_path / "solution.csv"
+    path.write_text("id,cancer,Usage\nx,1,Public\ny,0,Private\n")
+    with caplog.at_level(logging.INFO, logger="kdsb.io.tables"):
+        assert read_labels(path) == {"x": 1, "y": 0}
+    assert "column(s) Usage ignored" in caplog.text
+    path.write_text("id,cancer,Usage\nx,1\n")
+    with pytest.raises(LabelsError, match="line 2: expected 3 comma-separated values"):
+        read_labels(path)
+
+
 def test_read_labels_accepts_a_byte_order_mark(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_bytes("id,cancer\nx,1\n".encode("utf-8-sig"))
@@ -41,7 +53,6 @@ def test_read_labels_accepts_a_byte_order_mark(tmp_path):
         ("", "expected a header line, received an empty file"),
         ("a,1\nb,0\n", r"expected a header with column\(s\) id, cancer, received 'a,1'"),
         ("id,label\na,1\n", "missing cancer"),
-        ("id,cancer,extra\na,1,2\n", "expected exactly the columns id,cancer"),
         ("id,cancer\na,1\nb\n", "line 3: expected 2 comma-separated values, received 1"),
         ("id,cancer\na,1\nb,0\na,0\n", "line 4: expected each id once, received a again"),
         ("id,cancer\na,1\nb,2\n", "line 3: expected a label 0 or 1 for b, received '2'"),

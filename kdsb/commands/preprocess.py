@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "input_root", type=Path,
         help="folder with one entry per patient: a sub-folder (DICOM series, or one volume file) "
-        "named by the id, or a volume file (.nii, .nii.gz, .mhd with its .raw, .mha, .nrrd) "
+        "named by the id, or a volume file (.nii, .nii.gz, .mhd with its .raw, .mha, .nrrd, "
+        ".nhdr with its data file) "
         "whose name without its suffix is the id",
     )
     parser.add_argument("out_dir", type=Path, help="folder for <id>.h5 files and manifest.csv")

@@ -10,7 +10,7 @@ names its files by the series UID).
 
 Formats, by file name (case-insensitive): NIfTI (`.nii`, `.nii.gz`), MetaImage (`.mhd` header
 with its data file, usually `.raw`, or the single-file `.mha`: the LUNA16 layout) and NRRD
-(`.nrrd`). They are read with SimpleITK: one well-kept reader for all three formats that
+(`.nrrd`, or the detached `.nhdr` header with its data file). They are read with SimpleITK: one well-kept reader for all three formats that
 returns every image in LPS patient coordinates with its spacing, origin and direction matrix
 (the NIfTI sform/qform already converted from RAS), so one geometry path serves them all;
 nibabel would read NIfTI only, in RAS.
@@ -88,6 +88,7 @@ VOLUME_FORMATS = {
     ".mhd": ("MetaImage", "MetaImageIO"),
     ".mha": ("MetaImage", "MetaImageIO"),
     ".nrrd": ("NRRD", "NrrdImageIO"),
+    ".nhdr": ("NRRD", "NrrdImageIO"),  # detached header; the data file beside it
 }
 METAIMAGE_HEADER_SUFFIX = ".mhd"
 DATA_FILE_KEY = "ElementDataFile"  # the MetaImage header field naming the data file
@@ -102,7 +103,7 @@ IMAGE_AXES = "ijk"  # names of the file's index axes in messages (i fastest, as 
 BINARY_FRACTION_SCALE = 4096
 NIFTI_GZIP_SUFFIX = ".nii.gz"
 NIFTI_SUFFIXES = (".nii", NIFTI_GZIP_SUFFIX)
-NRRD_SUFFIX = ".nrrd"
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
 NRRD_SPACE_KEY = "NRRD_space"  # SimpleITK's key for the NRRD header's `space:` field
 # How far (mm, and mm per voxel step) SimpleITK's reading of a NIfTI geometry may lie from the
 # header's coded qform or sform: float32 rounding is ~1e-5 mm.
@@ -117,8 +118,8 @@ _ITK_REASON = re.compile(r"ERROR:\s*(?:\w+\(0x[0-9a-fA-F]+\):\s*)?(?P<reason>.*)
 
 
 def volume_suffix(path: str | Path) -> str | None:
-    """The volume-file suffix of `path` (".nii.gz", ".nii", ".mhd", ".mha", ".nrrd"), lower case;
-    None when the name is not that of a volume file (a `.raw` data file is not)."""
+    """The volume-file suffix of `path` (".nii.gz", ".nii", ".mhd", ".mha", ".nrrd", ".nhdr"),
+    lower case; None when the name is not that of a volume file (a `.raw` data file is not)."""
     name = Path(path).name.lower()
     return next((suffix for suffix in VOLUME_FORMATS if name.endswith(suffix)), None)
 
@@ -375,7 +376,7 @@ class _Reader:
         if self.suffix in NIFTI_SUFFIXES:
             self.check_nifti_length(reader)
             self.check_nifti(reader)
-        elif self.suffix == NRRD_SUFFIX and NRRD_SPACE_KEY not in reader.GetMetaDataKeys():
+        elif self.suffix in NRRD_SUFFIXES and NRRD_SPACE_KEY not in reader.GetMetaDataKeys():
             # SimpleITK takes identity directions and origin 0: left, anterior and up unknown.
             raise self.error("expected the patient space in the NRRD header (a 'space:' field, "
                              "e.g. left-posterior-superior), received none: its orientation "
@@ -539,7 +540,8 @@ def read_image(path: str | Path, patient_id: str | None = None) -> CTSeries:
     """Read a NIfTI, MetaImage or NRRD file as one canonical int16 HU volume.
 
     Args:
-        path: the volume file (`.nii`, `.nii.gz`, `.mhd` with its data file, `.mha`, `.nrrd`).
+        path: the volume file (`.nii`, `.nii.gz`, `.mhd` with its data file, `.mha`, `.nrrd`,
+            `.nhdr` with its data file).
         patient_id: the name used in messages; the file name without its suffix if None.
 
     Returns:

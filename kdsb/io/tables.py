@@ -1,9 +1,10 @@
 """The Kaggle `id,cancer` CSV files: labels, submissions (predictions) and id lists.
 
-A labels CSV has a header naming the columns `id` and `cancer` (any order, no other columns) and
-one row per patient with `cancer` either 0 or 1. A submission CSV has the same columns with a
-probability in [0, 1]. A sample-submission CSV used as an id list only needs an `id` column; its
-other columns are ignored.
+A labels CSV has a header naming the columns `id` and `cancer` (any order; other columns, such as
+the `Usage` column of Kaggle's solution files, are ignored with a note) and one row per patient
+with `cancer` either 0 or 1. A submission CSV has the same columns with a probability in [0, 1].
+A sample-submission CSV used as an id list only needs an `id` column; its other columns are
+ignored.
 
 Which mismatches are errors (for `kdsb train-classifier`):
 
@@ -97,8 +98,8 @@ def read_labels(csv_path: str | os.PathLike) -> dict[str, int]:
         A dict from patient id to its label.
 
     Raises:
-        LabelsError: the file is missing or unreadable, has no header with exactly the columns
-            `id` and `cancer` (each once), a row with another number of cells, an empty or
+        LabelsError: the file is missing or unreadable, has no header with the columns `id`
+            and `cancer` (each column once), a row with another number of cells, an empty or
             duplicate id or one that cannot name a file, or a label other than 0 or 1 (the
             message names the line and the value).
     """
@@ -107,7 +108,7 @@ def read_labels(csv_path: str | os.PathLike) -> dict[str, int]:
         lambda text: VALID_LABELS.get(text),
         expected="a label 0 or 1",
         nothing="labelled patient",
-        exact_columns=True,
+        note_other_columns=True,
     )
 
 
@@ -229,7 +230,7 @@ def _read_id_values(
     *,
     expected: str,
     nothing: str,
-    exact_columns: bool = False,
+    note_other_columns: bool = False,
 ) -> dict[str, Any]:
     """Read an `id,cancer` CSV into patient id → `parse(cancer cell)`, in file order.
 
@@ -238,7 +239,7 @@ def _read_id_values(
         parse: the cell's text → its value, or None when the text is not acceptable.
         expected: what an acceptable cell is, for the error message ("a label 0 or 1").
         nothing: what a row holds, for the message when there are none ("prediction").
-        exact_columns: refuse columns other than `id` and `cancer`.
+        note_other_columns: log which columns other than `id` and `cancer` are ignored.
 
     Raises:
         LabelsError: naming the file, and the line and value where one is at fault.
@@ -246,10 +247,10 @@ def _read_id_values(
     csv_path = Path(csv_path)
     rows = _open_rows(csv_path)
     header = _header_index(csv_path, rows, LABEL_COLUMNS)
-    if exact_columns and len(header) != len(LABEL_COLUMNS):
-        raise LabelsError(
-            f"{csv_path}: expected exactly the columns id,cancer, received {','.join(header)!r}"
-        )
+    others = [name for name in header if name not in LABEL_COLUMNS]
+    if note_other_columns and others:
+        logger.info("%s: column(s) %s ignored (only id and cancer are read)", csv_path,
+                    ", ".join(others))
     id_at, value_at = header.index(ID_COLUMN), header.index(LABEL_COLUMN)
     values: dict[str, Any] = {}
     for line, row in rows[1:]:  # line numbers of the file, blank lines counted

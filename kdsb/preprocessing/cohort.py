@@ -108,10 +108,11 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
 
     Each visible entry of `input_root` is one patient: a sub-folder (a DICOM series, or a folder
     holding one volume file), whose name is the id, or a volume file (NIfTI `.nii`/`.nii.gz`,
-    MetaImage `.mhd`/`.mha`, NRRD `.nrrd`), whose name without that suffix is the id. The data
-    file beside a `.mhd` header (its `.raw`) is not a patient; other files (labels.csv, …) and
-    hidden entries are ignored. The run's own output folders (`outputs`: OUT_DIR, the QC
-    folder) are left out when they lie inside `input_root`.
+    MetaImage `.mhd`/`.mha`, NRRD `.nrrd`/`.nhdr`), whose name without that suffix is the id. The
+    data file beside a `.mhd` or `.nhdr` header (its `.raw`) is not a patient; other files
+    (labels.csv, …) and hidden entries are ignored (a link to a missing path with a warning).
+    The run's own output folders (`outputs`: OUT_DIR, the QC folder) are left out when they lie
+    inside `input_root`.
 
     Raises:
         UsageError: `input_root` is missing, not a folder, holds no patient, or holds two
@@ -128,6 +129,11 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     loose_dicom = []  # DICOM files lying in input_root itself: never a patient
     for path in sorted(input_root.iterdir()):
         if path.name.startswith("."):
+            continue
+        if path.is_symlink() and not path.exists() and volume_id(path) is None:
+            # Most likely a patient folder's link whose target moved: not silently one less.
+            logger.warning("%s: ignored %s, a link to a missing path (%s)", input_root,
+                           path.name, os.readlink(path))
             continue
         if path.is_dir():
             patient_id = path.name if path.resolve() not in skip else None
