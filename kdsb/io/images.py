@@ -10,10 +10,10 @@ names its files by the series UID).
 
 Formats, by file name (case-insensitive): NIfTI (`.nii`, `.nii.gz`), MetaImage (`.mhd` header
 with its data file, usually `.raw`, or the single-file `.mha`: the LUNA16 layout) and NRRD
-(`.nrrd`, or the detached `.nhdr` header with its data file). They are read with SimpleITK: one well-kept reader for all three formats that
-returns every image in LPS patient coordinates with its spacing, origin and direction matrix
-(the NIfTI sform/qform already converted from RAS), so one geometry path serves them all;
-nibabel would read NIfTI only, in RAS.
+(`.nrrd`, or the detached `.nhdr` header with its data file). They are read with SimpleITK: one
+well-kept reader for all three formats that returns every image in LPS patient coordinates with
+its spacing, origin and direction matrix (the NIfTI sform/qform already converted from RAS), so
+one geometry path serves them all; nibabel would read NIfTI only, in RAS.
 
 How the volume is checked and made canonical:
 
