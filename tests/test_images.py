@@ -333,6 +333,19 @@ def _truncated(path: Path) -> Path:
     return path
 
 
+def _truncated_raw(path: Path) -> Path:
+    """A `.mhd` whose `.raw` data file holds half its voxels."""
+    write_volume(path, np.zeros((8, 32, 32), np.int16), (1, 1, 1), (0, 0, 0))
+    raw = path.with_suffix(".raw")
+    raw.write_bytes(raw.read_bytes()[: 8 * 32 * 32])
+    return path
+
+
+def _garbage_header(path: Path) -> Path:
+    path.write_bytes(b"not a MetaImage header\n" * 4)
+    return path
+
+
 def _nifti(path: Path, qform_code: int, sform_code: int, pixdim=(0.7, 0.7, 2.5),
            values: np.ndarray = SMALL) -> Path:
     """`values` (z, y, x) as a NIfTI file (x, y, z voxel axes, RAS) of 0.7 × 0.7 × 2.5 mm
@@ -406,7 +419,18 @@ BAD_FILES = {
                 "expected 16736 bytes of NIfTI header and voxels, received 8368"),
     "cut_nii_gz": (_truncated, "cut_nii_gz.nii.gz",
                    "expected a complete gzip-compressed NIfTI file, received a truncated"),
-    "cut_mha": (_truncated, "cut_mha.mha", "data not read completely"),
+    "cut_mha": (_truncated, "cut_mha.mha",
+                "expected 16384 bytes of voxels, received 8045: the MetaImage data is truncated"),
+    "cut_raw": (_truncated_raw, "cut_raw.mhd", "expected 16384 bytes of voxels, received 8192: "
+                                               "the MetaImage data file cut_raw.raw is truncated"),
+    # Found in review: said "truncated or corrupt"; and MetaImage errors carried a stale errno.
+    "not_gzipped": (lambda p: write_volume(p.with_name("plain.nii"), SMALL, (1, 1, 1),
+                                           (0, 0, 0)).rename(p), "not_gzipped.nii.gz",
+                    "expected gzip-compressed data (the .nii.gz suffix), received an "
+                    "uncompressed file: name it .nii or compress it"),
+    "garbage_mha": (_garbage_header, "garbage_mha.mha",
+                    "garbage_mha.mha for reading (Incomplete file record definition NDims "
+                    "required and not defined."),
 }
 
 

@@ -115,6 +115,12 @@ _T = TypeVar("_T")
 # "…ITK ERROR: MetaImageIO(0x55…): File cannot be read…" or "…sitk::ERROR: Unable to…":
 # the reason without SimpleITK's source location and object address.
 _ITK_REASON = re.compile(r"ERROR:\s*(?:\w+\(0x[0-9a-fA-F]+\):\s*)?(?P<reason>.*)", re.DOTALL)
+# ITK's "… Reason: <strerror(errno)>": errno left over from an earlier call ("Inappropriate
+# ioctl for device"), dropped when the format's library printed the real reason.
+_STALE_ERRNO = re.compile(r"\s*Reason: [^(]*$")
+# MetaIO's complaint of a data file shorter than its header promises, in bytes.
+_METAIMAGE_SHORT = re.compile(r"data not read completely ideal = (\d+) : actual = (\d+)")
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def volume_suffix(path: str | Path) -> str | None:
@@ -268,8 +274,17 @@ class _Reader:
         printed (`native`)."""
         found = _ITK_REASON.search(str(exc))
         reason = " ".join((found["reason"] if found else str(exc)).split())
+        short = _METAIMAGE_SHORT.search(native)
+        if short:
+            header = self.suffix == METAIMAGE_HEADER_SUFFIX
+            data = metaimage_data_file(self.path) if header else None
+            where = f"data file {data.name}" if data is not None else "data"
+            return self.error(
+                f"expected {short[1]} bytes of voxels, received {short[2]}: the MetaImage "
+                f"{where} is truncated"
+            )
         if native:
-            reason = f"{reason} ({native})"
+            reason = f"{_STALE_ERRNO.sub('', reason).rstrip('. ')} ({native})"
         format_name = VOLUME_FORMATS[self.suffix][0]
         return self.error(f"expected a readable {format_name} file, received an error: {reason}")
 
@@ -307,6 +322,12 @@ class _Reader:
         bytes_per_voxel = int(reader.GetMetaData("bitpix")) // BITS_PER_BYTE
         needed = int(float(reader.GetMetaData("vox_offset"))) + voxels * bytes_per_voxel
         if self.suffix == NIFTI_GZIP_SUFFIX:
+            with open(self.path, "rb") as f:
+                if f.read(len(GZIP_MAGIC)) != GZIP_MAGIC:
+                    raise self.error(
+                        f"expected gzip-compressed data (the {NIFTI_GZIP_SUFFIX} suffix), "
+                        f"received an uncompressed file: name it .nii or compress it"
+                    )
             available = 0
             try:
                 with gzip.open(self.path) as f:
