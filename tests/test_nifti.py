@@ -16,8 +16,8 @@ SPACING = (2.5, 0.8, 0.7)  # (z, y, x) mm
 ORIGIN = (-310.0, 25.5, -170.25)  # LPS (z, y, x) mm of voxel [0, 0, 0]
 
 
-def _volume(tmp_path, patient_id="p1", shape=(6, 7, 8)):
-    rng = np.random.default_rng(0)
+def _volume(tmp_path, patient_id="p1", shape=(6, 7, 8), seed=0):
+    rng = np.random.default_rng(seed)
     hu = rng.integers(-1000, 400, size=shape).astype(np.int16)
     mask = (rng.random(shape) > 0.5).astype(np.uint8)
     path = volumes.write_volume(volumes.volume_path(tmp_path / "data", patient_id), hu, mask,
@@ -97,6 +97,31 @@ def test_a_bad_patient_fails_alone_with_a_one_line_reason(tmp_path, capsys, prob
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"p1_hu.nii.gz", "p1_lung_mask.nii.gz", "p1_heatmap.nii.gz"} <= written
     assert not any(name.startswith(".tmp-") for name in written)
+
+
+def test_a_failed_write_leaves_the_patients_files_as_they_were(tmp_path, capsys, monkeypatch):
+    """Found in review: a write that failed after the HU file left a new volume beside the
+    previous export's mask. Now every file is written before any is renamed into place."""
+    _volume(tmp_path, "p1")
+    out = tmp_path / "out"
+    assert main(["export", str(tmp_path / "data"), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _volume(tmp_path, "p1", seed=1)  # new values: a rerun would change both files
+    saves = []
+
+    def save_then_fail(image, path):  # the disk fills up on the second file
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(image, path)
+
+    real_save = nib.save
+    monkeypatch.setattr(nib, "save", save_then_fail)
+    assert main(["export", str(tmp_path / "data"), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "failed: p1: expected to write its NIfTI files into" in err
+    assert "No space left on device" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp left either
 
 
 def test_missing_data_dir_is_a_usage_error(tmp_path, capsys):

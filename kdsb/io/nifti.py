@@ -10,8 +10,9 @@ overlay each other. Written with nibabel (qform and sform both "scanner", units 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,24 +42,26 @@ def ras_affine(spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
     return affine
 
 
-def write_nifti(
-    path: str | os.PathLike,
-    array: np.ndarray,
+def write_nifti_set(
+    arrays: Mapping[str | os.PathLike, np.ndarray],
     spacing: Sequence[float],
     origin: Sequence[float],
-) -> Path:
-    """Write a (z, y, x) array as a NIfTI-1 file (atomically) with its RAS affine."""
+) -> list[Path]:
+    """Write path → (z, y, x) array as NIfTI-1 files on one grid, as a set: every file is
+    written to its temporary before any is renamed into place, so a failed write (a full disk)
+    leaves each target as it was, never a new volume beside an old mask."""
     import nibabel as nib
 
     affine = ras_affine(spacing, origin)
-    image = nib.Nifti1Image(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)), affine)
-    image.set_qform(affine, code=SCANNER_XFORM)
-    image.set_sform(affine, code=SCANNER_XFORM)
-    image.header.set_xyzt_units(xyz="mm")
-    path = Path(path)
-    with atomic_path(path) as temp:
-        nib.save(image, temp)
-    return path
+    with contextlib.ExitStack() as renames:  # on leaving: every rename, or every temp removed
+        for path, array in arrays.items():
+            data = np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0))
+            image = nib.Nifti1Image(data, affine)
+            image.set_qform(affine, code=SCANNER_XFORM)
+            image.set_sform(affine, code=SCANNER_XFORM)
+            image.header.set_xyzt_units(xyz="mm")
+            nib.save(image, renames.enter_context(atomic_path(path)))
+    return [Path(path) for path in arrays]
 
 
 def export_patient(
@@ -68,10 +71,12 @@ def export_patient(
     heatmaps_dir: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Write `<id>_hu.nii.gz`, `<id>_lung_mask.nii.gz` and, with `heatmaps_dir`,
-    `<id>_heatmap.nii.gz` into `out_dir`; returns the files written.
+    `<id>_heatmap.nii.gz` into `out_dir` (all or none: `write_nifti_set`); returns the files
+    written.
 
     Raises:
-        StoreError: an unreadable volume or heatmap file, or a heatmap on another grid.
+        StoreError: an unreadable volume or heatmap file, a heatmap on another grid, or a
+            write that failed.
     """
     volume = volumes.read_volume(volume_file)
     out_dir = Path(out_dir)
@@ -88,14 +93,17 @@ def export_patient(
                 f"spacing {volume.spacing}, origin {volume.origin}; received {heatmap.shape}, "
                 f"spacing {spacing}, origin {origin}"
             )
-    written = [
-        write_nifti(out_dir / f"{patient_id}_hu{NIFTI_SUFFIX}", volume.hu, *grid),
-        write_nifti(out_dir / f"{patient_id}_lung_mask{NIFTI_SUFFIX}",
-                    volume.lung_mask.astype(np.uint8), *grid),
-    ]
+    arrays = {
+        out_dir / f"{patient_id}_hu{NIFTI_SUFFIX}": volume.hu,
+        out_dir / f"{patient_id}_lung_mask{NIFTI_SUFFIX}": volume.lung_mask.astype(np.uint8),
+    }
     if heatmap is not None:
-        written.append(write_nifti(out_dir / f"{patient_id}_heatmap{NIFTI_SUFFIX}", heatmap, *grid))
-    return written
+        arrays[out_dir / f"{patient_id}_heatmap{NIFTI_SUFFIX}"] = heatmap
+    try:
+        return write_nifti_set(arrays, *grid)
+    except OSError as error:  # a full or read-only disk: this patient fails, its files as they were
+        raise StoreError(f"{patient_id}: expected to write its NIfTI files into {out_dir}, "
+                         f"received an error: {error}") from error
 
 
 def export_cohort(
