@@ -312,6 +312,10 @@ def test_occlusion_sizes_must_be_positive_and_finite(cohort, tmp_path, capsys):
                 "occlusion", "--occlusion-mm", size]
         assert main(argv) == 2
         assert "expected positive, finite occlusion sizes in mm" in capsys.readouterr().err
+    # Steps wider than the cubes would leave lung no cube covers (found in review: zeros).
+    assert main(["explain", str(root), str(model), str(tmp_path / "out"), "--method",
+                 "occlusion", "--occlusion-mm", "8", "--stride-mm", "12"]) == 2
+    assert "expected --stride-mm at most --occlusion-mm" in capsys.readouterr().err
     # A run folder as OUT_DIR (`explain DATA runA runB`, OUT_DIR left out) is refused before
     # anything is written there (found in review).
     run = model.parent

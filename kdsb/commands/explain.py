@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--occlusion-mm", type=float, default=DEFAULT_OCCLUSION_MM,
                         help="occlusion cube edge, mm")
     parser.add_argument("--stride-mm", type=float, default=DEFAULT_STRIDE_MM,
-                        help="occlusion step, mm")
+                        help="occlusion step, mm (at most the cube edge)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -410,6 +410,10 @@ def explain_cohort(
     if not all(math.isfinite(mm) and mm > 0 for mm in (occlusion_mm, stride_mm)):
         raise UsageError(f"expected positive, finite occlusion sizes in mm, received "
                          f"{occlusion_mm} and {stride_mm}")
+    if stride_mm > occlusion_mm:
+        # The cubes would leave lung between them that no occlusion covers: a map of 0 there.
+        raise UsageError(f"expected --stride-mm at most --occlusion-mm (cubes that overlap or "
+                         f"touch), received {stride_mm} > {occlusion_mm}")
     order, files = resolve_ids(Path(data_dir), ids, ids_source)
     out_dir = Path(out_dir)
     if model_paths_of_run(out_dir):  # `explain DATA runA runB`: OUT_DIR left out
