@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -72,6 +74,24 @@ def test_bad_input_is_refused():
         with pytest.raises(KdsbError, match=r"expected probabilities in \[0, 1\] for "
                                             r"calibration, received 1 other value"):
             fit_calibration([0, 1, 0], [0.5, bad, 0.2], "platt")
+
+
+def test_a_fit_that_stops_before_converging_is_a_warning(monkeypatch, caplog):
+    """Found in review: L-BFGS-B's success flag was never read."""
+    from kdsb.models import calibration
+
+    y, p = _overconfident(400)
+    real = calibration.minimize
+    monkeypatch.setattr(calibration, "minimize",
+                        lambda *args, **kwargs: real(*args, options={"maxiter": 1}, **kwargs))
+    with caplog.at_level(logging.WARNING, logger="kdsb.models.calibration"):
+        fit_calibration(y, p, "platt")
+    assert "the platt calibration fit on 400 patients stopped before converging" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(calibration, "minimize", real)
+    with caplog.at_level(logging.WARNING, logger="kdsb.models.calibration"):
+        fit_calibration(y, p, "platt")
+    assert caplog.text == ""
 
 
 def test_the_layer_matches_numpy_and_travels_in_the_saved_model(tmp_path):

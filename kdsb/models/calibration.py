@@ -22,6 +22,7 @@ and every tool that loads the model (predict, explain) applies it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import keras
@@ -30,6 +31,8 @@ from keras import ops
 from scipy.optimize import minimize
 
 from kdsb.errors import KdsbError
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("platt", "temperature", "none")
 CALIBRATION_LAYER = "calibration"
@@ -115,6 +118,9 @@ def fit_calibration(y, p, method: str = "platt") -> Calibration:
     start = np.array([1.0, 0.0] if method == "platt" else [1.0])
     bounds = [SLOPE_BOUNDS, (None, None)] if method == "platt" else [SLOPE_BOUNDS]
     result = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=bounds)
+    if not result.success:  # convex and smoothed: not seen, but a map must not pass unnoticed
+        logger.warning("the %s calibration fit on %d patients stopped before converging (%s); "
+                       "its map is kept as it stood", method, y.size, result.message)
     slope = 1.0 if one_class else float(result.x[0])
     intercept = float(result.x[1]) if method == "platt" else 0.0
     return Calibration(slope=slope, intercept=intercept)
