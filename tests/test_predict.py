@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
 import pytest
 
@@ -225,6 +228,25 @@ def test_a_model_that_gives_nan_fails_naming_the_volume_and_writes_nothing(
                                          r"model\(s\), received \d+ NaN of \d+ \("):
         predict_cohort(data, models[:2], out_csv=out)
     assert not out.exists()
+
+
+def test_tta_warns_of_a_model_trained_without_augmentation(cohort, tmp_path, caplog):
+    """Found in review: --tta applied all 48 symmetries to a --no-augment model unremarked."""
+    import shutil
+
+    from kdsb.evaluation.predict import warn_unaugmented
+
+    run = tmp_path / "run"
+    shutil.copytree(cohort[1][0].parent, run)
+    model = run / "classifier.keras"
+    with caplog.at_level(logging.WARNING, logger="kdsb.evaluation.predict"):
+        warn_unaugmented([model])  # no config.json: nothing known, nothing said
+        (run / "config.json").write_text(json.dumps({"augment": True}))
+        warn_unaugmented([model])
+        assert caplog.text == ""
+        (run / "config.json").write_text(json.dumps({"augment": False}))
+        predict_cohort(cohort[0], [model], ids=["a"], tta=True, tta_count=2)
+    assert f"--tta: {model} was trained without augmentation (--no-augment" in caplog.text
 
 
 def test_tta_symmetries():

@@ -140,7 +140,7 @@ class VolumeInput:
                 any spacing, normalised and masked by guess), or one that is not valid JSON or
                 lacks a required key.
         """
-        found = _record_beside(model_path, INPUT_NAME, levels=3)
+        found = record_beside(model_path, INPUT_NAME, levels=3)
         if found is None:
             raise KdsbError(
                 f"expected {INPUT_NAME} beside {model_path} (how the model reads a volume: "
@@ -273,7 +273,7 @@ def gmcae_spacing_of(model_path: str | os.PathLike) -> tuple[float, float, float
     Raises:
         KdsbError: gmcae.json is not valid JSON or has no valid `spacing_mm`.
     """
-    found = _record_beside(model_path, GMCAE_INPUT_NAME)
+    found = record_beside(model_path, GMCAE_INPUT_NAME)
     if found is not None:
         path, record = found
         try:
@@ -289,7 +289,7 @@ def gmcae_spacing_of(model_path: str | os.PathLike) -> tuple[float, float, float
     return None
 
 
-def _record_beside(model_path: str | os.PathLike, name: str, levels: int = 2
+def record_beside(model_path: str | os.PathLike, name: str, levels: int = 2
                    ) -> tuple[Path, Any] | None:
     """(path, parsed JSON) of the record `name` saved beside a model: in its folder (the run
     folder), else in up to `levels` - 1 folders above, climbing only out of a run's own

@@ -205,6 +205,8 @@ def predict_cohort(
     if not 0.0 <= clip < 0.5:
         raise UsageError(f"expected --clip in [0, 0.5), received {clip}")
     symmetries = tta_symmetries(tta, tta_count)
+    if len(symmetries) > 1:
+        warn_unaugmented(model_paths)
     data_dir = Path(data_dir)
     order, volumes = resolve_ids(data_dir, ids, ids_source)
     loaded, models = load_fingerprinted(model_paths)
@@ -242,6 +244,20 @@ def predict_cohort(
             write_predictions(out_csv, predictions)
             journal.finish()
     return predictions
+
+
+def warn_unaugmented(model_paths: Sequence[Path]) -> None:
+    """Warn of each model whose run's options (`config.json`) say it trained without cube
+    symmetries (`--no-augment`): test-time augmentation shows it orientations it never saw."""
+    from kdsb.data.inputs import record_beside
+    from kdsb.training.runs import OPTIONS_NAME
+
+    for path in model_paths:
+        found = record_beside(path, OPTIONS_NAME, levels=3)
+        if found is not None and isinstance(found[1], dict) and found[1].get("augment") is False:
+            logger.warning("--tta: %s was trained without augmentation (--no-augment, %s): "
+                           "the cube symmetries show it orientations it never saw", path,
+                           found[0])
 
 
 def load_fingerprinted(model_paths: Sequence[Path]) -> tuple[list[tuple[VolumeInput, Any]], list]:
