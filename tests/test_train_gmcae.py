@@ -132,6 +132,23 @@ def test_reconstructions_resemble_their_patches(trained_run, data_dir):
     assert np.median(correlations) > 0.4
 
 
+def test_validation_patches_do_not_depend_on_the_core_count(data_dir, monkeypatch):
+    """Found in review: the validation set came from the training stream, whose interleave
+    follows os.cpu_count(): a run resumed on another machine validated on other patches."""
+    options = GmcaeOptions(patch_size=16, batch_size=8, validation_steps=3, patches_per_volume=4)
+    paths = sorted(data_dir.glob("*.h5"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    two = validation_patches(paths, options)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    sixteen = validation_patches(paths, options)
+    assert two.shape == (24, 16, 16, 16, 1) and two.dtype == np.float32
+    np.testing.assert_array_equal(two, sixteen)
+    other = validation_patches(paths, GmcaeOptions(patch_size=16, batch_size=8,
+                                                   validation_steps=3, patches_per_volume=4,
+                                                   seed=1))
+    assert not np.array_equal(two, other)
+
+
 @pytest.fixture
 def used_run(data_dir, tmp_path) -> Path:
     """A run folder as a killed run leaves it: its options and a checkpoint of epoch 1.

@@ -229,6 +229,7 @@ def patch_dataset(
     num_parallel_calls: int | None = None,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     min_lung_fraction: float = patches.DEFAULT_MIN_LUNG_FRACTION,
+    cycle_length: int | None = None,
 ):
     """The GMCAE's input: batches of normalised 3D patches, streamed from volume files.
 
@@ -251,6 +252,9 @@ def patch_dataset(
         num_parallel_calls: parallel volume visits; default tf.data.AUTOTUNE.
         shuffle_buffer: patches in the shuffle buffer (0 or 1 disables shuffling).
         min_lung_fraction: see `kdsb.data.patches.sample_patch_corners`.
+        cycle_length: volumes visited at once, interleaved; default one per core (at least 2).
+            The patches' order, and so which patches come first, depends on it: pass a number
+            for a stream that must be the same on every machine.
 
     Returns:
         tf.data.Dataset of (x, x), x float32 (batch, P, P, P, 1); the GMCAE's loss takes the
@@ -298,7 +302,7 @@ def patch_dataset(
         ds = ds.repeat()
     ds = ds.enumerate().interleave(
         load,
-        cycle_length=min(len(paths), max(2, os.cpu_count() or 1)),
+        cycle_length=min(len(paths), cycle_length or max(2, os.cpu_count() or 1)),
         num_parallel_calls=parallel,
         deterministic=True,
     )

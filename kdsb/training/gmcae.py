@@ -47,6 +47,7 @@ RECONSTRUCTION_ROWS = 4
 MIN_VOLUMES = 2  # one for training, one for validation
 # Validation patches come from their own seeded stream, apart from the training stream.
 VALIDATION_SEED_OFFSET = 1_000_003
+VALIDATION_CYCLE = 2  # volumes interleaved for the validation patches, on any machine
 SAMPLINGS = ("lung", "grid")
 PATCH_CACHE_DIR = ".patch_cache"  # hidden: volume listings skip it
 # kdsb.models.gmcae.DECODERS and DEFAULT_DECODER and kdsb.models.layers.DEFAULT_VARIANCE_FLOOR,
@@ -179,7 +180,10 @@ def training_stream(paths: list[Path], data_dir: Path, options: GmcaeOptions, se
 
 
 def validation_patches(paths: list[Path], options: GmcaeOptions):
-    """A fixed array (n, P, P, P, 1) of un-augmented validation patches (normalised HU)."""
+    """A fixed array (n, P, P, P, 1) of un-augmented validation patches (normalised HU): the
+    first `validation_steps` batches of a stream visiting `VALIDATION_CYCLE` volumes at once,
+    so that every machine (a run resumed elsewhere, each worker of a multi-worker run) gets the
+    same patches; the training stream's cycle follows the core count."""
     import numpy as np
 
     from kdsb.data.datasets import patch_dataset
@@ -193,6 +197,7 @@ def validation_patches(paths: list[Path], options: GmcaeOptions):
         augment=False,
         seed=options.seed + VALIDATION_SEED_OFFSET,
         repeat=True,
+        cycle_length=VALIDATION_CYCLE,
     )
     batches = [x.numpy() for x, _ in stream.take(options.validation_steps)]
     return np.concatenate(batches)
