@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 import signal
@@ -488,6 +489,42 @@ def test_resume_skips_volumes_of_the_same_settings(tmp_path):
     assert main(["preprocess", str(tmp_path / "root"), str(out), *options]) == 0
     assert read_manifest(out)["p1"]["status"] == "skipped"
 
+
+
+def test_resume_redoes_a_patient_whose_source_changed(tmp_path, caplog):
+    """Found in review: a volume was kept whatever became of its scan (a cohort drawn again
+    with another seed kept the old images beside the new labels)."""
+    from kdsb.io.folders import source_stamp
+
+    folder = tmp_path / "root" / "p1"
+    folder.mkdir(parents=True)
+    (folder / "IM1").write_bytes(b"first scan")
+    out = tmp_path / "out"
+    _fake_volume(out, "p1", (1.0, 1.0, 1.0), margin_mm=10.0, source_stamp=source_stamp(folder))
+    assert main(["preprocess", str(tmp_path / "root"), str(out)]) == 0
+    assert read_manifest(out)["p1"]["status"] == "skipped"
+    (folder / "IM1").write_bytes(b"other scan")  # same size, written later
+    os.utime(folder / "IM1", ns=(1, 10**18))
+    with caplog.at_level(logging.WARNING):
+        assert main(["preprocess", str(tmp_path / "root"), str(out)]) == 1  # no DICOM: fails
+    assert f"p1: {folder} changed since p1.h5 was written" in caplog.text
+    assert read_manifest(out)["p1"]["status"] == "failed"
+    assert not (out / "p1.h5").exists()  # never the old scan's volume under the new scan's id
+
+
+def test_a_source_stamp_counts_a_volume_file_and_its_data_file(tmp_path):
+    from kdsb.io.folders import source_stamp
+
+    uid = "1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860"
+    (tmp_path / f"{uid}.mhd").write_text("header")
+    (tmp_path / f"{uid}.raw").write_bytes(b"12345678")
+    (tmp_path / "1.3.6.other.mhd").write_text("another patient")
+    stamp = source_stamp(tmp_path / f"{uid}.mhd")
+    assert stamp.startswith("2 files, 14 bytes, newest ")
+    (tmp_path / "1.3.6.other.mhd").write_text("another patient, rewritten")
+    assert source_stamp(tmp_path / f"{uid}.mhd") == stamp
+    (tmp_path / f"{uid}.raw").write_bytes(b"123456789")
+    assert source_stamp(tmp_path / f"{uid}.mhd") != stamp
 
 
 def test_resume_removes_every_temporary_a_killed_run_left(tmp_path):

@@ -1,4 +1,5 @@
-"""Every file under a patient folder, symlinked sub-folders included.
+"""Every file under a patient folder, symlinked sub-folders included; a stamp of a patient's
+source files.
 
 `Path.rglob` (Python 3.11) does not descend into symlinked folders, so a patient folder built of
 links to series elsewhere read as empty, or silently without the linked series. `os.walk` with
@@ -24,3 +25,26 @@ def files_under(folder: str | os.PathLike) -> list[Path]:
         seen.add((stat.st_dev, stat.st_ino))
         found += [path for name in files if (path := Path(root, name)).is_file()]
     return sorted(found)
+
+
+def source_stamp(source: str | os.PathLike) -> str:
+    """What identifies a patient's source files as written: their count, total size and newest
+    modification time (ns). A folder counts every file under it; a volume file counts the files
+    beside it that share its id (`p1.mhd` and `p1.raw`).
+
+    A rewritten scan (another synthetic draw, a series still being copied) changes it; so does
+    a copy that does not keep modification times (the patient is then preprocessed again, never
+    silently kept).
+    """
+    from kdsb.io.images import volume_id  # images reads folders through this module
+
+    source = Path(source)
+    if source.is_dir():
+        files = files_under(source)
+    else:
+        prefix = f"{volume_id(source) or source.name}."
+        files = sorted(p for p in source.parent.iterdir()
+                       if p.name.startswith(prefix) and p.is_file()) or [source]
+    stats = [path.stat() for path in files]
+    return (f"{len(stats)} files, {sum(s.st_size for s in stats)} bytes, newest "
+            f"{max((s.st_mtime_ns for s in stats), default=0)}")

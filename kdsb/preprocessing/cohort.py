@@ -29,9 +29,11 @@ from tqdm import tqdm
 from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io import volumes
 from kdsb.io.atomic import atomic_path, remove_stale_temporaries, sole_writer
+from kdsb.io.folders import source_stamp
 from kdsb.preprocessing.pipeline import (
     DEFAULT_MARGIN_MM,
     MARGIN_ATTR,
+    SOURCE_STAMP_ATTR,
     STATUS_FAILED,
     STATUS_OK,
     STATUS_SKIPPED,
@@ -201,10 +203,10 @@ def _write_manifest(out_dir: Path, rows: dict[str, dict[str, str]]) -> Path:
     return path
 
 
-def _existing_shape(
+def _existing_attrs(
     path: Path, spacing: tuple[float, float, float], margin_mm: float
-) -> tuple[int, int, int] | None:
-    """Shape of a complete volume file already written, None when absent or unreadable.
+) -> dict | None:
+    """Attributes of a complete volume file already written, None when absent or unreadable.
 
     Args:
         path: the volume file.
@@ -238,7 +240,7 @@ def _existing_shape(
             f"{path} was preprocessed with {used}; expected --overwrite or another OUT_DIR "
             f"for --margin-mm {margin_mm}"
         )
-    return tuple(attrs["shape"])
+    return attrs
 
 
 def _remove_outdated(path: Path) -> None:
@@ -505,17 +507,25 @@ def _plan(
     results of those skipped.
 
     A patient is skipped when its volume file exists with the same settings (unless
-    `overwrite`); one written with other settings raises UsageError (`_existing_shape`).
+    `overwrite`) and was made from the source files as they are now (`source_stamp`; a volume of
+    a version before the stamp is kept); one written with other settings raises UsageError
+    (`_existing_attrs`).
     """
     tasks: dict[str, tuple] = {}
     skipped: dict[str, PatientResult] = {}
     for patient_id, source in patients.items():
         path = volumes.volume_path(out_dir, patient_id)
-        shape = None if overwrite else _existing_shape(path, spacing, margin_mm)
-        if shape is None:
+        attrs = None if overwrite else _existing_attrs(path, spacing, margin_mm)
+        stamp = None if attrs is None else attrs.get(SOURCE_STAMP_ATTR)
+        if stamp is not None and stamp != (now := source_stamp(source)):
+            logger.warning("%s: %s changed since %s was written (%s then, %s now): "
+                           "preprocessing it again", patient_id, source, path.name, stamp, now)
+            attrs = None
+        if attrs is None:
             tasks[patient_id] = (source, out_dir, patient_id, spacing, margin_mm)
         else:
-            skipped[patient_id] = PatientResult(patient_id, STATUS_SKIPPED, shape=shape)
+            skipped[patient_id] = PatientResult(patient_id, STATUS_SKIPPED,
+                                                shape=tuple(attrs["shape"]))
     return tasks, skipped
 
 

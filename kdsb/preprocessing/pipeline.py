@@ -22,6 +22,7 @@ import numpy as np
 
 from kdsb.errors import UsageError
 from kdsb.io import volumes
+from kdsb.io.folders import source_stamp
 from kdsb.io.series import validate_spacing
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SPACING_MM = (1.0, 1.0, 1.0)
 DEFAULT_MARGIN_MM = 10.0
 MARGIN_ATTR = "margin_mm"  # volume attribute: the margin around the lungs it was cropped with
+SOURCE_STAMP_ATTR = "source_stamp"  # volume attribute: `kdsb.io.folders.source_stamp` when read
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
 
 
@@ -164,6 +166,7 @@ def preprocess_patient(
     validate_margin(margin_mm)
     threads = max(1, int(threads))
 
+    stamp = source_stamp(source)  # before reading: a source changed meanwhile is redone later
     series = read_patient(source, patient_id=patient_id)
     source_spacing = series.spacing
     # The mask comes on its own box of the scan: no scan-size mask array is made.
@@ -184,6 +187,7 @@ def preprocess_patient(
         "source_spacing": np.asarray(source_spacing, dtype=np.float64),
         "source_shape": np.asarray(series.hu.shape, dtype=np.int64),
         MARGIN_ATTR: float(margin_mm),
+        SOURCE_STAMP_ATTR: stamp,
     }
     del series
 
