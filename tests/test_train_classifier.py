@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -195,6 +196,8 @@ def test_usage_errors(cohort, tmp_path, capsys):
         in capsys.readouterr().err
     assert main(["train-gmcae", str(data), str(a_file / "run")]) == 2
     assert "expected RUN_DIR, a folder for the run" in capsys.readouterr().err
+    assert main(base) == 2  # required, but only when not resuming
+    assert "expected --gmcae (required unless --resume), received none" in capsys.readouterr().err
     options = ["--gmcae", str(gmcae)]
     assert main([*base, *options, "--val-fraction", "0"]) == 2
     assert "expected --val-fraction in (0, 1), received 0.0" in capsys.readouterr().err
@@ -420,7 +423,8 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     assert "already holds an earlier run's results (fold_1/fold.json" in \
         capsys.readouterr().err
     stamp = (run / "fold_1" / "uncalibrated.keras").stat().st_mtime_ns
-    assert main([*argv, "--resume"]) == 0
+    # Resumed without --gmcae: the saved one (found in review: argparse required it).
+    assert main([a for a in argv if a not in ("--gmcae", str(gmcae))] + ["--resume"]) == 0
     assert (run / "fold_1" / "uncalibrated.keras").stat().st_mtime_ns == stamp
     resumed = json.loads((run / "metrics.json").read_text())["out_of_fold"]
     assert resumed["log_loss"] == pytest.approx(scores["log_loss"])
@@ -716,3 +720,37 @@ def test_a_split_is_compared_on_resume_only(tmp_path):
     (legacy / "fold.json").write_text(json.dumps({"held_out": ["x"], **begun}))
     with pytest.raises(UsageError, match="other held_out"):
         classifier_training._pin_split(legacy, {"held_out": ["y"], **begun}, ctx(True))
+
+
+def test_resume_refuses_volumes_read_otherwise_or_another_gmcae(tmp_path):
+    """Found in review: a resumed run fitted its input to the volumes of now and rewrote
+    classifier.json, so finished fold models were declared to read another grid; a GMCAE
+    retrained at the same path went unnoticed."""
+    begun = VolumeInput(spacing_mm=(2.0, 2.0, 2.0))
+    begun.save(tmp_path, gmcae="g.keras", gmcae_sha256="aaa")
+    classifier_training._check_input_unchanged(tmp_path, begun, "aaa")  # the same: fine
+    with pytest.raises(UsageError, match=r"spacing_mm \[2.0, 2.0, 2.0\] then, \[1.0, 1.0, "
+                                         r"1.0\] now .*start a new RUN_DIR"):
+        classifier_training._check_input_unchanged(
+            tmp_path, VolumeInput(spacing_mm=(1.0, 1.0, 1.0)), "aaa")
+    with pytest.raises(UsageError, match="with the GMCAE the run began with, received g.keras"):
+        classifier_training._check_input_unchanged(tmp_path, begun, "bbb")
+    begun.save(tmp_path, gmcae="g.keras")  # an earlier version's record: no digest to compare
+    classifier_training._check_input_unchanged(tmp_path, begun, "bbb")
+
+
+def test_the_gmcae_spacing_warning_counts_the_downscale(tmp_path, caplog):
+    """Found in review: 1 mm volumes downscaled by 2 for a GMCAE of 2 mm were warned of, and
+    the GMCAE's own 2 mm volumes downscaled by 2 were not."""
+    from kdsb.data.inputs import save_gmcae_spacing
+
+    gmcae = tmp_path / "gmcae.keras"
+    gmcae.write_bytes(b"")
+    save_gmcae_spacing(tmp_path, (2.0, 2.0, 2.0))
+    with caplog.at_level(logging.WARNING, logger="kdsb.training.classifier"):
+        classifier_training._warn_of_another_gmcae_spacing(
+            str(gmcae), VolumeInput(spacing_mm=(1.0, 1.0, 1.0), downscale=2))
+        assert caplog.text == ""
+        classifier_training._warn_of_another_gmcae_spacing(
+            str(gmcae), VolumeInput(spacing_mm=(2.0, 2.0, 2.0), downscale=2))
+    assert "the classifier's encoder is fed (4.0, 4.0, 4.0) mm" in caplog.text

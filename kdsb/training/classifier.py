@@ -73,10 +73,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.data.inputs import VolumeInput
-from kdsb.errors import UsageError
+from kdsb.data.inputs import INPUT_NAME, VolumeInput
+from kdsb.errors import KdsbError, UsageError
 from kdsb.evaluation import metrics
 from kdsb.io.atomic import atomic_path, write_json
+from kdsb.io.journal import file_digest
 from kdsb.io.tables import check_labels_match, probability_text, read_labels
 from kdsb.io.volumes import list_volumes
 from kdsb.training import attempts, runs
@@ -95,16 +96,19 @@ BAGS_DIR = "bags"
 CALIBRATION_PNG = "calibration.png"
 # The metric picking the best model: the `log_loss` metric compiled below, on validation data.
 MONITOR = "val_log_loss"
-def _warn_of_another_gmcae_spacing(gmcae: str, spacing_mm: tuple[float, float, float]) -> None:
-    """Warn when the GMCAE learned its features on another grid than the classifier's volumes
-    (its encoder then sees every structure at another scale in voxels)."""
+def _warn_of_another_gmcae_spacing(gmcae: str, volume_input: VolumeInput) -> None:
+    """Warn when the GMCAE learned its features on another grid than the one the classifier's
+    encoder is fed (the volumes' spacing times `--downscale`): it then sees every structure at
+    another scale in voxels."""
     from kdsb.data.inputs import gmcae_spacing_of, same_spacing
 
     learned = gmcae_spacing_of(gmcae)
-    if learned is not None and not same_spacing(learned, spacing_mm):
-        logger.warning("GMCAE %s learned on volumes of %s mm spacing, the classifier's are %s "
-                       "mm: its features see every structure at another scale", gmcae,
-                       tuple(learned), tuple(spacing_mm))
+    fed = tuple(s * volume_input.downscale for s in volume_input.spacing_mm)
+    if learned is not None and not same_spacing(learned, fed):
+        logger.warning("GMCAE %s learned on volumes of %s mm spacing, the classifier's encoder "
+                       "is fed %s mm (volumes of %s mm, --downscale %d): its features see "
+                       "every structure at another scale", gmcae, tuple(learned), fed,
+                       tuple(volume_input.spacing_mm), volume_input.downscale)
 
 
 # Held-out predictions spanning less than this learned nothing that ranks patients.
@@ -435,7 +439,7 @@ def train_classifier(
     )
     cohort = {i: (volumes[i], labels[i]) for i in usable}
     volume_input = options.volume_input().fit_to([volumes[i] for i in usable])
-    _warn_of_another_gmcae_spacing(options.gmcae, volume_input.spacing_mm)
+    _warn_of_another_gmcae_spacing(options.gmcae, volume_input)
     if options.folds >= 2:
         from kdsb.data.datasets import stratified_folds
 
@@ -448,9 +452,12 @@ def train_classifier(
     else:
         train_ids, val_ids = _split(cohort, sorted(cohort), options, "all patients", log=False)
         _check_pinned(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, resume)
+    gmcae_sha256 = file_digest(options.gmcae)
+    if resume:
+        _check_input_unchanged(run_dir, volume_input, gmcae_sha256)
     runs.begin(run_dir, options, data_dir=data_dir, resume=resume)
     if worker.chief:
-        volume_input.save(run_dir, gmcae=str(options.gmcae))
+        volume_input.save(run_dir, gmcae=str(options.gmcae), gmcae_sha256=gmcae_sha256)
     bag_files = None
     if options.head in ("mil", "nll"):
         from kdsb.data.patches import CUBE_SYMMETRIES
@@ -599,6 +606,36 @@ def _pin_split(model_dir: Path, split: dict[str, list[str]], ctx: _Context) -> N
     _check_pinned(model_dir, split, ctx.resume)
     if runs.worker(ctx.options.distribute).chief and not (path.is_file() and ctx.resume):
         write_json(path, split)
+
+
+def _check_input_unchanged(run_dir: Path, volume_input: VolumeInput, gmcae_sha256: str) -> None:
+    """Refuse to resume a run whose models read their volumes otherwise than this run would
+    (the volumes preprocessed again at another spacing: its finished models would then be
+    declared to read the new grid), or whose GMCAE file has changed since (a record without
+    the GMCAE's digest, of an earlier version, is not checked for it)."""
+    path = run_dir / INPUT_NAME
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        before = VolumeInput.from_config(saved, str(path))
+    except (OSError, ValueError) as error:
+        raise KdsbError(f"{path}: expected the run's input record, received an unreadable "
+                        f"file ({error})") from None
+    if before != volume_input:
+        changed = {key: (value, volume_input.to_config()[key])
+                   for key, value in before.to_config().items()
+                   if value != volume_input.to_config()[key]}
+        raise UsageError(
+            "expected --resume on volumes read as the run began, received "
+            + "; ".join(f"{key} {old} then, {new} now" for key, (old, new) in changed.items())
+            + f" ({path}): preprocess as before or start a new RUN_DIR"
+        )
+    if saved.get("gmcae_sha256") not in (None, gmcae_sha256):
+        raise UsageError(
+            f"expected --resume with the GMCAE the run began with, received {saved.get('gmcae')}"
+            f" whose content has changed since ({path}): start a new RUN_DIR"
+        )
 
 
 def _check_pinned(model_dir: Path, split: dict[str, list[str]], resume: bool) -> None:

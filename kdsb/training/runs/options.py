@@ -132,8 +132,8 @@ def add_options(parser: argparse.ArgumentParser, options: type[RunOptions]) -> N
     for field in dataclasses.fields(options):
         kwargs = {k: v for k, v in field.metadata.items() if k not in ("flag", "shown", "path")}
         help_text = kwargs.pop("help")
-        if field.default is dataclasses.MISSING:
-            kwargs["required"] = True
+        if field.default is dataclasses.MISSING:  # checked by `resolve_options`: not resuming
+            help_text = f"{help_text} (required; resuming, the saved one)"
         elif kwargs.get("action") not in ("store_true", "store_false"):
             shown = field.metadata.get("shown", field.default)
             if isinstance(shown, tuple):
@@ -177,7 +177,8 @@ def resolve_options(
         given ones applied, and the epoch of the newest checkpoint (0 without one).
 
     Raises:
-        UsageError: an option is out of range; `run_dir` holds checkpoints but `resume` is off;
+        UsageError: an option is out of range; a required option is missing (not resuming);
+            `run_dir` holds checkpoints but `resume` is off;
             resuming, `run_dir` holds no config.json (no run was begun there), or a given
             option differs from its saved value and is not among `RESUMABLE_CHANGES`.
         KdsbError: config.json is not valid JSON.
@@ -194,6 +195,11 @@ def resolve_options(
         raise UsageError(f"expected --resume in the RUN_DIR of a run begun there, received "
                          f"{state} {OPTIONS_NAME}: {run_dir} ({fix})")
     if not resume:
+        missing = [flag_of(f) for f in dataclasses.fields(options)
+                   if f.default is dataclasses.MISSING and f.name not in given]
+        if missing:
+            raise UsageError(f"expected {', '.join(missing)} (required unless --resume), "
+                             f"received none")
         return options(**given), 0
     try:
         stored = json.loads(path.read_text())
