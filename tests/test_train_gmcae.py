@@ -172,6 +172,26 @@ def test_resume_refuses_incompatible_options(used_run, data_dir, capsys):
     assert (used_run / "config.json").read_text() == saved
 
 
+def test_resume_refuses_other_patients_or_another_spacing(used_run, data_dir, capsys):
+    """Found in review: a resumed run split DATA_DIR anew (volumes added since moved training
+    patients into validation) and rewrote gmcae.json with the volumes' spacing of now."""
+    from kdsb.data.inputs import save_gmcae_spacing
+
+    saved = (used_run / "config.json").read_text()
+    argv = ["train-gmcae", str(data_dir), str(used_run), "--resume"]
+    (used_run / "split.json").write_text(json.dumps({"train_ids": ["p0", "p1", "p9"],
+                                                     "val_ids": ["p2"]}))
+    assert main(argv) == 2
+    assert (f"expected {used_run} to resume on the patients it began with, received other "
+            "train_ids") in capsys.readouterr().err
+    (used_run / "split.json").unlink()
+    save_gmcae_spacing(used_run, (2.0, 2.0, 2.0))
+    assert main(argv) == 2
+    assert ("expected --resume on volumes of the spacing the run began with, (2.0, 2.0, 2.0) "
+            "mm, received (1.0, 1.0, 1.0) mm") in capsys.readouterr().err
+    assert (used_run / "config.json").read_text() == saved
+
+
 def test_resume_refuses_another_decoder(used_run, data_dir, capsys):
     from kdsb.training.gmcae import DEFAULT_DECODER
 

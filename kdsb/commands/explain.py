@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kdsb.evaluation.explain import DEFAULT_OCCLUSION_MM, DEFAULT_STRIDE_MM, METHODS
+from kdsb.evaluation.explain import DEFAULT_OCCLUSION_MM, METHODS
 
 HELP = ("a 3D heatmap per patient of what drove p(cancer) (<id>.h5, <id>.png overlay) and "
         "peaks.csv, the hottest point in patient mm")
@@ -27,8 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="explain these ids (a CSV with an id column); default: all")
     parser.add_argument("--occlusion-mm", type=float, default=DEFAULT_OCCLUSION_MM,
                         help="occlusion cube edge, mm")
-    parser.add_argument("--stride-mm", type=float, default=DEFAULT_STRIDE_MM,
-                        help="occlusion step, mm (at most the cube edge)")
+    parser.add_argument("--stride-mm", type=float, default=None,
+                        help="occlusion step, mm, at most the cube edge (default: two thirds "
+                        "of the edge, 16 for 24 mm cubes)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ METHODS = ("gradcam", "occlusion")
 PEAKS_NAME = "peaks.csv"
 PEAK_FIELDS = ("id", "z", "y", "x", "value")
 DEFAULT_OCCLUSION_MM = 24.0
-DEFAULT_STRIDE_MM = 16.0
+STRIDE_OF_OCCLUSION = 2 / 3  # the default step, of the cube edge: 16 mm for 24 mm cubes
 # The classifier's output unit (sigmoid), in the SPP and the MIL classifier alike.
 OUTPUT_LAYER = "p_cancer"
 
@@ -274,7 +274,7 @@ def explain_patient(
     *,
     method: str = "gradcam",
     occlusion_mm: float = DEFAULT_OCCLUSION_MM,
-    stride_mm: float = DEFAULT_STRIDE_MM,
+    stride_mm: float = DEFAULT_OCCLUSION_MM * STRIDE_OF_OCCLUSION,
 ) -> Explanation:
     """The heatmap of one patient under one or several classifiers (their mean).
 
@@ -380,7 +380,7 @@ def explain_cohort(
     ids_source: str = "ids",
     method: str = "gradcam",
     occlusion_mm: float = DEFAULT_OCCLUSION_MM,
-    stride_mm: float = DEFAULT_STRIDE_MM,
+    stride_mm: float | None = None,
 ) -> list[Peak]:
     """Explain every patient (or `ids`), streaming one volume at a time: `OUT_DIR/<id>.h5`
     (heatmap), `OUT_DIR/<id>.png` and, at the end, `OUT_DIR/peaks.csv`; returns the peaks.
@@ -390,7 +390,9 @@ def explain_cohort(
     (and those whose heatmap or PNG has gone since). The journal is removed with the run's end.
 
     Raises: as `kdsb.evaluation.predict.predict_cohort` (the same checks, before any work);
-    UsageError where a heatmap would replace a volume file (OUT_DIR = DATA_DIR).
+    UsageError where a heatmap would replace a volume file (OUT_DIR = DATA_DIR), occlusion
+    sizes not finite and positive, or a step (`stride_mm`; None: `STRIDE_OF_OCCLUSION` of
+    `occlusion_mm`) wider than the cubes.
     """
     from kdsb.evaluation.predict import (
         check_volumes,
@@ -407,6 +409,8 @@ def explain_cohort(
     model_paths = resolve_model_paths(model_paths)
     if method not in METHODS:
         raise UsageError(f"expected --method in {', '.join(METHODS)}, received {method!r}")
+    if stride_mm is None:
+        stride_mm = occlusion_mm * STRIDE_OF_OCCLUSION
     if not all(math.isfinite(mm) and mm > 0 for mm in (occlusion_mm, stride_mm)):
         raise UsageError(f"expected positive, finite occlusion sizes in mm, received "
                          f"{occlusion_mm} and {stride_mm}")

@@ -127,7 +127,6 @@ SHIFT_BOUND = 20.0  # the largest logit shift `explained_fraction` tries
 # resumed data stream).
 RESTART_SEED_STRIDE = 100_000
 RESTARTS_NAME = "restarts.json"
-SPLIT_NAME = "split.json"  # whom a model (a run's or a fold's) trains, validates and holds out
 
 
 def _warn_if_constant(p: np.ndarray, what: str) -> None:
@@ -447,11 +446,11 @@ def train_classifier(
         for k, held_out in enumerate(folds, start=1):  # every fold splits, before any work
             rest = [i for i in sorted(cohort) if i not in set(held_out)]
             train_ids, val_ids = _split(cohort, rest, options, f"fold {k}", log=False)
-            _check_pinned(run_dir / f"{FOLD_PREFIX}{k}", {"held_out": held_out,
-                          "train_ids": train_ids, "val_ids": val_ids}, resume)
+            runs.check_split(run_dir / f"{FOLD_PREFIX}{k}", {"held_out": held_out,
+                             "train_ids": train_ids, "val_ids": val_ids}, resume, FOLD_NAME)
     else:
         train_ids, val_ids = _split(cohort, sorted(cohort), options, "all patients", log=False)
-        _check_pinned(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, resume)
+        runs.check_split(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, resume)
     gmcae_sha256 = file_digest(options.gmcae)
     if resume:
         _check_input_unchanged(run_dir, volume_input, gmcae_sha256)
@@ -595,17 +594,9 @@ def _check_fold_training_unchanged(run_dir: Path, options: ClassifierOptions) ->
 
 
 def _pin_split(model_dir: Path, split: dict[str, list[str]], ctx: _Context) -> None:
-    """Record which patients a model trains on, validates on and holds out (`SPLIT_NAME`)
-    before it trains, and refuse to resume it on others: with patients or labels changed
-    since, a resumed model would score patients it trained on as unseen.
-
-    Raises:
-        UsageError: `model_dir` was begun on another split.
-    """
-    path = model_dir / SPLIT_NAME
-    _check_pinned(model_dir, split, ctx.resume)
-    if runs.worker(ctx.options.distribute).chief and not (path.is_file() and ctx.resume):
-        write_json(path, split)
+    """`runs.pin_split` of a model of this run (a fold's falls back on its fold.json)."""
+    runs.pin_split(model_dir, split, ctx.resume, runs.worker(ctx.options.distribute).chief,
+                   FOLD_NAME)
 
 
 def _check_input_unchanged(run_dir: Path, volume_input: VolumeInput, gmcae_sha256: str) -> None:
@@ -636,29 +627,6 @@ def _check_input_unchanged(run_dir: Path, volume_input: VolumeInput, gmcae_sha25
             f"expected --resume with the GMCAE the run began with, received {saved.get('gmcae')}"
             f" whose content has changed since ({path}): start a new RUN_DIR"
         )
-
-
-def _check_pinned(model_dir: Path, split: dict[str, list[str]], resume: bool) -> None:
-    """Refuse to resume a model on other patients than those it was begun on (`SPLIT_NAME`).
-    `train_classifier` checks every model folder before the run's config.json is written, so a
-    refused resume changes nothing.
-
-    Raises:
-        UsageError: `model_dir` was begun on another split.
-    """
-    path = model_dir / SPLIT_NAME
-    # A fold of an earlier version has no split.json; its fold.json holds the same ids.
-    record = path if path.is_file() else model_dir / FOLD_NAME
-    if record.is_file() and resume:
-        begun = json.loads(record.read_text())
-        for key, ids in split.items():
-            if begun.get(key) != ids:
-                other = sorted(set(begun.get(key, [])) ^ set(ids)) or ids
-                raise UsageError(
-                    f"expected {model_dir} to resume on the patients it began with, received "
-                    f"other {key} (e.g. {other[0]}): the volumes or labels changed since; "
-                    "start a new run folder"
-                )
 
 
 def _read_fold(fold_dir: Path, held_out: list[str]) -> dict[str, Any] | None:

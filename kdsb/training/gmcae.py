@@ -179,6 +179,19 @@ def training_stream(paths: list[Path], data_dir: Path, options: GmcaeOptions, se
                          repeat=True)
 
 
+def _check_spacing_unchanged(run_dir: Path, spacing: tuple[float, float, float]) -> None:
+    """Refuse to resume a run on volumes of another spacing than it began with (its
+    checkpoints learned the other scale; gmcae.json would be rewritten to the new one)."""
+    from kdsb.data.inputs import GMCAE_INPUT_NAME, gmcae_spacing_of, same_spacing
+
+    if not (run_dir / GMCAE_INPUT_NAME).is_file():
+        return
+    begun = gmcae_spacing_of(run_dir / MODEL_NAME)
+    if begun is not None and not same_spacing(begun, spacing):
+        raise UsageError(f"expected --resume on volumes of the spacing the run began with, "
+                         f"{tuple(begun)} mm, received {tuple(spacing)} mm: start a new RUN_DIR")
+
+
 def validation_patches(paths: list[Path], options: GmcaeOptions):
     """A fixed array (n, P, P, P, 1) of un-augmented validation patches (normalised HU): the
     first `validation_steps` batches of a stream visiting `VALIDATION_CYCLE` volumes at once,
@@ -333,7 +346,12 @@ def train_gmcae(
             f"many training volumes, received --batch-size {options.batch_size} and "
             f"{len(train_ids)} training volumes"
         )
+    if resume:
+        _check_spacing_unchanged(run_dir, spacing)
+    # Checked before config.json is written: a refused resume changes nothing.
+    runs.check_split(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, resume)
     runs.begin(run_dir, options, data_dir=data_dir, resume=resume)
+    runs.pin_split(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, resume, worker.chief)
     if worker.chief:
         save_gmcae_spacing(run_dir, spacing)
     logger.info("%d training and %d validation patients", len(train_ids), len(val_ids))

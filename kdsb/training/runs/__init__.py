@@ -12,6 +12,7 @@ RUN_DIR/
   config.json                      the run's options (`OPTIONS_NAME`), reused by --resume
   checkpoints/epoch_0001.keras …   full model + optimizer state after every epoch (atomic)
   <best_name>                      the best model so far by `monitor` (atomic)
+  split.json                       its training and validation patients, compared on resume
   history.csv                      one row per epoch (keras CSVLogger; `epoch` counts from 0)
   finished.json                    once training ended: epochs run, stopped early; resumed,
                                    it trains on only when it had run all its epochs and is given
@@ -33,7 +34,8 @@ batch; the checkpoint of a non-finite model is never written.
 
 Modules: `options` (`RunOptions`, flags, the resume rule), `devices` (seeds, precision, strategies,
 workers), `folder` (checkpoints, history, atomic saves), `callbacks` (NaN guard, checkpoints, giving
-up), `fitting` (`begin`, `train`, `fit`). Their public names are importable from here.
+up), `fitting` (`begin`, `train`, `fit`), `split` (the patients a model trains and validates on).
+Their public names are importable from here.
 
 TensorFlow is imported inside the functions, so importing this module stays light.
 """
@@ -72,8 +74,12 @@ from kdsb.training.runs.options import (
     option,
     resolve_options,
 )
+from kdsb.training.runs.split import SPLIT_NAME, check_split, pin_split
 
 __all__ = [
+    "SPLIT_NAME",
+    "check_split",
+    "pin_split",
     "CHECKPOINT_DIR",
     "HISTORY_NAME",
     "OPTIONS_NAME",

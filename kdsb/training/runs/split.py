@@ -1,0 +1,60 @@
+"""Which patients a model trains on, validates on (and holds out): recorded before it trains
+(`SPLIT_NAME`), and compared when it resumes. With volumes or labels changed since, a resumed
+model would train on its validation patients, or score patients it trained on as unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kdsb.errors import KdsbError, UsageError
+from kdsb.io.atomic import write_json
+
+SPLIT_NAME = "split.json"
+
+
+def check_split(model_dir: str | os.PathLike, split: dict[str, list[str]], resume: bool,
+                fallback: str | None = None) -> None:
+    """Refuse to resume a model on other patients than those it was begun on. Starting afresh
+    (`resume` off) nothing is compared: the record is replaced.
+
+    Args:
+        model_dir: the model's folder (a run folder, or a fold's).
+        split: key ("train_ids", "val_ids", "held_out") → patient ids, as this run makes them.
+        resume: whether the model resumes.
+        fallback: a record of an earlier version holding the same keys, read when there is no
+            `SPLIT_NAME` (a classifier fold's fold.json).
+
+    Raises:
+        UsageError: the model was begun on another split.
+        KdsbError: its record is not valid JSON.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / SPLIT_NAME
+    record = path if path.is_file() or fallback is None else model_dir / fallback
+    if not (resume and record.is_file()):
+        return
+    try:
+        begun = json.loads(record.read_text())
+    except (OSError, ValueError) as error:
+        raise KdsbError(f"{record}: expected the model's split, received an unreadable file "
+                        f"({error})") from None
+    for key, ids in split.items():
+        if begun.get(key) != ids:
+            other = sorted(set(begun.get(key, [])) ^ set(ids)) or ids
+            raise UsageError(
+                f"expected {model_dir} to resume on the patients it began with, received "
+                f"other {key} (e.g. {other[0]}): the volumes or labels changed since; "
+                "start a new run folder"
+            )
+
+
+def pin_split(model_dir: str | os.PathLike, split: dict[str, list[str]], resume: bool,
+              chief: bool = True, fallback: str | None = None) -> None:
+    """`check_split`, then record `split` (the chief only; a resumed model keeps its record)."""
+    check_split(model_dir, split, resume, fallback)
+    path = Path(model_dir) / SPLIT_NAME
+    if chief and not (path.is_file() and resume):
+        write_json(path, split)
