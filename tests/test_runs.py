@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -91,6 +93,32 @@ def test_resume_continues_epochs_and_optimizer_state(tmp_path):
     rows = runs.read_history(tmp_path / "history.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
     assert runs.last_checkpoint(tmp_path)[0] == 4
+
+
+def _rewrite_val_loss(run_dir, values):
+    path = run_dir / "history.csv"
+    lines = path.read_text().splitlines()
+    column = lines[0].split(",").index("val_loss")
+    rows = [line.split(",") for line in lines[1:]]
+    for row, value in zip(rows, values, strict=True):
+        row[column] = str(value)
+    path.write_text("\n".join([lines[0], *(",".join(row) for row in rows)]) + "\n")
+
+
+@pytest.mark.parametrize(("patience", "epochs_run"), [(2, 0), (3, 1)])
+def test_early_stopping_goes_on_from_the_history_when_resumed(tmp_path, patience, epochs_run):
+    """Found in review: Keras's early stopping started afresh on resume (the first resumed
+    epoch counted as the best, the patience restarted), so a resumed run trained on where the
+    uninterrupted one stopped. History: best at epoch 1, then two epochs without improvement."""
+    runs.configure_runtime(seed=0)
+    _fit(tmp_path, 3)
+    _rewrite_val_loss(tmp_path, [1e-6, 5.0, 6.0])  # nothing beats 1e-6
+    resumed = _fit(tmp_path, 10, resume=True, early_stopping_patience=patience)
+    assert len(resumed.epoch) == epochs_run
+    assert len(runs.read_history(tmp_path / "history.csv")) == 3 + epochs_run
+    finished = json.loads((tmp_path / "finished.json").read_text())
+    assert finished == {"epochs_run": 3 + epochs_run, "stopped_early": True,
+                        "patience": patience}
 
 
 def test_resume_without_checkpoint_starts_afresh(tmp_path):

@@ -48,6 +48,27 @@ def best_so_far(rows: list[dict[str, str]], monitor: str, higher_is_better: bool
     return max(values) if higher_is_better else min(values)
 
 
+def epochs_since_best(rows: list[dict[str, str]], monitor: str, higher_is_better: bool) -> int:
+    """Epochs logged after the first one at `best_so_far` (how long early stopping has waited
+    when a run resumes after these rows); 0 without a finite value."""
+    best = best_so_far(rows, monitor, higher_is_better)
+    if best is None:
+        return 0
+    first = next(i for i, row in enumerate(rows)
+                 if _finite(row.get(monitor, "nan")) and float(row[monitor]) == best)
+    return len(rows) - 1 - first
+
+
+def epochs_under(rows: list[dict[str, str]], name: str, floor: float) -> int:
+    """The number of last rows in a row whose logged `name` lies under `floor`."""
+    count = 0
+    for row in reversed(rows):
+        if not (_finite(row.get(name, "nan")) and float(row[name]) < floor):
+            break
+        count += 1
+    return count
+
+
 def callback_classes():
     """The kdsb callbacks; defined lazily because they subclass a Keras class."""
     import keras
@@ -147,12 +168,12 @@ def callback_classes():
 
     class GiveUpBelow(keras.callbacks.Callback):
         """Stop training once the logged value `name` stayed under `floor` for `patience`
-        epochs in a row (the count restarts on resume)."""
+        epochs in a row (`under`: the epochs so far, of the rows before a resume)."""
 
-        def __init__(self, name: str, floor: float, patience: int):
+        def __init__(self, name: str, floor: float, patience: int, under: int = 0):
             super().__init__()
             self.name, self.floor, self.patience = name, floor, patience
-            self.under = 0
+            self.under = under
 
         def on_epoch_end(self, epoch, logs=None):
             value = (logs or {}).get(self.name)
@@ -162,4 +183,19 @@ def callback_classes():
                             "stopped", epoch + 1, self.name, self.floor, self.under)
                 self.model.stop_training = True
 
-    return NonFiniteGuard, EpochCheckpoint, GiveUpBelow
+    class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+        """Keras's early stopping, which on a resumed run goes on from the best value and the
+        wait of the rows before it (Keras's own starts afresh: the first resumed epoch always
+        counted as the best, and the patience restarted, so a resumed run could train past
+        the point where the uninterrupted one stopped and keep another model)."""
+
+        def __init__(self, best: float | None, wait: int, **kwargs):
+            super().__init__(**kwargs)
+            self.resumed_best, self.resumed_wait = best, wait
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            if self.resumed_best is not None:
+                self.best, self.wait = self.resumed_best, self.resumed_wait
+
+    return NonFiniteGuard, EpochCheckpoint, GiveUpBelow, ResumedEarlyStopping

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from kdsb.io.atomic import write_json
-from kdsb.training.runs.callbacks import best_so_far, callback_classes, higher_is_better
+from kdsb.training.runs.callbacks import (
+    best_so_far,
+    callback_classes,
+    epochs_since_best,
+    epochs_under,
+    higher_is_better,
+)
 from kdsb.training.runs.devices import (
     configure_runtime,
     distribute_data,
@@ -154,10 +160,12 @@ def fit(
         monitor: logged quantity that picks the best model (and drives early stopping):
             larger is better for accuracy/AUC-like names (`HIGHER_IS_BETTER`), else smaller.
         early_stopping_patience: stop after this many epochs without improvement of
-            `monitor` (None: never). The patience count restarts on resume.
+            `monitor` (None: never). Resumed, the count goes on from the history's rows: the
+            run stops where the uninterrupted one would have.
         give_up_below: (logged name, floor): also stop once that value stayed under the floor
             for `early_stopping_patience` epochs in a row (a run that learns nothing; e.g. a
-            classifier's `val_prediction_spread`, `kdsb.models.spread`).
+            classifier's `val_prediction_spread`, `kdsb.models.spread`; counted on across a
+            resume too).
         keep_checkpoints: keep only the newest this many epoch checkpoints (None: all).
         strategy: a `tf.distribute` strategy (None: the default one); see
             `distribution_strategy`. Under multiworker, only the chief writes `run_dir`
@@ -257,7 +265,7 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
     with strategy.scope():
         _build_training_state(model, batch_spec)
 
-    NonFiniteGuard, EpochCheckpoint, GiveUpBelow = callback_classes()
+    NonFiniteGuard, EpochCheckpoint, GiveUpBelow, ResumedEarlyStopping = callback_classes()
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=True)
     # Order matters: the guard first (nothing is written for a non-finite model), then the
     # history row, then the best model and the checkpoint. A kill after the row leaves one row
@@ -283,22 +291,31 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
         )
     elif chief:
         logger.warning("tensorboard is not installed: no TensorBoard logs in %s", run_dir)
+    last_epoch = epochs
     if early_stopping_patience is not None:
+        waited = epochs_since_best(rows, monitor, higher)
+        under = 0 if give_up_below is None else epochs_under(rows, *give_up_below)
         callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=monitor, patience=early_stopping_patience, mode="max" if higher else "min"
+            ResumedEarlyStopping(
+                best_so_far(rows, monitor, higher), waited, monitor=monitor,
+                patience=early_stopping_patience, mode="max" if higher else "min",
             )
         )
         if give_up_below is not None:
-            callbacks.append(GiveUpBelow(*give_up_below, early_stopping_patience))
+            callbacks.append(GiveUpBelow(*give_up_below, early_stopping_patience, under))
+        if rows and max(waited, under) >= early_stopping_patience:
+            # Killed after the epoch that stopped it, before it could end: end it now.
+            logger.info("%s had waited %d epochs of its patience %d: it stops here", run_dir,
+                        max(waited, under), early_stopping_patience)
+            last_epoch = initial_epoch
 
-    if initial_epoch >= epochs:
+    if initial_epoch >= last_epoch:
         logger.info("run already has %d of %d epochs: nothing to do", initial_epoch, epochs)
     try:
         history = model.fit(
             train_data,
             validation_data=val_data,
-            epochs=epochs,
+            epochs=last_epoch,
             initial_epoch=initial_epoch,
             steps_per_epoch=steps_per_epoch,
             validation_steps=validation_steps,
