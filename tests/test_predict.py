@@ -249,6 +249,26 @@ def test_tta_warns_of_a_model_trained_without_augmentation(cohort, tmp_path, cap
     assert f"--tta: {model} was trained without augmentation (--no-augment" in caplog.text
 
 
+def test_a_cross_validated_run_missing_a_fold_model_is_refused(cohort, tmp_path):
+    """Found in review: a run killed while its folds were calibrated left 1 of 2 fold models,
+    which predict RUN_DIR ensembled silently."""
+    import shutil
+
+    from kdsb.evaluation.predict import resolve_model_paths
+
+    run = tmp_path / "run"
+    (run / "fold_1").mkdir(parents=True)
+    shutil.copy(cohort[1][0], run / "fold_1" / "classifier.keras")
+    (run / "config.json").write_text(json.dumps({"folds": 2}))
+    with pytest.raises(UsageError, match=r"expected the 2 fold models of .*run, received 1: "
+                                         r"the run stopped before its folds were all calibrated"):
+        resolve_model_paths([run])
+    (run / "fold_2").mkdir()
+    shutil.copy(cohort[1][1], run / "fold_2" / "classifier.keras")
+    assert resolve_model_paths([run]) == [run / "fold_1" / "classifier.keras",
+                                          run / "fold_2" / "classifier.keras"]
+
+
 def test_tta_symmetries():
     assert tta_symmetries(False) == (0,)
     assert tta_symmetries(True) == tuple(range(48))

@@ -142,7 +142,8 @@ def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
     fold models when cross-validated, else its classifier.keras). Checked before any work.
 
     Raises:
-        UsageError: no model, a missing path, or a folder holding no trained classifier.
+        UsageError: no model, a missing path, a folder holding no trained classifier, or a
+            cross-validated run missing a fold model.
     """
     from kdsb.training.classifier import model_paths_of_run
 
@@ -153,7 +154,7 @@ def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
         if path.is_file():
             resolved.append(path)
         elif path.is_dir() and model_paths_of_run(path):
-            resolved.extend(model_paths_of_run(path))
+            resolved.extend(model_paths_of_run(path, complete=True))
         else:
             state = "a folder without a trained classifier" if path.is_dir() else "a missing path"
             raise UsageError(

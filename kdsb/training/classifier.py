@@ -649,13 +649,34 @@ def _write_oof(path: Path, ids, p_cal, fold, y, p_raw) -> None:
                              probability_text(row[4])])
 
 
-def model_paths_of_run(run_dir: str | os.PathLike) -> list[Path]:
-    """The classifiers of a run folder: its fold models (cross-validated) or its one model."""
+def model_paths_of_run(run_dir: str | os.PathLike, complete: bool = False) -> list[Path]:
+    """The classifiers of a run folder: its fold models (cross-validated) or its one model.
+
+    Args:
+        run_dir: the run folder.
+        complete: refuse a cross-validated run with fewer calibrated fold models than its
+            `--folds` (config.json): one stopped while its folds were calibrated, whose
+            ensemble would silently be of a few folds only.
+
+    Raises:
+        UsageError: with `complete`, a fold model missing.
+    """
     run_dir = Path(run_dir)
     fold_models = sorted(
         run_dir.glob(f"{FOLD_PREFIX}*/{BEST_NAME}"),
         key=lambda p: int(p.parent.name.removeprefix(FOLD_PREFIX)),
     )
+    if fold_models and complete:
+        try:
+            folds = int(json.loads((run_dir / runs.OPTIONS_NAME).read_text())["folds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            folds = len(fold_models)  # no readable record of the run: the models found
+        if len(fold_models) < folds:
+            raise UsageError(
+                f"expected the {folds} fold models of {run_dir}, received {len(fold_models)}: "
+                f"the run stopped before its folds were all calibrated (resume it with "
+                f"kdsb train-classifier --resume)"
+            )
     if fold_models:
         return fold_models
     single = run_dir / BEST_NAME
