@@ -334,7 +334,7 @@ def test_label_smoothing_trains_toward_soft_labels_and_monitors_the_true_log_los
         ClassifierOptions(gmcae=str(gmcae), label_smoothing=1.0)
 
 
-def test_runs_saved_before_label_smoothing_existed_read_as_trained_without_it(cohort):
+def test_runs_saved_before_an_option_existed_read_as_trained_without_it(cohort):
     """A config.json without "label_smoothing" is of a run trained on the labels themselves (the
     option's default then): resuming or comparing it must not take today's default of 0.02."""
     _, _, gmcae = cohort
@@ -343,6 +343,10 @@ def test_runs_saved_before_label_smoothing_existed_read_as_trained_without_it(co
     assert ClassifierOptions.from_saved(saved).label_smoothing == 0.02
     del saved["label_smoothing"]
     assert ClassifierOptions.from_saved(saved).label_smoothing == 0.0
+    # Nor a run from before --restarts retrain a stuck model (found in review).
+    assert ClassifierOptions.from_saved(saved).restarts == 2
+    del saved["restarts"]
+    assert ClassifierOptions.from_saved(saved).restarts == 0
 
 
 def test_options_default_to_the_dataclass_and_are_validated_once(cohort):

@@ -22,8 +22,8 @@ POOLINGS = ("max", "average")
 MIL_POOLINGS = ("attention", "max")
 CALIBRATIONS = ("platt", "temperature", "none")
 CLASS_WEIGHTS = ("balanced", "none")
-# The label smoothing of runs saved before the option existed (no "label_smoothing" key).
-LEGACY_LABEL_SMOOTHING = 0.0
+# What runs saved before an option existed (no key for it in config.json) trained with.
+LEGACY_DEFAULTS = {"label_smoothing": 0.0, "restarts": 0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,8 +203,9 @@ class ClassifierOptions(RunOptions):
 
     @classmethod
     def from_saved(cls, saved):
-        """Options from a config.json; one saved before `--label-smoothing` existed used none."""
-        return super().from_saved({"label_smoothing": LEGACY_LABEL_SMOOTHING, **saved})
+        """Options from a config.json; one saved before `--label-smoothing` or `--restarts`
+        existed used neither (`LEGACY_DEFAULTS`): resumed, it must not begin to."""
+        return super().from_saved({**LEGACY_DEFAULTS, **saved})
 
     def volume_input(self) -> VolumeInput:
         """The network input these options ask for (any spacing, until training fits it)."""
