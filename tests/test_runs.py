@@ -121,6 +121,21 @@ def test_early_stopping_goes_on_from_the_history_when_resumed(tmp_path, patience
                         "patience": patience}
 
 
+def test_a_finished_run_whose_checkpoints_were_deleted_stays_finished(tmp_path):
+    """Found in review: with its checkpoints deleted to save space, a finished run resumed
+    started afresh and overwrote its best model."""
+    import shutil
+
+    runs.configure_runtime(seed=0)
+    _fit(tmp_path, 2, best_name="best.keras")
+    shutil.rmtree(tmp_path / "checkpoints")
+    stamp = (tmp_path / "best.keras").stat().st_mtime_ns
+    resumed = _fit(tmp_path, 2, resume=True, best_name="best.keras")
+    assert resumed.epoch == [] and resumed.model is not None
+    assert (tmp_path / "best.keras").stat().st_mtime_ns == stamp
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_resume_without_checkpoint_starts_afresh(tmp_path):
     runs.configure_runtime(seed=0)
     history = _fit(tmp_path, 1, resume=True)

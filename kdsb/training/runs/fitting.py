@@ -234,17 +234,20 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
     higher = higher_is_better(monitor)
     history_path = out_dir / HISTORY_NAME
     last = check_run_dir(run_dir, resume)
-    if resume and last is None:
-        logger.warning("no checkpoint in %s: starting afresh", run_dir / CHECKPOINT_DIR)
-    if last is not None and finished_training(run_dir, epochs, early_stopping_patience):
+    # A finished run whose checkpoints were deleted to save space keeps its best model.
+    ended = last[1] if last is not None else run_dir / best_name if resume else None
+    if (ended is not None and ended.is_file()
+            and finished_training(run_dir, epochs, early_stopping_patience)):
         # Resumed after it ended (killed while its results were written): training more
         # epochs would give another model than the uninterrupted run.
         logger.info("%s finished training: nothing to do", run_dir)
         history = keras.callbacks.History()
         with strategy.scope():
-            history.set_model(keras.saving.load_model(last[1], compile=True, safe_mode=True))
+            history.set_model(keras.saving.load_model(ended, compile=True, safe_mode=True))
         history.on_train_begin()  # no epochs: `history.epoch` is empty
         return history
+    if resume and last is None:
+        logger.warning("no checkpoint in %s: starting afresh", run_dir / CHECKPOINT_DIR)
     if chief:
         (run_dir / FINISHED_NAME).unlink(missing_ok=True)  # a former attempt's, or one to extend
     if last is not None:
