@@ -136,6 +136,22 @@ def test_a_finished_run_whose_checkpoints_were_deleted_stays_finished(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_damaged_record_is_a_one_line_error_naming_it(tmp_path):
+    """Found in review: a damaged finished.json (or split.json, fold.json, restarts.json) was
+    a JSONDecodeError traceback."""
+    from kdsb.errors import KdsbError
+
+    runs.configure_runtime(seed=0)
+    _fit(tmp_path, 1)
+    (tmp_path / "finished.json").write_text('{"epochs_run": 1, ')
+    with pytest.raises(KdsbError, match=r"finished.json: expected a JSON record, received an "
+                                        r"unreadable or damaged file \(.*\): restore it"):
+        _fit(tmp_path, 1, resume=True)
+    (tmp_path / "split.json").write_text("")
+    with pytest.raises(KdsbError, match="split.json: expected a JSON record"):
+        runs.check_split(tmp_path, {"train_ids": ["a"]}, resume=True)
+
+
 def test_resume_without_checkpoint_starts_afresh(tmp_path):
     runs.configure_runtime(seed=0)
     history = _fit(tmp_path, 1, resume=True)

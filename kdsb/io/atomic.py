@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kdsb.errors import UsageError
+from kdsb.errors import KdsbError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,19 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, payload: object) -> Path:
     """Write `payload` as indented JSON to `path` atomically; returns the path."""
     return write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON record kdsb wrote (atomically: only outside damage breaks one).
+
+    Raises:
+        KdsbError: the file is unreadable or not valid JSON, naming it.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise KdsbError(f"{path}: expected a JSON record, received an unreadable or damaged "
+                        f"file ({error}): restore it, or start a new folder") from None
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = "*") -> int:

@@ -76,7 +76,7 @@ from tqdm import tqdm
 from kdsb.data.inputs import INPUT_NAME, VolumeInput
 from kdsb.errors import KdsbError, UsageError
 from kdsb.evaluation import metrics
-from kdsb.io.atomic import atomic_path, write_json
+from kdsb.io.atomic import atomic_path, read_json, write_json
 from kdsb.io.journal import file_digest
 from kdsb.io.tables import check_labels_match, probability_text, read_labels
 from kdsb.io.volumes import list_volumes
@@ -250,7 +250,7 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
 
     models = (UNCALIBRATED_NAME, HEAD_NAME)
     restarts_path = model_dir / RESTARTS_NAME
-    records = json.loads(restarts_path.read_text()) if restarts_path.is_file() else []
+    records = read_json(restarts_path) if restarts_path.is_file() else []
     if attempts.kept_index(records) is not None:  # settled before a kill or a --resume
         return _kept_attempt(model_dir, records, models)
     y_val = [ctx.cohort[i][1] for i in val_ids]
@@ -634,7 +634,7 @@ def _read_fold(fold_dir: Path, held_out: list[str]) -> dict[str, Any] | None:
     path = fold_dir / FOLD_NAME
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    record = read_json(path)
     if record.get("held_out") != held_out or not (fold_dir / UNCALIBRATED_NAME).is_file():
         return None
     return record

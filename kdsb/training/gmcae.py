@@ -25,7 +25,6 @@ NumPy and TensorFlow are imported inside the functions, so the command line stay
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from kdsb.errors import UsageError
-from kdsb.io.atomic import write_json
+from kdsb.io.atomic import read_json, write_json
 from kdsb.training import runs
 from kdsb.training.runs import RunOptions, option
 
@@ -335,7 +334,7 @@ def train_gmcae(
         # Its records stay as they are: measured again on a DATA_DIR given anew, the summary
         # would weigh the model and its baseline on other patients.
         logger.info("%s finished training: nothing to do", run_dir)
-        return json.loads(summary_path.read_text()) if worker.chief else None
+        return read_json(summary_path) if worker.chief else None
     volumes, spacing = _volume_paths(Path(data_dir))
     train_ids, val_ids = split_patients(
         list(volumes), val_fraction=options.val_fraction, seed=options.seed

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdsb.io.atomic import write_json
+from kdsb.io.atomic import read_json, write_json
 from kdsb.training.runs.callbacks import (
     best_so_far,
     callback_classes,
@@ -343,7 +343,7 @@ def finished_training(run_dir: Path, epochs: int, patience: int | None) -> bool:
     path = run_dir / FINISHED_NAME
     if not path.is_file():
         return False
-    done = json.loads(path.read_text())
+    done = read_json(path)
     if done["epochs_run"] >= epochs:
         return True
     if done["stopped_early"] and done["patience"] == patience:

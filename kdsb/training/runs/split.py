@@ -5,12 +5,11 @@ model would train on its validation patients, or score patients it trained on as
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from kdsb.errors import KdsbError, UsageError
-from kdsb.io.atomic import write_json
+from kdsb.errors import UsageError
+from kdsb.io.atomic import read_json, write_json
 
 SPLIT_NAME = "split.json"
 
@@ -29,18 +28,14 @@ def check_split(model_dir: str | os.PathLike, split: dict[str, list[str]], resum
 
     Raises:
         UsageError: the model was begun on another split.
-        KdsbError: its record is not valid JSON.
+        KdsbError: its record is unreadable.
     """
     model_dir = Path(model_dir)
     path = model_dir / SPLIT_NAME
     record = path if path.is_file() or fallback is None else model_dir / fallback
     if not (resume and record.is_file()):
         return
-    try:
-        begun = json.loads(record.read_text())
-    except (OSError, ValueError) as error:
-        raise KdsbError(f"{record}: expected the model's split, received an unreadable file "
-                        f"({error})") from None
+    begun = read_json(record)
     for key, ids in split.items():
         if begun.get(key) != ids:
             other = sorted(set(begun.get(key, [])) ^ set(ids)) or ids
