@@ -758,3 +758,15 @@ def test_the_gmcae_spacing_warning_counts_the_downscale(tmp_path, caplog):
         classifier_training._warn_of_another_gmcae_spacing(
             str(gmcae), VolumeInput(spacing_mm=(2.0, 2.0, 2.0), downscale=2))
     assert "the classifier's encoder is fed (4.0, 4.0, 4.0) mm" in caplog.text
+
+
+def test_options_another_head_reads_are_warned_of(caplog):
+    """Found in review: --levels, --pooling and --freeze-blocks did nothing with --head mil,
+    without a word."""
+    with caplog.at_level(logging.WARNING, logger="kdsb.training.classifier"):
+        classifier_training._warn_of_other_heads_options({"levels": (1,), "lr": 0.1}, "spp")
+        classifier_training._warn_of_other_heads_options(ClassifierOptions, "mil")
+        assert caplog.text == ""
+        classifier_training._warn_of_other_heads_options(
+            {"levels": (1,), "freeze_blocks": 1, "mil_pooling": "max", "mil_block": 1}, "nll")
+    assert "--head nll ignores --levels, --freeze-blocks, --mil-block" in caplog.text

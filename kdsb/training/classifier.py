@@ -96,6 +96,23 @@ BAGS_DIR = "bags"
 CALIBRATION_PNG = "calibration.png"
 # The metric picking the best model: the `log_loss` metric compiled below, on validation data.
 MONITOR = "val_log_loss"
+# The heads that read an option only some heads read (the others ignore it).
+READ_BY_HEADS = {"levels": ("spp",), "pooling": ("spp",), "freeze_blocks": ("spp",),
+                 "mil_pooling": ("mil", "nll"), "mil_block": ("mil",),
+                 "bag_symmetries": ("mil", "nll")}
+
+
+def _warn_of_other_heads_options(given: Any, head: str) -> None:
+    """Warn of options given on the command line that `head` does not read (`--levels` with
+    `--head mil`); the library path (a whole options object) names none."""
+    if not isinstance(given, dict):
+        return
+    ignored = [key for key, heads in READ_BY_HEADS.items() if key in given and head not in heads]
+    if ignored:
+        logger.warning("--head %s ignores %s", head,
+                       ", ".join("--" + key.replace("_", "-") for key in ignored))
+
+
 def _warn_of_another_gmcae_spacing(gmcae: str, volume_input: VolumeInput) -> None:
     """Warn when the GMCAE learned its features on another grid than the one the classifier's
     encoder is fed (the volumes' spacing times `--downscale`): it then sees every structure at
@@ -402,9 +419,11 @@ def train_classifier(
         TrainingError: the loss became NaN.
     """
     run_dir = Path(run_dir)
+    given = options
     options, _ = runs.resolve_options(
         ClassifierOptions, options, run_dir, resume=resume, data_dir=data_dir
     )
+    _warn_of_other_heads_options(given, options.head)
     worker = runs.worker(options.distribute)
     if options.distribute == "multiworker" and options.batch_size != worker.count:
         raise UsageError(
