@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -22,9 +24,10 @@ def test_shards_hold_the_streamed_patches_and_are_reused_until_a_volume_changes(
     paths = [_volume(tmp_path, f"p{i}", i) for i in range(2)]
     shards = patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16,
                                            per_volume=5, seed=3)
-    for index, (path, shard) in enumerate(zip(paths, shards, strict=True)):
-        expected = datasets.read_patches(path, patch_size=16, count=5, augment=False,
-                                         rng=np.random.default_rng(3 + index))
+    for path, shard in zip(paths, shards, strict=True):
+        expected = datasets.read_patches(
+            path, patch_size=16, count=5, augment=False,
+            rng=np.random.default_rng([3, zlib.crc32(path.stem.encode())]))
         stored = np.load(shard)
         assert stored.dtype == np.float16 and stored.shape == (5, 16, 16, 16)
         np.testing.assert_allclose(stored, expected, atol=2e-3)
@@ -39,6 +42,21 @@ def test_shards_hold_the_streamed_patches_and_are_reused_until_a_volume_changes(
     patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16, per_volume=5, seed=3)
     assert [str(a[0]) for a in calls] == [str(paths[1])]
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+def test_a_shard_is_drawn_from_the_seed_and_its_volume_not_its_place(tmp_path):
+    """Found in review: volume i drew with seed + i, so a shard reused by a run of other
+    volumes was not the one a fresh build would draw (and seeds s, s + 1 drew alike)."""
+    paths = [_volume(tmp_path, f"p{i}", i) for i in range(3)]
+    first = patch_cache.build_patch_cache(paths, tmp_path / "a", patch_size=16, per_volume=4)
+    later = patch_cache.build_patch_cache(paths[1:], tmp_path / "b", patch_size=16,
+                                          per_volume=4)
+    for one, other in zip(first[1:], later, strict=True):
+        np.testing.assert_array_equal(np.load(one), np.load(other))
+    # p1 first at place 1 with seed 0, then at place 0 with seed 1: it drew alike.
+    shifted = patch_cache.build_patch_cache(paths[1:], tmp_path / "c", patch_size=16,
+                                            per_volume=4, seed=1)
+    assert not np.array_equal(np.load(first[1]), np.load(shifted[0]))
 
 
 def test_a_failed_build_keeps_the_record_of_the_shards_it_wrote(tmp_path, monkeypatch):

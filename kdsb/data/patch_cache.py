@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,7 +40,10 @@ from kdsb.errors import KdsbError
 from kdsb.io import volumes
 from kdsb.io.atomic import atomic_path
 
-CACHE_DTYPE = np.float16  # normalised HU in [-1, 1.43]: float16 keeps 3 significant digits
+CACHE_DTYPE = np.float16  # normalised HU in [-1, 1.86]: float16 keeps 3 significant digits
+# How a volume's patches are drawn (in the settings, so a cache of another rule is not reused):
+# from the seed and the volume's id.
+DRAW_RULE = "seed-and-id"
 SHARD_SUFFIX = ".npy"
 KEY_NAME = "key.json"
 # Seconds between saves of key.json: rewriting it after every shard made a 1,600-volume build
@@ -88,13 +92,15 @@ def build_patch_cache(
         cache_dir: folder of the cache (created if needed).
         patch_size: patch edge in voxels.
         per_volume: patches kept per volume.
-        seed: seed of the patch positions (volume i uses seed + i).
+        seed: seed of the patch positions (a volume's draw also depends on its id, never on
+            its place in `paths`: a shard reused by a run of other volumes is the one a fresh
+            build would draw).
         min_lung_fraction: see `kdsb.data.patches.sample_patch_corners`.
     """
     if per_volume < 1:
         raise KdsbError(f"expected at least 1 cached patch per volume, received {per_volume}")
     settings = {"patch_size": int(patch_size), "per_volume": int(per_volume), "seed": int(seed),
-                "min_lung_fraction": float(min_lung_fraction)}
+                "min_lung_fraction": float(min_lung_fraction), "draw": DRAW_RULE}
     folder = _settings_dir(Path(cache_dir), settings)
     folder.mkdir(parents=True, exist_ok=True)
     key_path = folder / KEY_NAME
@@ -106,14 +112,13 @@ def build_patch_cache(
 
     shards, saved_at, unsaved = [], time.monotonic(), False
     try:
-        for index, path in enumerate(tqdm(paths, desc="patch cache", unit="volume",
-                                          disable=None)):
+        for path in tqdm(paths, desc="patch cache", unit="volume", disable=None):
             path = Path(path)
             shard = folder / f"{path.stem}{SHARD_SUFFIX}"
             source = _source_key(path)
             if keys.get(path.stem) != source or not shard.is_file():
-                found = volume_patches(path, patch_size, per_volume,
-                                       np.random.default_rng(seed + index), min_lung_fraction)
+                rng = np.random.default_rng([int(seed), zlib.crc32(path.stem.encode())])
+                found = volume_patches(path, patch_size, per_volume, rng, min_lung_fraction)
                 with atomic_path(shard) as temp:
                     np.save(temp, found.astype(CACHE_DTYPE))
                 keys[path.stem], unsaved = source, True

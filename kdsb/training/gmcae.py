@@ -88,7 +88,9 @@ class GmcaeOptions(RunOptions):
         64, "base filters of the encoder (64 as published; 4-16 for CPU demos)", type=int
     )
     patch_size: int = option(32, "patch edge in voxels (multiple of 8)", type=int)
-    patches_per_volume: int = option(8, "patches read per visit of a volume", type=int)
+    patches_per_volume: int = option(
+        8, "patches read per visit of a volume (with --patch-cache: the validation patches' "
+        "only)", type=int)
     patch_cache: int = option(
         0, "extract this many lung patches per training volume once, into memory-mapped "
         "shards in DATA_DIR/.patch_cache, and train from them (whole-batch symmetries; fast "
