@@ -104,6 +104,17 @@ def test_unreadable_and_foreign_files_give_clear_errors(tmp_path):
         volumes.read_volume(tmp_path / "foreign.h5")
     with pytest.raises(StoreError, match="missing path"):
         volumes.read_volume(tmp_path / "absent.h5")
+    # Found in review: a mask of another shape gave patches cut beyond the volume, silently;
+    # a 2D volume a broadcast error without the file's name.
+    for name, hu_shape, mask_shape in (("other.h5", (4, 5, 6), (4, 5, 7)),
+                                       ("flat.h5", (5, 6), (5, 6))):
+        with h5py.File(tmp_path / name, "w") as f:
+            f["hu"], f["lung_mask"] = np.zeros(hu_shape, np.int16), np.zeros(mask_shape, np.uint8)
+            f.attrs["spacing"], f.attrs["origin"] = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)
+        with pytest.raises(StoreError, match=rf"{name}: expected 3D hu and lung_mask of one "
+                                             rf"shape, received \({hu_shape[0]}, "):
+            with volumes.open_volume(tmp_path / name):
+                pass
     with pytest.raises(StoreError, match="expected a folder"):
         volumes.list_volumes(tmp_path / "nowhere")
 

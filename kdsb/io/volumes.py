@@ -177,7 +177,8 @@ def open_volume(path: str | os.PathLike) -> Iterator[h5py.File]:
     closed when the block ends.
 
     Raises:
-        StoreError: a missing, unreadable or foreign file, or (from the block) data that
+        StoreError: a missing, unreadable or foreign file (datasets missing, not 3D or of two
+            shapes: patches would be cut beyond the volume), or (from the block) data that
             cannot be read: a header that opens over damaged chunks. Every reader of volume
             files goes through here, so each such error names the file.
     """
@@ -197,6 +198,10 @@ def open_volume(path: str | os.PathLike) -> Iterator[h5py.File]:
         if missing:
             raise StoreError(f"{path}: expected a kdsb volume file, missing "
                              f"{', '.join(missing)}")
+        hu_shape, mask_shape = f["hu"].shape, f["lung_mask"].shape
+        if len(hu_shape) != 3 or mask_shape != hu_shape:
+            raise StoreError(f"{path}: expected 3D hu and lung_mask of one shape, received "
+                             f"{hu_shape} and {mask_shape}")
         try:
             yield f
         except OSError as error:
