@@ -273,6 +273,9 @@ def test_qc_images_are_written_for_every_volume(mixed_run, phantoms):
         (lambda d: [str(d / "root"), str(d / "out"), "--spacing", "0"], "positive"),
         (lambda d: [str(d / "root"), str(d / "out"), "--workers", "0"], "--workers"),
         (lambda d: [str(d / "root"), str(d / "file.txt")], "output folder"),
+        # Found in review: checked only once every patient was done, and exit 1.
+        (lambda d: [str(d / "root"), str(d / "out"), "--qc", str(d / "file.txt")],
+         "expected --qc DIR, a folder for the QC images, received a file"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, capsys, make_args, message):

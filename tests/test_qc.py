@@ -242,11 +242,26 @@ def test_write_qc_writes_every_png(tmp_path, corrupt):
         )
     if corrupt:
         volume_files["p2"].write_bytes(b"not hdf5")
+    (tmp_path / "qc").mkdir()
+    (tmp_path / "qc" / "p3.png").write_bytes(b"an earlier run's image of p3")  # p3 fails now
     sheets = qc.write_qc(volume_files, {"p3": "p3: not DICOM"}, tmp_path / "qc")
     assert sheets == [tmp_path / "qc" / qc.CONTACT_SHEET_NAME]
     written = {p.name for p in (tmp_path / "qc").iterdir()}
     expected = {"p1.png", qc.CONTACT_SHEET_NAME} | (set() if corrupt else {"p2.png"})
     assert written == expected
+
+
+def test_a_failure_reason_is_wrapped_at_words_without_the_id():
+    """Found in review: the tile's four lines of 24 characters began with the id it shows
+    above them, broke words ("expected lu|ngs") and were cut without a mark."""
+    kaggle_id = "0a0c32c9e08cc2ea76a71649de56be6d"
+    reason = (f"patient {kaggle_id}: expected lungs of 0.5–10 L, received 0.15 L (a scan "
+              "without lungs, or lungs the field of view cuts off)")
+    lines = qc.reason_lines(kaggle_id, reason)
+    assert lines[0] == "expected lungs of 0.5–10"
+    assert len(lines) == qc.REASON_LINES and lines[-1].endswith("…")
+    assert all(len(line) <= qc.REASON_CHARS for line in lines)
+    assert qc.reason_lines("p1", "p1: not DICOM") == ["not DICOM"]
 
 
 def test_ids_with_dollar_signs_are_drawn_as_text(tmp_path):

@@ -426,7 +426,7 @@ def run_cohort(
 
     Raises:
         UsageError: bad arguments (missing input root, no patients, bad spacing,
-            workers < 1, negative margin, an out_dir that is a file, an out_dir holding
+            workers < 1, negative margin, an out_dir or qc_dir that is a file, an out_dir holding
             volumes of another spacing or margin without `overwrite`).
     """
     input_root, out_dir = Path(input_root), Path(out_dir)
@@ -436,6 +436,10 @@ def run_cohort(
     validate_margin(margin_mm)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"expected an output folder, received a file: {out_dir}")
+    if qc_dir is not None:  # before the work: a bad QC folder failed the run at its end
+        from kdsb.commands import require_output_dir
+
+        require_output_dir(qc_dir, "--qc DIR, a folder for the QC images")
     patients = find_patients(input_root, out_dir, Path(qc_dir) if qc_dir is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     with sole_writer(out_dir / LOCK_NAME, "kdsb preprocess", "use another OUT_DIR"):

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -458,14 +459,25 @@ def _write_page(
         axis.text(left + 2, top + LABEL_PX - 4, short_id(patient_id), fontsize=LABEL_FONT_PT,
                   family="monospace", parse_math=False)
         if tiles[patient_id] is None:
-            reason = failed.get(patient_id, "")
             axis.text(left + 4, top + LABEL_PX + 20, "FAILED", color="white",
                       fontsize=FAILED_FONT_PT, fontweight="bold")
-            for line in range(min(REASON_LINES, math.ceil(len(reason) / REASON_CHARS))):
-                axis.text(left + 4, top + LABEL_PX + 40 + 12 * line,
-                          reason[line * REASON_CHARS : (line + 1) * REASON_CHARS], color="white",
+            for line, text in enumerate(reason_lines(patient_id, failed.get(patient_id, ""))):
+                axis.text(left + 4, top + LABEL_PX + 40 + 12 * line, text, color="white",
                           fontsize=REASON_FONT_PT, family="monospace", parse_math=False)
     save_figure(figure, path, dpi=DPI)
+
+
+def reason_lines(patient_id: str, reason: str) -> list[str]:
+    """A failure's reason for its tile: without the patient's id in front (the tile's label
+    holds it), wrapped at words into at most `REASON_LINES` lines of `REASON_CHARS`, the last
+    ending in "…" when cut."""
+    for prefix in (f"patient {patient_id}: ", f"{patient_id}: "):
+        reason = reason.removeprefix(prefix)
+    lines = textwrap.wrap(reason, REASON_CHARS, break_long_words=True)
+    if len(lines) > REASON_LINES:
+        lines = lines[:REASON_LINES]
+        lines[-1] = lines[-1][: REASON_CHARS - 1].rstrip() + "…"
+    return lines
 
 
 def write_contact_sheet(
@@ -512,7 +524,8 @@ def write_qc(
 
     Args:
         volume_files: patient id → volume file (`<id>.h5`).
-        failed: patient id → one-line reason, for patients without a volume.
+        failed: patient id → one-line reason, for patients without a volume (an image of an
+            earlier run left for one is removed).
         qc_dir: folder for the PNGs (created if needed).
 
     Returns:
@@ -521,6 +534,8 @@ def write_qc(
     qc_dir = Path(qc_dir)
     qc_dir.mkdir(parents=True, exist_ok=True)
     failed = dict(failed)
+    for patient_id in failed:  # an earlier run's image of a volume that is gone
+        (qc_dir / f"{patient_id}.png").unlink(missing_ok=True)
     tiles: dict[str, np.ndarray | None] = dict.fromkeys(failed)
     for patient_id, path in tqdm(volume_files.items(), desc="QC", unit="patient", disable=None):
         try:
