@@ -129,19 +129,43 @@ def test_synth_base_bad_options_are_usage_errors(base_folder, tmp_path, capsys):
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
 
 
-def test_a_lesion_that_cannot_be_placed_names_the_patient(base_folder, monkeypatch):
-    """A failed placement stops the cohort with a line naming the patient (found in review)."""
+def test_a_lesion_that_cannot_be_placed_is_drawn_elsewhere_then_named(base_folder, monkeypatch,
+                                                                        caplog):
+    """Found in review: one lesion without room stopped the whole cohort, and a resume hit it
+    again (the patient's seed is fixed). It is now drawn at other places; a cancer lesion that
+    finds none stops the cohort naming the patient, a small nodule is left out."""
     from kdsb.errors import KdsbError
 
     _, phantom = base_folder
+    real, calls = implants.implant_lesion, []
+
+    def first_place_full(*args, **kwargs):
+        calls.append(kwargs["place"])
+        if len(calls) == 1:
+            raise KdsbError("expected lung surface of place 'apical', received none")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(implants, "implant_lesion", first_place_full)
+    _, _, labels, lesions = implants.implant_patient(
+        phantom.hu.copy(), phantom.spacing, phantom.origin, np.random.default_rng(0),
+        cancer=True, patient_id="implant_007")
+    assert len(calls) >= 2 and lesions[0].radius_mm >= 8.0 and (labels == 1).any()
 
     def nowhere(*args, **kwargs):
         raise KdsbError("expected lung surface of place 'apical', received none in this scan")
 
     monkeypatch.setattr(implants, "implant_lesion", nowhere)
-    with pytest.raises(KdsbError, match=r"^patient implant_007: expected lung surface of place"):
+    with pytest.raises(KdsbError, match=r"^patient implant_007: expected lung surface of place "
+                                        r".* \(5 places tried\)"):
         implants.implant_patient(phantom.hu.copy(), phantom.spacing, phantom.origin,
                                  np.random.default_rng(0), cancer=True, patient_id="implant_007")
+    hu = phantom.hu.copy()
+    rng = next(np.random.default_rng(seed) for seed in range(100)  # one with small nodules
+               if np.random.default_rng(seed).integers(0, implants.MAX_SMALL_NODULES + 1))
+    _, _, labels, lesions = implants.implant_patient(hu, phantom.spacing, phantom.origin, rng,
+                                                     cancer=False, patient_id="p2")
+    assert lesions == [] and not labels.any() and np.array_equal(hu, phantom.hu)
+    assert "patient p2: a small_solid nodule left out: expected lung surface" in caplog.text
 
 
 def test_an_interrupted_cohort_resumes_only_on_the_same_base_content(base_folder, tmp_path,

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 BIG_KINDS = tuple(kind for kind in KINDS if kind != "small_solid")
 SMALL_RADIUS_MM = (3.0, 6.0)  # small solid nodules of every patient
 MAX_SMALL_NODULES = 2
+PLACEMENT_TRIES = 5  # places drawn for a lesion that finds no room where first drawn
 DEFAULT_RADIUS_MM = (8.0, 35.0)  # the cancer lesion's radius
 # The largest cancer lesion: what the lung mask is built to keep (`kdsb.preprocessing.lungs`); a
 # far larger one rarely fits a lung and is only refused after every placement try.
@@ -179,9 +180,17 @@ def implant_patient(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Lesion]]:
     """Paint one patient's lesions into `hu` (in place).
 
+    A lesion that finds no room at its place (too little lung there, a lesion too small for
+    the grid) is drawn again at another place, up to `PLACEMENT_TRIES` places in all (the
+    cancer lesion with another radius of `radius_mm` too); a small nodule that finds none is
+    left out with a warning.
+
     Returns:
         (hu, the healthy lung mask, uint8 lesion labels (0 none, k the k-th lesion), the
         lesions). The lesions are placed in the mask's parenchyma (`lung_parenchyma`).
+
+    Raises:
+        KdsbError: the cancer lesion found no room at `PLACEMENT_TRIES` places.
     """
     from kdsb.preprocessing.lungs import segment_lungs
 
@@ -195,15 +204,27 @@ def implant_patient(
         wanted.append(("small_solid", str(rng.choice(places)), rng.uniform(*SMALL_RADIUS_MM)))
     labels = np.zeros(hu.shape, dtype=np.uint8)
     lesions: list[Lesion] = []
-    for kind, place, radius in wanted:
+    for index, (kind, place, radius) in enumerate(wanted):
         free = parenchyma & (labels == 0)  # lesions never overlap
-        try:
-            truth, lesion = implant_lesion(
-                hu, spacing, origin, free, kind=kind, place=place, radius_mm=round(radius, 2),
-                rng=rng, sites=sites,
-            )
-        except KdsbError as error:
-            raise KdsbError(f"patient {patient_id}: {error}") from error
+        for _ in range(PLACEMENT_TRIES):
+            try:
+                truth, lesion = implant_lesion(
+                    hu, spacing, origin, free, kind=kind, place=place,
+                    radius_mm=round(radius, 2), rng=rng, sites=sites,
+                )
+                break
+            except KdsbError as error:  # the scan is untouched: another place may have room
+                problem = error
+                place = str(rng.choice(places))
+                if cancer and index == 0:  # the cancer lesion keeps its kind and size range
+                    radius = rng.uniform(*radius_mm)
+        else:
+            if cancer and index == 0:
+                raise KdsbError(f"patient {patient_id}: {problem} ({PLACEMENT_TRIES} places "
+                                f"tried)") from problem
+            logger.warning("patient %s: a %s nodule left out: %s (%d places tried)", patient_id,
+                           kind, problem, PLACEMENT_TRIES)
+            continue
         lesions.append(lesion)
         labels[truth] = len(lesions)
     return hu, lungs, labels, lesions

@@ -405,7 +405,8 @@ def implant_lesion(
     if voxels < MIN_LESION_VOXELS:  # refused before `hu` is touched: a caller may try again
         raise KdsbError(
             f"expected a lesion of at least {MIN_LESION_VOXELS} voxels, received {voxels} "
-            f"(radius {radius_mm:g} mm on a {tuple(spacing_arr)} mm grid, place {place})"
+            f"(radius {radius_mm:g} mm on a ({', '.join(f'{v:g}' for v in spacing_arr)}) mm grid, "
+            f"place {place})"
         )
     hu[box] = np.clip(np.rint(painted), np.iinfo(np.int16).min, np.iinfo(np.int16).max)
     center_mm = tuple(
