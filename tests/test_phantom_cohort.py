@@ -117,12 +117,15 @@ def test_cohort_layout_truth_and_dicom_round_trip(tmp_path):
         write_cohort(tmp_path, patients=1, seed=seed, size=48, scale=0.5)
 
 
-def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys):
+def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys, caplog):
     out = tmp_path / "cohort"
     code = main(
         ["synth", str(out), "--patients", "2", "--seed", "1", "--size", "40", "--scale", "0.5"]
     )
     assert code == 0
+    # Half-size lungs are too small for preprocessing: said per patient (found in review).
+    assert "phantom_000: lungs of 0." in caplog.text
+    assert "L at --scale 0.5, outside the 0.5–10 L kdsb preprocess accepts" in caplog.text
     assert str(out / "labels.csv") in capsys.readouterr().out
     assert len(list((out / "dicom").iterdir())) == 2
     assert len(list((out / "truth").glob("*.npz"))) == 2

@@ -16,9 +16,11 @@ anterior → posterior, axis 2 right → left, so patient coordinates (mm) incre
 axis; `spacing` and `origin` are in mm in (z, y, x) order.
 
 Sizing: `scale` shrinks the anatomy, the field of view and the scanned length together (nodule
-radii stay physical, so the label rule holds). `--size 96 --scale 0.6` gives ~2.3 mm pixels and
-lungs of about 110 × 80 × 130 mm: after 1.5 mm resampling a few hundred thousand voxels, which
-suits CPU demos; `--scale 1` with `--size 512` is an adult scan at ~0.7 mm pixels.
+radii stay physical, so the label rule holds). The lungs' volume goes with the scale's cube:
+0.2–0.4 L at 0.5, 0.3–0.7 L at 0.6 (under the 0.5 L `kdsb preprocess` accepts: such phantoms
+test the synthesis, not the pipeline), 5–11 L at 1.5 (over its 10 L); `synth` warns of each
+patient outside those bounds. The demo's `--size 128 --scale 0.8` gives ~2 mm pixels and lungs a
+CPU trains on in minutes; `--scale 1` with `--size 512` is an adult scan at ~0.7 mm pixels.
 
 Everything is drawn from the random generator: the same state gives the same phantom.
 Generation is vectorised NumPy, one axial slice at a time for the body and one small box per

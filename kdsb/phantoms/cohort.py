@@ -215,7 +215,20 @@ def _cohort(
             continue
         rng = np.random.default_rng(child)
         phantom = make_phantom(rng, size=size, cancer=bool(labels[index]), scale=scale)
+        _warn_of_implausible_lungs(patient_id(index), phantom, scale)
         yield patient_id(index), phantom, _acquisition(rng)
+
+
+def _warn_of_implausible_lungs(pid: str, phantom: Phantom, scale: float) -> None:
+    """Warn of a phantom whose lungs `kdsb preprocess` will refuse as implausible (a total
+    volume outside `MIN_LUNG_LITRES`–`MAX_LUNG_LITRES`): a small or large `scale`."""
+    from kdsb.preprocessing.lungs.segment import MAX_LUNG_LITRES, MIN_LUNG_LITRES
+
+    litres = float(np.count_nonzero(phantom.lung_mask)) * float(np.prod(phantom.spacing)) / 1e6
+    if not MIN_LUNG_LITRES <= litres <= MAX_LUNG_LITRES:
+        logger.warning("%s: lungs of %.2f L at --scale %g, outside the %g–%g L kdsb preprocess "
+                       "accepts: it will fail there", pid, litres, scale, MIN_LUNG_LITRES,
+                       MAX_LUNG_LITRES)
 
 
 def write_cohort(
