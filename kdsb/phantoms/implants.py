@@ -13,7 +13,8 @@ folder or a NIfTI / MetaImage / NRRD file) into many patients written like the p
                                phantom truth's form), the base file and the variation drawn
 
 Each patient is the base scan varied (`vary_base`): mirrored left-right or not, cropped by a
-random margin around the lungs, mildly and smoothly deformed (`ELASTIC_MM` at most), given extra
+random margin around the lungs, mildly and smoothly deformed (`ELASTIC_MM` at most along each
+axis: about 5 mm at most in all), given extra
 image noise and resampled to another slice spacing; then lesions are painted in with
 `kdsb.phantoms.lesions.implant_lesion`. Cancer patients get one lesion of the requested kinds,
 places and radii (radius at least the cancer radius); every patient gets up to
@@ -62,7 +63,7 @@ DEFAULT_RADIUS_MM = (8.0, 35.0)  # the cancer lesion's radius
 MAX_RADIUS_MM = DEFAULT_RADIUS_MM[1]
 MIRROR_PROBABILITY = 0.5
 CROP_MARGIN_MM = (10.0, 40.0)  # kept around the lungs' bounding box, per side
-ELASTIC_MM = 4.0  # largest displacement of the smooth deformation
+ELASTIC_MM = 4.0  # largest displacement of the smooth deformation along each axis
 ELASTIC_GRID_MM = 50.0  # spacing of its random control points
 NOISE_HU = (0.0, 15.0)  # standard deviation of the added image noise
 SLICE_SPACINGS_MM = (1.0, 1.25, 1.5, 2.0, 2.5)  # drawn; the base's own spacing if finer is off
@@ -81,7 +82,8 @@ def _cubic_zoom_weights(n_out: int, n_control: int) -> np.ndarray:
 def _smooth_displacement(
     shape: tuple[int, int, int], spacing: np.ndarray, rng: np.random.Generator
 ) -> list[np.ndarray]:
-    """A smooth random displacement field (voxels), one array per axis, at most `ELASTIC_MM`:
+    """A smooth random displacement field (voxels), one array per axis, each at most
+    `ELASTIC_MM` (measured 5.2–5.3 mm at most in all, the axes' maxima rarely coinciding):
     random control points every `ELASTIC_GRID_MM`, interpolated by cubic B-splines.
 
     The 3D `ndimage.zoom` of the control grid evaluates 64 spline terms at every voxel (~5 s per
