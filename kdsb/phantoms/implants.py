@@ -14,10 +14,10 @@ folder or a NIfTI / MetaImage / NRRD file) into many patients written like the p
 
 Each patient is the base scan varied (`vary_base`): mirrored left-right or not, cropped by a
 random margin around the lungs, mildly and smoothly deformed (`ELASTIC_MM` at most along each
-axis: about 5 mm at most in all), given extra
-image noise and resampled to another slice spacing; then lesions are painted in with
-`kdsb.phantoms.lesions.implant_lesion`. Cancer patients get one lesion of the requested kinds,
-places and radii (radius at least the cancer radius); every patient gets up to
+axis: about 5 mm at most in all), given extra image noise and resampled to another slice
+spacing; then lesions are painted in with `kdsb.phantoms.lesions.implant_lesion`. Cancer
+patients get one lesion of the requested kinds, places and radii (radius at least the cancer
+radius); every patient gets up to
 `MAX_SMALL_NODULES` small solid nodules (radius 3–6 mm, below the cancer radius).
 
 The lesions are ground truth. The lungs around them are not: they are kdsb's own segmentation
