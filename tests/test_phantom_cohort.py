@@ -209,6 +209,13 @@ def test_a_cohort_still_being_written_is_not_taken_for_an_unfinished_one(tmp_pat
 
 def test_a_dicom_folder_synth_did_not_write_is_never_replaced(tmp_path):
     (tmp_path / "dicom" / "real_patient").mkdir(parents=True)
+    (tmp_path / "labels.csv").write_text("id,cancer\nreal_patient,1\n")
     with pytest.raises(UsageError, match="already holds dicom"):
         write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5)
+    # Not with --overwrite either (found in review: a real data root would have been deleted).
+    with pytest.raises(UsageError, match="expected --overwrite of a cohort kdsb synth wrote, "
+                                         "received .* whose dicom, labels.csv has no synth "
+                                         "truth/ records beside it: nothing deleted"):
+        write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5, overwrite=True)
     assert (tmp_path / "dicom" / "real_patient").is_dir()
+    assert (tmp_path / "labels.csv").read_text().startswith("id,cancer\nreal_patient")

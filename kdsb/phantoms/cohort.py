@@ -112,8 +112,9 @@ def new_cohort(out_root: Path, overwrite: bool, options: dict) -> Iterator[dict[
     labels.csv. A dicom/ folder without it is never taken for synth's own.
 
     Raises:
-        UsageError: OUT_ROOT holds a cohort (without `overwrite`), or another synth run is
-            writing it.
+        UsageError: OUT_ROOT holds a cohort (without `overwrite`), or files synth did not write
+            (dicom/ or labels.csv without its truth/ records: never deleted, even with
+            `overwrite`), or another synth run is writing it.
     """
     marker = out_root / UNFINISHED_MARKER
     existing = [out_root / name for name in ("dicom", "truth", "labels.csv")]
@@ -123,6 +124,16 @@ def new_cohort(out_root: Path, overwrite: bool, options: dict) -> Iterator[dict[
         raise UsageError(
             f"expected a new or empty OUT_ROOT, received {out_root} which already holds "
             f"{', '.join(path.name for path in existing)} (use --overwrite to replace them)"
+        )
+    truth = out_root / "truth"
+    synths = marker.is_file() or (truth.is_dir() and (not any(truth.iterdir())
+                                                      or any(truth.glob("*.json"))))
+    if existing and overwrite and not synths:
+        # Found in review: --overwrite deleted any dicom/ and labels.csv, a real cohort's too.
+        raise UsageError(
+            f"expected --overwrite of a cohort kdsb synth wrote, received {out_root} whose "
+            f"{', '.join(path.name for path in existing)} has no synth truth/ records beside "
+            f"it: nothing deleted (choose another OUT_ROOT)"
         )
     out_root.mkdir(parents=True, exist_ok=True)
     begun = json.dumps({**options, "kdsb": __version__}, sort_keys=True).encode()
