@@ -110,6 +110,11 @@ def _layer_macs(layer, input_shape, output_shape) -> int:
     return 0
 
 
+# Named one by one: a Conv3DTranspose is no Conv3D in Keras 3 (until 2026-12-03 the transposed
+# decoder's layers, ~80 % of its FLOPs, went uncounted).
+COUNTED_LAYERS = ("Conv3D", "Conv3DTranspose", "Dense")
+
+
 def training_flops_per_patch(model, patch_shape: tuple[int, ...]) -> int:
     """Training FLOPs per patch (forward + backward) of the model's conv and dense layers.
 
@@ -119,6 +124,7 @@ def training_flops_per_patch(model, patch_shape: tuple[int, ...]) -> int:
     """
     import keras
 
+    counted = tuple(getattr(keras.layers, name) for name in COUNTED_LAYERS)
     macs = 0
     for layer in model.layers:
         if isinstance(layer, keras.Model):
@@ -129,7 +135,7 @@ def training_flops_per_patch(model, patch_shape: tuple[int, ...]) -> int:
                 out = inner.compute_output_shape(shape)
                 macs += _layer_macs(inner, shape, out)
                 shape = out
-        elif isinstance(layer, (keras.layers.Conv3D, keras.layers.Dense)):
+        elif isinstance(layer, counted):
             macs += _layer_macs(layer, layer.input.shape, layer.output.shape)
     return FLOPS_PER_MAC * TRAIN_FLOPS_FACTOR * macs
 
