@@ -5,9 +5,12 @@ For each seed: a training cohort (`kdsb synth`: the demo's phantoms, or with `--
 chest CT varied with lesions implanted, `kdsb synth --base`) and a separate held-out cohort of
 `--test-size` patients (seed + 5000), both preprocessed at the demo's 2 mm; the demo's
 GMCAE recipe trained on the training volumes; then for each training size n (the first n
-patients of the cohort, which has max(--sizes)) and each head,
+patients of the cohort, which has max(--sizes): with several sizes the smaller ones are not the
+cohort `--sizes n` alone would draw, whose labels are drawn over n patients, and their GMCAE
+saw all max(--sizes); run one size per WORKDIR for that) and each head,
 `train-classifier --folds K` (the head's options below), `predict RUN_DIR` on the held-out
-cohort and its metrics. Prints one row per (size, head, seed) and the mean ± sd over seeds of:
+cohort and its metrics. Prints one row per (size, head, seed) and the mean ± sd over seeds (the
+sample sd; before 2026-12-03 the population sd, 0.82× as large for 3 seeds) of:
 out-of-fold log loss and ECE (cross-fitted calibration), held-out log loss, AUC, ECE (each ECE
 beside the one a calibrated model with the same predictions shows by chance,
 `metrics.ece_if_calibrated`), and the CPU time of the classifier step. Everything is written
@@ -270,7 +273,9 @@ def main(argv=None) -> int:
 
             def cell(key, chosen=chosen):
                 values = np.array([r[key] for r in chosen], dtype=float)
-                return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
+                sd = np.nanstd(values, ddof=1) if np.count_nonzero(~np.isnan(values)) > 1 \
+                    else np.nan  # the sample sd over seeds, as `kdsb demo --seeds` gives it
+                return f"{np.nanmean(values):.3f} ± {sd:.3f}"
 
             print(f"{n:>4} {head:>5} {cell('oof_log_loss'):>14} {cell('oof_ece'):>14} "
                   f"{cell('oof_ece_if_calibrated'):>14} {cell('test_log_loss'):>14} "

@@ -127,7 +127,7 @@ def test_two_workers_resume_a_gmcae_and_the_chief_alone_writes(cohort, tmp_path)
     assert _files(run_dir) == {
         "config.json", "history.csv", "checkpoints/epoch_0001.keras",
         "checkpoints/epoch_0002.keras", "gmcae.keras", "gmcae_summary.json", "gmcae.json",
-        "loss.png", "reconstructions.png", "finished.json",
+        "loss.png", "reconstructions.png", "finished.json", "split.json",
     }
     assert json.loads((run_dir / "config.json").read_text())["distribute"] == "multiworker"
     assert _epochs(run_dir) == [0, 1]
