@@ -4,8 +4,9 @@
 Runs on a finished `kdsb demo WORKDIR` (or `make demo`: WORKDIR = demo_work): the demo's
 classifier (`runs/classifier/classifier.keras`) explains every positive patient of the held-out
 test cohort (`volumes/test`, truth in `test_cohort/truth`). A patient counts as found when the
-peak (the hottest voxel inside the lung mask) lies inside its largest nodule (the one that makes
-the label, radius >= 8 mm) or within 10 mm of its surface. Prints one row per patient and the
+peak (`explain.peak_voxel`: the middle of the hottest region inside the lung mask) lies inside
+its largest nodule (the one that makes the label, radius >= 8 mm) or within 10 mm of its
+surface. Prints one row per patient and the
 fraction found; the chance level is the fraction of the lung volume within that reach.
 
 Usage: python benchmarks/explain_peaks.py WORKDIR [--method gradcam|occlusion]

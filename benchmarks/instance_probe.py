@@ -8,7 +8,8 @@ the truth says where every lesion is, so the cells can be labelled: lesion cells
 an implanted lesion of radius >= 8 mm) against lung cells far from every lesion (no centre within
 its radius + 8 mm; small nodules included). Two probes (scikit-learn's logistic regression and
 gradient-boosted trees, balanced classes) are fitted on the cells of the first `--train`
-patients and scored on the others':
+patients and scored on the others' ("held-out" below: held out from the probes, not from
+the GMCAE, which `classifier.py` trained on every training volume, these included):
 
 - cell AUC: lesion cells against far lung cells of the held-out patients;
 - patient AUC: each held-out patient scored by the mean of its three highest lung cells, the
