@@ -120,3 +120,26 @@ def test_load_classifier_accepts_a_classifier_and_refuses_others(gmcae, tmp_path
     gmcae.save(wrong)
     with pytest.raises(ModelError, match="expected a kdsb classifier .*holding model"):
         load_classifier(wrong)
+
+
+def test_the_encoder_computes_in_the_runs_precision_not_the_gmcaes(gmcae):
+    """Found in review: the copied encoder kept the GMCAE's saved precision, so a bfloat16
+    GMCAE gave a float32 classifier a 16-bit encoder, and a mixed run a float32 encoder."""
+    from keras import mixed_precision
+
+    try:
+        mixed_precision.set_global_policy("mixed_bfloat16")
+        keras.utils.set_random_seed(0)
+        bf16_gmcae = build_gmcae(patch_size=8, width=WIDTH, mixtures=2)
+        mixed_precision.set_global_policy("float32")
+        model = build_classifier(encoder_of(bf16_gmcae), dense_units=4)
+        policies = {encoder_of(model).get_layer(name).dtype_policy.name for name in BLOCK_LAYERS}
+        assert policies == {"float32"}
+        np.testing.assert_array_equal(  # the same weights, in float32
+            encoder_of(model).get_layer("block1_conv1").kernel.numpy(),
+            encoder_of(bf16_gmcae).get_layer("block1_conv1").kernel.numpy())
+        mixed_precision.set_global_policy("mixed_bfloat16")  # a float32 GMCAE, a mixed run
+        mixed = build_classifier(encoder_of(gmcae), dense_units=4)
+        assert encoder_of(mixed).get_layer("block1_conv1").compute_dtype == "bfloat16"
+    finally:
+        mixed_precision.set_global_policy("float32")

@@ -31,7 +31,11 @@ CLASSIFIER_OUTPUT_SHAPE = (None, 1)
 
 
 def copy_encoder(encoder: keras.Model) -> keras.Model:
-    """An independent copy of `encoder` (same architecture, layer names and weight values).
+    """An independent copy of `encoder` (same architecture, layer names and weight values), its
+    layers computing in the current precision policy (`--precision` of the run that builds the
+    classifier), whatever precision the GMCAE was trained in: a plain clone keeps each layer's
+    saved policy, so a bfloat16 GMCAE gave a float32 run a 16-bit encoder (and a float16 one
+    without loss scaling), and a mixed run a float32 encoder.
 
     Raises:
         ModelError: If `encoder` lacks the GMCAE block layers.
@@ -45,7 +49,12 @@ def copy_encoder(encoder: keras.Model) -> keras.Model:
                     f"expected a GMCAE encoder with layer '{layer_name}', "
                     f"received model '{encoder.name}' without it"
                 ) from None
-    copy = keras.models.clone_model(encoder)
+    policy = keras.mixed_precision.global_policy().name
+
+    def in_current_precision(layer: keras.layers.Layer) -> keras.layers.Layer:
+        return layer.__class__.from_config({**layer.get_config(), "dtype": policy})
+
+    copy = keras.models.clone_model(encoder, clone_function=in_current_precision)
     copy.set_weights(encoder.get_weights())
     return copy
 
