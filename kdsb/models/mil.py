@@ -30,7 +30,8 @@ import numpy as np
 from keras import ops
 
 POOLINGS = ("attention", "max")
-# Added to the attention score of padded instances: their softmax weight underflows to 0.
+# The attention score given to padded instances (it replaces theirs): their softmax weight
+# underflows to 0.
 MASKED_SCORE = -1e9
 
 
