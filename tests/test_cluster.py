@@ -29,12 +29,16 @@ def _manifest(folder):
         return {r["id"]: r for r in csv.DictReader(f)}
 
 
-def test_cluster_run_writes_what_a_local_run_writes_and_resumes(tmp_path, scheduler):
+def test_cluster_run_writes_what_a_local_run_writes_and_resumes(tmp_path, scheduler,
+                                                                monkeypatch):
     write_cohort(tmp_path / "cohort", patients=3, seed=4, size=80, scale=0.6)
     dicom = str(tmp_path / "cohort" / "dicom")
     assert main(["preprocess", dicom, str(tmp_path / "local"), "--workers", "1"]) == 0
-    assert main(["preprocess", dicom, str(tmp_path / "dask"), "--scheduler", scheduler,
-                 "--qc", str(tmp_path / "qc")]) == 0
+    # Relative paths, as README's example gives them: the workers, started elsewhere, get
+    # absolute ones (found in review: volumes were written under the workers' own folder).
+    monkeypatch.chdir(tmp_path)
+    assert main(["preprocess", "cohort/dicom", "dask", "--scheduler", scheduler,
+                 "--qc", "qc"]) == 0
     local, remote = _manifest(tmp_path / "local"), _manifest(tmp_path / "dask")
     assert sorted(remote) == sorted(local) and len(remote) == 3
     for pid in local:
@@ -76,3 +80,11 @@ def test_no_scheduler_is_a_usage_error(tmp_path, capsys, monkeypatch):
     assert code == 2
     assert "expected a Dask scheduler at tcp://127.0.0.1:9, received no answer" in \
         capsys.readouterr().err
+    # Malformed addresses, refused before any client (found in review: a traceback, then a
+    # minute's hang at exit).
+    for address in ("garbage", "tcp://localhost:notaport", "http://x:1", ""):
+        code = main(["preprocess", str(tmp_path / "cohort" / "dicom"), str(tmp_path / "out"),
+                     "--scheduler", address])
+        assert code == 2, address
+        assert (f"expected --scheduler tcp://HOST:PORT (a running Dask scheduler), received "
+                f"{address!r}") in capsys.readouterr().err

@@ -26,6 +26,27 @@ CONNECT_TIMEOUT_S = 30
 INSTALL_HINT = "pip install 'kdsb[cluster]'"
 
 
+def check_address(scheduler: str) -> None:
+    """Refuse a scheduler address Dask cannot parse (`tcp://HOST:PORT`, or `HOST:PORT`), before
+    a client is made: a malformed one was a traceback, then a minute's hang at exit.
+
+    Raises:
+        UsageError: an empty address, an unknown scheme, no or a non-numeric port.
+    """
+    from distributed.comm.addressing import get_address_host_port, parse_address
+    from distributed.comm.registry import get_backend
+
+    address = scheduler if "://" in scheduler else f"tcp://{scheduler}"
+    try:
+        if not scheduler.strip():
+            raise ValueError("empty")
+        get_backend(parse_address(address, strict=True)[0])
+        get_address_host_port(address)
+    except ValueError as error:
+        raise UsageError(f"expected --scheduler tcp://HOST:PORT (a running Dask scheduler), "
+                         f"received {scheduler!r} ({error})") from None
+
+
 def run_on_dask(
     worker: Callable[..., object], tasks: dict[str, tuple], scheduler: str, died: str
 ) -> Iterable[tuple[str, object]]:
@@ -34,7 +55,8 @@ def run_on_dask(
     reason, is logged).
 
     Raises:
-        UsageError: distributed is not installed, or no scheduler answers at `scheduler`.
+        UsageError: distributed is not installed, a malformed address, or no scheduler answers
+            at `scheduler`.
     """
     try:
         from distributed import Client, as_completed
@@ -42,11 +64,15 @@ def run_on_dask(
     except ImportError as error:
         raise UsageError(f"expected dask.distributed for --scheduler, received none: "
                          f"{INSTALL_HINT}") from error
+    check_address(scheduler)
     try:
         client = Client(scheduler, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError) as error:
         raise UsageError(f"expected a Dask scheduler at {scheduler}, received no answer "
                          f"({' '.join(str(error).split())})") from error
+    except (TypeError, ValueError) as error:  # e.g. tls:// without distributed's security
+        raise UsageError(f"expected a Dask scheduler address kdsb can connect to, received "
+                         f"{scheduler!r} ({' '.join(str(error).split())})") from error
     with client:
         logger.info("Dask cluster %s: %d worker(s)", scheduler,
                     len(client.scheduler_info().get("workers", {})))

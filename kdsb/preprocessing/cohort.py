@@ -429,7 +429,10 @@ def run_cohort(
             workers < 1, negative margin, an out_dir or qc_dir that is a file, an out_dir holding
             volumes of another spacing or margin without `overwrite`).
     """
-    input_root, out_dir = Path(input_root), Path(out_dir)
+    # Absolute: Dask workers resolve paths against their own folders (a relative OUT_DIR put
+    # the volumes there, the manifest here saying "ok").
+    input_root, out_dir = Path(input_root).absolute(), Path(out_dir).absolute()
+    qc_dir = None if qc_dir is None else Path(qc_dir).absolute()
     target = _validate_spacing(spacing)
     if int(workers) != workers or workers < 1:
         raise UsageError(f"expected --workers of at least 1, received {workers}")
