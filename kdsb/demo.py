@@ -173,22 +173,34 @@ def _default_restarts() -> int:
     return next(f.default for f in dataclasses.fields(ClassifierOptions) if f.name == "restarts")
 
 
+def _settings() -> dict[str, float]:
+    """The demo's fixed settings, recorded in its plan: a folder made by code of other settings
+    would otherwise have its stages reused as if they were this code's."""
+    return {"phantom_size": PHANTOM_SIZE, "phantom_scale": PHANTOM_SCALE,
+            "spacing_mm": SPACING_MM, "lung_dilation_mm": LUNG_DILATION_MM,
+            "tta_count": TTA_COUNT}
+
+
 def _pin_plan(work: Path, plan: DemoPlan, seed: int) -> None:
-    """Record the plan and seed a demo folder is made with (`PLAN_NAME`), or refuse another:
-    finished stages are reused, so a folder begun with --fast (or another seed or size) would
-    mix those results into this run.
+    """Record the plan, seed and settings a demo folder is made with (`PLAN_NAME`), or refuse
+    others: finished stages are reused, so a folder begun with --fast (or another seed or size,
+    or by code of other settings) would mix those results into this run.
 
     Raises:
         UsageError: `work` was begun with another plan or seed.
     """
     from kdsb.io.atomic import write_json
 
-    wanted = {**plan.__dict__, "seed": seed}
+    settings = _settings()
+    wanted = {**plan.__dict__, "seed": seed, **settings}
     path = work / PLAN_NAME
     if path.is_file():
         begun = json.loads(path.read_text())
-        # Folders begun before the plan held it trained with the option's default.
+        # Folders begun before the plan held it trained with the option's default; before it
+        # held the settings, with those of their code (not known: taken as today's).
         begun.setdefault("restarts", _default_restarts())
+        for key, value in settings.items():
+            begun.setdefault(key, value)
         if begun != wanted:
             changed = ", ".join(f"{k} {begun.get(k)} → {v}" for k, v in wanted.items()
                                 if begun.get(k) != v)
@@ -219,6 +231,7 @@ def run_demo(
         `kdsb.evaluation.metrics.summary` of the test predictions, plus the same summary of the
         validation patients under "validation" and the wall time under "seconds".
     """
+    from kdsb.commands import require_output_dir
     from kdsb.evaluation.evaluate import CALIBRATION_PNG, ROC_PNG, evaluate, format_table
     from kdsb.evaluation.predict import predict_cohort
     from kdsb.training.classifier import BEST_NAME
@@ -229,7 +242,11 @@ def run_demo(
             raise UsageError(f"expected --patients >= 4, received {patients}")
         plan = DemoPlan(**{**plan.__dict__, "patients": patients,
                            "test_patients": max(2, patients // 2)})
-    work = Path(workdir)
+    if seed < 0:  # checked before the plan is pinned (found in review: -1 locked the folder)
+        raise UsageError(f"expected a non-negative --seed, received {seed}")
+    if int(workers) != workers or workers < 1:
+        raise UsageError(f"expected --workers of at least 1, received {workers}")
+    work = require_output_dir(workdir, "WORKDIR, a folder for the demo")
     _pin_plan(work, plan, seed)
     start_all = time.perf_counter()
 

@@ -272,7 +272,10 @@ def test_qc_images_are_written_for_every_volume(mixed_run, phantoms):
         (lambda d: [str(d / "root"), str(d / "out"), "--spacing", "1", "2"], "--spacing"),
         (lambda d: [str(d / "root"), str(d / "out"), "--spacing", "0"], "positive"),
         (lambda d: [str(d / "root"), str(d / "out"), "--workers", "0"], "--workers"),
-        (lambda d: [str(d / "root"), str(d / "file.txt")], "output folder"),
+        (lambda d: [str(d / "root"), str(d / "file.txt")],
+         "expected OUT_DIR, a folder for the volumes, received a file"),
+        (lambda d: [str(d / "root"), str(d / "file.txt" / "out")],
+         "expected OUT_DIR, a folder for the volumes, received a path under a file"),
         # Found in review: checked only once every patient was done, and exit 1.
         (lambda d: [str(d / "root"), str(d / "out"), "--qc", str(d / "file.txt")],
          "expected --qc DIR, a folder for the QC images, received a file"),

@@ -104,3 +104,28 @@ def test_a_folder_begun_before_the_plan_held_restarts_trained_with_two(tmp_path)
         else:
             with pytest.raises(UsageError, match="restarts 2 → 0"):
                 demo._pin_plan(work, plan, 0)
+
+
+def test_the_plan_holds_the_settings_and_bad_options_pin_nothing(tmp_path, monkeypatch):
+    """Found in review: a folder made by code of other settings was reused as this code's, and
+    --seed -1 wrote a plan that locked the folder before it was refused."""
+    import json
+
+    from kdsb import demo
+    from kdsb.errors import UsageError
+
+    demo._pin_plan(tmp_path / "w", demo.FAST_PLAN, 0)
+    assert json.loads((tmp_path / "w" / demo.PLAN_NAME).read_text())["spacing_mm"] == \
+        demo.SPACING_MM
+    monkeypatch.setattr(demo, "SPACING_MM", 1.0)
+    with pytest.raises(UsageError, match="spacing_mm 2.0 → 1.0"):
+        demo._pin_plan(tmp_path / "w", demo.FAST_PLAN, 0)
+    for options, message in (({"seed": -1}, "expected a non-negative --seed, received -1"),
+                             ({"workers": 0}, "expected --workers of at least 1, received 0")):
+        with pytest.raises(UsageError, match=message):
+            demo.run_demo(tmp_path / "v", fast=True, **options)
+        assert not (tmp_path / "v").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="expected WORKDIR, a folder for the demo, received a "
+                                         "file"):
+        demo.run_demo(tmp_path / "file", fast=True)

@@ -437,11 +437,12 @@ def run_cohort(
     if int(workers) != workers or workers < 1:
         raise UsageError(f"expected --workers of at least 1, received {workers}")
     validate_margin(margin_mm)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"expected an output folder, received a file: {out_dir}")
-    if qc_dir is not None:  # before the work: a bad QC folder failed the run at its end
-        from kdsb.commands import require_output_dir
+    from kdsb.commands import require_output_dir
 
+    # Before the work (found in review: a path under a file was an OSError, exit 1; a bad QC
+    # folder failed the run at its end).
+    require_output_dir(out_dir, "OUT_DIR, a folder for the volumes")
+    if qc_dir is not None:
         require_output_dir(qc_dir, "--qc DIR, a folder for the QC images")
     patients = find_patients(input_root, out_dir, Path(qc_dir) if qc_dir is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
