@@ -76,12 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
-    if verbose:
-        from kdsb._tf_startup import show_tensorflow_logs
+    """Set this call's verbosity; every call sets it anew (found in review: a `-v` call left a
+    later call in the same process at DEBUG, with TensorFlow's C++ logs on)."""
+    from kdsb._tf_startup import quiet_tensorflow_start_up, show_tensorflow_logs
 
+    if verbose:
         show_tensorflow_logs()
+    else:
+        quiet_tensorflow_start_up()
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # basicConfig sets it only once a process
     # TensorFlow's Python logger narrates its collectives ("Collective all_reduce …") at INFO.
     tensorflow = logging.getLogger("tensorflow")
     tensorflow.setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -226,3 +226,21 @@ def test_an_earlier_pipeline_error_never_stands_in_for_another(monkeypatch, tmp_
     monkeypatch.setattr(evaluate, "run", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["evaluate", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+
+
+def test_each_call_sets_its_own_verbosity(monkeypatch):
+    """Found in review: a `-v` call left later calls in the same process (a notebook, a test)
+    at DEBUG with TensorFlow's C++ logs on, and `-q` left them at WARNING."""
+    from kdsb import _tf_startup, cli
+
+    monkeypatch.delenv(_tf_startup.LEVEL_VARIABLE, raising=False)
+    monkeypatch.delenv(_tf_startup.OURS_VARIABLE, raising=False)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)
+    cli._configure_logging(verbose=True, quiet=False)
+    assert root.level == logging.DEBUG and os.environ[_tf_startup.LEVEL_VARIABLE] == "0"
+    cli._configure_logging(verbose=False, quiet=True)
+    assert root.level == logging.WARNING
+    assert os.environ[_tf_startup.LEVEL_VARIABLE] == _tf_startup.QUIET_LEVEL
+    cli._configure_logging(verbose=False, quiet=False)
+    assert root.level == logging.INFO
