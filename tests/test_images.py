@@ -341,6 +341,11 @@ def _truncated_raw(path: Path) -> Path:
     return path
 
 
+def _written_as(name: str):
+    """A writer of `SMALL` under the file name `name` (its format), then renamed to the path."""
+    return lambda path: write_volume(path.with_name(name), SMALL, (1, 1, 1), (0, 0, 0)).rename(path)
+
+
 def _garbage_header(path: Path) -> Path:
     path.write_bytes(b"not a MetaImage header\n" * 4)
     return path
@@ -410,8 +415,7 @@ BAD_FILES = {
                "expected the NIfTI header's pixdim and its coded sform to agree, received voxel "
                "sizes [1.0, 1.0, 1.0] mm and origin [-100.0, -120.0, -300.0] mm (RAS) as read, "
                "against [0.7, 0.7, 2.5] mm and [-100.0, -120.0, -300.0] mm in the sform"),
-    "mixed_case": (lambda p: write_volume(p.with_name("m.nii.gz"), SMALL, (1, 1, 1),
-                                          (0, 0, 0)).rename(p), "mixed_case.Nii.gz",
+    "mixed_case": (_written_as("m.nii.gz"), "mixed_case.Nii.gz",
                    "expected the NIfTI suffix in one case (.nii.gz or .NII.GZ: the NIfTI library "
                    "refuses others), received .Nii.gz: rename the file"),
     # SimpleITK alone would read these two, the missing voxels set to 0.
@@ -424,8 +428,7 @@ BAD_FILES = {
     "cut_raw": (_truncated_raw, "cut_raw.mhd", "expected 16384 bytes of voxels, received 8192: "
                                                "the MetaImage data file cut_raw.raw is truncated"),
     # Found in review: said "truncated or corrupt"; and MetaImage errors carried a stale errno.
-    "not_gzipped": (lambda p: write_volume(p.with_name("plain.nii"), SMALL, (1, 1, 1),
-                                           (0, 0, 0)).rename(p), "not_gzipped.nii.gz",
+    "not_gzipped": (_written_as("plain.nii"), "not_gzipped.nii.gz",
                     "expected gzip-compressed data (the .nii.gz suffix), received an "
                     "uncompressed file: name it .nii or compress it"),
     "garbage_mha": (_garbage_header, "garbage_mha.mha",
