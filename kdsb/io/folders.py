@@ -10,6 +10,7 @@ series) is walked once.
 from __future__ import annotations
 
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -46,5 +47,7 @@ def source_stamp(source: str | os.PathLike) -> str:
         files = sorted(p for p in source.parent.iterdir()
                        if p.name.startswith(prefix) and p.is_file()) or [source]
     stats = [path.stat() for path in files]
-    return (f"{len(stats)} files, {sum(s.st_size for s in stats)} bytes, newest "
-            f"{max((s.st_mtime_ns for s in stats), default=0)}")
+    newest = max((s.st_mtime_ns for s in stats), default=0)
+    # Microseconds, UTC: readable in a warning, and finer than any rewrite of a scan.
+    when = datetime.fromtimestamp(newest / 1e9, tz=timezone.utc).isoformat(timespec="microseconds")
+    return f"{len(stats)} files, {sum(s.st_size for s in stats)} bytes, newest {when}"
