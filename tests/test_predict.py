@@ -136,6 +136,13 @@ def test_missing_inputs_are_usage_errors_before_any_work(cohort, tmp_path, capsy
             f"path: {missing}" in capsys.readouterr().err)
     assert main(["predict", str(data), str(tmp_path), "--out", str(out)]) == 2
     assert "received a folder without a trained classifier" in capsys.readouterr().err
+    # A labels CSV where the model goes (found by a user's check: Keras's long "File format
+    # not supported … TFSMLayer" message, exit 1).
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,cancer\na,1\n")
+    assert main(["predict", str(data), str(labels), "--out", str(out)]) == 2
+    assert (f"expected MODEL.keras or the RUN_DIR of kdsb train-classifier, received a file that "
+            f"is no Keras model (.keras): {labels}") in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nodata"), str(models[0]), "--out", str(out)]) == 2
     assert "expected DATA_DIR, a folder of kdsb volume files, received a missing path" \
         in capsys.readouterr().err

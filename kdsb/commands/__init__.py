@@ -44,6 +44,20 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+KERAS_SUFFIX = ".keras"
+
+
+def require_keras_file(path: str | os.PathLike, what: str) -> Path:
+    """`require_file`, and the file must be a Keras model archive (`.keras`): a CSV or volume
+    given where a model goes is a usage error, not Keras's long "format not supported" (found
+    by a user's check)."""
+    path = require_file(path, what)
+    if path.suffix.lower() != KERAS_SUFFIX:
+        raise UsageError(f"expected {what}, received a file that is no Keras model "
+                         f"({KERAS_SUFFIX}): {path}")
+    return path
+
+
 def require_output_file(path: str | os.PathLike, what: str) -> Path:
     """Return `path` as a Path if a file can be written there (it is not a folder, and its
     parent is a writable folder or missing), else raise `UsageError`."""

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_dir, require_file, require_output_dir
+    from kdsb.commands import require_dir, require_file, require_keras_file, require_output_dir
     from kdsb.data.inputs import gmcae_spacing_of
     from kdsb.errors import UsageError
     from kdsb.evaluation.embed import OUTLIERS_NAME, embed_cohort, write_embedding_files
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from kdsb.models.classifier import load_gmcae
 
     paths = list_volumes(require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files"))
-    require_file(args.gmcae, "GMCAE.keras, a model written by kdsb train-gmcae")
+    require_keras_file(args.gmcae, "GMCAE.keras, a model written by kdsb train-gmcae")
     require_output_dir(args.out_dir, "OUT_DIR, a folder for the CSV files and map.png")
     labels = read_labels(require_file(args.labels, "--labels, an id,cancer CSV")) \
         if args.labels else None

@@ -145,6 +145,7 @@ def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
         UsageError: no model, a missing path, a folder holding no trained classifier, or a
             cross-validated run missing a fold model.
     """
+    from kdsb.commands import require_keras_file
     from kdsb.training.classifier import model_paths_of_run
 
     if not model_paths:
@@ -152,7 +153,8 @@ def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
     resolved: list[Path] = []
     for path in map(Path, model_paths):
         if path.is_file():
-            resolved.append(path)
+            resolved.append(require_keras_file(path, "MODEL.keras or the RUN_DIR of kdsb "
+                                                     "train-classifier"))
         elif path.is_dir() and model_paths_of_run(path):
             resolved.extend(model_paths_of_run(path, complete=True))
         else:

@@ -161,6 +161,9 @@ class ClassifierOptions(RunOptions):
             hint = f" (its model is {inside})" if inside.is_file() else ""
             raise UsageError(f"expected --gmcae, a trained GMCAE .keras file, received {state}: "
                              f"{gmcae}{hint}")
+        from kdsb.commands import require_keras_file
+
+        require_keras_file(gmcae, "--gmcae, a trained GMCAE .keras file")
 
     def checks(self) -> list[tuple[bool, str, Any]]:
         from kdsb.models.gmcae import ENCODER_BLOCKS
