@@ -124,6 +124,20 @@ def test_a_failed_write_leaves_the_patients_files_as_they_were(tmp_path, capsys,
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp left either
 
 
+def test_a_folder_without_volumes_or_heatmaps_is_refused(tmp_path, capsys):
+    """Found by a user's check: a DICOM folder as DATA_DIR "exported 0 patient(s)", exit 0; a
+    wrong --heatmaps folder failed every patient on a line of its own."""
+    (tmp_path / "dicom").mkdir()
+    assert main(["export", str(tmp_path / "dicom"), str(tmp_path / "out")]) == 1
+    assert "expected kdsb volume files (<id>.h5) in" in capsys.readouterr().err
+    _volume(tmp_path, "p1")
+    assert main(["export", str(tmp_path / "data"), str(tmp_path / "out"), "--heatmaps",
+                 str(tmp_path / "dicom")]) == 2
+    assert "expected --heatmaps DIR, a folder of kdsb explain heatmaps (<id>.h5), received " \
+        "none in" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_missing_data_dir_is_a_usage_error(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "expected DATA_DIR" in capsys.readouterr().err

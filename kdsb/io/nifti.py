@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.errors import KdsbError, StoreError
+from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io import volumes
 from kdsb.io.atomic import atomic_path
 from kdsb.io.heatmaps import heatmap_path, read_heatmap
@@ -119,8 +119,17 @@ def export_cohort(
 
     Returns:
         (ids exported, {id: reason} for the patients that failed).
+
+    Raises:
+        StoreError: no volume file in `data_dir`.
+        UsageError: no heatmap file in `heatmaps_dir`.
     """
     available = volumes.list_volumes(data_dir)
+    if not available:  # found by a user's check: "exported 0 patient(s)", exit 0
+        raise StoreError(f"expected kdsb volume files (<id>.h5) in {data_dir}, received none")
+    if heatmaps_dir is not None and not volumes.list_volumes(heatmaps_dir):
+        raise UsageError(f"expected --heatmaps DIR, a folder of kdsb explain heatmaps "
+                         f"(<id>.h5), received none in {heatmaps_dir}")
     wanted = list(available) if ids is None else list(ids)
     exported: list[str] = []
     failed: dict[str, str] = {}
