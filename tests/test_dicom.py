@@ -221,6 +221,18 @@ def test_localizers_and_smaller_series_are_dropped(tmp_path, hu, caplog):
     assert "localizer" in log and "dropped series" in log and "another orientation" in log
 
 
+def test_series_of_several_patients_in_one_folder_are_refused(tmp_path, hu):
+    """A cohort's dicom/ folder given as one patient (found by a user's check: its longest
+    series was kept as "patient dicom", the others dropped at INFO)."""
+    _write(tmp_path / "a", hu, patient_id="phantom_000")
+    _write(tmp_path / "b", hu[:-2], patient_id="phantom_001")
+    with pytest.raises(DicomError, match=r"^patient dicom: expected one patient's series in a "
+                                         r"patient folder, received CT series of 2 patients "
+                                         r"\(PatientID phantom_000, phantom_001\): INPUT_ROOT "
+                                         r"is the folder holding one sub-folder per patient$"):
+        read_series(tmp_path, patient_id="dicom")
+
+
 def test_bigger_series_wins_regardless_of_order(tmp_path, hu):
     _write(tmp_path, hu[:3], series_number=1)
     big = _write(tmp_path, hu, series_number=2)

@@ -128,6 +128,7 @@ class _Header:
     frame: int | None = None
     rescale: tuple[float, float] | None = None
     padding: tuple[int, int] | None = None
+    patient_id: str = ""  # PatientID: series of several patients mean a folder of patients
 
     def orientation_key(self) -> tuple[float, ...] | None:
         if self.orientation is None:
@@ -206,6 +207,7 @@ def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[_Header]:
             pixel_spacing=pixel_spacing,
             transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
             dataset=ds if keep_pixels else None,
+            patient_id=str(ds.get("PatientID", "")).strip(),
         )
         if PER_FRAME in ds:
             return _frame_headers(patient, header, ds)
@@ -305,6 +307,15 @@ def _choose_series(patient: str, headers: list[_Header]) -> list[_Header]:
     by_series: dict[str, list[_Header]] = defaultdict(list)
     for header in ct_images:
         by_series[header.series_uid].append(header)
+    patients = sorted({h.patient_id for h in ct_images if h.patient_id})
+    if len(patients) > 1:  # found by a user's check: a cohort's dicom/ read as one patient
+        raise _error(
+            patient,
+            f"expected one patient's series in a patient folder, received CT series of "
+            f"{len(patients)} patients (PatientID {', '.join(patients[:3])}"
+            f"{', …' if len(patients) > 3 else ''}): INPUT_ROOT is the folder holding one "
+            f"sub-folder per patient",
+        )
     candidates = {uid: _majority_orientation(patient, uid, hs) for uid, hs in by_series.items()}
 
     def n_positions(hs: list[_Header]) -> int:
