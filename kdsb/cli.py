@@ -58,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kdsb {__version__}")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    _add_verbosity(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(f"kdsb.commands.{module_name}")
@@ -70,9 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
             description=module.HELP,
             formatter_class=HelpFormatter,
         )
+        # Also after the command (`kdsb evaluate … -q`, found by a user's check); left out,
+        # they keep the value given before it.
+        _add_verbosity(sub, default=argparse.SUPPRESS)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", default=default,
+                           help="log debug messages")
+    verbosity.add_argument("-q", "--quiet", action="store_true", default=default,
+                           help="log warnings only")
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
@@ -107,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the `kdsb` command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose and args.quiet:  # one before the command, the other after it
+        parser.error("argument -q/--quiet: not allowed with argument -v/--verbose")
     _configure_logging(args.verbose, args.quiet)
     datasets = sys.modules.get("kdsb.data.datasets")
     if datasets is not None:  # one process, several commands (tests, the demo)

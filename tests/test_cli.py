@@ -244,3 +244,18 @@ def test_each_call_sets_its_own_verbosity(monkeypatch):
     assert os.environ[_tf_startup.LEVEL_VARIABLE] == _tf_startup.QUIET_LEVEL
     cli._configure_logging(verbose=False, quiet=False)
     assert root.level == logging.INFO
+
+
+def test_verbosity_flags_work_after_the_command_too(capsys):
+    """Found by a user's check: `kdsb evaluate … -q` was "unrecognized arguments: -q"."""
+    from kdsb.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["evaluate", "p.csv", "l.csv", "-q"])
+    assert args.quiet and not args.verbose
+    args = parser.parse_args(["-v", "evaluate", "p.csv", "l.csv"])
+    assert args.verbose and not args.quiet
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-v", "evaluate", "p.csv", "l.csv", "-q"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument -v/--verbose" in capsys.readouterr().err
