@@ -130,6 +130,14 @@ def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys, caplog):
     assert len(list((out / "dicom").iterdir())) == 2
     assert len(list((out / "truth").glob("*.npz"))) == 2
     assert main(["synth", str(out), "--patients", "2"]) == 2  # exists, no --overwrite
+    # Another prefix keeps a held-out cohort's ids apart (found by a user's check: evaluate
+    # refused --validation ids that were another cohort's patients of the same names).
+    held_out = tmp_path / "held_out"
+    assert main(["synth", str(held_out), "--patients", "2", "--seed", "5", "--size", "40",
+                 "--scale", "0.5", "--id-prefix", "test"]) == 0
+    assert sorted(p.name for p in (held_out / "dicom").iterdir()) == ["test_000", "test_001"]
+    assert (held_out / "labels.csv").read_text().splitlines()[1].startswith("test_00")
+    assert main(["synth", str(tmp_path / "x"), "--id-prefix", "a/b"]) == 2
     assert main(["synth", str(tmp_path / "x"), "--size", "8"]) == 2
     assert "expected --size" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "y"), "--patients", "0"]) == 2

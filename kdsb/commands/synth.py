@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar=("LOW", "HIGH"),
                         help=f"with --base: radius of the cancer lesion, {RADIUS_MM[0]:g} to "
                              f"{RADIUS_MM[1]:g} mm (default {RADIUS_MM[0]:g} {RADIUS_MM[1]:g})")
+    parser.add_argument("--id-prefix", default=None, metavar="PREFIX",
+                        help="patient ids PREFIX_000, PREFIX_001, … (default phantom, or implant "
+                             "with --base): another prefix keeps a held-out cohort's ids apart "
+                             "from a training cohort's")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cohort")
 
 
@@ -81,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             places=args.places if args.places is not None else list(LESION_PLACES),
             radius_mm=tuple(args.radius_mm) if args.radius_mm is not None else RADIUS_MM,
             overwrite=args.overwrite,
+            **({} if args.id_prefix is None else {"id_prefix": args.id_prefix}),
         )
     else:
         from kdsb.phantoms.cohort import write_cohort
@@ -92,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             size=PHANTOM_SIZE if args.size is None else args.size,
             scale=PHANTOM_SCALE if args.scale is None else args.scale,
             overwrite=args.overwrite,
+            **({} if args.id_prefix is None else {"id_prefix": args.id_prefix}),
         )
     root = labels_csv.parent
     print(f"DICOM series: {root / 'dicom'}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Container, Iterator
 from contextlib import contextmanager
@@ -38,7 +39,8 @@ from kdsb.preprocessing.hu import OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
 
-PATIENT_PREFIX = "phantom_"
+PATIENT_PREFIX = "phantom"  # ids <prefix>_000, <prefix>_001, … (synth --id-prefix)
+ID_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 UNFINISHED_MARKER = ".kdsb-synth-unfinished"  # in OUT_ROOT while synth writes a cohort
 
 # How each patient's series is stored: (storage, intercept) pairs and slopes.
@@ -52,9 +54,16 @@ SHUFFLE_NAMES_PROBABILITY = 0.3
 FLIP_PROBABILITY = 0.15
 
 
-def patient_id(index: int) -> str:
-    """The id of the phantom patient number `index` (from 0): `phantom_000`, `phantom_001`, …"""
-    return f"{PATIENT_PREFIX}{index:03d}"
+def patient_id(index: int, prefix: str = PATIENT_PREFIX) -> str:
+    """The id of patient number `index` (from 0): `phantom_000`, `phantom_001`, …"""
+    return f"{prefix}_{index:03d}"
+
+
+def check_id_prefix(prefix: str) -> None:
+    """Raise UsageError for an id prefix that would not make file-name-safe ids."""
+    if not ID_PREFIX_PATTERN.fullmatch(prefix):
+        raise UsageError(f"expected --id-prefix of letters, digits, '.' and '-' (starting with "
+                         f"a letter or digit), received {prefix!r}")
 
 
 def padding_raw(storage: str, slope: float, intercept: float) -> int:
@@ -208,7 +217,8 @@ def _write_truth(truth_dir: Path, pid: str, phantom: Phantom, acquisition: dict)
 
 
 def _cohort(
-    *, patients: int, seed: int, size: int, scale: float, skip: Container[str] = ()
+    *, patients: int, seed: int, size: int, scale: float, skip: Container[str] = (),
+    prefix: str = PATIENT_PREFIX,
 ) -> Iterator[tuple[str, Phantom | None, dict | None]]:
     """Each patient of a cohort in turn: its id, phantom and `write_ct_series` storage options
     (None and None for the ids in `skip`, which are not drawn).
@@ -221,13 +231,14 @@ def _cohort(
     labels[: patients // 2] = 1
     labels = np.random.default_rng(sequence).permutation(labels)
     for index, child in enumerate(sequence.spawn(patients)):
-        if patient_id(index) in skip:
-            yield patient_id(index), None, None
+        pid = patient_id(index, prefix)
+        if pid in skip:
+            yield pid, None, None
             continue
         rng = np.random.default_rng(child)
         phantom = make_phantom(rng, size=size, cancer=bool(labels[index]), scale=scale)
-        _warn_of_implausible_lungs(patient_id(index), phantom, scale)
-        yield patient_id(index), phantom, _acquisition(rng)
+        _warn_of_implausible_lungs(pid, phantom, scale)
+        yield pid, phantom, _acquisition(rng)
 
 
 def _warn_of_implausible_lungs(pid: str, phantom: Phantom, scale: float) -> None:
@@ -250,6 +261,7 @@ def write_cohort(
     size: int = 128,
     scale: float = 1.0,
     overwrite: bool = False,
+    id_prefix: str = PATIENT_PREFIX,
 ) -> Path:
     """Write a phantom cohort: DICOM series, labels.csv and ground truth (see module docstring).
 
@@ -264,23 +276,28 @@ def write_cohort(
         size: axial image side in pixels.
         scale: physical size of each patient relative to an adult (see `make_phantom`).
         overwrite: replace an existing cohort in out_root instead of refusing.
+        id_prefix: patient ids are `<id_prefix>_000`, …: another prefix keeps a held-out
+            cohort's ids apart from a training cohort's (evaluate refuses ids in both).
 
     Returns:
         The path of labels.csv.
 
     Raises:
-        UsageError: bad patients, size or scale, or out_root already holds a cohort.
+        UsageError: bad patients, size, scale or prefix, or out_root already holds a cohort.
     """
     if patients < 1:
         raise UsageError(f"expected --patients >= 1, received {patients}")
     if seed < 0:
         raise UsageError(f"expected a non-negative --seed, received {seed}")
     check_options(size, scale)
+    check_id_prefix(id_prefix)
     out_root = Path(out_root)
-    options = {"patients": patients, "seed": seed, "size": size, "scale": scale}
+    options = {"patients": patients, "seed": seed, "size": size, "scale": scale,
+               **({} if id_prefix == PATIENT_PREFIX else {"id_prefix": id_prefix})}
     with new_cohort(out_root, overwrite, options) as finished:
         rows = []
-        cohort = _cohort(patients=patients, seed=seed, size=size, scale=scale, skip=finished)
+        cohort = _cohort(patients=patients, seed=seed, size=size, scale=scale, skip=finished,
+                         prefix=id_prefix)
         for pid, phantom, acquisition in tqdm(
             cohort, total=patients, desc="synth", unit="patient", disable=None
         ):

@@ -67,7 +67,7 @@ ELASTIC_MM = 4.0  # largest displacement of the smooth deformation along each ax
 ELASTIC_GRID_MM = 50.0  # spacing of its random control points
 NOISE_HU = (0.0, 15.0)  # standard deviation of the added image noise
 SLICE_SPACINGS_MM = (1.0, 1.25, 1.5, 2.0, 2.5)  # drawn; the base's own spacing if finer is off
-PATIENT_PREFIX = "implant_"
+PATIENT_PREFIX = "implant"  # ids <prefix>_000, … (synth --id-prefix)
 
 
 def _cubic_zoom_weights(n_out: int, n_control: int) -> np.ndarray:
@@ -242,6 +242,7 @@ def write_implant_cohort(
     places: Sequence[str] = PLACES,
     radius_mm: tuple[float, float] = DEFAULT_RADIUS_MM,
     overwrite: bool = False,
+    id_prefix: str = PATIENT_PREFIX,
 ) -> Path:
     """Write a cohort of one base scan with implanted lesions (see the module docstring).
 
@@ -256,6 +257,7 @@ def write_implant_cohort(
         places: lesion places drawn for every lesion.
         radius_mm: (low, high) radius of the cancer lesion, mm (low >= the cancer radius).
         overwrite: replace an existing cohort in out_root instead of refusing.
+        id_prefix: patient ids are `<id_prefix>_000`, … (see `cohort.write_cohort`).
 
     Returns:
         The path of labels.csv.
@@ -265,7 +267,7 @@ def write_implant_cohort(
         KdsbError: the base cannot be read or holds no lungs (the message names it).
     """
     from kdsb.phantoms.anatomy import CANCER_RADIUS_MM, Nodule
-    from kdsb.phantoms.cohort import finish_root, new_cohort
+    from kdsb.phantoms.cohort import check_id_prefix, finish_root, new_cohort, patient_id
     from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
     from kdsb.preprocessing.lungs import segment_lungs
     from kdsb.preprocessing.pipeline import read_patient
@@ -274,6 +276,7 @@ def write_implant_cohort(
         raise UsageError(f"expected --patients >= 1, received {patients}")
     if seed < 0:
         raise UsageError(f"expected a non-negative --seed, received {seed}")
+    check_id_prefix(id_prefix)
     kinds = _check_choices("kinds", kinds, KINDS)
     places = _check_choices("places", places, PLACES)
     low, high = (float(r) for r in radius_mm)
@@ -295,7 +298,8 @@ def write_implant_cohort(
     base_digest.update(np.asarray([*series.spacing, *series.origin], np.float64).tobytes())
     options = {"base": str(base.resolve()), "base_sha256": base_digest.hexdigest(),
                "patients": patients, "seed": seed,
-               "kinds": list(kinds), "places": list(places), "radius_mm": [low, high]}
+               "kinds": list(kinds), "places": list(places), "radius_mm": [low, high],
+               **({} if id_prefix == PATIENT_PREFIX else {"id_prefix": id_prefix})}
     with new_cohort(out_root, overwrite, options) as finished:
         sequence = np.random.SeedSequence(seed)
         cancer = np.zeros(patients, bool)
@@ -304,7 +308,7 @@ def write_implant_cohort(
         rows = []
         for index, child in enumerate(tqdm(sequence.spawn(patients), desc="synth", unit="patient",
                                            disable=None)):
-            pid = f"{PATIENT_PREFIX}{index:03d}"
+            pid = patient_id(index, id_prefix)
             if pid in finished:  # written by the stopped run this one resumes
                 rows.append((pid, finished[pid]))
                 continue
