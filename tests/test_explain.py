@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 
 import h5py
@@ -305,7 +306,7 @@ def test_the_occlusion_peak_is_the_middle_of_the_hottest_block_not_its_corner():
     assert explain.peak_voxel(single) == (1, 2, 3)
 
 
-def test_occlusion_sizes_must_be_positive_and_finite(cohort, tmp_path, capsys):
+def test_occlusion_sizes_must_be_positive_and_finite(cohort, tmp_path, capsys, caplog):
     root, model, _ = cohort
     for size in ("nan", "inf", "0"):
         argv = ["explain", str(root), str(model), str(tmp_path / "out"), "--method",
@@ -316,6 +317,11 @@ def test_occlusion_sizes_must_be_positive_and_finite(cohort, tmp_path, capsys):
     assert main(["explain", str(root), str(model), str(tmp_path / "out"), "--method",
                  "occlusion", "--occlusion-mm", "8", "--stride-mm", "12"]) == 2
     assert "expected --stride-mm at most --occlusion-mm" in capsys.readouterr().err
+    # Occlusion sizes with Grad-CAM: said, not silently ignored (found by a user's check).
+    with caplog.at_level(logging.WARNING, logger="kdsb.commands.explain"):
+        assert main(["explain", str(root / "data"), str(model), str(tmp_path / "cam"),
+                     "--occlusion-mm", "8"]) == 0
+    assert "--method gradcam ignores --occlusion-mm (occlusion only)" in caplog.text
     # A run folder as OUT_DIR (`explain DATA runA runB`, OUT_DIR left out) is refused before
     # anything is written there (found in review).
     run = model.parent

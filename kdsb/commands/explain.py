@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from kdsb.evaluation.explain import DEFAULT_OCCLUSION_MM, METHODS
@@ -25,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "sensitivity (one forward pass per cube position: slow)")
     parser.add_argument("--ids", type=Path, default=None, metavar="IDS_CSV",
                         help="explain these ids (a CSV with an id column); default: all")
-    parser.add_argument("--occlusion-mm", type=float, default=DEFAULT_OCCLUSION_MM,
-                        help="occlusion cube edge, mm")
+    parser.add_argument("--occlusion-mm", type=float, default=None,
+                        help=f"occlusion cube edge, mm (default {DEFAULT_OCCLUSION_MM:g})")
     parser.add_argument("--stride-mm", type=float, default=None,
                         help="occlusion step, mm, at most the cube edge (default: two thirds "
                         "of the edge, 16 for 24 mm cubes)")
@@ -44,8 +45,14 @@ def run(args: argparse.Namespace) -> int:
     require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
     require_output_dir(out_dir, "OUT_DIR, a folder for the heatmaps")
     ids = read_ids(require_file(args.ids, "--ids, a CSV with an id column")) if args.ids else None
+    given = [flag for flag, value in (("--occlusion-mm", args.occlusion_mm),
+                                      ("--stride-mm", args.stride_mm)) if value is not None]
+    if given and args.method != "occlusion":  # found by a user's check: ignored silently
+        logging.getLogger(__name__).warning("--method %s ignores %s (occlusion only)",
+                                            args.method, " and ".join(given))
+    occlusion_mm = DEFAULT_OCCLUSION_MM if args.occlusion_mm is None else args.occlusion_mm
     found = explain_cohort(args.data_dir, models, out_dir, ids=ids, ids_source=str(args.ids),
-                           method=args.method, occlusion_mm=args.occlusion_mm,
+                           method=args.method, occlusion_mm=occlusion_mm,
                            stride_mm=args.stride_mm)
     print(f"explained {len(found)} patient(s): heatmaps and PNGs in {out_dir}, peaks in "
           f"{out_dir / PEAKS_NAME}")

@@ -558,6 +558,9 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
                     "predictions": dict(zip(held_out, map(float, p), strict=True)),
                     "collapsed_seeds": fitted.collapsed_seeds}
             write_json(fold_dir / FOLD_NAME, done)
+        else:
+            logger.info("fold %d of %d: trained by the run resumed, kept (%s)", k, len(folds),
+                        fold_dir / FOLD_NAME)
         raw.update(done["predictions"])
         fold_of.update({i: k for i in held_out})
         epochs.append(len(runs.read_history(fold_dir / runs.HISTORY_NAME)))
