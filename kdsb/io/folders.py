@@ -30,8 +30,9 @@ def files_under(folder: str | os.PathLike) -> list[Path]:
 
 def source_stamp(source: str | os.PathLike) -> str:
     """What identifies a patient's source files as written: their count, total size and newest
-    modification time (ns). A folder counts every file under it; a volume file counts the files
-    beside it that share its id (`p1.mhd` and `p1.raw`).
+    modification time (UTC, µs). A folder counts every file under it; a volume file counts the
+    files beside it whose names begin with its id and a dot (`p1.mhd` and `p1.raw`; also a
+    `p1.b.mhd`, whose change then redoes p1 too: the safe side).
 
     A rewritten scan (another synthetic draw, a series still being copied) changes it; so does
     a copy that does not keep modification times (the patient is then preprocessed again, never

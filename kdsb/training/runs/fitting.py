@@ -160,8 +160,8 @@ def fit(
         monitor: logged quantity that picks the best model (and drives early stopping):
             larger is better for accuracy/AUC-like names (`HIGHER_IS_BETTER`), else smaller.
         early_stopping_patience: stop after this many epochs without improvement of
-            `monitor` (None: never). Resumed, the count goes on from the history's rows: the
-            run stops where the uninterrupted one would have.
+            `monitor` (None: never). Resumed, the patience counts on from the history's best
+            epoch, as in an uninterrupted run (the resumed epochs' data are drawn anew).
         give_up_below: (logged name, floor): also stop once that value stayed under the floor
             for `early_stopping_patience` epochs in a row (a run that learns nothing; e.g. a
             classifier's `val_prediction_spread`, `kdsb.models.spread`; counted on across a
