@@ -74,7 +74,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb.data.inputs import INPUT_NAME, VolumeInput
-from kdsb.errors import KdsbError, UsageError
+from kdsb.errors import UsageError
 from kdsb.evaluation import metrics
 from kdsb.io.atomic import atomic_path, read_json, write_json
 from kdsb.io.journal import file_digest
@@ -629,12 +629,8 @@ def _check_input_unchanged(run_dir: Path, volume_input: VolumeInput, gmcae_sha25
     path = run_dir / INPUT_NAME
     if not path.is_file():
         return
-    try:
-        saved = json.loads(path.read_text())
-        before = VolumeInput.from_config(saved, str(path))
-    except (OSError, ValueError) as error:
-        raise KdsbError(f"{path}: expected the run's input record, received an unreadable "
-                        f"file ({error})") from None
+    saved = read_json(path)
+    before = VolumeInput.from_config(saved, str(path))
     if before != volume_input:
         changed = {key: (value, volume_input.to_config()[key])
                    for key, value in before.to_config().items()
