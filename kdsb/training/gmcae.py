@@ -349,10 +349,9 @@ def train_gmcae(
         )
     if resume:
         _check_spacing_unchanged(run_dir, spacing)
-    # Checked before config.json is written: a refused resume changes nothing.
-    runs.check_split(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, resume)
-    runs.begin(run_dir, options, data_dir=data_dir, resume=resume)
+    # Before config.json is written: a refused resume changes nothing.
     runs.pin_split(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, resume, worker.chief)
+    runs.begin(run_dir, options, data_dir=data_dir, resume=resume)
     if worker.chief:
         save_gmcae_spacing(run_dir, spacing)
     logger.info("%d training and %d validation patients", len(train_ids), len(val_ids))
