@@ -50,7 +50,7 @@ METHODS = ("gradcam", "occlusion")
 PEAKS_NAME = "peaks.csv"
 PEAK_FIELDS = ("id", "z", "y", "x", "value")
 DEFAULT_OCCLUSION_MM = 24.0
-STRIDE_OF_OCCLUSION = 2 / 3  # the default step, of the cube edge: 16 mm for 24 mm cubes
+STRIDES_PER_EDGE = 1.5  # default step: the cube edge / 1.5 (16 mm for 24 mm cubes)
 # The classifier's output unit (sigmoid), in the SPP and the MIL classifier alike.
 OUTPUT_LAYER = "p_cancer"
 
@@ -274,7 +274,7 @@ def explain_patient(
     *,
     method: str = "gradcam",
     occlusion_mm: float = DEFAULT_OCCLUSION_MM,
-    stride_mm: float = DEFAULT_OCCLUSION_MM * STRIDE_OF_OCCLUSION,
+    stride_mm: float = DEFAULT_OCCLUSION_MM / STRIDES_PER_EDGE,
 ) -> Explanation:
     """The heatmap of one patient under one or several classifiers (their mean).
 
@@ -391,8 +391,8 @@ def explain_cohort(
 
     Raises: as `kdsb.evaluation.predict.predict_cohort` (the same checks, before any work);
     UsageError where a heatmap would replace a volume file (OUT_DIR = DATA_DIR), occlusion
-    sizes not finite and positive, or a step (`stride_mm`; None: `STRIDE_OF_OCCLUSION` of
-    `occlusion_mm`) wider than the cubes.
+    sizes not finite and positive, or a step (`stride_mm`; None: `occlusion_mm` /
+    `STRIDES_PER_EDGE`) wider than the cubes.
     """
     from kdsb.evaluation.predict import (
         check_volumes,
@@ -410,7 +410,7 @@ def explain_cohort(
     if method not in METHODS:
         raise UsageError(f"expected --method in {', '.join(METHODS)}, received {method!r}")
     if stride_mm is None:
-        stride_mm = occlusion_mm * STRIDE_OF_OCCLUSION
+        stride_mm = occlusion_mm / STRIDES_PER_EDGE
     if not all(math.isfinite(mm) and mm > 0 for mm in (occlusion_mm, stride_mm)):
         raise UsageError(f"expected positive, finite occlusion sizes in mm, received "
                          f"{occlusion_mm} and {stride_mm}")
