@@ -309,12 +309,12 @@ def test_the_occlusion_peak_is_the_middle_of_the_hottest_block_not_its_corner():
 def test_occlusion_sizes_must_be_positive_and_finite(cohort, tmp_path, capsys, caplog):
     root, model, _ = cohort
     for size in ("nan", "inf", "0"):
-        argv = ["explain", str(root), str(model), str(tmp_path / "out"), "--method",
+        argv = ["explain", str(root / "data"), str(model), str(tmp_path / "out"), "--method",
                 "occlusion", "--occlusion-mm", size]
         assert main(argv) == 2
         assert "expected positive, finite occlusion sizes in mm" in capsys.readouterr().err
     # Steps wider than the cubes would leave lung no cube covers (found in review: zeros).
-    assert main(["explain", str(root), str(model), str(tmp_path / "out"), "--method",
+    assert main(["explain", str(root / "data"), str(model), str(tmp_path / "out"), "--method",
                  "occlusion", "--occlusion-mm", "8", "--stride-mm", "12"]) == 2
     assert "expected --stride-mm at most --occlusion-mm" in capsys.readouterr().err
     # Occlusion sizes with Grad-CAM: said, not silently ignored (found by a user's check).

@@ -128,8 +128,13 @@ def test_a_folder_without_volumes_or_heatmaps_is_refused(tmp_path, capsys):
     """Found by a user's check: a DICOM folder as DATA_DIR "exported 0 patient(s)", exit 0; a
     wrong --heatmaps folder failed every patient on a line of its own."""
     (tmp_path / "dicom").mkdir()
-    assert main(["export", str(tmp_path / "dicom"), str(tmp_path / "out")]) == 1
-    assert "expected kdsb volume files (<id>.h5) in" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "dicom"), str(tmp_path / "out")]) == 2
+    assert ("expected DATA_DIR, a folder of kdsb volume files (<id>.h5), received a folder "
+            "without any") in capsys.readouterr().err
+    for command in (["predict", str(tmp_path / "dicom"), "m.keras", "--out", "x.csv"],
+                    ["train-gmcae", str(tmp_path / "dicom"), str(tmp_path / "run")]):
+        assert main(command) == 2, command  # the same check in every command
+        assert "received a folder without any" in capsys.readouterr().err
     _volume(tmp_path, "p1")
     assert main(["export", str(tmp_path / "data"), str(tmp_path / "out"), "--heatmaps",
                  str(tmp_path / "dicom")]) == 2

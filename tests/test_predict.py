@@ -144,7 +144,7 @@ def test_missing_inputs_are_usage_errors_before_any_work(cohort, tmp_path, capsy
     assert (f"expected MODEL.keras or the RUN_DIR of kdsb train-classifier, received a file that "
             f"is no Keras model (.keras): {labels}") in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "nodata"), str(models[0]), "--out", str(out)]) == 2
-    assert "expected DATA_DIR, a folder of kdsb volume files, received a missing path" \
+    assert "expected DATA_DIR, a folder of kdsb volume files (<id>.h5), received a missing path" \
         in capsys.readouterr().err
     assert main(["predict", str(data), str(models[0]), "--out", str(out),
                  "--ids", str(tmp_path / "ids.csv")]) == 2

@@ -211,7 +211,7 @@ def test_usage_errors(cohort, tmp_path, capsys):
         "received 'mil'" in capsys.readouterr().err
     missing = tmp_path / "nodata"
     assert main(["train-classifier", str(missing), str(labels), str(run), *options]) == 2
-    assert (f"expected DATA_DIR, a folder of kdsb volume files, received a missing path: "
+    assert (f"expected DATA_DIR, a folder of kdsb volume files (<id>.h5), received a missing path: "
             f"{missing}") in capsys.readouterr().err
     assert main(["train-classifier", str(data), str(tmp_path / "l.csv"), str(run), *options]) == 2
     assert "expected LABELS_CSV, an id,cancer CSV of 0/1 labels, received a missing path" \

@@ -28,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_dir, require_file, require_keras_file, require_output_dir
+    from kdsb.commands import (
+        require_file,
+        require_keras_file,
+        require_output_dir,
+        require_volume_dir,
+    )
     from kdsb.data.inputs import gmcae_spacing_of
     from kdsb.errors import UsageError
     from kdsb.evaluation.embed import OUTLIERS_NAME, embed_cohort, write_embedding_files
@@ -37,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from kdsb.io.volumes import list_volumes
     from kdsb.models.classifier import load_gmcae
 
-    paths = list_volumes(require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files"))
+    paths = list_volumes(require_volume_dir(args.data_dir))
     require_keras_file(args.gmcae, "GMCAE.keras, a model written by kdsb train-gmcae")
     require_output_dir(args.out_dir, "OUT_DIR, a folder for the CSV files and map.png")
     labels = read_labels(require_file(args.labels, "--labels, an id,cancer CSV")) \

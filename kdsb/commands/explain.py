@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_dir, require_file, require_output_dir
+    from kdsb.commands import require_file, require_output_dir, require_volume_dir
     from kdsb.errors import UsageError
     from kdsb.evaluation.explain import PEAKS_NAME, explain_cohort
     from kdsb.io.tables import read_ids
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.models) < 2:
         raise UsageError("expected MODEL.keras [MORE.keras ...] OUT_DIR, received no OUT_DIR")
     *models, out_dir = args.models
-    require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
+    require_volume_dir(args.data_dir)
     require_output_dir(out_dir, "OUT_DIR, a folder for the heatmaps")
     ids = read_ids(require_file(args.ids, "--ids, a CSV with an id column")) if args.ids else None
     given = [flag for flag, value in (("--occlusion-mm", args.occlusion_mm),

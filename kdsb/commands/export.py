@@ -20,11 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_dir, require_file, require_output_dir
+    from kdsb.commands import require_dir, require_file, require_output_dir, require_volume_dir
     from kdsb.io.nifti import export_cohort
     from kdsb.io.tables import read_ids
 
-    require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
+    require_volume_dir(args.data_dir)
     require_output_dir(args.out_dir, "OUT_DIR, a folder for the NIfTI files")
     ids = read_ids(require_file(args.ids, "IDS_CSV, a CSV with an id column")) if args.ids else None
     if args.heatmaps is not None:

@@ -29,12 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_dir, require_file, require_output_file
+    from kdsb.commands import require_file, require_output_file, require_volume_dir
     from kdsb.errors import UsageError
     from kdsb.evaluation.predict import PROBABILITY_CLIP, predict_cohort
     from kdsb.io.tables import read_ids
 
-    require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
+    require_volume_dir(args.data_dir)
     require_output_file(args.out, "--out OUT_CSV, a CSV file to write")
     if args.tta_count is not None and not args.tta:
         raise UsageError(f"expected --tta with --tta-count, received --tta-count "

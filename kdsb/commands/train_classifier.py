@@ -25,11 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_dir, require_file, require_output_dir
+    from kdsb.commands import require_file, require_output_dir, require_volume_dir
     from kdsb.evaluation.evaluate import format_table
     from kdsb.training.classifier import METRICS_NAME, OOF_NAME, train_classifier
 
-    require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
+    require_volume_dir(args.data_dir)
     require_file(args.labels, "LABELS_CSV, an id,cancer CSV of 0/1 labels")
     require_output_dir(args.run_dir, "RUN_DIR, a folder for the run")
     result = train_classifier(

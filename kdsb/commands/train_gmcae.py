@@ -23,10 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_dir, require_output_dir
+    from kdsb.commands import require_output_dir, require_volume_dir
     from kdsb.training.gmcae import MODEL_NAME, train_gmcae
 
-    require_dir(args.data_dir, "DATA_DIR, a folder of kdsb volume files")
+    require_volume_dir(args.data_dir)
     require_output_dir(args.run_dir, "RUN_DIR, a folder for the run")
     summary = train_gmcae(
         args.data_dir, args.run_dir, given_options(args, GmcaeOptions), resume=args.resume
