@@ -214,3 +214,21 @@ def test_an_interrupted_cohort_resumes_only_on_the_same_base_content(base_folder
     assert written == ["implant_000", "implant_001"]  # another base: every patient drawn again
     assert "replacing the unfinished cohort" in caplog.text
     assert sorted((out / "dicom" / "implant_000").iterdir())[0].read_bytes() != first
+
+
+def test_an_occupied_out_root_is_refused_before_the_base_is_read(base_folder, tmp_path,
+                                                                  monkeypatch):
+    """Found in review: the base was read and segmented (seconds) before OUT_ROOT was checked."""
+    from kdsb.errors import UsageError
+    from kdsb.preprocessing import pipeline
+
+    folder, _ = base_folder
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "labels.csv").write_text("id,cancer\n")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base was read")
+
+    monkeypatch.setattr(pipeline, "read_patient", never)
+    with pytest.raises(UsageError, match="expected a new or empty OUT_ROOT"):
+        implants.write_implant_cohort(tmp_path, folder, patients=2, seed=0)

@@ -105,6 +105,36 @@ def _acquisition(rng: np.random.Generator) -> dict:
     }
 
 
+def check_out_root(out_root: Path, overwrite: bool) -> list[Path]:
+    """Refuse an OUT_ROOT `new_cohort` would refuse (a cohort there without `overwrite`, files
+    synth did not write): callers with slow work before `new_cohort` call it first. Returns
+    what of a cohort OUT_ROOT holds (dicom/, truth/, labels.csv).
+
+    Raises:
+        UsageError: as `new_cohort` (but for another synth run writing it).
+    """
+    marker = out_root / UNFINISHED_MARKER
+    existing = [out_root / name for name in ("dicom", "truth", "labels.csv")]
+    existing = [path for path in existing if path.exists()]
+    unfinished = marker.is_file() and not (out_root / "labels.csv").exists()
+    if existing and not (unfinished or overwrite):
+        raise UsageError(
+            f"expected a new or empty OUT_ROOT, received {out_root} which already holds "
+            f"{', '.join(path.name for path in existing)} (use --overwrite to replace them)"
+        )
+    truth = out_root / "truth"
+    synths = marker.is_file() or (truth.is_dir() and (not any(truth.iterdir())
+                                                      or any(truth.glob("*.json"))))
+    if existing and overwrite and not synths:
+        # Found in review: --overwrite deleted any dicom/ and labels.csv, a real cohort's too.
+        raise UsageError(
+            f"expected --overwrite of a cohort kdsb synth wrote, received {out_root} whose "
+            f"{', '.join(path.name for path in existing)} has no synth truth/ records beside "
+            f"it: nothing deleted (choose another OUT_ROOT)"
+        )
+    return existing
+
+
 @contextmanager
 def new_cohort(out_root: Path, overwrite: bool, options: dict) -> Iterator[dict[str, int]]:
     """Make OUT_ROOT ready for a cohort and hold it while the cohort is written; yields the
@@ -126,24 +156,8 @@ def new_cohort(out_root: Path, overwrite: bool, options: dict) -> Iterator[dict[
             `overwrite`), or another synth run is writing it.
     """
     marker = out_root / UNFINISHED_MARKER
-    existing = [out_root / name for name in ("dicom", "truth", "labels.csv")]
-    existing = [path for path in existing if path.exists()]
+    existing = check_out_root(out_root, overwrite)
     unfinished = marker.is_file() and not (out_root / "labels.csv").exists()
-    if existing and not (unfinished or overwrite):
-        raise UsageError(
-            f"expected a new or empty OUT_ROOT, received {out_root} which already holds "
-            f"{', '.join(path.name for path in existing)} (use --overwrite to replace them)"
-        )
-    truth = out_root / "truth"
-    synths = marker.is_file() or (truth.is_dir() and (not any(truth.iterdir())
-                                                      or any(truth.glob("*.json"))))
-    if existing and overwrite and not synths:
-        # Found in review: --overwrite deleted any dicom/ and labels.csv, a real cohort's too.
-        raise UsageError(
-            f"expected --overwrite of a cohort kdsb synth wrote, received {out_root} whose "
-            f"{', '.join(path.name for path in existing)} has no synth truth/ records beside "
-            f"it: nothing deleted (choose another OUT_ROOT)"
-        )
     out_root.mkdir(parents=True, exist_ok=True)
     begun = json.dumps({**options, "kdsb": __version__}, sort_keys=True).encode()
     with sole_writer(marker, "kdsb synth", "use another OUT_ROOT") as handle:

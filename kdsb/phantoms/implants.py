@@ -267,7 +267,13 @@ def write_implant_cohort(
         KdsbError: the base cannot be read or holds no lungs (the message names it).
     """
     from kdsb.phantoms.anatomy import CANCER_RADIUS_MM, Nodule
-    from kdsb.phantoms.cohort import check_id_prefix, finish_root, new_cohort, patient_id
+    from kdsb.phantoms.cohort import (
+        check_id_prefix,
+        check_out_root,
+        finish_root,
+        new_cohort,
+        patient_id,
+    )
     from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
     from kdsb.preprocessing.lungs import segment_lungs
     from kdsb.preprocessing.pipeline import read_patient
@@ -290,6 +296,7 @@ def write_implant_cohort(
         raise UsageError(f"expected a base scan (DICOM folder or volume file), received a "
                          f"missing path: {base}")
     out_root = Path(out_root)
+    check_out_root(out_root, overwrite)  # before the base is read and segmented (seconds)
     series = read_patient(base)
     base_lungs = segment_lungs(series.hu, series.spacing, patient_id=str(base)) > 0
     # The base by content, not only by path: a scan replaced at the same path must not mix two
