@@ -88,3 +88,23 @@ def test_no_scheduler_is_a_usage_error(tmp_path, capsys, monkeypatch):
         assert code == 2, address
         assert (f"expected --scheduler tcp://HOST:PORT (a running Dask scheduler), received "
                 f"{address!r}") in capsys.readouterr().err
+
+
+def test_a_cluster_left_without_workers_ends_the_run(monkeypatch):
+    """Found in review: with every worker gone (a job's walltime over) the run waited forever,
+    its progress bar frozen."""
+    import threading
+    import time
+
+    from kdsb.errors import KdsbError
+
+    monkeypatch.setattr(cluster_module, "NO_WORKERS_S", 1.0)
+    monkeypatch.setattr(cluster_module, "POLL_S", 0.1)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, scheduler_port=0) as local:
+        threading.Timer(1.0, local.scale, [0]).start()
+        start = time.monotonic()
+        with pytest.raises(KdsbError, match=r"expected Dask workers at .*, received none for 1 s"):
+            list(cluster_module.run_on_dask(time.sleep, {"p1": (30,)}, local.scheduler_address,
+                                            WORKER_DIED_MESSAGE))
+        assert time.monotonic() - start < 20

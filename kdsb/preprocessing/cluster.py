@@ -6,7 +6,7 @@ file system). Results come back as they finish, so the manifest, resume, QC and 
 those of a local run. A patient's volume file is written atomically by the worker, so a worker
 that dies mid-patient leaves no partial file; Dask reschedules the patient on another worker
 (up to the scheduler's `distributed.scheduler.allowed-failures`, 3 by default) and then reports
-it as failed, with a reason.
+it as failed, with a reason. A cluster left without any worker for `NO_WORKERS_S` ends the run.
 
 Start a cluster with `dask scheduler` and `dask worker tcp://HOST:8786` on machines sharing the
 data, or from Python with dask-jobqueue (Slurm, PBS, SGE) or dask-kubernetes; README shows how.
@@ -15,6 +15,7 @@ data, or from Python with dask-jobqueue (Slurm, PBS, SGE) or dask-kubernetes; RE
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -23,6 +24,10 @@ from kdsb.errors import KdsbError, UsageError
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 30
+# A cluster left without a worker this long ends the run (a job's walltime ended, nodes gone):
+# Dask would wait for workers forever, the progress bar frozen.
+NO_WORKERS_S = 300
+POLL_S = 1.0  # seconds between looks at finished patients and at the workers
 INSTALL_HINT = "pip install 'kdsb[cluster]'"
 
 
@@ -59,7 +64,7 @@ def run_on_dask(
             at `scheduler`.
     """
     try:
-        from distributed import Client, as_completed
+        from distributed import Client
         from distributed.scheduler import KilledWorker
     except ImportError as error:
         raise UsageError(f"expected dask.distributed for --scheduler, received none: "
@@ -81,7 +86,7 @@ def run_on_dask(
         run = uuid.uuid4().hex[:8]
         futures = {client.submit(worker, *task, pure=False, key=f"kdsb-preprocess-{pid}-{run}"):
                    pid for pid, task in tasks.items()}
-        for future in as_completed(futures, loop=client.loop):
+        for future in _as_finished(client, futures, scheduler):
             patient_id = futures[future]
             try:
                 yield patient_id, future.result()
@@ -94,3 +99,36 @@ def run_on_dask(
                     f"received {type(error).__name__}: {' '.join(str(error).split())} (the "
                     "patients finished so far are kept; rerun to resume)"
                 ) from error
+
+
+def _as_finished(client, futures, scheduler: str):
+    """`futures` as they finish (`distributed.as_completed`), watching the workers meanwhile.
+
+    Raises:
+        KdsbError: the cluster has had no worker for `NO_WORKERS_S`, or its scheduler is lost.
+    """
+    from distributed import as_completed
+
+    finished = as_completed(futures, loop=client.loop)
+    alone_since = None
+    while not finished.is_empty():
+        batch = finished.next_batch(block=False)
+        if batch:
+            alone_since = None
+            yield from batch
+            continue
+        try:
+            workers = len(client.nthreads())
+        except Exception as error:  # noqa: BLE001 - the scheduler is gone, whatever the type
+            raise KdsbError(f"expected the Dask scheduler at {scheduler} to answer, received "
+                            f"{type(error).__name__}: {' '.join(str(error).split())} (the "
+                            "patients finished so far are kept; rerun to resume)") from error
+        if workers:
+            alone_since = None
+        elif alone_since is None:
+            alone_since = time.monotonic()
+        elif time.monotonic() - alone_since > NO_WORKERS_S:
+            raise KdsbError(f"expected Dask workers at {scheduler}, received none for "
+                            f"{NO_WORKERS_S:g} s (the patients finished so far are kept; rerun "
+                            "to resume once workers are back)")
+        time.sleep(POLL_S)
