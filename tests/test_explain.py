@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from kdsb.cli import main
+from kdsb.errors import UsageError
+from kdsb.evaluation import explain
 from kdsb.io import volumes
 from kdsb.phantoms.anatomy import make_phantom
 
@@ -320,8 +322,14 @@ def test_occlusion_sizes_must_be_positive_and_finite(cohort, tmp_path, capsys, c
     # Occlusion sizes with Grad-CAM: said, not silently ignored (found by a user's check).
     with caplog.at_level(logging.WARNING, logger="kdsb.commands.explain"):
         assert main(["explain", str(root / "data"), str(model), str(tmp_path / "cam"),
-                     "--occlusion-mm", "8"]) == 0
-    assert "--method gradcam ignores --occlusion-mm (occlusion only)" in caplog.text
+                     "--occlusion-mm", "8", "--stride-mm", "30"]) == 0  # not checked either
+    assert "--method gradcam ignores --occlusion-mm and --stride-mm (occlusion only)" in \
+        caplog.text
+    # The library's one-patient function resolves and checks the sizes as the cohort's does.
+    volume_file = next((root / "data").glob("*.h5"))
+    with pytest.raises(UsageError, match="expected --stride-mm at most --occlusion-mm"):
+        explain.explain_patient([None], [None], volume_file, None, method="occlusion",
+                                occlusion_mm=8.0, stride_mm=12.0)
     # A run folder as OUT_DIR (`explain DATA runA runB`, OUT_DIR left out) is refused before
     # anything is written there (found in review).
     run = model.parent
@@ -356,7 +364,6 @@ def test_a_heatmap_zero_in_the_lungs_has_no_peak(cohort, tmp_path, monkeypatch, 
 
 
 def test_a_killed_run_resumes_and_redoes_only_what_is_missing(cohort, tmp_path, monkeypatch):
-    from kdsb.evaluation import explain
     from tests.interrupt import Interrupter
 
     root, model, _ = cohort

@@ -274,7 +274,7 @@ def explain_patient(
     *,
     method: str = "gradcam",
     occlusion_mm: float = DEFAULT_OCCLUSION_MM,
-    stride_mm: float = DEFAULT_OCCLUSION_MM / STRIDES_PER_EDGE,
+    stride_mm: float | None = None,
 ) -> Explanation:
     """The heatmap of one patient under one or several classifiers (their mean).
 
@@ -284,11 +284,12 @@ def explain_patient(
         volume_file: the patient's kdsb volume file.
         volume: the same file read (`kdsb.io.volumes.read_volume`).
         method: "gradcam" or "occlusion".
-        occlusion_mm, stride_mm: occlusion cube edge and step, mm (occlusion only).
+        occlusion_mm, stride_mm: occlusion cube edge and step, mm (occlusion only;
+            `occlusion_sizes`).
 
     Raises:
         StoreError: an unreadable volume file or one the models cannot read (spacing).
-        UsageError: an unknown method.
+        UsageError: an unknown method, or bad occlusion sizes (`occlusion_sizes`).
     """
     from kdsb.data.inputs import block_reduce_cropped
     from kdsb.data.patches import normalize_hu
@@ -296,6 +297,8 @@ def explain_patient(
 
     if method not in METHODS:
         raise UsageError(f"expected --method in {', '.join(METHODS)}, received {method!r}")
+    if method == "occlusion":
+        stride_mm = occlusion_sizes(occlusion_mm, stride_mm)
     patient_id = volume.patient_id
     maps, probabilities = [], []
     for model, volume_input in zip(models, inputs, strict=True):
@@ -371,6 +374,24 @@ def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) ->
     return save_figure(figure, path)
 
 
+def occlusion_sizes(occlusion_mm: float, stride_mm: float | None) -> float:
+    """The occlusion step in mm (None: `occlusion_mm` / `STRIDES_PER_EDGE`), the sizes checked.
+
+    Raises:
+        UsageError: a size not finite and positive, or a step wider than the cubes (they would
+            leave lung between them that no occlusion covers: a map of 0 there).
+    """
+    if stride_mm is None:
+        stride_mm = occlusion_mm / STRIDES_PER_EDGE
+    if not all(math.isfinite(mm) and mm > 0 for mm in (occlusion_mm, stride_mm)):
+        raise UsageError(f"expected positive, finite occlusion sizes in mm, received "
+                         f"{occlusion_mm} and {stride_mm}")
+    if stride_mm > occlusion_mm:
+        raise UsageError(f"expected --stride-mm at most --occlusion-mm (cubes that overlap or "
+                         f"touch), received {stride_mm} > {occlusion_mm}")
+    return stride_mm
+
+
 def explain_cohort(
     data_dir: str | os.PathLike,
     model_paths: Sequence[str | os.PathLike],
@@ -409,15 +430,8 @@ def explain_cohort(
     model_paths = resolve_model_paths(model_paths)
     if method not in METHODS:
         raise UsageError(f"expected --method in {', '.join(METHODS)}, received {method!r}")
-    if stride_mm is None:
-        stride_mm = occlusion_mm / STRIDES_PER_EDGE
-    if not all(math.isfinite(mm) and mm > 0 for mm in (occlusion_mm, stride_mm)):
-        raise UsageError(f"expected positive, finite occlusion sizes in mm, received "
-                         f"{occlusion_mm} and {stride_mm}")
-    if stride_mm > occlusion_mm:
-        # The cubes would leave lung between them that no occlusion covers: a map of 0 there.
-        raise UsageError(f"expected --stride-mm at most --occlusion-mm (cubes that overlap or "
-                         f"touch), received {stride_mm} > {occlusion_mm}")
+    if method == "occlusion":  # Grad-CAM reads neither size
+        stride_mm = occlusion_sizes(occlusion_mm, stride_mm)
     order, files = resolve_ids(Path(data_dir), ids, ids_source)
     out_dir = Path(out_dir)
     if model_paths_of_run(out_dir):  # `explain DATA runA runB`: OUT_DIR left out

@@ -32,21 +32,23 @@ def source_stamp(source: str | os.PathLike) -> str:
     """What identifies a patient's source files as written: their count, total size and newest
     modification time (UTC, µs). A folder counts every file under it; a volume file counts the
     files beside it whose names begin with its id and a dot (`p1.mhd` and `p1.raw`; also a
-    `p1.b.mhd`, whose change then redoes p1 too: the safe side).
+    `p1.b.mhd`, whose change then redoes p1 too: the safe side), but for kdsb volume files.
 
     A rewritten scan (another synthetic draw, a series still being copied) changes it; so does
     a copy that does not keep modification times (the patient is then preprocessed again, never
     silently kept).
     """
     from kdsb.io.images import volume_id  # images reads folders through this module
+    from kdsb.io.volumes import SUFFIX as VOLUME_SUFFIX
 
     source = Path(source)
     if source.is_dir():
         files = files_under(source)
-    else:
+    else:  # kdsb's own files beside it (`<id>.h5` when OUT_DIR is INPUT_ROOT) do not count
         prefix = f"{volume_id(source) or source.name}."
         files = sorted(p for p in source.parent.iterdir()
-                       if p.name.startswith(prefix) and p.is_file()) or [source]
+                       if p.name.startswith(prefix) and not p.name.endswith(VOLUME_SUFFIX)
+                       and p.is_file()) or [source]
     stats = [path.stat() for path in files]
     newest = max((s.st_mtime_ns for s in stats), default=0)
     # Microseconds, UTC: readable in a warning, and finer than any rewrite of a scan.
