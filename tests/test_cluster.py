@@ -83,11 +83,12 @@ def test_no_scheduler_is_a_usage_error(tmp_path, capsys, monkeypatch):
     # Malformed addresses, refused before any client (found in review: a traceback, then a
     # minute's hang at exit).
     for address in ("garbage", "tcp://localhost:notaport", "http://x:1", ""):
-        code = main(["preprocess", str(tmp_path / "cohort" / "dicom"), str(tmp_path / "out"),
+        code = main(["preprocess", str(tmp_path / "cohort" / "dicom"), str(tmp_path / "new"),
                      "--scheduler", address])
         assert code == 2, address
         assert (f"expected --scheduler tcp://HOST:PORT (a running Dask scheduler), received "
                 f"{address!r}") in capsys.readouterr().err
+        assert not (tmp_path / "new").exists()  # refused before OUT_DIR was written
 
 
 def test_a_cluster_left_without_workers_ends_the_run(monkeypatch):

@@ -31,14 +31,20 @@ POLL_S = 1.0  # seconds between looks at finished patients and at the workers
 INSTALL_HINT = "pip install 'kdsb[cluster]'"
 
 
-def check_address(scheduler: str) -> None:
-    """Refuse a scheduler address Dask cannot parse (`tcp://HOST:PORT`, or `HOST:PORT`), before
-    a client is made: a malformed one was a traceback, then a minute's hang at exit.
+def check_scheduler(scheduler: str) -> None:
+    """Refuse what `run_on_dask` cannot use, before any work (`run_cohort` calls it before it
+    writes OUT_DIR): distributed not installed, or an address Dask cannot parse
+    (`tcp://HOST:PORT`, or `HOST:PORT`; a malformed one was a traceback, then a minute's hang).
 
     Raises:
-        UsageError: an empty address, an unknown scheme, no or a non-numeric port.
+        UsageError: no distributed; an empty address, an unknown scheme, no or a non-numeric
+            port.
     """
-    from distributed.comm.addressing import get_address_host_port, parse_address
+    try:
+        from distributed.comm.addressing import get_address_host_port, parse_address
+    except ImportError as error:
+        raise UsageError(f"expected dask.distributed for --scheduler, received none: "
+                         f"{INSTALL_HINT}") from error
     from distributed.comm.registry import get_backend
 
     address = scheduler if "://" in scheduler else f"tcp://{scheduler}"
@@ -63,13 +69,10 @@ def run_on_dask(
         UsageError: distributed is not installed, a malformed address, or no scheduler answers
             at `scheduler`.
     """
-    try:
-        from distributed import Client
-        from distributed.scheduler import KilledWorker
-    except ImportError as error:
-        raise UsageError(f"expected dask.distributed for --scheduler, received none: "
-                         f"{INSTALL_HINT}") from error
-    check_address(scheduler)
+    check_scheduler(scheduler)
+    from distributed import Client
+    from distributed.scheduler import KilledWorker
+
     try:
         client = Client(scheduler, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError) as error:

@@ -437,6 +437,10 @@ def run_cohort(
     if int(workers) != workers or workers < 1:
         raise UsageError(f"expected --workers of at least 1, received {workers}")
     validate_margin(margin_mm)
+    if scheduler is not None:  # before OUT_DIR is touched
+        from kdsb.preprocessing.cluster import check_scheduler
+
+        check_scheduler(scheduler)
     from kdsb.commands import require_output_dir
 
     # Before the work (found in review: a path under a file was an OSError, exit 1; a bad QC
