@@ -112,6 +112,14 @@ def test_a_finished_run_resumed_on_other_data_keeps_its_records(trained_run, dat
     before = {name: (run_dir / name).read_bytes() for name in names}
     assert main(["-q", "train-gmcae", str(other), str(run_dir), "--resume"]) == 0
     assert {name: (run_dir / name).read_bytes() for name in names} == before
+    # The same with its checkpoints deleted to save space (found in review: it trained again).
+    import shutil
+
+    copy = shutil.copytree(run_dir, tmp_path / "copy")
+    shutil.rmtree(copy / "checkpoints")
+    assert main(["-q", "train-gmcae", str(other), str(copy), "--resume"]) == 0
+    assert {name: (copy / name).read_bytes() for name in names} == before
+    assert not (copy / "checkpoints").exists()
 
 
 @pytest.mark.slow

@@ -331,7 +331,9 @@ def train_gmcae(
     )
     worker = runs.worker(options.distribute)
     summary_path = run_dir / SUMMARY_NAME
-    if (resume and runs.last_checkpoint(run_dir) and summary_path.is_file()
+    # (Its checkpoints may have been deleted to save space: the best model stays.)
+    trained = runs.last_checkpoint(run_dir) or (run_dir / MODEL_NAME).is_file()
+    if (resume and trained and summary_path.is_file()
             and runs.finished_training(run_dir, options.epochs, options.patience)):
         # Its records stay as they are: measured again on a DATA_DIR given anew, the summary
         # would weigh the model and its baseline on other patients.
