@@ -189,13 +189,13 @@ def _pin_plan(work: Path, plan: DemoPlan, seed: int) -> None:
     Raises:
         UsageError: `work` was begun with another plan or seed.
     """
-    from kdsb.io.atomic import write_json
+    from kdsb.io.atomic import read_json, write_json
 
     settings = _settings()
     wanted = {**plan.__dict__, "seed": seed, **settings}
     path = work / PLAN_NAME
     if path.is_file():
-        begun = json.loads(path.read_text())
+        begun = read_json(path)
         # Folders begun before the plan held it trained with the option's default; before it
         # held the settings, with those of their code (not known: taken as today's).
         begun.setdefault("restarts", _default_restarts())

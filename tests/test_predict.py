@@ -248,6 +248,8 @@ def test_tta_warns_of_a_model_trained_without_augmentation(cohort, tmp_path, cap
     model = run / "classifier.keras"
     with caplog.at_level(logging.WARNING, logger="kdsb.evaluation.predict"):
         warn_unaugmented([model])  # no config.json: nothing known, nothing said
+        (run / "config.json").write_text("{damaged")
+        warn_unaugmented([model])  # a damaged one neither (predict needs none)
         (run / "config.json").write_text(json.dumps({"augment": True}))
         warn_unaugmented([model])
         assert caplog.text == ""

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry
-from kdsb.errors import LabelsError, ModelError, UsageError
+from kdsb.errors import KdsbError, LabelsError, ModelError, UsageError
 from kdsb.io.journal import SUFFIX, loaded_with_digests, optional_journal, volume_stamp
 from kdsb.io.tables import summarise_ids, write_predictions
 from kdsb.io.volumes import list_volumes, read_attrs
@@ -256,7 +256,10 @@ def warn_unaugmented(model_paths: Sequence[Path]) -> None:
     from kdsb.training.runs import OPTIONS_NAME
 
     for path in model_paths:
-        found = record_beside(path, OPTIONS_NAME, levels=3)
+        try:
+            found = record_beside(path, OPTIONS_NAME, levels=3)
+        except KdsbError:  # a damaged config.json: nothing known, and predict needs none
+            continue
         if found is not None and isinstance(found[1], dict) and found[1].get("augment") is False:
             logger.warning("--tta: %s was trained without augmentation (--no-augment, %s): "
                            "the cube symmetries show it orientations it never saw", path,

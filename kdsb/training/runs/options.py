@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kdsb.errors import KdsbError, UsageError
+from kdsb.errors import UsageError
+from kdsb.io.atomic import read_json
 from kdsb.training.runs.devices import PRECISIONS, STRATEGIES
 from kdsb.training.runs.folder import check_run_dir
 
@@ -201,10 +201,7 @@ def resolve_options(
             raise UsageError(f"expected {', '.join(missing)} (required unless --resume), "
                              f"received none")
         return options(**given), 0
-    try:
-        stored = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise KdsbError(f"{path}: expected JSON, received invalid text ({error})") from None
+    stored = read_json(path)
     saved = options.from_saved(stored)
     resolved = dataclasses.replace(saved, **given)
     fields = {f.name: f for f in dataclasses.fields(options)}
