@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint with the run's saved options "
                              "(only --epochs, --patience, --distribute, --keep-checkpoints and "
-                             "--tile-z may change); refused when the patients have changed")
+                             "--tile-z may change); refused when the patients, the volumes' "
+                             "spacing or the GMCAE's content have changed")
 
 
 def run(args: argparse.Namespace) -> int:

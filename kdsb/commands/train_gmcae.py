@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true",
         help="continue RUN_DIR from its last checkpoint with its saved options (only --epochs, "
-             "--steps-per-epoch, --patience, --distribute and --keep-checkpoints may change)",
+             "--steps-per-epoch, --patience, --distribute and --keep-checkpoints may change); "
+             "refused when the patients or the volumes' spacing have changed",
     )
 
 

@@ -121,12 +121,11 @@ def export_cohort(
         (ids exported, {id: reason} for the patients that failed).
 
     Raises:
-        StoreError: no volume file in `data_dir`.
-        UsageError: no heatmap file in `heatmaps_dir`.
+        UsageError: no volume file in `data_dir`, or no heatmap file in `heatmaps_dir`.
     """
     available = volumes.list_volumes(data_dir)
     if not available:  # found by a user's check: "exported 0 patient(s)", exit 0
-        raise StoreError(f"expected kdsb volume files (<id>.h5) in {data_dir}, received none")
+        raise UsageError(f"expected kdsb volume files (<id>.h5) in {data_dir}, received none")
     if heatmaps_dir is not None and not volumes.list_volumes(heatmaps_dir):
         raise UsageError(f"expected --heatmaps DIR, a folder of kdsb explain heatmaps "
                          f"(<id>.h5), received none in {heatmaps_dir}")

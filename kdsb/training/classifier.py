@@ -391,8 +391,8 @@ def train_classifier(
         labels_csv: `id,cancer` labels (0/1) for those volumes.
         run_dir: the run folder.
         options: the run's options, or the options given on the command line (a dict of some
-            fields, `gmcae` among them: the others keep their default, or their saved value
-            when resuming).
+            fields, `gmcae` among them unless resuming: the others keep their default, or
+            their saved value when resuming).
         resume: continue from the newest checkpoints of `run_dir` with its saved options.
 
     Under `--distribute multiworker` every worker runs this with the same arguments; the chief
@@ -414,8 +414,10 @@ def train_classifier(
         StoreError: a volume file is unreadable, too small for `downscale` or of another
             spacing than the others.
         UsageError: an option is out of range, the run folder holds checkpoints and `resume`
-            is off, or resuming changes an option that may not change; under multiworker, a
-            missing or malformed TF_CONFIG, or a batch size other than the number of workers.
+            is off, or resuming changes an option that may not change, or resumes on other
+            patients (split.json), volumes read otherwise or a changed GMCAE (classifier.json);
+            under multiworker, a missing or malformed TF_CONFIG, or a batch size other than the
+            number of workers.
         TrainingError: the loss became NaN.
     """
     run_dir = Path(run_dir)

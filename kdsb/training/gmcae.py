@@ -18,7 +18,8 @@ RUN_DIR also receives:
 - `loss.png`: training and validation NLL per voxel by epoch, with the baseline;
 - `reconstructions.png`: central slices of validation patches beside their reconstructions;
 - `gmcae_summary.json`: best and final validation NLL per voxel and the baseline;
-- `gmcae.json`: the training volumes' spacing (`kdsb.data.inputs.save_gmcae_spacing`).
+- `gmcae.json`: the training volumes' spacing (`kdsb.data.inputs.save_gmcae_spacing`);
+- `split.json`: its training and validation patients (`kdsb.training.runs.split`).
 
 NumPy and TensorFlow are imported inside the functions, so the command line stays light.
 """
@@ -190,7 +191,8 @@ def _check_spacing_unchanged(run_dir: Path, spacing: tuple[float, float, float])
     begun = gmcae_spacing_of(run_dir / MODEL_NAME)
     if begun is not None and not same_spacing(begun, spacing):
         raise UsageError(f"expected --resume on volumes of the spacing the run began with, "
-                         f"{tuple(begun)} mm, received {tuple(spacing)} mm: start a new RUN_DIR")
+                         f"{tuple(begun)} mm ({run_dir / GMCAE_INPUT_NAME}), received "
+                         f"{tuple(spacing)} mm: start a new RUN_DIR")
 
 
 def validation_patches(paths: list[Path], options: GmcaeOptions):
@@ -312,6 +314,7 @@ def train_gmcae(
 
     Raises:
         UsageError: out-of-range options, fewer than 2 volumes, incompatible options on resume,
+            resuming on other patients (split.json) or volumes of another spacing (gmcae.json),
             a run folder holding checkpoints without `resume`; under multiworker, a missing or
             malformed TF_CONFIG, a batch size that is no multiple of the workers, or fewer
             training volumes than workers.
