@@ -195,8 +195,9 @@ def test_resume_refuses_other_patients_or_another_spacing(used_run, data_dir, ca
     (used_run / "split.json").unlink()
     save_gmcae_spacing(used_run, (2.0, 2.0, 2.0))
     assert main(argv) == 2
-    assert ("expected --resume on volumes of the spacing the run began with, (2.0, 2.0, 2.0) "
-            "mm, received (1.0, 1.0, 1.0) mm") in capsys.readouterr().err
+    assert (f"expected --resume on volumes of the spacing the run began with, (2.0, 2.0, 2.0) "
+            f"mm ({used_run / 'gmcae.json'}), received (1.0, 1.0, 1.0) mm") in \
+        capsys.readouterr().err
     assert (used_run / "config.json").read_text() == saved
 
 
