@@ -17,8 +17,8 @@ random margin around the lungs, mildly and smoothly deformed (`ELASTIC_MM` at mo
 axis: about 5 mm at most in all), given extra image noise and resampled to another slice
 spacing; then lesions are painted in with `kdsb.phantoms.lesions.implant_lesion`. Cancer
 patients get one lesion of the requested kinds, places and radii (radius at least the cancer
-radius); every patient gets up to
-`MAX_SMALL_NODULES` small solid nodules (radius 3–6 mm, below the cancer radius).
+radius); every patient gets up to `MAX_SMALL_NODULES` small solid nodules (radius 3–6 mm, below
+the cancer radius).
 
 The lesions are ground truth. The lungs around them are not: they are kdsb's own segmentation
 of the varied base before any lesion was painted (a healthy scan, where it is reliable); the
