@@ -261,6 +261,49 @@ def test_duplicate_slice_kept_once_with_warning(tmp_path, hu, caplog):
     assert "already used position dropped" in caplog.text and "copy.dcm" in caplog.text
 
 
+def test_a_series_held_twice_with_positions_a_hair_apart_reads_once(tmp_path, hu, caplog):
+    """Found in review: with every slice duplicated 1e-6 mm away (a re-export beside the
+    original), the median gap was the hair itself and the series failed as missing slices."""
+    paths = _write(tmp_path, hu)
+    for index, path in enumerate(paths):
+        position = [float(v) for v in pydicom.dcmread(path).ImagePositionPatient]
+        _copy_slice(path, tmp_path / f"again{index}.dcm", InstanceNumber=100 + index,
+                    ImagePositionPatient=[*position[:2], position[2] + 1e-6])
+    with caplog.at_level(logging.WARNING, logger="kdsb.io.dicom"):
+        _assert_same(read_series(tmp_path), hu)
+    assert f"{len(paths)} slice(s) at an already used position dropped" in caplog.text
+
+
+def test_direction_cosines_written_short_of_unit_length_do_not_scale_the_spacing(tmp_path, hu):
+    """Found in review: cosines (0.99, 0, 0), (0, 0.99, 0) gave a slice spacing of 2.45 mm."""
+    for path in _write(tmp_path, hu):
+        _edit(path, ImageOrientationPatient=[0.99, 0, 0, 0, 0.99, 0])
+    series = read_series(tmp_path)
+    assert series.spacing == pytest.approx(SPACING, abs=1e-9)
+    np.testing.assert_array_equal(series.hu, hu)
+
+
+def test_a_rescale_error_in_an_enhanced_ct_frame_is_said_once(tmp_path, hu):
+    """Found in review: the message of a bad RescaleSlope in a frame's functional group was
+    wrapped again as a geometry error, naming the file twice."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.tag import Tag
+
+    ds = _enhanced_ct(hu)
+    rescale = Dataset()
+    rescale.RescaleIntercept, rescale.RescaleType = "0", "HU"
+    # Written as raw bytes: pydicom refuses to set a DS of "abc".
+    rescale[0x00281053] = RawDataElement(Tag(0x00281053), "DS", 4, b"abc ", 0, False, True)
+    ds.PerFrameFunctionalGroupsSequence[0].PixelValueTransformationSequence = Sequence([rescale])
+    ds.save_as(tmp_path / "enhanced.dcm")
+    with pytest.raises(DicomError) as raised:
+        read_series(tmp_path)
+    message = str(raised.value)
+    assert "RescaleSlope" in message and message.count("enhanced.dcm") == 1, message
+
+
 def test_of_slices_a_hair_apart_the_lowest_instance_number_is_kept(tmp_path, hu):
     """Found in review: a copy 0.001 mm below its slice, of a higher InstanceNumber and other
     values, replaced it (position came before InstanceNumber)."""

@@ -153,7 +153,7 @@ def test_youden_threshold_is_picked_on_validation(split, capsys):
             "--bootstrap", "0"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert f"threshold {picked:.6f} (youden on {oof}, 6 patients)" in out
+    assert f"threshold {picked:.6g} (youden on {oof}, 6 patients)" in out
     # On the test patients at ~0.65 only t4 (0.8, positive) is called positive.
     c = metrics.confusion_at(test_y, test_p, picked)
     assert (c.tp, c.fp, c.tn, c.fn) == (1, 0, 2, 2)
@@ -244,7 +244,7 @@ def test_numeric_threshold_prints_the_confusion_matrix(files, capsys):
     out = capsys.readouterr().out
     c = metrics.confusion_at(y, p, 0.3)
     assert c.tp + c.fp + c.tn + c.fn == 30 and c.fp > 0 and c.tn > 0
-    assert "threshold 0.300000 (given); predicted 1 when p >= threshold" in out
+    assert "threshold 0.3 (given); predicted 1 when p >= threshold" in out
     assert f"  {'cancer 1':<13}  {c.tp:>11}  {c.fn:>11}\n" in out
     assert f"  {'no cancer 0':<13}  {c.fp:>11}  {c.tn:>11}\n" in out
     assert f"sensitivity {c.sensitivity:.4f}  specificity {c.specificity:.4f}" in out
@@ -253,8 +253,8 @@ def test_numeric_threshold_prints_the_confusion_matrix(files, capsys):
 def test_a_threshold_that_puts_every_patient_on_one_side_is_a_warning(files, caplog):
     preds, labels, _, p = files
     assert main(["evaluate", str(preds), str(labels), "--threshold", "0.1"]) == 0
-    assert ("at threshold 0.100000 every evaluated patient is predicted 1 (their probabilities "
-            f"lie in [{p.min():.6f}, {p.max():.6f}])") in caplog.text
+    assert ("at threshold 0.1 every evaluated patient is predicted 1 (their probabilities "
+            f"lie in [{p.min():.6g}, {p.max():.6g}])\n") in caplog.text
 
 
 @pytest.mark.parametrize("value", ["1.5", "0", "abc", "nan"])
@@ -302,3 +302,17 @@ def test_one_class_draws_no_roc_curve(tmp_path, monkeypatch):
     plot_roc(np.ones(4), np.array([0.2, 0.4, 0.6, 0.8]), tmp_path / "roc.png")
     assert texts == ["no ROC curve: every label is 1"] and curves == ["chance"]
     assert (tmp_path / "roc.png").stat().st_size > 0
+
+
+def test_a_threshold_picked_beyond_the_clipped_predictions_says_why(tmp_path, caplog):
+    """Found in review: validation scores under kdsb predict's 0.005 put the picked threshold
+    below every clipped prediction; the warning now says that the range is the cause."""
+    labels = _write(tmp_path / "labels.csv", "id,cancer",
+                    [("v0", 1), ("v1", 1), ("v2", 1), ("v3", 0), ("v4", 0), ("t0", 0), ("t1", 1)])
+    oof = _write(tmp_path / "oof.csv", "id,cancer",
+                 [("v0", 0.9), ("v1", 0.8), ("v2", 0.002), ("v3", 0.001), ("v4", 0.0005)])
+    preds = _write(tmp_path / "test.csv", "id,cancer", [("t0", 0.005), ("t1", 0.995)])
+    assert main(["evaluate", str(preds), str(labels), "--threshold", "youden", "--validation",
+                 str(oof), "--bootstrap", "0"]) == 0
+    assert "every evaluated patient is predicted 1 (their probabilities lie in [0.005, 0.995]); " \
+           "the validation predictions it was picked on reach beyond that range" in caplog.text

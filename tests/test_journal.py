@@ -138,3 +138,18 @@ def test_a_run_waiting_on_a_journal_deleted_under_it_takes_a_new_one(tmp_path, m
         journal.record("a", [10, 1], 0.25)
     assert opens == [path, path]  # the deleted file let go, the new one taken
     assert journal.held == 0 and len(path.read_text().splitlines()) == 2
+
+
+def test_stale_temporaries_of_named_targets_only_are_removed(tmp_path):
+    from kdsb.io.atomic import TEMP_PREFIX, remove_stale_temporaries
+
+    names = ["p-1.h5", "p-1.png", "predictions.csv", "peaks.csv"]
+    for name in names:
+        (tmp_path / f"{TEMP_PREFIX}123-0a1b2c3d-{name}").write_text("partial")
+    (tmp_path / "p-1.h5").write_text("kept")
+
+    assert remove_stale_temporaries(tmp_path, {"p-1.h5", "p-1.png", "peaks.csv"}) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"{TEMP_PREFIX}123-0a1b2c3d-predictions.csv", "p-1.h5"]
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["p-1.h5"]

@@ -272,6 +272,17 @@ def test_a_threshold_picked_on_unclipped_scores_holds_for_clipped_predictions():
     assert (c.tp, c.fp, c.tn, c.fn) == (2, 0, 2, 0)
 
 
+def test_a_threshold_separates_scores_within_1e_15_of_0_or_1_and_neighbouring_floats():
+    """Found in review: the scores were clipped to [1e-15, 1 - 1e-15] before their midpoint was
+    taken, so the cut the rule chose fell on the wrong side of scores nearer 0 or 1."""
+    cases = [([1, 0, 1, 0], [0.9, 0.1, 1e-20, 1e-30], "f1", (2, 1, 1, 0)),
+             ([1, 0], [1.0, 0.9999999999999996], "youden", (1, 0, 1, 0)),
+             ([1, 0], [0.5, np.nextafter(0.5, 0)], "youden", (1, 0, 1, 0))]
+    for y, p, rule, cells in cases:
+        c = metrics.confusion_at(y, p, metrics.pick_threshold(y, p, rule))
+        assert (c.tp, c.fp, c.tn, c.fn) == cells, p
+
+
 def test_pick_threshold_maximises_the_rule_over_distinct_scores():
     y, p = _sample(200, 9)
 

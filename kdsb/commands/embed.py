@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("patches", "top", "neighbours"):
         if getattr(args, name) < 1:
             raise UsageError(f"expected --{name} >= 1, received {getattr(args, name)}")
+    if args.top > args.patches:
+        raise UsageError(f"expected --top at most --patches ({args.patches}), received "
+                         f"{args.top}: a patient's score is the mean NLL of its --top most "
+                         "unusual patches")
     spacing_mm = gmcae_spacing_of(args.gmcae)
     gmcae, (digest,) = loaded_with_digests([args.gmcae], lambda: load_gmcae(args.gmcae))
     fingerprint = {"command": "embed", "gmcae": digest, "spacing_mm": spacing_mm,

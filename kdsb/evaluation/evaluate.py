@@ -127,7 +127,7 @@ def format_confusion(threshold: Mapping[str, object]) -> str:
     cells = max(len(str(count)) for count in (tp, fp, tn, fn))
     column = max(len("predicted 1"), cells)
     return "\n".join([
-        f"threshold {threshold['threshold']:.6f} ({origin}); predicted 1 when p >= threshold",
+        f"threshold {threshold['threshold']:.6g} ({origin}); predicted 1 when p >= threshold",
         f"  {'':<13}  {'predicted 1':>{column}}  {'predicted 0':>{column}}",
         f"  {'cancer 1':<13}  {tp:>{column}}  {fn:>{column}}",
         f"  {'no cancer 0':<13}  {fp:>{column}}  {tn:>{column}}",
@@ -320,14 +320,16 @@ def evaluate(
             except KdsbError as error:  # e.g. one class only: say which file
                 raise KdsbError(f"--validation {validation_csv}: {error}") from None
             picked_on = f"{validation_csv}, {y_val.size} patients"
-            logger.info("%s threshold %.6f picked on %s", threshold, value, picked_on)
+            logger.info("%s threshold %.6g picked on %s", threshold, value, picked_on)
         else:
             value, picked_on = threshold, None
         called = int(np.count_nonzero(p >= value))
         if called in (0, p.size):
             logger.warning(
-                "at threshold %.6f every evaluated patient is predicted %d (their probabilities "
-                "lie in [%.6f, %.6f])", value, int(called > 0), p.min(), p.max(),
+                "at threshold %.6g every evaluated patient is predicted %d (their probabilities "
+                "lie in [%.6g, %.6g])%s", value, int(called > 0), p.min(), p.max(),
+                "; the validation predictions it was picked on reach beyond that range "
+                "(`kdsb predict` clips to [--clip, 1 - --clip])" if picked_on else "",
             )
         scores["threshold"] = {
             **metrics.confusion_at(y, p, value).as_dict(),

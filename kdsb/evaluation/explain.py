@@ -63,8 +63,8 @@ class Explanation:
         patient_id: the patient id.
         heatmap: float32 (z, y, x) on the volume file's grid, 0 = no evidence, at most 1 (1 at
             the peak of a single model's map).
-        probability: the models' p(cancer) for the patient, as `kdsb predict` gives it
-            (sigmoid of their mean logit).
+        probability: the models' p(cancer) for the patient, as `kdsb predict` computes it
+            (sigmoid of their mean logit) before its clip to [0.005, 0.995].
         peak_index: (z, y, x) voxel index of the hottest voxel inside the lung mask (the lungs'
             centre when the heatmap is zero there: no peak).
         peak_mm: its patient coordinates, mm (z, y, x); NaN when there is no peak.
@@ -338,7 +338,7 @@ def explain_patient(
 
         centre = ndimage.center_of_mass(lung) if lung.any() else np.array(lung.shape) / 2
         peak = tuple(int(round(c)) for c in centre)
-    # The ensemble's p(cancer) as `kdsb predict` gives it (without --tta): the mean logit.
+    # The ensemble's p(cancer) as `kdsb predict` computes it (without --tta, unclipped).
     probability = ensemble_probability(probabilities)
     return Explanation(patient_id, heatmap, probability, peak, peak_mm)
 
@@ -451,7 +451,11 @@ def explain_cohort(
         fingerprint |= {"occlusion_mm": occlusion_mm, "stride_mm": stride_mm}
     peaks: list[Peak] = []
     with open_journal(out_dir / f"explain{SUFFIX}", fingerprint, "explain") as journal:
-        remove_stale_temporaries(out_dir)  # of a killed run's last patient
+        # Of a killed run's last patient; the files of other commands writing here are theirs.
+        ours = {PEAKS_NAME}
+        for patient_id in order:
+            ours |= {heatmap_path(out_dir, patient_id).name, f"{patient_id}.png"}
+        remove_stale_temporaries(out_dir, ours)
         for patient_id in tqdm(order, desc="explain", unit="patient", disable=None):
             stamp = volume_stamp(files[patient_id])
             png = out_dir / f"{patient_id}.png"

@@ -427,8 +427,11 @@ def pick_threshold(y, p, rule: str) -> float:
     best = int(np.argmax(objective))  # argmax: the first, the highest score
     if best == scores.size - 1:
         return float(scores[best])
-    log_odds = logit(np.clip(scores[best: best + 2], LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS))
-    return float(expit(log_odds.mean()))
+    higher, lower = scores[best: best + 2]
+    finite = np.clip([higher, lower], np.finfo(np.float64).tiny, 1.0 - np.finfo(np.float64).epsneg)
+    middle = float(expit(logit(finite).mean()))
+    # Scores too near 0 or 1, or each other, for a midpoint between them: the higher one itself.
+    return middle if lower < middle <= higher else float(higher)
 
 
 def summary(y, p, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:

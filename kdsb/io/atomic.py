@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -75,10 +75,19 @@ def read_json(path: str | os.PathLike) -> Any:
                         f"file ({error}): restore it, or start a new folder") from None
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = "*") -> int:
-    """Delete temporary files a killed writer left in `folder`; returns how many."""
+def remove_stale_temporaries(folder: str | os.PathLike,
+                              targets: Collection[str] | None = None) -> int:
+    """Delete temporary files a killed writer left in `folder`; returns how many.
+
+    Args:
+        targets: only temporaries of files of these names (a folder other commands write to as
+            well keeps their files in progress); None: every temporary.
+    """
     removed = 0
-    for temp in Path(folder).glob(f"{TEMP_PREFIX}{pattern}"):
+    for temp in Path(folder).glob(f"{TEMP_PREFIX}*"):
+        # .tmp-<pid>-<random>-<name>: the name may hold "-" itself.
+        if targets is not None and temp.name[len(TEMP_PREFIX):].split("-", 2)[-1] not in targets:
+            continue
         temp.unlink(missing_ok=True)
         removed += 1
     return removed

@@ -53,6 +53,7 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -84,6 +85,7 @@ MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 ORIENTATION_DECIMALS = 3  # images whose cosines agree to this many decimals share an orientation
 IN_PLANE_DRIFT_PIXELS = 0.5  # largest in-plane drift of slice positions (gantry tilt), pixels
 DUPLICATE_FRACTION = 0.01  # positions closer than this × median gap are the same slice
+SAME_POSITION_MM = 0.01  # and always those this close (re-exports round positions anew)
 MISSING_SLICE_FACTOR = 1.5  # a gap over this × median gap means missing slices
 GRID_TOLERANCE = 0.2  # largest distance of a slice from the uniform grid, × spacing
 # Undecoded file bytes kept from the single read pass, per folder: a 512 × 512 × 1000 int16
@@ -189,7 +191,7 @@ def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[_Header]:
     try:
         orientation = position = pixel_spacing = None
         if "ImageOrientationPatient" in ds:
-            orientation = np.asarray(ds.ImageOrientationPatient, float).reshape(2, 3)
+            orientation = _unit_cosines(ds.ImageOrientationPatient)
         if "ImagePositionPatient" in ds:
             position = np.asarray(ds.ImagePositionPatient, float).reshape(3)
         if "PixelSpacing" in ds:
@@ -212,10 +214,27 @@ def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[_Header]:
         if PER_FRAME in ds:
             return _frame_headers(patient, header, ds)
         return [header]
+    except DicomError:  # said already, naming the file
+        raise
     except (ValueError, TypeError, AttributeError, IndexError) as exc:
         raise _error(
             patient, f"expected valid image geometry attributes, received {exc}", path
         ) from exc
+
+
+def _unit_cosines(values: Any) -> np.ndarray:
+    """ImageOrientationPatient as (row, column) unit vectors, (2, 3): cosines written with few
+    decimals (0.99) would otherwise scale the spacing along their cross product.
+
+    Raises:
+        ValueError: not six numbers, or a zero vector.
+    """
+    cosines = np.asarray(values, float).reshape(2, 3)
+    norms = np.linalg.norm(cosines, axis=1, keepdims=True)
+    if not (np.isfinite(norms).all() and (norms > 0.5).all()):
+        raise ValueError(f"ImageOrientationPatient {cosines.ravel().tolist()}, not two "
+                         "direction cosines")
+    return cosines / norms
 
 
 def _functional_group(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset | None:
@@ -249,8 +268,7 @@ def _frame_headers(patient: str, file_header: _Header, ds: pydicom.Dataset) -> l
         if position is not None and "ImagePositionPatient" in position:
             header.position = np.asarray(position.ImagePositionPatient, float).reshape(3)
         if orientation is not None and "ImageOrientationPatient" in orientation:
-            header.orientation = np.asarray(orientation.ImageOrientationPatient,
-                                            float).reshape(2, 3)
+            header.orientation = _unit_cosines(orientation.ImageOrientationPatient)
         if measures is not None and "PixelSpacing" in measures:
             header.pixel_spacing = tuple(float(v) for v in measures.PixelSpacing)
         if rescale is not None:
@@ -411,9 +429,12 @@ def _order_slices(
     headers = sorted(headers, key=lambda h: (float(h.position @ normal), h.instance, h.path))
     along = np.array([h.position @ normal for h in headers])
     gaps = np.diff(along)
-    positive = gaps[gaps > 0]
-    median_gap = float(np.median(positive)) if positive.size else 0.0
-    duplicate = np.concatenate([[False], gaps <= DUPLICATE_FRACTION * median_gap])
+    # The median over gaps beyond a hair: a series held twice (a re-export beside the original)
+    # has as many hair-thin gaps as real ones.
+    real = gaps[gaps > SAME_POSITION_MM]
+    median_gap = float(np.median(real)) if real.size else 0.0
+    duplicate = np.concatenate(
+        [[False], gaps <= max(SAME_POSITION_MM, DUPLICATE_FRACTION * median_gap)])
     if duplicate.any():
         # Runs of slices each within a hair of the one before share a position: of each run
         # the lowest InstanceNumber (then file name) is kept.

@@ -169,8 +169,10 @@ def open_journal(path: str | os.PathLike, fingerprint: Mapping[str, Any], comman
         yield journal
         if journal.finished and os.name == "posix":
             path.unlink(missing_ok=True)  # while locked: a run waiting for it takes a new file
-    if journal.finished:
-        path.unlink(missing_ok=True)  # elsewhere an open file cannot be deleted
+    if journal.finished and os.name != "posix":
+        # Elsewhere an open file cannot be deleted. (Not again on POSIX: a run that started
+        # since holds a new journal at this path.)
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
