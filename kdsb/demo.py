@@ -222,7 +222,8 @@ def run_demo(
 
     Args:
         workdir: the demo folder (created; reused stage by stage when it exists).
-        patients: training cohort size (default 64, or 6 with `fast`); the test cohort is half.
+        patients: training cohort size (default 64, or 6 with `fast`); given, the test cohort is
+            half of it (at least 2), else 32 (4 with `fast`).
         seed: seed of the training cohort (the test cohort uses seed + 1000) and of training.
         fast: a smoke run with tiny budgets (checks the plumbing, not the learning).
         workers: preprocessing processes.

@@ -304,6 +304,34 @@ def test_a_rescale_error_in_an_enhanced_ct_frame_is_said_once(tmp_path, hu):
     assert "RescaleSlope" in message and message.count("enhanced.dcm") == 1, message
 
 
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_bare_data_sets_without_the_part_10_header_read(tmp_path, hu, implicit_vr):
+    """Found in review: files without the 128-byte preamble and "DICM" (older archives) were
+    skipped as "not a DICOM file"."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    for path in _write(tmp_path, hu):
+        ds = pydicom.dcmread(path)
+        del ds.file_meta
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, implicit_vr
+        write_dataset(buffer, ds)
+        path.write_bytes(buffer.getvalue())
+        assert kdsb.io.dicom.is_dicom_file(path) and not pydicom.misc.is_dicom(path)
+    _assert_same(read_series(tmp_path), hu)
+
+
+def test_a_bare_data_set_is_told_from_other_binary_files(tmp_path):
+    raw = tmp_path / "volume.raw"  # a MetaImage's voxels: air, then 8 and 5 (group 0008?)
+    raw.write_bytes(np.array([8, 5, -1000, -1000], "<i2").tobytes())
+    assert not kdsb.io.dicom.is_dicom_file(raw)
+    text = tmp_path / "labels.csv"
+    text.write_text("id,cancer\n")
+    assert not kdsb.io.dicom.is_dicom_file(text)
+    assert not kdsb.io.dicom.is_dicom_file(tmp_path / "missing.dcm")
+
+
 def test_of_slices_a_hair_apart_the_lowest_instance_number_is_kept(tmp_path, hu):
     """Found in review: a copy 0.001 mm below its slice, of a higher InstanceNumber and other
     values, replaced it (position came before InstanceNumber)."""

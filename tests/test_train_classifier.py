@@ -770,3 +770,19 @@ def test_options_another_head_reads_are_warned_of(caplog):
         classifier_training._warn_of_other_heads_options(
             {"levels": (1,), "freeze_blocks": 1, "mil_pooling": "max", "mil_block": 1}, "nll")
     assert "--head nll ignores --levels, --freeze-blocks, --mil-block" in caplog.text
+
+
+def test_restarts_given_with_multiworker_are_warned_of(caplog):
+    """Found in review: a --distribute multiworker run never restarts a stuck model, and
+    --restarts given with it did nothing without a word."""
+    from types import SimpleNamespace
+
+    multi = SimpleNamespace(distribute="multiworker", restarts=3)
+    with caplog.at_level(logging.WARNING, logger="kdsb.training.classifier"):
+        classifier_training._warn_of_unused_restarts({"lr": 0.1}, multi)
+        classifier_training._warn_of_unused_restarts(
+            {"restarts": 3}, SimpleNamespace(distribute="none", restarts=3))
+        assert caplog.text == ""
+        classifier_training._warn_of_unused_restarts({"restarts": 3}, multi)
+    assert "--restarts 3 is not used with --distribute multiworker: a stuck model is kept" \
+        in caplog.text

@@ -11,7 +11,8 @@ HELP = "the whole pipeline on phantom cohorts, on a CPU, in minutes (held-out te
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workdir", type=Path, help="folder for cohorts, volumes, runs and plots")
     parser.add_argument("--patients", type=int, default=None,
-                        help="training cohort size (default 64, 6 with --fast); test is half")
+                        help="training cohort size (default 64, 6 with --fast; the test "
+                             "cohort 32, 4 with --fast, or half of --patients, at least 2)")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0, help="random seed")
     seeds.add_argument("--seeds", type=int, nargs="+", metavar="SEED",

@@ -14,8 +14,8 @@ HELP = ("a 3D heatmap per patient of what drove p(cancer) (<id>.h5, <id>.png ove
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # argparse cannot show a last positional after a "+" one: the usage line says it.
-    parser.usage = ("%(prog)s [-h] [--method {gradcam,occlusion}] [--ids IDS_CSV] "
-                    "[--occlusion-mm MM] [--stride-mm MM]\n"
+    parser.usage = ("%(prog)s [-h] [-v | -q] [--method {gradcam,occlusion}] [--ids IDS_CSV]\n"
+                    "       [--occlusion-mm OCCLUSION_MM] [--stride-mm STRIDE_MM]\n"
                     "       DATA_DIR MODEL.keras [MORE.keras ...] OUT_DIR")
     parser.add_argument("data_dir", type=Path, help="folder of <id>.h5 volumes")
     parser.add_argument("models", type=Path, nargs="+", metavar="MODEL.keras",

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
@@ -93,6 +94,8 @@ GRID_TOLERANCE = 0.2  # largest distance of a slice from the uniform grid, × sp
 CACHE_BYTES = 512 * 1024**2
 # Native (uncompressed) little-endian 16-bit images are read straight from their bytes.
 NATIVE_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+PREAMBLE_BYTES = 128  # a Part 10 file: 128 bytes, then "DICM"
+BARE_GROUP = b"\x08\x00"  # group 0008, little endian: where a bare data set begins
 NATIVE_BITS = 16
 # Transfer syntax UID prefixes → the pylibjpeg plugin that decodes them.
 DECODER_PACKAGES = {
@@ -156,6 +159,52 @@ def _list_files(patient: str, folder: Path) -> list[Path]:
     return files
 
 
+def bare_dataset(head: bytes) -> bool:
+    """Whether a file's first bytes are a DICOM data set without its Part 10 header (no
+    preamble, no "DICM": older archives and exports write them): the first element, little
+    endian, is of group 0008 with a small element number, then a VR (explicit) or a short
+    length (implicit)."""
+    if len(head) < 8 or head[:2] != BARE_GROUP or int.from_bytes(head[2:4], "little") > 0xFF:
+        return False
+    explicit_vr = head[4:6].isalpha() and head[4:6].isupper()
+    return explicit_vr or int.from_bytes(head[4:8], "little") < 256
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a readable regular file holding DICOM: with the Part 10 preamble and
+    "DICM", or a bare data set (`bare_dataset`). A dangling link, a FIFO or an unreadable
+    file is not."""
+    try:
+        if not Path(path).is_file():
+            return False
+        with open(path, "rb") as file:
+            head = file.read(PREAMBLE_BYTES + 4)
+    except OSError:
+        return False
+    return head[PREAMBLE_BYTES:] == b"DICM" or bare_dataset(head)
+
+
+def read_dataset(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    """`pydicom.dcmread`, also of a bare data set (`bare_dataset`), to which the transfer
+    syntax pydicom found is added (its pixels cannot be decoded without one).
+
+    Raises:
+        InvalidDicomError: the file is no DICOM.
+    """
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        with open(path, "rb") as file:
+            if not bare_dataset(file.read(8)):
+                raise
+    ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+    implicit, little = ds.original_encoding
+    if not little:
+        raise InvalidDicomError(f"{path}: a bare data set in big-endian byte order")
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ds
+
+
 def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[_Header]:
     """The header(s) of one file: one per image, so one per frame of an Enhanced CT file;
     none (with a warning) when the file is not DICOM.
@@ -166,7 +215,7 @@ def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[_Header]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=DAMAGED_FILE_MESSAGE, category=UserWarning)
-            ds = pydicom.dcmread(path, stop_before_pixels=not keep_pixels)
+            ds = read_dataset(path, stop_before_pixels=not keep_pixels)
     except InvalidDicomError:
         logger.warning("patient %s: skipping %s: not a DICOM file", patient, path.name)
         return []
@@ -556,7 +605,7 @@ def _read_slice(
         return
     if ds is None:
         try:
-            ds = pydicom.dcmread(path)
+            ds = read_dataset(path)
         except Exception as exc:  # pydicom raises many types for truncated or corrupt files
             raise _error(
                 patient,

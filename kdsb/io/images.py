@@ -61,9 +61,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-from pydicom.misc import is_dicom
 
 from kdsb.errors import VolumeFileError
+from kdsb.io.dicom import is_dicom_file
 from kdsb.io.folders import files_under
 from kdsb.io.series import (
     INT16_MAX,
@@ -192,7 +192,7 @@ def volume_in_folder(folder: str | Path, patient_id: str | None = None) -> Path 
     if not volumes:
         return None
     others = (p for p in files_under(folder) if p not in volumes)
-    if any(is_dicom(p) for p in others):
+    if any(is_dicom_file(p) for p in others):
         logger.info(
             "patient %s: the folder holds DICOM files: reading them, not %s",
             patient, ", ".join(v.name for v in volumes),

@@ -120,6 +120,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
         UsageError: `input_root` is missing, not a folder, holds no patient, or holds two
             entries with the same id (`p1/` and `p1.nii.gz`).
     """
+    from kdsb.io.dicom import is_dicom_file
     from kdsb.io.images import volume_id
 
     if not input_root.exists():
@@ -141,7 +142,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
             patient_id = path.name if path.resolve() not in skip else None
         else:  # volume files only: a .raw beside its .mhd, labels.csv, … give None
             patient_id = volume_id(path)
-            if patient_id is None and _is_dicom_file(path):
+            if patient_id is None and is_dicom_file(path):
                 loose_dicom.append(path.name)
         if patient_id is None:
             continue
@@ -164,17 +165,6 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
         logger.warning("%s: ignored %s beside the patients: a patient's series is a sub-folder",
                        input_root, files)
     return dict(sorted(patients.items()))
-
-
-def _is_dicom_file(path: Path) -> bool:
-    """Whether `path` is a readable regular file with the DICOM preamble (a dangling link, a
-    FIFO or an unreadable file is not)."""
-    from pydicom.misc import is_dicom
-
-    try:
-        return path.is_file() and is_dicom(path)
-    except OSError:
-        return False
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, str]]:

@@ -113,6 +113,13 @@ def _warn_of_other_heads_options(given: Any, head: str) -> None:
                        ", ".join("--" + key.replace("_", "-") for key in ignored))
 
 
+def _warn_of_unused_restarts(given: Any, options: ClassifierOptions) -> None:
+    """Warn of `--restarts` given with `--distribute multiworker`, which never restarts."""
+    if isinstance(given, dict) and given.get("restarts") and options.distribute != "none":
+        logger.warning("--restarts %d is not used with --distribute %s: a stuck model is kept",
+                       options.restarts, options.distribute)
+
+
 def _warn_of_another_gmcae_spacing(gmcae: str, volume_input: VolumeInput) -> None:
     """Warn when the GMCAE learned its features on another grid than the one the classifier's
     encoder is fed (the volumes' spacing times `--downscale`): it then sees every structure at
@@ -426,6 +433,7 @@ def train_classifier(
         ClassifierOptions, options, run_dir, resume=resume, data_dir=data_dir
     )
     _warn_of_other_heads_options(given, options.head)
+    _warn_of_unused_restarts(given, options)
     worker = runs.worker(options.distribute)
     if options.distribute == "multiworker" and options.batch_size != worker.count:
         raise UsageError(
