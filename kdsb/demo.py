@@ -32,6 +32,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,7 @@ TEST_SEED_OFFSET = 1000
 # mistakes of a classifier trained on a few dozen patients (cheap: volumes of ~10⁵ voxels).
 TTA_COUNT = 8
 SEEDS_NAME = "seeds.csv"
+STAGE_SECONDS_NAME = "seconds.json"
 PLAN_NAME = "plan.json"  # the plan and seed a demo folder was begun with
 # Test scores of the seed table, in column order.
 SEED_COLUMNS = ("log_loss", "base_rate_log_loss", "roc_auc", "brier", "ece", "accuracy",
@@ -89,13 +92,30 @@ FAST_PLAN = DemoPlan(
 )
 
 
-def _stage(name: str) -> float:
-    print(f"== {name}", flush=True)
-    return time.perf_counter()
+class _StageClock:
+    """Wall seconds of each stage of one demo folder, summed over the runs that finished it (a
+    resumed demo adds its seconds to the stopped run's), kept in `WORKDIR/seconds.json`."""
 
+    def __init__(self, work: Path) -> None:
+        from kdsb.io.atomic import read_json
 
-def _done(start: float, note: str = "") -> None:
-    print(f"   {time.perf_counter() - start:.0f} s{note}", flush=True)
+        self.path = work / STAGE_SECONDS_NAME
+        self.seconds: dict[str, float] = read_json(self.path) if self.path.is_file() else {}
+
+    @contextmanager
+    def stage(self, key: str, name: str) -> Iterator[None]:
+        from kdsb.io.atomic import write_json
+
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - start
+        print(f"   {elapsed:.0f} s", flush=True)
+        self.seconds[key] = self.seconds.get(key, 0.0) + elapsed
+        write_json(self.path, self.seconds)
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
 
 
 def synth_cohort(root: Path, patients: int, seed: int) -> Path:
@@ -230,7 +250,8 @@ def run_demo(
 
     Returns:
         `kdsb.evaluation.metrics.summary` of the test predictions, plus the same summary of the
-        validation patients under "validation" and the wall time under "seconds".
+        validation patients under "validation" and under "seconds" the wall time of its
+        stages, summed over the runs of this folder that finished them (`seconds.json`).
     """
     from kdsb.commands import require_output_dir
     from kdsb.evaluation.evaluate import CALIBRATION_PNG, ROC_PNG, evaluate, format_table
@@ -249,37 +270,36 @@ def run_demo(
         raise UsageError(f"expected --workers of at least 1, received {workers}")
     work = require_output_dir(workdir, "WORKDIR, a folder for the demo")
     _pin_plan(work, plan, seed)
-    start_all = time.perf_counter()
+    clock = _StageClock(work)
 
-    start = _stage(f"synth: {plan.patients} training and {plan.test_patients} test phantoms")
-    train_labels = synth_cohort(work / "train_cohort", plan.patients, seed)
-    test_labels = synth_cohort(work / "test_cohort", plan.test_patients, seed + TEST_SEED_OFFSET)
-    _done(start)
+    with clock.stage("synth", f"synth: {plan.patients} training and {plan.test_patients} test "
+                     "phantoms"):
+        train_labels = synth_cohort(work / "train_cohort", plan.patients, seed)
+        test_labels = synth_cohort(work / "test_cohort", plan.test_patients,
+                                   seed + TEST_SEED_OFFSET)
 
-    start = _stage(f"preprocess at {SPACING_MM:g} mm")
-    train_volumes, test_volumes = work / "volumes" / "train", work / "volumes" / "test"
-    preprocess_cohort(work / "train_cohort" / "dicom", train_volumes, workers)
-    preprocess_cohort(work / "test_cohort" / "dicom", test_volumes, workers)
-    _done(start)
+    with clock.stage("preprocess", f"preprocess at {SPACING_MM:g} mm"):
+        train_volumes, test_volumes = work / "volumes" / "train", work / "volumes" / "test"
+        preprocess_cohort(work / "train_cohort" / "dicom", train_volumes, workers)
+        preprocess_cohort(work / "test_cohort" / "dicom", test_volumes, workers)
 
-    start = _stage(f"train-gmcae (width {plan.gmcae_width}, {plan.gmcae_epochs} epochs)")
-    gmcae = train_demo_gmcae(train_volumes, work / "runs" / "gmcae", plan, seed)
-    _done(start)
+    with clock.stage("train-gmcae",
+                     f"train-gmcae (width {plan.gmcae_width}, {plan.gmcae_epochs} epochs)"):
+        gmcae = train_demo_gmcae(train_volumes, work / "runs" / "gmcae", plan, seed)
 
-    start = _stage(f"train-classifier (up to {plan.classifier_epochs} epochs)")
-    clf_dir = work / "runs" / "classifier"
-    validation = _train_classifier(train_volumes, train_labels, gmcae, clf_dir, plan, seed)
-    _done(start)
+    with clock.stage("train-classifier",
+                     f"train-classifier (up to {plan.classifier_epochs} epochs)"):
+        clf_dir = work / "runs" / "classifier"
+        validation = _train_classifier(train_volumes, train_labels, gmcae, clf_dir, plan, seed)
 
-    start = _stage("predict the held-out test cohort")
-    predictions = work / "test_predictions.csv"
-    predict_cohort(test_volumes, [clf_dir / BEST_NAME], tta=True, tta_count=TTA_COUNT,
-                   out_csv=predictions)
-    plots = work / "plots"
-    scores = evaluate(predictions, test_labels, plots_dir=plots)
-    _done(start)
+    with clock.stage("predict", "predict the held-out test cohort"):
+        predictions = work / "test_predictions.csv"
+        predict_cohort(test_volumes, [clf_dir / BEST_NAME], tta=True, tta_count=TTA_COUNT,
+                       out_csv=predictions)
+        plots = work / "plots"
+        scores = evaluate(predictions, test_labels, plots_dir=plots)
 
-    seconds = time.perf_counter() - start_all
+    seconds = clock.total()
     print()
     print(format_table(validation["validation"],
                        title="validation (held out from the training cohort)"))

@@ -38,7 +38,13 @@ def test_fast_demo_runs_every_stage(tmp_path, capsys):
     # is not trained again.
     (work / "test_cohort" / "labels.csv").unlink()
     metrics_written = (work / "runs" / "classifier" / "metrics.json").stat().st_mtime_ns
+    first = json.loads((work / "seconds.json").read_text())
+    assert sorted(first) == ["predict", "preprocess", "synth", "train-classifier", "train-gmcae"]
     assert main(["demo", str(work), "--fast", "--patients", "4", "--seed", "1"]) == 0
+    # The resumed run's seconds add to the first run's (found in review: seeds.csv counted only
+    # the stages a resumed run did).
+    again = json.loads((work / "seconds.json").read_text())
+    assert all(again[stage] > first[stage] for stage in first)
     assert read_labels(work / "test_cohort" / "labels.csv") == test_labels
     assert (work / "runs" / "classifier" / "metrics.json").stat().st_mtime_ns == metrics_written
     assert read_predictions(work / "test_predictions.csv") == predictions
