@@ -19,8 +19,12 @@ from tests.interrupt import Interrupter
 
 IDS = ("c", "a", "b")
 SHAPES = ((12, 14, 10), (9, 16, 16), (16, 8, 12))
-# Random volumes with an all-lung mask: masking would change nothing, so it is off.
-INPUT = VolumeInput(spacing_mm=(1, 1, 1), mask_outside_lungs=False)
+# Random volumes with an all-lung mask: masking would change nothing, so it is off. The second
+# model reads its volumes through another HU clip: each model its own input.
+INPUTS = (VolumeInput(spacing_mm=(1, 1, 1), mask_outside_lungs=False),
+          VolumeInput(spacing_mm=(1, 1, 1), mask_outside_lungs=False, hu_clip=(-600.0, 0.0)))
+# Output biases far apart, so that the mean logit and the mean probability differ (by ~0.09).
+BIASES = (3.0, -2.0)
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +42,26 @@ def cohort(tmp_path_factory):
         hu = rng.integers(-1000, 400, shape)
         write_volume(volume_path(data, patient_id), hu, np.ones(shape), (1, 1, 1), (0, 0, 0))
     models = []
-    for seed in (1, 2):
+    for seed, volume_input, bias in zip((1, 2), INPUTS, BIASES, strict=True):
         keras.utils.set_random_seed(seed)
         model = build_classifier(build_encoder(width=2), dense_units=4, dropout=0.0)
+        model.get_layer("p_cancer").bias.assign(np.array([bias], "float32"))
         run = root / f"run{seed}"
         run.mkdir()
         model.save(run / "classifier.keras")
-        INPUT.save(run)
+        volume_input.save(run)
         models.append(run / "classifier.keras")
     return data, models
 
 
 def _reference(models, data, patient_id, symmetries=(0,)):
-    """Probability by hand: load each model, feed the prepared volume, mean logit."""
+    """Probability by hand: load each model, feed the volume prepared as it reads it, mean
+    logit."""
     import keras
 
-    x = INPUT.read(volume_path(data, patient_id))
     values = []
     for path in models:
+        x = VolumeInput.for_model(path).read(volume_path(data, patient_id))
         model = keras.saving.load_model(path, compile=False)
         for s in symmetries:
             values.append(float(model.predict(apply_symmetry(x, s)[None], verbose=0)[0, 0]))
@@ -89,7 +95,15 @@ def test_predict_csv_sorted_ids_and_ensemble_mean(cohort, tmp_path, capsys):
     for patient_id in IDS:
         single = [_reference([m], data, patient_id) for m in models]
         assert predicted[patient_id] == pytest.approx(_logit_mean(single), abs=2e-6)
+        assert abs(predicted[patient_id] - np.mean(single)) > 0.02  # not the mean probability
     assert "wrote 3 predictions" in capsys.readouterr().out
+    # The second model alone differs from a reading of its volumes through the first's input.
+    x = INPUTS[0].read(volume_path(data, "a"))
+    import keras
+
+    second = keras.saving.load_model(models[1], compile=False)
+    assert abs(float(second.predict(x[None], verbose=0)[0, 0])
+               - _reference([models[1]], data, "a")) > 1e-4
 
 
 @pytest.mark.slow
@@ -106,9 +120,25 @@ def test_predict_ids_order_clip_and_tta(cohort, tmp_path):
     for patient_id in ("b", "c"):
         expected = _reference([models[0]], data, patient_id, symmetries=(0, 1, 2))
         assert predicted[patient_id] == pytest.approx(expected, abs=2e-6)
-    # Clipping: with clip 0.49 every probability lands in [0.49, 0.51].
+    # Clipping: with clip 0.49 every probability lands in [0.49, 0.51]; by default a model sure
+    # of cancer (p > 0.99995) gives 0.995.
     clipped = predict_cohort(data, [models[0]], clip=0.49)
     assert all(0.49 <= v <= 0.51 for v in clipped.values())
+    sure = tmp_path / "sure" / "classifier.keras"
+    _with_bias(models[0], sure, 60.0)
+    assert set(predict_cohort(data, [sure]).values()) == {0.995}
+
+
+def _with_bias(model_path, target, bias):
+    """A copy of a saved classifier (and its input record) with another output bias."""
+    import shutil
+
+    import keras
+
+    shutil.copytree(model_path.parent, target.parent, dirs_exist_ok=True)
+    model = keras.saving.load_model(model_path, compile=False)
+    model.get_layer("p_cancer").bias.assign(np.array([bias], "float32"))
+    model.save(target)
 
 
 def test_missing_volume_is_an_error_before_any_work(cohort, tmp_path, capsys):
@@ -299,26 +329,49 @@ def test_a_killed_run_resumes_where_it_stopped(cohort, tmp_path, monkeypatch):
     assert main([*argv, str(fresh)]) == 0
     out = tmp_path / "sub.csv"
     journal = tmp_path / "sub.csv.partial"
+    # The two models read their volumes otherwise: two calls a patient.
     scoring = Interrupter(monkeypatch, predict, "member_probabilities")
-    scoring.next_run(limit=2)
+    scoring.next_run(limit=4)
     assert main([*argv, str(out)]) == 130
-    assert scoring.calls == 2 and journal.is_file() and not out.exists()
+    assert scoring.calls == 4 and journal.is_file() and not out.exists()
     scoring.next_run()
     assert main([*argv, str(out)]) == 0
-    assert scoring.calls == 1  # the third patient only
+    assert scoring.calls == 2  # the third patient only
     assert out.read_bytes() == fresh.read_bytes() and not journal.exists()
     # A journal holds a result only for the volume it was made from: a volume written again
     # since is scored again.
-    scoring.next_run(limit=2)
+    scoring.next_run(limit=4)
     assert main([*argv, str(out)]) == 130
     first = volume_path(data, "a")
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
     scoring.next_run()
     assert main([*argv, str(out)]) == 0
-    assert scoring.calls == 2 and out.read_bytes() == fresh.read_bytes()
+    assert scoring.calls == 4 and out.read_bytes() == fresh.read_bytes()
     # Other options are another run: its journal's results are not taken.
-    scoring.next_run(limit=2)
+    scoring.next_run(limit=4)
     assert main([*argv, str(out)]) == 130
     scoring.next_run()
     assert main([*argv, str(out), "--tta", "--tta-count", "2"]) == 0
+    assert scoring.calls == 6
+
+
+@pytest.mark.slow
+def test_a_journal_of_a_model_changed_since_is_not_taken(cohort, tmp_path, monkeypatch):
+    """A model trained again at the same path: the killed run's journal, of the old model's
+    probabilities, is discarded (models are fingerprinted by content, not path)."""
+    from kdsb.evaluation import predict
+
+    data, models = cohort
+    model = tmp_path / "run" / "classifier.keras"
+    _with_bias(models[0], model, 3.0)
+    out = tmp_path / "sub.csv"
+    argv = ["predict", str(data), str(model), "--out", str(out), "--clip", "0"]
+    scoring = Interrupter(monkeypatch, predict, "member_probabilities")
+    scoring.next_run(limit=2)
+    assert main(argv) == 130
+    _with_bias(models[0], model, -1.0)
+    scoring.next_run()
+    assert main(argv) == 0
     assert scoring.calls == 3
+    for patient_id, value in read_predictions(out).items():
+        assert value == pytest.approx(_reference([model], data, patient_id), abs=2e-6)

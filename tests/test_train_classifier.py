@@ -786,3 +786,37 @@ def test_restarts_given_with_multiworker_are_warned_of(caplog):
         classifier_training._warn_of_unused_restarts({"restarts": 3}, multi)
     assert "--restarts 3 is not used with --distribute multiworker: a stuck model is kept" \
         in caplog.text
+
+
+@pytest.mark.slow
+def test_the_mil_head_learns_which_volumes_hold_a_bright_cube(tmp_path):
+    """The one training test that asks for learning, not plumbing (found in review: broken
+    gradients, labels paired with the wrong volumes or inverted class weights passed every
+    other test): 16 volumes, half with a 6³ soft-tissue cube at a random place; out of fold,
+    a 2-fold MIL run ranks them (AUC 1.0 and log loss 0.19–0.30 over seeds 0–3 when made)."""
+    import keras
+
+    from kdsb.models.gmcae import build_gmcae
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(16):
+        hu = rng.normal(-800, 50, SHAPE)
+        if i % 2:
+            z, y, x = rng.integers(2, 9, 3)
+            hu[z:z + 6, y:y + 6, x:x + 6] = 40
+        write_volume(volume_path(tmp_path / "data", f"p{i:02d}"), hu, np.ones(SHAPE), (1, 1, 1),
+                     (0, 0, 0))
+        rows.append(f"p{i:02d},{i % 2}\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,cancer\n" + "".join(rows))
+    keras.utils.set_random_seed(0)
+    build_gmcae(patch_size=16, width=2, mixtures=2).save(tmp_path / "gmcae.keras")
+    run = tmp_path / "run"
+    assert main(["train-classifier", str(tmp_path / "data"), str(labels), str(run),
+                 "--gmcae", str(tmp_path / "gmcae.keras"), "--head", "mil", "--folds", "2",
+                 "--epochs", "10", "--patience", "10", "--batch-size", "2", "--lr", "3e-2",
+                 "--dense-units", "4", "--restarts", "0", "--no-augment", "--seed", "0"]) == 0
+    scores = json.loads((run / "metrics.json").read_text())["out_of_fold"]
+    assert scores["roc_auc"] >= 0.9
+    assert scores["log_loss"] < 0.5 < scores["base_rate_log_loss"]
