@@ -30,21 +30,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+def _reference_files_or_skip() -> Path:
+    """The real CT files; without them the test skips, or fails where KDSB_REQUIRE_REALDATA=1
+    (a CI that must not pass without its only real scans)."""
+    files = reference_files()
+    if files is None:
+        message = "real CT reference files unavailable (offline?)"
+        if os.environ.get("KDSB_REQUIRE_REALDATA") == "1":
+            pytest.fail(message + " and KDSB_REQUIRE_REALDATA=1")
+        pytest.skip(message)
+    return files
+
+
 @pytest.fixture(scope="session")
 def real_ct_dicom_dir() -> Path:
     """A real 20-slice Siemens CT series in JPEG 2000 (a folder of DICOM files)."""
-    files = reference_files()
-    if files is None:
-        pytest.skip("real CT reference files unavailable (offline?)")
+    files = _reference_files_or_skip()
     return files / "example_ct_dicom"
 
 
 @pytest.fixture(scope="session")
 def real_chest_nifti() -> Path:
     """A real chest CT in NIfTI, 1.5 mm, full lungs."""
-    files = reference_files()
-    if files is None:
-        pytest.skip("real CT reference files unavailable (offline?)")
+    files = _reference_files_or_skip()
     return files / "aorta_report" / "example_ct.nii.gz"
 
 
@@ -52,7 +60,5 @@ def real_chest_nifti() -> Path:
 def real_abdomen_nifti() -> tuple[Path, Path]:
     """A real abdominal CT in NIfTI, 3 mm, reaching up to the lung bases, and TotalSegmentator's
     label map of it (lung lobes 10–14, liver 5, colon 20)."""
-    files = reference_files()
-    if files is None:
-        pytest.skip("real CT reference files unavailable (offline?)")
+    files = _reference_files_or_skip()
     return files / "example_ct.nii.gz", files / "example_seg_fast_force_split.nii.gz"

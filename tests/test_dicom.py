@@ -686,3 +686,17 @@ def test_a_pixel_spacing_of_three_values_names_the_file(tmp_path, hu):
                        r"numbers \(row, column mm\), received \[0\.7, 0\.7, 0\.7\] "
                        r"\(file CT001_00003"):
         read_series(tmp_path, patient_id="p1")
+
+
+def test_without_the_real_scans_their_tests_skip_or_fail_where_required(monkeypatch):
+    from _pytest.outcomes import Failed, Skipped
+
+    import tests.conftest as conftest
+
+    monkeypatch.setattr(conftest, "reference_files", lambda: None)
+    monkeypatch.delenv("KDSB_REQUIRE_REALDATA", raising=False)
+    with pytest.raises(Skipped, match="real CT reference files unavailable"):
+        conftest._reference_files_or_skip()
+    monkeypatch.setenv("KDSB_REQUIRE_REALDATA", "1")
+    with pytest.raises(Failed, match="and KDSB_REQUIRE_REALDATA=1"):
+        conftest._reference_files_or_skip()

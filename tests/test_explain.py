@@ -91,21 +91,26 @@ def test_gradcam_peak_lies_on_the_large_nodule_and_files_match_the_volume(cohort
 
 
 def test_an_ensemble_averages_its_models_maps(cohort, tmp_path):
+    """The ensemble's map is the mean of its models' maps, each scaled to a maximum of 1: here
+    the same weights reading the volume at half resolution (`downscale` 2), a coarser map."""
+    from kdsb.data.inputs import VolumeInput
+
     root, model, _ = cohort
-    twin = root / "twin" / "classifier.keras"
-    if not twin.exists():
-        twin.parent.mkdir()
-        twin.write_bytes(model.read_bytes())
-        (twin.parent / "classifier.json").write_bytes((model.parent / "classifier.json")
-                                                      .read_bytes())
+    coarse = tmp_path / "coarse_model" / "classifier.keras"
+    coarse.parent.mkdir()
+    coarse.write_bytes(model.read_bytes())
+    VolumeInput(downscale=2).save(coarse.parent)
     (tmp_path / "ids.csv").write_text("id\nc1\n")
-    assert main(["explain", str(root / "data"), str(model), str(tmp_path / "one"),
-                 "--ids", str(tmp_path / "ids.csv")]) == 0
-    assert main(["explain", str(root / "data"), str(model), str(twin), str(tmp_path / "two"),
-                 "--ids", str(tmp_path / "ids.csv")]) == 0
-    with h5py.File(tmp_path / "one" / "c1.h5") as one, h5py.File(tmp_path / "two" / "c1.h5") as two:
-        np.testing.assert_allclose(two["heatmap"][...], one["heatmap"][...], atol=1e-6)
-        assert len(two.attrs["models"]) == 2
+    maps = {}
+    for name, models in (("one", [model]), ("coarse", [coarse]), ("two", [model, coarse])):
+        assert main(["explain", str(root / "data"), *map(str, models), str(tmp_path / name),
+                     "--ids", str(tmp_path / "ids.csv")]) == 0
+        with h5py.File(tmp_path / name / "c1.h5") as f:
+            maps[name] = f["heatmap"][...]
+            assert len(f.attrs["models"]) == len(models)
+    assert maps["one"].max() == pytest.approx(1) and maps["coarse"].max() == pytest.approx(1)
+    assert np.abs(maps["one"] - maps["coarse"]).max() > 0.1  # two different maps
+    np.testing.assert_allclose(maps["two"], (maps["one"] + maps["coarse"]) / 2, atol=1e-6)
     assert list(_peaks(tmp_path / "two")) == ["c1"]
 
 
@@ -117,7 +122,9 @@ def test_occlusion_finds_the_nodule_too(cohort, tmp_path):
                  "--occlusion-mm", "45", "--stride-mm", "45", "--ids",
                  str(tmp_path / "ids.csv")]) == 0
     row = _peaks(out)["c0"]
-    assert _distance_mm(row, nodules["c0"]) <= nodules["c0"].radius_mm + 45.0
+    # Within half a cube of the nodule (found in review: "within a cube", 45 mm, let a peak
+    # anywhere in a third of these lungs pass).
+    assert _distance_mm(row, nodules["c0"]) <= nodules["c0"].radius_mm + 45.0 / 2
     with h5py.File(out / "c0.h5") as f:
         assert f.attrs["method"] == "occlusion" and f["heatmap"][...].max() == pytest.approx(1)
 
