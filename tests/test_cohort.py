@@ -334,6 +334,11 @@ def test_manifest_keeps_rows_of_earlier_runs(phantoms, tmp_path):
     assert main(["preprocess", str(second), str(out), "--workers", "1"]) == 0
     rows = read_manifest(out)
     assert sorted(rows) == ids and all(row["status"] == "ok" for row in rows.values())
+    # --overwrite redoes the patients of its INPUT_ROOT only: the other's volume and row stay.
+    kept = (out / f"{ids[0]}.h5").stat().st_mtime_ns
+    assert main(["preprocess", str(second), str(out), "--workers", "1", "--overwrite"]) == 0
+    assert (out / f"{ids[0]}.h5").stat().st_mtime_ns == kept
+    assert read_manifest(out)[ids[0]] == rows[ids[0]]
 
 
 def test_real_series_fails_on_one_line_for_too_little_lung(real_ct_dicom_dir, tmp_path, caplog):
@@ -442,6 +447,9 @@ def test_ctrl_c_stops_the_workers_at_once(tmp_path, patients, started):
                and time.monotonic() < deadline):
             assert process.poll() is None, process.communicate()
             time.sleep(0.05)
+        # The patients under way, not a run still starting (found in review: at the deadline
+        # the signal went anyway).
+        assert {p.name for p in tmp_path.iterdir()} == started
         time.sleep(0.5)
         os.killpg(process.pid, signal.SIGINT)
         _, err = process.communicate(timeout=20)

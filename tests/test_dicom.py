@@ -233,9 +233,10 @@ def test_series_of_several_patients_in_one_folder_are_refused(tmp_path, hu):
         read_series(tmp_path, patient_id="dicom")
 
 
-def test_bigger_series_wins_regardless_of_order(tmp_path, hu):
-    _write(tmp_path, hu[:3], series_number=1)
-    big = _write(tmp_path, hu, series_number=2)
+@pytest.mark.parametrize("small_number, big_number", [(1, 2), (2, 1)])
+def test_bigger_series_wins_regardless_of_order(tmp_path, hu, small_number, big_number):
+    _write(tmp_path, hu[:3], series_number=small_number)
+    big = _write(tmp_path, hu, series_number=big_number)
     series = read_series(tmp_path)
     assert series.series_uid == pydicom.dcmread(big[0]).SeriesInstanceUID
     _assert_same(series, hu)

@@ -101,6 +101,8 @@ def test_slice_order_and_shuffled_names(tmp_path, hu, order):
     assert sorted(numbers) == list(range(1, SHAPE[0] + 1))
     if order == "descending":
         assert numbers == list(range(SHAPE[0], 0, -1))
+    else:
+        assert numbers != sorted(numbers)
     assert all(not p.suffix for p in paths) and len({p.name for p in paths}) == SHAPE[0]
 
 

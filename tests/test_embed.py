@@ -211,3 +211,29 @@ def test_a_patients_features_do_not_depend_on_the_other_files(cohort, monkeypatc
     assert table.ids == ["p02", "p03", "p04"]
     assert failed == {"p99": f"{gone['p99']}: expected a volume file, received No such file or "
                              "directory"}
+
+
+def test_neighbours_and_outlier_scores_against_a_brute_force_reference():
+    """Found in review: only their order and count were checked."""
+    from kdsb.evaluation.embed import CohortEmbedding, nearest_patients, outlier_scores
+
+    rng = np.random.default_rng(4)
+    # Features of very different scales: without the standardisation the last would decide.
+    embeddings = rng.normal(size=(9, 5)) * np.array([1, 2, 0.5, 1, 1000])
+    nll = rng.normal(size=(9, 3))
+    table = CohortEmbedding([f"p{i}" for i in range(9)], embeddings, nll)
+
+    z = (embeddings - embeddings.mean(0)) / embeddings.std(0)
+    distance = np.linalg.norm(z[:, None] - z[None], axis=-1)
+    np.fill_diagonal(distance, np.inf)
+    order = np.argsort(distance, axis=1)[:, :3]
+    expected = [(f"p{i}", f"p{j}", distance[i, j]) for i in range(9) for j in order[i]]
+    rows = nearest_patients(table, 3)
+    assert [r[:2] for r in rows] == [e[:2] for e in expected]
+    np.testing.assert_allclose([r[2] for r in rows], [e[2] for e in expected], rtol=1e-9)
+
+    isolation = np.sort(distance, axis=1)[:, :3].mean(1)
+    top = nll[:, 2]
+    reference = ((isolation - isolation.mean()) / isolation.std()
+                 + (top - top.mean()) / top.std()) / 2
+    np.testing.assert_allclose(outlier_scores(table, 3), reference, rtol=1e-9)

@@ -38,6 +38,9 @@ def test_evaluate_prints_metrics_and_writes_plots(files, tmp_path, capsys, monke
     assert f"log loss            {metrics.log_loss(y, p):.4f}" in out
     assert f"base-rate log loss  {metrics.base_rate_log_loss(y):.4f}" in out
     assert f"ROC AUC             {metrics.roc_auc(y, p):.4f}" in out
+    chance, chance_95 = metrics.ece_if_calibrated(p)
+    assert f"ECE by chance       {chance:.4f}" in out
+    assert f"ECE by chance 95 %  {chance_95:.4f}" in out
     assert f"accuracy (p>=0.5)   {metrics.accuracy(y, p):.4f}" in out
     assert f"Brier score         {metrics.brier(y, p):.4f}" in out
     assert f"ECE (10 bins)       {metrics.expected_calibration_error(y, p):.4f}" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -233,7 +234,7 @@ def test_contact_sheet_pages_and_removes_stale_pages(tmp_path):
 
 
 @pytest.mark.parametrize("corrupt", [False, True])
-def test_write_qc_writes_every_png(tmp_path, corrupt):
+def test_write_qc_writes_every_png(tmp_path, corrupt, caplog):
     volume_files = {}
     for pid in ("p1", "p2"):
         volume = _volume(pid)
@@ -244,11 +245,13 @@ def test_write_qc_writes_every_png(tmp_path, corrupt):
         volume_files["p2"].write_bytes(b"not hdf5")
     (tmp_path / "qc").mkdir()
     (tmp_path / "qc" / "p3.png").write_bytes(b"an earlier run's image of p3")  # p3 fails now
-    sheets = qc.write_qc(volume_files, {"p3": "p3: not DICOM"}, tmp_path / "qc")
+    with caplog.at_level(logging.WARNING, logger="kdsb.preprocessing.qc"):
+        sheets = qc.write_qc(volume_files, {"p3": "p3: not DICOM"}, tmp_path / "qc")
     assert sheets == [tmp_path / "qc" / qc.CONTACT_SHEET_NAME]
     written = {p.name for p in (tmp_path / "qc").iterdir()}
     expected = {"p1.png", qc.CONTACT_SHEET_NAME} | (set() if corrupt else {"p2.png"})
     assert written == expected
+    assert ("QC of p2 skipped" in caplog.text and "p2.h5" in caplog.text) == corrupt
 
 
 def test_a_failure_reason_is_wrapped_at_words_without_the_id():
