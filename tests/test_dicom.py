@@ -701,3 +701,44 @@ def test_without_the_real_scans_their_tests_skip_or_fail_where_required(monkeypa
     monkeypatch.setenv("KDSB_REQUIRE_REALDATA", "1")
     with pytest.raises(Failed, match="and KDSB_REQUIRE_REALDATA=1"):
         conftest._reference_files_or_skip()
+
+
+def _as_ct_series(folder, template, slices=3):
+    """`slices` CT files of one compressed image of pydicom-data (kept compressed), 2.5 mm
+    apart, HU = stored value − 1024."""
+    data = pytest.importorskip("pydicom.data")
+    path = data.get_testdata_file(template)
+    if path is None:
+        pytest.skip(f"pydicom-data's {template} unavailable")
+    folder.mkdir()
+    series_uid = generate_uid()
+    for k in range(slices):
+        ds = pydicom.dcmread(path)
+        ds.Modality, ds.PatientID, ds.SeriesInstanceUID = "CT", "p", series_uid
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber, ds.ImageType = k + 1, ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 2.5 * k], [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.RescaleSlope, ds.RescaleIntercept = [0.5, 0.5], 1, -1024
+        ds.save_as(folder / f"im{k}.dcm")
+    return path
+
+
+@pytest.mark.parametrize("template, reference", [
+    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),  # JPEG-LS, 16-bit signed
+    ("JPGLosslessP14SV1_1s_1f_8b.dcm", None),  # lossless JPEG (process 14), 8-bit
+])
+def test_jpeg_ls_and_lossless_jpeg_series_decode(tmp_path, template, reference):
+    """README names JPEG-LS and lossless JPEG among the decoded syntaxes (found in review:
+    only JPEG 2000 and RLE were tested). The JPEG-LS image against its uncompressed twin."""
+    path = _as_ct_series(tmp_path / "series", template)
+    if reference is None:
+        stored = pydicom.dcmread(path).pixel_array
+    else:
+        stored = pydicom.dcmread(pydicom.data.get_testdata_file(reference)).pixel_array
+        assert pydicom.dcmread(path).file_meta.TransferSyntaxUID != \
+            pydicom.dcmread(pydicom.data.get_testdata_file(reference)).file_meta.TransferSyntaxUID
+    series = read_series(tmp_path / "series", "p")
+    assert series.hu.shape == (3, *stored.shape) and series.spacing == (2.5, 0.5, 0.5)
+    for k in range(3):
+        np.testing.assert_array_equal(series.hu[k], stored.astype(np.int32) - 1024)
