@@ -48,8 +48,21 @@ def test_temperature_fits_the_slope_only_and_none_is_the_identity():
     assert fit_calibration(y, p, "none") == IDENTITY
     # One class: no slope to identify.
     assert fit_calibration(np.ones(5), np.full(5, 0.3), "temperature") == IDENTITY
-    one = fit_calibration(np.ones(5), np.full(5, 0.3), "platt")
-    assert one.slope == 1.0 and one.apply(0.3) == pytest.approx(6 / 7)  # Platt's target
+    one = fit_calibration(np.ones(10), np.full(10, 0.3), "platt")
+    assert one.slope == 1.0 and one.apply(0.3) == pytest.approx(11 / 12)  # Platt's target
+
+
+def test_too_few_patients_keep_the_models_probabilities(caplog):
+    """Found by a user's check: two validation patients 0.006 apart gave a slope of 57."""
+    import logging
+
+    y, p = np.array([1, 0] * 5), np.array([0.4598, 0.4538] * 5)
+    assert fit_calibration(y, p, "platt").slope > 20  # ten such patients: the map they earn
+    with caplog.at_level(logging.WARNING, logger="kdsb.models.calibration"):
+        assert fit_calibration(y[:9], p[:9], "platt") == IDENTITY
+        assert fit_calibration(y[:2], p[:2], "temperature") == IDENTITY
+    assert "2 patient(s) are too few to fit a temperature calibration map on (at least 10)" \
+        in caplog.text
 
 
 def test_perfectly_separated_patients_get_finite_unearned_certainty_no_more():

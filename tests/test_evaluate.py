@@ -318,4 +318,5 @@ def test_a_threshold_picked_beyond_the_clipped_predictions_says_why(tmp_path, ca
     assert main(["evaluate", str(preds), str(labels), "--threshold", "youden", "--validation",
                  str(oof), "--bootstrap", "0"]) == 0
     assert "every evaluated patient is predicted 1 (their probabilities lie in [0.005, 0.995]); " \
-           "the validation predictions it was picked on reach beyond that range" in caplog.text
+           "the validation predictions it was picked on lie in [0.0005, 0.9]: on another " \
+           "scale than these?" in caplog.text

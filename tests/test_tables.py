@@ -113,6 +113,14 @@ def test_check_labels_match_errors_and_warning(tmp_path, caplog):
         usable = check_labels_match(labels, ["a", "b", "c", "d"], allow_unlabelled=True)
     assert usable == ["a", "b", "c"]
     assert "skipping unlabelled volumes" in caplog.text
+    # A whole cohort's labels beside a preprocessed part of it (found by a user's check: a dead
+    # end without a flag).
+    with pytest.raises(LabelsError, match=r"without one: c \(pass --allow-missing-volumes"):
+        check_labels_match(labels, ["a", "b"])
+    with caplog.at_level(logging.WARNING, logger="kdsb.io.tables"):
+        assert check_labels_match(labels, ["a", "b"], allow_missing_volumes=True) == ["a", "b"]
+    assert "skipping labelled patients without a volume in the data folder: 1 of 3 without " \
+           "one: c" in caplog.text
 
 
 def test_labelled_patients_whose_preprocessing_failed_are_skipped(tmp_path, caplog):

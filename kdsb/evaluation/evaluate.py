@@ -328,8 +328,10 @@ def evaluate(
             logger.warning(
                 "at threshold %.6g every evaluated patient is predicted %d (their probabilities "
                 "lie in [%.6g, %.6g])%s", value, int(called > 0), p.min(), p.max(),
-                "; the validation predictions it was picked on reach beyond that range "
-                "(`kdsb predict` clips to [--clip, 1 - --clip])" if picked_on else "",
+                f"; the validation predictions it was picked on lie in [{p_val.min():.6g}, "
+                f"{p_val.max():.6g}]: on another scale than these? (oof.csv holds each fold's "
+                "own calibration, predict the ensemble's; predict clips to [--clip, 1 - --clip])"
+                if picked_on else "",
             )
         scores["threshold"] = {
             **metrics.confusion_at(y, p, value).as_dict(),

@@ -147,6 +147,7 @@ def check_labels_match(
     labels_path: str | os.PathLike = "labels CSV",
     data_dir: str | os.PathLike = "the data folder",
     allow_unlabelled: bool = False,
+    allow_missing_volumes: bool = False,
     failed: Collection[str] = (),
     failed_in: str | os.PathLike = "the manifest",
 ) -> list[str]:
@@ -158,6 +159,8 @@ def check_labels_match(
         labels_path: the labels file, for messages.
         data_dir: the volume folder, for messages.
         allow_unlabelled: skip volumes without a label (logging a warning) instead of failing.
+        allow_missing_volumes: skip labelled ids without a volume (logging a warning) instead of
+            failing.
         failed: ids whose preprocessing failed: skipped with a warning when labelled.
         failed_in: where `failed` was read (the preprocessing manifest), for the warning.
 
@@ -165,7 +168,7 @@ def check_labels_match(
         The ids that have both a label and a volume, sorted.
 
     Raises:
-        LabelsError: a labelled id has no volume; a volume has no label (unless allowed); or
+        LabelsError: a labelled id has no volume, or a volume no label (unless allowed); or
             no patient has both.
     """
     volume_ids = set(volume_ids)
@@ -179,10 +182,15 @@ def check_labels_match(
         )
         without_volume = [i for i in without_volume if i not in failed]
     if without_volume:
-        raise LabelsError(
-            f"{labels_path}: expected a volume in {data_dir} for every labelled id, received "
-            f"{len(without_volume)} of {len(labels)} without one: {summarise_ids(without_volume)}"
-        )
+        message = (f"{len(without_volume)} of {len(labels)} without one: "
+                   f"{summarise_ids(without_volume)}")
+        if not allow_missing_volumes:
+            raise LabelsError(
+                f"{labels_path}: expected a volume in {data_dir} for every labelled id, received "
+                f"{message} (pass --allow-missing-volumes to skip them)"
+            )
+        logger.warning("skipping labelled patients without a volume in %s: %s", data_dir,
+                       message)
     without_label = sorted(volume_ids - set(labels))
     if without_label:
         message = (

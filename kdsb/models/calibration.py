@@ -42,6 +42,9 @@ CALIBRATION_LAYER = "calibration"
 EPSILON = 2.0**-23
 # Bounds of the fitted slope: a slope ≤ 0 would reverse (or erase) the model's ranking.
 SLOPE_BOUNDS = (1e-3, 1e3)
+# Fewest patients a map is fitted on. Two validation patients 0.006 apart gave a slope of 57 (a
+# user's check): the map fits them and throws every other patient to 0.09 or 0.67.
+MIN_PATIENTS = 10
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ def fit_calibration(y, p, method: str = "platt") -> Calibration:
 
     Maximum likelihood (mean log loss, L-BFGS with analytic gradients). With a single class in
     `y` the slope cannot be identified: the identity is returned for "temperature", and for
-    "platt" the slope is kept at 1 while the intercept moves toward the observed rate.
+    "platt" the slope is kept at 1 while the intercept moves toward the observed rate. Fewer
+    than `MIN_PATIENTS` patients get the identity, with a warning.
 
     Raises:
         KdsbError: an unknown method, or `y` and `p` of different lengths or out of range.
@@ -98,6 +102,11 @@ def fit_calibration(y, p, method: str = "platt") -> Calibration:
                         f"{int(bad.sum())} other value(s), e.g. {raw[bad][0]!r}")
     one_class = y.min() == y.max()
     if method == "none" or (method == "temperature" and one_class):
+        return IDENTITY
+    if y.size < MIN_PATIENTS:
+        logger.warning("%d patient(s) are too few to fit a %s calibration map on (at least %d): "
+                       "the model's probabilities are kept as they are", y.size, method,
+                       MIN_PATIENTS)
         return IDENTITY
     positives = y.sum()
     negatives = y.size - positives

@@ -54,6 +54,7 @@ class ClassifierOptions(RunOptions):
         dropout: dropout rate of the head.
         augment: random cube symmetry per training volume.
         allow_unlabelled: skip volumes without a label instead of failing.
+        allow_missing_volumes: skip labelled patients without a volume instead of failing.
         tile_z: 0, or the z-slab (input voxels, even) in which training computes the encoder's
             first block (`kdsb.models.slabs`; head spp).
     """
@@ -141,6 +142,10 @@ class ClassifierOptions(RunOptions):
                            flag="--no-augment", action="store_false")
     allow_unlabelled: bool = option(False, "skip volumes without a label instead of failing",
                                     action="store_true")
+    allow_missing_volumes: bool = option(
+        False, "skip labelled patients without a volume instead of failing (a whole cohort's "
+        "labels, e.g. Kaggle's stage1_labels.csv, beside a preprocessed part of it)",
+        action="store_true")
     tile_z: int = option(
         0, "head spp: compute the encoder's first block in z-slabs of this many voxels (even, "
         "e.g. 32), recomputed in the backward pass: a width-64 step on a 1 mm lung then needs "
