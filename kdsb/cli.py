@@ -84,6 +84,9 @@ def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
                            help="log warnings only")
 
 
+QUIET_LIBRARIES = ("matplotlib", "PIL", "h5py", "urllib3", "asyncio")
+
+
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     """Set this call's verbosity; every call sets it anew (found in review: a `-v` call left a
     later call in the same process at DEBUG, with TensorFlow's C++ logs on)."""
@@ -96,6 +99,10 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)  # basicConfig sets it only once a process
+    # Other libraries' debug chatter (Matplotlib's font search: hundreds of lines) stays out of
+    # -v, which is for kdsb's and TensorFlow's.
+    for library in QUIET_LIBRARIES:
+        logging.getLogger(library).setLevel(max(level, logging.INFO))
     # TensorFlow's Python logger narrates its collectives ("Collective all_reduce …") at INFO.
     tensorflow = logging.getLogger("tensorflow")
     tensorflow.setLevel(logging.DEBUG if verbose else logging.WARNING)

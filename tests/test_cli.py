@@ -244,6 +244,14 @@ def test_each_call_sets_its_own_verbosity(monkeypatch):
     assert os.environ[_tf_startup.LEVEL_VARIABLE] == _tf_startup.QUIET_LEVEL
     cli._configure_logging(verbose=False, quiet=False)
     assert root.level == logging.INFO
+    # -v leaves other libraries' debug chatter out (found by a user's check: Matplotlib's
+    # findfont lines flooded it).
+    matplotlib = logging.getLogger("matplotlib")
+    monkeypatch.setattr(matplotlib, "level", matplotlib.level)
+    cli._configure_logging(verbose=True, quiet=False)
+    assert root.level == logging.DEBUG and not matplotlib.isEnabledFor(logging.DEBUG)
+    cli._configure_logging(verbose=False, quiet=True)
+    assert not matplotlib.isEnabledFor(logging.INFO)
 
 
 def test_verbosity_flags_work_after_the_command_too(capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 
 import h5py
 import numpy as np
@@ -114,13 +115,17 @@ def test_an_ensemble_averages_its_models_maps(cohort, tmp_path):
     assert list(_peaks(tmp_path / "two")) == ["c1"]
 
 
-def test_occlusion_finds_the_nodule_too(cohort, tmp_path):
+def test_occlusion_finds_the_nodule_too(cohort, tmp_path, caplog):
     root, model, nodules = cohort
     (tmp_path / "ids.csv").write_text("id\nc0\n")
     out = tmp_path / "out"
-    assert main(["explain", str(root / "data"), str(model), str(out), "--method", "occlusion",
-                 "--occlusion-mm", "45", "--stride-mm", "45", "--ids",
-                 str(tmp_path / "ids.csv")]) == 0
+    with caplog.at_level(logging.INFO, logger="kdsb.evaluation.explain"):
+        assert main(["explain", str(root / "data"), str(model), str(out), "--method",
+                     "occlusion", "--occlusion-mm", "45", "--stride-mm", "45", "--ids",
+                     str(tmp_path / "ids.csv")]) == 0
+    # Minutes of silence no more (found by a user's check): the count of forward passes.
+    assert re.search(r"occlusion: \d+ cubes of \d+×\d+×\d+ input voxels, one forward pass each",
+                     caplog.text), caplog.text
     row = _peaks(out)["c0"]
     # Within half a cube of the nodule (found in review: "within a cube", 45 mm, let a peak
     # anywhere in a third of these lungs pass).

@@ -29,6 +29,12 @@ def test_read_labels_keeps_file_order_and_accepts_swapped_columns(tmp_path):
     assert list(read_labels(path)) == ["b", "a", "c"]
 
 
+def test_read_labels_takes_a_capitalised_header_and_labels_written_as_floats(tmp_path):
+    """Found by a user's check: pandas writes `1.0` for a float column, other tools `ID,Cancer`."""
+    path = _write(tmp_path, "ID,Cancer\nb,1.0\na,0.0\nc,1\n")
+    assert read_labels(path) == {"b": 1, "a": 0, "c": 1}
+
+
 def test_read_labels_ignores_other_columns_with_a_note(tmp_path, caplog):
     # Kaggle's solution files carry a Usage column beside id and cancer.
     path = tmp_path / "solution.csv"

@@ -218,17 +218,18 @@ def occlusion(
     starts = [range(int(a), max(int(a) + 1, int(b) - edge + step), step)
               for a, b, edge, step in zip(low, high, size, stride, strict=True)]
     sz, sy, sx = size
-    for z in starts[0]:
-        for y in starts[1]:
-            for x0 in starts[2]:
-                cube = np.s_[z:z + sz, y:y + sy, x0:x0 + sx]
-                if not lung[cube].any():
-                    continue
-                occluded = x.copy()
-                occluded[cube] = fill
-                p = float(model(occluded[np.newaxis], training=False)[0, 0])
-                total[cube] += p0 - p
-                count[cube] += 1
+    cubes = [np.s_[z:z + sz, y:y + sy, x0:x0 + sx]
+             for z in starts[0] for y in starts[1] for x0 in starts[2]]
+    cubes = [cube for cube in cubes if lung[cube].any()]
+    logger.info("occlusion: %d cubes of %s input voxels, one forward pass each", len(cubes),
+                "×".join(map(str, size)))
+    # One forward pass a cube: minutes a patient on a CPU, so its own progress bar.
+    for cube in tqdm(cubes, desc="occlusion", unit="cube", leave=False, disable=None):
+        occluded = x.copy()
+        occluded[cube] = fill
+        p = float(model(occluded[np.newaxis], training=False)[0, 0])
+        total[cube] += p0 - p
+        count[cube] += 1
     drop = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
     return np.maximum(drop, 0.0), p0
 

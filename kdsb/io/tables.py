@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 ID_COLUMN = "id"
 LABEL_COLUMN = "cancer"
 LABEL_COLUMNS = (ID_COLUMN, LABEL_COLUMN)
-VALID_LABELS = {"0": 0, "1": 1}
+# "1.0": a label column pandas wrote as floats (a column that held a NaN before).
+VALID_LABELS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
 # How many offending ids an error message names before summarising the rest as a count.
 IDS_SHOWN = 5
 
@@ -55,7 +56,7 @@ def _header_index(csv_path: Path, rows: list[tuple[int, list[str]]], required: I
                   ) -> list[str]:
     if not rows:
         raise LabelsError(f"{csv_path}: expected a header line, received an empty file")
-    header = [cell.strip() for cell in rows[0][1]]
+    header = [cell.strip().lower() for cell in rows[0][1]]  # `ID,Cancer` will do
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise LabelsError(f"{csv_path}: expected each column once in the header, received "
@@ -255,7 +256,8 @@ def _read_id_values(
     csv_path = Path(csv_path)
     rows = _open_rows(csv_path)
     header = _header_index(csv_path, rows, LABEL_COLUMNS)
-    others = [name for name in header if name not in LABEL_COLUMNS]
+    others = [name.strip() for name in rows[0][1]
+              if name.strip().lower() not in LABEL_COLUMNS]  # as the file spells them
     if note_other_columns and others:
         logger.info("%s: column(s) %s ignored (only id and cancer are read)", csv_path,
                     ", ".join(others))
