@@ -13,9 +13,9 @@ DICOM series to a temporary folder. Each method then runs as a whole separate Py
   resample the crop, write the HDF5 file), one patient on every core as `kdsb preprocess
   --workers 1` runs it (threads in the distance transforms, block means and compression);
 - kdsb, 1 thread: the same on one thread, as each worker of a cohort runs when there are as
-  many workers as cores (`kdsb preprocess`'s default). Its CPU seconds are the fair measure of a
-  cohort's throughput against the single-threaded baseline; the threaded run's wall time is
-  that of one scan on an idle machine.
+  many workers as cores (`kdsb preprocess`'s default on up to 4 cores). Its CPU seconds are
+  the fair measure of a cohort's throughput against the single-threaded baseline; the
+  threaded run's wall time is that of one scan on an idle machine.
 
 Dice of each mask against the phantom's truth is measured on the method's own output grid.
 Then the cohort runner (`python -m kdsb preprocess`) runs on a small phantom cohort with 1 and

@@ -37,6 +37,8 @@ SUBCOMMANDS = {
 
 EXIT_OK, EXIT_DATA_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 RETRACING_MESSAGE = "triggered tf.function retracing"  # TensorFlow's warning, kept under -v
+# Libraries whose debug lines stay out of -v (Matplotlib's font search: hundreds of lines).
+QUIET_LIBRARIES = ("matplotlib", "PIL", "h5py", "urllib3", "asyncio")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -84,9 +86,6 @@ def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
                            help="log warnings only")
 
 
-QUIET_LIBRARIES = ("matplotlib", "PIL", "h5py", "urllib3", "asyncio")
-
-
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     """Set this call's verbosity; every call sets it anew (found in review: a `-v` call left a
     later call in the same process at DEBUG, with TensorFlow's C++ logs on)."""
@@ -99,9 +98,7 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(level)  # basicConfig sets it only once a process
-    # Other libraries' debug chatter (Matplotlib's font search: hundreds of lines) stays out of
-    # -v, which is for kdsb's and TensorFlow's.
-    for library in QUIET_LIBRARIES:
+    for library in QUIET_LIBRARIES:  # -v is for kdsb's and TensorFlow's debug lines
         logging.getLogger(library).setLevel(max(level, logging.INFO))
     # TensorFlow's Python logger narrates its collectives ("Collective all_reduce …") at INFO.
     tensorflow = logging.getLogger("tensorflow")

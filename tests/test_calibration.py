@@ -52,15 +52,18 @@ def test_temperature_fits_the_slope_only_and_none_is_the_identity():
     assert one.slope == 1.0 and one.apply(0.3) == pytest.approx(11 / 12)  # Platt's target
 
 
-def test_too_few_patients_keep_the_models_probabilities(caplog):
+def test_too_few_patients_fit_no_map(caplog):
     """Found by a user's check: two validation patients 0.006 apart gave a slope of 57."""
     import logging
 
-    y, p = np.array([1, 0] * 5), np.array([0.4598, 0.4538] * 5)
-    assert fit_calibration(y, p, "platt").slope > 20  # ten such patients: the map they earn
+    from kdsb.models.calibration import MIN_PATIENTS, method_for
+
+    assert fit_calibration([1, 0], [0.4598, 0.4538], "platt").slope > 50  # what they would give
     with caplog.at_level(logging.WARNING, logger="kdsb.models.calibration"):
-        assert fit_calibration(y[:9], p[:9], "platt") == IDENTITY
-        assert fit_calibration(y[:2], p[:2], "temperature") == IDENTITY
+        assert method_for(MIN_PATIENTS, "platt") == "platt"
+        assert method_for(1, "none") == "none"
+        assert caplog.text == ""
+        assert method_for(2, "temperature") == "none"
     assert "2 patient(s) are too few to fit a temperature calibration map on (at least 10)" \
         in caplog.text
 

@@ -246,8 +246,9 @@ def test_each_call_sets_its_own_verbosity(monkeypatch):
     assert root.level == logging.INFO
     # -v leaves other libraries' debug chatter out (found by a user's check: Matplotlib's
     # findfont lines flooded it).
+    for library in cli.QUIET_LIBRARIES:
+        monkeypatch.setattr(logging.getLogger(library), "level", logging.getLogger(library).level)
     matplotlib = logging.getLogger("matplotlib")
-    monkeypatch.setattr(matplotlib, "level", matplotlib.level)
     cli._configure_logging(verbose=True, quiet=False)
     assert root.level == logging.DEBUG and not matplotlib.isEnabledFor(logging.DEBUG)
     cli._configure_logging(verbose=False, quiet=True)

@@ -41,7 +41,7 @@ def test_fast_demo_runs_every_stage(tmp_path, capsys):
     first = json.loads((work / "seconds.json").read_text())
     assert sorted(first) == ["predict", "preprocess", "synth", "train-classifier", "train-gmcae"]
     assert main(["demo", str(work), "--fast", "--patients", "4", "--seed", "1"]) == 0
-    # The resumed run's seconds add to the first run's (found in review: seeds.csv counted only
+    # The second run's seconds add to the first run's (found in review: seeds.csv counted only
     # the stages a resumed run did).
     again = json.loads((work / "seconds.json").read_text())
     assert all(again[stage] > first[stage] for stage in first)

@@ -323,10 +323,20 @@ def test_bare_data_sets_without_the_part_10_header_read(tmp_path, hu, implicit_v
     _assert_same(read_series(tmp_path), hu)
 
 
-def test_a_bare_data_set_is_told_from_other_binary_files(tmp_path):
-    raw = tmp_path / "volume.raw"  # a MetaImage's voxels: air, then 8 and 5 (group 0008?)
-    raw.write_bytes(np.array([8, 5, -1000, -1000], "<i2").tobytes())
-    assert not kdsb.io.dicom.is_dicom_file(raw)
+def test_a_bare_data_set_is_told_from_other_binary_files(tmp_path, hu, caplog):
+    for voxels in ([8, 5, -1000, -1000], [8, 5, 0, 0]):  # a MetaImage's voxels (group 0008?)
+        raw = tmp_path / "volume.raw"
+        raw.write_bytes(np.array(voxels + [0] * 40, "<i2").tobytes())
+        assert not kdsb.io.dicom.is_dicom_file(raw), voxels
+    # One that looks like a bare data set's first element but holds none is skipped as no
+    # DICOM, beside a series (found in review: it failed the patient as a truncated file).
+    _write(tmp_path / "series", hu)
+    stray = tmp_path / "series" / "stray.bin"
+    stray.write_bytes(b"\x08\x00\x05\x00\x04\x00\x00\x00ABCD" + bytes(range(256)) * 4)
+    assert kdsb.io.dicom.is_dicom_file(stray)
+    with caplog.at_level(logging.WARNING, logger="kdsb.io.dicom"):
+        _assert_same(read_series(tmp_path / "series"), hu)
+    assert "skipping stray.bin: not a DICOM file" in caplog.text
     text = tmp_path / "labels.csv"
     text.write_text("id,cancer\n")
     assert not kdsb.io.dicom.is_dicom_file(text)

@@ -58,11 +58,15 @@ def cohort(tmp_path_factory):
 def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, capsys, monkeypatch):
     import keras
 
+    from kdsb.models import calibration as calibration_module
+
     data, labels, gmcae = cohort
     run = tmp_path / "run"
     argv = ["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
             "--epochs", "2", "--val-fraction", "0.25", "--batch-size", "2", "--lr", "1e-3",
             "--dense-units", "4", "--restarts", "0", "--seed", "3"]
+    # Two validation patients fit no map by default (MIN_PATIENTS): here they do, to test it.
+    monkeypatch.setattr(calibration_module, "MIN_PATIENTS", 2)
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "patients            2 (1 positive)" in out and "base-rate log loss" in out
@@ -88,6 +92,7 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     calibration = calibration_of(model)
     assert result["calibration"] == {"method": "platt", "slope": calibration.slope,
                                      "intercept": calibration.intercept}
+    assert calibration.slope != 1.0  # a map was fitted
     assert (run / "uncalibrated.keras").is_file()
     uncalibrated = keras.saving.load_model(run / "uncalibrated.keras", compile=False)
     x = VolumeInput(spacing_mm=(1, 1, 1)).read(data / "p0.h5")[np.newaxis]
@@ -369,13 +374,15 @@ def test_options_default_to_the_dataclass_and_are_validated_once(cohort):
 
 
 @pytest.mark.slow
-def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, capsys):
+def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, capsys,
+                                                            monkeypatch):
     """--folds 2 --head mil: stratified disjoint folds, oof.csv with every patient once (the
     prediction of the fold model that never saw it, calibrated by a map fitted on the other
     fold), calibrated fold models, and predict RUN_DIR averaging them; resume reuses folds."""
     import keras
 
     from kdsb.evaluation.predict import ensemble_probability, predict_cohort
+    from kdsb.models import calibration as calibration_module
     from kdsb.models.calibration import calibration_of, fit_calibration
 
     data, labels, gmcae = cohort
@@ -384,6 +391,8 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
             "--head", "mil", "--folds", "2", "--epochs", "2", "--batch-size", "2",
             "--lr", "1e-2", "--dense-units", "4", "--bag-symmetries", "2",
             "--val-fraction", "0.25"]
+    # The cross-fitted maps see 4 patients, too few by default (MIN_PATIENTS): here they fit.
+    monkeypatch.setattr(calibration_module, "MIN_PATIENTS", 4)
     assert main(argv) == 0
     assert "out-of-fold (2 folds, calibrated)" in capsys.readouterr().out
     result = json.loads((run / "metrics.json").read_text())
@@ -413,7 +422,7 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
                   else np.log1p(-float(r["cancer"])) for r in rows]), rel=1e-4)
     saved = [calibration_of(keras.saving.load_model(run / f"fold_{k}" / "classifier.keras",
                                                     compile=False)) for k in (1, 2)]
-    assert saved[0] == saved[1] and saved[0].slope == result["calibration"]["slope"]
+    assert saved[0] == saved[1] and saved[0].slope == result["calibration"]["slope"] != 1.0
 
     mean = predict_cohort(data, [run], clip=0.0)
     single = [predict_cohort(data, [run / f"fold_{k}" / "classifier.keras"], clip=0.0)
@@ -835,3 +844,20 @@ def test_calibration_that_raises_the_out_of_fold_log_loss_is_warned_of(caplog):
         classifier_training._warn_if_calibration_hurt(y, np.full(4, 0.5), np.full(4, 0.9),
                                                       "platt")
     assert "out of fold, the platt maps raised the log loss from 0.693 to 1.204" in caplog.text
+
+
+@pytest.mark.slow
+def test_too_few_patients_for_a_map_leave_every_map_out_alike(cohort, tmp_path, capsys):
+    """Found in review: with the rule inside each fit, the fold models carried a map fitted on
+    all 8 patients while oof.csv showed the 4-patient cross-fits unmapped; now one method for
+    all, said in the title."""
+    data, labels, gmcae = cohort
+    run = tmp_path / "cv"
+    assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
+                 "--head", "mil", "--folds", "2", "--epochs", "1", "--batch-size", "2",
+                 "--dense-units", "4", "--restarts", "0", "--val-fraction", "0.25"]) == 0
+    assert "out-of-fold (2 folds, no calibration map)" in capsys.readouterr().out
+    result = json.loads((run / "metrics.json").read_text())
+    assert result["calibration"] == {"method": "none", "slope": 1.0, "intercept": 0.0}
+    with open(run / "oof.csv", newline="") as f:
+        assert all(r["cancer"] == r["uncalibrated"] for r in csv.DictReader(f))

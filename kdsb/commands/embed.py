@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="id,cancer labels: colour the map by label")
     parser.add_argument("--patches", type=int, default=DEFAULT_PATCHES,
                         help="lung patches per patient")
-    parser.add_argument("--top", type=int, default=DEFAULT_TOP,
-                        help="most unusual patches whose NLL scores a patient")
+    parser.add_argument("--top", type=int, default=None,
+                        help=f"most unusual patches whose NLL scores a patient (default "
+                             f"{DEFAULT_TOP}, or --patches if fewer)")
     parser.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
                         help="nearest patients listed (and used by the outlier score)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patch sampling")
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     require_output_dir(args.out_dir, "OUT_DIR, a folder for the CSV files and map.png")
     labels = read_labels(require_file(args.labels, "--labels, an id,cancer CSV")) \
         if args.labels else None
+    if args.top is None:
+        args.top = min(DEFAULT_TOP, max(1, args.patches))
     for name in ("patches", "top", "neighbours"):
         if getattr(args, name) < 1:
             raise UsageError(f"expected --{name} >= 1, received {getattr(args, name)}")

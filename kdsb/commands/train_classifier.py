@@ -40,10 +40,17 @@ def run(args: argparse.Namespace) -> int:
     if result is None:
         print(f"worker done: the chief writes {args.run_dir}")
     elif "out_of_fold" in result:
+        mapped = "calibrated" if _mapped(result) else "no calibration map"
         print(format_table(result["out_of_fold"],
-                           title=f"out-of-fold ({result['folds']} folds, calibrated)"))
+                           title=f"out-of-fold ({result['folds']} folds, {mapped})"))
         print(f"wrote {args.run_dir / OOF_NAME} and {args.run_dir / METRICS_NAME}")
     else:
-        print(format_table(result["validation"], title="validation (calibrated on it)"))
+        mapped = "calibrated on it" if _mapped(result) else "no calibration map"
+        print(format_table(result["validation"], title=f"validation ({mapped})"))
         print(f"wrote {args.run_dir / METRICS_NAME}")
     return 0
+
+
+def _mapped(result: dict) -> bool:
+    """Whether the run fitted a calibration map (not `--calibration none`, enough patients)."""
+    return result["calibration"]["method"] != "none"

@@ -398,7 +398,8 @@ def pick_threshold(y, p, rule: str) -> float:
 
     Ties go to the highest cut (the fewest positive calls). The threshold lies halfway, in
     log-odds, between the lowest score called positive and the next lower one (that score
-    itself when every patient is called positive), not on a patient's score: predictions
+    itself when every patient is called positive, or when the two are too near each other, 0
+    or 1 for a halfway point between them), rather than on a patient's score: predictions
     clipped or rounded otherwise (`kdsb predict` clips to [0.005, 0.995]; oof.csv does not)
     then fall on the side of the validation patients they are close to. Pick on validation or
     out-of-fold predictions, never on the patients the threshold is then evaluated on.

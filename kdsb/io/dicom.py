@@ -96,6 +96,8 @@ CACHE_BYTES = 512 * 1024**2
 NATIVE_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
 PREAMBLE_BYTES = 128  # a Part 10 file: 128 bytes, then "DICM"
 BARE_GROUP = b"\x08\x00"  # group 0008, little endian: where a bare data set begins
+BARE_TEXT_BYTES = 64  # longest first element of a bare data set (a UID)
+BARE_HEAD_BYTES = 8 + BARE_TEXT_BYTES  # bytes `bare_dataset` reads
 NATIVE_BITS = 16
 # Transfer syntax UID prefixes → the pylibjpeg plugin that decodes them.
 DECODER_PACKAGES = {
@@ -160,14 +162,23 @@ def _list_files(patient: str, folder: Path) -> list[Path]:
 
 
 def bare_dataset(head: bytes) -> bool:
-    """Whether a file's first bytes are a DICOM data set without its Part 10 header (no
-    preamble, no "DICM": older archives and exports write them): the first element, little
-    endian, is of group 0008 with a small element number, then a VR (explicit) or a short
-    length (implicit)."""
-    if len(head) < 8 or head[:2] != BARE_GROUP or int.from_bytes(head[2:4], "little") > 0xFF:
+    """Whether a file's first bytes (at least `BARE_HEAD_BYTES`) are a DICOM data set without
+    its Part 10 header (no preamble, no "DICM": older archives and exports write them). Its
+    first element, little endian, is of group 0008: the group's length (4 bytes), or a short
+    text (SpecificCharacterSet, ImageType, a date, SOPClassUID), after its VR (explicit) or not
+    (implicit). A stray binary file seldom passes; `read_dataset` checks the rest."""
+    if len(head) < 8 or head[:2] != BARE_GROUP:
         return False
-    explicit_vr = head[4:6].isalpha() and head[4:6].isupper()
-    return explicit_vr or int.from_bytes(head[4:8], "little") < 256
+    element = int.from_bytes(head[2:4], "little")
+    if head[4:6].isalpha() and head[4:6].isupper():  # explicit VR: a 2-byte length
+        length, value = int.from_bytes(head[6:8], "little"), head[8:]
+    else:
+        length, value = int.from_bytes(head[4:8], "little"), head[8:]
+    if element == 0:
+        return length == 4
+    text = value[:length]
+    return (element <= 0xFF and 0 < length <= BARE_TEXT_BYTES and len(text) == length
+            and all(32 <= byte < 127 or byte == 0 for byte in text))
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
@@ -178,15 +189,15 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         if not Path(path).is_file():
             return False
         with open(path, "rb") as file:
-            head = file.read(PREAMBLE_BYTES + 4)
+            head = file.read(max(PREAMBLE_BYTES + 4, BARE_HEAD_BYTES))
     except OSError:
         return False
-    return head[PREAMBLE_BYTES:] == b"DICM" or bare_dataset(head)
+    return head[PREAMBLE_BYTES:PREAMBLE_BYTES + 4] == b"DICM" or bare_dataset(head)
 
 
 def read_dataset(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
-    """`pydicom.dcmread`, also of a bare data set (`bare_dataset`), to which the transfer
-    syntax pydicom found is added (its pixels cannot be decoded without one).
+    """`pydicom.dcmread`, also of a bare data set (`bare_dataset`, and a SOPClassUID), to which
+    the transfer syntax pydicom found is added (its pixels cannot be decoded without one).
 
     Raises:
         InvalidDicomError: the file is no DICOM.
@@ -195,12 +206,12 @@ def read_dataset(path: Path, stop_before_pixels: bool = False) -> pydicom.Datase
         return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         with open(path, "rb") as file:
-            if not bare_dataset(file.read(8)):
+            if not bare_dataset(file.read(BARE_HEAD_BYTES)):
                 raise
     ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
-    implicit, little = ds.original_encoding
-    if not little:
-        raise InvalidDicomError(f"{path}: a bare data set in big-endian byte order")
+    if "SOPClassUID" not in ds:
+        raise InvalidDicomError(f"{path}: no DICOM data set (no SOPClassUID)")
+    implicit, _ = ds.original_encoding  # little endian: `bare_dataset` read group 0008 so
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     return ds
 

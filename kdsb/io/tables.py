@@ -54,20 +54,33 @@ def _open_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
 
 def _header_index(csv_path: Path, rows: list[tuple[int, list[str]]], required: Iterable[str]
                   ) -> list[str]:
+    """The header's column names as matched (`_column_key`), each once, `required` among them;
+    messages quote the file's own spelling."""
     if not rows:
         raise LabelsError(f"{csv_path}: expected a header line, received an empty file")
-    header = [cell.strip().lower() for cell in rows[0][1]]  # `ID,Cancer` will do
+    spelled = _header_cells(rows)
+    header = [_column_key(name) for name in spelled]
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise LabelsError(f"{csv_path}: expected each column once in the header, received "
-                          f"{','.join(header)!r} ({', '.join(map(repr, repeated))} repeated)")
+                          f"{','.join(spelled)!r} ({', '.join(map(repr, repeated))} repeated)")
     missing = [name for name in required if name not in header]
     if missing:
         raise LabelsError(
             f"{csv_path}: expected a header with column(s) {', '.join(required)}, "
-            f"received {','.join(header)!r} (missing {', '.join(missing)})"
+            f"received {','.join(spelled)!r} (missing {', '.join(missing)})"
         )
     return header
+
+
+def _header_cells(rows: list[tuple[int, list[str]]]) -> list[str]:
+    """The header's column names as the file spells them."""
+    return [cell.strip() for cell in rows[0][1]]
+
+
+def _column_key(name: str) -> str:
+    """A column name as columns are matched: case-blind (`ID,Cancer` will do)."""
+    return name.lower()
 
 
 def _patient_id(csv_path: Path, line: int, text: str) -> str:
@@ -90,7 +103,8 @@ def summarise_ids(ids: list[str]) -> str:
 
 
 def read_labels(csv_path: str | os.PathLike) -> dict[str, int]:
-    """Read a labels CSV (header `id,cancer`) into patient id → 0 or 1, in file order.
+    """Read a labels CSV (header `id,cancer`, any case; other columns ignored) into patient id
+    → 0 or 1 (written `0`, `1`, `0.0` or `1.0`), in file order.
 
     Args:
         csv_path: the CSV file.
@@ -256,8 +270,7 @@ def _read_id_values(
     csv_path = Path(csv_path)
     rows = _open_rows(csv_path)
     header = _header_index(csv_path, rows, LABEL_COLUMNS)
-    others = [name.strip() for name in rows[0][1]
-              if name.strip().lower() not in LABEL_COLUMNS]  # as the file spells them
+    others = [name for name in _header_cells(rows) if _column_key(name) not in LABEL_COLUMNS]
     if note_other_columns and others:
         logger.info("%s: column(s) %s ignored (only id and cancer are read)", csv_path,
                     ", ".join(others))

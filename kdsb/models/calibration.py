@@ -73,13 +73,24 @@ def sigmoid(z) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free form
 
 
+def method_for(patients: int, method: str) -> str:
+    """The calibration method to fit when the fewest patients any of a run's maps is fitted on
+    number `patients`: `method`, or "none" (with a warning) under `MIN_PATIENTS`."""
+    if method == "none" or patients >= MIN_PATIENTS:
+        return method
+    logger.warning("%d patient(s) are too few to fit a %s calibration map on (at least %d): no "
+                   "map is fitted, the model's probabilities are kept as they are", patients,
+                   method, MIN_PATIENTS)
+    return "none"
+
+
 def fit_calibration(y, p, method: str = "platt") -> Calibration:
     """Fit the calibration map on labels `y` (0/1) and uncalibrated probabilities `p`.
 
     Maximum likelihood (mean log loss, L-BFGS with analytic gradients). With a single class in
     `y` the slope cannot be identified: the identity is returned for "temperature", and for
-    "platt" the slope is kept at 1 while the intercept moves toward the observed rate. Fewer
-    than `MIN_PATIENTS` patients get the identity, with a warning.
+    "platt" the slope is kept at 1 while the intercept moves toward the observed rate. (How
+    many patients a map needs is `method_for`'s rule.)
 
     Raises:
         KdsbError: an unknown method, or `y` and `p` of different lengths or out of range.
@@ -102,11 +113,6 @@ def fit_calibration(y, p, method: str = "platt") -> Calibration:
                         f"{int(bad.sum())} other value(s), e.g. {raw[bad][0]!r}")
     one_class = y.min() == y.max()
     if method == "none" or (method == "temperature" and one_class):
-        return IDENTITY
-    if y.size < MIN_PATIENTS:
-        logger.warning("%d patient(s) are too few to fit a %s calibration map on (at least %d): "
-                       "the model's probabilities are kept as they are", y.size, method,
-                       MIN_PATIENTS)
         return IDENTITY
     positives = y.sum()
     negatives = y.size - positives

@@ -94,6 +94,8 @@ FOLD_NAME = "fold.json"
 FOLD_PREFIX = "fold_"
 BAGS_DIR = "bags"
 CALIBRATION_PNG = "calibration.png"
+# Out-of-fold log loss a cross-fitted calibration may add before it is warned of (nats).
+CALIBRATION_HURT_NATS = 0.005
 # The metric picking the best model: the `log_loss` metric compiled below, on validation data.
 MONITOR = "val_log_loss"
 # The heads that read an option only some heads read (the others ignore it).
@@ -113,9 +115,15 @@ def _warn_of_other_heads_options(given: Any, head: str) -> None:
                        ", ".join("--" + key.replace("_", "-") for key in ignored))
 
 
+def _restarts_apply(options: ClassifierOptions) -> bool:
+    """Whether a stuck model is trained again: not in a distributed run (its workers would have
+    to agree)."""
+    return options.distribute == "none"
+
+
 def _warn_of_unused_restarts(given: Any, options: ClassifierOptions) -> None:
     """Warn of `--restarts` given with `--distribute multiworker`, which never restarts."""
-    if isinstance(given, dict) and given.get("restarts") and options.distribute != "none":
+    if isinstance(given, dict) and given.get("restarts") and not _restarts_apply(options):
         logger.warning("--restarts %d is not used with --distribute %s: a stuck model is kept",
                        options.restarts, options.distribute)
 
@@ -289,7 +297,7 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
         # With one class among the validation patients nothing is explained (NaN): only
         # constant predictions then count as stuck.
         stuck = spread < CONSTANT_SPREAD or explained < LEARNED_FRACTION
-        if not stuck or ctx.options.distribute != "none":
+        if not stuck or not _restarts_apply(ctx.options):
             return fitted._replace(collapsed_seeds=[r["seed"] for r in records])
         record = {"seed": seed,
                   "explained_fraction": None if math.isnan(explained) else explained,
@@ -515,7 +523,7 @@ def train_classifier(
 
 
 def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
-    from kdsb.models.calibration import fit_calibration
+    from kdsb.models.calibration import fit_calibration, method_for
 
     cohort, options = ctx.cohort, ctx.options
     train_ids, val_ids = _split(cohort, sorted(cohort), options, "all patients")
@@ -525,12 +533,13 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
         return None
     p_val = fitted.p_val
     y_val = [cohort[i][1] for i in val_ids]
-    calibration = fit_calibration(y_val, p_val, options.calibration)
+    method = method_for(len(val_ids), options.calibration)
+    calibration = fit_calibration(y_val, p_val, method)
     _save_calibrated(run_dir, calibration)
     p_cal = calibration.apply(p_val)
     return {
         "head": options.head,
-        "calibration": {"method": options.calibration, **calibration.__dict__},
+        "calibration": {"method": method, **calibration.__dict__},
         "validation": scores_with_intervals(y_val, p_cal, options.seed),
         "validation_uncalibrated": scores_with_intervals(y_val, p_val, options.seed),
         "train_base_rate": float(np.mean([cohort[i][1] for i in train_ids])),
@@ -547,7 +556,7 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
 def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dict[str, Any] | None:
     """Train one model per fold on the other folds; score, calibrate and save them all (a
     worker other than the chief only trains, and returns None)."""
-    from kdsb.models.calibration import fit_calibration
+    from kdsb.models.calibration import fit_calibration, method_for
 
     cohort, options = ctx.cohort, ctx.options
     raw: dict[str, float] = {}
@@ -585,24 +594,27 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
     y = np.array([cohort[i][1] for i in ids])
     p_raw = np.array([raw[i] for i in ids])
     fold = np.array([fold_of[i] for i in ids])
-    calibration = fit_calibration(y, p_raw, options.calibration)
+    # One method for every map (the saved one and the cross-fitted ones the report rests on),
+    # judged by the fewest patients a cross-fitted map sees.
+    method = method_for(len(ids) - max(len(f) for f in folds), options.calibration)
+    calibration = fit_calibration(y, p_raw, method)
     p_cal = np.empty_like(p_raw)
     for k in range(1, len(folds) + 1):
         inside = fold == k
-        p_cal[inside] = fit_calibration(y[~inside], p_raw[~inside], options.calibration).apply(
+        p_cal[inside] = fit_calibration(y[~inside], p_raw[~inside], method).apply(
             p_raw[inside]
         )
     for k in range(1, len(folds) + 1):
         _save_calibrated(run_dir / f"{FOLD_PREFIX}{k}", calibration)
     _write_oof(run_dir / OOF_NAME, ids, p_cal, fold, y, p_raw)
-    _warn_if_calibration_hurt(y, p_raw, p_cal, options.calibration)
+    _warn_if_calibration_hurt(y, p_raw, p_cal, method)
     from kdsb.evaluation.evaluate import plot_calibration
 
     plot_calibration(y, p_cal, run_dir / CALIBRATION_PNG)
     return {
         "head": options.head,
         "folds": len(folds),
-        "calibration": {"method": options.calibration, **calibration.__dict__},
+        "calibration": {"method": method, **calibration.__dict__},
         "out_of_fold": scores_with_intervals(y, p_cal, options.seed),
         "out_of_fold_uncalibrated": scores_with_intervals(y, p_raw, options.seed),
         "fold_ids": folds,
@@ -617,7 +629,7 @@ def _warn_if_calibration_hurt(y: np.ndarray, p_raw: np.ndarray, p_cal: np.ndarra
     check: maps fitted on a fold model's near-constant predictions threw the other fold's to
     0.9, log loss 0.69 → 1.21, unremarked)."""
     before, after = metrics.log_loss(y, p_raw), metrics.log_loss(y, p_cal)
-    if after > before + 0.005:
+    if after > before + CALIBRATION_HURT_NATS:
         logger.warning("out of fold, the %s maps raised the log loss from %.3f to %.3f (each "
                        "fold's map fitted on the other folds): the fold models did not learn "
                        "alike; try --calibration none, more patients or other training options",
