@@ -375,3 +375,27 @@ def test_a_journal_of_a_model_changed_since_is_not_taken(cohort, tmp_path, monke
     assert scoring.calls == 3
     for patient_id, value in read_predictions(out).items():
         assert value == pytest.approx(_reference([model], data, patient_id), abs=2e-6)
+
+
+@pytest.mark.slow
+def test_ids_without_a_volume_get_the_fill_value_when_asked(cohort, tmp_path, caplog, capsys):
+    """A submission must name every patient, also one whose scan failed preprocessing."""
+    data, models = cohort
+    ids_csv = tmp_path / "sample_submission.csv"
+    ids_csv.write_text("id,cancer\nzz,0.5\na,0.5\n")
+    out = tmp_path / "sub.csv"
+    argv = ["predict", str(data), str(models[0]), "--out", str(out), "--ids", str(ids_csv)]
+    assert main(argv) == 1
+    assert "1 of 2 without one: zz (--fill-missing P gives them probability P)" in \
+        capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="kdsb.evaluation.predict"):
+        assert main([*argv, "--fill-missing", "0.26"]) == 0
+    predicted = read_predictions(out)
+    assert list(predicted) == ["zz", "a"] and predicted["zz"] == 0.26
+    assert predicted["a"] == pytest.approx(float(np.clip(_reference([models[0]], data, "a"),
+                                                         0.005, 0.995)), abs=2e-6)
+    assert "1 of 2 id(s) of" in caplog.text and "given 0.26 without a model (zz)" in caplog.text
+    assert main(["predict", str(data), str(models[0]), "--out", str(out), "--fill-missing",
+                 "0.3"]) == 2
+    assert "expected --ids with --fill-missing" in capsys.readouterr().err
+    assert main([*argv, "--fill-missing", "1.5"]) == 2

@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --tta, the first K of the 48 cube symmetries (default: all)")
     parser.add_argument("--clip", type=float, default=None,
                         help="clip probabilities to [CLIP, 1 - CLIP] (default: 0.005)")
+    parser.add_argument("--fill-missing", type=float, default=None, metavar="P",
+                        help="with --ids: give ids without a volume (a scan that failed "
+                             "preprocessing) probability P, each named in a warning, instead "
+                             "of failing (e.g. the training cohort's cancer rate)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tta_count is not None and not args.tta:
         raise UsageError(f"expected --tta with --tta-count, received --tta-count "
                          f"{args.tta_count} alone")
+    if args.fill_missing is not None and args.ids is None:
+        raise UsageError("expected --ids with --fill-missing: without it every volume is scored "
+                         "and none is missing")
     if args.ids is not None:
         require_file(args.ids, "--ids, a CSV with an id column")
     ids = read_ids(args.ids) if args.ids is not None else None
@@ -51,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         tta=args.tta,
         tta_count=args.tta_count,
         clip=PROBABILITY_CLIP if args.clip is None else args.clip,
+        fill_missing=args.fill_missing,
     )
     print(f"wrote {len(predictions)} predictions to {args.out}")
     return 0

@@ -89,18 +89,21 @@ def member_probabilities(models: Sequence[Any], x: np.ndarray,
     return members
 
 
-def resolve_ids(data_dir: Path, ids: Sequence[str] | None, ids_source: str) -> tuple[list, dict]:
-    """(ids in output order, id → volume file); every id must have a volume (`LabelsError`)."""
+def resolve_ids(data_dir: Path, ids: Sequence[str] | None, ids_source: str,
+                allow_missing: bool = False, advice: str = "") -> tuple[list, dict]:
+    """(ids in output order, id → volume file); every id must have a volume (`LabelsError`,
+    ending in `advice`), unless `allow_missing` (then ids without one are in the order, not in
+    the files)."""
     volumes = list_volumes(data_dir)
     if ids is None:
         if not volumes:
             raise LabelsError(f"expected kdsb volume files (<id>.h5) in {data_dir}, received none")
         return list(volumes), volumes
     missing = [i for i in ids if i not in volumes]
-    if missing:
+    if missing and not allow_missing:
         raise LabelsError(
             f"{ids_source}: expected a volume in {data_dir} for every id, received "
-            f"{len(missing)} of {len(ids)} without one: {summarise_ids(missing)}"
+            f"{len(missing)} of {len(ids)} without one: {summarise_ids(missing)}{advice}"
         )
     return list(ids), volumes
 
@@ -176,6 +179,7 @@ def predict_cohort(
     tta_count: int | None = None,
     clip: float = PROBABILITY_CLIP,
     out_csv: str | os.PathLike | None = None,
+    fill_missing: float | None = None,
 ) -> dict[str, float]:
     """p(cancer) for each patient, streaming one volume at a time.
 
@@ -192,12 +196,16 @@ def predict_cohort(
             `OUT_CSV.partial` (`kdsb.io.journal`): a killed run, run again with the same
             models, options and volumes, scores only the patients it had not finished. The
             journal is removed once the CSV is written.
+        fill_missing: with `ids`, the probability given to ids without a volume (a scan that
+            failed preprocessing, in a submission that must name every patient), each named in
+            a warning; None: such ids are an error.
 
     Returns:
         Patient id → probability, in output order.
 
     Raises:
-        LabelsError: an id has no volume (checked before any model is loaded).
+        LabelsError: an id has no volume (checked before any model is loaded), unless
+            `fill_missing`.
         UsageError: no model, a missing model file, a bad clip or TTA count.
         ModelError: a model file does not load or is no kdsb classifier; a model gives a
             patient NaN (a damaged or diverged model: nothing is written for it).
@@ -210,13 +218,22 @@ def predict_cohort(
     symmetries = tta_symmetries(tta, tta_count)
     if len(symmetries) > 1:
         warn_unaugmented(model_paths)
+    if fill_missing is not None and not 0.0 <= fill_missing <= 1.0:
+        raise UsageError(f"expected --fill-missing in [0, 1], received {fill_missing}")
     data_dir = Path(data_dir)
-    order, volumes = resolve_ids(data_dir, ids, ids_source)
+    order, volumes = resolve_ids(data_dir, ids, ids_source,
+                                 allow_missing=fill_missing is not None,
+                                 advice=" (--fill-missing P gives them probability P)")
+    missing = [i for i in order if i not in volumes]
+    if missing:
+        logger.warning("%d of %d id(s) of %s have no volume in %s: given %s without a model (%s)",
+                       len(missing), len(order), ids_source, data_dir, fill_missing,
+                       summarise_ids(missing))
     loaded, models = load_fingerprinted(model_paths)
     groups: dict[VolumeInput, list[Any]] = {}
     for volume_input, model in loaded:
         groups.setdefault(volume_input, []).append(model)
-    check_volumes(groups, [volumes[i] for i in order])
+    check_volumes(groups, [volumes[i] for i in order if i in volumes])
     logger.info(
         "scoring %d patients with %d model(s), %d symmetry(ies) each",
         len(order), len(model_paths), len(symmetries),
@@ -226,6 +243,9 @@ def predict_cohort(
     predictions: dict[str, float] = {}
     with optional_journal(journal_path, fingerprint, "predict") as journal:
         for patient_id in tqdm(order, desc="predict", unit="patient", disable=None):
+            if patient_id not in volumes:
+                predictions[patient_id] = float(np.clip(fill_missing, clip, 1.0 - clip))
+                continue
             stamp = volume_stamp(volumes[patient_id])
             probability = journal.result(patient_id, stamp) if journal else None
             if probability is None:
