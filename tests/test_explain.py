@@ -401,3 +401,26 @@ def test_a_killed_run_resumes_and_redoes_only_what_is_missing(cohort, tmp_path, 
         with h5py.File(out / f"c{index}.h5") as a, h5py.File(fresh / f"c{index}.h5") as b:
             np.testing.assert_array_equal(a["heatmap"][...], b["heatmap"][...])
     assert not (out / "explain.partial").exists()
+
+
+def test_the_png_draws_millimetres_alike_on_both_axes_of_a_view(tmp_path, monkeypatch):
+    """Found in review: on a volume of 2 mm slices and 1 mm pixels the coronal and sagittal
+    views were squeezed to half their height."""
+    from matplotlib.axes import Axes
+
+    from kdsb.preprocessing.qc import pixel_aspects
+
+    assert pixel_aspects((2.0, 1.0, 0.5)) == {"axial": 2.0, "coronal": 4.0, "sagittal": 2.0}
+    shape = (6, 8, 10)
+    lung = np.zeros(shape, np.uint8)
+    lung[1:5, 2:6, 2:8] = 1
+    volume = volumes.Volume("p", np.full(shape, -800, np.int16), lung, (2.0, 1.0, 1.0),
+                            (0.0, 0.0, 0.0), {})
+    found = explain.Explanation("p", np.zeros(shape, np.float32), 0.5, (3, 4, 5),
+                                (6.0, 4.0, 5.0))
+    aspects = []
+    imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda ax, *a, **k: aspects.append(k.get("aspect"))
+                        or imshow(ax, *a, **k))
+    explain.write_png(tmp_path / "p.png", volume, found)
+    assert aspects == [1.0, 1.0, 2.0, 2.0, 2.0, 2.0]  # axial, coronal, sagittal: HU and heat

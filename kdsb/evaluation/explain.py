@@ -350,18 +350,20 @@ def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) ->
     from matplotlib.figure import Figure
 
     from kdsb.preprocessing.hu import LUNG_WINDOW_HU
+    from kdsb.preprocessing.qc import pixel_aspects
 
     z, y, x = explanation.peak_index
     hu, lung, heat = volume.hu, volume.lung_mask > 0, explanation.heatmap
     views = [("axial", np.s_[z, :, :]), ("coronal", np.s_[:, y, :]), ("sagittal", np.s_[:, :, x])]
+    aspects = pixel_aspects(volume.spacing)  # mm alike along both axes of a view
     figure = Figure(figsize=(12, 4.4), dpi=100)
     axes = figure.subplots(1, 3)
     for ax, (name, cut) in zip(axes, views, strict=True):
         origin = "upper" if name == "axial" else "lower"
         ax.imshow(hu[cut], cmap="gray", vmin=LUNG_WINDOW_HU[0], vmax=LUNG_WINDOW_HU[1],
-                  origin=origin, interpolation="nearest")
+                  origin=origin, interpolation="nearest", aspect=aspects[name])
         ax.imshow(np.ma.masked_less_equal(heat[cut], 0.05), cmap="inferno", alpha=0.5,
-                  vmin=0, vmax=1, origin=origin, interpolation="bilinear")
+                  vmin=0, vmax=1, origin=origin, interpolation="bilinear", aspect=aspects[name])
         if lung[cut].any() and not lung[cut].all():
             ax.contour(lung[cut], levels=[0.5], colors="cyan", linewidths=0.6, origin=origin)
         ax.set_title(name)

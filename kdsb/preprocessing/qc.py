@@ -120,19 +120,22 @@ def _orthogonal_views(
     """Axial, coronal and sagittal overlays through voxel `point` (z, y, x), cut to `field`."""
     z, y, x = point
     fz, fy, fx = field
-    sz, sy, sx = volume.spacing
-    cuts = {
-        "axial": ((z, fy, fx), sy / sx),
-        "coronal": ((fz, y, fx), sz / sx),
-        "sagittal": ((fz, fy, x), sz / sy),
-    }
+    cuts = {"axial": (z, fy, fx), "coronal": (fz, y, fx), "sagittal": (fz, fy, x)}
+    aspects = pixel_aspects(volume.spacing)
     return {
         name: (
             overlay(volume.hu[cut], volume.lung_mask[cut], None if lesion is None else lesion[cut]),
-            aspect,
+            aspects[name],
         )
-        for name, (cut, aspect) in cuts.items()
+        for name, cut in cuts.items()
     }
+
+
+def pixel_aspects(spacing: Sequence[float]) -> dict[str, float]:
+    """Pixel height / width of the axial (y, x), coronal (z, x) and sagittal (z, y) views of a
+    volume of `spacing` (z, y, x) mm: Matplotlib's `imshow(aspect=…)`, so that mm look alike."""
+    sz, sy, sx = spacing
+    return {"axial": sy / sx, "coronal": sz / sx, "sagittal": sz / sy}
 
 
 def views(volume: volumes.Volume) -> dict[str, tuple[np.ndarray, float]]:
