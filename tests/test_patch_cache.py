@@ -102,3 +102,24 @@ def test_cached_dataset_yields_gmcae_batches(tmp_path):
     x, y = next(iter(patch_cache.cached_patch_dataset(shards, batch_size=3, seed=0)))
     assert x.shape == (3, 16, 16, 16, 1) and np.array_equal(x, y)
     assert -1.01 <= float(np.min(x)) and float(np.max(x)) <= 1.5
+
+
+def test_the_open_file_limit_is_raised_for_every_shard(monkeypatch):
+    """Found in review: 1,300 shards kept open under a soft limit of 1,024 (a common default)
+    failed with "Too many open files"."""
+    import resource
+
+    from kdsb.errors import KdsbError
+
+    limits, set_to = [(1024, 4096)], []
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: limits[0])
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, value: set_to.append(value))
+    patch_cache.allow_open_files(1000)
+    assert set_to == []
+    patch_cache.allow_open_files(1556)
+    assert set_to == [(1556, 4096)]
+    with pytest.raises(KdsbError, match=r"expected to open 5000 files .* hard limit of 4096"):
+        patch_cache.allow_open_files(5000)
+    limits[0] = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    patch_cache.allow_open_files(10**6)
+    assert len(set_to) == 1

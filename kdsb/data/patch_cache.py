@@ -46,6 +46,8 @@ CACHE_DTYPE = np.float16  # normalised HU in [-1, 1.86]: float16 keeps 3 signifi
 DRAW_RULE = "seed-and-id"
 SHARD_SUFFIX = ".npy"
 KEY_NAME = "key.json"
+# Open files kept beside the shards' maps (the process's own, TensorFlow's, HDF5 files).
+OTHER_OPEN_FILES = 256
 # Seconds between saves of key.json: rewriting it after every shard made a 1,600-volume build
 # quadratic in the cohort.
 KEY_SAVE_SECONDS = 5.0
@@ -150,6 +152,28 @@ def sample_batch(
     return batch[..., np.newaxis]
 
 
+def allow_open_files(count: int) -> None:
+    """Let this process hold `count` open files: each memory-mapped shard keeps one for the
+    whole run, and 1,024 (a common soft limit) is under a DSB cohort's ~1,300 training shards.
+    The soft limit is raised toward the hard one (no root needed).
+
+    Raises:
+        KdsbError: the hard limit is lower than `count`.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= count:
+        return
+    if hard != resource.RLIM_INFINITY and hard < count:
+        raise KdsbError(f"expected to open {count} files (one per patch-cache shard, and "
+                        f"others), received a hard limit of {hard} (`ulimit -Hn`): raise it, "
+                        "or train without --patch-cache")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
+
+
 def cached_patch_dataset(
     shard_paths: Sequence[str | os.PathLike],
     *,
@@ -163,6 +187,7 @@ def cached_patch_dataset(
 
     if not shard_paths:
         raise KdsbError("expected at least one patch cache shard, received none")
+    allow_open_files(len(shard_paths) + OTHER_OPEN_FILES)
     shards = [np.load(p, mmap_mode="r") for p in shard_paths]
     size = shards[0].shape[1:]
 
