@@ -411,30 +411,23 @@ def test_a_damaged_volume_is_one_line_naming_it(data_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_patch_cache_is_built_once_and_gradients_are_clipped(data_dir, tmp_path,
-                                                                 monkeypatch):
-    """`--patch-cache N` end to end (found in review: only its library was tested): shards
-    under DATA_DIR/.patch_cache, reused by the next run; and the default --clipnorm 1 reaches
-    the optimizer (0: none)."""
+def test_the_patch_cache_is_built_and_gradients_are_clipped(data_dir, tmp_path):
+    """`--patch-cache N` end to end (found in review: only its library was tested; its reuse is
+    `test_patch_cache`'s): shards under DATA_DIR/.patch_cache, one per training volume; and the
+    default --clipnorm 1 reaches the optimizer (0: none)."""
     import shutil
 
-    from kdsb.data import patch_cache
+    from kdsb.training.gmcae import _build_model_fn
 
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
-    argv = ["-q", "train-gmcae", str(data), "RUN", *TINY, "--epochs", "1",
-            "--steps-per-epoch", "2", "--patch-cache", "4"]
-
-    def run(name, *more):
-        assert main([str(tmp_path / name) if a == "RUN" else a for a in argv] + list(more)) == 0
-        return keras.saving.load_model(tmp_path / name / "gmcae.keras", safe_mode=True)
-
-    first = run("first")
+    assert main(["-q", "train-gmcae", str(data), str(tmp_path / "run"), *TINY, "--epochs", "1",
+                 "--steps-per-epoch", "2", "--patch-cache", "4"]) == 0
     shards = sorted(p.stem for p in (data / ".patch_cache").rglob("*.npy"))
-    summary = json.loads((tmp_path / "first" / "gmcae_summary.json").read_text())
+    summary = json.loads((tmp_path / "run" / "gmcae_summary.json").read_text())
     assert len(shards) == summary["train_patients"] and set(shards) < {f"p{i}" for i in
                                                                        range(VOLUMES)}
-    assert first.optimizer.clipnorm == 1.0
-    monkeypatch.setattr(patch_cache, "volume_patches",
-                        lambda *a, **k: pytest.fail("the cache was built again"))
-    assert run("second", "--clipnorm", "0").optimizer.clipnorm is None
+    model = keras.saving.load_model(tmp_path / "run" / "gmcae.keras", safe_mode=True)
+    assert model.optimizer.clipnorm == 1.0
+    unclipped = GmcaeOptions(width=4, patch_size=16, mixtures=2, clipnorm=0)
+    assert _build_model_fn(unclipped)().optimizer.clipnorm is None
