@@ -236,7 +236,7 @@ def predict_cohort(
     check_volumes(groups, [volumes[i] for i in order if i in volumes])
     logger.info(
         "scoring %d patients with %d model(s), %d symmetry(ies) each",
-        len(order), len(model_paths), len(symmetries),
+        len(order) - len(missing), len(model_paths), len(symmetries),
     )
     fingerprint = {"command": "predict", "symmetries": len(symmetries), "models": models}
     journal_path = None if out_csv is None else Path(f"{out_csv}{SUFFIX}")
