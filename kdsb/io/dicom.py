@@ -170,13 +170,11 @@ def bare_dataset(head: bytes) -> bool:
     if len(head) < 8 or head[:2] != BARE_GROUP:
         return False
     element = int.from_bytes(head[2:4], "little")
-    if head[4:6].isalpha() and head[4:6].isupper():  # explicit VR: a 2-byte length
-        length, value = int.from_bytes(head[6:8], "little"), head[8:]
-    else:
-        length, value = int.from_bytes(head[4:8], "little"), head[8:]
+    explicit_vr = head[4:6].isalpha() and head[4:6].isupper()  # then a 2-byte length
+    length = int.from_bytes(head[6:8] if explicit_vr else head[4:8], "little")
     if element == 0:
         return length == 4
-    text = value[:length]
+    text = head[8:8 + length]
     return (element <= 0xFF and 0 < length <= BARE_TEXT_BYTES and len(text) == length
             and all(32 <= byte < 127 or byte == 0 for byte in text))
 
@@ -287,7 +285,7 @@ def _unit_cosines(values: Any) -> np.ndarray:
     decimals (0.99) would otherwise scale the spacing along their cross product.
 
     Raises:
-        ValueError: not six numbers, or a zero vector.
+        ValueError: not six numbers, or a vector far from unit length (norm 0.5 or less).
     """
     cosines = np.asarray(values, float).reshape(2, 3)
     norms = np.linalg.norm(cosines, axis=1, keepdims=True)
