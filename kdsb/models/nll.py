@@ -9,8 +9,8 @@ NLL per voxel (the GMCAE's training loss), one instance per patch: the bag that 
 default input the voxels outside the lung mask are lung parenchyma, so patches off the lungs are
 plain and rank low.
 
-The layer holds the trained GMCAE (frozen) and runs it on `chunk` patches at a time, so memory
-stays bounded on 1 mm volumes (thousands of patches).
+The layer holds the trained GMCAE (frozen) and runs it on at most `chunk` patches at a time, so
+memory stays bounded on 1 mm volumes (thousands of patches).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class PatchMixtureNLL(keras.layers.Layer):
     Args:
         gmcae: a GMCAE (`kdsb.models.gmcae.build_gmcae`); frozen here.
         stride: voxels between neighbouring patches (P: no overlap; P // 2: half).
-        chunk: patches per GMCAE call.
+        chunk: at most this many patches per GMCAE call.
         **kwargs: standard Keras layer arguments.
     """
 
@@ -67,15 +67,18 @@ class PatchMixtureNLL(keras.layers.Layer):
         )  # (batch, nz, ny, nx, P³) with each patch flattened in (z, y, x) C order
         flat = ops.reshape(patches, (-1, size**3))
         count = ops.shape(flat)[0]
+        # The fewest chunks of at most `chunk` patches, all of one size: fewer padding patches
+        # than chunks (padding to a whole `chunk` ran 256 patches through the GMCAE for 27).
         chunks = (count + self.chunk - 1) // self.chunk
-        padded = ops.pad(flat, [[0, chunks * self.chunk - count], [0, 0]])
+        per_chunk = (count + chunks - 1) // chunks
+        padded = ops.pad(flat, [[0, chunks * per_chunk - count], [0, 0]])
 
         def nll_of(chunk):
             packed = self.gmcae(ops.reshape(chunk, (-1, size, size, size, 1)), training=False)
             return losses.gaussian_mixture_nll(
                 chunk, *losses.split_mixture_params(packed, self.mixtures))
 
-        nll = ops.map(nll_of, ops.reshape(padded, (chunks, self.chunk, size**3)))
+        nll = ops.map(nll_of, ops.reshape(padded, (chunks, per_chunk, size**3)))
         # Patches are in (volume, z, y, x) C order: each volume's come together.
         return ops.reshape(ops.reshape(nll, (-1,))[:count], (ops.shape(volume)[0], -1, 1))
 
