@@ -20,7 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 LONGEST_FILES = (
     "test_train_classifier.py", "test_train_gmcae.py", "test_multiworker.py", "test_lungs.py",
     "test_determinism.py", "test_cohort.py", "test_embed.py", "test_demo.py", "test_explain.py",
-    "test_gmcae.py", "test_cli.py", "test_gpu_check.py", "test_cluster.py",
+    "test_cluster.py", "test_implants.py", "test_gmcae.py", "test_phantom_cohort.py",
+    "test_cli.py", "test_lesions.py", "test_predict.py", "test_runs.py", "test_nll.py",
 )
 
 
