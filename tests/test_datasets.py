@@ -188,6 +188,29 @@ def test_volume_dataset_augment_is_a_cube_symmetry(paths):
     assert len(set(seen)) >= 4 and set(seen) != {0}
 
 
+def test_augmentation_on_an_anisotropic_grid_never_moves_its_coarse_axis(tmp_path, monkeypatch):
+    """Volumes of 2 × 1 × 1 mm: the volume stream and the patch reader draw only symmetries
+    that leave z in place (a transpose of z and y would squash the anatomy)."""
+    rng = np.random.default_rng(2)
+    hu, lung = _phantom((30, 40, 40), rng)
+    path = volumes.volume_path(tmp_path, "coarse")
+    volumes.write_volume(path, hu, lung, (2, 1, 1), (0, 0, 0))
+    kept = set(patches.symmetries_for((2.0, 1.0, 1.0)))
+    drawn = []
+    apply_symmetry = patches.apply_symmetry
+    monkeypatch.setattr(patches, "apply_symmetry",
+                        lambda volume, index: drawn.append(int(index)) or apply_symmetry(volume,
+                                                                                          index))
+    datasets.read_patches(path, patch_size=PATCH, count=40, rng=np.random.default_rng(0))
+    assert len(drawn) == 40 and set(drawn) <= kept and len(set(drawn)) > 8
+    drawn.clear()
+    coarse = VolumeInput(spacing_mm=(2, 1, 1), mask_outside_lungs=False)
+    for _ in datasets.volume_dataset([path], volume_input=coarse, augment=True, seed=1,
+                                     repeat=True).take(20):
+        pass
+    assert len(drawn) >= 20 and set(drawn) <= kept and len(set(drawn)) > 4  # prefetch: more
+
+
 def test_stratified_folds_are_disjoint_balanced_and_seeded():
     from kdsb.data.datasets import stratified_folds
 

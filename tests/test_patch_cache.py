@@ -81,17 +81,29 @@ def test_a_failed_build_keeps_the_record_of_the_shards_it_wrote(tmp_path, monkey
 
 
 def test_a_batch_gets_one_cube_symmetry_for_all_its_patches(tmp_path):
+    """One symmetry a batch, drawn from those given: on a 2.5 × 1 × 1 mm grid never one that
+    moves z (it would squash the anatomy)."""
     rng = np.random.default_rng(0)
     shard = rng.normal(size=(6, 8, 8, 8)).astype(np.float16)
-    plain = patch_cache.sample_batch([shard], 4, np.random.default_rng(1), augment=False)
+    plain = patch_cache.sample_batch([shard], 4, np.random.default_rng(1))
     assert plain.shape == (4, 8, 8, 8, 1) and plain.dtype == np.float32
     sources = [next(i for i in range(6) if np.array_equal(p[..., 0], shard[i])) for p in plain]
-    batch = patch_cache.sample_batch([shard], 4, np.random.default_rng(1), augment=True)
-    symmetries = set()
-    for patch, source in zip(batch, sources, strict=True):
-        symmetries |= {s for s in range(len(patches.CUBE_SYMMETRIES)) if np.array_equal(
-            patch[..., 0], patches.apply_symmetry(shard[source].astype(np.float32), s))}
-    assert len(symmetries) == 1 and symmetries != {0}
+    for spacing in ((1.0, 1.0, 1.0), (2.5, 1.0, 1.0)):
+        allowed = patches.symmetries_for(spacing)
+        drawn = set()
+        for seed in range(1, 21):
+            plain = patch_cache.sample_batch([shard], 4, np.random.default_rng(seed))
+            sources = [next(i for i in range(6) if np.array_equal(p[..., 0], shard[i]))
+                       for p in plain]
+            batch = patch_cache.sample_batch([shard], 4, np.random.default_rng(seed), allowed)
+            symmetries = set()
+            for patch, source in zip(batch, sources, strict=True):
+                symmetries |= {s for s in range(len(patches.CUBE_SYMMETRIES)) if np.array_equal(
+                    patch[..., 0], patches.apply_symmetry(shard[source].astype(np.float32), s))}
+            assert len(symmetries) == 1
+            drawn |= symmetries
+        assert drawn <= set(allowed) and len(drawn) > 5
+        assert any(patches.CUBE_SYMMETRIES[s][0] != (0, 1, 2) for s in drawn)  # transposes too
 
 
 def test_cached_dataset_yields_gmcae_batches(tmp_path):

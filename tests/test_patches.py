@@ -30,6 +30,40 @@ def test_exactly_48_distinct_symmetries_with_identity_first():
     np.testing.assert_array_equal(patches.apply_symmetry(cube, 0), cube)
 
 
+def test_symmetries_that_keep_a_grid_move_only_axes_of_equal_spacing():
+    """A volume's shape stands in for its physical extent in mm: a symmetry that keeps the grid
+    maps a box of spacing × shape onto a box of the same extent along every axis."""
+    shape = np.array([6, 10, 14])
+    for spacing, expected in (((1.0, 1.0, 1.0), 48), ((2.5, 1.0, 1.0), 16),
+                              ((1.0, 2.0, 1.0), 16), ((3.0, 2.0, 1.0), 8), (None, 48)):
+        kept = patches.symmetries_for(spacing)
+        assert len(kept) == expected and kept[0] == 0 and list(kept) == sorted(kept)
+        step = np.ones(3) if spacing is None else np.array(spacing)
+        volume = np.zeros(shape)
+        for index in range(N_SYMMETRIES):
+            perm = list(patches.CUBE_SYMMETRIES[index][0])
+            # The turned volume's extent in mm along each axis, read on the same grid.
+            turned = np.array(patches.apply_symmetry(volume, index).shape) * step
+            source = (shape * step)[perm]
+            assert (index in kept) == (spacing is None or np.allclose(step[perm], step)), index
+            if index in kept:
+                np.testing.assert_allclose(turned, source)
+    # Spacings within the project's tolerance (1e-3 mm) count as equal.
+    assert len(patches.symmetries_for((1.0, 1.0004, 0.9996))) == 48
+
+
+def test_a_random_symmetry_of_all_48_is_the_plain_draw():
+    """Drawing from every symmetry gives what `rng.integers(48)` gave before the spacing was
+    taken into account: isotropic runs keep their figures."""
+    everything = patches.symmetries_for((1.0, 1.0, 1.0))
+    draws = [patches.random_symmetry(np.random.default_rng(seed), everything)
+             for seed in range(50)]
+    assert draws == [int(np.random.default_rng(seed).integers(48)) for seed in range(50)]
+    kept = patches.symmetries_for((2.5, 1.0, 1.0))
+    rng = np.random.default_rng(0)
+    assert {patches.random_symmetry(rng, kept) for _ in range(400)} == set(kept)
+
+
 def test_each_symmetry_is_a_bijection_of_voxels():
     cube = np.arange(5**3).reshape(5, 5, 5)
     for i in range(N_SYMMETRIES):

@@ -189,7 +189,8 @@ def read_patches(
         patch_size: patch edge in voxels.
         count: patches to read; with grid sampling None reads every grid patch in order.
         sampling: "lung" (centred on lung voxels) or "grid" (random cells of a regular grid).
-        augment: apply a random cube symmetry to each patch.
+        augment: apply a random cube symmetry to each patch (of those that keep the volume's
+            spacing, `kdsb.data.patches.symmetries_for`).
         rng: NumPy random generator.
         min_lung_fraction: see `kdsb.data.patches.sample_patch_corners`.
 
@@ -208,10 +209,11 @@ def read_patches(
                 chosen = rng.choice(len(corners), size=count, replace=count > len(corners))
                 corners = corners[chosen]
         out = np.empty((len(corners),) + (patch_size,) * 3, dtype=np.float32)
+        allowed = patches.symmetries_for(f.attrs["spacing"]) if augment else ()
         for i, corner in enumerate(corners):
             patch = patches.normalize_hu(patches.extract_patch(hu, corner, patch_size))
             if augment:
-                patch = patches.apply_symmetry(patch, rng.integers(len(patches.CUBE_SYMMETRIES)))
+                patch = patches.apply_symmetry(patch, patches.random_symmetry(rng, allowed))
             out[i] = patch
     return out
 
@@ -246,7 +248,8 @@ def patch_dataset(
         patches_per_volume: patches read per visit of a volume; with grid sampling None reads
             every grid patch (an ordered pass over whole volumes, e.g. for evaluation).
         sampling: "lung" (patches centred on lung voxels) or "grid" (blind regular grid).
-        augment: random cube symmetry (one of 48) per patch.
+        augment: random cube symmetry per patch (one of 48 on an isotropic grid,
+            `kdsb.data.patches.symmetries_for`).
         seed: random seed of volume order, patch positions, symmetries and shuffling.
         repeat: cycle forever (training); False gives one pass over the volumes.
         num_parallel_calls: parallel volume visits; default tf.data.AUTOTUNE.
@@ -351,7 +354,8 @@ def volume_dataset(
     Args:
         paths: kdsb volume files (symlinks allowed).
         labels: None, one 0/1 label per path, or a mapping patient id (file stem) → 0/1.
-        augment: random cube symmetry (one of 48) per volume.
+        augment: random cube symmetry per volume (one of 48 on an isotropic grid,
+            `kdsb.data.patches.symmetries_for`).
         volume_input: how a volume file becomes the network input.
         seed: random seed of order and symmetries.
         shuffle: visit volumes in a random order (reshuffled each pass).
@@ -367,9 +371,12 @@ def volume_dataset(
     label_values = _label_list(paths, labels)
 
     def visit(path, index):
-        x = volume_input.read(path.decode())
+        path = path.decode()
+        x = volume_input.read(path)
         if augment:
-            symmetry = _visit_rng(seed, index).integers(len(patches.CUBE_SYMMETRIES))
+            spacing = volume_input.spacing_mm or volumes.read_attrs(path)["spacing"]
+            symmetry = patches.random_symmetry(_visit_rng(seed, index),
+                                               patches.symmetries_for(spacing))
             x = np.ascontiguousarray(patches.apply_symmetry(x, symmetry))
         return x
 

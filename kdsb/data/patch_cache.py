@@ -16,7 +16,7 @@ GPU consumes. The cache moves that work to a one-off pass:
 - `cached_patch_dataset` memory-maps the shards (the operating system pages them in and out, so
   memory stays flat for any cohort size) and makes each batch with one gather of random
   (volume, patch) pairs and one random cube symmetry for the whole batch (a transpose and flips
-  of the batch array, 48 possibilities): a few milliseconds per batch.
+  of the batch array, 48 possibilities on an isotropic grid): a few milliseconds per batch.
 
 The price: each volume contributes a fixed set of `per_volume` patches (times 48 symmetries)
 instead of fresh positions on every visit; choose `per_volume` large (hundreds) for long runs.
@@ -135,18 +135,20 @@ def build_patch_cache(
 
 
 def sample_batch(
-    shards: Sequence[np.ndarray], batch_size: int, rng: np.random.Generator, augment: bool
+    shards: Sequence[np.ndarray], batch_size: int, rng: np.random.Generator,
+    symmetries: Sequence[int] = (),
 ) -> np.ndarray:
-    """One batch (batch, P, P, P, 1) float32: random patches of random shards, one random cube
-    symmetry for the whole batch when `augment`."""
+    """One batch (batch, P, P, P, 1) float32: random patches of random shards, and one cube
+    symmetry for the whole batch drawn from `symmetries` (indices into `CUBE_SYMMETRIES`; none:
+    no augmentation)."""
     volume = rng.integers(len(shards), size=batch_size)
     order = np.argsort(volume, kind="stable")  # memory-mapped reads grouped by shard
     batch = np.empty((batch_size, *shards[0].shape[1:]), dtype=np.float32)
     for i in order:
         shard = shards[volume[i]]
         batch[i] = shard[rng.integers(len(shard))]
-    if augment:  # the batch axis moved last, where apply_symmetry leaves it alone
-        symmetry = int(rng.integers(len(patches.CUBE_SYMMETRIES)))
+    if symmetries:  # the batch axis moved last, where apply_symmetry leaves it alone
+        symmetry = patches.random_symmetry(rng, symmetries)
         moved = patches.apply_symmetry(np.moveaxis(batch, 0, -1), symmetry)
         batch = np.ascontiguousarray(np.moveaxis(moved, -1, 0))
     return batch[..., np.newaxis]
@@ -179,10 +181,13 @@ def cached_patch_dataset(
     *,
     batch_size: int = 16,
     augment: bool = True,
+    spacing: Sequence[float] | None = None,
     seed: int = 0,
 ):
     """An endless tf.data.Dataset of (x, x) batches, x float32 (batch, P, P, P, 1), drawn from
-    the memory-mapped shards of `build_patch_cache` (the GMCAE's input, as `patch_dataset`)."""
+    the memory-mapped shards of `build_patch_cache` (the GMCAE's input, as `patch_dataset`);
+    with `augment`, one cube symmetry a batch of those that keep `spacing` (the volumes' (z, y,
+    x) mm; None: all 48)."""
     import tensorflow as tf
 
     if not shard_paths:
@@ -190,10 +195,11 @@ def cached_patch_dataset(
     allow_open_files(len(shard_paths) + OTHER_OPEN_FILES)
     shards = [np.load(p, mmap_mode="r") for p in shard_paths]
     size = shards[0].shape[1:]
+    symmetries = patches.symmetries_for(spacing) if augment else ()
 
     def make(step):
         rng = np.random.default_rng([seed, int(step)])
-        return sample_batch(shards, batch_size, rng, augment)
+        return sample_batch(shards, batch_size, rng, symmetries)
 
     def load(step):
         x = tf.numpy_function(make, [step], tf.float32, stateful=False)

@@ -67,6 +67,40 @@ The 6 permutations × 8 flip patterns are the whole group (rotations and reflect
 """
 
 
+def symmetries_for(spacing: Sequence[float] | None) -> tuple[int, ...]:
+    """The indices of the cube symmetries that keep a grid of `spacing` (z, y, x) mm a grid of
+    that spacing: every flip, and only the permutations that exchange axes of equal spacing.
+
+    On an anisotropic grid (`kdsb preprocess --spacing 2.5 1 1`) a transpose of z and y would
+    show the network a body squashed along one axis and stretched along the other, not the
+    same anatomy turned. Augmentation, bag symmetries and test-time augmentation draw from this
+    set.
+
+    Args:
+        spacing: voxel spacing in mm (z, y, x); None: any grid is taken as isotropic.
+
+    Returns:
+        Indices into `CUBE_SYMMETRIES`, ascending (so the identity first): all 48 on an
+        isotropic grid, 16 with two equal spacings, the 8 flips with none.
+    """
+    from kdsb.data.inputs import SPACING_TOLERANCE_MM  # that module imports this one
+
+    if spacing is None:
+        return tuple(range(len(CUBE_SYMMETRIES)))
+    spacing = [float(s) for s in spacing]
+    return tuple(
+        index for index, (perm, _) in enumerate(CUBE_SYMMETRIES)
+        if all(abs(spacing[axis] - spacing[source]) <= SPACING_TOLERANCE_MM
+               for axis, source in enumerate(perm))
+    )
+
+
+def random_symmetry(rng: np.random.Generator, allowed: Sequence[int]) -> int:
+    """One of `allowed` (indices into `CUBE_SYMMETRIES`) drawn by `rng`: on an isotropic grid,
+    the same draw as `rng.integers(48)`."""
+    return int(allowed[rng.integers(len(allowed))])
+
+
 def _check_index(index: int) -> int:
     if not 0 <= int(index) < len(CUBE_SYMMETRIES):
         raise KdsbError(

@@ -9,7 +9,8 @@ training, scored by every model, averaged and written as a Kaggle `id,cancer` CS
   per distinct `VolumeInput`).
 - Ensembling (`ensemble_probability`): the members are every model and, with test-time
   augmentation (TTA), every cube symmetry of the input (`kdsb.data.patches`: the identity first,
-  then the other 47 in `CUBE_SYMMETRIES` order, or only the first K); the ensemble's logit is the
+  then the other 47 in `CUBE_SYMMETRIES` order, or only the first K; on an anisotropic grid only
+  those that keep its spacing, `symmetries_for`); the ensemble's logit is the
   mean of the members' logits. Averaging probabilities instead pulls toward 0.5 whenever the
   members differ in scale: the fold models of a cross-validated run are each calibrated by one
   map fitted on all out-of-fold predictions, and a fold whose model came out timid (logits near
@@ -38,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb.data.inputs import VolumeInput
-from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry
+from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry, symmetries_for
 from kdsb.errors import KdsbError, LabelsError, ModelError, UsageError
 from kdsb.io.journal import SUFFIX, loaded_with_digests, optional_journal, volume_stamp
 from kdsb.io.tables import summarise_ids, write_predictions
@@ -50,14 +51,17 @@ PROBABILITY_CLIP = 0.005
 TTA_ALL = len(CUBE_SYMMETRIES)
 
 
-def tta_symmetries(tta: bool, count: int | None = None) -> tuple[int, ...]:
-    """The symmetry indices averaged per model: (0,) without TTA, else the first `count` of 48."""
+def tta_symmetries(tta: bool, count: int | None = None,
+                   spacing: Sequence[float] | None = None) -> tuple[int, ...]:
+    """The symmetry indices averaged per model: (0,) without TTA, else the first `count` of
+    those that keep a grid of `spacing` (z, y, x) mm (`symmetries_for`: all 48 on an isotropic
+    grid or with None; all there are where they are fewer than `count`)."""
     if not tta:
         return (0,)
     count = TTA_ALL if count is None else count
     if not 1 <= count <= TTA_ALL:
         raise UsageError(f"expected --tta-count in [1, {TTA_ALL}], received {count}")
-    return tuple(range(count))
+    return symmetries_for(spacing)[:count]
 
 
 def ensemble_probability(probabilities: Sequence[float]) -> float:
@@ -190,7 +194,8 @@ def predict_cohort(
         ids: patients to score, in output order; None scores every volume, sorted by id.
         ids_source: where `ids` came from, for messages.
         tta: ensemble over cube symmetries of the input too.
-        tta_count: with `tta`, use the first this many of the 48 symmetries (None: all).
+        tta_count: with `tta`, use the first this many symmetries (of 48 on an isotropic grid;
+            None: all).
         clip: probabilities are clipped to [clip, 1 - clip].
         out_csv: write the `id,cancer` CSV here (atomically). The run is then journalled in
             `OUT_CSV.partial` (`kdsb.io.journal`): a killed run, run again with the same
@@ -218,6 +223,20 @@ def predict_cohort(
     symmetries = tta_symmetries(tta, tta_count)
     if len(symmetries) > 1:
         warn_unaugmented(model_paths)
+
+    turns_of_grid: dict[tuple[float, ...], tuple[int, ...]] = {}
+
+    def grid_symmetries(spacing: Sequence[float]) -> tuple[int, ...]:
+        """TTA's symmetries on a grid of `spacing` (z, y, x) mm, warned of once if fewer."""
+        key = tuple(float(s) for s in spacing)
+        if key not in turns_of_grid:
+            turns_of_grid[key] = tta_symmetries(tta, tta_count, key)
+            if len(turns_of_grid[key]) < len(symmetries):
+                logger.warning("--tta: only %d cube symmetries keep a grid of %s mm (the others "
+                               "would squash the anatomy); its volumes are averaged over those",
+                               len(turns_of_grid[key]), " × ".join(f"{s:g}" for s in key))
+        return turns_of_grid[key]
+
     if fill_missing is not None and not 0.0 <= fill_missing <= 1.0:
         raise UsageError(f"expected --fill-missing in [0, 1], received {fill_missing}")
     data_dir = Path(data_dir)
@@ -252,7 +271,9 @@ def predict_cohort(
                 members: list[float] = []
                 for volume_input, models in groups.items():
                     x = volume_input.read(volumes[patient_id])
-                    members += member_probabilities(models, x, symmetries)
+                    turns = symmetries if not tta else grid_symmetries(
+                        volume_input.spacing_mm or read_attrs(volumes[patient_id])["spacing"])
+                    members += member_probabilities(models, x, turns)
                 probability = ensemble_probability(members)
                 if not math.isfinite(probability):
                     raise ModelError(

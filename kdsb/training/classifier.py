@@ -66,6 +66,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -394,6 +395,21 @@ def scores_with_intervals(y, p, seed: int) -> dict[str, Any]:
     return scores
 
 
+def bag_symmetries(seed: int, count: int, spacing: Sequence[float]) -> list[int]:
+    """The cube symmetries each volume's bag is encoded under: the identity, then `count` - 1
+    more drawn by `seed` from those that keep the volumes' `spacing` (z, y, x) mm (all 48 on
+    an isotropic grid; fewer than `count` there are, with a warning)."""
+    from kdsb.data.patches import symmetries_for
+
+    allowed = symmetries_for(spacing)
+    if count > len(allowed):
+        logger.warning("--bag-symmetries %d: only %d cube symmetries keep the volumes' spacing "
+                       "of %s mm; encoding those", count, len(allowed),
+                       " × ".join(f"{s:g}" for s in spacing))
+    drawn = [allowed[i] for i in np.random.default_rng(seed).permutation(len(allowed))]
+    return [0, *[int(s) for s in drawn if s != 0]][:count]
+
+
 def train_classifier(
     data_dir: str | os.PathLike,
     labels_csv: str | os.PathLike,
@@ -500,11 +516,10 @@ def train_classifier(
         volume_input.save(run_dir, gmcae=str(options.gmcae), gmcae_sha256=gmcae_sha256)
     bag_files = None
     if options.head in ("mil", "nll"):
-        from kdsb.data.patches import CUBE_SYMMETRIES
         from kdsb.training.bags import encode_bags
 
-        symmetries = np.random.default_rng(options.seed).permutation(len(CUBE_SYMMETRIES))
-        symmetries = [0, *[int(s) for s in symmetries if s != 0]][: options.bag_symmetries]
+        symmetries = bag_symmetries(options.seed, options.bag_symmetries,
+                                    volume_input.spacing_mm)
         bag_files = encode_bags({i: volumes[i] for i in usable}, options.gmcae, volume_input,
                                 symmetries, run_dir / BAGS_DIR, head=options.head,
                                 block=options.mil_block)

@@ -171,7 +171,10 @@ def training_stream(paths: list[Path], data_dir: Path, options: GmcaeOptions, se
         shards = build_patch_cache(paths, data_dir / PATCH_CACHE_DIR,
                                    patch_size=options.patch_size,
                                    per_volume=options.patch_cache, seed=options.seed)
+        from kdsb.io.volumes import read_attrs
+
         return cached_patch_dataset(shards[worker.index::worker.count], batch_size=batch_size,
+                                    spacing=read_attrs(paths[0])["spacing"],
                                     seed=worker.seed(seed))
     from kdsb.data.datasets import patch_dataset
 
