@@ -193,11 +193,28 @@ def test_a_patients_features_do_not_depend_on_the_other_files(cohort, monkeypatc
     fewer, _ = embed.embed_cohort(gmcae, {i: files[i] for i in wanted[1:]}, patches=4, seed=3)
     np.testing.assert_array_equal(fewer.embeddings, table.embeddings[1:])
     np.testing.assert_array_equal(fewer.nll, table.nll[1:])
+    # One patient's row against a reference by hand: the encoder's codes and the GMCAE's NLL of
+    # the same patches, each model run on its own (the table runs one two-output model).
+    from kdsb.data.datasets import read_patches
+    from kdsb.models.gmcae import encoder_of, mixtures_of
+    from kdsb.models.losses import gaussian_mixture_nll, split_mixture_params
+
+    x = read_patches(files["p02"], patch_size=int(gmcae.input_shape[1]), count=4,
+                     sampling="lung", augment=False,
+                     rng=np.random.default_rng(embed.patient_seed(3, "p02")))[..., np.newaxis]
+    pooled = np.asarray(encoder_of(gmcae).predict(x, verbose=0), np.float64).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(table.embeddings[1], np.concatenate([pooled.mean(0), pooled.max(0)]),
+                               rtol=1e-5, atol=1e-6)
+    nll = np.asarray(gaussian_mixture_nll(x.reshape(4, -1), *split_mixture_params(
+        gmcae.predict(x, verbose=0), mixtures_of(gmcae))), np.float64)
+    top = np.sort(nll)[::-1][:embed.DEFAULT_TOP].mean()
+    np.testing.assert_allclose(table.nll[1], [nll.mean(), np.percentile(nll, 90), top],
+                               rtol=1e-5)
 
     features = embed.patient_features
 
-    def nan_for_p02(gmcae, encoder, path, *args):
-        embedding, stats = features(gmcae, encoder, path, *args)
+    def nan_for_p02(gmcae, both, path, *args):
+        embedding, stats = features(gmcae, both, path, *args)
         return (embedding * np.nan if "p02" in str(path) else embedding), stats
 
     monkeypatch.setattr(embed, "patient_features", nan_for_p02)

@@ -72,10 +72,11 @@ class CohortEmbedding:
 
 
 def patient_features(
-    gmcae: Any, encoder: Any, path: str | os.PathLike, patches: int, top: int, seed: int,
+    gmcae: Any, both: Any, path: str | os.PathLike, patches: int, top: int, seed: int,
     spacing_mm: tuple[float, float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(embedding (2C,), NLL statistics (3,)) of one volume file (see the module docstring).
+    """(embedding (2C,), NLL statistics (3,)) of one volume file (see the module docstring),
+    `both` being `kdsb.models.gmcae.codes_and_mixtures(gmcae)`.
 
     Raises:
         StoreError: the file is unreadable, or its spacing is not `spacing_mm` (the GMCAE's
@@ -93,9 +94,8 @@ def patient_features(
     rng = np.random.default_rng(seed)
     x = read_patches(path, patch_size=int(gmcae.input_shape[1]), count=patches, sampling="lung",
                      augment=False, rng=rng)[..., np.newaxis]
-    codes = np.asarray(encoder.predict(x, verbose=0), dtype=np.float64)
-    pooled = codes.mean(axis=(1, 2, 3))  # (patches, C)
-    packed = gmcae.predict(x, verbose=0)
+    codes, packed = both.predict(x, verbose=0)
+    pooled = np.asarray(codes, dtype=np.float64).mean(axis=(1, 2, 3))  # (patches, C)
     params = split_mixture_params(packed, mixtures_of(gmcae))
     nll = ops.convert_to_numpy(gaussian_mixture_nll(x.reshape(len(x), -1), *params))
     nll = np.sort(nll.astype(np.float64))[::-1]
@@ -129,9 +129,9 @@ def embed_cohort(
     Returns:
         (the table of the patients that worked, {id: one-line reason} for those that failed).
     """
-    from kdsb.models.gmcae import encoder_of
+    from kdsb.models.gmcae import codes_and_mixtures
 
-    encoder = encoder_of(gmcae)
+    both = codes_and_mixtures(gmcae)
     ids, embeddings, nll, failed = [], [], [], {}
     for patient_id, path in tqdm(paths.items(), desc="embed", unit="patient", disable=None):
         # The patch sampling's seed is the patient's: a result holds for that seed only.
@@ -147,7 +147,7 @@ def embed_cohort(
             embedding, stats = np.array(done["embedding"]), np.array(done["nll"])
         else:
             try:
-                embedding, stats = patient_features(gmcae, encoder, path, patches, top,
+                embedding, stats = patient_features(gmcae, both, path, patches, top,
                                                      own_seed, spacing_mm)
                 if not (np.isfinite(embedding).all() and np.isfinite(stats).all()):
                     raise KdsbError(f"{path}: expected finite GMCAE features, received NaN or "

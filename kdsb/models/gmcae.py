@@ -49,6 +49,7 @@ ENCODER_NAME = "encoder"
 
 #: Name of the GMCAE's packed output layer (marks a model as a GMCAE).
 MIXTURE_OUTPUT_NAME = "mixture_params"
+BOTTLENECK_FLAT_NAME = "bottleneck_flat"  # its input is the encoder's output in the GMCAE
 
 #: Batch size of the NumPy inference helpers.
 PREDICT_BATCH_SIZE = 16
@@ -175,7 +176,7 @@ def build_gmcae(
     bottleneck = encoder(inputs)
 
     # Mixture weights and variances summarise the whole patch: dense heads on the bottleneck.
-    flat = keras.layers.Flatten(name="bottleneck_flat")(bottleneck)
+    flat = keras.layers.Flatten(name=BOTTLENECK_FLAT_NAME)(bottleneck)
     log_priors = keras.layers.Dense(
         mixtures, activation="log_softmax", dtype="float32", name="log_priors"
     )(flat)
@@ -196,6 +197,15 @@ def build_gmcae(
 def mixtures_of(model: keras.Model) -> int:
     """Number of mixture components m of a GMCAE (from its log-prior head)."""
     return int(model.get_layer("log_priors").units)
+
+
+def codes_and_mixtures(model: keras.Model) -> keras.Model:
+    """A GMCAE with two outputs: patches (n, P, P, P, 1) → (the encoder's bottleneck codes
+    (n, P/8, P/8, P/8, C), the packed mixture parameters), the same layers and weights. One
+    pass runs the encoder once a patch (the encoder's pass and then the GMCAE's ran it twice).
+    """
+    bottleneck = model.get_layer(BOTTLENECK_FLAT_NAME).input  # the encoder's output in `model`
+    return keras.Model(model.inputs, [bottleneck, model.output], name=f"{model.name}_codes")
 
 
 def encoder_of(model: keras.Model) -> keras.Model:
