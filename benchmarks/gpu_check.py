@@ -146,6 +146,7 @@ def gmcae_speed(sizes: Sizes, precision: str, gpu: bool) -> None:
     import tensorflow as tf
 
     from kdsb.data.patch_cache import build_patch_cache, cached_patch_dataset
+    from kdsb.io.volumes import read_attrs
     from kdsb.models.gmcae import build_gmcae
     from kdsb.models.losses import GaussianMixtureNLL
 
@@ -156,6 +157,7 @@ def gmcae_speed(sizes: Sizes, precision: str, gpu: bool) -> None:
         paths = write_phantoms(Path(temp), sizes.phantoms, 0, sizes.phantom_shape)
         shards = build_patch_cache(paths, Path(temp) / "cache", patch_size=sizes.patch_size,
                                    per_volume=sizes.cache_per_volume)
+        spacing = read_attrs(paths[0])["spacing"]
         keras.mixed_precision.set_global_policy(precision)
         model = build_gmcae(patch_size=sizes.patch_size, width=sizes.width)
         model.compile(optimizer=keras.optimizers.Adam(1e-3, clipnorm=1.0),
@@ -164,11 +166,14 @@ def gmcae_speed(sizes: Sizes, precision: str, gpu: bool) -> None:
         # (as `kdsb.training.runs` does before every fit).
         model.optimizer.build(model.trainable_variables)
         patch_shape = (sizes.patch_size,) * 3 + (1,)
-        fixed = next(iter(cached_patch_dataset(shards, batch_size=sizes.batch_size)))[0]
+
+        def cached():
+            return cached_patch_dataset(shards, batch_size=sizes.batch_size, spacing=spacing)
+
+        fixed = next(iter(cached()))[0]
         in_memory = tf.data.Dataset.from_tensors((fixed, fixed)).repeat()
         model_rate = time_fit(model, in_memory, sizes.seconds, sizes.warmup, sizes.batch_size)
-        e2e_rate = time_fit(model, cached_patch_dataset(shards, batch_size=sizes.batch_size),
-                            sizes.seconds, sizes.warmup, sizes.batch_size)
+        e2e_rate = time_fit(model, cached(), sizes.seconds, sizes.warmup, sizes.batch_size)
     flops = training_flops_per_patch(model, patch_shape)
     print(f"GMCAE width {sizes.width} {precision}, batch {sizes.batch_size}, "
           f"{sizes.patch_size}³ patches ({flops / 1e9:.1f} GFLOP per patch): model alone "

@@ -90,6 +90,7 @@ def main(argv=None) -> int:
 
     from kdsb.data.datasets import patch_dataset
     from kdsb.data.patch_cache import build_patch_cache, cached_patch_dataset
+    from kdsb.io.volumes import read_attrs
 
     print(f"batch {args.batch_size}, {args.per_volume} cached patches per volume, "
           f"{args.templates} templates; load average before "
@@ -110,8 +111,10 @@ def main(argv=None) -> int:
                                            per_volume=args.per_volume)
             build_s = time.perf_counter() - started
             with AnonymousPeak() as cached_memory:
-                cached = time_pipeline(cached_patch_dataset(shards, batch_size=args.batch_size),
-                                       args.seconds, args.warmup)
+                cached = time_pipeline(
+                    cached_patch_dataset(shards, batch_size=args.batch_size,
+                                         spacing=read_attrs(paths[0])["spacing"]),
+                    args.seconds, args.warmup)
             cache_gb = sum(s.stat().st_size for s in shards) / 1e9
             print(f"| {count} | {streamed:.0f} | {cached:.0f} | {cached / streamed:.1f}× "
                   f"| {build_s:.1f} | {build_s / count:.3f} | {build_memory.peak:.0f} "

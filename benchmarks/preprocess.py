@@ -23,9 +23,10 @@ DICOM series to a temporary folder. Each method then runs as a whole separate Py
   programs' work per scan;
 - `kdsb preprocess` itself (default workers) on a cohort of copies of the scan: its wall and
   CPU seconds (every process, start-up included) divided by the scans, the cohort's measure
-  taken whole; against it, one baseline process a core side by side, each timing its second
-  scan: both methods with every core busy (two workers slow each other: shared cache and
-  memory), compared in scans a minute.
+  taken whole; against it, one baseline process a core side by side, timed from the first
+  one's second scan starting to the last one's ending: both methods with every core busy (two
+  workers slow each other: shared cache and memory), compared in scans a minute, the median of
+  the repeats (the cohort's CPU is the machine's busy time, so compare it on a quiet machine).
 
 Dice of each mask against the phantom's truth is measured on the method's own output grid.
 Then the cohort runner (`python -m kdsb preprocess`) runs on a small phantom cohort with 1 and
@@ -200,6 +201,7 @@ def child(method: str, folder: Path, result: Path, profile: bool) -> None:
     if warm:
         run(profiled=False)
     cpu_before = time.process_time() if warm else 0.0
+    started_at = time.time()  # side by side runs line their timed scans up by it
     started = time.perf_counter()
     outcome = run(profile)
     seconds = time.perf_counter() - started
@@ -210,7 +212,8 @@ def child(method: str, folder: Path, result: Path, profile: bool) -> None:
     mask, spacing, origin = outcome or read_kdsb_output(result.parent)
     np.savez(result, mask=mask, spacing=spacing, origin=origin)
     result.with_suffix(".json").write_text(json.dumps(
-        {"seconds": seconds, "cpu": cpu, "peak_mb": peak_mb, "finished": finished}
+        {"seconds": seconds, "cpu": cpu, "peak_mb": peak_mb, "finished": finished,
+         "started_at": started_at}
     ))
 
 
@@ -300,13 +303,15 @@ def machine_busy_seconds() -> float:
     reaches this process's `RUSAGE_CHILDREN`, so the run's CPU is the machine's busy time over
     it (a quiet machine's; the load average printed says how quiet)."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def side_by_side(method: str, folder: Path, work: Path, count: int) -> list[dict]:
-    """Run `count` processes of `method` at once (a cohort's load on `count` cores); each
-    one's report (seconds, CPU, peak) as `in_process` gives it, without the mask."""
+def side_by_side(method: str, folder: Path, work: Path, count: int) -> float:
+    """Run `count` processes of `method` at once (a cohort's load on `count` cores): the span
+    in seconds from the first timed scan's start to the last one's end, during which the
+    `count` processes did one scan each (the mean of their own times would count the last
+    ones' scans on a machine the first ones had left)."""
     command = [sys.executable, __file__, "--child", method, str(folder)]
     results = [work / f"{method}-{index}" / f"{method}.npz" for index in range(count)]
     processes = []
@@ -317,7 +322,8 @@ def side_by_side(method: str, folder: Path, work: Path, count: int) -> list[dict
     for process in processes:
         if process.wait():
             raise subprocess.CalledProcessError(process.returncode, command)
-    return [json.loads(result.with_suffix(".json").read_text()) for result in results]
+    reports = [json.loads(result.with_suffix(".json").read_text()) for result in results]
+    return max(r["finished"] for r in reports) - min(r["started_at"] for r in reports)
 
 
 def cohort_throughput(work: Path, folder: Path, scans: int, run: int) -> dict:
@@ -404,30 +410,33 @@ def main(argv: list[str] | None = None) -> int:
         print("| --- | ---: | ---: | ---: | ---: |")
         rows = [("baseline (DSB 2017 tutorial)", baseline_warm), ("kdsb, 1 thread", kdsb_warm)]
         cohort = crowded = None
-        cores = os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)  # as `kdsb preprocess` counts them
         if args.cohort_scans:
-            # Both methods with every core busy, best of `repeats`: kdsb's cohort (start-up
-            # included), and one baseline process a core side by side (their second scans).
-            cohorts, crowds = [], []
+            # Both methods with every core busy, the median of `repeats` (the cohort's single
+            # runs vary more than the best of single scans): kdsb's cohort (start-up included),
+            # and one baseline process a core side by side (their second scans).
+            cohorts, spans = [], []
             for run in range(args.repeats):
                 cohorts.append(cohort_throughput(work, folder, args.cohort_scans, run))
-                reports = side_by_side("baseline-warm", folder, work / "crowded", cores)
-                crowds.append({key: float(np.mean([r[key] for r in reports]))
-                               for key in ("seconds", "cpu")})
-            cohort = min(cohorts, key=lambda r: r["seconds"])
-            crowded = min(crowds, key=lambda r: r["seconds"])
+                spans.append(side_by_side("baseline-warm", folder, work / "crowded", cores))
+            cohort = sorted(cohorts, key=lambda r: r["seconds"])[(len(cohorts) - 1) // 2]
+            crowded = float(np.median(spans))
             rows.append((f"`kdsb preprocess`, {args.cohort_scans} copies as a cohort (a scan's "
-                         f"share of the run, every core)", cohort))
+                         f"share of the run, every core; median of {args.repeats})", cohort))
         for name, report in rows:
             print(f"| {name} | {report['seconds']:.1f} | {report['cpu']:.2f} | "
                   f"{baseline_warm['cpu'] / report['cpu']:.1f}× | "
                   + (f"{dice_against_truth(report, phantom):.3f} |" if "mask" in report else "|"))
         if cohort is not None:
-            baseline_rate, kdsb_rate = 60 * cores / crowded["seconds"], 60 / cohort["seconds"]
-            print(f"\nscans a minute with all {cores} cores busy: kdsb's cohort {kdsb_rate:.1f}; "
-                  f"the baseline, {cores} processes side by side (a second scan each, "
-                  f"{crowded['seconds']:.1f} s), {baseline_rate:.1f}: "
-                  f"**{kdsb_rate / baseline_rate:.1f}×**")
+            baseline_rate, kdsb_rate = 60 * cores / crowded, 60 / cohort["seconds"]
+            print(f"\nscans a minute with all {cores} cores busy (medians of {args.repeats}): "
+                  f"kdsb's cohort {kdsb_rate:.1f}, runs of "
+                  + ", ".join(f"{c['seconds'] * args.cohort_scans:.1f}" for c in cohorts)
+                  + f" s; the baseline, {cores} processes side by side (a second scan each, "
+                  f"spans of {', '.join(f'{s:.1f}' for s in spans)} s), {baseline_rate:.1f}: "
+                  f"**{kdsb_rate / baseline_rate:.1f}×**; load average now "
+                  f"{os.getloadavg()[0]:.1f}")
         del phantom, kdsb, kdsb_1, baseline, kdsb_warm, baseline_warm, cohort
 
         if not args.skip_large:

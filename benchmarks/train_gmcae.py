@@ -225,6 +225,7 @@ def measure(args: argparse.Namespace, paths: list[Path], cache_dir: Path) -> dic
     import kdsb  # noqa: F401  (registers kdsb's Keras objects)
     from kdsb.data.datasets import patch_dataset
     from kdsb.data.patch_cache import build_patch_cache, cached_patch_dataset
+    from kdsb.io.volumes import read_attrs
 
     if args.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
@@ -236,6 +237,7 @@ def measure(args: argparse.Namespace, paths: list[Path], cache_dir: Path) -> dic
             patches_per_volume=args.patches_per_volume, sampling="lung", augment=True,
             seed=args.seed, repeat=True),
         "cache": lambda: cached_patch_dataset(shards, batch_size=args.batch_size,
+                                              spacing=read_attrs(paths[0])["spacing"],
                                               seed=args.seed),
     }
     result = {

@@ -189,13 +189,13 @@ def test_volume_dataset_augment_is_a_cube_symmetry(paths):
 
 
 def test_augmentation_on_an_anisotropic_grid_never_moves_its_coarse_axis(tmp_path, monkeypatch):
-    """Volumes of 2 × 1 × 1 mm: the volume stream and the patch reader draw only symmetries
-    that leave z in place (a transpose of z and y would squash the anatomy)."""
+    """Volumes of 1 × 2 × 1 mm: the volume stream and the patch reader draw only symmetries
+    that leave y in place (a transpose of y and z would squash the anatomy)."""
     rng = np.random.default_rng(2)
     hu, lung = _phantom((30, 40, 40), rng)
     path = volumes.volume_path(tmp_path, "coarse")
-    volumes.write_volume(path, hu, lung, (2, 1, 1), (0, 0, 0))
-    kept = set(patches.symmetries_for((2.0, 1.0, 1.0)))
+    volumes.write_volume(path, hu, lung, (1, 2, 1), (0, 0, 0))
+    kept = set(patches.symmetries_for((1.0, 2.0, 1.0)))
     drawn = []
     apply_symmetry = patches.apply_symmetry
     monkeypatch.setattr(patches, "apply_symmetry",
@@ -204,7 +204,7 @@ def test_augmentation_on_an_anisotropic_grid_never_moves_its_coarse_axis(tmp_pat
     datasets.read_patches(path, patch_size=PATCH, count=40, rng=np.random.default_rng(0))
     assert len(drawn) == 40 and set(drawn) <= kept and len(set(drawn)) > 8
     drawn.clear()
-    coarse = VolumeInput(spacing_mm=(2, 1, 1), mask_outside_lungs=False)
+    coarse = VolumeInput(spacing_mm=(1, 2, 1), mask_outside_lungs=False)
     for _ in datasets.volume_dataset([path], volume_input=coarse, augment=True, seed=1,
                                      repeat=True).take(20):
         pass

@@ -49,6 +49,17 @@ def test_patch_nll_matches_numpy_on_every_whole_patch(gmcae, stride, chunk, tmp_
     keras.Model(volume, layer(volume)).save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
     np.testing.assert_allclose(np.asarray(loaded(x)), got, rtol=1e-6)
+    # Two volumes in a graph (shapes unknown when traced): each volume's patches, in order.
+    import tensorflow as tf
+
+    pair = np.concatenate([x, x[:, :, ::-1]])
+    traced = tf.function(lambda v: layer(v), input_signature=[
+        tf.TensorSpec((None, None, None, None, 1), tf.float32)])
+    both = np.asarray(traced(pair))
+    assert both.shape == (2, len(corners), 1)
+    np.testing.assert_allclose(both[0], got[0], rtol=1e-5, atol=1e-5)
+    flipped = np.stack([pair[1, z:z + 16, y:y + 16, w:w + 16] for z, y, w in corners])
+    np.testing.assert_allclose(both[1, :, 0], _numpy_nll(gmcae, flipped), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="expected 1 <= stride <= 16"):
         PatchMixtureNLL(gmcae, 17)
 

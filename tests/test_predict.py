@@ -315,31 +315,32 @@ def test_tta_symmetries():
     assert tta_symmetries(True, 4) == (0, 1, 2, 3)
     assert tta_symmetries(True, None, (1.0, 1.0, 1.0)) == tuple(range(48))
     assert tta_symmetries(True, 4, (2.5, 1.0, 1.0)) == (0, 1, 2, 3)  # the flips come first
-    assert len(tta_symmetries(True, None, (2.5, 1.0, 1.0))) == 16
+    assert tta_symmetries(True, None, (1.0, 1.0, 2.5)) == (*range(8), *range(16, 24))
+    assert tta_symmetries(True, 10, (1.0, 2.5, 1.0)) == (*range(8), 40, 41)
     with pytest.raises(UsageError, match=r"expected --tta-count in \[1, 48\], received 0"):
         tta_symmetries(True, 0)
 
 
 def test_tta_on_an_anisotropic_grid_keeps_its_spacing(cohort, tmp_path, caplog):
-    """Volumes of 2 × 1 × 1 mm: TTA averages the 16 symmetries that never move z (a transpose
-    of z and y would squash the anatomy), with a warning that says so."""
+    """Volumes of 1 × 1 × 2 mm: TTA averages the 16 symmetries that never move x (a transpose
+    of x and y would squash the anatomy), with a warning that says so."""
     from kdsb.data.patches import CUBE_SYMMETRIES, symmetries_for
 
     _, models = cohort
     model = tmp_path / "coarse_model" / "classifier.keras"
     _with_bias(models[0], model, 0.5)
-    dataclasses.replace(INPUTS[0], spacing_mm=(2.0, 1.0, 1.0)).save(model.parent)
+    dataclasses.replace(INPUTS[0], spacing_mm=(1.0, 1.0, 2.0)).save(model.parent)
     data = tmp_path / "data"
     rng = np.random.default_rng(4)
-    write_volume(volume_path(data, "coarse"), rng.integers(-1000, 400, (8, 12, 12)),
-                 np.ones((8, 12, 12)), (2, 1, 1), (0, 0, 0))
-    kept = symmetries_for((2.0, 1.0, 1.0))
-    assert all(CUBE_SYMMETRIES[s][0][0] == 0 for s in kept) and len(kept) == 16
+    write_volume(volume_path(data, "coarse"), rng.integers(-1000, 400, (12, 12, 8)),
+                 np.ones((12, 12, 8)), (1, 1, 2), (0, 0, 0))
+    kept = symmetries_for((1.0, 1.0, 2.0))
+    assert all(CUBE_SYMMETRIES[s][0][2] == 2 for s in kept) and len(kept) == 16
     with caplog.at_level(logging.WARNING):
         predicted = predict_cohort(data, [model], tta=True, clip=0.0)
     assert predicted["coarse"] == pytest.approx(
         _reference([model], data, "coarse", symmetries=kept), abs=2e-6)
-    assert "only 16 cube symmetries keep a grid of 2 × 1 × 1 mm" in caplog.text
+    assert "only 16 cube symmetries keep a grid of 1 × 1 × 2 mm" in caplog.text
 
 
 

@@ -504,20 +504,20 @@ def test_nll_head_trains_predicts_and_explains_by_occlusion(cohort, tmp_path, ca
 
 def test_bag_symmetries_keep_the_volumes_grid(caplog):
     """On an isotropic grid the identity, then a seeded draw of the other 47 (as before the
-    spacing was taken into account); on a 2.5 × 1 × 1 mm grid only the 16 that leave z in
+    spacing was taken into account); on a 1 × 1 × 2.5 mm grid only the 16 that leave x in
     place, all of them where more are asked, with a warning."""
     from kdsb.data.patches import symmetries_for
 
     order = np.random.default_rng(7).permutation(48)
     assert classifier_training.bag_symmetries(7, 5, (1.0, 1.0, 1.0)) == [
         0, *[int(s) for s in order if s != 0][:4]]
-    kept = symmetries_for((2.5, 1.0, 1.0))
-    chosen = classifier_training.bag_symmetries(7, 5, (2.5, 1.0, 1.0))
+    kept = symmetries_for((1.0, 1.0, 2.5))
+    chosen = classifier_training.bag_symmetries(7, 5, (1.0, 1.0, 2.5))
     assert chosen[0] == 0 and len(set(chosen)) == 5 and set(chosen) <= set(kept)
     assert caplog.text == ""
-    assert sorted(classifier_training.bag_symmetries(7, 24, (2.5, 1.0, 1.0))) == list(kept)
+    assert sorted(classifier_training.bag_symmetries(7, 24, (1.0, 1.0, 2.5))) == list(kept)
     assert "--bag-symmetries 24: only 16 cube symmetries keep the volumes' spacing of " \
-           "2.5 × 1 × 1 mm" in caplog.text
+           "1 × 1 × 2.5 mm" in caplog.text
 
 
 def test_a_fold_that_learned_nothing_is_reported(caplog):

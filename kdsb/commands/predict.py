@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test-time augmentation: the ensemble's mean logit over cube "
                              "symmetries of the input too")
     parser.add_argument("--tta-count", type=int, default=None, metavar="K",
-                        help="with --tta, the first K of the 48 cube symmetries (default: all)")
+                        help="with --tta, the first K cube symmetries (of 48 on an isotropic "
+                             "grid, fewer on an anisotropic one; default: all)")
     parser.add_argument("--clip", type=float, default=None,
                         help="clip probabilities to [CLIP, 1 - CLIP] (default: 0.005)")
     parser.add_argument("--fill-missing", type=float, default=None, metavar="P",

@@ -18,7 +18,7 @@ GPU consumes. The cache moves that work to a one-off pass:
   (volume, patch) pairs and one random cube symmetry for the whole batch (a transpose and flips
   of the batch array, 48 possibilities on an isotropic grid): a few milliseconds per batch.
 
-The price: each volume contributes a fixed set of `per_volume` patches (times 48 symmetries)
+The price: each volume contributes a fixed set of `per_volume` patches (times its symmetries)
 instead of fresh positions on every visit; choose `per_volume` large (hundreds) for long runs.
 """
 
@@ -147,7 +147,7 @@ def sample_batch(
     for i in order:
         shard = shards[volume[i]]
         batch[i] = shard[rng.integers(len(shard))]
-    if symmetries:  # the batch axis moved last, where apply_symmetry leaves it alone
+    if len(symmetries):  # the batch axis moved last, where apply_symmetry leaves it alone
         symmetry = patches.random_symmetry(rng, symmetries)
         moved = patches.apply_symmetry(np.moveaxis(batch, 0, -1), symmetry)
         batch = np.ascontiguousarray(np.moveaxis(moved, -1, 0))
@@ -179,15 +179,15 @@ def allow_open_files(count: int) -> None:
 def cached_patch_dataset(
     shard_paths: Sequence[str | os.PathLike],
     *,
+    spacing: Sequence[float] | None,
     batch_size: int = 16,
     augment: bool = True,
-    spacing: Sequence[float] | None = None,
     seed: int = 0,
 ):
     """An endless tf.data.Dataset of (x, x) batches, x float32 (batch, P, P, P, 1), drawn from
     the memory-mapped shards of `build_patch_cache` (the GMCAE's input, as `patch_dataset`);
     with `augment`, one cube symmetry a batch of those that keep `spacing` (the volumes' (z, y,
-    x) mm; None: all 48)."""
+    x) mm, asked for: shards do not record it; None takes any grid as isotropic: all 48)."""
     import tensorflow as tf
 
     if not shard_paths:

@@ -78,7 +78,10 @@ class PatchMixtureNLL(keras.layers.Layer):
             return losses.gaussian_mixture_nll(
                 chunk, *losses.split_mixture_params(packed, self.mixtures))
 
-        nll = ops.map(nll_of, ops.reshape(padded, (chunks, per_chunk, size**3)))
+        # tf.map_fn with the output's signature given: Keras' `ops.map` first runs one chunk
+        # through the GMCAE only to learn that signature (a second pass of an eager call).
+        nll = tf.map_fn(nll_of, ops.reshape(padded, (chunks, per_chunk, size**3)),
+                        fn_output_signature=tf.TensorSpec((None,), "float32"))
         # Patches are in (volume, z, y, x) C order: each volume's come together.
         return ops.reshape(ops.reshape(nll, (-1,))[:count], (ops.shape(volume)[0], -1, 1))
 

@@ -1,13 +1,13 @@
 """Training the SPP head end to end: the encoder and spatial pyramid pooling on whole volumes.
 
 Every step sees one whole volume (the shapes differ, and padding would feed the pyramid pooling
-fake air), training volumes under a random cube symmetry (48-fold augmentation). A batch size
-N > 1 is realised by gradient accumulation (`gradient_accumulation_steps` of the Keras
-optimizer): the weights move once every N volumes, along the mean of their N gradients, which is
-what a batch of N would do for this model (it has no batch normalisation). A resumed run offsets
-the seed of the training stream by the epochs done, so it draws orders and symmetries it has
-not replayed. With `--tile-z` the encoder's first block is computed in z-slabs
-(`kdsb.models.slabs`): less memory per step, the same model and results.
+fake air), training volumes under a random cube symmetry (48-fold augmentation on an isotropic
+grid). A batch size N > 1 is realised by gradient accumulation (`gradient_accumulation_steps`
+of the Keras optimizer): the weights move once every N volumes, along the mean of their N
+gradients, which is what a batch of N would do for this model (it has no batch
+normalisation). A resumed run offsets the seed of the training stream by the epochs done, so it
+draws orders and symmetries it has not replayed. With `--tile-z` the encoder's first block is
+computed in z-slabs (`kdsb.models.slabs`): less memory per step, the same model and results.
 
 Losses: `bce` with optional per-volume sample weights (`class_weights`), or `focal`
 (`keras.losses.BinaryFocalCrossentropy`, gamma 2, no weights). Validation metrics are never
