@@ -383,6 +383,30 @@ def test_a_killed_run_resumes_where_it_stopped(cohort, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_journal_made_under_other_symmetries_is_not_taken(cohort, tmp_path, monkeypatch):
+    """The turns a patient was averaged over are in its journal entry: a run killed under
+    another rule for which symmetries keep a grid (the same count of them) is not mixed in."""
+    from kdsb.evaluation import predict
+
+    data, models = cohort
+    out = tmp_path / "sub.csv"
+    argv = ["predict", str(data), str(models[0]), "--out", str(out), "--tta",
+            "--tta-count", "2"]
+    fresh = tmp_path / "fresh.csv"
+    assert main([*argv[:-4], str(fresh), *argv[-3:]]) == 0
+    rule = predict.symmetries_for
+    monkeypatch.setattr(predict, "symmetries_for", lambda spacing: tuple(range(47, -1, -1)))
+    scoring = Interrupter(monkeypatch, predict, "member_probabilities")
+    scoring.next_run(limit=1)
+    assert main(argv) == 130
+    monkeypatch.setattr(predict, "symmetries_for", rule)
+    scoring.next_run()
+    assert main(argv) == 0
+    assert scoring.calls == len(read_predictions(fresh))  # every patient scored again
+    assert out.read_bytes() == fresh.read_bytes()
+
+
+@pytest.mark.slow
 def test_a_journal_of_a_model_changed_since_is_not_taken(cohort, tmp_path, monkeypatch):
     """A model trained again at the same path: the killed run's journal, of the old model's
     probabilities, is discarded (models are fingerprinted by content, not path)."""

@@ -265,15 +265,19 @@ def predict_cohort(
             if patient_id not in volumes:
                 predictions[patient_id] = float(np.clip(fill_missing, clip, 1.0 - clip))
                 continue
-            stamp = volume_stamp(volumes[patient_id])
+            # Each group's symmetries are in the stamp too: a journal begun under another
+            # rule for which turns keep a grid is not mixed in.
+            turns = [symmetries if not tta else grid_symmetries(
+                volume_input.spacing_mm or read_attrs(volumes[patient_id])["spacing"])
+                for volume_input in groups]
+            stamp = [*volume_stamp(volumes[patient_id]), [list(t) for t in turns]]
             probability = journal.result(patient_id, stamp) if journal else None
             if probability is None:
                 members: list[float] = []
-                for volume_input, models in groups.items():
+                for (volume_input, models), group_turns in zip(groups.items(), turns,
+                                                               strict=True):
                     x = volume_input.read(volumes[patient_id])
-                    turns = symmetries if not tta else grid_symmetries(
-                        volume_input.spacing_mm or read_attrs(volumes[patient_id])["spacing"])
-                    members += member_probabilities(models, x, turns)
+                    members += member_probabilities(models, x, group_turns)
                 probability = ensemble_probability(members)
                 if not math.isfinite(probability):
                     raise ModelError(
