@@ -195,6 +195,33 @@ def test_an_interrupted_cohort_resumes_or_is_replaced(tmp_path, monkeypatch, cap
     assert sorted(p.name for p in (out / "dicom").iterdir()) == ["phantom_000", "phantom_001"]
 
 
+def test_a_dotted_id_prefix_resumes_without_losing_finished_patients(tmp_path, monkeypatch):
+    """Ids like v1.2_000 (an --id-prefix with a dot): the resumed run kept no finished patient's
+    files but listed them in labels.csv (found in review: ids were cut at the first dot)."""
+    import kdsb.phantoms.cohort
+
+    fresh = tmp_path / "fresh"
+    write_cohort(fresh, patients=3, seed=1, size=40, scale=0.5, id_prefix="v1.2")
+    out = tmp_path / "out"
+    real_write = kdsb.phantoms.cohort.write_ct_series
+    written = []
+
+    def write_then_die(*args, **kwargs):
+        written.append(args[0].name)
+        real_write(*args, **kwargs)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(kdsb.phantoms.cohort, "write_ct_series", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        write_cohort(out, patients=3, seed=1, size=40, scale=0.5, id_prefix="v1.2")
+    monkeypatch.undo()
+    write_cohort(out, patients=3, seed=1, size=40, scale=0.5, id_prefix="v1.2")
+    assert sorted(p.name for p in (out / "dicom").iterdir()) == [
+        "v1.2_000", "v1.2_001", "v1.2_002"]
+    assert _files(out) == _files(fresh)
+
+
 def test_a_cohort_still_being_written_is_not_taken_for_an_unfinished_one(tmp_path):
     """The marker is the writing run's lock: a second synth into the same OUT_ROOT is refused
     rather than deleting the first one's files (found in review)."""
@@ -227,3 +254,10 @@ def test_a_dicom_folder_synth_did_not_write_is_never_replaced(tmp_path):
         write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5, overwrite=True)
     assert (tmp_path / "dicom" / "real_patient").is_dir()
     assert (tmp_path / "labels.csv").read_text().startswith("id,cancer\nreal_patient")
+    # A real cohort's own truth/ annotations are not synth's records (found in review).
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "truth" / "annotations.json").write_text("{}")
+    with pytest.raises(UsageError, match="expected --overwrite of a cohort kdsb synth wrote"):
+        write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5, overwrite=True)
+    assert (tmp_path / "truth" / "annotations.json").is_file()
+    assert (tmp_path / "dicom" / "real_patient").is_dir()

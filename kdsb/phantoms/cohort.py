@@ -122,9 +122,7 @@ def check_out_root(out_root: Path, overwrite: bool) -> list[Path]:
             f"expected a new or empty OUT_ROOT, received {out_root} which already holds "
             f"{', '.join(path.name for path in existing)} (use --overwrite to replace them)"
         )
-    truth = out_root / "truth"
-    synths = marker.is_file() or (truth.is_dir() and (not any(truth.iterdir())
-                                                      or any(truth.glob("*.json"))))
+    synths = marker.is_file() or bool(_synth_records(out_root))
     if existing and overwrite and not synths:
         # Found in review: --overwrite deleted any dicom/ and labels.csv, a real cohort's too.
         raise UsageError(
@@ -197,10 +195,25 @@ def _keep_finished(out_root: Path) -> dict[str, int]:
             finished[pid] = int(json.loads(record.read_text())["label"])
         except (ValueError, KeyError, TypeError):
             continue
-    for path in [*(out_root / "dicom").iterdir(), *(out_root / "truth").iterdir()]:
-        if path.name.split(".")[0] not in finished:
+    for path in (out_root / "dicom").iterdir():
+        if path.name not in finished:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in (out_root / "truth").iterdir():
+        if path.stem not in finished:  # `stem`: an --id-prefix may hold dots (v1.2_000.json)
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     return finished
+
+
+def _synth_records(out_root: Path) -> list[str]:
+    """The patients of OUT_ROOT that carry synth's own trio: `truth/<id>.json`,
+    `truth/<id>.npz` and `dicom/<id>/`. A real cohort's own `truth/*.json` (annotations) has no
+    such trio, so `--overwrite` never takes it for synth's (found in review)."""
+    truth = out_root / "truth"
+    if not truth.is_dir():
+        return []
+    return [record.stem for record in truth.glob("*.json")
+            if (truth / f"{record.stem}.npz").is_file()
+            and (out_root / "dicom" / record.stem).is_dir()]
 
 
 def finish_root(out_root: Path, rows: list[tuple[str, int]]) -> Path:
