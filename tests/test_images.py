@@ -374,6 +374,14 @@ def _nrrd_without_space(path: Path) -> Path:
     return path
 
 
+def _shifted_hu() -> np.ndarray:
+    """A chest stored as HU + 1024 (body 1024, lungs 174) with one row of -1024 padding."""
+    values = np.full((6, 20, 20), 1024, np.int16)
+    values[:, 5:15, 3:9] = 174
+    values[0, 0] = -1024
+    return values
+
+
 def _garbage(path: Path) -> Path:
     path.write_bytes(np.random.default_rng(0).bytes(4096))
     return path
@@ -384,8 +392,13 @@ BAD_FILES = {
     "oblique": (_oblique, "oblique.nii.gz", "expected the i axis aligned with a patient axis, "
                                             "received an oblique direction"),
     "not_hu": (lambda p: write_volume(p, (SMALL + 1024).astype(np.uint16), (1, 1, 1), (0, 0, 0)),
-               "not_hu.nrrd", "expected a CT in Hounsfield units (air at or below -500 HU), "
-                              "received values from 24 to 24"),
+               "not_hu.nrrd", "expected a CT in Hounsfield units (air at or below -500 HU in at "
+                              "least 1% of the voxels), received values from 24 to 24"),
+    # HU + 1024 (an intercept lost) with a row of -1024 padding: the padding alone is dark
+    # (found in review: it passed, lungs read as +174 HU).
+    "shifted_hu": (lambda p: write_volume(p, _shifted_hu(), (1, 1, 1), (0, 0, 0)),
+                   "shifted_hu.mha", "received values from -1024 to 1024, 0.83% of them at or "
+                                     "below -500"),
     "missing_raw": (_missing_raw, "missing_raw.mhd",
                     "expected the MetaImage data file missing_raw.raw beside its header, "
                     "received none"),

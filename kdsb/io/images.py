@@ -33,9 +33,10 @@ How the volume is checked and made canonical:
   origin 0); so is a NIfTI file whose pixdim disagrees with its coded sform or qform
   (SimpleITK mixes the two: spacing from pixdim, directions and origin from the transform).
 - Values are taken as HU as stored (NIfTI's scl_slope / scl_inter are applied by the reader;
-  MetaImage and NRRD have no rescale). A volume whose darkest voxel is above `hu.MAX_AIR_HU` is
-  plainly not HU (a CT holds air or lung far below it; MR, PET, unsigned storage without its
-  intercept or a normalised image do not) and is an error, as are NaN or infinite values (in a
+  MetaImage and NRRD have no rescale). A volume with under `hu.MIN_AIR_SHARE` (1 %) of its
+  voxels at or below `hu.MAX_AIR_HU` is plainly not HU (a CT holds air and lung far below it;
+  MR, PET, unsigned storage without its intercept, whose only dark voxels may be a border of
+  padding, or a normalised image do not) and is an error, as are NaN or infinite values (in a
   floating-point NIfTI file found by nibabel: SimpleITK reads them as 0).
   Float values are rounded to the nearest HU; anything at or below `OUTSIDE_FIELD_HU` (the
   -2000 / -3024 HU outside-field values) becomes air, -1000 HU; the result is clipped into
@@ -74,7 +75,7 @@ from kdsb.io.series import (
     CTSeries,
     patient_axis,
 )
-from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, not_hounsfield
+from kdsb.preprocessing.hu import AIR_HU, MAX_AIR_HU, OUTSIDE_FIELD_HU, not_hounsfield
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -494,7 +495,8 @@ class _Reader:
             self.check_finite(values)
             np.rint(values, out=values)
         low, high = values.min(), values.max()
-        reason = not_hounsfield(low, high)
+        air_share = np.count_nonzero(values <= MAX_AIR_HU) / values.size
+        reason = not_hounsfield(low, high, air_share)
         if reason is not None:
             raise self.error(reason)
         if values.dtype != np.int16:

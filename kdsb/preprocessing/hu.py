@@ -10,6 +10,7 @@ OUTSIDE_FIELD_HU = -2000  # what many scanners store outside the reconstructed f
 # Values at or below OUTSIDE_FIELD_HU (-2000, -3024, …) are padding, not tissue.
 PARENCHYMA_HU = -850  # typical aerated lung parenchyma
 MAX_AIR_HU = -500  # a chest CT in HU holds air or lung below this; a volume that does not is not HU
+MIN_AIR_SHARE = 0.01  # … in at least this share of its voxels (the lungs alone hold far more)
 # The lung window (low, high), HU: shown in QC images, and mapped to [-1, 1] as network input.
 LUNG_WINDOW_HU = (AIR_HU, 400)
 # Upper clip of the network input: above the densest calcified nodules (up to ~1000 HU) but below
@@ -17,11 +18,15 @@ LUNG_WINDOW_HU = (AIR_HU, 400)
 INPUT_CLIP_MAX_HU = 1000
 
 
-def not_hounsfield(darkest: float, brightest: float) -> str | None:
-    """Why a scan whose values run from `darkest` to `brightest` is plainly not in HU (a chest
-    CT holds air, at or below `MAX_AIR_HU`: raw unsigned values or a label map do not), or
-    None when it may be."""
-    if darkest <= MAX_AIR_HU:
+def not_hounsfield(darkest: float, brightest: float, air_share: float = 1.0) -> str | None:
+    """Why a scan whose values run from `darkest` to `brightest`, with `air_share` of its voxels
+    at or below `MAX_AIR_HU`, is plainly not in HU, or None when it may be. A chest CT holds air
+    and lung, at or below `MAX_AIR_HU`, in far more than `MIN_AIR_SHARE` of its voxels: raw
+    unsigned values, a label map, or HU + 1024 whose only dark voxels are a border of padding
+    do not."""
+    if darkest <= MAX_AIR_HU and air_share >= MIN_AIR_SHARE:
         return None
-    return (f"expected a CT in Hounsfield units (air at or below {MAX_AIR_HU} HU), received "
-            f"values from {darkest:g} to {brightest:g}")
+    found = "" if darkest > MAX_AIR_HU else f", {air_share:.2%} of them at or below {MAX_AIR_HU}"
+    return (f"expected a CT in Hounsfield units (air at or below {MAX_AIR_HU} HU in at least "
+            f"{MIN_AIR_SHARE:.0%} of the voxels), received values from {darkest:g} to "
+            f"{brightest:g}{found}")
