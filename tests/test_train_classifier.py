@@ -14,7 +14,7 @@ import pytest
 from kdsb.cli import main
 from kdsb.commands import train_classifier as command
 from kdsb.data.inputs import VolumeInput
-from kdsb.errors import UsageError
+from kdsb.errors import LabelsError, UsageError
 from kdsb.evaluation import metrics
 from kdsb.io.volumes import volume_path, write_volume
 from kdsb.training import classifier as classifier_training
@@ -616,6 +616,62 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
                                                   resume=True)
     assert seeds == [3, 3 + stride, 3 + stride]
     assert result["collapsed_seeds"] == [3]
+
+
+@pytest.mark.slow
+def test_one_validation_patient_is_not_taken_for_a_stuck_model(cohort, tmp_path, monkeypatch):
+    """One validation patient's predictions have no spread: every attempt was taken for one
+    stuck on the plateau (restarted, and given up by the spread callback) whatever it learned
+    (found in review)."""
+    from kdsb.training import mil
+
+    data, _, gmcae = cohort
+    labels = tmp_path / "labels.csv"  # one positive stays in training: validation is one negative
+    labels.write_text("id,cancer\np0,0\np1,1\np2,0\np4,0\np6,0\n")
+    given = []
+    train_mil = mil.train_mil
+
+    def recorded(*args, **kwargs):
+        given.append(kwargs["give_up_below"])
+        return train_mil(*args, **kwargs)
+
+    monkeypatch.setattr(mil, "train_mil", recorded)
+    options = dict(RESTART_OPTIONS, gmcae=str(gmcae), folds=0, val_fraction=0.2,
+                   allow_unlabelled=True)
+    result = classifier_training.train_classifier(data, labels, tmp_path / "run", options)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["val_ids"] == ["p6"]
+    assert given == [None]  # one attempt, no spread to give up on
+    assert result["collapsed_seeds"] == []
+    assert not (tmp_path / "run" / "restarts.json").exists()
+
+
+@pytest.mark.slow
+def test_validation_patients_of_one_class_fit_no_calibration_map(cohort, tmp_path,
+                                                                 monkeypatch, caplog):
+    """A Platt map fitted on validation patients of one class pulled every probability toward
+    that class (found in review: 12 negatives took 0.9 to 0.38); a cohort of one class is
+    refused before any work, naming LABELS_CSV."""
+    from kdsb.models import calibration
+
+    data, _, gmcae = cohort
+    labels = tmp_path / "labels.csv"  # the one positive stays in training
+    labels.write_text("id,cancer\n" + "".join(f"p{i},{int(i == 1)}\n" for i in range(8)))
+    monkeypatch.setattr(calibration, "MIN_PATIENTS", 2)
+    options = dict(RESTART_OPTIONS, gmcae=str(gmcae), folds=0, val_fraction=0.5,
+                   calibration="platt", restarts=0)
+    with caplog.at_level(logging.WARNING):
+        result = classifier_training.train_classifier(data, labels, tmp_path / "run", options)
+    assert "validation patients are all of one class: no calibration map" in caplog.text
+    assert result["calibration"]["method"] == "none"
+    assert result["calibration"]["slope"] == 1.0 and result["calibration"]["intercept"] == 0.0
+
+    labels.write_text("id,cancer\n" + "".join(f"p{i},0\n" for i in range(8)))
+    with pytest.raises(LabelsError, match=r"labels.csv: expected patients of both classes \(0 "
+                                          r"and 1\) to learn from, received 8 patient\(s\) all "
+                                          r"labelled 0"):
+        classifier_training.train_classifier(data, labels, tmp_path / "one_class", options)
+    assert not (tmp_path / "one_class").exists()
 
 
 @pytest.mark.slow

@@ -75,7 +75,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb.data.inputs import INPUT_NAME, VolumeInput
-from kdsb.errors import UsageError
+from kdsb.errors import LabelsError, UsageError
 from kdsb.evaluation import metrics
 from kdsb.io.atomic import atomic_path, read_json, write_json
 from kdsb.io.journal import file_digest
@@ -294,7 +294,9 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
         if fitted is None:
             return None
         explained = explained_fraction(y_val, fitted.p_val)
-        spread = float(np.ptp(fitted.p_val))
+        # One validation patient has no spread (found in review: every attempt counted as
+        # stuck, and restarted, whatever it learned).
+        spread = float(np.ptp(fitted.p_val)) if len(val_ids) >= 2 else math.inf
         # With one class among the validation patients nothing is explained (NaN): only
         # constant predictions then count as stuck.
         stuck = spread < CONSTANT_SPREAD or explained < LEARNED_FRACTION
@@ -362,7 +364,8 @@ def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _C
     weights = class_weights_for(options, [y for _, y in train.values()])
     common = dict(resume=ctx.resume, start_epoch=last[0] if last else 0,
                   best_name=UNCALIBRATED_NAME, monitor=MONITOR, class_weights=weights,
-                  give_up_below=(GIVE_UP_MONITOR, CONSTANT_SPREAD))
+                  # One validation patient's predictions have no spread to watch.
+                  give_up_below=(GIVE_UP_MONITOR, CONSTANT_SPREAD) if len(val_ids) >= 2 else None)
     if options.head in ("mil", "nll"):
         from kdsb.training.mil import train_mil
 
@@ -494,6 +497,10 @@ def train_classifier(
         failed_in=Path(data_dir) / MANIFEST_NAME,
     )
     cohort = {i: (volumes[i], labels[i]) for i in usable}
+    classes = sorted({label for _, label in cohort.values()})
+    if len(classes) < 2:  # found in review: a single split trained on it without a word
+        raise LabelsError(f"{labels_csv}: expected patients of both classes (0 and 1) to learn "
+                          f"from, received {len(cohort)} patient(s) all labelled {classes[0]}")
     volume_input = options.volume_input().fit_to([volumes[i] for i in usable])
     _warn_of_another_gmcae_spacing(options.gmcae, volume_input)
     if options.folds >= 2:
@@ -549,6 +556,12 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
     p_val = fitted.p_val
     y_val = [cohort[i][1] for i in val_ids]
     method = method_for(len(val_ids), options.calibration)
+    if method != "none" and len(set(y_val)) < 2:
+        # A class of one patient stays in training (`split_patients`): a map fitted on one
+        # class would only pull every probability toward it (found in review).
+        logger.warning("the %d validation patients are all of one class: no calibration map is "
+                       "fitted, the model's probabilities are kept as they are", len(val_ids))
+        method = "none"
     calibration = fit_calibration(y_val, p_val, method)
     _save_calibrated(run_dir, calibration)
     p_cal = calibration.apply(p_val)
