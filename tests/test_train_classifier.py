@@ -500,6 +500,16 @@ def test_nll_head_trains_predicts_and_explains_by_occlusion(cohort, tmp_path, ca
     assert main(explain) == 1
     assert "use --method occlusion" in capsys.readouterr().err
     assert main([*explain, "--method", "occlusion", "--occlusion-mm", "8"]) == 0
+    # A volume smaller than the GMCAE's patch: one line naming it, before any patient is
+    # scored (found in review: a ZeroDivisionError inside the model).
+    small = tmp_path / "small"
+    write_volume(volume_path(small, "thin"), np.full((10, 16, 16), -800), np.ones((10, 16, 16)),
+                 (1, 1, 1), (0, 0, 0))
+    capsys.readouterr()
+    assert main(["predict", str(small), str(run / "classifier.keras"), "--out",
+                 str(tmp_path / "small.csv")]) == 1
+    assert "thin.h5: expected every axis at least the GMCAE's patch of 16 voxels (head nll), " \
+           "received a network input of 10×16×16 (z, y, x)" in capsys.readouterr().err
 
 
 def test_bag_symmetries_keep_the_volumes_grid(caplog):

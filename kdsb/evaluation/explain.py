@@ -446,7 +446,7 @@ def explain_cohort(
                              f"where {patient_id}'s heatmap would replace the volume {target}")
     loaded, fingerprinted = load_fingerprinted(model_paths)
     inputs, models = zip(*loaded, strict=True)
-    check_volumes(inputs, [files[i] for i in order])
+    check_volumes(loaded, [files[i] for i in order])
     # The paths too: each heatmap file names its models.
     fingerprint = {"command": "explain", "method": method, "models": fingerprinted,
                    "model_paths": [os.fspath(p) for p in model_paths]}

@@ -112,19 +112,29 @@ def resolve_ids(data_dir: Path, ids: Sequence[str] | None, ids_source: str,
     return list(ids), volumes
 
 
-def check_volumes(inputs: Iterable[VolumeInput], paths: Sequence[Path]) -> None:
-    """Every volume fits every model's input (spacing, size), read from the files' attributes:
-    one volume of another spacing fails the command before any patient is scored, not after
-    most of a cohort.
+def check_volumes(loaded: Iterable[tuple[VolumeInput, Any]], paths: Sequence[Path]) -> None:
+    """Every volume fits every model's input (spacing, size; an nll head's GMCAE patch), read
+    from the files' attributes: one volume of another spacing fails the command before any
+    patient is scored, not after most of a cohort.
+
+    Args:
+        loaded: each model with the `VolumeInput` it reads through.
+        paths: the volume files.
 
     Raises:
-        StoreError: naming the first file that does not fit (`VolumeInput.check`).
+        StoreError: naming the first file that does not fit (`VolumeInput.check`,
+            `kdsb.models.nll.check_holds_a_patch`).
     """
-    inputs = list(inputs)
+    from kdsb.models.nll import check_holds_a_patch, smallest_input
+
+    needs = [(volume_input, smallest_input(model)) for volume_input, model in loaded]
     for path in paths:
         attrs = read_attrs(path)
-        for volume_input in inputs:
+        for volume_input, patch in needs:
             volume_input.check(path, attrs["spacing"], attrs["shape"])
+            if patch > 1:
+                check_holds_a_patch(path, [n // volume_input.downscale for n in attrs["shape"]],
+                                    patch)
 
 
 def load_classifiers(model_paths: Sequence[str | os.PathLike]) -> list[tuple[VolumeInput, Any]]:
@@ -252,7 +262,7 @@ def predict_cohort(
     groups: dict[VolumeInput, list[Any]] = {}
     for volume_input, model in loaded:
         groups.setdefault(volume_input, []).append(model)
-    check_volumes(groups, [volumes[i] for i in order if i in volumes])
+    check_volumes(loaded, [volumes[i] for i in order if i in volumes])
     logger.info(
         "scoring %d patients with %d model(s), %d symmetry(ies) each",
         len(order) - len(missing), len(model_paths), len(symmetries),

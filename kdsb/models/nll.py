@@ -119,3 +119,32 @@ def patch_nll_features(gmcae: keras.Model, stride: int | None = None) -> keras.M
     volume = keras.Input(shape=CLASSIFIER_INPUT_SHAPE[1:], name="volume")
     layer = PatchMixtureNLL(copy, stride or max(1, size // 2), name="patch_nll")
     return keras.Model(volume, layer(volume), name="patch_nll_features")
+
+
+def smallest_input(model: keras.Model) -> int:
+    """Voxels per axis of the network input that `model` needs: the GMCAE patch of its
+    `PatchMixtureNLL` (an nll head's features, nested in a saved classifier), else 1."""
+    for layer in model.layers:
+        if isinstance(layer, PatchMixtureNLL):
+            return int(layer.patch_size)
+        if isinstance(layer, keras.Model):
+            found = smallest_input(layer)
+            if found > 1:
+                return found
+    return 1
+
+
+def check_holds_a_patch(path, network_shape, size: int) -> None:
+    """Refuse a volume whose network input (z, y, x voxels) has an axis shorter than the
+    GMCAE's patch of `size` voxels, naming the file, rather than fail inside TensorFlow (no
+    patch fits: nothing to score).
+
+    Raises:
+        StoreError: naming the file and the shape.
+    """
+    from kdsb.errors import StoreError
+
+    if min(network_shape) < size:
+        raise StoreError(f"{path}: expected every axis at least the GMCAE's patch of {size} "
+                         f"voxels (head nll), received a network input of "
+                         f"{'×'.join(map(str, network_shape))} (z, y, x)")

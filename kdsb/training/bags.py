@@ -102,10 +102,13 @@ def encode_bags(
     missing = [pid for pid, file in files.items() if not _whole(file, len(symmetries))]
     _remove_stale(cache_dir, files)
     if missing:
+        from kdsb.models.nll import check_holds_a_patch, smallest_input
+
         encoder = instance_features(gmcae, head, block)
         for pid in tqdm(missing, desc="encode", unit="patient", disable=None):
             x = volume_input.read(volumes[pid])
-            _check_holds_a_patch(x, encoder, head, volumes[pid])
+            if head == "nll":
+                check_holds_a_patch(volumes[pid], x.shape[:3], smallest_input(encoder))
             bag = np.stack([_encode(encoder, apply_symmetry(x, s)) for s in symmetries])
             with atomic_path(files[pid]) as temp, temp.open("wb") as f:
                 np.save(f, bag.astype(BAG_DTYPE))
@@ -126,21 +129,6 @@ def _whole(file: Path, symmetries: int) -> bool:
         pass
     logger.warning("%s: a damaged bag file, computed again", file)
     return False
-
-
-def _check_holds_a_patch(x: np.ndarray, encoder: Any, head: str, path: str | os.PathLike
-                         ) -> None:
-    """Head "nll" scores whole GMCAE patches: refuse a volume (as the network reads it) with
-    an axis shorter than one, naming the file, rather than fail inside TensorFlow."""
-    from kdsb.errors import StoreError
-
-    if head != "nll":
-        return
-    size = encoder.get_layer("patch_nll").patch_size
-    if min(x.shape[:3]) < size:
-        raise StoreError(f"{path}: expected every axis at least the GMCAE's patch of {size} "
-                         f"voxels (head nll), received a network input of "
-                         f"{'×'.join(map(str, x.shape[:3]))} (z, y, x)")
 
 
 def _encode(encoder: Any, x: np.ndarray) -> np.ndarray:
