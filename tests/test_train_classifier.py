@@ -684,6 +684,26 @@ def test_validation_patients_of_one_class_fit_no_calibration_map(cohort, tmp_pat
     assert not (tmp_path / "one_class").exists()
 
 
+def test_a_resumed_spp_run_of_batches_keeps_its_distribution(tmp_path):
+    """The checkpoints' optimizer accumulates an SPP batch's gradients only without a
+    strategy: a resumed run may not switch --distribute (found in review: multiworker -> none
+    silently updated after every volume)."""
+    from types import SimpleNamespace
+
+    from kdsb.training.runs import OPTIONS_NAME
+
+    (tmp_path / OPTIONS_NAME).write_text(json.dumps({"distribute": "multiworker"}))
+    accumulating = SimpleNamespace(head="spp", batch_size=2, distribute="none")
+    with pytest.raises(UsageError, match="expected --distribute multiworker when resuming .* "
+                                         "does not accumulate gradients over the batch\\), "
+                                         "received --distribute none"):
+        classifier_training._check_accumulation_unchanged(tmp_path, accumulating)
+    for fine in (dict(accumulating.__dict__, batch_size=1), dict(accumulating.__dict__,
+                                                                  head="mil"),
+                 dict(accumulating.__dict__, distribute="multiworker")):
+        classifier_training._check_accumulation_unchanged(tmp_path, SimpleNamespace(**fine))
+
+
 @pytest.mark.slow
 def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, monkeypatch,
                                                              caplog):

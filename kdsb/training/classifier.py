@@ -129,6 +129,24 @@ def _warn_of_unused_restarts(given: Any, options: ClassifierOptions) -> None:
                        options.restarts, options.distribute)
 
 
+def _check_accumulation_unchanged(run_dir: Path, options: ClassifierOptions) -> None:
+    """Refuse a resumed SPP run of `--batch-size` > 1 whose `--distribute` changed: its
+    checkpoints' optimizer accumulates gradients over the batch without a strategy and not
+    under one (`spp.compile_classifier`), so the resumed epochs would update otherwise than the
+    run's first ones (found in review).
+
+    Raises:
+        UsageError: naming both settings.
+    """
+    saved = read_json(run_dir / runs.OPTIONS_NAME).get("distribute", "none")
+    if options.head == "spp" and options.batch_size > 1 and saved != options.distribute:
+        raise UsageError(
+            f"expected --distribute {saved} when resuming {run_dir} (--head spp, --batch-size "
+            f"{options.batch_size}: its checkpoints' optimizer "
+            f"{'accumulates' if saved == 'none' else 'does not accumulate'} gradients over the "
+            f"batch), received --distribute {options.distribute}")
+
+
 def _warn_of_another_gmcae_spacing(gmcae: str, volume_input: VolumeInput) -> None:
     """Warn when the GMCAE learned its features on another grid than the one the classifier's
     encoder is fed (the volumes' spacing times `--downscale`): it then sees every structure at
@@ -464,6 +482,8 @@ def train_classifier(
     )
     _warn_of_other_heads_options(given, options.head)
     _warn_of_unused_restarts(given, options)
+    if resume:
+        _check_accumulation_unchanged(run_dir, options)
     worker = runs.worker(options.distribute)
     if options.distribute == "multiworker" and options.batch_size != worker.count:
         raise UsageError(
