@@ -105,3 +105,25 @@ def test_a_volume_smaller_than_a_patch_is_a_one_line_error(gmcae, tmp_path):
                        rf"{size - 2}×20×20"):
         encode_bags({"thin": path}, tmp_path / "gmcae.keras", VolumeInput(), [0],
                     tmp_path / "bags", head="nll", block=2)
+
+
+def test_features_of_a_bfloat16_gmcae_are_scored_in_float32(gmcae):
+    """A plain clone kept a bfloat16 GMCAE's 16-bit layers in a float32 run (found in review):
+    the copy computes in float32, the same NLL as the float32 GMCAE of the same weights."""
+    import keras
+
+    from kdsb.models.gmcae import build_gmcae
+    from kdsb.models.nll import patch_nll_features
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        half = build_gmcae(patch_size=16, width=2, mixtures=2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    half.set_weights(gmcae.get_weights())
+    x = np.random.default_rng(3).normal(size=(1, 16, 24, 16, 1)).astype("float32")
+    features = patch_nll_features(half, stride=8)
+    copy = features.get_layer("patch_nll").gmcae
+    assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    np.testing.assert_allclose(np.asarray(features(x)), np.asarray(
+        patch_nll_features(gmcae, stride=8)(x)), rtol=1e-5, atol=1e-5)

@@ -113,7 +113,13 @@ def patch_nll_features(gmcae: keras.Model, stride: int | None = None) -> keras.M
     """
     from kdsb.models.classifier import CLASSIFIER_INPUT_SHAPE
 
-    copy = keras.models.clone_model(gmcae)
+    def in_float32(layer: keras.layers.Layer) -> keras.layers.Layer:
+        # A plain clone keeps each layer's saved policy: a bfloat16 GMCAE gave a float32 run
+        # 16-bit likelihoods (found in review). A likelihood is scored in float32 whatever
+        # precision the GMCAE trained in or the run uses.
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    copy = keras.models.clone_model(gmcae, clone_function=in_float32)
     copy.set_weights(gmcae.get_weights())
     size = int(gmcae.input_shape[1])
     volume = keras.Input(shape=CLASSIFIER_INPUT_SHAPE[1:], name="volume")
