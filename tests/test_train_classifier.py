@@ -122,7 +122,8 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     assert main([*resume, "--lung-dilation-mm", "5"]) == 2
     assert (f"expected --lung-dilation-mm 2.0 as saved in {run / 'config.json'} when resuming, "
             "received 5.0; only --epochs, --patience, --distribute, --keep-checkpoints, "
-            "--tile-z may change") in capsys.readouterr().err
+            "--tile-z, --gmcae (moved: the same file's content) may change"
+            ) in capsys.readouterr().err
     assert json.loads((run / "classifier.json").read_text())["lung_dilation_mm"] == 2.0
 
     # Resume: one more epoch appended to the same history, on a training stream seeded past
@@ -846,18 +847,44 @@ def test_a_split_is_compared_on_resume_only(tmp_path):
 def test_resume_refuses_volumes_read_otherwise_or_another_gmcae(tmp_path):
     """Found in review: a resumed run fitted its input to the volumes of now and rewrote
     classifier.json, so finished fold models were declared to read another grid; a GMCAE
-    retrained at the same path went unnoticed."""
+    retrained at the same path went unnoticed. A GMCAE moved since (its content the same) may
+    be given at its new place (found in review: the run could not be resumed at all)."""
+    check = classifier_training._check_input_unchanged
     begun = VolumeInput(spacing_mm=(2.0, 2.0, 2.0))
     begun.save(tmp_path, gmcae="g.keras", gmcae_sha256="aaa")
-    classifier_training._check_input_unchanged(tmp_path, begun, "aaa")  # the same: fine
+    check(tmp_path, begun, "g.keras", "aaa")  # the same: fine
+    check(tmp_path, begun, "moved/g.keras", "aaa")  # moved, the same content: fine
     with pytest.raises(UsageError, match=r"spacing_mm \[2.0, 2.0, 2.0\] then, \[1.0, 1.0, "
                                          r"1.0\] now .*start a new RUN_DIR"):
-        classifier_training._check_input_unchanged(
-            tmp_path, VolumeInput(spacing_mm=(1.0, 1.0, 1.0)), "aaa")
-    with pytest.raises(UsageError, match="with the GMCAE the run began with, received g.keras"):
-        classifier_training._check_input_unchanged(tmp_path, begun, "bbb")
+        check(tmp_path, VolumeInput(spacing_mm=(1.0, 1.0, 1.0)), "g.keras", "aaa")
+    with pytest.raises(UsageError, match=r"with the GMCAE the run began with \(g.keras\), "
+                                         r"received other.keras, whose content differs"):
+        check(tmp_path, begun, "other.keras", "bbb")
     begun.save(tmp_path, gmcae="g.keras")  # an earlier version's record: no digest to compare
-    classifier_training._check_input_unchanged(tmp_path, begun, "bbb")
+    check(tmp_path, begun, "g.keras", "bbb")
+    with pytest.raises(UsageError, match="has no digest to tell a moved file from another"):
+        check(tmp_path, begun, "moved/g.keras", "bbb")
+
+
+@pytest.mark.slow
+def test_a_run_resumes_with_its_gmcae_moved(cohort, tmp_path):
+    """The saved options were checked before the new --gmcae was applied: a moved GMCAE made
+    the run impossible to resume ("received a missing path", the old one)."""
+    import shutil
+
+    data, labels, gmcae = cohort
+    moved = tmp_path / "first" / "gmcae.keras"
+    moved.parent.mkdir()
+    shutil.copy(gmcae, moved)
+    options = dict(RESTART_OPTIONS, gmcae=str(moved), folds=0, val_fraction=0.25, restarts=0)
+    run = tmp_path / "run"
+    classifier_training.train_classifier(data, labels, run, options)
+    moved.rename(tmp_path / "gmcae.keras")
+    result = classifier_training.train_classifier(
+        data, labels, run, {"gmcae": str(tmp_path / "gmcae.keras"), "epochs": 2}, resume=True)
+    assert result["epochs_run"] == 2
+    assert json.loads((run / "classifier.json").read_text())["gmcae"] == \
+        str(tmp_path / "gmcae.keras")
 
 
 def test_the_gmcae_spacing_warning_counts_the_downscale(tmp_path, caplog):

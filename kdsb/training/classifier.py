@@ -537,7 +537,7 @@ def train_classifier(
         runs.check_split(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, resume)
     gmcae_sha256 = file_digest(options.gmcae)
     if resume:
-        _check_input_unchanged(run_dir, volume_input, gmcae_sha256)
+        _check_input_unchanged(run_dir, volume_input, options.gmcae, gmcae_sha256)
     runs.begin(run_dir, options, data_dir=data_dir, resume=resume)
     if worker.chief:
         volume_input.save(run_dir, gmcae=str(options.gmcae), gmcae_sha256=gmcae_sha256)
@@ -709,11 +709,13 @@ def _pin_split(model_dir: Path, split: dict[str, list[str]], ctx: _Context) -> N
                    FOLD_NAME)
 
 
-def _check_input_unchanged(run_dir: Path, volume_input: VolumeInput, gmcae_sha256: str) -> None:
+def _check_input_unchanged(run_dir: Path, volume_input: VolumeInput, gmcae: str | os.PathLike,
+                           gmcae_sha256: str) -> None:
     """Refuse to resume a run whose models read their volumes otherwise than this run would
     (the volumes preprocessed again at another spacing: its finished models would then be
-    declared to read the new grid), or whose GMCAE file has changed since (a record without
-    the GMCAE's digest, of an earlier version, is not checked for it)."""
+    declared to read the new grid), or whose GMCAE file `gmcae` has other content than the run
+    began with (it may have moved; a record without the GMCAE's digest, of an earlier version,
+    is not checked for content, and then the GMCAE may not move)."""
     path = run_dir / INPUT_NAME
     if not path.is_file():
         return
@@ -730,8 +732,15 @@ def _check_input_unchanged(run_dir: Path, volume_input: VolumeInput, gmcae_sha25
         )
     if saved.get("gmcae_sha256") not in (None, gmcae_sha256):
         raise UsageError(
-            f"expected --resume with the GMCAE the run began with, received {saved.get('gmcae')}"
-            f" whose content has changed since ({path}): start a new RUN_DIR"
+            f"expected --resume with the GMCAE the run began with ({saved.get('gmcae')}), "
+            f"received {gmcae}, whose content differs ({path}): start a new RUN_DIR"
+        )
+    moved = os.path.realpath(str(saved.get("gmcae", gmcae))) != os.path.realpath(str(gmcae))
+    if moved and saved.get("gmcae_sha256") is None:
+        raise UsageError(
+            f"expected --resume with the GMCAE the run began with, {saved.get('gmcae')}, "
+            f"received {gmcae}: this run's record ({path}) has no digest to tell a moved file "
+            f"from another one"
         )
 
 

@@ -24,10 +24,12 @@ OPTIONS_NAME = "config.json"
 
 
 # Options a resumed run may change (they change neither the model nor its inputs); every other
-# option given again must keep its saved value.
+# option given again must keep its saved value. `gmcae` is the classifier's GMCAE file, which may
+# have moved: the run checks that its content is the one it began with (classifier.json).
 RESUMABLE_CHANGES = (
-    "epochs", "steps_per_epoch", "patience", "distribute", "keep_checkpoints", "tile_z"
+    "epochs", "steps_per_epoch", "patience", "distribute", "keep_checkpoints", "tile_z", "gmcae"
 )
+RESUMABLE_NOTES = {"gmcae": " (moved: the same file's content)"}
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", **argparse_kwargs: Any) -> Any:
@@ -202,13 +204,17 @@ def resolve_options(
                              f"received none")
         return options(**given), 0
     stored = read_json(path)
-    saved = options.from_saved(stored)
+    # The changes that may be made are made before the saved options are checked: a GMCAE
+    # moved since is given at its new place, and the old one need not exist (found in review).
+    saved = options.from_saved({**stored, **{key: value for key, value in given.items()
+                                             if key in RESUMABLE_CHANGES}})
     resolved = dataclasses.replace(saved, **given)
     fields = {f.name: f for f in dataclasses.fields(options)}
     for key in given:
         old, new = getattr(saved, key), getattr(resolved, key)
         if key not in RESUMABLE_CHANGES and not _same(fields[key], old, new):
-            changeable = ", ".join(flag_of(fields[k]) for k in RESUMABLE_CHANGES if k in fields)
+            changeable = ", ".join(flag_of(fields[k]) + RESUMABLE_NOTES.get(k, "")
+                                   for k in RESUMABLE_CHANGES if k in fields)
             raise UsageError(
                 f"expected {flag_of(fields[key])} {old} as saved in {path} when resuming, "
                 f"received {new}; only {changeable} may change"
