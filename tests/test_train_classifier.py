@@ -983,3 +983,12 @@ def test_calibration_that_raises_the_out_of_fold_log_loss_is_warned_of(caplog):
         classifier_training._warn_if_calibration_hurt(y, np.full(4, 0.5), np.full(4, 0.9),
                                                       "platt")
     assert "out of fold, the platt maps raised the log loss from 0.693 to 1.204" in caplog.text
+
+
+def test_a_run_folders_own_folders_beside_its_folds_are_not_fold_models(tmp_path):
+    """Found in review: a `fold_old/` holding a classifier.keras failed with a ValueError."""
+    for name in ("fold_2", "fold_10", "fold_1", "fold_old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "classifier.keras").write_bytes(b"")
+    assert [p.parent.name for p in classifier_training.model_paths_of_run(tmp_path)] == [
+        "fold_1", "fold_2", "fold_10"]

@@ -30,7 +30,7 @@ class PatchMixtureNLL(keras.layers.Layer):
     """Per-patch GMCAE mixture NLL of a volume.
 
     Input: (batch, z, y, x, 1) normalised HU (each axis at least the patch edge).
-    Output: (batch, n, 1) float32 NLL per voxel (nats) of the n = Π ⌊(axis − P) / stride⌋ + 1
+    Output: (batch, n, 1) float32 NLL per voxel (nats) of the n = Π (⌊(axis − P) / stride⌋ + 1)
     patches of each volume, in (z, y, x) C order of their corners.
 
     Args:

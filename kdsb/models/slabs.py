@@ -60,7 +60,8 @@ def first_block_in_slabs(volume: Any, weights: tuple[Any, ...], tile_z: int) -> 
         volume: (batch, z, y, x, channels) tensor in the compute dtype.
         weights: float32 (kernel1, bias1, kernel2, bias2) of the block's two convolutions.
         tile_z: input rows per slab, even (conv1 computes tile_z + 2 rows of it, reading the
-            slab's own input rows and 1 before, 3 after).
+            slab's own input rows and 1 before, 3 after along an even depth; 2 and 2 along an
+            odd one, which "SAME" padding pads by one row before).
 
     Returns:
         (batch, ceil(z/2), ceil(y/2), ceil(x/2), filters): relu(conv2(relu(conv1(volume)))),

@@ -50,12 +50,12 @@ attempt's model and history (`collapsed_N_*`, `kdsb.training.attempts`) and `res
 The validation patients decide, as they do for early stopping; with folds the held-out fold (the
 out-of-fold predictions) plays no part in it.
 
-Class imbalance: with `--loss bce` each training volume carries a sample weight
-n / (2 · n_class) ("balanced", the `class_weight` rule of scikit-learn), so both classes pull
-equally; the Platt map (`--calibration platt`, the default) then moves the probabilities back
-to the observed rate (temperature scaling has no intercept and `none` no map: their outputs keep
-the balanced weights' offset where the classes are unequal). `--loss focal` uses no weights.
-Validation metrics are never weighted.
+Class imbalance: with `--loss bce` and `--class-weight balanced` (the default) each training
+volume carries a sample weight n / (2 · n_class) (the `class_weight` rule of scikit-learn), so
+both classes pull equally; the Platt map (`--calibration platt`, the default) then moves the
+probabilities back to the observed rate (temperature scaling has no intercept and `none` no map:
+their outputs keep the balanced weights' offset where the classes are unequal). `--loss focal`
+uses no weights. Validation metrics are never weighted.
 """
 
 from __future__ import annotations
@@ -777,8 +777,9 @@ def model_paths_of_run(run_dir: str | os.PathLike, complete: bool = False) -> li
         UsageError: with `complete`, a fold model missing.
     """
     run_dir = Path(run_dir)
-    fold_models = sorted(
-        run_dir.glob(f"{FOLD_PREFIX}*/{BEST_NAME}"),
+    fold_models = sorted(  # fold_1, fold_2, …: a user's fold_old/ is none of them
+        (path for path in run_dir.glob(f"{FOLD_PREFIX}*/{BEST_NAME}")
+         if path.parent.name.removeprefix(FOLD_PREFIX).isdigit()),
         key=lambda p: int(p.parent.name.removeprefix(FOLD_PREFIX)),
     )
     if fold_models and complete:

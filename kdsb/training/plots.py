@@ -114,7 +114,9 @@ def plot_reconstructions(
             slices = (volume[centre[0]], volume[:, centre[1]], volume[:, :, centre[2]])
             for view, (name, image) in enumerate(zip(views, slices, strict=True)):
                 ax = axes[row, column * len(views) + view]
-                ax.imshow(image, cmap="gray", vmin=value_range[0], vmax=value_range[1])
+                # Coronal and sagittal rows run along z, inferior → superior: superior on top.
+                ax.imshow(image, cmap="gray", vmin=value_range[0], vmax=value_range[1],
+                          origin="upper" if view == 0 else "lower")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if row == 0:
