@@ -75,6 +75,29 @@ def test_export_heatmaps_and_only_the_ids_asked_for(tmp_path):
     np.testing.assert_allclose(exported.affine, ras_affine(SPACING, ORIGIN), atol=1e-5)
 
 
+def test_an_earlier_heatmap_of_another_grid_and_killed_temporaries_are_removed(tmp_path, caplog):
+    """Found in review: re-exporting a patient preprocessed again, without --heatmaps, left the
+    old heatmap beside the new volume (a viewer overlays it on the wrong voxels), and a killed
+    export's temporaries stayed for good."""
+    _volume(tmp_path, "p1")
+    heat = np.zeros((6, 7, 8), np.float32)
+    write_heatmap(heatmap_path(tmp_path / "heat", "p1"), heat, SPACING, ORIGIN)
+    out = tmp_path / "out"
+    argv = ["export", str(tmp_path / "data"), str(out)]
+    assert main([*argv, "--heatmaps", str(tmp_path / "heat")]) == 0
+    (out / ".tmp-123-abcd1234-p1_hu.nii.gz").write_bytes(b"cut short")
+    (out / ".tmp-123-abcd1234-p2_hu.nii.gz").write_bytes(b"another patient's")
+    assert main(argv) == 0  # the same grid: the heatmap stays
+    assert (out / "p1_heatmap.nii.gz").is_file()
+    assert sorted(p.name for p in out.glob(".tmp-*")) == [".tmp-123-abcd1234-p2_hu.nii.gz"]
+    _volume(tmp_path, "p1", shape=(6, 7, 9))  # preprocessed again: another grid
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    assert not (out / "p1_heatmap.nii.gz").exists()
+    assert "an earlier export's heatmap on another grid than the volume exported now" in \
+        caplog.text
+
+
 @pytest.mark.parametrize("problem", ["missing id", "missing heatmap", "other grid"])
 def test_a_bad_patient_fails_alone_with_a_one_line_reason(tmp_path, capsys, problem):
     _volume(tmp_path, "p1")

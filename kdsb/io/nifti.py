@@ -11,6 +11,7 @@ overlay each other. Written with nibabel (qform and sform both "scanner", units 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,9 +21,11 @@ from tqdm import tqdm
 
 from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io import volumes
-from kdsb.io.atomic import atomic_path
+from kdsb.io.atomic import atomic_path, remove_stale_temporaries
 from kdsb.io.heatmaps import heatmap_path, read_heatmap
 from kdsb.io.series import LPS_TO_RAS
+
+logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIX = ".nii.gz"
 SCANNER_XFORM = 1  # NIfTI xform code: scanner-based anatomical coordinates
@@ -93,17 +96,46 @@ def export_patient(
                 f"spacing {volume.spacing}, origin {volume.origin}; received {heatmap.shape}, "
                 f"spacing {spacing}, origin {origin}"
             )
+    heatmap_file = out_dir / f"{patient_id}_heatmap{NIFTI_SUFFIX}"
     arrays = {
         out_dir / f"{patient_id}_hu{NIFTI_SUFFIX}": volume.hu,
         out_dir / f"{patient_id}_lung_mask{NIFTI_SUFFIX}": volume.lung_mask.astype(np.uint8),
     }
     if heatmap is not None:
-        arrays[out_dir / f"{patient_id}_heatmap{NIFTI_SUFFIX}"] = heatmap
+        arrays[heatmap_file] = heatmap
+    if out_dir.is_dir():  # a killed export's temporaries of this patient's files
+        remove_stale_temporaries(out_dir, {path.name for path in [*arrays, heatmap_file]})
     try:
-        return write_nifti_set(arrays, *grid)
+        written = write_nifti_set(arrays, *grid)
+        if heatmap is None:
+            _remove_heatmap_of_another_grid(heatmap_file, volume.hu.shape, grid)
+        return written
     except OSError as error:  # a full or read-only disk: this patient fails, its files as they were
         raise StoreError(f"{patient_id}: expected to write its NIfTI files into {out_dir}, "
                          f"received an error: {error}") from error
+
+
+def _remove_heatmap_of_another_grid(path: Path, shape: Sequence[int],
+                                    grid: tuple[Sequence[float], Sequence[float]]) -> None:
+    """Remove an earlier export's heatmap that no longer lies on its patient's grid (the
+    volume preprocessed again since, exported without --heatmaps): a viewer would overlay it on
+    the wrong voxels (found in review). One on the same grid stays, with a note."""
+    import nibabel as nib
+
+    if not path.is_file():
+        return
+    try:
+        header = nib.load(path).header
+        same = tuple(header.get_data_shape())[::-1] == tuple(shape) and np.allclose(
+            header.get_best_affine(), ras_affine(*grid), atol=GEOMETRY_ATOL_MM)
+    except Exception:  # noqa: BLE001 - unreadable: not this export's either way
+        same = False
+    if same:
+        logger.info("%s: kept, an earlier export's heatmap on this volume's grid", path)
+        return
+    path.unlink()
+    logger.warning("%s: removed, an earlier export's heatmap on another grid than the volume "
+                   "exported now (export --heatmaps again to have one)", path)
 
 
 def export_cohort(
