@@ -156,7 +156,8 @@ def test_a_lesion_that_cannot_be_placed_is_drawn_elsewhere_then_named(base_folde
 
     monkeypatch.setattr(implants, "implant_lesion", nowhere)
     with pytest.raises(KdsbError, match=r"^patient implant_007: expected lung surface of place "
-                                        r".* \(5 places tried\)"):
+                                        r".* \(5 places tried; a smaller --radius-mm range "
+                                        r"or other --places may fit this base\)"):
         implants.implant_patient(phantom.hu.copy(), phantom.spacing, phantom.origin,
                                  np.random.default_rng(0), cancer=True, patient_id="implant_007")
     hu = phantom.hu.copy()

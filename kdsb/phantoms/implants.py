@@ -223,7 +223,8 @@ def implant_patient(
         else:
             if cancer and index == 0:
                 raise KdsbError(f"patient {patient_id}: {problem} ({PLACEMENT_TRIES} places "
-                                f"tried)") from problem
+                                f"tried; a smaller --radius-mm range or other --places may fit "
+                                f"this base)") from problem
             logger.warning("patient %s: a %s nodule left out: %s (%d places tried)", patient_id,
                            kind, problem, PLACEMENT_TRIES)
             continue
