@@ -47,9 +47,6 @@ UNFINISHED_MARKER = ".kdsb-synth-unfinished"  # in OUT_ROOT while synth writes a
 STORAGE_STYLES = (("int16", -1024.0), ("int16", 0.0), ("uint16", -1024.0))
 SLOPES = (1.0, 1.0, 1.0, 0.5)
 UINT16_PADDING_RAW = 0  # PixelPaddingValue for unsigned storage (anatomy.HU_MIN keeps it unused)
-# Declared padding for signed storage: the raw value of the -2000 HU "outside the field" value
-# under the series' own slope and intercept. A fixed raw value is not safe: raw -2000 with slope
-# 0.5 and intercept 0 is -1000 HU, which real air pixels take.
 SHUFFLE_NAMES_PROBABILITY = 0.3
 FLIP_PROBABILITY = 0.15
 
@@ -81,6 +78,8 @@ def padding_raw(storage: str, slope: float, intercept: float) -> int:
     """
     if storage == "uint16":
         return UINT16_PADDING_RAW
+    # Under the series' own slope and intercept: a fixed raw value is not safe (raw -2000 with
+    # slope 0.5 and intercept 0 is -1000 HU, which real air pixels take).
     return int(round((OUTSIDE_FIELD_HU - intercept) / slope))
 
 

@@ -342,7 +342,7 @@ def write_implant_cohort(
             record = {
                 "id": pid,
                 "label": label,
-                "base": str(base),
+                "base": str(Path(base).resolve()),
                 "variation": variation,
                 "lesions": [lesion.record() for lesion in lesions],
                 "nodules": [
