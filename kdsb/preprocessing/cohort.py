@@ -30,6 +30,7 @@ from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io import volumes
 from kdsb.io.atomic import atomic_path, remove_stale_temporaries, sole_writer
 from kdsb.io.folders import source_stamp
+from kdsb.io.tables import summarise_ids
 from kdsb.preprocessing.pipeline import (
     DEFAULT_MARGIN_MM,
     MARGIN_ATTR,
@@ -58,6 +59,16 @@ WORKER_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 WORKER_DIED_MESSAGE = (
     "the worker process died while preprocessing this scan (killed, or out of memory?)"
 )
+
+
+def worker_died(patient_id: str) -> PatientResult:
+    """The failure of a patient whose worker process died, named on its one line (found in
+    review: the bare message named no patient)."""
+    return PatientResult(patient_id, STATUS_FAILED, error=f"{patient_id}: {WORKER_DIED_MESSAGE}")
+
+
+def _died(result: PatientResult) -> bool:
+    return (result.error or "").endswith(WORKER_DIED_MESSAGE)
 
 
 def _one_line(text: str) -> str:
@@ -334,7 +345,7 @@ def _run_tasks(
         from kdsb.preprocessing.cluster import run_on_dask
 
         for patient_id, result in run_on_dask(worker, tasks, scheduler, WORKER_DIED_MESSAGE):
-            yield result or PatientResult(patient_id, STATUS_FAILED, error=WORKER_DIED_MESSAGE)
+            yield result or worker_died(patient_id)
         return
     retry: dict[str, tuple] = {}
     with closing(_run_pool(worker, tasks, workers)) as results:
@@ -345,8 +356,8 @@ def _run_tasks(
                 yield result
     if not retry:
         return
-    logger.warning("a worker process died; retrying %d patient(s), each in a process of its own",
-                   len(retry))
+    logger.warning("a worker process died; retrying %d patient(s), each in a process of its own "
+                   "(%s)", len(retry), summarise_ids(sorted(retry)))
     died_again = []
     with ThreadPoolExecutor(max(1, workers)) as alone:
         futures = {alone.submit(_run_alone, worker, patient_id, task): patient_id
@@ -354,7 +365,7 @@ def _run_tasks(
         try:
             for future in as_completed(futures):
                 result = future.result()
-                if result.error == WORKER_DIED_MESSAGE and workers > 1:
+                if _died(result) and workers > 1:
                     died_again.append(futures[future])
                 else:
                     yield result
@@ -375,7 +386,7 @@ def _run_alone(worker: Callable[..., PatientResult], patient_id: str, task: tupl
         for _, result in results:
             if result is not None:
                 return result
-    return PatientResult(patient_id, STATUS_FAILED, error=WORKER_DIED_MESSAGE)
+    return worker_died(patient_id)
 
 
 def run_cohort(
