@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 SETTINGS_RTOL = 1e-6  # relative tolerance when comparing a stored spacing or margin, mm
 MANIFEST_NAME = "manifest.csv"
 LOCK_NAME = ".kdsb-preprocess.lock"  # held by the run writing OUT_DIR
+# Files in INPUT_ROOT that look like a patient's scan in a format kdsb does not read: Analyze,
+# compressed NIfTI other than gzip, archives, arrays (found in review: dropped without a word).
+UNREAD_IMAGE_SUFFIXES = (".img", ".hdr", ".nii.bz2", ".nii.xz", ".zip", ".tar", ".tgz",
+                         ".tar.gz", ".7z", ".npy", ".npz", ".mgz", ".mnc")
 MANIFEST_FIELDS = ("id", "status", "seconds", "shape", "error")
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
 # Workers live for the whole run. Replacing them every few patients (max_tasks_per_child)
@@ -125,7 +129,8 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     data file beside a `.mhd` or `.nhdr` header (its `.raw`) is not a patient; other files
     (labels.csv, …) and hidden entries are ignored (a link to a missing path with a warning).
     The run's own output folders (`outputs`: OUT_DIR, the QC folder) are left out when they lie
-    inside `input_root`.
+    inside `input_root`, and so, with a warning, are an earlier run's (a folder holding a
+    preprocess lock, a manifest.csv or a QC contact sheet).
 
     Raises:
         UsageError: `input_root` is missing, not a folder, holds no patient, or holds two
@@ -141,6 +146,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     skip = {Path(folder).resolve() for folder in outputs if folder is not None}
     patients: dict[str, Path] = {}
     loose_dicom = []  # DICOM files lying in input_root itself: never a patient
+    unread = []  # images in formats kdsb does not read (Analyze, archives): named, not silent
     for path in sorted(input_root.iterdir()):
         if path.name.startswith("."):
             continue
@@ -151,10 +157,18 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
             continue
         if path.is_dir():
             patient_id = path.name if path.resolve() not in skip else None
+            if patient_id is not None and _kdsb_output(path):
+                # An earlier run's OUT_DIR or QC folder (found in review: it failed as a
+                # patient, and its "failed" row stayed in the manifest for good).
+                logger.warning("%s: ignored %s, the output of an earlier kdsb preprocess "
+                               "(volumes or QC images), not a patient", input_root, path.name)
+                patient_id = None
         else:  # volume files only: a .raw beside its .mhd, labels.csv, … give None
             patient_id = volume_id(path)
             if patient_id is None and is_dicom_file(path):
                 loose_dicom.append(path.name)
+            elif patient_id is None and path.name.lower().endswith(UNREAD_IMAGE_SUFFIXES):
+                unread.append(path.name)
         if patient_id is None:
             continue
         if patient_id in patients:
@@ -175,7 +189,21 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     if loose_dicom:
         logger.warning("%s: ignored %s beside the patients: a patient's series is a sub-folder",
                        input_root, files)
+    if unread:
+        logger.warning("%s: ignored %d file(s) in a format kdsb does not read (%s): convert them "
+                       "to NIfTI, MetaImage or NRRD, or unpack them", input_root, len(unread),
+                       summarise_ids(unread))
     return dict(sorted(patients.items()))
+
+
+def _kdsb_output(folder: Path) -> bool:
+    """Whether `folder` is a kdsb preprocess OUT_DIR (its lock or manifest) or QC folder (its
+    contact sheet)."""
+    from kdsb.preprocessing.qc import CONTACT_SHEET_NAME
+
+    return any((folder / name).is_file() for name in (LOCK_NAME, MANIFEST_NAME,
+                                                      CONTACT_SHEET_NAME)) or any(
+        folder.glob(f"{Path(CONTACT_SHEET_NAME).stem}_[0-9]*.png"))
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
