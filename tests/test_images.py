@@ -195,7 +195,7 @@ def test_float_values_are_rounded_and_clipped(tmp_path):
 # --- LUNA16 layout ----------------------------------------------------------------------------
 
 
-def test_luna16_folder_uses_the_series_uid_as_id(phantom, tmp_path):
+def test_luna16_folder_uses_the_series_uid_as_id(phantom, tmp_path, caplog):
     subset = tmp_path / "subset0"
     subset.mkdir()
     write_volume(subset / f"{LUNA_UID}.mhd", phantom.hu, phantom.spacing, phantom.origin)
@@ -208,6 +208,20 @@ def test_luna16_folder_uses_the_series_uid_as_id(phantom, tmp_path):
     assert list(rows) == [LUNA_UID] and rows[LUNA_UID]["status"] == "ok"
     attrs = volumes.read_attrs(out / f"{LUNA_UID}.h5")
     assert attrs["patient_id"] == LUNA_UID and attrs["series_uid"] == f"file:{LUNA_UID}.mhd"
+    # The scan's link left dangling (its disk not mounted, say) beside another patient: it is
+    # ignored with a warning, its volume and row kept (found in review: a FileNotFoundError
+    # ended the whole run before any work).
+    volume_before = (out / f"{LUNA_UID}.h5").read_bytes()
+    for name in (f"{LUNA_UID}.mhd", f"{LUNA_UID}.raw"):
+        (subset / name).rename(tmp_path / name)
+    (subset / f"{LUNA_UID}.mhd").symlink_to(tmp_path / "gone" / f"{LUNA_UID}.mhd")
+    write_volume(subset / "other.mhd", phantom.hu, phantom.spacing, phantom.origin)
+    caplog.set_level("WARNING")
+    assert main(["preprocess", str(subset), str(out), "--workers", "1"]) == 0
+    assert f"ignored {LUNA_UID}.mhd, a link to a missing path" in caplog.text
+    assert (out / f"{LUNA_UID}.h5").read_bytes() == volume_before
+    assert {pid: row["status"] for pid, row in read_manifest(out).items()} == {
+        LUNA_UID: "ok", "other": "ok"}
 
 
 def test_find_patients_lists_folders_and_volume_files(tmp_path, caplog):

@@ -49,7 +49,9 @@ def source_stamp(source: str | os.PathLike) -> str:
         files = sorted(p for p in source.parent.iterdir()
                        if p.name.startswith(prefix) and not p.name.endswith(VOLUME_SUFFIX)
                        and p.is_file()) or [source]
-    stats = [path.stat() for path in files]
+    # A volume file's link to a missing path counts as no file: its patient then fails on
+    # reading, named, not the whole run on this stat (found in review).
+    stats = [path.stat() for path in files if path.exists()]
     newest = max((s.st_mtime_ns for s in stats), default=0)
     # Microseconds, UTC: readable in a warning, and finer than any rewrite of a scan.
     when = datetime.fromtimestamp(newest / 1e9, tz=timezone.utc).isoformat(timespec="microseconds")

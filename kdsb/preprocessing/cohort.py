@@ -150,10 +150,14 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     for path in sorted(input_root.iterdir()):
         if path.name.startswith("."):
             continue
-        if path.is_symlink() and not path.exists() and volume_id(path) is None:
-            # Most likely a patient folder's link whose target moved: not silently one less.
-            logger.warning("%s: ignored %s, a link to a missing path (%s)", input_root,
-                           path.name, os.readlink(path))
+        if path.is_symlink() and not path.exists():
+            # A patient's link whose target moved (or lies on a disk not mounted now): not
+            # silently one less, and not failed either: a failed patient's earlier volume would
+            # be removed (found in review: links into an unmounted disk would have cost every
+            # volume of the cohort).
+            logger.warning("%s: ignored %s, a link to a missing path (%s); its earlier volume "
+                           "and manifest row, if any, are kept", input_root, path.name,
+                           os.readlink(path))
             continue
         if path.is_dir():
             patient_id = path.name if path.resolve() not in skip else None
