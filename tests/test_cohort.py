@@ -485,10 +485,14 @@ def _fake_volume(out: Path, pid: str, spacing: tuple[float, float, float], **att
         ([], {}, "an unrecorded margin"),
     ],
 )
-def test_resume_refuses_volumes_of_other_settings(tmp_path, capsys, options, stored, message):
+@pytest.mark.parametrize("written", ["p1", "other_cohort"])
+def test_resume_refuses_volumes_of_other_settings(tmp_path, capsys, options, stored, message,
+                                                  written):
+    """Also a volume of a patient not in INPUT_ROOT (another cohort into the same OUT_DIR:
+    found in review, the two spacings mixed without a word)."""
     (tmp_path / "root" / "p1").mkdir(parents=True)
     out = tmp_path / "out"
-    path = _fake_volume(out, "p1", (1.0, 1.0, 1.0), **stored)
+    path = _fake_volume(out, written, (1.0, 1.0, 1.0), **stored)
     before = path.stat().st_mtime_ns
     assert main(["preprocess", str(tmp_path / "root"), str(out), *options]) == 2
     error = capsys.readouterr().err

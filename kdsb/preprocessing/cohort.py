@@ -554,10 +554,14 @@ def _plan(
     A patient is skipped when its volume file exists with the same settings (unless
     `overwrite`) and was made from the source files as they are now (`source_stamp`; a volume of
     a version before the stamp is kept); one written with other settings raises UsageError
-    (`_existing_attrs`).
+    (`_existing_attrs`), and so, without `overwrite`, does the first volume in `out_dir` of a
+    patient not in this run (another cohort's) written with other settings.
     """
     tasks: dict[str, tuple] = {}
     skipped: dict[str, PatientResult] = {}
+    others = [path for pid, path in volumes.list_volumes(out_dir).items() if pid not in patients]
+    if others and not overwrite:  # another cohort's volumes in OUT_DIR (found in review)
+        _existing_attrs(others[0], spacing, margin_mm)
     for patient_id, source in patients.items():
         path = volumes.volume_path(out_dir, patient_id)
         attrs = None if overwrite else _existing_attrs(path, spacing, margin_mm)
