@@ -37,8 +37,20 @@ def test_cluster_run_writes_what_a_local_run_writes_and_resumes(tmp_path, schedu
     # Relative paths, as README's example gives them: the workers, started elsewhere, get
     # absolute ones (found in review: volumes were written under the workers' own folder).
     monkeypatch.chdir(tmp_path)
+    # A worker killed mid-write leaves its temporary: swept once every task has ended (found in
+    # review: only local runs swept theirs).
+    from kdsb.preprocessing import cohort
+
+    run_tasks = cohort._run_tasks
+
+    def leaving_a_temporary(*args, **kwargs):
+        (tmp_path / "dask" / ".tmp-1-abcd1234-p9.h5").write_bytes(b"cut short")
+        yield from run_tasks(*args, **kwargs)
+
+    monkeypatch.setattr(cohort, "_run_tasks", leaving_a_temporary)
     assert main(["preprocess", "cohort/dicom", "dask", "--scheduler", scheduler,
                  "--qc", "qc"]) == 0
+    assert not list((tmp_path / "dask").glob(".tmp-*"))
     local, remote = _manifest(tmp_path / "local"), _manifest(tmp_path / "dask")
     assert sorted(remote) == sorted(local) and len(remote) == 3
     for pid in local:

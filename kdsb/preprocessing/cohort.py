@@ -512,8 +512,9 @@ def _run_locked(
     rows.update({pid: result.manifest_row() for pid, result in results.items()})
     manifest = _write_manifest(out_dir, rows)
     logger.info(
-        "preprocessing %d patient(s) with %d worker(s), %d already done",
-        len(tasks), pool_size, len(results),
+        "preprocessing %d patient(s) %s, %d already done", len(tasks),
+        f"on the Dask cluster at {scheduler}" if scheduler else f"with {pool_size} worker(s)",
+        len(results),
     )
 
     if tasks:
@@ -530,6 +531,11 @@ def _run_locked(
                             logger.debug("%s", result.detail)
                         _remove_outdated(volumes.volume_path(out_dir, result.patient_id))
                     bar.update()
+            if scheduler is not None:
+                # Every task has ended: what its killed workers were writing can go (found in
+                # review: left for the next run). Not on an interruption: the cluster's tasks
+                # under way go on writing.
+                remove_stale_temporaries(out_dir)
         finally:
             runs.close()  # interrupted: the local workers stop now (`_run_pool`)
             if scheduler is None:
