@@ -653,3 +653,20 @@ def test_a_file_system_without_locks_runs_unguarded(phantoms, tmp_path, monkeypa
     with caplog.at_level(logging.WARNING, logger="kdsb.io.atomic"):
         assert main(["preprocess", str(one), str(tmp_path / "out")]) == 0
     assert "file locks unavailable (No locks available)" in caplog.text
+
+
+def test_the_default_workers_follow_the_cores_this_process_may_use(tmp_path, monkeypatch):
+    """Found in review: os.cpu_count() (the machine's) set the default: a Slurm job of 2 CPUs on
+    a 64-core node started 4 workers on its 2 cores. The margin left out is run_cohort's own."""
+    import kdsb.preprocessing.cohort
+
+    given = {}
+    monkeypatch.setattr(kdsb.preprocessing.cohort, "run_cohort",
+                        lambda *args, **kwargs: given.update(kwargs) or 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert main(["preprocess", str(tmp_path), str(tmp_path / "out")]) == 0
+    assert given["workers"] == 2 and "margin_mm" not in given
+    assert main(["preprocess", str(tmp_path), str(tmp_path / "out"), "--workers", "3",
+                 "--margin-mm", "5"]) == 0
+    assert given["workers"] == 3 and given["margin_mm"] == 5.0

@@ -4,8 +4,9 @@ MetaImage or NRRD file) → one lung-cropped HDF5 volume each."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
+
+DEFAULT_MAX_WORKERS = 4
 
 HELP = (
     "DICOM folders or NIfTI/MetaImage/NRRD files (one per patient) → lung-cropped HU volumes in "
@@ -23,13 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("out_dir", type=Path, help="folder for <id>.h5 files and manifest.csv")
     parser.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes"
+        "--workers", type=int, default=None,
+        help="worker processes (default: the cores this process may use, at most 4)",
     )
     parser.add_argument(
         "--spacing", type=float, nargs="+", default=[1.0], metavar="MM",
         help="target spacing in mm: one value (isotropic) or three (z y x)",
     )
-    parser.add_argument("--margin-mm", type=float, default=10.0, help="margin around the lungs")
+    parser.add_argument("--margin-mm", type=float, default=None, metavar="MM",
+                        help="margin kept around the lungs' bounding box, mm (default: 10)")
     parser.add_argument("--overwrite", action="store_true", help="redo patients already written")
     parser.add_argument("--qc", type=Path, default=None, metavar="DIR",
                         help="write a QC PNG per patient and a contact sheet here")
@@ -41,13 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kdsb.preprocessing.cohort import run_cohort
+    from kdsb.preprocessing.pipeline import usable_cores
 
+    # The cores of this process's affinity, not the machine's (found in review: a Slurm job of
+    # 2 CPUs on a 64-core node started 4 workers, 4 scans' memory, on its 2 cores).
+    workers = min(DEFAULT_MAX_WORKERS, usable_cores()) if args.workers is None else args.workers
+    margin = {} if args.margin_mm is None else {"margin_mm": args.margin_mm}  # run_cohort's own
     return run_cohort(
         args.input_root,
         args.out_dir,
-        workers=args.workers,
+        workers=workers,
         spacing=args.spacing,
-        margin_mm=args.margin_mm,
+        **margin,
         overwrite=args.overwrite,
         qc_dir=args.qc,
         scheduler=args.scheduler,
