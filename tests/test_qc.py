@@ -233,15 +233,26 @@ def test_contact_sheet_pages_and_removes_stale_pages(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[:2], "p1.png"])
 
 
-@pytest.mark.parametrize("corrupt", [False, True])
-def test_write_qc_writes_every_png(tmp_path, corrupt, caplog):
+@pytest.mark.parametrize("corrupt", [False, True, "plot error"])
+def test_write_qc_writes_every_png(tmp_path, corrupt, caplog, monkeypatch):
+    """A patient whose QC fails (an unreadable file; found in review: any other error, too,
+    ended the QC of the whole cohort) is shown failed, the others drawn."""
+    if corrupt == "plot error":
+        draw = qc.write_patient_png
+
+        def fails_for_p2(volume, path):
+            if path.stem == "p2":
+                raise ValueError("a plotting error")
+            return draw(volume, path)
+
+        monkeypatch.setattr(qc, "write_patient_png", fails_for_p2)
     volume_files = {}
     for pid in ("p1", "p2"):
         volume = _volume(pid)
         volume_files[pid] = volumes.write_volume(
             tmp_path / f"{pid}.h5", volume.hu, volume.lung_mask, volume.spacing, volume.origin
         )
-    if corrupt:
+    if corrupt is True:
         volume_files["p2"].write_bytes(b"not hdf5")
     (tmp_path / "qc").mkdir()
     (tmp_path / "qc" / "p3.png").write_bytes(b"an earlier run's image of p3")  # p3 fails now
@@ -251,7 +262,8 @@ def test_write_qc_writes_every_png(tmp_path, corrupt, caplog):
     written = {p.name for p in (tmp_path / "qc").iterdir()}
     expected = {"p1.png", qc.CONTACT_SHEET_NAME} | (set() if corrupt else {"p2.png"})
     assert written == expected
-    assert ("QC of p2 skipped" in caplog.text and "p2.h5" in caplog.text) == corrupt
+    assert ("QC of p2 skipped" in caplog.text and "p2.h5" in caplog.text) == (corrupt is True)
+    assert ("QC of p2 skipped: a plotting error" in caplog.text) == (corrupt == "plot error")
 
 
 def test_a_failure_reason_is_wrapped_at_words_without_the_id():

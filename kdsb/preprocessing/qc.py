@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.errors import StoreError
 from kdsb.io import volumes
 from kdsb.io.atomic import save_figure
 from kdsb.preprocessing.hu import LUNG_WINDOW_HU
@@ -543,10 +542,12 @@ def write_qc(
     for patient_id, path in tqdm(volume_files.items(), desc="QC", unit="patient", disable=None):
         try:
             volume = volumes.read_volume(path)
-        except StoreError as error:
-            logger.warning("QC of %s skipped: %s", patient_id, error)
-            failed[patient_id], tiles[patient_id] = str(error), None
-            continue
-        write_patient_png(volume, qc_dir / f"{patient_id}.png")
-        tiles[patient_id] = thumbnail(volume)
+            write_patient_png(volume, qc_dir / f"{patient_id}.png")
+            tiles[patient_id] = thumbnail(volume)
+        except Exception as error:  # noqa: BLE001 - one patient's QC, never the cohort's
+            # Found in review: anything but a StoreError (memory for one large scan, a plotting
+            # error) ended the QC of every patient after the whole preprocessing, exit 1.
+            reason = " ".join(str(error).split()) or type(error).__name__
+            logger.warning("QC of %s skipped: %s", patient_id, reason)
+            failed[patient_id], tiles[patient_id] = f"QC failed: {reason}", None
     return write_contact_sheet(tiles, qc_dir / CONTACT_SHEET_NAME, failed)
