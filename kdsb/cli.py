@@ -15,6 +15,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 import traceback
 
@@ -151,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DATA_ERROR
 
 
+def interrupt_on_sigterm() -> None:
+    """Take SIGTERM (`timeout`, `kill`, `docker stop`, a Slurm job's end) as Ctrl-C: the
+    command stops as an interrupted run does (its workers stopped, its files whole or absent,
+    exit 130), not killed outright with its worker processes left writing (found in review)."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+
+
 def entry(argv: list[str] | None = None) -> None:
     """The `kdsb` console command: `main(argv)`, then exit with its status.
 
@@ -162,6 +173,7 @@ def entry(argv: list[str] | None = None) -> None:
     events as it ends: a `train-gmcae` interrupted in epoch 2 keeps epoch 1's), so the clean-up
     has nothing of ours to do.
     """
+    interrupt_on_sigterm()
     try:
         code = main(argv)
     except SystemExit as done:  # argparse: --help, or a usage error it has printed

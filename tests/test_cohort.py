@@ -419,6 +419,8 @@ import signal, sys
 # Ctrl-C as a terminal's command gets it: a suite started in the background of a shell without
 # job control hands its children SIGINT ignored.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+from kdsb.cli import interrupt_on_sigterm
+interrupt_on_sigterm()  # as the kdsb command does
 from kdsb.preprocessing.cohort import _run_tasks
 from tests.test_cohort import _mark_then_sleep
 tasks = {pid: (pid, sys.argv[1]) for pid in sys.argv[2:]}
@@ -429,15 +431,17 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize("patients, started", [
-    (("a", "b"), {"a", "b"}),  # two workers busy, the third waits for a task
-    (("dies",), {"died", "dies"}),  # the patient's retry, in a pool of its own, under way
+@pytest.mark.parametrize("patients, started, stop", [
+    (("a", "b"), {"a", "b"}, "ctrl-c"),  # two workers busy, the third waits for a task
+    (("dies",), {"died", "dies"}, "ctrl-c"),  # the patient's retry, in a pool of its own
+    (("a", "b"), {"a", "b"}, "sigterm"),  # `timeout` or `kill`: the main process alone
 ])
-def test_ctrl_c_stops_the_workers_at_once(tmp_path, patients, started):
+def test_ctrl_c_stops_the_workers_at_once(tmp_path, patients, started, stop):
     """Ctrl-C reaches every process of the terminal's group: the run ends at once, without the
     patients under way, a worker's traceback or a process left behind (found by a user's check:
     an idle worker interrupted in its queue left the run hanging at exit; found in review: a
-    retry under way was waited for)."""
+    retry under way was waited for). SIGTERM to the main process alone does the same (found in
+    review: the workers were left writing)."""
     process = subprocess.Popen(
         [sys.executable, "-c", INTERRUPTED_RUN, str(tmp_path), *patients], cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
@@ -453,7 +457,10 @@ def test_ctrl_c_stops_the_workers_at_once(tmp_path, patients, started):
         # the signal went anyway).
         assert {p.name for p in tmp_path.iterdir()} == started
         time.sleep(0.5)
-        os.killpg(process.pid, signal.SIGINT)
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            os.kill(process.pid, signal.SIGTERM)
         _, err = process.communicate(timeout=20)
     finally:
         if process.poll() is None:

@@ -401,7 +401,9 @@ def _run_tasks(
                     died_again.append(futures[future])
                 else:
                     yield result
-        except BaseException:  # interrupted: the retries under way stop, the queued never start
+        except BaseException:  # interrupted: the queued retries never start, those under way stop
+            for future in futures:  # first: one starting after the stop would be waited for
+                future.cancel()
             _stop_workers()
             raise
         finally:
