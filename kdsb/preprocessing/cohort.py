@@ -526,12 +526,13 @@ def _run_locked(
                 for result in runs:
                     results[result.patient_id] = result
                     rows[result.patient_id] = result.manifest_row()
-                    _write_manifest(out_dir, rows)
                     if result.status == STATUS_FAILED:
                         logger.error("%s", result.error)
                         if result.detail:
                             logger.debug("%s", result.detail)
+                        # Before its row: a kill in between leaves no volume beside "failed".
                         _remove_outdated(volumes.volume_path(out_dir, result.patient_id))
+                    _write_manifest(out_dir, rows)
                     bar.update()
             if scheduler is not None:
                 # Every task has ended: what its killed workers were writing can go (found in
