@@ -71,6 +71,12 @@ def test_split_is_stratified_with_a_positive_in_validation():
     few = {i: int(k < 2) for k, i in enumerate(ids)}
     train, val = datasets.split_patients(ids, val_fraction=0.1, seed=0, labels=few)
     assert sum(few[i] for i in val) == 1 and sum(few[i] for i in train) == 1
+    # A class of one stays in training whatever the fraction (found in review: at 0.6 it went
+    # to validation, leaving training without a positive).
+    one = {"a": 0, "b": 0, "c": 0, "d": 0, "e": 1}
+    for fraction in (0.2, 0.5, 0.6, 0.9):
+        train, val = datasets.split_patients(list(one), val_fraction=fraction, labels=one)
+        assert "e" in train and "e" not in val
 
 
 def test_split_rejects_bad_input():
@@ -226,3 +232,7 @@ def test_stratified_folds_are_disjoint_balanced_and_seeded():
         stratified_folds(ids, labels, 9)
     with pytest.raises(KdsbError, match="at least 2 folds"):
         stratified_folds(ids, labels, 1)
+    with pytest.raises(LabelsError, match="received none for \\['p00'\\]"):
+        stratified_folds(ids, {i: 0 for i in ids[1:]}, 2)
+    with pytest.raises(LabelsError, match="expected labels 0 or 1, received {'p00': 2}"):
+        stratified_folds(ids, {**labels, "p00": 2}, 2)

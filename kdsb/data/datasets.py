@@ -81,6 +81,8 @@ def split_patients(
         n_val = int(round(val_fraction * len(group)))
         if val_fraction > 0 and len(group) >= 2:
             n_val = min(max(n_val, 1), len(group) - 1)
+        elif len(group) == 1:  # found in review: at --val-fraction >= 0.5 it went to validation
+            n_val = 0
         order = rng.permutation(len(group))
         val.extend(group[i] for i in order[:n_val])
     val_set = set(val)
@@ -107,11 +109,14 @@ def stratified_folds(ids: Sequence[str], labels: Mapping[str, int], folds: int, 
     unique = sorted(set(ids))
     if len(unique) != len(ids):
         raise KdsbError(f"expected unique patient ids, received {len(ids) - len(unique)} repeats")
-    missing = [i for i in unique if labels.get(i) not in (0, 1)]
+    missing = [i for i in unique if i not in labels]
     if missing:
         raise LabelsError(
             f"expected a 0/1 label for every patient, received none for {missing[:5]}"
         )
+    bad = {i: labels[i] for i in unique if labels[i] not in (0, 1)}
+    if bad:  # found in review: reported as missing
+        raise LabelsError(f"expected labels 0 or 1, received {dict(list(bad.items())[:5])}")
     rng = np.random.default_rng(seed)
     assigned: list[list[str]] = [[] for _ in range(folds)]
     dealt = 0
