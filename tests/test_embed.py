@@ -153,6 +153,29 @@ def test_fewer_patients_than_neighbours_asked_for_is_said(tmp_path, caplog):
     assert len(_rows(tmp_path / "neighbours.csv")) == 4 * 3
 
 
+def test_the_files_are_written_as_a_set(tmp_path, monkeypatch):
+    """A run stopped while writing its files leaves the earlier run's four as they were, not
+    new embeddings beside an old map (found in review); killed temporaries are swept."""
+    from kdsb.evaluation import embed
+
+    rng = np.random.default_rng(0)
+    first = embed.CohortEmbedding(["a", "b", "c", "d"], rng.normal(size=(4, 6)),
+                                  rng.normal(size=(4, 3)))
+    paths = embed.write_embedding_files(tmp_path, first, neighbours=2)
+    before = {path.name: path.read_bytes() for path in paths}
+    (tmp_path / ".tmp-1-abcd1234-map.png").write_bytes(b"cut short")
+
+    def map_fails(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(embed, "write_map", map_fails)
+    second = embed.CohortEmbedding(["a", "b", "c", "e"], rng.normal(size=(4, 6)),
+                                   rng.normal(size=(4, 3)))
+    with pytest.raises(OSError, match="No space left"):
+        embed.write_embedding_files(tmp_path, second, neighbours=2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_a_killed_run_resumes_with_the_same_results(cohort, tmp_path, monkeypatch):
     from kdsb.evaluation import embed
     from tests.interrupt import Interrupter

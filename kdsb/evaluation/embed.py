@@ -27,6 +27,7 @@ Files (DESIGN.md, `kdsb embed`): `embeddings.csv` (`id`, `emb_000` …, `nll_mea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -39,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb.errors import KdsbError
+from kdsb.io.atomic import atomic_path, remove_stale_temporaries
 from kdsb.io.journal import Journal, volume_stamp
 from kdsb.io.tables import write_table
 
@@ -237,8 +239,15 @@ def write_embedding_files(
     neighbours: int = DEFAULT_NEIGHBOURS,
     labels: Mapping[str, int] | None = None,
 ) -> list[Path]:
-    """Write embeddings.csv, outliers.csv, neighbours.csv and map.png; returns their paths."""
+    """Write embeddings.csv, outliers.csv, neighbours.csv and map.png as a set: each to its
+    temporary, then all renamed into place (found in review: a run killed between two writes
+    left new embeddings beside an earlier run's outliers and map); an earlier run's killed
+    temporaries of these files are swept first. Returns their paths."""
     out_dir = Path(out_dir)
+    targets = [out_dir / name for name in (EMBEDDINGS_NAME, OUTLIERS_NAME, NEIGHBOURS_NAME,
+                                           MAP_NAME)]
+    if out_dir.is_dir():
+        remove_stale_temporaries(out_dir, {path.name for path in targets})
     if neighbours > len(table.ids) - 1:
         logger.warning("%d patients: %d neighbours each, not the %d asked for", len(table.ids),
                        len(table.ids) - 1, neighbours)
@@ -251,9 +260,11 @@ def write_embedding_files(
     outliers = [[table.ids[row], f"{scores[row]:.6g}", rank]
                 for rank, row in enumerate(order, start=1)]
     near = [[a, b, f"{d:.6g}"] for a, b, d in nearest_patients(table, neighbours)]
-    return [
-        write_table(out_dir / EMBEDDINGS_NAME, header, rows),
-        write_table(out_dir / OUTLIERS_NAME, ("id", "score", "rank"), outliers),
-        write_table(out_dir / NEIGHBOURS_NAME, ("id", "neighbour", "distance"), near),
-        write_map(out_dir / MAP_NAME, table, scores, labels),
-    ]
+    with contextlib.ExitStack() as renames:  # on leaving: every rename, or every temp removed
+        embeddings, outliers_csv, neighbours_csv, map_png = (
+            renames.enter_context(atomic_path(path)) for path in targets)
+        write_table(embeddings, header, rows)
+        write_table(outliers_csv, ("id", "score", "rank"), outliers)
+        write_table(neighbours_csv, ("id", "neighbour", "distance"), near)
+        write_map(map_png, table, scores, labels)
+    return targets
