@@ -152,6 +152,16 @@ def test_patch_dataset_rejects_bad_options(paths, tmp_path):
         datasets.patch_dataset(paths, sampling="random")
     with pytest.raises(KdsbError, match="missing paths"):
         datasets.patch_dataset([tmp_path / "nope.h5"])
+    with pytest.raises(KdsbError, match="expected patches_per_volume >= 1 for lung sampling"):
+        datasets.patch_dataset(paths, patches_per_volume=None)
+    # read_patches checks them too (found in review: a typo sampled a grid, None a TypeError).
+    rng = np.random.default_rng(0)
+    with pytest.raises(KdsbError, match="expected sampling"):
+        datasets.read_patches(paths[0], sampling="lungs", rng=rng)
+    with pytest.raises(KdsbError, match="expected count >= 1 for lung sampling, received None"):
+        datasets.read_patches(paths[0], count=None, rng=rng)
+    with pytest.raises(KdsbError, match="expected count >= 1, received 0"):
+        datasets.read_patches(paths[0], count=0, rng=rng)
 
 
 # volume_dataset

@@ -83,6 +83,10 @@ def test_config_round_trip_and_file_lookup(tmp_path):
     # A model copied without it is refused: it would be fed volumes by guess (found in review).
     with pytest.raises(KdsbError, match=r"expected classifier.json beside .*m.keras"):
         VolumeInput.for_model(tmp_path / "elsewhere" / "m.keras")
+    # A value that is no number names the file (found in review: a bare ValueError).
+    (run / INPUT_NAME).write_text(json.dumps({**stored, "hu_clip": ["x", 1]}))
+    with pytest.raises(KdsbError, match=r"classifier.json: could not convert string to float"):
+        VolumeInput.for_model(run / "classifier.keras")
 
 
 def test_classifier_json_of_earlier_runs_still_reads(tmp_path):

@@ -202,6 +202,7 @@ def read_patches(
     Returns:
         float32 array (count, P, P, P) of normalised HU.
     """
+    _check_sampling(sampling, count, "count")  # found in review: unchecked on this path
     with volumes.open_volume(path) as f:
         hu = f["hu"]
         if sampling == "lung":
@@ -221,6 +222,17 @@ def read_patches(
                 patch = patches.apply_symmetry(patch, patches.random_symmetry(rng, allowed))
             out[i] = patch
     return out
+
+
+def _check_sampling(sampling: str, count: int | None, name: str) -> None:
+    """Refuse a sampling other than `SAMPLINGS`, or a patch `count` (named `name`) below 1;
+    None (every grid patch) only with grid sampling."""
+    if sampling not in SAMPLINGS:
+        raise KdsbError(f"expected sampling in {SAMPLINGS}, received {sampling!r}")
+    if count is None and sampling != "grid":
+        raise KdsbError(f"expected {name} >= 1 for lung sampling, received None")
+    if count is not None and count < 1:
+        raise KdsbError(f"expected {name} >= 1, received {count}")
 
 
 def patch_dataset(
@@ -275,12 +287,7 @@ def patch_dataset(
     import tensorflow as tf
 
     paths = _check_paths(paths)
-    if sampling not in SAMPLINGS:
-        raise KdsbError(f"expected sampling in {SAMPLINGS}, received {sampling!r}")
-    if patches_per_volume is None and sampling != "grid":
-        raise KdsbError("expected patches_per_volume >= 1 for lung sampling, received None")
-    if patches_per_volume is not None and patches_per_volume < 1:
-        raise KdsbError(f"expected patches_per_volume >= 1, received {patches_per_volume}")
+    _check_sampling(sampling, patches_per_volume, "patches_per_volume")
     if patch_size < 1 or batch_size < 1:
         raise KdsbError(
             f"expected patch_size and batch_size >= 1, received {patch_size} and {batch_size}"

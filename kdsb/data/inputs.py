@@ -120,7 +120,7 @@ class VolumeInput:
         names = {f for f in cls.__dataclass_fields__}
         try:
             return cls(**{k: v for k, v in config.items() if k in names})
-        except (UsageError, TypeError) as error:
+        except (UsageError, TypeError, ValueError) as error:  # ValueError: float("x")
             raise KdsbError(f"{source}: {error}") from None
 
     def save(self, run_dir: str | os.PathLike, **notes: Any) -> Path:
