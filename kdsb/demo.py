@@ -1,7 +1,8 @@
 """`kdsb demo WORKDIR`: the whole pipeline on phantom cohorts, on a CPU, in minutes.
 
-Stages (each writes under WORKDIR and is skipped when its result already exists, so a killed
-demo resumes where it stopped):
+Stages (each writes under WORKDIR and resumes what a killed demo left: synth, training and
+prediction are skipped or resumed where they stopped, preprocess skips the volumes written, and
+evaluate runs again):
 
 1. `synth`: a training cohort and a separate held-out test cohort (another seed), small phantoms
    (`PHANTOM_SCALE` of an adult chest, `PHANTOM_SIZE`² pixels per slice; nodule radii stay
@@ -262,15 +263,10 @@ def run_demo(
     from kdsb.training.classifier import BEST_NAME
 
     plan = FAST_PLAN if fast else FULL_PLAN
+    _check_arguments(seed, patients, workers)  # before the plan is pinned
     if patients is not None:
-        if patients < 4:
-            raise UsageError(f"expected --patients >= 4, received {patients}")
         plan = DemoPlan(**{**plan.__dict__, "patients": patients,
                            "test_patients": max(2, patients // 2)})
-    if seed < 0:  # checked before the plan is pinned (found in review: -1 locked the folder)
-        raise UsageError(f"expected a non-negative --seed, received {seed}")
-    if int(workers) != workers or workers < 1:
-        raise UsageError(f"expected --workers of at least 1, received {workers}")
     work = require_output_dir(workdir, "WORKDIR, a folder for the demo")
     _pin_plan(work, plan, seed)
     clock = _StageClock(work)
@@ -320,6 +316,17 @@ def run_demo(
     return {**scores, "validation": validation["validation"], "seconds": seconds}
 
 
+def _check_arguments(seed: int, patients: int | None, workers: int) -> None:
+    """Refuse a negative seed (found in review: -1 locked the folder's plan), fewer than 4
+    patients or workers below 1."""
+    if patients is not None and patients < 4:
+        raise UsageError(f"expected --patients >= 4, received {patients}")
+    if seed < 0:
+        raise UsageError(f"expected a non-negative --seed, received {seed}")
+    if int(workers) != workers or workers < 1:
+        raise UsageError(f"expected --workers of at least 1, received {workers}")
+
+
 def run_demo_seeds(
     workdir: str | os.PathLike, seeds: list[int], *, patients: int | None = None,
     fast: bool = False, workers: int = 2,
@@ -336,6 +343,8 @@ def run_demo_seeds(
 
     if len(set(seeds)) != len(seeds) or not seeds:
         raise UsageError(f"expected distinct seeds, received {seeds}")
+    for seed in seeds:  # all before the first (found in review: `--seeds 0 -1` failed after 0)
+        _check_arguments(seed, patients, workers)
     work = Path(workdir)
     results = []
     for seed in seeds:

@@ -131,6 +131,11 @@ def test_the_plan_holds_the_settings_and_bad_options_pin_nothing(tmp_path, monke
         with pytest.raises(UsageError, match=message):
             demo.run_demo(tmp_path / "v", fast=True, **options)
         assert not (tmp_path / "v").exists()
+    # Every seed is checked before the first runs (found in review: `--seeds 0 -1` ran seed 0's
+    # whole demo first).
+    with pytest.raises(UsageError, match="expected a non-negative --seed, received -1"):
+        demo.run_demo_seeds(tmp_path / "seeds", [0, -1], fast=True)
+    assert not (tmp_path / "seeds").exists()
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="expected WORKDIR, a folder for the demo, received a "
                                          "file"):
