@@ -6,7 +6,8 @@ lung voxels on every visit: a few hundred patches per second on two cores, far b
 GPU consumes. The cache moves that work to a one-off pass:
 
 - `build_patch_cache` takes `per_volume` lung-centred patches of every volume once (the
-  patches `read_patches` gives with the same seed and no augmentation, but from the whole
+  patches `read_patches` gives with the same generator (seeded by the cache's seed and the
+  volume's id) and no augmentation, but from the whole
   volume read at once: 1.6–2.3× faster than reading each patch by slicing the file) into one
   float16 `.npy` shard per volume under `cache_dir/<settings>/`, written atomically. A shard is
   reused while its volume file keeps its size and modification time and the settings (patch
