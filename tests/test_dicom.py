@@ -444,7 +444,8 @@ def test_a_series_without_its_rescale_is_not_taken_for_hu(tmp_path, hu):
     for path in paths:
         _edit(path, RescaleIntercept=0)
     with pytest.raises(DicomError, match=r"^patient p1: expected a CT in Hounsfield units \(air "
-                                         r"at or below -500 HU\), received values from 24 to"):
+                                         r"at or below -500 HU in at least 1% of the voxels\), "
+                                         r"received values from 24 to"):
         read_series(tmp_path, "p1")
 
 

@@ -65,7 +65,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from kdsb.errors import DicomError, MissingDecoderError
 from kdsb.io.folders import files_under
 from kdsb.io.series import INT16_MAX, INT16_MIN, MIN_SLICES, MM_DECIMALS, CTSeries, patient_axis
-from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, not_hounsfield
+from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, air_share, not_hounsfield
 
 logger = logging.getLogger(__name__)
 
@@ -855,7 +855,7 @@ def read_series(folder: str | Path, patient_id: str | None = None) -> CTSeries:
         [normal, first.orientation[1], first.orientation[0]],
         headers[0].position,
     )
-    reason = not_hounsfield(int(hu.min()), int(hu.max()))
+    reason = not_hounsfield(int(hu.min()), int(hu.max()), air_share(hu))
     if reason is not None:
         raise _error(patient, f"{reason} (RescaleSlope / RescaleIntercept missing?)",
                      first.path)

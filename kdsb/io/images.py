@@ -75,7 +75,7 @@ from kdsb.io.series import (
     CTSeries,
     patient_axis,
 )
-from kdsb.preprocessing.hu import AIR_HU, MAX_AIR_HU, OUTSIDE_FIELD_HU, not_hounsfield
+from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, air_share, not_hounsfield
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -495,8 +495,7 @@ class _Reader:
             self.check_finite(values)
             np.rint(values, out=values)
         low, high = values.min(), values.max()
-        air_share = np.count_nonzero(values <= MAX_AIR_HU) / values.size
-        reason = not_hounsfield(low, high, air_share)
+        reason = not_hounsfield(low, high, air_share(values))
         if reason is not None:
             raise self.error(reason)
         if values.dtype != np.int16:

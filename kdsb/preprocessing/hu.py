@@ -18,6 +18,15 @@ LUNG_WINDOW_HU = (AIR_HU, 400)
 INPUT_CLIP_MAX_HU = 1000
 
 
+def air_share(values) -> float:
+    """The share of a volume's voxels (any axis order) at or below `MAX_AIR_HU`, counted on
+    every fourth plane along axis 0: a quarter of the work, ample for `MIN_AIR_SHARE`."""
+    import numpy as np
+
+    sample = values[::4]
+    return float(np.count_nonzero(sample <= MAX_AIR_HU)) / max(1, sample.size)
+
+
 def not_hounsfield(darkest: float, brightest: float, air_share: float = 1.0) -> str | None:
     """Why a scan whose values run from `darkest` to `brightest`, with `air_share` of its voxels
     at or below `MAX_AIR_HU`, is plainly not in HU, or None when it may be. A chest CT holds air
