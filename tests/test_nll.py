@@ -122,8 +122,15 @@ def test_features_of_a_bfloat16_gmcae_are_scored_in_float32(gmcae):
         keras.mixed_precision.set_global_policy("float32")
     half.set_weights(gmcae.get_weights())
     x = np.random.default_rng(3).normal(size=(1, 16, 24, 16, 1)).astype("float32")
+    reference = np.asarray(patch_nll_features(gmcae, stride=8)(x))
     features = patch_nll_features(half, stride=8)
     copy = features.get_layer("patch_nll").gmcae
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
-    np.testing.assert_allclose(np.asarray(features(x)), np.asarray(
-        patch_nll_features(gmcae, stride=8)(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(features(x)), reference, rtol=1e-5, atol=1e-5)
+    # Built in a mixed-precision run, too: its input is not rounded to 16 bits (found in review).
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = patch_nll_features(half, stride=8)
+        np.testing.assert_allclose(np.asarray(mixed(x)), reference, rtol=1e-5, atol=1e-5)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

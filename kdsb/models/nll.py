@@ -123,7 +123,8 @@ def patch_nll_features(gmcae: keras.Model, stride: int | None = None) -> keras.M
     copy.set_weights(gmcae.get_weights())
     size = int(gmcae.input_shape[1])
     volume = keras.Input(shape=CLASSIFIER_INPUT_SHAPE[1:], name="volume")
-    layer = PatchMixtureNLL(copy, stride or max(1, size // 2), name="patch_nll")
+    # float32 itself too: under a mixed policy Keras would round its input to 16 bits first.
+    layer = PatchMixtureNLL(copy, stride or max(1, size // 2), name="patch_nll", dtype="float32")
     return keras.Model(volume, layer(volume), name="patch_nll_features")
 
 
