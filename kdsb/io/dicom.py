@@ -34,8 +34,9 @@ How the series is chosen and checked:
 - HU = stored × RescaleSlope + RescaleIntercept per slice, in float32 (integer arithmetic when
   the slope is 1 and the intercept whole). PixelPaddingValue (with PixelPaddingRangeLimit) and
   anything at or below `OUTSIDE_FIELD_HU` (the -2000 / -3024 HU outside-field values) become
-  air, -1000 HU; the result is clipped into int16. A series with no voxel at or below
-  `hu.MAX_AIR_HU` is plainly not HU (a missing rescale, a label map) and an error. MONOCHROME1
+  air, -1000 HU; the result is clipped into int16. A series with under `hu.MIN_AIR_SHARE` (1 %)
+  of its voxels at or below `hu.MAX_AIR_HU` is plainly not HU (a missing rescale, a label map)
+  and an error. MONOCHROME1
   only inverts the display (DICOM PS3.3 C.7.6.3.1.2: the rescale, not the photometric
   interpretation, defines HU), so it is accepted and read like MONOCHROME2; other photometric
   interpretations are errors.

@@ -27,7 +27,7 @@ def air_share(values) -> float:
     return float(np.count_nonzero(sample <= MAX_AIR_HU)) / max(1, sample.size)
 
 
-def not_hounsfield(darkest: float, brightest: float, air_share: float = 1.0) -> str | None:
+def not_hounsfield(darkest: float, brightest: float, air_share: float) -> str | None:
     """Why a scan whose values run from `darkest` to `brightest`, with `air_share` of its voxels
     at or below `MAX_AIR_HU`, is plainly not in HU, or None when it may be. A chest CT holds air
     and lung, at or below `MAX_AIR_HU`, in far more than `MIN_AIR_SHARE` of its voxels: raw
