@@ -502,6 +502,10 @@ def test_resume_refuses_volumes_of_other_settings(tmp_path, capsys, options, sto
     path = _fake_volume(out, written, (1.0, 1.0, 1.0), **stored)
     before = path.stat().st_mtime_ns
     assert main(["preprocess", str(tmp_path / "root"), str(out), *options]) == 2
+    if written == "other_cohort":  # --overwrite redoes INPUT_ROOT's only: refused as well
+        capsys.readouterr()
+        assert main(["preprocess", str(tmp_path / "root"), str(out), *options,
+                     "--overwrite"]) == 2
     error = capsys.readouterr().err
     assert message in error and "--overwrite" in error and str(path) in error
     assert len(error.strip().splitlines()) == 1

@@ -563,14 +563,12 @@ def _plan(
     A patient is skipped when its volume file exists with the same settings (unless
     `overwrite`) and was made from the source files as they are now (`source_stamp`; a volume of
     a version before the stamp is kept); one written with other settings raises UsageError
-    (`_existing_attrs`), and so, without `overwrite`, does the first volume in `out_dir` of a
-    patient not in this run (another cohort's) written with other settings.
+    (`_existing_attrs`), and so, with `overwrite` too, does a volume in `out_dir` of a patient
+    not in this run written with other settings (`_check_other_patients`).
     """
     tasks: dict[str, tuple] = {}
     skipped: dict[str, PatientResult] = {}
-    others = [path for pid, path in volumes.list_volumes(out_dir).items() if pid not in patients]
-    if others and not overwrite:  # another cohort's volumes in OUT_DIR (found in review)
-        _existing_attrs(others[0], spacing, margin_mm)
+    _check_other_patients(out_dir, patients, spacing, margin_mm)
     for patient_id, source in patients.items():
         path = volumes.volume_path(out_dir, patient_id)
         attrs = None if overwrite else _existing_attrs(path, spacing, margin_mm)
@@ -585,6 +583,37 @@ def _plan(
             skipped[patient_id] = PatientResult(patient_id, STATUS_SKIPPED,
                                                 shape=tuple(attrs["shape"]))
     return tasks, skipped
+
+
+def _check_other_patients(out_dir: Path, patients: dict[str, Path],
+                          spacing: tuple[float, float, float], margin_mm: float) -> None:
+    """Refuse an OUT_DIR whose volumes of patients not in this run (another cohort's, or
+    patients since removed from INPUT_ROOT) were written with other settings: this run, even
+    with --overwrite, would leave the two mixed (found in review). The first readable one is
+    checked; each run into OUT_DIR is checked so, so they agree with one another.
+
+    Raises:
+        UsageError: naming the file and both settings.
+    """
+    for patient_id, path in volumes.list_volumes(out_dir).items():
+        if patient_id in patients:
+            continue
+        try:
+            attrs = volumes.read_attrs(path)
+        except StoreError:
+            continue  # not this run's patient: nothing to redo, nothing to tell
+        stored = tuple(float(s) for s in attrs["spacing"])
+        margin = attrs.get(MARGIN_ATTR)
+        if not np.allclose(stored, spacing, rtol=SETTINGS_RTOL, atol=0.0) or margin is None \
+                or not np.isclose(float(margin), margin_mm, rtol=SETTINGS_RTOL, atol=0.0):
+            used = "an unrecorded margin" if margin is None else f"margin {margin} mm"
+            raise UsageError(
+                f"{path} (a patient not in this INPUT_ROOT) was preprocessed with spacing "
+                f"{list(stored)} mm and {used}; expected another OUT_DIR for "
+                f"spacing {list(spacing)} mm, margin {margin_mm} mm (--overwrite redoes only "
+                f"INPUT_ROOT's patients)"
+            )
+        return
 
 
 def _write_qc(results: dict[str, PatientResult], out_dir: Path, qc_dir: Path) -> None:
