@@ -164,6 +164,7 @@ def test_the_files_are_written_as_a_set(tmp_path, monkeypatch):
     paths = embed.write_embedding_files(tmp_path, first, neighbours=2)
     before = {path.name: path.read_bytes() for path in paths}
     (tmp_path / ".tmp-1-abcd1234-map.png").write_bytes(b"cut short")
+    (tmp_path / ".tmp-1-abcd1234-.tmp-1-ef567890-outliers.csv").write_bytes(b"cut short")
 
     def map_fails(*args, **kwargs):
         raise OSError(28, "No space left on device")

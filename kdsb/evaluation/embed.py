@@ -240,9 +240,9 @@ def write_embedding_files(
     labels: Mapping[str, int] | None = None,
 ) -> list[Path]:
     """Write embeddings.csv, outliers.csv, neighbours.csv and map.png as a set: each to its
-    temporary, then all renamed into place (found in review: a run killed between two writes
-    left new embeddings beside an earlier run's outliers and map); an earlier run's killed
-    temporaries of these files are swept first. Returns their paths."""
+    temporary, then all renamed into place one after another (found in review: a run killed
+    between two writes left new embeddings beside an earlier run's outliers and map); an earlier
+    run's killed temporaries of these files are swept first. Returns their paths."""
     out_dir = Path(out_dir)
     targets = [out_dir / name for name in (EMBEDDINGS_NAME, OUTLIERS_NAME, NEIGHBOURS_NAME,
                                            MAP_NAME)]

@@ -85,8 +85,12 @@ def remove_stale_temporaries(folder: str | os.PathLike,
     """
     removed = 0
     for temp in Path(folder).glob(f"{TEMP_PREFIX}*"):
-        # .tmp-<pid>-<random>-<name>: the name may hold "-" itself.
-        if targets is not None and temp.name[len(TEMP_PREFIX):].split("-", 2)[-1] not in targets:
+        # .tmp-<pid>-<random>-<name>: the name may hold "-" itself, and be a temporary's own
+        # (a writer writing atomically into a temporary of a set, `write_nifti_set`).
+        name = temp.name
+        while name.startswith(TEMP_PREFIX):
+            name = name[len(TEMP_PREFIX):].split("-", 2)[-1]
+        if targets is not None and name not in targets:
             continue
         temp.unlink(missing_ok=True)
         removed += 1
