@@ -1,8 +1,9 @@
 """`kdsb demo WORKDIR`: the whole pipeline on phantom cohorts, on a CPU, in minutes.
 
-Stages (each writes under WORKDIR and resumes what a killed demo left: synth, training and
-prediction are skipped or resumed where they stopped, preprocess skips the volumes written, and
-evaluate runs again):
+Stages (each writes under WORKDIR; a killed demo run again skips the cohorts and models it
+finished and resumes a training where it stopped, preprocess skips the volumes written, predict
+takes the patients its journal holds, a cohort cut short is drawn again and evaluate runs
+again):
 
 1. `synth`: a training cohort and a separate held-out test cohort (another seed), small phantoms
    (`PHANTOM_SCALE` of an adult chest, `PHANTOM_SIZE`² pixels per slice; nodule radii stay

@@ -256,6 +256,7 @@ def test_write_qc_writes_every_png(tmp_path, corrupt, caplog, monkeypatch):
         volume_files["p2"].write_bytes(b"not hdf5")
     (tmp_path / "qc").mkdir()
     (tmp_path / "qc" / "p3.png").write_bytes(b"an earlier run's image of p3")  # p3 fails now
+    (tmp_path / "qc" / "p2.png").write_bytes(b"an earlier run's image of p2")  # gone if p2 fails
     with caplog.at_level(logging.WARNING, logger="kdsb.preprocessing.qc"):
         sheets = qc.write_qc(volume_files, {"p3": "p3: not DICOM"}, tmp_path / "qc")
     assert sheets == [tmp_path / "qc" / qc.CONTACT_SHEET_NAME]

@@ -81,7 +81,7 @@ def split_patients(
         n_val = int(round(val_fraction * len(group)))
         if val_fraction > 0 and len(group) >= 2:
             n_val = min(max(n_val, 1), len(group) - 1)
-        elif len(group) == 1:  # found in review: at --val-fraction >= 0.5 it went to validation
+        elif len(group) == 1:  # found in review: at --val-fraction > 0.5 it went to validation
             n_val = 0
         order = rng.permutation(len(group))
         val.extend(group[i] for i in order[:n_val])

@@ -550,4 +550,5 @@ def write_qc(
             reason = " ".join(str(error).split()) or type(error).__name__
             logger.warning("QC of %s skipped: %s", patient_id, reason)
             failed[patient_id], tiles[patient_id] = f"QC failed: {reason}", None
+            (qc_dir / f"{patient_id}.png").unlink(missing_ok=True)  # an earlier run's, or half
     return write_contact_sheet(tiles, qc_dir / CONTACT_SHEET_NAME, failed)
