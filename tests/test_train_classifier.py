@@ -13,7 +13,7 @@ import pytest
 
 from kdsb.cli import main
 from kdsb.commands import train_classifier as command
-from kdsb.data.inputs import VolumeInput
+from kdsb.data.inputs import INPUT_NAME, VolumeInput
 from kdsb.errors import LabelsError, UsageError
 from kdsb.evaluation import metrics
 from kdsb.io.volumes import volume_path, write_volume
@@ -864,6 +864,14 @@ def test_resume_refuses_volumes_read_otherwise_or_another_gmcae(tmp_path):
     check(tmp_path, begun, "g.keras", "bbb")
     with pytest.raises(UsageError, match="has no digest to tell a moved file from another"):
         check(tmp_path, begun, "moved/g.keras", "bbb")
+    # Killed before classifier.json was written: the GMCAE of config.json, not another one.
+    from kdsb.training.runs import OPTIONS_NAME
+
+    (tmp_path / INPUT_NAME).unlink()
+    (tmp_path / OPTIONS_NAME).write_text(json.dumps({"gmcae": "g.keras"}))
+    check(tmp_path, begun, "g.keras", "bbb")
+    with pytest.raises(UsageError, match="the run has no classifier.json with its digest"):
+        check(tmp_path, begun, "other.keras", "bbb")
 
 
 @pytest.mark.slow

@@ -718,6 +718,14 @@ def _check_input_unchanged(run_dir: Path, volume_input: VolumeInput, gmcae: str 
     is not checked for content, and then the GMCAE may not move)."""
     path = run_dir / INPUT_NAME
     if not path.is_file():
+        # Killed before it was written (or a run of an earlier version): no digest, so the
+        # GMCAE may not move (found in review: any --gmcae then slipped through).
+        began_with = read_json(run_dir / runs.OPTIONS_NAME).get("gmcae", gmcae)
+        if os.path.realpath(str(began_with)) != os.path.realpath(str(gmcae)):
+            raise UsageError(
+                f"expected --resume with the GMCAE the run began with, {began_with}, received "
+                f"{gmcae}: the run has no {INPUT_NAME} with its digest to tell a moved file "
+                f"from another one")
         return
     saved = read_json(path)
     before = VolumeInput.from_config(saved, str(path))
