@@ -410,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         print("| --- | ---: | ---: | ---: | ---: |")
         rows = [("baseline (DSB 2017 tutorial)", baseline_warm), ("kdsb, 1 thread", kdsb_warm)]
         cohort = crowded = None
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)  # as `kdsb preprocess` counts them
+        from kdsb.commands.preprocess import DEFAULT_MAX_WORKERS
+        from kdsb.preprocessing.pipeline import usable_cores
+
+        cores = min(DEFAULT_MAX_WORKERS, usable_cores())  # `kdsb preprocess`'s default workers
         if args.cohort_scans:
             # Both methods with every core busy, the median of `repeats` (the cohort's single
             # runs vary more than the best of single scans): kdsb's cohort (start-up included),

@@ -238,13 +238,13 @@ def test_find_patients_lists_folders_and_volume_files(tmp_path, caplog):
                          ("oldqc", "contact_sheet_001.png")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / name).write_bytes(b"")
-    for name in ("p2.img", "p2.hdr", "p3.nii.bz2"):
+    for name in ("p2.img", "p2.hdr", "p3.nii.bz2", "h.mhd", "h.img"):  # h.img: h.mhd's data
         (tmp_path / name).write_bytes(b"")
     with caplog.at_level("WARNING"):
         patients = find_patients(tmp_path, tmp_path / "out", tmp_path / "qc", None)
     assert patients == {pid: tmp_path / name for pid, name in [
         ("a", "a.nii"), ("b", "b.nii.gz"), ("c", "c.mhd"), ("d", "d.mha"), ("e", "e.NRRD"),
-        ("f", "f"), ("g", "g.nhdr"),
+        ("f", "f"), ("g", "g.nhdr"), ("h", "h.mhd"),
     ]}
     for folder in ("vol1mm", "locked", "oldqc"):
         assert f"ignored {folder}, the output of an earlier kdsb preprocess" in caplog.text
