@@ -673,7 +673,8 @@ def test_validation_patients_of_one_class_fit_no_calibration_map(cohort, tmp_pat
                    calibration="platt", restarts=0)
     with caplog.at_level(logging.WARNING):
         result = classifier_training.train_classifier(data, labels, tmp_path / "run", options)
-    assert "validation patients are all of one class: no calibration map" in caplog.text
+    assert "a platt calibration map would be fitted on are all of one class: no map" in \
+        caplog.text
     assert result["calibration"]["method"] == "none"
     assert result["calibration"]["slope"] == 1.0 and result["calibration"]["intercept"] == 0.0
 

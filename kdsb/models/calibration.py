@@ -73,14 +73,21 @@ def sigmoid(z) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free form
 
 
-def method_for(patients: int, method: str) -> str:
+def method_for(patients: int, method: str, one_class: bool = False) -> str:
     """The calibration method to fit when the fewest patients any of a run's maps is fitted on
-    number `patients`: `method`, or "none" (with a warning) under `MIN_PATIENTS`."""
-    if method == "none" or patients >= MIN_PATIENTS:
+    number `patients`: `method`, or "none" (with a warning) under `MIN_PATIENTS`, or when those
+    patients are `one_class` (a map fitted on one class would only pull every probability toward
+    it)."""
+    if method == "none" or (patients >= MIN_PATIENTS and not one_class):
         return method
-    logger.warning("%d patient(s) are too few to fit a %s calibration map on (at least %d): no "
-                   "map is fitted, the model's probabilities are kept as they are", patients,
-                   method, MIN_PATIENTS)
+    if one_class:
+        logger.warning("the %d patient(s) a %s calibration map would be fitted on are all of one "
+                       "class: no map is fitted, the model's probabilities are kept as they are",
+                       patients, method)
+    else:
+        logger.warning("%d patient(s) are too few to fit a %s calibration map on (at least %d): "
+                       "no map is fitted, the model's probabilities are kept as they are",
+                       patients, method, MIN_PATIENTS)
     return "none"
 
 

@@ -180,10 +180,16 @@ RESTART_SEED_STRIDE = 100_000
 RESTARTS_NAME = "restarts.json"
 
 
+def prediction_spread(p) -> float:
+    """max − min of predictions `p`; infinite for fewer than two (one patient's prediction is
+    never "the same for every patient": no model is taken for stuck on it)."""
+    return float(np.ptp(p)) if len(p) > 1 else math.inf
+
+
 def _warn_if_constant(p: np.ndarray, what: str) -> None:
     """Warn when a model gives (nearly) every held-out patient the same probability: its
     training never left the plateau at the base rate, and it adds nothing to the ensemble."""
-    spread = float(np.ptp(p)) if len(p) > 1 else math.inf
+    spread = prediction_spread(p)
     if spread < CONSTANT_SPREAD:
         logger.warning("%s: every held-out prediction lies within %.1e of %.3f: the model did "
                        "not learn (try another --seed or --lr)", what, spread, float(np.mean(p)))
@@ -314,7 +320,7 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
         explained = explained_fraction(y_val, fitted.p_val)
         # One validation patient has no spread (found in review: every attempt counted as
         # stuck, and restarted, whatever it learned).
-        spread = float(np.ptp(fitted.p_val)) if len(val_ids) >= 2 else math.inf
+        spread = prediction_spread(fitted.p_val)
         # With one class among the validation patients nothing is explained (NaN): only
         # constant predictions then count as stuck.
         stuck = spread < CONSTANT_SPREAD or explained < LEARNED_FRACTION
@@ -382,8 +388,9 @@ def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _C
     weights = class_weights_for(options, [y for _, y in train.values()])
     common = dict(resume=ctx.resume, start_epoch=last[0] if last else 0,
                   best_name=UNCALIBRATED_NAME, monitor=MONITOR, class_weights=weights,
-                  # One validation patient's predictions have no spread to watch.
-                  give_up_below=(GIVE_UP_MONITOR, CONSTANT_SPREAD) if len(val_ids) >= 2 else None)
+                  # One validation patient's predictions have no spread to watch
+                  # (`prediction_spread`).
+                  give_up_below=(GIVE_UP_MONITOR, CONSTANT_SPREAD) if len(val_ids) > 1 else None)
     if options.head in ("mil", "nll"):
         from kdsb.training.mil import train_mil
 
@@ -575,13 +582,9 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
         return None
     p_val = fitted.p_val
     y_val = [cohort[i][1] for i in val_ids]
-    method = method_for(len(val_ids), options.calibration)
-    if method != "none" and len(set(y_val)) < 2:
-        # A class of one patient stays in training (`split_patients`): a map fitted on one
-        # class would only pull every probability toward it (found in review).
-        logger.warning("the %d validation patients are all of one class: no calibration map is "
-                       "fitted, the model's probabilities are kept as they are", len(val_ids))
-        method = "none"
+    # A class of one patient stays in training (`split_patients`), so the validation
+    # patients may be of one class (found in review: a Platt map fitted on them).
+    method = method_for(len(val_ids), options.calibration, one_class=len(set(y_val)) < 2)
     calibration = fit_calibration(y_val, p_val, method)
     _save_calibrated(run_dir, calibration)
     p_cal = calibration.apply(p_val)
