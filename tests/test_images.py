@@ -591,3 +591,20 @@ def test_native_stderr_blocks_in_two_threads_keep_their_own_text():
     assert texts == {"a": "complaint of a", "b": "complaint of b"}
     after = os.fstat(2)
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+def test_the_stamp_of_a_header_counts_the_data_file_it_names(tmp_path):
+    """A .mhd or .nhdr may name a data file of another name: rewriting that file changed no
+    stamp, so a rerun kept the old volume (found in review)."""
+    from kdsb.io.folders import source_stamp
+    from kdsb.io.images import detached_data_file
+
+    (tmp_path / "p1.mhd").write_text("NDims = 3\nElementDataFile = scan_0001.raw\n")
+    (tmp_path / "p2.nhdr").write_text("NRRD0004\ntype: short\ndata file: scan_0002.raw\n\n")
+    for header, data in (("p1.mhd", "scan_0001.raw"), ("p2.nhdr", "scan_0002.raw")):
+        assert detached_data_file(tmp_path / header) == tmp_path / data
+        (tmp_path / data).write_bytes(b"\0" * 8)
+        before = source_stamp(tmp_path / header)
+        (tmp_path / data).write_bytes(b"\0" * 16)
+        assert source_stamp(tmp_path / header) != before
+    assert detached_data_file(tmp_path / "p3.nii.gz") is None

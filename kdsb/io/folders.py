@@ -32,13 +32,15 @@ def source_stamp(source: str | os.PathLike) -> str:
     """What identifies a patient's source files as written: their count, total size and newest
     modification time (UTC, µs). A folder counts every file under it; a volume file counts the
     files beside it whose names begin with its id and a dot (`p1.mhd` and `p1.raw`; also a
-    `p1.b.mhd`, whose change then redoes p1 too: the safe side), but for kdsb volume files.
+    `p1.b.mhd`, whose change then redoes p1 too: the safe side), but for kdsb volume files, and
+    the data file its detached header names (`images.detached_data_file`).
 
     A rewritten scan (another synthetic draw, a series still being copied) changes it; so does
     a copy that does not keep modification times (the patient is then preprocessed again, never
     silently kept).
     """
-    from kdsb.io.images import volume_id  # images reads folders through this module
+    # images reads folders through this module
+    from kdsb.io.images import detached_data_file, volume_id
     from kdsb.io.volumes import SUFFIX as VOLUME_SUFFIX
 
     source = Path(source)
@@ -49,6 +51,11 @@ def source_stamp(source: str | os.PathLike) -> str:
         files = sorted(p for p in source.parent.iterdir()
                        if p.name.startswith(prefix) and not p.name.endswith(VOLUME_SUFFIX)
                        and p.is_file()) or [source]
+        # A header may name a data file of another name (found in review: rewriting it kept
+        # the stamp, so a rerun kept the old volume).
+        data = detached_data_file(source)
+        if data is not None and data.is_file() and data not in files:
+            files.append(data)
     # A volume file's link to a missing path counts as no file: its patient then fails on
     # reading, named, not the whole run on this stat (found in review).
     stats = [path.stat() for path in files if path.exists()]

@@ -166,6 +166,32 @@ def metaimage_data_file(header: str | Path) -> Path | None:
     return None
 
 
+def detached_data_file(header: str | Path) -> Path | None:
+    """The one data file a detached header names, beside it: a MetaImage `.mhd`'s
+    `ElementDataFile` (`metaimage_data_file`), an NRRD `.nhdr`'s `data file:` field; None for
+    any other file, or a header naming no single file (a list, a numbered pattern)."""
+    suffix = volume_suffix(header)
+    if suffix == ".mhd":
+        return metaimage_data_file(header)
+    if suffix != ".nhdr":
+        return None
+    header = Path(header)
+    try:
+        text = header.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("data file", "datafile"):
+            value = value.strip()
+            if not value or value.startswith(LIST_DATA_FILES) or " " in value or "%" in value:
+                return None
+            return header.parent / value
+        if not line.strip():  # the header ends at its first blank line
+            break
+    return None
+
+
 def volume_in_folder(folder: str | Path, patient_id: str | None = None) -> Path | None:
     """The one volume file a patient folder holds instead of a DICOM series.
 

@@ -48,7 +48,7 @@ def validate_spacing(spacing: Sequence[float], name: str = "spacing") -> tuple[f
     if len(values) != NDIM or not all(math.isfinite(s) and s > 0 for s in values):
         raise KdsbError(
             f"expected {name} as 3 positive finite numbers in mm (z, y, x), "
-            f"received {tuple(spacing)!r}"
+            f"received {spacing!r}"
         )
     return values  # type: ignore[return-value]
 
