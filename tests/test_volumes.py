@@ -156,3 +156,25 @@ def test_hu_are_rounded_and_never_wrapped(tmp_path):
         volumes.write_volume(tmp_path / "q.h5", np.array([-1000, 40000]).reshape(1, 1, 2),
                              np.ones((1, 1, 2)), (1, 1, 1), (0, 0, 0))
     assert not (tmp_path / "q.h5").exists()
+
+
+def test_the_files_geometry_and_values_follow_the_contract(tmp_path):
+    """Found in review: a scalar spacing raised a TypeError naming no file, a 2-value one was
+    taken; NaN HU was written as 0; a caller's attrs replaced the spacing."""
+    import h5py
+
+    hu, mask = _volume(np.random.default_rng(4))
+    path = volumes.write_volume(tmp_path / "p.h5", hu, mask, (2, 1, 1), (0, 0, 0),
+                                attrs={"spacing": [9, 9], "kdsb_version": "0.0"})
+    attrs = volumes.read_attrs(path)
+    assert attrs["spacing"] == [2.0, 1.0, 1.0] and attrs["kdsb_version"] != "0.0"
+    for spacing, origin in ((1.0, [0, 0, 0]), ([1, -1, 1], [0, 0, 0]), ([1, 1], [0, 0]),
+                            ([1, 1, 1], [0, np.nan, 0])):
+        with h5py.File(path, "r+") as f:
+            f.attrs["spacing"], f.attrs["origin"] = spacing, origin
+        with pytest.raises(StoreError, match=r"p.h5: expected spacing and origin as 3 finite mm"):
+            volumes.read_attrs(path)
+    nan = hu.astype(np.float32)
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(StoreError, match="q.h5: expected finite HU values, received 1 NaN"):
+        volumes.write_volume(tmp_path / "q.h5", nan, mask, (1, 1, 1), (0, 0, 0))

@@ -112,11 +112,12 @@ def write_volume(
     with atomic_path(path) as temp, h5py.File(temp, "w") as f:
         _write_deflated(f, "hu", hu, threads)
         _write_deflated(f, "lung_mask", (lung_mask > 0).astype(np.uint8), threads)
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+        # The contract's own last: a caller's attrs (a read Volume's, say) never replace them.
         f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
         f.attrs["origin"] = np.asarray(origin, dtype=np.float64)
         f.attrs["kdsb_version"] = __version__
-        for key, value in (attrs or {}).items():
-            f.attrs[key] = value
     return path
 
 
@@ -126,6 +127,9 @@ def _as_int16_hu(hu: np.ndarray, path: Path) -> np.ndarray:
     if hu.dtype == np.int16:
         return hu
     if np.issubdtype(hu.dtype, np.floating):
+        if not np.isfinite(hu).all():  # found in review: NaN was cast to an arbitrary int16
+            raise StoreError(f"{path.name}: expected finite HU values, received "
+                             f"{int(np.count_nonzero(~np.isfinite(hu)))} NaN or infinite")
         hu = np.rint(hu)
     info = np.iinfo(np.int16)
     if hu.size and (hu.min() < info.min or hu.max() > info.max):
@@ -202,11 +206,27 @@ def open_volume(path: str | os.PathLike) -> Iterator[h5py.File]:
         if len(hu_shape) != 3 or mask_shape != hu_shape:
             raise StoreError(f"{path}: expected 3D hu and lung_mask of one shape, received "
                              f"{hu_shape} and {mask_shape}")
+        _check_geometry(path, f.attrs["spacing"], f.attrs["origin"])
         try:
             yield f
         except OSError as error:
             raise StoreError(f"{path}: expected readable voxels, received damaged data "
                              f"({' '.join(str(error).split())})") from error
+
+
+def _check_geometry(path: Path, spacing, origin) -> None:
+    """Refuse a file whose spacing is not 3 positive finite mm or whose origin is not 3 finite
+    mm (found in review: a scalar spacing raised a TypeError naming no file, and a 2-value
+    one was taken)."""
+    spacing, origin = np.asarray(spacing), np.asarray(origin)
+    good_spacing = spacing.shape == (3,) and spacing.dtype.kind in "iuf" and bool(
+        np.all(np.isfinite(spacing)) and np.all(spacing > 0))
+    good_origin = origin.shape == (3,) and origin.dtype.kind in "iuf" and bool(
+        np.all(np.isfinite(origin)))
+    if not (good_spacing and good_origin):
+        raise StoreError(f"{path}: expected spacing and origin as 3 finite mm each (z, y, x; "
+                         f"spacing positive), received {spacing.tolist()!r} and "
+                         f"{origin.tolist()!r}")
 
 
 def _decode(value):
