@@ -195,3 +195,21 @@ def test_real_ct_round_trip_lands_on_the_same_anatomy(real_chest_nifti, tmp_path
 
     assert median_error(0.0) < 25  # 1.5 mm → 1 mm resampling, nearest source voxel
     assert median_error(6.0) > 2 * median_error(0.0)  # a 6 mm slip is plainly visible
+
+
+def test_a_heatmap_of_bad_geometry_or_shape_is_a_one_line_error(tmp_path):
+    """Found in review: a 2-value spacing reached the export's grid comparison as a bare
+    ValueError, and a 2D heatmap was read."""
+    import h5py
+
+    from kdsb.errors import StoreError
+
+    path = heatmap_path(tmp_path, "p1")
+    write_heatmap(path, np.zeros((6, 7, 8), np.float32), SPACING, ORIGIN)
+    with h5py.File(path, "r+") as f:
+        f.attrs["spacing"] = [1.0, 1.0]
+    with pytest.raises(StoreError, match="p1.h5: expected spacing and origin as 3 finite mm"):
+        read_heatmap(path)
+    write_heatmap(path, np.zeros((7, 8), np.float32), SPACING, ORIGIN)
+    with pytest.raises(StoreError, match=r"p1.h5: expected a 3D heatmap \(z, y, x\)"):
+        read_heatmap(path)

@@ -16,7 +16,7 @@ import numpy as np
 
 from kdsb.errors import StoreError
 from kdsb.io.atomic import atomic_path
-from kdsb.io.volumes import COMPRESSION
+from kdsb.io.volumes import COMPRESSION, check_geometry
 
 HEATMAP_DATASET = "heatmap"
 SUFFIX = ".h5"
@@ -74,9 +74,14 @@ def read_heatmap(path: str | os.PathLike) -> tuple[np.ndarray, tuple, tuple]:
                     f"{path}: expected dataset '{HEATMAP_DATASET}' with spacing and origin "
                     f"attributes, received {sorted(f)} and {sorted(f.attrs)}"
                 )
+            check_geometry(path, f.attrs["spacing"], f.attrs["origin"])
+            if f[HEATMAP_DATASET].ndim != 3:
+                raise StoreError(f"{path}: expected a 3D heatmap (z, y, x), received shape "
+                                 f"{f[HEATMAP_DATASET].shape}")
             heatmap = f[HEATMAP_DATASET][...].astype(np.float32, copy=False)
             spacing = tuple(float(s) for s in f.attrs["spacing"])
             origin = tuple(float(o) for o in f.attrs["origin"])
     except OSError as error:
-        raise StoreError(f"{path}: expected an HDF5 file, received an unreadable one") from error
+        raise StoreError(f"{path}: expected an HDF5 file, received an unreadable one "
+                         f"({' '.join(str(error).split())})") from error
     return heatmap, spacing, origin

@@ -206,7 +206,7 @@ def open_volume(path: str | os.PathLike) -> Iterator[h5py.File]:
         if len(hu_shape) != 3 or mask_shape != hu_shape:
             raise StoreError(f"{path}: expected 3D hu and lung_mask of one shape, received "
                              f"{hu_shape} and {mask_shape}")
-        _check_geometry(path, f.attrs["spacing"], f.attrs["origin"])
+        check_geometry(path, f.attrs["spacing"], f.attrs["origin"])
         try:
             yield f
         except OSError as error:
@@ -214,10 +214,10 @@ def open_volume(path: str | os.PathLike) -> Iterator[h5py.File]:
                              f"({' '.join(str(error).split())})") from error
 
 
-def _check_geometry(path: Path, spacing, origin) -> None:
-    """Refuse a file whose spacing is not 3 positive finite mm or whose origin is not 3 finite
-    mm (found in review: a scalar spacing raised a TypeError naming no file, and a 2-value
-    one was taken)."""
+def check_geometry(path: Path, spacing, origin) -> None:
+    """Refuse a volume or heatmap file whose spacing is not 3 positive finite mm or whose origin
+    is not 3 finite mm (found in review: a scalar spacing raised a TypeError naming no file,
+    and a 2-value one was taken)."""
     spacing, origin = np.asarray(spacing), np.asarray(origin)
     good_spacing = spacing.shape == (3,) and spacing.dtype.kind in "iuf" and bool(
         np.all(np.isfinite(spacing)) and np.all(spacing > 0))
