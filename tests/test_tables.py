@@ -53,6 +53,18 @@ def test_read_labels_accepts_a_byte_order_mark(tmp_path):
     assert read_labels(path) == {"x": 1}
 
 
+def test_read_labels_accepts_a_spreadsheets_trailing_commas(tmp_path):
+    """Found in review: `id,cancer,,` was refused as a repeated column ''; a row's empty
+    trailing cells as a wrong count."""
+    path = _write(tmp_path, "id,cancer,,\na,1,,\nb,0\nc,1,\n")
+    assert read_labels(path) == {"a": 1, "b": 0, "c": 1}
+    path = _write(tmp_path, "id,cancer\na,1,\nb,0,,\n")
+    assert read_labels(path) == {"a": 1, "b": 0}
+    path = _write(tmp_path, "id,cancer\na,1,x\n")
+    with pytest.raises(LabelsError, match="line 2: expected 2 comma-separated values, received 3"):
+        read_labels(path)
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

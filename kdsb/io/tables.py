@@ -60,7 +60,8 @@ def _header_index(csv_path: Path, rows: list[tuple[int, list[str]]], required: I
         raise LabelsError(f"{csv_path}: expected a header line, received an empty file")
     spelled = _header_cells(rows)
     header = [_column_key(name) for name in spelled]
-    repeated = sorted({name for name in header if header.count(name) > 1})
+    # Empty names are no columns (a spreadsheet's trailing commas: found in review).
+    repeated = sorted({name for name in header if name and header.count(name) > 1})
     if repeated:
         raise LabelsError(f"{csv_path}: expected each column once in the header, received "
                           f"{','.join(spelled)!r} ({', '.join(map(repr, repeated))} repeated)")
@@ -76,6 +77,15 @@ def _header_index(csv_path: Path, rows: list[tuple[int, list[str]]], required: I
 def _header_cells(rows: list[tuple[int, list[str]]]) -> list[str]:
     """The header's column names as the file spells them."""
     return [cell.strip() for cell in rows[0][1]]
+
+
+def _fits_header(row: list[str], header: list[str]) -> bool:
+    """Whether a row has the header's cells: as many, or more whose extra cells are empty, or
+    fewer where only the header's trailing unnamed columns go without (a spreadsheet's export
+    pads rows and headers with commas)."""
+    if len(row) >= len(header):
+        return not any(cell.strip() for cell in row[len(header):])
+    return not any(header[len(row):])
 
 
 def _column_key(name: str) -> str:
@@ -277,7 +287,7 @@ def _read_id_values(
     id_at, value_at = header.index(ID_COLUMN), header.index(LABEL_COLUMN)
     values: dict[str, Any] = {}
     for line, row in rows[1:]:  # line numbers of the file, blank lines counted
-        if len(row) != len(header):
+        if not _fits_header(row, header):
             raise LabelsError(
                 f"{csv_path} line {line}: expected {len(header)} comma-separated values, "
                 f"received {len(row)}: {','.join(row)!r}"
