@@ -90,6 +90,17 @@ def test_digest_and_stamp_follow_the_files_content(tmp_path):
     second.write_bytes(b"model two")
     assert file_digest(first) != file_digest(second)
     assert volume_stamp(second)[0] == len(b"model two")
+    # A file renamed into place with the size and modification time of the old one (a copy
+    # with `cp -p`, a coarse clock) still differs (found in review).
+    import os
+
+    before = volume_stamp(second)
+    replacement = tmp_path / "new"
+    replacement.write_bytes(b"model 2!!")
+    stat = second.stat()
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, second)
+    assert volume_stamp(second) != before and volume_stamp(second)[:2] == before[:2]
 
 
 def test_a_header_cut_short_starts_afresh_and_stays_readable(tmp_path):

@@ -13,7 +13,7 @@ A result is taken only when it is the one a fresh run would compute:
   change a result, the kdsb version): the journal of another run is discarded, not mixed in. The
   version is the package's: code changed in a source checkout keeps it, so delete the journals
   of runs begun before such a change;
-- each entry carries its volume file's size and modification time (and whatever else the
+- each entry carries its volume file's size, modification time and inode (and whatever else the
   command adds, e.g. embed's per-patient seed): a volume written again since is worked on again;
 - a line cut short by the kill, and any line after an unreadable one, is dropped.
 
@@ -68,9 +68,12 @@ def loaded_with_digests(paths: Sequence[str | os.PathLike], load: Callable[[], T
 
 
 def volume_stamp(path: str | os.PathLike) -> list[int]:
-    """[size in bytes, modification time in ns] of a volume file: a file written again differs."""
+    """[size in bytes, modification time in ns, inode] of a volume file: a file written again
+    differs, also where timestamps are coarse (FAT, some network disks) or were copied with
+    the file (`cp -p`): kdsb writes by renaming a new file into place, a new inode (found in
+    review)."""
     stat = os.stat(path)
-    return [stat.st_size, stat.st_mtime_ns]
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
 class Journal:
