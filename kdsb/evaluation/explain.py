@@ -365,7 +365,10 @@ def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) ->
         ax.imshow(np.ma.masked_less_equal(heat[cut], 0.05), cmap="inferno", alpha=0.5,
                   vmin=0, vmax=1, origin=origin, interpolation="bilinear", aspect=aspects[name])
         if lung[cut].any() and not lung[cut].all():
-            ax.contour(lung[cut], levels=[0.5], colors="cyan", linewidths=0.6, origin=origin)
+            # No `origin`: contour's would flip the data itself (imshow's only turns the axis),
+            # and its default puts the outline on the pixels' edges under either (found in
+            # review: the axial outline was drawn upside down).
+            ax.contour(lung[cut], levels=[0.5], colors="cyan", linewidths=0.6)
         ax.set_title(name)
         ax.set_axis_off()
     where = (f"peak at (z, y, x) = ({', '.join(f'{v:.1f}' for v in explanation.peak_mm)}) mm"
