@@ -499,7 +499,9 @@ def test_nll_head_trains_predicts_and_explains_by_occlusion(cohort, tmp_path, ca
     explain = ["explain", str(data), str(run / "classifier.keras"), str(tmp_path / "ex"),
                "--ids", str(ids)]
     assert main(explain) == 1
-    assert "use --method occlusion" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{run / 'classifier.keras'}: expected a classifier with an encoder for Grad-CAM" in err
+    assert "use --method occlusion" in err and not (tmp_path / "ex").exists()
     assert main([*explain, "--method", "occlusion", "--occlusion-mm", "8"]) == 0
     # A volume smaller than the GMCAE's patch: one line naming it, before any patient is
     # scored (found in review: a ZeroDivisionError inside the model).

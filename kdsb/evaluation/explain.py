@@ -450,6 +450,14 @@ def explain_cohort(
     loaded, fingerprinted = load_fingerprinted(model_paths)
     inputs, models = zip(*loaded, strict=True)
     check_volumes(loaded, [files[i] for i in order])
+    if method == "gradcam":  # before any patient, naming the model file (found in review)
+        from kdsb.errors import ModelError
+
+        for path, model in zip(model_paths, models, strict=True):
+            try:
+                _split_classifier(model)
+            except ModelError as error:
+                raise ModelError(f"{path}: {error}") from None
     # The paths too: each heatmap file names its models.
     fingerprint = {"command": "explain", "method": method, "models": fingerprinted,
                    "model_paths": [os.fspath(p) for p in model_paths]}
