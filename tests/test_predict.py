@@ -446,6 +446,11 @@ def test_ids_without_a_volume_get_the_fill_value_when_asked(cohort, tmp_path, ca
     assert predicted["a"] == pytest.approx(float(np.clip(_reference([models[0]], data, "a"),
                                                          0.005, 0.995)), abs=2e-6)
     assert "1 of 2 id(s) of" in caplog.text and "given 0.26 without a model (zz)" in caplog.text
+    # The value as written, clipped as the others (found in review: the warning said 0).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdsb.evaluation.predict"):
+        assert main([*argv, "--fill-missing", "0"]) == 0
+    assert read_predictions(out)["zz"] == 0.005 and "given 0.005 without a model" in caplog.text
     assert main(["predict", str(data), str(models[0]), "--out", str(out), "--fill-missing",
                  "0.3"]) == 2
     assert "expected --ids with --fill-missing" in capsys.readouterr().err

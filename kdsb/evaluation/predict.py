@@ -211,9 +211,9 @@ def predict_cohort(
             `OUT_CSV.partial` (`kdsb.io.journal`): a killed run, run again with the same
             models, options and volumes, scores only the patients it had not finished. The
             journal is removed once the CSV is written.
-        fill_missing: with `ids`, the probability given to ids without a volume (a scan that
-            failed preprocessing, in a submission that must name every patient), each named in
-            a warning; None: such ids are an error.
+        fill_missing: with `ids`, the probability (clipped as the others) given to ids without
+            a volume (a scan that failed preprocessing, in a submission that must name every
+            patient), each named in a warning; None: such ids are an error.
 
     Returns:
         Patient id → probability, in output order.
@@ -256,7 +256,8 @@ def predict_cohort(
     missing = [i for i in order if i not in volumes]
     if missing:
         logger.warning("%d of %d id(s) of %s have no volume in %s: given %s without a model (%s)",
-                       len(missing), len(order), ids_source, data_dir, fill_missing,
+                       len(missing), len(order), ids_source, data_dir,
+                       float(np.clip(fill_missing, clip, 1.0 - clip)),  # as written (clipped)
                        summarise_ids(missing))
     loaded, models = load_fingerprinted(model_paths)
     groups: dict[VolumeInput, list[Any]] = {}
