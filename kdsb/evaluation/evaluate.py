@@ -256,7 +256,7 @@ def evaluate(
     Args:
         predictions_csv: `id,cancer` probabilities of the evaluated (test) patients.
         labels_csv: `id,cancer` 0/1 labels of the evaluated patients, and of the validation
-            patients when `validation_csv` is given (no others).
+            patients when `validation_csv` is given (no others, unless `predicted_only`).
         plots_dir: folder for the PNGs (created), or None for no plots.
         n_boot: bootstrap resamples for the intervals (`metrics.bootstrap_intervals`); 0 for
             none.
@@ -269,8 +269,8 @@ def evaluate(
         predicted_only: score the predicted patients even when the labels name more (`align`).
 
     Returns:
-        `metrics.summary` (log_loss, brier, ece, roc_auc (NaN for one class), accuracy,
-        base_rate_log_loss, n, n_positive), plus:
+        `metrics.summary` (log_loss, brier, ece, ece_if_calibrated and ece_if_calibrated_95,
+        roc_auc (NaN for one class), accuracy, base_rate_log_loss, n, n_positive), plus:
 
         - "intervals" when `n_boot` > 0: metric name → (low, high) for log_loss, roc_auc,
           accuracy and brier;

@@ -2,8 +2,8 @@
 (Brier score, ECE, reliability bins), bootstrap intervals and threshold picking.
 
 Kept free of TensorFlow and scikit-learn so `kdsb evaluate` starts quickly and has no extra
-dependency. Every function takes labels `y` (0/1) and probabilities `p` of the positive class,
-both 1-D of the same length, and validates them.
+dependency. The functions take labels `y` (0/1) and probabilities `p` of the positive class,
+both 1-D of the same length, and validate them (`ece_if_calibrated` takes `p` alone).
 """
 
 from __future__ import annotations
