@@ -229,9 +229,10 @@ def test_the_map_is_drawn_between_cell_centres(downscale):
     np.testing.assert_allclose(profile, expected, atol=1e-6)
 
 
-def test_an_ensembles_probability_is_predicts(cohort, tmp_path):
+def test_an_ensembles_probability_is_predicts(cohort, tmp_path, monkeypatch):
     """Two models of different confidence: explain reports the p(cancer) predict gives (the
-    mean logit), not the mean probability (found in review)."""
+    mean logit), not the mean probability (found in review); the two read each volume once,
+    as they read it alike (found in review: once a model)."""
     import keras
 
     from kdsb.data.inputs import VolumeInput
@@ -245,7 +246,13 @@ def test_an_ensembles_probability_is_predicts(cohort, tmp_path):
     model.save(other)
     VolumeInput().save(other.parent)
     out = tmp_path / "out"
+    reads = []
+    read = VolumeInput.read
+    monkeypatch.setattr(VolumeInput, "read", lambda self, path: reads.append(path)
+                        or read(self, path))
     assert main(["explain", str(root / "data"), str(model_path), str(other), str(out)]) == 0
+    assert len(reads) == len(set(reads))  # one read a patient for both models
+    monkeypatch.undo()
     predicted = predict_cohort(root / "data", [model_path, other], clip=0.0)
     for pid, p in predicted.items():
         with h5py.File(out / f"{pid}.h5") as f:

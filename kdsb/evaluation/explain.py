@@ -302,8 +302,11 @@ def explain_patient(
         stride_mm = occlusion_sizes(occlusion_mm, stride_mm)
     patient_id = volume.patient_id
     maps, probabilities = [], []
+    prepared: dict[Any, np.ndarray] = {}  # one read a `VolumeInput`, as predict (fold models)
     for model, volume_input in zip(models, inputs, strict=True):
-        x = volume_input.read(volume_file)
+        if volume_input not in prepared:
+            prepared[volume_input] = volume_input.read(volume_file)
+        x = prepared[volume_input]
         factor = volume_input.downscale
         if method == "gradcam":
             cam, p, centres = gradcam(model, x)
