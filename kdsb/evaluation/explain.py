@@ -302,11 +302,12 @@ def explain_patient(
         stride_mm = occlusion_sizes(occlusion_mm, stride_mm)
     patient_id = volume.patient_id
     maps, probabilities = [], []
-    prepared: dict[Any, np.ndarray] = {}  # one read a `VolumeInput`, as predict (fold models)
+    prepared: list[tuple[Any, np.ndarray]] = []  # one read a way of reading, as predict does
     for model, volume_input in zip(models, inputs, strict=True):
-        if volume_input not in prepared:
-            prepared[volume_input] = volume_input.read(volume_file)
-        x = prepared[volume_input]
+        x = next((x for known, x in prepared if known == volume_input), None)
+        if x is None:
+            x = volume_input.read(volume_file)
+            prepared.append((volume_input, x))
         factor = volume_input.downscale
         if method == "gradcam":
             cam, p, centres = gradcam(model, x)
