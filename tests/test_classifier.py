@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from kdsb.errors import ModelError
-from kdsb.models.classifier import build_classifier, load_classifier, load_encoder_from_gmcae
+from kdsb.models.classifier import (
+    build_classifier,
+    load_classifier,
+    load_encoder_from_gmcae,
+    load_gmcae,
+)
 from kdsb.models.gmcae import build_gmcae, encoder_of
 from kdsb.models.layers import SpatialPyramidPooling3D
 
@@ -85,6 +90,19 @@ def test_load_encoder_from_gmcae_round_trip_and_errors(gmcae, tmp_path):
     keras.Model(inputs, keras.layers.Dense(1)(inputs), name="other").save(other)
     with pytest.raises(ModelError, match="holding model 'other'"):
         load_encoder_from_gmcae(other)
+    # One with an encoder and a mixture output but not the rest (found in review: a Keras
+    # ValueError naming no file, from the nll head's first use).
+    from kdsb.models.gmcae import build_encoder
+
+    patch = keras.Input((8, 8, 8, 1))
+    features = keras.layers.Flatten()(build_encoder(width=2)(patch))
+    partial = tmp_path / "partial.keras"
+    keras.Model(patch, keras.layers.Dense(3, name="mixture_params")(features),
+                name="partial").save(partial)
+    with pytest.raises(ModelError, match=r"partial.keras' holding model 'partial' without the "
+                                         r"layer\(s\) bottleneck_flat, log_priors, means, "
+                                         r"variances"):
+        load_gmcae(partial)
 
 
 def test_saved_classifier_round_trip_in_safe_mode(gmcae, tmp_path):

@@ -147,12 +147,25 @@ def load_gmcae(path: str | os.PathLike) -> keras.Model:
         ModelError: If the file is missing, cannot be loaded as a Keras model, or is not a
             GMCAE (no encoder and mixture output).
     """
+    from kdsb.models.gmcae import BOTTLENECK_FLAT_NAME, encoder_layer_names
+
     model = _load_keras_model(path, "a kdsb GMCAE")
-    layer_names = {layer.name for layer in model.layers}
-    if not {ENCODER_NAME, MIXTURE_OUTPUT_NAME} <= layer_names:
+    # Every layer the commands rely on, checked here so that a foreign model is one line naming
+    # its file (found in review: one without `log_priors` reached a Keras ValueError).
+    needed = {ENCODER_NAME, MIXTURE_OUTPUT_NAME, BOTTLENECK_FLAT_NAME, "log_priors",
+              "variances", "means"}
+    missing = sorted(needed - {layer.name for layer in model.layers})
+    encoder = next((layer for layer in model.layers if layer.name == ENCODER_NAME), None)
+    if isinstance(encoder, keras.Model):
+        inside = {layer.name for layer in encoder.layers}
+        missing += [f"{ENCODER_NAME}/{name}" for block in range(1, ENCODER_BLOCKS + 1)
+                    for name in encoder_layer_names(block) if name not in inside]
+    elif encoder is not None:
+        missing.append(f"{ENCODER_NAME} (a nested model)")
+    if missing:
         raise ModelError(
-            f"expected a kdsb GMCAE (layers '{ENCODER_NAME}' and '{MIXTURE_OUTPUT_NAME}'), "
-            f"received {os.fspath(path)!r} holding model '{model.name}'"
+            f"expected a kdsb GMCAE, received {os.fspath(path)!r} holding model "
+            f"'{model.name}' without the layer(s) {', '.join(missing)}"
         )
     return model
 
