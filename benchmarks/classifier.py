@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -53,9 +54,11 @@ sys.path.insert(0, str(REPO))
 
 from kdsb import demo  # noqa: E402
 from kdsb.data.datasets import stratified_folds  # noqa: E402
+from kdsb.data.inputs import INPUT_NAME  # noqa: E402
 from kdsb.evaluation import metrics  # noqa: E402
 from kdsb.evaluation.predict import predict_cohort  # noqa: E402
 from kdsb.io import volumes  # noqa: E402
+from kdsb.io.journal import file_digest  # noqa: E402
 from kdsb.io.tables import read_labels, read_predictions, write_labels  # noqa: E402
 from kdsb.training.classifier import OOF_NAME, train_classifier  # noqa: E402
 from kdsb.training.classifier_options import ClassifierOptions  # noqa: E402
@@ -161,6 +164,28 @@ def scores_row(size: int, head: str, seed: int, oof: dict, oof_y: dict, predicte
     }
 
 
+COHORTS_RECORD = "cohorts.json"  # in each seed's WORKDIR: what its cohorts were drawn for
+
+
+def _check_cohorts_record(work: Path, drawn: dict) -> None:
+    """Refuse a seed's WORKDIR whose cohorts were drawn for other sizes or another base
+    (found in review: a finished cohort was reused as it was, so `--test-size 32` scored a
+    64-patient held-out cohort and a phantom cohort could pass for real anatomy); record them
+    the first time."""
+    record = work / COHORTS_RECORD
+    if record.is_file():
+        before = json.loads(record.read_text())
+        if before != drawn:
+            raise SystemExit(f"{work} holds cohorts drawn for {before}, not {drawn}: use "
+                             "another WORKDIR")
+        return
+    if (work / "train_cohort" / "labels.csv").is_file():
+        print(f"{work}: cohorts of an earlier version, without {COHORTS_RECORD}: taken as "
+              f"drawn for {drawn}", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(drawn))
+
+
 def synth_cohort(root: Path, patients: int, seed: int, base: Path | None) -> Path:
     """labels.csv of a finished cohort in `root`, written first if needed: phantoms, or the
     real CT `base` with implanted lesions."""
@@ -180,6 +205,8 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
     """Rows of one seed: dicts of size, head, seed and the figures (the `thick` reference's
     after the heads' of each size, unless `reference` is False)."""
     plan = demo.FULL_PLAN
+    _check_cohorts_record(work, {"train_patients": max(sizes), "test_patients": test_size,
+                                 "base": None if base is None else str(Path(base).resolve())})
     train_labels = synth_cohort(work / "train_cohort", max(sizes), seed, base)
     test_labels = synth_cohort(work / "test_cohort", test_size, seed + TEST_SEED_OFFSET, base)
     train_volumes, test_volumes = work / "volumes" / "train", work / "volumes" / "test"
@@ -213,17 +240,23 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
                 lung_dilation_mm=demo.LUNG_DILATION_MM, allow_unlabelled=True,
                 **{**HEADS[head], **(overrides or {})},
             )
-            if (run_dir / "metrics.json").is_file():
+            reused = (run_dir / "metrics.json").is_file()
+            if reused:
                 saved = json.loads((run_dir / "metrics.json").read_text())["options"]
                 # Options added since the run was made take their defaults.
                 if ClassifierOptions.from_saved(saved) != options:
                     raise SystemExit(f"{run_dir} was trained with other options than "
                                      f"{head}'s now: move it aside or use another WORKDIR")
+                began = json.loads((run_dir / INPUT_NAME).read_text()).get("gmcae_sha256")
+                if began not in (None, file_digest(gmcae)):  # found in review: a path compared
+                    raise SystemExit(f"{run_dir} was trained on another GMCAE than {gmcae} "
+                                     "holds now: move it aside or use another WORKDIR")
+                print(f"{run_dir}: reused (its CPU time is not in the mean)", flush=True)
             else:
                 # A killed run (config.json, no metrics.json) resumes where it stopped.
                 train_classifier(train_volumes, subset_csv, run_dir, options,
                                  resume=(run_dir / "config.json").is_file())
-            cpu = _cpu_seconds() - start
+            cpu = math.nan if reused else _cpu_seconds() - start
             oof = json.loads((run_dir / "metrics.json").read_text())["out_of_fold"]
             oof_p = read_predictions(run_dir / OOF_NAME)  # also runs older than the key
             predicted = predict_cohort(test_volumes, [run_dir], clip=0.0)
@@ -281,7 +314,7 @@ def main(argv=None) -> int:
                   f"{cell('oof_ece_if_calibrated'):>14} {cell('test_log_loss'):>14} "
                   f"{cell('test_auc'):>14} {cell('test_ece'):>14} "
                   f"{cell('test_ece_if_calibrated'):>14} "
-                  f"{np.mean([r['cpu_s'] for r in chosen]):>10.0f}")
+                  f"{np.nanmean([r['cpu_s'] for r in chosen]):>10.0f}")
     return 0
 
 

@@ -128,3 +128,13 @@ def test_heads_with_no_value_print_the_reference_alone(bench, monkeypatch, tmp_p
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path), "--heads", "--no-reference"])
     assert "nothing to run" in capsys.readouterr().err
+
+
+def test_a_workdir_of_cohorts_drawn_otherwise_is_refused(bench, tmp_path, capsys):
+    """Found in review: finished cohorts were reused whatever --test-size or --base asked."""
+    drawn = {"train_patients": 24, "test_patients": 64, "base": None}
+    bench._check_cohorts_record(tmp_path, drawn)
+    bench._check_cohorts_record(tmp_path, drawn)  # the same: fine
+    for other in ({**drawn, "test_patients": 32}, {**drawn, "base": "/ct.nii.gz"}):
+        with pytest.raises(SystemExit, match="holds cohorts drawn for .* use another WORKDIR"):
+            bench._check_cohorts_record(tmp_path, other)
