@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Classifier heads side by side on phantom cohorts: cross-validated, calibrated, held out.
+"""Classifier heads side by side on phantom or real-anatomy cohorts: cross-validated, calibrated,
+held out.
 
 For each seed: a training cohort (`kdsb synth`: the demo's phantoms, or with `--base CT` that real
 chest CT varied with lesions implanted, `kdsb synth --base`) and a separate held-out cohort of
@@ -24,8 +25,8 @@ heads and fitted on all n for the held-out cohort. What a head scores under it, 
 learn from the images.
 
 Usage: python benchmarks/classifier.py WORKDIR [--sizes 24 96] [--seeds 0 1 2]
-       [--heads spp mil nll] [--folds 4] [--test-size 64] [--base CT] [--option KEY=VALUE …]
-       [--no-reference]
+       [--heads spp mil nll] [--folds 4] [--test-size 64] [--workers 2] [--base CT]
+       [--option KEY=VALUE …] [--no-reference]
 
 `--option freeze_blocks=2` (any `ClassifierOptions` field; a value is read as a Python literal,
 else kept as text, so `levels=1,2` is a tuple) overrides the heads' options below for an

@@ -30,7 +30,7 @@ share of its own mask of the uncut scan (on the part kept) that it keeps on the 
 what it takes in beyond that.
 
 Usage: python benchmarks/lung_mask.py [--seed 1] [--radii 10,20,35] [--small-radii 3,6]
-       [--kinds solid,...] [--places lateral,...] [--workers 2] [--cuts]
+       [--kinds solid,...] [--places lateral,...] [--workers 1] [--cuts]
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ Dice of each mask against the phantom's truth is measured on the method's own ou
 Then the cohort runner (`python -m kdsb preprocess`) runs on a small phantom cohort with 1 and
 with 2 workers. Finally kdsb alone runs on a 512×512×600 scan to check its peak memory.
 
-Usage: python benchmarks/preprocess.py [--slices 200] [--slice-mm 1.5] [--repeats 3] [--cohort 4]
-       [--cohort-scans 12] [--skip-large] [--profile]
+Usage: python benchmarks/preprocess.py [--slices 200] [--slice-mm 1.5] [--seed 0] [--repeats 3]
+       [--cohort 4] [--cohort-scans 12] [--skip-large] [--profile]
 """
 
 from __future__ import annotations
