@@ -23,10 +23,11 @@ DICOM series to a temporary folder. Each method then runs as a whole separate Py
   programs' work per scan;
 - `kdsb preprocess` itself (default workers) on a cohort of copies of the scan: its wall and
   CPU seconds (every process, start-up included) divided by the scans, the cohort's measure
-  taken whole; against it, one baseline process a core side by side, timed from the first
-  one's second scan starting to the last one's ending: both methods with every core busy (two
-  workers slow each other: shared cache and memory), compared in scans a minute, the median of
-  the repeats (the cohort's CPU is the machine's busy time, so compare it on a quiet machine).
+  taken whole; against it, one baseline process a core side by side, their second scans
+  started together (a barrier) and timed to the last one's end: both methods with every core
+  busy (two workers slow each other: shared cache and memory), compared in scans a minute, the
+  median of the repeats (the cohort's CPU is the machine's busy time: compare it on a quiet
+  machine).
 
 Dice of each mask against the phantom's truth is measured on the method's own output grid.
 Then the cohort runner (`python -m kdsb preprocess`) runs on a small phantom cohort with 1 and
