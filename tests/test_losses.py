@@ -90,6 +90,9 @@ def test_split_mixture_params_layout():
     np.testing.assert_array_equal(means[:, 1], packed[:, 7:10])
     with pytest.raises(ValueError, match="expected packed mixture parameters"):
         split_mixture_params(np.zeros((2, 9), np.float32), 2)
+    for bad in (0, -1, 1.5):  # found in review: 0 was a ZeroDivisionError
+        with pytest.raises(ValueError, match=f"with m = {bad}"):
+            split_mixture_params(packed, bad)
 
 
 def test_loss_class_equals_function_on_packed_patches():

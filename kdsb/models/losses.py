@@ -65,14 +65,17 @@ def split_mixture_params(packed, mixtures: int):
         (log_priors (batch, m), variances (batch, m), means (batch, m, c)).
 
     Raises:
-        ValueError: If the packed width is not m·(2 + c) for a whole c ≥ 1.
+        ValueError: If m is not a whole number ≥ 1 (0 divided by zero) or the packed width is
+            not m·(2 + c) for a whole c ≥ 1.
     """
     width = packed.shape[-1]
-    if width is None or width <= 2 * mixtures or (width - 2 * mixtures) % mixtures:
+    if (isinstance(mixtures, bool) or not float(mixtures).is_integer() or mixtures < 1
+            or width is None or width <= 2 * mixtures or (width - 2 * mixtures) % mixtures):
         raise ValueError(
             f"expected packed mixture parameters of width m·(2 + c) with m = {mixtures}, "
             f"received width {width}"
         )
+    mixtures = int(mixtures)  # a NumPy integer or a whole float from a config
     voxels = (width - 2 * mixtures) // mixtures
     log_priors = packed[:, :mixtures]
     variances = packed[:, mixtures : 2 * mixtures]
