@@ -151,19 +151,11 @@ def metaimage_data_file(header: str | Path) -> Path | None:
     `LOCAL`; a `LIST` of files; a numbered `%d` pattern) or cannot be read: SimpleITK resolves
     those, or says why it cannot.
     """
-    header = Path(header)
-    try:
-        text = header.read_text(errors="replace")
-    except OSError:
+    value = _header_value(header, "=", DATA_FILE_KEY, blank_ends=False)
+    if value is None or value in ("", LOCAL_DATA_FILE) or value.startswith(LIST_DATA_FILES) \
+            or "%" in value:
         return None
-    for line in text.splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == DATA_FILE_KEY:
-            value = value.strip()
-            if value in ("", LOCAL_DATA_FILE) or value.startswith(LIST_DATA_FILES) or "%" in value:
-                return None
-            return header.parent / value
-    return None
+    return Path(header).parent / value
 
 
 def detached_data_file(header: str | Path) -> Path | None:
@@ -175,20 +167,28 @@ def detached_data_file(header: str | Path) -> Path | None:
         return metaimage_data_file(header)
     if suffix != ".nhdr":
         return None
-    header = Path(header)
+    value = _header_value(header, ":", "data file", blank_ends=True)
+    if not value or value.startswith(LIST_DATA_FILES) or " " in value or "%" in value:
+        return None
+    return Path(header).parent / value
+
+
+def _header_value(header: str | Path, separator: str, key: str, *, blank_ends: bool
+                  ) -> str | None:
+    """The stripped value of the first line `key <separator> value` of a text header (keys
+    compared case-blind, spaces ignored: NRRD's `datafile` is `data file`); None when there is
+    none or the file cannot be read. `blank_ends`: the header ends at its first blank line."""
     try:
-        text = header.read_text(errors="replace")
+        text = Path(header).read_text(errors="replace")
     except OSError:
         return None
+    wanted = key.replace(" ", "").lower()
     for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("data file", "datafile"):
-            value = value.strip()
-            if not value or value.startswith(LIST_DATA_FILES) or " " in value or "%" in value:
-                return None
-            return header.parent / value
-        if not line.strip():  # the header ends at its first blank line
+        if blank_ends and not line.strip():
             break
+        name, _, value = line.partition(separator)
+        if name.replace(" ", "").strip().lower() == wanted:
+            return value.strip()
     return None
 
 
