@@ -105,10 +105,10 @@ def encode_bags(
         from kdsb.models.nll import check_holds_a_patch, smallest_input
 
         encoder = instance_features(gmcae, head, block)
+        patch = smallest_input(encoder)  # 1 for head "mil": every volume holds a cell
         for pid in tqdm(missing, desc="encode", unit="patient", disable=None):
             x = volume_input.read(volumes[pid])
-            if head == "nll":
-                check_holds_a_patch(volumes[pid], x.shape[:3], smallest_input(encoder))
+            check_holds_a_patch(volumes[pid], x.shape[:3], patch)
             bag = np.stack([_encode(encoder, apply_symmetry(x, s)) for s in symmetries])
             with atomic_path(files[pid]) as temp, temp.open("wb") as f:
                 np.save(f, bag.astype(BAG_DTYPE))

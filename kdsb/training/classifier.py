@@ -527,7 +527,8 @@ def train_classifier(
     classes = sorted({label for _, label in cohort.values()})
     if len(classes) < 2:  # found in review: a single split trained on it without a word
         raise LabelsError(f"{labels_csv}: expected patients of both classes (0 and 1) to learn "
-                          f"from, received {len(cohort)} patient(s) all labelled {classes[0]}")
+                          f"from, received {len(cohort)} patient(s) all labelled "
+                          f"{classes[0] if classes else 'nothing'}")
     volume_input = options.volume_input().fit_to([volumes[i] for i in usable])
     _warn_of_another_gmcae_spacing(options.gmcae, volume_input)
     if options.folds >= 2:
