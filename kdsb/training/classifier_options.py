@@ -94,9 +94,9 @@ class ClassifierOptions(RunOptions):
         2, "encoder block whose output cells are the MIL instances (1..3; head mil)", type=int
     )
     bag_symmetries: int = option(
-        1, "cube symmetries encoded per volume for heads mil and nll (with --augment training "
-        "draws one per visit; 1: the volume as it is, which fitted better: the frozen encoder is "
-        "not symmetry invariant)", type=int,
+        1, "cube symmetries encoded per volume for heads mil and nll (training draws one per "
+        "visit unless --no-augment; 1: the volume as it is, which fitted better: the frozen "
+        "encoder is not symmetry invariant)", type=int,
     )
     freeze_blocks: int = option(0, "freeze the first K encoder blocks (head spp)", type=int)
     loss: str = option("bce", "binary cross-entropy or focal", choices=LOSSES)
