@@ -97,6 +97,24 @@ def test_synth_and_preprocess_run_without_importing_tensorflow(tmp_path):
     assert (tmp_path / "out" / "phantom_000.h5").is_file()
 
 
+def test_the_keras_hook_lists_every_module_of_registered_objects():
+    """A module of `register_keras_serializable` objects left out of the hook's list loads
+    with its own import only: `keras.saving.load_model` of a model holding them fails after a
+    plain `import kdsb` (the contract of saved models)."""
+    from pathlib import Path
+
+    import kdsb
+    from kdsb._keras_hook import KERAS_OBJECT_MODULES
+
+    root = Path(kdsb.__file__).parent
+    registering = {
+        "kdsb." + ".".join(path.relative_to(root).with_suffix("").parts)
+        for path in root.rglob("*.py")
+        if re.search(r"^@keras\.saving\.register_keras_serializable", path.read_text(), re.M)
+    }
+    assert registering == set(KERAS_OBJECT_MODULES)
+
+
 def test_importing_kdsb_quiets_tensorflow_start_up_lines():
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     code = "import kdsb.models.losses, tensorflow as tf\nprint(int(tf.constant(1) + 1))\n"

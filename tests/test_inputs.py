@@ -89,6 +89,38 @@ def test_config_round_trip_and_file_lookup(tmp_path):
         VolumeInput.for_model(run / "classifier.keras")
 
 
+def test_a_model_carries_its_input_record(tmp_path, caplog):
+    """The record inside the model wins over classifier.json; a model with neither is refused;
+    a record without a spacing is warned of (volumes of any spacing pass)."""
+    import keras
+
+    from kdsb.models.input_record import input_record_of, with_input_record
+
+    inputs = keras.Input((4, 4, 4, 1))
+    base = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(
+        keras.layers.GlobalAveragePooling3D()(inputs)))
+    carried = VolumeInput(spacing_mm=(2, 2, 2), downscale=2)
+    model = with_input_record(base, carried.to_config())
+    path = tmp_path / "m.keras"
+    model.save(path)
+    VolumeInput(spacing_mm=(1, 1, 1)).save(tmp_path)  # another record beside: not the model's
+    loaded = keras.saving.load_model(path, compile=False)  # plain Keras, once kdsb is imported
+    assert VolumeInput.for_model(path, loaded) == carried
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 4, 1)).astype(np.float32)
+    np.testing.assert_allclose(loaded(x), base(x), rtol=1e-6)
+    # A second record replaces the first, not stacked.
+    again = with_input_record(loaded, VolumeInput(spacing_mm=(3, 3, 3)).to_config())
+    assert input_record_of(again)["spacing_mm"] == [3.0, 3.0, 3.0]
+    assert sum(layer.name == "input_record" for layer in again.layers) == 1
+    assert input_record_of(base) is None
+    with pytest.raises(KdsbError, match=r"expected classifier.json beside .*elsewhere"):
+        VolumeInput.for_model(tmp_path / "elsewhere" / "m.keras", base)
+    old = with_input_record(base, {**carried.to_config(), "spacing_mm": None})
+    with caplog.at_level("WARNING", logger="kdsb.data.inputs"):
+        assert VolumeInput.for_model(path, old).spacing_mm is None
+    assert "records no training spacing: volumes of any spacing are scored" in caplog.text
+
+
 def test_classifier_json_of_earlier_runs_still_reads(tmp_path):
     """Runs saved before `spacing_mm` and `hu_clip` existed: any spacing, the same clip."""
     (tmp_path / INPUT_NAME).write_text(json.dumps(

@@ -111,6 +111,17 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     # The model's input: the defaults, at the spacing of the training volumes.
     assert VolumeInput.for_model(run / "classifier.keras") == VolumeInput(spacing_mm=(1, 1, 1))
     assert json.loads((run / "classifier.json").read_text())["gmcae"] == str(gmcae)
+    # The model file carries it too (the model-input contract): copied alone, it is still read
+    # at its training spacing (found in review: it was refused without classifier.json).
+    from kdsb.models.input_record import input_record_of
+
+    alone = tmp_path / "alone" / "copied.keras"
+    alone.parent.mkdir()
+    alone.write_bytes((run / "classifier.keras").read_bytes())
+    copied = keras.saving.load_model(alone, compile=False)
+    assert VolumeInput.from_config(input_record_of(copied)) == VolumeInput(spacing_mm=(1, 1, 1))
+    assert VolumeInput.for_model(alone, copied) == VolumeInput(spacing_mm=(1, 1, 1))
+    assert float(copied(x)[0, 0]) == pytest.approx(float(model(x)[0, 0]), rel=1e-6)
 
     saved = json.loads((run / "config.json").read_text())
     assert saved["epochs"] == 2 and saved["levels"] == [1, 2, 4] and "resume" not in saved

@@ -1,9 +1,10 @@
 """What a model reads and how: one `VolumeInput` turns a volume file into a classifier's input.
 
-A trained classifier carries its `VolumeInput` in `classifier.json` beside `classifier.keras`
-(`save`, `for_model`); a trained GMCAE carries the spacing of its training volumes in
-`gmcae.json` beside `gmcae.keras` (`save_gmcae_spacing`, `gmcae_spacing_of`), so `kdsb embed`
-refuses volumes of another grid. `check_spacing` is the one rule both apply. Training,
+A trained classifier carries its `VolumeInput` inside `classifier.keras` (a record layer,
+`kdsb.models.input_record`) and in `classifier.json` beside it (`save`, `for_model`; the file
+also serves checkpoints and older models); a trained GMCAE carries the spacing of its training
+volumes in `gmcae.json` beside `gmcae.keras` (`save_gmcae_spacing`, `gmcae_spacing_of`), so
+`kdsb embed` refuses volumes of another grid. `check_spacing` is the one rule both apply. Training,
 validation scoring and `kdsb predict` read volumes only through `VolumeInput.read`, so a
 model is always fed the way it was trained. Steps of `read`:
 
@@ -129,25 +130,40 @@ class VolumeInput:
         return write_json(Path(run_dir) / INPUT_NAME, dict(sorted(config.items())))
 
     @classmethod
-    def for_model(cls, model_path: str | os.PathLike) -> VolumeInput:
+    def for_model(cls, model_path: str | os.PathLike, model: Any = None) -> VolumeInput:
         """The `VolumeInput` of a saved classifier.
 
-        Looked up as `classifier.json` in the model's folder (its run folder), then in the two
-        above (`checkpoints/epoch_NNNN.keras`, `fold_k/…`).
+        The record the loaded `model` carries (`kdsb.models.input_record`: every
+        `classifier.keras` written by train-classifier), else `classifier.json` in the model's
+        folder (its run folder) or in the two above (`checkpoints/epoch_NNNN.keras`,
+        `fold_k/…`). A record without a training spacing (classifiers older than the spacing
+        check) is warned of: volumes of any spacing pass.
 
         Raises:
-            KdsbError: no classifier.json (a model copied without it would be fed volumes of
-                any spacing, normalised and masked by guess), or one that is not valid JSON or
-                lacks a required key.
+            KdsbError: no record and no classifier.json (a model copied without it would be fed
+                volumes of any spacing, normalised and masked by guess), or one that is not
+                valid JSON or lacks a required key.
         """
-        found = record_beside(model_path, INPUT_NAME, levels=3)
+        carried = None
+        if model is not None:
+            from kdsb.models.input_record import input_record_of
+
+            carried = input_record_of(model)
+        if carried is not None:
+            found = (Path(model_path), carried)
+        else:
+            found = record_beside(model_path, INPUT_NAME, levels=3)
         if found is None:
             raise KdsbError(
                 f"expected {INPUT_NAME} beside {model_path} (how the model reads a volume: "
                 f"spacing, HU, masking; train-classifier writes it into the run folder), "
                 f"received none: copy it with the model"
             )
-        return cls.from_config(found[1], str(found[0]))
+        volume_input = cls.from_config(found[1], str(found[0]))
+        if volume_input.spacing_mm is None:
+            logger.warning("%s records no training spacing: volumes of any spacing are scored "
+                           "(train it again to have them checked)", found[0])
+        return volume_input
 
     def check(self, path: str | os.PathLike, spacing: Sequence[float], shape: Sequence[int],
               whose: str = MODEL_SPACING):

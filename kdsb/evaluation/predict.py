@@ -150,7 +150,7 @@ def load_classifiers(model_paths: Sequence[str | os.PathLike]) -> list[tuple[Vol
     loaded = []
     for path in resolve_model_paths(model_paths):
         model = load_classifier(path)  # first: is it a classifier at all?
-        loaded.append((VolumeInput.for_model(path), model))
+        loaded.append((VolumeInput.for_model(path, model), model))
     return loaded
 
 

@@ -406,11 +406,15 @@ def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _C
     return _Fitted(p_val, best, [])
 
 
-def _save_calibrated(model_dir: Path, calibration) -> None:
+def _save_calibrated(model_dir: Path, calibration, volume_input: VolumeInput) -> None:
+    """Write `classifier.keras`: the uncalibrated model, its calibration and the record of how
+    it reads a volume (the model-input contract: it travels with the file)."""
     from kdsb.models.calibration import with_calibration
     from kdsb.models.classifier import load_classifier
+    from kdsb.models.input_record import with_input_record
 
     model = with_calibration(load_classifier(model_dir / UNCALIBRATED_NAME), calibration)
+    model = with_input_record(model, volume_input.to_config())
     runs.save_model_atomically(model, model_dir / BEST_NAME)
 
 
@@ -587,7 +591,7 @@ def _one_split(run_dir: Path, ctx: _Context) -> dict[str, Any] | None:
     # patients may be of one class (found in review: a Platt map fitted on them).
     method = method_for(len(val_ids), options.calibration, one_class=len(set(y_val)) < 2)
     calibration = fit_calibration(y_val, p_val, method)
-    _save_calibrated(run_dir, calibration)
+    _save_calibrated(run_dir, calibration, ctx.volume_input)
     p_cal = calibration.apply(p_val)
     return {
         "head": options.head,
@@ -657,7 +661,7 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
             p_raw[inside]
         )
     for k in range(1, len(folds) + 1):
-        _save_calibrated(run_dir / f"{FOLD_PREFIX}{k}", calibration)
+        _save_calibrated(run_dir / f"{FOLD_PREFIX}{k}", calibration, ctx.volume_input)
     _write_oof(run_dir / OOF_NAME, ids, p_cal, fold, y, p_raw)
     _warn_if_calibration_hurt(y, p_raw, p_cal, method)
     from kdsb.evaluation.evaluate import plot_calibration
