@@ -18,7 +18,7 @@ import sys
 # Every module that defines a `@keras.saving.register_keras_serializable` object.
 KERAS_OBJECT_MODULES = (
     "kdsb.models.layers", "kdsb.models.losses", "kdsb.models.calibration", "kdsb.models.mil",
-    "kdsb.models.nll", "kdsb.models.spread", "kdsb.models.input_record",
+    "kdsb.models.nll", "kdsb.models.spread", "kdsb.models.input_record", "kdsb.models.ensemble",
 )
 
 

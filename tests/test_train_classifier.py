@@ -442,6 +442,21 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     for pid, p in mean.items():
         assert p == pytest.approx(ensemble_probability([single[0][pid], single[1][pid]]),
                                   rel=1e-5)
+    # The run folder's own classifier.keras (the command contract): the folds as one model,
+    # which scores as predict RUN_DIR does; its history.csv, the folds' one after the other.
+    ensemble = predict_cohort(data, [run / "classifier.keras"], clip=0.0)
+    assert ensemble == pytest.approx(mean, rel=1e-5)
+    from kdsb.errors import ModelError
+    from kdsb.evaluation.explain import _split_classifier
+
+    with pytest.raises(ModelError, match="nests its fold models: pass the RUN_DIR"):
+        _split_classifier(keras.saving.load_model(run / "classifier.keras", compile=False))
+    with open(run / "history.csv", newline="") as f:
+        stacked = list(csv.DictReader(f))
+    for k in (1, 2):
+        with open(run / f"fold_{k}" / "history.csv", newline="") as f:
+            assert [{key: v for key, v in row.items() if key != "fold"}
+                    for row in stacked if row["fold"] == str(k)] == list(csv.DictReader(f))
 
     # A second start into the same folder needs --resume; resuming retrains no finished fold.
     assert main(argv) == 2

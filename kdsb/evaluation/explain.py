@@ -100,7 +100,8 @@ def _split_classifier(model: Any) -> tuple[Any, list[Any], Any]:
     except ModelError:
         raise ModelError(
             f"expected a classifier with an encoder for Grad-CAM, received '{model.name}' "
-            "without one (head nll: its instances are patch likelihoods); use --method "
+            "without one (head nll: its instances are patch likelihoods; a cross-validated "
+            "run's own classifier.keras nests its fold models: pass the RUN_DIR); use --method "
             "occlusion"
         ) from None
     output = model.get_layer(OUTPUT_LAYER)

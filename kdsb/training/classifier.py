@@ -29,6 +29,8 @@ and `nll`; restarts.json and collapsed_N_* after restarts, below). With folds:
 ```
 RUN_DIR/
   config.json  classifier.json  metrics.json  oof.csv  calibration.png  (bags/)
+  classifier.keras  the K fold models as one (their mean logit; `kdsb.models.ensemble`)
+  history.csv       the folds' histories, with a `fold` column
   fold_1/ … fold_K/     one run each: classifier.keras, uncalibrated.keras, fold.json, …
 ```
 
@@ -418,6 +420,28 @@ def _save_calibrated(model_dir: Path, calibration, volume_input: VolumeInput) ->
     runs.save_model_atomically(model, model_dir / BEST_NAME)
 
 
+def _save_ensemble(run_dir: Path, folds: int, volume_input: VolumeInput) -> None:
+    """The run folder's own `classifier.keras` and `history.csv` (the command contract): the
+    fold models as one model (`kdsb.models.ensemble`, the mean logit `kdsb predict RUN_DIR`
+    takes) and the folds' histories one after the other, with a `fold` column."""
+    from kdsb.models.classifier import load_classifier
+    from kdsb.models.ensemble import ensemble_of
+    from kdsb.models.input_record import with_input_record
+
+    fold_dirs = [run_dir / f"{FOLD_PREFIX}{k}" for k in range(1, folds + 1)]
+    members = [load_classifier(folder / BEST_NAME) for folder in fold_dirs]
+    model = with_input_record(ensemble_of(members), volume_input.to_config())
+    runs.save_model_atomically(model, run_dir / BEST_NAME)
+    rows = [{"fold": k, **row} for k, folder in enumerate(fold_dirs, start=1)
+            for row in runs.read_history(folder / runs.HISTORY_NAME)]
+    fields = list(dict.fromkeys(key for row in rows for key in row)) or ["fold"]
+    with atomic_path(run_dir / runs.HISTORY_NAME) as temp, \
+            temp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def scores_with_intervals(y, p, seed: int) -> dict[str, Any]:
     """`metrics.summary` (NaN AUC as None) plus bootstrap 95 % intervals under "intervals"."""
     scores = {k: _finite_or_none(v) if isinstance(v, float) else v
@@ -662,6 +686,7 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
         )
     for k in range(1, len(folds) + 1):
         _save_calibrated(run_dir / f"{FOLD_PREFIX}{k}", calibration, ctx.volume_input)
+    _save_ensemble(run_dir, len(folds), ctx.volume_input)
     _write_oof(run_dir / OOF_NAME, ids, p_cal, fold, y, p_raw)
     _warn_if_calibration_hurt(y, p_raw, p_cal, method)
     from kdsb.evaluation.evaluate import plot_calibration
