@@ -35,7 +35,7 @@ def test_help_lists_every_subcommand_without_importing_tensorflow():
         "    main(['--help'])\n"
         "except SystemExit as e:\n"
         "    assert e.code == 0\n"
-        "for name in ('tensorflow', 'keras'):\n"
+        "for name in ('tensorflow', 'keras', 'scipy'):\n"
         "    assert name not in sys.modules, name + ' imported by --help'\n"
     )
     result = _run("-c", code)
@@ -95,6 +95,13 @@ def test_synth_and_preprocess_run_without_importing_tensorflow(tmp_path):
     result = _run("-c", code)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "phantom_000.h5").is_file()
+
+
+def test_the_evaluate_commands_bootstrap_default_is_the_metrics_one():
+    from kdsb.commands import evaluate as command
+    from kdsb.evaluation import metrics
+
+    assert command.DEFAULT_BOOTSTRAP == metrics.DEFAULT_BOOTSTRAP
 
 
 def test_the_keras_hook_lists_every_module_of_registered_objects():

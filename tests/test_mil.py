@@ -43,7 +43,7 @@ def test_the_classifier_equals_encoder_cells_through_the_head(encoder, tmp_path)
     channels = int(truncated_encoder(encoder, 2).output.shape[-1])
     classifier, head = build_mil_classifier(
         encoder_instances(encoder, 2), feature_mean=np.zeros(channels),
-        feature_variance=np.ones(channels), units=4,
+        feature_variance=np.ones(channels), units=4, pooling="attention", dropout=0.25,
     )
     x = np.random.default_rng(2).normal(size=(1, 16, 12, 20, 1)).astype("float32")
     cells = np.asarray(truncated_encoder(encoder, 2)(x))

@@ -51,7 +51,7 @@ def require_volume_dir(path: str | os.PathLike) -> Path:
     """`require_dir` for DATA_DIR, which must hold at least one volume file: a folder without
     any (a DICOM folder given by mistake) is a usage error alike in every command (found by a
     user's check: exit 2 in one command, 1 in others, 0 in export)."""
-    from kdsb.io.volumes import SUFFIX  # here: h5py is not for `kdsb --help`
+    from kdsb.io.volumes import SUFFIX
 
     path = require_dir(path, DATA_DIR_WHAT)
     if not any(p.suffix == SUFFIX and not p.name.startswith(".") for p in path.iterdir()):

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from kdsb.training.classifier_options import ClassifierOptions
-from kdsb.training.runs import add_options, given_options
+from kdsb.training.runs import add_options, given_options, resumable_flags
 
 HELP = ("train the cancer classifier on a GMCAE's encoder (SPP or MIL head), calibrated, "
         "optionally cross-validated")
@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, ClassifierOptions)
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint with the run's saved options "
-                             "(only --epochs, --patience, --distribute, --keep-checkpoints and "
-                             "--tile-z may change); refused when the patients, the volumes' "
-                             "spacing or the GMCAE's content have changed")
+                             f"(only {resumable_flags(ClassifierOptions)} may change); refused "
+                             "when the patients, the volumes' spacing or the GMCAE's content "
+                             "have changed")
 
 
 def run(args: argparse.Namespace) -> int:

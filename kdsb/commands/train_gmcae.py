@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from kdsb.training.gmcae import GmcaeOptions
-from kdsb.training.runs import add_options, given_options
+from kdsb.training.runs import add_options, given_options, resumable_flags
 
 HELP = "train the GMCAE on 3D lung patches (unsupervised, Gaussian mixture NLL)"
 
@@ -17,9 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, GmcaeOptions)
     parser.add_argument(
         "--resume", action="store_true",
-        help="continue RUN_DIR from its last checkpoint with its saved options (only --epochs, "
-             "--steps-per-epoch, --patience, --distribute and --keep-checkpoints may change); "
-             "refused when the patients or the volumes' spacing have changed",
+        help="continue RUN_DIR from its last checkpoint with its saved options (only "
+             f"{resumable_flags(GmcaeOptions)} may change); refused when the patients or the "
+             "volumes' spacing have changed",
     )
 
 

@@ -259,7 +259,7 @@ def bootstrap_intervals(
         threshold: decision threshold of the accuracy, as in `accuracy`.
 
     Returns:
-        Metric name ("log_loss", "roc_auc", "accuracy", "brier") → (low, high).
+        Metric name (`BOOTSTRAP_METRICS`) → (low, high).
     """
     if n_boot < 1:
         raise KdsbError(f"expected at least one bootstrap resample, received {n_boot}")
@@ -268,7 +268,7 @@ def bootstrap_intervals(
     y, p = _validate(y, p)
     n = y.size
     if n < 2:
-        return dict.fromkeys(("log_loss", "roc_auc", "accuracy", "brier"), (math.nan, math.nan))
+        return dict.fromkeys(BOOTSTRAP_METRICS, (math.nan, math.nan))
     clipped = np.clip(p, LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
     per_patient = np.stack([
         -(y * np.log(clipped) + (1.0 - y) * np.log1p(-clipped)),  # log loss
@@ -313,12 +313,9 @@ def bootstrap_intervals(
         low, high = np.quantile(values, tails)
         return float(low), float(high)
 
-    return {
-        "log_loss": interval(means[:, 0]),
-        "roc_auc": interval(aucs),
-        "accuracy": interval(means[:, 1]),
-        "brier": interval(means[:, 2]),
-    }
+    by_name = {"log_loss": means[:, 0], "roc_auc": aucs, "accuracy": means[:, 1],
+               "brier": means[:, 2]}
+    return {name: interval(by_name[name]) for name in BOOTSTRAP_METRICS}
 
 
 @dataclass(frozen=True)

@@ -128,10 +128,10 @@ def build_mil_classifier(
     *,
     feature_mean: np.ndarray,
     feature_variance: np.ndarray,
-    units: int = 32,
+    units: int,
+    pooling: str,
+    dropout: float,
     attention_units: int = 16,
-    pooling: str = "attention",
-    dropout: float = 0.25,
     name: str = "classifier",
 ) -> tuple[keras.Model, keras.Model]:
     """The MIL classifier on frozen instance features, and its head alone.

@@ -73,6 +73,7 @@ from kdsb.training.runs.options import (
     given_options,
     option,
     resolve_options,
+    resumable_flags,
 )
 from kdsb.training.runs.split import SPLIT_NAME, check_split, pin_split
 
@@ -99,6 +100,7 @@ __all__ = [
     "finished_training",
     "fit",
     "given_options",
+    "resumable_flags",
     "keras_verbosity",
     "last_checkpoint",
     "list_checkpoints",

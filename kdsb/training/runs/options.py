@@ -32,6 +32,14 @@ RESUMABLE_CHANGES = (
 RESUMABLE_NOTES = {"gmcae": " (moved: the same file's content)"}
 
 
+def resumable_flags(options: type[RunOptions]) -> str:
+    """The flags of `options` a resumed run may change, comma-separated (`RESUMABLE_CHANGES`,
+    with their `RESUMABLE_NOTES`): the one list `--resume`'s help and refusal both print."""
+    fields = {f.name: f for f in dataclasses.fields(options)}
+    return ", ".join(flag_of(fields[k]) + RESUMABLE_NOTES.get(k, "")
+                     for k in RESUMABLE_CHANGES if k in fields)
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", **argparse_kwargs: Any) -> Any:
     """A field of a `RunOptions` subclass and its command-line flag.
 
@@ -213,11 +221,9 @@ def resolve_options(
     for key in given:
         old, new = getattr(saved, key), getattr(resolved, key)
         if key not in RESUMABLE_CHANGES and not _same(fields[key], old, new):
-            changeable = ", ".join(flag_of(fields[k]) + RESUMABLE_NOTES.get(k, "")
-                                   for k in RESUMABLE_CHANGES if k in fields)
             raise UsageError(
                 f"expected {flag_of(fields[key])} {old} as saved in {path} when resuming, "
-                f"received {new}; only {changeable} may change"
+                f"received {new}; only {resumable_flags(options)} may change"
             )
     data_dir = str(Path(data_dir).resolve())
     if stored.get("data_dir", data_dir) != data_dir:
