@@ -179,6 +179,20 @@ def test_volume_dataset_variable_sizes_and_labels(paths):
     np.testing.assert_array_equal(unlabelled[0], elements[0][0])
 
 
+def test_volume_dataset_shuffled_and_augmented_keeps_each_label_with_its_volume(paths):
+    """The default head's training stream (shuffled, augmented, repeated): every element's
+    label is its own volume's, told apart by the sorted shape a cube symmetry keeps."""
+    labels = {"a": 1, "b": 0, "c": 1}
+    by_shape = {tuple(sorted(shape)): labels[i] for i, shape in SHAPES.items()}
+    stream = datasets.volume_dataset(paths, labels, volume_input=PLAIN, augment=True, seed=4,
+                                     shuffle=True, repeat=True)
+    elements = _take(stream, 12)
+    order = [tuple(sorted(x.shape[1:4])) for x, _ in elements]
+    assert [float(y[0, 0]) for _, y in elements] == [by_shape[s] for s in order]
+    assert order[:3] != [tuple(sorted(SHAPES[i])) for i in "abc"] or \
+        order[3:6] != order[:3]  # shuffled: not the files' order on every pass
+
+
 def test_volume_dataset_rejects_missing_labels(paths):
     with pytest.raises(LabelsError, match="received none for"):
         datasets.volume_dataset(paths, {"a": 1}, volume_input=PLAIN)

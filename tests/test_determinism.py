@@ -62,9 +62,9 @@ def data_dir(tmp_path_factory) -> Path:
 def _assert_same_weights(a: Path, b: Path) -> None:
     first = keras.saving.load_model(a, safe_mode=True)
     second = keras.saving.load_model(b, safe_mode=True)
-    pairs = [(first.weights, second.weights)]
-    if first.optimizer is not None:
-        pairs.append((first.optimizer.variables, second.optimizer.variables))
+    assert first.optimizer is not None and second.optimizer is not None  # checkpoints hold it
+    pairs = [(first.weights, second.weights),
+             (first.optimizer.variables, second.optimizer.variables)]
     for left, right in pairs:
         assert len(left) == len(right) > 0
         for u, v in zip(left, right, strict=True):

@@ -608,8 +608,18 @@ def test_real_series(real_ct_dicom_dir, tmp_path):
     assert (shuffled.spacing, shuffled.origin) == (series.spacing, series.origin)
 
 
+def test_missing_decoder_names_the_package(tmp_path, monkeypatch):
+    """On a JPEG 2000 series written here, so it runs offline too (the real one below)."""
+    hu = np.random.default_rng(1).integers(-1000, 2000, (2, 40, 48)).astype(np.int16)
+    write_ct_series(tmp_path, hu, SPACING, ORIGIN, patient_id="p",
+                    acquisition=Acquisition(compression="jpeg2000"))
+    monkeypatch.setattr(Decoder, "is_available", property(lambda self: False))
+    with pytest.raises(MissingDecoderError, match="install pylibjpeg-openjpeg"):
+        read_series(tmp_path, patient_id="p")
+
+
 @pytest.mark.realdata
-def test_missing_decoder_names_the_package(real_ct_dicom_dir, monkeypatch):
+def test_missing_decoder_names_the_package_on_real_files(real_ct_dicom_dir, monkeypatch):
     monkeypatch.setattr(Decoder, "is_available", property(lambda self: False))
     with pytest.raises(MissingDecoderError, match="install pylibjpeg-openjpeg"):
         read_series(real_ct_dicom_dir, patient_id="real")

@@ -31,7 +31,7 @@ def test_writes_valid_ct_image_storage(tmp_path, hu):
     assert [p.name for p in paths] == [f"CT001_{k:05d}.dcm" for k in range(1, SHAPE[0] + 1)]
     datasets = _read_all(paths)
     for k, ds in enumerate(datasets):
-        assert ds.preamble is not None
+        assert ds.preamble == bytes(128)  # the DICOM file preamble, then "DICM"
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert ds.SOPClassUID == ds.file_meta.MediaStorageSOPClassUID == CTImageStorage
         assert ds.Modality == "CT" and ds.PatientID == "p1"

@@ -86,7 +86,7 @@ def test_a_gmcae_that_is_not_one_is_a_clear_error(cohort, tmp_path, capsys):
     assert "expected a kdsb GMCAE saved as .keras" in capsys.readouterr().err
     assert main(["embed", str(cohort / "data"), str(cohort / "gmcae.keras"),
                  str(tmp_path / "out"), "--patches", "0"]) == 2
-    capsys.readouterr()
+    assert "expected --patches >= 1, received 0" in capsys.readouterr().err
     assert main(["embed", str(cohort / "data"), str(cohort / "gmcae.keras"),
                  str(tmp_path / "out"), "--patches", "8", "--top", "9"]) == 2
     assert "expected --top at most --patches (8), received 9" in capsys.readouterr().err

@@ -113,9 +113,12 @@ def test_synth_base_bad_options_are_usage_errors(base_folder, tmp_path, capsys):
     assert main(["synth", str(tmp_path / "a"), "--base", str(folder), "--kinds", "cyst"]) == 2
     assert "expected --kinds among" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "b"), "--base", str(tmp_path / "missing")]) == 2
+    assert "expected a base scan (DICOM folder or volume file), received a missing path" in \
+        capsys.readouterr().err
     assert main(["synth", str(tmp_path / "c"), "--base", str(folder), "--radius-mm", "3",
                  "5"]) == 2
-    capsys.readouterr()
+    assert "expected --radius-mm LOW HIGH with 8 <= LOW <= HIGH <= 35, received 3 5" in \
+        capsys.readouterr().err
     # Refused before the base is read, not after every placement try (found by a user's check).
     assert main(["synth", str(tmp_path / "c"), "--base", str(folder), "--radius-mm", "100",
                  "200"]) == 2

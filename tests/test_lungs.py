@@ -655,7 +655,7 @@ def test_bounding_box_of_an_empty_mask_is_a_clear_error():
 @pytest.mark.slow
 def test_phantom_from_kdsb_synthetic():
     """The project's phantom generator (another module): Dice and juxtapleural nodules."""
-    synthetic = pytest.importorskip("kdsb.phantoms.anatomy")
+    from kdsb.phantoms import anatomy as synthetic
     phantom = synthetic.make_phantom(np.random.default_rng(5), size=160, cancer=True)
     mask = segment_lungs(phantom.hu, phantom.spacing)
     assert dice(mask, phantom.lung_mask) >= 0.97
@@ -907,7 +907,7 @@ def test_real_chest_ct(real_chest):
 
 def cohort_phantom_002():
     """Patient phantom_002 of `write_cohort(seed=0, patients=4, size=96, scale=0.7)`."""
-    synthetic = pytest.importorskip("kdsb.phantoms.anatomy")
+    from kdsb.phantoms import anatomy as synthetic
     sequence = np.random.SeedSequence(0)
     labels = np.random.default_rng(sequence).permutation([1, 1, 0, 0])
     rng = np.random.default_rng(sequence.spawn(4)[2])
@@ -958,7 +958,7 @@ def test_juxtapleural_tumours_under_a_curved_wall_are_kept():
     mediastinum through the vessel tree and was not filled (82 % kept); a 9.0 mm one on 3.2 mm
     pixels lost its part under the chest wall's outward curve (87 % kept).
     """
-    synthetic = pytest.importorskip("kdsb.phantoms.anatomy")
+    from kdsb.phantoms import anatomy as synthetic
     small = synthetic.make_phantom(np.random.default_rng(112), size=96, cancer=True, scale=1.0)
     for phantom, expected in ((cohort_phantom_002(), 1), (small, 2)):
         mask = segment_lungs(phantom.hu, phantom.spacing)

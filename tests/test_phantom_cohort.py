@@ -138,10 +138,11 @@ def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys, caplog):
     assert sorted(p.name for p in (held_out / "dicom").iterdir()) == ["test_000", "test_001"]
     assert (held_out / "labels.csv").read_text().splitlines()[1].startswith("test_00")
     assert main(["synth", str(tmp_path / "x"), "--id-prefix", "a/b"]) == 2
+    assert "expected --id-prefix of letters, digits" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "x"), "--size", "8"]) == 2
     assert "expected --size" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "y"), "--patients", "0"]) == 2
-    capsys.readouterr()
+    assert "expected --patients >= 1, received 0" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("")  # found in review: a NotADirectoryError traceback
     assert main(["synth", str(tmp_path / "a_file"), "--patients", "2"]) == 2
     assert "expected OUT_ROOT, a folder for the cohort, received a file" in capsys.readouterr().err

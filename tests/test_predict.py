@@ -183,7 +183,7 @@ def test_missing_inputs_are_usage_errors_before_any_work(cohort, tmp_path, capsy
         in capsys.readouterr().err
     assert main(["predict", str(data), str(models[0]), "--out", str(out), "--tta",
                  "--tta-count", "49"]) == 2
-    capsys.readouterr()
+    assert "expected --tta-count in [1, 48], received 49" in capsys.readouterr().err
     # Found in review: an ignored --tta-count, and an OUT_CSV that is a folder (failing after
     # every prediction was made).
     assert main(["predict", str(data), str(models[0]), "--out", str(out), "--tta-count",

@@ -131,7 +131,10 @@ def test_a_finished_run_whose_checkpoints_were_deleted_stays_finished(tmp_path):
     shutil.rmtree(tmp_path / "checkpoints")
     stamp = (tmp_path / "best.keras").stat().st_mtime_ns
     resumed = _fit(tmp_path, 2, resume=True, best_name="best.keras")
-    assert resumed.epoch == [] and resumed.model is not None
+    assert resumed.epoch == []
+    best = keras.saving.load_model(tmp_path / "best.keras", compile=False)
+    for mine, saved in zip(resumed.model.weights, best.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(saved))
     assert (tmp_path / "best.keras").stat().st_mtime_ns == stamp
     assert not (tmp_path / "checkpoints").exists()
 

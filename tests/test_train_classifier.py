@@ -328,6 +328,30 @@ def test_class_weights_only_for_balanced_bce(cohort):
             assert weight == pytest.approx(balanced_class_weights(y)[int(label)])
 
 
+def test_spp_batch_size_accumulates_gradients_over_that_many_volumes(cohort):
+    """--batch-size N (head spp, one process): one whole volume a step, the weights updated
+    every N steps with their gradients together; the MIL heads batch their bags instead."""
+    import keras
+
+    _, _, gmcae = cohort
+    x = np.array([[3.0], [-1.0]], np.float32)
+    y = np.array([[0.0], [1.0]], np.float32)
+
+    def updated_after(steps: int, **options) -> bool:
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="sigmoid")])
+        spp.compile_classifier(model, ClassifierOptions(gmcae=str(gmcae), **options))
+        before = model.get_weights()
+        model.fit(x[:steps], y[:steps], batch_size=1, epochs=1, verbose=0, shuffle=False)
+        after = model.get_weights()
+        return any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+    assert updated_after(1) and not updated_after(1, batch_size=2)
+    assert updated_after(2, batch_size=2)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    spp.compile_classifier(model, ClassifierOptions(gmcae=str(gmcae), batch_size=4, head="mil"))
+    assert model.optimizer.gradient_accumulation_steps is None
+
+
 def test_label_smoothing_trains_toward_soft_labels_and_monitors_the_true_log_loss(cohort):
     """--label-smoothing eps: the loss is the cross-entropy against eps/2 and 1 - eps/2; the
     logged log loss (what early stopping watches) stays against the labels themselves."""
