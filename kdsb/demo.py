@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdsb.errors import KdsbError, UsageError
+from kdsb.phantoms.layout import dicom_dir, labels_path
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class _StageClock:
 def synth_cohort(root: Path, patients: int, seed: int) -> Path:
     from kdsb.phantoms.cohort import write_cohort
 
-    labels = root / "labels.csv"
+    labels = labels_path(root)
     if labels.is_file():
         return labels
     # labels.csv is written last (atomically): without it, anything under `root` is a killed
@@ -281,8 +282,8 @@ def run_demo(
 
     with clock.stage("preprocess", f"preprocess at {SPACING_MM:g} mm"):
         train_volumes, test_volumes = work / "volumes" / "train", work / "volumes" / "test"
-        preprocess_cohort(work / "train_cohort" / "dicom", train_volumes, workers)
-        preprocess_cohort(work / "test_cohort" / "dicom", test_volumes, workers)
+        preprocess_cohort(dicom_dir(work / "train_cohort"), train_volumes, workers)
+        preprocess_cohort(dicom_dir(work / "test_cohort"), test_volumes, workers)
 
     with clock.stage("train-gmcae",
                      f"train-gmcae (width {plan.gmcae_width}, {plan.gmcae_epochs} epochs)"):

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from kdsb.demo import PHANTOM_SCALE as DEMO_SCALE
+from kdsb.phantoms.layout import dicom_dir, truth_dir
 
 HELP = "write a test cohort as DICOM series plus labels.csv and ground truth"
 # Kept here (not imported) so that `kdsb --help` stays instant; tests check they agree.
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             **({} if args.id_prefix is None else {"id_prefix": args.id_prefix}),
         )
     root = labels_csv.parent
-    print(f"DICOM series: {root / 'dicom'}")
+    print(f"DICOM series: {dicom_dir(root)}")
     print(f"labels:       {labels_csv}")
-    print(f"ground truth: {root / 'truth'}")
+    print(f"ground truth: {truth_dir(root)}")
     return 0

@@ -35,6 +35,7 @@ from kdsb.io.atomic import TEMP_PREFIX, sole_writer, write_json
 from kdsb.io.tables import write_labels
 from kdsb.phantoms.anatomy import Nodule, Phantom, Truth, check_options, make_phantom
 from kdsb.phantoms.dicom_write import SLICE_ORDERS, Acquisition, write_ct_series
+from kdsb.phantoms.layout import DICOM_DIR, TRUTH_DIR, dicom_dir, labels_path, truth_dir
 from kdsb.preprocessing.hu import OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
@@ -113,9 +114,9 @@ def check_out_root(out_root: Path, overwrite: bool) -> list[Path]:
         UsageError: as `new_cohort` (but for another synth run writing it).
     """
     marker = out_root / UNFINISHED_MARKER
-    existing = [out_root / name for name in ("dicom", "truth", "labels.csv")]
+    existing = [dicom_dir(out_root), truth_dir(out_root), labels_path(out_root)]
     existing = [path for path in existing if path.exists()]
-    unfinished = marker.is_file() and not (out_root / "labels.csv").exists()
+    unfinished = marker.is_file() and not labels_path(out_root).exists()
     if existing and not (unfinished or overwrite):
         raise UsageError(
             f"expected a new or empty OUT_ROOT, received {out_root} which already holds "
@@ -154,7 +155,7 @@ def new_cohort(out_root: Path, overwrite: bool, options: dict) -> Iterator[dict[
     """
     marker = out_root / UNFINISHED_MARKER
     existing = check_out_root(out_root, overwrite)
-    unfinished = marker.is_file() and not (out_root / "labels.csv").exists()
+    unfinished = marker.is_file() and not labels_path(out_root).exists()
     out_root.mkdir(parents=True, exist_ok=True)
     begun = json.dumps({**options, "kdsb": __version__}, sort_keys=True).encode()
     with sole_writer(marker, "kdsb synth", "use another OUT_ROOT") as handle:
@@ -172,8 +173,8 @@ def new_cohort(out_root: Path, overwrite: bool, options: dict) -> Iterator[dict[
         handle.flush()
         for path in existing:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        (out_root / "dicom").mkdir()
-        (out_root / "truth").mkdir()
+        dicom_dir(out_root).mkdir()
+        truth_dir(out_root).mkdir()
         handle.write(begun)
         handle.flush()
         yield {}
@@ -182,22 +183,22 @@ def new_cohort(out_root: Path, overwrite: bool, options: dict) -> Iterator[dict[
 def _keep_finished(out_root: Path) -> dict[str, int]:
     """The patients of an unfinished cohort whose truth record (written last, atomically) is
     there, id → label; every other patient's files are removed (a series cut short)."""
-    for folder in ("dicom", "truth"):
+    for folder in (DICOM_DIR, TRUTH_DIR):
         (out_root / folder).mkdir(exist_ok=True)
     finished = {}
-    for record in (out_root / "truth").glob("*.json"):
+    for record in truth_dir(out_root).glob("*.json"):
         pid = record.stem
-        if pid.startswith(TEMP_PREFIX) or not (out_root / "truth" / f"{pid}.npz").is_file() \
-                or not (out_root / "dicom" / pid).is_dir():
+        if pid.startswith(TEMP_PREFIX) or not (truth_dir(out_root) / f"{pid}.npz").is_file() \
+                or not (dicom_dir(out_root) / pid).is_dir():
             continue
         try:
             finished[pid] = int(json.loads(record.read_text())["label"])
         except (ValueError, KeyError, TypeError):
             continue
-    for path in (out_root / "dicom").iterdir():
+    for path in dicom_dir(out_root).iterdir():
         if path.name not in finished:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for path in (out_root / "truth").iterdir():
+    for path in truth_dir(out_root).iterdir():
         if path.stem not in finished:  # `stem`: an --id-prefix may hold dots (v1.2_000.json)
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     return finished
@@ -207,18 +208,18 @@ def _synth_records(out_root: Path) -> list[str]:
     """The patients of OUT_ROOT that carry synth's own trio: `truth/<id>.json`,
     `truth/<id>.npz` and `dicom/<id>/`. A real cohort's own `truth/*.json` (annotations) has no
     such trio, so `--overwrite` never takes it for synth's (found in review)."""
-    truth = out_root / "truth"
+    truth = truth_dir(out_root)
     if not truth.is_dir():
         return []
     return [record.stem for record in truth.glob("*.json")
             if (truth / f"{record.stem}.npz").is_file()
-            and (out_root / "dicom" / record.stem).is_dir()]
+            and (dicom_dir(out_root) / record.stem).is_dir()]
 
 
 def finish_root(out_root: Path, rows: list[tuple[str, int]]) -> Path:
     """Write labels.csv (last and atomically: it marks a complete cohort) and drop the
     unfinished marker (inside `new_cohort`); returns the path of labels.csv."""
-    labels_csv = write_labels(out_root / "labels.csv", rows)
+    labels_csv = write_labels(labels_path(out_root), rows)
     (out_root / UNFINISHED_MARKER).unlink(missing_ok=True)
     return labels_csv
 
@@ -331,7 +332,7 @@ def write_cohort(
                 rows.append((pid, finished[pid]))
                 continue
             write_ct_series(
-                out_root / "dicom" / pid,
+                dicom_dir(out_root) / pid,
                 phantom.hu,
                 phantom.spacing,
                 phantom.origin,
@@ -339,7 +340,7 @@ def write_cohort(
                 padding_mask=np.broadcast_to(phantom.padding_mask, phantom.hu.shape),
                 acquisition=Acquisition(**acquisition),
             )
-            _write_truth(out_root / "truth", pid, phantom, acquisition)
+            _write_truth(truth_dir(out_root), pid, phantom, acquisition)
             rows.append((pid, phantom.label))
             logger.debug("%s: shape %s, label %d", pid, phantom.hu.shape, phantom.label)
         return finish_root(out_root, rows)
@@ -351,12 +352,12 @@ def truth_paths(out_root: str | os.PathLike, patient_id: str) -> tuple[Path, Pat
     Raises:
         KdsbError: either file is missing.
     """
-    truth_dir = Path(out_root) / "truth"
-    arrays_path, record_path = truth_dir / f"{patient_id}.npz", truth_dir / f"{patient_id}.json"
+    folder = truth_dir(out_root)
+    arrays_path, record_path = folder / f"{patient_id}.npz", folder / f"{patient_id}.json"
     if not arrays_path.is_file() or not record_path.is_file():
         raise KdsbError(
             f"expected truth files {arrays_path.name} and {record_path.name} in "
-            f"{truth_dir}, received a missing file for patient {patient_id}"
+            f"{folder}, received a missing file for patient {patient_id}"
         )
     return arrays_path, record_path
 

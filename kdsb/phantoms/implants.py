@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from kdsb.errors import KdsbError, UsageError
 from kdsb.io.atomic import write_json
+from kdsb.phantoms.layout import dicom_dir, truth_dir
 from kdsb.phantoms.lesions import (
     KINDS,
     PLACES,
@@ -330,10 +331,10 @@ def write_implant_cohort(
             )
             label = int(any(lesion.radius_mm >= CANCER_RADIUS_MM for lesion in lesions))
             acquisition = Acquisition(seed=int(rng.integers(2**31)))
-            write_ct_series(out_root / "dicom" / pid, hu, spacing, origin, patient_id=pid,
+            write_ct_series(dicom_dir(out_root) / pid, hu, spacing, origin, patient_id=pid,
                             acquisition=acquisition)
             np.savez_compressed(
-                out_root / "truth" / f"{pid}.npz",
+                truth_dir(out_root) / f"{pid}.npz",
                 lung_mask=(lungs | (labels > 0)).astype(np.uint8),
                 lesion_labels=labels,
                 spacing=np.array(spacing),
@@ -354,7 +355,7 @@ def write_implant_cohort(
                 "spacing": list(spacing),
                 "origin": list(origin),
             }
-            write_json(out_root / "truth" / f"{pid}.json", record)  # last: the patient is written
+            write_json(truth_dir(out_root) / f"{pid}.json", record)  # last: the patient is written
             rows.append((pid, label))
             logger.debug("%s: %d lesions, label %d", pid, len(lesions), label)
         return finish_root(out_root, rows)
