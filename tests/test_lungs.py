@@ -647,7 +647,7 @@ def test_the_mirror_plane_is_the_lungs_own_unless_one_lung_is_missing():
 
 def test_bounding_box_of_an_empty_mask_is_a_clear_error():
     with pytest.raises(LungMaskError, match="expected a 3D mask .* with lung voxels"):
-        lung_bounding_box(np.zeros((4, 4, 4), np.uint8), (1.0, 1.0, 1.0))
+        lung_bounding_box(np.zeros((4, 4, 4), np.uint8), (1.0, 1.0, 1.0), 10.0)
     with pytest.raises(LungMaskError, match="expected a margin"):
         lung_bounding_box(np.ones((4, 4, 4), np.uint8), (1.0, 1.0, 1.0), margin_mm=-1.0)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kdsb.preprocessing.pipeline import DEFAULT_MARGIN_MM, DEFAULT_SPACING_MM
+
 DEFAULT_MAX_WORKERS = 4
 
 HELP = (
@@ -25,14 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", type=Path, help="folder for <id>.h5 files and manifest.csv")
     parser.add_argument(
         "--workers", type=int, default=None,
-        help="worker processes (default: the cores this process may use, at most 4)",
+        help=f"worker processes (default: the cores this process may use, at most "
+             f"{DEFAULT_MAX_WORKERS})",
     )
     parser.add_argument(
-        "--spacing", type=float, nargs="+", default=[1.0], metavar="MM",
+        "--spacing", type=float, nargs="+", default=list(DEFAULT_SPACING_MM), metavar="MM",
         help="target spacing in mm: one value (isotropic) or three (z y x)",
     )
     parser.add_argument("--margin-mm", type=float, default=None, metavar="MM",
-                        help="margin kept around the lungs' bounding box, mm (default: 10)")
+                        help=f"margin kept around the lungs' bounding box, mm (default: "
+                             f"{DEFAULT_MARGIN_MM:g})")
     parser.add_argument("--overwrite", action="store_true", help="redo patients already written")
     parser.add_argument("--qc", type=Path, default=None, metavar="DIR",
                         help="write a QC PNG per patient and a contact sheet here")

@@ -33,6 +33,7 @@ from kdsb.io.folders import source_stamp
 from kdsb.io.tables import summarise_ids
 from kdsb.preprocessing.pipeline import (
     DEFAULT_MARGIN_MM,
+    DEFAULT_SPACING_MM,
     MARGIN_ATTR,
     SOURCE_STAMP_ATTR,
     STATUS_FAILED,
@@ -436,7 +437,7 @@ def run_cohort(
     out_dir: str | os.PathLike,
     *,
     workers: int = 1,
-    spacing: float | Sequence[float] = (1.0,),
+    spacing: float | Sequence[float] = DEFAULT_SPACING_MM,
     margin_mm: float = DEFAULT_MARGIN_MM,
     overwrite: bool = False,
     qc_dir: str | os.PathLike | None = None,

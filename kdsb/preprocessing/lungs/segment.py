@@ -256,7 +256,7 @@ def mask_on_box(
 def lung_bounding_box(
     mask: np.ndarray,
     spacing: Sequence[float],
-    margin_mm: float = 10.0,
+    margin_mm: float,
     *,
     box: Sequence[slice] | None = None,
     shape: Sequence[int] | None = None,
