@@ -161,3 +161,17 @@ def test_the_encoder_computes_in_the_runs_precision_not_the_gmcaes(gmcae):
         assert encoder_of(mixed).get_layer("block1_conv1").compute_dtype == "bfloat16"
     finally:
         mixed_precision.set_global_policy("float32")
+
+
+def test_the_options_choice_sets_agree_with_the_models():
+    """classifier_options copies the models' sets so `kdsb --help` imports no Keras."""
+    import dataclasses
+
+    from kdsb.models import calibration, layers, mil
+    from kdsb.training import classifier_options as options
+
+    assert options.POOLINGS == layers.POOLING_MODES
+    assert options.MIL_POOLINGS == mil.POOLINGS
+    assert options.CALIBRATIONS == calibration.METHODS
+    levels = {f.name: f.default for f in dataclasses.fields(options.ClassifierOptions)}["levels"]
+    assert tuple(levels) == layers.DEFAULT_LEVELS

@@ -6,7 +6,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from kdsb.evaluation.explain import DEFAULT_OCCLUSION_MM, METHODS
+from kdsb.evaluation.explain import (
+    DEFAULT_METHOD,
+    DEFAULT_OCCLUSION_MM,
+    METHODS,
+    STRIDES_PER_EDGE,
+)
 
 HELP = ("a 3D heatmap per patient of what drove p(cancer) (<id>.h5, <id>.png overlay) and "
         "peaks.csv, the hottest point in patient mm")
@@ -14,14 +19,14 @@ HELP = ("a 3D heatmap per patient of what drove p(cancer) (<id>.h5, <id>.png ove
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # argparse cannot show a last positional after a "+" one: the usage line says it.
-    parser.usage = ("%(prog)s [-h] [-v | -q] [--method {gradcam,occlusion}] [--ids IDS_CSV]\n"
+    parser.usage = (f"%(prog)s [-h] [-v | -q] [--method {{{','.join(METHODS)}}}] [--ids IDS_CSV]\n"
                     "       [--occlusion-mm OCCLUSION_MM] [--stride-mm STRIDE_MM]\n"
                     "       DATA_DIR MODEL.keras [MORE.keras ...] OUT_DIR")
     parser.add_argument("data_dir", type=Path, help="folder of <id>.h5 volumes")
     parser.add_argument("models", type=Path, nargs="+", metavar="MODEL.keras",
                         help="trained classifier(s) or run folders (every fold model), then "
                              "OUT_DIR; an ensemble's maps are averaged")
-    parser.add_argument("--method", choices=METHODS, default="gradcam",
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                         help="Grad-CAM on the encoder's last convolution, or occlusion "
                              "sensitivity (one forward pass per cube position: slow)")
     parser.add_argument("--ids", type=Path, default=None, metavar="IDS_CSV",
@@ -29,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--occlusion-mm", type=float, default=None,
                         help=f"occlusion cube edge, mm (default {DEFAULT_OCCLUSION_MM:g})")
     parser.add_argument("--stride-mm", type=float, default=None,
-                        help="occlusion step, mm, at most the cube edge (default: two thirds "
-                        "of the edge, 16 for 24 mm cubes)")
+                        help=f"occlusion step, mm, at most the cube edge (default: the edge / "
+                             f"{STRIDES_PER_EDGE:g}, {DEFAULT_OCCLUSION_MM / STRIDES_PER_EDGE:g} "
+                             f"for {DEFAULT_OCCLUSION_MM:g} mm cubes)")
 
 
 def run(args: argparse.Namespace) -> int:

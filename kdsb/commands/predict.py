@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kdsb.evaluation.predict import PROBABILITY_CLIP, TTA_ALL
+
 HELP = "write an id,cancer CSV of p(cancer) per patient; several models are ensembled (mean logit)"
 
 
@@ -23,10 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test-time augmentation: the ensemble's mean logit over cube "
                              "symmetries of the input too")
     parser.add_argument("--tta-count", type=int, default=None, metavar="K",
-                        help="with --tta, the first K cube symmetries (of 48 on an isotropic "
-                             "grid, fewer on an anisotropic one; default: all)")
+                        help=f"with --tta, the first K cube symmetries (of {TTA_ALL} on an "
+                             "isotropic grid, fewer on an anisotropic one; default: all)")
     parser.add_argument("--clip", type=float, default=None,
-                        help="clip probabilities to [CLIP, 1 - CLIP] (default: 0.005)")
+                        help="clip probabilities to [CLIP, 1 - CLIP] (default: "
+                             f"{PROBABILITY_CLIP:g})")
     parser.add_argument("--fill-missing", type=float, default=None, metavar="P",
                         help="with --ids: give ids without a volume (a scan that failed "
                              "preprocessing) probability P, each named in a warning, instead "

@@ -47,6 +47,7 @@ from kdsb.io.tables import write_table
 logger = logging.getLogger(__name__)
 
 METHODS = ("gradcam", "occlusion")
+DEFAULT_METHOD = METHODS[0]
 PEAKS_NAME = "peaks.csv"
 PEAK_FIELDS = ("id", "z", "y", "x", "value")
 DEFAULT_OCCLUSION_MM = 24.0
@@ -274,7 +275,7 @@ def explain_patient(
     volume_file: str | os.PathLike,
     volume: Any,
     *,
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     occlusion_mm: float = DEFAULT_OCCLUSION_MM,
     stride_mm: float | None = None,
 ) -> Explanation:
@@ -410,7 +411,7 @@ def explain_cohort(
     *,
     ids: Sequence[str] | None = None,
     ids_source: str = "ids",
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     occlusion_mm: float = DEFAULT_OCCLUSION_MM,
     stride_mm: float | None = None,
 ) -> list[Peak]:

@@ -18,9 +18,11 @@ HEADS = ("spp", "mil", "nll")
 # Of `runs.STRATEGIES`: "mirrored" cannot split one whole volume (sizes vary) over the devices.
 DISTRIBUTIONS = tuple(name for name in runs.STRATEGIES if name != "mirrored")
 LOSSES = ("bce", "focal")
-POOLINGS = ("max", "average")
-MIL_POOLINGS = ("attention", "max")
-CALIBRATIONS = ("platt", "temperature", "none")
+# Copies of the models' sets (a test checks they agree): the models import Keras, which
+# `kdsb --help` must not.
+POOLINGS = ("max", "average")  # kdsb.models.layers.POOLING_MODES
+MIL_POOLINGS = ("attention", "max")  # kdsb.models.mil.POOLINGS
+CALIBRATIONS = ("platt", "temperature", "none")  # kdsb.models.calibration.METHODS
 CLASS_WEIGHTS = ("balanced", "none")
 # What runs saved before an option existed (no key for it in config.json) trained with.
 LEGACY_DEFAULTS = {"label_smoothing": 0.0, "restarts": 0}
@@ -171,6 +173,7 @@ class ClassifierOptions(RunOptions):
         require_keras_file(gmcae, "--gmcae, a trained GMCAE .keras file")
 
     def checks(self) -> list[tuple[bool, str, Any]]:
+        from kdsb.data.patches import CUBE_SYMMETRIES
         from kdsb.models.gmcae import ENCODER_BLOCKS
 
         return [
@@ -190,8 +193,10 @@ class ClassifierOptions(RunOptions):
              self.calibration),
             (self.mil_pooling in MIL_POOLINGS, f"--mil-pooling in {MIL_POOLINGS}",
              self.mil_pooling),
-            (1 <= self.mil_block <= 3, "--mil-block in 1..3", self.mil_block),
-            (1 <= self.bag_symmetries <= 48, "--bag-symmetries in 1..48", self.bag_symmetries),
+            (1 <= self.mil_block <= ENCODER_BLOCKS, f"--mil-block in 1..{ENCODER_BLOCKS}",
+             self.mil_block),
+            (1 <= self.bag_symmetries <= len(CUBE_SYMMETRIES),
+             f"--bag-symmetries in 1..{len(CUBE_SYMMETRIES)}", self.bag_symmetries),
             (self.pooling in POOLINGS, f"--pooling in {POOLINGS}", self.pooling),
             (self.class_weight in CLASS_WEIGHTS, f"--class-weight in {CLASS_WEIGHTS}",
              self.class_weight),
