@@ -204,10 +204,11 @@ def read_patches(
     """
     _check_sampling(sampling, count, "count")  # found in review: unchecked on this path
     with volumes.open_volume(path) as f:
-        hu = f["hu"]
+        hu = f[volumes.HU_DATASET]
         if sampling == "lung":
             corners = patches.sample_patch_corners(
-                f["lung_mask"][...], count, patch_size, rng, min_lung_fraction=min_lung_fraction
+                f[volumes.MASK_DATASET][...], count, patch_size, rng,
+                min_lung_fraction=min_lung_fraction,
             )
         else:
             corners = patches.grid_patch_corners(hu.shape, patch_size)

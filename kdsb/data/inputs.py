@@ -216,9 +216,9 @@ class VolumeInput:
 
         with volumes.open_volume(path) as f:
             spacing = np.asarray(f.attrs["spacing"], dtype=np.float64)
-            self.check(path, spacing, f["hu"].shape)
-            x = normalize_hu(f["hu"][...], clip=self.hu_clip)
-            lung = f["lung_mask"][...] if self.mask_outside_lungs else None
+            self.check(path, spacing, f[volumes.HU_DATASET].shape)
+            x = normalize_hu(f[volumes.HU_DATASET][...], clip=self.hu_clip)
+            lung = f[volumes.MASK_DATASET][...] if self.mask_outside_lungs else None
         if self.downscale > 1:
             x = block_reduce_cropped(x, self.downscale, np.mean).astype(np.float32)
             lung = None if lung is None else block_reduce_cropped(lung, self.downscale, np.max)

@@ -71,8 +71,8 @@ def volume_patches(
     `read_patches(..., sampling="lung", augment=False)`, but the HU volume is read whole once
     (one pass over its compressed chunks) instead of slice by slice for every patch."""
     with volumes.open_volume(path) as f:
-        hu = f["hu"][...]
-        mask = f["lung_mask"][...]
+        hu = f[volumes.HU_DATASET][...]
+        mask = f[volumes.MASK_DATASET][...]
     corners = patches.sample_patch_corners(mask, count, patch_size, rng,
                                            min_lung_fraction=min_lung_fraction)
     return np.stack([patches.normalize_hu(patches.extract_patch(hu, corner, patch_size))

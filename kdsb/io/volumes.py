@@ -36,12 +36,13 @@ from kdsb.io.atomic import atomic_path
 
 SUFFIX = ".h5"
 CHUNK_EDGE = 32
-COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 DEFLATE_LEVEL = 1
+COMPRESSION = {"compression": "gzip", "compression_opts": DEFLATE_LEVEL, "shuffle": True}
 DEFLATE_WINDOW_BITS = 15  # the zlib format HDF5's deflate filter reads
 DEFLATE_MEMORY_LEVEL = 8  # zlib's default
 DEFLATE_BATCH_CHUNKS = 16  # chunks per thread deflated between writes
-REQUIRED_DATASETS = ("hu", "lung_mask")
+HU_DATASET, MASK_DATASET = "hu", "lung_mask"  # the data contract's two datasets
+REQUIRED_DATASETS = (HU_DATASET, MASK_DATASET)
 REQUIRED_ATTRS = ("spacing", "origin")
 
 
@@ -110,8 +111,8 @@ def write_volume(
         )
     hu = _as_int16_hu(hu, path)
     with atomic_path(path) as temp, h5py.File(temp, "w") as f:
-        _write_deflated(f, "hu", hu, threads)
-        _write_deflated(f, "lung_mask", (lung_mask > 0).astype(np.uint8), threads)
+        _write_deflated(f, HU_DATASET, hu, threads)
+        _write_deflated(f, MASK_DATASET, (lung_mask > 0).astype(np.uint8), threads)
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
         # The contract's own last: a caller's attrs (a read Volume's, say) never replace them.
@@ -202,7 +203,7 @@ def open_volume(path: str | os.PathLike) -> Iterator[h5py.File]:
         if missing:
             raise StoreError(f"{path}: expected a kdsb volume file, missing "
                              f"{', '.join(missing)}")
-        hu_shape, mask_shape = f["hu"].shape, f["lung_mask"].shape
+        hu_shape, mask_shape = f[HU_DATASET].shape, f[MASK_DATASET].shape
         if len(hu_shape) != 3 or mask_shape != hu_shape:
             raise StoreError(f"{path}: expected 3D hu and lung_mask of one shape, received "
                              f"{hu_shape} and {mask_shape}")
@@ -243,7 +244,7 @@ def read_attrs(path: str | os.PathLike) -> dict:
     """Every attribute of a volume file plus `shape`, without reading the voxels."""
     with open_volume(path) as f:
         attrs = {key: _decode(value) for key, value in f.attrs.items()}
-        attrs["shape"] = tuple(f["hu"].shape)
+        attrs["shape"] = tuple(f[HU_DATASET].shape)
     return attrs
 
 
@@ -256,8 +257,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
     path = Path(path)
     with open_volume(path) as f:
         attrs = {key: _decode(value) for key, value in f.attrs.items()}
-        hu = f["hu"][...]
-        lung_mask = f["lung_mask"][...]
+        hu = f[HU_DATASET][...]
+        lung_mask = f[MASK_DATASET][...]
     return Volume(
         patient_id=str(attrs.get("patient_id", path.stem)),
         hu=hu,

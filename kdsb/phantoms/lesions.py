@@ -41,6 +41,11 @@ from scipy import ndimage
 
 from kdsb.errors import KdsbError
 from kdsb.preprocessing.lungs import AIR_THRESHOLD_HU
+from kdsb.preprocessing.lungs.thresholds import (
+    GROUND_GLASS_MAX_HU,
+    GROUND_GLASS_MIN_HU,
+    MM3_PER_ML,
+)
 
 KINDS = ("solid", "spiculated", "part_solid", "ground_glass", "small_solid")
 PLACES = (
@@ -54,7 +59,7 @@ PLACES = (
 )
 
 SOLID_HU = (20.0, 60.0)  # mean HU of a solid lesion, drawn per lesion
-GROUND_GLASS_HU = (-700.0, -300.0)  # mean HU of ground glass, drawn per lesion
+GROUND_GLASS_HU = (GROUND_GLASS_MIN_HU, GROUND_GLASS_MAX_HU)  # mean HU of ground glass, per lesion
 LESION_NOISE_HU = 18.0  # standard deviation of the lesion's own texture
 TEXTURE_MM = 1.5  # correlation length of that texture
 LOBULATION = 0.18  # largest relative radius wobble of a lobulated mass
@@ -417,7 +422,7 @@ def implant_lesion(
         place=place,
         center_mm=center_mm,  # type: ignore[arg-type]
         radius_mm=float(radius_mm),
-        volume_ml=round(voxels * float(np.prod(spacing_arr)) / 1000.0, 4),
+        volume_ml=round(voxels * float(np.prod(spacing_arr)) / MM3_PER_ML, 4),
         voxels=voxels,
     )
     return truth, lesion

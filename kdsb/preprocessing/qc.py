@@ -36,6 +36,7 @@ from tqdm import tqdm
 from kdsb.io import volumes
 from kdsb.io.atomic import save_figure
 from kdsb.preprocessing.hu import LUNG_WINDOW_HU
+from kdsb.preprocessing.lungs.thresholds import GROUND_GLASS_MAX_HU, MM3_PER_ML
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +50,14 @@ LESION_TITLE_COLOUR = "darkgoldenrod"  # the lesion row's title: LESION_RGB, rea
 
 # The lesion finder: soft tissue (also the solid part of part-solid lesions) inside the lung
 # mask, with structures thinner than the opening ball (vessels) removed.
-LESION_HU = -300.0  # voxels above this are soft tissue, HU
+LESION_HU = GROUND_GLASS_MAX_HU  # voxels above this are soft tissue, HU
 VESSEL_RADIUS_MM = 3.0  # radius of the opening ball that removes vessels, mm
 LESION_MAX_VOXELS = 4_000_000  # larger volumes are searched on a strided copy (for speed)
 LESION_CANDIDATES = 10  # largest components of that search checked again at full resolution
 LESION_FIELD_MM = 80.0  # smallest side of the zoomed lesion views, mm
 LESION_FIELD_DIAMETERS = 3.0  # the zoomed views span at least this many lesion diameters
 NO_LESION_TEXT = "no soft-tissue lesion inside the mask"
-ML_PER_MM3 = 1e-3
+ML_PER_MM3 = 1.0 / MM3_PER_ML
 LITRES_PER_MM3 = 1e-6
 
 # The contact sheet. Text sizes are fixed in pixels (points at DPI), whatever the cohort size.
