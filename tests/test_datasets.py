@@ -145,6 +145,14 @@ def test_grid_pass_yields_every_grid_patch_once(paths):
     assert got.shape == (expected, PATCH, PATCH, PATCH, 1)
     # Unaugmented grid patch at the origin holds the bone spot, clipped to the maximum.
     assert np.isclose(got.max(), X_MAX)
+    # Every grid patch of every volume once, as NumPy cuts it (in whatever order they came).
+    reference = []
+    for path in paths:
+        hu = volumes.read_volume(path).hu
+        reference += [patches.normalize_hu(patches.extract_patch(hu, corner, PATCH))
+                      .astype(np.float32).tobytes()
+                      for corner in patches.grid_patch_corners(hu.shape, PATCH)]
+    assert sorted(p[..., 0].tobytes() for p in got) == sorted(reference)
 
 
 def test_patch_dataset_rejects_bad_options(paths, tmp_path):

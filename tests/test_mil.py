@@ -68,11 +68,23 @@ def test_bags_are_cached_keyed_and_streamed_padded(tmp_path):
     volumes = {}
     for i, shape in enumerate([(16, 16, 16), (24, 16, 16)]):
         volumes[f"p{i}"] = volume_path(tmp_path / "data", f"p{i}")
-        write_volume(volumes[f"p{i}"], np.full(shape, -700), np.ones(shape), (1, 1, 1), (0, 0, 0))
+        hu = np.random.default_rng(i).integers(-1000, 200, shape)
+        write_volume(volumes[f"p{i}"], hu, np.ones(shape), (1, 1, 1), (0, 0, 0))
     vi = VolumeInput(spacing_mm=(1, 1, 1))
     files = encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=2)
     bag = np.load(files["p1"])
     assert bag.shape == (2, 6 * 4 * 4, 4) and bag.dtype == np.float16
+    # Each row is the encoder's block-2 cells of the volume as read, under that symmetry.
+    from kdsb.data.patches import apply_symmetry
+    from kdsb.models.classifier import load_encoder_from_gmcae
+    from kdsb.models.mil import truncated_encoder
+
+    cells = truncated_encoder(load_encoder_from_gmcae(gmcae), 2)
+    x = vi.read(volumes["p1"])
+    for row, symmetry in zip(bag, [0, 5], strict=True):
+        expected = np.asarray(cells(apply_symmetry(x, symmetry)[np.newaxis]))
+        np.testing.assert_allclose(row, expected.reshape(-1, 4), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(bag[0], bag[1], atol=1e-3)
     stamp = files["p0"].stat().st_mtime_ns
     assert encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=2) == files
     assert files["p0"].stat().st_mtime_ns == stamp  # reused, not recomputed
