@@ -166,8 +166,9 @@ def _train_classifier(
     volumes: Path, labels: Path, gmcae: Path, run_dir: Path, plan: DemoPlan, seed: int
 ) -> dict:
     """Train the classifier into `run_dir`, or reuse a finished run; returns its metrics.json."""
-    from kdsb.training.classifier import METRICS_NAME, train_classifier
+    from kdsb.training.classifier import train_classifier
     from kdsb.training.classifier_options import ClassifierOptions
+    from kdsb.training.run_layout import METRICS_NAME
 
     metrics_path = run_dir / METRICS_NAME
     if metrics_path.is_file():
@@ -262,7 +263,7 @@ def run_demo(
     from kdsb.commands import require_output_dir
     from kdsb.evaluation.evaluate import CALIBRATION_PNG, ROC_PNG, evaluate, format_table
     from kdsb.evaluation.predict import predict_cohort
-    from kdsb.training.classifier import BEST_NAME
+    from kdsb.training.run_layout import BEST_NAME
 
     plan = FAST_PLAN if fast else FULL_PLAN
     _check_arguments(seed, patients, workers)  # before the plan is pinned

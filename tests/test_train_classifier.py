@@ -17,8 +17,8 @@ from kdsb.data.inputs import INPUT_NAME, VolumeInput
 from kdsb.errors import LabelsError, UsageError
 from kdsb.evaluation import metrics
 from kdsb.io.volumes import volume_path, write_volume
+from kdsb.training import attempts, plateau, run_layout, spp
 from kdsb.training import classifier as classifier_training
-from kdsb.training import spp
 from kdsb.training.classifier import balanced_class_weights
 from kdsb.training.classifier_options import ClassifierOptions
 from kdsb.training.runs import given_options
@@ -585,10 +585,10 @@ def test_bag_symmetries_keep_the_volumes_grid(caplog):
 
 def test_a_fold_that_learned_nothing_is_reported(caplog):
     flat = 0.5 + np.linspace(0.0, 3e-4, 6)  # a fold model stuck on its plateau (seen at 96)
-    classifier_training._warn_if_constant(flat, "fold 2")
+    plateau.warn_if_constant(flat, "fold 2")
     assert "fold 2: every held-out prediction lies within 3.0e-04 of 0.500" in caplog.text
     caplog.clear()
-    classifier_training._warn_if_constant(np.array([0.2, 0.3, 0.9]), "fold 3")
+    plateau.warn_if_constant(np.array([0.2, 0.3, 0.9]), "fold 3")
     assert caplog.text == ""
 
 
@@ -597,7 +597,7 @@ def test_explained_fraction_tells_a_model_that_learned_from_one_on_the_plateau()
     explain most of the labels' entropy once shifted; predictions that wobble by 0.01 around
     the plateau (folds stopped there at 24 and 96 patients) explain none of it even where they
     rank these few patients right, nor do constant ones; confidently wrong ones fall below."""
-    explained = classifier_training.explained_fraction
+    explained = plateau.explained_fraction
     y = np.array([0, 0, 0, 1, 1, 1])
     offset = np.array([0.80, 0.80, 0.80, 0.98, 0.98, 0.98])
     assert metrics.log_loss(y, offset) > metrics.base_rate_log_loss(y)
@@ -605,10 +605,10 @@ def test_explained_fraction_tells_a_model_that_learned_from_one_on_the_plateau()
     gap = np.log(0.98 / 0.02) - np.log(0.80 / 0.20)
     assert explained(y, offset) == pytest.approx(1 - np.log1p(np.exp(-gap / 2)) / np.log(2),
                                                  abs=1e-4)
-    assert explained(y, offset) > classifier_training.LEARNED_FRACTION
+    assert explained(y, offset) > plateau.LEARNED_FRACTION
     wobble = np.array([0.500, 0.505, 0.503, 0.507, 0.509, 0.510])
     assert metrics.roc_auc(y, wobble) == 1.0
-    assert 0.0 < explained(y, wobble) < classifier_training.LEARNED_FRACTION
+    assert 0.0 < explained(y, wobble) < plateau.LEARNED_FRACTION
     assert explained(y, np.full(6, 0.5)) == pytest.approx(0.0, abs=1e-6)
     assert explained(y, 1.0 - offset) < 0.0
     assert np.isnan(explained(np.ones(4), np.full(4, 0.7)))
@@ -640,7 +640,7 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
     options = dict(RESTART_OPTIONS, gmcae=str(gmcae), folds=0, val_fraction=0.25)
     run = tmp_path / "run"
     result = classifier_training.train_classifier(data, labels, run, options)
-    stride = classifier_training.RESTART_SEED_STRIDE
+    stride = attempts.RESTART_SEED_STRIDE
     assert result["collapsed_seeds"] == [3]
     assert json.loads((run / "restarts.json").read_text())[0]["seed"] == 3
     first, second = (runs_history(run / name) for name in ("collapsed_1_history.csv",
@@ -766,14 +766,14 @@ def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, m
     aside) and predicts the held-out fold; resumed, the settled fold trains nothing."""
     import hashlib
 
-    from kdsb.training import attempts, mil
+    from kdsb.training import mil
 
     data, labels, gmcae = cohort
     forced = iter([0.03, -1.0, 0.01])
     real = classifier_training.explained_fraction
     monkeypatch.setattr(classifier_training, "explained_fraction",
                         lambda y, p: next(forced, None) or real(y, p))
-    model_names = (classifier_training.UNCALIBRATED_NAME, mil.HEAD_NAME)
+    model_names = (run_layout.UNCALIBRATED_NAME, mil.HEAD_NAME)
     set_aside, hashes = attempts.set_aside, []
 
     def digest(folder):
@@ -787,7 +787,7 @@ def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, m
     options = dict(RESTART_OPTIONS, gmcae=str(gmcae))
     result = classifier_training.train_classifier(data, labels, tmp_path / "run", options)
     fold = tmp_path / "run" / "fold_1"
-    stride = classifier_training.RESTART_SEED_STRIDE
+    stride = attempts.RESTART_SEED_STRIDE
     assert result["collapsed_seeds"] == [[3 + stride, 3 + 2 * stride], []]
     records = json.loads((fold / "restarts.json").read_text())
     assert [r["seed"] for r in records] == [3, 3 + stride, 3 + 2 * stride]
@@ -1051,5 +1051,5 @@ def test_a_run_folders_own_folders_beside_its_folds_are_not_fold_models(tmp_path
     for name in ("fold_2", "fold_10", "fold_1", "fold_old"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "classifier.keras").write_bytes(b"")
-    assert [p.parent.name for p in classifier_training.model_paths_of_run(tmp_path)] == [
+    assert [p.parent.name for p in run_layout.model_paths_of_run(tmp_path)] == [
         "fold_1", "fold_2", "fold_10"]

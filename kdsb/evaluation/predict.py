@@ -163,7 +163,7 @@ def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
             cross-validated run missing a fold model.
     """
     from kdsb.commands import require_keras_file
-    from kdsb.training.classifier import model_paths_of_run
+    from kdsb.training.run_layout import model_paths_of_run
 
     if not model_paths:
         raise UsageError("expected at least one MODEL.keras or RUN_DIR, received none")

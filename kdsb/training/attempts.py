@@ -22,6 +22,10 @@ from pathlib import Path
 from kdsb.training import runs
 
 KEPT_KEY = "kept"
+RESTARTS_NAME = "restarts.json"
+# A restart's seed lies this far from the previous attempt's (beyond any epoch offset of a
+# resumed data stream).
+RESTART_SEED_STRIDE = 100_000
 
 
 def aside_prefix(number: int) -> str:

@@ -22,17 +22,7 @@ patients the model did not train on (the validation patients; with folds, every 
 out-of-fold prediction) and appended to the saved model as a layer, so `classifier.keras`
 carries it. The spine's best model stays beside it as `uncalibrated.keras`.
 
-Run folder (one split): classifier.keras, uncalibrated.keras, classifier.json, metrics.json,
-config.json, split.json, history.csv, finished.json, checkpoints/, logs/ (and bags/ for `mil`
-and `nll`; restarts.json and collapsed_N_* after restarts, below). With folds:
-
-```
-RUN_DIR/
-  config.json  classifier.json  metrics.json  oof.csv  calibration.png  (bags/)
-  classifier.keras  the K fold models as one (their mean logit; `kdsb.models.ensemble`)
-  history.csv       the folds' histories, with a `fold` column
-  fold_1/ … fold_K/     one run each: classifier.keras, uncalibrated.keras, fold.json, …
-```
+The run folder's files, one split or K folds: `kdsb.training.run_layout`.
 
 `oof.csv` (`id,cancer,fold,label,uncalibrated`) holds every labelled patient once: the
 prediction of the fold model that never saw it, calibrated by a map fitted on the other folds'
@@ -43,12 +33,13 @@ map fitted on all of them. A finished fold (its fold.json) is not retrained on `
 Restarts: a model whose validation predictions carry next to no information about the labels
 never left the plateau at the base rate (its encoder's pooled features died early, or its
 predictions only wobble around the base rate: seen in a quarter of the SPP folds at 24 and 96
-patients). The test is `explained_fraction`: shifted by the logit offset that fits the
-validation patients best (class weights offset every prediction), the predictions explain less
-than `LEARNED_FRACTION` of the labels' entropy. Such a model is trained again from the start
-with another seed (`RESTART_SEED_STRIDE`), up to `--restarts` times; when every attempt was
-stuck, the least stuck (largest explained fraction) is kept. The folder keeps each abandoned
-attempt's model and history (`collapsed_N_*`, `kdsb.training.attempts`) and `restarts.json`.
+patients). The test is `kdsb.training.plateau.explained_fraction`: shifted by the logit
+offset that fits the validation patients best (class weights offset every prediction), the
+predictions explain less than `LEARNED_FRACTION` of the labels' entropy. Such a model is
+trained again from the start with another seed (`attempts.RESTART_SEED_STRIDE` further), up to
+`--restarts` times; when every attempt was stuck, the least stuck (largest explained
+fraction) is kept. The folder keeps each abandoned attempt's model and history
+(`collapsed_N_*`, `kdsb.training.attempts`) and `restarts.json`.
 The validation patients decide, as they do for early stopping; with folds the held-out fold (the
 out-of-fold predictions) plays no part in it.
 
@@ -85,18 +76,28 @@ from kdsb.io.tables import check_labels_match, probability_text, read_labels
 from kdsb.io.volumes import list_volumes
 from kdsb.training import attempts, runs
 from kdsb.training.classifier_options import ClassifierOptions
+from kdsb.training.plateau import (
+    CONSTANT_SPREAD,
+    GIVE_UP_MONITOR,
+    LEARNED_FRACTION,
+    explained_fraction,
+    prediction_spread,
+    warn_if_constant,
+)
+from kdsb.training.run_layout import (
+    BAGS_DIR,
+    BEST_NAME,
+    CALIBRATION_PNG,
+    FOLD_NAME,
+    FOLD_PREFIX,
+    METRICS_NAME,
+    OOF_FIELDS,
+    OOF_NAME,
+    UNCALIBRATED_NAME,
+)
 
 logger = logging.getLogger(__name__)
 
-BEST_NAME = "classifier.keras"
-UNCALIBRATED_NAME = "uncalibrated.keras"
-METRICS_NAME = "metrics.json"
-OOF_NAME = "oof.csv"
-OOF_FIELDS = ("id", "cancer", "fold", "label", "uncalibrated")
-FOLD_NAME = "fold.json"
-FOLD_PREFIX = "fold_"
-BAGS_DIR = "bags"
-CALIBRATION_PNG = "calibration.png"
 # Out-of-fold log loss a cross-fitted calibration may add before it is warned of (nats).
 CALIBRATION_HURT_NATS = 0.005
 # The metric picking the best model: the `log_loss` metric compiled below, on validation data.
@@ -162,61 +163,6 @@ def _warn_of_another_gmcae_spacing(gmcae: str, volume_input: VolumeInput) -> Non
                        "is fed %s mm (volumes of %s mm, --downscale %d): its features see "
                        "every structure at another scale", gmcae, tuple(learned), fed,
                        tuple(volume_input.spacing_mm), volume_input.downscale)
-
-
-# Held-out predictions spanning less than this learned nothing that ranks patients.
-CONSTANT_SPREAD = 1e-3
-# Training gives up once this logged spread (`kdsb.models.spread`) stayed under
-# CONSTANT_SPREAD for --patience epochs.
-GIVE_UP_MONITOR = "val_prediction_spread"
-# A model whose shifted validation predictions explain less than this fraction of the
-# labels' entropy (`explained_fraction`) learned nothing: it is trained again (--restarts).
-# On the benchmark's phantom cohorts (24 and 96 patients) the folds stopped on the plateau
-# explain 0.002-0.028 of it (spread 0.002-0.09), confidently wrong ones below 0, the others
-# 0.42-1.00 (benchmarks/README.md, "Restarts on the plateau").
-LEARNED_FRACTION = 0.05
-SHIFT_BOUND = 20.0  # the largest logit shift `explained_fraction` tries
-# A restart's seed lies this far from the previous attempt's (beyond any epoch offset of a
-# resumed data stream).
-RESTART_SEED_STRIDE = 100_000
-RESTARTS_NAME = "restarts.json"
-
-
-def prediction_spread(p) -> float:
-    """max − min of predictions `p`; infinite for fewer than two (one patient's prediction is
-    never "the same for every patient": no model is taken for stuck on it)."""
-    return float(np.ptp(p)) if len(p) > 1 else math.inf
-
-
-def _warn_if_constant(p: np.ndarray, what: str) -> None:
-    """Warn when a model gives (nearly) every held-out patient the same probability: its
-    training never left the plateau at the base rate, and it adds nothing to the ensemble."""
-    spread = prediction_spread(p)
-    if spread < CONSTANT_SPREAD:
-        logger.warning("%s: every held-out prediction lies within %.1e of %.3f: the model did "
-                       "not learn (try another --seed or --lr)", what, spread, float(np.mean(p)))
-
-
-def explained_fraction(y, p) -> float:
-    """The fraction of the labels' entropy that predictions `p` explain, forgiving them a shift:
-    1 − log loss(sigmoid(logit(p) + b)) / log loss(base rate), with the shift b that fits `y`
-    best (McFadden's pseudo-R² of a logistic fit of `y` on logit(p) with its slope held at 1).
-
-    The shift forgives the offset balanced class weights give every prediction; the slope is
-    not refitted, so predictions that only wobble around the plateau (spread 0.01) stay at ~0
-    however they happen to rank a few patients. NaN with one class.
-    """
-    from scipy.optimize import minimize_scalar
-
-    from kdsb.models.calibration import logit, sigmoid
-
-    y = np.asarray(y, dtype=np.float64)
-    if y.min() == y.max():
-        return math.nan
-    z = logit(p)
-    shifted = minimize_scalar(lambda b: metrics.log_loss(y, sigmoid(z + b)),
-                              bounds=(-SHIFT_BOUND, SHIFT_BOUND), method="bounded")
-    return 1.0 - float(shifted.fun) / metrics.base_rate_log_loss(y)
 
 
 def balanced_class_weights(labels: list[int]) -> dict[int, float]:
@@ -308,13 +254,13 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
     from kdsb.training.mil import HEAD_NAME
 
     models = (UNCALIBRATED_NAME, HEAD_NAME)
-    restarts_path = model_dir / RESTARTS_NAME
+    restarts_path = model_dir / attempts.RESTARTS_NAME
     records = read_json(restarts_path) if restarts_path.is_file() else []
     if attempts.kept_index(records) is not None:  # settled before a kill or a --resume
         return _kept_attempt(model_dir, records, models)
     y_val = [ctx.cohort[i][1] for i in val_ids]
     while True:
-        seed = ctx.options.seed + len(records) * RESTART_SEED_STRIDE
+        seed = ctx.options.seed + len(records) * attempts.RESTART_SEED_STRIDE
         fitted = _fit_once(model_dir, train_ids, val_ids, ctx,
                            dataclasses.replace(ctx.options, seed=seed))
         if fitted is None:
@@ -356,8 +302,8 @@ def _fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
             verdict = (f"explain {max(explained, 0.0):.3f} of the labels' entropy (seed {seed} "
                        "never left the base-rate plateau)")
         logger.warning("%s: the validation predictions %s: training again with seed %d "
-                       "(restart %d of %d)", model_dir, verdict, seed + RESTART_SEED_STRIDE,
-                       len(records), ctx.options.restarts)
+                       "(restart %d of %d)", model_dir, verdict,
+                       seed + attempts.RESTART_SEED_STRIDE, len(records), ctx.options.restarts)
         # Set aside before the record is written: a kill in between retrains the same attempt.
         attempts.set_aside(model_dir, len(records), models)
         write_json(restarts_path, records)
@@ -532,7 +478,8 @@ def train_classifier(
     # kept attempt's checkpoints are gone, and a fresh start would take its model as settled).
     started = [path for pattern in (f"{FOLD_PREFIX}*/{FOLD_NAME}",
                                     f"{FOLD_PREFIX}*/{runs.CHECKPOINT_DIR}",
-                                    f"{FOLD_PREFIX}*/{RESTARTS_NAME}", RESTARTS_NAME)
+                                    f"{FOLD_PREFIX}*/{attempts.RESTARTS_NAME}",
+                                    attempts.RESTARTS_NAME)
                for path in sorted(run_dir.glob(pattern))]
     if started and not resume:
         raise UsageError(
@@ -656,7 +603,7 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
                 continue
             p = score_patients(fitted.model, [cohort[i][0] for i in held_out],
                                ctx.volume_input, f"fold {k}")
-            _warn_if_constant(p, f"fold {k}")
+            warn_if_constant(p, f"fold {k}")
             done = {"held_out": held_out, "train_ids": train_ids, "val_ids": val_ids,
                     "predictions": dict(zip(held_out, map(float, p), strict=True)),
                     "collapsed_seeds": fitted.collapsed_seeds}
@@ -803,41 +750,6 @@ def _write_oof(path: Path, ids, p_cal, fold, y, p_raw) -> None:
         for row in zip(ids, p_cal, fold, y, p_raw, strict=True):
             writer.writerow([row[0], probability_text(row[1]), int(row[2]), int(row[3]),
                              probability_text(row[4])])
-
-
-def model_paths_of_run(run_dir: str | os.PathLike, complete: bool = False) -> list[Path]:
-    """The classifiers of a run folder: its fold models (cross-validated) or its one model.
-
-    Args:
-        run_dir: the run folder.
-        complete: refuse a cross-validated run with fewer calibrated fold models than its
-            `--folds` (config.json): one stopped while its folds were calibrated, whose
-            ensemble would silently be of a few folds only.
-
-    Raises:
-        UsageError: with `complete`, a fold model missing.
-    """
-    run_dir = Path(run_dir)
-    fold_models = sorted(  # fold_1, fold_2, …: a user's fold_old/ is none of them
-        (path for path in run_dir.glob(f"{FOLD_PREFIX}*/{BEST_NAME}")
-         if path.parent.name.removeprefix(FOLD_PREFIX).isdigit()),
-        key=lambda p: int(p.parent.name.removeprefix(FOLD_PREFIX)),
-    )
-    if fold_models and complete:
-        try:
-            folds = int(json.loads((run_dir / runs.OPTIONS_NAME).read_text())["folds"])
-        except (OSError, ValueError, KeyError, TypeError):
-            folds = len(fold_models)  # no readable record of the run: the models found
-        if len(fold_models) < folds:
-            raise UsageError(
-                f"expected the {folds} fold models of {run_dir}, received {len(fold_models)}: "
-                f"the run stopped before its folds were all calibrated (resume it with "
-                f"kdsb train-classifier --resume)"
-            )
-    if fold_models:
-        return fold_models
-    single = run_dir / BEST_NAME
-    return [single] if single.is_file() else []
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -1,0 +1,71 @@
+"""The files of a `kdsb train-classifier` run folder, and which of them are its models.
+
+One split: classifier.keras (calibrated, carrying its input record), uncalibrated.keras,
+classifier.json, metrics.json, config.json, split.json, history.csv, finished.json,
+checkpoints/, logs/ (and bags/ for the heads mil and nll; restarts.json and collapsed_N_* after
+restarts, `kdsb.training.attempts`). With folds:
+
+```
+RUN_DIR/
+  config.json  classifier.json  metrics.json  oof.csv  calibration.png  (bags/)
+  classifier.keras  the K fold models as one (their mean logit; `kdsb.models.ensemble`)
+  history.csv       the folds' histories, with a `fold` column
+  fold_1/ … fold_K/     one split each: classifier.keras, uncalibrated.keras, fold.json, …
+```
+
+Light (no TensorFlow), so `predict`, `explain` and the demo can find a run's models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kdsb.errors import UsageError
+from kdsb.training.runs.options import OPTIONS_NAME
+
+BEST_NAME = "classifier.keras"
+UNCALIBRATED_NAME = "uncalibrated.keras"
+METRICS_NAME = "metrics.json"
+OOF_NAME = "oof.csv"
+OOF_FIELDS = ("id", "cancer", "fold", "label", "uncalibrated")
+FOLD_NAME = "fold.json"
+FOLD_PREFIX = "fold_"
+BAGS_DIR = "bags"
+CALIBRATION_PNG = "calibration.png"
+
+
+def model_paths_of_run(run_dir: str | os.PathLike, complete: bool = False) -> list[Path]:
+    """The classifiers of a run folder: its fold models (cross-validated) or its one model.
+
+    Args:
+        run_dir: the run folder.
+        complete: refuse a cross-validated run with fewer calibrated fold models than its
+            `--folds` (config.json): one stopped while its folds were calibrated, whose
+            ensemble would silently be of a few folds only.
+
+    Raises:
+        UsageError: with `complete`, a fold model missing.
+    """
+    run_dir = Path(run_dir)
+    fold_models = sorted(  # fold_1, fold_2, …: a user's fold_old/ is none of them
+        (path for path in run_dir.glob(f"{FOLD_PREFIX}*/{BEST_NAME}")
+         if path.parent.name.removeprefix(FOLD_PREFIX).isdigit()),
+        key=lambda p: int(p.parent.name.removeprefix(FOLD_PREFIX)),
+    )
+    if fold_models and complete:
+        try:
+            folds = int(json.loads((run_dir / OPTIONS_NAME).read_text())["folds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            folds = len(fold_models)  # no readable record of the run: the models found
+        if len(fold_models) < folds:
+            raise UsageError(
+                f"expected the {folds} fold models of {run_dir}, received {len(fold_models)}: "
+                f"the run stopped before its folds were all calibrated (resume it with "
+                f"kdsb train-classifier --resume)"
+            )
+    if fold_models:
+        return fold_models
+    single = run_dir / BEST_NAME
+    return [single] if single.is_file() else []
