@@ -113,6 +113,22 @@ def test_a_model_carries_its_input_record(tmp_path, caplog):
     assert input_record_of(again)["spacing_mm"] == [3.0, 3.0, 3.0]
     assert sum(layer.name == "input_record" for layer in again.layers) == 1
     assert input_record_of(base) is None
+    # A calibration map fitted again keeps the record after it, and the record passes float32
+    # probabilities under a 16-bit policy, saved and loaded (found in review: cast to bfloat16).
+    from kdsb.models.calibration import Calibration, calibration_of, with_calibration
+
+    recalibrated = with_calibration(loaded, Calibration(slope=2.0))
+    assert input_record_of(recalibrated) == input_record_of(loaded)
+    assert calibration_of(recalibrated).slope == 2.0
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        mixed = with_input_record(with_calibration(base, Calibration()), carried.to_config())
+        assert mixed.output.dtype == "float32"
+        mixed.save(tmp_path / "mixed.keras")
+        again = keras.saving.load_model(tmp_path / "mixed.keras", compile=False)
+        assert again.output.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
     with pytest.raises(KdsbError, match=r"expected classifier.json beside .*elsewhere"):
         VolumeInput.for_model(tmp_path / "elsewhere" / "m.keras", base)
     old = with_input_record(base, {**carried.to_config(), "spacing_mm": None})

@@ -487,8 +487,12 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     assert "already holds an earlier run's results (fold_1/fold.json" in \
         capsys.readouterr().err
     stamp = (run / "fold_1" / "uncalibrated.keras").stat().st_mtime_ns
+    # A run killed while it wrote the folds' ensemble left its temporary: resuming sweeps it.
+    killed = run / ".tmp-999999-abc-classifier.keras"
+    killed.write_bytes(b"half")
     # Resumed without --gmcae: the saved one (found in review: argparse required it).
     assert main([a for a in argv if a not in ("--gmcae", str(gmcae))] + ["--resume"]) == 0
+    assert not killed.exists()
     assert (run / "fold_1" / "uncalibrated.keras").stat().st_mtime_ns == stamp
     resumed = json.loads((run / "metrics.json").read_text())["out_of_fold"]
     assert resumed["log_loss"] == pytest.approx(scores["log_loss"])

@@ -288,11 +288,11 @@ def explain_patient(
         volume: the same file read (`kdsb.io.volumes.read_volume`).
         method: "gradcam" or "occlusion".
         occlusion_mm, stride_mm: occlusion cube edge and step, mm (occlusion only;
-            `occlusion_sizes`).
+            `checked_occlusion_stride_mm`).
 
     Raises:
         StoreError: an unreadable volume file or one the models cannot read (spacing).
-        UsageError: an unknown method, or bad occlusion sizes (`occlusion_sizes`).
+        UsageError: an unknown method, or bad occlusion sizes (`checked_occlusion_stride_mm`).
     """
     from kdsb.data.inputs import block_reduce_cropped
     from kdsb.data.patches import normalize_hu
@@ -301,7 +301,7 @@ def explain_patient(
     if method not in METHODS:
         raise UsageError(f"expected --method in {', '.join(METHODS)}, received {method!r}")
     if method == "occlusion":
-        stride_mm = occlusion_sizes(occlusion_mm, stride_mm)
+        stride_mm = checked_occlusion_stride_mm(occlusion_mm, stride_mm)
     patient_id = volume.patient_id
     maps, probabilities = [], []
     prepared: list[tuple[Any, np.ndarray]] = []  # one read a way of reading, as predict does
@@ -386,7 +386,7 @@ def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) ->
     return save_figure(figure, path)
 
 
-def occlusion_sizes(occlusion_mm: float, stride_mm: float | None) -> float:
+def checked_occlusion_stride_mm(occlusion_mm: float, stride_mm: float | None) -> float:
     """The occlusion step in mm (None: `occlusion_mm` / `STRIDES_PER_EDGE`), the sizes checked.
 
     Raises:
@@ -443,7 +443,7 @@ def explain_cohort(
     if method not in METHODS:
         raise UsageError(f"expected --method in {', '.join(METHODS)}, received {method!r}")
     if method == "occlusion":  # Grad-CAM reads neither size
-        stride_mm = occlusion_sizes(occlusion_mm, stride_mm)
+        stride_mm = checked_occlusion_stride_mm(occlusion_mm, stride_mm)
     order, files = resolve_ids(Path(data_dir), ids, ids_source)
     out_dir = Path(out_dir)
     if model_paths_of_run(out_dir):  # `explain DATA runA runB`: OUT_DIR left out

@@ -4,7 +4,8 @@ Patients are read one at a time (never the whole cohort), each volume prepared e
 training, scored by every model, averaged and written as a Kaggle `id,cancer` CSV.
 
 - Input preparation travels with the model: each model is fed through its own
-  `kdsb.data.inputs.VolumeInput` (`classifier.json` beside it), so it sees volumes the way it
+  `kdsb.data.inputs.VolumeInput` (the record inside the model, else `classifier.json` beside
+  it), so it sees volumes the way it
   was trained; models with different inputs can be ensembled (each volume is then prepared once
   per distinct `VolumeInput`).
 - Ensembling (`ensemble_probability`): the members are every model and, with test-time
@@ -143,7 +144,8 @@ def load_classifiers(model_paths: Sequence[str | os.PathLike]) -> list[tuple[Vol
     Raises:
         UsageError: no model, or a model path that is neither a file nor a run folder.
         ModelError: a model file does not load or is no kdsb classifier.
-        KdsbError: a classifier without its classifier.json (`VolumeInput.for_model`).
+        KdsbError: a classifier with neither its input record nor classifier.json
+            (`VolumeInput.for_model`).
     """
     from kdsb.models.classifier import load_classifier
 

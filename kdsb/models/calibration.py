@@ -189,12 +189,20 @@ def without_calibration(model: keras.Model) -> keras.Model:
 
 
 def with_calibration(model: keras.Model, calibration: Calibration) -> keras.Model:
-    """A model sharing `model`'s layers whose output is calibrated (an earlier one replaced)."""
-    base = without_calibration(model)
+    """A model sharing `model`'s layers whose output is calibrated (an earlier one replaced);
+    the record of how it reads a volume (`kdsb.models.input_record`), if it has one, stays
+    after the map."""
+    # Here, not at the top: both modules are imported by the Keras hook, each half initialised
+    # while the other runs.
+    from kdsb.models.input_record import input_record_of, with_input_record, without_input_record
+
+    record = input_record_of(model)
+    base = without_calibration(without_input_record(model))
     layer = ProbabilityCalibration(
         slope=calibration.slope, intercept=calibration.intercept, name=CALIBRATION_LAYER
     )
-    return keras.Model(_inputs(base), layer(base.outputs[0]), name=base.name)
+    calibrated = keras.Model(_inputs(base), layer(base.outputs[0]), name=base.name)
+    return calibrated if record is None else with_input_record(calibrated, record)
 
 
 def _inputs(model: keras.Model):

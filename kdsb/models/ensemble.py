@@ -14,8 +14,6 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from kdsb.models.calibration import EPSILON
-
 ENSEMBLE_NAME = "fold_ensemble"
 
 
@@ -29,6 +27,10 @@ class MeanLogit(keras.layers.Layer):
         super().__init__(**kwargs)
 
     def call(self, inputs):
+        # Here, not at the top: this module is imported by the Keras hook (kdsb._keras_hook)
+        # while the calibration module may still be importing Keras itself.
+        from kdsb.models.calibration import EPSILON
+
         p = ops.clip(ops.stack([ops.cast(x, "float32") for x in inputs]), EPSILON, 1.0 - EPSILON)
         return ops.sigmoid(ops.mean(ops.log(p) - ops.log1p(-p), axis=0))
 

@@ -23,6 +23,9 @@ class VolumeInputRecord(keras.layers.Layer):
     """The identity; its configuration holds the model's `VolumeInput` (`volume_input`)."""
 
     def __init__(self, volume_input: Mapping[str, Any], **kwargs):
+        # float32 whatever the precision policy: under mixed_bfloat16 the probability passing
+        # through would be cast to 16 bits (found in review), as for `p_cancer` and calibration.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.volume_input = dict(volume_input)
 

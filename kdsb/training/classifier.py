@@ -586,6 +586,8 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
     from kdsb.models.calibration import fit_calibration, method_for
 
     cohort, options = ctx.cohort, ctx.options
+    if runs.worker(options.distribute).chief:  # a killed run's temporaries (each fold's: `fit`)
+        runs.remove_stale_files(run_dir)
     raw: dict[str, float] = {}
     fold_of: dict[str, int] = {}
     epochs, collapsed = [], []

@@ -64,6 +64,7 @@ from kdsb.training.runs.folder import (
     list_checkpoints,
     read_history,
     remove_checkpoints,
+    remove_stale_files,
     save_model_atomically,
 )
 from kdsb.training.runs.options import (
@@ -107,6 +108,7 @@ __all__ = [
     "option",
     "read_history",
     "remove_checkpoints",
+    "remove_stale_files",
     "read_tf_config",
     "resolve_options",
     "save_model_atomically",
