@@ -64,7 +64,8 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     run = tmp_path / "run"
     argv = ["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
             "--epochs", "2", "--val-fraction", "0.25", "--batch-size", "2", "--lr", "1e-3",
-            "--dense-units", "4", "--restarts", "0", "--seed", "3"]
+            "--dense-units", "4", "--restarts", "0", "--seed", "3", "--levels", "1", "2",
+            "--pooling", "average"]
     # Two validation patients fit no map by default (MIN_PATIENTS): here they do, to test it.
     monkeypatch.setattr(calibration_module, "MIN_PATIENTS", 2)
     assert main(argv) == 0
@@ -74,6 +75,8 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
 
     model = keras.saving.load_model(run / "classifier.keras", safe_mode=True, compile=False)
     assert model.output_shape == (None, 1)
+    spp_config = model.get_layer("spp").get_config()  # the options reach the model
+    assert (spp_config["levels"], spp_config["pooling"]) == ([1, 2], "average")
     with open(run / "history.csv", newline="") as f:
         history = list(csv.DictReader(f))
     assert [row["epoch"] for row in history] == ["0", "1"]
@@ -124,7 +127,7 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     assert float(copied(x)[0, 0]) == pytest.approx(float(model(x)[0, 0]), rel=1e-6)
 
     saved = json.loads((run / "config.json").read_text())
-    assert saved["epochs"] == 2 and saved["levels"] == [1, 2, 4] and "resume" not in saved
+    assert saved["epochs"] == 2 and saved["levels"] == [1, 2] and "resume" not in saved
     assert saved["data_dir"] == str(data.resolve())
 
     # Resuming with an option that changes the model or its inputs is refused, naming the
@@ -426,7 +429,7 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     argv = ["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
             "--head", "mil", "--folds", "2", "--epochs", "2", "--batch-size", "2",
             "--lr", "1e-2", "--dense-units", "4", "--bag-symmetries", "2",
-            "--val-fraction", "0.25"]
+            "--val-fraction", "0.25", "--mil-pooling", "attention"]
     # The cross-fitted maps see 4 patients, too few by default (MIN_PATIENTS): here they fit.
     monkeypatch.setattr(calibration_module, "MIN_PATIENTS", 4)
     assert main(argv) == 0
@@ -456,8 +459,10 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     assert scores["n"] == N_PATIENTS and scores["log_loss"] == pytest.approx(
         -np.mean([np.log(float(r["cancer"])) if r["label"] == "1"
                   else np.log1p(-float(r["cancer"])) for r in rows]), rel=1e-4)
-    saved = [calibration_of(keras.saving.load_model(run / f"fold_{k}" / "classifier.keras",
-                                                    compile=False)) for k in (1, 2)]
+    fold_models = [keras.saving.load_model(run / f"fold_{k}" / "classifier.keras",
+                                           compile=False) for k in (1, 2)]
+    assert all(m.get_layer("mil_pooling").pooling == "attention" for m in fold_models)
+    saved = [calibration_of(m) for m in fold_models]
     assert saved[0] == saved[1] and saved[0].slope == result["calibration"]["slope"] != 1.0
 
     mean = predict_cohort(data, [run], clip=0.0)
