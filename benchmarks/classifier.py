@@ -61,6 +61,7 @@ from kdsb.evaluation.predict import predict_cohort  # noqa: E402
 from kdsb.io import volumes  # noqa: E402
 from kdsb.io.journal import file_digest  # noqa: E402
 from kdsb.io.tables import read_labels, read_predictions, write_labels  # noqa: E402
+from kdsb.phantoms.layout import dicom_dir, labels_path  # noqa: E402
 from kdsb.training.classifier import train_classifier  # noqa: E402
 from kdsb.training.classifier_options import ClassifierOptions  # noqa: E402
 from kdsb.training.run_layout import OOF_NAME  # noqa: E402
@@ -181,7 +182,7 @@ def _check_cohorts_record(work: Path, drawn: dict) -> None:
             raise SystemExit(f"{work} holds cohorts drawn for {before}, not {drawn}: use "
                              "another WORKDIR")
         return
-    if (work / "train_cohort" / "labels.csv").is_file():
+    if labels_path(work / "train_cohort").is_file():
         print(f"{work}: cohorts of an earlier version, without {COHORTS_RECORD}: taken as "
               f"drawn for {drawn}", flush=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -195,7 +196,7 @@ def synth_cohort(root: Path, patients: int, seed: int, base: Path | None) -> Pat
         return demo.synth_cohort(root, patients, seed)
     from kdsb.phantoms.implants import write_implant_cohort
 
-    labels = root / "labels.csv"  # written last: a cohort without it is a killed one
+    labels = labels_path(root)  # written last: a cohort without it is a killed one
     if labels.is_file():
         return labels
     return write_implant_cohort(root, base, patients=patients, seed=seed, overwrite=True)
@@ -212,8 +213,8 @@ def run_seed(work: Path, seed: int, sizes, heads, folds: int, test_size: int, wo
     train_labels = synth_cohort(work / "train_cohort", max(sizes), seed, base)
     test_labels = synth_cohort(work / "test_cohort", test_size, seed + TEST_SEED_OFFSET, base)
     train_volumes, test_volumes = work / "volumes" / "train", work / "volumes" / "test"
-    demo.preprocess_cohort(work / "train_cohort" / "dicom", train_volumes, workers)
-    demo.preprocess_cohort(work / "test_cohort" / "dicom", test_volumes, workers)
+    demo.preprocess_cohort(dicom_dir(work / "train_cohort"), train_volumes, workers)
+    demo.preprocess_cohort(dicom_dir(work / "test_cohort"), test_volumes, workers)
     # The reference alone needs no GMCAE.
     gmcae = (demo.train_demo_gmcae(train_volumes, work / "runs" / "gmcae", plan, seed)
              if heads else None)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from kdsb.io.volumes import list_volumes, read_volume  # noqa: E402
 from kdsb.phantoms.cohort import write_cohort  # noqa: E402
+from kdsb.phantoms.layout import dicom_dir, labels_path  # noqa: E402
 from kdsb.preprocessing.cohort import run_cohort  # noqa: E402
 
 
@@ -68,9 +69,9 @@ def main(argv=None) -> int:
     logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines per worker
 
     cohort = args.workdir / f"cohort_{args.patients}_{args.size}"
-    if not (cohort / "labels.csv").is_file():
+    if not labels_path(cohort).is_file():
         write_cohort(cohort, patients=args.patients, seed=0, size=args.size, overwrite=True)
-    dicom = cohort / "dicom"
+    dicom = dicom_dir(cohort)
     start = time.perf_counter()
     with distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster:

@@ -28,6 +28,7 @@ from kdsb.evaluation.explain import explain_cohort  # noqa: E402
 from kdsb.io import volumes  # noqa: E402
 from kdsb.io.tables import read_labels  # noqa: E402
 from kdsb.phantoms.cohort import load_truth  # noqa: E402
+from kdsb.phantoms.layout import labels_path  # noqa: E402
 
 REACH_MM = 10.0
 
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--method", default="gradcam")
     args = parser.parse_args(argv)
     work = args.workdir
-    labels = read_labels(work / "test_cohort" / "labels.csv")
+    labels = read_labels(labels_path(work / "test_cohort"))
     positives = [pid for pid, label in sorted(labels.items()) if label == 1]
     model = work / "runs" / "classifier" / "classifier.keras"
     with tempfile.TemporaryDirectory() as out:

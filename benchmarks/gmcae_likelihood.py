@@ -55,6 +55,7 @@ def make_volumes(work: Path, patients: int, seed: int, base: Path | None) -> Pat
     """Real-anatomy volumes under `work/volumes` (`kdsb synth --base`, `kdsb preprocess`),
     made once and reused while `patients` of them are there."""
     from kdsb.cli import main
+    from kdsb.phantoms.layout import dicom_dir
 
     volumes = work / f"volumes_{patients}_seed{seed}"
     if len(list(volumes.glob("*.h5"))) >= patients:
@@ -72,7 +73,7 @@ def make_volumes(work: Path, patients: int, seed: int, base: Path | None) -> Pat
     if main(["-q", "synth", str(cohort), "--base", str(base), "--patients", str(patients),
              "--seed", str(seed), "--overwrite"]) != 0:
         raise SystemExit("kdsb synth failed")
-    if main(["-q", "preprocess", str(cohort / "dicom"), str(volumes)]) != 0:
+    if main(["-q", "preprocess", str(dicom_dir(cohort)), str(volumes)]) != 0:
         raise SystemExit("kdsb preprocess failed")
     print(f"cohort of {patients} patients made in {time.perf_counter() - start:.0f} s: {volumes}")
     return volumes

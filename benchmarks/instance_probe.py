@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     from sklearn.preprocessing import StandardScaler
 
     from kdsb.evaluation.explain import cell_centres
+    from kdsb.phantoms.layout import truth_dir
     from kdsb.training.bags import instance_features
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("run", help="the mil run's folder name under runs/ (e.g. mil_96)")
     parser.add_argument("--train", type=int, default=64, help="patients the probes fit on")
     args = parser.parse_args(argv)
-    truths = sorted((args.seed_dir / "train_cohort" / "truth").glob("*.json"))
+    truths = sorted(truth_dir(args.seed_dir / "train_cohort").glob("*.json"))
     run_dir = args.seed_dir / "runs" / args.run
     config = json.loads((run_dir / "config.json").read_text())
     if config["mil_block"] != 2:

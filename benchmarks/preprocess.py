@@ -303,13 +303,14 @@ def write_phantom(folder: Path, slices: int, slice_mm: float, seed: int):
 
 def cohort_speedup(work: Path, patients: int, seed: int) -> tuple[float, float]:
     from kdsb.phantoms.cohort import write_cohort
+    from kdsb.phantoms.layout import dicom_dir
 
     write_cohort(work / "cohort", patients=patients, seed=seed, size=COHORT_SIZE)
     seconds = []
     for workers in (1, 2):
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "kdsb", "-q", "preprocess", str(work / "cohort" / "dicom"),
+            [sys.executable, "-m", "kdsb", "-q", "preprocess", str(dicom_dir(work / "cohort")),
              str(work / f"out{workers}"), "--workers", str(workers)],
             check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
         )

@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     from kdsb import demo
     from kdsb.io import volumes
     from kdsb.io.tables import read_labels
+    from kdsb.phantoms.layout import labels_path
     from kdsb.training.bags import instance_features
     from kdsb.training.classifier_options import ClassifierOptions
 
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"expected {labels_csv} (benchmarks/classifier.py --sizes "
                          f"{max(args.sizes)}), received none")
     train_labels = read_labels(labels_csv)
-    test_labels = read_labels(args.seed_dir / "test_cohort" / "labels.csv")
+    test_labels = read_labels(labels_path(args.seed_dir / "test_cohort"))
     folders = {"train": args.seed_dir / "volumes" / "train",
                "test": args.seed_dir / "volumes" / "test"}
     # The mil head's input in benchmarks/classifier.py: the demo's lung masking, no margin, so
