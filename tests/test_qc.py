@@ -294,3 +294,20 @@ def test_ids_with_dollar_signs_are_drawn_as_text(tmp_path):
                                 {"patient_id": odd})
     pages = write_qc({odd: path}, {"q$_$": "failed: a $x$ reason"}, tmp_path / "qc")
     assert (tmp_path / "qc" / f"{odd}.png").is_file() and all(p.is_file() for p in pages)
+
+
+def test_a_patient_named_like_the_contact_sheet_keeps_its_image(tmp_path, caplog):
+    """Ids `contact_sheet` and `contact_sheet_001`: their PNGs stay theirs; the sheet takes a
+    name no id has, with a warning (found in review: overwritten, or deleted as a stale page)."""
+    rng = np.random.default_rng(0)
+    tiles = {pid: rng.integers(0, 255, (qc.TILE_PX, qc.TILE_PX, 3), dtype=np.uint8)
+             for pid in ("contact_sheet", "contact_sheet_001", "p1")}
+    for pid in tiles:
+        qc.write_contact_sheet({pid: tiles[pid]}, tmp_path / f"{pid}.png")  # stand-in images
+    before = {pid: (tmp_path / f"{pid}.png").read_bytes() for pid in tiles}
+    with caplog.at_level("WARNING", logger="kdsb.preprocessing.qc"):
+        pages = qc.write_contact_sheet(tiles, qc._sheet_path(tmp_path, tiles))
+    assert [p.name for p in pages] == ["_contact_sheet.png"]
+    assert {pid: (tmp_path / f"{pid}.png").read_bytes() for pid in tiles} == before
+    assert "share the contact sheet's name: the sheet is _contact_sheet.png" in caplog.text
+    assert qc._sheet_path(tmp_path, ["p1", "__contact_sheet"]) == tmp_path / qc.CONTACT_SHEET_NAME

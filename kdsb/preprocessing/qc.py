@@ -26,7 +26,7 @@ import math
 import os
 import re
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -552,4 +552,22 @@ def write_qc(
             logger.warning("QC of %s skipped: %s", patient_id, reason)
             failed[patient_id], tiles[patient_id] = f"QC failed: {reason}", None
             (qc_dir / f"{patient_id}.png").unlink(missing_ok=True)  # an earlier run's, or half
-    return write_contact_sheet(tiles, qc_dir / CONTACT_SHEET_NAME, failed)
+    return write_contact_sheet(tiles, _sheet_path(qc_dir, tiles), failed)
+
+
+def _sheet_path(qc_dir: Path, ids: Collection[str]) -> Path:
+    """`qc_dir / CONTACT_SHEET_NAME`, unless a patient's PNG would share a page's name (an id
+    `contact_sheet` or `contact_sheet_001`): the sheet then takes a name no id has, with a
+    warning (found in review: the sheet overwrote that patient's image, or deleted it as a
+    stale page)."""
+    path = qc_dir / CONTACT_SHEET_NAME
+    pages = re.compile(rf"(_*{re.escape(path.stem)})(_\d{{3,}})?")
+    taken = {match.group(1) for i in ids if (match := pages.fullmatch(i))}
+    stem = path.stem
+    if stem not in taken:
+        return path
+    while stem in taken:
+        stem = "_" + stem
+    logger.warning("patient id(s) %s share the contact sheet's name: the sheet is %s%s",
+                   ", ".join(sorted(i for i in ids if pages.fullmatch(i))), stem, path.suffix)
+    return path.with_name(stem + path.suffix)
