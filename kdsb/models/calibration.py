@@ -31,6 +31,7 @@ from keras import ops
 from scipy.optimize import minimize
 
 from kdsb.errors import KdsbError
+from kdsb.models.output_layers import with_output_layer, without_output_layer
 
 logger = logging.getLogger(__name__)
 
@@ -182,10 +183,7 @@ class ProbabilityCalibration(keras.layers.Layer):
 
 def without_calibration(model: keras.Model) -> keras.Model:
     """The model up to (not including) its calibration layer; `model` itself if it has none."""
-    if CALIBRATION_LAYER not in {layer.name for layer in model.layers}:
-        return model
-    layer = model.get_layer(CALIBRATION_LAYER)
-    return keras.Model(_inputs(model), layer.input, name=model.name)
+    return without_output_layer(model, CALIBRATION_LAYER)
 
 
 def with_calibration(model: keras.Model, calibration: Calibration) -> keras.Model:
@@ -197,17 +195,11 @@ def with_calibration(model: keras.Model, calibration: Calibration) -> keras.Mode
     from kdsb.models.input_record import input_record_of, with_input_record, without_input_record
 
     record = input_record_of(model)
-    base = without_calibration(without_input_record(model))
     layer = ProbabilityCalibration(
         slope=calibration.slope, intercept=calibration.intercept, name=CALIBRATION_LAYER
     )
-    calibrated = keras.Model(_inputs(base), layer(base.outputs[0]), name=base.name)
+    calibrated = with_output_layer(without_calibration(without_input_record(model)), layer)
     return calibrated if record is None else with_input_record(calibrated, record)
-
-
-def _inputs(model: keras.Model):
-    """A model's input tensor, or its list when several (so calls keep the same structure)."""
-    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
 
 
 def calibration_of(model: keras.Model) -> Calibration | None:

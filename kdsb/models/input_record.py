@@ -15,6 +15,8 @@ from typing import Any
 
 import keras
 
+from kdsb.models.output_layers import with_output_layer, without_output_layer
+
 INPUT_RECORD_LAYER = "input_record"
 
 
@@ -43,20 +45,13 @@ class VolumeInputRecord(keras.layers.Layer):
 
 def without_input_record(model: keras.Model) -> keras.Model:
     """The model up to (not including) its record layer; `model` itself if it has none."""
-    if INPUT_RECORD_LAYER not in {layer.name for layer in model.layers}:
-        return model
-    layer = model.get_layer(INPUT_RECORD_LAYER)
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-    return keras.Model(inputs, layer.input, name=model.name)
+    return without_output_layer(model, INPUT_RECORD_LAYER)
 
 
 def with_input_record(model: keras.Model, volume_input: Mapping[str, Any]) -> keras.Model:
     """A model sharing `model`'s layers whose output passes the record layer (an earlier
     record replaced)."""
-    base = without_input_record(model)
-    inputs = base.inputs[0] if len(base.inputs) == 1 else base.inputs
-    record = VolumeInputRecord(volume_input, name=INPUT_RECORD_LAYER)
-    return keras.Model(inputs, record(base.outputs[0]), name=base.name)
+    return with_output_layer(model, VolumeInputRecord(volume_input, name=INPUT_RECORD_LAYER))
 
 
 def input_record_of(model: keras.Model) -> dict[str, Any] | None:

@@ -354,9 +354,9 @@ def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: _C
     return _Fitted(p_val, best, [])
 
 
-def _save_calibrated(model_dir: Path, calibration, volume_input: VolumeInput) -> None:
+def _save_calibrated(model_dir: Path, calibration, volume_input: VolumeInput) -> Any:
     """Write `classifier.keras`: the uncalibrated model, its calibration and the record of how
-    it reads a volume (the model-input contract: it travels with the file)."""
+    it reads a volume (the model-input contract: it travels with the file); returns it."""
     from kdsb.models.calibration import with_calibration
     from kdsb.models.classifier import load_classifier
     from kdsb.models.input_record import with_input_record
@@ -364,18 +364,18 @@ def _save_calibrated(model_dir: Path, calibration, volume_input: VolumeInput) ->
     model = with_calibration(load_classifier(model_dir / UNCALIBRATED_NAME), calibration)
     model = with_input_record(model, volume_input.to_config())
     runs.save_model_atomically(model, model_dir / BEST_NAME)
+    return model
 
 
-def _save_ensemble(run_dir: Path, folds: int, volume_input: VolumeInput) -> None:
+def _save_ensemble(run_dir: Path, members: list[Any], volume_input: VolumeInput) -> None:
     """The run folder's own `classifier.keras` and `history.csv` (the command contract): the
-    fold models as one model (`kdsb.models.ensemble`, the mean logit `kdsb predict RUN_DIR`
-    takes) and the folds' histories one after the other, with a `fold` column."""
-    from kdsb.models.classifier import load_classifier
+    fold models `members` (fold 1 first) as one model (`kdsb.models.ensemble`, the mean logit
+    `kdsb predict RUN_DIR` takes) and the folds' histories one after the other, with a `fold`
+    column."""
     from kdsb.models.ensemble import ensemble_of
     from kdsb.models.input_record import with_input_record
 
-    fold_dirs = [run_dir / f"{FOLD_PREFIX}{k}" for k in range(1, folds + 1)]
-    members = [load_classifier(folder / BEST_NAME) for folder in fold_dirs]
+    fold_dirs = [run_dir / f"{FOLD_PREFIX}{k}" for k in range(1, len(members) + 1)]
     model = with_input_record(ensemble_of(members), volume_input.to_config())
     runs.save_model_atomically(model, run_dir / BEST_NAME)
     rows = [{"fold": k, **row} for k, folder in enumerate(fold_dirs, start=1)
@@ -633,9 +633,9 @@ def _cross_validate(run_dir: Path, folds: list[list[str]], ctx: _Context) -> dic
         p_cal[inside] = fit_calibration(y[~inside], p_raw[~inside], method).apply(
             p_raw[inside]
         )
-    for k in range(1, len(folds) + 1):
-        _save_calibrated(run_dir / f"{FOLD_PREFIX}{k}", calibration, ctx.volume_input)
-    _save_ensemble(run_dir, len(folds), ctx.volume_input)
+    members = [_save_calibrated(run_dir / f"{FOLD_PREFIX}{k}", calibration, ctx.volume_input)
+               for k in range(1, len(folds) + 1)]
+    _save_ensemble(run_dir, members, ctx.volume_input)
     _write_oof(run_dir / OOF_NAME, ids, p_cal, fold, y, p_raw)
     _warn_if_calibration_hurt(y, p_raw, p_cal, method)
     from kdsb.evaluation.evaluate import plot_calibration
