@@ -171,13 +171,13 @@ def test_padding_range_limit(tmp_path, hu):
 def test_a_padding_value_read_as_unsigned_is_the_signed_one():
     """Found in review: a signed 12-bit series' PixelPaddingValue of -1500 written as US 0xFA24
     (the tag's 16 bits) read as 59940; written in its 12 stored bits (0xA24) it was right."""
-    from kdsb.io.dicom import _padding_range
+    from kdsb.io.dicom.pixels import padding_range
 
     for tag_value in (0xFA24, 0x0A24, -1500):
         ds = pydicom.Dataset()
         ds.BitsStored, ds.PixelRepresentation = 12, 1
         ds.add_new(0x00280120, "SS" if tag_value < 0 else "US", tag_value)
-        assert _padding_range(ds) == (-1500, -1500), hex(tag_value)
+        assert padding_range(ds) == (-1500, -1500), hex(tag_value)
 
 
 def test_a_series_in_symlinked_sub_folders_is_read(tmp_path, hu):
@@ -364,7 +364,7 @@ def _count_reads(monkeypatch) -> Counter:
         reads[(path.name, kwargs.get("stop_before_pixels", False))] += 1
         return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(kdsb.io.dicom.pydicom, "dcmread", counting)
+    monkeypatch.setattr(pydicom, "dcmread", counting)
     return reads
 
 
@@ -380,7 +380,8 @@ def test_each_file_is_read_once_and_only_the_chosen_series_decoded(tmp_path, hu,
 
 def test_files_past_the_cache_budget_are_read_again(tmp_path, hu, monkeypatch):
     paths = _write(tmp_path, hu)
-    monkeypatch.setattr(kdsb.io.dicom, "CACHE_BYTES", sum(p.stat().st_size for p in paths[:2]))
+    budget = sum(p.stat().st_size for p in paths[:2])
+    monkeypatch.setattr(kdsb.io.dicom.headers, "CACHE_BYTES", budget)
     reads = _count_reads(monkeypatch)
     _assert_same(read_series(tmp_path), hu)
     assert reads == Counter({(p.name, False): 1 for p in paths[:2]}) + Counter(

@@ -1,0 +1,213 @@
+"""The header pass over a patient's folder: one `Header` per image (per frame of an Enhanced CT
+file), each file read once, its pixel data kept undecoded within a memory budget."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from kdsb.errors import DicomError
+from kdsb.io.dicom.files import DAMAGED_FILE_MESSAGE, patient_error, read_dataset
+from kdsb.io.dicom.pixels import padding_range, rescale_of
+from kdsb.io.folders import files_under
+
+logger = logging.getLogger(__name__)
+
+PER_FRAME = "PerFrameFunctionalGroupsSequence"  # Enhanced (multi-frame) CT
+SHARED = "SharedFunctionalGroupsSequence"
+ORIENTATION_DECIMALS = 3  # images whose cosines agree to this many decimals share an orientation
+# Undecoded file bytes kept from the single read pass, per folder: a 512 × 512 × 1000 int16
+# series fits; a bigger folder re-reads the files past this budget (memory stays bounded).
+CACHE_BYTES = 512 * 1024**2
+
+
+@dataclass
+class Header:
+    """What the header pass keeps of one image file."""
+
+    path: Path
+    series_uid: str
+    modality: str
+    image_type: tuple[str, ...]
+    instance: int
+    rows: int | None
+    columns: int | None
+    orientation: np.ndarray | None  # (row cosine, column cosine), shape (2, 3)
+    position: np.ndarray | None  # ImagePositionPatient, shape (3,)
+    pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing) mm
+    transfer_syntax: str
+    # The whole file parsed, pixel data still undecoded bytes; None past the cache budget or
+    # when only the header could be parsed (the pixel pass then reads the file again).
+    dataset: pydicom.Dataset | None
+    # Enhanced (multi-frame) CT: the frame of the file this header stands for, its rescale
+    # (slope, intercept) from the functional groups (else the file's top level) and the file's
+    # padding range (`padding_range`); None for a classic one-image file.
+    frame: int | None = None
+    rescale: tuple[float, float] | None = None
+    padding: tuple[int, int] | None = None
+    patient_id: str = ""  # PatientID: series of several patients mean a folder of patients
+
+    def orientation_key(self) -> tuple[float, ...] | None:
+        if self.orientation is None:
+            return None
+        return tuple(np.round(self.orientation.ravel(), ORIENTATION_DECIMALS) + 0.0)
+
+
+
+def list_files(patient: str, folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise patient_error(patient, f"expected a folder of DICOM files, received {folder}")
+    files = files_under(folder)
+    if not files:
+        raise patient_error(patient, f"expected DICOM files, received an empty folder {folder}")
+    return files
+
+
+
+def read_header(patient: str, path: Path, keep_pixels: bool) -> list[Header]:
+    """The header(s) of one file: one per image, so one per frame of an Enhanced CT file;
+    none (with a warning) when the file is not DICOM.
+
+    With `keep_pixels` the file is read once and parsed whole (pixel data undecoded) and
+    the dataset kept on the header for the pixel pass.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=DAMAGED_FILE_MESSAGE, category=UserWarning)
+            ds = read_dataset(path, stop_before_pixels=not keep_pixels)
+    except InvalidDicomError:
+        logger.warning("patient %s: skipping %s: not a DICOM file", patient, path.name)
+        return []
+    except Exception as exc:  # pydicom raises many types for truncated or corrupt files
+        if keep_pixels:  # maybe only the pixel data is damaged: an error if it is chosen
+            return read_header(patient, path, keep_pixels=False)
+        raise patient_error(
+            patient,
+            f"expected a readable DICOM file, received a truncated or corrupt one ({exc})",
+            path,
+        ) from exc
+    sop_class = UID(
+        str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")
+    )
+    if not sop_class or ("Image Storage" in sop_class.name and "Rows" not in ds):
+        # pydicom returns what it parsed of a file cut short without complaint.
+        raise patient_error(
+            patient,
+            "expected a complete DICOM file, received one that ends early (truncated?)",
+            path,
+        )
+    try:
+        orientation = position = pixel_spacing = None
+        if "ImageOrientationPatient" in ds:
+            orientation = unit_cosines(ds.ImageOrientationPatient)
+        if "ImagePositionPatient" in ds:
+            position = np.asarray(ds.ImagePositionPatient, float).reshape(3)
+        if "PixelSpacing" in ds:
+            pixel_spacing = tuple(float(v) for v in ds.PixelSpacing)
+        header = Header(
+            path=path,
+            series_uid=str(ds.get("SeriesInstanceUID", "")),
+            modality=str(ds.get("Modality", "")),
+            image_type=tuple(str(t).upper() for t in (ds.get("ImageType") or ())),
+            instance=int(ds.get("InstanceNumber") or 0),
+            rows=int(ds.Rows) if "Rows" in ds else None,
+            columns=int(ds.Columns) if "Columns" in ds else None,
+            orientation=orientation,
+            position=position,
+            pixel_spacing=pixel_spacing,
+            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+            dataset=ds if keep_pixels else None,
+            patient_id=str(ds.get("PatientID", "")).strip(),
+        )
+        if PER_FRAME in ds:
+            return frame_headers(patient, header, ds)
+        return [header]
+    except DicomError:  # said already, naming the file
+        raise
+    except (ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise patient_error(
+            patient, f"expected valid image geometry attributes, received {exc}", path
+        ) from exc
+
+
+def unit_cosines(values: Any) -> np.ndarray:
+    """ImageOrientationPatient as (row, column) unit vectors, (2, 3): cosines written with few
+    decimals (0.99) would otherwise scale the spacing along their cross product.
+
+    Raises:
+        ValueError: not six numbers, or a vector far from unit length (norm 0.5 or less).
+    """
+    cosines = np.asarray(values, float).reshape(2, 3)
+    norms = np.linalg.norm(cosines, axis=1, keepdims=True)
+    if not (np.isfinite(norms).all() and (norms > 0.5).all()):
+        raise ValueError(f"ImageOrientationPatient {cosines.ravel().tolist()}, not two "
+                         "direction cosines")
+    return cosines / norms
+
+
+def functional_group(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset | None:
+    """The first item of a functional group `sequence` for one frame: the frame's own (per-frame
+    functional groups) or else the one shared by all frames; None when neither has it."""
+    for groups, index in ((ds.get(PER_FRAME), frame), (ds.get(SHARED), 0)):
+        if groups is not None and len(groups) > index and sequence in groups[index]:
+            items = getattr(groups[index], sequence)
+            if len(items):
+                return items[0]
+    return None
+
+
+def frame_headers(patient: str, file_header: Header, ds: pydicom.Dataset) -> list[Header]:
+    """One header per frame of an Enhanced (multi-frame) CT file, each with the frame's
+    geometry (plane position and orientation, pixel measures), rescale and frame type, read
+    from its per-frame or the shared functional groups (DICOM PS3.3 C.7.6.16); a rescale
+    found in neither is the file's top-level one, if any."""
+    headers = []
+    top_rescale = (rescale_of(patient, ds, file_header.path)
+                   if "RescaleSlope" in ds or "RescaleIntercept" in ds else None)
+    padding = padding_range(ds)
+    for frame in range(int(ds.get("NumberOfFrames", 1) or 1)):
+        header = replace(file_header, frame=frame, instance=frame, rescale=top_rescale,
+                         padding=padding)
+        position = functional_group(ds, frame, "PlanePositionSequence")
+        orientation = functional_group(ds, frame, "PlaneOrientationSequence")
+        measures = functional_group(ds, frame, "PixelMeasuresSequence")
+        rescale = functional_group(ds, frame, "PixelValueTransformationSequence")
+        frame_type = functional_group(ds, frame, "CTImageFrameTypeSequence")
+        if position is not None and "ImagePositionPatient" in position:
+            header.position = np.asarray(position.ImagePositionPatient, float).reshape(3)
+        if orientation is not None and "ImageOrientationPatient" in orientation:
+            header.orientation = unit_cosines(orientation.ImageOrientationPatient)
+        if measures is not None and "PixelSpacing" in measures:
+            header.pixel_spacing = tuple(float(v) for v in measures.PixelSpacing)
+        if rescale is not None:
+            header.rescale = rescale_of(patient, rescale, file_header.path)
+        if frame_type is not None and "FrameType" in frame_type:
+            header.image_type = tuple(str(t).upper() for t in frame_type.FrameType)
+        headers.append(header)
+    return headers
+
+
+def read_headers(patient: str, folder: Path) -> list[Header]:
+    files = list_files(patient, folder)
+    headers = []
+    cached = 0
+    for path in files:
+        size = path.stat().st_size
+        keep_pixels = cached + size <= CACHE_BYTES
+        cached += size if keep_pixels else 0
+        headers += read_header(patient, path, keep_pixels)
+    if not headers:
+        names = ", ".join(p.name for p in files[:3]) + (", …" if len(files) > 3 else "")
+        raise patient_error(
+            patient, f"expected DICOM files, received {len(files)} non-DICOM file(s) ({names})"
+        )
+    return headers
+
