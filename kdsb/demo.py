@@ -138,7 +138,8 @@ def synth_cohort(root: Path, patients: int, seed: int) -> Path:
 
 
 def preprocess_cohort(dicom_root: Path, out_dir: Path, workers: int) -> None:
-    from kdsb.preprocessing.cohort import MANIFEST_NAME, run_cohort
+    from kdsb.preprocessing.cohort import run_cohort
+    from kdsb.preprocessing.out_dir import MANIFEST_NAME
 
     if run_cohort(dicom_root, out_dir, workers=workers, spacing=SPACING_MM) != 0:
         raise KdsbError(

@@ -11,7 +11,8 @@ from kdsb.cli import main
 from kdsb.io import volumes
 from kdsb.phantoms.cohort import write_cohort
 from kdsb.preprocessing import cluster as cluster_module
-from kdsb.preprocessing.cohort import STATUS_OK, WORKER_DIED_MESSAGE, _run_tasks
+from kdsb.preprocessing.pipeline import STATUS_OK
+from kdsb.preprocessing.workers import WORKER_DIED_MESSAGE, run_tasks
 from tests.test_cohort import _crash_or_succeed
 
 distributed = pytest.importorskip("distributed")
@@ -41,13 +42,13 @@ def test_cluster_run_writes_what_a_local_run_writes_and_resumes(tmp_path, schedu
     # review: only local runs swept theirs).
     from kdsb.preprocessing import cohort
 
-    run_tasks = cohort._run_tasks
+    run_tasks = cohort.run_tasks
 
     def leaving_a_temporary(*args, **kwargs):
         (tmp_path / "dask" / ".tmp-1-abcd1234-p9.h5").write_bytes(b"cut short")
         yield from run_tasks(*args, **kwargs)
 
-    monkeypatch.setattr(cohort, "_run_tasks", leaving_a_temporary)
+    monkeypatch.setattr(cohort, "run_tasks", leaving_a_temporary)
     assert main(["preprocess", "cohort/dicom", "dask", "--scheduler", scheduler,
                  "--qc", "qc"]) == 0
     assert not list((tmp_path / "dask").glob(".tmp-*"))
@@ -68,7 +69,7 @@ def test_cluster_run_writes_what_a_local_run_writes_and_resumes(tmp_path, schedu
 def test_a_patient_whose_workers_die_fails_alone(scheduler):
     tasks = {pid: (pid,) for pid in ("a", "crash", "b")}
     results = {r.patient_id: r for r in
-               _run_tasks(tasks, 2, worker=_crash_or_succeed, scheduler=scheduler)}
+               run_tasks(tasks, 2, worker=_crash_or_succeed, scheduler=scheduler)}
     assert sorted(results) == sorted(tasks)
     # The patient is named on its one line (found in review: the bare message named none).
     assert results["crash"].status == "failed"

@@ -21,14 +21,10 @@ from kdsb.cli import main
 from kdsb.io import volumes
 from kdsb.phantoms.cohort import load_truth, write_cohort
 from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
-from kdsb.preprocessing.cohort import (
-    MANIFEST_FIELDS,
-    WORKER_DIED_MESSAGE,
-    _run_tasks,
-    read_manifest,
-)
+from kdsb.preprocessing.out_dir import MANIFEST_FIELDS, read_manifest
 from kdsb.preprocessing.pipeline import STATUS_OK, PatientResult
 from kdsb.preprocessing.resample import resample_mask
+from kdsb.preprocessing.workers import WORKER_DIED_MESSAGE, run_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0  # this seed's 4 patients hold large juxtapleural nodules (8.3 and 13.9 mm radius)
@@ -371,7 +367,7 @@ def _crash_or_succeed(patient_id: str) -> PatientResult:
 
 def test_a_dying_worker_fails_only_its_own_patient():
     tasks = {pid: (pid,) for pid in ("a", "crash", "b", "c")}
-    results = {r.patient_id: r for r in _run_tasks(tasks, 2, worker=_crash_or_succeed)}
+    results = {r.patient_id: r for r in run_tasks(tasks, 2, worker=_crash_or_succeed)}
     assert sorted(results) == sorted(tasks)
     # The patient is named on its one line (found in review: the bare message named none).
     assert results["crash"].status == "failed"
@@ -401,7 +397,7 @@ def test_patients_retried_after_a_worker_died_still_run_side_by_side(tmp_path):
     """Each unfinished patient is retried in a process of its own, `workers` at a time (found in
     review: one death made the rest of the cohort run one by one)."""
     tasks = {pid: (pid, str(tmp_path)) for pid in ("crash", "a", "b", "c", "d")}
-    results = {r.patient_id: r for r in _run_tasks(tasks, 2, worker=_crash_or_meet)}
+    results = {r.patient_id: r for r in run_tasks(tasks, 2, worker=_crash_or_meet)}
     assert results["crash"].error == f"crash: {WORKER_DIED_MESSAGE}"
     assert all(results[pid].status == STATUS_OK for pid in "abcd")
     assert sum(results[pid].detail == "met" for pid in "abcd") >= 2
@@ -425,11 +421,11 @@ import signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from kdsb.cli import interrupt_on_sigterm
 interrupt_on_sigterm()  # as the kdsb command does
-from kdsb.preprocessing.cohort import _run_tasks
+from kdsb.preprocessing.workers import run_tasks
 from tests.test_cohort import _mark_then_sleep
 tasks = {pid: (pid, sys.argv[1]) for pid in sys.argv[2:]}
 try:
-    list(_run_tasks(tasks, 3, worker=_mark_then_sleep))
+    list(run_tasks(tasks, 3, worker=_mark_then_sleep))
 except KeyboardInterrupt:
     sys.exit(130)
 """
@@ -593,7 +589,7 @@ def test_each_worker_gets_its_share_of_the_cores(tmp_path, monkeypatch, patients
         return (PatientResult(pid, "failed", error=f"{pid}: not run") for pid in tasks)
 
     monkeypatch.setattr(cohort, "usable_cores", lambda: 4)
-    monkeypatch.setattr(cohort, "_run_tasks", fake_run_tasks)
+    monkeypatch.setattr(cohort, "run_tasks", fake_run_tasks)
     cohort.run_cohort(tmp_path / "in", tmp_path / "out", workers=workers)
     assert seen["pool_size"] == min(workers, patients)
     assert {task[-1] for task in seen["tasks"].values()} == {threads}
@@ -611,7 +607,7 @@ def test_a_dead_worker_s_temporary_is_swept_when_the_run_ends(tmp_path, monkeypa
         (out / ".tmp-123-abcd-p0.h5").write_bytes(b"half a volume")
         yield PatientResult("p0", "failed", error="p0: not run")
 
-    monkeypatch.setattr(cohort, "_run_tasks", dying_then_retried)
+    monkeypatch.setattr(cohort, "run_tasks", dying_then_retried)
     cohort.run_cohort(tmp_path / "in", out, workers=1)
     assert not list(out.glob(".tmp-*"))
 
@@ -619,13 +615,13 @@ def test_a_dead_worker_s_temporary_is_swept_when_the_run_ends(tmp_path, monkeypa
 def test_an_unexpected_error_names_a_short_patient_id(monkeypatch, tmp_path):
     """Id "0" occurs in almost any message; the patient is named all the same (found in review:
     a substring test left "index 0 is out of bounds" without the patient)."""
-    from kdsb.preprocessing import cohort as cohort_module
+    from kdsb.preprocessing import workers as workers_module
 
     def broken(*args, **kwargs):
         raise IndexError("index 0 is out of bounds for axis 0 with size 0")
 
-    monkeypatch.setattr(cohort_module, "preprocess_patient", broken)
-    result = cohort_module._preprocess_safely(tmp_path, tmp_path, "0", (1.0,) * 3, 10.0, 1)
+    monkeypatch.setattr(workers_module, "preprocess_patient", broken)
+    result = workers_module.preprocess_safely(tmp_path, tmp_path, "0", (1.0,) * 3, 10.0, 1)
     assert result.status == "failed"
     assert result.error.startswith("patient 0: unexpected IndexError: index 0 is out of bounds")
 
@@ -634,7 +630,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused(phantoms, tmp_path, capsy
     """Two runs writing one OUT_DIR would delete each other's temporaries and manifest rows
     (found in review): the second is refused while the first holds the lock, and runs once the
     first is gone (a killed run leaves no lock)."""
-    from kdsb.preprocessing.cohort import LOCK_NAME
+    from kdsb.preprocessing.out_dir import LOCK_NAME
 
     out = tmp_path / "out"
     out.mkdir()

@@ -19,8 +19,9 @@ from kdsb.io import volumes
 from kdsb.io.images import metaimage_data_file, read_image, volume_id, volume_in_folder
 from kdsb.phantoms.anatomy import make_phantom
 from kdsb.phantoms.dicom_write import write_ct_series
-from kdsb.preprocessing.cohort import find_patients, read_manifest
 from kdsb.preprocessing.hu import AIR_HU
+from kdsb.preprocessing.out_dir import read_manifest
+from kdsb.preprocessing.patients import find_patients
 
 SMALL = np.full((6, 7, 8), -1000, np.int16)  # (z, y, x) air, for the bad files below
 

@@ -144,7 +144,7 @@ def test_check_labels_match_errors_and_warning(tmp_path, caplog):
 def test_labelled_patients_whose_preprocessing_failed_are_skipped(tmp_path, caplog):
     """A scan that failed preprocessing is in the manifest, not in the folder: training goes on
     without it, saying so; a labelled id the manifest does not name stays an error."""
-    from kdsb.preprocessing.cohort import failed_patients
+    from kdsb.preprocessing.out_dir import failed_patients
 
     (tmp_path / "manifest.csv").write_text(
         "id,status,seconds,shape,error\na,ok,1.0,2x2x2,\nc,failed,0.1,,c: truncated\n"

@@ -17,10 +17,18 @@ from kdsb.data.inputs import INPUT_NAME, VolumeInput
 from kdsb.errors import LabelsError, UsageError
 from kdsb.evaluation import metrics
 from kdsb.io.volumes import volume_path, write_volume
-from kdsb.training import attempts, plateau, run_layout, spp
+from kdsb.training import (
+    attempts,
+    cross_validation,
+    model_fitting,
+    plateau,
+    run_checks,
+    run_layout,
+    spp,
+)
 from kdsb.training import classifier as classifier_training
-from kdsb.training.classifier import balanced_class_weights
 from kdsb.training.classifier_options import ClassifierOptions
+from kdsb.training.model_fitting import balanced_class_weights
 from kdsb.training.runs import given_options
 from kdsb.training.runs import read_history as runs_history
 
@@ -320,7 +328,7 @@ def test_class_weights_only_for_balanced_bce(cohort):
                             (["--loss", "focal"], False)):
         args = parser.parse_args([str(data), str(labels), "r", "--gmcae", str(gmcae), *extra])
         options = ClassifierOptions(**given_options(args, ClassifierOptions))
-        weights = classifier_training.class_weights_for(options, y)
+        weights = model_fitting.class_weights_for(options, y)
         assert (weights is not None) == weighted
         dataset = spp.train_dataset(paths, y, options, VolumeInput(), seed=0,
                                     class_weights=weights)
@@ -637,7 +645,7 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
     trained (nothing recorded); a run killed during the restart resumes it. (One split: the
     folds share this code, `test_when_every_attempt_is_stuck_the_least_stuck_is_kept`.)"""
     data, labels, gmcae = cohort
-    score = classifier_training.score_patients
+    score = model_fitting.score_patients
     calls = []
 
     def first_validation_constant(model, paths, volume_input, desc="score"):
@@ -645,7 +653,7 @@ def test_a_model_stuck_at_the_base_rate_is_trained_again_with_another_seed(
         p = score(model, paths, volume_input, desc)
         return np.full_like(p, 0.5) if calls.count("validate") == 1 else p
 
-    monkeypatch.setattr(classifier_training, "score_patients", first_validation_constant)
+    monkeypatch.setattr(model_fitting, "score_patients", first_validation_constant)
     options = dict(RESTART_OPTIONS, gmcae=str(gmcae), folds=0, val_fraction=0.25)
     run = tmp_path / "run"
     result = classifier_training.train_classifier(data, labels, run, options)
@@ -760,11 +768,11 @@ def test_a_resumed_spp_run_of_batches_keeps_its_distribution(tmp_path):
     with pytest.raises(UsageError, match="expected --distribute multiworker when resuming .* "
                                          "does not accumulate gradients over the batch\\), "
                                          "received --distribute none"):
-        classifier_training._check_accumulation_unchanged(tmp_path, accumulating)
+        run_checks.check_accumulation_unchanged(tmp_path, accumulating)
     for fine in (dict(accumulating.__dict__, batch_size=1), dict(accumulating.__dict__,
                                                                   head="mil"),
                  dict(accumulating.__dict__, distribute="multiworker")):
-        classifier_training._check_accumulation_unchanged(tmp_path, SimpleNamespace(**fine))
+        run_checks.check_accumulation_unchanged(tmp_path, SimpleNamespace(**fine))
 
 
 @pytest.mark.slow
@@ -779,8 +787,8 @@ def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, m
 
     data, labels, gmcae = cohort
     forced = iter([0.03, -1.0, 0.01])
-    real = classifier_training.explained_fraction
-    monkeypatch.setattr(classifier_training, "explained_fraction",
+    real = model_fitting.explained_fraction
+    monkeypatch.setattr(model_fitting, "explained_fraction",
                         lambda y, p: next(forced, None) or real(y, p))
     model_names = (run_layout.UNCALIBRATED_NAME, mil.HEAD_NAME)
     set_aside, hashes = attempts.set_aside, []
@@ -893,17 +901,17 @@ def test_a_split_is_compared_on_resume_only(tmp_path):
 
     begun = {"train_ids": ["a", "b"], "val_ids": ["c"]}
     other = {"train_ids": ["a", "d"], "val_ids": ["c"]}
-    classifier_training._pin_split(tmp_path, begun, ctx(False))
-    classifier_training._pin_split(tmp_path, other, ctx(False))  # a fresh start replaces it
+    model_fitting.pin_split(tmp_path, begun, ctx(False))
+    model_fitting.pin_split(tmp_path, other, ctx(False))  # a fresh start replaces it
     assert json.loads((tmp_path / "split.json").read_text()) == other
     with pytest.raises(UsageError, match=r"other train_ids \(e.g. b\)"):
-        classifier_training._pin_split(tmp_path, begun, ctx(True))
-    classifier_training._pin_split(tmp_path, other, ctx(True))
+        model_fitting.pin_split(tmp_path, begun, ctx(True))
+    model_fitting.pin_split(tmp_path, other, ctx(True))
     legacy = tmp_path / "fold_1"
     legacy.mkdir()
     (legacy / "fold.json").write_text(json.dumps({"held_out": ["x"], **begun}))
     with pytest.raises(UsageError, match="other held_out"):
-        classifier_training._pin_split(legacy, {"held_out": ["y"], **begun}, ctx(True))
+        model_fitting.pin_split(legacy, {"held_out": ["y"], **begun}, ctx(True))
 
 
 def test_resume_refuses_volumes_read_otherwise_or_another_gmcae(tmp_path):
@@ -911,7 +919,7 @@ def test_resume_refuses_volumes_read_otherwise_or_another_gmcae(tmp_path):
     classifier.json, so finished fold models were declared to read another grid; a GMCAE
     retrained at the same path went unnoticed. A GMCAE moved since (its content the same) may
     be given at its new place (found in review: the run could not be resumed at all)."""
-    check = classifier_training._check_input_unchanged
+    check = run_checks.check_input_unchanged
     begun = VolumeInput(spacing_mm=(2.0, 2.0, 2.0))
     begun.save(tmp_path, gmcae="g.keras", gmcae_sha256="aaa")
     check(tmp_path, begun, "g.keras", "aaa")  # the same: fine
@@ -966,10 +974,10 @@ def test_the_gmcae_spacing_warning_counts_the_downscale(tmp_path, caplog):
     gmcae.write_bytes(b"")
     save_gmcae_spacing(tmp_path, (2.0, 2.0, 2.0))
     with caplog.at_level(logging.WARNING, logger="kdsb.training.classifier"):
-        classifier_training._warn_of_another_gmcae_spacing(
+        run_checks.warn_of_another_gmcae_spacing(
             str(gmcae), VolumeInput(spacing_mm=(1.0, 1.0, 1.0), downscale=2))
         assert caplog.text == ""
-        classifier_training._warn_of_another_gmcae_spacing(
+        run_checks.warn_of_another_gmcae_spacing(
             str(gmcae), VolumeInput(spacing_mm=(2.0, 2.0, 2.0), downscale=2))
     assert "the classifier's encoder is fed (4.0, 4.0, 4.0) mm" in caplog.text
 
@@ -978,10 +986,10 @@ def test_options_another_head_reads_are_warned_of(caplog):
     """Found in review: --levels, --pooling and --freeze-blocks did nothing with --head mil,
     without a word."""
     with caplog.at_level(logging.WARNING, logger="kdsb.training.classifier"):
-        classifier_training._warn_of_other_heads_options({"levels": (1,), "lr": 0.1}, "spp")
-        classifier_training._warn_of_other_heads_options(ClassifierOptions, "mil")
+        run_checks.warn_of_other_heads_options({"levels": (1,), "lr": 0.1}, "spp")
+        run_checks.warn_of_other_heads_options(ClassifierOptions, "mil")
         assert caplog.text == ""
-        classifier_training._warn_of_other_heads_options(
+        run_checks.warn_of_other_heads_options(
             {"levels": (1,), "freeze_blocks": 1, "mil_pooling": "max", "mil_block": 1}, "nll")
     assert "--head nll ignores --levels, --freeze-blocks, --mil-block" in caplog.text
 
@@ -993,11 +1001,11 @@ def test_restarts_given_with_multiworker_are_warned_of(caplog):
 
     multi = SimpleNamespace(distribute="multiworker", restarts=3)
     with caplog.at_level(logging.WARNING, logger="kdsb.training.classifier"):
-        classifier_training._warn_of_unused_restarts({"lr": 0.1}, multi)
-        classifier_training._warn_of_unused_restarts(
+        run_checks.warn_of_unused_restarts({"lr": 0.1}, multi)
+        run_checks.warn_of_unused_restarts(
             {"restarts": 3}, SimpleNamespace(distribute="none", restarts=3))
         assert caplog.text == ""
-        classifier_training._warn_of_unused_restarts({"restarts": 3}, multi)
+        run_checks.warn_of_unused_restarts({"restarts": 3}, multi)
     assert "--restarts 3 is not used with --distribute multiworker: a stuck model is kept" \
         in caplog.text
 
@@ -1047,10 +1055,10 @@ def test_the_mil_head_learns_which_volumes_hold_a_bright_cube(tmp_path, capsys):
 def test_calibration_that_raises_the_out_of_fold_log_loss_is_warned_of(caplog):
     y = np.array([0, 1, 0, 1])
     with caplog.at_level(logging.WARNING, logger="kdsb.training.classifier"):
-        classifier_training._warn_if_calibration_hurt(y, np.full(4, 0.5), np.full(4, 0.5),
+        cross_validation.warn_if_calibration_hurt(y, np.full(4, 0.5), np.full(4, 0.5),
                                                       "platt")
         assert caplog.text == ""
-        classifier_training._warn_if_calibration_hurt(y, np.full(4, 0.5), np.full(4, 0.9),
+        cross_validation.warn_if_calibration_hurt(y, np.full(4, 0.5), np.full(4, 0.9),
                                                       "platt")
     assert "out of fold, the platt maps raised the log loss from 0.693 to 1.204" in caplog.text
 

@@ -1,6 +1,6 @@
 """Preprocessing on a Dask distributed cluster (`kdsb preprocess ... --scheduler ADDRESS`).
 
-The same per-patient work as the local process pool (`kdsb.preprocessing.cohort`), submitted as
+The same per-patient work as the local process pool (`kdsb.preprocessing.workers`), submitted as
 one Dask task per patient to a running scheduler whose workers see the same paths (a shared
 file system). Results come back as they finish, so the manifest, resume, QC and exit codes are
 those of a local run. A patient's volume file is written atomically by the worker, so a worker

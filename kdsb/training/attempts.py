@@ -1,4 +1,4 @@
-"""The attempts of a model restarted on the base-rate plateau (`kdsb.training.classifier`):
+"""The attempts of a model restarted on the base-rate plateau (`kdsb.training.model_fitting`):
 each abandoned attempt's files kept aside, and the least stuck attempt restored when every one
 was stuck.
 

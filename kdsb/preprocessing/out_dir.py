@@ -1,0 +1,137 @@
+"""What OUT_DIR of `kdsb preprocess` records beside its volumes: the manifest (one row per
+patient, rewritten atomically), the lock of the run writing it, and the settings its volumes
+were written with (a rerun must not mix spacings or margins in one cohort)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kdsb.errors import StoreError, UsageError
+from kdsb.io import volumes
+from kdsb.io.atomic import atomic_path
+from kdsb.preprocessing.pipeline import MARGIN_ATTR, STATUS_FAILED
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_RTOL = 1e-6  # relative tolerance when comparing a stored spacing or margin, mm
+
+
+MANIFEST_NAME = "manifest.csv"
+
+
+LOCK_NAME = ".kdsb-preprocess.lock"  # held by the run writing OUT_DIR
+
+
+MANIFEST_FIELDS = ("id", "status", "seconds", "shape", "error")
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """Rows of `out_dir/manifest.csv` by patient id; empty when there is no manifest."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as f:
+        return {row["id"]: row for row in csv.DictReader(f) if row.get("id")}
+
+
+def failed_patients(out_dir: str | os.PathLike) -> set[str]:
+    """Ids that `out_dir/manifest.csv` records as failed (none without a manifest)."""
+    return {pid for pid, row in read_manifest(out_dir).items()
+            if row.get("status") == STATUS_FAILED}
+
+
+def write_manifest(out_dir: Path, rows: dict[str, dict[str, str]]) -> Path:
+    """Rewrite the manifest atomically (temporary file, then rename), rows sorted by id."""
+    path = out_dir / MANIFEST_NAME
+    with atomic_path(path) as temp, temp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for patient_id in sorted(rows):
+            writer.writerow({key: rows[patient_id].get(key, "") for key in MANIFEST_FIELDS})
+    return path
+
+
+def existing_attrs(
+    path: Path, spacing: tuple[float, float, float], margin_mm: float
+) -> dict | None:
+    """Attributes of a complete volume file already written, None when absent or unreadable.
+
+    Args:
+        path: the volume file.
+        spacing: the requested target spacing in mm, (z, y, x).
+        margin_mm: the requested margin around the lungs, mm.
+
+    Raises:
+        UsageError: the file was written with another spacing or margin (a file without the
+            margin attribute counts as another margin), so skipping it would mix settings in
+            one cohort.
+    """
+    if not path.is_file():
+        return None
+    try:
+        attrs = volumes.read_attrs(path)
+    except StoreError as error:
+        logger.warning("%s is unreadable and will be redone: %s", path.name, error)
+        return None
+    stored_spacing = tuple(float(s) for s in attrs["spacing"])
+    if not np.allclose(stored_spacing, spacing, rtol=SETTINGS_RTOL, atol=0.0):
+        raise UsageError(
+            f"{path} was preprocessed with spacing {list(stored_spacing)} mm; expected "
+            f"--overwrite or another OUT_DIR for spacing {list(spacing)} mm"
+        )
+    stored_margin = attrs.get(MARGIN_ATTR)
+    if stored_margin is None or not np.isclose(
+        float(stored_margin), margin_mm, rtol=SETTINGS_RTOL, atol=0.0
+    ):
+        used = "an unrecorded margin" if stored_margin is None else f"margin {stored_margin} mm"
+        raise UsageError(
+            f"{path} was preprocessed with {used}; expected --overwrite or another OUT_DIR "
+            f"for --margin-mm {margin_mm}"
+        )
+    return attrs
+
+
+def check_other_patients(out_dir: Path, patients: dict[str, Path],
+                          spacing: tuple[float, float, float], margin_mm: float) -> None:
+    """Refuse an OUT_DIR whose volumes of patients not in this run (another cohort's, or
+    patients since removed from INPUT_ROOT) were written with other settings: this run, even
+    with --overwrite, would leave the two mixed (found in review). The first readable one is
+    checked; each run into OUT_DIR is checked so, so they agree with one another.
+
+    Raises:
+        UsageError: naming the file and both settings.
+    """
+    for patient_id, path in volumes.list_volumes(out_dir).items():
+        if patient_id in patients:
+            continue
+        try:
+            attrs = volumes.read_attrs(path)
+        except StoreError:
+            continue  # not this run's patient: nothing to redo, nothing to tell
+        stored = tuple(float(s) for s in attrs["spacing"])
+        margin = attrs.get(MARGIN_ATTR)
+        if not np.allclose(stored, spacing, rtol=SETTINGS_RTOL, atol=0.0) or margin is None \
+                or not np.isclose(float(margin), margin_mm, rtol=SETTINGS_RTOL, atol=0.0):
+            used = "an unrecorded margin" if margin is None else f"margin {margin} mm"
+            raise UsageError(
+                f"{path} (a patient not in this INPUT_ROOT) was preprocessed with spacing "
+                f"{list(stored)} mm and {used}; expected another OUT_DIR for "
+                f"spacing {list(spacing)} mm, margin {margin_mm} mm (--overwrite redoes only "
+                f"INPUT_ROOT's patients)"
+            )
+        return
+
+
+def remove_outdated(path: Path) -> None:
+    """Delete a volume file left by an earlier run of a patient that now failed (--overwrite),
+    so that a volume file on disk always means status ok."""
+    if path.exists():
+        logger.warning("%s: removing the volume file of an earlier run", path.name)
+        path.unlink()
+
+

@@ -1,0 +1,120 @@
+"""The patients of an input root: each visible sub-folder (a DICOM series, or a folder holding
+one volume file) and each NIfTI, MetaImage or NRRD file is one; what is not a patient is left
+out, and said where a user would wonder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from kdsb.errors import UsageError
+from kdsb.io.tables import summarise_ids
+from kdsb.preprocessing.out_dir import LOCK_NAME, MANIFEST_NAME
+
+logger = logging.getLogger(__name__)
+
+# Files in INPUT_ROOT that look like a patient's scan in a format kdsb does not read: Analyze,
+# compressed NIfTI other than gzip, archives, arrays (found in review: dropped without a word).
+UNREAD_IMAGE_SUFFIXES = (".img", ".hdr", ".nii.bz2", ".nii.xz", ".zip", ".tar", ".tgz",
+                         ".tar.gz", ".7z", ".npy", ".npz", ".mgz", ".mnc")
+
+
+def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
+    """Patient id → folder or volume file for every patient in `input_root`, sorted by id.
+
+    Each visible entry of `input_root` is one patient: a sub-folder (a DICOM series, or a folder
+    holding one volume file), whose name is the id, or a volume file (NIfTI `.nii`/`.nii.gz`,
+    MetaImage `.mhd`/`.mha`, NRRD `.nrrd`/`.nhdr`), whose name without that suffix is the id. The
+    data file beside a `.mhd` or `.nhdr` header (its `.raw`) is not a patient; other files
+    (labels.csv, …) and hidden entries are ignored (a link to a missing path with a warning).
+    The run's own output folders (`outputs`: OUT_DIR, the QC folder) are left out when they lie
+    inside `input_root`, and so, with a warning, are an earlier run's (a folder holding a
+    preprocess lock, a manifest.csv or a QC contact sheet).
+
+    Raises:
+        UsageError: `input_root` is missing, not a folder, holds no patient, or holds two
+            entries with the same id (`p1/` and `p1.nii.gz`).
+    """
+    from kdsb.io.dicom import is_dicom_file
+    from kdsb.io.images import volume_id
+
+    if not input_root.exists():
+        raise UsageError(f"expected an input root folder, received a missing path: {input_root}")
+    if not input_root.is_dir():
+        raise UsageError(f"expected an input root folder, received a file: {input_root}")
+    skip = {Path(folder).resolve() for folder in outputs if folder is not None}
+    patients: dict[str, Path] = {}
+    loose_dicom = []  # DICOM files lying in input_root itself: never a patient
+    unread = []  # images in formats kdsb does not read (Analyze, archives): named, not silent
+    for path in sorted(input_root.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_symlink() and not path.exists():
+            # A patient's link whose target moved (or lies on a disk not mounted now): not
+            # silently one less, and not failed either: a failed patient's earlier volume would
+            # be removed (found in review: links into an unmounted disk would have cost every
+            # volume of the cohort).
+            logger.warning("%s: ignored %s, a link to a missing path (%s); its earlier volume "
+                           "and manifest row, if any, are kept", input_root, path.name,
+                           os.readlink(path))
+            continue
+        if path.is_dir():
+            patient_id = path.name if path.resolve() not in skip else None
+            if patient_id is not None and _kdsb_output(path):
+                # An earlier run's OUT_DIR or QC folder (found in review: it failed as a
+                # patient, and its "failed" row stayed in the manifest for good).
+                logger.warning("%s: ignored %s, the output of an earlier kdsb preprocess "
+                               "(volumes or QC images), not a patient", input_root, path.name)
+                patient_id = None
+        else:  # volume files only: a .raw beside its .mhd, labels.csv, … give None
+            patient_id = volume_id(path)
+            if patient_id is None and is_dicom_file(path):
+                loose_dicom.append(path.name)
+            elif patient_id is None and path.name.lower().endswith(UNREAD_IMAGE_SUFFIXES) \
+                    and not _data_file_of_a_header(path):
+                unread.append(path.name)
+        if patient_id is None:
+            continue
+        if patient_id in patients:
+            raise UsageError(
+                f"expected one entry per patient id in {input_root}, received two for "
+                f"{patient_id}: {patients[patient_id].name} and {path.name}"
+            )
+        patients[patient_id] = path
+    files = (f"{len(loose_dicom)} DICOM file(s) ({', '.join(loose_dicom[:1])}"
+             f"{', …' if len(loose_dicom) > 1 else ''})")
+    if not patients:
+        raise UsageError(
+            f"expected one sub-folder per patient, or one NIfTI, MetaImage or NRRD file per "
+            f"patient, in {input_root}, received none"
+            + (f"; {files} lie in it: a patient's series is a sub-folder (for one patient, pass "
+               f"the folder above it)" if loose_dicom else "")
+        )
+    if loose_dicom:
+        logger.warning("%s: ignored %s beside the patients: a patient's series is a sub-folder",
+                       input_root, files)
+    if unread:
+        logger.warning("%s: ignored %d file(s) in a format kdsb does not read (%s): convert them "
+                       "to NIfTI, MetaImage or NRRD, or unpack them", input_root, len(unread),
+                       summarise_ids(unread))
+    return dict(sorted(patients.items()))
+
+
+def _data_file_of_a_header(path: Path) -> bool:
+    """Whether `path` (`p1.img`) lies beside a MetaImage or NRRD header of its stem, whose data
+    file it then is (found in review: warned of as a format kdsb does not read)."""
+    stem = path.name.split(".")[0]
+    return any((path.parent / f"{stem}{suffix}").is_file() for suffix in (".mhd", ".nhdr"))
+
+
+def _kdsb_output(folder: Path) -> bool:
+    """Whether `folder` is a kdsb preprocess OUT_DIR (its lock or manifest) or QC folder (its
+    contact sheet)."""
+    from kdsb.preprocessing.qc import CONTACT_SHEET_NAME
+
+    return any((folder / name).is_file() for name in (LOCK_NAME, MANIFEST_NAME,
+                                                      CONTACT_SHEET_NAME)) or any(
+        folder.glob(f"{Path(CONTACT_SHEET_NAME).stem}_[0-9]*.png"))
+
+
