@@ -415,7 +415,7 @@ def test_the_png_draws_millimetres_alike_on_both_axes_of_a_view(tmp_path, monkey
     views were squeezed to half their height."""
     from matplotlib.axes import Axes
 
-    from kdsb.preprocessing.qc import pixel_aspects
+    from kdsb.preprocessing.qc.overlays import pixel_aspects
 
     assert pixel_aspects((2.0, 1.0, 0.5)) == {"axial": 2.0, "coronal": 4.0, "sagittal": 2.0}
     shape = (6, 8, 10)

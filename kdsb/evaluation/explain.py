@@ -356,7 +356,7 @@ def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) ->
     from matplotlib.figure import Figure
 
     from kdsb.preprocessing.hu import LUNG_WINDOW_HU
-    from kdsb.preprocessing.qc import pixel_aspects
+    from kdsb.preprocessing.qc.overlays import pixel_aspects
 
     z, y, x = explanation.peak_index
     hu, lung, heat = volume.hu, volume.lung_mask > 0, explanation.heatmap

@@ -111,7 +111,7 @@ def _data_file_of_a_header(path: Path) -> bool:
 def _kdsb_output(folder: Path) -> bool:
     """Whether `folder` is a kdsb preprocess OUT_DIR (its lock or manifest) or QC folder (its
     contact sheet)."""
-    from kdsb.preprocessing.qc import CONTACT_SHEET_NAME
+    from kdsb.preprocessing.qc.sheet import CONTACT_SHEET_NAME
 
     return any((folder / name).is_file() for name in (LOCK_NAME, MANIFEST_NAME,
                                                       CONTACT_SHEET_NAME)) or any(
