@@ -16,7 +16,8 @@ import SimpleITK as sitk
 from kdsb.cli import main
 from kdsb.errors import UsageError, VolumeFileError
 from kdsb.io import volumes
-from kdsb.io.images import metaimage_data_file, read_image, volume_id, volume_in_folder
+from kdsb.io.images import read_image
+from kdsb.io.volume_files import metaimage_data_file, volume_id, volume_in_folder
 from kdsb.phantoms.anatomy import make_phantom
 from kdsb.phantoms.dicom_write import write_ct_series
 from kdsb.preprocessing.hu import AIR_HU
@@ -563,7 +564,7 @@ def test_native_stderr_blocks_in_two_threads_keep_their_own_text():
     import threading
     import time
 
-    from kdsb.io.images import _NativeStderr
+    from kdsb.io.native_stderr import NativeStderr
 
     before = os.fstat(2)
     entered, left, texts = threading.Event(), threading.Event(), {}
@@ -572,7 +573,7 @@ def test_native_stderr_blocks_in_two_threads_keep_their_own_text():
         # Without taking turns: a enters, b enters, a leaves, b leaves.
         if not first:
             entered.wait()
-        with _NativeStderr() as captured:
+        with NativeStderr() as captured:
             if first:
                 entered.set()
                 time.sleep(0.2)  # b tries to enter meanwhile
@@ -598,7 +599,7 @@ def test_the_stamp_of_a_header_counts_the_data_file_it_names(tmp_path):
     """A .mhd or .nhdr may name a data file of another name: rewriting that file changed no
     stamp, so a rerun kept the old volume (found in review)."""
     from kdsb.io.folders import source_stamp
-    from kdsb.io.images import detached_data_file
+    from kdsb.io.volume_files import detached_data_file
 
     (tmp_path / "p1.mhd").write_text("NDims = 3\nElementDataFile = scan_0001.raw\n")
     (tmp_path / "p2.nhdr").write_text("NRRD0004\ntype: short\ndata file: scan_0002.raw\n\n")

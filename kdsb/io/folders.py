@@ -33,14 +33,14 @@ def source_stamp(source: str | os.PathLike) -> str:
     modification time (UTC, µs). A folder counts every file under it; a volume file counts the
     files beside it whose names begin with its id and a dot (`p1.mhd` and `p1.raw`; also a
     `p1.b.mhd`, whose change then redoes p1 too: the safe side), but for kdsb volume files, and
-    the data file its detached header names (`images.detached_data_file`).
+    the data file its detached header names (`volume_files.detached_data_file`).
 
     A rewritten scan (another synthetic draw, a series still being copied) changes it; so does
     a copy that does not keep modification times (the patient is then preprocessed again, never
     silently kept).
     """
     # images reads folders through this module
-    from kdsb.io.images import detached_data_file, volume_id
+    from kdsb.io.volume_files import detached_data_file, volume_id
     from kdsb.io.volumes import SUFFIX as VOLUME_SUFFIX
 
     source = Path(source)

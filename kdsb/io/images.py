@@ -50,22 +50,16 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import re
-import sys
-import tempfile
-import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from kdsb.errors import VolumeFileError
-from kdsb.io.dicom import is_dicom_file
-from kdsb.io.folders import files_under
+from kdsb.io.native_stderr import NativeStderr
 from kdsb.io.series import (
     INT16_MAX,
     INT16_MIN,
@@ -75,6 +69,13 @@ from kdsb.io.series import (
     CTSeries,
     patient_axis,
 )
+from kdsb.io.volume_files import (
+    METAIMAGE_HEADER_SUFFIX,
+    VOLUME_FORMATS,
+    metaimage_data_file,
+    volume_id,
+    volume_suffix,
+)
 from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, air_share, not_hounsfield
 
 if TYPE_CHECKING:
@@ -82,19 +83,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# File name suffix (lower case) → (format name, SimpleITK ImageIO). Longest suffixes first.
-VOLUME_FORMATS = {
-    ".nii.gz": ("NIfTI", "NiftiImageIO"),
-    ".nii": ("NIfTI", "NiftiImageIO"),
-    ".mhd": ("MetaImage", "MetaImageIO"),
-    ".mha": ("MetaImage", "MetaImageIO"),
-    ".nrrd": ("NRRD", "NrrdImageIO"),
-    ".nhdr": ("NRRD", "NrrdImageIO"),  # detached header; the data file beside it
-}
-METAIMAGE_HEADER_SUFFIX = ".mhd"
-DATA_FILE_KEY = "ElementDataFile"  # the MetaImage header field naming the data file
-LOCAL_DATA_FILE = "LOCAL"  # data follows the header in the same file (.mha)
-LIST_DATA_FILES = "LIST"  # one data file per slice, listed after the header
 SERIES_UID_PREFIX = "file:"
 IMAGE_DIMENSION = 3
 SCALAR_PIXEL_TYPES = ("sitkInt8", "sitkUInt8", "sitkInt16", "sitkUInt16", "sitkInt32",
@@ -110,7 +98,6 @@ NRRD_SPACE_KEY = "NRRD_space"  # SimpleITK's key for the NRRD header's `space:` 
 # header's coded qform or sform: float32 rounding is ~1e-5 mm.
 NIFTI_GEOMETRY_TOLERANCE_MM = 1e-3
 GZIP_CHUNK_BYTES = 16 * 1024**2  # read size when measuring a .nii.gz's decompressed length
-STDERR_FD = 2
 BITS_PER_BYTE = 8
 _T = TypeVar("_T")
 # "…ITK ERROR: MetaImageIO(0x55…): File cannot be read…" or "…sitk::ERROR: Unable to…":
@@ -124,165 +111,9 @@ _METAIMAGE_SHORT = re.compile(r"data not read completely ideal = (\d+) : actual 
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def volume_suffix(path: str | Path) -> str | None:
-    """The volume-file suffix of `path` (".nii.gz", ".nii", ".mhd", ".mha", ".nrrd", ".nhdr"),
-    lower case; None when the name is not that of a volume file (a `.raw` data file is not)."""
-    name = Path(path).name.lower()
-    return next((suffix for suffix in VOLUME_FORMATS if name.endswith(suffix)), None)
-
-
-def volume_id(path: str | Path) -> str | None:
-    """The patient id a volume file stands for: its name without the volume suffix.
-
-    Returns None when `path` is not named like a volume file, or when nothing is left of the
-    name without its suffix.
-    """
-    suffix = volume_suffix(path)
-    if suffix is None:
-        return None
-    name = Path(path).name
-    return name[: -len(suffix)] or None
-
-
-def metaimage_data_file(header: str | Path) -> Path | None:
-    """The data file a MetaImage `.mhd` header names (its `ElementDataFile`, beside it).
-
-    Returns None when the header names no single file (data in the header file itself,
-    `LOCAL`; a `LIST` of files; a numbered `%d` pattern) or cannot be read: SimpleITK resolves
-    those, or says why it cannot.
-    """
-    value = _header_value(header, "=", DATA_FILE_KEY, blank_ends=False)
-    if value is None or value in ("", LOCAL_DATA_FILE) or value.startswith(LIST_DATA_FILES) \
-            or "%" in value:
-        return None
-    return Path(header).parent / value
-
-
-def detached_data_file(header: str | Path) -> Path | None:
-    """The one data file a detached header names, beside it: a MetaImage `.mhd`'s
-    `ElementDataFile` (`metaimage_data_file`), an NRRD `.nhdr`'s `data file:` field; None for
-    any other file, or a header naming no single file (a list, a numbered pattern)."""
-    suffix = volume_suffix(header)
-    if suffix == ".mhd":
-        return metaimage_data_file(header)
-    if suffix != ".nhdr":
-        return None
-    value = _header_value(header, ":", "data file", blank_ends=True)
-    if not value or value.startswith(LIST_DATA_FILES) or " " in value or "%" in value:
-        return None
-    return Path(header).parent / value
-
-
-def _header_value(header: str | Path, separator: str, key: str, *, blank_ends: bool
-                  ) -> str | None:
-    """The stripped value of the first line `key <separator> value` of a text header (keys
-    compared case-blind, spaces ignored: NRRD's `datafile` is `data file`); None when there is
-    none or the file cannot be read. `blank_ends`: the header ends at its first blank line."""
-    try:
-        text = Path(header).read_text(errors="replace")
-    except OSError:
-        return None
-    wanted = key.replace(" ", "").lower()
-    for line in text.splitlines():
-        if blank_ends and not line.strip():
-            break
-        name, _, value = line.partition(separator)
-        if name.replace(" ", "").strip().lower() == wanted:
-            return value.strip()
-    return None
-
-
-def volume_in_folder(folder: str | Path, patient_id: str | None = None) -> Path | None:
-    """The one volume file a patient folder holds instead of a DICOM series.
-
-    A folder holding volume files (directly in it) and no DICOM file (anywhere in it, as
-    `kdsb.io.dicom.read_series` would read; a MetaImage header's `.raw` is not DICOM) is read as
-    its volume file. A folder holding DICOM files is a DICOM series, even beside volume files
-    (logged).
-
-    Args:
-        folder: the patient folder.
-        patient_id: the name used in messages; the folder name if None.
-
-    Returns:
-        The volume file, or None when the folder is to be read as a DICOM series.
-
-    Raises:
-        VolumeFileError: the folder holds no DICOM and more than one volume file.
-    """
-    folder = Path(folder)
-    patient = patient_id or folder.name
-    volumes = sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and volume_suffix(p) is not None
-    )
-    if not volumes:
-        return None
-    others = (p for p in files_under(folder) if p not in volumes)
-    if any(is_dicom_file(p) for p in others):
-        logger.info(
-            "patient %s: the folder holds DICOM files: reading them, not %s",
-            patient, ", ".join(v.name for v in volumes),
-        )
-        return None
-    if len(volumes) > 1:
-        raise VolumeFileError(
-            f"patient {patient}: expected one volume file (or a DICOM series) in {folder}, "
-            f"received {len(volumes)}: {', '.join(v.name for v in volumes)}"
-        )
-    return volumes[0]
-
-
-_REDIRECT_LOCK = threading.Lock()
-
-
 def _rounded(values: np.ndarray) -> list[float]:
     """Values for a message, to 0.0001 mm."""
     return np.round(np.asarray(values, dtype=np.float64), 4).tolist()
-
-
-class _NativeStderr:
-    """Context manager: what C and C++ code writes to file descriptor 2 inside the block.
-
-    SimpleITK's MetaImage and NIfTI libraries print their complaints there ("MetaImage:
-    M_ReadElementsData: data not read completely …", "** ERROR: nifti_…"), not in the exception.
-    The block's output goes to a temporary file instead of the screen; afterwards `text` holds it
-    on one line, for the error message (or a warning). Anything else writing to the process's
-    stderr during the block (another thread) lands there too: delayed, not lost. The descriptor
-    is the process's, so blocks in several threads (a Dask worker's patients) take turns
-    (`_REDIRECT_LOCK`): overlapping ones would swap each other's text and leave stderr pointing
-    at a deleted file.
-    """
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def __enter__(self) -> _NativeStderr:
-        _REDIRECT_LOCK.acquire()
-        try:
-            sys.stderr.flush()
-            self._sink = tempfile.TemporaryFile()
-            self._saved = os.dup(STDERR_FD)
-            os.dup2(self._sink.fileno(), STDERR_FD)
-        except BaseException:
-            _REDIRECT_LOCK.release()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        try:
-            os.dup2(self._saved, STDERR_FD)
-            os.close(self._saved)
-            self._sink.seek(0)
-            self.text = " ".join(self._sink.read().decode(errors="replace").split())
-            self._sink.close()
-        finally:
-            _REDIRECT_LOCK.release()
 
 
 class _Reader:
@@ -324,7 +155,7 @@ class _Reader:
     def run_collecting(self, step: Callable[[], _T]) -> tuple[_T, str]:
         """`step()` with its errors made one line; what SimpleITK printed is returned, for a
         warning once the caller's own checks pass (an error of theirs says more)."""
-        native = _NativeStderr()
+        native = NativeStderr()
         try:
             with native:
                 result = step()

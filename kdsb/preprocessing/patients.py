@@ -37,7 +37,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
             entries with the same id (`p1/` and `p1.nii.gz`).
     """
     from kdsb.io.dicom import is_dicom_file
-    from kdsb.io.images import volume_id
+    from kdsb.io.volume_files import volume_id
 
     if not input_root.exists():
         raise UsageError(f"expected an input root folder, received a missing path: {input_root}")

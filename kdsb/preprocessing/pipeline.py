@@ -90,9 +90,9 @@ def validate_margin(margin_mm: float) -> float:
 def read_patient(source: str | os.PathLike, patient_id: str | None = None) -> CTSeries:
     """Read one patient's scan, whatever its format, as canonical int16 HU (z, y, x).
 
-    A volume file (NIfTI, MetaImage, NRRD) is read by `kdsb.io.images.read_image`; a folder holding
-    one volume file and no DICOM (`kdsb.io.images.volume_in_folder`) likewise; any other folder is
-    a DICOM series read by `kdsb.io.dicom.read_series`.
+    A volume file (NIfTI, MetaImage, NRRD) is read by `kdsb.io.images.read_image`; a folder
+    holding one volume file and no DICOM (`kdsb.io.volume_files.volume_in_folder`) likewise; any
+    other folder is a DICOM series read by `kdsb.io.dicom.read_series`.
 
     Args:
         source: the patient's folder or volume file.
@@ -108,7 +108,8 @@ def read_patient(source: str | os.PathLike, patient_id: str | None = None) -> CT
         VolumeFileError: a volume file that cannot be read or holds no usable CT volume.
     """
     from kdsb.io.dicom import read_series
-    from kdsb.io.images import read_image, volume_in_folder
+    from kdsb.io.images import read_image
+    from kdsb.io.volume_files import volume_in_folder
 
     source = Path(source)
     if not source.is_dir():
@@ -155,7 +156,7 @@ def preprocess_patient(
             VolumeFileError, LungMaskError, …); the message names the patient. A bad target
             `spacing` or `margin_mm` raises KdsbError before the scan is read.
     """
-    from kdsb.io.images import volume_id
+    from kdsb.io.volume_files import volume_id
     from kdsb.preprocessing.lungs import lung_bounding_box, mask_on_box, segment_lungs_in_box
     from kdsb.preprocessing.resample import resample_mask, resample_volume
 
