@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from kdsb.evaluation.explain import cell_centres
+    from kdsb.evaluation.gradcam import cell_centres
     from kdsb.phantoms.layout import truth_dir
     from kdsb.training.bags import instance_features
 

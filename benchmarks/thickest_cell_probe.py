@@ -44,7 +44,7 @@ def thickest_cell(volume_input, encoder, path: Path) -> tuple[float, np.ndarray]
     from scipy import ndimage
 
     from kdsb.data.patches import normalize_hu
-    from kdsb.evaluation.explain import cell_centres
+    from kdsb.evaluation.gradcam import cell_centres
 
     x = volume_input.read(path)
     tissue = x[..., 0] > normalize_hu(np.float32(TISSUE_HU), clip=volume_input.hu_clip)

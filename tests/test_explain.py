@@ -162,7 +162,7 @@ def test_a_saturated_classifier_still_has_a_map(cohort, tmp_path):
     import keras
 
     from kdsb.data.inputs import VolumeInput
-    from kdsb.evaluation.explain import gradcam
+    from kdsb.evaluation.gradcam import gradcam
     from kdsb.models.calibration import without_calibration
 
     root, model_path, _ = cohort
@@ -196,7 +196,7 @@ def test_cell_centres_are_where_the_encoder_responds(extent):
     """A blob on the centre `cell_centres` gives cell 3 makes cells 2 and 4 respond alike: the
     centre is the encoder's own, which "same" padding moves by up to 7 voxels with the extent's
     parity at each stage (found in review: the map was stretched over the input instead)."""
-    from kdsb.evaluation.explain import cell_centres
+    from kdsb.evaluation.gradcam import cell_centres
 
     encoder = _uniform_encoder()
     stride, offset = cell_centres(encoder, extent)
@@ -262,7 +262,7 @@ def test_an_ensembles_probability_is_predicts(cohort, tmp_path, monkeypatch):
 def test_occlusion_cubes_cover_the_lung_box_to_its_far_end():
     """A lung box 44 voxels long, 24-voxel cubes every 16: the far end's voxels are occluded
     too (found in review: the last cube ended 4 voxels short, leaving them at 0)."""
-    from kdsb.evaluation.explain import occlusion
+    from kdsb.evaluation.occlusion import occlusion
 
     def model(batch, training=False):  # p(cancer) = the mean of the box's last 4 slices
         return np.array([[float(batch[0, 40:44].mean())]])

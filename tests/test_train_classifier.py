@@ -484,10 +484,10 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     ensemble = predict_cohort(data, [run / "classifier.keras"], clip=0.0)
     assert ensemble == pytest.approx(mean, rel=1e-5)
     from kdsb.errors import ModelError
-    from kdsb.evaluation.explain import _split_classifier
+    from kdsb.evaluation.gradcam import split_classifier
 
     with pytest.raises(ModelError, match="nests its fold models: pass the RUN_DIR"):
-        _split_classifier(keras.saving.load_model(run / "classifier.keras", compile=False))
+        split_classifier(keras.saving.load_model(run / "classifier.keras", compile=False))
     with open(run / "history.csv", newline="") as f:
         stacked = list(csv.DictReader(f))
     for k in (1, 2):

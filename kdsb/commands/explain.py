@@ -6,12 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from kdsb.evaluation.explain import (
-    DEFAULT_METHOD,
-    DEFAULT_OCCLUSION_MM,
-    METHODS,
-    STRIDES_PER_EDGE,
-)
+from kdsb.evaluation.explain import DEFAULT_METHOD, METHODS
+from kdsb.evaluation.occlusion import DEFAULT_OCCLUSION_MM, STRIDES_PER_EDGE
 
 HELP = ("a 3D heatmap per patient of what drove p(cancer) (<id>.h5, <id>.png overlay) and "
         "peaks.csv, the hottest point in patient mm")

@@ -4,22 +4,12 @@ Both methods work on the network input a model was trained with (`VolumeInput.re
 HU normalisation, masking, downscaling) and return a heatmap on the volume file's own grid
 (z, y, x), so it overlays the HU volume, its lung mask and, after `kdsb export`, the DICOM.
 
-- **Grad-CAM** (default): the classifier is encoder → spatial pyramid pooling → dense head. The
-  encoder's output A (its last convolution, after ReLU; 1/8 of the input per axis) is recorded,
-  the head run on it under a gradient tape, and the gradient of the logit (the output layer's
-  value before its sigmoid, which never saturates: at p = 1.0 in float32 a gradient through p
-  is zero and the map would be empty) with respect to A averaged over space gives one weight
-  per channel; the map is ReLU(Σ_c w_c A_c).
-  It is drawn on the volume grid by linear interpolation between the cells' centres: cell i
-  of an axis of m input voxels is centred on input voxel 8i + offset (`cell_centres`; 4i +
-  0–3 for a MIL head's block-2 cells), where the offset (0–7) follows from TensorFlow's "same"
-  padding of each stride-2 convolution (odd sizes are padded on both sides, even ones only
-  after the data), as `tests/test_explain.py` checks against the encoder's response to a blob.
-  One forward and one backward pass per patient and model.
-- **Occlusion**: a cube of `occlusion_mm` is set to the masking fill (healthy parenchyma,
-  the input's "nothing here") at every step of `stride_mm` over the lung mask's bounding box;
-  the map is the drop p(original) - p(occluded), spread over the cube. Costs one forward pass per
-  position: minutes per patient on a CPU at 1 mm.
+- **Grad-CAM** (default; `kdsb.evaluation.gradcam`): the gradient of the logit with respect
+  to the encoder's last convolution weighs its channels. One forward and one backward pass per
+  patient and model.
+- **Occlusion** (`kdsb.evaluation.occlusion`): the drop in p(cancer) when a cube of lung is
+  set to healthy parenchyma, cube by cube. One forward pass per position: minutes per patient
+  on a CPU at 1 mm.
 
 An ensemble's heatmap is the mean of its models' maps, each scaled to a maximum of 1 (Grad-CAM
 magnitudes differ between models). The peak is the hottest voxel inside the lung mask.
@@ -41,6 +31,12 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb.errors import KdsbError, UsageError
+from kdsb.evaluation.gradcam import gradcam, split_classifier
+from kdsb.evaluation.occlusion import (
+    DEFAULT_OCCLUSION_MM,
+    checked_occlusion_stride_mm,
+    occlusion,
+)
 from kdsb.io.atomic import save_figure
 from kdsb.io.tables import write_table
 
@@ -50,10 +46,6 @@ METHODS = ("gradcam", "occlusion")
 DEFAULT_METHOD = METHODS[0]
 PEAKS_NAME = "peaks.csv"
 PEAK_FIELDS = ("id", "z", "y", "x", "value")
-DEFAULT_OCCLUSION_MM = 24.0
-STRIDES_PER_EDGE = 1.5  # default step: the cube edge / 1.5 (16 mm for 24 mm cubes)
-# The classifier's output unit (sigmoid), in the SPP and the MIL classifier alike.
-OUTPUT_LAYER = "p_cancer"
 
 
 @dataclass(frozen=True)
@@ -89,87 +81,6 @@ class Peak:
     value: float
 
 
-def _split_classifier(model: Any) -> tuple[Any, list[Any], Any]:
-    """The encoder sub-model, the layers between it and the output unit (pyramid pooling or MIL
-    pooling, dense head) and the output unit `p_cancer` (a calibration after it is monotone,
-    so it does not change where the model looks)."""
-    from kdsb.errors import ModelError
-    from kdsb.models.gmcae import encoder_of
-
-    try:
-        encoder = encoder_of(model)
-    except ModelError:
-        raise ModelError(
-            f"expected a classifier with an encoder for Grad-CAM, received '{model.name}' "
-            "without one (head nll: its instances are patch likelihoods; a cross-validated "
-            "run's own classifier.keras nests its fold models: pass the RUN_DIR); use --method "
-            "occlusion"
-        ) from None
-    output = model.get_layer(OUTPUT_LAYER)
-    layers = [layer for layer in model.layers if not layer.name.startswith("volume")]
-    return encoder, layers[layers.index(encoder) + 1: layers.index(output)], output
-
-
-def cell_centres(encoder: Any, extent: int) -> tuple[int, float]:
-    """Where the encoder's output cells lie along an axis of `extent` input voxels: (stride,
-    offset), cell i centred on input voxel stride · i + offset.
-
-    Each convolution with "same" padding centres output j on input s · j + (k - 1) / 2 - p,
-    s its stride, k its kernel and p the padding TensorFlow puts before the data (half the
-    total, rounded down); composed over the layers, last to first.
-    """
-    layers = [layer for layer in encoder.layers if getattr(layer, "strides", None)]
-    sizes = []
-    for layer in layers:  # each layer's input extent
-        sizes.append(extent)
-        extent = -(-extent // int(layer.strides[0]))
-    stride, offset = 1, 0.0
-    for layer, size in zip(reversed(layers), reversed(sizes), strict=True):
-        s, k = int(layer.strides[0]), int(layer.kernel_size[0])
-        before = max((-(-size // s) - 1) * s + k - size, 0) // 2
-        stride, offset = s * stride, s * offset + (k - 1) / 2 - before
-    return stride, offset
-
-
-def gradcam(
-    model: Any, x: np.ndarray
-) -> tuple[np.ndarray, float, list[tuple[int, float]]]:
-    """Grad-CAM of one prepared input.
-
-    Args:
-        model: a kdsb classifier (input (batch, z, y, x, 1), output (batch, 1) p(cancer)).
-        x: the prepared input, float32 (z, y, x, 1).
-
-    Returns:
-        (map on the encoder's output grid (z', y', x'), float32, >= 0; the model's p(cancer);
-        per axis, where the map's cells lie on the input (`cell_centres`)).
-    """
-    import tensorflow as tf
-
-    from kdsb.models.calibration import calibration_of
-
-    encoder, hidden, output = _split_classifier(model)
-    features = encoder(x[np.newaxis], training=False)
-    with tf.GradientTape() as tape:
-        tape.watch(features)
-        out = features
-        for layer in hidden:
-            out = layer(out, training=False)
-        # The output layer's pre-activation: a saturated sigmoid (p = 1.0 in float32) would
-        # have no gradient left.
-        logit = tf.matmul(tf.cast(out, tf.float32), tf.cast(output.kernel, tf.float32))
-        logit = logit[0, 0] + tf.cast(output.bias[0], tf.float32)
-    gradient = tape.gradient(logit, features)
-    weights = tf.reduce_mean(tf.cast(gradient, tf.float32), axis=(1, 2, 3))  # (1, channels)
-    cam = tf.nn.relu(tf.einsum("bzyxc,bc->bzyx", tf.cast(features, tf.float32), weights))
-    p = float(tf.sigmoid(logit))
-    calibration = calibration_of(model)
-    if calibration is not None:
-        p = float(calibration.apply(p))
-    centres = [cell_centres(encoder, n) for n in x.shape[:3]]
-    return cam[0].numpy().astype(np.float32), p, centres
-
-
 def peak_voxel(heatmap: np.ndarray) -> tuple[int, int, int]:
     """The hottest voxel (z, y, x) of a heatmap: of the connected region at its maximum, the
     voxel nearest that region's centre.
@@ -187,53 +98,6 @@ def peak_voxel(heatmap: np.ndarray) -> tuple[int, int, int]:
         voxels = np.argwhere(labels == labels[first])
         first = voxels[np.argmin(((voxels - voxels.mean(axis=0)) ** 2).sum(axis=1))]
     return tuple(int(i) for i in first)
-
-
-def occlusion(
-    model: Any, x: np.ndarray, lung: np.ndarray, fill: float, size: Sequence[int],
-    stride: Sequence[int],
-) -> tuple[np.ndarray, float]:
-    """Occlusion sensitivity of one prepared input.
-
-    Args:
-        model: a kdsb classifier.
-        x: the prepared input, float32 (z, y, x, 1).
-        lung: bool (z, y, x) lung mask on the input grid: cubes are placed over its bounding box
-            and only where they touch it.
-        fill: the normalised value an occluded voxel gets.
-        size: edges of the occluding box in input voxels (z, y, x): a cube in mm.
-        stride: steps in input voxels (z, y, x).
-
-    Returns:
-        (map on the input grid (z, y, x): the mean drop in p over the cubes covering each voxel,
-        clipped at 0; the model's p(cancer) for the unoccluded input).
-    """
-    p0 = float(model(x[np.newaxis], training=False)[0, 0])
-    total = np.zeros(x.shape[:3], np.float32)
-    count = np.zeros(x.shape[:3], np.float32)
-    found = np.argwhere(lung)
-    if not len(found):
-        return total, p0
-    low, high = found.min(axis=0), found.max(axis=0) + 1
-    # The last start of each axis lies within `size` of the box's far end, so the cubes
-    # cover the whole box.
-    starts = [range(int(a), max(int(a) + 1, int(b) - edge + step), step)
-              for a, b, edge, step in zip(low, high, size, stride, strict=True)]
-    sz, sy, sx = size
-    cubes = [np.s_[z:z + sz, y:y + sy, x0:x0 + sx]
-             for z in starts[0] for y in starts[1] for x0 in starts[2]]
-    cubes = [cube for cube in cubes if lung[cube].any()]
-    logger.info("occlusion: %d cubes of %s input voxels, one forward pass each", len(cubes),
-                "×".join(map(str, size)))
-    # One forward pass a cube: minutes a patient on a CPU, so its own progress bar.
-    for cube in tqdm(cubes, desc="occlusion", unit="cube", leave=False, disable=None):
-        occluded = x.copy()
-        occluded[cube] = fill
-        p = float(model(occluded[np.newaxis], training=False)[0, 0])
-        total[cube] += p0 - p
-        count[cube] += 1
-    drop = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
-    return np.maximum(drop, 0.0), p0
 
 
 def to_volume_grid(
@@ -386,24 +250,6 @@ def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) ->
     return save_figure(figure, path)
 
 
-def checked_occlusion_stride_mm(occlusion_mm: float, stride_mm: float | None) -> float:
-    """The occlusion step in mm (None: `occlusion_mm` / `STRIDES_PER_EDGE`), the sizes checked.
-
-    Raises:
-        UsageError: a size not finite and positive, or a step wider than the cubes (they would
-            leave lung between them that no occlusion covers: a map of 0 there).
-    """
-    if stride_mm is None:
-        stride_mm = occlusion_mm / STRIDES_PER_EDGE
-    if not all(math.isfinite(mm) and mm > 0 for mm in (occlusion_mm, stride_mm)):
-        raise UsageError(f"expected positive, finite occlusion sizes in mm, received "
-                         f"{occlusion_mm} and {stride_mm}")
-    if stride_mm > occlusion_mm:
-        raise UsageError(f"expected --stride-mm at most --occlusion-mm (cubes that overlap or "
-                         f"touch), received {stride_mm} > {occlusion_mm}")
-    return stride_mm
-
-
 def explain_cohort(
     data_dir: str | os.PathLike,
     model_paths: Sequence[str | os.PathLike],
@@ -461,7 +307,7 @@ def explain_cohort(
 
         for path, model in zip(model_paths, models, strict=True):
             try:
-                _split_classifier(model)
+                split_classifier(model)
             except ModelError as error:
                 raise ModelError(f"{path}: {error}") from None
     # The paths too: each heatmap file names its models.
