@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from kdsb.phantoms.anatomy import (
+from kdsb.phantoms.anatomy import IMAGE_NOISE_HU, make_phantom
+from kdsb.phantoms.chest import NODULE_HU
+from kdsb.phantoms.nodules import (
     BIG_NODULE_RADIUS_MM,
     CANCER_RADIUS_MM,
-    IMAGE_NOISE_HU,
-    NODULE_HU,
     NODULE_IRREGULARITY,
     SMALL_NODULE_RADIUS_MM,
-    make_phantom,
 )
 
 SIZE = 64

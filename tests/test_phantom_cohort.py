@@ -13,7 +13,8 @@ import pytest
 from kdsb.cli import main
 from kdsb.errors import UsageError
 from kdsb.io.dicom import read_series
-from kdsb.phantoms.anatomy import CANCER_RADIUS_MM, HU_MAX, HU_MIN, make_phantom
+from kdsb.phantoms.anatomy import make_phantom
+from kdsb.phantoms.chest import HU_MAX, HU_MIN
 from kdsb.phantoms.cohort import (
     SLICE_ORDERS,
     SLOPES,
@@ -25,6 +26,7 @@ from kdsb.phantoms.cohort import (
     write_cohort,
 )
 from kdsb.phantoms.dicom_write import Acquisition, _stored_values
+from kdsb.phantoms.nodules import CANCER_RADIUS_MM
 
 
 def test_acquisition_styles_cover_every_storage_and_order():

@@ -33,9 +33,10 @@ from kdsb._version import __version__
 from kdsb.errors import KdsbError, UsageError
 from kdsb.io.atomic import TEMP_PREFIX, sole_writer, write_json
 from kdsb.io.tables import write_labels
-from kdsb.phantoms.anatomy import Nodule, Phantom, Truth, check_options, make_phantom
+from kdsb.phantoms.anatomy import Phantom, Truth, check_options, make_phantom
 from kdsb.phantoms.dicom_write import SLICE_ORDERS, Acquisition, write_ct_series
 from kdsb.phantoms.layout import DICOM_DIR, TRUTH_DIR, dicom_dir, labels_path, truth_dir
+from kdsb.phantoms.nodules import Nodule
 from kdsb.preprocessing.hu import OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ UNFINISHED_MARKER = ".kdsb-synth-unfinished"  # in OUT_ROOT while synth writes a
 # How each patient's series is stored: (storage, intercept) pairs and slopes.
 STORAGE_STYLES = (("int16", -1024.0), ("int16", 0.0), ("uint16", -1024.0))
 SLOPES = (1.0, 1.0, 1.0, 0.5)
-UINT16_PADDING_RAW = 0  # PixelPaddingValue for unsigned storage (anatomy.HU_MIN keeps it unused)
+UINT16_PADDING_RAW = 0  # PixelPaddingValue for unsigned storage (chest.HU_MIN keeps it unused)
 SHUFFLE_NAMES_PROBABILITY = 0.3
 FLIP_PROBABILITY = 0.15
 
@@ -74,7 +75,7 @@ def padding_raw(storage: str, slope: float, intercept: float) -> int:
 
     Returns:
         uint16: `UINT16_PADDING_RAW` (0). int16: the raw value of `OUTSIDE_FIELD_HU`. Either way
-        below the raw value of `kdsb.phantoms.anatomy.HU_MIN`, so no pixel inside the field of
+        below the raw value of `kdsb.phantoms.chest.HU_MIN`, so no pixel inside the field of
         view takes it.
     """
     if storage == "uint16":

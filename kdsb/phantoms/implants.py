@@ -5,7 +5,7 @@ folder or a NIfTI / MetaImage / NRRD file) into many patients written like the p
 
     OUT_ROOT/dicom/<id>/       one DICOM CT series per patient (kdsb.phantoms.dicom_write)
     OUT_ROOT/labels.csv        header `id,cancer`: 1 for a patient with a lesion of radius
-                               >= `kdsb.phantoms.anatomy.CANCER_RADIUS_MM`, exactly half the
+                               >= `kdsb.phantoms.nodules.CANCER_RADIUS_MM`, exactly half the
                                patients
     OUT_ROOT/truth/<id>.npz    lung_mask (uint8: the base's lungs plus the lesions),
                                lesion_labels (uint8: 0 none, k the k-th lesion), spacing, origin
@@ -268,7 +268,6 @@ def write_implant_cohort(
         UsageError: bad options, a missing base, or out_root already holds a cohort.
         KdsbError: the base cannot be read or holds no lungs (the message names it).
     """
-    from kdsb.phantoms.anatomy import CANCER_RADIUS_MM, Nodule
     from kdsb.phantoms.cohort import (
         check_id_prefix,
         check_out_root,
@@ -277,6 +276,7 @@ def write_implant_cohort(
         patient_id,
     )
     from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
+    from kdsb.phantoms.nodules import CANCER_RADIUS_MM, Nodule
     from kdsb.preprocessing.lungs import segment_lungs
     from kdsb.preprocessing.pipeline import read_patient
 
