@@ -62,9 +62,10 @@ def test_shifted_elu_gradient_finite_and_config_round_trip():
     assert isinstance(restored, ShiftedELU) and restored.floor == 2e-4
 
 
-def test_shifted_elu_rejects_non_positive_floor():
-    with pytest.raises(ValueError, match="expected floor > 0"):
-        ShiftedELU(floor=0.0)
+@pytest.mark.parametrize("floor", [0.0, -1e-3, float("inf"), float("nan")])
+def test_shifted_elu_rejects_a_floor_not_finite_and_positive(floor):
+    with pytest.raises(ValueError, match="expected a finite floor > 0"):
+        ShiftedELU(floor=floor)
 
 
 @pytest.mark.parametrize("pooling", ["max", "average"])

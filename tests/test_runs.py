@@ -253,6 +253,19 @@ def test_options_read_their_flags_and_defaults_from_the_dataclass():
         runs.RunOptions(val_fraction=1.0)
     with pytest.raises(UsageError, match="expected --keep-checkpoints >= 1, received 0"):
         runs.RunOptions(keep_checkpoints=0)
+    with pytest.raises(UsageError, match="expected a finite --lr, received inf"):
+        runs.RunOptions(lr=float("inf"))
+
+
+def test_a_subclass_s_numbers_must_be_finite_too():
+    """Found in review: --variance-floor inf passed its check (> 0) and failed in Keras."""
+    from kdsb.training.classifier_options import ClassifierOptions
+    from kdsb.training.gmcae import GmcaeOptions
+
+    with pytest.raises(UsageError, match="expected a finite --variance-floor, received inf"):
+        GmcaeOptions(variance_floor=float("inf"))
+    with pytest.raises(UsageError, match="expected a finite --label-smoothing, received nan"):
+        ClassifierOptions(gmcae="g.keras", label_smoothing=float("nan"))
 
 
 def test_resolve_options_afresh_and_on_resume(tmp_path):

@@ -9,7 +9,8 @@ GPU consumes. The cache moves that work to a one-off pass:
   patches `read_patches` gives with the same generator (seeded by the cache's seed and the
   volume's id) and no augmentation, but from the whole
   volume read at once: 1.6–2.3× faster than reading each patch by slicing the file) into one
-  float16 `.npy` shard per volume under `cache_dir/<settings>/`, written atomically. A shard is
+  float16 `.npy` shard per volume under `cache_dir/<settings>/`, written atomically (a killed
+  build's temporary is swept by the next build once an hour old). A shard is
   reused while its volume file keeps its size and modification time and the settings (patch
   size, count, seed, lung fraction) are the same; otherwise it is rebuilt. The record of built
   shards (`key.json`) is saved every few seconds and when the build ends or fails, so a killed
@@ -39,7 +40,7 @@ from tqdm import tqdm
 from kdsb.data import patches
 from kdsb.errors import KdsbError
 from kdsb.io import volumes
-from kdsb.io.atomic import atomic_path
+from kdsb.io.atomic import atomic_path, remove_stale_temporaries
 
 CACHE_DTYPE = np.float16  # normalised HU in [-1, 1.86]: float16 keeps 3 significant digits
 # How a volume's patches are drawn (in the settings, so a cache of another rule is not reused):
@@ -52,6 +53,9 @@ OTHER_OPEN_FILES = 256
 # Seconds between saves of key.json: rewriting it after every shard made a 1,600-volume build
 # quadratic in the cohort.
 KEY_SAVE_SECONDS = 5.0
+# A shard's temporary not written to for this long was left by a killed build (a shard is
+# written in seconds; the workers of a multi-machine run share the folder, so age is the test).
+STALE_SHARD_SECONDS = 3600.0
 
 
 def _settings_dir(cache_dir: Path, settings: dict) -> Path:
@@ -106,6 +110,7 @@ def build_patch_cache(
                 "min_lung_fraction": float(min_lung_fraction), "draw": DRAW_RULE}
     folder = _settings_dir(Path(cache_dir), settings)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder, idle_seconds=STALE_SHARD_SECONDS)
     key_path = folder / KEY_NAME
     keys = json.loads(key_path.read_text()) if key_path.is_file() else {}
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,14 +77,19 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike,
-                              targets: Collection[str] | None = None) -> int:
+                              targets: Collection[str] | None = None,
+                              idle_seconds: float | None = None) -> int:
     """Delete temporary files a killed writer left in `folder`; returns how many.
 
     Args:
         targets: only temporaries of files of these names (a folder other commands write to as
             well keeps their files in progress); None: every temporary.
+        idle_seconds: only temporaries not written to for this long (a folder that writers on
+            other machines share, where no lock tells a live writer from a killed one); None:
+            whatever their age.
     """
     removed = 0
+    now = time.time()
     for temp in Path(folder).glob(f"{TEMP_PREFIX}*"):
         # .tmp-<pid>-<random>-<name>: the name may hold "-" itself, and be a temporary's own
         # (a writer writing atomically into a temporary of a set, `write_nifti_set`).
@@ -92,6 +98,12 @@ def remove_stale_temporaries(folder: str | os.PathLike,
             name = name[len(TEMP_PREFIX):].split("-", 2)[-1]
         if targets is not None and name not in targets:
             continue
+        if idle_seconds is not None:
+            try:
+                if now - temp.stat().st_mtime < idle_seconds:
+                    continue
+            except FileNotFoundError:  # its writer finished meanwhile
+                continue
         temp.unlink(missing_ok=True)
         removed += 1
     return removed

@@ -38,13 +38,13 @@ class ShiftedELU(keras.layers.Layer):
         **kwargs: Standard Keras layer arguments (name, dtype, ...).
 
     Raises:
-        ValueError: If floor is not a positive number.
+        ValueError: If floor is not a finite positive number.
     """
 
     def __init__(self, floor: float = DEFAULT_VARIANCE_FLOOR, **kwargs):
         super().__init__(**kwargs)
-        if not floor > 0:
-            raise ValueError(f"ShiftedELU: expected floor > 0, received {floor!r}")
+        if not 0 < floor < float("inf"):  # an infinite floor gives infinite variances
+            raise ValueError(f"ShiftedELU: expected a finite floor > 0, received {floor!r}")
         self.floor = float(floor)
 
     def call(self, inputs):

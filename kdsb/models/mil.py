@@ -55,6 +55,9 @@ class AttentionMILPooling(keras.layers.Layer):
             raise ValueError(
                 f"AttentionMILPooling: expected pooling in {POOLINGS}, received {pooling!r}"
             )
+        if int(attention_units) != attention_units or attention_units < 1:
+            raise ValueError(f"AttentionMILPooling: expected attention_units of at least 1, "
+                             f"received {attention_units!r}")
         self.attention_units = int(attention_units)
         self.pooling = pooling
 

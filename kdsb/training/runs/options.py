@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,6 +97,12 @@ class RunOptions:
     )
 
     def __post_init__(self) -> None:
+        # No option has a meaning at infinity (found in review: --variance-floor inf passed
+        # its check and failed deep in Keras): every number must be finite, whatever its check.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"expected a finite {flag_of(field)}, received {value!r}")
         for ok, expected, received in self.checks():
             if not ok:
                 raise UsageError(f"expected {expected}, received {received!r}")
