@@ -481,7 +481,7 @@ def test_ctrl_c_stops_the_workers_at_once(tmp_path, patients, started, stop):
 def _fake_volume(out: Path, pid: str, spacing: tuple[float, float, float], **attrs) -> Path:
     hu = np.zeros((4, 5, 6), np.int16)
     return volumes.write_volume(volumes.volume_path(out, pid), hu, hu + 1, spacing, (0.0, 0.0, 0.0),
-                              {"patient_id": pid, **attrs})
+                                {"patient_id": pid, **attrs})
 
 
 @pytest.mark.parametrize(
@@ -519,7 +519,6 @@ def test_resume_skips_volumes_of_the_same_settings(tmp_path):
     options = ["--spacing", "2", "1.5", "1.5", "--margin-mm", "5"]
     assert main(["preprocess", str(tmp_path / "root"), str(out), *options]) == 0
     assert read_manifest(out)["p1"]["status"] == "skipped"
-
 
 
 def test_resume_redoes_a_patient_whose_source_changed(tmp_path, caplog):

@@ -171,7 +171,7 @@ def test_padding_range_limit(tmp_path, hu):
 def test_a_padding_value_read_as_unsigned_is_the_signed_one():
     """Found in review: a signed 12-bit series' PixelPaddingValue of -1500 written as US 0xFA24
     (the tag's 16 bits) read as 59940; written in its 12 stored bits (0xA24) it was right."""
-    from kdsb.io.dicom.pixels import padding_range
+    from kdsb.io.dicom.headers import padding_range
 
     for tag_value in (0xFA24, 0x0A24, -1500):
         ds = pydicom.Dataset()

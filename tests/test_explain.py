@@ -119,7 +119,7 @@ def test_occlusion_finds_the_nodule_too(cohort, tmp_path, caplog):
     root, model, nodules = cohort
     (tmp_path / "ids.csv").write_text("id\nc0\n")
     out = tmp_path / "out"
-    with caplog.at_level(logging.INFO, logger="kdsb.evaluation.explain"):
+    with caplog.at_level(logging.INFO, logger="kdsb.evaluation"):
         assert main(["explain", str(root / "data"), str(model), str(out), "--method",
                      "occlusion", "--occlusion-mm", "45", "--stride-mm", "45", "--ids",
                      str(tmp_path / "ids.csv")]) == 0

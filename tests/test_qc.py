@@ -221,19 +221,19 @@ def test_contact_sheet_pages_and_removes_stale_pages(tmp_path):
     assert imread(paths[2]).shape[:2] == (5 * cell, columns * qc.sheet.TILE_PX)
 
     paths = qc.sheet.write_contact_sheet({f"p{i:03d}": tile for i in range(120)}, paths[0].parent /
-                                   "contact_sheet.png")
+                                         "contact_sheet.png")
     assert [p.name for p in paths] == names[:2]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[:2], "p1.png"])
 
     paths = qc.sheet.write_contact_sheet({f"p{i:03d}": tile for i in range(50)},
-                                   tmp_path / "contact_sheet.png")
+                                         tmp_path / "contact_sheet.png")
     assert paths == [tmp_path / "contact_sheet.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["contact_sheet.png", "p1.png"]
     # One page of 50: 8 columns, 7 rows, the same cell size as on a full page.
     assert imread(paths[0]).shape[:2] == (7 * cell, 8 * qc.sheet.TILE_PX)
 
     paths = qc.sheet.write_contact_sheet({f"p{i:03d}": tile for i in range(101)},
-                                   tmp_path / "contact_sheet.png")
+                                         tmp_path / "contact_sheet.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[:2], "p1.png"])
 
 

@@ -422,7 +422,7 @@ def test_options_default_to_the_dataclass_and_are_validated_once(cohort):
 
 @pytest.mark.slow
 def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, capsys,
-                                                            monkeypatch):
+                                                             monkeypatch):
     """--folds 2 --head mil: stratified disjoint folds, oof.csv with every patient once (the
     prediction of the fold model that never saw it, calibrated by a map fitted on the other
     fold), calibrated fold models, and predict RUN_DIR averaging them; resume reuses folds."""
@@ -770,7 +770,7 @@ def test_a_resumed_spp_run_of_batches_keeps_its_distribution(tmp_path):
                                          "received --distribute none"):
         run_checks.check_accumulation_unchanged(tmp_path, accumulating)
     for fine in (dict(accumulating.__dict__, batch_size=1), dict(accumulating.__dict__,
-                                                                  head="mil"),
+                                                                 head="mil"),
                  dict(accumulating.__dict__, distribute="multiworker")):
         run_checks.check_accumulation_unchanged(tmp_path, SimpleNamespace(**fine))
 
@@ -889,7 +889,6 @@ def test_the_least_stuck_attempt_has_the_largest_explained_fraction_then_spread(
     assert least_stuck([record(0.03, 0.1, saved=False), record(0.01, 0.9)]) == 1
 
 
-
 def test_a_split_is_compared_on_resume_only(tmp_path):
     """A split.json left by a run killed before its first checkpoint does not stop a fresh start
     with other patients (it is replaced); resumed, the folder refuses them. A fold of an
@@ -901,17 +900,17 @@ def test_a_split_is_compared_on_resume_only(tmp_path):
 
     begun = {"train_ids": ["a", "b"], "val_ids": ["c"]}
     other = {"train_ids": ["a", "d"], "val_ids": ["c"]}
-    model_fitting.pin_split(tmp_path, begun, ctx(False))
-    model_fitting.pin_split(tmp_path, other, ctx(False))  # a fresh start replaces it
+    model_fitting.pin_model_split(tmp_path, begun, ctx(False))
+    model_fitting.pin_model_split(tmp_path, other, ctx(False))  # a fresh start replaces it
     assert json.loads((tmp_path / "split.json").read_text()) == other
     with pytest.raises(UsageError, match=r"other train_ids \(e.g. b\)"):
-        model_fitting.pin_split(tmp_path, begun, ctx(True))
-    model_fitting.pin_split(tmp_path, other, ctx(True))
+        model_fitting.pin_model_split(tmp_path, begun, ctx(True))
+    model_fitting.pin_model_split(tmp_path, other, ctx(True))
     legacy = tmp_path / "fold_1"
     legacy.mkdir()
     (legacy / "fold.json").write_text(json.dumps({"held_out": ["x"], **begun}))
     with pytest.raises(UsageError, match="other held_out"):
-        model_fitting.pin_split(legacy, {"held_out": ["y"], **begun}, ctx(True))
+        model_fitting.pin_model_split(legacy, {"held_out": ["y"], **begun}, ctx(True))
 
 
 def test_resume_refuses_volumes_read_otherwise_or_another_gmcae(tmp_path):
@@ -973,7 +972,7 @@ def test_the_gmcae_spacing_warning_counts_the_downscale(tmp_path, caplog):
     gmcae = tmp_path / "gmcae.keras"
     gmcae.write_bytes(b"")
     save_gmcae_spacing(tmp_path, (2.0, 2.0, 2.0))
-    with caplog.at_level(logging.WARNING, logger="kdsb.training.classifier"):
+    with caplog.at_level(logging.WARNING, logger="kdsb.training"):
         run_checks.warn_of_another_gmcae_spacing(
             str(gmcae), VolumeInput(spacing_mm=(1.0, 1.0, 1.0), downscale=2))
         assert caplog.text == ""
@@ -985,7 +984,7 @@ def test_the_gmcae_spacing_warning_counts_the_downscale(tmp_path, caplog):
 def test_options_another_head_reads_are_warned_of(caplog):
     """Found in review: --levels, --pooling and --freeze-blocks did nothing with --head mil,
     without a word."""
-    with caplog.at_level(logging.WARNING, logger="kdsb.training.classifier"):
+    with caplog.at_level(logging.WARNING, logger="kdsb.training"):
         run_checks.warn_of_other_heads_options({"levels": (1,), "lr": 0.1}, "spp")
         run_checks.warn_of_other_heads_options(ClassifierOptions, "mil")
         assert caplog.text == ""
@@ -1000,7 +999,7 @@ def test_restarts_given_with_multiworker_are_warned_of(caplog):
     from types import SimpleNamespace
 
     multi = SimpleNamespace(distribute="multiworker", restarts=3)
-    with caplog.at_level(logging.WARNING, logger="kdsb.training.classifier"):
+    with caplog.at_level(logging.WARNING, logger="kdsb.training"):
         run_checks.warn_of_unused_restarts({"lr": 0.1}, multi)
         run_checks.warn_of_unused_restarts(
             {"restarts": 3}, SimpleNamespace(distribute="none", restarts=3))
@@ -1054,12 +1053,12 @@ def test_the_mil_head_learns_which_volumes_hold_a_bright_cube(tmp_path, capsys):
 
 def test_calibration_that_raises_the_out_of_fold_log_loss_is_warned_of(caplog):
     y = np.array([0, 1, 0, 1])
-    with caplog.at_level(logging.WARNING, logger="kdsb.training.classifier"):
+    with caplog.at_level(logging.WARNING, logger="kdsb.training"):
         cross_validation.warn_if_calibration_hurt(y, np.full(4, 0.5), np.full(4, 0.5),
-                                                      "platt")
+                                                  "platt")
         assert caplog.text == ""
         cross_validation.warn_if_calibration_hurt(y, np.full(4, 0.5), np.full(4, 0.9),
-                                                      "platt")
+                                                  "platt")
     assert "out of fold, the platt maps raised the log loss from 0.693 to 1.204" in caplog.text
 
 

@@ -115,7 +115,7 @@ def to_volume_grid(
             multiple of `downscale` per axis (`VolumeInput.read`): voxels beyond get 0.
         downscale: volume voxels per input voxel along each axis.
         centres: per axis (stride, offset): cell i centred on input voxel stride · i + offset
-            (`cell_centres`); None: the map is on the input grid.
+            (`gradcam.cell_centres`); None: the map is on the input grid.
     """
     centres = centres or [(1, 0.0)] * 3
     heatmap = np.asarray(cam, np.float32)
@@ -271,7 +271,7 @@ def explain_cohort(
     Raises: as `kdsb.evaluation.predict.predict_cohort` (the same checks, before any work);
     UsageError where a heatmap would replace a volume file (OUT_DIR = DATA_DIR), occlusion
     sizes not finite and positive, or a step (`stride_mm`; None: `occlusion_mm` /
-    `STRIDES_PER_EDGE`) wider than the cubes.
+    `occlusion.STRIDES_PER_EDGE`) wider than the cubes.
     """
     from kdsb.evaluation.predict import (
         check_volumes,

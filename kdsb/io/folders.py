@@ -39,7 +39,7 @@ def source_stamp(source: str | os.PathLike) -> str:
     a copy that does not keep modification times (the patient is then preprocessed again, never
     silently kept).
     """
-    # images reads folders through this module
+    # Imported here: volume_files imports this module.
     from kdsb.io.volume_files import detached_data_file, volume_id
     from kdsb.io.volumes import SUFFIX as VOLUME_SUFFIX
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kdsb.phantoms.rasterise import Capsule
 from kdsb.preprocessing.hu import AIR_HU
 
 # Tissue values, HU.
@@ -122,7 +123,7 @@ class Chest:
             & spine
         )
 
-    def airways(self) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    def airways(self) -> list[Capsule]:
         """Trachea and main bronchi as capsules (start, end, radius), points (z, y, x) in mm."""
         carina = np.array([self.carina_z, self.trachea_y, self.trachea_x])
         top = np.array([self.lung_apex + ABOVE_VOLUME_MM, self.trachea_y, self.trachea_x])

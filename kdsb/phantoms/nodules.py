@@ -11,7 +11,7 @@ import numpy as np
 
 from kdsb.errors import KdsbError
 from kdsb.phantoms.chest import NODULE_HU, Chest, uniform
-from kdsb.phantoms.rasterise import Grid, capsule_distance2
+from kdsb.phantoms.rasterise import Capsule, Grid, capsule_distance2
 
 # Nodules, mm (physical radii: not scaled, so the label rule holds at every scale).
 CANCER_RADIUS_MM = 8.0
@@ -46,7 +46,6 @@ def _sphere_directions() -> np.ndarray:
 
 
 DIRECTIONS = _sphere_directions()
-Capsule = tuple[np.ndarray, np.ndarray, float]  # segment start, end (z, y, x) and radius, mm
 
 
 def _clear_of(

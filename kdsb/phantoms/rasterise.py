@@ -7,6 +7,8 @@ import numpy as np
 
 from kdsb.preprocessing.hu import AIR_HU
 
+Capsule = tuple[np.ndarray, np.ndarray, float]  # segment start, end (z, y, x) and radius, mm
+
 
 def capsule_distance2(
     grids: tuple[np.ndarray, np.ndarray, np.ndarray], start: np.ndarray, end: np.ndarray

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdsb.phantoms.chest import Chest, uniform
+from kdsb.phantoms.rasterise import Capsule
 
 # Vessels.
 VESSEL_ROOT_RADIUS_MM = (4.0, 6.0)
@@ -26,7 +27,7 @@ def _random_unit(rng: np.random.Generator) -> np.ndarray:
 
 def grow_vessels(
     rng: np.random.Generator, a: Chest, side: int, min_radius: float
-) -> list[tuple[np.ndarray, np.ndarray, float]]:
+) -> list[Capsule]:
     """A branching vessel tree from the hilum of one lung: capsules (start, end, radius_mm).
 
     Each segment forks in two thinner ones pointing roughly onwards and away from the hilum; a

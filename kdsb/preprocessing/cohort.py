@@ -181,7 +181,7 @@ def _run_locked(
                 # under way go on writing.
                 remove_stale_temporaries(out_dir)
         finally:
-            runs.close()  # interrupted: the local workers stop now (`_run_pool`)
+            runs.close()  # interrupted: the local workers stop now (`workers.run_tasks`)
             if scheduler is None:
                 # Files the stopped workers, or workers that died, were writing.
                 remove_stale_temporaries(out_dir)

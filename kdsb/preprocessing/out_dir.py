@@ -97,7 +97,7 @@ def existing_attrs(
 
 
 def check_other_patients(out_dir: Path, patients: dict[str, Path],
-                          spacing: tuple[float, float, float], margin_mm: float) -> None:
+                         spacing: tuple[float, float, float], margin_mm: float) -> None:
     """Refuse an OUT_DIR whose volumes of patients not in this run (another cohort's, or
     patients since removed from INPUT_ROOT) were written with other settings: this run, even
     with --overwrite, would leave the two mixed (found in review). The first readable one is

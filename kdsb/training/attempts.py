@@ -18,14 +18,24 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kdsb.training import runs
+
+if TYPE_CHECKING:
+    from kdsb.training.classifier_options import ClassifierOptions
 
 KEPT_KEY = "kept"
 RESTARTS_NAME = "restarts.json"
 # A restart's seed lies this far from the previous attempt's (beyond any epoch offset of a
 # resumed data stream).
 RESTART_SEED_STRIDE = 100_000
+
+
+def restarts_apply(options: ClassifierOptions) -> bool:
+    """Whether a stuck model is trained again: not in a distributed run (its workers would have
+    to agree)."""
+    return options.distribute == "none"
 
 
 def aside_prefix(number: int) -> str:

@@ -49,7 +49,7 @@ from kdsb.training.cross_validation import cross_validate
 from kdsb.training.model_fitting import (
     RunContext,
     fit_model,
-    pin_split,
+    pin_model_split,
     save_calibrated,
     scores_with_intervals,
     split_ids,
@@ -207,7 +207,7 @@ def train_classifier(
     if options.folds >= 2:
         result = cross_validate(run_dir, folds, ctx)
     else:
-        result = one_split(run_dir, ctx)
+        result = _one_split(run_dir, ctx)
     if result is not None:
         result["options"] = options.to_saved()
         path = run_dir / METRICS_NAME
@@ -217,12 +217,12 @@ def train_classifier(
     return result
 
 
-def one_split(run_dir: Path, ctx: RunContext) -> dict[str, Any] | None:
+def _one_split(run_dir: Path, ctx: RunContext) -> dict[str, Any] | None:
     from kdsb.models.calibration import fit_calibration, method_for
 
     cohort, options = ctx.cohort, ctx.options
     train_ids, val_ids = split_ids(cohort, sorted(cohort), options, "all patients")
-    pin_split(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, ctx)
+    pin_model_split(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, ctx)
     fitted = fit_model(run_dir, train_ids, val_ids, ctx)
     if fitted is None:
         return None

@@ -27,7 +27,7 @@ from kdsb.training import runs
 from kdsb.training.model_fitting import (
     RunContext,
     fit_model,
-    pin_split,
+    pin_model_split,
     save_calibrated,
     score_patients,
     scores_with_intervals,
@@ -63,13 +63,13 @@ def cross_validate(run_dir: Path, folds: list[list[str]], ctx: RunContext) -> di
     epochs, collapsed = [], []
     for k, held_out in enumerate(folds, start=1):
         fold_dir = run_dir / f"{FOLD_PREFIX}{k}"
-        done = read_fold(fold_dir, held_out)
+        done = _read_fold(fold_dir, held_out)
         if done is None:
             logger.info("fold %d of %d: %d held-out patients", k, len(folds), len(held_out))
             rest = [i for i in sorted(cohort) if i not in set(held_out)]
             train_ids, val_ids = split_ids(cohort, rest, options, f"fold {k}")
-            pin_split(fold_dir, {"held_out": held_out, "train_ids": train_ids,
-                                  "val_ids": val_ids}, ctx)
+            pin_model_split(fold_dir, {"held_out": held_out, "train_ids": train_ids,
+                                       "val_ids": val_ids}, ctx)
             fitted = fit_model(fold_dir, train_ids, val_ids, ctx)
             if fitted is None:
                 continue
@@ -105,8 +105,8 @@ def cross_validate(run_dir: Path, folds: list[list[str]], ctx: RunContext) -> di
         )
     members = [save_calibrated(run_dir / f"{FOLD_PREFIX}{k}", calibration, ctx.volume_input)
                for k in range(1, len(folds) + 1)]
-    save_ensemble(run_dir, members, ctx.volume_input)
-    write_oof(run_dir / OOF_NAME, ids, p_cal, fold, y, p_raw)
+    _save_ensemble(run_dir, members, ctx.volume_input)
+    _write_oof(run_dir / OOF_NAME, ids, p_cal, fold, y, p_raw)
     warn_if_calibration_hurt(y, p_raw, p_cal, method)
     from kdsb.evaluation.evaluate import plot_calibration
 
@@ -124,7 +124,7 @@ def cross_validate(run_dir: Path, folds: list[list[str]], ctx: RunContext) -> di
 
 
 def warn_if_calibration_hurt(y: np.ndarray, p_raw: np.ndarray, p_cal: np.ndarray,
-                              method: str) -> None:
+                             method: str) -> None:
     """Warn when the cross-fitted maps raised the out-of-fold log loss (found by a user's
     check: maps fitted on a fold model's near-constant predictions threw the other fold's to
     0.9, log loss 0.69 → 1.21, unremarked)."""
@@ -136,7 +136,7 @@ def warn_if_calibration_hurt(y: np.ndarray, p_raw: np.ndarray, p_cal: np.ndarray
                        method, before, after)
 
 
-def read_fold(fold_dir: Path, held_out: list[str]) -> dict[str, Any] | None:
+def _read_fold(fold_dir: Path, held_out: list[str]) -> dict[str, Any] | None:
     """A finished fold's record (fold.json) if it holds these patients, else None."""
     path = fold_dir / FOLD_NAME
     if not path.is_file():
@@ -147,7 +147,7 @@ def read_fold(fold_dir: Path, held_out: list[str]) -> dict[str, Any] | None:
     return record
 
 
-def write_oof(path: Path, ids, p_cal, fold, y, p_raw) -> None:
+def _write_oof(path: Path, ids, p_cal, fold, y, p_raw) -> None:
     with atomic_path(path) as temp, temp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(OOF_FIELDS)
@@ -156,7 +156,7 @@ def write_oof(path: Path, ids, p_cal, fold, y, p_raw) -> None:
                              probability_text(row[4])])
 
 
-def save_ensemble(run_dir: Path, members: list[Any], volume_input: VolumeInput) -> None:
+def _save_ensemble(run_dir: Path, members: list[Any], volume_input: VolumeInput) -> None:
     """The run folder's own `classifier.keras` and `history.csv` (the command contract): the
     fold models `members` (fold 1 first) as one model (`kdsb.models.ensemble`, the mean logit
     `kdsb predict RUN_DIR` takes) and the folds' histories one after the other, with a `fold`

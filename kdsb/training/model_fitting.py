@@ -48,7 +48,6 @@ from kdsb.training.plateau import (
     explained_fraction,
     prediction_spread,
 )
-from kdsb.training.run_checks import restarts_apply
 from kdsb.training.run_layout import BEST_NAME, FOLD_NAME, UNCALIBRATED_NAME
 
 logger = logging.getLogger(__name__)
@@ -110,7 +109,7 @@ def score_patients(model: Any, paths: list[Path], volume_input: VolumeInput,
 
 
 def split_ids(cohort: Cohort, ids: list[str], options: ClassifierOptions, what: str,
-           log: bool = True):
+              log: bool = True):
     """Training and validation ids among `ids`, stratified; both must be non-empty."""
     from kdsb.data.datasets import split_patients
 
@@ -136,14 +135,14 @@ def split_ids(cohort: Cohort, ids: list[str], options: ClassifierOptions, what: 
     return train_ids, val_ids
 
 
-def pin_split(model_dir: Path, split: dict[str, list[str]], ctx: RunContext) -> None:
+def pin_model_split(model_dir: Path, split: dict[str, list[str]], ctx: RunContext) -> None:
     """`runs.pin_split` of a model of this run (a fold's falls back on its fold.json)."""
     runs.pin_split(model_dir, split, ctx.resume, runs.worker(ctx.options.distribute).chief,
                    FOLD_NAME)
 
 
 def fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
-               ctx: RunContext) -> Fitted | None:
+              ctx: RunContext) -> Fitted | None:
     """Train one model into `model_dir`, again with another seed while its validation
     predictions explain next to nothing (`explained_fraction` under `LEARNED_FRACTION`) or are
     constant (spread under `CONSTANT_SPREAD`; the only test with one class among the validation
@@ -155,11 +154,11 @@ def fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
     restarts_path = model_dir / attempts.RESTARTS_NAME
     records = read_json(restarts_path) if restarts_path.is_file() else []
     if attempts.kept_index(records) is not None:  # settled before a kill or a --resume
-        return kept_attempt(model_dir, records, models)
+        return _kept_attempt(model_dir, records, models)
     y_val = [ctx.cohort[i][1] for i in val_ids]
     while True:
         seed = ctx.options.seed + len(records) * attempts.RESTART_SEED_STRIDE
-        fitted = fit_once(model_dir, train_ids, val_ids, ctx,
+        fitted = _fit_once(model_dir, train_ids, val_ids, ctx,
                            dataclasses.replace(ctx.options, seed=seed))
         if fitted is None:
             return None
@@ -170,7 +169,7 @@ def fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
         # With one class among the validation patients nothing is explained (NaN): only
         # constant predictions then count as stuck.
         stuck = spread < CONSTANT_SPREAD or explained < LEARNED_FRACTION
-        if not stuck or not restarts_apply(ctx.options):
+        if not stuck or not attempts.restarts_apply(ctx.options):
             return fitted._replace(collapsed_seeds=[r["seed"] for r in records])
         record = {"seed": seed,
                   "explained_fraction": None if math.isnan(explained) else explained,
@@ -188,7 +187,7 @@ def fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
             logger.warning("%s: every attempt stayed on the base-rate plateau; keeping seed %d's "
                            "(explained fraction %s), the least stuck", model_dir,
                            records[best]["seed"], "n/a" if fraction is None else f"{fraction:.3f}")
-            return kept_attempt(model_dir, records, models)
+            return _kept_attempt(model_dir, records, models)
         records.append(record)
         if spread < CONSTANT_SPREAD:  # the first test: whatever their ranking, one answer
             verdict = (f"all lie within {spread:.1e} of one another (seed {seed}: one answer "
@@ -207,18 +206,18 @@ def fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
         write_json(restarts_path, records)
 
 
-def kept_attempt(model_dir: Path, records: list[dict], models: tuple[str, ...]) -> Fitted:
+def _kept_attempt(model_dir: Path, records: list[dict], models: tuple[str, ...]) -> Fitted:
     """The attempt kept when every one was stuck, its files made the live ones again."""
     from kdsb.models.classifier import load_classifier
 
     attempts.restore_kept(model_dir, records, models)
     kept = records[attempts.kept_index(records)]
     return Fitted(np.asarray(kept["validation_predictions"]),
-                   load_classifier(model_dir / UNCALIBRATED_NAME),
-                   [r["seed"] for r in records if r is not kept])
+                  load_classifier(model_dir / UNCALIBRATED_NAME),
+                  [r["seed"] for r in records if r is not kept])
 
 
-def fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: RunContext,
+def _fit_once(model_dir: Path, train_ids: list[str], val_ids: list[str], ctx: RunContext,
               options: ClassifierOptions) -> Fitted | None:
     """Train (or resume) one attempt with `options` (the run's, or a restart's other seed);
     None on a worker other than the chief. config.json keeps the run's options (restarts.json
@@ -267,14 +266,14 @@ def save_calibrated(model_dir: Path, calibration, volume_input: VolumeInput) -> 
 
 def scores_with_intervals(y, p, seed: int) -> dict[str, Any]:
     """`metrics.summary` (NaN AUC as None) plus bootstrap 95 % intervals under "intervals"."""
-    scores = {k: finite_or_none(v) if isinstance(v, float) else v
+    scores = {k: _finite_or_none(v) if isinstance(v, float) else v
               for k, v in metrics.summary(y, p).items()}
     intervals = metrics.bootstrap_intervals(y, p, n_boot=metrics.DEFAULT_BOOTSTRAP, seed=seed)
     scores["intervals"] = {k: [float(lo), float(hi)] for k, (lo, hi) in intervals.items()}
     return scores
 
 
-def finite_or_none(value: float) -> float | None:
+def _finite_or_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 

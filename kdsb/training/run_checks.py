@@ -14,7 +14,7 @@ from typing import Any
 from kdsb.data.inputs import INPUT_NAME, VolumeInput
 from kdsb.errors import UsageError
 from kdsb.io.atomic import read_json
-from kdsb.training import runs
+from kdsb.training import attempts, runs
 from kdsb.training.classifier_options import ClassifierOptions
 
 logger = logging.getLogger(__name__)
@@ -36,15 +36,9 @@ def warn_of_other_heads_options(given: Any, head: str) -> None:
                        ", ".join("--" + key.replace("_", "-") for key in ignored))
 
 
-def restarts_apply(options: ClassifierOptions) -> bool:
-    """Whether a stuck model is trained again: not in a distributed run (its workers would have
-    to agree)."""
-    return options.distribute == "none"
-
-
 def warn_of_unused_restarts(given: Any, options: ClassifierOptions) -> None:
     """Warn of `--restarts` given with `--distribute multiworker`, which never restarts."""
-    if isinstance(given, dict) and given.get("restarts") and not restarts_apply(options):
+    if isinstance(given, dict) and given.get("restarts") and not attempts.restarts_apply(options):
         logger.warning("--restarts %d is not used with --distribute %s: a stuck model is kept",
                        options.restarts, options.distribute)
 
@@ -102,7 +96,7 @@ def check_fold_training_unchanged(run_dir: Path, options: ClassifierOptions) -> 
 
 
 def check_input_unchanged(run_dir: Path, volume_input: VolumeInput, gmcae: str | os.PathLike,
-                           gmcae_sha256: str) -> None:
+                          gmcae_sha256: str) -> None:
     """Refuse to resume a run whose models read their volumes otherwise than this run would
     (the volumes preprocessed again at another spacing: its finished models would then be
     declared to read the new grid), or whose GMCAE file `gmcae` has other content than the run

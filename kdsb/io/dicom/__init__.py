@@ -7,8 +7,8 @@ coordinates Z, Y, X increasing along the axes.
 
 How the series is chosen and checked:
 
-- One pass over the files: each is read from disk once and parsed whole, its pixel data kept
-  as undecoded bytes (up to `CACHE_BYTES` for the folder; files past that budget are parsed
+- One pass over the files: each is read from disk once and parsed whole, its pixel data kept as
+  undecoded bytes (up to `headers.CACHE_BYTES` for the folder; files past that budget are parsed
   with `stop_before_pixels` and read again only if their series is chosen). Only the chosen
   series is decoded, one slice at a time into a preallocated volume, each decoded slice and its
   bytes released at once; the other series' bytes are released as soon as it is chosen. Files
@@ -18,15 +18,16 @@ How the series is chosen and checked:
 - Objects without an image, localizers/scouts (ImageType LOCALIZER), non-CT series and images
   whose orientation differs from their series' majority are dropped and logged; of the rest the
   series with the most distinct slice positions wins (ties: the smaller SeriesInstanceUID).
-- Slices are ordered by their position along the slice normal (row × column direction
-  cosines), never by InstanceNumber; the slice spacing comes from these positions, never from
-  SliceThickness. Slices at the same position: the first (lowest InstanceNumber, then file
-  name) is kept, with a warning.
-- Spacing irregularities: a gap of more than `MISSING_SLICE_FACTOR` × the median gap is a
-  missing slice (error). Otherwise the slices are put on a uniform grid from the first to the
+- Slices are ordered by their position along the slice normal (row × column direction cosines),
+  never by InstanceNumber; the slice spacing comes from these positions, never from
+  SliceThickness. Slices at the same position: the first (lowest InstanceNumber, then file name)
+  is kept, with a warning.
+- Spacing irregularities: a gap of more than `geometry.MISSING_SLICE_FACTOR` × the median gap is
+  a missing slice (error). Otherwise the slices are put on a uniform grid from the first to the
   last position (spacing = extent / (n - 1)); if any slice lies more than
-  `GRID_TOLERANCE` × spacing off that grid the series is uneven (error); below that, the small
-  irregularity is absorbed into the uniform grid (a debug message says how large it was).
+  `geometry.GRID_TOLERANCE` × spacing off that grid the series is uneven (error); below that,
+  the small irregularity is absorbed into the uniform grid (a debug message says how large it
+  was).
 - Positions that drift within the image plane (gantry tilt) or direction cosines that are not
   aligned with the patient axes (oblique acquisitions) are errors; axis-aligned acquisitions of
   any kind (flipped rows or columns, coronal, sagittal) are transposed and flipped into the
@@ -36,12 +37,11 @@ How the series is chosen and checked:
   anything at or below `OUTSIDE_FIELD_HU` (the -2000 / -3024 HU outside-field values) become
   air, -1000 HU; the result is clipped into int16. A series with under `hu.MIN_AIR_SHARE` (1 %)
   of its voxels at or below `hu.MAX_AIR_HU` is plainly not HU (a missing rescale, a label map)
-  and an error. MONOCHROME1
-  only inverts the display (DICOM PS3.3 C.7.6.3.1.2: the rescale, not the photometric
-  interpretation, defines HU), so it is accepted and read like MONOCHROME2; other photometric
-  interpretations are errors.
-- Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg); a missing decoder is
-  a `MissingDecoderError` naming the package to install.
+  and an error. MONOCHROME1 only inverts the display (DICOM PS3.3 C.7.6.3.1.2: the rescale, not
+  the photometric interpretation, defines HU), so it is accepted and read like MONOCHROME2;
+  other photometric interpretations are errors.
+- Compressed transfer syntaxes decode through pydicom's plugins (pylibjpeg); a missing decoder
+  is a `MissingDecoderError` naming the package to install.
 
 Every problem raises a one-line `DicomError` naming the patient and, where relevant, the file.
 
@@ -114,7 +114,7 @@ def read_series(folder: str | Path, patient_id: str | None = None) -> CTSeries:
     reason = not_hounsfield(int(hu.min()), int(hu.max()), air_share(hu))
     if reason is not None:
         raise patient_error(patient, f"{reason} (RescaleSlope / RescaleIntercept missing?)",
-                     first.path)
+                            first.path)
     logger.debug(
         "patient %s: series %s, %d slices, shape %s, spacing %s mm",
         patient, first.series_uid, len(headers), hu.shape, spacing,

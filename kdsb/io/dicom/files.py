@@ -16,7 +16,7 @@ from kdsb.errors import DicomError
 # pydicom both warns and logs when a file ends early ("End of file reached before delimiter …
 # found in file …"); kdsb names that file in its own one-line error, so pydicom's two lines
 # (one with a source line) are kept off the terminal: the log record by this filter, the
-# warning where the file is read (`read_header`).
+# warning where the file is read (`headers`).
 DAMAGED_FILE_MESSAGE = "End of file reached"
 logging.getLogger("pydicom").addFilter(
     lambda record: not record.getMessage().startswith(DAMAGED_FILE_MESSAGE)

@@ -56,7 +56,7 @@ def check_slices(patient: str, headers: list[Header]) -> None:
             )
 
 
-def axis_of(patient: str, cosine: np.ndarray, what: str, path: Path) -> tuple[int, int]:
+def _axis_of(patient: str, cosine: np.ndarray, what: str, path: Path) -> tuple[int, int]:
     """The patient axis (0 X, 1 Y, 2 Z) a direction cosine runs along, and its sign."""
     found = patient_axis(cosine)
     if found is None:
@@ -168,8 +168,8 @@ def slice_axes(patient: str, first: Header) -> tuple[list[tuple[int, int]], np.n
         along the slice normal, the column cosine and the row cosine), and the slice normal.
     """
     orientation = first.orientation
-    row_axis, row_sign = axis_of(patient, orientation[0], "row", first.path)
-    column_axis, column_sign = axis_of(patient, orientation[1], "column", first.path)
+    row_axis, row_sign = _axis_of(patient, orientation[0], "row", first.path)
+    column_axis, column_sign = _axis_of(patient, orientation[1], "column", first.path)
     normal = np.cross(orientation[0], orientation[1])
     if row_axis == column_axis:
         raise patient_error(
@@ -181,7 +181,6 @@ def slice_axes(patient: str, first: Header) -> tuple[list[tuple[int, int]], np.n
     normal_axis = 3 - row_axis - column_axis
     normal_sign = int(np.sign(normal[normal_axis]))
     return [(normal_axis, normal_sign), (column_axis, column_sign), (row_axis, row_sign)], normal
-
 
 
 def to_canonical(

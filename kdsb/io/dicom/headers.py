@@ -1,5 +1,6 @@
 """The header pass over a patient's folder: one `Header` per image (per frame of an Enhanced CT
-file), each file read once, its pixel data kept undecoded within a memory budget."""
+file), each file read once, its pixel data kept undecoded within a memory budget; and the two
+header fields the pixel pass needs, the rescale and the padding range."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from pydicom.uid import UID
 
 from kdsb.errors import DicomError
 from kdsb.io.dicom.files import DAMAGED_FILE_MESSAGE, patient_error, read_dataset
-from kdsb.io.dicom.pixels import padding_range, rescale_of
 from kdsb.io.folders import files_under
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,7 @@ class Header:
         return tuple(np.round(self.orientation.ravel(), ORIENTATION_DECIMALS) + 0.0)
 
 
-
-def list_files(patient: str, folder: Path) -> list[Path]:
+def _list_files(patient: str, folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise patient_error(patient, f"expected a folder of DICOM files, received {folder}")
     files = files_under(folder)
@@ -71,8 +70,7 @@ def list_files(patient: str, folder: Path) -> list[Path]:
     return files
 
 
-
-def read_header(patient: str, path: Path, keep_pixels: bool) -> list[Header]:
+def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[Header]:
     """The header(s) of one file: one per image, so one per frame of an Enhanced CT file;
     none (with a warning) when the file is not DICOM.
 
@@ -88,7 +86,7 @@ def read_header(patient: str, path: Path, keep_pixels: bool) -> list[Header]:
         return []
     except Exception as exc:  # pydicom raises many types for truncated or corrupt files
         if keep_pixels:  # maybe only the pixel data is damaged: an error if it is chosen
-            return read_header(patient, path, keep_pixels=False)
+            return _read_header(patient, path, keep_pixels=False)
         raise patient_error(
             patient,
             f"expected a readable DICOM file, received a truncated or corrupt one ({exc})",
@@ -107,7 +105,7 @@ def read_header(patient: str, path: Path, keep_pixels: bool) -> list[Header]:
     try:
         orientation = position = pixel_spacing = None
         if "ImageOrientationPatient" in ds:
-            orientation = unit_cosines(ds.ImageOrientationPatient)
+            orientation = _unit_cosines(ds.ImageOrientationPatient)
         if "ImagePositionPatient" in ds:
             position = np.asarray(ds.ImagePositionPatient, float).reshape(3)
         if "PixelSpacing" in ds:
@@ -128,7 +126,7 @@ def read_header(patient: str, path: Path, keep_pixels: bool) -> list[Header]:
             patient_id=str(ds.get("PatientID", "")).strip(),
         )
         if PER_FRAME in ds:
-            return frame_headers(patient, header, ds)
+            return _frame_headers(patient, header, ds)
         return [header]
     except DicomError:  # said already, naming the file
         raise
@@ -138,7 +136,7 @@ def read_header(patient: str, path: Path, keep_pixels: bool) -> list[Header]:
         ) from exc
 
 
-def unit_cosines(values: Any) -> np.ndarray:
+def _unit_cosines(values: Any) -> np.ndarray:
     """ImageOrientationPatient as (row, column) unit vectors, (2, 3): cosines written with few
     decimals (0.99) would otherwise scale the spacing along their cross product.
 
@@ -153,7 +151,7 @@ def unit_cosines(values: Any) -> np.ndarray:
     return cosines / norms
 
 
-def functional_group(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset | None:
+def _functional_group(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset | None:
     """The first item of a functional group `sequence` for one frame: the frame's own (per-frame
     functional groups) or else the one shared by all frames; None when neither has it."""
     for groups, index in ((ds.get(PER_FRAME), frame), (ds.get(SHARED), 0)):
@@ -164,7 +162,7 @@ def functional_group(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.
     return None
 
 
-def frame_headers(patient: str, file_header: Header, ds: pydicom.Dataset) -> list[Header]:
+def _frame_headers(patient: str, file_header: Header, ds: pydicom.Dataset) -> list[Header]:
     """One header per frame of an Enhanced (multi-frame) CT file, each with the frame's
     geometry (plane position and orientation, pixel measures), rescale and frame type, read
     from its per-frame or the shared functional groups (DICOM PS3.3 C.7.6.16); a rescale
@@ -176,15 +174,15 @@ def frame_headers(patient: str, file_header: Header, ds: pydicom.Dataset) -> lis
     for frame in range(int(ds.get("NumberOfFrames", 1) or 1)):
         header = replace(file_header, frame=frame, instance=frame, rescale=top_rescale,
                          padding=padding)
-        position = functional_group(ds, frame, "PlanePositionSequence")
-        orientation = functional_group(ds, frame, "PlaneOrientationSequence")
-        measures = functional_group(ds, frame, "PixelMeasuresSequence")
-        rescale = functional_group(ds, frame, "PixelValueTransformationSequence")
-        frame_type = functional_group(ds, frame, "CTImageFrameTypeSequence")
+        position = _functional_group(ds, frame, "PlanePositionSequence")
+        orientation = _functional_group(ds, frame, "PlaneOrientationSequence")
+        measures = _functional_group(ds, frame, "PixelMeasuresSequence")
+        rescale = _functional_group(ds, frame, "PixelValueTransformationSequence")
+        frame_type = _functional_group(ds, frame, "CTImageFrameTypeSequence")
         if position is not None and "ImagePositionPatient" in position:
             header.position = np.asarray(position.ImagePositionPatient, float).reshape(3)
         if orientation is not None and "ImageOrientationPatient" in orientation:
-            header.orientation = unit_cosines(orientation.ImageOrientationPatient)
+            header.orientation = _unit_cosines(orientation.ImageOrientationPatient)
         if measures is not None and "PixelSpacing" in measures:
             header.pixel_spacing = tuple(float(v) for v in measures.PixelSpacing)
         if rescale is not None:
@@ -196,14 +194,14 @@ def frame_headers(patient: str, file_header: Header, ds: pydicom.Dataset) -> lis
 
 
 def read_headers(patient: str, folder: Path) -> list[Header]:
-    files = list_files(patient, folder)
+    files = _list_files(patient, folder)
     headers = []
     cached = 0
     for path in files:
         size = path.stat().st_size
         keep_pixels = cached + size <= CACHE_BYTES
         cached += size if keep_pixels else 0
-        headers += read_header(patient, path, keep_pixels)
+        headers += _read_header(patient, path, keep_pixels)
     if not headers:
         names = ", ".join(p.name for p in files[:3]) + (", …" if len(files) > 3 else "")
         raise patient_error(
@@ -211,3 +209,35 @@ def read_headers(patient: str, folder: Path) -> list[Header]:
         )
     return headers
 
+
+def rescale_of(patient: str, item: pydicom.Dataset, path: Path) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a dataset or functional-group item; 1 and 0 where
+    absent."""
+    try:
+        return (float(item.get("RescaleSlope", 1.0) or 1.0),
+                float(item.get("RescaleIntercept", 0.0) or 0.0))
+    except (TypeError, ValueError) as exc:
+        raise patient_error(patient, f"expected a numeric RescaleSlope and RescaleIntercept, "
+                            f"received {exc}", path) from None
+
+
+def padding_range(ds: pydicom.Dataset) -> tuple[int, int] | None:
+    """The stored values that are padding: [PixelPaddingValue, PixelPaddingRangeLimit] (the
+    value alone without a limit); None when the file declares none."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    bits = int(ds.get("BitsStored", 16))
+
+    def as_stored(value: int) -> int:
+        # The tag may be read as unsigned even when PixelRepresentation says signed.
+        value = int(value)
+        if int(ds.get("PixelRepresentation", 0)) == 1:
+            if value >= 1 << 15:  # the tag's own 16 bits read as unsigned: 0xFA24 is -1500
+                value -= 1 << 16
+            elif 1 << (bits - 1) <= value < 1 << bits:  # the stored bits read as unsigned
+                value -= 1 << bits
+        return value
+
+    low = as_stored(ds.PixelPaddingValue)
+    high = as_stored(ds.get("PixelPaddingRangeLimit", low))
+    return min(low, high), max(low, high)

@@ -5,7 +5,6 @@ decoder."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -14,11 +13,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from kdsb.errors import MissingDecoderError
 from kdsb.io.dicom.files import patient_error, read_dataset
+from kdsb.io.dicom.headers import Header, padding_range, rescale_of
 from kdsb.io.series import INT16_MAX, INT16_MIN
 from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
-
-if TYPE_CHECKING:  # headers imports this module (an Enhanced CT frame's rescale and padding)
-    from kdsb.io.dicom.headers import Header
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # Native (uncompressed) little-endian 16-bit images are read straight from their bytes.
@@ -36,7 +33,7 @@ DECODER_PACKAGES = {
 }
 
 
-def check_decoder(patient: str, header: Header) -> None:
+def _check_decoder(patient: str, header: Header) -> None:
     path, syntax = header.path, header.transfer_syntax
     try:
         decoder = get_decoder(syntax)
@@ -56,7 +53,7 @@ def check_decoder(patient: str, header: Header) -> None:
         )
 
 
-def read_slice(
+def _read_slice(
     patient: str, header: Header, out: np.ndarray, frames: dict[Path, list]
 ) -> None:
     """Decode one file once and write its HU (int16) into `out` (rows, columns).
@@ -72,7 +69,7 @@ def read_slice(
         frames[path][1] -= 1
         if not frames[path][1]:
             frames[path][0] = None
-        store_hu(decoded[header.frame], header.rescale or (1.0, 0.0), header.padding, out)
+        _store_hu(decoded[header.frame], header.rescale or (1.0, 0.0), header.padding, out)
         return
     if ds is None:
         try:
@@ -91,7 +88,7 @@ def read_slice(
             f"expected a MONOCHROME1/2 single-sample image, received {photometric}", path
         )
     try:
-        stored = native_pixels(ds)
+        stored = _native_pixels(ds)
         if stored is None:
             stored = ds.pixel_array
     except Exception as exc:  # decoders raise many types for truncated or corrupt data
@@ -101,28 +98,17 @@ def read_slice(
         ) from exc
     if header.frame is not None:
         frames[path][0] = stored.reshape((-1, *stored.shape[-2:]))  # one frame decodes to 2D
-        read_slice(patient, header, out, frames)
+        _read_slice(patient, header, out, frames)
         return
     if stored.shape != out.shape:
         raise patient_error(
             patient,
             f"expected a {out.shape[0]}×{out.shape[1]} image, received {stored.shape}", path
         )
-    store_hu(stored, rescale_of(patient, ds, path), padding_range(ds), out)
+    _store_hu(stored, rescale_of(patient, ds, path), padding_range(ds), out)
 
 
-def rescale_of(patient: str, item: pydicom.Dataset, path: Path) -> tuple[float, float]:
-    """(RescaleSlope, RescaleIntercept) of a dataset or functional-group item; 1 and 0 where
-    absent."""
-    try:
-        return (float(item.get("RescaleSlope", 1.0) or 1.0),
-                float(item.get("RescaleIntercept", 0.0) or 0.0))
-    except (TypeError, ValueError) as exc:
-        raise patient_error(patient, f"expected a numeric RescaleSlope and RescaleIntercept, "
-                              f"received {exc}", path) from None
-
-
-def native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
+def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
     """The stored values of a native little-endian 16-bit single-frame image, read straight
     from its bytes; None for any other encoding (pydicom decodes those).
 
@@ -150,7 +136,7 @@ def native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
     return stored.reshape(rows, columns)
 
 
-def store_hu(
+def _store_hu(
     stored: np.ndarray,
     rescale: tuple[float, float],
     padding: tuple[int, int] | None,
@@ -187,38 +173,15 @@ def store_hu(
         out[...] = hu
 
 
-def padding_range(ds: pydicom.Dataset) -> tuple[int, int] | None:
-    """The stored values that are padding: [PixelPaddingValue, PixelPaddingRangeLimit] (the
-    value alone without a limit); None when the file declares none."""
-    if "PixelPaddingValue" not in ds:
-        return None
-    bits = int(ds.get("BitsStored", 16))
-
-    def as_stored(value: int) -> int:
-        # The tag may be read as unsigned even when PixelRepresentation says signed.
-        value = int(value)
-        if int(ds.get("PixelRepresentation", 0)) == 1:
-            if value >= 1 << 15:  # the tag's own 16 bits read as unsigned: 0xFA24 is -1500
-                value -= 1 << 16
-            elif 1 << (bits - 1) <= value < 1 << bits:  # the stored bits read as unsigned
-                value -= 1 << bits
-        return value
-
-    low = as_stored(ds.PixelPaddingValue)
-    high = as_stored(ds.get("PixelPaddingRangeLimit", low))
-    return min(low, high), max(low, high)
-
-
-
 def read_pixels(patient: str, headers: list[Header]) -> np.ndarray:
     """The slices decoded into one int16 HU array (slice, row, column), in the given order."""
-    check_decoder(patient, headers[0])
+    _check_decoder(patient, headers[0])
     volume = np.empty((len(headers), headers[0].rows, headers[0].columns), dtype=np.int16)
     frames: dict[Path, list] = {}
     for header in headers:
         if header.frame is not None:
             frames.setdefault(header.path, [None, 0])[1] += 1
     for index, header in enumerate(headers):
-        read_slice(patient, header, volume[index], frames)
+        _read_slice(patient, header, volume[index], frames)
     return volume
 

@@ -53,7 +53,7 @@ def choose_series(patient: str, headers: list[Header]) -> list[Header]:
             f"{', …' if len(patients) > 3 else ''}): INPUT_ROOT is the folder holding one "
             f"sub-folder per patient",
         )
-    candidates = {uid: majority_orientation(patient, uid, hs) for uid, hs in by_series.items()}
+    candidates = {uid: _majority_orientation(patient, uid, hs) for uid, hs in by_series.items()}
 
     def n_positions(hs: list[Header]) -> int:
         return len({tuple(np.round(h.position, 2)) for h in hs if h.position is not None})
@@ -79,7 +79,7 @@ def choose_series(patient: str, headers: list[Header]) -> list[Header]:
     return chosen
 
 
-def majority_orientation(patient: str, uid: str, headers: list[Header]) -> list[Header]:
+def _majority_orientation(patient: str, uid: str, headers: list[Header]) -> list[Header]:
     """The images of one series that share its most common orientation."""
     counts = Counter(h.orientation_key() for h in headers)
     key, _ = counts.most_common(1)[0]

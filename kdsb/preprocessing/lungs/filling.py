@@ -81,7 +81,7 @@ def fill_side(
         walled[:, :, beyond - columns.start] = junction[box[0], box[1]]
     if walled is None:
         closed, enveloped = close_balls(part[box], (CLOSING_RADIUS_MM, ENVELOPE_RADIUS_MM),
-                                         spacing, threads)
+                                        spacing, threads)
     else:  # the envelope stays blind beyond the split: its ball would bridge the mediastinum
         (closed,) = close_balls(walled, (CLOSING_RADIUS_MM,), spacing, threads)
         (enveloped,) = close_balls(part[box], (ENVELOPE_RADIUS_MM,), spacing, threads)

@@ -185,7 +185,7 @@ def segment_lungs_in_box(
     gas = rejected_gas(rejected, coarse_hu)
     rejected_air = dilate_cross(gas, 1)
     coarse_mask |= lesion_rim(coarse_mask, lung_air, inside_body, rejected_air, coarse_hu,
-                               coarse_spacing)
+                              coarse_spacing)
     coarse_mask |= mass_pockets(coarse_mask, lung_air, hulls, inside_body, rejected_air, coarse_hu,
                                 coarse_spacing)
     hazy_added = hazy_masses(coarse_mask, inside_body, coarse_hu, coarse_spacing)
@@ -243,7 +243,7 @@ def mask_on_box(
     """
     result = np.zeros([t.stop - t.start for t in target], dtype=np.uint8)
     overlap = [(max(b.start, t.start), min(b.stop, t.stop)) for b, t in zip(box, target,
-                                                                             strict=True)]
+                                                                            strict=True)]
     if all(low < high for low, high in overlap):
         into = tuple(slice(low - t.start, high - t.start)
                      for (low, high), t in zip(overlap, target, strict=True))

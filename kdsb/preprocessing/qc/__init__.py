@@ -8,15 +8,13 @@ is none. The finder is a coarse pointer for eyes, not a nodule detector: where n
 it may point at a thick hilar vessel or a bifurcation.
 
 The contact sheet tiles one axial thumbnail per patient under its id (failed patients in red with
-their reason), at most `PAGE_TILES` per page, so a researcher can eyeball hundreds of scans in
+their reason), at most `sheet.PAGE_TILES` per page, so a researcher can eyeball hundreds of scans in
 minutes with ids that stay readable. Figures use matplotlib's object API with the Agg canvas (no
 pyplot, no display), imported only when an image is drawn.
 
 Speed: for a 300×300×300 volume at 1 mm (two lungs, crossing vessels, one nodule) the PNG and
 the thumbnail take 0.5 s together, 0.2 s of it the lesion search (best of 5 on a 2-core
-machine; 0.8 s median with the other core busy). The search runs on a copy strided to at most
-`LESION_MAX_VOXELS` voxels (2 mm voxels here) and checks its largest candidates again at full
-resolution around them.
+machine; 0.8 s median with the other core busy; the search: `lesion`).
 
 The parts: `overlays` (overlays and the three views), `lesion` (the lesion finder), `sheet` (the
 contact sheet).

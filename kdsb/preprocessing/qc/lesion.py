@@ -208,7 +208,7 @@ def lesion_views(volume: volumes.Volume, lesion: Lesion) -> dict[str, tuple[np.n
     diameters) around the centre, cut to the volume.
 
     Returns:
-        View name → (RGB image, pixel aspect height/width), as `views`.
+        View name → (RGB image, pixel aspect height/width), as `overlays.views`.
     """
     half_mm = max(LESION_FIELD_MM, LESION_FIELD_DIAMETERS * 2.0 * lesion.radius_mm) / 2.0
     point = tuple(int(round(c)) for c in lesion.centre)
