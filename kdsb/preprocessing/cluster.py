@@ -59,11 +59,11 @@ def check_scheduler(scheduler: str) -> None:
 
 
 def run_on_dask(
-    worker: Callable[..., object], tasks: dict[str, tuple], scheduler: str, died: str
+    worker: Callable[..., object], tasks: dict[str, tuple], scheduler: str
 ) -> Iterable[tuple[str, object]]:
     """Run `worker(*task)` for every task on the Dask cluster at `scheduler`; yields (id,
-    result) as they end, and (id, None) for a patient whose workers kept dying (`died`, the
-    reason, is logged).
+    result) as they end, and (id, None) for a patient whose workers kept dying (the caller
+    fails it, and says so once: found in review, it was logged here as well).
 
     Raises:
         UsageError: distributed is not installed, a malformed address, or no scheduler answers
@@ -94,7 +94,6 @@ def run_on_dask(
             try:
                 yield patient_id, future.result()
             except KilledWorker:
-                logger.warning("%s: %s", patient_id, died)
                 yield patient_id, None
             except Exception as error:  # noqa: BLE001 - the worker never raises: the cluster did
                 raise KdsbError(

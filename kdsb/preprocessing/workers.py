@@ -171,7 +171,7 @@ def run_tasks(
     if scheduler is not None:
         from kdsb.preprocessing.cluster import run_on_dask
 
-        for patient_id, result in run_on_dask(worker, tasks, scheduler, WORKER_DIED_MESSAGE):
+        for patient_id, result in run_on_dask(worker, tasks, scheduler):
             yield result or worker_died(patient_id)
         return
     retry: dict[str, tuple] = {}
