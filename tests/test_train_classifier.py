@@ -23,6 +23,7 @@ from kdsb.training import (
     model_fitting,
     plateau,
     run_checks,
+    run_context,
     run_layout,
     spp,
 )
@@ -900,17 +901,17 @@ def test_a_split_is_compared_on_resume_only(tmp_path):
 
     begun = {"train_ids": ["a", "b"], "val_ids": ["c"]}
     other = {"train_ids": ["a", "d"], "val_ids": ["c"]}
-    model_fitting.pin_model_split(tmp_path, begun, ctx(False))
-    model_fitting.pin_model_split(tmp_path, other, ctx(False))  # a fresh start replaces it
+    run_context.pin_model_split(tmp_path, begun, ctx(False))
+    run_context.pin_model_split(tmp_path, other, ctx(False))  # a fresh start replaces it
     assert json.loads((tmp_path / "split.json").read_text()) == other
     with pytest.raises(UsageError, match=r"other train_ids \(e.g. b\)"):
-        model_fitting.pin_model_split(tmp_path, begun, ctx(True))
-    model_fitting.pin_model_split(tmp_path, other, ctx(True))
+        run_context.pin_model_split(tmp_path, begun, ctx(True))
+    run_context.pin_model_split(tmp_path, other, ctx(True))
     legacy = tmp_path / "fold_1"
     legacy.mkdir()
     (legacy / "fold.json").write_text(json.dumps({"held_out": ["x"], **begun}))
     with pytest.raises(UsageError, match="other held_out"):
-        model_fitting.pin_model_split(legacy, {"held_out": ["y"], **begun}, ctx(True))
+        run_context.pin_model_split(legacy, {"held_out": ["y"], **begun}, ctx(True))
 
 
 def test_resume_refuses_volumes_read_otherwise_or_another_gmcae(tmp_path):

@@ -23,9 +23,9 @@ out-of-fold prediction) and appended to the saved model as a layer, so `classifi
 carries it. The spine's best model stays beside it as `uncalibrated.keras`.
 
 The run folder's files, one split or K folds: `kdsb.training.run_layout`.
-The parts: `kdsb.training.run_checks` (options and resume checks), `kdsb.training.model_fitting`
-(one model, its restarts, scoring and calibrated file), `kdsb.training.cross_validation`
-(`--folds K`).
+The parts: `kdsb.training.run_checks` (options and resume checks), `kdsb.training.run_context`
+(what the run's models share: patients, split, scoring, metrics), `kdsb.training.model_fitting`
+(one model, its restarts and calibrated file), `kdsb.training.cross_validation` (`--folds K`).
 """
 
 from __future__ import annotations
@@ -46,14 +46,7 @@ from kdsb.io.volumes import list_volumes
 from kdsb.training import attempts, runs
 from kdsb.training.classifier_options import ClassifierOptions
 from kdsb.training.cross_validation import cross_validate
-from kdsb.training.model_fitting import (
-    RunContext,
-    fit_model,
-    pin_model_split,
-    save_calibrated,
-    scores_with_intervals,
-    split_ids,
-)
+from kdsb.training.model_fitting import fit_model, save_calibrated
 from kdsb.training.run_checks import (
     check_accumulation_unchanged,
     check_fold_training_unchanged,
@@ -62,6 +55,7 @@ from kdsb.training.run_checks import (
     warn_of_other_heads_options,
     warn_of_unused_restarts,
 )
+from kdsb.training.run_context import RunContext, pin_model_split, scores_with_intervals, split_ids
 from kdsb.training.run_layout import BAGS_DIR, FOLD_NAME, FOLD_PREFIX, METRICS_NAME
 
 logger = logging.getLogger(__name__)

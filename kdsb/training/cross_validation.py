@@ -24,16 +24,15 @@ from kdsb.evaluation import metrics
 from kdsb.io.atomic import atomic_path, read_json, write_json
 from kdsb.io.tables import probability_text
 from kdsb.training import runs
-from kdsb.training.model_fitting import (
+from kdsb.training.model_fitting import fit_model, save_calibrated
+from kdsb.training.plateau import warn_if_constant
+from kdsb.training.run_context import (
     RunContext,
-    fit_model,
     pin_model_split,
-    save_calibrated,
     score_patients,
     scores_with_intervals,
     split_ids,
 )
-from kdsb.training.plateau import warn_if_constant
 from kdsb.training.run_layout import (
     BEST_NAME,
     CALIBRATION_PNG,

@@ -1,6 +1,6 @@
-"""Training one classifier model (of a single split, or of a fold) and what it shares with the
-others of its run: the run context, the stratified split, class weights, scoring, the
-calibrated model file, metrics with intervals.
+"""Training one classifier model (of a single split, or of a fold): its class weights, its
+restarts on the base-rate plateau, its scores on the validation patients and its calibrated
+model file.
 
 Restarts: a model whose validation predictions carry next to no information about the labels
 never left the plateau at the base rate (its encoder's pooled features died early, or its
@@ -23,21 +23,18 @@ their outputs keep the balanced weights' offset where the classes are unequal). 
 uses no weights. Validation metrics are never weighted.
 """
 
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 from kdsb.data.inputs import VolumeInput
-from kdsb.errors import UsageError
-from kdsb.evaluation import metrics
 from kdsb.io.atomic import read_json, write_json
 from kdsb.training import attempts, runs
 from kdsb.training.classifier_options import ClassifierOptions
@@ -48,27 +45,14 @@ from kdsb.training.plateau import (
     explained_fraction,
     prediction_spread,
 )
-from kdsb.training.run_layout import BEST_NAME, FOLD_NAME, UNCALIBRATED_NAME
+from kdsb.training.run_context import RunContext, score_patients
+from kdsb.training.run_layout import BEST_NAME, UNCALIBRATED_NAME
 
 logger = logging.getLogger(__name__)
 
 # The metric picking the best model: the `log_loss` metric of `spp.compile_classifier`, on
 # validation data.
 MONITOR = "val_log_loss"
-
-Cohort = dict[str, tuple[Path, int]]  # patient id → (volume file, 0/1 label)
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What every model of a run shares."""
-
-    cohort: Cohort
-    options: ClassifierOptions
-    volume_input: VolumeInput
-    data_dir: Path
-    bag_files: dict[str, Path] | None
-    resume: bool
 
 
 class Fitted(NamedTuple):
@@ -93,52 +77,6 @@ def class_weights_for(options: ClassifierOptions, labels: list[int]) -> dict[int
     weights = balanced_class_weights(labels)
     logger.info("class weights %s", weights)
     return weights
-
-
-def score_patients(model: Any, paths: list[Path], volume_input: VolumeInput,
-                   desc: str = "score") -> np.ndarray:
-    """p(cancer) of a trained model for each volume file, one volume at a time."""
-    from kdsb.models.classifier import predict_probability
-
-    return np.array(
-        [
-            predict_probability(model, volume_input.read(path))
-            for path in tqdm(paths, desc=desc, unit="patient", disable=None)
-        ]
-    )
-
-
-def split_ids(cohort: Cohort, ids: list[str], options: ClassifierOptions, what: str,
-              log: bool = True):
-    """Training and validation ids among `ids`, stratified; both must be non-empty."""
-    from kdsb.data.datasets import split_patients
-
-    labels = {i: cohort[i][1] for i in ids}
-    train_ids, val_ids = split_patients(
-        ids, val_fraction=options.val_fraction, seed=options.seed, labels=labels
-    )
-    if not val_ids or not train_ids:
-        # A class of one patient always stays in training (`split_patients`).
-        hint = ("; a class needs 2 patients in each fold's training part: use fewer --folds"
-                if options.folds >= 2 and options.val_fraction > 0 else "")
-        raise UsageError(
-            f"expected training and validation patients, received {len(train_ids)} and "
-            f"{len(val_ids)} from {len(ids)} patients ({what}) with --val-fraction "
-            f"{options.val_fraction}{hint}"
-        )
-    if log:
-        logger.info(
-            "%s: %d training patients (%d positive), %d validation patients (%d positive)",
-            what, len(train_ids), sum(labels[i] for i in train_ids), len(val_ids),
-            sum(labels[i] for i in val_ids),
-        )
-    return train_ids, val_ids
-
-
-def pin_model_split(model_dir: Path, split: dict[str, list[str]], ctx: RunContext) -> None:
-    """`runs.pin_split` of a model of this run (a fold's falls back on its fold.json)."""
-    runs.pin_split(model_dir, split, ctx.resume, runs.worker(ctx.options.distribute).chief,
-                   FOLD_NAME)
 
 
 def fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
@@ -262,18 +200,3 @@ def save_calibrated(model_dir: Path, calibration, volume_input: VolumeInput) -> 
     model = with_input_record(model, volume_input.to_config())
     runs.save_model_atomically(model, model_dir / BEST_NAME)
     return model
-
-
-def scores_with_intervals(y, p, seed: int) -> dict[str, Any]:
-    """`metrics.summary` (NaN AUC as None) plus bootstrap 95 % intervals under "intervals"."""
-    scores = {k: _finite_or_none(v) if isinstance(v, float) else v
-              for k, v in metrics.summary(y, p).items()}
-    intervals = metrics.bootstrap_intervals(y, p, n_boot=metrics.DEFAULT_BOOTSTRAP, seed=seed)
-    scores["intervals"] = {k: [float(lo), float(hi)] for k, (lo, hi) in intervals.items()}
-    return scores
-
-
-def _finite_or_none(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
