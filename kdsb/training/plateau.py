@@ -1,5 +1,6 @@
 """Did a classifier learn anything? The base-rate plateau's tests, one owner for the rule
-`kdsb.training.model_fitting` restarts a model by (`--restarts`) and warns of a fold model by.
+`kdsb.training.model_fitting` restarts a model by (`--restarts`) and
+`kdsb.training.cross_validation` warns of a fold model by.
 
 A model stuck on the plateau gives every patient nearly the base rate (its encoder's pooled
 features died) or only wobbles around it; `prediction_spread` tells the first, and
