@@ -56,7 +56,7 @@ def phantom_chest(shape: tuple[int, int, int], rng: np.random.Generator):
     (hu float32, lung mask bool)."""
     from scipy import ndimage
 
-    from kdsb.preprocessing.hu import AIR_HU, PARENCHYMA_HU
+    from kdsb.hu import AIR_HU, PARENCHYMA_HU
 
     z, y, x = np.indices(shape, dtype=np.float32)
     nz, ny, nx = shape

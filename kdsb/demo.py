@@ -261,9 +261,9 @@ def run_demo(
         validation patients under "validation" and under "seconds" the wall time of its
         stages, summed over every run of this folder (`_StageClock`, `seconds.json`).
     """
-    from kdsb.commands import require_output_dir
     from kdsb.evaluation.evaluate import CALIBRATION_PNG, ROC_PNG, evaluate, format_table
     from kdsb.evaluation.predict import predict_cohort
+    from kdsb.io.paths import require_output_dir
     from kdsb.training.run_layout import BEST_NAME
 
     plan = FAST_PLAN if fast else FULL_PLAN

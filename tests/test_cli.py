@@ -225,8 +225,8 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
     import errno
     import tempfile
 
-    from kdsb.commands import require_output_dir, require_output_file
     from kdsb.errors import UsageError
+    from kdsb.io.paths import require_output_dir, require_output_file
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")

@@ -524,7 +524,7 @@ def test_resume_skips_volumes_of_the_same_settings(tmp_path):
 def test_resume_redoes_a_patient_whose_source_changed(tmp_path, caplog):
     """Found in review: a volume was kept whatever became of its scan (a cohort drawn again
     with another seed kept the old images beside the new labels)."""
-    from kdsb.io.folders import source_stamp
+    from kdsb.io.source_stamp import source_stamp
 
     folder = tmp_path / "root" / "p1"
     folder.mkdir(parents=True)
@@ -543,7 +543,7 @@ def test_resume_redoes_a_patient_whose_source_changed(tmp_path, caplog):
 
 
 def test_a_source_stamp_counts_a_volume_file_and_its_data_file(tmp_path):
-    from kdsb.io.folders import source_stamp
+    from kdsb.io.source_stamp import source_stamp
 
     uid = "1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860"
     (tmp_path / f"{uid}.mhd").write_text("header")

@@ -11,8 +11,8 @@ import pytest
 from kdsb.data import datasets, patches
 from kdsb.data.inputs import VolumeInput
 from kdsb.errors import KdsbError, LabelsError
+from kdsb.hu import INPUT_CLIP_MAX_HU
 from kdsb.io import volumes
-from kdsb.preprocessing.hu import INPUT_CLIP_MAX_HU
 
 SHAPES = {"a": (40, 36, 44), "b": (34, 40, 38), "c": (20, 30, 50)}
 PATCH = 16

@@ -14,10 +14,10 @@ from pydicom.uid import generate_uid
 
 import kdsb.io.dicom
 from kdsb.errors import DicomError, MissingDecoderError
+from kdsb.hu import AIR_HU
 from kdsb.io.dicom import read_series
 from kdsb.io.series import CTSeries
 from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
-from kdsb.preprocessing.hu import AIR_HU
 
 SHAPE = (6, 10, 12)  # (z, y, x)
 SPACING = (2.5, 0.7, 0.8)  # mm, (z, y, x)

@@ -9,8 +9,8 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from kdsb.errors import DicomError
+from kdsb.hu import OUTSIDE_FIELD_HU
 from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
-from kdsb.preprocessing.hu import OUTSIDE_FIELD_HU
 
 SHAPE = (4, 6, 7)  # (z, y, x)
 SPACING = (2.5, 0.7, 0.8)  # mm, (z, y, x)

@@ -15,12 +15,12 @@ import SimpleITK as sitk
 
 from kdsb.cli import main
 from kdsb.errors import UsageError, VolumeFileError
+from kdsb.hu import AIR_HU
 from kdsb.io import volumes
 from kdsb.io.images import read_image
 from kdsb.io.volume_files import metaimage_data_file, volume_id, volume_in_folder
 from kdsb.phantoms.anatomy import make_phantom
 from kdsb.phantoms.dicom_write import write_ct_series
-from kdsb.preprocessing.hu import AIR_HU
 from kdsb.preprocessing.out_dir import read_manifest
 from kdsb.preprocessing.patients import find_patients
 
@@ -598,7 +598,7 @@ def test_native_stderr_blocks_in_two_threads_keep_their_own_text():
 def test_the_stamp_of_a_header_counts_the_data_file_it_names(tmp_path):
     """A .mhd or .nhdr may name a data file of another name: rewriting that file changed no
     stamp, so a rerun kept the old volume (found in review)."""
-    from kdsb.io.folders import source_stamp
+    from kdsb.io.source_stamp import source_stamp
     from kdsb.io.volume_files import detached_data_file
 
     (tmp_path / "p1.mhd").write_text("NDims = 3\nElementDataFile = scan_0001.raw\n")

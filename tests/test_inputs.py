@@ -18,8 +18,8 @@ from kdsb.data.inputs import (
 )
 from kdsb.data.patches import normalize_hu
 from kdsb.errors import KdsbError, StoreError, UsageError
+from kdsb.hu import PARENCHYMA_HU
 from kdsb.io.volumes import volume_path, write_volume
-from kdsb.preprocessing.hu import PARENCHYMA_HU
 
 SHAPE = (16, 18, 20)
 

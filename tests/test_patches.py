@@ -7,8 +7,8 @@ import pytest
 
 from kdsb.data import patches
 from kdsb.errors import KdsbError
+from kdsb.hu import AIR_HU
 from kdsb.io import volumes
-from kdsb.preprocessing.hu import AIR_HU
 
 N_SYMMETRIES = 48
 

@@ -10,9 +10,9 @@ import pytest
 from matplotlib.image import imread
 from scipy import ndimage
 
+from kdsb.hu import LUNG_WINDOW_HU, PARENCHYMA_HU
 from kdsb.io import volumes
 from kdsb.preprocessing import qc
-from kdsb.preprocessing.hu import LUNG_WINDOW_HU, PARENCHYMA_HU
 
 VESSEL_HU, LESION_HU, BODY_HU = 40, 30, 40
 SPHERE_CENTRE_MM = (32.0, 30.0, 36.0)  # z, y, x

@@ -29,16 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import (
+    from kdsb.data.inputs import gmcae_spacing_of
+    from kdsb.errors import UsageError
+    from kdsb.evaluation.embed import OUTLIERS_NAME, embed_cohort, write_embedding_files
+    from kdsb.io.journal import SUFFIX, loaded_with_digests, open_journal
+    from kdsb.io.paths import (
         require_file,
         require_keras_file,
         require_output_dir,
         require_volume_dir,
     )
-    from kdsb.data.inputs import gmcae_spacing_of
-    from kdsb.errors import UsageError
-    from kdsb.evaluation.embed import OUTLIERS_NAME, embed_cohort, write_embedding_files
-    from kdsb.io.journal import SUFFIX, loaded_with_digests, open_journal
     from kdsb.io.tables import read_labels
     from kdsb.io.volumes import list_volumes
     from kdsb.models.classifier import load_gmcae

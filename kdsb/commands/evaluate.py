@@ -35,7 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_file, require_output_dir
     from kdsb.errors import UsageError
     from kdsb.evaluation.evaluate import (
         CALIBRATION_PNG,
@@ -45,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         format_table,
     )
     from kdsb.evaluation.metrics import DEFAULT_LEVEL
+    from kdsb.io.paths import require_file, require_output_dir
 
     require_file(args.predictions, "PRED_CSV, an id,cancer CSV of probabilities")
     require_file(args.labels, "LABELS_CSV, an id,cancer CSV of 0/1 labels")

@@ -36,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_file, require_output_dir, require_volume_dir
     from kdsb.errors import UsageError
     from kdsb.evaluation.explain import PEAKS_NAME, explain_cohort
+    from kdsb.io.paths import require_file, require_output_dir, require_volume_dir
     from kdsb.io.tables import read_ids
 
     if len(args.models) < 2:

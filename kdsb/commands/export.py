@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_dir, require_file, require_output_dir, require_volume_dir
     from kdsb.io.nifti import export_cohort
+    from kdsb.io.paths import require_dir, require_file, require_output_dir, require_volume_dir
     from kdsb.io.tables import read_ids
 
     require_volume_dir(args.data_dir)

@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_file, require_output_file, require_volume_dir
     from kdsb.errors import UsageError
     from kdsb.evaluation.predict import PROBABILITY_CLIP, predict_cohort
+    from kdsb.io.paths import require_file, require_output_file, require_volume_dir
     from kdsb.io.tables import read_ids
 
     require_volume_dir(args.data_dir)

@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_output_dir
     from kdsb.errors import UsageError
+    from kdsb.io.paths import require_output_dir
 
     require_output_dir(args.out_root, "OUT_ROOT, a folder for the cohort")
 

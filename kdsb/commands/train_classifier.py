@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_file, require_output_dir, require_volume_dir
     from kdsb.evaluation.evaluate import format_table
+    from kdsb.io.paths import require_file, require_output_dir, require_volume_dir
     from kdsb.training.classifier import train_classifier
     from kdsb.training.run_layout import METRICS_NAME, OOF_NAME
 

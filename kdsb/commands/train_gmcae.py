@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdsb.commands import require_output_dir, require_volume_dir
+    from kdsb.io.paths import require_output_dir, require_volume_dir
     from kdsb.training.gmcae import MODEL_NAME, train_gmcae
 
     require_volume_dir(args.data_dir)

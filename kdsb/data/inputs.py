@@ -39,9 +39,10 @@ import numpy as np
 
 from kdsb.data.patches import normalize_hu
 from kdsb.errors import KdsbError, StoreError, UsageError
+from kdsb.hu import AIR_HU, INPUT_CLIP_MAX_HU, PARENCHYMA_HU
 from kdsb.io import volumes
 from kdsb.io.atomic import write_json
-from kdsb.preprocessing.hu import AIR_HU, INPUT_CLIP_MAX_HU, PARENCHYMA_HU
+from kdsb.io.series import same_spacing
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ GMCAE_INPUT_NAME = "gmcae.json"
 # fold folders (kdsb.training.run_layout.FOLD_PREFIX); tests check they agree.
 RUN_SUBFOLDER = re.compile(r"^(checkpoints|fold_\d+)$")
 DEFAULT_LUNG_DILATION_MM = 2.0
-# Spacings closer than this (mm, per axis) are the same grid.
-SPACING_TOLERANCE_MM = 1e-3
 MODEL_SPACING = "the model's training volumes"  # where an expected spacing comes from
 # Keys of a saved VolumeInput that every classifier.json of this package holds; the others
 # (`spacing_mm`, `hu_clip`) came later and default to what those classifiers did.
@@ -237,11 +236,6 @@ class VolumeInput:
                     np.float32(self.outside_hu), clip=self.hu_clip
                 )
         return x[..., np.newaxis]
-
-
-def same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
-    """Whether two (z, y, x) spacings in mm are the same grid (within `SPACING_TOLERANCE_MM`)."""
-    return bool(np.allclose(a, b, rtol=0, atol=SPACING_TOLERANCE_MM))
 
 
 def check_spacing(path: str | os.PathLike, spacing: Sequence[float],

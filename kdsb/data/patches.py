@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from kdsb.errors import KdsbError
-from kdsb.preprocessing.hu import AIR_HU, INPUT_CLIP_MAX_HU, LUNG_WINDOW_HU
+from kdsb.hu import AIR_HU, INPUT_CLIP_MAX_HU, LUNG_WINDOW_HU
+from kdsb.io.series import SPACING_TOLERANCE_MM
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,6 @@ def symmetries_for(spacing: Sequence[float] | None) -> tuple[int, ...]:
         Indices into `CUBE_SYMMETRIES`, ascending (so the identity first): all 48 on an
         isotropic grid, 16 with two equal spacings, the 8 flips with none.
     """
-    from kdsb.data.inputs import SPACING_TOLERANCE_MM  # that module imports this one
-
     if spacing is None:
         return tuple(range(len(CUBE_SYMMETRIES)))
     spacing = [float(s) for s in spacing]

@@ -219,7 +219,7 @@ def write_png(path: str | os.PathLike, volume: Any, explanation: Explanation) ->
     mask outlined, the patient's p(cancer) in the title."""
     from matplotlib.figure import Figure
 
-    from kdsb.preprocessing.hu import LUNG_WINDOW_HU
+    from kdsb.hu import LUNG_WINDOW_HU
     from kdsb.preprocessing.qc.overlays import pixel_aspects
 
     z, y, x = explanation.peak_index

@@ -164,7 +164,7 @@ def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
         UsageError: no model, a missing path, a folder holding no trained classifier, or a
             cross-validated run missing a fold model.
     """
-    from kdsb.commands import require_keras_file
+    from kdsb.io.paths import require_keras_file
     from kdsb.training.run_layout import model_paths_of_run
 
     if not model_paths:

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from kdsb.errors import VolumeFileError
+from kdsb.hu import AIR_HU, OUTSIDE_FIELD_HU, air_share, not_hounsfield
 from kdsb.io.native_stderr import NativeStderr
 from kdsb.io.series import (
     INT16_MAX,
@@ -76,7 +77,6 @@ from kdsb.io.volume_files import (
     volume_id,
     volume_suffix,
 )
-from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU, air_share, not_hounsfield
 
 if TYPE_CHECKING:
     import SimpleITK as sitk

@@ -26,6 +26,8 @@ AXIS_ALIGNMENT_TOLERANCE = 1e-3
 # Patient coordinates: LPS (DICOM, kdsb) to RAS (NIfTI, nibabel) and back: x and y negated.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 MM_DECIMALS = 9  # spacing and origin rounded to 1e-9 mm: hides float noise (0.7000000000000001)
+# Spacings closer than this (mm, per axis) are the same grid.
+SPACING_TOLERANCE_MM = 1e-3
 
 
 def validate_spacing(spacing: Sequence[float], name: str = "spacing") -> tuple[float, float, float]:
@@ -51,6 +53,11 @@ def validate_spacing(spacing: Sequence[float], name: str = "spacing") -> tuple[f
             f"received {spacing!r}"
         )
     return values  # type: ignore[return-value]
+
+
+def same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two (z, y, x) spacings in mm are the same grid (within `SPACING_TOLERANCE_MM`)."""
+    return bool(np.allclose(a, b, rtol=0, atol=SPACING_TOLERANCE_MM))
 
 
 def patient_axis(cosine: np.ndarray) -> tuple[int, int] | None:

@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from kdsb.errors import UsageError
+from kdsb.hu import AIR_HU, PARENCHYMA_HU
 from kdsb.phantoms.chest import (
     CANCELLOUS_BONE_HU,
     CORTEX_FRACTION,
@@ -57,7 +58,6 @@ from kdsb.phantoms.chest import (
 from kdsb.phantoms.nodules import CANCER_RADIUS_MM, Nodule, draw_nodules, paint_nodule
 from kdsb.phantoms.rasterise import Grid, paint_capsule
 from kdsb.phantoms.vessels import grow_vessels
-from kdsb.preprocessing.hu import AIR_HU, PARENCHYMA_HU
 
 # Image noise, HU.
 IMAGE_NOISE_HU = (10.0, 25.0)  # per-patient standard deviation of the image noise

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kdsb.hu import AIR_HU
 from kdsb.phantoms.rasterise import Capsule
-from kdsb.preprocessing.hu import AIR_HU
 
 # Tissue values, HU.
 HU_MIN = -1023  # lowest HU written: keeps raw value 0 free for uint16 padding

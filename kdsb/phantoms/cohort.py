@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 from kdsb._version import __version__
 from kdsb.errors import KdsbError, UsageError
+from kdsb.hu import OUTSIDE_FIELD_HU
 from kdsb.io.atomic import TEMP_PREFIX, sole_writer, write_json
 from kdsb.io.tables import write_labels
 from kdsb.phantoms.anatomy import Phantom, Truth, check_options, make_phantom
 from kdsb.phantoms.dicom_write import SLICE_ORDERS, Acquisition, write_ct_series
 from kdsb.phantoms.layout import DICOM_DIR, TRUTH_DIR, dicom_dir, labels_path, truth_dir
 from kdsb.phantoms.nodules import Nodule
-from kdsb.preprocessing.hu import OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from pydicom.uid import (
 )
 
 from kdsb.errors import DicomError
-from kdsb.preprocessing.hu import OUTSIDE_FIELD_HU
+from kdsb.hu import OUTSIDE_FIELD_HU
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdsb.preprocessing.hu import AIR_HU
+from kdsb.hu import AIR_HU
 
 Capsule = tuple[np.ndarray, np.ndarray, float]  # segment start, end (z, y, x) and radius, mm
 

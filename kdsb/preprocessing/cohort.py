@@ -24,7 +24,7 @@ from tqdm import tqdm
 from kdsb.errors import UsageError
 from kdsb.io import volumes
 from kdsb.io.atomic import remove_stale_temporaries, sole_writer
-from kdsb.io.folders import source_stamp
+from kdsb.io.source_stamp import source_stamp
 from kdsb.preprocessing.out_dir import (
     LOCK_NAME,
     check_other_patients,
@@ -117,7 +117,7 @@ def run_cohort(
         from kdsb.preprocessing.cluster import check_scheduler
 
         check_scheduler(scheduler)
-    from kdsb.commands import require_output_dir
+    from kdsb.io.paths import require_output_dir
 
     # Before the work (found in review: a path under a file was an OSError, exit 1; a bad QC
     # folder failed the run at its end).

@@ -22,8 +22,8 @@ import numpy as np
 
 from kdsb.errors import UsageError
 from kdsb.io import volumes
-from kdsb.io.folders import source_stamp
 from kdsb.io.series import validate_spacing
+from kdsb.io.source_stamp import source_stamp
 
 if TYPE_CHECKING:
     from kdsb.io.series import CTSeries
@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_SPACING_MM = (1.0, 1.0, 1.0)
 DEFAULT_MARGIN_MM = 10.0
 MARGIN_ATTR = "margin_mm"  # volume attribute: the margin around the lungs it was cropped with
-SOURCE_STAMP_ATTR = "source_stamp"  # volume attribute: `kdsb.io.folders.source_stamp` when read
+# Volume attribute: `kdsb.io.source_stamp.source_stamp` of the files it was read from.
+SOURCE_STAMP_ATTR = "source_stamp"
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
 
 

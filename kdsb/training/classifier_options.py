@@ -10,7 +10,7 @@ from typing import Any
 
 from kdsb.data.inputs import DEFAULT_LUNG_DILATION_MM, VolumeInput
 from kdsb.errors import UsageError
-from kdsb.preprocessing.hu import PARENCHYMA_HU
+from kdsb.hu import PARENCHYMA_HU
 from kdsb.training import runs
 from kdsb.training.runs import RunOptions, option
 
@@ -168,7 +168,7 @@ class ClassifierOptions(RunOptions):
             hint = f" (its model is {inside})" if inside.is_file() else ""
             raise UsageError(f"expected --gmcae, a trained GMCAE .keras file, received {state}: "
                              f"{gmcae}{hint}")
-        from kdsb.commands import require_keras_file
+        from kdsb.io.paths import require_keras_file
 
         require_keras_file(gmcae, "--gmcae, a trained GMCAE .keras file")
 

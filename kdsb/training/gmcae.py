@@ -187,7 +187,8 @@ def training_stream(paths: list[Path], data_dir: Path, options: GmcaeOptions, se
 def _check_spacing_unchanged(run_dir: Path, spacing: tuple[float, float, float]) -> None:
     """Refuse to resume a run on volumes of another spacing than it began with (its
     checkpoints learned the other scale; gmcae.json would be rewritten to the new one)."""
-    from kdsb.data.inputs import GMCAE_INPUT_NAME, gmcae_spacing_of, same_spacing
+    from kdsb.data.inputs import GMCAE_INPUT_NAME, gmcae_spacing_of
+    from kdsb.io.series import same_spacing
 
     if not (run_dir / GMCAE_INPUT_NAME).is_file():
         return

@@ -65,7 +65,8 @@ def warn_of_another_gmcae_spacing(gmcae: str, volume_input: VolumeInput) -> None
     """Warn when the GMCAE learned its features on another grid than the one the classifier's
     encoder is fed (the volumes' spacing times `--downscale`): it then sees every structure at
     another scale in voxels."""
-    from kdsb.data.inputs import gmcae_spacing_of, same_spacing
+    from kdsb.data.inputs import gmcae_spacing_of
+    from kdsb.io.series import same_spacing
 
     learned = gmcae_spacing_of(gmcae)
     fed = tuple(s * volume_input.downscale for s in volume_input.spacing_mm)

@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from kdsb.hu import air_share, not_hounsfield
 from kdsb.io.dicom.files import is_dicom_file, patient_error, read_dataset
 from kdsb.io.dicom.geometry import (
     check_slices,
@@ -68,7 +69,6 @@ from kdsb.io.dicom.headers import read_headers
 from kdsb.io.dicom.pixels import read_pixels
 from kdsb.io.dicom.selection import choose_series
 from kdsb.io.series import CTSeries
-from kdsb.preprocessing.hu import air_share, not_hounsfield
 
 __all__ = ["is_dicom_file", "read_dataset", "read_series"]
 

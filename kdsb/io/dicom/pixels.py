@@ -12,10 +12,10 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from kdsb.errors import MissingDecoderError
+from kdsb.hu import AIR_HU, OUTSIDE_FIELD_HU
 from kdsb.io.dicom.files import patient_error, read_dataset
 from kdsb.io.dicom.headers import Header, padding_range, rescale_of
 from kdsb.io.series import INT16_MAX, INT16_MIN
-from kdsb.preprocessing.hu import AIR_HU, OUTSIDE_FIELD_HU
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # Native (uncompressed) little-endian 16-bit images are read straight from their bytes.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from kdsb.preprocessing.hu import AIR_HU
+from kdsb.hu import AIR_HU
 from kdsb.preprocessing.lungs.filling import slice_hulls
 from kdsb.preprocessing.lungs.morphology import (
     IN_PLANE,

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kdsb.hu import LUNG_WINDOW_HU
 from kdsb.io import volumes
-from kdsb.preprocessing.hu import LUNG_WINDOW_HU
 
 OUTLINE_RGB = (1.0, 0.2, 0.2)  # mask outline colour
 LESION_RGB = (1.0, 0.85, 0.0)  # lesion outline colour

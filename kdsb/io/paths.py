@@ -1,0 +1,111 @@
+"""The input- and output-path checks every command runs first, with the same wording in each:
+a missing input is a usage error (exit 2) before any work (`require_dir` / `require_file`), and
+an output path a run could never write is one too (`require_output_file`, `require_output_dir`),
+not a failure at the run's end. Light: `kdsb --help` imports the commands that import it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kdsb.errors import UsageError
+
+
+def require_dir(path: str | os.PathLike, what: str) -> Path:
+    """Return `path` as a Path if it is an existing folder, else raise `UsageError`.
+
+    Args:
+        path: the folder given on the command line.
+        what: what the folder should be, for the message (e.g. "DATA_DIR, a folder of kdsb
+            volume files").
+    """
+    path = Path(path)
+    if not path.is_dir():
+        state = "a file" if path.exists() else "a missing path"
+        raise UsageError(f"expected {what}, received {state}: {path}")
+    return path
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """Return `path` as a Path if it is an existing file, else raise `UsageError`.
+
+    Args:
+        path: the file given on the command line.
+        what: what the file should be, for the message (e.g. "LABELS_CSV, an id,cancer CSV").
+    """
+    path = Path(path)
+    if not path.is_file():
+        state = "a folder" if path.is_dir() else "a missing path"
+        raise UsageError(f"expected {what}, received {state}: {path}")
+    return path
+
+
+DATA_DIR_WHAT = "DATA_DIR, a folder of kdsb volume files (<id>.h5)"
+
+
+def require_volume_dir(path: str | os.PathLike) -> Path:
+    """`require_dir` for DATA_DIR, which must hold at least one volume file: a folder without
+    any (a DICOM folder given by mistake) is a usage error alike in every command (found by a
+    user's check: exit 2 in one command, 1 in others, 0 in export)."""
+    from kdsb.io.volumes import SUFFIX
+
+    path = require_dir(path, DATA_DIR_WHAT)
+    if not any(p.suffix == SUFFIX and not p.name.startswith(".") for p in path.iterdir()):
+        raise UsageError(f"expected {DATA_DIR_WHAT}, received a folder without any: {path} "
+                         f"(kdsb preprocess writes them)")
+    return path
+
+
+KERAS_SUFFIX = ".keras"
+
+
+def require_keras_file(path: str | os.PathLike, what: str) -> Path:
+    """`require_file`, and the file must be a Keras model archive (`.keras`): a CSV or volume
+    given where a model goes is a usage error, not Keras's long "format not supported" (found
+    by a user's check)."""
+    path = require_file(path, what)
+    if path.suffix.lower() != KERAS_SUFFIX:
+        raise UsageError(f"expected {what}, received a file that is no Keras model "
+                         f"({KERAS_SUFFIX}): {path}")
+    return path
+
+
+def require_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Return `path` as a Path if a file can be written there (it is not a folder, and its
+    parent is a writable folder or missing), else raise `UsageError`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"expected {what}, received a folder: {path}")
+    _require_writable_above(path, what)
+    return path
+
+
+def require_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Return `path` as a Path if it is a writable folder or can be made one, else raise
+    `UsageError`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"expected {what}, received a file: {path}")
+    _require_writable_above(path, what)
+    return path
+
+
+def _require_writable_above(path: Path, what: str) -> None:
+    """The nearest existing folder at or above `path` must be a folder that takes a new file
+    (a read-only file system, or a folder without write permission, would otherwise fail the
+    run at its end, after all its work)."""
+    import tempfile
+
+    path = path.absolute()
+    nearest = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not nearest.is_dir():
+        if nearest != path:
+            raise UsageError(f"expected {what}, received a path under a file: {path}")
+        nearest = nearest.parent
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as error:
+        raise UsageError(f"expected {what}, received a path where nothing can be written "
+                         f"({error.strerror}): {path}") from None

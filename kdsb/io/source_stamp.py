@@ -1,0 +1,47 @@
+"""What identifies a patient's source files as written (`source_stamp`): a volume made from them
+records it, and a rerun that finds it changed preprocesses the patient again."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kdsb.io.folders import files_under
+from kdsb.io.volumes import SUFFIX as VOLUME_SUFFIX
+
+
+def source_stamp(source: str | os.PathLike) -> str:
+    """What identifies a patient's source files as written: their count, total size and newest
+    modification time (UTC, µs). A folder counts every file under it; a volume file counts the
+    files beside it whose names begin with its id and a dot (`p1.mhd` and `p1.raw`; also a
+    `p1.b.mhd`, whose change then redoes p1 too: the safe side), but for kdsb volume files, and
+    the data file its detached header names (`volume_files.detached_data_file`).
+
+    A rewritten scan (another synthetic draw, a series still being copied) changes it; so does
+    a copy that does not keep modification times (the patient is then preprocessed again, never
+    silently kept).
+    """
+    # Imported here: volume_files brings pydicom, which `kdsb preprocess --help` need not load.
+    from kdsb.io.volume_files import detached_data_file, volume_id
+
+    source = Path(source)
+    if source.is_dir():
+        files = files_under(source)
+    else:  # kdsb's own files beside it (`<id>.h5` when OUT_DIR is INPUT_ROOT) do not count
+        prefix = f"{volume_id(source) or source.name}."
+        files = sorted(p for p in source.parent.iterdir()
+                       if p.name.startswith(prefix) and not p.name.endswith(VOLUME_SUFFIX)
+                       and p.is_file()) or [source]
+        # A header may name a data file of another name (found in review: rewriting it kept
+        # the stamp, so a rerun kept the old volume).
+        data = detached_data_file(source)
+        if data is not None and data.is_file() and data not in files:
+            files.append(data)
+    # A volume file's link to a missing path counts as no file: its patient then fails on
+    # reading, named, not the whole run on this stat (found in review).
+    stats = [path.stat() for path in files if path.exists()]
+    newest = max((s.st_mtime_ns for s in stats), default=0)
+    # Microseconds, UTC: readable in a warning, and finer than any rewrite of a scan.
+    when = datetime.fromtimestamp(newest / 1e9, tz=timezone.utc).isoformat(timespec="microseconds")
+    return f"{len(stats)} files, {sum(s.st_size for s in stats)} bytes, newest {when}"
