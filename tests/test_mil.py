@@ -35,13 +35,14 @@ def test_padding_does_not_change_the_pooled_bag(pooling):
         np.testing.assert_allclose(alone, (weights[..., None] * bag).sum(1), rtol=1e-5)
 
 
-
-@pytest.mark.parametrize("units", [0, -3, 2.5])
+@pytest.mark.parametrize("units", [0, -3, 2.5, float("inf"), float("nan"), True])
 def test_attention_units_must_be_a_positive_whole_number(units):
     from kdsb.models.mil import AttentionMILPooling
 
     with pytest.raises(ValueError, match="attention_units of at least 1"):
         AttentionMILPooling(units)
+    assert AttentionMILPooling(16.0).attention_units == 16  # as a saved config may hold it
+
 
 def test_the_classifier_equals_encoder_cells_through_the_head(encoder, tmp_path):
     import keras

@@ -80,7 +80,6 @@ def test_a_failed_build_keeps_the_record_of_the_shards_it_wrote(tmp_path, monkey
     assert calls == ["p0", "p1", "p2", "p2"] and all(s.is_file() for s in shards)
 
 
-
 def test_a_killed_build_s_old_temporary_is_swept_a_live_one_kept(tmp_path):
     """A build killed mid-shard leaves its temporary; the folder is shared by the workers of a
     multi-machine run, so only one idle for `STALE_SHARD_SECONDS` is taken as a dead writer's
@@ -101,6 +100,7 @@ def test_a_killed_build_s_old_temporary_is_swept_a_live_one_kept(tmp_path):
     os.utime(dead, (idle, idle))
     patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16, per_volume=2)
     assert not dead.exists() and live.exists()
+
 
 def test_a_batch_gets_one_cube_symmetry_for_all_its_patches(tmp_path):
     """One symmetry a batch, drawn from those given: on a 1 × 1 × 2.5 mm grid never one that

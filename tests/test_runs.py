@@ -266,6 +266,11 @@ def test_a_subclass_s_numbers_must_be_finite_too():
         GmcaeOptions(variance_floor=float("inf"))
     with pytest.raises(UsageError, match="expected a finite --label-smoothing, received nan"):
         ClassifierOptions(gmcae="g.keras", label_smoothing=float("nan"))
+    # Tuples too (found in review: an options dict or a resumed config.json can hold them).
+    with pytest.raises(UsageError, match=r"expected a finite --levels, received \(1, inf\)"):
+        ClassifierOptions(gmcae="g.keras", levels=(1, float("inf")))
+    with pytest.raises(UsageError, match=r"expected --levels of integers >= 1, received \(1.5,\)"):
+        ClassifierOptions(gmcae="g.keras", levels=(1.5,))
 
 
 def test_resolve_options_afresh_and_on_resume(tmp_path):

@@ -99,12 +99,17 @@ def remove_stale_temporaries(folder: str | os.PathLike,
         if targets is not None and name not in targets:
             continue
         if idle_seconds is not None:
+            # A shared folder: another user's temporary may not be ours to delete, and its
+            # writer may have finished meanwhile; neither stops the caller's work.
             try:
                 if now - temp.stat().st_mtime < idle_seconds:
                     continue
-            except FileNotFoundError:  # its writer finished meanwhile
+                temp.unlink()
+            except OSError as error:
+                logger.debug("left %s: %s", temp, error)
                 continue
-        temp.unlink(missing_ok=True)
+        else:
+            temp.unlink(missing_ok=True)
         removed += 1
     return removed
 

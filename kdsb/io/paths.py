@@ -1,7 +1,7 @@
 """The input- and output-path checks every command runs first, with the same wording in each:
 a missing input is a usage error (exit 2) before any work (`require_dir` / `require_file`), and
 an output path a run could never write is one too (`require_output_file`, `require_output_dir`),
-not a failure at the run's end. Light: `kdsb --help` imports the commands that import it.
+not a failure at the run's end. Light: the commands import it in `run`, library modules too.
 """
 
 from __future__ import annotations

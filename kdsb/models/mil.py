@@ -25,6 +25,8 @@ features with a mask of the real instances.
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 from keras import ops
@@ -55,7 +57,9 @@ class AttentionMILPooling(keras.layers.Layer):
             raise ValueError(
                 f"AttentionMILPooling: expected pooling in {POOLINGS}, received {pooling!r}"
             )
-        if int(attention_units) != attention_units or attention_units < 1:
+        whole = (isinstance(attention_units, (int, float)) and not isinstance(attention_units, bool)
+                 and math.isfinite(attention_units) and attention_units == int(attention_units))
+        if not whole or attention_units < 1:
             raise ValueError(f"AttentionMILPooling: expected attention_units of at least 1, "
                              f"received {attention_units!r}")
         self.attention_units = int(attention_units)

@@ -23,7 +23,6 @@ their outputs keep the balanced weights' offset where the classes are unequal). 
 uses no weights. Validation metrics are never weighted.
 """
 
-
 from __future__ import annotations
 
 import dataclasses

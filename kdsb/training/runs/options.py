@@ -101,7 +101,8 @@ class RunOptions:
         # its check and failed deep in Keras): every number must be finite, whatever its check.
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
+            numbers = value if isinstance(value, (tuple, list)) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
                 raise UsageError(f"expected a finite {flag_of(field)}, received {value!r}")
         for ok, expected, received in self.checks():
             if not ok:
