@@ -38,8 +38,8 @@ def volume_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     for patient_id, shape in SHAPES.items():
         hu, lung = _phantom(shape, rng)
-        volumes.write_volume(volumes.volume_path(folder, patient_id), hu, lung, (1, 1, 1), (0, 0,
-        0))
+        volumes.write_volume(volumes.volume_path(folder, patient_id), hu, lung, (1, 1, 1),
+                             (0, 0, 0))
     return folder
 
 
@@ -238,7 +238,7 @@ def test_augmentation_on_an_anisotropic_grid_never_moves_its_coarse_axis(tmp_pat
     apply_symmetry = patches.apply_symmetry
     monkeypatch.setattr(patches, "apply_symmetry",
                         lambda volume, index: drawn.append(int(index)) or apply_symmetry(volume,
-                                                                                          index))
+                                                                                         index))
     datasets.read_patches(path, patch_size=PATCH, count=40, rng=np.random.default_rng(0))
     assert len(drawn) == 40 and set(drawn) <= kept and len(set(drawn)) > 8
     drawn.clear()

@@ -66,7 +66,7 @@ def test_evaluate_mismatched_ids_is_a_data_error(files, tmp_path, capsys):
 
 
 def test_predicted_only_scores_a_held_out_part_against_the_whole_labels_file(files, tmp_path,
-                                                                            capsys):
+                                                                             capsys):
     preds, labels, y, p = files
     part = tmp_path / "part.csv"
     rows = preds.read_text().splitlines()
@@ -183,7 +183,7 @@ def test_evaluate_returns_intervals_and_threshold(split, caplog):
     assert "intervals" not in plain and "threshold" not in plain
     assert f"--validation {oof}: its 6 patients pick a --threshold youden or f1" in caplog.text
     assert {k: plain[k] for k in metrics.summary(test_y, test_p)} == metrics.summary(test_y,
-                                                                                    test_p)
+                                                                                     test_p)
 
 
 def _one_line_error(capsys) -> str:

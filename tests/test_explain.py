@@ -436,7 +436,7 @@ def test_the_png_draws_millimetres_alike_on_both_axes_of_a_view(tmp_path, monkey
     # The lung's outline lies on its pixels' edges in every view, as the image under it (found
     # in review: the axial one was drawn upside down, the others half a pixel off).
     for ax, (rows, columns) in zip(figures[0].axes, [((2, 6), (2, 8)), ((1, 5), (2, 8)),
-                                                      ((1, 5), (2, 6))], strict=True):
+                                                     ((1, 5), (2, 6))], strict=True):
         outline = np.concatenate([path.vertices for path in ax.collections[0].get_paths()])
         assert outline[:, 1].min() == pytest.approx(rows[0] - 0.5, abs=0.01)
         assert outline[:, 1].max() == pytest.approx(rows[1] - 0.5, abs=0.01)

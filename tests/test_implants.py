@@ -133,7 +133,7 @@ def test_synth_base_bad_options_are_usage_errors(base_folder, tmp_path, capsys):
 
 
 def test_a_lesion_that_cannot_be_placed_is_drawn_elsewhere_then_named(base_folder, monkeypatch,
-                                                                        caplog):
+                                                                      caplog):
     """Found in review: one lesion without room stopped the whole cohort, and a resume hit it
     again (the patient's seed is fixed). It is now drawn at other places; a cancer lesion that
     finds none stops the cohort naming the patient, a small nodule is left out."""
@@ -221,7 +221,7 @@ def test_an_interrupted_cohort_resumes_only_on_the_same_base_content(base_folder
 
 
 def test_an_occupied_out_root_is_refused_before_the_base_is_read(base_folder, tmp_path,
-                                                                  monkeypatch):
+                                                                 monkeypatch):
     """Found in review: the base was read and segmented (seconds) before OUT_ROOT was checked."""
     from kdsb.errors import UsageError
     from kdsb.preprocessing import pipeline

@@ -38,7 +38,7 @@ def test_another_runs_journal_is_discarded(tmp_path):
         assert journal.held == 0 and journal.result("a", [10, 1]) is None
     lines = path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{**json.loads(json.dumps(other)),
-                                                      "kdsb": __version__}]
+                                                     "kdsb": __version__}]
 
 
 def test_another_kdsb_versions_journal_is_discarded(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ def _volume(folder, pid, seed):
 
 
 def test_shards_hold_the_streamed_patches_and_are_reused_until_a_volume_changes(tmp_path,
-                                                                              monkeypatch):
+                                                                                monkeypatch):
     paths = [_volume(tmp_path, f"p{i}", i) for i in range(2)]
     shards = patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16,
                                            per_volume=5, seed=3)

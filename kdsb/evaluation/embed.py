@@ -150,7 +150,7 @@ def embed_cohort(
         else:
             try:
                 embedding, stats = patient_features(gmcae, both, path, patches, top,
-                                                     own_seed, spacing_mm)
+                                                    own_seed, spacing_mm)
                 if not (np.isfinite(embedding).all() and np.isfinite(stats).all()):
                     raise KdsbError(f"{path}: expected finite GMCAE features, received NaN or "
                                     "infinite values (a damaged volume or GMCAE?)")

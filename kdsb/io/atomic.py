@@ -77,8 +77,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike,
-                              targets: Collection[str] | None = None,
-                              idle_seconds: float | None = None) -> int:
+                             targets: Collection[str] | None = None,
+                             idle_seconds: float | None = None) -> int:
     """Delete temporary files a killed writer left in `folder`; returns how many.
 
     Args:

@@ -164,7 +164,7 @@ def _write_deflated(f: h5py.File, name: str, array: np.ndarray, threads: int = 1
     dataset = f.create_dataset(name, shape=array.shape, dtype=array.dtype, chunks=chunks,
                                **COMPRESSION)
     starts = itertools.product(*(range(0, n, c) for n, c in zip(array.shape, chunks,
-                                                                   strict=True)))
+                                                                strict=True)))
 
     def deflate(start: tuple[int, ...]) -> bytes:
         region = tuple(slice(s, s + c) for s, c in zip(start, chunks, strict=True))

@@ -96,8 +96,8 @@ def first_block_in_slabs(volume: Any, weights: tuple[Any, ...], tile_z: int) -> 
         x_start = tf.maximum(start - HALO, 0)
         x_stop = tf.minimum(stop + HALO, depth)
         x = tf.pad(volume[:, x_start:x_stop], [[0, 0], [x_start - start + HALO,
-                                                          stop + HALO - x_stop],
-                                                [HALO, HALO], [HALO, HALO], [0, 0]])
+                                                        stop + HALO - x_stop],
+                                               [HALO, HALO], [HALO, HALO], [0, 0]])
         h = tf.nn.relu(tf.nn.bias_add(tf.nn.conv3d(x, kernel1, [1] * 5, "VALID"), bias1))
         out = tf.nn.conv3d(h, kernel2, [1, 2, 2, 2, 1], "SAME")
         return tf.nn.relu(tf.nn.bias_add(out[:, :last - first], bias2))

@@ -93,7 +93,7 @@ def _smooth_displacement(
     within 3e-6 voxels.
     """
     coarse = [max(2, int(np.ceil(n * s / ELASTIC_GRID_MM)) + 1) for n, s in zip(shape, spacing,
-                                                                                  strict=True)]
+                                                                                strict=True)]
     weights = [_cubic_zoom_weights(n, c) for n, c in zip(shape, coarse, strict=True)]
     fields = []
     for axis in range(3):

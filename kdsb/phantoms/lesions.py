@@ -376,7 +376,7 @@ def implant_lesion(
     box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
     rel = np.meshgrid(
         *[(np.arange(a, b) - c) * s for a, b, c, s in zip(low, high, center, spacing_arr,
-                                                           strict=True)],
+                                                          strict=True)],
         indexing="ij",
     )
     distance = np.sqrt(sum(r**2 for r in rel))

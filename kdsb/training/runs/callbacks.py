@@ -19,7 +19,6 @@ from kdsb.training.runs.folder import (
 logger = logging.getLogger(__name__)
 
 
-
 # Monitored quantities whose larger values are better ("auto" mode); everything else is a loss.
 HIGHER_IS_BETTER = ("acc", "accuracy", "auc", "precision", "recall")
 

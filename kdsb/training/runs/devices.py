@@ -17,7 +17,6 @@ from kdsb.errors import UsageError
 logger = logging.getLogger(__name__)
 
 
-
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 

@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 FINISHED_NAME = "finished.json"  # how a run's training ended: epochs run, stopped early
 
 
-
 def begin(run_dir: str | os.PathLike, options: RunOptions, *, data_dir: str | os.PathLike,
           seed: int | None = None, resume: bool = False) -> None:
     """Create the distribution strategy, write the run's options (config.json, with `data_dir`,

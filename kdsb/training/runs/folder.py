@@ -17,7 +17,6 @@ from kdsb.io.atomic import atomic_path, remove_stale_temporaries
 logger = logging.getLogger(__name__)
 
 
-
 CHECKPOINT_DIR = "checkpoints"
 
 

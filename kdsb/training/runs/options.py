@@ -20,7 +20,6 @@ from kdsb.training.runs.folder import check_run_dir
 logger = logging.getLogger(__name__)
 
 
-
 OPTIONS_NAME = "config.json"
 
 
