@@ -60,11 +60,11 @@ from kdsb.evaluation import metrics  # noqa: E402
 from kdsb.evaluation.predict import predict_cohort  # noqa: E402
 from kdsb.io import volumes  # noqa: E402
 from kdsb.io.journal import file_digest  # noqa: E402
+from kdsb.io.run_layout import OOF_NAME  # noqa: E402
 from kdsb.io.tables import read_labels, read_predictions, write_labels  # noqa: E402
 from kdsb.phantoms.layout import dicom_dir, labels_path  # noqa: E402
 from kdsb.training.classifier import train_classifier  # noqa: E402
 from kdsb.training.classifier_options import ClassifierOptions  # noqa: E402
-from kdsb.training.run_layout import OOF_NAME  # noqa: E402
 
 TEST_SEED_OFFSET = 5000
 REFERENCE = "thick"  # the hand-made reference's row

@@ -167,9 +167,9 @@ def _train_classifier(
     volumes: Path, labels: Path, gmcae: Path, run_dir: Path, plan: DemoPlan, seed: int
 ) -> dict:
     """Train the classifier into `run_dir`, or reuse a finished run; returns its metrics.json."""
+    from kdsb.io.run_layout import METRICS_NAME
     from kdsb.training.classifier import train_classifier
     from kdsb.training.classifier_options import ClassifierOptions
-    from kdsb.training.run_layout import METRICS_NAME
 
     metrics_path = run_dir / METRICS_NAME
     if metrics_path.is_file():
@@ -187,7 +187,7 @@ def _started(run_dir: Path) -> bool:
     """Whether a killed demo began a run in `run_dir` (its options saved): resumed, it goes on
     from its checkpoints, attempts or finished folds (the folder's plan.json vouches that the
     options are the same)."""
-    from kdsb.training.runs import OPTIONS_NAME
+    from kdsb.io.run_layout import OPTIONS_NAME
 
     return (run_dir / OPTIONS_NAME).is_file()
 
@@ -264,7 +264,7 @@ def run_demo(
     from kdsb.evaluation.evaluate import CALIBRATION_PNG, ROC_PNG, evaluate, format_table
     from kdsb.evaluation.predict import predict_cohort
     from kdsb.io.paths import require_output_dir
-    from kdsb.training.run_layout import BEST_NAME
+    from kdsb.io.run_layout import BEST_NAME
 
     plan = FAST_PLAN if fast else FULL_PLAN
     _check_arguments(seed, patients, workers)  # before the plan is pinned

@@ -181,7 +181,7 @@ def test_evaluate_returns_intervals_and_threshold(split, caplog):
     # patients from the labels, and says so).
     plain = evaluate(preds, labels, validation_csv=oof)
     assert "intervals" not in plain and "threshold" not in plain
-    assert f"--validation {oof}: its 6 patients pick a --threshold youden or f1" in caplog.text
+    assert f"--validation {oof}: its patients pick a --threshold youden or f1" in caplog.text
     assert {k: plain[k] for k in metrics.summary(test_y, test_p)} == metrics.summary(test_y,
                                                                                      test_p)
 
@@ -239,6 +239,11 @@ def test_validation_ids_need_labels(split, tmp_path, capsys):
     assert main(argv) == 1
     assert f"expected a label in {labels} for every validation id, received 1 of 7 without " \
         "one: w9" in _one_line_error(capsys)
+    # A given threshold is not picked on them: unlabelled validation ids are only left out.
+    argv[argv.index("f1")] = "0.5"
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "patients            5 (3 positive)" in out and "threshold 0.5 (given)" in out
 
 
 def test_numeric_threshold_prints_the_confusion_matrix(files, capsys):

@@ -193,7 +193,7 @@ def test_common_spacing_names_a_corrupt_file_and_one_of_another_spacing(volume, 
 
 def test_the_run_subfolders_agree_with_their_owners():
     from kdsb.data.inputs import RUN_SUBFOLDER
-    from kdsb.training.run_layout import FOLD_PREFIX
+    from kdsb.io.run_layout import FOLD_PREFIX
     from kdsb.training.runs import CHECKPOINT_DIR
 
     assert RUN_SUBFOLDER.match(CHECKPOINT_DIR) and RUN_SUBFOLDER.match(f"{FOLD_PREFIX}12")

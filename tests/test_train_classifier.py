@@ -16,6 +16,7 @@ from kdsb.commands import train_classifier as command
 from kdsb.data.inputs import INPUT_NAME, VolumeInput
 from kdsb.errors import LabelsError, UsageError
 from kdsb.evaluation import metrics
+from kdsb.io import run_layout
 from kdsb.io.volumes import volume_path, write_volume
 from kdsb.training import (
     attempts,
@@ -24,7 +25,6 @@ from kdsb.training import (
     plateau,
     run_checks,
     run_context,
-    run_layout,
     spp,
 )
 from kdsb.training import classifier as classifier_training

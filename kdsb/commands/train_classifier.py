@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from kdsb.evaluation.evaluate import format_table
     from kdsb.io.paths import require_file, require_output_dir, require_volume_dir
+    from kdsb.io.run_layout import METRICS_NAME, OOF_NAME
     from kdsb.training.classifier import train_classifier
-    from kdsb.training.run_layout import METRICS_NAME, OOF_NAME
 
     require_volume_dir(args.data_dir)
     require_file(args.labels, "LABELS_CSV, an id,cancer CSV of 0/1 labels")

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 INPUT_NAME = "classifier.json"
 GMCAE_INPUT_NAME = "gmcae.json"
 # The subfolders of a run folder a model may lie in: kdsb.training.runs.CHECKPOINT_DIR and the
-# fold folders (kdsb.training.run_layout.FOLD_PREFIX); tests check they agree.
+# fold folders (kdsb.io.run_layout.FOLD_PREFIX); tests check they agree.
 RUN_SUBFOLDER = re.compile(r"^(checkpoints|fold_\d+)$")
 DEFAULT_LUNG_DILATION_MM = 2.0
 MODEL_SPACING = "the model's training volumes"  # where an expected spacing comes from

@@ -210,12 +210,17 @@ def _split_validation(
     predictions_csv: str | os.PathLike,
     labels: Mapping[str, int],
     labels_csv: str | os.PathLike,
+    picks: bool,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Validation labels and probabilities, and the labels left for the evaluated patients.
 
+    `picks`: the validation patients pick the threshold, so each needs a label; otherwise they
+    are only left out of the labels, and those without one are simply not there (y and p then
+    hold the labelled ones).
+
     Raises:
         UsageError: validation ids are among the evaluated ones.
-        LabelsError: a validation id has no label in `labels_csv`.
+        LabelsError: with `picks`, a validation id has no label in `labels_csv`.
     """
     # Only the id and cancer columns are read: an out-of-fold file (id,cancer,fold,label) will do.
     validation = read_predictions(validation_csv)
@@ -227,12 +232,12 @@ def _split_validation(
             f"{summarise_ids(overlap)} (the threshold would be picked on the test set)"
         )
     unlabelled = sorted(set(validation) - set(labels))
-    if unlabelled:
+    if unlabelled and picks:
         raise LabelsError(
             f"expected a label in {labels_csv} for every validation id, received "
             f"{len(unlabelled)} of {len(validation)} without one: {summarise_ids(unlabelled)}"
         )
-    ids = sorted(validation)
+    ids = sorted(set(validation) & set(labels))
     y = np.array([labels[i] for i in ids], dtype=np.float64)
     p = np.array([validation[i] for i in ids], dtype=np.float64)
     rest = {i: label for i, label in labels.items() if i not in validation}
@@ -297,12 +302,12 @@ def evaluate(
     labels = read_labels(labels_csv)
     if validation_csv is not None:
         y_val, p_val, labels = _split_validation(
-            validation_csv, predictions, predictions_csv, labels, labels_csv
+            validation_csv, predictions, predictions_csv, labels, labels_csv,
+            picks=isinstance(threshold, str),
         )
         if not isinstance(threshold, str):
-            logger.warning("--validation %s: its %d patients pick a --threshold youden or f1; "
-                           "without one they are only left out of the labels", validation_csv,
-                           y_val.size)
+            logger.warning("--validation %s: its patients pick a --threshold youden or f1; "
+                           "without one they are only left out of the labels", validation_csv)
     _, y, p = align(predictions, labels, predictions_path=predictions_csv, labels_path=labels_csv,
                     predicted_only=predicted_only)
     scores: dict[str, object] = dict(metrics.summary(y, p))

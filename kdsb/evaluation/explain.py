@@ -283,7 +283,7 @@ def explain_cohort(
     from kdsb.io.atomic import remove_stale_temporaries
     from kdsb.io.heatmaps import heatmap_path, holds_volume, write_heatmap
     from kdsb.io.journal import SUFFIX, open_journal, volume_stamp
-    from kdsb.training.run_layout import model_paths_of_run
+    from kdsb.io.run_layout import model_paths_of_run
 
     model_paths = resolve_model_paths(model_paths)
     if method not in METHODS:

@@ -165,7 +165,7 @@ def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
             cross-validated run missing a fold model.
     """
     from kdsb.io.paths import require_keras_file
-    from kdsb.training.run_layout import model_paths_of_run
+    from kdsb.io.run_layout import model_paths_of_run
 
     if not model_paths:
         raise UsageError("expected at least one MODEL.keras or RUN_DIR, received none")
@@ -311,7 +311,7 @@ def warn_unaugmented(model_paths: Sequence[Path]) -> None:
     """Warn of each model whose run's options (`config.json`) say it trained without cube
     symmetries (`--no-augment`): test-time augmentation shows it orientations it never saw."""
     from kdsb.data.inputs import record_beside
-    from kdsb.training.runs import OPTIONS_NAME
+    from kdsb.io.run_layout import OPTIONS_NAME
 
     for path in model_paths:
         try:

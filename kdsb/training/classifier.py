@@ -22,7 +22,7 @@ patients the model did not train on (the validation patients; with folds, every 
 out-of-fold prediction) and appended to the saved model as a layer, so `classifier.keras`
 carries it. The spine's best model stays beside it as `uncalibrated.keras`.
 
-The run folder's files, one split or K folds: `kdsb.training.run_layout`.
+The run folder's files, one split or K folds: `kdsb.io.run_layout`.
 The parts: `kdsb.training.run_checks` (options and resume checks), `kdsb.training.run_context`
 (what the run's models share: patients, split, scoring, metrics), `kdsb.training.model_fitting`
 (one model, its restarts and calibrated file), `kdsb.training.cross_validation` (`--folds K`).
@@ -41,6 +41,7 @@ import numpy as np
 from kdsb.errors import LabelsError, UsageError
 from kdsb.io.atomic import write_json
 from kdsb.io.journal import file_digest
+from kdsb.io.run_layout import BAGS_DIR, FOLD_NAME, FOLD_PREFIX, METRICS_NAME
 from kdsb.io.tables import check_labels_match, read_labels
 from kdsb.io.volumes import list_volumes
 from kdsb.training import attempts, runs
@@ -56,7 +57,6 @@ from kdsb.training.run_checks import (
     warn_of_unused_restarts,
 )
 from kdsb.training.run_context import RunContext, pin_model_split, scores_with_intervals, split_ids
-from kdsb.training.run_layout import BAGS_DIR, FOLD_NAME, FOLD_PREFIX, METRICS_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,15 @@ import numpy as np
 from kdsb.data.inputs import VolumeInput
 from kdsb.evaluation import metrics
 from kdsb.io.atomic import atomic_path, read_json, write_json
+from kdsb.io.run_layout import (
+    BEST_NAME,
+    CALIBRATION_PNG,
+    FOLD_NAME,
+    FOLD_PREFIX,
+    OOF_FIELDS,
+    OOF_NAME,
+    UNCALIBRATED_NAME,
+)
 from kdsb.io.tables import probability_text
 from kdsb.training import runs
 from kdsb.training.model_fitting import fit_model, save_calibrated
@@ -32,15 +41,6 @@ from kdsb.training.run_context import (
     score_patients,
     scores_with_intervals,
     split_ids,
-)
-from kdsb.training.run_layout import (
-    BEST_NAME,
-    CALIBRATION_PNG,
-    FOLD_NAME,
-    FOLD_PREFIX,
-    OOF_FIELDS,
-    OOF_NAME,
-    UNCALIBRATED_NAME,
 )
 
 logger = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ import numpy as np
 
 from kdsb.data.inputs import VolumeInput
 from kdsb.io.atomic import read_json, write_json
+from kdsb.io.run_layout import BEST_NAME, UNCALIBRATED_NAME
 from kdsb.training import attempts, runs
 from kdsb.training.classifier_options import ClassifierOptions
 from kdsb.training.plateau import (
@@ -45,7 +46,6 @@ from kdsb.training.plateau import (
     prediction_spread,
 )
 from kdsb.training.run_context import RunContext, score_patients
-from kdsb.training.run_layout import BEST_NAME, UNCALIBRATED_NAME
 
 logger = logging.getLogger(__name__)
 

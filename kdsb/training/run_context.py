@@ -16,9 +16,9 @@ from tqdm import tqdm
 from kdsb.data.inputs import VolumeInput
 from kdsb.errors import UsageError
 from kdsb.evaluation import metrics
+from kdsb.io.run_layout import FOLD_NAME
 from kdsb.training import runs
 from kdsb.training.classifier_options import ClassifierOptions
-from kdsb.training.run_layout import FOLD_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -14,13 +14,12 @@ from typing import Any, TypeVar
 
 from kdsb.errors import UsageError
 from kdsb.io.atomic import read_json
+from kdsb.io.run_layout import OPTIONS_NAME
 from kdsb.training.runs.devices import PRECISIONS, STRATEGIES
 from kdsb.training.runs.folder import check_run_dir
 
 logger = logging.getLogger(__name__)
 
-
-OPTIONS_NAME = "config.json"
 
 
 # Options a resumed run may change (they change neither the model nor its inputs); every other

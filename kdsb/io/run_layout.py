@@ -1,6 +1,8 @@
-"""The files of a `kdsb train-classifier` run folder, and which of them are its models.
+"""The files of a run folder, and which of them are its models.
 
-One split: classifier.keras (calibrated, carrying its input record), uncalibrated.keras,
+Every run (`kdsb train-gmcae`, `kdsb train-classifier`) keeps its options in config.json
+(`OPTIONS_NAME`, the resume rule's record: `kdsb.training.runs.options`). A classifier run, one
+split: classifier.keras (calibrated, carrying its input record), uncalibrated.keras,
 classifier.json, metrics.json, config.json, split.json, history.csv, finished.json,
 checkpoints/, logs/ (and bags/ for the heads mil and nll; restarts.json and collapsed_N_* after
 restarts, `kdsb.training.attempts`). With folds:
@@ -13,7 +15,8 @@ RUN_DIR/
   fold_1/ … fold_K/     one split each: classifier.keras, uncalibrated.keras, fold.json, …
 ```
 
-Light (no TensorFlow), so `predict`, `explain` and the demo can find a run's models.
+Light (no TensorFlow), and below both training and evaluation: `predict`, `explain` and the
+demo find a run's models here without importing the training package.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ import os
 from pathlib import Path
 
 from kdsb.errors import UsageError
-from kdsb.training.runs.options import OPTIONS_NAME
 
+OPTIONS_NAME = "config.json"
 BEST_NAME = "classifier.keras"
 UNCALIBRATED_NAME = "uncalibrated.keras"
 METRICS_NAME = "metrics.json"
