@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -98,13 +101,15 @@ def test_an_earlier_heatmap_of_another_grid_and_killed_temporaries_are_removed(t
         caplog.text
 
 
-@pytest.mark.parametrize("problem", ["missing id", "missing heatmap", "other grid"])
+@pytest.mark.parametrize("problem", ["missing id", "unreadable heatmap", "other grid"])
 def test_a_bad_patient_fails_alone_with_a_one_line_reason(tmp_path, capsys, problem):
     _volume(tmp_path, "p1")
     _volume(tmp_path, "p2")
     heat = np.zeros((6, 7, 8), np.float32)
     write_heatmap(heatmap_path(tmp_path / "heat", "p1"), heat, SPACING, ORIGIN)
-    if problem != "missing heatmap":
+    if problem == "unreadable heatmap":
+        heatmap_path(tmp_path / "heat", "p2").write_bytes(b"not HDF5")
+    else:
         grid = ORIGIN if problem == "missing id" else (0.0, 0.0, 0.0)
         write_heatmap(heatmap_path(tmp_path / "heat", "p2"), heat, SPACING, grid)
     ids = "id\np1\np2\n" + ("p9\n" if problem == "missing id" else "")
@@ -114,12 +119,52 @@ def test_a_bad_patient_fails_alone_with_a_one_line_reason(tmp_path, capsys, prob
     assert code == 1
     err = capsys.readouterr().err
     bad = "p9" if problem == "missing id" else "p2"
-    expected = {"missing id": "expected p9.h5", "missing heatmap": "received a missing path",
+    expected = {"missing id": "expected p9.h5", "unreadable heatmap": "p2.h5",
                 "other grid": "expected a heatmap on the volume's grid"}[problem]
     assert expected in err and bad in err
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"p1_hu.nii.gz", "p1_lung_mask.nii.gz", "p1_heatmap.nii.gz"} <= written
     assert not any(name.startswith(".tmp-") for name in written)
+
+
+def test_patients_explain_left_out_are_exported_without_a_heatmap(tmp_path, capsys, caplog):
+    """Found in review: `explain --ids` on a few patients, then `export --heatmaps` of the
+    cohort, failed every other patient and exported not even their HU and mask."""
+    for patient_id in ("p1", "p2", "p3"):
+        _volume(tmp_path, patient_id)
+    write_heatmap(heatmap_path(tmp_path / "heat", "p2"), np.ones((6, 7, 8), np.float32),
+                  SPACING, ORIGIN)
+    assert main(["export", str(tmp_path / "data"), str(tmp_path / "out"), "--heatmaps",
+                 str(tmp_path / "heat")]) == 0
+    assert "exported 3 patient(s)" in capsys.readouterr().out
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz"))
+    assert written == ["p1_hu.nii.gz", "p1_lung_mask.nii.gz", "p2_heatmap.nii.gz",
+                       "p2_hu.nii.gz", "p2_lung_mask.nii.gz", "p3_hu.nii.gz",
+                       "p3_lung_mask.nii.gz"]
+    assert f"--heatmaps {tmp_path / 'heat'} holds no heatmap of 2 of the 3 patient(s): p1, p3; " \
+        "their HU and lung mask are exported without one" in caplog.text
+
+
+def test_a_second_export_into_the_same_out_dir_is_refused(tmp_path, capsys):
+    """Found in review: two exports into one folder swept each other's temporaries mid-write."""
+    from kdsb.io.nifti import EXPORT_LOCK
+
+    _volume(tmp_path, "p1")
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(out / EXPORT_LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["export", str(tmp_path / "data"), str(out)]) == 2
+        assert f"expected no other kdsb export writing {out}" in capsys.readouterr().err
+        assert not list(out.glob("*.nii.gz"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["export", str(tmp_path / "data"), str(out)]) == 0
 
 
 def test_a_failed_write_leaves_the_patients_files_as_they_were(tmp_path, capsys, monkeypatch):

@@ -21,15 +21,17 @@ from tqdm import tqdm
 
 from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io import volumes
-from kdsb.io.atomic import atomic_path, remove_stale_temporaries
+from kdsb.io.atomic import atomic_path, remove_stale_temporaries, sole_writer
 from kdsb.io.heatmaps import heatmap_path, read_heatmap
 from kdsb.io.series import LPS_TO_RAS
+from kdsb.io.tables import summarise_ids
 
 logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIX = ".nii.gz"
 SCANNER_XFORM = 1  # NIfTI xform code: scanner-based anatomical coordinates
 GEOMETRY_ATOL_MM = 1e-3  # a heatmap's grid must match its volume's to this, mm
+EXPORT_LOCK = ".kdsb-export.lock"  # held by the export writing OUT_DIR
 
 
 def ras_affine(spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
@@ -146,14 +148,18 @@ def export_cohort(
 ) -> tuple[list[str], dict[str, str]]:
     """Export every patient of `data_dir` (or only `ids`) as NIfTI into `out_dir`.
 
-    A patient that fails (no volume file, an unreadable file, a missing heatmap) gets a one-line
-    reason and the others go on; files already written are never left half-written.
+    A patient that fails (no volume file, an unreadable file or heatmap, a heatmap on another
+    grid) gets a one-line reason and the others go on; files already written are never left
+    half-written. With `heatmaps_dir`, patients it holds no heatmap of (`kdsb explain --ids`
+    explained a few) are exported without one, in one warning. The run holds
+    `out_dir/EXPORT_LOCK` against another export into the same folder.
 
     Returns:
         (ids exported, {id: reason} for the patients that failed).
 
     Raises:
-        UsageError: no volume file in `data_dir`, or no heatmap file in `heatmaps_dir`.
+        UsageError: no volume file in `data_dir`, no heatmap file in `heatmaps_dir`, or another
+            export writing `out_dir`.
     """
     available = volumes.list_volumes(data_dir)
     if not available:  # found by a user's check: "exported 0 patient(s)", exit 0
@@ -164,15 +170,31 @@ def export_cohort(
     wanted = list(available) if ids is None else list(ids)
     exported: list[str] = []
     failed: dict[str, str] = {}
-    for patient_id in tqdm(wanted, desc="export", unit="patient", disable=None):
-        if patient_id not in available:
-            failed[patient_id] = f"{patient_id}: expected {patient_id}.h5 in {data_dir}, " \
-                                 "received no such volume file"
-            continue
-        try:
-            export_patient(available[patient_id], out_dir, patient_id, heatmaps_dir)
-        except KdsbError as error:
-            failed[patient_id] = " ".join(str(error).split())
-            continue
-        exported.append(patient_id)
+    without_heatmap: list[str] = []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Found in review: two exports into one folder (overlapping Slurm jobs) swept each other's
+    # temporaries mid-write.
+    with sole_writer(out_dir / EXPORT_LOCK, "kdsb export", "use another OUT_DIR"):
+        for patient_id in tqdm(wanted, desc="export", unit="patient", disable=None):
+            if patient_id not in available:
+                failed[patient_id] = f"{patient_id}: expected {patient_id}.h5 in {data_dir}, " \
+                                     "received no such volume file"
+                continue
+            own_heatmaps = heatmaps_dir
+            if heatmaps_dir is not None and not heatmap_path(heatmaps_dir, patient_id).exists():
+                without_heatmap.append(patient_id)
+                own_heatmaps = None
+            try:
+                export_patient(available[patient_id], out_dir, patient_id, own_heatmaps)
+            except KdsbError as error:
+                failed[patient_id] = " ".join(str(error).split())
+                continue
+            exported.append(patient_id)
+        if os.name == "posix":  # while held (`sole_writer`): a viewer's folder keeps no lock file
+            (out_dir / EXPORT_LOCK).unlink(missing_ok=True)
+    if without_heatmap:
+        logger.warning("--heatmaps %s holds no heatmap of %d of the %d patient(s): %s; their HU "
+                       "and lung mask are exported without one", heatmaps_dir,
+                       len(without_heatmap), len(wanted), summarise_ids(without_heatmap))
     return exported, failed
