@@ -43,8 +43,10 @@ def main(argv=None) -> int:
     positives = [pid for pid, label in sorted(labels.items()) if label == 1]
     model = work / "runs" / "classifier" / "classifier.keras"
     with tempfile.TemporaryDirectory() as out:
-        found = explain_cohort(work / "volumes" / "test", [model], out, ids=positives,
-                               method=args.method)
+        found, failed = explain_cohort(work / "volumes" / "test", [model], out, ids=positives,
+                                       method=args.method)
+    if failed:
+        raise SystemExit("; ".join(failed.values()))
     print(f"{'id':<14}{'p':>7}{'peak→nodule mm':>16}{'radius':>8}{'found':>7}{'chance':>8}")
     hits, chances = [], []
     for peak in found:

@@ -410,6 +410,45 @@ def test_a_killed_run_resumes_and_redoes_only_what_is_missing(cohort, tmp_path, 
     assert not (out / "explain.partial").exists()
 
 
+def test_a_patient_that_fails_fails_alone_and_a_rerun_retries_only_it(cohort, tmp_path,
+                                                                       monkeypatch, capsys):
+    """Found in review: one damaged volume stopped explain for the whole cohort, every rerun at
+    the same patient, and a killed run left an earlier run's peaks.csv beside new heatmaps."""
+    from kdsb.errors import StoreError
+    from tests.interrupt import Interrupter
+
+    root, model, _ = cohort
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "peaks.csv").write_text("id,z,y,x,value\nc0,0,0,0,1\n")  # an earlier run's
+    real = explain.explain_patient
+    explaining = Interrupter(monkeypatch, explain, "explain_patient")
+    explaining.next_run(limit=1)
+    argv = ["explain", str(root / "data"), str(model), str(out)]
+    assert main(argv) == 130
+    assert not (out / "peaks.csv").exists()  # a folder without one: an unfinished run
+
+    def damaged_c1(models, inputs, volume_file, volume, **options):
+        if volume.patient_id == "c1":
+            raise StoreError(f"{volume_file}: expected a readable heatmap input, received a "
+                             "damaged chunk")
+        return real(models, inputs, volume_file, volume, **options)
+
+    monkeypatch.setattr(explain, "explain_patient", damaged_c1)
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("kdsb explain: failed:") == 1
+    assert f"{root / 'data' / 'c1.h5'}: expected a readable heatmap input" in captured.err
+    assert "explained 2 patient(s)" in captured.out and "1 failed" in captured.out
+    assert set(_peaks(out)) == {"c0", "c2"} and (out / "explain.partial").is_file()
+    monkeypatch.setattr(explain, "explain_patient", real)  # the file mended
+    counted = Interrupter(monkeypatch, explain, "explain_patient")
+    counted.next_run()
+    assert main(argv) == 0
+    assert counted.calls == 1  # c1 alone
+    assert set(_peaks(out)) == {"c0", "c1", "c2"} and not (out / "explain.partial").exists()
+
+
 def test_the_png_draws_millimetres_alike_on_both_axes_of_a_view(tmp_path, monkeypatch):
     """Found in review: on a volume of 2 mm slices and 1 mm pixels the coronal and sagittal
     views were squeezed to half their height."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from kdsb.evaluation.explain import DEFAULT_METHOD, METHODS
@@ -53,9 +54,12 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning("--method %s ignores %s (occlusion only)",
                                             args.method, " and ".join(given))
     occlusion_mm = DEFAULT_OCCLUSION_MM if args.occlusion_mm is None else args.occlusion_mm
-    found = explain_cohort(args.data_dir, models, out_dir, ids=ids, ids_source=str(args.ids),
-                           method=args.method, occlusion_mm=occlusion_mm,
-                           stride_mm=args.stride_mm)
+    found, failed = explain_cohort(args.data_dir, models, out_dir, ids=ids,
+                                   ids_source=str(args.ids), method=args.method,
+                                   occlusion_mm=occlusion_mm, stride_mm=args.stride_mm)
+    for reason in failed.values():
+        print(f"kdsb explain: failed: {reason}", file=sys.stderr)
     print(f"explained {len(found)} patient(s): heatmaps and PNGs in {out_dir}, peaks in "
-          f"{out_dir / PEAKS_NAME}")
-    return 0
+          f"{out_dir / PEAKS_NAME}" + (f"; {len(failed)} failed (rerun to retry them alone)"
+                                       if failed else ""))
+    return 1 if failed else 0

@@ -260,13 +260,20 @@ def explain_cohort(
     method: str = DEFAULT_METHOD,
     occlusion_mm: float = DEFAULT_OCCLUSION_MM,
     stride_mm: float | None = None,
-) -> list[Peak]:
+) -> tuple[list[Peak], dict[str, str]]:
     """Explain every patient (or `ids`), streaming one volume at a time: `OUT_DIR/<id>.h5`
-    (heatmap), `OUT_DIR/<id>.png` and, at the end, `OUT_DIR/peaks.csv`; returns the peaks.
+    (heatmap), `OUT_DIR/<id>.png` and, at the end, `OUT_DIR/peaks.csv`.
 
     The run is journalled in `OUT_DIR/explain.partial` (`kdsb.io.journal`): a killed run, rerun
     with the same models, options and volumes, explains only the patients it had not finished
-    (and those whose heatmap or PNG has gone since). The journal is removed with the run's end.
+    (and those whose heatmap or PNG has gone since). A patient that fails (a damaged volume
+    file, no finite heatmap) fails alone: the others go on, peaks.csv lists those that worked,
+    and the journal stays, so a rerun works on the failed patients only. Once every patient
+    worked the journal is removed. peaks.csv is removed as a run begins (an earlier run's would
+    describe heatmaps this run replaces): a folder without one holds an unfinished run.
+
+    Returns:
+        (the peaks of the patients explained, {id: one-line reason} for those that failed).
 
     Raises: as `kdsb.evaluation.predict.predict_cohort` (the same checks, before any work);
     UsageError where a heatmap would replace a volume file (OUT_DIR = DATA_DIR), occlusion
@@ -279,9 +286,8 @@ def explain_cohort(
         resolve_ids,
         resolve_model_paths,
     )
-    from kdsb.io import volumes
     from kdsb.io.atomic import remove_stale_temporaries
-    from kdsb.io.heatmaps import heatmap_path, holds_volume, write_heatmap
+    from kdsb.io.heatmaps import heatmap_path, holds_volume
     from kdsb.io.journal import SUFFIX, open_journal, volume_stamp
     from kdsb.io.run_layout import model_paths_of_run
 
@@ -316,37 +322,57 @@ def explain_cohort(
     if method == "occlusion":
         fingerprint |= {"occlusion_mm": occlusion_mm, "stride_mm": stride_mm}
     peaks: list[Peak] = []
+    failed: dict[str, str] = {}
     with open_journal(out_dir / f"explain{SUFFIX}", fingerprint, "explain") as journal:
         # Of a killed run's last patient; the files of other commands writing here are theirs.
         ours = {PEAKS_NAME}
         for patient_id in order:
             ours |= {heatmap_path(out_dir, patient_id).name, f"{patient_id}.png"}
         remove_stale_temporaries(out_dir, ours)
+        (out_dir / PEAKS_NAME).unlink(missing_ok=True)  # found in review: it outlived its run
         for patient_id in tqdm(order, desc="explain", unit="patient", disable=None):
-            stamp = volume_stamp(files[patient_id])
-            png = out_dir / f"{patient_id}.png"
-            done = journal.result(patient_id, stamp)
-            if done is not None and heatmap_path(out_dir, patient_id).is_file() and png.is_file():
-                peaks.append(Peak(patient_id, done["probability"], tuple(done["peak_mm"]),
-                                  done["value"]))
+            path = files[patient_id]
+            try:
+                stamp = volume_stamp(path)
+                png = out_dir / f"{patient_id}.png"
+                done = journal.result(patient_id, stamp)
+                if done is not None and heatmap_path(out_dir, patient_id).is_file() \
+                        and png.is_file():
+                    peaks.append(Peak(patient_id, done["probability"], tuple(done["peak_mm"]),
+                                      done["value"]))
+                    continue
+                peak = _explain_into(out_dir, patient_id, path, models, inputs, model_paths,
+                                     method=method, occlusion_mm=occlusion_mm,
+                                     stride_mm=stride_mm)
+            except (KdsbError, OSError) as error:  # found in review: one file stopped a cohort
+                reason = " ".join(str(error).split())
+                failed[patient_id] = reason if os.fspath(path) in reason else f"{path}: {reason}"
                 continue
-            volume = volumes.read_volume(files[patient_id])
-            volume.patient_id = patient_id
-            found = explain_patient(models, inputs, files[patient_id], volume, method=method,
-                                    occlusion_mm=occlusion_mm, stride_mm=stride_mm)
-            attrs = {"method": method, "probability": found.probability,
-                     "models": [os.fspath(p) for p in model_paths]}
-            write_heatmap(heatmap_path(out_dir, patient_id), found.heatmap, volume.spacing,
-                          volume.origin, attrs)
-            write_png(png, volume, found)
-            no_peak = any(math.isnan(c) for c in found.peak_mm)  # peak_index: the lungs' centre
-            peak = Peak(patient_id, found.probability, found.peak_mm,
-                        0.0 if no_peak else float(found.heatmap[found.peak_index]))
             journal.record(patient_id, stamp, {"probability": peak.probability,
                                                "peak_mm": peak.peak_mm, "value": peak.value})
             peaks.append(peak)
         rows = [[p.patient_id, *(f"{v:.2f}" for v in p.peak_mm), f"{p.value:.4f}"]
                 for p in peaks]
         write_table(out_dir / PEAKS_NAME, PEAK_FIELDS, rows)
-        journal.finish()
-    return peaks
+        if not failed:
+            journal.finish()
+    return peaks, failed
+
+
+def _explain_into(out_dir: Path, patient_id: str, path: Path, models, inputs,
+                  model_paths: Sequence[Path], **options) -> Peak:
+    """Explain one patient: its heatmap file and PNG written into `out_dir`; returns its peak."""
+    from kdsb.io import volumes
+    from kdsb.io.heatmaps import heatmap_path, write_heatmap
+
+    volume = volumes.read_volume(path)
+    volume.patient_id = patient_id
+    found = explain_patient(models, inputs, path, volume, **options)
+    attrs = {"method": options["method"], "probability": found.probability,
+             "models": [os.fspath(p) for p in model_paths]}
+    write_heatmap(heatmap_path(out_dir, patient_id), found.heatmap, volume.spacing,
+                  volume.origin, attrs)
+    write_png(out_dir / f"{patient_id}.png", volume, found)
+    no_peak = any(math.isnan(c) for c in found.peak_mm)  # peak_index: the lungs' centre
+    return Peak(patient_id, found.probability, found.peak_mm,
+                0.0 if no_peak else float(found.heatmap[found.peak_index]))
