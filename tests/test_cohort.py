@@ -341,6 +341,115 @@ def test_manifest_keeps_rows_of_earlier_runs(phantoms, tmp_path):
     assert read_manifest(out)[ids[0]] == rows[ids[0]]
 
 
+def test_another_cohorts_volume_of_the_same_id_is_refused_not_replaced(phantoms, tmp_path,
+                                                                        capsys):
+    """Found in review: a second cohort with the same ids (two synth draws without
+    --id-prefix) replaced the first's volumes as "changed since", so training read held-out
+    images under training ids. A moved INPUT_ROOT whose files are the same is still skipped."""
+    first_id, other_id = _phantom_ids(phantoms)[:2]
+    out = tmp_path / "out"
+    first = _link_patients(tmp_path / "first", phantoms, [first_id])
+    assert main(["preprocess", str(first), str(out), "--workers", "1"]) == 0
+    written = (out / f"{first_id}.h5").stat().st_mtime_ns
+    second = tmp_path / "second"  # another patient's scan under the same id
+    second.mkdir()
+    (second / first_id).symlink_to(phantoms / "dicom" / other_id, target_is_directory=True)
+    assert main(["preprocess", str(second), str(out), "--workers", "1"]) == 2
+    error = capsys.readouterr().err
+    assert f"received 1 made from other files elsewhere (another cohort with the same ids?): " \
+        f"{first_id}.h5 (made from {first / first_id}, here {second / first_id}); use another " \
+        "OUT_DIR, or --overwrite to replace them" in error and len(error.splitlines()) == 1
+    assert (out / f"{first_id}.h5").stat().st_mtime_ns == written
+    moved = _link_patients(tmp_path / "moved", phantoms, [first_id])
+    assert main(["preprocess", str(moved), str(out), "--workers", "1"]) == 0
+    assert read_manifest(out)[first_id]["status"] == "skipped"
+    assert main(["preprocess", str(second), str(out), "--workers", "1", "--overwrite"]) == 0
+    assert (out / f"{first_id}.h5").stat().st_mtime_ns > written
+
+
+@pytest.mark.parametrize("again", [[], ["--overwrite"]])
+def test_a_killed_overwrite_run_continues_where_it_stopped(phantoms, tmp_path, again):
+    """Found in review: a killed --overwrite run began again from its first patient when rerun
+    with the flag, and without it kept the old volumes it had not reached."""
+    from kdsb.preprocessing.out_dir import OVERWRITE_NAME, overwrite_began
+
+    ids = _phantom_ids(phantoms)[:3]
+    root = _link_patients(tmp_path / "dicom", phantoms, ids)
+    out = tmp_path / "out"
+    assert main(["preprocess", str(root), str(out), "--workers", "1"]) == 0
+    old = {pid: (out / f"{pid}.h5").stat().st_mtime_ns for pid in ids}
+    # An --overwrite run killed after its first patient: its marker, then that volume anew.
+    assert overwrite_began(out, (1.0, 1.0, 1.0), 10.0, overwrite=True) is not None
+    os.utime(out / f"{ids[0]}.h5")
+    redone = (out / f"{ids[0]}.h5").stat().st_mtime_ns
+    assert main(["preprocess", str(root), str(out), "--workers", "1", *again]) == 0
+    rows = read_manifest(out)
+    assert rows[ids[0]]["status"] == "skipped" and \
+        (out / f"{ids[0]}.h5").stat().st_mtime_ns == redone
+    assert all(rows[pid]["status"] == "ok" and (out / f"{pid}.h5").stat().st_mtime_ns > old[pid]
+               for pid in ids[1:])
+    assert not (out / OVERWRITE_NAME).exists()
+    # Finished: a run without the flag now skips every patient; one with it redoes them all.
+    assert main(["preprocess", str(root), str(out), "--workers", "1"]) == 0
+    assert {row["status"] for row in read_manifest(out).values()} == {"skipped"}
+
+
+def test_an_overwrite_marker_of_other_settings_is_not_continued(tmp_path):
+    from kdsb.preprocessing.out_dir import overwrite_began
+
+    tmp_path.joinpath("p1.h5").write_bytes(b"")
+    assert overwrite_began(tmp_path, (2.0, 2.0, 2.0), 10.0, overwrite=True) is not None
+    assert overwrite_began(tmp_path, (1.0, 1.0, 1.0), 10.0, overwrite=False) is None
+    assert overwrite_began(tmp_path, (2.0, 2.0, 2.0), 5.0, overwrite=False) is None
+    assert overwrite_began(tmp_path, (2.0, 2.0, 2.0), 10.0, overwrite=False) is not None
+
+
+def test_a_folder_this_user_may_not_search_fails_alone(tmp_path, monkeypatch):
+    """Found in review: one patient folder of another user (mode 700) stopped the whole run
+    before any work with a PermissionError naming a lock file, and os.walk would have read it
+    as empty. (Run as root here, so the refusals are the kernel's as another user sees them.)"""
+    import pathlib
+
+    from kdsb.errors import KdsbError
+    from kdsb.io.folders import files_under
+    from kdsb.preprocessing.patients import find_patients
+
+    root = tmp_path / "root"
+    (root / "locked" / "series").mkdir(parents=True)
+    (root / "open").mkdir()
+    real_stat, real_scandir = pathlib.Path.stat, os.scandir
+
+    def stat(self, *args, **kwargs):
+        if self.parent.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    def scandir(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert sorted(find_patients(root)) == ["locked", "open"]
+    with pytest.raises(KdsbError, match=f"^{root / 'locked'}: expected folders this user may "
+                                        f"read, received Permission denied for {root / 'locked'}$"):
+        files_under(root / "locked")
+
+
+def test_a_patient_name_not_in_utf8_is_a_usage_error(tmp_path, capsys):
+    """Found in review: a Latin-1 folder name crashed the run with a traceback after the other
+    patients had started (its id cannot be written into the volume or the manifest)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    latin1 = os.fsencode(root) + b"/M\xfcller"
+    os.mkdir(latin1)
+    assert main(["preprocess", str(root), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error == f"kdsb preprocess: error: expected patient names in UTF-8, received " \
+        f"{latin1!r}: rename it (e.g. convmv -f latin1 -t utf8)\n"
+
+
 def test_real_series_fails_on_one_line_for_too_little_lung(real_ct_dicom_dir, tmp_path, caplog):
     """The real 20-slice Siemens series covers the upper abdomen: only a sliver of lung."""
     root = tmp_path / "dicom"

@@ -11,12 +11,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kdsb.errors import KdsbError
+
 
 def files_under(folder: str | os.PathLike) -> list[Path]:
-    """The regular files (or links to them) anywhere under `folder`, sorted by path."""
+    """The regular files (or links to them) anywhere under `folder`, sorted by path.
+
+    Raises:
+        KdsbError: a folder under it cannot be listed (no permission): `os.walk` would skip it
+            silently, and a patient folder of another user read as empty (found in review).
+    """
     seen: set[tuple[int, int]] = set()
     found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
+
+    def unreadable(error: OSError) -> None:
+        raise KdsbError(f"{folder}: expected folders this user may read, received "
+                        f"{error.strerror or error} for {error.filename}") from None
+
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
         stat = os.stat(root)
         if (stat.st_dev, stat.st_ino) in seen:
             dirs.clear()

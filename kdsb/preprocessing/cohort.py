@@ -25,18 +25,23 @@ from kdsb.errors import UsageError
 from kdsb.io import volumes
 from kdsb.io.atomic import remove_stale_temporaries, sole_writer
 from kdsb.io.source_stamp import source_stamp
+from kdsb.io.tables import summarise_ids
 from kdsb.preprocessing.out_dir import (
     LOCK_NAME,
     check_other_patients,
+    end_overwrite,
     existing_attrs,
+    overwrite_began,
     read_manifest,
     remove_outdated,
     write_manifest,
+    written_since,
 )
 from kdsb.preprocessing.patients import find_patients
 from kdsb.preprocessing.pipeline import (
     DEFAULT_MARGIN_MM,
     DEFAULT_SPACING_MM,
+    SOURCE_ATTR,
     SOURCE_STAMP_ATTR,
     STATUS_FAILED,
     STATUS_OK,
@@ -147,7 +152,8 @@ def _run_locked(
         logger.info("removed %d temporary file(s) left by an interrupted run", removed)
 
     rows = read_manifest(out_dir)
-    tasks, results = _plan(patients, out_dir, target, margin_mm, overwrite)
+    began = overwrite_began(out_dir, target, margin_mm, overwrite)
+    tasks, results = _plan(patients, out_dir, target, margin_mm, began)
     # Each local worker gets its share of the cores; a Dask worker runs one patient per thread.
     pool_size = min(int(workers), max(1, len(tasks)))
     threads = 1 if scheduler is not None else max(1, usable_cores() // pool_size)
@@ -186,6 +192,8 @@ def _run_locked(
                 # Files the stopped workers, or workers that died, were writing.
                 remove_stale_temporaries(out_dir)
 
+    if began is not None:  # every patient worked on (a failed one's old volume removed)
+        end_overwrite(out_dir)
     if qc_dir is not None:
         _write_qc(results, out_dir, Path(qc_dir))
     return _summarise(results, manifest)
@@ -196,25 +204,35 @@ def _plan(
     out_dir: Path,
     spacing: tuple[float, float, float],
     margin_mm: float,
-    overwrite: bool,
+    overwrite_began: int | None,
 ) -> tuple[dict[str, tuple], dict[str, PatientResult]]:
     """The worker arguments of every patient to preprocess (all but the threads), and the
     results of those skipped.
 
-    A patient is skipped when its volume file exists with the same settings (unless
-    `overwrite`) and was made from the source files as they are now (`source_stamp`; a volume of
-    a version before the stamp is kept); one written with other settings raises UsageError
-    (`existing_attrs`), and so, with `overwrite` too, does a volume in `out_dir` of a patient
-    not in this run written with other settings (`check_other_patients`).
+    A patient is skipped when its volume file exists with the same settings (in an
+    `--overwrite` run, `overwrite_began` not None: written since it began) and was made from
+    the source files as they are now (`source_stamp`; a volume of a version before the stamp is
+    kept); outside an `--overwrite` run one written with other settings raises UsageError
+    (`existing_attrs`), and so, in one too, does a volume in `out_dir` of a patient not in this
+    run written with other settings (`check_other_patients`). A volume made from
+    other source files at another path (`SOURCE_ATTR`: another cohort with the same ids) raises
+    UsageError too, unless `--overwrite`: replacing it would swap one cohort's images for
+    another's under the same id. Moved sources whose files are unchanged are skipped.
     """
     tasks: dict[str, tuple] = {}
     skipped: dict[str, PatientResult] = {}
+    elsewhere: list[str] = []
     check_other_patients(out_dir, patients, spacing, margin_mm)
     for patient_id, source in patients.items():
         path = volumes.volume_path(out_dir, patient_id)
-        attrs = None if overwrite else existing_attrs(path, spacing, margin_mm)
+        attrs = existing_attrs(path, spacing, margin_mm) if overwrite_began is None \
+            else written_since(path, overwrite_began, spacing, margin_mm)
         stamp = None if attrs is None else attrs.get(SOURCE_STAMP_ATTR)
         if stamp is not None and stamp != (now := source_stamp(source)):
+            made_from = attrs.get(SOURCE_ATTR)
+            if made_from is not None and made_from != os.fspath(source):
+                elsewhere.append(f"{path.name} (made from {made_from}, here {source})")
+                continue
             logger.warning("%s: %s changed since %s was written (%s then, %s now): "
                            "preprocessing it again", patient_id, source, path.name, stamp, now)
             attrs = None
@@ -223,6 +241,13 @@ def _plan(
         else:
             skipped[patient_id] = PatientResult(patient_id, STATUS_SKIPPED,
                                                 shape=tuple(attrs["shape"]))
+    if elsewhere:  # found in review: another cohort's volume replaced as "changed since"
+        raise UsageError(
+            f"expected {out_dir}'s volumes of these ids to be of this INPUT_ROOT's patients, "
+            f"received {len(elsewhere)} made from other files elsewhere (another cohort with "
+            f"the same ids?): {summarise_ids(elsewhere)}; use another OUT_DIR, or --overwrite "
+            "to replace them"
+        )
     return tasks, skipped
 
 

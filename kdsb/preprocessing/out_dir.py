@@ -5,6 +5,7 @@ were written with (a rerun must not mix spacings or margins in one cohort)."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 
 from kdsb.errors import StoreError, UsageError
 from kdsb.io import volumes
-from kdsb.io.atomic import atomic_path
+from kdsb.io.atomic import atomic_path, write_json
 from kdsb.preprocessing.pipeline import MARGIN_ATTR, STATUS_FAILED
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ MANIFEST_NAME = "manifest.csv"
 
 
 LOCK_NAME = ".kdsb-preprocess.lock"  # held by the run writing OUT_DIR
+OVERWRITE_NAME = ".kdsb-overwrite.json"  # an --overwrite run under way: its settings
 
 
 MANIFEST_FIELDS = ("id", "status", "seconds", "shape", "error")
@@ -135,3 +137,48 @@ def remove_outdated(path: Path) -> None:
         path.unlink()
 
 
+def overwrite_began(out_dir: Path, spacing: tuple[float, float, float], margin_mm: float,
+                    overwrite: bool) -> int | None:
+    """When the `--overwrite` run that this run is, or continues, began: the modification time
+    (ns) of `out_dir/OVERWRITE_NAME`, so the file system's clock, as the volumes' is; None when
+    this run is no such run.
+
+    An `--overwrite` run writes that file (its settings) as it begins and `end_overwrite`
+    removes it once every patient has been worked on. A run killed meanwhile leaves it, and the
+    next run with the same settings, `--overwrite` or not, continues it: a volume written since
+    it began counts as done (`written_since`), an older one is redone (found in review: a
+    killed `--overwrite` run began again from its first patient, and a rerun without the flag
+    kept the volumes it had not reached yet).
+    """
+    marker = out_dir / OVERWRITE_NAME
+    try:
+        saved = json.loads(marker.read_text())
+        same = np.allclose(saved["spacing"], spacing, rtol=SETTINGS_RTOL, atol=0.0) and \
+            np.isclose(float(saved["margin_mm"]), margin_mm, rtol=SETTINGS_RTOL, atol=0.0)
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not readable: not continued
+        same = False
+    if not same:
+        if not overwrite:
+            return None
+        write_json(marker, {"spacing": list(spacing), "margin_mm": margin_mm})
+    else:
+        logger.info("continuing the --overwrite run that began %s: volumes written since are "
+                    "kept, older ones redone", marker)
+    return marker.stat().st_mtime_ns
+
+
+def written_since(path: Path, began_ns: int, spacing: tuple[float, float, float],
+                  margin_mm: float) -> dict | None:
+    """`existing_attrs` of a volume written since `began_ns` (`overwrite_began`) with these
+    settings; None for any other (absent, older, other settings, unreadable)."""
+    try:
+        if path.stat().st_mtime_ns < began_ns:
+            return None
+        return existing_attrs(path, spacing, margin_mm)
+    except (OSError, UsageError):
+        return None
+
+
+def end_overwrite(out_dir: Path) -> None:
+    """The `--overwrite` run has worked on every patient (`overwrite_began`)."""
+    (out_dir / OVERWRITE_NAME).unlink(missing_ok=True)

@@ -50,7 +50,8 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     for path in sorted(input_root.iterdir()):
         if path.name.startswith("."):
             continue
-        if path.is_symlink() and not path.exists():
+        _require_utf8_name(path)
+        if path.is_symlink() and not _exists(path):
             # A patient's link whose target moved (or lies on a disk not mounted now): not
             # silently one less, and not failed either: a failed patient's earlier volume would
             # be removed (found in review: links into an unmounted disk would have cost every
@@ -110,11 +111,41 @@ def _data_file_of_a_header(path: Path) -> bool:
 
 def _kdsb_output(folder: Path) -> bool:
     """Whether `folder` is a kdsb preprocess OUT_DIR (its lock or manifest) or QC folder (its
-    contact sheet)."""
+    contact sheet). A folder this user may not search is none: it fails as a patient, alone
+    (found in review: its PermissionError stopped the whole run before any work)."""
     from kdsb.preprocessing.qc.sheet import CONTACT_SHEET_NAME
 
-    return any((folder / name).is_file() for name in (LOCK_NAME, MANIFEST_NAME,
-                                                      CONTACT_SHEET_NAME)) or any(
-        folder.glob(f"{Path(CONTACT_SHEET_NAME).stem}_[0-9]*.png"))
+    try:
+        return any((folder / name).is_file() for name in (LOCK_NAME, MANIFEST_NAME,
+                                                          CONTACT_SHEET_NAME)) or any(
+            folder.glob(f"{Path(CONTACT_SHEET_NAME).stem}_[0-9]*.png"))
+    except OSError:
+        return False
+
+
+def _exists(path: Path) -> bool:
+    """`path.exists()`, True where the answer is not ours to know (a link into a folder this
+    user may not search): the patient then fails alone, naming the error."""
+    try:
+        return path.exists()
+    except OSError:
+        return True
+
+
+def _require_utf8_name(path: Path) -> None:
+    """Refuse an entry whose name is not valid UTF-8 (an old archive's Latin-1 folder name):
+    its id could not be written into the volume file or the manifest (found in review: a
+    traceback after the other patients had started).
+
+    Raises:
+        UsageError: naming the entry as its bytes read.
+    """
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(
+            f"expected patient names in UTF-8, received {os.fsencode(path)!r}: rename it "
+            "(e.g. convmv -f latin1 -t utf8)"
+        ) from None
 
 

@@ -35,6 +35,7 @@ DEFAULT_MARGIN_MM = 10.0
 MARGIN_ATTR = "margin_mm"  # volume attribute: the margin around the lungs it was cropped with
 # Volume attribute: `kdsb.io.source_stamp.source_stamp` of the files it was read from.
 SOURCE_STAMP_ATTR = "source_stamp"
+SOURCE_ATTR = "source"  # volume attribute: the absolute path of the patient's folder or file
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
 
 
@@ -190,6 +191,7 @@ def preprocess_patient(
         "source_shape": np.asarray(series.hu.shape, dtype=np.int64),
         MARGIN_ATTR: float(margin_mm),
         SOURCE_STAMP_ATTR: stamp,
+        SOURCE_ATTR: os.fspath(source.absolute()),
     }
     del series
 
