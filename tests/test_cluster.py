@@ -108,6 +108,15 @@ def test_no_scheduler_is_a_usage_error(tmp_path, capsys, monkeypatch):
         assert not (tmp_path / "new").exists()  # refused before OUT_DIR was written
 
 
+def test_workers_given_with_a_scheduler_are_said_to_be_unused(tmp_path, caplog):
+    """Found in review: --workers was silently ignored with --scheduler."""
+    code = main(["preprocess", str(tmp_path / "missing"), str(tmp_path / "out"), "--workers",
+                 "3", "--scheduler", "garbage"])
+    assert code == 2
+    assert "--workers 3 is not used with --scheduler: the cluster's workers run the patients" \
+        in caplog.text
+
+
 def test_a_cluster_left_without_workers_ends_the_run(monkeypatch):
     """Found in review: with every worker gone (a job's walltime over) the run waited forever,
     its progress bar frozen."""

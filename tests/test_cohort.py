@@ -267,6 +267,11 @@ def test_qc_images_are_written_for_every_volume(mixed_run, phantoms):
         (lambda d: [str(d / "no_patients"), str(d / "out")], "one sub-folder per patient"),
         (lambda d: [str(d / "root"), str(d / "out"), "--spacing", "1", "2"], "--spacing"),
         (lambda d: [str(d / "root"), str(d / "out"), "--spacing", "0"], "positive"),
+        # Found in review: 1000 mm wrote 1×1×1 volumes, "ok"; 0.001 mm failed every patient.
+        (lambda d: [str(d / "root"), str(d / "out"), "--spacing", "1000"],
+         "expected --spacing between 0.25 and 10 mm, received [1000.0]"),
+        (lambda d: [str(d / "root"), str(d / "out"), "--spacing", "1", "1", "0.001"],
+         "expected --spacing between 0.25 and 10 mm, received [1.0, 1.0, 0.001]"),
         (lambda d: [str(d / "root"), str(d / "out"), "--workers", "0"], "--workers"),
         (lambda d: [str(d / "root"), str(d / "out"), "--margin-mm", "-1"],
          "expected a margin of at least 0 mm, received -1.0"),

@@ -4,6 +4,7 @@ MetaImage or NRRD file) → one lung-cropped HDF5 volume each."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from kdsb.preprocessing.pipeline import DEFAULT_MARGIN_MM, DEFAULT_SPACING_MM
@@ -53,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     # The cores of this process's affinity, not the machine's (found in review: a Slurm job of
     # 2 CPUs on a 64-core node started 4 workers, 4 scans' memory, on its 2 cores).
     workers = min(DEFAULT_MAX_WORKERS, usable_cores()) if args.workers is None else args.workers
+    if args.scheduler is not None and args.workers is not None:
+        logging.getLogger(__name__).warning(
+            "--workers %d is not used with --scheduler: the cluster's workers run the patients",
+            args.workers)
     margin = {} if args.margin_mm is None else {"margin_mm": args.margin_mm}  # run_cohort's own
     return run_cohort(
         args.input_root,

@@ -55,6 +55,9 @@ from kdsb.preprocessing.workers import run_tasks
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
+# The target spacings a CT cohort is preprocessed at: finer than any CT's detail would only cost
+# memory; coarser leaves lungs a few voxels across.
+TARGET_SPACING_RANGE_MM = (0.25, 10.0)
 
 
 def _validate_spacing(spacing: float | Sequence[float]) -> tuple[float, float, float]:
@@ -66,6 +69,9 @@ def _validate_spacing(spacing: float | Sequence[float]) -> tuple[float, float, f
         )
     if not all(np.isfinite(v) and v > 0 for v in values):
         raise UsageError(f"expected positive spacings in mm, received {values}")
+    low, high = TARGET_SPACING_RANGE_MM
+    if not all(low <= v <= high for v in values):  # found in review: 1000 mm wrote 1×1×1 "ok"
+        raise UsageError(f"expected --spacing between {low:g} and {high:g} mm, received {values}")
     return tuple(float(v) for v in values * (3 // len(values)))
 
 
