@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import shutil
@@ -1001,13 +1002,33 @@ def test_restarts_given_with_multiworker_are_warned_of(caplog):
 
     multi = SimpleNamespace(distribute="multiworker", restarts=3)
     with caplog.at_level(logging.WARNING, logger="kdsb.training"):
-        run_checks.warn_of_unused_restarts({"lr": 0.1}, multi)
-        run_checks.warn_of_unused_restarts(
+        run_checks.warn_of_unused_options({"lr": 0.1}, multi)
+        run_checks.warn_of_unused_options(
             {"restarts": 3}, SimpleNamespace(distribute="none", restarts=3))
         assert caplog.text == ""
-        run_checks.warn_of_unused_restarts({"restarts": 3}, multi)
+        run_checks.warn_of_unused_options({"restarts": 3}, multi)
     assert "--restarts 3 is not used with --distribute multiworker: a stuck model is kept" \
         in caplog.text
+
+
+def test_options_other_options_leave_unused_are_warned_of(tmp_path, caplog):
+    """Found in review: --class-weight with --loss focal, and --bag-symmetries above 1 with
+    --no-augment, were accepted and did nothing without a word."""
+    gmcae = tmp_path / "g.keras"
+    gmcae.write_bytes(b"")
+    focal = ClassifierOptions(gmcae=str(gmcae), loss="focal")
+    plain = ClassifierOptions(gmcae=str(gmcae), head="mil", augment=False, bag_symmetries=4)
+    with caplog.at_level(logging.WARNING, logger="kdsb.training"):
+        run_checks.warn_of_unused_options({"class_weight": "none"},
+                                          ClassifierOptions(gmcae=str(gmcae)))
+        run_checks.warn_of_unused_options({"bag_symmetries": 4}, dataclasses.replace(
+            plain, augment=True))
+        assert caplog.text == ""
+        run_checks.warn_of_unused_options({"class_weight": "balanced"}, focal)
+        run_checks.warn_of_unused_options({"bag_symmetries": 4}, plain)
+    assert "--class-weight balanced is not used with --loss focal (bce only)" in caplog.text
+    assert "--bag-symmetries 4 is not used with --no-augment: every bag is read under the " \
+        "identity only" in caplog.text
 
 
 @pytest.mark.slow
@@ -1070,3 +1091,12 @@ def test_a_run_folders_own_folders_beside_its_folds_are_not_fold_models(tmp_path
         (tmp_path / name / "classifier.keras").write_bytes(b"")
     assert [p.parent.name for p in run_layout.model_paths_of_run(tmp_path)] == [
         "fold_1", "fold_2", "fold_10"]
+
+
+def test_scores_of_one_class_are_standard_json():
+    """Found in review: a one-class validation set wrote its AUC interval as a bare NaN."""
+    scores = run_context.scores_with_intervals([0, 0, 0, 0], [0.1, 0.2, 0.3, 0.4], seed=0)
+    assert scores["roc_auc"] is None and scores["intervals"]["roc_auc"] == [None, None]
+    assert scores["intervals"]["log_loss"][0] <= scores["log_loss"]
+    json.dumps(scores, allow_nan=False)  # raises on NaN
+

@@ -96,6 +96,7 @@ def test_train_gmcae_writes_model_plots_and_beats_single_gaussian(trained_run):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["width"] == 4 and config["mixtures"] == 2 and config["epochs"] == EPOCHS
     assert json.loads((run_dir / "gmcae.json").read_text()) == {"spacing_mm": [1.0, 1.0, 1.0]}
+    assert config["run_kind"] == "GMCAE" and not (run_dir / runs.RUN_LOCK_NAME).exists()
 
 
 @pytest.mark.slow
@@ -155,6 +156,77 @@ def test_validation_patches_do_not_depend_on_the_core_count(data_dir, monkeypatc
                                                    validation_steps=3, patches_per_volume=4,
                                                    seed=1))
     assert not np.array_equal(two, other)
+
+
+@pytest.mark.slow
+def test_a_fresh_start_stopped_before_training_is_not_taken_for_the_former_run(
+        trained_run, data_dir, tmp_path, monkeypatch):
+    """Found in review: a fresh start in a finished run's folder (its checkpoints deleted),
+    stopped before training (the patch cache, minutes), then resumed, returned the former
+    run's model and summary as this run's."""
+    import shutil
+
+    from kdsb.training import gmcae as gmcae_training
+
+    run_dir, _ = trained_run
+    copy = shutil.copytree(run_dir, tmp_path / "copy")
+    shutil.rmtree(copy / "checkpoints")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gmcae_training, "training_stream", stopped)
+    assert main(["-q", "train-gmcae", str(data_dir), str(copy), *TINY, "--epochs", "2"]) == 130
+    assert not (copy / "finished.json").exists()
+    assert not (copy / "gmcae_summary.json").exists()
+    assert not runs.finished_training(copy, 2, None)
+
+
+def test_a_second_run_into_the_same_run_dir_is_refused(data_dir, tmp_path, capsys):
+    """Found in review: two runs on one RUN_DIR (a requeued job beside the one still running)
+    deleted each other's temporaries and appended to one history.csv."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(run_dir / runs.RUN_LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["train-gmcae", str(data_dir), str(run_dir), *TINY]) == 2
+        assert f"expected no other kdsb train-gmcae writing {run_dir}" in \
+            capsys.readouterr().err
+        assert sorted(p.name for p in run_dir.iterdir()) == [runs.RUN_LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_seed_out_of_range_is_a_usage_error(data_dir, tmp_path, capsys):
+    """Found in review: a traceback from NumPy or Keras, for some only after an attempt."""
+    for seed in ("-1", str(2**31)):
+        assert main(["train-gmcae", str(data_dir), str(tmp_path / "run"), "--seed", seed]) == 2
+        assert f"expected --seed in [0, 2147483648), received {seed}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_run_of_another_kind_is_a_usage_error(data_dir, tmp_path, capsys):
+    """Found in review: train-classifier --resume on a GMCAE run folder was a TypeError
+    traceback; train-gmcae --resume on a classifier's was accepted and clobbered it."""
+    run_dir = tmp_path / "run"
+    runs.begin(run_dir, GmcaeOptions(width=4), data_dir=data_dir)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,cancer\n" + "".join(f"p{i},{i % 2}\n" for i in range(VOLUMES)))
+    argv = ["train-classifier", str(data_dir), str(labels), str(run_dir), "--resume"]
+    assert main(argv) == 2
+    assert f"expected --resume in the RUN_DIR of a classifier run, received {run_dir}, which " \
+        "config.json says is a GMCAE run" in capsys.readouterr().err
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["run_kind"]  # written before kdsb recorded it
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert main(argv) == 2
+    assert f"expected the options of a classifier run in {run_dir / 'config.json'}, received " \
+        in capsys.readouterr().err
 
 
 @pytest.fixture

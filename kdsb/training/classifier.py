@@ -54,7 +54,7 @@ from kdsb.training.run_checks import (
     check_input_unchanged,
     warn_of_another_gmcae_spacing,
     warn_of_other_heads_options,
-    warn_of_unused_restarts,
+    warn_of_unused_options,
 )
 from kdsb.training.run_context import RunContext, pin_model_split, scores_with_intervals, split_ids
 
@@ -125,11 +125,19 @@ def train_classifier(
     options, _ = runs.resolve_options(
         ClassifierOptions, options, run_dir, resume=resume, data_dir=data_dir
     )
+    worker = runs.worker(options.distribute)
+    with runs.sole_run(run_dir, "kdsb train-classifier", worker.chief):
+        return _train_held(data_dir, labels_csv, run_dir, given, options, resume, worker)
+
+
+def _train_held(data_dir: str | os.PathLike, labels_csv: str | os.PathLike, run_dir: Path,
+                given: ClassifierOptions | dict[str, Any], options: ClassifierOptions,
+                resume: bool, worker: runs.Worker) -> dict[str, Any] | None:
+    """`train_classifier` once its options are resolved and `run_dir` is this run's alone."""
     warn_of_other_heads_options(given, options.head)
-    warn_of_unused_restarts(given, options)
+    warn_of_unused_options(given, options)
     if resume:
         check_accumulation_unchanged(run_dir, options)
-    worker = runs.worker(options.distribute)
     if options.distribute == "multiworker" and options.batch_size != worker.count:
         raise UsageError(
             f"expected --batch-size {worker.count} with --distribute multiworker over "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from kdsb.data.inputs import DEFAULT_LUNG_DILATION_MM, VolumeInput
 from kdsb.errors import UsageError
@@ -36,7 +36,7 @@ class ClassifierOptions(RunOptions):
         gmcae: the trained GMCAE (`gmcae.keras`) whose encoder starts the classifier.
         head: "spp" (trained end to end), "mil" (MIL pooling of the frozen encoder's cells) or
             "nll" (the same MIL head on each patch's GMCAE NLL: the likelihood as a detector).
-        folds: 0 or 1 for one training/validation split, K >= 2 for K-fold cross-validation.
+        folds: 0 for one training/validation split, K >= 2 for K-fold cross-validation.
         restarts: times a model whose validation predictions explain next to nothing (the
             base-rate plateau) is trained again with another seed.
         calibration: "platt", "temperature" or "none" (see `kdsb.models.calibration`).
@@ -213,6 +213,8 @@ class ClassifierOptions(RunOptions):
              "--head spp with --tile-z (the MIL heads train on precomputed features)",
              self.head),
         ]
+
+    RUN_KIND: ClassVar[str] = "classifier"
 
     @classmethod
     def from_saved(cls, saved):

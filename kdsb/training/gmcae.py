@@ -30,7 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from kdsb.errors import UsageError
 from kdsb.io.atomic import read_json, write_json
@@ -112,6 +112,8 @@ class GmcaeOptions(RunOptions):
     variance_floor: float = option(
         DEFAULT_VARIANCE_FLOOR, "smallest mixture variance (normalised HU²)", type=float,
     )
+
+    RUN_KIND: ClassVar[str] = "GMCAE"
 
     @classmethod
     def from_saved(cls, saved):
@@ -326,17 +328,24 @@ def train_gmcae(
             its files differ in spacing.
         TrainingError: the loss became NaN or infinite (the last good checkpoint stays).
     """
+    run_dir = Path(run_dir)
+    options, start_epoch = runs.resolve_options(
+        GmcaeOptions, options, run_dir, resume=resume, data_dir=data_dir
+    )
+    worker = runs.worker(options.distribute)
+    with runs.sole_run(run_dir, "kdsb train-gmcae", worker.chief):
+        return _train_held(Path(data_dir), run_dir, options, start_epoch, worker, resume)
+
+
+def _train_held(data_dir: Path, run_dir: Path, options: GmcaeOptions, start_epoch: int,
+                worker: runs.Worker, resume: bool) -> dict[str, Any] | None:
+    """`train_gmcae` once its options are resolved and `run_dir` is this run's alone."""
     import tensorflow as tf
 
     from kdsb.data.datasets import split_patients
     from kdsb.data.inputs import save_gmcae_spacing
     from kdsb.models import gmcae
 
-    run_dir = Path(run_dir)
-    options, start_epoch = runs.resolve_options(
-        GmcaeOptions, options, run_dir, resume=resume, data_dir=data_dir
-    )
-    worker = runs.worker(options.distribute)
     summary_path = run_dir / SUMMARY_NAME
     # (Its checkpoints may have been deleted to save space: the best model stays.)
     trained = runs.last_checkpoint(run_dir) or (run_dir / MODEL_NAME).is_file()
@@ -362,6 +371,9 @@ def train_gmcae(
     runs.pin_split(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, resume, worker.chief)
     runs.begin(run_dir, options, data_dir=data_dir, resume=resume)
     if worker.chief:
+        # A summary of fewer epochs than this run will have trained, or a former run's
+        # (before the patch cache's minutes: the shortcut above must not find it).
+        summary_path.unlink(missing_ok=True)
         save_gmcae_spacing(run_dir, spacing)
     logger.info("%d training and %d validation patients", len(train_ids), len(val_ids))
     train_data = training_stream(
@@ -373,8 +385,6 @@ def train_gmcae(
         options.batch_size
     )
     baseline = gmcae.mixture_nll_of_single_gaussian(val_patches)
-    if worker.chief:  # a summary of fewer epochs than this run will have trained
-        summary_path.unlink(missing_ok=True)
     runs.train(
         _build_model_fn(options), train_data, val_data, run_dir, options, resume=resume,
         best_name=MODEL_NAME, steps_per_epoch=options.steps_per_epoch,

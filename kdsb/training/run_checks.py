@@ -36,11 +36,23 @@ def warn_of_other_heads_options(given: Any, head: str) -> None:
                        ", ".join("--" + key.replace("_", "-") for key in ignored))
 
 
-def warn_of_unused_restarts(given: Any, options: ClassifierOptions) -> None:
-    """Warn of `--restarts` given with `--distribute multiworker`, which never restarts."""
-    if isinstance(given, dict) and given.get("restarts") and not attempts.restarts_apply(options):
+def warn_of_unused_options(given: Any, options: ClassifierOptions) -> None:
+    """Warn of options given on the command line that other options leave unused: `--restarts`
+    with `--distribute multiworker` (which never restarts), `--class-weight` with `--loss focal`
+    (bce only), `--bag-symmetries` above 1 with
+    `--no-augment` (training and validation read the identity's bag only; found in review)."""
+    if not isinstance(given, dict):
+        return
+    if given.get("restarts") and not attempts.restarts_apply(options):
         logger.warning("--restarts %d is not used with --distribute %s: a stuck model is kept",
                        options.restarts, options.distribute)
+    if "class_weight" in given and options.loss != "bce":
+        logger.warning("--class-weight %s is not used with --loss %s (bce only)",
+                       options.class_weight, options.loss)
+    if given.get("bag_symmetries", 1) > 1 and not options.augment \
+            and options.head in READ_BY_HEADS["bag_symmetries"]:
+        logger.warning("--bag-symmetries %d is not used with --no-augment: every bag is read "
+                       "under the identity only", options.bag_symmetries)
 
 
 def check_accumulation_unchanged(run_dir: Path, options: ClassifierOptions) -> None:

@@ -84,11 +84,13 @@ def score_patients(model: Any, paths: list[Path], volume_input: VolumeInput,
 
 
 def scores_with_intervals(y, p, seed: int) -> dict[str, Any]:
-    """`metrics.summary` (NaN AUC as None) plus bootstrap 95 % intervals under "intervals"."""
+    """`metrics.summary` plus bootstrap 95 % intervals under "intervals"; NaN (an AUC of one
+    class, and its interval) as None, so metrics.json stays standard JSON (found in review)."""
     scores = {k: _finite_or_none(v) if isinstance(v, float) else v
               for k, v in metrics.summary(y, p).items()}
     intervals = metrics.bootstrap_intervals(y, p, n_boot=metrics.DEFAULT_BOOTSTRAP, seed=seed)
-    scores["intervals"] = {k: [float(lo), float(hi)] for k, (lo, hi) in intervals.items()}
+    scores["intervals"] = {k: [_finite_or_none(float(lo)), _finite_or_none(float(hi))]
+                           for k, (lo, hi) in intervals.items()}
     return scores
 
 

@@ -56,6 +56,7 @@ from kdsb.training.runs.fitting import begin, finished_training, fit, train
 from kdsb.training.runs.folder import (
     CHECKPOINT_DIR,
     HISTORY_NAME,
+    RUN_LOCK_NAME,
     TENSORBOARD_DIR,
     check_run_dir,
     checkpoint_path,
@@ -66,6 +67,7 @@ from kdsb.training.runs.folder import (
     remove_checkpoints,
     remove_stale_files,
     save_model_atomically,
+    sole_run,
 )
 from kdsb.training.runs.options import (
     OPTIONS_NAME,
@@ -115,4 +117,6 @@ __all__ = [
     "train",
     "wait_for_workers",
     "worker",
+    "sole_run",
+    "RUN_LOCK_NAME",
 ]

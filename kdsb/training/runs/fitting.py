@@ -36,7 +36,7 @@ from kdsb.training.runs.folder import (
     remove_stale_files,
     truncate_history,
 )
-from kdsb.training.runs.options import OPTIONS_NAME, RunOptions
+from kdsb.training.runs.options import OPTIONS_NAME, RUN_KIND_KEY, RunOptions
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,14 @@ def begin(run_dir: str | os.PathLike, options: RunOptions, *, data_dir: str | os
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / OPTIONS_NAME,
-                   {**options.to_saved(), "data_dir": _begun_with(run_dir, data_dir)
+                   {**options.to_saved(), RUN_KIND_KEY: options.RUN_KIND,
+                    "data_dir": _begun_with(run_dir, data_dir)
                     if resume else str(Path(data_dir).resolve())})
+        if not resume:
+            # A former run's, in a folder whose checkpoints were deleted: a resume after this
+            # start stopped (in the minutes before training) would take that run's model as
+            # this one's, finished (found in review).
+            (run_dir / FINISHED_NAME).unlink(missing_ok=True)
     configure_runtime(seed=options.seed if seed is None else seed, precision=options.precision)
 
 

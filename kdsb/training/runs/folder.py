@@ -8,11 +8,13 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kdsb.errors import UsageError
-from kdsb.io.atomic import atomic_path, remove_stale_temporaries
+from kdsb.io.atomic import atomic_path, remove_stale_temporaries, sole_writer
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,37 @@ HISTORY_NAME = "history.csv"
 
 
 TENSORBOARD_DIR = "logs"
+
+
+RUN_LOCK_NAME = ".kdsb-train.lock"  # held by the run writing RUN_DIR (`sole_run`)
+
+
+@contextmanager
+def sole_run(run_dir: str | os.PathLike, command: str, chief: bool = True) -> Iterator[None]:
+    """Hold `run_dir` against a second training run writing it: two resumes of one run (a
+    requeued Slurm job beside the one still running) would delete each other's temporaries and
+    append their epochs to one history.csv (found in review). Only the chief writes RUN_DIR, so
+    the other workers of a multi-worker run hold nothing. As the run ends its lock file goes,
+    and so does a RUN_DIR it created and left empty (a run refused before any work).
+
+    Raises:
+        UsageError: another run holds `run_dir`.
+    """
+    if not chief:
+        yield
+        return
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / RUN_LOCK_NAME
+    with sole_writer(lock, command, "use another RUN_DIR"):
+        try:
+            yield
+        finally:
+            if os.name == "posix":  # while held: a run waiting for it takes a new file
+                lock.unlink(missing_ok=True)
+                if created and not any(run_dir.iterdir()):
+                    run_dir.rmdir()
 
 
 def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:

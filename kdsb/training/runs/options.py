@@ -10,7 +10,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from kdsb.errors import UsageError
 from kdsb.io.atomic import read_json
@@ -21,6 +21,9 @@ from kdsb.training.runs.folder import check_run_dir
 logger = logging.getLogger(__name__)
 
 
+
+RUN_KIND_KEY = "run_kind"  # config.json: which kind of run wrote it (`RunOptions.RUN_KIND`)
+MAX_SEED = 2**31
 
 # Options a resumed run may change (they change neither the model nor its inputs); every other
 # option given again must keep its saved value. `gmcae` is the classifier's GMCAE file, which may
@@ -94,6 +97,8 @@ class RunOptions:
         None, "early stopping: epochs without a better validation loss", type=int, shown="never"
     )
 
+    RUN_KIND: ClassVar[str] = "training"  # what config.json calls the run (`RUN_KIND_KEY`)
+
     def __post_init__(self) -> None:
         # No option has a meaning at infinity (found in review: --variance-floor inf passed
         # its check and failed deep in Keras): every number must be finite, whatever its check.
@@ -118,6 +123,9 @@ class RunOptions:
             (self.keep_checkpoints is None or self.keep_checkpoints >= 1,
              "--keep-checkpoints >= 1", self.keep_checkpoints),
             (self.patience is None or self.patience >= 1, "--patience >= 1", self.patience),
+            # Room for the offsets added to it (restarts, folds, workers, epochs), under the
+            # 2**32 NumPy and Keras take (found in review: a traceback, some after an attempt).
+            (0 <= self.seed < MAX_SEED, f"--seed in [0, {MAX_SEED})", self.seed),
         ]
 
     def to_saved(self) -> dict[str, Any]:
@@ -218,10 +226,18 @@ def resolve_options(
                              f"received none")
         return options(**given), 0
     stored = read_json(path)
+    kind = stored.get(RUN_KIND_KEY, options.RUN_KIND) if isinstance(stored, dict) else None
+    if kind != options.RUN_KIND:  # found in review: a traceback, or a run clobbered
+        raise UsageError(f"expected --resume in the RUN_DIR of a {options.RUN_KIND} run, "
+                         f"received {run_dir}, which {path.name} says is a {kind} run")
     # The changes that may be made are made before the saved options are checked: a GMCAE
     # moved since is given at its new place, and the old one need not exist (found in review).
-    saved = options.from_saved({**stored, **{key: value for key, value in given.items()
-                                             if key in RESUMABLE_CHANGES}})
+    try:
+        saved = options.from_saved({**stored, **{key: value for key, value in given.items()
+                                                 if key in RESUMABLE_CHANGES}})
+    except TypeError as error:  # a required option missing: not this kind of run's record
+        raise UsageError(f"expected the options of a {options.RUN_KIND} run in {path}, "
+                         f"received {error}") from None
     resolved = dataclasses.replace(saved, **given)
     fields = {f.name: f for f in dataclasses.fields(options)}
     for key in given:
