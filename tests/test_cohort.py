@@ -6,6 +6,7 @@ import csv
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -375,38 +376,61 @@ def test_another_cohorts_volume_of_the_same_id_is_refused_not_replaced(phantoms,
 @pytest.mark.parametrize("again", [[], ["--overwrite"]])
 def test_a_killed_overwrite_run_continues_where_it_stopped(phantoms, tmp_path, again):
     """Found in review: a killed --overwrite run began again from its first patient when rerun
-    with the flag, and without it kept the old volumes it had not reached."""
-    from kdsb.preprocessing.out_dir import OVERWRITE_NAME, overwrite_began
+    with the flag, and without it kept the old volumes it had not reached. Another cohort in
+    the same OUT_DIR neither continues it nor ends it (found in review of the fix)."""
+    from kdsb.preprocessing.out_dir import begin_overwrite, overwrite_marker
 
-    ids = _phantom_ids(phantoms)[:3]
-    root = _link_patients(tmp_path / "dicom", phantoms, ids)
+    ids = _phantom_ids(phantoms)[:4]
+    root = _link_patients(tmp_path / "dicom", phantoms, ids[:3])
+    other = _link_patients(tmp_path / "other", phantoms, ids[3:])
     out = tmp_path / "out"
     assert main(["preprocess", str(root), str(out), "--workers", "1"]) == 0
+    assert main(["preprocess", str(other), str(out), "--workers", "1"]) == 0
     old = {pid: (out / f"{pid}.h5").stat().st_mtime_ns for pid in ids}
-    # An --overwrite run killed after its first patient: its marker, then that volume anew.
-    assert overwrite_began(out, (1.0, 1.0, 1.0), 10.0, overwrite=True) is not None
+    # An --overwrite run of root killed after its first patient: its marker, then that volume.
+    begin_overwrite(out, root, (1.0, 1.0, 1.0), 10.0)
     os.utime(out / f"{ids[0]}.h5")
     redone = (out / f"{ids[0]}.h5").stat().st_mtime_ns
+    assert main(["preprocess", str(other), str(out), "--workers", "1"]) == 0
+    assert read_manifest(out)[ids[3]]["status"] == "skipped"
+    assert overwrite_marker(out, root).is_file()
     assert main(["preprocess", str(root), str(out), "--workers", "1", *again]) == 0
     rows = read_manifest(out)
     assert rows[ids[0]]["status"] == "skipped" and \
         (out / f"{ids[0]}.h5").stat().st_mtime_ns == redone
     assert all(rows[pid]["status"] == "ok" and (out / f"{pid}.h5").stat().st_mtime_ns > old[pid]
-               for pid in ids[1:])
-    assert not (out / OVERWRITE_NAME).exists()
-    # Finished: a run without the flag now skips every patient; one with it redoes them all.
+               for pid in ids[1:3])
+    assert not overwrite_marker(out, root).exists()
+    # Finished: a run without the flag now skips every patient.
     assert main(["preprocess", str(root), str(out), "--workers", "1"]) == 0
-    assert {row["status"] for row in read_manifest(out).values()} == {"skipped"}
+    assert {read_manifest(out)[pid]["status"] for pid in ids[:3]} == {"skipped"}
 
 
-def test_an_overwrite_marker_of_other_settings_is_not_continued(tmp_path):
-    from kdsb.preprocessing.out_dir import overwrite_began
+def test_an_overwrite_marker_is_of_one_input_root_settings_and_kdsb(tmp_path, monkeypatch):
+    from kdsb.preprocessing import out_dir
+    from kdsb.preprocessing.out_dir import begin_overwrite, overwrite_in_progress
 
-    tmp_path.joinpath("p1.h5").write_bytes(b"")
-    assert overwrite_began(tmp_path, (2.0, 2.0, 2.0), 10.0, overwrite=True) is not None
-    assert overwrite_began(tmp_path, (1.0, 1.0, 1.0), 10.0, overwrite=False) is None
-    assert overwrite_began(tmp_path, (2.0, 2.0, 2.0), 5.0, overwrite=False) is None
-    assert overwrite_began(tmp_path, (2.0, 2.0, 2.0), 10.0, overwrite=False) is not None
+    root, other = tmp_path / "root", tmp_path / "other"
+    begin_overwrite(tmp_path, root, (2.0, 2.0, 2.0), 10.0)
+    assert overwrite_in_progress(tmp_path, root, (2.0, 2.0, 2.0), 10.0) is not None
+    assert overwrite_in_progress(tmp_path, other, (2.0, 2.0, 2.0), 10.0) is None
+    assert overwrite_in_progress(tmp_path, root, (1.0, 1.0, 1.0), 10.0) is None
+    assert overwrite_in_progress(tmp_path, root, (2.0, 2.0, 2.0), 5.0) is None
+    monkeypatch.setattr(out_dir, "__version__", "9.9")  # an upgrade starts it over
+    assert overwrite_in_progress(tmp_path, root, (2.0, 2.0, 2.0), 10.0) is None
+
+
+def test_a_refused_overwrite_run_leaves_no_marker(phantoms, tmp_path, capsys):
+    """Found in review of the fix: a refused --overwrite run left its marker, and a later run
+    "continued" an overwrite that never ran."""
+    ids = _phantom_ids(phantoms)[:2]
+    out = tmp_path / "out"
+    first = _link_patients(tmp_path / "first", phantoms, ids[:1])
+    assert main(["preprocess", str(first), str(out), "--workers", "1", "--spacing", "2"]) == 0
+    second = _link_patients(tmp_path / "second", phantoms, ids[1:])
+    assert main(["preprocess", str(second), str(out), "--workers", "1", "--overwrite"]) == 2
+    assert "a patient not in this INPUT_ROOT" in capsys.readouterr().err
+    assert not list(out.glob(".kdsb-overwrite*"))
 
 
 def test_a_folder_this_user_may_not_search_fails_alone(tmp_path, monkeypatch):
@@ -424,22 +448,64 @@ def test_a_folder_this_user_may_not_search_fails_alone(tmp_path, monkeypatch):
     (root / "open").mkdir()
     real_stat, real_scandir = pathlib.Path.stat, os.scandir
 
-    def stat(self, *args, **kwargs):
-        if self.parent.name == "locked":
+    def stat(self, *args, follow_symlinks=True):
+        if self.parent.name == "locked" or (self.name == "link" and follow_symlinks):
             raise PermissionError(13, "Permission denied", str(self))
-        return real_stat(self, *args, **kwargs)
+        return real_stat(self, *args, follow_symlinks=follow_symlinks)
 
     def scandir(path="."):
         if Path(path).name == "locked":
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real_scandir(path)
 
+    (root / "link").symlink_to(root / "locked" / "series", target_is_directory=True)
+    latin1_note = os.fsencode(root) + b"/notes_M\xfcller.txt"  # not a patient: ignored
+    with open(latin1_note, "w") as f:
+        f.write("notes")
     monkeypatch.setattr(pathlib.Path, "stat", stat)
     monkeypatch.setattr(os, "scandir", scandir)
-    assert sorted(find_patients(root)) == ["locked", "open"]
+    assert sorted(find_patients(root)) == ["link", "locked", "open"]
     with pytest.raises(KdsbError, match=f"^{root / 'locked'}: expected folders this user may "
                                         f"read, received Permission denied for {root / 'locked'}$"):
         files_under(root / "locked")
+
+
+def test_a_volume_whose_source_cannot_be_read_now_is_kept(tmp_path, monkeypatch, caplog):
+    """Found in review: on a rerun, a patient folder this user may no longer search ended the
+    whole run (its source stamp), where the patient could only fail and lose its volume."""
+    import kdsb.preprocessing.cohort as cohort
+    from kdsb.errors import KdsbError
+    from kdsb.preprocessing.pipeline import SOURCE_STAMP_ATTR
+
+    source = tmp_path / "root" / "p1"
+    source.mkdir(parents=True)
+    volumes.write_volume(volumes.volume_path(tmp_path / "out", "p1"), np.zeros((2, 2, 2)),
+                         np.zeros((2, 2, 2)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                         {"margin_mm": 10.0, SOURCE_STAMP_ATTR: "1 files, 1 bytes"})
+
+    def unreadable(path):
+        raise KdsbError(f"{path}: expected folders this user may read, received Permission "
+                        "denied")
+
+    monkeypatch.setattr(cohort, "source_stamp", unreadable)
+    tasks, skipped = cohort._plan({"p1": source}, tmp_path / "out", (1.0, 1.0, 1.0), 10.0, None)
+    assert not tasks and list(skipped) == ["p1"]
+    assert "p1: kept p1.h5, its source cannot be read now" in caplog.text
+
+
+def test_a_source_spelled_otherwise_is_the_same_source(phantoms, tmp_path, caplog):
+    """Found in review of the fix: INPUT_ROOT reached through a symlinked parent (or `..`),
+    its scan changed since, was refused as another cohort; it is redone, as before."""
+    pid = _phantom_ids(phantoms)[0]
+    (tmp_path / "real" / "root").mkdir(parents=True)
+    shutil.copytree(phantoms / "dicom" / pid, tmp_path / "real" / "root" / pid)
+    (tmp_path / "via").symlink_to(tmp_path / "real", target_is_directory=True)
+    out = tmp_path / "out"
+    assert main(["preprocess", str(tmp_path / "real" / "root"), str(out), "--workers", "1"]) == 0
+    first = next((tmp_path / "real" / "root" / pid).iterdir())
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    assert main(["preprocess", str(tmp_path / "via" / "root"), str(out), "--workers", "1"]) == 0
+    assert read_manifest(out)[pid]["status"] == "ok" and "changed since" in caplog.text
 
 
 def test_a_patient_name_not_in_utf8_is_a_usage_error(tmp_path, capsys):

@@ -20,7 +20,8 @@ def source_stamp(source: str | os.PathLike) -> str:
 
     A rewritten scan (another synthetic draw, a series still being copied) changes it; so does
     a copy that does not keep modification times (the patient is then preprocessed again, never
-    silently kept).
+    silently kept; `kdsb preprocess` refuses it while the volume's recorded source is still
+    there: `kdsb.preprocessing.cohort`).
     """
     # Imported here: volume_files brings pydicom, which `kdsb preprocess --help` need not load.
     from kdsb.io.volume_files import detached_data_file, volume_id

@@ -14,6 +14,7 @@ process pool).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,17 +22,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.errors import UsageError
+from kdsb.errors import KdsbError, UsageError
 from kdsb.io import volumes
 from kdsb.io.atomic import remove_stale_temporaries, sole_writer
 from kdsb.io.source_stamp import source_stamp
 from kdsb.io.tables import summarise_ids
 from kdsb.preprocessing.out_dir import (
     LOCK_NAME,
+    begin_overwrite,
     check_other_patients,
     end_overwrite,
     existing_attrs,
-    overwrite_began,
+    overwrite_in_progress,
     read_manifest,
     remove_outdated,
     write_manifest,
@@ -47,6 +49,7 @@ from kdsb.preprocessing.pipeline import (
     STATUS_OK,
     STATUS_SKIPPED,
     PatientResult,
+    source_text,
     usable_cores,
     validate_margin,
 )
@@ -138,11 +141,12 @@ def run_cohort(
     patients = find_patients(input_root, out_dir, Path(qc_dir) if qc_dir is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     with sole_writer(out_dir / LOCK_NAME, "kdsb preprocess", "use another OUT_DIR"):
-        return _run_locked(patients, out_dir, target, float(margin_mm), overwrite, workers,
-                           qc_dir, scheduler)
+        return _run_locked(input_root, patients, out_dir, target, float(margin_mm), overwrite,
+                           workers, qc_dir, scheduler)
 
 
 def _run_locked(
+    input_root: Path,
     patients: dict[str, Path],
     out_dir: Path,
     target: tuple[float, float, float],
@@ -158,8 +162,12 @@ def _run_locked(
         logger.info("removed %d temporary file(s) left by an interrupted run", removed)
 
     rows = read_manifest(out_dir)
-    began = overwrite_began(out_dir, target, margin_mm, overwrite)
+    began = overwrite_in_progress(out_dir, input_root, target, margin_mm)
+    if overwrite and began is None:
+        began = math.inf  # a new --overwrite run: no volume is its own yet
     tasks, results = _plan(patients, out_dir, target, margin_mm, began)
+    if began == math.inf:  # planned, so not refused: say so for a rerun after a kill
+        begin_overwrite(out_dir, input_root, target, margin_mm)
     # Each local worker gets its share of the cores; a Dask worker runs one patient per thread.
     pool_size = min(int(workers), max(1, len(tasks)))
     threads = 1 if scheduler is not None else max(1, usable_cores() // pool_size)
@@ -199,7 +207,7 @@ def _run_locked(
                 remove_stale_temporaries(out_dir)
 
     if began is not None:  # every patient worked on (a failed one's old volume removed)
-        end_overwrite(out_dir)
+        end_overwrite(out_dir, input_root)
     if qc_dir is not None:
         _write_qc(results, out_dir, Path(qc_dir))
     return _summarise(results, manifest)
@@ -210,20 +218,23 @@ def _plan(
     out_dir: Path,
     spacing: tuple[float, float, float],
     margin_mm: float,
-    overwrite_began: int | None,
+    overwrite_began: float | None,
 ) -> tuple[dict[str, tuple], dict[str, PatientResult]]:
     """The worker arguments of every patient to preprocess (all but the threads), and the
     results of those skipped.
 
     A patient is skipped when its volume file exists with the same settings (in an
-    `--overwrite` run, `overwrite_began` not None: written since it began) and was made from
+    `--overwrite` run, `overwrite_began` not None: written since it began; inf for a new one)
+    and was made from
     the source files as they are now (`source_stamp`; a volume of a version before the stamp is
     kept); outside an `--overwrite` run one written with other settings raises UsageError
     (`existing_attrs`), and so, in one too, does a volume in `out_dir` of a patient not in this
     run written with other settings (`check_other_patients`). A volume made from
-    other source files at another path (`SOURCE_ATTR`: another cohort with the same ids) raises
-    UsageError too, unless `--overwrite`: replacing it would swap one cohort's images for
-    another's under the same id. Moved sources whose files are unchanged are skipped.
+    other source files at another path that still exists (`SOURCE_ATTR`: another cohort with
+    the same ids) raises UsageError too, unless `--overwrite`: replacing it would swap one
+    cohort's images for another's under the same id. Moved sources whose files are unchanged are
+    skipped. A patient whose source cannot be stamped now (a folder this user may no longer
+    search) keeps its volume, with a warning: it could only fail, and its volume go with it.
     """
     tasks: dict[str, tuple] = {}
     skipped: dict[str, PatientResult] = {}
@@ -234,10 +245,16 @@ def _plan(
         attrs = existing_attrs(path, spacing, margin_mm) if overwrite_began is None \
             else written_since(path, overwrite_began, spacing, margin_mm)
         stamp = None if attrs is None else attrs.get(SOURCE_STAMP_ATTR)
-        if stamp is not None and stamp != (now := source_stamp(source)):
-            made_from = attrs.get(SOURCE_ATTR)
-            if made_from is not None and made_from != os.fspath(source):
-                elsewhere.append(f"{path.name} (made from {made_from}, here {source})")
+        try:
+            now = None if stamp is None else source_stamp(source)
+        except (OSError, KdsbError) as error:  # found in review: it ended the whole run
+            logger.warning("%s: kept %s, its source cannot be read now (%s)", patient_id,
+                           path.name, " ".join(str(error).split()))
+            now = stamp
+        if stamp is not None and stamp != now:
+            if _another_source(attrs.get(SOURCE_ATTR), source):
+                elsewhere.append(f"{path.name} (made from {attrs[SOURCE_ATTR]}, here "
+                                 f"{source_text(source)})")
                 continue
             logger.warning("%s: %s changed since %s was written (%s then, %s now): "
                            "preprocessing it again", patient_id, source, path.name, stamp, now)
@@ -255,6 +272,18 @@ def _plan(
             "to replace them"
         )
     return tasks, skipped
+
+
+def _another_source(made_from: str | None, source: Path) -> bool:
+    """Whether a volume's recorded source (`SOURCE_ATTR`) is another folder or file than
+    `source` that still exists (another cohort's patient of the same id): not one spelled
+    otherwise (`..`, a symlinked parent) and not one moved away since."""
+    if made_from is None or made_from == source_text(source):
+        return False
+    try:
+        return os.path.exists(made_from) and not os.path.samefile(made_from, source)
+    except OSError:
+        return False
 
 
 def _write_qc(results: dict[str, PatientResult], out_dir: Path, qc_dir: Path) -> None:

@@ -5,6 +5,7 @@ were written with (a rerun must not mix spacings or margins in one cohort)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdsb._version import __version__
 from kdsb.errors import StoreError, UsageError
 from kdsb.io import volumes
 from kdsb.io.atomic import atomic_path, write_json
@@ -26,7 +28,7 @@ MANIFEST_NAME = "manifest.csv"
 
 
 LOCK_NAME = ".kdsb-preprocess.lock"  # held by the run writing OUT_DIR
-OVERWRITE_NAME = ".kdsb-overwrite.json"  # an --overwrite run under way: its settings
+OVERWRITE_PREFIX = ".kdsb-overwrite-"  # + INPUT_ROOT's digest: an --overwrite run under way
 
 
 MANIFEST_FIELDS = ("id", "status", "seconds", "shape", "error")
@@ -137,40 +139,55 @@ def remove_outdated(path: Path) -> None:
         path.unlink()
 
 
-def overwrite_began(out_dir: Path, spacing: tuple[float, float, float], margin_mm: float,
-                    overwrite: bool) -> int | None:
-    """When the `--overwrite` run that this run is, or continues, began: the modification time
-    (ns) of `out_dir/OVERWRITE_NAME`, so the file system's clock, as the volumes' is; None when
-    this run is no such run.
+def overwrite_marker(out_dir: Path, input_root: Path) -> Path:
+    """The file that says an `--overwrite` run of `input_root` into `out_dir` is under way (one
+    per INPUT_ROOT: several cohorts may share OUT_DIR)."""
+    digest = hashlib.sha256(os.fsencode(Path(input_root).resolve())).hexdigest()[:16]
+    return out_dir / f"{OVERWRITE_PREFIX}{digest}.json"
 
-    An `--overwrite` run writes that file (its settings) as it begins and `end_overwrite`
-    removes it once every patient has been worked on. A run killed meanwhile leaves it, and the
-    next run with the same settings, `--overwrite` or not, continues it: a volume written since
-    it began counts as done (`written_since`), an older one is redone (found in review: a
-    killed `--overwrite` run began again from its first patient, and a rerun without the flag
-    kept the volumes it had not reached yet).
+
+def overwrite_in_progress(out_dir: Path, input_root: Path, spacing: tuple[float, float, float],
+                          margin_mm: float) -> int | None:
+    """When the killed `--overwrite` run of `input_root` with these settings (and this kdsb)
+    began, for this run to continue it: the modification time (ns) of its marker, so the file
+    system's clock, as the volumes' is; None when there is none.
+
+    An `--overwrite` run writes its marker (`begin_overwrite`) once it is planned and removes it
+    (`end_overwrite`) once it has worked on every patient. The next run of that INPUT_ROOT with
+    the same settings, `--overwrite` or not, continues a killed one: a volume written since it
+    began counts as done (`written_since`), an older one is redone (found in review: a killed
+    `--overwrite` run began again from its first patient, and a rerun without the flag kept the
+    volumes it had not reached). To start it over instead, delete the marker.
     """
-    marker = out_dir / OVERWRITE_NAME
+    marker = overwrite_marker(out_dir, input_root)
     try:
         saved = json.loads(marker.read_text())
-        same = np.allclose(saved["spacing"], spacing, rtol=SETTINGS_RTOL, atol=0.0) and \
-            np.isclose(float(saved["margin_mm"]), margin_mm, rtol=SETTINGS_RTOL, atol=0.0)
+        same = saved["kdsb"] == __version__ and np.allclose(
+            saved["spacing"], spacing, rtol=SETTINGS_RTOL, atol=0.0) and np.isclose(
+            float(saved["margin_mm"]), margin_mm, rtol=SETTINGS_RTOL, atol=0.0)
+        began = marker.stat().st_mtime_ns
     except (OSError, ValueError, KeyError, TypeError):  # none, or not readable: not continued
-        same = False
+        return None
     if not same:
-        if not overwrite:
-            return None
-        write_json(marker, {"spacing": list(spacing), "margin_mm": margin_mm})
-    else:
-        logger.info("continuing the --overwrite run that began %s: volumes written since are "
-                    "kept, older ones redone", marker)
-    return marker.stat().st_mtime_ns
+        return None
+    logger.info("continuing the --overwrite run of %s that %s records: volumes written since "
+                "it began are kept, older ones redone", input_root, marker)
+    return began
 
 
-def written_since(path: Path, began_ns: int, spacing: tuple[float, float, float],
+def begin_overwrite(out_dir: Path, input_root: Path, spacing: tuple[float, float, float],
+                    margin_mm: float) -> None:
+    """Write the marker of an `--overwrite` run (`overwrite_in_progress`)."""
+    write_json(overwrite_marker(out_dir, input_root),
+               {"input_root": os.fsencode(input_root).decode("utf-8", "backslashreplace"),
+                "spacing": list(spacing), "margin_mm": margin_mm, "kdsb": __version__})
+
+
+def written_since(path: Path, began_ns: float, spacing: tuple[float, float, float],
                   margin_mm: float) -> dict | None:
-    """`existing_attrs` of a volume written since `began_ns` (`overwrite_began`) with these
-    settings; None for any other (absent, older, other settings, unreadable)."""
+    """`existing_attrs` of a volume written since `began_ns` (`overwrite_in_progress`; inf: a
+    new `--overwrite` run, none) with these settings; None for any other (absent, older, other
+    settings, unreadable)."""
     try:
         if path.stat().st_mtime_ns < began_ns:
             return None
@@ -179,6 +196,6 @@ def written_since(path: Path, began_ns: int, spacing: tuple[float, float, float]
         return None
 
 
-def end_overwrite(out_dir: Path) -> None:
-    """The `--overwrite` run has worked on every patient (`overwrite_began`)."""
-    (out_dir / OVERWRITE_NAME).unlink(missing_ok=True)
+def end_overwrite(out_dir: Path, input_root: Path) -> None:
+    """The `--overwrite` run of `input_root` has worked on every patient."""
+    overwrite_marker(out_dir, input_root).unlink(missing_ok=True)

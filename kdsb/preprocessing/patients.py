@@ -50,7 +50,6 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     for path in sorted(input_root.iterdir()):
         if path.name.startswith("."):
             continue
-        _require_utf8_name(path)
         if path.is_symlink() and not _exists(path):
             # A patient's link whose target moved (or lies on a disk not mounted now): not
             # silently one less, and not failed either: a failed patient's earlier volume would
@@ -60,7 +59,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
                            "and manifest row, if any, are kept", input_root, path.name,
                            os.readlink(path))
             continue
-        if path.is_dir():
+        if _is_dir(path):
             patient_id = path.name if path.resolve() not in skip else None
             if patient_id is not None and _kdsb_output(path):
                 # An earlier run's OUT_DIR or QC folder (found in review: it failed as a
@@ -77,6 +76,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
                 unread.append(path.name)
         if patient_id is None:
             continue
+        _require_utf8_name(path)
         if patient_id in patients:
             raise UsageError(
                 f"expected one entry per patient id in {input_root}, received two for "
@@ -128,6 +128,15 @@ def _exists(path: Path) -> bool:
     user may not search): the patient then fails alone, naming the error."""
     try:
         return path.exists()
+    except OSError:
+        return True
+
+
+def _is_dir(path: Path) -> bool:
+    """`path.is_dir()`, True where the answer is not ours to know (a link into a folder this
+    user may not search, as `_exists`): a patient folder, which then fails alone."""
+    try:
+        return path.is_dir()
     except OSError:
         return True
 

@@ -39,6 +39,12 @@ SOURCE_ATTR = "source"  # volume attribute: the absolute path of the patient's f
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
 
 
+def source_text(path: Path) -> str:
+    """`path` as `SOURCE_ATTR` records it: text whatever its bytes (an INPUT_ROOT under a
+    folder named in Latin-1 cannot be an HDF5 string as is; found in review)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity, else the machine's count)."""
     if hasattr(os, "sched_getaffinity"):
@@ -191,7 +197,7 @@ def preprocess_patient(
         "source_shape": np.asarray(series.hu.shape, dtype=np.int64),
         MARGIN_ATTR: float(margin_mm),
         SOURCE_STAMP_ATTR: stamp,
-        SOURCE_ATTR: os.fspath(source.absolute()),
+        SOURCE_ATTR: source_text(source.absolute()),
     }
     del series
 
