@@ -321,12 +321,14 @@ def run_demo(
 
 
 def _check_arguments(seed: int, patients: int | None, workers: int) -> None:
-    """Refuse a negative seed (found in review: -1 locked the folder's plan), fewer than 4
-    patients or workers below 1."""
+    """Refuse a seed training would refuse (found in review: -1 locked the folder's plan; 2³¹
+    failed after both cohorts were made), fewer than 4 patients or workers below 1."""
+    from kdsb.training.runs.options import MAX_SEED
+
     if patients is not None and patients < 4:
         raise UsageError(f"expected --patients >= 4, received {patients}")
-    if seed < 0:
-        raise UsageError(f"expected a non-negative --seed, received {seed}")
+    if not 0 <= seed < MAX_SEED:
+        raise UsageError(f"expected --seed in [0, {MAX_SEED}), received {seed}")
     if int(workers) != workers or workers < 1:
         raise UsageError(f"expected --workers of at least 1, received {workers}")
 

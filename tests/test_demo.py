@@ -126,14 +126,16 @@ def test_the_plan_holds_the_settings_and_bad_options_pin_nothing(tmp_path, monke
     monkeypatch.setattr(demo, "SPACING_MM", 1.0)
     with pytest.raises(UsageError, match="spacing_mm 2.0 → 1.0"):
         demo._pin_plan(tmp_path / "w", demo.FAST_PLAN, 0)
-    for options, message in (({"seed": -1}, "expected a non-negative --seed, received -1"),
+    for options, message in (({"seed": -1}, r"expected --seed in \[0, 2147483648\), received -1"),
+                             ({"seed": 2**31}, r"expected --seed in \[0, 2147483648\), received "
+                                               "2147483648"),
                              ({"workers": 0}, "expected --workers of at least 1, received 0")):
         with pytest.raises(UsageError, match=message):
             demo.run_demo(tmp_path / "v", fast=True, **options)
         assert not (tmp_path / "v").exists()
     # Every seed is checked before the first runs (found in review: `--seeds 0 -1` ran seed 0's
     # whole demo first).
-    with pytest.raises(UsageError, match="expected a non-negative --seed, received -1"):
+    with pytest.raises(UsageError, match=r"expected --seed in \[0, 2147483648\), received -1"):
         demo.run_demo_seeds(tmp_path / "seeds", [0, -1], fast=True)
     assert not (tmp_path / "seeds").exists()
     (tmp_path / "file").write_text("")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import logging
 import math
 import re
@@ -447,6 +448,39 @@ def test_a_patient_that_fails_fails_alone_and_a_rerun_retries_only_it(cohort, tm
     assert main(argv) == 0
     assert counted.calls == 1  # c1 alone
     assert set(_peaks(out)) == {"c0", "c1", "c2"} and not (out / "explain.partial").exists()
+
+
+def test_a_damaged_volume_file_fails_alone_and_its_old_heatmap_goes(cohort, tmp_path, capsys):
+    """Found in review of the fix: a file whose attributes cannot be read stopped the run in
+    the checks before any patient, and a failed patient kept an earlier run's heatmap."""
+    import shutil
+
+    root, model, _ = cohort
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(root / "data", data)
+    argv = ["explain", str(data), str(model), str(out)]
+    assert main(argv) == 0
+    (data / "c2.h5").write_bytes((data / "c2.h5").read_bytes()[:4096])  # truncated
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("kdsb explain: failed:") == 1 and str(data / "c2.h5") in \
+        captured.err
+    assert set(_peaks(out)) == {"c0", "c1"}
+    assert not (out / "c2.h5").exists() and not (out / "c2.png").exists()
+    assert (out / "c0.h5").is_file()
+
+
+def test_a_full_disk_ends_the_run(cohort, tmp_path, monkeypatch, capsys):
+    """Found in review of the fix: a full disk failed each patient alone, after its work."""
+    root, model, _ = cohort
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(explain, "write_png", no_space)
+    assert main(["explain", str(root / "data"), str(model), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "kdsb explain: failed:" not in err
 
 
 def test_the_png_draws_millimetres_alike_on_both_axes_of_a_view(tmp_path, monkeypatch):

@@ -28,6 +28,12 @@ def _volume(tmp_path, patient_id="p1", shape=(6, 7, 8), seed=0):
     return path, hu, mask
 
 
+def _ids(tmp_path, *ids):
+    path = tmp_path / "ids.csv"
+    path.write_text("id\n" + "".join(f"{i}\n" for i in ids))
+    return path
+
+
 def _lps(index_zyx):
     return np.asarray(ORIGIN) + np.asarray(index_zyx) * np.asarray(SPACING)
 
@@ -134,6 +140,11 @@ def test_patients_explain_left_out_are_exported_without_a_heatmap(tmp_path, caps
         _volume(tmp_path, patient_id)
     write_heatmap(heatmap_path(tmp_path / "heat", "p2"), np.ones((6, 7, 8), np.float32),
                   SPACING, ORIGIN)
+    write_heatmap(heatmap_path(tmp_path / "earlier", "p3"), np.ones((6, 7, 8), np.float32),
+                  SPACING, ORIGIN)  # an earlier explain run's, exported before
+    assert main(["export", str(tmp_path / "data"), str(tmp_path / "out"), "--ids",
+                 str(_ids(tmp_path, "p3")), "--heatmaps", str(tmp_path / "earlier")]) == 0
+    assert (tmp_path / "out" / "p3_heatmap.nii.gz").is_file()
     assert main(["export", str(tmp_path / "data"), str(tmp_path / "out"), "--heatmaps",
                  str(tmp_path / "heat")]) == 0
     assert "exported 3 patient(s)" in capsys.readouterr().out
@@ -142,7 +153,8 @@ def test_patients_explain_left_out_are_exported_without_a_heatmap(tmp_path, caps
                        "p2_hu.nii.gz", "p2_lung_mask.nii.gz", "p3_hu.nii.gz",
                        "p3_lung_mask.nii.gz"]
     assert f"--heatmaps {tmp_path / 'heat'} holds no heatmap of 2 of the 3 patient(s): p1, p3; " \
-        "their HU and lung mask are exported without one" in caplog.text
+        "their HU and lung mask are exported without one (and without an earlier export's)" \
+        in caplog.text
 
 
 def test_a_second_export_into_the_same_out_dir_is_refused(tmp_path, capsys):

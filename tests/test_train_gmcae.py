@@ -227,6 +227,14 @@ def test_resuming_a_run_of_another_kind_is_a_usage_error(data_dir, tmp_path, cap
     assert main(argv) == 2
     assert f"expected the options of a classifier run in {run_dir / 'config.json'}, received " \
         in capsys.readouterr().err
+    # A classifier's record of before the kind was recorded, resumed by train-gmcae.
+    (run_dir / "config.json").write_text(json.dumps({"head": "spp", "gmcae": "g.keras",
+                                                     "epochs": 2}))
+    saved = (run_dir / "config.json").read_text()
+    assert main(["train-gmcae", str(data_dir), str(run_dir), "--resume"]) == 2
+    assert f"expected --resume in the RUN_DIR of a GMCAE run, received {run_dir}, which " \
+        "config.json says is a classifier run" in capsys.readouterr().err
+    assert (run_dir / "config.json").read_text() == saved
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ TensorFlow is imported inside the functions.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ METHODS = ("gradcam", "occlusion")
 DEFAULT_METHOD = METHODS[0]
 PEAKS_NAME = "peaks.csv"
 PEAK_FIELDS = ("id", "z", "y", "x", "value")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # end the run: not one patient's failure
 
 
 @dataclass(frozen=True)
@@ -267,8 +269,9 @@ def explain_cohort(
     The run is journalled in `OUT_DIR/explain.partial` (`kdsb.io.journal`): a killed run, rerun
     with the same models, options and volumes, explains only the patients it had not finished
     (and those whose heatmap or PNG has gone since). A patient that fails (a damaged volume
-    file, no finite heatmap) fails alone: the others go on, peaks.csv lists those that worked,
-    and the journal stays, so a rerun works on the failed patients only. Once every patient
+    file, no finite heatmap) fails alone, an earlier run's heatmap and PNG of it removed: the
+    others go on, peaks.csv lists those that worked, and the journal stays, so a rerun works on
+    the failed patients only (a full disk ends the run instead). Once every patient
     worked the journal is removed. peaks.csv is removed as a run begins (an earlier run's would
     describe heatmaps this run replaces): a folder without one holds an unfinished run.
 
@@ -307,7 +310,8 @@ def explain_cohort(
                              f"where {patient_id}'s heatmap would replace the volume {target}")
     loaded, fingerprinted = load_fingerprinted(model_paths)
     inputs, models = zip(*loaded, strict=True)
-    check_volumes(loaded, [files[i] for i in order])
+    unreadable: dict[Path, str] = {}  # damaged files: their patients fail alone
+    check_volumes(loaded, [files[i] for i in order], unreadable)
     if method == "gradcam":  # before any patient, naming the model file (found in review)
         from kdsb.errors import ModelError
 
@@ -322,7 +326,7 @@ def explain_cohort(
     if method == "occlusion":
         fingerprint |= {"occlusion_mm": occlusion_mm, "stride_mm": stride_mm}
     peaks: list[Peak] = []
-    failed: dict[str, str] = {}
+    failed = {i: unreadable[files[i]] for i in order if files[i] in unreadable}
     with open_journal(out_dir / f"explain{SUFFIX}", fingerprint, "explain") as journal:
         # Of a killed run's last patient; the files of other commands writing here are theirs.
         ours = {PEAKS_NAME}
@@ -332,6 +336,9 @@ def explain_cohort(
         (out_dir / PEAKS_NAME).unlink(missing_ok=True)  # found in review: it outlived its run
         for patient_id in tqdm(order, desc="explain", unit="patient", disable=None):
             path = files[patient_id]
+            if patient_id in failed:
+                _remove_outputs(out_dir, patient_id)
+                continue
             try:
                 stamp = volume_stamp(path)
                 png = out_dir / f"{patient_id}.png"
@@ -345,8 +352,11 @@ def explain_cohort(
                                      method=method, occlusion_mm=occlusion_mm,
                                      stride_mm=stride_mm)
             except (KdsbError, OSError) as error:  # found in review: one file stopped a cohort
+                if isinstance(error, OSError) and error.errno in DISK_FULL:
+                    raise  # every patient after it would fail alike, each after its work
                 reason = " ".join(str(error).split())
                 failed[patient_id] = reason if os.fspath(path) in reason else f"{path}: {reason}"
+                _remove_outputs(out_dir, patient_id)
                 continue
             journal.record(patient_id, stamp, {"probability": peak.probability,
                                                "peak_mm": peak.peak_mm, "value": peak.value})
@@ -357,6 +367,15 @@ def explain_cohort(
         if not failed:
             journal.finish()
     return peaks, failed
+
+
+def _remove_outputs(out_dir: Path, patient_id: str) -> None:
+    """Remove an earlier run's heatmap and PNG of a patient that failed now: `export
+    --heatmaps` would take them for this run's (found in review)."""
+    from kdsb.io.heatmaps import heatmap_path
+
+    for path in (heatmap_path(out_dir, patient_id), out_dir / f"{patient_id}.png"):
+        path.unlink(missing_ok=True)
 
 
 def _explain_into(out_dir: Path, patient_id: str, path: Path, models, inputs,

@@ -113,7 +113,8 @@ def resolve_ids(data_dir: Path, ids: Sequence[str] | None, ids_source: str,
     return list(ids), volumes
 
 
-def check_volumes(loaded: Iterable[tuple[VolumeInput, Any]], paths: Sequence[Path]) -> None:
+def check_volumes(loaded: Iterable[tuple[VolumeInput, Any]], paths: Sequence[Path],
+                  unreadable: dict[Path, str] | None = None) -> None:
     """Every volume fits every model's input (spacing, size; an nll head's GMCAE patch), read
     from the files' attributes: one volume of another spacing fails the command before any
     patient is scored, not after most of a cohort.
@@ -121,16 +122,25 @@ def check_volumes(loaded: Iterable[tuple[VolumeInput, Any]], paths: Sequence[Pat
     Args:
         loaded: each model with the `VolumeInput` it reads through.
         paths: the volume files.
+        unreadable: where given, a file whose attributes cannot be read (a damaged file) is
+            put there (path → one-line reason) for its patient to fail alone, not raised.
 
     Raises:
         StoreError: naming the first file that does not fit (`VolumeInput.check`,
-            `kdsb.models.nll.check_holds_a_patch`).
+            `kdsb.models.nll.check_holds_a_patch`), or cannot be read (without `unreadable`).
     """
+    from kdsb.errors import StoreError
     from kdsb.models.nll import check_holds_a_patch, smallest_input
 
     needs = [(volume_input, smallest_input(model)) for volume_input, model in loaded]
     for path in paths:
-        attrs = read_attrs(path)
+        try:
+            attrs = read_attrs(path)
+        except StoreError as error:
+            if unreadable is None:
+                raise
+            unreadable[path] = " ".join(str(error).split())
+            continue
         for volume_input, patch in needs:
             volume_input.check(path, attrs["spacing"], attrs["shape"])
             if patch > 1:

@@ -190,11 +190,16 @@ def export_cohort(
             except KdsbError as error:
                 failed[patient_id] = " ".join(str(error).split())
                 continue
+            if own_heatmaps is None and heatmaps_dir is not None:
+                # An earlier export's heatmap is of another explain run than DIR's (found in
+                # review: kept beside this run's heatmaps of the others).
+                (out_dir / f"{patient_id}_heatmap{NIFTI_SUFFIX}").unlink(missing_ok=True)
             exported.append(patient_id)
         if os.name == "posix":  # while held (`sole_writer`): a viewer's folder keeps no lock file
             (out_dir / EXPORT_LOCK).unlink(missing_ok=True)
     if without_heatmap:
         logger.warning("--heatmaps %s holds no heatmap of %d of the %d patient(s): %s; their HU "
-                       "and lung mask are exported without one", heatmaps_dir,
+                       "and lung mask are exported without one (and without an earlier "
+                       "export's)", heatmaps_dir,
                        len(without_heatmap), len(wanted), summarise_ids(without_heatmap))
     return exported, failed

@@ -113,8 +113,9 @@ def train_classifier(
             fewer patients than folds.
         StoreError: a volume file is unreadable, too small for `downscale` or of another
             spacing than the others.
-        UsageError: an option is out of range, the run folder holds checkpoints and `resume`
-            is off, or resuming changes an option that may not change, or resumes on other
+        UsageError: an option is out of range, another run writes `run_dir`, the run folder
+            holds checkpoints and `resume` is off, `resume` in a run folder of another kind
+            (config.json), or resuming changes an option that may not change, or resumes on other
             patients (split.json), volumes read otherwise or a changed GMCAE (classifier.json);
             under multiworker, a missing or malformed TF_CONFIG, or a batch size other than the
             number of workers.

@@ -116,6 +116,14 @@ class GmcaeOptions(RunOptions):
     RUN_KIND: ClassVar[str] = "GMCAE"
 
     @classmethod
+    def kind_of_saved(cls, saved):
+        """As `RunOptions.kind_of_saved`; a record without the kind naming a `head` is a
+        classifier run's (found in review: resumed as a GMCAE run, it was clobbered)."""
+        if runs.RUN_KIND_KEY not in saved and "head" in saved:
+            return "classifier"
+        return super().kind_of_saved(saved)
+
+    @classmethod
     def from_saved(cls, saved):
         """Options from a config.json; one saved before `--decoder` existed used "transpose"."""
         return super().from_saved({"decoder": LEGACY_DECODER, **saved})
@@ -320,6 +328,7 @@ def train_gmcae(
 
     Raises:
         UsageError: out-of-range options, fewer than 2 volumes, incompatible options on resume,
+            resuming a run of another kind (config.json), another run writing `run_dir`,
             resuming on other patients (split.json) or volumes of another spacing (gmcae.json),
             a run folder holding checkpoints without `resume`; under multiworker, a missing or
             malformed TF_CONFIG, a batch size that is no multiple of the workers, or fewer

@@ -71,6 +71,7 @@ from kdsb.training.runs.folder import (
 )
 from kdsb.training.runs.options import (
     OPTIONS_NAME,
+    RUN_KIND_KEY,
     RunOptions,
     add_options,
     given_options,
@@ -119,4 +120,5 @@ __all__ = [
     "worker",
     "sole_run",
     "RUN_LOCK_NAME",
+    "RUN_KIND_KEY",
 ]

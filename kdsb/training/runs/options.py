@@ -136,6 +136,12 @@ class RunOptions:
         }
 
     @classmethod
+    def kind_of_saved(cls, saved: Mapping[str, Any]) -> str:
+        """The kind of run a config.json records (`RUN_KIND_KEY`); one written before kdsb
+        recorded it is taken for this kind, unless a subclass tells another's options apart."""
+        return saved.get(RUN_KIND_KEY, cls.RUN_KIND)
+
+    @classmethod
     def from_saved(cls: type[OptionsT], saved: Mapping[str, Any]) -> OptionsT:
         """Options from a config.json; keys that are no option (`data_dir`) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
@@ -226,7 +232,7 @@ def resolve_options(
                              f"received none")
         return options(**given), 0
     stored = read_json(path)
-    kind = stored.get(RUN_KIND_KEY, options.RUN_KIND) if isinstance(stored, dict) else None
+    kind = options.kind_of_saved(stored) if isinstance(stored, dict) else None
     if kind != options.RUN_KIND:  # found in review: a traceback, or a run clobbered
         raise UsageError(f"expected --resume in the RUN_DIR of a {options.RUN_KIND} run, "
                          f"received {run_dir}, which {path.name} says is a {kind} run")
