@@ -127,7 +127,7 @@ def test_two_workers_resume_a_gmcae_and_the_chief_alone_writes(cohort, tmp_path)
     assert _files(run_dir) == {
         "config.json", "history.csv", "checkpoints/epoch_0001.keras",
         "checkpoints/epoch_0002.keras", "gmcae.keras", "gmcae_summary.json", "gmcae.json",
-        "loss.png", "reconstructions.png", "finished.json", "split.json",
+        "loss.png", "reconstructions.png", "finished.json", "split.json", "volumes.json",
     }
     assert json.loads((run_dir / "config.json").read_text())["distribute"] == "multiworker"
     assert _epochs(run_dir) == [0, 1]
@@ -146,6 +146,7 @@ def test_two_workers_train_a_classifier_and_the_chief_alone_writes(cohort, tmp_p
     assert _files(run_dir) == {
         "config.json", "classifier.json", "history.csv", "checkpoints/epoch_0001.keras",
         "uncalibrated.keras", "classifier.keras", "metrics.json", "split.json", "finished.json",
+        "volumes.json",
     }
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["n_train"], metrics["n_val"], metrics["epochs_run"]) == (6, 2, 1)

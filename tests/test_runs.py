@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -417,3 +418,28 @@ def test_a_finished_run_resumed_trains_nothing_unless_asked_for_more(tmp_path):
     assert _fit(tmp_path, 5, resume=True, early_stopping_patience=3).epoch == []
     assert _fit(tmp_path, 3, resume=True, early_stopping_patience=4).epoch == [2]
     assert json.loads(marker.read_text())["epochs_run"] == 3
+
+
+def test_volumes_written_again_since_a_run_began_are_warned_of_on_resume(tmp_path, caplog):
+    """Found in review: a cross-validated run resumed after `preprocess --overwrite` mixed
+    folds of the former and the new volumes without a word."""
+    files = {}
+    for pid in ("a", "b"):
+        files[pid] = tmp_path / f"{pid}.h5"
+        files[pid].write_bytes(b"volume")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    runs.note_volumes(run_dir, files, resume=False)
+    with caplog.at_level(logging.WARNING, logger="kdsb.training"):
+        runs.note_volumes(run_dir, files, resume=True)
+        assert caplog.text == ""
+        files["b"].write_bytes(b"volume written again")
+        runs.note_volumes(run_dir, files, resume=True)
+    assert f"1 volume file(s) written again since {run_dir} began: b; what it has trained, " \
+        "scored or cached already was made of the former ones" in caplog.text
+    runs.note_volumes(run_dir, files, resume=False, chief=False)  # only the chief records
+    runs.note_volumes(run_dir, files, resume=False)  # a fresh start records them anew
+    caplog.clear()
+    runs.note_volumes(run_dir, files, resume=True)
+    assert caplog.text == ""
+

@@ -195,6 +195,7 @@ def _train_held(data_dir: str | os.PathLike, labels_csv: str | os.PathLike, run_
     if resume:
         check_input_unchanged(run_dir, volume_input, options.gmcae, gmcae_sha256)
     runs.begin(run_dir, options, data_dir=data_dir, resume=resume)
+    runs.note_volumes(run_dir, {i: volumes[i] for i in usable}, resume, worker.chief)
     if worker.chief:
         volume_input.save(run_dir, gmcae=str(options.gmcae), gmcae_sha256=gmcae_sha256)
     bag_files = None

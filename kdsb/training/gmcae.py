@@ -379,6 +379,7 @@ def _train_held(data_dir: Path, run_dir: Path, options: GmcaeOptions, start_epoc
     # Before config.json is written: a refused resume changes nothing.
     runs.pin_split(run_dir, {"train_ids": train_ids, "val_ids": val_ids}, resume, worker.chief)
     runs.begin(run_dir, options, data_dir=data_dir, resume=resume)
+    runs.note_volumes(run_dir, volumes, resume, worker.chief)
     if worker.chief:
         # A summary of fewer epochs than this run will have trained, or a former run's
         # (before the patch cache's minutes: the shortcut above must not find it).

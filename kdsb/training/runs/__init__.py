@@ -13,6 +13,9 @@ RUN_DIR/
   checkpoints/epoch_0001.keras …   full model + optimizer state after every epoch (atomic)
   <best_name>                      the best model so far by `monitor` (atomic)
   split.json                       its training and validation patients, compared on resume
+  volumes.json                     its volume files as they were (bytes, time): resumed on
+                                   files written again since, it warns
+  .kdsb-train.lock                 held by the run writing it (`sole_run`), removed at its end
   history.csv                      one row per epoch (keras CSVLogger; `epoch` counts from 0)
   finished.json                    once training ended: epochs run, stopped early; resumed,
                                    it trains on only when it had run all its epochs and is given
@@ -34,7 +37,8 @@ batch; the checkpoint of a non-finite model is never written.
 
 Modules: `options` (`RunOptions`, flags, the resume rule), `devices` (seeds, precision, strategies,
 workers), `folder` (checkpoints, history, atomic saves), `callbacks` (NaN guard, checkpoints, giving
-up), `fitting` (`begin`, `train`, `fit`), `split` (the patients a model trains and validates on).
+up), `fitting` (`begin`, `train`, `fit`), `split` (the patients a model trains and validates on,
+its volume files).
 Their public names are importable from here.
 
 TensorFlow is imported inside the functions, so importing this module stays light.
@@ -79,7 +83,13 @@ from kdsb.training.runs.options import (
     resolve_options,
     resumable_flags,
 )
-from kdsb.training.runs.split import SPLIT_NAME, check_split, pin_split
+from kdsb.training.runs.split import (
+    SPLIT_NAME,
+    VOLUMES_NAME,
+    check_split,
+    note_volumes,
+    pin_split,
+)
 
 __all__ = [
     "SPLIT_NAME",
@@ -121,4 +131,6 @@ __all__ = [
     "sole_run",
     "RUN_LOCK_NAME",
     "RUN_KIND_KEY",
+    "VOLUMES_NAME",
+    "note_volumes",
 ]

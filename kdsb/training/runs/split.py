@@ -1,17 +1,25 @@
 """Which patients a model trains on, validates on (and holds out): recorded before it trains
 (`SPLIT_NAME`), and compared when it resumes. With volumes or labels changed since, a resumed
-model would train on its validation patients, or score patients it trained on as unseen.
+model would train on its validation patients, or score patients it trained on as unseen. The
+volume files as they were when the run began (`VOLUMES_NAME`): one written again since (say,
+preprocessed again after a lung-mask fix) is warned of on resume.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
-from kdsb.errors import UsageError
+from kdsb.errors import KdsbError, UsageError
 from kdsb.io.atomic import read_json, write_json
+from kdsb.io.tables import summarise_ids
+
+logger = logging.getLogger(__name__)
 
 SPLIT_NAME = "split.json"
+VOLUMES_NAME = "volumes.json"  # id → [bytes, modification time in ns] of each volume file
 
 
 def check_split(model_dir: str | os.PathLike, split: dict[str, list[str]], resume: bool,
@@ -53,3 +61,32 @@ def pin_split(model_dir: str | os.PathLike, split: dict[str, list[str]], resume:
     path = Path(model_dir) / SPLIT_NAME
     if chief and not (path.is_file() and resume):
         write_json(path, split)
+
+
+def note_volumes(run_dir: str | os.PathLike, volumes: Mapping[str, Path], resume: bool,
+                 chief: bool = True) -> None:
+    """Record the run's volume files as they are (bytes, modification time); resuming, warn of
+    those written since the run began: its finished epochs, folds or cached bags were made of
+    the former ones (found in review: a cross-validated run resumed after `preprocess
+    --overwrite` mixed both without a word). A warning, not a refusal: a copy of the volumes
+    that did not keep modification times changes them too.
+    """
+    path = Path(run_dir) / VOLUMES_NAME
+    now = {}
+    for patient_id, volume in volumes.items():
+        stat = os.stat(volume)
+        now[patient_id] = [stat.st_size, stat.st_mtime_ns]
+    if resume and path.is_file():
+        try:
+            begun = read_json(path)
+        except KdsbError:
+            begun = {}
+        changed = sorted(i for i in now if i in begun and begun[i] != now[i])
+        if changed:
+            logger.warning("%d volume file(s) written again since %s began: %s; what it has "
+                           "trained, scored or cached already was made of the former ones "
+                           "(start a new run folder to train on these alone)", len(changed),
+                           run_dir, summarise_ids(changed))
+        return
+    if chief:
+        write_json(path, now)
