@@ -19,6 +19,7 @@ import pytest
 from scipy import ndimage
 
 from kdsb.cli import main
+from kdsb.errors import UsageError
 from kdsb.io import volumes
 from kdsb.phantoms.cohort import load_truth, write_cohort
 from kdsb.phantoms.dicom_write import Acquisition, write_ct_series
@@ -449,7 +450,8 @@ def test_a_folder_this_user_may_not_search_fails_alone(tmp_path, monkeypatch):
     real_stat, real_scandir = pathlib.Path.stat, os.scandir
 
     def stat(self, *args, follow_symlinks=True):
-        if self.parent.name == "locked" or (self.name == "link" and follow_symlinks):
+        if self.parent.name == "locked" or (self.name in ("link", "p9.nii.gz")
+                                            and follow_symlinks):
             raise PermissionError(13, "Permission denied", str(self))
         return real_stat(self, *args, follow_symlinks=follow_symlinks)
 
@@ -459,12 +461,13 @@ def test_a_folder_this_user_may_not_search_fails_alone(tmp_path, monkeypatch):
         return real_scandir(path)
 
     (root / "link").symlink_to(root / "locked" / "series", target_is_directory=True)
+    (root / "p9.nii.gz").symlink_to(root / "locked" / "p9.nii.gz")  # a file patient's link
     latin1_note = os.fsencode(root) + b"/notes_M\xfcller.txt"  # not a patient: ignored
     with open(latin1_note, "w") as f:
         f.write("notes")
     monkeypatch.setattr(pathlib.Path, "stat", stat)
     monkeypatch.setattr(os, "scandir", scandir)
-    assert sorted(find_patients(root)) == ["link", "locked", "open"]
+    assert sorted(find_patients(root)) == ["link", "locked", "open", "p9"]
     with pytest.raises(KdsbError, match=f"^{root / 'locked'}: expected folders this user may "
                                         f"read, received Permission denied for {root / 'locked'}$"):
         files_under(root / "locked")
@@ -491,6 +494,54 @@ def test_a_volume_whose_source_cannot_be_read_now_is_kept(tmp_path, monkeypatch,
     tasks, skipped = cohort._plan({"p1": source}, tmp_path / "out", (1.0, 1.0, 1.0), 10.0, None)
     assert not tasks and list(skipped) == ["p1"]
     assert "p1: kept p1.h5, its source cannot be read now" in caplog.text
+
+
+def test_another_source_is_one_elsewhere_or_gone_with_other_files(tmp_path):
+    """Found in review of the fix: a gone source counted as moved, so a deleted cohort's
+    volumes were replaced by another cohort's of the same ids without a word."""
+    import kdsb.preprocessing.cohort as cohort
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    stamp = "3 files, 300 bytes, newest 2026-12-01T00:00:00.000000+00:00"
+    copied = "3 files, 300 bytes, newest 2026-12-04T00:00:00.000000+00:00"
+    other = "4 files, 410 bytes, newest 2026-12-04T00:00:00.000000+00:00"
+    assert cohort._another_source(str(there), here, stamp, other)  # still there
+    assert not cohort._another_source(str(here), here, stamp, other)
+    assert not cohort._another_source(None, here, stamp, other)  # before kdsb recorded it
+    gone = str(tmp_path / "gone")
+    assert cohort._another_source(gone, here, stamp, other)  # gone, other files
+    assert not cohort._another_source(gone, here, stamp, copied)  # moved, times lost
+
+
+def test_overwrite_replaces_another_cohorts_volume_in_a_continued_run(tmp_path):
+    """Found in review of the fix: a continued --overwrite run refused another cohort's volume
+    with "use --overwrite", which had been given."""
+    import kdsb.preprocessing.cohort as cohort
+    from kdsb.preprocessing.pipeline import SOURCE_ATTR, SOURCE_STAMP_ATTR
+
+    source, elsewhere = tmp_path / "root" / "p1", tmp_path / "other" / "p1"
+    source.mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    volumes.write_volume(volumes.volume_path(tmp_path / "out", "p1"), np.zeros((2, 2, 2)),
+                         np.zeros((2, 2, 2)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                         {"margin_mm": 10.0, SOURCE_STAMP_ATTR: "9 files, 9 bytes",
+                          SOURCE_ATTR: str(elsewhere)})
+    plan = ({"p1": source}, tmp_path / "out", (1.0, 1.0, 1.0), 10.0, 0)  # began long ago
+    with pytest.raises(UsageError, match="made from other files elsewhere"):
+        cohort._plan(*plan)
+    tasks, _ = cohort._plan(*plan, overwrite=True)
+    assert list(tasks) == ["p1"]
+
+
+def test_a_killed_overwrite_run_not_continued_is_said_so(tmp_path, caplog):
+    from kdsb.preprocessing.out_dir import begin_overwrite, overwrite_in_progress
+
+    begin_overwrite(tmp_path, tmp_path / "root", (2.0, 2.0, 2.0), 10.0)
+    assert overwrite_in_progress(tmp_path, tmp_path / "root", (1.0, 1.0, 1.0), 10.0) is None
+    assert f"a killed --overwrite run of {tmp_path / 'root'} with other settings or another " \
+        "kdsb" in caplog.text and "is not continued by this one" in caplog.text
 
 
 def test_a_source_spelled_otherwise_is_the_same_source(phantoms, tmp_path, caplog):

@@ -468,6 +468,14 @@ def test_a_damaged_volume_file_fails_alone_and_its_old_heatmap_goes(cohort, tmp_
     assert set(_peaks(out)) == {"c0", "c1"}
     assert not (out / "c2.h5").exists() and not (out / "c2.png").exists()
     assert (out / "c0.h5").is_file()
+    # OUT_DIR = DATA_DIR, its one patient damaged (no volume to `holds_volume`): refused, the
+    # damaged file left as it is (found in review of the fix: removed as an "old heatmap").
+    damaged = (data / "c2.h5").read_bytes()
+    (tmp_path / "one.csv").write_text("id\nc2\n")
+    assert main(["explain", str(data), str(model), str(data), "--ids",
+                 str(tmp_path / "one.csv")]) == 2
+    assert "expected an OUT_DIR apart from the volumes" in capsys.readouterr().err
+    assert (data / "c2.h5").read_bytes() == damaged
 
 
 def test_a_full_disk_ends_the_run(cohort, tmp_path, monkeypatch, capsys):

@@ -304,8 +304,13 @@ def explain_cohort(
     if model_paths_of_run(out_dir):  # `explain DATA runA runB`: OUT_DIR left out
         raise UsageError(f"expected an OUT_DIR for the heatmaps, received {out_dir}, the run "
                          "folder of a trained classifier (was OUT_DIR left out?)")
+    same_folder = out_dir.exists() and Path(data_dir).exists() and \
+        os.path.samefile(out_dir, data_dir)
     for patient_id in order:  # heatmaps are <id>.h5 too: never write one over a volume
-        if holds_volume(target := heatmap_path(out_dir, patient_id)):
+        # (A damaged volume is no volume to `holds_volume`: the folders are compared too;
+        # found in review.)
+        target = heatmap_path(out_dir, patient_id)
+        if same_folder or holds_volume(target):
             raise UsageError(f"expected an OUT_DIR apart from the volumes, received {out_dir}, "
                              f"where {patient_id}'s heatmap would replace the volume {target}")
     loaded, fingerprinted = load_fingerprinted(model_paths)

@@ -74,10 +74,12 @@ def export_patient(
     out_dir: str | os.PathLike,
     patient_id: str,
     heatmaps_dir: str | os.PathLike | None = None,
+    drop_heatmap: bool = False,
 ) -> list[Path]:
     """Write `<id>_hu.nii.gz`, `<id>_lung_mask.nii.gz` and, with `heatmaps_dir`,
     `<id>_heatmap.nii.gz` into `out_dir` (all or none: `write_nifti_set`); returns the files
-    written.
+    written. Without `heatmaps_dir`, an earlier export's heatmap stays where it lies on the
+    volume's grid, unless `drop_heatmap` (its `--heatmaps DIR` holds none of this patient).
 
     Raises:
         StoreError: an unreadable volume or heatmap file, a heatmap on another grid, or a
@@ -108,6 +110,8 @@ def export_patient(
     if out_dir.is_dir():  # a killed export's temporaries of this patient's files
         remove_stale_temporaries(out_dir, {path.name for path in [*arrays, heatmap_file]})
     try:
+        if heatmap is None and drop_heatmap:  # first: a kill leaves no heatmap of another run
+            heatmap_file.unlink(missing_ok=True)
         written = write_nifti_set(arrays, *grid)
         if heatmap is None:
             _remove_heatmap_of_another_grid(heatmap_file, volume.hu.shape, grid)
@@ -186,14 +190,13 @@ def export_cohort(
                 without_heatmap.append(patient_id)
                 own_heatmaps = None
             try:
-                export_patient(available[patient_id], out_dir, patient_id, own_heatmaps)
+                # Without a heatmap in DIR an earlier export's is another explain run's (found
+                # in review: kept beside this run's heatmaps of the others).
+                export_patient(available[patient_id], out_dir, patient_id, own_heatmaps,
+                               drop_heatmap=heatmaps_dir is not None)
             except KdsbError as error:
                 failed[patient_id] = " ".join(str(error).split())
                 continue
-            if own_heatmaps is None and heatmaps_dir is not None:
-                # An earlier export's heatmap is of another explain run than DIR's (found in
-                # review: kept beside this run's heatmaps of the others).
-                (out_dir / f"{patient_id}_heatmap{NIFTI_SUFFIX}").unlink(missing_ok=True)
             exported.append(patient_id)
         if os.name == "posix":  # while held (`sole_writer`): a viewer's folder keeps no lock file
             (out_dir / EXPORT_LOCK).unlink(missing_ok=True)

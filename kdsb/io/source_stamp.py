@@ -46,3 +46,10 @@ def source_stamp(source: str | os.PathLike) -> str:
     # Microseconds, UTC: readable in a warning, and finer than any rewrite of a scan.
     when = datetime.fromtimestamp(newest / 1e9, tz=timezone.utc).isoformat(timespec="microseconds")
     return f"{len(stats)} files, {sum(s.st_size for s in stats)} bytes, newest {when}"
+
+
+def same_files_but_times(stamp: str, other: str) -> bool:
+    """Whether two `source_stamp`s count the same files and bytes, whatever their times (a copy
+    that did not keep modification times)."""
+    return stamp.split(", newest")[0] == other.split(", newest")[0]
+

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from kdsb.errors import KdsbError, UsageError
 from kdsb.io import volumes
 from kdsb.io.atomic import remove_stale_temporaries, sole_writer
-from kdsb.io.source_stamp import source_stamp
+from kdsb.io.source_stamp import same_files_but_times, source_stamp
 from kdsb.io.tables import summarise_ids
 from kdsb.preprocessing.out_dir import (
     LOCK_NAME,
@@ -165,7 +165,7 @@ def _run_locked(
     began = overwrite_in_progress(out_dir, input_root, target, margin_mm)
     if overwrite and began is None:
         began = math.inf  # a new --overwrite run: no volume is its own yet
-    tasks, results = _plan(patients, out_dir, target, margin_mm, began)
+    tasks, results = _plan(patients, out_dir, target, margin_mm, began, overwrite)
     if began == math.inf:  # planned, so not refused: say so for a rerun after a kill
         begin_overwrite(out_dir, input_root, target, margin_mm)
     # Each local worker gets its share of the cores; a Dask worker runs one patient per thread.
@@ -219,6 +219,7 @@ def _plan(
     spacing: tuple[float, float, float],
     margin_mm: float,
     overwrite_began: float | None,
+    overwrite: bool = False,
 ) -> tuple[dict[str, tuple], dict[str, PatientResult]]:
     """The worker arguments of every patient to preprocess (all but the threads), and the
     results of those skipped.
@@ -230,11 +231,12 @@ def _plan(
     kept); outside an `--overwrite` run one written with other settings raises UsageError
     (`existing_attrs`), and so, in one too, does a volume in `out_dir` of a patient not in this
     run written with other settings (`check_other_patients`). A volume made from
-    other source files at another path that still exists (`SOURCE_ATTR`: another cohort with
-    the same ids) raises UsageError too, unless `--overwrite`: replacing it would swap one
-    cohort's images for another's under the same id. Moved sources whose files are unchanged are
-    skipped. A patient whose source cannot be stamped now (a folder this user may no longer
-    search) keeps its volume, with a warning: it could only fail, and its volume go with it.
+    other source files elsewhere (`SOURCE_ATTR`, `_another_source`: another cohort with the
+    same ids) raises UsageError too, unless `overwrite` (the flag given): replacing it would swap
+    one cohort's images for another's under the same id. Moved sources whose files are
+    unchanged are skipped. A patient whose source cannot be stamped now (a folder this user may
+    no longer search) keeps its volume, with a warning: it could only fail, and its volume go
+    with it.
     """
     tasks: dict[str, tuple] = {}
     skipped: dict[str, PatientResult] = {}
@@ -252,7 +254,7 @@ def _plan(
                            path.name, " ".join(str(error).split()))
             now = stamp
         if stamp is not None and stamp != now:
-            if _another_source(attrs.get(SOURCE_ATTR), source):
+            if not overwrite and _another_source(attrs.get(SOURCE_ATTR), source, stamp, now):
                 elsewhere.append(f"{path.name} (made from {attrs[SOURCE_ATTR]}, here "
                                  f"{source_text(source)})")
                 continue
@@ -274,16 +276,20 @@ def _plan(
     return tasks, skipped
 
 
-def _another_source(made_from: str | None, source: Path) -> bool:
-    """Whether a volume's recorded source (`SOURCE_ATTR`) is another folder or file than
-    `source` that still exists (another cohort's patient of the same id): not one spelled
-    otherwise (`..`, a symlinked parent) and not one moved away since."""
+def _another_source(made_from: str | None, source: Path, stamp: str, now: str) -> bool:
+    """Whether a volume's recorded source (`SOURCE_ATTR`) is another patient's than `source`
+    (another cohort's of the same id), its files differing (`stamp`, `now`): one that still
+    exists and is not `source` spelled otherwise (`..`, a symlinked parent), or one gone whose
+    files were other files (their count or bytes; a copy moved that kept them but not their
+    times is the same patient: found in review)."""
     if made_from is None or made_from == source_text(source):
         return False
     try:
-        return os.path.exists(made_from) and not os.path.samefile(made_from, source)
+        if os.path.exists(made_from):
+            return not os.path.samefile(made_from, source)
     except OSError:
         return False
+    return not same_files_but_times(stamp, now)
 
 
 def _write_qc(results: dict[str, PatientResult], out_dir: Path, qc_dir: Path) -> None:

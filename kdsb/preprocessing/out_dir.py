@@ -169,6 +169,10 @@ def overwrite_in_progress(out_dir: Path, input_root: Path, spacing: tuple[float,
     except (OSError, ValueError, KeyError, TypeError):  # none, or not readable: not continued
         return None
     if not same:
+        logger.warning("%s: a killed --overwrite run of %s with other settings or another kdsb "
+                       "(%s) is not continued by this one; its volumes not yet redone stay as "
+                       "they were (delete the file once that is no longer wanted)", marker,
+                       input_root, {k: saved.get(k) for k in ("spacing", "margin_mm", "kdsb")})
         return None
     logger.info("continuing the --overwrite run of %s that %s records: volumes written since "
                 "it began are kept, older ones redone", input_root, marker)

@@ -133,12 +133,15 @@ def _exists(path: Path) -> bool:
 
 
 def _is_dir(path: Path) -> bool:
-    """`path.is_dir()`, True where the answer is not ours to know (a link into a folder this
-    user may not search, as `_exists`): a patient folder, which then fails alone."""
+    """`path.is_dir()`; where the answer is not ours to know (a link into a folder this user
+    may not search, as `_exists`), a folder unless its name is a volume file's (`p1.nii.gz`):
+    either way a patient of the right id, which then fails alone."""
+    from kdsb.io.volume_files import volume_id
+
     try:
         return path.is_dir()
     except OSError:
-        return True
+        return volume_id(path) is None
 
 
 def _require_utf8_name(path: Path) -> None:
