@@ -27,6 +27,7 @@ from kdsb.preprocessing.out_dir import MANIFEST_FIELDS, read_manifest
 from kdsb.preprocessing.pipeline import STATUS_OK, PatientResult
 from kdsb.preprocessing.resample import resample_mask
 from kdsb.preprocessing.workers import WORKER_DIED_MESSAGE, run_tasks
+from tests.locks import lock_held_elsewhere
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0  # this seed's 4 patients hold large juxtapleural nodules (8.3 and 13.9 mm radius)
@@ -864,18 +865,10 @@ def test_a_second_run_into_the_same_out_dir_is_refused(phantoms, tmp_path, capsy
 
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-         str(out / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out / LOCK_NAME):
         assert main(["preprocess", str(phantoms / "dicom"), str(out)]) == 2
         assert f"expected no other kdsb preprocess writing {out}" in capsys.readouterr().err
         assert not list(out.glob("*.h5")) and not (out / "manifest.csv").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     one = _link_patients(tmp_path / "one", phantoms, _phantom_ids(phantoms)[:1])
     assert main(["preprocess", str(one), str(out)]) == 0
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from kdsb.cli import main
 from kdsb.io import volumes
 from kdsb.io.heatmaps import heatmap_path, read_heatmap, write_heatmap
 from kdsb.io.nifti import ras_affine
+from tests.locks import lock_held_elsewhere
 
 SPACING = (2.5, 0.8, 0.7)  # (z, y, x) mm
 ORIGIN = (-310.0, 25.5, -170.25)  # LPS (z, y, x) mm of voxel [0, 0, 0]
@@ -164,18 +162,10 @@ def test_a_second_export_into_the_same_out_dir_is_refused(tmp_path, capsys):
     _volume(tmp_path, "p1")
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-         str(out / EXPORT_LOCK)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out / EXPORT_LOCK):
         assert main(["export", str(tmp_path / "data"), str(out)]) == 2
         assert f"expected no other kdsb export writing {out}" in capsys.readouterr().err
         assert not list(out.glob("*.nii.gz"))
-    finally:
-        holder.kill()
-        holder.wait()
     assert main(["export", str(tmp_path / "data"), str(out)]) == 0
 
 

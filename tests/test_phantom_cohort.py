@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,6 +25,7 @@ from kdsb.phantoms.cohort import (
 )
 from kdsb.phantoms.dicom_write import Acquisition, _stored_values
 from kdsb.phantoms.nodules import CANCER_RADIUS_MM
+from tests.locks import lock_held_elsewhere
 
 
 def test_acquisition_styles_cover_every_storage_and_order():
@@ -231,18 +230,10 @@ def test_a_cohort_still_being_written_is_not_taken_for_an_unfinished_one(tmp_pat
     (tmp_path / "dicom" / "phantom_000").mkdir(parents=True)
     (tmp_path / "truth").mkdir()
     marker = tmp_path / ".kdsb-synth-unfinished"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time\n"
-         "f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True)\n"
-         "time.sleep(60)", str(marker)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(marker):
         with pytest.raises(UsageError, match="expected no other kdsb synth writing"):
             write_cohort(tmp_path, patients=2, seed=1, size=40, scale=0.5)
         assert (tmp_path / "dicom" / "phantom_000").is_dir()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_dicom_folder_synth_did_not_write_is_never_replaced(tmp_path):

@@ -19,6 +19,7 @@ from kdsb.errors import UsageError
 from kdsb.io import volumes
 from kdsb.training import runs
 from kdsb.training.gmcae import GmcaeOptions, validation_patches
+from tests.locks import lock_held_elsewhere
 
 keras = pytest.importorskip("keras")
 
@@ -187,19 +188,11 @@ def test_a_second_run_into_the_same_run_dir_is_refused(data_dir, tmp_path, capsy
     deleted each other's temporaries and appended to one history.csv."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-         "fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-         str(run_dir / runs.RUN_LOCK_NAME)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run_dir / runs.RUN_LOCK_NAME):
         assert main(["train-gmcae", str(data_dir), str(run_dir), *TINY]) == 2
         assert f"expected no other kdsb train-gmcae writing {run_dir}" in \
             capsys.readouterr().err
         assert sorted(p.name for p in run_dir.iterdir()) == [runs.RUN_LOCK_NAME]
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_seed_out_of_range_is_a_usage_error(data_dir, tmp_path, capsys):
