@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -177,7 +178,33 @@ def test_a_padding_value_read_as_unsigned_is_the_signed_one():
         ds = pydicom.Dataset()
         ds.BitsStored, ds.PixelRepresentation = 12, 1
         ds.add_new(0x00280120, "SS" if tag_value < 0 else "US", tag_value)
-        assert padding_range(ds) == (-1500, -1500), hex(tag_value)
+        assert padding_range("p1", ds, Path("a.dcm")) == (-1500, -1500), hex(tag_value)
+    # Found in review: a value that is no single whole number was a traceback.
+    from kdsb.errors import DicomError
+
+    ds = pydicom.Dataset()
+    ds.add_new(0x00280120, "US", [5, 6])
+    with pytest.raises(DicomError, match=r"^patient p1: expected a whole PixelPaddingValue and "
+                                         r"PixelPaddingRangeLimit, received .* \(file a\.dcm\)$"):
+        padding_range("p1", ds, Path("a.dcm"))
+
+
+def test_every_transfer_syntax_of_a_series_needs_its_decoder(monkeypatch):
+    """Found in review: only the first file's syntax was checked; a series mixing syntaxes
+    failed later as "truncated or corrupt data", over several lines."""
+    from types import SimpleNamespace
+
+    from kdsb.io.dicom import pixels
+
+    checked = []
+    monkeypatch.setattr(pixels, "_check_decoder", lambda patient, header: checked.append(
+        header.transfer_syntax))
+    monkeypatch.setattr(pixels, "_read_slice", lambda *args: None)
+    headers = [SimpleNamespace(transfer_syntax=syntax, rows=2, columns=2, frame=None)
+               for syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90",
+                              "1.2.840.10008.1.2.1")]
+    pixels.read_pixels("p1", headers)
+    assert checked == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90"]
 
 
 def test_a_series_in_symlinked_sub_folders_is_read(tmp_path, hu):

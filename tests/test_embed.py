@@ -92,7 +92,8 @@ def test_a_gmcae_that_is_not_one_is_a_clear_error(cohort, tmp_path, capsys):
     assert "expected --top at most --patches (8), received 9" in capsys.readouterr().err
 
 
-def test_volumes_of_another_spacing_than_the_gmcaes_fail_alone(cohort, tmp_path, capsys):
+def test_volumes_of_another_spacing_than_the_gmcaes_fail_alone(cohort, tmp_path, capsys,
+                                                                monkeypatch):
     from kdsb.data.inputs import save_gmcae_spacing
 
     model_dir = tmp_path / "run"
@@ -111,6 +112,20 @@ def test_volumes_of_another_spacing_than_the_gmcaes_fail_alone(cohort, tmp_path,
     assert "p01.h5: expected a spacing of" in err and "preprocess it with that --spacing" in err
     assert "p01" not in {r["id"] for r in _rows(out / "embeddings.csv")}
     assert len(_rows(out / "embeddings.csv")) == ORDINARY + 1
+    # The journal stays (found in review: dropped, so a rerun embedded every patient again):
+    # with p01 mended, a rerun embeds p01 alone.
+    assert (out / "embed.partial").is_file()
+    volume = volumes.read_volume(cohort / "data" / "p01.h5")
+    _write(data, "p01", volume.hu, volume.lung_mask, (2.0, 2.5, 2.5), volume.origin)
+    from kdsb.evaluation import embed
+    from tests.interrupt import Interrupter
+
+    counted = Interrupter(monkeypatch, embed, "patient_features")
+    counted.next_run()
+    assert main(["embed", str(data), str(model_dir / "gmcae.keras"), str(out),
+                 "--patches", "4"]) == 0
+    assert counted.calls == 1 and not (out / "embed.partial").exists()
+    assert len(_rows(out / "embeddings.csv")) == ORDINARY + 2
 
 
 def test_a_gmcae_of_16_voxel_patches_embeds(cohort, tmp_path):

@@ -404,6 +404,14 @@ def _nrrd_without_space(path: Path) -> Path:
     return path
 
 
+def _nrrd_in_scanner_space(path: Path) -> Path:
+    header = (b"NRRD0004\ntype: short\ndimension: 3\nspace: scanner-xyz\nsizes: 8 7 6\n"
+              b"space directions: (0.7,0,0) (0,0.7,0) (0,0,2.5)\nspace origin: (0,0,0)\n"
+              b"encoding: raw\nendian: little\n\n")
+    path.write_bytes(header + SMALL.astype("<i2").tobytes())
+    return path
+
+
 def _shifted_hu() -> np.ndarray:
     """A chest stored as HU + 1024 (body 1024, lungs 174) with part of a row of -1024 padding."""
     values = np.full((8, 40, 40), 1024, np.int16)
@@ -452,7 +460,11 @@ BAD_FILES = {
                  "expected the patient orientation in the NIfTI header (sform_code or qform_code "
                  "above 0), received neither"),
     "no_space": (_nrrd_without_space, "no_space.nrrd",
-                 "expected the patient space in the NRRD header (a 'space:' field"),
+                 "expected the patient space in the NRRD header (a 'space:' field, e.g. "
+                 "left-posterior-superior), received none"),
+    # Read as LPS by SimpleITK (found in review).
+    "scanner_space": (_nrrd_in_scanner_space, "scanner_space.nrrd",
+                      "received scanner-xyz: its orientation is unknown"),
     # SimpleITK took 1 mm voxels from pixdim and the rest from the sform (found in review).
     "pixdim": (lambda p: _nifti(p, 0, 1, pixdim=(1.0, 1.0, 1.0)), "pixdim.nii.gz",
                "expected the NIfTI header's pixdim and its coded sform to agree, received voxel "

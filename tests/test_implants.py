@@ -130,6 +130,12 @@ def test_synth_base_bad_options_are_usage_errors(base_folder, tmp_path, capsys):
     assert main(["synth", str(tmp_path / "e"), "--places", "apical"]) == 2
     assert "expected no --places for a phantom cohort" in capsys.readouterr().err
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+    # OUT_ROOT inside the base's folder, or the base inside OUT_ROOT (found in review: the
+    # base's series then took in the cohort's own, and its next run failed).
+    for out_root, base in ((folder / "synthetic", folder), (folder.parent, folder)):
+        assert main(["synth", str(out_root), "--base", str(base)]) == 2
+        assert "expected OUT_ROOT and the base scan apart" in capsys.readouterr().err
+    assert not (folder / "synthetic").exists()
 
 
 def test_a_lesion_that_cannot_be_placed_is_drawn_elsewhere_then_named(base_folder, monkeypatch,

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         table, failed = embed_cohort(gmcae, paths, patches=args.patches, top=args.top,
                                      seed=args.seed, spacing_mm=spacing_mm, journal=journal)
         write_embedding_files(args.out_dir, table, neighbours=args.neighbours, labels=labels)
-        journal.finish()
+        if not failed:  # else kept: a rerun embeds the failed patients only (as explain)
+            journal.finish()
     for reason in failed.values():
         print(f"kdsb embed: failed: {reason}", file=sys.stderr)
     print(f"{len(table.ids)} patient(s) embedded; most unusual first in "

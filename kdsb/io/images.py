@@ -17,7 +17,8 @@ one geometry path serves them all; nibabel would read NIfTI only, in RAS.
 
 How the volume is checked and made canonical:
 
-- The file must be a 3D image of one value per voxel (a 2D, 4D or vector image is an error)
+- The file must be a 3D image of one value per voxel (a 2D, 4D or vector image is an error;
+  SimpleITK reads a NIfTI file's 4th axis of length 1 as none, so that one is 3D)
   with at least `MIN_SLICES` voxels along every axis. A `.mhd` whose data file is missing is an
   error naming both files, found before SimpleITK tries anything. A NIfTI file shorter than its
   header promises is an error too: SimpleITK would fill the missing voxels with 0 HU unasked.
@@ -94,6 +95,10 @@ NIFTI_GZIP_SUFFIX = ".nii.gz"
 NIFTI_SUFFIXES = (".nii", NIFTI_GZIP_SUFFIX)
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 NRRD_SPACE_KEY = "NRRD_space"  # SimpleITK's key for the NRRD header's `space:` field
+# The anatomical spaces of the NRRD format (RAS, LAS, LPS and their long names; ITK reports
+# those it turned into LPS as left-posterior-superior).
+NRRD_PATIENT_SPACES = ("left-posterior-superior", "right-anterior-superior",
+                       "left-anterior-superior")
 # How far (mm, and mm per voxel step) SimpleITK's reading of a NIfTI geometry may lie from the
 # header's coded qform or sform: float32 rounding is ~1e-5 mm.
 NIFTI_GEOMETRY_TOLERANCE_MM = 1e-3
@@ -255,11 +260,16 @@ class _Reader:
         if self.suffix in NIFTI_SUFFIXES:
             self.check_nifti_length(reader)
             self.check_nifti(reader)
-        elif self.suffix in NRRD_SUFFIXES and NRRD_SPACE_KEY not in reader.GetMetaDataKeys():
-            # SimpleITK takes identity directions and origin 0: left, anterior and up unknown.
-            raise self.error("expected the patient space in the NRRD header (a 'space:' field, "
-                             "e.g. left-posterior-superior), received none: its orientation "
-                             "is unknown")
+        elif self.suffix in NRRD_SUFFIXES:
+            # Without an anatomical space SimpleITK takes the axes as LPS (identity directions
+            # and origin 0 where there is no field; `scanner-xyz`, `3D-right-handed` as they
+            # are: found in review): left, anterior and up unknown.
+            space = reader.GetMetaData(NRRD_SPACE_KEY) \
+                if NRRD_SPACE_KEY in reader.GetMetaDataKeys() else None
+            if space is None or space.removesuffix("-time") not in NRRD_PATIENT_SPACES:
+                raise self.error("expected the patient space in the NRRD header (a 'space:' "
+                                 "field, e.g. left-posterior-superior), received "
+                                 f"{space or 'none'}: its orientation is unknown")
         self.warn_printed(printed)
         return reader
 

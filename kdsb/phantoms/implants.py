@@ -298,6 +298,12 @@ def write_implant_cohort(
         raise UsageError(f"expected a base scan (DICOM folder or volume file), received a "
                          f"missing path: {base}")
     out_root = Path(out_root)
+    where, base_at = out_root.resolve(), base.resolve()
+    if where == base_at or base_at in where.parents or where in base_at.parents:
+        # Found in review: a DICOM base's series then took in the cohort's own (its next run,
+        # a resume too, failed on "CT series of 3 patients"), or --overwrite replaced the base.
+        raise UsageError(f"expected OUT_ROOT and the base scan apart, received {out_root} "
+                         f"and {base}, one inside the other")
     check_out_root(out_root, overwrite)  # before the base is read and segmented (seconds)
     series = read_patient(base)
     base_lungs = segment_lungs(series.hu, series.spacing, patient_id=str(base)) > 0

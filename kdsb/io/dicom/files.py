@@ -31,7 +31,8 @@ BARE_HEAD_BYTES = 8 + BARE_TEXT_BYTES  # bytes `bare_dataset` reads
 def patient_error(patient: str, message: str, path: Path | None = None) -> DicomError:
     """The one-line error naming the patient and, where relevant, the file."""
     where = f" (file {path.name})" if path is not None else ""
-    return DicomError(f"patient {patient}: {message}{where}")
+    # One line whatever the message quotes (a decoder's own text may hold newlines and tabs).
+    return DicomError(" ".join(f"patient {patient}: {message}{where}".split()))
 
 
 def bare_dataset(head: bytes) -> bool:

@@ -170,7 +170,7 @@ def _frame_headers(patient: str, file_header: Header, ds: pydicom.Dataset) -> li
     headers = []
     top_rescale = (rescale_of(patient, ds, file_header.path)
                    if "RescaleSlope" in ds or "RescaleIntercept" in ds else None)
-    padding = padding_range(ds)
+    padding = padding_range(patient, ds, file_header.path)
     for frame in range(int(ds.get("NumberOfFrames", 1) or 1)):
         header = replace(file_header, frame=frame, instance=frame, rescale=top_rescale,
                          padding=padding)
@@ -221,11 +221,24 @@ def rescale_of(patient: str, item: pydicom.Dataset, path: Path) -> tuple[float, 
                             f"received {exc}", path) from None
 
 
-def padding_range(ds: pydicom.Dataset) -> tuple[int, int] | None:
+def padding_range(patient: str, ds: pydicom.Dataset, path: Path) -> tuple[int, int] | None:
     """The stored values that are padding: [PixelPaddingValue, PixelPaddingRangeLimit] (the
-    value alone without a limit); None when the file declares none."""
+    value alone without a limit); None when the file declares none.
+
+    Raises:
+        DicomError: a value that is no single whole number (found in review: a traceback).
+    """
     if "PixelPaddingValue" not in ds:
         return None
+    try:
+        return _padding_range(ds)
+    except (TypeError, ValueError) as exc:
+        raise patient_error(patient, f"expected a whole PixelPaddingValue and "
+                            f"PixelPaddingRangeLimit, received {ds.get('PixelPaddingValue')!r} "
+                            f"and {ds.get('PixelPaddingRangeLimit')!r}", path) from exc
+
+
+def _padding_range(ds: pydicom.Dataset) -> tuple[int, int]:
     bits = int(ds.get("BitsStored", 16))
 
     def as_stored(value: int) -> int:

@@ -105,7 +105,7 @@ def _read_slice(
             patient,
             f"expected a {out.shape[0]}×{out.shape[1]} image, received {stored.shape}", path
         )
-    _store_hu(stored, rescale_of(patient, ds, path), padding_range(ds), out)
+    _store_hu(stored, rescale_of(patient, ds, path), padding_range(patient, ds, path), out)
 
 
 def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
@@ -175,7 +175,10 @@ def _store_hu(
 
 def read_pixels(patient: str, headers: list[Header]) -> np.ndarray:
     """The slices decoded into one int16 HU array (slice, row, column), in the given order."""
-    _check_decoder(patient, headers[0])
+    # Each transfer syntax of the series (found in review: a series mixing syntaxes, checked
+    # on its first file alone, failed later as "truncated or corrupt data").
+    for header in {h.transfer_syntax: h for h in reversed(headers)}.values():
+        _check_decoder(patient, header)
     volume = np.empty((len(headers), headers[0].rows, headers[0].columns), dtype=np.int16)
     frames: dict[Path, list] = {}
     for header in headers:
