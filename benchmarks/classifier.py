@@ -300,7 +300,8 @@ def main(argv=None) -> int:
                          args.test_size, args.workers, args.base, dict(args.option),
                          not args.no_reference)
     print()
-    print(f"{'n':>4} {'head':>5} {'oof log loss':>14} {'oof ECE':>14} {'if calibrated':>14} "
+    print(f"{'n':>4} {'head':>5} {'oof AUC':>14} {'oof log loss':>14} {'oof ECE':>14} "
+          f"{'if calibrated':>14} "
           f"{'test log loss':>14} {'test AUC':>14} {'test ECE':>14} {'if calibrated':>14} "
           f"{'CPU s':>10}")
     for n in args.sizes:
@@ -313,7 +314,8 @@ def main(argv=None) -> int:
                     else np.nan  # the sample sd over seeds, as `kdsb demo --seeds` gives it
                 return f"{np.nanmean(values):.3f} ± {sd:.3f}"
 
-            print(f"{n:>4} {head:>5} {cell('oof_log_loss'):>14} {cell('oof_ece'):>14} "
+            print(f"{n:>4} {head:>5} {cell('oof_auc'):>14} {cell('oof_log_loss'):>14} "
+                  f"{cell('oof_ece'):>14} "
                   f"{cell('oof_ece_if_calibrated'):>14} {cell('test_log_loss'):>14} "
                   f"{cell('test_auc'):>14} {cell('test_ece'):>14} "
                   f"{cell('test_ece_if_calibrated'):>14} "

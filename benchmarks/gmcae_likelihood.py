@@ -33,6 +33,7 @@ The cohort (DICOM, volumes) is kept under --work and reused by later runs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import os
@@ -52,14 +53,12 @@ VAL_FRACTION = 1 / 3  # 6 patients: 4 for training, 2 held out
 
 
 def make_volumes(work: Path, patients: int, seed: int, base: Path | None) -> Path:
-    """Real-anatomy volumes under `work/volumes` (`kdsb synth --base`, `kdsb preprocess`),
-    made once and reused while `patients` of them are there."""
+    """Real-anatomy volumes under `work/volumes_…` (`kdsb synth --base`, `kdsb preprocess`),
+    made once and reused while `patients` of them are there; the folder names the base (its
+    path's digest: another `--base` makes its own cohort, found in review)."""
     from kdsb.cli import main
     from kdsb.phantoms.layout import dicom_dir
 
-    volumes = work / f"volumes_{patients}_seed{seed}"
-    if len(list(volumes.glob("*.h5"))) >= patients:
-        return volumes
     if base is None:
         sys.path.insert(0, str(REPO))
         from tests.realdata import reference_files
@@ -68,7 +67,11 @@ def make_volumes(work: Path, patients: int, seed: int, base: Path | None) -> Pat
         if files is None:
             raise SystemExit("the real chest CT is unavailable (offline?): pass --base SCAN")
         base = files / "aorta_report" / "example_ct.nii.gz"
-    cohort = work / f"cohort_{patients}_seed{seed}"
+    tag = hashlib.sha256(os.fsencode(Path(base).resolve())).hexdigest()[:8]
+    volumes = work / f"volumes_{patients}_seed{seed}_base{tag}"
+    if len(list(volumes.glob("*.h5"))) >= patients:
+        return volumes
+    cohort = work / f"cohort_{patients}_seed{seed}_base{tag}"
     start = time.perf_counter()
     if main(["-q", "synth", str(cohort), "--base", str(base), "--patients", str(patients),
              "--seed", str(seed), "--overwrite"]) != 0:

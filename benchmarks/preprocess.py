@@ -34,7 +34,7 @@ Then the cohort runner (`python -m kdsb preprocess`) runs on a small phantom coh
 with 2 workers. Finally kdsb alone runs on a 512×512×600 scan to check its peak memory.
 
 Usage: python benchmarks/preprocess.py [--slices 200] [--slice-mm 1.5] [--seed 0] [--repeats 3]
-       [--cohort 4] [--cohort-scans 12] [--skip-large] [--profile]
+       [--cohort 4] [--cohort-scans 24] [--skip-large] [--profile]
 """
 
 from __future__ import annotations
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cohort", type=int, default=4, help="patients for the workers test")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method (best)")
-    parser.add_argument("--cohort-scans", type=int, default=12,
+    parser.add_argument("--cohort-scans", type=int, default=24,
                         help="copies of the scan preprocessed as one cohort (0: skip)")
     parser.add_argument("--skip-large", action="store_true", help="skip the 600-slice run")
     parser.add_argument("--profile", action="store_true", help="time kdsb's stages (cProfile)")

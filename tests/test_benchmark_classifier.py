@@ -117,14 +117,16 @@ def test_heads_with_no_value_print_the_reference_alone(bench, monkeypatch, tmp_p
                       reference):
         calls.append((heads, reference))
         return [{"size": n, "head": bench.REFERENCE, "seed": seed, "cpu_s": 1.0,
-                 **{key: 0.5 for key in ("oof_log_loss", "oof_ece", "oof_ece_if_calibrated",
-                                         "test_log_loss", "test_auc", "test_ece",
-                                         "test_ece_if_calibrated")}} for n in sizes]
+                 **{key: 0.5 for key in ("oof_auc", "oof_log_loss", "oof_ece",
+                                         "oof_ece_if_calibrated", "test_log_loss", "test_auc",
+                                         "test_ece", "test_ece_if_calibrated")}} for n in sizes]
 
     monkeypatch.setattr(bench, "run_seed", fake_run_seed)
     assert bench.main([str(tmp_path), "--heads", "--sizes", "24", "--seeds", "0", "1"]) == 0
     assert calls == [([], True), ([], True)]
-    assert capsys.readouterr().out.splitlines()[-1].split()[:2] == ["24", "thick"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].split()[:4] == ["n", "head", "oof", "AUC"]
+    assert lines[-1].split()[:5] == ["24", "thick", "0.500", "±", "0.000"]
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path), "--heads", "--no-reference"])
     assert "nothing to run" in capsys.readouterr().err
