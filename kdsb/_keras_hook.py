@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
-import importlib.machinery
 import sys
 
 # Every module that defines a `@keras.saving.register_keras_serializable` object.
@@ -40,20 +39,44 @@ class _AfterKerasLoader(importlib.abc.Loader):
 
 
 class _OneShotFinder(importlib.abc.MetaPathFinder):
-    """Finds one top-level module the usual way, once, and wraps its loader."""
+    """Finds one top-level module as the finders after it do, and wraps its loader, until the
+    module is executed. Looking the module up (`importlib.util.find_spec("keras")`, as
+    TensorFlow's import does) is no import: the finder stays for the import itself (found in
+    review: `import kdsb, tensorflow, keras` left kdsb's objects unregistered)."""
 
     def __init__(self, fullname: str, wrap):
         self.fullname = fullname
         self.wrap = wrap
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.fullname:
+        if fullname != self.fullname or fullname in sys.modules:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = self.wrap(spec.loader)
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None:
+            spec.loader = _Unhooking(self, self.wrap(spec.loader))
         return spec
+
+
+class _Unhooking(importlib.abc.Loader):
+    """Removes its finder as the module is executed, then runs the wrapped loader."""
+
+    def __init__(self, finder: _OneShotFinder, loader: importlib.abc.Loader):
+        self._finder, self._loader = finder, loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        if self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
+        self._loader.exec_module(module)
 
 
 def wrap_first_import(fullname: str, wrap) -> None:

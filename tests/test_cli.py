@@ -122,6 +122,19 @@ def test_the_keras_hook_lists_every_module_of_registered_objects():
     assert registering == set(KERAS_OBJECT_MODULES)
 
 
+@pytest.mark.parametrize("first", ["keras", "tensorflow"])
+def test_kdsbs_keras_objects_are_registered_whichever_imports_keras(first):
+    """Found in review: TensorFlow's import looks `keras` up (`importlib.util.find_spec`)
+    before importing it, and the one-shot hook left on that look: `import kdsb, tensorflow,
+    keras` left kdsb's layers unregistered, and `keras.saving.load_model` failed on them."""
+    code = (f"import sys, kdsb, {first}, keras; "
+            "from keras.saving import get_registered_object as get; "
+            "assert get('kdsb>ShiftedELU') is not None, 'not registered'; "
+            "assert not any(type(f).__name__ == '_OneShotFinder' for f in sys.meta_path)")
+    subprocess.run([sys.executable, "-c", code], check=True, env={
+        **os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+
+
 def test_no_module_of_keras_objects_imports_names_from_another_at_import_time():
     """Whichever of them first imports Keras, the hook then imports the others while that one
     is half initialised: a name imported from it at module level may not exist yet (found in

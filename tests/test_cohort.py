@@ -597,6 +597,13 @@ def _crash_or_succeed(patient_id: str) -> PatientResult:
     return PatientResult(patient_id, STATUS_OK, 0.1, (1, 1, 1))
 
 
+def _crash_or_succeed_slowly(patient_id: str) -> PatientResult:
+    """`_crash_or_succeed`, the others taking a while: queued beside the crash, as scans are."""
+    if patient_id != "crash":
+        time.sleep(0.5)
+    return _crash_or_succeed(patient_id)
+
+
 def test_a_dying_worker_fails_only_its_own_patient():
     tasks = {pid: (pid,) for pid in ("a", "crash", "b", "c")}
     results = {r.patient_id: r for r in run_tasks(tasks, 2, worker=_crash_or_succeed)}

@@ -89,18 +89,43 @@ def run_on_dask(
         run = uuid.uuid4().hex[:8]
         futures = {client.submit(worker, *task, pure=False, key=f"kdsb-preprocess-{pid}-{run}"):
                    pid for pid, task in tasks.items()}
-        for future in _as_finished(client, futures, scheduler):
-            patient_id = futures[future]
-            try:
-                yield patient_id, future.result()
-            except KilledWorker:
-                yield patient_id, None
-            except Exception as error:  # noqa: BLE001 - the worker never raises: the cluster did
-                raise KdsbError(
-                    f"patient {patient_id}: expected the Dask cluster at {scheduler} to run it, "
-                    f"received {type(error).__name__}: {' '.join(str(error).split())} (the "
-                    "patients finished so far are kept; rerun to resume)"
-                ) from error
+        killed = []
+        for patient_id, result in _results(client, futures, scheduler, KilledWorker):
+            if result is _KILLED:
+                killed.append(patient_id)
+            else:
+                yield patient_id, result
+        # Dask strikes every task a dying worker held, queued ones too: a patient that crashes
+        # its worker failed its neighbours with it (found in review). As the local pool does,
+        # each is tried once more alone; killed again, it is the one at fault.
+        for patient_id in killed:
+            future = client.submit(worker, *tasks[patient_id], pure=False,
+                                   key=f"kdsb-preprocess-{patient_id}-{run}-alone")
+            for _, result in _results(client, {future: patient_id}, scheduler, KilledWorker):
+                yield patient_id, None if result is _KILLED else result
+
+
+_KILLED = object()  # a task Dask gave up on: its workers kept dying
+
+
+def _results(client, futures, scheduler: str, killed_type: type):
+    """(patient id, result) of `futures` as they finish; `_KILLED` for one Dask gave up on.
+
+    Raises:
+        KdsbError: the cluster failed otherwise (the worker itself never raises).
+    """
+    for future in _as_finished(client, futures, scheduler):
+        patient_id = futures[future]
+        try:
+            yield patient_id, future.result()
+        except killed_type:
+            yield patient_id, _KILLED
+        except Exception as error:  # noqa: BLE001 - the worker never raises: the cluster did
+            raise KdsbError(
+                f"patient {patient_id}: expected the Dask cluster at {scheduler} to run it, "
+                f"received {type(error).__name__}: {' '.join(str(error).split())} (the "
+                "patients finished so far are kept; rerun to resume)"
+            ) from error
 
 
 def _as_finished(client, futures, scheduler: str):
