@@ -30,7 +30,6 @@ deviation (`seeds.csv`): how much the figures of one run are luck.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -167,13 +166,14 @@ def _train_classifier(
     volumes: Path, labels: Path, gmcae: Path, run_dir: Path, plan: DemoPlan, seed: int
 ) -> dict:
     """Train the classifier into `run_dir`, or reuse a finished run; returns its metrics.json."""
+    from kdsb.io.atomic import read_json
     from kdsb.io.run_layout import METRICS_NAME
     from kdsb.training.classifier import train_classifier
     from kdsb.training.classifier_options import ClassifierOptions
 
     metrics_path = run_dir / METRICS_NAME
     if metrics_path.is_file():
-        return json.loads(metrics_path.read_text())
+        return read_json(metrics_path)  # a damaged one: a one-line error (found in review)
     options = ClassifierOptions(
         gmcae=str(gmcae), epochs=plan.classifier_epochs, lr=plan.lr, seed=seed,
         patience=plan.patience, lung_dilation_mm=LUNG_DILATION_MM, val_fraction=0.25,

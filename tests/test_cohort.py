@@ -614,6 +614,32 @@ def test_a_dying_worker_fails_only_its_own_patient():
     assert all(results[pid].status == STATUS_OK for pid in ("a", "b", "c"))
 
 
+def test_a_worker_dying_while_patients_are_submitted_fails_no_one(monkeypatch):
+    """Found in review: BrokenProcessPool from `submit` (a worker dead before every patient
+    was handed out) escaped as a traceback."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from kdsb.preprocessing import workers
+
+    class BreaksAtTheThird(ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.submitted = 0
+
+        def submit(self, *args, **kwargs):
+            self.submitted += 1
+            if self.submitted == 3:
+                raise BrokenProcessPool("a process in the pool was terminated abruptly")
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(workers, "ProcessPoolExecutor", BreaksAtTheThird)
+    tasks = {pid: (pid,) for pid in ("a", "b", "c", "d")}
+    results = {r.patient_id: r for r in run_tasks(tasks, 2, worker=_crash_or_succeed)}
+    assert sorted(results) == sorted(tasks)
+    assert all(r.status == STATUS_OK for r in results.values())
+
+
 def _crash_or_meet(patient_id: str, folder: str) -> PatientResult:
     """Like `_crash_or_succeed`; every other patient waits (up to 10 s) for another one to be
     running beside it (a marker file each in `folder`); `detail` says whether one was."""

@@ -86,9 +86,14 @@ def test_seeds_run_the_demo_per_seed_and_report_mean_and_sd(tmp_path, capsys, mo
     assert "log_loss            0.200 ± 0.100" in out
     assert "beats the base rate for 2 of 3 seeds" in out
     assert main(["demo", str(tmp_path), "--seeds", "1", "1"]) == 2
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", str(tmp_path), "--seeds", "1", "--seed", "2"])
-    assert exit_info.value.code == 2
+    for argv in (["--seeds", "1", "--seed", "2"], ["--seed", "0", "--seeds", "1", "2"]):
+        # (`--seed 0`, the former default, passed unnoticed: found in review.)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo", str(tmp_path), *argv])
+        assert exit_info.value.code == 2
+    calls.clear()
+    assert main(["demo", str(tmp_path / "one")]) == 0  # no --seed: seed 0
+    assert calls[0][2] == 0
 
 
 def test_a_folder_begun_before_the_plan_held_restarts_trained_with_two(tmp_path):

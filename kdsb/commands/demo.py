@@ -14,7 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training cohort size (default 64, 6 with --fast; the test "
                              "cohort 32, 4 with --fast, or half of --patients, at least 2)")
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0, help="random seed")
+    # No default here: argparse takes a value equal to the default for none given, and would
+    # let `--seed 0 --seeds 1 2` through (found in review).
+    seeds.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     seeds.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                        help="run the demo once per seed (WORKDIR/seed_<s>) and report the test "
                             "scores' mean ± sd (seeds.csv)")
@@ -30,6 +32,6 @@ def run(args: argparse.Namespace) -> int:
         run_demo_seeds(args.workdir, args.seeds, patients=args.patients, fast=args.fast,
                        workers=args.workers)
     else:
-        run_demo(args.workdir, patients=args.patients, seed=args.seed, fast=args.fast,
+        run_demo(args.workdir, patients=args.patients, seed=args.seed or 0, fast=args.fast,
                  workers=args.workers)
     return 0

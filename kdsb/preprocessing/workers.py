@@ -132,16 +132,26 @@ def _run_pool(
     with _live_pools_lock:
         _live_pools.add(pool)
     futures: dict[Future, str] = {}
+    unsubmitted: list[str] = []
     try:
-        futures = {pool.submit(worker, *task): patient_id for patient_id, task in tasks.items()}
+        # One by one inside the try (found in review: a worker dying, or Ctrl-C, while the
+        # others were being submitted escaped as a traceback, or left the workers running).
+        for patient_id, task in tasks.items():
+            try:
+                futures[pool.submit(worker, *task)] = patient_id
+            except BrokenProcessPool:  # a worker died meanwhile: the rest as its patients
+                unsubmitted = [pid for pid in tasks if pid not in futures.values()]
+                break
         for future in as_completed(futures):
             try:
                 yield futures[future], future.result()
             except BrokenProcessPool:
                 yield futures[future], None
+        for patient_id in unsubmitted:
+            yield patient_id, None
     except BaseException:
-        if not all(future.done() for future in futures):  # interrupted, patients under way
-            _stop_workers()
+        if len(futures) < len(tasks) or not all(future.done() for future in futures):
+            _stop_workers()  # interrupted, patients under way (or being submitted)
         raise
     finally:
         with _live_pools_lock:
@@ -161,9 +171,10 @@ def run_tasks(
     PatientResult rather than raise.
 
     With `scheduler`, the tasks run on that Dask cluster (`kdsb.preprocessing.cluster`), which
-    retries a patient whose worker died on other workers before it fails. Locally, when a worker
-    dies (killed by the system for memory, a crash in a C library), the whole pool breaks and it
-    is unknown which patient was at fault, so each unfinished patient is retried alone in a
+    retries a patient whose worker died on other workers, then alone, before it fails. Locally,
+    when a worker dies (killed by the system for memory, a crash in a C library), the whole pool
+    breaks and it is unknown which patient was at fault, so each unfinished patient is retried
+    alone in a
     fresh one-worker pool, `workers` of them at a time (so one death early in a large cohort
     does not leave the rest to run one by one); a patient whose worker dies again gets a last
     try with no other patient running, and then fails.
