@@ -142,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
     except Exception as error:
+        if _out_of_memory(error):  # not the data's fault, nor a bug: say what to change
+            first = " ".join(str(error).split("\n")[0].split())[:200]
+            print(f"kdsb {args.command}: error: out of memory ({type(error).__name__}: "
+                  f"{first}): try a smaller --batch-size or --width, --tile-z 32 (spp), fewer "
+                  "--workers, or a machine with more memory", file=sys.stderr)
+            return EXIT_DATA_ERROR
         # TensorFlow's error for a reader that failed inside a tf.data pipeline carries the
         # reader's traceback; the reader's own error (a damaged volume file) says it in a line.
         datasets = sys.modules.get("kdsb.data.datasets")
@@ -150,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kdsb {args.command}: error: {found}", file=sys.stderr)
         return EXIT_DATA_ERROR
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A MemoryError, or TensorFlow's ResourceExhaustedError (a GPU's memory spent), told by
+    its name: importing TensorFlow to test it would cost seconds in commands without it."""
+    return isinstance(error, MemoryError) or any(
+        cls.__name__ == "ResourceExhaustedError" for cls in type(error).__mro__)
 
 
 def interrupt_on_sigterm() -> None:

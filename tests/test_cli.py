@@ -267,6 +267,27 @@ def test_an_io_error_mid_run_is_one_line_exit_1(monkeypatch, capsys):
     assert err == "kdsb evaluate: error: [Errno 28] No space left on device: 'plots/roc.png'\n"
 
 
+def test_running_out_of_memory_is_one_line_saying_what_to_change(monkeypatch, capsys):
+    """Found in review: a GPU's ResourceExhaustedError was a traceback."""
+    import kdsb.commands.train_classifier as train_command
+
+    class OpError(Exception):
+        pass
+
+    class ResourceExhaustedError(OpError):  # TensorFlow's, told by its name
+        pass
+
+    for error in (ResourceExhaustedError("OOM when allocating tensor with shape[1,64,300]\n"
+                                         "\t [[{{node conv}}]]"), MemoryError()):
+        monkeypatch.setattr(train_command, "run", lambda args, error=error: (_ for _ in ()).throw(
+            error))
+        assert main(["train-classifier", "d", "l.csv", "r"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"kdsb train-classifier: error: out of memory "
+                              f"({type(error).__name__}") and err.count("\n") == 1
+        assert "try a smaller --batch-size or --width" in err
+
+
 def test_an_earlier_pipeline_error_never_stands_in_for_another(monkeypatch, tmp_path):
     """A reader's error kept from an earlier command of the same process (tests, the demo) is
     not printed in place of a later, unrelated exception (found in review)."""

@@ -13,7 +13,7 @@ from kdsb.phantoms.cohort import write_cohort
 from kdsb.preprocessing import cluster as cluster_module
 from kdsb.preprocessing.pipeline import STATUS_OK
 from kdsb.preprocessing.workers import WORKER_DIED_MESSAGE, run_tasks
-from tests.test_cohort import _crash_or_succeed_slowly
+from tests.test_cohort import _crash_or_succeed_slowly, _warn_and_succeed
 
 distributed = pytest.importorskip("distributed")
 
@@ -81,6 +81,14 @@ def test_a_patient_whose_workers_die_fails_alone(caplog):
     assert results["crash"].status == "failed"
     assert results["crash"].error == f"crash: {WORKER_DIED_MESSAGE}"
     assert all(results[pid].status == STATUS_OK for pid in tasks if pid != "crash")
+
+
+def test_a_patients_warnings_on_the_cluster_reach_the_run(scheduler, caplog):
+    """Found in review: warnings logged on a Dask worker stayed in the worker's own log."""
+    results = list(run_tasks({"p7": ("p7",)}, 1, worker=_warn_and_succeed, scheduler=scheduler))
+    assert [r.status for r in results] == [STATUS_OK]
+    assert "p7 (on the cluster): kdsb.io.dicom: p7: two series tie; kept the first" in \
+        caplog.text
 
 
 def test_two_runs_on_one_scheduler_keep_their_own_results(scheduler):

@@ -597,6 +597,12 @@ def _crash_or_succeed(patient_id: str) -> PatientResult:
     return PatientResult(patient_id, STATUS_OK, 0.1, (1, 1, 1))
 
 
+def _warn_and_succeed(patient_id: str) -> PatientResult:
+    """A worker that logs a warning about its patient (importable by spawned workers)."""
+    logging.getLogger("kdsb.io.dicom").warning("%s: two series tie; kept the first", patient_id)
+    return PatientResult(patient_id, STATUS_OK, 0.1, (1, 1, 1))
+
+
 def _crash_or_succeed_slowly(patient_id: str) -> PatientResult:
     """`_crash_or_succeed`, the others taking a while: queued beside the crash, as scans are."""
     if patient_id != "crash":

@@ -5,8 +5,10 @@ one Dask task per patient to a running scheduler whose workers see the same path
 file system). Results come back as they finish, so the manifest, resume, QC and exit codes are
 those of a local run. A patient's volume file is written atomically by the worker, so a worker
 that dies mid-patient leaves no partial file; Dask reschedules the patient on another worker
-(up to the scheduler's `distributed.scheduler.allowed-failures`, 3 by default) and then reports
-it as failed, with a reason. A cluster left without any worker for `NO_WORKERS_S` ends the run.
+(up to the scheduler's `distributed.scheduler.allowed-failures`, 3 by default), kdsb once more
+alone (every task the dying worker held was struck with it), and then reports it as failed,
+with a reason. The warnings a patient's task logs on its worker are logged again by the run. A
+cluster left without any worker for `NO_WORKERS_S` ends the run.
 
 Start a cluster with `dask scheduler` and `dask worker tcp://HOST:8786` on machines sharing the
 data, or from Python with dask-jobqueue (Slurm, PBS, SGE) or dask-kubernetes; README shows how.
@@ -15,6 +17,7 @@ data, or from Python with dask-jobqueue (Slurm, PBS, SGE) or dask-kubernetes; RE
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -87,8 +90,9 @@ def run_on_dask(
         # Task keys name the patient and this run: runs sharing a scheduler (say 1 mm and 2 mm
         # volumes of one cohort) must not be handed each other's results.
         run = uuid.uuid4().hex[:8]
-        futures = {client.submit(worker, *task, pure=False, key=f"kdsb-preprocess-{pid}-{run}"):
-                   pid for pid, task in tasks.items()}
+        futures = {client.submit(keeping_warnings, worker, *task, pure=False,
+                                 key=f"kdsb-preprocess-{pid}-{run}"): pid
+                   for pid, task in tasks.items()}
         killed = []
         for patient_id, result in _results(client, futures, scheduler, KilledWorker):
             if result is _KILLED:
@@ -99,7 +103,7 @@ def run_on_dask(
         # its worker failed its neighbours with it (found in review). As the local pool does,
         # each is tried once more alone; killed again, it is the one at fault.
         for patient_id in killed:
-            future = client.submit(worker, *tasks[patient_id], pure=False,
+            future = client.submit(keeping_warnings, worker, *tasks[patient_id], pure=False,
                                    key=f"kdsb-preprocess-{patient_id}-{run}-alone")
             for _, result in _results(client, {future: patient_id}, scheduler, KilledWorker):
                 yield patient_id, None if result is _KILLED else result
@@ -108,8 +112,35 @@ def run_on_dask(
 _KILLED = object()  # a task Dask gave up on: its workers kept dying
 
 
+class _ThreadWarnings(logging.Handler):
+    """The warnings (and worse) one thread logs, formatted."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+def keeping_warnings(worker: Callable[..., object], *task) -> tuple[object, list[str]]:
+    """`worker(*task)` on a Dask worker, with the warnings it logged meanwhile: the worker's
+    logs are the cluster's (a Slurm job's output), not the user's terminal, so the run logs
+    them again (found in review: a series-selection tie, skipped files, never seen)."""
+    handler = _ThreadWarnings()
+    root = logging.getLogger()  # at WARNING in a Dask worker, as Python leaves it
+    root.addHandler(handler)
+    try:
+        return worker(*task), handler.messages
+    finally:
+        root.removeHandler(handler)
+
+
 def _results(client, futures, scheduler: str, killed_type: type):
     """(patient id, result) of `futures` as they finish; `_KILLED` for one Dask gave up on.
+    The warnings each patient's task logged on its worker are logged here again.
 
     Raises:
         KdsbError: the cluster failed otherwise (the worker itself never raises).
@@ -117,7 +148,10 @@ def _results(client, futures, scheduler: str, killed_type: type):
     for future in _as_finished(client, futures, scheduler):
         patient_id = futures[future]
         try:
-            yield patient_id, future.result()
+            result, warnings = future.result()
+            for message in warnings:
+                logger.warning("%s (on the cluster): %s", patient_id, message)
+            yield patient_id, result
         except killed_type:
             yield patient_id, _KILLED
         except Exception as error:  # noqa: BLE001 - the worker never raises: the cluster did
