@@ -209,10 +209,20 @@ def _settings() -> dict[str, float]:
             "tta_count": TTA_COUNT}
 
 
-def _pin_plan(work: Path, plan: DemoPlan, seed: int) -> None:
+def _plan_of(fast: bool, patients: int | None) -> DemoPlan:
+    """The demo's plan for `--fast` and `--patients` (the test cohort half of it, at least 2)."""
+    plan = FAST_PLAN if fast else FULL_PLAN
+    if patients is not None:
+        plan = DemoPlan(**{**plan.__dict__, "patients": patients,
+                           "test_patients": max(2, patients // 2)})
+    return plan
+
+
+def _pin_plan(work: Path, plan: DemoPlan, seed: int, write: bool = True) -> None:
     """Record the plan, seed and settings a demo folder is made with (`PLAN_NAME`), or refuse
     others: finished stages are reused, so a folder begun with --fast (or another seed or size,
-    or by code of other settings) would mix those results into this run.
+    or by code of other settings) would mix those results into this run. Without `write`, only
+    the refusal.
 
     Raises:
         UsageError: `work` was begun with another plan or seed.
@@ -234,6 +244,8 @@ def _pin_plan(work: Path, plan: DemoPlan, seed: int) -> None:
                                 if begun.get(k) != v)
             raise UsageError(f"expected the plan {work} was begun with, received another "
                              f"({changed}): use a new folder")
+        return
+    if not write:
         return
     if work.is_dir() and any(work.iterdir()):
         logger.warning("%s has no %s: its finished stages are reused as they are", work,
@@ -266,11 +278,8 @@ def run_demo(
     from kdsb.io.paths import require_output_dir
     from kdsb.io.run_layout import BEST_NAME
 
-    plan = FAST_PLAN if fast else FULL_PLAN
+    plan = _plan_of(fast, patients)
     _check_arguments(seed, patients, workers)  # before the plan is pinned
-    if patients is not None:
-        plan = DemoPlan(**{**plan.__dict__, "patients": patients,
-                           "test_patients": max(2, patients // 2)})
     work = require_output_dir(workdir, "WORKDIR, a folder for the demo")
     _pin_plan(work, plan, seed)
     clock = _StageClock(work)
@@ -349,9 +358,10 @@ def run_demo_seeds(
 
     if len(set(seeds)) != len(seeds) or not seeds:
         raise UsageError(f"expected distinct seeds, received {seeds}")
-    for seed in seeds:  # all before the first (found in review: `--seeds 0 -1` failed after 0)
-        _check_arguments(seed, patients, workers)
     work = Path(workdir)
+    for seed in seeds:  # all before the first (found in review: `--seeds 0 -1` failed after 0;
+        _check_arguments(seed, patients, workers)  # a later seed's folder of another plan)
+        _pin_plan(work / f"seed_{seed}", _plan_of(fast, patients), seed, write=False)
     results = []
     for seed in seeds:
         print(f"\n######## seed {seed}", flush=True)

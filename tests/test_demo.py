@@ -143,6 +143,12 @@ def test_the_plan_holds_the_settings_and_bad_options_pin_nothing(tmp_path, monke
     with pytest.raises(UsageError, match=r"expected --seed in \[0, 2147483648\), received -1"):
         demo.run_demo_seeds(tmp_path / "seeds", [0, -1], fast=True)
     assert not (tmp_path / "seeds").exists()
+    # So is every seed's folder (found in review: a later one begun with other options was
+    # refused after the earlier seeds' whole demos).
+    demo._pin_plan(tmp_path / "seeds" / "seed_1", demo.FULL_PLAN, 1)
+    with pytest.raises(UsageError, match="expected the plan .*seed_1 was begun with"):
+        demo.run_demo_seeds(tmp_path / "seeds", [0, 1], fast=True)
+    assert not (tmp_path / "seeds" / "seed_0").exists()
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="expected WORKDIR, a folder for the demo, received a "
                                          "file"):
