@@ -47,18 +47,23 @@ class _OneShotFinder(importlib.abc.MetaPathFinder):
     def __init__(self, fullname: str, wrap):
         self.fullname = fullname
         self.wrap = wrap
+        self._finding = False  # a finder after it looking the module up again (found in review)
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.fullname or fullname in sys.modules:
+        if fullname != self.fullname or fullname in sys.modules or self._finding:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
+        self._finding = True
+        try:
+            for finder in list(sys.meta_path):
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._finding = False
         if spec.loader is not None:
             spec.loader = _Unhooking(self, self.wrap(spec.loader))
         return spec
@@ -74,9 +79,15 @@ class _Unhooking(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        if self._finder in sys.meta_path:
-            sys.meta_path.remove(self._finder)
-        self._loader.exec_module(module)
+        # Rebound, not changed in place: another thread may be walking the list.
+        sys.meta_path = [f for f in sys.meta_path if f is not self._finder]
+        try:
+            self._loader.exec_module(module)
+        except BaseException:
+            # A failed import may be tried again (TensorFlow's own import of keras swallows
+            # ImportError): it must be hooked then too (found in review).
+            sys.meta_path = [self._finder, *sys.meta_path]
+            raise
 
 
 def wrap_first_import(fullname: str, wrap) -> None:
@@ -90,8 +101,8 @@ def wrap_first_import(fullname: str, wrap) -> None:
 
 def unwrap_first_import(fullname: str) -> None:
     """Undo `wrap_first_import(fullname, …)` while the module is not yet imported."""
-    sys.meta_path[:] = [f for f in sys.meta_path
-                        if not (isinstance(f, _OneShotFinder) and f.fullname == fullname)]
+    sys.meta_path = [f for f in sys.meta_path
+                     if not (isinstance(f, _OneShotFinder) and f.fullname == fullname)]
 
 
 def register_when_keras_loads() -> None:

@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DATA_ERROR
     except Exception as error:
         if _out_of_memory(error):  # not the data's fault, nor a bug: say what to change
-            first = " ".join(str(error).split("\n")[0].split())[:200]
+            lines = [line for line in str(error).splitlines() if line.strip()] or [""]
+            # Keras's fit raises "Graph execution error:" first: the line saying OOM instead.
+            first = next((line for line in lines if "OOM" in line or "memory" in line),
+                         lines[0])
+            first = " ".join(first.split())[:200]
             print(f"kdsb {args.command}: error: out of memory ({type(error).__name__}: "
                   f"{first}): try a smaller --batch-size or --width, --tile-z 32 (spp), fewer "
                   "--workers, or a machine with more memory", file=sys.stderr)

@@ -135,6 +135,51 @@ def test_kdsbs_keras_objects_are_registered_whichever_imports_keras(first):
         **os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
 
 
+def test_the_one_shot_finder_neither_recurses_nor_is_lost_to_a_failed_import(tmp_path,
+                                                                             monkeypatch):
+    """Found in review: two such finders for one module looked it up through each other for
+    ever, and one removed before a failed import (TensorFlow swallows its import of keras)
+    was gone for the import that followed."""
+    import importlib
+    import importlib.abc
+
+    from kdsb import _keras_hook as hook
+
+    name = "kdsb_probe_module"
+    flag = tmp_path / "fail"
+    (tmp_path / f"{name}.py").write_text(
+        f"import os\nif os.path.exists({str(flag)!r}):\n    raise ImportError('not yet')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    executed = []
+
+    class Counting(importlib.abc.Loader):
+        def __init__(self, loader):
+            self.loader = loader
+
+        def create_module(self, spec):
+            return self.loader.create_module(spec)
+
+        def exec_module(self, module):
+            self.loader.exec_module(module)
+            executed.append(module.__name__)
+
+    def ours():
+        return [f for f in sys.meta_path if isinstance(f, hook._OneShotFinder)
+                and f.fullname == name]
+
+    flag.write_text("")
+    hook.wrap_first_import(name, Counting)
+    with pytest.raises(ImportError, match="not yet"):
+        importlib.import_module(name)
+    assert len(ours()) == 1 and not executed  # still there for the next try
+    sys.meta_path.insert(0, hook._OneShotFinder(name, Counting))  # a second copy
+    flag.unlink()
+    importlib.import_module(name)
+    assert executed and not ours()
+    monkeypatch.delitem(sys.modules, name)
+
+
 def test_no_module_of_keras_objects_imports_names_from_another_at_import_time():
     """Whichever of them first imports Keras, the hook then imports the others while that one
     is half initialised: a name imported from it at module level may not exist yet (found in
@@ -277,8 +322,9 @@ def test_running_out_of_memory_is_one_line_saying_what_to_change(monkeypatch, ca
     class ResourceExhaustedError(OpError):  # TensorFlow's, told by its name
         pass
 
-    for error in (ResourceExhaustedError("OOM when allocating tensor with shape[1,64,300]\n"
-                                         "\t [[{{node conv}}]]"), MemoryError()):
+    for error in (ResourceExhaustedError("Graph execution error:\n\nOOM when allocating "
+                                         "tensor with shape[1,64,300]\n\t [[{{node conv}}]]"),
+                  MemoryError()):
         monkeypatch.setattr(train_command, "run", lambda args, error=error: (_ for _ in ()).throw(
             error))
         assert main(["train-classifier", "d", "l.csv", "r"]) == 1
@@ -286,6 +332,8 @@ def test_running_out_of_memory_is_one_line_saying_what_to_change(monkeypatch, ca
         assert err.startswith(f"kdsb train-classifier: error: out of memory "
                               f"({type(error).__name__}") and err.count("\n") == 1
         assert "try a smaller --batch-size or --width" in err
+        if isinstance(error, ResourceExhaustedError):  # the line saying OOM, not the first
+            assert "OOM when allocating tensor" in err
 
 
 def test_an_earlier_pipeline_error_never_stands_in_for_another(monkeypatch, tmp_path):

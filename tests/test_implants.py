@@ -5,6 +5,7 @@ and the lesion reaching the classifier's input unchanged after `kdsb preprocess`
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -132,9 +133,13 @@ def test_synth_base_bad_options_are_usage_errors(base_folder, tmp_path, capsys):
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
     # OUT_ROOT inside the base's folder, or the base inside OUT_ROOT (found in review: the
     # base's series then took in the cohort's own, and its next run failed).
-    for out_root, base in ((folder / "synthetic", folder), (folder.parent, folder)):
+    # (A base elsewhere under OUT_ROOT is fine: synth writes dicom/, truth/, labels.csv only.)
+    inside_dicom = tmp_path / "f" / "dicom" / "base_scan"
+    shutil.copytree(folder, inside_dicom)
+    for out_root, base in ((folder / "synthetic", folder), (tmp_path / "f", inside_dicom)):
         assert main(["synth", str(out_root), "--base", str(base)]) == 2
-        assert "expected OUT_ROOT and the base scan apart" in capsys.readouterr().err
+        assert "expected OUT_ROOT outside the base scan and the base outside OUT_ROOT's " \
+            "dicom/, truth/ and labels.csv" in capsys.readouterr().err
     assert not (folder / "synthetic").exists()
 
 

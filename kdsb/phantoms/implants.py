@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from kdsb.errors import KdsbError, UsageError
 from kdsb.io.atomic import write_json
-from kdsb.phantoms.layout import dicom_dir, truth_dir
+from kdsb.phantoms.layout import dicom_dir, labels_path, truth_dir
 from kdsb.phantoms.lesions import (
     KINDS,
     PLACES,
@@ -299,11 +299,14 @@ def write_implant_cohort(
                          f"missing path: {base}")
     out_root = Path(out_root)
     where, base_at = out_root.resolve(), base.resolve()
-    if where == base_at or base_at in where.parents or where in base_at.parents:
+    written = (dicom_dir(where), truth_dir(where))  # what synth writes and --overwrite replaces
+    if where == base_at or base_at in where.parents or base_at == labels_path(where) or any(
+            folder == base_at or folder in base_at.parents for folder in written):
         # Found in review: a DICOM base's series then took in the cohort's own (its next run,
         # a resume too, failed on "CT series of 3 patients"), or --overwrite replaced the base.
-        raise UsageError(f"expected OUT_ROOT and the base scan apart, received {out_root} "
-                         f"and {base}, one inside the other")
+        raise UsageError(f"expected OUT_ROOT outside the base scan and the base outside "
+                         f"OUT_ROOT's dicom/, truth/ and labels.csv, received {out_root} and "
+                         f"{base}")
     check_out_root(out_root, overwrite)  # before the base is read and segmented (seconds)
     series = read_patient(base)
     base_lungs = segment_lungs(series.hu, series.spacing, patient_id=str(base)) > 0

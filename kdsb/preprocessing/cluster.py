@@ -121,16 +121,24 @@ class _ThreadWarnings(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
+        if record.thread != self.thread:
+            return
+        try:
             self.messages.append(f"{record.name}: {record.getMessage()}")
+        except Exception:  # noqa: BLE001 - a malformed log call fails no patient
+            self.handleError(record)
 
 
 def keeping_warnings(worker: Callable[..., object], *task) -> tuple[object, list[str]]:
     """`worker(*task)` on a Dask worker, with the warnings it logged meanwhile: the worker's
     logs are the cluster's (a Slurm job's output), not the user's terminal, so the run logs
     them again (found in review: a series-selection tie, skipped files, never seen)."""
-    handler = _ThreadWarnings()
     root = logging.getLogger()  # at WARNING in a Dask worker, as Python leaves it
+    if not root.handlers:
+        # The worker's own log printed warnings through Python's last resort, which any
+        # handler (this one's) turns off: one of its own first (found in review).
+        root.addHandler(logging.StreamHandler())
+    handler = _ThreadWarnings()
     root.addHandler(handler)
     try:
         return worker(*task), handler.messages
