@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                          lines[0])
             first = " ".join(first.split())[:200]
             print(f"kdsb {args.command}: error: out of memory ({type(error).__name__}: "
-                  f"{first}): try a smaller --batch-size or --width, --tile-z 32 (spp), fewer "
-                  "--workers, or a machine with more memory", file=sys.stderr)
+                  f"{first}): try smaller batches or models (--batch-size, --width, --tile-z 32, "
+                  "where the command has them), fewer --workers, or a machine with more "
+                  "memory", file=sys.stderr)
             return EXIT_DATA_ERROR
         # TensorFlow's error for a reader that failed inside a tf.data pipeline carries the
         # reader's traceback; the reader's own error (a damaged volume file) says it in a line.

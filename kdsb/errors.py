@@ -45,3 +45,10 @@ class TrainingError(KdsbError):
 
 class UsageError(KdsbError):
     """The command line itself is wrong (a missing folder, incompatible options): exit status 2."""
+
+
+def one_line(text: object) -> str:
+    """`text` (an error, a message) on one line: every run of whitespace, newlines included, as
+    one space (the messages of decoders, HDF5 and Dask span lines)."""
+    return " ".join(str(text).split())
+

@@ -331,7 +331,8 @@ def test_running_out_of_memory_is_one_line_saying_what_to_change(monkeypatch, ca
         err = capsys.readouterr().err
         assert err.startswith(f"kdsb train-classifier: error: out of memory "
                               f"({type(error).__name__}") and err.count("\n") == 1
-        assert "try a smaller --batch-size or --width" in err
+        assert "try smaller batches or models (--batch-size, --width, --tile-z 32, where the " \
+            "command has them)" in err
         if isinstance(error, ResourceExhaustedError):  # the line saying OOM, not the first
             assert "OOM when allocating tensor" in err
 

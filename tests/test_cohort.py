@@ -435,10 +435,13 @@ def test_a_refused_overwrite_run_leaves_no_marker(phantoms, tmp_path, capsys):
     assert not list(out.glob(".kdsb-overwrite*"))
 
 
-def test_a_folder_this_user_may_not_search_fails_alone(tmp_path, monkeypatch):
+def test_a_folder_this_user_may_not_search_is_a_patient_that_cannot_be_read(tmp_path,
+                                                                             monkeypatch):
     """Found in review: one patient folder of another user (mode 700) stopped the whole run
     before any work with a PermissionError naming a lock file, and os.walk would have read it
-    as empty. (Run as root here, so the refusals are the kernel's as another user sees them.)"""
+    as empty. Now it is listed as a patient (a link to one too, under its own id) and reading
+    it is a one-line error naming it (its patient then fails alone, as any unreadable one).
+    The tests run as root: the refusals are monkeypatched as another user meets them."""
     import pathlib
 
     from kdsb.errors import KdsbError

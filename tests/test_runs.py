@@ -437,7 +437,9 @@ def test_volumes_written_again_since_a_run_began_are_warned_of_on_resume(tmp_pat
         runs.note_volumes(run_dir, files, resume=True)
     assert f"1 volume file(s) written again since {run_dir} began: b; what it has trained, " \
         "scored or cached already was made of the former ones" in caplog.text
+    recorded = (run_dir / runs.VOLUMES_NAME).read_bytes()
     runs.note_volumes(run_dir, files, resume=False, chief=False)  # only the chief records
+    assert (run_dir / runs.VOLUMES_NAME).read_bytes() == recorded
     runs.note_volumes(run_dir, files, resume=False)  # a fresh start records them anew
     caplog.clear()
     runs.note_volumes(run_dir, files, resume=True)

@@ -215,8 +215,12 @@ def test_resuming_a_run_of_another_kind_is_a_usage_error(data_dir, tmp_path, cap
     assert f"expected --resume in the RUN_DIR of a classifier run, received {run_dir}, which " \
         "config.json says is a GMCAE run" in capsys.readouterr().err
     config = json.loads((run_dir / "config.json").read_text())
-    del config["run_kind"]  # written before kdsb recorded it
+    del config["run_kind"]  # written before kdsb recorded it: told by its keys
     (run_dir / "config.json").write_text(json.dumps(config))
+    assert main(argv) == 2
+    assert f"expected --resume in the RUN_DIR of a classifier run, received {run_dir}, which " \
+        "config.json says is a GMCAE run" in capsys.readouterr().err
+    (run_dir / "config.json").write_text(json.dumps({"epochs": 2}))  # damaged: no gmcae
     assert main(argv) == 2
     assert f"expected the options of a classifier run in {run_dir / 'config.json'}, received " \
         in capsys.readouterr().err

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.errors import KdsbError
+from kdsb.errors import KdsbError, one_line
 from kdsb.io.atomic import atomic_path, remove_stale_temporaries
 from kdsb.io.journal import Journal, volume_stamp
 from kdsb.io.tables import write_table
@@ -155,7 +155,7 @@ def embed_cohort(
                     raise KdsbError(f"{path}: expected finite GMCAE features, received NaN or "
                                     "infinite values (a damaged volume or GMCAE?)")
             except KdsbError as error:
-                failed[patient_id] = " ".join(str(error).split())
+                failed[patient_id] = one_line(error)
                 continue
             if journal:
                 journal.record(patient_id, stamp, {"embedding": embedding.tolist(),

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.errors import KdsbError, UsageError
+from kdsb.errors import KdsbError, UsageError, one_line
 from kdsb.evaluation.gradcam import gradcam, split_classifier
 from kdsb.evaluation.occlusion import (
     DEFAULT_OCCLUSION_MM,
@@ -304,13 +304,14 @@ def explain_cohort(
     if model_paths_of_run(out_dir):  # `explain DATA runA runB`: OUT_DIR left out
         raise UsageError(f"expected an OUT_DIR for the heatmaps, received {out_dir}, the run "
                          "folder of a trained classifier (was OUT_DIR left out?)")
-    same_folder = out_dir.exists() and Path(data_dir).exists() and \
-        os.path.samefile(out_dir, data_dir)
-    for patient_id in order:  # heatmaps are <id>.h5 too: never write one over a volume
-        # (A damaged volume is no volume to `holds_volume`: the folders are compared too;
-        # found in review.)
+    # Heatmaps are <id>.h5 too: never write one over a volume (a damaged volume is no volume
+    # to `holds_volume`: the folders are compared first; found in review).
+    if out_dir.exists() and os.path.samefile(out_dir, data_dir):
+        raise UsageError(f"expected an OUT_DIR apart from the volumes, received {out_dir}, the "
+                         "folder of the volumes itself")
+    for patient_id in order:
         target = heatmap_path(out_dir, patient_id)
-        if same_folder or holds_volume(target):
+        if holds_volume(target):
             raise UsageError(f"expected an OUT_DIR apart from the volumes, received {out_dir}, "
                              f"where {patient_id}'s heatmap would replace the volume {target}")
     loaded, fingerprinted = load_fingerprinted(model_paths)
@@ -359,7 +360,7 @@ def explain_cohort(
             except (KdsbError, OSError) as error:  # found in review: one file stopped a cohort
                 if isinstance(error, OSError) and error.errno in DISK_FULL:
                     raise  # every patient after it would fail alike, each after its work
-                reason = " ".join(str(error).split())
+                reason = one_line(error)
                 failed[patient_id] = reason if os.fspath(path) in reason else f"{path}: {reason}"
                 _remove_outputs(out_dir, patient_id)
                 continue

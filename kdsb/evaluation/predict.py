@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry, symmetries_for
-from kdsb.errors import KdsbError, LabelsError, ModelError, UsageError
+from kdsb.errors import KdsbError, LabelsError, ModelError, StoreError, UsageError, one_line
 from kdsb.io.journal import SUFFIX, loaded_with_digests, optional_journal, volume_stamp
 from kdsb.io.tables import summarise_ids, write_predictions
 from kdsb.io.volumes import list_volumes, read_attrs
@@ -129,7 +129,6 @@ def check_volumes(loaded: Iterable[tuple[VolumeInput, Any]], paths: Sequence[Pat
         StoreError: naming the first file that does not fit (`VolumeInput.check`,
             `kdsb.models.nll.check_holds_a_patch`), or cannot be read (without `unreadable`).
     """
-    from kdsb.errors import StoreError
     from kdsb.models.nll import check_holds_a_patch, smallest_input
 
     needs = [(volume_input, smallest_input(model)) for volume_input, model in loaded]
@@ -139,7 +138,7 @@ def check_volumes(loaded: Iterable[tuple[VolumeInput, Any]], paths: Sequence[Pat
         except StoreError as error:
             if unreadable is None:
                 raise
-            unreadable[path] = " ".join(str(error).split())
+            unreadable[path] = one_line(error)
             continue
         for volume_input, patch in needs:
             volume_input.check(path, attrs["spacing"], attrs["shape"])

@@ -115,7 +115,8 @@ def remove_stale_temporaries(folder: str | os.PathLike,
 
 
 @contextmanager
-def sole_writer(lock_path: str | os.PathLike, command: str, advice: str) -> Iterator[BinaryIO]:
+def sole_writer(lock_path: str | os.PathLike, command: str, advice: str,
+                remove: bool = False) -> Iterator[BinaryIO]:
     """Hold `lock_path` (created if needed) while a run writes the folder it lies in: two runs
     writing one folder (Slurm array jobs sharing it) would delete or overwrite each other's
     files. A POSIX record lock (`fcntl.lockf`, which NFS supports) goes with the process, so a
@@ -130,6 +131,8 @@ def sole_writer(lock_path: str | os.PathLike, command: str, advice: str) -> Iter
         lock_path: the lock file.
         command: the kind of run, for the message ("kdsb preprocess").
         advice: what to do instead of waiting, for the message.
+        remove: delete the lock file as the block ends, success or not (while still held; POSIX:
+            elsewhere an open file cannot be deleted), so the folder keeps no lock file.
 
     Raises:
         UsageError: another run holds the lock.
@@ -149,7 +152,11 @@ def sole_writer(lock_path: str | os.PathLike, command: str, advice: str) -> Iter
             raise
         handle.close()  # the file was deleted by the run that held it: lock the new one
     with handle:
-        yield handle
+        try:
+            yield handle
+        finally:
+            if remove and os.name == "posix":
+                lock_path.unlink(missing_ok=True)
 
 
 def _locked(fcntl: Any, handle: BinaryIO, lock_path: Path, command: str, advice: str) -> bool:

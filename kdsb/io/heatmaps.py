@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from kdsb.errors import StoreError
+from kdsb.errors import StoreError, one_line
 from kdsb.io.atomic import atomic_path
 from kdsb.io.volumes import COMPRESSION, check_geometry
 
@@ -83,5 +83,5 @@ def read_heatmap(path: str | os.PathLike) -> tuple[np.ndarray, tuple, tuple]:
             origin = tuple(float(o) for o in f.attrs["origin"])
     except OSError as error:
         raise StoreError(f"{path}: expected an HDF5 file, received an unreadable one "
-                         f"({' '.join(str(error).split())})") from error
+                         f"({one_line(error)})") from error
     return heatmap, spacing, origin

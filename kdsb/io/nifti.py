@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.errors import KdsbError, StoreError, UsageError
+from kdsb.errors import KdsbError, StoreError, UsageError, one_line
 from kdsb.io import volumes
 from kdsb.io.atomic import atomic_path, remove_stale_temporaries, sole_writer
 from kdsb.io.heatmaps import heatmap_path, read_heatmap
@@ -179,7 +179,7 @@ def export_cohort(
     out_dir.mkdir(parents=True, exist_ok=True)
     # Found in review: two exports into one folder (overlapping Slurm jobs) swept each other's
     # temporaries mid-write.
-    with sole_writer(out_dir / EXPORT_LOCK, "kdsb export", "use another OUT_DIR"):
+    with sole_writer(out_dir / EXPORT_LOCK, "kdsb export", "use another OUT_DIR", remove=True):
         for patient_id in tqdm(wanted, desc="export", unit="patient", disable=None):
             if patient_id not in available:
                 failed[patient_id] = f"{patient_id}: expected {patient_id}.h5 in {data_dir}, " \
@@ -195,11 +195,9 @@ def export_cohort(
                 export_patient(available[patient_id], out_dir, patient_id, own_heatmaps,
                                drop_heatmap=heatmaps_dir is not None)
             except KdsbError as error:
-                failed[patient_id] = " ".join(str(error).split())
+                failed[patient_id] = one_line(error)
                 continue
             exported.append(patient_id)
-        if os.name == "posix":  # while held (`sole_writer`): a viewer's folder keeps no lock file
-            (out_dir / EXPORT_LOCK).unlink(missing_ok=True)
     if without_heatmap:
         logger.warning("--heatmaps %s holds no heatmap of %d of the %d patient(s): %s; their HU "
                        "and lung mask are exported without one (and without an earlier "

@@ -3,9 +3,9 @@
 Every run (`kdsb train-gmcae`, `kdsb train-classifier`) keeps its options in config.json
 (`OPTIONS_NAME`, the resume rule's record: `kdsb.training.runs.options`). A classifier run, one
 split: classifier.keras (calibrated, carrying its input record), uncalibrated.keras,
-classifier.json, metrics.json, config.json, split.json, history.csv, finished.json,
-checkpoints/, logs/ (and bags/ for the heads mil and nll; restarts.json and collapsed_N_* after
-restarts, `kdsb.training.attempts`). With folds:
+classifier.json, metrics.json, config.json, split.json, volumes.json, history.csv,
+finished.json, checkpoints/, logs/ (and bags/ for the heads mil and nll; restarts.json and
+collapsed_N_* after restarts, `kdsb.training.attempts`). With folds:
 
 ```
 RUN_DIR/

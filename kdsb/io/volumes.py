@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from kdsb._version import __version__
-from kdsb.errors import StoreError
+from kdsb.errors import StoreError, one_line
 from kdsb.io.atomic import atomic_path
 
 SUFFIX = ".h5"
@@ -212,7 +212,7 @@ def open_volume(path: str | os.PathLike) -> Iterator[h5py.File]:
             yield f
         except OSError as error:
             raise StoreError(f"{path}: expected readable voxels, received damaged data "
-                             f"({' '.join(str(error).split())})") from error
+                             f"({one_line(error)})") from error
 
 
 def check_geometry(path: Path, spacing, origin) -> None:

@@ -300,8 +300,8 @@ def write_implant_cohort(
     out_root = Path(out_root)
     where, base_at = out_root.resolve(), base.resolve()
     written = (dicom_dir(where), truth_dir(where))  # what synth writes and --overwrite replaces
-    if where == base_at or base_at in where.parents or base_at == labels_path(where) or any(
-            folder == base_at or folder in base_at.parents for folder in written):
+    if where.is_relative_to(base_at) or base_at == labels_path(where) or any(
+            base_at.is_relative_to(folder) for folder in written):
         # Found in review: a DICOM base's series then took in the cohort's own (its next run,
         # a resume too, failed on "CT series of 3 patients"), or --overwrite replaced the base.
         raise UsageError(f"expected OUT_ROOT outside the base scan and the base outside "

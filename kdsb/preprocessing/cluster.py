@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 
-from kdsb.errors import KdsbError, UsageError
+from kdsb.errors import KdsbError, UsageError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +80,10 @@ def run_on_dask(
         client = Client(scheduler, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError) as error:
         raise UsageError(f"expected a Dask scheduler at {scheduler}, received no answer "
-                         f"({' '.join(str(error).split())})") from error
+                         f"({one_line(error)})") from error
     except (TypeError, ValueError) as error:  # e.g. tls:// without distributed's security
         raise UsageError(f"expected a Dask scheduler address kdsb can connect to, received "
-                         f"{scheduler!r} ({' '.join(str(error).split())})") from error
+                         f"{scheduler!r} ({one_line(error)})") from error
     with client:
         logger.info("Dask cluster %s: %d worker(s)", scheduler,
                     len(client.scheduler_info().get("workers", {})))
@@ -100,8 +100,9 @@ def run_on_dask(
             else:
                 yield patient_id, result
         # Dask strikes every task a dying worker held, queued ones too: a patient that crashes
-        # its worker failed its neighbours with it (found in review). As the local pool does,
-        # each is tried once more alone; killed again, it is the one at fault.
+        # its worker failed its neighbours with it (found in review). Each is tried once more
+        # alone, one at a time (the cluster otherwise idle: such deaths are rare, and a patient
+        # that kills its workers must not strike another again); killed again, it is at fault.
         for patient_id in killed:
             future = client.submit(keeping_warnings, worker, *tasks[patient_id], pure=False,
                                    key=f"kdsb-preprocess-{patient_id}-{run}-alone")
@@ -165,7 +166,7 @@ def _results(client, futures, scheduler: str, killed_type: type):
         except Exception as error:  # noqa: BLE001 - the worker never raises: the cluster did
             raise KdsbError(
                 f"patient {patient_id}: expected the Dask cluster at {scheduler} to run it, "
-                f"received {type(error).__name__}: {' '.join(str(error).split())} (the "
+                f"received {type(error).__name__}: {one_line(error)} (the "
                 "patients finished so far are kept; rerun to resume)"
             ) from error
 
@@ -190,7 +191,7 @@ def _as_finished(client, futures, scheduler: str):
             workers = len(client.nthreads())
         except Exception as error:  # noqa: BLE001 - the scheduler is gone, whatever the type
             raise KdsbError(f"expected the Dask scheduler at {scheduler} to answer, received "
-                            f"{type(error).__name__}: {' '.join(str(error).split())} (the "
+                            f"{type(error).__name__}: {one_line(error)} (the "
                             "patients finished so far are kept; rerun to resume)") from error
         if workers:
             alone_since = None

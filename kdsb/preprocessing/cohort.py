@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.errors import KdsbError, UsageError
+from kdsb.errors import KdsbError, UsageError, one_line
 from kdsb.io import volumes
 from kdsb.io.atomic import remove_stale_temporaries, sole_writer
 from kdsb.io.source_stamp import same_files_but_times, source_stamp
@@ -251,7 +251,7 @@ def _plan(
             now = None if stamp is None else source_stamp(source)
         except (OSError, KdsbError) as error:  # found in review: it ended the whole run
             logger.warning("%s: kept %s, its source cannot be read now (%s)", patient_id,
-                           path.name, " ".join(str(error).split()))
+                           path.name, one_line(error))
             now = stamp
         if stamp is not None and stamp != now:
             if not overwrite and _another_source(attrs.get(SOURCE_ATTR), source, stamp, now):

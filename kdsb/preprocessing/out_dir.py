@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from kdsb._version import __version__
-from kdsb.errors import StoreError, UsageError
+from kdsb.errors import KdsbError, StoreError, UsageError
 from kdsb.io import volumes
-from kdsb.io.atomic import atomic_path, write_json
-from kdsb.preprocessing.pipeline import MARGIN_ATTR, STATUS_FAILED
+from kdsb.io.atomic import atomic_path, read_json, write_json
+from kdsb.preprocessing.pipeline import MARGIN_ATTR, STATUS_FAILED, source_text
 
 logger = logging.getLogger(__name__)
 
@@ -83,21 +82,29 @@ def existing_attrs(
         logger.warning("%s is unreadable and will be redone: %s", path.name, error)
         return None
     stored_spacing = tuple(float(s) for s in attrs["spacing"])
-    if not np.allclose(stored_spacing, spacing, rtol=SETTINGS_RTOL, atol=0.0):
+    if not _same_spacing(stored_spacing, spacing):
         raise UsageError(
             f"{path} was preprocessed with spacing {list(stored_spacing)} mm; expected "
             f"--overwrite or another OUT_DIR for spacing {list(spacing)} mm"
         )
     stored_margin = attrs.get(MARGIN_ATTR)
-    if stored_margin is None or not np.isclose(
-        float(stored_margin), margin_mm, rtol=SETTINGS_RTOL, atol=0.0
-    ):
+    if not _same_margin(stored_margin, margin_mm):
         used = "an unrecorded margin" if stored_margin is None else f"margin {stored_margin} mm"
         raise UsageError(
             f"{path} was preprocessed with {used}; expected --overwrite or another OUT_DIR "
             f"for --margin-mm {margin_mm}"
         )
     return attrs
+
+
+def _same_spacing(stored, spacing) -> bool:
+    return bool(np.allclose(stored, spacing, rtol=SETTINGS_RTOL, atol=0.0))
+
+
+def _same_margin(stored, margin_mm: float) -> bool:
+    """A volume without the margin attribute (before kdsb 0.1) counts as another margin."""
+    return stored is not None and bool(np.isclose(float(stored), margin_mm,
+                                                  rtol=SETTINGS_RTOL, atol=0.0))
 
 
 def check_other_patients(out_dir: Path, patients: dict[str, Path],
@@ -119,8 +126,7 @@ def check_other_patients(out_dir: Path, patients: dict[str, Path],
             continue  # not this run's patient: nothing to redo, nothing to tell
         stored = tuple(float(s) for s in attrs["spacing"])
         margin = attrs.get(MARGIN_ATTR)
-        if not np.allclose(stored, spacing, rtol=SETTINGS_RTOL, atol=0.0) or margin is None \
-                or not np.isclose(float(margin), margin_mm, rtol=SETTINGS_RTOL, atol=0.0):
+        if not (_same_spacing(stored, spacing) and _same_margin(margin, margin_mm)):
             used = "an unrecorded margin" if margin is None else f"margin {margin} mm"
             raise UsageError(
                 f"{path} (a patient not in this INPUT_ROOT) was preprocessed with spacing "
@@ -160,13 +166,14 @@ def overwrite_in_progress(out_dir: Path, input_root: Path, spacing: tuple[float,
     volumes it had not reached). To start it over instead, delete the marker.
     """
     marker = overwrite_marker(out_dir, input_root)
+    if not marker.is_file():
+        return None
     try:
-        saved = json.loads(marker.read_text())
-        same = saved["kdsb"] == __version__ and np.allclose(
-            saved["spacing"], spacing, rtol=SETTINGS_RTOL, atol=0.0) and np.isclose(
-            float(saved["margin_mm"]), margin_mm, rtol=SETTINGS_RTOL, atol=0.0)
+        saved = read_json(marker)
+        same = saved["kdsb"] == __version__ and _same_spacing(saved["spacing"], spacing) \
+            and _same_margin(saved["margin_mm"], margin_mm)
         began = marker.stat().st_mtime_ns
-    except (OSError, ValueError, KeyError, TypeError):  # none, or not readable: not continued
+    except (OSError, KdsbError, KeyError, TypeError, ValueError):  # damaged: not continued
         return None
     if not same:
         logger.warning("%s: a killed --overwrite run of %s with other settings or another kdsb "
@@ -183,7 +190,7 @@ def begin_overwrite(out_dir: Path, input_root: Path, spacing: tuple[float, float
                     margin_mm: float) -> None:
     """Write the marker of an `--overwrite` run (`overwrite_in_progress`)."""
     write_json(overwrite_marker(out_dir, input_root),
-               {"input_root": os.fsencode(input_root).decode("utf-8", "backslashreplace"),
+               {"input_root": source_text(input_root),
                 "spacing": list(spacing), "margin_mm": margin_mm, "kdsb": __version__})
 
 

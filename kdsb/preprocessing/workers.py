@@ -16,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from pathlib import Path
 
-from kdsb.errors import KdsbError
+from kdsb.errors import KdsbError, one_line
 from kdsb.io.tables import summarise_ids
 from kdsb.preprocessing.pipeline import STATUS_FAILED, PatientResult, preprocess_patient
 
@@ -44,10 +44,6 @@ def _died(result: PatientResult) -> bool:
     return (result.error or "").endswith(WORKER_DIED_MESSAGE)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def preprocess_safely(
     source: Path,
     out_dir: Path,
@@ -64,11 +60,11 @@ def preprocess_safely(
             threads=threads,
         )
     except KdsbError as error:
-        message, detail = _one_line(error), ""
+        message, detail = one_line(error), ""
     except MemoryError:
         message, detail = "out of memory while preprocessing this scan", traceback.format_exc()
     except Exception as error:  # noqa: BLE001 - any bug must fail one patient, not the cohort
-        message = f"unexpected {type(error).__name__}: {_one_line(error)}"
+        message = f"unexpected {type(error).__name__}: {one_line(error)}"
         detail = traceback.format_exc()
     if not message.startswith((f"patient {patient_id}:", f"{patient_id}:")):
         message = f"patient {patient_id}: {message}"
@@ -140,7 +136,7 @@ def _run_pool(
             try:
                 futures[pool.submit(worker, *task)] = patient_id
             except BrokenProcessPool:  # a worker died meanwhile: the rest as its patients
-                unsubmitted = [pid for pid in tasks if pid not in futures.values()]
+                unsubmitted = list(tasks)[len(futures):]  # submitted in `tasks` order
                 break
         for future in as_completed(futures):
             try:

@@ -12,7 +12,7 @@ from kdsb.data.inputs import DEFAULT_LUNG_DILATION_MM, VolumeInput
 from kdsb.errors import UsageError
 from kdsb.hu import PARENCHYMA_HU
 from kdsb.training import runs
-from kdsb.training.runs import RunOptions, option
+from kdsb.training.runs import RUN_KIND_KEY, RunOptions, option
 
 HEADS = ("spp", "mil", "nll")
 # Of `runs.STRATEGIES`: "mirrored" cannot split one whole volume (sizes vary) over the devices.
@@ -215,6 +215,14 @@ class ClassifierOptions(RunOptions):
         ]
 
     RUN_KIND: ClassVar[str] = "classifier"
+
+    @classmethod
+    def kind_of_saved(cls, saved):
+        """As `RunOptions.kind_of_saved`; a record without the kind, without a `head` and with
+        the GMCAE's `mixtures` is a GMCAE run's."""
+        if RUN_KIND_KEY not in saved and "head" not in saved and "mixtures" in saved:
+            return "GMCAE"
+        return super().kind_of_saved(saved)
 
     @classmethod
     def from_saved(cls, saved):

@@ -11,7 +11,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from kdsb.errors import DicomError
+from kdsb.errors import DicomError, one_line
 
 # pydicom both warns and logs when a file ends early ("End of file reached before delimiter …
 # found in file …"); kdsb names that file in its own one-line error, so pydicom's two lines
@@ -32,7 +32,7 @@ def patient_error(patient: str, message: str, path: Path | None = None) -> Dicom
     """The one-line error naming the patient and, where relevant, the file."""
     where = f" (file {path.name})" if path is not None else ""
     # One line whatever the message quotes (a decoder's own text may hold newlines and tabs).
-    return DicomError(" ".join(f"patient {patient}: {message}{where}".split()))
+    return DicomError(one_line(f"patient {patient}: {message}{where}"))
 
 
 def bare_dataset(head: bytes) -> bool:

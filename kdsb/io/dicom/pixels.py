@@ -177,8 +177,11 @@ def read_pixels(patient: str, headers: list[Header]) -> np.ndarray:
     """The slices decoded into one int16 HU array (slice, row, column), in the given order."""
     # Each transfer syntax of the series (found in review: a series mixing syntaxes, checked
     # on its first file alone, failed later as "truncated or corrupt data").
-    for header in {h.transfer_syntax: h for h in reversed(headers)}.values():
-        _check_decoder(patient, header)
+    checked = set()
+    for header in headers:
+        if header.transfer_syntax not in checked:
+            checked.add(header.transfer_syntax)
+            _check_decoder(patient, header)
     volume = np.empty((len(headers), headers[0].rows, headers[0].columns), dtype=np.int16)
     frames: dict[Path, list] = {}
     for header in headers:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from kdsb.errors import one_line
 from kdsb.io import volumes
 from kdsb.io.atomic import save_figure
 from kdsb.preprocessing.qc.lesion import find_lesion, lesion_views
@@ -124,7 +125,7 @@ def write_qc(
         except Exception as error:  # noqa: BLE001 - one patient's QC, never the cohort's
             # Found in review: anything but a StoreError (memory for one large scan, a plotting
             # error) ended the QC of every patient after the whole preprocessing, exit 1.
-            reason = " ".join(str(error).split()) or type(error).__name__
+            reason = one_line(error) or type(error).__name__
             logger.warning("QC of %s skipped: %s", patient_id, reason)
             failed[patient_id], tiles[patient_id] = f"QC failed: {reason}", None
             (qc_dir / f"{patient_id}.png").unlink(missing_ok=True)  # an earlier run's, or half

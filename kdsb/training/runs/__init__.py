@@ -13,8 +13,8 @@ RUN_DIR/
   checkpoints/epoch_0001.keras …   full model + optimizer state after every epoch (atomic)
   <best_name>                      the best model so far by `monitor` (atomic)
   split.json                       its training and validation patients, compared on resume
-  volumes.json                     its volume files as they were (bytes, time): resumed on
-                                   files written again since, it warns
+  volumes.json                     its volume files as they were (bytes, time, inode):
+                                   resumed on files written again since, it warns
   .kdsb-train.lock                 held by the run writing it (`sole_run`), removed at its end
   history.csv                      one row per epoch (keras CSVLogger; `epoch` counts from 0)
   finished.json                    once training ended: epochs run, stopped early; resumed,

@@ -52,14 +52,12 @@ def sole_run(run_dir: str | os.PathLike, command: str, chief: bool = True) -> It
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / RUN_LOCK_NAME
-    with sole_writer(lock, command, "use another RUN_DIR"):
-        try:
+    try:
+        with sole_writer(lock, command, "use another RUN_DIR", remove=True):
             yield
-        finally:
-            if os.name == "posix":  # while held: a run waiting for it takes a new file
-                lock.unlink(missing_ok=True)
-                if created and not any(run_dir.iterdir()):
-                    run_dir.rmdir()
+    finally:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
 
 
 def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:

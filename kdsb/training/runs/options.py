@@ -232,7 +232,10 @@ def resolve_options(
                              f"received none")
         return options(**given), 0
     stored = read_json(path)
-    kind = options.kind_of_saved(stored) if isinstance(stored, dict) else None
+    if not isinstance(stored, dict):
+        raise UsageError(f"expected the options of a {options.RUN_KIND} run in {path}, "
+                         f"received {type(stored).__name__}")
+    kind = options.kind_of_saved(stored)
     if kind != options.RUN_KIND:  # found in review: a traceback, or a run clobbered
         raise UsageError(f"expected --resume in the RUN_DIR of a {options.RUN_KIND} run, "
                          f"received {run_dir}, which {path.name} says is a {kind} run")
@@ -241,7 +244,7 @@ def resolve_options(
     try:
         saved = options.from_saved({**stored, **{key: value for key, value in given.items()
                                                  if key in RESUMABLE_CHANGES}})
-    except TypeError as error:  # a required option missing: not this kind of run's record
+    except TypeError as error:  # a required option missing: a damaged record
         raise UsageError(f"expected the options of a {options.RUN_KIND} run in {path}, "
                          f"received {error}") from None
     resolved = dataclasses.replace(saved, **given)

@@ -19,7 +19,7 @@ from kdsb.io.tables import summarise_ids
 logger = logging.getLogger(__name__)
 
 SPLIT_NAME = "split.json"
-VOLUMES_NAME = "volumes.json"  # id → [bytes, modification time in ns] of each volume file
+VOLUMES_NAME = "volumes.json"  # id → `kdsb.io.journal.volume_stamp` of each volume file
 
 
 def check_split(model_dir: str | os.PathLike, split: dict[str, list[str]], resume: bool,
@@ -65,17 +65,17 @@ def pin_split(model_dir: str | os.PathLike, split: dict[str, list[str]], resume:
 
 def note_volumes(run_dir: str | os.PathLike, volumes: Mapping[str, Path], resume: bool,
                  chief: bool = True) -> None:
-    """Record the run's volume files as they are (bytes, modification time); resuming, warn of
+    """Record the run's volume files as they are (bytes, modification time, inode:
+    `volume_stamp`); resuming, warn of
     those written since the run began: its finished epochs, folds or cached bags were made of
     the former ones (found in review: a cross-validated run resumed after `preprocess
     --overwrite` mixed both without a word). A warning, not a refusal: a copy of the volumes
     that did not keep modification times changes them too.
     """
+    from kdsb.io.journal import volume_stamp
+
     path = Path(run_dir) / VOLUMES_NAME
-    now = {}
-    for patient_id, volume in volumes.items():
-        stat = os.stat(volume)
-        now[patient_id] = [stat.st_size, stat.st_mtime_ns]
+    now = {patient_id: volume_stamp(volume) for patient_id, volume in volumes.items()}
     if resume and path.is_file():
         try:
             begun = read_json(path)
