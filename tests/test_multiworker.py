@@ -141,7 +141,8 @@ def test_two_workers_train_a_classifier_and_the_chief_alone_writes(cohort, tmp_p
     run_dir = tmp_path / "run"
     argv = ["train-classifier", str(cohort / "data"), str(cohort / "labels.csv"), str(run_dir),
             "--gmcae", str(cohort / "gmcae.keras"), *CLASSIFIER_TINY]
-    results = _run_workers([*argv, "--epochs", "1"], tmp_path / "temp")
+    # With the weights' moving average, which the workers keep alike (synchronous updates).
+    results = _run_workers([*argv, "--epochs", "1", "--ema-momentum", "0.9"], tmp_path / "temp")
     assert "validation (no calibration map)" in results[0].stdout  # 2 patients: too few
     assert _files(run_dir) == {
         "config.json", "classifier.json", "history.csv", "checkpoints/epoch_0001.keras",
@@ -154,6 +155,7 @@ def test_two_workers_train_a_classifier_and_the_chief_alone_writes(cohort, tmp_p
     model = keras.saving.load_model(runs.checkpoint_path(run_dir, 1), safe_mode=True)
     # 6 training patients, one volume per worker and step: 3 synchronous steps per epoch.
     assert int(model.optimizer.iterations) == 3
+    assert model.optimizer.use_ema and metrics["options"]["ema_momentum"] == 0.9
 
 
 def test_tf_config_missing_or_malformed_is_a_usage_error_naming_it():

@@ -96,6 +96,66 @@ def test_resume_continues_epochs_and_optimizer_state(tmp_path):
     assert runs.last_checkpoint(tmp_path)[0] == 4
 
 
+MOMENTUM = 0.8
+
+
+def _build_averaged():
+    model = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=MOMENTUM),
+                  loss="mse")
+    return model
+
+
+def test_a_run_with_averaged_weights_validates_and_saves_the_average_and_resumes_as_one(
+        tmp_path):
+    """An optimizer with `use_ema`: the logged validation loss, the checkpoints and the best
+    model are the moving average's (a NumPy reference of the raw weights' average), and a run
+    resumed from a checkpoint trains on as the uninterrupted one did (the raw weights go on
+    from where they were, not from the average)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(BATCH, FEATURES)).astype("float32")
+    y = (x @ np.array([1.0, -2.0, 0.5], "float32"))[:, None]
+    one_batch = tf.data.Dataset.from_tensors((x, y)).repeat()  # the same steps whenever resumed
+    epochs = 4
+
+    runs.configure_runtime(seed=0)
+    reference = _build()  # the same start (seed) and updates, no average: the raw weights
+    raw = []
+    for _ in range(epochs * STEPS):
+        reference.train_on_batch(x, y)
+        raw.append(reference.get_weights())
+    average = [np.array(w) for w in raw[0]]  # Keras: the first step's weights, then the EMA
+    averages = [average]
+    for weights in raw[1:]:
+        average = [MOMENTUM * a + (1 - MOMENTUM) * w for a, w in zip(average, weights, strict=True)]
+        averages.append(average)
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    runs.configure_runtime(seed=0)
+    history = runs.fit(_build_averaged, one_batch, _data(1), whole, epochs=epochs,
+                       steps_per_epoch=STEPS, validation_steps=2, verbose=0, best_name="best.keras")
+    rows = runs.read_history(whole / "history.csv")
+    for epoch in range(1, epochs + 1):
+        saved = keras.saving.load_model(runs.checkpoint_path(whole, epoch), safe_mode=True)
+        for a, b in zip(saved.get_weights(), averages[epoch * STEPS - 1], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        logged = float(rows[epoch - 1]["val_loss"])
+        assert saved.evaluate(_data(1), steps=2, verbose=0) == pytest.approx(logged, rel=1e-5)
+    for a, b in zip(history.model.get_weights(), raw[-1], strict=True):  # `fit` ends raw
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    runs.configure_runtime(seed=0)
+    runs.fit(_build_averaged, one_batch, _data(1), parts, epochs=2, steps_per_epoch=STEPS,
+             validation_steps=2, verbose=0, best_name="best.keras")
+    runs.fit(_build_averaged, one_batch, _data(1), parts, epochs=epochs, steps_per_epoch=STEPS,
+             validation_steps=2, verbose=0, best_name="best.keras", resume=True)
+    for name in (runs.checkpoint_path(whole, epochs), whole / "best.keras"):
+        resumed = keras.saving.load_model(parts / name.relative_to(whole), safe_mode=True)
+        uninterrupted = keras.saving.load_model(name, safe_mode=True)
+        for a, b in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def _rewrite_val_loss(run_dir, values):
     path = run_dir / "history.csv"
     lines = path.read_text().splitlines()

@@ -365,6 +365,18 @@ def test_spp_batch_size_accumulates_gradients_over_that_many_volumes(cohort):
     assert model.optimizer.gradient_accumulation_steps is None
 
 
+def test_ema_momentum_gives_the_optimizer_a_moving_average_of_the_weights(cohort):
+    import keras
+
+    _, _, gmcae = cohort
+    for momentum in (0.0, 0.9):
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        spp.compile_classifier(model, ClassifierOptions(gmcae=str(gmcae), ema_momentum=momentum))
+        assert model.optimizer.use_ema == (momentum > 0)
+        if momentum:
+            assert model.optimizer.ema_momentum == momentum
+
+
 def test_label_smoothing_trains_toward_soft_labels_and_monitors_the_true_log_loss(cohort):
     """--label-smoothing eps: the loss is the cross-entropy against eps/2 and 1 - eps/2; the
     logged log loss (what early stopping watches) stays against the labels themselves."""
@@ -401,6 +413,8 @@ def test_runs_saved_before_an_option_existed_read_as_trained_without_it(cohort):
     assert ClassifierOptions.from_saved(saved).restarts == 2
     del saved["restarts"]
     assert ClassifierOptions.from_saved(saved).restarts == 0
+    del saved["ema_momentum"]
+    assert ClassifierOptions.from_saved(saved).ema_momentum == 0.0
 
 
 def test_options_default_to_the_dataclass_and_are_validated_once(cohort):
@@ -416,7 +430,8 @@ def test_options_default_to_the_dataclass_and_are_validated_once(cohort):
     for bad, message in (({"freeze_blocks": 4}, "expected --freeze-blocks in 0..3"),
                          ({"downscale": 0}, "expected --downscale >= 1"),
                          ({"levels": ()}, "expected --levels of integers >= 1"),
-                         ({"distribute": "mirrored"}, "expected --distribute none")):
+                         ({"distribute": "mirrored"}, "expected --distribute none"),
+                         ({"ema_momentum": 1.0}, r"expected --ema-momentum in \[0, 1\)")):
         with pytest.raises(UsageError, match=message):
             ClassifierOptions(gmcae=str(gmcae), **bad)
     assert balanced_class_weights([0, 0, 0, 1]) == pytest.approx({0: 4 / 6, 1: 2.0})

@@ -25,7 +25,7 @@ MIL_POOLINGS = ("attention", "max")  # kdsb.models.mil.POOLINGS
 CALIBRATIONS = ("platt", "temperature", "none")  # kdsb.models.calibration.METHODS
 CLASS_WEIGHTS = ("balanced", "none")
 # What runs saved before an option existed (no key for it in config.json) trained with.
-LEGACY_DEFAULTS = {"label_smoothing": 0.0, "restarts": 0}
+LEGACY_DEFAULTS = {"label_smoothing": 0.0, "restarts": 0, "ema_momentum": 0.0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +54,8 @@ class ClassifierOptions(RunOptions):
         pooling: "max" or "average" pooling in the pyramid.
         dense_units: units of the hidden dense layer.
         dropout: dropout rate of the head.
+        ema_momentum: momentum per step of the weights' exponential moving average, which
+            replaces the weights for validation and saving (`runs.fit`); 0: none.
         augment: random cube symmetry per training volume.
         allow_unlabelled: skip volumes without a label instead of failing.
         allow_missing_volumes: skip labelled patients without a volume instead of failing.
@@ -134,6 +136,11 @@ class ClassifierOptions(RunOptions):
         64, "units of the hidden dense layer (spp) or of the instance embedding (mil)", type=int
     )
     dropout: float = option(0.5, "dropout of the dense head", type=float)
+    ema_momentum: float = option(
+        0.0, "keep an exponential moving average of the weights with this momentum per step "
+        "(e.g. 0.97; Polyak averaging): validation, the best model and the saved models use "
+        "the average, which smooths the swings of one-volume steps; 0: off", type=float,
+    )
     restarts: int = option(
         2, "train a model again with another seed, up to this many times, when its validation "
         "predictions, shifted to fit them best, explain under 5 %% of the labels' entropy (it "
@@ -205,6 +212,7 @@ class ClassifierOptions(RunOptions):
             (self.restarts >= 0, "--restarts >= 0", self.restarts),
             (self.dense_units >= 1, "--dense-units >= 1", self.dense_units),
             (0.0 <= self.dropout < 1.0, "--dropout in [0, 1)", self.dropout),
+            (0.0 <= self.ema_momentum < 1.0, "--ema-momentum in [0, 1)", self.ema_momentum),
             (len(self.levels) > 0 and all(int(n) == n >= 1 for n in self.levels),
              "--levels of integers >= 1", self.levels),
             (self.tile_z == 0 or (self.tile_z >= 2 and self.tile_z % 2 == 0),
@@ -226,8 +234,9 @@ class ClassifierOptions(RunOptions):
 
     @classmethod
     def from_saved(cls, saved):
-        """Options from a config.json; one saved before `--label-smoothing` or `--restarts`
-        existed used neither (`LEGACY_DEFAULTS`): resumed, it must not begin to."""
+        """Options from a config.json; one saved before `--label-smoothing`, `--restarts` or
+        `--ema-momentum` existed used none of them (`LEGACY_DEFAULTS`): resumed, it must not
+        begin to."""
         return super().from_saved({**LEGACY_DEFAULTS, **saved})
 
     def volume_input(self) -> VolumeInput:

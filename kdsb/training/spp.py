@@ -43,6 +43,9 @@ def compile_classifier(model: Any, options: ClassifierOptions) -> Any:
     optimizer = keras.optimizers.Adam(
         learning_rate=options.lr,
         global_clipnorm=GLOBAL_CLIPNORM,
+        # --ema-momentum: the optimizer keeps the average, `runs.fit` swaps it in.
+        use_ema=options.ema_momentum > 0,
+        ema_momentum=options.ema_momentum or 0.99,  # (Keras's default, unused when off)
         # One volume per worker and step under multiworker (--batch-size = the workers), where
         # Keras's accumulation cannot run.
         gradient_accumulation_steps=(

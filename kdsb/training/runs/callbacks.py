@@ -197,4 +197,26 @@ def callback_classes():
             if self.resumed_best is not None:
                 self.best, self.wait = self.resumed_best, self.resumed_wait
 
-    return NonFiniteGuard, EpochCheckpoint, GiveUpBelow, ResumedEarlyStopping
+    class AveragedWeights(keras.callbacks.SwapEMAWeights):
+        """For an optimizer that keeps a moving average of the weights (`use_ema`): the model
+        holds the average while it is validated and from the end of each epoch to the start
+        of the next, so the history, the best model and the checkpoints are the average's.
+
+        A checkpoint thus holds the average as the model's weights and the raw weights in the
+        optimizer's average slots: `resumed` (the model was loaded from one) swaps them back
+        before the first epoch. Unlike Keras's callback, the last epoch does not copy the
+        average over the raw weights, so a run given more epochs later goes on from the
+        weights it trained, as an uninterrupted run would (`history.model` ends with the raw
+        weights: Keras copies the slots over the model's variables when `fit` ends).
+        """
+
+        def __init__(self, resumed: bool):
+            super().__init__(swap_on_epoch=True)
+            self._ema_weights_in_model = resumed  # Keras's record of which side the model holds
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not self._ema_weights_in_model:
+                self._swap_variables()
+                self._ema_weights_in_model = True
+
+    return NonFiniteGuard, EpochCheckpoint, GiveUpBelow, ResumedEarlyStopping, AveragedWeights

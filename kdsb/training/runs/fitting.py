@@ -273,7 +273,8 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
     with strategy.scope():
         _build_training_state(model, batch_spec)
 
-    NonFiniteGuard, EpochCheckpoint, GiveUpBelow, ResumedEarlyStopping = callback_classes()
+    (NonFiniteGuard, EpochCheckpoint, GiveUpBelow, ResumedEarlyStopping,
+     AveragedWeights) = callback_classes()
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=True)
     # Order matters: the guard first (nothing is written for a non-finite model), then the
     # history row, then the best model and the checkpoint. A kill after the row leaves one row
@@ -290,6 +291,9 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
             keep_checkpoints,
         ),
     ]
+    if getattr(model.optimizer, "use_ema", False):
+        # Before all of them: the row, the best model and the checkpoint are the average's.
+        callbacks.insert(0, AveragedWeights(resumed=last is not None))
     # TensorBoard may be missing from a hand-made environment: the run then goes on unlogged.
     if importlib.util.find_spec("tensorboard") is not None:
         callbacks.append(
