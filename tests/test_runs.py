@@ -106,29 +106,44 @@ def _build_averaged():
     return model
 
 
+def _one_batch():
+    """The same batch every step (so a resumed run takes the uninterrupted one's steps)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(BATCH, FEATURES)).astype("float32")
+    y = (x @ np.array([1.0, -2.0, 0.5], "float32"))[:, None]
+    return x, y, tf.data.Dataset.from_tensors((x, y)).repeat()
+
+
+def _raw_and_averaged(x, y, steps: int):
+    """The weights after each of `steps` steps on (x, y) of `_build`'s model (seeded as a run
+    is), and their moving average by Keras's rule (the first step's weights, then the EMA)."""
+    runs.configure_runtime(seed=0)
+    reference = _build()
+    raw = []
+    for _ in range(steps):
+        reference.train_on_batch(x, y)
+        raw.append(reference.get_weights())
+    averages = [[np.array(w) for w in raw[0]]]
+    for weights in raw[1:]:
+        averages.append([MOMENTUM * a + (1 - MOMENTUM) * w
+                         for a, w in zip(averages[-1], weights, strict=True)])
+    return raw, averages
+
+
+def _assert_weights_close(model, weights, **tolerance):
+    for a, b in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_allclose(a, b, **tolerance)
+
+
 def test_a_run_with_averaged_weights_validates_and_saves_the_average_and_resumes_as_one(
         tmp_path):
     """An optimizer with `use_ema`: the logged validation loss, the checkpoints and the best
     model are the moving average's (a NumPy reference of the raw weights' average), and a run
     resumed from a checkpoint trains on as the uninterrupted one did (the raw weights go on
     from where they were, not from the average)."""
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(BATCH, FEATURES)).astype("float32")
-    y = (x @ np.array([1.0, -2.0, 0.5], "float32"))[:, None]
-    one_batch = tf.data.Dataset.from_tensors((x, y)).repeat()  # the same steps whenever resumed
+    x, y, one_batch = _one_batch()
     epochs = 4
-
-    runs.configure_runtime(seed=0)
-    reference = _build()  # the same start (seed) and updates, no average: the raw weights
-    raw = []
-    for _ in range(epochs * STEPS):
-        reference.train_on_batch(x, y)
-        raw.append(reference.get_weights())
-    average = [np.array(w) for w in raw[0]]  # Keras: the first step's weights, then the EMA
-    averages = [average]
-    for weights in raw[1:]:
-        average = [MOMENTUM * a + (1 - MOMENTUM) * w for a, w in zip(average, weights, strict=True)]
-        averages.append(average)
+    raw, averages = _raw_and_averaged(x, y, epochs * STEPS)
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     runs.configure_runtime(seed=0)
@@ -137,12 +152,10 @@ def test_a_run_with_averaged_weights_validates_and_saves_the_average_and_resumes
     rows = runs.read_history(whole / "history.csv")
     for epoch in range(1, epochs + 1):
         saved = keras.saving.load_model(runs.checkpoint_path(whole, epoch), safe_mode=True)
-        for a, b in zip(saved.get_weights(), averages[epoch * STEPS - 1], strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        _assert_weights_close(saved, averages[epoch * STEPS - 1], rtol=1e-5, atol=1e-6)
         logged = float(rows[epoch - 1]["val_loss"])
         assert saved.evaluate(_data(1), steps=2, verbose=0) == pytest.approx(logged, rel=1e-5)
-    for a, b in zip(history.model.get_weights(), raw[-1], strict=True):  # `fit` ends raw
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_weights_close(history.model, raw[-1], rtol=1e-5, atol=1e-6)  # `fit` ends raw
 
     runs.configure_runtime(seed=0)
     runs.fit(_build_averaged, one_batch, _data(1), parts, epochs=2, steps_per_epoch=STEPS,
@@ -152,8 +165,26 @@ def test_a_run_with_averaged_weights_validates_and_saves_the_average_and_resumes
     for name in (runs.checkpoint_path(whole, epochs), whole / "best.keras"):
         resumed = keras.saving.load_model(parts / name.relative_to(whole), safe_mode=True)
         uninterrupted = keras.saving.load_model(name, safe_mode=True)
-        for a, b in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-6)
+        _assert_weights_close(resumed, uninterrupted.get_weights(), rtol=1e-6)
+
+
+def test_the_average_is_saved_also_behind_a_loss_scale_optimizer(tmp_path):
+    """Mixed float16 wraps the optimizer in Keras's loss-scale optimizer, whose own `use_ema`
+    is off (found in review: the average was kept but never validated or saved)."""
+    x, y, one_batch = _one_batch()
+    _, averages = _raw_and_averaged(x, y, STEPS)
+
+    def build():
+        model = _build_averaged()
+        model.compile(optimizer=keras.optimizers.LossScaleOptimizer(model.optimizer),
+                      loss="mse")
+        return model
+
+    runs.configure_runtime(seed=0)
+    runs.fit(build, one_batch, _data(1), tmp_path, epochs=1, steps_per_epoch=STEPS,
+             validation_steps=2, verbose=0)
+    saved = keras.saving.load_model(runs.checkpoint_path(tmp_path, 1), safe_mode=True)
+    _assert_weights_close(saved, averages[-1], rtol=1e-5, atol=1e-6)
 
 
 def _rewrite_val_loss(run_dir, values):

@@ -413,8 +413,6 @@ def test_runs_saved_before_an_option_existed_read_as_trained_without_it(cohort):
     assert ClassifierOptions.from_saved(saved).restarts == 2
     del saved["restarts"]
     assert ClassifierOptions.from_saved(saved).restarts == 0
-    del saved["ema_momentum"]
-    assert ClassifierOptions.from_saved(saved).ema_momentum == 0.0
 
 
 def test_options_default_to_the_dataclass_and_are_validated_once(cohort):

@@ -277,7 +277,8 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
      AveragedWeights) = callback_classes()
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=True)
     # Order matters: the guard first (nothing is written for a non-finite model), then the
-    # history row, then the best model and the checkpoint. A kill after the row leaves one row
+    # history row, then the best model and the checkpoint (the weights' average swapped in
+    # before all of them, when the optimizer keeps one). A kill after the row leaves one row
     # too many, which resuming drops; the reverse order would lose a row for good.
     callbacks = [
         NonFiniteGuard(run_dir),
@@ -291,8 +292,8 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
             keep_checkpoints,
         ),
     ]
-    if getattr(model.optimizer, "use_ema", False):
-        # Before all of them: the row, the best model and the checkpoint are the average's.
+    # (Mixed float16 wraps the optimizer in a loss-scale optimizer, whose own `use_ema` is off.)
+    if getattr(getattr(model.optimizer, "inner_optimizer", model.optimizer), "use_ema", False):
         callbacks.insert(0, AveragedWeights(resumed=last is not None))
     # TensorBoard may be missing from a hand-made environment: the run then goes on unlogged.
     if importlib.util.find_spec("tensorboard") is not None:
