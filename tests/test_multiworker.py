@@ -141,7 +141,7 @@ def test_two_workers_train_a_classifier_and_the_chief_alone_writes(cohort, tmp_p
     run_dir = tmp_path / "run"
     argv = ["train-classifier", str(cohort / "data"), str(cohort / "labels.csv"), str(run_dir),
             "--gmcae", str(cohort / "gmcae.keras"), *CLASSIFIER_TINY]
-    # With the weights' moving average, which the workers keep alike (synchronous updates).
+    # With the weights' moving average too: it trains and is saved under multiworker.
     results = _run_workers([*argv, "--epochs", "1", "--ema-momentum", "0.9"], tmp_path / "temp")
     assert "validation (no calibration map)" in results[0].stdout  # 2 patients: too few
     assert _files(run_dir) == {
