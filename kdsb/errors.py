@@ -51,4 +51,3 @@ def one_line(text: object) -> str:
     """`text` (an error, a message) on one line: every run of whitespace, newlines included, as
     one space (the messages of decoders, HDF5 and Dask span lines)."""
     return " ".join(str(text).split())
-

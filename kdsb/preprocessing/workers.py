@@ -170,10 +170,9 @@ def run_tasks(
     retries a patient whose worker died on other workers, then alone, before it fails. Locally,
     when a worker dies (killed by the system for memory, a crash in a C library), the whole pool
     breaks and it is unknown which patient was at fault, so each unfinished patient is retried
-    alone in a
-    fresh one-worker pool, `workers` of them at a time (so one death early in a large cohort
-    does not leave the rest to run one by one); a patient whose worker dies again gets a last
-    try with no other patient running, and then fails.
+    alone in a fresh one-worker pool, `workers` of them at a time (so one death early in a large
+    cohort does not leave the rest to run one by one); a patient whose worker dies again gets a
+    last try with no other patient running, and then fails.
     """
     if scheduler is not None:
         from kdsb.preprocessing.cluster import run_on_dask
