@@ -40,6 +40,11 @@ EXIT_OK, EXIT_DATA_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 RETRACING_MESSAGE = "triggered tf.function retracing"  # TensorFlow's warning, kept under -v
 # Libraries whose debug lines stay out of -v (Matplotlib's font search: hundreds of lines).
 QUIET_LIBRARIES = ("matplotlib", "PIL", "h5py", "urllib3", "asyncio")
+# The options that lower a command's memory, by their argparse dest: the out-of-memory advice
+# names those the failed command has (it used to name --width to `predict`).
+MEMORY_OPTIONS = (("batch_size", "a smaller --batch-size"), ("width", "--width"),
+                  ("patch_size", "--patch-size"), ("tile_z", "--tile-z 32"),
+                  ("downscale", "--downscale 2"), ("workers", "fewer --workers"))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -75,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         # they keep the value given before it.
         _add_verbosity(sub, default=argparse.SUPPRESS)
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=module.run, memory_advice=_memory_advice(sub))
     return parser
 
 
@@ -149,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                          lines[0])
             first = " ".join(first.split())[:200]
             print(f"kdsb {args.command}: error: out of memory ({type(error).__name__}: "
-                  f"{first}): try smaller batches or models (--batch-size, --width, --tile-z 32, "
-                  "where the command has them), fewer --workers, or a machine with more "
-                  "memory", file=sys.stderr)
+                  f"{first}): {args.memory_advice}", file=sys.stderr)
             return EXIT_DATA_ERROR
         # TensorFlow's error for a reader that failed inside a tf.data pipeline carries the
         # reader's traceback; the reader's own error (a damaged volume file) says it in a line.
@@ -161,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kdsb {args.command}: error: {found}", file=sys.stderr)
         return EXIT_DATA_ERROR
+
+
+def _memory_advice(command: argparse.ArgumentParser) -> str:
+    """What to change after running out of memory: the command's own `MEMORY_OPTIONS`."""
+    dests = {action.dest for action in command._actions}  # noqa: SLF001 (no public list)
+    options = [text for dest, text in MEMORY_OPTIONS if dest in dests]
+    return (f"try {', '.join(options)} or " if options else "try ") + "a machine with more memory"
 
 
 def _out_of_memory(error: BaseException) -> bool:

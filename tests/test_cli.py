@@ -331,10 +331,25 @@ def test_running_out_of_memory_is_one_line_saying_what_to_change(monkeypatch, ca
         err = capsys.readouterr().err
         assert err.startswith(f"kdsb train-classifier: error: out of memory "
                               f"({type(error).__name__}") and err.count("\n") == 1
-        assert "try smaller batches or models (--batch-size, --width, --tile-z 32, where the " \
-            "command has them)" in err
+        assert err.endswith("): try a smaller --batch-size, --tile-z 32, --downscale 2 or a "
+                            "machine with more memory\n")
         if isinstance(error, ResourceExhaustedError):  # the line saying OOM, not the first
             assert "OOM when allocating tensor" in err
+
+
+def test_the_memory_advice_names_only_the_failed_commands_options(monkeypatch, capsys):
+    import kdsb.commands.predict as predict_command
+    import kdsb.commands.train_gmcae as train_gmcae_command
+
+    for module, argv, advice in (
+            (predict_command, ["predict", "d", "m.keras", "--out", "p.csv"],
+             "try a machine with more memory"),
+            (train_gmcae_command, ["train-gmcae", "d", "r"],
+             "try a smaller --batch-size, --width, --patch-size or a machine with more memory")):
+        monkeypatch.setattr(module, "run", lambda args: (_ for _ in ()).throw(MemoryError()))
+        assert main(argv) == 1
+        assert capsys.readouterr().err == (f"kdsb {argv[0]}: error: out of memory (MemoryError: "
+                                           f"): {advice}\n")
 
 
 def test_an_earlier_pipeline_error_never_stands_in_for_another(monkeypatch, tmp_path):
