@@ -262,6 +262,16 @@ def test_find_patients_refuses_two_entries_for_one_id(tmp_path):
         find_patients(tmp_path)
 
 
+def test_find_patients_refuses_ids_that_differ_only_by_case(tmp_path):
+    """Their `<id>.h5` would be one file on a case-insensitive disk (macOS, Windows)."""
+    (tmp_path / "P1").mkdir()
+    (tmp_path / "p1.nii.gz").write_bytes(b"")
+    (tmp_path / "p2").mkdir()
+    with pytest.raises(UsageError, match="differ by more than letter case .* received P1 and p1: "
+                                         "rename one"):
+        find_patients(tmp_path)
+
+
 def test_dicom_files_in_the_input_root_itself_are_named(tmp_path, caplog):
     """One patient's series passed as INPUT_ROOT: the error says why none was found and what to
     pass instead; beside patient folders such files are ignored with a warning (found by a

@@ -34,7 +34,8 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
 
     Raises:
         UsageError: `input_root` is missing, not a folder, holds no patient, or holds two
-            entries with the same id (`p1/` and `p1.nii.gz`).
+            entries with the same id (`p1/` and `p1.nii.gz`) or ids that differ only by case
+            (`P1/`, `p1/`).
     """
     from kdsb.io.dicom import is_dicom_file
     from kdsb.io.volume_files import volume_id
@@ -45,6 +46,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
         raise UsageError(f"expected an input root folder, received a file: {input_root}")
     skip = {Path(folder).resolve() for folder in outputs if folder is not None}
     patients: dict[str, Path] = {}
+    folded: dict[str, str] = {}  # casefolded id → id
     loose_dicom = []  # DICOM files lying in input_root itself: never a patient
     unread = []  # images in formats kdsb does not read (Analyze, archives): named, not silent
     for path in sorted(input_root.iterdir()):
@@ -81,6 +83,13 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
             raise UsageError(
                 f"expected one entry per patient id in {input_root}, received two for "
                 f"{patient_id}: {patients[patient_id].name} and {path.name}"
+            )
+        twin = folded.setdefault(patient_id.casefold(), patient_id)
+        if twin != patient_id:
+            raise UsageError(
+                f"expected patient ids that differ by more than letter case in {input_root} "
+                f"(their volume files would be one file on a case-insensitive disk), received "
+                f"{twin} and {patient_id}: rename one"
             )
         patients[patient_id] = path
     files = (f"{len(loose_dicom)} DICOM file(s) ({', '.join(loose_dicom[:1])}"
