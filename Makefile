@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_work
-PYTEST_ARGS ?=
+# The slowest tests listed at the end: the suite must stay under 10 minutes on 2 cores.
+PYTEST_ARGS ?= --durations=12
 # Two test processes (pytest-xdist), each test file on one of them (module fixtures built
 # once): most tests wait on TensorFlow start-up or subprocesses, so two share two cores well.
 # Files are handed out in collection order, the longest first (tests/conftest.py), not
