@@ -169,6 +169,21 @@ def test_youden_threshold_is_picked_on_validation(split, capsys):
     assert f"log loss            {metrics.log_loss(test_y, test_p):.4f}\n" in out
 
 
+def test_a_threshold_picked_under_predicts_clip_still_separates_clipped_predictions(tmp_path):
+    """Found in review: out-of-fold negatives near 1e-6 put the Youden cut (halfway in log-odds
+    to the lowest positive, 0.3) at 0.002, under `kdsb predict`'s clip of 0.005, so every
+    clipped test prediction was called positive."""
+    val = [("v0", 0, 1e-6), ("v1", 0, 2e-6), ("v2", 0, 1e-5), ("v3", 1, 0.3), ("v4", 1, 0.9)]
+    test = [("t0", 0, 0.005), ("t1", 0, 0.005), ("t2", 1, 0.4), ("t3", 1, 0.995)]
+    assert metrics.pick_threshold([y for _, y, _ in val], [p for *_, p in val], "youden") < 0.005
+    labels = _write(tmp_path / "labels.csv", "id,cancer", [(i, y) for i, y, _ in val + test])
+    preds = _write(tmp_path / "test.csv", "id,cancer", [(i, p) for i, _, p in test])
+    oof = _write(tmp_path / "oof.csv", "id,cancer", [(i, p) for i, _, p in val])
+    scores = evaluate(preds, labels, threshold="youden", validation_csv=oof)
+    assert 0.005 < scores["threshold"]["threshold"] <= 0.3
+    assert [scores["threshold"][k] for k in ("tp", "fp", "tn", "fn")] == [2, 0, 2, 0]
+
+
 def test_evaluate_returns_intervals_and_threshold(split, caplog):
     preds, labels, oof, (val_y, val_p), (test_y, test_p) = split
     scores = evaluate(preds, labels, n_boot=100, seed=3, threshold="f1", validation_csv=oof)
@@ -312,16 +327,17 @@ def test_one_class_draws_no_roc_curve(tmp_path, monkeypatch):
     assert (tmp_path / "roc.png").stat().st_size > 0
 
 
-def test_a_threshold_picked_beyond_the_clipped_predictions_says_why(tmp_path, caplog):
-    """Found in review: validation scores under kdsb predict's 0.005 put the picked threshold
-    below every clipped prediction; the warning now says that the range is the cause."""
+def test_a_threshold_picked_beyond_the_evaluated_predictions_says_why(tmp_path, caplog):
+    """Found in review: validation scores on another scale than the evaluated ones (oof.csv's
+    fold calibrations against predict's ensemble) put the picked threshold beyond every
+    evaluated prediction; the warning says that the ranges differ."""
     labels = _write(tmp_path / "labels.csv", "id,cancer",
-                    [("v0", 1), ("v1", 1), ("v2", 1), ("v3", 0), ("v4", 0), ("t0", 0), ("t1", 1)])
+                    [("v0", 1), ("v1", 1), ("v2", 0), ("v3", 0), ("t0", 0), ("t1", 1)])
     oof = _write(tmp_path / "oof.csv", "id,cancer",
-                 [("v0", 0.9), ("v1", 0.8), ("v2", 0.002), ("v3", 0.001), ("v4", 0.0005)])
-    preds = _write(tmp_path / "test.csv", "id,cancer", [("t0", 0.005), ("t1", 0.995)])
+                 [("v0", 0.99), ("v1", 0.98), ("v2", 0.9), ("v3", 0.85)])
+    preds = _write(tmp_path / "test.csv", "id,cancer", [("t0", 0.2), ("t1", 0.7)])
     assert main(["evaluate", str(preds), str(labels), "--threshold", "youden", "--validation",
                  str(oof), "--bootstrap", "0"]) == 0
-    assert "every evaluated patient is predicted 1 (their probabilities lie in [0.005, 0.995]); " \
-           "the validation predictions it was picked on lie in [0.0005, 0.9]: on another " \
+    assert "every evaluated patient is predicted 0 (their probabilities lie in [0.2, 0.7]); " \
+           "the validation predictions it was picked on lie in [0.85, 0.99]: on another " \
            "scale than these?" in caplog.text

@@ -13,6 +13,7 @@ import numpy as np
 
 from kdsb.errors import KdsbError, LabelsError, UsageError
 from kdsb.evaluation import metrics
+from kdsb.evaluation.predict import PROBABILITY_CLIP
 from kdsb.io.atomic import save_figure
 from kdsb.io.tables import read_labels, read_predictions, summarise_ids
 
@@ -268,7 +269,9 @@ def evaluate(
         seed: seed of the bootstrap.
         level: coverage of the intervals.
         threshold: None; a number in (0, 1) used as is; or "youden" / "f1", a rule of
-            `metrics.pick_threshold` applied to the validation predictions.
+            `metrics.pick_threshold` applied to the validation predictions clipped as `kdsb
+            predict` clips by default ([0.005, 0.995]; oof.csv is not clipped): a cut between
+            two unclipped scores under 0.005 would call every clipped prediction positive.
         validation_csv: predictions of validation or out-of-fold patients, separate from the
             evaluated ones (only its `id` and `cancer` columns are read). Required by a rule.
         predicted_only: score the predicted patients even when the labels name more (`align`).
@@ -321,7 +324,8 @@ def evaluate(
     if threshold is not None:
         if isinstance(threshold, str):
             try:
-                value = metrics.pick_threshold(y_val, p_val, threshold)
+                value = metrics.pick_threshold(
+                    y_val, np.clip(p_val, PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP), threshold)
             except KdsbError as error:  # e.g. one class only: say which file
                 raise KdsbError(f"--validation {validation_csv}: {error}") from None
             picked_on = f"{validation_csv}, {y_val.size} patients"
