@@ -97,6 +97,8 @@ def test_read_labels_errors_name_the_problem(tmp_path, text, match):
 def test_read_labels_missing_file(tmp_path):
     with pytest.raises(LabelsError, match="expected a CSV file, received a missing path"):
         read_labels(tmp_path / "nope.csv")
+    with pytest.raises(LabelsError, match="expected a CSV file, received a folder: "):
+        read_labels(tmp_path)
 
 
 def test_read_ids_reads_only_the_id_column_in_order(tmp_path):

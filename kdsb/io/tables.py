@@ -42,7 +42,8 @@ IDS_SHOWN = 5
 def _open_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
     """The non-blank rows of a CSV file, each with its line number in the file (from 1)."""
     if not csv_path.is_file():
-        raise LabelsError(f"expected a CSV file, received a missing path: {csv_path}")
+        what = "a folder" if csv_path.is_dir() else "a missing path"
+        raise LabelsError(f"expected a CSV file, received {what}: {csv_path}")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
