@@ -107,6 +107,20 @@ def test_predict_csv_sorted_ids_and_ensemble_mean(cohort, tmp_path, capsys):
                - _reference([models[1]], data, "a")) > 1e-4
 
 
+def test_predictions_that_tell_no_patient_apart_are_warned_of(cohort, caplog):
+    """Found by a user's trial: a phantom-trained run gave every real-anatomy patient 0.995
+    and predict said nothing."""
+    data, models = cohort
+    with caplog.at_level("WARNING"):
+        predict_cohort(data, [models[0]], clip=0.0)
+    assert "tell none of them apart" not in caplog.text
+    with caplog.at_level("WARNING"):
+        same = predict_cohort(data, [models[0]], clip=0.4999)
+    assert np.ptp(list(same.values())) < 1e-3
+    assert "every one of the 3 patients scored got p(cancer) within 1e-03 of 0.5: the model(s) " \
+           "tell none of them apart" in caplog.text
+
+
 @pytest.mark.slow
 def test_predict_ids_order_clip_and_tta(cohort, tmp_path):
     data, models = cohort

@@ -276,7 +276,7 @@ def predict_cohort(
         groups.setdefault(volume_input, []).append(model)
     check_volumes(loaded, [volumes[i] for i in order if i in volumes])
     logger.info(
-        "scoring %d patients with %d model(s), %d symmetry(ies) each",
+        "scoring %d patient(s) with %d model(s), %d symmetry(ies) each",
         len(order) - len(missing), len(model_paths), len(symmetries),
     )
     fingerprint = {"command": "predict", "symmetries": len(symmetries), "models": models}
@@ -313,7 +313,20 @@ def predict_cohort(
         if out_csv is not None:
             write_predictions(out_csv, predictions)
             journal.finish()
+    warn_if_indistinct([predictions[i] for i in order if i in volumes])
     return predictions
+
+
+def warn_if_indistinct(scored: Sequence[float]) -> None:
+    """Warn when every scored patient (three or more) got the same probability, within
+    `plateau.CONSTANT_SPREAD`: the models tell none of them apart (found by a user's trial: a
+    phantom-trained run gave every real-anatomy patient 0.995, and predict said nothing)."""
+    from kdsb.training.plateau import CONSTANT_SPREAD, prediction_spread
+
+    if len(scored) >= 3 and prediction_spread(scored) < CONSTANT_SPREAD:
+        logger.warning("every one of the %d patients scored got p(cancer) within %.0e of %.3g: "
+                       "the model(s) tell none of them apart (scans unlike those they were "
+                       "trained on?)", len(scored), CONSTANT_SPREAD, float(np.mean(scored)))
 
 
 def warn_unaugmented(model_paths: Sequence[Path]) -> None:
