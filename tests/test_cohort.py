@@ -586,7 +586,9 @@ def test_real_series_fails_on_one_line_for_too_little_lung(real_ct_dicom_dir, tm
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "siemens" in errors[0] and "\n" not in errors[0], errors
     # A sliver of lung: a few hundredths of a litre (the exact figure follows the segmentation).
-    found = re.search(r"expected lungs of 0\.5–10 L, received (\d+\.\d+) L", errors[0])
+    found = re.search(r"patient siemens: expected lungs of 0\.5–10 L, received (\d+\.\d+) L "
+                      r"\(the scan covers only \d\d mm head to foot, .*: is it a chest CT\?\)",
+                      errors[0])
     assert found and float(found[1]) < MAX_REAL_LUNG_L, errors[0]
     row = read_manifest(tmp_path / "out")["siemens"]
     assert (row["status"], row["shape"], row["error"]) == ("failed", "", errors[0])

@@ -471,7 +471,11 @@ def test_no_lungs_is_a_clear_error(chest):
 def test_implausibly_small_lungs_are_a_clear_error(chest):
     # The same image read as if its voxels were 4× smaller in every direction: 64× less volume.
     small = tuple(s / 4 for s in SPACING)
-    message = r"^tiny: expected lungs of 0.5–10 L, received 0\.0\d L"
+    extent = chest.hu.shape[0] * small[0]
+    assert extent < 150
+    message = (r"^tiny: expected lungs of 0.5–10 L, received 0\.0\d L \(the scan covers only "
+               rf"{extent:.0f} mm head to foot, where adult lungs span about 200–300 mm: is it a "
+               r"chest CT\?\)$")
     with pytest.raises(LungMaskError, match=message):
         segment_lungs(chest.hu, small, patient_id="tiny")
     mask = segment_lungs(chest.hu, small, litres=(0.01, 1.0))

@@ -66,8 +66,8 @@ def preprocess_safely(
     except Exception as error:  # noqa: BLE001 - any bug must fail one patient, not the cohort
         message = f"unexpected {type(error).__name__}: {one_line(error)}"
         detail = traceback.format_exc()
-    if not message.startswith((f"patient {patient_id}:", f"{patient_id}:")):
-        message = f"patient {patient_id}: {message}"
+    if not message.startswith(f"patient {patient_id}:"):  # every line names it so
+        message = f"patient {patient_id}: {message.removeprefix(f'{patient_id}: ')}"
     return PatientResult(
         patient_id, STATUS_FAILED, time.perf_counter() - started, error=message, detail=detail
     )

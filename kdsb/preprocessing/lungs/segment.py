@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 MIN_LUNG_LITRES = 0.5
 MAX_LUNG_LITRES = 10.0
 ML_PER_LITRE = 1000.0
+# A scan shorter than this head to foot cannot hold whole lungs: named when no lungs are found.
+SHORT_SCAN_MM = 150.0
 
 
 def segment_lungs(
@@ -121,7 +123,8 @@ def segment_lungs_in_box(
     body, inside_body = find_body(air)
     interior_air = air & inside_body
     if not interior_air.any():
-        raise _plausibility_error(patient, litres, "no air-filled region inside the body")
+        raise _plausibility_error(patient, litres, "no air-filled region inside the body",
+                                  hu.shape[0] * spacing[0])
 
     voxel_ml = math.prod(coarse_spacing) / MM3_PER_ML
     cut_open = cut_open_lungs(air, body, inside_body, coarse_hu, voxel_ml)
@@ -139,7 +142,8 @@ def segment_lungs_in_box(
     airway = find_airway(coarse_hu, interior_air, coarse_spacing, midline) & interior_air
     lung_air = select_lungs(interior_air & ~airway, coarse_hu, voxel_ml)
     if not lung_air.any():
-        raise _plausibility_error(patient, litres, "no air-filled region large enough to be lung")
+        raise _plausibility_error(patient, litres, "no air-filled region large enough to be lung",
+                                  hu.shape[0] * spacing[0])
 
     # Each side is closed and filled on its own so the two lungs never merge across the
     # mediastinum; a lung crossing the midline is simply handled in two parts. The midline is
@@ -224,7 +228,8 @@ def segment_lungs_in_box(
     volume = int(np.count_nonzero(kept)) * math.prod(spacing) / MM3_PER_ML / ML_PER_LITRE
     logger.debug("%s: lung volume %.2f L", patient, volume)
     if not litres[0] <= volume <= litres[1]:
-        raise _plausibility_error(patient, litres, f"{volume:.2f} L")
+        raise _plausibility_error(patient, litres, f"{volume:.2f} L",
+                                  hu.shape[0] * spacing[0] if volume < litres[0] else None)
     return full_box, kept.view(np.uint8)
 
 
@@ -298,8 +303,14 @@ def lung_bounding_box(
 
 
 def _plausibility_error(
-    patient: str, litres: tuple[float, float], received: str
+    patient: str, litres: tuple[float, float], received: str, extent_mm: float | None = None
 ) -> LungMaskError:
+    """The error for no or implausible lungs; a scan of `extent_mm` head to foot under
+    `SHORT_SCAN_MM` is named as the likely cause (found by a user's trial: a 38 mm upper-abdomen
+    series failed with "received 0.02 L" alone)."""
+    hint = (f" (the scan covers only {extent_mm:.0f} mm head to foot, where adult lungs span "
+            f"about 200–300 mm: is it a chest CT?)"
+            if extent_mm is not None and extent_mm < SHORT_SCAN_MM else "")
     return LungMaskError(
-        f"{patient}: expected lungs of {litres[0]:g}–{litres[1]:g} L, received {received}"
+        f"{patient}: expected lungs of {litres[0]:g}–{litres[1]:g} L, received {received}{hint}"
     )
