@@ -125,8 +125,14 @@ def test_occlusion_finds_the_nodule_too(cohort, tmp_path, caplog):
                      "occlusion", "--occlusion-mm", "45", "--stride-mm", "45", "--ids",
                      str(tmp_path / "ids.csv")]) == 0
     # Minutes of silence no more (found by a user's check): the count of forward passes.
-    assert re.search(r"occlusion: \d+ cubes of \d+×\d+×\d+ input voxels, one forward pass each",
-                     caplog.text), caplog.text
+    # With the cube as rounded to whole voxels, in mm (found by a user's trial: 5 mm became 4
+    # mm without a word).
+    found = re.search(r"occlusion: \d+ cubes of (\d+)×(\d+)×(\d+) input voxels \(([\d.]+)×"
+                      r"([\d.]+)×([\d.]+) mm, every ([\d.]+)×([\d.]+)×([\d.]+) mm\), one "
+                      r"forward pass each", caplog.text)
+    assert found, caplog.text
+    voxels, cube_mm, step_mm = (np.array(found.groups()[i:i + 3], float) for i in (0, 3, 6))
+    assert np.all(np.abs(cube_mm - 45) <= cube_mm / voxels / 2) and np.all(step_mm == cube_mm)
     row = _peaks(out)["c0"]
     # Within half a cube of the nodule (found in review: "within a cube", 45 mm, let a peak
     # anywhere in a third of these lungs pass).

@@ -188,7 +188,7 @@ def explain_patient(
             stride = [max(1, round(stride_mm / v)) for v in voxel_mm]
             fill = float(normalize_hu(np.float32(volume_input.outside_hu),
                                       clip=volume_input.hu_clip))
-            cam, p = occlusion(model, x, lung, fill, size, stride)
+            cam, p = occlusion(model, x, lung, fill, size, stride, voxel_mm)
         heatmap = to_volume_grid(cam, volume.hu.shape, factor, centres)
         top = float(heatmap.max())
         maps.append(heatmap / top if top > 0 else heatmap)

@@ -23,7 +23,7 @@ STRIDES_PER_EDGE = 1.5  # default step: the cube edge / 1.5 (16 mm for 24 mm cub
 
 def occlusion(
     model: Any, x: np.ndarray, lung: np.ndarray, fill: float, size: Sequence[int],
-    stride: Sequence[int],
+    stride: Sequence[int], voxel_mm: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Occlusion sensitivity of one prepared input.
 
@@ -35,6 +35,8 @@ def occlusion(
         fill: the normalised value an occluded voxel gets.
         size: edges of the occluding box in input voxels (z, y, x): a cube in mm.
         stride: steps in input voxels (z, y, x).
+        voxel_mm: the input voxels' size (z, y, x), mm, for the log line: the cube in mm as
+            rounded to whole voxels (a 5 mm request on 2 mm voxels is a 4 mm cube).
 
     Returns:
         (map on the input grid (z, y, x): the mean drop in p over the cubes covering each voxel,
@@ -55,8 +57,13 @@ def occlusion(
     cubes = [np.s_[z:z + sz, y:y + sy, x0:x0 + sx]
              for z in starts[0] for y in starts[1] for x0 in starts[2]]
     cubes = [cube for cube in cubes if lung[cube].any()]
-    logger.info("occlusion: %d cubes of %s input voxels, one forward pass each", len(cubes),
-                "×".join(map(str, size)))
+    in_mm = ""
+    if voxel_mm is not None:
+        cube_mm, step_mm = ("×".join(f"{n * v:g}" for n, v in zip(edges, voxel_mm, strict=True))
+                            for edges in (size, stride))
+        in_mm = f" ({cube_mm} mm, every {step_mm} mm)"
+    logger.info("occlusion: %d cubes of %s input voxels%s, one forward pass each", len(cubes),
+                "×".join(map(str, size)), in_mm)
     # One forward pass a cube: minutes a patient on a CPU, so its own progress bar.
     for cube in tqdm(cubes, desc="occlusion", unit="cube", leave=False, disable=None):
         occluded = x.copy()
