@@ -290,8 +290,8 @@ def test_occlusion_cubes_are_cubes_in_mm_on_anisotropic_volumes(monkeypatch):
 
     shape, seen = (20, 40, 40), {}
 
-    def recording(model, x, lung, fill, size, stride):
-        seen.update(size=tuple(size), stride=tuple(stride))
+    def recording(model, x, lung, fill, size, stride, voxel_mm):
+        seen.update(size=tuple(size), stride=tuple(stride), voxel_mm=tuple(voxel_mm))
         return np.zeros(x.shape[:3], np.float32), 0.5
 
     monkeypatch.setattr(explain, "occlusion", recording)
@@ -302,7 +302,7 @@ def test_occlusion_cubes_are_cubes_in_mm_on_anisotropic_volumes(monkeypatch):
                                    origin=(0.0, 0.0, 0.0))
     explain.explain_patient([object()], [volume_input], "p1.h5", volume, method="occlusion",
                             occlusion_mm=24.0, stride_mm=16.0)
-    assert seen == {"size": (10, 34, 34), "stride": (6, 23, 23)}
+    assert seen == {"size": (10, 34, 34), "stride": (6, 23, 23), "voxel_mm": (2.5, 0.7, 0.7)}
 
 
 def test_the_occlusion_peak_is_the_middle_of_the_hottest_block_not_its_corner():
