@@ -72,7 +72,7 @@ def _list_files(patient: str, folder: Path) -> list[Path]:
 
 def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[Header]:
     """The header(s) of one file: one per image, so one per frame of an Enhanced CT file;
-    none (with a warning) when the file is not DICOM.
+    none when the file is not DICOM (`read_headers` names such files).
 
     With `keep_pixels` the file is read once and parsed whole (pixel data undecoded) and
     the dataset kept on the header for the pixel pass.
@@ -82,7 +82,6 @@ def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[Header]:
             warnings.filterwarnings("ignore", message=DAMAGED_FILE_MESSAGE, category=UserWarning)
             ds = read_dataset(path, stop_before_pixels=not keep_pixels)
     except InvalidDicomError:
-        logger.warning("patient %s: skipping %s: not a DICOM file", patient, path.name)
         return []
     except Exception as exc:  # pydicom raises many types for truncated or corrupt files
         if keep_pixels:  # maybe only the pixel data is damaged: an error if it is chosen
@@ -195,18 +194,24 @@ def _frame_headers(patient: str, file_header: Header, ds: pydicom.Dataset) -> li
 
 def read_headers(patient: str, folder: Path) -> list[Header]:
     files = _list_files(patient, folder)
-    headers = []
+    headers, skipped = [], []
     cached = 0
     for path in files:
         size = path.stat().st_size
         keep_pixels = cached + size <= CACHE_BYTES
         cached += size if keep_pixels else 0
-        headers += _read_header(patient, path, keep_pixels)
+        found = _read_header(patient, path, keep_pixels)
+        if not found:
+            skipped.append(path)
+        headers += found
+    names = ", ".join(p.name for p in skipped[:3]) + (", …" if len(skipped) > 3 else "")
     if not headers:
-        names = ", ".join(p.name for p in files[:3]) + (", …" if len(files) > 3 else "")
         raise patient_error(
             patient, f"expected DICOM files, received {len(files)} non-DICOM file(s) ({names})"
         )
+    if skipped:  # one line for them all (found by a user's trial: a line a file, then again)
+        logger.warning("patient %s: skipping %d file(s) that are not DICOM (%s)", patient,
+                       len(skipped), names)
     return headers
 
 
