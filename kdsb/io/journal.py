@@ -100,6 +100,11 @@ class Journal:
         entry = self._entries.get(patient_id)
         return entry[1] if entry is not None and entry[0] == stamp else None
 
+    @property
+    def empty(self) -> bool:
+        """Whether the journal holds no result, of this run or an earlier one."""
+        return not self._entries
+
     def record(self, patient_id: str, stamp: list, result: Any) -> None:
         """Append one finished patient's result (JSON-serialisable) and flush it to the file."""
         self._entries[patient_id] = (stamp, result)
@@ -151,7 +156,7 @@ def open_journal(path: str | os.PathLike, fingerprint: Mapping[str, Any], comman
     """Open (or start) the journal at `path` for a run with this fingerprint (JSON-serialisable),
     held against other runs until the block ends. Once the run's output is written, the caller
     calls `Journal.finish` and the journal is removed as the block ends; an error leaves it for
-    the rerun.
+    the rerun, unless it holds no result.
 
     Raises:
         UsageError: another run of `command` holds the journal.
@@ -169,9 +174,16 @@ def open_journal(path: str | os.PathLike, fingerprint: Mapping[str, Any], comman
             logger.info("%s: the journal of an earlier, unfinished run holds %d patient(s) (%s); "
                         "those whose volume is unchanged are not worked on again", command,
                         journal.held, path)
-        yield journal
-        if journal.finished and os.name == "posix":
-            path.unlink(missing_ok=True)  # while locked: a run waiting for it takes a new file
+        try:
+            yield journal
+        except BaseException:
+            # Nothing to resume from: no journal left behind (found by a user's trial: `embed`
+            # of volumes it could not read left one holding no patient).
+            journal.finished = journal.empty
+            raise
+        finally:
+            if journal.finished and os.name == "posix":
+                path.unlink(missing_ok=True)  # while locked: a run waiting takes a new file
     if journal.finished and os.name != "posix":
         # Elsewhere an open file cannot be deleted. (Not again on POSIX: a run that started
         # since holds a new journal at this path.)
