@@ -43,7 +43,7 @@ QUIET_LIBRARIES = ("matplotlib", "PIL", "h5py", "urllib3", "asyncio")
 # The options that lower a command's memory, by their argparse dest: the out-of-memory advice
 # names those the failed command has (it used to name --width to `predict`).
 MEMORY_OPTIONS = (("batch_size", "a smaller --batch-size"), ("width", "--width"),
-                  ("patch_size", "--patch-size"), ("tile_z", "--tile-z 32"),
+                  ("patch_size", "--patch-size"), ("tile_z", "--tile-z 32 (head spp)"),
                   ("downscale", "--downscale 2"), ("workers", "fewer --workers"))
 
 

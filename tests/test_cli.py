@@ -331,8 +331,8 @@ def test_running_out_of_memory_is_one_line_saying_what_to_change(monkeypatch, ca
         err = capsys.readouterr().err
         assert err.startswith(f"kdsb train-classifier: error: out of memory "
                               f"({type(error).__name__}") and err.count("\n") == 1
-        assert err.endswith("): try a smaller --batch-size, --tile-z 32, --downscale 2 or a "
-                            "machine with more memory\n")
+        assert err.endswith("): try a smaller --batch-size, --tile-z 32 (head spp), "
+                            "--downscale 2 or a machine with more memory\n")
         if isinstance(error, ResourceExhaustedError):  # the line saying OOM, not the first
             assert "OOM when allocating tensor" in err
 

@@ -83,7 +83,7 @@ def test_a_patient_whose_workers_die_fails_alone(caplog):
     assert sorted(results) == sorted(tasks)
     # The patient is named on its one line (found in review: the bare message named none).
     assert results["crash"].status == "failed"
-    assert results["crash"].error == f"crash: {WORKER_DIED_MESSAGE}"
+    assert results["crash"].error == f"patient crash: {WORKER_DIED_MESSAGE}"
     assert all(results[pid].status == STATUS_OK for pid in tasks if pid != "crash")
 
 

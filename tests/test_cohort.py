@@ -621,7 +621,7 @@ def test_a_dying_worker_fails_only_its_own_patient():
     assert sorted(results) == sorted(tasks)
     # The patient is named on its one line (found in review: the bare message named none).
     assert results["crash"].status == "failed"
-    assert results["crash"].error == f"crash: {WORKER_DIED_MESSAGE}"
+    assert results["crash"].error == f"patient crash: {WORKER_DIED_MESSAGE}"
     assert all(results[pid].status == STATUS_OK for pid in ("a", "b", "c"))
 
 
@@ -674,7 +674,7 @@ def test_patients_retried_after_a_worker_died_still_run_side_by_side(tmp_path):
     review: one death made the rest of the cohort run one by one)."""
     tasks = {pid: (pid, str(tmp_path)) for pid in ("crash", "a", "b", "c", "d")}
     results = {r.patient_id: r for r in run_tasks(tasks, 2, worker=_crash_or_meet)}
-    assert results["crash"].error == f"crash: {WORKER_DIED_MESSAGE}"
+    assert results["crash"].error == f"patient crash: {WORKER_DIED_MESSAGE}"
     assert all(results[pid].status == STATUS_OK for pid in "abcd")
     assert sum(results[pid].detail == "met" for pid in "abcd") >= 2
 

@@ -7,7 +7,7 @@ import pytest
 
 from kdsb.cli import main
 from kdsb.evaluation import metrics
-from kdsb.evaluation.evaluate import evaluate, format_table
+from kdsb.evaluation.evaluate import evaluate, format_table, within_clip
 
 
 @pytest.fixture
@@ -182,6 +182,11 @@ def test_a_threshold_picked_under_predicts_clip_still_separates_clipped_predicti
     scores = evaluate(preds, labels, threshold="youden", validation_csv=oof)
     assert 0.005 < scores["threshold"]["threshold"] <= 0.3
     assert [scores["threshold"][k] for k in ("tp", "fp", "tn", "fn")] == [2, 0, 2, 0]
+    # Above the clip: validation scores separated at 0.9995 give 0.995, where clipped
+    # positives lie; evaluated predictions not clipped keep the cut the rule found.
+    clipped = np.array([0.005, 0.5, 0.995])
+    assert within_clip(0.9995, clipped) == 0.995 and within_clip(0.3, clipped) == 0.3
+    assert within_clip(0.002, np.array([0.001, 0.5, 0.995])) == 0.002
 
 
 def test_evaluate_returns_intervals_and_threshold(split, caplog):

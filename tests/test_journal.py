@@ -125,11 +125,20 @@ def test_a_finished_journal_is_removed_and_an_unfinished_one_kept(tmp_path):
     with open_journal(path, FINGERPRINT, "predict") as journal:
         journal.finish()
     assert not path.exists()
-    # A run that failed before it finished any patient leaves nothing to resume from.
+    # A run that failed before it finished any patient leaves nothing to resume from; one
+    # holding an earlier run's results keeps them, whatever stopped it.
     with pytest.raises(RuntimeError), open_journal(path, FINGERPRINT, "predict"):
         assert path.is_file()
         raise RuntimeError("no patient readable")
     assert not path.exists()
+    with pytest.raises(KeyboardInterrupt), open_journal(path, FINGERPRINT, "predict") as journal:
+        journal.record("a", [10, 1], 0.25)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), open_journal(path, FINGERPRINT, "predict") as journal:
+        assert journal.held == 1
+        raise KeyboardInterrupt
+    with open_journal(path, FINGERPRINT, "predict") as journal:
+        assert journal.result("a", [10, 1]) == 0.25
 
 
 def test_a_run_waiting_on_a_journal_deleted_under_it_takes_a_new_one(tmp_path, monkeypatch):

@@ -117,8 +117,8 @@ def test_predictions_that_tell_no_patient_apart_are_warned_of(cohort, caplog):
     with caplog.at_level("WARNING"):
         same = predict_cohort(data, [models[0]], clip=0.4999)
     assert np.ptp(list(same.values())) < 1e-3
-    assert "every one of the 3 patients scored got p(cancer) within 1e-03 of 0.5: the model(s) " \
-           "tell none of them apart" in caplog.text
+    assert "every one of the 3 patients scored got p(cancer) within 1e-03 of 0.5 (a --clip " \
+           "bound): the predictions tell none of them apart" in caplog.text
 
 
 @pytest.mark.slow

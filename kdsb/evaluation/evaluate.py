@@ -245,6 +245,22 @@ def _split_validation(
     return y, p, rest
 
 
+def within_clip(threshold: float, p: np.ndarray) -> float:
+    """A threshold picked on unclipped validation predictions (oof.csv), for evaluated ones
+    `p` that all lie in `kdsb predict`'s default clip [0.005, 0.995]: one beyond the clip
+    moves to the nearest cut between clipped values (just above 0.005, or 0.995), with a log
+    line. Found in review: out-of-fold negatives near 1e-6 put a Youden cut at 0.002, and
+    every clipped prediction was called positive."""
+    low, high = PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP
+    if not (p.min() >= low and p.max() <= high) or low < threshold <= high:
+        return threshold
+    moved = float(min(max(threshold, np.nextafter(low, 1.0)), high))
+    logger.info("the threshold %.6g lies beyond the clip [%g, %g] of the evaluated predictions "
+                "(kdsb predict's): %.6g, the nearest cut between clipped values", threshold,
+                low, high, moved)
+    return moved
+
+
 def evaluate(
     predictions_csv: str | os.PathLike,
     labels_csv: str | os.PathLike,
@@ -269,9 +285,8 @@ def evaluate(
         seed: seed of the bootstrap.
         level: coverage of the intervals.
         threshold: None; a number in (0, 1) used as is; or "youden" / "f1", a rule of
-            `metrics.pick_threshold` applied to the validation predictions clipped as `kdsb
-            predict` clips by default ([0.005, 0.995]; oof.csv is not clipped): a cut between
-            two unclipped scores under 0.005 would call every clipped prediction positive.
+            `metrics.pick_threshold` applied to the validation predictions (`within_clip`
+            moves it inside the clip of evaluated predictions that `kdsb predict` clipped).
         validation_csv: predictions of validation or out-of-fold patients, separate from the
             evaluated ones (only its `id` and `cancer` columns are read). Required by a rule.
         predicted_only: score the predicted patients even when the labels name more (`align`).
@@ -324,8 +339,7 @@ def evaluate(
     if threshold is not None:
         if isinstance(threshold, str):
             try:
-                value = metrics.pick_threshold(
-                    y_val, np.clip(p_val, PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP), threshold)
+                value = within_clip(metrics.pick_threshold(y_val, p_val, threshold), p)
             except KdsbError as error:  # e.g. one class only: say which file
                 raise KdsbError(f"--validation {validation_csv}: {error}") from None
             picked_on = f"{validation_csv}, {y_val.size} patients"

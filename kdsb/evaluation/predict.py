@@ -313,20 +313,24 @@ def predict_cohort(
         if out_csv is not None:
             write_predictions(out_csv, predictions)
             journal.finish()
-    warn_if_indistinct([predictions[i] for i in order if i in volumes])
+    warn_if_indistinct([predictions[i] for i in order if i in volumes], clip)
     return predictions
 
 
-def warn_if_indistinct(scored: Sequence[float]) -> None:
-    """Warn when every scored patient (three or more) got the same probability, within
-    `plateau.CONSTANT_SPREAD`: the models tell none of them apart (found by a user's trial: a
-    phantom-trained run gave every real-anatomy patient 0.995, and predict said nothing)."""
+def warn_if_indistinct(written: Sequence[float], clip: float) -> None:
+    """Warn when every scored patient (three or more) was written the same probability, within
+    `plateau.CONSTANT_SPREAD` (found by a user's trial: a phantom-trained run gave every
+    real-anatomy patient 0.995, and predict said nothing); `clip` names a clip bound they sit
+    at."""
     from kdsb.training.plateau import CONSTANT_SPREAD, prediction_spread
 
-    if len(scored) >= 3 and prediction_spread(scored) < CONSTANT_SPREAD:
-        logger.warning("every one of the %d patients scored got p(cancer) within %.0e of %.3g: "
-                       "the model(s) tell none of them apart (scans unlike those they were "
-                       "trained on?)", len(scored), CONSTANT_SPREAD, float(np.mean(scored)))
+    if len(written) < 3 or prediction_spread(written) >= CONSTANT_SPREAD:
+        return
+    mean = float(np.mean(written))
+    bound = " (a --clip bound)" if min(mean - clip, 1.0 - clip - mean) < CONSTANT_SPREAD else ""
+    logger.warning("every one of the %d patients scored got p(cancer) within %.0e of %.3g%s: "
+                   "the predictions tell none of them apart (scans unlike those the model(s) "
+                   "trained on?)", len(written), CONSTANT_SPREAD, mean, bound)
 
 
 def warn_unaugmented(model_paths: Sequence[Path]) -> None:

@@ -5,7 +5,7 @@
 finished patient to a journal beside its output (`OUT_CSV.partial`, `OUT_DIR/explain.partial`,
 `OUT_DIR/embed.partial`); a rerun of the same command takes the journal's results and works
 only on the rest; the journal is removed once the output is written (a failed or killed run
-keeps it).
+keeps it, unless it holds no result to resume from).
 
 A result is taken only when it is the one a fresh run would compute:
 
@@ -83,7 +83,8 @@ class Journal:
         path: the journal file.
         held: how many results the journal held from an earlier run when it was opened (a
             result is taken only where its patient's volume is unchanged).
-        finished: set by `finish`: the journal is removed when its block ends.
+        finished: set by `finish` (or by a failure while the journal holds no result): the
+            journal is removed when its block ends.
     """
 
     def __init__(self, path: Path, handle: BinaryIO, entries: dict[str, tuple[list, Any]]

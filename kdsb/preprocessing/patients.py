@@ -46,7 +46,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
         raise UsageError(f"expected an input root folder, received a file: {input_root}")
     skip = {Path(folder).resolve() for folder in outputs if folder is not None}
     patients: dict[str, Path] = {}
-    folded: dict[str, str] = {}  # casefolded id → id
+    folded: dict[str, str] = {}  # lower-case id → id (as case-insensitive disks compare)
     loose_dicom = []  # DICOM files lying in input_root itself: never a patient
     unread = []  # images in formats kdsb does not read (Analyze, archives): named, not silent
     for path in sorted(input_root.iterdir()):
@@ -84,7 +84,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
                 f"expected one entry per patient id in {input_root}, received two for "
                 f"{patient_id}: {patients[patient_id].name} and {path.name}"
             )
-        twin = folded.setdefault(patient_id.casefold(), patient_id)
+        twin = folded.setdefault(patient_id.lower(), patient_id)
         if twin != patient_id:
             raise UsageError(
                 f"expected patient ids that differ by more than letter case in {input_root} "

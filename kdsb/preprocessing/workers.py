@@ -37,7 +37,8 @@ WORKER_DIED_MESSAGE = (
 def worker_died(patient_id: str) -> PatientResult:
     """The failure of a patient whose worker process died, named on its one line (found in
     review: the bare message named no patient)."""
-    return PatientResult(patient_id, STATUS_FAILED, error=f"{patient_id}: {WORKER_DIED_MESSAGE}")
+    return PatientResult(patient_id, STATUS_FAILED,
+                         error=f"patient {patient_id}: {WORKER_DIED_MESSAGE}")
 
 
 def _died(result: PatientResult) -> bool:
