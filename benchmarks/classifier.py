@@ -77,7 +77,8 @@ TISSUE_HU = -600  # tissue for the reference: solid and part-solid lesions, vess
 # averaged (`ema_momentum`, 2026-12-04: over six seeds of 24 patients it lowered the mean
 # out-of-fold ECE and log loss and the held-out log loss), and up to 60 epochs (2026-12-04,
 # thirty-first session: with the average most folds ran to the former cap of 40; on nine seeds
-# never worse, better on four, +12 % CPU; a rule fixed before the fresh seeds 6-8 were run).
+# the out-of-fold and held-out log loss equal or lower on each, lower on four; +12 % CPU; kept
+# by a rule fixed before the fresh seeds 6-8 were run).
 HEADS = {
     "spp": dict(epochs=60, lr=1e-3, patience=10, val_fraction=0.25, batch_size=1, levels=(1,),
                 dense_units=32, dropout=0.5, calibration="none", ema_momentum=0.97),
