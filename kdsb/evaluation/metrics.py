@@ -34,6 +34,15 @@ THRESHOLD_RULES = ("youden", "f1")
 # Bootstrap resamples and calibrated label draws are made and scored this many patient draws
 # at a time, to bound memory.
 _CHUNK_DRAWS = 2_000_000
+# Predictions spanning less than this tell no patient apart (a model on the base-rate plateau,
+# `kdsb.training.plateau`; a cohort unlike a model's training cohort, `kdsb predict`).
+CONSTANT_SPREAD = 1e-3
+
+
+def prediction_spread(p) -> float:
+    """max − min of predictions `p`; infinite for fewer than two (one patient's prediction is
+    never "the same for every patient")."""
+    return float(np.ptp(p)) if len(p) > 1 else math.inf
 
 
 def _validate(y, p=None, *, probabilities: bool = True) -> tuple[np.ndarray, np.ndarray | None]:

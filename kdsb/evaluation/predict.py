@@ -319,10 +319,10 @@ def predict_cohort(
 
 def warn_if_indistinct(written: Sequence[float], clip: float) -> None:
     """Warn when every scored patient (three or more) was written the same probability, within
-    `plateau.CONSTANT_SPREAD` (found by a user's trial: a phantom-trained run gave every
+    `metrics.CONSTANT_SPREAD` (found by a user's trial: a phantom-trained run gave every
     real-anatomy patient 0.995, and predict said nothing); `clip` names a clip bound they sit
     at."""
-    from kdsb.training.plateau import CONSTANT_SPREAD, prediction_spread
+    from kdsb.evaluation.metrics import CONSTANT_SPREAD, prediction_spread
 
     if len(written) < 3 or prediction_spread(written) >= CONSTANT_SPREAD:
         return

@@ -34,17 +34,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kdsb.data.inputs import VolumeInput
+from kdsb.evaluation.metrics import CONSTANT_SPREAD, prediction_spread
 from kdsb.io.atomic import read_json, write_json
 from kdsb.io.run_layout import BEST_NAME, UNCALIBRATED_NAME
 from kdsb.training import attempts, runs
 from kdsb.training.classifier_options import ClassifierOptions
-from kdsb.training.plateau import (
-    CONSTANT_SPREAD,
-    GIVE_UP_MONITOR,
-    LEARNED_FRACTION,
-    explained_fraction,
-    prediction_spread,
-)
+from kdsb.training.plateau import GIVE_UP_MONITOR, LEARNED_FRACTION, explained_fraction
 from kdsb.training.run_context import RunContext, score_patients
 
 logger = logging.getLogger(__name__)

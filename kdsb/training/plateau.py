@@ -3,7 +3,7 @@
 `kdsb.training.cross_validation` warns of a fold model by.
 
 A model stuck on the plateau gives every patient nearly the base rate (its encoder's pooled
-features died) or only wobbles around it; `prediction_spread` tells the first, and
+features died) or only wobbles around it; `metrics.prediction_spread` tells the first, and
 `explained_fraction` the second, forgiving the logit offset balanced class weights give.
 """
 
@@ -15,11 +15,10 @@ import math
 import numpy as np
 
 from kdsb.evaluation import metrics
+from kdsb.evaluation.metrics import CONSTANT_SPREAD, prediction_spread
 
 logger = logging.getLogger(__name__)
 
-# Held-out predictions spanning less than this learned nothing that ranks patients.
-CONSTANT_SPREAD = 1e-3
 # Training gives up once this logged spread (`kdsb.models.spread`) stayed under
 # CONSTANT_SPREAD for --patience epochs.
 GIVE_UP_MONITOR = "val_prediction_spread"
@@ -30,12 +29,6 @@ GIVE_UP_MONITOR = "val_prediction_spread"
 # 0.42-1.00 (benchmarks/README.md, "Restarts on the plateau").
 LEARNED_FRACTION = 0.05
 SHIFT_BOUND = 20.0  # the largest logit shift `explained_fraction` tries
-
-
-def prediction_spread(p) -> float:
-    """max − min of predictions `p`; infinite for fewer than two (one patient's prediction is
-    never "the same for every patient": no model is taken for stuck on it)."""
-    return float(np.ptp(p)) if len(p) > 1 else math.inf
 
 
 def warn_if_constant(p: np.ndarray, what: str) -> None:
