@@ -15,12 +15,11 @@ import math
 import numpy as np
 
 from kdsb.evaluation import metrics
-from kdsb.evaluation.metrics import CONSTANT_SPREAD, prediction_spread
 
 logger = logging.getLogger(__name__)
 
 # Training gives up once this logged spread (`kdsb.models.spread`) stayed under
-# CONSTANT_SPREAD for --patience epochs.
+# `metrics.CONSTANT_SPREAD` for --patience epochs.
 GIVE_UP_MONITOR = "val_prediction_spread"
 # A model whose shifted validation predictions explain less than this fraction of the
 # labels' entropy (`explained_fraction`) learned nothing: it is trained again (--restarts).
@@ -34,8 +33,8 @@ SHIFT_BOUND = 20.0  # the largest logit shift `explained_fraction` tries
 def warn_if_constant(p: np.ndarray, what: str) -> None:
     """Warn when a model gives (nearly) every held-out patient the same probability: its
     training never left the plateau at the base rate, and it adds nothing to the ensemble."""
-    spread = prediction_spread(p)
-    if spread < CONSTANT_SPREAD:
+    spread = metrics.prediction_spread(p)
+    if spread < metrics.CONSTANT_SPREAD:
         logger.warning("%s: every held-out prediction lies within %.1e of %.3f: the model did "
                        "not learn (try another --seed or --lr)", what, spread, float(np.mean(p)))
 

@@ -115,6 +115,7 @@ def segment_lungs_in_box(
             f"received shape {hu.shape} of {hu.dtype}"
         )
     threads = max(1, int(threads))
+    extent_mm = hu.shape[0] * spacing[0]  # head to foot, named when the lungs are too small
     factors = coarse_factors(spacing)
     coarse_spacing = tuple(s * f for s, f in zip(spacing, factors, strict=True))
     coarse_hu = block_mean(hu, factors, threads)
@@ -124,7 +125,7 @@ def segment_lungs_in_box(
     interior_air = air & inside_body
     if not interior_air.any():
         raise _plausibility_error(patient, litres, "no air-filled region inside the body",
-                                  hu.shape[0] * spacing[0])
+                                  extent_mm)
 
     voxel_ml = math.prod(coarse_spacing) / MM3_PER_ML
     cut_open = cut_open_lungs(air, body, inside_body, coarse_hu, voxel_ml)
@@ -143,7 +144,7 @@ def segment_lungs_in_box(
     lung_air = select_lungs(interior_air & ~airway, coarse_hu, voxel_ml)
     if not lung_air.any():
         raise _plausibility_error(patient, litres, "no air-filled region large enough to be lung",
-                                  hu.shape[0] * spacing[0])
+                                  extent_mm)
 
     # Each side is closed and filled on its own so the two lungs never merge across the
     # mediastinum; a lung crossing the midline is simply handled in two parts. The midline is
@@ -229,7 +230,7 @@ def segment_lungs_in_box(
     logger.debug("%s: lung volume %.2f L", patient, volume)
     if not litres[0] <= volume <= litres[1]:
         raise _plausibility_error(patient, litres, f"{volume:.2f} L",
-                                  hu.shape[0] * spacing[0] if volume < litres[0] else None)
+                                  extent_mm if volume < litres[0] else None)
     return full_box, kept.view(np.uint8)
 
 
