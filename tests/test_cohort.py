@@ -837,15 +837,20 @@ def test_a_source_stamp_counts_a_volume_file_and_its_data_file(tmp_path):
 
 
 def test_resume_removes_every_temporary_a_killed_run_left(tmp_path):
+    """...and only its own: another command writing into OUT_DIR keeps its file in progress
+    (found in review: every `.tmp-*` went)."""
     (tmp_path / "root" / "p1").mkdir(parents=True)
     out = tmp_path / "out"
     _fake_volume(out, "p1", (1.0, 1.0, 1.0), margin_mm=0.0)
-    left = [out / ".tmp-8978-manifest.csv", out / ".tmp-8978-p2.h5"]
-    for path in left:
+    left = [out / ".tmp-8978-manifest.csv", out / ".tmp-8978-p2.h5",
+            out / ".tmp-8978-ab12-.kdsb-overwrite-0123456789abcdef.json"]
+    others = [out / ".tmp-4242-cd34-submission.csv", out / ".tmp-4242-ef56-reliability.png"]
+    for path in left + others:
         path.write_bytes(b"partial")
     options = ["--spacing", "1", "1", "1", "--margin-mm", "0"]
     assert main(["preprocess", str(tmp_path / "root"), str(out), *options]) == 0
     assert not any(path.exists() for path in left)
+    assert all(path.exists() for path in others)
     assert read_manifest(out)["p1"]["status"] == "skipped"
 
 

@@ -144,7 +144,8 @@ def test_occlusion_finds_the_nodule_too(cohort, tmp_path, caplog):
 def test_usage_errors_match_predict(cohort, tmp_path, capsys):
     root, model, _ = cohort
     assert main(["explain", str(root / "data"), str(model)]) == 2
-    assert "received no OUT_DIR" in capsys.readouterr().err
+    assert "received only " + str(model) + " after DATA_DIR: a model or OUT_DIR is missing" in (
+        capsys.readouterr().err)
     assert main(["explain", str(root / "data"), str(tmp_path / "none.keras"),
                  str(tmp_path / "out")]) == 2
     assert ("expected MODEL.keras or the RUN_DIR of kdsb train-classifier, received a missing "

@@ -760,6 +760,26 @@ def implanted_real_ct(real_chest, kind: str, place: str, radius_mm: float, seed:
     return hu, spacing, truth
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_qc_points_at_a_real_ct_s_juxtapleural_nodule_not_its_aorta(real_chest):
+    """The QC's lesion finder on the real CT with a 15 mm solid nodule against the lateral
+    wall: the mask takes in ~60 ml of the descending aorta, the largest soft tissue inside it,
+    yet the compact nodule is the one pointed at (the former rule, the largest, took the aorta)."""
+    from kdsb.preprocessing.qc import lesion as qc_lesion
+
+    hu, spacing, truth = implanted_real_ct(real_chest, "solid", "lateral", 15.0, 0)
+    mask = segment_lungs(hu, spacing)
+    found = qc_lesion.find_lesion(hu, mask, spacing)
+    assert found is not None
+    assert found.mask[truth].mean() >= 0.9  # the nodule is outlined whole
+    assert truth[found.mask].mean() >= 0.4  # with at most as much wall it touches
+    labels, _ = qc_lesion._soft_tissue(hu, mask > 0, spacing)
+    largest = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    assert not (largest & truth).any()
+    assert largest.sum() * math.prod(spacing) / 1000.0 > 2 * found.volume_ml
+
+
 def with_and_without_rule(hu, spacing, truth, monkeypatch, threshold: str):
     """(share of the lesion `truth` kept, the same without a `masses` rule, ml that rule adds
     beyond the lesion); the rule is turned off by setting its `threshold` to infinity (left

@@ -323,6 +323,26 @@ def test_a_cross_validated_run_missing_a_fold_model_is_refused(cohort, tmp_path)
                                           run / "fold_2" / "classifier.keras"]
 
 
+def test_a_model_named_twice_is_refused(cohort, tmp_path):
+    """A fold model named beside its RUN_DIR, or one file twice, would weigh double in the
+    ensemble's mean (found in review: accepted silently)."""
+    import shutil
+
+    from kdsb.evaluation.predict import resolve_model_paths
+
+    run = tmp_path / "run"
+    for fold in (1, 2):
+        (run / f"fold_{fold}").mkdir(parents=True)
+        shutil.copy(cohort[1][fold - 1], run / f"fold_{fold}" / "classifier.keras")
+    (run / "config.json").write_text(json.dumps({"folds": 2}))
+    fold_1 = run / "fold_1" / "classifier.keras"
+    for named in ([run, fold_1], [fold_1, tmp_path / "run" / ".." / "run" / "fold_1" /
+                                  "classifier.keras"]):
+        with pytest.raises(UsageError, match=r"expected each model once, received .*fold_1"):
+            resolve_model_paths(named)
+    assert len(resolve_model_paths([run, cohort[1][0]])) == 3  # another file: fine
+
+
 def test_tta_symmetries():
     assert tta_symmetries(False) == (0,)
     assert tta_symmetries(True) == tuple(range(48))

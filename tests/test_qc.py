@@ -127,6 +127,36 @@ def test_find_lesion_finds_nothing_in_a_lung_with_vessels_only(max_voxels):
     assert qc.lesion.find_lesion(volume.hu, volume.lung_mask, volume.spacing, max_voxels) is None
 
 
+def test_elongation_is_one_for_a_ball_and_the_axes_ratio_for_a_tube():
+    spacing = (2.0, 1.0, 1.0)
+    z, y, x = (np.indices((40, 80, 80)).T * np.asarray(spacing)).T  # mm
+    ball = (z - 40) ** 2 + (y - 40) ** 2 + (x - 40) ** 2 <= 15.0**2
+    assert qc.lesion.elongation(ball, spacing) == pytest.approx(1.0, abs=0.05)
+    # A tube of radius 5 mm and length 60 mm along x: sd 60/√12 along it, 5/2 across it.
+    tube = ((z - 40) ** 2 + (y - 40) ** 2 <= 5.0**2) & (np.abs(x - 40) < 30)
+    expected = (60 / math.sqrt(12)) / (5 / 2)
+    assert qc.lesion.elongation(tube, spacing) == pytest.approx(expected, rel=0.1)
+    assert qc.lesion.elongation(ball & (z == 40), spacing) < math.inf  # a flat disc stays finite
+
+
+@pytest.mark.parametrize("max_voxels", [qc.lesion.LESION_MAX_VOXELS, 40_000])
+def test_find_lesion_prefers_a_compact_blob_to_a_larger_tube(max_voxels):
+    """A thick tube (radius 5 mm, 56 mm long, ~4.4 ml: the aorta a real mask takes in) beside
+    the 8 mm sphere (2.1 ml): the sphere is the lesion, though the tube is the larger."""
+    volume = _lesion_phantom()
+    z, y, x = (np.indices(volume.hu.shape).T * np.asarray(volume.spacing)).T
+    tube = ((z - 52) ** 2 + (y - 52) ** 2 <= 5.0**2) & (np.abs(x - 32) < 28)
+    volume.hu[tube & (volume.lung_mask > 0)] = VESSEL_HU
+    tube_ml = np.count_nonzero(tube & (volume.lung_mask > 0)) * qc.lesion.ML_PER_MM3
+    sphere_ml = 4.0 / 3.0 * math.pi * SPHERE_RADIUS_MM**3 * qc.lesion.ML_PER_MM3
+    assert tube_ml > 1.5 * sphere_ml
+    lesion = qc.lesion.find_lesion(volume.hu, volume.lung_mask, volume.spacing, max_voxels)
+    assert lesion is not None
+    assert np.abs(np.subtract(lesion.centre, SPHERE_CENTRE_MM)).max() <= 1.0
+    assert lesion.elongation < 1.2
+    assert not lesion.mask[tube].any()
+
+
 def _lesion_pixels(path) -> int:
     image = imread(path)[..., :3]
     return int(np.count_nonzero(np.all(np.abs(image - qc.overlays.LESION_RGB) < 0.02, axis=-1)))
@@ -163,7 +193,7 @@ def test_lesion_views_zoom_on_the_lesion(radius_mm, side_mm):
     ball = (z - 100) ** 2 + (y - 80) ** 2 + (x - 80) ** 2 <= radius_mm**2
     hu = np.where(ball, LESION_HU, PARENCHYMA_HU).astype(np.int16)
     volume = volumes.Volume("p", hu, np.ones(shape, np.uint8), spacing, (0.0, 0.0, 0.0))
-    lesion = qc.lesion.Lesion((50.0, 80.0, 80.0), 1.0, radius_mm, ball)
+    lesion = qc.lesion.Lesion((50.0, 80.0, 80.0), 1.0, radius_mm, 1.0, ball)
     views = qc.lesion.lesion_views(volume, lesion)
     # A box of side max(80 mm, 3 diameters) around the centre: (side / spacing + 1) pixels.
     width = round(side_mm) + 1

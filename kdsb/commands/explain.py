@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from kdsb.io.tables import read_ids
 
     if len(args.models) < 2:
-        raise UsageError("expected MODEL.keras [MORE.keras ...] OUT_DIR, received no OUT_DIR")
+        raise UsageError(f"expected DATA_DIR MODEL.keras [MORE.keras ...] OUT_DIR, received "
+                         f"only {args.models[0]} after DATA_DIR: a model or OUT_DIR is missing")
     *models, out_dir = args.models
     require_volume_dir(args.data_dir)
     require_output_dir(out_dir, "OUT_DIR, a folder for the heatmaps")

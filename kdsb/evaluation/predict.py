@@ -170,8 +170,9 @@ def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
     fold models when cross-validated, else its classifier.keras). Checked before any work.
 
     Raises:
-        UsageError: no model, a missing path, a folder holding no trained classifier, or a
-            cross-validated run missing a fold model.
+        UsageError: no model, a missing path, a folder holding no trained classifier, a
+            cross-validated run missing a fold model, or one model named twice (a file and the
+            RUN_DIR holding it: the ensemble's mean would weigh it double).
     """
     from kdsb.io.paths import require_keras_file
     from kdsb.io.run_layout import model_paths_of_run
@@ -191,6 +192,12 @@ def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
                 f"expected MODEL.keras or the RUN_DIR of kdsb train-classifier, received "
                 f"{state}: {path}"
             )
+    seen: dict[Path, Path] = {}
+    for path in resolved:
+        if path.resolve() in seen:
+            raise UsageError(f"expected each model once, received {path} twice (named twice, "
+                             "or inside a RUN_DIR also named): it would count double")
+        seen[path.resolve()] = path
     return resolved
 
 

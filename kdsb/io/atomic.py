@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -77,13 +77,14 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike,
-                             targets: Collection[str] | None = None,
+                             targets: Collection[str] | Callable[[str], bool] | None = None,
                              idle_seconds: float | None = None) -> int:
     """Delete temporary files a killed writer left in `folder`; returns how many.
 
     Args:
-        targets: only temporaries of files of these names (a folder other commands write to as
-            well keeps their files in progress); None: every temporary.
+        targets: only temporaries of files of these names, or of names this predicate accepts
+            (a folder other commands write to as well keeps their files in progress); None:
+            every temporary.
         idle_seconds: only temporaries not written to for this long (a folder that writers on
             other machines share, where no lock tells a live writer from a killed one); None:
             whatever their age.
@@ -96,7 +97,7 @@ def remove_stale_temporaries(folder: str | os.PathLike,
         name = temp.name
         while name.startswith(TEMP_PREFIX):
             name = name[len(TEMP_PREFIX):].split("-", 2)[-1]
-        if targets is not None and name not in targets:
+        if targets is not None and not (targets(name) if callable(targets) else name in targets):
             continue
         if idle_seconds is not None:
             # A shared folder: another user's temporary may not be ours to delete, and its

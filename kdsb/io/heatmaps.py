@@ -16,7 +16,7 @@ import numpy as np
 
 from kdsb.errors import StoreError, one_line
 from kdsb.io.atomic import atomic_path
-from kdsb.io.volumes import COMPRESSION, check_geometry
+from kdsb.io.volumes import COMPRESSION, H5_DAMAGE_ERRORS, REQUIRED_DATASETS, check_geometry
 
 HEATMAP_DATASET = "heatmap"
 SUFFIX = ".h5"
@@ -30,12 +30,11 @@ def heatmap_path(folder: str | os.PathLike, patient_id: str) -> Path:
 def holds_volume(path: str | os.PathLike) -> bool:
     """Whether `path` is an existing kdsb volume file (HU and lung mask), which a heatmap
     written there would replace."""
-    from kdsb.io.volumes import REQUIRED_DATASETS
 
     try:
         with h5py.File(path, "r") as f:
             return all(name in f for name in REQUIRED_DATASETS)
-    except OSError:  # missing, or not HDF5
+    except H5_DAMAGE_ERRORS:  # missing, not HDF5, or damaged
         return False
 
 
@@ -69,7 +68,8 @@ def read_heatmap(path: str | os.PathLike) -> tuple[np.ndarray, tuple, tuple]:
         raise StoreError(f"expected a heatmap file, received a missing path: {path}")
     try:
         with h5py.File(path, "r") as f:
-            if HEATMAP_DATASET not in f or not {"spacing", "origin"} <= set(f.attrs):
+            if not (isinstance(f.get(HEATMAP_DATASET), h5py.Dataset)
+                    and {"spacing", "origin"} <= set(f.attrs)):
                 raise StoreError(
                     f"{path}: expected dataset '{HEATMAP_DATASET}' with spacing and origin "
                     f"attributes, received {sorted(f)} and {sorted(f.attrs)}"
@@ -81,7 +81,9 @@ def read_heatmap(path: str | os.PathLike) -> tuple[np.ndarray, tuple, tuple]:
             heatmap = f[HEATMAP_DATASET][...].astype(np.float32, copy=False)
             spacing = tuple(float(s) for s in f.attrs["spacing"])
             origin = tuple(float(o) for o in f.attrs["origin"])
-    except OSError as error:
-        raise StoreError(f"{path}: expected an HDF5 file, received an unreadable one "
-                         f"({one_line(error)})") from error
+    except StoreError:
+        raise
+    except (*H5_DAMAGE_ERRORS, ValueError) as error:
+        raise StoreError(f"{path}: expected a heatmap file, received an unreadable or damaged "
+                         f"one ({one_line(error)})") from error
     return heatmap, spacing, origin

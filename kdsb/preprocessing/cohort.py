@@ -33,6 +33,7 @@ from kdsb.preprocessing.out_dir import (
     check_other_patients,
     end_overwrite,
     existing_attrs,
+    is_own_file,
     overwrite_in_progress,
     read_manifest,
     remove_outdated,
@@ -157,7 +158,7 @@ def _run_locked(
     scheduler: str | None,
 ) -> int:
     """`run_cohort` once its arguments are checked and `out_dir` is this run's alone."""
-    removed = remove_stale_temporaries(out_dir)  # volumes and the manifest
+    removed = remove_stale_temporaries(out_dir, is_own_file)
     if removed:
         logger.info("removed %d temporary file(s) left by an interrupted run", removed)
 
@@ -199,12 +200,12 @@ def _run_locked(
                 # Every task has ended: what its killed workers were writing can go (found in
                 # review: left for the next run). Not on an interruption: the cluster's tasks
                 # under way go on writing.
-                remove_stale_temporaries(out_dir)
+                remove_stale_temporaries(out_dir, is_own_file)
         finally:
             runs.close()  # interrupted: the local workers stop now (`workers.run_tasks`)
             if scheduler is None:
                 # Files the stopped workers, or workers that died, were writing.
-                remove_stale_temporaries(out_dir)
+                remove_stale_temporaries(out_dir, is_own_file)
 
     if began is not None:  # every patient worked on (a failed one's old volume removed)
         end_overwrite(out_dir, input_root)

@@ -137,6 +137,14 @@ def check_other_patients(out_dir: Path, patients: dict[str, Path],
         return
 
 
+def is_own_file(name: str) -> bool:
+    """Whether a file of this name in OUT_DIR is one preprocess writes: a volume, the manifest,
+    an overwrite marker. Its interrupted runs remove only those temporaries: other commands may
+    write beside them (`predict --out OUT_DIR/submission.csv`)."""
+    return (name.endswith(volumes.SUFFIX) or name == MANIFEST_NAME
+            or name.startswith(OVERWRITE_PREFIX))
+
+
 def remove_outdated(path: Path) -> None:
     """Delete a volume file left by an earlier run of a patient that now failed (--overwrite),
     so that a volume file on disk always means status ok."""

@@ -1,9 +1,9 @@
 """Read one patient's folder of DICOM files into a canonical CT volume in Hounsfield units.
 
 `read_series(folder)` reads every file in the folder (any names, any order), keeps the CT series
-with the most slices and returns it as int16 HU in kdsb's canonical orientation: shape (z, y, x),
-axis 0 inferior → superior, axis 1 anterior → posterior, axis 2 right → left, i.e. DICOM patient
-coordinates Z, Y, X increasing along the axes.
+with the most distinct slice positions and returns it as int16 HU in kdsb's canonical
+orientation: shape (z, y, x), axis 0 inferior → superior, axis 1 anterior → posterior, axis 2
+right → left, i.e. DICOM patient coordinates Z, Y, X increasing along the axes.
 
 How the series is chosen and checked:
 
@@ -83,8 +83,8 @@ def read_series(folder: str | Path, patient_id: str | None = None) -> CTSeries:
         patient_id: the name used in messages; the folder name if None.
 
     Returns:
-        The CT series with the most slices: HU shape (z, y, x) along patient Z, Y, X
-        increasing, spacing and origin in mm in (z, y, x) order.
+        The CT series with the most distinct slice positions: HU shape (z, y, x) along
+        patient Z, Y, X increasing, spacing and origin in mm in (z, y, x) order.
 
     Raises:
         DicomError: the folder holds no usable CT series; the one-line message names the

@@ -2,10 +2,11 @@
 
 The per-patient PNG has two rows. The first shows axial, coronal and sagittal slices through the
 lung centre in a lung window with the lung mask outlined. The second shows the same three views,
-zoomed, through the largest soft-tissue lesion inside the mask (`find_lesion`), outlined in a
-second colour, with its volume and equivalent-sphere radius in the row title; or says that there
-is none. The finder is a coarse pointer for eyes, not a nodule detector: where no nodule exists
-it may point at a thick hilar vessel or a bifurcation.
+zoomed, through the most lesion-like soft tissue inside the mask (`find_lesion`: large and
+compact, so a nodule outranks a longer tube of aorta the mask took in), outlined in a second
+colour, with its volume, equivalent-sphere radius and elongation in the row title; or says that
+there is none. The finder is a coarse pointer for eyes, not a nodule detector: where no nodule
+exists it may point at a thick hilar vessel, a bifurcation or the aorta.
 
 The contact sheet tiles one axial thumbnail per patient under its id (failed patients in red with
 their reason), at most `sheet.PAGE_TILES` per page, so a researcher can eyeball hundreds of scans in
@@ -61,11 +62,11 @@ def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
     """Write the QC PNG of one volume; returns its path.
 
     Top row: axial, coronal and sagittal views through the lung centre (`views`) under the id,
-    shape, spacing and lung volume. Bottom row: the same views, zoomed, through the largest
-    soft tissue in the mask (`find_lesion`, `lesion_views`: a lesion, or a thick vessel, the hilum
-    or mediastinum the mask took in) under its volume (ml), equivalent-sphere radius (mm) and
-    centre voxel; or `NO_LESION_TEXT`. The image is `PATIENT_FIGURE_INCHES` ×
-    `DPI` pixels.
+    shape, spacing and lung volume. Bottom row: the same views, zoomed, through the most
+    lesion-like soft tissue in the mask (`find_lesion`, `lesion_views`: a lesion, or a thick
+    vessel, the hilum or mediastinum the mask took in) under its volume (ml), equivalent-sphere
+    radius (mm), elongation and centre voxel; or `NO_LESION_TEXT`. The image is
+    `PATIENT_FIGURE_INCHES` × `DPI` pixels.
     """
     from matplotlib.figure import Figure
 
@@ -86,8 +87,9 @@ def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
     else:
         centre = ", ".join(f"{c:.0f}" for c in lesion.centre)
         bottom.suptitle(
-            f"largest soft tissue in the mask: {lesion.volume_ml:.2f} ml, equivalent-sphere "
-            f"radius {lesion.radius_mm:.1f} mm, centre voxel ({centre}) (z, y, x)\n"
+            f"most lesion-like soft tissue in the mask: {lesion.volume_ml:.2f} ml, "
+            f"equivalent-sphere radius {lesion.radius_mm:.1f} mm, elongation "
+            f"{lesion.elongation:.1f}, centre voxel ({centre}) (z, y, x)\n"
             "a lesion, or a thick vessel, the hilum or mediastinum the mask took in",
             color=LESION_TITLE_COLOUR,
         )
