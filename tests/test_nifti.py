@@ -194,6 +194,21 @@ def test_a_failed_write_leaves_the_patients_files_as_they_were(tmp_path, capsys,
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp left either
 
 
+def test_a_data_dir_that_cannot_be_listed_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """Found in review: a PermissionError listing DATA_DIR exited 1 with a bare "[Errno 13]"."""
+    from pathlib import Path
+
+    (tmp_path / "locked").mkdir()
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    assert main(["export", str(tmp_path / "locked"), str(tmp_path / "out")]) == 2
+    assert (f"received a folder that cannot be listed: {tmp_path / 'locked'} (Permission "
+            f"denied)") in capsys.readouterr().err
+
+
 def test_a_folder_without_volumes_or_heatmaps_is_refused(tmp_path, capsys):
     """Found by a user's check: a DICOM folder as DATA_DIR "exported 0 patient(s)", exit 0; a
     wrong --heatmaps folder failed every patient on a line of its own."""

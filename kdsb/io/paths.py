@@ -51,7 +51,12 @@ def require_volume_dir(path: str | os.PathLike) -> Path:
     from kdsb.io.volumes import SUFFIX
 
     path = require_dir(path, DATA_DIR_WHAT)
-    if not any(p.suffix == SUFFIX and not p.name.startswith(".") for p in path.iterdir()):
+    try:
+        names = [p.name for p in path.iterdir()]
+    except OSError as error:  # a folder that cannot be listed (permissions)
+        raise UsageError(f"expected {DATA_DIR_WHAT}, received a folder that cannot be listed: "
+                         f"{path} ({error.strerror})") from error
+    if not any(name.endswith(SUFFIX) and not name.startswith(".") for name in names):
         raise UsageError(f"expected {DATA_DIR_WHAT}, received a folder without any: {path} "
                          f"(kdsb preprocess writes them)")
     return path
