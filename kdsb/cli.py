@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         # they keep the value given before it.
         _add_verbosity(sub, default=argparse.SUPPRESS)
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run, memory_advice=_memory_advice(sub))
+        sub.set_defaults(run=module.run, memory_advice=_memory_advice(sub),
+                         resume_advice=_resume_advice(sub))
     return parser
 
 
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
     except KeyboardInterrupt:
-        print(f"kdsb {args.command}: interrupted", file=sys.stderr)
+        print(f"kdsb {args.command}: interrupted; {args.resume_advice}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as error:  # a full or read-only disk, a file gone mid-run: one line too
         print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
@@ -164,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kdsb {args.command}: error: {found}", file=sys.stderr)
         return EXIT_DATA_ERROR
+
+
+def _resume_advice(command: argparse.ArgumentParser) -> str:
+    """What to do after an interruption (found by a user's check: "interrupted" alone said
+    neither what was kept nor how to go on): a training command's `--resume`, else a rerun."""
+    dests = {action.dest for action in command._actions}  # noqa: SLF001 (no public list)
+    how = "rerun it with --resume" if "resume" in dests else "rerun the same command"
+    return f"what it wrote is whole: {how} to go on where it stopped"
 
 
 def _memory_advice(command: argparse.ArgumentParser) -> str:

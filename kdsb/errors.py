@@ -47,6 +47,11 @@ class UsageError(KdsbError):
     """The command line itself is wrong (a missing folder, incompatible options): exit status 2."""
 
 
+class WrongModelError(ModelError, UsageError):
+    """A model file of another kind than the command needs (a GMCAE where a classifier goes):
+    the command line names the wrong file, so exit status 2, as for a folder holding none."""
+
+
 def one_line(text: object) -> str:
     """`text` (an error, a message) on one line: every run of whitespace, newlines included, as
     one space (the messages of decoders, HDF5 and Dask span lines)."""

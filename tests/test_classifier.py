@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from kdsb.errors import ModelError
+from kdsb.errors import ModelError, WrongModelError
 from kdsb.models.classifier import (
     build_classifier,
     load_classifier,
@@ -130,13 +130,25 @@ def test_load_classifier_accepts_a_classifier_and_refuses_others(gmcae, tmp_path
     with pytest.raises(ModelError, match="expected a kdsb classifier .keras file.*does not exist"):
         load_classifier(tmp_path / "missing.keras")
     junk = tmp_path / "junk.keras"
-    junk.write_bytes(b"PK not a zip")
+    junk.write_bytes(b"PK not a zip")  # Keras would say "File not found"
+    with pytest.raises(ModelError, match=r"kdsb classifier saved as .keras \(a zip archive\), "
+                                         r"received .*junk.keras', which is not one: cut short"):
+        load_classifier(junk)
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ModelError, match="which is not one: cut short"):
+        load_classifier(cut)
+    import zipfile
+
+    with zipfile.ZipFile(junk, "w") as archive:  # a zip, but no Keras model in it
+        archive.writestr("notes.txt", "hello")
     with pytest.raises(ModelError, match="kdsb classifier saved as .keras.*does not load"):
         load_classifier(junk)
-    # A GMCAE passed by mistake: it loads, but its output is no (batch, 1) probability.
+    # A GMCAE passed by mistake: it loads, but its output is no (batch, 1) probability: the
+    # command line's fault (exit status 2).
     wrong = tmp_path / "gmcae.keras"
     gmcae.save(wrong)
-    with pytest.raises(ModelError, match="expected a kdsb classifier .*holding model"):
+    with pytest.raises(WrongModelError, match="expected a kdsb classifier .*holding model"):
         load_classifier(wrong)
 
 

@@ -352,6 +352,23 @@ def test_the_memory_advice_names_only_the_failed_commands_options(monkeypatch, c
                                            f"): {advice}\n")
 
 
+def test_an_interrupted_command_says_how_to_go_on(monkeypatch, capsys):
+    """Found by a user's check: "interrupted" alone said neither what was kept nor how to go
+    on; a training command resumes with --resume, the others by a rerun."""
+    import kdsb.commands.predict as predict_command
+    import kdsb.commands.train_classifier as train_classifier_command
+
+    for module, argv, how in (
+            (predict_command, ["predict", "d", "m.keras", "--out", "p.csv"],
+             "rerun the same command"),
+            (train_classifier_command, ["train-classifier", "d", "l.csv", "r"],
+             "rerun it with --resume")):
+        monkeypatch.setattr(module, "run", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(argv) == 130
+        assert capsys.readouterr().err == (f"kdsb {argv[0]}: interrupted; what it wrote is "
+                                           f"whole: {how} to go on where it stopped\n")
+
+
 def test_an_earlier_pipeline_error_never_stands_in_for_another(monkeypatch, tmp_path):
     """A reader's error kept from an earlier command of the same process (tests, the demo) is
     not printed in place of a later, unrelated exception (found in review)."""

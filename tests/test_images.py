@@ -240,7 +240,8 @@ def test_find_patients_lists_folders_and_volume_files(tmp_path, caplog):
                          ("oldqc", "contact_sheet_001.png")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / name).write_bytes(b"")
-    for name in ("p2.img", "p2.hdr", "p3.nii.bz2", "h.mhd", "h.img"):  # h.img: h.mhd's data
+    for name in ("p2.img", "p2.hdr", "p3.nii.bz2", "h.mhd", "h.img",  # h.img: h.mhd's data
+                 "lost.raw"):  # a data file whose header went missing (found by a user's check)
         (tmp_path / name).write_bytes(b"")
     with caplog.at_level("WARNING"):
         patients = find_patients(tmp_path, tmp_path / "out", tmp_path / "qc", None)
@@ -252,6 +253,9 @@ def test_find_patients_lists_folders_and_volume_files(tmp_path, caplog):
         assert f"ignored {folder}, the output of an earlier kdsb preprocess" in caplog.text
     assert "ignored 3 file(s) in a format kdsb does not read (p2.hdr, p2.img, p3.nii.bz2)" in \
         caplog.text
+    assert ("ignored 1 data file(s) without a MetaImage or NRRD header of their name "
+            "(lost.raw): is a .mhd or .nhdr missing?") in caplog.text
+    assert "c.raw" not in caplog.text and "g.raw.gz" not in caplog.text
     assert "notes.txt" not in caplog.text and "labels.csv" not in caplog.text
 
 

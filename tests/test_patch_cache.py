@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kdsb.data import datasets, patch_cache, patches
+from kdsb.errors import KdsbError
 from kdsb.io import volumes
 
 
@@ -42,6 +43,34 @@ def test_shards_hold_the_streamed_patches_and_are_reused_until_a_volume_changes(
     patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16, per_volume=5, seed=3)
     assert [str(a[0]) for a in calls] == [str(paths[1])]
     assert not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+def test_a_damaged_shard_or_record_is_rebuilt_with_a_warning(tmp_path, caplog):
+    """Found by a user's check: a cut-off shard or key.json stopped training with numpy's or
+    json's traceback."""
+    paths = [_volume(tmp_path, f"p{i}", i) for i in range(2)]
+    shards = patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16,
+                                           per_volume=5, seed=3)
+    good = [np.load(shard) for shard in shards]
+    shards[0].write_bytes(shards[0].read_bytes()[:5000])
+    with caplog.at_level("WARNING"):
+        assert patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16,
+                                             per_volume=5, seed=3) == shards
+    assert f"{shards[0]}: damaged; rebuilding it" in caplog.text
+    np.testing.assert_array_equal(np.load(shards[0]), good[0])
+    key = shards[0].parent / patch_cache.KEY_NAME
+    key.write_text('{"p0": {"size": 1')
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        patch_cache.build_patch_cache(paths, tmp_path / "cache", patch_size=16, per_volume=5,
+                                      seed=3)
+    assert f"{key}: unreadable" in caplog.text
+    for shard, array in zip(shards, good, strict=True):
+        np.testing.assert_array_equal(np.load(shard), array)
+    shards[1].write_bytes(b"not a shard")  # damaged after the build: a one-line error
+    with pytest.raises(KdsbError, match=r"p1.npy: expected a patch cache shard, "
+                                 r"received an unreadable one"):
+        patch_cache.cached_patch_dataset(shards, spacing=None)
 
 
 def test_a_shard_is_drawn_from_the_seed_and_its_volume_not_its_place(tmp_path):

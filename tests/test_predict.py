@@ -224,11 +224,13 @@ def test_a_model_that_is_no_classifier_is_a_one_line_error(cohort, tmp_path, cap
     junk.write_text("not a model")
     assert main(["predict", str(data), str(junk), "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "expected a kdsb classifier saved as .keras" in err and "Traceback" not in err
+    assert ("expected a kdsb classifier saved as .keras (a zip archive), received "
+            f"'{junk}', which is not one: cut short, damaged") in err and "Traceback" not in err
     keras.utils.set_random_seed(0)
     gmcae = tmp_path / "gmcae.keras"
     build_gmcae(patch_size=8, width=2, mixtures=2).save(gmcae)
-    assert main(["predict", str(data), str(gmcae), "--out", str(out)]) == 1
+    # A model of the wrong kind is the command line's fault, as a folder holding none.
+    assert main(["predict", str(data), str(gmcae), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "expected a kdsb classifier (input (None, None, None, None, 1), output (None, 1))" in err
     assert not out.exists()

@@ -96,6 +96,29 @@ def test_resume_continues_epochs_and_optimizer_state(tmp_path):
     assert runs.last_checkpoint(tmp_path)[0] == 4
 
 
+def test_a_damaged_checkpoint_is_passed_over_on_resume(tmp_path, caplog):
+    """Found by a user's check: a checkpoint cut short stopped `--resume` with Keras's "File not
+    found" in a traceback. The checkpoint before it is resumed, its epochs trained again; with
+    none that loads, a one-line error."""
+    runs.configure_runtime(seed=0)
+    _fit(tmp_path, 3)
+    newest = runs.checkpoint_path(tmp_path, 3)
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        resumed = _fit(tmp_path, 4, resume=True)
+    assert f"{newest}: does not load" in caplog.text
+    assert resumed.epoch == [2, 3]  # epochs 3 and 4, from epoch 2's checkpoint
+    rows = runs.read_history(tmp_path / "history.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert runs.last_checkpoint(tmp_path)[0] == 4
+    keras.saving.load_model(newest)  # written again whole
+    for _, path in runs.list_checkpoints(tmp_path):
+        path.write_bytes(b"damaged")
+    with pytest.raises(TrainingError, match=r"checkpoints: expected a checkpoint that loads, "
+                                            r"received only damaged ones"):
+        _fit(tmp_path, 5, resume=True)
+
+
 MOMENTUM = 0.8
 
 

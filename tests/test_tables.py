@@ -53,6 +53,15 @@ def test_read_labels_accepts_a_byte_order_mark(tmp_path):
     assert read_labels(path) == {"x": 1}
 
 
+def test_a_csv_that_is_not_utf8_says_so(tmp_path):
+    """Found by a user's check: "'utf-8' codec can't decode byte 0xeb…" alone."""
+    path = tmp_path / "labels.csv"
+    path.write_bytes("id,cancer\nAnnë,1\n".encode("latin-1"))
+    with pytest.raises(LabelsError, match=r"labels.csv: expected a UTF-8 text CSV, received "
+                                          r"byte 0xeb, which is not UTF-8: save"):
+        read_labels(path)
+
+
 def test_read_labels_accepts_a_spreadsheets_trailing_commas(tmp_path):
     """Found in review: `id,cancer,,` was refused as a repeated column ''; a row's empty
     trailing cells as a wrong count."""

@@ -453,7 +453,9 @@ def test_ctrl_c_ends_the_run_at_once_and_resume_continues_every_epoch_once(data_
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == 130
-    assert err.strip().splitlines()[-1] == "kdsb train-gmcae: interrupted"
+    assert err.strip().splitlines()[-1] == (
+        "kdsb train-gmcae: interrupted; what it wrote is whole: rerun it with --resume to go "
+        "on where it stopped")
     assert 1 <= runs.last_checkpoint(run_dir)[0] < epochs
 
     assert main(["-q", *argv, "--resume"]) == 0

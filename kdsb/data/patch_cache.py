@@ -14,7 +14,8 @@ GPU consumes. The cache moves that work to a one-off pass:
   reused while its volume file keeps its size and modification time and the settings (patch
   size, count, seed, lung fraction) are the same; otherwise it is rebuilt. The record of built
   shards (`key.json`) is saved every few seconds and when the build ends or fails, so a killed
-  build resumes with the shards recorded (at most the last seconds' shards are rebuilt).
+  build resumes with the shards recorded (at most the last seconds' shards are rebuilt). A
+  damaged shard or record (a partial copy, a disk fault) is rebuilt, with a warning.
 - `cached_patch_dataset` memory-maps the shards (the operating system pages them in and out, so
   memory stays flat for any cohort size) and makes each batch with one gather of random
   (volume, patch) pairs and one random cube symmetry for the whole batch (a transpose and flips
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import zlib
@@ -38,9 +40,11 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb.data import patches
-from kdsb.errors import KdsbError
+from kdsb.errors import KdsbError, one_line
 from kdsb.io import volumes
 from kdsb.io.atomic import atomic_path, remove_stale_temporaries
+
+logger = logging.getLogger(__name__)
 
 CACHE_DTYPE = np.float16  # normalised HU in [-1, 1.86]: float16 keeps 3 significant digits
 # How a volume's patches are drawn (in the settings, so a cache of another rule is not reused):
@@ -66,6 +70,29 @@ def _settings_dir(cache_dir: Path, settings: dict) -> Path:
 def _source_key(path: Path) -> dict:
     stat = path.stat()
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _intact_shard(shard: Path, shape: tuple[int, ...]) -> bool:
+    """Whether a shard opens as a float16 array of `shape` (n, P, P, P) (a cut-off copy does
+    not: found by a user's check, it stopped training with numpy's traceback)."""
+    try:
+        array = np.load(shard, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return False
+    return array.shape == shape and array.dtype == CACHE_DTYPE
+
+
+def _read_keys(key_path: Path) -> dict:
+    """The record of built shards; empty (every shard checked and rebuilt) when missing or
+    damaged."""
+    if not key_path.is_file():
+        return {}
+    try:
+        keys = json.loads(key_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        logger.warning("%s: unreadable (%s); its shards are rebuilt", key_path, one_line(error))
+        return {}
+    return keys if isinstance(keys, dict) else {}
 
 
 def volume_patches(
@@ -112,7 +139,8 @@ def build_patch_cache(
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder, idle_seconds=STALE_SHARD_SECONDS)
     key_path = folder / KEY_NAME
-    keys = json.loads(key_path.read_text()) if key_path.is_file() else {}
+    keys = _read_keys(key_path)
+    shape = (int(per_volume), *(int(patch_size),) * 3)
 
     def save_keys() -> None:
         with atomic_path(key_path) as temp:
@@ -124,7 +152,11 @@ def build_patch_cache(
             path = Path(path)
             shard = folder / f"{path.stem}{SHARD_SUFFIX}"
             source = _source_key(path)
-            if keys.get(path.stem) != source or not shard.is_file():
+            recorded = keys.get(path.stem) == source and shard.is_file()
+            if recorded and not _intact_shard(shard, shape):
+                logger.warning("%s: damaged; rebuilding it", shard)
+                recorded = False
+            if not recorded:
                 rng = np.random.default_rng([int(seed), zlib.crc32(path.stem.encode())])
                 found = volume_patches(path, patch_size, per_volume, rng, min_lung_fraction)
                 with atomic_path(shard) as temp:
@@ -199,7 +231,13 @@ def cached_patch_dataset(
     if not shard_paths:
         raise KdsbError("expected at least one patch cache shard, received none")
     allow_open_files(len(shard_paths) + OTHER_OPEN_FILES)
-    shards = [np.load(p, mmap_mode="r") for p in shard_paths]
+    shards = []
+    for path in shard_paths:
+        try:
+            shards.append(np.load(path, mmap_mode="r"))
+        except (OSError, ValueError, EOFError) as error:
+            raise KdsbError(f"{path}: expected a patch cache shard, received an unreadable one "
+                            f"({one_line(error)}): delete it and run again") from error
     size = shards[0].shape[1:]
     symmetries = patches.symmetries_for(spacing) if augment else ()
 

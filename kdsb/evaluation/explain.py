@@ -325,7 +325,7 @@ def explain_cohort(
             try:
                 split_classifier(model)
             except ModelError as error:
-                raise ModelError(f"{path}: {error}") from None
+                raise type(error)(f"{path}: {error}") from None
     # The paths too: each heatmap file names its models.
     fingerprint = {"command": "explain", "method": method, "models": fingerprinted,
                    "model_paths": [os.fspath(p) for p in model_paths]}

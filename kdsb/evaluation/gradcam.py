@@ -31,13 +31,13 @@ def split_classifier(model: Any) -> tuple[Any, list[Any], Any]:
     """The encoder sub-model, the layers between it and the output unit (pyramid pooling or MIL
     pooling, dense head) and the output unit `p_cancer` (a calibration after it is monotone,
     so it does not change where the model looks)."""
-    from kdsb.errors import ModelError
+    from kdsb.errors import ModelError, WrongModelError
     from kdsb.models.gmcae import encoder_of
 
     try:
         encoder = encoder_of(model)
     except ModelError:
-        raise ModelError(
+        raise WrongModelError(
             f"expected a classifier with an encoder for Grad-CAM, received '{model.name}' "
             "without one (head nll: its instances are patch likelihoods; a cross-validated "
             "run's own classifier.keras nests its fold models: pass the RUN_DIR); use --method "

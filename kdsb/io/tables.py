@@ -49,7 +49,11 @@ def _open_rows(csv_path: Path) -> list[tuple[int, list[str]]]:
             reader = csv.reader(f)
             return [(reader.line_num, row) for row in reader
                     if any(cell.strip() for cell in row)]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+    except UnicodeDecodeError as error:  # found by a user's check: codec jargon alone
+        raise LabelsError(f"{csv_path}: expected a UTF-8 text CSV, received byte "
+                          f"0x{error.object[error.start]:02x}, which is not UTF-8: save the "
+                          f"file as UTF-8") from None
+    except (OSError, csv.Error) as error:
         raise LabelsError(f"{csv_path}: expected a readable text CSV, received {error}") from None
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from kdsb.errors import ModelError
+from kdsb.errors import ModelError, WrongModelError
 from kdsb.models.gmcae import (
     ENCODER_BLOCKS,
     ENCODER_NAME,
@@ -125,9 +125,14 @@ def predict_probability(model: keras.Model, x: np.ndarray) -> float:
 
 def _load_keras_model(path: str | os.PathLike, what: str) -> keras.Model:
     """Load a .keras file (safe mode, uncompiled), turning every failure into `ModelError`."""
+    import zipfile
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelError(f"expected {what} .keras file, received {path!r}, which does not exist")
+    if not zipfile.is_zipfile(path):  # Keras says "File not found" of a damaged archive
+        raise ModelError(f"expected {what} saved as .keras (a zip archive), received {path!r}, "
+                         "which is not one: cut short, damaged, or another kind of file")
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for corrupt or foreign files.
@@ -144,8 +149,9 @@ def load_gmcae(path: str | os.PathLike) -> keras.Model:
         path: A `gmcae.keras` file written by `kdsb train-gmcae`.
 
     Raises:
-        ModelError: If the file is missing, cannot be loaded as a Keras model, or is not a
-            GMCAE (no encoder and mixture output).
+        ModelError: If the file is missing or cannot be loaded as a Keras model;
+            `WrongModelError` (exit status 2) when it is not a GMCAE (no encoder and mixture
+            output).
     """
     from kdsb.models.gmcae import BOTTLENECK_FLAT_NAME, encoder_layer_names
 
@@ -163,7 +169,7 @@ def load_gmcae(path: str | os.PathLike) -> keras.Model:
     elif encoder is not None:
         missing.append(f"{ENCODER_NAME} (a nested model)")
     if missing:
-        raise ModelError(
+        raise WrongModelError(
             f"expected a kdsb GMCAE, received {os.fspath(path)!r} holding model "
             f"'{model.name}' without the layer(s) {', '.join(missing)}"
         )
@@ -185,14 +191,15 @@ def load_classifier(path: str | os.PathLike) -> keras.Model:
         The model: input (batch, z, y, x, 1) normalised HU, output (batch, 1) p(cancer).
 
     Raises:
-        ModelError: If the file is missing, cannot be loaded as a Keras model, or holds a
-            model of other input or output shapes (a GMCAE passed by mistake, for example).
+        ModelError: If the file is missing or cannot be loaded as a Keras model;
+            `WrongModelError` (exit status 2) when it holds a model of other input or output
+            shapes (a GMCAE passed by mistake, for example).
     """
     model = _load_keras_model(path, "a kdsb classifier")
     input_shape = getattr(model, "input_shape", None)
     output_shape = getattr(model, "output_shape", None)
     if input_shape != CLASSIFIER_INPUT_SHAPE or output_shape != CLASSIFIER_OUTPUT_SHAPE:
-        raise ModelError(
+        raise WrongModelError(
             f"expected a kdsb classifier (input {CLASSIFIER_INPUT_SHAPE}, output "
             f"{CLASSIFIER_OUTPUT_SHAPE}), received {os.fspath(path)!r} holding model "
             f"'{model.name}' with input {input_shape} and output {output_shape}"

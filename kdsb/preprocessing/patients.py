@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 # compressed NIfTI other than gzip, archives, arrays (found in review: dropped without a word).
 UNREAD_IMAGE_SUFFIXES = (".img", ".hdr", ".nii.bz2", ".nii.xz", ".zip", ".tar", ".tgz",
                          ".tar.gz", ".7z", ".npy", ".npz", ".mgz", ".mnc")
+# The data files of MetaImage and NRRD headers: alone, a header went missing (a LUNA16 scan
+# whose .mhd was not copied; found by a user's check: dropped without a word).
+HEADER_DATA_SUFFIXES = (".raw", ".zraw", ".raw.gz")
 
 
 def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
@@ -49,6 +52,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     folded: dict[str, str] = {}  # lower-case id → id (as case-insensitive disks compare)
     loose_dicom = []  # DICOM files lying in input_root itself: never a patient
     unread = []  # images in formats kdsb does not read (Analyze, archives): named, not silent
+    headless = []  # data files (.raw) without the header of their name
     for path in sorted(input_root.iterdir()):
         if path.name.startswith("."):
             continue
@@ -76,6 +80,9 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
             elif patient_id is None and path.name.lower().endswith(UNREAD_IMAGE_SUFFIXES) \
                     and not _data_file_of_a_header(path):
                 unread.append(path.name)
+            elif patient_id is None and path.name.lower().endswith(HEADER_DATA_SUFFIXES) \
+                    and not _data_file_of_a_header(path):
+                headless.append(path.name)
         if patient_id is None:
             continue
         _require_utf8_name(path)
@@ -108,6 +115,10 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
         logger.warning("%s: ignored %d file(s) in a format kdsb does not read (%s): convert them "
                        "to NIfTI, MetaImage or NRRD, or unpack them", input_root, len(unread),
                        summarise_ids(unread))
+    if headless:
+        logger.warning("%s: ignored %d data file(s) without a MetaImage or NRRD header of "
+                       "their name (%s): is a .mhd or .nhdr missing?", input_root,
+                       len(headless), summarise_ids(headless))
     return dict(sorted(patients.items()))
 
 

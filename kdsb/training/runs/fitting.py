@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kdsb.errors import TrainingError, one_line
 from kdsb.io.atomic import read_json, write_json
 from kdsb.training.runs.callbacks import (
     best_so_far,
@@ -33,6 +34,7 @@ from kdsb.training.runs.folder import (
     HISTORY_NAME,
     TENSORBOARD_DIR,
     check_run_dir,
+    list_checkpoints,
     remove_stale_files,
     truncate_history,
 )
@@ -213,6 +215,28 @@ def fit(
             shutil.rmtree(out_dir, ignore_errors=True)
 
 
+def _newest_loadable_checkpoint(run_dir: Path, strategy) -> tuple[int, Path, Any]:
+    """(epoch, path, compiled model) of the newest checkpoint that loads: a damaged one (cut
+    short by a copy or a disk fault: found by a user's check, Keras said "File not found" in a
+    traceback) is passed over with a warning, and its epochs are trained again.
+
+    Raises:
+        TrainingError: no checkpoint of the run loads.
+    """
+    import keras
+
+    for epoch, path in reversed(list_checkpoints(run_dir)):
+        try:
+            with strategy.scope():
+                return epoch, path, keras.saving.load_model(path, compile=True, safe_mode=True)
+        except Exception as error:  # Keras raises many types for a damaged archive
+            reason = one_line(str(error).splitlines()[0] if str(error) else type(error).__name__)
+            logger.warning("%s: does not load (%s); trying the checkpoint before it", path,
+                           reason)
+    raise TrainingError(f"{run_dir / CHECKPOINT_DIR}: expected a checkpoint that loads, "
+                        "received only damaged ones: start afresh in a new folder")
+
+
 def _build_training_state(model, batch_spec) -> None:
     """Create the optimizer's slots and the compiled metrics' and loss's variables before `fit`
     (`batch_spec`: the training dataset's element spec). Keras creates them inside the first
@@ -256,10 +280,8 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
     if chief:
         (run_dir / FINISHED_NAME).unlink(missing_ok=True)  # a former attempt's, or one to extend
     if last is not None:
-        initial_epoch, path = last
+        initial_epoch, path, model = _newest_loadable_checkpoint(run_dir, strategy)
         logger.info("resuming from %s (epoch %d of %d)", path, initial_epoch, epochs)
-        with strategy.scope():
-            model = keras.saving.load_model(path, compile=True, safe_mode=True)
         rows = truncate_history(run_dir / HISTORY_NAME, initial_epoch, write=chief)
     else:
         initial_epoch = 0
