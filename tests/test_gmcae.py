@@ -15,7 +15,6 @@ from kdsb.models.gmcae import (
     DECODERS,
     DOWNSAMPLING,
     build_gmcae,
-    decoder_of,
     encoder_of,
     mixture_nll_of_single_gaussian,
     mixture_params,
@@ -32,6 +31,12 @@ VOXELS = PATCH**3
 def gmcae():
     keras.utils.set_random_seed(0)
     return build_gmcae(patch_size=PATCH, width=WIDTH, mixtures=MIXTURES, variance_floor=FLOOR)
+
+
+def decoder_of(model: keras.Model) -> str:
+    """Which of `DECODERS` a GMCAE (built or loaded) has, read from its "means" layer."""
+    means = model.get_layer("means")
+    return "transpose" if isinstance(means, keras.layers.Conv3DTranspose) else "upsample"
 
 
 def random_patches(n: int, seed: int = 0) -> np.ndarray:

@@ -256,6 +256,25 @@ def test_find_patients_lists_folders_and_volume_files(tmp_path, caplog):
     assert ("ignored 1 data file(s) without a MetaImage or NRRD header of their name "
             "(lost.raw): is a .mhd or .nhdr missing?") in caplog.text
     assert "c.raw" not in caplog.text and "g.raw.gz" not in caplog.text
+
+
+def test_data_files_of_dotted_ids_or_named_by_a_header_are_no_lost_scans(tmp_path, caplog):
+    """Found in review: a LUNA16 id's `.raw` (`1.3.6….raw`) was taken for the data of `1.mhd`
+    and warned of as headerless, as was a data file a header names by another name."""
+    (tmp_path / f"{LUNA_UID}.mhd").write_text(f"ElementDataFile = {LUNA_UID}.raw\n")
+    (tmp_path / f"{LUNA_UID}.raw").write_bytes(b"")
+    (tmp_path / "scan1.mhd").write_text("NDims = 3\nElementDataFile = data_001.raw\n")
+    (tmp_path / "data_001.raw").write_bytes(b"")
+    (tmp_path / "scan2.nhdr").write_text("NRRD0004\ndata file: voxels.raw.gz\n\n")
+    (tmp_path / "voxels.raw.gz").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        patients = find_patients(tmp_path)
+    assert sorted(patients) == sorted([LUNA_UID, "scan1", "scan2"])
+    assert "ignored" not in caplog.text
+    (tmp_path / "scan1.mhd").unlink()  # its data file is now a lost scan's
+    with caplog.at_level("WARNING"):
+        find_patients(tmp_path)
+    assert "without a MetaImage or NRRD header of their name (data_001.raw)" in caplog.text
     assert "notes.txt" not in caplog.text and "labels.csv" not in caplog.text
 
 

@@ -42,6 +42,19 @@ def test_cli_lists_agree_with_the_library():
     assert RADIUS_MM == DEFAULT_RADIUS_MM and RADIUS_MM[1] == MAX_RADIUS_MM
 
 
+def test_lesion_labels_of_a_phantom_cohort_are_a_one_line_error(tmp_path):
+    """Found in review: a phantom cohort's truth (no lesion labels) gave a bare KeyError."""
+    from kdsb.errors import KdsbError
+
+    (tmp_path / "truth").mkdir()
+    np.savez(tmp_path / "truth" / "p0.npz", lung_mask=np.zeros((2, 2, 2), np.uint8))
+    (tmp_path / "truth" / "p0.json").write_text(json.dumps({"lesions": []}))
+    with pytest.raises(KdsbError, match=r"p0.npz: expected the truth of a cohort implanted by "
+                                        r"kdsb synth --base \(lesion_labels\), received a "
+                                        r"phantom cohort's"):
+        load_lesion_labels(tmp_path, "p0")
+
+
 def test_smooth_displacement_is_the_cubic_zoom_of_its_control_points():
     """The separable evaluation against scipy's 3D zoom of the same control grid."""
     shape, spacing = (23, 61, 17), np.array([2.5, 3.0, 7.0])

@@ -126,6 +126,10 @@ def test_features_of_a_bfloat16_gmcae_are_scored_in_float32(gmcae):
     features = patch_nll_features(half, stride=8)
     copy = features.get_layer("patch_nll").gmcae
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    # The nested encoder's convolutions too (found in a later review: a plain clone of the
+    # GMCAE rebuilt its encoder from the saved config, in bfloat16).
+    encoder = copy.get_layer("encoder")
+    assert {layer.dtype_policy.name for layer in encoder.layers} == {"float32"}
     np.testing.assert_allclose(np.asarray(features(x)), reference, rtol=1e-5, atol=1e-5)
     # Built in a mixed-precision run, too: its input is not rounded to 16 bits (found in review).
     keras.mixed_precision.set_global_policy("mixed_bfloat16")

@@ -62,6 +62,18 @@ def test_views_cut_through_the_lungs():
     assert sagittal[20, 25, 0] < 0.2
 
 
+def test_views_of_an_empty_mask_cut_through_the_middle():
+    """Found in review: with no lung the sagittal view took the edge column (argmax of zeros);
+    it falls back to the middle, as the other two views do."""
+    volume = _volume()
+    volume.lung_mask[...] = 0
+    hu = volume.hu.copy()
+    hu[:, :, 50] = 1000  # the middle column stands out in the sagittal view
+    volume = volumes.Volume("empty", hu, volume.lung_mask, volume.spacing, volume.origin)
+    sagittal = qc.overlays.views(volume)["sagittal"][0]
+    assert np.allclose(sagittal, 1.0)
+
+
 def _lesion_phantom(spacing=(1.0, 1.0, 1.0), sphere: bool = True) -> volumes.Volume:
     """A 64 mm cube: a box of -850 HU lung in 40 HU tissue, a tree of thin vessels, a sphere.
 

@@ -106,7 +106,8 @@ def test_a_damaged_checkpoint_is_passed_over_on_resume(tmp_path, caplog):
     newest.write_bytes(newest.read_bytes()[:1000])
     with caplog.at_level("WARNING"):
         resumed = _fit(tmp_path, 4, resume=True)
-    assert f"{newest}: does not load" in caplog.text
+    assert (f"{newest}: expected a model this run saved, received one that does not load"
+            in caplog.text) and "trying the checkpoint before it" in caplog.text
     assert resumed.epoch == [2, 3]  # epochs 3 and 4, from epoch 2's checkpoint
     rows = runs.read_history(tmp_path / "history.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
@@ -252,6 +253,11 @@ def test_a_finished_run_whose_checkpoints_were_deleted_stays_finished(tmp_path):
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(saved))
     assert (tmp_path / "best.keras").stat().st_mtime_ns == stamp
     assert not (tmp_path / "checkpoints").exists()
+    # Its best model damaged: one line naming it (found in review: Keras's traceback).
+    (tmp_path / "best.keras").write_bytes(b"PK damaged")
+    with pytest.raises(TrainingError, match=r"best.keras: expected a model this run saved, "
+                                            r"received one that does not load"):
+        _fit(tmp_path, 2, resume=True, best_name="best.keras")
 
 
 def test_a_damaged_record_is_a_one_line_error_naming_it(tmp_path):
@@ -264,6 +270,10 @@ def test_a_damaged_record_is_a_one_line_error_naming_it(tmp_path):
     (tmp_path / "finished.json").write_text('{"epochs_run": 1, ')
     with pytest.raises(KdsbError, match=r"finished.json: expected a JSON record, received an "
                                         r"unreadable or damaged file \(.*\): restore it"):
+        _fit(tmp_path, 1, resume=True)
+    (tmp_path / "finished.json").write_text('{"epochs_run": 1}')  # valid JSON, keys missing
+    with pytest.raises(KdsbError, match=r"finished.json: expected a JSON record of epochs_run, "
+                                        r"stopped_early and patience"):
         _fit(tmp_path, 1, resume=True)
     (tmp_path / "split.json").write_text("")
     with pytest.raises(KdsbError, match="split.json: expected a JSON record"):

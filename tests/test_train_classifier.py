@@ -188,6 +188,19 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     assert main(argv) == 2
 
 
+def test_a_restart_s_seed_wraps_below_the_largest_seed_the_options_take():
+    """Found in review: `--seed 2147483647` was accepted, then failed the options' check at its
+    first restart (seed + stride), after a whole attempt had trained."""
+    from kdsb.training import attempts
+    from kdsb.training.runs.options import MAX_SEED
+
+    stride = attempts.RESTART_SEED_STRIDE
+    assert [attempts.attempt_seed(3, n) for n in range(3)] == [3, 3 + stride, 3 + 2 * stride]
+    top = MAX_SEED - 1
+    assert attempts.attempt_seed(top, 1) == stride - 1
+    assert all(0 <= attempts.attempt_seed(top, n) < MAX_SEED for n in range(10))
+
+
 def test_labels_problems_are_data_errors(cohort, tmp_path, capsys):
     data, _, gmcae = cohort
     bad = tmp_path / "labels.csv"
@@ -1036,12 +1049,17 @@ def test_options_other_options_leave_unused_are_warned_of(tmp_path, caplog):
                                           ClassifierOptions(gmcae=str(gmcae)))
         run_checks.warn_of_unused_options({"bag_symmetries": 4}, dataclasses.replace(
             plain, augment=True))
+        run_checks.warn_of_unused_options({"outside_hu": -900.0}, plain)  # masking is on
         assert caplog.text == ""
         run_checks.warn_of_unused_options({"class_weight": "balanced"}, focal)
         run_checks.warn_of_unused_options({"bag_symmetries": 4}, plain)
+        run_checks.warn_of_unused_options({"outside_hu": -900.0, "lung_dilation_mm": 5.0},
+                                          dataclasses.replace(plain, mask_outside_lungs=False))
     assert "--class-weight balanced is not used with --loss focal (bce only)" in caplog.text
     assert "--bag-symmetries 4 is not used with --no-augment: every bag is read under the " \
         "identity only" in caplog.text
+    assert "--outside-hu and --lung-dilation-mm are not used with --no-mask-outside-lungs: " \
+        "nothing outside the lungs is masked" in caplog.text
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from kdsb.io import volumes
 from kdsb.training import runs
 from kdsb.training.gmcae import GmcaeOptions, validation_patches
 from tests.locks import lock_held_elsewhere
+from tests.test_gmcae import decoder_of
 
 keras = pytest.importorskip("keras")
 
@@ -311,7 +312,7 @@ def test_decoder_option_reaches_the_model_and_agrees_with_the_models_module():
     assert training.DEFAULT_VARIANCE_FLOOR == layers.DEFAULT_VARIANCE_FLOOR
     for decoder in training.DECODERS:
         options = GmcaeOptions(decoder=decoder, width=2, patch_size=8, mixtures=2)
-        assert gmcae.decoder_of(training._build_model_fn(options)()) == decoder
+        assert decoder_of(training._build_model_fn(options)()) == decoder
     with pytest.raises(UsageError, match=r"expected --decoder in \('transpose', 'upsample'\)"):
         GmcaeOptions(decoder="deconv")
     # Refused before anything is written (found in review: it failed inside build_gmcae).

@@ -317,9 +317,3 @@ def mixture_nll_of_single_gaussian(patches: np.ndarray) -> float:
             f"with variance {variance}"
         )
     return 0.5 * math.log(2.0 * math.pi * variance) + 0.5
-
-
-def decoder_of(model: keras.Model) -> str:
-    """Which of `DECODERS` a GMCAE (built or loaded) has, read from its "means" layer."""
-    means = model.get_layer("means")
-    return "transpose" if isinstance(means, keras.layers.Conv3DTranspose) else "upsample"

@@ -115,11 +115,12 @@ def patch_nll_features(gmcae: keras.Model, stride: int | None = None) -> keras.M
 
     def in_float32(layer: keras.layers.Layer) -> keras.layers.Layer:
         # A plain clone keeps each layer's saved policy: a bfloat16 GMCAE gave a float32 run
-        # 16-bit likelihoods (found in review). A likelihood is scored in float32 whatever
-        # precision the GMCAE trained in or the run uses.
+        # 16-bit likelihoods (found in review; `recursive`: the nested encoder's layers too,
+        # found in a later review). A likelihood is scored in float32 whatever precision the
+        # GMCAE trained in or the run uses.
         return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
 
-    copy = keras.models.clone_model(gmcae, clone_function=in_float32)
+    copy = keras.models.clone_model(gmcae, clone_function=in_float32, recursive=True)
     copy.set_weights(gmcae.get_weights())
     size = int(gmcae.input_shape[1])
     volume = keras.Input(shape=CLASSIFIER_INPUT_SHAPE[1:], name="volume")

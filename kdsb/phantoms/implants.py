@@ -375,11 +375,14 @@ def load_lesion_labels(out_root: str | os.PathLike, patient_id: str) -> tuple[np
     implanted patient.
 
     Raises:
-        KdsbError: the truth files are missing.
+        KdsbError: the truth files are missing, or are a phantom cohort's (no lesion labels).
     """
     from kdsb.phantoms.cohort import truth_paths
 
     arrays_path, record_path = truth_paths(out_root, patient_id)
     with np.load(arrays_path) as arrays:
+        if "lesion_labels" not in arrays:  # found in review: a bare KeyError
+            raise KdsbError(f"{arrays_path}: expected the truth of a cohort implanted by kdsb "
+                            f"synth --base (lesion_labels), received a phantom cohort's")
         labels = arrays["lesion_labels"]
     return labels, json.loads(record_path.read_text())["lesions"]

@@ -85,8 +85,8 @@ def run_on_dask(
         raise UsageError(f"expected a Dask scheduler address kdsb can connect to, received "
                          f"{scheduler!r} ({one_line(error)})") from error
     with client:
-        logger.info("Dask cluster %s: %d worker(s)", scheduler,
-                    len(client.scheduler_info().get("workers", {})))
+        # `nthreads` lists every worker (`scheduler_info` listed at most 5 in some releases).
+        logger.info("Dask cluster %s: %d worker(s)", scheduler, len(client.nthreads()))
         # Task keys name the patient and this run: runs sharing a scheduler (say 1 mm and 2 mm
         # volumes of one cohort) must not be handed each other's results.
         run = uuid.uuid4().hex[:8]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from kdsb.errors import UsageError
@@ -21,6 +22,10 @@ UNREAD_IMAGE_SUFFIXES = (".img", ".hdr", ".nii.bz2", ".nii.xz", ".zip", ".tar", 
 # The data files of MetaImage and NRRD headers: alone, a header went missing (a LUNA16 scan
 # whose .mhd was not copied; found by a user's check: dropped without a word).
 HEADER_DATA_SUFFIXES = (".raw", ".zraw", ".raw.gz")
+HEADER_SUFFIXES = (".mhd", ".nhdr")
+# Suffixes a header's data file may end in, longest first (a stem is what precedes them).
+DATA_FILE_SUFFIXES = tuple(sorted({*HEADER_DATA_SUFFIXES, ".img", ".img.gz"}, key=len,
+                                  reverse=True))
 
 
 def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
@@ -53,6 +58,13 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     loose_dicom = []  # DICOM files lying in input_root itself: never a patient
     unread = []  # images in formats kdsb does not read (Analyze, archives): named, not silent
     headless = []  # data files (.raw) without the header of their name
+    named: set[Path] | None = None
+
+    def named_by_headers() -> set[Path]:
+        nonlocal named
+        if named is None:
+            named = _named_by_headers(input_root)
+        return named
     for path in sorted(input_root.iterdir()):
         if path.name.startswith("."):
             continue
@@ -78,10 +90,10 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
             if patient_id is None and is_dicom_file(path):
                 loose_dicom.append(path.name)
             elif patient_id is None and path.name.lower().endswith(UNREAD_IMAGE_SUFFIXES) \
-                    and not _data_file_of_a_header(path):
+                    and not _data_file_of_a_header(path, named_by_headers):
                 unread.append(path.name)
             elif patient_id is None and path.name.lower().endswith(HEADER_DATA_SUFFIXES) \
-                    and not _data_file_of_a_header(path):
+                    and not _data_file_of_a_header(path, named_by_headers):
                 headless.append(path.name)
         if patient_id is None:
             continue
@@ -122,11 +134,26 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     return dict(sorted(patients.items()))
 
 
-def _data_file_of_a_header(path: Path) -> bool:
-    """Whether `path` (`p1.img`) lies beside a MetaImage or NRRD header of its stem, whose data
-    file it then is (found in review: warned of as a format kdsb does not read)."""
-    stem = path.name.split(".")[0]
-    return any((path.parent / f"{stem}{suffix}").is_file() for suffix in (".mhd", ".nhdr"))
+def _data_file_of_a_header(path: Path, named_by_headers: Callable[[], set[Path]]) -> bool:
+    """Whether `path` (`p1.raw`, `p1.img`) is the data file of a MetaImage or NRRD header beside
+    it: one of its name (less the data suffix: LUNA16 ids hold dots, found in review), or one
+    whose `ElementDataFile` / `data file` names it (`named_by_headers`: the folder's, read once
+    when first asked for). Otherwise it was warned of as a format kdsb does not read, or as a
+    data file whose header went missing."""
+    lower = path.name.lower()
+    suffix = next((s for s in DATA_FILE_SUFFIXES if lower.endswith(s)), path.suffix.lower())
+    stem = path.name[: len(path.name) - len(suffix)]
+    if any((path.parent / f"{stem}{header}").is_file() for header in HEADER_SUFFIXES):
+        return True
+    return path in named_by_headers()
+
+
+def _named_by_headers(folder: Path) -> set[Path]:
+    """The data files the MetaImage and NRRD headers in `folder` name."""
+    from kdsb.io.volume_files import detached_data_file
+
+    headers = (p for p in folder.iterdir() if p.name.lower().endswith(HEADER_SUFFIXES))
+    return {data for header in headers if (data := detached_data_file(header)) is not None}
 
 
 def _kdsb_output(folder: Path) -> bool:

@@ -32,6 +32,15 @@ RESTARTS_NAME = "restarts.json"
 RESTART_SEED_STRIDE = 100_000
 
 
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The seed of attempt `attempt` (0: the run's own): `RESTART_SEED_STRIDE` further each
+    time, wrapping below `MAX_SEED` (found in review: a seed near 2**31 failed the options'
+    check at its first restart, after a whole attempt had trained)."""
+    from kdsb.training.runs.options import MAX_SEED
+
+    return (seed + attempt * RESTART_SEED_STRIDE) % MAX_SEED
+
+
 def restarts_apply(options: ClassifierOptions) -> bool:
     """Whether a stuck model is trained again: not in a distributed run (its workers would have
     to agree)."""

@@ -65,8 +65,9 @@ class ClassifierOptions(RunOptions):
 
     gmcae: str = option(help="trained GMCAE whose encoder starts the classifier",
                         metavar="GMCAE.keras", path=True)
-    batch_size: int = option(1, "volumes per weight update (one volume per step, gradients "
-                                "accumulated over N volumes: sizes vary)", type=int)
+    batch_size: int = option(1, "volumes per weight update (head spp: one volume per step, "
+                                "gradients accumulated over N volumes: sizes vary; heads mil "
+                                "and nll: a batch of N padded bags)", type=int)
     lr: float = option(1e-4, "Adam learning rate", type=float)
     patience: int | None = option(
         5, "early stopping: epochs without a better validation log loss", type=int

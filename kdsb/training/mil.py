@@ -69,8 +69,6 @@ def train_mil(
     Returns:
         The `keras.callbacks.History` of this session's epochs.
     """
-    import keras
-
     train_files = [bag_files[i] for i in train]
     mean, variance = bags.feature_statistics(train_files)
     train_data = bags.bag_dataset(
@@ -92,7 +90,7 @@ def train_mil(
         validation_steps=math.ceil(len(val) / options.batch_size), give_up_below=give_up_below,
     )
     classifier, head = _build(options, mean, variance)
-    best_head = keras.saving.load_model(run_dir / HEAD_NAME, compile=False, safe_mode=True)
+    best_head = runs.load_saved_model(run_dir / HEAD_NAME, compile=False)
     head.set_weights(best_head.get_weights())
     runs.save_model_atomically(classifier, run_dir / best_name)
     return history

@@ -89,7 +89,7 @@ def fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
         return _kept_attempt(model_dir, records, models)
     y_val = [ctx.cohort[i][1] for i in val_ids]
     while True:
-        seed = ctx.options.seed + len(records) * attempts.RESTART_SEED_STRIDE
+        seed = attempts.attempt_seed(ctx.options.seed, len(records))
         fitted = _fit_once(model_dir, train_ids, val_ids, ctx,
                            dataclasses.replace(ctx.options, seed=seed))
         if fitted is None:
@@ -132,7 +132,8 @@ def fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
                        "never left the base-rate plateau)")
         logger.warning("%s: the validation predictions %s: training again with seed %d "
                        "(restart %d of %d)", model_dir, verdict,
-                       seed + attempts.RESTART_SEED_STRIDE, len(records), ctx.options.restarts)
+                       attempts.attempt_seed(ctx.options.seed, len(records)), len(records),
+                       ctx.options.restarts)
         # Set aside before the record is written: a kill in between retrains the same attempt.
         attempts.set_aside(model_dir, len(records), models)
         write_json(restarts_path, records)

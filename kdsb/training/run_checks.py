@@ -40,7 +40,8 @@ def warn_of_unused_options(given: Any, options: ClassifierOptions) -> None:
     """Warn of options given on the command line that other options leave unused: `--restarts`
     with `--distribute multiworker` (which never restarts), `--class-weight` with `--loss focal`
     (bce only), `--bag-symmetries` above 1 with
-    `--no-augment` (training and validation read the identity's bag only; found in review)."""
+    `--no-augment` (training and validation read the identity's bag only; found in review),
+    `--outside-hu` or `--lung-dilation-mm` with `--no-mask-outside-lungs` (nothing is masked)."""
     if not isinstance(given, dict):
         return
     if given.get("restarts") and not attempts.restarts_apply(options):
@@ -53,6 +54,11 @@ def warn_of_unused_options(given: Any, options: ClassifierOptions) -> None:
             and options.head in READ_BY_HEADS["bag_symmetries"]:
         logger.warning("--bag-symmetries %d is not used with --no-augment: every bag is read "
                        "under the identity only", options.bag_symmetries)
+    masking = [f"--{key.replace('_', '-')}" for key in ("outside_hu", "lung_dilation_mm")
+               if key in given]
+    if masking and not options.mask_outside_lungs:
+        logger.warning("%s not used with --no-mask-outside-lungs: nothing outside the lungs is "
+                       "masked", " and ".join(masking) + (" is" if len(masking) == 1 else " are"))
 
 
 def check_accumulation_unchanged(run_dir: Path, options: ClassifierOptions) -> None:

@@ -1,7 +1,8 @@
 """QC images of preprocessed volumes: one PNG per patient and a paged contact sheet of the cohort.
 
-The per-patient PNG has two rows. The first shows axial, coronal and sagittal slices through the
-lung centre in a lung window with the lung mask outlined. The second shows the same three views,
+The per-patient PNG has two rows. The first shows axial and coronal slices through the lung
+centre and a sagittal one through the column with the most lung, in a lung window with the lung
+mask outlined. The second shows the same three views,
 zoomed, through the most lesion-like soft tissue inside the mask (`find_lesion`: large and
 compact, so a nodule outranks a longer tube of aorta the mask took in), outlined in a second
 colour, with its volume, equivalent-sphere radius and elongation in the row title; or says that
@@ -61,11 +62,12 @@ def _draw_row(subfigure, row_views: Mapping[str, tuple[np.ndarray, float]]) -> N
 def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
     """Write the QC PNG of one volume; returns its path.
 
-    Top row: axial, coronal and sagittal views through the lung centre (`views`) under the id,
-    shape, spacing and lung volume. Bottom row: the same views, zoomed, through the most
-    lesion-like soft tissue in the mask (`find_lesion`, `lesion_views`: a lesion, or a thick
-    vessel, the hilum or mediastinum the mask took in) under its volume (ml), equivalent-sphere
-    radius (mm), elongation and centre voxel; or `NO_LESION_TEXT`. The image is
+    Top row: axial and coronal views through the lung centre, sagittal through the most lung
+    (`views`), under the id, shape, spacing and lung volume. Bottom row: the same views,
+    zoomed, through the most lesion-like soft tissue in the mask (`find_lesion`,
+    `lesion_views`: a lesion, or a thick vessel, the hilum or mediastinum the mask took in)
+    under its volume (ml), equivalent-sphere radius (mm), elongation and centre voxel; or
+    `NO_LESION_TEXT`. The image is
     `PATIENT_FIGURE_INCHES` × `DPI` pixels.
     """
     from matplotlib.figure import Figure

@@ -90,5 +90,6 @@ def views(volume: volumes.Volume) -> dict[str, tuple[np.ndarray, float]]:
     z, y, _ = lung_centre(volume.lung_mask)
     # The centre of mass lies between the lungs: the sagittal view goes through the x with
     # the most lung instead.
-    x = int(np.argmax(np.count_nonzero(volume.lung_mask, axis=(0, 1))))
+    columns = np.count_nonzero(volume.lung_mask, axis=(0, 1))
+    x = int(np.argmax(columns)) if columns.any() else volume.lung_mask.shape[2] // 2
     return orthogonal_views(volume, (z, y, x))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdsb.errors import TrainingError, one_line
+from kdsb.errors import KdsbError, TrainingError
 from kdsb.io.atomic import read_json, write_json
 from kdsb.training.runs.callbacks import (
     best_so_far,
@@ -35,6 +35,7 @@ from kdsb.training.runs.folder import (
     TENSORBOARD_DIR,
     check_run_dir,
     list_checkpoints,
+    load_saved_model,
     remove_stale_files,
     truncate_history,
 )
@@ -223,16 +224,12 @@ def _newest_loadable_checkpoint(run_dir: Path, strategy) -> tuple[int, Path, Any
     Raises:
         TrainingError: no checkpoint of the run loads.
     """
-    import keras
-
     for epoch, path in reversed(list_checkpoints(run_dir)):
         try:
             with strategy.scope():
-                return epoch, path, keras.saving.load_model(path, compile=True, safe_mode=True)
-        except Exception as error:  # Keras raises many types for a damaged archive
-            reason = one_line(str(error).splitlines()[0] if str(error) else type(error).__name__)
-            logger.warning("%s: does not load (%s); trying the checkpoint before it", path,
-                           reason)
+                return epoch, path, load_saved_model(path, compile=True)
+        except TrainingError as error:
+            logger.warning("%s; trying the checkpoint before it", error)
     raise TrainingError(f"{run_dir / CHECKPOINT_DIR}: expected a checkpoint that loads, "
                         "received only damaged ones: start afresh in a new folder")
 
@@ -272,7 +269,7 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
         logger.info("%s finished training: nothing to do", run_dir)
         history = keras.callbacks.History()
         with strategy.scope():
-            history.set_model(keras.saving.load_model(ended, compile=True, safe_mode=True))
+            history.set_model(load_saved_model(ended, compile=True))
         history.on_train_begin()  # no epochs: `history.epoch` is empty
         return history
     if resume and last is None:
@@ -376,6 +373,9 @@ def finished_training(run_dir: Path, epochs: int, patience: int | None) -> bool:
     if not path.is_file():
         return False
     done = read_json(path)
+    if not (isinstance(done, dict) and {"epochs_run", "stopped_early", "patience"} <= set(done)):
+        raise KdsbError(f"{path}: expected a JSON record of epochs_run, stopped_early and "
+                        f"patience, received {done!r:.80}: restore it, or start a new folder")
     if done["epochs_run"] >= epochs:
         return True
     if done["stopped_early"] and done["patience"] == patience:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kdsb.errors import UsageError
+from kdsb.errors import TrainingError, UsageError, one_line
 from kdsb.io.atomic import atomic_path, remove_stale_temporaries, sole_writer
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,23 @@ def save_model_atomically(model: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as temp:
         model.save(temp)
     return Path(path)
+
+
+def load_saved_model(path: str | os.PathLike, *, compile: bool) -> Any:
+    """A model a run saved (a checkpoint, its best model or head), loaded in safe mode.
+
+    Raises:
+        TrainingError: the file does not load (cut short by a copy, a disk fault: found in
+            review, Keras's traceback said "File not found"), naming it.
+    """
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except Exception as error:  # Keras raises many types for a damaged archive
+        reason = one_line(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        raise TrainingError(f"{path}: expected a model this run saved, received one that does "
+                            f"not load ({reason}): restore it, or start a new folder") from error
 
 
 def remove_stale_files(run_dir: Path) -> None:
