@@ -67,8 +67,7 @@ def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
     zoomed, through the most lesion-like soft tissue in the mask (`find_lesion`,
     `lesion_views`: a lesion, or a thick vessel, the hilum or mediastinum the mask took in)
     under its volume (ml), equivalent-sphere radius (mm), elongation and centre voxel; or
-    `NO_LESION_TEXT`. The image is
-    `PATIENT_FIGURE_INCHES` × `DPI` pixels.
+    `NO_LESION_TEXT`. The image is `PATIENT_FIGURE_INCHES` × `DPI` pixels.
     """
     from matplotlib.figure import Figure
 
