@@ -50,10 +50,11 @@ def write_heatmap(
     with atomic_path(path) as temp, h5py.File(temp, "w") as f:
         f.create_dataset(HEATMAP_DATASET, data=np.asarray(heatmap, dtype=np.float32),
                          **COMPRESSION)
-        f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
-        f.attrs["origin"] = np.asarray(origin, dtype=np.float64)
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
+        # Last: the grid's geometry is the contract's, whatever `attrs` holds (as volumes).
+        f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
+        f.attrs["origin"] = np.asarray(origin, dtype=np.float64)
     return path
 
 
