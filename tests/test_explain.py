@@ -133,6 +133,9 @@ def test_occlusion_finds_the_nodule_too(cohort, tmp_path, caplog):
     assert found, caplog.text
     voxels, cube_mm, step_mm = (np.array(found.groups()[i:i + 3], float) for i in (0, 3, 6))
     assert np.all(np.abs(cube_mm - 45) <= cube_mm / voxels / 2) and np.all(step_mm == cube_mm)
+    # And an estimate from the first cube, for a log off a terminal (found in review).
+    assert re.search(r"occlusion: \d+\.\d\d s a cube, about \d+\.\d min for this patient",
+                     caplog.text), caplog.text
     row = _peaks(out)["c0"]
     # Within half a cube of the nodule (found in review: "within a cube", 45 mm, let a peak
     # anywhere in a third of these lungs pass).

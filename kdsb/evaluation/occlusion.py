@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,13 +65,20 @@ def occlusion(
         in_mm = f" ({cube_mm} mm, every {step_mm} mm)"
     logger.info("occlusion: %d cubes of %s input voxels%s, one forward pass each", len(cubes),
                 "×".join(map(str, size)), in_mm)
-    # One forward pass a cube: minutes a patient on a CPU, so its own progress bar.
-    for cube in tqdm(cubes, desc="occlusion", unit="cube", leave=False, disable=None):
+    # One forward pass a cube: minutes a patient on a CPU, so its own progress bar, and an
+    # estimate from the first cube for logs off a terminal (found in review: none there).
+    for index, cube in enumerate(tqdm(cubes, desc="occlusion", unit="cube", leave=False,
+                                      disable=None)):
+        started = time.perf_counter()
         occluded = x.copy()
         occluded[cube] = fill
         p = float(model(occluded[np.newaxis], training=False)[0, 0])
         total[cube] += p0 - p
         count[cube] += 1
+        if index == 0 and len(cubes) > 1:
+            seconds = time.perf_counter() - started
+            logger.info("occlusion: %.2f s a cube, about %.1f min for this patient", seconds,
+                        seconds * len(cubes) / 60.0)
     drop = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
     return np.maximum(drop, 0.0), p0
 
