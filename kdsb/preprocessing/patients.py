@@ -4,6 +4,7 @@ out, and said where a user would wonder."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -58,13 +59,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     loose_dicom = []  # DICOM files lying in input_root itself: never a patient
     unread = []  # images in formats kdsb does not read (Analyze, archives): named, not silent
     headless = []  # data files (.raw) without the header of their name
-    named: set[Path] | None = None
-
-    def named_by_headers() -> set[Path]:
-        nonlocal named
-        if named is None:
-            named = _named_by_headers(input_root)
-        return named
+    named_by_headers = functools.cache(lambda: _named_by_headers(input_root))  # read if asked
     for path in sorted(input_root.iterdir()):
         if path.name.startswith("."):
             continue
