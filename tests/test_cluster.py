@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -113,6 +114,9 @@ def test_no_scheduler_is_a_usage_error(tmp_path, capsys, monkeypatch):
     assert code == 2
     assert "expected a Dask scheduler at tcp://127.0.0.1:9, received no answer" in \
         capsys.readouterr().err
+    # Refused before OUT_DIR is written, at once (found by a user's trial: 30 s, then a lock
+    # and an empty manifest left behind).
+    assert not (tmp_path / "out").exists()
     # Malformed addresses, refused before any client (found in review: a traceback, then a
     # minute's hang at exit).
     for address in ("garbage", "tcp://localhost:notaport", "http://x:1", ""):
@@ -122,6 +126,37 @@ def test_no_scheduler_is_a_usage_error(tmp_path, capsys, monkeypatch):
         assert (f"expected --scheduler tcp://HOST:PORT (a running Dask scheduler), received "
                 f"{address!r}") in capsys.readouterr().err
         assert not (tmp_path / "new").exists()  # refused before OUT_DIR was written
+
+
+def test_the_client_s_own_traceback_is_quieted_for_a_run_unless_verbose():
+    """distributed's client logs a lost scheduler as an ERROR with its traceback; the run says
+    it in one line (found by a user's trial), so that logger is quiet while it runs."""
+    client_log = logging.getLogger("distributed.client")
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.INFO)
+        with cluster_module._client_errors_said_once():
+            assert not client_log.isEnabledFor(logging.ERROR)
+        assert client_log.isEnabledFor(logging.ERROR)
+        root.setLevel(logging.DEBUG)  # -v: everything through
+        with cluster_module._client_errors_said_once():
+            assert client_log.isEnabledFor(logging.ERROR)
+    finally:
+        root.setLevel(level)
+
+
+def test_a_scheduler_without_workers_is_said_to_wait(tmp_path, caplog, monkeypatch):
+    """Found by a user's trial: a scheduler with no worker waited minutes without a word."""
+    with distributed.LocalCluster(n_workers=0, processes=True,
+                                  dashboard_address=None) as empty:
+        monkeypatch.setattr(cluster_module, "NO_WORKERS_S", 0.5)
+        with caplog.at_level(logging.WARNING):
+            with pytest.raises(cluster_module.KdsbError, match="received none for 0.5 s"):
+                list(cluster_module.run_on_dask(_warn_and_succeed, {"p0": ()},
+                                                empty.scheduler_address))
+    assert (f"the Dask cluster at {empty.scheduler_address} has no worker yet: waiting up to "
+            f"0.5 s for one") in caplog.text
 
 
 def test_workers_given_with_a_scheduler_are_said_to_be_unused(tmp_path, caplog):

@@ -65,7 +65,9 @@ def test_odd_patients_rank_first_and_every_file_is_written(cohort, tmp_path):
     embeddings = _rows(out / "embeddings.csv")
     assert [r["id"] for r in embeddings] == [f"p{i:02d}" for i in range(ORDINARY + 2)]
     features = [k for k in embeddings[0] if k.startswith("emb_")]
-    assert len(features) == 2 * 16  # mean and max of the width-4 encoder's 16 channels
+    # Mean and max of the width-4 encoder's 16 channels, named so (found by a user's trial).
+    assert features == ([f"emb_mean_{i:03d}" for i in range(16)]
+                        + [f"emb_max_{i:03d}" for i in range(16)])
     assert all(np.isfinite(float(r[k])) for r in embeddings for k in features + ["nll_top"])
     nll = {r["id"]: float(r["nll_top"]) for r in embeddings}
     assert nll[f"p{ORDINARY:02d}"] > max(nll[f"p{i:02d}"] for i in range(ORDINARY))

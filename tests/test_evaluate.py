@@ -91,6 +91,18 @@ def test_evaluate_rejects_probabilities_outside_0_1(files, tmp_path, capsys):
     assert "expected a probability in [0, 1] for p00, received '1.2'" in capsys.readouterr().err
 
 
+def test_predictions_of_exactly_0_or_1_are_warned_of(tmp_path, caplog):
+    """Found by a user's trial: one wrong p = 0 gave a log loss of 8.6 without a word."""
+    labels, preds = tmp_path / "labels.csv", tmp_path / "pred.csv"
+    labels.write_text("id,cancer\na,1\nb,0\nc,1\nd,0\n")
+    preds.write_text("id,cancer\na,1\nb,0\nc,0\nd,0.2\n")
+    with caplog.at_level("WARNING"):
+        scores = evaluate(preds, labels, n_boot=0)
+    assert (f"{preds}: 3 prediction(s) of exactly 0 or 1; the log loss clips them to [1e-15, "
+            f"1 - 1e-15], so a wrong one costs 34.5 nats") in caplog.text
+    assert scores["log_loss"] == pytest.approx((34.5388 - np.log(0.8)) / 4, rel=1e-4)
+
+
 def test_evaluate_usage_error_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "only_one.csv"])

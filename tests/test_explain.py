@@ -338,13 +338,33 @@ def test_the_occlusion_peak_is_the_middle_of_the_hottest_block_not_its_corner():
     assert explain.peak_voxel(single) == (1, 2, 3)
 
 
+def test_a_cube_over_the_lungs_whole_box_is_warned_of(caplog):
+    """Found by a user's trial: a 500 mm cube gave a flat map and only "zero throughout"."""
+    from kdsb.evaluation.occlusion import occlusion
+
+    def model(batch, training=False):  # p falls with the mean input: a stand-in classifier
+        return np.array([[1.0 - float(np.mean(batch))]])
+
+    x = np.ones((6, 6, 6, 1), np.float32)
+    lung = np.zeros((6, 6, 6), bool)
+    lung[1:5, 1:5, 1:5] = True
+    with caplog.at_level(logging.WARNING, logger="kdsb.evaluation.occlusion"):
+        occlusion(model, x, lung, 0.0, (2, 2, 2), (2, 2, 2))
+        assert caplog.text == ""
+        occlusion(model, x, lung, 0.0, (4, 4, 4), (4, 4, 4))
+    assert "the cube covers the lungs' whole box (4×4×4 input voxels): the map can only be " \
+        "flat" in caplog.text
+
+
 def test_occlusion_sizes_must_be_positive_and_finite(cohort, tmp_path, capsys, caplog):
     root, model, _ = cohort
-    for size in ("nan", "inf", "0"):
+    for size in ("nan", "inf", "0", "-5"):
         argv = ["explain", str(root / "data"), str(model), str(tmp_path / "out"), "--method",
                 "occlusion", "--occlusion-mm", size]
         assert main(argv) == 2
-        assert "expected positive, finite occlusion sizes in mm" in capsys.readouterr().err
+        # Only what was given (found by a user's trial: the derived step was quoted too).
+        assert (f"expected positive, finite occlusion sizes in mm, received --occlusion-mm "
+                f"{float(size):g}\n") in capsys.readouterr().err
     # Steps wider than the cubes would leave lung no cube covers (found in review: zeros).
     assert main(["explain", str(root / "data"), str(model), str(tmp_path / "out"), "--method",
                  "occlusion", "--occlusion-mm", "8", "--stride-mm", "12"]) == 2

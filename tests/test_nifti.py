@@ -80,6 +80,10 @@ def test_export_heatmaps_and_only_the_ids_asked_for(tmp_path):
     exported = nib.load(tmp_path / "out" / "p2_heatmap.nii.gz")
     np.testing.assert_allclose(np.asarray(exported.dataobj).transpose(2, 1, 0), heat)
     np.testing.assert_allclose(exported.affine, ras_affine(SPACING, ORIGIN), atol=1e-5)
+    # Display ranges for viewers that read them (found by a user's trial: none were set).
+    for name, display in (("heatmap", (0, 1)), ("lung_mask", (0, 1)), ("hu", (-1000, 400))):
+        header = nib.load(tmp_path / "out" / f"p2_{name}.nii.gz").header
+        assert (float(header["cal_min"]), float(header["cal_max"])) == display
 
 
 def test_an_earlier_heatmap_of_another_grid_and_killed_temporaries_are_removed(tmp_path, caplog):

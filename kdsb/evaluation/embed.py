@@ -20,9 +20,9 @@ From the cohort's table:
 - **map**: the first two principal components, coloured by label when labels are given, the
   most unusual patients named.
 
-Files (DESIGN.md, `kdsb embed`): `embeddings.csv` (`id`, `emb_000` …, `nll_mean`, `nll_p90`,
-`nll_top`), `outliers.csv` (`id,score,rank`), `neighbours.csv` (`id,neighbour,distance`),
-`map.png`. TensorFlow is imported inside the functions.
+Files (DESIGN.md, `kdsb embed`): `embeddings.csv` (`id`, `emb_mean_000` …, `emb_max_000` …,
+`nll_mean`, `nll_p90`, `nll_top`), `outliers.csv` (`id,score,rank`), `neighbours.csv`
+(`id,neighbour,distance`), `map.png`. TensorFlow is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -251,8 +251,9 @@ def write_embedding_files(
     if neighbours > len(table.ids) - 1:
         logger.warning("%d patients: %d neighbours each, not the %d asked for", len(table.ids),
                        len(table.ids) - 1, neighbours)
-    width = table.embeddings.shape[1]
-    header = ["id", *(f"emb_{i:03d}" for i in range(width)), *NLL_COLUMNS]
+    channels = table.embeddings.shape[1] // 2  # `patient_features`: the means, then the maxima
+    header = ["id", *(f"emb_{statistic}_{i:03d}" for statistic in ("mean", "max")
+                      for i in range(channels)), *NLL_COLUMNS]
     rows = [[pid, *(f"{v:.6g}" for v in emb), *(f"{v:.6g}" for v in nll)]
             for pid, emb, nll in zip(table.ids, table.embeddings, table.nll, strict=True)]
     scores = outlier_scores(table, neighbours)

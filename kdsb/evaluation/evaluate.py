@@ -329,6 +329,12 @@ def evaluate(
     _, y, p = align(predictions, labels, predictions_path=predictions_csv, labels_path=labels_csv,
                     predicted_only=predicted_only)
     scores: dict[str, object] = dict(metrics.summary(y, p))
+    certain = int(np.count_nonzero((p == 0.0) | (p == 1.0)))
+    if certain:  # found by a user's trial: a wrong one's 34.5 nats were unexplained
+        logger.warning("%s: %d prediction(s) of exactly 0 or 1; the log loss clips them to "
+                       "[%g, 1 - %g], so a wrong one costs %.1f nats (kdsb predict clips to "
+                       "[--clip, 1 - --clip])", predictions_csv, certain, metrics.LOG_LOSS_EPS,
+                       metrics.LOG_LOSS_EPS, -math.log(metrics.LOG_LOSS_EPS))
     if math.isnan(scores["roc_auc"]):
         logger.warning("ROC AUC is undefined: every evaluated patient's label (%d patient(s) of "
                        "%s) is %d", y.size, labels_csv, int(y[0]))

@@ -65,6 +65,11 @@ def occlusion(
         in_mm = f" ({cube_mm} mm, every {step_mm} mm)"
     logger.info("occlusion: %d cubes of %s input voxels%s, one forward pass each", len(cubes),
                 "×".join(map(str, size)), in_mm)
+    if all(edge >= b - a for edge, a, b in zip(size, low, high, strict=True)):
+        # One cube over all the lungs shows nothing of where (found by a user's trial).
+        logger.warning("occlusion: the cube covers the lungs' whole box (%s input voxels): the "
+                       "map can only be flat; a smaller --occlusion-mm shows where",
+                       "×".join(str(int(b - a)) for a, b in zip(low, high, strict=True)))
     # One forward pass a cube: minutes a patient on a CPU, so its own progress bar, and an
     # estimate from the first cube for logs off a terminal (found in review: none there).
     for index, cube in enumerate(tqdm(cubes, desc="occlusion", unit="cube", leave=False,
@@ -90,11 +95,14 @@ def checked_occlusion_stride_mm(occlusion_mm: float, stride_mm: float | None) ->
         UsageError: a size not finite and positive, or a step wider than the cubes (they would
             leave lung between them that no occlusion covers: a map of 0 there).
     """
+    given = {"--occlusion-mm": occlusion_mm} if stride_mm is None else {
+        "--occlusion-mm": occlusion_mm, "--stride-mm": stride_mm}
+    bad = [f"{flag} {mm:g}" for flag, mm in given.items() if not (math.isfinite(mm) and mm > 0)]
+    if bad:  # only what was given (found by a user's trial: a derived step was quoted)
+        raise UsageError(f"expected positive, finite occlusion sizes in mm, received "
+                         f"{' and '.join(bad)}")
     if stride_mm is None:
         stride_mm = occlusion_mm / STRIDES_PER_EDGE
-    if not all(math.isfinite(mm) and mm > 0 for mm in (occlusion_mm, stride_mm)):
-        raise UsageError(f"expected positive, finite occlusion sizes in mm, received "
-                         f"{occlusion_mm} and {stride_mm}")
     if stride_mm > occlusion_mm:
         raise UsageError(f"expected --stride-mm at most --occlusion-mm (cubes that overlap or "
                          f"touch), received {stride_mm} > {occlusion_mm}")

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kdsb.errors import KdsbError, StoreError, UsageError, one_line
+from kdsb.hu import LUNG_WINDOW_HU
 from kdsb.io import volumes
 from kdsb.io.atomic import atomic_path, remove_stale_temporaries, sole_writer
 from kdsb.io.heatmaps import heatmap_path, read_heatmap
@@ -51,10 +52,12 @@ def write_nifti_set(
     arrays: Mapping[str | os.PathLike, np.ndarray],
     spacing: Sequence[float],
     origin: Sequence[float],
+    display: Mapping[str | os.PathLike, tuple[float, float]] | None = None,
 ) -> list[Path]:
     """Write path → (z, y, x) array as NIfTI-1 files on one grid, as a set: every file is
     written to its temporary before any is renamed into place, so a failed write (a full disk)
-    leaves each target as it was, never a new volume beside an old mask."""
+    leaves each target as it was, never a new volume beside an old mask. `display`: path →
+    (low, high), the header's `cal_min`/`cal_max`, the range a viewer that reads them shows."""
     import nibabel as nib
 
     affine = ras_affine(spacing, origin)
@@ -65,6 +68,8 @@ def write_nifti_set(
             image.set_qform(affine, code=SCANNER_XFORM)
             image.set_sform(affine, code=SCANNER_XFORM)
             image.header.set_xyzt_units(xyz="mm")
+            if display and path in display:
+                image.header["cal_min"], image.header["cal_max"] = display[path]
             nib.save(image, renames.enter_context(atomic_path(path)))
     return [Path(path) for path in arrays]
 
@@ -101,10 +106,12 @@ def export_patient(
                 f"spacing {spacing}, origin {origin}"
             )
     heatmap_file = out_dir / f"{patient_id}_heatmap{NIFTI_SUFFIX}"
-    arrays = {
-        out_dir / f"{patient_id}_hu{NIFTI_SUFFIX}": volume.hu,
-        out_dir / f"{patient_id}_lung_mask{NIFTI_SUFFIX}": volume.lung_mask.astype(np.uint8),
-    }
+    hu_file = out_dir / f"{patient_id}_hu{NIFTI_SUFFIX}"
+    mask_file = out_dir / f"{patient_id}_lung_mask{NIFTI_SUFFIX}"
+    arrays = {hu_file: volume.hu, mask_file: volume.lung_mask.astype(np.uint8)}
+    # Display ranges (found by a user's trial: none, viewers autoscaled): the lung window, the
+    # mask's 0–1, the heatmap's 0 to 1 (`explain` scales each map to a maximum of 1).
+    display = {hu_file: LUNG_WINDOW_HU, mask_file: (0.0, 1.0), heatmap_file: (0.0, 1.0)}
     if heatmap is not None:
         arrays[heatmap_file] = heatmap
     if out_dir.is_dir():  # a killed export's temporaries of this patient's files
@@ -112,7 +119,7 @@ def export_patient(
     try:
         if heatmap is None and drop_heatmap:  # first: a kill leaves no heatmap of another run
             heatmap_file.unlink(missing_ok=True)
-        written = write_nifti_set(arrays, *grid)
+        written = write_nifti_set(arrays, *grid, display=display)
         if heatmap is None:
             _remove_heatmap_of_another_grid(heatmap_file, volume.hu.shape, grid)
         return written

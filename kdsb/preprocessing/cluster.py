@@ -17,10 +17,12 @@ data, or from Python with dask-jobqueue (Slurm, PBS, SGE) or dask-kubernetes; RE
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 from kdsb.errors import KdsbError, UsageError, one_line
 
@@ -39,9 +41,13 @@ def check_scheduler(scheduler: str) -> None:
     writes OUT_DIR): distributed not installed, or an address Dask cannot parse
     (`tcp://HOST:PORT`, or `HOST:PORT`; a malformed one was a traceback, then a minute's hang).
 
+    A `tcp://` scheduler must also accept a connection (found by a user's trial: a refused
+    one waited `CONNECT_TIMEOUT_S` for Dask's client, after OUT_DIR's lock and manifest had
+    been written).
+
     Raises:
         UsageError: no distributed; an empty address, an unknown scheme, no or a non-numeric
-            port.
+            port; nothing listening at a tcp:// address.
     """
     try:
         from distributed.comm.addressing import get_address_host_port, parse_address
@@ -59,6 +65,13 @@ def check_scheduler(scheduler: str) -> None:
     except ValueError as error:
         raise UsageError(f"expected --scheduler tcp://HOST:PORT (a running Dask scheduler), "
                          f"received {scheduler!r} ({error})") from None
+    if parse_address(address)[0] == "tcp":
+        try:
+            socket.create_connection(get_address_host_port(address),
+                                     timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as error:
+            raise UsageError(f"expected a Dask scheduler at {scheduler}, received no answer "
+                             f"({one_line(error)})") from None
 
 
 def run_on_dask(
@@ -84,9 +97,13 @@ def run_on_dask(
     except (TypeError, ValueError) as error:  # e.g. tls:// without distributed's security
         raise UsageError(f"expected a Dask scheduler address kdsb can connect to, received "
                          f"{scheduler!r} ({one_line(error)})") from error
-    with client:
+    with client, _client_errors_said_once():
         # `nthreads` lists every worker (`scheduler_info` listed at most 5 in some releases).
-        logger.info("Dask cluster %s: %d worker(s)", scheduler, len(client.nthreads()))
+        workers = len(client.nthreads())
+        logger.info("Dask cluster %s: %d worker(s)", scheduler, workers)
+        if not workers:  # found by a user's trial: a silent wait
+            logger.warning("the Dask cluster at %s has no worker yet: waiting up to %g s for "
+                           "one", scheduler, NO_WORKERS_S)
         # Task keys name the patient and this run: runs sharing a scheduler (say 1 mm and 2 mm
         # volumes of one cohort) must not be handed each other's results.
         run = uuid.uuid4().hex[:8]
@@ -108,6 +125,21 @@ def run_on_dask(
                                    key=f"kdsb-preprocess-{patient_id}-{run}-alone")
             for _, result in _results(client, {future: patient_id}, scheduler, KilledWorker):
                 yield patient_id, None if result is _KILLED else result
+
+
+@contextmanager
+def _client_errors_said_once() -> Iterator[None]:
+    """Quiet distributed's client logger for a run, unless -v: it logs a lost scheduler as an
+    ERROR with 30 lines of traceback, which the run then says in one line (`_results`; found
+    by a user's trial)."""
+    client_log = logging.getLogger("distributed.client")
+    before = client_log.level
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        client_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        client_log.setLevel(before)
 
 
 _KILLED = object()  # a task Dask gave up on: its workers kept dying
