@@ -196,10 +196,12 @@ def _results(client, futures, scheduler: str, killed_type: type):
         except killed_type:
             yield patient_id, _KILLED
         except Exception as error:  # noqa: BLE001 - the worker never raises: the cluster did
+            # The cluster's failure, not the patient's: the message leads with the cluster
+            # (found by a user's trial: "patient p2: …" read as p2's fault).
             raise KdsbError(
-                f"patient {patient_id}: expected the Dask cluster at {scheduler} to run it, "
-                f"received {type(error).__name__}: {one_line(error)} (the "
-                "patients finished so far are kept; rerun to resume)"
+                f"expected the Dask cluster at {scheduler} to run the patients, received "
+                f"{type(error).__name__}: {one_line(error)} while waiting for {patient_id} "
+                "(the patients finished so far are kept; rerun to resume)"
             ) from error
 
 
