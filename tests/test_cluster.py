@@ -146,6 +146,26 @@ def test_the_client_s_own_traceback_is_quieted_for_a_run_unless_verbose():
         root.setLevel(level)
 
 
+def test_a_cluster_failure_is_one_line_leading_with_the_cluster(monkeypatch):
+    """A future the cluster cancelled (its scheduler lost): one line that blames the cluster
+    and names the patient awaited (found by a user's trial: "patient p2: …" read as p2's
+    fault; this line was untested)."""
+
+    class Cancelled:
+        def result(self):
+            raise RuntimeError("Future cancelled\nreason: scheduler-connection-lost")
+
+    future = Cancelled()
+    monkeypatch.setattr(cluster_module, "_as_finished", lambda client, futures, scheduler:
+                        iter(futures))
+    with pytest.raises(cluster_module.KdsbError) as raised:
+        list(cluster_module._results(None, {future: "p2"}, "tcp://h:1", KeyError))
+    assert str(raised.value) == (
+        "expected the Dask cluster at tcp://h:1 to run the patients, received RuntimeError: "
+        "Future cancelled reason: scheduler-connection-lost while waiting for p2 (the patients "
+        "finished so far are kept; rerun to resume)")
+
+
 def test_a_scheduler_without_workers_is_said_to_wait(tmp_path, caplog, monkeypatch):
     """Found by a user's trial: a scheduler with no worker waited minutes without a word."""
     with distributed.LocalCluster(n_workers=0, processes=True,
