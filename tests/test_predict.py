@@ -464,6 +464,35 @@ def test_a_journal_of_a_model_changed_since_is_not_taken(cohort, tmp_path, monke
         assert value == pytest.approx(_reference([model], data, patient_id), abs=2e-6)
 
 
+def test_damaged_volumes_get_the_fill_value_when_asked(cohort, tmp_path, caplog, capsys):
+    """Found by a user's trial: one damaged volume stopped a whole submission, --fill-missing
+    or not. With it, a file that cannot be read (its header, or its voxels under a readable
+    header) is given the fill value, named in a warning; without it, still an error."""
+    import shutil
+
+    data, models = cohort
+    mine = tmp_path / "data"
+    shutil.copytree(data, mine)
+    (mine / "cut.h5").write_bytes(b"not an HDF5 file")
+    hu = np.random.default_rng(0).integers(-1000, 400, (40, 40, 40))
+    write_volume(volume_path(mine, "chunks"), hu, np.ones((40, 40, 40)), (1, 1, 1), (0, 0, 0))
+    raw = bytearray((mine / "chunks.h5").read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 4000] = bytes(4000)  # voxels damaged, header whole
+    (mine / "chunks.h5").write_bytes(bytes(raw))
+    ids_csv = tmp_path / "ids.csv"
+    ids_csv.write_text("id\na\ncut\nchunks\n")
+    out = tmp_path / "sub.csv"
+    argv = ["predict", str(mine), str(models[0]), "--out", str(out), "--ids", str(ids_csv)]
+    assert main(argv) == 1
+    assert f"{mine / 'cut.h5'}: expected an HDF5 file" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="kdsb.evaluation.predict"):
+        assert main([*argv, "--fill-missing", "0.3"]) == 0
+    predicted = read_predictions(out)
+    assert predicted["cut"] == 0.3 and predicted["chunks"] == 0.3 and predicted["a"] != 0.3
+    assert "1 volume file(s) cannot be read: given 0.3 without a model" in caplog.text
+    assert f"{mine / 'chunks.h5'}: expected readable voxels" in caplog.text
+
+
 @pytest.mark.slow
 def test_ids_without_a_volume_get_the_fill_value_when_asked(cohort, tmp_path, caplog, capsys):
     """A submission must name every patient, also one whose scan failed preprocessing."""

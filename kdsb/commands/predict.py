@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{PROBABILITY_CLIP:g})")
     parser.add_argument("--fill-missing", type=float, default=None, metavar="P",
                         help="with --ids: give ids without a volume (a scan that failed "
-                             "preprocessing) probability P, each named in a warning, instead "
-                             "of failing (e.g. the training cohort's cancer rate)")
+                             "preprocessing) or with a damaged one probability P, each named "
+                             "in a warning, instead of failing (e.g. the training cohort's "
+                             "cancer rate)")
 
 
 def run(args: argparse.Namespace) -> int:

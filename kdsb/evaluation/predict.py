@@ -231,7 +231,8 @@ def predict_cohort(
             journal is removed once the CSV is written.
         fill_missing: with `ids`, the probability (clipped as the others) given to ids without
             a volume (a scan that failed preprocessing, in a submission that must name every
-            patient), each named in a warning; None: such ids are an error.
+            patient) or whose volume file cannot be read (damaged), each named in a warning;
+            None: such ids are an error.
 
     Returns:
         Patient id → probability, in output order.
@@ -243,7 +244,7 @@ def predict_cohort(
         ModelError: a model file does not load or is no kdsb classifier; a model gives a
             patient NaN (a damaged or diverged model: nothing is written for it).
         StoreError: a volume does not fit a model's `VolumeInput` (spacing, size; checked
-            before any patient is scored).
+            before any patient is scored), or cannot be read (unless `fill_missing`).
     """
     model_paths = resolve_model_paths(model_paths)
     if not 0.0 <= clip < 0.5:
@@ -281,7 +282,16 @@ def predict_cohort(
     groups: dict[VolumeInput, list[Any]] = {}
     for volume_input, model in loaded:
         groups.setdefault(volume_input, []).append(model)
-    check_volumes(loaded, [volumes[i] for i in order if i in volumes])
+    unreadable: dict[Path, str] | None = {} if fill_missing is not None else None
+    check_volumes(loaded, [volumes[i] for i in order if i in volumes], unreadable)
+    if unreadable:  # found by a user's trial: one damaged file stopped a whole submission
+        damaged = [i for i in order if volumes.get(i) in unreadable]
+        logger.warning("%d volume file(s) cannot be read: given %s without a model (%s)",
+                       len(damaged), float(np.clip(fill_missing, clip, 1.0 - clip)),
+                       "; ".join(unreadable.values()))
+        for patient_id in damaged:
+            del volumes[patient_id]
+        missing += damaged
     logger.info(
         "scoring %d patient(s) with %d model(s), %d symmetry(ies) each",
         len(order) - len(missing), len(model_paths), len(symmetries),
@@ -303,10 +313,18 @@ def predict_cohort(
             probability = journal.result(patient_id, stamp) if journal else None
             if probability is None:
                 members: list[float] = []
-                for (volume_input, models), group_turns in zip(groups.items(), turns,
-                                                               strict=True):
-                    x = volume_input.read(volumes[patient_id])
-                    members += member_probabilities(models, x, group_turns)
+                try:
+                    for (volume_input, models), group_turns in zip(groups.items(), turns,
+                                                                   strict=True):
+                        x = volume_input.read(volumes[patient_id])
+                        members += member_probabilities(models, x, group_turns)
+                except StoreError as error:  # voxels damaged under a readable header
+                    if fill_missing is None:
+                        raise
+                    logger.warning("%s: given %s without a model", error,
+                                   float(np.clip(fill_missing, clip, 1.0 - clip)))
+                    predictions[patient_id] = float(np.clip(fill_missing, clip, 1.0 - clip))
+                    continue
                 probability = ensemble_probability(members)
                 if not math.isfinite(probability):
                     raise ModelError(
