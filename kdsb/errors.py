@@ -56,3 +56,10 @@ def one_line(text: object) -> str:
     """`text` (an error, a message) on one line: every run of whitespace, newlines included, as
     one space (the messages of decoders, HDF5 and Dask span lines)."""
     return " ".join(str(text).split())
+
+
+def first_line(error: BaseException | None) -> str:
+    """An error's first line, whitespace collapsed (its type's name when it says nothing):
+    Keras's and TensorFlow's messages run on for lines."""
+    text = str(error).splitlines()[0] if error is not None and str(error) else ""
+    return one_line(text) or type(error).__name__

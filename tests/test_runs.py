@@ -106,8 +106,8 @@ def test_a_damaged_checkpoint_is_passed_over_on_resume(tmp_path, caplog):
     newest.write_bytes(newest.read_bytes()[:1000])
     with caplog.at_level("WARNING"):
         resumed = _fit(tmp_path, 4, resume=True)
-    assert (f"{newest}: expected a model this run saved, received one that does not load"
-            in caplog.text) and "trying the checkpoint before it" in caplog.text
+    assert (f"{newest}: does not load (" in caplog.text
+            and "resuming from the checkpoint before it if that loads" in caplog.text)
     assert resumed.epoch == [2, 3]  # epochs 3 and 4, from epoch 2's checkpoint
     rows = runs.read_history(tmp_path / "history.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
@@ -116,7 +116,8 @@ def test_a_damaged_checkpoint_is_passed_over_on_resume(tmp_path, caplog):
     for _, path in runs.list_checkpoints(tmp_path):
         path.write_bytes(b"damaged")
     with pytest.raises(TrainingError, match=r"checkpoints: expected a checkpoint that loads, "
-                                            r"received only damaged ones"):
+                                            r"received none that does \(the last: .+\): "
+                                            r"restore them, or start afresh"):
         _fit(tmp_path, 5, resume=True)
 
 

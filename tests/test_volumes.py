@@ -149,8 +149,9 @@ def test_damaged_voxels_are_a_store_error(tmp_path):
 @pytest.mark.parametrize("kind", ["volume", "heatmap"])
 def test_every_damaged_header_byte_is_a_store_error_naming_the_file(tmp_path, kind):
     """Each of the first 1024 bytes (superblock, groups, object headers) flipped in turn: the
-    file reads or fails with a StoreError naming it (found in review: ~200 of these flips
-    escaped as h5py's KeyError, RuntimeError or AttributeError, a traceback naming no file)."""
+    file reads or fails with a StoreError naming it (found in review: flips of the header's
+    bytes escaped as h5py's KeyError, RuntimeError or AttributeError, a traceback naming no
+    file)."""
     from kdsb.io import heatmaps
 
     zeros = np.zeros((8, 8, 8))
@@ -172,6 +173,16 @@ def test_every_damaged_header_byte_is_a_store_error_naming_the_file(tmp_path, ki
             assert str(damaged) in str(error) and "\n" not in str(error)
             failed += 1
     assert failed > 100  # the scan does reach damage h5py notices
+
+
+def test_a_callers_own_error_in_the_block_is_not_taken_for_damage(tmp_path):
+    """Only h5py's KeyError/RuntimeError mean a damaged file (found in review: the caller's
+    own became "damaged data", and predict --fill-missing would have filled its patient)."""
+    zeros = np.zeros((4, 4, 4))
+    path = volumes.write_volume(tmp_path / "p.h5", zeros, zeros, (1, 1, 1), (0, 0, 0))
+    for error in (KeyError("mine"), RuntimeError("mine")):
+        with pytest.raises(type(error), match="mine"), volumes.open_volume(path):
+            raise error
 
 
 def test_hu_are_rounded_and_never_wrapped(tmp_path):

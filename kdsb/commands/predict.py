@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"expected --tta with --tta-count, received --tta-count "
                          f"{args.tta_count} alone")
     if args.fill_missing is not None and args.ids is None:
-        raise UsageError("expected --ids with --fill-missing: without it every volume is scored "
-                         "and none is missing")
+        raise UsageError("expected --ids with --fill-missing: a submission's ids say which "
+                         "patients must be named; without them every readable volume is scored")
     if args.ids is not None:
         require_file(args.ids, "--ids, a CSV with an id column")
     ids = read_ids(args.ids) if args.ids is not None else None

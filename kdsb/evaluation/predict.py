@@ -324,6 +324,7 @@ def predict_cohort(
                     logger.warning("%s: given %s without a model", error,
                                    float(np.clip(fill_missing, clip, 1.0 - clip)))
                     predictions[patient_id] = float(np.clip(fill_missing, clip, 1.0 - clip))
+                    del volumes[patient_id]  # filled, not scored (the spread check below)
                     continue
                 probability = ensemble_probability(members)
                 if not math.isfinite(probability):

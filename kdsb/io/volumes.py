@@ -214,8 +214,21 @@ def open_volume(path: str | os.PathLike) -> Iterator[h5py.File]:
         try:
             yield f
         except H5_DAMAGE_ERRORS as error:
+            if not (isinstance(error, OSError) or _raised_in_h5py(error)):
+                raise  # the caller's own KeyError or RuntimeError: not the file's damage
             raise StoreError(f"{path}: expected readable voxels, received damaged data "
                              f"({one_line(error)})") from error
+
+
+def _raised_in_h5py(error: BaseException) -> bool:
+    """Whether h5py raised `error` (a frame of its package on the traceback)."""
+    marker = f"{os.sep}h5py{os.sep}"
+    frame = error.__traceback__
+    while frame is not None:
+        if marker in frame.tb_frame.f_code.co_filename:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _check_format(path: Path, f: h5py.File) -> None:

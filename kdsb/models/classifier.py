@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from kdsb.errors import ModelError, WrongModelError
+from kdsb.errors import ModelError, WrongModelError, first_line
 from kdsb.models.gmcae import (
     ENCODER_BLOCKS,
     ENCODER_NAME,
@@ -136,10 +136,8 @@ def _load_keras_model(path: str | os.PathLike, what: str) -> keras.Model:
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # Keras raises many types for corrupt or foreign files.
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelError(
-            f"expected {what} saved as .keras, received {path!r}, which does not load: {reason}"
-        ) from error
+        raise ModelError(f"expected {what} saved as .keras, received {path!r}, which does not "
+                         f"load: {first_line(error)}") from error
 
 
 def load_gmcae(path: str | os.PathLike) -> keras.Model:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kdsb.errors import KdsbError, TrainingError
+from kdsb.errors import KdsbError, TrainingError, first_line
 from kdsb.io.atomic import read_json, write_json
 from kdsb.training.runs.callbacks import (
     best_so_far,
@@ -224,14 +224,21 @@ def _newest_loadable_checkpoint(run_dir: Path, strategy) -> tuple[int, Path, Any
     Raises:
         TrainingError: no checkpoint of the run loads.
     """
-    for epoch, path in reversed(list_checkpoints(run_dir)):
+    checkpoints = list_checkpoints(run_dir)
+    reason = ""
+    for number, (epoch, path) in enumerate(reversed(checkpoints)):
         try:
             with strategy.scope():
                 return epoch, path, load_saved_model(path, compile=True)
         except TrainingError as error:
-            logger.warning("%s; trying the checkpoint before it", error)
+            reason = first_line(error.__cause__)
+            older = number + 1 < len(checkpoints)
+            logger.warning("%s: does not load (%s)%s", path, reason,
+                           "; resuming from the checkpoint before it if that loads"
+                           if older else "")
     raise TrainingError(f"{run_dir / CHECKPOINT_DIR}: expected a checkpoint that loads, "
-                        "received only damaged ones: start afresh in a new folder")
+                        f"received none that does (the last: {reason}): restore them, or "
+                        "start afresh in a new folder")
 
 
 def _build_training_state(model, batch_spec) -> None:
@@ -268,8 +275,12 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
         # epochs would give another model than the uninterrupted run.
         logger.info("%s finished training: nothing to do", run_dir)
         history = keras.callbacks.History()
-        with strategy.scope():
-            history.set_model(load_saved_model(ended, compile=True))
+        if last is not None:
+            model = _newest_loadable_checkpoint(run_dir, strategy)[2]
+        else:
+            with strategy.scope():
+                model = load_saved_model(ended, compile=True)
+        history.set_model(model)
         history.on_train_begin()  # no epochs: `history.epoch` is empty
         return history
     if resume and last is None:

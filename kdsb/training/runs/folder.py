@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kdsb.errors import TrainingError, UsageError, one_line
+from kdsb.errors import TrainingError, UsageError, first_line
 from kdsb.io.atomic import atomic_path, remove_stale_temporaries, sole_writer
 
 logger = logging.getLogger(__name__)
@@ -142,10 +142,13 @@ def load_saved_model(path: str | os.PathLike, *, compile: bool) -> Any:
 
     try:
         return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except MemoryError:  # not the file's fault: the command's memory advice says what to do
+        raise
     except Exception as error:  # Keras raises many types for a damaged archive
-        reason = one_line(str(error).splitlines()[0] if str(error) else type(error).__name__)
         raise TrainingError(f"{path}: expected a model this run saved, received one that does "
-                            f"not load ({reason}): restore it, or start a new folder") from error
+                            f"not load ({first_line(error)}): restore it, or start a new "
+                            "folder") from error
+
 
 
 def remove_stale_files(run_dir: Path) -> None:
