@@ -14,9 +14,9 @@ their reason), at most `sheet.PAGE_TILES` per page, so a researcher can eyeball 
 minutes with ids that stay readable. Figures use matplotlib's object API with the Agg canvas (no
 pyplot, no display), imported only when an image is drawn.
 
-Speed: for a 300×300×300 volume at 1 mm (two lungs, crossing vessels, one nodule) the PNG and
-the thumbnail take 0.5 s together, 0.2 s of it the lesion search (best of 5 on a 2-core
-machine; 0.8 s median with the other core busy; the search: `lesion`).
+Speed: for a real chest CT at 1 mm (277×208×304, an implanted cancer; `benchmarks/qc_lesion.py`)
+the PNG and the thumbnail take 0.5 s together, 0.2 s of it the lesion search (best of 5 on a
+2-core AMD EPYC machine, 2026-12-05; the search: `lesion`).
 
 The parts: `overlays` (overlays and the three views), `lesion` (the lesion finder), `sheet` (the
 contact sheet).
