@@ -268,6 +268,8 @@ def predict_cohort(
 
     if fill_missing is not None and not 0.0 <= fill_missing <= 1.0:
         raise UsageError(f"expected --fill-missing in [0, 1], received {fill_missing}")
+    # The fill value as written: clipped as the scored probabilities are.
+    filled = None if fill_missing is None else float(np.clip(fill_missing, clip, 1.0 - clip))
     data_dir = Path(data_dir)
     order, volumes = resolve_ids(data_dir, ids, ids_source,
                                  allow_missing=fill_missing is not None,
@@ -276,8 +278,7 @@ def predict_cohort(
     if missing:
         logger.warning("%d of %d id(s) of %s have no volume in %s: given %s without a model (%s)",
                        len(missing), len(order), ids_source, data_dir,
-                       float(np.clip(fill_missing, clip, 1.0 - clip)),  # as written (clipped)
-                       summarise_ids(missing))
+                       filled, summarise_ids(missing))
     loaded, models = load_fingerprinted(model_paths)
     groups: dict[VolumeInput, list[Any]] = {}
     for volume_input, model in loaded:
@@ -287,7 +288,7 @@ def predict_cohort(
     if unreadable:  # found by a user's trial: one damaged file stopped a whole submission
         damaged = [i for i in order if volumes.get(i) in unreadable]
         logger.warning("%d volume file(s) cannot be read: given %s without a model (%s)",
-                       len(damaged), float(np.clip(fill_missing, clip, 1.0 - clip)),
+                       len(damaged), filled,
                        "; ".join(unreadable.values()))
         for patient_id in damaged:
             del volumes[patient_id]
@@ -302,7 +303,7 @@ def predict_cohort(
     with optional_journal(journal_path, fingerprint, "predict") as journal:
         for patient_id in tqdm(order, desc="predict", unit="patient", disable=None):
             if patient_id not in volumes:
-                predictions[patient_id] = float(np.clip(fill_missing, clip, 1.0 - clip))
+                predictions[patient_id] = filled
                 continue
             # Each group's symmetries are in the stamp too: a journal begun under another
             # rule for which turns keep a grid is not mixed in.
@@ -321,9 +322,8 @@ def predict_cohort(
                 except StoreError as error:  # voxels damaged under a readable header
                     if fill_missing is None:
                         raise
-                    logger.warning("%s: given %s without a model", error,
-                                   float(np.clip(fill_missing, clip, 1.0 - clip)))
-                    predictions[patient_id] = float(np.clip(fill_missing, clip, 1.0 - clip))
+                    logger.warning("%s: given %s without a model", error, filled)
+                    predictions[patient_id] = filled
                     del volumes[patient_id]  # filled, not scored (the spread check below)
                     continue
                 probability = ensemble_probability(members)

@@ -30,7 +30,6 @@ def heatmap_path(folder: str | os.PathLike, patient_id: str) -> Path:
 def holds_volume(path: str | os.PathLike) -> bool:
     """Whether `path` is an existing kdsb volume file (HU and lung mask), which a heatmap
     written there would replace."""
-
     try:
         with h5py.File(path, "r") as f:
             return all(name in f for name in REQUIRED_DATASETS)
