@@ -425,15 +425,28 @@ def test_ctrl_c_ends_the_run_at_once_and_resume_continues_every_epoch_once(data_
     epochs, steps = 3, 20
     argv = ["train-gmcae", str(data_dir), str(run_dir), *TINY, "--batch-size", "4",
             "--epochs", str(epochs), "--steps-per-epoch", str(steps)]
-    # The `kdsb` command, its patch reader slowed to a large volume's pace, so that readers are
-    # in flight when Ctrl-C comes.
-    slow_kdsb = ("import signal, sys, time\n"
+    # The `kdsb` command, its patch reader slowed to a large volume's pace and, once the first
+    # epoch's checkpoint is written, held while the file `gate` exists: readers are in flight
+    # when Ctrl-C comes, and the run cannot end before it, however late this test sees that
+    # checkpoint (a run once finished during the second below on a loaded machine: the Ctrl-C
+    # met a run that had succeeded, exit 0). The gate opens after Ctrl-C: TensorFlow's main
+    # thread, waiting for a batch in C++, takes the interrupt when the batch comes.
+    gate = tmp_path / "gate"
+    gate.touch()
+    slow_kdsb = ("import os, signal, sys, time\n"
                  # Ctrl-C as a terminal's command gets it (a suite started in the background of
                  # a shell without job control hands its children SIGINT ignored).
                  "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
                  "from kdsb.data import datasets\n"
+                 "from kdsb.training import runs\n"
                  "read = datasets.read_patches\n"
-                 "datasets.read_patches = lambda *a, **k: (time.sleep(0.1), read(*a, **k))[1]\n"
+                 "def slow_read(*args, **kwargs):\n"
+                 "    time.sleep(0.1)\n"
+                 f"    while (os.path.exists({str(gate)!r})\n"
+                 f"           and runs.last_checkpoint({str(run_dir)!r}) is not None):\n"
+                 "        time.sleep(0.05)\n"
+                 "    return read(*args, **kwargs)\n"
+                 "datasets.read_patches = slow_read\n"
                  "from kdsb.cli import entry\n"
                  "sys.argv[0] = 'kdsb'\n"
                  "entry()\n")
@@ -445,9 +458,10 @@ def test_ctrl_c_ends_the_run_at_once_and_resume_continues_every_epoch_once(data_
         while runs.last_checkpoint(run_dir) is None and process.poll() is None:
             assert time.monotonic() < deadline, "no epoch ended"
             time.sleep(0.05)
-        time.sleep(1)  # into the second epoch
+        time.sleep(1)  # into the second epoch, its readers stalled
         assert process.poll() is None, "training ended before Ctrl-C"
         os.killpg(process.pid, signal.SIGINT)
+        gate.unlink()
         _, err = process.communicate(timeout=20)
     finally:
         if process.poll() is None:
