@@ -15,12 +15,13 @@ import argparse
 import importlib
 import logging
 import os
-import signal
 import sys
 import traceback
 
+from kdsb import interrupts
 from kdsb._version import __version__
 from kdsb.errors import KdsbError, UsageError
+from kdsb.interrupts import EXIT_INTERRUPTED
 
 # Subcommand name → module under kdsb.commands, in the order of the pipeline.
 SUBCOMMANDS = {
@@ -36,7 +37,7 @@ SUBCOMMANDS = {
     "demo": "demo",
 }
 
-EXIT_OK, EXIT_DATA_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_DATA_ERROR, EXIT_USAGE = 0, 1, 2  # and EXIT_INTERRUPTED, 130
 RETRACING_MESSAGE = "triggered tf.function retracing"  # TensorFlow's warning, kept under -v
 # Libraries whose debug lines stay out of -v (Matplotlib's font search: hundreds of lines).
 QUIET_LIBRARIES = ("matplotlib", "PIL", "h5py", "urllib3", "asyncio")
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose and args.quiet:  # one before the command, the other after it
         parser.error("argument -q/--quiet: not allowed with argument -v/--verbose")
     _configure_logging(args.verbose, args.quiet)
+    interrupts.describe(f"kdsb {args.command}", args.resume_advice)
     datasets = sys.modules.get("kdsb.data.datasets")
     if datasets is not None:  # one process, several commands (tests, the demo)
         datasets.forget_pipeline_errors()
@@ -189,16 +191,6 @@ def _out_of_memory(error: BaseException) -> bool:
         cls.__name__ == "ResourceExhaustedError" for cls in type(error).__mro__)
 
 
-def interrupt_on_sigterm() -> None:
-    """Take SIGTERM (`timeout`, `kill`, `docker stop`, a Slurm job's end) as Ctrl-C: the
-    command stops as an interrupted run does (its workers stopped, its files whole or absent,
-    exit 130), not killed outright with its worker processes left writing (found in review)."""
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
-
-
 def entry(argv: list[str] | None = None) -> None:
     """The `kdsb` console command: `main(argv)`, then exit with its status.
 
@@ -208,9 +200,10 @@ def entry(argv: list[str] | None = None) -> None:
     such a run hung after printing its message (Ctrl-C in `train-gmcae`). Every file kdsb writes
     is whole or absent by then (atomic writes; Keras's TensorBoard writer flushes each epoch's
     events as it ends: a `train-gmcae` interrupted in epoch 2 keeps epoch 1's), so the clean-up
-    has nothing of ours to do.
+    has nothing of ours to do. Ctrl-C and SIGTERM are taken as `kdsb.interrupts` says.
     """
-    interrupt_on_sigterm()
+    interrupts.interrupt_on_sigterm()
+    interrupts.stop_at_second_ctrl_c()
     try:
         code = main(argv)
     except SystemExit as done:  # argparse: --help, or a usage error it has printed

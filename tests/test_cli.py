@@ -427,3 +427,86 @@ def test_verbosity_flags_work_after_the_command_too(capsys):
         main(["-v", "evaluate", "p.csv", "l.csv", "-q"])
     assert exit_info.value.code == 2
     assert "not allowed with argument -v/--verbose" in capsys.readouterr().err
+
+
+# A command whose main thread is deep in a C call that neither checks for signals nor returns for
+# minutes (as TensorFlow's training step or wait for a batch does), the GIL released.
+STUCK_IN_C = """
+import hashlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's command gets it
+from kdsb import interrupts
+interrupts.interrupt_on_sigterm()
+assert interrupts.stop_at_second_ctrl_c()
+interrupts.describe("kdsb test", "what it wrote is whole: rerun the same command")
+print("ready", flush=True)
+try:
+    if sys.argv[1] == "c":
+        hashlib.pbkdf2_hmac("sha256", b"key", b"salt", 10**9)
+    while True:
+        time.sleep(0.01)
+except KeyboardInterrupt:
+    print("taken", flush=True)
+    try:
+        time.sleep(5)  # stopping: its clean-up
+    except KeyboardInterrupt:
+        print("taken again", flush=True)
+        sys.exit(7)
+"""
+
+
+def _interrupted(where: str, pause_s: float) -> tuple[int, str, str, bool]:
+    """Run STUCK_IN_C (`where`: "c" or "python"), Ctrl-C, wait `pause_s`, Ctrl-C again: its
+    exit status, stdout, stderr, and whether it was still running before the second."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", STUCK_IN_C, where], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert process.stdout.readline() == "ready\n"
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        time.sleep(pause_s)
+        running = process.poll() is None
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, "ready\n" + out, err, running
+
+
+def test_a_second_ctrl_c_stops_a_command_stuck_in_a_long_computation_at_once():
+    """Ctrl-C waits for the main thread to run Python again (found while mending a flaky
+    test: a training run whose reader stalled never took it); the second one stops the
+    process at once, exit 130, saying so and how to go on."""
+    code, out, err, running = _interrupted("c", pause_s=1.0)
+    assert running, "the first Ctrl-C should wait for the computation"
+    assert code == 130
+    assert "taken" not in out
+    assert err.strip().splitlines()[-1] == (
+        "kdsb test: interrupted again before it could stop: stopped at once; what it wrote is "
+        "whole: rerun the same command")
+
+
+def test_a_second_ctrl_c_after_the_first_was_taken_is_pythons():
+    """A command already stopping (its clean-up under way) gets the second Ctrl-C as a
+    KeyboardInterrupt, as before: no forced stop."""
+    code, out, err, _ = _interrupted("python", pause_s=0.5)
+    assert code == 7
+    assert out.splitlines() == ["ready", "taken", "taken again"]
+    assert "stopped at once" not in err
+
+
+def test_ctrl_c_ignored_by_the_shell_stays_ignored():
+    """A job started in the background of a shell without job control has Ctrl-C ignored:
+    kdsb leaves it so (no handler of its own)."""
+    script = ("import signal\n"
+              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+              "from kdsb import interrupts\n"
+              "print(interrupts.stop_at_second_ctrl_c(), "
+              "signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["False", "True"]

@@ -695,7 +695,7 @@ import signal, sys
 # Ctrl-C as a terminal's command gets it: a suite started in the background of a shell without
 # job control hands its children SIGINT ignored.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from kdsb.cli import interrupt_on_sigterm
+from kdsb.interrupts import interrupt_on_sigterm
 interrupt_on_sigterm()  # as the kdsb command does
 from kdsb.preprocessing.workers import run_tasks
 from tests.test_cohort import _mark_then_sleep

@@ -415,23 +415,12 @@ def test_mirrored_strategy_on_two_logical_cpus(data_dir, tmp_path):
     assert (run_dir / "gmcae.keras").is_file()
 
 
-@pytest.mark.slow
-def test_ctrl_c_ends_the_run_at_once_and_resume_continues_every_epoch_once(data_dir, tmp_path):
-    """Ctrl-C in the middle of an epoch (SIGINT to the process group): exit 130 at once (found
-    by a user's check: the process printed "interrupted" and hung at exit, a tf.data iterator's
-    destructor waiting for its Python readers, which waited for the exiting thread's lock);
-    --resume then trains the epochs left, each once, the optimizer state carried on."""
-    run_dir = tmp_path / "run"
-    epochs, steps = 3, 20
-    argv = ["train-gmcae", str(data_dir), str(run_dir), *TINY, "--batch-size", "4",
-            "--epochs", str(epochs), "--steps-per-epoch", str(steps)]
-    # The `kdsb` command, its patch reader slowed to a large volume's pace and, once the first
-    # epoch's checkpoint is written, held while the file `gate` exists: readers are in flight
-    # when Ctrl-C comes, and the run cannot end before it, however late this test sees that
-    # checkpoint (a run once finished during the second below on a loaded machine: the Ctrl-C
-    # met a run that had succeeded, exit 0). The gate opens after Ctrl-C: TensorFlow's main
-    # thread, waiting for a batch in C++, takes the interrupt when the batch comes.
-    gate = tmp_path / "gate"
+def _gated_run(argv: list[str], run_dir: Path, gate: Path) -> subprocess.Popen:
+    """The `kdsb` command, its patch reader slowed to a large volume's pace and, once the first
+    epoch's checkpoint is written, held while the file `gate` exists, started and waited for
+    until that checkpoint is written and a second has passed: readers are in flight and the run
+    cannot end, however late this test saw that checkpoint (a run once finished during that
+    second on a loaded machine: the Ctrl-C met a run that had succeeded, exit 0)."""
     gate.touch()
     slow_kdsb = ("import os, signal, sys, time\n"
                  # Ctrl-C as a terminal's command gets it (a suite started in the background of
@@ -453,20 +442,41 @@ def test_ctrl_c_ends_the_run_at_once_and_resume_continues_every_epoch_once(data_
     process = subprocess.Popen([sys.executable, "-c", slow_kdsb, *argv], env=_subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    while runs.last_checkpoint(run_dir) is None and process.poll() is None:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    time.sleep(1)  # into the second epoch, its readers held
+    return process
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_run_at_once_and_resume_continues_every_epoch_once(data_dir, tmp_path):
+    """Ctrl-C in the middle of an epoch (SIGINT to the process group): exit 130 at once (found
+    by a user's check: the process printed "interrupted" and hung at exit, a tf.data iterator's
+    destructor waiting for its Python readers, which waited for the exiting thread's lock);
+    --resume then trains the epochs left, each once, the optimizer state carried on."""
+    run_dir, gate = tmp_path / "run", tmp_path / "gate"
+    epochs, steps = 3, 20
+    argv = ["train-gmcae", str(data_dir), str(run_dir), *TINY, "--batch-size", "4",
+            "--epochs", str(epochs), "--steps-per-epoch", str(steps)]
+    process = _gated_run(argv, run_dir, gate)
     try:
-        deadline = time.monotonic() + KILL_TIMEOUT_S
-        while runs.last_checkpoint(run_dir) is None and process.poll() is None:
-            assert time.monotonic() < deadline, "no epoch ended"
-            time.sleep(0.05)
-        time.sleep(1)  # into the second epoch, its readers stalled
         assert process.poll() is None, "training ended before Ctrl-C"
         os.killpg(process.pid, signal.SIGINT)
+        # The gate opens after Ctrl-C: TensorFlow's main thread, waiting for a batch in C++,
+        # takes the interrupt when the batch comes.
         gate.unlink()
         _, err = process.communicate(timeout=20)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        _stop(process)
     assert process.returncode == 130
     assert err.strip().splitlines()[-1] == (
         "kdsb train-gmcae: interrupted; what it wrote is whole: rerun it with --resume to go "
@@ -479,6 +489,30 @@ def test_ctrl_c_ends_the_run_at_once_and_resume_continues_every_epoch_once(data_
     resumed = keras.saving.load_model(runs.checkpoint_path(run_dir, epochs), safe_mode=True)
     assert int(resumed.optimizer.iterations) == epochs * steps
     keras.saving.load_model(run_dir / "gmcae.keras", safe_mode=True)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_a_run_whose_batch_never_comes(data_dir, tmp_path):
+    """A reader stuck (a network disk): TensorFlow's main thread waits for its batch and never
+    takes Ctrl-C; the second stops the run at once (`kdsb.interrupts`), its checkpoint whole."""
+    run_dir, gate = tmp_path / "run", tmp_path / "gate"
+    argv = ["train-gmcae", str(data_dir), str(run_dir), *TINY, "--batch-size", "4",
+            "--epochs", "3", "--steps-per-epoch", "20"]
+    process = _gated_run(argv, run_dir, gate)
+    try:
+        assert process.poll() is None, "training ended before Ctrl-C"
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(1)
+        assert process.poll() is None, "the first Ctrl-C should wait for the batch"
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        _stop(process)
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == (
+        "kdsb train-gmcae: interrupted again before it could stop: stopped at once; what it "
+        "wrote is whole: rerun it with --resume to go on where it stopped")
+    keras.saving.load_model(runs.last_checkpoint(run_dir)[1], safe_mode=True)
 
 
 @pytest.mark.slow
