@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 
 EXIT_INTERRUPTED = 130
@@ -91,9 +90,12 @@ def _watch(read_end: int) -> None:
 
 
 def _stop_now() -> None:
-    """Say so and leave without the interpreter's clean-up (it would wait for the main thread)."""
+    """Say so and leave without the interpreter's clean-up (it would wait for the main thread).
+    The line goes straight to file descriptor 2: the stuck main thread may hold the lock of
+    Python's `sys.stderr` (a write blocked on a full pipe)."""
     try:
-        sys.stdout.flush()
-        print(_message, file=sys.stderr, flush=True)
+        os.write(2, f"{_message}\n".encode(errors="replace"))
+    except OSError:
+        pass
     finally:
         os._exit(EXIT_INTERRUPTED)
