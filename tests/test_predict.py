@@ -491,6 +491,14 @@ def test_damaged_volumes_get_the_fill_value_when_asked(cohort, tmp_path, caplog,
     assert predicted["cut"] == 0.3 and predicted["chunks"] == 0.3 and predicted["a"] != 0.3
     assert "1 volume file(s) cannot be read: given 0.3 without a model" in caplog.text
     assert f"{mine / 'chunks.h5'}: expected readable voxels" in caplog.text
+    # Without --ids every volume is scored, the damaged ones filled (found by a user's trial:
+    # --fill-missing was refused without --ids, and one damaged file stopped the run).
+    every = tmp_path / "every.csv"
+    assert main(["predict", str(mine), str(models[0]), "--out", str(every), "--fill-missing",
+                 "0.3"]) == 0
+    scored = read_predictions(every)
+    assert set(scored) > set(predicted)  # the cohort's other volumes too
+    assert {i: scored[i] for i in predicted} == predicted  # cut and chunks filled with 0.3
 
 
 @pytest.mark.slow
@@ -516,7 +524,4 @@ def test_ids_without_a_volume_get_the_fill_value_when_asked(cohort, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="kdsb.evaluation.predict"):
         assert main([*argv, "--fill-missing", "0"]) == 0
     assert read_predictions(out)["zz"] == 0.005 and "given 0.005 without a model" in caplog.text
-    assert main(["predict", str(data), str(models[0]), "--out", str(out), "--fill-missing",
-                 "0.3"]) == 2
-    assert "expected --ids with --fill-missing" in capsys.readouterr().err
     assert main([*argv, "--fill-missing", "1.5"]) == 2

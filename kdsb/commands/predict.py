@@ -31,10 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="clip probabilities to [CLIP, 1 - CLIP] (default: "
                              f"{PROBABILITY_CLIP:g})")
     parser.add_argument("--fill-missing", type=float, default=None, metavar="P",
-                        help="with --ids: give ids without a volume (a scan that failed "
-                             "preprocessing) or with a damaged one probability P, each named "
-                             "in a warning, instead of failing (e.g. the training cohort's "
-                             "cancer rate)")
+                        help="give a volume file that cannot be read (damaged), and with "
+                             "--ids an id without a volume (a scan that failed preprocessing), "
+                             "probability P, each named in a warning, instead of failing (e.g. "
+                             "the training cohort's cancer rate)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,9 +48,6 @@ def run(args: argparse.Namespace) -> int:
     if args.tta_count is not None and not args.tta:
         raise UsageError(f"expected --tta with --tta-count, received --tta-count "
                          f"{args.tta_count} alone")
-    if args.fill_missing is not None and args.ids is None:
-        raise UsageError("expected --ids with --fill-missing: a submission's ids say which "
-                         "patients must be named; without them every readable volume is scored")
     if args.ids is not None:
         require_file(args.ids, "--ids, a CSV with an id column")
     ids = read_ids(args.ids) if args.ids is not None else None

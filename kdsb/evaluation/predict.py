@@ -229,10 +229,10 @@ def predict_cohort(
             `OUT_CSV.partial` (`kdsb.io.journal`): a killed run, run again with the same
             models, options and volumes, scores only the patients it had not finished. The
             journal is removed once the CSV is written.
-        fill_missing: with `ids`, the probability (clipped as the others) given to ids without
-            a volume (a scan that failed preprocessing, in a submission that must name every
-            patient) or whose volume file cannot be read (damaged), each named in a warning;
-            None: such ids are an error.
+        fill_missing: the probability (clipped as the others) given to patients whose volume
+            file cannot be read (damaged) and to ids of `ids` without a volume (a scan that
+            failed preprocessing, in a submission that must name every patient), each named in
+            a warning; None: such patients are an error.
 
     Returns:
         Patient id → probability, in output order.
