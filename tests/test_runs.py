@@ -238,16 +238,20 @@ def test_early_stopping_goes_on_from_the_history_when_resumed(tmp_path, patience
                         "patience": patience}
 
 
-def test_a_finished_run_whose_checkpoints_were_deleted_stays_finished(tmp_path):
+def test_a_finished_run_whose_checkpoints_were_deleted_stays_finished(tmp_path, caplog):
     """Found in review: with its checkpoints deleted to save space, a finished run resumed
-    started afresh and overwrote its best model."""
+    started afresh and overwrote its best model. It says it trains nothing (found by a user's
+    trial: a resumed finished run looked as if it had trained again)."""
+    import logging
     import shutil
 
     runs.configure_runtime(seed=0)
     _fit(tmp_path, 2, best_name="best.keras")
     shutil.rmtree(tmp_path / "checkpoints")
     stamp = (tmp_path / "best.keras").stat().st_mtime_ns
-    resumed = _fit(tmp_path, 2, resume=True, best_name="best.keras")
+    with caplog.at_level(logging.INFO, logger="kdsb.training.runs.fitting"):
+        resumed = _fit(tmp_path, 2, resume=True, best_name="best.keras")
+    assert f"{tmp_path} had finished training (finished.json): nothing to train" in caplog.text
     assert resumed.epoch == []
     best = keras.saving.load_model(tmp_path / "best.keras", compile=False)
     for mine, saved in zip(resumed.model.weights, best.weights, strict=True):

@@ -854,8 +854,12 @@ def test_when_every_attempt_is_stuck_the_least_stuck_is_kept(cohort, tmp_path, m
     # A settled fold resumes without training: its kept model and seeds stand.
     (fold / "fold.json").unlink()
     monkeypatch.setattr(mil, "train_mil", lambda *args, **kwargs: pytest.fail("trained"))
-    again = classifier_training.train_classifier(data, labels, tmp_path / "run", options,
-                                                 resume=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kdsb.training.model_fitting"):
+        again = classifier_training.train_classifier(data, labels, tmp_path / "run", options,
+                                                     resume=True)
+    assert (f"{fold} had finished training (every attempt stuck, the least stuck kept: "
+            "restarts.json): nothing to train") in caplog.text
     assert again["collapsed_seeds"] == result["collapsed_seeds"]
     assert json.loads((fold / "fold.json").read_text())["predictions"] == pytest.approx(held_out)
 

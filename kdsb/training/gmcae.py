@@ -362,7 +362,8 @@ def _train_held(data_dir: Path, run_dir: Path, options: GmcaeOptions, start_epoc
             and runs.finished_training(run_dir, options.epochs, options.patience)):
         # Its records stay as they are: measured again on a DATA_DIR given anew, the summary
         # would weigh the model and its baseline on other patients.
-        logger.info("%s finished training: nothing to do", run_dir)
+        logger.info("%s had finished training (%s): nothing to train", run_dir,
+                    runs.FINISHED_NAME)
         return read_json(summary_path) if worker.chief else None
     volumes, spacing = _volume_paths(Path(data_dir))
     train_ids, val_ids = split_patients(

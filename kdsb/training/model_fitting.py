@@ -86,6 +86,9 @@ def fit_model(model_dir: Path, train_ids: list[str], val_ids: list[str],
     restarts_path = model_dir / attempts.RESTARTS_NAME
     records = read_json(restarts_path) if restarts_path.is_file() else []
     if attempts.kept_index(records) is not None:  # settled before a kill or a --resume
+        logger.info("%s had finished training (every attempt stuck, the least stuck kept: %s): "
+                    "nothing to train; its scores are computed again", model_dir,
+                    attempts.RESTARTS_NAME)
         return _kept_attempt(model_dir, records, models)
     y_val = [ctx.cohort[i][1] for i in val_ids]
     while True:

@@ -273,7 +273,7 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
             and finished_training(run_dir, epochs, early_stopping_patience)):
         # Resumed after it ended (killed while its results were written): training more
         # epochs would give another model than the uninterrupted run.
-        logger.info("%s finished training: nothing to do", run_dir)
+        logger.info("%s had finished training (%s): nothing to train", run_dir, FINISHED_NAME)
         history = keras.callbacks.History()
         if last is not None:
             model = _newest_loadable_checkpoint(run_dir, strategy)[2]
