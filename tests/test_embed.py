@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 
 import numpy as np
 import pytest
@@ -81,11 +82,22 @@ def test_odd_patients_rank_first_and_every_file_is_written(cohort, tmp_path):
     assert (out / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_gmcae_that_is_not_one_is_a_clear_error(cohort, tmp_path, capsys):
+def test_a_gmcae_that_is_not_one_is_a_clear_error(cohort, tmp_path, capsys, caplog):
+    import keras
+
     bad = tmp_path / "not.keras"
     bad.write_text("not a model")
     assert main(["embed", str(cohort / "data"), str(bad), str(tmp_path / "out")]) == 1
     assert "expected a kdsb GMCAE saved as .keras" in capsys.readouterr().err
+    # A model of another kind (a classifier) is refused alone, exit 2 (found by a user's trial:
+    # a warning of no gmcae.json beside it came first, as if the run went on).
+    other = tmp_path / "other" / "classifier.keras"
+    other.parent.mkdir()
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]).save(other)
+    with caplog.at_level(logging.WARNING):
+        assert main(["embed", str(cohort / "data"), str(other), str(tmp_path / "out")]) == 2
+    assert "expected a kdsb GMCAE, received" in capsys.readouterr().err
+    assert "gmcae.json" not in caplog.text
     assert main(["embed", str(cohort / "data"), str(cohort / "gmcae.keras"),
                  str(tmp_path / "out"), "--patches", "0"]) == 2
     assert "expected --patches >= 1, received 0" in capsys.readouterr().err

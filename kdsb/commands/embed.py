@@ -57,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"expected --top at most --patches ({args.patches}), received "
                          f"{args.top}: a patient's score is the mean NLL of its --top most "
                          "unusual patches")
-    spacing_mm = gmcae_spacing_of(args.gmcae)
+    # Loaded first: a model of another kind is refused before its records are looked for
+    # (found by a user's trial: a warning of no gmcae.json beside a classifier came first).
     gmcae, (digest,) = loaded_with_digests([args.gmcae], lambda: load_gmcae(args.gmcae))
+    spacing_mm = gmcae_spacing_of(args.gmcae)
     fingerprint = {"command": "embed", "gmcae": digest, "spacing_mm": spacing_mm,
                    "patches": args.patches, "top": args.top}
     # A killed run's patients are taken from its journal (kdsb.io.journal).
