@@ -135,9 +135,10 @@ def test_cli_writes_a_cohort_and_rejects_bad_options(tmp_path, capsys, caplog):
     # refused --validation ids that were another cohort's patients of the same names).
     held_out = tmp_path / "held_out"
     assert main(["synth", str(held_out), "--patients", "2", "--seed", "5", "--size", "40",
-                 "--scale", "0.5", "--id-prefix", "test"]) == 0
-    assert sorted(p.name for p in (held_out / "dicom").iterdir()) == ["test_000", "test_001"]
-    assert (held_out / "labels.csv").read_text().splitlines()[1].startswith("test_00")
+                 "--scale", "0.5", "--id-prefix", "test_2"]) == 0
+    # An underscore too, as its own ids have (found by a user's trial: "my_cohort" refused).
+    assert sorted(p.name for p in (held_out / "dicom").iterdir()) == ["test_2_000", "test_2_001"]
+    assert (held_out / "labels.csv").read_text().splitlines()[1].startswith("test_2_00")
     assert main(["synth", str(tmp_path / "x"), "--id-prefix", "a/b"]) == 2
     assert "expected --id-prefix of letters, digits" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "x"), "--size", "8"]) == 2

@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{RADIUS_MM[1]:g} mm (default {RADIUS_MM[0]:g} {RADIUS_MM[1]:g})")
     parser.add_argument("--id-prefix", default=None, metavar="PREFIX",
                         help="patient ids PREFIX_000, PREFIX_001, … (default phantom, or implant "
-                             "with --base): another prefix keeps a held-out cohort's ids apart "
-                             "from a training cohort's")
+                             "with --base; letters, digits, '.', '_' and '-'): another prefix "
+                             "keeps a held-out cohort's ids apart from a training cohort's")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cohort")
 
 

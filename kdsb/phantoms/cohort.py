@@ -42,7 +42,7 @@ from kdsb.phantoms.nodules import Nodule
 logger = logging.getLogger(__name__)
 
 PATIENT_PREFIX = "phantom"  # ids <prefix>_000, <prefix>_001, … (synth --id-prefix)
-ID_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+ID_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 UNFINISHED_MARKER = ".kdsb-synth-unfinished"  # in OUT_ROOT while synth writes a cohort
 
 # How each patient's series is stored: (storage, intercept) pairs and slopes.
@@ -61,8 +61,8 @@ def patient_id(index: int, prefix: str = PATIENT_PREFIX) -> str:
 def check_id_prefix(prefix: str) -> None:
     """Raise UsageError for an id prefix that would not make file-name-safe ids."""
     if not ID_PREFIX_PATTERN.fullmatch(prefix):
-        raise UsageError(f"expected --id-prefix of letters, digits, '.' and '-' (starting with "
-                         f"a letter or digit), received {prefix!r}")
+        raise UsageError(f"expected --id-prefix of letters, digits, '.', '_' and '-' "
+                         f"(starting with a letter or digit), received {prefix!r}")
 
 
 def padding_raw(storage: str, slope: float, intercept: float) -> int:
