@@ -428,6 +428,32 @@ def test_resolve_options_afresh_and_on_resume(tmp_path):
                              data_dir=tmp_path)
 
 
+@pytest.mark.parametrize("key, saved, given, expected", [
+    ("allow_unlabelled", False, True, "expected no --allow-unlabelled as saved in"),
+    ("augment", True, False, "expected no --no-augment as saved in"),
+    ("augment", False, True, "expected --no-augment as saved in"),
+    ("mask_outside_lungs", True, False, "expected --mask-outside-lungs as saved in"),
+])
+def test_a_refused_on_off_option_is_said_as_its_flag(tmp_path, key, saved, given, expected):
+    """Found by a user's trial: "expected --allow-unlabelled False as saved …, received True"."""
+    from kdsb.training.classifier_options import ClassifierOptions
+
+    gmcae, run_dir = tmp_path / "g.keras", tmp_path / "run"
+    gmcae.touch()
+    run_dir.mkdir()
+    _saved_run(run_dir, ClassifierOptions(gmcae=str(gmcae), **{key: saved}))
+    with pytest.raises(UsageError) as raised:
+        runs.resolve_options(ClassifierOptions, {key: given}, run_dir, resume=True,
+                             data_dir=run_dir)
+    message = str(raised.value)
+    assert message.startswith(expected)
+    assert "True" not in message and "False" not in message
+    flag = {"allow_unlabelled": "--allow-unlabelled", "augment": "--no-augment",
+            "mask_outside_lungs": "--no-mask-outside-lungs"}[key]
+    received = flag if key != "augment" or not given else f"no {flag}"
+    assert f"when resuming, received {received}; only" in message
+
+
 def test_a_run_whose_predictions_stay_flat_is_given_up(tmp_path):
     """give_up_below: a model whose first kernel is frozen at zero answers every input alike
     (validation spread 0, `kdsb.models.spread`) and stops after `patience` epochs although its

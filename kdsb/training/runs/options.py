@@ -179,6 +179,15 @@ def given_options(args: argparse.Namespace, options: type[RunOptions]) -> dict[s
             if hasattr(args, f.name)}
 
 
+def _switch(field: dataclasses.Field, value: bool) -> str:
+    """How the command line gives an on/off option `value`: its flag, or "no FLAG" (found by a
+    user's trial: a refused resume said "expected --allow-unlabelled False")."""
+    flag, action = flag_of(field), field.metadata.get("action")
+    if action is argparse.BooleanOptionalAction:
+        return flag if value else f"--no-{flag[2:]}"
+    return flag if value == (action == "store_true") else f"no {flag}"
+
+
 def _same(field: dataclasses.Field, old: Any, new: Any) -> bool:
     if field.metadata.get("path"):
         return os.path.realpath(str(old)) == os.path.realpath(str(new))
@@ -252,9 +261,13 @@ def resolve_options(
     for key in given:
         old, new = getattr(saved, key), getattr(resolved, key)
         if key not in RESUMABLE_CHANGES and not _same(fields[key], old, new):
+            if isinstance(old, bool):  # an on/off flag: its spelling, not Python's True/False
+                saved_text, given_text = _switch(fields[key], old), _switch(fields[key], new)
+            else:
+                saved_text, given_text = f"{flag_of(fields[key])} {old}", str(new)
             raise UsageError(
-                f"expected {flag_of(fields[key])} {old} as saved in {path} when resuming, "
-                f"received {new}; only {resumable_flags(options)} may change"
+                f"expected {saved_text} as saved in {path} when resuming, "
+                f"received {given_text}; only {resumable_flags(options)} may change"
             )
     data_dir = str(Path(data_dir).resolve())
     if stored.get("data_dir", data_dir) != data_dir:
