@@ -101,6 +101,23 @@ def test_train_gmcae_writes_model_plots_and_beats_single_gaussian(trained_run):
     assert config["run_kind"] == "GMCAE" and not (run_dir / runs.RUN_LOCK_NAME).exists()
 
 
+@pytest.mark.parametrize("gmcae_nll, warned", [(1.13, True), (0.5, False)])
+def test_a_gmcae_worse_than_a_single_gaussian_is_warned_of(data_dir, monkeypatch, tmp_path,
+                                                           caplog, gmcae_nll, warned):
+    """Found by a user's trial: a GMCAE that modelled its validation patches worse than the
+    single Gaussian beside it went by unremarked."""
+    import logging
+
+    from kdsb.training import gmcae as gmcae_training
+
+    summary = {"best_val_nll_per_voxel": gmcae_nll, "best_epoch": 1,
+               "final_val_nll_per_voxel": gmcae_nll, "single_gaussian_val_nll_per_voxel": 0.99}
+    monkeypatch.setattr(gmcae_training, "train_gmcae", lambda *args, **kwargs: summary)
+    with caplog.at_level(logging.WARNING):
+        assert main(["train-gmcae", str(data_dir), str(tmp_path / "run")]) == 0
+    assert ("models the validation patches worse than a single Gaussian" in caplog.text) is warned
+
+
 @pytest.mark.slow
 def test_a_finished_run_resumed_on_other_data_keeps_its_records(trained_run, data_dir,
                                                                 tmp_path):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from kdsb.training.gmcae import GmcaeOptions
 from kdsb.training.runs import add_options, given_options, resumable_flags
 
 HELP = "train the GMCAE on 3D lung patches (unsupervised, Gaussian mixture NLL)"
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,4 +44,9 @@ def run(args: argparse.Namespace) -> int:
         f"single Gaussian {summary['single_gaussian_val_nll_per_voxel']:.4f}"
     )
     print(f"model: {args.run_dir / MODEL_NAME}")
+    if summary["best_val_nll_per_voxel"] > summary["single_gaussian_val_nll_per_voxel"]:
+        # Found by a user's trial: a model worse than the baseline went by unremarked.
+        logger.warning("the GMCAE models the validation patches worse than a single Gaussian "
+                       "fitted to them (it has not learned yet): train it longer (--epochs, "
+                       "--steps-per-epoch) before using its features")
     return 0
