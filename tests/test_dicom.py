@@ -278,7 +278,18 @@ def test_two_series_of_the_same_slices_are_a_warning(tmp_path, hu, caplog):
     with caplog.at_level(logging.WARNING, logger="kdsb.io.dicom"):
         assert read_series(tmp_path).series_uid == uids[0]
     assert (f"series {uids[0]} and {uids[1]} cover the same {hu.shape[0]} slice positions; kept "
-            f"{uids[0]}") in caplog.text
+            f"{uids[0]} (the smallest SeriesInstanceUID)") in caplog.text
+    # One series without a UID comes first, and is said to (found by a user's trial: "kept the
+    # one without a SeriesInstanceUID (the smallest SeriesInstanceUID)").
+    for path in second:
+        dataset = pydicom.dcmread(path)
+        del dataset.SeriesInstanceUID
+        dataset.save_as(path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdsb.io.dicom"):
+        read_series(tmp_path)
+    assert ("kept the one without a SeriesInstanceUID (a series without one comes first)"
+            in caplog.text), caplog.text
 
 
 def test_duplicate_slice_kept_once_with_warning(tmp_path, hu, caplog):

@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "       DATA_DIR MODEL.keras [MORE.keras ...] OUT_DIR")
     parser.add_argument("data_dir", type=Path, help="folder of <id>.h5 volumes")
     parser.add_argument("models", type=Path, nargs="+", metavar="MODEL.keras",
-                        help="trained classifier(s) or run folders (every fold model), then "
-                             "OUT_DIR; an ensemble's maps are averaged")
+                        help="trained classifier(s) or run folders (every fold model; an "
+                             "ensemble's maps are averaged); the last path given is OUT_DIR, "
+                             "the folder for the heatmaps and peaks.csv")
     parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                         help="Grad-CAM on the encoder's last convolution, or occlusion "
                              "sensitivity (one forward pass per cube position: slow)")

@@ -101,9 +101,10 @@ class GmcaeOptions(RunOptions):
         "lung", "where patches come from: lung voxels or a blind grid", choices=SAMPLINGS
     )
     decoder: str = option(
-        DEFAULT_DECODER, "decoder: nearest-neighbour upsampling + Conv3D (no checkerboard, "
-        "lower NLL in benchmarks/gmcae_likelihood.py), or the published stride-2 "
-        "Conv3DTranspose (a run saved without this option used it)", choices=DECODERS,
+        DEFAULT_DECODER, "decoder: upsample (nearest-neighbour upsampling + Conv3D: no "
+        "checkerboard, lower NLL in benchmarks/gmcae_likelihood.py) or transpose (the "
+        "published stride-2 Conv3DTranspose, which runs saved before this option existed "
+        "have, and resume with)", choices=DECODERS,
     )
     clipnorm: float = option(
         1.0, "clip each variable's gradient to this L2 norm, separately (Keras clipnorm, not a "

@@ -63,12 +63,15 @@ def choose_series(patient: str, headers: list[Header]) -> list[Header]:
     positions = n_positions(chosen)
     tied = [other_uid for other_uid, other in ranked[1:] if n_positions(other) == positions]
     if tied:  # two reconstructions of one scan (two kernels?): the choice is arbitrary
+        # (A series without a UID sorts first: found by a user's trial, the reason read "the
+        # one without a SeriesInstanceUID (the smallest SeriesInstanceUID)".)
         logger.warning(
-            "patient %s: series %s and %s cover the same %d slice positions; kept %s (the "
-            "smallest SeriesInstanceUID): give the patient one series to choose the other",
+            "patient %s: series %s and %s cover the same %d slice positions; kept %s (%s): "
+            "give the patient one series to choose the other",
             patient, uid or "without a SeriesInstanceUID",
             ", ".join(t or "without a SeriesInstanceUID" for t in tied), positions,
             uid or "the one without a SeriesInstanceUID",
+            "the smallest SeriesInstanceUID" if uid else "a series without one comes first",
         )
     for other_uid, other in ranked[1:]:
         logger.info(
