@@ -109,7 +109,21 @@ def test_an_earlier_heatmap_of_another_grid_and_killed_temporaries_are_removed(t
         caplog.text
 
 
-@pytest.mark.parametrize("problem", ["missing id", "unreadable heatmap", "other grid"])
+def test_an_id_without_a_volume_is_refused_before_anything_is_written(tmp_path, capsys):
+    """As explain and predict refuse it (found by a user's trial: export failed that patient
+    alone while explain refused the run)."""
+    _volume(tmp_path, "p1")
+    (tmp_path / "ids.csv").write_text("id\np1\np9\n")
+    code = main(["export", str(tmp_path / "data"), str(tmp_path / "out"),
+                 "--ids", str(tmp_path / "ids.csv")])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (
+        f"kdsb export: error: {tmp_path / 'ids.csv'}: expected a volume in "
+        f"{tmp_path / 'data'} for every id, received 1 of 2 without one: p9")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("problem", ["unreadable heatmap", "other grid"])
 def test_a_bad_patient_fails_alone_with_a_one_line_reason(tmp_path, capsys, problem):
     _volume(tmp_path, "p1")
     _volume(tmp_path, "p2")
@@ -118,18 +132,15 @@ def test_a_bad_patient_fails_alone_with_a_one_line_reason(tmp_path, capsys, prob
     if problem == "unreadable heatmap":
         heatmap_path(tmp_path / "heat", "p2").write_bytes(b"not HDF5")
     else:
-        grid = ORIGIN if problem == "missing id" else (0.0, 0.0, 0.0)
-        write_heatmap(heatmap_path(tmp_path / "heat", "p2"), heat, SPACING, grid)
-    ids = "id\np1\np2\n" + ("p9\n" if problem == "missing id" else "")
-    (tmp_path / "ids.csv").write_text(ids)
+        write_heatmap(heatmap_path(tmp_path / "heat", "p2"), heat, SPACING, (0.0, 0.0, 0.0))
+    (tmp_path / "ids.csv").write_text("id\np1\np2\n")
     code = main(["export", str(tmp_path / "data"), str(tmp_path / "out"),
                  "--ids", str(tmp_path / "ids.csv"), "--heatmaps", str(tmp_path / "heat")])
     assert code == 1
     err = capsys.readouterr().err
-    bad = "p9" if problem == "missing id" else "p2"
-    expected = {"missing id": "expected p9.h5", "unreadable heatmap": "p2.h5",
+    expected = {"unreadable heatmap": "p2.h5",
                 "other grid": "expected a heatmap on the volume's grid"}[problem]
-    assert expected in err and bad in err
+    assert expected in err and "p2" in err
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"p1_hu.nii.gz", "p1_lung_mask.nii.gz", "p1_heatmap.nii.gz"} <= written
     assert not any(name.startswith(".tmp-") for name in written)

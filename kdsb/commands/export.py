@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     ids = read_ids(require_file(args.ids, "IDS_CSV, a CSV with an id column")) if args.ids else None
     if args.heatmaps is not None:
         require_dir(args.heatmaps, "--heatmaps DIR, a folder of kdsb explain heatmaps")
-    exported, failed = export_cohort(args.data_dir, args.out_dir, ids, args.heatmaps)
+    exported, failed = export_cohort(args.data_dir, args.out_dir, ids, args.heatmaps,
+                                     ids_source=str(args.ids))
     for reason in failed.values():
         print(f"kdsb export: failed: {reason}", file=sys.stderr)
     print(f"exported {len(exported)} patient(s) to {args.out_dir}"

@@ -283,16 +283,12 @@ def explain_cohort(
     sizes not finite and positive, or a step (`stride_mm`; None: `occlusion_mm` /
     `occlusion.STRIDES_PER_EDGE`) wider than the cubes.
     """
-    from kdsb.evaluation.predict import (
-        check_volumes,
-        load_fingerprinted,
-        resolve_ids,
-        resolve_model_paths,
-    )
+    from kdsb.evaluation.predict import check_volumes, load_fingerprinted, resolve_model_paths
     from kdsb.io.atomic import remove_stale_temporaries
     from kdsb.io.heatmaps import heatmap_path, holds_volume
     from kdsb.io.journal import SUFFIX, open_journal, volume_stamp
     from kdsb.io.run_layout import model_paths_of_run
+    from kdsb.io.volumes import resolve_ids
 
     model_paths = resolve_model_paths(model_paths)
     if method not in METHODS:

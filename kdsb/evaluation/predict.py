@@ -41,10 +41,10 @@ from tqdm import tqdm
 
 from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry, symmetries_for
-from kdsb.errors import KdsbError, LabelsError, ModelError, StoreError, UsageError, one_line
+from kdsb.errors import KdsbError, ModelError, StoreError, UsageError, one_line
 from kdsb.io.journal import SUFFIX, loaded_with_digests, optional_journal, volume_stamp
 from kdsb.io.tables import summarise_ids, write_predictions
-from kdsb.io.volumes import list_volumes, read_attrs
+from kdsb.io.volumes import read_attrs, resolve_ids
 
 logger = logging.getLogger(__name__)
 
@@ -92,25 +92,6 @@ def member_probabilities(models: Sequence[Any], x: np.ndarray,
         turned = apply_symmetry(x, index)
         members += [predict_probability(model, turned) for model in models]
     return members
-
-
-def resolve_ids(data_dir: Path, ids: Sequence[str] | None, ids_source: str,
-                allow_missing: bool = False, advice: str = "") -> tuple[list, dict]:
-    """(ids in output order, id → volume file); every id must have a volume (`LabelsError`,
-    ending in `advice`), unless `allow_missing` (then ids without one are in the order, not in
-    the files)."""
-    volumes = list_volumes(data_dir)
-    if ids is None:
-        if not volumes:
-            raise LabelsError(f"expected kdsb volume files (<id>.h5) in {data_dir}, received none")
-        return list(volumes), volumes
-    missing = [i for i in ids if i not in volumes]
-    if missing and not allow_missing:
-        raise LabelsError(
-            f"{ids_source}: expected a volume in {data_dir} for every id, received "
-            f"{len(missing)} of {len(ids)} without one: {summarise_ids(missing)}{advice}"
-        )
-    return list(ids), volumes
 
 
 def check_volumes(loaded: Iterable[tuple[VolumeInput, Any]], paths: Sequence[Path],

@@ -156,11 +156,13 @@ def export_cohort(
     out_dir: str | os.PathLike,
     ids: Iterable[str] | None = None,
     heatmaps_dir: str | os.PathLike | None = None,
+    ids_source: str = "ids",
 ) -> tuple[list[str], dict[str, str]]:
-    """Export every patient of `data_dir` (or only `ids`) as NIfTI into `out_dir`.
+    """Export every patient of `data_dir` (or only `ids`, read from `ids_source`, named in
+    messages) as NIfTI into `out_dir`.
 
-    A patient that fails (no volume file, an unreadable file or heatmap, a heatmap on another
-    grid) gets a one-line reason and the others go on; files already written are never left
+    A patient that fails (an unreadable volume file or heatmap, a heatmap on another grid)
+    gets a one-line reason and the others go on; files already written are never left
     half-written. With `heatmaps_dir`, patients it holds no heatmap of (`kdsb explain --ids`
     explained a few) are exported without one, in one warning. The run holds
     `out_dir/EXPORT_LOCK` against another export into the same folder.
@@ -171,6 +173,7 @@ def export_cohort(
     Raises:
         UsageError: no volume file in `data_dir`, no heatmap file in `heatmaps_dir`, or another
             export writing `out_dir`.
+        LabelsError: an id of `ids` without a volume file (before anything is written).
     """
     available = volumes.list_volumes(data_dir)
     if not available:  # found by a user's check: "exported 0 patient(s)", exit 0
@@ -178,7 +181,10 @@ def export_cohort(
     if heatmaps_dir is not None and not volumes.list_volumes(heatmaps_dir):
         raise UsageError(f"expected --heatmaps DIR, a folder of kdsb explain heatmaps "
                          f"(<id>.h5), received none in {heatmaps_dir}")
-    wanted = list(available) if ids is None else list(ids)
+    # An id without a volume is refused before anything is written, as explain and predict
+    # refuse it (found by a user's trial: export failed that patient alone, explain the run).
+    wanted, _ = volumes.resolve_ids(Path(data_dir), None if ids is None else list(ids),
+                                    ids_source)
     exported: list[str] = []
     failed: dict[str, str] = {}
     without_heatmap: list[str] = []
@@ -188,10 +194,6 @@ def export_cohort(
     # temporaries mid-write.
     with sole_writer(out_dir / EXPORT_LOCK, "kdsb export", "use another OUT_DIR", remove=True):
         for patient_id in tqdm(wanted, desc="export", unit="patient", disable=None):
-            if patient_id not in available:
-                failed[patient_id] = f"{patient_id}: expected {patient_id}.h5 in {data_dir}, " \
-                                     "received no such volume file"
-                continue
             own_heatmaps = heatmaps_dir
             if heatmaps_dir is not None and not heatmap_path(heatmaps_dir, patient_id).exists():
                 without_heatmap.append(patient_id)

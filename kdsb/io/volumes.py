@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import os
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,8 +31,9 @@ import h5py
 import numpy as np
 
 from kdsb._version import __version__
-from kdsb.errors import StoreError, one_line
+from kdsb.errors import LabelsError, StoreError, one_line
 from kdsb.io.atomic import atomic_path
+from kdsb.io.tables import summarise_ids
 
 SUFFIX = ".h5"
 CHUNK_EDGE = 32
@@ -310,3 +311,22 @@ def list_volumes(data_dir: str | os.PathLike) -> dict[str, Path]:
         key=lambda p: p.stem,  # by id: "p1" before "p1-b" (their file names sort the other way)
     )
     return {p.stem: p for p in paths}
+
+
+def resolve_ids(data_dir: Path, ids: Sequence[str] | None, ids_source: str,
+                allow_missing: bool = False, advice: str = "") -> tuple[list, dict]:
+    """(ids in output order, id → volume file); every id must have a volume (`LabelsError`,
+    ending in `advice`), unless `allow_missing` (then ids without one are in the order, not in
+    the files)."""
+    volumes = list_volumes(data_dir)
+    if ids is None:
+        if not volumes:
+            raise LabelsError(f"expected kdsb volume files (<id>.h5) in {data_dir}, received none")
+        return list(volumes), volumes
+    missing = [i for i in ids if i not in volumes]
+    if missing and not allow_missing:
+        raise LabelsError(
+            f"{ids_source}: expected a volume in {data_dir} for every id, received "
+            f"{len(missing)} of {len(ids)} without one: {summarise_ids(missing)}{advice}"
+        )
+    return list(ids), volumes
