@@ -56,7 +56,7 @@ from kdsb.training.runs.devices import (
     wait_for_workers,
     worker,
 )
-from kdsb.training.runs.fitting import begin, finished_training, fit, train
+from kdsb.training.runs.fitting import FINISHED_NAME, begin, finished_training, fit, train
 from kdsb.training.runs.folder import (
     CHECKPOINT_DIR,
     HISTORY_NAME,
@@ -93,6 +93,7 @@ from kdsb.training.runs.split import (
 )
 
 __all__ = [
+    "FINISHED_NAME",
     "SPLIT_NAME",
     "check_split",
     "pin_split",
