@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kdsb.cli import main
+from kdsb.errors import UsageError
 from kdsb.evaluation import metrics
 from kdsb.evaluation.evaluate import evaluate, format_table, within_clip
 
@@ -199,6 +200,15 @@ def test_a_threshold_picked_under_predicts_clip_still_separates_clipped_predicti
     clipped = np.array([0.005, 0.5, 0.995])
     assert within_clip(0.9995, clipped) == 0.995 and within_clip(0.3, clipped) == 0.3
     assert within_clip(0.002, np.array([0.001, 0.5, 0.995])) == 0.002
+    # Made with `predict --clip 0.02`: the clip given (found in review: such predictions lie
+    # inside the default clip too, and the cut moved only to just above 0.005).
+    test02 = [("t0", 0, 0.02), ("t1", 0, 0.02), ("t2", 1, 0.4), ("t3", 1, 0.98)]
+    preds02 = _write(tmp_path / "test02.csv", "id,cancer", [(i, p) for i, _, p in test02])
+    scores = evaluate(preds02, labels, threshold="youden", validation_csv=oof, clip=0.02)
+    assert 0.02 < scores["threshold"]["threshold"] <= 0.3
+    assert [scores["threshold"][k] for k in ("tp", "fp", "tn", "fn")] == [2, 0, 2, 0]
+    with pytest.raises(UsageError, match=r"expected --clip in \[0, 0.5\), received 0.5"):
+        evaluate(preds02, labels, threshold="youden", validation_csv=oof, clip=0.5)
 
 
 def test_evaluate_returns_intervals_and_threshold(split, caplog):

@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation", type=Path, default=None, metavar="VAL_PRED_CSV",
                         help="id,cancer predictions of validation / out-of-fold patients "
                              "(not the evaluated ones) to pick a youden or f1 threshold on")
+    parser.add_argument("--clip", type=float, default=None,
+                        help="the clip kdsb predict made PRED_CSV with (its --clip; default: "
+                             "its default, 0.005): a youden or f1 threshold picked beyond "
+                             "[CLIP, 1 - CLIP] moves to the nearest cut between clipped values")
     parser.add_argument("--predicted-only", action="store_true",
                         help="score the predicted patients even when LABELS_CSV names more (a "
                              "held-out part of a cohort against its whole labels file); "
@@ -56,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"expected --seed of 0 or more, received {args.seed}")
     scores = evaluate(args.predictions, args.labels, plots_dir=args.plots, n_boot=args.bootstrap,
                       seed=args.seed, threshold=args.threshold, validation_csv=args.validation,
-                      predicted_only=args.predicted_only)
+                      predicted_only=args.predicted_only,
+                      **({} if args.clip is None else {"clip": args.clip}))
     intervals = scores.get("intervals")
     print(format_table(scores, title=f"{args.predictions} vs {args.labels}", intervals=intervals))
     if intervals is not None:

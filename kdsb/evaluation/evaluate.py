@@ -245,13 +245,14 @@ def _split_validation(
     return y, p, rest
 
 
-def within_clip(threshold: float, p: np.ndarray) -> float:
+def within_clip(threshold: float, p: np.ndarray, clip: float = PROBABILITY_CLIP) -> float:
     """A threshold picked on unclipped validation predictions (oof.csv), for evaluated ones
-    `p` that all lie in `kdsb predict`'s default clip [0.005, 0.995]: one beyond the clip
-    moves to the nearest cut between clipped values (just above 0.005, or 0.995), with a log
-    line. Found in review: out-of-fold negatives near 1e-6 put a Youden cut at 0.002, and
-    every clipped prediction was called positive."""
-    low, high = PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP
+    `p` that all lie in the clip [clip, 1 - clip] `kdsb predict` made them with: one beyond
+    the clip moves to the nearest cut between clipped values (just above `clip`, or 1 -
+    `clip`), with a log line. Found in review: out-of-fold negatives near 1e-6 put a Youden
+    cut at 0.002, and every clipped prediction was called positive; and the clip is the one
+    given (found in review: predictions made with `--clip 0.02` were taken for unclipped)."""
+    low, high = clip, 1.0 - clip
     if not (p.min() >= low and p.max() <= high) or low < threshold <= high:
         return threshold
     moved = float(min(max(threshold, np.nextafter(low, 1.0)), high))
@@ -272,6 +273,7 @@ def evaluate(
     threshold: str | float | None = None,
     validation_csv: str | os.PathLike | None = None,
     predicted_only: bool = False,
+    clip: float = PROBABILITY_CLIP,
 ) -> dict[str, object]:
     """Score a submission CSV against labels; optionally write roc.png and calibration.png.
 
@@ -287,6 +289,7 @@ def evaluate(
         threshold: None; a number in (0, 1) used as is; or "youden" / "f1", a rule of
             `metrics.pick_threshold` applied to the validation predictions (`within_clip`
             moves it inside the clip of evaluated predictions that `kdsb predict` clipped).
+        clip: the clip `kdsb predict` made the evaluated predictions with (its `--clip`).
         validation_csv: predictions of validation or out-of-fold patients, separate from the
             evaluated ones (only its `id` and `cancer` columns are read). Required by a rule.
         predicted_only: score the predicted patients even when the labels name more (`align`).
@@ -303,12 +306,14 @@ def evaluate(
           or None).
 
     Raises:
-        UsageError: a bad threshold or `n_boot`, a rule without `validation_csv`, or validation
-            patients among the evaluated ones.
+        UsageError: a bad threshold, `n_boot` or `clip`, a rule without `validation_csv`, or
+            validation patients among the evaluated ones.
         LabelsError: a file is malformed, or the files name different patients.
     """
     if n_boot < 0:
         raise UsageError(f"expected --bootstrap 0 or more resamples, received {n_boot}")
+    if not 0.0 <= clip < 0.5:
+        raise UsageError(f"expected --clip in [0, 0.5), received {clip}")
     if threshold is not None:
         threshold = parse_threshold(threshold)
         if isinstance(threshold, str) and validation_csv is None:
@@ -345,7 +350,7 @@ def evaluate(
     if threshold is not None:
         if isinstance(threshold, str):
             try:
-                value = within_clip(metrics.pick_threshold(y_val, p_val, threshold), p)
+                value = within_clip(metrics.pick_threshold(y_val, p_val, threshold), p, clip)
             except KdsbError as error:  # e.g. one class only: say which file
                 raise KdsbError(f"--validation {validation_csv}: {error}") from None
             picked_on = f"{validation_csv}, {y_val.size} patients"
