@@ -202,9 +202,9 @@ def entry(argv: list[str] | None = None) -> None:
     events as it ends: a `train-gmcae` interrupted in epoch 2 keeps epoch 1's), so the clean-up
     has nothing of ours to do. Ctrl-C and SIGTERM are taken as `kdsb.interrupts` says.
     """
-    interrupts.interrupt_on_sigterm()
-    interrupts.stop_at_second_ctrl_c()
     try:
+        interrupts.interrupt_on_sigterm()
+        interrupts.stop_at_second_ctrl_c()
         code = main(argv)
     except SystemExit as done:  # argparse: --help, or a usage error it has printed
         code = done.code if isinstance(done.code, int) else int(done.code is not None)

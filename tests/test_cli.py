@@ -430,17 +430,28 @@ def test_verbosity_flags_work_after_the_command_too(capsys):
 
 
 # A command whose main thread is deep in a C call that neither checks for signals nor returns for
-# minutes (as TensorFlow's training step or wait for a batch does), the GIL released.
+# minutes (as TensorFlow's training step or wait for a batch does), the GIL released. "ready" is
+# printed by a thread once the main thread is in there; "c-full-stderr" also fills stderr, a pipe
+# the test reads only at the end, as a pager nobody scrolls would.
 STUCK_IN_C = """
-import hashlib, signal, sys, time
+import hashlib, os, signal, sys, threading, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's command gets it
 from kdsb import interrupts
 interrupts.interrupt_on_sigterm()
 assert interrupts.stop_at_second_ctrl_c()
 interrupts.describe("kdsb test", "what it wrote is whole: rerun the same command")
-print("ready", flush=True)
+interrupts.at_forced_stop(lambda: print("cleaned up", flush=True))
+
+def announce():
+    time.sleep(0.3)
+    print("ready", flush=True)
+    if sys.argv[1] == "c-full-stderr":
+        while True:
+            os.write(2, b"x" * 4096)
+
+threading.Thread(target=announce, daemon=True).start()
 try:
-    if sys.argv[1] == "c":
+    if sys.argv[1].startswith("c"):
         hashlib.pbkdf2_hmac("sha256", b"key", b"salt", 10**9)
     while True:
         time.sleep(0.01)
@@ -455,8 +466,9 @@ except KeyboardInterrupt:
 
 
 def _interrupted(where: str, pause_s: float) -> tuple[int, str, str, bool]:
-    """Run STUCK_IN_C (`where`: "c" or "python"), Ctrl-C, wait `pause_s`, Ctrl-C again: its
-    exit status, stdout, stderr, and whether it was still running before the second."""
+    """Run STUCK_IN_C (`where`: "c", "c-full-stderr" or "python"), Ctrl-C, wait `pause_s`,
+    Ctrl-C again: its exit status, stdout, stderr, and whether it was still running before the
+    second."""
     import signal
     import time
 
@@ -464,12 +476,12 @@ def _interrupted(where: str, pause_s: float) -> tuple[int, str, str, bool]:
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert process.stdout.readline() == "ready\n"
-        time.sleep(0.3)
         process.send_signal(signal.SIGINT)
         time.sleep(pause_s)
         running = process.poll() is None
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=20)
+        process.wait(timeout=20)  # stderr unread until it ended
+        out, err = process.communicate()
     finally:
         if process.poll() is None:
             process.kill()
@@ -477,17 +489,20 @@ def _interrupted(where: str, pause_s: float) -> tuple[int, str, str, bool]:
     return process.returncode, "ready\n" + out, err, running
 
 
-def test_a_second_ctrl_c_stops_a_command_stuck_in_a_long_computation_at_once():
+@pytest.mark.parametrize("where", ["c", "c-full-stderr"])
+def test_a_second_ctrl_c_stops_a_command_stuck_in_a_long_computation_at_once(where):
     """Ctrl-C waits for the main thread to run Python again (found while mending a flaky
     test: a training run whose reader stalled never took it); the second one stops the
-    process at once, exit 130, saying so and how to go on."""
-    code, out, err, running = _interrupted("c", pause_s=1.0)
+    process at once, exit 130, after the registered clean-ups, saying so and how to go on;
+    also when stderr is a full pipe (found in review: the line's write blocked the exit)."""
+    code, out, err, running = _interrupted(where, pause_s=1.0)
     assert running, "the first Ctrl-C should wait for the computation"
     assert code == 130
-    assert "taken" not in out
-    assert err.strip().splitlines()[-1] == (
-        "kdsb test: interrupted again before it could stop: stopped at once; what it wrote is "
-        "whole: rerun the same command")
+    assert out.splitlines() == ["ready", "cleaned up"]
+    if where == "c":
+        assert err.strip().splitlines()[-1] == (
+            "kdsb test: interrupted again before it could stop: stopped at once; what it wrote "
+            "is whole: rerun the same command")
 
 
 def test_a_second_ctrl_c_after_the_first_was_taken_is_pythons():

@@ -47,6 +47,6 @@ def run(args: argparse.Namespace) -> int:
     if summary["best_val_nll_per_voxel"] > summary["single_gaussian_val_nll_per_voxel"]:
         # Found by a user's trial: a model worse than the baseline went by unremarked.
         logger.warning("the GMCAE models the validation patches worse than a single Gaussian "
-                       "fitted to them (it has not learned yet): train it longer (--epochs, "
-                       "--steps-per-epoch) before using its features")
+                       "fitted to them: train it longer (--epochs, --steps-per-epoch), or check "
+                       "its volumes and options, before using its features")
     return 0

@@ -90,6 +90,8 @@ def occlusion(
 
 def _duration(seconds: float) -> str:
     """"12 s" under a minute, else "3.5 min" (found by a user's trial: "about 0.0 min")."""
+    if seconds < 0.5:
+        return "under 1 s"
     return f"{seconds:.0f} s" if seconds < 59.5 else f"{seconds / 60.0:.1f} min"
 
 

@@ -16,6 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from pathlib import Path
 
+from kdsb import interrupts
 from kdsb.errors import KdsbError, one_line
 from kdsb.io.tables import summarise_ids
 from kdsb.preprocessing.pipeline import STATUS_FAILED, PatientResult, preprocess_patient
@@ -101,6 +102,11 @@ def _stop_workers() -> None:
     for pool in pools:
         for process in list((pool._processes or {}).values()):
             process.terminate()
+
+
+# A forced stop (a second Ctrl-C while the main thread is stuck) leaves without Python's
+# clean-up: the workers, which ignore Ctrl-C, would go on writing.
+interrupts.at_forced_stop(_stop_workers)
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:

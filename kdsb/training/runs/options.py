@@ -185,7 +185,9 @@ def _switch(field: dataclasses.Field, value: bool) -> str:
     flag, action = flag_of(field), field.metadata.get("action")
     if action is argparse.BooleanOptionalAction:
         return flag if value else f"--no-{flag[2:]}"
-    return flag if value == (action == "store_true") else f"no {flag}"
+    if action in ("store_true", "store_false"):
+        return flag if value == (action == "store_true") else f"no {flag}"
+    return f"{flag} {value}"  # an on/off option given a value
 
 
 def _same(field: dataclasses.Field, old: Any, new: Any) -> bool:
