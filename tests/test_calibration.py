@@ -137,3 +137,14 @@ def test_the_layer_matches_numpy_and_travels_in_the_saved_model(tmp_path):
     again = with_calibration(loaded, IDENTITY)
     np.testing.assert_allclose(np.asarray(again(x))[:, 0], raw, rtol=1e-4, atol=1e-6)
     assert sum(layer.name == "calibration" for layer in again.layers) == 1
+
+
+def test_the_sigmoid_is_accurate_in_its_tails():
+    """Found in review: the tanh form gave exactly 0 below z ≈ -38 (calibrated out-of-fold
+    predictions of exactly 0) and lost relative accuracy before that."""
+    from kdsb.models.calibration import sigmoid
+
+    z = np.array([-700.0, -40.0, -36.0, 0.0, 36.0])
+    exact = np.exp(z) / (1.0 + np.exp(z))
+    np.testing.assert_allclose(sigmoid(z), exact, rtol=1e-12)
+    assert (sigmoid(z[:3]) > 0).all()

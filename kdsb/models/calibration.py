@@ -29,6 +29,7 @@ import keras
 import numpy as np
 from keras import ops
 from scipy.optimize import minimize
+from scipy.special import expit
 
 from kdsb.errors import KdsbError
 from kdsb.models.output_layers import with_output_layer, without_output_layer
@@ -70,8 +71,9 @@ def logit(p) -> np.ndarray:
 
 
 def sigmoid(z) -> np.ndarray:
-    """1 / (1 + e^−z) (float64)."""
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free form
+    """1 / (1 + e^−z) (float64), accurate in its tails (found in review: the former tanh form
+    gave exactly 0 below z ≈ −38, and calibrated out-of-fold predictions of exactly 0)."""
+    return expit(np.asarray(z, dtype=np.float64))
 
 
 def method_for(patients: int, method: str, one_class: bool = False) -> str:
