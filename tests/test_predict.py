@@ -501,6 +501,36 @@ def test_damaged_volumes_get_the_fill_value_when_asked(cohort, tmp_path, caplog,
     assert {i: scored[i] for i in predicted} == predicted  # cut and chunks filled with 0.3
 
 
+def test_a_volume_removed_mid_run_gets_the_fill_value_when_asked(cohort, tmp_path,
+                                                                  monkeypatch, caplog, capsys):
+    """Found in review: a volume removed (or replaced) after the up-front check stopped a run
+    given --fill-missing, its stamp read outside the fill's reach."""
+    import shutil
+
+    from kdsb.evaluation import predict as predict_module
+
+    data, models = cohort
+    mine = tmp_path / "data"
+    shutil.copytree(data, mine)
+    gone = sorted(mine.glob("*.h5"))[1]
+    checked = predict_module.check_volumes
+
+    def check_then_remove(*args, **kwargs):
+        checked(*args, **kwargs)
+        gone.unlink(missing_ok=True)
+
+    monkeypatch.setattr(predict_module, "check_volumes", check_then_remove)
+    argv = ["predict", str(mine), str(models[0]), "--out", str(tmp_path / "p.csv")]
+    with caplog.at_level(logging.WARNING, logger="kdsb.evaluation.predict"):
+        assert main([*argv, "--fill-missing", "0.3"]) == 0
+    assert read_predictions(tmp_path / "p.csv")[gone.stem] == 0.3
+    assert f"{gone}: expected a volume file, received No such file or directory: given 0.3" \
+        in caplog.text
+    shutil.copy(data / gone.name, gone)
+    assert main(argv) == 1
+    assert str(gone) in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.slow
 def test_ids_without_a_volume_get_the_fill_value_when_asked(cohort, tmp_path, caplog, capsys):
     """A submission must name every patient, also one whose scan failed preprocessing."""

@@ -286,27 +286,33 @@ def predict_cohort(
             if patient_id not in volumes:
                 predictions[patient_id] = filled
                 continue
-            # Each group's symmetries are in the stamp too: a journal begun under another
-            # rule for which turns keep a grid is not mixed in.
-            turns = [symmetries if not tta else grid_symmetries(
-                volume_input.spacing_mm or read_attrs(volumes[patient_id])["spacing"])
-                for volume_input in groups]
-            stamp = [*volume_stamp(volumes[patient_id]), [list(t) for t in turns]]
-            probability = journal.result(patient_id, stamp) if journal else None
-            if probability is None:
-                members: list[float] = []
-                try:
+            members: list[float] = []
+            try:
+                # Each group's symmetries are in the stamp too: a journal begun under another
+                # rule for which turns keep a grid is not mixed in.
+                turns = [symmetries if not tta else grid_symmetries(
+                    volume_input.spacing_mm or read_attrs(volumes[patient_id])["spacing"])
+                    for volume_input in groups]
+                stamp = [*volume_stamp(volumes[patient_id]), [list(t) for t in turns]]
+                probability = journal.result(patient_id, stamp) if journal else None
+                if probability is None:
                     for (volume_input, models), group_turns in zip(groups.items(), turns,
                                                                    strict=True):
                         x = volume_input.read(volumes[patient_id])
                         members += member_probabilities(models, x, group_turns)
-                except StoreError as error:  # voxels damaged under a readable header
-                    if fill_missing is None:
-                        raise
-                    logger.warning("%s: given %s without a model", error, filled)
-                    predictions[patient_id] = filled
-                    del volumes[patient_id]  # filled, not scored (the spread check below)
-                    continue
+            # Voxels damaged under a readable header, or a file removed or replaced since the
+            # check (found in review: the latter stopped a run given --fill-missing).
+            except (StoreError, OSError) as error:
+                if fill_missing is None:
+                    raise
+                reason = error if isinstance(error, StoreError) else (
+                    f"{volumes[patient_id]}: expected a volume file, received "
+                    f"{error.strerror or error}")
+                logger.warning("%s: given %s without a model", reason, filled)
+                predictions[patient_id] = filled
+                del volumes[patient_id]  # filled, not scored (the spread check below)
+                continue
+            if probability is None:
                 probability = ensemble_probability(members)
                 if not math.isfinite(probability):
                     raise ModelError(
