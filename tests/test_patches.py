@@ -136,8 +136,9 @@ def test_volume_smaller_than_patch_is_centred_with_negative_corner():
 def test_empty_lung_mask_falls_back_to_uniform(caplog):
     mask = np.zeros((20, 30, 40), dtype=np.uint8)
     count, size = 4000, 8
-    corners = patches.sample_patch_corners(mask, count, size, np.random.default_rng(0))
-    assert "lung mask is empty" in caplog.text
+    corners = patches.sample_patch_corners(mask, count, size, np.random.default_rng(0),
+                                           source="scans/p7.h5")
+    assert "scans/p7.h5: lung mask is empty" in caplog.text  # (found in review: no file named)
     # Reference: centres uniform over every voxel, moved so the patch fits.
     centres = np.random.default_rng(0).integers(0, mask.shape, size=(count, 3))
     expected = np.clip(centres - size // 2, 0, np.array(mask.shape) - size)

@@ -208,7 +208,7 @@ def read_patches(
         if sampling == "lung":
             corners = patches.sample_patch_corners(
                 f[volumes.MASK_DATASET][...], count, patch_size, rng,
-                min_lung_fraction=min_lung_fraction,
+                min_lung_fraction=min_lung_fraction, source=str(path),
             )
         else:
             corners = patches.grid_patch_corners(hu.shape, patch_size)

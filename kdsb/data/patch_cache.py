@@ -105,7 +105,8 @@ def volume_patches(
         hu = f[volumes.HU_DATASET][...]
         mask = f[volumes.MASK_DATASET][...]
     corners = patches.sample_patch_corners(mask, count, patch_size, rng,
-                                           min_lung_fraction=min_lung_fraction)
+                                           min_lung_fraction=min_lung_fraction,
+                                           source=str(path))
     return np.stack([patches.normalize_hu(patches.extract_patch(hu, corner, patch_size))
                      for corner in corners])
 

@@ -186,6 +186,7 @@ def sample_patch_corners(
     rng: np.random.Generator,
     *,
     min_lung_fraction: float = DEFAULT_MIN_LUNG_FRACTION,
+    source: str = "volume",
 ) -> np.ndarray:
     """Corners of `count` patches centred on random lung voxels, so patches show lung, not air.
 
@@ -200,6 +201,7 @@ def sample_patch_corners(
         patch_size: patch edge in voxels, one int or (z, y, x).
         rng: NumPy random generator (the only source of randomness).
         min_lung_fraction: wanted fraction in [0, 1] of lung voxels in each patch.
+        source: the volume file, named in the warning of an empty mask.
 
     Returns:
         int64 array (count, 3) of (z, y, x) corners. Corners lie inside the volume; along an
@@ -216,7 +218,8 @@ def sample_patch_corners(
     slice_counts = np.count_nonzero(lung_mask.reshape(lung_mask.shape[0], -1), axis=1)
     slice_offsets = np.concatenate([[0], np.cumsum(slice_counts)])
     if slice_offsets[-1] == 0:
-        logger.warning("lung mask is empty: sampling %d patches uniformly", count)
+        # (Found in review: the warning named no file.)
+        logger.warning("%s: lung mask is empty: sampling %d patches uniformly", source, count)
         centres = rng.integers(0, lung_mask.shape, size=(count, SPATIAL_AXES))
         return _clip_corners(centres, lung_mask.shape, size)
 
