@@ -20,7 +20,7 @@ import traceback
 
 from kdsb import interrupts
 from kdsb._version import __version__
-from kdsb.errors import KdsbError, UsageError
+from kdsb.errors import KdsbError, UsageError, is_out_of_memory, out_of_memory_line
 from kdsb.interrupts import EXIT_INTERRUPTED
 
 # Subcommand name → module under kdsb.commands, in the order of the pipeline.
@@ -150,14 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
     except Exception as error:
-        if _out_of_memory(error):  # not the data's fault, nor a bug: say what to change
-            lines = [line for line in str(error).splitlines() if line.strip()] or [""]
-            # Keras's fit raises "Graph execution error:" first: the line saying OOM instead.
-            first = next((line for line in lines if "OOM" in line or "memory" in line),
-                         lines[0])
-            first = " ".join(first.split())[:200]
+        if is_out_of_memory(error):  # not the data's fault, nor a bug: say what to change
             print(f"kdsb {args.command}: error: out of memory ({type(error).__name__}: "
-                  f"{first}): {args.memory_advice}", file=sys.stderr)
+                  f"{out_of_memory_line(error)}): {args.memory_advice}", file=sys.stderr)
             return EXIT_DATA_ERROR
         # TensorFlow's error for a reader that failed inside a tf.data pipeline carries the
         # reader's traceback; the reader's own error (a damaged volume file) says it in a line.
@@ -182,13 +177,6 @@ def _memory_advice(command: argparse.ArgumentParser) -> str:
     dests = {action.dest for action in command._actions}  # noqa: SLF001 (no public list)
     options = [text for dest, text in MEMORY_OPTIONS if dest in dests]
     return (f"try {', '.join(options)} or " if options else "try ") + "a machine with more memory"
-
-
-def _out_of_memory(error: BaseException) -> bool:
-    """A MemoryError, or TensorFlow's ResourceExhaustedError (a GPU's memory spent), told by
-    its name: importing TensorFlow to test it would cost seconds in commands without it."""
-    return isinstance(error, MemoryError) or any(
-        cls.__name__ == "ResourceExhaustedError" for cls in type(error).__mro__)
 
 
 def entry(argv: list[str] | None = None) -> None:

@@ -6,6 +6,9 @@ file or patient it concerns, so the command line can print it on one line withou
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class KdsbError(ValueError):
     """Base class of every error caused by the user's data, files or options."""
@@ -63,3 +66,31 @@ def first_line(error: BaseException | None) -> str:
     Keras's and TensorFlow's messages run on for lines."""
     text = str(error).splitlines()[0] if error is not None and str(error) else ""
     return one_line(text) or type(error).__name__
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A MemoryError, or TensorFlow's ResourceExhaustedError (a GPU's memory spent), told by
+    its name: importing TensorFlow to test it would cost seconds in commands without it."""
+    return isinstance(error, MemoryError) or any(
+        cls.__name__ == "ResourceExhaustedError" for cls in type(error).__mro__)
+
+
+@contextmanager
+def naming_on_out_of_memory(what: str) -> Iterator[None]:
+    """Running out of memory inside the block is raised again as a MemoryError naming `what`
+    (a patient's volume file): found in review, one large scan that exhausted a GPU stopped a
+    cohort's run without a word of which it was."""
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error) or str(error).startswith(f"{what}: "):
+            raise
+        raise MemoryError(f"{what}: {out_of_memory_line(error)}") from error
+
+
+def out_of_memory_line(error: BaseException) -> str:
+    """The line of an out-of-memory error that says so (Keras's fit raises "Graph execution
+    error:" first), whitespace collapsed, at most 200 characters."""
+    lines = [line for line in str(error).splitlines() if line.strip()] or [""]
+    found = next((line for line in lines if "OOM" in line or "memory" in line), lines[0])
+    return one_line(found)[:200]

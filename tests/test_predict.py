@@ -531,6 +531,33 @@ def test_a_volume_removed_mid_run_gets_the_fill_value_when_asked(cohort, tmp_pat
     assert str(gone) in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_running_out_of_memory_names_the_patients_volume(cohort, tmp_path, monkeypatch,
+                                                          capsys):
+    """Found in review: one large scan that exhausted a GPU stopped the run without a word of
+    which it was."""
+    from kdsb.evaluation import predict as predict_module
+
+    class ResourceExhaustedError(Exception):  # TensorFlow's, told by its name
+        pass
+
+    data, models = cohort
+    big = sorted(data.glob("*.h5"))[1]
+    scored = predict_module.member_probabilities
+
+    def scoring(models_, x, turns):
+        if x.size and scoring.calls == 1:
+            raise ResourceExhaustedError("Graph execution error:\n\nOOM when allocating tensor")
+        scoring.calls += 1
+        return scored(models_, x, turns)
+
+    scoring.calls = 0
+    monkeypatch.setattr(predict_module, "member_probabilities", scoring)
+    assert main(["predict", str(data), str(models[0]), "--out", str(tmp_path / "p.csv")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"kdsb predict: error: out of memory (MemoryError: {big}: OOM when "
+                          "allocating tensor): try ") and err.count("\n") == 1
+
+
 @pytest.mark.slow
 def test_ids_without_a_volume_get_the_fill_value_when_asked(cohort, tmp_path, caplog, capsys):
     """A submission must name every patient, also one whose scan failed preprocessing."""

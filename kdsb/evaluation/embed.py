@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.errors import KdsbError, one_line
+from kdsb.errors import KdsbError, naming_on_out_of_memory, one_line
 from kdsb.io.atomic import atomic_path, remove_stale_temporaries
 from kdsb.io.journal import Journal, volume_stamp
 from kdsb.io.tables import write_table
@@ -149,8 +149,9 @@ def embed_cohort(
             embedding, stats = np.array(done["embedding"]), np.array(done["nll"])
         else:
             try:
-                embedding, stats = patient_features(gmcae, both, path, patches, top,
-                                                    own_seed, spacing_mm)
+                with naming_on_out_of_memory(str(path)):
+                    embedding, stats = patient_features(gmcae, both, path, patches, top,
+                                                        own_seed, spacing_mm)
                 if not (np.isfinite(embedding).all() and np.isfinite(stats).all()):
                     raise KdsbError(f"{path}: expected finite GMCAE features, received NaN or "
                                     "infinite values (a damaged volume or GMCAE?)")

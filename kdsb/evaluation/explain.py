@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from kdsb.errors import KdsbError, UsageError, one_line
+from kdsb.errors import KdsbError, UsageError, naming_on_out_of_memory, one_line
 from kdsb.evaluation.gradcam import gradcam, split_classifier
 from kdsb.evaluation.occlusion import (
     DEFAULT_OCCLUSION_MM,
@@ -350,9 +350,10 @@ def explain_cohort(
                     peaks.append(Peak(patient_id, done["probability"], tuple(done["peak_mm"]),
                                       done["value"]))
                     continue
-                peak = _explain_into(out_dir, patient_id, path, models, inputs, model_paths,
-                                     method=method, occlusion_mm=occlusion_mm,
-                                     stride_mm=stride_mm)
+                with naming_on_out_of_memory(str(path)):
+                    peak = _explain_into(out_dir, patient_id, path, models, inputs, model_paths,
+                                         method=method, occlusion_mm=occlusion_mm,
+                                         stride_mm=stride_mm)
             except (KdsbError, OSError) as error:  # found in review: one file stopped a cohort
                 if isinstance(error, OSError) and error.errno in DISK_FULL:
                     raise  # every patient after it would fail alike, each after its work

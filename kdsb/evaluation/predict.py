@@ -41,7 +41,14 @@ from tqdm import tqdm
 
 from kdsb.data.inputs import VolumeInput
 from kdsb.data.patches import CUBE_SYMMETRIES, apply_symmetry, symmetries_for
-from kdsb.errors import KdsbError, ModelError, StoreError, UsageError, one_line
+from kdsb.errors import (
+    KdsbError,
+    ModelError,
+    StoreError,
+    UsageError,
+    naming_on_out_of_memory,
+    one_line,
+)
 from kdsb.io.journal import SUFFIX, loaded_with_digests, optional_journal, volume_stamp
 from kdsb.io.tables import summarise_ids, write_predictions
 from kdsb.io.volumes import read_attrs, resolve_ids
@@ -296,10 +303,11 @@ def predict_cohort(
                 stamp = [*volume_stamp(volumes[patient_id]), [list(t) for t in turns]]
                 probability = journal.result(patient_id, stamp) if journal else None
                 if probability is None:
-                    for (volume_input, models), group_turns in zip(groups.items(), turns,
-                                                                   strict=True):
-                        x = volume_input.read(volumes[patient_id])
-                        members += member_probabilities(models, x, group_turns)
+                    with naming_on_out_of_memory(str(volumes[patient_id])):
+                        for (volume_input, models), group_turns in zip(groups.items(), turns,
+                                                                       strict=True):
+                            x = volume_input.read(volumes[patient_id])
+                            members += member_probabilities(models, x, group_turns)
             # Voxels damaged under a readable header, or a file removed or replaced since the
             # check (found in review: the latter stopped a run given --fill-missing).
             except (StoreError, OSError) as error:
