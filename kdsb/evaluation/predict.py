@@ -189,6 +189,62 @@ def resolve_model_paths(model_paths: Sequence[str | os.PathLike]) -> list[Path]:
     return resolved
 
 
+class _EnsembleScorer:
+    """The models grouped by how they read a volume (their `VolumeInput`), and the cube
+    symmetries each volume's grid keeps for `--tta`."""
+
+    def __init__(self, loaded: Sequence[tuple[VolumeInput, Any]], model_paths: Sequence[Path],
+                 tta: bool, tta_count: int | None):
+        self.groups: dict[VolumeInput, list[Any]] = {}
+        for volume_input, model in loaded:
+            self.groups.setdefault(volume_input, []).append(model)
+        self.model_paths, self.tta, self.tta_count = model_paths, tta, tta_count
+        self.symmetries = tta_symmetries(tta, tta_count)
+        self._turns_of_grid: dict[tuple[float, ...], tuple[int, ...]] = {}
+
+    def turns(self, path: Path) -> list[tuple[int, ...]]:
+        """Each group's symmetries for the volume file `path`: without TTA (0,); with it
+        those that keep the grid the group reads the volume on (its model's spacing, else the
+        file's own)."""
+        if not self.tta:
+            return [self.symmetries] * len(self.groups)
+        return [self._grid_symmetries(volume_input.spacing_mm or read_attrs(path)["spacing"])
+                for volume_input in self.groups]
+
+    def _grid_symmetries(self, spacing: Sequence[float]) -> tuple[int, ...]:
+        """TTA's symmetries on a grid of `spacing` (z, y, x) mm, warned of once if fewer."""
+        key = tuple(float(s) for s in spacing)
+        if key not in self._turns_of_grid:
+            self._turns_of_grid[key] = tta_symmetries(self.tta, self.tta_count, key)
+            if len(self._turns_of_grid[key]) < len(self.symmetries):
+                logger.warning("--tta: only %d cube symmetries keep a grid of %s mm (the others "
+                               "would squash the anatomy); its volumes are averaged over those",
+                               len(self._turns_of_grid[key]), " × ".join(f"{s:g}" for s in key))
+        return self._turns_of_grid[key]
+
+    def probability(self, path: Path, turns: Sequence[tuple[int, ...]]) -> float:
+        """The ensemble's probability for the volume file `path` (`ensemble_probability` over
+        every model and symmetry), unclipped.
+
+        Raises:
+            StoreError: the file cannot be read. MemoryError: out of memory, naming the file.
+            ModelError: a model gave NaN (a damaged or diverged model).
+        """
+        members: list[float] = []
+        with naming_on_out_of_memory(str(path)):
+            for (volume_input, models), group_turns in zip(self.groups.items(), turns,
+                                                           strict=True):
+                members += member_probabilities(models, volume_input.read(path), group_turns)
+        probability = ensemble_probability(members)
+        if not math.isfinite(probability):
+            raise ModelError(
+                f"{path}: expected finite probabilities from the model(s), received "
+                f"{sum(map(math.isnan, members))} NaN of {len(members)} "
+                f"({', '.join(map(str, self.model_paths))})"
+            )
+        return probability
+
+
 def predict_cohort(
     data_dir: str | os.PathLike,
     model_paths: Sequence[str | os.PathLike],
@@ -240,20 +296,6 @@ def predict_cohort(
     symmetries = tta_symmetries(tta, tta_count)
     if len(symmetries) > 1:
         warn_unaugmented(model_paths)
-
-    turns_of_grid: dict[tuple[float, ...], tuple[int, ...]] = {}
-
-    def grid_symmetries(spacing: Sequence[float]) -> tuple[int, ...]:
-        """TTA's symmetries on a grid of `spacing` (z, y, x) mm, warned of once if fewer."""
-        key = tuple(float(s) for s in spacing)
-        if key not in turns_of_grid:
-            turns_of_grid[key] = tta_symmetries(tta, tta_count, key)
-            if len(turns_of_grid[key]) < len(symmetries):
-                logger.warning("--tta: only %d cube symmetries keep a grid of %s mm (the others "
-                               "would squash the anatomy); its volumes are averaged over those",
-                               len(turns_of_grid[key]), " × ".join(f"{s:g}" for s in key))
-        return turns_of_grid[key]
-
     if fill_missing is not None and not 0.0 <= fill_missing <= 1.0:
         raise UsageError(f"expected --fill-missing in [0, 1], received {fill_missing}")
     # The fill value as written: clipped as the scored probabilities are.
@@ -268,9 +310,7 @@ def predict_cohort(
                        len(missing), len(order), ids_source, data_dir,
                        filled, summarise_ids(missing))
     loaded, models = load_fingerprinted(model_paths)
-    groups: dict[VolumeInput, list[Any]] = {}
-    for volume_input, model in loaded:
-        groups.setdefault(volume_input, []).append(model)
+    scorer = _EnsembleScorer(loaded, model_paths, tta, tta_count)
     unreadable: dict[Path, str] | None = {} if fill_missing is not None else None
     check_volumes(loaded, [volumes[i] for i in order if i in volumes], unreadable)
     if unreadable:  # found by a user's trial: one damaged file stopped a whole submission
@@ -290,46 +330,32 @@ def predict_cohort(
     predictions: dict[str, float] = {}
     with optional_journal(journal_path, fingerprint, "predict") as journal:
         for patient_id in tqdm(order, desc="predict", unit="patient", disable=None):
-            if patient_id not in volumes:
+            path = volumes.get(patient_id)
+            if path is None:
                 predictions[patient_id] = filled
                 continue
-            members: list[float] = []
             try:
                 # Each group's symmetries are in the stamp too: a journal begun under another
                 # rule for which turns keep a grid is not mixed in.
-                turns = [symmetries if not tta else grid_symmetries(
-                    volume_input.spacing_mm or read_attrs(volumes[patient_id])["spacing"])
-                    for volume_input in groups]
-                stamp = [*volume_stamp(volumes[patient_id]), [list(t) for t in turns]]
+                turns = scorer.turns(path)
+                stamp = [*volume_stamp(path), [list(t) for t in turns]]
                 probability = journal.result(patient_id, stamp) if journal else None
-                if probability is None:
-                    with naming_on_out_of_memory(str(volumes[patient_id])):
-                        for (volume_input, models), group_turns in zip(groups.items(), turns,
-                                                                       strict=True):
-                            x = volume_input.read(volumes[patient_id])
-                            members += member_probabilities(models, x, group_turns)
+                fresh = probability is None
+                if fresh:
+                    probability = scorer.probability(path, turns)
             # Voxels damaged under a readable header, or a file removed or replaced since the
             # check (found in review: the latter stopped a run given --fill-missing).
             except (StoreError, OSError) as error:
                 if fill_missing is None:
                     raise
                 reason = error if isinstance(error, StoreError) else (
-                    f"{volumes[patient_id]}: expected a volume file, received "
-                    f"{error.strerror or error}")
+                    f"{path}: expected a volume file, received {error.strerror or error}")
                 logger.warning("%s: given %s without a model", reason, filled)
                 predictions[patient_id] = filled
                 del volumes[patient_id]  # filled, not scored (the spread check below)
                 continue
-            if probability is None:
-                probability = ensemble_probability(members)
-                if not math.isfinite(probability):
-                    raise ModelError(
-                        f"{volumes[patient_id]}: expected finite probabilities from the "
-                        f"model(s), received {sum(map(math.isnan, members))} NaN of "
-                        f"{len(members)} ({', '.join(map(str, model_paths))})"
-                    )
-                if journal:
-                    journal.record(patient_id, stamp, probability)
+            if fresh and journal:
+                journal.record(patient_id, stamp, probability)
             predictions[patient_id] = float(np.clip(probability, clip, 1.0 - clip))
         if out_csv is not None:
             write_predictions(out_csv, predictions)
