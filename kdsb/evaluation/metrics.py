@@ -284,8 +284,10 @@ def bootstrap_intervals(
         ((p >= threshold) == (y == 1.0)).astype(np.float64),  # accuracy
         (p - y) ** 2,  # Brier
     ], axis=1)
-    # The AUC of a resample from how often each patient was drawn: patients sorted by score,
-    # equal scores grouped, positives counted against the negatives below them (ties count 1/2).
+    # The AUC of a resample from how often each patient was drawn (counts): patients sorted by
+    # score and equal scores grouped g = 1, 2, …, with pos_g and neg_g the drawn positives and
+    # negatives in group g, AUC = Σ_g pos_g · (neg below g + ½ neg_g) / (Σ pos · Σ neg): each
+    # positive against the negatives scored lower, ties counting one half.
     order = np.argsort(p, kind="stable")
     group_starts = np.r_[0, np.flatnonzero(np.diff(p[order])) + 1]
     is_positive = y[order] == 1.0
@@ -301,6 +303,7 @@ def bootstrap_intervals(
         counts = counts.reshape(rows, n).astype(np.float64)
         means.append(counts @ per_patient / n)
         sorted_counts = counts[:, order]
+        # pos_g, neg_g: (rows, groups); `below` is each group's negatives scored lower.
         pos = np.add.reduceat(np.where(is_positive, sorted_counts, 0.0), group_starts, axis=1)
         neg = np.add.reduceat(np.where(is_positive, 0.0, sorted_counts), group_starts, axis=1)
         below = np.cumsum(neg, axis=1) - neg
