@@ -18,9 +18,10 @@ already reads -1000 HU.
    (the highest whose airway runs `TRACHEA_MIN_LENGTH_MM` down: a blob of pharynx air above it ends
    sooner); it and the main bronchi are region-grown from there, slice by slice: the blob of
    lumen-dark air (below `AIRWAY_LOOSE_HU`, so a ground-glass lesion beside the trachea stays out)
-   touching the previous slice's airway while it stays a lumen, the stricter `AIRWAY_THRESHOLD_HU`
-   air within it where it joins the lung, stopping where even that area jumps (a leak into the
-   lung), and removed. Air components that are parenchyma (median above the airway threshold: gas is
+   touching the previous slice's airway while it stays a lumen (its median darker than
+   `AIRWAY_LUMEN_MEDIAN_HU`: dense parenchyma of about -810 HU is mostly that loose air too), the
+   stricter `AIRWAY_THRESHOLD_HU` air within it where it joins the lung, stopping where even that
+   area jumps (a leak into the lung), and removed. Air components that are parenchyma (median above the airway threshold: gas is
    darker than lung), large, and reach the upper half of the lungs are kept (bowel gas is not). Each
    side (right / left of the lungs' midline, halfway between their outermost voxels: the body's
    centre moves where the field of view cuts off an arm; the trachea's centre where a cut lung's

@@ -17,6 +17,11 @@ logger = logging.getLogger(__name__)
 
 
 AIRWAY_LOOSE_HU = -800.0  # a lumen reading a little above that; ground glass stays above it
+# Loose air is a lumen only with a median below this: the real chest CT's trachea reads -926 to
+# -994 HU on the coarse grid, parenchyma about -850 (a phantom's lung of -812 HU, 60 % of it below
+# AIRWAY_LOOSE_HU, let the growth creep into both lower lobes below the carina: found by a user's
+# trial, 40 % of the lungs lost).
+AIRWAY_LUMEN_MEDIAN_HU = -900.0
 TRACHEA_AREA_MM2 = (50.0, 900.0)  # lumen cross-section (after averaging): 8–34 mm diameter
 TRACHEA_MAX_OFFSET_MM = 40.0  # from the body's midline
 TRACHEA_MIN_FILL = 0.45  # area / bounding-box area: a round lumen fills about π/4 of its box
@@ -74,24 +79,28 @@ def _trachea_seeds(
 
 
 def _grow_airway(
-    loose: np.ndarray, strict: np.ndarray, seed: np.ndarray, z: int, airway: np.ndarray, step: int
+    loose: np.ndarray, strict: np.ndarray, hu: np.ndarray, seed: np.ndarray, z: int,
+    airway: np.ndarray, step: int,
 ) -> None:
     """Grow the airway slice by slice from the 2D `seed` in slice `z`, in direction `step` (±1).
 
     `loose` and `strict` number the air of each axial slice on its own, below `AIRWAY_LOOSE_HU` and
-    below the airway's threshold. The loose air touching the airway of the previous slice is taken
-    while it stays a lumen: above the carina the trachea is an air blob of its own in every slice,
-    also where its lumen reads a little above the strict threshold (a real scan's trachea can read
-    -940 to -970 HU in 3 mm blocks). Where that air joins the lung (an area jump beyond
-    `AIRWAY_LEAK_FACTOR` times the largest area so far), only its strict air is taken, and growth
-    stops at the first slice where even that jumps (a leak into emphysematous lung).
+    below the airway's threshold, in `hu` (the coarse HU the thresholds were applied to). The
+    loose air touching the airway of the previous slice is taken while it stays a lumen: above the
+    carina the trachea is an air blob of its own in every slice, also where its lumen reads a
+    little above the strict threshold (a real scan's trachea can read -940 to -970 HU in 3 mm
+    blocks). Where that air joins the lung (an area jump beyond `AIRWAY_LEAK_FACTOR` times the
+    largest area so far, or a median HU of parenchyma, not lumen: `AIRWAY_LUMEN_MEDIAN_HU`), only
+    its strict air is taken, and growth stops at the first slice where even that jumps (a leak
+    into emphysematous lung).
     """
     previous = seed
     largest_area = int(previous.sum())
     z += step
     while 0 <= z < loose.shape[0]:
         current = touched(loose[z], previous)
-        if current.sum() > AIRWAY_LEAK_FACTOR * largest_area:
+        if current.any() and (current.sum() > AIRWAY_LEAK_FACTOR * largest_area
+                              or np.median(hu[z][current]) >= AIRWAY_LUMEN_MEDIAN_HU):
             current = touched(strict[z], previous)
         area = int(current.sum())
         if area == 0:
@@ -133,8 +142,8 @@ def find_airway(
     for z, seed in seeds:
         airway[:] = False
         airway[z] = seed
-        _grow_airway(loose, labels, seed, z, airway, step=-1)
-        _grow_airway(loose, labels, seed, z, airway, step=+1)
+        _grow_airway(loose, labels, coarse_hu, seed, z, airway, step=-1)
+        _grow_airway(loose, labels, coarse_hu, seed, z, airway, step=+1)
         if _runs_down_as_a_lumen(airway, z, spacing):
             break
         first = (z, airway.copy()) if first is None else first
