@@ -377,7 +377,8 @@ def warn_if_indistinct(written: Sequence[float], clip: float) -> None:
     bound = " (a --clip bound)" if min(mean - clip, 1.0 - clip - mean) < CONSTANT_SPREAD else ""
     logger.warning("every one of the %d patients scored got p(cancer) within %.0e of %.3g%s: "
                    "the predictions tell none of them apart (scans unlike those the model(s) "
-                   "trained on?)", len(written), CONSTANT_SPREAD, mean, bound)
+                   "trained on, or a calibration map that flattens them: a slope near 0 in its "
+                   "run's metrics.json?)", len(written), CONSTANT_SPREAD, mean, bound)
 
 
 def warn_unaugmented(model_paths: Sequence[Path]) -> None:

@@ -151,6 +151,19 @@ def fit_calibration(y, p, method: str = "platt") -> Calibration:
     return Calibration(slope=slope, intercept=intercept)
 
 
+def warn_if_flattening(calibration: Calibration, patients: int, method: str) -> None:
+    """Warn when the map saved with a model has the least slope allowed (`SLOPE_BOUNDS`): the
+    predictions it was fitted on rank the patients at or below chance, and the calibrated model
+    answers nearly one probability for every patient (found by a user's trial: predict then
+    said the scans were unlike the training ones)."""
+    if calibration.slope <= SLOPE_BOUNDS[0] * (1.0 + 1e-6):
+        logger.warning("the %s calibration map fitted on %d patients has the least slope "
+                       "allowed (%g): their predictions rank them at or below chance, so the "
+                       "saved model answers about %.3f for every patient (it has not learned "
+                       "what the labels say)", method, patients, SLOPE_BOUNDS[0],
+                       float(sigmoid(calibration.intercept)))
+
+
 @keras.saving.register_keras_serializable(package="kdsb")
 class ProbabilityCalibration(keras.layers.Layer):
     """p → sigmoid(slope · logit(p) + intercept), on probabilities of any shape (float32).

@@ -222,7 +222,7 @@ def _train_held(data_dir: str | os.PathLike, labels_csv: str | os.PathLike, run_
 
 
 def _one_split(run_dir: Path, ctx: RunContext) -> dict[str, Any] | None:
-    from kdsb.models.calibration import fit_calibration, method_for
+    from kdsb.models.calibration import fit_calibration, method_for, warn_if_flattening
 
     cohort, options = ctx.cohort, ctx.options
     train_ids, val_ids = split_ids(cohort, sorted(cohort), options, "all patients")
@@ -236,6 +236,7 @@ def _one_split(run_dir: Path, ctx: RunContext) -> dict[str, Any] | None:
     # patients may be of one class (found in review: a Platt map fitted on them).
     method = method_for(len(val_ids), options.calibration, one_class=len(set(y_val)) < 2)
     calibration = fit_calibration(y_val, p_val, method)
+    warn_if_flattening(calibration, len(y_val), method)
     save_calibrated(run_dir, calibration, ctx.volume_input)
     p_cal = calibration.apply(p_val)
     return {

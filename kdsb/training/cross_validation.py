@@ -52,7 +52,7 @@ CALIBRATION_HURT_NATS = 0.005
 def cross_validate(run_dir: Path, folds: list[list[str]], ctx: RunContext) -> dict[str, Any] | None:
     """Train one model per fold on the other folds; score, calibrate and save them all (a
     worker other than the chief only trains, and returns None)."""
-    from kdsb.models.calibration import fit_calibration, method_for
+    from kdsb.models.calibration import fit_calibration, method_for, warn_if_flattening
 
     cohort, options = ctx.cohort, ctx.options
     if runs.worker(options.distribute).chief:  # a killed run's temporaries (each fold's: `fit`)
@@ -96,6 +96,7 @@ def cross_validate(run_dir: Path, folds: list[list[str]], ctx: RunContext) -> di
     # judged by the fewest patients a cross-fitted map sees.
     method = method_for(len(ids) - max(len(f) for f in folds), options.calibration)
     calibration = fit_calibration(y, p_raw, method)
+    warn_if_flattening(calibration, len(y), method)
     p_cal = np.empty_like(p_raw)
     for k in range(1, len(folds) + 1):
         inside = fold == k

@@ -6,52 +6,52 @@ already reads -1000 HU.
 
 `segment_lungs` works in two resolutions so that a 512×512×200 scan takes about a second:
 
-1. A coarse copy (block means of about `COARSE_SPACING_MM`) carries all the morphology.
-   Air is below `AIR_THRESHOLD_HU`. The body is the largest non-air component with its holes filled
-   slice by slice, so air outside it (also air split off by the table or outside a padded circular
-   field of view) is discarded. Where the image's edge or a circular field of view cuts through the
-   chest wall, the lung behind it is open to the air outside in those slices: such pockets (bounded
-   by the field of view where padding marks it, else by the body's convex hull) join the body where
-   they are parenchyma lying on the lung of the next slice, followed slice by slice from where the
-   cut spares the lung (`body.cut_open_lungs`); the body's centre then gives way to the gap between
-   the lungs as the midline. The trachea is a dark round blob near the midline in the top slices
-   (the highest whose airway runs `TRACHEA_MIN_LENGTH_MM` down: a blob of pharynx air above it ends
+1. A coarse copy (block means of about `COARSE_SPACING_MM`) carries all the morphology. Air is below
+   `AIR_THRESHOLD_HU`. The body is the largest non-air component with its holes filled slice by
+   slice, so air outside it (also air split off by the table or outside a padded circular field of
+   view) is discarded. Where the image's edge or a circular field of view cuts through the chest
+   wall, the lung behind it is open to the air outside in those slices: such pockets (bounded by the
+   field of view where padding marks it, else by the body's convex hull) join the body where they
+   are parenchyma lying on the lung of the next slice, followed slice by slice from where the cut
+   spares the lung (`body.cut_open_lungs`); the body's centre then gives way to the gap between the
+   lungs as the midline. The trachea is a dark round blob near the midline in the top slices (the
+   highest whose airway runs `TRACHEA_MIN_LENGTH_MM` down: a blob of pharynx air above it ends
    sooner); it and the main bronchi are region-grown from there, slice by slice: the blob of
    lumen-dark air (below `AIRWAY_LOOSE_HU`, so a ground-glass lesion beside the trachea stays out)
    touching the previous slice's airway while it stays a lumen (its median darker than
    `AIRWAY_LUMEN_MEDIAN_HU`: dense parenchyma of about -810 HU is mostly that loose air too), the
    stricter `AIRWAY_THRESHOLD_HU` air within it where it joins the lung, stopping where even that
-   area jumps (a leak into the lung), and removed. Air components that are parenchyma (median above the airway threshold: gas is
-   darker than lung), large, and reach the upper half of the lungs are kept (bowel gas is not). Each
-   side (right / left of the lungs' midline, halfway between their outermost voxels: the body's
-   centre moves where the field of view cuts off an arm; the trachea's centre where a cut lung's
-   outermost voxels are the cut, and no apex rule) is then filled on its own, so the two lungs never
-   merge across the mediastinum: a closing with a ball of `CLOSING_RADIUS_MM` (two Euclidean
-   distance transforms: an exact ball at little cost, unlike binary closing with a huge structuring
-   element) and 3D hole filling take in vessels and nodules (beyond the split the ball sees empty
-   space, except on the rows where the lungs come within `JUNCTION_GAP_FRACTION` of their span of
-   each other across it, the anterior junction or the posterior one behind the oesophagus: there
-   the lung goes on beyond the split, so a nodule lying across the junction is closed in from
-   both sides); tissue enclosed between the lung and
-   the chest wall inside the slice-wise convex hull of the lungs takes in juxtapleural nodules and
-   tumours, which a ball rolling from the wall side would bite into; a nodule found so reaches on
-   out to the chest wall's depth under the skin, past the hull's chords where the wall curves
-   outwards. Tumours up to about 35 mm radius leave a dent in the lung that no 15 mm ball fills, so
-   each side is also closed with a ball of `ENVELOPE_RADIUS_MM` (edge-padded so the closing never
-   fills out to the scan's border) and everything that envelope adds is taken in, except bone
-   (coarse HU above `BONE_HU`) and air the lung selection rejected. A tumour that caps a lung's apex
-   leaves no dent at all: within `APEX_ZONE_MM` of the top, thick non-bone tissue inside the other
-   lung's mirror image, as deep under the skin as this apex, is taken in (`apex_completion`; not
-   where the scan's top slice cuts the lungs near their widest). The envelope's ball still rolls a
-   few millimetres into a large mass's dent, so tissue within a rim of a thick mass the filling took
-   in is added too (`lesion_rim`, `MASS_RIMS_MM`): the mass's hidden edge against the wall, spine or
-   diaphragm. A mass of about 30 mm radius or more that fills a lung out to where the chest wall
-   curves away (a costophrenic recess, behind the sternum) leaves its outer third beyond those rims,
-   between the mask's concave boundary and the lungs' hull: tissue there, near the mass's core and
-   lying outwards of it (shallower under the skin), joins the mask where it touches both the mask
-   and the hull's edge, and reaches on out to the wall (`mass_pockets`). A ground-glass mass that
-   bulges into the mediastinum past the envelope (beyond the rims' reach, inwards of its core, where
-   no pocket lies) keeps that part as thick ground glass of which the mask already holds most
+   area jumps (a leak into the lung), and removed. Air components that are parenchyma (median above
+   the airway threshold: gas is darker than lung), large, and reach the upper half of the lungs are
+   kept (bowel gas is not). Each side (right / left of the lungs' midline, halfway between their
+   outermost voxels: the body's centre moves where the field of view cuts off an arm; the trachea's
+   centre where a cut lung's outermost voxels are the cut, and no apex rule) is then filled on its
+   own, so the two lungs never merge across the mediastinum: a closing with a ball of
+   `CLOSING_RADIUS_MM` (two Euclidean distance transforms: an exact ball at little cost, unlike
+   binary closing with a huge structuring element) and 3D hole filling take in vessels and nodules
+   (beyond the split the ball sees empty space, except on the rows where the lungs come within
+   `JUNCTION_GAP_FRACTION` of their span of each other across it, the anterior junction or the
+   posterior one behind the oesophagus: there the lung goes on beyond the split, so a nodule lying
+   across the junction is closed in from both sides); tissue enclosed between the lung and the chest
+   wall inside the slice-wise convex hull of the lungs takes in juxtapleural nodules and tumours,
+   which a ball rolling from the wall side would bite into; a nodule found so reaches on out to the
+   chest wall's depth under the skin, past the hull's chords where the wall curves outwards. Tumours
+   up to about 35 mm radius leave a dent in the lung that no 15 mm ball fills, so each side is also
+   closed with a ball of `ENVELOPE_RADIUS_MM` (edge-padded so the closing never fills out to the
+   scan's border) and everything that envelope adds is taken in, except bone (coarse HU above
+   `BONE_HU`) and air the lung selection rejected. A tumour that caps a lung's apex leaves no dent
+   at all: within `APEX_ZONE_MM` of the top, thick non-bone tissue inside the other lung's mirror
+   image, as deep under the skin as this apex, is taken in (`apex_completion`; not where the scan's
+   top slice cuts the lungs near their widest). The envelope's ball still rolls a few millimetres
+   into a large mass's dent, so tissue within a rim of a thick mass the filling took in is added too
+   (`lesion_rim`, `MASS_RIMS_MM`): the mass's hidden edge against the wall, spine or diaphragm. A
+   mass of about 30 mm radius or more that fills a lung out to where the chest wall curves away (a
+   costophrenic recess, behind the sternum) leaves its outer third beyond those rims, between the
+   mask's concave boundary and the lungs' hull: tissue there, near the mass's core and lying
+   outwards of it (shallower under the skin), joins the mask where it touches both the mask and the
+   hull's edge, and reaches on out to the wall (`mass_pockets`). A ground-glass mass that bulges
+   into the mediastinum past the envelope (beyond the rims' reach, inwards of its core, where no
+   pocket lies) keeps that part as thick ground glass of which the mask already holds most
    (`hazy_masses`: ground glass surviving an opening with a ball of radius `HAZY_CORE_MM`; its
    blocks on the mask's boundary keep only their lung and ground glass at full resolution). Air the
    lung selection rejected counts as gas (bowel, airways: never taken in, nor the tissue voxels
