@@ -148,3 +148,23 @@ def test_the_sigmoid_is_accurate_in_its_tails():
     exact = np.exp(z) / (1.0 + np.exp(z))
     np.testing.assert_allclose(sigmoid(z), exact, rtol=1e-12)
     assert (sigmoid(z[:3]) > 0).all()
+
+
+def test_a_map_that_flattens_every_prediction_is_warned_of(caplog):
+    """Found by a user's trial: predictions ranked below chance gave a Platt slope at its lower
+    bound, and the saved models answered 0.468 for everyone without a word at training."""
+    import logging
+
+    from kdsb.models.calibration import fit_calibration, warn_if_flattening
+
+    y = np.array([1, 1, 1, 0, 0, 0, 1, 0, 1, 0, 1, 0])
+    p = np.array([0.1, 0.2, 0.15, 0.8, 0.9, 0.85, 0.3, 0.7, 0.25, 0.75, 0.2, 0.95])  # reversed
+    flat = fit_calibration(y, p, "platt")
+    with caplog.at_level(logging.WARNING, logger="kdsb.models.calibration"):
+        warn_if_flattening(flat, y.size, "platt")
+    assert "has the least slope allowed (0.001)" in caplog.text
+    assert "answers about 0.500 for every patient" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdsb.models.calibration"):
+        warn_if_flattening(fit_calibration(y, 1.0 - p, "platt"), y.size, "platt")
+    assert caplog.text == ""
