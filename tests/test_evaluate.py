@@ -274,18 +274,40 @@ def test_one_class_validation_names_its_file(split, tmp_path, capsys, caplog):
 
 def test_validation_ids_need_labels(split, tmp_path, capsys):
     preds, labels, oof, _, _ = split
-    unlabelled = tmp_path / "unlabelled.csv"
-    unlabelled.write_text(oof.read_text() + "w9,0.4,0,1\n")
+    unlabelled = tmp_path / "unlabelled.csv"  # id,cancer only: no label column of its own
+    unlabelled.write_text("id,cancer\n" + "".join(
+        ",".join(line.split(",")[:2]) + "\n" for line in oof.read_text().splitlines()[1:])
+        + "w9,0.4\n")
     argv = ["evaluate", str(preds), str(labels), "--threshold", "f1", "--validation",
             str(unlabelled)]
     assert main(argv) == 1
-    assert f"expected a label in {labels} for every validation id, received 1 of 7 without " \
-        "one: w9" in _one_line_error(capsys)
+    assert f"expected a label in {labels} (or a label column in {unlabelled}) for every " \
+        "validation id, received 1 of 7 without one: w9" in _one_line_error(capsys)
     # A given threshold is not picked on them: unlabelled validation ids are only left out.
     argv[argv.index("f1")] = "0.5"
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "patients            5 (3 positive)" in out and "threshold 0.5 (given)" in out
+
+
+def test_an_out_of_fold_files_own_labels_serve_its_patients(split, tmp_path, capsys):
+    """Found by a user's trial: oof.csv carries each patient's label, yet its patients had to be
+    added to LABELS_CSV by hand before a threshold could be picked on them."""
+    preds, labels, oof, (val_y, val_p), _ = split
+    test_only = tmp_path / "test_labels.csv"
+    test_only.write_text("".join(line + "\n" for line in labels.read_text().splitlines()
+                                 if not line.startswith("v")))
+    argv = ["evaluate", str(preds), str(test_only), "--threshold", "youden", "--validation",
+            str(oof)]
+    assert main(argv) == 0
+    picked = metrics.pick_threshold(val_y, val_p, "youden")
+    assert f"threshold {picked:.6g} (youden on {oof}, 6 patients)" in capsys.readouterr().out
+    clashing = tmp_path / "clash.csv"
+    clashing.write_text(labels.read_text().replace("v0,0", "v0,1"))
+    argv[2] = str(clashing)
+    assert main(argv) == 1
+    assert f"expected {oof}'s label column to agree with {clashing}, received other labels " \
+        "for v0" in _one_line_error(capsys)
 
 
 def test_numeric_threshold_prints_the_confusion_matrix(files, capsys):

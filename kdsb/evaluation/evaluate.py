@@ -15,7 +15,8 @@ from kdsb.errors import KdsbError, LabelsError, UsageError
 from kdsb.evaluation import metrics
 from kdsb.evaluation.predict import PROBABILITY_CLIP
 from kdsb.io.atomic import save_figure
-from kdsb.io.tables import read_labels, read_predictions, summarise_ids
+from kdsb.io.run_layout import OOF_LABEL
+from kdsb.io.tables import read_label_column, read_labels, read_predictions, summarise_ids
 
 logger = logging.getLogger(__name__)
 
@@ -221,9 +222,11 @@ def _split_validation(
 
     Raises:
         UsageError: validation ids are among the evaluated ones.
-        LabelsError: with `picks`, a validation id has no label in `labels_csv`.
+        LabelsError: with `picks`, a validation id has no label in `labels_csv` nor in the
+            validation file's own `label` column (oof.csv's), or the two disagree.
     """
-    # Only the id and cancer columns are read: an out-of-fold file (id,cancer,fold,label) will do.
+    # The id and cancer columns, and an out-of-fold file's own label column (found by a user's
+    # trial: oof.csv's patients had to be added to LABELS_CSV by hand).
     validation = read_predictions(validation_csv)
     overlap = sorted(set(validation) & set(predictions))
     if overlap:
@@ -232,14 +235,21 @@ def _split_validation(
             f"{len(overlap)} id(s) in both {validation_csv} and {predictions_csv}: "
             f"{summarise_ids(overlap)} (the threshold would be picked on the test set)"
         )
-    unlabelled = sorted(set(validation) - set(labels))
+    own = read_label_column(validation_csv, OOF_LABEL) or {}
+    clash = sorted(i for i in set(own) & set(labels) if own[i] != labels[i])
+    if clash:
+        raise LabelsError(f"expected {validation_csv}'s {OOF_LABEL} column to agree with "
+                          f"{labels_csv}, received other labels for {summarise_ids(clash)}")
+    known = {**own, **labels}
+    unlabelled = sorted(set(validation) - set(known))
     if unlabelled and picks:
         raise LabelsError(
-            f"expected a label in {labels_csv} for every validation id, received "
-            f"{len(unlabelled)} of {len(validation)} without one: {summarise_ids(unlabelled)}"
+            f"expected a label in {labels_csv} (or a {OOF_LABEL} column in {validation_csv}) "
+            f"for every validation id, received {len(unlabelled)} of {len(validation)} without "
+            f"one: {summarise_ids(unlabelled)}"
         )
-    ids = sorted(set(validation) & set(labels))
-    y = np.array([labels[i] for i in ids], dtype=np.float64)
+    ids = sorted(set(validation) & set(known))
+    y = np.array([known[i] for i in ids], dtype=np.float64)
     p = np.array([validation[i] for i in ids], dtype=np.float64)
     rest = {i: label for i, label in labels.items() if i not in validation}
     return y, p, rest

@@ -142,6 +142,17 @@ def read_labels(csv_path: str | os.PathLike) -> dict[str, int]:
     )
 
 
+def read_label_column(csv_path: str | os.PathLike, column: str) -> dict[str, int] | None:
+    """The 0/1 labels of column `column` of a CSV with an `id` column (an out-of-fold file's
+    `label`), as `read_labels` reads `cancer`; None when the header has no such column."""
+    rows = _open_rows(Path(csv_path))
+    if not rows or column not in {_column_key(name) for name in _header_cells(rows)}:
+        return None
+    return _read_id_values(csv_path, lambda text: VALID_LABELS.get(text),
+                           expected="a label 0 or 1", nothing="labelled patient",
+                           value_column=column)
+
+
 def read_ids(csv_path: str | os.PathLike) -> list[str]:
     """Read the `id` column of a CSV (a Kaggle sample submission) in file order.
 
@@ -269,6 +280,7 @@ def _read_id_values(
     expected: str,
     nothing: str,
     note_other_columns: bool = False,
+    value_column: str = LABEL_COLUMN,
 ) -> dict[str, Any]:
     """Read an `id,cancer` CSV into patient id → `parse(cancer cell)`, in file order.
 
@@ -278,18 +290,20 @@ def _read_id_values(
         expected: what an acceptable cell is, for the error message ("a label 0 or 1").
         nothing: what a row holds, for the message when there are none ("prediction").
         note_other_columns: log which columns other than `id` and `cancer` are ignored.
+        value_column: the column read instead of `cancer`.
 
     Raises:
         LabelsError: naming the file, and the line and value where one is at fault.
     """
     csv_path = Path(csv_path)
     rows = _open_rows(csv_path)
-    header = _header_index(csv_path, rows, LABEL_COLUMNS)
-    others = [name for name in _header_cells(rows) if _column_key(name) not in LABEL_COLUMNS]
+    columns = (ID_COLUMN, value_column)
+    header = _header_index(csv_path, rows, columns)
+    others = [name for name in _header_cells(rows) if _column_key(name) not in columns]
     if note_other_columns and others:
-        logger.info("%s: column(s) %s ignored (only id and cancer are read)", csv_path,
-                    ", ".join(others))
-    id_at, value_at = header.index(ID_COLUMN), header.index(LABEL_COLUMN)
+        logger.info("%s: column(s) %s ignored (only %s are read)", csv_path,
+                    ", ".join(others), " and ".join(columns))
+    id_at, value_at = header.index(ID_COLUMN), header.index(value_column)
     values: dict[str, Any] = {}
     for line, row in rows[1:]:  # line numbers of the file, blank lines counted
         if not _fits_header(row, header):
