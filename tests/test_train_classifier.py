@@ -514,8 +514,9 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     from kdsb.errors import ModelError
     from kdsb.evaluation.gradcam import split_classifier
 
-    with pytest.raises(ModelError, match="nests its fold models: pass the RUN_DIR"):
+    with pytest.raises(ModelError, match="nests its fold models: pass the RUN_DIR") as raised:
         split_classifier(keras.saving.load_model(run / "classifier.keras", compile=False))
+    assert "--method occlusion" not in str(raised.value)
     with open(run / "history.csv", newline="") as f:
         stacked = list(csv.DictReader(f))
     for k in (1, 2):
@@ -597,6 +598,7 @@ def test_nll_head_trains_predicts_and_explains_by_occlusion(cohort, tmp_path, ca
     err = capsys.readouterr().err
     assert f"{run / 'classifier.keras'}: expected a classifier with an encoder for Grad-CAM" in err
     assert "use --method occlusion" in err and not (tmp_path / "ex").exists()
+    assert "pass the RUN_DIR" not in err  # (found by a user's trial: advice for another case)
     assert main([*explain, "--method", "occlusion", "--occlusion-mm", "8"]) == 0
     # A volume smaller than the GMCAE's patch: one line naming it, before any patient is
     # scored (found in review: a ZeroDivisionError inside the model).

@@ -32,16 +32,20 @@ def split_classifier(model: Any) -> tuple[Any, list[Any], Any]:
     pooling, dense head) and the output unit `p_cancer` (a calibration after it is monotone,
     so it does not change where the model looks)."""
     from kdsb.errors import ModelError, WrongModelError
+    from kdsb.models.ensemble import ENSEMBLE_NAME
     from kdsb.models.gmcae import encoder_of
 
     try:
         encoder = encoder_of(model)
     except ModelError:
+        # Each case its own advice (found by a user's trial: an nll run's RUN_DIR was told to
+        # pass the RUN_DIR).
+        why = ("a cross-validated run's own classifier.keras nests its fold models: pass the "
+               "RUN_DIR, whose fold models each have one" if model.name == ENSEMBLE_NAME else
+               "head nll: its instances are patch likelihoods; use --method occlusion")
         raise WrongModelError(
             f"expected a classifier with an encoder for Grad-CAM, received '{model.name}' "
-            "without one (head nll: its instances are patch likelihoods; a cross-validated "
-            "run's own classifier.keras nests its fold models: pass the RUN_DIR); use --method "
-            "occlusion"
+            f"without one ({why})"
         ) from None
     output = model.get_layer(OUTPUT_LAYER)
     layers = [layer for layer in model.layers if not layer.name.startswith("volume")]
