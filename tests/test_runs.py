@@ -285,10 +285,21 @@ def test_a_damaged_record_is_a_one_line_error_naming_it(tmp_path):
         runs.check_split(tmp_path, {"train_ids": ["a"]}, resume=True)
 
 
-def test_resume_without_checkpoint_starts_afresh(tmp_path):
+def test_resume_without_checkpoint_starts_afresh(tmp_path, caplog):
+    """Warned of only where epochs were trained and their checkpoints are gone (found by a
+    user's trial: a fold not yet begun, or a restart, warned too)."""
+    import logging
+    import shutil
+
     runs.configure_runtime(seed=0)
-    history = _fit(tmp_path, 1, resume=True)
-    assert history.epoch == [0]
+    with caplog.at_level(logging.WARNING, logger="kdsb.training.runs.fitting"):
+        history = _fit(tmp_path / "new", 1, resume=True)
+    assert history.epoch == [0] and "starting afresh" not in caplog.text
+    shutil.rmtree(tmp_path / "new" / "checkpoints")
+    (tmp_path / "new" / "finished.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="kdsb.training.runs.fitting"):
+        assert _fit(tmp_path / "new", 1, resume=True).epoch == [0]
+    assert "no checkpoint in" in caplog.text and "starting afresh" in caplog.text
 
 
 def test_keep_checkpoints_prunes_old_epochs(tmp_path):

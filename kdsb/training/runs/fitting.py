@@ -283,7 +283,9 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
         history.set_model(model)
         history.on_train_begin()  # no epochs: `history.epoch` is empty
         return history
-    if resume and last is None:
+    if resume and last is None and (run_dir / HISTORY_NAME).is_file():
+        # Only a run that trained epochs and lost their checkpoints is worth a warning (found
+        # by a user's trial: every fold not yet begun, and every restart, warned so).
         logger.warning("no checkpoint in %s: starting afresh", run_dir / CHECKPOINT_DIR)
     if chief:
         (run_dir / FINISHED_NAME).unlink(missing_ok=True)  # a former attempt's, or one to extend
