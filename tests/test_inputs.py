@@ -189,6 +189,11 @@ def test_common_spacing_names_a_corrupt_file_and_one_of_another_spacing(volume, 
     other = write_volume(volume_path(tmp_path, "q"), hu, lung, (1, 1, 1), (0, 0, 0))
     with pytest.raises(StoreError, match=r"q.h5: expected a spacing of \(2, 1, 1\) mm"):
         common_spacing([path, other])
+    # Most files' spacing is the reference, whichever comes first (found by a user's trial: the
+    # odd file out was taken for the reference and a majority file named at fault).
+    with pytest.raises(StoreError, match=r"^\S*q.h5: expected a spacing of \(2, 1, 1\) mm \(that "
+                                         r"of 2 of the 3 volumes: a run takes one spacing\)"):
+        common_spacing([other, path, path])
 
 
 def test_the_run_subfolders_agree_with_their_owners():

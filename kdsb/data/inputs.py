@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -195,14 +196,14 @@ class VolumeInput:
 
         Raises:
             StoreError: a file is unreadable or not a kdsb volume file, too small for
-                `downscale`, or of another spacing than the first file.
+                `downscale`, or of another spacing than most files (`common_spacing`).
         """
-        fitted, whose = self, MODEL_SPACING
+        fitted = self
+        if fitted.spacing_mm is None:
+            fitted = replace(fitted, spacing_mm=common_spacing(paths))
         for path in paths:
             attrs = volumes.read_attrs(path)
-            if fitted.spacing_mm is None:
-                fitted, whose = replace(fitted, spacing_mm=attrs["spacing"]), _first_volume(path)
-            fitted.check(path, attrs["spacing"], attrs["shape"], whose)
+            fitted.check(path, attrs["spacing"], attrs["shape"], MODEL_SPACING)
         return fitted
 
     def read(self, path: str | os.PathLike) -> np.ndarray:
@@ -253,25 +254,28 @@ def check_spacing(path: str | os.PathLike, spacing: Sequence[float],
         )
 
 
-def _first_volume(path: str | os.PathLike) -> str:
-    return f"that of {Path(path).name}, the first volume: a run takes one spacing"
-
-
 def common_spacing(paths: Sequence[str | os.PathLike]) -> tuple[float, float, float]:
     """The (z, y, x) spacing in mm every volume file shares (attributes only).
 
     Raises:
         StoreError: a file is unreadable or not a kdsb volume file, or its spacing differs from
-            the first file's.
+            most files' (the first file's where no spacing is held by most): the message names
+            the odd file out, not one of the many (found by a user's trial).
     """
-    spacing = whose = None
-    for path in paths:
-        attrs = volumes.read_attrs(path)
-        if spacing is None:
-            spacing, whose = tuple(float(s) for s in attrs["spacing"]), _first_volume(path)
-        check_spacing(path, attrs["spacing"], spacing, whose)
-    if spacing is None:
+    spacings = [tuple(float(s) for s in volumes.read_attrs(path)["spacing"]) for path in paths]
+    if not spacings:
         raise StoreError("expected at least one volume file, received none")
+    # Grouped to 1 µm (`same_spacing` tells equal ones apart no finer); ties: the first file's.
+    counts = Counter(tuple(round(s, 3) for s in spacing) for spacing in spacings)
+    key, count = counts.most_common(1)[0]
+    if count * 2 > len(spacings):
+        spacing = next(s for s in spacings if tuple(round(v, 3) for v in s) == key)
+        whose = f"that of {count} of the {len(spacings)} volumes: a run takes one spacing"
+    else:
+        spacing = spacings[0]
+        whose = f"that of {Path(paths[0]).name}, the first volume: a run takes one spacing"
+    for path, own in zip(paths, spacings, strict=True):
+        check_spacing(path, own, spacing, whose)
     return spacing
 
 
