@@ -135,7 +135,7 @@ def test_occlusion_finds_the_nodule_too(cohort, tmp_path, caplog):
     assert np.all(np.abs(cube_mm - 45) <= cube_mm / voxels / 2) and np.all(step_mm == cube_mm)
     # And an estimate from the first cube, for a log off a terminal (found in review).
     assert re.search(r"occlusion: \d+\.\d\d s a cube, about (under 1 s|\d+ s|\d+\.\d min) "
-                     r"for this patient", caplog.text), caplog.text
+                     r"for this patient \(1 model\(s\)\)", caplog.text), caplog.text
     row = _peaks(out)["c0"]
     # Within half a cube of the nodule (found in review: "within a cube", 45 mm, let a peak
     # anywhere in a third of these lungs pass).
@@ -294,8 +294,9 @@ def test_occlusion_cubes_are_cubes_in_mm_on_anisotropic_volumes(monkeypatch):
 
     shape, seen = (20, 40, 40), {}
 
-    def recording(model, x, lung, fill, size, stride, voxel_mm):
+    def recording(model, x, lung, fill, size, stride, voxel_mm, models):
         seen.update(size=tuple(size), stride=tuple(stride), voxel_mm=tuple(voxel_mm))
+        seen.setdefault("models", []).append(models)
         return np.zeros(x.shape[:3], np.float32), 0.5
 
     monkeypatch.setattr(explain, "occlusion", recording)
@@ -304,9 +305,12 @@ def test_occlusion_cubes_are_cubes_in_mm_on_anisotropic_volumes(monkeypatch):
     volume = types.SimpleNamespace(patient_id="p1", hu=np.zeros(shape, np.int16),
                                    lung_mask=np.ones(shape, np.uint8), spacing=(2.5, 0.7, 0.7),
                                    origin=(0.0, 0.0, 0.0))
-    explain.explain_patient([object()], [volume_input], "p1.h5", volume, method="occlusion",
-                            occlusion_mm=24.0, stride_mm=16.0)
-    assert seen == {"size": (10, 34, 34), "stride": (6, 23, 23), "voxel_mm": (2.5, 0.7, 0.7)}
+    explain.explain_patient([object(), object()], [volume_input] * 2, "p1.h5", volume,
+                            method="occlusion", occlusion_mm=24.0, stride_mm=16.0)
+    # The first model's call estimates the patient's time for both (a user's trial: the
+    # estimate counted one model of two).
+    assert seen == {"size": (10, 34, 34), "stride": (6, 23, 23), "voxel_mm": (2.5, 0.7, 0.7),
+                    "models": [2, 0]}
 
 
 def test_the_occlusion_peak_is_the_middle_of_the_hottest_block_not_its_corner():

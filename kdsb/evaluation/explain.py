@@ -171,7 +171,7 @@ def explain_patient(
     patient_id = volume.patient_id
     maps, probabilities = [], []
     prepared: list[tuple[Any, np.ndarray]] = []  # one read a way of reading, as predict does
-    for model, volume_input in zip(models, inputs, strict=True):
+    for index, (model, volume_input) in enumerate(zip(models, inputs, strict=True)):
         x = next((x for known, x in prepared if known == volume_input), None)
         if x is None:
             x = volume_input.read(volume_file)
@@ -188,7 +188,8 @@ def explain_patient(
             stride = [max(1, round(stride_mm / v)) for v in voxel_mm]
             fill = float(normalize_hu(np.float32(volume_input.outside_hu),
                                       clip=volume_input.hu_clip))
-            cam, p = occlusion(model, x, lung, fill, size, stride, voxel_mm)
+            cam, p = occlusion(model, x, lung, fill, size, stride, voxel_mm,
+                               models=len(models) if index == 0 else 0)
         heatmap = to_volume_grid(cam, volume.hu.shape, factor, centres)
         top = float(heatmap.max())
         maps.append(heatmap / top if top > 0 else heatmap)
