@@ -85,7 +85,7 @@ def naming_on_out_of_memory(what: str) -> Iterator[None]:
     except Exception as error:
         if not is_out_of_memory(error) or str(error).startswith(f"{what}: "):
             raise
-        raise MemoryError(f"{what}: {out_of_memory_line(error)}") from error
+        raise MemoryError(f"{what}: {out_of_memory_line(error) or 'out of memory'}") from error
 
 
 def out_of_memory_line(error: BaseException) -> str:

@@ -302,6 +302,16 @@ def test_an_out_of_fold_files_own_labels_serve_its_patients(split, tmp_path, cap
     assert main(argv) == 0
     picked = metrics.pick_threshold(val_y, val_p, "youden")
     assert f"threshold {picked:.6g} (youden on {oof}, 6 patients)" in capsys.readouterr().out
+    # A blank label cell leaves its patient to LABELS_CSV, and without a rule the column is not
+    # read at all (found in review: both stopped runs the column has nothing to do with).
+    blank = tmp_path / "blank.csv"
+    blank.write_text(oof.read_text().replace(",0\n", ",\n", 1))
+    assert main([*argv[:2], str(labels), *argv[3:6], str(blank)]) == 0
+    junk = tmp_path / "junk.csv"
+    junk.write_text(oof.read_text().replace(",0\n", ",maybe\n", 1))
+    assert main(["evaluate", str(preds), str(labels), "--threshold", "0.5", "--validation",
+                 str(junk)]) == 0
+    capsys.readouterr()
     clashing = tmp_path / "clash.csv"
     clashing.write_text(labels.read_text().replace("v0,0", "v0,1"))
     argv[2] = str(clashing)

@@ -283,11 +283,12 @@ def test_a_threshold_separates_scores_within_1e_15_of_0_or_1_and_neighbouring_fl
         assert (c.tp, c.fp, c.tn, c.fn) == cells, p
 
 
-def test_a_threshold_next_to_a_score_of_exactly_0_or_1_is_the_score_called_positive():
+def test_a_threshold_next_to_a_score_of_exactly_0_or_1_lies_halfway_in_probability():
     """Found in review: a next lower score of exactly 0 gave a cut of about 1e-155 (its logit
     clipped to the smallest float's), so a negative at 1e-9 elsewhere was called positive."""
-    assert metrics.pick_threshold([0, 0, 1, 1], [0.0, 0.0, 0.02, 0.4], "youden") == 0.02
-    assert metrics.pick_threshold([0, 0, 1, 1], [0.1, 0.2, 1.0, 1.0], "youden") == 1.0
+    assert metrics.pick_threshold([0, 0, 1, 1], [0.0, 0.0, 0.02, 0.4], "youden") == 0.01
+    # Halfway in probability: an evaluated 0.999 falls on the positives' side (review).
+    assert metrics.pick_threshold([0, 0, 1, 1], [0.1, 0.6, 1.0, 1.0], "youden") == 0.8
 
 
 def test_pick_threshold_maximises_the_rule_over_distinct_scores():

@@ -235,7 +235,7 @@ def _split_validation(
             f"{len(overlap)} id(s) in both {validation_csv} and {predictions_csv}: "
             f"{summarise_ids(overlap)} (the threshold would be picked on the test set)"
         )
-    own = read_label_column(validation_csv, OOF_LABEL) or {}
+    own = (read_label_column(validation_csv, OOF_LABEL) or {}) if picks else {}
     clash = sorted(i for i in set(own) & set(labels) if own[i] != labels[i])
     if clash:
         raise LabelsError(f"expected {validation_csv}'s {OOF_LABEL} column to agree with "
@@ -263,8 +263,8 @@ def within_clip(threshold: float, p: np.ndarray, clip: float = PROBABILITY_CLIP)
     cut at 0.002, and every clipped prediction was called positive; and the clip is the one
     given (found in review: predictions made with `--clip 0.02` were taken for unclipped)."""
     low, high = clip, 1.0 - clip
-    if not (p.min() >= low and p.max() <= high) or low < threshold <= high:
-        return threshold
+    if clip == 0.0 or not (p.min() >= low and p.max() <= high) or low < threshold <= high:
+        return threshold  # (no clip: nothing to move inside; found in review)
     moved = float(min(max(threshold, np.nextafter(low, 1.0)), high))
     logger.info("the threshold %.6g lies beyond the clip [%g, %g] of the evaluated predictions "
                 "(kdsb predict's): %.6g, the nearest cut between clipped values", threshold,
@@ -301,7 +301,8 @@ def evaluate(
             moves it inside the clip of evaluated predictions that `kdsb predict` clipped).
         clip: the clip `kdsb predict` made the evaluated predictions with (its `--clip`).
         validation_csv: predictions of validation or out-of-fold patients, separate from the
-            evaluated ones (only its `id` and `cancer` columns are read). Required by a rule.
+            evaluated ones (its `id` and `cancer` columns, and with a rule its own `label`
+            column where it has one, as oof.csv does). Required by a rule.
         predicted_only: score the predicted patients even when the labels name more (`align`).
 
     Returns:

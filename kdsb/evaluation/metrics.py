@@ -406,10 +406,10 @@ def pick_threshold(y, p, rule: str) -> float:
     - "f1": maximise F1 = 2·tp / (2·tp + fp + fn).
 
     Ties go to the highest cut (the fewest positive calls). The threshold lies halfway, in
-    log-odds, between the lowest score called positive and the next lower one (the lowest
-    score called positive itself when every patient is called positive, when either score is
-    exactly 0 or 1, or when the two are too near each other for a halfway point), rather than
-    on a patient's score: predictions
+    log-odds, between the lowest score called positive and the next lower one (halfway in
+    probability when either is exactly 0 or 1; the lowest score called positive itself when
+    every patient is called positive, or when the two are too near each other for a halfway
+    point), rather than on a patient's score: predictions
     clipped or rounded otherwise (`kdsb predict` clips to [0.005, 0.995]; oof.csv does not)
     then fall on the side of the validation patients they are close to. Pick on validation or
     out-of-fold predictions, never on the patients the threshold is then evaluated on.
@@ -440,7 +440,7 @@ def pick_threshold(y, p, rule: str) -> float:
         return float(scores[best])
     higher, lower = scores[best: best + 2]
     if lower <= 0.0 or higher >= 1.0:  # no log-odds midpoint (found in review: 1e-155 for 0)
-        return float(higher)
+        return float((higher + lower) / 2.0)
     middle = float(expit(logit(np.array([higher, lower])).mean()))
     # Scores too near each other for a midpoint between them: the higher one itself.
     return middle if lower < middle <= higher else float(higher)

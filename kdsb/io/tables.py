@@ -144,13 +144,15 @@ def read_labels(csv_path: str | os.PathLike) -> dict[str, int]:
 
 def read_label_column(csv_path: str | os.PathLike, column: str) -> dict[str, int] | None:
     """The 0/1 labels of column `column` of a CSV with an `id` column (an out-of-fold file's
-    `label`), as `read_labels` reads `cancer`; None when the header has no such column."""
+    `label`), as `read_labels` reads `cancer`, a blank cell leaving its patient unlabelled;
+    None when the header has no such column."""
     rows = _open_rows(Path(csv_path))
     if not rows or column not in {_column_key(name) for name in _header_cells(rows)}:
         return None
-    return _read_id_values(csv_path, lambda text: VALID_LABELS.get(text),
-                           expected="a label 0 or 1", nothing="labelled patient",
-                           value_column=column)
+    found = _read_id_values(csv_path, lambda text: VALID_LABELS.get(text, None if text else ""),
+                            expected="a label 0 or 1 (or none)", nothing="row",
+                            value_column=column)
+    return {patient: label for patient, label in found.items() if label != ""}
 
 
 def read_ids(csv_path: str | os.PathLike) -> list[str]:
