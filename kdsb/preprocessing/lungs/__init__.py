@@ -99,7 +99,11 @@ on those cases). Lungs touching at the anterior junction stay one component. Bil
 tumours defeat the mirror rule, and so would lungs of very unequal width (the mirror plane lies
 halfway between their outermost voxels). A small air pocket outside the lungs that reads hazier
 than `GROUND_GLASS_MIN_HU` on the coarse grid (a nearly collapsed oesophagus) and touches them
-would be taken in as ground glass. Scans without much lung (an abdominal CT reaching the lung
+would be taken in as ground glass. A trachea whose lumen reads lighter than
+`AIRWAY_LUMEN_MEDIAN_HU` below darker top slices (a noisy low-dose scan) is removed only down to
+where it turns light, the rest kept as lung (a review's constructed case; growing the median
+test only where the air grows mended it but let lung beside the bronchi into the airway again
+in a tenth of the demo-size phantoms). Scans without much lung (an abdominal CT reaching the lung
 bases) fail the plausibility bounds unless `litres` is widened. A lung that the image's edge or the
 field of view cuts open (`benchmarks/lung_mask.py --cuts`: the real CT cropped 10-40 mm into a
 lung, 15 mm front or back, or inside a circle cutting the right lung) keeps 98-99 % of the uncut
