@@ -57,7 +57,10 @@ class Calibration:
     intercept: float = 0.0
 
     def apply(self, p) -> np.ndarray:
-        """Calibrated probabilities of `p` (NumPy, float64)."""
+        """Calibrated probabilities of `p` (NumPy, float64); the identity map keeps them as they
+        are (not through logit and back, which may move a value by its last bit)."""
+        if self.slope == 1.0 and self.intercept == 0.0:
+            return np.asarray(p, dtype=np.float64)
         return sigmoid(self.slope * logit(p) + self.intercept)
 
 
