@@ -75,44 +75,45 @@ air is lung, which is gas), `filling` (each side's closings, envelope and enclos
 source grid); `thresholds` holds the HU thresholds they share.
 
 Where it still fails (benchmarks/lung_mask.py: 98 lesions implanted into varied copies of a real
-chest CT, eight draws; every draw changed in the fifteenth session, when the airways stopped
-staying in about a quarter of the varied bases' masks, and again in the sixteenth, when the
-junction rule changed the bases' masks by 0.02-0.25 %: the lesions are placed in them): the base of
-a 3 mm nodule (9-25 voxels) against the wall or diaphragm can lose 1-3 voxels, too few for a core
-whose fringe would reach them (85.7-88.9 %, three of 784 lesions; a one-voxel fringe around every
-solid core of a dense block kept them, 92.9-96.0 %, but grew every mask by about 1 %, phantoms' by
-2.5 %, and was not kept); a 35 mm mass on the diaphragm can lose its base against the liver dome,
-which no rule here tells from the lesion (88.7 %, once); a mass in a concave mediastinal dent
-deeper than the small mass tier's 6 mm rim would lose its medial part (74–89 % of 10 mm masses
-without that tier). The large ball and the mass rims also take in the parts of mediastinal
-structures that bulge into a lung (the descending aorta and arch, the hilum, the oesophagus) and
-the edge of the liver dome: the mask is 1.05–1.08 × a plain air envelope with 6.0–8.5 % soft tissue
-(the old 15 mm mask: 4.7 %); beside a 35 mm mass the rims, envelope and pockets take in up to 2.7 %
-of the lung mask's volume outside the lesion (the pockets' share up to 0.9 %, such as paravertebral
-tissue within `POCKET_DEPTH_MM` of the hull's edge beside a mass against the spine; the hazy
-masses' under 0.1 %, a ground-glass mass's blurred edge). Where the lungs meet, the closing that
-sees lung beyond the split takes in the tissue between them within the junction's gap (the junction
-line, anterior mediastinal fat), and where that gap is 12 mm or wider the mass rim may take it for
-a mass and add its rim: together 0.02-0.25 % of a varied real base's mask, up to 10 ml (it keeps a
-10 mm nodule lying across the junction, which the split cut to 54 and 70 % before: 97.2 and 99.7 %
-on those cases). Lungs touching at the anterior junction stay one component. Bilateral apical
-tumours defeat the mirror rule, and so would lungs of very unequal width (the mirror plane lies
-halfway between their outermost voxels). A small air pocket outside the lungs that reads hazier
-than `GROUND_GLASS_MIN_HU` on the coarse grid (a nearly collapsed oesophagus) and touches them
-would be taken in as ground glass. A trachea whose lumen reads lighter than
+chest CT, eight draws; every draw changed in the fifteenth session, when the airways stopped staying
+in about a quarter of the varied bases' masks, in the sixteenth, when the junction rule changed the
+bases' masks by 0.02-0.25 %, and in the thirty-third, when the airway stopped taking lung beside the
+bronchi: the lesions are placed in them; 780 of 784 kept): the base of a 3 mm nodule (9-25 voxels)
+against the wall or diaphragm can lose 1-3 voxels, too few for a core whose fringe would reach them
+(88.5-88.9 %, two lesions; a one-voxel fringe around every solid core of a dense block kept such
+bases, 92.9-96.0 %, but grew every mask by about 1 %, phantoms' by 2.5 %, and was not kept); a 35 mm
+mass on the diaphragm can lose its base against the liver dome, which no rule here tells from the
+lesion (88.7 %); a mass in a concave mediastinal dent deeper than the small mass tier's 6 mm rim
+loses its medial part (74–89 % of 10 mm masses without that tier; a 35 mm mass in the medial lower
+lobe against the oesophagus and aorta, 84.1 %). The large ball and the mass rims also take in the
+parts of mediastinal structures that bulge into a lung (the descending aorta and arch, the hilum,
+the oesophagus) and the edge of the liver dome: the mask is 1.05–1.08 × a plain air envelope with
+6.0–8.5 % soft tissue (the old 15 mm mask: 4.7 %); beside a 35 mm mass the rims, envelope and
+pockets take in up to 2.7 % of the lung mask's volume outside the lesion (the pockets' share up to
+0.9 %, such as paravertebral tissue within `POCKET_DEPTH_MM` of the hull's edge beside a mass
+against the spine; the hazy masses' under 0.1 %, a ground-glass mass's blurred edge). Where the
+lungs meet, the closing that sees lung beyond the split takes in the tissue between them within the
+junction's gap (the junction line, anterior mediastinal fat), and where that gap is 12 mm or wider
+the mass rim may take it for a mass and add its rim: together 0.02-0.25 % of a varied real base's
+mask, up to 10 ml (it keeps a 10 mm nodule lying across the junction, which the split cut to 54 and
+70 % before: 97.2 and 99.7 % on those cases). Lungs touching at the anterior junction stay one
+component. Bilateral apical tumours defeat the mirror rule, and so would lungs of very unequal width
+(the mirror plane lies halfway between their outermost voxels). A small air pocket outside the lungs
+that reads hazier than `GROUND_GLASS_MIN_HU` on the coarse grid (a nearly collapsed oesophagus) and
+touches them would be taken in as ground glass. A trachea whose lumen reads lighter than
 `AIRWAY_LUMEN_MEDIAN_HU` below darker top slices (a noisy low-dose scan) is removed only down to
-where it turns light, the rest kept as lung (a review's constructed case; growing the median
-test only where the air grows mended it but let lung beside the bronchi into the airway again
-in a tenth of the demo-size phantoms). Scans without much lung (an abdominal CT reaching the lung
-bases) fail the plausibility bounds unless `litres` is widened. A lung that the image's edge or the
-field of view cuts open (`benchmarks/lung_mask.py --cuts`: the real CT cropped 10-40 mm into a
-lung, 15 mm front or back, or inside a circle cutting the right lung) keeps 98-99 % of the uncut
-scan's mask (19-85 % before `body.cut_open_lungs`, which took in up to 383 ml); the rest is
-mediastinal tissue the uncut mask's envelope took in, and with the field of view read as plain air,
-the lung beyond the chord of the body's hull. Such a mask takes in 3-22 ml beyond the uncut one
-(tissue at the cut and the mediastinum); where the cut is at a lung's outermost column there is no
-mirror plane, the split lies at the trachea and the apex rule is skipped; a lung cut open in every
-one of its slices is still lost.
+where it turns light, the rest kept as lung (a review's constructed case; growing the median test
+only where the air grows mended it but let lung beside the bronchi into the airway again in a tenth
+of the demo-size phantoms). Scans without much lung (an abdominal CT reaching the lung bases) fail
+the plausibility bounds unless `litres` is widened. A lung that the image's edge or the field of
+view cuts open (`benchmarks/lung_mask.py --cuts`: the real CT cropped 10-40 mm into a lung, 15 mm
+front or back, or inside a circle cutting the right lung) keeps 98-99 % of the uncut scan's mask
+(19-85 % before `body.cut_open_lungs`, which took in up to 383 ml); the rest is mediastinal tissue
+the uncut mask's envelope took in, and with the field of view read as plain air, the lung beyond the
+chord of the body's hull. Such a mask takes in 3-22 ml beyond the uncut one (tissue at the cut and
+the mediastinum); where the cut is at a lung's outermost column there is no mirror plane, the split
+lies at the trachea and the apex rule is skipped; a lung cut open in every one of its slices is
+still lost.
 
 Measured (CPU seconds on one core of a shared machine, 2026-12-01, at commit 84df5ad, before the
 ground-glass pockets and the protruding cores' fringe): 0.54 s for the real 191×167×233 chest CT at
