@@ -198,11 +198,12 @@ class VolumeInput:
             StoreError: a file is unreadable or not a kdsb volume file, too small for
                 `downscale`, or of another spacing than most files (`common_spacing`).
         """
+        read = [volumes.read_attrs(path) for path in paths]  # each file's header read once
         fitted = self
         if fitted.spacing_mm is None:
-            fitted = replace(fitted, spacing_mm=common_spacing(paths))
-        for path in paths:
-            attrs = volumes.read_attrs(path)
+            fitted = replace(fitted, spacing_mm=_most_files_spacing(
+                paths, [attrs["spacing"] for attrs in read]))
+        for path, attrs in zip(paths, read, strict=True):
             fitted.check(path, attrs["spacing"], attrs["shape"], MODEL_SPACING)
         return fitted
 
@@ -262,7 +263,13 @@ def common_spacing(paths: Sequence[str | os.PathLike]) -> tuple[float, float, fl
             most files' (the first file's where no spacing is held by most): the message names
             the odd file out, not one of the many (found by a user's trial).
     """
-    spacings = [tuple(float(s) for s in volumes.read_attrs(path)["spacing"]) for path in paths]
+    return _most_files_spacing(paths, [volumes.read_attrs(path)["spacing"] for path in paths])
+
+
+def _most_files_spacing(paths: Sequence[str | os.PathLike],
+                        read: Sequence[Sequence[float]]) -> tuple[float, float, float]:
+    """`common_spacing` of files whose spacings (z, y, x, mm) were `read`."""
+    spacings = [tuple(float(s) for s in spacing) for spacing in read]
     if not spacings:
         raise StoreError("expected at least one volume file, received none")
     # Grouped to 1 µm (`same_spacing` tells equal ones apart no finer); ties: the first file's.
