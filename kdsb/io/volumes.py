@@ -11,16 +11,16 @@ One file per patient, `<id>.h5`, holding (see DESIGN.md, the data contract):
 
 Datasets are stored in 32³ chunks, gzip (deflate) with byte shuffle: small on disk, readable by
 any HDF5 tool, and a 32³ patch costs one or a few chunk reads. The chunks are shuffled and
-deflated here and written as they are (`_write_deflated`): run-length deflate (zlib's `Z_RLE`
-strategy) takes a third less time than HDF5's level 1 on CT (whose low bytes are noise that no
-string match shortens) and writes a few per cent less; any reader inflates it the same way.
+deflated here and written as they are (`_write_deflated`), by ISA-L's deflate (the `isal`
+package, level 1): on a 1 mm CT crop it took a quarter of the time of zlib's fastest
+(run-length `Z_RLE`, itself a third less than HDF5's own level 1) for files ~4 % larger (CT's
+low bytes are noise that no string match shortens); any reader inflates it the same way.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from isal import isal_zlib
 
 from kdsb._version import __version__
 from kdsb.errors import LabelsError, StoreError, one_line
@@ -40,7 +41,6 @@ CHUNK_EDGE = 32
 DEFLATE_LEVEL = 1
 COMPRESSION = {"compression": "gzip", "compression_opts": DEFLATE_LEVEL, "shuffle": True}
 DEFLATE_WINDOW_BITS = 15  # the zlib format HDF5's deflate filter reads
-DEFLATE_MEMORY_LEVEL = 8  # zlib's default
 DEFLATE_BATCH_CHUNKS = 16  # chunks per thread deflated between writes
 HU_DATASET, MASK_DATASET = "hu", "lung_mask"  # the data contract's two datasets
 REQUIRED_DATASETS = (HU_DATASET, MASK_DATASET)
@@ -143,21 +143,19 @@ def _as_int16_hu(hu: np.ndarray, path: Path) -> np.ndarray:
 def _deflated_chunk(part: np.ndarray, chunks: tuple[int, ...]) -> bytes:
     """One chunk as HDF5's shuffle + deflate filters store it: padded with zeros to the full
     chunk (as HDF5 stores edge chunks), the first bytes of all values, then the second bytes, …,
-    deflated with zlib's run-length strategy."""
+    deflated by ISA-L (a zlib stream)."""
     block = np.zeros(chunks, dtype=part.dtype)
     block[tuple(slice(0, n) for n in part.shape)] = part
     item = block.dtype.itemsize
     shuffled = block.view(np.uint8).reshape(-1, item).T if item > 1 else block
-    deflate = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, DEFLATE_WINDOW_BITS,
-                               DEFLATE_MEMORY_LEVEL, zlib.Z_RLE)
-    return deflate.compress(np.ascontiguousarray(shuffled)) + deflate.flush()
+    return isal_zlib.compress(np.ascontiguousarray(shuffled), DEFLATE_LEVEL, DEFLATE_WINDOW_BITS)
 
 
 def _write_deflated(f: h5py.File, name: str, array: np.ndarray, threads: int = 1) -> None:
     """A dataset with `COMPRESSION`'s filters (shuffle, then deflate), chunk by chunk.
 
     Each chunk is deflated by `_deflated_chunk` and written with `write_direct_chunk`. With
-    `threads` > 1 chunks are deflated in a thread pool (zlib releases the GIL), a batch of
+    `threads` > 1 chunks are deflated in a thread pool (ISA-L releases the GIL), a batch of
     `DEFLATE_BATCH_CHUNKS` per thread at a time, so memory stays a few MB; h5py writes them in
     this thread, in order.
     """
