@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -540,28 +541,47 @@ def test_discarding_a_run_removes_its_checkpoints_before_setting_its_files_aside
     assert not (tmp_path / "model.keras").exists() and not (tmp_path / "history.csv").exists()
 
 
-def test_a_kill_while_checkpointing_leaves_the_epochs_best_model(tmp_path, monkeypatch):
-    """The best model is written before the checkpoint: a run resumed from epoch N counts epoch
-    N as judged, so its better weights must be on disk by then (found in review: the other
-    order could leave no best model at all)."""
+def _assert_same_weights(path, other):
+    saved, expected = (keras.saving.load_model(p, safe_mode=True) for p in (path, other))
+    for a, b in zip(saved.get_weights(), expected.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_kill_before_the_best_model_is_mended_on_resume(tmp_path, monkeypatch):
+    """The checkpoint is written before the best model (a copy of it): killed between the two,
+    the resumed run copies the better epoch's checkpoint as the best model."""
     from kdsb.training.runs import callbacks
 
     class Killed(Exception):
         pass
 
-    save = callbacks.save_model_atomically
+    def killed_while_copying(source, path):
+        raise Killed
 
-    def killed_while_checkpointing(model, path):
-        if "checkpoints" in str(path):
-            raise Killed
-        return save(model, path)
-
-    monkeypatch.setattr(callbacks, "save_model_atomically", killed_while_checkpointing)
     runs.configure_runtime(seed=0)
-    with pytest.raises(Killed):
-        _fit(tmp_path, 2, best_name="best.keras")
-    assert (tmp_path / "best.keras").is_file()
-    assert runs.last_checkpoint(tmp_path) is None
+    with monkeypatch.context() as patched:
+        patched.setattr(callbacks, "copy_model_atomically", killed_while_copying)
+        with pytest.raises(Killed):
+            _fit(tmp_path, 2, best_name="best.keras")
+    assert runs.last_checkpoint(tmp_path)[0] == 1 and not (tmp_path / "best.keras").exists()
+    _fit(tmp_path, 2, resume=True, best_name="best.keras")
+    rows = runs.read_history(tmp_path / "history.csv")
+    best = runs.best_epoch(rows, "val_loss", higher_is_better=False)
+    _assert_same_weights(tmp_path / "best.keras", runs.checkpoint_path(tmp_path, best))
+
+
+def test_a_best_model_of_an_epoch_dropped_on_resume_is_replaced(tmp_path):
+    """Found in review: with the newest checkpoint damaged, the resumed run dropped its epoch
+    while the best model still held it (its reported best epoch said otherwise). The kept
+    rows' best epoch's checkpoint becomes the best model again."""
+    runs.configure_runtime(seed=0)
+    _fit(tmp_path, 3, best_name="best.keras")
+    _rewrite_val_loss(tmp_path, [5.0, 1e-6, 1e-7])  # epoch 3 the best, then 2; nothing beats them
+    newest = runs.checkpoint_path(tmp_path, 3)
+    shutil.copyfile(newest, tmp_path / "best.keras")
+    newest.write_bytes(newest.read_bytes()[:1000])
+    _fit(tmp_path, 4, resume=True, best_name="best.keras")  # epochs 3 and 4 trained again
+    _assert_same_weights(tmp_path / "best.keras", runs.checkpoint_path(tmp_path, 2))
 
 
 def test_a_finished_run_resumed_trains_nothing_unless_asked_for_more(tmp_path):

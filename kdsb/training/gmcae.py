@@ -263,7 +263,6 @@ def _report(run_dir: Path, val_patches, baseline: float, n_train: int, n_val: in
     """Write the two plots from history.csv and the best model, then gmcae_summary.json (last:
     a finished run resumed returns it, without measuring anything again)."""
     import keras
-    import numpy as np
 
     from kdsb.models import gmcae
     from kdsb.training import plots
@@ -271,11 +270,11 @@ def _report(run_dir: Path, val_patches, baseline: float, n_train: int, n_val: in
     rows = runs.read_history(run_dir / runs.HISTORY_NAME)
     train_nll = [float(r["loss"]) for r in rows]
     val_nll = [float(r["val_loss"]) for r in rows]
-    best_epoch = int(np.nanargmin(val_nll))
+    best_epoch = runs.best_epoch(rows, "val_loss", higher_is_better=False)  # the saved model's
     summary = {
         "epochs_completed": len(rows),
-        "best_epoch": best_epoch + 1,
-        "best_val_nll_per_voxel": val_nll[best_epoch],
+        "best_epoch": best_epoch,
+        "best_val_nll_per_voxel": val_nll[best_epoch - 1],
         "final_val_nll_per_voxel": val_nll[-1],
         "final_train_nll_per_voxel": train_nll[-1],
         "single_gaussian_val_nll_per_voxel": baseline,
@@ -296,7 +295,7 @@ def _report(run_dir: Path, val_patches, baseline: float, n_train: int, n_val: in
         shown,
         gmcae.reconstruct(best_model, shown),
         run_dir / RECONSTRUCTIONS_PLOT_NAME,
-        title=f"validation patches, epoch {best_epoch + 1}",
+        title=f"validation patches, epoch {best_epoch}",
     )
     write_json(run_dir / SUMMARY_NAME, summary)  # last: the run's results are all written
     return summary

@@ -11,6 +11,7 @@ from typing import Any
 from kdsb.errors import TrainingError
 from kdsb.training.runs.folder import (
     checkpoint_path,
+    copy_model_atomically,
     last_checkpoint,
     list_checkpoints,
     save_model_atomically,
@@ -45,6 +46,39 @@ def best_so_far(rows: list[dict[str, str]], monitor: str, higher_is_better: bool
     if not values:
         return None
     return max(values) if higher_is_better else min(values)
+
+
+def best_epoch(rows: list[dict[str, str]], monitor: str, higher_is_better: bool) -> int | None:
+    """The epoch (from 1, as checkpoints count) whose model is the best of these rows: the first
+    at `best_so_far`, or the last row's when none logged a finite value (`EpochCheckpoint` then
+    keeps the latest model); None without rows."""
+    if not rows:
+        return None
+    since = epochs_since_best(rows, monitor, higher_is_better)
+    if best_so_far(rows, monitor, higher_is_better) is None:
+        since = 0
+    return int(rows[len(rows) - 1 - since]["epoch"]) + 1
+
+
+def restore_best_model(run_dir: Path, best_path: Path, rows: list[dict[str, str]], monitor: str,
+                       higher_is_better: bool) -> None:
+    """On resume, make the best model the model of the best epoch among the rows kept
+    (`rows`), copied from its checkpoint where that is still on disk.
+
+    `EpochCheckpoint` writes the best model as a copy of the epoch's checkpoint, after it: a
+    kill between the two leaves a better epoch's checkpoint without its copy, and a newest
+    checkpoint that no longer loads drops the epochs after the one resumed while the best
+    model may hold one of them (found in review: the best model and its reported epoch then
+    disagreed). Either way the kept rows' best epoch is the truth. (Where that epoch's
+    checkpoint was pruned, `--keep-checkpoints`, the best model is left as it is: right
+    unless a damaged checkpoint was also passed over.)
+    """
+    epoch = best_epoch(rows, monitor, higher_is_better)
+    if epoch is None:
+        return
+    source = checkpoint_path(run_dir, epoch)
+    if source.is_file():
+        copy_model_atomically(source, best_path)
 
 
 def epochs_since_best(rows: list[dict[str, str]], monitor: str, higher_is_better: bool) -> int:
@@ -107,10 +141,11 @@ def callback_classes():
             self._check(logs, "(validation)")
 
     class EpochCheckpoint(keras.callbacks.Callback):
-        """After every epoch: save, when better, the best model and then
-        `checkpoints/epoch_NNNN.keras`.
+        """After every epoch: save `checkpoints/epoch_NNNN.keras` and then, when better, copy it
+        as the best model.
 
-        Both writes are atomic. `keep` bounds how many epoch checkpoints stay on disk (the
+        Both writes are atomic; a kill between them is mended on resume
+        (`restore_best_model`). `keep` bounds how many epoch checkpoints stay on disk (the
         newest ones; None keeps all). `best` is the best monitored value of earlier epochs, so a
         resumed run only replaces the best model with a better one.
         """
@@ -134,10 +169,8 @@ def callback_classes():
             self._warned = False
 
         def on_epoch_end(self, epoch, logs=None):
-            # The best model before the checkpoint: a run resumes from its newest checkpoint and
-            # counts the epochs up to it as judged, so a kill between the two writes must leave
-            # the best model already written (the other way round, an epoch's better weights
-            # would never be saved).
+            # The checkpoint before the best model: a best model never comes from an epoch a
+            # resumed run drops (the one after its newest checkpoint).
             logs = logs or {}
             value = logs.get(self.monitor)
             if value is None:
@@ -150,12 +183,12 @@ def callback_classes():
                 improved = self.best is None or (
                     value > self.best if self.higher_is_better else value < self.best
                 )
+            checkpoint = save_model_atomically(self.model, checkpoint_path(self.run_dir, epoch + 1))
             if improved:
                 if value is not None:
                     logger.info("epoch %d: %s improved to %.6g", epoch + 1, self.monitor, value)
                     self.best = value
-                save_model_atomically(self.model, self.best_path)
-            save_model_atomically(self.model, checkpoint_path(self.run_dir, epoch + 1))
+                copy_model_atomically(checkpoint, self.best_path)
             self._prune()
 
         def _prune(self) -> None:

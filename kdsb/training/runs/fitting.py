@@ -21,6 +21,7 @@ from kdsb.training.runs.callbacks import (
     epochs_since_best,
     epochs_under,
     higher_is_better,
+    restore_best_model,
 )
 from kdsb.training.runs.devices import (
     configure_runtime,
@@ -293,6 +294,8 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
         initial_epoch, path, model = _newest_loadable_checkpoint(run_dir, strategy)
         logger.info("resuming from %s (epoch %d of %d)", path, initial_epoch, epochs)
         rows = truncate_history(run_dir / HISTORY_NAME, initial_epoch, write=chief)
+        if chief:
+            restore_best_model(run_dir, run_dir / best_name, rows, monitor, higher)
     else:
         initial_epoch = 0
         with strategy.scope():

@@ -131,6 +131,13 @@ def save_model_atomically(model: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def copy_model_atomically(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy a saved model (.keras) to `path` through a hidden temporary file and a rename."""
+    with atomic_path(path) as temp:
+        shutil.copyfile(source, temp)
+    return Path(path)
+
+
 def load_saved_model(path: str | os.PathLike, *, compile: bool) -> Any:
     """A model a run saved (a checkpoint, its best model or head), loaded in safe mode.
 
