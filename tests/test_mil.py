@@ -103,6 +103,16 @@ def test_bags_are_cached_keyed_and_streamed_padded(tmp_path):
     files["p1"].write_bytes(whole[:1000])
     assert encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=2) == files
     assert files["p1"].read_bytes() == whole
+    # Another precision is another key (found in review: bfloat16 bags reused by a float32 run).
+    import keras
+
+    try:
+        keras.config.set_dtype_policy("mixed_bfloat16")
+        other = encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=2)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert other["p0"] != files["p0"]
+    assert encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=2) == files
     # Another block is another key; the stale bag of the same patient is removed.
     other = encode_bags(volumes, gmcae, vi, [0, 5], tmp_path / "bags", head="mil", block=1)
     assert other["p0"] != files["p0"] and not files["p0"].exists()

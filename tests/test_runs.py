@@ -415,6 +415,26 @@ def test_a_subclass_s_numbers_must_be_finite_too():
         ClassifierOptions(gmcae="g.keras", levels=(1.5,))
 
 
+def test_a_file_option_is_saved_absolute_and_resumes_from_another_folder(tmp_path,
+                                                                         monkeypatch):
+    """Found in review: a relative --gmcae was saved as typed, and a run resumed from another
+    working folder was refused with the GMCAE "missing"."""
+    from kdsb.training.classifier_options import ClassifierOptions
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "gmcae.keras").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    options = ClassifierOptions(gmcae="runs/gmcae.keras")
+    assert options.gmcae == str(tmp_path / "runs" / "gmcae.keras")
+    run_dir = tmp_path / "run"
+    runs.begin(run_dir, options, data_dir=tmp_path, resume=False)
+    assert json.loads((run_dir / "config.json").read_text())["gmcae"] == options.gmcae
+    monkeypatch.chdir(tmp_path / "runs")
+    resumed, _ = runs.resolve_options(ClassifierOptions, {}, run_dir, resume=True,
+                                      data_dir=tmp_path)
+    assert resumed.gmcae == options.gmcae
+
+
 def test_resolve_options_afresh_and_on_resume(tmp_path):
     # A mistyped RUN_DIR with --resume is refused, not a default run begun (found by users'
     # checks).

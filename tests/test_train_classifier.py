@@ -151,14 +151,17 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     assert json.loads((run / "classifier.json").read_text())["lung_dilation_mm"] == 2.0
 
     # Resume: one more epoch appended to the same history, on a training stream seeded past
-    # the epochs done (not a replay of epoch 1's order and symmetries).
-    seeds = []
+    # the epochs done (not a replay of epoch 1's order and symmetries). While it trains, the
+    # former run's model and metrics are gone (found in review: `predict` used them).
+    seeds, results_while_training = [], []
     from kdsb.training import spp
 
     original = spp.train_dataset
 
     def recording(*args, seed, **kwargs):
         seeds.append(seed)
+        results_while_training.extend(
+            name for name in ("classifier.keras", "metrics.json") if (run / name).exists())
         return original(*args, seed=seed, **kwargs)
 
     monkeypatch.setattr(spp, "train_dataset", recording)
@@ -176,7 +179,7 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     # Options left out keep their saved values (here --batch-size 2 and --dense-units 4).
     assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
                  "--epochs", "3", "--resume", "--patience", "2", "--tile-z", "4"]) == 0
-    assert seeds == [3 + 2]
+    assert seeds == [3 + 2] and results_while_training == []
     assert tiled == [("classifier", 4)]
     saved = json.loads((run / "config.json").read_text())
     assert (saved["epochs"], saved["patience"], saved["batch_size"]) == (3, 2, 2)

@@ -40,6 +40,27 @@ BAGS_DIR = "bags"
 CALIBRATION_PNG = "calibration.png"
 
 
+def remove_results(run_dir: str | os.PathLike) -> None:
+    """Remove a classifier run's results, which a resumed run writes anew at its end: its
+    calibrated model(s), metrics.json, oof.csv and calibration.png. A run resumed to train
+    more epochs then leaves no model of fewer epochs (found in review: `predict` used the
+    former run's model while the resumed one trained)."""
+    run_dir = Path(run_dir)
+    for name in (METRICS_NAME, OOF_NAME, CALIBRATION_PNG, BEST_NAME):
+        (run_dir / name).unlink(missing_ok=True)
+    for path in _fold_models(run_dir):
+        path.unlink()
+
+
+def _fold_models(run_dir: Path) -> list[Path]:
+    """fold_1/classifier.keras, fold_2/…, in fold order (a user's fold_old/ is none of them)."""
+    return sorted(
+        (path for path in run_dir.glob(f"{FOLD_PREFIX}*/{BEST_NAME}")
+         if path.parent.name.removeprefix(FOLD_PREFIX).isdigit()),
+        key=lambda p: int(p.parent.name.removeprefix(FOLD_PREFIX)),
+    )
+
+
 def model_paths_of_run(run_dir: str | os.PathLike, complete: bool = False) -> list[Path]:
     """The classifiers of a run folder: its fold models (cross-validated) or its one model.
 
@@ -53,11 +74,7 @@ def model_paths_of_run(run_dir: str | os.PathLike, complete: bool = False) -> li
         UsageError: with `complete`, a fold model missing.
     """
     run_dir = Path(run_dir)
-    fold_models = sorted(  # fold_1, fold_2, …: a user's fold_old/ is none of them
-        (path for path in run_dir.glob(f"{FOLD_PREFIX}*/{BEST_NAME}")
-         if path.parent.name.removeprefix(FOLD_PREFIX).isdigit()),
-        key=lambda p: int(p.parent.name.removeprefix(FOLD_PREFIX)),
-    )
+    fold_models = _fold_models(run_dir)
     if fold_models and complete:
         try:
             folds = int(json.loads((run_dir / OPTIONS_NAME).read_text())["folds"])

@@ -43,10 +43,13 @@ def _file_stamp(path: str | os.PathLike) -> list:
 
 
 def bag_key(volume: str | os.PathLike, gmcae: str | os.PathLike, volume_input: VolumeInput,
-            symmetries: Sequence[int], head: str, block: int) -> str:
-    """A short hash of everything a patient's bag depends on."""
-    # A bag of head "mil" keeps the key of runs made before head "nll" existed.
+            symmetries: Sequence[int], head: str, block: int, precision: str = "float32") -> str:
+    """A short hash of everything a patient's bag depends on; `precision` is the Keras dtype
+    policy the encoder computes in (head "mil"; the NLL features are always float32)."""
+    # A float32 bag of head "mil" keeps the key of runs made before head "nll" existed.
     what = block if head == "mil" else [head, block]
+    if head == "mil" and precision != "float32":  # found in review: bfloat16 bags were reused
+        what = [block, precision]
     payload = json.dumps(
         [_file_stamp(volume), _file_stamp(gmcae), volume_input.to_config(), list(symmetries),
          what],
@@ -92,12 +95,15 @@ def encode_bags(
     Returns:
         Patient id → `.npy` file of float16 (len(symmetries), instances, channels).
     """
+    import keras
+
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    precision = keras.config.dtype_policy().name  # the run's (`runs.begin` set it)
     files = {
         pid: cache_dir / f"{pid}-{key}.npy"
         for pid, path in volumes.items()
-        if (key := bag_key(path, gmcae, volume_input, symmetries, head, block))
+        if (key := bag_key(path, gmcae, volume_input, symmetries, head, block, precision))
     }
     missing = [pid for pid, file in files.items() if not _whole(file, len(symmetries))]
     _remove_stale(cache_dir, files)

@@ -41,7 +41,13 @@ import numpy as np
 from kdsb.errors import LabelsError, UsageError
 from kdsb.io.atomic import write_json
 from kdsb.io.journal import file_digest
-from kdsb.io.run_layout import BAGS_DIR, FOLD_NAME, FOLD_PREFIX, METRICS_NAME
+from kdsb.io.run_layout import (
+    BAGS_DIR,
+    FOLD_NAME,
+    FOLD_PREFIX,
+    METRICS_NAME,
+    remove_results,
+)
 from kdsb.io.tables import check_labels_match, read_labels
 from kdsb.io.volumes import list_volumes
 from kdsb.training import attempts, runs
@@ -198,6 +204,8 @@ def _train_held(data_dir: str | os.PathLike, labels_csv: str | os.PathLike, run_
     runs.note_volumes(run_dir, {i: volumes[i] for i in usable}, resume, worker.chief)
     if worker.chief:
         volume_input.save(run_dir, gmcae=str(options.gmcae), gmcae_sha256=gmcae_sha256)
+        if resume:
+            remove_results(run_dir)
     bag_files = None
     if options.head in ("mil", "nll"):
         from kdsb.training.bags import encode_bags

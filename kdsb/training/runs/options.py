@@ -100,6 +100,12 @@ class RunOptions:
     RUN_KIND: ClassVar[str] = "training"  # what config.json calls the run (`RUN_KIND_KEY`)
 
     def __post_init__(self) -> None:
+        # A file option is kept, and saved, absolute: a run resumed from another working folder
+        # reads the same file (found in review: a relative --gmcae was refused as missing).
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.metadata.get("path") and isinstance(value, (str, os.PathLike)):
+                object.__setattr__(self, field.name, os.path.abspath(value))
         # No option has a meaning at infinity (found in review: --variance-floor inf passed
         # its check and failed deep in Keras): every number must be finite, whatever its check.
         for field in dataclasses.fields(self):
