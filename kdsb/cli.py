@@ -12,6 +12,7 @@ line, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -38,6 +39,7 @@ SUBCOMMANDS = {
 }
 
 EXIT_OK, EXIT_DATA_ERROR, EXIT_USAGE = 0, 1, 2  # and EXIT_INTERRUPTED, 130
+EXIT_READER_GONE = 141  # 128 + SIGPIPE (13): what a shell reports of a program a closed pipe ends
 RETRACING_MESSAGE = "triggered tf.function retracing"  # TensorFlow's warning, kept under -v
 # Libraries whose debug lines stay out of -v (Matplotlib's font search: hundreds of lines).
 QUIET_LIBRARIES = ("matplotlib", "PIL", "h5py", "urllib3", "asyncio")
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kdsb {args.command}: interrupted; {args.resume_advice}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _reader_gone()
     except OSError as error:  # a full or read-only disk, a file gone mid-run: one line too
         print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
@@ -162,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kdsb {args.command}: error: {found}", file=sys.stderr)
         return EXIT_DATA_ERROR
+
+
+def _reader_gone() -> int:
+    """The reader of stdout left (`kdsb evaluate … | head`): stop without a word, as `cat` does
+    (found by a user's trial: "error: [Errno 32] Broken pipe", exit 1, "the data's fault").
+    Stdout is pointed at /dev/null, so the flush at exit raises nothing again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_READER_GONE
 
 
 def _resume_advice(command: argparse.ArgumentParser) -> str:

@@ -65,6 +65,25 @@ def test_python_dash_m_is_the_same_command():
     assert result.stdout.strip() == f"kdsb {__version__}"
 
 
+def _with_reader_gone(*args: str, cwd) -> subprocess.CompletedProcess:
+    """`python ARGS` whose stdout's reader has left before it writes (`… | head -0`)."""
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=cwd)
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, process.returncode, "", stderr.decode())
+
+
+def test_a_reader_gone_ends_the_command_without_a_word(tmp_path):
+    """Found by a user's trial: `kdsb evaluate … | head` said "error: [Errno 32] Broken pipe"
+    with exit 1, the data's fault."""
+    (tmp_path / "p.csv").write_text("id,cancer\na,0.2\nb,0.7\nc,0.4\nd,0.9\n")
+    (tmp_path / "l.csv").write_text("id,cancer\na,0\nb,1\nc,0\nd,1\n")
+    result = _with_reader_gone("-m", "kdsb", "evaluate", "p.csv", "l.csv", "--bootstrap", "0",
+                               cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
 def test_unknown_subcommand_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["frobnicate"])

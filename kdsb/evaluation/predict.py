@@ -211,6 +211,15 @@ class _EnsembleScorer:
         return [self._grid_symmetries(volume_input.spacing_mm or read_attrs(path)["spacing"])
                 for volume_input in self.groups]
 
+    def symmetry_count(self) -> int:
+        """The symmetries averaged per model: the most any group's grid keeps (all of them for
+        a group that reads each file on its own grid)."""
+        if not self.tta:
+            return 1
+        return max(len(self._grid_symmetries(volume_input.spacing_mm))
+                   if volume_input.spacing_mm else len(self.symmetries)
+                   for volume_input in self.groups)
+
     def _grid_symmetries(self, spacing: Sequence[float]) -> tuple[int, ...]:
         """TTA's symmetries on a grid of `spacing` (z, y, x) mm, warned of once if fewer."""
         key = tuple(float(s) for s in spacing)
@@ -323,7 +332,7 @@ def predict_cohort(
         missing += damaged
     logger.info(
         "scoring %d patient(s) with %d model(s), %d symmetry(ies) each",
-        len(order) - len(missing), len(model_paths), len(symmetries),
+        len(order) - len(missing), len(model_paths), scorer.symmetry_count(),
     )
     fingerprint = {"command": "predict", "symmetries": len(symmetries), "models": models}
     journal_path = None if out_csv is None else Path(f"{out_csv}{SUFFIX}")

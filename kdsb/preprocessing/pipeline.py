@@ -85,13 +85,14 @@ class PatientResult:
 
 
 def validate_margin(margin_mm: float) -> float:
-    """The crop margin around the lungs, mm, checked: a finite number >= 0.
+    """The crop margin around the lungs, mm, checked: a finite number >= 0 (found by a user's
+    trial: "at least 0 mm, received inf" said nothing of what was wrong).
 
     Raises:
         UsageError: any other value.
     """
     if not (np.isfinite(margin_mm) and margin_mm >= 0):
-        raise UsageError(f"expected a margin of at least 0 mm, received {margin_mm}")
+        raise UsageError(f"expected a finite margin of at least 0 mm, received {margin_mm}")
     return float(margin_mm)
 
 
