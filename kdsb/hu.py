@@ -18,24 +18,32 @@ LUNG_WINDOW_HU = (AIR_HU, 400)
 INPUT_CLIP_MAX_HU = 1000
 
 
-def air_share(values) -> float:
-    """The share of a volume's voxels (any axis order) at or below `MAX_AIR_HU`, counted on
-    every fourth plane along axis 0: a quarter of the work, ample for `MIN_AIR_SHARE`."""
+def air_share(values, padding: int | None = None) -> float:
+    """The share of a volume's voxels (any axis order) that are air or lung inside the field of
+    view: at or below `MAX_AIR_HU` but above `OUTSIDE_FIELD_HU`, and not `padding`, the value a
+    reader gave the voxels it knew for padding (the DICOM reader: `AIR_HU`; found in review: a
+    series that lost its rescale passed as HU on its padding alone, a fifth of a round field of
+    view; the in-field air that reads exactly -1000 HU is a few per cent of air, ample for
+    `MIN_AIR_SHARE`). Counted on every fourth plane along axis 0: a quarter of the work."""
     import numpy as np
 
     sample = values[::4]
-    return float(np.count_nonzero(sample <= MAX_AIR_HU)) / max(1, sample.size)
+    dark = (sample <= MAX_AIR_HU) & (sample > OUTSIDE_FIELD_HU)
+    if padding is not None:
+        dark &= sample != padding
+    return float(np.count_nonzero(dark)) / max(1, sample.size)
 
 
 def not_hounsfield(darkest: float, brightest: float, air_share: float) -> str | None:
     """Why a scan whose values run from `darkest` to `brightest`, with `air_share` of its voxels
-    at or below `MAX_AIR_HU`, is plainly not in HU, or None when it may be. A chest CT holds air
-    and lung, at or below `MAX_AIR_HU`, in far more than `MIN_AIR_SHARE` of its voxels: raw
-    unsigned values, a label map, or HU + 1024 whose only dark voxels are a border of padding
+    in-field air or lung (`air_share`), is plainly not in HU, or None when it may be. A chest CT
+    holds air and lung, at or below `MAX_AIR_HU`, in far more than `MIN_AIR_SHARE` of its
+    voxels: raw unsigned values, a label map, or HU + 1024 whose only dark voxels are padding
     do not."""
     if darkest <= MAX_AIR_HU and air_share >= MIN_AIR_SHARE:
         return None
-    found = "" if darkest > MAX_AIR_HU else f", {air_share:.2%} of them at or below {MAX_AIR_HU}"
+    found = ("" if darkest > MAX_AIR_HU else
+             f", {air_share:.2%} of them at or below {MAX_AIR_HU} (padding aside)")
     return (f"expected a CT in Hounsfield units (air at or below {MAX_AIR_HU} HU in at least "
             f"{MIN_AIR_SHARE:.0%} of the voxels), received values from {darkest:g} to "
             f"{brightest:g}{found}")

@@ -831,8 +831,10 @@ def test_a_source_stamp_counts_a_volume_file_and_its_data_file(tmp_path):
     assert stamp.startswith("2 files, 14 bytes, newest ")
     (tmp_path / "1.3.6.other.mhd").write_text("another patient, rewritten")
     assert source_stamp(tmp_path / f"{uid}.mhd") == stamp
-    # Its own volume written beside it (OUT_DIR = INPUT_ROOT) is no change of its source.
+    # Its own volume and QC image written beside it (OUT_DIR or --qc = INPUT_ROOT) are no
+    # change of its source (found in review: each run's QC image redid the patient).
     (tmp_path / f"{uid}.h5").write_bytes(b"kdsb volume")
+    (tmp_path / f"{uid}.png").write_bytes(b"kdsb QC image")
     assert source_stamp(tmp_path / f"{uid}.mhd") == stamp
     (tmp_path / f"{uid}.raw").write_bytes(b"123456789")
     assert source_stamp(tmp_path / f"{uid}.mhd") != stamp

@@ -156,6 +156,26 @@ def test_padding_value_and_outside_field_become_air(tmp_path, hu):
         _assert_same(read_series(tmp_path / name), expected)
 
 
+def test_a_series_that_lost_its_rescale_is_not_hu_whatever_its_padding(tmp_path):
+    """Found in review: its padding (a fifth of each slice outside a round field of view) read
+    as air, so a series stored as HU + 1024 with its intercept lost passed as HU and failed
+    later as "no air-filled region inside the body"."""
+    chest = np.zeros(SHAPE, np.int16)
+    chest[:, 3:9, 2:10] = -850  # lungs
+    outside = np.zeros(SHAPE, bool)
+    outside[:, :3, :] = True  # a quarter of every slice
+    paths = _write(tmp_path, chest, padding_mask=outside, padding_value=0, storage="uint16",
+                   intercept=-1024.0)
+    np.testing.assert_array_equal(read_series(tmp_path).hu, np.where(outside, AIR_HU, chest))
+    for path in paths:
+        _edit(path, RescaleIntercept=0)
+    with pytest.raises(DicomError, match=r"expected a CT in Hounsfield units .* received values "
+                                         r"from -1000 to 1024, 0.00% of them at or below -500 "
+                                         r"\(padding aside\) \(RescaleSlope / RescaleIntercept "
+                                         r"missing\?\)"):
+        read_series(tmp_path)
+
+
 def test_padding_range_limit(tmp_path, hu):
     hu[:, 0, 0] = -1000
     paths = _write(tmp_path, hu, storage="uint16", intercept=-1024.0)

@@ -234,6 +234,9 @@ def test_find_patients_lists_folders_and_volume_files(tmp_path, caplog):
     (tmp_path / ".git").mkdir()
     (tmp_path / "out").mkdir()
     (tmp_path / "qc").mkdir()  # a QC folder inside INPUT_ROOT is no patient either
+    # Nor a folder holding this run's output deeper (found in review: it failed as a patient
+    # on every rerun).
+    (tmp_path / "derived" / "vol").mkdir(parents=True)
     # An earlier run's OUT_DIR and QC folder, and images kdsb cannot read, are not patients
     # either, and are named (found in review: they failed as patients, or went unsaid).
     for folder, name in (("vol1mm", "manifest.csv"), ("locked", ".kdsb-preprocess.lock"),
@@ -244,13 +247,16 @@ def test_find_patients_lists_folders_and_volume_files(tmp_path, caplog):
                  "lost.raw"):  # a data file whose header went missing (found by a user's check)
         (tmp_path / name).write_bytes(b"")
     with caplog.at_level("WARNING"):
-        patients = find_patients(tmp_path, tmp_path / "out", tmp_path / "qc", None)
+        patients = find_patients(tmp_path, tmp_path / "out", tmp_path / "qc",
+                                 tmp_path / "derived" / "vol", None)
     assert patients == {pid: tmp_path / name for pid, name in [
         ("a", "a.nii"), ("b", "b.nii.gz"), ("c", "c.mhd"), ("d", "d.mha"), ("e", "e.NRRD"),
         ("f", "f"), ("g", "g.nhdr"), ("h", "h.mhd"),
     ]}
     for folder in ("vol1mm", "locked", "oldqc"):
         assert f"ignored {folder}, the output of an earlier kdsb preprocess" in caplog.text
+    assert (f"ignored derived, which holds this run's output folder "
+            f"{(tmp_path / 'derived' / 'vol').resolve()}") in caplog.text
     assert "ignored 3 file(s) in a format kdsb does not read (p2.hdr, p2.img, p3.nii.bz2)" in \
         caplog.text
     assert ("ignored 1 data file(s) without a MetaImage or NRRD header of their name "
@@ -430,6 +436,12 @@ def _nifti(path: Path, qform_code: int, sform_code: int, pixdim=(0.7, 0.7, 2.5),
     return path
 
 
+def _nifti2(path: Path) -> Path:
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti2Image(SMALL.transpose(2, 1, 0).copy(), np.eye(4)), path)
+    return path
+
+
 def _nrrd_without_space(path: Path) -> Path:
     header = (b"NRRD0004\ntype: short\ndimension: 3\nsizes: 8 7 6\nspacings: 0.7 0.7 2.5\n"
               b"encoding: raw\nendian: little\n\n")
@@ -519,6 +531,9 @@ BAD_FILES = {
     "not_gzipped": (_written_as("plain.nii"), "not_gzipped.nii.gz",
                     "expected gzip-compressed data (the .nii.gz suffix), received an "
                     "uncompressed file: name it .nii or compress it"),
+    # SimpleITK said "bad dim[0]", as of a damaged file (found in review).
+    "nifti2": (_nifti2, "nifti2.nii.gz", "expected a NIfTI-1 file, received a NIfTI-2 one, which "
+                                         "kdsb does not read: save it as NIfTI-1"),
     "garbage_mha": (_garbage_header, "garbage_mha.mha",
                     "garbage_mha.mha for reading (Incomplete file record definition NDims "
                     "required and not defined."),

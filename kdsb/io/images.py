@@ -28,7 +28,9 @@ How the volume is checked and made canonical:
   (within `kdsb.io.series.AXIS_ALIGNMENT_TOLERANCE`, as for DICOM); axis-aligned images of any
   permutation and flip are transposed and flipped into the canonical order, the origin moved to
   the new voxel [0, 0, 0]. Oblique directions are an error. NIfTI's float32 spacing and
-  origin are read as the decimals they stand for (`shortest_float32`: 0.699999988 → 0.7 mm).
+  origin are read as the decimals they stand for (`shortest_float32`: 0.699999988 → 0.7 mm),
+  but for some origins 256 mm or more from 0, which stay their float32 (found in review:
+  -354.9441 mm read as -354.944091796875, under 0.0001 mm off).
   An orientation the file does not state is an error: a NIfTI file with neither sform nor
   qform coded, an NRRD file without `space:` (SimpleITK reads both as identity directions at
   origin 0); so is a NIfTI file whose pixdim disagrees with its coded sform or qform
@@ -92,6 +94,8 @@ IMAGE_AXES = "ijk"  # names of the file's index axes in messages (i fastest, as 
 # A float32 spacing or origin that is a whole number of 1/4096 mm is kept as it is.
 BINARY_FRACTION_SCALE = 4096
 NIFTI_GZIP_SUFFIX = ".nii.gz"
+NIFTI2_HEADER_BYTES = 540  # a NIfTI-2 file's sizeof_hdr (NIfTI-1: 348)
+NIFTI_HEADER_SIZES = (348, NIFTI2_HEADER_BYTES)
 NIFTI_SUFFIXES = (".nii", NIFTI_GZIP_SUFFIX)
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 NRRD_SPACE_KEY = "NRRD_space"  # SimpleITK's key for the NRRD header's `space:` field
@@ -225,6 +229,10 @@ class _Reader:
                 f"expected the NIfTI suffix in one case ({self.suffix} or {self.suffix.upper()}: "
                 f"the NIfTI library refuses others), received {written}: rename the file"
             )
+        if self.suffix in NIFTI_SUFFIXES and self.nifti_header_bytes() == NIFTI2_HEADER_BYTES:
+            # SimpleITK's own message ("bad dim[0]") reads as a damaged file (found in review).
+            raise self.error("expected a NIfTI-1 file, received a NIfTI-2 one, which kdsb does "
+                             "not read: save it as NIfTI-1 (nibabel's Nifti1Image)")
         image_io = VOLUME_FORMATS[self.suffix][1]
         if self.suffix == METAIMAGE_HEADER_SUFFIX:
             data = metaimage_data_file(self.path)
@@ -327,6 +335,21 @@ class _Reader:
                 f"{name}: fix the header"
             )
 
+    def nifti_header_bytes(self) -> int | None:
+        """The NIfTI header's size as the file states it (`sizeof_hdr`: 348 for NIfTI-1, 540
+        for NIfTI-2, in either byte order); None where the file is too short or unreadable
+        (SimpleITK then says what is wrong)."""
+        opener = gzip.open if self.suffix == NIFTI_GZIP_SUFFIX else open
+        try:
+            with opener(self.path, "rb") as file:
+                head = file.read(4)
+        except (OSError, EOFError):
+            return None
+        if len(head) < 4:
+            return None
+        little, big = int.from_bytes(head, "little"), int.from_bytes(head, "big")
+        return next((size for size in (little, big) if size in NIFTI_HEADER_SIZES), little)
+
     def check_finite(self, values: np.ndarray) -> None:
         bad = np.count_nonzero(~np.isfinite(values))
         if bad:
@@ -417,9 +440,12 @@ class _Reader:
 def shortest_float32(values: np.ndarray) -> np.ndarray:
     """Each value as the shortest decimal that rounds to the same float32 (0.699999988 → 0.7),
     unless the float32 is a short binary fraction, kept exact (0.677734375 = 347/512 mm, a
-    common pixel size): NIfTI-1 stores spacing and affine in float32, and the value its writer
-    meant is the one DICOM and text headers give, so they then agree exactly. (NIfTI-2, in
-    float64, is not read: SimpleITK's NIfTI reader does not recognise it.)"""
+    common pixel size, and origins made of it): NIfTI-1 stores spacing and affine in float32,
+    and the value its writer meant is the one DICOM and text headers give, so they then agree
+    exactly. From 256 mm on, float32 values are whole multiples of 1/4096 by chance (1 in 8
+    below 512 mm, every one from 2048 mm), and such a decimal stays its float32, off by under
+    0.0001 mm. (NIfTI-2, in float64, is not read: SimpleITK's NIfTI reader does not recognise
+    it.)"""
     as_float32 = [float(np.float32(value)) for value in values]
     return np.array([v if (v * BINARY_FRACTION_SCALE).is_integer() else float(str(np.float32(v)))
                      for v in as_float32])

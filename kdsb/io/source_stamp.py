@@ -10,13 +10,19 @@ from pathlib import Path
 from kdsb.io.folders import files_under
 from kdsb.io.volumes import SUFFIX as VOLUME_SUFFIX
 
+# kdsb's own files that may lie beside a volume file (OUT_DIR or --qc in INPUT_ROOT): its
+# volume, its QC image (no scan is a PNG). Found in review: a QC image rewritten by each run
+# changed the stamp, and the patient was preprocessed again on every rerun.
+OWN_SUFFIXES = (VOLUME_SUFFIX, ".png")
+
 
 def source_stamp(source: str | os.PathLike) -> str:
     """What identifies a patient's source files as written: their count, total size and newest
     modification time (UTC, µs). A folder counts every file under it; a volume file counts the
     files beside it whose names begin with its id and a dot (`p1.mhd` and `p1.raw`; also a
-    `p1.b.mhd`, whose change then redoes p1 too: the safe side), but for kdsb volume files, and
-    the data file its detached header names (`volume_files.detached_data_file`).
+    `p1.b.mhd`, whose change then redoes p1 too: the safe side), but for kdsb's own
+    (`OWN_SUFFIXES`), and the data file its detached header names
+    (`volume_files.detached_data_file`).
 
     A rewritten scan (another synthetic draw, a series still being copied) changes it; so does
     a copy that does not keep modification times (the patient is then preprocessed again, never
@@ -29,10 +35,10 @@ def source_stamp(source: str | os.PathLike) -> str:
     source = Path(source)
     if source.is_dir():
         files = files_under(source)
-    else:  # kdsb's own files beside it (`<id>.h5` when OUT_DIR is INPUT_ROOT) do not count
+    else:
         prefix = f"{volume_id(source) or source.name}."
         files = sorted(p for p in source.parent.iterdir()
-                       if p.name.startswith(prefix) and not p.name.endswith(VOLUME_SUFFIX)
+                       if p.name.startswith(prefix) and not p.name.lower().endswith(OWN_SUFFIXES)
                        and p.is_file()) or [source]
         # A header may name a data file of another name (found in review: rewriting it kept
         # the stamp, so a rerun kept the old volume).

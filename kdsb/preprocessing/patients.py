@@ -38,8 +38,9 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     data file beside a `.mhd` or `.nhdr` header (its `.raw`) is not a patient; other files
     (labels.csv, …) and hidden entries are ignored (a link to a missing path with a warning).
     The run's own output folders (`outputs`: OUT_DIR, the QC folder) are left out when they lie
-    inside `input_root`, and so, with a warning, are an earlier run's (a folder holding a
-    preprocess lock, a manifest.csv or a QC contact sheet).
+    inside `input_root`, with a warning the folders that hold them deeper, and so, with a
+    warning, are an earlier run's (a folder holding a preprocess lock, a manifest.csv or a QC
+    contact sheet).
 
     Raises:
         UsageError: `input_root` is missing, not a folder, holds no patient, or holds two
@@ -74,6 +75,13 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
             continue
         if _is_dir(path):
             patient_id = path.name if path.resolve() not in skip else None
+            holding = next((o for o in skip if o.is_relative_to(path.resolve())), None)
+            if patient_id is not None and holding is not None:
+                # This run's output deeper inside (found in review: `nest/derived/vol` made
+                # `derived` a patient that failed on every rerun).
+                logger.warning("%s: ignored %s, which holds this run's output folder %s, not "
+                               "a patient", input_root, path.name, holding)
+                patient_id = None
             if patient_id is not None and _kdsb_output(path):
                 # An earlier run's OUT_DIR or QC folder (found in review: it failed as a
                 # patient, and its "failed" row stayed in the manifest for good).
