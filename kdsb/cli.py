@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import logging
 import os
+import select
 import sys
 import traceback
 
@@ -138,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     if datasets is not None:  # one process, several commands (tests, the demo)
         datasets.forget_pipeline_errors()
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # a reader gone from a pipe shows here, not at the interpreter's exit
+        return code
     except UsageError as error:
         print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -148,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kdsb {args.command}: interrupted; {args.resume_advice}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return _reader_gone()
     except OSError as error:  # a full or read-only disk, a file gone mid-run: one line too
+        if isinstance(error, BrokenPipeError) and _stdout_reader_gone():
+            return _reader_gone()
         print(f"kdsb {args.command}: error: {error}", file=sys.stderr)
         return EXIT_DATA_ERROR
     except Exception as error:
@@ -166,6 +169,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kdsb {args.command}: error: {found}", file=sys.stderr)
         return EXIT_DATA_ERROR
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has left (a broken pipe elsewhere, a worker's or a
+    FIFO's, is an error to report); where that cannot be told, it is taken to be."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no stdout
+        return True
 
 
 def _reader_gone() -> int:
@@ -214,9 +228,13 @@ def entry(argv: list[str] | None = None) -> None:
     except BaseException:  # a bug: its traceback, as Python would print it
         traceback.print_exc()
         code = 1
-    if code != 0 and "tensorflow" in sys.modules:
+    try:
         sys.stdout.flush()
-        sys.stderr.flush()
+    except OSError:  # a reader gone from a pipe after a failure: nothing more to show it
+        _reader_gone()
+    if code != 0 and "tensorflow" in sys.modules:
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
         logging.shutdown()
         os._exit(code)
     sys.exit(code)

@@ -18,20 +18,19 @@ LUNG_WINDOW_HU = (AIR_HU, 400)
 INPUT_CLIP_MAX_HU = 1000
 
 
-def air_share(values, padding: int | None = None) -> float:
-    """The share of a volume's voxels (any axis order) that are air or lung inside the field of
-    view: at or below `MAX_AIR_HU` but above `OUTSIDE_FIELD_HU`, and not `padding`, the value a
-    reader gave the voxels it knew for padding (the DICOM reader: `AIR_HU`; found in review: a
-    series that lost its rescale passed as HU on its padding alone, a fifth of a round field of
-    view; the in-field air that reads exactly -1000 HU is a few per cent of air, ample for
-    `MIN_AIR_SHARE`). Counted on every fourth plane along axis 0: a quarter of the work."""
+def air_share(values, padded: int = 0) -> float:
+    """The share of a volume's voxels (any axis order) that are air or lung of the scan's own:
+    at or below `MAX_AIR_HU` but above `OUTSIDE_FIELD_HU`, less the `padded` voxels a reader
+    already turned from padding or outside-field values into `AIR_HU` (the DICOM reader; found
+    in review: a series that lost its rescale passed as HU on its padding alone, a fifth of a
+    round field of view). Counted on every fourth plane along axis 0, a quarter of the work,
+    the padding subtracted as its share of the whole."""
     import numpy as np
 
     sample = values[::4]
     dark = (sample <= MAX_AIR_HU) & (sample > OUTSIDE_FIELD_HU)
-    if padding is not None:
-        dark &= sample != padding
-    return float(np.count_nonzero(dark)) / max(1, sample.size)
+    share = float(np.count_nonzero(dark)) / max(1, sample.size)
+    return max(0.0, share - padded / max(1, values.size))
 
 
 def not_hounsfield(darkest: float, brightest: float, air_share: float) -> str | None:

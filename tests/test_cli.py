@@ -67,8 +67,11 @@ def test_python_dash_m_is_the_same_command():
 
 def _with_reader_gone(*args: str, cwd) -> subprocess.CompletedProcess:
     """`python ARGS` whose stdout's reader has left before it writes (`… | head -0`)."""
+    # Buffered stdout, as for a user (found in review: with PYTHONUNBUFFERED unset the broken
+    # pipe showed only at the interpreter's exit, 120 and "Exception ignored").
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
     process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, cwd=cwd)
+                               stderr=subprocess.PIPE, cwd=cwd, env=env)
     process.stdout.close()
     _, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(args, process.returncode, "", stderr.decode())
@@ -82,6 +85,20 @@ def test_a_reader_gone_ends_the_command_without_a_word(tmp_path):
     result = _with_reader_gone("-m", "kdsb", "evaluate", "p.csv", "l.csv", "--bootstrap", "0",
                                cwd=tmp_path)
     assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_an_error_said(monkeypatch, capsys):
+    """Found in review: every broken pipe (a worker's, a FIFO's) would have ended silently."""
+    from kdsb import cli
+    from kdsb.commands import evaluate
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(evaluate, "run", broken)
+    monkeypatch.setattr(cli, "_stdout_reader_gone", lambda: False)
+    assert main(["evaluate", "p.csv", "l.csv"]) == 1
+    assert "kdsb evaluate: error: [Errno 32] Broken pipe" in capsys.readouterr().err
 
 
 def test_unknown_subcommand_is_a_usage_error(capsys):

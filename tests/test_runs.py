@@ -310,6 +310,19 @@ def test_keep_checkpoints_prunes_old_epochs(tmp_path):
     assert kept == ["epoch_0003.keras"]
 
 
+def test_pruning_keeps_the_best_epoch_s_checkpoint(tmp_path):
+    """The best model's source on resume (`restore_best_model`; found in review: a pruned
+    best epoch left a best model of a dropped epoch in place)."""
+    from kdsb.training.runs.callbacks import callback_classes
+
+    for epoch in (1, 2, 3, 4):
+        runs.checkpoint_path(tmp_path, epoch).parent.mkdir(exist_ok=True)
+        runs.checkpoint_path(tmp_path, epoch).write_bytes(b"")
+    checkpoint = callback_classes()[1](tmp_path, "best.keras", "val_loss", False, 0.1, 2, 1)
+    checkpoint._prune()
+    assert [epoch for epoch, _ in runs.list_checkpoints(tmp_path)] == [2, 4]
+
+
 def test_nan_loss_stops_with_epoch_and_keeps_last_good_checkpoint(tmp_path):
     runs.configure_runtime(seed=0)
     nan_batch = STEPS + 1  # second batch (1-based: 2) of the second epoch
@@ -584,10 +597,9 @@ def test_a_kill_before_the_best_model_is_mended_on_resume(tmp_path, monkeypatch)
         with pytest.raises(Killed):
             _fit(tmp_path, 2, best_name="best.keras")
     assert runs.last_checkpoint(tmp_path)[0] == 1 and not (tmp_path / "best.keras").exists()
+    _rewrite_val_loss(tmp_path, [1e-9])  # epoch 1 stays the best: only the mending copies it
     _fit(tmp_path, 2, resume=True, best_name="best.keras")
-    rows = runs.read_history(tmp_path / "history.csv")
-    best = runs.best_epoch(rows, "val_loss", higher_is_better=False)
-    _assert_same_weights(tmp_path / "best.keras", runs.checkpoint_path(tmp_path, best))
+    _assert_same_weights(tmp_path / "best.keras", runs.checkpoint_path(tmp_path, 1))
 
 
 def test_a_best_model_of_an_epoch_dropped_on_resume_is_replaced(tmp_path):
@@ -602,6 +614,12 @@ def test_a_best_model_of_an_epoch_dropped_on_resume_is_replaced(tmp_path):
     newest.write_bytes(newest.read_bytes()[:1000])
     _fit(tmp_path, 4, resume=True, best_name="best.keras")  # epochs 3 and 4 trained again
     _assert_same_weights(tmp_path / "best.keras", runs.checkpoint_path(tmp_path, 2))
+    # A damaged checkpoint of the best epoch is not copied over a best model that opens.
+    runs.checkpoint_path(tmp_path, 2).write_bytes(b"damaged")
+    _rewrite_val_loss(tmp_path, [5.0, 1e-6, 1.0, 2.0])
+    (tmp_path / "finished.json").unlink()
+    _fit(tmp_path, 5, resume=True, best_name="best.keras")
+    keras.saving.load_model(tmp_path / "best.keras", safe_mode=True)
 
 
 def test_a_finished_run_resumed_trains_nothing_unless_asked_for_more(tmp_path):

@@ -29,8 +29,8 @@ How the volume is checked and made canonical:
   permutation and flip are transposed and flipped into the canonical order, the origin moved to
   the new voxel [0, 0, 0]. Oblique directions are an error. NIfTI's float32 spacing and
   origin are read as the decimals they stand for (`shortest_float32`: 0.699999988 → 0.7 mm),
-  but for some origins 256 mm or more from 0, which stay their float32 (found in review:
-  -354.9441 mm read as -354.944091796875, under 0.0001 mm off).
+  but for origins whose float32 happens to be a whole multiple of 1/4096 mm, which stay it
+  (found in review: -354.9441 mm read as -354.944091796875; under 0.0001 mm off).
   An orientation the file does not state is an error: a NIfTI file with neither sform nor
   qform coded, an NRRD file without `space:` (SimpleITK reads both as identity directions at
   origin 0); so is a NIfTI file whose pixdim disagrees with its coded sform or qform
@@ -442,10 +442,10 @@ def shortest_float32(values: np.ndarray) -> np.ndarray:
     unless the float32 is a short binary fraction, kept exact (0.677734375 = 347/512 mm, a
     common pixel size, and origins made of it): NIfTI-1 stores spacing and affine in float32,
     and the value its writer meant is the one DICOM and text headers give, so they then agree
-    exactly. From 256 mm on, float32 values are whole multiples of 1/4096 by chance (1 in 8
-    below 512 mm, every one from 2048 mm), and such a decimal stays its float32, off by under
-    0.0001 mm. (NIfTI-2, in float64, is not read: SimpleITK's NIfTI reader does not recognise
-    it.)"""
+    exactly. Away from 0 float32 values are whole multiples of 1/4096 by chance (1 in 32 from
+    64 mm, 1 in 8 from 256 mm, every one from 2048 mm), and such a decimal stays its float32,
+    off by under 0.0001 mm. (NIfTI-2, in float64, is not read: SimpleITK's NIfTI reader does
+    not recognise it.)"""
     as_float32 = [float(np.float32(value)) for value in values]
     return np.array([v if (v * BINARY_FRACTION_SCALE).is_integer() else float(str(np.float32(v)))
                      for v in as_float32])

@@ -41,10 +41,10 @@ CALIBRATION_PNG = "calibration.png"
 
 
 def remove_results(run_dir: str | os.PathLike) -> None:
-    """Remove a classifier run's results, which a resumed run writes anew at its end: its
-    calibrated model(s), metrics.json, oof.csv and calibration.png. A run resumed to train
-    more epochs then leaves no model of fewer epochs (found in review: `predict` used the
-    former run's model while the resumed one trained)."""
+    """Remove a classifier run's results, which a run writes anew at its end: its calibrated
+    model(s), metrics.json, oof.csv and calibration.png. A run begun or resumed to train more
+    epochs then leaves no model of fewer epochs or of a former run (found in review: `predict`
+    used them while the new one trained)."""
     run_dir = Path(run_dir)
     for name in (METRICS_NAME, OOF_NAME, CALIBRATION_PNG, BEST_NAME):
         (run_dir / name).unlink(missing_ok=True)

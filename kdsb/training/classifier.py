@@ -204,8 +204,7 @@ def _train_held(data_dir: str | os.PathLike, labels_csv: str | os.PathLike, run_
     runs.note_volumes(run_dir, {i: volumes[i] for i in usable}, resume, worker.chief)
     if worker.chief:
         volume_input.save(run_dir, gmcae=str(options.gmcae), gmcae_sha256=gmcae_sha256)
-        if resume:
-            remove_results(run_dir)
+        remove_results(run_dir)  # a former run's, or this one's of fewer epochs
     bag_files = None
     if options.head in ("mil", "nll"):
         from kdsb.training.bags import encode_bags

@@ -81,7 +81,9 @@ class GmcaeOptions(RunOptions):
     """
 
     batch_size: int = option(16, "patches per batch (global, over all devices)", type=int)
-    keep_checkpoints: int | None = option(3, "newest epoch checkpoints kept on disk", type=int)
+    keep_checkpoints: int | None = option(
+        3, "newest epoch checkpoints kept on disk (and the best epoch's)", type=int
+    )
     steps_per_epoch: int = option(200, "training batches per epoch", type=int)
     validation_steps: int = option(16, "validation batches (a fixed set of patches)", type=int)
     mixtures: int = option(4, "mixture components m", type=int)
@@ -271,10 +273,11 @@ def _report(run_dir: Path, val_patches, baseline: float, n_train: int, n_val: in
     train_nll = [float(r["loss"]) for r in rows]
     val_nll = [float(r["val_loss"]) for r in rows]
     best_epoch = runs.best_epoch(rows, "val_loss", higher_is_better=False)  # the saved model's
+    best_row = next(i for i, row in enumerate(rows) if int(row["epoch"]) + 1 == best_epoch)
     summary = {
         "epochs_completed": len(rows),
         "best_epoch": best_epoch,
-        "best_val_nll_per_voxel": val_nll[best_epoch - 1],
+        "best_val_nll_per_voxel": val_nll[best_row],
         "final_val_nll_per_voxel": val_nll[-1],
         "final_train_nll_per_voxel": train_nll[-1],
         "single_gaussian_val_nll_per_voxel": baseline,

@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kdsb.hu import AIR_HU, air_share, not_hounsfield
+from kdsb.hu import air_share, not_hounsfield
 from kdsb.io.dicom.files import is_dicom_file, patient_error, read_dataset
 from kdsb.io.dicom.geometry import (
     check_slices,
@@ -102,7 +102,7 @@ def read_series(folder: str | Path, patient_id: str | None = None) -> CTSeries:
     check_tilt(patient, headers, first.orientation, first.pixel_spacing)
     # Decoded straight into the stacked array; the canonical array is a transpose and flips of
     # it, made contiguous once.
-    volume = read_pixels(patient, headers)
+    volume, padded = read_pixels(patient, headers)
     row_spacing, column_spacing = first.pixel_spacing
     hu, spacing, origin = to_canonical(
         volume,
@@ -111,7 +111,7 @@ def read_series(folder: str | Path, patient_id: str | None = None) -> CTSeries:
         [normal, first.orientation[1], first.orientation[0]],
         headers[0].position,
     )
-    reason = not_hounsfield(int(hu.min()), int(hu.max()), air_share(hu, padding=AIR_HU))
+    reason = not_hounsfield(int(hu.min()), int(hu.max()), air_share(hu, padded))
     if reason is not None:
         raise patient_error(patient, f"{reason} (RescaleSlope / RescaleIntercept missing?)",
                             first.path)

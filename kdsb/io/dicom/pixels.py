@@ -55,8 +55,9 @@ def _check_decoder(patient: str, header: Header) -> None:
 
 def _read_slice(
     patient: str, header: Header, out: np.ndarray, frames: dict[Path, list]
-) -> None:
-    """Decode one file once and write its HU (int16) into `out` (rows, columns).
+) -> int:
+    """Decode one file once and write its HU (int16) into `out` (rows, columns); returns the
+    voxels that were padding or outside the field (`_store_hu`).
 
     Releases the header's kept dataset (its bytes and the decoded array pydicom caches). The
     frames of an Enhanced CT file are decoded together once and kept in `frames` (path →
@@ -69,8 +70,8 @@ def _read_slice(
         frames[path][1] -= 1
         if not frames[path][1]:
             frames[path][0] = None
-        _store_hu(decoded[header.frame], header.rescale or (1.0, 0.0), header.padding, out)
-        return
+        return _store_hu(decoded[header.frame], header.rescale or (1.0, 0.0), header.padding,
+                         out)
     if ds is None:
         try:
             ds = read_dataset(path)
@@ -98,14 +99,14 @@ def _read_slice(
         ) from exc
     if header.frame is not None:
         frames[path][0] = stored.reshape((-1, *stored.shape[-2:]))  # one frame decodes to 2D
-        _read_slice(patient, header, out, frames)
-        return
+        return _read_slice(patient, header, out, frames)
     if stored.shape != out.shape:
         raise patient_error(
             patient,
             f"expected a {out.shape[0]}×{out.shape[1]} image, received {stored.shape}", path
         )
-    _store_hu(stored, rescale_of(patient, ds, path), padding_range(patient, ds, path), out)
+    return _store_hu(stored, rescale_of(patient, ds, path), padding_range(patient, ds, path),
+                     out)
 
 
 def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
@@ -141,8 +142,9 @@ def _store_hu(
     rescale: tuple[float, float],
     padding: tuple[int, int] | None,
     out: np.ndarray,
-) -> None:
-    """Stored pixel values → int16 HU in `out`: rescale, outside-field and padding → air.
+) -> int:
+    """Stored pixel values → int16 HU in `out`: rescale, outside-field and padding → air;
+    returns how many voxels were padding or outside the field (no air of the scan's own).
 
     Args:
         stored: the decoded pixel values (rows, columns).
@@ -167,14 +169,17 @@ def _store_hu(
     if padding is not None:
         air |= (stored >= padding[0]) & (stored <= padding[1])
     hu[air] = AIR_HU
+    padded = int(np.count_nonzero(air))
     if hu is not out:
         if hu.min() < INT16_MIN or hu.max() > INT16_MAX:  # rare; two reductions beat a clip
             np.clip(hu, INT16_MIN, INT16_MAX, out=hu)
         out[...] = hu
+    return padded
 
 
-def read_pixels(patient: str, headers: list[Header]) -> np.ndarray:
-    """The slices decoded into one int16 HU array (slice, row, column), in the given order."""
+def read_pixels(patient: str, headers: list[Header]) -> tuple[np.ndarray, int]:
+    """The slices decoded into one int16 HU array (slice, row, column), in the given order,
+    and how many of its voxels were padding or outside the field (now `AIR_HU`)."""
     # Each transfer syntax of the series (found in review: a series mixing syntaxes, checked
     # on its first file alone, failed later as "truncated or corrupt data").
     checked = set()
@@ -187,7 +192,7 @@ def read_pixels(patient: str, headers: list[Header]) -> np.ndarray:
     for header in headers:
         if header.frame is not None:
             frames.setdefault(header.path, [None, 0])[1] += 1
-    for index, header in enumerate(headers):
-        _read_slice(patient, header, volume[index], frames)
-    return volume
+    padded = sum(_read_slice(patient, header, volume[index], frames)
+                 for index, header in enumerate(headers))
+    return volume, padded
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,29 @@ def restore_best_model(run_dir: Path, best_path: Path, rows: list[dict[str, str]
     kill between the two leaves a better epoch's checkpoint without its copy, and a newest
     checkpoint that no longer loads drops the epochs after the one resumed while the best
     model may hold one of them (found in review: the best model and its reported epoch then
-    disagreed). Either way the kept rows' best epoch is the truth. (Where that epoch's
-    checkpoint was pruned, `--keep-checkpoints`, the best model is left as it is: right
-    unless a damaged checkpoint was also passed over.)
+    disagreed). Either way the kept rows' best epoch is the truth. (`EpochCheckpoint` keeps
+    that epoch's checkpoint whatever `--keep-checkpoints`; a run folder of an earlier version
+    may lack it, and then the best model is left as it is.)
     """
     epoch = best_epoch(rows, monitor, higher_is_better)
     if epoch is None:
         return
     source = checkpoint_path(run_dir, epoch)
-    if source.is_file():
-        copy_model_atomically(source, best_path)
+    if not source.is_file():
+        return
+    if not _whole_archive(source):  # damaged since: the best model is left as it is
+        logger.warning("%s: does not open (damaged?): %s is left as it is", source, best_path)
+        return
+    copy_model_atomically(source, best_path)
+
+
+def _whole_archive(path: Path) -> bool:
+    """Whether a saved model (.keras, a zip archive) reads back whole: every member's CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def epochs_since_best(rows: list[dict[str, str]], monitor: str, higher_is_better: bool) -> int:
@@ -146,8 +160,9 @@ def callback_classes():
 
         Both writes are atomic; a kill between them is mended on resume
         (`restore_best_model`). `keep` bounds how many epoch checkpoints stay on disk (the
-        newest ones; None keeps all). `best` is the best monitored value of earlier epochs, so a
-        resumed run only replaces the best model with a better one.
+        newest ones, and the best epoch's, which `restore_best_model` copies from; None keeps
+        all). `best` is the best monitored value of earlier epochs and `best_epoch` its epoch
+        (from 1), so a resumed run only replaces the best model with a better one.
         """
 
         def __init__(
@@ -157,6 +172,7 @@ def callback_classes():
             monitor: str,
             higher_is_better: bool,
             best: float | None,
+            best_epoch: int | None,
             keep: int | None,
         ):
             super().__init__()
@@ -164,7 +180,7 @@ def callback_classes():
             self.best_path = run_dir / best_name
             self.monitor = monitor
             self.higher_is_better = higher_is_better
-            self.best = best
+            self.best, self.best_epoch = best, best_epoch
             self.keep = keep
             self._warned = False
 
@@ -189,14 +205,16 @@ def callback_classes():
                     logger.info("epoch %d: %s improved to %.6g", epoch + 1, self.monitor, value)
                     self.best = value
                 copy_model_atomically(checkpoint, self.best_path)
+                self.best_epoch = epoch + 1
             self._prune()
 
         def _prune(self) -> None:
             if self.keep is None:
                 return
             found = list_checkpoints(self.run_dir)
-            for _, path in found[: max(0, len(found) - self.keep)]:
-                path.unlink(missing_ok=True)
+            for number, path in found[: max(0, len(found) - self.keep)]:
+                if number != self.best_epoch:
+                    path.unlink(missing_ok=True)
 
     class GiveUpBelow(keras.callbacks.Callback):
         """Stop training once the logged value `name` stayed under `floor` for `patience`

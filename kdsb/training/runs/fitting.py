@@ -16,6 +16,7 @@ from typing import Any
 from kdsb.errors import KdsbError, TrainingError, first_line
 from kdsb.io.atomic import read_json, write_json
 from kdsb.training.runs.callbacks import (
+    best_epoch,
     best_so_far,
     callback_classes,
     epochs_since_best,
@@ -162,7 +163,8 @@ def fit(
         validation_steps: validation batches per epoch (needed for endless datasets).
         resume: continue from the newest checkpoint of `run_dir`: its model and optimizer
             state, epoch numbering (`initial_epoch`), best value so far and history.csv (rows
-            of epochs after the checkpoint are dropped, so every epoch appears once). With no
+            of epochs after the checkpoint are dropped, so every epoch appears once), the best
+            model made the kept rows' best epoch's again (`restore_best_model`). With no
             checkpoint yet (killed during the first epoch) training starts afresh, with a
             warning (the command line refuses `--resume` only where no run was begun).
         best_name: file name of the best model inside `run_dir`.
@@ -312,7 +314,7 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
      AveragedWeights) = callback_classes()
     csv_logger = keras.callbacks.CSVLogger(str(history_path), append=True)
     # Order matters: the guard first (nothing is written for a non-finite model), then the
-    # history row, then the best model and the checkpoint (the weights' average swapped in
+    # history row, then the checkpoint and the best model (the weights' average swapped in
     # before all of them, when the optimizer keeps one). A kill after the row leaves one row
     # too many, which resuming drops; the reverse order would lose a row for good.
     callbacks = [
@@ -324,6 +326,7 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
             monitor,
             higher,
             best_so_far(rows, monitor, higher),
+            best_epoch(rows, monitor, higher),
             keep_checkpoints,
         ),
     ]

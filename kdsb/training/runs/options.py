@@ -91,7 +91,8 @@ class RunOptions:
         choices=STRATEGIES,
     )
     keep_checkpoints: int | None = option(
-        None, "newest epoch checkpoints kept on disk", type=int, shown="all"
+        None, "newest epoch checkpoints kept on disk (and the best epoch's)", type=int,
+        shown="all"
     )
     patience: int | None = option(
         None, "early stopping: epochs without a better validation loss", type=int, shown="never"
