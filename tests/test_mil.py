@@ -35,6 +35,27 @@ def test_padding_does_not_change_the_pooled_bag(pooling):
         np.testing.assert_allclose(alone, (weights[..., None] * bag).sum(1), rtol=1e-5)
 
 
+def test_attention_pools_in_float32_under_mixed_float16(encoder):
+    """Found in review: in float16 the attention weights of a large bag (~1/n) were flushed to
+    0 and the pooled vector shrank with the bag's size."""
+    import keras
+
+    from kdsb.models.mil import build_mil_classifier
+
+    channels = int(encoder.output.shape[-1])
+    try:
+        keras.config.set_dtype_policy("mixed_float16")
+        _, head = build_mil_classifier(encoder, feature_mean=np.zeros(channels),
+                                       feature_variance=np.ones(channels), units=4,
+                                       attention_units=4, pooling="attention", dropout=0.0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    pool = head.get_layer("mil_pooling")
+    assert pool.compute_dtype == "float32"
+    instances = np.ones((1, 60_000, 4), np.float32)  # one value: any weights average to it
+    np.testing.assert_allclose(np.asarray(pool(instances)), 1.0, rtol=1e-3)
+
+
 @pytest.mark.parametrize("units", [0, -3, 2.5, float("inf"), float("nan"), True])
 def test_attention_units_must_be_a_positive_whole_number(units):
     from kdsb.models.mil import AttentionMILPooling

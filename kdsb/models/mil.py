@@ -168,7 +168,10 @@ def build_mil_classifier(
         keras.layers.Normalization(axis=-1, mean=mean, variance=variance, name="mil_standardise"),
         keras.layers.Dense(units, activation="relu", name="mil_instance"),
     ]
-    pool = AttentionMILPooling(attention_units, pooling, name="mil_pooling")
+    # In float32 whatever the precision (found in review: under mixed_float16 the attention
+    # weights of a bag of 60k instances, ~1/n, are subnormal and flushed to 0, so the pooled
+    # vector shrank with the volume's size; the output layer is float32 for the same reason).
+    pool = AttentionMILPooling(attention_units, pooling, name="mil_pooling", dtype="float32")
     drop = keras.layers.Dropout(dropout, name="head_dropout")
     out = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="p_cancer")
 
