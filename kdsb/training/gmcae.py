@@ -272,8 +272,8 @@ def _report(run_dir: Path, val_patches, baseline: float, n_train: int, n_val: in
     rows = runs.read_history(run_dir / runs.HISTORY_NAME)
     train_nll = [float(r["loss"]) for r in rows]
     val_nll = [float(r["val_loss"]) for r in rows]
-    best_epoch = runs.best_epoch(rows, "val_loss", higher_is_better=False)  # the saved model's
-    best_row = next(i for i, row in enumerate(rows) if int(row["epoch"]) + 1 == best_epoch)
+    best_row = runs.best_row(rows, "val_loss", higher_is_better=False)  # the saved model's
+    best_epoch = int(rows[best_row]["epoch"]) + 1
     summary = {
         "epochs_completed": len(rows),
         "best_epoch": best_epoch,

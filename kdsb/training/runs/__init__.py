@@ -44,7 +44,7 @@ Their public names are importable from here.
 TensorFlow is imported inside the functions, so importing this module stays light.
 """
 
-from kdsb.training.runs.callbacks import best_epoch
+from kdsb.training.runs.callbacks import best_epoch, best_row
 from kdsb.training.runs.devices import (
     PRECISIONS,
     STRATEGIES,
@@ -95,6 +95,7 @@ from kdsb.training.runs.split import (
 
 __all__ = [
     "best_epoch",
+    "best_row",
     "FINISHED_NAME",
     "SPLIT_NAME",
     "check_split",

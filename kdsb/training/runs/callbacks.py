@@ -49,16 +49,17 @@ def best_so_far(rows: list[dict[str, str]], monitor: str, higher_is_better: bool
     return max(values) if higher_is_better else min(values)
 
 
+def best_row(rows: list[dict[str, str]], monitor: str, higher_is_better: bool) -> int | None:
+    """The index of the row whose model is the best of these rows: the first at `best_so_far`,
+    or the last row when none logged a finite value (`EpochCheckpoint` then keeps the latest
+    model); None without rows."""
+    return len(rows) - 1 - epochs_since_best(rows, monitor, higher_is_better) if rows else None
+
+
 def best_epoch(rows: list[dict[str, str]], monitor: str, higher_is_better: bool) -> int | None:
-    """The epoch (from 1, as checkpoints count) whose model is the best of these rows: the first
-    at `best_so_far`, or the last row's when none logged a finite value (`EpochCheckpoint` then
-    keeps the latest model); None without rows."""
-    if not rows:
-        return None
-    since = epochs_since_best(rows, monitor, higher_is_better)
-    if best_so_far(rows, monitor, higher_is_better) is None:
-        since = 0
-    return int(rows[len(rows) - 1 - since]["epoch"]) + 1
+    """The epoch (from 1, as checkpoints count) of `best_row`; None without rows."""
+    row = best_row(rows, monitor, higher_is_better)
+    return None if row is None else int(rows[row]["epoch"]) + 1
 
 
 def restore_best_model(run_dir: Path, best_path: Path, rows: list[dict[str, str]], monitor: str,
