@@ -133,9 +133,12 @@ def test_the_layer_matches_numpy_and_travels_in_the_saved_model(tmp_path):
     calibrated.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True, compile=False)
     assert calibration_of(loaded) == calibration
-    # Calibrating again replaces the map instead of stacking a second one.
+    # Calibrating again replaces the map instead of stacking a second one; the identity
+    # keeps every p as it is, a sure 0 or 1 too, as `Calibration.apply` does.
     again = with_calibration(loaded, IDENTITY)
-    np.testing.assert_allclose(np.asarray(again(x))[:, 0], raw, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(again(x))[:, 0], raw)
+    identity = again.get_layer("calibration")
+    np.testing.assert_array_equal(np.asarray(identity(edges))[:, 0], IDENTITY.apply(edges[:, 0]))
     assert sum(layer.name == "calibration" for layer in again.layers) == 1
 
 

@@ -820,6 +820,28 @@ def test_resume_redoes_a_patient_whose_source_changed(tmp_path, caplog):
     assert not (out / "p1.h5").exists()  # never the old scan's volume under the new scan's id
 
 
+def test_hidden_files_in_a_patient_folder_are_no_part_of_it(tmp_path):
+    """Found in review: a Finder window opened on a patient folder wrote `.DS_Store` into it,
+    its source stamp changed, and the next run preprocessed the patient again."""
+    from kdsb.io.folders import files_under
+    from kdsb.io.source_stamp import source_stamp
+
+    folder = tmp_path / "p1"
+    (folder / "series").mkdir(parents=True)
+    (folder / "series" / "IM1").write_bytes(b"slice one")
+    (folder / "IM2").write_bytes(b"slice two")
+    stamp = source_stamp(folder)
+    assert stamp.startswith("2 files, 18 bytes, newest ")
+    (folder / ".DS_Store").write_bytes(b"Finder's view")
+    (folder / "series" / "._IM1").write_bytes(b"AppleDouble")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_bytes(b"ref")
+    assert files_under(folder) == [folder / "IM2", folder / "series" / "IM1"]
+    assert source_stamp(folder) == stamp
+    (folder / "IM2").write_bytes(b"slice two, rewritten")
+    assert source_stamp(folder) != stamp
+
+
 def test_a_source_stamp_counts_a_volume_file_and_its_data_file(tmp_path):
     from kdsb.io.source_stamp import source_stamp
 

@@ -1,9 +1,15 @@
-"""Every file under a patient folder, symlinked sub-folders included.
+"""Every file under a patient folder, symlinked sub-folders included, hidden ones left out.
 
 `Path.rglob` (Python 3.11) does not descend into symlinked folders, so a patient folder built of
 links to series elsewhere read as empty, or silently without the linked series. `os.walk` with
 `followlinks=True` descends into them; a folder reached twice (a link loop, or two links to one
 series) is walked once.
+
+Hidden entries (names beginning with a dot) are no part of a patient, as they are no patient
+in INPUT_ROOT: the `.DS_Store` a Mac's Finder writes into a folder it shows, the `._IM1`
+AppleDouble files its copies leave on other disks, a `.git` folder. Found in review: a Finder
+window opened on a patient folder changed its source stamp, and the patient was preprocessed
+again on the next run.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from kdsb.errors import KdsbError
 
 
 def files_under(folder: str | os.PathLike) -> list[Path]:
-    """The regular files (or links to them) anywhere under `folder`, sorted by path.
+    """The regular files (or links to them) anywhere under `folder`, sorted by path; none
+    whose name, or whose sub-folder's name under `folder`, begins with a dot.
 
     Raises:
         KdsbError: a folder under it cannot be listed (no permission): `os.walk` would skip it
@@ -34,5 +41,7 @@ def files_under(folder: str | os.PathLike) -> list[Path]:
             dirs.clear()
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        found += [path for name in files if (path := Path(root, name)).is_file()]
+        dirs[:] = [name for name in dirs if not name.startswith(".")]  # walked no further
+        found += [path for name in files
+                  if not name.startswith(".") and (path := Path(root, name)).is_file()]
     return sorted(found)

@@ -186,7 +186,13 @@ class ProbabilityCalibration(keras.layers.Layer):
         self.intercept = float(intercept)
 
     def call(self, inputs):
-        p = ops.clip(ops.cast(inputs, "float32"), EPSILON, 1.0 - EPSILON)
+        p = ops.cast(inputs, "float32")
+        if self.slope == 1.0 and self.intercept == 0.0:
+            # The identity (`--calibration none`) keeps p as `Calibration.apply` does (found in
+            # review: clipped, a sure 0 or 1 came out 1.2e-7 from it in predict and not in
+            # explain's report).
+            return p
+        p = ops.clip(p, EPSILON, 1.0 - EPSILON)
         z = ops.log(p) - ops.log1p(-p)
         return ops.sigmoid(self.slope * z + self.intercept)
 
