@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pytest
 
@@ -211,12 +214,38 @@ def test_a_threshold_picked_under_predicts_clip_still_separates_clipped_predicti
         evaluate(preds02, labels, threshold="youden", validation_csv=oof, clip=0.5)
 
 
+def test_the_printed_threshold_given_again_gives_the_same_matrix(tmp_path, capsys, caplog):
+    """Found in review: a cut moved to just above the clip printed as "0.005"; given as
+    --threshold 0.005 it called the clipped patients positive. And --clip without a rule was
+    ignored without a word."""
+    val = [("v0", 0, 1e-6), ("v1", 0, 2e-6), ("v2", 0, 1e-5), ("v3", 1, 0.3), ("v4", 1, 0.9)]
+    test = [("t0", 0, 0.005), ("t1", 1, 0.005), ("t2", 1, 0.4), ("t3", 1, 0.995)]
+    labels = _write(tmp_path / "labels.csv", "id,cancer", [(i, y) for i, y, _ in val + test])
+    preds = _write(tmp_path / "test.csv", "id,cancer", [(i, p) for i, _, p in test])
+    oof = _write(tmp_path / "oof.csv", "id,cancer", [(i, p) for i, _, p in val])
+
+    def matrix(*options):
+        assert main(["evaluate", str(preds), str(labels), "--bootstrap", "0", *options]) == 0
+        out = capsys.readouterr().out
+        printed = re.search(r"threshold (\S+) \(", out).group(1)
+        return printed, out[out.index("predicted 1 when"):]
+
+    printed, picked = matrix("--threshold", "youden", "--validation", str(oof))
+    assert printed == repr(float(np.nextafter(0.005, 1.0)))
+    assert matrix("--threshold", printed, "--predicted-only")[1] == picked
+    with caplog.at_level(logging.WARNING):
+        matrix("--threshold", "0.3", "--clip", "0.02", "--predicted-only")
+    assert "--clip moves only a threshold picked by youden or f1 on --validation: ignored " \
+        "with --threshold VALUE" in caplog.text
+
+
 def test_evaluate_returns_intervals_and_threshold(split, caplog):
     preds, labels, oof, (val_y, val_p), (test_y, test_p) = split
     scores = evaluate(preds, labels, n_boot=100, seed=3, threshold="f1", validation_csv=oof)
     picked = metrics.pick_threshold(val_y, val_p, "f1")
     assert scores["threshold"] == {**metrics.confusion_at(test_y, test_p, picked).as_dict(),
-                                   "rule": "f1", "picked_on": f"{oof}, 6 patients"}
+                                   "rule": "f1", "picked_on": f"{oof}, 6 patients",
+                                   "shown": f"{picked:.6g}"}
     assert scores["intervals"] == metrics.bootstrap_intervals(test_y, test_p, n_boot=100, seed=3)
     assert scores["brier"] == pytest.approx(metrics.brier(test_y, test_p))
     # The old call: no intervals, no threshold (the validation file then only removes its

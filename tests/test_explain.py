@@ -417,6 +417,29 @@ def test_a_heatmap_zero_in_the_lungs_has_no_peak(cohort, tmp_path, monkeypatch, 
     assert (out / "c0.png").stat().st_size > 0
 
 
+def test_a_map_with_a_nan_cell_fails_its_patient_alone(cohort, tmp_path, monkeypatch, capsys):
+    """Found in review: one NaN cell (a gradient overflow with p finite) spread over the whole
+    heatmap, which was written as it was and reported "zero throughout the lungs"."""
+    import kdsb.evaluation.explain as explain
+
+    root, model, _ = cohort
+    real_gradcam = explain.gradcam
+
+    def nan_gradcam(model, x, *args, **kwargs):
+        cam, probability, centres = real_gradcam(model, x, *args, **kwargs)
+        if x.shape == volumes.read_volume(root / "data" / "c1.h5").hu.shape + (1,):
+            cam = cam.copy()
+            cam.flat[0] = np.nan
+        return cam, probability, centres
+
+    monkeypatch.setattr(explain, "gradcam", nan_gradcam)
+    out = tmp_path / "out"
+    assert main(["explain", str(root / "data"), str(model), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"c1: expected a finite heatmap, received 1 non-finite cell\(s\) of \d+", err)
+    assert not (out / "c1.h5").exists() and set(_peaks(out)) == {"c0", "c2"}
+
+
 def test_a_killed_run_resumes_and_redoes_only_what_is_missing(cohort, tmp_path, monkeypatch):
     from tests.interrupt import Interrupter
 
@@ -443,6 +466,56 @@ def test_a_killed_run_resumes_and_redoes_only_what_is_missing(cohort, tmp_path, 
         with h5py.File(out / f"c{index}.h5") as a, h5py.File(fresh / f"c{index}.h5") as b:
             np.testing.assert_array_equal(a["heatmap"][...], b["heatmap"][...])
     assert not (out / "explain.partial").exists()
+
+
+def test_a_run_resumed_from_another_folder_keeps_its_finished_patients(cohort, tmp_path,
+                                                                       monkeypatch):
+    """Found in review: the journal named the models as typed, so a killed run resumed with
+    the same model by its absolute path was another run, every finished patient redone."""
+    from tests.interrupt import Interrupter
+
+    root, model, _ = cohort
+    out = tmp_path / "out"
+    explaining = Interrupter(monkeypatch, explain, "explain_patient")
+    explaining.next_run(limit=1)
+    monkeypatch.chdir(model.parent)
+    assert main(["explain", str(root / "data"), model.name, str(out)]) == 130
+    monkeypatch.chdir(tmp_path)
+    explaining.next_run()
+    assert main(["explain", str(root / "data"), str(model), str(out)]) == 0
+    assert explaining.calls == PATIENTS - 1
+
+
+def test_heatmaps_of_two_runs_in_one_folder_are_warned_of_and_not_exported(cohort, tmp_path,
+                                                                          caplog, capsys):
+    """Found in review: explain of one patient with another model into an earlier run's
+    folder left the others' heatmaps, and `export --heatmaps` exported both runs' side by
+    side, without a word."""
+    import shutil
+
+    root, model, _ = cohort
+    other = tmp_path / "other_run"
+    shutil.copytree(model.parent, other)
+    out = tmp_path / "out"
+    assert main(["explain", str(root / "data"), str(model), str(out)]) == 0
+    (tmp_path / "ids.csv").write_text("id\nc1\n")
+    with caplog.at_level(logging.WARNING):
+        assert main(["explain", str(root / "data"), str(other / model.name), str(out), "--ids",
+                     str(tmp_path / "ids.csv")]) == 0
+    assert f"{out} holds heatmaps of 2 explain runs: 2 by gradcam of {model} (c0, c2); 1 by " \
+        f"gradcam of {other / model.name} (c1)" in caplog.text
+    capsys.readouterr()
+    assert main(["export", str(root / "data"), str(tmp_path / "nifti"), "--heatmaps",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"expected --heatmaps DIR holding one explain run's heatmaps, received 2 runs' in " \
+        f"{out}: 2 by gradcam of {model} (c0, c2); 1 by gradcam of {other / model.name} (c1); " \
+        "explain into a folder of its own" in err
+    assert not (tmp_path / "nifti").exists() or not any((tmp_path / "nifti").iterdir())
+    # One run's patients only: exported.
+    (tmp_path / "ids.csv").write_text("id\nc0\nc2\n")
+    assert main(["export", str(root / "data"), str(tmp_path / "nifti"), "--heatmaps", str(out),
+                 "--ids", str(tmp_path / "ids.csv")]) == 0
 
 
 def test_a_patient_that_fails_fails_alone_and_a_rerun_retries_only_it(cohort, tmp_path,

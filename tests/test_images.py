@@ -301,6 +301,20 @@ def test_find_patients_refuses_ids_that_differ_only_by_case(tmp_path):
         find_patients(tmp_path)
 
 
+@pytest.mark.parametrize("name", [" p1", "p1 ", "p1 .nii.gz"])
+def test_find_patients_refuses_ids_with_spaces_at_either_end(tmp_path, name):
+    """Found in review: CSV ids are read stripped, so a folder " p1" got a volume whose labels,
+    `--ids` and predictions never matched ("received 1 of 1 without one: p1")."""
+    (tmp_path / name).mkdir() if "." not in name else (tmp_path / name).write_bytes(b"")
+    (tmp_path / "p 2").mkdir()  # inside: kept
+    with pytest.raises(UsageError, match="expected patient ids without leading or trailing "
+                                         f"spaces in {tmp_path} .*, received '{name.split('.')[0]}"
+                                         "': rename it"):
+        find_patients(tmp_path)
+    (tmp_path / name).rename(tmp_path / name.replace(" ", ""))
+    assert sorted(find_patients(tmp_path)) == ["p 2", "p1"]
+
+
 def test_dicom_files_in_the_input_root_itself_are_named(tmp_path, caplog):
     """One patient's series passed as INPUT_ROOT: the error says why none was found and what to
     pass instead; beside patient folders such files are ignored with a warning (found by a

@@ -4,6 +4,7 @@ base-rate log loss with bootstrap intervals, and a confusion matrix at a chosen 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 HELP = ("score an id,cancer prediction CSV against labels: log loss, Brier, ECE, ROC AUC, "
@@ -58,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         require_output_dir(args.plots, "--plots DIR, a folder for the plots")
     if args.seed < 0:
         raise UsageError(f"expected --seed of 0 or more, received {args.seed}")
+    if args.clip is not None and args.threshold not in ("youden", "f1"):
+        # Found in review: parsed, checked and ignored without a word.
+        logging.getLogger(__name__).warning(
+            "--clip moves only a threshold picked by youden or f1 on --validation: ignored "
+            "with %s", "no --threshold" if args.threshold is None else "--threshold VALUE")
     scores = evaluate(args.predictions, args.labels, plots_dir=args.plots, n_boot=args.bootstrap,
                       seed=args.seed, threshold=args.threshold, validation_csv=args.validation,
                       predicted_only=args.predicted_only,

@@ -116,12 +116,21 @@ def format_table(
     return "\n".join(lines)
 
 
+def threshold_text(value: float, p: np.ndarray) -> str:
+    """A threshold as text that, given as `--threshold`, calls every prediction of `p` as
+    `value` does: 6 significant digits where they do, else every digit (found in review: a cut
+    moved to just above the clip printed as "0.005", which, given again, called the patients
+    at 0.005 positive)."""
+    short = f"{value:.6g}"
+    return short if np.array_equal(p >= float(short), p >= value) else repr(float(value))
+
+
 def format_confusion(threshold: Mapping[str, object]) -> str:
     """The labelled 2×2 confusion matrix, sensitivity, specificity, PPV and NPV.
 
     Args:
         threshold: the "threshold" entry of `evaluate`'s result (`metrics.Confusion.as_dict`
-            plus "rule" and "picked_on").
+            plus "rule", "picked_on" and "shown", the threshold as printed).
     """
     rule = threshold.get("rule", "given")
     origin = (f"{rule} on {threshold['picked_on']}" if threshold.get("picked_on") else str(rule))
@@ -129,7 +138,7 @@ def format_confusion(threshold: Mapping[str, object]) -> str:
     cells = max(len(str(count)) for count in (tp, fp, tn, fn))
     column = max(len("predicted 1"), cells)
     return "\n".join([
-        f"threshold {threshold['threshold']:.6g} ({origin}); predicted 1 when p >= threshold",
+        f"threshold {threshold['shown']} ({origin}); predicted 1 when p >= threshold",
         f"  {'':<13}  {'predicted 1':>{column}}  {'predicted 0':>{column}}",
         f"  {'cancer 1':<13}  {tp:>{column}}  {fn:>{column}}",
         f"  {'no cancer 0':<13}  {fp:>{column}}  {tn:>{column}}",
@@ -267,8 +276,8 @@ def within_clip(threshold: float, p: np.ndarray, clip: float = PROBABILITY_CLIP)
         return threshold  # (no clip: nothing to move inside; found in review)
     moved = float(min(max(threshold, np.nextafter(low, 1.0)), high))
     logger.info("the threshold %.6g lies beyond the clip [%g, %g] of the evaluated predictions "
-                "(kdsb predict's): %.6g, the nearest cut between clipped values", threshold,
-                low, high, moved)
+                "(kdsb predict's): %s, the nearest cut between clipped values", threshold,
+                low, high, threshold_text(moved, p))
     return moved
 
 
@@ -313,8 +322,9 @@ def evaluate(
           accuracy and brier;
         - "threshold" when `threshold` is given: `metrics.Confusion.as_dict()` on the evaluated
           patients (threshold, tp, fp, tn, fn, sensitivity, specificity, ppv, npv), plus "rule"
-          ("youden", "f1" or "given") and "picked_on" (the validation CSV and its patient count,
-          or None).
+          ("youden", "f1" or "given"), "picked_on" (the validation CSV and its patient count,
+          or None) and "shown" (the threshold as text that calls these patients alike,
+          `threshold_text`).
 
     Raises:
         UsageError: a bad threshold, `n_boot` or `clip`, a rule without `validation_csv`, or
@@ -382,6 +392,7 @@ def evaluate(
             **metrics.confusion_at(y, p, value).as_dict(),
             "rule": threshold if isinstance(threshold, str) else "given",
             "picked_on": picked_on,
+            "shown": threshold_text(value, p),
         }
     if plots_dir is not None:
         plots_dir = Path(plots_dir)

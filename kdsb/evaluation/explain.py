@@ -190,6 +190,10 @@ def explain_patient(
                                       clip=volume_input.hu_clip))
             cam, p = occlusion(model, x, lung, fill, size, stride, voxel_mm,
                                models=len(models) if index == 0 else 0)
+        if not np.isfinite(cam).all():  # one NaN cell spreads over the whole grid below
+            raise KdsbError(f"{patient_id}: expected a finite heatmap, received "
+                            f"{int(np.count_nonzero(~np.isfinite(cam)))} non-finite cell(s) of "
+                            f"{np.size(cam)} (NaN or inf gradients: a float16 overflow?)")
         heatmap = to_volume_grid(cam, volume.hu.shape, factor, centres)
         top = float(heatmap.max())
         maps.append(heatmap / top if top > 0 else heatmap)
@@ -323,9 +327,11 @@ def explain_cohort(
                 split_classifier(model)
             except ModelError as error:
                 raise type(error)(f"{path}: {error}") from None
-    # The paths too: each heatmap file names its models.
+    # The paths too, absolute: each heatmap file names its models (found in review: as typed,
+    # a run resumed from another folder was another run, its finished patients redone).
+    absolute_paths = [os.path.abspath(p) for p in model_paths]
     fingerprint = {"command": "explain", "method": method, "models": fingerprinted,
-                   "model_paths": [os.fspath(p) for p in model_paths]}
+                   "model_paths": absolute_paths}
     if method == "occlusion":
         fingerprint |= {"occlusion_mm": occlusion_mm, "stride_mm": stride_mm}
     peaks: list[Peak] = []
@@ -352,9 +358,9 @@ def explain_cohort(
                                       done["value"]))
                     continue
                 with naming_on_out_of_memory(str(path)):
-                    peak = _explain_into(out_dir, patient_id, path, models, inputs, model_paths,
-                                         method=method, occlusion_mm=occlusion_mm,
-                                         stride_mm=stride_mm)
+                    peak = _explain_into(out_dir, patient_id, path, models, inputs,
+                                         absolute_paths, method=method,
+                                         occlusion_mm=occlusion_mm, stride_mm=stride_mm)
             except (KdsbError, OSError) as error:  # found in review: one file stopped a cohort
                 if isinstance(error, OSError) and error.errno in DISK_FULL:
                     raise  # every patient after it would fail alike, each after its work
@@ -370,7 +376,22 @@ def explain_cohort(
         write_table(out_dir / PEAKS_NAME, PEAK_FIELDS, rows)
         if not failed:
             journal.finish()
+    _warn_of_other_runs(out_dir)
     return peaks, failed
+
+
+def _warn_of_other_runs(out_dir: Path) -> None:
+    """Warn where OUT_DIR also holds heatmaps another explain run wrote (of patients this run
+    did not explain): `kdsb export --heatmaps` refuses such a folder (found in review: it
+    exported both runs' heatmaps side by side)."""
+    from kdsb.io.heatmaps import describe_runs, explain_runs
+    from kdsb.io.volumes import list_volumes
+
+    runs = explain_runs(sorted(list_volumes(out_dir).items()))
+    if len(runs) > 1:
+        logger.warning("%s holds heatmaps of %d explain runs: %s; `kdsb export --heatmaps` "
+                       "takes one run's: explain into a folder of its own", out_dir, len(runs),
+                       describe_runs(runs))
 
 
 def _remove_outputs(out_dir: Path, patient_id: str) -> None:
@@ -392,7 +413,7 @@ def _explain_into(out_dir: Path, patient_id: str, path: Path, models, inputs,
     volume.patient_id = patient_id
     found = explain_patient(models, inputs, path, volume, **options)
     attrs = {"method": options["method"], "probability": found.probability,
-             "models": [os.fspath(p) for p in model_paths]}
+             "models": [os.fspath(p) for p in model_paths]}  # absolute: `explain_run`'s key
     write_heatmap(heatmap_path(out_dir, patient_id), found.heatmap, volume.spacing,
                   volume.origin, attrs)
     write_png(out_dir / f"{patient_id}.png", volume, found)

@@ -281,7 +281,8 @@ def predict_cohort(
         out_csv: write the `id,cancer` CSV here (atomically). The run is then journalled in
             `OUT_CSV.partial` (`kdsb.io.journal`): a killed run, run again with the same
             models, options and volumes, scores only the patients it had not finished. The
-            journal is removed once the CSV is written.
+            journal is removed once the CSV is written; an earlier CSV there is removed as
+            scoring begins (after the checks): a run that fails leaves none.
         fill_missing: the probability (clipped as the others) given to patients whose volume
             file cannot be read (damaged) and to ids of `ids` without a volume (a scan that
             failed preprocessing, in a submission that must name every patient), each named in
@@ -338,6 +339,8 @@ def predict_cohort(
     journal_path = None if out_csv is None else Path(f"{out_csv}{SUFFIX}")
     predictions: dict[str, float] = {}
     with optional_journal(journal_path, fingerprint, "predict") as journal:
+        if out_csv is not None:  # found in review: a failed rerun left an earlier run's CSV,
+            Path(out_csv).unlink(missing_ok=True)  # which evaluate then scored (explain: peaks)
         for patient_id in tqdm(order, desc="predict", unit="patient", disable=None):
             path = volumes.get(patient_id)
             if path is None:

@@ -2,13 +2,14 @@
 
 `<id>.h5` holds dataset `heatmap` (float32, shape (z, y, x), the volume's shape) and the
 attributes `spacing` and `origin` (mm, (z, y, x)) of the volume it explains, plus any others
-given (the method, the models, the patient's probability).
+given (`kdsb explain` writes the method, the models' absolute paths and the patient's
+probability): `explain_runs` groups a folder's heatmaps by the run that wrote them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import h5py
@@ -16,10 +17,12 @@ import numpy as np
 
 from kdsb.errors import StoreError, one_line
 from kdsb.io.atomic import atomic_path
+from kdsb.io.tables import summarise_ids
 from kdsb.io.volumes import COMPRESSION, H5_DAMAGE_ERRORS, REQUIRED_DATASETS, check_geometry
 
 HEATMAP_DATASET = "heatmap"
 SUFFIX = ".h5"
+RUN_ATTRS = ("method", "models")  # what tells one explain run's heatmaps from another's
 
 
 def heatmap_path(folder: str | os.PathLike, patient_id: str) -> Path:
@@ -87,3 +90,40 @@ def read_heatmap(path: str | os.PathLike) -> tuple[np.ndarray, tuple, tuple]:
         raise StoreError(f"{path}: expected a heatmap file, received an unreadable or damaged "
                          f"one ({one_line(error)})") from error
     return heatmap, spacing, origin
+
+
+def explain_run(path: str | os.PathLike) -> tuple[str, ...] | None:
+    """The explain run a heatmap file came from: its `RUN_ATTRS` (the method, then the models'
+    paths), as text ("" for a missing method); None where the file cannot be read (its
+    reader names it)."""
+    try:
+        with h5py.File(path, "r") as f:
+            method = str(f.attrs.get("method", ""))
+            models = f.attrs.get("models", ())
+            models = [models] if isinstance(models, str | bytes) else list(models)
+            return (method, *(m.decode() if isinstance(m, bytes) else str(m) for m in models))
+    except H5_DAMAGE_ERRORS:
+        return None
+
+
+def explain_runs(
+    paths: Iterable[tuple[str, str | os.PathLike]],
+) -> dict[tuple[str, ...], list[str]]:
+    """The heatmaps of (patient id, heatmap path) pairs grouped by `explain_run`: run → ids;
+    unreadable ones left out."""
+    runs: dict[tuple[str, ...], list[str]] = {}
+    for patient_id, path in paths:
+        run = explain_run(path)
+        if run is not None:
+            runs.setdefault(run, []).append(patient_id)
+    return runs
+
+
+def describe_runs(runs: Mapping[tuple[str, ...], list[str]]) -> str:
+    """One line naming each run of `explain_runs`: its method, models and patients."""
+
+    def run(key: tuple[str, ...], ids: list[str]) -> str:
+        what = f"{key[0] or 'no method'} of {', '.join(key[1:]) or 'no models named'}"
+        return f"{len(ids)} by {what} ({summarise_ids(ids)})"
+
+    return "; ".join(run(key, ids) for key, ids in runs.items())

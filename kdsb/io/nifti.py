@@ -23,7 +23,7 @@ from kdsb.errors import KdsbError, StoreError, UsageError, one_line
 from kdsb.hu import LUNG_WINDOW_HU
 from kdsb.io import volumes
 from kdsb.io.atomic import atomic_path, remove_stale_temporaries, sole_writer
-from kdsb.io.heatmaps import heatmap_path, read_heatmap
+from kdsb.io.heatmaps import describe_runs, explain_runs, heatmap_path, read_heatmap
 from kdsb.io.series import LPS_TO_RAS
 from kdsb.io.tables import summarise_ids
 
@@ -171,8 +171,9 @@ def export_cohort(
         (ids exported, {id: reason} for the patients that failed).
 
     Raises:
-        UsageError: no volume file in `data_dir`, no heatmap file in `heatmaps_dir`, or another
-            export writing `out_dir`.
+        UsageError: no volume file in `data_dir`, no heatmap file in `heatmaps_dir`, heatmaps
+            of more than one explain run among the patients' (`heatmaps.explain_runs`), or
+            another export writing `out_dir`.
         LabelsError: an id of `ids` without a volume file (before anything is written).
     """
     available = volumes.list_volumes(data_dir)
@@ -185,6 +186,15 @@ def export_cohort(
     # refuse it (found by a user's trial: export failed that patient alone, explain the run).
     wanted, _ = volumes.resolve_ids(Path(data_dir), None if ids is None else list(ids),
                                     ids_source)
+    if heatmaps_dir is not None:
+        # Found in review: `explain` of a few patients with another model into an earlier
+        # run's folder left the others' heatmaps, and they were exported side by side.
+        runs = explain_runs((i, heatmap_path(heatmaps_dir, i)) for i in wanted
+                            if heatmap_path(heatmaps_dir, i).exists())
+        if len(runs) > 1:
+            raise UsageError(f"expected --heatmaps DIR holding one explain run's heatmaps, "
+                             f"received {len(runs)} runs' in {heatmaps_dir}: "
+                             f"{describe_runs(runs)}; explain into a folder of its own")
     exported: list[str] = []
     failed: dict[str, str] = {}
     without_heatmap: list[str] = []

@@ -101,6 +101,12 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
         if patient_id is None:
             continue
         _require_utf8_name(path)
+        if patient_id != patient_id.strip():
+            # Found in review: CSV ids are read stripped, so its labels and --ids never matched.
+            raise UsageError(
+                f"expected patient ids without leading or trailing spaces in {input_root} (ids "
+                f"in CSV files are read without them), received {patient_id!r}: rename it"
+            )
         if patient_id in patients:
             raise UsageError(
                 f"expected one entry per patient id in {input_root}, received two for "
