@@ -254,9 +254,9 @@ def test_a_patients_features_do_not_depend_on_the_other_files(cohort, monkeypatc
     from kdsb.models.gmcae import encoder_of, mixtures_of
     from kdsb.models.losses import gaussian_mixture_nll, split_mixture_params
 
+    rng = np.random.default_rng(embed.patient_seed(3, files["p02"]))
     x = read_patches(files["p02"], patch_size=int(gmcae.input_shape[1]), count=4,
-                     sampling="lung", augment=False,
-                     rng=np.random.default_rng(embed.patient_seed(3, "p02")))[..., np.newaxis]
+                     sampling="lung", augment=False, rng=rng)[..., np.newaxis]
     pooled = np.asarray(encoder_of(gmcae).predict(x, verbose=0), np.float64).mean(axis=(1, 2, 3))
     np.testing.assert_allclose(table.embeddings[1], np.concatenate([pooled.mean(0), pooled.max(0)]),
                                rtol=1e-5, atol=1e-6)
@@ -284,6 +284,26 @@ def test_a_patients_features_do_not_depend_on_the_other_files(cohort, monkeypatc
     assert table.ids == ["p02", "p03", "p04"]
     assert failed == {"p99": f"{gone['p99']}: expected a volume file, received No such file or "
                              "directory"}
+
+
+def test_an_exact_duplicate_is_its_twins_nearest_neighbour(cohort, tmp_path):
+    """Found in review: the patches were seeded by the id, so one scan preprocessed under two
+    ids (a common cohort error) gave two embeddings no nearer than other patients'."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(cohort / "data", data)
+    shutil.copy(data / "p03.h5", data / "twin_of_p03.h5")
+    out = tmp_path / "out"
+    assert main(["embed", str(data), str(cohort / "gmcae.keras"), str(out), "--patches", "8",
+                 "--neighbours", "2"]) == 0
+    first = {}  # each patient's nearest neighbour: its first row
+    for row in _rows(out / "neighbours.csv"):
+        first.setdefault(row["id"], (row["neighbour"], float(row["distance"])))
+    assert len(first) == ORDINARY + 3
+    assert first["p03"] == ("twin_of_p03", 0.0) and first["twin_of_p03"] == ("p03", 0.0)
+    assert all(distance > 0 for neighbour, distance in first.values()
+               if neighbour not in ("p03", "twin_of_p03"))
 
 
 def test_neighbours_and_outlier_scores_against_a_brute_force_reference():

@@ -1,7 +1,9 @@
 """What the GMCAE learned about each patient: embeddings, unusual patients, similar patients, a map.
 
 Per patient, `patches` lung patches (P³ at the volume's spacing, P the GMCAE's patch edge,
-centred on lung voxels, no augmentation, seeded by `--seed` and the id) go through the GMCAE:
+centred on lung voxels, no augmentation, seeded by `--seed` and the volume's voxels, so two
+copies of one scan under two ids are each other's nearest neighbours at distance 0) go through
+the GMCAE:
 
 - **embedding**: the encoder's bottleneck (P/8, P/8, P/8, C) averaged over space per patch, then the
   mean and the maximum over the patient's patches (2C features: what is typical, what stands
@@ -106,11 +108,22 @@ def patient_features(
     return embedding, stats
 
 
-def patient_seed(seed: int, patient_id: str) -> int:
-    """The seed of one patient's patch sampling: from `seed` and the id alone, so a patient's
-    features do not change with the other files in DATA_DIR."""
-    digest = hashlib.sha256(f"{seed}:{patient_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+def patient_seed(seed: int, path: str | os.PathLike) -> int:
+    """The seed of one patient's patch sampling: from `seed` and the volume file's HU and lung
+    mask (their bytes), so a patient's features do not change with the other files in
+    DATA_DIR, and an exact duplicate (one scan preprocessed under two ids) gets the same
+    patches (found in review: seeded by the id, duplicates were no nearer than other patients).
+
+    Raises:
+        StoreError: the file is unreadable.
+    """
+    from kdsb.io.volumes import read_volume
+
+    volume = read_volume(path)
+    digest = hashlib.sha256(str(seed).encode())
+    for voxels in (volume.hu, volume.lung_mask):
+        digest.update(np.ascontiguousarray(voxels).view(np.uint8).data)
+    return int.from_bytes(digest.digest()[:4], "little")
 
 
 def embed_cohort(
@@ -136,14 +149,18 @@ def embed_cohort(
     both = codes_and_mixtures(gmcae)
     ids, embeddings, nll, failed = [], [], [], {}
     for patient_id, path in tqdm(paths.items(), desc="embed", unit="patient", disable=None):
-        # The patch sampling's seed is the patient's: a result holds for that seed only.
-        own_seed = patient_seed(seed, patient_id)
         try:
-            stamp = [*volume_stamp(path), own_seed]
+            stamp = volume_stamp(path)
+            # The patch sampling's seed is the patient's: a result holds for that seed only.
+            own_seed = patient_seed(seed, path)
         except OSError as error:  # a dangling link, a file removed since: this patient alone
             failed[patient_id] = (f"{path}: expected a volume file, received "
                                   f"{error.strerror or error}")
             continue
+        except KdsbError as error:
+            failed[patient_id] = one_line(error)
+            continue
+        stamp = [*stamp, own_seed]
         done = journal.result(patient_id, stamp) if journal else None
         if done is not None:
             embedding, stats = np.array(done["embedding"]), np.array(done["nll"])
