@@ -22,6 +22,7 @@ from kdsb.preprocessing.lungs.masses import (
     depth_under_skin,
     hazy_masses,
     lesion_rim,
+    mass_balls,
     mass_pockets,
     mediastinum_x,
     symmetry_axis,
@@ -193,6 +194,8 @@ def segment_lungs_in_box(
                               coarse_spacing)
     coarse_mask |= mass_pockets(coarse_mask, lung_air, hulls, inside_body, rejected_air, coarse_hu,
                                 coarse_spacing)
+    coarse_mask |= mass_balls(coarse_mask, lung_air, hulls, inside_body, rejected_air, coarse_hu,
+                              coarse_spacing)
     hazy_added = hazy_masses(coarse_mask, inside_body, coarse_hu, coarse_spacing)
     coarse_mask |= hazy_added
     # Ground glass the lung selection left out joins the lungs it touches.
