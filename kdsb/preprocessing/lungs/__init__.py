@@ -49,7 +49,12 @@ already reads -1000 HU.
    costophrenic recess, behind the sternum) leaves its outer third beyond those rims, between the
    mask's concave boundary and the lungs' hull: tissue there, near the mass's core and lying
    outwards of it (shallower under the skin), joins the mask where it touches both the mask and the
-   hull's edge, and reaches on out to the wall (`mass_pockets`). A ground-glass mass that bulges
+   hull's edge, and reaches on out to the wall (`mass_pockets`). Such a large mass that meets
+   tissue of its own density far from the lung's edge (in a concave mediastinal dent, down in the
+   liver dome) keeps that part beyond the rims and pockets too: its surface facing the lung is a
+   cap of a sphere, and where a ball fits it (`mass_balls`: radius ≤ `BALL_MAX_RADIUS_MM`, misfit
+   ≤ `BALL_MISFIT_MM`), the tissue inside that ball and the lungs' hull joins the mask. A
+   ground-glass mass that bulges
    into the mediastinum past the envelope (beyond the rims' reach, inwards of its core, where no
    pocket lies) keeps that part as thick ground glass of which the mask already holds most
    (`hazy_masses`: ground glass surviving an opening with a ball of radius `HAZY_CORE_MM`; its
@@ -71,7 +76,7 @@ Modules (`segment.segment_lungs_in_box` runs the rules in order): `morphology` (
 block means, closings with Euclidean balls, the 6-neighbourhood morphology), `body` (the body,
 its inside, lungs a cut opened), `airways` (the trachea and main bronchi), `selection` (which
 air is lung, which is gas), `filling` (each side's closings, envelope and enclosed tissue),
-`masses` (the apex rule, the mass rims and pockets, the hazy masses), `refine` (back to the
+`masses` (the apex rule, the mass rims, pockets and balls, the hazy masses), `refine` (back to the
 source grid); `thresholds` holds the HU thresholds they share.
 
 Where it still fails (benchmarks/lung_mask.py: 98 lesions implanted into varied copies of a real
