@@ -836,10 +836,19 @@ def test_hidden_files_in_a_patient_folder_are_no_part_of_it(tmp_path):
     (folder / "series" / "._IM1").write_bytes(b"AppleDouble")
     (folder / ".git").mkdir()
     (folder / ".git" / "HEAD").write_bytes(b"ref")
+    (folder / "__MACOSX").mkdir()  # a Mac archive's, unpacked
+    (folder / "__MACOSX" / "._IM2").write_bytes(b"AppleDouble")
     assert files_under(folder) == [folder / "IM2", folder / "series" / "IM1"]
     assert source_stamp(folder) == stamp
     (folder / "IM2").write_bytes(b"slice two, rewritten")
     assert source_stamp(folder) != stamp
+    # Nor is an unpacked archive's __MACOSX a patient (found by a user's trial: it failed as
+    # one on every run).
+    from kdsb.preprocessing.patients import find_patients
+
+    (tmp_path / "__MACOSX" / "p1").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "p1" / "._IM2").write_bytes(b"AppleDouble")
+    assert list(find_patients(tmp_path)) == ["p1"]
 
 
 def test_a_source_stamp_counts_a_volume_file_and_its_data_file(tmp_path):
@@ -979,3 +988,31 @@ def test_the_default_workers_follow_the_cores_this_process_may_use(tmp_path, mon
     assert main(["preprocess", str(tmp_path), str(tmp_path / "out"), "--workers", "3",
                  "--margin-mm", "5"]) == 0
     assert given["workers"] == 3 and given["margin_mm"] == 5.0
+
+
+def test_a_worker_leaves_when_the_run_is_killed_outright(tmp_path):
+    """Found by a user's trial: after `kill -9` of `kdsb preprocess`, its worker (a child of the
+    forkserver, which no parent-death signal reaches) went on through its queued patients for
+    minutes, writing volumes after the run's lock was gone. A worker now leaves within
+    `PARENT_CHECK_SECONDS` of its run's end."""
+    from kdsb.preprocessing.workers import PARENT_CHECK_SECONDS
+
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    code = ("import sys, time\n"
+            "from kdsb.preprocessing.workers import exit_with\n"
+            f"exit_with({run.pid})\n"
+            "print('watching', flush=True)\n"
+            "time.sleep(60)\n")
+    worker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert worker.stdout.readline() == "watching\n"
+        time.sleep(2 * PARENT_CHECK_SECONDS)
+        assert worker.poll() is None  # the run lives: so does the worker
+        run.kill()
+        run.wait()
+        assert worker.wait(timeout=10 * PARENT_CHECK_SECONDS + 5) == 1
+    finally:
+        for process in (run, worker):
+            process.kill()
+            process.wait()

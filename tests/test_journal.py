@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +180,24 @@ def test_stale_temporaries_of_named_targets_only_are_removed(tmp_path):
         f"{TEMP_PREFIX}123-0a1b2c3d-predictions.csv", "p-1.h5"]
     assert remove_stale_temporaries(tmp_path) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["p-1.h5"]
+
+
+def test_an_atomic_write_never_replaces_what_is_not_a_regular_file(tmp_path):
+    """Found by a user's trial: a file renamed onto /dev/stdout's link replaced it for every
+    process on the machine. A link to a regular file is replaced as before."""
+    from kdsb.errors import KdsbError
+    from kdsb.io.atomic import write_text
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "stdout").symlink_to("/dev/null")
+    for target in ("fifo", "stdout"):
+        with pytest.raises(KdsbError, match=f"^{tmp_path / target}: expected a regular file to "
+                                            "write, received something else"):
+            write_text(tmp_path / target, "x")
+    assert (tmp_path / "stdout").is_symlink() and Path("/dev/null").is_char_device()
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    (tmp_path / "real.csv").write_text("old")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "real.csv")
+    write_text(tmp_path / "link.csv", "new")
+    assert (tmp_path / "link.csv").read_text() == "new" and (tmp_path / "real.csv").read_text() \
+        == "old"

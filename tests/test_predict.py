@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,6 +210,32 @@ def test_missing_inputs_are_usage_errors_before_any_work(cohort, tmp_path, capsy
     assert f"expected --out OUT_CSV, a CSV file to write, received a folder: {tmp_path}" in \
         capsys.readouterr().err
     assert not out.exists()
+    # Found by a user's trial: /dev/stdout (a link to a device or pipe) was replaced by the
+    # renamed CSV for every process, "-" became a file, a mistyped folder was made, and the
+    # --ids file or DATA_DIR's manifest were replaced by the predictions.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    device = tmp_path / "stdout"
+    device.symlink_to("/dev/null")
+    ids = tmp_path / "ids.csv"
+    ids.write_text("id\nc0\n")
+    (data / "manifest.csv").write_text("id,status\n")
+    for target, message in [
+        (fifo, f"received {fifo}, which is not a regular file (a device, pipe or socket)"),
+        (device, f"received {device}, which is not a regular file"),
+        ("-", "received '-': kdsb writes a file, not standard output"),
+        (tmp_path / "typo" / "sub.csv", "received a path in a folder that does not exist: "
+                                        f"{tmp_path / 'typo'}"),
+        (ids, f"expected --out OUT_CSV apart from --ids {ids}, received the same file"),
+        (data / "manifest.csv", f"expected --out OUT_CSV apart from {data / 'manifest.csv'}, "
+                                "kdsb preprocess's record of DATA_DIR"),
+    ]:
+        assert main(["predict", str(data), str(models[0]), "--out", str(target), "--ids",
+                     str(ids)]) == 2
+        assert message in capsys.readouterr().err
+    assert Path("/dev/null").is_char_device() and not (tmp_path / "typo").exists()
+    assert ids.read_text() == "id\nc0\n" and (data / "manifest.csv").read_text() == "id,status\n"
+    (data / "manifest.csv").unlink()
     # The library refuses a missing model too, before looking at the ids.
     with pytest.raises(UsageError, match="received a missing path: .*nope.keras"):
         predict_cohort(data, [models[0], missing], ids=["zz"])

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from kdsb.evaluation.predict import PROBABILITY_CLIP, predict_cohort
     from kdsb.io.paths import require_file, require_output_file, require_volume_dir
     from kdsb.io.tables import read_ids
+    from kdsb.preprocessing.out_dir import MANIFEST_NAME
 
     require_volume_dir(args.data_dir)
     require_output_file(args.out, "--out OUT_CSV, a CSV file to write")
@@ -50,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.tta_count} alone")
     if args.ids is not None:
         require_file(args.ids, "--ids, a CSV with an id column")
+        if args.out.exists() and args.out.samefile(args.ids):  # found by a user's trial
+            raise UsageError(f"expected --out OUT_CSV apart from --ids {args.ids}, received "
+                             "the same file: the predictions would replace it")
+    manifest = args.data_dir / MANIFEST_NAME
+    if args.out.exists() and manifest.exists() and args.out.samefile(manifest):
+        raise UsageError(f"expected --out OUT_CSV apart from {manifest}, kdsb preprocess's "
+                         "record of DATA_DIR: the predictions would replace it")
     ids = read_ids(args.ids) if args.ids is not None else None
     predictions = predict_cohort(
         args.data_dir,

@@ -31,8 +31,16 @@ TEMP_PREFIX = ".tmp-"
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is renamed onto `path`, else removed."""
+    """Yield a temporary path to write; on success it is renamed onto `path`, else removed.
+
+    Raises:
+        KdsbError: `path` (or where its link leads) exists and is not a regular file: renamed
+            onto, a device's link (/dev/stdout) was replaced for every process (a user's trial).
+    """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise KdsbError(f"{path}: expected a regular file to write, received something else "
+                        "(a folder, device, pipe or socket)")
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
     try:

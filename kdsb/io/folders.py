@@ -5,11 +5,12 @@ links to series elsewhere read as empty, or silently without the linked series. 
 `followlinks=True` descends into them; a folder reached twice (a link loop, or two links to one
 series) is walked once.
 
-Hidden entries (names beginning with a dot) are no part of a patient, as they are no patient
-in INPUT_ROOT: the `.DS_Store` a Mac's Finder writes into a folder it shows, the `._IM1`
-AppleDouble files its copies leave on other disks, a `.git` folder. Found in review: a Finder
-window opened on a patient folder changed its source stamp, and the patient was preprocessed
-again on the next run.
+Hidden entries (names beginning with a dot) and the `__MACOSX` folder a Mac's archives unpack
+are no part of a patient, as they are no patient in INPUT_ROOT (`ignored_name`): the
+`.DS_Store` a Mac's Finder writes into a folder it shows, the `._IM1` AppleDouble files its
+copies leave on other disks, a `.git` folder. Found in review: a Finder window opened on a
+patient folder changed its source stamp, and the patient was preprocessed again on the next
+run; found by a user's trial: an unzipped archive's `__MACOSX` failed as a patient on every run.
 """
 
 from __future__ import annotations
@@ -19,10 +20,18 @@ from pathlib import Path
 
 from kdsb.errors import KdsbError
 
+MAC_ARCHIVE_FOLDER = "__MACOSX"
+
+
+def ignored_name(name: str) -> bool:
+    """Whether an entry of this name is no part of a cohort: hidden, or a Mac archive's
+    `MAC_ARCHIVE_FOLDER`."""
+    return name.startswith(".") or name == MAC_ARCHIVE_FOLDER
+
 
 def files_under(folder: str | os.PathLike) -> list[Path]:
     """The regular files (or links to them) anywhere under `folder`, sorted by path; none
-    whose name, or whose sub-folder's name under `folder`, begins with a dot.
+    whose name, or whose sub-folder's name under `folder`, is an `ignored_name`.
 
     Raises:
         KdsbError: a folder under it cannot be listed (no permission): `os.walk` would skip it
@@ -41,7 +50,7 @@ def files_under(folder: str | os.PathLike) -> list[Path]:
             dirs.clear()
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        dirs[:] = [name for name in dirs if not name.startswith(".")]  # walked no further
+        dirs[:] = [name for name in dirs if not ignored_name(name)]  # walked no further
         found += [path for name in files
-                  if not name.startswith(".") and (path := Path(root, name)).is_file()]
+                  if not ignored_name(name) and (path := Path(root, name)).is_file()]
     return sorted(found)

@@ -77,11 +77,27 @@ def require_keras_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def require_output_file(path: str | os.PathLike, what: str) -> Path:
-    """Return `path` as a Path if a file can be written there (it is not a folder, and its
-    parent is a writable folder or missing), else raise `UsageError`."""
+    """Return `path` as a Path if a file can be written there (a regular file or nothing yet,
+    in a writable folder that exists), else raise `UsageError`.
+
+    Found by a user's trial: `--out /dev/stdout` renamed the written file onto the device's
+    link, replacing it for every process on the machine (kdsb writes a file beside the target
+    and renames it into place), `--out -` wrote a file named "-", and a mistyped folder was
+    created.
+    """
     path = Path(path)
+    if os.fspath(path) == "-":
+        raise UsageError(f"expected {what}, received '-': kdsb writes a file, not standard "
+                         "output (name a file, then read it)")
     if path.is_dir():
         raise UsageError(f"expected {what}, received a folder: {path}")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"expected {what}, received {path}, which is not a regular file (a "
+                         "device, pipe or socket): kdsb writes a file beside it and renames it "
+                         "into place; name a file")
+    if not path.absolute().parent.is_dir():
+        raise UsageError(f"expected {what}, received a path in a folder that does not exist: "
+                         f"{path.absolute().parent}")
     _require_writable_above(path, what)
     return path
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kdsb.errors import UsageError
+from kdsb.io.folders import ignored_name
 from kdsb.io.tables import summarise_ids
 from kdsb.preprocessing.out_dir import LOCK_NAME, MANIFEST_NAME
 
@@ -36,7 +37,8 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     holding one volume file), whose name is the id, or a volume file (NIfTI `.nii`/`.nii.gz`,
     MetaImage `.mhd`/`.mha`, NRRD `.nrrd`/`.nhdr`), whose name without that suffix is the id. The
     data file beside a `.mhd` or `.nhdr` header (its `.raw`) is not a patient; other files
-    (labels.csv, …) and hidden entries are ignored (a link to a missing path with a warning).
+    (labels.csv, …), hidden entries and a Mac archive's `__MACOSX` (`folders.ignored_name`)
+    are ignored (a link to a missing path with a warning).
     The run's own output folders (`outputs`: OUT_DIR, the QC folder) are left out when they lie
     inside `input_root`, with a warning the folders that hold them deeper, and so, with a
     warning, are an earlier run's (a folder holding a preprocess lock, a manifest.csv or a QC
@@ -62,7 +64,7 @@ def find_patients(input_root: Path, *outputs: Path | None) -> dict[str, Path]:
     headless = []  # data files (.raw) without the header of their name
     named_by_headers = functools.cache(lambda: _named_by_headers(input_root))  # read if asked
     for path in sorted(input_root.iterdir()):
-        if path.name.startswith("."):
+        if ignored_name(path.name):
             continue
         if path.is_symlink() and not _exists(path):
             # A patient's link whose target moved (or lies on a disk not mounted now): not

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -75,14 +76,42 @@ def preprocess_safely(
     )
 
 
-def _init_worker(level: int) -> None:
+def _init_worker(level: int, parent: int) -> None:
     """Worker initializer: log at the parent's level, as `kdsb.cli.main` does (one line each),
-    and leave Ctrl-C to the parent. A terminal's Ctrl-C reaches every process of the group; a
-    worker interrupted while it waits for a task dies with a traceback and can leave the pool
-    waiting on it for good (seen in 4 of 10 tries), so the parent stops the workers itself
+    leave Ctrl-C to the parent, and leave when the parent (process id `parent`) is gone
+    (`exit_with`). A terminal's Ctrl-C reaches every process of the group; a worker
+    interrupted while it waits for a task dies with a traceback and can leave the pool waiting
+    on it for good (seen in 4 of 10 tries), so the parent stops the workers itself
     (`_stop_workers`)."""
     logging.basicConfig(level=level, format=WORKER_LOG_FORMAT)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with(parent)
+
+
+PARENT_CHECK_SECONDS = 0.5
+
+
+def exit_with(parent: int) -> threading.Thread:
+    """Leave this process (`os._exit`, status 1) within `PARENT_CHECK_SECONDS` of process
+    `parent`'s end, from a daemon thread. Found by a user's trial: after `kill -9` of `kdsb
+    preprocess` its workers (children of the forkserver, not of the run, so no parent-death
+    signal reaches them) went on through their queued patients for minutes, writing volumes
+    without manifest rows after the run's lock was gone. A volume being written is left as a
+    temporary file, which the next run removes."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_SECONDS)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # a process of another user: the id was reused
+                os._exit(1)
+
+    thread = threading.Thread(target=watch, name="kdsb-exit-with-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 # Every process pool this process runs (retries run theirs in threads), so that an interrupted
@@ -130,7 +159,7 @@ def _run_pool(
         max_workers=workers,
         mp_context=_pool_context(),
         initializer=_init_worker,
-        initargs=(logging.getLogger().getEffectiveLevel(),),
+        initargs=(logging.getLogger().getEffectiveLevel(), os.getpid()),
     )
     with _live_pools_lock:
         _live_pools.add(pool)
