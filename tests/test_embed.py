@@ -286,17 +286,22 @@ def test_a_patients_features_do_not_depend_on_the_other_files(cohort, monkeypatc
                              "directory"}
 
 
-def test_an_exact_duplicate_is_its_twins_nearest_neighbour(cohort, tmp_path):
+def test_an_exact_duplicate_is_its_twins_nearest_neighbour(cohort, tmp_path, caplog):
     """Found in review: the patches were seeded by the id, so one scan preprocessed under two
-    ids (a common cohort error) gave two embeddings no nearer than other patients'."""
+    ids (a common cohort error) gave two embeddings no nearer than other patients'. (And, found
+    by a user's trial, --labels of another cohort passed without a word.)"""
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(cohort / "data", data)
     shutil.copy(data / "p03.h5", data / "twin_of_p03.h5")
     out = tmp_path / "out"
-    assert main(["embed", str(data), str(cohort / "gmcae.keras"), str(out), "--patches", "8",
-                 "--neighbours", "2"]) == 0
+    (tmp_path / "other.csv").write_text("id,cancer\nq1,0\nq2,1\n")
+    with caplog.at_level(logging.WARNING):
+        assert main(["embed", str(data), str(cohort / "gmcae.keras"), str(out), "--patches",
+                     "8", "--neighbours", "2", "--labels", str(tmp_path / "other.csv")]) == 0
+    assert f"--labels {tmp_path / 'other.csv'} names none of the 10 patients of {data}" \
+        in caplog.text
     first = {}  # each patient's nearest neighbour: its first row
     for row in _rows(out / "neighbours.csv"):
         first.setdefault(row["id"], (row["neighbour"], float(row["distance"])))

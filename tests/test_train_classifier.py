@@ -262,6 +262,16 @@ def test_usage_errors(cohort, tmp_path, capsys):
     assert main(["train-classifier", str(data), str(tmp_path / "l.csv"), str(run), *options]) == 2
     assert "expected LABELS_CSV, an id,cancer CSV of 0/1 labels, received a missing path" \
         in capsys.readouterr().err
+    # Another kind of model as --gmcae: refused before the run begins (found by a user's trial:
+    # its split and records were written first).
+    import keras
+
+    other = tmp_path / "other.keras"
+    inputs = keras.Input((3,))
+    keras.Model(inputs, keras.layers.Dense(1)(inputs), name="not_a_gmcae").save(other)
+    assert main([*base, "--gmcae", str(other)]) == 2
+    assert f"expected a kdsb GMCAE, received '{other}' holding model 'not_a_gmcae'" \
+        in capsys.readouterr().err
     assert not run.exists()
 
 

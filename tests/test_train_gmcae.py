@@ -580,3 +580,25 @@ def test_the_patch_cache_is_built_and_gradients_are_clipped(data_dir, tmp_path):
     assert model.optimizer.clipnorm == 1.0
     unclipped = GmcaeOptions(width=4, patch_size=16, mixtures=2, clipnorm=0)
     assert _build_model_fn(unclipped)().optimizer.clipnorm is None
+
+
+def test_a_patch_cache_that_cannot_be_written_is_refused_before_the_run_begins(
+        data_dir, tmp_path, monkeypatch, capsys):
+    """Found by a user's trial: on a read-only DATA_DIR, `--patch-cache` failed with a raw
+    "[Errno 30] Read-only file system" once the run's records were written. (The tests run as
+    root, whom permissions do not stop: the refusal is what a read-only mount answers.)"""
+    import tempfile
+
+    real = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == Path(data_dir).resolve():
+            raise OSError(30, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    run = tmp_path / "run"
+    assert main(["train-gmcae", str(data_dir), str(run), *TINY, "--patch-cache", "4"]) == 2
+    assert "expected a folder for --patch-cache's shards (DATA_DIR/.patch_cache), received a " \
+        "path where nothing can be written (Read-only file system)" in capsys.readouterr().err
+    assert not (run / "split.json").exists() and not (Path(data_dir) / ".patch_cache").exists()

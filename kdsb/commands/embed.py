@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -48,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     require_output_dir(args.out_dir, "OUT_DIR, a folder for the CSV files and map.png")
     labels = read_labels(require_file(args.labels, "--labels, an id,cancer CSV")) \
         if args.labels else None
+    if labels is not None and not set(labels) & set(paths):  # found by a user's trial
+        logging.getLogger(__name__).warning(
+            "--labels %s names none of the %d patients of %s: the map shows no label (another "
+            "cohort's labels?)", args.labels, len(paths), args.data_dir)
     if args.top is None:
         args.top = min(DEFAULT_TOP, max(1, args.patches))
     for name in ("patches", "top", "neighbours"):

@@ -143,6 +143,11 @@ def _train_held(data_dir: str | os.PathLike, labels_csv: str | os.PathLike, run_
     """`train_classifier` once its options are resolved and `run_dir` is this run's alone."""
     warn_of_other_heads_options(given, options.head)
     warn_of_unused_options(given, options)
+    # Before any record is written or looked for beside it (found by a user's trial: a
+    # classifier given as --gmcae began the run, its split and records written, then failed).
+    from kdsb.models.classifier import load_gmcae
+
+    load_gmcae(options.gmcae)
     if resume:
         check_accumulation_unchanged(run_dir, options)
     if options.distribute == "multiworker" and options.batch_size != worker.count:

@@ -369,6 +369,13 @@ def _train_held(data_dir: Path, run_dir: Path, options: GmcaeOptions, start_epoc
                     runs.FINISHED_NAME)
         return read_json(summary_path) if worker.chief else None
     volumes, spacing = _volume_paths(Path(data_dir))
+    if options.patch_cache and worker.chief:
+        # Before any record is written (found by a user's trial: a read-only DATA_DIR failed
+        # with a raw OS error once the run had begun).
+        from kdsb.io.paths import require_output_dir
+
+        require_output_dir(data_dir / PATCH_CACHE_DIR, "a folder for --patch-cache's shards "
+                           "(DATA_DIR/.patch_cache)")
     train_ids, val_ids = split_patients(
         list(volumes), val_fraction=options.val_fraction, seed=options.seed
     )
