@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import numpy as np
 import pytest
@@ -303,6 +304,7 @@ def test_write_qc_writes_every_png(tmp_path, corrupt, caplog, monkeypatch):
     (tmp_path / "qc").mkdir()
     (tmp_path / "qc" / "p3.png").write_bytes(b"an earlier run's image of p3")  # p3 fails now
     (tmp_path / "qc" / "p2.png").write_bytes(b"an earlier run's image of p2")  # gone if p2 fails
+    os.utime(tmp_path / "qc" / "p2.png", ns=(1, 1))  # of an earlier volume: drawn again
     with caplog.at_level(logging.WARNING, logger="kdsb.preprocessing.qc"):
         sheets = qc.write_qc(volume_files, {"p3": "p3: not DICOM"}, tmp_path / "qc")
     assert sheets == [tmp_path / "qc" / qc.sheet.CONTACT_SHEET_NAME]
@@ -311,6 +313,11 @@ def test_write_qc_writes_every_png(tmp_path, corrupt, caplog, monkeypatch):
     assert written == expected
     assert ("QC of p2 skipped" in caplog.text and "p2.h5" in caplog.text) == (corrupt is True)
     assert ("QC of p2 skipped: a plotting error" in caplog.text) == (corrupt == "plot error")
+    if corrupt is False:  # drawn since its volume was written: kept on a rerun, the sheet anew
+        images = {p: (tmp_path / "qc" / p).stat().st_mtime_ns for p in ("p1.png", "p2.png")}
+        monkeypatch.setattr(qc, "write_patient_png", lambda *a: pytest.fail("drawn again"))
+        assert qc.write_qc(volume_files, {}, tmp_path / "qc") == sheets
+        assert {p: (tmp_path / "qc" / p).stat().st_mtime_ns for p in images} == images
 
 
 def test_a_failure_reason_is_wrapped_at_words_without_the_id():

@@ -98,12 +98,23 @@ def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
     return save_figure(figure, path)
 
 
+def drawn_since(png: Path, volume_file: str | os.PathLike) -> bool:
+    """Whether a patient's QC image exists and was written after its volume file: drawn from
+    that volume by an earlier run, and kept (found by a user's trial: a rerun that skipped
+    every patient drew every image again, about a second each)."""
+    try:
+        return png.stat().st_mtime_ns >= os.stat(volume_file).st_mtime_ns
+    except OSError:
+        return False
+
+
 def write_qc(
     volume_files: Mapping[str, str | os.PathLike],
     failed: Mapping[str, str],
     qc_dir: str | os.PathLike,
 ) -> list[Path]:
-    """Write `qc_dir/<id>.png` for every volume file and the contact sheet page(s) for all.
+    """Write `qc_dir/<id>.png` for every volume file (but those `drawn_since` it was written)
+    and the contact sheet page(s) for all.
 
     Args:
         volume_files: patient id → volume file (`<id>.h5`).
@@ -121,9 +132,11 @@ def write_qc(
         (qc_dir / f"{patient_id}.png").unlink(missing_ok=True)
     tiles: dict[str, np.ndarray | None] = dict.fromkeys(failed)
     for patient_id, path in tqdm(volume_files.items(), desc="QC", unit="patient", disable=None):
+        png = qc_dir / f"{patient_id}.png"
         try:
             volume = volumes.read_volume(path)
-            write_patient_png(volume, qc_dir / f"{patient_id}.png")
+            if not drawn_since(png, path):
+                write_patient_png(volume, png)
             tiles[patient_id] = thumbnail(volume)
         except Exception as error:  # noqa: BLE001 - one patient's QC, never the cohort's
             # Found in review: anything but a StoreError (memory for one large scan, a plotting
@@ -131,5 +144,5 @@ def write_qc(
             reason = one_line(error) or type(error).__name__
             logger.warning("QC of %s skipped: %s", patient_id, reason)
             failed[patient_id], tiles[patient_id] = f"QC failed: {reason}", None
-            (qc_dir / f"{patient_id}.png").unlink(missing_ok=True)  # an earlier run's, or half
+            png.unlink(missing_ok=True)  # an earlier run's, or half
     return write_contact_sheet(tiles, sheet_path(qc_dir, tiles), failed)
