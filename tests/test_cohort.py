@@ -955,6 +955,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused(phantoms, tmp_path, capsy
         assert not list(out.glob("*.h5")) and not (out / "manifest.csv").exists()
     one = _link_patients(tmp_path / "one", phantoms, _phantom_ids(phantoms)[:1])
     assert main(["preprocess", str(one), str(out)]) == 0
+    assert not (out / LOCK_NAME).exists()  # removed as the run ended (a user's trial)
 
 
 def test_a_file_system_without_locks_runs_unguarded(phantoms, tmp_path, monkeypatch, caplog):

@@ -99,7 +99,7 @@ def test_predict_csv_sorted_ids_and_ensemble_mean(cohort, tmp_path, capsys):
         single = [_reference([m], data, patient_id) for m in models]
         assert predicted[patient_id] == pytest.approx(_logit_mean(single), abs=2e-6)
         assert abs(predicted[patient_id] - np.mean(single)) > 0.02  # not the mean probability
-    assert "wrote 3 predictions" in capsys.readouterr().out
+    assert "wrote 3 prediction(s)" in capsys.readouterr().out
     # The second model alone differs from a reading of its volumes through the first's input.
     x = INPUTS[0].read(volume_path(data, "a"))
     import keras

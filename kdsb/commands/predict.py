@@ -70,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
         clip=PROBABILITY_CLIP if args.clip is None else args.clip,
         fill_missing=args.fill_missing,
     )
-    print(f"wrote {len(predictions)} predictions to {args.out}")
+    print(f"wrote {len(predictions)} prediction(s) to {args.out}")
     return 0

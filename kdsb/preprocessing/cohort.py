@@ -141,7 +141,10 @@ def run_cohort(
         require_output_dir(qc_dir, "--qc DIR, a folder for the QC images")
     patients = find_patients(input_root, out_dir, Path(qc_dir) if qc_dir is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with sole_writer(out_dir / LOCK_NAME, "kdsb preprocess", "use another OUT_DIR"):
+    # Removed as the run ends (found by a user's trial: README promised no lock file was left,
+    # and one stayed after every run; a killed run's empty file locks nothing).
+    with sole_writer(out_dir / LOCK_NAME, "kdsb preprocess", "use another OUT_DIR",
+                     remove=True):
         return _run_locked(input_root, patients, out_dir, target, float(margin_mm), overwrite,
                            workers, qc_dir, scheduler)
 
