@@ -297,9 +297,12 @@ def test_an_exact_duplicate_is_its_twins_nearest_neighbour(cohort, tmp_path, cap
     shutil.copy(data / "p03.h5", data / "twin_of_p03.h5")
     out = tmp_path / "out"
     (tmp_path / "other.csv").write_text("id,cancer\nq1,0\nq2,1\n")
+    run = tmp_path / "gmcae_run"  # train-gmcae's RUN_DIR does for its model (a user's trial)
+    run.mkdir()
+    shutil.copy(cohort / "gmcae.keras", run / "gmcae.keras")
     with caplog.at_level(logging.WARNING):
-        assert main(["embed", str(data), str(cohort / "gmcae.keras"), str(out), "--patches",
-                     "8", "--neighbours", "2", "--labels", str(tmp_path / "other.csv")]) == 0
+        assert main(["embed", str(data), str(run), str(out), "--patches", "8",
+                     "--neighbours", "2", "--labels", str(tmp_path / "other.csv")]) == 0
     assert f"--labels {tmp_path / 'other.csv'} names none of the 10 patients of {data}" \
         in caplog.text
     first = {}  # each patient's nearest neighbour: its first row

@@ -15,7 +15,8 @@ HELP = ("GMCAE features per patient (embeddings.csv), the most unusual patients 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="folder of kdsb volume files (<id>.h5)")
-    parser.add_argument("gmcae", type=Path, help="a gmcae.keras written by kdsb train-gmcae")
+    parser.add_argument("gmcae", type=Path,
+                        help="a gmcae.keras written by kdsb train-gmcae, or its RUN_DIR")
     parser.add_argument("out_dir", type=Path, help="folder for the CSV files and map.png")
     parser.add_argument("--labels", type=Path, default=None, metavar="CSV",
                         help="id,cancer labels: colour the map by label")
@@ -43,9 +44,13 @@ def run(args: argparse.Namespace) -> int:
     from kdsb.io.tables import read_labels
     from kdsb.io.volumes import list_volumes
     from kdsb.models.classifier import load_gmcae
+    from kdsb.training.gmcae import MODEL_NAME
 
     paths = list_volumes(require_volume_dir(args.data_dir))
-    require_keras_file(args.gmcae, "GMCAE.keras, a model written by kdsb train-gmcae")
+    if args.gmcae.is_dir() and (args.gmcae / MODEL_NAME).is_file():
+        args.gmcae = args.gmcae / MODEL_NAME  # train-gmcae's RUN_DIR, as predict takes a run's
+    require_keras_file(args.gmcae, "GMCAE.keras, a model written by kdsb train-gmcae (or its "
+                       "RUN_DIR)")
     require_output_dir(args.out_dir, "OUT_DIR, a folder for the CSV files and map.png")
     labels = read_labels(require_file(args.labels, "--labels, an id,cancer CSV")) \
         if args.labels else None
