@@ -299,6 +299,20 @@ def test_two_series_of_the_same_slices_are_a_warning(tmp_path, hu, caplog):
         assert read_series(tmp_path).series_uid == uids[0]
     assert (f"series {uids[0]} and {uids[1]} cover the same {hu.shape[0]} slice positions; kept "
             f"{uids[0]} (the smallest SeriesInstanceUID)") in caplog.text
+    # Named by description and kernel where they have them (found by a user's trial: the UIDs
+    # alone told a clinician nothing).
+    for paths, (description, kernel) in zip((first, second), (("Lung 1.0", ["B70f", "Sharp"]),
+                                                              ("Mediastinum", "B30f")),
+                                             strict=True):
+        for path in paths:
+            _edit(path, SeriesDescription=description, ConvolutionKernel=kernel)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdsb.io.dicom"):
+        read_series(tmp_path)
+    named = {pydicom.dcmread(first[0]).SeriesInstanceUID: "Lung 1.0, kernel B70f/Sharp",
+             pydicom.dcmread(second[0]).SeriesInstanceUID: "Mediastinum, kernel B30f"}
+    assert (f"series {uids[0]} ({named[uids[0]]}) and {uids[1]} ({named[uids[1]]}) cover the "
+            "same") in caplog.text
     # One series without a UID comes first, and is said to (found by a user's trial: "kept the
     # one without a SeriesInstanceUID (the smallest SeriesInstanceUID)").
     for path in second:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from kdsb.errors import DicomError
@@ -54,11 +55,24 @@ class Header:
     rescale: tuple[float, float] | None = None
     padding: tuple[int, int] | None = None
     patient_id: str = ""  # PatientID: series of several patients mean a folder of patients
+    # SeriesDescription and ConvolutionKernel, as text: what tells a clinician one
+    # reconstruction of a scan from another (a tie between series names them)
+    description: str = ""
 
     def orientation_key(self) -> tuple[float, ...] | None:
         if self.orientation is None:
             return None
         return tuple(np.round(self.orientation.ravel(), ORIENTATION_DECIMALS) + 0.0)
+
+
+def _series_description(ds: pydicom.Dataset) -> str:
+    """SeriesDescription and ConvolutionKernel (one value or several), joined: "" without."""
+    kernel = ds.get("ConvolutionKernel") or ""
+    if isinstance(kernel, MultiValue | list | tuple):
+        kernel = "/".join(str(k) for k in kernel)
+    kernel = str(kernel).strip()
+    parts = [str(ds.get("SeriesDescription") or "").strip(), f"kernel {kernel}" if kernel else ""]
+    return ", ".join(part for part in parts if part)
 
 
 def _list_files(patient: str, folder: Path) -> list[Path]:
@@ -123,6 +137,7 @@ def _read_header(patient: str, path: Path, keep_pixels: bool) -> list[Header]:
             transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
             dataset=ds if keep_pixels else None,
             patient_id=str(ds.get("PatientID", "")).strip(),
+            description=_series_description(ds),
         )
         if PER_FRAME in ds:
             return _frame_headers(patient, header, ds)

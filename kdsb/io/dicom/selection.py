@@ -64,12 +64,17 @@ def choose_series(patient: str, headers: list[Header]) -> list[Header]:
     tied = [other_uid for other_uid, other in ranked[1:] if n_positions(other) == positions]
     if tied:  # two reconstructions of one scan (two kernels?): the choice is arbitrary
         # (A series without a UID sorts first: found by a user's trial, the reason read "the
-        # one without a SeriesInstanceUID (the smallest SeriesInstanceUID)".)
+        # one without a SeriesInstanceUID (the smallest SeriesInstanceUID)". Named with its
+        # description and kernel: found by another, the UIDs alone told a clinician nothing.)
+        def named(series: str) -> str:
+            description = candidates[series][0].description
+            name = series or "without a SeriesInstanceUID"
+            return f"{name} ({description})" if description else name
+
         logger.warning(
             "patient %s: series %s and %s cover the same %d slice positions; kept %s (%s): "
             "give the patient one series to choose the other",
-            patient, uid or "without a SeriesInstanceUID",
-            ", ".join(t or "without a SeriesInstanceUID" for t in tied), positions,
+            patient, named(uid), ", ".join(named(t) for t in tied), positions,
             uid or "the one without a SeriesInstanceUID",
             "the smallest SeriesInstanceUID" if uid else "a series without one comes first",
         )
