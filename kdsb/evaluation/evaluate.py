@@ -66,8 +66,9 @@ def align(
             f"{summarise_ids(only_predicted)}"
         )
     if only_labelled and predicted_only:
-        logger.info("scoring the %d predicted patients; %d more in %s left out", len(predictions),
-                    len(only_labelled), labels_path)
+        if not only_predicted:  # (found by a user's trial: said just before the error below)
+            logger.info("scoring the %d predicted patients; %d more in %s left out",
+                        len(predictions), len(only_labelled), labels_path)
     elif only_labelled:
         problems.append(
             f"{len(only_labelled)} labelled id(s) without a prediction in {predictions_path}: "
