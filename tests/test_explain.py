@@ -630,6 +630,10 @@ def test_the_png_draws_millimetres_alike_on_both_axes_of_a_view(tmp_path, monkey
         assert outline[:, 1].max() == pytest.approx(rows[1] - 0.5, abs=0.01)
         assert outline[:, 0].min() == pytest.approx(columns[0] - 0.5, abs=0.01)
         assert outline[:, 0].max() == pytest.approx(columns[1] - 0.5, abs=0.01)
+    # The peak (z, y, x) = (3, 4, 5) is marked in each view's (column, row) (a user's trial).
+    marks = [tuple(ax.lines[0].get_xydata()[0]) for ax in figures[0].axes]
+    assert marks == [(5, 4), (5, 3), (4, 3)]
+    assert "peak (+) at (z, y, x) = (6.0, 4.0, 5.0) mm" in figures[0]._suptitle.get_text()
 
 
 def test_the_occlusion_estimate_reads_in_seconds_under_a_minute():
