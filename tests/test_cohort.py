@@ -840,6 +840,11 @@ def test_hidden_files_in_a_patient_folder_are_no_part_of_it(tmp_path):
     (folder / "__MACOSX" / "._IM2").write_bytes(b"AppleDouble")
     assert files_under(folder) == [folder / "IM2", folder / "series" / "IM1"]
     assert source_stamp(folder) == stamp
+    # Nor do notes and screenshots beside the scan change it (a user's trial: a README.txt
+    # touched redid the patient).
+    (folder / "README.TXT").write_text("scanned twice")
+    (folder / "series" / "dose_report.png").write_bytes(b"a screenshot")
+    assert source_stamp(folder) == stamp
     (folder / "IM2").write_bytes(b"slice two, rewritten")
     assert source_stamp(folder) != stamp
     # Nor is an unpacked archive's __MACOSX a patient (found by a user's trial: it failed as

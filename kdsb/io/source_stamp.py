@@ -14,11 +14,17 @@ from kdsb.io.volumes import SUFFIX as VOLUME_SUFFIX
 # volume, its QC image (no scan is a PNG). Found in review: a QC image rewritten by each run
 # changed the stamp, and the patient was preprocessed again on every rerun.
 OWN_SUFFIXES = (VOLUME_SUFFIX, ".png")
+# Documents and pictures a patient folder may hold beside its scan, which no reader takes: a
+# note edited, or a screenshot added, is no change of the scan (found by a user's trial: a
+# README.txt touched redid the patient). DICOM files have no suffix, or .dcm / .ima.
+DOCUMENT_SUFFIXES = (".txt", ".md", ".csv", ".tsv", ".json", ".xml", ".html", ".pdf", ".doc",
+                     ".docx", ".rtf", ".log", ".png", ".jpg", ".jpeg")
 
 
 def source_stamp(source: str | os.PathLike) -> str:
     """What identifies a patient's source files as written: their count, total size and newest
-    modification time (UTC, µs). A folder counts every file under it; a volume file counts the
+    modification time (UTC, µs). A folder counts every file under it (`files_under`: not the
+    hidden ones) but documents and pictures (`DOCUMENT_SUFFIXES`); a volume file counts the
     files beside it whose names begin with its id and a dot (`p1.mhd` and `p1.raw`; also a
     `p1.b.mhd`, whose change then redoes p1 too: the safe side), but for kdsb's own
     (`OWN_SUFFIXES`), and the data file its detached header names
@@ -34,7 +40,7 @@ def source_stamp(source: str | os.PathLike) -> str:
 
     source = Path(source)
     if source.is_dir():
-        files = files_under(source)
+        files = [p for p in files_under(source) if not p.name.lower().endswith(DOCUMENT_SUFFIXES)]
     else:
         prefix = f"{volume_id(source) or source.name}."
         files = sorted(p for p in source.parent.iterdir()
