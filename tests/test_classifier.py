@@ -103,6 +103,16 @@ def test_load_encoder_from_gmcae_round_trip_and_errors(gmcae, tmp_path):
                                          r"layer\(s\) bottleneck_flat, log_priors, means, "
                                          r"variances"):
         load_gmcae(partial)
+    # The same read from the archive alone, before TensorFlow starts (a multi-worker run's
+    # rule); a file that is no archive is left to the loader.
+    from kdsb.models.classifier import check_gmcae_archive
+
+    check_gmcae_archive(path)
+    check_gmcae_archive(junk)
+    for model, name in ((other, "other"), (partial, "partial")):
+        with pytest.raises(WrongModelError, match=f"{model.name}' holding model '{name}' "
+                                                  "without the layer"):
+            check_gmcae_archive(model)
 
 
 def test_saved_classifier_round_trip_in_safe_mode(gmcae, tmp_path):

@@ -151,14 +151,12 @@ def load_gmcae(path: str | os.PathLike) -> keras.Model:
             `WrongModelError` (exit status 2) when it is not a GMCAE (no encoder and mixture
             output).
     """
-    from kdsb.models.gmcae import BOTTLENECK_FLAT_NAME, encoder_layer_names
+    from kdsb.models.gmcae import encoder_layer_names
 
     model = _load_keras_model(path, "a kdsb GMCAE")
     # Every layer the commands rely on, checked here so that a foreign model is one line naming
     # its file (found in review: one without `log_priors` reached a Keras ValueError).
-    needed = {ENCODER_NAME, MIXTURE_OUTPUT_NAME, BOTTLENECK_FLAT_NAME, "log_priors",
-              "variances", "means"}
-    missing = sorted(needed - {layer.name for layer in model.layers})
+    missing = sorted(gmcae_layers() - {layer.name for layer in model.layers})
     encoder = next((layer for layer in model.layers if layer.name == ENCODER_NAME), None)
     if isinstance(encoder, keras.Model):
         inside = {layer.name for layer in encoder.layers}
@@ -172,6 +170,36 @@ def load_gmcae(path: str | os.PathLike) -> keras.Model:
             f"'{model.name}' without the layer(s) {', '.join(missing)}"
         )
     return model
+
+
+def gmcae_layers() -> set[str]:
+    """The top-level layers every kdsb GMCAE has, which the commands rely on."""
+    from kdsb.models.gmcae import BOTTLENECK_FLAT_NAME
+
+    return {ENCODER_NAME, MIXTURE_OUTPUT_NAME, BOTTLENECK_FLAT_NAME, "log_priors", "variances",
+            "means"}
+
+
+def check_gmcae_archive(path: str | os.PathLike) -> None:
+    """Refuse a `.keras` file that holds a model of another kind than a GMCAE (one without
+    `gmcae_layers`), from the archive's config, without loading it or starting TensorFlow
+    (`kdsb.io.keras_archive`); a file it cannot read is left to `load_gmcae`.
+
+    Raises:
+        WrongModelError: the archive's model lacks a GMCAE's layers.
+    """
+    from kdsb.io.keras_archive import model_and_layer_names
+
+    found = model_and_layer_names(path)
+    if found is None:
+        return
+    name, layers = found
+    missing = sorted(gmcae_layers() - layers)
+    if missing:
+        raise WrongModelError(
+            f"expected a kdsb GMCAE, received {os.fspath(path)!r} holding model '{name}' "
+            f"without the layer(s) {', '.join(missing)}"
+        )
 
 
 def load_encoder_from_gmcae(path: str | os.PathLike) -> keras.Model:

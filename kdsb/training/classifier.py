@@ -144,10 +144,11 @@ def _train_held(data_dir: str | os.PathLike, labels_csv: str | os.PathLike, run_
     warn_of_other_heads_options(given, options.head)
     warn_of_unused_options(given, options)
     # Before any record is written or looked for beside it (found by a user's trial: a
-    # classifier given as --gmcae began the run, its split and records written, then failed).
-    from kdsb.models.classifier import load_gmcae
+    # classifier given as --gmcae began the run, its split and records written, then failed),
+    # and without loading it: a multi-worker run may start TensorFlow only in `runs.begin`.
+    from kdsb.models.classifier import check_gmcae_archive
 
-    load_gmcae(options.gmcae)
+    check_gmcae_archive(options.gmcae)
     if resume:
         check_accumulation_unchanged(run_dir, options)
     if options.distribute == "multiworker" and options.batch_size != worker.count:
