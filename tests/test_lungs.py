@@ -865,7 +865,7 @@ def benchmark_case(real_chest_nifti, seed: int, number: int, kind: str, place: s
     (8, 17, "diaphragmatic", 0.99, 0.887, 36.0),  # against the liver dome
     (6, 11, "anterior", 0.96, 0.841, 24.0),  # in a medial dent against oesophagus and aorta
 ])
-def test_a_large_round_mass_keeps_its_part_beyond_the_lungs_hull(
+def test_a_large_round_mass_keeps_its_part_in_a_dent_or_the_liver_dome(
         real_chest_nifti, monkeypatch, seed, number, place, least, kept_before, most_ml):
     """`benchmarks/lung_mask.py`'s two 35 mm misses of the thirty-third session: a solid mass
     meeting tissue of its own density (the liver dome; the mediastinum in a dent of the medial
@@ -875,8 +875,47 @@ def test_a_large_round_mass_keeps_its_part_beyond_the_lungs_hull(
     hu, spacing, truth = benchmark_case(real_chest_nifti, seed, number, "solid", place, 35.0)
     kept, kept_without, added_ml = with_and_without_rule(hu, spacing, truth, monkeypatch,
                                                          "BALL_MIN_SURFACE")
-    assert kept >= least and round(kept_without, 3) == kept_before
+    assert kept >= least and kept_without == pytest.approx(kept_before, abs=0.005)
     assert added_ml < most_ml
+
+
+def _coarse_grid(n: int = 48):
+    """(z, y, x) mm of a coarse grid of 3 mm voxels, n a side, and its spacing."""
+    return np.indices((n, n, n)) * 3.0, (3.0, 3.0, 3.0)
+
+
+def test_a_mass_ball_takes_in_a_mass_s_part_in_the_dome_and_nothing_beyond():
+    """`masses.mass_balls` on a coarse grid: a 35 mm mass whose lower part sinks into a
+    dome of its own density (the liver): that part, inside the ball, joins the mask; none of
+    the dome beyond the ball does."""
+    (z, y, x), spacing = _coarse_grid()
+    ball = np.sqrt((z - 72) ** 2 + (y - 72) ** 2 + (x - 72) ** 2) <= 35
+    dome = z < 50
+    hu = np.where(ball | dome, 40.0, -850.0)
+    lung_air = ~(ball | dome)
+    mask = lung_air | (ball & ~dome)
+    every = np.ones_like(mask)
+    added = masses.mass_balls(mask, lung_air, every, every, ~every, hu, spacing)
+    assert (added & ball & dome).sum() > 0.3 * (ball & dome).sum()
+    assert not (added & ~ball).any()
+
+
+def test_an_arch_s_side_fitting_a_ball_is_no_mass():
+    """Found in review: the side of a curved tube facing the lung (the aortic arch around the
+    mediastinum) fits a ball within the misfit allowed; its centre lies outside the tube, so
+    no ball is taken in (it would have taken the mediastinum inside the arch)."""
+    (z, y, x), spacing = _coarse_grid()
+    rho = np.sqrt((y - 72) ** 2 + (x - 72) ** 2)
+    arch = ((rho - 30) ** 2 + (z - 72) ** 2 <= 14**2) & (y >= 72)
+    inside = (rho < 30) & (np.abs(z - 72) <= 17)  # what the arch curves around
+    hu = np.where(arch | inside, 40.0, -850.0)
+    lung_air = ~(arch | inside)
+    mask = lung_air | arch
+    every = np.ones_like(mask)
+    surface = np.argwhere(arch & masses.dilate_cross(lung_air, 1)) * 3.0
+    _, radius, misfit = masses.fit_ball(surface)
+    assert radius <= masses.BALL_MAX_RADIUS_MM and misfit <= masses.BALL_MISFIT_MM
+    assert not masses.mass_balls(mask, lung_air, every, every, ~every, hu, spacing).any()
 
 
 def test_a_ball_is_fitted_to_points_on_its_sphere():

@@ -64,6 +64,10 @@ BALL_MISFIT_MM = 6.0
 BALL_SHRINK_MM = 3.0
 BALL_ADDED_SHARE = 0.5
 BALL_MIN_SURFACE = 50  # coarse voxels of the mass's surface facing the lung, for a fit
+# The mass's deepest voxel lies at least this share of the ball's radius from its surface (the
+# two 35 mm masses: 20.5 / 33.9 and 21.2 / 35.6 mm, 0.60; a 12–15 mm aorta's side fitting a ball
+# of 28–40 mm: 0.3–0.5), and the ball's centre lies in the mass.
+BALL_MIN_THICKNESS = 0.5
 # Hazy masses (`hazy_masses`): ground glass that survives an opening with a ball of radius
 # HAZY_CORE_MM is thick (a lesion, not the partial-volume shell where lung meets tissue); the
 # mask must already hold HAZY_HELD_SHARE of it.
@@ -345,11 +349,13 @@ def mass_balls(
     (`large_mass_cores`), the added tissue within the first rim of it (`MASS_RIMS_MM`) is the
     mass; its voxels beside lung air are fitted a ball (`fit_ball`), and where that ball is a
     mass's (radius ≤ `BALL_MAX_RADIUS_MM`, misfit ≤ `BALL_MISFIT_MM`, from at least
-    `BALL_MIN_SURFACE` voxels), non-bone tissue inside it, `BALL_SHRINK_MM` from its edge,
+    `BALL_MIN_SURFACE` voxels, its centre in the mass, the mass at least `BALL_MIN_THICKNESS`
+    of its radius thick), non-bone tissue inside it, `BALL_SHRINK_MM` from its edge,
     inside the lungs' slice-wise hull (not the chest wall a juxtapleural mass flattens against)
     and the body, not gas, joins the mask where it touches it, unless it would add more than
-    `BALL_ADDED_SHARE` of the mass (a shape the ball does not describe). Tubes (the aorta's
-    bulge) fit no ball; healthy lungs have no core this large.
+    `BALL_ADDED_SHARE` of the mass (a shape the ball does not describe). A tube's side (the
+    aortic arch) may fit a ball, but not from its inside, nor thick enough; healthy lungs have
+    no core this large.
     """
     large = large_mass_cores(mask, lung_air, coarse_hu, spacing)
     result = np.zeros_like(mask)
@@ -368,6 +374,15 @@ def mass_balls(
             continue
         centre, radius, misfit = fit_ball(surface)
         if radius > BALL_MAX_RADIUS_MM or misfit > BALL_MISFIT_MM:
+            continue
+        # A curved tube's side (the aortic arch, a dilated aorta) fits a ball too, misfit about
+        # 1 mm (found in review), but its centre lies outside the tube, and the tube is thin
+        # for the ball: a mass holds the ball's centre, and is thick.
+        middle = tuple(int(i) for i in np.round(centre / size))
+        inside_mass = all(0 <= i < n for i, n in zip(middle, mask.shape, strict=True)) \
+            and bool(mass[middle])
+        thickness = float(ndimage.distance_transform_edt(mass, sampling=spacing).max())
+        if not inside_mass or thickness < BALL_MIN_THICKNESS * radius:
             continue
         reach = radius - BALL_SHRINK_MM
         low = np.maximum(np.floor((centre - reach) / size).astype(int), 0)
