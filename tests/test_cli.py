@@ -325,7 +325,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    require_output_file(tmp_path / "new" / "p.csv", "OUT_CSV")  # writable: no error
+    require_output_file(tmp_path / "p.csv", "OUT_CSV")  # writable: no error
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     for check, path in ((require_output_file, tmp_path / "p.csv"),
                         (require_output_dir, tmp_path / "out" / "deeper")):
