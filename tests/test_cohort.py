@@ -1015,8 +1015,7 @@ def test_a_worker_leaves_when_the_run_is_killed_outright(tmp_path):
         assert worker.stdout.readline() == "watching\n"
         time.sleep(2 * PARENT_CHECK_SECONDS)
         assert worker.poll() is None  # the run lives: so does the worker
-        run.kill()
-        run.wait()
+        run.kill()  # and not reaped yet: a zombie, which `kill(pid, 0)` still finds (review)
         assert worker.wait(timeout=10 * PARENT_CHECK_SECONDS + 5) == 1
     finally:
         for process in (run, worker):

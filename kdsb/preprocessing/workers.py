@@ -93,21 +93,27 @@ PARENT_CHECK_SECONDS = 0.5
 
 def exit_with(parent: int) -> threading.Thread:
     """Leave this process (`os._exit`, status 1) within `PARENT_CHECK_SECONDS` of process
-    `parent`'s end, from a daemon thread. Found by a user's trial: after `kill -9` of `kdsb
-    preprocess` its workers (children of the forkserver, not of the run, so no parent-death
-    signal reaches them) went on through their queued patients for minutes, writing volumes
-    without manifest rows after the run's lock was gone. A volume being written is left as a
-    temporary file, which the next run removes."""
+    `parent`'s end (gone, or dead and not yet reaped by whoever started it), or of this
+    process's own parent's (it is then adopted), from a daemon thread. Found by a user's trial:
+    after `kill -9` of `kdsb preprocess` its workers (children of the forkserver, not of the
+    run, so no parent-death signal reaches them) went on through their queued patients for
+    minutes, writing volumes without manifest rows after the run's lock was gone. A volume
+    being written is left as a temporary file, which the next run removes."""
+    adopted_from = os.getppid()
+
+    def ended() -> bool:
+        if os.getppid() != adopted_from:
+            return True
+        try:
+            os.kill(parent, 0)
+        except (ProcessLookupError, PermissionError):  # (another user's: the id was reused)
+            return True
+        return _zombie(parent)
 
     def watch() -> None:
-        while True:
+        while not ended():
             time.sleep(PARENT_CHECK_SECONDS)
-            try:
-                os.kill(parent, 0)
-            except ProcessLookupError:
-                os._exit(1)
-            except PermissionError:  # a process of another user: the id was reused
-                os._exit(1)
+        os._exit(1)
 
     thread = threading.Thread(target=watch, name="kdsb-exit-with-parent", daemon=True)
     thread.start()
@@ -120,6 +126,16 @@ _live_pools: set[ProcessPoolExecutor] = set()
 
 
 _live_pools_lock = threading.Lock()
+
+
+def _zombie(pid: int) -> bool:
+    """Whether process `pid` has ended but not been reaped (Linux's /proc; elsewhere False):
+    a run killed by a program that has not waited for it yet (found in review)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _stop_workers() -> None:
