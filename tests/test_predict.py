@@ -222,6 +222,8 @@ def test_missing_inputs_are_usage_errors_before_any_work(cohort, tmp_path, capsy
     (data / "manifest.csv").write_text("id,status\n")
     for target, message in [
         (fifo, f"received {fifo}, which is not a regular file (a device, pipe or socket)"),
+        # Also where /dev/stdout leads to a file (a shell's redirection: found in review).
+        (Path("/dev/stdout"), "received /dev/stdout, which is not a regular file"),
         (device, f"received {device}, which is not a regular file"),
         ("-", "received '-': kdsb writes a file, not standard output"),
         (tmp_path / "typo" / "sub.csv", "received a path in a folder that does not exist: "

@@ -29,6 +29,17 @@ logger = logging.getLogger(__name__)
 TEMP_PREFIX = ".tmp-"
 
 
+SYSTEM_FOLDERS = ("/dev", "/proc")  # devices and processes: /dev/stdout, /proc/self/fd/1
+
+
+def in_system_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` (made absolute, links not followed) lies in a `SYSTEM_FOLDERS` folder,
+    where a link such as /dev/stdout may lead to a regular file (a shell's redirection): a
+    file renamed there replaces the link (found in review)."""
+    absolute = os.path.abspath(path)
+    return any(absolute == root or absolute.startswith(root + os.sep) for root in SYSTEM_FOLDERS)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is renamed onto `path`, else removed.
@@ -38,7 +49,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             onto, a device's link (/dev/stdout) was replaced for every process (a user's trial).
     """
     path = Path(path)
-    if path.exists() and not path.is_file():
+    if (path.exists() and not path.is_file()) or in_system_folder(path):
         raise KdsbError(f"{path}: expected a regular file to write, received something else "
                         "(a folder, device, pipe or socket)")
     path.parent.mkdir(parents=True, exist_ok=True)
