@@ -230,7 +230,10 @@ def test_the_printed_threshold_given_again_gives_the_same_matrix(tmp_path, capsy
         printed = re.search(r"threshold (\S+) \(", out).group(1)
         return printed, out[out.index("predicted 1 when"):]
 
-    printed, picked = matrix("--threshold", "youden", "--validation", str(oof))
+    with caplog.at_level(logging.WARNING):  # any case; the clip is used (review: warned of)
+        printed, picked = matrix("--threshold", " Youden", "--validation", str(oof), "--clip",
+                                 "0.005")
+    assert "--clip moves only" not in caplog.text
     assert printed == repr(float(np.nextafter(0.005, 1.0)))
     assert matrix("--threshold", printed, "--predicted-only")[1] == picked
     with caplog.at_level(logging.WARNING):

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         evaluate,
         format_confusion,
         format_table,
+        parse_threshold,
     )
     from kdsb.evaluation.metrics import DEFAULT_LEVEL
     from kdsb.io.paths import require_file, require_output_dir
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         require_output_dir(args.plots, "--plots DIR, a folder for the plots")
     if args.seed < 0:
         raise UsageError(f"expected --seed of 0 or more, received {args.seed}")
-    if args.clip is not None and args.threshold not in ("youden", "f1"):
+    picked = args.threshold is not None and isinstance(parse_threshold(args.threshold), str)
+    if args.clip is not None and not picked:
         # Found in review: parsed, checked and ignored without a word.
         logging.getLogger(__name__).warning(
             "--clip moves only a threshold picked by youden or f1 on --validation: ignored "
