@@ -29,9 +29,10 @@ def ignored_name(name: str) -> bool:
     return name.startswith(".") or name == MAC_ARCHIVE_FOLDER
 
 
-def files_under(folder: str | os.PathLike) -> list[Path]:
+def files_under(folder: str | os.PathLike, ignored: bool = False) -> list[Path]:
     """The regular files (or links to them) anywhere under `folder`, sorted by path; none
-    whose name, or whose sub-folder's name under `folder`, is an `ignored_name`.
+    whose name, or whose sub-folder's name under `folder`, is an `ignored_name` (unless
+    `ignored`: the rule before 2026-12-05, which old source stamps counted by).
 
     Raises:
         KdsbError: a folder under it cannot be listed (no permission): `os.walk` would skip it
@@ -50,7 +51,8 @@ def files_under(folder: str | os.PathLike) -> list[Path]:
             dirs.clear()
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        dirs[:] = [name for name in dirs if not ignored_name(name)]  # walked no further
+        if not ignored:
+            dirs[:] = [name for name in dirs if not ignored_name(name)]  # walked no further
         found += [path for name in files
-                  if not ignored_name(name) and (path := Path(root, name)).is_file()]
+                  if (ignored or not ignored_name(name)) and (path := Path(root, name)).is_file()]
     return sorted(found)

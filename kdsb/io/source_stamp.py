@@ -21,7 +21,7 @@ DOCUMENT_SUFFIXES = (".txt", ".md", ".csv", ".tsv", ".json", ".xml", ".html", ".
                      ".docx", ".rtf", ".log", ".png", ".jpg", ".jpeg")
 
 
-def source_stamp(source: str | os.PathLike) -> str:
+def source_stamp(source: str | os.PathLike, every_file: bool = False) -> str:
     """What identifies a patient's source files as written: their count, total size and newest
     modification time (UTC, µs). A folder counts every file under it (`files_under`: not the
     hidden ones) but documents and pictures (`DOCUMENT_SUFFIXES`); a volume file counts the
@@ -29,6 +29,11 @@ def source_stamp(source: str | os.PathLike) -> str:
     `p1.b.mhd`, whose change then redoes p1 too: the safe side), but for kdsb's own
     (`OWN_SUFFIXES`), and the data file its detached header names
     (`volume_files.detached_data_file`).
+
+    `every_file`: a folder's every file, hidden files and documents too, as stamps recorded
+    before 2026-12-05 counted them (`matches` accepts those: the first rerun after that change
+    would otherwise have redone every patient of a folder holding a `.DS_Store`; found in
+    review).
 
     A rewritten scan (another synthetic draw, a series still being copied) changes it; so does
     a copy that does not keep modification times (the patient is then preprocessed again, never
@@ -39,7 +44,9 @@ def source_stamp(source: str | os.PathLike) -> str:
     from kdsb.io.volume_files import detached_data_file, volume_id
 
     source = Path(source)
-    if source.is_dir():
+    if source.is_dir() and every_file:
+        files = files_under(source, ignored=True)
+    elif source.is_dir():
         files = [p for p in files_under(source) if not p.name.lower().endswith(DOCUMENT_SUFFIXES)]
     else:
         prefix = f"{volume_id(source) or source.name}."
@@ -65,3 +72,10 @@ def same_files_but_times(stamp: str, other: str) -> bool:
     that did not keep modification times)."""
     return stamp.split(", newest")[0] == other.split(", newest")[0]
 
+
+
+def matches(stamp: str, source: str | os.PathLike, now: str) -> bool:
+    """Whether a volume's recorded `stamp` still describes `source`, whose `source_stamp` is
+    `now`: equal to it, or to the stamp of every file (`every_file`) as kdsb recorded it
+    before 2026-12-05."""
+    return stamp == now or (Path(source).is_dir() and stamp == source_stamp(source, True))

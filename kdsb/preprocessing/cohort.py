@@ -25,7 +25,7 @@ from tqdm import tqdm
 from kdsb.errors import KdsbError, UsageError, one_line
 from kdsb.io import volumes
 from kdsb.io.atomic import remove_stale_temporaries, sole_writer
-from kdsb.io.source_stamp import same_files_but_times, source_stamp
+from kdsb.io.source_stamp import matches, same_files_but_times, source_stamp
 from kdsb.io.tables import summarise_ids
 from kdsb.preprocessing.out_dir import (
     LOCK_NAME,
@@ -253,6 +253,8 @@ def _plan(
         stamp = None if attrs is None else attrs.get(SOURCE_STAMP_ATTR)
         try:
             now = None if stamp is None else source_stamp(source)
+            if stamp is not None and matches(stamp, source, now):
+                now = stamp  # (an older kdsb's stamp of the same files)
         except (OSError, KdsbError) as error:  # found in review: it ended the whole run
             logger.warning("%s: kept %s, its source cannot be read now (%s)", patient_id,
                            path.name, one_line(error))
