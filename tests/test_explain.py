@@ -518,6 +518,38 @@ def test_heatmaps_of_two_runs_in_one_folder_are_warned_of_and_not_exported(cohor
                  "--ids", str(tmp_path / "ids.csv")]) == 0
 
 
+def test_a_model_retrained_in_place_is_another_explain_run(cohort, tmp_path, capsys):
+    """Found in review: runs were told apart by method and model paths only, so heatmaps of a
+    model retrained at the same path were exported beside the former model's. Each heatmap
+    names its run by the digest of the run's fingerprint (the models' contents)."""
+    import shutil
+
+    import keras
+
+    root, model, _ = cohort
+    run = tmp_path / "run"
+    shutil.copytree(model.parent, run)
+    out = tmp_path / "out"
+    assert main(["explain", str(root / "data"), str(run / model.name), str(out)]) == 0
+    (tmp_path / "ids.csv").write_text("id\nc1\n")
+    argv = ["explain", str(root / "data"), str(run / model.name), str(out), "--ids",
+            str(tmp_path / "ids.csv")]
+    assert main(argv) == 0  # the same model again: the same run
+    assert main(["export", str(root / "data"), str(tmp_path / "nifti"), "--heatmaps",
+                 str(out)]) == 0
+    retrained = keras.saving.load_model(run / model.name, safe_mode=True, compile=False)
+    retrained.get_layer("p_cancer").bias.assign(np.array([-1.0], "float32"))
+    retrained.save(run / model.name)
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["export", str(root / "data"), str(tmp_path / "nifti2"), "--heatmaps",
+                 str(out)]) == 2
+    where = re.escape(str(run / model.name))
+    assert re.search(rf"2 by gradcam of {where} \(run [0-9a-f]{{12}}\) \(c0, c2\); 1 by "
+                     rf"gradcam of {where} \(run [0-9a-f]{{12}}\) \(c1\)",
+                     capsys.readouterr().err)
+
+
 def test_a_patient_that_fails_fails_alone_and_a_rerun_retries_only_it(cohort, tmp_path,
                                                                        monkeypatch, capsys):
     """Found in review: one damaged volume stopped explain for the whole cohort, every rerun at

@@ -20,6 +20,8 @@ TensorFlow is imported inside the functions.
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import math
 import os
@@ -335,13 +337,18 @@ def explain_cohort(
                 split_classifier(model)
             except ModelError as error:
                 raise type(error)(f"{path}: {error}") from None
-    # The paths too, absolute: each heatmap file names its models (found in review: as typed,
-    # a run resumed from another folder was another run, its finished patients redone).
-    absolute_paths = [os.path.abspath(p) for p in model_paths]
+    # The paths too, absolute, links resolved: each heatmap file names its models (found in
+    # review: as typed, a run resumed from another folder was another run, its finished
+    # patients redone).
+    absolute_paths = [os.path.realpath(p) for p in model_paths]
     fingerprint = {"command": "explain", "method": method, "models": fingerprinted,
                    "model_paths": absolute_paths}
     if method == "occlusion":
         fingerprint |= {"occlusion_mm": occlusion_mm, "stride_mm": stride_mm}
+    # Each heatmap names its run by this digest: `export --heatmaps` takes one run's only
+    # (`heatmaps.explain_runs`; found in review: a model retrained in place, or other occlusion
+    # sizes, wrote heatmaps of the same method and model paths).
+    run_digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
     peaks: list[Peak] = []
     failed = {i: unreadable[files[i]] for i in order if files[i] in unreadable}
     with open_journal(out_dir / f"explain{SUFFIX}", fingerprint, "explain") as journal:
@@ -367,7 +374,7 @@ def explain_cohort(
                     continue
                 with naming_on_out_of_memory(str(path)):
                     peak = _explain_into(out_dir, patient_id, path, models, inputs,
-                                         absolute_paths, method=method,
+                                         absolute_paths, run_digest, method=method,
                                          occlusion_mm=occlusion_mm, stride_mm=stride_mm)
             except (KdsbError, OSError) as error:  # found in review: one file stopped a cohort
                 if isinstance(error, OSError) and error.errno in DISK_FULL:
@@ -412,7 +419,7 @@ def _remove_outputs(out_dir: Path, patient_id: str) -> None:
 
 
 def _explain_into(out_dir: Path, patient_id: str, path: Path, models, inputs,
-                  model_paths: Sequence[Path], **options) -> Peak:
+                  model_paths: Sequence[Path], run_digest: str, **options) -> Peak:
     """Explain one patient: its heatmap file and PNG written into `out_dir`; returns its peak."""
     from kdsb.io import volumes
     from kdsb.io.heatmaps import heatmap_path, write_heatmap
@@ -420,8 +427,8 @@ def _explain_into(out_dir: Path, patient_id: str, path: Path, models, inputs,
     volume = volumes.read_volume(path)
     volume.patient_id = patient_id
     found = explain_patient(models, inputs, path, volume, **options)
-    attrs = {"method": options["method"], "probability": found.probability,
-             "models": [os.fspath(p) for p in model_paths]}  # absolute: `explain_run`'s key
+    attrs = {"run": run_digest, "method": options["method"], "probability": found.probability,
+             "models": [os.fspath(p) for p in model_paths]}  # `heatmaps.RUN_ATTRS`
     write_heatmap(heatmap_path(out_dir, patient_id), found.heatmap, volume.spacing,
                   volume.origin, attrs)
     write_png(out_dir / f"{patient_id}.png", volume, found)

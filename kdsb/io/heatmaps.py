@@ -22,7 +22,9 @@ from kdsb.io.volumes import COMPRESSION, H5_DAMAGE_ERRORS, REQUIRED_DATASETS, ch
 
 HEATMAP_DATASET = "heatmap"
 SUFFIX = ".h5"
-RUN_ATTRS = ("method", "models")  # what tells one explain run's heatmaps from another's
+# What tells one explain run's heatmaps from another's: the digest of the run's fingerprint
+# (its models' contents, method and sizes: `kdsb.evaluation.explain`), its method and models.
+RUN_ATTRS = ("run", "method", "models")
 
 
 def heatmap_path(folder: str | os.PathLike, patient_id: str) -> Path:
@@ -93,15 +95,16 @@ def read_heatmap(path: str | os.PathLike) -> tuple[np.ndarray, tuple, tuple]:
 
 
 def explain_run(path: str | os.PathLike) -> tuple[str, ...] | None:
-    """The explain run a heatmap file came from: its `RUN_ATTRS` (the method, then the models'
-    paths), as text ("" for a missing method); None where the file cannot be read (its
-    reader names it)."""
+    """The explain run a heatmap file came from: its `RUN_ATTRS` (the run's digest, the
+    method, then the models' paths), as text ("" for a missing one); None where the file
+    cannot be read (its reader names it)."""
     try:
         with h5py.File(path, "r") as f:
-            method = str(f.attrs.get("method", ""))
+            run, method = (str(f.attrs.get(name, "")) for name in RUN_ATTRS[:2])
             models = f.attrs.get("models", ())
             models = [models] if isinstance(models, str | bytes) else list(models)
-            return (method, *(m.decode() if isinstance(m, bytes) else str(m) for m in models))
+            return (run, method,
+                    *(m.decode() if isinstance(m, bytes) else str(m) for m in models))
     except H5_DAMAGE_ERRORS:
         return None
 
@@ -120,10 +123,14 @@ def explain_runs(
 
 
 def describe_runs(runs: Mapping[tuple[str, ...], list[str]]) -> str:
-    """One line naming each run of `explain_runs`: its method, models and patients."""
+    """One line naming each run of `explain_runs`: its method, models and patients (and its
+    digest where two runs share those: a model retrained in place, other occlusion sizes)."""
+    shown = [key[1:] for key in runs]
 
     def run(key: tuple[str, ...], ids: list[str]) -> str:
-        what = f"{key[0] or 'no method'} of {', '.join(key[1:]) or 'no models named'}"
+        what = f"{key[1] or 'no method'} of {', '.join(key[2:]) or 'no models named'}"
+        if shown.count(key[1:]) > 1:
+            what += f" (run {key[0][:12] or 'unnamed'})"
         return f"{len(ids)} by {what} ({summarise_ids(ids)})"
 
     return "; ".join(run(key, ids) for key, ids in runs.items())
