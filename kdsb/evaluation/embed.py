@@ -1,7 +1,7 @@
 """What the GMCAE learned about each patient: embeddings, unusual patients, similar patients, a map.
 
 Per patient, `patches` lung patches (P³ at the volume's spacing, P the GMCAE's patch edge,
-centred on lung voxels, no augmentation, seeded by `--seed` and the volume's voxels, so two
+centred on lung voxels, no augmentation, seeded by `--seed` and the volume's lung mask, so two
 copies of one scan under two ids are each other's nearest neighbours at distance 0) go through
 the GMCAE:
 
@@ -109,20 +109,21 @@ def patient_features(
 
 
 def patient_seed(seed: int, path: str | os.PathLike) -> int:
-    """The seed of one patient's patch sampling: from `seed` and the volume file's HU and lung
-    mask (their bytes), so a patient's features do not change with the other files in
+    """The seed of one patient's patch sampling: from `seed` and the volume file's lung mask
+    (its shape and bytes: the mask alone, small and read anyway to place the patches, tells a
+    scan from every other), so a patient's features do not change with the other files in
     DATA_DIR, and an exact duplicate (one scan preprocessed under two ids) gets the same
     patches (found in review: seeded by the id, duplicates were no nearer than other patients).
 
     Raises:
         StoreError: the file is unreadable.
     """
-    from kdsb.io.volumes import read_volume
+    from kdsb.io.volumes import MASK_DATASET, open_volume
 
-    volume = read_volume(path)
-    digest = hashlib.sha256(str(seed).encode())
-    for voxels in (volume.hu, volume.lung_mask):
-        digest.update(np.ascontiguousarray(voxels).view(np.uint8).data)
+    with open_volume(path) as f:
+        mask = np.ascontiguousarray(f[MASK_DATASET][...])
+    digest = hashlib.sha256(f"{seed}:{mask.shape}:{mask.dtype}".encode())
+    digest.update(mask.view(np.uint8).data)
     return int.from_bytes(digest.digest()[:4], "little")
 
 
@@ -150,17 +151,13 @@ def embed_cohort(
     ids, embeddings, nll, failed = [], [], [], {}
     for patient_id, path in tqdm(paths.items(), desc="embed", unit="patient", disable=None):
         try:
-            stamp = volume_stamp(path)
-            # The patch sampling's seed is the patient's: a result holds for that seed only.
-            own_seed = patient_seed(seed, path)
+            # A result holds for this file and --seed (the patient's own seed follows from
+            # both: `patient_seed`, read only when the journal has no result).
+            stamp = [*volume_stamp(path), seed]
         except OSError as error:  # a dangling link, a file removed since: this patient alone
             failed[patient_id] = (f"{path}: expected a volume file, received "
                                   f"{error.strerror or error}")
             continue
-        except KdsbError as error:
-            failed[patient_id] = one_line(error)
-            continue
-        stamp = [*stamp, own_seed]
         done = journal.result(patient_id, stamp) if journal else None
         if done is not None:
             embedding, stats = np.array(done["embedding"]), np.array(done["nll"])
@@ -168,7 +165,7 @@ def embed_cohort(
             try:
                 with naming_on_out_of_memory(str(path)):
                     embedding, stats = patient_features(gmcae, both, path, patches, top,
-                                                        own_seed, spacing_mm)
+                                                        patient_seed(seed, path), spacing_mm)
                 if not (np.isfinite(embedding).all() and np.isfinite(stats).all()):
                     raise KdsbError(f"{path}: expected finite GMCAE features, received NaN or "
                                     "infinite values (a damaged volume or GMCAE?)")
