@@ -41,16 +41,19 @@ def run(args: argparse.Namespace) -> int:
         require_output_dir,
         require_volume_dir,
     )
+    from kdsb.io.run_layout import GMCAE_MODEL_NAME
     from kdsb.io.tables import read_labels
     from kdsb.io.volumes import list_volumes
     from kdsb.models.classifier import load_gmcae
-    from kdsb.training.gmcae import MODEL_NAME
 
     paths = list_volumes(require_volume_dir(args.data_dir))
-    if args.gmcae.is_dir() and (args.gmcae / MODEL_NAME).is_file():
-        args.gmcae = args.gmcae / MODEL_NAME  # train-gmcae's RUN_DIR, as predict takes a run's
-    require_keras_file(args.gmcae, "GMCAE.keras, a model written by kdsb train-gmcae (or its "
-                       "RUN_DIR)")
+    if args.gmcae.is_dir():  # train-gmcae's RUN_DIR, as predict takes a classifier's
+        if not (args.gmcae / GMCAE_MODEL_NAME).is_file():
+            raise UsageError(f"expected GMCAE.keras or the RUN_DIR of kdsb train-gmcae, "
+                             f"received a folder without {GMCAE_MODEL_NAME}: {args.gmcae} (a "
+                             "run that has not finished an epoch?)")
+        args.gmcae = args.gmcae / GMCAE_MODEL_NAME
+    require_keras_file(args.gmcae, "GMCAE.keras, a model written by kdsb train-gmcae")
     require_output_dir(args.out_dir, "OUT_DIR, a folder for the CSV files and map.png")
     labels = read_labels(require_file(args.labels, "--labels, an id,cancer CSV")) \
         if args.labels else None

@@ -28,6 +28,7 @@ from pathlib import Path
 from kdsb.errors import UsageError
 
 OPTIONS_NAME = "config.json"
+GMCAE_MODEL_NAME = "gmcae.keras"  # a GMCAE run's best model
 BEST_NAME = "classifier.keras"
 UNCALIBRATED_NAME = "uncalibrated.keras"
 METRICS_NAME = "metrics.json"

@@ -34,12 +34,13 @@ from typing import Any, ClassVar
 
 from kdsb.errors import UsageError
 from kdsb.io.atomic import read_json, write_json
+from kdsb.io.run_layout import GMCAE_MODEL_NAME
 from kdsb.training import runs
 from kdsb.training.runs import RunOptions, option
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "gmcae.keras"
+MODEL_NAME = GMCAE_MODEL_NAME
 SUMMARY_NAME = "gmcae_summary.json"
 LOSS_PLOT_NAME = "loss.png"
 RECONSTRUCTIONS_PLOT_NAME = "reconstructions.png"
