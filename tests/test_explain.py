@@ -436,7 +436,8 @@ def test_a_map_with_a_nan_cell_fails_its_patient_alone(cohort, tmp_path, monkeyp
     out = tmp_path / "out"
     assert main(["explain", str(root / "data"), str(model), str(out)]) == 1
     err = capsys.readouterr().err
-    assert re.search(r"c1: expected a finite heatmap, received 1 non-finite cell\(s\) of \d+", err)
+    assert re.search(r"failed: \S+/c1\.h5: expected a finite heatmap, received 1 non-finite "
+                     r"cell\(s\) of \d+", err)
     assert not (out / "c1.h5").exists() and set(_peaks(out)) == {"c0", "c2"}
 
 

@@ -229,6 +229,7 @@ def test_missing_inputs_are_usage_errors_before_any_work(cohort, tmp_path, capsy
         (tmp_path / "typo" / "sub.csv", "received a path in a folder that does not exist: "
                                         f"{tmp_path / 'typo'}"),
         (ids, f"expected --out OUT_CSV apart from --ids {ids}, received the same file"),
+        (data / "c0.h5", "the name of a volume or model file: the predictions would replace it"),
         (data / "manifest.csv", f"expected --out OUT_CSV apart from {data / 'manifest.csv'}, "
                                 "kdsb preprocess's record of DATA_DIR"),
     ]:

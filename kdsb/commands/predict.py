@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         if args.out.exists() and args.out.samefile(args.ids):  # found by a user's trial
             raise UsageError(f"expected --out OUT_CSV apart from --ids {args.ids}, received "
                              "the same file: the predictions would replace it")
+    if args.out.suffix.lower() in (".h5", ".keras"):  # a volume or a model (review)
+        raise UsageError(f"expected --out OUT_CSV, a CSV file to write, received {args.out}, "
+                         "the name of a volume or model file: the predictions would replace it")
     manifest = args.data_dir / MANIFEST_NAME
     if args.out.exists() and manifest.exists() and args.out.samefile(manifest):
         raise UsageError(f"expected --out OUT_CSV apart from {manifest}, kdsb preprocess's "

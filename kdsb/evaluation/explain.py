@@ -194,7 +194,7 @@ def explain_patient(
             cam, p = occlusion(model, x, lung, fill, size, stride, voxel_mm,
                                models=len(models) if index == 0 else 0)
         if not np.isfinite(cam).all():  # one NaN cell spreads over the whole grid below
-            raise KdsbError(f"{patient_id}: expected a finite heatmap, received "
+            raise KdsbError(f"{volume_file}: expected a finite heatmap, received "
                             f"{int(np.count_nonzero(~np.isfinite(cam)))} non-finite cell(s) of "
                             f"{np.size(cam)} (NaN or inf gradients: a float16 overflow?)")
         heatmap = to_volume_grid(cam, volume.hu.shape, factor, centres)

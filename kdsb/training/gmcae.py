@@ -370,9 +370,10 @@ def _train_held(data_dir: Path, run_dir: Path, options: GmcaeOptions, start_epoc
                     runs.FINISHED_NAME)
         return read_json(summary_path) if worker.chief else None
     volumes, spacing = _volume_paths(Path(data_dir))
-    if options.patch_cache and worker.chief:
+    if options.patch_cache and not (data_dir / PATCH_CACHE_DIR).is_dir():
         # Before any record is written (found by a user's trial: a read-only DATA_DIR failed
-        # with a raw OS error once the run had begun).
+        # with a raw OS error once the run had begun), on every worker (each builds or finds
+        # the cache); a cache already there may be complete and need no writing (review).
         from kdsb.io.paths import require_output_dir
 
         require_output_dir(data_dir / PATCH_CACHE_DIR, "a folder for --patch-cache's shards "
