@@ -287,10 +287,10 @@ def test_write_qc_writes_every_png(tmp_path, corrupt, caplog, monkeypatch):
     if corrupt == "plot error":
         draw = qc.write_patient_png
 
-        def fails_for_p2(volume, path):
+        def fails_for_p2(volume, path, *args):
             if path.stem == "p2":
                 raise ValueError("a plotting error")
-            return draw(volume, path)
+            return draw(volume, path, *args)
 
         monkeypatch.setattr(qc, "write_patient_png", fails_for_p2)
     volume_files = {}
@@ -304,7 +304,6 @@ def test_write_qc_writes_every_png(tmp_path, corrupt, caplog, monkeypatch):
     (tmp_path / "qc").mkdir()
     (tmp_path / "qc" / "p3.png").write_bytes(b"an earlier run's image of p3")  # p3 fails now
     (tmp_path / "qc" / "p2.png").write_bytes(b"an earlier run's image of p2")  # gone if p2 fails
-    os.utime(tmp_path / "qc" / "p2.png", ns=(1, 1))  # of an earlier volume: drawn again
     with caplog.at_level(logging.WARNING, logger="kdsb.preprocessing.qc"):
         sheets = qc.write_qc(volume_files, {"p3": "p3: not DICOM"}, tmp_path / "qc")
     assert sheets == [tmp_path / "qc" / qc.sheet.CONTACT_SHEET_NAME]
@@ -313,11 +312,23 @@ def test_write_qc_writes_every_png(tmp_path, corrupt, caplog, monkeypatch):
     assert written == expected
     assert ("QC of p2 skipped" in caplog.text and "p2.h5" in caplog.text) == (corrupt is True)
     assert ("QC of p2 skipped: a plotting error" in caplog.text) == (corrupt == "plot error")
-    if corrupt is False:  # drawn since its volume was written: kept on a rerun, the sheet anew
+    if corrupt is False:  # drawn from these very volumes: kept on a rerun, the sheet anew
         images = {p: (tmp_path / "qc" / p).stat().st_mtime_ns for p in ("p1.png", "p2.png")}
+        draw = qc.write_patient_png
         monkeypatch.setattr(qc, "write_patient_png", lambda *a: pytest.fail("drawn again"))
         assert qc.write_qc(volume_files, {}, tmp_path / "qc") == sheets
         assert {p: (tmp_path / "qc" / p).stat().st_mtime_ns for p in images} == images
+        # Another OUT_DIR's volume of p1 (a shared --qc folder), written before the image:
+        # drawn again all the same (found in review: file times alone kept the image).
+        other = tmp_path / "other" / "p1.h5"
+        other.parent.mkdir()
+        other.write_bytes(volume_files["p1"].read_bytes())
+        os.utime(other, ns=(1, 1))
+        drawn = []
+        monkeypatch.setattr(qc, "write_patient_png", lambda v, path, *a: drawn.append(path.name)
+                            or draw(v, path, *a))
+        qc.write_qc({"p1": other, "p2": volume_files["p2"]}, {}, tmp_path / "qc")
+        assert drawn == ["p1.png"]
 
 
 def test_a_failure_reason_is_wrapped_at_words_without_the_id():

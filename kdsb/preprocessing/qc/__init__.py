@@ -59,8 +59,10 @@ def _draw_row(subfigure, row_views: Mapping[str, tuple[np.ndarray, float]]) -> N
         axis.set_axis_off()
 
 
-def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
-    """Write the QC PNG of one volume; returns its path.
+def write_patient_png(volume: volumes.Volume, path: str | os.PathLike,
+                      drawn_from: str | None = None) -> Path:
+    """Write the QC PNG of one volume; returns its path. `drawn_from` is kept in the PNG's
+    `DRAWN_FROM_KEY` text (`volume_version`).
 
     Top row: axial and coronal views through the lung centre, sagittal through the most lung
     (`views`), under the id, shape, spacing and lung volume. Bottom row: the same views,
@@ -95,16 +97,32 @@ def write_patient_png(volume: volumes.Volume, path: str | os.PathLike) -> Path:
             color=LESION_TITLE_COLOUR,
         )
         _draw_row(bottom, lesion_views(volume, lesion))
-    return save_figure(figure, path)
+    metadata = None if drawn_from is None else {DRAWN_FROM_KEY: drawn_from}
+    return save_figure(figure, path, metadata=metadata)
+
+
+DRAWN_FROM_KEY = "kdsb volume"  # a QC PNG's text: the volume file it shows (`volume_version`)
+
+
+def volume_version(volume_file: str | os.PathLike) -> str:
+    """A volume file as written: its real path and `journal.volume_stamp` (size, time, inode)."""
+    from kdsb.io.journal import volume_stamp
+
+    return f"{os.path.realpath(volume_file)} {volume_stamp(volume_file)}"
 
 
 def drawn_since(png: Path, volume_file: str | os.PathLike) -> bool:
-    """Whether a patient's QC image exists and was written after its volume file: drawn from
-    that volume by an earlier run, and kept (found by a user's trial: a rerun that skipped
-    every patient drew every image again, about a second each)."""
+    """Whether a patient's QC image was drawn from this very volume file as it is now (the
+    `volume_version` in its text): kept by a rerun (found by a user's trial: a rerun that
+    skipped every patient drew every image again, about a second each). Not by file times:
+    found in review, another OUT_DIR's image of the same id in a shared --qc folder, or clocks
+    of two disks apart, would have been kept."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        return png.stat().st_mtime_ns >= os.stat(volume_file).st_mtime_ns
-    except OSError:
+        with Image.open(png) as image:
+            return image.text.get(DRAWN_FROM_KEY) == volume_version(volume_file)
+    except (OSError, UnidentifiedImageError, AttributeError):
         return False
 
 
@@ -136,7 +154,7 @@ def write_qc(
         try:
             volume = volumes.read_volume(path)
             if not drawn_since(png, path):
-                write_patient_png(volume, png)
+                write_patient_png(volume, png, volume_version(path))
             tiles[patient_id] = thumbnail(volume)
         except Exception as error:  # noqa: BLE001 - one patient's QC, never the cohort's
             # Found in review: anything but a StoreError (memory for one large scan, a plotting
