@@ -818,6 +818,8 @@ def test_a_large_mass_keeps_its_outer_part_where_the_chest_wall_curves_away(
     liver's dome beside the mediastinum gains nothing from them: no liver, no mediastinum (its
     mass ball takes in 2.4 ml of the dome beyond it: the fitted ball's overshoot)."""
     hu, spacing, truth = implanted_real_ct(real_chest, "spiculated", "diaphragmatic", 35.0, 1)
+    # (No large mass core: no pockets, and no mass ball either, which here keeps no lesion
+    # voxel more: 98.4 % with and without it.)
     kept, kept_without, added_ml = with_and_without_rule(hu, spacing, truth, monkeypatch,
                                                          "LARGE_MASS_ML")
     assert kept >= 0.95 and kept_without < 0.85
