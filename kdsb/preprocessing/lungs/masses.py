@@ -277,6 +277,7 @@ def mass_pockets(
     rejected_air: np.ndarray,
     coarse_hu: np.ndarray,
     spacing: Sequence[float],
+    large: list[np.ndarray] | None = None,
 ) -> np.ndarray:
     """The outer part of a large mass that fills a lung out to where the chest wall curves away
     (a costophrenic recess, the anterior junction behind the sternum), and its reach to the wall.
@@ -292,9 +293,9 @@ def mass_pockets(
     heart beside a lung and the spine lie deeper, inside the hull) is a pocket; each pocket then
     reaches out to the wall as a juxtapleural nodule does (`filling.reach_wall`). The edge is
     touched in 3D (a 6-neighbour outside the hull, also in the next slice where the hull
-    shrinks): the constants were chosen with it so.
+    shrinks): the constants were chosen with it so. `large`: the cores if found already.
     """
-    large = large_mass_cores(mask, lung_air, coarse_hu, spacing)
+    large = large_mass_cores(mask, lung_air, coarse_hu, spacing) if large is None else large
     if not large:
         return np.zeros_like(mask)
     tissue = fillable_tissue(coarse_hu)
@@ -338,6 +339,7 @@ def mass_balls(
     rejected_air: np.ndarray,
     coarse_hu: np.ndarray,
     spacing: Sequence[float],
+    large: list[np.ndarray] | None = None,
 ) -> np.ndarray:
     """The part of a large round mass that lies beyond every rule above: in a concave
     mediastinal dent, or down in the liver dome under the lung (coarse grid, bool).
@@ -355,9 +357,9 @@ def mass_balls(
     and the body, not gas, joins the mask where it touches it, unless it would add more than
     `BALL_ADDED_SHARE` of the mass (a shape the ball does not describe). A tube's side (the
     aortic arch) may fit a ball, but not from its inside, nor thick enough; healthy lungs have
-    no core this large.
+    no core this large. `large`: the cores if found already.
     """
-    large = large_mass_cores(mask, lung_air, coarse_hu, spacing)
+    large = large_mass_cores(mask, lung_air, coarse_hu, spacing) if large is None else large
     result = np.zeros_like(mask)
     if not large:
         return result
