@@ -831,7 +831,7 @@ def test_a_large_mass_keeps_its_outer_part_where_the_chest_wall_curves_away(
     monkeypatch.undo()
     found = []
     large_mass_cores = masses.large_mass_cores
-    monkeypatch.setattr(masses, "large_mass_cores",
+    monkeypatch.setattr(segment, "large_mass_cores",
                         lambda *args: found.extend(large_mass_cores(*args)) or found)
     monkeypatch.setattr(masses, "BALL_MAX_RADIUS_MM", 0.0)  # no mass ball
     np.testing.assert_array_equal(segment_lungs(hu, spacing), without)
