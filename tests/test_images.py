@@ -371,17 +371,15 @@ def test_a_folder_with_two_volume_files_is_an_error(tmp_path):
 def test_volume_files_a_folder_too_deep_are_named_as_such(tmp_path):
     """Found by a user's trial: a patient folder whose volume files lay in a sub-folder failed
     with "expected DICOM files, received 2 non-DICOM file(s)" alone."""
-    from kdsb.errors import DicomError
     from kdsb.preprocessing.pipeline import read_patient
 
     hu = np.full((3, 8, 8), -1000, np.int16)
     (tmp_path / "p" / "series").mkdir(parents=True)
     for name in ("a.nii.gz", "b.nii.gz"):
         write_volume(tmp_path / "p" / "series" / name, hu, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0))
-    with pytest.raises(DicomError, match=r"received 2 non-DICOM file\(s\) \(a.nii.gz, b.nii.gz\); "
-                                         r"among them volume file\(s\) in a sub-folder "
-                                         r"\(series/a.nii.gz, …\): a patient's volume file lies "
-                                         "in its folder itself"):
+    with pytest.raises(VolumeFileError, match=r"^patient p: expected its volume file in .*/p "
+                                              r"itself, received volume file\(s\) in a "
+                                              r"sub-folder only \(series/a.nii.gz, …\)"):
         read_patient(tmp_path / "p", "p")
 
 

@@ -121,6 +121,16 @@ def volume_in_folder(folder: str | Path, patient_id: str | None = None) -> Path 
         if p.is_file() and not p.name.startswith(".") and volume_suffix(p) is not None
     )
     if not volumes:
+        # Found by a user's trial: volume files a sub-folder deeper read as "non-DICOM files".
+        every = files_under(folder)
+        deeper = [p for p in every if volume_suffix(p) is not None]
+        if deeper and not any(is_dicom_file(p) for p in every if p not in deeper):
+            raise VolumeFileError(
+                f"patient {patient}: expected its volume file in {folder} itself, received "
+                f"volume file(s) in a sub-folder only ({deeper[0].relative_to(folder)}"
+                f"{', …' if len(deeper) > 1 else ''}): one volume file lies in a patient's "
+                "folder, or is the patient"
+            )
         return None
     others = (p for p in files_under(folder) if p not in volumes)
     if any(is_dicom_file(p) for p in others):

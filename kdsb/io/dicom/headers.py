@@ -221,17 +221,8 @@ def read_headers(patient: str, folder: Path) -> list[Header]:
         headers += found
     names = ", ".join(p.name for p in skipped[:3]) + (", …" if len(skipped) > 3 else "")
     if not headers:
-        from kdsb.io.volume_files import volume_suffix  # (it imports this package)
-
-        # Found by a user's trial: volume files one folder too deep read as "non-DICOM" only.
-        deeper = [p.relative_to(folder) for p in skipped
-                  if p.parent != folder and volume_suffix(p) is not None]
-        hint = (f"; among them volume file(s) in a sub-folder ({deeper[0]}"
-                f"{', …' if len(deeper) > 1 else ''}): a patient's volume file lies in its "
-                "folder itself, one to a folder" if deeper else "")
         raise patient_error(
-            patient,
-            f"expected DICOM files, received {len(files)} non-DICOM file(s) ({names}){hint}"
+            patient, f"expected DICOM files, received {len(files)} non-DICOM file(s) ({names})"
         )
     if skipped:  # one line for them all (found by a user's trial: a line a file, then again)
         logger.warning("patient %s: skipping %d file(s) that are not DICOM (%s)", patient,
