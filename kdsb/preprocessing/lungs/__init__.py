@@ -83,20 +83,23 @@ Where it still fails (benchmarks/lung_mask.py: 98 lesions implanted into varied 
 chest CT, eight draws; every draw changed in the fifteenth session, when the airways stopped staying
 in about a quarter of the varied bases' masks, in the sixteenth, when the junction rule changed the
 bases' masks by 0.02-0.25 %, and in the thirty-third, when the airway stopped taking lung beside the
-bronchi: the lesions are placed in them; 780 of 784 kept): the base of a 3 mm nodule (9-25 voxels)
-against the wall or diaphragm can lose 1-3 voxels, too few for a core whose fringe would reach them
-(88.5-88.9 %, two lesions; a one-voxel fringe around every solid core of a dense block kept such
-bases, 92.9-96.0 %, but grew every mask by about 1 %, phantoms' by 2.5 %, and was not kept); a 35 mm
-mass on the diaphragm can lose its base against the liver dome, which no rule here tells from the
-lesion (88.7 %); a mass in a concave mediastinal dent deeper than the small mass tier's 6 mm rim
-loses its medial part (74–89 % of 10 mm masses without that tier; a 35 mm mass in the medial lower
-lobe against the oesophagus and aorta, 84.1 %). The large ball and the mass rims also take in the
-parts of mediastinal structures that bulge into a lung (the descending aorta and arch, the hilum,
-the oesophagus) and the edge of the liver dome: the mask is 1.05–1.08 × a plain air envelope with
-6.0–8.5 % soft tissue (the old 15 mm mask: 4.7 %); beside a 35 mm mass the rims, envelope and
-pockets take in up to 2.7 % of the lung mask's volume outside the lesion (the pockets' share up to
-0.9 %, such as paravertebral tissue within `POCKET_DEPTH_MM` of the hull's edge beside a mass
-against the spine; the hazy masses' under 0.1 %, a ground-glass mass's blurred edge). Where the
+bronchi: the lesions are placed in them; 782 of 784 kept since the mass balls, and 56 of 56 35 mm
+masses of two fresh draws): the base of a 3 mm nodule (9-25 voxels) against the wall or diaphragm
+can lose 1-3 voxels, too few for a core whose fringe would reach them (88.5-88.9 %, two lesions; a
+one-voxel fringe around every solid core of a dense block kept such bases, 92.9-96.0 %, but grew
+every mask by about 1 %, phantoms' by 2.5 %, and was not kept). A mass in a concave mediastinal dent
+deeper than the small mass tier's 6 mm rim loses its medial part when it is too small for a large
+core (74–89 % of 10 mm masses without that tier); a large one there or on the liver dome keeps it
+as the rest of its ball (84.1 and 88.7 % before the mass balls, 96.6 and 99.9 % with them), but a
+mass that is no ball (flat, or lobulated beyond the misfit allowed) gets none. The large ball and
+the mass rims also take in the parts of mediastinal structures that bulge into a lung (the
+descending aorta and arch, the hilum, the oesophagus) and the edge of the liver dome: the mask is
+1.05–1.08 × a plain air envelope with 6.0–8.5 % soft tissue (the old 15 mm mask: 4.7 %); beside a
+35 mm mass the rims, envelope, pockets and balls take in up to 2.75 % of the lung mask's volume
+outside the lesion (the pockets' share up to 0.9 %, such as paravertebral tissue within
+`POCKET_DEPTH_MM` of the hull's edge beside a mass against the spine; the balls' up to 0.7 %, 22–35
+ml of mediastinum or liver inside a ball fitted a little larger than the mass; the hazy masses'
+under 0.1 %, a ground-glass mass's blurred edge). Where the
 lungs meet, the closing that sees lung beyond the split takes in the tissue between them within the
 junction's gap (the junction line, anterior mediastinal fat), and where that gap is 12 mm or wider
 the mass rim may take it for a mass and add its rim: together 0.02-0.25 % of a varied real base's

@@ -56,9 +56,9 @@ POCKET_DEPTH_MM = 15.0
 # lung fits a ball of at most BALL_MAX_RADIUS_MM with an rms misfit of at most BALL_MISFIT_MM
 # is that ball; tissue inside it BALL_SHRINK_MM from its edge and inside the lungs' hull joins
 # the mask, at most BALL_ADDED_SHARE of the mass the mask holds. On the two 35 mm masses the
-# rules above kept 84.1 and 88.7 % of (benchmarks/README.md, "Thirty-fifth session"), the
-# fits came out 33.9 and 35.6 mm with misfits of 4.1 and 4.0 mm (lobulated masses on a 3 mm
-# grid), adding 29 and 34 % of the mass held.
+# rules above kept 84.1 and 88.7 % of (benchmarks/README.md, "Lung mask on real anatomy",
+# "Thirty-fifth session"), the fits came out 33.9 and 35.6 mm with misfits of 4.1 and 4.0 mm
+# (lobulated masses on a 3 mm grid), adding 29 and 34 % of the mass held.
 BALL_MAX_RADIUS_MM = 45.0
 BALL_MISFIT_MM = 6.0
 BALL_SHRINK_MM = 3.0
