@@ -32,12 +32,13 @@ TEMP_PREFIX = ".tmp-"
 SYSTEM_FOLDERS = ("/dev", "/proc")  # devices and processes: /dev/stdout, /proc/self/fd/1
 
 
-def in_system_folder(path: str | os.PathLike) -> bool:
-    """Whether `path` (made absolute, links not followed) lies in a `SYSTEM_FOLDERS` folder,
-    where a link such as /dev/stdout may lead to a regular file (a shell's redirection): a
-    file renamed there replaces the link (found in review)."""
+def system_link(path: str | os.PathLike) -> bool:
+    """Whether `path` is a link in a `SYSTEM_FOLDERS` folder (/dev/stdout, /dev/fd/1), which
+    may lead to a regular file (a shell's redirection): a file renamed there replaces the link
+    for every process (found in review). Files in /dev/shm, a memory disk, are no links."""
     absolute = os.path.abspath(path)
-    return any(absolute == root or absolute.startswith(root + os.sep) for root in SYSTEM_FOLDERS)
+    inside = any(absolute.startswith(root + os.sep) for root in SYSTEM_FOLDERS)
+    return inside and Path(absolute).is_symlink()
 
 
 @contextmanager
@@ -49,7 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             onto, a device's link (/dev/stdout) was replaced for every process (a user's trial).
     """
     path = Path(path)
-    if (path.exists() and not path.is_file()) or in_system_folder(path):
+    if (path.exists() and not path.is_file()) or system_link(path):
         raise KdsbError(f"{path}: expected a regular file to write, received something else "
                         "(a folder, device, pipe or socket)")
     path.parent.mkdir(parents=True, exist_ok=True)

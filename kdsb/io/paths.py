@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from kdsb.errors import UsageError
-from kdsb.io.atomic import in_system_folder
+from kdsb.io.atomic import system_link
 
 
 def require_dir(path: str | os.PathLike, what: str) -> Path:
@@ -92,7 +92,7 @@ def require_output_file(path: str | os.PathLike, what: str) -> Path:
                          "output (name a file, then read it)")
     if path.is_dir():
         raise UsageError(f"expected {what}, received a folder: {path}")
-    if (path.exists() and not path.is_file()) or in_system_folder(path):
+    if (path.exists() and not path.is_file()) or system_link(path):
         raise UsageError(f"expected {what}, received {path}, which is not a regular file (a "
                          "device, pipe or socket): kdsb writes a file beside it and renames it "
                          "into place; name a file")
