@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from kdsb.preprocessing.lungs.morphology import dilate_cross, erode_cross
+from kdsb.preprocessing.lungs.small_nodules import small_core_bases, small_core_slices
 from kdsb.preprocessing.lungs.thresholds import AIR_THRESHOLD_HU, BONE_HU, GROUND_GLASS_MAX_HU
 
 # How a coarse voxel maps to the source grid: not at all, its air voxels, its tissue voxels
@@ -40,7 +41,9 @@ def full_resolution_mask(
     `GROUND_GLASS_MAX_HU`), their tissue protruding into the lung (`protruding_tissue`: a nodule
     too small for the coarse grid) and the tissue within `FRINGE_VOXELS` of a solid core, one the
     filling took in or one protruding into the lung: a nodule's edge against the chest wall,
-    or the base of a small nodule in a corner of the wall.
+    or the base of a small nodule in a corner of the wall; a core too thin for the fringe's
+    erosion gives its neighbours where it is a small compact blob (`small_core_bases`: the base
+    of a 3 mm nodule).
 
     Args:
         code, added: per voxel, uint8 and bool, shape (z, y, x) of `hu`.
@@ -66,8 +69,9 @@ def full_resolution_mask(
 
 def slab_halo(spacing: Sequence[float]) -> int:
     """Slices beyond a slab that its mask depends on: the protrusion test's reach along z, then
-    the fringe's erosion (one voxel) and dilation (`FRINGE_VOXELS`)."""
-    return _reach(spacing)[0] + 1 + FRINGE_VOXELS
+    the fringe's erosion (one voxel) and dilation (`FRINGE_VOXELS`), or a small core's base: the
+    core's length, what tells it whole (its neighbours) and thin (an erosion and a dilation)."""
+    return _reach(spacing)[0] + max(1 + FRINGE_VOXELS, small_core_slices(spacing) + 3)
 
 
 def _reach(spacing: Sequence[float]) -> list[int]:
@@ -95,7 +99,11 @@ def _full_resolution_slab(
     cores = kept & tissue
     cores &= added
     cores |= protruding
-    kept |= soft_tissue & dilate_cross(erode_cross(cores), FRINGE_VOXELS)
+    kept_cores = dilate_cross(erode_cross(cores), 1)
+    kept |= soft_tissue & dilate_cross(kept_cores, FRINGE_VOXELS - 1)
+    cores &= ~kept_cores  # reused: the cores too thin for the erosion
+    soft_tissue &= ~kept  # reused: tissue that may still join
+    kept |= small_core_bases(cores, kept_cores, soft_tissue, spacing)
     return kept
 
 

@@ -1,0 +1,107 @@
+"""The base of a nodule too small for the fringe: a solid core that one erosion removes whole.
+
+A 3 mm nodule against the chest wall is two to four source voxels across. Its core (tissue the
+filling took in, or tissue protruding into the lung) has no voxel that the fringe's 6-neighbour
+erosion keeps (`refine.FRINGE_VOXELS` grows from the eroded core), so the voxels of its base in
+the mask's boundary blocks, between the core and the wall, were lost: 2-3 of a 3 mm nodule's
+18-26 voxels (`benchmarks/lung_mask.py`, the thirty-fourth session). Growing every core by a
+voxel keeps them but takes in the wall beside every vessel stub (+2.7-3.1 % of every mask); what
+tells a nodule's core from a vessel's is its shape: a nodule's core is a compact blob, a
+vessel's is a strand or a sheet (1-2 voxels thick, or much longer than wide, filling little of
+its box). So only cores that the erosion removes whole (none of their voxels is within one voxel
+of an eroded one) and that are compact (`SMALL_CORE_*`) give their 6-neighbours of boundary
+tissue to the mask.
+
+Components are found among those thin core voxels only, in flat-index space with a sparse graph
+(`scipy.sparse.csgraph`): labelling the whole box with `ndimage.label` cost 40-90 ms a scan, this
+5-10 ms (the thin voxels are a few per cent of the box).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+SMALL_CORE_MAX_MM3 = 300.0  # a ball of ~4 mm radius: larger nodules' cores survive the erosion
+SMALL_CORE_MIN_ACROSS_MM = 4.0  # and at least 3 voxels, along each axis: thinner is a vessel
+SMALL_CORE_MAX_ACROSS_MM = 10.0  # along each axis (also what a slab's halo must hold)
+SMALL_CORE_MIN_FILL = 0.4  # of its bounding box (a ball fills 0.52; a strand or sheet less)
+MIN_VOXELS_ACROSS = 3
+
+
+def small_core_slices(spacing: Sequence[float]) -> int:
+    """The most slices a small core spans: `SMALL_CORE_MAX_ACROSS_MM` along z."""
+    return int(SMALL_CORE_MAX_ACROSS_MM // spacing[0])
+
+
+def small_core_bases(
+    thin_cores: np.ndarray,
+    kept_cores: np.ndarray,
+    candidates: np.ndarray,
+    spacing: Sequence[float],
+) -> np.ndarray:
+    """The `candidates` 6-adjacent to a small, compact core, bool of the box's shape (z, y, x).
+
+    Args:
+        thin_cores: core voxels farther than one voxel from any the erosion keeps, bool.
+        kept_cores: the other core voxels (the eroded cores dilated by one voxel), bool.
+        candidates: tissue that may join the mask (boundary tissue not kept yet), bool.
+        spacing: voxel size (z, y, x), mm.
+
+    A component of `thin_cores` (6-connected) counts when it touches no `kept_cores` voxel (it
+    is a whole core, not the thin end of a larger one), holds at most `SMALL_CORE_MAX_MM3`, is
+    between `SMALL_CORE_MIN_ACROSS_MM` (and `MIN_VOXELS_ACROSS` voxels) and
+    `SMALL_CORE_MAX_ACROSS_MM` long along each axis and fills `SMALL_CORE_MIN_FILL` of its box.
+    """
+    shape = thin_cores.shape
+    result = np.zeros(thin_cores.size, dtype=bool)
+    index = np.flatnonzero(thin_cores)
+    if index.size == 0:
+        return result.reshape(shape)
+    coords = np.unravel_index(index, shape)
+    strides = (shape[1] * shape[2], shape[2], 1)
+    thin_flat, kept_flat = thin_cores.ravel(), kept_cores.ravel()
+    rows, cols = [], []
+    touches_kept = np.zeros(index.size, dtype=bool)
+    for axis, stride in enumerate(strides):
+        for sign, inside in ((1, coords[axis] < shape[axis] - 1), (-1, coords[axis] > 0)):
+            where = np.flatnonzero(inside)
+            neighbour = index[where] + sign * stride
+            touches_kept[where[kept_flat[neighbour]]] = True
+            if sign == 1:  # each edge once: the graph is undirected
+                linked = thin_flat[neighbour]
+                rows.append(where[linked])
+                cols.append(np.searchsorted(index, neighbour[linked]))
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(rows.size, dtype=bool), (rows, cols)), (index.size, index.size))
+    count, label = connected_components(graph, directed=False)
+
+    voxels = np.bincount(label, minlength=count)
+    compact = np.bincount(label, weights=touches_kept, minlength=count) == 0
+    compact &= voxels * float(np.prod(spacing)) <= SMALL_CORE_MAX_MM3
+    box = np.ones(count)
+    for axis, mm in enumerate(spacing):
+        low = np.full(count, shape[axis])
+        high = np.full(count, -1)
+        np.minimum.at(low, label, coords[axis])
+        np.maximum.at(high, label, coords[axis])
+        across = high - low + 1
+        compact &= across >= MIN_VOXELS_ACROSS
+        compact &= (across * mm >= SMALL_CORE_MIN_ACROSS_MM)
+        compact &= (across * mm <= SMALL_CORE_MAX_ACROSS_MM)
+        box *= across
+    compact &= voxels >= SMALL_CORE_MIN_FILL * box
+    chosen = index[compact[label]]
+    if chosen.size == 0:
+        return result.reshape(shape)
+    chosen_coords = np.unravel_index(chosen, shape)
+    candidates_flat = candidates.ravel()
+    for axis, stride in enumerate(strides):
+        for sign, inside in ((1, chosen_coords[axis] < shape[axis] - 1),
+                             (-1, chosen_coords[axis] > 0)):
+            neighbour = chosen[inside] + sign * stride
+            result[neighbour[candidates_flat[neighbour]]] = True
+    return result.reshape(shape)
