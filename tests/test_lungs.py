@@ -252,11 +252,12 @@ def _small_core_box(core: np.ndarray):
 
 
 def test_a_small_compact_core_gives_its_base_and_a_strand_or_a_large_core_s_end_does_not():
-    """`small_nodules.small_core_bases` at 2 × 1.5 × 1.5 mm: a 3 mm nodule's core (a 3-voxel
-    cube without its centre, which no erosion keeps) gives the candidates it touches, and only
-    those; a vessel's strand (one voxel thick), a sheet filling little of its box, a core
-    longer than `SMALL_CORE_MAX_ACROSS_MM` and the thin end of a core the erosion keeps (it
-    touches the kept cores) give nothing."""
+    """`small_nodules.small_core_bases` at 2 × 1.5 × 1.5 mm: a 3 mm-radius nodule's core (a
+    3-voxel cube without its centre, which no erosion keeps) gives the candidates it touches,
+    and only those; a vessel's strand (one voxel thick), a sprawling piece filling little of its
+    box, a hollow shell over `SMALL_CORE_MAX_MM3`, a core longer than `SMALL_CORE_MAX_ACROSS_MM`,
+    the nodule's core at 1 mm voxels (3 mm across: a vessel's thickness) and the thin end of a
+    core the erosion keeps (it touches the kept cores) give nothing."""
     spacing = (2.0, 1.5, 1.5)
     blob = np.ones((3, 3, 3), dtype=bool)
     blob[1, 1, 1] = False
@@ -267,16 +268,18 @@ def test_a_small_compact_core_gives_its_base_and_a_strand_or_a_large_core_s_end_
     assert np.array_equal(bases, wanted)
 
     strand = np.ones((3, 1, 4), dtype=bool)  # 1.5 mm across
-    diagonal = np.zeros((3, 4, 4), dtype=bool)  # a sheet: 12 of 48 voxels of its box
-    for k in range(4):
-        diagonal[:, k, k] = True
+    sprawling = np.zeros((3, 4, 4), dtype=bool)  # three edges of its box: 9 of its 48 voxels
+    sprawling[0, 0, :] = sprawling[0, :, 0] = sprawling[:, 0, 0] = True
+    shell = np.ones((5, 6, 6), dtype=bool)  # 10 × 9 × 9 mm, 132 voxels: 594 mm³
+    shell[1:4, 1:5, 1:5] = False
     long_core = np.ones((3, 3, 8), dtype=bool)  # 12 mm along x
     long_core[1, 1, 1:7] = False
-    for core in (strand, diagonal, long_core):
+    for core in (strand, sprawling, shell, long_core):
         thin, kept, candidates = _small_core_box(core)
         assert not small_nodules.small_core_bases(thin, kept, candidates, spacing).any()
 
     thin, kept, candidates = _small_core_box(blob)
+    assert not small_nodules.small_core_bases(thin, kept, candidates, (1.0, 1.0, 1.0)).any()
     kept[3, 3, 6] = True  # beside the cube: the cube is the thin end of a larger core
     assert not small_nodules.small_core_bases(thin, kept, candidates, spacing).any()
 
@@ -304,6 +307,29 @@ def test_slab_halo_holds_a_small_core_of_the_longest_length(bottom, longer):
     for base in (bottom - 1, bottom + length):
         assert whole[base].sum() == (0 if longer else 8)  # the face under the tube's ring
     for threads in range(2, 9):
+        assert np.array_equal(refine.full_resolution_mask(code, added, hu, spacing, threads),
+                              whole), threads
+
+
+@pytest.mark.parametrize("bottom", [7, 12, 16, 21])
+def test_slab_halo_holds_a_small_core_lengthened_by_air_beyond_the_protrusion_reach(bottom):
+    """The longest chain a small core's base depends on: a plate and a hollow tube over it, the
+    longest small core, protruding from a wall into the lung; one air pocket under the plate's
+    centre, the protrusion test's reach away, makes the wall voxel between them protrude too, a
+    core one slice longer than allowed (no base given). A slab that missed the pocket would take
+    the core for a small one and give the wall's face under the ring of the tube."""
+    spacing = (1.0, 1.5, 1.5)
+    reach, length = refine._reach(spacing)[0], small_nodules.small_core_slices(spacing)
+    hu = np.full((44, 9, 9), 40.0)  # walls below and above the lung
+    code = np.full(hu.shape, refine.FULL_IF_AIR, dtype=np.uint8)
+    added = np.zeros(hu.shape, dtype=bool)
+    hu[bottom:bottom + length] = -900.0
+    hu[bottom:bottom + length, 3:6, 3:6] = 40.0  # the plate and the tube
+    hu[bottom + 1:bottom + length, 4, 4] = -900.0  # the tube's hollow
+    hu[bottom - 1 - reach, 4, 4] = -900.0  # the pocket
+    whole = refine.full_resolution_mask(code, added, hu, spacing)
+    assert not whole[bottom + length].any()  # the wall over the tube: no base
+    for threads in range(2, 13):
         assert np.array_equal(refine.full_resolution_mask(code, added, hu, spacing, threads),
                               whole), threads
 
@@ -960,8 +986,8 @@ def test_a_large_round_mass_keeps_its_part_in_a_dent_or_the_liver_dome(
 def test_a_3_mm_nodule_keeps_its_base_against_the_wall(
         real_chest_nifti, monkeypatch, seed, number, place, voxels, kept_before):
     """`benchmarks/lung_mask.py`'s two misses of the thirty-third to thirty-fifth sessions: a
-    3 mm nodule whose core (three slices thick) the fringe's erosion removes whole, so the 2-3
-    voxels of its base against the wall were lost. Its compact core now gives them
+    nodule of 3 mm radius whose core (three slices thick) the fringe's erosion removes whole, so
+    the 2-3 voxels of its base against the wall were lost. Its compact core now gives them
     (`small_nodules.small_core_bases`), and nothing else of the scan's mask moves more than a
     few voxels (what it adds beyond the lesion: under 0.2 ml)."""
     hu, spacing, truth = benchmark_case(real_chest_nifti, seed, number, "small_solid", place, 3.0)

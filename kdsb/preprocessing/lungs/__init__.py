@@ -70,14 +70,19 @@ already reads -1000 HU.
    lung air on both sides within `SMALL_NODULE_MM` (`protruding_tissue`: a nodule too small for the
    coarse grid), and the tissue voxels within `FRINGE_VOXELS` of a solid core the filling took
    in or one protruding into the lung (a nodule's edge where it meets the chest wall, a small
-   nodule's base in a corner of the wall) (`full_resolution_mask`).
+   nodule's base in a corner of the wall) (`full_resolution_mask`). That fringe grows from the
+   cores after one erosion, which removes a 3 mm nodule's core (three voxels thick) whole; such a
+   core still gives the boundary tissue touching it where it is a small compact blob, not a
+   vessel's strand or sheet (`small_nodules`: at most `SMALL_CORE_MAX_MM3`, 4-10 mm along each
+   axis, filling 0.4 of its box): the base of a 3 mm nodule against the wall.
 
 Modules (`segment.segment_lungs_in_box` runs the rules in order): `morphology` (the coarse grid,
 block means, closings with Euclidean balls, the 6-neighbourhood morphology), `body` (the body,
 its inside, lungs a cut opened), `airways` (the trachea and main bronchi), `selection` (which
 air is lung, which is gas), `filling` (each side's closings, envelope and enclosed tissue),
 `masses` (the apex rule, the mass rims, pockets and balls, the hazy masses), `refine` (back to the
-source grid); `thresholds` holds the HU thresholds they share.
+source grid) with `small_nodules` (a 3 mm nodule's base); `thresholds` holds the HU thresholds they
+share.
 
 Where it still fails (benchmarks/lung_mask.py: 98 lesions implanted into varied copies of a real
 chest CT, eight draws; every draw changed in the fifteenth session, when the airways stopped staying

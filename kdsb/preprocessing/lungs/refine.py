@@ -70,8 +70,9 @@ def full_resolution_mask(
 def slab_halo(spacing: Sequence[float]) -> int:
     """Slices beyond a slab that its mask depends on: the protrusion test's reach along z, then
     the fringe's erosion (one voxel) and dilation (`FRINGE_VOXELS`), or a small core's base: the
-    core's length, what tells it whole (its neighbours) and thin (an erosion and a dilation)."""
-    return _reach(spacing)[0] + max(1 + FRINGE_VOXELS, small_core_slices(spacing) + 3)
+    core's length and the slice beyond it that tells it whole (`small_core_bases` takes only
+    whole core components that the erosion removes, so nothing farther decides)."""
+    return _reach(spacing)[0] + max(1 + FRINGE_VOXELS, small_core_slices(spacing) + 1)
 
 
 def _reach(spacing: Sequence[float]) -> list[int]:
@@ -101,8 +102,8 @@ def _full_resolution_slab(
     cores |= protruding
     kept_cores = dilate_cross(erode_cross(cores), 1)
     kept |= soft_tissue & dilate_cross(kept_cores, FRINGE_VOXELS - 1)
-    cores &= ~kept_cores  # reused: the cores too thin for the erosion
-    soft_tissue &= ~kept  # reused: tissue that may still join
+    np.greater(cores, kept_cores, out=cores)  # reused: the cores too thin for the erosion
+    np.greater(soft_tissue, kept, out=soft_tissue)  # reused: tissue that may still join
     kept |= small_core_bases(cores, kept_cores, soft_tissue, spacing)
     return kept
 

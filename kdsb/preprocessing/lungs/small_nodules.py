@@ -1,16 +1,17 @@
 """The base of a nodule too small for the fringe: a solid core that one erosion removes whole.
 
-A 3 mm nodule against the chest wall is two to four source voxels across. Its core (tissue the
-filling took in, or tissue protruding into the lung) has no voxel that the fringe's 6-neighbour
-erosion keeps (`refine.FRINGE_VOXELS` grows from the eroded core), so the voxels of its base in
-the mask's boundary blocks, between the core and the wall, were lost: 2-3 of a 3 mm nodule's
-18-26 voxels (`benchmarks/lung_mask.py`, the thirty-fourth session). Growing every core by a
-voxel keeps them but takes in the wall beside every vessel stub (+2.7-3.1 % of every mask); what
-tells a nodule's core from a vessel's is its shape: a nodule's core is a compact blob, a
-vessel's is a strand or a sheet (1-2 voxels thick, or much longer than wide, filling little of
-its box). So only cores that the erosion removes whole (none of their voxels is within one voxel
-of an eroded one) and that are compact (`SMALL_CORE_*`) give their 6-neighbours of boundary
-tissue to the mask.
+A nodule of 3 mm radius against the chest wall is two to four source voxels across. Its core
+(tissue the filling took in, or tissue protruding into the lung) has no voxel that the fringe's
+6-neighbour erosion keeps (`refine.FRINGE_VOXELS` grows from the eroded core), so the voxels of
+its base in the mask's boundary blocks, between the core and the wall, were lost: 2-3 of such a
+nodule's 18-26 voxels (`benchmarks/lung_mask.py`, thirty-third to thirty-fifth sessions).
+Growing every core by a voxel keeps them but takes in the wall beside every vessel stub (+2.7-3.1
+% of every mask); what tells a nodule's core from a vessel's is its shape: a nodule's core is a
+compact blob, a vessel's a strand (under 4 mm across) or a sprawling piece that fills little of
+its box. So only whole core components that the erosion removes (no voxel of theirs within one
+voxel of an eroded one, none touching one that is) and that are compact (`SMALL_CORE_*`) give
+their 6-neighbours of boundary tissue to the mask. (A one-voxel sheet folded into a small box
+can pass for compact; none was seen on the phantoms or the real bases.)
 
 Components are found among those thin core voxels only, in flat-index space with a sparse graph
 (`scipy.sparse.csgraph`): labelling the whole box with `ndimage.label` cost 40-90 ms a scan, this
@@ -28,13 +29,19 @@ from scipy.sparse.csgraph import connected_components
 SMALL_CORE_MAX_MM3 = 300.0  # a ball of ~4 mm radius: larger nodules' cores survive the erosion
 SMALL_CORE_MIN_ACROSS_MM = 4.0  # and at least 3 voxels, along each axis: thinner is a vessel
 SMALL_CORE_MAX_ACROSS_MM = 10.0  # along each axis (also what a slab's halo must hold)
-SMALL_CORE_MIN_FILL = 0.4  # of its bounding box (a ball fills 0.52; a strand or sheet less)
-MIN_VOXELS_ACROSS = 3
+SMALL_CORE_MIN_FILL = 0.4  # of its bounding box (a ball fills 0.52; a sprawling piece less)
+SMALL_CORE_MIN_VOXELS = 3  # along each axis: a thinner core is no blob at any spacing
 
 
 def small_core_slices(spacing: Sequence[float]) -> int:
-    """The most slices a small core spans: `SMALL_CORE_MAX_ACROSS_MM` along z."""
-    return int(SMALL_CORE_MAX_ACROSS_MM // spacing[0])
+    """The most slices a small core spans: the most whose length along z (slices × spacing,
+    mm, as `small_core_bases` measures it) is within `SMALL_CORE_MAX_ACROSS_MM`."""
+    slices = int(SMALL_CORE_MAX_ACROSS_MM // spacing[0])
+    while (slices + 1) * spacing[0] <= SMALL_CORE_MAX_ACROSS_MM:
+        slices += 1
+    while slices * spacing[0] > SMALL_CORE_MAX_ACROSS_MM:
+        slices -= 1
+    return slices
 
 
 def small_core_bases(
@@ -53,7 +60,7 @@ def small_core_bases(
 
     A component of `thin_cores` (6-connected) counts when it touches no `kept_cores` voxel (it
     is a whole core, not the thin end of a larger one), holds at most `SMALL_CORE_MAX_MM3`, is
-    between `SMALL_CORE_MIN_ACROSS_MM` (and `MIN_VOXELS_ACROSS` voxels) and
+    between `SMALL_CORE_MIN_ACROSS_MM` (and `SMALL_CORE_MIN_VOXELS` voxels) and
     `SMALL_CORE_MAX_ACROSS_MM` long along each axis and fills `SMALL_CORE_MIN_FILL` of its box.
     """
     shape = thin_cores.shape
@@ -89,9 +96,9 @@ def small_core_bases(
         np.minimum.at(low, label, coords[axis])
         np.maximum.at(high, label, coords[axis])
         across = high - low + 1
-        compact &= across >= MIN_VOXELS_ACROSS
-        compact &= (across * mm >= SMALL_CORE_MIN_ACROSS_MM)
-        compact &= (across * mm <= SMALL_CORE_MAX_ACROSS_MM)
+        compact &= across >= SMALL_CORE_MIN_VOXELS
+        compact &= across * mm >= SMALL_CORE_MIN_ACROSS_MM
+        compact &= across * mm <= SMALL_CORE_MAX_ACROSS_MM
         box *= across
     compact &= voxels >= SMALL_CORE_MIN_FILL * box
     chosen = index[compact[label]]
