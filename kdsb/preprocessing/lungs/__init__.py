@@ -88,45 +88,44 @@ Where it still fails (benchmarks/lung_mask.py: 98 lesions implanted into varied 
 chest CT, eight draws; every draw changed in the fifteenth session, when the airways stopped staying
 in about a quarter of the varied bases' masks, in the sixteenth, when the junction rule changed the
 bases' masks by 0.02-0.25 %, and in the thirty-third, when the airway stopped taking lung beside the
-bronchi: the lesions are placed in them; 782 of 784 kept since the mass balls, and 56 of 56 35 mm
-masses of two fresh draws): the base of a 3 mm nodule (9-25 voxels) against the wall or diaphragm
-can lose 1-3 voxels, too few for a core whose fringe would reach them (88.5-88.9 %, two lesions; a
-one-voxel fringe around every solid core of a dense block kept such bases, 92.9-96.0 %, but grew
-every mask by about 1 %, phantoms' by 2.5 %, and was not kept). A mass in a concave mediastinal dent
-deeper than the small mass tier's 6 mm rim loses its medial part when it is too small for a large
-core (74–89 % of 10 mm masses without that tier); a large one there or on the liver dome keeps it
-as the rest of its ball (84.1 and 88.7 % before the mass balls, 96.6 and 99.9 % with them), but a
+bronchi: the lesions are placed in them; 784 of 784 kept since the small cores' bases, and 56 of 56
+35 mm masses and 70 of 70 3 mm nodules of fresh draws): a nodule of 3 mm radius whose core is no
+compact blob (one component with a vessel running into it: longer than 10 mm, or filling under 0.4
+of its box) would still lose the 1-3 voxels of its base against the wall (`small_nodules`; none has
+in these draws; before that rule two bases missed, 88.5-88.9 %). A mass in a concave mediastinal
+dent deeper than the small mass tier's 6 mm rim loses its medial part when it is too small for a
+large core (74–89 % of 10 mm masses without that tier); a large one there or on the liver dome keeps
+it as the rest of its ball (84.1 and 88.7 % before the mass balls, 96.6 and 99.9 % with them), but a
 mass that is no ball (flat, or lobulated beyond the misfit allowed) gets none. The large ball and
 the mass rims also take in the parts of mediastinal structures that bulge into a lung (the
 descending aorta and arch, the hilum, the oesophagus) and the edge of the liver dome: the mask is
-1.05–1.08 × a plain air envelope with 6.0–8.5 % soft tissue (the old 15 mm mask: 4.7 %); beside a
-35 mm mass the rims, envelope, pockets and balls take in up to 2.75 % of the lung mask's volume
-outside the lesion (the pockets' share up to 0.9 %, such as paravertebral tissue within
-`POCKET_DEPTH_MM` of the hull's edge beside a mass against the spine; the balls' up to 0.7 %, 22–35
-ml of mediastinum or liver inside a ball fitted a little larger than the mass; the hazy masses'
-under 0.1 %, a ground-glass mass's blurred edge). Where the
-lungs meet, the closing that sees lung beyond the split takes in the tissue between them within the
-junction's gap (the junction line, anterior mediastinal fat), and where that gap is 12 mm or wider
-the mass rim may take it for a mass and add its rim: together 0.02-0.25 % of a varied real base's
-mask, up to 10 ml (it keeps a 10 mm nodule lying across the junction, which the split cut to 54 and
-70 % before: 97.2 and 99.7 % on those cases). Lungs touching at the anterior junction stay one
-component. Bilateral apical tumours defeat the mirror rule, and so would lungs of very unequal width
-(the mirror plane lies halfway between their outermost voxels). A small air pocket outside the lungs
-that reads hazier than `GROUND_GLASS_MIN_HU` on the coarse grid (a nearly collapsed oesophagus) and
-touches them would be taken in as ground glass. A trachea whose lumen reads lighter than
-`AIRWAY_LUMEN_MEDIAN_HU` below darker top slices (a noisy low-dose scan) is removed only down to
-where it turns light, the rest kept as lung (a review's constructed case; growing the median test
-only where the air grows mended it but let lung beside the bronchi into the airway again in a tenth
-of the demo-size phantoms). Scans without much lung (an abdominal CT reaching the lung bases) fail
-the plausibility bounds unless `litres` is widened. A lung that the image's edge or the field of
-view cuts open (`benchmarks/lung_mask.py --cuts`: the real CT cropped 10-40 mm into a lung, 15 mm
-front or back, or inside a circle cutting the right lung) keeps 98-99 % of the uncut scan's mask
-(19-85 % before `body.cut_open_lungs`, which took in up to 383 ml); the rest is mediastinal tissue
-the uncut mask's envelope took in, and with the field of view read as plain air, the lung beyond the
-chord of the body's hull. Such a mask takes in 3-22 ml beyond the uncut one (tissue at the cut and
-the mediastinum); where the cut is at a lung's outermost column there is no mirror plane, the split
-lies at the trachea and the apex rule is skipped; a lung cut open in every one of its slices is
-still lost.
+1.05–1.08 × a plain air envelope with 6.0–8.5 % soft tissue (the old 15 mm mask: 4.7 %); beside a 35
+mm mass the rims, envelope, pockets and balls take in up to 2.75 % of the lung mask's volume outside
+the lesion (the pockets' share up to 0.9 %, such as paravertebral tissue within `POCKET_DEPTH_MM` of
+the hull's edge beside a mass against the spine; the balls' up to 0.7 %, 22–35 ml of mediastinum or
+liver inside a ball fitted a little larger than the mass; the hazy masses' under 0.1 %, a
+ground-glass mass's blurred edge). Where the lungs meet, the closing that sees lung beyond the split
+takes in the tissue between them within the junction's gap (the junction line, anterior mediastinal
+fat), and where that gap is 12 mm or wider the mass rim may take it for a mass and add its rim:
+together 0.02-0.25 % of a varied real base's mask, up to 10 ml (it keeps a 10 mm nodule lying across
+the junction, which the split cut to 54 and 70 % before: 97.2 and 99.7 % on those cases). Lungs
+touching at the anterior junction stay one component. Bilateral apical tumours defeat the mirror
+rule, and so would lungs of very unequal width (the mirror plane lies halfway between their
+outermost voxels). A small air pocket outside the lungs that reads hazier than `GROUND_GLASS_MIN_HU`
+on the coarse grid (a nearly collapsed oesophagus) and touches them would be taken in as ground
+glass. A trachea whose lumen reads lighter than `AIRWAY_LUMEN_MEDIAN_HU` below darker top slices (a
+noisy low-dose scan) is removed only down to where it turns light, the rest kept as lung (a review's
+constructed case; growing the median test only where the air grows mended it but let lung beside the
+bronchi into the airway again in a tenth of the demo-size phantoms). Scans without much lung (an
+abdominal CT reaching the lung bases) fail the plausibility bounds unless `litres` is widened. A
+lung that the image's edge or the field of view cuts open (`benchmarks/lung_mask.py --cuts`: the
+real CT cropped 10-40 mm into a lung, 15 mm front or back, or inside a circle cutting the right
+lung) keeps 98-99 % of the uncut scan's mask (19-85 % before `body.cut_open_lungs`, which took in up
+to 383 ml); the rest is mediastinal tissue the uncut mask's envelope took in, and with the field of
+view read as plain air, the lung beyond the chord of the body's hull. Such a mask takes in 3-22 ml
+beyond the uncut one (tissue at the cut and the mediastinum); where the cut is at a lung's outermost
+column there is no mirror plane, the split lies at the trachea and the apex rule is skipped; a lung
+cut open in every one of its slices is still lost.
 
 Measured (CPU seconds on one core of a shared machine, 2026-12-01, at commit 84df5ad, before the
 ground-glass pockets and the protruding cores' fringe): 0.54 s for the real 191×167×233 chest CT at
