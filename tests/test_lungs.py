@@ -284,6 +284,27 @@ def test_a_small_compact_core_gives_its_base_and_a_strand_or_a_large_core_s_end_
     assert not small_nodules.small_core_bases(thin, kept, candidates, spacing).any()
 
 
+def test_small_core_components_are_ndimage_s():
+    """`small_nodules._components` (union-find on flat indices) partitions random voxels as
+    `ndimage.label` does (6-connectivity), strands of thousands of voxels included."""
+    rng = np.random.default_rng(3)
+    for density in (0.2, 0.45, 0.7):
+        voxels = rng.random((12, 15, 18)) < density
+        voxels[6, 7, :] = voxels[:, 7, 9] = True  # long strands through the box
+        index = np.flatnonzero(voxels)
+        rows, cols = [], []
+        for stride, axis in ((15 * 18, 0), (18, 1), (1, 2)):
+            coords = np.unravel_index(index, voxels.shape)[axis]
+            where = np.flatnonzero(coords < voxels.shape[axis] - 1)
+            linked = voxels.ravel()[index[where] + stride]
+            rows.append(where[linked])
+            cols.append(np.searchsorted(index, index[where][linked] + stride))
+        label = small_nodules._components(index.size, np.concatenate(rows), np.concatenate(cols))
+        reference, count = ndimage.label(voxels)
+        pairs = set(zip(label.tolist(), reference.ravel()[index].tolist(), strict=True))
+        assert len(pairs) == count == label.max() + 1
+
+
 @pytest.mark.parametrize("longer", [0, 1])
 @pytest.mark.parametrize("bottom", [6, 11, 14, 17])
 def test_slab_halo_holds_a_small_core_of_the_longest_length(bottom, longer):

@@ -13,9 +13,10 @@ voxel of an eroded one, none touching one that is) and that are compact (`SMALL_
 their 6-neighbours of boundary tissue to the mask. (A one-voxel sheet folded into a small box
 can pass for compact; none was seen on the phantoms or the real bases.)
 
-Components are found among those thin core voxels only, in flat-index space with a sparse graph
-(`scipy.sparse.csgraph`): labelling the whole box with `ndimage.label` cost 40-90 ms a scan, this
-5-10 ms (the thin voxels are a few per cent of the box).
+Components are found among those thin core voxels only, in flat-index space (the thin voxels are
+a few per cent of the box): labelling the whole box with `ndimage.label` cost 40-90 ms a scan,
+this ~10 ms. The union-find is written here (`_components`) because `scipy.sparse.csgraph`, which
+has one, costs ~80 ms of imports in every fresh process.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 SMALL_CORE_MAX_MM3 = 300.0  # a ball of ~4 mm radius: larger nodules' cores survive the erosion
 SMALL_CORE_MIN_ACROSS_MM = 4.0  # and at least 3 voxels, along each axis: thinner is a vessel
@@ -82,9 +81,8 @@ def small_core_bases(
                 linked = thin_flat[neighbour]
                 rows.append(where[linked])
                 cols.append(np.searchsorted(index, neighbour[linked]))
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
-    graph = coo_matrix((np.ones(rows.size, dtype=bool), (rows, cols)), (index.size, index.size))
-    count, label = connected_components(graph, directed=False)
+    label = _components(index.size, np.concatenate(rows), np.concatenate(cols))
+    count = int(label.max()) + 1
 
     voxels = np.bincount(label, minlength=count)
     compact = np.bincount(label, weights=touches_kept, minlength=count) == 0
@@ -112,3 +110,23 @@ def small_core_bases(
             neighbour = chosen[inside] + sign * stride
             result[neighbour[candidates_flat[neighbour]]] = True
     return result.reshape(shape)
+
+
+def _components(count: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Connected components of the undirected graph of `count` nodes and edges (rows[i], cols[i]):
+    each node's component, numbered 0, 1, … by union-find in whole-array steps (each edge hooks
+    the larger of its two roots under the smaller, then pointer jumping makes every node point at
+    its root), a few rounds even along a strand of thousands of nodes."""
+    label = np.arange(count)
+    while True:
+        first, second = label[rows], label[cols]
+        apart = first != second
+        if not apart.any():
+            break
+        np.minimum.at(label, np.maximum(first, second)[apart], np.minimum(first, second)[apart])
+        while True:
+            jumped = label[label]
+            if np.array_equal(jumped, label):
+                break
+            label = jumped
+    return np.unique(label, return_inverse=True)[1]
