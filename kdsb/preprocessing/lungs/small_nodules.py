@@ -11,7 +11,7 @@ compact blob, a vessel's a strand (under 4 mm across) or a sprawling piece that 
 its box. So only whole core components that the erosion removes (no voxel of theirs within one
 voxel of an eroded one, none touching one that is) and that are compact (`SMALL_CORE_*`) give
 their 6-neighbours of boundary tissue to the mask. (A one-voxel sheet folded into a small box
-can pass for compact; none was seen on the phantoms or the real bases.)
+can pass for compact.)
 
 Components are found among those thin core voxels only, in flat-index space (the thin voxels are
 a few per cent of the box): labelling the whole box with `ndimage.label` cost 40-90 ms a scan,
@@ -67,20 +67,15 @@ def small_core_bases(
     index = np.flatnonzero(thin_cores)
     if index.size == 0:
         return result.reshape(shape)
-    coords = np.unravel_index(index, shape)
-    strides = (shape[1] * shape[2], shape[2], 1)
     thin_flat, kept_flat = thin_cores.ravel(), kept_cores.ravel()
     rows, cols = [], []
     touches_kept = np.zeros(index.size, dtype=bool)
-    for axis, stride in enumerate(strides):
-        for sign, inside in ((1, coords[axis] < shape[axis] - 1), (-1, coords[axis] > 0)):
-            where = np.flatnonzero(inside)
-            neighbour = index[where] + sign * stride
-            touches_kept[where[kept_flat[neighbour]]] = True
-            if sign == 1:  # each edge once: the graph is undirected
-                linked = thin_flat[neighbour]
-                rows.append(where[linked])
-                cols.append(np.searchsorted(index, neighbour[linked]))
+    for where, neighbour, sign in _six_neighbours(index, shape):
+        touches_kept[where[kept_flat[neighbour]]] = True
+        if sign == 1:  # each edge once: the graph is undirected
+            linked = thin_flat[neighbour]
+            rows.append(where[linked])
+            cols.append(np.searchsorted(index, neighbour[linked]))
     label = _components(index.size, np.concatenate(rows), np.concatenate(cols))
     count = int(label.max()) + 1
 
@@ -88,6 +83,7 @@ def small_core_bases(
     compact = np.bincount(label, weights=touches_kept, minlength=count) == 0
     compact &= voxels * float(np.prod(spacing)) <= SMALL_CORE_MAX_MM3
     box = np.ones(count)
+    coords = np.unravel_index(index, shape)
     for axis, mm in enumerate(spacing):
         low = np.full(count, shape[axis])
         high = np.full(count, -1)
@@ -102,14 +98,23 @@ def small_core_bases(
     chosen = index[compact[label]]
     if chosen.size == 0:
         return result.reshape(shape)
-    chosen_coords = np.unravel_index(chosen, shape)
     candidates_flat = candidates.ravel()
-    for axis, stride in enumerate(strides):
-        for sign, inside in ((1, chosen_coords[axis] < shape[axis] - 1),
-                             (-1, chosen_coords[axis] > 0)):
-            neighbour = chosen[inside] + sign * stride
-            result[neighbour[candidates_flat[neighbour]]] = True
+    for _where, neighbour, _sign in _six_neighbours(chosen, shape):
+        result[neighbour[candidates_flat[neighbour]]] = True
     return result.reshape(shape)
+
+
+def _six_neighbours(index: np.ndarray, shape: Sequence[int]):
+    """For each of the 6 directions: (positions in `index` whose neighbour lies inside the box,
+    those neighbours' flat indices, +1 or -1 along the axis). `index`: flat indices (C order) into
+    a box of `shape` (z, y, x); a neighbour never wraps to the next row or slice."""
+    coords = np.unravel_index(index, shape)
+    strides = (shape[1] * shape[2], shape[2], 1)
+    for axis, stride in enumerate(strides):
+        for sign in (1, -1):
+            inside = coords[axis] < shape[axis] - 1 if sign == 1 else coords[axis] > 0
+            where = np.flatnonzero(inside)
+            yield where, index[where] + sign * stride, sign
 
 
 def _components(count: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
