@@ -285,20 +285,19 @@ def test_a_small_compact_core_gives_its_base_and_a_strand_or_a_large_core_s_end_
 
 
 def test_small_core_components_are_ndimage_s():
-    """`small_nodules._components` (union-find on flat indices) partitions random voxels as
-    `ndimage.label` does (6-connectivity), strands of thousands of voxels included."""
+    """`small_nodules._components` (union-find on flat indices), on the edges
+    `small_nodules._six_neighbours` walks, partitions random voxels as `ndimage.label` does
+    (6-connectivity), strands through the whole box included."""
     rng = np.random.default_rng(3)
     for density in (0.2, 0.45, 0.7):
         voxels = rng.random((12, 15, 18)) < density
         voxels[6, 7, :] = voxels[:, 7, 9] = True  # long strands through the box
         index = np.flatnonzero(voxels)
         rows, cols = [], []
-        for stride, axis in ((15 * 18, 0), (18, 1), (1, 2)):
-            coords = np.unravel_index(index, voxels.shape)[axis]
-            where = np.flatnonzero(coords < voxels.shape[axis] - 1)
-            linked = voxels.ravel()[index[where] + stride]
+        for where, neighbour, _sign in small_nodules._six_neighbours(index, voxels.shape):
+            linked = voxels.ravel()[neighbour]
             rows.append(where[linked])
-            cols.append(np.searchsorted(index, index[where][linked] + stride))
+            cols.append(np.searchsorted(index, neighbour[linked]))
         label = small_nodules._components(index.size, np.concatenate(rows), np.concatenate(cols))
         reference, count = ndimage.label(voxels)
         pairs = set(zip(label.tolist(), reference.ravel()[index].tolist(), strict=True))
