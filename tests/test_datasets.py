@@ -201,6 +201,39 @@ def test_volume_dataset_shuffled_and_augmented_keeps_each_label_with_its_volume(
         order[3:6] != order[:3]  # shuffled: not the files' order on every pass
 
 
+@pytest.mark.parametrize("budget_volumes", [3, 1])
+def test_volume_dataset_reads_each_volume_once_within_its_memory_budget(
+        paths, monkeypatch, budget_volumes):
+    """Repeated passes read a volume once while the kept ones fit `VOLUME_CACHE_BYTES` (beyond
+    it, on every visit), and every element equals a fresh read under one of the symmetries."""
+    reads = []
+    read = VolumeInput.read
+
+    def counted(self, path):
+        reads.append(Path(path).stem)
+        return read(self, path)
+
+    monkeypatch.setattr(VolumeInput, "read", counted)
+    sizes = sorted(np.prod(shape) * 4 for shape in SHAPES.values())
+    monkeypatch.setattr(datasets, "VOLUME_CACHE_BYTES", int(sum(sizes[:budget_volumes])))
+    stream = datasets.volume_dataset(paths, volume_input=PLAIN, augment=True, seed=3,
+                                     shuffle=True, repeat=True)
+    elements = [x.numpy()[0] for x in stream.take(12)]
+    fresh = {tuple(sorted(SHAPES[p.stem])): read(PLAIN, p) for p in paths}
+    for x in elements:
+        assert any(np.array_equal(patches.apply_symmetry(fresh[tuple(sorted(x.shape[:3]))], i), x)
+                   for i in range(48))
+    list(datasets.volume_dataset(paths, volume_input=PLAIN, augment=True, seed=3,
+                                 shuffle=True, repeat=True).take(12))
+    # Two streams of 12 = four shuffled passes each; the parallel reads in flight (and those
+    # prefetched past the 12th element) may read a path once more.
+    slack = 2 * 2 * datasets.VOLUME_PREFETCH
+    if budget_volumes == 3:  # all fit: about one read each per stream
+        assert set(reads) == {p.stem for p in paths} and len(reads) <= 2 * len(paths) + slack
+    else:  # only the first volume read is kept: the other two at each of their 4 visits
+        assert len(reads) >= 2 * 2 * 4
+
+
 def test_volume_dataset_rejects_missing_labels(paths):
     with pytest.raises(LabelsError, match="received none for"):
         datasets.volume_dataset(paths, {"a": 1}, volume_input=PLAIN)
