@@ -1,7 +1,7 @@
 """tf.data input pipelines: 3D patches for the GMCAE and whole volumes for the classifier.
 
 Both read kdsb HDF5 volume files (see `kdsb.io.volumes`) lazily, one volume at a time, so memory
-stays bounded whatever the cohort size (the classifier's keep the volumes they read up to
+stays bounded whatever the cohort size (the classifier's streams keep the volumes they read, up to
 `VOLUME_CACHE_BYTES`). TensorFlow is imported inside the functions that build
 pipelines, so importing this module stays cheap. Arrays are (z, y, x[, channels]); values fed to
 networks are HU normalised by `kdsb.data.patches.normalize_hu`; whole volumes are prepared by
