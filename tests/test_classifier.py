@@ -129,6 +129,20 @@ def test_saved_classifier_round_trip_in_safe_mode(gmcae, tmp_path):
     np.testing.assert_array_equal(loaded.predict(probe, verbose=0), model.predict(probe, verbose=0))
 
 
+def test_log_pooled_feeds_the_head_log1p_of_the_pooled_features(gmcae, tmp_path):
+    model = build_classifier(encoder_of(gmcae), dense_units=4, dropout=0.0, log_pooled=True)
+    assert model.get_layer("head_dense").input is model.get_layer("log_pooled").output
+    x = volume((16, 20, 12), seed=3)
+    pooled, logged = keras.Model(model.inputs, [model.get_layer("spp").output,
+                                                model.get_layer("log_pooled").output])(x)
+    np.testing.assert_allclose(np.asarray(logged), np.log1p(np.asarray(pooled)), rtol=1e-6)
+    path = tmp_path / "classifier.keras"
+    model.save(path)
+    np.testing.assert_allclose(load_classifier(path)(x), model(x), rtol=1e-6)
+    plain = build_classifier(encoder_of(gmcae), dense_units=4)
+    assert "log_pooled" not in [layer.name for layer in plain.layers]
+
+
 def test_load_classifier_accepts_a_classifier_and_refuses_others(gmcae, tmp_path):
     model = build_classifier(encoder_of(gmcae), dense_units=4)
     path = tmp_path / "classifier.keras"

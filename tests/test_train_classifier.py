@@ -317,7 +317,7 @@ def test_unreadable_or_too_small_volumes_are_one_line_errors(cohort, tmp_path, c
 
 
 @pytest.mark.slow
-def test_focal_loss_and_frozen_blocks_from_the_command_line(cohort, tmp_path):
+def test_focal_loss_frozen_blocks_and_log_pooled_from_the_command_line(cohort, tmp_path):
     import keras
 
     from kdsb.models.gmcae import encoder_of
@@ -326,7 +326,7 @@ def test_focal_loss_and_frozen_blocks_from_the_command_line(cohort, tmp_path):
     run = tmp_path / "run"
     assert main(["train-classifier", str(data), str(labels), str(run), "--gmcae", str(gmcae),
                  "--epochs", "2", "--val-fraction", "0.25", "--dense-units", "4",
-                 "--loss", "focal", "--freeze-blocks", "2", "--no-augment",
+                 "--loss", "focal", "--freeze-blocks", "2", "--no-augment", "--log-pooled",
                  "--keep-checkpoints", "1", "--restarts", "0"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0002.keras"]
     checkpoint = keras.saving.load_model(run / "checkpoints" / "epoch_0002.keras",
@@ -334,6 +334,7 @@ def test_focal_loss_and_frozen_blocks_from_the_command_line(cohort, tmp_path):
     assert isinstance(checkpoint.loss, keras.losses.BinaryFocalCrossentropy)
     assert checkpoint.loss.gamma == 2.0
     assert checkpoint.optimizer.global_clipnorm == 1.0 and checkpoint.optimizer.clipnorm is None
+    assert checkpoint.get_layer("head_dense").input is checkpoint.get_layer("log_pooled").output
     features = encoder_of(checkpoint)
     frozen = [name for b in (1, 2, 3) for name in (f"block{b}_conv1", f"block{b}_conv2")
               if not features.get_layer(name).trainable]

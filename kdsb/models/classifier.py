@@ -23,7 +23,7 @@ from kdsb.models.gmcae import (
     encoder_layer_names,
     encoder_of,
 )
-from kdsb.models.layers import DEFAULT_LEVELS, SpatialPyramidPooling3D
+from kdsb.models.layers import DEFAULT_LEVELS, Log1p, SpatialPyramidPooling3D
 
 # Shapes of every classifier `build_classifier` makes: (batch, z, y, x, 1) in, (batch, 1) out.
 CLASSIFIER_INPUT_SHAPE = (None, None, None, None, 1)
@@ -67,6 +67,7 @@ def build_classifier(
     pooling: str = "max",
     dense_units: int = 64,
     dropout: float = 0.5,
+    log_pooled: bool = False,
     name: str = "classifier",
 ) -> keras.Model:
     """Build the SPP3D cancer classifier on a copy of a trained GMCAE encoder.
@@ -80,6 +81,8 @@ def build_classifier(
         pooling: "max" or "average" pooling in the pyramid.
         dense_units: Units of the hidden dense layer (ReLU).
         dropout: Dropout rate after the hidden layer, in [0, 1).
+        log_pooled: Feed the dense head log(1 + f) of each pooled feature f (a `Log1p` layer
+            named "log_pooled") instead of f.
         name: Model name.
 
     Returns:
@@ -107,6 +110,8 @@ def build_classifier(
     inputs = keras.Input(shape=CLASSIFIER_INPUT_SHAPE[1:], name="volume")
     x = features(inputs)
     x = SpatialPyramidPooling3D(levels=levels, pooling=pooling, name="spp")(x)
+    if log_pooled:
+        x = Log1p(name="log_pooled")(x)
     x = keras.layers.Dense(dense_units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="p_cancer")(x)

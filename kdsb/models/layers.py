@@ -73,6 +73,20 @@ def _bin_bounds(length, bins: int, index: int):
 
 
 @keras.saving.register_keras_serializable(package="kdsb")
+class Log1p(keras.layers.Layer):
+    """log(1 + x), element-wise, for inputs > -1 (the classifier's pooled ReLU features, ≥ 0).
+
+    A layer of its own because a Keras Lambda layer does not load in safe mode.
+    """
+
+    def call(self, inputs):
+        return ops.log1p(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+
+@keras.saving.register_keras_serializable(package="kdsb")
 class SpatialPyramidPooling3D(keras.layers.Layer):
     """3D spatial pyramid pooling: a fixed-length vector from a volume of any size.
 

@@ -54,6 +54,7 @@ class ClassifierOptions(RunOptions):
         pooling: "max" or "average" pooling in the pyramid.
         dense_units: units of the hidden dense layer.
         dropout: dropout rate of the head.
+        log_pooled: the dense head reads log(1 + f) of each pooled feature f (head spp).
         ema_momentum: momentum per step of the weights' exponential moving average, which
             replaces the weights for validation and saving (`runs.fit`); 0: none.
         augment: random cube symmetry per training volume.
@@ -137,6 +138,11 @@ class ClassifierOptions(RunOptions):
         64, "units of the hidden dense layer (spp) or of the instance embedding (mil)", type=int
     )
     dropout: float = option(0.5, "dropout of the dense head", type=float)
+    log_pooled: bool = option(
+        False, "head spp: the dense head reads log(1 + f) of each pooled feature f, so a "
+        "feature that grows steeply with a nodule's size weighs in about its ratio, not its "
+        "difference", action=argparse.BooleanOptionalAction,
+    )
     ema_momentum: float = option(
         0.0, "keep an exponential moving average of the weights with this momentum per step "
         "(e.g. 0.97; Polyak averaging): validation, the best model and the saved models use "

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 # The heads that read an option only some heads read (the others ignore it).
 READ_BY_HEADS = {"levels": ("spp",), "pooling": ("spp",), "freeze_blocks": ("spp",),
+                 "log_pooled": ("spp",),
                  "mil_pooling": ("mil", "nll"), "mil_block": ("mil",),
                  "bag_symmetries": ("mil", "nll")}
 

@@ -147,6 +147,7 @@ def train_spp(
             pooling=options.pooling,
             dense_units=options.dense_units,
             dropout=options.dropout,
+            log_pooled=options.log_pooled,
         )
         return compile_classifier(model, options)
 
