@@ -239,6 +239,24 @@ def test_early_stopping_goes_on_from_the_history_when_resumed(tmp_path, patience
                         "patience": patience}
 
 
+@pytest.mark.parametrize(("min_epochs", "epochs_run"), [(0, 0), (6, 3), (2, 0)])
+def test_early_stopping_ends_no_run_before_min_epochs(tmp_path, min_epochs, epochs_run):
+    """History: best at epoch 1, then two epochs without improvement, so patience 2 has run
+    out; with --min-epochs 6 the run trains on to its sixth epoch (nothing beats the best),
+    and a finished run given a larger --min-epochs than it ran trains on."""
+    runs.configure_runtime(seed=0)
+    _fit(tmp_path, 3)
+    _rewrite_val_loss(tmp_path, [1e-6, 5.0, 6.0])  # nothing beats 1e-6
+    resumed = _fit(tmp_path, 10, resume=True, early_stopping_patience=2,
+                   early_stopping_min_epochs=min_epochs)
+    assert len(resumed.epoch) == epochs_run
+    assert len(runs.read_history(tmp_path / "history.csv")) == 3 + epochs_run
+    finished = json.loads((tmp_path / "finished.json").read_text())
+    assert finished == {"epochs_run": 3 + epochs_run, "stopped_early": True, "patience": 2}
+    assert runs.finished_training(tmp_path, 10, 2, min_epochs)
+    assert not runs.finished_training(tmp_path, 10, 2, 3 + epochs_run + 1)
+
+
 def test_a_finished_run_whose_checkpoints_were_deleted_stays_finished(tmp_path, caplog):
     """Found in review: with its checkpoints deleted to save space, a finished run resumed
     started afresh and overwrote its best model. It says it trains nothing (found by a user's

@@ -145,8 +145,8 @@ def test_train_classifier_writes_model_history_and_metrics(cohort, tmp_path, cap
     resume = argv[:-2] + ["--seed", "3", "--epochs", "3", "--resume"]
     assert main([*resume, "--lung-dilation-mm", "5"]) == 2
     assert (f"expected --lung-dilation-mm 2.0 as saved in {run / 'config.json'} when resuming, "
-            "received 5.0; only --epochs, --patience, --distribute, --keep-checkpoints, "
-            "--tile-z, --gmcae (moved: the same file's content) may change"
+            "received 5.0; only --epochs, --patience, --min-epochs, --distribute, "
+            "--keep-checkpoints, --tile-z, --gmcae (moved: the same file's content) may change"
             ) in capsys.readouterr().err
     assert json.loads((run / "classifier.json").read_text())["lung_dilation_mm"] == 2.0
 
@@ -556,6 +556,8 @@ def test_cross_validated_mil_run_oof_calibration_and_predict(cohort, tmp_path, c
     # The remaining folds train as the finished ones did (found in review: settings mixed).
     assert main([*argv, "--resume", "--epochs", "3"]) == 2
     assert "expected --epochs 2 as the finished folds of" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--min-epochs", "2"]) == 2
+    assert "expected --min-epochs 0 as the finished folds of" in capsys.readouterr().err
 
     # Resuming on other patients is refused: the folds change, and a fold's model would score
     # patients it trained on as held out (found in review).

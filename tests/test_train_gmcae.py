@@ -270,7 +270,7 @@ def test_resume_refuses_incompatible_options(used_run, data_dir, capsys):
     status = main(["train-gmcae", str(data_dir), str(used_run), "--resume", "--width", "8"])
     assert status == 2
     assert (f"expected --width 4 as saved in {used_run / 'config.json'} when resuming, "
-            "received 8; only --epochs, --steps-per-epoch, --patience, --distribute, "
+            "received 8; only --epochs, --steps-per-epoch, --patience, --min-epochs, --distribute, "
             "--keep-checkpoints may change") in capsys.readouterr().err
     assert (used_run / "config.json").read_text() == saved
 

@@ -141,7 +141,7 @@ class ClassifierOptions(RunOptions):
     log_pooled: bool = option(
         False, "head spp: the dense head reads log(1 + f) of each pooled feature f, so a "
         "feature that grows steeply with a nodule's size weighs in about its ratio, not its "
-        "difference", action=argparse.BooleanOptionalAction,
+        "difference", action="store_true",
     )
     ema_momentum: float = option(
         0.0, "keep an exponential moving average of the weights with this momentum per step "

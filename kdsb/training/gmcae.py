@@ -363,7 +363,8 @@ def _train_held(data_dir: Path, run_dir: Path, options: GmcaeOptions, start_epoc
     # (Its checkpoints may have been deleted to save space: the best model stays.)
     trained = runs.last_checkpoint(run_dir) or (run_dir / MODEL_NAME).is_file()
     if (resume and trained and summary_path.is_file()
-            and runs.finished_training(run_dir, options.epochs, options.patience)):
+            and runs.finished_training(run_dir, options.epochs, options.patience,
+                                        options.min_epochs)):
         # Its records stay as they are: measured again on a DATA_DIR given anew, the summary
         # would weigh the model and its baseline on other patients.
         logger.info("%s had finished training (%s): nothing to train", run_dir,

@@ -97,20 +97,21 @@ def warn_of_another_gmcae_spacing(gmcae: str, volume_input: VolumeInput) -> None
 
 
 def check_fold_training_unchanged(run_dir: Path, options: ClassifierOptions) -> None:
-    """Folds already finished were trained with the epochs and patience in config.json (as
-    the run last saved it): the remaining folds must be too, or the ensemble and its
-    metrics.json would mix trainings.
+    """Folds already finished were trained with the epochs, patience and least epochs in
+    config.json (as the run last saved it): the remaining folds must be too, or the ensemble
+    and its metrics.json would mix trainings.
 
     Raises:
-        UsageError: --epochs or --patience differs from config.json.
+        UsageError: --epochs, --patience or --min-epochs differs from config.json.
     """
     try:
         saved = json.loads((run_dir / runs.OPTIONS_NAME).read_text())
     except (OSError, json.JSONDecodeError):
         return  # resolve_options has said what it could of a missing or broken config.json
-    for key in ("epochs", "patience"):
+    for key in ("epochs", "patience", "min_epochs"):
         if key in saved and saved[key] != getattr(options, key):
-            raise UsageError(f"expected --{key} {saved[key]} as the finished folds of {run_dir} "
+            flag = key.replace("_", "-")
+            raise UsageError(f"expected --{flag} {saved[key]} as the finished folds of {run_dir} "
                              f"were trained, received {getattr(options, key)}: a "
                              "cross-validated run's folds share their training")
 

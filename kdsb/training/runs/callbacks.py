@@ -238,16 +238,26 @@ def callback_classes():
         """Keras's early stopping, which on a resumed run goes on from the best value and the
         wait of the rows before it (Keras's own starts afresh: the first resumed epoch always
         counted as the best, and the patience restarted, so a resumed run could train past
-        the point where the uninterrupted one stopped and keep another model)."""
+        the point where the uninterrupted one stopped and keep another model), and which
+        stops no run before `min_epochs` epochs: the run then ends at the later of its
+        patience's end and `min_epochs`. (Keras's `start_from_epoch` is another rule: it
+        ignores the epochs before it, best ones too.)"""
 
-        def __init__(self, best: float | None, wait: int, **kwargs):
+        def __init__(self, best: float | None, wait: int, min_epochs: int = 0, **kwargs):
             super().__init__(**kwargs)
             self.resumed_best, self.resumed_wait = best, wait
+            self.min_epochs = min_epochs
 
         def on_train_begin(self, logs=None):
             super().on_train_begin(logs)
             if self.resumed_best is not None:
                 self.best, self.wait = self.resumed_best, self.resumed_wait
+
+        def on_epoch_end(self, epoch, logs=None):
+            stopping = self.model.stop_training  # another callback's decision stands
+            super().on_epoch_end(epoch, logs)
+            if not stopping and self.model.stop_training and epoch + 1 < self.min_epochs:
+                self.model.stop_training = False
 
     class AveragedWeights(keras.callbacks.SwapEMAWeights):
         """For an optimizer that keeps a moving average of the weights (`use_ema`): the model

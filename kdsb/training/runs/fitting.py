@@ -121,6 +121,7 @@ def train(
         best_name=best_name,
         monitor=monitor,
         early_stopping_patience=options.patience,
+        early_stopping_min_epochs=options.min_epochs,
         give_up_below=give_up_below,
         keep_checkpoints=options.keep_checkpoints,
         strategy=distribution_strategy(options.distribute),
@@ -142,6 +143,7 @@ def fit(
     best_name: str = "model.keras",
     monitor: str = "val_loss",
     early_stopping_patience: int | None = None,
+    early_stopping_min_epochs: int = 0,
     give_up_below: tuple[str, float] | None = None,
     keep_checkpoints: int | None = None,
     strategy: Any = None,
@@ -173,6 +175,9 @@ def fit(
         early_stopping_patience: stop after this many epochs without improvement of
             `monitor` (None: never). Resumed, the patience counts on from the history's best
             epoch, as in an uninterrupted run (the resumed epochs' data are drawn anew).
+        early_stopping_min_epochs: the patience ends no run before this many epochs in all
+            (a model that learns late is not stopped on its early plateau); `give_up_below`
+            still may.
         give_up_below: (logged name, floor): also stop once that value stayed under the floor
             for `early_stopping_patience` epochs in a row (a run that learns nothing; e.g. a
             classifier's `val_prediction_spread`, `kdsb.models.spread`; counted on across a
@@ -211,6 +216,7 @@ def fit(
                     steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
                     resume=resume, best_name=best_name, monitor=monitor,
                     early_stopping_patience=early_stopping_patience,
+                    early_stopping_min_epochs=early_stopping_min_epochs,
                     give_up_below=give_up_below,
                     keep_checkpoints=keep_checkpoints, verbose=verbose,
                     prepare_model=prepare_model)
@@ -259,7 +265,8 @@ def _build_training_state(model, batch_spec) -> None:
 
 def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: Path, strategy, *,
          epochs, steps_per_epoch, validation_steps, resume, best_name, monitor,
-         early_stopping_patience, give_up_below, keep_checkpoints, verbose, prepare_model):
+         early_stopping_patience, early_stopping_min_epochs, give_up_below, keep_checkpoints,
+         verbose, prepare_model):
     """`fit` reading the run from `run_dir` and writing into `out_dir`."""
     import keras
 
@@ -273,7 +280,8 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
     # A finished run whose checkpoints were deleted to save space keeps its best model.
     ended = last[1] if last is not None else run_dir / best_name if resume else None
     if (ended is not None and ended.is_file()
-            and finished_training(run_dir, epochs, early_stopping_patience)):
+            and finished_training(run_dir, epochs, early_stopping_patience,
+                                  early_stopping_min_epochs)):
         # Resumed after it ended (killed while its results were written): training more
         # epochs would give another model than the uninterrupted run.
         logger.info("%s had finished training (%s): nothing to train", run_dir, FINISHED_NAME)
@@ -348,13 +356,16 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
         under = 0 if give_up_below is None else epochs_under(rows, *give_up_below)
         callbacks.append(
             ResumedEarlyStopping(
-                best_so_far(rows, monitor, higher), waited, monitor=monitor,
-                patience=early_stopping_patience, mode="max" if higher else "min",
+                best_so_far(rows, monitor, higher), waited, early_stopping_min_epochs,
+                monitor=monitor, patience=early_stopping_patience,
+                mode="max" if higher else "min",
             )
         )
         if give_up_below is not None:
             callbacks.append(GiveUpBelow(*give_up_below, early_stopping_patience, under))
-        if rows and max(waited, under) >= early_stopping_patience:
+        if rows and (under >= early_stopping_patience
+                     or (waited >= early_stopping_patience
+                         and len(rows) >= early_stopping_min_epochs)):
             # Killed after the epoch that stopped it, before it could end: end it now.
             logger.info("%s had waited %d epochs of its patience %d: it stops here", run_dir,
                         max(waited, under), early_stopping_patience)
@@ -384,10 +395,12 @@ def _fit(build_model, batch_spec, train_data, val_data, run_dir: Path, out_dir: 
     return history
 
 
-def finished_training(run_dir: Path, epochs: int, patience: int | None) -> bool:
+def finished_training(run_dir: Path, epochs: int, patience: int | None,
+                      min_epochs: int = 0) -> bool:
     """Whether the run in `run_dir` ended its training (`FINISHED_NAME`) in a way that these
     settings would not continue: all `epochs` run, or stopped early with the same patience
-    (more epochs after all were run, or another patience after an early stop, train on)."""
+    after at least `min_epochs` (more epochs after all were run, another patience after an
+    early stop, or a larger `min_epochs` than the epochs it ran, train on)."""
     path = run_dir / FINISHED_NAME
     if not path.is_file():
         return False
@@ -397,7 +410,8 @@ def finished_training(run_dir: Path, epochs: int, patience: int | None) -> bool:
                         f"patience, received {done!r:.80}: restore it, or start a new folder")
     if done["epochs_run"] >= epochs:
         return True
-    if done["stopped_early"] and done["patience"] == patience:
+    if (done["stopped_early"] and done["patience"] == patience
+            and done["epochs_run"] >= min_epochs):
         logger.warning("%s stopped early after %d epochs (patience %s): more --epochs alone do "
                        "not train it on; give another --patience to", run_dir,
                        done["epochs_run"], patience)

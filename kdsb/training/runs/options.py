@@ -29,7 +29,8 @@ MAX_SEED = 2**31
 # option given again must keep its saved value. `gmcae` is the classifier's GMCAE file, which may
 # have moved: the run checks that its content is the one it began with (classifier.json).
 RESUMABLE_CHANGES = (
-    "epochs", "steps_per_epoch", "patience", "distribute", "keep_checkpoints", "tile_z", "gmcae"
+    "epochs", "steps_per_epoch", "patience", "min_epochs", "distribute", "keep_checkpoints",
+    "tile_z", "gmcae"
 )
 RESUMABLE_NOTES = {"gmcae": " (moved: the same file's content)"}
 
@@ -73,6 +74,8 @@ class RunOptions:
         keep_checkpoints: newest epoch checkpoints kept on disk (None: all).
         patience: early stopping after this many epochs without a better monitored value
             (None: never).
+        min_epochs: early stopping ends no run before this many epochs (0: it may from the
+            first).
     """
 
     epochs: int = option(20, "total epochs of the run", type=int)
@@ -96,6 +99,10 @@ class RunOptions:
     )
     patience: int | None = option(
         None, "early stopping: epochs without a better validation loss", type=int, shown="never"
+    )
+    min_epochs: int = option(
+        0, "early stopping ends no run before this many epochs (a model that learns late is "
+        "not stopped on its early plateau); 0: from the first", type=int
     )
 
     RUN_KIND: ClassVar[str] = "training"  # what config.json calls the run (`RUN_KIND_KEY`)
@@ -130,6 +137,7 @@ class RunOptions:
             (self.keep_checkpoints is None or self.keep_checkpoints >= 1,
              "--keep-checkpoints >= 1", self.keep_checkpoints),
             (self.patience is None or self.patience >= 1, "--patience >= 1", self.patience),
+            (self.min_epochs >= 0, "--min-epochs >= 0", self.min_epochs),
             # Room for the offsets added to it (restarts, folds, workers, epochs), under the
             # 2**32 NumPy and Keras take (found in review: a traceback, some after an attempt).
             (0 <= self.seed < MAX_SEED, f"--seed in [0, {MAX_SEED})", self.seed),
