@@ -85,7 +85,8 @@ TISSUE_HU = -600  # tissue for the reference: solid and part-solid lesions, vess
 # there, CPU under 600 s a seed), and up to 80 epochs (the same session: folds still improved
 # at 60; kept by a rule fixed before seeds 3-8 were run with it). Not `log_pooled` (2026-12-05,
 # thirty-eighth session: lower out-of-fold ECE over nine seeds, but rules fixed before seeds 3-5
-# and 9-11 ran with it did not keep it).
+# and 9-11 ran with it did not keep it), nor `min_epochs=40` (the same session: seeds 18-20, drawn
+# for its rule, gave the same figures).
 HEADS = {
     "spp": dict(epochs=80, lr=1e-3, patience=20, val_fraction=0.25, batch_size=1, levels=(1,),
                 dense_units=32, dropout=0.5, calibration="none", ema_momentum=0.97),
