@@ -97,7 +97,7 @@ def warn_of_another_gmcae_spacing(gmcae: str, volume_input: VolumeInput) -> None
 
 
 def check_fold_training_unchanged(run_dir: Path, options: ClassifierOptions) -> None:
-    """Folds already finished were trained with the epochs, patience and least epochs in
+    """Folds already finished were trained with the epochs, patience and min_epochs in
     config.json (as the run last saved it): the remaining folds must be too, or the ensemble
     and its metrics.json would mix trainings.
 
